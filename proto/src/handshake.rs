@@ -1,0 +1,525 @@
+//! The server side of the fixed-newstyle handshake as a pure state machine.
+//!
+//! The runtime feeds it whatever bytes arrived and sends whatever it produced; it never blocks and
+//! never does I/O, so it can be fuzzed and unit-tested byte for byte.
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::consts::*;
+use crate::export::{ExportCatalog, ExportInfo};
+use crate::meta::{self, QueryUse};
+use crate::ReplyMode;
+
+/// Limits the handshake enforces.
+#[derive(Debug, Clone)]
+pub struct HandshakeConfig {
+    /// Largest option payload parsed; larger ones are skipped and refused with ERR_TOO_BIG.
+    pub max_option_bytes: u32,
+    /// Options accepted before the client is considered hostile.
+    pub max_options: u32,
+    /// Whether NBD_OPT_EXTENDED_HEADERS is accepted.
+    pub extended_headers: bool,
+}
+
+impl Default for HandshakeConfig {
+    fn default() -> Self {
+        HandshakeConfig {
+            max_option_bytes: 64 << 10,
+            max_options: 4096,
+            extended_headers: true,
+        }
+    }
+}
+
+/// Why the handshake ended the connection. Each is a hard disconnect the spec allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("client sent unknown handshake flags {0:#x}")]
+    UnknownClientFlags(u32),
+    #[error("option header has magic {0:#018x}, expected IHAVEOPT")]
+    BadOptionMagic(u64),
+    #[error("EXPORT_NAME asked for export {0:?}, which does not exist")]
+    UnknownExport(String),
+    #[error("EXPORT_NAME of {length_bytes} bytes exceeds the {max_bytes}-byte cap")]
+    ExportNameTooLong { length_bytes: u32, max_bytes: u32 },
+    #[error("client sent more than {0} options")]
+    TooManyOptions(u32),
+    #[error("the handshake has already finished")]
+    AlreadyFinished,
+}
+
+/// A metadata context selected with SET_META_CONTEXT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContext {
+    pub id: u32,
+    pub name: String,
+}
+
+/// The result of a successful handshake: everything transmission needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub export: ExportInfo,
+    pub mode: ReplyMode,
+    pub transmission_flags: u16,
+    pub meta_contexts: Vec<MetaContext>,
+}
+
+/// What the runtime should do after `advance`. In every case it first sends `out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send the output, then read more input.
+    NeedInput,
+    /// Send the output; transmission starts with the remaining input bytes.
+    Transmission(Negotiated),
+    /// The client sent ABORT: send the output (the ACK) and close.
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ClientFlags,
+    OptionHeader,
+    /// Skipping an oversized or unknown payload; `reply` goes out once it is consumed.
+    Discarding {
+        option: u32,
+        remaining: u64,
+        reply: u32,
+    },
+    Finished,
+}
+
+/// Server handshake state.
+#[derive(Debug)]
+pub struct ServerHandshake {
+    config: HandshakeConfig,
+    state: State,
+    no_zeroes: bool,
+    mode: ReplyMode,
+    meta_export: Option<String>,
+    meta_selected: Vec<MetaContext>,
+    options_seen: u32,
+}
+
+impl ServerHandshake {
+    pub fn new(config: HandshakeConfig) -> Self {
+        ServerHandshake {
+            config,
+            state: State::ClientFlags,
+            no_zeroes: false,
+            mode: ReplyMode::Simple,
+            meta_export: None,
+            meta_selected: Vec::new(),
+            options_seen: 0,
+        }
+    }
+
+    /// The 18-byte server greeting, sent as soon as the connection is accepted.
+    pub fn write_greeting(&self, out: &mut BytesMut) {
+        out.put_u64(NBDMAGIC);
+        out.put_u64(IHAVEOPT);
+        out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    }
+
+    /// Consumes as much of `input` as forms complete messages and appends replies to `out`.
+    pub fn advance(
+        &mut self,
+        input: &mut BytesMut,
+        catalog: &dyn ExportCatalog,
+        out: &mut BytesMut,
+    ) -> Result<Step, HandshakeError> {
+        loop {
+            match self.state {
+                State::Finished => return Err(HandshakeError::AlreadyFinished),
+                State::ClientFlags => {
+                    if input.len() < 4 {
+                        return Ok(Step::NeedInput);
+                    }
+                    let flags = input.get_u32();
+                    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+                        return Err(HandshakeError::UnknownClientFlags(flags));
+                    }
+                    self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                    self.state = State::OptionHeader;
+                }
+                State::Discarding {
+                    option,
+                    remaining,
+                    reply,
+                } => {
+                    let take = remaining.min(input.len() as u64) as usize;
+                    input.advance(take);
+                    let remaining = remaining - take as u64;
+                    if remaining > 0 {
+                        self.state = State::Discarding {
+                            option,
+                            remaining,
+                            reply,
+                        };
+                        return Ok(Step::NeedInput);
+                    }
+                    let msg = if reply == REP_ERR_TOO_BIG {
+                        "option payload too large"
+                    } else {
+                        "option not supported"
+                    };
+                    put_reply(out, option, reply, msg.as_bytes());
+                    self.state = State::OptionHeader;
+                }
+                State::OptionHeader => {
+                    if input.len() < 16 {
+                        return Ok(Step::NeedInput);
+                    }
+                    let magic = u64::from_be_bytes(input[0..8].try_into().expect("8 bytes"));
+                    if magic != IHAVEOPT {
+                        return Err(HandshakeError::BadOptionMagic(magic));
+                    }
+                    let option = u32::from_be_bytes(input[8..12].try_into().expect("4 bytes"));
+                    let length = u32::from_be_bytes(input[12..16].try_into().expect("4 bytes"));
+                    if length > self.config.max_option_bytes {
+                        if option == OPT_EXPORT_NAME {
+                            return Err(HandshakeError::ExportNameTooLong {
+                                length_bytes: length,
+                                max_bytes: self.config.max_option_bytes,
+                            });
+                        }
+                        self.count_option()?;
+                        input.advance(16);
+                        let reply = if is_known_option(option, &self.config) {
+                            REP_ERR_TOO_BIG
+                        } else {
+                            REP_ERR_UNSUP
+                        };
+                        self.state = State::Discarding {
+                            option,
+                            remaining: u64::from(length),
+                            reply,
+                        };
+                        continue;
+                    }
+                    let total = 16 + length as usize;
+                    if input.len() < total {
+                        input.reserve(total - input.len());
+                        return Ok(Step::NeedInput);
+                    }
+                    self.count_option()?;
+                    input.advance(16);
+                    let data = input.split_to(length as usize);
+                    if let Some(step) = self.handle_option(option, &data, catalog, out)? {
+                        return Ok(step);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_option(&mut self) -> Result<(), HandshakeError> {
+        self.options_seen += 1;
+        if self.options_seen > self.config.max_options {
+            return Err(HandshakeError::TooManyOptions(self.config.max_options));
+        }
+        Ok(())
+    }
+
+    fn handle_option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut BytesMut,
+    ) -> Result<Option<Step>, HandshakeError> {
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(data).into_owned();
+                let Some(export) = catalog.export(&name) else {
+                    return Err(HandshakeError::UnknownExport(name));
+                };
+                let negotiated = self.finish(export, &name);
+                out.put_u64(negotiated.export.size_bytes);
+                out.put_u16(negotiated.transmission_flags);
+                if !self.no_zeroes {
+                    out.put_bytes(0, 124);
+                }
+                return Ok(Some(Step::Transmission(negotiated)));
+            }
+            OPT_ABORT => {
+                put_reply(out, option, REP_ACK, &[]);
+                self.state = State::Finished;
+                return Ok(Some(Step::Aborted));
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    put_reply(out, option, REP_ERR_INVALID, b"LIST takes no data");
+                } else {
+                    for (name, description) in catalog.list() {
+                        let mut payload = Vec::with_capacity(4 + name.len() + description.len());
+                        payload.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                        payload.extend_from_slice(name.as_bytes());
+                        payload.extend_from_slice(description.as_bytes());
+                        put_reply(out, option, REP_SERVER, &payload);
+                    }
+                    put_reply(out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_STARTTLS => {
+                put_reply(
+                    out,
+                    option,
+                    REP_ERR_POLICY,
+                    b"TLS is not enabled on this server",
+                );
+            }
+            OPT_INFO | OPT_GO => return Ok(self.handle_info(option, data, catalog, out)),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    put_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    );
+                } else if self.mode != ReplyMode::Simple {
+                    put_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"structured replies already negotiated",
+                    );
+                } else {
+                    self.mode = ReplyMode::Structured;
+                    put_reply(out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_EXTENDED_HEADERS if self.config.extended_headers => {
+                if !data.is_empty() {
+                    put_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"EXTENDED_HEADERS takes no data",
+                    );
+                } else if self.mode == ReplyMode::Extended {
+                    put_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"extended headers already negotiated",
+                    );
+                } else {
+                    self.mode = ReplyMode::Extended;
+                    // Context ids were chosen for the old header format: make the client ask again.
+                    self.meta_selected.clear();
+                    self.meta_export = None;
+                    put_reply(out, option, REP_ACK, &[]);
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.handle_meta(option, data, catalog, out);
+            }
+            _ => put_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
+        }
+        Ok(None)
+    }
+
+    fn handle_info(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut BytesMut,
+    ) -> Option<Step> {
+        let Some((name, requests)) = parse_info_request(data) else {
+            put_reply(out, option, REP_ERR_INVALID, b"malformed INFO/GO request");
+            return None;
+        };
+        let Some(export) = catalog.export(&name) else {
+            let msg = format!("export {name:?} not found");
+            put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
+            return None;
+        };
+        let flags = export.transmission_flags(self.mode != ReplyMode::Simple);
+        let mut info = Vec::with_capacity(14);
+        info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        info.extend_from_slice(&export.size_bytes.to_be_bytes());
+        info.extend_from_slice(&flags.to_be_bytes());
+        put_reply(out, option, REP_INFO, &info);
+        if requests.contains(&INFO_NAME) {
+            let mut info = INFO_NAME.to_be_bytes().to_vec();
+            info.extend_from_slice(export.name.as_bytes());
+            put_reply(out, option, REP_INFO, &info);
+        }
+        if requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+            let mut info = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            info.extend_from_slice(export.description.as_bytes());
+            put_reply(out, option, REP_INFO, &info);
+        }
+        // Sent unasked too, as qemu-nbd does: our values are the spec's defaults, so a client that
+        // did not ask loses nothing, and one that did gets the limits it must obey.
+        let bs = export.block_size;
+        let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        info.extend_from_slice(&bs.min_bytes.to_be_bytes());
+        info.extend_from_slice(&bs.preferred_bytes.to_be_bytes());
+        info.extend_from_slice(&bs.max_payload_bytes.to_be_bytes());
+        put_reply(out, option, REP_INFO, &info);
+        put_reply(out, option, REP_ACK, &[]);
+        if option == OPT_GO {
+            return Some(Step::Transmission(self.finish(export, &name)));
+        }
+        None
+    }
+
+    fn handle_meta(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+        out: &mut BytesMut,
+    ) {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set && self.mode == ReplyMode::Simple {
+            put_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"negotiate structured replies first",
+            );
+            return;
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            put_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"malformed meta context request",
+            );
+            return;
+        };
+        let Some(export) = catalog.export(&name) else {
+            let msg = format!("export {name:?} not found");
+            put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
+            return;
+        };
+        let usage = if set { QueryUse::Set } else { QueryUse::List };
+        let mut chosen: Vec<&str> = Vec::new();
+        if queries.is_empty() && !set {
+            chosen.extend(export.meta_contexts.iter().map(String::as_str));
+        }
+        for query in &queries {
+            for name in meta::select(query, &export.meta_contexts, usage) {
+                if !chosen.contains(&name) {
+                    chosen.push(name);
+                }
+            }
+        }
+        if set {
+            self.meta_selected.clear();
+            self.meta_export = Some(name);
+        }
+        for (index, context) in chosen.iter().enumerate() {
+            // LIST replies carry id 0; SET assigns ids that BLOCK_STATUS replies will echo.
+            let id = if set { index as u32 + 1 } else { 0 };
+            let mut payload = id.to_be_bytes().to_vec();
+            payload.extend_from_slice(context.as_bytes());
+            put_reply(out, option, REP_META_CONTEXT, &payload);
+            if set {
+                self.meta_selected.push(MetaContext {
+                    id,
+                    name: (*context).to_owned(),
+                });
+            }
+        }
+        put_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn finish(&mut self, export: ExportInfo, requested_name: &str) -> Negotiated {
+        self.state = State::Finished;
+        // Contexts negotiated for another export do not apply to this one.
+        let same_export = self.meta_export.as_deref() == Some(requested_name)
+            || self.meta_export.as_deref() == Some(export.name.as_str());
+        let meta_contexts = if same_export {
+            std::mem::take(&mut self.meta_selected)
+        } else {
+            Vec::new()
+        };
+        Negotiated {
+            transmission_flags: export.transmission_flags(self.mode != ReplyMode::Simple),
+            mode: self.mode,
+            export,
+            meta_contexts,
+        }
+    }
+}
+
+fn is_known_option(option: u32, config: &HandshakeConfig) -> bool {
+    matches!(
+        option,
+        OPT_EXPORT_NAME
+            | OPT_ABORT
+            | OPT_LIST
+            | OPT_STARTTLS
+            | OPT_INFO
+            | OPT_GO
+            | OPT_STRUCTURED_REPLY
+            | OPT_LIST_META_CONTEXT
+            | OPT_SET_META_CONTEXT
+    ) || (option == OPT_EXTENDED_HEADERS && config.extended_headers)
+}
+
+/// Appends one option reply: magic, option, reply type, length, data.
+pub fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) {
+    out.reserve(20 + data.len());
+    out.put_u64(OPTION_REPLY_MAGIC);
+    out.put_u32(option);
+    out.put_u32(reply_type);
+    out.put_u32(data.len() as u32);
+    out.put_slice(data);
+}
+
+/// Reads a u32-length-prefixed string of at most MAX_STRING_BYTES.
+fn take_string(data: &mut &[u8]) -> Option<String> {
+    if data.len() < 4 {
+        return None;
+    }
+    let len = data.get_u32() as usize;
+    if len > MAX_STRING_BYTES || data.len() < len {
+        return None;
+    }
+    let s = std::str::from_utf8(&data[..len]).ok()?.to_owned();
+    data.advance(len);
+    Some(s)
+}
+
+/// INFO/GO payload: u32 name length, name, u16 count, count × u16 info type.
+fn parse_info_request(mut data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let name = take_string(&mut data)?;
+    if data.len() < 2 {
+        return None;
+    }
+    let count = data.get_u16() as usize;
+    if data.len() != count * 2 {
+        return None;
+    }
+    let requests = (0..count).map(|_| data.get_u16()).collect();
+    Some((name, requests))
+}
+
+/// LIST/SET_META_CONTEXT payload: u32 name length, name, u32 count, count × (u32 length, query).
+fn parse_meta_request(mut data: &[u8]) -> Option<(String, Vec<String>)> {
+    let name = take_string(&mut data)?;
+    if data.len() < 4 {
+        return None;
+    }
+    let count = data.get_u32() as usize;
+    // Each query needs at least its 4-byte length: bounds the allocation by the payload size.
+    if count > data.len() / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take_string(&mut data)?);
+    }
+    data.is_empty().then_some((name, queries))
+}
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

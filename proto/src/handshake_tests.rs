@@ -1,0 +1,440 @@
+use super::*;
+use crate::export::BlockSize;
+
+struct Catalog;
+
+impl ExportCatalog for Catalog {
+    fn export(&self, name: &str) -> Option<ExportInfo> {
+        let name = if name.is_empty() { "vol0" } else { name };
+        (name == "vol0" || name == "ro").then(|| ExportInfo {
+            name: name.to_owned(),
+            description: format!("volume {name}"),
+            size_bytes: 1 << 30,
+            read_only: name == "ro",
+            rotational: false,
+            fast_zero: true,
+            block_size: BlockSize::default(),
+            meta_contexts: vec!["base:allocation".into(), "qemu:allocation-depth".into()],
+        })
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        vec![
+            ("vol0".into(), "volume vol0".into()),
+            ("ro".into(), "volume ro".into()),
+        ]
+    }
+}
+
+fn option(out: &mut BytesMut, option: u32, data: &[u8]) {
+    out.put_u64(IHAVEOPT);
+    out.put_u32(option);
+    out.put_u32(data.len() as u32);
+    out.put_slice(data);
+}
+
+fn info_payload(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        v.extend_from_slice(&r.to_be_bytes());
+    }
+    v
+}
+
+fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
+/// Parsed option reply: (option, type, data).
+fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut v = Vec::new();
+    while !out.is_empty() {
+        assert_eq!(out.get_u64(), OPTION_REPLY_MAGIC);
+        let option = out.get_u32();
+        let kind = out.get_u32();
+        let len = out.get_u32() as usize;
+        v.push((option, kind, out[..len].to_vec()));
+        out.advance(len);
+    }
+    v
+}
+
+fn start(flags: u32) -> (ServerHandshake, BytesMut) {
+    let hs = ServerHandshake::new(HandshakeConfig::default());
+    let mut greeting = BytesMut::new();
+    hs.write_greeting(&mut greeting);
+    assert_eq!(greeting.len(), 18);
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    assert_eq!(&greeting[8..16], b"IHAVEOPT");
+    assert_eq!(&greeting[16..18], &[0, 3]);
+    let mut input = BytesMut::new();
+    input.put_u32(flags);
+    (hs, input)
+}
+
+fn run(hs: &mut ServerHandshake, input: &mut BytesMut) -> (Result<Step, HandshakeError>, BytesMut) {
+    let mut out = BytesMut::new();
+    let step = hs.advance(input, &Catalog, &mut out);
+    (step, out)
+}
+
+#[test]
+fn unknown_client_flags_close() {
+    let (mut hs, mut input) = start(0x80 | 1);
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::UnknownClientFlags(0x81))
+    );
+}
+
+#[test]
+fn export_name_with_and_without_zeroes() {
+    for (flags, len) in [(3u32, 10usize), (1, 134)] {
+        let (mut hs, mut input) = start(flags);
+        option(&mut input, OPT_EXPORT_NAME, b"vol0");
+        let (step, out) = run(&mut hs, &mut input);
+        let Ok(Step::Transmission(n)) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(out.len(), len);
+        assert_eq!(&out[..8], &(1u64 << 30).to_be_bytes());
+        let tflags = u16::from_be_bytes([out[8], out[9]]);
+        assert_eq!(tflags, n.transmission_flags);
+        assert_ne!(tflags & TFLAG_SEND_FLUSH, 0);
+        assert_ne!(tflags & TFLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(
+            tflags & TFLAG_SEND_DF,
+            0,
+            "no DF without structured replies"
+        );
+        assert!(out[10..].iter().all(|&b| b == 0));
+        assert_eq!(n.mode, ReplyMode::Simple);
+    }
+}
+
+#[test]
+fn export_name_unknown_is_a_hard_disconnect() {
+    let (mut hs, mut input) = start(1);
+    option(&mut input, OPT_EXPORT_NAME, b"nope");
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::UnknownExport("nope".into()))
+    );
+}
+
+#[test]
+fn byte_at_a_time_input_is_handled() {
+    let (mut hs, mut whole) = start(3);
+    option(&mut whole, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut whole,
+        OPT_GO,
+        &info_payload("vol0", &[INFO_BLOCK_SIZE]),
+    );
+    let mut input = BytesMut::new();
+    let mut all_out = BytesMut::new();
+    let mut done = None;
+    for b in whole.iter() {
+        input.put_u8(*b);
+        let (step, out) = run(&mut hs, &mut input);
+        all_out.extend_from_slice(&out);
+        match step.unwrap() {
+            Step::NeedInput => {}
+            Step::Transmission(n) => done = Some(n),
+            Step::Aborted => panic!("aborted"),
+        }
+    }
+    let n = done.expect("reached transmission");
+    assert_eq!(n.mode, ReplyMode::Structured);
+    assert_ne!(n.transmission_flags & TFLAG_SEND_DF, 0);
+    let r = replies(&all_out);
+    assert_eq!(r[0], (OPT_STRUCTURED_REPLY, REP_ACK, vec![]));
+    assert_eq!(r.last().unwrap().1, REP_ACK);
+}
+
+#[test]
+fn go_sends_export_name_description_block_size() {
+    let (mut hs, mut input) = start(3);
+    option(
+        &mut input,
+        OPT_GO,
+        &info_payload("", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+    );
+    let (step, out) = run(&mut hs, &mut input);
+    assert!(matches!(step, Ok(Step::Transmission(_))));
+    let r = replies(&out);
+    assert_eq!(r.len(), 5);
+    assert!(r.iter().all(|(o, _, _)| *o == OPT_GO));
+    let export = &r[0].2;
+    assert_eq!(r[0].1, REP_INFO);
+    assert_eq!(export.len(), 12);
+    assert_eq!(&export[0..2], &INFO_EXPORT.to_be_bytes());
+    assert_eq!(&export[2..10], &(1u64 << 30).to_be_bytes());
+    assert_eq!(r[1].2, [&INFO_NAME.to_be_bytes()[..], b"vol0"].concat());
+    assert_eq!(
+        r[2].2,
+        [&INFO_DESCRIPTION.to_be_bytes()[..], b"volume vol0"].concat()
+    );
+    let bs = &r[3].2;
+    assert_eq!(bs.len(), 14);
+    assert_eq!(&bs[2..6], &1u32.to_be_bytes());
+    assert_eq!(&bs[6..10], &4096u32.to_be_bytes());
+    assert_eq!(&bs[10..14], &(32u32 << 20).to_be_bytes());
+    assert_eq!(r[4], (OPT_GO, REP_ACK, vec![]));
+}
+
+#[test]
+fn info_does_not_end_the_handshake_and_unknown_export_is_err_unknown() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_INFO, &info_payload("vol0", &[]));
+    option(&mut input, OPT_INFO, &info_payload("missing", &[]));
+    option(&mut input, OPT_INFO, b"\x00\x00\x00\x10short");
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::NeedInput));
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    assert_eq!(
+        kinds,
+        [
+            REP_INFO,
+            REP_INFO,
+            REP_ACK,
+            REP_ERR_UNKNOWN,
+            REP_ERR_INVALID
+        ]
+    );
+}
+
+#[test]
+fn list_abort_starttls_and_unknown_options() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, 0x0765_4321, &[7u8; 100]);
+    option(&mut input, OPT_LIST, &[]);
+    option(&mut input, OPT_LIST, b"x");
+    option(&mut input, OPT_STARTTLS, &[]);
+    option(&mut input, OPT_ABORT, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::Aborted));
+    let r = replies(&out);
+    let kinds: Vec<u32> = r.iter().map(|r| r.1).collect();
+    assert_eq!(
+        kinds,
+        [
+            REP_ERR_UNSUP,
+            REP_SERVER,
+            REP_SERVER,
+            REP_ACK,
+            REP_ERR_INVALID,
+            REP_ERR_POLICY,
+            REP_ACK
+        ]
+    );
+    assert_eq!(r[0].0, 0x0765_4321);
+    assert_eq!(&r[1].2[..4], &4u32.to_be_bytes());
+    assert_eq!(&r[1].2[4..8], b"vol0");
+    assert_eq!(&r[1].2[8..], b"volume vol0");
+}
+
+#[test]
+fn oversized_options_are_skipped_and_the_stream_stays_in_sync() {
+    let (mut hs, mut input) = start(3);
+    let big = vec![0u8; 100 << 10];
+    option(&mut input, OPT_GO, &big);
+    option(&mut input, 0x4242, &big);
+    option(&mut input, OPT_LIST, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::NeedInput));
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    assert_eq!(
+        kinds,
+        [
+            REP_ERR_TOO_BIG,
+            REP_ERR_UNSUP,
+            REP_SERVER,
+            REP_SERVER,
+            REP_ACK
+        ]
+    );
+    // EXPORT_NAME cannot be refused politely: oversized means disconnect.
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXPORT_NAME, &big);
+    assert!(matches!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::ExportNameTooLong { .. })
+    ));
+}
+
+#[test]
+fn bad_option_magic_closes() {
+    let (mut hs, mut input) = start(3);
+    input.put_u64(0x1234);
+    input.put_u64(0);
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::BadOptionMagic(0x1234))
+    );
+}
+
+#[test]
+fn meta_contexts_list_and_set() {
+    let (mut hs, mut input) = start(3);
+    // SET before structured replies is refused.
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("vol0", &[]),
+    );
+    option(
+        &mut input,
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("vol0", &["qemu:"]),
+    );
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation", "x:y", "base:"]),
+    );
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(
+        n.meta_contexts,
+        [MetaContext {
+            id: 1,
+            name: "base:allocation".into()
+        }]
+    );
+    let r = replies(&out);
+    assert_eq!(r[0].1, REP_ERR_INVALID);
+    assert_eq!(r[1].1, REP_ACK);
+    // LIST with no query: both contexts, id 0.
+    assert_eq!(
+        r[2],
+        (
+            OPT_LIST_META_CONTEXT,
+            REP_META_CONTEXT,
+            [&[0u8; 4][..], b"base:allocation"].concat()
+        )
+    );
+    assert_eq!(r[3].2[4..], *b"qemu:allocation-depth");
+    assert_eq!(r[4].1, REP_ACK);
+    assert_eq!(r[5].2[4..], *b"qemu:allocation-depth");
+    assert_eq!(r[6].1, REP_ACK);
+    assert_eq!(
+        r[7],
+        (
+            OPT_SET_META_CONTEXT,
+            REP_META_CONTEXT,
+            [&1u32.to_be_bytes()[..], b"base:allocation"].concat()
+        )
+    );
+    assert_eq!(r[8].1, REP_ACK);
+}
+
+#[test]
+fn meta_contexts_for_another_export_are_dropped_at_go() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("ro", &["base:allocation"]),
+    );
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!()
+    };
+    assert!(n.meta_contexts.is_empty());
+}
+
+#[test]
+fn extended_headers_then_duplicates_refused() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(n.mode, ReplyMode::Extended);
+    assert_eq!(n.meta_contexts.len(), 1);
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    assert_eq!(&kinds[..3], [REP_ACK, REP_ERR_INVALID, REP_ERR_INVALID]);
+}
+
+#[test]
+fn extended_headers_can_be_disabled() {
+    let mut hs = ServerHandshake::new(HandshakeConfig {
+        extended_headers: false,
+        ..Default::default()
+    });
+    let mut input = BytesMut::new();
+    input.put_u32(3);
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    let (_, out) = run(&mut hs, &mut input);
+    assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+}
+
+#[test]
+fn read_only_export_hides_write_features() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXPORT_NAME, b"ro");
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!()
+    };
+    assert_ne!(n.transmission_flags & TFLAG_READ_ONLY, 0);
+    assert_eq!(
+        n.transmission_flags & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES),
+        0
+    );
+}
+
+#[test]
+fn too_many_options_is_fatal() {
+    let mut hs = ServerHandshake::new(HandshakeConfig {
+        max_options: 3,
+        ..Default::default()
+    });
+    let mut input = BytesMut::new();
+    input.put_u32(3);
+    for _ in 0..4 {
+        option(&mut input, OPT_LIST, &[]);
+    }
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::TooManyOptions(3))
+    );
+}
+
+#[test]
+fn advancing_after_the_end_is_an_error() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_ABORT, &[]);
+    assert_eq!(run(&mut hs, &mut input).0, Ok(Step::Aborted));
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::AlreadyFinished)
+    );
+}
