@@ -1,0 +1,84 @@
+//! The daemon's typed errors and the one place they become NBD errnos.
+
+use std::path::PathBuf;
+
+use evsd_proto::Errno;
+
+/// Failures of the storage layer, each naming what failed and with which value.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("invalid volume name {0:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidName(String),
+    #[error("invalid size {0:?}: use bytes or a K/M/G/T suffix")]
+    InvalidSize(String),
+    #[error("volume size {0} bytes is not a positive multiple of 4096")]
+    UnalignedSize(u64),
+    #[error("volume {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("volume {0:?} not found")]
+    NotFound(String),
+    #[error("volume manifest {path} is unreadable: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error("{op} at offset {offset_bytes} length {length_bytes} failed: {source}")]
+    Io {
+        op: &'static str,
+        offset_bytes: u64,
+        length_bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("zeroing {length_bytes} bytes at offset {offset_bytes} cannot be done fast")]
+    FastZeroUnsupported { offset_bytes: u64, length_bytes: u64 },
+    #[error("{action} {path} failed: {source}")]
+    Fs {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub fn io(op: &'static str, offset_bytes: u64, length_bytes: u64, source: std::io::Error) -> Self {
+        StorageError::Io { op, offset_bytes, length_bytes, source }
+    }
+
+    pub fn fs(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StorageError::Fs { action, path: path.into(), source }
+    }
+
+    /// The NBD error a client gets for this failure.
+    pub fn to_errno(&self) -> Errno {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Fs { source, .. } => {
+                source.raw_os_error().map_or(Errno::Io, Errno::from_host_errno)
+            }
+            StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
+            StorageError::InvalidName(_)
+            | StorageError::InvalidSize(_)
+            | StorageError::UnalignedSize(_) => Errno::Inval,
+            StorageError::AlreadyExists(_) | StorageError::NotFound(_) => Errno::Inval,
+            StorageError::BadManifest { .. } => Errno::Io,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_full_maps_to_enospc_and_others_to_eio() {
+        let full = StorageError::io("write", 0, 4096, std::io::Error::from_raw_os_error(28));
+        assert_eq!(full.to_errno(), Errno::NoSpc);
+        let quota = StorageError::io("write", 0, 4096, std::io::Error::from_raw_os_error(122));
+        assert_eq!(quota.to_errno(), Errno::NoSpc);
+        let eio = StorageError::io("read", 0, 4096, std::io::Error::from_raw_os_error(5));
+        assert_eq!(eio.to_errno(), Errno::Io);
+        let other = StorageError::io("read", 0, 1, std::io::Error::other("boom"));
+        assert_eq!(other.to_errno(), Errno::Io);
+        let fast = StorageError::FastZeroUnsupported { offset_bytes: 0, length_bytes: 1 };
+        assert_eq!(fast.to_errno(), Errno::NotSup);
+        assert!(full.to_string().contains("offset 0 length 4096"));
+    }
+}

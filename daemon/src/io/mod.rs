@@ -1,0 +1,546 @@
+//! Disk I/O engine: positioned reads/writes, syncs and fallocate on backing files, executed
+//! either on dedicated io_uring threads or on tokio's blocking thread pool.
+//!
+//! Buffers are passed by value (`BytesMut` / `Bytes`) rather than borrowed because with
+//! io_uring the kernel keeps using the memory after the submitting future may have been
+//! dropped; owning the buffer lets the engine keep it alive until the kernel is done.
+
+mod error;
+mod threads;
+mod uring;
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+pub use error::EngineError;
+
+use threads::ThreadsEngine;
+use uring::UringEngine;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Uring,
+    Threads,
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Threads => "threads",
+        })
+    }
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" => Ok(EngineKind::Uring),
+            "threads" => Ok(EngineKind::Threads),
+            other => Err(format!(
+                "unknown I/O engine {other:?} (expected \"uring\" or \"threads\")"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Number of io_uring threads, each owning one ring.
+    pub ring_threads: usize,
+    /// Submission queue size of each ring; also caps that ring's in-flight operations.
+    pub ring_entries: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            ring_threads: 1,
+            ring_entries: 256,
+        }
+    }
+}
+
+/// Handle to the I/O engine. Clones share the same rings/threads; the io_uring threads shut
+/// down (after finishing in-flight operations) when the last clone is dropped.
+#[derive(Clone)]
+pub struct IoEngine {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Uring(UringEngine),
+    Threads(ThreadsEngine),
+}
+
+impl fmt::Debug for IoEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoEngine")
+            .field("kind", &self.kind())
+            .finish()
+    }
+}
+
+impl IoEngine {
+    /// `forced = None` means auto: try io_uring (ring creation plus an opcode probe), fall back
+    /// to the thread pool with a warning. `Some(kind)`: exactly that engine or an error.
+    pub fn new(forced: Option<EngineKind>, config: &EngineConfig) -> Result<IoEngine, EngineError> {
+        let backend = match forced {
+            Some(EngineKind::Uring) => Backend::Uring(UringEngine::new(config)?),
+            Some(EngineKind::Threads) => Backend::Threads(ThreadsEngine::new()),
+            None => match UringEngine::new(config) {
+                Ok(engine) => Backend::Uring(engine),
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        "io_uring engine unavailable, falling back to the thread-pool engine"
+                    );
+                    Backend::Threads(ThreadsEngine::new())
+                }
+            },
+        };
+        Ok(IoEngine {
+            backend: Arc::new(backend),
+        })
+    }
+
+    pub fn kind(&self) -> EngineKind {
+        match *self.backend {
+            Backend::Uring(_) => EngineKind::Uring,
+            Backend::Threads(_) => EngineKind::Threads,
+        }
+    }
+
+    /// One positioned read into `buf[..]` (its current length is the amount wanted). Returns
+    /// the buffer with the number of bytes read, which may be short.
+    pub async fn read_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: BytesMut,
+    ) -> (BytesMut, io::Result<usize>) {
+        self.read_into(file, offset, buf, 0).await
+    }
+
+    /// Fills all of `buf`, looping over short reads; bytes past end-of-file read as zeros.
+    pub async fn read_exact_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        mut buf: BytesMut,
+    ) -> (BytesMut, io::Result<()>) {
+        let mut filled_bytes = 0;
+        while filled_bytes < buf.len() {
+            let Some(pos) = offset.checked_add(filled_bytes as u64) else {
+                return (buf, Err(invalid_offset()));
+            };
+            let (returned, result) = self.read_into(file, pos, buf, filled_bytes).await;
+            buf = returned;
+            match result {
+                Ok(0) => {
+                    // Sparse volumes are allowed to be shorter than their nominal size;
+                    // unwritten tail blocks read as zeros, just like holes.
+                    buf[filled_bytes..].fill(0);
+                    break;
+                }
+                Ok(n_bytes) => filled_bytes += n_bytes,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return (buf, Err(err)),
+            }
+        }
+        (buf, Ok(()))
+    }
+
+    /// One positioned write. `dsync` gives RWF_DSYNC semantics: the data is durable when this
+    /// returns (used for NBD FUA).
+    pub async fn write_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<usize> {
+        check_offset(offset)?;
+        match &*self.backend {
+            Backend::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
+            Backend::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
+        }
+    }
+
+    /// Writes all of `data`, looping over short writes.
+    pub async fn write_all_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<()> {
+        let mut written_bytes = 0;
+        while written_bytes < data.len() {
+            let pos = offset
+                .checked_add(written_bytes as u64)
+                .ok_or_else(invalid_offset)?;
+            match self
+                .write_at(file, pos, data.slice(written_bytes..), dsync)
+                .await
+            {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "positioned write returned 0 bytes",
+                    ))
+                }
+                Ok(n_bytes) => written_bytes += n_bytes,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn fdatasync(&self, file: &Arc<File>) -> io::Result<()> {
+        self.sync(file, true).await
+    }
+
+    pub async fn fsync(&self, file: &Arc<File>) -> io::Result<()> {
+        self.sync(file, false).await
+    }
+
+    /// fallocate(2) with the given mode bits (`libc::FALLOC_FL_*`).
+    pub async fn fallocate(
+        &self,
+        file: &Arc<File>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        check_offset(offset)?;
+        check_offset(len)?;
+        match &*self.backend {
+            Backend::Uring(engine) => engine.fallocate(file, mode, offset, len).await,
+            Backend::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
+        }
+    }
+
+    async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
+        match &*self.backend {
+            Backend::Uring(engine) => engine.sync(file, datasync).await,
+            Backend::Threads(engine) => engine.sync(file, datasync).await,
+        }
+    }
+
+    /// Reads into `buf[buf_start..]`; the offset into the buffer lets `read_exact_at` resume
+    /// after a short read without splitting the buffer.
+    async fn read_into(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: BytesMut,
+        buf_start: usize,
+    ) -> (BytesMut, io::Result<usize>) {
+        if let Err(err) = check_offset(offset) {
+            return (buf, Err(err));
+        }
+        match &*self.backend {
+            Backend::Uring(engine) => engine.read_into(file, offset, buf, buf_start).await,
+            Backend::Threads(engine) => engine.read_into(file, offset, buf, buf_start).await,
+        }
+    }
+}
+
+/// Offsets above `i64::MAX` are negative `off_t`s; for io_uring, `u64::MAX` would even mean
+/// "use and advance the file position", so reject them before they reach the kernel.
+fn check_offset(offset: u64) -> io::Result<()> {
+    if offset > i64::MAX as u64 {
+        Err(invalid_offset())
+    } else {
+        Ok(())
+    }
+}
+
+fn invalid_offset() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "file offset does not fit in off_t",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    fn engines() -> Vec<IoEngine> {
+        let config = EngineConfig {
+            ring_threads: 2,
+            ring_entries: 32,
+        };
+        vec![
+            IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine"),
+            IoEngine::new(Some(EngineKind::Threads), &config).expect("threads engine"),
+        ]
+    }
+
+    fn temp_file() -> Arc<File> {
+        Arc::new(tempfile::tempfile().expect("tempfile"))
+    }
+
+    /// xorshift64*: deterministic test patterns without pulling in a rand dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    #[test]
+    fn kind_display_and_parse_round_trip() {
+        for kind in [EngineKind::Uring, EngineKind::Threads] {
+            assert_eq!(kind.to_string().parse::<EngineKind>(), Ok(kind));
+        }
+        assert!("aio".parse::<EngineKind>().is_err());
+    }
+
+    #[test]
+    fn engine_is_send_sync() {
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<IoEngine>();
+    }
+
+    #[test]
+    fn forcing_uring_works_here() {
+        let engine = IoEngine::new(Some(EngineKind::Uring), &EngineConfig::default())
+            .expect("io_uring must be usable on the test machine");
+        assert_eq!(engine.kind(), EngineKind::Uring);
+        let auto = IoEngine::new(None, &EngineConfig::default()).expect("auto engine");
+        assert_eq!(auto.kind(), EngineKind::Uring);
+    }
+
+    #[test]
+    fn zero_ring_threads_is_an_error_not_a_panic() {
+        let config = EngineConfig {
+            ring_threads: 0,
+            ring_entries: 8,
+        };
+        assert!(IoEngine::new(Some(EngineKind::Uring), &config).is_err());
+        let auto = IoEngine::new(None, &config).expect("auto falls back");
+        assert_eq!(auto.kind(), EngineKind::Threads);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn write_then_read_back_patterns() {
+        for engine in engines() {
+            let file = temp_file();
+            let mut rng = Rng(0x1234_5678_9abc_def1);
+            let mut model = vec![0u8; 3 << 20];
+            for _ in 0..64 {
+                let len = 1 + (rng.next() % 70_000) as usize;
+                let offset = (rng.next() as usize) % (model.len() - len);
+                let data = rng.bytes(len);
+                let dsync = rng.next() & 3 == 0;
+                engine
+                    .write_all_at(&file, offset as u64, Bytes::from(data.clone()), dsync)
+                    .await
+                    .expect("write");
+                model[offset..offset + len].copy_from_slice(&data);
+            }
+            let written_len = file.metadata().expect("metadata").len() as usize;
+            for _ in 0..64 {
+                let len = 1 + (rng.next() % 70_000) as usize;
+                let offset = (rng.next() as usize) % (model.len() - len);
+                let (buf, result) = engine
+                    .read_exact_at(&file, offset as u64, BytesMut::zeroed(len))
+                    .await;
+                result.expect("read");
+                assert_eq!(&buf[..], &model[offset..offset + len], "{}", engine.kind());
+
+                let (buf, result) = engine
+                    .read_at(&file, offset as u64, BytesMut::zeroed(len))
+                    .await;
+                let n_bytes = result.expect("read_at");
+                assert_eq!(n_bytes, len.min(written_len.saturating_sub(offset)));
+                assert_eq!(&buf[..n_bytes], &model[offset..offset + n_bytes]);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn read_exact_past_eof_zero_fills() {
+        for engine in engines() {
+            let file = temp_file();
+            engine
+                .write_all_at(&file, 0, Bytes::from_static(&[0xAB; 1000]), false)
+                .await
+                .expect("write");
+            // Stale non-zero contents must be overwritten, not left behind.
+            let (buf, result) = engine
+                .read_exact_at(&file, 500, BytesMut::from(&[0xFF; 4096][..]))
+                .await;
+            result.expect("read");
+            assert!(buf[..500].iter().all(|&b| b == 0xAB));
+            assert!(buf[500..].iter().all(|&b| b == 0));
+
+            let (buf, result) = engine
+                .read_exact_at(&file, 1 << 30, BytesMut::from(&[0xFF; 512][..]))
+                .await;
+            result.expect("read far past eof");
+            assert!(buf.iter().all(|&b| b == 0));
+
+            let (buf, result) = engine.read_at(&file, 1 << 30, BytesMut::zeroed(512)).await;
+            assert_eq!(result.expect("read_at past eof"), 0);
+            assert_eq!(buf.len(), 512);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_ops_complete() {
+        const TASKS: usize = 8;
+        const BLOCKS_PER_TASK: usize = 64;
+        const BLOCK_BYTES: usize = 4096;
+        for iteration in 0..5u8 {
+            for engine in engines() {
+                let file = temp_file();
+                let mut handles = Vec::new();
+                for task in 0..TASKS {
+                    let engine = engine.clone();
+                    let file = file.clone();
+                    handles.push(tokio::spawn(async move {
+                        // Writes are issued concurrently within a task too, so each ring
+                        // sees bursts larger than its in-flight cap.
+                        let mut writes = tokio::task::JoinSet::new();
+                        for block in 0..BLOCKS_PER_TASK {
+                            let engine = engine.clone();
+                            let file = file.clone();
+                            let index = task * BLOCKS_PER_TASK + block;
+                            writes.spawn(async move {
+                                let fill = (index as u8) ^ iteration;
+                                let offset = (index * BLOCK_BYTES) as u64;
+                                let data = Bytes::from(vec![fill; BLOCK_BYTES]);
+                                engine.write_all_at(&file, offset, data, false).await
+                            });
+                        }
+                        while let Some(result) = writes.join_next().await {
+                            result.expect("join").expect("write");
+                        }
+                        for block in 0..BLOCKS_PER_TASK {
+                            let index = task * BLOCKS_PER_TASK + block;
+                            let offset = (index * BLOCK_BYTES) as u64;
+                            let (buf, result) = engine
+                                .read_exact_at(&file, offset, BytesMut::zeroed(BLOCK_BYTES))
+                                .await;
+                            result.expect("read");
+                            let fill = (index as u8) ^ iteration;
+                            assert!(buf.iter().all(|&b| b == fill));
+                        }
+                        engine.fdatasync(&file).await.expect("fdatasync");
+                    }));
+                }
+                for handle in handles {
+                    handle.await.expect("task");
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn punch_hole_reads_zeros() {
+        for engine in engines() {
+            let file = temp_file();
+            engine
+                .write_all_at(&file, 0, Bytes::from(vec![0x5A; 64 * 1024]), false)
+                .await
+                .expect("write");
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            engine
+                .fallocate(&file, mode, 16 * 1024, 16 * 1024)
+                .await
+                .expect("punch hole");
+            assert_eq!(file.metadata().expect("metadata").len(), 64 * 1024);
+            let (buf, result) = engine
+                .read_exact_at(&file, 0, BytesMut::zeroed(64 * 1024))
+                .await;
+            result.expect("read");
+            assert!(buf[..16 * 1024].iter().all(|&b| b == 0x5A));
+            assert!(buf[16 * 1024..32 * 1024].iter().all(|&b| b == 0));
+            assert!(buf[32 * 1024..].iter().all(|&b| b == 0x5A));
+
+            engine
+                .fallocate(&file, 0, 0, 1 << 20)
+                .await
+                .expect("preallocate");
+            assert_eq!(file.metadata().expect("metadata").len(), 1 << 20);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn syncs_succeed() {
+        for engine in engines() {
+            let file = temp_file();
+            engine
+                .write_all_at(&file, 0, Bytes::from_static(b"hello"), true)
+                .await
+                .expect("dsync write");
+            engine.fdatasync(&file).await.expect("fdatasync");
+            engine.fsync(&file).await.expect("fsync");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn errors_are_reported_not_panicked() {
+        for engine in engines() {
+            let file = temp_file();
+            let (_, result) = engine.read_at(&file, u64::MAX, BytesMut::zeroed(8)).await;
+            assert_eq!(
+                result.expect_err("offset").kind(),
+                io::ErrorKind::InvalidInput
+            );
+
+            // A read-only handle makes the kernel itself fail the write.
+            let path = tempfile::NamedTempFile::new().expect("tempfile");
+            let read_only = Arc::new(File::open(path.path()).expect("open"));
+            let err = engine
+                .write_at(&read_only, 0, Bytes::from_static(b"x"), false)
+                .await
+                .expect_err("write to read-only fd");
+            assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{}", engine.kind());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn dropped_read_future_is_harmless() {
+        for engine in engines() {
+            let file = temp_file();
+            let len = 8 << 20;
+            engine
+                .write_all_at(&file, 0, Bytes::from(vec![7u8; len]), false)
+                .await
+                .expect("write");
+            for _ in 0..16 {
+                let mut read = pin!(engine.read_at(&file, 0, BytesMut::zeroed(len)));
+                let mut cx = Context::from_waker(Waker::noop());
+                // One poll submits the read; dropping the future then abandons it mid-flight.
+                if let Poll::Ready((_, result)) = read.as_mut().poll(&mut cx) {
+                    result.expect("read");
+                }
+            }
+            let (buf, result) = engine.read_exact_at(&file, 0, BytesMut::zeroed(len)).await;
+            result.expect("read after drops");
+            assert!(buf.iter().all(|&b| b == 7));
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Fallback engine: plain blocking syscalls on tokio's blocking thread pool. Used when
+//! io_uring is unavailable (old kernel, seccomp, `io_uring_disabled` sysctl) or forced.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+pub(crate) struct ThreadsEngine {
+    _private: (),
+}
+
+impl ThreadsEngine {
+    pub(crate) fn new() -> Self {
+        ThreadsEngine { _private: () }
+    }
+
+    pub(crate) async fn read_into(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        mut buf: BytesMut,
+        buf_start: usize,
+    ) -> (BytesMut, io::Result<usize>) {
+        let file = Arc::clone(file);
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = retry_eintr(|| file.read_at(&mut buf[buf_start..], offset));
+            (buf, result)
+        })
+        .await;
+        // The buffer moved into the closure is lost if the blocking task panicked or the
+        // runtime shut down; an empty buffer plus the error is the best that can be returned.
+        joined.unwrap_or_else(|err| (BytesMut::new(), Err(join_error(err))))
+    }
+
+    pub(crate) async fn write_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<usize> {
+        let file = Arc::clone(file);
+        run_blocking(move || {
+            if dsync {
+                pwrite_dsync(&file, &data, offset)
+            } else {
+                retry_eintr(|| file.write_at(&data, offset))
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
+        let file = Arc::clone(file);
+        run_blocking(move || {
+            if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn fallocate(
+        &self,
+        file: &Arc<File>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let file = Arc::clone(file);
+        // The caller (IoEngine) has already checked both values fit in off_t.
+        let offset = offset as libc::off_t;
+        let len = len as libc::off_t;
+        run_blocking(move || {
+            retry_eintr(|| {
+                // SAFETY: fallocate only reads its integer arguments; the fd is valid because
+                // `file` is owned by this closure for the duration of the call.
+                let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            })
+        })
+        .await
+    }
+}
+
+/// Write with RWF_DSYNC so only this write's data is made durable (cheaper than a whole-file
+/// fdatasync); kernels or filesystems without pwritev2 flags get write + fdatasync instead.
+fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let result = retry_eintr(|| {
+        // SAFETY: `iov` points at `data`, which is borrowed (so alive and unmodified) for the
+        // whole call, and pwritev2 only reads through it; iovcnt = 1 matches the one iovec.
+        let written = unsafe {
+            libc::pwritev2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_DSYNC,
+            )
+        };
+        if written < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(written as usize)
+        }
+    });
+    match result {
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP)) => {
+            let written = retry_eintr(|| file.write_at(data, offset))?;
+            file.sync_data()?;
+            Ok(written)
+        }
+        other => other,
+    }
+}
+
+fn retry_eintr<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    op: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .unwrap_or_else(|err| Err(join_error(err)))
+}
+
+fn join_error(err: tokio::task::JoinError) -> io::Error {
+    io::Error::other(format!("blocking I/O task failed: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dsync_write_lands() {
+        let engine = ThreadsEngine::new();
+        let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+        let written = engine
+            .write_at(&file, 4096, Bytes::from_static(b"durable"), true)
+            .await
+            .expect("write");
+        assert_eq!(written, 7);
+        let (buf, result) = engine.read_into(&file, 4096, BytesMut::zeroed(7), 0).await;
+        assert_eq!(result.expect("read"), 7);
+        assert_eq!(&buf[..], b"durable");
+    }
+}

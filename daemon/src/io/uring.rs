@@ -1,0 +1,823 @@
+//! io_uring engine: each ring is owned by one dedicated thread that submits requests arriving
+//! over a bounded channel and hands completions back to tokio through oneshot channels.
+//!
+//! Buffers and files travel with the request into the thread's in-flight table and are only
+//! released after the kernel's completion has been reaped, so an abandoned (dropped) future
+//! can never free memory the kernel is still reading or writing.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::{EngineConfig, EngineError};
+
+/// Requests queued per ring (channel + in flight). Bounds memory held by waiting requests;
+/// callers beyond this wait asynchronously on the semaphore.
+const QUEUE_CAPACITY_PER_RING: usize = 4096;
+
+/// user_data of the eventfd read; slot indices are always far below it.
+const EVENTFD_TOKEN: u64 = u64::MAX;
+
+/// Back-off when the kernel reports a transient resource shortage with nothing to reap.
+const ENTER_RETRY_DELAY: Duration = Duration::from_millis(1);
+
+pub(crate) struct UringEngine {
+    rings: Vec<RingHandle>,
+    next_ring: AtomicUsize,
+}
+
+impl UringEngine {
+    pub(crate) fn new(config: &EngineConfig) -> Result<Self, EngineError> {
+        Self::with_queue_capacity(config, QUEUE_CAPACITY_PER_RING)
+    }
+
+    fn with_queue_capacity(
+        config: &EngineConfig,
+        queue_capacity: usize,
+    ) -> Result<Self, EngineError> {
+        if config.ring_threads == 0 {
+            return Err(EngineError::InvalidConfig(
+                "ring_threads must be at least 1".into(),
+            ));
+        }
+        if config.ring_entries == 0 {
+            return Err(EngineError::InvalidConfig(
+                "ring_entries must be at least 1".into(),
+            ));
+        }
+        let mut rings = Vec::with_capacity(config.ring_threads);
+        for index in 0..config.ring_threads {
+            // On error, rings already started are shut down by RingHandle's Drop.
+            rings.push(RingHandle::spawn(
+                index,
+                config.ring_entries,
+                queue_capacity,
+            )?);
+        }
+        Ok(UringEngine {
+            rings,
+            next_ring: AtomicUsize::new(0),
+        })
+    }
+
+    pub(crate) async fn read_into(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: BytesMut,
+        buf_start: usize,
+    ) -> (BytesMut, io::Result<usize>) {
+        if buf_start > buf.len() {
+            let err = io::Error::new(io::ErrorKind::InvalidInput, "read start beyond buffer");
+            return (buf, Err(err));
+        }
+        let op = Op::Read {
+            buf,
+            buf_start,
+            offset,
+        };
+        let reply = self.submit(file, op).await;
+        (reply.buf.unwrap_or_default(), reply.result)
+    }
+
+    pub(crate) async fn write_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<usize> {
+        let op = Op::Write {
+            data,
+            offset,
+            dsync,
+        };
+        self.submit(file, op).await.result
+    }
+
+    pub(crate) async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
+        self.submit(file, Op::Sync { datasync })
+            .await
+            .result
+            .map(drop)
+    }
+
+    pub(crate) async fn fallocate(
+        &self,
+        file: &Arc<File>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let op = Op::Fallocate {
+            mode,
+            offset,
+            len_bytes: len,
+        };
+        self.submit(file, op).await.result.map(drop)
+    }
+
+    async fn submit(&self, file: &Arc<File>, op: Op) -> Reply {
+        // Round-robin is enough: ops on one file need no ordering between rings, because the
+        // NBD layer only promises flushes cover writes that had already completed.
+        let index = self.next_ring.fetch_add(1, Ordering::Relaxed) % self.rings.len();
+        match self.rings.get(index) {
+            Some(ring) => ring.submit(file, op).await,
+            None => Reply::failed(op, engine_closed()),
+        }
+    }
+}
+
+/// Producer-side handle to one ring thread.
+struct RingHandle {
+    /// Only `None` while dropping; taking it disconnects the channel to stop the thread.
+    requests: Option<SyncSender<Request>>,
+    shared: Arc<RingShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// State shared between producers and one ring thread.
+struct RingShared {
+    /// Set by the ring thread just before it may block in the kernel; see `RingWorker::run`.
+    sleeping: AtomicBool,
+    wake_fd: OwnedFd,
+    /// One permit per request queued or in flight; sized to the channel capacity so a send
+    /// after acquiring a permit never finds the channel full.
+    queue_permits: Arc<Semaphore>,
+}
+
+impl RingShared {
+    fn wake_if_sleeping(&self) {
+        // Pairs with the fence in `RingWorker::run`; see the lost-wakeup argument there.
+        fence(Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        loop {
+            // SAFETY: writes 8 bytes from a live local u64 to an eventfd owned by `self`.
+            let written = unsafe {
+                libc::write(
+                    self.wake_fd.as_raw_fd(),
+                    (&one as *const u64).cast::<libc::c_void>(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+            if written >= 0 {
+                return;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                // Only possible if the counter is near u64::MAX, i.e. already signalled.
+                tracing::error!(error = %err, "waking io_uring thread failed");
+                return;
+            }
+        }
+    }
+}
+
+impl RingHandle {
+    fn spawn(index: usize, ring_entries: u32, queue_capacity: usize) -> Result<Self, EngineError> {
+        // SAFETY: eventfd takes no pointers; the returned descriptor is checked below.
+        let raw_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw_fd < 0 {
+            return Err(EngineError::EventFd(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw_fd` is a freshly created descriptor that nothing else owns.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw_fd) };
+        let shared = Arc::new(RingShared {
+            sleeping: AtomicBool::new(false),
+            wake_fd,
+            queue_permits: Arc::new(Semaphore::new(queue_capacity)),
+        });
+        let (requests, request_rx) = mpsc::sync_channel(queue_capacity);
+        let (setup_tx, setup_rx) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("evsd-uring-{index}"))
+            .spawn(move || ring_thread_main(ring_entries, request_rx, thread_shared, setup_tx))
+            .map_err(EngineError::ThreadSpawn)?;
+        let handle = RingHandle {
+            requests: Some(requests),
+            shared,
+            thread: Some(thread),
+        };
+        // The ring has to be created on its own thread (SINGLE_ISSUER ties it to the creating
+        // task), so setup errors come back over a channel.
+        match setup_rx.recv() {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(err)) => Err(err),
+            Err(mpsc::RecvError) => Err(EngineError::ThreadSpawn(io::Error::other(
+                "io_uring thread exited during setup",
+            ))),
+        }
+    }
+
+    async fn submit(&self, file: &Arc<File>, op: Op) -> Reply {
+        let Some(requests) = &self.requests else {
+            return Reply::failed(op, engine_closed());
+        };
+        // Waiting here (not in a blocking send) is the back-pressure that keeps tokio workers
+        // free when the disk falls behind.
+        let permit = match Arc::clone(&self.shared.queue_permits).acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => return Reply::failed(op, engine_closed()),
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let request = Request {
+            file: Arc::clone(file),
+            op,
+            reply: reply_tx,
+            _permit: permit,
+        };
+        if let Err(err) = requests.try_send(request) {
+            // Full cannot happen while permits match the channel capacity; either way the
+            // request never reached the thread, so its buffer can be handed back.
+            let (TrySendError::Full(request) | TrySendError::Disconnected(request)) = err;
+            return Reply::failed(request.op, engine_closed());
+        }
+        self.shared.wake_if_sleeping();
+        reply_rx.await.unwrap_or_else(|_| Reply {
+            buf: None,
+            result: Err(engine_closed()),
+        })
+    }
+}
+
+impl Drop for RingHandle {
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        // The thread may already be asleep with its recheck done; the eventfd counter stays
+        // set until read, so this wake cannot be lost and it will observe the disconnect.
+        self.shared.wake();
+        if let Some(thread) = self.thread.take() {
+            // Joining blocks the dropping thread until orphaned in-flight ops finish, which
+            // guarantees no write is still in the kernel once the engine is gone.
+            if thread.join().is_err() {
+                tracing::error!("io_uring thread panicked");
+            }
+        }
+    }
+}
+
+enum Op {
+    Read {
+        buf: BytesMut,
+        buf_start: usize,
+        offset: u64,
+    },
+    Write {
+        data: Bytes,
+        offset: u64,
+        dsync: bool,
+    },
+    Sync {
+        datasync: bool,
+    },
+    Fallocate {
+        mode: i32,
+        offset: u64,
+        len_bytes: u64,
+    },
+}
+
+struct Request {
+    file: Arc<File>,
+    op: Op,
+    reply: oneshot::Sender<Reply>,
+    /// Released on drop, i.e. only once the request has fully left the engine.
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Reply {
+    /// The read buffer, handed back to the caller; `None` for other ops.
+    buf: Option<BytesMut>,
+    result: io::Result<usize>,
+}
+
+impl Reply {
+    fn failed(op: Op, err: io::Error) -> Reply {
+        let buf = match op {
+            Op::Read { buf, .. } => Some(buf),
+            _ => None,
+        };
+        Reply {
+            buf,
+            result: Err(err),
+        }
+    }
+}
+
+impl Request {
+    /// Must only be called once the kernel no longer references the request's buffer.
+    fn complete(self, result: io::Result<usize>) {
+        let Request { op, reply, .. } = self;
+        let buf = match op {
+            Op::Read { buf, .. } => Some(buf),
+            _ => None,
+        };
+        // A send error means the caller gave up; the buffer is simply dropped here.
+        let _ = reply.send(Reply { buf, result });
+    }
+
+    fn sqe(&mut self) -> squeue::Entry {
+        let fd = types::Fd(self.file.as_raw_fd());
+        match &mut self.op {
+            Op::Read {
+                buf,
+                buf_start,
+                offset,
+            } => {
+                let dst = buf.get_mut(*buf_start..).unwrap_or_default();
+                opcode::Read::new(fd, dst.as_mut_ptr(), clamp_len(dst.len()))
+                    .offset(*offset)
+                    .build()
+            }
+            Op::Write {
+                data,
+                offset,
+                dsync,
+            } => opcode::Write::new(fd, data.as_ptr(), clamp_len(data.len()))
+                .offset(*offset)
+                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            Op::Sync { datasync } => {
+                let flags = if *datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(fd).flags(flags).build()
+            }
+            Op::Fallocate {
+                mode,
+                offset,
+                len_bytes,
+            } => opcode::Fallocate::new(fd, *len_bytes)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+        }
+    }
+}
+
+/// Larger transfers become short reads/writes, which the `*_exact`/`*_all` loops resume.
+fn clamp_len(len_bytes: usize) -> u32 {
+    u32::try_from(len_bytes).unwrap_or(u32::MAX)
+}
+
+fn engine_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "io_uring engine has shut down")
+}
+
+fn ring_thread_main(
+    ring_entries: u32,
+    requests: Receiver<Request>,
+    shared: Arc<RingShared>,
+    setup_tx: mpsc::Sender<Result<(), EngineError>>,
+) {
+    let mut worker = match RingWorker::new(ring_entries, requests, shared) {
+        Ok(worker) => worker,
+        Err(err) => {
+            let _ = setup_tx.send(Err(err));
+            return;
+        }
+    };
+    let _ = setup_tx.send(Ok(()));
+    if let Err(err) = worker.run() {
+        worker.fail_everything(&err);
+    }
+}
+
+fn build_ring(ring_entries: u32) -> Result<IoUring, EngineError> {
+    let tuned = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .build(ring_entries);
+    match tuned {
+        Ok(ring) => Ok(ring),
+        Err(err) => {
+            // Both flags are optimisations (kernels >= 6.0 / 5.19); older kernels say EINVAL.
+            tracing::debug!(error = %err, "io_uring setup flags refused, using a plain ring");
+            IoUring::new(ring_entries).map_err(EngineError::RingSetup)
+        }
+    }
+}
+
+fn probe_opcodes(ring: &IoUring) -> Result<(), EngineError> {
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(EngineError::Probe)?;
+    let needed = [
+        (opcode::Read::CODE, "IORING_OP_READ"),
+        (opcode::Write::CODE, "IORING_OP_WRITE"),
+        (opcode::Fsync::CODE, "IORING_OP_FSYNC"),
+        (opcode::Fallocate::CODE, "IORING_OP_FALLOCATE"),
+    ];
+    match needed.iter().find(|(code, _)| !probe.is_supported(*code)) {
+        Some((_, name)) => Err(EngineError::Unsupported((*name).to_string())),
+        None => Ok(()),
+    }
+}
+
+/// In-flight requests keyed by their io_uring user_data (the slot index).
+struct Slots {
+    entries: Vec<Option<Request>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn new(capacity: usize) -> Self {
+        Slots {
+            entries: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity).rev().collect(),
+        }
+    }
+
+    fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+
+    fn insert(&mut self, request: Request) -> Result<(u64, &mut Request), Request> {
+        let Some(index) = self.free.pop() else {
+            return Err(request);
+        };
+        match self.entries.get_mut(index) {
+            Some(slot) => Ok((index as u64, slot.insert(request))),
+            None => Err(request),
+        }
+    }
+
+    fn remove(&mut self, user_data: u64) -> Option<Request> {
+        let index = usize::try_from(user_data).ok()?;
+        let request = self.entries.get_mut(index)?.take()?;
+        self.free.push(index);
+        Some(request)
+    }
+}
+
+/// Owns one ring; lives entirely on its thread.
+struct RingWorker {
+    ring: IoUring,
+    requests: Receiver<Request>,
+    shared: Arc<RingShared>,
+    slots: Slots,
+    /// Heap target of the armed eventfd read. A raw allocation rather than a Box field because
+    /// the kernel writes it behind Rust's back while the read is armed.
+    wake_buf: *mut u64,
+    wake_read_armed: bool,
+    wake_read_error: Option<io::Error>,
+    disconnected: bool,
+    /// Set when the ring broke with ops possibly still in the kernel: their memory is leaked.
+    leak_wake_buf: bool,
+}
+
+impl RingWorker {
+    fn new(
+        ring_entries: u32,
+        requests: Receiver<Request>,
+        shared: Arc<RingShared>,
+    ) -> Result<Self, EngineError> {
+        let ring = build_ring(ring_entries)?;
+        probe_opcodes(&ring)?;
+        // The kernel rounds the SQ size up to a power of two. Capping user ops at it (plus the
+        // one eventfd read) keeps in-flight work within the CQ, which is twice the SQ, so
+        // completions can never overflow.
+        let max_in_flight_ops = ring.params().sq_entries() as usize;
+        Ok(RingWorker {
+            ring,
+            requests,
+            shared,
+            slots: Slots::new(max_in_flight_ops),
+            wake_buf: Box::into_raw(Box::new(0u64)),
+            wake_read_armed: false,
+            wake_read_error: None,
+            disconnected: false,
+            leak_wake_buf: false,
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            self.reap_completions();
+            if let Some(err) = self.wake_read_error.take() {
+                // Without the eventfd read the thread could sleep through new requests.
+                return Err(err);
+            }
+            self.accept_requests()?;
+
+            if self.disconnected {
+                if self.slots.in_flight() == 0 {
+                    return self.disarm_wake_read();
+                }
+                self.submit_and_wait_one()?;
+                continue;
+            }
+            if !self.slots.has_free() {
+                // Queued requests cannot start until something completes, and a completion
+                // ends this wait by itself, so no wake-up from producers is needed.
+                self.submit_and_wait_one()?;
+                continue;
+            }
+
+            self.arm_wake_read()?;
+            // Lost-wakeup argument. Producers do: send; fence; `sleeping.swap(false)`; if it
+            // was true, write the eventfd. We do: `sleeping = true`; fence; re-check the
+            // channel; block. The two SeqCst fences are totally ordered:
+            // - our fence first: the producer's swap comes after our store, reads true (or a
+            //   later value written only by another producer that then writes the eventfd, or
+            //   by us after waking), so the eventfd is written and the armed read completes,
+            //   ending the wait below;
+            // - the producer's fence first: its send precedes that fence, so our re-check
+            //   after our fence must observe the request and we do not block.
+            // The eventfd counter persists until read, so a write landing before the read is
+            // submitted still completes it immediately; at worst we get a spurious wake-up.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            match self.requests.try_recv() {
+                Ok(request) => {
+                    self.shared.sleeping.store(false, Ordering::SeqCst);
+                    self.start(request)?;
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => {
+                    self.shared.sleeping.store(false, Ordering::SeqCst);
+                    self.disconnected = true;
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            let waited = self.submit_and_wait_one();
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            waited?;
+        }
+    }
+
+    fn accept_requests(&mut self) -> io::Result<()> {
+        while !self.disconnected && self.slots.has_free() {
+            match self.requests.try_recv() {
+                Ok(request) => self.start(request)?,
+                Err(TryRecvError::Empty) => break,
+                // std's mpsc yields every queued request before reporting the disconnect, so
+                // nothing that was accepted into the channel is lost at shutdown.
+                Err(TryRecvError::Disconnected) => self.disconnected = true,
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, request: Request) -> io::Result<()> {
+        let (user_data, request) = match self.slots.insert(request) {
+            Ok(inserted) => inserted,
+            Err(request) => {
+                // Unreachable given the has_free() checks, but an error beats a panic.
+                request.complete(Err(io::Error::other("io_uring in-flight table full")));
+                return Ok(());
+            }
+        };
+        // The SQE is built from the request only after it sits in its slot, so the buffer it
+        // points to is already owned by the in-flight table.
+        let entry = request.sqe().user_data(user_data);
+        self.push(&entry)
+    }
+
+    fn arm_wake_read(&mut self) -> io::Result<()> {
+        if self.wake_read_armed {
+            return Ok(());
+        }
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake_fd.as_raw_fd()),
+            self.wake_buf.cast::<u8>(),
+            std::mem::size_of::<u64>() as u32,
+        )
+        .build()
+        .user_data(EVENTFD_TOKEN);
+        self.push(&entry)?;
+        self.wake_read_armed = true;
+        Ok(())
+    }
+
+    /// At shutdown the eventfd read must complete before `wake_buf` can be freed.
+    fn disarm_wake_read(&mut self) -> io::Result<()> {
+        if self.wake_read_armed {
+            self.shared.wake();
+        }
+        while self.wake_read_armed {
+            self.submit_and_wait_one()?;
+            self.reap_completions();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the entry's pointers target either a buffer owned by a request in
+            // `self.slots` or `wake_buf`. Both stay allocated, unmoved and untouched by Rust
+            // until the CQE with this user_data is reaped (or are leaked if the ring breaks);
+            // the fd is kept open by the request's Arc<File> or by `self.shared`.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // SQ full: hand the queued entries to the kernel to make room.
+            self.submit()?;
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(err) => self.recover_enter_error(err)?,
+            }
+        }
+    }
+
+    fn submit_and_wait_one(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            // Callers re-evaluate their state in a loop, so a retried wait is just another pass.
+            Err(err) => self.recover_enter_error(err),
+        }
+    }
+
+    /// Ok means "retry"; anything else means the ring is unusable.
+    fn recover_enter_error(&mut self, err: io::Error) -> io::Result<()> {
+        match err.raw_os_error() {
+            Some(libc::EINTR) => Ok(()),
+            // EBUSY: the kernel holds overflowed completions we must reap first. EAGAIN: it is
+            // short of memory. Both are transient.
+            Some(libc::EBUSY | libc::EAGAIN) => {
+                if self.reap_completions() == 0 {
+                    std::thread::sleep(ENTER_RETRY_DELAY);
+                }
+                Ok(())
+            }
+            _ => Err(err),
+        }
+    }
+
+    fn reap_completions(&mut self) -> usize {
+        let mut reaped = 0;
+        for cqe in self.ring.completion() {
+            reaped += 1;
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as usize)
+            };
+            if cqe.user_data() == EVENTFD_TOKEN {
+                self.wake_read_armed = false;
+                if let Err(err) = result {
+                    self.wake_read_error = Some(err);
+                }
+                continue;
+            }
+            match self.slots.remove(cqe.user_data()) {
+                Some(request) => request.complete(result),
+                None => tracing::error!(
+                    user_data = cqe.user_data(),
+                    "io_uring completion for an unknown request"
+                ),
+            }
+        }
+        reaped
+    }
+
+    /// The ring broke with requests possibly still owned by the kernel and no CQE will tell
+    /// us when they are released, so their buffers and files are leaked rather than freed.
+    fn fail_everything(&mut self, err: &io::Error) {
+        tracing::error!(error = %err, "io_uring thread failed; failing outstanding I/O");
+        let failure = || io::Error::new(err.kind(), format!("io_uring ring failed: {err}"));
+        self.shared.queue_permits.close();
+        for slot in &mut self.slots.entries {
+            if let Some(request) = slot.take() {
+                let Request {
+                    file, op, reply, ..
+                } = request;
+                std::mem::forget(op);
+                std::mem::forget(file);
+                let _ = reply.send(Reply {
+                    buf: None,
+                    result: Err(failure()),
+                });
+            }
+        }
+        self.leak_wake_buf = self.wake_read_armed;
+        // Requests still in the channel never reached the kernel and can be failed normally.
+        while let Ok(request) = self.requests.try_recv() {
+            request.complete(Err(failure()));
+        }
+    }
+}
+
+impl Drop for RingWorker {
+    fn drop(&mut self) {
+        if !self.leak_wake_buf {
+            // SAFETY: `wake_buf` came from Box::into_raw in `new` and is freed only here. When
+            // not leaked, the eventfd read is not armed (shutdown waits for its CQE, and the
+            // fatal path sets `leak_wake_buf` if it was), so the kernel no longer uses it.
+            drop(unsafe { Box::from_raw(self.wake_buf) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(ring_threads: usize, ring_entries: u32) -> EngineConfig {
+        EngineConfig {
+            ring_threads,
+            ring_entries,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn back_pressure_with_tiny_queues() {
+        // 2 rings x 4 queued requests, 4 in flight each: most callers must wait on permits.
+        let engine = UringEngine::with_queue_capacity(&config(2, 4), 4).expect("engine");
+        let engine = Arc::new(engine);
+        let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..500u64 {
+            let engine = Arc::clone(&engine);
+            let file = Arc::clone(&file);
+            tasks.spawn(async move {
+                let data = Bytes::from(vec![index as u8; 512]);
+                let written = engine.write_at(&file, index * 512, data, false).await?;
+                assert_eq!(written, 512);
+                let (buf, result) = engine
+                    .read_into(&file, index * 512, BytesMut::zeroed(512), 0)
+                    .await;
+                assert_eq!(result?, 512);
+                assert!(buf.iter().all(|&b| b == index as u8));
+                io::Result::Ok(())
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.expect("join").expect("io");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wakes_after_idle_sleep() {
+        let engine = UringEngine::new(&config(1, 8)).expect("engine");
+        let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+        for round in 0..5u8 {
+            // Long enough for the ring thread to be blocked in io_uring_enter.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let data = Bytes::from(vec![round; 16]);
+            engine.write_at(&file, 0, data, false).await.expect("write");
+            engine.sync(&file, true).await.expect("fdatasync");
+        }
+    }
+
+    #[test]
+    fn shutdown_finishes_orphaned_ops() {
+        use std::future::Future;
+        use std::pin::pin;
+        use std::task::{Context, Waker};
+
+        let engine = UringEngine::new(&config(2, 16)).expect("engine");
+        let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+        let mut cx = Context::from_waker(Waker::noop());
+        for index in 0..64u64 {
+            let data = Bytes::from(vec![0xC3; 64 * 1024]);
+            let mut write = pin!(engine.write_at(&file, index * 64 * 1024, data, false));
+            // Submitted on the first poll, then abandoned.
+            let _ = write.as_mut().poll(&mut cx);
+        }
+        // Must neither hang nor free buffers early; all abandoned writes land before it returns.
+        drop(engine);
+        let len_bytes = file.metadata().expect("metadata").len();
+        assert_eq!(len_bytes, 64 * 64 * 1024);
+    }
+
+    #[test]
+    fn oversized_ring_is_a_setup_error() {
+        // Far beyond IORING_MAX_ENTRIES (32768): the kernel must refuse it.
+        match UringEngine::new(&config(1, 1 << 30)) {
+            Err(EngineError::RingSetup(_)) => {}
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("kernel accepted a 2^30-entry ring"),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! One client connection from accept to close: handshake, then transmission.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evsd_proto::HandshakeConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::nbd::handshake::{negotiate, HandshakeFailure};
+use crate::nbd::transmission::{self, TransmissionConfig, TransmissionEnd};
+use crate::storage::Registry;
+
+pub struct ConnectionConfig {
+    pub handshake_timeout: Duration,
+    pub handshake: HandshakeConfig,
+    pub transmission: TransmissionConfig,
+}
+
+/// Serves one client. Never panics on client input and logs at most one line per failure.
+pub async fn serve<R, W>(
+    mut reader: R,
+    mut writer: W,
+    peer: String,
+    registry: Arc<Registry>,
+    config: Arc<ConnectionConfig>,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = negotiate(&mut reader, &mut writer, &registry, config.handshake.clone());
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(config.handshake_timeout, handshake) => outcome,
+        _ = shutdown.cancelled() => return,
+    };
+    let (negotiated, leftover) = match outcome {
+        Ok(Ok(done)) => done,
+        Ok(Err(HandshakeFailure::Aborted | HandshakeFailure::Closed)) => {
+            tracing::debug!(%peer, "client left during the handshake");
+            return;
+        }
+        Ok(Err(failure)) => {
+            tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, timeout_secs = config.handshake_timeout.as_secs(), "handshake timed out");
+            return;
+        }
+    };
+    let Some(volume) = registry.get(&negotiated.export.name) else {
+        tracing::warn!(%peer, export = %negotiated.export.name, "export vanished during the handshake");
+        return;
+    };
+    tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), "client attached");
+    let end = transmission::serve(
+        reader,
+        writer,
+        leftover,
+        negotiated,
+        volume,
+        &config.transmission,
+        shutdown,
+        peer.clone(),
+    )
+    .await;
+    match end {
+        TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
+            tracing::info!(%peer, reason = %end, "client detached");
+        }
+        other => tracing::warn!(%peer, error = %other, "connection closed"),
+    }
+}

@@ -1,0 +1,8 @@
+//! The NBD side: listeners, connections, and the path of a request from socket to reply.
+
+pub mod catalog;
+pub mod connection;
+pub mod handshake;
+pub mod replies;
+pub mod server;
+pub mod transmission;

@@ -1,0 +1,176 @@
+//! Listeners, the accept loops, the connection limit and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::nbd::connection::{self, ConnectionConfig};
+use crate::storage::Registry;
+
+/// Where the server listens.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    pub async fn bind(tcp: Option<SocketAddr>, unix: Option<PathBuf>) -> std::io::Result<Listeners> {
+        let tcp = match tcp {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let unix = match unix {
+            Some(path) => {
+                // A socket file left by a killed daemon would make bind fail with EADDRINUSE.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                    std::fs::remove_file(&path)?;
+                }
+                Some((UnixListener::bind(&path)?, path))
+            }
+            None => None,
+        };
+        Ok(Listeners { tcp, unix })
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+pub struct Server {
+    pub registry: Arc<Registry>,
+    pub config: Arc<ConnectionConfig>,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Server {
+    /// Accepts clients until `shutdown` fires, then stops accepting, lets connections answer
+    /// what they already received, and flushes every volume.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let warned_limit = Arc::new(AtomicBool::new(false));
+        let mut unix_path = None;
+        if let Some(tcp) = listeners.tcp {
+            let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
+            tracker.spawn(accept_tcp(tcp, ctx));
+        }
+        if let Some((unix, path)) = listeners.unix {
+            unix_path = Some(path);
+            let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
+            tracker.spawn(accept_unix(unix, ctx));
+        }
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_grace, tracker.wait()).await.is_err() {
+            tracing::warn!(grace_secs = self.shutdown_grace.as_secs(), "connections still open after the grace period");
+        }
+        if let Err(e) = self.registry.flush_all().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        if let Some(path) = unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn accept_context(
+        &self,
+        limit: &Arc<Semaphore>,
+        warned_limit: &Arc<AtomicBool>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> AcceptContext {
+        AcceptContext {
+            registry: Arc::clone(&self.registry),
+            config: Arc::clone(&self.config),
+            limit: Arc::clone(limit),
+            warned_limit: Arc::clone(warned_limit),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        }
+    }
+}
+
+struct AcceptContext {
+    registry: Arc<Registry>,
+    config: Arc<ConnectionConfig>,
+    limit: Arc<Semaphore>,
+    warned_limit: Arc<AtomicBool>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl AcceptContext {
+    /// Starts serving a connection if a slot is free; otherwise closes it at once. The permit
+    /// travels with the task, so the slot frees itself however the connection ends.
+    fn admit<R, W>(&self, reader: R, writer: W, peer: String)
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            if !self.warned_limit.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%peer, "connection limit reached; refusing new clients until a slot frees");
+            }
+            return;
+        };
+        self.warned_limit.store(false, Ordering::Relaxed);
+        let registry = Arc::clone(&self.registry);
+        let config = Arc::clone(&self.config);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            connection::serve(reader, writer, peer, registry, config, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Accept errors such as EMFILE are transient: log, back off briefly, keep serving.
+async fn backoff(error: std::io::Error) {
+    tracing::warn!(%error, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                let (reader, writer) = stream.into_split();
+                ctx.admit(reader, writer, addr.to_string());
+            }
+            Err(e) => backoff(e).await,
+        }
+    }
+}
+
+async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
+    let mut sequence: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                sequence += 1;
+                let (reader, writer) = stream.into_split();
+                ctx.admit(reader, writer, format!("unix#{sequence}"));
+            }
+            Err(e) => backoff(e).await,
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Volumes on disk. Knows nothing of NBD: the NBD side calls `Volume`'s methods.
+
+pub mod manifest;
+pub mod name;
+pub mod registry;
+pub mod volume;
+
+pub use name::{parse_size_bytes, validate_volume_name};
+pub use registry::Registry;
+pub use volume::{Extent, Volume, ZeroMode};
