@@ -4,6 +4,7 @@
 pub mod consts;
 pub mod errno;
 pub mod export;
+pub mod fuzzing;
 pub mod handshake;
 pub mod meta;
 pub mod reply;

@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/` (criterion) and `peer-compare.sh` (fio against peers).
