@@ -8,7 +8,11 @@ use clap::Parser;
 use crate::io::EngineKind;
 
 #[derive(Debug, Parser)]
-#[command(name = "evsd", version, about = "Serves block volumes (EVS disks) over NBD")]
+#[command(
+    name = "evsd",
+    version,
+    about = "Serves block volumes (EVS disks) over NBD"
+)]
 pub struct Args {
     /// TCP address to listen on, or "off".
     #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR:PORT|off")]
@@ -37,6 +41,10 @@ pub struct Args {
     /// Number of io_uring threads.
     #[arg(long, default_value_t = 1)]
     pub ring_threads: usize,
+
+    /// Threads running connections (default: one per core).
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 
     /// Write a JSON file with the bound addresses and pid once listening.
     #[arg(long, value_name = "PATH")]

@@ -15,8 +15,6 @@ pub enum StorageError {
     UnalignedSize(u64),
     #[error("volume {0:?} already exists")]
     AlreadyExists(String),
-    #[error("volume {0:?} not found")]
-    NotFound(String),
     #[error("volume manifest {path} is unreadable: {reason}")]
     BadManifest { path: PathBuf, reason: String },
     #[error("{op} at offset {offset_bytes} length {length_bytes} failed: {source}")]
@@ -28,7 +26,10 @@ pub enum StorageError {
         source: std::io::Error,
     },
     #[error("zeroing {length_bytes} bytes at offset {offset_bytes} cannot be done fast")]
-    FastZeroUnsupported { offset_bytes: u64, length_bytes: u64 },
+    FastZeroUnsupported {
+        offset_bytes: u64,
+        length_bytes: u64,
+    },
     #[error("{action} {path} failed: {source}")]
     Fs {
         action: &'static str,
@@ -39,25 +40,39 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn io(op: &'static str, offset_bytes: u64, length_bytes: u64, source: std::io::Error) -> Self {
-        StorageError::Io { op, offset_bytes, length_bytes, source }
+    pub fn io(
+        op: &'static str,
+        offset_bytes: u64,
+        length_bytes: u64,
+        source: std::io::Error,
+    ) -> Self {
+        StorageError::Io {
+            op,
+            offset_bytes,
+            length_bytes,
+            source,
+        }
     }
 
     pub fn fs(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StorageError::Fs { action, path: path.into(), source }
+        StorageError::Fs {
+            action,
+            path: path.into(),
+            source,
+        }
     }
 
     /// The NBD error a client gets for this failure.
     pub fn to_errno(&self) -> Errno {
         match self {
-            StorageError::Io { source, .. } | StorageError::Fs { source, .. } => {
-                source.raw_os_error().map_or(Errno::Io, Errno::from_host_errno)
-            }
+            StorageError::Io { source, .. } | StorageError::Fs { source, .. } => source
+                .raw_os_error()
+                .map_or(Errno::Io, Errno::from_host_errno),
             StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
             StorageError::InvalidName(_)
             | StorageError::InvalidSize(_)
             | StorageError::UnalignedSize(_) => Errno::Inval,
-            StorageError::AlreadyExists(_) | StorageError::NotFound(_) => Errno::Inval,
+            StorageError::AlreadyExists(_) => Errno::Inval,
             StorageError::BadManifest { .. } => Errno::Io,
         }
     }
@@ -77,7 +92,10 @@ mod tests {
         assert_eq!(eio.to_errno(), Errno::Io);
         let other = StorageError::io("read", 0, 1, std::io::Error::other("boom"));
         assert_eq!(other.to_errno(), Errno::Io);
-        let fast = StorageError::FastZeroUnsupported { offset_bytes: 0, length_bytes: 1 };
+        let fast = StorageError::FastZeroUnsupported {
+            offset_bytes: 0,
+            length_bytes: 1,
+        };
         assert_eq!(fast.to_errno(), Errno::NotSup);
         assert!(full.to_string().contains("offset 0 length 4096"));
     }

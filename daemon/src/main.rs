@@ -27,7 +27,11 @@ const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.worker_threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = builder
         .enable_all()
         .thread_name("evsd-worker")
         .build()
@@ -38,7 +42,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         "human" => builder.init(),
         "json" => builder.json().init(),
@@ -48,8 +54,12 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let engine_config = EngineConfig { ring_threads: args.ring_threads.max(1), ..EngineConfig::default() };
-    let engine = IoEngine::new(args.io_engine, &engine_config).context("starting the I/O engine")?;
+    let engine_config = EngineConfig {
+        ring_threads: args.ring_threads.max(1),
+        ..EngineConfig::default()
+    };
+    let engine =
+        IoEngine::new(args.io_engine, &engine_config).context("starting the I/O engine")?;
     tracing::info!(engine = %engine.kind(), "I/O engine ready");
 
     let registry = Arc::new(
@@ -58,7 +68,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for (name, size_bytes) in args.volumes_to_create()? {
         if registry.get(&name).is_none() {
-            registry.create(&name, size_bytes).with_context(|| format!("creating volume {name}"))?;
+            registry
+                .create(&name, size_bytes)
+                .with_context(|| format!("creating volume {name}"))?;
         }
     }
     if registry.is_empty() && !args.no_default_volume {
@@ -82,7 +94,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config: Arc::new(ConnectionConfig {
             handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
             handshake: HandshakeConfig::default(),
-            transmission: TransmissionConfig { max_inflight_requests: args.max_inflight_requests.max(1) },
+            transmission: TransmissionConfig {
+                max_inflight_requests: args.max_inflight_requests.max(1),
+            },
         }),
         max_connections: args.max_connections.max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -95,7 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// Logs the URIs to use and writes the ready file.
 fn announce(args: &Args, listeners: &Listeners, registry: &Registry) -> anyhow::Result<()> {
     let tcp = listeners.tcp_addr();
-    let unix = listeners.unix.as_ref().map(|(_, path)| path.clone());
+    let unix = listeners.unix.as_ref().map(|u| u.socket_file.path.clone());
     for volume in registry.list() {
         if let Some(addr) = tcp {
             tracing::info!(uri = %format!("nbd://{addr}/{}", volume.name()), size_bytes = volume.size_bytes(), "serving");
@@ -118,7 +132,10 @@ fn announce(args: &Args, listeners: &Listeners, registry: &Registry) -> anyhow::
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop evsd with SIGKILL");
         return;
     };

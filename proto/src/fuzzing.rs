@@ -32,9 +32,15 @@ impl ExportCatalog for FixedCatalog {
 /// Feeds `data` to a server handshake, split at points chosen by the data's first byte, and
 /// checks that every byte produced is a well-formed option reply (or the EXPORT_NAME reply).
 pub fn handshake(data: &[u8]) {
-    let Some((&split, data)) = data.split_first() else { return };
+    let Some((&split, data)) = data.split_first() else {
+        return;
+    };
     let step_len = usize::from(split % 64) + 1;
-    let config = HandshakeConfig { max_option_bytes: 1024, max_options: 64, extended_headers: true };
+    let config = HandshakeConfig {
+        max_option_bytes: 1024,
+        max_options: 64,
+        extended_headers: true,
+    };
     let mut hs = ServerHandshake::new(config);
     let mut input = BytesMut::new();
     for piece in data.chunks(step_len) {
@@ -54,7 +60,10 @@ pub fn handshake(data: &[u8]) {
 fn check_option_replies(mut out: &[u8]) {
     while !out.is_empty() {
         assert!(out.len() >= 20, "truncated option reply");
-        assert_eq!(u64::from_be_bytes(out[..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(out[..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
         let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
         assert!(out.len() >= 20 + len, "reply length runs past the output");
         out = &out[20 + len..];
@@ -63,11 +72,15 @@ fn check_option_replies(mut out: &[u8]) {
 
 /// Decodes `data` as a request header in every mode and validates it; must never panic.
 pub fn request(data: &[u8]) {
-    for mode in [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended] {
+    for mode in [
+        ReplyMode::Simple,
+        ReplyMode::Structured,
+        ReplyMode::Extended,
+    ] {
         if let Ok(Some(req)) = decode_request(data, mode) {
             let limits = ExportLimits {
                 size_bytes: 1 << 30,
-                read_only: data.len() % 2 == 0,
+                read_only: data.len().is_multiple_of(2),
                 max_payload_bytes: 32 << 20,
                 mode,
                 meta_contexts: data.len() % 3,

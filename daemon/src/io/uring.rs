@@ -76,10 +76,6 @@ impl UringEngine {
         buf: BytesMut,
         buf_start: usize,
     ) -> (BytesMut, io::Result<usize>) {
-        if buf_start > buf.len() {
-            let err = io::Error::new(io::ErrorKind::InvalidInput, "read start beyond buffer");
-            return (buf, Err(err));
-        }
         let op = Op::Read {
             buf,
             buf_start,

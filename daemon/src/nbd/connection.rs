@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::nbd::handshake::{negotiate, HandshakeFailure};
-use crate::nbd::transmission::{self, TransmissionConfig, TransmissionEnd};
+use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
 use crate::storage::Registry;
 
 pub struct ConnectionConfig {
@@ -29,7 +29,12 @@ pub async fn serve<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake = negotiate(&mut reader, &mut writer, &registry, config.handshake.clone());
+    let handshake = negotiate(
+        &mut reader,
+        &mut writer,
+        &registry,
+        config.handshake.clone(),
+    );
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(config.handshake_timeout, handshake) => outcome,
         _ = shutdown.cancelled() => return,
@@ -54,17 +59,13 @@ pub async fn serve<R, W>(
         return;
     };
     tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), "client attached");
-    let end = transmission::serve(
+    let client = ClientStream {
         reader,
         writer,
-        leftover,
-        negotiated,
-        volume,
-        &config.transmission,
-        shutdown,
-        peer.clone(),
-    )
-    .await;
+        buffered: leftover,
+        peer: peer.clone(),
+    };
+    let end = transmission::serve(client, negotiated, volume, &config.transmission, shutdown).await;
     match end {
         TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
             tracing::info!(%peer, reason = %end, "client detached");

@@ -106,23 +106,48 @@ mod tests {
         data[200 << 10..204 << 10].fill(0); // 4 KiB: too short to be a hole
         assert_eq!(
             zero_runs(&data),
-            [(0, 64 << 10, false), (64 << 10, 192 << 10, true), (192 << 10, 256 << 10, false)]
+            [
+                (0, 64 << 10, false),
+                (64 << 10, 192 << 10, true),
+                (192 << 10, 256 << 10, false)
+            ]
         );
         assert_eq!(zero_runs(&vec![0u8; 1 << 20]), [(0, 1 << 20, true)]);
     }
 
     #[test]
     fn structured_read_of_zeroes_is_one_hole_chunk() {
-        let to = ReplyTo { cookie: 7, offset: 0 };
-        let frame = read(ReplyMode::Structured, to, 0, Bytes::from(vec![0u8; 1 << 20]), false);
+        let to = ReplyTo {
+            cookie: 7,
+            offset: 0,
+        };
+        let frame = read(
+            ReplyMode::Structured,
+            to,
+            0,
+            Bytes::from(vec![0u8; 1 << 20]),
+            false,
+        );
         assert_eq!(frame.len(), 1);
         assert_eq!(frame[0].len(), 32);
         // DF forbids holes: one data chunk.
-        let frame = read(ReplyMode::Structured, to, 0, Bytes::from(vec![0u8; 1 << 20]), true);
+        let frame = read(
+            ReplyMode::Structured,
+            to,
+            0,
+            Bytes::from(vec![0u8; 1 << 20]),
+            true,
+        );
         assert_eq!(frame.len(), 2);
         assert_eq!(frame[1].len(), 1 << 20);
         // Simple replies always carry the bytes.
-        let frame = read(ReplyMode::Simple, to, 0, Bytes::from(vec![0u8; 1 << 20]), false);
+        let frame = read(
+            ReplyMode::Simple,
+            to,
+            0,
+            Bytes::from(vec![0u8; 1 << 20]),
+            false,
+        );
         assert_eq!(frame[0].len(), 16);
         assert_eq!(frame[1].len(), 1 << 20);
     }

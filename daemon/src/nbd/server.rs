@@ -1,6 +1,7 @@
 //! Listeners, the accept loops, the connection limit and graceful shutdown.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,11 +18,33 @@ use crate::storage::Registry;
 /// Where the server listens.
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
-    pub unix: Option<(UnixListener, PathBuf)>,
+    pub unix: Option<BoundUnix>,
+}
+
+pub struct BoundUnix {
+    pub listener: UnixListener,
+    pub socket_file: SocketFile,
+}
+
+/// Our socket's path and inode, so shutdown never removes a file a newer daemon bound since.
+pub struct SocketFile {
+    pub path: PathBuf,
+    inode: u64,
+}
+
+impl SocketFile {
+    fn remove(&self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Listeners {
-    pub async fn bind(tcp: Option<SocketAddr>, unix: Option<PathBuf>) -> std::io::Result<Listeners> {
+    pub async fn bind(
+        tcp: Option<SocketAddr>,
+        unix: Option<PathBuf>,
+    ) -> std::io::Result<Listeners> {
         let tcp = match tcp {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -29,10 +52,17 @@ impl Listeners {
         let unix = match unix {
             Some(path) => {
                 // A socket file left by a killed daemon would make bind fail with EADDRINUSE.
-                if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                if std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
                     std::fs::remove_file(&path)?;
                 }
-                Some((UnixListener::bind(&path)?, path))
+                let listener = UnixListener::bind(&path)?;
+                let inode = std::fs::metadata(&path)?.ino();
+                Some(BoundUnix {
+                    listener,
+                    socket_file: SocketFile { path, inode },
+                })
             }
             None => None,
         };
@@ -58,27 +88,33 @@ impl Server {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let warned_limit = Arc::new(AtomicBool::new(false));
-        let mut unix_path = None;
+        let mut socket_file = None;
         if let Some(tcp) = listeners.tcp {
             let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
             tracker.spawn(accept_tcp(tcp, ctx));
         }
-        if let Some((unix, path)) = listeners.unix {
-            unix_path = Some(path);
+        if let Some(unix) = listeners.unix {
             let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
-            tracker.spawn(accept_unix(unix, ctx));
+            socket_file = Some(unix.socket_file);
+            tracker.spawn(accept_unix(unix.listener, ctx));
         }
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         tracker.close();
-        if tokio::time::timeout(self.shutdown_grace, tracker.wait()).await.is_err() {
-            tracing::warn!(grace_secs = self.shutdown_grace.as_secs(), "connections still open after the grace period");
+        if tokio::time::timeout(self.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = self.shutdown_grace.as_secs(),
+                "connections still open after the grace period"
+            );
         }
         if let Err(e) = self.registry.flush_all().await {
             tracing::error!(error = %e, "final flush failed");
         }
-        if let Some(path) = unix_path {
-            let _ = std::fs::remove_file(path);
+        if let Some(file) = socket_file {
+            file.remove();
         }
     }
 

@@ -3,16 +3,20 @@
 //!
 //! socket → decode (proto) → validate (proto) → storage → io engine → reply frame → writer task.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use evsd_proto::consts::{CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE};
+use evsd_proto::consts::{
+    CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+};
 use evsd_proto::meta::BASE_ALLOCATION;
 use evsd_proto::{
     decode_request, reply, request_header_len, Command, ExportLimits, MetaContext, Negotiated,
     ReplyMode, ReplyTo, Request,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -22,8 +26,8 @@ use crate::storage::{Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
 const MAX_EXTENTS_PER_REPLY: usize = 4096;
-/// Size of the socket write buffer; larger frames bypass it.
-const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Buffers handed to one writev (Linux allows 1024).
+const MAX_IOVECS_PER_WRITE: usize = 512;
 
 /// Why transmission ended.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,14 @@ struct Session {
     peer: String,
 }
 
+/// A client's socket halves, the bytes already read past the handshake, and its name for logs.
+pub struct ClientStream<R, W> {
+    pub reader: R,
+    pub writer: W,
+    pub buffered: BytesMut,
+    pub peer: String,
+}
+
 pub struct TransmissionConfig {
     pub max_inflight_requests: usize,
 }
@@ -57,19 +69,22 @@ pub struct TransmissionConfig {
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
 /// Requests already received are always answered before this returns.
 pub async fn serve<R, W>(
-    mut reader: R,
-    writer: W,
-    mut input: BytesMut,
+    client: ClientStream<R, W>,
     negotiated: Negotiated,
     volume: Arc<Volume>,
     config: &TransmissionConfig,
     shutdown: CancellationToken,
-    peer: String,
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let ClientStream {
+        mut reader,
+        writer,
+        buffered: mut input,
+        peer,
+    } = client;
     let mode = negotiated.mode;
     let limits = ExportLimits {
         size_bytes: volume.size_bytes(),
@@ -78,7 +93,12 @@ where
         mode,
         meta_contexts: negotiated.meta_contexts.len(),
     };
-    let session = Arc::new(Session { volume, mode, meta_contexts: negotiated.meta_contexts, peer });
+    let session = Arc::new(Session {
+        volume,
+        mode,
+        meta_contexts: negotiated.meta_contexts,
+        peer,
+    });
     let inflight = Arc::new(Semaphore::new(config.max_inflight_requests));
     let (frames, frames_rx) = mpsc::channel::<Frame>(config.max_inflight_requests);
     let writer_task = tokio::spawn(write_frames(writer, frames_rx));
@@ -118,10 +138,20 @@ where
         if request.command == Command::Disc {
             break TransmissionEnd::Disconnect;
         }
-        let to = ReplyTo { cookie: request.cookie, offset: request.offset };
+        let to = ReplyTo {
+            cookie: request.cookie,
+            offset: request.offset,
+        };
         if let Err(errno) = limits.validate(&request) {
-            let message = format!("{:?} at offset {} length {} refused", request.command, request.offset, request.length);
-            if frames.send(replies::error(mode, to, errno, &message)).await.is_err() {
+            let message = format!(
+                "{:?} at offset {} length {} refused",
+                request.command, request.offset, request.length
+            );
+            if frames
+                .send(replies::error(mode, to, errno, &message))
+                .await
+                .is_err()
+            {
                 break TransmissionEnd::Io(std::io::ErrorKind::BrokenPipe.into());
             }
             continue;
@@ -166,32 +196,74 @@ async fn fill<R: AsyncRead + Unpin>(
             _ = shutdown.cancelled(), if started_empty => return Err(TransmissionEnd::Shutdown),
         };
         if n == 0 {
-            return if started_empty { Ok(false) } else { Err(TransmissionEnd::Truncated) };
+            return if started_empty {
+                Ok(false)
+            } else {
+                Err(TransmissionEnd::Truncated)
+            };
         }
     }
     Ok(true)
 }
 
-/// Writes frames as they come; flushes only when no other frame is waiting, so bursts of small
-/// replies share a syscall.
-async fn write_frames<W: AsyncWrite + Unpin>(writer: W, mut frames: mpsc::Receiver<Frame>) -> std::io::Result<()> {
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+/// Writes frames as they complete. Whatever frames are waiting go out together in one writev, so
+/// a burst of small replies shares a syscall and read data is never copied into a buffer.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut frames: mpsc::Receiver<Frame>,
+) -> std::io::Result<()> {
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
     while let Some(frame) = frames.recv().await {
-        for piece in frame {
-            writer.write_all(&piece).await?;
+        pending.extend(frame);
+        while pending.len() < MAX_IOVECS_PER_WRITE {
+            match frames.try_recv() {
+                Ok(frame) => pending.extend(frame),
+                Err(_) => break,
+            }
         }
-        if frames.is_empty() {
-            writer.flush().await?;
+        write_all_vectored(&mut writer, &mut pending).await?;
+    }
+    writer.shutdown().await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    pending: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !pending.is_empty() {
+        let slices: Vec<IoSlice<'_>> = pending
+            .iter()
+            .take(MAX_IOVECS_PER_WRITE)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        drop(slices);
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = pending.front_mut() else {
+                break;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                pending.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
         }
     }
-    writer.flush().await?;
-    writer.shutdown().await
+    Ok(())
 }
 
 /// Runs one validated request against storage and builds its reply.
 async fn execute(session: &Session, request: &Request, payload: Bytes) -> Frame {
     let mode = session.mode;
-    let to = ReplyTo { cookie: request.cookie, offset: request.offset };
+    let to = ReplyTo {
+        cookie: request.cookie,
+        offset: request.offset,
+    };
     let volume = &session.volume;
     let fua = request.has_flag(CMD_FLAG_FUA);
     let (offset, length) = (request.offset, request.length);
@@ -200,15 +272,24 @@ async fn execute(session: &Session, request: &Request, payload: Bytes) -> Frame 
             .read(offset, length as usize)
             .await
             .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
-        Command::Write => volume.write(offset, payload, fua).await.map(|()| replies::ok(mode, to)),
+        Command::Write => volume
+            .write(offset, payload, fua)
+            .await
+            .map(|()| replies::ok(mode, to)),
         Command::Flush => volume.flush().await.map(|()| replies::ok(mode, to)),
-        Command::Trim => volume.trim(offset, length, fua).await.map(|()| replies::ok(mode, to)),
+        Command::Trim => volume
+            .trim(offset, length, fua)
+            .await
+            .map(|()| replies::ok(mode, to)),
         Command::WriteZeroes => {
             let zero_mode = ZeroMode {
                 may_trim: !request.has_flag(CMD_FLAG_NO_HOLE),
                 fast_only: request.has_flag(CMD_FLAG_FAST_ZERO),
             };
-            volume.write_zeroes(offset, length, zero_mode, fua).await.map(|()| replies::ok(mode, to))
+            volume
+                .write_zeroes(offset, length, zero_mode, fua)
+                .await
+                .map(|()| replies::ok(mode, to))
         }
         Command::Cache => {
             volume.cache(offset, length);
@@ -227,18 +308,32 @@ async fn execute(session: &Session, request: &Request, payload: Bytes) -> Frame 
     })
 }
 
-async fn block_status(session: &Session, request: &Request, to: ReplyTo) -> Result<Frame, StorageError> {
-    let max_extents = if request.has_flag(CMD_FLAG_REQ_ONE) { 1 } else { MAX_EXTENTS_PER_REPLY };
+async fn block_status(
+    session: &Session,
+    request: &Request,
+    to: ReplyTo,
+) -> Result<Frame, StorageError> {
+    let max_extents = if request.has_flag(CMD_FLAG_REQ_ONE) {
+        1
+    } else {
+        MAX_EXTENTS_PER_REPLY
+    };
     let mut head = BytesMut::with_capacity(64);
     let last = session.meta_contexts.len() - 1;
     for (i, context) in session.meta_contexts.iter().enumerate() {
         let extents = match context.name.as_str() {
             BASE_ALLOCATION => {
-                let found = session.volume.block_status(request.offset, request.length, max_extents).await?;
+                let found = session
+                    .volume
+                    .block_status(request.offset, request.length, max_extents)
+                    .await?;
                 replies::allocation_extents(&found)
             }
             // Only contexts the catalog offered can be selected; this is the safe answer anyway.
-            _ => vec![evsd_proto::Extent { length_bytes: request.length, flags: 0 }],
+            _ => vec![evsd_proto::Extent {
+                length_bytes: request.length,
+                flags: 0,
+            }],
         };
         reply::put_block_status(&mut head, session.mode, to, context.id, &extents, i == last);
     }

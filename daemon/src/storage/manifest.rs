@@ -26,13 +26,20 @@ pub struct VolumeManifest {
 impl VolumeManifest {
     pub fn load(dir: &Path) -> Result<VolumeManifest, StorageError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| StorageError::fs("read", &path, e))?;
-        let manifest: VolumeManifest = serde_json::from_str(&text)
-            .map_err(|e| StorageError::BadManifest { path: path.clone(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| StorageError::fs("read", &path, e))?;
+        let manifest: VolumeManifest =
+            serde_json::from_str(&text).map_err(|e| StorageError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(StorageError::BadManifest {
                 path,
-                reason: format!("format_version {} is not {FORMAT_VERSION}", manifest.format_version),
+                reason: format!(
+                    "format_version {} is not {FORMAT_VERSION}",
+                    manifest.format_version
+                ),
             });
         }
         Ok(manifest)
@@ -52,8 +59,10 @@ impl VolumeManifest {
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp).map_err(|e| StorageError::fs("create", &tmp, e))?;
-    file.write_all(bytes).map_err(|e| StorageError::fs("write", &tmp, e))?;
-    file.sync_all().map_err(|e| StorageError::fs("fsync", &tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| StorageError::fs("write", &tmp, e))?;
+    file.sync_all()
+        .map_err(|e| StorageError::fs("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StorageError::fs("rename", &tmp, e))?;
     if let Some(parent) = path.parent() {
         sync_dir(parent)?;
@@ -70,12 +79,21 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 /// A random RFC 4122 version-4 UUID from the kernel's generator.
 pub fn new_uuid() -> Result<String, StorageError> {
     let mut b = [0u8; 16];
-    let mut urandom = File::open("/dev/urandom").map_err(|e| StorageError::fs("open", "/dev/urandom", e))?;
-    std::io::Read::read_exact(&mut urandom, &mut b).map_err(|e| StorageError::fs("read", "/dev/urandom", e))?;
+    let mut urandom =
+        File::open("/dev/urandom").map_err(|e| StorageError::fs("open", "/dev/urandom", e))?;
+    std::io::Read::read_exact(&mut urandom, &mut b)
+        .map_err(|e| StorageError::fs("read", "/dev/urandom", e))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
 }
 
 #[cfg(test)]
@@ -94,8 +112,15 @@ mod tests {
         };
         m.store(dir.path()).unwrap();
         assert_eq!(VolumeManifest::load(dir.path()).unwrap(), m);
-        std::fs::write(dir.path().join(MANIFEST_FILE), br#"{"format_version":1,"bogus":1}"#).unwrap();
-        assert!(matches!(VolumeManifest::load(dir.path()), Err(StorageError::BadManifest { .. })));
+        std::fs::write(
+            dir.path().join(MANIFEST_FILE),
+            br#"{"format_version":1,"bogus":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            VolumeManifest::load(dir.path()),
+            Err(StorageError::BadManifest { .. })
+        ));
         assert_eq!(m.uuid.len(), 36);
     }
 }

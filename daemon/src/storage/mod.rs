@@ -5,6 +5,6 @@ pub mod name;
 pub mod registry;
 pub mod volume;
 
-pub use name::{parse_size_bytes, validate_volume_name};
+pub use name::parse_size_bytes;
 pub use registry::Registry;
 pub use volume::{Extent, Volume, ZeroMode};

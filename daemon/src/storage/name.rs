@@ -23,7 +23,9 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, StorageError> {
     let invalid = || StorageError::InvalidSize(text.to_owned());
     let trimmed = text.trim();
     let upper = trimmed.to_ascii_uppercase();
-    let digits_end = upper.find(|c: char| !c.is_ascii_digit()).unwrap_or(upper.len());
+    let digits_end = upper
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(upper.len());
     let (digits, suffix) = upper.split_at(digits_end);
     let value: u64 = digits.parse().map_err(|_| invalid())?;
     let shift = match suffix.trim_end_matches("IB").trim_end_matches('B') {
@@ -47,7 +49,17 @@ mod tests {
         for good in ["vol0", "a", "data-1.img_x", &"x".repeat(64)] {
             assert!(validate_volume_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "..", "a/b", "vol@snap", "a b", "é", &"x".repeat(65), "a\0b"] {
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "vol@snap",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0b",
+        ] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -25,9 +25,11 @@ impl Registry {
     /// manifest cannot be read is skipped with an error in the log, never deleted.
     pub fn open(data_dir: &Path, engine: IoEngine) -> Result<Registry, StorageError> {
         let volumes_dir = data_dir.join("volumes");
-        std::fs::create_dir_all(&volumes_dir).map_err(|e| StorageError::fs("create", &volumes_dir, e))?;
+        std::fs::create_dir_all(&volumes_dir)
+            .map_err(|e| StorageError::fs("create", &volumes_dir, e))?;
         let mut volumes = BTreeMap::new();
-        let entries = std::fs::read_dir(&volumes_dir).map_err(|e| StorageError::fs("list", &volumes_dir, e))?;
+        let entries = std::fs::read_dir(&volumes_dir)
+            .map_err(|e| StorageError::fs("list", &volumes_dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StorageError::fs("list", &volumes_dir, e))?;
             let dir = entry.path();
@@ -45,14 +47,18 @@ impl Registry {
                 Err(e) => tracing::error!(path = %dir.display(), error = %e, "skipping volume"),
             }
         }
-        Ok(Registry { volumes_dir, engine, volumes: RwLock::new(volumes) })
+        Ok(Registry {
+            volumes_dir,
+            engine,
+            volumes: RwLock::new(volumes),
+        })
     }
 
     /// Creates a sparse volume. Durable when it returns: the directory appears by rename only
     /// once its manifest and data file are complete.
     pub fn create(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StorageError> {
         validate_volume_name(name)?;
-        if size_bytes == 0 || size_bytes % VOLUME_ALIGN_BYTES != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_ALIGN_BYTES) {
             return Err(StorageError::UnalignedSize(size_bytes));
         }
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
@@ -70,9 +76,13 @@ impl Registry {
             .create_new(true)
             .open(&data_path)
             .map_err(|e| StorageError::fs("create", &data_path, e))?;
-        data.set_len(size_bytes).map_err(|e| StorageError::fs("size", &data_path, e))?;
-        data.sync_all().map_err(|e| StorageError::fs("fsync", &data_path, e))?;
-        let created_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        data.set_len(size_bytes)
+            .map_err(|e| StorageError::fs("size", &data_path, e))?;
+        data.sync_all()
+            .map_err(|e| StorageError::fs("fsync", &data_path, e))?;
+        let created_unix_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         VolumeManifest {
             format_version: FORMAT_VERSION,
             name: name.to_owned(),
@@ -81,7 +91,8 @@ impl Registry {
             created_unix_secs,
         }
         .store(&tmp_dir)?;
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
+        std::fs::rename(&tmp_dir, &final_dir)
+            .map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
         manifest::sync_dir(&self.volumes_dir)?;
         drop(data);
         let volume = Arc::new(load_volume(&final_dir, self.engine.clone())?);
@@ -91,15 +102,27 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
-        self.volumes.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Volume>> {
-        self.volumes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.volumes.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// Flushes every volume (shutdown path); returns the first failure after trying them all.
@@ -124,13 +147,22 @@ fn load_volume(dir: &Path, engine: IoEngine) -> Result<Volume, StorageError> {
         .write(true)
         .open(&data_path)
         .map_err(|e| StorageError::fs("open", &data_path, e))?;
-    let len = data.metadata().map_err(|e| StorageError::fs("stat", &data_path, e))?.len();
+    let len = data
+        .metadata()
+        .map_err(|e| StorageError::fs("stat", &data_path, e))?
+        .len();
     if len != manifest.size_bytes {
         // The manifest is the truth; a shorter file only lacks trailing zeroes.
         tracing::warn!(path = %data_path.display(), file_bytes = len, manifest_bytes = manifest.size_bytes, "resizing data file to the manifest's size");
-        data.set_len(manifest.size_bytes).map_err(|e| StorageError::fs("size", &data_path, e))?;
+        data.set_len(manifest.size_bytes)
+            .map_err(|e| StorageError::fs("size", &data_path, e))?;
     }
-    Ok(Volume::new(manifest.name, manifest.size_bytes, data, engine))
+    Ok(Volume::new(
+        manifest.name,
+        manifest.size_bytes,
+        data,
+        engine,
+    ))
 }
 
 #[cfg(test)]
@@ -145,9 +177,18 @@ mod tests {
         let reg = Registry::open(dir.path(), engine.clone()).unwrap();
         assert!(reg.is_empty());
         reg.create("vol0", 1 << 30).unwrap();
-        assert!(matches!(reg.create("vol0", 1 << 30), Err(StorageError::AlreadyExists(_))));
-        assert!(matches!(reg.create("../x", 4096), Err(StorageError::InvalidName(_))));
-        assert!(matches!(reg.create("odd", 4097), Err(StorageError::UnalignedSize(4097))));
+        assert!(matches!(
+            reg.create("vol0", 1 << 30),
+            Err(StorageError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            reg.create("../x", 4096),
+            Err(StorageError::InvalidName(_))
+        ));
+        assert!(matches!(
+            reg.create("odd", 4097),
+            Err(StorageError::UnalignedSize(4097))
+        ));
         // A half-made volume from a crash is cleaned up, a broken one skipped, not deleted.
         std::fs::create_dir(dir.path().join("volumes/.half.creating")).unwrap();
         std::fs::create_dir(dir.path().join("volumes/broken")).unwrap();

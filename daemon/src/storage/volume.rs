@@ -47,7 +47,10 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("name", &self.name).field("size_bytes", &self.size_bytes).finish()
+        f.debug_struct("Volume")
+            .field("name", &self.name)
+            .field("size_bytes", &self.size_bytes)
+            .finish()
     }
 }
 
@@ -75,15 +78,27 @@ impl Volume {
         self.fallocate_works.load(Ordering::Relaxed)
     }
 
-    pub async fn read(&self, offset_bytes: u64, length_bytes: usize) -> Result<Bytes, StorageError> {
+    pub async fn read(
+        &self,
+        offset_bytes: u64,
+        length_bytes: usize,
+    ) -> Result<Bytes, StorageError> {
         let buf = BytesMut::zeroed(length_bytes);
-        let (buf, result) = self.engine.read_exact_at(&self.data, offset_bytes, buf).await;
+        let (buf, result) = self
+            .engine
+            .read_exact_at(&self.data, offset_bytes, buf)
+            .await;
         result.map_err(|e| StorageError::io("read", offset_bytes, length_bytes as u64, e))?;
         Ok(buf.freeze())
     }
 
     /// Writes `data`; with `fua` it is durable when this returns.
-    pub async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), StorageError> {
+    pub async fn write(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), StorageError> {
         let length_bytes = data.len() as u64;
         self.engine
             .write_all_at(&self.data, offset_bytes, data, fua)
@@ -105,23 +120,38 @@ impl Volume {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
         if self.fallocate_works.load(Ordering::Relaxed) {
-            match self.engine.fallocate(&self.data, fallocate_mode, offset_bytes, length_bytes).await {
+            match self
+                .engine
+                .fallocate(&self.data, fallocate_mode, offset_bytes, length_bytes)
+                .await
+            {
                 Ok(()) => return self.sync_if(fua, offset_bytes, length_bytes).await,
                 Err(e) if is_unsupported(&e) => {
                     tracing::warn!(volume = %self.name, error = %e, "fallocate unsupported here; zeroing by writing zero bytes");
                     self.fallocate_works.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(StorageError::io("write_zeroes", offset_bytes, length_bytes, e)),
+                Err(e) => {
+                    return Err(StorageError::io(
+                        "write_zeroes",
+                        offset_bytes,
+                        length_bytes,
+                        e,
+                    ))
+                }
             }
         }
         if mode.fast_only {
-            return Err(StorageError::FastZeroUnsupported { offset_bytes, length_bytes });
+            return Err(StorageError::FastZeroUnsupported {
+                offset_bytes,
+                length_bytes,
+            });
         }
         let zeroes = Bytes::from(vec![0u8; ZERO_WRITE_CHUNK_BYTES.min(length_bytes) as usize]);
         let mut done_bytes = 0;
         while done_bytes < length_bytes {
             let n = (length_bytes - done_bytes).min(ZERO_WRITE_CHUNK_BYTES);
-            self.write(offset_bytes + done_bytes, zeroes.slice(..n as usize), false).await?;
+            self.write(offset_bytes + done_bytes, zeroes.slice(..n as usize), false)
+                .await?;
             done_bytes += n;
         }
         self.sync_if(fua, offset_bytes, length_bytes).await
@@ -129,12 +159,21 @@ impl Volume {
 
     /// Deallocates the range (advisory: the spec lets a server ignore it, so an unsupported
     /// filesystem is not an error).
-    pub async fn trim(&self, offset_bytes: u64, length_bytes: u64, fua: bool) -> Result<(), StorageError> {
+    pub async fn trim(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+        fua: bool,
+    ) -> Result<(), StorageError> {
         if !self.fallocate_works.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self.engine.fallocate(&self.data, mode, offset_bytes, length_bytes).await {
+        match self
+            .engine
+            .fallocate(&self.data, mode, offset_bytes, length_bytes)
+            .await
+        {
             Ok(()) => self.sync_if(fua, offset_bytes, length_bytes).await,
             Err(e) if is_unsupported(&e) => {
                 self.fallocate_works.store(false, Ordering::Relaxed);
@@ -153,7 +192,12 @@ impl Volume {
             .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))
     }
 
-    async fn sync_if(&self, fua: bool, offset_bytes: u64, length_bytes: u64) -> Result<(), StorageError> {
+    async fn sync_if(
+        &self,
+        fua: bool,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), StorageError> {
         if !fua {
             return Ok(());
         }
@@ -186,19 +230,31 @@ impl Volume {
         max_extents: usize,
     ) -> Result<Vec<Extent>, StorageError> {
         let file = Arc::clone(&self.data);
-        let end_bytes = offset_bytes.saturating_add(length_bytes).min(self.size_bytes);
+        let end_bytes = offset_bytes
+            .saturating_add(length_bytes)
+            .min(self.size_bytes);
         let task = tokio::task::spawn_blocking(move || {
             scan_allocation(&file, offset_bytes, end_bytes, max_extents.max(1))
         });
         match task.await {
-            Ok(result) => result.map_err(|e| StorageError::io("block_status", offset_bytes, length_bytes, e)),
-            Err(join) => Err(StorageError::io("block_status", offset_bytes, length_bytes, std::io::Error::other(join))),
+            Ok(result) => {
+                result.map_err(|e| StorageError::io("block_status", offset_bytes, length_bytes, e))
+            }
+            Err(join) => Err(StorageError::io(
+                "block_status",
+                offset_bytes,
+                length_bytes,
+                std::io::Error::other(join),
+            )),
         }
     }
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 fn lseek(file: &File, offset_bytes: u64, whence: i32) -> std::io::Result<Option<u64>> {
@@ -207,25 +263,42 @@ fn lseek(file: &File, offset_bytes: u64, whence: i32) -> std::io::Result<Option<
     if pos < 0 {
         let e = std::io::Error::last_os_error();
         // ENXIO: no data (or hole) at or after the offset.
-        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     Ok(Some(pos as u64))
 }
 
-fn scan_allocation(file: &File, start: u64, end: u64, max_extents: usize) -> std::io::Result<Vec<Extent>> {
+fn scan_allocation(
+    file: &File,
+    start: u64,
+    end: u64,
+    max_extents: usize,
+) -> std::io::Result<Vec<Extent>> {
     let mut extents = Vec::new();
     let mut pos = start;
     while pos < end && extents.len() < max_extents {
         let data_at = lseek(file, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
         if data_at > pos {
-            extents.push(Extent { length_bytes: data_at - pos, hole: true, zero: true });
+            extents.push(Extent {
+                length_bytes: data_at - pos,
+                hole: true,
+                zero: true,
+            });
             pos = data_at;
             continue;
         }
         let hole_at = lseek(file, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
         // A filesystem without hole support reports the whole file as data: still truthful.
         let hole_at = hole_at.max(pos + 1).min(end);
-        extents.push(Extent { length_bytes: hole_at - pos, hole: false, zero: false });
+        extents.push(Extent {
+            length_bytes: hole_at - pos,
+            hole: false,
+            zero: false,
+        });
         pos = hole_at;
     }
     Ok(extents)
@@ -239,7 +312,13 @@ mod tests {
     async fn volume(kind: EngineKind, size_bytes: u64) -> (tempfile::TempDir, Volume) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         file.set_len(size_bytes).unwrap();
         let engine = IoEngine::new(Some(kind), &EngineConfig::default()).unwrap();
         (dir, Volume::new("t".into(), size_bytes, file, engine))
@@ -250,26 +329,82 @@ mod tests {
         for kind in [EngineKind::Uring, EngineKind::Threads] {
             let (_dir, vol) = volume(kind, 4 << 20).await;
             let all = vol.block_status(0, 4 << 20, 100).await.unwrap();
-            assert_eq!(all, [Extent { length_bytes: 4 << 20, hole: true, zero: true }]);
+            assert_eq!(
+                all,
+                [Extent {
+                    length_bytes: 4 << 20,
+                    hole: true,
+                    zero: true
+                }]
+            );
 
-            vol.write(1 << 20, Bytes::from(vec![0xab; 128 << 10]), false).await.unwrap();
+            vol.write(1 << 20, Bytes::from(vec![0xab; 128 << 10]), false)
+                .await
+                .unwrap();
             vol.flush().await.unwrap();
-            assert!(vol.read(1 << 20, 128 << 10).await.unwrap().iter().all(|&b| b == 0xab));
+            assert!(vol
+                .read(1 << 20, 128 << 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0xab));
             let map = vol.block_status(0, 4 << 20, 100).await.unwrap();
             assert_eq!(map.iter().map(|e| e.length_bytes).sum::<u64>(), 4 << 20);
             let data: Vec<_> = map.iter().filter(|e| !e.hole).collect();
             assert_eq!(data.len(), 1);
 
-            vol.write_zeroes(1 << 20, 64 << 10, ZeroMode { may_trim: true, fast_only: true }, true).await.unwrap();
-            assert!(vol.read(1 << 20, 64 << 10).await.unwrap().iter().all(|&b| b == 0));
-            assert!(vol.read((1 << 20) + (64 << 10), 64 << 10).await.unwrap().iter().all(|&b| b == 0xab));
+            vol.write_zeroes(
+                1 << 20,
+                64 << 10,
+                ZeroMode {
+                    may_trim: true,
+                    fast_only: true,
+                },
+                true,
+            )
+            .await
+            .unwrap();
+            assert!(vol
+                .read(1 << 20, 64 << 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0));
+            assert!(vol
+                .read((1 << 20) + (64 << 10), 64 << 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0xab));
 
-            vol.write_zeroes((1 << 20) + (64 << 10), 4096, ZeroMode { may_trim: false, fast_only: false }, false).await.unwrap();
-            assert!(vol.read((1 << 20) + (64 << 10), 4096).await.unwrap().iter().all(|&b| b == 0));
+            vol.write_zeroes(
+                (1 << 20) + (64 << 10),
+                4096,
+                ZeroMode {
+                    may_trim: false,
+                    fast_only: false,
+                },
+                false,
+            )
+            .await
+            .unwrap();
+            assert!(vol
+                .read((1 << 20) + (64 << 10), 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0));
 
             vol.trim(1 << 20, 128 << 10, false).await.unwrap();
             let map = vol.block_status(1 << 20, 128 << 10, 100).await.unwrap();
-            assert_eq!(map, [Extent { length_bytes: 128 << 10, hole: true, zero: true }]);
+            assert_eq!(
+                map,
+                [Extent {
+                    length_bytes: 128 << 10,
+                    hole: true,
+                    zero: true
+                }]
+            );
             // The cap limits the answer, and a one-extent request never overruns the range.
             let capped = vol.block_status(0, 4 << 20, 1).await.unwrap();
             assert_eq!(capped.len(), 1);
