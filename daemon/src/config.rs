@@ -58,6 +58,10 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub max_inflight_requests: usize,
 
+    /// MiB of read/write data one connection may hold in flight (one request always runs).
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight_mib: u64,
+
     /// A client that has not finished the handshake by then is disconnected.
     #[arg(long, default_value_t = 30)]
     pub handshake_timeout_secs: u64,

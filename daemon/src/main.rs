@@ -96,6 +96,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             handshake: HandshakeConfig::default(),
             transmission: TransmissionConfig {
                 max_inflight_requests: args.max_inflight_requests.max(1),
+                max_inflight_bytes: args.max_inflight_mib.max(1) << 20,
             },
         }),
         max_connections: args.max_connections.max(1),

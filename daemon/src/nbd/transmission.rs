@@ -1,11 +1,14 @@
 //! The transmission phase: read requests, run each as its own task against storage, and send the
 //! replies as they complete, in whatever order that is.
 //!
-//! socket → decode (proto) → validate (proto) → storage → io engine → reply frame → writer task.
+//! socket → decode (proto) → validate (proto) → storage → io engine → reply frame → writev.
 
 use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use evsd_proto::consts::{
@@ -16,9 +19,10 @@ use evsd_proto::{
     decode_request, reply, request_header_len, Command, ExportLimits, MetaContext, Negotiated,
     ReplyMode, ReplyTo, Request,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_util::sync::CancellationToken;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::error::StorageError;
 use crate::nbd::replies::{self, Frame};
@@ -28,6 +32,8 @@ use crate::storage::{Volume, ZeroMode};
 const MAX_EXTENTS_PER_REPLY: usize = 4096;
 /// Buffers handed to one writev (Linux allows 1024).
 const MAX_IOVECS_PER_WRITE: usize = 512;
+/// Free space kept in the input buffer before each socket read.
+const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +52,7 @@ pub enum TransmissionEnd {
     Io(#[from] std::io::Error),
 }
 
-/// Everything a request task needs, shared by all tasks of one connection.
+/// What request futures share: the volume and what the handshake fixed.
 struct Session {
     volume: Arc<Volume>,
     mode: ReplyMode,
@@ -63,7 +69,33 @@ pub struct ClientStream<R, W> {
 }
 
 pub struct TransmissionConfig {
+    /// Requests executing at once; the socket is not read while this many are in flight.
     pub max_inflight_requests: usize,
+    /// Bytes of read and write data held by requests in flight (at least one request always runs).
+    pub max_inflight_bytes: u64,
+}
+
+/// A request in flight: resolves to its reply frame and the bytes it held.
+type InFlight<'a> = Pin<Box<dyn Future<Output = (Frame, u64)> + Send + 'a>>;
+
+/// Connection state of the transmission loop. Everything runs in the connection's own task:
+/// requests are futures polled here, so a completion wakes this task once per batch and the
+/// replies that are ready go out together in one writev.
+struct Connection<'s, R, W> {
+    session: &'s Session,
+    limits: ExportLimits,
+    header_len: usize,
+    reader: R,
+    writer: W,
+    input: BytesMut,
+    inflight: FuturesUnordered<InFlight<'s>>,
+    inflight_bytes: u64,
+    max_inflight_requests: usize,
+    max_inflight_bytes: u64,
+    /// Reply bytes waiting for the socket, in order.
+    outgoing: VecDeque<Bytes>,
+    /// Set when no more requests will be read; the loop then drains and returns it.
+    end: Option<TransmissionEnd>,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -76,185 +108,191 @@ pub async fn serve<R, W>(
     shutdown: CancellationToken,
 ) -> TransmissionEnd
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
 {
-    let ClientStream {
-        mut reader,
-        writer,
-        buffered: mut input,
-        peer,
-    } = client;
     let mode = negotiated.mode;
-    let limits = ExportLimits {
-        size_bytes: volume.size_bytes(),
-        read_only: negotiated.export.read_only,
-        max_payload_bytes: u64::from(negotiated.export.block_size.max_payload_bytes),
-        mode,
-        meta_contexts: negotiated.meta_contexts.len(),
-    };
-    let session = Arc::new(Session {
+    let session = Session {
         volume,
         mode,
         meta_contexts: negotiated.meta_contexts,
-        peer,
-    });
-    let inflight = Arc::new(Semaphore::new(config.max_inflight_requests));
-    let (frames, frames_rx) = mpsc::channel::<Frame>(config.max_inflight_requests);
-    let writer_task = tokio::spawn(write_frames(writer, frames_rx));
-    let header_len = request_header_len(mode);
-
-    let end = loop {
-        // Back-pressure: a request is read only once it has a slot.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break TransmissionEnd::Shutdown,
-            permit = Arc::clone(&inflight).acquire_owned() => permit.expect("semaphore never closed"),
-        };
-        match fill(&mut reader, &mut input, header_len, &shutdown).await {
-            Ok(true) => {}
-            Ok(false) => break TransmissionEnd::Eof,
-            Err(end) => break end,
-        }
-        let request = match decode_request(&input, mode) {
-            Ok(Some(request)) => request,
-            Ok(None) => unreachable!("fill returned a whole header"),
-            Err(e) => break e.into(),
-        };
-        input.advance(header_len);
-        if let Err(e) = limits.check_payload(&request) {
-            break e.into();
-        }
-        let payload_len = request.payload_len(mode) as usize;
-        let payload = if payload_len > 0 {
-            match fill(&mut reader, &mut input, payload_len, &shutdown).await {
-                Ok(true) => input.split_to(payload_len).freeze(),
-                Ok(false) => break TransmissionEnd::Truncated,
-                Err(end) => break end,
-            }
-        } else {
-            Bytes::new()
-        };
-        if request.command == Command::Disc {
-            break TransmissionEnd::Disconnect;
-        }
-        let to = ReplyTo {
-            cookie: request.cookie,
-            offset: request.offset,
-        };
-        if let Err(errno) = limits.validate(&request) {
-            let message = format!(
-                "{:?} at offset {} length {} refused",
-                request.command, request.offset, request.length
-            );
-            if frames
-                .send(replies::error(mode, to, errno, &message))
-                .await
-                .is_err()
-            {
-                break TransmissionEnd::Io(std::io::ErrorKind::BrokenPipe.into());
-            }
-            continue;
-        }
-        let session = Arc::clone(&session);
-        let frames = frames.clone();
-        tokio::spawn(async move {
-            let frame = execute(&session, &request, payload).await;
-            // A closed channel means the writer died with the socket; nothing left to tell.
-            let _ = frames.send(frame).await;
-            drop(permit);
-        });
+        peer: client.peer,
     };
-
-    // Answer everything already accepted before closing: wait until every slot is free again.
-    let all = u32::try_from(config.max_inflight_requests).unwrap_or(u32::MAX);
-    let _drained = inflight.acquire_many(all).await;
-    drop(frames);
-    match writer_task.await {
-        Ok(Ok(())) | Err(_) => {}
-        Ok(Err(e)) => tracing::debug!(peer = %session.peer, error = %e, "reply writer stopped"),
-    }
-    end
-}
-
-/// Reads until `input` holds at least `wanted` bytes. Ok(false) on a clean EOF before any byte of
-/// a new message; a partial message followed by EOF is `Truncated`.
-async fn fill<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    input: &mut BytesMut,
-    wanted: usize,
-    shutdown: &CancellationToken,
-) -> Result<bool, TransmissionEnd> {
-    if input.len() < wanted {
-        input.reserve(wanted - input.len());
-    }
-    while input.len() < wanted {
-        let started_empty = input.is_empty();
-        let n = tokio::select! {
-            biased;
-            n = reader.read_buf(input) => n?,
-            _ = shutdown.cancelled(), if started_empty => return Err(TransmissionEnd::Shutdown),
-        };
-        if n == 0 {
-            return if started_empty {
-                Ok(false)
-            } else {
-                Err(TransmissionEnd::Truncated)
-            };
-        }
-    }
-    Ok(true)
-}
-
-/// Writes frames as they complete. Whatever frames are waiting go out together in one writev, so
-/// a burst of small replies shares a syscall and read data is never copied into a buffer.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut frames: mpsc::Receiver<Frame>,
-) -> std::io::Result<()> {
-    let mut pending: VecDeque<Bytes> = VecDeque::new();
-    while let Some(frame) = frames.recv().await {
-        pending.extend(frame);
-        while pending.len() < MAX_IOVECS_PER_WRITE {
-            match frames.try_recv() {
-                Ok(frame) => pending.extend(frame),
-                Err(_) => break,
+    let mut conn = Connection {
+        limits: ExportLimits {
+            size_bytes: session.volume.size_bytes(),
+            read_only: negotiated.export.read_only,
+            max_payload_bytes: u64::from(negotiated.export.block_size.max_payload_bytes),
+            mode,
+            meta_contexts: session.meta_contexts.len(),
+        },
+        session: &session,
+        header_len: request_header_len(mode),
+        reader: client.reader,
+        writer: client.writer,
+        input: client.buffered,
+        inflight: FuturesUnordered::new(),
+        inflight_bytes: 0,
+        max_inflight_requests: config.max_inflight_requests.max(1),
+        max_inflight_bytes: config.max_inflight_bytes,
+        outgoing: VecDeque::new(),
+        end: None,
+    };
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    loop {
+        if conn.end.is_none() {
+            if let Err(end) = conn.start_requests() {
+                conn.end = Some(end);
             }
         }
-        write_all_vectored(&mut writer, &mut pending).await?;
+        if conn.end.is_some() && conn.inflight.is_empty() && conn.outgoing.is_empty() {
+            break;
+        }
+        if let Err(e) = poll_fn(|cx| conn.poll_io(cx, cancelled.as_mut())).await {
+            // The socket is gone: nobody is left to answer. Dropping the futures is safe, the
+            // engine keeps their buffers until the kernel is done with them.
+            return TransmissionEnd::Io(e);
+        }
     }
-    writer.shutdown().await
+    let _ = conn.writer.shutdown().await;
+    conn.end.take().unwrap_or(TransmissionEnd::Eof)
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    pending: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
-    while !pending.is_empty() {
-        let slices: Vec<IoSlice<'_>> = pending
+impl<'s, R, W> Connection<'s, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    fn has_room(&self) -> bool {
+        self.inflight.len() < self.max_inflight_requests
+            && (self.inflight.is_empty() || self.inflight_bytes < self.max_inflight_bytes)
+    }
+
+    /// Decodes every complete request in the input and starts it, while there is room.
+    fn start_requests(&mut self) -> Result<(), TransmissionEnd> {
+        let mode = self.session.mode;
+        while self.has_room() {
+            let Some(request) = decode_request(&self.input, mode)? else {
+                return Ok(());
+            };
+            self.limits.check_payload(&request)?;
+            let payload_len = request.payload_len(mode) as usize;
+            let needed = self.header_len + payload_len;
+            if self.input.len() < needed {
+                self.input.reserve(needed - self.input.len());
+                return Ok(());
+            }
+            self.input.advance(self.header_len);
+            let payload = self.input.split_to(payload_len).freeze();
+            if request.command == Command::Disc {
+                return Err(TransmissionEnd::Disconnect);
+            }
+            let to = ReplyTo {
+                cookie: request.cookie,
+                offset: request.offset,
+            };
+            if let Err(errno) = self.limits.validate(&request) {
+                let message = format!(
+                    "{:?} at offset {} length {} refused",
+                    request.command, request.offset, request.length
+                );
+                self.outgoing
+                    .extend(replies::error(mode, to, errno, &message));
+                continue;
+            }
+            let held_bytes = match request.command {
+                Command::Read | Command::Write => request.length,
+                _ => 0,
+            };
+            self.inflight_bytes += held_bytes;
+            let session = self.session;
+            self.inflight.push(Box::pin(async move {
+                (execute(session, &request, payload).await, held_bytes)
+            }));
+        }
+        Ok(())
+    }
+
+    /// Collects finished requests, writes what is ready, and reads more when there is room.
+    /// Ready when the loop has something new to do; an Err means the socket failed.
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Poll<std::io::Result<()>> {
+        let mut progress = false;
+        while let Poll::Ready(Some((frame, held_bytes))) = self.inflight.poll_next_unpin(cx) {
+            self.outgoing.extend(frame);
+            self.inflight_bytes -= held_bytes;
+            progress = true;
+        }
+        while !self.outgoing.is_empty() {
+            match self.poll_write(cx) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => break,
+            }
+        }
+        if self.end.is_none() && self.has_room() {
+            if self.input.capacity() - self.input.len() < READ_CHUNK_BYTES {
+                self.input.reserve(READ_CHUNK_BYTES);
+            }
+            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.input) {
+                Poll::Ready(Ok(0)) => {
+                    let end = if self.input.is_empty() {
+                        TransmissionEnd::Eof
+                    } else {
+                        TransmissionEnd::Truncated
+                    };
+                    self.end = Some(end);
+                    progress = true;
+                }
+                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if self.end.is_none() && cancelled.poll(cx).is_ready() {
+            self.end = Some(TransmissionEnd::Shutdown);
+            progress = true;
+        }
+        let drained = self.end.is_some() && self.inflight.is_empty() && self.outgoing.is_empty();
+        if progress || drained {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// One writev of the waiting reply bytes.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let slices: Vec<IoSlice<'_>> = self
+            .outgoing
             .iter()
             .take(MAX_IOVECS_PER_WRITE)
             .map(|b| IoSlice::new(b))
             .collect();
-        let mut written = writer.write_vectored(&slices).await?;
+        let mut written = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
         drop(slices);
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
         while written > 0 {
-            let Some(front) = pending.front_mut() else {
+            let Some(front) = self.outgoing.front_mut() else {
                 break;
             };
             if written >= front.len() {
                 written -= front.len();
-                pending.pop_front();
+                self.outgoing.pop_front();
             } else {
                 front.advance(written);
                 written = 0;
             }
         }
+        Poll::Ready(Ok(()))
     }
-    Ok(())
 }
 
 /// Runs one validated request against storage and builds its reply.
