@@ -4,12 +4,16 @@
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
 use evsd_proto::request::encode_request;
-use evsd_proto::{
-    decode_request, reply, Command, ExportLimits, ReplyMode, ReplyTo, Request,
-};
+use evsd_proto::{decode_request, reply, Command, ExportLimits, ReplyMode, ReplyTo, Request};
 
 fn bench_requests(c: &mut Criterion) {
-    let req = Request { flags: 0, command: Command::Read, cookie: 42, offset: 1 << 20, length: 4096 };
+    let req = Request {
+        flags: 0,
+        command: Command::Read,
+        cookie: 42,
+        offset: 1 << 20,
+        length: 4096,
+    };
     let limits = ExportLimits {
         size_bytes: 1 << 30,
         read_only: false,
@@ -22,14 +26,23 @@ fn bench_requests(c: &mut Criterion) {
         encode_request(&req, mode, &mut wire);
         c.bench_function(&format!("decode+validate request ({mode:?})"), |b| {
             b.iter(|| {
-                let r = decode_request(std::hint::black_box(&wire), mode).unwrap().unwrap();
+                let r = decode_request(std::hint::black_box(&wire), mode)
+                    .unwrap()
+                    .unwrap();
                 limits.validate(&r).unwrap();
                 r
             })
         });
     }
-    let to = ReplyTo { cookie: 42, offset: 1 << 20 };
-    for mode in [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended] {
+    let to = ReplyTo {
+        cookie: 42,
+        offset: 1 << 20,
+    };
+    for mode in [
+        ReplyMode::Simple,
+        ReplyMode::Structured,
+        ReplyMode::Extended,
+    ] {
         c.bench_function(&format!("encode read reply header ({mode:?})"), |b| {
             let mut out = BytesMut::with_capacity(64);
             b.iter(|| {

@@ -46,6 +46,11 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 
+    /// Send every read and write through the I/O engine, even page-cache hits that
+    /// preadv2/pwritev2 with RWF_NOWAIT would complete inline without blocking.
+    #[arg(long)]
+    pub no_inline_cached_io: bool,
+
     /// Write a JSON file with the bound addresses and pid once listening.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,

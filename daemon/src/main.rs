@@ -66,17 +66,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Registry::open(&args.data_dir, engine)
             .with_context(|| format!("opening data directory {}", args.data_dir.display()))?,
     );
+    // A first start (no volume yet) gets `vol0`, so the README's run command is usable as is.
+    if registry.is_empty() && !args.no_default_volume {
+        registry
+            .create(nbd::catalog::DEFAULT_EXPORT, DEFAULT_VOLUME_BYTES)
+            .context("creating the default volume")?;
+    }
     for (name, size_bytes) in args.volumes_to_create()? {
         if registry.get(&name).is_none() {
             registry
                 .create(&name, size_bytes)
                 .with_context(|| format!("creating volume {name}"))?;
         }
-    }
-    if registry.is_empty() && !args.no_default_volume {
-        registry
-            .create(nbd::catalog::DEFAULT_EXPORT, DEFAULT_VOLUME_BYTES)
-            .context("creating the default volume")?;
     }
 
     let listeners = Listeners::bind(args.tcp_addr()?, args.unix.clone())

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Debug, Parser)]
-#[command(name = "evsctl", version, about = "Manage an evsd daemon through its admin socket")]
+#[command(
+    name = "evsctl",
+    version,
+    about = "Manage an evsd daemon through its admin socket"
+)]
 struct Cli {
     /// The daemon's admin socket.
     #[arg(long, default_value = "./evs-data/admin.sock", global = true)]
@@ -41,7 +45,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("evsctl: daemon unreachable at {}: {e}", cli.socket.display());
+                eprintln!(
+                    "evsctl: daemon unreachable at {}: {e}",
+                    cli.socket.display()
+                );
                 ExitCode::from(EXIT_UNREACHABLE)
             }
         },

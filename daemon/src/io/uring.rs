@@ -743,6 +743,7 @@ mod tests {
         EngineConfig {
             ring_threads,
             ring_entries,
+            inline_cached_io: false,
         }
     }
 

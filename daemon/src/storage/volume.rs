@@ -320,7 +320,12 @@ mod tests {
             .open(&path)
             .unwrap();
         file.set_len(size_bytes).unwrap();
-        let engine = IoEngine::new(Some(kind), &EngineConfig::default()).unwrap();
+        // Both the inline page-cache path and the engines proper must give the same results.
+        let config = EngineConfig {
+            inline_cached_io: kind == EngineKind::Uring,
+            ..EngineConfig::default()
+        };
+        let engine = IoEngine::new(Some(kind), &config).unwrap();
         (dir, Volume::new("t".into(), size_bytes, file, engine))
     }
 

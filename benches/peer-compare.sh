@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# peer-compare.sh: evsd against nbdkit and qemu-nbd under identical fio workloads.
+#
+# Usage:
+#   benches/peer-compare.sh                # full run (~10 min at RUNTIME=10)
+#   RUNTIME=3 SERVERS="evsd nbdkit" TRANSPORTS=unix benches/peer-compare.sh
+#
+# What it does:
+#   * Builds evsd in release mode (`cargo build --release -p evsd`) unless
+#     EVSD_BIN points at a binary.
+#   * Makes a SIZE (default 1G) file of random data in WORKDIR. nbdkit
+#     (`nbdkit file FILE`) and qemu-nbd (`qemu-nbd -f raw --aio=io_uring
+#     --cache=writeback --shared=8 -t`) serve that file. evsd keeps volumes in
+#     its own format, so it gets a volume of the same size
+#     (`--no-default-volume --create-volume bench:SIZE`) that is filled with the
+#     same random data through NBD (nbdcopy) first, so that reads hit real data.
+#   * The servers run one after the other (never at the same time), each once
+#     per transport (Unix socket, TCP on 127.0.0.1), and are driven by fio's
+#     nbd engine (one libnbd connection per fio job) with these workloads:
+#         randread-4k   rw=randread  bs=4k iodepth=32
+#         randwrite-4k  rw=randwrite bs=4k iodepth=32
+#         read-1m       rw=read      bs=1m iodepth=8
+#         write-1m      rw=write     bs=1m iodepth=8
+#     each with numjobs 1 and 4 (= connections). Jobs split the volume into
+#     disjoint regions (size = offset_increment = SIZE/numjobs), time_based.
+#   * Per run: IOPS and MiB/s (fio --output-format=json, group_reporting),
+#     the server process's CPU seconds during the run (utime+stime delta from
+#     /proc/PID/stat, all threads, divided by CLK_TCK), and IOPS per server
+#     CPU-second. Prints a side-by-side table and, per workload, evsd's ratio
+#     to the best peer (for IOPS and for IOPS per CPU-second).
+#
+# Environment:
+#   RUNTIME=10            seconds per fio run
+#   RAMP=0                fio ramp_time in seconds (not measured; CPU is scaled)
+#   SIZE=1G               volume size (K/M/G suffix)
+#   SERVERS="evsd nbdkit qemu-nbd"
+#   TRANSPORTS="unix tcp"
+#   JOBS="1 4"            numjobs values
+#   WORKLOADS="randread-4k randwrite-4k read-1m write-1m"
+#   WORKDIR=<new dir under /var/tmp>   kept afterwards; results.csv goes there
+#   EVSD_BIN=<path>       skip the cargo build and use this binary
+#   EVSD_ARGS="..."       extra evsd arguments (e.g. "--io-engine threads")
+#
+# Requires: fio (with the nbd engine), nbdkit, qemu-nbd, nbdcopy, nbdinfo, jq,
+# awk, getconf. `bash scripts/install-test-deps.sh` installs all of them.
+# The machine has 2 cores: client (fio) and server compete for them, so
+# compare the servers with each other, not with numbers from other machines.
+set -euo pipefail
+
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-0}
+SIZE=${SIZE:-1G}
+SERVERS=${SERVERS:-"evsd nbdkit qemu-nbd"}
+TRANSPORTS=${TRANSPORTS:-"unix tcp"}
+JOBS=${JOBS:-"1 4"}
+WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k read-1m write-1m"}
+EVSD_ARGS=${EVSD_ARGS:-}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+die() { echo "peer-compare: $*" >&2; exit 1; }
+log() { echo "peer-compare: $*" >&2; }
+
+for t in fio nbdkit qemu-nbd nbdcopy nbdinfo jq awk getconf; do
+  command -v "$t" >/dev/null 2>&1 || die "missing tool '$t' (run: bash scripts/install-test-deps.sh)"
+done
+fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
+
+to_bytes() {
+  local s=$1
+  case "$s" in
+    *[kK]) echo $(( ${s%?} * 1024 )) ;;
+    *[mM]) echo $(( ${s%?} * 1024 * 1024 )) ;;
+    *[gG]) echo $(( ${s%?} * 1024 * 1024 * 1024 )) ;;
+    *) echo "$s" ;;
+  esac
+}
+SIZE_BYTES=$(to_bytes "$SIZE")
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------- evsd binary
+if [ -z "${EVSD_BIN:-}" ]; then
+  log "building evsd (release)"
+  (cd "$REPO" && cargo build --release -p evsd >&2)
+  tdir=${CARGO_TARGET_DIR:-$REPO/target}
+  EVSD_BIN=$tdir/release/evsd
+fi
+[ -x "$EVSD_BIN" ] || die "evsd binary $EVSD_BIN not found"
+
+# ---------------------------------------------------------------- work dir
+WORKDIR=${WORKDIR:-$(mktemp -d /var/tmp/evsd-peer-compare.XXXXXX)}
+mkdir -p "$WORKDIR"
+IMG=$WORKDIR/peer.img
+RESULTS=$WORKDIR/results.csv
+log "work dir $WORKDIR"
+
+if [ ! -f "$IMG" ] || [ "$(stat -c %s "$IMG")" -ne "$SIZE_BYTES" ]; then
+  log "writing $SIZE of random data to $IMG"
+  head -c "$SIZE_BYTES" /dev/urandom > "$IMG.tmp"
+  mv "$IMG.tmp" "$IMG"
+fi
+
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+    || echo $(( 20000 + RANDOM % 20000 ))
+}
+
+wait_uri() {
+  local uri=$1
+  for _ in $(seq 1 200); do
+    if nbdinfo --size "$uri" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited early (log: $WORKDIR/server.log)"
+    sleep 0.1
+  done
+  die "server did not come up at $uri (log: $WORKDIR/server.log)"
+}
+
+# Sets SERVER_PID and URI.
+start_server() {
+  local server=$1 transport=$2 sock=$WORKDIR/$1.sock port
+  rm -f "$sock"
+  : > "$WORKDIR/server.log"
+  case "$server" in
+    evsd)
+      local ready=$WORKDIR/evsd.ready listen
+      rm -f "$ready"
+      local args=(--data-dir "$WORKDIR/evsd-data" --no-default-volume
+                  --create-volume "bench:$SIZE_BYTES" --ready-file "$ready"
+                  --listen 127.0.0.1:0)
+      if [ "$transport" = unix ]; then args+=(--unix "$sock"); fi
+      # shellcheck disable=SC2086
+      "$EVSD_BIN" "${args[@]}" $EVSD_ARGS >>"$WORKDIR/server.log" 2>&1 &
+      SERVER_PID=$!
+      for _ in $(seq 1 200); do
+        [ -s "$ready" ] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || die "evsd exited early: $(tail -20 "$WORKDIR/server.log")"
+        sleep 0.1
+      done
+      [ -s "$ready" ] || die "evsd wrote no ready file"
+      if [ "$transport" = unix ]; then
+        URI="nbd+unix:///bench?socket=$sock"
+      else
+        listen=$(jq -r .tcp "$ready")
+        URI="nbd://$listen/bench"
+      fi
+      ;;
+    nbdkit)
+      if [ "$transport" = unix ]; then
+        nbdkit --foreground --exit-with-parent -U "$sock" file "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        URI="nbd+unix:///bench?socket=$sock"
+      else
+        port=$(free_port)
+        nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p "$port" file "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        URI="nbd://127.0.0.1:$port/bench"
+      fi
+      SERVER_PID=$!
+      ;;
+    qemu-nbd)
+      local q=(-f raw --aio=io_uring --cache=writeback --discard=unmap --shared=8 -t -x bench)
+      if [ "$transport" = unix ]; then
+        qemu-nbd "${q[@]}" -k "$sock" "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        URI="nbd+unix:///bench?socket=$sock"
+      else
+        port=$(free_port)
+        qemu-nbd "${q[@]}" -b 127.0.0.1 -p "$port" "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        URI="nbd://127.0.0.1:$port/bench"
+      fi
+      SERVER_PID=$!
+      ;;
+    *) die "unknown server $server" ;;
+  esac
+  wait_uri "$URI"
+}
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+
+# utime+stime of a process (all threads), in clock ticks
+cpu_ticks() {
+  local stat rest
+  stat=$(cat "/proc/$1/stat")
+  rest=${stat##*) }
+  # fields after "(comm) ": state=1 ... utime=12 stime=13
+  echo "$rest" | awk '{print $12 + $13}'
+}
+
+workload_params() {
+  case "$1" in
+    randread-4k)  echo "randread 4k 32" ;;
+    randwrite-4k) echo "randwrite 4k 32" ;;
+    read-1m)      echo "read 1m 8" ;;
+    write-1m)     echo "write 1m 8" ;;
+    *) die "unknown workload $1" ;;
+  esac
+}
+
+# Fill evsd's volume once with the same random data the peers serve.
+fill_evsd() {
+  local marker=$WORKDIR/evsd-filled
+  [ -f "$marker" ] && [ -d "$WORKDIR/evsd-data" ] && return 0
+  log "filling evsd volume with the random image (nbdcopy)"
+  nbdcopy -C 4 --flush "$IMG" "$URI"
+  touch "$marker"
+}
+
+echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s" > "$RESULTS"
+
+for server in $SERVERS; do
+  for transport in $TRANSPORTS; do
+    log "starting $server over $transport"
+    start_server "$server" "$transport"
+    [ "$server" = evsd ] && fill_evsd
+    for wl in $WORKLOADS; do
+      read -r rw bs depth <<<"$(workload_params "$wl")"
+      for jobs in $JOBS; do
+        region=$(( SIZE_BYTES / jobs ))
+        region=$(( region / 1048576 * 1048576 ))
+        out=$WORKDIR/fio-$server-$transport-$wl-$jobs.json
+        c0=$(cpu_ticks "$SERVER_PID")
+        fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
+            --iodepth="$depth" --numjobs="$jobs" --size="$region" \
+            --offset_increment="$region" --time_based=1 --runtime="$RUNTIME" \
+            --ramp_time="$RAMP" --group_reporting=1 --output-format=json \
+            --output="$out" >/dev/null 2>"$out.err" \
+          || die "fio failed for $server/$transport/$wl/$jobs: $(cat "$out.err")"
+        c1=$(cpu_ticks "$SERVER_PID")
+        jq -e '.jobs[0].error == 0' "$out" >/dev/null \
+          || die "fio reported an error for $server/$transport/$wl/$jobs (see $out)"
+        iops=$(jq '.jobs[0].read.iops + .jobs[0].write.iops' "$out")
+        kib=$(jq '.jobs[0].read.bw + .jobs[0].write.bw' "$out")
+        # CPU covers the ramp too: scale to the measured part.
+        row=$(awk -v s="$server" -v t="$transport" -v w="$wl" -v j="$jobs" \
+                  -v iops="$iops" -v kib="$kib" -v c0="$c0" -v c1="$c1" \
+                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" 'BEGIN {
+              cpu = (c1 - c0) / tck * rt / (rt + ramp);
+              per = (cpu > 0) ? iops / (cpu / rt) : 0;
+              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f", s, t, w, j, iops, kib / 1024, cpu, per
+            }')
+        echo "$row" >> "$RESULTS"
+        log "$row"
+      done
+    done
+    stop_server
+  done
+done
+
+# ---------------------------------------------------------------- report
+awk -F, -v servers="$SERVERS" '
+NR == 1 { next }
+{
+  key = $2 " " $3 " j" $4
+  if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
+  iops[key, $1] = $5; mib[key, $1] = $6; cpu[key, $1] = $7; per[key, $1] = $8
+}
+END {
+  ns = split(servers, sv, " ")
+  printf "\n%-26s", "IOPS (MiB/s) [srv CPU s]"
+  for (i = 1; i <= ns; i++) printf " | %-30s", sv[i]
+  printf " | %-12s | %s\n", "evsd/best", "evsd/best per CPU-s"
+  line = sprintf("%-26s", ""); gsub(/ /, "-", line); printf "%s", line
+  for (i = 1; i <= ns; i++) printf "-+-------------------------------"
+  printf "-+--------------+--------------------\n"
+  for (k = 1; k <= nk; k++) {
+    key = keys[k]
+    printf "%-26s", key
+    best = 0; bestper = 0
+    for (i = 1; i <= ns; i++) {
+      s = sv[i]
+      if ((key, s) in iops)
+        printf " | %9d (%7.1f) [%6.2f]   ", iops[key, s], mib[key, s], cpu[key, s]
+      else
+        printf " | %-30s", "-"
+      if (s != "evsd" && ((key, s) in iops)) {
+        if (iops[key, s] > best) best = iops[key, s]
+        if (per[key, s] > bestper) bestper = per[key, s]
+      }
+    }
+    r1 = (best > 0 && ((key, "evsd") in iops)) ? sprintf("%.2fx", iops[key, "evsd"] / best) : "-"
+    r2 = (bestper > 0 && ((key, "evsd") in iops)) ? sprintf("%.2fx", per[key, "evsd"] / bestper) : "-"
+    printf " | %-12s | %s\n", r1, r2
+  }
+  printf "\nIOPS per server CPU-second:\n"
+  for (k = 1; k <= nk; k++) {
+    key = keys[k]; printf "%-26s", key
+    for (i = 1; i <= ns; i++) {
+      s = sv[i]
+      if ((key, s) in per) printf " | %-10s %10d", s, per[key, s]; else printf " | %-10s %10s", s, "-"
+    }
+    printf "\n"
+  }
+}' "$RESULTS"
+
+echo
+echo "raw results: $RESULTS (fio JSON per run in $WORKDIR)"

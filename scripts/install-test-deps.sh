@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Install the external tools the end-to-end tests (tests/) and the peer
+# benchmark (benches/peer-compare.sh) drive, then verify every one exists.
+#
+#   bash scripts/install-test-deps.sh
+#
+# Debian/Ubuntu, as root (or with sudo). Only packages that are missing are
+# installed; `apt-get update` runs first when anything is missing. Exits
+# non-zero naming the missing tool if something could not be installed.
+set -euo pipefail
+
+# command -> Debian package providing it
+TOOLS=(
+  "qemu-img:qemu-utils"
+  "qemu-io:qemu-utils"
+  "qemu-nbd:qemu-utils"
+  "nbdkit:nbdkit"
+  "nbdinfo:libnbd-bin"
+  "nbdcopy:libnbd-bin"
+  "nbdfuse:libnbd-bin"
+  "nbdsh:python3-libnbd"
+  "fio:fio"
+  "fusermount3:fuse3"
+  "mkfs.ext4:e2fsprogs"
+  "e2fsck:e2fsprogs"
+  "losetup:mount"
+  "mount:mount"
+  "umount:mount"
+  "ps:procps"
+  "jq:jq"
+  "python3:python3"
+)
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+fi
+
+have_nbd_module() {
+  # nbdsh runs `python3 -m nbd`; it needs the system python's libnbd binding.
+  /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1
+}
+
+missing_pkgs=()
+add_pkg() {
+  local p=$1
+  for q in "${missing_pkgs[@]:-}"; do [ "$q" = "$p" ] && return 0; done
+  missing_pkgs+=("$p")
+}
+for entry in "${TOOLS[@]}"; do
+  cmd=${entry%%:*}; pkg=${entry#*:}
+  command -v "$cmd" >/dev/null 2>&1 || add_pkg "$pkg"
+done
+have_nbd_module || add_pkg python3-libnbd
+
+if [ "${#missing_pkgs[@]}" -gt 0 ]; then
+  echo "install-test-deps: installing: ${missing_pkgs[*]}"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-test-deps: apt-get not available; install these packages by hand: ${missing_pkgs[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # qemu >= 8.2 negotiates NBD extended headers; on bookworm that is the
+  # backports build. Prefer it when a backports suite is already configured.
+  qemu_target=()
+  if printf '%s\n' "${missing_pkgs[@]}" | grep -qx qemu-utils \
+     && apt-cache policy qemu-utils 2>/dev/null | grep -q 'bookworm-backports'; then
+    qemu_target=(-t bookworm-backports)
+  fi
+  $SUDO apt-get install -y -qq --no-install-recommends "${qemu_target[@]}" "${missing_pkgs[@]}" </dev/null
+fi
+
+# Verify.
+fail=0
+for entry in "${TOOLS[@]}"; do
+  cmd=${entry%%:*}; pkg=${entry#*:}
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    echo "install-test-deps: MISSING tool '$cmd' (Debian package '$pkg')" >&2
+    fail=1
+  fi
+done
+if ! have_nbd_module; then
+  echo "install-test-deps: MISSING python module 'nbd' for /usr/bin/python3 (Debian package 'python3-libnbd')" >&2
+  fail=1
+fi
+if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
+  echo "install-test-deps: MISSING fio 'nbd' ioengine (fio built without libnbd)" >&2
+  fail=1
+fi
+if [ ! -e /dev/fuse ]; then
+  echo "install-test-deps: MISSING /dev/fuse (needed by the nbdfuse test)" >&2
+  fail=1
+fi
+if [ ! -e /dev/loop-control ]; then
+  # losetup -f creates loop devices through /dev/loop-control.
+  modprobe loop 2>/dev/null || true
+  if [ ! -e /dev/loop-control ] && ! ls /dev/loop[0-9]* >/dev/null 2>&1; then
+    echo "install-test-deps: MISSING loop devices (/dev/loop-control; needed by the nbdfuse test)" >&2
+    fail=1
+  fi
+fi
+if [ "$fail" -ne 0 ]; then
+  echo "install-test-deps: some test dependencies are missing (see above)" >&2
+  exit 1
+fi
+
+qemu_ver=$(qemu-img --version | head -1 | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p')
+echo "install-test-deps: all tools present (qemu ${qemu_ver:-?}, $(nbdinfo --version | head -1), $(nbdkit --version), $(fio --version))"
+case "$qemu_ver" in
+  [0-7].*|8.[01]*) echo "install-test-deps: note: qemu $qemu_ver < 8.2 does not negotiate NBD extended headers; the qemu tests then cover structured replies only" ;;
+esac

@@ -1,0 +1,119 @@
+//! Graceful shutdown: SIGTERM/SIGINT exit 0, data is kept.
+
+use std::time::{Duration, Instant};
+
+use evsd_e2e::raw::*;
+use evsd_e2e::*;
+
+#[test]
+fn sigterm_exits_zero_and_data_reads_back() {
+    require_tool("qemu-io");
+    let mut d = Daemon::start(DaemonOpts::new().with_vol0().volume("vol1:16M"));
+    qemu_io(&d.tcp_uri("vol0"), &["write -P 0x42 10M 2M"]);
+    qemu_io(&d.unix_uri("vol1"), &["write -P 0x43 0 16M"]);
+    let st = d.terminate();
+    assert!(st.success(), "SIGTERM exit status {st}\n{}", d.stderr());
+    assert!(!d.is_running());
+    d.restart();
+    qemu_io(
+        &d.unix_uri("vol0"),
+        &["read -P 0x42 10M 2M", "read -P 0 0 10M"],
+    );
+    qemu_io(&d.tcp_uri("vol1"), &["read -P 0x43 0 16M"]);
+}
+
+#[test]
+fn sigint_exits_zero() {
+    let mut d = Daemon::start_default();
+    {
+        let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+        c.write(1, 0, 0, &[7u8; 4096]);
+        c.disconnect();
+    }
+    d.signal(libc::SIGINT);
+    let st = d.wait_exit(SHUTDOWN_TIMEOUT);
+    assert!(st.success(), "SIGINT exit status {st}\n{}", d.stderr());
+    d.restart();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(c.read(1, 0, 4096).iter().all(|&x| x == 7));
+}
+
+#[test]
+fn sigterm_with_idle_clients_exits_promptly() {
+    let mut d = Daemon::start_default();
+    // One idle in transmission (after a completed write), one idle mid-handshake.
+    let (mut idle, _) = Raw::open(d.tcp_addr(), "vol0");
+    idle.write(1, 0, 0, &[1u8; 4096]);
+    let mut hs = Raw::connect(d.tcp_addr());
+    hs.read_greeting();
+    let start = Instant::now();
+    let st = d.terminate();
+    let el = start.elapsed();
+    assert!(
+        st.success(),
+        "SIGTERM with idle clients: exit status {st}\n{}",
+        d.stderr()
+    );
+    assert!(
+        el < Duration::from_secs(10),
+        "shutdown with only idle clients took {el:?}"
+    );
+    idle.expect_closed("idle client at shutdown");
+    hs.expect_closed("handshaking client at shutdown");
+    d.restart();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(c.read(1, 0, 4096).iter().all(|&x| x == 1));
+}
+
+/// A client stuck in the middle of a WRITE payload may hold shutdown up for
+/// the grace period, but the daemon must still exit 0 by itself and keep the
+/// completed writes.
+#[test]
+fn sigterm_with_client_stalled_mid_payload_still_exits_zero() {
+    let mut d = Daemon::start_default();
+    let (mut busy, _) = Raw::open(d.tcp_addr(), "vol0");
+    busy.write(1, 0, 0, &[1u8; 4096]);
+    busy.send(&Raw::request_bytes(0, CMD_WRITE, 2, 4096, 65536));
+    busy.send(&[2u8; 1000]);
+    let st = d.terminate();
+    assert!(
+        st.success(),
+        "SIGTERM with a stalled client: exit status {st}\n{}",
+        d.stderr()
+    );
+    d.restart();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(c.read(1, 0, 4096).iter().all(|&x| x == 1));
+    assert!(
+        c.read(2, 4096, 65536).iter().all(|&x| x == 0),
+        "the incomplete WRITE was applied"
+    );
+}
+
+#[test]
+fn unix_socket_reusable_after_kill9() {
+    // kill -9 leaves a stale socket file; the restarted daemon must bind anyway.
+    let mut d = Daemon::start_default();
+    assert!(d.unix_path().exists());
+    d.kill9();
+    d.restart();
+    let s = std::os::unix::net::UnixStream::connect(d.unix_path());
+    assert!(
+        s.is_ok(),
+        "cannot connect to the Unix socket after restart: {s:?}"
+    );
+}
+
+#[test]
+fn ready_file_is_valid_json_with_pid() {
+    let d = Daemon::start_default();
+    // Daemon::start already validated tcp/unix/pid; check the file is complete JSON.
+    let text = std::fs::read_to_string(d.work_dir().join("ready.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["pid"].as_u64(), Some(d.pid() as u64));
+    assert_eq!(
+        v["tcp"].as_str().unwrap(),
+        d.tcp_addr().to_string(),
+        "ready file tcp"
+    );
+}
