@@ -46,6 +46,10 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 
+    /// Microseconds an io_uring thread polls for more work before sleeping (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub ring_spin_us: u64,
+
     /// Send every read and write through the I/O engine, even page-cache hits that
     /// preadv2/pwritev2 with RWF_NOWAIT would complete inline without blocking.
     #[arg(long)]

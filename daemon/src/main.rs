@@ -21,6 +21,11 @@ use crate::nbd::server::{Listeners, Server};
 use crate::nbd::transmission::TransmissionConfig;
 use crate::storage::Registry;
 
+/// mimalloc keeps freed memory for reuse: glibc's malloc returned the 1 MiB read buffers to the
+/// kernel and faulted them back in, page by page, on every large read.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Size of the volume created on a first start.
 const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 

@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub ring_threads: usize,
     /// Submission queue size of each ring; also caps that ring's in-flight operations.
     pub ring_entries: u32,
+    /// Microseconds a ring thread polls for more work before sleeping (0: never spin).
+    pub ring_spin_us: u64,
     /// Serve page-cache hits inline with RWF_NOWAIT before queueing to the engine.
     pub inline_cached_io: bool,
 }
@@ -69,6 +71,7 @@ impl Default for EngineConfig {
             ring_threads: 1,
             ring_entries: 256,
             inline_cached_io: true,
+            ring_spin_us: 0,
         }
     }
 }
@@ -309,6 +312,7 @@ mod tests {
             ring_entries: 32,
             // The engines themselves are under test: no inline page-cache shortcut.
             inline_cached_io: false,
+            ring_spin_us: 0,
         };
         vec![
             IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine"),
@@ -362,6 +366,7 @@ mod tests {
         let config = EngineConfig {
             ring_threads: 0,
             inline_cached_io: false,
+            ring_spin_us: 0,
             ring_entries: 8,
         };
         assert!(IoEngine::new(Some(EngineKind::Uring), &config).is_err());

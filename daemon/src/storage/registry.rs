@@ -8,15 +8,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
+use crate::storage::buffers::BufferPool;
 use crate::storage::manifest::{self, VolumeManifest, DATA_FILE, FORMAT_VERSION};
 use crate::storage::name::validate_volume_name;
 use crate::storage::volume::Volume;
 
 pub const VOLUME_ALIGN_BYTES: u64 = 4096;
 
+/// Idle read buffers kept per size class, shared by all volumes.
+const IDLE_BUFFER_BYTES_PER_CLASS: usize = 64 << 20;
+
 pub struct Registry {
     volumes_dir: PathBuf,
     engine: IoEngine,
+    buffers: Arc<BufferPool>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
 }
 
@@ -27,6 +32,7 @@ impl Registry {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir)
             .map_err(|e| StorageError::fs("create", &volumes_dir, e))?;
+        let buffers = BufferPool::new(IDLE_BUFFER_BYTES_PER_CLASS);
         let mut volumes = BTreeMap::new();
         let entries = std::fs::read_dir(&volumes_dir)
             .map_err(|e| StorageError::fs("list", &volumes_dir, e))?;
@@ -40,7 +46,7 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match load_volume(&dir, engine.clone()) {
+            match load_volume(&dir, engine.clone(), Arc::clone(&buffers)) {
                 Ok(volume) => {
                     volumes.insert(volume.name().to_owned(), Arc::new(volume));
                 }
@@ -50,6 +56,7 @@ impl Registry {
         Ok(Registry {
             volumes_dir,
             engine,
+            buffers,
             volumes: RwLock::new(volumes),
         })
     }
@@ -95,7 +102,11 @@ impl Registry {
             .map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
         manifest::sync_dir(&self.volumes_dir)?;
         drop(data);
-        let volume = Arc::new(load_volume(&final_dir, self.engine.clone())?);
+        let volume = Arc::new(load_volume(
+            &final_dir,
+            self.engine.clone(),
+            Arc::clone(&self.buffers),
+        )?);
         volumes.insert(name.to_owned(), Arc::clone(&volume));
         tracing::info!(volume = name, size_bytes, "created volume");
         Ok(volume)
@@ -138,7 +149,11 @@ impl Registry {
     }
 }
 
-fn load_volume(dir: &Path, engine: IoEngine) -> Result<Volume, StorageError> {
+fn load_volume(
+    dir: &Path,
+    engine: IoEngine,
+    buffers: Arc<BufferPool>,
+) -> Result<Volume, StorageError> {
     let manifest = VolumeManifest::load(dir)?;
     validate_volume_name(&manifest.name)?;
     let data_path = dir.join(DATA_FILE);
@@ -162,6 +177,7 @@ fn load_volume(dir: &Path, engine: IoEngine) -> Result<Volume, StorageError> {
         manifest.size_bytes,
         data,
         engine,
+        buffers,
     ))
 }
 

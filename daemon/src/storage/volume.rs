@@ -8,10 +8,11 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
+use crate::storage::buffers::BufferPool;
 
 /// A run of blocks with one allocation state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,7 @@ pub struct Volume {
     size_bytes: u64,
     data: Arc<File>,
     engine: IoEngine,
+    buffers: Arc<BufferPool>,
     /// Cleared the first time the filesystem refuses fallocate modes, so later zeroing goes
     /// straight to writing zero bytes (and FAST_ZERO is refused quickly).
     fallocate_works: AtomicBool,
@@ -55,12 +57,19 @@ impl std::fmt::Debug for Volume {
 }
 
 impl Volume {
-    pub fn new(name: String, size_bytes: u64, data: File, engine: IoEngine) -> Volume {
+    pub fn new(
+        name: String,
+        size_bytes: u64,
+        data: File,
+        engine: IoEngine,
+        buffers: Arc<BufferPool>,
+    ) -> Volume {
         Volume {
             name,
             size_bytes,
             data: Arc::new(data),
             engine,
+            buffers,
             fallocate_works: AtomicBool::new(true),
         }
     }
@@ -83,13 +92,13 @@ impl Volume {
         offset_bytes: u64,
         length_bytes: usize,
     ) -> Result<Bytes, StorageError> {
-        let buf = BytesMut::zeroed(length_bytes);
+        let buf = self.buffers.take(length_bytes);
         let (buf, result) = self
             .engine
             .read_exact_at(&self.data, offset_bytes, buf)
             .await;
         result.map_err(|e| StorageError::io("read", offset_bytes, length_bytes as u64, e))?;
-        Ok(buf.freeze())
+        Ok(self.buffers.freeze(buf))
     }
 
     /// Writes `data`; with `fua` it is durable when this returns.
@@ -326,7 +335,16 @@ mod tests {
             ..EngineConfig::default()
         };
         let engine = IoEngine::new(Some(kind), &config).unwrap();
-        (dir, Volume::new("t".into(), size_bytes, file, engine))
+        (
+            dir,
+            Volume::new(
+                "t".into(),
+                size_bytes,
+                file,
+                engine,
+                BufferPool::new(1 << 20),
+            ),
+        )
     }
 
     #[tokio::test]
