@@ -219,6 +219,16 @@ fill_evsd() {
 
 echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s" > "$RESULTS"
 
+# Every run starts from the same state: earlier writes flushed to disk (so their writeback does
+# not land in the next server's CPU and I/O time) and the backing file read into the page cache
+# (this VM reclaims idle cache, which would otherwise turn some servers' reads into disk reads).
+settle() {
+  local backing=$IMG
+  [ "$1" = evsd ] && backing=$WORKDIR/evsd-data/volumes/bench/data.img
+  sync
+  cat "$backing" > /dev/null
+}
+
 for server in $SERVERS; do
   for transport in $TRANSPORTS; do
     log "starting $server over $transport"
@@ -230,6 +240,7 @@ for server in $SERVERS; do
         region=$(( SIZE_BYTES / jobs ))
         region=$(( region / 1048576 * 1048576 ))
         out=$WORKDIR/fio-$server-$transport-$wl-$jobs.json
+        settle "$server"
         c0=$(cpu_ticks "$SERVER_PID")
         fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
             --iodepth="$depth" --numjobs="$jobs" --size="$region" \

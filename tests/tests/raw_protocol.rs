@@ -448,6 +448,36 @@ fn handshake_timeout_closes_idle_negotiation() {
 }
 
 #[test]
+fn connection_limit_refuses_extra_clients_until_a_slot_frees() {
+    let mut d = Daemon::start(DaemonOpts::new().max_connections(2));
+    let (mut a, _) = Raw::open(d.tcp_addr(), "vol0");
+    let (mut b, _) = Raw::open(d.tcp_addr(), "vol0");
+    // A third client is closed at once, before any greeting.
+    let mut c = Raw::connect(d.tcp_addr());
+    c.expect_closed("third client with --max-connections 2");
+    // The two admitted clients are unaffected.
+    let data = Prng::new(11).bytes(4096);
+    a.write(1, 0, 0, &data);
+    assert_eq!(b.read(2, 0, 4096), data);
+    // Closing one frees its slot for a newcomer.
+    a.disconnect();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let Ok(mut probe) = std::net::TcpStream::connect(d.tcp_addr()) else {
+                return false;
+            };
+            let _ = probe.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut greeting = [0u8; 18];
+            std::io::Read::read_exact(&mut probe, &mut greeting).is_ok()
+                && &greeting[..8] == b"NBDMAGIC"
+        }),
+        "a slot did not free after a client disconnected"
+    );
+    b.disconnect();
+    assert_healthy(&mut d, "after connection-limit refusals");
+}
+
+#[test]
 fn unknown_command_is_einval_and_connection_usable() {
     let mut d = Daemon::start_default();
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
