@@ -1014,3 +1014,51 @@ fn fua_fast_zero_and_flags() {
     c.disconnect();
     assert_healthy(&mut d, "after FUA/FAST_ZERO");
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kib * 1024
+}
+
+#[test]
+fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
+    let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("64"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    c.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    // 2 million reads of 32 MiB would be 64 TiB of replies; the server must stop reading requests
+    // once 64 MiB of replies wait for this client, so our writes soon block.
+    let one = Raw::request_bytes(0, 0, 7, 0, 32 << 20);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let mut sent_requests = 0u64;
+    let blocked = loop {
+        match std::io::Write::write_all(&mut c.s, &batch) {
+            Ok(()) => sent_requests += 1000,
+            Err(e) => break e,
+        }
+        assert!(
+            sent_requests < 2_000_000,
+            "server kept accepting requests it could not answer"
+        );
+    };
+    assert!(
+        matches!(
+            blocked.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "expected our sends to block, got {blocked}"
+    );
+    let rss = rss_bytes(d.pid());
+    assert!(
+        rss < 512 << 20,
+        "evsd grew to {} MiB buffering unread replies",
+        rss >> 20
+    );
+    drop(c);
+    assert_healthy(&mut d, "after a client that never read its replies");
+}

@@ -94,6 +94,7 @@ struct Connection<'s, R, W> {
     max_inflight_bytes: u64,
     /// Reply bytes waiting for the socket, in order.
     outgoing: VecDeque<Bytes>,
+    outgoing_bytes: u64,
     /// Set when no more requests will be read; the loop then drains and returns it.
     end: Option<TransmissionEnd>,
 }
@@ -136,6 +137,7 @@ where
         max_inflight_requests: config.max_inflight_requests.max(1),
         max_inflight_bytes: config.max_inflight_bytes,
         outgoing: VecDeque::new(),
+        outgoing_bytes: 0,
         end: None,
     };
     let cancelled = shutdown.cancelled();
@@ -164,9 +166,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    /// Whether another request may start. Replies not yet written count against the byte budget
+    /// too: a client that sends requests but does not read its replies must not make us buffer
+    /// without bound.
     fn has_room(&self) -> bool {
+        let idle = self.inflight.is_empty() && self.outgoing.is_empty();
         self.inflight.len() < self.max_inflight_requests
-            && (self.inflight.is_empty() || self.inflight_bytes < self.max_inflight_bytes)
+            && (idle || self.inflight_bytes + self.outgoing_bytes < self.max_inflight_bytes)
+    }
+
+    fn queue_reply(&mut self, frame: Frame) {
+        self.outgoing_bytes += frame.iter().map(|piece| piece.len() as u64).sum::<u64>();
+        self.outgoing.extend(frame);
     }
 
     /// Decodes every complete request in the input and starts it, while there is room.
@@ -197,8 +208,7 @@ where
                     "{:?} at offset {} length {} refused",
                     request.command, request.offset, request.length
                 );
-                self.outgoing
-                    .extend(replies::error(mode, to, errno, &message));
+                self.queue_reply(replies::error(mode, to, errno, &message));
                 continue;
             }
             let held_bytes = match request.command {
@@ -223,7 +233,7 @@ where
     ) -> Poll<std::io::Result<()>> {
         let mut progress = false;
         while let Poll::Ready(Some((frame, held_bytes))) = self.inflight.poll_next_unpin(cx) {
-            self.outgoing.extend(frame);
+            self.queue_reply(frame);
             self.inflight_bytes -= held_bytes;
             progress = true;
         }
@@ -279,6 +289,7 @@ where
             Poll::Pending => return Poll::Pending,
         };
         drop(slices);
+        self.outgoing_bytes -= written as u64;
         while written > 0 {
             let Some(front) = self.outgoing.front_mut() else {
                 break;
