@@ -26,6 +26,10 @@ pub struct Args {
     #[arg(long, default_value = "./evs-data", value_name = "DIR")]
     pub data_dir: PathBuf,
 
+    /// Admin socket for evsctl (mode 0600) [default: DATA_DIR/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Do not create the 1 GiB volume `vol0` on a first start with no volumes.
     #[arg(long)]
     pub no_default_volume: bool,
@@ -85,6 +89,12 @@ pub struct Args {
 }
 
 impl Args {
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
     pub fn tcp_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         if self.listen == "off" {
             return Ok(None);

@@ -15,6 +15,25 @@ pub enum StorageError {
     UnalignedSize(u64),
     #[error("volume {0:?} already exists")]
     AlreadyExists(String),
+    #[error("volume {0:?} not found")]
+    NotFound(String),
+    #[error("volume {name:?} has {connections} connected client(s)")]
+    Busy { name: String, connections: usize },
+    #[error(
+        "shrinking volume {name:?} from {from_bytes} to {to_bytes} bytes discards data: pass allow_shrink (evsctl --allow-shrink)"
+    )]
+    ShrinkNotAllowed {
+        name: String,
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    #[error("resizing volume {name:?} to {size_bytes} bytes failed: {source}")]
+    Resize {
+        name: String,
+        size_bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("volume manifest {path} is unreadable: {reason}")]
     BadManifest { path: PathBuf, reason: String },
     #[error("{op} at offset {offset_bytes} length {length_bytes} failed: {source}")]
@@ -65,13 +84,17 @@ impl StorageError {
     /// The NBD error a client gets for this failure.
     pub fn to_errno(&self) -> Errno {
         match self {
-            StorageError::Io { source, .. } | StorageError::Fs { source, .. } => source
+            StorageError::Io { source, .. }
+            | StorageError::Fs { source, .. }
+            | StorageError::Resize { source, .. } => source
                 .raw_os_error()
                 .map_or(Errno::Io, Errno::from_host_errno),
             StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
             StorageError::InvalidName(_)
             | StorageError::InvalidSize(_)
-            | StorageError::UnalignedSize(_) => Errno::Inval,
+            | StorageError::UnalignedSize(_)
+            | StorageError::ShrinkNotAllowed { .. } => Errno::Inval,
+            StorageError::NotFound(_) | StorageError::Busy { .. } => Errno::Inval,
             StorageError::AlreadyExists(_) => Errno::Inval,
             StorageError::BadManifest { .. } => Errno::Io,
         }

@@ -1,5 +1,6 @@
 //! evsd: serves block volumes over NBD.
 
+mod admin;
 mod config;
 mod error;
 mod io;
@@ -7,13 +8,15 @@ mod nbd;
 mod storage;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use evsd_proto::HandshakeConfig;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::server::AdminListener;
+use crate::admin::{AdminContext, ListenerAddresses};
 use crate::config::Args;
 use crate::io::{EngineConfig, IoEngine};
 use crate::nbd::connection::ConnectionConfig;
@@ -59,6 +62,7 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
     let engine_config = EngineConfig {
         ring_threads: args.ring_threads.max(1),
         ..EngineConfig::default()
@@ -66,6 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let engine =
         IoEngine::new(args.io_engine, &engine_config).context("starting the I/O engine")?;
     tracing::info!(engine = %engine.kind(), "I/O engine ready");
+    let io_engine = engine.kind().to_string();
 
     let registry = Arc::new(
         Registry::open(&args.data_dir, engine)
@@ -91,6 +96,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if listeners.tcp.is_none() && listeners.unix.is_none() {
         anyhow::bail!("nothing to listen on: --listen off needs --unix PATH");
     }
+    let admin_path = args.admin_socket_path();
+    let admin = AdminListener::bind(admin_path.clone())
+        .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
+    let admin_context = Arc::new(AdminContext {
+        registry: Arc::clone(&registry),
+        started,
+        listeners: ListenerAddresses {
+            tcp: listeners.tcp_addr().map(|a| a.to_string()),
+            unix: listeners
+                .unix
+                .as_ref()
+                .map(|u| u.socket_file.path.display().to_string()),
+            admin: admin.path().display().to_string(),
+        },
+        io_engine,
+    });
     announce(&args, &listeners, &registry)?;
 
     let shutdown = CancellationToken::new();
@@ -108,7 +129,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
-    server.run(listeners, shutdown).await;
+    tokio::join!(
+        server.run(listeners, shutdown.clone()),
+        admin.run(admin_context, shutdown)
+    );
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! End-to-end test harness for evsd.
 //!
 //! Every test starts its own daemon on a fresh temporary data directory with
-//! `--listen 127.0.0.1:0 --unix <tmp>/nbd.sock --ready-file <tmp>/ready.json`
-//! and talks to it with real NBD clients (qemu-img/qemu-io, libnbd tools,
+//! `--listen 127.0.0.1:0 --unix <tmp>/nbd.sock --ready-file <tmp>/ready.json
+//! --admin-socket <tmp>/admin.sock` and talks to it with real NBD clients (qemu-img/qemu-io, libnbd tools,
 //! fio, nbdfuse) or with the hand-written wire client in [`raw`].
 //!
 //! Binary lookup: `$EVSD_BIN` if set, otherwise `evsd` next to the directory
 //! holding the test executable (`<target>/<profile>/evsd`), otherwise
-//! `$CARGO_TARGET_DIR/debug/evsd` or `<workspace>/target/debug/evsd`.
+//! `$CARGO_TARGET_DIR/debug/evsd` or `<workspace>/target/debug/evsd`; evsctl
+//! likewise (`$EVSCTL_BIN`, then the same places).
 //! Build it first (`cargo build --workspace`); `scripts/test.sh` does that.
 //!
 //! Missing external tools are a hard failure ([`require_tool`]); no test is
@@ -45,38 +46,47 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// Path of the evsd binary under test. Panics with instructions if missing.
 pub fn evsd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("EVSD_BIN") {
+    workspace_bin("evsd", "EVSD_BIN")
+}
+
+/// Path of the evsctl binary under test (`$EVSCTL_BIN`, else looked up like [`evsd_bin`]).
+pub fn evsctl_bin() -> PathBuf {
+    workspace_bin("evsctl", "EVSCTL_BIN")
+}
+
+fn workspace_bin(name: &str, env_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
         let p = PathBuf::from(p);
         assert!(
             p.is_file(),
-            "EVSD_BIN={} does not exist or is not a file",
+            "{env_var}={} does not exist or is not a file",
             p.display()
         );
         return p;
     }
     let mut candidates = Vec::new();
-    // <target>/<profile>/deps/<test-exe>  ->  <target>/<profile>/evsd
+    // <target>/<profile>/deps/<test-exe>  ->  <target>/<profile>/<name>
     if let Ok(exe) = std::env::current_exe() {
         if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile_dir.join("evsd"));
+            candidates.push(profile_dir.join(name));
         }
     }
     if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(t).join("debug").join("evsd"));
+        candidates.push(PathBuf::from(t).join("debug").join(name));
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf();
-    candidates.push(workspace.join("target").join("debug").join("evsd"));
+    candidates.push(workspace.join("target").join("debug").join(name));
     for c in &candidates {
         if c.is_file() {
             return c.clone();
         }
     }
     panic!(
-        "evsd binary not found (looked at: {}). Build it first with `cargo build --workspace` \
-         (scripts/test.sh does this) or point EVSD_BIN at it.",
+        "{name} binary not found (looked at: {}). Build it first with `cargo build --workspace` \
+         (scripts/test.sh does this) or point {env_var} at it.",
         candidates
             .iter()
             .map(|c| c.display().to_string())
@@ -511,6 +521,7 @@ pub struct Daemon {
     child: Option<Child>,
     tcp: SocketAddr,
     unix: PathBuf,
+    admin: PathBuf,
     pid: u32,
     generation: u32,
     peer: Option<peer::PeerProcs>,
@@ -523,6 +534,7 @@ impl Daemon {
         fs::create_dir_all(dir.path().join("data")).unwrap();
         let mut d = Daemon {
             unix: dir.path().join("nbd.sock"),
+            admin: dir.path().join("admin.sock"),
             dir,
             opts,
             child: None,
@@ -566,6 +578,8 @@ impl Daemon {
             self.data_dir().display().to_string(),
             "--ready-file".into(),
             self.ready_file().display().to_string(),
+            "--admin-socket".into(),
+            self.admin.display().to_string(),
         ];
         if !self.opts.default_volume {
             a.push("--no-default-volume".into());
@@ -709,6 +723,39 @@ impl Daemon {
     }
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+    /// The admin socket (`<workdir>/admin.sock`).
+    pub fn admin_path(&self) -> &Path {
+        &self.admin
+    }
+
+    /// Run `evsctl --socket <admin socket> ARGS…`; returns its output whatever the exit status.
+    pub fn evsctl(&self, args: &[&str]) -> Output {
+        let bin = evsctl_bin();
+        let socket = self.admin.display().to_string();
+        let mut all = vec!["--socket", socket.as_str()];
+        all.extend_from_slice(args);
+        run_unchecked(&bin.display().to_string(), &all)
+    }
+
+    /// Like [`Daemon::evsctl`], asserting exit 0; returns stdout.
+    pub fn evsctl_ok(&self, args: &[&str]) -> String {
+        let out = self.evsctl(args);
+        assert!(
+            out.status.success(),
+            "{}\n--- evsd stderr ---\n{}",
+            format_output(&format!("evsctl {args:?}"), &out),
+            self.stderr()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `evsctl --json ARGS…` (asserting exit 0), parsed.
+    pub fn evsctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.evsctl_ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("evsctl --json {args:?}: {e}\n{out}"))
     }
 
     /// `nbd://127.0.0.1:PORT/EXPORT`

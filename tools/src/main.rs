@@ -1,15 +1,24 @@
 //! evsctl: the operator's command line for evsd. It speaks only the admin protocol over the
-//! daemon's admin Unix socket; volume, snapshot and backup nouns join this tree as they land.
+//! daemon's admin Unix socket.
+//!
+//! Adding a noun (snapshot, backup, …): a module with its clap subcommand enum, a `call()`
+//! building the admin request and a `render()` for human output, plus one arm in [`Command`].
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixStream;
+mod client;
+mod error;
+mod render;
+mod status;
+mod volume;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 
-/// Exit codes scripts can rely on.
-const EXIT_UNREACHABLE: u8 = 3;
+use crate::client::{AdminClient, Call};
+use crate::error::CliError;
+use crate::volume::VolumeCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,33 +41,51 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the daemon's greeting (protocol version) from its admin socket.
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show the daemon's version, uptime, listeners and volumes.
     Status,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Status => match greeting(&cli.socket) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!(
-                    "evsctl: daemon unreachable at {}: {e}",
-                    cli.socket.display()
-                );
-                ExitCode::from(EXIT_UNREACHABLE)
-            }
-        },
+impl Command {
+    fn call(&self) -> Call {
+        match self {
+            Command::Volume(command) => command.call(),
+            Command::Status => status::call(),
+        }
+    }
+
+    fn render(&self, result: &Value) -> Result<String, CliError> {
+        match self {
+            Command::Volume(command) => command.render(result),
+            Command::Status => status::render(result),
+        }
     }
 }
 
-/// Connects and reads the greeting line the admin protocol sends first.
-fn greeting(socket: &PathBuf) -> std::io::Result<String> {
-    let stream = UnixStream::connect(socket)?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    Ok(line.trim_end().to_owned())
+fn main() -> ExitCode {
+    // Usage errors exit with 2, which is also our "invalid argument" code.
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("evsctl: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<String, CliError> {
+    let mut client = AdminClient::connect(&cli.socket)?;
+    let result = client.call(&cli.command.call())?;
+    if cli.json {
+        let text = serde_json::to_string_pretty(&result)
+            .map_err(|e| CliError::Protocol(format!("re-encoding the result failed: {e}")))?;
+        return Ok(format!("{text}\n"));
+    }
+    cli.command.render(&result)
 }

@@ -58,6 +58,12 @@ pub async fn serve<R, W>(
         tracing::warn!(%peer, export = %negotiated.export.name, "export vanished during the handshake");
         return;
     };
+    // Ends on global shutdown or when the volume is force-deleted, whichever comes first.
+    let stop = shutdown.child_token();
+    let Some(_attachment) = volume.attachments().attach(stop.clone()) else {
+        tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
+        return;
+    };
     tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), "client attached");
     let client = ClientStream {
         reader,
@@ -65,7 +71,7 @@ pub async fn serve<R, W>(
         buffered: leftover,
         peer: peer.clone(),
     };
-    let end = transmission::serve(client, negotiated, volume, &config.transmission, shutdown).await;
+    let end = transmission::serve(client, negotiated, volume, &config.transmission, stop).await;
     match end {
         TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
             tracing::info!(%peer, reason = %end, "client detached");

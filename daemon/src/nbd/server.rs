@@ -33,7 +33,20 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
-    fn remove(&self) {
+    /// Binds a Unix socket at `path`, replacing a socket file a killed daemon left behind.
+    pub fn bind(path: PathBuf) -> std::io::Result<(UnixListener, SocketFile)> {
+        // A socket file left by a killed daemon would make bind fail with EADDRINUSE.
+        if std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        let inode = std::fs::metadata(&path)?.ino();
+        Ok((listener, SocketFile { path, inode }))
+    }
+
+    pub fn remove(&self) {
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -51,17 +64,10 @@ impl Listeners {
         };
         let unix = match unix {
             Some(path) => {
-                // A socket file left by a killed daemon would make bind fail with EADDRINUSE.
-                if std::fs::symlink_metadata(&path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    std::fs::remove_file(&path)?;
-                }
-                let listener = UnixListener::bind(&path)?;
-                let inode = std::fs::metadata(&path)?.ino();
+                let (listener, socket_file) = SocketFile::bind(path)?;
                 Some(BoundUnix {
                     listener,
-                    socket_file: SocketFile { path, inode },
+                    socket_file,
                 })
             }
             None => None,

@@ -1,5 +1,6 @@
 //! Volumes on disk. Knows nothing of NBD: the NBD side calls `Volume`'s methods.
 
+pub mod attachments;
 pub mod buffers;
 pub mod manifest;
 pub mod name;

@@ -11,7 +11,7 @@ use crate::io::IoEngine;
 use crate::storage::buffers::BufferPool;
 use crate::storage::manifest::{self, VolumeManifest, DATA_FILE, FORMAT_VERSION};
 use crate::storage::name::validate_volume_name;
-use crate::storage::volume::Volume;
+use crate::storage::volume::{Volume, VolumeIdentity};
 
 pub const VOLUME_ALIGN_BYTES: u64 = 4096;
 
@@ -41,7 +41,8 @@ impl Registry {
             let dir = entry.path();
             let file_name = entry.file_name().to_string_lossy().into_owned();
             if file_name.starts_with('.') {
-                // A creation that crashed before its rename: never visible, safe to drop.
+                // A creation that crashed before its rename, or a deletion after its rename:
+                // never visible, safe to drop.
                 tracing::info!(path = %dir.display(), "removing unfinished volume creation");
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
@@ -65,9 +66,7 @@ impl Registry {
     /// once its manifest and data file are complete.
     pub fn create(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StorageError> {
         validate_volume_name(name)?;
-        if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_ALIGN_BYTES) {
-            return Err(StorageError::UnalignedSize(size_bytes));
-        }
+        check_size(size_bytes)?;
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         let final_dir = self.volumes_dir.join(name);
         if volumes.contains_key(name) || final_dir.exists() {
@@ -110,6 +109,89 @@ impl Registry {
         volumes.insert(name.to_owned(), Arc::clone(&volume));
         tracing::info!(volume = name, size_bytes, "created volume");
         Ok(volume)
+    }
+
+    /// Changes a volume's size online. Durable when it returns: the manifest (the truth at
+    /// load) is rewritten by temp + fsync + rename. Growing is always allowed; shrinking only
+    /// with `allow_shrink` and while no client is connected, since a client may be using the
+    /// blocks that would go. Returns the old size. Blocking: call it off the runtime.
+    pub fn resize(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<u64, StorageError> {
+        check_size(size_bytes)?;
+        let volume = self
+            .get(name)
+            .ok_or_else(|| StorageError::NotFound(name.to_owned()))?;
+        // Attaching waits on this lock, so a client cannot slip in between the check and the
+        // shrink.
+        volume.attachments().with_count_locked(|connections| {
+            let Some(connections) = connections else {
+                return Err(StorageError::NotFound(name.to_owned()));
+            };
+            let old_bytes = volume.size_bytes();
+            if size_bytes < old_bytes {
+                if connections > 0 {
+                    return Err(StorageError::Busy {
+                        name: name.to_owned(),
+                        connections,
+                    });
+                }
+                if !allow_shrink {
+                    return Err(StorageError::ShrinkNotAllowed {
+                        name: name.to_owned(),
+                        from_bytes: old_bytes,
+                        to_bytes: size_bytes,
+                    });
+                }
+            }
+            if size_bytes == old_bytes {
+                return Ok(old_bytes);
+            }
+            let manifest = VolumeManifest {
+                format_version: FORMAT_VERSION,
+                name: name.to_owned(),
+                uuid: volume.identity().uuid.clone(),
+                size_bytes,
+                created_unix_secs: volume.identity().created_unix_secs,
+            };
+            // A crash between the two steps is harmless: load makes the file match the
+            // manifest. Growing extends the file first, shrinking records the size first, so
+            // a new size is never published before the file holds it.
+            if size_bytes > old_bytes {
+                volume.set_file_len(size_bytes)?;
+                manifest.store(&self.volumes_dir.join(name))?;
+            } else {
+                manifest.store(&self.volumes_dir.join(name))?;
+                volume.set_file_len(size_bytes)?;
+            }
+            volume.publish_size(size_bytes);
+            tracing::info!(volume = name, old_bytes, size_bytes, "resized volume");
+            Ok(old_bytes)
+        })
+    }
+
+    /// Takes a volume out of the registry and renames its directory to a hidden one, durably:
+    /// after a crash, `open` removes the hidden directory. Returns that directory for the caller
+    /// to remove once connections have let go of the data file. The caller has already closed
+    /// the volume to new connections. Blocking: call it off the runtime.
+    pub fn remove(&self, name: &str) -> Result<PathBuf, StorageError> {
+        let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        if !volumes.contains_key(name) {
+            return Err(StorageError::NotFound(name.to_owned()));
+        }
+        let dir = self.volumes_dir.join(name);
+        let hidden = self.volumes_dir.join(format!(".{name}.deleting"));
+        if hidden.exists() {
+            std::fs::remove_dir_all(&hidden).map_err(|e| StorageError::fs("remove", &hidden, e))?;
+        }
+        std::fs::rename(&dir, &hidden).map_err(|e| StorageError::fs("rename", &dir, e))?;
+        manifest::sync_dir(&self.volumes_dir)?;
+        volumes.remove(name);
+        tracing::info!(volume = name, "deleted volume");
+        Ok(hidden)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
@@ -172,13 +254,21 @@ fn load_volume(
         data.set_len(manifest.size_bytes)
             .map_err(|e| StorageError::fs("size", &data_path, e))?;
     }
-    Ok(Volume::new(
-        manifest.name,
-        manifest.size_bytes,
-        data,
-        engine,
-        buffers,
-    ))
+    Ok(
+        Volume::new(manifest.name, manifest.size_bytes, data, engine, buffers).with_identity(
+            VolumeIdentity {
+                uuid: manifest.uuid,
+                created_unix_secs: manifest.created_unix_secs,
+            },
+        ),
+    )
+}
+
+fn check_size(size_bytes: u64) -> Result<(), StorageError> {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_ALIGN_BYTES) {
+        return Err(StorageError::UnalignedSize(size_bytes));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -213,5 +303,66 @@ mod tests {
         assert_eq!(reg.get("vol0").unwrap().size_bytes(), 1 << 30);
         assert!(!dir.path().join("volumes/.half.creating").exists());
         assert!(dir.path().join("volumes/broken").exists());
+    }
+
+    #[test]
+    fn resize_and_remove_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine.clone()).unwrap();
+        let vol = reg.create("v", 1 << 20).unwrap();
+        let uuid = vol.identity().uuid.clone();
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(reg.resize("v", 2 << 20, false).unwrap(), 1 << 20);
+        assert_eq!(vol.size_bytes(), 2 << 20);
+        let data_len = |d: &Path| {
+            std::fs::metadata(d.join("volumes/v/data.img"))
+                .unwrap()
+                .len()
+        };
+        assert_eq!(data_len(dir.path()), 2 << 20);
+        assert!(matches!(
+            reg.resize("v", 1 << 20, false),
+            Err(StorageError::ShrinkNotAllowed { from_bytes, to_bytes, .. })
+                if from_bytes == 2 << 20 && to_bytes == 1 << 20
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let held = vol.attachments().attach(stop).unwrap();
+        assert!(matches!(
+            reg.resize("v", 1 << 20, true),
+            Err(StorageError::Busy { connections: 1, .. })
+        ));
+        drop(held);
+        assert!(matches!(
+            reg.resize("v", 1000, true),
+            Err(StorageError::UnalignedSize(1000))
+        ));
+        assert!(matches!(
+            reg.resize("nope", 4096, true),
+            Err(StorageError::NotFound(_))
+        ));
+
+        let reg = Registry::open(dir.path(), engine.clone()).unwrap();
+        let vol = reg.get("v").unwrap();
+        assert_eq!(vol.size_bytes(), 2 << 20);
+        assert_eq!(vol.identity().uuid, uuid);
+        assert_eq!(reg.resize("v", 8192, true).unwrap(), 2 << 20);
+        assert_eq!(data_len(dir.path()), 8192);
+
+        // Once a deletion has closed the volume, resize treats it as gone.
+        assert_eq!(vol.attachments().close(false), Ok(0));
+        assert!(matches!(
+            reg.resize("v", 4 << 20, false),
+            Err(StorageError::NotFound(_))
+        ));
+        let hidden = reg.remove("v").unwrap();
+        assert!(reg.get("v").is_none());
+        assert!(!dir.path().join("volumes/v").exists());
+        assert!(hidden.exists());
+        assert!(matches!(reg.remove("v"), Err(StorageError::NotFound(_))));
+        // A crash before the hidden directory went: the volume stays gone.
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        assert!(reg.is_empty());
+        assert!(!hidden.exists());
     }
 }

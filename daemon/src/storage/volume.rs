@@ -5,13 +5,14 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
+use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
 
 /// A run of blocks with one allocation state.
@@ -36,9 +37,19 @@ pub struct ZeroMode {
 /// Largest buffer used when zeroes must be written out by hand.
 const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
 
+/// Who a volume is, beyond its name: fixed at creation, shown by the admin socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeIdentity {
+    pub uuid: String,
+    pub created_unix_secs: u64,
+}
+
 pub struct Volume {
     name: String,
-    size_bytes: u64,
+    /// Changed online by resize; a connection keeps the size it negotiated.
+    size_bytes: AtomicU64,
+    identity: VolumeIdentity,
+    attachments: Arc<Attachments>,
     data: Arc<File>,
     engine: IoEngine,
     buffers: Arc<BufferPool>,
@@ -51,7 +62,7 @@ impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
             .field("name", &self.name)
-            .field("size_bytes", &self.size_bytes)
+            .field("size_bytes", &self.size_bytes())
             .finish()
     }
 }
@@ -66,7 +77,9 @@ impl Volume {
     ) -> Volume {
         Volume {
             name,
-            size_bytes,
+            size_bytes: AtomicU64::new(size_bytes),
+            identity: VolumeIdentity::default(),
+            attachments: Arc::new(Attachments::default()),
             data: Arc::new(data),
             engine,
             buffers,
@@ -78,8 +91,40 @@ impl Volume {
         &self.name
     }
 
+    pub fn with_identity(mut self, identity: VolumeIdentity) -> Volume {
+        self.identity = identity;
+        self
+    }
+
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    pub fn identity(&self) -> &VolumeIdentity {
+        &self.identity
+    }
+
+    /// The NBD connections using this volume.
+    pub fn attachments(&self) -> &Arc<Attachments> {
+        &self.attachments
+    }
+
+    /// Sets the data file's length and fsyncs it; the caller records the size in the manifest
+    /// and then publishes it with [`Volume::publish_size`]. Blocking: call it off the runtime.
+    pub fn set_file_len(&self, size_bytes: u64) -> Result<(), StorageError> {
+        self.data
+            .set_len(size_bytes)
+            .and_then(|()| self.data.sync_all())
+            .map_err(|e| StorageError::Resize {
+                name: self.name.clone(),
+                size_bytes,
+                source: e,
+            })
+    }
+
+    /// New connections negotiate this size from now on.
+    pub fn publish_size(&self, size_bytes: u64) {
+        self.size_bytes.store(size_bytes, Ordering::Release);
     }
 
     /// Whether WRITE_ZEROES with FAST_ZERO can succeed (zeroing is a metadata operation).
@@ -198,7 +243,7 @@ impl Volume {
         self.engine
             .fdatasync(&self.data)
             .await
-            .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))
+            .map_err(|e| StorageError::io("flush", 0, self.size_bytes(), e))
     }
 
     async fn sync_if(
@@ -241,7 +286,7 @@ impl Volume {
         let file = Arc::clone(&self.data);
         let end_bytes = offset_bytes
             .saturating_add(length_bytes)
-            .min(self.size_bytes);
+            .min(self.size_bytes());
         let task = tokio::task::spawn_blocking(move || {
             scan_allocation(&file, offset_bytes, end_bytes, max_extents.max(1))
         });

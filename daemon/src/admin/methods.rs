@@ -1,0 +1,228 @@
+//! What each admin method does: decode its params, act on the registry, describe the result.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
+use crate::admin::AdminContext;
+use crate::error::StorageError;
+use crate::storage::attachments::CloseRefused;
+use crate::storage::name::validate_volume_name;
+use crate::storage::Volume;
+
+/// How long a forced delete waits for its disconnected clients to finish the requests they had
+/// sent; the directory goes afterwards either way (open files keep working until closed).
+const DELETE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn dispatch(
+    ctx: &AdminContext,
+    method: &str,
+    params: Value,
+) -> Result<Value, AdminError> {
+    match method {
+        "volume.create" => create(ctx, decode_params(method, params)?).await,
+        "volume.list" => {
+            decode_params::<NoParams>(method, params)?;
+            to_json(&VolumeList {
+                volumes: ctx.registry.list().iter().map(|v| describe(v)).collect(),
+            })
+        }
+        "volume.show" => {
+            let NameParams { name } = decode_params(method, params)?;
+            to_json(&describe(find(ctx, &name)?.as_ref()))
+        }
+        "volume.resize" => resize(ctx, decode_params(method, params)?).await,
+        "volume.delete" => delete(ctx, decode_params(method, params)?).await,
+        "status" => {
+            decode_params::<NoParams>(method, params)?;
+            status(ctx)
+        }
+        other => Err(AdminError::new(
+            ErrorCode::UnknownMethod,
+            format!("unknown method {other:?}"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    name: String,
+    size: SizeParam,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeParams {
+    name: String,
+    size: SizeParam,
+    #[serde(default)]
+    allow_shrink: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct VolumeInfo {
+    name: String,
+    size_bytes: u64,
+    connections: usize,
+    uuid: String,
+    created_unix_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct VolumeList {
+    volumes: Vec<VolumeInfo>,
+}
+
+#[derive(Debug, Serialize)]
+struct VolumeSummary {
+    name: String,
+    size_bytes: u64,
+    connections: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Status<'a> {
+    version: &'static str,
+    uptime_secs: u64,
+    listeners: &'a crate::admin::ListenerAddresses,
+    io_engine: &'a str,
+    volumes: Vec<VolumeSummary>,
+}
+
+fn describe(volume: &Volume) -> VolumeInfo {
+    VolumeInfo {
+        name: volume.name().to_owned(),
+        size_bytes: volume.size_bytes(),
+        connections: volume.attachments().count(),
+        uuid: volume.identity().uuid.clone(),
+        created_unix_secs: volume.identity().created_unix_secs,
+    }
+}
+
+fn find(ctx: &AdminContext, name: &str) -> Result<Arc<Volume>, AdminError> {
+    ctx.registry
+        .get(name)
+        .ok_or_else(|| StorageError::NotFound(name.to_owned()).into())
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
+    serde_json::to_value(value).map_err(|e| {
+        AdminError::new(
+            ErrorCode::Internal,
+            format!("encoding the result failed: {e}"),
+        )
+    })
+}
+
+/// Runs blocking filesystem work (fsync, rename) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, AdminError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(AdminError::from),
+        Err(join) => Err(AdminError::new(
+            ErrorCode::Internal,
+            format!("filesystem task failed: {join}"),
+        )),
+    }
+}
+
+async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, AdminError> {
+    // The name first: a bad name is the more useful complaint when both are wrong.
+    validate_volume_name(&params.name)?;
+    let size_bytes = params.size.to_bytes()?;
+    let registry = Arc::clone(&ctx.registry);
+    let volume = blocking(move || registry.create(&params.name, size_bytes)).await?;
+    to_json(&describe(&volume))
+}
+
+async fn resize(ctx: &AdminContext, params: ResizeParams) -> Result<Value, AdminError> {
+    let size_bytes = params.size.to_bytes()?;
+    let registry = Arc::clone(&ctx.registry);
+    let name = params.name.clone();
+    let old_size_bytes =
+        blocking(move || registry.resize(&name, size_bytes, params.allow_shrink)).await?;
+    Ok(serde_json::json!({
+        "name": params.name,
+        "old_size_bytes": old_size_bytes,
+        "size_bytes": size_bytes,
+    }))
+}
+
+async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, AdminError> {
+    let volume = find(ctx, &params.name)?;
+    let disconnected =
+        volume
+            .attachments()
+            .close(params.force)
+            .map_err(|refused| match refused {
+                CloseRefused::Busy(connections) => StorageError::Busy {
+                    name: params.name.clone(),
+                    connections,
+                },
+                CloseRefused::AlreadyClosed => StorageError::NotFound(params.name.clone()),
+            })?;
+    let registry = Arc::clone(&ctx.registry);
+    let name = params.name.clone();
+    let hidden = match blocking(move || registry.remove(&name)).await {
+        Ok(hidden) => hidden,
+        Err(e) => {
+            volume.attachments().reopen();
+            return Err(e);
+        }
+    };
+    if !volume
+        .attachments()
+        .wait_detached(DELETE_DRAIN_TIMEOUT)
+        .await
+    {
+        tracing::warn!(volume = %params.name, "clients still attached after the drain timeout");
+    }
+    // Already durable (the hidden directory is dropped at the next start if this fails).
+    let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&hidden)).await;
+    if let Ok(Err(e)) | Err(e) = removed.map_err(std::io::Error::other) {
+        tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume's files failed");
+    }
+    Ok(serde_json::json!({"name": params.name, "disconnected": disconnected}))
+}
+
+fn status(ctx: &AdminContext) -> Result<Value, AdminError> {
+    to_json(&Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        listeners: &ctx.listeners,
+        io_engine: &ctx.io_engine,
+        volumes: ctx
+            .registry
+            .list()
+            .iter()
+            .map(|v| VolumeSummary {
+                name: v.name().to_owned(),
+                size_bytes: v.size_bytes(),
+                connections: v.attachments().count(),
+            })
+            .collect(),
+    })
+}

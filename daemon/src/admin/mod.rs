@@ -1,0 +1,29 @@
+//! The admin socket: newline-delimited JSON requests that manage volumes while the daemon runs.
+//! docs/admin-protocol.md is the contract; `evsctl` is its client.
+
+pub mod methods;
+pub mod protocol;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::storage::Registry;
+
+/// What the methods act on and report.
+pub struct AdminContext {
+    pub registry: Arc<Registry>,
+    pub started: Instant,
+    pub listeners: ListenerAddresses,
+    pub io_engine: String,
+}
+
+/// Where the daemon listens, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerAddresses {
+    pub tcp: Option<String>,
+    pub unix: Option<String>,
+    pub admin: String,
+}

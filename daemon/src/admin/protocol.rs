@@ -1,0 +1,293 @@
+//! The admin wire format: one JSON object per line each way. Requests are
+//! `{"id":…,"method":"…","params":{…}}`; every request gets exactly one response with the same
+//! `id` and either `result` or `error {code, message}`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StorageError;
+
+/// Bumped when a change would break an existing client.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line accepted; a longer one is answered with `parse_error` and the
+/// connection closed, since the rest of that line cannot be told from the next request.
+pub const MAX_LINE_BYTES: usize = 64 << 10;
+
+/// Stable error codes: clients branch on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    Busy,
+    Internal,
+    ParseError,
+    UnknownMethod,
+}
+
+/// A failed request: its code and a message naming what failed with which value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct AdminError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> AdminError {
+        AdminError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StorageError> for AdminError {
+    fn from(e: StorageError) -> AdminError {
+        AdminError::new(error_code(&e), e.to_string())
+    }
+}
+
+/// The one place storage failures become admin error codes.
+pub fn error_code(e: &StorageError) -> ErrorCode {
+    match e {
+        StorageError::InvalidName(_)
+        | StorageError::InvalidSize(_)
+        | StorageError::UnalignedSize(_)
+        | StorageError::ShrinkNotAllowed { .. } => ErrorCode::InvalidArgument,
+        StorageError::NotFound(_) => ErrorCode::NotFound,
+        StorageError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        StorageError::Busy { .. } => ErrorCode::Busy,
+        StorageError::BadManifest { .. }
+        | StorageError::Io { .. }
+        | StorageError::FastZeroUnsupported { .. }
+        | StorageError::Fs { .. }
+        | StorageError::Resize { .. } => ErrorCode::Internal,
+    }
+}
+
+/// A request as read from the socket, before its params are checked by its method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Value,
+    pub method: String,
+    pub params: Value,
+}
+
+/// A request line that cannot be dispatched: answered with this id (null when unknown).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Value,
+    pub error: AdminError,
+}
+
+/// Parses one request line. Absent params mean `{}`.
+pub fn parse_request(line: &str) -> Result<Request, Rejected> {
+    let value: Value = serde_json::from_str(line).map_err(|e| Rejected {
+        id: Value::Null,
+        error: AdminError::new(ErrorCode::ParseError, format!("request is not JSON: {e}")),
+    })?;
+    let Value::Object(mut object) = value else {
+        return Err(Rejected {
+            id: Value::Null,
+            error: AdminError::new(ErrorCode::ParseError, "request is not a JSON object"),
+        });
+    };
+    let id = object.remove("id").unwrap_or(Value::Null);
+    let reject = |message: String| Rejected {
+        id: id.clone(),
+        error: AdminError::new(ErrorCode::ParseError, message),
+    };
+    let method = match object.remove("method") {
+        Some(Value::String(method)) => method,
+        Some(other) => return Err(reject(format!("\"method\" {other} is not a string"))),
+        None => return Err(reject("request has no \"method\"".to_owned())),
+    };
+    let params = match object.remove("params") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(params @ Value::Object(_)) => params,
+        Some(other) => return Err(reject(format!("\"params\" {other} is not an object"))),
+    };
+    if let Some(key) = object.keys().next() {
+        return Err(reject(format!("unknown request field {key:?}")));
+    }
+    Ok(Request { id, method, params })
+}
+
+#[derive(Debug, Serialize)]
+struct SuccessLine<'a> {
+    id: &'a Value,
+    result: &'a Value,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorLine<'a> {
+    id: &'a Value,
+    error: &'a AdminError,
+}
+
+/// One response line, without the newline.
+pub fn response_line(id: &Value, outcome: &Result<Value, AdminError>) -> String {
+    let line = match outcome {
+        Ok(result) => serde_json::to_string(&SuccessLine { id, result }),
+        Err(error) => serde_json::to_string(&ErrorLine { id, error }),
+    };
+    // Serializing a Value and plain strings cannot fail; answer something valid regardless.
+    line.unwrap_or_else(|e| {
+        format!(r#"{{"id":null,"error":{{"code":"internal","message":"encoding the response failed: {e}"}}}}"#)
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Greeting {
+    evsd: GreetingBody,
+}
+
+#[derive(Debug, Serialize)]
+struct GreetingBody {
+    version: &'static str,
+    protocol: u32,
+}
+
+/// The first line a client receives: `{"evsd":{"version":"0.1.0","protocol":1}}`.
+pub fn greeting_line() -> String {
+    let greeting = Greeting {
+        evsd: GreetingBody {
+            version: env!("CARGO_PKG_VERSION"),
+            protocol: PROTOCOL_VERSION,
+        },
+    };
+    serde_json::to_string(&greeting)
+        .unwrap_or_else(|_| r#"{"evsd":{"version":"?","protocol":1}}"#.to_owned())
+}
+
+/// A size as a client may give it: bytes as a number, or text such as "10G", "512M", "4096".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SizeParam {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeParam {
+    pub fn to_bytes(&self) -> Result<u64, StorageError> {
+        match self {
+            SizeParam::Bytes(bytes) => Ok(*bytes),
+            SizeParam::Text(text) => crate::storage::parse_size_bytes(text),
+        }
+    }
+}
+
+/// Decodes a method's params, unknown fields refused so a typo never goes unnoticed.
+pub fn decode_params<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: Value,
+) -> Result<T, AdminError> {
+    serde_json::from_value(params).map_err(|e| {
+        AdminError::new(
+            ErrorCode::InvalidArgument,
+            format!("invalid params for {method}: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_requests_and_rejects_malformed_lines() {
+        let r = parse_request(r#"{"id":7,"method":"volume.list"}"#).unwrap();
+        assert_eq!(r.id, json!(7));
+        assert_eq!(r.method, "volume.list");
+        assert_eq!(r.params, json!({}));
+        let r = parse_request(r#"{"id":"a","method":"m","params":{"x":1}}"#).unwrap();
+        assert_eq!(r.params, json!({"x":1}));
+
+        let bad = parse_request("{nope").unwrap_err();
+        assert_eq!(bad.id, Value::Null);
+        assert_eq!(bad.error.code, ErrorCode::ParseError);
+        for (line, id) in [
+            (r#"[1,2]"#, Value::Null),
+            (r#"{"id":3}"#, json!(3)),
+            (r#"{"id":4,"method":5}"#, json!(4)),
+            (r#"{"id":5,"method":"m","params":[1]}"#, json!(5)),
+            (r#"{"id":6,"method":"m","extra":true}"#, json!(6)),
+        ] {
+            let bad = parse_request(line).unwrap_err();
+            assert_eq!(bad.error.code, ErrorCode::ParseError, "{line}");
+            assert_eq!(bad.id, id, "{line}");
+        }
+    }
+
+    #[test]
+    fn responses_and_greeting_have_the_documented_shape() {
+        let ok = response_line(&json!(1), &Ok(json!({"a": 1})));
+        assert_eq!(ok, r#"{"id":1,"result":{"a":1}}"#);
+        let err = response_line(
+            &json!("x"),
+            &Err(AdminError::new(
+                ErrorCode::NotFound,
+                "volume \"v\" not found",
+            )),
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&err).unwrap(),
+            json!({"id":"x","error":{"code":"not_found","message":"volume \"v\" not found"}})
+        );
+        assert_eq!(
+            greeting_line(),
+            r#"{"evsd":{"version":"0.1.0","protocol":1}}"#
+        );
+    }
+
+    #[test]
+    fn storage_errors_map_to_stable_codes() {
+        let io = || std::io::Error::from_raw_os_error(5);
+        let cases = [
+            (StorageError::InvalidName("../x".into()), "invalid_argument"),
+            (StorageError::InvalidSize("1.5G".into()), "invalid_argument"),
+            (StorageError::UnalignedSize(0), "invalid_argument"),
+            (
+                StorageError::ShrinkNotAllowed {
+                    name: "v".into(),
+                    from_bytes: 2,
+                    to_bytes: 1,
+                },
+                "invalid_argument",
+            ),
+            (StorageError::NotFound("v".into()), "not_found"),
+            (StorageError::AlreadyExists("v".into()), "already_exists"),
+            (
+                StorageError::Busy {
+                    name: "v".into(),
+                    connections: 2,
+                },
+                "busy",
+            ),
+            (StorageError::fs("rename", "/x", io()), "internal"),
+        ];
+        for (error, code) in cases {
+            let message = error.to_string();
+            let admin = AdminError::from(error);
+            assert_eq!(serde_json::to_value(admin.code).unwrap(), json!(code));
+            assert_eq!(admin.message, message);
+        }
+    }
+
+    #[test]
+    fn sizes_are_numbers_or_text() {
+        let parse = |v: Value| serde_json::from_value::<SizeParam>(v).unwrap().to_bytes();
+        assert_eq!(parse(json!(4096)).unwrap(), 4096);
+        assert_eq!(parse(json!("10G")).unwrap(), 10 << 30);
+        assert_eq!(parse(json!("512M")).unwrap(), 512 << 20);
+        assert!(matches!(
+            parse(json!("1.5G")),
+            Err(StorageError::InvalidSize(_))
+        ));
+        assert!(serde_json::from_value::<SizeParam>(json!(-1)).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! The admin listener and the per-client loop: greeting, then one response per request line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::methods::dispatch;
+use crate::admin::protocol::{
+    greeting_line, parse_request, response_line, AdminError, ErrorCode, MAX_LINE_BYTES,
+};
+use crate::admin::AdminContext;
+use crate::nbd::server::SocketFile;
+
+/// Admin clients served at once; more are told `busy` and closed.
+const MAX_ADMIN_CLIENTS: usize = 64;
+
+/// How long shutdown waits for admin requests in progress (a forced delete drains its clients).
+const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Only the daemon's user may manage volumes.
+const SOCKET_MODE: u32 = 0o600;
+
+pub struct AdminListener {
+    listener: UnixListener,
+    socket_file: SocketFile,
+}
+
+impl AdminListener {
+    pub fn bind(path: PathBuf) -> std::io::Result<AdminListener> {
+        let (listener, socket_file) = SocketFile::bind(path)?;
+        // Set right after bind, before the first accept, so no client is served through a
+        // socket with the umask's wider mode.
+        std::fs::set_permissions(
+            &socket_file.path,
+            std::fs::Permissions::from_mode(SOCKET_MODE),
+        )?;
+        Ok(AdminListener {
+            listener,
+            socket_file,
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.socket_file.path
+    }
+
+    /// Serves admin clients until `shutdown`, then ends their loops and removes the socket file.
+    pub async fn run(self, ctx: Arc<AdminContext>, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(MAX_ADMIN_CLIENTS));
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let permit = Arc::clone(&limit).try_acquire_owned();
+                    let ctx = Arc::clone(&ctx);
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        match permit {
+                            Ok(_permit) => serve_client(stream, &ctx, &shutdown).await,
+                            Err(_) => refuse(stream).await,
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracker.close();
+        // A client that stopped reading could hold its task in a write forever.
+        if tokio::time::timeout(CLIENT_DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("admin clients still busy at shutdown");
+        }
+        self.socket_file.remove();
+    }
+}
+
+async fn refuse(mut stream: UnixStream) {
+    let error = AdminError::new(
+        ErrorCode::Busy,
+        format!("too many admin clients (at most {MAX_ADMIN_CLIENTS})"),
+    );
+    let line = response_line(&serde_json::Value::Null, &Err(error));
+    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+}
+
+/// One client: never panics on its input; a bad line costs that line, an overlong one the
+/// connection.
+async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &CancellationToken) {
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+    if send(&mut writer, &greeting_line()).await.is_err() {
+        return;
+    }
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = lines.next() => next,
+        };
+        let line = match next {
+            None => return,
+            Some(Ok(line)) => line,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                let error = AdminError::new(
+                    ErrorCode::ParseError,
+                    format!("request line longer than {MAX_LINE_BYTES} bytes"),
+                );
+                let _ = send(
+                    &mut writer,
+                    &response_line(&serde_json::Value::Null, &Err(error)),
+                )
+                .await;
+                return;
+            }
+            Some(Err(LinesCodecError::Io(error))) => {
+                // Invalid UTF-8 ends the stream like any read error; say why before closing.
+                if error.kind() == std::io::ErrorKind::InvalidData {
+                    let error = AdminError::new(
+                        ErrorCode::ParseError,
+                        format!("request line is not UTF-8: {error}"),
+                    );
+                    let _ = send(
+                        &mut writer,
+                        &response_line(&serde_json::Value::Null, &Err(error)),
+                    )
+                    .await;
+                }
+                tracing::debug!(%error, "admin client read failed");
+                return;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match parse_request(&line) {
+            Ok(request) => {
+                let outcome = dispatch(ctx, &request.method, request.params).await;
+                if let Err(e) = &outcome {
+                    tracing::info!(method = %request.method, code = ?e.code, error = %e.message, "admin request failed");
+                }
+                response_line(&request.id, &outcome)
+            }
+            Err(rejected) => response_line(&rejected.id, &Err(rejected.error)),
+        };
+        if send(&mut writer, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send(writer: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    writer.write_all(&bytes).await
+}

@@ -1,0 +1,154 @@
+//! Who is using a volume: one entry per attached NBD connection, each with the token that ends
+//! it, so that delete can refuse a busy volume or, when forced, disconnect its clients first.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Default)]
+pub struct Attachments {
+    state: Mutex<State>,
+    /// Woken whenever a connection detaches.
+    detached: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    connections: HashMap<u64, CancellationToken>,
+    /// Set once the volume is being deleted: no connection may attach any more.
+    closed: bool,
+}
+
+/// Why [`Attachments::close`] did not close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRefused {
+    /// This many connections are attached and the close was not forced.
+    Busy(usize),
+    /// Another deletion closed it first.
+    AlreadyClosed,
+}
+
+/// Held by a connection for as long as it serves the volume; detaches on drop.
+#[derive(Debug)]
+pub struct Attachment {
+    attachments: Arc<Attachments>,
+    id: u64,
+}
+
+impl Attachments {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the map half-updated: recover it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection that stops when `stop` is cancelled. None once the volume is
+    /// being deleted.
+    pub fn attach(self: &Arc<Self>, stop: CancellationToken) -> Option<Attachment> {
+        let mut state = self.state();
+        if state.closed {
+            return None;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.connections.insert(id, stop);
+        Some(Attachment {
+            attachments: Arc::clone(self),
+            id,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.state().connections.len()
+    }
+
+    /// Runs `f` with the number of attached connections (None once the volume is being
+    /// deleted) while no connection can attach or detach, so a decision taken on that number
+    /// (e.g. "shrink only when idle") still holds when `f` acts on it.
+    pub fn with_count_locked<T>(&self, f: impl FnOnce(Option<usize>) -> T) -> T {
+        let state = self.state();
+        f((!state.closed).then_some(state.connections.len()))
+    }
+
+    /// Closes the volume to new connections. With `force`, cancels the attached ones and
+    /// returns how many; without it, refuses when any is attached.
+    pub fn close(&self, force: bool) -> Result<usize, CloseRefused> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(CloseRefused::AlreadyClosed);
+        }
+        let attached = state.connections.len();
+        if attached > 0 && !force {
+            return Err(CloseRefused::Busy(attached));
+        }
+        state.closed = true;
+        for stop in state.connections.values() {
+            stop.cancel();
+        }
+        Ok(attached)
+    }
+
+    /// Undoes [`Attachments::close`] when the deletion it was for failed.
+    pub fn reopen(&self) {
+        self.state().closed = false;
+    }
+
+    /// Waits until no connection is attached, at most `timeout`; true if none is.
+    pub async fn wait_detached(&self, timeout: Duration) -> bool {
+        let drained = async {
+            loop {
+                let notified = self.detached.notified();
+                tokio::pin!(notified);
+                // Registered before checking, so a detach in between is not missed.
+                notified.as_mut().enable();
+                if self.count() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, drained).await.is_ok()
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.attachments.state().connections.remove(&self.id);
+        self.attachments.detached.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn busy_until_forced_and_closed_afterwards() {
+        let attachments = Arc::new(Attachments::default());
+        let stop = CancellationToken::new();
+        let held = attachments.attach(stop.clone()).unwrap();
+        assert_eq!(attachments.count(), 1);
+        assert_eq!(attachments.close(false), Err(CloseRefused::Busy(1)));
+        assert!(!stop.is_cancelled());
+        assert!(!attachments.wait_detached(Duration::from_millis(20)).await);
+
+        assert_eq!(attachments.close(true), Ok(1));
+        assert!(stop.is_cancelled());
+        assert!(attachments.attach(CancellationToken::new()).is_none());
+        assert_eq!(attachments.close(true), Err(CloseRefused::AlreadyClosed));
+        let waiter = {
+            let attachments = Arc::clone(&attachments);
+            tokio::spawn(async move { attachments.wait_detached(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+        assert_eq!(attachments.count(), 0);
+
+        attachments.reopen();
+        assert!(attachments.attach(CancellationToken::new()).is_some());
+    }
+}

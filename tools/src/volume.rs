@@ -1,0 +1,163 @@
+//! `evsctl volume …`: create, list, show, resize, delete.
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::client::Call;
+use crate::error::CliError;
+use crate::render::{fields, iec_size, table, utc_time};
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a sparse volume, exported at once.
+    Create {
+        name: String,
+        /// Size: bytes, or with a K/M/G/T suffix (e.g. 10G); a multiple of 4096.
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Change a volume's size; clients see it when they reconnect.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+        /// Allow a smaller size (discards the data past it; refused while clients are connected).
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Delete a volume and its data.
+    Delete {
+        name: String,
+        /// Disconnect connected clients first instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+impl VolumeCommand {
+    pub fn call(&self) -> Call {
+        let (method, params) = match self {
+            VolumeCommand::Create { name, size } => {
+                ("volume.create", json!({"name": name, "size": size}))
+            }
+            VolumeCommand::List => ("volume.list", json!({})),
+            VolumeCommand::Show { name } => ("volume.show", json!({"name": name})),
+            VolumeCommand::Resize {
+                name,
+                size,
+                allow_shrink,
+            } => (
+                "volume.resize",
+                json!({"name": name, "size": size, "allow_shrink": allow_shrink}),
+            ),
+            VolumeCommand::Delete { name, force } => {
+                ("volume.delete", json!({"name": name, "force": force}))
+            }
+        };
+        Call { method, params }
+    }
+
+    pub fn render(&self, result: &Value) -> Result<String, CliError> {
+        Ok(match self {
+            VolumeCommand::Create { .. } => format!(
+                "created volume {} ({})\n",
+                text(result, "name")?,
+                iec_size(number(result, "size_bytes")?)
+            ),
+            VolumeCommand::List => {
+                let volumes = result["volumes"]
+                    .as_array()
+                    .ok_or_else(|| missing(result, "volumes"))?;
+                let rows = volumes
+                    .iter()
+                    .map(|v| {
+                        Ok(vec![
+                            text(v, "name")?.to_owned(),
+                            iec_size(number(v, "size_bytes")?),
+                            number(v, "connections")?.to_string(),
+                            text(v, "uuid")?.to_owned(),
+                        ])
+                    })
+                    .collect::<Result<Vec<_>, CliError>>()?;
+                table(&["NAME", "SIZE", "CONNECTIONS", "UUID"], &rows)
+            }
+            VolumeCommand::Show { .. } => {
+                let size_bytes = number(result, "size_bytes")?;
+                fields(&[
+                    ("name", text(result, "name")?.to_owned()),
+                    (
+                        "size",
+                        format!("{} ({size_bytes} bytes)", iec_size(size_bytes)),
+                    ),
+                    ("connections", number(result, "connections")?.to_string()),
+                    ("uuid", text(result, "uuid")?.to_owned()),
+                    ("created", utc_time(number(result, "created_unix_secs")?)),
+                ])
+            }
+            VolumeCommand::Resize { .. } => format!(
+                "resized volume {}: {} -> {}\n",
+                text(result, "name")?,
+                iec_size(number(result, "old_size_bytes")?),
+                iec_size(number(result, "size_bytes")?)
+            ),
+            VolumeCommand::Delete { .. } => {
+                let name = text(result, "name")?;
+                match number(result, "disconnected")? {
+                    0 => format!("deleted volume {name}\n"),
+                    n => format!("deleted volume {name} (disconnected {n} client(s))\n"),
+                }
+            }
+        })
+    }
+}
+
+fn missing(result: &Value, key: &str) -> CliError {
+    CliError::Protocol(format!("result {result} lacks {key:?}"))
+}
+
+pub fn text<'a>(result: &'a Value, key: &str) -> Result<&'a str, CliError> {
+    result[key].as_str().ok_or_else(|| missing(result, key))
+}
+
+pub fn number(result: &Value, key: &str) -> Result<u64, CliError> {
+    result[key].as_u64().ok_or_else(|| missing(result, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_renders_a_table() {
+        let result = json!({"volumes": [
+            {"name": "vol0", "size_bytes": 1u64 << 30, "connections": 2, "uuid": "u-1", "created_unix_secs": 0},
+            {"name": "big-volume", "size_bytes": 4096, "connections": 0, "uuid": "u-2", "created_unix_secs": 0},
+        ]});
+        assert_eq!(
+            VolumeCommand::List.render(&result).unwrap(),
+            "NAME        SIZE     CONNECTIONS  UUID\n\
+             vol0        1.0 GiB  2            u-1\n\
+             big-volume  4.0 KiB  0            u-2\n"
+        );
+        assert!(VolumeCommand::List.render(&json!({})).is_err());
+    }
+
+    #[test]
+    fn commands_become_calls() {
+        let call = VolumeCommand::Resize {
+            name: "v".into(),
+            size: "2G".into(),
+            allow_shrink: true,
+        }
+        .call();
+        assert_eq!(call.method, "volume.resize");
+        assert_eq!(
+            call.params,
+            json!({"name": "v", "size": "2G", "allow_shrink": true})
+        );
+    }
+}
