@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use crate::consts::*;
 use crate::export::{BlockSize, ExportCatalog, ExportInfo};
 use crate::handshake::{HandshakeConfig, ServerHandshake, Step};
-use crate::request::{decode_request, ExportLimits};
+use crate::request::{decode_request, Command, ExportLimits};
 use crate::ReplyMode;
 
 struct FixedCatalog;
@@ -86,8 +86,11 @@ pub fn request(data: &[u8]) {
                 meta_contexts: data.len() % 3,
             };
             let _ = limits.check_payload(&req);
-            if limits.validate(&req).is_ok() {
-                assert!(req.offset.checked_add(req.length).is_some() || req.length == 0);
+            // Whatever reaches storage must lie inside the export; DISC and FLUSH carry no range.
+            let ranged = !matches!(req.command, Command::Disc | Command::Flush);
+            if ranged && limits.validate(&req).is_ok() {
+                let end = req.offset.checked_add(req.length);
+                assert!(req.length > 0 && end.is_some_and(|end| end <= limits.size_bytes));
             }
         }
     }
