@@ -1,30 +1,36 @@
-//! Command-line settings.
+//! Command-line flags. Every setting is optional here so a flag left out falls back to the
+//! config file and then to the default; `settings` does that merge.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::io::EngineKind;
-
-#[derive(Debug, Parser)]
+#[derive(Debug, Default, Parser)]
 #[command(
     name = "evsd",
     version,
     about = "Serves block volumes (EVS disks) over NBD"
 )]
 pub struct Args {
-    /// TCP address to listen on, or "off".
-    #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR:PORT|off")]
-    pub listen: String,
+    /// TOML config file; flags given on the command line override its values.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Print a complete, commented config file with every default, then exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+
+    /// TCP address to listen on, or "off" [default: 127.0.0.1:10809].
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    pub listen: Option<String>,
 
     /// Also listen on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
 
-    /// Where volumes live.
-    #[arg(long, default_value = "./evs-data", value_name = "DIR")]
-    pub data_dir: PathBuf,
+    /// Where volumes live [default: ./evs-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// Admin socket for evsctl (mode 0600) [default: DATA_DIR/admin.sock].
     #[arg(long, value_name = "PATH")]
@@ -35,24 +41,25 @@ pub struct Args {
     pub no_default_volume: bool,
 
     /// Create this volume at start if it does not exist (repeatable), e.g. `vol1:256M`.
+    /// Replaces the config file's `create_volumes` list when given.
     #[arg(long = "create-volume", value_name = "NAME:SIZE")]
     pub create_volumes: Vec<String>,
 
     /// Disk I/O engine; by default io_uring, falling back to threads when unavailable.
     #[arg(long, value_name = "uring|threads")]
-    pub io_engine: Option<EngineKind>,
+    pub io_engine: Option<String>,
 
-    /// Number of io_uring threads.
-    #[arg(long, default_value_t = 1)]
-    pub ring_threads: usize,
+    /// Number of io_uring threads [default: 1].
+    #[arg(long, value_name = "N")]
+    pub ring_threads: Option<usize>,
 
     /// Threads running connections (default: one per core).
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 
-    /// Microseconds an io_uring thread polls for more work before sleeping (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub ring_spin_us: u64,
+    /// Microseconds an io_uring thread polls for more work before sleeping (0: never) [default: 0].
+    #[arg(long, value_name = "US")]
+    pub ring_spin_us: Option<u64>,
 
     /// Send every read and write through the I/O engine, even page-cache hits that
     /// preadv2/pwritev2 with RWF_NOWAIT would complete inline without blocking.
@@ -63,59 +70,33 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
 
-    /// Most client connections served at once; more are closed at accept.
-    #[arg(long, default_value_t = 1024)]
-    pub max_connections: usize,
+    /// Most client connections served at once; more are closed at accept [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 
-    /// Requests one connection may have in flight before the server stops reading from it.
-    #[arg(long, default_value_t = 256)]
-    pub max_inflight_requests: usize,
+    /// Requests one connection may have in flight before the server stops reading from it
+    /// [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_inflight_requests: Option<usize>,
 
-    /// MiB of read/write data one connection may hold in flight (one request always runs).
-    #[arg(long, default_value_t = 256)]
-    pub max_inflight_mib: u64,
+    /// MiB of read/write data one connection may hold in flight (one request always runs)
+    /// [default: 256].
+    #[arg(long, value_name = "MIB")]
+    pub max_inflight_mib: Option<u64>,
 
-    /// A client that has not finished the handshake by then is disconnected.
-    #[arg(long, default_value_t = 30)]
-    pub handshake_timeout_secs: u64,
+    /// A client that has not finished the handshake by then is disconnected [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout_secs: Option<u64>,
 
-    /// How long shutdown waits for connections to finish their requests.
-    #[arg(long, default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
+    /// How long shutdown waits for connections to finish their requests [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_grace_secs: Option<u64>,
 
-    /// Log format: human or json.
-    #[arg(long, default_value = "human", value_name = "human|json")]
-    pub log_format: String,
-}
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, or "off" [default: 127.0.0.1:9810].
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    pub metrics_listen: Option<String>,
 
-impl Args {
-    pub fn admin_socket_path(&self) -> PathBuf {
-        self.admin_socket
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
-    }
-
-    pub fn tcp_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
-        if self.listen == "off" {
-            return Ok(None);
-        }
-        let addr = self
-            .listen
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--listen {:?} is not ADDR:PORT: {e}", self.listen))?;
-        Ok(Some(addr))
-    }
-
-    /// `NAME:SIZE` pairs from `--create-volume`.
-    pub fn volumes_to_create(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        self.create_volumes
-            .iter()
-            .map(|spec| {
-                let (name, size) = spec
-                    .rsplit_once(':')
-                    .ok_or_else(|| anyhow::anyhow!("--create-volume {spec:?} is not NAME:SIZE"))?;
-                Ok((name.to_owned(), crate::storage::parse_size_bytes(size)?))
-            })
-            .collect()
-    }
+    /// Log format: human or json [default: human].
+    #[arg(long, value_name = "human|json")]
+    pub log_format: Option<String>,
 }

@@ -4,11 +4,15 @@ mod admin;
 mod config;
 mod error;
 mod io;
+mod logging;
+mod metrics;
 mod nbd;
+mod settings;
 mod storage;
+mod systemd;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
@@ -19,9 +23,12 @@ use crate::admin::server::AdminListener;
 use crate::admin::{AdminContext, ListenerAddresses};
 use crate::config::Args;
 use crate::io::{EngineConfig, IoEngine};
+use crate::metrics::http::MetricsListener;
+use crate::metrics::Metrics;
 use crate::nbd::connection::ConnectionConfig;
 use crate::nbd::server::{Listeners, Server};
 use crate::nbd::transmission::TransmissionConfig;
+use crate::settings::Settings;
 use crate::storage::Registry;
 
 /// mimalloc keeps freed memory for reuse: glibc's malloc returned the 1 MiB read buffers to the
@@ -34,69 +41,67 @@ const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format)?;
+    if args.print_default_config {
+        print!("{}", settings::DEFAULT_CONFIG);
+        return Ok(());
+    }
+    let settings = Settings::resolve(&args)?;
+    logging::init(settings.log_format).report();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.worker_threads {
-        builder.worker_threads(threads.max(1));
+    if let Some(threads) = settings.worker_threads {
+        builder.worker_threads(threads);
     }
     let runtime = builder
         .enable_all()
         .thread_name("evsd-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(settings))
 }
 
-fn init_logging(format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        "human" => builder.init(),
-        "json" => builder.json().init(),
-        other => anyhow::bail!("--log-format {other:?}: use human or json"),
-    }
-    Ok(())
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
     let engine_config = EngineConfig {
-        ring_threads: args.ring_threads.max(1),
+        ring_threads: settings.ring_threads,
+        ring_spin_us: settings.ring_spin_us,
+        inline_cached_io: settings.inline_cached_io,
         ..EngineConfig::default()
     };
     let engine =
-        IoEngine::new(args.io_engine, &engine_config).context("starting the I/O engine")?;
+        IoEngine::new(settings.io_engine, &engine_config).context("starting the I/O engine")?;
     tracing::info!(engine = %engine.kind(), "I/O engine ready");
     let io_engine = engine.kind().to_string();
 
     let registry = Arc::new(
-        Registry::open(&args.data_dir, engine)
-            .with_context(|| format!("opening data directory {}", args.data_dir.display()))?,
+        Registry::open(&settings.data_dir, engine)
+            .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?,
     );
     // A first start (no volume yet) gets `vol0`, so the README's run command is usable as is.
-    if registry.is_empty() && !args.no_default_volume {
+    if registry.is_empty() && settings.create_default_volume {
         registry
             .create(nbd::catalog::DEFAULT_EXPORT, DEFAULT_VOLUME_BYTES)
             .context("creating the default volume")?;
     }
-    for (name, size_bytes) in args.volumes_to_create()? {
-        if registry.get(&name).is_none() {
+    for (name, size_bytes) in &settings.create_volumes {
+        if registry.get(name).is_none() {
             registry
-                .create(&name, size_bytes)
+                .create(name, *size_bytes)
                 .with_context(|| format!("creating volume {name}"))?;
         }
     }
 
-    let listeners = Listeners::bind(args.tcp_addr()?, args.unix.clone())
+    let listeners = Listeners::bind(settings.listen, settings.unix.clone())
         .await
         .context("binding listeners")?;
     if listeners.tcp.is_none() && listeners.unix.is_none() {
         anyhow::bail!("nothing to listen on: --listen off needs --unix PATH");
     }
-    let admin_path = args.admin_socket_path();
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|m| m.local_addr());
+    let admin_path = settings.admin_socket.clone();
     let admin = AdminListener::bind(admin_path.clone())
         .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
     let admin_context = Arc::new(AdminContext {
@@ -112,33 +117,57 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         io_engine,
     });
-    announce(&args, &listeners, &registry)?;
-
+    // Handlers go in before anyone is told we are ready, so an early SIGTERM is a clean stop.
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = Signals::install().context("installing SIGTERM/SIGINT handlers")?;
+    tokio::spawn(signals.wait(shutdown.clone()));
+    announce(&settings, &listeners, metrics_addr, &registry)?;
+
+    systemd::ready(&format!(
+        "serving {} volume(s), {} I/O",
+        registry.list().len(),
+        admin_context.io_engine
+    ));
+
+    let metrics = Arc::new(Metrics::new());
+    let serve_metrics = async {
+        if let Some(listener) = metrics_listener {
+            if let Some(addr) = metrics_addr {
+                tracing::info!(url = %format!("http://{addr}/metrics"), "serving metrics");
+            }
+            listener.run(Arc::clone(&metrics), shutdown.clone()).await;
+        }
+    };
     let server = Server {
         registry,
+        metrics: Arc::clone(&metrics),
         config: Arc::new(ConnectionConfig {
-            handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+            handshake_timeout: settings.handshake_timeout,
             handshake: HandshakeConfig::default(),
             transmission: TransmissionConfig {
-                max_inflight_requests: args.max_inflight_requests.max(1),
-                max_inflight_bytes: args.max_inflight_mib.max(1) << 20,
+                max_inflight_requests: settings.max_inflight_requests,
+                max_inflight_bytes: settings.max_inflight_bytes,
             },
         }),
-        max_connections: args.max_connections.max(1),
-        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        max_connections: settings.max_connections,
+        shutdown_grace: settings.shutdown_grace,
     };
     tokio::join!(
         server.run(listeners, shutdown.clone()),
-        admin.run(admin_context, shutdown)
+        admin.run(admin_context, shutdown.clone()),
+        serve_metrics
     );
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Logs the URIs to use and writes the ready file.
-fn announce(args: &Args, listeners: &Listeners, registry: &Registry) -> anyhow::Result<()> {
+fn announce(
+    settings: &Settings,
+    listeners: &Listeners,
+    metrics: Option<std::net::SocketAddr>,
+    registry: &Registry,
+) -> anyhow::Result<()> {
     let tcp = listeners.tcp_addr();
     let unix = listeners.unix.as_ref().map(|u| u.socket_file.path.clone());
     for volume in registry.list() {
@@ -149,10 +178,11 @@ fn announce(args: &Args, listeners: &Listeners, registry: &Registry) -> anyhow::
             tracing::info!(uri = %format!("nbd+unix:///{}?socket={}", volume.name(), path.display()), "serving");
         }
     }
-    if let Some(path) = &args.ready_file {
+    if let Some(path) = &settings.ready_file {
         let ready = serde_json::json!({
             "tcp": tcp.map(|a| a.to_string()),
             "unix": unix.map(|p| p.display().to_string()),
+            "metrics": metrics.map(|a| a.to_string()),
             "pid": std::process::id(),
         });
         storage::manifest::write_durably(path, ready.to_string().as_bytes())
@@ -161,18 +191,26 @@ fn announce(args: &Args, listeners: &Listeners, registry: &Registry) -> anyhow::
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop evsd with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    shutdown.cancel();
+
+    async fn wait(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+        systemd::stopping();
+        shutdown.cancel();
+    }
 }

@@ -1,7 +1,7 @@
 //! End-to-end test harness for evsd.
 //!
 //! Every test starts its own daemon on a fresh temporary data directory with
-//! `--listen 127.0.0.1:0 --unix <tmp>/nbd.sock --ready-file <tmp>/ready.json
+//! `--listen 127.0.0.1:0 --unix <tmp>/nbd.sock --ready-file <tmp>/ready.json --metrics-listen 127.0.0.1:0
 //! --admin-socket <tmp>/admin.sock` and talks to it with real NBD clients (qemu-img/qemu-io, libnbd tools,
 //! fio, nbdfuse) or with the hand-written wire client in [`raw`].
 //!
@@ -459,6 +459,8 @@ pub struct DaemonOpts {
     pub io_engine: Option<String>,
     pub max_connections: Option<u32>,
     pub handshake_timeout_secs: Option<u64>,
+    /// `--metrics-listen`; an ephemeral port by default so parallel daemons never collide.
+    pub metrics_listen: String,
     /// Anything else, appended verbatim.
     pub extra_args: Vec<String>,
 }
@@ -471,6 +473,7 @@ impl Default for DaemonOpts {
             io_engine: None,
             max_connections: None,
             handshake_timeout_secs: None,
+            metrics_listen: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
         }
     }
@@ -507,6 +510,11 @@ impl DaemonOpts {
         self.max_connections = Some(n);
         self
     }
+    /// `--metrics-listen ADDR` (e.g. "off").
+    pub fn metrics_listen(mut self, addr: &str) -> Self {
+        self.metrics_listen = addr.to_string();
+        self
+    }
     pub fn arg(mut self, a: &str) -> Self {
         self.extra_args.push(a.to_string());
         self
@@ -520,6 +528,8 @@ pub struct Daemon {
     opts: DaemonOpts,
     child: Option<Child>,
     tcp: SocketAddr,
+    /// The metrics listener from the ready file; None when `off`.
+    metrics: Option<SocketAddr>,
     unix: PathBuf,
     admin: PathBuf,
     pid: u32,
@@ -539,6 +549,7 @@ impl Daemon {
             opts,
             child: None,
             tcp: "127.0.0.1:0".parse().unwrap(),
+            metrics: None,
             pid: 0,
             generation: 0,
             peer: None,
@@ -580,6 +591,8 @@ impl Daemon {
             self.ready_file().display().to_string(),
             "--admin-socket".into(),
             self.admin.display().to_string(),
+            "--metrics-listen".into(),
+            self.opts.metrics_listen.clone(),
         ];
         if !self.opts.default_volume {
             a.push("--no-default-volume".into());
@@ -694,6 +707,13 @@ impl Daemon {
                         panic!("ready file has no numeric pid: {text}");
                     }
                     assert_ne!(self.tcp.port(), 0, "ready file reports port 0: {text}");
+                    self.metrics = match &v["metrics"] {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(m) => Some(m.parse().unwrap_or_else(|e| {
+                            panic!("ready file metrics {m:?} is not ADDR:PORT: {e}")
+                        })),
+                        other => panic!("ready file metrics is {other}, not a string or null"),
+                    };
                     return;
                 }
                 // Partially written?  The daemon must write atomically, so
@@ -717,6 +737,10 @@ impl Daemon {
 
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp
+    }
+    /// The metrics listener's address, None with `--metrics-listen off`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
     pub fn unix_path(&self) -> &Path {
         &self.unix

@@ -7,6 +7,7 @@ use evsd_proto::HandshakeConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::nbd::handshake::{negotiate, HandshakeFailure};
 use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
 use crate::storage::Registry;
@@ -24,6 +25,7 @@ pub async fn serve<R, W>(
     peer: String,
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin + Send,
@@ -46,10 +48,12 @@ pub async fn serve<R, W>(
             return;
         }
         Ok(Err(failure)) => {
+            metrics.handshake_failed(failure.reason());
             tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
             return;
         }
         Err(_) => {
+            metrics.handshake_failed("timeout");
             tracing::warn!(%peer, timeout_secs = config.handshake_timeout.as_secs(), "handshake timed out");
             return;
         }
@@ -64,6 +68,8 @@ pub async fn serve<R, W>(
         tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
         return;
     };
+    let volume_metrics = metrics.volume(volume.name());
+    let _connected = volume_metrics.connect();
     tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), "client attached");
     let client = ClientStream {
         reader,
@@ -71,7 +77,15 @@ pub async fn serve<R, W>(
         buffered: leftover,
         peer: peer.clone(),
     };
-    let end = transmission::serve(client, negotiated, volume, &config.transmission, stop).await;
+    let end = transmission::serve(
+        client,
+        negotiated,
+        volume,
+        &volume_metrics,
+        &config.transmission,
+        stop,
+    )
+    .await;
     match end {
         TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
             tracing::info!(%peer, reason = %end, "client detached");

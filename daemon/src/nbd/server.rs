@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::nbd::connection::{self, ConnectionConfig};
 use crate::storage::Registry;
 
@@ -83,6 +84,7 @@ impl Listeners {
 pub struct Server {
     pub registry: Arc<Registry>,
     pub config: Arc<ConnectionConfig>,
+    pub metrics: Arc<Metrics>,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
 }
@@ -134,6 +136,7 @@ impl Server {
         AcceptContext {
             registry: Arc::clone(&self.registry),
             config: Arc::clone(&self.config),
+            metrics: Arc::clone(&self.metrics),
             limit: Arc::clone(limit),
             warned_limit: Arc::clone(warned_limit),
             tracker: tracker.clone(),
@@ -145,6 +148,7 @@ impl Server {
 struct AcceptContext {
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
+    metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
     warned_limit: Arc<AtomicBool>,
     tracker: TaskTracker,
@@ -160,17 +164,20 @@ impl AcceptContext {
         W: tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            self.metrics.connection_refused("limit");
             if !self.warned_limit.swap(true, Ordering::Relaxed) {
                 tracing::warn!(%peer, "connection limit reached; refusing new clients until a slot frees");
             }
             return;
         };
         self.warned_limit.store(false, Ordering::Relaxed);
+        self.metrics.connection_accepted();
         let registry = Arc::clone(&self.registry);
         let config = Arc::clone(&self.config);
+        let metrics = Arc::clone(&self.metrics);
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
-            connection::serve(reader, writer, peer, registry, config, shutdown).await;
+            connection::serve(reader, writer, peer, registry, config, metrics, shutdown).await;
             drop(permit);
         });
     }

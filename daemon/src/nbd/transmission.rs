@@ -9,6 +9,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use evsd_proto::consts::{
@@ -25,6 +26,7 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::error::StorageError;
+use crate::metrics::{Kind, VolumeMetrics};
 use crate::nbd::replies::{self, Frame};
 use crate::storage::{Volume, ZeroMode};
 
@@ -53,8 +55,9 @@ pub enum TransmissionEnd {
 }
 
 /// What request futures share: the volume and what the handshake fixed.
-struct Session {
+struct Session<'m> {
     volume: Arc<Volume>,
+    metrics: &'m VolumeMetrics,
     mode: ReplyMode,
     meta_contexts: Vec<MetaContext>,
     peer: String,
@@ -82,7 +85,7 @@ type InFlight<'a> = Pin<Box<dyn Future<Output = (Frame, u64)> + Send + 'a>>;
 /// requests are futures polled here, so a completion wakes this task once per batch and the
 /// replies that are ready go out together in one writev.
 struct Connection<'s, R, W> {
-    session: &'s Session,
+    session: &'s Session<'s>,
     limits: ExportLimits,
     header_len: usize,
     reader: R,
@@ -105,6 +108,7 @@ pub async fn serve<R, W>(
     client: ClientStream<R, W>,
     negotiated: Negotiated,
     volume: Arc<Volume>,
+    metrics: &VolumeMetrics,
     config: &TransmissionConfig,
     shutdown: CancellationToken,
 ) -> TransmissionEnd
@@ -115,6 +119,7 @@ where
     let mode = negotiated.mode;
     let session = Session {
         volume,
+        metrics,
         mode,
         meta_contexts: negotiated.meta_contexts,
         peer: client.peer,
@@ -208,17 +213,36 @@ where
                     "{:?} at offset {} length {} refused",
                     request.command, request.offset, request.length
                 );
+                if let Some(kind) = metric_kind(request.command) {
+                    self.session.metrics.refused(kind);
+                }
                 self.queue_reply(replies::error(mode, to, errno, &message));
                 continue;
             }
+            let Some(kind) = metric_kind(request.command) else {
+                // validate() refuses every command execute() cannot run; answer anyway so a
+                // gap between the two never leaves a client waiting.
+                let message = format!("{:?} cannot be executed", request.command);
+                let errno = evsd_proto::Errno::Inval;
+                self.queue_reply(replies::error(mode, to, errno, &message));
+                continue;
+            };
             let held_bytes = match request.command {
                 Command::Read | Command::Write => request.length,
                 _ => 0,
             };
             self.inflight_bytes += held_bytes;
             let session = self.session;
+            let counted = session.metrics.start(kind);
+            let started = Instant::now();
             self.inflight.push(Box::pin(async move {
-                (execute(session, &request, payload).await, held_bytes)
+                let (frame, ok) = execute(session, &request, payload).await;
+                let moved_bytes = match kind {
+                    Kind::Read | Kind::Write | Kind::Trim | Kind::Zero => request.length,
+                    _ => 0,
+                };
+                counted.finish(moved_bytes, ok, started.elapsed());
+                (frame, held_bytes)
             }));
         }
         Ok(())
@@ -306,8 +330,23 @@ where
     }
 }
 
-/// Runs one validated request against storage and builds its reply.
-async fn execute(session: &Session, request: &Request, payload: Bytes) -> Frame {
+/// The metrics kind of a command that runs against storage.
+fn metric_kind(command: Command) -> Option<Kind> {
+    Some(match command {
+        Command::Read => Kind::Read,
+        Command::Write => Kind::Write,
+        Command::Trim => Kind::Trim,
+        Command::WriteZeroes => Kind::Zero,
+        Command::Flush => Kind::Flush,
+        Command::BlockStatus => Kind::BlockStatus,
+        Command::Cache => Kind::Cache,
+        Command::Disc | Command::Unknown(_) => return None,
+    })
+}
+
+/// Runs one validated request against storage and builds its reply; the flag says whether it
+/// succeeded.
+async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (Frame, bool) {
     let mode = session.mode;
     let to = ReplyTo {
         cookie: request.cookie,
@@ -347,18 +386,21 @@ async fn execute(session: &Session, request: &Request, payload: Bytes) -> Frame 
         Command::BlockStatus => block_status(session, request, to).await,
         Command::Disc | Command::Unknown(_) => unreachable!("filtered before execution"),
     };
-    result.unwrap_or_else(|e| {
-        let errno = e.to_errno();
-        // FAST_ZERO refusals are part of normal operation; everything else is worth a line.
-        if errno != evsd_proto::Errno::NotSup {
-            tracing::warn!(peer = %session.peer, volume = volume.name(), error = %e, "request failed");
+    match result {
+        Ok(frame) => (frame, true),
+        Err(e) => {
+            let errno = e.to_errno();
+            // FAST_ZERO refusals are part of normal operation; everything else is worth a line.
+            if errno != evsd_proto::Errno::NotSup {
+                tracing::warn!(peer = %session.peer, volume = volume.name(), error = %e, "request failed");
+            }
+            (replies::error(mode, to, errno, &e.to_string()), false)
         }
-        replies::error(mode, to, errno, &e.to_string())
-    })
+    }
 }
 
 async fn block_status(
-    session: &Session,
+    session: &Session<'_>,
     request: &Request,
     to: ReplyTo,
 ) -> Result<Frame, StorageError> {

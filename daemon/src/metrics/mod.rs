@@ -1,0 +1,304 @@
+//! Prometheus metrics: the registry, per-volume handles and the `/metrics` endpoint.
+
+pub mod http;
+mod labels;
+mod volume;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub use labels::Kind;
+use labels::{ReasonLabels, VolumeKindLabels, VolumeLabels};
+pub use volume::VolumeMetrics;
+
+/// Request latency buckets: 10 µs (a page-cache hit) up to ~1.5 s (a slow flush) by factors of 2.5.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(10e-6, 2.5, 14))
+}
+
+type LatencyFamily = Family<VolumeKindLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric evsd exports. Connections fetch their volume's handle once ([`Metrics::volume`])
+/// and then only touch atomics, so the request path never looks a label set up.
+pub struct Metrics {
+    registry: Registry,
+    operations: Family<VolumeKindLabels, Counter>,
+    bytes: Family<VolumeKindLabels, Counter>,
+    errors: Family<VolumeKindLabels, Counter>,
+    latency: LatencyFamily,
+    in_flight: Family<VolumeLabels, Gauge>,
+    connections: Family<VolumeLabels, Gauge>,
+    accepted: Counter,
+    refused: Family<ReasonLabels, Counter>,
+    handshake_failures: Family<ReasonLabels, Counter>,
+    /// One handle per volume name, shared by its connections. Series of deleted volumes stay
+    /// (counters never go backwards; a volume re-created under the same name continues them).
+    handles: Mutex<HashMap<String, Arc<VolumeMetrics>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let operations = Family::<VolumeKindLabels, Counter>::default();
+        let bytes = Family::<VolumeKindLabels, Counter>::default();
+        let errors = Family::<VolumeKindLabels, Counter>::default();
+        let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let in_flight = Family::<VolumeLabels, Gauge>::default();
+        let connections = Family::<VolumeLabels, Gauge>::default();
+        let accepted = Counter::default();
+        let refused = Family::<ReasonLabels, Counter>::default();
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        // The encoder appends `_total` to counters.
+        registry.register(
+            "evsd_volume_operations",
+            "NBD requests completed, by volume and kind",
+            operations.clone(),
+        );
+        registry.register(
+            "evsd_volume_bytes",
+            "Bytes read, written, trimmed or zeroed by successful requests",
+            bytes.clone(),
+        );
+        registry.register(
+            "evsd_volume_errors",
+            "NBD requests answered with an error",
+            errors.clone(),
+        );
+        registry.register(
+            "evsd_volume_request_latency_seconds",
+            "Time from decoding a request to its reply being ready",
+            latency.clone(),
+        );
+        registry.register(
+            "evsd_volume_requests_in_flight",
+            "Requests started and not yet answered",
+            in_flight.clone(),
+        );
+        registry.register(
+            "evsd_volume_connections",
+            "Clients attached to the volume",
+            connections.clone(),
+        );
+        registry.register(
+            "evsd_connections_accepted",
+            "Client connections accepted and served",
+            accepted.clone(),
+        );
+        registry.register(
+            "evsd_connections_refused",
+            "Client connections closed at accept",
+            refused.clone(),
+        );
+        registry.register(
+            "evsd_handshake_failures",
+            "Handshakes that ended without transmission, by reason",
+            handshake_failures.clone(),
+        );
+        Metrics {
+            registry,
+            operations,
+            bytes,
+            errors,
+            latency,
+            in_flight,
+            connections,
+            accepted,
+            refused,
+            handshake_failures,
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The handle a connection keeps for its volume.
+    pub fn volume(&self, name: &str) -> Arc<VolumeMetrics> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = handles.get(name) {
+            return Arc::clone(handle);
+        }
+        let handle = Arc::new(VolumeMetrics::new(self, name));
+        handles.insert(name.to_owned(), Arc::clone(&handle));
+        handle
+    }
+
+    pub fn connection_accepted(&self) {
+        self.accepted.inc();
+    }
+
+    pub fn connection_refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn line_value(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with(' '))
+            .and_then(|l| l[prefix.len()..].trim().parse().ok())
+    }
+
+    #[test]
+    fn request_counters_are_encoded_per_volume_and_kind() {
+        let metrics = Metrics::new();
+        let vol = metrics.volume("vol1");
+        for _ in 0..3 {
+            let req = vol.start(Kind::Write);
+            req.finish(4096, true, Duration::from_micros(50));
+        }
+        vol.start(Kind::Read)
+            .finish(512, false, Duration::from_millis(2));
+        let text = metrics.encode();
+        let wr = r#"{volume="vol1",kind="write"}"#;
+        let rd = r#"{volume="vol1",kind="read"}"#;
+        assert_eq!(
+            line_value(&text, &format!("evsd_volume_operations_total{wr}")),
+            Some(3.0)
+        );
+        assert_eq!(
+            line_value(&text, &format!("evsd_volume_bytes_total{wr}")),
+            Some(12288.0)
+        );
+        assert_eq!(
+            line_value(&text, &format!("evsd_volume_operations_total{rd}")),
+            Some(1.0)
+        );
+        // A failed read moves no bytes but counts as an error; the series exists from the start.
+        assert_eq!(
+            line_value(&text, &format!("evsd_volume_bytes_total{rd}")),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, &format!("evsd_volume_errors_total{rd}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                &format!("evsd_volume_request_latency_seconds_count{wr}")
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_requests_in_flight{volume="vol1"}"#),
+            Some(0.0)
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn in_flight_and_connections_follow_their_guards() {
+        let metrics = Metrics::new();
+        let vol = metrics.volume("v");
+        let a = vol.start(Kind::Flush);
+        let b = vol.start(Kind::Flush);
+        let conn = vol.connect();
+        let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_requests_in_flight{volume="v"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_connections{volume="v"}"#),
+            Some(1.0)
+        );
+        // Dropped without finishing (the client vanished): no longer in flight, not counted.
+        drop(a);
+        b.finish(0, true, Duration::ZERO);
+        drop(conn);
+        let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_requests_in_flight{volume="v"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_connections{volume="v"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"evsd_volume_operations_total{volume="v",kind="flush"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn handles_are_shared_per_volume() {
+        let metrics = Metrics::new();
+        metrics
+            .volume("x")
+            .start(Kind::Trim)
+            .finish(10, true, Duration::ZERO);
+        metrics
+            .volume("x")
+            .start(Kind::Trim)
+            .finish(20, true, Duration::ZERO);
+        let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_bytes_total{volume="x",kind="trim"}"#),
+            Some(30.0)
+        );
+    }
+
+    #[test]
+    fn daemon_wide_counters() {
+        let metrics = Metrics::new();
+        metrics.connection_accepted();
+        metrics.connection_accepted();
+        metrics.connection_refused("limit");
+        metrics.handshake_failed("bad_client_flags");
+        let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, "evsd_connections_accepted_total"),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, r#"evsd_connections_refused_total{reason="limit"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"evsd_handshake_failures_total{reason="bad_client_flags"}"#
+            ),
+            Some(1.0)
+        );
+    }
+}

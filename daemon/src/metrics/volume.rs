@@ -1,0 +1,106 @@
+//! One volume's metric handles, resolved once so requests only touch atomics.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+use super::labels::{Kind, VolumeKindLabels, VolumeLabels};
+use super::Metrics;
+
+struct KindMetrics {
+    operations: Counter,
+    bytes: Counter,
+    errors: Counter,
+    latency: Histogram,
+}
+
+pub struct VolumeMetrics {
+    kinds: [KindMetrics; Kind::ALL.len()],
+    in_flight: Gauge,
+    connections: Gauge,
+}
+
+impl VolumeMetrics {
+    pub(super) fn new(metrics: &Metrics, volume: &str) -> VolumeMetrics {
+        let kinds = Kind::ALL.map(|kind| {
+            let labels = VolumeKindLabels {
+                volume: volume.to_owned(),
+                kind,
+            };
+            KindMetrics {
+                operations: metrics.operations.get_or_create_owned(&labels),
+                bytes: metrics.bytes.get_or_create_owned(&labels),
+                errors: metrics.errors.get_or_create_owned(&labels),
+                latency: metrics.latency.get_or_create_owned(&labels),
+            }
+        });
+        let labels = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        VolumeMetrics {
+            kinds,
+            in_flight: metrics.in_flight.get_or_create_owned(&labels),
+            connections: metrics.connections.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Marks a request in flight until the returned guard is finished or dropped.
+    pub fn start(&self, kind: Kind) -> RequestGuard<'_> {
+        self.in_flight.inc();
+        RequestGuard { volume: self, kind }
+    }
+
+    /// Counts a request refused before it ran (e.g. out of range): an operation and an error,
+    /// no latency sample.
+    pub fn refused(&self, kind: Kind) {
+        let m = &self.kinds[kind.index()];
+        m.operations.inc();
+        m.errors.inc();
+    }
+
+    /// Counts an attached client until the guard drops.
+    pub fn connect(&self) -> ConnectionGuard<'_> {
+        self.connections.inc();
+        ConnectionGuard { volume: self }
+    }
+}
+
+/// A request in flight. Dropping it unfinished (the client went away) only ends "in flight".
+pub struct RequestGuard<'v> {
+    volume: &'v VolumeMetrics,
+    kind: Kind,
+}
+
+impl RequestGuard<'_> {
+    /// Records a completed request; `bytes` count only when it succeeded.
+    pub fn finish(self, bytes: u64, ok: bool, latency: Duration) {
+        let m = &self.volume.kinds[self.kind.index()];
+        m.operations.inc();
+        if ok {
+            if bytes > 0 {
+                m.bytes.inc_by(bytes);
+            }
+        } else {
+            m.errors.inc();
+        }
+        m.latency.observe(latency.as_secs_f64());
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.volume.in_flight.dec();
+    }
+}
+
+pub struct ConnectionGuard<'v> {
+    volume: &'v VolumeMetrics,
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.volume.connections.dec();
+    }
+}

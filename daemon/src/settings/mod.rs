@@ -1,0 +1,363 @@
+//! Resolves the settings evsd runs with: command-line flag, else config file, else default.
+
+mod file;
+mod template;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use file::{ConfigFileError, FileConfig};
+pub use template::DEFAULT_CONFIG;
+
+use crate::config::Args;
+use crate::error::StorageError;
+use crate::io::EngineKind;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+const DEFAULT_DATA_DIR: &str = "./evs-data";
+const DEFAULT_RING_THREADS: usize = 1;
+const DEFAULT_RING_SPIN_US: u64 = 0;
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_MAX_INFLIGHT_REQUESTS: usize = 256;
+const DEFAULT_MAX_INFLIGHT_MIB: u64 = 256;
+const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
+const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    #[error("{key} {value:?} is not ADDR:PORT or \"off\": {source}")]
+    Address {
+        key: &'static str,
+        value: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("io_engine {value:?}: {message}")]
+    Engine { value: String, message: String },
+    #[error("create_volumes entry {spec:?} is not NAME:SIZE")]
+    VolumeSpec { spec: String },
+    #[error("create_volumes entry {spec:?}: {source}")]
+    VolumeSize { spec: String, source: StorageError },
+    #[error("log_format {value:?}: use \"human\" or \"json\"")]
+    LogFormat { value: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Everything evsd runs with, resolved and validated.
+#[derive(Debug, PartialEq)]
+pub struct Settings {
+    /// None: no TCP listener.
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub create_default_volume: bool,
+    pub create_volumes: Vec<(String, u64)>,
+    /// None: io_uring, falling back to threads.
+    pub io_engine: Option<EngineKind>,
+    pub ring_threads: usize,
+    pub ring_spin_us: u64,
+    pub inline_cached_io: bool,
+    pub worker_threads: Option<usize>,
+    pub ready_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_inflight_requests: usize,
+    pub max_inflight_bytes: u64,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// None: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Reads `--config` if given and merges it under the flags.
+    pub fn resolve(args: &Args) -> Result<Settings, SettingsError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Settings::merge(args, file)
+    }
+
+    pub fn merge(args: &Args, file: FileConfig) -> Result<Settings, SettingsError> {
+        let listen = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let metrics_listen = args
+            .metrics_listen
+            .clone()
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let admin_socket = args
+            .admin_socket
+            .clone()
+            .or(file.admin_socket)
+            .unwrap_or_else(|| data_dir.join("admin.sock"));
+        let create_volumes = if args.create_volumes.is_empty() {
+            file.create_volumes.unwrap_or_default()
+        } else {
+            args.create_volumes.clone()
+        };
+        let io_engine = match args.io_engine.clone().or(file.io_engine) {
+            Some(value) => Some(
+                value
+                    .parse::<EngineKind>()
+                    .map_err(|message| SettingsError::Engine { value, message })?,
+            ),
+            None => None,
+        };
+        let log_format = match args.log_format.as_deref().or(file.log_format.as_deref()) {
+            None | Some("human") => LogFormat::Human,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(SettingsError::LogFormat {
+                    value: other.to_owned(),
+                })
+            }
+        };
+        let max_inflight_mib = args
+            .max_inflight_mib
+            .or(file.max_inflight_mib)
+            .unwrap_or(DEFAULT_MAX_INFLIGHT_MIB)
+            .max(1);
+        Ok(Settings {
+            listen: parse_listen("listen", listen)?,
+            unix: args.unix.clone().or(file.unix),
+            admin_socket,
+            create_default_volume: !(args.no_default_volume
+                || file.no_default_volume.unwrap_or(false)),
+            create_volumes: create_volumes
+                .into_iter()
+                .map(parse_volume_spec)
+                .collect::<Result<_, _>>()?,
+            io_engine,
+            ring_threads: args
+                .ring_threads
+                .or(file.ring_threads)
+                .unwrap_or(DEFAULT_RING_THREADS)
+                .max(1),
+            ring_spin_us: args
+                .ring_spin_us
+                .or(file.ring_spin_us)
+                .unwrap_or(DEFAULT_RING_SPIN_US),
+            inline_cached_io: !(args.no_inline_cached_io
+                || file.no_inline_cached_io.unwrap_or(false)),
+            worker_threads: args
+                .worker_threads
+                .or(file.worker_threads)
+                .map(|n| n.max(1)),
+            ready_file: args.ready_file.clone().or(file.ready_file),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .max(1),
+            max_inflight_requests: args
+                .max_inflight_requests
+                .or(file.max_inflight_requests)
+                .unwrap_or(DEFAULT_MAX_INFLIGHT_REQUESTS)
+                .max(1),
+            max_inflight_bytes: max_inflight_mib.saturating_mul(1 << 20),
+            handshake_timeout: Duration::from_secs(
+                args.handshake_timeout_secs
+                    .or(file.handshake_timeout_secs)
+                    .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+            ),
+            shutdown_grace: Duration::from_secs(
+                args.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            ),
+            metrics_listen: parse_listen("metrics_listen", metrics_listen)?,
+            log_format,
+            data_dir,
+        })
+    }
+}
+
+fn parse_listen(key: &'static str, value: String) -> Result<Option<SocketAddr>, SettingsError> {
+    if value == "off" {
+        return Ok(None);
+    }
+    match value.parse() {
+        Ok(addr) => Ok(Some(addr)),
+        Err(source) => Err(SettingsError::Address { key, value, source }),
+    }
+}
+
+fn parse_volume_spec(spec: String) -> Result<(String, u64), SettingsError> {
+    let Some((name, size)) = spec.rsplit_once(':') else {
+        return Err(SettingsError::VolumeSpec { spec });
+    };
+    match crate::storage::parse_size_bytes(size) {
+        Ok(size_bytes) => Ok((name.to_owned(), size_bytes)),
+        Err(source) => Err(SettingsError::VolumeSize { spec, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(flags: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("evsd").chain(flags.iter().copied()))
+            .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
+    }
+
+    fn file(text: &str) -> FileConfig {
+        FileConfig::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn default_config_round_trips_to_the_defaults() {
+        let parsed = file(DEFAULT_CONFIG);
+        let from_file = Settings::merge(&args(&[]), parsed).unwrap();
+        let built_in = Settings::merge(&args(&[]), FileConfig::default()).unwrap();
+        assert_eq!(from_file, built_in);
+        assert_eq!(from_file.listen, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(
+            from_file.metrics_listen,
+            Some("127.0.0.1:9810".parse().unwrap())
+        );
+        assert_eq!(from_file.max_connections, 1024);
+        assert_eq!(from_file.max_inflight_bytes, 256 << 20);
+        assert_eq!(from_file.handshake_timeout, Duration::from_secs(30));
+        assert_eq!(
+            from_file.admin_socket,
+            PathBuf::from("./evs-data/admin.sock")
+        );
+        assert!(from_file.create_default_volume && from_file.inline_cached_io);
+    }
+
+    #[test]
+    fn default_config_names_every_key() {
+        // Uncommenting the example lines must give a file that sets every key.
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed = file(&uncommented);
+        let debug = format!("{parsed:?}");
+        assert!(
+            !debug.contains("None"),
+            "keys missing from the template: {debug}"
+        );
+        let settings = Settings::merge(&args(&[]), parsed).unwrap();
+        assert_eq!(settings.io_engine, Some(EngineKind::Uring));
+        assert_eq!(settings.worker_threads, Some(4));
+    }
+
+    #[test]
+    fn shipped_systemd_config_loads() {
+        let shipped = file(include_str!("../../../systemd/evsd.toml"));
+        let s = Settings::merge(&args(&[]), shipped).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/var/lib/evsd"));
+        assert_eq!(s.admin_socket, PathBuf::from("/var/lib/evsd/admin.sock"));
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9810".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let err = FileConfig::parse("lisen = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.contains("lisen"), "{err}");
+        let err = FileConfig::parse("max_connections = \"many\"\n").unwrap_err();
+        assert!(err.contains("max_connections"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evsd.toml");
+        std::fs::write(&path, "bogus_key = 1\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("evsd.toml") && err.contains("bogus_key"),
+            "{err}"
+        );
+        let missing = FileConfig::load(&dir.path().join("nope.toml")).unwrap_err();
+        assert!(missing.to_string().contains("nope.toml"), "{missing}");
+    }
+
+    #[test]
+    fn file_overrides_default_and_flags_override_file() {
+        let cfg = "listen = \"127.0.0.1:7000\"\nmax_connections = 5\n\
+                   create_volumes = [\"a:1M\"]\nno_default_volume = true\ndata_dir = \"/srv/evs\"\n";
+        let s = Settings::merge(&args(&[]), file(cfg)).unwrap();
+        assert_eq!(s.listen, Some("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(s.max_connections, 5);
+        assert_eq!(s.create_volumes, vec![("a".to_owned(), 1 << 20)]);
+        assert!(!s.create_default_volume);
+        assert_eq!(s.admin_socket, PathBuf::from("/srv/evs/admin.sock"));
+
+        let s = Settings::merge(
+            &args(&[
+                "--listen",
+                "off",
+                "--max-connections",
+                "9",
+                "--create-volume",
+                "b:2M",
+            ]),
+            file(cfg),
+        )
+        .unwrap();
+        assert_eq!(s.listen, None);
+        assert_eq!(s.max_connections, 9);
+        assert_eq!(s.create_volumes, vec![("b".to_owned(), 2 << 20)]);
+        // Not overridden: still the file's.
+        assert_eq!(s.data_dir, PathBuf::from("/srv/evs"));
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_value() {
+        let err = Settings::merge(
+            &args(&["--metrics-listen", "nowhere"]),
+            FileConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("metrics_listen") && err.contains("nowhere"),
+            "{err}"
+        );
+        let err = Settings::merge(&args(&[]), file("log_format = \"xml\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xml"), "{err}");
+        let err = Settings::merge(&args(&[]), file("create_volumes = [\"novolsize\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("novolsize"), "{err}");
+        let err = Settings::merge(&args(&["--io-engine", "spdk"]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spdk"), "{err}");
+    }
+}

@@ -1,0 +1,64 @@
+//! The output of `evsd --print-default-config`.
+
+/// Every key at its default. Keys without a default are commented out with an example value.
+pub const DEFAULT_CONFIG: &str = r#"# evsd configuration. Flags given on the command line override these values.
+
+# TCP address for NBD clients, or "off" (then `unix` must be set).
+listen = "127.0.0.1:10809"
+
+# Also listen on this Unix socket.
+# unix = "/run/evsd/nbd.sock"
+
+# Where volumes live.
+data_dir = "./evs-data"
+
+# Admin socket for evsctl (mode 0600); default DATA_DIR/admin.sock.
+# admin_socket = "/run/evsd/admin.sock"
+
+# Do not create the 1 GiB volume `vol0` on a first start with no volumes.
+no_default_volume = false
+
+# Volumes created at start when missing, as "NAME:SIZE" (e.g. "vol1:256M").
+# A --create-volume flag replaces this list.
+create_volumes = []
+
+# Disk I/O engine, "uring" or "threads"; by default io_uring, falling back to threads.
+# io_engine = "uring"
+
+# Number of io_uring threads.
+ring_threads = 1
+
+# Threads running connections; default one per core.
+# worker_threads = 4
+
+# Microseconds an io_uring thread polls for more work before sleeping (0: never).
+ring_spin_us = 0
+
+# Send every read and write through the I/O engine, even page-cache hits that
+# RWF_NOWAIT would complete inline.
+no_inline_cached_io = false
+
+# JSON file with the bound addresses and pid, written once listening.
+# ready_file = "/run/evsd/ready.json"
+
+# Most client connections served at once; more are closed at accept.
+max_connections = 1024
+
+# Requests one connection may have in flight before the server stops reading from it.
+max_inflight_requests = 256
+
+# MiB of read/write data one connection may hold in flight.
+max_inflight_mib = 256
+
+# A client that has not finished the handshake by then is disconnected.
+handshake_timeout_secs = 30
+
+# How long shutdown waits for connections to finish their requests.
+shutdown_grace_secs = 30
+
+# Prometheus metrics at http://ADDR:PORT/metrics, or "off".
+metrics_listen = "127.0.0.1:9810"
+
+# Log format: "human" or "json". Under systemd (JOURNAL_STREAM set) logs go to the journal.
+log_format = "human"
+"#;

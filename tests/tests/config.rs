@@ -1,0 +1,131 @@
+//! `--config FILE` and `--print-default-config` against the real binary.
+
+use std::process::Command;
+
+use evsd_e2e::raw::*;
+use evsd_e2e::*;
+
+/// Kills the daemon when the test ends, however it ends.
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn config_file_alone_configures_the_daemon() {
+    let dir = tempdir();
+    let data = dir.path().join("from-config");
+    let ready = dir.path().join("ready.json");
+    let config = dir.path().join("evsd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {data:?}\nadmin_socket = {admin:?}\n\
+             ready_file = {ready:?}\nmetrics_listen = \"off\"\nno_default_volume = true\n\
+             create_volumes = [\"cfgvol:8M\"]\n",
+            data = data.display().to_string(),
+            admin = dir.path().join("admin.sock").display().to_string(),
+            ready = ready.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(evsd_bin())
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let _guard = Kill(child);
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || ready.exists()),
+        "no ready file from the config's ready_file"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert_eq!(
+        v["metrics"],
+        serde_json::Value::Null,
+        "metrics_listen = off: {v}"
+    );
+    let tcp = v["tcp"].as_str().unwrap().parse().unwrap();
+    let mut c = Raw::handshake(tcp, CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    assert_eq!(c.list(), vec!["cfgvol".to_string()]);
+    let (_c, info) = Raw::open(tcp, "cfgvol");
+    assert_eq!(info.size, 8 << 20);
+    assert!(
+        data.join("volumes").is_dir(),
+        "data_dir from the file not used"
+    );
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let dir = tempdir();
+    let config = dir.path().join("evsd.toml");
+    let unused = dir.path().join("unused-data");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\ncreate_volumes = [\"filevol:8M\"]\n",
+            unused.display().to_string()
+        ),
+    )
+    .unwrap();
+    // The harness passes --data-dir and --create-volume, which must win over the file.
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .volume("flagvol:4M")
+            .arg("--config")
+            .arg(config.to_str().unwrap()),
+    );
+    let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    assert_eq!(c.list(), vec!["flagvol".to_string()]);
+    assert!(
+        !unused.exists(),
+        "the file's data_dir was used despite --data-dir"
+    );
+}
+
+#[test]
+fn print_default_config_is_complete_and_accepted() {
+    let out = Command::new(evsd_bin())
+        .arg("--print-default-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", format_output("print", &out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "listen",
+        "data_dir",
+        "metrics_listen",
+        "max_connections",
+        "log_format",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{key} = "))),
+            "{key} missing:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn unknown_key_fails_start_with_its_name() {
+    let dir = tempdir();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nmax_conections = 3\n").unwrap();
+    let out = Command::new(evsd_bin())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("max_conections") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,142 @@
+//! The Prometheus endpoint: counters checked against known I/O, connection accounting,
+//! handshake failures by reason, and `--metrics-listen off`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use evsd_e2e::raw::*;
+use evsd_e2e::*;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// GET /metrics over plain TCP; returns the body after checking the status line.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect metrics {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: evsd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header/body split in {response:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body.to_owned()
+}
+
+/// The value of the series named exactly `series` (name plus label set), 0 when absent.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{series} value {v:?}: {e}"))
+        })
+        .next()
+        .unwrap_or(0.0)
+}
+
+fn vol(name: &str, volume: &str, kind: &str) -> String {
+    format!("{name}{{volume=\"{volume}\",kind=\"{kind}\"}}")
+}
+
+fn metrics_addr(d: &Daemon) -> SocketAddr {
+    d.metrics_addr()
+        .expect("ready file has no metrics address although --metrics-listen was given")
+}
+
+#[test]
+fn counters_match_known_io() {
+    require_tool("qemu-io");
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("m1:256M"));
+    let addr = metrics_addr(&d);
+    let before = scrape(addr);
+    let accepted_before = value(&before, "evsd_connections_accepted_total");
+
+    qemu_io(
+        &d.tcp_uri("m1"),
+        &["write -P 0x5a 0 64M", "read -P 0x5a 0 16M", "flush"],
+    );
+
+    let after = scrape(addr);
+    let delta = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(
+        delta(&vol("evsd_volume_bytes_total", "m1", "write")),
+        64.0 * MIB,
+        "write bytes\n{after}"
+    );
+    assert_eq!(
+        delta(&vol("evsd_volume_bytes_total", "m1", "read")),
+        16.0 * MIB,
+        "read bytes\n{after}"
+    );
+    assert!(
+        delta(&vol("evsd_volume_operations_total", "m1", "flush")) >= 1.0,
+        "flush ops\n{after}"
+    );
+    // 32 MiB is the largest payload, so 64 MiB took at least two writes.
+    assert!(delta(&vol("evsd_volume_operations_total", "m1", "write")) >= 2.0);
+    assert_eq!(delta(&vol("evsd_volume_errors_total", "m1", "write")), 0.0);
+    assert_eq!(
+        value(
+            &after,
+            &vol("evsd_volume_request_latency_seconds_count", "m1", "write")
+        ),
+        value(&after, &vol("evsd_volume_operations_total", "m1", "write"))
+    );
+    assert!(value(&after, "evsd_connections_accepted_total") >= accepted_before + 1.0);
+    // qemu-io has disconnected: nothing attached, nothing in flight.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let now = scrape(addr);
+        value(&now, "evsd_volume_connections{volume=\"m1\"}") == 0.0
+            && value(&now, "evsd_volume_requests_in_flight{volume=\"m1\"}") == 0.0
+    }));
+}
+
+#[test]
+fn handshake_failure_is_counted_with_its_reason() {
+    let d = Daemon::start_default();
+    let addr = metrics_addr(&d);
+    let series = "evsd_handshake_failures_total{reason=\"bad_client_flags\"}";
+    assert_eq!(value(&scrape(addr), series), 0.0);
+    let mut c = Raw::connect(d.tcp_addr());
+    c.read_greeting();
+    c.send(&0x8000_0001u32.to_be_bytes());
+    c.expect_closed("unknown client flags");
+    assert!(
+        wait_until(Duration::from_secs(5), || value(&scrape(addr), series)
+            == 1.0),
+        "{}",
+        scrape(addr)
+    );
+}
+
+#[test]
+fn refused_connection_is_counted() {
+    let d = Daemon::start(DaemonOpts::new().max_connections(1));
+    let addr = metrics_addr(&d);
+    let series = "evsd_connections_refused_total{reason=\"limit\"}";
+    // Holds the only slot while it sits in the handshake.
+    let _holder = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    let mut refused = Raw::connect(d.tcp_addr());
+    refused.expect_closed("connection over --max-connections 1");
+    assert!(
+        wait_until(Duration::from_secs(5), || value(&scrape(addr), series)
+            == 1.0),
+        "{}",
+        scrape(addr)
+    );
+    assert_eq!(value(&scrape(addr), "evsd_connections_accepted_total"), 1.0);
+}
+
+#[test]
+fn metrics_listen_off_has_no_listener() {
+    let d = Daemon::start(DaemonOpts::new().metrics_listen("off"));
+    assert_eq!(d.metrics_addr(), None);
+    // The daemon still serves NBD.
+    let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    assert!(c.list().contains(&"vol0".to_string()));
+}
