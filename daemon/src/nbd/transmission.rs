@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -61,6 +62,8 @@ struct Session<'m> {
     mode: ReplyMode,
     meta_contexts: Vec<MetaContext>,
     peer: String,
+    /// Set once a failed request has been logged at warn level.
+    warned_failure: AtomicBool,
 }
 
 /// A client's socket halves, the bytes already read past the handshake, and its name for logs.
@@ -123,6 +126,7 @@ where
         mode,
         meta_contexts: negotiated.meta_contexts,
         peer: client.peer,
+        warned_failure: AtomicBool::new(false),
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -390,9 +394,14 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
         Ok(frame) => (frame, true),
         Err(e) => {
             let errno = e.to_errno();
-            // FAST_ZERO refusals are part of normal operation; everything else is worth a line.
+            // FAST_ZERO refusals are part of normal operation. Otherwise one warning per
+            // connection: a full disk fails every write, and the log must not drown in them.
             if errno != evsd_proto::Errno::NotSup {
-                tracing::warn!(peer = %session.peer, volume = volume.name(), error = %e, "request failed");
+                if session.warned_failure.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(peer = %session.peer, volume = volume.name(), error = %e, "request failed");
+                } else {
+                    tracing::warn!(peer = %session.peer, volume = volume.name(), error = %e, "request failed (further failures on this connection are logged at debug level)");
+                }
             }
             (replies::error(mode, to, errno, &e.to_string()), false)
         }
