@@ -29,6 +29,7 @@ TOOLS=(
   "ps:procps"
   "jq:jq"
   "python3:python3"
+  "systemd-socket-activate:systemd"
 )
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

@@ -1,5 +1,6 @@
 //! evsd: serves block volumes over NBD.
 
+mod activation;
 mod admin;
 mod config;
 mod error;
@@ -19,6 +20,7 @@ use clap::Parser;
 use evsd_proto::HandshakeConfig;
 use tokio_util::sync::CancellationToken;
 
+use crate::activation::Inherited;
 use crate::admin::server::AdminListener;
 use crate::admin::{AdminContext, ListenerAddresses};
 use crate::config::Args;
@@ -47,6 +49,8 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::resolve(&args)?;
     logging::init(settings.log_format).report();
+    // Taken before the runtime starts, so no task can see the fds unowned.
+    let inherited = Inherited::take().context("taking socket-activated listeners")?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = settings.worker_threads {
         builder.worker_threads(threads);
@@ -56,10 +60,10 @@ fn main() -> anyhow::Result<()> {
         .thread_name("evsd-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(settings))
+    runtime.block_on(run(settings, inherited))
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     let started = Instant::now();
     let engine_config = EngineConfig {
         ring_threads: settings.ring_threads,
@@ -90,9 +94,27 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
 
-    let listeners = Listeners::bind(settings.listen, settings.unix.clone())
-        .await
-        .context("binding listeners")?;
+    let has_nbd = inherited.has_nbd();
+    let Inherited {
+        nbd_tcp,
+        nbd_unix,
+        admin: inherited_admin,
+    } = inherited;
+    // Sockets passed by systemd replace --listen/--unix: the unit owns the addresses then.
+    let listeners = if has_nbd {
+        let listeners = Listeners::from_inherited(nbd_tcp, nbd_unix)
+            .context("using the inherited NBD sockets")?;
+        tracing::info!(
+            tcp = ?listeners.tcp_addr(),
+            unix = ?listeners.unix.as_ref().map(|u| u.socket_file.path.display().to_string()),
+            "using NBD sockets passed by the service manager"
+        );
+        listeners
+    } else {
+        Listeners::bind(settings.listen, settings.unix.clone())
+            .await
+            .context("binding listeners")?
+    };
     if listeners.tcp.is_none() && listeners.unix.is_none() {
         anyhow::bail!("nothing to listen on: --listen off needs --unix PATH");
     }
@@ -101,9 +123,20 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|m| m.local_addr());
-    let admin_path = settings.admin_socket.clone();
-    let admin = AdminListener::bind(admin_path.clone())
-        .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
+    let admin = match inherited_admin {
+        Some(socket) => {
+            let path = socket.path.clone();
+            let admin = AdminListener::from_inherited(socket)
+                .with_context(|| format!("using the inherited admin socket {}", path.display()))?;
+            tracing::info!(path = %path.display(), "using the admin socket passed by the service manager");
+            admin
+        }
+        None => {
+            let path = settings.admin_socket.clone();
+            AdminListener::bind(path.clone())
+                .with_context(|| format!("binding admin socket {}", path.display()))?
+        }
+    };
     let admin_context = Arc::new(AdminContext {
         registry: Arc::clone(&registry),
         started,

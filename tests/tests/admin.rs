@@ -437,3 +437,129 @@ fn raw_admin_protocol() {
     assert_eq!(r["result"]["volumes"].as_array().unwrap().len(), 17, "{r}");
     d.assert_alive();
 }
+
+/// `evsctl --socket ADMIN ARGS…` from any thread; asserts exit 0 and returns stdout.
+fn evsctl_at(admin: &std::path::Path, args: &[&str]) -> String {
+    let socket = admin.display().to_string();
+    let mut all = vec!["--socket", socket.as_str()];
+    all.extend_from_slice(args);
+    let out = run_timeout(
+        &evsctl_bin().display().to_string(),
+        &all,
+        Duration::from_secs(60),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn volume_names(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> = list["volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no volumes array: {list:#}"))
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn volume_dirs(d: &Daemon) -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(d.data_dir().join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn invalid_names_and_sizes_are_rejected_with_the_value_named() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    let long = "n".repeat(65);
+    for name in ["../x", "a@b", "", long.as_str()] {
+        let err = expect_exit(
+            &d,
+            &["volume", "create", name, "--size", "1M"],
+            EXIT_INVALID,
+        );
+        assert!(
+            err.contains(&format!("invalid volume name {name:?}")),
+            "{name:?}: {err}"
+        );
+        assert!(err.contains("[A-Za-z0-9._-]"), "{name:?}: {err}");
+    }
+    for size in ["1.5G", "-1", "0"] {
+        let arg = format!("--size={size}");
+        let err = expect_exit(&d, &["volume", "create", "ok", &arg], EXIT_INVALID);
+        assert!(err.contains(size), "{size:?}: {err}");
+        assert!(err.contains("size"), "{size:?}: {err}");
+        // Resizing an existing volume checks the size the same way.
+        d.evsctl_ok(&["volume", "create", "sized", "--size", "4M"]);
+        expect_exit(&d, &["volume", "resize", "sized", &arg], EXIT_INVALID);
+        d.evsctl_ok(&["volume", "delete", "sized"]);
+    }
+    let list = d.evsctl_json(&["volume", "list"]);
+    assert!(volume_names(&list).is_empty(), "{list:#}");
+}
+
+#[test]
+fn many_admin_clients_at_once() {
+    const CLIENTS: usize = 32;
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    let admin = d.admin_path().to_path_buf();
+    std::thread::scope(|scope| {
+        for i in 0..CLIENTS {
+            let admin = &admin;
+            scope.spawn(move || {
+                let name = format!("client-{i:02}");
+                evsctl_at(admin, &["volume", "create", &name, "--size", "4M"]);
+                let shown = evsctl_at(admin, &["--json", "volume", "show", &name]);
+                let shown: Value = serde_json::from_str(&shown).unwrap();
+                assert_eq!(shown["size_bytes"], json!(4 * MIB), "{shown:#}");
+                let list = evsctl_at(admin, &["--json", "volume", "list"]);
+                let list: Value = serde_json::from_str(&list).unwrap();
+                assert!(volume_names(&list).contains(&name), "{name}: {list:#}");
+                // Even clients delete their volume again; odd ones keep it.
+                if i % 2 == 0 {
+                    evsctl_at(admin, &["volume", "delete", &name]);
+                }
+            });
+        }
+    });
+    let expected: Vec<String> = (0..CLIENTS)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("client-{i:02}"))
+        .collect();
+    let list = d.evsctl_json(&["volume", "list"]);
+    assert_eq!(volume_names(&list), expected, "{list:#}");
+    let mut exported: Vec<String> = exports(&d).into_iter().map(|(n, _)| n).collect();
+    exported.sort();
+    assert_eq!(exported, expected);
+}
+
+#[test]
+fn kill9_right_after_create_or_delete_leaves_a_consistent_list() {
+    require_tool("nbdinfo");
+    // Created through the admin socket: a --create-volume flag would bring "gone" back on restart.
+    let mut d = Daemon::start(DaemonOpts::new().no_default_volume());
+    d.evsctl_ok(&["volume", "create", "gone", "--size", "8M"]);
+    d.evsctl_ok(&["volume", "create", "kept", "--size", "8M"]);
+    d.evsctl_ok(&["volume", "create", "fresh", "--size", "16M"]);
+    d.kill9();
+    d.restart();
+    let list = d.evsctl_json(&["volume", "list"]);
+    assert_eq!(volume_names(&list), ["fresh", "gone", "kept"], "{list:#}");
+
+    d.evsctl_ok(&["volume", "delete", "gone"]);
+    d.kill9();
+    d.restart();
+    let list = d.evsctl_json(&["volume", "list"]);
+    assert_eq!(volume_names(&list), ["fresh", "kept"], "{list:#}");
+    let mut exported = exports(&d);
+    exported.sort();
+    assert_eq!(
+        exported,
+        [("fresh".to_owned(), 16 * MIB), ("kept".to_owned(), 8 * MIB)]
+    );
+    // No half-created or half-deleted directory survives the restart.
+    assert_eq!(volume_dirs(&d), ["fresh", "kept"]);
+}

@@ -13,6 +13,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activation::InheritedUnix;
 use crate::admin::methods::dispatch;
 use crate::admin::protocol::{
     greeting_line, parse_request, response_line, AdminError, ErrorCode, MAX_LINE_BYTES,
@@ -49,11 +50,20 @@ impl AdminListener {
         })
     }
 
+    /// Serves on a socket the service manager bound; its mode is the unit's SocketMode=.
+    pub fn from_inherited(inherited: InheritedUnix) -> std::io::Result<AdminListener> {
+        Ok(AdminListener {
+            listener: UnixListener::from_std(inherited.listener)?,
+            socket_file: SocketFile::inherited(inherited.path),
+        })
+    }
+
     pub fn path(&self) -> &std::path::Path {
         &self.socket_file.path
     }
 
-    /// Serves admin clients until `shutdown`, then ends their loops and removes the socket file.
+    /// Serves admin clients until `shutdown`, then ends their loops and removes the socket file
+    /// if we bound it.
     pub async fn run(self, ctx: Arc<AdminContext>, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(MAX_ADMIN_CLIENTS));

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activation::InheritedUnix;
 use crate::metrics::Metrics;
 use crate::nbd::connection::{self, ConnectionConfig};
 use crate::storage::Registry;
@@ -27,10 +28,12 @@ pub struct BoundUnix {
     pub socket_file: SocketFile,
 }
 
-/// Our socket's path and inode, so shutdown never removes a file a newer daemon bound since.
+/// A Unix socket's path and, when we bound it, its inode, so shutdown never removes a file a
+/// newer daemon bound since.
 pub struct SocketFile {
     pub path: PathBuf,
-    inode: u64,
+    /// None for a socket the service manager bound: the file is its to keep or remove.
+    inode: Option<u64>,
 }
 
 impl SocketFile {
@@ -44,11 +47,25 @@ impl SocketFile {
         }
         let listener = UnixListener::bind(&path)?;
         let inode = std::fs::metadata(&path)?.ino();
-        Ok((listener, SocketFile { path, inode }))
+        Ok((
+            listener,
+            SocketFile {
+                path,
+                inode: Some(inode),
+            },
+        ))
+    }
+
+    /// A socket passed by the service manager: reported, never removed.
+    pub fn inherited(path: PathBuf) -> SocketFile {
+        SocketFile { path, inode: None }
     }
 
     pub fn remove(&self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+        let Some(inode) = self.inode else {
+            return;
+        };
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == inode) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -71,6 +88,22 @@ impl Listeners {
                     socket_file,
                 })
             }
+            None => None,
+        };
+        Ok(Listeners { tcp, unix })
+    }
+
+    /// Serves on the listeners the service manager passed instead of binding any.
+    pub fn from_inherited(
+        tcp: Option<std::net::TcpListener>,
+        unix: Option<InheritedUnix>,
+    ) -> std::io::Result<Listeners> {
+        let tcp = tcp.map(TcpListener::from_std).transpose()?;
+        let unix = match unix {
+            Some(inherited) => Some(BoundUnix {
+                listener: UnixListener::from_std(inherited.listener)?,
+                socket_file: SocketFile::inherited(inherited.path),
+            }),
             None => None,
         };
         Ok(Listeners { tcp, unix })
