@@ -4,8 +4,8 @@ use serde_json::{json, Value};
 
 use crate::client::Call;
 use crate::error::CliError;
-use crate::render::{fields, iec_size, table};
-use crate::volume::{number, text};
+use crate::render::{fields, table};
+use crate::volume::{number, text, volume_rows};
 
 pub fn call() -> Call {
     Call {
@@ -28,16 +28,7 @@ pub fn render(result: &Value) -> Result<String, CliError> {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let rows = volumes
-        .iter()
-        .map(|v| {
-            Ok(vec![
-                text(v, "name")?.to_owned(),
-                iec_size(number(v, "size_bytes")?),
-                number(v, "connections")?.to_string(),
-            ])
-        })
-        .collect::<Result<Vec<_>, CliError>>()?;
+    let rows = volume_rows(volumes, &[])?;
     out.push('\n');
     out.push_str(&table(&["VOLUME", "SIZE", "CONNECTIONS"], &rows));
     Ok(out)

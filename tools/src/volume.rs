@@ -72,17 +72,7 @@ impl VolumeCommand {
                 let volumes = result["volumes"]
                     .as_array()
                     .ok_or_else(|| missing(result, "volumes"))?;
-                let rows = volumes
-                    .iter()
-                    .map(|v| {
-                        Ok(vec![
-                            text(v, "name")?.to_owned(),
-                            iec_size(number(v, "size_bytes")?),
-                            number(v, "connections")?.to_string(),
-                            text(v, "uuid")?.to_owned(),
-                        ])
-                    })
-                    .collect::<Result<Vec<_>, CliError>>()?;
+                let rows = volume_rows(volumes, &["uuid"])?;
                 table(&["NAME", "SIZE", "CONNECTIONS", "UUID"], &rows)
             }
             VolumeCommand::Show { .. } => {
@@ -125,6 +115,25 @@ pub fn text<'a>(result: &'a Value, key: &str) -> Result<&'a str, CliError> {
 
 pub fn number(result: &Value, key: &str) -> Result<u64, CliError> {
     result[key].as_u64().ok_or_else(|| missing(result, key))
+}
+
+/// Table rows for volumes as `volume.list` and `status` return them: name, size, connections,
+/// then the text fields named in `extra`.
+pub fn volume_rows(volumes: &[Value], extra: &[&str]) -> Result<Vec<Vec<String>>, CliError> {
+    volumes
+        .iter()
+        .map(|v| {
+            let mut row = vec![
+                text(v, "name")?.to_owned(),
+                iec_size(number(v, "size_bytes")?),
+                number(v, "connections")?.to_string(),
+            ];
+            for key in extra {
+                row.push(text(v, key)?.to_owned());
+            }
+            Ok(row)
+        })
+        .collect()
 }
 
 #[cfg(test)]
