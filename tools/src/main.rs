@@ -7,6 +7,7 @@
 mod client;
 mod error;
 mod render;
+mod snapshot;
 mod status;
 mod volume;
 
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 use crate::client::{AdminClient, Call};
 use crate::error::CliError;
+use crate::snapshot::SnapshotCommand;
 use crate::volume::VolumeCommand;
 
 #[derive(Debug, Parser)]
@@ -44,6 +46,9 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Manage a volume's snapshots (exported read-only as VOL@SNAP).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Show the daemon's version, uptime, listeners and volumes.
     Status,
 }
@@ -52,6 +57,7 @@ impl Command {
     fn call(&self) -> Call {
         match self {
             Command::Volume(command) => command.call(),
+            Command::Snapshot(command) => command.call(),
             Command::Status => status::call(),
         }
     }
@@ -59,6 +65,7 @@ impl Command {
     fn render(&self, result: &Value) -> Result<String, CliError> {
         match self {
             Command::Volume(command) => command.render(result),
+            Command::Snapshot(command) => command.render(result),
             Command::Status => status::render(result),
         }
     }
@@ -88,4 +95,46 @@ fn run(cli: &Cli) -> Result<String, CliError> {
         return Ok(format!("{text}\n"));
     }
     cli.command.render(&result)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("evsctl").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn volume_create_takes_exactly_one_source() {
+        assert!(parse("volume create v --size 1G").is_ok());
+        assert!(parse("volume create v --from-snapshot vol0@daily").is_ok());
+        for (args, kind) in [
+            ("volume create v", ErrorKind::MissingRequiredArgument),
+            (
+                "volume create v --size 1G --from-snapshot vol0@daily",
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                "volume create v --from-snapshot vol0",
+                ErrorKind::ValueValidation,
+            ),
+        ] {
+            let error = parse(args).expect_err(args);
+            assert_eq!(error.kind(), kind, "{args}");
+            assert_eq!(error.exit_code(), 2, "{args}");
+        }
+    }
+
+    #[test]
+    fn snapshot_commands_parse() {
+        let cli = parse("--json snapshot rollback vol0 daily --force").unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.command.call().method, "snapshot.rollback");
+        assert_eq!(cli.command.call().params["force"], true);
+        assert!(parse("snapshot create vol0").is_err());
+        assert!(parse("snapshot list").is_err());
+    }
 }

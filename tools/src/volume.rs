@@ -1,20 +1,32 @@
 //! `evsctl volume …`: create, list, show, resize, delete.
 
-use clap::Subcommand;
+use clap::{ArgGroup, Subcommand};
 use serde_json::{json, Value};
 
 use crate::client::Call;
 use crate::error::CliError;
 use crate::render::{fields, iec_size, table, utc_time};
+use crate::snapshot::parse_snapshot_ref;
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a sparse volume, exported at once.
+    /// Create a sparse volume, or a clone of a snapshot, exported at once.
+    // Exactly one of --size / --from-snapshot: clap turns any other mix into a usage error
+    // naming both.
+    #[command(group = ArgGroup::new("source").required(true).args(["size", "from_snapshot"]))]
     Create {
         name: String,
         /// Size: bytes, or with a K/M/G/T suffix (e.g. 10G); a multiple of 4096.
-        #[arg(long)]
-        size: String,
+        // Exactly one of --size / --from-snapshot: clap turns any other mix into a usage error.
+        #[arg(
+            long,
+            required_unless_present = "from_snapshot",
+            conflicts_with = "from_snapshot"
+        )]
+        size: Option<String>,
+        /// Clone snapshot SNAP of volume VOL: an independent volume of the snapshot's size.
+        #[arg(long, value_name = "VOL@SNAP", value_parser = parse_snapshot_ref)]
+        from_snapshot: Option<String>,
     },
     /// List volumes.
     List,
@@ -41,9 +53,18 @@ pub enum VolumeCommand {
 impl VolumeCommand {
     pub fn call(&self) -> Call {
         let (method, params) = match self {
-            VolumeCommand::Create { name, size } => {
-                ("volume.create", json!({"name": name, "size": size}))
-            }
+            // Only the chosen key is sent: the daemon refuses a null `size`.
+            VolumeCommand::Create {
+                name,
+                size,
+                from_snapshot,
+            } => match (size, from_snapshot) {
+                (Some(size), _) => ("volume.create", json!({"name": name, "size": size})),
+                (None, from_snapshot) => (
+                    "volume.create",
+                    json!({"name": name, "from_snapshot": from_snapshot}),
+                ),
+            },
             VolumeCommand::List => ("volume.list", json!({})),
             VolumeCommand::Show { name } => ("volume.show", json!({"name": name})),
             VolumeCommand::Resize {
@@ -63,11 +84,17 @@ impl VolumeCommand {
 
     pub fn render(&self, result: &Value) -> Result<String, CliError> {
         Ok(match self {
-            VolumeCommand::Create { .. } => format!(
-                "created volume {} ({})\n",
-                text(result, "name")?,
-                iec_size(number(result, "size_bytes")?)
-            ),
+            VolumeCommand::Create { from_snapshot, .. } => {
+                let created = format!(
+                    "created volume {} ({})",
+                    text(result, "name")?,
+                    iec_size(number(result, "size_bytes")?)
+                );
+                match from_snapshot {
+                    Some(source) => format!("{created} from snapshot {source}\n"),
+                    None => format!("{created}\n"),
+                }
+            }
             VolumeCommand::List => {
                 let volumes = result["volumes"]
                     .as_array()
@@ -105,7 +132,7 @@ impl VolumeCommand {
     }
 }
 
-fn missing(result: &Value, key: &str) -> CliError {
+pub fn missing(result: &Value, key: &str) -> CliError {
     CliError::Protocol(format!("result {result} lacks {key:?}"))
 }
 
@@ -167,6 +194,36 @@ mod tests {
         assert_eq!(
             call.params,
             json!({"name": "v", "size": "2G", "allow_shrink": true})
+        );
+    }
+
+    #[test]
+    fn create_sends_only_the_chosen_source() {
+        let sized = VolumeCommand::Create {
+            name: "v".into(),
+            size: Some("1G".into()),
+            from_snapshot: None,
+        };
+        assert_eq!(sized.call().params, json!({"name": "v", "size": "1G"}));
+        let clone = VolumeCommand::Create {
+            name: "v".into(),
+            size: None,
+            from_snapshot: Some("vol0@daily".into()),
+        };
+        assert_eq!(clone.call().method, "volume.create");
+        assert_eq!(
+            clone.call().params,
+            json!({"name": "v", "from_snapshot": "vol0@daily"})
+        );
+        let result = json!({"name": "v", "size_bytes": 1u64 << 30, "connections": 0,
+                            "uuid": "u-1", "created_unix_secs": 0});
+        assert_eq!(
+            clone.render(&result).unwrap(),
+            "created volume v (1.0 GiB) from snapshot vol0@daily\n"
+        );
+        assert_eq!(
+            sized.render(&result).unwrap(),
+            "created volume v (1.0 GiB)\n"
         );
     }
 }
