@@ -17,6 +17,14 @@ pub enum StorageError {
     AlreadyExists(String),
     #[error("volume {0:?} not found")]
     NotFound(String),
+    #[error("invalid snapshot name {0:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidSnapshotName(String),
+    #[error("snapshot {volume:?}@{name:?} not found")]
+    SnapshotNotFound { volume: String, name: String },
+    #[error("snapshot {volume:?}@{name:?} already exists")]
+    SnapshotExists { volume: String, name: String },
+    #[error("export {0:?} is read-only")]
+    ReadOnly(String),
     #[error("volume {name:?} has {connections} connected client(s)")]
     Busy { name: String, connections: usize },
     #[error(
@@ -90,7 +98,12 @@ impl StorageError {
                 .raw_os_error()
                 .map_or(Errno::Io, Errno::from_host_errno),
             StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
+            StorageError::ReadOnly(_) => Errno::Perm,
+            StorageError::SnapshotNotFound { .. } | StorageError::SnapshotExists { .. } => {
+                Errno::Inval
+            }
             StorageError::InvalidName(_)
+            | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)
             | StorageError::UnalignedSize(_)
             | StorageError::ShrinkNotAllowed { .. } => Errno::Inval,

@@ -10,6 +10,7 @@ use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
 use crate::admin::AdminContext;
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
+use crate::storage::entry::VolumeEntry;
 use crate::storage::name::validate_volume_name;
 use crate::storage::Volume;
 
@@ -36,6 +37,24 @@ pub async fn dispatch(
         }
         "volume.resize" => resize(ctx, decode_params(method, params)?).await,
         "volume.delete" => delete(ctx, decode_params(method, params)?).await,
+        "snapshot.create" => {
+            let p: SnapshotParams = decode_params(method, params)?;
+            to_json(&entry(ctx, &p.volume)?.create_snapshot(&p.name).await?)
+        }
+        "snapshot.list" => {
+            let p: VolumeParams = decode_params(method, params)?;
+            to_json(&serde_json::json!({ "snapshots": entry(ctx, &p.volume)?.snapshots() }))
+        }
+        "snapshot.delete" => {
+            let p: SnapshotParams = decode_params(method, params)?;
+            to_json(&entry(ctx, &p.volume)?.delete_snapshot(&p.name).await?)
+        }
+        "snapshot.rollback" => {
+            let p: RollbackParams = decode_params(method, params)?;
+            let entry = entry(ctx, &p.volume)?;
+            entry.rollback(&p.name, p.force).await?;
+            to_json(&describe(entry.volume()))
+        }
         "status" => {
             decode_params::<NoParams>(method, params)?;
             status(ctx)
@@ -61,7 +80,33 @@ struct NameParams {
 #[serde(deny_unknown_fields)]
 struct CreateParams {
     name: String,
-    size: SizeParam,
+    #[serde(default)]
+    size: Option<SizeParam>,
+    /// `VOL@SNAP`: create the volume as a clone of that snapshot.
+    #[serde(default)]
+    from_snapshot: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeParams {
+    volume: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotParams {
+    volume: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackParams {
+    volume: String,
+    name: String,
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +172,12 @@ fn find(ctx: &AdminContext, name: &str) -> Result<Arc<Volume>, AdminError> {
         .ok_or_else(|| StorageError::NotFound(name.to_owned()).into())
 }
 
+fn entry(ctx: &AdminContext, name: &str) -> Result<Arc<VolumeEntry>, AdminError> {
+    ctx.registry
+        .entry(name)
+        .ok_or_else(|| StorageError::NotFound(name.to_owned()).into())
+}
+
 fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
     serde_json::to_value(value).map_err(|e| {
         AdminError::new(
@@ -152,18 +203,39 @@ async fn blocking<T: Send + 'static>(
 async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, AdminError> {
     // The name first: a bad name is the more useful complaint when both are wrong.
     validate_volume_name(&params.name)?;
-    let size_bytes = params.size.to_bytes()?;
     let registry = Arc::clone(&ctx.registry);
-    let volume = blocking(move || registry.create(&params.name, size_bytes)).await?;
+    let volume = match (params.size, params.from_snapshot) {
+        (Some(size), None) => {
+            let size_bytes = size.to_bytes()?;
+            blocking(move || registry.create(&params.name, size_bytes)).await?
+        }
+        (None, Some(source)) => {
+            let Some((volume, snapshot)) = source.split_once('@') else {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("from_snapshot {source:?} is not VOL@SNAP"),
+                ));
+            };
+            let (volume, snapshot) = (volume.to_owned(), snapshot.to_owned());
+            blocking(move || registry.create_from_snapshot(&params.name, &volume, &snapshot))
+                .await?
+        }
+        _ => {
+            return Err(AdminError::new(
+                ErrorCode::InvalidArgument,
+                "give exactly one of size and from_snapshot",
+            ))
+        }
+    };
     to_json(&describe(&volume))
 }
 
 async fn resize(ctx: &AdminContext, params: ResizeParams) -> Result<Value, AdminError> {
     let size_bytes = params.size.to_bytes()?;
-    let registry = Arc::clone(&ctx.registry);
-    let name = params.name.clone();
-    let old_size_bytes =
-        blocking(move || registry.resize(&name, size_bytes, params.allow_shrink)).await?;
+    let old_size_bytes = ctx
+        .registry
+        .resize(&params.name, size_bytes, params.allow_shrink)
+        .await?;
     Ok(serde_json::json!({
         "name": params.name,
         "old_size_bytes": old_size_bytes,

@@ -54,11 +54,15 @@ impl From<StorageError> for AdminError {
 pub fn error_code(e: &StorageError) -> ErrorCode {
     match e {
         StorageError::InvalidName(_)
+        | StorageError::InvalidSnapshotName(_)
+        | StorageError::ReadOnly(_)
         | StorageError::InvalidSize(_)
         | StorageError::UnalignedSize(_)
         | StorageError::ShrinkNotAllowed { .. } => ErrorCode::InvalidArgument,
-        StorageError::NotFound(_) => ErrorCode::NotFound,
-        StorageError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        StorageError::NotFound(_) | StorageError::SnapshotNotFound { .. } => ErrorCode::NotFound,
+        StorageError::AlreadyExists(_) | StorageError::SnapshotExists { .. } => {
+            ErrorCode::AlreadyExists
+        }
         StorageError::Busy { .. } => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }

@@ -2,7 +2,7 @@
 
 use evsd_proto::{meta::BASE_ALLOCATION, BlockSize, ExportCatalog, ExportInfo};
 
-use crate::storage::{Registry, Volume};
+use crate::storage::{Registry, StatusQuery, Volume};
 
 /// The export a client gets when it asks for the default name "".
 pub const DEFAULT_EXPORT: &str = "vol0";
@@ -28,16 +28,46 @@ impl RegistryCatalog<'_> {
     }
 }
 
+/// `qemu:allocation-depth`: which layer of the export holds each block.
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// `qemu:dirty-bitmap:SNAP`: blocks changed since snapshot SNAP.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
 pub fn export_info(volume: &Volume) -> ExportInfo {
+    let mut meta_contexts = vec![BASE_ALLOCATION.to_owned(), ALLOCATION_DEPTH.to_owned()];
+    meta_contexts.extend(
+        volume
+            .changed_since_names()
+            .into_iter()
+            .map(|snapshot| format!("{DIRTY_BITMAP_PREFIX}{snapshot}")),
+    );
+    let description = if volume.is_read_only() {
+        format!("evsd snapshot {} (read-only)", volume.name())
+    } else {
+        format!("evsd volume {}", volume.name())
+    };
     ExportInfo {
         name: volume.name().to_owned(),
-        description: format!("evsd volume {}", volume.name()),
+        description,
         size_bytes: volume.size_bytes(),
-        read_only: false,
+        read_only: volume.is_read_only(),
         rotational: false,
-        fast_zero: volume.can_fast_zero(),
+        fast_zero: volume.can_fast_zero() && !volume.is_read_only(),
         block_size: BlockSize::default(),
-        meta_contexts: vec![BASE_ALLOCATION.to_owned()],
+        meta_contexts,
+    }
+}
+
+/// The storage query behind a metadata context name the catalog offers.
+pub fn status_query(context: &str) -> Option<StatusQuery> {
+    if context == BASE_ALLOCATION {
+        Some(StatusQuery::Allocation)
+    } else if context == ALLOCATION_DEPTH {
+        Some(StatusQuery::Depth)
+    } else {
+        context
+            .strip_prefix(DIRTY_BITMAP_PREFIX)
+            .map(|snapshot| StatusQuery::ChangedSince(snapshot.to_owned()))
     }
 }
 
@@ -48,7 +78,7 @@ impl ExportCatalog for RegistryCatalog<'_> {
 
     fn list(&self) -> Vec<(String, String)> {
         self.registry
-            .list()
+            .exports()
             .iter()
             .map(|v| (v.name().to_owned(), export_info(v).description))
             .collect()

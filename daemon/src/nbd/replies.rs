@@ -5,7 +5,8 @@ use bytes::{Bytes, BytesMut};
 use evsd_proto::consts::{STATE_HOLE, STATE_ZERO};
 use evsd_proto::{reply, Errno, ReplyMode, ReplyTo};
 
-use crate::storage::Extent;
+use crate::storage::volume::{EXTENT_HOLE, EXTENT_ZERO};
+use crate::storage::StatusQuery;
 
 /// Reads at least this long are scanned for zero runs to send as OFFSET_HOLE chunks.
 const HOLE_SCAN_MIN_BYTES: usize = 64 << 10;
@@ -84,13 +85,26 @@ fn is_all_zero(block: &[u8]) -> bool {
         && words.all(|w| u64::from_ne_bytes(w.try_into().expect("chunks_exact(8)")) == 0)
 }
 
-/// BLOCK_STATUS for one context: the storage extents as `base:allocation` flags.
-pub fn allocation_extents(extents: &[Extent]) -> Vec<evsd_proto::Extent> {
-    extents
-        .iter()
-        .map(|e| evsd_proto::Extent {
-            length_bytes: e.length_bytes,
-            flags: if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 },
+/// BLOCK_STATUS for one context: storage's `(length, value)` runs as NBD extents. Allocation
+/// values become `base:allocation` flags; depths and changed bits are already the wire values.
+pub fn status_extents(query: &StatusQuery, runs: &[(u64, u32)]) -> Vec<evsd_proto::Extent> {
+    runs.iter()
+        .map(|&(length_bytes, value)| evsd_proto::Extent {
+            length_bytes,
+            flags: match query {
+                StatusQuery::Allocation => {
+                    (if value & EXTENT_HOLE != 0 {
+                        STATE_HOLE
+                    } else {
+                        0
+                    }) | (if value & EXTENT_ZERO != 0 {
+                        STATE_ZERO
+                    } else {
+                        0
+                    })
+                }
+                StatusQuery::Depth | StatusQuery::ChangedSince(_) => value,
+            },
         })
         .collect()
 }

@@ -16,7 +16,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use evsd_proto::consts::{
     CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
 };
-use evsd_proto::meta::BASE_ALLOCATION;
 use evsd_proto::{
     decode_request, reply, request_header_len, Command, ExportLimits, MetaContext, Negotiated,
     ReplyMode, ReplyTo, Request,
@@ -28,6 +27,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::error::StorageError;
 use crate::metrics::{Kind, VolumeMetrics};
+use crate::nbd::catalog;
 use crate::nbd::replies::{self, Frame};
 use crate::storage::{Volume, ZeroMode};
 
@@ -421,16 +421,14 @@ async fn block_status(
     let mut head = BytesMut::with_capacity(64);
     let last = session.meta_contexts.len() - 1;
     for (i, context) in session.meta_contexts.iter().enumerate() {
-        let extents = match context.name.as_str() {
-            BASE_ALLOCATION => {
-                let found = session
-                    .volume
-                    .block_status(request.offset, request.length, max_extents)
-                    .await?;
-                replies::allocation_extents(&found)
-            }
+        let extents = match catalog::status_query(&context.name) {
+            Some(query) => session
+                .volume
+                .block_status(&query, request.offset, request.length, max_extents)
+                .await
+                .map(|runs| replies::status_extents(&query, &runs))?,
             // Only contexts the catalog offered can be selected; this is the safe answer anyway.
-            _ => vec![evsd_proto::Extent {
+            None => vec![evsd_proto::Extent {
                 length_bytes: request.length,
                 flags: 0,
             }],

@@ -10,8 +10,41 @@ use serde::{Deserialize, Serialize};
 use crate::error::StorageError;
 
 pub const MANIFEST_FILE: &str = "volume.json";
-pub const DATA_FILE: &str = "data.img";
-pub const FORMAT_VERSION: u32 = 1;
+/// The single data file of a format-1 volume (before layers); migrated at load.
+pub const LEGACY_DATA_FILE: &str = "data.img";
+pub const FORMAT_VERSION: u32 = 2;
+const LEGACY_FORMAT_VERSION: u32 = 1;
+
+/// One layer the volume links: its files are `<id>.data` and `<id>.map` in the volume folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRecord {
+    pub id: String,
+    /// The layer below; None for the bottom layer.
+    pub parent: Option<String>,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The frozen layer the snapshot reads through (with its parents).
+    pub layer: String,
+    pub created_unix_secs: u64,
+}
+
+/// A merge that was started and must be finished at the next start: `victim`'s blocks are
+/// being folded into `survivor`, after which `victim` leaves the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRecord {
+    pub victim: String,
+    pub survivor: String,
+    /// True when the survivor is the lower layer (the victim's blocks overwrite it); false
+    /// when the victim is the lower layer (its blocks fill the survivor's absent ones).
+    pub survivor_is_lower: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,9 +54,21 @@ pub struct VolumeManifest {
     pub uuid: String,
     pub size_bytes: u64,
     pub created_unix_secs: u64,
+    /// The writable layer.
+    #[serde(default)]
+    pub head: String,
+    #[serde(default)]
+    pub layers: Vec<LayerRecord>,
+    /// Oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    #[serde(default)]
+    pub merge: Option<MergeRecord>,
 }
 
 impl VolumeManifest {
+    /// Reads the manifest; a format-1 manifest (no layers) is returned as is, with
+    /// `format_version` 1, for the caller to migrate.
     pub fn load(dir: &Path) -> Result<VolumeManifest, StorageError> {
         let path = dir.join(MANIFEST_FILE);
         let text =
@@ -33,7 +78,9 @@ impl VolumeManifest {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        if manifest.format_version != FORMAT_VERSION {
+        if manifest.format_version != FORMAT_VERSION
+            && manifest.format_version != LEGACY_FORMAT_VERSION
+        {
             return Err(StorageError::BadManifest {
                 path,
                 reason: format!(
@@ -41,6 +88,11 @@ impl VolumeManifest {
                     manifest.format_version
                 ),
             });
+        }
+        if manifest.format_version == FORMAT_VERSION {
+            manifest
+                .check()
+                .map_err(|reason| StorageError::BadManifest { path, reason })?;
         }
         Ok(manifest)
     }
@@ -51,6 +103,87 @@ impl VolumeManifest {
             reason: e.to_string(),
         })?;
         write_durably(&dir.join(MANIFEST_FILE), &text)
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.format_version == LEGACY_FORMAT_VERSION
+    }
+
+    /// The tree is well formed: the head and every parent and snapshot layer exist, ids are
+    /// plain file names, and parents lead to the bottom without cycles.
+    pub fn check(&self) -> Result<(), String> {
+        for layer in &self.layers {
+            if layer.id.is_empty()
+                || !layer.id.bytes().all(|b| b.is_ascii_alphanumeric())
+                || layer.id.len() > 64
+            {
+                return Err(format!("layer id {:?} is not a plain name", layer.id));
+            }
+        }
+        if self.layer(&self.head).is_none() {
+            return Err(format!("head layer {:?} is not listed", self.head));
+        }
+        for layer in &self.layers {
+            if self.ancestry(&layer.id).is_none() {
+                return Err(format!("layer {:?} has a broken parent chain", layer.id));
+            }
+        }
+        for snapshot in &self.snapshots {
+            if self.layer(&snapshot.layer).is_none() {
+                return Err(format!(
+                    "snapshot {:?} names missing layer {:?}",
+                    snapshot.name, snapshot.layer
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn layer(&self, id: &str) -> Option<&LayerRecord> {
+        self.layers.iter().find(|l| l.id == id)
+    }
+
+    pub fn snapshot(&self, name: &str) -> Option<&SnapshotRecord> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// `id` and its parents, topmost first; None when a parent is missing or loops.
+    pub fn ancestry(&self, id: &str) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut next = Some(id.to_owned());
+        while let Some(current) = next {
+            if out.len() > self.layers.len() {
+                return None;
+            }
+            let record = self.layer(&current)?;
+            next = record.parent.clone();
+            out.push(current);
+        }
+        Some(out)
+    }
+
+    /// Layers whose parent is `id`.
+    pub fn children(&self, id: &str) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|l| l.parent.as_deref() == Some(id))
+            .map(|l| l.id.clone())
+            .collect()
+    }
+
+    /// Layers that are not the head, hold no snapshot and have at most one child: no view
+    /// needs them on their own, so they can be dropped or merged into their child.
+    pub fn redundant_layers(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .map(|l| l.id.as_str())
+            .filter(|id| {
+                *id != self.head
+                    && !self.snapshots.iter().any(|s| s.layer == *id)
+                    && self.children(id).len() <= 1
+            })
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -109,6 +242,25 @@ mod tests {
             uuid: new_uuid().unwrap(),
             size_bytes: 1 << 30,
             created_unix_secs: 1,
+            head: "b".into(),
+            layers: vec![
+                LayerRecord {
+                    id: "a".into(),
+                    parent: None,
+                    size_bytes: 1 << 30,
+                },
+                LayerRecord {
+                    id: "b".into(),
+                    parent: Some("a".into()),
+                    size_bytes: 1 << 30,
+                },
+            ],
+            snapshots: vec![SnapshotRecord {
+                name: "s1".into(),
+                layer: "a".into(),
+                created_unix_secs: 2,
+            }],
+            merge: None,
         };
         m.store(dir.path()).unwrap();
         assert_eq!(VolumeManifest::load(dir.path()).unwrap(), m);
@@ -122,5 +274,35 @@ mod tests {
             Err(StorageError::BadManifest { .. })
         ));
         assert_eq!(m.uuid.len(), 36);
+        assert_eq!(m.ancestry("b").unwrap(), ["b", "a"]);
+        assert_eq!(m.children("a"), ["b"]);
+        assert!(m.redundant_layers().is_empty());
+    }
+
+    #[test]
+    fn broken_trees_are_refused() {
+        let mut m = VolumeManifest {
+            format_version: FORMAT_VERSION,
+            name: "v".into(),
+            uuid: "u".into(),
+            size_bytes: 4096,
+            created_unix_secs: 0,
+            head: "a".into(),
+            layers: vec![LayerRecord {
+                id: "a".into(),
+                parent: Some("b".into()),
+                size_bytes: 4096,
+            }],
+            snapshots: vec![],
+            merge: None,
+        };
+        assert!(m.check().unwrap_err().contains("parent"));
+        m.layers[0].parent = Some("a".into());
+        assert!(m.check().is_err(), "a self-loop is refused");
+        m.layers[0].parent = None;
+        m.check().unwrap();
+        m.layers[0].id = "../x".into();
+        m.head = "../x".into();
+        assert!(m.check().unwrap_err().contains("plain"));
     }
 }

@@ -1,12 +1,20 @@
-//! Volumes on disk. Knows nothing of NBD: the NBD side calls `Volume`'s methods.
+//! Volumes on disk as trees of copy-on-write layers. Knows nothing of NBD: the NBD side calls
+//! `Volume`'s methods, the admin side the registry's and `VolumeEntry`'s.
 
 pub mod attachments;
 pub mod buffers;
+pub mod entry;
+pub mod layer;
 pub mod manifest;
 pub mod name;
 pub mod registry;
+pub mod snapshots;
+pub mod stripes;
 pub mod volume;
 
 pub use name::parse_size_bytes;
 pub use registry::Registry;
-pub use volume::{Extent, Volume, ZeroMode};
+pub use volume::{StatusQuery, Volume, ZeroMode};
+
+#[cfg(test)]
+mod model_tests;

@@ -18,6 +18,12 @@ pub fn validate_volume_name(name: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Snapshot names follow the same rules (they become part of `vol@snap` export names and of
+/// `qemu:dirty-bitmap:NAME` contexts).
+pub fn validate_snapshot_name(name: &str) -> Result<(), StorageError> {
+    validate_volume_name(name).map_err(|_| StorageError::InvalidSnapshotName(name.to_owned()))
+}
+
 /// Parses `4096`, `512K`, `512M`, `10G`, `1T` (binary units, optional trailing `iB`/`B`).
 pub fn parse_size_bytes(text: &str) -> Result<u64, StorageError> {
     let invalid = || StorageError::InvalidSize(text.to_owned());

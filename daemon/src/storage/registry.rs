@@ -1,17 +1,17 @@
 //! The set of volumes under `DATA_DIR/volumes/`, loaded at start and created on demand.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::buffers::BufferPool;
-use crate::storage::manifest::{self, VolumeManifest, DATA_FILE, FORMAT_VERSION};
-use crate::storage::name::validate_volume_name;
-use crate::storage::volume::{Volume, VolumeIdentity};
+use crate::storage::entry::VolumeEntry;
+use crate::storage::layer;
+use crate::storage::manifest::{self, LayerRecord, VolumeManifest};
+use crate::storage::name::{validate_snapshot_name, validate_volume_name};
+use crate::storage::volume::Volume;
 
 pub const VOLUME_ALIGN_BYTES: u64 = 4096;
 
@@ -22,12 +22,13 @@ pub struct Registry {
     volumes_dir: PathBuf,
     engine: IoEngine,
     buffers: Arc<BufferPool>,
-    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
 }
 
 impl Registry {
     /// Opens (creating if needed) the data directory and loads every volume in it. A volume whose
-    /// manifest cannot be read is skipped with an error in the log, never deleted.
+    /// manifest cannot be read is skipped with an error in the log, never deleted. Merges a
+    /// crash interrupted are finished by [`Registry::finish_merges`].
     pub fn open(data_dir: &Path, engine: IoEngine) -> Result<Registry, StorageError> {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir)
@@ -47,7 +48,7 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match load_volume(&dir, engine.clone(), Arc::clone(&buffers)) {
+            match VolumeEntry::load(&dir, engine.clone(), Arc::clone(&buffers)) {
                 Ok(volume) => {
                     volumes.insert(volume.name().to_owned(), Arc::new(volume));
                 }
@@ -62,11 +63,109 @@ impl Registry {
         })
     }
 
+    /// Finishes the merges that a crash interrupted (recorded in the manifests).
+    pub async fn finish_merges(&self) -> Result<(), StorageError> {
+        for entry in self.entries() {
+            if entry.manifest().merge.is_some() {
+                tracing::info!(volume = entry.name(), "finishing an interrupted merge");
+                let _admin = entry.admin.lock().await;
+                entry.finish_merge().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a sparse volume. Durable when it returns: the directory appears by rename only
-    /// once its manifest and data file are complete.
+    /// once its manifest and layer files are complete.
     pub fn create(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StorageError> {
         validate_volume_name(name)?;
         check_size(size_bytes)?;
+        self.create_with(name, |tmp_dir| {
+            VolumeEntry::initialise(tmp_dir, name, size_bytes)
+        })
+        .inspect(|_| tracing::info!(volume = name, size_bytes, "created volume"))
+    }
+
+    /// Creates `name` as a clone of `source@snapshot`: an independent volume whose bottom
+    /// layers are hard links of the snapshot's frozen layers (never written again, so sharing
+    /// them is safe) under a new empty head. O(layers), not O(size).
+    pub fn create_from_snapshot(
+        &self,
+        name: &str,
+        source: &str,
+        snapshot: &str,
+    ) -> Result<Arc<Volume>, StorageError> {
+        validate_volume_name(name)?;
+        validate_snapshot_name(snapshot)?;
+        let entry = self
+            .entry(source)
+            .ok_or_else(|| StorageError::NotFound(source.to_owned()))?;
+        let source_manifest = entry.manifest();
+        let record = source_manifest
+            .snapshot(snapshot)
+            .ok_or_else(|| StorageError::SnapshotNotFound {
+                volume: source.to_owned(),
+                name: snapshot.to_owned(),
+            })?
+            .clone();
+        let ids = source_manifest.ancestry(&record.layer).unwrap_or_default();
+        let source_dir = self.volumes_dir.join(source);
+        let volume = self.create_with(name, |tmp_dir| {
+            let mut layers: Vec<LayerRecord> = Vec::new();
+            for id in &ids {
+                for (from, to) in [
+                    (
+                        layer::data_path(&source_dir, id),
+                        layer::data_path(tmp_dir, id),
+                    ),
+                    (
+                        layer::map_path(&source_dir, id),
+                        layer::map_path(tmp_dir, id),
+                    ),
+                ] {
+                    std::fs::hard_link(&from, &to)
+                        .map_err(|e| StorageError::fs("link", &from, e))?;
+                }
+                if let Some(l) = source_manifest.layer(id) {
+                    layers.push(l.clone());
+                }
+            }
+            let size_bytes = layers.first().map_or(0, |l| l.size_bytes);
+            let head = layer::new_layer_id()?;
+            layer::Layer::create(tmp_dir, &head, size_bytes)?;
+            layers.push(LayerRecord {
+                id: head.clone(),
+                parent: Some(record.layer.clone()),
+                size_bytes,
+            });
+            VolumeManifest {
+                format_version: manifest::FORMAT_VERSION,
+                name: name.to_owned(),
+                uuid: manifest::new_uuid()?,
+                size_bytes,
+                created_unix_secs: crate::storage::entry::now_unix_secs(),
+                head,
+                layers,
+                snapshots: Vec::new(),
+                merge: None,
+            }
+            .store(tmp_dir)
+        })?;
+        tracing::info!(
+            volume = name,
+            source,
+            snapshot,
+            "created volume from snapshot"
+        );
+        Ok(volume)
+    }
+
+    /// Builds a volume folder under a hidden name with `fill`, then renames it into place.
+    fn create_with(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&Path) -> Result<(), StorageError>,
+    ) -> Result<Arc<Volume>, StorageError> {
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         let final_dir = self.volumes_dir.join(name);
         if volumes.contains_key(name) || final_dir.exists() {
@@ -75,59 +174,42 @@ impl Registry {
         let tmp_dir = self.volumes_dir.join(format!(".{name}.creating"));
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir(&tmp_dir).map_err(|e| StorageError::fs("create", &tmp_dir, e))?;
-        let data_path = tmp_dir.join(DATA_FILE);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(|e| StorageError::fs("create", &data_path, e))?;
-        data.set_len(size_bytes)
-            .map_err(|e| StorageError::fs("size", &data_path, e))?;
-        data.sync_all()
-            .map_err(|e| StorageError::fs("fsync", &data_path, e))?;
-        let created_unix_secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        VolumeManifest {
-            format_version: FORMAT_VERSION,
-            name: name.to_owned(),
-            uuid: manifest::new_uuid()?,
-            size_bytes,
-            created_unix_secs,
+        if let Err(e) = fill(&tmp_dir) {
+            let _ = std::fs::remove_dir_all(&tmp_dir);
+            return Err(e);
         }
-        .store(&tmp_dir)?;
+        manifest::sync_dir(&tmp_dir)?;
         std::fs::rename(&tmp_dir, &final_dir)
             .map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
         manifest::sync_dir(&self.volumes_dir)?;
-        drop(data);
-        let volume = Arc::new(load_volume(
+        let entry = Arc::new(VolumeEntry::load(
             &final_dir,
             self.engine.clone(),
             Arc::clone(&self.buffers),
         )?);
-        volumes.insert(name.to_owned(), Arc::clone(&volume));
-        tracing::info!(volume = name, size_bytes, "created volume");
+        let volume = Arc::clone(entry.volume());
+        volumes.insert(name.to_owned(), entry);
         Ok(volume)
     }
 
     /// Changes a volume's size online. Durable when it returns: the manifest (the truth at
     /// load) is rewritten by temp + fsync + rename. Growing is always allowed; shrinking only
     /// with `allow_shrink` and while no client is connected, since a client may be using the
-    /// blocks that would go. Returns the old size. Blocking: call it off the runtime.
-    pub fn resize(
+    /// blocks that would go. Returns the old size.
+    pub async fn resize(
         &self,
         name: &str,
         size_bytes: u64,
         allow_shrink: bool,
     ) -> Result<u64, StorageError> {
         check_size(size_bytes)?;
-        let volume = self
-            .get(name)
+        let entry = self
+            .entry(name)
             .ok_or_else(|| StorageError::NotFound(name.to_owned()))?;
+        let volume = Arc::clone(entry.volume());
         // Attaching waits on this lock, so a client cannot slip in between the check and the
-        // shrink.
-        volume.attachments().with_count_locked(|connections| {
+        // shrink; a shrink closes the volume for its duration.
+        let shrinking = volume.attachments().with_count_locked(|connections| {
             let Some(connections) = connections else {
                 return Err(StorageError::NotFound(name.to_owned()));
             };
@@ -147,41 +229,34 @@ impl Registry {
                     });
                 }
             }
-            if size_bytes == old_bytes {
-                return Ok(old_bytes);
-            }
-            let manifest = VolumeManifest {
-                format_version: FORMAT_VERSION,
+            Ok(size_bytes < old_bytes)
+        })?;
+        if shrinking && volume.attachments().close(false).is_err() {
+            return Err(StorageError::Busy {
                 name: name.to_owned(),
-                uuid: volume.identity().uuid.clone(),
-                size_bytes,
-                created_unix_secs: volume.identity().created_unix_secs,
-            };
-            // A crash between the two steps is harmless: load makes the file match the
-            // manifest. Growing extends the file first, shrinking records the size first, so
-            // a new size is never published before the file holds it.
-            if size_bytes > old_bytes {
-                volume.set_file_len(size_bytes)?;
-                manifest.store(&self.volumes_dir.join(name))?;
-            } else {
-                manifest.store(&self.volumes_dir.join(name))?;
-                volume.set_file_len(size_bytes)?;
-            }
-            volume.publish_size(size_bytes);
+                connections: volume.attachments().count(),
+            });
+        }
+        let result = entry.resize(size_bytes).await;
+        if shrinking {
+            volume.attachments().reopen();
+        }
+        let old_bytes = result?;
+        if old_bytes != size_bytes {
             tracing::info!(volume = name, old_bytes, size_bytes, "resized volume");
-            Ok(old_bytes)
-        })
+        }
+        Ok(old_bytes)
     }
 
     /// Takes a volume out of the registry and renames its directory to a hidden one, durably:
     /// after a crash, `open` removes the hidden directory. Returns that directory for the caller
-    /// to remove once connections have let go of the data file. The caller has already closed
+    /// to remove once connections have let go of the files. The caller has already closed
     /// the volume to new connections. Blocking: call it off the runtime.
     pub fn remove(&self, name: &str) -> Result<PathBuf, StorageError> {
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        if !volumes.contains_key(name) {
+        let Some(entry) = volumes.get(name) else {
             return Err(StorageError::NotFound(name.to_owned()));
-        }
+        };
         let dir = self.volumes_dir.join(name);
         let hidden = self.volumes_dir.join(format!(".{name}.deleting"));
         if hidden.exists() {
@@ -189,12 +264,23 @@ impl Registry {
         }
         std::fs::rename(&dir, &hidden).map_err(|e| StorageError::fs("rename", &dir, e))?;
         manifest::sync_dir(&self.volumes_dir)?;
+        for view in entry.views() {
+            let _ = view.attachments().close(true);
+        }
         volumes.remove(name);
         tracing::info!(volume = name, "deleted volume");
         Ok(hidden)
     }
 
+    /// A volume or a snapshot export (`vol@snap`).
     pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        match name.split_once('@') {
+            Some((volume, snapshot)) => self.entry(volume)?.view(snapshot),
+            None => self.entry(name).map(|e| Arc::clone(e.volume())),
+        }
+    }
+
+    pub fn entry(&self, name: &str) -> Option<Arc<VolumeEntry>> {
         self.volumes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -202,13 +288,31 @@ impl Registry {
             .cloned()
     }
 
-    pub fn list(&self) -> Vec<Arc<Volume>> {
+    fn entries(&self) -> Vec<Arc<VolumeEntry>> {
         self.volumes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The volumes (not their snapshot exports).
+    pub fn list(&self) -> Vec<Arc<Volume>> {
+        self.entries()
+            .iter()
+            .map(|e| Arc::clone(e.volume()))
+            .collect()
+    }
+
+    /// Every export: each volume followed by its snapshots.
+    pub fn exports(&self) -> Vec<Arc<Volume>> {
+        let mut out = Vec::new();
+        for entry in self.entries() {
+            out.push(Arc::clone(entry.volume()));
+            out.extend(entry.views());
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -229,39 +333,6 @@ impl Registry {
         }
         first_error.map_or(Ok(()), Err)
     }
-}
-
-fn load_volume(
-    dir: &Path,
-    engine: IoEngine,
-    buffers: Arc<BufferPool>,
-) -> Result<Volume, StorageError> {
-    let manifest = VolumeManifest::load(dir)?;
-    validate_volume_name(&manifest.name)?;
-    let data_path = dir.join(DATA_FILE);
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&data_path)
-        .map_err(|e| StorageError::fs("open", &data_path, e))?;
-    let len = data
-        .metadata()
-        .map_err(|e| StorageError::fs("stat", &data_path, e))?
-        .len();
-    if len != manifest.size_bytes {
-        // The manifest is the truth; a shorter file only lacks trailing zeroes.
-        tracing::warn!(path = %data_path.display(), file_bytes = len, manifest_bytes = manifest.size_bytes, "resizing data file to the manifest's size");
-        data.set_len(manifest.size_bytes)
-            .map_err(|e| StorageError::fs("size", &data_path, e))?;
-    }
-    Ok(
-        Volume::new(manifest.name, manifest.size_bytes, data, engine, buffers).with_identity(
-            VolumeIdentity {
-                uuid: manifest.uuid,
-                created_unix_secs: manifest.created_unix_secs,
-            },
-        ),
-    )
 }
 
 fn check_size(size_bytes: u64) -> Result<(), StorageError> {
@@ -305,40 +376,42 @@ mod tests {
         assert!(dir.path().join("volumes/broken").exists());
     }
 
-    #[test]
-    fn resize_and_remove_are_durable() {
+    #[tokio::test]
+    async fn resize_and_remove_are_durable() {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
         let reg = Registry::open(dir.path(), engine.clone()).unwrap();
         let vol = reg.create("v", 1 << 20).unwrap();
         let uuid = vol.identity().uuid.clone();
         assert_eq!(uuid.len(), 36);
-        assert_eq!(reg.resize("v", 2 << 20, false).unwrap(), 1 << 20);
+        assert_eq!(reg.resize("v", 2 << 20, false).await.unwrap(), 1 << 20);
         assert_eq!(vol.size_bytes(), 2 << 20);
-        let data_len = |d: &Path| {
-            std::fs::metadata(d.join("volumes/v/data.img"))
+        let data_len = |_: &Path| {
+            let entry = reg.entry("v").unwrap();
+            let head = entry.manifest().head;
+            std::fs::metadata(crate::storage::layer::data_path(&entry.dir, &head))
                 .unwrap()
                 .len()
         };
         assert_eq!(data_len(dir.path()), 2 << 20);
         assert!(matches!(
-            reg.resize("v", 1 << 20, false),
+            reg.resize("v", 1 << 20, false).await,
             Err(StorageError::ShrinkNotAllowed { from_bytes, to_bytes, .. })
                 if from_bytes == 2 << 20 && to_bytes == 1 << 20
         ));
         let stop = tokio_util::sync::CancellationToken::new();
         let held = vol.attachments().attach(stop).unwrap();
         assert!(matches!(
-            reg.resize("v", 1 << 20, true),
+            reg.resize("v", 1 << 20, true).await,
             Err(StorageError::Busy { connections: 1, .. })
         ));
         drop(held);
         assert!(matches!(
-            reg.resize("v", 1000, true),
+            reg.resize("v", 1000, true).await,
             Err(StorageError::UnalignedSize(1000))
         ));
         assert!(matches!(
-            reg.resize("nope", 4096, true),
+            reg.resize("nope", 4096, true).await,
             Err(StorageError::NotFound(_))
         ));
 
@@ -346,13 +419,13 @@ mod tests {
         let vol = reg.get("v").unwrap();
         assert_eq!(vol.size_bytes(), 2 << 20);
         assert_eq!(vol.identity().uuid, uuid);
-        assert_eq!(reg.resize("v", 8192, true).unwrap(), 2 << 20);
+        assert_eq!(reg.resize("v", 8192, true).await.unwrap(), 2 << 20);
         assert_eq!(data_len(dir.path()), 8192);
 
         // Once a deletion has closed the volume, resize treats it as gone.
         assert_eq!(vol.attachments().close(false), Ok(0));
         assert!(matches!(
-            reg.resize("v", 4 << 20, false),
+            reg.resize("v", 4 << 20, false).await,
             Err(StorageError::NotFound(_))
         ));
         let hidden = reg.remove("v").unwrap();

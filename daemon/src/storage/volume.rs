@@ -1,29 +1,33 @@
 //! A volume as the NBD side sees it: read, write, write_zeroes, trim, flush, block_status, size.
 //!
-//! Today a volume is one sparse file; the snapshot work replaces what sits behind these methods
-//! (layered copy-on-write files) without the NBD side noticing.
+//! Behind these methods sits a chain of copy-on-write layers (see `layer/`): writes go to the
+//! head, reads resolve each 4 KiB block to the topmost layer holding it. A snapshot export is a
+//! `Volume` too, read-only, over the snapshot's frozen layers.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
+use crate::storage::layer::chain::{Chain, Hit};
+use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
+use crate::storage::stripes::Stripes;
 
-/// A run of blocks with one allocation state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub length_bytes: u64,
-    /// Not backed by storage (a hole); writing there may need space.
-    pub hole: bool,
-    /// Reads as zeroes.
-    pub zero: bool,
-}
+/// Allocation bits of a `StatusQuery::Allocation` extent.
+pub const EXTENT_HOLE: u32 = 1;
+pub const EXTENT_ZERO: u32 = 2;
+
+/// Blocks examined by one block-status call at most (4 GiB): bounds the CPU one request costs;
+/// clients ask again from where the answer ended.
+const MAX_STATUS_BLOCKS: u64 = 1 << 20;
+
+/// Largest buffer used when zeroes must be written out by hand.
+const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
 
 /// How WRITE_ZEROES may be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +38,16 @@ pub struct ZeroMode {
     pub fast_only: bool,
 }
 
-/// Largest buffer used when zeroes must be written out by hand.
-const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
+/// What a block-status call reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusQuery {
+    /// `EXTENT_HOLE` / `EXTENT_ZERO` bits.
+    Allocation,
+    /// 0 unallocated, 1 the top layer, 2 the layer below, ...
+    Depth,
+    /// 1 where a block changed since the named snapshot, else 0.
+    ChangedSince(String),
+}
 
 /// Who a volume is, beyond its name: fixed at creation, shown by the admin socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,17 +56,36 @@ pub struct VolumeIdentity {
     pub created_unix_secs: u64,
 }
 
+/// What only a writable volume has.
+#[derive(Default)]
+pub struct Writer {
+    /// Writes hold it shared for their whole duration; freezing the head holds it exclusively,
+    /// so no write is half in the old head and half acknowledged after the freeze.
+    pub gate: tokio::sync::RwLock<()>,
+    stripes: Stripes,
+}
+
+impl Writer {
+    /// Locks the head's stripes over blocks `[start, end)` (merges copying into a live head).
+    pub async fn lock_blocks(&self, start: u64, end: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        self.stripes.lock(start, end).await
+    }
+}
+
 pub struct Volume {
     name: String,
     /// Changed online by resize; a connection keeps the size it negotiated.
     size_bytes: AtomicU64,
     identity: VolumeIdentity,
     attachments: Arc<Attachments>,
-    data: Arc<File>,
     engine: IoEngine,
     buffers: Arc<BufferPool>,
-    /// Cleared the first time the filesystem refuses fallocate modes, so later zeroing goes
-    /// straight to writing zero bytes (and FAST_ZERO is refused quickly).
+    chain: RwLock<Arc<Chain>>,
+    writer: Option<Writer>,
+    /// Snapshots below the head, as (name, layer id): the bases for "changed since".
+    bases: RwLock<Vec<(String, String)>>,
+    /// Cleared the first time the filesystem refuses fallocate, so later zeroing of allocated
+    /// blocks goes straight to writing zero bytes.
     fallocate_works: AtomicBool,
 }
 
@@ -68,10 +99,11 @@ impl std::fmt::Debug for Volume {
 }
 
 impl Volume {
+    /// A writable volume over `chain` (its top is the head).
     pub fn new(
         name: String,
         size_bytes: u64,
-        data: File,
+        chain: Chain,
         engine: IoEngine,
         buffers: Arc<BufferPool>,
     ) -> Volume {
@@ -80,10 +112,26 @@ impl Volume {
             size_bytes: AtomicU64::new(size_bytes),
             identity: VolumeIdentity::default(),
             attachments: Arc::new(Attachments::default()),
-            data: Arc::new(data),
             engine,
             buffers,
+            chain: RwLock::new(Arc::new(chain)),
+            writer: Some(Writer::default()),
+            bases: RwLock::new(Vec::new()),
             fallocate_works: AtomicBool::new(true),
+        }
+    }
+
+    /// A read-only view (a snapshot export) over `chain`.
+    pub fn read_only_view(
+        name: String,
+        size_bytes: u64,
+        chain: Chain,
+        engine: IoEngine,
+        buffers: Arc<BufferPool>,
+    ) -> Volume {
+        Volume {
+            writer: None,
+            ..Volume::new(name, size_bytes, chain, engine, buffers)
         }
     }
 
@@ -104,22 +152,13 @@ impl Volume {
         &self.identity
     }
 
+    pub fn is_read_only(&self) -> bool {
+        self.writer.is_none()
+    }
+
     /// The NBD connections using this volume.
     pub fn attachments(&self) -> &Arc<Attachments> {
         &self.attachments
-    }
-
-    /// Sets the data file's length and fsyncs it; the caller records the size in the manifest
-    /// and then publishes it with [`Volume::publish_size`]. Blocking: call it off the runtime.
-    pub fn set_file_len(&self, size_bytes: u64) -> Result<(), StorageError> {
-        self.data
-            .set_len(size_bytes)
-            .and_then(|()| self.data.sync_all())
-            .map_err(|e| StorageError::Resize {
-                name: self.name.clone(),
-                size_bytes,
-                source: e,
-            })
     }
 
     /// New connections negotiate this size from now on.
@@ -127,9 +166,43 @@ impl Volume {
         self.size_bytes.store(size_bytes, Ordering::Release);
     }
 
-    /// Whether WRITE_ZEROES with FAST_ZERO can succeed (zeroing is a metadata operation).
+    /// Whether WRITE_ZEROES with FAST_ZERO can succeed: zeroing that may deallocate is a map
+    /// update, always fast.
     pub fn can_fast_zero(&self) -> bool {
-        self.fallocate_works.load(Ordering::Relaxed)
+        true
+    }
+
+    pub fn chain(&self) -> Arc<Chain> {
+        Arc::clone(&self.chain.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Swaps in a new chain. Readers holding the old one finish with it (its layers stay open).
+    pub fn set_chain(&self, chain: Chain) {
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(chain);
+    }
+
+    pub fn writer(&self) -> Option<&Writer> {
+        self.writer.as_ref()
+    }
+
+    fn writable(&self) -> Result<&Writer, StorageError> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StorageError::ReadOnly(self.name.clone()))
+    }
+
+    /// Names of the snapshots a "changed since" query may name.
+    pub fn changed_since_names(&self) -> Vec<String> {
+        self.bases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    pub fn set_bases(&self, bases: Vec<(String, String)>) {
+        *self.bases.write().unwrap_or_else(|p| p.into_inner()) = bases;
     }
 
     pub async fn read(
@@ -137,13 +210,56 @@ impl Volume {
         offset_bytes: u64,
         length_bytes: usize,
     ) -> Result<Bytes, StorageError> {
-        let buf = self.buffers.take(length_bytes);
+        let chain = self.chain();
+        let end_bytes = offset_bytes + length_bytes as u64;
+        let runs = chain.runs(offset_bytes / BLOCK_BYTES, end_bytes.div_ceil(BLOCK_BYTES));
+        let mut buf = self.buffers.take(length_bytes);
+        if let [(_, _, hit)] = runs[..] {
+            // One source for the whole range: the common case, read straight into the buffer.
+            if let Hit::Data(i) = hit {
+                buf = self.read_layer(chain.layer(i), offset_bytes, buf).await?;
+            } else {
+                buf.fill(0);
+            }
+            return Ok(self.buffers.freeze(buf));
+        }
+        // Several sources: split the buffer into one piece per run (no copies), fill each,
+        // and join the pieces back in order.
+        let mut pieces = Vec::with_capacity(runs.len());
+        for (start, end, hit) in runs {
+            let piece_start = (start * BLOCK_BYTES).max(offset_bytes);
+            let piece_end = (end * BLOCK_BYTES).min(end_bytes);
+            let mut piece = buf.split_to((piece_end - piece_start) as usize);
+            match hit {
+                Hit::Data(i) => {
+                    pieces.push(either(self.read_layer(chain.layer(i), piece_start, piece)))
+                }
+                _ => {
+                    piece.fill(0);
+                    pieces.push(ready(piece));
+                }
+            }
+        }
+        let mut joined = BytesMut::new();
+        for piece in join_all(pieces).await {
+            joined.unsplit(piece?);
+        }
+        Ok(self.buffers.freeze(joined))
+    }
+
+    async fn read_layer(
+        &self,
+        layer: &Layer,
+        offset_bytes: u64,
+        buf: BytesMut,
+    ) -> Result<BytesMut, StorageError> {
+        let length_bytes = buf.len() as u64;
         let (buf, result) = self
             .engine
-            .read_exact_at(&self.data, offset_bytes, buf)
+            .read_exact_at(layer.data(), offset_bytes, buf)
             .await;
-        result.map_err(|e| StorageError::io("read", offset_bytes, length_bytes as u64, e))?;
-        Ok(self.buffers.freeze(buf))
+        result.map_err(|e| StorageError::io("read", offset_bytes, length_bytes, e))?;
+        Ok(buf)
     }
 
     /// Writes `data`; with `fua` it is durable when this returns.
@@ -153,9 +269,121 @@ impl Volume {
         data: Bytes,
         fua: bool,
     ) -> Result<(), StorageError> {
+        let writer = self.writable()?;
+        {
+            let _gate = writer.gate.read().await;
+            let chain = self.chain();
+            let end_bytes = offset_bytes + data.len() as u64;
+            let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+            let end_full = end_bytes / BLOCK_BYTES;
+            if first_full > end_full {
+                // Inside one block, touching neither of its edges.
+                self.write_partial(writer, &chain, offset_bytes, data)
+                    .await?;
+            } else {
+                let lead_bytes = (first_full * BLOCK_BYTES - offset_bytes) as usize;
+                let tail_bytes = (end_bytes - end_full * BLOCK_BYTES) as usize;
+                if lead_bytes > 0 {
+                    self.write_partial(writer, &chain, offset_bytes, data.slice(..lead_bytes))
+                        .await?;
+                }
+                if end_full > first_full {
+                    let middle = data.slice(lead_bytes..data.len() - tail_bytes);
+                    self.write_blocks(writer, &chain, first_full, middle)
+                        .await?;
+                }
+                if tail_bytes > 0 {
+                    let tail = data.slice(data.len() - tail_bytes..);
+                    self.write_partial(writer, &chain, end_full * BLOCK_BYTES, tail)
+                        .await?;
+                }
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Whole blocks from `first_block`. Blocks the head already holds are overwritten in place
+    /// without a lock; otherwise the stripes are locked so no read-modify-write or merge on the
+    /// same blocks interleaves, and the map says "data" only once the bytes are written.
+    async fn write_blocks(
+        &self,
+        writer: &Writer,
+        chain: &Chain,
+        first_block: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        let head = chain.top();
+        let end_block = first_block + data.len() as u64 / BLOCK_BYTES;
+        let offset_bytes = first_block * BLOCK_BYTES;
+        if (first_block..end_block).all(|b| head.state(b) == BlockState::Data) {
+            self.write_layer(head, offset_bytes, data).await?;
+            head.mark_dirty();
+            return Ok(());
+        }
+        let _locks = writer.stripes.lock(first_block, end_block).await;
+        self.write_layer(head, offset_bytes, data).await?;
+        head.set_range(first_block, end_block, BlockState::Data);
+        Ok(())
+    }
+
+    /// Part of one block. When the head does not hold the block yet, its old content (from the
+    /// layers below, or zeroes) is merged with the new bytes and the whole block written.
+    async fn write_partial(
+        &self,
+        writer: &Writer,
+        chain: &Chain,
+        offset_bytes: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        let head = chain.top();
+        let block = offset_bytes / BLOCK_BYTES;
+        if head.state(block) == BlockState::Data {
+            self.write_layer(head, offset_bytes, data).await?;
+            head.mark_dirty();
+            return Ok(());
+        }
+        let _locks = writer.stripes.lock(block, block + 1).await;
+        let block_start = block * BLOCK_BYTES;
+        let mut whole = match head.state(block) {
+            BlockState::Data => {
+                self.write_layer(head, offset_bytes, data).await?;
+                head.mark_dirty();
+                return Ok(());
+            }
+            BlockState::Zero => BytesMut::zeroed(BLOCK_BYTES as usize),
+            BlockState::Absent => match chain.below_top() {
+                Some(below) => self.read_chain(&below, block_start).await?,
+                None => BytesMut::zeroed(BLOCK_BYTES as usize),
+            },
+        };
+        let at = (offset_bytes - block_start) as usize;
+        whole[at..at + data.len()].copy_from_slice(&data);
+        self.write_layer(head, block_start, whole.freeze()).await?;
+        head.set_range(block, block + 1, BlockState::Data);
+        Ok(())
+    }
+
+    /// One block as `chain` resolves it.
+    async fn read_chain(&self, chain: &Chain, block_start: u64) -> Result<BytesMut, StorageError> {
+        let buf = BytesMut::zeroed(BLOCK_BYTES as usize);
+        match chain.hit(block_start / BLOCK_BYTES) {
+            Hit::Data(i) => self.read_layer(chain.layer(i), block_start, buf).await,
+            _ => Ok(buf),
+        }
+    }
+
+    async fn write_layer(
+        &self,
+        layer: &Layer,
+        offset_bytes: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
         let length_bytes = data.len() as u64;
         self.engine
-            .write_all_at(&self.data, offset_bytes, data, fua)
+            .write_all_at(layer.data(), offset_bytes, data, false)
             .await
             .map_err(|e| StorageError::io("write", offset_bytes, length_bytes, e))
     }
@@ -168,18 +396,63 @@ impl Volume {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<(), StorageError> {
-        let fallocate_mode = if mode.may_trim {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        let writer = self.writable()?;
+        let end_bytes = offset_bytes + length_bytes;
+        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end_full = end_bytes / BLOCK_BYTES;
+        // Partial blocks at the edges are written as zero bytes.
+        let zero_bytes = |from: u64, to: u64| Bytes::from(vec![0u8; (to - from) as usize]);
+        if first_full > end_full {
+            self.write(offset_bytes, zero_bytes(offset_bytes, end_bytes), false)
+                .await?;
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
+            if offset_bytes < first_full * BLOCK_BYTES {
+                let to = first_full * BLOCK_BYTES;
+                self.write(offset_bytes, zero_bytes(offset_bytes, to), false)
+                    .await?;
+            }
+            if end_full * BLOCK_BYTES < end_bytes {
+                let from = end_full * BLOCK_BYTES;
+                self.write(from, zero_bytes(from, end_bytes), false).await?;
+            }
+            if end_full > first_full {
+                self.zero_blocks(writer, first_full, end_full, mode).await?;
+            }
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn zero_blocks(
+        &self,
+        writer: &Writer,
+        start: u64,
+        end: u64,
+        mode: ZeroMode,
+    ) -> Result<(), StorageError> {
+        let _gate = writer.gate.read().await;
+        let chain = self.chain();
+        let head = chain.top();
+        let _locks = writer.stripes.lock(start, end).await;
+        let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
+        if mode.may_trim {
+            self.deallocate(&chain, start, end).await;
+            return Ok(());
+        }
+        // NO_HOLE: the head keeps allocated blocks that read as zeroes.
         if self.fallocate_works.load(Ordering::Relaxed) {
+            let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
             match self
                 .engine
-                .fallocate(&self.data, fallocate_mode, offset_bytes, length_bytes)
+                .fallocate(head.data(), zero_range, offset_bytes, length_bytes)
                 .await
             {
-                Ok(()) => return self.sync_if(fua, offset_bytes, length_bytes).await,
+                Ok(()) => {
+                    head.set_range(start, end, BlockState::Data);
+                    return Ok(());
+                }
                 Err(e) if is_unsupported(&e) => {
                     tracing::warn!(volume = %self.name, error = %e, "fallocate unsupported here; zeroing by writing zero bytes");
                     self.fallocate_works.store(false, Ordering::Relaxed);
@@ -204,104 +477,179 @@ impl Volume {
         let mut done_bytes = 0;
         while done_bytes < length_bytes {
             let n = (length_bytes - done_bytes).min(ZERO_WRITE_CHUNK_BYTES);
-            self.write(offset_bytes + done_bytes, zeroes.slice(..n as usize), false)
+            self.write_layer(head, offset_bytes + done_bytes, zeroes.slice(..n as usize))
                 .await?;
             done_bytes += n;
         }
-        self.sync_if(fua, offset_bytes, length_bytes).await
+        head.set_range(start, end, BlockState::Data);
+        Ok(())
     }
 
-    /// Deallocates the range (advisory: the spec lets a server ignore it, so an unsupported
-    /// filesystem is not an error).
+    /// Marks head blocks `[start, end)` as reading zero (masking the layers below; "absent"
+    /// when there are none) and gives their space back. The caller holds their stripes.
+    async fn deallocate(&self, chain: &Chain, start: u64, end: u64) {
+        let head = chain.top();
+        let state = if chain.layers().len() == 1 {
+            BlockState::Absent
+        } else {
+            BlockState::Zero
+        };
+        head.set_range(start, end, state);
+        // Freeing the bytes is only an optimisation once the map says zero.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
+        if let Err(e) = self
+            .engine
+            .fallocate(head.data(), punch, offset_bytes, length_bytes)
+            .await
+        {
+            tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; the map already reads zero");
+        }
+    }
+
+    /// Deallocates whole blocks in the range; partial blocks are left alone (the spec lets a
+    /// server ignore trims).
     pub async fn trim(
         &self,
         offset_bytes: u64,
         length_bytes: u64,
         fua: bool,
     ) -> Result<(), StorageError> {
-        if !self.fallocate_works.load(Ordering::Relaxed) {
-            return Ok(());
+        let writer = self.writable()?;
+        let start = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end = (offset_bytes + length_bytes) / BLOCK_BYTES;
+        if end > start {
+            let _gate = writer.gate.read().await;
+            let chain = self.chain();
+            let _locks = writer.stripes.lock(start, end).await;
+            self.deallocate(&chain, start, end).await;
         }
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self
-            .engine
-            .fallocate(&self.data, mode, offset_bytes, length_bytes)
-            .await
-        {
-            Ok(()) => self.sync_if(fua, offset_bytes, length_bytes).await,
-            Err(e) if is_unsupported(&e) => {
-                self.fallocate_works.store(false, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(StorageError::io("trim", offset_bytes, length_bytes, e)),
+        if fua {
+            self.flush().await?;
         }
+        Ok(())
     }
 
     /// Makes every write completed before the call durable, whichever connection sent it: all
-    /// connections share this one file and its page cache, which is what makes multi-conn true.
+    /// connections share these layers and their page cache, which is what makes multi-conn
+    /// true. Frozen layers not yet synced since their freeze are synced too.
     pub async fn flush(&self) -> Result<(), StorageError> {
-        self.engine
-            .fdatasync(&self.data)
-            .await
-            .map_err(|e| StorageError::io("flush", 0, self.size_bytes(), e))
-    }
-
-    async fn sync_if(
-        &self,
-        fua: bool,
-        offset_bytes: u64,
-        length_bytes: u64,
-    ) -> Result<(), StorageError> {
-        if !fua {
-            return Ok(());
+        let chain = self.chain();
+        for layer in chain.layers() {
+            layer.sync(&self.engine).await?;
         }
-        self.engine
-            .fdatasync(&self.data)
-            .await
-            .map_err(|e| StorageError::io("fua sync", offset_bytes, length_bytes, e))
+        Ok(())
     }
 
-    /// Prefetch hint (NBD_CMD_CACHE): asks the kernel to read the range ahead.
+    /// Prefetch hint (NBD_CMD_CACHE): asks the kernel to read the range ahead in the layers
+    /// that hold it.
     pub fn cache(&self, offset_bytes: u64, length_bytes: u64) {
-        // SAFETY: posix_fadvise only reads its integer arguments; the fd stays open because
-        // `self.data` holds the File for the whole call.
-        let _ = unsafe {
-            libc::posix_fadvise(
-                self.data.as_raw_fd(),
-                offset_bytes as libc::off_t,
-                length_bytes as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        let chain = self.chain();
+        let start = offset_bytes / BLOCK_BYTES;
+        let end = (offset_bytes + length_bytes)
+            .div_ceil(BLOCK_BYTES)
+            .min(start + MAX_STATUS_BLOCKS);
+        for (a, z, hit) in chain.runs(start, end) {
+            if let Hit::Data(i) = hit {
+                advise_willneed(chain.layer(i), a * BLOCK_BYTES, (z - a) * BLOCK_BYTES);
+            }
+        }
     }
 
-    /// Allocation of `[offset, offset+length)` as at most `max_extents` runs, from the file's
-    /// holes (SEEK_DATA/SEEK_HOLE). The runs cover the range exactly unless cut short by the cap.
+    /// `query` over `[offset, offset+length)` as at most `max_extents` runs of
+    /// `(length_bytes, value)`. The runs start at `offset` and never pass the end of the range
+    /// or of the volume; they may stop short of the range's end.
     pub async fn block_status(
         &self,
+        query: &StatusQuery,
         offset_bytes: u64,
         length_bytes: u64,
         max_extents: usize,
-    ) -> Result<Vec<Extent>, StorageError> {
-        let file = Arc::clone(&self.data);
+    ) -> Result<Vec<(u64, u32)>, StorageError> {
+        let chain = self.chain();
         let end_bytes = offset_bytes
             .saturating_add(length_bytes)
             .min(self.size_bytes());
-        let task = tokio::task::spawn_blocking(move || {
-            scan_allocation(&file, offset_bytes, end_bytes, max_extents.max(1))
-        });
-        match task.await {
-            Ok(result) => {
-                result.map_err(|e| StorageError::io("block_status", offset_bytes, length_bytes, e))
-            }
-            Err(join) => Err(StorageError::io(
-                "block_status",
-                offset_bytes,
-                length_bytes,
-                std::io::Error::other(join),
-            )),
+        if end_bytes <= offset_bytes {
+            return Ok(Vec::new());
         }
+        let start = offset_bytes / BLOCK_BYTES;
+        let end = end_bytes
+            .div_ceil(BLOCK_BYTES)
+            .min(start + MAX_STATUS_BLOCKS);
+        let runs: Vec<(u64, u64, u32)> = match query {
+            StatusQuery::Allocation => chain
+                .runs(start, end)
+                .into_iter()
+                .map(|(a, z, hit)| {
+                    let value = match hit {
+                        Hit::Data(_) => 0,
+                        Hit::Zero(_) | Hit::Unallocated => EXTENT_HOLE | EXTENT_ZERO,
+                    };
+                    (a, z, value)
+                })
+                .collect(),
+            StatusQuery::Depth => chain
+                .runs(start, end)
+                .into_iter()
+                .map(|(a, z, hit)| (a, z, hit.depth()))
+                .collect(),
+            StatusQuery::ChangedSince(name) => {
+                let layer = self
+                    .bases
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, layer)| layer.clone());
+                match layer.and_then(|id| chain.position(&id)) {
+                    Some(top_layers) => chain
+                        .changed_runs(top_layers, start, end)
+                        .into_iter()
+                        .map(|(a, z, changed)| (a, z, u32::from(changed)))
+                        .collect(),
+                    // The snapshot went away: everything counts as changed, the safe answer
+                    // for a client copying changes.
+                    None => vec![(start, end, 1)],
+                }
+            }
+        };
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut last_value = None;
+        for (a, z, value) in runs {
+            let from = (a * BLOCK_BYTES).max(offset_bytes);
+            let to = (z * BLOCK_BYTES).min(end_bytes);
+            if to <= from {
+                continue;
+            }
+            if last_value == Some(value) {
+                if let Some(prev) = out.last_mut() {
+                    prev.0 += to - from;
+                    continue;
+                }
+            }
+            if out.len() == max_extents.max(1) {
+                break;
+            }
+            out.push((to - from, value));
+            last_value = Some(value);
+        }
+        Ok(out)
     }
+}
+
+fn advise_willneed(layer: &Layer, offset_bytes: u64, length_bytes: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd stays open because the
+    // layer holds the File for the whole call.
+    let _ = unsafe {
+        libc::posix_fadvise(
+            layer.data().as_raw_fd(),
+            offset_bytes as libc::off_t,
+            length_bytes as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
@@ -311,171 +659,16 @@ fn is_unsupported(e: &std::io::Error) -> bool {
     )
 }
 
-fn lseek(file: &File, offset_bytes: u64, whence: i32) -> std::io::Result<Option<u64>> {
-    // SAFETY: lseek takes the fd by value and touches no memory of ours; `file` keeps it open.
-    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset_bytes as libc::off_t, whence) };
-    if pos < 0 {
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data (or hole) at or after the offset.
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Some(pos as u64))
+type PieceFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<BytesMut, StorageError>> + Send + 'a>,
+>;
+
+fn either<'a>(
+    f: impl std::future::Future<Output = Result<BytesMut, StorageError>> + Send + 'a,
+) -> PieceFuture<'a> {
+    Box::pin(f)
 }
 
-fn scan_allocation(
-    file: &File,
-    start: u64,
-    end: u64,
-    max_extents: usize,
-) -> std::io::Result<Vec<Extent>> {
-    let mut extents = Vec::new();
-    let mut pos = start;
-    while pos < end && extents.len() < max_extents {
-        let data_at = lseek(file, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
-        if data_at > pos {
-            extents.push(Extent {
-                length_bytes: data_at - pos,
-                hole: true,
-                zero: true,
-            });
-            pos = data_at;
-            continue;
-        }
-        let hole_at = lseek(file, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        // A filesystem without hole support reports the whole file as data: still truthful.
-        let hole_at = hole_at.max(pos + 1).min(end);
-        extents.push(Extent {
-            length_bytes: hole_at - pos,
-            hole: false,
-            zero: false,
-        });
-        pos = hole_at;
-    }
-    Ok(extents)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::io::{EngineConfig, EngineKind};
-
-    async fn volume(kind: EngineKind, size_bytes: u64) -> (tempfile::TempDir, Volume) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(size_bytes).unwrap();
-        // Both the inline page-cache path and the engines proper must give the same results.
-        let config = EngineConfig {
-            inline_cached_io: kind == EngineKind::Uring,
-            ..EngineConfig::default()
-        };
-        let engine = IoEngine::new(Some(kind), &config).unwrap();
-        (
-            dir,
-            Volume::new(
-                "t".into(),
-                size_bytes,
-                file,
-                engine,
-                BufferPool::new(1 << 20),
-            ),
-        )
-    }
-
-    #[tokio::test]
-    async fn write_read_zero_trim_and_status() {
-        for kind in [EngineKind::Uring, EngineKind::Threads] {
-            let (_dir, vol) = volume(kind, 4 << 20).await;
-            let all = vol.block_status(0, 4 << 20, 100).await.unwrap();
-            assert_eq!(
-                all,
-                [Extent {
-                    length_bytes: 4 << 20,
-                    hole: true,
-                    zero: true
-                }]
-            );
-
-            vol.write(1 << 20, Bytes::from(vec![0xab; 128 << 10]), false)
-                .await
-                .unwrap();
-            vol.flush().await.unwrap();
-            assert!(vol
-                .read(1 << 20, 128 << 10)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0xab));
-            let map = vol.block_status(0, 4 << 20, 100).await.unwrap();
-            assert_eq!(map.iter().map(|e| e.length_bytes).sum::<u64>(), 4 << 20);
-            let data: Vec<_> = map.iter().filter(|e| !e.hole).collect();
-            assert_eq!(data.len(), 1);
-
-            vol.write_zeroes(
-                1 << 20,
-                64 << 10,
-                ZeroMode {
-                    may_trim: true,
-                    fast_only: true,
-                },
-                true,
-            )
-            .await
-            .unwrap();
-            assert!(vol
-                .read(1 << 20, 64 << 10)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0));
-            assert!(vol
-                .read((1 << 20) + (64 << 10), 64 << 10)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0xab));
-
-            vol.write_zeroes(
-                (1 << 20) + (64 << 10),
-                4096,
-                ZeroMode {
-                    may_trim: false,
-                    fast_only: false,
-                },
-                false,
-            )
-            .await
-            .unwrap();
-            assert!(vol
-                .read((1 << 20) + (64 << 10), 4096)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0));
-
-            vol.trim(1 << 20, 128 << 10, false).await.unwrap();
-            let map = vol.block_status(1 << 20, 128 << 10, 100).await.unwrap();
-            assert_eq!(
-                map,
-                [Extent {
-                    length_bytes: 128 << 10,
-                    hole: true,
-                    zero: true
-                }]
-            );
-            // The cap limits the answer, and a one-extent request never overruns the range.
-            let capped = vol.block_status(0, 4 << 20, 1).await.unwrap();
-            assert_eq!(capped.len(), 1);
-        }
-    }
+fn ready<'a>(piece: BytesMut) -> PieceFuture<'a> {
+    Box::pin(std::future::ready(Ok(piece)))
 }

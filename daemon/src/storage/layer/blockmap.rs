@@ -1,0 +1,387 @@
+//! A layer's allocation map: one 2-bit state per 4 KiB block (absent, data, zero) in a
+//! memory-mapped file of our own, plus in-memory summary bits (one per 2 MiB region) that let a
+//! lookup skip a layer that holds nothing near a block without touching its map pages.
+//!
+//! The map is the truth about what a layer holds; it is never derived from the data file's
+//! holes. Updates are atomic per 64-bit word, so concurrent writers of nearby blocks never lose
+//! each other's bits, and the kernel persists the mapped pages like any dirty file page (a
+//! FLUSH fdatasyncs the map file after the data file).
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// Bytes of volume data one map entry describes.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Blocks per 64-bit map word.
+const BLOCKS_PER_WORD: u64 = 32;
+/// Blocks per summary bit (2 MiB of volume).
+const SUMMARY_REGION_BLOCKS: u64 = 512;
+
+/// What one layer says about one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockState {
+    /// The layer does not hold the block: look below.
+    Absent = 0,
+    /// The layer's data file holds the block's bytes.
+    Data = 1,
+    /// The block reads as zeroes, masking any layer below.
+    Zero = 2,
+}
+
+impl BlockState {
+    fn from_bits(bits: u64) -> BlockState {
+        match bits & 3 {
+            0 => BlockState::Absent,
+            1 => BlockState::Data,
+            // 3 is never written; reading it as zero is the safe answer.
+            _ => BlockState::Zero,
+        }
+    }
+}
+
+/// Bytes of map file needed for `blocks` blocks (whole words).
+pub fn map_file_bytes(blocks: u64) -> u64 {
+    blocks.div_ceil(BLOCKS_PER_WORD) * 8
+}
+
+pub fn blocks_for(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(BLOCK_BYTES)
+}
+
+pub struct BlockMap {
+    /// Keeps the mapping alive for as long as `words` points into it.
+    mmap: MmapRaw,
+    words_len: usize,
+    blocks: u64,
+    summary: Box<[AtomicU64]>,
+    present_blocks: AtomicU64,
+    data_blocks: AtomicU64,
+}
+
+// SAFETY: the mapping is only accessed through atomics (see `words`), so sharing it between
+// threads is as safe as sharing a slice of AtomicU64.
+unsafe impl Send for BlockMap {}
+// SAFETY: as above.
+unsafe impl Sync for BlockMap {}
+
+impl std::fmt::Debug for BlockMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockMap")
+            .field("blocks", &self.blocks)
+            .field("present_blocks", &self.present_blocks())
+            .finish()
+    }
+}
+
+impl BlockMap {
+    /// Maps `file`, which must be at least [`map_file_bytes`]`(blocks)` long, and builds the
+    /// summary and counters from its contents.
+    pub fn open(file: &File, blocks: u64) -> std::io::Result<BlockMap> {
+        let words_len = blocks.div_ceil(BLOCKS_PER_WORD) as usize;
+        let file_len = file.metadata()?.len();
+        if file_len < words_len as u64 * 8 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "map file holds {file_len} bytes, {} needed for {blocks} blocks",
+                    words_len * 8
+                ),
+            ));
+        }
+        let mmap = MmapOptions::new().len(words_len * 8).map_raw(file)?;
+        let regions = blocks.div_ceil(SUMMARY_REGION_BLOCKS);
+        let summary = (0..regions.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        let map = BlockMap {
+            mmap,
+            words_len,
+            blocks,
+            summary,
+            present_blocks: AtomicU64::new(0),
+            data_blocks: AtomicU64::new(0),
+        };
+        map.rebuild_summary();
+        Ok(map)
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is `words_len * 8` bytes long, page aligned (so aligned for u64),
+        // lives as long as `self`, and the file is at least that long (checked in `open`), so
+        // no access faults. Every access goes through AtomicU64, which has the same layout as
+        // u64; other processes never write our map files.
+        unsafe {
+            std::slice::from_raw_parts(self.mmap.as_ptr() as *const AtomicU64, self.words_len)
+        }
+    }
+
+    fn rebuild_summary(&self) {
+        let mut present = 0u64;
+        let mut data = 0u64;
+        for (i, word) in self.words().iter().enumerate() {
+            let w = word.load(Ordering::Relaxed);
+            if w == 0 {
+                continue;
+            }
+            present += count_present(w);
+            data += count_data(w);
+            self.mark_region(i as u64 * BLOCKS_PER_WORD);
+        }
+        self.present_blocks.store(present, Ordering::Relaxed);
+        self.data_blocks.store(data, Ordering::Relaxed);
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Blocks not absent (data or zero): the layer's weight when choosing a merge direction.
+    pub fn present_blocks(&self) -> u64 {
+        self.present_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Blocks whose bytes this layer holds.
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks.load(Ordering::Relaxed)
+    }
+
+    fn mark_region(&self, block: u64) {
+        let region = block / SUMMARY_REGION_BLOCKS;
+        let bit = 1u64 << (region % 64);
+        let word = &self.summary[(region / 64) as usize];
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            word.fetch_or(bit, Ordering::Release);
+        }
+    }
+
+    /// Whether any block of the 2 MiB region around `block` may be present.
+    fn region_may_hold(&self, block: u64) -> bool {
+        let region = block / SUMMARY_REGION_BLOCKS;
+        self.summary[(region / 64) as usize].load(Ordering::Acquire) & (1 << (region % 64)) != 0
+    }
+
+    pub fn state(&self, block: u64) -> BlockState {
+        if block >= self.blocks || !self.region_may_hold(block) {
+            return BlockState::Absent;
+        }
+        let w = self.words()[(block / BLOCKS_PER_WORD) as usize].load(Ordering::Acquire);
+        BlockState::from_bits(w >> ((block % BLOCKS_PER_WORD) * 2))
+    }
+
+    /// The first block at or after `block` (and before `end`) that may be present, skipping
+    /// empty regions and words; `end` when there is none.
+    pub fn next_candidate(&self, mut block: u64, end: u64) -> u64 {
+        let end = end.min(self.blocks);
+        while block < end {
+            if !self.region_may_hold(block) {
+                block = (block / SUMMARY_REGION_BLOCKS + 1) * SUMMARY_REGION_BLOCKS;
+                continue;
+            }
+            let word_index = block / BLOCKS_PER_WORD;
+            let w = self.words()[word_index as usize].load(Ordering::Acquire);
+            let shifted = w >> ((block % BLOCKS_PER_WORD) * 2);
+            if shifted == 0 {
+                block = (word_index + 1) * BLOCKS_PER_WORD;
+                continue;
+            }
+            return (block + u64::from(shifted.trailing_zeros() / 2)).min(end);
+        }
+        end
+    }
+
+    /// Sets blocks `[start, end)` to `state`. The summary is marked before the words, so a
+    /// reader that sees a word's new bits also sees its region as possibly present.
+    pub fn set_range(&self, start: u64, end: u64, state: BlockState) {
+        let end = end.min(self.blocks);
+        if start >= end {
+            return;
+        }
+        if state != BlockState::Absent {
+            let mut region_block = start;
+            while region_block < end {
+                self.mark_region(region_block);
+                region_block = (region_block / SUMMARY_REGION_BLOCKS + 1) * SUMMARY_REGION_BLOCKS;
+            }
+        }
+        let pattern = match state {
+            BlockState::Absent => 0,
+            BlockState::Data => 0x5555_5555_5555_5555u64,
+            BlockState::Zero => 0xaaaa_aaaa_aaaa_aaaau64,
+        };
+        let words = self.words();
+        let mut block = start;
+        while block < end {
+            let word_index = block / BLOCKS_PER_WORD;
+            let first = block % BLOCKS_PER_WORD;
+            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
+            let mask = bits_mask(first, last);
+            let word = &words[word_index as usize];
+            let mut old = word.load(Ordering::Relaxed);
+            loop {
+                let new = (old & !mask) | (pattern & mask);
+                if new == old {
+                    break;
+                }
+                match word.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
+                    Ok(_) => {
+                        self.account(old & mask, new & mask);
+                        break;
+                    }
+                    Err(current) => old = current,
+                }
+            }
+            block = (word_index + 1) * BLOCKS_PER_WORD;
+        }
+    }
+
+    fn account(&self, old: u64, new: u64) {
+        let (old_present, new_present) = (count_present(old), count_present(new));
+        let (old_data, new_data) = (count_data(old), count_data(new));
+        if new_present >= old_present {
+            self.present_blocks
+                .fetch_add(new_present - old_present, Ordering::Relaxed);
+        } else {
+            self.present_blocks
+                .fetch_sub(old_present - new_present, Ordering::Relaxed);
+        }
+        if new_data >= old_data {
+            self.data_blocks
+                .fetch_add(new_data - old_data, Ordering::Relaxed);
+        } else {
+            self.data_blocks
+                .fetch_sub(old_data - new_data, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs of present blocks in `[start, end)` as `(first, end, state)`, in order.
+    pub fn present_runs(&self, start: u64, end: u64) -> Vec<(u64, u64, BlockState)> {
+        let end = end.min(self.blocks);
+        let mut runs: Vec<(u64, u64, BlockState)> = Vec::new();
+        let mut block = self.next_candidate(start, end);
+        while block < end {
+            let state = self.state(block);
+            if state == BlockState::Absent {
+                block = self.next_candidate(block + 1, end);
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if run.1 == block && run.2 == state => run.1 += 1,
+                _ => runs.push((block, block + 1, state)),
+            }
+            block += 1;
+        }
+        runs
+    }
+}
+
+/// Mask over the 2-bit fields of blocks `[first, last)` within one word.
+fn bits_mask(first: u64, last: u64) -> u64 {
+    let high = if last >= BLOCKS_PER_WORD {
+        u64::MAX
+    } else {
+        (1u64 << (last * 2)) - 1
+    };
+    let low = (1u64 << (first * 2)) - 1;
+    high & !low
+}
+
+fn count_present(w: u64) -> u64 {
+    // A field is present when either of its bits is set.
+    let fields = (w | (w >> 1)) & 0x5555_5555_5555_5555;
+    u64::from(fields.count_ones())
+}
+
+fn count_data(w: u64) -> u64 {
+    let data = w & !(w >> 1) & 0x5555_5555_5555_5555;
+    u64::from(data.count_ones())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map_file(blocks: u64) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("m"))
+            .unwrap();
+        file.set_len(map_file_bytes(blocks)).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn states_round_trip_and_persist() {
+        let (_dir, file) = map_file(2000);
+        let map = BlockMap::open(&file, 2000).unwrap();
+        assert_eq!(map.state(5), BlockState::Absent);
+        map.set_range(3, 40, BlockState::Data);
+        map.set_range(10, 12, BlockState::Zero);
+        assert_eq!(map.state(2), BlockState::Absent);
+        assert_eq!(map.state(3), BlockState::Data);
+        assert_eq!(map.state(10), BlockState::Zero);
+        assert_eq!(map.state(12), BlockState::Data);
+        assert_eq!(map.state(40), BlockState::Absent);
+        assert_eq!(map.present_blocks(), 37);
+        assert_eq!(map.data_blocks(), 35);
+        assert_eq!(
+            map.present_runs(0, 2000),
+            [
+                (3, 10, BlockState::Data),
+                (10, 12, BlockState::Zero),
+                (12, 40, BlockState::Data)
+            ]
+        );
+        drop(map);
+        let again = BlockMap::open(&file, 2000).unwrap();
+        assert_eq!(again.state(11), BlockState::Zero);
+        assert_eq!(again.present_blocks(), 37);
+        assert_eq!(again.state(1999), BlockState::Absent);
+        assert_eq!(again.state(5000), BlockState::Absent);
+    }
+
+    #[test]
+    fn short_map_file_is_refused() {
+        let (_dir, file) = map_file(10);
+        assert!(BlockMap::open(&file, 10_000).is_err());
+    }
+
+    proptest! {
+        /// The map agrees with a plain Vec model after any sequence of range updates, and
+        /// its counters and runs agree with the model too.
+        #[test]
+        fn matches_a_vec_model(ops in proptest::collection::vec((0u64..3000, 0u64..700, 0u8..3), 1..40)) {
+            let blocks = 3000;
+            let (_dir, file) = map_file(blocks);
+            let map = BlockMap::open(&file, blocks).unwrap();
+            let mut model = vec![BlockState::Absent; blocks as usize];
+            for (start, len, s) in ops {
+                let state = BlockState::from_bits(u64::from(s));
+                let end = (start + len).min(blocks);
+                map.set_range(start, end, state);
+                for b in start..end {
+                    model[b as usize] = state;
+                }
+            }
+            for (b, expected) in model.iter().enumerate() {
+                prop_assert_eq!(map.state(b as u64), *expected);
+            }
+            let present = model.iter().filter(|s| **s != BlockState::Absent).count() as u64;
+            prop_assert_eq!(map.present_blocks(), present);
+            let data = model.iter().filter(|s| **s == BlockState::Data).count() as u64;
+            prop_assert_eq!(map.data_blocks(), data);
+            let mut from_runs = vec![BlockState::Absent; blocks as usize];
+            for (a, z, s) in map.present_runs(0, blocks) {
+                for b in a..z { from_runs[b as usize] = s; }
+            }
+            prop_assert_eq!(from_runs, model);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! One copy-on-write layer: a sparse data file laid out at the volume's own offsets plus its
+//! allocation map (`<id>.data` and `<id>.map` in the volume's folder). A layer is written only
+//! while it is a volume's head; once frozen under a snapshot it is never written again except by
+//! merges, which only ever add blocks that read the same through every view that contains it.
+
+pub mod blockmap;
+pub mod chain;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::error::StorageError;
+use crate::io::IoEngine;
+
+pub use blockmap::{blocks_for, BlockMap, BlockState, BLOCK_BYTES};
+
+pub struct Layer {
+    id: String,
+    size_bytes: u64,
+    data: Arc<File>,
+    map_file: Arc<File>,
+    map: BlockMap,
+    /// Cleared by a sync, set by anything that changes the data or the map.
+    dirty: AtomicBool,
+    /// Serialises syncs so a flush never returns while another flush's sync of the same layer
+    /// is still running (it would otherwise see `dirty == false` too early).
+    sync_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("id", &self.id)
+            .field("size_bytes", &self.size_bytes)
+            .finish()
+    }
+}
+
+pub fn data_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.data"))
+}
+
+pub fn map_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.map"))
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+        .map_err(|e| StorageError::fs(if create { "create" } else { "open" }, path, e))
+}
+
+impl Layer {
+    /// Creates an empty layer's two files, sized and fsynced (the caller fsyncs the folder).
+    pub fn create(dir: &Path, id: &str, size_bytes: u64) -> Result<Layer, StorageError> {
+        let data_path = data_path(dir, id);
+        let map_path = map_path(dir, id);
+        let data = open_rw(&data_path, true)?;
+        data.set_len(size_bytes)
+            .and_then(|()| data.sync_all())
+            .map_err(|e| StorageError::fs("size", &data_path, e))?;
+        let map_file = open_rw(&map_path, true)?;
+        map_file
+            .set_len(blockmap::map_file_bytes(blocks_for(size_bytes)))
+            .and_then(|()| map_file.sync_all())
+            .map_err(|e| StorageError::fs("size", &map_path, e))?;
+        Layer::from_files(id, size_bytes, data, map_file, &map_path)
+    }
+
+    /// Opens an existing layer, growing its files if a crash left them short (a short data file
+    /// only lacks trailing zeroes; a short map only lacks absent blocks).
+    pub fn open(dir: &Path, id: &str, size_bytes: u64) -> Result<Layer, StorageError> {
+        let data_path = data_path(dir, id);
+        let map_path = map_path(dir, id);
+        let data = open_rw(&data_path, false)?;
+        let map_file = open_rw(&map_path, false)?;
+        let map_bytes = blockmap::map_file_bytes(blocks_for(size_bytes));
+        let len = |f: &File, p: &Path| {
+            f.metadata()
+                .map(|m| m.len())
+                .map_err(|e| StorageError::fs("stat", p, e))
+        };
+        if len(&data, &data_path)? < size_bytes {
+            data.set_len(size_bytes)
+                .map_err(|e| StorageError::fs("size", &data_path, e))?;
+        }
+        if len(&map_file, &map_path)? < map_bytes {
+            map_file
+                .set_len(map_bytes)
+                .map_err(|e| StorageError::fs("size", &map_path, e))?;
+        }
+        Layer::from_files(id, size_bytes, data, map_file, &map_path)
+    }
+
+    fn from_files(
+        id: &str,
+        size_bytes: u64,
+        data: File,
+        map_file: File,
+        map_path: &Path,
+    ) -> Result<Layer, StorageError> {
+        let map = BlockMap::open(&map_file, blocks_for(size_bytes))
+            .map_err(|e| StorageError::fs("map", map_path, e))?;
+        Ok(Layer {
+            id: id.to_owned(),
+            size_bytes,
+            data: Arc::new(data),
+            map_file: Arc::new(map_file),
+            map,
+            dirty: AtomicBool::new(false),
+            sync_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The same layer with its files set to `size_bytes` and its map mapped anew. The caller
+    /// makes sure nothing writes the old instance any more (resize holds the write gate).
+    pub fn resized(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
+        let data_path = data_path(dir, &self.id);
+        let map_path = map_path(dir, &self.id);
+        self.data
+            .set_len(size_bytes)
+            .and_then(|()| self.data.sync_all())
+            .map_err(|e| StorageError::Resize {
+                name: self.id.clone(),
+                size_bytes,
+                source: e,
+            })?;
+        let map_bytes = blockmap::map_file_bytes(blocks_for(size_bytes));
+        let old_map_bytes = blockmap::map_file_bytes(self.map.blocks());
+        if map_bytes > old_map_bytes {
+            self.map_file
+                .set_len(map_bytes)
+                .map_err(|e| StorageError::fs("size", &map_path, e))?;
+        } else if size_bytes < self.size_bytes {
+            // Forget the blocks past the new end so that growing again later finds them absent.
+            self.map.set_range(
+                blocks_for(size_bytes),
+                self.map.blocks(),
+                BlockState::Absent,
+            );
+        }
+        self.map_file
+            .sync_all()
+            .map_err(|e| StorageError::fs("fsync", &map_path, e))?;
+        let data = self
+            .data
+            .try_clone()
+            .map_err(|e| StorageError::fs("dup", &data_path, e))?;
+        let map_file = self
+            .map_file
+            .try_clone()
+            .map_err(|e| StorageError::fs("dup", &map_path, e))?;
+        Layer::from_files(&self.id, size_bytes, data, map_file, &map_path)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.map.blocks()
+    }
+
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    pub fn data(&self) -> &Arc<File> {
+        &self.data
+    }
+
+    pub fn state(&self, block: u64) -> BlockState {
+        self.map.state(block)
+    }
+
+    /// Changes the map; dirty is marked after the change, so a flush that finds the layer
+    /// clean never misses it.
+    pub fn set_range(&self, start: u64, end: u64, state: BlockState) {
+        self.map.set_range(start, end, state);
+        self.mark_dirty();
+    }
+
+    /// Called after a data write completes (never before: a concurrent flush could clear the
+    /// flag and sync before the bytes are there).
+    pub fn mark_dirty(&self) {
+        if !self.dirty.load(Ordering::Relaxed) {
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether only this volume links the layer's files (clones hard-link frozen layers).
+    pub fn is_exclusive(&self) -> bool {
+        self.data
+            .metadata()
+            .map(|m| m.nlink() == 1)
+            .unwrap_or(false)
+    }
+
+    /// Makes every change made before the call durable: data first, then the map.
+    pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
+        let _serial = self.sync_lock.lock().await;
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let result = async {
+            engine
+                .fdatasync(&self.data)
+                .await
+                .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
+            engine
+                .fdatasync(&self.map_file)
+                .await
+                .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
+        }
+        .await;
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        result
+    }
+}
+
+/// A fresh random layer id (16 hex digits).
+pub fn new_layer_id() -> Result<String, StorageError> {
+    let uuid = crate::storage::manifest::new_uuid()?;
+    Ok(uuid.replace('-', "")[..16].to_owned())
+}

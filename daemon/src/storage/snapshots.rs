@@ -1,0 +1,511 @@
+//! Snapshot operations on one volume: create (freeze the head), delete (merge layers to give
+//! space back), rollback (a new head over the snapshot), and the merges behind them.
+//!
+//! Every change of the tree is made durable in the manifest before anyone can observe it.
+//! A merge is recorded before it starts and is redone at the next start if interrupted: both
+//! merge directions only ever write blocks that read the same through every view that can
+//! reach them, so a half-done merge is as correct as a finished one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::Serialize;
+
+use crate::error::StorageError;
+use crate::storage::attachments::CloseRefused;
+use crate::storage::entry::{now_unix_secs, VolumeEntry};
+use crate::storage::layer::{self, BlockState, Layer, BLOCK_BYTES};
+use crate::storage::manifest::{LayerRecord, MergeRecord, SnapshotRecord, VolumeManifest};
+use crate::storage::name::validate_snapshot_name;
+
+/// Blocks copied per step of a merge (1 MiB): bounds its memory and how long it holds the
+/// stripes of a live head.
+const MERGE_STEP_BLOCKS: u64 = 256;
+
+/// How long a forced rollback waits for disconnected clients to finish their requests.
+const ROLLBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    pub created_unix_secs: u64,
+    pub size_bytes: u64,
+    /// Bytes of data the snapshot's own layer holds.
+    pub own_bytes: u64,
+}
+
+impl VolumeEntry {
+    fn info(&self, record: &SnapshotRecord) -> SnapshotInfo {
+        let state = self.lock();
+        let layer = state.layers.get(&record.layer);
+        SnapshotInfo {
+            volume: self.name().to_owned(),
+            name: record.name.clone(),
+            created_unix_secs: record.created_unix_secs,
+            size_bytes: layer.map_or(0, |l| l.size_bytes()),
+            own_bytes: layer.map_or(0, |l| l.map().data_blocks() * BLOCK_BYTES),
+        }
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let records = self.manifest().snapshots;
+        records.iter().map(|r| self.info(r)).collect()
+    }
+
+    fn find_snapshot(&self, name: &str) -> Result<SnapshotRecord, StorageError> {
+        self.manifest()
+            .snapshot(name)
+            .cloned()
+            .ok_or_else(|| StorageError::SnapshotNotFound {
+                volume: self.name().to_owned(),
+                name: name.to_owned(),
+            })
+    }
+
+    /// Freezes the head under a new snapshot. O(1): waits for writes in flight, starts an
+    /// empty head above the old one, records both in the manifest.
+    pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
+        validate_snapshot_name(name)?;
+        let _admin = self.admin.lock().await;
+        if self.manifest().snapshot(name).is_some() {
+            return Err(StorageError::SnapshotExists {
+                volume: self.name().to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        self.freeze_head(Some(name)).await?;
+        Ok(self.info(&self.find_snapshot(name)?))
+    }
+
+    /// Starts a new empty head above the current one (which becomes frozen, under `snapshot`
+    /// when given). The caller holds `admin`.
+    async fn freeze_head(&self, snapshot: Option<&str>) -> Result<(), StorageError> {
+        let Some(writer) = self.volume.writer() else {
+            return Err(StorageError::ReadOnly(self.name().to_owned()));
+        };
+        let frozen = {
+            let _gate = writer.gate.write().await;
+            let mut state = self.lock();
+            let old_head = state.manifest.head.clone();
+            let size_bytes = state.manifest.size_bytes;
+            let new_head = layer::new_layer_id()?;
+            let layer = Layer::create(&self.dir, &new_head, size_bytes)?;
+            let mut next = state.manifest.clone();
+            next.layers.push(LayerRecord {
+                id: new_head.clone(),
+                parent: Some(old_head.clone()),
+                size_bytes,
+            });
+            next.head = new_head.clone();
+            if let Some(name) = snapshot {
+                next.snapshots.push(SnapshotRecord {
+                    name: name.to_owned(),
+                    layer: old_head.clone(),
+                    created_unix_secs: now_unix_secs(),
+                });
+            }
+            state.layers.insert(new_head.clone(), Arc::new(layer));
+            if let Err(e) = self.commit(&mut state, next) {
+                // The files of the unrecorded head are orphans: removed at the next load.
+                state.layers.remove(&new_head);
+                return Err(e);
+            }
+            Arc::clone(&state.layers[&old_head])
+        };
+        // The frozen layer's unflushed writes become durable in the background (and at the
+        // next FLUSH at the latest, which syncs every layer of the chain).
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = frozen.sync(&engine).await {
+                tracing::warn!(layer = frozen.id(), error = %e, "syncing a frozen layer failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Deletes a snapshot and merges away the layers nobody needs any more. Refused while
+    /// clients read the snapshot's export.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
+        let _admin = self.admin.lock().await;
+        let record = self.find_snapshot(name)?;
+        let info = self.info(&record);
+        if let Some(view) = self.view(name) {
+            view.attachments()
+                .close(false)
+                .map_err(|refused| match refused {
+                    CloseRefused::Busy(connections) => StorageError::Busy {
+                        name: view.name().to_owned(),
+                        connections,
+                    },
+                    CloseRefused::AlreadyClosed => StorageError::SnapshotNotFound {
+                        volume: self.name().to_owned(),
+                        name: name.to_owned(),
+                    },
+                })?;
+        }
+        {
+            let mut state = self.lock();
+            let mut next = state.manifest.clone();
+            next.snapshots.retain(|s| s.name != name);
+            if let Err(e) = self.commit(&mut state, next) {
+                if let Some(view) = state.views.get(name) {
+                    view.attachments().reopen();
+                }
+                return Err(e);
+            }
+        }
+        tracing::info!(volume = self.name(), snapshot = name, "deleted snapshot");
+        self.compact().await?;
+        Ok(info)
+    }
+
+    /// Makes the volume read as the snapshot: a new empty head over the snapshot's layer
+    /// (O(1)); the old head goes, newer snapshots stay. Refused while clients are connected
+    /// unless `force`, which disconnects them first.
+    pub async fn rollback(&self, name: &str, force: bool) -> Result<(), StorageError> {
+        let _admin = self.admin.lock().await;
+        let record = self.find_snapshot(name)?;
+        let attachments = Arc::clone(self.volume.attachments());
+        let disconnected = attachments.close(force).map_err(|refused| match refused {
+            CloseRefused::Busy(connections) => StorageError::Busy {
+                name: self.name().to_owned(),
+                connections,
+            },
+            CloseRefused::AlreadyClosed => StorageError::NotFound(self.name().to_owned()),
+        })?;
+        if disconnected > 0 && !attachments.wait_detached(ROLLBACK_DRAIN_TIMEOUT).await {
+            tracing::warn!(
+                volume = self.name(),
+                "clients still attached after the drain timeout"
+            );
+        }
+        let result = self.switch_head_to(&record);
+        attachments.reopen();
+        result?;
+        tracing::info!(
+            volume = self.name(),
+            snapshot = name,
+            disconnected,
+            "rolled back"
+        );
+        self.compact().await
+    }
+
+    fn switch_head_to(&self, record: &SnapshotRecord) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        let size_bytes = state
+            .manifest
+            .layer(&record.layer)
+            .map_or(0, |l| l.size_bytes);
+        let new_head = layer::new_layer_id()?;
+        let layer = Layer::create(&self.dir, &new_head, size_bytes)?;
+        let mut next = state.manifest.clone();
+        next.layers.push(LayerRecord {
+            id: new_head.clone(),
+            parent: Some(record.layer.clone()),
+            size_bytes,
+        });
+        next.head = new_head.clone();
+        next.size_bytes = size_bytes;
+        state.layers.insert(new_head, Arc::new(layer));
+        self.commit(&mut state, next)?;
+        self.volume.publish_size(size_bytes);
+        Ok(())
+    }
+
+    /// Merges or drops layers that no view needs on their own, until none is left worth it.
+    /// The caller holds `admin`.
+    async fn compact(&self) -> Result<(), StorageError> {
+        while let Some(id) = self.next_to_eliminate() {
+            self.eliminate(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// A redundant layer worth removing. One whose only child is the live head stays when it
+    /// holds more than the head: folding it up would copy more than it frees, and the head's
+    /// writes keep shadowing it either way.
+    fn next_to_eliminate(&self) -> Option<String> {
+        let state = self.lock();
+        let manifest = &state.manifest;
+        manifest.redundant_layers().into_iter().find(|id| {
+            let children = manifest.children(id);
+            if children.first() != Some(&manifest.head) {
+                return true;
+            }
+            let held = |id: &str| state.layers.get(id).map_or(0, |l| l.map().present_blocks());
+            held(id) <= held(&manifest.head)
+        })
+    }
+
+    /// Removes redundant layer `id`: dropped outright when nothing is above it, otherwise
+    /// merged with its only child. Into a frozen child the copy goes from whichever of the two
+    /// holds fewer blocks; into the live head, the layer's blocks fill what the head lacks.
+    async fn eliminate(&self, id: &str) -> Result<(), StorageError> {
+        let manifest = self.manifest();
+        let children = manifest.children(id);
+        let Some(child) = children.first().cloned() else {
+            let mut state = self.lock();
+            let mut next = state.manifest.clone();
+            next.layers.retain(|l| l.id != id);
+            self.commit(&mut state, next)?;
+            remove_layer_files(&self.dir, id);
+            return Ok(());
+        };
+        let (lower, upper) = {
+            let state = self.lock();
+            (
+                Arc::clone(&state.layers[id]),
+                Arc::clone(&state.layers[&child]),
+            )
+        };
+        // Copying the upper layer down rewrites the lower layer in place: only allowed when no
+        // other volume (a clone) links it, both describe the same size, and nothing writes the
+        // upper one.
+        let copy_down = child != manifest.head
+            && lower.is_exclusive()
+            && lower.size_bytes() == upper.size_bytes()
+            && upper.map().present_blocks() < lower.map().present_blocks();
+        let merge = if copy_down {
+            MergeRecord {
+                victim: child,
+                survivor: id.to_owned(),
+                survivor_is_lower: true,
+            }
+        } else {
+            MergeRecord {
+                victim: id.to_owned(),
+                survivor: child,
+                survivor_is_lower: false,
+            }
+        };
+        {
+            let mut state = self.lock();
+            let mut next = state.manifest.clone();
+            next.merge = Some(merge);
+            self.commit(&mut state, next)?;
+        }
+        self.finish_merge().await
+    }
+
+    /// Carries out the merge the manifest records, if any, then records its end. Safe to run
+    /// again on a merge interrupted at any point.
+    pub async fn finish_merge(&self) -> Result<(), StorageError> {
+        let manifest = self.manifest();
+        let Some(merge) = manifest.merge.clone() else {
+            return Ok(());
+        };
+        let (victim, survivor) = {
+            let state = self.lock();
+            (
+                Arc::clone(&state.layers[&merge.victim]),
+                Arc::clone(&state.layers[&merge.survivor]),
+            )
+        };
+        let started = std::time::Instant::now();
+        let into_head = merge.survivor == manifest.head;
+        let copied_blocks = self
+            .copy_blocks(&victim, &survivor, merge.survivor_is_lower, into_head)
+            .await?;
+        survivor.sync(&self.engine).await?;
+        {
+            let mut state = self.lock();
+            let next = merged(&state.manifest, &merge);
+            self.commit(&mut state, next)?;
+        }
+        remove_layer_files(&self.dir, &merge.victim);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            volume = self.name(),
+            copied_bytes = copied_blocks * BLOCK_BYTES,
+            merge_secs = secs,
+            "merged layers"
+        );
+        Ok(())
+    }
+
+    /// Copies the victim's blocks into the survivor. Survivor below: every present block of
+    /// the victim overwrites it. Survivor above: only blocks the survivor lacks are filled. A
+    /// live head survivor is written under its gate and stripes, re-checking each block, so a
+    /// client's write to the same block always wins.
+    async fn copy_blocks(
+        &self,
+        victim: &Layer,
+        survivor: &Layer,
+        survivor_is_lower: bool,
+        into_head: bool,
+    ) -> Result<u64, StorageError> {
+        let end = victim.blocks().min(survivor.blocks());
+        let mut copied_blocks = 0;
+        for (run_start, run_end, state) in victim.map().present_runs(0, end) {
+            let mut start = run_start;
+            while start < run_end {
+                let stop = (start + MERGE_STEP_BLOCKS).min(run_end);
+                copied_blocks += if into_head {
+                    let writer = self
+                        .volume
+                        .writer()
+                        .expect("a head belongs to a writable volume");
+                    let _gate = writer.gate.read().await;
+                    let _locks = writer.lock_blocks(start, stop).await;
+                    self.copy_step(victim, survivor, start, stop, state, survivor_is_lower)
+                        .await?
+                } else {
+                    self.copy_step(victim, survivor, start, stop, state, survivor_is_lower)
+                        .await?
+                };
+                start = stop;
+            }
+        }
+        Ok(copied_blocks)
+    }
+
+    async fn copy_step(
+        &self,
+        victim: &Layer,
+        survivor: &Layer,
+        start: u64,
+        stop: u64,
+        state: BlockState,
+        overwrite: bool,
+    ) -> Result<u64, StorageError> {
+        // The sub-runs to copy: all of it, or the blocks the survivor lacks.
+        let mut targets: Vec<(u64, u64)> = Vec::new();
+        for block in start..stop {
+            if overwrite || survivor.state(block) == BlockState::Absent {
+                match targets.last_mut() {
+                    Some(run) if run.1 == block => run.1 += 1,
+                    _ => targets.push((block, block + 1)),
+                }
+            }
+        }
+        let mut copied = 0;
+        for (a, z) in targets {
+            let (offset_bytes, length_bytes) = (a * BLOCK_BYTES, (z - a) * BLOCK_BYTES);
+            if state == BlockState::Data {
+                let buf = BytesMut::zeroed(length_bytes as usize);
+                let (buf, result) = self
+                    .engine
+                    .read_exact_at(victim.data(), offset_bytes, buf)
+                    .await;
+                result
+                    .map_err(|e| StorageError::io("merge read", offset_bytes, length_bytes, e))?;
+                self.engine
+                    .write_all_at(survivor.data(), offset_bytes, buf.freeze(), false)
+                    .await
+                    .map_err(|e| StorageError::io("merge write", offset_bytes, length_bytes, e))?;
+            } else {
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let _ = self
+                    .engine
+                    .fallocate(survivor.data(), punch, offset_bytes, length_bytes)
+                    .await;
+            }
+            survivor.set_range(a, z, state);
+            copied += z - a;
+        }
+        Ok(copied)
+    }
+}
+
+/// The tree once `merge` is done: the victim leaves and the survivor takes its place.
+fn merged(manifest: &VolumeManifest, merge: &MergeRecord) -> VolumeManifest {
+    let mut next = manifest.clone();
+    next.merge = None;
+    let victim_parent = manifest.layer(&merge.victim).and_then(|l| l.parent.clone());
+    if merge.survivor_is_lower {
+        // The survivor (below) now holds the victim's view: re-point the victim's children and
+        // snapshots at it.
+        for layer in &mut next.layers {
+            if layer.parent.as_deref() == Some(merge.victim.as_str()) {
+                layer.parent = Some(merge.survivor.clone());
+            }
+        }
+        for snapshot in &mut next.snapshots {
+            if snapshot.layer == merge.victim {
+                snapshot.layer = merge.survivor.clone();
+            }
+        }
+        if next.head == merge.victim {
+            next.head = merge.survivor.clone();
+        }
+    } else if let Some(survivor) = next.layers.iter_mut().find(|l| l.id == merge.survivor) {
+        survivor.parent = victim_parent;
+    }
+    next.layers.retain(|l| l.id != merge.victim);
+    next
+}
+
+fn remove_layer_files(dir: &std::path::Path, id: &str) {
+    for path in [layer::data_path(dir, id), layer::map_path(dir, id)] {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing a merged layer's file failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, parent: Option<&str>) -> LayerRecord {
+        LayerRecord {
+            id: id.into(),
+            parent: parent.map(Into::into),
+            size_bytes: 4096,
+        }
+    }
+
+    fn tree() -> VolumeManifest {
+        VolumeManifest {
+            format_version: 2,
+            name: "v".into(),
+            uuid: "u".into(),
+            size_bytes: 4096,
+            created_unix_secs: 0,
+            head: "c".into(),
+            layers: vec![
+                record("a", None),
+                record("b", Some("a")),
+                record("c", Some("b")),
+            ],
+            snapshots: vec![SnapshotRecord {
+                name: "s".into(),
+                layer: "b".into(),
+                created_unix_secs: 0,
+            }],
+            merge: None,
+        }
+    }
+
+    #[test]
+    fn merging_up_drops_the_lower_layer_and_reparents_the_survivor() {
+        let next = merged(
+            &tree(),
+            &MergeRecord {
+                victim: "a".into(),
+                survivor: "b".into(),
+                survivor_is_lower: false,
+            },
+        );
+        assert_eq!(next.ancestry("c").unwrap(), ["c", "b"]);
+        next.check().unwrap();
+    }
+
+    #[test]
+    fn merging_down_moves_children_and_snapshots_to_the_survivor() {
+        let next = merged(
+            &tree(),
+            &MergeRecord {
+                victim: "b".into(),
+                survivor: "a".into(),
+                survivor_is_lower: true,
+            },
+        );
+        assert_eq!(next.ancestry("c").unwrap(), ["c", "a"]);
+        assert_eq!(next.snapshot("s").unwrap().layer, "a");
+        next.check().unwrap();
+    }
+}
