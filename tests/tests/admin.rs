@@ -213,7 +213,12 @@ fn resize_grows_online_and_refuses_unsafe_shrinks() {
     d.kill9();
     d.restart();
     assert_eq!(export_size(&d, "v"), 32 * MIB);
-    let file = d.data_dir().join("volumes/v/data.img");
+    // The head layer's data file (named in the manifest) holds exactly the new size.
+    let dir = d.data_dir().join("volumes/v");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("volume.json")).unwrap()).unwrap();
+    let head = manifest["head"].as_str().unwrap();
+    let file = dir.join(format!("{head}.data"));
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 32 * MIB);
     qemu_io(&d.tcp_uri("v"), &["read -P 0x77 0 1M", "read -P 0 1M 31M"]);
 }
