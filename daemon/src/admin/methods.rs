@@ -216,8 +216,8 @@ async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, Admin
                     format!("from_snapshot {source:?} is not VOL@SNAP"),
                 ));
             };
-            let (volume, snapshot) = (volume.to_owned(), snapshot.to_owned());
-            blocking(move || registry.create_from_snapshot(&params.name, &volume, &snapshot))
+            registry
+                .create_from_snapshot(&params.name, volume, snapshot)
                 .await?
         }
         _ => {

@@ -224,6 +224,7 @@ impl Harness {
                 let clone = self.fresh("c");
                 self.registry
                     .create_from_snapshot(&clone, &name, &snap)
+                    .await
                     .unwrap();
                 self.model.insert(
                     clone,

@@ -89,7 +89,7 @@ impl Registry {
     /// Creates `name` as a clone of `source@snapshot`: an independent volume whose bottom
     /// layers are hard links of the snapshot's frozen layers (never written again, so sharing
     /// them is safe) under a new empty head. O(layers), not O(size).
-    pub fn create_from_snapshot(
+    pub async fn create_from_snapshot(
         &self,
         name: &str,
         source: &str,
@@ -100,6 +100,9 @@ impl Registry {
         let entry = self
             .entry(source)
             .ok_or_else(|| StorageError::NotFound(source.to_owned()))?;
+        // No merge may move or rewrite the source's layers while they are being linked. The
+        // filesystem work below is a few links and one small fsync: done in place.
+        let _admin = entry.admin.lock().await;
         let source_manifest = entry.manifest();
         let record = source_manifest
             .snapshot(snapshot)

@@ -273,34 +273,44 @@ impl Volume {
         {
             let _gate = writer.gate.read().await;
             let chain = self.chain();
-            let end_bytes = offset_bytes + data.len() as u64;
-            let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
-            let end_full = end_bytes / BLOCK_BYTES;
-            if first_full > end_full {
-                // Inside one block, touching neither of its edges.
-                self.write_partial(writer, &chain, offset_bytes, data)
-                    .await?;
-            } else {
-                let lead_bytes = (first_full * BLOCK_BYTES - offset_bytes) as usize;
-                let tail_bytes = (end_bytes - end_full * BLOCK_BYTES) as usize;
-                if lead_bytes > 0 {
-                    self.write_partial(writer, &chain, offset_bytes, data.slice(..lead_bytes))
-                        .await?;
-                }
-                if end_full > first_full {
-                    let middle = data.slice(lead_bytes..data.len() - tail_bytes);
-                    self.write_blocks(writer, &chain, first_full, middle)
-                        .await?;
-                }
-                if tail_bytes > 0 {
-                    let tail = data.slice(data.len() - tail_bytes..);
-                    self.write_partial(writer, &chain, end_full * BLOCK_BYTES, tail)
-                        .await?;
-                }
-            }
+            self.write_in(writer, &chain, offset_bytes, data).await?;
         }
         if fua {
             self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// A write split into a partial first block, whole blocks, and a partial last block. The
+    /// caller holds the gate, so the whole write lands in one head.
+    async fn write_in(
+        &self,
+        writer: &Writer,
+        chain: &Chain,
+        offset_bytes: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        let end_bytes = offset_bytes + data.len() as u64;
+        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end_full = end_bytes / BLOCK_BYTES;
+        if first_full > end_full {
+            // Inside one block, touching neither of its edges.
+            return self.write_partial(writer, chain, offset_bytes, data).await;
+        }
+        let lead_bytes = (first_full * BLOCK_BYTES - offset_bytes) as usize;
+        let tail_bytes = (end_bytes - end_full * BLOCK_BYTES) as usize;
+        if lead_bytes > 0 {
+            self.write_partial(writer, chain, offset_bytes, data.slice(..lead_bytes))
+                .await?;
+        }
+        if end_full > first_full {
+            let middle = data.slice(lead_bytes..data.len() - tail_bytes);
+            self.write_blocks(writer, chain, first_full, middle).await?;
+        }
+        if tail_bytes > 0 {
+            let tail = data.slice(data.len() - tail_bytes..);
+            self.write_partial(writer, chain, end_full * BLOCK_BYTES, tail)
+                .await?;
         }
         Ok(())
     }
@@ -397,26 +407,38 @@ impl Volume {
         fua: bool,
     ) -> Result<(), StorageError> {
         let writer = self.writable()?;
-        let end_bytes = offset_bytes + length_bytes;
-        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
-        let end_full = end_bytes / BLOCK_BYTES;
-        // Partial blocks at the edges are written as zero bytes.
-        let zero_bytes = |from: u64, to: u64| Bytes::from(vec![0u8; (to - from) as usize]);
-        if first_full > end_full {
-            self.write(offset_bytes, zero_bytes(offset_bytes, end_bytes), false)
+        {
+            // One gate for the whole request: a snapshot sees all of it or none of it.
+            let _gate = writer.gate.read().await;
+            let chain = self.chain();
+            let end_bytes = offset_bytes + length_bytes;
+            let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+            let end_full = end_bytes / BLOCK_BYTES;
+            // Partial blocks at the edges are written as zero bytes.
+            let zeroes = |from: u64, to: u64| Bytes::from(vec![0u8; (to - from) as usize]);
+            if first_full > end_full {
+                self.write_in(
+                    writer,
+                    &chain,
+                    offset_bytes,
+                    zeroes(offset_bytes, end_bytes),
+                )
                 .await?;
-        } else {
-            if offset_bytes < first_full * BLOCK_BYTES {
-                let to = first_full * BLOCK_BYTES;
-                self.write(offset_bytes, zero_bytes(offset_bytes, to), false)
-                    .await?;
-            }
-            if end_full * BLOCK_BYTES < end_bytes {
-                let from = end_full * BLOCK_BYTES;
-                self.write(from, zero_bytes(from, end_bytes), false).await?;
-            }
-            if end_full > first_full {
-                self.zero_blocks(writer, first_full, end_full, mode).await?;
+            } else {
+                let lead_end = first_full * BLOCK_BYTES;
+                if offset_bytes < lead_end {
+                    self.write_in(writer, &chain, offset_bytes, zeroes(offset_bytes, lead_end))
+                        .await?;
+                }
+                let tail_start = end_full * BLOCK_BYTES;
+                if tail_start < end_bytes {
+                    self.write_in(writer, &chain, tail_start, zeroes(tail_start, end_bytes))
+                        .await?;
+                }
+                if end_full > first_full {
+                    self.zero_blocks(writer, &chain, first_full, end_full, mode)
+                        .await?;
+                }
             }
         }
         if fua {
@@ -428,17 +450,16 @@ impl Volume {
     async fn zero_blocks(
         &self,
         writer: &Writer,
+        chain: &Chain,
         start: u64,
         end: u64,
         mode: ZeroMode,
     ) -> Result<(), StorageError> {
-        let _gate = writer.gate.read().await;
-        let chain = self.chain();
         let head = chain.top();
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
         if mode.may_trim {
-            self.deallocate(&chain, start, end).await;
+            self.deallocate(chain, start, end).await;
             return Ok(());
         }
         // NO_HOLE: the head keeps allocated blocks that read as zeroes.
