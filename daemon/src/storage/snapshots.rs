@@ -221,7 +221,63 @@ impl VolumeEntry {
         while let Some(id) = self.next_to_eliminate() {
             self.eliminate(&id).await?;
         }
+        if self.prune_below_head().await? {
+            while let Some(id) = self.next_to_eliminate() {
+                self.eliminate(&id).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Gives back the space of blocks in the layer right below the head that the head
+    /// shadows, when no view but the volume's reads that layer (no snapshot on it, the head its
+    /// only child, no clone linking it). Costs O(blocks the head holds). True if it ran.
+    async fn prune_below_head(&self) -> Result<bool, StorageError> {
+        let (head, below) = {
+            let state = self.lock();
+            let manifest = &state.manifest;
+            let Some(below_id) = manifest
+                .layer(&manifest.head)
+                .and_then(|l| l.parent.clone())
+            else {
+                return Ok(false);
+            };
+            let anonymous = !manifest.snapshots.iter().any(|s| s.layer == below_id);
+            if !anonymous || manifest.children(&below_id).len() != 1 {
+                return Ok(false);
+            }
+            (
+                Arc::clone(&state.layers[&manifest.head]),
+                Arc::clone(&state.layers[&below_id]),
+            )
+        };
+        if !below.is_exclusive() {
+            return Ok(false);
+        }
+        let end = head.blocks().min(below.blocks());
+        let mut pruned_blocks = 0;
+        // Head blocks never go back to absent, so what they shadow stays shadowed.
+        for (a, z, _) in head.map().present_runs(0, end) {
+            for (b, c, _) in below.map().present_runs(a, z) {
+                below.set_range(b, c, BlockState::Absent);
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let (offset_bytes, length_bytes) = (b * BLOCK_BYTES, (c - b) * BLOCK_BYTES);
+                let _ = self
+                    .engine
+                    .fallocate(below.data(), punch, offset_bytes, length_bytes)
+                    .await;
+                pruned_blocks += c - b;
+            }
+        }
+        below.sync(&self.engine).await?;
+        if pruned_blocks > 0 {
+            tracing::info!(
+                volume = self.name(),
+                freed_bytes = pruned_blocks * BLOCK_BYTES,
+                "pruned blocks the head shadows"
+            );
+        }
+        Ok(true)
     }
 
     /// A redundant layer worth removing. One whose only child is the live head stays when it
