@@ -296,7 +296,17 @@ pub fn nbdsh(script: &str) -> String {
 /// reported a failure. (qemu-io exits 0 when an `aio_read -P` pattern check
 /// fails, so the output is searched as well.) Returns stdout+stderr.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut args: Vec<String> = vec!["-f".into(), "raw".into(), uri.into()];
+    qemu_io_with(&[], uri, cmds)
+}
+
+/// [`qemu_io`] with `-r`: qemu refuses to open a read-only export (a snapshot) read-write.
+pub fn qemu_io_read_only(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_with(&["-r"], uri, cmds)
+}
+
+fn qemu_io_with(options: &[&str], uri: &str, cmds: &[&str]) -> String {
+    let mut args: Vec<String> = options.iter().map(|o| (*o).to_owned()).collect();
+    args.extend(["-f".into(), "raw".into(), uri.into()]);
     for c in cmds {
         args.push("-c".into());
         args.push((*c).into());
@@ -937,4 +947,14 @@ impl Drop for Daemon {
             panic!("{}", peer::PEER_MODE_FAILURE);
         }
     }
+}
+
+/// `nbdinfo --list --json` against `addr`: the export objects, in the server's order.
+pub fn nbdinfo_list_json(addr: SocketAddr) -> Vec<serde_json::Value> {
+    let out = run_stdout("nbdinfo", &["--list", "--json", &format!("nbd://{addr}")]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    v["exports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no exports array: {v:#}"))
+        .clone()
 }

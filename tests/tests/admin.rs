@@ -18,14 +18,7 @@ const EXIT_BUSY: i32 = 5;
 const EXIT_EXISTS: i32 = 6;
 
 fn exports(d: &Daemon) -> Vec<(String, u64)> {
-    let out = run_stdout(
-        "nbdinfo",
-        &["--list", "--json", &format!("nbd://{}", d.tcp_addr())],
-    );
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
-    v["exports"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no exports array: {v:#}"))
+    nbdinfo_list_json(d.tcp_addr())
         .iter()
         .map(|e| {
             (

@@ -300,35 +300,6 @@ fn assert_content(d: &Daemon, export: &str, want: &[u8]) {
     assert_same(&format!("export {export}"), &got, want);
 }
 
-/// `qemu-io -r` (read-only: qemu refuses to open a read-only export read-write): exit 0 and
-/// no command reporting a failure. Returns the output.
-fn qemu_io_ro(uri: &str, cmds: &[&str]) -> String {
-    require_tool("qemu-io");
-    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "raw".into(), uri.into()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push((*c).into());
-    }
-    let out = run("qemu-io", &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bad: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("failed") || l.contains("error") || l.contains("mismatch")
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "qemu-io -r reported failures: {bad:?}\n{text}"
-    );
-    text
-}
-
 fn export_size(d: &Daemon, export: &str) -> u64 {
     let out = run_stdout("nbdinfo", &["--size", &d.unix_uri(export)]);
     out.trim()
@@ -338,16 +309,9 @@ fn export_size(d: &Daemon, export: &str) -> u64 {
 
 /// `nbdinfo --list --json`: name -> the export's JSON object.
 fn listed_exports(d: &Daemon) -> BTreeMap<String, Value> {
-    let out = run_stdout(
-        "nbdinfo",
-        &["--list", "--json", &format!("nbd://{}", d.tcp_addr())],
-    );
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
-    v["exports"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no exports array: {v:#}"))
-        .iter()
-        .map(|e| (e["export-name"].as_str().unwrap().to_owned(), e.clone()))
+    nbdinfo_list_json(d.tcp_addr())
+        .into_iter()
+        .map(|e| (e["export-name"].as_str().unwrap().to_owned(), e))
         .collect()
 }
 
@@ -519,7 +483,7 @@ fn snapshot_freezes_content_and_is_exported_read_only() {
     fill(&mut b, 8 * MIB, 64 * KIB, 0);
 
     // The snapshot reads A, through qemu over TCP and nbdcopy over the Unix socket.
-    qemu_io_ro(
+    qemu_io_read_only(
         &d.tcp_uri("vol0@s1"),
         &[
             "read -P 0xa1 0 1M",
