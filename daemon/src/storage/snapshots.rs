@@ -85,13 +85,15 @@ impl VolumeEntry {
         let Some(writer) = self.volume.writer() else {
             return Err(StorageError::ReadOnly(self.name().to_owned()));
         };
+        // The new head's files are made before writes are held: the size cannot change
+        // meanwhile (resize waits for `admin`, which the caller holds).
+        let size_bytes = self.manifest().size_bytes;
+        let new_head = layer::new_layer_id()?;
+        let layer = Layer::create(&self.dir, &new_head, size_bytes)?;
         let frozen = {
             let _gate = writer.gate.write().await;
             let mut state = self.lock();
             let old_head = state.manifest.head.clone();
-            let size_bytes = state.manifest.size_bytes;
-            let new_head = layer::new_layer_id()?;
-            let layer = Layer::create(&self.dir, &new_head, size_bytes)?;
             let mut next = state.manifest.clone();
             next.layers.push(LayerRecord {
                 id: new_head.clone(),

@@ -77,8 +77,9 @@ impl std::fmt::Debug for BlockMap {
 
 impl BlockMap {
     /// Maps `file`, which must be at least [`map_file_bytes`]`(blocks)` long, and builds the
-    /// summary and counters from its contents.
-    pub fn open(file: &File, blocks: u64) -> std::io::Result<BlockMap> {
+    /// summary and counters from its contents, unless the caller knows it `empty` (just
+    /// created), which keeps a new layer O(1) whatever its size.
+    pub fn open(file: &File, blocks: u64, empty: bool) -> std::io::Result<BlockMap> {
         let words_len = blocks.div_ceil(BLOCKS_PER_WORD) as usize;
         let file_len = file.metadata()?.len();
         if file_len < words_len as u64 * 8 {
@@ -104,7 +105,9 @@ impl BlockMap {
             present_blocks: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
         };
-        map.rebuild_summary();
+        if !empty {
+            map.rebuild_summary();
+        }
         Ok(map)
     }
 
@@ -320,7 +323,7 @@ mod tests {
     #[test]
     fn states_round_trip_and_persist() {
         let (_dir, file) = map_file(2000);
-        let map = BlockMap::open(&file, 2000).unwrap();
+        let map = BlockMap::open(&file, 2000, true).unwrap();
         assert_eq!(map.state(5), BlockState::Absent);
         map.set_range(3, 40, BlockState::Data);
         map.set_range(10, 12, BlockState::Zero);
@@ -340,7 +343,7 @@ mod tests {
             ]
         );
         drop(map);
-        let again = BlockMap::open(&file, 2000).unwrap();
+        let again = BlockMap::open(&file, 2000, false).unwrap();
         assert_eq!(again.state(11), BlockState::Zero);
         assert_eq!(again.present_blocks(), 37);
         assert_eq!(again.state(1999), BlockState::Absent);
@@ -350,7 +353,7 @@ mod tests {
     #[test]
     fn short_map_file_is_refused() {
         let (_dir, file) = map_file(10);
-        assert!(BlockMap::open(&file, 10_000).is_err());
+        assert!(BlockMap::open(&file, 10_000, false).is_err());
     }
 
     proptest! {
@@ -360,7 +363,7 @@ mod tests {
         fn matches_a_vec_model(ops in proptest::collection::vec((0u64..3000, 0u64..700, 0u8..3), 1..40)) {
             let blocks = 3000;
             let (_dir, file) = map_file(blocks);
-            let map = BlockMap::open(&file, blocks).unwrap();
+            let map = BlockMap::open(&file, blocks, true).unwrap();
             let mut model = vec![BlockState::Absent; blocks as usize];
             for (start, len, s) in ops {
                 let state = BlockState::from_bits(u64::from(s));

@@ -57,20 +57,21 @@ fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
 }
 
 impl Layer {
-    /// Creates an empty layer's two files, sized and fsynced (the caller fsyncs the folder).
+    /// Creates an empty layer's two files, sized. Not fsynced: the manifest that names the layer
+    /// is written afterwards with an fsync of the folder, which makes the new names durable, and
+    /// a file whose length was lost in a crash is grown back by [`Layer::open`]. O(1) whatever
+    /// the size (both files are sparse and the new map is known to be empty).
     pub fn create(dir: &Path, id: &str, size_bytes: u64) -> Result<Layer, StorageError> {
         let data_path = data_path(dir, id);
         let map_path = map_path(dir, id);
         let data = open_rw(&data_path, true)?;
         data.set_len(size_bytes)
-            .and_then(|()| data.sync_all())
             .map_err(|e| StorageError::fs("size", &data_path, e))?;
         let map_file = open_rw(&map_path, true)?;
         map_file
             .set_len(blockmap::map_file_bytes(blocks_for(size_bytes)))
-            .and_then(|()| map_file.sync_all())
             .map_err(|e| StorageError::fs("size", &map_path, e))?;
-        Layer::from_files(id, size_bytes, data, map_file, &map_path)
+        Layer::from_files(id, size_bytes, data, map_file, &map_path, true)
     }
 
     /// Opens an existing layer, growing its files if a crash left them short (a short data file
@@ -95,7 +96,7 @@ impl Layer {
                 .set_len(map_bytes)
                 .map_err(|e| StorageError::fs("size", &map_path, e))?;
         }
-        Layer::from_files(id, size_bytes, data, map_file, &map_path)
+        Layer::from_files(id, size_bytes, data, map_file, &map_path, false)
     }
 
     fn from_files(
@@ -104,8 +105,9 @@ impl Layer {
         data: File,
         map_file: File,
         map_path: &Path,
+        empty: bool,
     ) -> Result<Layer, StorageError> {
-        let map = BlockMap::open(&map_file, blocks_for(size_bytes))
+        let map = BlockMap::open(&map_file, blocks_for(size_bytes), empty)
             .map_err(|e| StorageError::fs("map", map_path, e))?;
         Ok(Layer {
             id: id.to_owned(),
@@ -156,7 +158,7 @@ impl Layer {
             .map_file
             .try_clone()
             .map_err(|e| StorageError::fs("dup", &map_path, e))?;
-        Layer::from_files(&self.id, size_bytes, data, map_file, &map_path)
+        Layer::from_files(&self.id, size_bytes, data, map_file, &map_path, false)
     }
 
     pub fn id(&self) -> &str {
