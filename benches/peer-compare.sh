@@ -224,7 +224,11 @@ echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s" > "
 # (this VM reclaims idle cache, which would otherwise turn some servers' reads into disk reads).
 settle() {
   local backing=$IMG
-  [ "$1" = evsd ] && backing=$WORKDIR/evsd-data/volumes/bench/data.img
+  if [ "$1" = evsd ]; then
+    # The volume's head layer: its data file is named in the manifest.
+    local dir=$WORKDIR/evsd-data/volumes/bench
+    backing=$dir/$(jq -r .head "$dir/volume.json").data
+  fi
   sync
   cat "$backing" > /dev/null
 }
