@@ -128,6 +128,13 @@ impl VolumeManifest {
                 return Err(format!("layer {:?} has a broken parent chain", layer.id));
             }
         }
+        if let Some(merge) = &self.merge {
+            for id in [&merge.victim, &merge.survivor] {
+                if self.layer(id).is_none() {
+                    return Err(format!("the recorded merge names missing layer {id:?}"));
+                }
+            }
+        }
         for snapshot in &self.snapshots {
             if self.layer(&snapshot.layer).is_none() {
                 return Err(format!(
@@ -301,6 +308,13 @@ mod tests {
         assert!(m.check().is_err(), "a self-loop is refused");
         m.layers[0].parent = None;
         m.check().unwrap();
+        m.merge = Some(MergeRecord {
+            victim: "gone".into(),
+            survivor: "a".into(),
+            survivor_is_lower: false,
+        });
+        assert!(m.check().unwrap_err().contains("merge"));
+        m.merge = None;
         m.layers[0].id = "../x".into();
         m.head = "../x".into();
         assert!(m.check().unwrap_err().contains("plain"));
