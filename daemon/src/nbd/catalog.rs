@@ -52,7 +52,8 @@ pub fn export_info(volume: &Volume) -> ExportInfo {
         size_bytes: volume.size_bytes(),
         read_only: volume.is_read_only(),
         rotational: false,
-        fast_zero: volume.can_fast_zero() && !volume.is_read_only(),
+        // Zeroing that may deallocate is a map update: always fast on a writable volume.
+        fast_zero: !volume.is_read_only(),
         block_size: BlockSize::default(),
         meta_contexts,
     }

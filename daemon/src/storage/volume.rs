@@ -107,18 +107,14 @@ impl Volume {
         engine: IoEngine,
         buffers: Arc<BufferPool>,
     ) -> Volume {
-        Volume {
+        Volume::build(
             name,
-            size_bytes: AtomicU64::new(size_bytes),
-            identity: VolumeIdentity::default(),
-            attachments: Arc::new(Attachments::default()),
+            size_bytes,
+            chain,
             engine,
             buffers,
-            chain: RwLock::new(Arc::new(chain)),
-            writer: Some(Writer::default()),
-            bases: RwLock::new(Vec::new()),
-            fallocate_works: AtomicBool::new(true),
-        }
+            Some(Writer::default()),
+        )
     }
 
     /// A read-only view (a snapshot export) over `chain`.
@@ -129,9 +125,28 @@ impl Volume {
         engine: IoEngine,
         buffers: Arc<BufferPool>,
     ) -> Volume {
+        Volume::build(name, size_bytes, chain, engine, buffers, None)
+    }
+
+    fn build(
+        name: String,
+        size_bytes: u64,
+        chain: Chain,
+        engine: IoEngine,
+        buffers: Arc<BufferPool>,
+        writer: Option<Writer>,
+    ) -> Volume {
         Volume {
-            writer: None,
-            ..Volume::new(name, size_bytes, chain, engine, buffers)
+            name,
+            size_bytes: AtomicU64::new(size_bytes),
+            identity: VolumeIdentity::default(),
+            attachments: Arc::new(Attachments::default()),
+            engine,
+            buffers,
+            chain: RwLock::new(Arc::new(chain)),
+            writer,
+            bases: RwLock::new(Vec::new()),
+            fallocate_works: AtomicBool::new(true),
         }
     }
 
@@ -164,12 +179,6 @@ impl Volume {
     /// New connections negotiate this size from now on.
     pub fn publish_size(&self, size_bytes: u64) {
         self.size_bytes.store(size_bytes, Ordering::Release);
-    }
-
-    /// Whether WRITE_ZEROES with FAST_ZERO can succeed: zeroing that may deallocate is a map
-    /// update, always fast.
-    pub fn can_fast_zero(&self) -> bool {
-        true
     }
 
     pub fn chain(&self) -> Arc<Chain> {
