@@ -2,6 +2,7 @@
 
 mod activation;
 mod admin;
+mod backup;
 mod config;
 mod error;
 mod io;

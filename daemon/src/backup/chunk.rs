@@ -1,0 +1,1 @@
+//! Chunk objects: content id, compression, checksums.
