@@ -96,6 +96,20 @@ pub struct Args {
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub metrics_listen: Option<String>,
 
+    /// Where backups are stored: file:///DIR or s3://BUCKET/PREFIX (S3 endpoint, region and
+    /// credentials from the AWS_* environment variables or the config file)
+    /// [default: file://DATA_DIR/backups].
+    #[arg(long, value_name = "URL")]
+    pub backup_store: Option<String>,
+
+    /// Chunks a backup, restore or verify job transfers at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub backup_upload_concurrency: Option<usize>,
+
+    /// Upload bandwidth limit for backups in MiB/s, 0 for none [default: 0].
+    #[arg(long, value_name = "MIB")]
+    pub backup_rate_limit_mib_per_sec: Option<u64>,
+
     /// Log format: human or json [default: human].
     #[arg(long, value_name = "human|json")]
     pub log_format: Option<String>,

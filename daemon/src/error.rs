@@ -23,6 +23,8 @@ pub enum StorageError {
     SnapshotNotFound { volume: String, name: String },
     #[error("snapshot {volume:?}@{name:?} already exists")]
     SnapshotExists { volume: String, name: String },
+    #[error("snapshot {volume:?}@{name:?} is being read by a backup job; try again when it ends")]
+    SnapshotInUse { volume: String, name: String },
     #[error("export {0:?} is read-only")]
     ReadOnly(String),
     #[error("volume {name:?} has {connections} connected client(s)")]
@@ -99,9 +101,9 @@ impl StorageError {
                 .map_or(Errno::Io, Errno::from_host_errno),
             StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
             StorageError::ReadOnly(_) => Errno::Perm,
-            StorageError::SnapshotNotFound { .. } | StorageError::SnapshotExists { .. } => {
-                Errno::Inval
-            }
+            StorageError::SnapshotNotFound { .. }
+            | StorageError::SnapshotExists { .. }
+            | StorageError::SnapshotInUse { .. } => Errno::Inval,
             StorageError::InvalidName(_)
             | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)

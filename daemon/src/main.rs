@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::activation::Inherited;
 use crate::admin::server::AdminListener;
 use crate::admin::{AdminContext, ListenerAddresses};
+use crate::backup::store::BackupStore;
+use crate::backup::{BackupConfig, Backups};
 use crate::config::Args;
 use crate::io::{EngineConfig, IoEngine};
 use crate::metrics::http::MetricsListener;
@@ -41,6 +43,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Size of the volume created on a first start.
 const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+/// zstd level for backup chunks: level 1 keeps compression well above disk and network speed.
+const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -142,8 +146,32 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin socket {}", path.display()))?
         }
     };
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let store_url = match &settings.backup_store {
+        Some(url) => url.clone(),
+        None => BackupStore::default_url(&settings.data_dir)?,
+    };
+    let backups = Backups::open(
+        &settings.data_dir,
+        BackupConfig {
+            store_url,
+            s3: settings.backup_s3.clone(),
+            upload_concurrency: settings.backup_upload_concurrency,
+            rate_limit_bytes_per_sec: settings.backup_rate_limit_bytes_per_sec,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        },
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    )
+    .context("opening the backup store")?;
+    backups.spawn_metrics_updates();
+    tracing::info!(url = backups.store_url(), "backup store");
+    backups.resume().await;
     let admin_context = Arc::new(AdminContext {
         registry: Arc::clone(&registry),
+        backups,
         started,
         listeners: ListenerAddresses {
             tcp: listeners.tcp_addr().map(|a| a.to_string()),
@@ -156,7 +184,6 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         io_engine,
     });
     // Handlers go in before anyone is told we are ready, so an early SIGTERM is a clean stop.
-    let shutdown = CancellationToken::new();
     let signals = Signals::install().context("installing SIGTERM/SIGINT handlers")?;
     tokio::spawn(signals.wait(shutdown.clone()));
     announce(&settings, &listeners, metrics_addr, &registry)?;
@@ -167,7 +194,6 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         admin_context.io_engine
     ));
 
-    let metrics = Arc::new(Metrics::new());
     let serve_metrics = async {
         if let Some(listener) = metrics_listener {
             if let Some(addr) = metrics_addr {

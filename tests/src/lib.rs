@@ -14,6 +14,9 @@
 //! Missing external tools are a hard failure ([`require_tool`]); no test is
 //! ever skipped silently.
 
+pub mod admin;
+pub mod fio;
+pub mod metrics;
 pub mod peer;
 pub mod raw;
 

@@ -11,6 +11,10 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 4;
     pub const BUSY: u8 = 5;
     pub const ALREADY_EXISTS: u8 = 6;
+    /// A job evsctl waited for failed, or `backup verify` found bad chunks.
+    pub const JOB_FAILED: u8 = 7;
+    /// The backup store is unreachable (daemon error code `unavailable`).
+    pub const UNAVAILABLE: u8 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,9 @@ pub enum CliError {
     /// The daemon refused the request: `code` is its stable error code.
     #[error("{message}")]
     Daemon { code: String, message: String },
+    /// A job evsctl waited for ended in failure (or a verify found bad chunks).
+    #[error("job {job_id} failed: {error}")]
+    JobFailed { job_id: String, error: String },
 }
 
 impl CliError {
@@ -44,8 +51,10 @@ impl CliError {
                 "not_found" => exit::NOT_FOUND,
                 "busy" => exit::BUSY,
                 "already_exists" => exit::ALREADY_EXISTS,
+                "unavailable" => exit::UNAVAILABLE,
                 _ => exit::OTHER,
             },
+            CliError::JobFailed { .. } => exit::JOB_FAILED,
         }
     }
 }
@@ -64,6 +73,7 @@ mod tests {
         assert_eq!(daemon("not_found").exit_code(), 4);
         assert_eq!(daemon("busy").exit_code(), 5);
         assert_eq!(daemon("already_exists").exit_code(), 6);
+        assert_eq!(daemon("unavailable").exit_code(), 8);
         assert_eq!(daemon("internal").exit_code(), 1);
         assert_eq!(daemon("unknown_method").exit_code(), 1);
         let unreachable = CliError::Unreachable {
@@ -72,5 +82,11 @@ mod tests {
         };
         assert_eq!(unreachable.exit_code(), 3);
         assert!(unreachable.to_string().contains("/x"));
+        let failed = CliError::JobFailed {
+            job_id: "j-1".into(),
+            error: "store gone".into(),
+        };
+        assert_eq!(failed.exit_code(), 7);
+        assert_eq!(failed.to_string(), "job j-1 failed: store gone");
     }
 }

@@ -1,32 +1,39 @@
-//! `evsctl volume …`: create, list, show, resize, delete.
+//! `evsctl volume …`: create (empty, from a snapshot or from a backup), list, show, resize,
+//! delete.
 
 use clap::{ArgGroup, Subcommand};
 use serde_json::{json, Value};
 
+use crate::backup::job_in;
 use crate::client::Call;
 use crate::error::CliError;
+use crate::job::JobSlot;
 use crate::render::{fields, iec_size, table, utc_time};
 use crate::snapshot::parse_snapshot_ref;
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a sparse volume, or a clone of a snapshot, exported at once.
-    // Exactly one of --size / --from-snapshot: clap turns any other mix into a usage error
-    // naming both.
-    #[command(group = ArgGroup::new("source").required(true).args(["size", "from_snapshot"]))]
+    /// Create a sparse volume, a clone of a snapshot, or a volume restored from a backup,
+    /// exported at once.
+    // Exactly one of --size / --from-snapshot / --from-backup: clap turns any other mix into a
+    // usage error naming them.
+    #[command(group = ArgGroup::new("source").required(true).args(["size", "from_snapshot", "from_backup"]))]
     Create {
         name: String,
         /// Size: bytes, or with a K/M/G/T suffix (e.g. 10G); a multiple of 4096.
-        // Exactly one of --size / --from-snapshot: clap turns any other mix into a usage error.
-        #[arg(
-            long,
-            required_unless_present = "from_snapshot",
-            conflicts_with = "from_snapshot"
-        )]
+        #[arg(long)]
         size: Option<String>,
         /// Clone snapshot SNAP of volume VOL: an independent volume of the snapshot's size.
         #[arg(long, value_name = "VOL@SNAP", value_parser = parse_snapshot_ref)]
         from_snapshot: Option<String>,
+        /// Restore backup ID into the new volume (a restore job; see --wait).
+        #[arg(long, value_name = "ID")]
+        from_backup: Option<String>,
+        /// Wait for the restore job, drawing its progress on stderr; exit 7 if it fails.
+        // `requires` alone lets `--size 1G --wait` through (clap deems --from-backup's absence
+        // fine since the group conflicts with --size), hence the explicit conflicts.
+        #[arg(long, requires = "from_backup", conflicts_with_all = ["size", "from_snapshot"])]
+        wait: bool,
     },
     /// List volumes.
     List,
@@ -58,11 +65,17 @@ impl VolumeCommand {
                 name,
                 size,
                 from_snapshot,
-            } => match (size, from_snapshot) {
-                (Some(size), _) => ("volume.create", json!({"name": name, "size": size})),
-                (None, from_snapshot) => (
+                from_backup,
+                ..
+            } => match (size, from_snapshot, from_backup) {
+                (Some(size), _, _) => ("volume.create", json!({"name": name, "size": size})),
+                (None, Some(from_snapshot), _) => (
                     "volume.create",
                     json!({"name": name, "from_snapshot": from_snapshot}),
+                ),
+                (None, None, from_backup) => (
+                    "volume.create",
+                    json!({"name": name, "from_backup": from_backup}),
                 ),
             },
             VolumeCommand::List => ("volume.list", json!({})),
@@ -82,17 +95,34 @@ impl VolumeCommand {
         Call { method, params }
     }
 
+    /// Where the result carries the job to wait for, when this command waits.
+    pub fn waits(&self) -> Option<JobSlot> {
+        matches!(self, VolumeCommand::Create { wait: true, .. }).then_some(JobSlot::Job)
+    }
+
     pub fn render(&self, result: &Value) -> Result<String, CliError> {
         Ok(match self {
-            VolumeCommand::Create { from_snapshot, .. } => {
+            VolumeCommand::Create {
+                from_snapshot,
+                from_backup,
+                ..
+            } => {
                 let created = format!(
                     "created volume {} ({})",
                     text(result, "name")?,
                     iec_size(number(result, "size_bytes")?)
                 );
-                match from_snapshot {
-                    Some(source) => format!("{created} from snapshot {source}\n"),
-                    None => format!("{created}\n"),
+                match (from_snapshot, from_backup) {
+                    (Some(source), _) => format!("{created} from snapshot {source}\n"),
+                    (None, Some(backup)) => {
+                        let job = job_in(result)?;
+                        format!(
+                            "{created} from backup {backup}: restore job {} {}\n",
+                            job.id,
+                            job.state.as_str()
+                        )
+                    }
+                    (None, None) => format!("{created}\n"),
                 }
             }
             VolumeCommand::List => {
@@ -203,12 +233,16 @@ mod tests {
             name: "v".into(),
             size: Some("1G".into()),
             from_snapshot: None,
+            from_backup: None,
+            wait: false,
         };
         assert_eq!(sized.call().params, json!({"name": "v", "size": "1G"}));
         let clone = VolumeCommand::Create {
             name: "v".into(),
             size: None,
             from_snapshot: Some("vol0@daily".into()),
+            from_backup: None,
+            wait: false,
         };
         assert_eq!(clone.call().method, "volume.create");
         assert_eq!(
@@ -225,5 +259,30 @@ mod tests {
             sized.render(&result).unwrap(),
             "created volume v (1.0 GiB)\n"
         );
+    }
+
+    #[test]
+    fn create_from_a_backup_carries_a_job() {
+        let restore = VolumeCommand::Create {
+            name: "v".into(),
+            size: None,
+            from_snapshot: None,
+            from_backup: Some("b-1".into()),
+            wait: true,
+        };
+        assert_eq!(
+            restore.call().params,
+            json!({"name": "v", "from_backup": "b-1"})
+        );
+        assert_eq!(restore.waits(), Some(JobSlot::Job));
+        let mut result = json!({"name": "v", "size_bytes": 1u64 << 30, "connections": 0,
+                                "uuid": "u-1", "created_unix_secs": 0,
+                                "job": crate::job::tests::sample("j-1", "succeeded", 1, 1)});
+        assert_eq!(
+            restore.render(&result).unwrap(),
+            "created volume v (1.0 GiB) from backup b-1: restore job j-1 succeeded\n"
+        );
+        result.as_object_mut().unwrap().remove("job");
+        assert!(restore.render(&result).is_err());
     }
 }

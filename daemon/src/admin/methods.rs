@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::admin::backup_methods;
 use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
 use crate::admin::AdminContext;
 use crate::error::StorageError;
@@ -59,6 +60,9 @@ pub async fn dispatch(
             decode_params::<NoParams>(method, params)?;
             status(ctx)
         }
+        m if m.starts_with("backup.") || m.starts_with("job.") => {
+            backup_methods::dispatch(ctx, method, params).await
+        }
         other => Err(AdminError::new(
             ErrorCode::UnknownMethod,
             format!("unknown method {other:?}"),
@@ -85,6 +89,9 @@ struct CreateParams {
     /// `VOL@SNAP`: create the volume as a clone of that snapshot.
     #[serde(default)]
     from_snapshot: Option<String>,
+    /// A backup id: create the volume with the backup's size and restore it (a job).
+    #[serde(default)]
+    from_backup: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,7 +185,7 @@ fn entry(ctx: &AdminContext, name: &str) -> Result<Arc<VolumeEntry>, AdminError>
         .ok_or_else(|| StorageError::NotFound(name.to_owned()).into())
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
     serde_json::to_value(value).map_err(|e| {
         AdminError::new(
             ErrorCode::Internal,
@@ -204,6 +211,21 @@ async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, Admin
     // The name first: a bad name is the more useful complaint when both are wrong.
     validate_volume_name(&params.name)?;
     let registry = Arc::clone(&ctx.registry);
+    if let Some(backup_id) = &params.from_backup {
+        if params.size.is_some() || params.from_snapshot.is_some() {
+            return Err(AdminError::new(
+                ErrorCode::InvalidArgument,
+                "give exactly one of size, from_snapshot and from_backup",
+            ));
+        }
+        let job = ctx.backups.create_volume(&params.name, backup_id).await?;
+        let volume = find(ctx, &params.name)?;
+        let mut described = serde_json::to_value(describe(&volume))
+            .map_err(|e| AdminError::new(ErrorCode::Internal, e.to_string()))?;
+        described["job"] = serde_json::to_value(job)
+            .map_err(|e| AdminError::new(ErrorCode::Internal, e.to_string()))?;
+        return Ok(described);
+    }
     let volume = match (params.size, params.from_snapshot) {
         (Some(size), None) => {
             let size_bytes = size.to_bytes()?;

@@ -1,6 +1,7 @@
 //! The admin socket: newline-delimited JSON requests that manage volumes while the daemon runs.
 //! docs/admin-protocol.md is the contract; `evsctl` is its client.
 
+pub mod backup_methods;
 pub mod methods;
 pub mod protocol;
 pub mod server;
@@ -10,11 +11,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backup::Backups;
 use crate::storage::Registry;
 
 /// What the methods act on and report.
 pub struct AdminContext {
     pub registry: Arc<Registry>,
+    pub backups: Arc<Backups>,
     pub started: Instant,
     pub listeners: ListenerAddresses,
     pub io_engine: String,

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::backup::error::BackupError;
 use crate::error::StorageError;
 
 /// Bumped when a change would break an existing client.
@@ -25,6 +26,8 @@ pub enum ErrorCode {
     Internal,
     ParseError,
     UnknownMethod,
+    /// The backup store cannot be reached (or refuses us).
+    Unavailable,
 }
 
 /// A failed request: its code and a message naming what failed with which value.
@@ -50,6 +53,34 @@ impl From<StorageError> for AdminError {
     }
 }
 
+impl From<BackupError> for AdminError {
+    fn from(e: BackupError) -> AdminError {
+        AdminError::new(backup_error_code(&e), e.to_string())
+    }
+}
+
+/// The one place backup failures become admin error codes.
+pub fn backup_error_code(e: &BackupError) -> ErrorCode {
+    match e {
+        BackupError::Storage(storage) => error_code(storage),
+        BackupError::BackupNotFound(_) | BackupError::JobNotFound(_) => ErrorCode::NotFound,
+        BackupError::InvalidArgument(_)
+        | BackupError::BadStoreUrl { .. }
+        | BackupError::SizeMismatch { .. }
+        | BackupError::Manifest(crate::backup::manifest::ManifestError::InvalidBackupId(_)) => {
+            ErrorCode::InvalidArgument
+        }
+        BackupError::JobRunning(_) => ErrorCode::Busy,
+        BackupError::Store { .. } => ErrorCode::Unavailable,
+        BackupError::ChunkMissing { .. }
+        | BackupError::Chunk(_)
+        | BackupError::Manifest(_)
+        | BackupError::JobFile { .. }
+        | BackupError::LocalStore { .. }
+        | BackupError::Cancelled(_) => ErrorCode::Internal,
+    }
+}
+
 /// The one place storage failures become admin error codes.
 pub fn error_code(e: &StorageError) -> ErrorCode {
     match e {
@@ -63,7 +94,7 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         StorageError::AlreadyExists(_) | StorageError::SnapshotExists { .. } => {
             ErrorCode::AlreadyExists
         }
-        StorageError::Busy { .. } => ErrorCode::Busy,
+        StorageError::Busy { .. } | StorageError::SnapshotInUse { .. } => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }
         | StorageError::FastZeroUnsupported { .. }

@@ -1,5 +1,617 @@
 //! Backups (VBS): frozen snapshot data streamed to object storage as content-addressed chunks,
 //! restored from there. Reads storage's frozen layers; never on the NBD I/O path.
+//!
+//! `Backups` is the service the admin socket calls; each long operation runs as a [`job::Job`]
+//! in the background: `upload.rs` (backup), `restore.rs`, `verify.rs`; `gc.rs` collects
+//! chunks no manifest references. docs/backup-format.md describes what lands in the store.
 
+pub mod catalog;
 pub mod chunk;
+pub mod error;
+pub mod gc;
+pub mod job;
+pub mod locks;
 pub mod manifest;
+pub mod records;
+pub mod restore;
+pub mod retry;
+pub mod store;
+pub mod throttle;
+pub mod upload;
+pub mod verify;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backup::catalog::{BackupInfo, Catalog};
+use crate::backup::error::BackupError;
+use crate::backup::job::{new_job_id, Job, JobInfo, JobKind};
+use crate::backup::records::{BackupRecord, JobFiles, JobRecord, RestoreRecord};
+use crate::backup::store::{BackupStore, S3Options};
+use crate::backup::throttle::Throttle;
+use crate::error::StorageError;
+use crate::metrics::backup::{JobLabels, OutcomeLabels};
+use crate::metrics::Metrics;
+use crate::storage::attachments::CloseRefused;
+use crate::storage::entry::now_unix_secs;
+use crate::storage::Registry;
+
+/// Prefix of the snapshots backups take; the newest of each volume is kept as the base of its
+/// next incremental backup.
+pub const BACKUP_SNAPSHOT_PREFIX: &str = "vbs-";
+/// Finished jobs `job list` keeps showing.
+const FINISHED_JOBS_KEPT: usize = 100;
+/// How long a restore waits for the clients it disconnected to finish their requests.
+const RESTORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupConfig {
+    pub store_url: String,
+    pub s3: S3Options,
+    pub upload_concurrency: usize,
+    pub rate_limit_bytes_per_sec: Option<u64>,
+    pub zstd_level: i32,
+}
+
+pub struct Backups {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Arc<BackupStore>,
+    pub(crate) catalog: Catalog,
+    pub(crate) files: JobFiles,
+    pub(crate) config: BackupConfig,
+    pub(crate) throttle: Throttle,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) metrics: Arc<Metrics>,
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// Volumes with a backup or restore job running: one at a time per volume.
+    busy_volumes: Mutex<HashSet<String>>,
+    /// A GC was deferred by running backups: run it when they end.
+    gc_pending: AtomicBool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub deferred: bool,
+    pub reason: Option<String>,
+    pub manifests: u64,
+    pub chunks_kept: u64,
+    pub chunks_deleted: u64,
+    pub bytes_freed: u64,
+}
+
+impl Backups {
+    pub fn open(
+        data_dir: &Path,
+        config: BackupConfig,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Backups>, BackupError> {
+        let store = Arc::new(BackupStore::open(&config.store_url, &config.s3)?);
+        Ok(Arc::new(Backups {
+            registry,
+            catalog: Catalog::new(Arc::clone(&store)),
+            store,
+            files: JobFiles::open(data_dir)?,
+            throttle: Throttle::new(config.rate_limit_bytes_per_sec),
+            config,
+            shutdown,
+            metrics,
+            jobs: Mutex::new(BTreeMap::new()),
+            busy_volumes: Mutex::new(HashSet::new()),
+            gc_pending: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn store_url(&self) -> &str {
+        self.store.url()
+    }
+
+    /// Keeps the job series of the metrics endpoint current (each second) until shutdown.
+    pub fn spawn_metrics_updates(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => this.publish_metrics(),
+                    _ = this.shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    fn publish_metrics(&self) {
+        let m = self.metrics.backup();
+        let jobs: Vec<JobInfo> = self.jobs();
+        for info in jobs {
+            let labels = JobLabels {
+                job: info.id.clone(),
+                kind: serde_json::to_value(info.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                volume: info.volume.clone(),
+            };
+            let p = &info.progress;
+            let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            m.bytes_done.get_or_create(&labels).set(clamp(p.bytes_done));
+            m.bytes_total
+                .get_or_create(&labels)
+                .set(clamp(p.bytes_total));
+            m.bytes_uploaded
+                .get_or_create(&labels)
+                .set(clamp(p.bytes_uploaded));
+            m.rate_bytes_per_second
+                .get_or_create(&labels)
+                .set(clamp(p.rate_bytes_per_sec));
+            m.eta_seconds
+                .get_or_create(&labels)
+                .set(p.eta_secs.map_or(-1, clamp));
+            m.running
+                .get_or_create(&labels)
+                .set(i64::from(!info.state.is_finished()));
+        }
+    }
+
+    /// Restarts the jobs a crash or shutdown interrupted.
+    pub async fn resume(self: &Arc<Self>) {
+        for record in self.files.load_all() {
+            tracing::info!(job = record.job_id(), "resuming an interrupted job");
+            match record {
+                JobRecord::Backup(r) => {
+                    if !self.claim(&r.volume) {
+                        tracing::error!(job = %r.job_id, volume = %r.volume, "two unfinished jobs for one volume; dropping this one");
+                        self.files.remove(&r.job_id);
+                        continue;
+                    }
+                    let job = self.register(&r.job_id, JobKind::Backup, &r.volume, &r.backup_id);
+                    self.spawn_backup(job, r);
+                }
+                JobRecord::Restore(r) => {
+                    if !self.claim(&r.volume) {
+                        self.files.remove(&r.job_id);
+                        continue;
+                    }
+                    if let Some(entry) = self.registry.entry(&r.volume) {
+                        let _ = entry.volume().attachments().close(true);
+                    }
+                    let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
+                    self.spawn_restore(job, r);
+                }
+            }
+        }
+    }
+
+    fn claim(&self, volume: &str) -> bool {
+        self.busy_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.to_owned())
+    }
+
+    fn unclaim(&self, volume: &str) {
+        self.busy_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume);
+    }
+
+    fn register(&self, job_id: &str, kind: JobKind, volume: &str, backup_id: &str) -> Arc<Job> {
+        let job = Arc::new(Job::new(
+            job_id.to_owned(),
+            kind,
+            volume.to_owned(),
+            backup_id.to_owned(),
+        ));
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.insert(job_id.to_owned(), Arc::clone(&job));
+        // Forget the oldest finished jobs beyond the cap (ids sort by nothing useful, so by
+        // finish time).
+        let mut finished: Vec<(u64, String)> = jobs
+            .values()
+            .filter_map(|j| {
+                let info = j.info();
+                info.finished_unix_secs.map(|t| (t, info.id))
+            })
+            .collect();
+        if finished.len() > FINISHED_JOBS_KEPT {
+            finished.sort();
+            for (_, id) in &finished[..finished.len() - FINISHED_JOBS_KEPT] {
+                jobs.remove(id);
+            }
+        }
+        job
+    }
+
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<JobInfo> = jobs.values().map(|j| j.info()).collect();
+        out.sort_by(|a, b| (a.started_unix_secs, &a.id).cmp(&(b.started_unix_secs, &b.id)));
+        out
+    }
+
+    pub fn job(&self, id: &str) -> Result<Arc<Job>, BackupError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackupError::JobNotFound(id.to_owned()))
+    }
+
+    fn running_backup_count(&self) -> usize {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|j| j.kind == JobKind::Backup && !j.state().is_finished())
+            .count()
+    }
+
+    fn job_for_backup(&self, backup_id: &str) -> Option<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|j| j.kind == JobKind::Backup && j.backup_id == backup_id)
+            .cloned()
+    }
+
+    /// Starts one backup job per volume. Each volume's snapshot is taken before this returns,
+    /// so the backup holds every write acknowledged before the call.
+    pub async fn create(
+        self: &Arc<Self>,
+        volumes: &[String],
+        full: bool,
+        group_id: Option<String>,
+    ) -> Result<Vec<JobInfo>, BackupError> {
+        if volumes.is_empty() {
+            return Err(BackupError::InvalidArgument(
+                "name at least one volume to back up".into(),
+            ));
+        }
+        let mut unique = HashSet::new();
+        for volume in volumes {
+            if !unique.insert(volume) {
+                return Err(BackupError::InvalidArgument(format!(
+                    "volume {volume:?} named twice"
+                )));
+            }
+            if self.registry.entry(volume).is_none() {
+                return Err(StorageError::NotFound(volume.clone()).into());
+            }
+        }
+        let mut started = Vec::new();
+        for volume in volumes {
+            let entry = self
+                .registry
+                .entry(volume)
+                .ok_or_else(|| StorageError::NotFound(volume.clone()))?;
+            if !self.claim(volume) {
+                return Err(BackupError::JobRunning(volume.clone()));
+            }
+            let backup_id = manifest::new_backup_id(now_unix_secs());
+            let mut record = BackupRecord {
+                job_id: new_job_id(),
+                backup_id: backup_id.clone(),
+                volume: volume.clone(),
+                volume_uuid: entry.volume().identity().uuid.clone(),
+                snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
+                snapshot_taken: false,
+                full,
+                group_id: group_id.clone(),
+                started_unix_secs: now_unix_secs(),
+                done: Vec::new(),
+            };
+            let taken = async {
+                self.files.save(&JobRecord::Backup(record.clone()))?;
+                entry.create_snapshot(&record.snapshot).await?;
+                record.snapshot_taken = true;
+                self.files.save(&JobRecord::Backup(record.clone()))
+            }
+            .await;
+            if let Err(e) = taken {
+                self.files.remove(&record.job_id);
+                self.unclaim(volume);
+                return Err(e);
+            }
+            let job = self.register(&record.job_id, JobKind::Backup, volume, &backup_id);
+            tracing::info!(job = %record.job_id, backup = %backup_id, volume, full, "backup started");
+            started.push(job.info());
+            self.spawn_backup(job, record);
+        }
+        Ok(started)
+    }
+
+    fn spawn_backup(self: &Arc<Self>, job: Arc<Job>, record: BackupRecord) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = upload::run(&this, &job, record.clone()).await;
+            if matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_))) {
+                // A failed backup's snapshot is no base for anything.
+                if let Some(entry) = this.registry.entry(&record.volume) {
+                    let _ = entry.delete_snapshot(&record.snapshot).await;
+                }
+            }
+            this.finish_job(&job, &record.job_id, &record.volume, outcome);
+            if this.running_backup_count() == 0 && this.gc_pending.swap(false, Ordering::SeqCst) {
+                if let Err(e) = this.gc().await {
+                    tracing::warn!(error = %e, "deferred garbage collection failed");
+                }
+            }
+        });
+    }
+
+    fn finish_job(
+        &self,
+        job: &Job,
+        job_id: &str,
+        volume: &str,
+        outcome: Result<Option<serde_json::Value>, BackupError>,
+    ) {
+        match outcome {
+            Err(BackupError::Cancelled(why)) => {
+                // Shutdown: the job file stays so the job resumes at the next start.
+                tracing::info!(job = job_id, reason = %why, "job interrupted; it resumes at the next start");
+                job.finish(Err(format!(
+                    "interrupted: {why}; resumes at the next start"
+                )));
+            }
+            Err(e) => {
+                tracing::error!(job = job_id, volume, error = %e, "job failed");
+                self.files.remove(job_id);
+                job.finish(Err(e.to_string()));
+            }
+            Ok(result) => {
+                tracing::info!(job = job_id, volume, "job succeeded");
+                self.files.remove(job_id);
+                job.finish(Ok(result));
+            }
+        }
+        self.unclaim(volume);
+        self.count_finished(job);
+    }
+
+    fn count_finished(&self, job: &Job) {
+        let info = job.info();
+        let kind = serde_json::to_value(info.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let outcome = if info.state == job::JobState::Succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        self.metrics
+            .backup()
+            .jobs_finished
+            .get_or_create(&OutcomeLabels {
+                kind,
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.publish_metrics();
+    }
+
+    pub async fn list(&self, volume: Option<&str>) -> Result<Vec<BackupInfo>, BackupError> {
+        let mut all = self.catalog.list().await?;
+        if let Some(volume) = volume {
+            all.retain(|b| b.volume == volume);
+        }
+        Ok(all)
+    }
+
+    /// A backup's summary; a backup still being taken shows as "running" with its job.
+    pub async fn show(&self, backup_id: &str) -> Result<BackupInfo, BackupError> {
+        manifest::validate_backup_id(backup_id)?;
+        let job = self.job_for_backup(backup_id);
+        if let Some(job) = job.as_ref().filter(|j| !j.state().is_finished()) {
+            let info = job.info();
+            return Ok(BackupInfo {
+                id: backup_id.to_owned(),
+                state: "running",
+                volume: info.volume.clone(),
+                volume_uuid: String::new(),
+                size_bytes: 0,
+                created_unix_secs: info.started_unix_secs,
+                snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
+                snapshot_created_unix_secs: info.started_unix_secs,
+                parent: None,
+                incremental: false,
+                group_id: None,
+                chunks: 0,
+                data_chunks: 0,
+                zero_chunks: 0,
+                new_chunks: 0,
+                new_stored_bytes: 0,
+                read_bytes: 0,
+                duration_ms: 0,
+                job: Some(info),
+            });
+        }
+        let mut info = self.catalog.get(backup_id).await?;
+        info.job = job.map(|j| j.info());
+        Ok(info)
+    }
+
+    /// Deletes a backup's manifest (its chunks go with the next GC, run right after), and the
+    /// local snapshot it kept as an incremental base.
+    pub async fn delete(self: &Arc<Self>, backup_id: &str) -> Result<GcReport, BackupError> {
+        let manifest = self.store.get_manifest(backup_id).await?;
+        self.store.delete_manifest(backup_id).await?;
+        self.catalog.forget(backup_id);
+        tracing::info!(backup = backup_id, volume = %manifest.volume_name, "deleted backup");
+        for entry in self.registry.entries() {
+            if entry.volume().identity().uuid == manifest.volume_uuid
+                && entry
+                    .manifest()
+                    .snapshot(&manifest.source_snapshot)
+                    .is_some()
+            {
+                if let Err(e) = entry.delete_snapshot(&manifest.source_snapshot).await {
+                    tracing::warn!(snapshot = %manifest.source_snapshot, error = %e, "keeping the deleted backup's snapshot");
+                }
+            }
+        }
+        self.gc().await
+    }
+
+    /// Deletes the chunks no manifest references, unless a backup is running anywhere on the
+    /// store (then it is deferred, and re-run here when this daemon's backups end).
+    pub async fn gc(self: &Arc<Self>) -> Result<GcReport, BackupError> {
+        let report = gc::run(self).await?;
+        if report.deferred && self.running_backup_count() > 0 {
+            self.gc_pending.store(true, Ordering::SeqCst);
+        }
+        Ok(report)
+    }
+
+    /// Starts a job that downloads every chunk of a backup and checks it.
+    pub async fn verify(self: &Arc<Self>, backup_id: &str) -> Result<JobInfo, BackupError> {
+        let manifest = self.store.get_manifest(backup_id).await?;
+        let job = self.register(
+            &new_job_id(),
+            JobKind::Verify,
+            &manifest.volume_name,
+            backup_id,
+        );
+        let this = Arc::clone(self);
+        let info = job.info();
+        tokio::spawn(async move {
+            let outcome = verify::run(&this, &job, &manifest).await;
+            match outcome {
+                Ok(result) => job.finish(Ok(Some(result))),
+                Err(e) => job.finish(Err(e.to_string())),
+            }
+            this.count_finished(&job);
+        });
+        Ok(info)
+    }
+
+    /// Restores a backup into an existing volume of the same size. Refused while clients are
+    /// connected unless `force`, which disconnects them; nobody can connect until it is done.
+    pub async fn restore(
+        self: &Arc<Self>,
+        backup_id: &str,
+        to: &str,
+        force: bool,
+    ) -> Result<JobInfo, BackupError> {
+        let manifest = self.store.get_manifest(backup_id).await?;
+        let entry = self
+            .registry
+            .entry(to)
+            .ok_or_else(|| StorageError::NotFound(to.to_owned()))?;
+        let size_bytes = entry.volume().size_bytes();
+        if size_bytes != manifest.size_bytes {
+            return Err(BackupError::SizeMismatch {
+                volume: to.to_owned(),
+                size_bytes,
+                backup_id: backup_id.to_owned(),
+                backup_size_bytes: manifest.size_bytes,
+            });
+        }
+        if !self.claim(to) {
+            return Err(BackupError::JobRunning(to.to_owned()));
+        }
+        let attachments = Arc::clone(entry.volume().attachments());
+        let closed = attachments.close(force).map_err(|refused| match refused {
+            CloseRefused::Busy(connections) => StorageError::Busy {
+                name: to.to_owned(),
+                connections,
+            },
+            CloseRefused::AlreadyClosed => StorageError::NotFound(to.to_owned()),
+        });
+        let disconnected = match closed {
+            Ok(n) => n,
+            Err(e) => {
+                self.unclaim(to);
+                return Err(e.into());
+            }
+        };
+        if disconnected > 0 && !attachments.wait_detached(RESTORE_DRAIN_TIMEOUT).await {
+            tracing::warn!(
+                volume = to,
+                "clients still attached after the drain timeout"
+            );
+        }
+        self.start_restore(backup_id, to, false)
+    }
+
+    /// Creates volume `name` with a backup's size and restores the backup into it; the
+    /// volume accepts clients once the restore has finished.
+    pub async fn create_volume(
+        self: &Arc<Self>,
+        name: &str,
+        backup_id: &str,
+    ) -> Result<JobInfo, BackupError> {
+        let manifest = self.store.get_manifest(backup_id).await?;
+        let volume = self.registry.create(name, manifest.size_bytes)?;
+        let _ = volume.attachments().close(true);
+        if !self.claim(name) {
+            return Err(BackupError::JobRunning(name.to_owned()));
+        }
+        self.start_restore(backup_id, name, true)
+    }
+
+    fn start_restore(
+        self: &Arc<Self>,
+        backup_id: &str,
+        volume: &str,
+        created_volume: bool,
+    ) -> Result<JobInfo, BackupError> {
+        let record = RestoreRecord {
+            job_id: new_job_id(),
+            backup_id: backup_id.to_owned(),
+            volume: volume.to_owned(),
+            created_volume,
+        };
+        if let Err(e) = self.files.save(&JobRecord::Restore(record.clone())) {
+            self.reopen(volume);
+            self.unclaim(volume);
+            return Err(e);
+        }
+        let job = self.register(&record.job_id, JobKind::Restore, volume, backup_id);
+        let info = job.info();
+        self.spawn_restore(job, record);
+        Ok(info)
+    }
+
+    fn reopen(&self, volume: &str) {
+        if let Some(entry) = self.registry.entry(volume) {
+            entry.volume().attachments().reopen();
+        }
+    }
+
+    fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = restore::run(&this, &job, &record).await;
+            let failed = matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_)));
+            if failed && record.created_volume {
+                // Half a disk is worse than none: the volume made for this restore goes.
+                let registry = Arc::clone(&this.registry);
+                let name = record.volume.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    registry.remove(&name).and_then(|hidden| {
+                        std::fs::remove_dir_all(&hidden)
+                            .map_err(|e| StorageError::fs("remove", &hidden, e))
+                    })
+                })
+                .await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    tracing::warn!(volume = %record.volume, "removing the failed restore's volume failed");
+                }
+            } else if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
+                this.reopen(&record.volume);
+            }
+            this.finish_job(&job, &record.job_id, &record.volume, outcome.map(|()| None));
+        });
+    }
+}

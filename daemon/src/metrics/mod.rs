@@ -1,5 +1,6 @@
 //! Prometheus metrics: the registry, per-volume handles and the `/metrics` endpoint.
 
+pub mod backup;
 pub mod http;
 mod labels;
 mod volume;
@@ -37,6 +38,7 @@ pub struct Metrics {
     accepted: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
+    backup: backup::BackupMetrics,
     /// One handle per volume name, shared by its connections. Series of deleted volumes stay
     /// (counters never go backwards; a volume re-created under the same name continues them).
     handles: Mutex<HashMap<String, Arc<VolumeMetrics>>>,
@@ -106,7 +108,10 @@ impl Metrics {
             "Handshakes that ended without transmission, by reason",
             handshake_failures.clone(),
         );
+        let backup = backup::BackupMetrics::default();
+        backup.register(&mut registry);
         Metrics {
+            backup,
             registry,
             operations,
             bytes,
@@ -119,6 +124,10 @@ impl Metrics {
             handshake_failures,
             handles: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn backup(&self) -> &backup::BackupMetrics {
+        &self.backup
     }
 
     /// The handle a connection keeps for its volume.

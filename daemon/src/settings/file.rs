@@ -39,6 +39,14 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<String>,
+    pub backup_store: Option<String>,
+    pub backup_upload_concurrency: Option<usize>,
+    pub backup_rate_limit_mib_per_sec: Option<u64>,
+    pub backup_s3_endpoint: Option<String>,
+    pub backup_s3_region: Option<String>,
+    pub backup_s3_access_key_id: Option<String>,
+    pub backup_s3_secret_access_key: Option<String>,
+    pub backup_s3_allow_http: Option<bool>,
 }
 
 impl FileConfig {

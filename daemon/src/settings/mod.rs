@@ -10,6 +10,7 @@ use std::time::Duration;
 pub use file::{ConfigFileError, FileConfig};
 pub use template::DEFAULT_CONFIG;
 
+use crate::backup::store::S3Options;
 use crate::config::Args;
 use crate::error::StorageError;
 use crate::io::EngineKind;
@@ -24,6 +25,7 @@ const DEFAULT_MAX_INFLIGHT_MIB: u64 = 256;
 const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
+const DEFAULT_BACKUP_UPLOAD_CONCURRENCY: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -76,6 +78,12 @@ pub struct Settings {
     /// None: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// None: `file://DATA_DIR/backups`.
+    pub backup_store: Option<String>,
+    pub backup_upload_concurrency: usize,
+    /// None: no limit.
+    pub backup_rate_limit_bytes_per_sec: Option<u64>,
+    pub backup_s3: S3Options,
 }
 
 impl Settings {
@@ -186,6 +194,24 @@ impl Settings {
             ),
             metrics_listen: parse_listen("metrics_listen", metrics_listen)?,
             log_format,
+            backup_store: args.backup_store.clone().or(file.backup_store),
+            backup_upload_concurrency: args
+                .backup_upload_concurrency
+                .or(file.backup_upload_concurrency)
+                .unwrap_or(DEFAULT_BACKUP_UPLOAD_CONCURRENCY)
+                .max(1),
+            backup_rate_limit_bytes_per_sec: args
+                .backup_rate_limit_mib_per_sec
+                .or(file.backup_rate_limit_mib_per_sec)
+                .filter(|&mib| mib > 0)
+                .map(|mib| mib.saturating_mul(1 << 20)),
+            backup_s3: S3Options {
+                endpoint: file.backup_s3_endpoint,
+                region: file.backup_s3_region,
+                access_key_id: file.backup_s3_access_key_id,
+                secret_access_key: file.backup_s3_secret_access_key,
+                allow_http: file.backup_s3_allow_http,
+            },
             data_dir,
         })
     }

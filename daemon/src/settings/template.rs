@@ -61,4 +61,23 @@ metrics_listen = "127.0.0.1:9810"
 
 # Log format: "human" or "json". Under systemd (JOURNAL_STREAM set) logs go to the journal.
 log_format = "human"
+
+# Where backups are stored: "file:///DIR" or "s3://BUCKET/PREFIX"; default file://DATA_DIR/backups.
+# For S3 the endpoint, region and credentials come from the standard AWS_* environment
+# variables (AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_ALLOW_HTTP) unless set by the backup_s3_* keys below.
+# backup_store = "s3://backups/evsd"
+
+# Chunks a backup, restore or verify job transfers at once.
+backup_upload_concurrency = 4
+
+# Upload bandwidth limit for backups in MiB/s; 0 for none.
+backup_rate_limit_mib_per_sec = 0
+
+# S3 settings overriding the AWS_* environment variables.
+# backup_s3_endpoint = "http://127.0.0.1:9000"
+# backup_s3_region = "us-east-1"
+# backup_s3_access_key_id = "AKIA..."
+# backup_s3_secret_access_key = "..."
+# backup_s3_allow_http = true
 "#;

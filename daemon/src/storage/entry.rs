@@ -25,6 +25,8 @@ pub struct VolumeEntry {
     pub(crate) state: Mutex<EntryState>,
     /// Serialises the operations that change the tree (snapshot, rollback, resize, merges).
     pub(crate) admin: tokio::sync::Mutex<()>,
+    /// Snapshot name -> readers that need it kept (see `diff.rs`).
+    pub(crate) pins: Mutex<HashMap<String, usize>>,
 }
 
 pub(crate) struct EntryState {
@@ -83,6 +85,7 @@ impl VolumeEntry {
                 views: BTreeMap::new(),
             }),
             admin: tokio::sync::Mutex::new(()),
+            pins: Mutex::new(HashMap::new()),
         };
         {
             let mut state = entry.lock();

@@ -3,6 +3,7 @@
 
 pub mod attachments;
 pub mod buffers;
+pub mod diff;
 pub mod entry;
 pub mod layer;
 pub mod manifest;

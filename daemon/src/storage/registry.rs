@@ -291,7 +291,7 @@ impl Registry {
             .cloned()
     }
 
-    fn entries(&self) -> Vec<Arc<VolumeEntry>> {
+    pub fn entries(&self) -> Vec<Arc<VolumeEntry>> {
         self.volumes
             .read()
             .unwrap_or_else(|p| p.into_inner())

@@ -133,6 +133,12 @@ impl VolumeEntry {
         let _admin = self.admin.lock().await;
         let record = self.find_snapshot(name)?;
         let info = self.info(&record);
+        if self.is_pinned(name) {
+            return Err(StorageError::SnapshotInUse {
+                volume: self.name().to_owned(),
+                name: name.to_owned(),
+            });
+        }
         if let Some(view) = self.view(name) {
             view.attachments()
                 .close(false)

@@ -1,0 +1,94 @@
+//! The admin methods for backups and jobs (`backup.*`, `job.*`); docs/admin-protocol.md
+//! documents their params and results.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin::methods::to_json;
+use crate::admin::protocol::{decode_params, AdminError, ErrorCode};
+use crate::admin::AdminContext;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    volumes: Vec<String>,
+    #[serde(default)]
+    full: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    volume: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdParams {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreParams {
+    id: String,
+    to: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+pub async fn dispatch(
+    ctx: &AdminContext,
+    method: &str,
+    params: Value,
+) -> Result<Value, AdminError> {
+    let backups = &ctx.backups;
+    match method {
+        "backup.create" => {
+            let p: CreateParams = decode_params(method, params)?;
+            Ok(json!({ "jobs": backups.create(&p.volumes, p.full, None).await? }))
+        }
+        "backup.list" => {
+            let p: ListParams = decode_params(method, params)?;
+            Ok(json!({ "backups": backups.list(p.volume.as_deref()).await? }))
+        }
+        "backup.show" => {
+            let p: IdParams = decode_params(method, params)?;
+            to_json(&backups.show(&p.id).await?)
+        }
+        "backup.delete" => {
+            let p: IdParams = decode_params(method, params)?;
+            let gc = backups.delete(&p.id).await?;
+            Ok(json!({ "deleted": p.id, "gc": gc }))
+        }
+        "backup.gc" => {
+            decode_params::<NoParams>(method, params)?;
+            to_json(&backups.gc().await?)
+        }
+        "backup.verify" => {
+            let p: IdParams = decode_params(method, params)?;
+            Ok(json!({ "job": backups.verify(&p.id).await? }))
+        }
+        "backup.restore" => {
+            let p: RestoreParams = decode_params(method, params)?;
+            Ok(json!({ "job": backups.restore(&p.id, &p.to, p.force).await? }))
+        }
+        "job.list" => {
+            decode_params::<NoParams>(method, params)?;
+            Ok(json!({ "jobs": backups.jobs() }))
+        }
+        "job.show" => {
+            let p: IdParams = decode_params(method, params)?;
+            to_json(&backups.job(&p.id)?.info())
+        }
+        other => Err(AdminError::new(
+            ErrorCode::UnknownMethod,
+            format!("unknown method {other:?}"),
+        )),
+    }
+}

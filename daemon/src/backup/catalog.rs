@@ -1,0 +1,125 @@
+//! What `backup list` / `backup show` report: one summary per manifest in the store, cached
+//! (manifests never change once written) and brought in line with the store's listing, so a
+//! backup made by another daemon sharing the store shows up and a deleted one goes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::backup::error::BackupError;
+use crate::backup::job::JobInfo;
+use crate::backup::manifest::BackupManifest;
+use crate::backup::store::BackupStore;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupInfo {
+    pub id: String,
+    /// "complete", or "running" for a backup whose job has not written its manifest yet.
+    pub state: &'static str,
+    pub volume: String,
+    pub volume_uuid: String,
+    pub size_bytes: u64,
+    pub created_unix_secs: u64,
+    pub snapshot: String,
+    pub snapshot_created_unix_secs: u64,
+    pub parent: Option<String>,
+    pub incremental: bool,
+    pub group_id: Option<String>,
+    pub chunks: u64,
+    pub data_chunks: u64,
+    pub zero_chunks: u64,
+    pub new_chunks: u64,
+    pub new_stored_bytes: u64,
+    pub read_bytes: u64,
+    pub duration_ms: u64,
+    pub job: Option<JobInfo>,
+}
+
+impl BackupInfo {
+    pub fn of(manifest: &BackupManifest) -> BackupInfo {
+        BackupInfo {
+            id: manifest.backup_id.clone(),
+            state: "complete",
+            volume: manifest.volume_name.clone(),
+            volume_uuid: manifest.volume_uuid.clone(),
+            size_bytes: manifest.size_bytes,
+            created_unix_secs: manifest.created_unix_secs,
+            snapshot: manifest.source_snapshot.clone(),
+            snapshot_created_unix_secs: manifest.source_snapshot_created_unix_secs,
+            parent: manifest.parent_backup_id.clone(),
+            incremental: !manifest.stats.full,
+            group_id: manifest.group_id.clone(),
+            chunks: manifest.chunks.len() as u64,
+            data_chunks: manifest.stats.data_chunks,
+            zero_chunks: manifest.stats.zero_chunks,
+            new_chunks: manifest.stats.new_chunks,
+            new_stored_bytes: manifest.stats.new_stored_bytes,
+            read_bytes: manifest.stats.read_bytes,
+            duration_ms: manifest.stats.duration_ms,
+            job: None,
+        }
+    }
+}
+
+pub struct Catalog {
+    store: Arc<BackupStore>,
+    known: Mutex<BTreeMap<String, BackupInfo>>,
+}
+
+impl Catalog {
+    pub fn new(store: Arc<BackupStore>) -> Catalog {
+        Catalog {
+            store,
+            known: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BackupInfo>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every complete backup in the store, oldest first. A manifest that cannot be read is
+    /// logged and left out, never deleted.
+    pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
+        let ids = self.store.list_manifest_ids().await?;
+        let missing: Vec<String> = {
+            let known = self.known();
+            ids.iter()
+                .filter(|id| !known.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        for id in missing {
+            match self.store.get_manifest(&id).await {
+                Ok(manifest) => self.remember(&manifest),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => tracing::error!(backup = %id, error = %e, "unreadable backup manifest"),
+            }
+        }
+        let mut known = self.known();
+        known.retain(|id, _| ids.binary_search(id).is_ok());
+        let mut out: Vec<BackupInfo> = known.values().cloned().collect();
+        out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
+        Ok(out)
+    }
+
+    pub fn remember(&self, manifest: &BackupManifest) {
+        self.known()
+            .insert(manifest.backup_id.clone(), BackupInfo::of(manifest));
+    }
+
+    pub fn forget(&self, backup_id: &str) {
+        self.known().remove(backup_id);
+    }
+
+    /// One backup's summary, from the cache or the store.
+    pub async fn get(&self, backup_id: &str) -> Result<BackupInfo, BackupError> {
+        if let Some(info) = self.known().get(backup_id) {
+            return Ok(info.clone());
+        }
+        let manifest = self.store.get_manifest(backup_id).await?;
+        self.remember(&manifest);
+        Ok(BackupInfo::of(&manifest))
+    }
+}

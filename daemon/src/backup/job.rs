@@ -1,0 +1,253 @@
+//! One background job (backup, restore or verify): its progress counters, its state and what
+//! `job.show` reports of it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::storage::entry::now_unix_secs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Backup,
+    Restore,
+    Verify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    /// Running, but the store is failing and the job backs off before trying again.
+    Retrying,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_uploaded: u64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub volume: String,
+    pub backup_id: String,
+    pub started_unix_secs: u64,
+    pub finished_unix_secs: Option<u64>,
+    pub progress: Progress,
+    pub error: Option<String>,
+    pub result: Option<Value>,
+}
+
+struct Status {
+    state: JobState,
+    finished_unix_secs: Option<u64>,
+    error: Option<String>,
+    result: Option<Value>,
+}
+
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub volume: String,
+    pub backup_id: String,
+    started_unix_secs: u64,
+    /// Rate and ETA count from here: the start of this run (a resumed job restarts it).
+    started: Instant,
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    bytes_uploaded: AtomicU64,
+    status: Mutex<Status>,
+}
+
+impl Job {
+    pub fn new(id: String, kind: JobKind, volume: String, backup_id: String) -> Job {
+        Job {
+            id,
+            kind,
+            volume,
+            backup_id,
+            started_unix_secs: now_unix_secs(),
+            started: Instant::now(),
+            bytes_done: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
+            bytes_uploaded: AtomicU64::new(0),
+            status: Mutex::new(Status {
+                state: JobState::Running,
+                finished_unix_secs: None,
+                error: None,
+                result: None,
+            }),
+        }
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_total(&self, bytes: u64) {
+        self.bytes_total.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_done(&self, bytes: u64) {
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_uploaded(&self, bytes: u64) {
+        self.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_total(&self) -> u64 {
+        self.bytes_total.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_uploaded(&self) -> u64 {
+        self.bytes_uploaded.load(Ordering::Relaxed)
+    }
+
+    pub fn state(&self) -> JobState {
+        self.status().state
+    }
+
+    /// The store failed with `error`; the job waits and tries again.
+    pub fn set_retrying(&self, error: &str) {
+        let mut status = self.status();
+        if !status.state.is_finished() {
+            status.state = JobState::Retrying;
+            status.error = Some(error.to_owned());
+        }
+    }
+
+    /// The store answered again after a retry.
+    pub fn set_running(&self) {
+        let mut status = self.status();
+        if status.state == JobState::Retrying {
+            status.state = JobState::Running;
+            status.error = None;
+        }
+    }
+
+    pub fn finish(&self, outcome: Result<Option<Value>, String>) {
+        {
+            let mut status = self.status();
+            status.finished_unix_secs = Some(now_unix_secs());
+            match outcome {
+                Ok(result) => {
+                    status.state = JobState::Succeeded;
+                    status.error = None;
+                    status.result = result;
+                }
+                Err(error) => {
+                    status.state = JobState::Failed;
+                    status.error = Some(error);
+                }
+            }
+        }
+    }
+
+    pub fn info(&self) -> JobInfo {
+        let status = self.status();
+        let done = self.bytes_done();
+        let total = self.bytes_total().max(done);
+        let elapsed_secs = self.started.elapsed().as_secs_f64();
+        let rate = if elapsed_secs > 0.0 {
+            (done as f64 / elapsed_secs) as u64
+        } else {
+            0
+        };
+        let eta_secs = if status.state.is_finished() {
+            Some(0)
+        } else if rate > 0 {
+            Some((total - done).div_ceil(rate))
+        } else {
+            None
+        };
+        JobInfo {
+            id: self.id.clone(),
+            kind: self.kind,
+            state: status.state,
+            volume: self.volume.clone(),
+            backup_id: self.backup_id.clone(),
+            started_unix_secs: self.started_unix_secs,
+            finished_unix_secs: status.finished_unix_secs,
+            progress: Progress {
+                bytes_done: done,
+                bytes_total: total,
+                bytes_uploaded: self.bytes_uploaded(),
+                rate_bytes_per_sec: rate,
+                eta_secs,
+            },
+            error: status.error.clone(),
+            result: status.result.clone(),
+        }
+    }
+}
+
+/// A job id: `j-` and 12 random hex digits.
+pub fn new_job_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    b[0] ^= nanos as u8;
+    format!(
+        "j-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_and_outcome_show_in_info() {
+        let job = Job::new("j-1".into(), JobKind::Backup, "vol0".into(), "b-1".into());
+        job.set_total(100);
+        job.add_done(40);
+        job.add_uploaded(10);
+        let info = job.info();
+        assert_eq!(info.state, JobState::Running);
+        assert_eq!(
+            (info.progress.bytes_done, info.progress.bytes_total),
+            (40, 100)
+        );
+        assert_eq!(info.progress.bytes_uploaded, 10);
+        job.set_retrying("store down");
+        assert_eq!(job.info().state, JobState::Retrying);
+        assert_eq!(job.info().error.as_deref(), Some("store down"));
+        job.set_running();
+        assert_eq!(job.info().error, None);
+        job.finish(Err("boom".into()));
+        assert_eq!(job.state(), JobState::Failed);
+        let info = job.info();
+        assert_eq!(info.error.as_deref(), Some("boom"));
+        assert!(info.finished_unix_secs.is_some());
+        assert_ne!(new_job_id(), new_job_id());
+    }
+}

@@ -1,0 +1,148 @@
+//! Store-wide locks that keep garbage collection from deleting chunks a running backup is about
+//! to reference, across every daemon sharing the store. Each side writes its lock first and
+//! then lists the others, so of two racing parties at least one sees the other (restic's
+//! scheme). Backups hold shared locks; GC holds the exclusive one and gives way to backups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::backup::error::BackupError;
+use crate::backup::store::BackupStore;
+use crate::storage::entry::now_unix_secs;
+
+/// A lock whose heartbeat is older than this belongs to a daemon that died: ignored.
+pub const LOCK_STALE_SECS: i64 = 300;
+/// How often a held lock is rewritten.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a backup waits between looks while a GC holds the exclusive lock.
+const EXCLUSIVE_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Serialize)]
+struct LockBody<'a> {
+    kind: &'a str,
+    owner: &'a str,
+    heartbeat_unix_secs: u64,
+}
+
+/// A held lock: its heartbeat runs until [`HeldLock::release`] (or drop, which releases in the
+/// background).
+pub struct HeldLock {
+    store: Arc<BackupStore>,
+    name: String,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+impl HeldLock {
+    pub async fn release(mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if let Err(e) = self.store.delete_lock(&self.name).await {
+            tracing::warn!(lock = %self.name, error = %e, "releasing a backup store lock failed; it expires by itself");
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+            let store = Arc::clone(&self.store);
+            let name = self.name.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = store.delete_lock(&name).await;
+                });
+            }
+        }
+    }
+}
+
+fn body(kind: &str, owner: &str) -> Vec<u8> {
+    serde_json::to_vec(&LockBody {
+        kind,
+        owner,
+        heartbeat_unix_secs: now_unix_secs(),
+    })
+    .unwrap_or_default()
+}
+
+async fn put(store: &BackupStore, kind: &str, owner: &str) -> Result<String, BackupError> {
+    let name = format!("{kind}-{owner}.json");
+    store.put_lock(&name, body(kind, owner)).await?;
+    Ok(name)
+}
+
+fn start_heartbeat(store: &Arc<BackupStore>, kind: &'static str, owner: &str) -> JoinHandle<()> {
+    let store = Arc::clone(store);
+    let owner = owner.to_owned();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            if let Err(e) = put(&store, kind, &owner).await {
+                tracing::warn!(owner, error = %e, "refreshing a backup store lock failed");
+            }
+        }
+    })
+}
+
+/// The fresh locks of `kind` other than `own`, judged by the store's own clock: the newest
+/// modification time listed stands for "now", so a skewed local clock does not matter.
+async fn others(store: &BackupStore, kind: &str, own: &str) -> Result<usize, BackupError> {
+    let locks = store.list_locks().await?;
+    let now = locks
+        .iter()
+        .map(|l| l.modified_unix_secs)
+        .max()
+        .unwrap_or_default();
+    Ok(locks
+        .iter()
+        .filter(|l| l.key != own && l.key.starts_with(&format!("{kind}-")))
+        .filter(|l| now - l.modified_unix_secs <= LOCK_STALE_SECS)
+        .count())
+}
+
+/// Takes a shared lock for a backup, waiting while a GC holds the exclusive one.
+pub async fn acquire_shared(
+    store: &Arc<BackupStore>,
+    owner: &str,
+) -> Result<HeldLock, BackupError> {
+    loop {
+        let name = put(store, "shared", owner).await?;
+        if others(store, "exclusive", &name).await? == 0 {
+            return Ok(HeldLock {
+                store: Arc::clone(store),
+                name,
+                heartbeat: Some(start_heartbeat(store, "shared", owner)),
+            });
+        }
+        store.delete_lock(&name).await?;
+        tracing::info!(owner, "waiting for the backup store's garbage collection");
+        tokio::time::sleep(EXCLUSIVE_POLL).await;
+    }
+}
+
+/// Takes the exclusive lock for a GC, or None (and no lock held) when a backup or another GC
+/// holds a lock: the GC must run later.
+pub async fn try_exclusive(
+    store: &Arc<BackupStore>,
+    owner: &str,
+) -> Result<Result<HeldLock, String>, BackupError> {
+    let name = put(store, "exclusive", owner).await?;
+    let shared = others(store, "shared", &name).await?;
+    let exclusive = others(store, "exclusive", &name).await?;
+    if shared + exclusive > 0 {
+        store.delete_lock(&name).await?;
+        return Ok(Err(format!(
+            "{shared} backup(s) and {exclusive} other garbage collection(s) hold the store"
+        )));
+    }
+    Ok(Ok(HeldLock {
+        store: Arc::clone(store),
+        name,
+        heartbeat: Some(start_heartbeat(store, "exclusive", owner)),
+    }))
+}

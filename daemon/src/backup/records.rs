@@ -1,0 +1,120 @@
+//! The state a job keeps on disk (`DATA_DIR/jobs/<job id>.json`) so that it resumes after a
+//! crash or restart where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::chunk::ChunkId;
+use crate::backup::error::BackupError;
+use crate::storage::manifest::write_durably;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum JobRecord {
+    Backup(BackupRecord),
+    Restore(RestoreRecord),
+}
+
+impl JobRecord {
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobRecord::Backup(r) => &r.job_id,
+            JobRecord::Restore(r) => &r.job_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRecord {
+    pub job_id: String,
+    pub backup_id: String,
+    pub volume: String,
+    pub volume_uuid: String,
+    /// The snapshot the backup reads (`vbs-<backup id>`).
+    pub snapshot: String,
+    pub snapshot_taken: bool,
+    pub full: bool,
+    /// Server backups (issue 6): shared by the members of one backup set.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    pub started_unix_secs: u64,
+    /// Chunks already processed: (index, id or None for an all-zero chunk). Checkpointed
+    /// while the job runs; a resumed job neither reads nor uploads them again.
+    #[serde(default)]
+    pub done: Vec<(u64, Option<ChunkId>)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRecord {
+    pub job_id: String,
+    pub backup_id: String,
+    pub volume: String,
+    /// The volume was created for this restore (`volume create --from-backup`): zero chunks
+    /// need no writing, and a failed restore deletes it.
+    pub created_volume: bool,
+}
+
+pub struct JobFiles {
+    dir: PathBuf,
+}
+
+impl JobFiles {
+    pub fn open(data_dir: &Path) -> Result<JobFiles, BackupError> {
+        let dir = data_dir.join("jobs");
+        std::fs::create_dir_all(&dir).map_err(|e| BackupError::JobFile {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(JobFiles { dir })
+    }
+
+    fn path(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{job_id}.json"))
+    }
+
+    pub fn save(&self, record: &JobRecord) -> Result<(), BackupError> {
+        let path = self.path(record.job_id());
+        let bytes = serde_json::to_vec(record).map_err(|e| BackupError::JobFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_durably(&path, &bytes).map_err(BackupError::Storage)
+    }
+
+    pub fn remove(&self, job_id: &str) {
+        let path = self.path(job_id);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "removing a finished job's file failed");
+            }
+        }
+    }
+
+    /// Every unfinished job; an unreadable file is logged and left in place for inspection.
+    pub fn load_all(&self) -> Vec<JobRecord> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                let _ = std::fs::remove_file(&path); // a temp file from an interrupted save
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<JobRecord>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(record) => records.push(record),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable job file")
+                }
+            }
+        }
+        records
+    }
+}

@@ -1,0 +1,368 @@
+//! The object store backups live in: chunks, manifests and locks under one prefix, reached
+//! through the object_store crate (a local directory by default, any S3-compatible service by
+//! URL). Keys are documented in docs/backup-format.md.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::backup::chunk::{self, ChunkId};
+use crate::backup::error::BackupError;
+use crate::backup::manifest::{self, BackupManifest};
+
+/// S3 settings from the config file; each overrides the matching AWS_* environment variable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+}
+
+/// One listed object: its key below the store's prefix, size and the store's modification time.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size_bytes: u64,
+    pub modified_unix_secs: i64,
+}
+
+pub struct BackupStore {
+    url: String,
+    objects: Arc<dyn ObjectStore>,
+    /// The same store with fsync after each put (local directories only): manifests and
+    /// locks, whose loss after a power cut would lose a backup or break the GC protocol.
+    durable: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// The local directory behind a `file://` store: synced as a whole before a manifest is
+    /// written, so the chunks it names are on disk first without an fsync per chunk.
+    local_root: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for BackupStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl BackupStore {
+    /// Opens the store at `url`: `file:///abs/dir` (created if missing) or `s3://BUCKET/PREFIX`.
+    pub fn open(url: &str, s3: &S3Options) -> Result<BackupStore, BackupError> {
+        let bad = |reason: String| BackupError::BadStoreUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            let dir = PathBuf::from(path);
+            if !dir.is_absolute() {
+                return Err(bad("a file:// URL needs an absolute path".into()));
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| bad(format!("creating it: {e}")))?;
+            let plain = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| bad(e.to_string()))?
+                .with_automatic_cleanup(true);
+            let durable = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| bad(e.to_string()))?
+                .with_automatic_cleanup(true)
+                .with_fsync(true);
+            return Ok(BackupStore {
+                url: url.to_owned(),
+                objects: Arc::new(plain),
+                durable: Arc::new(durable),
+                prefix: ObjectPath::default(),
+                local_root: Some(dir),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("an s3:// URL needs a bucket: s3://BUCKET/PREFIX".into()));
+            }
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                // The uploader retries with its own backoff (and reports it); the client's
+                // retries only smooth over a lost packet.
+                .with_retry(RetryConfig {
+                    backoff: BackoffConfig::default(),
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(20),
+                });
+            if let Some(endpoint) = &s3.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            if let Some(region) = &s3.region {
+                builder = builder.with_region(region);
+            }
+            if let Some(key) = &s3.access_key_id {
+                builder = builder.with_access_key_id(key);
+            }
+            if let Some(secret) = &s3.secret_access_key {
+                builder = builder.with_secret_access_key(secret);
+            }
+            if let Some(allow) = s3.allow_http {
+                builder = builder.with_allow_http(allow);
+            }
+            let store: Arc<dyn ObjectStore> =
+                Arc::new(builder.build().map_err(|e| bad(e.to_string()))?);
+            let prefix = ObjectPath::parse(prefix.trim_matches('/'))
+                .map_err(|e| bad(format!("prefix {prefix:?}: {e}")))?;
+            return Ok(BackupStore {
+                url: url.to_owned(),
+                objects: Arc::clone(&store),
+                durable: store,
+                prefix,
+                local_root: None,
+            });
+        }
+        Err(bad("use file:///DIR or s3://BUCKET/PREFIX".into()))
+    }
+
+    /// The default store: `DATA_DIR/backups`.
+    pub fn default_url(data_dir: &Path) -> Result<String, BackupError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| BackupError::BadStoreUrl {
+            url: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let abs = std::fs::canonicalize(data_dir).map_err(|e| BackupError::BadStoreUrl {
+            url: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(format!("file://{}", abs.join("backups").display()))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.as_ref().is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn strip<'a>(&self, location: &'a ObjectPath) -> &'a str {
+        let full = location.as_ref();
+        let prefix = self.prefix.as_ref();
+        if prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(prefix)
+                .and_then(|k| k.strip_prefix('/'))
+                .unwrap_or(full)
+        }
+    }
+
+    pub async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), BackupError> {
+        let key = chunk::chunk_key(id);
+        self.objects
+            .put(&self.path(&key), PutPayload::from_bytes(stored))
+            .await
+            .map(|_| ())
+            .map_err(|e| BackupError::store("put", key, e))
+    }
+
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, BackupError> {
+        let key = chunk::chunk_key(id);
+        self.get(&key).await
+    }
+
+    pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), BackupError> {
+        let key = chunk::chunk_key(id);
+        self.delete(&key).await
+    }
+
+    /// Every chunk in the store with its stored size: one LIST per thousand chunks instead of
+    /// a HEAD per chunk.
+    pub async fn list_chunks(&self) -> Result<HashMap<ChunkId, u64>, BackupError> {
+        Ok(self
+            .list("chunks")
+            .await?
+            .into_iter()
+            .filter_map(|l| chunk::parse_chunk_key(&l.key).map(|id| (id, l.size_bytes)))
+            .collect())
+    }
+
+    /// Writes a manifest after making the chunks it names durable (local stores).
+    pub async fn put_manifest(&self, manifest: &BackupManifest) -> Result<(), BackupError> {
+        if let Some(root) = self.local_root.clone() {
+            tokio::task::spawn_blocking(move || sync_filesystem(&root))
+                .await
+                .map_err(|e| BackupError::InvalidArgument(format!("sync task: {e}")))??;
+        }
+        let key = manifest::manifest_key(&manifest.backup_id);
+        self.durable
+            .put(&self.path(&key), PutPayload::from(manifest.to_json_bytes()))
+            .await
+            .map(|_| ())
+            .map_err(|e| BackupError::store("put", key, e))
+    }
+
+    /// Reads and validates a manifest (format version, digest, chunk count).
+    pub async fn get_manifest(&self, backup_id: &str) -> Result<BackupManifest, BackupError> {
+        manifest::validate_backup_id(backup_id)?;
+        let key = manifest::manifest_key(backup_id);
+        let bytes = match self.get(&key).await {
+            Err(BackupError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Err(BackupError::BackupNotFound(backup_id.to_owned())),
+            other => other?,
+        };
+        Ok(BackupManifest::from_json_bytes(backup_id, &bytes)?)
+    }
+
+    pub async fn list_manifest_ids(&self) -> Result<Vec<String>, BackupError> {
+        let mut ids: Vec<String> = self
+            .list("manifests")
+            .await?
+            .into_iter()
+            .filter_map(|l| manifest::parse_manifest_key(&l.key))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn delete_manifest(&self, backup_id: &str) -> Result<(), BackupError> {
+        manifest::validate_backup_id(backup_id)?;
+        self.delete(&manifest::manifest_key(backup_id)).await
+    }
+
+    pub async fn put_lock(&self, name: &str, body: Vec<u8>) -> Result<(), BackupError> {
+        let key = format!("locks/{name}");
+        self.durable
+            .put(&self.path(&key), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| BackupError::store("put", key, e))
+    }
+
+    pub async fn delete_lock(&self, name: &str) -> Result<(), BackupError> {
+        self.delete(&format!("locks/{name}")).await
+    }
+
+    /// The lock objects: (file name, store modification time).
+    pub async fn list_locks(&self) -> Result<Vec<Listed>, BackupError> {
+        Ok(self
+            .list("locks")
+            .await?
+            .into_iter()
+            .map(|mut l| {
+                l.key = l.key.trim_start_matches("locks/").to_owned();
+                l
+            })
+            .collect())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackupError> {
+        let path = self.path(key);
+        let result = self
+            .objects
+            .get(&path)
+            .await
+            .map_err(|e| BackupError::store("get", key, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| BackupError::store("get", key, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackupError> {
+        match self.durable.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(BackupError::store("delete", key, e)),
+        }
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<Listed>, BackupError> {
+        let prefix = self.path(dir);
+        let mut stream = self.objects.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = match meta {
+                Ok(meta) => meta,
+                // A listing of a prefix nobody wrote yet (a fresh local store).
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => return Err(BackupError::store("list", dir, e)),
+            };
+            out.push(Listed {
+                key: self.strip(&meta.location).to_owned(),
+                size_bytes: meta.size,
+                modified_unix_secs: meta.last_modified.timestamp(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl BackupStore {
+    /// Removes the staging files (`<key>#<n>`) that uploads to a local store left when the
+    /// daemon died mid-write and that are older than `min_age` (younger ones may be live
+    /// uploads of another daemon sharing the directory). Returns how many went.
+    pub async fn remove_stale_staging(&self, min_age: Duration) -> u64 {
+        let Some(root) = self.local_root.clone() else {
+            return 0;
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            let mut dirs = vec![root.join("chunks"), root.join("manifests")];
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.is_dir() {
+                        dirs.push(path);
+                        continue;
+                    }
+                    let stale = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age >= min_age);
+                    if stale
+                        && entry.file_name().to_string_lossy().contains('#')
+                        && std::fs::remove_file(&path).is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0)
+    }
+}
+
+/// syncfs(2) on the filesystem holding `dir`: one call makes every chunk written so far durable.
+fn sync_filesystem(dir: &Path) -> Result<(), BackupError> {
+    use std::os::fd::AsRawFd;
+    let handle = std::fs::File::open(dir).map_err(|e| BackupError::LocalStore {
+        path: dir.display().to_string(),
+        reason: format!("open for syncfs: {e}"),
+    })?;
+    // SAFETY: syncfs only reads the descriptor, which `handle` keeps open for the call.
+    let rc = unsafe { libc::syncfs(handle.as_raw_fd()) };
+    if rc != 0 {
+        return Err(BackupError::LocalStore {
+            path: dir.display().to_string(),
+            reason: format!("syncfs: {}", std::io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}

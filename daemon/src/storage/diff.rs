@@ -1,0 +1,86 @@
+//! What readers outside the NBD path (the backup uploader) need of a volume's frozen
+//! snapshots: which blocks changed between two of them, and a guard that keeps a snapshot
+//! from being deleted while it is read.
+
+use std::sync::Arc;
+
+use crate::error::StorageError;
+use crate::storage::entry::{chain_of, VolumeEntry};
+
+/// Keeps a snapshot from being deleted until dropped (see [`VolumeEntry::pin_snapshot`]).
+pub struct SnapshotPin {
+    entry: Arc<VolumeEntry>,
+    name: String,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self.entry.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = pins.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl VolumeEntry {
+    /// Block runs `[start, end)` whose content in snapshot `name` may differ from snapshot
+    /// `base`, read from the layer maps alone (no data is read). None when `base` is not an
+    /// ancestor of `name` (a rollback cut it out of the line): everything must be read.
+    pub fn changed_between(
+        &self,
+        base: &str,
+        name: &str,
+    ) -> Result<Option<Vec<(u64, u64)>>, StorageError> {
+        let state = self.lock();
+        let manifest = &state.manifest;
+        let not_found = |snapshot: &str| StorageError::SnapshotNotFound {
+            volume: self.name().to_owned(),
+            name: snapshot.to_owned(),
+        };
+        let top = manifest.snapshot(name).ok_or_else(|| not_found(name))?;
+        let below = manifest.snapshot(base).ok_or_else(|| not_found(base))?;
+        let chain = chain_of(manifest, &state.layers, &top.layer)?;
+        let Some(layers_above) = chain.position(&below.layer) else {
+            return Ok(None);
+        };
+        let blocks = chain.top().blocks();
+        Ok(Some(
+            chain
+                .changed_runs(layers_above, 0, blocks)
+                .into_iter()
+                .filter(|(_, _, changed)| *changed)
+                .map(|(a, z, _)| (a, z))
+                .collect(),
+        ))
+    }
+
+    /// Refuses the deletion of snapshot `name` until the returned pin is dropped.
+    pub fn pin_snapshot(self: &Arc<Self>, name: &str) -> Result<SnapshotPin, StorageError> {
+        if self.manifest().snapshot(name).is_none() {
+            return Err(StorageError::SnapshotNotFound {
+                volume: self.name().to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        *self
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default() += 1;
+        Ok(SnapshotPin {
+            entry: Arc::clone(self),
+            name: name.to_owned(),
+        })
+    }
+
+    pub(crate) fn is_pinned(&self, name: &str) -> bool {
+        self.pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+}

@@ -1,0 +1,589 @@
+//! Backups (VBS) end to end against the daemon's default local store (`file://DATA_DIR/backups`):
+//! full and incremental backups restored byte for byte, incrementals that read only the changed
+//! chunks (also after snapshot deletes and a restart), dedup across a clone, delete + GC,
+//! restore after the volume is gone, a corrupted chunk caught by verify and by restore, a
+//! `kill -9` in the middle of a backup, fio verifying while backups run, evsctl and metrics.
+//! tests/tests/backups_s3.rs runs the store-facing cases against a real S3 server.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use evsd_e2e::admin::*;
+use evsd_e2e::raw::*;
+use evsd_e2e::*;
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 4 * MIB;
+const JOB_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn start() -> Daemon {
+    Daemon::start(DaemonOpts::new().no_default_volume())
+}
+
+fn create_volume(d: &Daemon, name: &str, size: u64) {
+    let v = admin_ok(d, "volume.create", json!({"name": name, "size": size}));
+    assert_eq!(v["size_bytes"], json!(size), "{v:#}");
+}
+
+/// Writes `data` at `offset` over one NBD connection and flushes; mirrors it into `model`.
+fn write_at(d: &Daemon, vol: &str, offset: u64, data: &[u8], model: &mut [u8]) {
+    let (mut raw, _) = Raw::open(d.tcp_addr(), vol);
+    for (i, piece) in data.chunks(MIB as usize).enumerate() {
+        raw.write(i as u64 + 1, 0, offset + i as u64 * MIB, piece);
+    }
+    raw.flush(0xf1);
+    raw.disconnect();
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+fn random(seed: u64, len: u64) -> Vec<u8> {
+    Prng::new(seed).bytes(len as usize)
+}
+
+/// Starts backups of `vols`; returns (job id, backup id) per volume.
+fn backup_start(d: &Daemon, vols: &[&str], full: bool) -> Vec<(String, String)> {
+    let v = admin_ok(d, "backup.create", json!({"volumes": vols, "full": full}));
+    let jobs = v["jobs"].as_array().unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(jobs.len(), vols.len(), "{v:#}");
+    jobs.iter()
+        .map(|j| {
+            assert_eq!(j["kind"], "backup", "{j:#}");
+            (
+                j["id"].as_str().unwrap().to_owned(),
+                j["backup_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn job(d: &Daemon, id: &str) -> Value {
+    admin_ok(d, "job.show", json!({"id": id}))
+}
+
+/// Waits for a job to end and returns its final state, whatever it is.
+fn wait_job_end(d: &Daemon, id: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let j = job(d, id);
+        if j["state"] == "succeeded" || j["state"] == "failed" {
+            return j;
+        }
+        assert!(
+            start.elapsed() < JOB_TIMEOUT,
+            "job {id} still running: {j:#}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_job_ok(d: &Daemon, id: &str) -> Value {
+    let j = wait_job_end(d, id);
+    assert_eq!(
+        j["state"],
+        "succeeded",
+        "job {id}: {j:#}\n{}",
+        d.all_stderr()
+    );
+    j
+}
+
+/// One complete backup of `vol`; returns its `backup.show`.
+fn backup_now(d: &Daemon, vol: &str, full: bool) -> Value {
+    let (job_id, backup_id) = backup_start(d, &[vol], full).remove(0);
+    wait_job_ok(d, &job_id);
+    let b = admin_ok(d, "backup.show", json!({"id": backup_id}));
+    assert_eq!(b["state"], "complete", "{b:#}");
+    assert_eq!(b["volume"], vol, "{b:#}");
+    b
+}
+
+fn restore_new(d: &Daemon, name: &str, backup_id: &str) {
+    let v = admin_ok(
+        d,
+        "volume.create",
+        json!({"name": name, "from_backup": backup_id}),
+    );
+    let job_id = v["job"]["id"].as_str().unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(v["job"]["kind"], "restore", "{v:#}");
+    wait_job_ok(d, job_id);
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v:#}"))
+}
+
+fn store_dir(d: &Daemon) -> PathBuf {
+    d.data_dir().join("backups")
+}
+
+/// The chunk objects in a local store: (path, size). A chunk being written (or whose write a
+/// crash cut short) sits in a staging file named `<id>#<n>` and does not count.
+fn chunk_files(store: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(dirs) = fs::read_dir(store.join("chunks")) else {
+        return out;
+    };
+    for dir in dirs.flatten() {
+        for f in fs::read_dir(dir.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push((f.path(), f.metadata().unwrap().len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn snapshot_names(d: &Daemon, vol: &str) -> Vec<String> {
+    admin_ok(d, "snapshot.list", json!({"volume": vol}))["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+
+/// A volume half random data, half never written.
+fn half_random(d: &Daemon, vol: &str, size: u64, seed: u64) -> Vec<u8> {
+    create_volume(d, vol, size);
+    let mut model = vec![0u8; size as usize];
+    write_at(d, vol, 0, &random(seed, size / 2), &mut model);
+    model
+}
+
+#[test]
+fn full_then_incremental_restore_byte_identical_and_read_only_changes() {
+    let d = start();
+    let size = 256 * MIB;
+    let mut model = half_random(&d, "vol0", size, 1);
+    let a = model.clone();
+
+    let b1 = backup_now(&d, "vol0", false);
+    assert_eq!(b1["incremental"], false, "{b1:#}");
+    assert_eq!(u(&b1, "chunks"), 64, "{b1:#}");
+    assert_eq!(u(&b1, "data_chunks"), 32, "{b1:#}");
+    assert_eq!(u(&b1, "zero_chunks"), 32, "{b1:#}");
+    assert_eq!(u(&b1, "new_chunks"), 32, "{b1:#}");
+    // Zero chunks are known from the layer maps: never read.
+    assert_eq!(u(&b1, "read_bytes"), 128 * MIB, "{b1:#}");
+    let full_stored = u(&b1, "new_stored_bytes");
+    assert!(
+        full_stored >= 128 * MIB,
+        "random data does not shrink: {b1:#}"
+    );
+
+    // 1% of the volume (2.5 MiB) rewritten as 4 KiB writes inside one chunk.
+    let region = 9 * CHUNK;
+    let mut rng = Prng::new(7);
+    let (mut raw, _) = Raw::open(d.tcp_addr(), "vol0");
+    for i in 0..640u64 {
+        let block = rng.next_u64() % (CHUNK / 4096);
+        let data = rng.bytes(4096);
+        let off = region + block * 4096;
+        raw.write(i + 1, 0, off, &data);
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    raw.flush(0xf2);
+    raw.disconnect();
+    let b = model.clone();
+
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(b2["incremental"], true, "{b2:#}");
+    assert_eq!(b2["parent"], b1["id"], "{b2:#}");
+    assert_eq!(
+        u(&b2, "read_bytes"),
+        CHUNK,
+        "only the changed chunk is read: {b2:#}"
+    );
+    assert_eq!(u(&b2, "new_chunks"), 1, "{b2:#}");
+    let inc_stored = u(&b2, "new_stored_bytes");
+    assert!(
+        inc_stored * 100 <= full_stored * 4,
+        "the incremental stored {inc_stored} bytes against {full_stored} for the full"
+    );
+    // The volume keeps only the newest backup snapshot as its next base.
+    let b2_snap = b2["snapshot"].as_str().unwrap().to_owned();
+    assert_eq!(snapshot_names(&d, "vol0"), vec![b2_snap]);
+
+    restore_new(&d, "r1", b1["id"].as_str().unwrap());
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("restore of b1", &read_export(&d, "r1"), &a);
+    assert_same("restore of b2", &read_export(&d, "r2"), &b);
+
+    // In place, onto the original volume (no client attached).
+    let r = admin_ok(&d, "backup.restore", json!({"id": b1["id"], "to": "vol0"}));
+    wait_job_ok(&d, r["job"]["id"].as_str().unwrap());
+    assert_same("vol0 restored to b1", &read_export(&d, "vol0"), &a);
+
+    // Progress is visible in job.list and in the metrics.
+    let jobs = admin_ok(&d, "job.list", json!({}));
+    let done: Vec<&Value> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "succeeded")
+        .collect();
+    assert!(done.len() >= 5, "{jobs:#}");
+    for j in done {
+        assert_eq!(
+            j["progress"]["bytes_done"], j["progress"]["bytes_total"],
+            "{j:#}"
+        );
+    }
+    let addr = d.metrics_addr().expect("metrics listener");
+    let text = evsd_e2e::metrics::scrape(addr);
+    let uploaded_line = text
+        .lines()
+        .find(|l| l.starts_with("evsd_backup_uploaded_bytes_total "))
+        .unwrap_or_else(|| panic!("no upload counter in\n{text}"));
+    let uploaded: u64 = uploaded_line.split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(uploaded, full_stored + inc_stored, "{uploaded_line}");
+    assert!(text.contains("evsd_job_bytes_done{"), "{text}");
+}
+
+#[test]
+fn incremental_survives_snapshot_deletes_and_restart() {
+    let d0 = start();
+    let size = 64 * MIB;
+    let mut model = half_random(&d0, "vol0", size, 2);
+    let mut d = d0;
+    let b1 = backup_now(&d, "vol0", false);
+
+    write_at(&d, "vol0", CHUNK + 4096, &random(3, 8192), &mut model);
+    admin_ok(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "s1"}),
+    );
+    write_at(&d, "vol0", 5 * CHUNK, &random(4, 4096), &mut model);
+    admin_ok(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "s2"}),
+    );
+    admin_ok_when_idle(
+        &d,
+        "snapshot.delete",
+        json!({"volume": "vol0", "name": "s1"}),
+    );
+    d.terminate_ok();
+    d.restart();
+    // A zero chunk that gets data.
+    write_at(&d, "vol0", 12 * CHUNK, &random(5, 4096), &mut model);
+    admin_ok_when_idle(
+        &d,
+        "snapshot.delete",
+        json!({"volume": "vol0", "name": "s2"}),
+    );
+
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(b2["parent"], b1["id"], "{b2:#}");
+    assert_eq!(b2["incremental"], true, "{b2:#}");
+    assert_eq!(
+        u(&b2, "read_bytes"),
+        3 * CHUNK,
+        "chunks 1, 5 and 12: {b2:#}"
+    );
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("restore of b2", &read_export(&d, "r2"), &model);
+
+    // --full reads everything again but stores nothing new.
+    let b3 = backup_now(&d, "vol0", true);
+    assert_eq!(b3["incremental"], false, "{b3:#}");
+    assert_eq!(u(&b3, "new_chunks"), 0, "{b3:#}");
+    assert_eq!(u(&b3, "read_bytes"), 9 * CHUNK, "chunks 0-7 and 12: {b3:#}");
+}
+
+#[test]
+fn clone_backup_dedups_against_its_source() {
+    let d = start();
+    let model = half_random(&d, "vol0", 64 * MIB, 6);
+    let b1 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b1, "new_chunks"), 8, "{b1:#}");
+    admin_ok(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "gold"}),
+    );
+    admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "clone", "from_snapshot": "vol0@gold"}),
+    );
+    let c = backup_now(&d, "clone", false);
+    assert_eq!(
+        c["incremental"], false,
+        "a clone's first backup is full: {c:#}"
+    );
+    assert_eq!(u(&c, "data_chunks"), 8, "{c:#}");
+    assert_eq!(
+        u(&c, "new_chunks"),
+        0,
+        "every chunk is already stored: {c:#}"
+    );
+    assert_eq!(u(&c, "new_stored_bytes"), 0, "{c:#}");
+    restore_new(&d, "r", c["id"].as_str().unwrap());
+    assert_same("restored clone", &read_export(&d, "r"), &model);
+}
+
+#[test]
+fn delete_and_gc_free_exactly_the_unreferenced_chunks() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 64 * MIB, 8);
+    let b1 = backup_now(&d, "vol0", false);
+    let before = chunk_files(&store_dir(&d));
+    assert_eq!(before.len(), 8);
+    // Chunks 0 and 1 get new content: b2 references 2 new chunks and 6 of b1's.
+    write_at(&d, "vol0", 0, &random(9, 2 * CHUNK), &mut model);
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b2, "new_chunks"), 2, "{b2:#}");
+    let both = chunk_files(&store_dir(&d));
+    assert_eq!(both.len(), 10);
+    let only_b1: Vec<&(PathBuf, u64)> = before
+        .iter()
+        .filter(|(p, _)| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            !b2_references(&d, &b2, name)
+        })
+        .collect();
+    assert_eq!(only_b1.len(), 2, "{only_b1:?}");
+
+    let r = admin_ok(&d, "backup.delete", json!({"id": b1["id"]}));
+    assert_eq!(r["gc"]["deferred"], false, "{r:#}");
+    assert_eq!(r["gc"]["chunks_deleted"], 2, "{r:#}");
+    let freed: u64 = only_b1.iter().map(|(_, s)| s).sum();
+    assert_eq!(r["gc"]["bytes_freed"], json!(freed), "{r:#}");
+    let after = chunk_files(&store_dir(&d));
+    assert_eq!(after.len(), 8);
+    for (p, _) in &only_b1 {
+        assert!(!p.exists(), "{} survived GC", p.display());
+    }
+    // b2 still complete.
+    let v = admin_ok(&d, "backup.verify", json!({"id": b2["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["result"]["bad_chunks"], json!([]), "{j:#}");
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("b2 after GC", &read_export(&d, "r2"), &model);
+    let list = admin_ok(&d, "backup.list", json!({}));
+    assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list:#}");
+    admin_err(&d, "backup.show", json!({"id": b1["id"]}), "not_found");
+
+    admin_ok(&d, "backup.delete", json!({"id": b2["id"]}));
+    assert_eq!(chunk_files(&store_dir(&d)).len(), 0);
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["chunks_deleted"], 0, "{gc:#}");
+}
+
+/// Whether the manifest of `b` (read from the local store) names chunk `hex`.
+fn b2_references(d: &Daemon, b: &Value, hex: &str) -> bool {
+    let path = store_dir(d)
+        .join("manifests")
+        .join(format!("{}.json", b["id"].as_str().unwrap()));
+    let manifest: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    manifest["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c.as_str() == Some(hex))
+}
+
+#[test]
+fn deleted_volume_restores_from_its_backup() {
+    let d = start();
+    let model = half_random(&d, "vol0", 32 * MIB, 10);
+    let b = backup_now(&d, "vol0", false);
+    admin_ok_when_idle(&d, "volume.delete", json!({"name": "vol0"}));
+    admin_err(&d, "volume.show", json!({"name": "vol0"}), "not_found");
+    let list = admin_ok(&d, "backup.list", json!({"volume": "vol0"}));
+    assert_eq!(list["backups"][0]["id"], b["id"], "{list:#}");
+    restore_new(&d, "vol0", b["id"].as_str().unwrap());
+    assert_same("vol0 from its backup", &read_export(&d, "vol0"), &model);
+    // A restore refuses a volume of another size and a busy volume.
+    create_volume(&d, "small", 16 * MIB);
+    admin_err(
+        &d,
+        "backup.restore",
+        json!({"id": b["id"], "to": "small"}),
+        "invalid_argument",
+    );
+    let (_held, _) = Raw::open(d.tcp_addr(), "vol0");
+    admin_err(
+        &d,
+        "backup.restore",
+        json!({"id": b["id"], "to": "vol0"}),
+        "busy",
+    );
+    admin_err(
+        &d,
+        "backup.show",
+        json!({"id": "../etc"}),
+        "invalid_argument",
+    );
+    admin_err(&d, "backup.show", json!({"id": "b-nope"}), "not_found");
+}
+
+#[test]
+fn corrupted_chunk_is_named_by_verify_and_fails_restore() {
+    let d = start();
+    half_random(&d, "vol0", 32 * MIB, 11);
+    let b = backup_now(&d, "vol0", false);
+    let chunks = chunk_files(&store_dir(&d));
+    assert_eq!(chunks.len(), 4);
+    let (victim, size) = &chunks[2];
+    let hex = victim.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut bytes = fs::read(victim).unwrap();
+    let mid = (*size / 2) as usize;
+    bytes[mid] ^= 0x40;
+    fs::write(victim, &bytes).unwrap();
+
+    let v = admin_ok(&d, "backup.verify", json!({"id": b["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{j:#}");
+    assert_eq!(bad[0]["chunk_id"], json!(hex), "{j:#}");
+    assert_eq!(j["result"]["chunks_checked"], 4, "{j:#}");
+
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b["id"]}),
+    );
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "failed", "{j:#}");
+    let error = j["error"].as_str().unwrap();
+    assert!(error.contains(&hex), "the error names the chunk: {error}");
+    // The half-restored volume is gone rather than served.
+    assert!(wait_until(Duration::from_secs(5), || admin(
+        &d,
+        "volume.show",
+        json!({"name": "r"})
+    )
+    .is_err()));
+}
+
+#[test]
+fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("24");
+    let mut d = Daemon::start(opts);
+    let size = 256 * MIB;
+    let model = half_random(&d, "vol0", size, 12);
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let j = job(&d, &job_id);
+            u(&j["progress"], "bytes_done") >= 48 * MIB
+        }),
+        "the backup made no progress"
+    );
+    thread::sleep(Duration::from_millis(2500)); // past a checkpoint
+    let uploaded_before = chunk_files(&store_dir(&d)).len();
+    assert!(
+        uploaded_before >= 4,
+        "{uploaded_before} chunks stored before the kill"
+    );
+    d.kill9();
+    d.restart();
+    let j = wait_job_ok(&d, &job_id);
+    assert_eq!(j["backup_id"], json!(backup_id), "{j:#}");
+    let b = admin_ok(&d, "backup.show", json!({"id": backup_id}));
+    assert_eq!(u(&b, "data_chunks"), 32, "{b:#}");
+    assert!(
+        u(&b, "new_chunks") <= 32 - uploaded_before as u64,
+        "the resumed run uploaded chunks that were stored before the kill: {b:#}"
+    );
+    assert_eq!(chunk_files(&store_dir(&d)).len(), 32);
+    restore_new(&d, "r", &backup_id);
+    assert_same("restore after resume", &read_export(&d, "r"), &model);
+}
+
+#[test]
+fn fio_verifies_while_backups_run() {
+    let d = start();
+    create_volume(&d, "vol0", 256 * MIB);
+    let uri = d.tcp_uri("vol0");
+    let fio = thread::spawn(move || {
+        evsd_e2e::fio::fio(
+            &uri,
+            &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=256M",
+                "--time_based",
+                "--runtime=8",
+                "--verify=crc32c",
+                "--verify_backlog=512",
+                "--do_verify=1",
+            ],
+        )
+    });
+    thread::sleep(Duration::from_millis(1500));
+    let mut backups = Vec::new();
+    for _ in 0..3 {
+        backups.push(backup_now(&d, "vol0", false));
+        thread::sleep(Duration::from_millis(500));
+    }
+    let report = fio.join().unwrap();
+    assert_eq!(report["jobs"][0]["error"], 0, "{report:#}");
+    assert!(
+        u(&report["jobs"][0]["write"], "total_ios") > 1000,
+        "{report:#}"
+    );
+    // The newest backup restores exactly to its snapshot, which the volume keeps as its base.
+    let last = backups.last().unwrap();
+    assert_eq!(last["incremental"], true, "{last:#}");
+    restore_new(&d, "r", last["id"].as_str().unwrap());
+    let snap = format!("vol0@{}", last["snapshot"].as_str().unwrap());
+    assert_same(
+        "restore vs its snapshot",
+        &read_export(&d, "r"),
+        &read_export(&d, &snap),
+    );
+}
+
+#[test]
+fn evsctl_backup_commands() {
+    let d = start();
+    let model = half_random(&d, "vol0", 16 * MIB, 13);
+    let out = d.evsctl(&["backup", "create", "vol0", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        format_output("evsctl backup create", &out)
+    );
+    let list = d.evsctl_json(&["backup", "list", "--volume", "vol0"]);
+    let id = list["backups"][0]["id"].as_str().unwrap().to_owned();
+    let text = d.evsctl_ok(&["backup", "list"]);
+    assert!(text.contains(&id) && text.contains("vol0"), "{text}");
+    let text = d.evsctl_ok(&["backup", "show", &id]);
+    assert!(text.contains(&id), "{text}");
+    let text = d.evsctl_ok(&["job", "list"]);
+    assert!(
+        text.contains("backup") && text.contains("succeeded"),
+        "{text}"
+    );
+    let text = d.evsctl_ok(&["backup", "verify", &id]);
+    assert!(text.contains("0 bad"), "{text}");
+    let out = d.evsctl(&["volume", "create", "r", "--from-backup", &id, "--wait"]);
+    assert!(out.status.success(), "{}", format_output("evsctl", &out));
+    assert_same("evsctl restore", &read_export(&d, "r"), &model);
+    // Not found and invalid ids give their exit codes.
+    assert_eq!(
+        d.evsctl(&["backup", "show", "b-missing"]).status.code(),
+        Some(4)
+    );
+    assert_eq!(d.evsctl(&["backup", "show", "../x"]).status.code(), Some(2));
+    let text = d.evsctl_ok(&["backup", "gc"]);
+    assert!(text.contains("deleted 0 chunks"), "{text}");
+}

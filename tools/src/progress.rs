@@ -1,0 +1,333 @@
+//! `--wait`: polls `job.show` until every job has finished, drawing a progress bar per job on
+//! stderr: `vol0 backup  [#########-----------]  45%  1.8 GiB / 4.0 GiB  612.0 MiB/s  ETA 4s`.
+//! On a terminal the bars are redrawn in place; otherwise one line per job every 2 s (so logs
+//! stay readable), plus the final state.
+
+use std::io::{IsTerminal, Write};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{AdminClient, Call};
+use crate::error::CliError;
+use crate::job::{JobInfo, JobState};
+use crate::render::iec_size;
+
+/// Characters between the bar's brackets.
+pub const BAR_WIDTH: usize = 20;
+
+/// How often `job.show` is asked.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a line per job is written when stderr is not a terminal.
+const LOG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// `done` of `total` in whole percent, floored and capped at 100; 0 while the total is unknown.
+pub fn percent(done: u64, total: u64) -> u64 {
+    if total == 0 {
+        return 0;
+    }
+    (u128::from(done.min(total)) * 100 / u128::from(total)) as u64
+}
+
+/// `[#########-----------]` for 45%, `width` characters between the brackets.
+pub fn bar(percent: u64, width: usize) -> String {
+    let filled = (percent.min(100) as usize * width) / 100;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// Seconds as `4s`, `2m05s` or `1h02m` (days are hours: `50h00m`).
+pub fn format_eta(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs / 60 % 60),
+    }
+}
+
+/// Bytes per second as `612.0 MiB/s`; a negative or non-finite rate is 0.
+pub fn format_rate(bytes_per_sec: f64) -> String {
+    let bytes = if bytes_per_sec.is_finite() && bytes_per_sec > 0.0 {
+        bytes_per_sec as u64
+    } else {
+        0
+    };
+    format!("{}/s", iec_size(bytes))
+}
+
+/// One job's progress line (without a newline).
+pub fn progress_line(job: &JobInfo) -> String {
+    let p = &job.progress;
+    let percent = job.percent();
+    let tail = match job.state {
+        JobState::Running => format!("ETA {}", job.eta()),
+        JobState::Retrying => "retrying".to_owned(),
+        JobState::Succeeded => "done".to_owned(),
+        JobState::Failed => "failed".to_owned(),
+    };
+    format!(
+        "{} {}  {} {percent:>3}%  {} / {}  {}  {tail}",
+        job.volume,
+        job.kind,
+        bar(percent, BAR_WIDTH),
+        iec_size(p.bytes_done),
+        iec_size(p.bytes_total),
+        job.rate()
+    )
+}
+
+/// Where the jobs' state comes from: the daemon, or a script in tests.
+pub trait JobSource {
+    fn show(&mut self, id: &str) -> Result<Value, CliError>;
+}
+
+impl JobSource for AdminClient {
+    fn show(&mut self, id: &str) -> Result<Value, CliError> {
+        self.call(&Call {
+            method: "job.show",
+            params: json!({"id": id}),
+        })
+    }
+}
+
+/// The polling loop's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiter {
+    pub poll: Duration,
+    pub log_every: Duration,
+    /// Redraw in place (a terminal) rather than logging a line per job now and then.
+    pub in_place: bool,
+}
+
+impl Waiter {
+    /// 200 ms polls, drawn in place when stderr is a terminal.
+    pub fn for_stderr() -> Waiter {
+        Waiter {
+            poll: POLL_INTERVAL,
+            log_every: LOG_INTERVAL,
+            in_place: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Polls each job until all have succeeded or failed; returns their final JSON in the order
+    /// of `ids`. Drawing failures are ignored: progress is a courtesy, the result is what counts.
+    pub fn wait(
+        &self,
+        source: &mut impl JobSource,
+        ids: &[String],
+        draw: &mut impl Write,
+    ) -> Result<Vec<Value>, CliError> {
+        let mut latest: Vec<Option<(Value, JobInfo)>> = vec![None; ids.len()];
+        let mut drawn_lines = 0;
+        let mut last_log: Option<Instant> = None;
+        loop {
+            for (id, slot) in ids.iter().zip(latest.iter_mut()) {
+                let finished = matches!(slot, Some((_, job)) if job.state.is_finished());
+                if !finished {
+                    let value = source.show(id)?;
+                    let job = JobInfo::parse(&value)?;
+                    *slot = Some((value, job));
+                }
+            }
+            let jobs: Vec<&JobInfo> = latest.iter().flatten().map(|(_, job)| job).collect();
+            let all_done = jobs.iter().all(|job| job.state.is_finished());
+            let lines: Vec<String> = jobs.iter().map(|job| progress_line(job)).collect();
+            if self.in_place {
+                let _ = draw.write_all(redraw(&lines, drawn_lines).as_bytes());
+                drawn_lines = lines.len();
+            } else if all_done || last_log.is_none_or(|at| at.elapsed() >= self.log_every) {
+                let _ = draw.write_all(log_lines(&lines).as_bytes());
+                last_log = Some(Instant::now());
+            }
+            let _ = draw.flush();
+            if all_done {
+                return Ok(latest
+                    .into_iter()
+                    .flatten()
+                    .map(|(value, _)| value)
+                    .collect());
+            }
+            sleep(self.poll);
+        }
+    }
+}
+
+/// Moves the cursor up over the `previous` lines drawn last time and draws `lines` over them.
+pub fn redraw(lines: &[String], previous: usize) -> String {
+    let mut out = String::new();
+    if previous > 0 {
+        out.push_str(&format!("\x1b[{previous}A"));
+    }
+    for line in lines {
+        out.push_str(&format!("\r\x1b[2K{line}\n"));
+    }
+    out
+}
+
+fn log_lines(lines: &[String]) -> String {
+    lines.iter().map(|line| format!("{line}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::job::tests::sample;
+
+    #[test]
+    fn percent_is_floored_and_capped() {
+        assert_eq!(percent(0, 0), 0);
+        assert_eq!(percent(0, 100), 0);
+        assert_eq!(percent(45, 100), 45);
+        assert_eq!(percent(999, 1000), 99);
+        assert_eq!(percent(1000, 1000), 100);
+        assert_eq!(percent(2000, 1000), 100);
+        assert_eq!(percent(u64::MAX, u64::MAX), 100);
+    }
+
+    #[test]
+    fn bars_have_a_fixed_width() {
+        assert_eq!(bar(45, 20), "[#########-----------]");
+        assert_eq!(bar(0, 20), "[--------------------]");
+        assert_eq!(bar(100, 20), "[####################]");
+        assert_eq!(bar(250, 4), "[####]");
+        for p in 0..=100 {
+            assert_eq!(bar(p, BAR_WIDTH).len(), BAR_WIDTH + 2);
+        }
+    }
+
+    #[test]
+    fn etas_and_rates() {
+        assert_eq!(format_eta(0), "0s");
+        assert_eq!(format_eta(4), "4s");
+        assert_eq!(format_eta(59), "59s");
+        assert_eq!(format_eta(60), "1m00s");
+        assert_eq!(format_eta(125), "2m05s");
+        assert_eq!(format_eta(3599), "59m59s");
+        assert_eq!(format_eta(3600 + 120 + 30), "1h02m");
+        assert_eq!(format_eta(50 * 3600), "50h00m");
+        assert_eq!(format_rate(612.0 * 1048576.0), "612.0 MiB/s");
+        assert_eq!(format_rate(0.0), "0 B/s");
+        assert_eq!(format_rate(-1.0), "0 B/s");
+        assert_eq!(format_rate(f64::NAN), "0 B/s");
+    }
+
+    #[test]
+    fn lines_show_bar_sizes_rate_and_eta() {
+        let running = sample("j-1", "running", 1_932_735_284, 4 << 30);
+        assert_eq!(
+            progress_line(&JobInfo::parse(&running).unwrap()),
+            "vol0 backup  [#########-----------]  45%  1.8 GiB / 4.0 GiB  612.0 MiB/s  ETA 4s"
+        );
+        let done = sample("j-1", "succeeded", 0, 0);
+        assert!(progress_line(&JobInfo::parse(&done).unwrap())
+            .ends_with("[####################] 100%  0 B / 0 B  612.0 MiB/s  done"));
+        let retrying = sample("j-1", "retrying", 0, 8);
+        assert!(progress_line(&JobInfo::parse(&retrying).unwrap()).ends_with("retrying"));
+    }
+
+    #[test]
+    fn redraw_moves_up_over_the_previous_lines() {
+        let lines = ["a".to_owned(), "b".to_owned()];
+        assert_eq!(redraw(&lines, 0), "\r\x1b[2Ka\n\r\x1b[2Kb\n");
+        assert_eq!(redraw(&lines, 2), "\x1b[2A\r\x1b[2Ka\n\r\x1b[2Kb\n");
+    }
+
+    /// Answers each job's polls from a script; the last answer repeats.
+    struct Script(Vec<(String, VecDeque<Value>)>, usize);
+
+    impl JobSource for Script {
+        fn show(&mut self, id: &str) -> Result<Value, CliError> {
+            self.1 += 1;
+            let (_, answers) = self
+                .0
+                .iter_mut()
+                .find(|(job, _)| job == id)
+                .ok_or_else(|| CliError::Daemon {
+                    code: "not_found".into(),
+                    message: id.into(),
+                })?;
+            let answer = answers.front().cloned().unwrap();
+            if answers.len() > 1 {
+                answers.pop_front();
+            }
+            Ok(answer)
+        }
+    }
+
+    fn waiter(in_place: bool) -> Waiter {
+        Waiter {
+            poll: Duration::ZERO,
+            log_every: Duration::from_secs(3600),
+            in_place,
+        }
+    }
+
+    #[test]
+    fn waits_until_every_job_finished() {
+        let mut script = Script(
+            vec![
+                (
+                    "j-1".into(),
+                    VecDeque::from([
+                        sample("j-1", "running", 1, 4),
+                        sample("j-1", "succeeded", 4, 4),
+                    ]),
+                ),
+                (
+                    "j-2".into(),
+                    VecDeque::from([
+                        sample("j-2", "running", 1, 4),
+                        sample("j-2", "retrying", 2, 4),
+                        sample("j-2", "failed", 2, 4),
+                    ]),
+                ),
+            ],
+            0,
+        );
+        let mut drawn = Vec::new();
+        let ids = ["j-1".to_owned(), "j-2".to_owned()];
+        let finals = waiter(false).wait(&mut script, &ids, &mut drawn).unwrap();
+        assert_eq!(finals[0]["state"], "succeeded");
+        assert_eq!(finals[1]["state"], "failed");
+        // j-1 is not asked again once it has finished: 2 + 3 polls.
+        assert_eq!(script.1, 5);
+        // Logged once at the start and once at the end (the log interval is an hour).
+        let drawn = String::from_utf8(drawn).unwrap();
+        assert_eq!(drawn.lines().count(), 4, "{drawn}");
+        assert!(drawn.lines().last().unwrap().ends_with("failed"));
+        assert!(!drawn.contains('\r'));
+    }
+
+    #[test]
+    fn in_place_drawing_redraws_and_errors_stop_the_wait() {
+        let mut script = Script(
+            vec![(
+                "j-1".into(),
+                VecDeque::from([
+                    sample("j-1", "running", 1, 4),
+                    sample("j-1", "succeeded", 4, 4),
+                ]),
+            )],
+            0,
+        );
+        let mut drawn = Vec::new();
+        waiter(true)
+            .wait(&mut script, &["j-1".to_owned()], &mut drawn)
+            .unwrap();
+        let drawn = String::from_utf8(drawn).unwrap();
+        assert_eq!(drawn.matches('\r').count(), 2);
+        assert_eq!(drawn.matches("\x1b[1A").count(), 1);
+
+        let error = waiter(true)
+            .wait(&mut script, &["j-9".to_owned()], &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(error.exit_code(), 4);
+        let mut malformed = Script(vec![("j-1".into(), VecDeque::from([json!({})]))], 0);
+        let error = waiter(true)
+            .wait(&mut malformed, &["j-1".to_owned()], &mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(error, CliError::Protocol(_)));
+    }
+}
