@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# Install the external tools the end-to-end tests (tests/) and the peer
-# benchmark (benches/peer-compare.sh) drive, then verify every one exists.
+# Install the external tools the end-to-end tests (tests/) and the benchmarks
+# (benches/peer-compare.sh, benches/backup-compare.sh) drive, then verify every
+# one exists.
 #
 #   bash scripts/install-test-deps.sh
 #
 # Debian/Ubuntu, as root (or with sudo). Only packages that are missing are
 # installed; `apt-get update` runs first when anything is missing. Exits
 # non-zero naming the missing tool if something could not be installed.
+#
+# S3 test server: the backup tests run a real S3-compatible server on loopback,
+# s3s-fs (crates.io; buckets are directories and objects plain files under its
+# root dir, so a stopped and restarted server keeps its data). It is built with
+#   cargo install s3s-fs --version $S3S_FS_VERSION --locked --features binary \
+#         --root "$EVSD_TEST_TOOLS"
+# only when "$EVSD_TEST_TOOLS/bin/s3s-fs" is missing or another version (build:
+# 2-9 minutes on 2 CPUs; the script prints a step message first).
+# 0.14.1 is pinned because 0.15 and later need a newer rustc than 1.95; the
+# `binary` feature is what builds the executable.
+#   EVSD_TEST_TOOLS  install root for cargo-built test tools
+#                    (default: $HOME/.cache/evsd-test-tools; binary in bin/)
+# The test harness (tests/src/s3.rs) runs $EVSD_S3S_FS if set, otherwise
+# s3s-fs from PATH, otherwise $EVSD_TEST_TOOLS/bin/s3s-fs (same default), so
+# nothing needs to be added to PATH.
 set -euo pipefail
 
 # command -> Debian package providing it
@@ -30,7 +46,13 @@ TOOLS=(
   "jq:jq"
   "python3:python3"
   "systemd-socket-activate:systemd"
+  "restic:restic"
+  "curl:curl"
 )
+
+S3S_FS_VERSION=0.14.1
+EVSD_TEST_TOOLS=${EVSD_TEST_TOOLS:-${HOME:-/root}/.cache/evsd-test-tools}
+S3S_FS_BIN=$EVSD_TEST_TOOLS/bin/s3s-fs
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -74,6 +96,23 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${qemu_target[@]}" "${missing_pkgs[@]}" </dev/null
 fi
 
+# s3s-fs (S3 test server), built with cargo. `--target-dir` keeps the build out
+# of the workspace's CARGO_TARGET_DIR; it is removed afterwards.
+s3s_fs_version() { "$1" --version 2>/dev/null | awk '{print $NF}'; }
+if [ "$(s3s_fs_version "$S3S_FS_BIN")" != "$S3S_FS_VERSION" ]; then
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-test-deps: cargo not found; cannot build s3s-fs $S3S_FS_VERSION" >&2
+  else
+    echo "install-test-deps: building the S3 test server s3s-fs $S3S_FS_VERSION into $EVSD_TEST_TOOLS (takes a few minutes)"
+    s3s_build=$(mktemp -d "${TMPDIR:-/tmp}/evsd-s3s-fs-build.XXXXXX")
+    if ! cargo install s3s-fs --version "$S3S_FS_VERSION" --locked --features binary \
+           --root "$EVSD_TEST_TOOLS" --target-dir "$s3s_build" --force; then
+      echo "install-test-deps: cargo install s3s-fs $S3S_FS_VERSION failed (see above)" >&2
+    fi
+    rm -rf "$s3s_build"
+  fi
+fi
+
 # Verify.
 fail=0
 for entry in "${TOOLS[@]}"; do
@@ -103,13 +142,17 @@ if [ ! -e /dev/loop-control ]; then
     fail=1
   fi
 fi
+if [ "$(s3s_fs_version "$S3S_FS_BIN")" != "$S3S_FS_VERSION" ]; then
+  echo "install-test-deps: MISSING S3 test server '$S3S_FS_BIN' version $S3S_FS_VERSION (cargo install s3s-fs --version $S3S_FS_VERSION --locked --features binary --root $EVSD_TEST_TOOLS)" >&2
+  fail=1
+fi
 if [ "$fail" -ne 0 ]; then
   echo "install-test-deps: some test dependencies are missing (see above)" >&2
   exit 1
 fi
 
 qemu_ver=$(qemu-img --version | head -1 | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p')
-echo "install-test-deps: all tools present (qemu ${qemu_ver:-?}, $(nbdinfo --version | head -1), $(nbdkit --version), $(fio --version))"
+echo "install-test-deps: all tools present (qemu ${qemu_ver:-?}, $(nbdinfo --version | head -1), $(nbdkit --version), $(fio --version), $(restic version | awk '{print $1, $2}'), s3s-fs $S3S_FS_VERSION at $S3S_FS_BIN)"
 case "$qemu_ver" in
   [0-7].*|8.[01]*) echo "install-test-deps: note: qemu $qemu_ver < 8.2 does not negotiate NBD extended headers; the qemu tests then cover structured replies only" ;;
 esac

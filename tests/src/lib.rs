@@ -3,7 +3,9 @@
 //! Every test starts its own daemon on a fresh temporary data directory with
 //! `--listen 127.0.0.1:0 --unix <tmp>/nbd.sock --ready-file <tmp>/ready.json --metrics-listen 127.0.0.1:0
 //! --admin-socket <tmp>/admin.sock` and talks to it with real NBD clients (qemu-img/qemu-io, libnbd tools,
-//! fio, nbdfuse) or with the hand-written wire client in [`raw`].
+//! fio, nbdfuse) or with the hand-written wire client in [`raw`]. Backup tests
+//! add a real S3 server on loopback ([`s3::S3Server`]) and pass its
+//! credentials to the daemon with [`DaemonOpts::envs`].
 //!
 //! Binary lookup: `$EVSD_BIN` if set, otherwise `evsd` next to the directory
 //! holding the test executable (`<target>/<profile>/evsd`), otherwise
@@ -15,10 +17,12 @@
 //! ever skipped silently.
 
 pub mod admin;
+pub mod backups;
 pub mod fio;
 pub mod metrics;
 pub mod peer;
 pub mod raw;
+pub mod s3;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
@@ -476,6 +480,10 @@ pub struct DaemonOpts {
     pub metrics_listen: String,
     /// Anything else, appended verbatim.
     pub extra_args: Vec<String>,
+    /// Extra environment variables for the evsd process (on top of the test's own
+    /// environment, which it inherits), e.g. the S3 credentials from [`s3::S3Server::env`].
+    /// Kept across [`Daemon::restart`].
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOpts {
@@ -488,6 +496,7 @@ impl Default for DaemonOpts {
             handshake_timeout_secs: None,
             metrics_listen: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -530,6 +539,21 @@ impl DaemonOpts {
     }
     pub fn arg(mut self, a: &str) -> Self {
         self.extra_args.push(a.to_string());
+        self
+    }
+    /// Set environment variable `key` to `value` for the daemon process (a later value for the
+    /// same key wins).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+    /// [`DaemonOpts::env`] for each pair, e.g. `.envs(s3.env())`.
+    pub fn envs<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
         self
     }
 }
@@ -673,6 +697,8 @@ impl Daemon {
         if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
             cmd.env("RUST_LIB_BACKTRACE", "0");
         }
+        // Last, so a test can override any of the above.
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {} {:?}: {e}", bin.display(), args));
