@@ -38,6 +38,9 @@
 # Environment:
 #   SIZE=4G            volume size (K/M/G suffix, a multiple of 4 MiB)
 #   CHANGE_PCT=1       share of 4 KiB blocks rewritten before the incremental (4G, 1%: 10486)
+#   CHANGE_LAYOUT=scattered  scattered: the blocks are spread uniformly over the volume, so
+#                      nearly every 4 MiB chunk changes (10486 blocks over 1024 chunks);
+#                      clustered: the same number of blocks in one region of CHANGE_PCT%
 #   KEEP=0             1: keep the work dir (default: removed at exit)
 #   WORKDIR=<new dir under /var/tmp>
 #   VERIFY=1           0: skip the cmp checks
@@ -53,6 +56,8 @@ set -euo pipefail
 
 SIZE=${SIZE:-4G}
 CHANGE_PCT=${CHANGE_PCT:-1}
+CHANGE_LAYOUT=${CHANGE_LAYOUT:-scattered}
+case "$CHANGE_LAYOUT" in scattered|clustered) ;; *) echo "backup-compare: CHANGE_LAYOUT is scattered or clustered" >&2; exit 1 ;; esac
 KEEP=${KEEP:-0}
 VERIFY=${VERIFY:-1}
 RESTIC_S3=${RESTIC_S3:-1}
@@ -314,14 +319,21 @@ for s in $RESTIC_STORES; do restic_backup_row "full-$s" "$s"; done
 BLOCKS=$(( SIZE_BYTES / 4096 ))
 NWRITES=$(awk -v b="$BLOCKS" -v p="$CHANGE_PCT" 'BEGIN { printf "%d", b * p / 100 + 0.5 }')
 PATCH=$WORKDIR/patch.bin
-log "changing $NWRITES random 4 KiB blocks (${CHANGE_PCT}%) in the volumes and in $FILE"
+log "changing $NWRITES random 4 KiB blocks (${CHANGE_PCT}%, $CHANGE_LAYOUT) in the volumes and in $FILE"
 # patch.bin: NWRITES records of an 8-byte LE offset + 4096 random bytes; distinct blocks.
-/usr/bin/python3 - "$PATCH" "$BLOCKS" "$NWRITES" <<'EOF'
+/usr/bin/python3 - "$PATCH" "$BLOCKS" "$NWRITES" "$CHANGE_LAYOUT" <<'EOF'
 import os, random, struct, sys
-path, blocks, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, blocks, n, layout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rng = random.Random(20261202)
+if layout == "clustered":
+    # One region of n blocks at a random offset (a file rewritten, a log segment).
+    start = rng.randrange(0, blocks - n + 1)
+    chosen = range(start, start + n)
+else:
+    # Spread uniformly over the whole volume.
+    chosen = rng.sample(range(blocks), n)
 with open(path, "wb") as f:
-    for b in rng.sample(range(blocks), n):
+    for b in chosen:
         f.write(struct.pack("<Q", b * 4096))
         f.write(os.urandom(4096))
 EOF

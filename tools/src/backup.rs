@@ -41,7 +41,7 @@ pub enum BackupCommand {
     /// Write a backup's content over an existing volume.
     Restore {
         id: String,
-        /// The volume to overwrite (it takes the backup's size).
+        /// The volume to overwrite (it must have the backup's size).
         #[arg(long, value_name = "VOL")]
         to: String,
         /// Disconnect the volume's clients first instead of refusing.

@@ -245,7 +245,7 @@ async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, Admin
         _ => {
             return Err(AdminError::new(
                 ErrorCode::InvalidArgument,
-                "give exactly one of size and from_snapshot",
+                "give exactly one of size, from_snapshot and from_backup",
             ))
         }
     };

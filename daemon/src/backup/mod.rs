@@ -287,15 +287,23 @@ impl Backups {
                 return Err(StorageError::NotFound(volume.clone()).into());
             }
         }
-        let mut started = Vec::new();
-        for volume in volumes {
-            let entry = self
-                .registry
-                .entry(volume)
-                .ok_or_else(|| StorageError::NotFound(volume.clone()))?;
+        // All volumes are claimed before any job starts: a busy one refuses the whole call.
+        for (i, volume) in volumes.iter().enumerate() {
             if !self.claim(volume) {
+                for earlier in &volumes[..i] {
+                    self.unclaim(earlier);
+                }
                 return Err(BackupError::JobRunning(volume.clone()));
             }
+        }
+        let mut started = Vec::new();
+        for (i, volume) in volumes.iter().enumerate() {
+            let Some(entry) = self.registry.entry(volume) else {
+                for later in &volumes[i..] {
+                    self.unclaim(later);
+                }
+                return Err(StorageError::NotFound(volume.clone()).into());
+            };
             let backup_id = manifest::new_backup_id(now_unix_secs());
             let mut record = BackupRecord {
                 job_id: new_job_id(),
@@ -318,7 +326,9 @@ impl Backups {
             .await;
             if let Err(e) = taken {
                 self.files.remove(&record.job_id);
-                self.unclaim(volume);
+                for later in &volumes[i..] {
+                    self.unclaim(later);
+                }
                 return Err(e);
             }
             let job = self.register(&record.job_id, JobKind::Backup, volume, &backup_id);
@@ -444,9 +454,20 @@ impl Backups {
     /// Deletes a backup's manifest (its chunks go with the next GC, run right after), and the
     /// local snapshot it kept as an incremental base.
     pub async fn delete(self: &Arc<Self>, backup_id: &str) -> Result<GcReport, BackupError> {
-        let manifest = self.store.get_manifest(backup_id).await?;
+        let manifest = match self.store.get_manifest(backup_id).await {
+            Ok(manifest) => Some(manifest),
+            // A damaged manifest can still be deleted (it would otherwise block every GC).
+            Err(BackupError::Manifest(e)) => {
+                tracing::warn!(backup = backup_id, error = %e, "deleting a damaged manifest");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         self.store.delete_manifest(backup_id).await?;
         self.catalog.forget(backup_id);
+        let Some(manifest) = manifest else {
+            return self.gc().await;
+        };
         tracing::info!(backup = backup_id, volume = %manifest.volume_name, "deleted backup");
         for entry in self.registry.entries() {
             if entry.volume().identity().uuid == manifest.volume_uuid
@@ -552,10 +573,23 @@ impl Backups {
         backup_id: &str,
     ) -> Result<JobInfo, BackupError> {
         let manifest = self.store.get_manifest(backup_id).await?;
-        let volume = self.registry.create(name, manifest.size_bytes)?;
-        let _ = volume.attachments().close(true);
         if !self.claim(name) {
             return Err(BackupError::JobRunning(name.to_owned()));
+        }
+        let registry = Arc::clone(&self.registry);
+        let (volume_name, size_bytes) = (name.to_owned(), manifest.size_bytes);
+        let created = tokio::task::spawn_blocking(move || registry.create(&volume_name, size_bytes))
+            .await
+            .map_err(|e| BackupError::InvalidArgument(format!("a worker thread failed: {e}")))
+            .and_then(|r| r.map_err(BackupError::from));
+        match created {
+            Ok(volume) => {
+                let _ = volume.attachments().close(true);
+            }
+            Err(e) => {
+                self.unclaim(name);
+                return Err(e);
+            }
         }
         self.start_restore(backup_id, name, true)
     }

@@ -257,8 +257,11 @@ async fn find_base(
         Err(BackupError::BackupNotFound(_)) => return Ok((None, None)),
         Err(e) => return Err(e),
     };
-    let Some(runs) = entry.changed_between(&base.snapshot, &record.snapshot)? else {
-        return Ok((None, None));
+    let runs = match entry.changed_between(&base.snapshot, &record.snapshot) {
+        Ok(Some(runs)) => runs,
+        // Not an ancestor any more (a rollback), or deleted meanwhile: read everything.
+        Ok(None) | Err(StorageError::SnapshotNotFound { .. }) => return Ok((None, None)),
+        Err(e) => return Err(e.into()),
     };
     let mut changed = HashSet::new();
     let blocks_per_chunk = CHUNK_SIZE_BYTES / BLOCK_BYTES;
