@@ -9,6 +9,7 @@ mod io;
 mod logging;
 mod metrics;
 mod nbd;
+mod servers;
 mod settings;
 mod storage;
 mod systemd;
@@ -33,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::nbd::connection::ConnectionConfig;
 use crate::nbd::server::{Listeners, Server};
 use crate::nbd::transmission::TransmissionConfig;
+use crate::servers::Servers;
 use crate::settings::Settings;
 use crate::storage::Registry;
 
@@ -169,9 +171,12 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     backups.spawn_metrics_updates();
     tracing::info!(url = backups.store_url(), "backup store");
     backups.resume().await;
+    let servers =
+        Arc::new(Servers::open(&settings.data_dir).context("reading the servers (volume groups)")?);
     let admin_context = Arc::new(AdminContext {
         registry: Arc::clone(&registry),
         backups,
+        servers,
         started,
         listeners: ListenerAddresses {
             tcp: listeners.tcp_addr().map(|a| a.to_string()),

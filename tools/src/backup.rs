@@ -126,16 +126,7 @@ impl BackupCommand {
                 ))
             }
             BackupCommand::Show { .. } => BackupInfo::parse(result)?.fields(),
-            BackupCommand::Delete { .. } => {
-                let deleted = result["deleted"]
-                    .as_str()
-                    .ok_or_else(|| missing(result, "deleted"))?;
-                let gc = result.get("gc").ok_or_else(|| missing(result, "gc"))?;
-                Ok(format!(
-                    "deleted backup {deleted}; gc {}\n",
-                    GcReport::parse(gc)?.summary()
-                ))
-            }
+            BackupCommand::Delete { .. } => deletion_summary("backup", result),
             BackupCommand::Gc => Ok(format!("{}\n", GcReport::parse(result)?.summary())),
             BackupCommand::Verify { id } => render_verify(id, &job_in(result)?),
             BackupCommand::Restore { id, to, .. } => {
@@ -148,6 +139,19 @@ impl BackupCommand {
             }
         }
     }
+}
+
+/// `deleted backup ID; gc deleted 12 chunks, freed 40.0 MiB` for a `{"deleted": ID, "gc":
+/// GcReport}` result (`backup.delete`, `backup_set.delete`); `what` names the deleted thing.
+pub fn deletion_summary(what: &str, result: &Value) -> Result<String, CliError> {
+    let deleted = result["deleted"]
+        .as_str()
+        .ok_or_else(|| missing(result, "deleted"))?;
+    let gc = result.get("gc").ok_or_else(|| missing(result, "gc"))?;
+    Ok(format!(
+        "deleted {what} {deleted}; gc {}\n",
+        GcReport::parse(gc)?.summary()
+    ))
 }
 
 /// The `job` of a `{"job": JobInfo}` result.

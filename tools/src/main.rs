@@ -7,11 +7,14 @@
 //! (`waits()`): [`run`] then polls them to the end and renders the result with their final state.
 
 mod backup;
+mod backup_set;
 mod client;
 mod error;
 mod job;
+mod policy;
 mod progress;
 mod render;
+mod server;
 mod snapshot;
 mod status;
 mod volume;
@@ -23,10 +26,13 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::backup::BackupCommand;
+use crate::backup_set::BackupSetCommand;
 use crate::client::{AdminClient, Call};
 use crate::error::CliError;
 use crate::job::{JobCommand, JobInfo, JobSlot};
+use crate::policy::PolicyCommand;
 use crate::progress::Waiter;
+use crate::server::ServerCommand;
 use crate::snapshot::SnapshotCommand;
 use crate::volume::VolumeCommand;
 
@@ -60,6 +66,15 @@ enum Command {
     /// Back volumes up to the backup store, list, verify and restore backups.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Group volumes into servers, back them up from one instant and restore them together.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Show or delete a server backup (a backup set).
+    #[command(subcommand)]
+    BackupSet(BackupSetCommand),
+    /// Back volumes or servers up on a schedule, keeping a bounded number of backups.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Follow the daemon's background jobs (backups, restores, verifies).
     #[command(subcommand)]
     Job(JobCommand),
@@ -73,6 +88,9 @@ impl Command {
             Command::Volume(command) => command.call(),
             Command::Snapshot(command) => command.call(),
             Command::Backup(command) => command.call(),
+            Command::Server(command) => command.call(),
+            Command::BackupSet(command) => command.call(),
+            Command::Policy(command) => command.call(),
             Command::Job(command) => command.call(),
             Command::Status => status::call(),
         }
@@ -83,9 +101,17 @@ impl Command {
         match self {
             Command::Volume(command) => command.waits(),
             Command::Backup(command) => command.waits(),
+            Command::Server(command) => command.waits(),
             Command::Job(command) => command.waits(),
-            Command::Snapshot(_) | Command::Status => None,
+            Command::Snapshot(_) | Command::BackupSet(_) | Command::Policy(_) | Command::Status => {
+                None
+            }
         }
+    }
+
+    /// Whether the result is a backup set to read again once its jobs have all succeeded.
+    fn rereads_set(&self) -> bool {
+        matches!(self, Command::Server(command) if command.rereads_set())
     }
 
     /// Failures a successful call can still carry (a verify's bad chunks).
@@ -101,6 +127,9 @@ impl Command {
             Command::Volume(command) => command.render(result),
             Command::Snapshot(command) => command.render(result),
             Command::Backup(command) => command.render(result),
+            Command::Server(command) => command.render(result),
+            Command::BackupSet(command) => command.render(result),
+            Command::Policy(command) => command.render(result),
             Command::Job(command) => command.render(result),
             Command::Status => status::render(result),
         }
@@ -146,6 +175,10 @@ fn run(cli: &Cli) -> Result<Outcome, CliError> {
         }
         // The output has the shape it has without waiting, with the jobs' final state.
         slot.replace(&mut result, finals)?;
+        // A server backup whose members all succeeded: the set as recorded (state complete).
+        if failures.is_empty() && cli.command.rereads_set() {
+            result = server::settle_set(&mut client, &result)?;
+        }
     }
     failures.extend(cli.command.problems(&result)?);
     let output = if cli.json {
@@ -303,6 +336,202 @@ mod tests {
         }
     }
 
+    #[test]
+    fn server_and_backup_set_commands_parse() {
+        for (args, method, waits) in [
+            ("server create web1 --volume a", "server.create", None),
+            (
+                "server create web1 --volume a --volume b",
+                "server.create",
+                None,
+            ),
+            ("server add-volume web1 c", "server.add_volume", None),
+            ("server remove-volume web1 c", "server.remove_volume", None),
+            ("server list", "server.list", None),
+            ("server show web1", "server.show", None),
+            ("server delete web1", "server.delete", None),
+            ("server backup web1", "server.backup", None),
+            (
+                "server backup web1 --full --wait",
+                "server.backup",
+                Some(JobSlot::Jobs),
+            ),
+            ("server backups web1", "server.backups", None),
+            ("server restore s-1", "server.restore", None),
+            (
+                "server restore s-1 --to-new -r --force --wait",
+                "server.restore",
+                Some(JobSlot::Jobs),
+            ),
+            ("backup-set show s-1", "backup_set.show", None),
+            ("--json backup-set delete s-1", "backup_set.delete", None),
+        ] {
+            let cli = parse(args).expect(args);
+            assert_eq!(cli.command.call().method, method, "{args}");
+            assert_eq!(cli.command.waits(), waits, "{args}");
+        }
+        assert_eq!(
+            parse("server create web1 --volume a --volume b")
+                .unwrap()
+                .command
+                .call()
+                .params,
+            serde_json::json!({"name": "web1", "volumes": ["a", "b"]})
+        );
+        assert_eq!(
+            parse("server restore s-1 --to-new=-r")
+                .unwrap()
+                .command
+                .call()
+                .params,
+            serde_json::json!({"set_id": "s-1", "force": false, "to_new_suffix": "-r"})
+        );
+        assert!(parse("server backup web1 --wait")
+            .unwrap()
+            .command
+            .rereads_set());
+        assert!(!parse("server backup web1").unwrap().command.rereads_set());
+        assert!(!parse("backup create v --wait")
+            .unwrap()
+            .command
+            .rereads_set());
+        for args in [
+            "server create web1",
+            "server create --volume a",
+            "server create web1 a b",
+            "server add-volume web1",
+            "server remove-volume web1",
+            "server list web1",
+            "server show",
+            "server backup",
+            "server backups",
+            "server backups web1 --wait",
+            "server restore",
+            "server restore s-1 --to-new",
+            "server restore s-1 --to-new --force",
+            "server restore s-1 --to-new @x",
+            "server delete web1 --force",
+            "backup-set show",
+            "backup-set delete",
+            "backup-set list",
+            "backup_set show s-1",
+        ] {
+            let error = parse(args).expect_err(args);
+            assert_eq!(error.exit_code(), 2, "{args}");
+        }
+    }
+
+    #[test]
+    fn policy_commands_parse() {
+        for (args, params) in [
+            (
+                "policy create nightly --daily 02:00 --keep 7 --volume a --volume b",
+                serde_json::json!({"name": "nightly", "daily": "02:00", "keep": 7,
+                                   "volumes": ["a", "b"]}),
+            ),
+            (
+                "policy create fast --every 30s --server web1",
+                serde_json::json!({"name": "fast", "every": "30s", "servers": ["web1"]}),
+            ),
+            (
+                "policy create wk --weekly mon,thu@03:30 --keep-days 30 --keep 4 --server s1 \
+                 --server s2",
+                serde_json::json!({"name": "wk", "weekly": "MON,THU@03:30", "keep": 4,
+                                   "keep_days": 30, "servers": ["s1", "s2"]}),
+            ),
+        ] {
+            let cli = parse(args).expect(args);
+            assert_eq!(cli.command.call().method, "policy.create", "{args}");
+            assert_eq!(cli.command.call().params, params, "{args}");
+            assert_eq!(cli.command.waits(), None, "{args}");
+        }
+        for (args, method) in [
+            ("policy list", "policy.list"),
+            ("policy show p", "policy.show"),
+            ("policy enable p", "policy.enable"),
+            ("policy disable p", "policy.disable"),
+            ("policy delete p", "policy.delete"),
+            ("policy run p", "policy.run"),
+        ] {
+            let cli = parse(args).expect(args);
+            assert_eq!(cli.command.call().method, method, "{args}");
+            let params = if method == "policy.list" {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({"name": "p"})
+            };
+            assert_eq!(cli.command.call().params, params, "{args}");
+            assert_eq!(cli.command.waits(), None, "{args}");
+        }
+        for (args, kind) in [
+            // No schedule, two schedules.
+            (
+                "policy create p --volume a",
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                "policy create p --every 1h --daily 02:00 --volume a",
+                ErrorKind::ArgumentConflict,
+            ),
+            (
+                "policy create p --daily 02:00 --weekly MON@02:00 --volume a",
+                ErrorKind::ArgumentConflict,
+            ),
+            // No target, both kinds of target.
+            (
+                "policy create p --every 1h",
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                "policy create p --every 1h --volume a --server web1",
+                ErrorKind::ArgumentConflict,
+            ),
+            // Bad values.
+            (
+                "policy create p --every 1h --keep 0 --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create p --every 1h --keep x --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create p --every 1h --keep -1 --volume a",
+                ErrorKind::UnknownArgument,
+            ),
+            (
+                "policy create p --every 1h --keep-days 0 --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create p --every 1w --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create p --daily 2am --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create p --weekly MON --volume a",
+                ErrorKind::ValueValidation,
+            ),
+            (
+                "policy create --every 1h --volume a",
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                "policy create p --every 1h --volume",
+                ErrorKind::InvalidValue,
+            ),
+            ("policy run", ErrorKind::MissingRequiredArgument),
+            ("policy list p", ErrorKind::UnknownArgument),
+        ] {
+            let error = parse(args).expect_err(args);
+            assert_eq!(error.kind(), kind, "{args}");
+            assert_eq!(error.exit_code(), 2, "{args}");
+        }
+    }
+
     /// A one-connection fake daemon answering each request with the next of `results`.
     fn fake_daemon(name: &str, results: Vec<serde_json::Value>) -> PathBuf {
         use std::io::{BufRead, BufReader, Write};
@@ -390,5 +619,100 @@ mod tests {
         );
         assert!(outcome.output.starts_with("ID   KIND    VOLUME"));
         assert!(outcome.failures.is_empty());
+    }
+
+    #[test]
+    fn server_backup_waits_for_every_member_then_reads_the_set_again() {
+        use crate::backup_set::tests::set;
+        let running = set(
+            "s-1",
+            vec![
+                job::tests::sample("j-1", "running", 0, 8),
+                job::tests::sample("j-2", "running", 0, 8),
+            ],
+        );
+        let done = [
+            job::tests::sample("j-1", "succeeded", 8, 8),
+            job::tests::sample("j-2", "succeeded", 8, 8),
+        ];
+        // The set is still being recorded at the first re-read, then complete.
+        let mut recording = set("s-1", vec![]);
+        recording["state"] = serde_json::json!("running");
+        let outcome = run_against(
+            "server-backup",
+            "--json server backup web1 --wait",
+            vec![
+                running.clone(),
+                done[0].clone(),
+                done[1].clone(),
+                recording,
+                set("s-1", vec![]),
+            ],
+        );
+        assert!(outcome.failures.is_empty());
+        let printed: serde_json::Value = serde_json::from_str(&outcome.output).unwrap();
+        let mut expected = set("s-1", vec![]);
+        expected["jobs"] = serde_json::json!(done);
+        assert_eq!(printed, expected);
+
+        let outcome = run_against(
+            "server-backup-human",
+            "server backup web1 --wait",
+            vec![
+                running.clone(),
+                done[0].clone(),
+                done[1].clone(),
+                set("s-1", vec![]),
+            ],
+        );
+        assert!(
+            outcome.output.contains("state:        complete\n"),
+            "{}",
+            outcome.output
+        );
+        assert_eq!(outcome.output.matches("succeeded").count(), 2);
+
+        // A failed member: reported (exit 7), and the set is not read again.
+        let mut failed = job::tests::sample("j-2", "failed", 2, 8);
+        failed["error"] = serde_json::json!("store unreachable");
+        let outcome = run_against(
+            "server-backup-failed",
+            "server backup web1 --wait",
+            vec![running, done[0].clone(), failed],
+        );
+        assert_eq!(outcome.failures.len(), 1);
+        assert_eq!(outcome.failures[0].exit_code(), 7);
+        assert!(outcome.output.contains("state:        running\n"));
+    }
+
+    #[test]
+    fn server_restore_waits_for_every_job() {
+        let mut jobs = Vec::new();
+        let mut finals = Vec::new();
+        for id in ["j-1", "j-2", "j-3"] {
+            let mut job = job::tests::sample(id, "running", 0, 8);
+            job["kind"] = serde_json::json!("restore");
+            jobs.push(job.clone());
+            job["state"] = serde_json::json!("succeeded");
+            finals.push(job);
+        }
+        let mut results = vec![serde_json::json!({"jobs": jobs})];
+        results.extend(finals);
+        let outcome = run_against(
+            "server-restore",
+            "server restore s-1 --to-new -r --wait",
+            results,
+        );
+        assert!(outcome.failures.is_empty());
+        assert!(outcome
+            .output
+            .starts_with("restore of backup set s-1 to new volumes VOLUME-r:\n"));
+        assert_eq!(
+            outcome.output.matches("restore  vol0").count(),
+            3,
+            "{}",
+            outcome.output
+        );
+        assert_eq!(outcome.output.matches("succeeded").count(), 3);
     }
 }

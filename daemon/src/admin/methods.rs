@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::admin::backup_methods;
 use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
 use crate::admin::AdminContext;
+use crate::admin::{backup_methods, server_methods};
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::VolumeEntry;
@@ -62,6 +62,9 @@ pub async fn dispatch(
         }
         m if m.starts_with("backup.") || m.starts_with("job.") => {
             backup_methods::dispatch(ctx, method, params).await
+        }
+        m if m.starts_with("server.") || m.starts_with("backup_set.") => {
+            server_methods::dispatch(ctx, method, params).await
         }
         other => Err(AdminError::new(
             ErrorCode::UnknownMethod,
@@ -287,6 +290,9 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
             return Err(e);
         }
     };
+    if let Err(e) = ctx.servers.forget_volume(&params.name) {
+        tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume from its server failed");
+    }
     if !volume
         .attachments()
         .wait_detached(DELETE_DRAIN_TIMEOUT)

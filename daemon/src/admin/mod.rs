@@ -5,6 +5,7 @@ pub mod backup_methods;
 pub mod methods;
 pub mod protocol;
 pub mod server;
+pub mod server_methods;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,12 +13,14 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backup::Backups;
+use crate::servers::Servers;
 use crate::storage::Registry;
 
 /// What the methods act on and report.
 pub struct AdminContext {
     pub registry: Arc<Registry>,
     pub backups: Arc<Backups>,
+    pub servers: Arc<Servers>,
     pub started: Instant,
     pub listeners: ListenerAddresses,
     pub io_engine: String,

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::backup::error::BackupError;
 use crate::error::StorageError;
+use crate::servers::ServerError;
 
 /// Bumped when a change would break an existing client.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -59,11 +60,33 @@ impl From<BackupError> for AdminError {
     }
 }
 
+/// The one place server (volume group) failures become admin error codes.
+pub fn server_error_code(e: &ServerError) -> ErrorCode {
+    match e {
+        ServerError::InvalidName(_) | ServerError::Empty | ServerError::NotMember { .. } => {
+            ErrorCode::InvalidArgument
+        }
+        ServerError::NotFound(_) => ErrorCode::NotFound,
+        ServerError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        ServerError::VolumeTaken { .. } => ErrorCode::Busy,
+        ServerError::File { .. } => ErrorCode::Internal,
+    }
+}
+
+impl From<ServerError> for AdminError {
+    fn from(e: ServerError) -> AdminError {
+        AdminError::new(server_error_code(&e), e.to_string())
+    }
+}
+
 /// The one place backup failures become admin error codes.
 pub fn backup_error_code(e: &BackupError) -> ErrorCode {
     match e {
         BackupError::Storage(storage) => error_code(storage),
-        BackupError::BackupNotFound(_) | BackupError::JobNotFound(_) => ErrorCode::NotFound,
+        BackupError::BackupNotFound(_)
+        | BackupError::JobNotFound(_)
+        | BackupError::SetNotFound(_) => ErrorCode::NotFound,
+        BackupError::Server(e) => server_error_code(e),
         BackupError::InvalidArgument(_)
         | BackupError::BadStoreUrl { .. }
         | BackupError::SizeMismatch { .. }

@@ -17,6 +17,8 @@ pub enum BackupError {
     },
     #[error("backup {0:?} not found")]
     BackupNotFound(String),
+    #[error("backup set {0:?} not found")]
+    SetNotFound(String),
     #[error("job {0:?} not found")]
     JobNotFound(String),
     #[error("chunk {index} of backup {backup_id:?} is missing from the store (chunk {chunk_id})")]
@@ -33,6 +35,8 @@ pub enum BackupError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error(transparent)]
+    Server(#[from] crate::servers::ServerError),
     #[error("volume {volume:?} is {size_bytes} bytes but backup {backup_id:?} is {backup_size_bytes} bytes")]
     SizeMismatch {
         volume: String,

@@ -30,6 +30,9 @@ pub struct BackupManifest {
     pub source_snapshot: String,
     pub source_snapshot_created_unix_secs: u64,
     pub group_id: Option<String>,
+    /// The backup policy that took it (its retention may delete it); None for a manual backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub created_unix_secs: u64,
     /// See [`chunk_list_digest`]; catches a chunk list damaged after writing.
     pub chunk_list_digest: String,
@@ -311,6 +314,7 @@ mod tests {
             source_snapshot: format!("vbs-{ID}"),
             source_snapshot_created_unix_secs: 1_796_190_000,
             group_id: None,
+            policy: None,
             created_unix_secs: 1_796_190_240,
             stats: BackupStats {
                 full: false,

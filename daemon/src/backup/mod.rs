@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod records;
 pub mod restore;
 pub mod retry;
+pub mod sets;
 pub mod store;
 pub mod throttle;
 pub mod upload;
@@ -38,7 +39,7 @@ use crate::error::StorageError;
 use crate::metrics::backup::{JobLabels, OutcomeLabels};
 use crate::metrics::Metrics;
 use crate::storage::attachments::CloseRefused;
-use crate::storage::entry::now_unix_secs;
+use crate::storage::entry::{now_unix_secs, VolumeEntry};
 use crate::storage::Registry;
 
 /// Prefix of the snapshots backups take; the newest of each volume is kept as the base of its
@@ -68,6 +69,7 @@ pub struct Backups {
     pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Arc<Metrics>,
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    pub(crate) running_sets: sets::RunningSets,
     /// Volumes with a backup or restore job running: one at a time per volume.
     busy_volumes: Mutex<HashSet<String>>,
     /// A GC was deferred by running backups: run it when they end.
@@ -103,6 +105,7 @@ impl Backups {
             shutdown,
             metrics,
             jobs: Mutex::new(BTreeMap::new()),
+            running_sets: sets::RunningSets::default(),
             busy_volumes: Mutex::new(HashSet::new()),
             gc_pending: AtomicBool::new(false),
         }))
@@ -173,6 +176,7 @@ impl Backups {
                     let job = self.register(&r.job_id, JobKind::Backup, &r.volume, &r.backup_id);
                     self.spawn_backup(job, r);
                 }
+                JobRecord::Set(set) => self.spawn_set(set),
                 JobRecord::Restore(r) => {
                     if !self.claim(&r.volume) {
                         self.files.remove(&r.job_id);
@@ -269,7 +273,7 @@ impl Backups {
         self: &Arc<Self>,
         volumes: &[String],
         full: bool,
-        group_id: Option<String>,
+        policy: Option<String>,
     ) -> Result<Vec<JobInfo>, BackupError> {
         if volumes.is_empty() {
             return Err(BackupError::InvalidArgument(
@@ -288,14 +292,7 @@ impl Backups {
             }
         }
         // All volumes are claimed before any job starts: a busy one refuses the whole call.
-        for (i, volume) in volumes.iter().enumerate() {
-            if !self.claim(volume) {
-                for earlier in &volumes[..i] {
-                    self.unclaim(earlier);
-                }
-                return Err(BackupError::JobRunning(volume.clone()));
-            }
-        }
+        self.claim_all(volumes)?;
         let mut started = Vec::new();
         for (i, volume) in volumes.iter().enumerate() {
             let Some(entry) = self.registry.entry(volume) else {
@@ -304,19 +301,7 @@ impl Backups {
                 }
                 return Err(StorageError::NotFound(volume.clone()).into());
             };
-            let backup_id = manifest::new_backup_id(now_unix_secs());
-            let mut record = BackupRecord {
-                job_id: new_job_id(),
-                backup_id: backup_id.clone(),
-                volume: volume.clone(),
-                volume_uuid: entry.volume().identity().uuid.clone(),
-                snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
-                snapshot_taken: false,
-                full,
-                group_id: group_id.clone(),
-                started_unix_secs: now_unix_secs(),
-                done: Vec::new(),
-            };
+            let mut record = new_record(&entry, volume, full, None, policy.clone());
             let taken = async {
                 self.files.save(&JobRecord::Backup(record.clone()))?;
                 entry.create_snapshot(&record.snapshot).await?;
@@ -331,12 +316,41 @@ impl Backups {
                 }
                 return Err(e);
             }
-            let job = self.register(&record.job_id, JobKind::Backup, volume, &backup_id);
-            tracing::info!(job = %record.job_id, backup = %backup_id, volume, full, "backup started");
-            started.push(job.info());
-            self.spawn_backup(job, record);
+            started.push(self.start_recorded(record));
         }
         Ok(started)
+    }
+
+    /// Registers and starts the job of a backup whose record (and snapshot) exist.
+    pub(crate) fn start_recorded(self: &Arc<Self>, record: BackupRecord) -> JobInfo {
+        let job = self.register(
+            &record.job_id,
+            JobKind::Backup,
+            &record.volume,
+            &record.backup_id,
+        );
+        tracing::info!(job = %record.job_id, backup = %record.backup_id, volume = %record.volume, full = record.full, group = ?record.group_id, "backup started");
+        let info = job.info();
+        self.spawn_backup(job, record);
+        info
+    }
+
+    pub(crate) fn claim_all(&self, volumes: &[String]) -> Result<(), BackupError> {
+        for (i, volume) in volumes.iter().enumerate() {
+            if !self.claim(volume) {
+                for earlier in &volumes[..i] {
+                    self.unclaim(earlier);
+                }
+                return Err(BackupError::JobRunning(volume.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn unclaim_all(&self, volumes: &[String]) {
+        for volume in volumes {
+            self.unclaim(volume);
+        }
     }
 
     fn spawn_backup(self: &Arc<Self>, job: Arc<Job>, record: BackupRecord) {
@@ -436,6 +450,7 @@ impl Backups {
                 parent: None,
                 incremental: false,
                 group_id: None,
+                policy: None,
                 chunks: 0,
                 data_chunks: 0,
                 zero_chunks: 0,
@@ -451,9 +466,14 @@ impl Backups {
         Ok(info)
     }
 
-    /// Deletes a backup's manifest (its chunks go with the next GC, run right after), and the
-    /// local snapshot it kept as an incremental base.
+    /// Deletes a backup's manifest and the local snapshot it kept as an incremental base, then
+    /// collects the chunks nothing references any more.
     pub async fn delete(self: &Arc<Self>, backup_id: &str) -> Result<GcReport, BackupError> {
+        self.delete_without_gc(backup_id).await?;
+        self.gc().await
+    }
+
+    pub(crate) async fn delete_without_gc(&self, backup_id: &str) -> Result<(), BackupError> {
         let manifest = match self.store.get_manifest(backup_id).await {
             Ok(manifest) => Some(manifest),
             // A damaged manifest can still be deleted (it would otherwise block every GC).
@@ -466,7 +486,7 @@ impl Backups {
         self.store.delete_manifest(backup_id).await?;
         self.catalog.forget(backup_id);
         let Some(manifest) = manifest else {
-            return self.gc().await;
+            return Ok(());
         };
         tracing::info!(backup = backup_id, volume = %manifest.volume_name, "deleted backup");
         for entry in self.registry.entries() {
@@ -481,7 +501,7 @@ impl Backups {
                 }
             }
         }
-        self.gc().await
+        Ok(())
     }
 
     /// Deletes the chunks no manifest references, unless a backup is running anywhere on the
@@ -578,10 +598,11 @@ impl Backups {
         }
         let registry = Arc::clone(&self.registry);
         let (volume_name, size_bytes) = (name.to_owned(), manifest.size_bytes);
-        let created = tokio::task::spawn_blocking(move || registry.create(&volume_name, size_bytes))
-            .await
-            .map_err(|e| BackupError::InvalidArgument(format!("a worker thread failed: {e}")))
-            .and_then(|r| r.map_err(BackupError::from));
+        let created =
+            tokio::task::spawn_blocking(move || registry.create(&volume_name, size_bytes))
+                .await
+                .map_err(|e| BackupError::InvalidArgument(format!("a worker thread failed: {e}")))
+                .and_then(|r| r.map_err(BackupError::from));
         match created {
             Ok(volume) => {
                 let _ = volume.attachments().close(true);
@@ -647,5 +668,29 @@ impl Backups {
             }
             this.finish_job(&job, &record.job_id, &record.volume, outcome.map(|()| None));
         });
+    }
+}
+
+/// The record of a new backup of `entry` (its snapshot not taken yet).
+pub(crate) fn new_record(
+    entry: &VolumeEntry,
+    volume: &str,
+    full: bool,
+    group_id: Option<String>,
+    policy: Option<String>,
+) -> BackupRecord {
+    let backup_id = manifest::new_backup_id(now_unix_secs());
+    BackupRecord {
+        job_id: new_job_id(),
+        snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
+        backup_id,
+        volume: volume.to_owned(),
+        volume_uuid: entry.volume().identity().uuid.clone(),
+        snapshot_taken: false,
+        full,
+        group_id,
+        policy,
+        started_unix_secs: now_unix_secs(),
+        done: Vec::new(),
     }
 }

@@ -14,6 +14,7 @@ use crate::storage::manifest::write_durably;
 pub enum JobRecord {
     Backup(BackupRecord),
     Restore(RestoreRecord),
+    Set(SetRecord),
 }
 
 impl JobRecord {
@@ -21,6 +22,7 @@ impl JobRecord {
         match self {
             JobRecord::Backup(r) => &r.job_id,
             JobRecord::Restore(r) => &r.job_id,
+            JobRecord::Set(r) => &r.set_id,
         }
     }
 }
@@ -39,6 +41,9 @@ pub struct BackupRecord {
     /// Server backups (issue 6): shared by the members of one backup set.
     #[serde(default)]
     pub group_id: Option<String>,
+    /// The policy that started it (None: a manual backup).
+    #[serde(default)]
+    pub policy: Option<String>,
     pub started_unix_secs: u64,
     /// Chunks already processed: (index, id or None for an all-zero chunk). Checkpointed
     /// while the job runs; a resumed job neither reads nor uploads them again.
@@ -55,6 +60,19 @@ pub struct RestoreRecord {
     /// The volume was created for this restore (`volume create --from-backup`): zero chunks
     /// need no writing, and a failed restore deletes it.
     pub created_volume: bool,
+}
+
+/// A server backup waiting for its member backups, to record the set when they are done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRecord {
+    pub set_id: String,
+    pub server: String,
+    pub created_unix_secs: u64,
+    pub barrier_hold_us: u64,
+    pub policy: Option<String>,
+    /// (volume, backup id, job id) per member.
+    pub members: Vec<(String, String, String)>,
 }
 
 pub struct JobFiles {
@@ -115,6 +133,8 @@ impl JobFiles {
                 }
             }
         }
+        // Member backups first, so a set's coordinator finds their jobs when it resumes.
+        records.sort_by_key(|r| matches!(r, JobRecord::Set(_)));
         records
     }
 }

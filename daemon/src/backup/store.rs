@@ -240,6 +240,48 @@ impl BackupStore {
         self.delete(&manifest::manifest_key(backup_id)).await
     }
 
+    /// Backup sets (server backups): `backup-sets/<id>.json`, written after their members.
+    pub async fn put_set(&self, set_id: &str, body: Vec<u8>) -> Result<(), BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        let key = format!("backup-sets/{set_id}.json");
+        self.durable
+            .put(&self.path(&key), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| BackupError::store("put", key, e))
+    }
+
+    pub async fn get_set(&self, set_id: &str) -> Result<Bytes, BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        match self.get(&format!("backup-sets/{set_id}.json")).await {
+            Err(BackupError::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Err(BackupError::SetNotFound(set_id.to_owned())),
+            other => other,
+        }
+    }
+
+    pub async fn list_set_ids(&self) -> Result<Vec<String>, BackupError> {
+        let mut ids: Vec<String> = self
+            .list("backup-sets")
+            .await?
+            .into_iter()
+            .filter_map(|l| {
+                let id = l.key.strip_prefix("backup-sets/")?.strip_suffix(".json")?;
+                manifest::validate_backup_id(id).ok()?;
+                Some(id.to_owned())
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn delete_set(&self, set_id: &str) -> Result<(), BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        self.delete(&format!("backup-sets/{set_id}.json")).await
+    }
+
     pub async fn put_lock(&self, name: &str, body: Vec<u8>) -> Result<(), BackupError> {
         let key = format!("locks/{name}");
         self.durable

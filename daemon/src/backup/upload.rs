@@ -192,6 +192,7 @@ async fn upload(
         source_snapshot: record.snapshot.clone(),
         source_snapshot_created_unix_secs: snapshot.created_unix_secs,
         group_id: record.group_id.clone(),
+        policy: record.policy.clone(),
         created_unix_secs: now_unix_secs(),
         stats: BackupStats {
             full: parent.is_none(),

@@ -197,6 +197,11 @@ impl VolumeEntry {
             reason,
         })?;
         next.store(&self.dir)?;
+        if let Some(writer) = self.volume.writer() {
+            writer
+                .commit_failed
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         state.manifest = next;
         self.refresh(state)
     }

@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
-use crate::storage::entry::{now_unix_secs, VolumeEntry};
+use crate::storage::entry::VolumeEntry;
+use crate::storage::group::{freeze_heads, FreezeMember};
 use crate::storage::layer::{self, BlockState, Layer, BLOCK_BYTES};
 use crate::storage::manifest::{LayerRecord, MergeRecord, SnapshotRecord, VolumeManifest};
 use crate::storage::name::validate_snapshot_name;
@@ -82,48 +83,12 @@ impl VolumeEntry {
     /// Starts a new empty head above the current one (which becomes frozen, under `snapshot`
     /// when given). The caller holds `admin`.
     async fn freeze_head(&self, snapshot: Option<&str>) -> Result<(), StorageError> {
-        let Some(writer) = self.volume.writer() else {
-            return Err(StorageError::ReadOnly(self.name().to_owned()));
-        };
-        // The new head's files are made before writes are held: the size cannot change
-        // meanwhile (resize waits for `admin`, which the caller holds).
-        let size_bytes = self.manifest().size_bytes;
-        let new_head = layer::new_layer_id()?;
-        let layer = Layer::create(&self.dir, &new_head, size_bytes)?;
-        let frozen = {
-            let _gate = writer.gate.write().await;
-            let mut state = self.lock();
-            let old_head = state.manifest.head.clone();
-            let mut next = state.manifest.clone();
-            next.layers.push(LayerRecord {
-                id: new_head.clone(),
-                parent: Some(old_head.clone()),
-                size_bytes,
-            });
-            next.head = new_head.clone();
-            if let Some(name) = snapshot {
-                next.snapshots.push(SnapshotRecord {
-                    name: name.to_owned(),
-                    layer: old_head.clone(),
-                    created_unix_secs: now_unix_secs(),
-                });
-            }
-            state.layers.insert(new_head.clone(), Arc::new(layer));
-            if let Err(e) = self.commit(&mut state, next) {
-                // The files of the unrecorded head are orphans: removed at the next load.
-                state.layers.remove(&new_head);
-                return Err(e);
-            }
-            Arc::clone(&state.layers[&old_head])
-        };
-        // The frozen layer's unflushed writes become durable in the background (and at the
-        // next FLUSH at the latest, which syncs every layer of the chain).
-        let engine = self.engine.clone();
-        tokio::spawn(async move {
-            if let Err(e) = frozen.sync(&engine).await {
-                tracing::warn!(layer = frozen.id(), error = %e, "syncing a frozen layer failed");
-            }
-        });
+        let hold_us = freeze_heads(&[FreezeMember {
+            entry: self,
+            snapshot,
+        }])
+        .await?;
+        tracing::debug!(volume = self.name(), hold_us, "head frozen");
         Ok(())
     }
 

@@ -62,6 +62,11 @@ pub struct Writer {
     /// Writes hold it shared for their whole duration; freezing the head holds it exclusively,
     /// so no write is half in the old head and half acknowledged after the freeze.
     pub gate: tokio::sync::RwLock<()>,
+    /// Held exclusively from a head swap until its manifest is durable; FLUSH takes it shared,
+    /// so a flush never reports writes durable that sit in a head the disk does not record.
+    pub commit: tokio::sync::RwLock<()>,
+    /// The last manifest write after a head swap failed: FLUSH fails until one succeeds.
+    pub commit_failed: std::sync::atomic::AtomicBool,
     stripes: Stripes,
 }
 
@@ -564,6 +569,21 @@ impl Volume {
     /// connections share these layers and their page cache, which is what makes multi-conn
     /// true. Frozen layers not yet synced since their freeze are synced too.
     pub async fn flush(&self) -> Result<(), StorageError> {
+        let _commit = match &self.writer {
+            Some(writer) => {
+                let guard = writer.commit.read().await;
+                if writer.commit_failed.load(Ordering::SeqCst) {
+                    return Err(StorageError::io(
+                        "flush",
+                        0,
+                        0,
+                        std::io::Error::other("the volume manifest could not be saved"),
+                    ));
+                }
+                Some(guard)
+            }
+            None => None,
+        };
         let chain = self.chain();
         for layer in chain.layers() {
             layer.sync(&self.engine).await?;

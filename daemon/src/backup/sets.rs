@@ -1,0 +1,436 @@
+//! Server backups (CSBS): every volume of a server snapshotted from one instant (one write
+//! barrier across them), each snapshot backed up as in VBS, and the whole recorded as a backup
+//! set (`backup-sets/<id>.json`) once every member's manifest exists.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::error::BackupError;
+use crate::backup::job::JobInfo;
+use crate::backup::manifest;
+use crate::backup::records::{JobRecord, SetRecord};
+use crate::backup::{new_record, Backups, GcReport};
+use crate::error::StorageError;
+use crate::servers::ServerInfo;
+use crate::storage::entry::now_unix_secs;
+
+pub const SET_FORMAT_VERSION: u32 = 1;
+/// How often a set's coordinator looks at its member jobs.
+const MEMBER_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMember {
+    pub volume: String,
+    pub backup_id: String,
+}
+
+/// The stored record of a complete server backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSet {
+    pub format_version: u32,
+    pub set_id: String,
+    pub server: String,
+    /// The group id every member manifest carries.
+    pub group_id: String,
+    pub created_unix_secs: u64,
+    pub barrier_hold_us: u64,
+    pub policy: Option<String>,
+    pub members: Vec<SetMember>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSetInfo {
+    pub id: String,
+    pub server: String,
+    /// "complete", "running", or "failed" (a member failed; the set was not recorded).
+    pub state: &'static str,
+    pub created_unix_secs: u64,
+    pub barrier_hold_us: u64,
+    pub policy: Option<String>,
+    pub members: Vec<SetMember>,
+    pub jobs: Vec<JobInfo>,
+    pub error: Option<String>,
+}
+
+/// Sets whose member jobs are still running (or ended in this process), by id.
+#[derive(Default)]
+pub struct RunningSets {
+    sets: Mutex<BTreeMap<String, (SetRecord, Option<Result<(), String>>)>>,
+}
+
+impl RunningSets {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (SetRecord, Option<Result<(), String>>)>> {
+        self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub fn new_set_id() -> String {
+    let id = manifest::new_backup_id(now_unix_secs());
+    format!("s-{}", id.trim_start_matches("b-"))
+}
+
+impl BackupSet {
+    fn info(&self) -> BackupSetInfo {
+        BackupSetInfo {
+            id: self.set_id.clone(),
+            server: self.server.clone(),
+            state: "complete",
+            created_unix_secs: self.created_unix_secs,
+            barrier_hold_us: self.barrier_hold_us,
+            policy: self.policy.clone(),
+            members: self.members.clone(),
+            jobs: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+impl Backups {
+    /// Backs up every volume of `server` from one instant. Returns once the group snapshot is
+    /// taken; the uploads run as one backup job per member.
+    pub async fn server_backup(
+        self: &Arc<Self>,
+        server: &ServerInfo,
+        full: bool,
+        policy: Option<String>,
+    ) -> Result<BackupSetInfo, BackupError> {
+        let volumes = server.volumes.clone();
+        let mut entries = Vec::with_capacity(volumes.len());
+        for volume in &volumes {
+            entries.push(
+                self.registry
+                    .entry(volume)
+                    .ok_or_else(|| StorageError::NotFound(volume.clone()))?,
+            );
+        }
+        self.claim_all(&volumes)?;
+        let set_id = new_set_id();
+        let mut records: Vec<_> = entries
+            .iter()
+            .zip(&volumes)
+            .map(|(entry, volume)| {
+                new_record(entry, volume, full, Some(set_id.clone()), policy.clone())
+            })
+            .collect();
+        let mut set = SetRecord {
+            set_id: set_id.clone(),
+            server: server.name.clone(),
+            created_unix_secs: now_unix_secs(),
+            barrier_hold_us: 0,
+            policy,
+            members: records
+                .iter()
+                .map(|r| (r.volume.clone(), r.backup_id.clone(), r.job_id.clone()))
+                .collect(),
+        };
+        let taken = async {
+            // Recorded first: after a crash the members resume without a new snapshot (the
+            // set would then not be from one instant, so they are dropped instead).
+            let group: Vec<(String, String)> = records
+                .iter()
+                .map(|r| (r.volume.clone(), r.snapshot.clone()))
+                .collect();
+            set.barrier_hold_us = self.registry.snapshot_group(&group).await?;
+            self.metrics
+                .backup()
+                .barrier_hold_seconds
+                .observe(set.barrier_hold_us as f64 / 1e6);
+            for record in &mut records {
+                record.snapshot_taken = true;
+                self.files.save(&JobRecord::Backup(record.clone()))?;
+            }
+            self.files.save(&JobRecord::Set(set.clone()))
+        }
+        .await;
+        if let Err(e) = taken {
+            for record in &records {
+                self.files.remove(&record.job_id);
+                if let Some(entry) = self.registry.entry(&record.volume) {
+                    if entry.manifest().snapshot(&record.snapshot).is_some() {
+                        let _ = entry.delete_snapshot(&record.snapshot).await;
+                    }
+                }
+            }
+            self.files.remove(&set.set_id);
+            self.unclaim_all(&volumes);
+            return Err(e);
+        }
+        tracing::info!(set = %set_id, server = %server.name, hold_us = set.barrier_hold_us, "server backup started");
+        let jobs: Vec<JobInfo> = records
+            .into_iter()
+            .map(|r| self.start_recorded(r))
+            .collect();
+        self.spawn_set(set.clone());
+        let mut info = self.set_info_running(&set, None);
+        info.jobs = jobs;
+        Ok(info)
+    }
+
+    fn set_info_running(
+        &self,
+        set: &SetRecord,
+        outcome: Option<&Result<(), String>>,
+    ) -> BackupSetInfo {
+        let jobs = set
+            .members
+            .iter()
+            .filter_map(|(_, _, job_id)| self.job(job_id).ok().map(|j| j.info()))
+            .collect();
+        BackupSetInfo {
+            id: set.set_id.clone(),
+            server: set.server.clone(),
+            state: match outcome {
+                None => "running",
+                Some(Ok(())) => "complete",
+                Some(Err(_)) => "failed",
+            },
+            created_unix_secs: set.created_unix_secs,
+            barrier_hold_us: set.barrier_hold_us,
+            policy: set.policy.clone(),
+            members: set
+                .members
+                .iter()
+                .map(|(volume, backup_id, _)| SetMember {
+                    volume: volume.clone(),
+                    backup_id: backup_id.clone(),
+                })
+                .collect(),
+            jobs,
+            error: outcome.and_then(|o| o.clone().err()),
+        }
+    }
+
+    /// Waits for a set's member jobs, then records the set (every member succeeded) or drops
+    /// it. Also run for sets a restart interrupted.
+    pub(crate) fn spawn_set(self: &Arc<Self>, set: SetRecord) {
+        self.running_sets
+            .lock()
+            .insert(set.set_id.clone(), (set.clone(), None));
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = this.finish_set(&set).await;
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(set = %set.set_id, server = %set.server, "server backup complete");
+                    this.files.remove(&set.set_id);
+                }
+                Err(BackupError::Cancelled(_)) => return,
+                Err(e) => {
+                    tracing::error!(set = %set.set_id, server = %set.server, error = %e, "server backup failed");
+                    this.files.remove(&set.set_id);
+                }
+            }
+            this.note_server_outcome(&set.server, outcome.is_ok());
+            if let Some(entry) = this.running_sets.lock().get_mut(&set.set_id) {
+                entry.1 = Some(outcome.map_err(|e| e.to_string()));
+            }
+        });
+    }
+
+    async fn finish_set(&self, set: &SetRecord) -> Result<(), BackupError> {
+        loop {
+            let running = set.members.iter().any(|(_, _, job_id)| {
+                self.job(job_id)
+                    .map(|j| !j.state().is_finished())
+                    .unwrap_or(false)
+            });
+            if !running {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MEMBER_POLL) => {}
+                _ = self.shutdown.cancelled() => {
+                    return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+                }
+            }
+        }
+        // Every member must have its manifest: a failed member fails the set.
+        for (volume, backup_id, _) in &set.members {
+            match self.store.get_manifest(backup_id).await {
+                Ok(_) => {}
+                Err(BackupError::BackupNotFound(_)) => {
+                    return Err(BackupError::InvalidArgument(format!(
+                        "the backup of member volume {volume:?} ({backup_id}) did not complete"
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let record = BackupSet {
+            format_version: SET_FORMAT_VERSION,
+            set_id: set.set_id.clone(),
+            server: set.server.clone(),
+            group_id: set.set_id.clone(),
+            created_unix_secs: set.created_unix_secs,
+            barrier_hold_us: set.barrier_hold_us,
+            policy: set.policy.clone(),
+            members: set
+                .members
+                .iter()
+                .map(|(volume, backup_id, _)| SetMember {
+                    volume: volume.clone(),
+                    backup_id: backup_id.clone(),
+                })
+                .collect(),
+        };
+        let body = serde_json::to_vec_pretty(&record)
+            .map_err(|e| BackupError::InvalidArgument(e.to_string()))?;
+        self.store.put_set(&set.set_id, body).await
+    }
+
+    pub async fn get_set(&self, set_id: &str) -> Result<BackupSet, BackupError> {
+        let bytes = self.store.get_set(set_id).await?;
+        let set: BackupSet = serde_json::from_slice(&bytes).map_err(|e| {
+            BackupError::InvalidArgument(format!("backup set {set_id:?} is unreadable: {e}"))
+        })?;
+        if set.format_version != SET_FORMAT_VERSION || set.set_id != set_id {
+            return Err(BackupError::InvalidArgument(format!(
+                "backup set {set_id:?} has format {} and id {:?}",
+                set.format_version, set.set_id
+            )));
+        }
+        Ok(set)
+    }
+
+    /// A set's summary: running ones from memory, complete ones from the store.
+    pub async fn show_set(&self, set_id: &str) -> Result<BackupSetInfo, BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        let running = self.running_sets.lock().get(set_id).cloned();
+        if let Some((set, outcome)) = running {
+            if !matches!(outcome, Some(Ok(()))) {
+                return Ok(self.set_info_running(&set, outcome.as_ref()));
+            }
+        }
+        Ok(self.get_set(set_id).await?.info())
+    }
+
+    /// The server's sets, oldest first: complete ones from the store, plus running ones.
+    pub async fn server_sets(&self, server: &str) -> Result<Vec<BackupSetInfo>, BackupError> {
+        let mut out = Vec::new();
+        for id in self.store.list_set_ids().await? {
+            match self.get_set(&id).await {
+                Ok(set) if set.server == server => out.push(set.info()),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => tracing::error!(set = %id, error = %e, "unreadable backup set"),
+            }
+        }
+        let running: Vec<_> = self.running_sets.lock().values().cloned().collect();
+        for (set, outcome) in running {
+            if set.server == server && outcome.is_none() {
+                out.push(self.set_info_running(&set, None));
+            }
+        }
+        out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
+        let mut stored_bytes = 0u64;
+        let mut complete = 0i64;
+        for set in out.iter().filter(|s| s.state == "complete") {
+            complete += 1;
+            for member in &set.members {
+                if let Ok(info) = self.catalog.get(&member.backup_id).await {
+                    stored_bytes += info.new_stored_bytes;
+                }
+            }
+        }
+        let labels = crate::metrics::backup::ServerLabels {
+            server: server.to_owned(),
+        };
+        let m = self.metrics.backup();
+        m.server_backup_sets.get_or_create(&labels).set(complete);
+        m.server_stored_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(stored_bytes).unwrap_or(i64::MAX));
+        Ok(out)
+    }
+
+    /// Deletes a set and its member backups, then collects their chunks.
+    pub async fn delete_set(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
+        let set = self.get_set(set_id).await?;
+        for member in &set.members {
+            match self.delete_without_gc(&member.backup_id).await {
+                Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.store.delete_set(set_id).await?;
+        self.running_sets.lock().remove(set_id);
+        tracing::info!(set = set_id, server = %set.server, "deleted backup set");
+        self.gc().await
+    }
+
+    /// Restores every member of a set: onto the original volumes (refused while any has
+    /// clients unless `force`), or into new volumes named `<volume><suffix>`.
+    pub async fn restore_set(
+        self: &Arc<Self>,
+        set_id: &str,
+        to_new_suffix: Option<&str>,
+        force: bool,
+    ) -> Result<Vec<JobInfo>, BackupError> {
+        let set = self.get_set(set_id).await?;
+        // Every target is checked before any restore starts.
+        for member in &set.members {
+            match to_new_suffix {
+                Some(suffix) => {
+                    let name = format!("{}{suffix}", member.volume);
+                    crate::storage::name::validate_volume_name(&name)?;
+                    if self.registry.entry(&name).is_some() {
+                        return Err(StorageError::AlreadyExists(name).into());
+                    }
+                }
+                None => {
+                    let entry = self
+                        .registry
+                        .entry(&member.volume)
+                        .ok_or_else(|| StorageError::NotFound(member.volume.clone()))?;
+                    let connections = entry.volume().attachments().count();
+                    if connections > 0 && !force {
+                        return Err(StorageError::Busy {
+                            name: member.volume.clone(),
+                            connections,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        let mut jobs = Vec::new();
+        for member in &set.members {
+            let job = match to_new_suffix {
+                Some(suffix) => {
+                    self.create_volume(&format!("{}{suffix}", member.volume), &member.backup_id)
+                        .await?
+                }
+                None => {
+                    self.restore(&member.backup_id, &member.volume, force)
+                        .await?
+                }
+            };
+            jobs.push(job);
+        }
+        Ok(jobs)
+    }
+
+    fn note_server_outcome(&self, server: &str, ok: bool) {
+        let labels = crate::metrics::backup::ServerLabels {
+            server: server.to_owned(),
+        };
+        let m = self.metrics.backup();
+        let now = i64::try_from(now_unix_secs()).unwrap_or(i64::MAX);
+        if ok {
+            m.server_last_success_unix_seconds
+                .get_or_create(&labels)
+                .set(now);
+        } else {
+            m.server_last_failure_unix_seconds
+                .get_or_create(&labels)
+                .set(now);
+        }
+    }
+}

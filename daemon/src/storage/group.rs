@@ -1,0 +1,156 @@
+//! Freezing heads: one volume's (a snapshot) or several volumes' from the same instant (a
+//! consistency group, for server backups). Writes are held only while the heads are swapped
+//! in memory; the manifests are made durable after writes resume, and a FLUSH on any of the
+//! volumes waits for that (so no write is acknowledged as durable while its head is not
+//! recorded yet).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::StorageError;
+use crate::storage::entry::{now_unix_secs, VolumeEntry};
+use crate::storage::layer::{self, Layer};
+use crate::storage::manifest::{LayerRecord, SnapshotRecord, VolumeManifest};
+use crate::storage::name::validate_snapshot_name;
+use crate::storage::Registry;
+
+/// One member of a freeze: the volume and the snapshot name its frozen head gets (None: an
+/// anonymous frozen layer).
+pub struct FreezeMember<'a> {
+    pub entry: &'a VolumeEntry,
+    pub snapshot: Option<&'a str>,
+}
+
+/// Freezes every member's head at one instant. The caller holds each entry's `admin` lock.
+/// Returns how long writes were held, in microseconds (from the first gate taken to the
+/// last released).
+pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, StorageError> {
+    // Everything that touches the filesystem happens before writes are held.
+    let mut prepared = Vec::with_capacity(members.len());
+    for m in members {
+        let Some(writer) = m.entry.volume.writer() else {
+            return Err(StorageError::ReadOnly(m.entry.name().to_owned()));
+        };
+        if let Some(name) = m.snapshot {
+            validate_snapshot_name(name)?;
+            if m.entry.manifest().snapshot(name).is_some() {
+                return Err(StorageError::SnapshotExists {
+                    volume: m.entry.name().to_owned(),
+                    name: name.to_owned(),
+                });
+            }
+        }
+        let size_bytes = m.entry.manifest().size_bytes;
+        let id = layer::new_layer_id()?;
+        let new_head = Arc::new(Layer::create(&m.entry.dir, &id, size_bytes)?);
+        prepared.push((m, writer, id, new_head, size_bytes));
+    }
+    // FLUSHes queue from here until the manifests are durable.
+    let mut commits = Vec::with_capacity(prepared.len());
+    for (_, writer, ..) in &prepared {
+        commits.push(writer.commit.write().await);
+    }
+    let mut gates = Vec::with_capacity(prepared.len());
+    let mut held_since = None;
+    for (_, writer, ..) in &prepared {
+        gates.push(writer.gate.write().await);
+        held_since.get_or_insert_with(Instant::now);
+    }
+    let created_unix_secs = now_unix_secs();
+    let mut nexts: Vec<VolumeManifest> = Vec::with_capacity(prepared.len());
+    for (m, _, id, _, size_bytes) in &prepared {
+        let state = m.entry.lock();
+        let old_head = state.manifest.head.clone();
+        let mut next = state.manifest.clone();
+        next.layers.push(LayerRecord {
+            id: id.clone(),
+            parent: Some(old_head.clone()),
+            size_bytes: *size_bytes,
+        });
+        next.head = id.clone();
+        if let Some(name) = m.snapshot {
+            next.snapshots.push(SnapshotRecord {
+                name: name.to_owned(),
+                layer: old_head,
+                created_unix_secs,
+            });
+        }
+        next.check().map_err(|reason| StorageError::BadManifest {
+            path: m.entry.dir.join(crate::storage::manifest::MANIFEST_FILE),
+            reason,
+        })?;
+        nexts.push(next);
+    }
+    let mut frozen = Vec::with_capacity(prepared.len());
+    for ((m, _, id, new_head, _), next) in prepared.iter().zip(&nexts) {
+        let mut state = m.entry.lock();
+        frozen.push(Arc::clone(&state.layers[&state.manifest.head]));
+        state.layers.insert(id.clone(), Arc::clone(new_head));
+        state.manifest = next.clone();
+        m.entry.refresh(&mut state)?;
+    }
+    drop(gates);
+    let hold_us = held_since.map_or(0, |t| t.elapsed().as_micros() as u64);
+
+    let mut first_error = None;
+    for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
+        match next.store(&m.entry.dir) {
+            Ok(()) => writer.commit_failed.store(false, Ordering::SeqCst),
+            Err(e) => {
+                // The volume runs on the new head, which the disk does not know yet: FLUSH
+                // fails until a later manifest write succeeds.
+                tracing::error!(volume = m.entry.name(), error = %e, "recording a frozen head failed");
+                writer.commit_failed.store(true, Ordering::SeqCst);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    drop(commits);
+    for (layer, (m, ..)) in frozen.into_iter().zip(&prepared) {
+        // The frozen layer's unflushed writes become durable in the background (and at the
+        // next FLUSH at the latest, which syncs every layer of the chain).
+        let engine = m.entry.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = layer.sync(&engine).await {
+                tracing::warn!(layer = layer.id(), error = %e, "syncing a frozen layer failed");
+            }
+        });
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(hold_us),
+    }
+}
+
+impl Registry {
+    /// Snapshots every `(volume, snapshot name)` from the same instant: new writes on every
+    /// member are held, writes in flight finish, all heads are frozen, writes resume. Returns
+    /// the hold time in microseconds.
+    pub async fn snapshot_group(&self, members: &[(String, String)]) -> Result<u64, StorageError> {
+        let mut sorted: Vec<&(String, String)> = members.iter().collect();
+        // One order for every caller, so two groups sharing volumes cannot deadlock.
+        sorted.sort();
+        let mut entries = Vec::with_capacity(sorted.len());
+        for (volume, snapshot) in &sorted {
+            let entry = self
+                .entry(volume)
+                .ok_or_else(|| StorageError::NotFound(volume.clone()))?;
+            entries.push((entry, snapshot.as_str()));
+        }
+        let mut admins = Vec::with_capacity(entries.len());
+        for (entry, _) in &entries {
+            admins.push(entry.admin.lock().await);
+        }
+        let members: Vec<FreezeMember<'_>> = entries
+            .iter()
+            .map(|(entry, snapshot)| FreezeMember {
+                entry: entry.as_ref(),
+                snapshot: Some(snapshot),
+            })
+            .collect();
+        let hold_us = freeze_heads(&members).await?;
+        tracing::info!(volumes = members.len(), hold_us, "group snapshot taken");
+        Ok(hold_us)
+    }
+}
