@@ -57,16 +57,17 @@ pub struct BackupSetInfo {
     pub error: Option<String>,
 }
 
+/// A set this process is finishing, with its outcome once known.
+type TrackedSet = (SetRecord, Option<Result<(), String>>);
+
 /// Sets whose member jobs are still running (or ended in this process), by id.
 #[derive(Default)]
 pub struct RunningSets {
-    sets: Mutex<BTreeMap<String, (SetRecord, Option<Result<(), String>>)>>,
+    sets: Mutex<BTreeMap<String, TrackedSet>>,
 }
 
 impl RunningSets {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (SetRecord, Option<Result<(), String>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TrackedSet>> {
         self.sets.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
