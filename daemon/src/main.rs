@@ -9,6 +9,7 @@ mod io;
 mod logging;
 mod metrics;
 mod nbd;
+mod policy;
 mod servers;
 mod settings;
 mod storage;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::activation::Inherited;
 use crate::admin::server::AdminListener;
 use crate::admin::{AdminContext, ListenerAddresses};
+use crate::backup::policy_run::PolicyRunner;
 use crate::backup::store::BackupStore;
 use crate::backup::{BackupConfig, Backups};
 use crate::config::Args;
@@ -34,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::nbd::connection::ConnectionConfig;
 use crate::nbd::server::{Listeners, Server};
 use crate::nbd::transmission::TransmissionConfig;
+use crate::policy::{Policies, Runner, SystemClock};
 use crate::servers::Servers;
 use crate::settings::Settings;
 use crate::storage::Registry;
@@ -173,10 +176,20 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     backups.resume().await;
     let servers =
         Arc::new(Servers::open(&settings.data_dir).context("reading the servers (volume groups)")?);
+    let policies = Policies::open(&settings.data_dir, Arc::new(SystemClock))
+        .context("reading the backup policies")?
+        .with_metrics(Arc::clone(metrics.policy()));
+    let policy_runner: Arc<dyn Runner> = Arc::new(PolicyRunner {
+        backups: Arc::clone(&backups),
+        servers: Arc::clone(&servers),
+    });
+    policies.spawn(Arc::clone(&policy_runner), shutdown.clone());
     let admin_context = Arc::new(AdminContext {
         registry: Arc::clone(&registry),
         backups,
         servers,
+        policies,
+        policy_runner,
         started,
         listeners: ListenerAddresses {
             tcp: listeners.tcp_addr().map(|a| a.to_string()),

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
 use crate::admin::AdminContext;
-use crate::admin::{backup_methods, server_methods};
+use crate::admin::{backup_methods, policy_methods, server_methods};
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::VolumeEntry;
@@ -66,6 +66,7 @@ pub async fn dispatch(
         m if m.starts_with("server.") || m.starts_with("backup_set.") => {
             server_methods::dispatch(ctx, method, params).await
         }
+        m if m.starts_with("policy.") => policy_methods::dispatch(ctx, method, params).await,
         other => Err(AdminError::new(
             ErrorCode::UnknownMethod,
             format!("unknown method {other:?}"),

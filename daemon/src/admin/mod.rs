@@ -3,6 +3,7 @@
 
 pub mod backup_methods;
 pub mod methods;
+pub mod policy_methods;
 pub mod protocol;
 pub mod server;
 pub mod server_methods;
@@ -13,6 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backup::Backups;
+use crate::policy::{Policies, Runner};
 use crate::servers::Servers;
 use crate::storage::Registry;
 
@@ -21,6 +23,8 @@ pub struct AdminContext {
     pub registry: Arc<Registry>,
     pub backups: Arc<Backups>,
     pub servers: Arc<Servers>,
+    pub policies: Arc<Policies>,
+    pub policy_runner: Arc<dyn Runner>,
     pub started: Instant,
     pub listeners: ListenerAddresses,
     pub io_engine: String,

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::backup::error::BackupError;
 use crate::error::StorageError;
+use crate::policy::PolicyError;
 use crate::servers::ServerError;
 
 /// Bumped when a change would break an existing client.
@@ -57,6 +58,25 @@ impl From<StorageError> for AdminError {
 impl From<BackupError> for AdminError {
     fn from(e: BackupError) -> AdminError {
         AdminError::new(backup_error_code(&e), e.to_string())
+    }
+}
+
+/// The one place policy failures become admin error codes.
+pub fn policy_error_code(e: &PolicyError) -> ErrorCode {
+    match e {
+        PolicyError::InvalidName(_)
+        | PolicyError::InvalidSchedule { .. }
+        | PolicyError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        PolicyError::NotFound(_) => ErrorCode::NotFound,
+        PolicyError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        PolicyError::Busy(_) => ErrorCode::Busy,
+        PolicyError::File { .. } => ErrorCode::Internal,
+    }
+}
+
+impl From<PolicyError> for AdminError {
+    fn from(e: PolicyError) -> AdminError {
+        AdminError::new(policy_error_code(&e), e.to_string())
     }
 }
 

@@ -50,6 +50,8 @@ pub struct JobInfo {
     pub state: JobState,
     pub volume: String,
     pub backup_id: String,
+    /// The backup policy whose run started it (None: started by hand).
+    pub policy: Option<String>,
     pub started_unix_secs: u64,
     pub finished_unix_secs: Option<u64>,
     pub progress: Progress,
@@ -58,6 +60,7 @@ pub struct JobInfo {
 }
 
 struct Status {
+    policy: Option<String>,
     state: JobState,
     finished_unix_secs: Option<u64>,
     error: Option<String>,
@@ -91,6 +94,7 @@ impl Job {
             bytes_total: AtomicU64::new(0),
             bytes_uploaded: AtomicU64::new(0),
             status: Mutex::new(Status {
+                policy: None,
                 state: JobState::Running,
                 finished_unix_secs: None,
                 error: None,
@@ -101,6 +105,10 @@ impl Job {
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_policy(&self, policy: Option<String>) {
+        self.status().policy = policy;
     }
 
     pub fn set_total(&self, bytes: u64) {
@@ -190,6 +198,7 @@ impl Job {
             state: status.state,
             volume: self.volume.clone(),
             backup_id: self.backup_id.clone(),
+            policy: status.policy.clone(),
             started_unix_secs: self.started_unix_secs,
             finished_unix_secs: status.finished_unix_secs,
             progress: Progress {

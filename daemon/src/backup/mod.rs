@@ -12,6 +12,7 @@ pub mod gc;
 pub mod job;
 pub mod locks;
 pub mod manifest;
+pub mod policy_run;
 pub mod records;
 pub mod restore;
 pub mod retry;
@@ -174,6 +175,7 @@ impl Backups {
                         continue;
                     }
                     let job = self.register(&r.job_id, JobKind::Backup, &r.volume, &r.backup_id);
+                    job.set_policy(r.policy.clone());
                     self.spawn_backup(job, r);
                 }
                 JobRecord::Set(set) => self.spawn_set(set),
@@ -329,6 +331,7 @@ impl Backups {
             &record.volume,
             &record.backup_id,
         );
+        job.set_policy(record.policy.clone());
         tracing::info!(job = %record.job_id, backup = %record.backup_id, volume = %record.volume, full = record.full, group = ?record.group_id, "backup started");
         let info = job.info();
         self.spawn_backup(job, record);

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod http;
 mod labels;
+pub mod policy;
 mod volume;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
     backup: backup::BackupMetrics,
+    policy: Arc<policy::PolicyMetrics>,
     /// One handle per volume name, shared by its connections. Series of deleted volumes stay
     /// (counters never go backwards; a volume re-created under the same name continues them).
     handles: Mutex<HashMap<String, Arc<VolumeMetrics>>>,
@@ -110,8 +112,11 @@ impl Metrics {
         );
         let backup = backup::BackupMetrics::default();
         backup.register(&mut registry);
+        let policy = Arc::new(policy::PolicyMetrics::default());
+        policy.register(&mut registry);
         Metrics {
             backup,
+            policy,
             registry,
             operations,
             bytes,
@@ -124,6 +129,10 @@ impl Metrics {
             handshake_failures,
             handles: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn policy(&self) -> &Arc<policy::PolicyMetrics> {
+        &self.policy
     }
 
     pub fn backup(&self) -> &backup::BackupMetrics {

@@ -1,0 +1,103 @@
+//! The admin methods for backup policies (`policy.*`); docs/admin-protocol.md documents them.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin::methods::to_json;
+use crate::admin::protocol::{decode_params, AdminError, ErrorCode};
+use crate::admin::AdminContext;
+use crate::error::StorageError;
+use crate::policy::{PolicySpec, Schedule, Target};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    name: String,
+    #[serde(default)]
+    every: Option<String>,
+    #[serde(default)]
+    daily: Option<String>,
+    #[serde(default)]
+    weekly: Option<String>,
+    #[serde(default)]
+    keep: Option<u32>,
+    #[serde(default)]
+    keep_days: Option<u32>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    servers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+pub async fn dispatch(
+    ctx: &AdminContext,
+    method: &str,
+    params: Value,
+) -> Result<Value, AdminError> {
+    let policies = &ctx.policies;
+    match method {
+        "policy.create" => {
+            let p: CreateParams = decode_params(method, params)?;
+            let schedule =
+                Schedule::from_options(p.every.as_deref(), p.daily.as_deref(), p.weekly.as_deref())
+                    .map_err(crate::policy::PolicyError::from)?;
+            let target = Target::from_lists(p.volumes, p.servers)?;
+            match &target {
+                Target::Volumes(volumes) => {
+                    for v in volumes {
+                        if ctx.registry.entry(v).is_none() {
+                            return Err(StorageError::NotFound(v.clone()).into());
+                        }
+                    }
+                }
+                Target::Servers(servers) => {
+                    for s in servers {
+                        ctx.servers.get(s)?;
+                    }
+                }
+            }
+            to_json(&policies.create(PolicySpec {
+                name: p.name,
+                schedule,
+                keep: p.keep,
+                keep_days: p.keep_days,
+                target,
+            })?)
+        }
+        "policy.list" => {
+            decode_params::<NoParams>(method, params)?;
+            Ok(json!({ "policies": policies.list() }))
+        }
+        "policy.show" => {
+            let p: NameParams = decode_params(method, params)?;
+            to_json(&policies.show(&p.name)?)
+        }
+        "policy.enable" | "policy.disable" => {
+            let p: NameParams = decode_params(method, params)?;
+            to_json(&policies.set_enabled(&p.name, method == "policy.enable")?)
+        }
+        "policy.delete" => {
+            let p: NameParams = decode_params(method, params)?;
+            policies.delete(&p.name)?;
+            Ok(json!({ "deleted": p.name }))
+        }
+        "policy.run" => {
+            let p: NameParams = decode_params(method, params)?;
+            to_json(&policies.run_now(&p.name, ctx.policy_runner.clone())?)
+        }
+        other => Err(AdminError::new(
+            ErrorCode::UnknownMethod,
+            format!("unknown method {other:?}"),
+        )),
+    }
+}

@@ -1,0 +1,167 @@
+//! Backup policies on the real daemon with short intervals: retention keeps exactly N of the
+//! policy's own backups (manual backups untouched), server policies keep backup sets, disabled
+//! policies stop, `policy run` starts one now, and policies survive a restart.
+//! (The scheduler's slot logic is unit-tested with a fake clock in daemon/src/policy.)
+
+use std::thread;
+use std::time::Duration;
+
+use evsd_e2e::admin::*;
+use evsd_e2e::backups::*;
+use evsd_e2e::*;
+use serde_json::{json, Value};
+
+fn policy(d: &Daemon, name: &str) -> Value {
+    admin_ok(d, "policy.show", json!({"name": name}))
+}
+
+/// Waits until the policy has succeeded `runs` more times than `seen` successes so far.
+fn wait_successes(d: &Daemon, name: &str, runs: usize) {
+    let mut seen = Vec::new();
+    let ok = wait_until(Duration::from_secs(90), || {
+        let p = policy(d, name);
+        assert_eq!(p["last_error"], Value::Null, "policy {name} failed: {p:#}");
+        if let Some(t) = p["last_success_unix_secs"].as_u64() {
+            if seen.last() != Some(&t) {
+                seen.push(t);
+            }
+        }
+        seen.len() > runs
+    });
+    assert!(
+        ok,
+        "policy {name} did not run {runs} times: {:#}",
+        policy(d, name)
+    );
+}
+
+fn policy_backups(d: &Daemon, name: &str) -> Vec<Value> {
+    admin_ok(d, "backup.list", json!({}))["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["policy"] == name)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn volume_policy_keeps_n_and_never_touches_manual_backups() {
+    let mut d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "v", 16 * MIB, 41);
+    let manual = backup_now(&d, "v", false);
+    let p = admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "often", "every": "1s", "keep": 2, "volumes": ["v"]}),
+    );
+    assert_eq!(p["schedule"], "every 1s", "{p:#}");
+    assert_eq!(p["enabled"], true, "{p:#}");
+    admin_err(
+        &d,
+        "policy.create",
+        json!({"name": "bad", "every": "0s", "volumes": ["v"]}),
+        "invalid_argument",
+    );
+    admin_err(
+        &d,
+        "policy.create",
+        json!({"name": "bad", "daily": "02:00", "volumes": ["nope"]}),
+        "not_found",
+    );
+    admin_err(
+        &d,
+        "policy.create",
+        json!({"name": "often", "every": "5s", "volumes": ["v"]}),
+        "already_exists",
+    );
+    wait_successes(&d, "often", 4);
+    // Retention ran after each success: the policy's two newest, plus the manual one.
+    let mine = policy_backups(&d, "often");
+    assert_eq!(mine.len(), 2, "{mine:#?}");
+    let listed = admin_ok(&d, "backup.list", json!({}));
+    assert!(
+        listed["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == manual["id"]),
+        "the manual backup was deleted: {listed:#}"
+    );
+    let p = policy(&d, "often");
+    assert_eq!(p["backups_kept"], 2, "{p:#}");
+    let jobs = admin_ok(&d, "job.list", json!({}));
+    assert!(
+        jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["policy"] == "often"),
+        "{jobs:#}"
+    );
+    let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
+    assert!(
+        text.contains("evsd_policy_backups_kept{policy=\"often\"} 2"),
+        "{text}"
+    );
+
+    // Disabled: no more runs; `policy run` still runs it once.
+    admin_ok(&d, "policy.disable", json!({"name": "often"}));
+    thread::sleep(Duration::from_millis(1500));
+    let before = policy(&d, "often")["last_run_unix_secs"].clone();
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(policy(&d, "often")["last_run_unix_secs"], before);
+    let p = admin_ok(&d, "policy.run", json!({"name": "often"}));
+    assert_eq!(p["running"], true, "{p:#}");
+    assert!(wait_until(Duration::from_secs(60), || policy(&d, "often")
+        ["running"]
+        == false));
+    assert_eq!(policy_backups(&d, "often").len(), 2);
+
+    // Durable across a restart.
+    d.terminate_ok();
+    d.restart();
+    let p = policy(&d, "often");
+    assert_eq!(p["enabled"], false, "{p:#}");
+    assert_eq!(p["keep"], 2, "{p:#}");
+    admin_ok(&d, "policy.delete", json!({"name": "often"}));
+    admin_err(&d, "policy.show", json!({"name": "often"}), "not_found");
+    // Its backups stay.
+    assert_eq!(policy_backups(&d, "often").len(), 2);
+}
+
+#[test]
+fn server_policy_keeps_backup_sets() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    for v in ["a", "b"] {
+        half_random(&d, v, 8 * MIB, 42);
+    }
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a", "b"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "web-often", "every": "1s", "keep": 1, "servers": ["web"]}),
+    );
+    wait_successes(&d, "web-often", 3);
+    admin_ok(&d, "policy.disable", json!({"name": "web-often"}));
+    assert!(wait_until(Duration::from_secs(60), || policy(
+        &d,
+        "web-often"
+    )["running"]
+        == false));
+    let sets = admin_ok(&d, "server.backups", json!({"name": "web"}));
+    let complete: Vec<&Value> = sets["backup_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "complete")
+        .collect();
+    assert_eq!(complete.len(), 1, "{sets:#}");
+    assert_eq!(complete[0]["policy"], "web-often", "{sets:#}");
+    // The deleted sets' member backups went with them.
+    assert_eq!(policy_backups(&d, "web-often").len(), 2);
+}
