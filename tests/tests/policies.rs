@@ -165,3 +165,58 @@ fn server_policy_keeps_backup_sets() {
     // The deleted sets' member backups went with them.
     assert_eq!(policy_backups(&d, "web-often").len(), 2);
 }
+
+#[test]
+fn evsctl_server_and_policy_commands() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    for v in ["a", "b"] {
+        half_random(&d, v, 8 * MIB, 43);
+    }
+    d.evsctl_ok(&["server", "create", "web", "--volume", "a", "--volume", "b"]);
+    let text = d.evsctl_ok(&["server", "list"]);
+    assert!(text.contains("web") && text.contains("a"), "{text}");
+    let out = d.evsctl(&["server", "backup", "web", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        format_output("server backup", &out)
+    );
+    let sets = d.evsctl_json(&["server", "backups", "web"]);
+    let id = sets["backup_sets"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(sets["backup_sets"][0]["state"], "complete", "{sets:#}");
+    let text = d.evsctl_ok(&["backup-set", "show", &id]);
+    assert!(text.contains(&id), "{text}");
+    let out = d.evsctl(&["server", "restore", &id, "--to-new", "-r", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        format_output("server restore", &out)
+    );
+    assert_same(
+        "a restored by evsctl",
+        &read_export(&d, "a-r"),
+        &read_export(&d, "a"),
+    );
+    d.evsctl_ok(&[
+        "policy", "create", "nightly", "--daily", "02:00", "--keep", "7", "--server", "web",
+    ]);
+    let text = d.evsctl_ok(&["policy", "list"]);
+    assert!(
+        text.contains("nightly") && text.contains("daily 02:00"),
+        "{text}"
+    );
+    // Exactly one schedule: clap refuses two with the usage exit code.
+    let out = d.evsctl(&[
+        "policy", "create", "x", "--daily", "02:00", "--every", "1h", "--volume", "a",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        d.evsctl(&["policy", "show", "missing"]).status.code(),
+        Some(4)
+    );
+    d.evsctl_ok(&["backup-set", "delete", &id]);
+    assert_eq!(
+        d.evsctl(&["backup-set", "show", &id]).status.code(),
+        Some(4)
+    );
+}
