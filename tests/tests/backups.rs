@@ -478,3 +478,42 @@ fn evsctl_backup_commands() {
     let text = d.evsctl_ok(&["backup", "gc"]);
     assert!(text.contains("deleted 0 chunks"), "{text}");
 }
+
+#[test]
+fn gc_during_a_running_backup_is_deferred_then_runs() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let d = Daemon::start(opts);
+    let mut model = half_random(&d, "vol0", 64 * MIB, 14);
+    let b1 = backup_now(&d, "vol0", false);
+    // Two chunks only b1 will reference once b2 exists.
+    write_at(&d, "vol0", 0, &random(15, 2 * CHUNK), &mut model);
+    let b2 = backup_now(&d, "vol0", false);
+    admin_ok(&d, "backup.delete", json!({"id": b1["id"]}));
+    assert_eq!(chunk_files(&store_dir(&d)).len(), 8);
+
+    // A slow full backup of another volume holds the store while a GC is asked for.
+    half_random(&d, "big", 128 * MIB, 16);
+    let (job_id, _) = backup_start(&d, &["big"], false).remove(0);
+    assert!(wait_until(Duration::from_secs(30), || u(
+        &job(&d, &job_id)["progress"],
+        "bytes_done"
+    ) > 0));
+    admin_ok(&d, "backup.delete", json!({"id": b2["id"]}));
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["deferred"], true, "{gc:#}");
+    assert!(gc["reason"].as_str().unwrap().contains("backup"), "{gc:#}");
+    // b2's chunks are still there while the backup runs...
+    assert!(chunk_files(&store_dir(&d)).len() >= 8);
+    wait_job_ok(&d, &job_id);
+    // ...and go once it has ended (the deferred GC runs then): only big's 16 chunks stay.
+    assert!(
+        wait_until(Duration::from_secs(30), || chunk_files(&store_dir(&d))
+            .len()
+            == 16),
+        "{} chunks left",
+        chunk_files(&store_dir(&d)).len()
+    );
+}

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin::methods::to_json;
-use crate::admin::protocol::{decode_params, AdminError, ErrorCode};
+use crate::admin::protocol::{decode_params, unknown_method, AdminError, IdParams, NoParams};
 use crate::admin::AdminContext;
 
 #[derive(Debug, Deserialize)]
@@ -25,22 +25,12 @@ struct ListParams {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct IdParams {
-    id: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RestoreParams {
     id: String,
     to: String,
     #[serde(default)]
     force: bool,
 }
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
 
 pub async fn dispatch(
     ctx: &AdminContext,
@@ -86,9 +76,6 @@ pub async fn dispatch(
             let p: IdParams = decode_params(method, params)?;
             to_json(&backups.job(&p.id)?.info())
         }
-        other => Err(AdminError::new(
-            ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}"),
-        )),
+        other => Err(unknown_method(other)),
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::admin::protocol::{decode_params, AdminError, ErrorCode, SizeParam};
+use crate::admin::protocol::{
+    decode_params, unknown_method, AdminError, ErrorCode, NameParams, NoParams, SizeParam,
+};
 use crate::admin::AdminContext;
 use crate::admin::{backup_methods, policy_methods, server_methods};
 use crate::error::StorageError;
@@ -67,21 +69,8 @@ pub async fn dispatch(
             server_methods::dispatch(ctx, method, params).await
         }
         m if m.starts_with("policy.") => policy_methods::dispatch(ctx, method, params).await,
-        other => Err(AdminError::new(
-            ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}"),
-        )),
+        other => Err(unknown_method(other)),
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameParams {
-    name: String,
 }
 
 #[derive(Debug, Deserialize)]

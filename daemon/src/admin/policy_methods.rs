@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin::methods::to_json;
-use crate::admin::protocol::{decode_params, AdminError, ErrorCode};
+use crate::admin::protocol::{decode_params, unknown_method, AdminError, NameParams, NoParams};
 use crate::admin::AdminContext;
 use crate::error::StorageError;
 use crate::policy::{PolicySpec, Schedule, Target};
@@ -28,16 +28,6 @@ struct CreateParams {
     #[serde(default)]
     servers: Vec<String>,
 }
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameParams {
-    name: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
 
 pub async fn dispatch(
     ctx: &AdminContext,
@@ -95,9 +85,6 @@ pub async fn dispatch(
             let p: NameParams = decode_params(method, params)?;
             to_json(&policies.run_now(&p.name, ctx.policy_runner.clone())?)
         }
-        other => Err(AdminError::new(
-            ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}"),
-        )),
+        other => Err(unknown_method(other)),
     }
 }

@@ -258,6 +258,33 @@ impl SizeParam {
     }
 }
 
+/// Params of methods that take none.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// Params of methods that name one object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+/// Params of methods that take one backup, set or job id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdParams {
+    pub id: String,
+}
+
+/// The answer to a method nobody implements.
+pub fn unknown_method(method: &str) -> AdminError {
+    AdminError::new(
+        ErrorCode::UnknownMethod,
+        format!("unknown method {method:?}"),
+    )
+}
+
 /// Decodes a method's params, unknown fields refused so a typo never goes unnoticed.
 pub fn decode_params<T: serde::de::DeserializeOwned>(
     method: &str,

@@ -5,7 +5,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin::methods::to_json;
-use crate::admin::protocol::{decode_params, AdminError, ErrorCode};
+use crate::admin::protocol::{
+    decode_params, unknown_method, AdminError, ErrorCode, IdParams, NameParams, NoParams,
+};
 use crate::admin::AdminContext;
 use crate::error::StorageError;
 
@@ -25,22 +27,10 @@ struct MemberParams {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameParams {
-    name: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct BackupParams {
     name: String,
     #[serde(default)]
     full: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IdParams {
-    id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,10 +42,6 @@ struct RestoreParams {
     #[serde(default)]
     force: bool,
 }
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
 
 pub async fn dispatch(
     ctx: &AdminContext,
@@ -129,9 +115,6 @@ pub async fn dispatch(
             let gc = ctx.backups.delete_set(&p.id).await?;
             Ok(json!({ "deleted": p.id, "gc": gc }))
         }
-        other => Err(AdminError::new(
-            ErrorCode::UnknownMethod,
-            format!("unknown method {other:?}"),
-        )),
+        other => Err(unknown_method(other)),
     }
 }

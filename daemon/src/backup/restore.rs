@@ -16,6 +16,9 @@ use crate::backup::Backups;
 use crate::error::StorageError;
 use crate::storage::ZeroMode;
 
+/// Bytes restored between two background flushes.
+const BACKGROUND_FLUSH_BYTES: u64 = 512 << 20;
+
 pub async fn run(
     svc: &Arc<Backups>,
     job: &Arc<Job>,
@@ -45,7 +48,7 @@ pub async fn run(
         let volume = Arc::clone(&volume);
         let manifest = Arc::clone(&manifest);
         let created = record.created_volume;
-        let task: futures_util::future::BoxFuture<'static, Result<(), BackupError>> =
+        let task: futures_util::future::BoxFuture<'static, Result<u64, BackupError>> =
             Box::pin(async move {
                 let offset = i * CHUNK_SIZE_BYTES;
                 let len = manifest.chunk_len_bytes(i);
@@ -86,18 +89,38 @@ pub async fn run(
                     }
                 }
                 job.add_done(len);
-                Ok(())
+                Ok(len)
             });
         task
     }))
-    .buffer_unordered(svc.config.upload_concurrency.max(1));
+    // Downloads wait on the store more than on the CPU: twice the upload concurrency.
+    .buffer_unordered(svc.config.upload_concurrency.max(1) * 2);
+    let mut written_since_flush = 0u64;
+    let mut background_flush: Option<tokio::task::JoinHandle<Result<(), StorageError>>> = None;
     while let Some(result) = results.next().await {
-        result?;
+        written_since_flush += result?;
+        // Flush as it goes (one flush at a time), so the final flush does not have to write
+        // the whole volume back at once.
+        if written_since_flush >= BACKGROUND_FLUSH_BYTES
+            && background_flush.as_ref().is_none_or(|f| f.is_finished())
+        {
+            if let Some(done) = background_flush.take() {
+                done.await
+                    .map_err(|e| BackupError::InvalidArgument(e.to_string()))??;
+            }
+            let volume = Arc::clone(&volume);
+            background_flush = Some(tokio::spawn(async move { volume.flush().await }));
+            written_since_flush = 0;
+        }
         if svc.shutdown.is_cancelled() {
             return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
     }
     drop(results);
+    if let Some(done) = background_flush.take() {
+        done.await
+            .map_err(|e| BackupError::InvalidArgument(e.to_string()))??;
+    }
     volume.flush().await?;
     tracing::info!(job = %job.id, backup = %record.backup_id, volume = %record.volume, "restore complete");
     Ok(())

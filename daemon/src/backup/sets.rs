@@ -72,6 +72,16 @@ impl RunningSets {
     }
 }
 
+fn members_of(set: &SetRecord) -> Vec<SetMember> {
+    set.members
+        .iter()
+        .map(|(volume, backup_id, _)| SetMember {
+            volume: volume.clone(),
+            backup_id: backup_id.clone(),
+        })
+        .collect()
+}
+
 pub fn new_set_id() -> String {
     let id = manifest::new_backup_id(now_unix_secs());
     format!("s-{}", id.trim_start_matches("b-"))
@@ -195,14 +205,7 @@ impl Backups {
             created_unix_secs: set.created_unix_secs,
             barrier_hold_us: set.barrier_hold_us,
             policy: set.policy.clone(),
-            members: set
-                .members
-                .iter()
-                .map(|(volume, backup_id, _)| SetMember {
-                    volume: volume.clone(),
-                    backup_id: backup_id.clone(),
-                })
-                .collect(),
+            members: members_of(set),
             jobs,
             error: outcome.and_then(|o| o.clone().err()),
         }
@@ -272,14 +275,7 @@ impl Backups {
             created_unix_secs: set.created_unix_secs,
             barrier_hold_us: set.barrier_hold_us,
             policy: set.policy.clone(),
-            members: set
-                .members
-                .iter()
-                .map(|(volume, backup_id, _)| SetMember {
-                    volume: volume.clone(),
-                    backup_id: backup_id.clone(),
-                })
-                .collect(),
+            members: members_of(set),
         };
         let body = serde_json::to_vec_pretty(&record)
             .map_err(|e| BackupError::InvalidArgument(e.to_string()))?;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +47,14 @@ pub struct BackupStore {
     /// The local directory behind a `file://` store: synced as a whole before a manifest is
     /// written, so the chunks it names are on disk first without an fsync per chunk.
     local_root: Option<PathBuf>,
+    /// Chunk bytes written to a local store since the last background sync started.
+    unsynced_bytes: AtomicU64,
+    background_sync_running: Arc<AtomicBool>,
 }
+
+/// A local store starts writing chunks back once this much is dirty, so the sync before the
+/// manifest has little left to do (the kernel would otherwise keep gigabytes dirty until then).
+const BACKGROUND_SYNC_BYTES: u64 = 256 << 20;
 
 impl std::fmt::Debug for BackupStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +90,8 @@ impl BackupStore {
                 durable: Arc::new(durable),
                 prefix: ObjectPath::default(),
                 local_root: Some(dir),
+                unsynced_bytes: AtomicU64::new(0),
+                background_sync_running: Arc::new(AtomicBool::new(false)),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -123,6 +133,8 @@ impl BackupStore {
                 durable: store,
                 prefix,
                 local_root: None,
+                unsynced_bytes: AtomicU64::new(0),
+                background_sync_running: Arc::new(AtomicBool::new(false)),
             });
         }
         Err(bad("use file:///DIR or s3://BUCKET/PREFIX".into()))
@@ -167,11 +179,34 @@ impl BackupStore {
 
     pub async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), BackupError> {
         let key = chunk::chunk_key(id);
+        let len = stored.len() as u64;
         self.objects
             .put(&self.path(&key), PutPayload::from_bytes(stored))
             .await
-            .map(|_| ())
-            .map_err(|e| BackupError::store("put", key, e))
+            .map_err(|e| BackupError::store("put", key, e))?;
+        self.note_unsynced(len);
+        Ok(())
+    }
+
+    /// Starts a background syncfs of a local store every [`BACKGROUND_SYNC_BYTES`] written.
+    fn note_unsynced(&self, len: u64) {
+        let Some(root) = &self.local_root else {
+            return;
+        };
+        if self.unsynced_bytes.fetch_add(len, Ordering::Relaxed) + len < BACKGROUND_SYNC_BYTES
+            || self.background_sync_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.unsynced_bytes.store(0, Ordering::Relaxed);
+        let root = root.clone();
+        let running = Arc::clone(&self.background_sync_running);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = sync_filesystem(&root) {
+                tracing::warn!(error = %e, "background sync of the backup store failed");
+            }
+            running.store(false, Ordering::Release);
+        });
     }
 
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, BackupError> {
@@ -198,16 +233,20 @@ impl BackupStore {
     /// Writes a manifest after making the chunks it names durable (local stores).
     pub async fn put_manifest(&self, manifest: &BackupManifest) -> Result<(), BackupError> {
         if let Some(root) = self.local_root.clone() {
+            let started = std::time::Instant::now();
             tokio::task::spawn_blocking(move || sync_filesystem(&root))
                 .await
                 .map_err(|e| BackupError::InvalidArgument(format!("sync task: {e}")))??;
+            tracing::debug!(
+                sync_ms = started.elapsed().as_millis() as u64,
+                "backup store synced before its manifest"
+            );
         }
-        let key = manifest::manifest_key(&manifest.backup_id);
-        self.durable
-            .put(&self.path(&key), PutPayload::from(manifest.to_json_bytes()))
-            .await
-            .map(|_| ())
-            .map_err(|e| BackupError::store("put", key, e))
+        self.put_durable(
+            manifest::manifest_key(&manifest.backup_id),
+            manifest.to_json_bytes(),
+        )
+        .await
     }
 
     /// Reads and validates a manifest (format version, digest, chunk count).
@@ -243,12 +282,8 @@ impl BackupStore {
     /// Backup sets (server backups): `backup-sets/<id>.json`, written after their members.
     pub async fn put_set(&self, set_id: &str, body: Vec<u8>) -> Result<(), BackupError> {
         manifest::validate_backup_id(set_id)?;
-        let key = format!("backup-sets/{set_id}.json");
-        self.durable
-            .put(&self.path(&key), PutPayload::from(body))
+        self.put_durable(format!("backup-sets/{set_id}.json"), body)
             .await
-            .map(|_| ())
-            .map_err(|e| BackupError::store("put", key, e))
     }
 
     pub async fn get_set(&self, set_id: &str) -> Result<Bytes, BackupError> {
@@ -283,12 +318,7 @@ impl BackupStore {
     }
 
     pub async fn put_lock(&self, name: &str, body: Vec<u8>) -> Result<(), BackupError> {
-        let key = format!("locks/{name}");
-        self.durable
-            .put(&self.path(&key), PutPayload::from(body))
-            .await
-            .map(|_| ())
-            .map_err(|e| BackupError::store("put", key, e))
+        self.put_durable(format!("locks/{name}"), body).await
     }
 
     pub async fn delete_lock(&self, name: &str) -> Result<(), BackupError> {
@@ -306,6 +336,14 @@ impl BackupStore {
                 l
             })
             .collect())
+    }
+
+    async fn put_durable(&self, key: String, body: Vec<u8>) -> Result<(), BackupError> {
+        self.durable
+            .put(&self.path(&key), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| BackupError::store("put", key, e))
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BackupError> {

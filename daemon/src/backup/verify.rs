@@ -76,7 +76,7 @@ pub async fn run(
             });
         task
     }))
-    .buffer_unordered(svc.config.upload_concurrency.max(1));
+    .buffer_unordered(svc.config.upload_concurrency.max(1) * 2);
     let mut bad_chunks = Vec::new();
     while let Some(result) = results.next().await {
         if let Some(bad) = result? {
