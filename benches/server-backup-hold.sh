@@ -61,7 +61,8 @@ for i in $(seq "$VOLUMES"); do
 done
 ctl server create web "${members[@]}" >/dev/null
 
-RUNTIME=$(( SETS * (GAP_MS + 1500) / 1000 + 10 ))
+# fio runs until every set is taken (it is stopped then); each set reads every chunk fio touched.
+RUNTIME=3600
 fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth="$IODEPTH" --size="$SIZE" --norandommap \
   --time_based --runtime="$RUNTIME" --group_reporting --output-format=json \
   "${fio_jobs[@]}" >"$WORK/fio.json" 2>"$WORK/fio.err" &
@@ -70,7 +71,8 @@ sleep 3
 
 : >"$WORK/holds"
 for _ in $(seq "$SETS"); do
-  ctl --json server backup web --wait >"$WORK/set.json"
+  kill -0 "$FIO_PID" 2>/dev/null || { echo "fio stopped early: $(tail -5 "$WORK/fio.err")" >&2; exit 1; }
+  ctl --json server backup web --wait >"$WORK/set.json" 2>/dev/null
   jq -r '.barrier_hold_us' "$WORK/set.json" >>"$WORK/holds"
   sleep "$(awk -v m="$GAP_MS" 'BEGIN { printf "%.3f", m / 1000 }')"
 done

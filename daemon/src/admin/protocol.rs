@@ -120,6 +120,7 @@ pub fn backup_error_code(e: &BackupError) -> ErrorCode {
         | BackupError::Manifest(_)
         | BackupError::JobFile { .. }
         | BackupError::LocalStore { .. }
+        | BackupError::Failed(_)
         | BackupError::Cancelled(_) => ErrorCode::Internal,
     }
 }

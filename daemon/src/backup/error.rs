@@ -35,6 +35,9 @@ pub enum BackupError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A task the job depends on failed (a worker thread, a member backup, a bad record).
+    #[error("{0}")]
+    Failed(String),
     #[error(transparent)]
     Server(#[from] crate::servers::ServerError),
     #[error("volume {volume:?} is {size_bytes} bytes but backup {backup_id:?} is {backup_size_bytes} bytes")]

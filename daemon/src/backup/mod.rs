@@ -604,7 +604,7 @@ impl Backups {
         let created =
             tokio::task::spawn_blocking(move || registry.create(&volume_name, size_bytes))
                 .await
-                .map_err(|e| BackupError::InvalidArgument(format!("a worker thread failed: {e}")))
+                .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
                 .and_then(|r| r.map_err(BackupError::from));
         match created {
             Ok(volume) => {

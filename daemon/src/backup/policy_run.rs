@@ -41,7 +41,7 @@ impl PolicyRunner {
                 .error
                 .filter(|_| !matches!(info.state, crate::backup::job::JobState::Succeeded))
             {
-                return Err(BackupError::InvalidArgument(format!(
+                return Err(BackupError::Failed(format!(
                     "backup of volume {:?} failed: {error}",
                     info.volume
                 )));
@@ -111,7 +111,7 @@ impl PolicyRunner {
                 match shown.state {
                     "complete" => break,
                     "failed" => {
-                        return Err(BackupError::InvalidArgument(format!(
+                        return Err(BackupError::Failed(format!(
                             "server backup {} of {name:?} failed: {}",
                             set.id,
                             shown.error.unwrap_or_default()

@@ -79,7 +79,7 @@ pub async fn run(
                         })?;
                         let plain = blocking(move || chunk::decode(&id, &stored)).await??;
                         if plain.len() as u64 != len {
-                            return Err(BackupError::InvalidArgument(format!(
+                            return Err(BackupError::Failed(format!(
                             "chunk {i} ({id}) of backup {} holds {} bytes, the manifest says {len}",
                             manifest.backup_id,
                             plain.len()
@@ -106,7 +106,7 @@ pub async fn run(
         {
             if let Some(done) = background_flush.take() {
                 done.await
-                    .map_err(|e| BackupError::InvalidArgument(e.to_string()))??;
+                    .map_err(|e| BackupError::Failed(format!("a flush task failed: {e}")))??;
             }
             let volume = Arc::clone(&volume);
             background_flush = Some(tokio::spawn(async move { volume.flush().await }));
@@ -119,7 +119,7 @@ pub async fn run(
     drop(results);
     if let Some(done) = background_flush.take() {
         done.await
-            .map_err(|e| BackupError::InvalidArgument(e.to_string()))??;
+            .map_err(|e| BackupError::Failed(format!("a flush task failed: {e}")))??;
     }
     volume.flush().await?;
     tracing::info!(job = %job.id, backup = %record.backup_id, volume = %record.volume, "restore complete");

@@ -260,7 +260,7 @@ impl Backups {
             match self.store.get_manifest(backup_id).await {
                 Ok(_) => {}
                 Err(BackupError::BackupNotFound(_)) => {
-                    return Err(BackupError::InvalidArgument(format!(
+                    return Err(BackupError::Failed(format!(
                         "the backup of member volume {volume:?} ({backup_id}) did not complete"
                     )))
                 }
@@ -278,17 +278,17 @@ impl Backups {
             members: members_of(set),
         };
         let body = serde_json::to_vec_pretty(&record)
-            .map_err(|e| BackupError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| BackupError::Failed(format!("encoding backup set: {e}")))?;
         self.store.put_set(&set.set_id, body).await
     }
 
     pub async fn get_set(&self, set_id: &str) -> Result<BackupSet, BackupError> {
         let bytes = self.store.get_set(set_id).await?;
         let set: BackupSet = serde_json::from_slice(&bytes).map_err(|e| {
-            BackupError::InvalidArgument(format!("backup set {set_id:?} is unreadable: {e}"))
+            BackupError::Failed(format!("backup set {set_id:?} is unreadable: {e}"))
         })?;
         if set.format_version != SET_FORMAT_VERSION || set.set_id != set_id {
-            return Err(BackupError::InvalidArgument(format!(
+            return Err(BackupError::Failed(format!(
                 "backup set {set_id:?} has format {} and id {:?}",
                 set.format_version, set.set_id
             )));

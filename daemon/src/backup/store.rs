@@ -236,7 +236,7 @@ impl BackupStore {
             let started = std::time::Instant::now();
             tokio::task::spawn_blocking(move || sync_filesystem(&root))
                 .await
-                .map_err(|e| BackupError::InvalidArgument(format!("sync task: {e}")))??;
+                .map_err(|e| BackupError::Failed(format!("sync task: {e}")))??;
             tracing::debug!(
                 sync_ms = started.elapsed().as_millis() as u64,
                 "backup store synced before its manifest"

@@ -352,7 +352,7 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, BackupError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| BackupError::InvalidArgument(format!("a worker thread failed: {e}")))
+        .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
 }
 
 /// After a backup completes, its snapshot is the volume's base for the next incremental: the
