@@ -110,6 +110,23 @@ pub struct Args {
     #[arg(long, value_name = "MIB")]
     pub backup_rate_limit_mib_per_sec: Option<u64>,
 
+    /// STARTTLS: "off" refuses it, "on" offers it, "require" refuses every other option until
+    /// TLS is up [default: off].
+    #[arg(long, value_name = "off|on|require")]
+    pub tls: Option<String>,
+
+    /// Server certificate chain (PEM), needed when --tls is on or require.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM); when set, clients must present a certificate signed by one.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Log format: human or json [default: human].
     #[arg(long, value_name = "human|json")]
     pub log_format: Option<String>,

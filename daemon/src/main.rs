@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use evsd_proto::HandshakeConfig;
+use evsd_proto::{HandshakeConfig, TlsMode};
 use tokio_util::sync::CancellationToken;
 
 use crate::activation::Inherited;
@@ -35,6 +35,7 @@ use crate::metrics::http::MetricsListener;
 use crate::metrics::Metrics;
 use crate::nbd::connection::ConnectionConfig;
 use crate::nbd::server::{Listeners, Server};
+use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::TransmissionConfig;
 use crate::policy::{Policies, Runner, SystemClock};
 use crate::servers::Servers;
@@ -151,6 +152,14 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin socket {}", path.display()))?
         }
     };
+    let tls = match &settings.tls {
+        Some(tls) => {
+            let context = TlsContext::load(tls.paths.clone()).context("loading TLS credentials")?;
+            tracing::info!(mode = ?tls.mode, cert = %tls.paths.cert.display(), client_ca = ?tls.paths.ca, "TLS enabled");
+            Some(Arc::new(context))
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let store_url = match &settings.backup_store {
@@ -202,8 +211,8 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         io_engine,
     });
     // Handlers go in before anyone is told we are ready, so an early SIGTERM is a clean stop.
-    let signals = Signals::install().context("installing SIGTERM/SIGINT handlers")?;
-    tokio::spawn(signals.wait(shutdown.clone()));
+    let signals = Signals::install().context("installing SIGTERM/SIGINT/SIGHUP handlers")?;
+    tokio::spawn(signals.wait(shutdown.clone(), tls.clone()));
     announce(&settings, &listeners, metrics_addr, &registry)?;
 
     systemd::ready(&format!(
@@ -225,7 +234,11 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         config: Arc::new(ConnectionConfig {
             handshake_timeout: settings.handshake_timeout,
-            handshake: HandshakeConfig::default(),
+            handshake: HandshakeConfig {
+                tls: settings.tls.as_ref().map_or(TlsMode::Off, |tls| tls.mode),
+                ..HandshakeConfig::default()
+            },
+            tls,
             transmission: TransmissionConfig {
                 max_inflight_requests: settings.max_inflight_requests,
                 max_inflight_bytes: settings.max_inflight_bytes,
@@ -276,6 +289,7 @@ fn announce(
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -284,15 +298,42 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self, shutdown: CancellationToken) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
+    /// SIGTERM/SIGINT stop the daemon; SIGHUP re-reads the TLS files (new handshakes use them,
+    /// open connections keep theirs).
+    async fn wait(mut self, shutdown: CancellationToken, tls: Option<Arc<TlsContext>>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                _ = self.int.recv() => {
+                    tracing::info!("SIGINT received");
+                    break;
+                }
+                _ = self.hup.recv() => reload_tls(tls.as_deref()),
+            }
         }
         systemd::stopping();
         shutdown.cancel();
+    }
+}
+
+fn reload_tls(tls: Option<&TlsContext>) {
+    let Some(tls) = tls else {
+        tracing::info!("SIGHUP received; TLS is off, nothing to reload");
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => {
+            tracing::info!(cert = %tls.paths().cert.display(), "SIGHUP: TLS credentials reloaded")
+        }
+        Err(error) => {
+            tracing::error!(%error, "SIGHUP: reloading TLS credentials failed; keeping the old ones")
+        }
     }
 }

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 
 use crate::consts::*;
 use crate::export::{BlockSize, ExportCatalog, ExportInfo};
-use crate::handshake::{HandshakeConfig, ServerHandshake, Step};
+use crate::handshake::{HandshakeConfig, ServerHandshake, Step, TlsMode};
 use crate::request::{decode_request, Command, ExportLimits};
 use crate::ReplyMode;
 
@@ -30,7 +30,8 @@ impl ExportCatalog for FixedCatalog {
 }
 
 /// Feeds `data` to a server handshake, split at points chosen by the data's first byte, and
-/// checks that every byte produced is a well-formed option reply (or the EXPORT_NAME reply).
+/// checks that every byte produced is a well-formed option reply (or the EXPORT_NAME reply). The
+/// first byte's top two bits pick the TLS mode; an accepted STARTTLS continues as if TLS were up.
 pub fn handshake(data: &[u8]) {
     let Some((&split, data)) = data.split_first() else {
         return;
@@ -40,6 +41,11 @@ pub fn handshake(data: &[u8]) {
         max_option_bytes: 1024,
         max_options: 64,
         extended_headers: true,
+        tls: match split >> 6 {
+            0 => TlsMode::Off,
+            1 => TlsMode::On,
+            _ => TlsMode::Require,
+        },
     };
     let mut hs = ServerHandshake::new(config);
     let mut input = BytesMut::new();
@@ -47,7 +53,7 @@ pub fn handshake(data: &[u8]) {
         input.extend_from_slice(piece);
         let mut out = BytesMut::new();
         match hs.advance(&mut input, &FixedCatalog, &mut out) {
-            Ok(Step::NeedInput) => check_option_replies(&out),
+            Ok(Step::NeedInput | Step::StartTls) => check_option_replies(&out),
             Ok(Step::Aborted) | Err(_) => return,
             Ok(Step::Transmission(n)) => {
                 assert!(n.export.name == "vol0");

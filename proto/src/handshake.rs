@@ -19,6 +19,22 @@ pub struct HandshakeConfig {
     pub max_options: u32,
     /// Whether NBD_OPT_EXTENDED_HEADERS is accepted.
     pub extended_headers: bool,
+    /// What STARTTLS does and whether options need TLS first.
+    pub tls: TlsMode,
+}
+
+/// The server's TLS policy, fixed for the life of a connection (the spec's NOTLS, SELECTIVETLS and
+/// FORCEDTLS modes; no export is marked TLS-only, so "on" serves every export either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// STARTTLS is refused with ERR_POLICY.
+    #[default]
+    Off,
+    /// STARTTLS is accepted; exports are served with or without TLS.
+    On,
+    /// Every option but STARTTLS and ABORT gets ERR_TLS_REQD until TLS is up; a plaintext
+    /// EXPORT_NAME is disconnected.
+    Require,
 }
 
 impl Default for HandshakeConfig {
@@ -27,6 +43,7 @@ impl Default for HandshakeConfig {
             max_option_bytes: 64 << 10,
             max_options: 4096,
             extended_headers: true,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -46,6 +63,10 @@ pub enum HandshakeError {
     TooManyOptions(u32),
     #[error("the handshake has already finished")]
     AlreadyFinished,
+    #[error("EXPORT_NAME for export {0:?} before STARTTLS, and TLS is required")]
+    TlsRequired(String),
+    #[error("client sent {0} bytes after STARTTLS before the TLS handshake")]
+    BytesAfterStartTls(usize),
 }
 
 /// A metadata context selected with SET_META_CONTEXT.
@@ -73,6 +94,10 @@ pub enum Step {
     Transmission(Negotiated),
     /// The client sent ABORT: send the output (the ACK) and close.
     Aborted,
+    /// The client sent STARTTLS and it was accepted: send the output (the ACK), run the TLS
+    /// handshake as server on the raw stream, and keep calling `advance` with input read from the
+    /// TLS stream. Earlier negotiation state has already been discarded.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +123,8 @@ pub struct ServerHandshake {
     meta_export: Option<String>,
     meta_selected: Vec<MetaContext>,
     options_seen: u32,
+    /// STARTTLS was accepted: everything after it runs over TLS.
+    tls_active: bool,
 }
 
 impl ServerHandshake {
@@ -110,6 +137,7 @@ impl ServerHandshake {
             meta_export: None,
             meta_selected: Vec::new(),
             options_seen: 0,
+            tls_active: false,
         }
     }
 
@@ -157,10 +185,10 @@ impl ServerHandshake {
                         };
                         return Ok(Step::NeedInput);
                     }
-                    let msg = if reply == REP_ERR_TOO_BIG {
-                        "option payload too large"
-                    } else {
-                        "option not supported"
+                    let msg = match reply {
+                        REP_ERR_TOO_BIG => "option payload too large",
+                        REP_ERR_TLS_REQD => "TLS is required: send STARTTLS first",
+                        _ => "option not supported",
                     };
                     put_reply(out, option, reply, msg.as_bytes());
                     self.state = State::OptionHeader;
@@ -184,7 +212,9 @@ impl ServerHandshake {
                         }
                         self.count_option()?;
                         input.advance(16);
-                        let reply = if is_known_option(option, &self.config) {
+                        let reply = if self.tls_required_for(option) {
+                            REP_ERR_TLS_REQD
+                        } else if is_known_option(option, &self.config) {
                             REP_ERR_TOO_BIG
                         } else {
                             REP_ERR_UNSUP
@@ -205,6 +235,11 @@ impl ServerHandshake {
                     input.advance(16);
                     let data = input.split_to(length as usize);
                     if let Some(step) = self.handle_option(option, &data, catalog, out)? {
+                        // The client must wait for the ACK before its ClientHello; anything already
+                        // here was sent too early and cannot be handed to the TLS layer.
+                        if step == Step::StartTls && !input.is_empty() {
+                            return Err(HandshakeError::BytesAfterStartTls(input.len()));
+                        }
                         return Ok(step);
                     }
                 }
@@ -220,6 +255,47 @@ impl ServerHandshake {
         Ok(())
     }
 
+    /// Whether this option must be refused (or, for EXPORT_NAME, disconnected) until TLS is up.
+    fn tls_required_for(&self, option: u32) -> bool {
+        self.config.tls == TlsMode::Require
+            && !self.tls_active
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
+    }
+
+    /// Whether TLS has been negotiated on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    fn handle_starttls(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Option<Step> {
+        if self.config.tls == TlsMode::Off {
+            put_reply(
+                out,
+                option,
+                REP_ERR_POLICY,
+                b"TLS is not enabled on this server",
+            );
+            return None;
+        }
+        if !data.is_empty() {
+            put_reply(out, option, REP_ERR_INVALID, b"STARTTLS takes no data");
+            return None;
+        }
+        if self.tls_active {
+            put_reply(out, option, REP_ERR_INVALID, b"TLS is already active");
+            return None;
+        }
+        put_reply(out, option, REP_ACK, &[]);
+        // The spec: everything negotiated before STARTTLS is forgotten once TLS is up. A failed
+        // TLS handshake ends the connection, so forgetting it now is the same.
+        self.tls_active = true;
+        self.mode = ReplyMode::Simple;
+        self.meta_export = None;
+        self.meta_selected.clear();
+        Some(Step::StartTls)
+    }
+
     fn handle_option(
         &mut self,
         option: u32,
@@ -227,6 +303,21 @@ impl ServerHandshake {
         catalog: &dyn ExportCatalog,
         out: &mut BytesMut,
     ) -> Result<Option<Step>, HandshakeError> {
+        if self.tls_required_for(option) {
+            if option == OPT_EXPORT_NAME {
+                // EXPORT_NAME has no error reply: the only refusal is to disconnect.
+                return Err(HandshakeError::TlsRequired(
+                    String::from_utf8_lossy(data).into_owned(),
+                ));
+            }
+            put_reply(
+                out,
+                option,
+                REP_ERR_TLS_REQD,
+                b"TLS is required: send STARTTLS first",
+            );
+            return Ok(None);
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
@@ -260,14 +351,7 @@ impl ServerHandshake {
                     put_reply(out, option, REP_ACK, &[]);
                 }
             }
-            OPT_STARTTLS => {
-                put_reply(
-                    out,
-                    option,
-                    REP_ERR_POLICY,
-                    b"TLS is not enabled on this server",
-                );
-            }
+            OPT_STARTTLS => return Ok(self.handle_starttls(option, data, out)),
             OPT_INFO | OPT_GO => return Ok(self.handle_info(option, data, catalog, out)),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {

@@ -150,6 +150,7 @@ fn byte_at_a_time_input_is_handled() {
             Step::NeedInput => {}
             Step::Transmission(n) => done = Some(n),
             Step::Aborted => panic!("aborted"),
+            Step::StartTls => panic!("STARTTLS accepted in off mode"),
         }
     }
     let n = done.expect("reached transmission");
@@ -437,4 +438,150 @@ fn advancing_after_the_end_is_an_error() {
         run(&mut hs, &mut input).0,
         Err(HandshakeError::AlreadyFinished)
     );
+}
+
+fn start_tls_mode(tls: TlsMode) -> (ServerHandshake, BytesMut) {
+    let hs = ServerHandshake::new(HandshakeConfig {
+        tls,
+        ..HandshakeConfig::default()
+    });
+    let mut input = BytesMut::new();
+    input.put_u32(3);
+    (hs, input)
+}
+
+#[test]
+fn require_mode_refuses_everything_but_starttls_and_abort() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::Require);
+    option(&mut input, OPT_LIST, &[]);
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    option(&mut input, OPT_INFO, &info_payload("vol0", &[]));
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("vol0", &[]),
+    );
+    option(&mut input, 0x4242, &[1, 2, 3]);
+    // Oversized: skipped, and still answered with TLS_REQD.
+    option(&mut input, OPT_GO, &vec![0u8; 100 << 10]);
+    option(&mut input, OPT_ABORT, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::Aborted));
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    let mut expected = vec![REP_ERR_TLS_REQD; 7];
+    expected.push(REP_ACK);
+    assert_eq!(kinds, expected);
+    assert!(!hs.tls_active());
+}
+
+#[test]
+fn require_mode_disconnects_a_plaintext_export_name() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::Require);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Err(HandshakeError::TlsRequired("vol0".into())));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn starttls_then_everything_works_in_require_mode() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::Require);
+    option(&mut input, OPT_STARTTLS, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::StartTls));
+    let r = replies(&out);
+    assert_eq!(r, vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+    assert!(hs.tls_active());
+    // Now "over TLS": a second STARTTLS is invalid, options work, EXPORT_NAME is allowed.
+    option(&mut input, OPT_STARTTLS, &[]);
+    option(&mut input, OPT_LIST, &[]);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(n.export.name, "vol0");
+    let r = replies(&out[..out.len() - 10]);
+    let kinds: Vec<u32> = r.iter().map(|r| r.1).collect();
+    assert_eq!(kinds, [REP_ERR_INVALID, REP_SERVER, REP_SERVER, REP_ACK]);
+}
+
+#[test]
+fn on_mode_serves_plaintext_and_accepts_starttls() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_LIST, &[]);
+    option(&mut input, OPT_STARTTLS, b"junk");
+    option(&mut input, OPT_STARTTLS, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::StartTls));
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    assert_eq!(
+        kinds,
+        [REP_SERVER, REP_SERVER, REP_ACK, REP_ERR_INVALID, REP_ACK]
+    );
+
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let (step, _) = run(&mut hs, &mut input);
+    assert!(matches!(step, Ok(Step::Transmission(_))), "{step:?}");
+    assert!(!hs.tls_active());
+}
+
+#[test]
+fn starttls_discards_earlier_negotiation() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
+    option(&mut input, OPT_STARTTLS, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::StartTls));
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    assert_eq!(kinds, [REP_ACK, REP_META_CONTEXT, REP_ACK, REP_ACK]);
+    // After TLS: simple replies and no contexts, unless negotiated again.
+    option(&mut input, OPT_SET_META_CONTEXT, &meta_payload("vol0", &[]));
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(n.mode, ReplyMode::Simple);
+    assert!(n.meta_contexts.is_empty());
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+
+    // Extended headers are forgotten too.
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    option(&mut input, OPT_STARTTLS, &[]);
+    assert_eq!(run(&mut hs, &mut input).0, Ok(Step::StartTls));
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!("no transmission")
+    };
+    assert_eq!(n.mode, ReplyMode::Simple);
+}
+
+#[test]
+fn bytes_pipelined_after_starttls_are_a_protocol_error() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::Require);
+    option(&mut input, OPT_STARTTLS, &[]);
+    input.put_slice(&[0x16, 0x03, 0x01]);
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::BytesAfterStartTls(3))
+    );
+}
+
+#[test]
+fn off_mode_refuses_starttls_with_policy_and_never_requires_tls() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::Off);
+    option(&mut input, OPT_STARTTLS, &[]);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    let (step, out) = run(&mut hs, &mut input);
+    assert!(matches!(step, Ok(Step::Transmission(_))), "{step:?}");
+    assert_eq!(replies(&out[..out.len() - 10])[0].1, REP_ERR_POLICY);
 }

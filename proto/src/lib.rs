@@ -13,7 +13,7 @@ pub mod request;
 pub use errno::Errno;
 pub use export::{BlockSize, ExportCatalog, ExportInfo};
 pub use handshake::{
-    HandshakeConfig, HandshakeError, MetaContext, Negotiated, ServerHandshake, Step,
+    HandshakeConfig, HandshakeError, MetaContext, Negotiated, ServerHandshake, Step, TlsMode,
 };
 pub use reply::{Extent, ReplyTo};
 pub use request::{

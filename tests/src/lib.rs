@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod backups;
+pub mod faults;
 pub mod fio;
 pub mod metrics;
 pub mod peer;
@@ -484,6 +485,8 @@ pub struct DaemonOpts {
     /// environment, which it inherits), e.g. the S3 credentials from [`s3::S3Server::env`].
     /// Kept across [`Daemon::restart`].
     pub env: Vec<(String, String)>,
+    /// `--data-dir` somewhere else than `<workdir>/data` (e.g. a small mounted filesystem).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonOpts {
@@ -497,6 +500,7 @@ impl Default for DaemonOpts {
             metrics_listen: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
             env: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -545,6 +549,11 @@ impl DaemonOpts {
     /// same key wins).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+    /// Use `dir` (which must exist) as `--data-dir` instead of `<workdir>/data`.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
         self
     }
     /// [`DaemonOpts::env`] for each pair, e.g. `.envs(s3.env())`.
@@ -601,7 +610,10 @@ impl Daemon {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        match &self.opts.data_dir {
+            Some(d) => d.clone(),
+            None => self.dir.path().join("data"),
+        }
     }
     pub fn work_dir(&self) -> &Path {
         self.dir.path()

@@ -18,3 +18,18 @@ pub fn scrape(addr: SocketAddr) -> String {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     body.to_owned()
 }
+
+/// The value of the series named exactly `series` (name plus label set, e.g.
+/// `evsd_volume_connections{volume="vol0"}`) in a scrape, 0 when absent.
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{series} value {v:?}: {e}"))
+        })
+        .next()
+        .unwrap_or(0.0)
+}

@@ -28,10 +28,15 @@ fn chunk_files(store: &Path) -> Vec<(PathBuf, u64)> {
         return out;
     };
     for dir in dirs.flatten() {
-        for f in fs::read_dir(dir.path()).unwrap().flatten() {
+        // A GC running meanwhile removes chunks and the directories it empties.
+        let Ok(files) = fs::read_dir(dir.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = f.metadata() else { continue };
             if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                out.push((f.path(), f.metadata().unwrap().len()));
+                out.push((f.path(), meta.len()));
             }
         }
     }

@@ -4,25 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use evsd_e2e::metrics::scrape;
+use evsd_e2e::metrics::{scrape, value};
 use evsd_e2e::raw::*;
 use evsd_e2e::*;
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-/// The value of the series named exactly `series` (name plus label set), 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(series))
-        .filter_map(|rest| rest.strip_prefix(' '))
-        .map(|v| {
-            v.trim()
-                .parse::<f64>()
-                .unwrap_or_else(|e| panic!("{series} value {v:?}: {e}"))
-        })
-        .next()
-        .unwrap_or(0.0)
-}
 
 fn vol(name: &str, volume: &str, kind: &str) -> String {
     format!("{name}{{volume=\"{volume}\",kind=\"{kind}\"}}")

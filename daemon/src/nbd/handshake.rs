@@ -1,10 +1,14 @@
-//! Drives the protocol crate's handshake state machine over a socket.
+//! Drives the protocol crate's handshake state machine over a socket, upgrading it to TLS when the
+//! state machine accepts STARTTLS.
 
 use bytes::BytesMut;
 use evsd_proto::{HandshakeConfig, HandshakeError, Negotiated, ServerHandshake, Step};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::server::TlsStream;
 
 use crate::nbd::catalog::RegistryCatalog;
+use crate::nbd::stream::Transport;
+use crate::nbd::tls::TlsContext;
 use crate::storage::Registry;
 
 /// How a handshake ended without reaching transmission.
@@ -14,6 +18,10 @@ pub enum HandshakeFailure {
     Protocol(#[from] HandshakeError),
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("STARTTLS accepted but the server has no TLS configuration")]
+    TlsUnconfigured,
     #[error("client closed the connection during the handshake")]
     Closed,
     #[error("client aborted the handshake")]
@@ -27,50 +35,111 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol(HandshakeError::UnknownClientFlags(_)) => "bad_client_flags",
             HandshakeFailure::Protocol(HandshakeError::BadOptionMagic(_)) => "bad_option_magic",
             HandshakeFailure::Protocol(HandshakeError::UnknownExport(_)) => "unknown_export",
+            HandshakeFailure::Protocol(HandshakeError::TlsRequired(_)) => "tls_required",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
+            HandshakeFailure::Tls(_) | HandshakeFailure::TlsUnconfigured => "tls",
             HandshakeFailure::Closed => "closed",
             HandshakeFailure::Aborted => "aborted",
         }
     }
 }
 
-/// Runs the handshake; on success returns the negotiation and any bytes the client already sent
-/// past it (pipelined first requests).
-pub async fn negotiate<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+/// The stream transmission runs on: the socket itself, or TLS over it.
+pub enum Established<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+}
+
+/// A finished handshake: the stream, the negotiation, and any bytes the client already sent past
+/// it (pipelined first requests).
+pub struct Handshaken<S> {
+    pub stream: Established<S>,
+    pub negotiated: Negotiated,
+    pub leftover: BytesMut,
+}
+
+/// Where one run of options stopped.
+enum Phase {
+    Transmission(Negotiated),
+    StartTls,
+}
+
+/// Runs the handshake, including a STARTTLS upgrade when the config allows it.
+pub async fn negotiate<S: Transport>(
+    mut stream: S,
     registry: &Registry,
     config: HandshakeConfig,
-) -> Result<(Negotiated, BytesMut), HandshakeFailure>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    tls: Option<&TlsContext>,
+) -> Result<Handshaken<S>, HandshakeFailure> {
     let mut handshake = ServerHandshake::new(config);
     let mut out = BytesMut::with_capacity(1024);
     handshake.write_greeting(&mut out);
-    writer.write_all(&out).await?;
+    stream.write_all(&out).await?;
     let catalog = RegistryCatalog { registry };
     let mut input = BytesMut::with_capacity(4096);
+    match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
+        Phase::Transmission(negotiated) => {
+            return Ok(Handshaken {
+                stream: Established::Plain(stream),
+                negotiated,
+                leftover: input,
+            })
+        }
+        Phase::StartTls => {}
+    }
+    let acceptor = tls.ok_or(HandshakeFailure::TlsUnconfigured)?.acceptor();
+    // The state machine refused STARTTLS if bytes followed it, so nothing is lost here.
+    let mut stream = acceptor
+        .accept(stream)
+        .await
+        .map_err(HandshakeFailure::Tls)?;
+    match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
+        Phase::Transmission(negotiated) => Ok(Handshaken {
+            stream: Established::Tls(Box::new(stream)),
+            negotiated,
+            leftover: input,
+        }),
+        // The state machine answers a second STARTTLS with ERR_INVALID; never reached.
+        Phase::StartTls => Err(HandshakeFailure::Protocol(HandshakeError::AlreadyFinished)),
+    }
+}
+
+/// Feeds options to the state machine until it reaches transmission or accepts STARTTLS.
+async fn run_options<S>(
+    handshake: &mut ServerHandshake,
+    stream: &mut S,
+    input: &mut BytesMut,
+    catalog: &RegistryCatalog<'_>,
+) -> Result<Phase, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(1024);
     loop {
         out.clear();
-        let step = handshake.advance(&mut input, &catalog, &mut out)?;
+        let step = handshake.advance(input, catalog, &mut out)?;
         if !out.is_empty() {
-            writer.write_all(&out).await?;
+            stream.write_all(&out).await?;
         }
         match step {
             Step::NeedInput => {
-                if reader.read_buf(&mut input).await? == 0 {
+                // TLS buffers written records until flushed; the client waits for our replies.
+                stream.flush().await?;
+                if stream.read_buf(input).await? == 0 {
                     return Err(HandshakeFailure::Closed);
                 }
             }
             Step::Transmission(negotiated) => {
-                writer.flush().await?;
-                return Ok((negotiated, input));
+                stream.flush().await?;
+                return Ok(Phase::Transmission(negotiated));
+            }
+            Step::StartTls => {
+                stream.flush().await?;
+                return Ok(Phase::StartTls);
             }
             Step::Aborted => {
-                writer.flush().await?;
+                stream.flush().await?;
                 return Err(HandshakeFailure::Aborted);
             }
         }

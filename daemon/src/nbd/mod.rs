@@ -5,4 +5,6 @@ pub mod connection;
 pub mod handshake;
 pub mod replies;
 pub mod server;
+pub mod stream;
+pub mod tls;
 pub mod transmission;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::activation::InheritedUnix;
 use crate::metrics::Metrics;
 use crate::nbd::connection::{self, ConnectionConfig};
+use crate::nbd::stream::Transport;
 use crate::storage::Registry;
 
 /// Where the server listens.
@@ -191,11 +192,7 @@ struct AcceptContext {
 impl AcceptContext {
     /// Starts serving a connection if a slot is free; otherwise closes it at once. The permit
     /// travels with the task, so the slot frees itself however the connection ends.
-    fn admit<R, W>(&self, reader: R, writer: W, peer: String)
-    where
-        R: tokio::io::AsyncRead + Unpin + Send + 'static,
-        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+    fn admit<S: Transport>(&self, stream: S, peer: String) {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             self.metrics.connection_refused("limit");
             if !self.warned_limit.swap(true, Ordering::Relaxed) {
@@ -210,7 +207,7 @@ impl AcceptContext {
         let metrics = Arc::clone(&self.metrics);
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
-            connection::serve(reader, writer, peer, registry, config, metrics, shutdown).await;
+            connection::serve(stream, peer, registry, config, metrics, shutdown).await;
             drop(permit);
         });
     }
@@ -231,8 +228,7 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                let (reader, writer) = stream.into_split();
-                ctx.admit(reader, writer, addr.to_string());
+                ctx.admit(stream, addr.to_string());
             }
             Err(e) => backoff(e).await,
         }
@@ -249,8 +245,7 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, _)) => {
                 sequence += 1;
-                let (reader, writer) = stream.into_split();
-                ctx.admit(reader, writer, format!("unix#{sequence}"));
+                ctx.admit(stream, format!("unix#{sequence}"));
             }
             Err(e) => backoff(e).await,
         }

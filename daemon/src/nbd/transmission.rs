@@ -101,6 +101,9 @@ struct Connection<'s, R, W> {
     /// Reply bytes waiting for the socket, in order.
     outgoing: VecDeque<Bytes>,
     outgoing_bytes: u64,
+    /// Bytes were written since the last flush. Sockets need no flush, but TLS keeps records it
+    /// could not send at once until flushed.
+    unflushed: bool,
     /// Set when no more requests will be read; the loop then drains and returns it.
     end: Option<TransmissionEnd>,
 }
@@ -147,6 +150,7 @@ where
         max_inflight_bytes: config.max_inflight_bytes,
         outgoing: VecDeque::new(),
         outgoing_bytes: 0,
+        unflushed: false,
         end: None,
     };
     let cancelled = shutdown.cancelled();
@@ -271,6 +275,13 @@ where
                 Poll::Pending => break,
             }
         }
+        if self.outgoing.is_empty() && self.unflushed {
+            match Pin::new(&mut self.writer).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
         if self.end.is_none() && self.has_room() {
             if self.input.capacity() - self.input.len() < READ_CHUNK_BYTES {
                 self.input.reserve(READ_CHUNK_BYTES);
@@ -317,6 +328,7 @@ where
             Poll::Pending => return Poll::Pending,
         };
         drop(slices);
+        self.unflushed = true;
         self.outgoing_bytes -= written as u64;
         while written > 0 {
             let Some(front) = self.outgoing.front_mut() else {

@@ -47,6 +47,10 @@ pub struct FileConfig {
     pub backup_s3_access_key_id: Option<String>,
     pub backup_s3_secret_access_key: Option<String>,
     pub backup_s3_allow_http: Option<bool>,
+    pub tls: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl FileConfig {

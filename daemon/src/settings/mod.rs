@@ -14,6 +14,8 @@ use crate::backup::store::S3Options;
 use crate::config::Args;
 use crate::error::StorageError;
 use crate::io::EngineKind;
+use crate::nbd::tls::TlsPaths;
+use evsd_proto::TlsMode;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 const DEFAULT_DATA_DIR: &str = "./evs-data";
@@ -45,6 +47,17 @@ pub enum SettingsError {
     VolumeSize { spec: String, source: StorageError },
     #[error("log_format {value:?}: use \"human\" or \"json\"")]
     LogFormat { value: String },
+    #[error("tls {value:?}: use \"off\", \"on\" or \"require\"")]
+    TlsMode { value: String },
+    #[error("tls = {mode:?} needs {key}")]
+    TlsMissing { mode: String, key: &'static str },
+}
+
+/// TLS settings when `tls` is not "off".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    pub paths: TlsPaths,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +97,8 @@ pub struct Settings {
     /// None: no limit.
     pub backup_rate_limit_bytes_per_sec: Option<u64>,
     pub backup_s3: S3Options,
+    /// None: TLS off, STARTTLS refused.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Settings {
@@ -139,6 +154,12 @@ impl Settings {
                 })
             }
         };
+        let tls = resolve_tls(
+            args.tls.clone().or(file.tls),
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+            args.tls_ca.clone().or(file.tls_ca),
+        )?;
         let max_inflight_mib = args
             .max_inflight_mib
             .or(file.max_inflight_mib)
@@ -213,8 +234,34 @@ impl Settings {
                 allow_http: file.backup_s3_allow_http,
             },
             data_dir,
+            tls,
         })
     }
+}
+
+fn resolve_tls(
+    mode: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> Result<Option<TlsSettings>, SettingsError> {
+    let value = mode.unwrap_or_else(|| "off".to_owned());
+    let mode = match value.as_str() {
+        "off" => return Ok(None),
+        "on" => TlsMode::On,
+        "require" => TlsMode::Require,
+        _ => return Err(SettingsError::TlsMode { value }),
+    };
+    let missing = |key| SettingsError::TlsMissing {
+        mode: value.clone(),
+        key,
+    };
+    let cert = cert.ok_or_else(|| missing("tls_cert (--tls-cert)"))?;
+    let key = key.ok_or_else(|| missing("tls_key (--tls-key)"))?;
+    Ok(Some(TlsSettings {
+        mode,
+        paths: TlsPaths { cert, key, ca },
+    }))
 }
 
 fn parse_listen(key: &'static str, value: String) -> Result<Option<SocketAddr>, SettingsError> {
@@ -301,6 +348,34 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_override_the_file() {
+        let cfg = "tls = \"on\"\ntls_cert = \"/f/cert.pem\"\ntls_key = \"/f/key.pem\"\n";
+        let s = Settings::merge(&args(&[]), file(cfg)).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.mode, TlsMode::On);
+        assert_eq!(tls.paths.cert, PathBuf::from("/f/cert.pem"));
+        assert_eq!(tls.paths.ca, None);
+        let s = Settings::merge(
+            &args(&[
+                "--tls",
+                "require",
+                "--tls-ca",
+                "/a/ca.pem",
+                "--tls-key",
+                "/a/k.pem",
+            ]),
+            file(cfg),
+        )
+        .unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.mode, TlsMode::Require);
+        assert_eq!(tls.paths.key, PathBuf::from("/a/k.pem"));
+        assert_eq!(tls.paths.ca, Some(PathBuf::from("/a/ca.pem")));
+        let s = Settings::merge(&args(&["--tls", "off"]), file(cfg)).unwrap();
+        assert_eq!(s.tls, None);
+    }
+
+    #[test]
     fn shipped_systemd_config_loads() {
         let shipped = file(include_str!("../../../systemd/evsd.toml"));
         let s = Settings::merge(&args(&[]), shipped).unwrap();
@@ -381,6 +456,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("novolsize"), "{err}");
+        let err = Settings::merge(&args(&["--tls", "maybe"]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maybe"), "{err}");
+        let err = Settings::merge(&args(&["--tls", "require"]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_cert") && err.contains("require"), "{err}");
         let err = Settings::merge(&args(&["--io-engine", "spdk"]), FileConfig::default())
             .unwrap_err()
             .to_string();

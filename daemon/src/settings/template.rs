@@ -80,4 +80,16 @@ backup_rate_limit_mib_per_sec = 0
 # backup_s3_access_key_id = "AKIA..."
 # backup_s3_secret_access_key = "..."
 # backup_s3_allow_http = true
+
+# STARTTLS: "off" refuses it (ERR_POLICY), "on" offers it, "require" answers every option but
+# STARTTLS and ABORT with ERR_TLS_REQD until TLS is up. TLS 1.2 and 1.3, X.509 certificates.
+# SIGHUP re-reads the certificate, key and CA files; open connections keep going.
+tls = "off"
+
+# Server certificate chain and private key (PEM), needed when tls is "on" or "require".
+# tls_cert = "/etc/evsd/tls/server-cert.pem"
+# tls_key = "/etc/evsd/tls/server-key.pem"
+
+# CA certificates (PEM); when set, clients must present a certificate signed by one of them.
+# tls_ca = "/etc/evsd/tls/ca-cert.pem"
 "#;
