@@ -26,6 +26,7 @@ pub struct FreezeMember<'a> {
 /// Returns how long writes were held, in microseconds (from the first gate taken to the
 /// last released).
 pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, StorageError> {
+    let started = Instant::now();
     // Everything that touches the filesystem happens before writes are held.
     let mut prepared = Vec::with_capacity(members.len());
     for m in members {
@@ -46,6 +47,7 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
         let new_head = Arc::new(Layer::create(&m.entry.dir, &id, size_bytes)?);
         prepared.push((m, writer, id, new_head, size_bytes));
     }
+    let prepared_us = started.elapsed().as_micros() as u64;
     // FLUSHes queue from here until the manifests are durable.
     let mut commits = Vec::with_capacity(prepared.len());
     for (_, writer, ..) in &prepared {
@@ -92,6 +94,7 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
     }
     drop(gates);
     let hold_us = held_since.map_or(0, |t| t.elapsed().as_micros() as u64);
+    let swapped_us = started.elapsed().as_micros() as u64;
 
     let mut first_error = None;
     for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
@@ -107,6 +110,13 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
         }
     }
     drop(commits);
+    tracing::debug!(
+        prepared_us,
+        swapped_us,
+        hold_us,
+        persisted_us = started.elapsed().as_micros() as u64,
+        "froze heads"
+    );
     for (layer, (m, ..)) in frozen.into_iter().zip(&prepared) {
         // The frozen layer's unflushed writes become durable in the background (and at the
         // next FLUSH at the latest, which syncs every layer of the chain).

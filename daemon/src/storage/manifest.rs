@@ -197,10 +197,6 @@ impl VolumeManifest {
 /// Writes `bytes` to `path` so that after a crash the file holds either the old or the new
 /// content, never a mix.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
-    crate::storage::ioprio::urgent(|| write_durably_now(path, bytes))
-}
-
-fn write_durably_now(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp).map_err(|e| StorageError::fs("create", &tmp, e))?;
     file.write_all(bytes)

@@ -6,7 +6,6 @@ pub mod buffers;
 pub mod diff;
 pub mod entry;
 pub mod group;
-pub mod ioprio;
 pub mod layer;
 pub mod manifest;
 pub mod name;
