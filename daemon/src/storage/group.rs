@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::StorageError;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
@@ -14,6 +14,12 @@ use crate::storage::layer::{self, Layer};
 use crate::storage::manifest::{LayerRecord, SnapshotRecord, VolumeManifest};
 use crate::storage::name::validate_snapshot_name;
 use crate::storage::Registry;
+
+/// Longest a barrier attempt holds new writes while writes in flight finish.
+const GATE_WAIT: Duration = Duration::from_millis(5);
+/// Pause after a failed attempt, doubling up to the maximum.
+const GATE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(2);
+const GATE_RETRY_MAX_PAUSE: Duration = Duration::from_millis(200);
 
 /// One member of a freeze: the volume and the snapshot name its frozen head gets (None: an
 /// anonymous frozen layer).
@@ -23,8 +29,9 @@ pub struct FreezeMember<'a> {
 }
 
 /// Freezes every member's head at one instant. The caller holds each entry's `admin` lock.
-/// Returns how long writes were held, in microseconds (from the first gate taken to the
-/// last released).
+/// Returns how long writes were held, in microseconds (from the first gate requested to the
+/// last released, in the attempt that succeeded; a failed attempt held them at most
+/// `GATE_WAIT`).
 pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, StorageError> {
     let started = Instant::now();
     // Everything that touches the filesystem happens before writes are held.
@@ -53,12 +60,31 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
     for (_, writer, ..) in &prepared {
         commits.push(writer.commit.write().await);
     }
-    let mut gates = Vec::with_capacity(prepared.len());
-    let mut held_since = None;
-    for (_, writer, ..) in &prepared {
-        gates.push(writer.gate.write().await);
-        held_since.get_or_insert_with(Instant::now);
-    }
+    // New writes are held from the first gate request until the gates are released. Waiting
+    // for the writes in flight is bounded: one the kernel throttles (writeback under a
+    // saturated disk) would otherwise hold every new write behind it for seconds. After
+    // GATE_WAIT the attempt is dropped, writes flow again, and the barrier retries later.
+    let mut attempts = 0u32;
+    let mut pause = GATE_RETRY_FIRST_PAUSE;
+    let (gates, held_since) = loop {
+        attempts += 1;
+        let requested = Instant::now();
+        let acquire = async {
+            let mut gates = Vec::with_capacity(prepared.len());
+            for (_, writer, ..) in &prepared {
+                gates.push(writer.gate.write().await);
+            }
+            gates
+        };
+        match tokio::time::timeout(GATE_WAIT, acquire).await {
+            Ok(gates) => break (gates, requested),
+            Err(_) => {
+                tracing::debug!(attempts, "writes in flight delayed the barrier; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(GATE_RETRY_MAX_PAUSE);
+            }
+        }
+    };
     let created_unix_secs = now_unix_secs();
     let mut nexts: Vec<VolumeManifest> = Vec::with_capacity(prepared.len());
     for (m, _, id, _, size_bytes) in &prepared {
@@ -93,7 +119,7 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
         m.entry.refresh(&mut state)?;
     }
     drop(gates);
-    let hold_us = held_since.map_or(0, |t| t.elapsed().as_micros() as u64);
+    let hold_us = held_since.elapsed().as_micros() as u64;
     let swapped_us = started.elapsed().as_micros() as u64;
 
     let mut first_error = None;
@@ -114,6 +140,7 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
         prepared_us,
         swapped_us,
         hold_us,
+        attempts,
         persisted_us = started.elapsed().as_micros() as u64,
         "froze heads"
     );
