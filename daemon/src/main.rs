@@ -1,5 +1,6 @@
 //! evsd: serves block volumes over NBD.
 
+mod access;
 mod activation;
 mod admin;
 mod backup;
@@ -15,6 +16,7 @@ mod settings;
 mod storage;
 mod systemd;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +25,7 @@ use clap::Parser;
 use evsd_proto::{HandshakeConfig, TlsMode};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessStore, PolicySource};
 use crate::activation::Inherited;
 use crate::admin::server::AdminListener;
 use crate::admin::{AdminContext, ListenerAddresses};
@@ -193,8 +196,15 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         servers: Arc::clone(&servers),
     });
     policies.spawn(Arc::clone(&policy_runner), shutdown.clone());
+    let access = Arc::new(
+        AccessStore::open(&settings.data_dir, settings.access.clone())
+            .context("reading the volume access rules")?,
+    );
+    prune_access_rules(&access, &registry);
     let admin_context = Arc::new(AdminContext {
         registry: Arc::clone(&registry),
+        access: Arc::clone(&access),
+        tls_mode: settings.tls.as_ref().map_or(TlsMode::Off, |tls| tls.mode),
         backups,
         servers,
         policies,
@@ -212,7 +222,14 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     });
     // Handlers go in before anyone is told we are ready, so an early SIGTERM is a clean stop.
     let signals = Signals::install().context("installing SIGTERM/SIGINT/SIGHUP handlers")?;
-    tokio::spawn(signals.wait(shutdown.clone(), tls.clone()));
+    tokio::spawn(signals.wait(
+        shutdown.clone(),
+        Reloadable {
+            tls: tls.clone(),
+            access: Arc::clone(&access),
+            config_file: settings.config_file.clone(),
+        },
+    ));
     announce(&settings, &listeners, metrics_addr, &registry)?;
 
     systemd::ready(&format!(
@@ -239,6 +256,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
                 ..HandshakeConfig::default()
             },
             tls,
+            access,
             transmission: TransmissionConfig {
                 max_inflight_requests: settings.max_inflight_requests,
                 max_inflight_bytes: settings.max_inflight_bytes,
@@ -303,8 +321,8 @@ impl Signals {
     }
 
     /// SIGTERM/SIGINT stop the daemon; SIGHUP re-reads the TLS files (new handshakes use them,
-    /// open connections keep theirs).
-    async fn wait(mut self, shutdown: CancellationToken, tls: Option<Arc<TlsContext>>) {
+    /// open connections keep theirs) and the config file's access rules.
+    async fn wait(mut self, shutdown: CancellationToken, reloadable: Reloadable) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => {
@@ -315,11 +333,53 @@ impl Signals {
                     tracing::info!("SIGINT received");
                     break;
                 }
-                _ = self.hup.recv() => reload_tls(tls.as_deref()),
+                _ = self.hup.recv() => {
+                    reload_tls(reloadable.tls.as_deref());
+                    reload_access(&reloadable);
+                }
             }
         }
         systemd::stopping();
         shutdown.cancel();
+    }
+}
+
+/// What SIGHUP re-reads.
+struct Reloadable {
+    tls: Option<Arc<TlsContext>>,
+    access: Arc<AccessStore>,
+    config_file: Option<PathBuf>,
+}
+
+fn reload_access(reloadable: &Reloadable) {
+    let Some(path) = &reloadable.config_file else {
+        return;
+    };
+    match settings::reload_access_rules(path).map(|rules| {
+        let volumes = rules.len();
+        reloadable.access.replace_config(rules).map(|()| volumes)
+    }) {
+        Ok(Ok(volumes)) => {
+            tracing::info!(config = %path.display(), volumes, "SIGHUP: access rules reloaded")
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "SIGHUP: access rules refused; keeping the old ones")
+        }
+        Err(error) => {
+            tracing::error!(%error, "SIGHUP: re-reading the config file failed; keeping the old access rules")
+        }
+    }
+}
+
+/// Drops admin-set rules of volumes that no longer exist (a delete interrupted before it
+/// forgot them), so a new volume of that name starts open.
+fn prune_access_rules(access: &AccessStore, registry: &Registry) {
+    for (volume, _, source) in access.list() {
+        if source == PolicySource::Admin && registry.get(&volume).is_none() {
+            if let Err(error) = access.forget(&volume) {
+                tracing::warn!(%volume, %error, "dropping the access rules of a missing volume failed");
+            }
+        }
     }
 }
 

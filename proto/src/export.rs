@@ -63,11 +63,28 @@ impl ExportInfo {
     }
 }
 
+/// Why the catalog will not hand an export to this client. The catalog decides (it knows the
+/// client, its TLS state and each export's access rules); the handshake only maps the refusal to
+/// the reply the spec gives for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportRefusal {
+    /// No such export, or one this client may not see: ERR_UNKNOWN (a hidden export must look
+    /// exactly like a missing one).
+    Unknown,
+    /// The export is served over TLS only and this connection has not negotiated it yet:
+    /// ERR_TLS_REQD (ERR_POLICY on a server that offers no TLS, where the spec forbids TLS_REQD).
+    TlsRequired,
+    /// The export exists and is visible but refuses this client for now, e.g. its connection
+    /// limit is reached: ERR_POLICY with this message.
+    Policy(String),
+}
+
 /// The daemon's view of its exports, asked during the handshake. Lookups are in-memory and
 /// synchronous, so the state machine stays free of I/O.
 pub trait ExportCatalog {
-    /// Resolves a client-supplied name ("" is the default export) to an export.
-    fn export(&self, name: &str) -> Option<ExportInfo>;
-    /// `(name, description)` of every export a client may see in LIST.
+    /// Resolves a client-supplied name ("" is the default export) to an export this client may
+    /// open.
+    fn export(&self, name: &str) -> Result<ExportInfo, ExportRefusal>;
+    /// `(name, description)` of every export this client may open, for LIST.
     fn list(&self) -> Vec<(String, String)>;
 }

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 
 use crate::consts::*;
-use crate::export::{BlockSize, ExportCatalog, ExportInfo};
+use crate::export::{BlockSize, ExportCatalog, ExportInfo, ExportRefusal};
 use crate::handshake::{HandshakeConfig, ServerHandshake, Step, TlsMode};
 use crate::request::{decode_request, Command, ExportLimits};
 use crate::ReplyMode;
@@ -12,17 +12,23 @@ use crate::ReplyMode;
 struct FixedCatalog;
 
 impl ExportCatalog for FixedCatalog {
-    fn export(&self, name: &str) -> Option<ExportInfo> {
-        matches!(name, "" | "vol0").then(|| ExportInfo {
-            name: "vol0".into(),
-            description: "fuzz".into(),
-            size_bytes: 1 << 30,
-            read_only: false,
-            rotational: false,
-            fast_zero: true,
-            block_size: BlockSize::default(),
-            meta_contexts: vec!["base:allocation".into()],
-        })
+    fn export(&self, name: &str) -> Result<ExportInfo, ExportRefusal> {
+        match name {
+            "" | "vol0" => Ok(ExportInfo {
+                name: "vol0".into(),
+                description: "fuzz".into(),
+                size_bytes: 1 << 30,
+                read_only: false,
+                rotational: false,
+                fast_zero: true,
+                block_size: BlockSize::default(),
+                meta_contexts: vec!["base:allocation".into()],
+            }),
+            // What the daemon's access rules produce for a TLS-only or a full export.
+            "secure" => Err(ExportRefusal::TlsRequired),
+            "full" => Err(ExportRefusal::Policy("connection limit reached".into())),
+            _ => Err(ExportRefusal::Unknown),
+        }
     }
     fn list(&self) -> Vec<(String, String)> {
         vec![("vol0".into(), "fuzz".into())]

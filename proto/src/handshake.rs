@@ -6,7 +6,7 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 use crate::consts::*;
-use crate::export::{ExportCatalog, ExportInfo};
+use crate::export::{ExportCatalog, ExportInfo, ExportRefusal};
 use crate::meta::{self, QueryUse};
 use crate::ReplyMode;
 
@@ -24,13 +24,14 @@ pub struct HandshakeConfig {
 }
 
 /// The server's TLS policy, fixed for the life of a connection (the spec's NOTLS, SELECTIVETLS and
-/// FORCEDTLS modes; no export is marked TLS-only, so "on" serves every export either way).
+/// FORCEDTLS modes). In "on" mode the catalog decides which exports are TLS-only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     /// STARTTLS is refused with ERR_POLICY.
     #[default]
     Off,
-    /// STARTTLS is accepted; exports are served with or without TLS.
+    /// STARTTLS is accepted; exports are served with or without TLS unless the catalog marks
+    /// them TLS-only.
     On,
     /// Every option but STARTTLS and ABORT gets ERR_TLS_REQD until TLS is up; a plaintext
     /// EXPORT_NAME is disconnected.
@@ -65,6 +66,8 @@ pub enum HandshakeError {
     AlreadyFinished,
     #[error("EXPORT_NAME for export {0:?} before STARTTLS, and TLS is required")]
     TlsRequired(String),
+    #[error("EXPORT_NAME for export {name:?} refused: {reason}")]
+    ExportRefused { name: String, reason: String },
     #[error("client sent {0} bytes after STARTTLS before the TLS handshake")]
     BytesAfterStartTls(usize),
 }
@@ -321,8 +324,16 @@ impl ServerHandshake {
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
-                let Some(export) = catalog.export(&name) else {
-                    return Err(HandshakeError::UnknownExport(name));
+                // EXPORT_NAME has no error reply: every refusal is a disconnect.
+                let export = match catalog.export(&name) {
+                    Ok(export) => export,
+                    Err(ExportRefusal::Unknown) => return Err(HandshakeError::UnknownExport(name)),
+                    Err(ExportRefusal::TlsRequired) => {
+                        return Err(HandshakeError::TlsRequired(name))
+                    }
+                    Err(ExportRefusal::Policy(reason)) => {
+                        return Err(HandshakeError::ExportRefused { name, reason })
+                    }
                 };
                 let negotiated = self.finish(export, &name);
                 out.put_u64(negotiated.export.size_bytes);
@@ -415,10 +426,12 @@ impl ServerHandshake {
             put_reply(out, option, REP_ERR_INVALID, b"malformed INFO/GO request");
             return None;
         };
-        let Some(export) = catalog.export(&name) else {
-            let msg = format!("export {name:?} not found");
-            put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
-            return None;
+        let export = match catalog.export(&name) {
+            Ok(export) => export,
+            Err(refusal) => {
+                self.put_refusal(out, option, &name, refusal);
+                return None;
+            }
         };
         let flags = export.transmission_flags(self.mode != ReplyMode::Simple);
         let mut info = Vec::with_capacity(14);
@@ -451,6 +464,31 @@ impl ServerHandshake {
         None
     }
 
+    /// The option reply for an export the catalog refused.
+    fn put_refusal(&self, out: &mut BytesMut, option: u32, name: &str, refusal: ExportRefusal) {
+        match refusal {
+            ExportRefusal::Unknown => {
+                let msg = format!("export {name:?} not found");
+                put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
+            }
+            // The spec forbids ERR_TLS_REQD from a server that offers no TLS.
+            ExportRefusal::TlsRequired if self.config.tls == TlsMode::Off => {
+                let msg = format!(
+                    "export {name:?} is served over TLS only, which this server does not offer"
+                );
+                put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
+            }
+            ExportRefusal::TlsRequired => {
+                let msg = format!("export {name:?} is served over TLS only: send STARTTLS first");
+                put_reply(out, option, REP_ERR_TLS_REQD, msg.as_bytes());
+            }
+            ExportRefusal::Policy(reason) => {
+                let msg = format!("export {name:?}: {reason}");
+                put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
+            }
+        }
+    }
+
     fn handle_meta(
         &mut self,
         option: u32,
@@ -477,10 +515,12 @@ impl ServerHandshake {
             );
             return;
         };
-        let Some(export) = catalog.export(&name) else {
-            let msg = format!("export {name:?} not found");
-            put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
-            return;
+        let export = match catalog.export(&name) {
+            Ok(export) => export,
+            Err(refusal) => {
+                self.put_refusal(out, option, &name, refusal);
+                return;
+            }
         };
         let usage = if set { QueryUse::Set } else { QueryUse::List };
         let mut chosen: Vec<&str> = Vec::new();

@@ -4,9 +4,16 @@ use crate::export::BlockSize;
 struct Catalog;
 
 impl ExportCatalog for Catalog {
-    fn export(&self, name: &str) -> Option<ExportInfo> {
+    fn export(&self, name: &str) -> Result<ExportInfo, ExportRefusal> {
         let name = if name.is_empty() { "vol0" } else { name };
-        (name == "vol0" || name == "ro").then(|| ExportInfo {
+        match name {
+            // Stand-ins for what the daemon's access rules produce.
+            "secure" => return Err(ExportRefusal::TlsRequired),
+            "full" => return Err(ExportRefusal::Policy("connection limit reached".into())),
+            "vol0" | "ro" => {}
+            _ => return Err(ExportRefusal::Unknown),
+        }
+        Ok(ExportInfo {
             name: name.to_owned(),
             description: format!("volume {name}"),
             size_bytes: 1 << 30,
@@ -584,4 +591,58 @@ fn off_mode_refuses_starttls_with_policy_and_never_requires_tls() {
     let (step, out) = run(&mut hs, &mut input);
     assert!(matches!(step, Ok(Step::Transmission(_))), "{step:?}");
     assert_eq!(replies(&out[..out.len() - 10])[0].1, REP_ERR_POLICY);
+}
+
+#[test]
+fn catalog_refusals_map_to_the_spec_replies() {
+    for (tls, tls_reply) in [
+        (TlsMode::On, REP_ERR_TLS_REQD),
+        // A server without TLS must never send TLS_REQD.
+        (TlsMode::Off, REP_ERR_POLICY),
+    ] {
+        let (mut hs, mut input) = start_tls_mode(tls);
+        option(&mut input, OPT_INFO, &info_payload("secure", &[]));
+        option(&mut input, OPT_GO, &info_payload("full", &[]));
+        option(&mut input, OPT_GO, &info_payload("hidden", &[]));
+        option(
+            &mut input,
+            OPT_LIST_META_CONTEXT,
+            &meta_payload("secure", &[]),
+        );
+        option(&mut input, OPT_ABORT, &[]);
+        let (step, out) = run(&mut hs, &mut input);
+        assert_eq!(step, Ok(Step::Aborted));
+        let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(
+            kinds,
+            [
+                tls_reply,
+                REP_ERR_POLICY,
+                REP_ERR_UNKNOWN,
+                tls_reply,
+                REP_ACK
+            ],
+            "{tls:?}"
+        );
+    }
+}
+
+#[test]
+fn export_name_refusals_disconnect() {
+    for (name, expected) in [
+        ("secure", HandshakeError::TlsRequired("secure".into())),
+        (
+            "full",
+            HandshakeError::ExportRefused {
+                name: "full".into(),
+                reason: "connection limit reached".into(),
+            },
+        ),
+    ] {
+        let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+        option(&mut input, OPT_EXPORT_NAME, name.as_bytes());
+        let (step, out) = run(&mut hs, &mut input);
+        assert_eq!(step, Err(expected));
+        assert!(out.is_empty());
+    }
 }

@@ -11,7 +11,7 @@ pub mod reply;
 pub mod request;
 
 pub use errno::Errno;
-pub use export::{BlockSize, ExportCatalog, ExportInfo};
+pub use export::{BlockSize, ExportCatalog, ExportInfo, ExportRefusal};
 pub use handshake::{
     HandshakeConfig, HandshakeError, MetaContext, Negotiated, ServerHandshake, Step, TlsMode,
 };

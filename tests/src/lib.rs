@@ -22,6 +22,7 @@ pub mod faults;
 pub mod fio;
 pub mod metrics;
 pub mod peer;
+pub mod pki;
 pub mod raw;
 pub mod s3;
 

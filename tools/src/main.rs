@@ -6,6 +6,7 @@
 //! A command that starts jobs and waits for them also says where its result carries them
 //! (`waits()`): [`run`] then polls them to the end and renders the result with their final state.
 
+mod access;
 mod backup;
 mod backup_set;
 mod client;
@@ -25,6 +26,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::access::AccessCommand;
 use crate::backup::BackupCommand;
 use crate::backup_set::BackupSetCommand;
 use crate::client::{AdminClient, Call};
@@ -75,6 +77,10 @@ enum Command {
     /// Back volumes or servers up on a schedule, keeping a bounded number of backups.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Control which clients may open a volume over NBD (names, networks, read-only, TLS-only,
+    /// connection limit).
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Follow the daemon's background jobs (backups, restores, verifies).
     #[command(subcommand)]
     Job(JobCommand),
@@ -92,6 +98,7 @@ impl Command {
             Command::BackupSet(command) => command.call(),
             Command::Policy(command) => command.call(),
             Command::Job(command) => command.call(),
+            Command::Access(command) => command.call(),
             Command::Status => status::call(),
         }
     }
@@ -103,9 +110,11 @@ impl Command {
             Command::Backup(command) => command.waits(),
             Command::Server(command) => command.waits(),
             Command::Job(command) => command.waits(),
-            Command::Snapshot(_) | Command::BackupSet(_) | Command::Policy(_) | Command::Status => {
-                None
-            }
+            Command::Snapshot(_)
+            | Command::BackupSet(_)
+            | Command::Policy(_)
+            | Command::Access(_)
+            | Command::Status => None,
         }
     }
 
@@ -131,6 +140,7 @@ impl Command {
             Command::BackupSet(command) => command.render(result),
             Command::Policy(command) => command.render(result),
             Command::Job(command) => command.render(result),
+            Command::Access(command) => command.render(result),
             Command::Status => status::render(result),
         }
     }

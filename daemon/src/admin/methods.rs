@@ -10,7 +10,7 @@ use crate::admin::protocol::{
     decode_params, unknown_method, AdminError, ErrorCode, NameParams, NoParams, SizeParam,
 };
 use crate::admin::AdminContext;
-use crate::admin::{backup_methods, policy_methods, server_methods};
+use crate::admin::{access_methods, backup_methods, policy_methods, server_methods};
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::VolumeEntry;
@@ -69,6 +69,7 @@ pub async fn dispatch(
             server_methods::dispatch(ctx, method, params).await
         }
         m if m.starts_with("policy.") => policy_methods::dispatch(ctx, method, params).await,
+        m if m.starts_with("access.") => access_methods::dispatch(ctx, method, params).await,
         other => Err(unknown_method(other)),
     }
 }
@@ -280,6 +281,9 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
             return Err(e);
         }
     };
+    if let Err(e) = ctx.access.forget(&params.name) {
+        tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume's access rules failed");
+    }
     if let Err(e) = ctx.servers.forget_volume(&params.name) {
         tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume from its server failed");
     }

@@ -1,6 +1,7 @@
 //! The admin socket: newline-delimited JSON requests that manage volumes while the daemon runs.
 //! docs/admin-protocol.md is the contract; `evsctl` is its client.
 
+pub mod access_methods;
 pub mod backup_methods;
 pub mod methods;
 pub mod policy_methods;
@@ -11,8 +12,10 @@ pub mod server_methods;
 use std::sync::Arc;
 use std::time::Instant;
 
+use evsd_proto::TlsMode;
 use serde::Serialize;
 
+use crate::access::AccessStore;
 use crate::backup::Backups;
 use crate::policy::{Policies, Runner};
 use crate::servers::Servers;
@@ -21,6 +24,9 @@ use crate::storage::Registry;
 /// What the methods act on and report.
 pub struct AdminContext {
     pub registry: Arc<Registry>,
+    pub access: Arc<AccessStore>,
+    /// The server's TLS mode, to warn when a rule needs TLS the server does not offer.
+    pub tls_mode: TlsMode,
     pub backups: Arc<Backups>,
     pub servers: Arc<Servers>,
     pub policies: Arc<Policies>,

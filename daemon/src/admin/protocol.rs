@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::access::AccessError;
 use crate::backup::error::BackupError;
 use crate::error::StorageError;
 use crate::policy::PolicyError;
@@ -77,6 +78,23 @@ pub fn policy_error_code(e: &PolicyError) -> ErrorCode {
 impl From<PolicyError> for AdminError {
     fn from(e: PolicyError) -> AdminError {
         AdminError::new(policy_error_code(&e), e.to_string())
+    }
+}
+
+/// The one place access-rule failures become admin error codes.
+pub fn access_error_code(e: &AccessError) -> ErrorCode {
+    match e {
+        AccessError::InvalidNetwork { .. }
+        | AccessError::InvalidName(_)
+        | AccessError::ZeroConnectionLimit
+        | AccessError::ManagedByConfig(_) => ErrorCode::InvalidArgument,
+        AccessError::File { .. } => ErrorCode::Internal,
+    }
+}
+
+impl From<AccessError> for AdminError {
+    fn from(e: AccessError) -> AdminError {
+        AdminError::new(access_error_code(&e), e.to_string())
     }
 }
 

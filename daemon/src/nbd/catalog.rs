@@ -1,14 +1,18 @@
 //! Presents the volume registry to the handshake as NBD exports.
 
-use evsd_proto::{meta::BASE_ALLOCATION, BlockSize, ExportCatalog, ExportInfo};
+use evsd_proto::{meta::BASE_ALLOCATION, BlockSize, ExportCatalog, ExportInfo, ExportRefusal};
 
+use crate::access::{AccessStore, ClientIdentity, Decision};
 use crate::storage::{Registry, StatusQuery, Volume};
 
 /// The export a client gets when it asks for the default name "".
 pub const DEFAULT_EXPORT: &str = "vol0";
 
+/// The exports as one client sees them: only those its access rules let it open.
 pub struct RegistryCatalog<'a> {
     pub registry: &'a Registry,
+    pub access: &'a AccessStore,
+    pub client: &'a ClientIdentity,
 }
 
 impl RegistryCatalog<'_> {
@@ -72,15 +76,50 @@ pub fn status_query(context: &str) -> Option<StatusQuery> {
     }
 }
 
+impl RegistryCatalog<'_> {
+    /// The export as this client may open it, or why not.
+    fn admit(&self, volume: &Volume) -> Result<ExportInfo, ExportRefusal> {
+        let (policy, _) = self.access.policy(volume.name());
+        let read_only = match policy.decide(self.client) {
+            Decision::Allow { read_only } => read_only,
+            Decision::NeedsTls => return Err(ExportRefusal::TlsRequired),
+            Decision::Deny => return Err(ExportRefusal::Unknown),
+        };
+        if let Some(max) = policy.max_connections {
+            // Checked again, atomically, when the connection attaches; this check only gives
+            // the client a clear refusal instead of a dropped connection.
+            if volume.attachments().count() >= max as usize {
+                return Err(ExportRefusal::Policy(format!(
+                    "connection limit of {max} reached"
+                )));
+            }
+        }
+        let mut info = export_info(volume);
+        if read_only && !info.read_only {
+            info.read_only = true;
+            info.fast_zero = false;
+            info.description.push_str(" (read-only for you)");
+        }
+        Ok(info)
+    }
+}
+
 impl ExportCatalog for RegistryCatalog<'_> {
-    fn export(&self, name: &str) -> Option<ExportInfo> {
-        self.resolve(name).map(|v| export_info(&v))
+    fn export(&self, name: &str) -> Result<ExportInfo, ExportRefusal> {
+        let volume = self.resolve(name).ok_or(ExportRefusal::Unknown)?;
+        self.admit(&volume)
     }
 
     fn list(&self) -> Vec<(String, String)> {
         self.registry
             .exports()
             .iter()
+            .filter(|v| {
+                matches!(
+                    self.access.decide(v.name(), self.client),
+                    Decision::Allow { .. }
+                )
+            })
             .map(|v| (v.name().to_owned(), export_info(v).description))
             .collect()
     }

@@ -7,11 +7,13 @@ use bytes::BytesMut;
 use evsd_proto::{HandshakeConfig, Negotiated};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessStore, ClientAddr, ClientIdentity};
 use crate::metrics::Metrics;
-use crate::nbd::handshake::{negotiate, Established, HandshakeFailure, Handshaken};
+use crate::nbd::handshake::{negotiate, Established, Exports, HandshakeFailure, Handshaken};
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
+use crate::storage::attachments::AttachRefused;
 use crate::storage::Registry;
 
 pub struct ConnectionConfig {
@@ -20,20 +22,33 @@ pub struct ConnectionConfig {
     pub transmission: TransmissionConfig,
     /// Present when STARTTLS is accepted (`--tls on|require`).
     pub tls: Option<Arc<TlsContext>>,
+    /// Which client may open which volume.
+    pub access: Arc<AccessStore>,
 }
 
 /// Serves one client. Never panics on client input and logs at most one line per failure.
 pub async fn serve<S: Transport>(
     stream: S,
     peer: String,
+    addr: ClientAddr,
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let client = ClientIdentity {
+        addr,
+        tls: false,
+        cert_names: Vec::new(),
+    };
+    let exports = Exports {
+        registry: &registry,
+        access: &config.access,
+    };
     let handshake = negotiate(
         stream,
-        &registry,
+        exports,
+        client,
         config.handshake.clone(),
         config.tls.as_deref(),
     );
@@ -45,6 +60,7 @@ pub async fn serve<S: Transport>(
         stream,
         negotiated,
         leftover,
+        client,
     } = match outcome {
         Ok(Ok(done)) => done,
         Ok(Err(HandshakeFailure::Aborted | HandshakeFailure::Closed)) => {
@@ -65,6 +81,7 @@ pub async fn serve<S: Transport>(
     let attached = Attached {
         negotiated,
         leftover,
+        client,
         peer,
         registry,
         config,
@@ -81,6 +98,7 @@ pub async fn serve<S: Transport>(
 struct Attached {
     negotiated: Negotiated,
     leftover: BytesMut,
+    client: ClientIdentity,
     peer: String,
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
@@ -93,6 +111,7 @@ impl Attached {
         let Attached {
             negotiated,
             leftover,
+            client,
             peer,
             registry,
             config,
@@ -105,29 +124,58 @@ impl Attached {
         };
         // Ends on global shutdown or when the volume is force-deleted, whichever comes first.
         let stop = shutdown.child_token();
-        let Some(_attachment) = volume.attachments().attach(stop.clone()) else {
-            tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
-            return;
+        let max_connections = config
+            .access
+            .policy(volume.name())
+            .0
+            .max_connections
+            .map(|max| max as usize);
+        let _attachment = match volume
+            .attachments()
+            .attach_limited(stop.clone(), max_connections)
+        {
+            Ok(attachment) => attachment,
+            Err(AttachRefused::Closed) => {
+                tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
+                return;
+            }
+            Err(AttachRefused::Full(max)) => {
+                // Another client took the last slot between the handshake's check and now.
+                tracing::warn!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached");
+                return;
+            }
         };
         let volume_metrics = metrics.volume(volume.name());
         let _connected = volume_metrics.connect();
         tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), tls, "client attached");
         let (reader, writer) = stream.into_halves();
-        let client = ClientStream {
+        let stream_parts = ClientStream {
             reader,
             writer,
             buffered: leftover,
             peer: peer.clone(),
         };
-        let end = transmission::serve(
-            client,
+        let export = volume.name().to_owned();
+        let granted_read_only = negotiated.export.read_only;
+        let served = transmission::serve(
+            stream_parts,
             negotiated,
             volume,
             &volume_metrics,
             &config.transmission,
-            stop,
-        )
-        .await;
+            stop.clone(),
+        );
+        tokio::pin!(served);
+        // Rules tightened under an open connection end it the way shutdown does: requests
+        // already received are answered, nothing new is read.
+        let end = tokio::select! {
+            end = &mut served => end,
+            () = config.access.revoked(&export, &client, granted_read_only) => {
+                tracing::warn!(%peer, %export, "access rules changed: disconnecting the client");
+                stop.cancel();
+                served.await
+            }
+        };
         match end {
             TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
                 tracing::info!(%peer, reason = %end, "client detached");

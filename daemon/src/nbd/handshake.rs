@@ -6,6 +6,7 @@ use evsd_proto::{HandshakeConfig, HandshakeError, Negotiated, ServerHandshake, S
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
+use crate::access::{cert_names, AccessStore, ClientIdentity};
 use crate::nbd::catalog::RegistryCatalog;
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
@@ -36,6 +37,7 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol(HandshakeError::BadOptionMagic(_)) => "bad_option_magic",
             HandshakeFailure::Protocol(HandshakeError::UnknownExport(_)) => "unknown_export",
             HandshakeFailure::Protocol(HandshakeError::TlsRequired(_)) => "tls_required",
+            HandshakeFailure::Protocol(HandshakeError::ExportRefused { .. }) => "export_refused",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
             HandshakeFailure::Tls(_) | HandshakeFailure::TlsUnconfigured => "tls",
@@ -57,6 +59,14 @@ pub struct Handshaken<S> {
     pub stream: Established<S>,
     pub negotiated: Negotiated,
     pub leftover: BytesMut,
+    /// The client as its access was decided: with TLS and certificate names once STARTTLS ran.
+    pub client: ClientIdentity,
+}
+
+/// What the handshake looks exports up in.
+pub struct Exports<'a> {
+    pub registry: &'a Registry,
+    pub access: &'a AccessStore,
 }
 
 /// Where one run of options stopped.
@@ -68,7 +78,8 @@ enum Phase {
 /// Runs the handshake, including a STARTTLS upgrade when the config allows it.
 pub async fn negotiate<S: Transport>(
     mut stream: S,
-    registry: &Registry,
+    exports: Exports<'_>,
+    mut client: ClientIdentity,
     config: HandshakeConfig,
     tls: Option<&TlsContext>,
 ) -> Result<Handshaken<S>, HandshakeFailure> {
@@ -76,14 +87,19 @@ pub async fn negotiate<S: Transport>(
     let mut out = BytesMut::with_capacity(1024);
     handshake.write_greeting(&mut out);
     stream.write_all(&out).await?;
-    let catalog = RegistryCatalog { registry };
     let mut input = BytesMut::with_capacity(4096);
+    let catalog = RegistryCatalog {
+        registry: exports.registry,
+        access: exports.access,
+        client: &client,
+    };
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => {
             return Ok(Handshaken {
                 stream: Established::Plain(stream),
                 negotiated,
                 leftover: input,
+                client,
             })
         }
         Phase::StartTls => {}
@@ -94,11 +110,26 @@ pub async fn negotiate<S: Transport>(
         .accept(stream)
         .await
         .map_err(HandshakeFailure::Tls)?;
+    // rustls only hands out a client certificate its verifier accepted (`--tls-ca`).
+    client.tls = true;
+    client.cert_names = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(cert_names::names)
+        .unwrap_or_default();
+    let catalog = RegistryCatalog {
+        registry: exports.registry,
+        access: exports.access,
+        client: &client,
+    };
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => Ok(Handshaken {
             stream: Established::Tls(Box::new(stream)),
             negotiated,
             leftover: input,
+            client,
         }),
         // The state machine answers a second STARTTLS with ERR_INVALID; never reached.
         Phase::StartTls => Err(HandshakeFailure::Protocol(HandshakeError::AlreadyFinished)),

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
 use crate::metrics::Metrics;
 use crate::nbd::connection::{self, ConnectionConfig};
@@ -192,7 +193,7 @@ struct AcceptContext {
 impl AcceptContext {
     /// Starts serving a connection if a slot is free; otherwise closes it at once. The permit
     /// travels with the task, so the slot frees itself however the connection ends.
-    fn admit<S: Transport>(&self, stream: S, peer: String) {
+    fn admit<S: Transport>(&self, stream: S, peer: String, addr: ClientAddr) {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             self.metrics.connection_refused("limit");
             if !self.warned_limit.swap(true, Ordering::Relaxed) {
@@ -207,7 +208,7 @@ impl AcceptContext {
         let metrics = Arc::clone(&self.metrics);
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
-            connection::serve(stream, peer, registry, config, metrics, shutdown).await;
+            connection::serve(stream, peer, addr, registry, config, metrics, shutdown).await;
             drop(permit);
         });
     }
@@ -228,7 +229,7 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                ctx.admit(stream, addr.to_string());
+                ctx.admit(stream, addr.to_string(), ClientAddr::tcp(addr.ip()));
             }
             Err(e) => backoff(e).await,
         }
@@ -245,7 +246,7 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, _)) => {
                 sequence += 1;
-                ctx.admit(stream, format!("unix#{sequence}"));
+                ctx.admit(stream, format!("unix#{sequence}"), ClientAddr::Unix);
             }
             Err(e) => backoff(e).await,
         }

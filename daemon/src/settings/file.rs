@@ -1,8 +1,11 @@
 //! The TOML config file: every setting optional, unknown keys rejected.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::access::AccessPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -51,6 +54,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
+    /// Per-volume access rules, `[access.VOLUME]` tables.
+    pub access: Option<BTreeMap<String, AccessPolicy>>,
 }
 
 impl FileConfig {

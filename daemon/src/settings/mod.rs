@@ -3,6 +3,7 @@
 mod file;
 mod template;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 pub use file::{ConfigFileError, FileConfig};
 pub use template::DEFAULT_CONFIG;
 
+use crate::access::{AccessError, AccessPolicy};
 use crate::backup::store::S3Options;
 use crate::config::Args;
 use crate::error::StorageError;
@@ -51,6 +53,10 @@ pub enum SettingsError {
     TlsMode { value: String },
     #[error("tls = {mode:?} needs {key}")]
     TlsMissing { mode: String, key: &'static str },
+    #[error("[access.{volume}]: {source}")]
+    Access { volume: String, source: AccessError },
+    #[error("[access.{0}]: not a valid volume name")]
+    AccessVolume(String),
 }
 
 /// TLS settings when `tls` is not "off".
@@ -99,6 +105,10 @@ pub struct Settings {
     pub backup_s3: S3Options,
     /// None: TLS off, STARTTLS refused.
     pub tls: Option<TlsSettings>,
+    /// Access rules from the config file's `[access.VOLUME]` tables.
+    pub access: BTreeMap<String, AccessPolicy>,
+    /// Re-read on SIGHUP for its access rules.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -111,7 +121,7 @@ impl Settings {
         Settings::merge(args, file)
     }
 
-    pub fn merge(args: &Args, file: FileConfig) -> Result<Settings, SettingsError> {
+    pub fn merge(args: &Args, mut file: FileConfig) -> Result<Settings, SettingsError> {
         let listen = args
             .listen
             .clone()
@@ -154,6 +164,7 @@ impl Settings {
                 })
             }
         };
+        let access_tables = file.access.take();
         let tls = resolve_tls(
             args.tls.clone().or(file.tls),
             args.tls_cert.clone().or(file.tls_cert),
@@ -235,8 +246,34 @@ impl Settings {
             },
             data_dir,
             tls,
+            access: access_rules(access_tables)?,
+            config_file: args.config.clone(),
         })
     }
+}
+
+/// The config file's `[access.VOLUME]` tables, checked.
+pub fn access_rules(
+    tables: Option<BTreeMap<String, AccessPolicy>>,
+) -> Result<BTreeMap<String, AccessPolicy>, SettingsError> {
+    let tables = tables.unwrap_or_default();
+    for (volume, policy) in &tables {
+        if crate::storage::name::validate_volume_name(volume).is_err() {
+            return Err(SettingsError::AccessVolume(volume.clone()));
+        }
+        policy.validate().map_err(|source| SettingsError::Access {
+            volume: volume.clone(),
+            source,
+        })?;
+    }
+    Ok(tables)
+}
+
+/// Re-reads the config file's access rules (SIGHUP). Everything else in it needs a restart.
+pub fn reload_access_rules(
+    path: &std::path::Path,
+) -> Result<BTreeMap<String, AccessPolicy>, SettingsError> {
+    access_rules(FileConfig::load(path)?.access)
 }
 
 fn resolve_tls(
@@ -328,7 +365,8 @@ mod tests {
                 Some(rest)
                     if rest
                         .split_once(" = ")
-                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                        .is_some_and(|(k, _)| !k.contains(' '))
+                        || rest.starts_with('[') =>
                 {
                     rest
                 }
@@ -345,6 +383,29 @@ mod tests {
         let settings = Settings::merge(&args(&[]), parsed).unwrap();
         assert_eq!(settings.io_engine, Some(EngineKind::Uring));
         assert_eq!(settings.worker_threads, Some(4));
+        let vol0 = &settings.access["vol0"];
+        assert_eq!(vol0.allow_networks.len(), 2);
+        assert_eq!(vol0.max_connections, Some(16));
+    }
+
+    #[test]
+    fn access_tables_are_checked_at_load() {
+        let err =
+            FileConfig::parse("[access.vol0]\nallow_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(err.contains("10.0.0.0/33"), "{err}");
+        let err = FileConfig::parse("[access.vol0]\nread_only = true\nextra = 1\n").unwrap_err();
+        assert!(err.contains("extra"), "{err}");
+        let zero = file("[access.vol0]\nmax_connections = 0\n");
+        let err = Settings::merge(&args(&[]), zero).unwrap_err().to_string();
+        assert!(
+            err.contains("[access.vol0]") && err.contains("max_connections"),
+            "{err}"
+        );
+        let bad_name = file("[access.\"../x\"]\nread_only = true\n");
+        let err = Settings::merge(&args(&[]), bad_name)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("../x"), "{err}");
     }
 
     #[test]

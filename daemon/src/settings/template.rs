@@ -92,4 +92,18 @@ tls = "off"
 
 # CA certificates (PEM); when set, clients must present a certificate signed by one of them.
 # tls_ca = "/etc/evsd/tls/ca-cert.pem"
+
+# Per-volume access rules, one table per volume (these must come last in the file). A volume
+# with no table is open to every client; one set here cannot be changed through the admin
+# socket (evsctl access), and SIGHUP re-reads these tables. VOL@SNAP exports follow VOL.
+# Client names are the subject CN or a DNS SAN of a certificate verified by tls_ca; listing any
+# makes the volume TLS-only. Networks are addresses, CIDRs or "unix" (the NBD Unix socket);
+# with both lists a client must match both. Others see the volume neither in LIST nor in GO
+# (ERR_UNKNOWN, as if it did not exist).
+# [access.vol0]
+# allow_names = ["client-a.example"]
+# allow_networks = ["10.0.0.0/8", "unix"]
+# read_only = false
+# tls_only = true
+# max_connections = 16
 "#;

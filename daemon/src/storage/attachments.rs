@@ -32,6 +32,15 @@ pub enum CloseRefused {
     AlreadyClosed,
 }
 
+/// Why [`Attachments::attach_limited`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachRefused {
+    /// The volume is being deleted.
+    Closed,
+    /// This many connections are attached, the volume's limit.
+    Full(usize),
+}
+
 /// Held by a connection for as long as it serves the volume; detaches on drop.
 #[derive(Debug)]
 pub struct Attachment {
@@ -47,15 +56,31 @@ impl Attachments {
 
     /// Registers a connection that stops when `stop` is cancelled. None once the volume is
     /// being deleted.
+    #[cfg(test)]
     pub fn attach(self: &Arc<Self>, stop: CancellationToken) -> Option<Attachment> {
+        self.attach_limited(stop, None).ok()
+    }
+
+    /// Registers a connection that stops when `stop` is cancelled, refusing once the volume is
+    /// being deleted or when `max_connections` are attached already.
+    pub fn attach_limited(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+        max_connections: Option<usize>,
+    ) -> Result<Attachment, AttachRefused> {
         let mut state = self.state();
         if state.closed {
-            return None;
+            return Err(AttachRefused::Closed);
+        }
+        if let Some(max) = max_connections {
+            if state.connections.len() >= max {
+                return Err(AttachRefused::Full(max));
+            }
         }
         let id = state.next_id;
         state.next_id += 1;
         state.connections.insert(id, stop);
-        Some(Attachment {
+        Ok(Attachment {
             attachments: Arc::clone(self),
             id,
         })
@@ -150,5 +175,26 @@ mod tests {
 
         attachments.reopen();
         assert!(attachments.attach(CancellationToken::new()).is_some());
+    }
+
+    #[test]
+    fn limited_attach_refuses_past_the_limit_and_frees_on_drop() {
+        let attachments = Arc::new(Attachments::default());
+        let first = attachments
+            .attach_limited(CancellationToken::new(), Some(1))
+            .unwrap();
+        assert_eq!(
+            attachments
+                .attach_limited(CancellationToken::new(), Some(1))
+                .unwrap_err(),
+            AttachRefused::Full(1)
+        );
+        assert!(attachments
+            .attach_limited(CancellationToken::new(), None)
+            .is_ok());
+        drop(first);
+        assert!(attachments
+            .attach_limited(CancellationToken::new(), Some(2))
+            .is_ok());
     }
 }

@@ -1,0 +1,120 @@
+//! The admin methods for volume access rules (`access.*`); docs/admin-protocol.md documents
+//! them. Changes apply to new connections at once, and end open connections the new rules no
+//! longer allow (or that were writing to a volume now made read-only).
+
+use evsd_proto::TlsMode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::access::{AccessPolicy, NetworkRule, PolicySource};
+use crate::admin::methods::to_json;
+use crate::admin::protocol::{
+    decode_params, unknown_method, AdminError, ErrorCode, NameParams, NoParams,
+};
+use crate::admin::AdminContext;
+use crate::error::StorageError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetParams {
+    name: String,
+    #[serde(default)]
+    allow_names: Vec<String>,
+    #[serde(default)]
+    allow_networks: Vec<String>,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    tls_only: bool,
+    #[serde(default)]
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct AccessView {
+    name: String,
+    source: PolicySource,
+    #[serde(flatten)]
+    policy: AccessPolicy,
+    /// Set when the rules need TLS and the server offers none: nobody can open the volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
+}
+
+pub async fn dispatch(
+    ctx: &AdminContext,
+    method: &str,
+    params: Value,
+) -> Result<Value, AdminError> {
+    match method {
+        "access.get" => {
+            let p: NameParams = decode_params(method, params)?;
+            existing_volume(ctx, &p.name)?;
+            to_json(&view(ctx, &p.name))
+        }
+        "access.set" => {
+            let p: SetParams = decode_params(method, params)?;
+            existing_volume(ctx, &p.name)?;
+            let allow_networks = p
+                .allow_networks
+                .iter()
+                .map(|n| n.parse::<NetworkRule>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let policy = AccessPolicy {
+                allow_names: p.allow_names,
+                allow_networks,
+                read_only: p.read_only,
+                tls_only: p.tls_only,
+                max_connections: p.max_connections,
+            };
+            let access = std::sync::Arc::clone(&ctx.access);
+            let name = p.name.clone();
+            match tokio::task::spawn_blocking(move || access.set(&name, policy)).await {
+                Ok(result) => result?,
+                Err(join) => {
+                    return Err(AdminError::new(
+                        ErrorCode::Internal,
+                        format!("writing the access rules failed: {join}"),
+                    ))
+                }
+            }
+            let view = view(ctx, &p.name);
+            tracing::info!(volume = %p.name, rules = ?view.policy, "access rules set");
+            to_json(&view)
+        }
+        "access.list" => {
+            let _: NoParams = decode_params(method, params)?;
+            let all: Vec<AccessView> = ctx
+                .access
+                .list()
+                .into_iter()
+                .map(|(name, _, _)| view(ctx, &name))
+                .collect();
+            to_json(&all)
+        }
+        other => Err(unknown_method(other)),
+    }
+}
+
+/// Rules are kept for volumes only; `VOL@SNAP` exports follow `VOL`'s.
+fn existing_volume(ctx: &AdminContext, name: &str) -> Result<(), AdminError> {
+    if name.contains('@') || ctx.registry.entry(name).is_none() {
+        return Err(StorageError::NotFound(name.to_owned()).into());
+    }
+    Ok(())
+}
+
+fn view(ctx: &AdminContext, name: &str) -> AccessView {
+    let (policy, source) = ctx.access.policy(name);
+    let warning = (policy.needs_tls() && ctx.tls_mode == TlsMode::Off).then(|| {
+        "these rules need TLS, which is off on this server: no client can open the volume until \
+         it runs with --tls on or require"
+            .to_owned()
+    });
+    AccessView {
+        name: name.to_owned(),
+        source,
+        policy,
+        warning,
+    }
+}
