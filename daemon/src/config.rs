@@ -88,6 +88,11 @@ pub struct Args {
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout_secs: Option<u64>,
 
+    /// Close a connection that has had no request in flight, no reply to send and nothing
+    /// received for this long; 0 for never [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout_secs: Option<u64>,
+
     /// How long shutdown waits for connections to finish their requests [default: 30].
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace_secs: Option<u64>,

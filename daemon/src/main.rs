@@ -260,6 +260,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
             transmission: TransmissionConfig {
                 max_inflight_requests: settings.max_inflight_requests,
                 max_inflight_bytes: settings.max_inflight_bytes,
+                idle_timeout: settings.idle_timeout,
             },
         }),
         max_connections: settings.max_connections,

@@ -192,7 +192,12 @@ fn read_only_rule_is_enforced_and_ends_open_writers() {
 
 #[test]
 fn per_volume_connection_limit() {
-    let d = Daemon::start(DaemonOpts::new().with_vol0().volume("vol1:64M"));
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .volume("vol1:64M")
+            .metrics_listen("127.0.0.1:0"),
+    );
     let addr = d.tcp_addr();
     d.evsctl_ok(&["access", "set", "vol0", "--max-connections", "2"]);
     let first = Raw::open(addr, "vol0");
@@ -200,6 +205,11 @@ fn per_volume_connection_limit() {
     let (typ, msg) = go_reply(addr, "vol0");
     assert_eq!(typ, REP_ERR_POLICY, "{msg}");
     assert!(msg.contains("connection limit of 2"), "{msg}");
+    let hits = evsd_e2e::metrics::value(
+        &evsd_e2e::metrics::scrape(d.metrics_addr().unwrap()),
+        "evsd_limit_hits_total{limit=\"volume_connections\"}",
+    );
+    assert_eq!(hits, 1.0);
     // Other volumes are not affected, and LIST still shows the full volume.
     let _other = Raw::open(addr, "vol1");
     assert!(raw_list(addr).contains(&"vol0".to_owned()));

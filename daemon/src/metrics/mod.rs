@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod http;
 mod labels;
+pub mod limits;
 pub mod policy;
 mod volume;
 
@@ -17,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 pub use labels::Kind;
 use labels::{ReasonLabels, VolumeKindLabels, VolumeLabels};
+pub use limits::{ConnectionLimits, Limit, LimitHits};
 pub use volume::VolumeMetrics;
 
 /// Request latency buckets: 10 µs (a page-cache hit) up to ~1.5 s (a slow flush) by factors of 2.5.
@@ -39,6 +41,7 @@ pub struct Metrics {
     accepted: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
+    limits: Arc<LimitHits>,
     backup: backup::BackupMetrics,
     policy: Arc<policy::PolicyMetrics>,
     /// One handle per volume name, shared by its connections. Series of deleted volumes stay
@@ -110,6 +113,7 @@ impl Metrics {
             "Handshakes that ended without transmission, by reason",
             handshake_failures.clone(),
         );
+        let limits = Arc::new(LimitHits::register(&mut registry));
         let backup = backup::BackupMetrics::default();
         backup.register(&mut registry);
         let policy = Arc::new(policy::PolicyMetrics::default());
@@ -127,6 +131,7 @@ impl Metrics {
             accepted,
             refused,
             handshake_failures,
+            limits,
             handles: Mutex::new(HashMap::new()),
         }
     }
@@ -169,6 +174,12 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts a client running into `limit` and logs it the first time this client does.
+    /// `peer` is the connection's peer name ("ADDR:PORT" or "unix#N").
+    pub fn limit_hit(&self, limit: Limit, peer: &str) {
+        self.limits.hit(limit, peer);
     }
 
     /// The OpenMetrics text exposition of every metric.
@@ -302,7 +313,29 @@ mod tests {
         metrics.connection_accepted();
         metrics.connection_refused("limit");
         metrics.handshake_failed("bad_client_flags");
+        metrics.limit_hit(Limit::Connections, "127.0.0.1:1000");
+        metrics.limit_hit(Limit::Connections, "127.0.0.1:1001");
+        let conn = metrics.volume("v");
+        let mut limits = ConnectionLimits::new(conn.limits(), "unix#3");
+        limits.hit(Limit::InflightRequests);
+        limits.hit(Limit::InflightRequests);
         let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, r#"evsd_limit_hits_total{limit="connections"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, r#"evsd_limit_hits_total{limit="inflight_requests"}"#),
+            Some(2.0)
+        );
+        // Every limit's series exists before its first hit.
+        assert_eq!(
+            line_value(
+                &text,
+                r#"evsd_limit_hits_total{limit="volume_connections"}"#
+            ),
+            Some(0.0)
+        );
         assert_eq!(
             line_value(&text, "evsd_connections_accepted_total"),
             Some(2.0)

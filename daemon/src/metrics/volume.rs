@@ -1,5 +1,6 @@
 //! One volume's metric handles, resolved once so requests only touch atomics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -7,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::labels::{Kind, VolumeKindLabels, VolumeLabels};
+use super::limits::LimitHits;
 use super::Metrics;
 
 struct KindMetrics {
@@ -20,6 +22,8 @@ pub struct VolumeMetrics {
     kinds: [KindMetrics; Kind::ALL.len()],
     in_flight: Gauge,
     connections: Gauge,
+    /// Daemon-wide, here so the transmission loop can count the limits its client hits.
+    limits: Arc<LimitHits>,
 }
 
 impl VolumeMetrics {
@@ -43,6 +47,7 @@ impl VolumeMetrics {
             kinds,
             in_flight: metrics.in_flight.get_or_create_owned(&labels),
             connections: metrics.connections.get_or_create_owned(&labels),
+            limits: Arc::clone(&metrics.limits),
         }
     }
 
@@ -58,6 +63,10 @@ impl VolumeMetrics {
         let m = &self.kinds[kind.index()];
         m.operations.inc();
         m.errors.inc();
+    }
+
+    pub fn limits(&self) -> &LimitHits {
+        &self.limits
     }
 
     /// Counts an attached client until the guard drops.

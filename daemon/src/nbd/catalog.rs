@@ -3,6 +3,7 @@
 use evsd_proto::{meta::BASE_ALLOCATION, BlockSize, ExportCatalog, ExportInfo, ExportRefusal};
 
 use crate::access::{AccessStore, ClientIdentity, Decision};
+use crate::metrics::{Limit, Metrics};
 use crate::storage::{Registry, StatusQuery, Volume};
 
 /// The export a client gets when it asks for the default name "".
@@ -13,6 +14,8 @@ pub struct RegistryCatalog<'a> {
     pub registry: &'a Registry,
     pub access: &'a AccessStore,
     pub client: &'a ClientIdentity,
+    pub metrics: &'a Metrics,
+    pub peer: &'a str,
 }
 
 impl RegistryCatalog<'_> {
@@ -89,6 +92,7 @@ impl RegistryCatalog<'_> {
             // Checked again, atomically, when the connection attaches; this check only gives
             // the client a clear refusal instead of a dropped connection.
             if volume.attachments().count() >= max as usize {
+                self.metrics.limit_hit(Limit::VolumeConnections, self.peer);
                 return Err(ExportRefusal::Policy(format!(
                     "connection limit of {max} reached"
                 )));

@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use evsd_proto::{HandshakeConfig, Negotiated};
+use evsd_proto::{HandshakeConfig, Negotiated, RequestError};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessStore, ClientAddr, ClientIdentity};
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::nbd::handshake::{negotiate, Established, Exports, HandshakeFailure, Handshaken};
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
@@ -44,6 +44,8 @@ pub async fn serve<S: Transport>(
     let exports = Exports {
         registry: &registry,
         access: &config.access,
+        metrics: &metrics,
+        peer: &peer,
     };
     let handshake = negotiate(
         stream,
@@ -74,7 +76,8 @@ pub async fn serve<S: Transport>(
         }
         Err(_) => {
             metrics.handshake_failed("timeout");
-            tracing::warn!(%peer, timeout_secs = config.handshake_timeout.as_secs(), "handshake timed out");
+            metrics.limit_hit(Limit::HandshakeTimeout, &peer);
+            tracing::debug!(%peer, timeout_secs = config.handshake_timeout.as_secs(), "handshake timed out");
             return;
         }
     };
@@ -141,7 +144,8 @@ impl Attached {
             }
             Err(AttachRefused::Full(max)) => {
                 // Another client took the last slot between the handshake's check and now.
-                tracing::warn!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached");
+                metrics.limit_hit(Limit::VolumeConnections, &peer);
+                tracing::debug!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached after the handshake");
                 return;
             }
         };
@@ -177,8 +181,15 @@ impl Attached {
             }
         };
         match end {
-            TransmissionEnd::Disconnect | TransmissionEnd::Eof | TransmissionEnd::Shutdown => {
+            TransmissionEnd::Disconnect
+            | TransmissionEnd::Eof
+            | TransmissionEnd::Shutdown
+            | TransmissionEnd::IdleTimeout { .. } => {
                 tracing::info!(%peer, reason = %end, "client detached");
+            }
+            // Counted and logged once per client as a limit hit.
+            TransmissionEnd::Protocol(RequestError::PayloadTooLarge { .. }) => {
+                tracing::debug!(%peer, error = %end, "connection closed");
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
         }

@@ -7,6 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
 use crate::access::{cert_names, AccessStore, ClientIdentity};
+use crate::metrics::Metrics;
 use crate::nbd::catalog::RegistryCatalog;
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
@@ -67,6 +68,9 @@ pub struct Handshaken<S> {
 pub struct Exports<'a> {
     pub registry: &'a Registry,
     pub access: &'a AccessStore,
+    /// Where refusals for a volume's connection limit are counted, under this peer.
+    pub metrics: &'a Metrics,
+    pub peer: &'a str,
 }
 
 /// Where one run of options stopped.
@@ -92,6 +96,8 @@ pub async fn negotiate<S: Transport>(
         registry: exports.registry,
         access: exports.access,
         client: &client,
+        metrics: exports.metrics,
+        peer: exports.peer,
     };
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => {
@@ -123,6 +129,8 @@ pub async fn negotiate<S: Transport>(
         registry: exports.registry,
         access: exports.access,
         client: &client,
+        metrics: exports.metrics,
+        peer: exports.peer,
     };
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => Ok(Handshaken {

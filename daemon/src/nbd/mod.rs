@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod connection;
 pub mod handshake;
+mod idle;
 pub mod replies;
 pub mod server;
 pub mod stream;

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::nbd::connection::{self, ConnectionConfig};
 use crate::nbd::stream::Transport;
 use crate::storage::Registry;
@@ -130,14 +129,13 @@ impl Server {
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.max_connections));
-        let warned_limit = Arc::new(AtomicBool::new(false));
         let mut socket_file = None;
         if let Some(tcp) = listeners.tcp {
-            let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
+            let ctx = self.accept_context(&limit, &tracker, &shutdown);
             tracker.spawn(accept_tcp(tcp, ctx));
         }
         if let Some(unix) = listeners.unix {
-            let ctx = self.accept_context(&limit, &warned_limit, &tracker, &shutdown);
+            let ctx = self.accept_context(&limit, &tracker, &shutdown);
             socket_file = Some(unix.socket_file);
             tracker.spawn(accept_unix(unix.listener, ctx));
         }
@@ -164,7 +162,6 @@ impl Server {
     fn accept_context(
         &self,
         limit: &Arc<Semaphore>,
-        warned_limit: &Arc<AtomicBool>,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> AcceptContext {
@@ -173,7 +170,6 @@ impl Server {
             config: Arc::clone(&self.config),
             metrics: Arc::clone(&self.metrics),
             limit: Arc::clone(limit),
-            warned_limit: Arc::clone(warned_limit),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
         }
@@ -185,7 +181,6 @@ struct AcceptContext {
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
-    warned_limit: Arc<AtomicBool>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -196,12 +191,9 @@ impl AcceptContext {
     fn admit<S: Transport>(&self, stream: S, peer: String, addr: ClientAddr) {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             self.metrics.connection_refused("limit");
-            if !self.warned_limit.swap(true, Ordering::Relaxed) {
-                tracing::warn!(%peer, "connection limit reached; refusing new clients until a slot frees");
-            }
+            self.metrics.limit_hit(Limit::Connections, &peer);
             return;
         };
-        self.warned_limit.store(false, Ordering::Relaxed);
         self.metrics.connection_accepted();
         let registry = Arc::clone(&self.registry);
         let config = Arc::clone(&self.config);

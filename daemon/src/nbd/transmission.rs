@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use evsd_proto::consts::{
@@ -26,8 +26,9 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::error::StorageError;
-use crate::metrics::{Kind, VolumeMetrics};
+use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
 use crate::nbd::catalog;
+use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame};
 use crate::storage::{Volume, ZeroMode};
 
@@ -47,6 +48,8 @@ pub enum TransmissionEnd {
     Eof,
     #[error("server is shutting down")]
     Shutdown,
+    #[error("idle for {idle_secs} s")]
+    IdleTimeout { idle_secs: u64 },
     #[error("protocol violation: {0}")]
     Protocol(#[from] evsd_proto::RequestError),
     #[error("client closed the connection in the middle of a request")]
@@ -79,6 +82,8 @@ pub struct TransmissionConfig {
     pub max_inflight_requests: usize,
     /// Bytes of read and write data held by requests in flight (at least one request always runs).
     pub max_inflight_bytes: u64,
+    /// None: an idle connection stays open.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A request in flight: resolves to its reply frame and the bytes it held.
@@ -106,6 +111,10 @@ struct Connection<'s, R, W> {
     unflushed: bool,
     /// Set when no more requests will be read; the loop then drains and returns it.
     end: Option<TransmissionEnd>,
+    limit_hits: ConnectionLimits<'s>,
+    /// Out of room with input waiting; a hit is counted when this turns true.
+    blocked: bool,
+    idle: Option<IdleTimer>,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -152,6 +161,9 @@ where
         outgoing_bytes: 0,
         unflushed: false,
         end: None,
+        limit_hits: ConnectionLimits::new(session.metrics.limits(), &session.peer),
+        blocked: false,
+        idle: config.idle_timeout.map(IdleTimer::new),
     };
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -197,10 +209,14 @@ where
     fn start_requests(&mut self) -> Result<(), TransmissionEnd> {
         let mode = self.session.mode;
         while self.has_room() {
+            self.blocked = false;
             let Some(request) = decode_request(&self.input, mode)? else {
                 return Ok(());
             };
-            self.limits.check_payload(&request)?;
+            if let Err(e) = self.limits.check_payload(&request) {
+                self.limit_hits.hit(Limit::RequestSize);
+                return Err(e.into());
+            }
             let payload_len = request.payload_len(mode) as usize;
             let needed = self.header_len + payload_len;
             if self.input.len() < needed {
@@ -223,6 +239,9 @@ where
                 );
                 if let Some(kind) = metric_kind(request.command) {
                     self.session.metrics.refused(kind);
+                }
+                if errno == evsd_proto::Errno::Overflow {
+                    self.limit_hits.hit(Limit::RequestSize);
                 }
                 self.queue_reply(replies::error(mode, to, errno, &message));
                 continue;
@@ -253,6 +272,17 @@ where
                 (frame, held_bytes)
             }));
         }
+        // Counted on the transition only, and only with input waiting: a client is being held
+        // back, not merely running at the limit. Data still in the socket is not looked at.
+        if !self.blocked && !self.input.is_empty() {
+            self.blocked = true;
+            let limit = if self.inflight.len() >= self.max_inflight_requests {
+                Limit::InflightRequests
+            } else {
+                Limit::InflightBytes
+            };
+            self.limit_hits.hit(limit);
+        }
         Ok(())
     }
 
@@ -263,6 +293,8 @@ where
         cx: &mut Context<'_>,
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Poll<std::io::Result<()>> {
+        let was_busy = !self.inflight.is_empty() || !self.outgoing.is_empty();
+        let had_room = self.has_room();
         let mut progress = false;
         while let Poll::Ready(Some((frame, held_bytes))) = self.inflight.poll_next_unpin(cx) {
             self.queue_reply(frame);
@@ -281,6 +313,11 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
+        }
+        // Replies written can free the byte budget while requests already read wait in the
+        // input; nothing else would wake the loop to start them.
+        if !had_room && self.has_room() {
+            progress = true;
         }
         if self.end.is_none() && self.has_room() {
             if self.input.capacity() - self.input.len() < READ_CHUNK_BYTES {
@@ -304,6 +341,18 @@ where
         if self.end.is_none() && cancelled.poll(cx).is_ready() {
             self.end = Some(TransmissionEnd::Shutdown);
             progress = true;
+        }
+        if let Some(idle) = self.idle.as_mut() {
+            if progress || was_busy {
+                idle.touch();
+            }
+            let idle_now = self.inflight.is_empty() && self.outgoing.is_empty();
+            if self.end.is_none() && idle_now && idle.poll_expired(cx).is_ready() {
+                let idle_secs = idle.timeout().as_secs();
+                self.limit_hits.hit(Limit::IdleTimeout);
+                self.end = Some(TransmissionEnd::IdleTimeout { idle_secs });
+                progress = true;
+            }
         }
         let drained = self.end.is_some() && self.inflight.is_empty() && self.outgoing.is_empty();
         if progress || drained {

@@ -39,6 +39,7 @@ pub struct FileConfig {
     pub max_inflight_requests: Option<usize>,
     pub max_inflight_mib: Option<u64>,
     pub handshake_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<String>,

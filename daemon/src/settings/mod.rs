@@ -93,6 +93,8 @@ pub struct Settings {
     pub max_inflight_requests: usize,
     pub max_inflight_bytes: u64,
     pub handshake_timeout: Duration,
+    /// None: idle connections stay open.
+    pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
     /// None: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
@@ -219,6 +221,11 @@ impl Settings {
                     .or(file.handshake_timeout_secs)
                     .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
             ),
+            idle_timeout: args
+                .idle_timeout_secs
+                .or(file.idle_timeout_secs)
+                .filter(|&secs| secs > 0)
+                .map(Duration::from_secs),
             shutdown_grace: Duration::from_secs(
                 args.shutdown_grace_secs
                     .or(file.shutdown_grace_secs)
@@ -349,6 +356,7 @@ mod tests {
         assert_eq!(from_file.max_connections, 1024);
         assert_eq!(from_file.max_inflight_bytes, 256 << 20);
         assert_eq!(from_file.handshake_timeout, Duration::from_secs(30));
+        assert_eq!(from_file.idle_timeout, None);
         assert_eq!(
             from_file.admin_socket,
             PathBuf::from("./evs-data/admin.sock")
@@ -495,6 +503,26 @@ mod tests {
         assert_eq!(s.create_volumes, vec![("b".to_owned(), 2 << 20)]);
         // Not overridden: still the file's.
         assert_eq!(s.data_dir, PathBuf::from("/srv/evs"));
+    }
+
+    #[test]
+    fn idle_timeout_is_off_unless_set_above_zero() {
+        let s = Settings::merge(&args(&[]), file("idle_timeout_secs = 600\n")).unwrap();
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
+        let s = Settings::merge(
+            &args(&["--idle-timeout-secs", "5"]),
+            file("idle_timeout_secs = 600\n"),
+        )
+        .unwrap();
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(5)));
+        let s = Settings::merge(
+            &args(&["--idle-timeout-secs", "0"]),
+            file("idle_timeout_secs = 600\n"),
+        )
+        .unwrap();
+        assert_eq!(s.idle_timeout, None);
+        let s = Settings::merge(&args(&[]), file("idle_timeout_secs = 0\n")).unwrap();
+        assert_eq!(s.idle_timeout, None);
     }
 
     #[test]

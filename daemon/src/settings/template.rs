@@ -53,6 +53,10 @@ max_inflight_mib = 256
 # A client that has not finished the handshake by then is disconnected.
 handshake_timeout_secs = 30
 
+# A connection with no request in flight, no reply to send and nothing received for this many
+# seconds is closed; 0 keeps idle connections open.
+idle_timeout_secs = 0
+
 # How long shutdown waits for connections to finish their requests.
 shutdown_grace_secs = 30
 

@@ -1,0 +1,276 @@
+//! Limit hits: every time a client runs into one of the server's limits it is counted in
+//! `evsd_limit_hits_total{limit}` and, the first time a client hits a given limit, logged once.
+//! A client that keeps hitting a limit must not flood the log, and a crowd of clients must not
+//! grow the memory that remembers who was logged.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// Distinct clients remembered as already logged. When full the set starts over: a client seen
+/// before may then be logged once more, which bounds memory and still bounds the log.
+pub const LOGGED_CLIENTS_CAPACITY: usize = 4096;
+
+/// The limits the server enforces on clients.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-connections`: the connection is closed at accept.
+    Connections,
+    /// A volume's own connection limit: the connection is refused for that volume.
+    VolumeConnections,
+    /// `--handshake-timeout-secs`: the handshake did not finish in time.
+    HandshakeTimeout,
+    /// `--idle-timeout-secs`: nothing happened on the connection for that long.
+    IdleTimeout,
+    /// `--max-inflight-requests`: the server stopped reading the connection.
+    InflightRequests,
+    /// `--max-inflight-mib`: the server stopped reading the connection.
+    InflightBytes,
+    /// A request over the maximum size (payload or READ length).
+    RequestSize,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::Connections,
+        Limit::VolumeConnections,
+        Limit::HandshakeTimeout,
+        Limit::IdleTimeout,
+        Limit::InflightRequests,
+        Limit::InflightBytes,
+        Limit::RequestSize,
+    ];
+
+    /// The `limit` label value; stable, dashboards and alerts select on it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::VolumeConnections => "volume_connections",
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::InflightRequests => "inflight_requests",
+            Limit::InflightBytes => "inflight_bytes",
+            Limit::RequestSize => "request_size",
+        }
+    }
+
+    /// What happened, for the one log line per client.
+    fn description(self) -> &'static str {
+        match self {
+            Limit::Connections => "connection refused: max_connections reached",
+            Limit::VolumeConnections => "connection refused: the volume's connection limit reached",
+            Limit::HandshakeTimeout => "connection closed: handshake_timeout_secs expired",
+            Limit::IdleTimeout => "connection closed: idle for idle_timeout_secs",
+            Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
+            Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",
+            Limit::RequestSize => "request over the maximum size refused",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn bit(self) -> u8 {
+        1 << self.index()
+    }
+}
+
+impl EncodeLabelValue for Limit {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: Limit,
+}
+
+/// The client a peer name stands for in the log-once set: the IP address of a TCP peer
+/// ("127.0.0.1:54321" → "127.0.0.1", "[::1]:5" → "::1"), "unix" for any Unix-socket peer
+/// ("unix#7"). Ports and connection numbers change with every connection; the client does not.
+pub fn client_of(peer: &str) -> &str {
+    if peer.starts_with("unix") {
+        return "unix";
+    }
+    match peer.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host),
+        _ => peer,
+    }
+}
+
+/// Which (limit, client) pairs were logged, at most `capacity` clients.
+#[derive(Debug)]
+pub struct LogOnce {
+    /// Client → bit set of the limits already logged for it.
+    clients: HashMap<Box<str>, u8>,
+    capacity: usize,
+}
+
+impl LogOnce {
+    pub fn new(capacity: usize) -> LogOnce {
+        LogOnce {
+            clients: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// True the first time `client` hits `limit` (since the set last started over).
+    pub fn first_hit(&mut self, limit: Limit, client: &str) -> bool {
+        if let Some(logged) = self.clients.get_mut(client) {
+            let first = *logged & limit.bit() == 0;
+            *logged |= limit.bit();
+            return first;
+        }
+        if self.clients.len() >= self.capacity {
+            self.clients.clear();
+        }
+        self.clients.insert(client.into(), limit.bit());
+        true
+    }
+}
+
+/// The limit-hit counters and the set of clients already logged.
+pub struct LimitHits {
+    /// Indexed by [`Limit::index`]; every series exists from the start, at 0.
+    counters: [Counter; Limit::ALL.len()],
+    logged: Mutex<LogOnce>,
+}
+
+impl LimitHits {
+    pub(super) fn register(registry: &mut Registry) -> LimitHits {
+        let family = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "evsd_limit_hits",
+            "Times a client ran into a server limit, by limit",
+            family.clone(),
+        );
+        LimitHits {
+            counters: Limit::ALL.map(|limit| family.get_or_create_owned(&LimitLabels { limit })),
+            logged: Mutex::new(LogOnce::new(LOGGED_CLIENTS_CAPACITY)),
+        }
+    }
+
+    /// Counts a hit by `peer` (a connection's peer name) and logs it if this client has not
+    /// hit this limit before.
+    pub fn hit(&self, limit: Limit, peer: &str) {
+        self.counters[limit.index()].inc();
+        self.log_once(limit, peer);
+    }
+
+    fn log_once(&self, limit: Limit, peer: &str) {
+        let client = client_of(peer);
+        // A poisoned lock only means another thread panicked mid-insert; the set is still valid.
+        let first = self
+            .logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_hit(limit, client);
+        if first {
+            tracing::warn!(
+                limit = limit.label(),
+                client,
+                peer,
+                "{} (logged once per client; every hit is counted in evsd_limit_hits_total)",
+                limit.description()
+            );
+        }
+    }
+}
+
+/// One connection's view of [`LimitHits`]. After a connection has hit a limit once, further
+/// hits of it cost one atomic increment: a connection pipelining past its in-flight cap hits it
+/// on almost every request.
+pub struct ConnectionLimits<'a> {
+    hits: &'a LimitHits,
+    peer: &'a str,
+    /// Bit set of the limits this connection already passed to the log-once set.
+    noted: u8,
+}
+
+impl<'a> ConnectionLimits<'a> {
+    pub fn new(hits: &'a LimitHits, peer: &'a str) -> ConnectionLimits<'a> {
+        ConnectionLimits {
+            hits,
+            peer,
+            noted: 0,
+        }
+    }
+
+    pub fn hit(&mut self, limit: Limit) {
+        self.hits.counters[limit.index()].inc();
+        if self.noted & limit.bit() == 0 {
+            self.noted |= limit.bit();
+            self.hits.log_once(limit, self.peer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_is_the_address_without_port() {
+        assert_eq!(client_of("127.0.0.1:54321"), "127.0.0.1");
+        assert_eq!(client_of("[::1]:10809"), "::1");
+        assert_eq!(client_of("[fe80::1%eth0]:1"), "fe80::1%eth0");
+        assert_eq!(client_of("unix#1"), "unix");
+        assert_eq!(client_of("unix#4711"), "unix");
+        assert_eq!(client_of("no-port"), "no-port");
+    }
+
+    #[test]
+    fn logs_once_per_limit_and_client() {
+        let mut set = LogOnce::new(16);
+        assert!(set.first_hit(Limit::Connections, "10.0.0.1"));
+        assert!(!set.first_hit(Limit::Connections, "10.0.0.1"));
+        assert!(!set.first_hit(Limit::Connections, "10.0.0.1"));
+        // Another limit of the same client, and the same limit of another client, are new.
+        assert!(set.first_hit(Limit::IdleTimeout, "10.0.0.1"));
+        assert!(set.first_hit(Limit::Connections, "10.0.0.2"));
+        assert!(!set.first_hit(Limit::IdleTimeout, "10.0.0.1"));
+        assert_eq!(set.clients.len(), 2);
+        for limit in Limit::ALL {
+            set.first_hit(limit, "10.0.0.3");
+            assert!(!set.first_hit(limit, "10.0.0.3"), "{limit:?}");
+        }
+    }
+
+    #[test]
+    fn set_stays_bounded_under_churn() {
+        let mut set = LogOnce::new(100);
+        for i in 0..10_000 {
+            assert!(set.first_hit(Limit::RequestSize, &format!("10.1.{}.{}", i / 256, i % 256)));
+            assert!(
+                set.clients.len() <= 100,
+                "{} clients remembered",
+                set.clients.len()
+            );
+        }
+        // Starting over may log a client again, once.
+        let mut set = LogOnce::new(2);
+        assert!(set.first_hit(Limit::Connections, "a"));
+        assert!(set.first_hit(Limit::Connections, "b"));
+        assert!(!set.first_hit(Limit::Connections, "a"));
+        assert!(set.first_hit(Limit::Connections, "c"));
+        assert_eq!(set.clients.len(), 1);
+        assert!(set.first_hit(Limit::Connections, "a"));
+        assert!(!set.first_hit(Limit::Connections, "a"));
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        let labels: std::collections::HashSet<_> = Limit::ALL.iter().map(|l| l.label()).collect();
+        assert_eq!(labels.len(), Limit::ALL.len());
+        assert!(Limit::ALL.iter().enumerate().all(|(i, l)| l.index() == i));
+    }
+}

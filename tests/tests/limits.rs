@@ -1,0 +1,266 @@
+//! The server's limits against the real binary: each one enforced, counted in
+//! `evsd_limit_hits_total{limit}`, and logged once per client however often it is hit.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use evsd_e2e::metrics::{scrape, value};
+use evsd_e2e::raw::*;
+use evsd_e2e::*;
+
+const FLAGS: u32 = CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES;
+
+fn metrics_addr(d: &Daemon) -> SocketAddr {
+    d.metrics_addr()
+        .expect("ready file has no metrics address although --metrics-listen was given")
+}
+
+fn hits(d: &Daemon, limit: &str) -> f64 {
+    value(
+        &scrape(metrics_addr(d)),
+        &format!("evsd_limit_hits_total{{limit=\"{limit}\"}}"),
+    )
+}
+
+/// Waits for the limit's counter to reach `want` (counting happens on the server's side of a
+/// close the client may see first), then checks it stays there.
+fn assert_hits(d: &Daemon, limit: &str, want: f64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || hits(d, limit) == want),
+        "evsd_limit_hits_total{{limit=\"{limit}\"}} is {}, expected {want}\n{}",
+        hits(d, limit),
+        scrape(metrics_addr(d))
+    );
+}
+
+/// Lines of the daemon's log containing `text`.
+fn log_lines(d: &Daemon, text: &str) -> Vec<String> {
+    d.stderr()
+        .lines()
+        .filter(|l| l.contains(text))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_logged_once(d: &Daemon, text: &str) {
+    let lines = log_lines(d, text);
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one log line with {text:?}\n--- evsd stderr ---\n{}",
+        d.stderr()
+    );
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("127.0.0.1"),
+        "{}",
+        lines[0]
+    );
+}
+
+/// Blocks until the server closes the connection; the time it took.
+fn wait_for_eof(c: &mut Raw, what: &str) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    match c.s.read(&mut buf) {
+        Ok(0) => start.elapsed(),
+        Ok(n) => panic!("{what}: {n} unexpected bytes instead of EOF"),
+        Err(e) => panic!("{what}: no EOF after {:?}: {e}", start.elapsed()),
+    }
+}
+
+#[test]
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let d = Daemon::start(DaemonOpts::new().arg("--idle-timeout-secs").arg("1"));
+    assert_eq!(hits(&d, "idle_timeout"), 0.0);
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    // One request first: the idle period starts over after its reply.
+    c.read(1, 0, 4096);
+    let closed_after = wait_for_eof(&mut c, "idle client");
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?} with --idle-timeout-secs 1"
+    );
+    assert_hits(&d, "idle_timeout", 1.0);
+    // A handshake in progress is the handshake timeout's business, not the idle timeout's.
+    let mut in_handshake = Raw::handshake(d.tcp_addr(), FLAGS);
+    thread::sleep(Duration::from_millis(2500));
+    assert!(in_handshake.list().contains(&"vol0".to_string()));
+
+    let (mut second, _) = Raw::open(d.tcp_addr(), "vol0");
+    wait_for_eof(&mut second, "second idle client");
+    assert_hits(&d, "idle_timeout", 2.0);
+    assert_logged_once(&d, "idle for idle_timeout_secs");
+}
+
+#[test]
+fn requests_keep_a_connection_open_past_the_idle_timeout() {
+    let d = Daemon::start(DaemonOpts::new().arg("--idle-timeout-secs").arg("1"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let data = Prng::new(3).bytes(4096);
+    c.write(1, 0, 0, &data);
+    let start = Instant::now();
+    let mut cookie = 2;
+    while start.elapsed() < Duration::from_secs(3) {
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(c.read(cookie, 0, 4096), data, "read {cookie}");
+        cookie += 1;
+    }
+    assert!(cookie > 9, "only {} requests in 3 s", cookie - 2);
+    assert_eq!(hits(&d, "idle_timeout"), 0.0);
+    c.disconnect();
+}
+
+#[test]
+fn idle_connections_stay_open_by_default() {
+    let d = Daemon::start_default();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    thread::sleep(Duration::from_secs(3));
+    assert!(c.read(1, 0, 4096).iter().all(|&b| b == 0));
+    assert_eq!(hits(&d, "idle_timeout"), 0.0);
+    c.disconnect();
+}
+
+#[test]
+fn connections_over_the_limit_are_counted_and_logged_once() {
+    let d = Daemon::start(DaemonOpts::new().max_connections(2));
+    let addr = metrics_addr(&d);
+    // Both slots held by clients sitting in the handshake.
+    let _a = Raw::handshake(d.tcp_addr(), FLAGS);
+    let _b = Raw::handshake(d.tcp_addr(), FLAGS);
+    for i in 0..5 {
+        let mut refused = Raw::connect(d.tcp_addr());
+        refused.expect_closed(&format!("connection {i} over --max-connections 2"));
+    }
+    assert_hits(&d, "connections", 5.0);
+    let text = scrape(addr);
+    assert_eq!(
+        value(&text, "evsd_connections_refused_total{reason=\"limit\"}"),
+        5.0
+    );
+    assert_eq!(value(&text, "evsd_connections_accepted_total"), 2.0);
+    assert_logged_once(&d, "max_connections reached");
+}
+
+#[test]
+fn handshake_timeouts_are_counted_and_logged_once() {
+    let d = Daemon::start(DaemonOpts::new().handshake_timeout(1));
+    let mut slow: Vec<Raw> = (0..2)
+        .map(|_| {
+            let mut c = Raw::connect(d.tcp_addr());
+            c.read_greeting();
+            c
+        })
+        .collect();
+    for (i, c) in slow.iter_mut().enumerate() {
+        let closed_after = wait_for_eof(c, &format!("client {i} stuck in the handshake"));
+        assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    }
+    assert_hits(&d, "handshake_timeout", 2.0);
+    assert_eq!(
+        value(
+            &scrape(metrics_addr(&d)),
+            "evsd_handshake_failures_total{reason=\"timeout\"}"
+        ),
+        2.0
+    );
+    assert_logged_once(&d, "handshake_timeout_secs expired");
+}
+
+/// Sends every request at once, waits so the server runs into its limit with requests still
+/// unread, then reads all replies and checks each against the data written.
+fn pipelined_reads(c: &mut Raw, data: &[u8], count: u64, len: u32) {
+    let mut batch = Vec::new();
+    for i in 0..count {
+        batch.extend(Raw::request_bytes(
+            0,
+            CMD_READ,
+            1000 + i,
+            i * u64::from(len),
+            len,
+        ));
+    }
+    c.send(&batch);
+    thread::sleep(Duration::from_millis(300));
+    let mut answered = HashSet::new();
+    for _ in 0..count {
+        let (err, cookie) = c.read_simple_reply();
+        assert_eq!(err, 0, "READ {cookie} failed");
+        let i = cookie.checked_sub(1000).filter(|&i| i < count);
+        let i = i.unwrap_or_else(|| panic!("reply for unknown cookie {cookie}"));
+        assert!(answered.insert(i), "second reply for cookie {cookie}");
+        let at = (i * u64::from(len)) as usize;
+        let got = c.recv(len as usize);
+        assert!(
+            got == data[at..at + len as usize],
+            "READ {i} returned wrong data"
+        );
+    }
+}
+
+#[test]
+fn pipelining_past_max_inflight_requests_is_held_back_and_counted() {
+    let d = Daemon::start(DaemonOpts::new().arg("--max-inflight-requests").arg("4"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let data = Prng::new(64).bytes(64 * 4096);
+    c.write(1, 0, 0, &data);
+    assert_eq!(hits(&d, "inflight_requests"), 0.0);
+    pipelined_reads(&mut c, &data, 64, 4096);
+    let counted = hits(&d, "inflight_requests");
+    // At most one hit per request started after the first four.
+    assert!(
+        (1.0..=60.0).contains(&counted),
+        "inflight_requests hits: {counted}"
+    );
+    assert_eq!(hits(&d, "inflight_bytes"), 0.0);
+    assert_logged_once(&d, "max_inflight_requests requests in flight");
+    // The connection is fine afterwards.
+    assert_eq!(c.read(2, 4096, 4096), data[4096..8192]);
+    c.disconnect();
+}
+
+#[test]
+fn pipelining_past_max_inflight_mib_is_held_back_and_counted() {
+    let d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("1"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let data = Prng::new(8).bytes(8 << 20);
+    c.write(1, 0, 0, &data);
+    pipelined_reads(&mut c, &data, 8, 1 << 20);
+    let counted = hits(&d, "inflight_bytes");
+    assert!(
+        (1.0..=7.0).contains(&counted),
+        "inflight_bytes hits: {counted}"
+    );
+    assert_eq!(hits(&d, "inflight_requests"), 0.0);
+    c.disconnect();
+}
+
+#[test]
+fn oversized_requests_are_counted() {
+    let mut d = Daemon::start_default();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert_eq!(hits(&d, "request_size"), 0.0);
+    // A READ over the 32 MiB maximum is refused; the connection goes on.
+    c.send_req(0, CMD_READ, 1, 0, 64 << 20, &[]);
+    let (err, cookie) = c.read_simple_reply();
+    assert_eq!((err, cookie), (EOVERFLOW, 1));
+    assert_hits(&d, "request_size", 1.0);
+    assert!(c.read(2, 0, 4096).iter().all(|&b| b == 0));
+    // A WRITE declaring more payload than that cannot be skipped: the server hangs up.
+    let mut b = Raw::request_bytes(0, CMD_WRITE, 3, 0, (64 << 20) + 4096);
+    b.extend_from_slice(&vec![0x42; 1 << 20]);
+    let _ = c.try_send(&b); // the server may close before reading all of it
+    c.expect_closed("WRITE declaring a 64 MiB+ payload");
+    assert_hits(&d, "request_size", 2.0);
+    assert_logged_once(&d, "request over the maximum size refused");
+    d.assert_alive();
+    // Requests at the maximum are not limit hits.
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let data = Prng::new(32).bytes(32 << 20);
+    c.write(4, 0, 0, &data);
+    assert!(c.read(5, 0, 32 << 20) == data);
+    assert_eq!(hits(&d, "request_size"), 2.0);
+    c.disconnect();
+}
