@@ -8,6 +8,7 @@ pub mod policy;
 mod volume;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -38,6 +39,8 @@ pub struct Metrics {
     latency: LatencyFamily,
     in_flight: Family<VolumeLabels, Gauge>,
     connections: Family<VolumeLabels, Gauge>,
+    fence_waits: Family<VolumeLabels, Counter>,
+    fence_wait_seconds: Family<VolumeLabels, Counter<f64, AtomicU64>>,
     accepted: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
@@ -64,6 +67,8 @@ impl Metrics {
         let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let in_flight = Family::<VolumeLabels, Gauge>::default();
         let connections = Family::<VolumeLabels, Gauge>::default();
+        let fence_waits = Family::<VolumeLabels, Counter>::default();
+        let fence_wait_seconds = Family::<VolumeLabels, Counter<f64, AtomicU64>>::default();
         let accepted = Counter::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -99,6 +104,16 @@ impl Metrics {
             connections.clone(),
         );
         registry.register(
+            "evsd_volume_fence_waits",
+            "Writes, trims, zeroes and flushes held until another connection's abandoned writes were done",
+            fence_waits.clone(),
+        );
+        registry.register(
+            "evsd_volume_fence_wait_seconds",
+            "Time requests spent held by a write fence",
+            fence_wait_seconds.clone(),
+        );
+        registry.register(
             "evsd_connections_accepted",
             "Client connections accepted and served",
             accepted.clone(),
@@ -128,6 +143,8 @@ impl Metrics {
             latency,
             in_flight,
             connections,
+            fence_waits,
+            fence_wait_seconds,
             accepted,
             refused,
             handshake_failures,

@@ -1,5 +1,6 @@
 //! One volume's metric handles, resolved once so requests only touch atomics.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub struct VolumeMetrics {
     connections: Gauge,
     /// Daemon-wide, here so the transmission loop can count the limits its client hits.
     limits: Arc<LimitHits>,
+    fence_waits: Counter,
+    fence_wait_seconds: Counter<f64, AtomicU64>,
 }
 
 impl VolumeMetrics {
@@ -48,6 +51,8 @@ impl VolumeMetrics {
             in_flight: metrics.in_flight.get_or_create_owned(&labels),
             connections: metrics.connections.get_or_create_owned(&labels),
             limits: Arc::clone(&metrics.limits),
+            fence_waits: metrics.fence_waits.get_or_create_owned(&labels),
+            fence_wait_seconds: metrics.fence_wait_seconds.get_or_create_owned(&labels),
         }
     }
 
@@ -67,6 +72,12 @@ impl VolumeMetrics {
 
     pub fn limits(&self) -> &LimitHits {
         &self.limits
+    }
+
+    /// Counts a request that a write fence held before it could start.
+    pub fn fence_waited(&self, waited: Duration) {
+        self.fence_waits.inc();
+        self.fence_wait_seconds.inc_by(waited.as_secs_f64());
     }
 
     /// Counts an attached client until the guard drops.

@@ -133,10 +133,12 @@ impl Attached {
             .0
             .max_connections
             .map(|max| max as usize);
-        let _attachment = match volume
-            .attachments()
-            .attach_limited(stop.clone(), max_connections)
-        {
+        let probe = Some(stream.peer_probe());
+        let attachment = match volume.attachments().attach_limited(
+            stop.clone(),
+            probe,
+            max_connections,
+        ) {
             Ok(attachment) => attachment,
             Err(AttachRefused::Closed) => {
                 tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
@@ -149,6 +151,12 @@ impl Attached {
                 return;
             }
         };
+        // A client coming back after giving up on another connection: fence that one's writes
+        // before this one's can start, even if its task has not read its way to the hang-up yet.
+        let fenced = attachment.fence_departed();
+        if fenced > 0 {
+            tracing::info!(%peer, export = volume.name(), fenced, "fenced the writes of connections whose clients are gone");
+        }
         let volume_metrics = metrics.volume(volume.name());
         let _connected = volume_metrics.connect();
         tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), tls, "client attached");
@@ -166,6 +174,7 @@ impl Attached {
             negotiated,
             volume,
             &volume_metrics,
+            attachment.seat(),
             &config.transmission,
             stop.clone(),
         );

@@ -5,12 +5,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
 
+use crate::nbd::hangup::SocketProbe;
+use crate::storage::attachments::PeerProbe;
+
 /// A connected stream that can be split into a reading and a writing half.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Reader: AsyncRead + Unpin + Send + 'static;
     type Writer: AsyncWrite + Unpin + Send + 'static;
 
     fn into_halves(self) -> (Self::Reader, Self::Writer);
+
+    /// Watches for the client hanging up (see `hangup`).
+    fn peer_probe(&self) -> Box<dyn PeerProbe>;
 }
 
 impl Transport for TcpStream {
@@ -20,6 +26,10 @@ impl Transport for TcpStream {
     fn into_halves(self) -> (Self::Reader, Self::Writer) {
         self.into_split()
     }
+
+    fn peer_probe(&self) -> Box<dyn PeerProbe> {
+        SocketProbe::boxed(self)
+    }
 }
 
 impl Transport for UnixStream {
@@ -28,6 +38,10 @@ impl Transport for UnixStream {
 
     fn into_halves(self) -> (Self::Reader, Self::Writer) {
         self.into_split()
+    }
+
+    fn peer_probe(&self) -> Box<dyn PeerProbe> {
+        SocketProbe::boxed(self)
     }
 }
 
@@ -39,5 +53,10 @@ impl<S: Transport> Transport for TlsStream<S> {
 
     fn into_halves(self) -> (Self::Reader, Self::Writer) {
         tokio::io::split(self)
+    }
+
+    /// The socket under the TLS layer: a hang-up shows there first.
+    fn peer_probe(&self) -> Box<dyn PeerProbe> {
+        self.get_ref().0.peer_probe()
     }
 }

@@ -17,8 +17,8 @@ use evsd_proto::consts::{
     CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
 };
 use evsd_proto::{
-    decode_request, reply, request_header_len, Command, ExportLimits, MetaContext, Negotiated,
-    ReplyMode, ReplyTo, Request,
+    decode_request, reply, request_header_len, Command, Errno, ExportLimits, MetaContext,
+    Negotiated, ReplyMode, ReplyTo, Request,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -28,8 +28,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::error::StorageError;
 use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
 use crate::nbd::catalog;
+use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame};
+use crate::storage::fence::Seat;
 use crate::storage::{Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
@@ -67,6 +69,8 @@ struct Session<'m> {
     peer: String,
     /// Set once a failed request has been logged at warn level.
     warned_failure: AtomicBool,
+    /// This connection's place at the volume's write fence.
+    seat: &'m Seat,
 }
 
 /// A client's socket halves, the bytes already read past the handshake, and its name for logs.
@@ -86,8 +90,17 @@ pub struct TransmissionConfig {
     pub idle_timeout: Option<Duration>,
 }
 
-/// A request in flight: resolves to its reply frame and the bytes it held.
-type InFlight<'a> = Pin<Box<dyn Future<Output = (Frame, u64)> + Send + 'a>>;
+/// A finished request.
+struct Done {
+    frame: Frame,
+    /// Input-budget bytes it held.
+    held_bytes: u64,
+    /// It was a write, trim or zeroes: the fence counts it.
+    changed_data: bool,
+}
+
+/// A request in flight.
+type InFlight<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
 
 /// Connection state of the transmission loop. Everything runs in the connection's own task:
 /// requests are futures polled here, so a completion wakes this task once per batch and the
@@ -115,15 +128,20 @@ struct Connection<'s, R, W> {
     /// Out of room with input waiting; a hit is counted when this turns true.
     blocked: bool,
     idle: Option<IdleTimer>,
+    /// Raises the volume's write fence while this connection drains writes after its end.
+    drain: Drain<'s>,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
-/// Requests already received are always answered before this returns.
+/// Requests already received are answered before this returns, or, when the socket failed,
+/// completed or cancelled: a request future that may have submitted I/O is never dropped, and
+/// the volume's write fence holds other connections' writes until they are done.
 pub async fn serve<R, W>(
     client: ClientStream<R, W>,
     negotiated: Negotiated,
     volume: Arc<Volume>,
     metrics: &VolumeMetrics,
+    seat: &Seat,
     config: &TransmissionConfig,
     shutdown: CancellationToken,
 ) -> TransmissionEnd
@@ -139,6 +157,7 @@ where
         meta_contexts: negotiated.meta_contexts,
         peer: client.peer,
         warned_failure: AtomicBool::new(false),
+        seat,
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -164,6 +183,7 @@ where
         limit_hits: ConnectionLimits::new(session.metrics.limits(), &session.peer),
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
+        drain: Drain::new(session.volume.fence(), seat),
     };
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -173,12 +193,22 @@ where
                 conn.end = Some(end);
             }
         }
-        if conn.end.is_some() && conn.inflight.is_empty() && conn.outgoing.is_empty() {
-            break;
+        // The seat must be draining before the socket is dropped (see `hangup`): both exits of
+        // this loop start the drain first.
+        if conn.end.is_some() {
+            // The client may already be reconnecting: fence off its writes still in flight.
+            conn.drain.start(false);
+            if conn.inflight.is_empty() && conn.outgoing.is_empty() {
+                break;
+            }
         }
         if let Err(e) = poll_fn(|cx| conn.poll_io(cx, cancelled.as_mut())).await {
-            // The socket is gone: nobody is left to answer. Dropping the futures is safe, the
-            // engine keeps their buffers until the kernel is done with them.
+            // Nobody is left to answer, but the requests in flight may have submitted writes
+            // that land whenever the disk gets to them: see them through behind the fence.
+            conn.drain.start(true);
+            conn.outgoing.clear();
+            conn.outgoing_bytes = 0;
+            poll_fn(|cx| conn.poll_abandoned(cx)).await;
             return TransmissionEnd::Io(e);
         }
     }
@@ -259,6 +289,10 @@ where
                 _ => 0,
             };
             self.inflight_bytes += held_bytes;
+            let changed_data = matches!(kind, Kind::Write | Kind::Trim | Kind::Zero);
+            if changed_data {
+                self.drain.write_started();
+            }
             let session = self.session;
             let counted = session.metrics.start(kind);
             let started = Instant::now();
@@ -269,7 +303,11 @@ where
                     _ => 0,
                 };
                 counted.finish(moved_bytes, ok, started.elapsed());
-                (frame, held_bytes)
+                Done {
+                    frame,
+                    held_bytes,
+                    changed_data,
+                }
             }));
         }
         // Counted on the transition only, and only with input waiting: a client is being held
@@ -296,11 +334,12 @@ where
         let was_busy = !self.inflight.is_empty() || !self.outgoing.is_empty();
         let had_room = self.has_room();
         let mut progress = false;
-        while let Poll::Ready(Some((frame, held_bytes))) = self.inflight.poll_next_unpin(cx) {
+        while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
+            let frame = self.finished(done);
             self.queue_reply(frame);
-            self.inflight_bytes -= held_bytes;
             progress = true;
         }
+        self.poll_fence_overdue(cx);
         while !self.outgoing.is_empty() {
             match self.poll_write(cx) {
                 Poll::Ready(result) => result?,
@@ -362,6 +401,35 @@ where
         }
     }
 
+    /// Accounts for a finished request; returns its reply.
+    fn finished(&mut self, done: Done) -> Frame {
+        self.inflight_bytes -= done.held_bytes;
+        if done.changed_data {
+            self.drain.write_finished();
+        }
+        done.frame
+    }
+
+    /// Runs the requests in flight to completion after the socket failed, discarding replies.
+    fn poll_abandoned(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.inflight.poll_next_unpin(cx) {
+                Poll::Ready(Some(done)) => drop(self.finished(done)),
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Pending => {
+                    self.poll_fence_overdue(cx);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn poll_fence_overdue(&mut self, cx: &mut Context<'_>) {
+        let session = self.session;
+        self.drain
+            .poll_overdue(cx, &session.peer, session.volume.name());
+    }
+
     /// One writev of the waiting reply bytes.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let slices: Vec<IoSlice<'_>> = self
@@ -420,6 +488,20 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
     let volume = &session.volume;
     let fua = request.has_flag(CMD_FLAG_FUA);
     let (offset, length) = (request.offset, request.length);
+    // Flushes wait too, so that one from a new connection also covers the old one's writes.
+    let fenced = matches!(
+        request.command,
+        Command::Write | Command::WriteZeroes | Command::Trim | Command::Flush
+    );
+    if fenced {
+        if let Err(e) = drain::pass_fence(volume.fence(), session.seat, session.metrics).await {
+            // Never sent: the socket is gone.
+            return (
+                replies::error(mode, to, Errno::Shutdown, &e.to_string()),
+                false,
+            );
+        }
+    }
     let result: Result<Frame, StorageError> = match request.command {
         Command::Read => volume
             .read(offset, length as usize)

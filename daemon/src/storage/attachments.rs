@@ -1,5 +1,6 @@
 //! Who is using a volume: one entry per attached NBD connection, each with the token that ends
-//! it, so that delete can refuse a busy volume or, when forced, disconnect its clients first.
+//! it, so that delete can refuse a busy volume or, when forced, disconnect its clients first,
+//! and with its seat at the volume's write fence (see `fence`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,17 +9,33 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::storage::fence::{Fence, Seat};
+
 #[derive(Debug, Default)]
 pub struct Attachments {
     state: Mutex<State>,
     /// Woken whenever a connection detaches.
     detached: Notify,
+    fence: Fence,
+}
+
+/// Tells whether a connection's client is gone (hung up or reset), even while requests it sent
+/// before are still queued unread.
+pub trait PeerProbe: Send + Sync + std::fmt::Debug {
+    fn peer_gone(&self) -> bool;
+}
+
+#[derive(Debug)]
+struct Connection {
+    stop: CancellationToken,
+    seat: Arc<Seat>,
+    probe: Option<Box<dyn PeerProbe>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
-    connections: HashMap<u64, CancellationToken>,
+    connections: HashMap<u64, Connection>,
     /// Set once the volume is being deleted: no connection may attach any more.
     closed: bool,
 }
@@ -46,6 +63,7 @@ pub enum AttachRefused {
 pub struct Attachment {
     attachments: Arc<Attachments>,
     id: u64,
+    seat: Arc<Seat>,
 }
 
 impl Attachments {
@@ -54,18 +72,24 @@ impl Attachments {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection that stops when `stop` is cancelled. None once the volume is
-    /// being deleted.
+    /// Registers a connection that stops when `stop` is cancelled, and whose client `probe`
+    /// watches. None once the volume is being deleted.
     #[cfg(test)]
-    pub fn attach(self: &Arc<Self>, stop: CancellationToken) -> Option<Attachment> {
-        self.attach_limited(stop, None).ok()
+    pub fn attach(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+        probe: Option<Box<dyn PeerProbe>>,
+    ) -> Option<Attachment> {
+        self.attach_limited(stop, probe, None).ok()
     }
 
-    /// Registers a connection that stops when `stop` is cancelled, refusing once the volume is
-    /// being deleted or when `max_connections` are attached already.
+    /// Registers a connection that stops when `stop` is cancelled, and whose client `probe`
+    /// watches, refusing once the volume is being deleted or when `max_connections` are
+    /// attached already.
     pub fn attach_limited(
         self: &Arc<Self>,
         stop: CancellationToken,
+        probe: Option<Box<dyn PeerProbe>>,
         max_connections: Option<usize>,
     ) -> Result<Attachment, AttachRefused> {
         let mut state = self.state();
@@ -79,11 +103,23 @@ impl Attachments {
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.connections.insert(id, stop);
+        let seat = Arc::new(Seat::default());
+        let connection = Connection {
+            stop,
+            seat: Arc::clone(&seat),
+            probe,
+        };
+        state.connections.insert(id, connection);
         Ok(Attachment {
             attachments: Arc::clone(self),
             id,
+            seat,
         })
+    }
+
+    /// The write fence of this volume's connections.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     pub fn count(&self) -> usize {
@@ -110,8 +146,8 @@ impl Attachments {
             return Err(CloseRefused::Busy(attached));
         }
         state.closed = true;
-        for stop in state.connections.values() {
-            stop.cancel();
+        for connection in state.connections.values() {
+            connection.stop.cancel();
         }
         Ok(attached)
     }
@@ -139,9 +175,39 @@ impl Attachments {
     }
 }
 
+impl Attachment {
+    /// This connection's seat at the volume's fence.
+    pub fn seat(&self) -> &Seat {
+        &self.seat
+    }
+
+    /// Raises the fence for every other connection of the volume whose client is already gone
+    /// but whose task has not noticed yet. Called when a connection attaches: that is when a
+    /// client that gave up on a connection comes back, and the old connection may still be
+    /// reading requests queued before the hang-up. Returns how many it fenced.
+    pub fn fence_departed(&self) -> usize {
+        let state = self.attachments.state();
+        let mut fenced = 0;
+        for (id, connection) in &state.connections {
+            let gone = *id != self.id
+                && !connection.seat.is_draining()
+                && connection.probe.as_ref().is_some_and(|p| p.peer_gone());
+            if gone && connection.seat.hung_up(&self.attachments.fence) {
+                fenced += 1;
+            }
+        }
+        fenced
+    }
+}
+
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.attachments.state().connections.remove(&self.id);
+        {
+            let mut state = self.attachments.state();
+            state.connections.remove(&self.id);
+            // Under the lock, so `fence_departed` cannot raise it again afterwards.
+            self.seat.settle(&self.attachments.fence);
+        }
         self.attachments.detached.notify_waiters();
     }
 }
@@ -154,7 +220,7 @@ mod tests {
     async fn busy_until_forced_and_closed_afterwards() {
         let attachments = Arc::new(Attachments::default());
         let stop = CancellationToken::new();
-        let held = attachments.attach(stop.clone()).unwrap();
+        let held = attachments.attach(stop.clone(), None).unwrap();
         assert_eq!(attachments.count(), 1);
         assert_eq!(attachments.close(false), Err(CloseRefused::Busy(1)));
         assert!(!stop.is_cancelled());
@@ -162,7 +228,7 @@ mod tests {
 
         assert_eq!(attachments.close(true), Ok(1));
         assert!(stop.is_cancelled());
-        assert!(attachments.attach(CancellationToken::new()).is_none());
+        assert!(attachments.attach(CancellationToken::new(), None).is_none());
         assert_eq!(attachments.close(true), Err(CloseRefused::AlreadyClosed));
         let waiter = {
             let attachments = Arc::clone(&attachments);
@@ -174,27 +240,61 @@ mod tests {
         assert_eq!(attachments.count(), 0);
 
         attachments.reopen();
-        assert!(attachments.attach(CancellationToken::new()).is_some());
+        assert!(attachments.attach(CancellationToken::new(), None).is_some());
+    }
+
+    #[derive(Debug)]
+    struct FakeProbe(Arc<std::sync::atomic::AtomicBool>);
+
+    impl PeerProbe for FakeProbe {
+        fn peer_gone(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_fences_one_whose_client_is_gone() {
+        let attachments = Arc::new(Attachments::default());
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = Box::new(FakeProbe(Arc::clone(&gone)));
+        let old = attachments
+            .attach(CancellationToken::new(), Some(probe))
+            .unwrap();
+        let first = attachments.attach(CancellationToken::new(), None).unwrap();
+        assert_eq!(first.fence_departed(), 0, "the old client is still there");
+        assert!(!attachments.fence().is_raised());
+
+        gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        let second = attachments.attach(CancellationToken::new(), None).unwrap();
+        assert_eq!(second.fence_departed(), 1);
+        assert!(attachments.fence().is_raised());
+        assert!(old.seat().is_draining());
+        assert_eq!(second.fence_departed(), 0, "fenced once");
+
+        // Detaching settles the seat even if its task never did.
+        drop(old);
+        assert!(!attachments.fence().is_raised());
+        drop((first, second));
     }
 
     #[test]
     fn limited_attach_refuses_past_the_limit_and_frees_on_drop() {
         let attachments = Arc::new(Attachments::default());
         let first = attachments
-            .attach_limited(CancellationToken::new(), Some(1))
+            .attach_limited(CancellationToken::new(), None, Some(1))
             .unwrap();
         assert_eq!(
             attachments
-                .attach_limited(CancellationToken::new(), Some(1))
+                .attach_limited(CancellationToken::new(), None, Some(1))
                 .unwrap_err(),
             AttachRefused::Full(1)
         );
         assert!(attachments
-            .attach_limited(CancellationToken::new(), None)
+            .attach_limited(CancellationToken::new(), None, None)
             .is_ok());
         drop(first);
         assert!(attachments
-            .attach_limited(CancellationToken::new(), Some(2))
+            .attach_limited(CancellationToken::new(), None, Some(2))
             .is_ok());
     }
 }

@@ -5,6 +5,7 @@ pub mod attachments;
 pub mod buffers;
 pub mod diff;
 pub mod entry;
+pub mod fence;
 pub mod group;
 pub mod layer;
 pub mod manifest;

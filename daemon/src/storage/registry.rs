@@ -403,7 +403,7 @@ mod tests {
                 if from_bytes == 2 << 20 && to_bytes == 1 << 20
         ));
         let stop = tokio_util::sync::CancellationToken::new();
-        let held = vol.attachments().attach(stop).unwrap();
+        let held = vol.attachments().attach(stop, None).unwrap();
         assert!(matches!(
             reg.resize("v", 1 << 20, true).await,
             Err(StorageError::Busy { connections: 1, .. })

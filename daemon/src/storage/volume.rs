@@ -14,6 +14,7 @@ use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
+use crate::storage::fence::Fence;
 use crate::storage::layer::chain::{Chain, Hit};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
 use crate::storage::stripes::Stripes;
@@ -179,6 +180,11 @@ impl Volume {
     /// The NBD connections using this volume.
     pub fn attachments(&self) -> &Arc<Attachments> {
         &self.attachments
+    }
+
+    /// The write fence of this volume's connections.
+    pub fn fence(&self) -> &Fence {
+        self.attachments.fence()
     }
 
     /// New connections negotiate this size from now on.

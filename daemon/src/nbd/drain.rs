@@ -1,0 +1,207 @@
+//! A connection's part in write fencing (see `storage::fence`). When it stops serving with
+//! writes in flight, it raises its volume's fence until they are done. Requests of a live
+//! connection that change data wait at the fence before they start; requests of a draining one
+//! never do (they are the stale ones, and waiting would deadlock two dying connections on each
+//! other), and once its socket has failed those not started yet are cancelled instead.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+use std::time::Duration;
+
+use tokio::time::Sleep;
+
+use crate::metrics::VolumeMetrics;
+use crate::storage::fence::{Fence, Seat};
+
+/// A fence up this long is logged: the clients of the volume are stalled behind it.
+const FENCE_WARN_AFTER: Duration = Duration::from_secs(1);
+
+/// A request cancelled because its connection died before it started.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection died before the request started")]
+pub struct Abandoned;
+
+/// Holds a request that changes data (or flushes) while another connection's writes drain.
+/// When no fence is up this is one atomic load.
+pub async fn pass_fence(
+    fence: &Fence,
+    seat: &Seat,
+    metrics: &VolumeMetrics,
+) -> Result<(), Abandoned> {
+    if !fence.is_raised() {
+        return Ok(());
+    }
+    if !seat.is_draining() {
+        let waited = fence.wait(|| seat.is_draining()).await;
+        metrics.fence_waited(waited);
+    }
+    if seat.is_abandoned() {
+        return Err(Abandoned);
+    }
+    Ok(())
+}
+
+/// The connection loop's side: counts the writes in flight and settles the seat once reading
+/// is over and they are done.
+pub struct Drain<'s> {
+    fence: &'s Fence,
+    seat: &'s Seat,
+    /// Writes, trims and zeroes started and not finished (flushes change no data).
+    writes_in_flight: usize,
+    /// No more requests are read.
+    ended: bool,
+    abandoned: bool,
+    /// Fires once when this connection's fence has been up for [`FENCE_WARN_AFTER`].
+    overdue: Option<Pin<Box<Sleep>>>,
+}
+
+impl<'s> Drain<'s> {
+    pub fn new(fence: &'s Fence, seat: &'s Seat) -> Drain<'s> {
+        Drain {
+            fence,
+            seat,
+            writes_in_flight: 0,
+            ended: false,
+            abandoned: false,
+            overdue: None,
+        }
+    }
+
+    pub fn write_started(&mut self) {
+        self.writes_in_flight += 1;
+    }
+
+    /// Lowers the fence with the last write in flight once reading is over.
+    pub fn write_finished(&mut self) {
+        self.writes_in_flight -= 1;
+        if self.ended && self.writes_in_flight == 0 {
+            self.settle();
+        }
+    }
+
+    /// The connection reads no more requests; with `abandoned`, its socket is gone too. Raises
+    /// the fence while writes are in flight. Cheap when repeated; may be upgraded to abandoned.
+    pub fn start(&mut self, abandoned: bool) {
+        if self.ended && (self.abandoned || !abandoned) {
+            return;
+        }
+        self.ended = true;
+        self.abandoned |= abandoned;
+        let raised = self
+            .seat
+            .drain(self.fence, self.writes_in_flight > 0, abandoned);
+        if self.writes_in_flight == 0 {
+            self.settle();
+        } else if raised && self.overdue.is_none() {
+            self.overdue = Some(Box::pin(tokio::time::sleep(FENCE_WARN_AFTER)));
+        }
+    }
+
+    fn settle(&mut self) {
+        self.seat.settle(self.fence);
+        self.overdue = None;
+    }
+
+    /// Warns once when this connection's fence has been up too long.
+    pub fn poll_overdue(&mut self, cx: &mut Context<'_>, peer: &str, volume: &str) {
+        let Some(overdue) = self.overdue.as_mut() else {
+            return;
+        };
+        if overdue.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        self.overdue = None;
+        tracing::warn!(
+            %peer,
+            volume,
+            writes_in_flight = self.writes_in_flight,
+            raised_secs = FENCE_WARN_AFTER.as_secs(),
+            "a dead connection's writes are still in flight; the volume's other connections wait for them before writing"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn fence_is_up_only_while_draining_writes() {
+        let (fence, seat) = (Fence::default(), Seat::default());
+        let mut drain = Drain::new(&fence, &seat);
+        drain.write_started();
+        assert!(!fence.is_raised(), "a live connection raises nothing");
+        drain.start(false);
+        assert!(fence.is_raised());
+        drain.start(true);
+        assert!(fence.is_raised() && seat.is_abandoned());
+        drain.write_finished();
+        assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn no_writes_in_flight_no_fence() {
+        let (fence, seat) = (Fence::default(), Seat::default());
+        Drain::new(&fence, &seat).start(true);
+        assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn a_fence_raised_on_hang_up_stays_until_reading_is_over() {
+        let (fence, seat) = (Fence::default(), Seat::default());
+        let mut drain = Drain::new(&fence, &seat);
+        assert!(seat.hung_up(&fence));
+        // Requests queued before the hang-up still run; between them nothing is in flight.
+        drain.write_started();
+        drain.write_finished();
+        assert!(fence.is_raised());
+        drain.start(false);
+        assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn live_requests_wait_draining_pass_abandoned_cancel() {
+        let fence = Arc::new(Fence::default());
+        let metrics = Metrics::new();
+        let volume_metrics = metrics.volume("v");
+        let other = Seat::default();
+        other.drain(&fence, true, false);
+
+        let live = Arc::new(Seat::default());
+        let waiter = {
+            let (fence, live) = (Arc::clone(&fence), Arc::clone(&live));
+            let volume_metrics = Arc::clone(&volume_metrics);
+            tokio::spawn(async move { pass_fence(&fence, &live, &volume_metrics).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "a live connection waits at a raised fence"
+        );
+
+        let draining = Seat::default();
+        draining.drain(&fence, false, false);
+        assert!(pass_fence(&fence, &draining, &volume_metrics).await.is_ok());
+        let abandoned = Seat::default();
+        abandoned.drain(&fence, false, true);
+        assert!(pass_fence(&fence, &abandoned, &volume_metrics)
+            .await
+            .is_err());
+
+        other.settle(&fence);
+        let passed = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the fence is lowered")
+            .unwrap();
+        assert!(passed);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"evsd_volume_fence_waits_total{volume="v"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! Write fencing: while a connection whose client went away still has writes in flight, writes
+//! from the volume's other connections wait before they start, so a stale write can never land
+//! after a newer one (the client may already have reconnected and re-sent it).
+//!
+//! Waiting before the write *starts* matters: waiting only before its ack would still let the
+//! new write reach the disk first and the stale one overwrite it afterwards.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+#[derive(Debug, Default)]
+pub struct Fence {
+    /// Connections whose seat holds the fence up.
+    raised: AtomicUsize,
+    /// Woken whenever a fence goes up or down; waiters re-check their condition.
+    changed: Notify,
+}
+
+impl Fence {
+    /// The hot-path check: one atomic load.
+    #[inline]
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst) != 0
+    }
+
+    /// Waits until no fence is raised or `released()` says this waiter need not wait any more
+    /// (its own connection is draining: its requests are the stale ones, and waiting on its
+    /// own fence would never end). Returns how long it waited, zero without waiting.
+    pub async fn wait(&self, released: impl Fn() -> bool) -> Duration {
+        if !self.is_raised() {
+            return Duration::ZERO;
+        }
+        let started = Instant::now();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before checking, so a lowering in between is not missed.
+            notified.as_mut().enable();
+            if !self.is_raised() || released() {
+                return started.elapsed();
+            }
+            notified.await;
+        }
+    }
+
+    /// Wakes every waiter to re-check its condition.
+    fn wake_waiters(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+/// One connection's place at its volume's fence. Its transitions are rare (once per connection
+/// death) and may come from two sides, the connection's own task and a newer connection that
+/// found its peer gone first, so they are serialised by a lock; the request path never takes it
+/// unless a fence is up.
+#[derive(Debug, Default)]
+pub struct Seat {
+    state: Mutex<SeatState>,
+}
+
+#[derive(Debug, Default)]
+struct SeatState {
+    /// This seat counts in `Fence::raised`.
+    raised: bool,
+    /// The connection reads no more requests, or its client is known to be gone: its requests
+    /// no longer wait at the fence.
+    draining: bool,
+    /// Its socket failed: requests not started yet never start.
+    abandoned: bool,
+    /// Its reading is over and its writes are done (or it detached): never raised again.
+    settled: bool,
+}
+
+impl Seat {
+    fn state(&self) -> MutexGuard<'_, SeatState> {
+        // The state is a few flags, each update complete in itself: recover from poisoning.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.state().draining
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.state().abandoned
+    }
+
+    /// The connection stops reading requests (with `abandoned`, its socket failed). Raises the
+    /// fence while `writes_in_flight`; releases its own waiting requests either way. Returns
+    /// whether the fence is up for this seat.
+    pub fn drain(&self, fence: &Fence, writes_in_flight: bool, abandoned: bool) -> bool {
+        let mut state = self.state();
+        let changed = !state.draining || (abandoned && !state.abandoned);
+        state.draining = true;
+        state.abandoned |= abandoned;
+        if writes_in_flight && !state.raised && !state.settled {
+            state.raised = true;
+            fence.raised.fetch_add(1, Ordering::SeqCst);
+            fence.wake_waiters();
+        } else if changed {
+            fence.wake_waiters();
+        }
+        state.raised
+    }
+
+    /// A newer connection found this one's client gone before this connection's own task
+    /// noticed (it may still be reading requests queued before the hang-up): raise the fence
+    /// now, until the task settles. Does nothing once the task drains by itself, which it does
+    /// before closing its socket: so a probe that looked at a closed (or reused) descriptor is
+    /// never acted on.
+    pub fn hung_up(&self, fence: &Fence) -> bool {
+        let mut state = self.state();
+        if state.draining || state.settled {
+            return false;
+        }
+        state.draining = true;
+        state.raised = true;
+        fence.raised.fetch_add(1, Ordering::SeqCst);
+        fence.wake_waiters();
+        true
+    }
+
+    /// Reading is over and no write is in flight: lowers the fence for good.
+    pub fn settle(&self, fence: &Fence) {
+        let mut state = self.state();
+        state.settled = true;
+        if std::mem::take(&mut state.raised) {
+            fence.raised.fetch_sub(1, Ordering::SeqCst);
+            fence.wake_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const SOON: Duration = Duration::from_millis(20);
+
+    /// A dying connection with writes in flight.
+    fn raised(fence: &Fence) -> Seat {
+        let seat = Seat::default();
+        assert!(seat.drain(fence, true, false));
+        seat
+    }
+
+    #[tokio::test]
+    async fn lowered_fence_does_not_wait() {
+        let fence = Fence::default();
+        assert!(!fence.is_raised());
+        assert_eq!(fence.wait(|| false).await, Duration::ZERO);
+        let seat = Seat::default();
+        assert!(
+            !seat.drain(&fence, false, false),
+            "no writes in flight, no fence"
+        );
+        assert!(!fence.is_raised());
+        raised(&fence).settle(&fence);
+        assert!(!fence.is_raised());
+        assert_eq!(fence.wait(|| false).await, Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn waits_until_every_seat_settles() {
+        let fence = Arc::new(Fence::default());
+        let (first, second) = (raised(&fence), raised(&fence));
+        let waiter = {
+            let fence = Arc::clone(&fence);
+            tokio::spawn(async move { fence.wait(|| false).await })
+        };
+        tokio::time::sleep(SOON).await;
+        assert!(!waiter.is_finished());
+        first.settle(&fence);
+        first.settle(&fence);
+        tokio::time::sleep(SOON).await;
+        assert!(!waiter.is_finished(), "one fence is still up");
+        second.settle(&fence);
+        let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("waiter woken")
+            .unwrap();
+        assert!(waited >= 2 * SOON);
+        assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_released_when_its_own_connection_drains() {
+        let fence = Arc::new(Fence::default());
+        let older = raised(&fence);
+        let own = Arc::new(Seat::default());
+        let waiter = {
+            let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
+            tokio::spawn(async move { fence.wait(|| own.is_draining()).await })
+        };
+        tokio::time::sleep(SOON).await;
+        assert!(!waiter.is_finished());
+        // Nothing of its own in flight but the waiting request: no fence, but a wake-up.
+        own.drain(&fence, false, false);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("released waiter woken")
+            .unwrap();
+        older.settle(&fence);
+        assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn hung_up_raises_until_the_connection_settles() {
+        let fence = Fence::default();
+        let seat = Seat::default();
+        assert!(seat.hung_up(&fence));
+        assert!(fence.is_raised() && seat.is_draining() && !seat.is_abandoned());
+        assert!(!seat.hung_up(&fence), "raised once");
+        // The connection's task notices later, with nothing in flight: still up, it may have
+        // started requests queued before the hang-up.
+        assert!(seat.drain(&fence, false, true));
+        assert!(fence.is_raised() && seat.is_abandoned());
+        seat.settle(&fence);
+        assert!(!fence.is_raised());
+        assert!(
+            !seat.hung_up(&fence),
+            "a settled seat is never raised again"
+        );
+        assert!(!seat.drain(&fence, true, true));
+        assert!(!fence.is_raised());
+
+        let drained = Seat::default();
+        drained.drain(&fence, false, false);
+        assert!(
+            !drained.hung_up(&fence),
+            "its own task is in charge once draining"
+        );
+        assert!(!fence.is_raised());
+    }
+
+    /// Lowering races with many waiters registering: none may sleep through it.
+    #[test]
+    fn no_lost_wakeup() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for _ in 0..200 {
+                let fence = Arc::new(Fence::default());
+                let seat = raised(&fence);
+                let waiters: Vec<_> = (0..8)
+                    .map(|_| {
+                        let fence = Arc::clone(&fence);
+                        tokio::spawn(async move { fence.wait(|| false).await })
+                    })
+                    .collect();
+                tokio::task::yield_now().await;
+                seat.settle(&fence);
+                for waiter in waiters {
+                    tokio::time::timeout(Duration::from_secs(5), waiter)
+                        .await
+                        .expect("a waiter slept through the lowering")
+                        .unwrap();
+                }
+            }
+        });
+    }
+}
