@@ -466,6 +466,9 @@ impl ServerHandshake {
 
     /// The option reply for an export the catalog refused.
     fn put_refusal(&self, out: &mut BytesMut, option: u32, name: &str, refusal: ExportRefusal) {
+        // The message quotes the name escaped; cut it so the message stays far below the spec's
+        // 4096-byte limit on strings (escaping can make a name six times longer).
+        let name = truncate_utf8(name, MAX_QUOTED_NAME_BYTES);
         match refusal {
             ExportRefusal::Unknown => {
                 let msg = format!("export {name:?} not found");
@@ -484,6 +487,7 @@ impl ServerHandshake {
             }
             ExportRefusal::Policy(reason) => {
                 let msg = format!("export {name:?}: {reason}");
+                let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
                 put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
             }
         }
@@ -596,6 +600,21 @@ pub fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) 
     out.put_u32(reply_type);
     out.put_u32(data.len() as u32);
     out.put_slice(data);
+}
+
+/// The longest prefix of a client's export name quoted in an error message.
+const MAX_QUOTED_NAME_BYTES: usize = 256;
+
+/// The longest prefix of `s` of at most `max_bytes` bytes that ends on a char boundary.
+fn truncate_utf8(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Reads a u32-length-prefixed string of at most MAX_STRING_BYTES.

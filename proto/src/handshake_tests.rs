@@ -646,3 +646,25 @@ fn export_name_refusals_disconnect() {
         assert!(out.is_empty());
     }
 }
+
+#[test]
+fn refusals_quoting_long_names_stay_within_the_string_limit() {
+    // Names of the longest allowed size; control characters are escaped to five bytes each.
+    for name in [
+        "a".repeat(MAX_STRING_BYTES),
+        "\u{1}".repeat(MAX_STRING_BYTES),
+    ] {
+        let (mut hs, mut input) = start(FLAG_C_FIXED_NEWSTYLE);
+        option(&mut input, OPT_INFO, &info_payload(&name, &[]));
+        option(&mut input, OPT_LIST_META_CONTEXT, &meta_payload(&name, &[]));
+        let (step, out) = run(&mut hs, &mut input);
+        assert_eq!(step, Ok(Step::NeedInput));
+        let replies = replies(&out);
+        assert_eq!(replies.len(), 2);
+        for (_, kind, message) in replies {
+            assert_eq!(kind, REP_ERR_UNKNOWN);
+            assert!(message.len() <= MAX_STRING_BYTES, "{} bytes", message.len());
+            assert!(std::str::from_utf8(&message).is_ok());
+        }
+    }
+}
