@@ -1298,6 +1298,171 @@ fn kill9_during_random_writes_keeps_flushed_data_and_acknowledged_snapshots() {
     assert_content(&d, "vol0", &got);
 }
 
+/// snapshot.create answers once its manifest is in place, before it is durable (the fsyncs
+/// run in the background and the next FLUSH waits for them). Kill -9 right after the answer
+/// while a client keeps writing and flushing: after the restart the snapshot is there with
+/// exactly the writes acknowledged before the call, and every flushed write reads back.
+#[test]
+fn kill9_right_after_snapshot_create_returns() {
+    require_tool("nbdcopy");
+    let mut d = start();
+    let size = 8 * MIB;
+    let nblocks = (size / BLOCK) as usize;
+    create_volume(&d, "vol0", size);
+    let mut expected_snapshots: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut next_tag = 1u64;
+    for round in 0..4u64 {
+        let model = Arc::new(Mutex::new(CrashModel {
+            current: vec![0; nblocks],
+            flushed: vec![0; nblocks],
+            since_flush: vec![Vec::new(); nblocks],
+            ..CrashModel::default()
+        }));
+        // Start from a known volume: every block written and flushed with fresh tags.
+        let (raw, _) = Raw::open(d.tcp_addr(), "vol0");
+        let mut s = raw.s;
+        {
+            let mut m = model.lock().unwrap();
+            for b in 0..nblocks {
+                m.current[b] = next_tag;
+                next_tag += 1;
+            }
+            let data = content_of(&m.current);
+            for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+                assert_eq!(
+                    try_cmd(&mut s, CMD_WRITE, i as u64, i as u64 * MIB, chunk).unwrap(),
+                    0
+                );
+            }
+            assert_eq!(try_cmd(&mut s, CMD_FLUSH, 99, 0, &[]).unwrap(), 0);
+            m.flushed = m.current.clone();
+        }
+        let admin_path = d.admin_path().to_path_buf();
+        let m2 = Arc::clone(&model);
+        let snap_name = format!("w{round}");
+        let mut tag = next_tag;
+        let writer = thread::spawn(move || {
+            let lock = || m2.lock().unwrap_or_else(|e| e.into_inner());
+            let mut admin = Admin::connect(&admin_path);
+            let mut rng = Prng::new(round + 11);
+            for i in 0u64.. {
+                let first = (rng.next_u64() % nblocks as u64) as usize;
+                let n = (1 + rng.next_u64() % 8).min((nblocks - first) as u64) as usize;
+                let tags: Vec<u64> = (0..n as u64).map(|j| tag + j).collect();
+                tag += n as u64;
+                for (j, &t) in tags.iter().enumerate() {
+                    lock().since_flush[first + j].push(t);
+                }
+                match try_cmd(
+                    &mut s,
+                    CMD_WRITE,
+                    i,
+                    first as u64 * BLOCK,
+                    &content_of(&tags),
+                ) {
+                    Ok(0) => {
+                        let mut m = lock();
+                        for (j, &t) in tags.iter().enumerate() {
+                            m.current[first + j] = t;
+                        }
+                        m.writes += 1;
+                    }
+                    other => {
+                        lock().stopped = Some(format!("write {i}: {other:?}"));
+                        return;
+                    }
+                }
+                if i == 200 {
+                    let cur = lock().current.clone();
+                    let params = json!({"volume": "vol0", "name": snap_name});
+                    match admin.call("snapshot.create", &params) {
+                        Ok(Ok(_)) => lock().snapshots.push((snap_name.clone(), cur)),
+                        other => {
+                            lock().stopped = Some(format!("snapshot.create: {other:?}"));
+                            return;
+                        }
+                    }
+                }
+                // From the snapshot on, flush often: a FLUSH now waits for its manifest.
+                if i % 16 == 15 || i > 200 {
+                    match try_cmd(&mut s, CMD_FLUSH, 1 << 40 | i, 0, &[]) {
+                        Ok(0) => {
+                            let mut m = lock();
+                            m.flushed = m.current.clone();
+                            for p in m.since_flush.iter_mut() {
+                                p.clear();
+                            }
+                            m.flushes += 1;
+                        }
+                        other => {
+                            lock().stopped = Some(format!("flush {i}: {other:?}"));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let acked = wait_until(Duration::from_secs(60), || {
+            let m = model.lock().unwrap_or_else(|e| e.into_inner());
+            !m.snapshots.is_empty() || m.stopped.is_some()
+        });
+        // As soon as the answer is seen: the persist is most likely still running.
+        d.kill9();
+        writer.join().expect("writer thread");
+        let m = model.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            acked && m.snapshots.len() == 1,
+            "round {round}: the snapshot was not acknowledged before the kill: {:?}",
+            m.stopped
+        );
+        eprintln!(
+            "round {round}: killed after {} writes, {} flushes; writer stopped at {:?}",
+            m.writes, m.flushes, m.stopped
+        );
+        next_tag = tag_after(&m) + 1;
+        d.restart();
+
+        let got = read_export(&d, "vol0");
+        let mut bad = Vec::new();
+        for b in 0..nblocks {
+            let blk = &got[b * BLOCK as usize..(b + 1) * BLOCK as usize];
+            if !std::iter::once(m.flushed[b])
+                .chain(m.since_flush[b].iter().copied())
+                .any(|t| blk == block_data(t).as_slice())
+            {
+                bad.push(b as u64 * BLOCK);
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "round {round}: {} blocks of vol0 hold neither their flushed content nor a later write, first at {:?}",
+            bad.len(),
+            &bad[..bad.len().min(16)]
+        );
+        expected_snapshots.push(m.snapshots[0].clone());
+        let names = snap_names(&d, "vol0");
+        let want: Vec<String> = expected_snapshots.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, want, "round {round}: snapshots after kill -9");
+        for (n, tags) in &expected_snapshots {
+            let got = read_export(&d, &format!("vol0@{n}"));
+            assert_same(
+                &format!("round {round}: vol0@{n} after kill -9"),
+                &got,
+                &content_of(tags),
+            );
+        }
+    }
+}
+
+fn tag_after(m: &CrashModel) -> u64 {
+    m.current
+        .iter()
+        .chain(m.since_flush.iter().flatten())
+        .copied()
+        .max()
+        .unwrap_or(0)
+}
+
 #[test]
 fn kill9_during_snapshot_create() {
     require_tool("qemu-io");

@@ -272,6 +272,10 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
                 },
                 CloseRefused::AlreadyClosed => StorageError::NotFound(params.name.clone()),
             })?;
+    if let Some(writer) = volume.writer() {
+        // A snapshot create's background fsyncs write into the folder: let them end first.
+        writer.persist.settle().await;
+    }
     let registry = Arc::clone(&ctx.registry);
     let name = params.name.clone();
     let hidden = match blocking(move || registry.remove(&name)).await {

@@ -306,7 +306,7 @@ impl Backups {
             let mut record = new_record(&entry, volume, full, None, policy.clone());
             let taken = async {
                 self.files.save(&JobRecord::Backup(record.clone()))?;
-                entry.create_snapshot(&record.snapshot).await?;
+                entry.create_snapshot_durable(&record.snapshot).await?;
                 record.snapshot_taken = true;
                 self.files.save(&JobRecord::Backup(record.clone()))
             }

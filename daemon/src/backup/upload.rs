@@ -64,7 +64,7 @@ pub async fn run(
     }
     if !record.snapshot_taken {
         // The daemon stopped between recording the job and taking its snapshot.
-        entry.create_snapshot(&record.snapshot).await?;
+        entry.create_snapshot_durable(&record.snapshot).await?;
         record.snapshot_taken = true;
         svc.files.save(&JobRecord::Backup(record.clone()))?;
     }

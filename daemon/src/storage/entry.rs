@@ -13,7 +13,9 @@ use crate::io::IoEngine;
 use crate::storage::buffers::BufferPool;
 use crate::storage::layer::chain::Chain;
 use crate::storage::layer::{self, blocks_for, BlockState, Layer, BLOCK_BYTES};
-use crate::storage::manifest::{self, LayerRecord, VolumeManifest, LEGACY_DATA_FILE};
+use crate::storage::manifest::{
+    self, LayerRecord, ManifestSource, VolumeManifest, LEGACY_DATA_FILE,
+};
 use crate::storage::name::validate_volume_name;
 use crate::storage::volume::{Volume, VolumeIdentity};
 
@@ -51,15 +53,38 @@ impl VolumeEntry {
         engine: IoEngine,
         buffers: Arc<BufferPool>,
     ) -> Result<VolumeEntry, StorageError> {
-        let mut manifest = VolumeManifest::load(dir)?;
+        let (mut manifest, source) = VolumeManifest::load_or_previous(dir)?;
         validate_volume_name(&manifest.name)?;
+        if source == ManifestSource::Previous {
+            restore_previous(dir, &manifest)?;
+        }
         if manifest.is_legacy() {
             manifest = migrate_legacy(dir, manifest)?;
         }
+        manifest.store_previous_if_stale(dir)?;
         remove_orphans(dir, &manifest);
         let mut layers = HashMap::new();
         for record in &manifest.layers {
-            let layer = Layer::open(dir, &record.id, record.size_bytes)?;
+            let layer = if is_lost_head(dir, &manifest, &record.id) {
+                // The manifest that named this head was in place but not yet durable when the
+                // machine went down (snapshot create answers before its fsyncs), and the files'
+                // names did not reach the disk. No FLUSH can have returned since the head was
+                // started (FLUSH waits for that manifest to be durable), so it held nothing a
+                // client was promised: start it again empty.
+                tracing::warn!(volume = %manifest.name, layer = %record.id, "the head layer's files are missing; starting it empty");
+                for path in [
+                    layer::data_path(dir, &record.id),
+                    layer::map_path(dir, &record.id),
+                ] {
+                    let _ = std::fs::remove_file(path);
+                }
+                let layer = Layer::create(dir, &record.id, record.size_bytes)?;
+                layer.sync_created()?;
+                manifest::sync_dir(dir)?;
+                layer
+            } else {
+                Layer::open(dir, &record.id, record.size_bytes)?
+            };
             layers.insert(record.id.clone(), Arc::new(layer));
         }
         let chain = chain_of(&manifest, &layers, &manifest.head)?;
@@ -114,6 +139,18 @@ impl VolumeEntry {
             merge: None,
         }
         .store(dir)
+    }
+
+    /// Takes `admin` (the right to change the tree) once no manifest persist is pending: a
+    /// snapshot create leaves its fsyncs running, and the other changes write durably in
+    /// place (an older persist must not overwrite their `.prev` after), or share layers that
+    /// must not become a head again after a crash (a clone).
+    pub(crate) async fn lock_admin(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let admin = self.admin.lock().await;
+        if let Some(writer) = self.volume.writer() {
+            writer.persist.settle().await;
+        }
+        admin
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
@@ -201,6 +238,7 @@ impl VolumeEntry {
             writer
                 .commit_failed
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            writer.persist.all_durable();
         }
         state.manifest = next;
         self.refresh(state)
@@ -211,7 +249,7 @@ impl VolumeEntry {
     /// shrunk after a snapshot), the regrown blocks are masked as zero so old data never
     /// reappears.
     pub async fn resize(&self, size_bytes: u64) -> Result<u64, StorageError> {
-        let _admin = self.admin.lock().await;
+        let _admin = self.lock_admin().await;
         let Some(writer) = self.volume.writer() else {
             return Err(StorageError::ReadOnly(self.name().to_owned()));
         };
@@ -273,6 +311,33 @@ pub(crate) fn chain_of(
         chain.push(Arc::clone(layer));
     }
     Ok(Chain::new(chain))
+}
+
+/// Puts `previous` (loaded from `volume.json.prev` because `volume.json` was torn or missing)
+/// back as the durable `volume.json`. The torn file goes first, so that writing the new one
+/// does not link it as the previous manifest; `.prev` stays valid throughout.
+fn restore_previous(dir: &Path, previous: &VolumeManifest) -> Result<(), StorageError> {
+    let current = dir.join(manifest::MANIFEST_FILE);
+    match std::fs::remove_file(&current) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StorageError::fs("remove", &current, e)),
+    }
+    previous.store(dir)
+}
+
+/// Whether `id` is the head, no other layer, snapshot or merge depends on it, and its files
+/// are gone: what a crash can leave after a snapshot create whose manifest rename reached the
+/// disk before the new head's file names (no journal orders them).
+fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
+    id == manifest.head
+        && manifest.children(id).is_empty()
+        && !manifest.snapshots.iter().any(|s| s.layer == id)
+        && manifest
+            .merge
+            .as_ref()
+            .is_none_or(|m| m.victim != id && m.survivor != id)
+        && (!layer::data_path(dir, id).exists() || !layer::map_path(dir, id).exists())
 }
 
 /// Layer files (and temp files) that the manifest does not name.
@@ -377,4 +442,148 @@ fn data_ranges(file: &std::fs::File, end: u64) -> std::io::Result<Vec<(u64, u64)
         pos = hole.max(data + 1);
     }
     Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::io::{EngineConfig, EngineKind};
+    use crate::storage::Registry;
+
+    const SIZE_BYTES: u64 = 1 << 20;
+
+    fn engine() -> IoEngine {
+        IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap()
+    }
+
+    /// A volume with `0x11` flushed over its first 64 KiB, then snapshot `s1` taken (and
+    /// returned from, its manifest maybe not durable yet), then `0x22` written over the same
+    /// range without a flush. Returns the volume folder, the old head and the new head.
+    async fn snapshot_then_write(data_dir: &Path) -> (PathBuf, String, String) {
+        let reg = Registry::open(data_dir, engine()).unwrap();
+        let vol = reg.create("v", SIZE_BYTES).unwrap();
+        vol.write(0, Bytes::from(vec![0x11; 65536]), false)
+            .await
+            .unwrap();
+        vol.flush().await.unwrap();
+        let entry = reg.entry("v").unwrap();
+        let old_head = entry.manifest().head;
+        entry.create_snapshot("s1").await.unwrap();
+        let new_head = entry.manifest().head;
+        assert_ne!(old_head, new_head);
+        vol.write(0, Bytes::from(vec![0x22; 65536]), false)
+            .await
+            .unwrap();
+        // Whatever a crash leaves is simulated below on files the kernel has; let the
+        // background persist end first so that it does not race the edits.
+        vol.flush().await.unwrap();
+        (entry.dir.clone(), old_head, new_head)
+    }
+
+    async fn read_first_block(reg: &Registry, export: &str) -> Vec<u8> {
+        let vol = reg.get(export).unwrap();
+        vol.read(0, 4096).await.unwrap().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_torn_manifest_after_snapshot_create_loads_the_volume_before_it() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (dir, old_head, new_head) = snapshot_then_write(data_dir.path()).await;
+        // The state of a crash after the rename, before the background persist: `volume.json`
+        // torn, `.prev` still the manifest from before the snapshot.
+        let before = VolumeManifest {
+            head: old_head.clone(),
+            layers: vec![LayerRecord {
+                id: old_head.clone(),
+                parent: None,
+                size_bytes: SIZE_BYTES,
+            }],
+            snapshots: Vec::new(),
+            ..VolumeManifest::load(&dir).unwrap()
+        };
+        manifest::write_durably(
+            &dir.join(manifest::PREV_MANIFEST_FILE),
+            &serde_json::to_vec(&before).unwrap(),
+        )
+        .unwrap();
+        let path = dir.join(manifest::MANIFEST_FILE);
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let entry = reg.entry("v").unwrap();
+        let m = entry.manifest();
+        assert!(m.snapshots.is_empty(), "the snapshot is all gone");
+        assert_eq!(m.head, old_head);
+        assert_eq!(m.layers.len(), 1);
+        // The old head holds what was flushed (and here, since the page cache survived, the
+        // later write too: either is allowed for an unflushed write).
+        let got = read_first_block(&reg, "v").await;
+        assert!(got == [0x11; 4096] || got == [0x22; 4096]);
+        // The new head's files were orphans and went; volume.json is whole again.
+        assert!(!layer::data_path(&dir, &new_head).exists());
+        assert!(!layer::map_path(&dir, &new_head).exists());
+        assert_eq!(
+            VolumeManifest::load_or_previous(&dir).unwrap(),
+            (m, ManifestSource::Current)
+        );
+        // The tree can change again.
+        entry.create_snapshot("s1").await.unwrap();
+        entry.delete_snapshot("s1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lost_head_after_snapshot_create_starts_empty() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (dir, old_head, new_head) = snapshot_then_write(data_dir.path()).await;
+        // The manifest's rename reached the disk, the new head's file names did not.
+        std::fs::remove_file(layer::data_path(&dir, &new_head)).unwrap();
+        std::fs::remove_file(layer::map_path(&dir, &new_head)).unwrap();
+
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let m = reg.entry("v").unwrap().manifest();
+        assert_eq!(m.head, new_head);
+        assert_eq!(m.snapshot("s1").unwrap().layer, old_head);
+        assert_eq!(read_first_block(&reg, "v@s1").await, [0x11; 4096]);
+        assert_eq!(read_first_block(&reg, "v").await, [0x11; 4096]);
+        assert!(layer::data_path(&dir, &new_head).exists());
+        assert!(layer::map_path(&dir, &new_head).exists());
+        // Only a head nobody depends on is started again: a missing frozen layer is an error.
+        std::fs::remove_file(layer::map_path(&dir, &old_head)).unwrap();
+        drop(reg);
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        assert!(
+            reg.entry("v").is_none(),
+            "a volume missing a frozen layer is skipped"
+        );
+    }
+
+    #[tokio::test]
+    async fn flush_waits_for_the_manifests_put_in_place_before_it() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let vol = reg.create("v", SIZE_BYTES).unwrap();
+        let entry = reg.entry("v").unwrap();
+        let writer = vol.writer().unwrap();
+        for name in ["s1", "s2", "s3"] {
+            entry.create_snapshot(name).await.unwrap();
+        }
+        let visible = writer.persist.visible();
+        assert_eq!(visible, 3);
+        vol.flush().await.unwrap();
+        // Returned only once all three are durable; `.prev` is the last.
+        writer.persist.wait_durable(visible).await.unwrap();
+        let prev = std::fs::read(entry.dir.join(manifest::PREV_MANIFEST_FILE)).unwrap();
+        let current = std::fs::read(entry.dir.join(manifest::MANIFEST_FILE)).unwrap();
+        assert_eq!(prev, current);
+        // A tree change settles the persists first and writes both files durably itself.
+        entry.create_snapshot("s4").await.unwrap();
+        entry.delete_snapshot("s1").await.unwrap();
+        let prev = std::fs::read(entry.dir.join(manifest::PREV_MANIFEST_FILE)).unwrap();
+        let current = std::fs::read(entry.dir.join(manifest::MANIFEST_FILE)).unwrap();
+        assert_eq!(prev, current);
+        vol.flush().await.unwrap();
+    }
 }

@@ -1,8 +1,8 @@
 //! Freezing heads: one volume's (a snapshot) or several volumes' from the same instant (a
 //! consistency group, for server backups). Writes are held only while the heads are swapped
-//! in memory; the manifests are made durable after writes resume, and a FLUSH on any of the
-//! volumes waits for that (so no write is acknowledged as durable while its head is not
-//! recorded yet).
+//! in memory; the new manifests are put in place after writes resume and made durable in the
+//! background (`persist.rs`). Until they are, a FLUSH on any of the volumes waits (so no write
+//! is acknowledged as durable while its head is not recorded durably).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::storage::entry::{now_unix_secs, VolumeEntry};
 use crate::storage::layer::{self, Layer};
 use crate::storage::manifest::{LayerRecord, SnapshotRecord, VolumeManifest};
 use crate::storage::name::validate_snapshot_name;
+use crate::storage::volume::Volume;
 use crate::storage::Registry;
 
 /// Longest a barrier attempt holds new writes while writes in flight finish.
@@ -28,11 +29,33 @@ pub struct FreezeMember<'a> {
     pub snapshot: Option<&'a str>,
 }
 
-/// Freezes every member's head at one instant. The caller holds each entry's `admin` lock.
-/// Returns how long writes were held, in microseconds (from the first gate requested to the
-/// last released, in the attempt that succeeded; a failed attempt held them at most
-/// `GATE_WAIT`).
-pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, StorageError> {
+/// The manifests a freeze put in place, with their generations: durable once each volume's
+/// persist reaches its generation.
+#[must_use = "a freeze's manifests are not durable yet"]
+pub(crate) struct Published {
+    members: Vec<(Arc<Volume>, u64)>,
+}
+
+impl Published {
+    /// Waits until every manifest the freeze put in place is durable.
+    pub(crate) async fn wait_durable(&self) -> Result<(), StorageError> {
+        for (volume, generation) in &self.members {
+            if let Some(writer) = volume.writer() {
+                writer.persist.wait_durable(*generation).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Freezes every member's head at one instant and puts the new manifests in place; their
+/// fsyncs run in the background (see `persist.rs`). The caller holds each entry's `admin`
+/// lock. Returns how long writes were held, in microseconds (from the first gate requested
+/// to the last released, in the attempt that succeeded; a failed attempt held them at most
+/// `GATE_WAIT`), and what to wait for to have the manifests durable.
+pub(crate) async fn freeze_heads(
+    members: &[FreezeMember<'_>],
+) -> Result<(u64, Published), StorageError> {
     let started = Instant::now();
     // Everything that touches the filesystem happens before writes are held.
     let mut prepared = Vec::with_capacity(members.len());
@@ -51,6 +74,8 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
         }
         let size_bytes = m.entry.manifest().size_bytes;
         let id = layer::new_layer_id()?;
+        // Not fsynced: a crash before the manifest naming it is durable may lose its files,
+        // and the load starts a missing head again empty (no FLUSH can have returned since).
         let new_head = Arc::new(Layer::create(&m.entry.dir, &id, size_bytes)?);
         prepared.push((m, writer, id, new_head, size_bytes));
     }
@@ -123,9 +148,18 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
     let swapped_us = started.elapsed().as_micros() as u64;
 
     let mut first_error = None;
+    let mut published = Published {
+        members: Vec::with_capacity(prepared.len()),
+    };
     for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
-        match next.store(&m.entry.dir) {
-            Ok(()) => writer.commit_failed.store(false, Ordering::SeqCst),
+        match next.store_visible(&m.entry.dir) {
+            Ok(manifest) => {
+                writer.commit_failed.store(false, Ordering::SeqCst);
+                let generation = writer.persist.publish(manifest);
+                published
+                    .members
+                    .push((Arc::clone(&m.entry.volume), generation));
+            }
             Err(e) => {
                 // The volume runs on the new head, which the disk does not know yet: FLUSH
                 // fails until a later manifest write succeeds.
@@ -135,13 +169,14 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
             }
         }
     }
+    // FLUSHes from here wait for the generations just published.
     drop(commits);
     tracing::debug!(
         prepared_us,
         swapped_us,
         hold_us,
         attempts,
-        persisted_us = started.elapsed().as_micros() as u64,
+        visible_us = started.elapsed().as_micros() as u64,
         "froze heads"
     );
     for (layer, (m, ..)) in frozen.into_iter().zip(&prepared) {
@@ -156,14 +191,14 @@ pub(crate) async fn freeze_heads(members: &[FreezeMember<'_>]) -> Result<u64, St
     }
     match first_error {
         Some(e) => Err(e),
-        None => Ok(hold_us),
+        None => Ok((hold_us, published)),
     }
 }
 
 impl Registry {
     /// Snapshots every `(volume, snapshot name)` from the same instant: new writes on every
-    /// member are held, writes in flight finish, all heads are frozen, writes resume. Returns
-    /// the hold time in microseconds.
+    /// member are held, writes in flight finish, all heads are frozen, writes resume. Durable
+    /// when it returns. Returns the hold time in microseconds.
     pub async fn snapshot_group(&self, members: &[(String, String)]) -> Result<u64, StorageError> {
         let mut sorted: Vec<&(String, String)> = members.iter().collect();
         // One order for every caller, so two groups sharing volumes cannot deadlock.
@@ -186,7 +221,10 @@ impl Registry {
                 snapshot: Some(snapshot),
             })
             .collect();
-        let hold_us = freeze_heads(&members).await?;
+        let (hold_us, published) = freeze_heads(&members).await?;
+        // Durable before returning: the backup job records that follow say the snapshots
+        // exist.
+        published.wait_durable().await?;
         tracing::info!(volumes = members.len(), hold_us, "group snapshot taken");
         Ok(hold_us)
     }

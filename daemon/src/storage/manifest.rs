@@ -1,5 +1,10 @@
 //! The per-volume manifest (`volume.json`) and the durable way to write files: temp + fsync +
 //! rename + fsync of the directory.
+//!
+//! A manifest can also be put in place before it is durable ([`VolumeManifest::store_visible`]):
+//! snapshot create answers then, and the fsyncs run in the background (`persist.rs`). A crash
+//! in that window can leave `volume.json` torn (its rename reached the disk before its bytes);
+//! a durable copy of the last durable manifest, `volume.json.prev`, is loaded instead.
 
 use std::fs::File;
 use std::io::Write;
@@ -10,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::StorageError;
 
 pub const MANIFEST_FILE: &str = "volume.json";
+/// A durable copy of the last manifest known durable, for a crash that tears a newer one.
+pub const PREV_MANIFEST_FILE: &str = "volume.json.prev";
 /// The single data file of a format-1 volume (before layers); migrated at load.
 pub const LEGACY_DATA_FILE: &str = "data.img";
 pub const FORMAT_VERSION: u32 = 2;
@@ -69,40 +76,102 @@ pub struct VolumeManifest {
 impl VolumeManifest {
     /// Reads the manifest; a format-1 manifest (no layers) is returned as is, with
     /// `format_version` 1, for the caller to migrate.
+    #[cfg(test)]
     pub fn load(dir: &Path) -> Result<VolumeManifest, StorageError> {
-        let path = dir.join(MANIFEST_FILE);
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| StorageError::fs("read", &path, e))?;
-        let manifest: VolumeManifest =
-            serde_json::from_str(&text).map_err(|e| StorageError::BadManifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        if manifest.format_version != FORMAT_VERSION
-            && manifest.format_version != LEGACY_FORMAT_VERSION
-        {
-            return Err(StorageError::BadManifest {
-                path,
-                reason: format!(
-                    "format_version {} is not {FORMAT_VERSION}",
-                    manifest.format_version
-                ),
-            });
-        }
-        if manifest.format_version == FORMAT_VERSION {
-            manifest
-                .check()
-                .map_err(|reason| StorageError::BadManifest { path, reason })?;
-        }
-        Ok(manifest)
+        VolumeManifest::load_or_previous(dir).map(|(manifest, _)| manifest)
     }
 
-    pub fn store(&self, dir: &Path) -> Result<(), StorageError> {
-        let text = serde_json::to_vec_pretty(self).map_err(|e| StorageError::BadManifest {
+    /// Like [`VolumeManifest::load`], but when `volume.json` is missing or torn (empty, cut
+    /// short, garbage: what a crash before its fsync can leave), the previous manifest is
+    /// returned instead, with [`ManifestSource::Previous`]. A manifest that parses but is
+    /// wrong (an unknown field or format version, a broken tree) is an error, never a reason
+    /// to go back: it may come from a newer evsd.
+    pub fn load_or_previous(dir: &Path) -> Result<(VolumeManifest, ManifestSource), StorageError> {
+        match read_manifest(&dir.join(MANIFEST_FILE)) {
+            Ok(manifest) => Ok((manifest, ManifestSource::Current)),
+            Err(ReadFailure::Invalid(e)) => Err(e),
+            Err(ReadFailure::Torn(e)) => match read_manifest(&dir.join(PREV_MANIFEST_FILE)) {
+                Ok(manifest) => {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        error = %e,
+                        "the volume manifest is torn or missing; using the previous one"
+                    );
+                    Ok((manifest, ManifestSource::Previous))
+                }
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    fn to_bytes(&self, dir: &Path) -> Result<Vec<u8>, StorageError> {
+        serde_json::to_vec_pretty(self).map_err(|e| StorageError::BadManifest {
             path: dir.join(MANIFEST_FILE),
             reason: e.to_string(),
-        })?;
-        write_durably(&dir.join(MANIFEST_FILE), &text)
+        })
+    }
+
+    /// Writes the manifest durably, then its `.prev` copy: after a crash `volume.json` holds
+    /// this manifest or the one before, whole. The caller makes sure no persist of this folder
+    /// is pending (`ManifestPersist::settle`), or an older one could overwrite `.prev` after.
+    pub fn store(&self, dir: &Path) -> Result<(), StorageError> {
+        let bytes = self.to_bytes(dir)?;
+        write_durably(&dir.join(MANIFEST_FILE), &bytes)?;
+        write_durably(&dir.join(PREV_MANIFEST_FILE), &bytes)
+    }
+
+    /// Makes `.prev` a durable copy of this manifest (just loaded from `volume.json`) unless it
+    /// already is: a crash can leave it one manifest behind, and the next snapshot create
+    /// relies on it.
+    pub fn store_previous_if_stale(&self, dir: &Path) -> Result<(), StorageError> {
+        let prev = dir.join(PREV_MANIFEST_FILE);
+        if read_manifest(&prev).ok().as_ref() == Some(self) {
+            return Ok(());
+        }
+        write_durably(&prev, &self.to_bytes(dir)?)
+    }
+
+    /// Writes the manifest and renames it into place without any fsync: a restart loads it,
+    /// a power loss may not (then `.prev`, the last durable one, is loaded). Nothing may report
+    /// data durable that depends on this manifest until [`UnsyncedManifest::sync`] returns.
+    pub fn store_visible(&self, dir: &Path) -> Result<UnsyncedManifest, StorageError> {
+        let started = std::time::Instant::now();
+        let bytes = self.to_bytes(dir)?;
+        let serialized_us = started.elapsed().as_micros() as u64;
+        let path = dir.join(MANIFEST_FILE);
+        // A fresh name each time: the one before may still hold a replaced manifest that the
+        // background persist has not removed yet. Leftovers go at load (`.tmp`).
+        static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("volume.{n}.tmp"));
+        let file = write_new(&tmp, &bytes)?;
+        let written_us = started.elapsed().as_micros() as u64;
+        let mut replaced = Vec::new();
+        if exchange(&tmp, &path).map_err(|e| StorageError::fs("rename", &tmp, e))? {
+            // The old manifest now sits under the temp name (`.prev` has its durable copy). It
+            // is removed in the background: freeing its blocks can stall here (this disk
+            // discards freed blocks synchronously).
+            replaced.push(tmp);
+        }
+        let renamed_us = started.elapsed().as_micros() as u64;
+        // Opened now: the folder may be renamed (volume delete) before the sync runs.
+        let dir_file = File::open(dir).map_err(|e| StorageError::fs("open", dir, e))?;
+        tracing::debug!(
+            manifest_bytes = bytes.len(),
+            serialized_us,
+            written_us,
+            renamed_us,
+            visible_us = started.elapsed().as_micros() as u64,
+            "manifest in place, not yet durable"
+        );
+        Ok(UnsyncedManifest {
+            file,
+            dir: dir_file,
+            dir_path: dir.to_owned(),
+            path,
+            bytes,
+            replaced,
+        })
     }
 
     pub fn is_legacy(&self) -> bool {
@@ -194,13 +263,151 @@ impl VolumeManifest {
     }
 }
 
+/// Where [`VolumeManifest::load_or_previous`] found the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestSource {
+    /// `volume.json`.
+    Current,
+    /// `volume.json.prev`: the current one was missing or torn.
+    Previous,
+}
+
+/// Why a manifest file could not be used.
+enum ReadFailure {
+    /// Missing, empty or not JSON at all: a write a crash cut short.
+    Torn(StorageError),
+    /// Readable JSON that is not a manifest this evsd accepts, or an I/O error.
+    Invalid(StorageError),
+}
+
+fn read_manifest(path: &Path) -> Result<VolumeManifest, ReadFailure> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ReadFailure::Torn(StorageError::fs("read", path, e)))
+        }
+        Err(e) => return Err(ReadFailure::Invalid(StorageError::fs("read", path, e))),
+    };
+    let bad = |reason: String| StorageError::BadManifest {
+        path: path.to_owned(),
+        reason,
+    };
+    let manifest: VolumeManifest = serde_json::from_slice(&text).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Eof | Category::Syntax => ReadFailure::Torn(bad(e.to_string())),
+            Category::Data | Category::Io => ReadFailure::Invalid(bad(e.to_string())),
+        }
+    })?;
+    if manifest.format_version != FORMAT_VERSION && manifest.format_version != LEGACY_FORMAT_VERSION
+    {
+        return Err(ReadFailure::Invalid(bad(format!(
+            "format_version {} is not {FORMAT_VERSION}",
+            manifest.format_version
+        ))));
+    }
+    if manifest.format_version == FORMAT_VERSION {
+        manifest.check().map_err(|r| ReadFailure::Invalid(bad(r)))?;
+    }
+    Ok(manifest)
+}
+
+/// A manifest in place but not durable yet (see [`VolumeManifest::store_visible`]).
+#[derive(Debug)]
+pub struct UnsyncedManifest {
+    file: File,
+    dir: File,
+    dir_path: std::path::PathBuf,
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+    /// Replaced manifests left under temp names, to remove once this one is durable.
+    replaced: Vec<std::path::PathBuf>,
+}
+
+impl UnsyncedManifest {
+    /// Makes the manifest durable: its bytes, then its name. Blocking.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.file
+            .sync_all()
+            .map_err(|e| StorageError::fs("fsync", &self.path, e))?;
+        self.dir
+            .sync_all()
+            .map_err(|e| StorageError::fs("fsync directory", &self.dir_path, e))
+    }
+
+    /// Takes over the replaced files of `older`, which this manifest supersedes unsynced.
+    pub fn absorb(&mut self, older: UnsyncedManifest) {
+        self.replaced.extend(older.replaced);
+    }
+
+    /// Removes the replaced manifests (after [`UnsyncedManifest::sync`]). Blocking.
+    pub fn remove_replaced(&self) {
+        for path in &self.replaced {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!(path = %path.display(), error = %e, "removing a replaced manifest failed; the next load does");
+            }
+        }
+    }
+
+    /// The volume folder (its name when the manifest was written).
+    pub fn dir_path(&self) -> &Path {
+        &self.dir_path
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Puts `from` in place of `to` atomically. Where `to` exists, the two are swapped
+/// (`RENAME_EXCHANGE`) and true returned: a plain rename over an existing file makes ext4
+/// (`auto_da_alloc`) start writeback of `from` inside the call, which stalls for tens of
+/// milliseconds behind a busy disk, and snapshot create answers only after this. Falls back to
+/// a plain rename (false) where the filesystem cannot exchange.
+fn exchange(from: &Path, to: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings that live across the call; renameat2
+    // only reads them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // No `to` yet, or no exchange on this filesystem or kernel.
+        Some(libc::ENOENT) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::rename(from, to).map(|()| false)
+        }
+        _ => Err(e),
+    }
+}
+
+/// Creates (or truncates) `path` and writes `bytes` to it, without syncing.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
+    let mut file = File::create(path).map_err(|e| StorageError::fs("create", path, e))?;
+    file.write_all(bytes)
+        .map_err(|e| StorageError::fs("write", path, e))?;
+    Ok(file)
+}
+
 /// Writes `bytes` to `path` so that after a crash the file holds either the old or the new
 /// content, never a mix.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(|e| StorageError::fs("create", &tmp, e))?;
-    file.write_all(bytes)
-        .map_err(|e| StorageError::fs("write", &tmp, e))?;
+    let file = write_new(&tmp, bytes)?;
     file.sync_all()
         .map_err(|e| StorageError::fs("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StorageError::fs("rename", &tmp, e))?;
@@ -284,6 +491,153 @@ mod tests {
         assert_eq!(m.ancestry("b").unwrap(), ["b", "a"]);
         assert_eq!(m.children("a"), ["b"]);
         assert!(m.redundant_layers().is_empty());
+    }
+
+    fn one_layer() -> VolumeManifest {
+        VolumeManifest {
+            format_version: FORMAT_VERSION,
+            name: "v".into(),
+            uuid: "u".into(),
+            size_bytes: 4096,
+            created_unix_secs: 0,
+            head: "a".into(),
+            layers: vec![LayerRecord {
+                id: "a".into(),
+                parent: None,
+                size_bytes: 4096,
+            }],
+            snapshots: vec![],
+            merge: None,
+        }
+    }
+
+    /// `m` with a snapshot of its head under `name` and a new head `id` above.
+    fn snapshotted(m: &VolumeManifest, name: &str, id: &str) -> VolumeManifest {
+        let mut next = m.clone();
+        next.layers.push(LayerRecord {
+            id: id.into(),
+            parent: Some(m.head.clone()),
+            size_bytes: 4096,
+        });
+        next.snapshots.push(SnapshotRecord {
+            name: name.into(),
+            layer: m.head.clone(),
+            created_unix_secs: 1,
+        });
+        next.head = id.into();
+        next
+    }
+
+    fn read_prev(dir: &Path) -> VolumeManifest {
+        read_manifest(&dir.join(PREV_MANIFEST_FILE))
+            .ok()
+            .expect("a valid previous manifest")
+    }
+
+    #[test]
+    fn prev_is_the_last_durable_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let m0 = one_layer();
+        m0.store(dir.path()).unwrap();
+        assert_eq!(read_prev(dir.path()), m0);
+        let m1 = snapshotted(&m0, "s1", "b");
+        m1.store(dir.path()).unwrap();
+        assert_eq!(read_prev(dir.path()), m1);
+        let m2 = snapshotted(&m1, "s2", "c");
+        let unsynced = m2.store_visible(dir.path()).unwrap();
+        // In place at once (a restart loads it); `.prev` stays the durable one.
+        assert_eq!(VolumeManifest::load(dir.path()).unwrap(), m2);
+        assert_eq!(read_prev(dir.path()), m1);
+        unsynced.sync().unwrap();
+        unsynced.remove_replaced();
+        assert_eq!(
+            unsynced.bytes(),
+            std::fs::read(dir.path().join(MANIFEST_FILE)).unwrap()
+        );
+        assert_eq!(
+            VolumeManifest::load_or_previous(dir.path()).unwrap(),
+            (m2.clone(), ManifestSource::Current)
+        );
+        m2.store_previous_if_stale(dir.path()).unwrap();
+        assert_eq!(read_prev(dir.path()), m2);
+        // No temp file is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [MANIFEST_FILE, PREV_MANIFEST_FILE]);
+    }
+
+    #[test]
+    fn a_torn_or_missing_manifest_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let m0 = one_layer();
+        m0.store(dir.path()).unwrap();
+        let m1 = snapshotted(&m0, "s1", "b");
+        drop(m1.store_visible(dir.path()).unwrap());
+        let whole = std::fs::read(&path).unwrap();
+        let half = whole.len() / 2;
+        let mut zero_tail = whole.clone();
+        zero_tail[half..].fill(0);
+        // What a crash between the rename and the fsyncs can leave in place of the new file.
+        for torn in [
+            Vec::new(),
+            whole[..half].to_vec(),
+            whole[..whole.len() - 1].to_vec(),
+            vec![0u8; whole.len()],
+            zero_tail,
+        ] {
+            std::fs::write(&path, &torn).unwrap();
+            assert_eq!(
+                VolumeManifest::load_or_previous(dir.path()).unwrap(),
+                (m0.clone(), ManifestSource::Previous),
+                "torn manifest of {} bytes",
+                torn.len()
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            VolumeManifest::load_or_previous(dir.path()).unwrap(),
+            (m0.clone(), ManifestSource::Previous)
+        );
+        // Nothing to go back to: the error is about volume.json.
+        std::fs::remove_file(dir.path().join(PREV_MANIFEST_FILE)).unwrap();
+        assert!(matches!(
+            VolumeManifest::load_or_previous(dir.path()),
+            Err(StorageError::Fs { path, .. }) if path == dir.path().join(MANIFEST_FILE)
+        ));
+        std::fs::write(&path, b"{\"format_version\": 2, \"na").unwrap();
+        assert!(matches!(
+            VolumeManifest::load_or_previous(dir.path()),
+            Err(StorageError::BadManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn a_whole_manifest_that_is_refused_never_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let m0 = one_layer();
+        m0.store(dir.path()).unwrap();
+        m0.store(dir.path()).unwrap();
+        assert_eq!(read_prev(dir.path()), m0);
+        // From a newer evsd (a field or a format this one does not know), or a broken tree:
+        // loading an older manifest instead would silently undo changes.
+        let mut newer = serde_json::to_value(snapshotted(&m0, "s1", "b")).unwrap();
+        newer["format_version"] = 3.into();
+        let mut unknown = serde_json::to_value(snapshotted(&m0, "s1", "b")).unwrap();
+        unknown["retention"] = "7d".into();
+        let mut broken = snapshotted(&m0, "s1", "b");
+        broken.head = "gone".into();
+        for refused in [newer, unknown, serde_json::to_value(broken).unwrap()] {
+            std::fs::write(&path, serde_json::to_vec(&refused).unwrap()).unwrap();
+            assert!(matches!(
+                VolumeManifest::load_or_previous(dir.path()),
+                Err(StorageError::BadManifest { .. })
+            ));
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod group;
 pub mod layer;
 pub mod manifest;
 pub mod name;
+pub mod persist;
 pub mod registry;
 pub mod snapshots;
 pub mod stripes;

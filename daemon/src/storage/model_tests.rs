@@ -419,6 +419,9 @@ async fn no_descriptor_outlives_its_layer() {
         .await;
         h.apply(Op::Snapshot { vol: 0 }).await;
     }
+    // The last create's manifest fsyncs (which hold the manifest and the folder open) are
+    // done once a FLUSH returns.
+    h.registry.get("v0").unwrap().flush().await.unwrap();
     // Ten frozen layers and the head, two files each.
     assert_eq!(open_fds_under(&dir), 22);
     for _ in 0..10 {

@@ -68,7 +68,7 @@ impl Registry {
         for entry in self.entries() {
             if entry.manifest().merge.is_some() {
                 tracing::info!(volume = entry.name(), "finishing an interrupted merge");
-                let _admin = entry.admin.lock().await;
+                let _admin = entry.lock_admin().await;
                 entry.finish_merge().await?;
             }
         }
@@ -102,7 +102,7 @@ impl Registry {
             .ok_or_else(|| StorageError::NotFound(source.to_owned()))?;
         // No merge may move or rewrite the source's layers while they are being linked. The
         // filesystem work below is a few links and one small fsync: done in place.
-        let _admin = entry.admin.lock().await;
+        let _admin = entry.lock_admin().await;
         let source_manifest = entry.manifest();
         let record = source_manifest
             .snapshot(snapshot)

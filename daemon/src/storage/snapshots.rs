@@ -66,9 +66,27 @@ impl VolumeEntry {
     }
 
     /// Freezes the head under a new snapshot. O(1): waits for writes in flight, starts an
-    /// empty head above the old one, records both in the manifest.
+    /// empty head above the old one, puts the new manifest in place. Returns before that
+    /// manifest is durable (its fsyncs run in the background; the next FLUSH on the volume
+    /// waits for them): a power loss right after may lose the snapshot, never flushed data.
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
+        self.create_snapshot_with(name, false).await
+    }
+
+    /// [`VolumeEntry::create_snapshot`], durable when it returns: for callers that record the
+    /// snapshot elsewhere right after (backup jobs).
+    pub async fn create_snapshot_durable(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
+        self.create_snapshot_with(name, true).await
+    }
+
+    async fn create_snapshot_with(
+        &self,
+        name: &str,
+        durable: bool,
+    ) -> Result<SnapshotInfo, StorageError> {
         validate_snapshot_name(name)?;
+        // Not `lock_admin`: the persists of earlier creates may still run; this one's
+        // supersedes them, and FLUSH waits for all.
         let _admin = self.admin.lock().await;
         if self.manifest().snapshot(name).is_some() {
             return Err(StorageError::SnapshotExists {
@@ -76,26 +94,22 @@ impl VolumeEntry {
                 name: name.to_owned(),
             });
         }
-        self.freeze_head(Some(name)).await?;
-        Ok(self.info(&self.find_snapshot(name)?))
-    }
-
-    /// Starts a new empty head above the current one (which becomes frozen, under `snapshot`
-    /// when given). The caller holds `admin`.
-    async fn freeze_head(&self, snapshot: Option<&str>) -> Result<(), StorageError> {
-        let hold_us = freeze_heads(&[FreezeMember {
+        let (hold_us, published) = freeze_heads(&[FreezeMember {
             entry: self,
-            snapshot,
+            snapshot: Some(name),
         }])
         .await?;
-        tracing::debug!(volume = self.name(), hold_us, "head frozen");
-        Ok(())
+        if durable {
+            published.wait_durable().await?;
+        }
+        tracing::debug!(volume = self.name(), hold_us, durable, "head frozen");
+        Ok(self.info(&self.find_snapshot(name)?))
     }
 
     /// Deletes a snapshot and merges away the layers nobody needs any more. Refused while
     /// clients read the snapshot's export.
     pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
-        let _admin = self.admin.lock().await;
+        let _admin = self.lock_admin().await;
         let record = self.find_snapshot(name)?;
         let info = self.info(&record);
         if self.is_pinned(name) {
@@ -138,7 +152,7 @@ impl VolumeEntry {
     /// (O(1)); the old head goes, newer snapshots stay. Refused while clients are connected
     /// unless `force`, which disconnects them first.
     pub async fn rollback(&self, name: &str, force: bool) -> Result<(), StorageError> {
-        let _admin = self.admin.lock().await;
+        let _admin = self.lock_admin().await;
         let record = self.find_snapshot(name)?;
         let attachments = Arc::clone(self.volume.attachments());
         let disconnected = attachments.close(force).map_err(|refused| match refused {

@@ -17,6 +17,7 @@ use crate::storage::buffers::BufferPool;
 use crate::storage::fence::Fence;
 use crate::storage::layer::chain::{Chain, Hit};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
+use crate::storage::persist::ManifestPersist;
 use crate::storage::stripes::Stripes;
 
 /// Allocation bits of a `StatusQuery::Allocation` extent.
@@ -63,11 +64,14 @@ pub struct Writer {
     /// Writes hold it shared for their whole duration; freezing the head holds it exclusively,
     /// so no write is half in the old head and half acknowledged after the freeze.
     pub gate: tokio::sync::RwLock<()>,
-    /// Held exclusively from a head swap until its manifest is durable; FLUSH takes it shared,
-    /// so a flush never reports writes durable that sit in a head the disk does not record.
+    /// Held exclusively from a head swap until its manifest is in place and published to
+    /// `persist`; FLUSH takes it shared to read the generation it must wait for, so a flush
+    /// never reports writes durable that sit in a head the disk does not record.
     pub commit: tokio::sync::RwLock<()>,
     /// The last manifest write after a head swap failed: FLUSH fails until one succeeds.
     pub commit_failed: std::sync::atomic::AtomicBool,
+    /// The background fsyncs of the manifests snapshot create put in place.
+    pub persist: Arc<ManifestPersist>,
     stripes: Stripes,
 }
 
@@ -575,9 +579,9 @@ impl Volume {
     /// connections share these layers and their page cache, which is what makes multi-conn
     /// true. Frozen layers not yet synced since their freeze are synced too.
     pub async fn flush(&self) -> Result<(), StorageError> {
-        let _commit = match &self.writer {
-            Some(writer) => {
-                let guard = writer.commit.read().await;
+        if let Some(writer) = &self.writer {
+            let generation = {
+                let _commit = writer.commit.read().await;
                 if writer.commit_failed.load(Ordering::SeqCst) {
                     return Err(StorageError::io(
                         "flush",
@@ -586,10 +590,13 @@ impl Volume {
                         std::io::Error::other("the volume manifest could not be saved"),
                     ));
                 }
-                Some(guard)
-            }
-            None => None,
-        };
+                writer.persist.visible()
+            };
+            // Every manifest in place when the flush began (the one recording the head that
+            // holds the writes being flushed included) must be durable first. A head swapped in
+            // after this point keeps the older heads in its chain, which are synced below.
+            writer.persist.wait_durable(generation).await?;
+        }
         let chain = self.chain();
         for layer in chain.layers() {
             layer.sync(&self.engine).await?;

@@ -208,6 +208,15 @@ impl Layer {
             .unwrap_or(false)
     }
 
+    /// Makes a new layer's files durable, their lengths included, before a durable manifest
+    /// names them. Blocking; cheap on a new layer (nothing written yet).
+    pub fn sync_created(&self) -> Result<(), StorageError> {
+        self.data
+            .sync_all()
+            .and_then(|()| self.map_file.sync_all())
+            .map_err(|e| StorageError::io("fsync new layer", 0, self.size_bytes, e))
+    }
+
     /// Makes every change made before the call durable: data first, then the map.
     pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
         let _serial = self.sync_lock.lock().await;
