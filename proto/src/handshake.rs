@@ -8,6 +8,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use crate::consts::*;
 use crate::export::{ExportCatalog, ExportInfo, ExportRefusal};
 use crate::meta::{self, QueryUse};
+use crate::reply::truncate_utf8;
 use crate::ReplyMode;
 
 /// Limits the handshake enforces.
@@ -604,18 +605,6 @@ pub fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) 
 
 /// The longest prefix of a client's export name quoted in an error message.
 const MAX_QUOTED_NAME_BYTES: usize = 256;
-
-/// The longest prefix of `s` of at most `max_bytes` bytes that ends on a char boundary.
-fn truncate_utf8(s: &str, max_bytes: usize) -> &str {
-    if s.len() <= max_bytes {
-        return s;
-    }
-    let mut end = max_bytes;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
 
 /// Reads a u32-length-prefixed string of at most MAX_STRING_BYTES.
 fn take_string(data: &mut &[u8]) -> Option<String> {

@@ -179,7 +179,8 @@ pub fn put_block_status(
     }
 }
 
-fn truncate_utf8(s: &str, max_bytes: usize) -> &str {
+/// The longest prefix of `s` of at most `max_bytes` bytes that ends on a char boundary.
+pub(crate) fn truncate_utf8(s: &str, max_bytes: usize) -> &str {
     if s.len() <= max_bytes {
         return s;
     }

@@ -1123,6 +1123,27 @@ fn try_cmd(s: &mut TcpStream, typ: u16, cookie: u64, offset: u64, data: &[u8]) -
     Ok(be32(&h[4..8]))
 }
 
+/// Sends a FLUSH and, once it is acknowledged, records the current state as flushed. False (with
+/// the reason in `stopped`) when the daemon is gone.
+fn tracked_flush(s: &mut TcpStream, i: u64, model: &Mutex<CrashModel>) -> bool {
+    let lock = || model.lock().unwrap_or_else(|e| e.into_inner());
+    match try_cmd(s, CMD_FLUSH, 1 << 40 | i, 0, &[]) {
+        Ok(0) => {
+            let mut m = lock();
+            m.flushed = m.current.clone();
+            for p in m.since_flush.iter_mut() {
+                p.clear();
+            }
+            m.flushes += 1;
+            true
+        }
+        other => {
+            lock().stopped = Some(format!("flush {i}: {other:?}"));
+            false
+        }
+    }
+}
+
 #[derive(Default)]
 struct CrashModel {
     /// Per 4 KiB block: the tag of the last acknowledged write.
@@ -1193,21 +1214,8 @@ fn kill9_during_random_writes_keeps_flushed_data_and_acknowledged_snapshots() {
                     return;
                 }
             }
-            if i % 16 == 15 {
-                match try_cmd(&mut s, CMD_FLUSH, 1 << 40 | i, 0, &[]) {
-                    Ok(0) => {
-                        let mut m = lock();
-                        m.flushed = m.current.clone();
-                        for p in m.since_flush.iter_mut() {
-                            p.clear();
-                        }
-                        m.flushes += 1;
-                    }
-                    other => {
-                        lock().stopped = Some(format!("flush {i}: {other:?}"));
-                        return;
-                    }
-                }
+            if i % 16 == 15 && !tracked_flush(&mut s, i, &m2) {
+                return;
             }
             if i % 50 == 49 {
                 let name = format!("k{i}");
@@ -1384,21 +1392,8 @@ fn kill9_right_after_snapshot_create_returns() {
                     }
                 }
                 // From the snapshot on, flush often: a FLUSH now waits for its manifest.
-                if i % 16 == 15 || i > 200 {
-                    match try_cmd(&mut s, CMD_FLUSH, 1 << 40 | i, 0, &[]) {
-                        Ok(0) => {
-                            let mut m = lock();
-                            m.flushed = m.current.clone();
-                            for p in m.since_flush.iter_mut() {
-                                p.clear();
-                            }
-                            m.flushes += 1;
-                        }
-                        other => {
-                            lock().stopped = Some(format!("flush {i}: {other:?}"));
-                            return;
-                        }
-                    }
+                if (i % 16 == 15 || i > 200) && !tracked_flush(&mut s, i, &m2) {
+                    return;
                 }
             }
         });
