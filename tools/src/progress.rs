@@ -65,14 +65,23 @@ pub fn progress_line(job: &JobInfo) -> String {
         JobState::Succeeded => "done".to_owned(),
         JobState::Failed => "failed".to_owned(),
     };
+    // An incremental backup of an unchanged volume reads nothing: say so rather than "0 B / 0 B".
+    let transferred =
+        if job.kind == "backup" && job.state == JobState::Succeeded && p.bytes_total == 0 {
+            "nothing changed since the base".to_owned()
+        } else {
+            format!(
+                "{} / {}  {}",
+                iec_size(p.bytes_done),
+                iec_size(p.bytes_total),
+                job.rate()
+            )
+        };
     format!(
-        "{} {}  {} {percent:>3}%  {} / {}  {}  {tail}",
+        "{} {}  {} {percent:>3}%  {transferred}  {tail}",
         job.volume,
         job.kind,
         bar(percent, BAR_WIDTH),
-        iec_size(p.bytes_done),
-        iec_size(p.bytes_total),
-        job.rate()
     )
 }
 
@@ -222,7 +231,7 @@ mod tests {
         );
         let done = sample("j-1", "succeeded", 0, 0);
         assert!(progress_line(&JobInfo::parse(&done).unwrap())
-            .ends_with("[####################] 100%  0 B / 0 B  612.0 MiB/s  done"));
+            .ends_with("[####################] 100%  nothing changed since the base  done"));
         let retrying = sample("j-1", "retrying", 0, 8);
         assert!(progress_line(&JobInfo::parse(&retrying).unwrap()).ends_with("retrying"));
     }
