@@ -1123,6 +1123,32 @@ fn try_cmd(s: &mut TcpStream, typ: u16, cookie: u64, offset: u64, data: &[u8]) -
     Ok(be32(&h[4..8]))
 }
 
+/// Writes `tags` from block `first` on and, once acknowledged, records them as current. False
+/// (with the reason in `stopped`) when the daemon is gone.
+fn tracked_write(
+    s: &mut TcpStream,
+    i: u64,
+    first: usize,
+    tags: &[u64],
+    model: &Mutex<CrashModel>,
+) -> bool {
+    let lock = || model.lock().unwrap_or_else(|e| e.into_inner());
+    match try_cmd(s, CMD_WRITE, i, first as u64 * BLOCK, &content_of(tags)) {
+        Ok(0) => {
+            let mut m = lock();
+            for (j, &t) in tags.iter().enumerate() {
+                m.current[first + j] = t;
+            }
+            m.writes += 1;
+            true
+        }
+        other => {
+            lock().stopped = Some(format!("write {i}: {other:?}"));
+            false
+        }
+    }
+}
+
 /// Sends a FLUSH and, once it is acknowledged, records the current state as flushed. False (with
 /// the reason in `stopped`) when the daemon is gone.
 fn tracked_flush(s: &mut TcpStream, i: u64, model: &Mutex<CrashModel>) -> bool {
@@ -1194,25 +1220,8 @@ fn kill9_during_random_writes_keeps_flushed_data_and_acknowledged_snapshots() {
                     m.since_flush[first + j].push(t);
                 }
             }
-            let r = try_cmd(
-                &mut s,
-                CMD_WRITE,
-                i,
-                first as u64 * BLOCK,
-                &content_of(&tags),
-            );
-            match r {
-                Ok(0) => {
-                    let mut m = lock();
-                    for (j, &t) in tags.iter().enumerate() {
-                        m.current[first + j] = t;
-                    }
-                    m.writes += 1;
-                }
-                other => {
-                    lock().stopped = Some(format!("write {i}: {other:?}"));
-                    return;
-                }
+            if !tracked_write(&mut s, i, first, &tags, &m2) {
+                return;
             }
             if i % 16 == 15 && !tracked_flush(&mut s, i, &m2) {
                 return;
@@ -1361,24 +1370,8 @@ fn kill9_right_after_snapshot_create_returns() {
                 for (j, &t) in tags.iter().enumerate() {
                     lock().since_flush[first + j].push(t);
                 }
-                match try_cmd(
-                    &mut s,
-                    CMD_WRITE,
-                    i,
-                    first as u64 * BLOCK,
-                    &content_of(&tags),
-                ) {
-                    Ok(0) => {
-                        let mut m = lock();
-                        for (j, &t) in tags.iter().enumerate() {
-                            m.current[first + j] = t;
-                        }
-                        m.writes += 1;
-                    }
-                    other => {
-                        lock().stopped = Some(format!("write {i}: {other:?}"));
-                        return;
-                    }
+                if !tracked_write(&mut s, i, first, &tags, &m2) {
+                    return;
                 }
                 if i == 200 {
                     let cur = lock().current.clone();

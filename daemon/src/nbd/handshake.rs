@@ -73,6 +73,22 @@ pub struct Exports<'a> {
     pub peer: &'a str,
 }
 
+impl<'a> Exports<'a> {
+    /// The exports as `client` may see them.
+    fn catalog<'c>(&self, client: &'c ClientIdentity) -> RegistryCatalog<'c>
+    where
+        'a: 'c,
+    {
+        RegistryCatalog {
+            registry: self.registry,
+            access: self.access,
+            client,
+            metrics: self.metrics,
+            peer: self.peer,
+        }
+    }
+}
+
 /// Where one run of options stopped.
 enum Phase {
     Transmission(Negotiated),
@@ -92,13 +108,7 @@ pub async fn negotiate<S: Transport>(
     handshake.write_greeting(&mut out);
     stream.write_all(&out).await?;
     let mut input = BytesMut::with_capacity(4096);
-    let catalog = RegistryCatalog {
-        registry: exports.registry,
-        access: exports.access,
-        client: &client,
-        metrics: exports.metrics,
-        peer: exports.peer,
-    };
+    let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => {
             return Ok(Handshaken {
@@ -125,13 +135,7 @@ pub async fn negotiate<S: Transport>(
         .and_then(|chain| chain.first())
         .map(cert_names::names)
         .unwrap_or_default();
-    let catalog = RegistryCatalog {
-        registry: exports.registry,
-        access: exports.access,
-        client: &client,
-        metrics: exports.metrics,
-        peer: exports.peer,
-    };
+    let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated) => Ok(Handshaken {
             stream: Established::Tls(Box::new(stream)),

@@ -642,21 +642,8 @@ mod tests {
 
     #[test]
     fn broken_trees_are_refused() {
-        let mut m = VolumeManifest {
-            format_version: FORMAT_VERSION,
-            name: "v".into(),
-            uuid: "u".into(),
-            size_bytes: 4096,
-            created_unix_secs: 0,
-            head: "a".into(),
-            layers: vec![LayerRecord {
-                id: "a".into(),
-                parent: Some("b".into()),
-                size_bytes: 4096,
-            }],
-            snapshots: vec![],
-            merge: None,
-        };
+        let mut m = one_layer();
+        m.layers[0].parent = Some("b".into());
         assert!(m.check().unwrap_err().contains("parent"));
         m.layers[0].parent = Some("a".into());
         assert!(m.check().is_err(), "a self-loop is refused");
