@@ -6,6 +6,7 @@
 //! dropped; owning the buffer lets the engine keep it alive until the kernel is done.
 
 mod error;
+pub mod hangups;
 mod nowait;
 mod threads;
 mod uring;

@@ -41,6 +41,7 @@ pub struct Metrics {
     connections: Family<VolumeLabels, Gauge>,
     fence_waits: Family<VolumeLabels, Counter>,
     fence_wait_seconds: Family<VolumeLabels, Counter<f64, AtomicU64>>,
+    hangup_fences: Family<VolumeLabels, Counter>,
     accepted: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
@@ -69,6 +70,7 @@ impl Metrics {
         let connections = Family::<VolumeLabels, Gauge>::default();
         let fence_waits = Family::<VolumeLabels, Counter>::default();
         let fence_wait_seconds = Family::<VolumeLabels, Counter<f64, AtomicU64>>::default();
+        let hangup_fences = Family::<VolumeLabels, Counter>::default();
         let accepted = Counter::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -114,6 +116,11 @@ impl Metrics {
             fence_wait_seconds.clone(),
         );
         registry.register(
+            "evsd_volume_hangup_fences",
+            "Connections whose client was seen hanging up before the connection had read its way to the end: their writes were fenced from then on",
+            hangup_fences.clone(),
+        );
+        registry.register(
             "evsd_connections_accepted",
             "Client connections accepted and served",
             accepted.clone(),
@@ -145,6 +152,7 @@ impl Metrics {
             connections,
             fence_waits,
             fence_wait_seconds,
+            hangup_fences,
             accepted,
             refused,
             handshake_failures,

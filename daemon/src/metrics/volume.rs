@@ -27,6 +27,7 @@ pub struct VolumeMetrics {
     limits: Arc<LimitHits>,
     fence_waits: Counter,
     fence_wait_seconds: Counter<f64, AtomicU64>,
+    hangup_fences: Counter,
 }
 
 impl VolumeMetrics {
@@ -53,6 +54,7 @@ impl VolumeMetrics {
             limits: Arc::clone(&metrics.limits),
             fence_waits: metrics.fence_waits.get_or_create_owned(&labels),
             fence_wait_seconds: metrics.fence_wait_seconds.get_or_create_owned(&labels),
+            hangup_fences: metrics.hangup_fences.get_or_create_owned(&labels),
         }
     }
 
@@ -78,6 +80,11 @@ impl VolumeMetrics {
     pub fn fence_waited(&self, waited: Duration) {
         self.fence_waits.inc();
         self.fence_wait_seconds.inc_by(waited.as_secs_f64());
+    }
+
+    /// Counts connections fenced because their client was seen gone early.
+    pub fn hangups_fenced(&self, connections: usize) {
+        self.hangup_fences.inc_by(connections as u64);
     }
 
     /// Counts an attached client until the guard drops.

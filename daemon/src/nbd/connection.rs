@@ -133,10 +133,9 @@ impl Attached {
             .0
             .max_connections
             .map(|max| max as usize);
-        let probe = Some(stream.peer_probe());
         let attachment = match volume.attachments().attach_limited(
             stop.clone(),
-            probe,
+            Some(stream.client_fd()),
             max_connections,
         ) {
             Ok(attachment) => attachment,
@@ -151,12 +150,6 @@ impl Attached {
                 return;
             }
         };
-        // A client coming back after giving up on another connection: fence that one's writes
-        // before this one's can start, even if its task has not read its way to the hang-up yet.
-        let fenced = attachment.fence_departed();
-        if fenced > 0 {
-            tracing::info!(%peer, export = volume.name(), fenced, "fenced the writes of connections whose clients are gone");
-        }
         let volume_metrics = metrics.volume(volume.name());
         let _connected = volume_metrics.connect();
         tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), tls, "client attached");
@@ -174,7 +167,7 @@ impl Attached {
             negotiated,
             volume,
             &volume_metrics,
-            attachment.seat(),
+            &attachment,
             &config.transmission,
             stop.clone(),
         );

@@ -4,7 +4,6 @@ pub mod catalog;
 pub mod connection;
 mod drain;
 pub mod handshake;
-mod hangup;
 mod idle;
 pub mod replies;
 pub mod server;

@@ -5,8 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
 
-use crate::nbd::hangup::SocketProbe;
-use crate::storage::attachments::PeerProbe;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// A connected stream that can be split into a reading and a writing half.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -15,8 +14,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
     fn into_halves(self) -> (Self::Reader, Self::Writer);
 
-    /// Watches for the client hanging up (see `hangup`).
-    fn peer_probe(&self) -> Box<dyn PeerProbe>;
+    /// The client's socket, watched for a hang-up (see `storage::attachments`).
+    fn client_fd(&self) -> RawFd;
 }
 
 impl Transport for TcpStream {
@@ -27,8 +26,8 @@ impl Transport for TcpStream {
         self.into_split()
     }
 
-    fn peer_probe(&self) -> Box<dyn PeerProbe> {
-        SocketProbe::boxed(self)
+    fn client_fd(&self) -> RawFd {
+        self.as_raw_fd()
     }
 }
 
@@ -40,8 +39,8 @@ impl Transport for UnixStream {
         self.into_split()
     }
 
-    fn peer_probe(&self) -> Box<dyn PeerProbe> {
-        SocketProbe::boxed(self)
+    fn client_fd(&self) -> RawFd {
+        self.as_raw_fd()
     }
 }
 
@@ -56,7 +55,7 @@ impl<S: Transport> Transport for TlsStream<S> {
     }
 
     /// The socket under the TLS layer: a hang-up shows there first.
-    fn peer_probe(&self) -> Box<dyn PeerProbe> {
-        self.get_ref().0.peer_probe()
+    fn client_fd(&self) -> RawFd {
+        self.get_ref().0.client_fd()
     }
 }

@@ -31,7 +31,7 @@ use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame};
-use crate::storage::fence::Seat;
+use crate::storage::attachments::Attachment;
 use crate::storage::{Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
@@ -69,8 +69,8 @@ struct Session<'m> {
     peer: String,
     /// Set once a failed request has been logged at warn level.
     warned_failure: AtomicBool,
-    /// This connection's place at the volume's write fence.
-    seat: &'m Seat,
+    /// This connection's place among the volume's connections and at its write fence.
+    attachment: &'m Attachment,
 }
 
 /// A client's socket halves, the bytes already read past the handshake, and its name for logs.
@@ -141,7 +141,7 @@ pub async fn serve<R, W>(
     negotiated: Negotiated,
     volume: Arc<Volume>,
     metrics: &VolumeMetrics,
-    seat: &Seat,
+    attachment: &Attachment,
     config: &TransmissionConfig,
     shutdown: CancellationToken,
 ) -> TransmissionEnd
@@ -157,7 +157,7 @@ where
         meta_contexts: negotiated.meta_contexts,
         peer: client.peer,
         warned_failure: AtomicBool::new(false),
-        seat,
+        attachment,
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -183,7 +183,7 @@ where
         limit_hits: ConnectionLimits::new(session.metrics.limits(), &session.peer),
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
-        drain: Drain::new(session.volume.fence(), seat),
+        drain: Drain::new(session.volume.fence(), attachment.seat()),
     };
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -193,7 +193,7 @@ where
                 conn.end = Some(end);
             }
         }
-        // The seat must be draining before the socket is dropped (see `hangup`): both exits of
+        // The seat must be draining before the socket is dropped (see `Attachments::attach_limited`): both exits of
         // this loop start the drain first.
         if conn.end.is_some() {
             // The client may already be reconnecting: fence off its writes still in flight.
@@ -238,6 +238,7 @@ where
     /// Decodes every complete request in the input and starts it, while there is room.
     fn start_requests(&mut self) -> Result<(), TransmissionEnd> {
         let mode = self.session.mode;
+        let mut departures_checked = false;
         while self.has_room() {
             self.blocked = false;
             let Some(request) = decode_request(&self.input, mode)? else {
@@ -290,6 +291,12 @@ where
             };
             self.inflight_bytes += held_bytes;
             let changed_data = matches!(kind, Kind::Write | Kind::Trim | Kind::Zero);
+            if (changed_data || kind == Kind::Flush) && !departures_checked {
+                // A client may re-send on this connection what it gave up on another one: if
+                // that one's client is gone, its queued writes must not land after this one's.
+                departures_checked = true;
+                self.fence_departed();
+            }
             if changed_data {
                 self.drain.write_started();
             }
@@ -322,6 +329,15 @@ where
             self.limit_hits.hit(limit);
         }
         Ok(())
+    }
+
+    /// Fences the volume's connections whose clients were seen gone.
+    fn fence_departed(&self) {
+        let fenced = self.session.attachment.fence_departed();
+        if fenced > 0 {
+            self.session.metrics.hangups_fenced(fenced);
+            tracing::debug!(peer = %self.session.peer, export = self.session.volume.name(), fenced, "fenced the writes of connections whose clients are gone");
+        }
     }
 
     /// Collects finished requests, writes what is ready, and reads more when there is room.
@@ -494,7 +510,9 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
         Command::Write | Command::WriteZeroes | Command::Trim | Command::Flush
     );
     if fenced {
-        if let Err(e) = drain::pass_fence(volume.fence(), session.seat, session.metrics).await {
+        if let Err(e) =
+            drain::pass_fence(volume.fence(), session.attachment.seat(), session.metrics).await
+        {
             // Never sent: the socket is gone.
             return (
                 replies::error(mode, to, Errno::Shutdown, &e.to_string()),

@@ -3,33 +3,36 @@
 //! and with its seat at the volume's write fence (see `fence`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::io::hangups::HangupSet;
 use crate::storage::fence::{Fence, Seat};
 
 #[derive(Debug, Default)]
 pub struct Attachments {
     state: Mutex<State>,
+    /// Connections attached, readable without the lock.
+    attached: AtomicUsize,
     /// Woken whenever a connection detaches.
     detached: Notify,
     fence: Fence,
-}
-
-/// Tells whether a connection's client is gone (hung up or reset), even while requests it sent
-/// before are still queued unread.
-pub trait PeerProbe: Send + Sync + std::fmt::Debug {
-    fn peer_gone(&self) -> bool;
+    /// The attached clients' sockets, watched for hang-ups; made on first use. None when the
+    /// kernel refused one: fencing then relies on each connection noticing its own end.
+    hangups: OnceLock<Option<HangupSet>>,
+    /// Set once a failure of `hangups` has been logged.
+    hangups_failed: AtomicBool,
 }
 
 #[derive(Debug)]
 struct Connection {
     stop: CancellationToken,
     seat: Arc<Seat>,
-    probe: Option<Box<dyn PeerProbe>>,
 }
 
 #[derive(Debug, Default)]
@@ -72,24 +75,25 @@ impl Attachments {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection that stops when `stop` is cancelled, and whose client `probe`
-    /// watches. None once the volume is being deleted.
+    /// Registers a connection that stops when `stop` is cancelled, and whose client's socket
+    /// `client_fd` is. None once the volume is being deleted.
     #[cfg(test)]
     pub fn attach(
         self: &Arc<Self>,
         stop: CancellationToken,
-        probe: Option<Box<dyn PeerProbe>>,
+        client_fd: Option<RawFd>,
     ) -> Option<Attachment> {
-        self.attach_limited(stop, probe, None).ok()
+        self.attach_limited(stop, client_fd, None).ok()
     }
 
-    /// Registers a connection that stops when `stop` is cancelled, and whose client `probe`
-    /// watches, refusing once the volume is being deleted or when `max_connections` are
-    /// attached already.
+    /// Registers a connection that stops when `stop` is cancelled, refusing once the volume is
+    /// being deleted or when `max_connections` are attached already. `client_fd`, the client's
+    /// socket, is watched for a hang-up (see [`Attachment::fence_departed`]); it must stay open
+    /// for as long as its connection reads requests, and is never used after it is closed.
     pub fn attach_limited(
         self: &Arc<Self>,
         stop: CancellationToken,
-        probe: Option<Box<dyn PeerProbe>>,
+        client_fd: Option<RawFd>,
         max_connections: Option<usize>,
     ) -> Result<Attachment, AttachRefused> {
         let mut state = self.state();
@@ -107,9 +111,13 @@ impl Attachments {
         let connection = Connection {
             stop,
             seat: Arc::clone(&seat),
-            probe,
         };
+        if let Some(fd) = client_fd {
+            self.watch(fd, id);
+        }
         state.connections.insert(id, connection);
+        self.attached
+            .store(state.connections.len(), Ordering::SeqCst);
         Ok(Attachment {
             attachments: Arc::clone(self),
             id,
@@ -120,6 +128,32 @@ impl Attachments {
     /// The write fence of this volume's connections.
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    fn hangups(&self) -> Option<&HangupSet> {
+        self.hangups
+            .get_or_init(|| match HangupSet::new() {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    self.hangup_watch_failed(&e);
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    fn watch(&self, fd: RawFd, id: u64) {
+        if let Some(hangups) = self.hangups() {
+            if let Err(e) = hangups.watch(fd, id) {
+                self.hangup_watch_failed(&e);
+            }
+        }
+    }
+
+    fn hangup_watch_failed(&self, error: &std::io::Error) {
+        if !self.hangups_failed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, "cannot watch clients for hang-ups: a dead connection's writes are fenced only once its own task notices");
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -181,22 +215,34 @@ impl Attachment {
         &self.seat
     }
 
-    /// Raises the fence for every other connection of the volume whose client is already gone
-    /// but whose task has not noticed yet. Called when a connection attaches: that is when a
-    /// client that gave up on a connection comes back, and the old connection may still be
-    /// reading requests queued before the hang-up. Returns how many it fenced.
+    /// Raises the fence for every connection of the volume whose client has hung up or reset
+    /// but whose task has not read its way to the end yet (it may still be starting writes
+    /// queued before the hang-up, which the client has given up on and may re-send on another
+    /// connection). Called when a connection attaches, which is when a client comes back, and
+    /// before a connection starts writes or flushes, so a write re-sent on a connection that
+    /// was already open cannot overtake the stale one either. One `epoll_wait` while other
+    /// connections are attached, nothing otherwise. Returns how many it fenced.
     pub fn fence_departed(&self) -> usize {
-        let state = self.attachments.state();
-        let mut fenced = 0;
-        for (id, connection) in &state.connections {
-            let gone = *id != self.id
-                && !connection.seat.is_draining()
-                && connection.probe.as_ref().is_some_and(|p| p.peer_gone());
-            if gone && connection.seat.hung_up(&self.attachments.fence) {
-                fenced += 1;
-            }
+        let attachments = &*self.attachments;
+        if attachments.attached.load(Ordering::SeqCst) < 2 {
+            return 0;
         }
-        fenced
+        let Some(hangups) = attachments.hangups() else {
+            return 0;
+        };
+        // Taken before asking, so that when two connections check at once and one gets the
+        // report, the other returns only after the fence it raises is up.
+        let state = attachments.state();
+        let mut hung_up = Vec::new();
+        if let Err(e) = hangups.take_hung_up(&mut hung_up) {
+            attachments.hangup_watch_failed(&e);
+        }
+        // A connection's own hang-up counts too: its queued writes are as stale as anyone's.
+        hung_up
+            .iter()
+            .filter_map(|id| state.connections.get(id))
+            .filter(|connection| connection.seat.hung_up(&attachments.fence))
+            .count()
     }
 }
 
@@ -205,6 +251,9 @@ impl Drop for Attachment {
         {
             let mut state = self.attachments.state();
             state.connections.remove(&self.id);
+            self.attachments
+                .attached
+                .store(state.connections.len(), Ordering::SeqCst);
             // Under the lock, so `fence_departed` cannot raise it again afterwards.
             self.seat.settle(&self.attachments.fence);
         }
@@ -243,38 +292,57 @@ mod tests {
         assert!(attachments.attach(CancellationToken::new(), None).is_some());
     }
 
-    #[derive(Debug)]
-    struct FakeProbe(Arc<std::sync::atomic::AtomicBool>);
-
-    impl PeerProbe for FakeProbe {
-        fn peer_gone(&self) -> bool {
-            self.0.load(std::sync::atomic::Ordering::SeqCst)
-        }
-    }
-
     #[tokio::test]
-    async fn a_new_connection_fences_one_whose_client_is_gone() {
+    async fn a_connection_whose_client_hung_up_is_fenced_once() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+
         let attachments = Arc::new(Attachments::default());
-        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let probe = Box::new(FakeProbe(Arc::clone(&gone)));
+        let (old_socket, old_client) = UnixStream::pair().unwrap();
         let old = attachments
-            .attach(CancellationToken::new(), Some(probe))
+            .attach(CancellationToken::new(), Some(old_socket.as_raw_fd()))
             .unwrap();
-        let first = attachments.attach(CancellationToken::new(), None).unwrap();
-        assert_eq!(first.fence_departed(), 0, "the old client is still there");
+        assert_eq!(
+            old.fence_departed(),
+            0,
+            "alone on the volume: nothing to fence"
+        );
+        let (new_socket, _new_client) = UnixStream::pair().unwrap();
+        let new = attachments
+            .attach(CancellationToken::new(), Some(new_socket.as_raw_fd()))
+            .unwrap();
+        assert_eq!(new.fence_departed(), 0, "the old client is still there");
         assert!(!attachments.fence().is_raised());
 
-        gone.store(true, std::sync::atomic::Ordering::SeqCst);
-        let second = attachments.attach(CancellationToken::new(), None).unwrap();
-        assert_eq!(second.fence_departed(), 1);
+        drop(old_client);
+        assert_eq!(new.fence_departed(), 1);
         assert!(attachments.fence().is_raised());
         assert!(old.seat().is_draining());
-        assert_eq!(second.fence_departed(), 0, "fenced once");
+        assert_eq!(new.fence_departed(), 0, "fenced once");
 
         // Detaching settles the seat even if its task never did.
         drop(old);
+        drop(old_socket);
         assert!(!attachments.fence().is_raised());
-        drop((first, second));
+        drop(new);
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_after_the_task_drained_raises_nothing() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+
+        let attachments = Arc::new(Attachments::default());
+        let (socket, client) = UnixStream::pair().unwrap();
+        let draining = attachments
+            .attach(CancellationToken::new(), Some(socket.as_raw_fd()))
+            .unwrap();
+        let other = attachments.attach(CancellationToken::new(), None).unwrap();
+        draining.seat().drain(attachments.fence(), false, false);
+        drop(client);
+        assert_eq!(other.fence_departed(), 0);
+        assert!(!attachments.fence().is_raised());
+        drop((draining, other));
     }
 
     #[test]

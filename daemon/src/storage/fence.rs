@@ -53,8 +53,8 @@ impl Fence {
 }
 
 /// One connection's place at its volume's fence. Its transitions are rare (once per connection
-/// death) and may come from two sides, the connection's own task and a newer connection that
-/// found its peer gone first, so they are serialised by a lock; the request path never takes it
+/// death) and may come from two sides, the connection's own task and whichever connection of the
+/// volume found its client gone first, so they are serialised by a lock; the request path never takes it
 /// unless a fence is up.
 #[derive(Debug, Default)]
 pub struct Seat {
@@ -106,11 +106,9 @@ impl Seat {
         state.raised
     }
 
-    /// A newer connection found this one's client gone before this connection's own task
+    /// The kernel reported this connection's client gone before the connection's own task
     /// noticed (it may still be reading requests queued before the hang-up): raise the fence
-    /// now, until the task settles. Does nothing once the task drains by itself, which it does
-    /// before closing its socket: so a probe that looked at a closed (or reused) descriptor is
-    /// never acted on.
+    /// now, until the task settles. Does nothing once the task drains or settles by itself.
     pub fn hung_up(&self, fence: &Fence) -> bool {
         let mut state = self.state();
         if state.draining || state.settled {
