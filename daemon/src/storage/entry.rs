@@ -17,6 +17,7 @@ use crate::storage::manifest::{
     self, LayerRecord, ManifestSource, VolumeManifest, LEGACY_DATA_FILE,
 };
 use crate::storage::name::validate_volume_name;
+use crate::storage::spare::SpareHead;
 use crate::storage::volume::{Volume, VolumeIdentity};
 
 pub struct VolumeEntry {
@@ -29,6 +30,8 @@ pub struct VolumeEntry {
     pub(crate) admin: tokio::sync::Mutex<()>,
     /// Snapshot name -> readers that need it kept (see `diff.rs`).
     pub(crate) pins: Mutex<HashMap<String, usize>>,
+    /// The next head, made ahead of the freeze that takes it (see `spare.rs`).
+    pub(crate) spare_head: SpareHead,
 }
 
 pub(crate) struct EntryState {
@@ -111,10 +114,15 @@ impl VolumeEntry {
             }),
             admin: tokio::sync::Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
+            spare_head: SpareHead::default(),
         };
         {
             let mut state = entry.lock();
             entry.refresh(&mut state)?;
+        }
+        if entry.volume.writer().is_some() {
+            let size_bytes = entry.manifest().size_bytes;
+            entry.spare_head.replenish(&entry.dir, size_bytes);
         }
         Ok(entry)
     }

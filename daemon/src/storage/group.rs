@@ -73,10 +73,17 @@ pub(crate) async fn freeze_heads(
             }
         }
         let size_bytes = m.entry.manifest().size_bytes;
-        let id = layer::new_layer_id()?;
         // Not fsynced: a crash before the manifest naming it is durable may lose its files,
         // and the load starts a missing head again empty (no FLUSH can have returned since).
-        let new_head = Arc::new(Layer::create(&m.entry.dir, &id, size_bytes)?);
+        let new_head = match m.entry.spare_head.take(&m.entry.dir, size_bytes) {
+            Some(spare) => spare,
+            None => Arc::new(Layer::create(
+                &m.entry.dir,
+                &layer::new_layer_id()?,
+                size_bytes,
+            )?),
+        };
+        let id = new_head.id().to_owned();
         prepared.push((m, writer, id, new_head, size_bytes));
     }
     let prepared_us = started.elapsed().as_micros() as u64;
@@ -179,6 +186,9 @@ pub(crate) async fn freeze_heads(
         visible_us = started.elapsed().as_micros() as u64,
         "froze heads"
     );
+    for (m, _, _, _, size_bytes) in &prepared {
+        m.entry.spare_head.replenish(&m.entry.dir, *size_bytes);
+    }
     for (layer, (m, ..)) in frozen.into_iter().zip(&prepared) {
         // The frozen layer's unflushed writes become durable in the background (and at the
         // next FLUSH at the latest, which syncs every layer of the chain).

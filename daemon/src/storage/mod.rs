@@ -13,6 +13,7 @@ pub mod name;
 pub mod persist;
 pub mod registry;
 pub mod snapshots;
+pub mod spare;
 pub mod stripes;
 pub mod volume;
 
