@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::buffers::BufferPool;
+use crate::storage::epoch::Epoch;
 use crate::storage::layer::chain::Chain;
 use crate::storage::layer::{self, blocks_for, BlockState, Layer, BLOCK_BYTES};
 use crate::storage::manifest::{
@@ -188,6 +189,25 @@ impl VolumeEntry {
     /// Brings the live chain, the snapshot views and the "changed since" bases in line with
     /// the manifest, and drops open layers it no longer names.
     pub(crate) fn refresh(&self, state: &mut EntryState) -> Result<(), StorageError> {
+        self.refresh_with(state, false).map(drop)
+    }
+
+    /// [`VolumeEntry::refresh`] after a freeze put a new head on top: writes starting from now
+    /// on are in a new epoch. Returns the old one, whose writes may still be landing in the
+    /// frozen layer.
+    pub(crate) fn refresh_new_head(
+        &self,
+        state: &mut EntryState,
+    ) -> Result<Arc<Epoch>, StorageError> {
+        self.refresh_with(state, true)
+            .map(|old| old.expect("a new head starts a new epoch"))
+    }
+
+    fn refresh_with(
+        &self,
+        state: &mut EntryState,
+        new_head: bool,
+    ) -> Result<Option<Arc<Epoch>>, StorageError> {
         let manifest = &state.manifest;
         state.layers.retain(|id, _| manifest.layer(id).is_some());
         let chain = chain_of(manifest, &state.layers, &manifest.head)?;
@@ -198,7 +218,12 @@ impl VolumeEntry {
             .filter(|s| ancestry.contains(&s.layer))
             .map(|s| (s.name.clone(), s.layer.clone()))
             .collect();
-        self.volume.set_chain(chain);
+        let old_epoch = if new_head {
+            Some(self.volume.set_chain_new_head(chain))
+        } else {
+            self.volume.set_chain(chain);
+            None
+        };
         self.volume.set_bases(bases);
         let mut views = BTreeMap::new();
         for snapshot in &manifest.snapshots {
@@ -228,7 +253,7 @@ impl VolumeEntry {
         for (_, gone) in std::mem::replace(&mut state.views, views) {
             let _ = gone.attachments().close(true);
         }
-        Ok(())
+        Ok(old_epoch)
     }
 
     /// Records `next` durably, then makes it the in-memory truth.

@@ -1,6 +1,7 @@
 //! Freezing heads: one volume's (a snapshot) or several volumes' from the same instant (a
-//! consistency group, for server backups). Writes are held only while the heads are swapped
-//! in memory; the new manifests are put in place after writes resume and made durable in the
+//! consistency group, for server backups). A single head is swapped without holding writes
+//! (see `epoch.rs`); a group holds new writes only while its heads are swapped in memory. The
+//! new manifests are put in place after writes resume and made durable in the
 //! background (`persist.rs`). Until they are, a FLUSH on any of the volumes waits (so no write
 //! is acknowledged as durable while its head is not recorded durably).
 
@@ -92,15 +93,23 @@ pub(crate) async fn freeze_heads(
     for (_, writer, ..) in &prepared {
         commits.push(writer.commit.write().await);
     }
-    // New writes are held from the first gate request until the gates are released. Waiting
-    // for the writes in flight is bounded: one the kernel throttles (writeback under a
-    // saturated disk) would otherwise hold every new write behind it for seconds. After
-    // GATE_WAIT the attempt is dropped, writes flow again, and the barrier retries later.
+    // One head swaps without holding writes: writes from then on go to the new head, and the
+    // freeze waits below only for those already in flight on the old one (see `epoch.rs`).
+    // Several heads frozen from one instant (a consistency group) hold new writes on all of
+    // them while they swap, which is what makes the set crash-consistent across volumes.
+    //
+    // Waiting for the writes in flight with new ones held is bounded: one the kernel throttles
+    // (writeback under a saturated disk) would otherwise hold every new write behind it for
+    // seconds. After GATE_WAIT the attempt is dropped, writes flow again, and the barrier
+    // retries later.
     let mut attempts = 0u32;
     let mut pause = GATE_RETRY_FIRST_PAUSE;
     let (gates, held_since) = loop {
         attempts += 1;
         let requested = Instant::now();
+        if prepared.len() == 1 {
+            break (Vec::new(), requested);
+        }
         let acquire = async {
             let mut gates = Vec::with_capacity(prepared.len());
             for (_, writer, ..) in &prepared {
@@ -143,12 +152,13 @@ pub(crate) async fn freeze_heads(
         nexts.push(next);
     }
     let mut frozen = Vec::with_capacity(prepared.len());
+    let mut old_epochs = Vec::with_capacity(prepared.len());
     for ((m, _, id, new_head, _), next) in prepared.iter().zip(&nexts) {
         let mut state = m.entry.lock();
         frozen.push(Arc::clone(&state.layers[&state.manifest.head]));
         state.layers.insert(id.clone(), Arc::clone(new_head));
         state.manifest = next.clone();
-        m.entry.refresh(&mut state)?;
+        old_epochs.push(m.entry.refresh_new_head(&mut state)?);
     }
     drop(gates);
     let hold_us = held_since.elapsed().as_micros() as u64;
@@ -178,12 +188,20 @@ pub(crate) async fn freeze_heads(
     }
     // FLUSHes from here wait for the generations just published.
     drop(commits);
+    let visible_us = started.elapsed().as_micros() as u64;
+    // The frozen heads take no write once those in flight on them are done; only then may the
+    // freeze answer (a write acknowledged afterwards must not be in the snapshot).
+    for (epoch, (m, ..)) in old_epochs.iter().zip(&prepared) {
+        epoch.drained().await;
+        m.entry.volume.earlier_epoch_drained();
+    }
     tracing::debug!(
         prepared_us,
         swapped_us,
         hold_us,
         attempts,
-        visible_us = started.elapsed().as_micros() as u64,
+        visible_us,
+        drained_us = started.elapsed().as_micros() as u64,
         "froze heads"
     );
     for (m, _, _, _, size_bytes) in &prepared {

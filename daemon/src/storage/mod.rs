@@ -5,6 +5,7 @@ pub mod attachments;
 pub mod buffers;
 pub mod diff;
 pub mod entry;
+pub mod epoch;
 pub mod fence;
 pub mod group;
 pub mod layer;
@@ -21,5 +22,7 @@ pub use name::parse_size_bytes;
 pub use registry::Registry;
 pub use volume::{StatusQuery, Volume, ZeroMode};
 
+#[cfg(test)]
+mod freeze_tests;
 #[cfg(test)]
 mod model_tests;

@@ -14,6 +14,7 @@ use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
+use crate::storage::epoch::{Epoch, EpochGuard};
 use crate::storage::fence::Fence;
 use crate::storage::layer::chain::{Chain, Hit};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
@@ -61,8 +62,9 @@ pub struct VolumeIdentity {
 /// What only a writable volume has.
 #[derive(Default)]
 pub struct Writer {
-    /// Writes hold it shared for their whole duration; freezing the head holds it exclusively,
-    /// so no write is half in the old head and half acknowledged after the freeze.
+    /// Writes hold it shared for their whole duration; freezing a group of heads and resizing
+    /// hold it exclusively, so no write is half in the old head and half after. (Freezing one
+    /// head needs no exclusion: see `epoch.rs`.)
     pub gate: tokio::sync::RwLock<()>,
     /// Held exclusively from a head swap until its manifest is in place and published to
     /// `persist`; FLUSH takes it shared to read the generation it must wait for, so a flush
@@ -82,6 +84,11 @@ impl Writer {
     }
 }
 
+struct ChainSlot {
+    chain: Arc<Chain>,
+    epoch: Arc<Epoch>,
+}
+
 pub struct Volume {
     name: String,
     /// Changed online by resize; a connection keeps the size it negotiated.
@@ -90,7 +97,9 @@ pub struct Volume {
     attachments: Arc<Attachments>,
     engine: IoEngine,
     buffers: Arc<BufferPool>,
-    chain: RwLock<Arc<Chain>>,
+    /// The layers reads resolve through (the head on top), and the epoch writes on that head
+    /// belong to: swapped together (see `epoch.rs`).
+    chain: RwLock<ChainSlot>,
     writer: Option<Writer>,
     /// Snapshots below the head, as (name, layer id): the bases for "changed since".
     bases: RwLock<Vec<(String, String)>>,
@@ -153,7 +162,10 @@ impl Volume {
             attachments: Arc::new(Attachments::default()),
             engine,
             buffers,
-            chain: RwLock::new(Arc::new(chain)),
+            chain: RwLock::new(ChainSlot {
+                chain: Arc::new(chain),
+                epoch: Arc::new(Epoch::default()),
+            }),
             writer,
             bases: RwLock::new(Vec::new()),
             fallocate_works: AtomicBool::new(true),
@@ -196,13 +208,42 @@ impl Volume {
         self.size_bytes.store(size_bytes, Ordering::Release);
     }
 
-    pub fn chain(&self) -> Arc<Chain> {
-        Arc::clone(&self.chain.read().unwrap_or_else(|p| p.into_inner()))
+    fn slot(&self) -> std::sync::RwLockReadGuard<'_, ChainSlot> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Swaps in a new chain. Readers holding the old one finish with it (its layers stay open).
+    fn slot_mut(&self) -> std::sync::RwLockWriteGuard<'_, ChainSlot> {
+        self.chain.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn chain(&self) -> Arc<Chain> {
+        Arc::clone(&self.slot().chain)
+    }
+
+    /// The chain a write lands in, and its membership in that head's epoch, taken together.
+    fn chain_for_write(&self) -> (Arc<Chain>, EpochGuard) {
+        let slot = self.slot();
+        (Arc::clone(&slot.chain), slot.epoch.enter())
+    }
+
+    /// Swaps in a new chain with the same head. Readers holding the old one finish with it
+    /// (its layers stay open).
     pub fn set_chain(&self, chain: Chain) {
-        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(chain);
+        self.slot_mut().chain = Arc::new(chain);
+    }
+
+    /// Swaps in a chain with a new head: writes starting from now on are in a new epoch.
+    /// Returns the old epoch, whose writes may still be landing in the old head.
+    pub fn set_chain_new_head(&self, chain: Chain) -> Arc<Epoch> {
+        let mut slot = self.slot_mut();
+        let next = slot.epoch.next();
+        slot.chain = Arc::new(chain);
+        std::mem::replace(&mut slot.epoch, next)
+    }
+
+    /// Forgets the previous epoch once it has drained (see [`Epoch::forget_earlier`]).
+    pub fn earlier_epoch_drained(&self) {
+        self.slot().epoch.forget_earlier();
     }
 
     pub fn writer(&self) -> Option<&Writer> {
@@ -296,8 +337,9 @@ impl Volume {
         let writer = self.writable()?;
         {
             let _gate = writer.gate.read().await;
-            let chain = self.chain();
-            self.write_in(writer, &chain, offset_bytes, data).await?;
+            let (chain, epoch) = self.chain_for_write();
+            self.write_in(writer, &chain, &epoch, offset_bytes, data)
+                .await?;
         }
         if fua {
             self.flush().await?;
@@ -311,6 +353,7 @@ impl Volume {
         &self,
         writer: &Writer,
         chain: &Chain,
+        epoch: &EpochGuard,
         offset_bytes: u64,
         data: Bytes,
     ) -> Result<(), StorageError> {
@@ -319,12 +362,14 @@ impl Volume {
         let end_full = end_bytes / BLOCK_BYTES;
         if first_full > end_full {
             // Inside one block, touching neither of its edges.
-            return self.write_partial(writer, chain, offset_bytes, data).await;
+            return self
+                .write_partial(writer, chain, epoch, offset_bytes, data)
+                .await;
         }
         let lead_bytes = (first_full * BLOCK_BYTES - offset_bytes) as usize;
         let tail_bytes = (end_bytes - end_full * BLOCK_BYTES) as usize;
         if lead_bytes > 0 {
-            self.write_partial(writer, chain, offset_bytes, data.slice(..lead_bytes))
+            self.write_partial(writer, chain, epoch, offset_bytes, data.slice(..lead_bytes))
                 .await?;
         }
         if end_full > first_full {
@@ -333,7 +378,7 @@ impl Volume {
         }
         if tail_bytes > 0 {
             let tail = data.slice(data.len() - tail_bytes..);
-            self.write_partial(writer, chain, end_full * BLOCK_BYTES, tail)
+            self.write_partial(writer, chain, epoch, end_full * BLOCK_BYTES, tail)
                 .await?;
         }
         Ok(())
@@ -369,6 +414,7 @@ impl Volume {
         &self,
         writer: &Writer,
         chain: &Chain,
+        epoch: &EpochGuard,
         offset_bytes: u64,
         data: Bytes,
     ) -> Result<(), StorageError> {
@@ -389,7 +435,11 @@ impl Volume {
             }
             BlockState::Zero => BytesMut::zeroed(BLOCK_BYTES as usize),
             BlockState::Absent => match chain.below_top() {
-                Some(below) => self.read_chain(&below, block_start).await?,
+                Some(below) => {
+                    // The block's old content may still be landing below (see `epoch.rs`).
+                    epoch.wait_earlier().await;
+                    self.read_chain(&below, block_start).await?
+                }
                 None => BytesMut::zeroed(BLOCK_BYTES as usize),
             },
         };
@@ -434,7 +484,7 @@ impl Volume {
         {
             // One gate for the whole request: a snapshot sees all of it or none of it.
             let _gate = writer.gate.read().await;
-            let chain = self.chain();
+            let (chain, epoch) = self.chain_for_write();
             let end_bytes = offset_bytes + length_bytes;
             let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
             let end_full = end_bytes / BLOCK_BYTES;
@@ -444,6 +494,7 @@ impl Volume {
                 self.write_in(
                     writer,
                     &chain,
+                    &epoch,
                     offset_bytes,
                     zeroes(offset_bytes, end_bytes),
                 )
@@ -451,12 +502,14 @@ impl Volume {
             } else {
                 let lead_end = first_full * BLOCK_BYTES;
                 if offset_bytes < lead_end {
-                    self.write_in(writer, &chain, offset_bytes, zeroes(offset_bytes, lead_end))
+                    let lead = zeroes(offset_bytes, lead_end);
+                    self.write_in(writer, &chain, &epoch, offset_bytes, lead)
                         .await?;
                 }
                 let tail_start = end_full * BLOCK_BYTES;
                 if tail_start < end_bytes {
-                    self.write_in(writer, &chain, tail_start, zeroes(tail_start, end_bytes))
+                    let tail = zeroes(tail_start, end_bytes);
+                    self.write_in(writer, &chain, &epoch, tail_start, tail)
                         .await?;
                 }
                 if end_full > first_full {
@@ -565,7 +618,7 @@ impl Volume {
         let end = (offset_bytes + length_bytes) / BLOCK_BYTES;
         if end > start {
             let _gate = writer.gate.read().await;
-            let chain = self.chain();
+            let (chain, _epoch) = self.chain_for_write();
             let _locks = writer.stripes.lock(start, end).await;
             self.deallocate(&chain, start, end).await;
         }
