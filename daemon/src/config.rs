@@ -62,7 +62,8 @@ pub struct Args {
     pub ring_spin_us: Option<u64>,
 
     /// Send every read and write through the I/O engine, even page-cache hits that
-    /// preadv2/pwritev2 with RWF_NOWAIT would complete inline without blocking.
+    /// preadv2/pwritev2 with RWF_NOWAIT would complete inline without blocking, and small
+    /// writes done inline where the filesystem has no non-blocking buffered writes.
     #[arg(long)]
     pub no_inline_cached_io: bool,
 

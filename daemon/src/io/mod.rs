@@ -7,6 +7,7 @@
 
 mod error;
 pub mod hangups;
+mod inline_write;
 mod nowait;
 mod threads;
 mod uring;
@@ -21,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 
 pub use error::EngineError;
 
+use inline_write::InlineWrites;
 use nowait::NoWait;
 use threads::ThreadsEngine;
 use uring::UringEngine;
@@ -62,7 +64,8 @@ pub struct EngineConfig {
     pub ring_entries: u32,
     /// Microseconds a ring thread polls for more work before sleeping (0: never spin).
     pub ring_spin_us: u64,
-    /// Serve page-cache hits inline with RWF_NOWAIT before queueing to the engine.
+    /// Serve page-cache hits inline with RWF_NOWAIT before queueing to the engine, and small
+    /// writes inline where RWF_NOWAIT writes are unsupported (see `inline_write.rs`).
     pub inline_cached_io: bool,
 }
 
@@ -83,6 +86,7 @@ impl Default for EngineConfig {
 pub struct IoEngine {
     backend: Arc<Backend>,
     nowait: Arc<NoWait>,
+    inline_writes: Arc<InlineWrites>,
 }
 
 enum Backend {
@@ -119,6 +123,7 @@ impl IoEngine {
         Ok(IoEngine {
             backend: Arc::new(backend),
             nowait: Arc::new(NoWait::new(config.inline_cached_io)),
+            inline_writes: Arc::new(InlineWrites::new(config.inline_cached_io)),
         })
     }
 
@@ -184,6 +189,11 @@ impl IoEngine {
         if !dsync {
             if let Some(result) = self.nowait.try_write(file, offset, &data) {
                 return result;
+            }
+            if !self.nowait.writes_inline() {
+                if let Some(result) = self.inline_writes.try_write(file, offset, &data) {
+                    return result;
+                }
             }
         }
         match &*self.backend {

@@ -54,6 +54,11 @@ impl NoWait {
         self.outcome(n, &self.reads)
     }
 
+    /// Whether non-blocking buffered writes are still believed to work here.
+    pub(crate) fn writes_inline(&self) -> bool {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     /// As `try_read`, for a plain (not FUA) buffered write.
     pub(crate) fn try_write(
         &self,
