@@ -117,9 +117,10 @@ impl Conn {
     }
 }
 
-/// A size-limited tmpfs mounted on a fresh temporary directory; unmounted (lazily, so a
-/// still-running process cannot keep it busy) and removed on drop, also when a test panics.
-/// Declare it before the [`crate::Daemon`] using it so the daemon is dropped (killed) first.
+/// A RAM filesystem (a size-limited tmpfs, or a ramfs) mounted on a fresh temporary directory;
+/// unmounted (lazily, so a still-running process cannot keep it busy) and removed on drop, also
+/// when a test panics. Declare it before the [`crate::Daemon`] using it so the daemon is dropped
+/// (killed) first.
 pub struct TmpfsMount {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -128,6 +129,17 @@ pub struct TmpfsMount {
 impl TmpfsMount {
     pub fn new(size_mib: u64) -> TmpfsMount {
         require_root("mounting a size-limited tmpfs");
+        TmpfsMount::mount("tmpfs", &format!("size={size_mib}m,mode=0755"))
+    }
+
+    /// A ramfs: no size limit, and open(2) refuses O_DIRECT there with EINVAL (tmpfs accepts
+    /// it since Linux 6.6), which is what the fallbacks to the page cache are tested on.
+    pub fn ramfs() -> TmpfsMount {
+        require_root("mounting a ramfs");
+        TmpfsMount::mount("ramfs", "mode=0755")
+    }
+
+    fn mount(fs_type: &str, options: &str) -> TmpfsMount {
         let dir = crate::tempdir();
         let path = dir.path().join("fs");
         std::fs::create_dir(&path).unwrap();
@@ -135,10 +147,10 @@ impl TmpfsMount {
             "mount",
             &[
                 "-t",
-                "tmpfs",
+                fs_type,
                 "-o",
-                &format!("size={size_mib}m,mode=0755"),
-                "tmpfs",
+                options,
+                fs_type,
                 path.to_str().unwrap(),
             ],
         );

@@ -1,8 +1,9 @@
 //! Backups (VBS) end to end against the daemon's default local store (`file://DATA_DIR/backups`):
 //! full and incremental backups restored byte for byte, incrementals that read only the changed
 //! chunks (also after snapshot deletes and a restart), dedup across a clone, delete + GC,
-//! restore after the volume is gone, a corrupted chunk caught by verify and by restore, a
-//! `kill -9` in the middle of a backup, fio verifying while backups run, evsctl and metrics.
+//! restore after the volume is gone, restores where O_DIRECT is refused, a corrupted chunk
+//! caught by verify and by restore, a `kill -9` in the middle of a backup, fio verifying while
+//! backups run, evsctl and metrics.
 //! tests/tests/backups_s3.rs runs the store-facing cases against a real S3 server.
 
 use std::fs;
@@ -324,6 +325,37 @@ fn deleted_volume_restores_from_its_backup() {
         "invalid_argument",
     );
     admin_err(&d, "backup.show", json!({"id": "b-nope"}), "not_found");
+}
+
+#[test]
+fn restores_fall_back_to_the_page_cache_where_o_direct_is_refused() {
+    let fs = evsd_e2e::faults::TmpfsMount::ramfs();
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().data_dir(fs.path()));
+    // Two whole chunks and a short one.
+    let size = 2 * CHUNK + 12 * KIB;
+    create_volume(&d, "vol0", size);
+    let mut model = vec![0u8; size as usize];
+    write_at(&d, "vol0", 0, &random(21, size), &mut model);
+    let b = backup_now(&d, "vol0", false);
+    restore_new(&d, "r", b["id"].as_str().unwrap());
+    assert_same("restore on ramfs", &read_export(&d, "r"), &model);
+    // Over data of its own, just read (so cached): the restore must replace all of it.
+    let backed_up = model.clone();
+    write_at(&d, "vol0", MIB, &random(22, 5 * MIB), &mut model);
+    assert_same("vol0 changed", &read_export(&d, "vol0"), &model);
+    let r = admin_ok(&d, "backup.restore", json!({"id": b["id"], "to": "vol0"}));
+    wait_job_ok(&d, r["job"]["id"].as_str().unwrap());
+    assert_same(
+        "vol0 restored on ramfs",
+        &read_export(&d, "vol0"),
+        &backed_up,
+    );
+    let log = d.stderr();
+    assert_eq!(
+        log.matches("O_DIRECT refused").count(),
+        1,
+        "one warning for the daemon:\n{log}"
+    );
 }
 
 #[test]

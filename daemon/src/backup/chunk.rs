@@ -216,6 +216,69 @@ fn le_u32(bytes: &[u8], at: usize) -> u32 {
 /// past the others (or an object stored under the wrong name) an error, never wrong data.
 pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
     let id = *id;
+    let checked = check(id, stored)?;
+    let plaintext = match checked.codec {
+        Codec::Raw => checked.payload.to_vec(),
+        Codec::Zstd => {
+            // The capacity bounds the output buffer: a frame claiming (or producing) more than
+            // the header's plaintext length fails instead of allocating it.
+            let plaintext = zstd::bulk::decompress(checked.payload, checked.plaintext_len)
+                .map_err(|e| ChunkError::Decompress {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            check_decompressed_len(id, checked.plaintext_len, plaintext.len())?;
+            plaintext
+        }
+    };
+    check_hash(id, &plaintext)?;
+    Ok(plaintext)
+}
+
+/// As [`decode`], into `out`, whose length must be the plaintext's (a restore knows it from the
+/// manifest): no allocation, and `out` may be an aligned buffer a direct write takes as is.
+/// On error `out` holds unspecified bytes.
+pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let id = *id;
+    let checked = check(id, stored)?;
+    if checked.plaintext_len != out.len() {
+        return Err(ChunkError::LengthMismatch {
+            id,
+            what: "plaintext length in header (the manifest's chunk length)",
+            expected: out.len() as u64,
+            actual: checked.plaintext_len as u64,
+        });
+    }
+    match checked.codec {
+        Codec::Raw => out.copy_from_slice(checked.payload),
+        Codec::Zstd => {
+            // A frame producing more than `out` holds fails here rather than overflowing.
+            let n = zstd::bulk::decompress_to_buffer(checked.payload, out).map_err(|e| {
+                ChunkError::Decompress {
+                    id,
+                    reason: e.to_string(),
+                }
+            })?;
+            check_decompressed_len(id, checked.plaintext_len, n)?;
+        }
+    }
+    check_hash(id, out)
+}
+
+enum Codec {
+    Raw,
+    Zstd,
+}
+
+/// A stored object whose header and payload checksum are sound.
+struct Checked<'a> {
+    codec: Codec,
+    plaintext_len: usize,
+    payload: &'a [u8],
+}
+
+/// Every check short of decompressing and hashing, cheapest first.
+fn check(id: ChunkId, stored: &[u8]) -> Result<Checked<'_>, ChunkError> {
     if stored.len() < HEADER_LEN_BYTES {
         return Err(ChunkError::Truncated {
             id,
@@ -229,10 +292,11 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
             found: header[0..8].to_vec(),
         });
     }
-    let codec = header[8];
-    if codec != CODEC_RAW && codec != CODEC_ZSTD {
-        return Err(ChunkError::UnknownCodec { id, codec });
-    }
+    let codec = match header[8] {
+        CODEC_RAW => Codec::Raw,
+        CODEC_ZSTD => Codec::Zstd,
+        codec => return Err(ChunkError::UnknownCodec { id, codec }),
+    };
     let reserved = [header[9], header[10], header[11]];
     if reserved != [0, 0, 0] {
         return Err(ChunkError::ReservedNotZero {
@@ -267,40 +331,40 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
             actual: actual_crc,
         });
     }
-    let plaintext = if codec == CODEC_RAW {
-        if payload_len != plaintext_len {
-            return Err(ChunkError::LengthMismatch {
-                id,
-                what: "raw payload",
-                expected: u64::from(plaintext_len),
-                actual: u64::from(payload_len),
-            });
-        }
-        payload.to_vec()
-    } else {
-        // The capacity bounds the output buffer: a frame claiming (or producing) more than the
-        // header's plaintext length fails instead of allocating it.
-        let plaintext = zstd::bulk::decompress(payload, plaintext_len as usize).map_err(|e| {
-            ChunkError::Decompress {
-                id,
-                reason: e.to_string(),
-            }
-        })?;
-        if plaintext.len() as u64 != u64::from(plaintext_len) {
-            return Err(ChunkError::LengthMismatch {
-                id,
-                what: "decompressed plaintext",
-                expected: u64::from(plaintext_len),
-                actual: plaintext.len() as u64,
-            });
-        }
-        plaintext
-    };
-    let actual = ChunkId::of(&plaintext);
+    if matches!(codec, Codec::Raw) && payload_len != plaintext_len {
+        return Err(ChunkError::LengthMismatch {
+            id,
+            what: "raw payload",
+            expected: u64::from(plaintext_len),
+            actual: u64::from(payload_len),
+        });
+    }
+    Ok(Checked {
+        codec,
+        // At most CHUNK_SIZE_BYTES, checked above.
+        plaintext_len: plaintext_len as usize,
+        payload,
+    })
+}
+
+fn check_decompressed_len(id: ChunkId, expected: usize, actual: usize) -> Result<(), ChunkError> {
+    if actual != expected {
+        return Err(ChunkError::LengthMismatch {
+            id,
+            what: "decompressed plaintext",
+            expected: expected as u64,
+            actual: actual as u64,
+        });
+    }
+    Ok(())
+}
+
+fn check_hash(id: ChunkId, plaintext: &[u8]) -> Result<(), ChunkError> {
+    let actual = ChunkId::of(plaintext);
     if actual != id {
         return Err(ChunkError::HashMismatch { id, actual });
     }
-    Ok(plaintext)
+    Ok(())
 }
 
 /// True when every byte is zero. Such chunks are recorded as `null` in manifests, never stored.
@@ -378,6 +442,38 @@ mod tests {
                 assert_eq!(decode(&ChunkId::of(&data), &stored).unwrap(), data);
             }
         }
+    }
+
+    #[test]
+    fn decode_into_matches_decode_and_checks_the_same() {
+        for data in [
+            compressible_bytes(CHUNK_SIZE_BYTES as usize),
+            random_bytes(CHUNK_SIZE_BYTES as usize, 3),
+            compressible_bytes(12288),
+        ] {
+            let id = ChunkId::of(&data);
+            let stored = encode(&data, 1);
+            let mut out = vec![0xa5; data.len()];
+            decode_into(&id, &stored, &mut out).unwrap();
+            assert_eq!(out, data);
+            // The manifest's length disagrees with the header's.
+            let mut short = vec![0; data.len() - 4096];
+            let err = decode_into(&id, &stored, &mut short).unwrap_err();
+            assert!(matches!(err, ChunkError::LengthMismatch { .. }), "{err}");
+            let other = ChunkId::of(b"other");
+            let err = decode_into(&other, &stored, &mut out).unwrap_err();
+            assert!(matches!(err, ChunkError::HashMismatch { .. }), "{err}");
+            let mut bad = stored.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            let err = decode_into(&id, &bad, &mut out).unwrap_err();
+            assert!(matches!(err, ChunkError::ChecksumMismatch { .. }), "{err}");
+        }
+        // A frame producing more than its header (and the buffer) says.
+        let zeros = vec![0u8; CHUNK_SIZE_BYTES as usize];
+        let mut stored = with_header(CODEC_ZSTD, 4096, &zstd::bulk::compress(&zeros, 1).unwrap());
+        rewrite_crc(&mut stored);
+        let err = decode_into(&ChunkId::of(&zeros[..4096]), &stored, &mut [0; 4096]).unwrap_err();
+        assert!(matches!(err, ChunkError::Decompress { .. }), "{err}");
     }
 
     fn stored_pair() -> (ChunkId, Vec<u8>) {

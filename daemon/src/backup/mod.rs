@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod error;
 pub mod gc;
 pub mod job;
+pub mod local_read;
 pub mod locks;
 pub mod manifest;
 pub mod policy_run;

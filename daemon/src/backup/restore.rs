@@ -1,9 +1,11 @@
 //! A restore job: every chunk of a backup downloaded in parallel, checked against its id
 //! before a byte of it is written, then written at its offset; zero chunks become trims.
+//!
+//! Chunks are decoded straight into page-aligned buffers that `Volume::write_bulk` hands to the
+//! disk with O_DIRECT: a buffered restore spent most of its CPU copying into the page cache.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::backup::chunk::{self, CHUNK_SIZE_BYTES};
@@ -14,6 +16,7 @@ use crate::backup::retry::with_retry;
 use crate::backup::upload::blocking;
 use crate::backup::Backups;
 use crate::error::StorageError;
+use crate::storage::aligned::AlignedPool;
 use crate::storage::ZeroMode;
 
 /// Bytes restored between two background flushes.
@@ -42,11 +45,25 @@ pub async fn run(
     }
     job.set_total(manifest.size_bytes);
     let manifest = Arc::new(manifest);
+    // Downloads wait on the store more than on the CPU. A 1 GiB restore from an S3 server on
+    // loopback took 3.4 s with 8 chunks in flight, 2.6 s with 16, and no less with 32; from a
+    // local store 0.8 s with 8 or 16, the second eight buffers only costing their page faults.
+    let per_transfer = if svc.store.is_local() { 2 } else { 4 };
+    let concurrency = svc.config.upload_concurrency.max(1) * per_transfer;
+    // One buffer per chunk in flight, recycled once its write has completed.
+    let buffers = AlignedPool::new(CHUNK_SIZE_BYTES as usize, concurrency);
+    // The same for the stored objects a local store reads (header included).
+    let stored_buffers = AlignedPool::new(
+        CHUNK_SIZE_BYTES as usize + chunk::HEADER_LEN_BYTES,
+        concurrency,
+    );
     let mut results = futures_util::stream::iter((0..manifest.chunks.len() as u64).map(|i| {
         let svc = Arc::clone(svc);
         let job = Arc::clone(job);
         let volume = Arc::clone(&volume);
         let manifest = Arc::clone(&manifest);
+        let buffers = Arc::clone(&buffers);
+        let stored_buffers = Arc::clone(&stored_buffers);
         let created = record.created_volume;
         let task: futures_util::future::BoxFuture<'static, Result<u64, BackupError>> =
             Box::pin(async move {
@@ -63,7 +80,7 @@ pub async fn run(
                     }
                     Some(id) => {
                         let stored = with_retry(&job, &svc.shutdown, "downloading a chunk", || {
-                            svc.store.get_chunk(&id)
+                            svc.store.get_chunk_pooled(&id, &stored_buffers)
                         })
                         .await
                         .map_err(|e| match e {
@@ -77,15 +94,15 @@ pub async fn run(
                             },
                             other => other,
                         })?;
-                        let plain = blocking(move || chunk::decode(&id, &stored)).await??;
-                        if plain.len() as u64 != len {
-                            return Err(BackupError::Failed(format!(
-                            "chunk {i} ({id}) of backup {} holds {} bytes, the manifest says {len}",
-                            manifest.backup_id,
-                            plain.len()
-                        )));
-                        }
-                        volume.write(offset, Bytes::from(plain), false).await?;
+                        // The manifest's length is the buffer's: a chunk of another length fails
+                        // to decode.
+                        let plain = blocking(move || {
+                            let mut buf = buffers.take(len as usize);
+                            chunk::decode_into(&id, &stored, &mut buf)?;
+                            Ok::<_, BackupError>(buffers.freeze(buf))
+                        })
+                        .await??;
+                        volume.write_bulk(offset, plain).await?;
                     }
                 }
                 job.add_done(len);
@@ -93,8 +110,7 @@ pub async fn run(
             });
         task
     }))
-    // Downloads wait on the store more than on the CPU: twice the upload concurrency.
-    .buffer_unordered(svc.config.upload_concurrency.max(1) * 2);
+    .buffer_unordered(concurrency);
     let mut written_since_flush = 0u64;
     let mut background_flush: Option<tokio::task::JoinHandle<Result<(), StorageError>>> = None;
     while let Some(result) = results.next().await {

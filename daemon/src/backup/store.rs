@@ -17,7 +17,9 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, Retry
 
 use crate::backup::chunk::{self, ChunkId};
 use crate::backup::error::BackupError;
+use crate::backup::local_read;
 use crate::backup::manifest::{self, BackupManifest};
+use crate::storage::aligned::AlignedPool;
 
 /// S3 settings from the config file; each overrides the matching AWS_* environment variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -157,6 +159,11 @@ impl BackupStore {
         &self.url
     }
 
+    /// Whether the store is a local directory (`file://`), which answers at disk speed.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     fn path(&self, key: &str) -> ObjectPath {
         if self.prefix.as_ref().is_empty() {
             ObjectPath::from(key)
@@ -212,6 +219,29 @@ impl BackupStore {
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, BackupError> {
         let key = chunk::chunk_key(id);
         self.get(&key).await
+    }
+
+    /// As [`Self::get_chunk`], but a local store's file is read into a buffer from `buffers`
+    /// (see `local_read`); other stores' objects come in buffers of their own.
+    pub async fn get_chunk_pooled(
+        &self,
+        id: &ChunkId,
+        buffers: &Arc<AlignedPool>,
+    ) -> Result<Bytes, BackupError> {
+        let Some(root) = &self.local_root else {
+            return self.get_chunk(id).await;
+        };
+        let key = chunk::chunk_key(id);
+        // A file:// store has no prefix: the key is the path below its root.
+        let path = root.join(&key);
+        let buffers = Arc::clone(buffers);
+        let read = tokio::task::spawn_blocking(move || local_read::read_object(&path, &buffers))
+            .await
+            .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))?;
+        read.map_err(|e| {
+            let source = local_read::store_error(&key, e);
+            BackupError::store("get", key, source)
+        })
     }
 
     pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), BackupError> {

@@ -196,6 +196,17 @@ impl IoEngine {
                 }
             }
         }
+        self.queue_write(file, offset, data, dsync).await
+    }
+
+    async fn queue_write(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<usize> {
+        check_offset(offset)?;
         match &*self.backend {
             Backend::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
             Backend::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
@@ -210,15 +221,41 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<()> {
+        self.write_all(file, offset, data, dsync, true).await
+    }
+
+    /// `write_all_at` for a file opened with O_DIRECT: always queued to the engine, never tried
+    /// inline, because a direct write waits for the device even with RWF_NOWAIT and would hold
+    /// a tokio worker meanwhile.
+    pub async fn write_all_at_direct(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+    ) -> io::Result<()> {
+        self.write_all(file, offset, data, false, false).await
+    }
+
+    async fn write_all(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+        inline: bool,
+    ) -> io::Result<()> {
         let mut written_bytes = 0;
         while written_bytes < data.len() {
             let pos = offset
                 .checked_add(written_bytes as u64)
                 .ok_or_else(invalid_offset)?;
-            match self
-                .write_at(file, pos, data.slice(written_bytes..), dsync)
-                .await
-            {
+            let rest = data.slice(written_bytes..);
+            let written = if inline {
+                self.write_at(file, pos, rest, dsync).await
+            } else {
+                self.queue_write(file, pos, rest, dsync).await
+            };
+            match written {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,

@@ -1,6 +1,7 @@
 //! Volumes on disk as trees of copy-on-write layers. Knows nothing of NBD: the NBD side calls
 //! `Volume`'s methods, the admin side the registry's and `VolumeEntry`'s.
 
+pub mod aligned;
 pub mod attachments;
 pub mod buffers;
 pub mod diff;
@@ -22,6 +23,8 @@ pub use name::parse_size_bytes;
 pub use registry::Registry;
 pub use volume::{StatusQuery, Volume, ZeroMode};
 
+#[cfg(test)]
+mod bulk_tests;
 #[cfg(test)]
 mod freeze_tests;
 #[cfg(test)]

@@ -5,12 +5,15 @@
 
 pub mod blockmap;
 pub mod chain;
+pub mod direct;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
@@ -23,6 +26,8 @@ pub struct Layer {
     data: Arc<File>,
     map_file: Arc<File>,
     map: BlockMap,
+    /// The data file again with O_DIRECT, for restores; opened on first use.
+    direct: direct::DirectFile,
     /// Cleared by a sync, set by anything that changes the data or the map.
     dirty: AtomicBool,
     /// Serialises syncs so a flush never returns while another flush's sync of the same layer
@@ -115,6 +120,7 @@ impl Layer {
             data: Arc::new(data),
             map_file: Arc::new(map_file),
             map,
+            direct: direct::DirectFile::default(),
             dirty: AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(()),
         })
@@ -179,6 +185,33 @@ impl Layer {
 
     pub fn data(&self) -> &Arc<File> {
         &self.data
+    }
+
+    /// Writes `data` to the data file bypassing the page cache; `None` when it has to go
+    /// through the page cache instead (unaligned, or O_DIRECT refused on this filesystem).
+    /// Like any data write, the caller marks the layer dirty afterwards.
+    pub async fn write_direct(
+        &self,
+        engine: &IoEngine,
+        offset_bytes: u64,
+        data: &Bytes,
+    ) -> Option<std::io::Result<()>> {
+        self.direct
+            .write(engine, &self.data, &self.id, offset_bytes, data)
+            .await
+    }
+
+    /// Whether bulk writes have used (and may still use) O_DIRECT on this layer.
+    #[cfg(test)]
+    pub fn direct_in_use(&self) -> bool {
+        self.direct.is_open() && !self.direct.is_refused()
+    }
+
+    /// Makes later `write_direct` calls answer `None`, as when the filesystem refuses.
+    #[cfg(test)]
+    pub fn refuse_direct(&self) {
+        let refused = std::io::Error::from_raw_os_error(libc::EINVAL);
+        self.direct.refuse(&self.id, &refused);
     }
 
     pub fn state(&self, block: u64) -> BlockState {
