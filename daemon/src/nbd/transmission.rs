@@ -193,8 +193,8 @@ where
                 conn.end = Some(end);
             }
         }
-        // The seat must be draining before the socket is dropped (see `Attachments::attach_limited`): both exits of
-        // this loop start the drain first.
+        // Both exits of this loop start the drain before the socket is dropped: a hang-up
+        // reported after that finds the seat draining and raises nothing.
         if conn.end.is_some() {
             // The client may already be reconnecting: fence off its writes still in flight.
             conn.drain.start(false);
