@@ -1187,6 +1187,18 @@ struct CrashModel {
     stopped: Option<String>,
 }
 
+impl CrashModel {
+    /// A volume of `nblocks` never written blocks, shared with the writer thread.
+    fn shared(nblocks: usize) -> Arc<Mutex<CrashModel>> {
+        Arc::new(Mutex::new(CrashModel {
+            current: vec![0; nblocks],
+            flushed: vec![0; nblocks],
+            since_flush: vec![Vec::new(); nblocks],
+            ..CrashModel::default()
+        }))
+    }
+}
+
 #[test]
 fn kill9_during_random_writes_keeps_flushed_data_and_acknowledged_snapshots() {
     require_tool("nbdcopy");
@@ -1194,12 +1206,7 @@ fn kill9_during_random_writes_keeps_flushed_data_and_acknowledged_snapshots() {
     let size = 16 * MIB;
     let nblocks = (size / BLOCK) as usize;
     create_volume(&d, "vol0", size);
-    let model = Arc::new(Mutex::new(CrashModel {
-        current: vec![0; nblocks],
-        flushed: vec![0; nblocks],
-        since_flush: vec![Vec::new(); nblocks],
-        ..CrashModel::default()
-    }));
+    let model = CrashModel::shared(nblocks);
     let (raw, _) = Raw::open(d.tcp_addr(), "vol0");
     let admin_path = d.admin_path().to_path_buf();
     let m2 = Arc::clone(&model);
@@ -1329,12 +1336,7 @@ fn kill9_right_after_snapshot_create_returns() {
     let mut expected_snapshots: Vec<(String, Vec<u64>)> = Vec::new();
     let mut next_tag = 1u64;
     for round in 0..4u64 {
-        let model = Arc::new(Mutex::new(CrashModel {
-            current: vec![0; nblocks],
-            flushed: vec![0; nblocks],
-            since_flush: vec![Vec::new(); nblocks],
-            ..CrashModel::default()
-        }));
+        let model = CrashModel::shared(nblocks);
         // Start from a known volume: every block written and flushed with fresh tags.
         let (raw, _) = Raw::open(d.tcp_addr(), "vol0");
         let mut s = raw.s;
