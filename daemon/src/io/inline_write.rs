@@ -3,7 +3,9 @@
 //! an engine thread and back costs more than the write itself (a copy into the page cache), and
 //! nbdkit's synchronous threads do not pay that. The guard: a write that takes long (dirty page
 //! throttling, a journal commit) pauses inline writes for a while, so a stalled filesystem does
-//! not keep stalling the runtime threads that serve every other connection.
+//! not keep stalling the runtime threads that serve every other connection. One slow write is
+//! not enough: on a busy machine a write is sometimes slow only because its thread was
+//! preempted, so it takes a few within a short window.
 
 use std::fs::File;
 use std::io;
@@ -13,9 +15,11 @@ use std::time::{Duration, Instant};
 
 /// Larger writes cost enough on their own that a thread hop is noise; they also block longer.
 pub(crate) const MAX_INLINE_WRITE_BYTES: usize = 64 << 10;
-/// An inline write slower than this pauses inline writes.
-const SLOW_WRITE: Duration = Duration::from_micros(500);
-/// How long they stay paused.
+/// An inline write slower than this counts as slow.
+const SLOW_WRITE: Duration = Duration::from_micros(1000);
+/// This many slow writes within `SLOW_WINDOW` pause inline writes for `PAUSE`.
+const SLOW_WRITES_TO_PAUSE: u64 = 3;
+const SLOW_WINDOW: Duration = Duration::from_millis(50);
 const PAUSE: Duration = Duration::from_millis(200);
 
 pub(crate) struct InlineWrites {
@@ -23,6 +27,10 @@ pub(crate) struct InlineWrites {
     started: Instant,
     /// Microseconds since `started` before which writes are not done inline.
     paused_until_us: AtomicU64,
+    /// When the current window of slow writes began, and how many it has seen. Updated without
+    /// a lock: two slow writes racing may miscount one, which only shifts the pause a little.
+    slow_window_start_us: AtomicU64,
+    slow_in_window: AtomicU64,
 }
 
 impl InlineWrites {
@@ -31,6 +39,30 @@ impl InlineWrites {
             enabled: AtomicBool::new(enabled),
             started: Instant::now(),
             paused_until_us: AtomicU64::new(0),
+            slow_window_start_us: AtomicU64::new(0),
+            slow_in_window: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a slow write; pauses inline writes when the window has seen enough of them.
+    fn slow_write(&self, took: Duration) {
+        let now = self.now_us();
+        let window_start = self.slow_window_start_us.load(Ordering::Relaxed);
+        let slow = if now.saturating_sub(window_start) > SLOW_WINDOW.as_micros() as u64 {
+            self.slow_window_start_us.store(now, Ordering::Relaxed);
+            self.slow_in_window.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.slow_in_window.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if slow >= SLOW_WRITES_TO_PAUSE {
+            self.slow_in_window.store(0, Ordering::Relaxed);
+            let until = now + PAUSE.as_micros() as u64;
+            self.paused_until_us.store(until, Ordering::Relaxed);
+            tracing::debug!(
+                took_us = took.as_micros() as u64,
+                "slow inline writes; queueing writes for a while"
+            );
         }
     }
 
@@ -61,12 +93,7 @@ impl InlineWrites {
         };
         let took = began.elapsed();
         if took > SLOW_WRITE {
-            let until = self.now_us() + PAUSE.as_micros() as u64;
-            self.paused_until_us.store(until, Ordering::Relaxed);
-            tracing::debug!(
-                took_us = took.as_micros() as u64,
-                "slow inline write; queueing writes for a while"
-            );
+            self.slow_write(took);
         }
         Some(result)
     }
@@ -100,7 +127,20 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_write_pauses_inline_writes() {
+    fn a_few_slow_writes_in_a_short_window_pause_inline_writes() {
+        let file = tempfile::tempfile().unwrap();
+        let inline = InlineWrites::new(true);
+        let slow = SLOW_WRITE * 2;
+        for _ in 1..SLOW_WRITES_TO_PAUSE {
+            inline.slow_write(slow);
+        }
+        assert!(inline.try_write(&file, 0, &[1u8; 512]).is_some(), "not yet");
+        inline.slow_write(slow);
+        assert!(inline.try_write(&file, 0, &[1u8; 512]).is_none(), "paused");
+    }
+
+    #[test]
+    fn a_paused_engine_queues_writes() {
         let file = tempfile::tempfile().unwrap();
         let inline = InlineWrites::new(true);
         inline.paused_until_us.store(
