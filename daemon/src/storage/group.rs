@@ -151,11 +151,9 @@ pub(crate) async fn freeze_heads(
         })?;
         nexts.push(next);
     }
-    let mut frozen = Vec::with_capacity(prepared.len());
     let mut old_epochs = Vec::with_capacity(prepared.len());
     for ((m, _, id, new_head, _), next) in prepared.iter().zip(&nexts) {
         let mut state = m.entry.lock();
-        frozen.push(Arc::clone(&state.layers[&state.manifest.head]));
         state.layers.insert(id.clone(), Arc::clone(new_head));
         state.manifest = next.clone();
         old_epochs.push(m.entry.refresh_new_head(&mut state)?);
@@ -207,16 +205,11 @@ pub(crate) async fn freeze_heads(
     for (m, _, _, _, size_bytes) in &prepared {
         m.entry.spare_head.replenish(&m.entry.dir, *size_bytes);
     }
-    for (layer, (m, ..)) in frozen.into_iter().zip(&prepared) {
-        // The frozen layer's unflushed writes become durable in the background (and at the
-        // next FLUSH at the latest, which syncs every layer of the chain).
-        let engine = m.entry.engine.clone();
-        tokio::spawn(async move {
-            if let Err(e) = layer.sync(&engine).await {
-                tracing::warn!(layer = layer.id(), error = %e, "syncing a frozen layer failed");
-            }
-        });
-    }
+    // The frozen layers' unflushed writes become durable at the next FLUSH, which syncs every
+    // layer of the chain, or whenever the kernel writes them back. Syncing them right away, as
+    // this once did, wrote back a whole head's dirty pages while clients kept writing: with a
+    // snapshot every 100 ms, fio's 4 KiB writes on a 1 TiB volume ran at a third of their rate
+    // and snapshot creates waited up to 464 ms for the writes caught in flight.
     match first_error {
         Some(e) => Err(e),
         None => Ok((hold_us, published)),
