@@ -25,6 +25,8 @@ const STALE_WRITES: u64 = 16;
 /// The size of each of A's writes: small ones, so that what the server has queued when A dies
 /// keeps A's task busy for a while (many requests) rather than a few large copies.
 const STALE_WRITE_BYTES: usize = 4096;
+/// One of A's writes in this many is FUA.
+const FUA_EVERY: u64 = 32;
 const ROUNDS: u64 = 30;
 
 /// Closes with an RST (SO_LINGER 0), the way a client that gave up on a connection vanishes,
@@ -119,7 +121,15 @@ fn stale_writes_never_overwrite_newer_ones(engine: &str, retry: Retry) {
         let per_pass = (REGION_BYTES / STALE_WRITE_BYTES) as u64;
         for cookie in 0..STALE_WRITES * per_pass {
             let offset = (cookie % per_pass) * STALE_WRITE_BYTES as u64;
-            let header = Raw::request_bytes(0, CMD_WRITE, cookie, offset, STALE_WRITE_BYTES as u32);
+            // Some of them FUA: each waits for a sync, so A's queue takes long enough to drain
+            // that B, even after a fresh handshake, usually finds it still running.
+            let flags = if cookie % FUA_EVERY == FUA_EVERY - 1 {
+                CMD_FLAG_FUA
+            } else {
+                0
+            };
+            let header =
+                Raw::request_bytes(flags, CMD_WRITE, cookie, offset, STALE_WRITE_BYTES as u32);
             // The replies are never read: the client has given up on this connection.
             if a.try_send(&header).is_err() || a.try_send(&payload).is_err() {
                 break;
