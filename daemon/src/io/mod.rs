@@ -199,6 +199,7 @@ impl IoEngine {
         self.queue_write(file, offset, data, dsync).await
     }
 
+    /// Hands a write to the engine; the caller has checked `offset`.
     async fn queue_write(
         &self,
         file: &Arc<File>,
@@ -206,7 +207,6 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<usize> {
-        check_offset(offset)?;
         match &*self.backend {
             Backend::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
             Backend::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
@@ -253,7 +253,10 @@ impl IoEngine {
             let written = if inline {
                 self.write_at(file, pos, rest, dsync).await
             } else {
-                self.queue_write(file, pos, rest, dsync).await
+                match check_offset(pos) {
+                    Ok(()) => self.queue_write(file, pos, rest, dsync).await,
+                    Err(e) => Err(e),
+                }
             };
             match written {
                 Ok(0) => {
