@@ -161,7 +161,13 @@ async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &Cancell
         }
         let response = match parse_request(&line) {
             Ok(request) => {
+                let started = std::time::Instant::now();
                 let outcome = dispatch(ctx, &request.method, request.params).await;
+                tracing::debug!(
+                    method = %request.method,
+                    took_us = started.elapsed().as_micros() as u64,
+                    "admin request"
+                );
                 if let Err(e) = &outcome {
                     tracing::info!(method = %request.method, code = ?e.code, error = %e.message, "admin request failed");
                 }
