@@ -184,10 +184,17 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     let b2 = backup_now(&d, "vol0", false);
     assert_eq!(b2["parent"], b1["id"], "{b2:#}");
     assert_eq!(b2["incremental"], true, "{b2:#}");
+    // Chunks 1, 5 and 12 changed: each is named from b1's cached chunk tree (or zeroes) and
+    // the 8 KiB spans holding its changed blocks, and stored as a delta of b1's chunk.
     assert_eq!(
         u(&b2, "read_bytes"),
-        3 * CHUNK,
-        "chunks 1, 5 and 12: {b2:#}"
+        (2 + 1 + 1) * 8192,
+        "the spans of chunks 1, 5 and 12: {b2:#}"
+    );
+    assert_eq!(u(&b2, "delta_chunks"), 3, "{b2:#}");
+    assert!(
+        u(&b2, "new_stored_bytes") < 64 * 1024,
+        "deltas store about the changed blocks: {b2:#}"
     );
     restore_new(&d, "r2", b2["id"].as_str().unwrap());
     assert_same("restore of b2", &read_export(&d, "r2"), &model);
@@ -197,6 +204,110 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(b3["incremental"], false, "{b3:#}");
     assert_eq!(u(&b3, "new_chunks"), 0, "{b3:#}");
     assert_eq!(u(&b3, "read_bytes"), 9 * CHUNK, "chunks 0-7 and 12: {b3:#}");
+}
+
+#[test]
+fn delta_chains_restore_verify_and_keep_their_bases_through_gc() {
+    let d = start();
+    let size = 64 * MIB;
+    let mut model = half_random(&d, "vol0", size, 21);
+    let mut backups = vec![(backup_now(&d, "vol0", false), model.clone())];
+    let mut rng = Prng::new(22);
+    for k in 1..=10u64 {
+        // Three scattered 4 KiB blocks in a data chunk (1) and in a zero chunk (6).
+        for chunk in [1u64, 6] {
+            for _ in 0..3 {
+                let block = rng.next_u64() % (CHUNK / 4096);
+                write_at(
+                    &d,
+                    "vol0",
+                    chunk * CHUNK + block * 4096,
+                    &rng.bytes(4096),
+                    &mut model,
+                );
+            }
+        }
+        let b = backup_now(&d, "vol0", false);
+        assert_eq!(b["incremental"], true, "{b:#}");
+        // A chain holds at most 8 deltas: the 8th incremental stores both chunks whole again
+        // (chunk 6's chain starts with a delta over zeroes, chunk 1's with b0's whole chunk).
+        let expected_deltas = if k == 8 { 0 } else { 2 };
+        assert_eq!(
+            u(&b, "delta_chunks"),
+            expected_deltas,
+            "incremental {k}: {b:#}"
+        );
+        if expected_deltas == 2 {
+            assert!(
+                u(&b, "new_stored_bytes") < 64 * 1024,
+                "incremental {k}: {b:#}"
+            );
+        }
+        backups.push((b, model.clone()));
+    }
+    for (i, (b, expected)) in backups.iter().enumerate() {
+        let name = format!("r{i}");
+        restore_new(&d, &name, b["id"].as_str().unwrap());
+        assert_same(
+            &format!("restore of backup {i}"),
+            &read_export(&d, &name),
+            expected,
+        );
+        admin_ok(&d, "volume.delete", json!({"name": name}));
+    }
+    // Only the last two backups stay; their deltas reach down into deleted backups' chunks.
+    for (b, _) in &backups[..backups.len() - 2] {
+        admin_ok(&d, "backup.delete", json!({"id": b["id"]}));
+    }
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["deferred"], false, "{gc:#}");
+    for (i, (b, expected)) in backups.iter().enumerate().skip(backups.len() - 2) {
+        let v = admin_ok(&d, "backup.verify", json!({"id": b["id"]}));
+        let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+        assert_eq!(j["result"]["bad_chunks"], json!([]), "backup {i}: {j:#}");
+        let name = format!("after-gc-{i}");
+        restore_new(&d, &name, b["id"].as_str().unwrap());
+        assert_same(
+            &format!("backup {i} after GC"),
+            &read_export(&d, &name),
+            expected,
+        );
+    }
+    // Removing a delta's base from the store: verify names the delta, restore fails loudly.
+    let last = &backups[backups.len() - 1].0;
+    let manifest: Value = serde_json::from_slice(
+        &fs::read(
+            store_dir(&d)
+                .join("manifests")
+                .join(format!("{}.json", last["id"].as_str().unwrap())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let listed: Vec<&Value> = manifest["chunks"].as_array().unwrap().iter().collect();
+    let (delta, base) = manifest["delta_bases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| listed.contains(&&json!(k)))
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .expect("the last backup lists a delta over another chunk");
+    let base_file = store_dir(&d).join("chunks").join(&base[..2]).join(&base);
+    fs::remove_file(&base_file).unwrap();
+    let v = admin_ok(&d, "backup.verify", json!({"id": last["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert!(
+        bad.iter().any(|c| c["chunk_id"] == json!(delta)),
+        "verify names the delta whose base is gone: {j:#}"
+    );
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "broken", "from_backup": last["id"]}),
+    );
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "failed", "{j:#}");
 }
 
 #[test]

@@ -44,8 +44,10 @@ fn s3_full_and_incremental_restore_byte_identical() {
     write_at(&d, "vol0", 40 * MIB, &random(22, 4096), &mut model);
     let b2 = backup_now(&d, "vol0", false);
     assert_eq!(b2["incremental"], true, "{b2:#}");
-    assert_eq!(u(&b2, "read_bytes"), CHUNK, "{b2:#}");
+    // One 8 KiB span read; the chunk (zeroes before) is stored as a delta over zeroes.
+    assert_eq!(u(&b2, "read_bytes"), 8192, "{b2:#}");
     assert_eq!(u(&b2, "new_chunks"), 1, "{b2:#}");
+    assert_eq!(u(&b2, "delta_chunks"), 1, "{b2:#}");
     assert_eq!(s3.object_count(&format!("{PREFIX}/chunks")), 9);
 
     restore_new(&d, "r1", b1["id"].as_str().unwrap());
@@ -64,6 +66,34 @@ fn s3_full_and_incremental_restore_byte_identical() {
         key.ends_with(bad[0]["chunk_id"].as_str().unwrap()),
         "{key} vs {j:#}"
     );
+}
+
+#[test]
+fn s3_full_backup_over_stored_deltas_keeps_their_bases_through_gc() {
+    let s3 = S3Server::start();
+    let d = start_with(&s3, &[]);
+    let mut model = half_random(&d, "vol0", 32 * MIB, 24);
+    let b1 = backup_now(&d, "vol0", false);
+    write_at(&d, "vol0", 2 * CHUNK + 4096, &random(25, 4096), &mut model);
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b2, "delta_chunks"), 1, "a delta of b1's chunk 2: {b2:#}");
+    // A full backup reads every chunk and finds each stored, chunk 2 as b2's delta: it learns
+    // the delta's base from the store (a ranged read of the header) and names it, so GC keeps
+    // b1's chunk 2 after b1 and b2 are deleted.
+    let b3 = backup_now(&d, "vol0", true);
+    assert_eq!(u(&b3, "new_chunks"), 0, "{b3:#}");
+    for b in [&b1, &b2] {
+        admin_ok(&d, "backup.delete", json!({"id": b["id"]}));
+    }
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["deferred"], false, "{gc:#}");
+    assert_eq!(
+        s3.object_count(&format!("{PREFIX}/chunks")),
+        5,
+        "4 whole chunks and the delta"
+    );
+    restore_new(&d, "r3", b3["id"].as_str().unwrap());
+    assert_same("s3 restore of b3 after GC", &read_export(&d, "r3"), &model);
 }
 
 #[test]

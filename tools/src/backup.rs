@@ -198,6 +198,8 @@ struct BackupInfo {
     zero_chunks: u64,
     new_chunks: u64,
     new_stored_bytes: u64,
+    #[serde(default)]
+    delta_chunks: u64,
     read_bytes: u64,
     duration_ms: u64,
     #[serde(default)]
@@ -253,8 +255,9 @@ impl BackupInfo {
             (
                 "new",
                 format!(
-                    "{} chunks, {} stored",
+                    "{} chunks ({} as deltas), {} stored",
                     self.new_chunks,
+                    self.delta_chunks,
                     iec_size(self.new_stored_bytes)
                 ),
             ),
@@ -374,7 +377,7 @@ mod tests {
         );
         assert!(running.contains("parent:   b-1\n"));
         assert!(running.contains("chunks:   1024 (1000 data, 24 zero)\n"));
-        assert!(running.contains("new:      10 chunks, 40.0 MiB stored\n"));
+        assert!(running.contains("new:      10 chunks (0 as deltas), 40.0 MiB stored\n"));
         assert!(running.contains("duration: 12.3 s\n"));
         assert!(running.contains("job:      j-1 (running)\n"));
         assert!(running.contains("progress: vol0 backup  [#####---------------]  25%"));

@@ -32,6 +32,8 @@ pub struct BackupInfo {
     pub zero_chunks: u64,
     pub new_chunks: u64,
     pub new_stored_bytes: u64,
+    /// New chunks stored as deltas of the parent backup's chunks.
+    pub delta_chunks: u64,
     pub read_bytes: u64,
     pub duration_ms: u64,
     pub job: Option<JobInfo>,
@@ -57,6 +59,7 @@ impl BackupInfo {
             zero_chunks: manifest.stats.zero_chunks,
             new_chunks: manifest.stats.new_chunks,
             new_stored_bytes: manifest.stats.new_stored_bytes,
+            delta_chunks: manifest.stats.delta_chunks,
             read_bytes: manifest.stats.read_bytes,
             duration_ms: manifest.stats.duration_ms,
             job: None,

@@ -18,6 +18,16 @@ pub const HEADER_LEN_BYTES: usize = 24;
 const MAGIC: &[u8; 8] = b"EVSCHNK1";
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+const CODEC_DELTA: u8 = 2;
+
+/// Blocks a delta patches are this size, the volume's block size.
+pub const DELTA_BLOCK_BYTES: usize = 4096;
+/// Longest chain of deltas a reader follows down to a whole chunk (or zeroes). Writers start a
+/// whole chunk again before a chain gets longer; a longer (or cyclic) chain in a store is
+/// corrupt.
+pub const MAX_DELTA_DEPTH: usize = 8;
+/// Fixed part of a delta's body: base kind, base id, run count.
+const DELTA_FIXED_BYTES: usize = 1 + 32 + 4;
 
 /// Compressing the whole chunk is skipped unless this prefix compresses, so random data
 /// (encrypted or already compressed volumes) costs almost no CPU.
@@ -39,7 +49,6 @@ impl ChunkId {
         ChunkId(*blake3::hash(plaintext).as_bytes())
     }
 
-    #[cfg(test)]
     pub fn from_bytes(bytes: [u8; 32]) -> ChunkId {
         ChunkId(bytes)
     }
@@ -116,7 +125,7 @@ pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
 pub enum ChunkError {
     #[error("chunk {id}: bad magic {found:02x?} (expected \"EVSCHNK1\")")]
     BadMagic { id: ChunkId, found: Vec<u8> },
-    #[error("chunk {id}: unknown codec {codec} (known: 0 = raw, 1 = zstd)")]
+    #[error("chunk {id}: unknown codec {codec} (known: 0 = raw, 1 = zstd, 2 = delta)")]
     UnknownCodec { id: ChunkId, codec: u8 },
     #[error("chunk {id}: reserved header bytes are {found:02x?}, expected zero")]
     ReservedNotZero { id: ChunkId, found: [u8; 3] },
@@ -139,6 +148,8 @@ pub enum ChunkError {
     Decompress { id: ChunkId, reason: String },
     #[error("chunk {id}: plaintext hashes to {actual}")]
     HashMismatch { id: ChunkId, actual: ChunkId },
+    #[error("chunk {id}: bad delta: {reason}")]
+    BadDelta { id: ChunkId, reason: String },
 }
 
 impl ChunkError {
@@ -153,7 +164,8 @@ impl ChunkError {
             | ChunkError::LengthMismatch { id, .. }
             | ChunkError::ChecksumMismatch { id, .. }
             | ChunkError::Decompress { id, .. }
-            | ChunkError::HashMismatch { id, .. } => *id,
+            | ChunkError::HashMismatch { id, .. }
+            | ChunkError::BadDelta { id, .. } => *id,
         }
     }
 }
@@ -210,35 +222,54 @@ fn le_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(word)
 }
 
-/// Checks a stored object completely and returns its plaintext.
-///
-/// The checks run cheapest first and the final BLAKE3 comparison makes any corruption that slips
-/// past the others (or an object stored under the wrong name) an error, never wrong data.
-pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
-    let id = *id;
-    let checked = check(id, stored)?;
-    let plaintext = match checked.codec {
-        Codec::Raw => checked.payload.to_vec(),
-        Codec::Zstd => {
-            // The capacity bounds the output buffer: a frame claiming (or producing) more than
-            // the header's plaintext length fails instead of allocating it.
-            let plaintext = zstd::bulk::decompress(checked.payload, checked.plaintext_len)
-                .map_err(|e| ChunkError::Decompress {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            check_decompressed_len(id, checked.plaintext_len, plaintext.len())?;
-            plaintext
-        }
-    };
-    check_hash(id, &plaintext)?;
-    Ok(plaintext)
+/// What decoding a stored object gave.
+#[derive(Debug)]
+pub enum Decoded {
+    /// The plaintext is in the output buffer and hashes to the chunk's id.
+    Plain,
+    /// The object is a delta: the output buffer is untouched. Its base's plaintext goes into
+    /// the buffer, then [`Delta::apply`], then [`check_hash`].
+    Delta(Delta),
 }
 
-/// As [`decode`], into `out`, whose length must be the plaintext's (a restore knows it from the
-/// manifest): no allocation, and `out` may be an aligned buffer a direct write takes as is.
-/// On error `out` holds unspecified bytes.
-pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+/// A chunk stored as the blocks that differ from another chunk (or from zeroes).
+#[derive(Debug)]
+pub struct Delta {
+    /// The chunk patched, or None for an all-zero base.
+    pub base: Option<ChunkId>,
+    /// (first block, block count) runs, in order, not overlapping, inside the chunk.
+    runs: Vec<(u32, u32)>,
+    /// The runs' new bytes, one after another.
+    data: Vec<u8>,
+}
+
+impl Delta {
+    /// Writes the patched blocks over the base's plaintext in `out`.
+    pub fn apply(&self, out: &mut [u8]) {
+        let mut at = 0;
+        for &(first, count) in &self.runs {
+            let start = first as usize * DELTA_BLOCK_BYTES;
+            let len = count as usize * DELTA_BLOCK_BYTES;
+            out[start..start + len].copy_from_slice(&self.data[at..at + len]);
+            at += len;
+        }
+    }
+
+    /// Bytes of blocks the delta replaces.
+    #[cfg(test)]
+    pub fn patched_bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Checks a stored object and decodes it into `out`, whose length must be the plaintext's (a
+/// reader knows it from the manifest): no allocation for whole chunks, and `out` may be an
+/// aligned buffer a direct write takes as is. On error `out` holds unspecified bytes.
+///
+/// The checks run cheapest first and the final BLAKE3 comparison makes any corruption that slips
+/// past the others (or an object stored under the wrong name) an error, never wrong data. A
+/// delta is checked the same way once its base is under it (see [`Decoded::Delta`]).
+pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut [u8]) -> Result<Decoded, ChunkError> {
     let id = *id;
     let checked = check(id, stored)?;
     if checked.plaintext_len != out.len() {
@@ -261,13 +292,112 @@ pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut [u8]) -> Result<(), Ch
             })?;
             check_decompressed_len(id, checked.plaintext_len, n)?;
         }
+        Codec::Delta => {
+            return parse_delta(id, checked.plaintext_len, checked.payload).map(Decoded::Delta)
+        }
     }
-    check_hash(id, out)
+    check_hash(id, out)?;
+    Ok(Decoded::Plain)
+}
+
+/// Whether an object's first bytes are a delta's header (the rest is checked when it is read).
+pub fn is_delta_header(prefix: &[u8]) -> bool {
+    prefix.len() > 8 && &prefix[..8] == MAGIC && prefix[8] == CODEC_DELTA
+}
+
+/// Builds the stored object for a whole chunk of `plaintext_len` bytes that equals `base` (or
+/// zeroes) but for the blocks of `runs`, whose new bytes are `data`.
+pub fn encode_delta(
+    plaintext_len: usize,
+    base: Option<&ChunkId>,
+    runs: &[(u32, u32)],
+    data: &[u8],
+    zstd_level: i32,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(DELTA_FIXED_BYTES + runs.len() * 8 + data.len());
+    match base {
+        Some(id) => {
+            body.push(1);
+            body.extend_from_slice(id.as_bytes());
+        }
+        None => {
+            body.push(0);
+            body.extend_from_slice(&[0; 32]);
+        }
+    }
+    body.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for &(first, count) in runs {
+        body.extend_from_slice(&first.to_le_bytes());
+        body.extend_from_slice(&count.to_le_bytes());
+    }
+    body.extend_from_slice(data);
+    // Compressing cannot fail on valid input; the body stored raw would be unreadable, so a
+    // failure here is a bug worth stopping for.
+    let payload = zstd::bulk::compress(&body, zstd_level).expect("zstd compresses a delta body");
+    with_header(CODEC_DELTA, plaintext_len, &payload)
+}
+
+fn parse_delta(id: ChunkId, plaintext_len: usize, payload: &[u8]) -> Result<Delta, ChunkError> {
+    let bad = |reason: String| ChunkError::BadDelta { id, reason };
+    if !plaintext_len.is_multiple_of(DELTA_BLOCK_BYTES) {
+        return Err(bad(format!(
+            "plaintext length {plaintext_len} is not a whole number of blocks"
+        )));
+    }
+    let blocks = (plaintext_len / DELTA_BLOCK_BYTES) as u64;
+    // The body holds at most every block once plus one run per block.
+    let capacity = DELTA_FIXED_BYTES + blocks as usize * (8 + DELTA_BLOCK_BYTES);
+    let body = zstd::bulk::decompress(payload, capacity).map_err(|e| ChunkError::Decompress {
+        id,
+        reason: e.to_string(),
+    })?;
+    if body.len() < DELTA_FIXED_BYTES {
+        return Err(bad(format!("body of {} bytes is too short", body.len())));
+    }
+    let base_id = ChunkId::from_bytes(body[1..33].try_into().expect("32 bytes"));
+    let base = match body[0] {
+        0 => None,
+        1 if base_id == id => return Err(bad("it names itself as its base".into())),
+        1 => Some(base_id),
+        kind => return Err(bad(format!("unknown base kind {kind}"))),
+    };
+    let run_count = le_u32(&body, 33) as usize;
+    let runs_end = (run_count as u64)
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(DELTA_FIXED_BYTES as u64))
+        .filter(|&end| end <= body.len() as u64)
+        .ok_or_else(|| bad(format!("{run_count} runs do not fit its body")))?
+        as usize;
+    let mut runs = Vec::with_capacity(run_count);
+    let mut next_free = 0u64;
+    let mut patched_blocks = 0u64;
+    for r in 0..run_count {
+        let at = DELTA_FIXED_BYTES + r * 8;
+        let (first, count) = (le_u32(&body, at), le_u32(&body, at + 4));
+        let end = u64::from(first) + u64::from(count);
+        if count == 0 || u64::from(first) < next_free || end > blocks {
+            return Err(bad(format!(
+                "run {r} (blocks {first}+{count}) is empty, out of order or past block {blocks}"
+            )));
+        }
+        next_free = end;
+        patched_blocks += u64::from(count);
+        runs.push((first, count));
+    }
+    let data = body[runs_end..].to_vec();
+    if data.len() as u64 != patched_blocks * DELTA_BLOCK_BYTES as u64 {
+        return Err(bad(format!(
+            "{} bytes of data for {patched_blocks} patched blocks",
+            data.len()
+        )));
+    }
+    Ok(Delta { base, runs, data })
 }
 
 enum Codec {
     Raw,
     Zstd,
+    Delta,
 }
 
 /// A stored object whose header and payload checksum are sound.
@@ -295,6 +425,7 @@ fn check(id: ChunkId, stored: &[u8]) -> Result<Checked<'_>, ChunkError> {
     let codec = match header[8] {
         CODEC_RAW => Codec::Raw,
         CODEC_ZSTD => Codec::Zstd,
+        CODEC_DELTA => Codec::Delta,
         codec => return Err(ChunkError::UnknownCodec { id, codec }),
     };
     let reserved = [header[9], header[10], header[11]];
@@ -359,7 +490,7 @@ fn check_decompressed_len(id: ChunkId, expected: usize, actual: usize) -> Result
     Ok(())
 }
 
-fn check_hash(id: ChunkId, plaintext: &[u8]) -> Result<(), ChunkError> {
+pub fn check_hash(id: ChunkId, plaintext: &[u8]) -> Result<(), ChunkError> {
     let actual = ChunkId::of(plaintext);
     if actual != id {
         return Err(ChunkError::HashMismatch { id, actual });
@@ -379,6 +510,132 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole (non-delta) object decoded into a buffer of the header's length.
+    fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        let len = if stored.len() >= 16 {
+            le_u32(stored, 12) as usize
+        } else {
+            0
+        };
+        let mut out = vec![0; len.min(CHUNK_SIZE_BYTES as usize)];
+        match decode_into(id, stored, &mut out)? {
+            Decoded::Plain => Ok(out),
+            Decoded::Delta(_) => panic!("a delta where a whole chunk was expected"),
+        }
+    }
+
+    fn patched(base: &[u8], runs: &[(u32, u32)], data: &[u8]) -> Vec<u8> {
+        let mut out = base.to_vec();
+        let mut at = 0;
+        for &(first, count) in runs {
+            let (start, len) = (first as usize * 4096, count as usize * 4096);
+            out[start..start + len].copy_from_slice(&data[at..at + len]);
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn delta_decodes_onto_its_base_and_checks_the_result() {
+        let base = random_bytes(64 << 10, 11);
+        let base_id = ChunkId::of(&base);
+        let runs = [(0u32, 1u32), (5, 2), (15, 1)];
+        let data = random_bytes(4 * 4096, 12);
+        let new = patched(&base, &runs, &data);
+        let id = ChunkId::of(&new);
+        let stored = encode_delta(new.len(), Some(&base_id), &runs, &data, 3);
+        assert!(stored.len() < 5 * 4096, "{} bytes", stored.len());
+        let mut out = vec![0u8; new.len()];
+        let Decoded::Delta(delta) = decode_into(&id, &stored, &mut out).unwrap() else {
+            panic!("not a delta");
+        };
+        assert_eq!(delta.base, Some(base_id));
+        assert_eq!(delta.patched_bytes(), data.len());
+        out.copy_from_slice(&base);
+        delta.apply(&mut out);
+        check_hash(id, &out).unwrap();
+        assert_eq!(out, new);
+        // The same delta over another base is caught by the hash.
+        let mut wrong = random_bytes(64 << 10, 13);
+        delta.apply(&mut wrong);
+        assert!(matches!(
+            check_hash(id, &wrong),
+            Err(ChunkError::HashMismatch { .. })
+        ));
+
+        // Over zeroes.
+        let zeros = vec![0u8; 64 << 10];
+        let new = patched(&zeros, &runs, &data);
+        let id = ChunkId::of(&new);
+        let stored = encode_delta(new.len(), None, &runs, &data, 3);
+        let Decoded::Delta(delta) = decode_into(&id, &stored, &mut out).unwrap() else {
+            panic!("not a delta");
+        };
+        assert_eq!(delta.base, None);
+        let mut out = zeros.clone();
+        delta.apply(&mut out);
+        assert_eq!(out, new);
+    }
+
+    #[test]
+    fn malformed_deltas_are_rejected_by_name() {
+        let len = 64 << 10;
+        let base_id = ChunkId::of(b"base");
+        let id = ChunkId::of(b"new");
+        let data = random_bytes(2 * 4096, 14);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "out of order",
+                encode_delta(len, Some(&base_id), &[(5, 1), (2, 1)], &data, 1),
+            ),
+            (
+                "overlapping",
+                encode_delta(len, Some(&base_id), &[(2, 2), (3, 1)], &data[..4096 * 2], 1),
+            ),
+            (
+                "past the end",
+                encode_delta(len, Some(&base_id), &[(15, 2)], &data, 1),
+            ),
+            (
+                "empty run",
+                encode_delta(len, Some(&base_id), &[(1, 0), (2, 2)], &data, 1),
+            ),
+            (
+                "short data",
+                encode_delta(len, Some(&base_id), &[(1, 3)], &data, 1),
+            ),
+            (
+                "names itself",
+                encode_delta(len, Some(&id), &[(1, 2)], &data, 1),
+            ),
+            (
+                "partial block chunk",
+                encode_delta(len - 512, Some(&base_id), &[(1, 2)], &data, 1),
+            ),
+        ];
+        for (what, stored) in cases {
+            let mut out = vec![0u8; stored_len(&stored)];
+            let err = decode_into(&id, &stored, &mut out).unwrap_err();
+            assert!(matches!(err, ChunkError::BadDelta { .. }), "{what}: {err}");
+        }
+        // A run count that does not fit the body.
+        let mut body = vec![1u8];
+        body.extend_from_slice(base_id.as_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        let stored = with_header(CODEC_DELTA, len, &zstd::bulk::compress(&body, 1).unwrap());
+        let err = decode_into(&id, &stored, &mut vec![0u8; len]).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        // A body that decompresses to more than any valid delta holds.
+        let huge = vec![0u8; len + len / 4096 * 8 + 100];
+        let stored = with_header(CODEC_DELTA, len, &zstd::bulk::compress(&huge, 1).unwrap());
+        let err = decode_into(&id, &stored, &mut vec![0u8; len]).unwrap_err();
+        assert!(matches!(err, ChunkError::Decompress { .. }), "{err}");
+    }
+
+    fn stored_len(stored: &[u8]) -> usize {
+        le_u32(stored, 12) as usize
+    }
 
     /// Deterministic pseudo-random bytes (xorshift), incompressible for zstd.
     fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {

@@ -47,6 +47,8 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
         // delete chunks that backup still needs.
         let manifest = svc.store.get_manifest(id).await?;
         marked.extend(manifest.chunks.iter().flatten().copied());
+        // The chunks deltas patch, down to the whole chunks below them.
+        marked.extend(manifest.delta_bases.values().copied());
     }
     let chunks = svc.store.list_chunks().await?;
     let garbage: Vec<_> = chunks

@@ -3,13 +3,16 @@
 //! A manifest is written last, so its presence is what makes a backup exist. Each manifest lists
 //! every chunk of the volume, so restore never needs another manifest. Format: docs/backup-format.md.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
 use super::chunk::{ChunkId, CHUNK_SIZE_BYTES};
 
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The version this evsd writes. Version 1 (no deltas) is read too.
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+const OLDEST_READABLE_FORMAT_VERSION: u32 = 1;
 
 const BACKUP_ID_MAX_LEN: usize = 80;
 const VOLUME_ALIGN_BYTES: u64 = 4096;
@@ -36,6 +39,11 @@ pub struct BackupManifest {
     pub created_unix_secs: u64,
     /// See [`chunk_list_digest`]; catches a chunk list damaged after writing.
     pub chunk_list_digest: String,
+    /// For every chunk stored as a delta, among `chunks` or below one of them, the chunk it
+    /// patches (deltas over zeroes have none). GC keeps these bases alive; a restore finds them
+    /// in the objects themselves. Version 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delta_bases: BTreeMap<ChunkId, ChunkId>,
     pub stats: BackupStats,
 }
 
@@ -50,6 +58,9 @@ pub struct BackupStats {
     pub new_stored_bytes: u64,
     pub read_bytes: u64,
     pub duration_ms: u64,
+    /// Changed chunks uploaded as deltas of the parent's chunk (version 2).
+    #[serde(default)]
+    pub delta_chunks: u64,
 }
 
 /// Why a manifest (or a backup id) was rejected.
@@ -60,7 +71,7 @@ pub enum ManifestError {
     #[error("manifest of backup {id:?} is not valid: {reason}")]
     Json { id: String, reason: String },
     #[error(
-        "manifest of backup {id:?}: unsupported format version {version} (this evsd reads version {MANIFEST_FORMAT_VERSION})"
+        "manifest of backup {id:?}: unsupported format version {version} (this evsd reads versions {OLDEST_READABLE_FORMAT_VERSION} to {MANIFEST_FORMAT_VERSION})"
     )]
     UnsupportedFormatVersion { id: String, version: u32 },
     #[error("manifest stored as backup {expected:?} says it is backup {actual:?}")]
@@ -180,6 +191,10 @@ fn random_u32(now_unix_secs: u64) -> u32 {
     u32::from_le_bytes([h[0], h[1], h[2], h[3]])
 }
 
+fn readable_version(version: u32) -> bool {
+    (OLDEST_READABLE_FORMAT_VERSION..=MANIFEST_FORMAT_VERSION).contains(&version)
+}
+
 /// Only `format_version` is read first, so a newer manifest (whose new fields
 /// `deny_unknown_fields` would reject) reports its version instead of an unknown field.
 #[derive(Deserialize)]
@@ -206,7 +221,7 @@ impl BackupManifest {
             reason: e.to_string(),
         };
         let probe: VersionProbe = serde_json::from_slice(bytes).map_err(json_error)?;
-        if probe.format_version != MANIFEST_FORMAT_VERSION {
+        if !readable_version(probe.format_version) {
             return Err(ManifestError::UnsupportedFormatVersion {
                 id: expected_id.to_owned(),
                 version: probe.format_version,
@@ -220,7 +235,7 @@ impl BackupManifest {
     /// Every check `from_json_bytes` makes; also lets a writer check a manifest before upload.
     pub fn validate(&self, expected_id: &str) -> Result<(), ManifestError> {
         let id = || self.backup_id.clone();
-        if self.format_version != MANIFEST_FORMAT_VERSION {
+        if !readable_version(self.format_version) {
             return Err(ManifestError::UnsupportedFormatVersion {
                 id: id(),
                 version: self.format_version,
@@ -309,6 +324,12 @@ mod tests {
             size_bytes,
             chunk_size_bytes: CHUNK_SIZE_BYTES,
             chunk_list_digest: chunk_list_digest(&chunks),
+            delta_bases: chunks
+                .iter()
+                .flatten()
+                .take(1)
+                .map(|id| (*id, ChunkId::from_bytes([9; 32])))
+                .collect(),
             chunks,
             parent_backup_id: Some("b-20261201T000000Z-00000000".to_owned()),
             source_snapshot: format!("vbs-{ID}"),
@@ -325,8 +346,28 @@ mod tests {
                 new_stored_bytes: 1234,
                 read_bytes: 8192,
                 duration_ms: 17,
+                delta_chunks: 1,
             },
         }
+    }
+
+    #[test]
+    fn version_1_manifests_without_deltas_still_read() {
+        let bytes = json_with(|v| {
+            v["format_version"] = 1.into();
+            let map = v.as_object_mut().unwrap();
+            map.remove("delta_bases");
+            map["stats"].as_object_mut().unwrap().remove("delta_chunks");
+        });
+        let m = BackupManifest::from_json_bytes(ID, &bytes).unwrap();
+        assert_eq!(m.format_version, 1);
+        assert!(m.delta_bases.is_empty());
+        assert_eq!(m.stats.delta_chunks, 0);
+        // And the sample's delta map survives a round trip.
+        let s = sample();
+        assert_eq!(s.delta_bases.len(), 1);
+        let back = BackupManifest::from_json_bytes(ID, &s.to_json_bytes()).unwrap();
+        assert_eq!(back, s);
     }
 
     fn json_with(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
@@ -353,19 +394,19 @@ mod tests {
     #[test]
     fn newer_format_version_is_reported_as_such() {
         let bytes = json_with(|v| {
-            v["format_version"] = 2.into();
+            v["format_version"] = 3.into();
             v["some_future_field"] = true.into();
         });
         let err = BackupManifest::from_json_bytes(ID, &bytes).unwrap_err();
         assert!(
             matches!(
                 err,
-                ManifestError::UnsupportedFormatVersion { version: 2, .. }
+                ManifestError::UnsupportedFormatVersion { version: 3, .. }
             ),
             "{err}"
         );
         assert!(
-            err.to_string().contains("unsupported format version 2"),
+            err.to_string().contains("unsupported format version 3"),
             "{err}"
         );
     }

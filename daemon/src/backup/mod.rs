@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod chunk;
 pub mod error;
+pub mod fetch;
 pub mod gc;
 pub mod job;
 pub mod local_read;
@@ -20,6 +21,7 @@ pub mod retry;
 pub mod sets;
 pub mod store;
 pub mod throttle;
+pub mod tree;
 pub mod upload;
 pub mod verify;
 
@@ -66,6 +68,8 @@ pub struct Backups {
     pub(crate) store: Arc<BackupStore>,
     pub(crate) catalog: Catalog,
     pub(crate) files: JobFiles,
+    /// The BLAKE3 trees of the chunks of each volume's latest backup (see `tree.rs`).
+    pub(crate) trees: tree::TreeCache,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -102,6 +106,7 @@ impl Backups {
             catalog: Catalog::new(Arc::clone(&store)),
             store,
             files: JobFiles::open(data_dir)?,
+            trees: tree::TreeCache::new(data_dir.join("backup-trees")),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,
             shutdown,
@@ -460,6 +465,7 @@ impl Backups {
                 zero_chunks: 0,
                 new_chunks: 0,
                 new_stored_bytes: 0,
+                delta_chunks: 0,
                 read_bytes: 0,
                 duration_ms: 0,
                 job: Some(info),

@@ -10,10 +10,10 @@ use futures_util::StreamExt;
 
 use crate::backup::chunk::{self, CHUNK_SIZE_BYTES};
 use crate::backup::error::BackupError;
+use crate::backup::fetch;
 use crate::backup::job::Job;
 use crate::backup::records::RestoreRecord;
 use crate::backup::retry::with_retry;
-use crate::backup::upload::blocking;
 use crate::backup::Backups;
 use crate::error::StorageError;
 use crate::storage::aligned::AlignedPool;
@@ -79,29 +79,23 @@ pub async fn run(
                         volume.write_zeroes(offset, len, mode, false).await?;
                     }
                     Some(id) => {
-                        let stored = with_retry(&job, &svc.shutdown, "downloading a chunk", || {
-                            svc.store.get_chunk_pooled(&id, &stored_buffers)
-                        })
-                        .await
-                        .map_err(|e| match e {
-                            BackupError::Store {
-                                source: object_store::Error::NotFound { .. },
-                                ..
-                            } => BackupError::ChunkMissing {
-                                backup_id: manifest.backup_id.clone(),
-                                index: i,
-                                chunk_id: id.to_string(),
-                            },
-                            other => other,
-                        })?;
+                        let buf = buffers.take(len as usize);
                         // The manifest's length is the buffer's: a chunk of another length fails
                         // to decode.
-                        let plain = blocking(move || {
-                            let mut buf = buffers.take(len as usize);
-                            chunk::decode_into(&id, &stored, &mut buf)?;
-                            Ok::<_, BackupError>(buffers.freeze(buf))
-                        })
-                        .await??;
+                        let buf = fetch::chunk_into(&svc, &job, id, buf, Some(&stored_buffers))
+                            .await
+                            .map_err(|e| match e {
+                                BackupError::Store {
+                                    source: object_store::Error::NotFound { .. },
+                                    ..
+                                } => BackupError::ChunkMissing {
+                                    backup_id: manifest.backup_id.clone(),
+                                    index: i,
+                                    chunk_id: id.to_string(),
+                                },
+                                other => other,
+                            })?;
+                        let plain = buffers.freeze(buf);
                         volume.write_bulk(offset, plain).await?;
                     }
                 }

@@ -244,6 +244,15 @@ impl BackupStore {
         })
     }
 
+    /// The first `len` bytes of a chunk object (its header), without reading the rest.
+    pub async fn get_chunk_prefix(&self, id: &ChunkId, len: u64) -> Result<Bytes, BackupError> {
+        let key = chunk::chunk_key(id);
+        self.objects
+            .get_range(&self.path(&key), 0..len)
+            .await
+            .map_err(|e| BackupError::store("get", key, e))
+    }
+
     pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), BackupError> {
         let key = chunk::chunk_key(id);
         self.delete(&key).await

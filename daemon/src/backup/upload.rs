@@ -2,7 +2,7 @@
 //! backup (known from the layer maps), upload the ones the store lacks, then write the
 //! manifest. Runs under a shared store lock so GC cannot delete a chunk it counts on.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,8 +12,9 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::backup::catalog::BackupInfo;
-use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES};
+use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES, MAX_DELTA_DEPTH};
 use crate::backup::error::BackupError;
+use crate::backup::fetch;
 use crate::backup::job::Job;
 use crate::backup::locks;
 use crate::backup::manifest::{
@@ -21,6 +22,7 @@ use crate::backup::manifest::{
 };
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
+use crate::backup::tree::{self, Cv, SPAN_BYTES};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
@@ -38,12 +40,28 @@ fn chunk_len(size_bytes: u64, index: u64) -> u64 {
     CHUNK_SIZE_BYTES.min(size_bytes - index * CHUNK_SIZE_BYTES)
 }
 
+/// A changed chunk with more changed blocks than this is read and stored whole.
+const MAX_DELTA_BLOCKS: u32 = (CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES / 4) as u32;
+
 #[derive(Default)]
 struct Counters {
     read_chunks: AtomicU64,
     read_bytes: AtomicU64,
     new_chunks: AtomicU64,
     new_stored_bytes: AtomicU64,
+    delta_chunks: AtomicU64,
+}
+
+/// What the job knows of stored chunks: for each, the chunk it patches (None: a whole chunk or
+/// a delta over zeroes). Seeded from the parent manifest; the rest is read from the store.
+type KnownBases = Mutex<HashMap<ChunkId, Option<ChunkId>>>;
+
+/// A changed chunk the incremental may store as a delta of the parent's chunk.
+struct DeltaPlan {
+    /// The parent's chunk (None: zeroes).
+    base: Option<ChunkId>,
+    /// Changed blocks, as (first, count) runs relative to the chunk.
+    runs: Vec<(u32, u32)>,
 }
 
 pub async fn run(
@@ -75,8 +93,22 @@ pub async fn run(
     .await?;
     let result = upload(svc, job, &entry, &mut record, started).await;
     lock.release().await;
-    let manifest = result?;
+    let (manifest, parent) = result?;
     release_older_bases(&entry, &record.snapshot).await;
+    if let Some(parent) = parent {
+        // The parent's chunk trees served this incremental; the next one starts from this
+        // backup's chunks.
+        let keep: HashSet<ChunkId> = manifest.chunks.iter().flatten().copied().collect();
+        let stale: Vec<ChunkId> = parent
+            .chunks
+            .iter()
+            .flatten()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        let svc = Arc::clone(svc);
+        let _ = blocking(move || stale.iter().for_each(|id| svc.trees.remove(id))).await;
+    }
     Ok(Some(json!({ "backup": BackupInfo::of(&manifest) })))
 }
 
@@ -86,7 +118,7 @@ async fn upload(
     entry: &Arc<VolumeEntry>,
     record: &mut BackupRecord,
     started: Instant,
-) -> Result<BackupManifest, BackupError> {
+) -> Result<(BackupManifest, Option<BackupManifest>), BackupError> {
     let snapshot = entry
         .snapshots()
         .into_iter()
@@ -112,13 +144,31 @@ async fn upload(
     } else {
         find_base(svc, job, entry, record, size_bytes).await?
     };
-    if let (Some(parent), Some(changed)) = (&parent, &changed) {
+    let bases: Arc<KnownBases> = Arc::new(Mutex::new(HashMap::new()));
+    let mut plans: HashMap<u64, DeltaPlan> = HashMap::new();
+    if let (Some(parent), Some(changed)) = (&parent, changed) {
         for (i, slot) in chunks.iter_mut().enumerate() {
-            if !changed.contains(&(i as u64)) {
+            if !changed.contains_key(&(i as u64)) {
                 *slot = Some(parent.chunks[i]);
             }
         }
+        let mut known_bases = bases.lock().unwrap_or_else(|p| p.into_inner());
+        seed_bases(&mut known_bases, parent);
+        for (i, runs) in changed {
+            let base = parent.chunks[i as usize];
+            let blocks: u32 = runs.iter().map(|r| r.1).sum();
+            let depth = base.map_or(0, |b| chain_depth(&known_bases, b));
+            // `depth` counts the deltas over other chunks; the bottom of the chain may be one
+            // more (a delta over zeroes), and the new delta is on top.
+            if chunk_len(size_bytes, i) == CHUNK_SIZE_BYTES
+                && blocks <= MAX_DELTA_BLOCKS
+                && depth + 2 <= MAX_DELTA_DEPTH
+            {
+                plans.insert(i, DeltaPlan { base, runs });
+            }
+        }
     }
+    let plans = Arc::new(plans);
     {
         let known = known.lock().unwrap_or_else(|p| p.into_inner());
         for (i, id) in &record.done {
@@ -148,14 +198,29 @@ async fn upload(
         let entry = Arc::clone(entry);
         let known = Arc::clone(&known);
         let counters = Arc::clone(&counters);
+        let bases = Arc::clone(&bases);
+        let plans = Arc::clone(&plans);
         let snapshot = record.snapshot.clone();
         let task: ChunkTask = Box::pin(async move {
             let offset = i * CHUNK_SIZE_BYTES;
             let len = chunk_len(size_bytes, i);
-            let id = process_chunk(
-                &svc, &job, &entry, &snapshot, offset, len, &known, &counters,
-            )
-            .await?;
+            let ctx = ChunkCtx {
+                svc: &svc,
+                job: &job,
+                entry: &entry,
+                snapshot: &snapshot,
+                known: &known,
+                bases: &bases,
+                counters: &counters,
+            };
+            let delta = match plans.get(&i) {
+                Some(plan) => process_delta(&ctx, offset, plan).await?,
+                None => None,
+            };
+            let id = match delta {
+                Some(id) => id,
+                None => process_chunk(&ctx, offset, len).await?,
+            };
             job.add_done(len);
             Ok((i, id))
         });
@@ -179,6 +244,7 @@ async fn upload(
     drop(results);
 
     let chunks: Vec<Option<ChunkId>> = chunks.into_iter().map(|c| c.flatten()).collect();
+    let delta_bases = resolve_delta_bases(svc, job, &bases, &chunks).await?;
     let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
     let manifest = BackupManifest {
         format_version: MANIFEST_FORMAT_VERSION,
@@ -188,6 +254,7 @@ async fn upload(
         size_bytes,
         chunk_size_bytes: CHUNK_SIZE_BYTES,
         chunk_list_digest: chunk_list_digest(&chunks),
+        delta_bases,
         parent_backup_id: parent.as_ref().map(|p| p.backup_id.clone()),
         source_snapshot: record.snapshot.clone(),
         source_snapshot_created_unix_secs: snapshot.created_unix_secs,
@@ -203,6 +270,7 @@ async fn upload(
             new_stored_bytes: counters.new_stored_bytes.load(Ordering::Relaxed),
             read_bytes: counters.read_bytes.load(Ordering::Relaxed),
             duration_ms: started.elapsed().as_millis() as u64,
+            delta_chunks: counters.delta_chunks.load(Ordering::Relaxed),
         },
         chunks,
     };
@@ -219,10 +287,11 @@ async fn upload(
         new_chunks = manifest.stats.new_chunks,
         new_stored_bytes = manifest.stats.new_stored_bytes,
         read_bytes = manifest.stats.read_bytes,
+        delta_chunks = manifest.stats.delta_chunks,
         duration_ms = manifest.stats.duration_ms,
         "backup complete"
     );
-    Ok(manifest)
+    Ok((manifest, parent))
 }
 
 /// The previous backup of this volume whose snapshot is still here, and the chunks changed
@@ -233,7 +302,7 @@ async fn find_base(
     entry: &VolumeEntry,
     record: &BackupRecord,
     size_bytes: u64,
-) -> Result<(Option<BackupManifest>, Option<HashSet<u64>>), BackupError> {
+) -> Result<(Option<BackupManifest>, Option<ChangedBlocks>), BackupError> {
     let backups = with_retry(job, &svc.shutdown, "listing backups", || svc.catalog.list()).await?;
     let snapshots = entry.manifest().snapshots;
     let Some(base) = backups
@@ -264,35 +333,191 @@ async fn find_base(
         Ok(None) | Err(StorageError::SnapshotNotFound { .. }) => return Ok((None, None)),
         Err(e) => return Err(e.into()),
     };
-    let mut changed = HashSet::new();
-    let blocks_per_chunk = CHUNK_SIZE_BYTES / BLOCK_BYTES;
-    for (start, end) in runs {
-        for i in start / blocks_per_chunk..end.div_ceil(blocks_per_chunk) {
-            changed.insert(i);
-        }
-    }
-    Ok((Some(parent), Some(changed)))
+    Ok((Some(parent), Some(changed_per_chunk(&runs))))
 }
 
-/// One chunk: None when it reads as zeroes, else its id (uploaded if the store lacked it).
-#[allow(clippy::too_many_arguments)]
-async fn process_chunk(
+/// Changed blocks per chunk index, as (first, count) runs relative to the chunk.
+type ChangedBlocks = BTreeMap<u64, Vec<(u32, u32)>>;
+
+/// Splits changed block runs `[start, end)` (volume blocks) at chunk boundaries.
+fn changed_per_chunk(runs: &[(u64, u64)]) -> ChangedBlocks {
+    let blocks_per_chunk = CHUNK_SIZE_BYTES / BLOCK_BYTES;
+    let mut changed: ChangedBlocks = BTreeMap::new();
+    for &(start, end) in runs {
+        let mut at = start;
+        while at < end {
+            let chunk = at / blocks_per_chunk;
+            let stop = end.min((chunk + 1) * blocks_per_chunk);
+            let first = (at - chunk * blocks_per_chunk) as u32;
+            let count = (stop - at) as u32;
+            let list = changed.entry(chunk).or_default();
+            match list.last_mut() {
+                Some(last) if last.0 + last.1 == first => last.1 += count,
+                _ => list.push((first, count)),
+            }
+            at = stop;
+        }
+    }
+    changed
+}
+
+/// What the parent manifest says of its chunks' bases: its delta map is complete, so every
+/// other chunk it names, and every base that is no delta itself, patches nothing.
+fn seed_bases(known: &mut HashMap<ChunkId, Option<ChunkId>>, parent: &BackupManifest) {
+    for id in parent.chunks.iter().flatten() {
+        known.insert(*id, parent.delta_bases.get(id).copied());
+    }
+    for (delta, base) in &parent.delta_bases {
+        known.insert(*delta, Some(*base));
+        known.entry(*base).or_insert(None);
+    }
+}
+
+/// How many deltas lie between `id` and the whole chunk below it, as far as `known` tells.
+/// An unknown chunk counts as the end of the chain: the manifest resolves it later, and a
+/// reader refuses a chain that grew too long rather than misreading it.
+fn chain_depth(known: &HashMap<ChunkId, Option<ChunkId>>, id: ChunkId) -> usize {
+    let mut depth = 0;
+    let mut current = id;
+    while let Some(Some(base)) = known.get(&current) {
+        depth += 1;
+        if depth > MAX_DELTA_DEPTH {
+            break;
+        }
+        current = *base;
+    }
+    depth
+}
+
+/// The delta map of a new manifest: every delta among `chunks` and below them, with unknown
+/// chunks (stored by another backup, or by this job before a restart) looked up in the store.
+async fn resolve_delta_bases(
     svc: &Arc<Backups>,
-    job: &Job,
-    entry: &VolumeEntry,
-    snapshot: &str,
+    job: &Arc<Job>,
+    bases: &KnownBases,
+    chunks: &[Option<ChunkId>],
+) -> Result<BTreeMap<ChunkId, ChunkId>, BackupError> {
+    let mut delta_bases = BTreeMap::new();
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut frontier: Vec<ChunkId> = chunks.iter().flatten().copied().collect();
+    for _ in 0..=MAX_DELTA_DEPTH {
+        frontier.retain(|id| seen.insert(*id));
+        if frontier.is_empty() {
+            return Ok(delta_bases);
+        }
+        let unknown: Vec<ChunkId> = {
+            let known = bases.lock().unwrap_or_else(|p| p.into_inner());
+            frontier
+                .iter()
+                .filter(|id| !known.contains_key(id))
+                .copied()
+                .collect()
+        };
+        let looked_up: Vec<(ChunkId, Option<ChunkId>)> =
+            futures_util::stream::iter(unknown.into_iter().map(|id| async move {
+                // A delta is only ever of a whole chunk.
+                let base = fetch::delta_base(svc, job, id, CHUNK_SIZE_BYTES as usize).await;
+                base.map(|b| (id, b))
+            }))
+            .buffer_unordered(svc.config.upload_concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let known = {
+            let mut known = bases.lock().unwrap_or_else(|p| p.into_inner());
+            known.extend(looked_up);
+            frontier
+                .iter()
+                .map(|id| (*id, known.get(id).copied().flatten()))
+                .collect::<Vec<_>>()
+        };
+        frontier = Vec::new();
+        for (id, base) in known {
+            if let Some(base) = base {
+                delta_bases.insert(id, base);
+                frontier.push(base);
+            }
+        }
+    }
+    Err(BackupError::Failed(format!(
+        "a chain of chunk deltas in the store is longer than {MAX_DELTA_DEPTH}"
+    )))
+}
+
+/// What every chunk task works with.
+struct ChunkCtx<'a> {
+    svc: &'a Arc<Backups>,
+    job: &'a Job,
+    entry: &'a VolumeEntry,
+    snapshot: &'a str,
+    known: &'a Mutex<HashSet<ChunkId>>,
+    bases: &'a KnownBases,
+    counters: &'a Counters,
+}
+
+impl ChunkCtx<'_> {
+    fn view(&self) -> Result<Arc<crate::storage::volume::Volume>, BackupError> {
+        // Looked up per chunk: a merge of other snapshots may rebuild it meanwhile.
+        Ok(self
+            .entry
+            .view(self.snapshot)
+            .ok_or_else(|| StorageError::SnapshotNotFound {
+                volume: self.entry.name().to_owned(),
+                name: self.snapshot.to_owned(),
+            })?)
+    }
+
+    fn is_known(&self, id: &ChunkId) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Stores an encoded chunk under `id`, patching `base` (or a whole chunk: None).
+    async fn put(
+        &self,
+        id: ChunkId,
+        stored: Bytes,
+        base: Option<ChunkId>,
+    ) -> Result<(), BackupError> {
+        let svc = self.svc;
+        svc.throttle.take(stored.len() as u64).await;
+        with_retry(self.job, &svc.shutdown, "uploading a chunk", || {
+            svc.store.put_chunk(&id, stored.clone())
+        })
+        .await?;
+        self.bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, base);
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        let counters = self.counters;
+        counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+        counters
+            .new_stored_bytes
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+        self.job.add_uploaded(stored.len() as u64);
+        svc.metrics
+            .backup()
+            .uploaded_bytes
+            .inc_by(stored.len() as u64);
+        Ok(())
+    }
+}
+
+/// One chunk read whole: None when it reads as zeroes, else its id (uploaded if the store
+/// lacked it). A whole-size chunk's tree is cached for the next incremental.
+async fn process_chunk(
+    ctx: &ChunkCtx<'_>,
     offset_bytes: u64,
     len_bytes: u64,
-    known: &Mutex<HashSet<ChunkId>>,
-    counters: &Counters,
 ) -> Result<Option<ChunkId>, BackupError> {
-    // The view is looked up per chunk: a merge of other snapshots may rebuild it meanwhile.
-    let view = entry
-        .view(snapshot)
-        .ok_or_else(|| StorageError::SnapshotNotFound {
-            volume: entry.name().to_owned(),
-            name: snapshot.to_owned(),
-        })?;
+    let view = ctx.view()?;
     let status = view
         .block_status(
             &StatusQuery::Allocation,
@@ -306,44 +531,140 @@ async fn process_chunk(
         return Ok(None);
     }
     let data = view.read(offset_bytes, len_bytes as usize).await?;
-    counters.read_chunks.fetch_add(1, Ordering::Relaxed);
-    counters.read_bytes.fetch_add(len_bytes, Ordering::Relaxed);
+    ctx.counters.read_chunks.fetch_add(1, Ordering::Relaxed);
+    ctx.counters
+        .read_bytes
+        .fetch_add(len_bytes, Ordering::Relaxed);
     let hashed = blocking(move || {
         if chunk::is_all_zero(&data) {
             None
+        } else if data.len() as u64 == CHUNK_SIZE_BYTES {
+            let cvs = tree::span_cvs(&data);
+            Some((tree::root(&cvs), Some(cvs), data))
         } else {
-            Some((ChunkId::of(&data), data))
+            Some((ChunkId::of(&data), None, data))
         }
     })
     .await?;
-    let Some((id, data)) = hashed else {
+    let Some((id, cvs, data)) = hashed else {
         return Ok(None);
     };
-    if known
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&id)
-    {
+    if let Some(cvs) = cvs {
+        let svc = Arc::clone(ctx.svc);
+        blocking(move || svc.trees.store(&id, &cvs)).await?;
+    }
+    if ctx.is_known(&id) {
         return Ok(Some(id));
     }
-    let level = svc.config.zstd_level;
+    let level = ctx.svc.config.zstd_level;
     let stored = Bytes::from(blocking(move || chunk::encode(&data, level)).await?);
-    svc.throttle.take(stored.len() as u64).await;
-    with_retry(job, &svc.shutdown, "uploading a chunk", || {
-        svc.store.put_chunk(&id, stored.clone())
+    ctx.put(id, stored, None).await?;
+    Ok(Some(id))
+}
+
+/// A changed whole chunk named from the parent chunk's cached tree and the spans holding its
+/// changed blocks, and stored as a delta of the parent's chunk when the store lacks it. None
+/// when the parent's tree is not cached here: the caller reads the chunk whole.
+async fn process_delta(
+    ctx: &ChunkCtx<'_>,
+    offset_bytes: u64,
+    plan: &DeltaPlan,
+) -> Result<Option<Option<ChunkId>>, BackupError> {
+    let base_cvs: Vec<Cv> = match plan.base {
+        None => tree::zero_cvs().to_vec(),
+        Some(base) => {
+            let svc = Arc::clone(ctx.svc);
+            match blocking(move || svc.trees.load(&base)).await? {
+                Some(cvs) => cvs,
+                None => return Ok(None),
+            }
+        }
+    };
+    // The spans holding changed blocks, as (first span, span count) runs.
+    let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
+    let mut span_runs: Vec<(u32, u32)> = Vec::new();
+    for &(first, count) in &plan.runs {
+        let (a, z) = (
+            first / blocks_per_span,
+            (first + count).div_ceil(blocks_per_span),
+        );
+        match span_runs.last_mut() {
+            Some(last) if last.0 + last.1 >= a => last.1 = last.1.max(z - last.0),
+            _ => span_runs.push((a, z - a)),
+        }
+    }
+    let view = ctx.view()?;
+    let mut pieces: Vec<(u32, Bytes)> = Vec::with_capacity(span_runs.len());
+    let mut read_bytes = 0u64;
+    for &(first, count) in &span_runs {
+        let at = offset_bytes + u64::from(first) * SPAN_BYTES as u64;
+        let len = count as usize * SPAN_BYTES;
+        pieces.push((first, view.read(at, len).await?));
+        read_bytes += len as u64;
+    }
+    ctx.counters.read_chunks.fetch_add(1, Ordering::Relaxed);
+    ctx.counters
+        .read_bytes
+        .fetch_add(read_bytes, Ordering::Relaxed);
+    let runs = plan.runs.clone();
+    let (id, cvs, patch) = blocking(move || {
+        let mut cvs = base_cvs;
+        for (first, bytes) in &pieces {
+            for (k, span) in bytes.chunks_exact(SPAN_BYTES).enumerate() {
+                let index = *first as usize + k;
+                cvs[index] = tree::span_cv(index, span);
+            }
+        }
+        // The new bytes of the changed blocks, run after run, cut from the spans read.
+        let mut patch = Vec::with_capacity(
+            runs.iter().map(|r| r.1 as usize).sum::<usize>() * DELTA_BLOCK_BYTES,
+        );
+        for &(first, count) in &runs {
+            for block in first..first + count {
+                let span = block / blocks_per_span;
+                let (piece_first, bytes) = pieces
+                    .iter()
+                    .rev()
+                    .find(|(f, _)| *f <= span)
+                    .expect("every changed block lies in a span read");
+                let at = (block - piece_first * blocks_per_span) as usize * DELTA_BLOCK_BYTES;
+                patch.extend_from_slice(&bytes[at..at + DELTA_BLOCK_BYTES]);
+            }
+        }
+        (tree::root(&cvs), cvs, patch)
     })
     .await?;
-    known.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-    counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-    counters
-        .new_stored_bytes
-        .fetch_add(stored.len() as u64, Ordering::Relaxed);
-    job.add_uploaded(stored.len() as u64);
-    svc.metrics
-        .backup()
-        .uploaded_bytes
-        .inc_by(stored.len() as u64);
-    Ok(Some(id))
+    if Some(id) == plan.base {
+        return Ok(Some(Some(id)));
+    }
+    if id == tree::root(tree::zero_cvs()) {
+        return Ok(Some(None));
+    }
+    {
+        let svc = Arc::clone(ctx.svc);
+        blocking(move || svc.trees.store(&id, &cvs)).await?;
+    }
+    if ctx.is_known(&id) {
+        return Ok(Some(Some(id)));
+    }
+    let level = ctx.svc.config.zstd_level;
+    let base = plan.base;
+    let runs = plan.runs.clone();
+    let stored = Bytes::from(
+        blocking(move || {
+            chunk::encode_delta(
+                CHUNK_SIZE_BYTES as usize,
+                base.as_ref(),
+                &runs,
+                &patch,
+                level,
+            )
+        })
+        .await?,
+    );
+    ctx.put(id, stored, base).await?;
+    ctx.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(Some(id)))
 }
 
 /// CPU work (hashing, compression) off the runtime's threads.

@@ -8,12 +8,11 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::backup::chunk::{self, ChunkId};
+use crate::backup::chunk::ChunkId;
 use crate::backup::error::BackupError;
+use crate::backup::fetch;
 use crate::backup::job::Job;
 use crate::backup::manifest::BackupManifest;
-use crate::backup::retry::with_retry;
-use crate::backup::upload::blocking;
 use crate::backup::Backups;
 
 #[derive(Debug, Serialize)]
@@ -48,24 +47,16 @@ pub async fn run(
         let len = manifest.chunk_len_bytes(index);
         let task: futures_util::future::BoxFuture<'static, Result<Option<BadChunk>, BackupError>> =
             Box::pin(async move {
-                let fetched = with_retry(&job, &svc.shutdown, "downloading a chunk", || {
-                    svc.store.get_chunk(&id)
-                })
-                .await;
+                let fetched =
+                    fetch::chunk_into(&svc, &job, id, vec![0u8; len as usize], None).await;
                 let problem = match fetched {
                     Err(BackupError::Store {
                         source: object_store::Error::NotFound { .. },
                         ..
-                    }) => Some("missing from the store".to_owned()),
+                    }) => Some("missing from the store (or a chunk it patches is)".to_owned()),
+                    Err(BackupError::Chunk(e)) => Some(e.to_string()),
                     Err(e) => return Err(e),
-                    Ok(stored) => match blocking(move || chunk::decode(&id, &stored)).await? {
-                        Err(e) => Some(e.to_string()),
-                        Ok(plain) if plain.len() as u64 != len => Some(format!(
-                            "holds {} bytes, the manifest needs {len}",
-                            plain.len()
-                        )),
-                        Ok(_) => None,
-                    },
+                    Ok(_) => None,
                 };
                 job.add_done(len);
                 Ok(problem.map(|error| BadChunk {
