@@ -106,9 +106,15 @@ fn full_then_incremental_restore_byte_identical_and_read_only_changes() {
         inc_stored * 100 <= full_stored * 4,
         "the incremental stored {inc_stored} bytes against {full_stored} for the full"
     );
-    // The volume keeps only the newest backup snapshot as its next base.
+    // The volume keeps only the newest backup snapshot as its next base (the older one is
+    // released right after the backup completes).
     let b2_snap = b2["snapshot"].as_str().unwrap().to_owned();
-    assert_eq!(snapshot_names(&d, "vol0"), vec![b2_snap]);
+    assert!(
+        wait_until(Duration::from_secs(10), || snapshot_names(&d, "vol0")
+            == vec![b2_snap.clone()]),
+        "{:?}",
+        snapshot_names(&d, "vol0")
+    );
 
     restore_new(&d, "r1", b1["id"].as_str().unwrap());
     restore_new(&d, "r2", b2["id"].as_str().unwrap());

@@ -113,18 +113,24 @@ impl TreeCache {
         Some(cvs)
     }
 
-    /// Files `cvs` under `id` (written to a temporary name, then renamed, so readers see a whole
-    /// file or none; not fsynced: `load` checks what it reads). Blocking; a failure only costs a
-    /// later backup a full read of the chunk, so it is logged, not returned.
+    /// Files `cvs` under `id`. Written in place, not fsynced: a torn or lost file fails the
+    /// check in `load` and costs a full read of the chunk, nothing else. Blocking; a failure is
+    /// logged, not returned, for the same reason.
     pub fn store(&self, id: &ChunkId, cvs: &[Cv]) {
         let path = self.path(id);
         let result = (|| {
-            let parent = path.parent().expect("two levels below the cache dir");
-            std::fs::create_dir_all(parent)?;
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(cvs.as_flattened())?;
-            std::fs::rename(&tmp, &path)
+            let write = |path: &PathBuf| -> std::io::Result<()> {
+                std::fs::File::create(path)?.write_all(cvs.as_flattened())
+            };
+            match write(&path) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    std::fs::create_dir_all(
+                        path.parent().expect("two levels below the cache dir"),
+                    )?;
+                    write(&path)
+                }
+                other => other,
+            }
         })();
         if let Err(e) = result {
             tracing::warn!(chunk = %id, path = %path.display(), error = %e, "caching a chunk tree failed");

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -22,7 +23,7 @@ use crate::backup::manifest::{
 };
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
-use crate::backup::tree::{self, Cv, SPAN_BYTES};
+use crate::backup::tree::{self, SPAN_BYTES};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
@@ -39,6 +40,9 @@ type ChunkTask =
 fn chunk_len(size_bytes: u64, index: u64) -> u64 {
     CHUNK_SIZE_BYTES.min(size_bytes - index * CHUNK_SIZE_BYTES)
 }
+
+/// Chunk tasks in flight per whole chunk allowed in flight (see `whole_permits`).
+const DELTAS_PER_WHOLE_CHUNK: usize = 8;
 
 /// A changed chunk with more changed blocks than this is read and stored whole.
 const MAX_DELTA_BLOCKS: u32 = (CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES / 4) as u32;
@@ -94,21 +98,29 @@ pub async fn run(
     let result = upload(svc, job, &entry, &mut record, started).await;
     lock.release().await;
     let (manifest, parent) = result?;
-    release_older_bases(&entry, &record.snapshot).await;
-    if let Some(parent) = parent {
-        // The parent's chunk trees served this incremental; the next one starts from this
-        // backup's chunks.
-        let keep: HashSet<ChunkId> = manifest.chunks.iter().flatten().copied().collect();
-        let stale: Vec<ChunkId> = parent
-            .chunks
-            .iter()
-            .flatten()
-            .filter(|id| !keep.contains(id))
-            .copied()
-            .collect();
-        let svc = Arc::clone(svc);
-        let _ = blocking(move || stale.iter().for_each(|id| svc.trees.remove(id))).await;
-    }
+    // The backup is complete once its manifest is stored. Releasing the older base merges its
+    // snapshot layer away and syncs the survivor, which can take longer than an incremental
+    // backup itself: it runs after the job has answered. The next backup of this volume bases
+    // itself on the newest backup snapshot, which this never deletes.
+    let keep: HashSet<ChunkId> = manifest.chunks.iter().flatten().copied().collect();
+    let svc_bg = Arc::clone(svc);
+    let entry_bg = Arc::clone(&entry);
+    let snapshot = record.snapshot.clone();
+    tokio::spawn(async move {
+        release_older_bases(&entry_bg, &snapshot).await;
+        if let Some(parent) = parent {
+            // The parent's chunk trees served this incremental; the next one starts from
+            // this backup's chunks.
+            let stale: Vec<ChunkId> = parent
+                .chunks
+                .iter()
+                .flatten()
+                .filter(|id| !keep.contains(id))
+                .copied()
+                .collect();
+            let _ = blocking(move || stale.iter().for_each(|id| svc_bg.trees.remove(id))).await;
+        }
+    });
     Ok(Some(json!({ "backup": BackupInfo::of(&manifest) })))
 }
 
@@ -192,6 +204,10 @@ async fn upload(
     );
 
     let counters = Arc::new(Counters::default());
+    // Whole chunks hold 4 MiB each in flight: `upload_concurrency` of them at a time. Deltas hold
+    // a few blocks and wait mostly on small reads and writes, so many more run beside them.
+    let concurrency = svc.config.upload_concurrency.max(1);
+    let whole_permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut results = futures_util::stream::iter(todo.into_iter().map(|i| {
         let svc = Arc::clone(svc);
         let job = Arc::clone(job);
@@ -200,6 +216,7 @@ async fn upload(
         let counters = Arc::clone(&counters);
         let bases = Arc::clone(&bases);
         let plans = Arc::clone(&plans);
+        let whole_permits = Arc::clone(&whole_permits);
         let snapshot = record.snapshot.clone();
         let task: ChunkTask = Box::pin(async move {
             let offset = i * CHUNK_SIZE_BYTES;
@@ -212,6 +229,7 @@ async fn upload(
                 known: &known,
                 bases: &bases,
                 counters: &counters,
+                whole_permits: &whole_permits,
             };
             let delta = match plans.get(&i) {
                 Some(plan) => process_delta(&ctx, offset, plan).await?,
@@ -226,7 +244,7 @@ async fn upload(
         });
         task
     }))
-    .buffer_unordered(svc.config.upload_concurrency.max(1));
+    .buffer_unordered(concurrency * DELTAS_PER_WHOLE_CHUNK);
     let mut last_checkpoint = Instant::now();
     while let Some(result) = results.next().await {
         let (i, id) = result?;
@@ -454,6 +472,7 @@ struct ChunkCtx<'a> {
     known: &'a Mutex<HashSet<ChunkId>>,
     bases: &'a KnownBases,
     counters: &'a Counters,
+    whole_permits: &'a tokio::sync::Semaphore,
 }
 
 impl ChunkCtx<'_> {
@@ -530,6 +549,11 @@ async fn process_chunk(
     if covered == len_bytes && status.iter().all(|(_, v)| v & EXTENT_ZERO != 0) {
         return Ok(None);
     }
+    let _permit = ctx
+        .whole_permits
+        .acquire()
+        .await
+        .map_err(|_| BackupError::Failed("the upload permits were closed".into()))?;
     let data = view.read(offset_bytes, len_bytes as usize).await?;
     ctx.counters.read_chunks.fetch_add(1, Ordering::Relaxed);
     ctx.counters
@@ -570,16 +594,6 @@ async fn process_delta(
     offset_bytes: u64,
     plan: &DeltaPlan,
 ) -> Result<Option<Option<ChunkId>>, BackupError> {
-    let base_cvs: Vec<Cv> = match plan.base {
-        None => tree::zero_cvs().to_vec(),
-        Some(base) => {
-            let svc = Arc::clone(ctx.svc);
-            match blocking(move || svc.trees.load(&base)).await? {
-                Some(cvs) => cvs,
-                None => return Ok(None),
-            }
-        }
-    };
     // The spans holding changed blocks, as (first span, span count) runs.
     let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
     let mut span_runs: Vec<(u32, u32)> = Vec::new();
@@ -594,27 +608,41 @@ async fn process_delta(
         }
     }
     let view = ctx.view()?;
-    let mut pieces: Vec<(u32, Bytes)> = Vec::with_capacity(span_runs.len());
-    let mut read_bytes = 0u64;
-    for &(first, count) in &span_runs {
+    let reads = span_runs.iter().map(|&(first, count)| {
         let at = offset_bytes + u64::from(first) * SPAN_BYTES as u64;
-        let len = count as usize * SPAN_BYTES;
-        pieces.push((first, view.read(at, len).await?));
-        read_bytes += len as u64;
+        view.read(at, count as usize * SPAN_BYTES)
+    });
+    let mut pieces: Vec<(u32, Bytes)> = Vec::with_capacity(span_runs.len());
+    for (&(first, _), read) in span_runs.iter().zip(join_all(reads).await) {
+        pieces.push((first, read?));
     }
+    let read_bytes: u64 = pieces.iter().map(|(_, b)| b.len() as u64).sum();
     ctx.counters.read_chunks.fetch_add(1, Ordering::Relaxed);
     ctx.counters
         .read_bytes
         .fetch_add(read_bytes, Ordering::Relaxed);
+    let svc = Arc::clone(ctx.svc);
+    let base = plan.base;
     let runs = plan.runs.clone();
-    let (id, cvs, patch) = blocking(move || {
-        let mut cvs = base_cvs;
+    let level = ctx.svc.config.zstd_level;
+    // Everything else in one trip to the blocking pool: the parent's tree, the new span CVs
+    // and root, the new tree cached, the delta encoded.
+    let named = blocking(move || {
+        let mut cvs = match base {
+            None => tree::zero_cvs().to_vec(),
+            Some(base) => svc.trees.load(&base)?,
+        };
         for (first, bytes) in &pieces {
             for (k, span) in bytes.chunks_exact(SPAN_BYTES).enumerate() {
                 let index = *first as usize + k;
                 cvs[index] = tree::span_cv(index, span);
             }
         }
+        let id = tree::root(&cvs);
+        if Some(id) == base || id == tree::root(tree::zero_cvs()) {
+            return Some((id, None));
+        }
+        svc.trees.store(&id, &cvs);
         // The new bytes of the changed blocks, run after run, cut from the spans read.
         let mut patch = Vec::with_capacity(
             runs.iter().map(|r| r.1 as usize).sum::<usize>() * DELTA_BLOCK_BYTES,
@@ -631,38 +659,30 @@ async fn process_delta(
                 patch.extend_from_slice(&bytes[at..at + DELTA_BLOCK_BYTES]);
             }
         }
-        (tree::root(&cvs), cvs, patch)
+        let stored = chunk::encode_delta(
+            CHUNK_SIZE_BYTES as usize,
+            base.as_ref(),
+            &runs,
+            &patch,
+            level,
+        );
+        Some((id, Some(stored)))
     })
     .await?;
+    let Some((id, stored)) = named else {
+        // The parent's tree is not cached here: the caller reads the chunk whole.
+        return Ok(None);
+    };
     if Some(id) == plan.base {
         return Ok(Some(Some(id)));
     }
-    if id == tree::root(tree::zero_cvs()) {
+    let Some(stored) = stored else {
         return Ok(Some(None));
-    }
-    {
-        let svc = Arc::clone(ctx.svc);
-        blocking(move || svc.trees.store(&id, &cvs)).await?;
-    }
+    };
     if ctx.is_known(&id) {
         return Ok(Some(Some(id)));
     }
-    let level = ctx.svc.config.zstd_level;
-    let base = plan.base;
-    let runs = plan.runs.clone();
-    let stored = Bytes::from(
-        blocking(move || {
-            chunk::encode_delta(
-                CHUNK_SIZE_BYTES as usize,
-                base.as_ref(),
-                &runs,
-                &patch,
-                level,
-            )
-        })
-        .await?,
-    );
-    ctx.put(id, stored, base).await?;
+    ctx.put(id, Bytes::from(stored), plan.base).await?;
     ctx.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
     Ok(Some(Some(id)))
 }
