@@ -191,10 +191,10 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(b2["parent"], b1["id"], "{b2:#}");
     assert_eq!(b2["incremental"], true, "{b2:#}");
     // Chunks 1, 5 and 12 changed: each is named from b1's cached chunk tree (or zeroes) and
-    // the 8 KiB spans holding its changed blocks, and stored as a delta of b1's chunk.
+    // the 16 KiB spans holding its changed blocks, and stored as a delta of b1's chunk.
     assert_eq!(
         u(&b2, "read_bytes"),
-        (2 + 1 + 1) * 8192,
+        3 * 16384,
         "the spans of chunks 1, 5 and 12: {b2:#}"
     );
     assert_eq!(u(&b2, "delta_chunks"), 3, "{b2:#}");
