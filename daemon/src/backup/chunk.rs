@@ -175,44 +175,74 @@ impl ChunkError {
 /// # Panics
 /// If `plaintext` is longer than [`CHUNK_SIZE_BYTES`]: that is a caller bug, and writing an
 /// object every reader rejects would be worse.
+#[cfg(test)]
 pub fn encode(plaintext: &[u8], zstd_level: i32) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN_BYTES + plaintext.len()];
+    let len = encode_into(plaintext, zstd_level, &mut out);
+    out.truncate(len);
+    out
+}
+
+/// [`encode`] into `out` (at least the header plus the plaintext long, for example an aligned
+/// buffer a direct write takes as is); returns the object's length.
+///
+/// # Panics
+/// As [`encode`], and if `out` is too short.
+pub fn encode_into(plaintext: &[u8], zstd_level: i32, out: &mut [u8]) -> usize {
     assert!(
         plaintext.len() as u64 <= CHUNK_SIZE_BYTES,
         "chunk plaintext of {} bytes exceeds {CHUNK_SIZE_BYTES}",
         plaintext.len()
     );
-    match compress(plaintext, zstd_level) {
-        Some(compressed) => with_header(CODEC_ZSTD, plaintext.len(), &compressed),
-        None => with_header(CODEC_RAW, plaintext.len(), plaintext),
-    }
+    let payload_room = &mut out[HEADER_LEN_BYTES..HEADER_LEN_BYTES + plaintext.len()];
+    let (codec, payload_len) = match compress_into(plaintext, zstd_level, payload_room) {
+        Some(n) => (CODEC_ZSTD, n),
+        None => {
+            payload_room.copy_from_slice(plaintext);
+            (CODEC_RAW, plaintext.len())
+        }
+    };
+    let (header, rest) = out.split_at_mut(HEADER_LEN_BYTES);
+    write_header(header, codec, plaintext.len(), &rest[..payload_len]);
+    HEADER_LEN_BYTES + payload_len
 }
 
-/// The zstd payload when compressing pays off, else `None` (store raw).
-fn compress(plaintext: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
+/// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
+/// smaller than the plaintext; `None`: store raw.
+fn compress_into(plaintext: &[u8], zstd_level: i32, room: &mut [u8]) -> Option<usize> {
     let sample = &plaintext[..plaintext.len().min(SAMPLE_LEN_BYTES)];
     // A compressor error cannot come from the data itself; storing raw is always correct.
     let sample_compressed = zstd::bulk::compress(sample, zstd_level).ok()?;
     if sample_compressed.len() * 100 > sample.len() * SAMPLE_MAX_PERCENT {
         return None;
     }
-    let compressed = if sample.len() == plaintext.len() {
-        sample_compressed
-    } else {
-        zstd::bulk::compress(plaintext, zstd_level).ok()?
-    };
-    (compressed.len() < plaintext.len()).then_some(compressed)
+    if sample.len() == plaintext.len() {
+        if sample_compressed.len() >= plaintext.len() {
+            return None;
+        }
+        room[..sample_compressed.len()].copy_from_slice(&sample_compressed);
+        return Some(sample_compressed.len());
+    }
+    // A frame that does not fit in fewer bytes than the plaintext fails: stored raw.
+    let room_len = room.len() - 1;
+    zstd::bulk::compress_to_buffer(plaintext, &mut room[..room_len], zstd_level).ok()
+}
+
+fn write_header(header: &mut [u8], codec: u8, plaintext_len: usize, payload: &[u8]) {
+    header[..8].copy_from_slice(MAGIC);
+    header[8] = codec;
+    header[9..12].copy_from_slice(&[0, 0, 0]);
+    // Both fit: plaintext <= 4 MiB (asserted by the encoders) and payload <= 4 MiB + a margin.
+    header[12..16].copy_from_slice(&(plaintext_len as u32).to_le_bytes());
+    header[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[20..24].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
 }
 
 fn with_header(codec: u8, plaintext_len: usize, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN_BYTES + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.push(codec);
-    out.extend_from_slice(&[0, 0, 0]);
-    // Both fit: plaintext <= 4 MiB (asserted by encode) and payload < plaintext or == it.
-    out.extend_from_slice(&(plaintext_len as u32).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    out.extend_from_slice(payload);
+    let mut out = vec![0u8; HEADER_LEN_BYTES + payload.len()];
+    let (header, rest) = out.split_at_mut(HEADER_LEN_BYTES);
+    rest.copy_from_slice(payload);
+    write_header(header, codec, plaintext_len, payload);
     out
 }
 

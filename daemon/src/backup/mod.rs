@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod gc;
 pub mod job;
 pub mod local_read;
+pub mod local_write;
 pub mod locks;
 pub mod manifest;
 pub mod policy_run;
@@ -70,6 +71,8 @@ pub struct Backups {
     pub(crate) files: JobFiles,
     /// The BLAKE3 trees of the chunks of each volume's latest backup (see `tree.rs`).
     pub(crate) trees: tree::TreeCache,
+    /// Aligned buffers whole chunks are encoded into (see `local_write`).
+    pub(crate) encode_buffers: Arc<crate::storage::aligned::AlignedPool>,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -107,6 +110,10 @@ impl Backups {
             store,
             files: JobFiles::open(data_dir)?,
             trees: tree::TreeCache::new(data_dir.join("backup-trees")),
+            encode_buffers: crate::storage::aligned::AlignedPool::new(
+                chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
+                config.upload_concurrency.max(1),
+            ),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,
             shutdown,

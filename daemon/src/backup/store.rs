@@ -18,6 +18,7 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, Retry
 use crate::backup::chunk::{self, ChunkId};
 use crate::backup::error::BackupError;
 use crate::backup::local_read;
+use crate::backup::local_write;
 use crate::backup::manifest::{self, BackupManifest};
 use crate::storage::aligned::AlignedPool;
 
@@ -192,6 +193,33 @@ impl BackupStore {
             .await
             .map_err(|e| BackupError::store("put", key, e))?;
         self.note_unsynced(len);
+        Ok(())
+    }
+
+    /// As [`Self::put_chunk`] for an object in an aligned buffer: `padded` is the object's
+    /// `len` bytes followed by padding to whole 4 KiB blocks. A local store writes it with
+    /// O_DIRECT (see `local_write`); other stores get the `len` bytes.
+    pub async fn put_chunk_padded(
+        &self,
+        id: &ChunkId,
+        padded: Bytes,
+        len: usize,
+    ) -> Result<(), BackupError> {
+        let Some(root) = &self.local_root else {
+            return self.put_chunk(id, padded.slice(..len)).await;
+        };
+        let key = chunk::chunk_key(id);
+        // A file:// store has no prefix: the key is the path below its root.
+        let path = root.join(&key);
+        let written =
+            tokio::task::spawn_blocking(move || local_write::write_object(&path, &padded, len))
+                .await
+                .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))?;
+        written.map_err(|e| {
+            let source = local_read::store_error(&key, e);
+            BackupError::store("put", key, source)
+        })?;
+        self.note_unsynced(len as u64);
         Ok(())
     }
 

@@ -26,6 +26,7 @@ use crate::backup::retry::with_retry;
 use crate::backup::tree::{self, SPAN_BYTES};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
+use crate::storage::aligned::ALIGN_BYTES;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
 use crate::storage::layer::BLOCK_BYTES;
 use crate::storage::volume::EXTENT_ZERO;
@@ -463,6 +464,23 @@ async fn resolve_delta_bases(
     )))
 }
 
+/// An encoded chunk object on its way to the store.
+#[derive(Clone)]
+enum Stored {
+    Plain(Bytes),
+    /// The object's first `.1` bytes, padded to whole 4 KiB blocks in an aligned buffer.
+    Padded(Bytes, usize),
+}
+
+impl Stored {
+    fn len(&self) -> usize {
+        match self {
+            Stored::Plain(bytes) => bytes.len(),
+            Stored::Padded(_, len) => *len,
+        }
+    }
+}
+
 /// What every chunk task works with.
 struct ChunkCtx<'a> {
     svc: &'a Arc<Backups>,
@@ -498,13 +516,22 @@ impl ChunkCtx<'_> {
     async fn put(
         &self,
         id: ChunkId,
-        stored: Bytes,
+        stored: Stored,
         base: Option<ChunkId>,
     ) -> Result<(), BackupError> {
         let svc = self.svc;
-        svc.throttle.take(stored.len() as u64).await;
+        let len = stored.len();
+        svc.throttle.take(len as u64).await;
         with_retry(self.job, &svc.shutdown, "uploading a chunk", || {
-            svc.store.put_chunk(&id, stored.clone())
+            let stored = stored.clone();
+            async move {
+                match stored {
+                    Stored::Plain(bytes) => svc.store.put_chunk(&id, bytes).await,
+                    Stored::Padded(padded, len) => {
+                        svc.store.put_chunk_padded(&id, padded, len).await
+                    }
+                }
+            }
         })
         .await?;
         self.bases
@@ -519,12 +546,9 @@ impl ChunkCtx<'_> {
         counters.new_chunks.fetch_add(1, Ordering::Relaxed);
         counters
             .new_stored_bytes
-            .fetch_add(stored.len() as u64, Ordering::Relaxed);
-        self.job.add_uploaded(stored.len() as u64);
-        svc.metrics
-            .backup()
-            .uploaded_bytes
-            .inc_by(stored.len() as u64);
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.job.add_uploaded(len as u64);
+        svc.metrics.backup().uploaded_bytes.inc_by(len as u64);
         Ok(())
     }
 }
@@ -581,8 +605,15 @@ async fn process_chunk(
         return Ok(Some(id));
     }
     let level = ctx.svc.config.zstd_level;
-    let stored = Bytes::from(blocking(move || chunk::encode(&data, level)).await?);
-    ctx.put(id, stored, None).await?;
+    let pool = Arc::clone(&ctx.svc.encode_buffers);
+    let (padded, len) = blocking(move || {
+        let mut buf = pool.take(pool.capacity());
+        let len = chunk::encode_into(&data, level, &mut buf);
+        buf.set_len(len.next_multiple_of(ALIGN_BYTES));
+        (pool.freeze(buf), len)
+    })
+    .await?;
+    ctx.put(id, Stored::Padded(padded, len), None).await?;
     Ok(Some(id))
 }
 
@@ -682,7 +713,8 @@ async fn process_delta(
     if ctx.is_known(&id) {
         return Ok(Some(Some(id)));
     }
-    ctx.put(id, Bytes::from(stored), plan.base).await?;
+    ctx.put(id, Stored::Plain(Bytes::from(stored)), plan.base)
+        .await?;
     ctx.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
     Ok(Some(Some(id)))
 }
