@@ -195,6 +195,7 @@ async fn upload(
         .filter(|&i| chunks[i as usize].is_none())
         .collect();
     job.set_total(todo.iter().map(|&i| chunk_len(size_bytes, i)).sum());
+    let prepared_ms = started.elapsed().as_millis() as u64;
     tracing::info!(
         job = %job.id,
         backup = %record.backup_id,
@@ -261,6 +262,7 @@ async fn upload(
         }
     }
     drop(results);
+    let chunks_done_ms = started.elapsed().as_millis() as u64;
 
     let chunks: Vec<Option<ChunkId>> = chunks.into_iter().map(|c| c.flatten()).collect();
     let delta_bases = resolve_delta_bases(svc, job, &bases, &chunks).await?;
@@ -300,6 +302,7 @@ async fn upload(
     })
     .await?;
     svc.catalog.remember(&manifest);
+    let manifest_ms = started.elapsed().as_millis() as u64;
     tracing::info!(
         job = %job.id,
         backup = %manifest.backup_id,
@@ -308,6 +311,9 @@ async fn upload(
         read_bytes = manifest.stats.read_bytes,
         delta_chunks = manifest.stats.delta_chunks,
         duration_ms = manifest.stats.duration_ms,
+        prepared_ms,
+        chunks_done_ms,
+        manifest_ms,
         "backup complete"
     );
     Ok((manifest, parent))
