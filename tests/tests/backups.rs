@@ -261,6 +261,13 @@ fn delta_chains_restore_verify_and_keep_their_bases_through_gc() {
         );
         admin_ok(&d, "volume.delete", json!({"name": name}));
     }
+    // Restoring over the live volume: chunk 6 (deltas over zeroes) is trimmed, then only the
+    // blocks the deltas wrote are written; garbage written there first must not survive.
+    write_at(&d, "vol0", 6 * CHUNK, &random(26, CHUNK), &mut model);
+    let (last, expected) = &backups[backups.len() - 1];
+    let r = admin_ok(&d, "backup.restore", json!({"id": last["id"], "to": "vol0"}));
+    wait_job_ok(&d, r["job"]["id"].as_str().unwrap());
+    assert_same("vol0 restored over garbage", &read_export(&d, "vol0"), expected);
     // Only the last two backups stay; their deltas reach down into deleted backups' chunks.
     for (b, _) in &backups[..backups.len() - 2] {
         admin_ok(&d, "backup.delete", json!({"id": b["id"]}));

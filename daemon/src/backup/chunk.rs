@@ -285,6 +285,11 @@ impl Delta {
         }
     }
 
+    /// The (first block, block count) runs it replaces, in order.
+    pub fn runs(&self) -> &[(u32, u32)] {
+        &self.runs
+    }
+
     /// Bytes of blocks the delta replaces.
     #[cfg(test)]
     pub fn patched_bytes(&self) -> usize {

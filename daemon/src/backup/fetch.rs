@@ -13,6 +13,14 @@ use crate::backup::upload::blocking;
 use crate::backup::Backups;
 use crate::storage::aligned::AlignedPool;
 
+/// A chunk's plaintext, and where its data can be when the chunk patches zeroes.
+pub struct Fetched<B> {
+    pub plaintext: B,
+    /// For a delta chain over zeroes: the 4 KiB block runs any delta of the chain wrote, in
+    /// order and merged; every other block is zero. None for a chain over a whole chunk.
+    pub data_runs: Option<Vec<(u32, u32)>>,
+}
+
 /// Fills `out` (the chunk's length, from the manifest) with chunk `id`'s plaintext and gives
 /// it back. `pooled`: read a local store's objects into these buffers.
 pub async fn chunk_into<B>(
@@ -21,10 +29,11 @@ pub async fn chunk_into<B>(
     id: ChunkId,
     mut out: B,
     pooled: Option<&Arc<AlignedPool>>,
-) -> Result<B, BackupError>
+) -> Result<Fetched<B>, BackupError>
 where
     B: DerefMut<Target = [u8]> + Send + 'static,
 {
+    let mut over_zeroes = false;
     let mut deltas: Vec<(ChunkId, Delta)> = Vec::new();
     let mut current = id;
     loop {
@@ -57,6 +66,7 @@ where
                     Some(base) => current = base,
                     None => {
                         out.fill(0);
+                        over_zeroes = true;
                         break;
                     }
                 }
@@ -64,16 +74,40 @@ where
         }
     }
     if deltas.is_empty() {
-        return Ok(out);
+        return Ok(Fetched {
+            plaintext: out,
+            data_runs: None,
+        });
     }
-    blocking(move || {
+    let data_runs = over_zeroes.then(|| merged_runs(deltas.iter().map(|(_, d)| d)));
+    let plaintext = blocking(move || {
         for (level, delta) in deltas.iter().rev() {
             delta.apply(&mut out);
             chunk::check_hash(*level, &out)?;
         }
-        Ok(out)
+        Ok::<_, BackupError>(out)
     })
-    .await?
+    .await??;
+    Ok(Fetched {
+        plaintext,
+        data_runs,
+    })
+}
+
+/// The union of the deltas' block runs, sorted and merged.
+fn merged_runs<'a>(deltas: impl Iterator<Item = &'a Delta>) -> Vec<(u32, u32)> {
+    let mut all: Vec<(u32, u32)> = deltas.flat_map(|d| d.runs().iter().copied()).collect();
+    all.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(all.len());
+    for (first, count) in all {
+        match merged.last_mut() {
+            Some(last) if last.0 + last.1 >= first => {
+                last.1 = last.1.max(first + count - last.0);
+            }
+            _ => merged.push((first, count)),
+        }
+    }
+    merged
 }
 
 /// The chunk a stored chunk patches, when it is a delta over another chunk: the header says

@@ -82,7 +82,7 @@ pub async fn run(
                         let buf = buffers.take(len as usize);
                         // The manifest's length is the buffer's: a chunk of another length fails
                         // to decode.
-                        let buf = fetch::chunk_into(&svc, &job, id, buf, Some(&stored_buffers))
+                        let fetched = fetch::chunk_into(&svc, &job, id, buf, Some(&stored_buffers))
                             .await
                             .map_err(|e| match e {
                                 BackupError::Store {
@@ -95,8 +95,29 @@ pub async fn run(
                                 },
                                 other => other,
                             })?;
-                        let plain = buffers.freeze(buf);
-                        volume.write_bulk(offset, plain).await?;
+                        let plain = buffers.freeze(fetched.plaintext);
+                        match fetched.data_runs {
+                            None => volume.write_bulk(offset, plain).await?,
+                            // Deltas over zeroes: the chunk is zeroes (a new volume already is;
+                            // an existing one has the range trimmed) but for the blocks they
+                            // wrote, which alone are written.
+                            Some(runs) => {
+                                if !created {
+                                    let mode = ZeroMode {
+                                        may_trim: true,
+                                        fast_only: false,
+                                    };
+                                    volume.write_zeroes(offset, len, mode, false).await?;
+                                }
+                                for (first, count) in runs {
+                                    let start = first as usize * chunk::DELTA_BLOCK_BYTES;
+                                    let end = start + count as usize * chunk::DELTA_BLOCK_BYTES;
+                                    volume
+                                        .write_bulk(offset + start as u64, plain.slice(start..end))
+                                        .await?;
+                                }
+                            }
+                        }
                     }
                 }
                 job.add_done(len);

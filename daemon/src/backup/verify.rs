@@ -47,8 +47,9 @@ pub async fn run(
         let len = manifest.chunk_len_bytes(index);
         let task: futures_util::future::BoxFuture<'static, Result<Option<BadChunk>, BackupError>> =
             Box::pin(async move {
-                let fetched =
-                    fetch::chunk_into(&svc, &job, id, vec![0u8; len as usize], None).await;
+                let fetched = fetch::chunk_into(&svc, &job, id, vec![0u8; len as usize], None)
+                    .await
+                    .map(|_| ());
                 let problem = match fetched {
                     Err(BackupError::Store {
                         source: object_store::Error::NotFound { .. },
