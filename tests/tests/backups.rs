@@ -265,9 +265,17 @@ fn delta_chains_restore_verify_and_keep_their_bases_through_gc() {
     // blocks the deltas wrote are written; garbage written there first must not survive.
     write_at(&d, "vol0", 6 * CHUNK, &random(26, CHUNK), &mut model);
     let (last, expected) = &backups[backups.len() - 1];
-    let r = admin_ok(&d, "backup.restore", json!({"id": last["id"], "to": "vol0"}));
+    let r = admin_ok(
+        &d,
+        "backup.restore",
+        json!({"id": last["id"], "to": "vol0"}),
+    );
     wait_job_ok(&d, r["job"]["id"].as_str().unwrap());
-    assert_same("vol0 restored over garbage", &read_export(&d, "vol0"), expected);
+    assert_same(
+        "vol0 restored over garbage",
+        &read_export(&d, "vol0"),
+        expected,
+    );
     // Only the last two backups stay; their deltas reach down into deleted backups' chunks.
     for (b, _) in &backups[..backups.len() - 2] {
         admin_ok(&d, "backup.delete", json!({"id": b["id"]}));
@@ -306,6 +314,24 @@ fn delta_chains_restore_verify_and_keep_their_bases_through_gc() {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
         .expect("the last backup lists a delta over another chunk");
     let base_file = store_dir(&d).join("chunks").join(&base[..2]).join(&base);
+    // Another valid whole chunk under the base's name: every check but the hash passes, and
+    // the base is checked through its tree under the delta.
+    let (other, _) = chunk_files(&store_dir(&d))
+        .into_iter()
+        .find(|(p, size)| *p != base_file && *size > MIB)
+        .expect("another whole chunk");
+    let original = fs::read(&base_file).unwrap();
+    fs::copy(&other, &base_file).unwrap();
+    let v = admin_ok(&d, "backup.verify", json!({"id": last["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert!(
+        bad.iter()
+            .any(|c| c["chunk_id"] == json!(delta)
+                && c["error"].as_str().unwrap().contains("hashes to")),
+        "verify names the delta over a wrong base: {j:#}"
+    );
+    fs::write(&base_file, &original).unwrap();
     fs::remove_file(&base_file).unwrap();
     let v = admin_ok(&d, "backup.verify", json!({"id": last["id"]}));
     let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
