@@ -230,6 +230,7 @@ export RESTIC_CACHE_DIR=$WORKDIR/restic-cache
 RREPO_local=$WORKDIR/restic-repo
 RREPO_s3=s3:http://127.0.0.1:$S3_PORT/$S3_BUCKET/restic
 RESTIC_STORES="local"
+RESTIC_FAILED=""
 restic -q -r "$RREPO_local" init >"$WORKDIR/restic-init-local.log" 2>&1 \
   || die "restic init (local) failed: $(cat "$WORKDIR/restic-init-local.log")"
 if [ "$RESTIC_S3" = 1 ]; then
@@ -287,8 +288,14 @@ restic_row() {
   sync
   children_cpu; c0=$CHILDREN_CPU
   t0=$(now)
-  restic -r "${!repo_var}" "$@" >"$WORKDIR/$row.restic.out" 2>"$WORKDIR/$row.restic.err" \
-    || die "restic $row failed: $(tail -20 "$WORKDIR/$row.restic.err")"
+  if ! restic -r "${!repo_var}" "$@" >"$WORKDIR/$row.restic.out" 2>"$WORKDIR/$row.restic.err"; then
+    # restic's S3 restores from s3s-fs fail now and then ("There were N errors"): that is the
+    # peer's row, not a reason to lose evsd's. Its cells show "-".
+    [ "$store" = s3 ] || die "restic $row failed: $(tail -20 "$WORKDIR/$row.restic.err")"
+    log "restic $row failed, its cells show '-': $(tail -3 "$WORKDIR/$row.restic.err")"
+    RESTIC_FAILED="$RESTIC_FAILED $row"
+    return 1
+  fi
   t1=$(now)
   children_cpu; c1=$CHILDREN_CPU
   ELAPSED=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
@@ -304,8 +311,9 @@ restic_row() {
 }
 
 restic_backup_row() {  # ROW STORE
-  restic_row "$1" "$2" backup --host bench "$FILE_DIR"
-  record "$1" restic "$ELAPSED" "$RESTIC_CPU" "$RESTIC_ADDED"
+  if restic_row "$1" "$2" backup --host bench "$FILE_DIR"; then
+    record "$1" restic "$ELAPSED" "$RESTIC_CPU" "$RESTIC_ADDED"
+  fi
 }
 
 # ---------------------------------------------------------------- full backups
@@ -387,8 +395,8 @@ evsd_restore_row restore-local A "$INCR_A"
 evsd_restore_row restore-s3 B "$INCR_B"
 for s in $RESTIC_STORES; do
   rm -rf "$WORKDIR/restic-restore-$s"
-  restic_row "restore-$s" "$s" restore latest --host bench --target "$WORKDIR/restic-restore-$s"
-  record "restore-$s" restic "$ELAPSED" "$RESTIC_CPU" ""
+  restic_row "restore-$s" "$s" restore latest --host bench --target "$WORKDIR/restic-restore-$s" \
+    && record "restore-$s" restic "$ELAPSED" "$RESTIC_CPU" ""
 done
 
 if [ "$VERIFY" = 1 ]; then
@@ -400,6 +408,7 @@ if [ "$VERIFY" = 1 ]; then
     log "verified: restore on daemon $d is byte-identical"
   done
   for s in $RESTIC_STORES; do
+    case " $RESTIC_FAILED " in *" restore-$s "*) continue ;; esac
     r=$(find "$WORKDIR/restic-restore-$s" -type f -name bench.img | head -1)
     [ -n "$r" ] || die "restic restore ($s) produced no bench.img"
     cmp "$FILE" "$r" || die "restic's restore ($s) differs from the changed image"
