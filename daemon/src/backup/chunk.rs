@@ -396,6 +396,13 @@ fn parse_delta(id: ChunkId, plaintext_len: usize, payload: &[u8]) -> Result<Delt
     let blocks = (plaintext_len / DELTA_BLOCK_BYTES) as u64;
     // The body holds at most every block once plus one run per block.
     let capacity = DELTA_FIXED_BYTES + blocks as usize * (8 + DELTA_BLOCK_BYTES);
+    // Allocate what the frame says it holds (our writer records it), not the bound: a 4 MiB
+    // buffer per delta cost a restore more page zeroing than the deltas' bytes. A frame that
+    // claims more than the bound, or produces more than it claims, still fails.
+    let capacity = match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) if n <= capacity as u64 => n as usize,
+        _ => capacity,
+    };
     let body = zstd::bulk::decompress(payload, capacity).map_err(|e| ChunkError::Decompress {
         id,
         reason: e.to_string(),
