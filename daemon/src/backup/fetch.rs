@@ -6,7 +6,7 @@ use std::ops::DerefMut;
 use std::sync::Arc;
 
 use crate::backup::chunk::{
-    self, ChunkError, ChunkId, Decoded, Delta, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES, MAX_DELTA_DEPTH,
+    self, ChunkError, ChunkId, Decoded, Delta, CHUNK_SIZE_BYTES, MAX_DELTA_DEPTH,
 };
 use crate::backup::error::BackupError;
 use crate::backup::job::Job;
@@ -110,9 +110,7 @@ where
         for (level, delta) in deltas.iter().rev() {
             delta.apply(&mut out);
             for &(first, count) in delta.runs() {
-                let a = first as usize * DELTA_BLOCK_BYTES / SPAN_BYTES;
-                let z = ((first + count) as usize * DELTA_BLOCK_BYTES).div_ceil(SPAN_BYTES);
-                for span in a..z {
+                for span in tree::spans_of_blocks(first, count) {
                     cvs[span] =
                         tree::span_cv(span, &out[span * SPAN_BYTES..(span + 1) * SPAN_BYTES]);
                 }

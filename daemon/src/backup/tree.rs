@@ -39,6 +39,14 @@ pub fn span_cv(index: usize, span: &[u8]) -> Cv {
     hasher.finalize_non_root()
 }
 
+/// The spans holding blocks `first..first + count` (4 KiB blocks of a chunk).
+pub fn spans_of_blocks(first: u32, count: u32) -> std::ops::Range<usize> {
+    let block = crate::backup::chunk::DELTA_BLOCK_BYTES;
+    let start = first as usize * block / SPAN_BYTES;
+    let end = ((first + count) as usize * block).div_ceil(SPAN_BYTES);
+    start..end
+}
+
 /// The span CVs of a whole chunk.
 pub fn span_cvs(chunk: &[u8]) -> Vec<Cv> {
     assert_eq!(
@@ -169,6 +177,16 @@ mod tests {
         let chunk = pseudo_random(1, CHUNK_SIZE_BYTES as usize);
         let cvs = span_cvs(&chunk);
         assert_eq!(root(&cvs), ChunkId::of(&chunk));
+    }
+
+    #[test]
+    fn spans_of_blocks_cover_exactly_the_spans_touched() {
+        // 16 KiB spans hold four 4 KiB blocks.
+        assert_eq!(spans_of_blocks(0, 1), 0..1);
+        assert_eq!(spans_of_blocks(3, 1), 0..1);
+        assert_eq!(spans_of_blocks(3, 2), 0..2);
+        assert_eq!(spans_of_blocks(4, 4), 1..2);
+        assert_eq!(spans_of_blocks(1023, 1), 255..256);
     }
 
     #[test]

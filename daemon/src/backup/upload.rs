@@ -425,7 +425,9 @@ async fn resolve_delta_bases(
     let mut delta_bases = BTreeMap::new();
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut frontier: Vec<ChunkId> = chunks.iter().flatten().copied().collect();
-    for _ in 0..=MAX_DELTA_DEPTH {
+    // A chain readers accept is MAX_DELTA_DEPTH deltas, then the whole chunk below them: that
+    // many levels, and one more pass to find the frontier empty.
+    for _ in 0..MAX_DELTA_DEPTH + 2 {
         frontier.retain(|id| seen.insert(*id));
         if frontier.is_empty() {
             return Ok(delta_bases);
@@ -635,10 +637,8 @@ async fn process_delta(
     let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
     let mut span_runs: Vec<(u32, u32)> = Vec::new();
     for &(first, count) in &plan.runs {
-        let (a, z) = (
-            first / blocks_per_span,
-            (first + count).div_ceil(blocks_per_span),
-        );
+        let spans = tree::spans_of_blocks(first, count);
+        let (a, z) = (spans.start as u32, spans.end as u32);
         match span_runs.last_mut() {
             Some(last) if last.0 + last.1 >= a => last.1 = last.1.max(z - last.0),
             _ => span_runs.push((a, z - a)),
