@@ -4,7 +4,6 @@
 //! stay readable), plus the final state.
 
 use std::io::{IsTerminal, Write};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -87,14 +86,15 @@ pub fn progress_line(job: &JobInfo) -> String {
 
 /// Where the jobs' state comes from: the daemon, or a script in tests.
 pub trait JobSource {
-    fn show(&mut self, id: &str) -> Result<Value, CliError>;
+    /// The job's state; a running job may be waited on for up to `wait` before the answer.
+    fn show(&mut self, id: &str, wait: Duration) -> Result<Value, CliError>;
 }
 
 impl JobSource for AdminClient {
-    fn show(&mut self, id: &str) -> Result<Value, CliError> {
+    fn show(&mut self, id: &str, wait: Duration) -> Result<Value, CliError> {
         self.call(&Call {
             method: "job.show",
-            params: json!({"id": id}),
+            params: json!({"id": id, "wait_ms": wait.as_millis() as u64}),
         })
     }
 }
@@ -129,11 +129,23 @@ impl Waiter {
         let mut latest: Vec<Option<(Value, JobInfo)>> = vec![None; ids.len()];
         let mut drawn_lines = 0;
         let mut last_log: Option<Instant> = None;
+        let mut first_round = true;
         loop {
+            // After the first round, the first unfinished job is asked with a wait: the daemon
+            // answers when it ends or after one poll interval, which is the pause between
+            // rounds. So the end is seen at once, without polling often.
+            let mut wait = if first_round {
+                Duration::ZERO
+            } else {
+                self.poll
+            };
+            first_round = false;
+            let round_started = Instant::now();
             for (id, slot) in ids.iter().zip(latest.iter_mut()) {
                 let finished = matches!(slot, Some((_, job)) if job.state.is_finished());
                 if !finished {
-                    let value = source.show(id)?;
+                    let value = source.show(id, wait)?;
+                    wait = Duration::ZERO;
                     let job = JobInfo::parse(&value)?;
                     *slot = Some((value, job));
                 }
@@ -156,7 +168,11 @@ impl Waiter {
                     .map(|(value, _)| value)
                     .collect());
             }
-            sleep(self.poll);
+            // A daemon that answered at once (it does not wait, or the wait was cut short)
+            // still gets a round no more often than the poll interval.
+            if let Some(rest) = self.poll.checked_sub(round_started.elapsed()) {
+                std::thread::sleep(rest);
+            }
         }
     }
 }
@@ -243,12 +259,18 @@ mod tests {
         assert_eq!(redraw(&lines, 2), "\x1b[2A\r\x1b[2Ka\n\r\x1b[2Kb\n");
     }
 
-    /// Answers each job's polls from a script; the last answer repeats.
-    struct Script(Vec<(String, VecDeque<Value>)>, usize);
+    /// Answers each job's polls from a script; the last answer repeats. Counts the polls and
+    /// records each one's job and wait.
+    struct Script(
+        Vec<(String, VecDeque<Value>)>,
+        usize,
+        Vec<(String, Duration)>,
+    );
 
     impl JobSource for Script {
-        fn show(&mut self, id: &str) -> Result<Value, CliError> {
+        fn show(&mut self, id: &str, wait: Duration) -> Result<Value, CliError> {
             self.1 += 1;
+            self.2.push((id.to_owned(), wait));
             let (_, answers) = self
                 .0
                 .iter_mut()
@@ -294,6 +316,7 @@ mod tests {
                 ),
             ],
             0,
+            Vec::new(),
         );
         let mut drawn = Vec::new();
         let ids = ["j-1".to_owned(), "j-2".to_owned()];
@@ -320,6 +343,7 @@ mod tests {
                 ]),
             )],
             0,
+            Vec::new(),
         );
         let mut drawn = Vec::new();
         waiter(true)
@@ -333,10 +357,61 @@ mod tests {
             .wait(&mut script, &["j-9".to_owned()], &mut Vec::new())
             .unwrap_err();
         assert_eq!(error.exit_code(), 4);
-        let mut malformed = Script(vec![("j-1".into(), VecDeque::from([json!({})]))], 0);
+        let mut malformed = Script(
+            vec![("j-1".into(), VecDeque::from([json!({})]))],
+            0,
+            Vec::new(),
+        );
         let error = waiter(true)
             .wait(&mut malformed, &["j-1".to_owned()], &mut Vec::new())
             .unwrap_err();
         assert!(matches!(error, CliError::Protocol(_)));
+    }
+
+    #[test]
+    fn after_the_first_round_the_first_unfinished_job_is_waited_on() {
+        let poll = Duration::from_millis(20);
+        let mut script = Script(
+            vec![
+                (
+                    "j-1".into(),
+                    VecDeque::from([
+                        sample("j-1", "running", 1, 4),
+                        sample("j-1", "succeeded", 4, 4),
+                    ]),
+                ),
+                (
+                    "j-2".into(),
+                    VecDeque::from([
+                        sample("j-2", "running", 1, 4),
+                        sample("j-2", "retrying", 2, 4),
+                        sample("j-2", "failed", 2, 4),
+                    ]),
+                ),
+            ],
+            0,
+            Vec::new(),
+        );
+        let waiter = Waiter {
+            poll,
+            ..waiter(false)
+        };
+        let started = Instant::now();
+        let ids = ["j-1".to_owned(), "j-2".to_owned()];
+        waiter.wait(&mut script, &ids, &mut Vec::new()).unwrap();
+        let asked: Vec<(&str, Duration)> = script.2.iter().map(|(j, w)| (j.as_str(), *w)).collect();
+        let zero = Duration::ZERO;
+        assert_eq!(
+            asked,
+            [
+                ("j-1", zero),
+                ("j-2", zero),
+                ("j-1", poll),
+                ("j-2", zero),
+                ("j-2", poll)
+            ]
+        );
+        // The script answers at once, so the loop itself paused between its three rounds.
+        assert!(started.elapsed() >= 2 * poll, "{:?}", started.elapsed());
     }
 }

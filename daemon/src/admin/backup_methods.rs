@@ -1,6 +1,8 @@
 //! The admin methods for backups and jobs (`backup.*`, `job.*`); docs/admin-protocol.md
 //! documents their params and results.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -21,6 +23,19 @@ struct CreateParams {
 struct ListParams {
     #[serde(default)]
     volume: Option<String>,
+}
+
+/// The longest `job.show` holds its answer for a job to finish.
+const MAX_JOB_WAIT_MS: u64 = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobShowParams {
+    id: String,
+    /// Answer when the job finishes or this many milliseconds have passed (0: at once), so a
+    /// waiting client learns of the end without polling often.
+    #[serde(default)]
+    wait_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,8 +88,13 @@ pub async fn dispatch(
             Ok(json!({ "jobs": backups.jobs() }))
         }
         "job.show" => {
-            let p: IdParams = decode_params(method, params)?;
-            to_json(&backups.job(&p.id)?.info())
+            let p: JobShowParams = decode_params(method, params)?;
+            let job = backups.job(&p.id)?;
+            if p.wait_ms > 0 {
+                let wait = Duration::from_millis(p.wait_ms.min(MAX_JOB_WAIT_MS));
+                job.wait_finished(wait).await;
+            }
+            to_json(&job.info())
         }
         other => Err(unknown_method(other)),
     }

@@ -303,6 +303,13 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     if let Ok(Err(e)) | Err(e) = removed.map_err(std::io::Error::other) {
         tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume's files failed");
     }
+    let backups = Arc::clone(&ctx.backups);
+    let uuid = volume.identity().uuid.clone();
+    let _ = blocking(move || {
+        backups.forget_volume(&uuid);
+        Ok(())
+    })
+    .await;
     Ok(serde_json::json!({"name": params.name, "disconnected": disconnected}))
 }
 

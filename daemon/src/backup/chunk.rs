@@ -4,6 +4,7 @@
 //! by the BLAKE3 of the plaintext, so the same data is stored once however many backups use it.
 //! The format is documented in docs/backup-format.md; changing it needs a new magic.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -207,12 +208,49 @@ pub fn encode_into(plaintext: &[u8], zstd_level: i32, out: &mut [u8]) -> usize {
     HEADER_LEN_BYTES + payload_len
 }
 
+thread_local! {
+    /// zstd contexts per thread, reused: creating one per chunk cost more CPU than compressing
+    /// a small delta.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's compressor at `level`.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if !matches!(&*slot, Some((at, _)) if *at == level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, compressor) = slot.as_mut().expect("set just above");
+        f(compressor)
+    })
+}
+
+/// Runs `f` with this thread's decompressor.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        f(slot.as_mut().expect("set just above"))
+    })
+}
+
 /// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
 /// smaller than the plaintext; `None`: store raw.
 fn compress_into(plaintext: &[u8], zstd_level: i32, room: &mut [u8]) -> Option<usize> {
     let sample = &plaintext[..plaintext.len().min(SAMPLE_LEN_BYTES)];
     // A compressor error cannot come from the data itself; storing raw is always correct.
-    let sample_compressed = zstd::bulk::compress(sample, zstd_level).ok()?;
+    let sample_compressed = with_compressor(zstd_level, |c| c.compress(sample)).ok()?;
     if sample_compressed.len() * 100 > sample.len() * SAMPLE_MAX_PERCENT {
         return None;
     }
@@ -225,7 +263,10 @@ fn compress_into(plaintext: &[u8], zstd_level: i32, room: &mut [u8]) -> Option<u
     }
     // A frame that does not fit in fewer bytes than the plaintext fails: stored raw.
     let room_len = room.len() - 1;
-    zstd::bulk::compress_to_buffer(plaintext, &mut room[..room_len], zstd_level).ok()
+    with_compressor(zstd_level, |c| {
+        c.compress_to_buffer(plaintext, &mut room[..room_len])
+    })
+    .ok()
 }
 
 fn write_header(header: &mut [u8], codec: u8, plaintext_len: usize, payload: &[u8]) {
@@ -238,6 +279,7 @@ fn write_header(header: &mut [u8], codec: u8, plaintext_len: usize, payload: &[u
     header[20..24].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
 }
 
+#[cfg(test)]
 fn with_header(codec: u8, plaintext_len: usize, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN_BYTES + payload.len()];
     let (header, rest) = out.split_at_mut(HEADER_LEN_BYTES);
@@ -334,12 +376,12 @@ pub fn decode_into_unverified(
         Codec::Raw => out.copy_from_slice(checked.payload),
         Codec::Zstd => {
             // A frame producing more than `out` holds fails here rather than overflowing.
-            let n = zstd::bulk::decompress_to_buffer(checked.payload, out).map_err(|e| {
-                ChunkError::Decompress {
+            let n = with_decompressor(|d| d.decompress_to_buffer(checked.payload, out)).map_err(
+                |e| ChunkError::Decompress {
                     id,
                     reason: e.to_string(),
-                }
-            })?;
+                },
+            )?;
             check_decompressed_len(id, checked.plaintext_len, n)?;
         }
         Codec::Delta => {
@@ -380,10 +422,18 @@ pub fn encode_delta(
         body.extend_from_slice(&count.to_le_bytes());
     }
     body.extend_from_slice(data);
-    // Compressing cannot fail on valid input; the body stored raw would be unreadable, so a
-    // failure here is a bug worth stopping for.
-    let payload = zstd::bulk::compress(&body, zstd_level).expect("zstd compresses a delta body");
-    with_header(CODEC_DELTA, plaintext_len, &payload)
+    // Compressed straight behind the header's room. Compressing cannot fail on valid input
+    // with room for the bound; the body stored raw would be unreadable, so a failure here is a
+    // bug worth stopping for.
+    let mut out = vec![0u8; HEADER_LEN_BYTES + zstd::zstd_safe::compress_bound(body.len())];
+    let payload_len = with_compressor(zstd_level, |c| {
+        c.compress_to_buffer(&body, &mut out[HEADER_LEN_BYTES..])
+    })
+    .expect("zstd compresses a delta body");
+    out.truncate(HEADER_LEN_BYTES + payload_len);
+    let (header, payload) = out.split_at_mut(HEADER_LEN_BYTES);
+    write_header(header, CODEC_DELTA, plaintext_len, payload);
+    out
 }
 
 fn parse_delta(id: ChunkId, plaintext_len: usize, payload: &[u8]) -> Result<Delta, ChunkError> {
@@ -403,9 +453,11 @@ fn parse_delta(id: ChunkId, plaintext_len: usize, payload: &[u8]) -> Result<Delt
         Ok(Some(n)) if n <= capacity as u64 => n as usize,
         _ => capacity,
     };
-    let body = zstd::bulk::decompress(payload, capacity).map_err(|e| ChunkError::Decompress {
-        id,
-        reason: e.to_string(),
+    let body = with_decompressor(|d| d.decompress(payload, capacity)).map_err(|e| {
+        ChunkError::Decompress {
+            id,
+            reason: e.to_string(),
+        }
     })?;
     if body.len() < DELTA_FIXED_BYTES {
         return Err(bad(format!("body of {} bytes is too short", body.len())));

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -79,6 +79,8 @@ pub struct Job {
     bytes_total: AtomicU64,
     bytes_uploaded: AtomicU64,
     status: Mutex<Status>,
+    /// Turns true when the job finishes, for callers that wait on it.
+    finished: tokio::sync::watch::Sender<bool>,
 }
 
 impl Job {
@@ -100,6 +102,7 @@ impl Job {
                 error: None,
                 result: None,
             }),
+            finished: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -173,6 +176,13 @@ impl Job {
                 }
             }
         }
+        self.finished.send_replace(true);
+    }
+
+    /// Returns once the job has finished or `max` has passed, whichever is first.
+    pub async fn wait_finished(&self, max: Duration) {
+        let mut finished = self.finished.subscribe();
+        let _ = tokio::time::timeout(max, finished.wait_for(|done| *done)).await;
     }
 
     pub fn info(&self) -> JobInfo {
@@ -258,5 +268,33 @@ mod tests {
         assert_eq!(info.error.as_deref(), Some("boom"));
         assert!(info.finished_unix_secs.is_some());
         assert_ne!(new_job_id(), new_job_id());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_when_the_job_finishes_or_the_time_is_up() {
+        let job = std::sync::Arc::new(Job::new(
+            "j-1".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+        ));
+        let started = tokio::time::Instant::now();
+        job.wait_finished(Duration::from_millis(200)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert_eq!(job.state(), JobState::Running);
+
+        let finisher = std::sync::Arc::clone(&job);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            finisher.finish(Ok(None));
+        });
+        let started = tokio::time::Instant::now();
+        job.wait_finished(Duration::from_secs(10)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(30));
+        assert_eq!(job.state(), JobState::Succeeded);
+        // A finished job answers at once.
+        let started = tokio::time::Instant::now();
+        job.wait_finished(Duration::from_secs(10)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -104,12 +104,14 @@ impl Backups {
         shutdown: CancellationToken,
     ) -> Result<Arc<Backups>, BackupError> {
         let store = Arc::new(BackupStore::open(&config.store_url, &config.s3)?);
+        let trees = tree::TreeCache::new(data_dir.join("backup-trees"));
+        trees.remove_legacy();
         Ok(Arc::new(Backups {
             registry,
             catalog: Catalog::new(Arc::clone(&store)),
             store,
             files: JobFiles::open(data_dir)?,
-            trees: tree::TreeCache::new(data_dir.join("backup-trees")),
+            trees,
             encode_buffers: crate::storage::aligned::AlignedPool::new(
                 chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
                 config.upload_concurrency.max(1),
@@ -123,6 +125,12 @@ impl Backups {
             busy_volumes: Mutex::new(HashSet::new()),
             gc_pending: AtomicBool::new(false),
         }))
+    }
+
+    /// Drops what the daemon keeps locally for backing up a deleted volume (its chunk trees);
+    /// its backups stay in the store. Blocking.
+    pub fn forget_volume(&self, volume_uuid: &str) {
+        self.trees.remove_volume(volume_uuid);
     }
 
     pub fn store_url(&self) -> &str {

@@ -8,10 +8,12 @@
 //! for 1% scattered 4 KiB writes that reads 4% of the chunk instead of all of it.
 //!
 //! The CVs of the chunks of each volume's latest backup are cached on local disk, one file per
-//! chunk id (`TREE_BYTES`). A cached tree is trusted only after its root is merged again and
-//! equals the id it is filed under, so a torn or stale file costs a full read, never a wrong id.
+//! volume with a record per chunk index (`VolumeTrees`). A cached tree is trusted only when it
+//! is filed under the id asked for and its root, merged again, equals that id, so a torn or
+//! stale record costs a full read, never a wrong id.
 
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -83,7 +85,12 @@ pub fn zero_cvs() -> &'static [Cv] {
     })
 }
 
-/// The cached trees, one file per chunk id under `dir`.
+/// Bytes of one chunk's record in a volume's tree file: the chunk id, then its span CVs.
+const RECORD_BYTES: u64 = 32 + TREE_BYTES as u64;
+
+/// The cached trees: one file per volume under `dir`, named by the volume's uuid, holding a
+/// fixed-size record per chunk index (so caching a chunk's tree is one write into a file that
+/// exists, not a file created per chunk and deleted when the next backup replaces it).
 pub struct TreeCache {
     dir: PathBuf,
 }
@@ -93,65 +100,107 @@ impl TreeCache {
         TreeCache { dir }
     }
 
-    fn path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.dir.join(&hex[..2]).join(hex)
+    /// The tree file of the volume with `volume_uuid`, created when missing. Blocking.
+    pub fn open_volume(&self, volume_uuid: &str) -> std::io::Result<VolumeTrees> {
+        // The uuid comes from the volume's own metadata; anything that could leave the
+        // directory is refused rather than trusted.
+        if volume_uuid.is_empty()
+            || !volume_uuid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("volume uuid {volume_uuid:?} cannot name a tree file"),
+            ));
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(format!("{volume_uuid}.trees"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(VolumeTrees { file, path })
     }
 
-    /// The CVs of `id`'s chunk, when a file holds them and they merge to `id`. Blocking.
-    pub fn load(&self, id: &ChunkId) -> Option<Vec<Cv>> {
-        let bytes = match std::fs::read(self.path(id)) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+    /// Forgets the trees of the volume with `volume_uuid`. Blocking.
+    pub fn remove_volume(&self, volume_uuid: &str) {
+        let path = self.dir.join(format!("{volume_uuid}.trees"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::debug!(chunk = %id, error = %e, "cached chunk tree unreadable");
+                tracing::debug!(path = %path.display(), error = %e, "removing chunk trees failed")
+            }
+        }
+    }
+
+    /// Removes the one-file-per-chunk cache of earlier versions (`<hex[0..2]>/<hex>`), which
+    /// nothing reads any more. Blocking.
+    pub fn remove_legacy(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let legacy = name.len() == 2
+                && name
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
+            if legacy && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::debug!(path = %entry.path().display(), error = %e, "removing old chunk trees failed");
+                }
+            }
+        }
+    }
+}
+
+/// One volume's tree file.
+pub struct VolumeTrees {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl VolumeTrees {
+    /// The CVs of chunk `index`, when its record is filed under `id` and they merge to `id`.
+    /// Blocking.
+    pub fn load(&self, index: u64, id: &ChunkId) -> Option<Vec<Cv>> {
+        let mut record = vec![0u8; RECORD_BYTES as usize];
+        match self.file.read_exact_at(&mut record, index * RECORD_BYTES) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return None,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), index, error = %e, "cached chunk tree unreadable");
                 return None;
             }
-        };
-        if bytes.len() != TREE_BYTES {
+        }
+        let (filed_under, cvs) = record.split_at(32);
+        if filed_under != id.as_bytes() {
             return None;
         }
-        let cvs: Vec<Cv> = bytes
+        let cvs: Vec<Cv> = cvs
             .chunks_exact(32)
             .map(|cv| cv.try_into().expect("32-byte pieces"))
             .collect();
         if root(&cvs) != *id {
-            tracing::warn!(chunk = %id, "cached chunk tree does not hash to its id; ignored");
+            tracing::warn!(chunk = %id, index, "cached chunk tree does not hash to its id; ignored");
             return None;
         }
         Some(cvs)
     }
 
-    /// Files `cvs` under `id`. Written in place, not fsynced: a torn or lost file fails the
-    /// check in `load` and costs a full read of the chunk, nothing else. Blocking; a failure is
-    /// logged, not returned, for the same reason.
-    pub fn store(&self, id: &ChunkId, cvs: &[Cv]) {
-        let path = self.path(id);
-        let result = (|| {
-            let write = |path: &PathBuf| -> std::io::Result<()> {
-                std::fs::File::create(path)?.write_all(cvs.as_flattened())
-            };
-            match write(&path) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    std::fs::create_dir_all(
-                        path.parent().expect("two levels below the cache dir"),
-                    )?;
-                    write(&path)
-                }
-                other => other,
-            }
-        })();
-        if let Err(e) = result {
-            tracing::warn!(chunk = %id, path = %path.display(), error = %e, "caching a chunk tree failed");
-        }
-    }
-
-    /// Forgets `id`'s tree. Blocking.
-    pub fn remove(&self, id: &ChunkId) {
-        match std::fs::remove_file(self.path(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => tracing::debug!(chunk = %id, error = %e, "removing a chunk tree failed"),
+    /// Files `cvs` as chunk `index`'s tree, under `id`. Written in place, not fsynced: a torn
+    /// or lost record fails the checks in `load` and costs a full read of the chunk, nothing
+    /// else. Blocking; a failure is logged, not returned, for the same reason.
+    pub fn store(&self, index: u64, id: &ChunkId, cvs: &[Cv]) {
+        let mut record = Vec::with_capacity(RECORD_BYTES as usize);
+        record.extend_from_slice(id.as_bytes());
+        record.extend_from_slice(cvs.as_flattened());
+        if let Err(e) = self.file.write_all_at(&record, index * RECORD_BYTES) {
+            tracing::warn!(chunk = %id, index, path = %self.path.display(), error = %e, "caching a chunk tree failed");
         }
     }
 }
@@ -218,24 +267,50 @@ mod tests {
     fn cache_returns_only_trees_that_hash_to_their_id() {
         let dir = tempfile::tempdir().unwrap();
         let cache = TreeCache::new(dir.path().join("trees"));
+        let trees = cache.open_volume("0f3c-uuid").unwrap();
         let chunk = pseudo_random(6, CHUNK_SIZE_BYTES as usize);
         let cvs = span_cvs(&chunk);
         let id = ChunkId::of(&chunk);
-        assert!(cache.load(&id).is_none());
-        cache.store(&id, &cvs);
-        assert_eq!(cache.load(&id).unwrap(), cvs);
-        // A tree filed under another id, a torn file, a flipped byte: all ignored.
+        assert!(trees.load(3, &id).is_none());
+        trees.store(3, &id, &cvs);
+        assert_eq!(trees.load(3, &id).unwrap(), cvs);
+        // Another index, another id, a tree filed under an id it does not hash to: all misses.
+        assert!(trees.load(2, &id).is_none());
         let other = ChunkId::of(b"other");
-        cache.store(&other, &cvs);
-        assert!(cache.load(&other).is_none());
-        let path = cache.path(&id);
+        assert!(trees.load(3, &other).is_none());
+        trees.store(5, &other, &cvs);
+        assert!(trees.load(5, &other).is_none());
+        // Reopened, the record is still there; a flipped byte or a torn record is ignored.
+        drop(trees);
+        let trees = cache.open_volume("0f3c-uuid").unwrap();
+        assert_eq!(trees.load(3, &id).unwrap(), cvs);
+        let path = dir.path().join("trees/0f3c-uuid.trees");
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[100] ^= 1;
+        let at = 3 * RECORD_BYTES as usize + 100;
+        bytes[at] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(cache.load(&id).is_none());
-        std::fs::write(&path, &bytes[..1000]).unwrap();
-        assert!(cache.load(&id).is_none());
-        cache.remove(&id);
+        assert!(trees.load(3, &id).is_none());
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes[..at]).unwrap();
+        assert!(trees.load(3, &id).is_none());
+        cache.remove_volume("0f3c-uuid");
         assert!(!path.exists());
+        for hostile in ["", "../x", "a/b", "x.trees\0"] {
+            assert!(cache.open_volume(hostile).is_err(), "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn legacy_per_chunk_trees_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("trees");
+        std::fs::create_dir_all(root.join("ab")).unwrap();
+        std::fs::write(root.join("ab/abcd"), b"old").unwrap();
+        let cache = TreeCache::new(root.clone());
+        let trees = cache.open_volume("v-1").unwrap();
+        drop(trees);
+        cache.remove_legacy();
+        assert!(!root.join("ab").exists());
+        assert!(root.join("v-1.trees").exists());
     }
 }

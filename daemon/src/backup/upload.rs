@@ -23,7 +23,7 @@ use crate::backup::manifest::{
 };
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
-use crate::backup::tree::{self, SPAN_BYTES};
+use crate::backup::tree::{self, VolumeTrees, SPAN_BYTES};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::aligned::ALIGN_BYTES;
@@ -98,30 +98,14 @@ pub async fn run(
     .await?;
     let result = upload(svc, job, &entry, &mut record, started).await;
     lock.release().await;
-    let (manifest, parent) = result?;
+    let (manifest, _parent) = result?;
     // The backup is complete once its manifest is stored. Releasing the older base merges its
     // snapshot layer away and syncs the survivor, which can take longer than an incremental
     // backup itself: it runs after the job has answered. The next backup of this volume bases
     // itself on the newest backup snapshot, which this never deletes.
-    let keep: HashSet<ChunkId> = manifest.chunks.iter().flatten().copied().collect();
-    let svc_bg = Arc::clone(svc);
     let entry_bg = Arc::clone(&entry);
     let snapshot = record.snapshot.clone();
-    tokio::spawn(async move {
-        release_older_bases(&entry_bg, &snapshot).await;
-        if let Some(parent) = parent {
-            // The parent's chunk trees served this incremental; the next one starts from
-            // this backup's chunks.
-            let stale: Vec<ChunkId> = parent
-                .chunks
-                .iter()
-                .flatten()
-                .filter(|id| !keep.contains(id))
-                .copied()
-                .collect();
-            let _ = blocking(move || stale.iter().for_each(|id| svc_bg.trees.remove(id))).await;
-        }
-    });
+    tokio::spawn(async move { release_older_bases(&entry_bg, &snapshot).await });
     Ok(Some(json!({ "backup": BackupInfo::of(&manifest) })))
 }
 
@@ -205,6 +189,15 @@ async fn upload(
         "uploading backup"
     );
 
+    let uuid = record.volume_uuid.clone();
+    let trees_svc = Arc::clone(svc);
+    let trees = match blocking(move || trees_svc.trees.open_volume(&uuid)).await? {
+        Ok(trees) => Some(Arc::new(trees)),
+        Err(e) => {
+            tracing::warn!(volume = %record.volume, error = %e, "no chunk tree cache: changed chunks are read whole");
+            None
+        }
+    };
     let counters = Arc::new(Counters::default());
     // Whole chunks hold 4 MiB each in flight: `upload_concurrency` of them at a time. Deltas hold
     // a few blocks and wait mostly on small reads and writes, so many more run beside them.
@@ -219,6 +212,7 @@ async fn upload(
         let bases = Arc::clone(&bases);
         let plans = Arc::clone(&plans);
         let whole_permits = Arc::clone(&whole_permits);
+        let trees = trees.clone();
         let snapshot = record.snapshot.clone();
         let task: ChunkTask = Box::pin(async move {
             let offset = i * CHUNK_SIZE_BYTES;
@@ -232,6 +226,7 @@ async fn upload(
                 bases: &bases,
                 counters: &counters,
                 whole_permits: &whole_permits,
+                trees: trees.as_ref(),
             };
             let delta = match plans.get(&i) {
                 Some(plan) => process_delta(&ctx, offset, plan).await?,
@@ -499,6 +494,8 @@ struct ChunkCtx<'a> {
     bases: &'a KnownBases,
     counters: &'a Counters,
     whole_permits: &'a tokio::sync::Semaphore,
+    /// The volume's cached chunk trees (None: no cache, every changed chunk is read whole).
+    trees: Option<&'a Arc<VolumeTrees>>,
 }
 
 impl ChunkCtx<'_> {
@@ -605,9 +602,10 @@ async fn process_chunk(
     let Some((id, cvs, data)) = hashed else {
         return Ok(None);
     };
-    if let Some(cvs) = cvs {
-        let svc = Arc::clone(ctx.svc);
-        blocking(move || svc.trees.store(&id, &cvs)).await?;
+    if let (Some(cvs), Some(trees)) = (cvs, ctx.trees) {
+        let trees = Arc::clone(trees);
+        let index = offset_bytes / CHUNK_SIZE_BYTES;
+        blocking(move || trees.store(index, &id, &cvs)).await?;
     }
     if ctx.is_known(&id) {
         return Ok(Some(id));
@@ -658,7 +656,10 @@ async fn process_delta(
     ctx.counters
         .read_bytes
         .fetch_add(read_bytes, Ordering::Relaxed);
-    let svc = Arc::clone(ctx.svc);
+    let Some(trees) = ctx.trees.map(Arc::clone) else {
+        return Ok(None);
+    };
+    let index = offset_bytes / CHUNK_SIZE_BYTES;
     let base = plan.base;
     let runs = plan.runs.clone();
     let level = ctx.svc.config.zstd_level;
@@ -667,7 +668,7 @@ async fn process_delta(
     let named = blocking(move || {
         let mut cvs = match base {
             None => tree::zero_cvs().to_vec(),
-            Some(base) => svc.trees.load(&base)?,
+            Some(base) => trees.load(index, &base)?,
         };
         for (first, bytes) in &pieces {
             for (k, span) in bytes.chunks_exact(SPAN_BYTES).enumerate() {
@@ -679,7 +680,7 @@ async fn process_delta(
         if Some(id) == base || id == tree::root(tree::zero_cvs()) {
             return Some((id, None));
         }
-        svc.trees.store(&id, &cvs);
+        trees.store(index, &id, &cvs);
         // The new bytes of the changed blocks, run after run, cut from the spans read.
         let mut patch = Vec::with_capacity(
             runs.iter().map(|r| r.1 as usize).sum::<usize>() * DELTA_BLOCK_BYTES,
