@@ -2,8 +2,8 @@
 //! full and incremental backups restored byte for byte, incrementals that read only the changed
 //! chunks (also after snapshot deletes and a restart), dedup across a clone, delete + GC,
 //! restore after the volume is gone, restores where O_DIRECT is refused, a corrupted chunk
-//! caught by verify and by restore, a `kill -9` in the middle of a backup, fio verifying while
-//! backups run, evsctl and metrics.
+//! caught by verify and by restore, deltas in packs that live while a manifest needs them, a
+//! `kill -9` in the middle of a backup, fio verifying while backups run, evsctl and metrics.
 //! tests/tests/backups_s3.rs runs the store-facing cases against a real S3 server.
 
 use std::fs;
@@ -306,14 +306,27 @@ fn delta_chains_restore_verify_and_keep_their_bases_through_gc() {
     )
     .unwrap();
     let listed: Vec<&Value> = manifest["chunks"].as_array().unwrap().iter().collect();
-    let (delta, base) = manifest["delta_bases"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .find(|(k, _)| listed.contains(&&json!(k)))
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-        .expect("the last backup lists a delta over another chunk");
+    let bases = manifest["delta_bases"].as_object().unwrap();
+    let delta = bases
+        .keys()
+        .find(|k| listed.contains(&&json!(k)))
+        .expect("the last backup lists a delta over another chunk")
+        .clone();
+    // Down the chain (deltas sit in packs) to the whole chunk at its bottom, an object of its
+    // own; the manifest locates every packed chunk it reaches.
+    let mut base = delta.clone();
+    while let Some(below) = bases.get(&base) {
+        base = below.as_str().unwrap().to_owned();
+    }
+    assert_ne!(base, delta);
+    for id in bases.keys() {
+        assert!(
+            manifest["packed"].get(id).is_some(),
+            "delta {id} is located: {manifest:#}"
+        );
+    }
     let base_file = store_dir(&d).join("chunks").join(&base[..2]).join(&base);
+    assert!(base_file.exists(), "the chain's bottom is a whole chunk");
     // Another valid whole chunk under the base's name: every check but the hash passes, and
     // the base is checked through its tree under the delta.
     let (other, _) = chunk_files(&store_dir(&d))
@@ -427,6 +440,112 @@ fn delete_and_gc_free_exactly_the_unreferenced_chunks() {
     assert_eq!(chunk_files(&store_dir(&d)).len(), 0);
     let gc = admin_ok(&d, "backup.gc", json!({}));
     assert_eq!(gc["chunks_deleted"], 0, "{gc:#}");
+}
+
+/// The pack objects in a local store, by name.
+fn pack_names(store: &Path) -> Vec<String> {
+    let Ok(files) = fs::read_dir(store.join("packs")) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = files
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.contains('#'))
+        .collect();
+    names.sort();
+    names
+}
+
+fn manifest_of(d: &Daemon, b: &Value) -> Value {
+    let path = store_dir(d)
+        .join("manifests")
+        .join(format!("{}.json", b["id"].as_str().unwrap()));
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn packs_hold_deltas_and_live_while_a_manifest_needs_them() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 64 * MIB, 31);
+    let b1 = backup_now(&d, "vol0", false);
+    assert_eq!(pack_names(&store_dir(&d)), Vec::<String>::new());
+    let mut rng = Prng::new(32);
+    let mut scatter = |d: &Daemon, model: &mut Vec<u8>| {
+        for chunk in 0..16u64 {
+            let block = rng.next_u64() % (CHUNK / 4096);
+            write_at(d, "vol0", chunk * CHUNK + block * 4096, &rng.bytes(4096), model);
+        }
+    };
+    // One block in each of the 16 chunks: 16 deltas, one pack.
+    scatter(&d, &mut model);
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b2, "delta_chunks"), 16, "{b2:#}");
+    let packs_b2 = pack_names(&store_dir(&d));
+    assert_eq!(packs_b2.len(), 1, "{packs_b2:?}");
+    assert!(packs_b2[0].starts_with(b2["id"].as_str().unwrap()));
+    let m2 = manifest_of(&d, &b2);
+    let packed = m2["packed"].as_object().unwrap();
+    assert_eq!(packed.len(), 16, "{m2:#}");
+    assert!(packed.values().all(|at| at["pack"] == json!(packs_b2[0])));
+    // Every delta is in the pack, not an object of its own.
+    let chunk_count = chunk_files(&store_dir(&d)).len();
+    assert_eq!(chunk_count, u(&b1, "new_chunks") as usize);
+
+    // b3's deltas patch b2's: its manifest locates chunks in both packs.
+    scatter(&d, &mut model);
+    let b3 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b3, "delta_chunks"), 16, "{b3:#}");
+    let packs_all = pack_names(&store_dir(&d));
+    assert_eq!(packs_all.len(), 2, "{packs_all:?}");
+    let m3 = manifest_of(&d, &b3);
+    let used: std::collections::BTreeSet<&str> = m3["packed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|at| at["pack"].as_str().unwrap())
+        .collect();
+    assert_eq!(used.len(), 2, "{m3:#}");
+
+    // Deleting b2 keeps its pack (b3 needs it); restores of b3 still come out right.
+    let r = admin_ok(&d, "backup.delete", json!({"id": b2["id"]}));
+    assert_eq!(r["gc"]["packs_deleted"], 0, "{r:#}");
+    assert_eq!(pack_names(&store_dir(&d)), packs_all);
+    restore_new(&d, "r3", b3["id"].as_str().unwrap());
+    assert_same("b3 after b2 was deleted", &read_export(&d, "r3"), &model);
+
+    // A byte flipped inside a packed delta: verify names a chunk, restore fails loudly.
+    let pack_path = store_dir(&d).join("packs").join(&packs_all[1]);
+    let original = fs::read(&pack_path).unwrap();
+    let mut damaged = original.clone();
+    let last = damaged.len() - 10;
+    damaged[last] ^= 0x40;
+    fs::write(&pack_path, &damaged).unwrap();
+    let v = admin_ok(&d, "backup.verify", json!({"id": b3["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["result"]["bad_chunks"].as_array().unwrap().len(), 1, "{j:#}");
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "broken", "from_backup": b3["id"]}),
+    );
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "failed", "{j:#}");
+    fs::write(&pack_path, &original).unwrap();
+
+    // A full backup finds the packed chunks in the store: nothing new is stored.
+    let b4 = backup_now(&d, "vol0", true);
+    assert_eq!(u(&b4, "new_chunks"), 0, "{b4:#}");
+    restore_new(&d, "r4", b4["id"].as_str().unwrap());
+    assert_same("full backup over packed chunks", &read_export(&d, "r4"), &model);
+
+    // Once no manifest needs a pack, GC removes it; b1 (whole chunks only) stays restorable.
+    for b in [&b3, &b4] {
+        admin_ok(&d, "backup.delete", json!({"id": b["id"]}));
+    }
+    assert_eq!(pack_names(&store_dir(&d)), Vec::<String>::new());
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["packs_deleted"], 0, "{gc:#}");
+    assert_eq!(gc["packs_kept"], 0, "{gc:#}");
 }
 
 /// Whether the manifest of `b` (read from the local store) names chunk `hex`.

@@ -48,7 +48,9 @@ fn s3_full_and_incremental_restore_byte_identical() {
     assert_eq!(u(&b2, "read_bytes"), 16384, "{b2:#}");
     assert_eq!(u(&b2, "new_chunks"), 1, "{b2:#}");
     assert_eq!(u(&b2, "delta_chunks"), 1, "{b2:#}");
-    assert_eq!(s3.object_count(&format!("{PREFIX}/chunks")), 9);
+    // The delta sits in the backup's one pack, not in an object of its own.
+    assert_eq!(s3.object_count(&format!("{PREFIX}/chunks")), 8);
+    assert_eq!(s3.object_count(&format!("{PREFIX}/packs")), 1);
 
     restore_new(&d, "r1", b1["id"].as_str().unwrap());
     restore_new(&d, "r2", b2["id"].as_str().unwrap());
@@ -77,9 +79,9 @@ fn s3_full_backup_over_stored_deltas_keeps_their_bases_through_gc() {
     write_at(&d, "vol0", 2 * CHUNK + 4096, &random(25, 4096), &mut model);
     let b2 = backup_now(&d, "vol0", false);
     assert_eq!(u(&b2, "delta_chunks"), 1, "a delta of b1's chunk 2: {b2:#}");
-    // A full backup reads every chunk and finds each stored, chunk 2 as b2's delta: it learns
-    // the delta's base from the store (a ranged read of the header) and names it, so GC keeps
-    // b1's chunk 2 after b1 and b2 are deleted.
+    // A full backup reads every chunk and finds each stored, chunk 2 as the delta in b2's
+    // pack: b2's manifest (the volume's newest) locates it and names its base, so GC keeps
+    // b2's pack and b1's chunk 2 after b1 and b2 are deleted.
     let b3 = backup_now(&d, "vol0", true);
     assert_eq!(u(&b3, "new_chunks"), 0, "{b3:#}");
     for b in [&b1, &b2] {
@@ -89,8 +91,13 @@ fn s3_full_backup_over_stored_deltas_keeps_their_bases_through_gc() {
     assert_eq!(gc["deferred"], false, "{gc:#}");
     assert_eq!(
         s3.object_count(&format!("{PREFIX}/chunks")),
-        5,
-        "4 whole chunks and the delta"
+        4,
+        "4 whole chunks, one of them the delta's base"
+    );
+    assert_eq!(
+        s3.object_count(&format!("{PREFIX}/packs")),
+        1,
+        "the pack holding the delta"
     );
     restore_new(&d, "r3", b3["id"].as_str().unwrap());
     assert_same("s3 restore of b3 after GC", &read_export(&d, "r3"), &model);

@@ -285,6 +285,9 @@ struct GcReport {
     #[serde(default)]
     reason: Option<String>,
     chunks_deleted: u64,
+    /// Packs of chunks (daemons before packs do not send it).
+    #[serde(default)]
+    packs_deleted: u64,
     bytes_freed: u64,
 }
 
@@ -299,8 +302,13 @@ impl GcReport {
             let reason = self.reason.as_deref().unwrap_or("no reason given");
             format!("deferred: {reason}")
         } else {
+            let packs = match self.packs_deleted {
+                0 => String::new(),
+                1 => " and 1 pack".to_owned(),
+                n => format!(" and {n} packs"),
+            };
             format!(
-                "deleted {} chunks, freed {}",
+                "deleted {} chunks{packs}, freed {}",
                 self.chunks_deleted,
                 iec_size(self.bytes_freed)
             )
@@ -394,6 +402,13 @@ mod tests {
         assert_eq!(
             BackupCommand::Gc.render(&report).unwrap(),
             "deleted 12 chunks, freed 40.0 MiB\n"
+        );
+        let with_packs = json!({"deferred": false, "reason": null, "manifests": 5,
+                                "chunks_kept": 300, "chunks_deleted": 2, "packs_kept": 1,
+                                "packs_deleted": 3, "bytes_freed": 1u64 << 20});
+        assert_eq!(
+            BackupCommand::Gc.render(&with_packs).unwrap(),
+            "deleted 2 chunks and 3 packs, freed 1.0 MiB\n"
         );
         let deferred = json!({"deferred": true, "reason": "backup j-1 is running",
                               "manifests": 0, "chunks_kept": 0, "chunks_deleted": 0,

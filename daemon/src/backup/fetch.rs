@@ -2,6 +2,7 @@
 //! followed down to the whole chunk (or zeroes) it patches, at most `MAX_DELTA_DEPTH` deep,
 //! and every level's plaintext must hash to that level's id before anything is returned.
 
+use std::collections::BTreeMap;
 use std::ops::DerefMut;
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use crate::backup::chunk::{
 };
 use crate::backup::error::BackupError;
 use crate::backup::job::Job;
+use crate::backup::pack::PackedAt;
 use crate::backup::retry::with_retry;
 use crate::backup::tree::{self, SPAN_BYTES};
 use crate::backup::upload::blocking;
@@ -25,12 +27,14 @@ pub struct Fetched<B> {
 }
 
 /// Fills `out` (the chunk's length, from the manifest) with chunk `id`'s plaintext and gives
-/// it back. `pooled`: read a local store's objects into these buffers.
+/// it back. `packed`: the manifest's packed chunks (any other chunk is an object of its own).
+/// `pooled`: read a local store's whole-chunk objects into these buffers.
 pub async fn chunk_into<B>(
     svc: &Backups,
     job: &Job,
     id: ChunkId,
     mut out: B,
+    packed: &BTreeMap<ChunkId, PackedAt>,
     pooled: Option<&Arc<AlignedPool>>,
 ) -> Result<Fetched<B>, BackupError>
 where
@@ -41,9 +45,10 @@ where
     let mut current = id;
     loop {
         let stored = with_retry(job, &svc.shutdown, "downloading a chunk", || async {
-            match pooled {
-                Some(buffers) => svc.store.get_chunk_pooled(&current, buffers).await,
-                None => svc.store.get_chunk(&current).await,
+            match (packed.get(&current), pooled) {
+                (Some(at), _) => svc.store.get_packed(at).await,
+                (None, Some(buffers)) => svc.store.get_chunk_pooled(&current, buffers).await,
+                (None, None) => svc.store.get_chunk(&current).await,
             }
         })
         .await?;

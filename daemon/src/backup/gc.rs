@@ -1,4 +1,5 @@
-//! Garbage collection: mark every chunk some manifest references, sweep the rest. Runs under
+//! Garbage collection: mark every chunk and pack some manifest references, sweep the rest.
+//! A pack goes only when no manifest references any chunk in it. Runs under
 //! the store's exclusive lock, so no backup (on any daemon) is between choosing to reuse a
 //! chunk and writing the manifest that references it.
 
@@ -30,6 +31,8 @@ pub async fn run(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
                 manifests: 0,
                 chunks_kept: 0,
                 chunks_deleted: 0,
+                packs_kept: 0,
+                packs_deleted: 0,
                 bytes_freed: 0,
             });
         }
@@ -42,6 +45,7 @@ pub async fn run(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
 async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
     let ids = svc.store.list_manifest_ids().await?;
     let mut marked = HashSet::new();
+    let mut marked_packs: HashSet<String> = HashSet::new();
     for id in &ids {
         // Any manifest that cannot be read stops the GC: sweeping after a partial mark would
         // delete chunks that backup still needs.
@@ -49,6 +53,7 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
         marked.extend(manifest.chunks.iter().flatten().copied());
         // The chunks deltas patch, down to the whole chunks below them.
         marked.extend(manifest.delta_bases.values().copied());
+        marked_packs.extend(manifest.packed.into_values().map(|at| at.pack));
     }
     let chunks = svc.store.list_chunks().await?;
     let garbage: Vec<_> = chunks
@@ -57,18 +62,39 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
         .map(|(id, size)| (*id, *size))
         .collect();
     let garbage_count = garbage.len();
-    let mut deletions = futures_util::stream::iter(garbage.into_iter().map(|(id, size)| {
+    let packs = svc.store.list_packs().await?;
+    let garbage_packs: Vec<(String, u64)> = packs
+        .iter()
+        .filter(|(name, _)| !marked_packs.contains(*name))
+        .map(|(name, size)| (name.clone(), *size))
+        .collect();
+    let garbage_pack_count = garbage_packs.len();
+    type Deletion = futures_util::future::BoxFuture<'static, Result<(u64, bool), BackupError>>;
+    let mut tasks: Vec<Deletion> = Vec::with_capacity(garbage_count + garbage_pack_count);
+    for (id, size) in garbage {
         let svc = Arc::clone(svc);
-        let task: futures_util::future::BoxFuture<'static, Result<u64, BackupError>> =
-            Box::pin(async move { svc.store.delete_chunk(&id).await.map(|()| size) });
-        task
-    }))
-    .buffer_unordered(DELETE_CONCURRENCY);
+        tasks.push(Box::pin(async move {
+            svc.store.delete_chunk(&id).await.map(|()| (size, true))
+        }));
+    }
+    for (name, size) in garbage_packs {
+        let svc = Arc::clone(svc);
+        tasks.push(Box::pin(async move {
+            svc.store.delete_pack(&name).await.map(|()| (size, false))
+        }));
+    }
+    let mut deletions = futures_util::stream::iter(tasks).buffer_unordered(DELETE_CONCURRENCY);
     let mut bytes_freed = 0;
     let mut chunks_deleted = 0;
+    let mut packs_deleted = 0;
     while let Some(result) = deletions.next().await {
-        bytes_freed += result?;
-        chunks_deleted += 1;
+        let (size, chunk) = result?;
+        bytes_freed += size;
+        if chunk {
+            chunks_deleted += 1;
+        } else {
+            packs_deleted += 1;
+        }
     }
     let staging_removed = svc.store.remove_stale_staging(STALE_STAGING_AGE).await;
     let report = GcReport {
@@ -77,12 +103,16 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
         manifests: ids.len() as u64,
         chunks_kept: (chunks.len() - garbage_count) as u64,
         chunks_deleted,
+        packs_kept: (packs.len() - garbage_pack_count) as u64,
+        packs_deleted,
         bytes_freed,
     };
     tracing::info!(
         manifests = report.manifests,
         chunks_kept = report.chunks_kept,
         chunks_deleted,
+        packs_kept = report.packs_kept,
+        packs_deleted,
         bytes_freed,
         staging_removed,
         "garbage collection done"

@@ -9,9 +9,10 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 use super::chunk::{ChunkId, CHUNK_SIZE_BYTES};
+use super::pack::PackedAt;
 
-/// The version this evsd writes. Version 1 (no deltas) is read too.
-pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+/// The version this evsd writes. Versions 1 (no deltas) and 2 (no packs) are read too.
+pub const MANIFEST_FORMAT_VERSION: u32 = 3;
 const OLDEST_READABLE_FORMAT_VERSION: u32 = 1;
 
 const BACKUP_ID_MAX_LEN: usize = 80;
@@ -44,6 +45,11 @@ pub struct BackupManifest {
     /// in the objects themselves. Version 2.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub delta_bases: BTreeMap<ChunkId, ChunkId>,
+    /// Where each chunk stored in a pack lies, for every packed chunk among `chunks` or in
+    /// `delta_bases`; any other chunk is an object of its own. GC keeps these packs alive.
+    /// Version 3.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packed: BTreeMap<ChunkId, PackedAt>,
     pub stats: BackupStats,
 }
 
@@ -61,6 +67,9 @@ pub struct BackupStats {
     /// Changed chunks uploaded as deltas of the parent's chunk (version 2).
     #[serde(default)]
     pub delta_chunks: u64,
+    /// Packs it stored, which hold its deltas (version 3).
+    #[serde(default)]
+    pub packs: u64,
 }
 
 /// Why a manifest (or a backup id) was rejected.
@@ -94,6 +103,12 @@ pub enum ManifestError {
     },
     #[error("manifest of backup {id:?}: invalid parent backup id {parent:?}")]
     InvalidParentId { id: String, parent: String },
+    #[error("manifest of backup {id:?}: chunk {chunk}: {reason}")]
+    BadPackedChunk {
+        id: String,
+        chunk: ChunkId,
+        reason: String,
+    },
 }
 
 /// BLAKE3 over the chunk list: per index one 0x00 byte for a zero chunk, or 0x01 and the
@@ -276,6 +291,13 @@ impl BackupManifest {
                 actual: self.chunks.len() as u64,
             });
         }
+        for (chunk, at) in &self.packed {
+            at.check().map_err(|reason| ManifestError::BadPackedChunk {
+                id: id(),
+                chunk: *chunk,
+                reason,
+            })?;
+        }
         let digest = chunk_list_digest(&self.chunks);
         if !self.chunk_list_digest.eq_ignore_ascii_case(&digest) {
             return Err(ManifestError::DigestMismatch {
@@ -330,6 +352,19 @@ mod tests {
                 .take(1)
                 .map(|id| (*id, ChunkId::from_bytes([9; 32])))
                 .collect(),
+            packed: chunks
+                .iter()
+                .flatten()
+                .take(1)
+                .map(|id| {
+                    let at = PackedAt {
+                        pack: format!("{ID}-0000"),
+                        offset_bytes: 4096,
+                        len_bytes: 1234,
+                    };
+                    (*id, at)
+                })
+                .collect(),
             chunks,
             parent_backup_id: Some("b-20261201T000000Z-00000000".to_owned()),
             source_snapshot: format!("vbs-{ID}"),
@@ -347,6 +382,7 @@ mod tests {
                 read_bytes: 8192,
                 duration_ms: 17,
                 delta_chunks: 1,
+                packs: 1,
             },
         }
     }
@@ -357,7 +393,9 @@ mod tests {
             v["format_version"] = 1.into();
             let map = v.as_object_mut().unwrap();
             map.remove("delta_bases");
+            map.remove("packed");
             map["stats"].as_object_mut().unwrap().remove("delta_chunks");
+            map["stats"].as_object_mut().unwrap().remove("packs");
         });
         let m = BackupManifest::from_json_bytes(ID, &bytes).unwrap();
         assert_eq!(m.format_version, 1);
@@ -368,6 +406,38 @@ mod tests {
         assert_eq!(s.delta_bases.len(), 1);
         let back = BackupManifest::from_json_bytes(ID, &s.to_json_bytes()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn version_2_manifests_without_packs_still_read_and_bad_locations_are_refused() {
+        let bytes = json_with(|v| {
+            v["format_version"] = 2.into();
+            let map = v.as_object_mut().unwrap();
+            map.remove("packed");
+            map["stats"].as_object_mut().unwrap().remove("packs");
+        });
+        let m = BackupManifest::from_json_bytes(ID, &bytes).unwrap();
+        assert_eq!(m.format_version, 2);
+        assert!(m.packed.is_empty());
+        assert_eq!(m.delta_bases.len(), 1);
+        let s = sample();
+        assert_eq!(s.packed.len(), 1);
+        for (field, value) in [
+            ("pack", serde_json::json!("../../escape")),
+            ("len_bytes", serde_json::json!(3)),
+            ("offset_bytes", serde_json::json!(u64::MAX)),
+        ] {
+            let bytes = json_with(|v| {
+                let packed = v["packed"].as_object_mut().unwrap();
+                let at = packed.values_mut().next().unwrap();
+                at[field] = value.clone();
+            });
+            let err = BackupManifest::from_json_bytes(ID, &bytes).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::BadPackedChunk { .. }),
+                "{field}: {err}"
+            );
+        }
     }
 
     fn json_with(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
@@ -394,19 +464,19 @@ mod tests {
     #[test]
     fn newer_format_version_is_reported_as_such() {
         let bytes = json_with(|v| {
-            v["format_version"] = 3.into();
+            v["format_version"] = 4.into();
             v["some_future_field"] = true.into();
         });
         let err = BackupManifest::from_json_bytes(ID, &bytes).unwrap_err();
         assert!(
             matches!(
                 err,
-                ManifestError::UnsupportedFormatVersion { version: 3, .. }
+                ManifestError::UnsupportedFormatVersion { version: 4, .. }
             ),
             "{err}"
         );
         assert!(
-            err.to_string().contains("unsupported format version 3"),
+            err.to_string().contains("unsupported format version 4"),
             "{err}"
         );
     }

@@ -15,6 +15,7 @@ pub mod local_read;
 pub mod local_write;
 pub mod locks;
 pub mod manifest;
+pub mod pack;
 pub mod policy_run;
 pub mod records;
 pub mod restore;
@@ -92,6 +93,8 @@ pub struct GcReport {
     pub manifests: u64,
     pub chunks_kept: u64,
     pub chunks_deleted: u64,
+    pub packs_kept: u64,
+    pub packs_deleted: u64,
     pub bytes_freed: u64,
 }
 

@@ -82,19 +82,26 @@ pub async fn run(
                         let buf = buffers.take(len as usize);
                         // The manifest's length is the buffer's: a chunk of another length fails
                         // to decode.
-                        let fetched = fetch::chunk_into(&svc, &job, id, buf, Some(&stored_buffers))
-                            .await
-                            .map_err(|e| match e {
-                                BackupError::Store {
-                                    source: object_store::Error::NotFound { .. },
-                                    ..
-                                } => BackupError::ChunkMissing {
-                                    backup_id: manifest.backup_id.clone(),
-                                    index: i,
-                                    chunk_id: id.to_string(),
-                                },
-                                other => other,
-                            })?;
+                        let fetched = fetch::chunk_into(
+                            &svc,
+                            &job,
+                            id,
+                            buf,
+                            &manifest.packed,
+                            Some(&stored_buffers),
+                        )
+                        .await
+                        .map_err(|e| match e {
+                            BackupError::Store {
+                                source: object_store::Error::NotFound { .. },
+                                ..
+                            } => BackupError::ChunkMissing {
+                                backup_id: manifest.backup_id.clone(),
+                                index: i,
+                                chunk_id: id.to_string(),
+                            },
+                            other => other,
+                        })?;
                         let plain = buffers.freeze(fetched.plaintext);
                         match fetched.data_runs {
                             None => volume.write_bulk(offset, plain).await?,

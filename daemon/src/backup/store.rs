@@ -20,6 +20,7 @@ use crate::backup::error::BackupError;
 use crate::backup::local_read;
 use crate::backup::local_write;
 use crate::backup::manifest::{self, BackupManifest};
+use crate::backup::pack::{self, PackedAt};
 use crate::storage::aligned::AlignedPool;
 
 /// S3 settings from the config file; each overrides the matching AWS_* environment variable.
@@ -185,30 +186,29 @@ impl BackupStore {
         }
     }
 
-    pub async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), BackupError> {
-        let key = chunk::chunk_key(id);
-        let len = stored.len() as u64;
-        self.objects
-            .put(&self.path(&key), PutPayload::from_bytes(stored))
-            .await
-            .map_err(|e| BackupError::store("put", key, e))?;
-        self.note_unsynced(len);
-        Ok(())
-    }
-
-    /// As [`Self::put_chunk`] for an object in an aligned buffer: `padded` is the object's
-    /// `len` bytes followed by padding to whole 4 KiB blocks. A local store writes it with
-    /// O_DIRECT (see `local_write`); other stores get the `len` bytes.
+    /// Stores a chunk object from an aligned buffer: `padded` is the object's `len` bytes
+    /// followed by padding to whole 4 KiB blocks. A local store writes it with O_DIRECT (see
+    /// `local_write`); other stores get the `len` bytes.
     pub async fn put_chunk_padded(
         &self,
         id: &ChunkId,
         padded: Bytes,
         len: usize,
     ) -> Result<(), BackupError> {
+        self.put_padded(chunk::chunk_key(id), padded, len).await
+    }
+
+    async fn put_padded(&self, key: String, padded: Bytes, len: usize) -> Result<(), BackupError> {
         let Some(root) = &self.local_root else {
-            return self.put_chunk(id, padded.slice(..len)).await;
+            self.objects
+                .put(
+                    &self.path(&key),
+                    PutPayload::from_bytes(padded.slice(..len)),
+                )
+                .await
+                .map_err(|e| BackupError::store("put", key, e))?;
+            return Ok(());
         };
-        let key = chunk::chunk_key(id);
         // A file:// store has no prefix: the key is the path below its root.
         let path = root.join(&key);
         let written =
@@ -284,6 +284,37 @@ impl BackupStore {
     pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), BackupError> {
         let key = chunk::chunk_key(id);
         self.delete(&key).await
+    }
+
+    /// Stores pack `name` (see `pack`): the first `len` bytes of `padded`, which is aligned
+    /// and padded for a local store's O_DIRECT write (see `local_write`).
+    pub async fn put_pack(&self, name: &str, padded: Bytes, len: usize) -> Result<(), BackupError> {
+        let key = pack::pack_key(name);
+        self.put_padded(key, padded, len).await
+    }
+
+    /// The packed object at `at`: a ranged read of its pack.
+    pub async fn get_packed(&self, at: &PackedAt) -> Result<Bytes, BackupError> {
+        let key = pack::pack_key(&at.pack);
+        let range = at.offset_bytes..at.offset_bytes + at.len_bytes;
+        self.objects
+            .get_range(&self.path(&key), range)
+            .await
+            .map_err(|e| BackupError::store("get", key, e))
+    }
+
+    pub async fn delete_pack(&self, name: &str) -> Result<(), BackupError> {
+        self.delete(&pack::pack_key(name)).await
+    }
+
+    /// Every pack in the store with its size.
+    pub async fn list_packs(&self) -> Result<HashMap<String, u64>, BackupError> {
+        Ok(self
+            .list("packs")
+            .await?
+            .into_iter()
+            .filter_map(|l| pack::parse_pack_key(&l.key).map(|name| (name, l.size_bytes)))
+            .collect())
     }
 
     /// Every chunk in the store with its stored size: one LIST per thousand chunks instead of
@@ -464,7 +495,11 @@ impl BackupStore {
         };
         tokio::task::spawn_blocking(move || {
             let mut removed = 0;
-            let mut dirs = vec![root.join("chunks"), root.join("manifests")];
+            let mut dirs = vec![
+                root.join("chunks"),
+                root.join("manifests"),
+                root.join("packs"),
+            ];
             while let Some(dir) = dirs.pop() {
                 let Ok(entries) = std::fs::read_dir(&dir) else {
                     continue;

@@ -21,6 +21,7 @@ use crate::backup::locks;
 use crate::backup::manifest::{
     chunk_list_digest, BackupManifest, BackupStats, MANIFEST_FORMAT_VERSION,
 };
+use crate::backup::pack::{FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
 use crate::backup::tree::{self, VolumeTrees, SPAN_BYTES};
@@ -55,6 +56,7 @@ struct Counters {
     new_chunks: AtomicU64,
     new_stored_bytes: AtomicU64,
     delta_chunks: AtomicU64,
+    packs: AtomicU64,
 }
 
 /// What the job knows of stored chunks: for each, the chunk it patches (None: a whole chunk or
@@ -142,6 +144,20 @@ async fn upload(
         find_base(svc, job, entry, record, size_bytes).await?
     };
     let bases: Arc<KnownBases> = Arc::new(Mutex::new(HashMap::new()));
+    // The chunks earlier backups keep in packs are in the store too, though no listing shows
+    // them: their manifests say where. An incremental learns them from its parent, a full
+    // backup from the newest backups of the volume.
+    let previous: Vec<BackupManifest> = match &parent {
+        Some(parent) => vec![parent.clone()],
+        None => newest_backups_of(svc, job, record).await?,
+    };
+    for previous in &previous {
+        known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(previous.packed.keys().copied());
+        seed_bases(&mut bases.lock().unwrap_or_else(|p| p.into_inner()), previous);
+    }
     let mut plans: HashMap<u64, DeltaPlan> = HashMap::new();
     if let (Some(parent), Some(changed)) = (&parent, changed) {
         for (i, slot) in chunks.iter_mut().enumerate() {
@@ -149,8 +165,8 @@ async fn upload(
                 *slot = Some(parent.chunks[i]);
             }
         }
-        let mut known_bases = bases.lock().unwrap_or_else(|p| p.into_inner());
-        seed_bases(&mut known_bases, parent);
+        // Seeded from the parent above.
+        let known_bases = bases.lock().unwrap_or_else(|p| p.into_inner());
         for (i, runs) in changed {
             let base = parent.chunks[i as usize];
             let blocks: u32 = runs.iter().map(|r| r.1).sum();
@@ -199,6 +215,8 @@ async fn upload(
         }
     };
     let counters = Arc::new(Counters::default());
+    let pack = Arc::new(PackWriter::new(&record.backup_id));
+    let new_packed: Arc<Mutex<BTreeMap<ChunkId, PackedAt>>> = Arc::default();
     // Whole chunks hold 4 MiB each in flight: `upload_concurrency` of them at a time. Deltas hold
     // a few blocks and wait mostly on small reads and writes, so many more run beside them.
     let concurrency = svc.config.upload_concurrency.max(1);
@@ -213,6 +231,8 @@ async fn upload(
         let plans = Arc::clone(&plans);
         let whole_permits = Arc::clone(&whole_permits);
         let trees = trees.clone();
+        let pack = Arc::clone(&pack);
+        let new_packed = Arc::clone(&new_packed);
         let snapshot = record.snapshot.clone();
         let task: ChunkTask = Box::pin(async move {
             let offset = i * CHUNK_SIZE_BYTES;
@@ -227,6 +247,8 @@ async fn upload(
                 counters: &counters,
                 whole_permits: &whole_permits,
                 trees: trees.as_ref(),
+                pack: &pack,
+                packed: &new_packed,
             };
             let delta = match plans.get(&i) {
                 Some(plan) => process_delta(&ctx, offset, plan).await?,
@@ -257,11 +279,29 @@ async fn upload(
         }
     }
     drop(results);
+    if let Some(last) = pack.finish() {
+        store_pack(svc, job, &counters, &new_packed, last).await?;
+    }
     let chunks_done_ms = started.elapsed().as_millis() as u64;
 
     let chunks: Vec<Option<ChunkId>> = chunks.into_iter().map(|c| c.flatten()).collect();
     let delta_bases = resolve_delta_bases(svc, job, &bases, &chunks).await?;
     let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
+    // Where the packed chunks this manifest reaches lie: in this backup's packs or, for
+    // chunks it shares with the earlier backup, where that one says.
+    let mut locations = new_packed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for previous in &previous {
+        for (id, at) in &previous.packed {
+            locations.entry(*id).or_insert_with(|| at.clone());
+        }
+    }
+    let packed: BTreeMap<ChunkId, PackedAt> = chunks
+        .iter()
+        .flatten()
+        .chain(delta_bases.keys())
+        .chain(delta_bases.values())
+        .filter_map(|id| locations.get(id).map(|at| (*id, at.clone())))
+        .collect();
     let manifest = BackupManifest {
         format_version: MANIFEST_FORMAT_VERSION,
         backup_id: record.backup_id.clone(),
@@ -271,6 +311,7 @@ async fn upload(
         chunk_size_bytes: CHUNK_SIZE_BYTES,
         chunk_list_digest: chunk_list_digest(&chunks),
         delta_bases,
+        packed,
         parent_backup_id: parent.as_ref().map(|p| p.backup_id.clone()),
         source_snapshot: record.snapshot.clone(),
         source_snapshot_created_unix_secs: snapshot.created_unix_secs,
@@ -287,6 +328,7 @@ async fn upload(
             read_bytes: counters.read_bytes.load(Ordering::Relaxed),
             duration_ms: started.elapsed().as_millis() as u64,
             delta_chunks: counters.delta_chunks.load(Ordering::Relaxed),
+            packs: counters.packs.load(Ordering::Relaxed),
         },
         chunks,
     };
@@ -305,6 +347,7 @@ async fn upload(
         new_stored_bytes = manifest.stats.new_stored_bytes,
         read_bytes = manifest.stats.read_bytes,
         delta_chunks = manifest.stats.delta_chunks,
+        packs = manifest.stats.packs,
         duration_ms = manifest.stats.duration_ms,
         prepared_ms,
         chunks_done_ms,
@@ -354,6 +397,38 @@ async fn find_base(
         Err(e) => return Err(e.into()),
     };
     Ok((Some(parent), Some(changed_per_chunk(&runs))))
+}
+
+/// The manifests of the newest backups of the volume (by uuid) other than this one: all those
+/// created in the newest second, since times within a second do not order them.
+async fn newest_backups_of(
+    svc: &Arc<Backups>,
+    job: &Job,
+    record: &BackupRecord,
+) -> Result<Vec<BackupManifest>, BackupError> {
+    let backups = with_retry(job, &svc.shutdown, "listing backups", || svc.catalog.list()).await?;
+    let of_volume = || {
+        backups
+            .iter()
+            .filter(|b| b.volume_uuid == record.volume_uuid && b.id != record.backup_id)
+    };
+    let Some(newest_secs) = of_volume().map(|b| b.created_unix_secs).max() else {
+        return Ok(Vec::new());
+    };
+    let mut manifests = Vec::new();
+    for newest in of_volume().filter(|b| b.created_unix_secs == newest_secs) {
+        match with_retry(job, &svc.shutdown, "reading the newest manifests", || {
+            svc.store.get_manifest(&newest.id)
+        })
+        .await
+        {
+            Ok(manifest) => manifests.push(manifest),
+            // Deleted meanwhile: its chunks are nothing to count on.
+            Err(BackupError::BackupNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(manifests)
 }
 
 /// Changed blocks per chunk index, as (first, count) runs relative to the chunk.
@@ -467,23 +542,6 @@ async fn resolve_delta_bases(
     )))
 }
 
-/// An encoded chunk object on its way to the store.
-#[derive(Clone)]
-enum Stored {
-    Plain(Bytes),
-    /// The object's first `.1` bytes, padded to whole 4 KiB blocks in an aligned buffer.
-    Padded(Bytes, usize),
-}
-
-impl Stored {
-    fn len(&self) -> usize {
-        match self {
-            Stored::Plain(bytes) => bytes.len(),
-            Stored::Padded(_, len) => *len,
-        }
-    }
-}
-
 /// What every chunk task works with.
 struct ChunkCtx<'a> {
     svc: &'a Arc<Backups>,
@@ -496,6 +554,9 @@ struct ChunkCtx<'a> {
     whole_permits: &'a tokio::sync::Semaphore,
     /// The volume's cached chunk trees (None: no cache, every changed chunk is read whole).
     trees: Option<&'a Arc<VolumeTrees>>,
+    /// The pack deltas go into, and where the packed ones lie once their pack is stored.
+    pack: &'a PackWriter,
+    packed: &'a Mutex<BTreeMap<ChunkId, PackedAt>>,
 }
 
 impl ChunkCtx<'_> {
@@ -517,26 +578,45 @@ impl ChunkCtx<'_> {
             .contains(id)
     }
 
-    /// Stores an encoded chunk under `id`, patching `base` (or a whole chunk: None).
-    async fn put(
+    /// Puts a delta of `base` (None: of zeroes) named `id` into the backup's pack, and stores
+    /// the pack when it is full.
+    async fn put_packed(
         &self,
         id: ChunkId,
-        stored: Stored,
+        stored: Vec<u8>,
         base: Option<ChunkId>,
     ) -> Result<(), BackupError> {
+        let full = self.pack.append(id, &stored);
+        self.bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, base);
+        // Known from now on, so this job does not pack it twice; a restarted job trusts only
+        // what it lists in the store, and packed chunks are not listed.
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        let counters = self.counters;
+        counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+        counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
+        counters
+            .new_stored_bytes
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+        match full {
+            Some(full) => store_pack(self.svc, self.job, counters, self.packed, full).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stores a whole chunk's object under `id`: its first `len` bytes of `padded` (padded to
+    /// whole 4 KiB blocks in an aligned buffer).
+    async fn put_whole(&self, id: ChunkId, padded: Bytes, len: usize) -> Result<(), BackupError> {
         let svc = self.svc;
-        let len = stored.len();
+        let base: Option<ChunkId> = None;
         svc.throttle.take(len as u64).await;
         with_retry(self.job, &svc.shutdown, "uploading a chunk", || {
-            let stored = stored.clone();
-            async move {
-                match stored {
-                    Stored::Plain(bytes) => svc.store.put_chunk(&id, bytes).await,
-                    Stored::Padded(padded, len) => {
-                        svc.store.put_chunk_padded(&id, padded, len).await
-                    }
-                }
-            }
+            svc.store.put_chunk_padded(&id, padded.clone(), len)
         })
         .await?;
         self.bases
@@ -619,7 +699,7 @@ async fn process_chunk(
         (pool.freeze(buf), len)
     })
     .await?;
-    ctx.put(id, Stored::Padded(padded, len), None).await?;
+    ctx.put_whole(id, padded, len).await?;
     Ok(Some(id))
 }
 
@@ -720,10 +800,33 @@ async fn process_delta(
     if ctx.is_known(&id) {
         return Ok(Some(Some(id)));
     }
-    ctx.put(id, Stored::Plain(Bytes::from(stored)), plan.base)
-        .await?;
-    ctx.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
+    ctx.put_packed(id, stored, plan.base).await?;
     Ok(Some(Some(id)))
+}
+
+/// Stores a full pack, then records where its chunks lie.
+async fn store_pack(
+    svc: &Backups,
+    job: &Job,
+    counters: &Counters,
+    packed: &Mutex<BTreeMap<ChunkId, PackedAt>>,
+    full: FullPack,
+) -> Result<(), BackupError> {
+    let len = full.len as u64;
+    svc.throttle.take(len).await;
+    with_retry(job, &svc.shutdown, "uploading a pack", || {
+        svc.store
+            .put_pack(&full.name, full.padded.clone(), full.len)
+    })
+    .await?;
+    packed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(full.entries);
+    counters.packs.fetch_add(1, Ordering::Relaxed);
+    job.add_uploaded(len);
+    svc.metrics.backup().uploaded_bytes.inc_by(len);
+    Ok(())
 }
 
 /// CPU work (hashing, compression) off the runtime's threads.

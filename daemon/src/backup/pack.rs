@@ -1,0 +1,242 @@
+//! Packs: the small objects of one backup (its deltas) stored together in a few store objects.
+//!
+//! 1% of scattered 4 KiB writes change every 4 MiB chunk a little, so an incremental stores a
+//! delta per chunk: thousands of objects of a few KiB, where creating each object (an inode on
+//! a local store, a PUT on S3) cost more than its bytes. A pack holds them one after another,
+//! each byte for byte the object it would be on its own (header, checksum, payload), and the
+//! manifest records where each one lies ([`PackedAt`]). Whole chunks stay objects of their own,
+//! named by their id, so dedup across backups and volumes still finds them by listing.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backup::chunk::{ChunkId, HEADER_LEN_BYTES};
+use crate::storage::aligned::{AlignedBuf, ALIGN_BYTES};
+
+/// A pack is written once it holds this much; bounds the memory a backup keeps unwritten.
+pub const PACK_TARGET_BYTES: usize = 64 << 20;
+/// The largest object a pack entry can be: a delta of every block of a chunk is smaller.
+pub const MAX_PACKED_OBJECT_BYTES: u64 = 8 << 20;
+const PACK_NAME_MAX_LEN: usize = 100;
+
+/// Where a packed object lies: `len_bytes` bytes at `offset_bytes` of object `packs/<pack>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackedAt {
+    pub pack: String,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+impl PackedAt {
+    /// Why this location cannot be right, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_pack_name(&self.pack) {
+            return Err(format!("invalid pack name {:?}", self.pack));
+        }
+        if self.len_bytes < HEADER_LEN_BYTES as u64 || self.len_bytes > MAX_PACKED_OBJECT_BYTES {
+            return Err(format!(
+                "packed object of {} bytes in pack {} (expected {HEADER_LEN_BYTES} to {MAX_PACKED_OBJECT_BYTES})",
+                self.len_bytes, self.pack
+            ));
+        }
+        if self.offset_bytes.checked_add(self.len_bytes).is_none() {
+            return Err(format!(
+                "packed object at offset {} overflows",
+                self.offset_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Pack names become object keys: [A-Za-z0-9-] only, like backup ids.
+pub fn valid_pack_name(name: &str) -> bool {
+    (1..=PACK_NAME_MAX_LEN).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+pub fn pack_key(name: &str) -> String {
+    format!("packs/{name}")
+}
+
+/// The pack name of a listed object key (with any store prefix in front), or `None` for
+/// anything [`pack_key`] does not produce, so GC never touches foreign objects.
+pub fn parse_pack_key(key: &str) -> Option<String> {
+    let (dir, name) = key.rsplit_once('/')?;
+    let dir_ok = dir == "packs" || dir.ends_with("/packs");
+    (dir_ok && valid_pack_name(name)).then(|| name.to_owned())
+}
+
+/// A pack ready to be stored.
+pub struct FullPack {
+    pub name: String,
+    /// The pack's `len` bytes, then zeroes to a whole number of 4 KiB blocks, 4 KiB-aligned
+    /// in memory: a local store writes it with O_DIRECT.
+    pub padded: Bytes,
+    pub len: usize,
+    /// The objects in it and where.
+    pub entries: Vec<(ChunkId, PackedAt)>,
+}
+
+/// The pack a backup is filling. Packs are named `<backup id>-<sequence>`: a backup resumed
+/// after a crash writes the same names again, over packs no manifest references.
+pub struct PackWriter {
+    backup_id: String,
+    filling: Mutex<Filling>,
+}
+
+#[derive(Default)]
+struct Filling {
+    sequence: u32,
+    /// Allocated at the first append: zeroed, so the padding behind the last object is too.
+    buffer: Option<AlignedBuf>,
+    used: usize,
+    entries: Vec<(ChunkId, u64, u64)>,
+}
+
+impl PackWriter {
+    pub fn new(backup_id: &str) -> PackWriter {
+        PackWriter {
+            backup_id: backup_id.to_owned(),
+            filling: Mutex::new(Filling::default()),
+        }
+    }
+
+    /// Adds object `id`; gives back the pack to store once it has reached the target size.
+    /// Panics on an object over [`MAX_PACKED_OBJECT_BYTES`], which no reader would accept.
+    pub fn append(&self, id: ChunkId, object: &[u8]) -> Option<FullPack> {
+        assert!(
+            object.len() as u64 <= MAX_PACKED_OBJECT_BYTES,
+            "a packed object of {} bytes",
+            object.len()
+        );
+        let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        let at = filling.used;
+        let buffer = filling.buffer.get_or_insert_with(|| {
+            // Below the target before every append, so the largest object always fits.
+            AlignedBuf::zeroed(PACK_TARGET_BYTES + MAX_PACKED_OBJECT_BYTES as usize)
+        });
+        buffer[at..at + object.len()].copy_from_slice(object);
+        filling.used += object.len();
+        filling.entries.push((id, at as u64, object.len() as u64));
+        (filling.used >= PACK_TARGET_BYTES).then(|| self.take(&mut filling))
+    }
+
+    /// The last, partly filled pack, if anything was appended since the last full one.
+    pub fn finish(&self) -> Option<FullPack> {
+        let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        (!filling.entries.is_empty()).then(|| self.take(&mut filling))
+    }
+
+    fn take(&self, filling: &mut Filling) -> FullPack {
+        let name = format!("{}-{:04}", self.backup_id, filling.sequence);
+        filling.sequence += 1;
+        let len = std::mem::take(&mut filling.used);
+        let mut buffer = filling
+            .buffer
+            .take()
+            .expect("a pack with entries has a buffer");
+        buffer.set_len(len.next_multiple_of(ALIGN_BYTES));
+        let entries = std::mem::take(&mut filling.entries)
+            .into_iter()
+            .map(|(id, offset_bytes, len_bytes)| {
+                (
+                    id,
+                    PackedAt {
+                        pack: name.clone(),
+                        offset_bytes,
+                        len_bytes,
+                    },
+                )
+            })
+            .collect();
+        FullPack {
+            name,
+            padded: Bytes::from_owner(buffer),
+            len,
+            entries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_fill_to_the_target_and_say_where_each_object_is() {
+        let writer = PackWriter::new("b-1");
+        let object = vec![7u8; 3 << 20];
+        let mut full = Vec::new();
+        for i in 0..45u8 {
+            if let Some(pack) = writer.append(ChunkId::of(&[i]), &object) {
+                full.push(pack);
+            }
+        }
+        full.extend(writer.finish());
+        assert!(writer.finish().is_none());
+        // 22 objects of 3 MiB pass 64 MiB; 45 objects make two full packs and one of one.
+        let sizes: Vec<usize> = full.iter().map(|p| p.entries.len()).collect();
+        assert_eq!(sizes, [22, 22, 1]);
+        let names: Vec<&str> = full.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["b-1-0000", "b-1-0001", "b-1-0002"]);
+        for pack in &full {
+            for (k, (_, at)) in pack.entries.iter().enumerate() {
+                assert_eq!(at.pack, pack.name);
+                assert_eq!(at.offset_bytes, k as u64 * (3 << 20));
+                assert_eq!(at.len_bytes, 3 << 20);
+                at.check().unwrap();
+            }
+            assert_eq!(pack.len, pack.entries.len() * (3 << 20));
+            assert_eq!(pack.padded.len(), pack.len.next_multiple_of(ALIGN_BYTES));
+            assert_eq!(pack.padded.as_ptr() as usize % ALIGN_BYTES, 0);
+            assert!(pack.padded[..pack.len].iter().all(|&b| b == 7));
+        }
+        assert_eq!(full[1].entries[0].0, ChunkId::of(&[22]));
+    }
+
+    #[test]
+    fn keys_and_locations_are_checked() {
+        assert_eq!(pack_key("b-1-0000"), "packs/b-1-0000");
+        assert_eq!(
+            parse_pack_key("packs/b-1-0000").as_deref(),
+            Some("b-1-0000")
+        );
+        assert_eq!(
+            parse_pack_key("pre/fix/packs/b-1-0000").as_deref(),
+            Some("b-1-0000")
+        );
+        for foreign in ["packs/../x", "other/b-1", "packs/", "packs/a.b", "xpacks/b"] {
+            assert_eq!(parse_pack_key(foreign), None, "{foreign}");
+        }
+        let good = PackedAt {
+            pack: "b-1-0000".into(),
+            offset_bytes: 0,
+            len_bytes: 100,
+        };
+        good.check().unwrap();
+        for bad in [
+            PackedAt {
+                pack: "../x".into(),
+                ..good.clone()
+            },
+            PackedAt {
+                len_bytes: 3,
+                ..good.clone()
+            },
+            PackedAt {
+                len_bytes: MAX_PACKED_OBJECT_BYTES + 1,
+                ..good.clone()
+            },
+            PackedAt {
+                offset_bytes: u64::MAX,
+                ..good.clone()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+}
