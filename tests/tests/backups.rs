@@ -473,7 +473,13 @@ fn packs_hold_deltas_and_live_while_a_manifest_needs_them() {
     let mut scatter = |d: &Daemon, model: &mut Vec<u8>| {
         for chunk in 0..16u64 {
             let block = rng.next_u64() % (CHUNK / 4096);
-            write_at(d, "vol0", chunk * CHUNK + block * 4096, &rng.bytes(4096), model);
+            write_at(
+                d,
+                "vol0",
+                chunk * CHUNK + block * 4096,
+                &rng.bytes(4096),
+                model,
+            );
         }
     };
     // One block in each of the 16 chunks: 16 deltas, one pack.
@@ -522,7 +528,11 @@ fn packs_hold_deltas_and_live_while_a_manifest_needs_them() {
     fs::write(&pack_path, &damaged).unwrap();
     let v = admin_ok(&d, "backup.verify", json!({"id": b3["id"]}));
     let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
-    assert_eq!(j["result"]["bad_chunks"].as_array().unwrap().len(), 1, "{j:#}");
+    assert_eq!(
+        j["result"]["bad_chunks"].as_array().unwrap().len(),
+        1,
+        "{j:#}"
+    );
     let v = admin_ok(
         &d,
         "volume.create",
@@ -536,7 +546,11 @@ fn packs_hold_deltas_and_live_while_a_manifest_needs_them() {
     let b4 = backup_now(&d, "vol0", true);
     assert_eq!(u(&b4, "new_chunks"), 0, "{b4:#}");
     restore_new(&d, "r4", b4["id"].as_str().unwrap());
-    assert_same("full backup over packed chunks", &read_export(&d, "r4"), &model);
+    assert_same(
+        "full backup over packed chunks",
+        &read_export(&d, "r4"),
+        &model,
+    );
 
     // Once no manifest needs a pack, GC removes it; b1 (whole chunks only) stays restorable.
     for b in [&b3, &b4] {
@@ -566,8 +580,18 @@ fn deleted_volume_restores_from_its_backup() {
     let d = start();
     let model = half_random(&d, "vol0", 32 * MIB, 10);
     let b = backup_now(&d, "vol0", false);
+    let uuid = manifest_of(&d, &b)["volume_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let trees = d
+        .data_dir()
+        .join("backup-trees")
+        .join(format!("{uuid}.trees"));
+    assert!(trees.exists(), "the backup cached its chunk trees");
     admin_ok_when_idle(&d, "volume.delete", json!({"name": "vol0"}));
     admin_err(&d, "volume.show", json!({"name": "vol0"}), "not_found");
+    assert!(!trees.exists(), "the chunk trees go with the volume");
     let list = admin_ok(&d, "backup.list", json!({"volume": "vol0"}));
     assert_eq!(list["backups"][0]["id"], b["id"], "{list:#}");
     restore_new(&d, "vol0", b["id"].as_str().unwrap());

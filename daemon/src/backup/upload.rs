@@ -156,7 +156,10 @@ async fn upload(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(previous.packed.keys().copied());
-        seed_bases(&mut bases.lock().unwrap_or_else(|p| p.into_inner()), previous);
+        seed_bases(
+            &mut bases.lock().unwrap_or_else(|p| p.into_inner()),
+            previous,
+        );
     }
     let mut plans: HashMap<u64, DeltaPlan> = HashMap::new();
     if let (Some(parent), Some(changed)) = (&parent, changed) {
