@@ -2,7 +2,7 @@
 //! followed down to the whole chunk (or zeroes) it patches, at most `MAX_DELTA_DEPTH` deep,
 //! and every level's plaintext must hash to that level's id before anything is returned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::DerefMut;
 use std::sync::Arc;
 
@@ -11,12 +11,15 @@ use crate::backup::chunk::{
 };
 use crate::backup::error::BackupError;
 use crate::backup::job::Job;
+use crate::backup::manifest::BackupManifest;
 use crate::backup::pack::PackedAt;
 use crate::backup::retry::with_retry;
 use crate::backup::tree::{self, SPAN_BYTES};
 use crate::backup::upload::blocking;
 use crate::backup::Backups;
 use crate::storage::aligned::AlignedPool;
+use bytes::Bytes;
+use futures_util::future::join_all;
 
 /// A chunk's plaintext, and where its data can be when the chunk patches zeroes.
 pub struct Fetched<B> {
@@ -26,32 +29,84 @@ pub struct Fetched<B> {
     pub data_runs: Option<Vec<(u32, u32)>>,
 }
 
+/// What a manifest says of its chunks: where the packed ones lie, and what each delta patches.
+#[derive(Clone, Copy)]
+pub struct ChunkMap<'a> {
+    pub packed: &'a BTreeMap<ChunkId, PackedAt>,
+    pub delta_bases: &'a BTreeMap<ChunkId, ChunkId>,
+}
+
+impl<'a> ChunkMap<'a> {
+    pub fn of(manifest: &'a BackupManifest) -> ChunkMap<'a> {
+        ChunkMap {
+            packed: &manifest.packed,
+            delta_bases: &manifest.delta_bases,
+        }
+    }
+}
+
+/// One stored object: a ranged read of its pack when packed, else its own object.
+async fn stored_object(
+    svc: &Backups,
+    job: &Job,
+    id: ChunkId,
+    map: ChunkMap<'_>,
+    pooled: Option<&Arc<AlignedPool>>,
+) -> Result<Bytes, BackupError> {
+    with_retry(job, &svc.shutdown, "downloading a chunk", || async {
+        match (map.packed.get(&id), pooled) {
+            (Some(at), _) => svc.store.get_packed(at).await,
+            (None, Some(buffers)) => svc.store.get_chunk_pooled(&id, buffers).await,
+            (None, None) => svc.store.get_chunk(&id).await,
+        }
+    })
+    .await
+}
+
 /// Fills `out` (the chunk's length, from the manifest) with chunk `id`'s plaintext and gives
-/// it back. `packed`: the manifest's packed chunks (any other chunk is an object of its own).
-/// `pooled`: read a local store's whole-chunk objects into these buffers.
+/// it back. `map`: what the manifest says of its chunks. `pooled`: read a local store's
+/// whole-chunk objects into these buffers.
 pub async fn chunk_into<B>(
     svc: &Backups,
     job: &Job,
     id: ChunkId,
     mut out: B,
-    packed: &BTreeMap<ChunkId, PackedAt>,
+    map: ChunkMap<'_>,
     pooled: Option<&Arc<AlignedPool>>,
 ) -> Result<Fetched<B>, BackupError>
 where
     B: DerefMut<Target = [u8]> + Send + 'static,
 {
+    // Every level of the chain the manifest knows is downloaded at once, not one after the
+    // other: from S3 a level costs a round trip. The objects themselves still decide the
+    // chain; a level the manifest did not name is downloaded when it is reached.
+    let mut chain = vec![id];
+    while let Some(base) = map.delta_bases.get(chain.last().expect("starts with id")) {
+        if chain.len() > MAX_DELTA_DEPTH {
+            break;
+        }
+        chain.push(*base);
+    }
+    let downloads = chain
+        .iter()
+        .map(|level| stored_object(svc, job, *level, map, pooled));
+    // A failed download counts only if its level is reached.
+    let mut prefetched: VecDeque<(ChunkId, Result<Bytes, BackupError>)> = chain
+        .iter()
+        .copied()
+        .zip(join_all(downloads).await)
+        .collect();
     let mut over_zeroes = false;
     let mut deltas: Vec<(ChunkId, Delta)> = Vec::new();
     let mut current = id;
     loop {
-        let stored = with_retry(job, &svc.shutdown, "downloading a chunk", || async {
-            match (packed.get(&current), pooled) {
-                (Some(at), _) => svc.store.get_packed(at).await,
-                (None, Some(buffers)) => svc.store.get_chunk_pooled(&current, buffers).await,
-                (None, None) => svc.store.get_chunk(&current).await,
+        let stored = match prefetched.pop_front() {
+            Some((level, stored)) if level == current => stored?,
+            _ => {
+                prefetched.clear();
+                stored_object(svc, job, current, map, pooled).await?
             }
-        })
-        .await?;
+        };
         // Under a delta a whole chunk is checked through its tree below.
         let by_tree = !deltas.is_empty() && out.len() as u64 == CHUNK_SIZE_BYTES;
         let (back, decoded) = blocking(move || {

@@ -87,7 +87,7 @@ pub async fn run(
                             &job,
                             id,
                             buf,
-                            &manifest.packed,
+                            fetch::ChunkMap::of(&manifest),
                             Some(&stored_buffers),
                         )
                         .await

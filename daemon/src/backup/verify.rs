@@ -41,18 +41,24 @@ pub async fn run(
             .sum(),
     );
     let checked = first_index.len() as u64;
-    let packed = Arc::new(manifest.packed.clone());
+    let shared = Arc::new(manifest.clone());
     let mut results = futures_util::stream::iter(first_index.into_iter().map(|(id, index)| {
         let svc = Arc::clone(svc);
         let job = Arc::clone(job);
-        let packed = Arc::clone(&packed);
+        let manifest = Arc::clone(&shared);
         let len = manifest.chunk_len_bytes(index);
         let task: futures_util::future::BoxFuture<'static, Result<Option<BadChunk>, BackupError>> =
             Box::pin(async move {
-                let fetched =
-                    fetch::chunk_into(&svc, &job, id, vec![0u8; len as usize], &packed, None)
-                        .await
-                        .map(|_| ());
+                let fetched = fetch::chunk_into(
+                    &svc,
+                    &job,
+                    id,
+                    vec![0u8; len as usize],
+                    fetch::ChunkMap::of(&manifest),
+                    None,
+                )
+                .await
+                .map(|_| ());
                 let problem = match fetched {
                     Err(BackupError::Store {
                         source: object_store::Error::NotFound { .. },
