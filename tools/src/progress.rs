@@ -287,17 +287,9 @@ mod tests {
         }
     }
 
-    fn waiter(in_place: bool) -> Waiter {
-        Waiter {
-            poll: Duration::ZERO,
-            log_every: Duration::from_secs(3600),
-            in_place,
-        }
-    }
-
-    #[test]
-    fn waits_until_every_job_finished() {
-        let mut script = Script(
+    /// j-1 runs, then succeeds; j-2 runs, retries, then fails.
+    fn two_jobs() -> Script {
+        Script(
             vec![
                 (
                     "j-1".into(),
@@ -317,7 +309,20 @@ mod tests {
             ],
             0,
             Vec::new(),
-        );
+        )
+    }
+
+    fn waiter(in_place: bool) -> Waiter {
+        Waiter {
+            poll: Duration::ZERO,
+            log_every: Duration::from_secs(3600),
+            in_place,
+        }
+    }
+
+    #[test]
+    fn waits_until_every_job_finished() {
+        let mut script = two_jobs();
         let mut drawn = Vec::new();
         let ids = ["j-1".to_owned(), "j-2".to_owned()];
         let finals = waiter(false).wait(&mut script, &ids, &mut drawn).unwrap();
@@ -371,27 +376,7 @@ mod tests {
     #[test]
     fn after_the_first_round_the_first_unfinished_job_is_waited_on() {
         let poll = Duration::from_millis(20);
-        let mut script = Script(
-            vec![
-                (
-                    "j-1".into(),
-                    VecDeque::from([
-                        sample("j-1", "running", 1, 4),
-                        sample("j-1", "succeeded", 4, 4),
-                    ]),
-                ),
-                (
-                    "j-2".into(),
-                    VecDeque::from([
-                        sample("j-2", "running", 1, 4),
-                        sample("j-2", "retrying", 2, 4),
-                        sample("j-2", "failed", 2, 4),
-                    ]),
-                ),
-            ],
-            0,
-            Vec::new(),
-        );
+        let mut script = two_jobs();
         let waiter = Waiter {
             poll,
             ..waiter(false)

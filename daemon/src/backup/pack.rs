@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::backup::chunk::{ChunkId, HEADER_LEN_BYTES};
 use crate::storage::aligned::{AlignedBuf, ALIGN_BYTES};
 
-/// A pack is written once it holds this much; bounds the memory a backup keeps unwritten.
-pub const PACK_TARGET_BYTES: usize = 64 << 20;
+/// A pack is written once it holds this much.
+pub const PACK_TARGET_BYTES: usize = 32 << 20;
+/// Packs a backup stores at once. While that many are on their way (a slow or unreachable
+/// store), nothing more is packed, so a backup holds at most this many full packs, one filling
+/// and what the appends already under way add: about 160 MiB.
+const MAX_PACK_UPLOADS: usize = 2;
 /// The largest object a pack entry can be: a delta of every block of a chunk is smaller.
 pub const MAX_PACKED_OBJECT_BYTES: u64 = 8 << 20;
 const PACK_NAME_MAX_LEN: usize = 100;
@@ -86,6 +90,7 @@ pub struct FullPack {
 pub struct PackWriter {
     backup_id: String,
     filling: Mutex<Filling>,
+    uploads: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -102,7 +107,19 @@ impl PackWriter {
         PackWriter {
             backup_id: backup_id.to_owned(),
             filling: Mutex::new(Filling::default()),
+            uploads: tokio::sync::Semaphore::new(MAX_PACK_UPLOADS),
         }
+    }
+
+    /// Waits while the most packs allowed are being stored; call before [`Self::append`].
+    pub async fn admit(&self) {
+        // Never closed: a permit always comes.
+        drop(self.uploads.acquire().await);
+    }
+
+    /// Held while a full pack is stored.
+    pub async fn upload_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.uploads.acquire().await.ok()
     }
 
     /// Adds object `id`; gives back the pack to store once it has reached the target size.
@@ -178,11 +195,14 @@ mod tests {
         }
         full.extend(writer.finish());
         assert!(writer.finish().is_none());
-        // 22 objects of 3 MiB pass 64 MiB; 45 objects make two full packs and one of one.
+        // 11 objects of 3 MiB pass 32 MiB; 45 objects make four full packs and one of one.
         let sizes: Vec<usize> = full.iter().map(|p| p.entries.len()).collect();
-        assert_eq!(sizes, [22, 22, 1]);
+        assert_eq!(sizes, [11, 11, 11, 11, 1]);
         let names: Vec<&str> = full.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["b-1-0000", "b-1-0001", "b-1-0002"]);
+        assert_eq!(
+            names,
+            ["b-1-0000", "b-1-0001", "b-1-0002", "b-1-0003", "b-1-0004"]
+        );
         for pack in &full {
             for (k, (_, at)) in pack.entries.iter().enumerate() {
                 assert_eq!(at.pack, pack.name);
@@ -195,7 +215,20 @@ mod tests {
             assert_eq!(pack.padded.as_ptr() as usize % ALIGN_BYTES, 0);
             assert!(pack.padded[..pack.len].iter().all(|&b| b == 7));
         }
-        assert_eq!(full[1].entries[0].0, ChunkId::of(&[22]));
+        assert_eq!(full[1].entries[0].0, ChunkId::of(&[11]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_more_is_packed_while_the_most_packs_are_being_stored() {
+        let writer = PackWriter::new("b-1");
+        let wait = std::time::Duration::from_secs(3600);
+        writer.admit().await;
+        let first = writer.upload_slot().await.unwrap();
+        let second = writer.upload_slot().await.unwrap();
+        assert!(tokio::time::timeout(wait, writer.admit()).await.is_err());
+        drop(first);
+        tokio::time::timeout(wait, writer.admit()).await.unwrap();
+        drop(second);
     }
 
     #[test]

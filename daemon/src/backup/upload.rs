@@ -283,7 +283,7 @@ async fn upload(
     }
     drop(results);
     if let Some(last) = pack.finish() {
-        store_pack(svc, job, &counters, &new_packed, last).await?;
+        store_pack(svc, job, &counters, &pack, &new_packed, last).await?;
     }
     let chunks_done_ms = started.elapsed().as_millis() as u64;
 
@@ -589,52 +589,54 @@ impl ChunkCtx<'_> {
         stored: Vec<u8>,
         base: Option<ChunkId>,
     ) -> Result<(), BackupError> {
+        self.pack.admit().await;
         let full = self.pack.append(id, &stored);
+        // Known from now on, so this job does not pack it twice; a restarted job trusts only
+        // what it lists in the store, and packed chunks are not listed.
+        self.note_new(id, base, stored.len());
+        self.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
+        match full {
+            Some(full) => {
+                store_pack(
+                    self.svc,
+                    self.job,
+                    self.counters,
+                    self.pack,
+                    self.packed,
+                    full,
+                )
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Records a chunk this job stored (or packed): its base, known, counted.
+    fn note_new(&self, id: ChunkId, base: Option<ChunkId>, stored_len: usize) {
         self.bases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, base);
-        // Known from now on, so this job does not pack it twice; a restarted job trusts only
-        // what it lists in the store, and packed chunks are not listed.
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
-        let counters = self.counters;
-        counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-        counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
-        counters
+        self.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+        self.counters
             .new_stored_bytes
-            .fetch_add(stored.len() as u64, Ordering::Relaxed);
-        match full {
-            Some(full) => store_pack(self.svc, self.job, counters, self.packed, full).await,
-            None => Ok(()),
-        }
+            .fetch_add(stored_len as u64, Ordering::Relaxed);
     }
 
     /// Stores a whole chunk's object under `id`: its first `len` bytes of `padded` (padded to
     /// whole 4 KiB blocks in an aligned buffer).
     async fn put_whole(&self, id: ChunkId, padded: Bytes, len: usize) -> Result<(), BackupError> {
         let svc = self.svc;
-        let base: Option<ChunkId> = None;
         svc.throttle.take(len as u64).await;
         with_retry(self.job, &svc.shutdown, "uploading a chunk", || {
             svc.store.put_chunk_padded(&id, padded.clone(), len)
         })
         .await?;
-        self.bases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, base);
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
-        let counters = self.counters;
-        counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-        counters
-            .new_stored_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
+        self.note_new(id, None, len);
         self.job.add_uploaded(len as u64);
         svc.metrics.backup().uploaded_bytes.inc_by(len as u64);
         Ok(())
@@ -812,9 +814,11 @@ async fn store_pack(
     svc: &Backups,
     job: &Job,
     counters: &Counters,
+    writer: &PackWriter,
     packed: &Mutex<BTreeMap<ChunkId, PackedAt>>,
     full: FullPack,
 ) -> Result<(), BackupError> {
+    let _slot = writer.upload_slot().await;
     let len = full.len as u64;
     svc.throttle.take(len).await;
     with_retry(job, &svc.shutdown, "uploading a pack", || {
