@@ -147,10 +147,11 @@ async fn upload(
     // The chunks earlier backups keep in packs are in the store too, though no listing shows
     // them: their manifests say where. An incremental learns them from its parent, a full
     // backup from the newest backups of the volume.
-    let previous: Vec<BackupManifest> = match &parent {
-        Some(parent) => vec![parent.clone()],
+    let newest = match parent {
+        Some(_) => Vec::new(),
         None => newest_backups_of(svc, job, record).await?,
     };
+    let previous: Vec<&BackupManifest> = parent.iter().chain(&newest).collect();
     for previous in &previous {
         known
             .lock()
