@@ -107,8 +107,15 @@ impl Backups {
         shutdown: CancellationToken,
     ) -> Result<Arc<Backups>, BackupError> {
         let store = Arc::new(BackupStore::open(&config.store_url, &config.s3)?);
-        let trees = tree::TreeCache::new(data_dir.join("backup-trees"));
-        trees.remove_legacy();
+        let trees_dir = data_dir.join("backup-trees");
+        let trees = tree::TreeCache::new(trees_dir.clone());
+        // A large old cache takes a while to delete; the daemon does not wait for it.
+        let spawned = std::thread::Builder::new()
+            .name("evsd-tree-cleanup".into())
+            .spawn(move || tree::TreeCache::new(trees_dir).remove_legacy());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start removing the old chunk tree cache");
+        }
         Ok(Arc::new(Backups {
             registry,
             catalog: Catalog::new(Arc::clone(&store)),
