@@ -9,6 +9,7 @@ mod error;
 pub mod hangups;
 mod inline_write;
 mod nowait;
+mod page_cache;
 mod threads;
 mod uring;
 
@@ -24,6 +25,7 @@ pub use error::EngineError;
 
 use inline_write::InlineWrites;
 use nowait::NoWait;
+use page_cache::Residency;
 use threads::ThreadsEngine;
 use uring::UringEngine;
 
@@ -87,6 +89,7 @@ pub struct IoEngine {
     backend: Arc<Backend>,
     nowait: Arc<NoWait>,
     inline_writes: Arc<InlineWrites>,
+    residency: Arc<Residency>,
 }
 
 enum Backend {
@@ -124,6 +127,7 @@ impl IoEngine {
             backend: Arc::new(backend),
             nowait: Arc::new(NoWait::new(config.inline_cached_io)),
             inline_writes: Arc::new(InlineWrites::new(config.inline_cached_io)),
+            residency: Arc::new(Residency::new(config.inline_cached_io)),
         })
     }
 
@@ -145,6 +149,12 @@ impl IoEngine {
         buf: BytesMut,
     ) -> (BytesMut, io::Result<usize>) {
         self.read_into(file, offset, buf, 0).await
+    }
+
+    /// Whether all of the range is in the page cache, so that sending it from there does not
+    /// wait for the disk. False when unsure, and always when inline page-cache I/O is off.
+    pub fn all_cached(&self, file: &File, offset: u64, length: u64) -> bool {
+        self.residency.all_cached(file, offset, length)
     }
 
     /// Fills all of `buf`, looping over short reads; bytes past end-of-file read as zeros.

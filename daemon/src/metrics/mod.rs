@@ -42,6 +42,7 @@ pub struct Metrics {
     fence_waits: Family<VolumeLabels, Counter>,
     fence_wait_seconds: Family<VolumeLabels, Counter<f64, AtomicU64>>,
     hangup_fences: Family<VolumeLabels, Counter>,
+    read_bytes_from_cache: Family<VolumeLabels, Counter>,
     accepted: Counter,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
@@ -71,6 +72,7 @@ impl Metrics {
         let fence_waits = Family::<VolumeLabels, Counter>::default();
         let fence_wait_seconds = Family::<VolumeLabels, Counter<f64, AtomicU64>>::default();
         let hangup_fences = Family::<VolumeLabels, Counter>::default();
+        let read_bytes_from_cache = Family::<VolumeLabels, Counter>::default();
         let accepted = Counter::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -121,6 +123,11 @@ impl Metrics {
             hangup_fences.clone(),
         );
         registry.register(
+            "evsd_volume_read_bytes_sent_from_cache",
+            "READ bytes sent from the page cache straight to the client's socket (sendfile), never copied into a buffer",
+            read_bytes_from_cache.clone(),
+        );
+        registry.register(
             "evsd_connections_accepted",
             "Client connections accepted and served",
             accepted.clone(),
@@ -153,6 +160,7 @@ impl Metrics {
             fence_waits,
             fence_wait_seconds,
             hangup_fences,
+            read_bytes_from_cache,
             accepted,
             refused,
             handshake_failures,

@@ -28,6 +28,7 @@ pub struct VolumeMetrics {
     fence_waits: Counter,
     fence_wait_seconds: Counter<f64, AtomicU64>,
     hangup_fences: Counter,
+    read_bytes_from_cache: Counter,
 }
 
 impl VolumeMetrics {
@@ -55,6 +56,7 @@ impl VolumeMetrics {
             fence_waits: metrics.fence_waits.get_or_create_owned(&labels),
             fence_wait_seconds: metrics.fence_wait_seconds.get_or_create_owned(&labels),
             hangup_fences: metrics.hangup_fences.get_or_create_owned(&labels),
+            read_bytes_from_cache: metrics.read_bytes_from_cache.get_or_create_owned(&labels),
         }
     }
 
@@ -85,6 +87,11 @@ impl VolumeMetrics {
     /// Counts connections fenced because their client was seen gone early.
     pub fn hangups_fenced(&self, connections: usize) {
         self.hangup_fences.inc_by(connections as u64);
+    }
+
+    /// Counts READ bytes sent from the page cache to the socket without a copy in between.
+    pub fn sent_from_cache(&self, length_bytes: u64) {
+        self.read_bytes_from_cache.inc_by(length_bytes);
     }
 
     /// Counts an attached client until the guard drops.

@@ -1,12 +1,12 @@
-//! Turns storage results into reply frames. A frame is a list of buffers sent back to back, so
-//! read data goes out without being copied.
+//! Turns storage results into reply frames. A frame is a list of pieces sent back to back: buffers,
+//! so read data goes out without being copied, or file ranges sent from the page cache.
 
 use bytes::{Bytes, BytesMut};
 use evsd_proto::consts::{STATE_HOLE, STATE_ZERO};
 use evsd_proto::{reply, Errno, ReplyMode, ReplyTo};
 
 use crate::storage::volume::{EXTENT_HOLE, EXTENT_ZERO};
-use crate::storage::StatusQuery;
+use crate::storage::{FileRange, StatusQuery};
 
 /// Reads at least this long are scanned for zero runs to send as OFFSET_HOLE chunks.
 const HOLE_SCAN_MIN_BYTES: usize = 64 << 10;
@@ -14,18 +14,43 @@ const HOLE_SCAN_MIN_BYTES: usize = 64 << 10;
 const HOLE_BLOCK_BYTES: usize = 4096;
 const HOLE_MIN_RUN_BYTES: usize = 64 << 10;
 
-pub type Frame = Vec<Bytes>;
+/// Part of a reply on the wire.
+pub enum Piece {
+    Bytes(Bytes),
+    /// Sent with `sendfile`, only on streams that can (see `nbd::sendfile`).
+    File(FileRange),
+}
+
+impl Piece {
+    pub fn len_bytes(&self) -> u64 {
+        match self {
+            Piece::Bytes(bytes) => bytes.len() as u64,
+            Piece::File(range) => range.length_bytes,
+        }
+    }
+}
+
+pub type Frame = Vec<Piece>;
 
 pub fn ok(mode: ReplyMode, to: ReplyTo) -> Frame {
     let mut head = BytesMut::with_capacity(32);
     reply::put_ok(&mut head, mode, to);
-    vec![head.freeze()]
+    vec![Piece::Bytes(head.freeze())]
 }
 
 pub fn error(mode: ReplyMode, to: ReplyTo, errno: Errno, message: &str) -> Frame {
     let mut head = BytesMut::with_capacity(64 + message.len());
     reply::put_error(&mut head, mode, to, errno, message);
-    vec![head.freeze()]
+    vec![Piece::Bytes(head.freeze())]
+}
+
+/// A successful READ whose bytes are `range` of a file: one data chunk (or simple reply) whose
+/// payload the socket takes straight from the page cache. No zero scan: the bytes are never
+/// looked at, and a range from a layer's data file is allocated data anyway.
+pub fn read_from_file(mode: ReplyMode, to: ReplyTo, offset: u64, range: FileRange) -> Frame {
+    let mut head = BytesMut::with_capacity(48);
+    reply::put_read_data_header(&mut head, mode, to, offset, range.length_bytes, true);
+    vec![Piece::Bytes(head.freeze()), Piece::File(range)]
 }
 
 /// A successful READ of `data` at `offset`. With structured replies and without DF, long runs of
@@ -44,11 +69,11 @@ pub fn read(mode: ReplyMode, to: ReplyTo, offset: u64, data: Bytes, df: bool) ->
         let len = end - start;
         if zero {
             reply::put_read_hole(&mut head, mode, to, chunk_offset, len as u32, i == last);
-            frame.push(head.freeze());
+            frame.push(Piece::Bytes(head.freeze()));
         } else {
             reply::put_read_data_header(&mut head, mode, to, chunk_offset, len as u64, i == last);
-            frame.push(head.freeze());
-            frame.push(data.slice(start..end));
+            frame.push(Piece::Bytes(head.freeze()));
+            frame.push(Piece::Bytes(data.slice(start..end)));
         }
     }
     frame
@@ -143,7 +168,7 @@ mod tests {
             false,
         );
         assert_eq!(frame.len(), 1);
-        assert_eq!(frame[0].len(), 32);
+        assert_eq!(frame[0].len_bytes(), 32);
         // DF forbids holes: one data chunk.
         let frame = read(
             ReplyMode::Structured,
@@ -153,7 +178,7 @@ mod tests {
             true,
         );
         assert_eq!(frame.len(), 2);
-        assert_eq!(frame[1].len(), 1 << 20);
+        assert_eq!(frame[1].len_bytes(), 1 << 20);
         // Simple replies always carry the bytes.
         let frame = read(
             ReplyMode::Simple,
@@ -162,8 +187,8 @@ mod tests {
             Bytes::from(vec![0u8; 1 << 20]),
             false,
         );
-        assert_eq!(frame[0].len(), 16);
-        assert_eq!(frame[1].len(), 1 << 20);
+        assert_eq!(frame[0].len_bytes(), 16);
+        assert_eq!(frame[1].len_bytes(), 1 << 20);
     }
 
     #[test]

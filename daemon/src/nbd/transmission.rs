@@ -9,7 +9,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -30,9 +30,10 @@ use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
 use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
-use crate::nbd::replies::{self, Frame};
+use crate::nbd::replies::{self, Frame, Piece};
+use crate::nbd::sendfile::SendFile;
 use crate::storage::attachments::Attachment;
-use crate::storage::{Volume, ZeroMode};
+use crate::storage::{FileRange, Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
 const MAX_EXTENTS_PER_REPLY: usize = 4096;
@@ -40,6 +41,10 @@ const MAX_EXTENTS_PER_REPLY: usize = 4096;
 const MAX_IOVECS_PER_WRITE: usize = 512;
 /// Free space kept in the input buffer before each socket read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// READs at least this long are sent from the page cache with `sendfile` when all cached. Below
+/// it the copy is cheap and one writev carries many replies, where each file range would take
+/// a system call of its own.
+const SEND_FROM_CACHE_MIN_BYTES: u64 = 64 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,8 @@ struct Session<'m> {
     warned_failure: AtomicBool,
     /// This connection's place among the volume's connections and at its write fence.
     attachment: &'m Attachment,
+    /// The socket takes file ranges: large cached READs are sent from the page cache.
+    sends_files: bool,
 }
 
 /// A client's socket halves, the bytes already read past the handshake, and its name for logs.
@@ -116,8 +123,8 @@ struct Connection<'s, R, W> {
     inflight_bytes: u64,
     max_inflight_requests: usize,
     max_inflight_bytes: u64,
-    /// Reply bytes waiting for the socket, in order.
-    outgoing: VecDeque<Bytes>,
+    /// Reply pieces waiting for the socket, in order.
+    outgoing: VecDeque<Piece>,
     outgoing_bytes: u64,
     /// Bytes were written since the last flush. Sockets need no flush, but TLS keeps records it
     /// could not send at once until flushed.
@@ -147,7 +154,7 @@ pub async fn serve<R, W>(
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
+    W: AsyncWrite + SendFile + Unpin + Send,
 {
     let mode = negotiated.mode;
     let session = Session {
@@ -158,6 +165,7 @@ where
         peer: client.peer,
         warned_failure: AtomicBool::new(false),
         attachment,
+        sends_files: client.writer.sends_files(),
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -219,7 +227,7 @@ where
 impl<'s, R, W> Connection<'s, R, W>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + SendFile + Unpin,
 {
     /// Whether another request may start. Replies not yet written count against the byte budget
     /// too: a client that sends requests but does not read its replies must not make us buffer
@@ -231,7 +239,7 @@ where
     }
 
     fn queue_reply(&mut self, frame: Frame) {
-        self.outgoing_bytes += frame.iter().map(|piece| piece.len() as u64).sum::<u64>();
+        self.outgoing_bytes += frame.iter().map(Piece::len_bytes).sum::<u64>();
         self.outgoing.extend(frame);
     }
 
@@ -446,13 +454,19 @@ where
             .poll_overdue(cx, &session.peer, session.volume.name());
     }
 
-    /// One writev of the waiting reply bytes.
+    /// One writev of the waiting reply bytes, or one sendfile when a file range is first.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(Piece::File(_)) = self.outgoing.front() {
+            return self.poll_send_file(cx);
+        }
         let slices: Vec<IoSlice<'_>> = self
             .outgoing
             .iter()
             .take(MAX_IOVECS_PER_WRITE)
-            .map(|b| IoSlice::new(b))
+            .map_while(|piece| match piece {
+                Piece::Bytes(b) => Some(IoSlice::new(b)),
+                Piece::File(_) => None,
+            })
             .collect();
         let mut written = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
@@ -464,7 +478,7 @@ where
         self.unflushed = true;
         self.outgoing_bytes -= written as u64;
         while written > 0 {
-            let Some(front) = self.outgoing.front_mut() else {
+            let Some(Piece::Bytes(front)) = self.outgoing.front_mut() else {
                 break;
             };
             if written >= front.len() {
@@ -474,6 +488,37 @@ where
                 front.advance(written);
                 written = 0;
             }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// One sendfile of the file range at the front of the queue.
+    fn poll_send_file(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Some(Piece::File(range)) = self.outgoing.front_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let sent = ready!(self.writer.poll_send_file(
+            cx,
+            &range.file,
+            range.offset_bytes,
+            range.length_bytes
+        ))?;
+        self.unflushed = true;
+        if sent == 0 {
+            // The file ends before the range does (a data file may be shorter than its
+            // volume): what lies past its end reads as zeroes, as through the read path.
+            let rest = range.length_bytes as usize;
+            self.outgoing.pop_front();
+            self.outgoing
+                .push_front(Piece::Bytes(Bytes::from(vec![0u8; rest])));
+            return Poll::Ready(Ok(()));
+        }
+        self.session.metrics.sent_from_cache(sent as u64);
+        self.outgoing_bytes -= sent as u64;
+        range.offset_bytes += sent as u64;
+        range.length_bytes -= sent as u64;
+        if range.length_bytes == 0 {
+            self.outgoing.pop_front();
         }
         Poll::Ready(Ok(()))
     }
@@ -521,10 +566,13 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
         }
     }
     let result: Result<Frame, StorageError> = match request.command {
-        Command::Read => volume
-            .read(offset, length as usize)
-            .await
-            .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
+        Command::Read => match cached_range(session, offset, length) {
+            Some(range) => Ok(replies::read_from_file(mode, to, offset, range)),
+            None => volume
+                .read(offset, length as usize)
+                .await
+                .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
+        },
         Command::Write => volume
             .write(offset, payload, fua)
             .await
@@ -569,6 +617,15 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
     }
 }
 
+/// The file range a large READ can be sent from, when this socket takes file ranges and the
+/// bytes are all in the page cache.
+fn cached_range(session: &Session<'_>, offset: u64, length: u64) -> Option<FileRange> {
+    if !session.sends_files || length < SEND_FROM_CACHE_MIN_BYTES {
+        return None;
+    }
+    session.volume.cached_range(offset, length)
+}
+
 async fn block_status(
     session: &Session<'_>,
     request: &Request,
@@ -596,5 +653,5 @@ async fn block_status(
         };
         reply::put_block_status(&mut head, session.mode, to, context.id, &extents, i == last);
     }
-    Ok(vec![head.freeze()])
+    Ok(vec![Piece::Bytes(head.freeze())])
 }

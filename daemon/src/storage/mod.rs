@@ -21,7 +21,7 @@ pub mod volume;
 
 pub use name::parse_size_bytes;
 pub use registry::Registry;
-pub use volume::{StatusQuery, Volume, ZeroMode};
+pub use volume::{FileRange, StatusQuery, Volume, ZeroMode};
 
 #[cfg(test)]
 mod bulk_tests;

@@ -40,6 +40,14 @@ enum Via {
     Direct,
 }
 
+/// Bytes of a volume as they lie in one of its files (see [`Volume::cached_range`]).
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    pub file: Arc<std::fs::File>,
+    pub offset_bytes: u64,
+    pub length_bytes: u64,
+}
+
 /// How WRITE_ZEROES may be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ZeroMode {
@@ -318,6 +326,32 @@ impl Volume {
             joined.unsplit(piece?);
         }
         Ok(self.buffers.freeze(joined))
+    }
+
+    /// Where a read of `length_bytes` at `offset_bytes` lies when one layer's data file holds
+    /// all of it and every page is in the page cache: a caller can then send it from the cache
+    /// (`sendfile`) instead of reading it first, without waiting for the disk. `None` when the
+    /// range spans layers or holes, or is not all cached. The file holds what the read would
+    /// have returned until a later write changes it, like the page-cache copy a read makes.
+    /// Pages evicted between this check and the send make that one send wait for the disk.
+    pub fn cached_range(&self, offset_bytes: u64, length_bytes: u64) -> Option<FileRange> {
+        let end_bytes = offset_bytes.checked_add(length_bytes)?;
+        if length_bytes == 0 || end_bytes > self.size_bytes() {
+            return None;
+        }
+        let chain = self.chain();
+        let runs = chain.runs(offset_bytes / BLOCK_BYTES, end_bytes.div_ceil(BLOCK_BYTES));
+        let [(_, _, Hit::Data(i))] = runs[..] else {
+            return None;
+        };
+        let file = chain.layer(i).data();
+        self.engine
+            .all_cached(file, offset_bytes, length_bytes)
+            .then(|| FileRange {
+                file: Arc::clone(file),
+                offset_bytes,
+                length_bytes,
+            })
     }
 
     async fn read_layer(

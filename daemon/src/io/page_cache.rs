@@ -1,0 +1,112 @@
+//! Asks the kernel whether a file range sits wholly in the page cache (`cachestat`, Linux 6.5).
+//!
+//! A read that is all cached can be sent from the cache to the socket (`sendfile`) on a runtime
+//! thread without ever waiting for the disk; anything else takes the engine's read path.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `cachestat` has the same number on every architecture (it was added after the tables were
+/// unified); the libc crate does not name it for x86_64 yet.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    offset_bytes: u64,
+    length_bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+const PAGE_BYTES: u64 = 4096;
+
+/// Cleared on the first ENOSYS or EPERM (an older kernel, a seccomp filter), so such setups pay
+/// for one try only.
+pub(crate) struct Residency {
+    enabled: AtomicBool,
+}
+
+impl Residency {
+    pub(crate) fn new(enabled: bool) -> Residency {
+        Residency {
+            enabled: AtomicBool::new(enabled),
+        }
+    }
+
+    /// True when every page of `offset_bytes..offset_bytes + length_bytes` is cached. False
+    /// when any is not, or when the kernel cannot tell.
+    pub(crate) fn all_cached(&self, file: &File, offset_bytes: u64, length_bytes: u64) -> bool {
+        if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let first_page = offset_bytes / PAGE_BYTES;
+        let Some(end_bytes) = offset_bytes.checked_add(length_bytes) else {
+            return false;
+        };
+        let pages = end_bytes.div_ceil(PAGE_BYTES) - first_page;
+        let range = CachestatRange {
+            offset_bytes,
+            length_bytes,
+        };
+        let mut stat = Cachestat::default();
+        // SAFETY: `range` and `stat` are live, properly laid out (`repr(C)`, the kernel's
+        // struct cachestat_range / struct cachestat) for the whole synchronous call, which
+        // reads the first and writes only the second; the fd is kept open by `file`.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut stat as *mut Cachestat,
+                0u32,
+            )
+        };
+        if rc != 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
+                self.enabled.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        stat.nr_cache >= pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn written_pages_are_cached_and_dropped_ones_are_not() {
+        // On the crate's own disk: tmpfs pages never leave the cache.
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(&vec![3u8; 64 << 10]).unwrap();
+        let residency = Residency::new(true);
+        if !residency.all_cached(&file, 0, 64 << 10) {
+            // Only a kernel without cachestat may say no here, and then it must have switched
+            // itself off rather than keep asking.
+            assert!(!residency.enabled.load(Ordering::Relaxed));
+            return;
+        }
+        assert!(residency.all_cached(&file, 4096 + 17, 8192));
+        // Past the end of the file nothing is cached.
+        assert!(!residency.all_cached(&file, 0, 128 << 10));
+        file.sync_all().unwrap();
+        // SAFETY: plain advisory call on an open fd, no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert!(!residency.all_cached(&file, 0, 64 << 10));
+        assert!(!Residency::new(false).all_cached(&file, 0, 4096));
+    }
+}

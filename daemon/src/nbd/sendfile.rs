@@ -1,0 +1,112 @@
+//! Sending file bytes from the page cache straight into a client's socket (`sendfile`).
+//!
+//! A large READ whose bytes are all cached costs two copies when it goes through a buffer (page
+//! cache → buffer, buffer → socket); with `sendfile` the kernel hands the cached pages to the
+//! socket and the only copy left is the client's own. Only plain sockets can do it: TLS has to
+//! see the bytes to encrypt them.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{Interest, WriteHalf};
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
+use tokio_rustls::server::TlsStream;
+
+/// Most bytes one `sendfile` call may move (the kernel's own cap).
+const MAX_SENDFILE_BYTES: u64 = 0x7fff_f000;
+
+/// The writing half of a connection, as far as sending file ranges goes.
+pub trait SendFile {
+    /// Whether `poll_send_file` works on this stream.
+    fn sends_files(&self) -> bool;
+
+    /// Sends up to `length_bytes` of `file` from `offset_bytes`; ready with the number of bytes
+    /// that went out, which is 0 only at the end of the file.
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &File,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Poll<io::Result<usize>>;
+}
+
+/// One `sendfile` on a non-blocking socket.
+fn send_file(
+    socket: RawFd,
+    file: &File,
+    offset_bytes: u64,
+    length_bytes: u64,
+) -> io::Result<usize> {
+    let mut offset = libc::off_t::try_from(offset_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset out of range"))?;
+    let count = length_bytes.min(MAX_SENDFILE_BYTES) as usize;
+    // SAFETY: both fds stay open for the whole synchronous call (`file` is borrowed, the socket
+    // belongs to the stream borrowed by the caller), and `offset` is a live local the kernel
+    // updates; no user memory is read or written otherwise.
+    let sent = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut offset, count) };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}
+
+/// Both socket types have the same readiness API but no shared trait for it.
+macro_rules! socket_send_file {
+    ($half:ty, $stream:ty) => {
+        impl SendFile for $half {
+            fn sends_files(&self) -> bool {
+                true
+            }
+
+            fn poll_send_file(
+                &mut self,
+                cx: &mut Context<'_>,
+                file: &File,
+                offset_bytes: u64,
+                length_bytes: u64,
+            ) -> Poll<io::Result<usize>> {
+                let stream: &$stream = self.as_ref();
+                loop {
+                    ready!(stream.poll_write_ready(cx))?;
+                    // A WouldBlock clears the readiness, so the next poll waits for room.
+                    match stream.try_io(Interest::WRITABLE, || {
+                        send_file(stream.as_raw_fd(), file, offset_bytes, length_bytes)
+                    }) {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) => {}
+                        other => return Poll::Ready(other),
+                    }
+                }
+            }
+        }
+    };
+}
+
+socket_send_file!(tcp::OwnedWriteHalf, TcpStream);
+socket_send_file!(unix::OwnedWriteHalf, UnixStream);
+
+impl<S> SendFile for WriteHalf<TlsStream<S>> {
+    fn sends_files(&self) -> bool {
+        false
+    }
+
+    fn poll_send_file(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _file: &File,
+        _offset_bytes: u64,
+        _length_bytes: u64,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "file ranges cannot be sent through TLS",
+        )))
+    }
+}
