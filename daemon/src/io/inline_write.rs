@@ -13,10 +13,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Larger writes block a runtime thread for long (a 32 MiB copy is several milliseconds). Up to
-/// 1 MiB the hop still mattered: 1 MiB sequential writes over TCP went from 1300-1800 to about
-/// 2300 MiB/s (nbdkit: 2150) when done here instead of through a ring thread and io-wq worker.
-pub(crate) const MAX_INLINE_WRITE_BYTES: usize = 1 << 20;
+/// Larger writes cost enough on their own that a thread hop is noise; they also block longer.
+/// 1 MiB was tried: over a Unix socket, 1 MiB sequential writes at depth 8 fell from 1700-2374
+/// to 648-1807 MiB/s (A/B, three runs each), because while the connection's task copies 1 MiB
+/// it reads nothing from a socket whose buffer holds a fifth of that; over TCP it was even.
+pub(crate) const MAX_INLINE_WRITE_BYTES: usize = 64 << 10;
 /// An inline write slower than this counts as slow.
 const SLOW_WRITE: Duration = Duration::from_micros(1000);
 /// This many slow writes within `SLOW_WINDOW` pause inline writes for `PAUSE`.
