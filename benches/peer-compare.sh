@@ -28,9 +28,15 @@
 #     /proc/PID/stat, all threads, divided by CLK_TCK), and IOPS per server
 #     CPU-second. Prints a side-by-side table and, per workload, evsd's ratio
 #     to the best peer (for IOPS and for IOPS per CPU-second).
+#   * With REPEAT=N the whole matrix runs N times, the servers taking turns in
+#     every round; the table shows medians over the runs and evsd's IOPS ratio
+#     to the best peer within each round. Single runs on a small shared VM
+#     swing by tens of percent; a ratio within one round compares the servers
+#     under the same conditions.
 #
 # Environment:
 #   RUNTIME=10            seconds per fio run
+#   REPEAT=1              rounds of the whole matrix (medians are reported)
 #   RAMP=0                fio ramp_time in seconds (not measured; CPU is scaled)
 #   SIZE=1G               volume size (K/M/G suffix)
 #   SERVERS="evsd nbdkit qemu-nbd"
@@ -48,6 +54,7 @@
 set -euo pipefail
 
 RUNTIME=${RUNTIME:-10}
+REPEAT=${REPEAT:-1}
 RAMP=${RAMP:-0}
 SIZE=${SIZE:-1G}
 SERVERS=${SERVERS:-"evsd nbdkit qemu-nbd"}
@@ -217,7 +224,7 @@ fill_evsd() {
   touch "$marker"
 }
 
-echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s" > "$RESULTS"
+echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s,round" > "$RESULTS"
 
 # Every run starts from the same state: earlier writes flushed to disk (so their writeback does
 # not land in the next server's CPU and I/O time) and the backing file's cached pages dropped.
@@ -242,6 +249,7 @@ settle() {
   esac
 }
 
+for round in $(seq 1 "$REPEAT"); do
 for server in $SERVERS; do
   for transport in $TRANSPORTS; do
     log "starting $server over $transport"
@@ -252,7 +260,7 @@ for server in $SERVERS; do
       for jobs in $JOBS; do
         region=$(( SIZE_BYTES / jobs ))
         region=$(( region / 1048576 * 1048576 ))
-        out=$WORKDIR/fio-$server-$transport-$wl-$jobs.json
+        out=$WORKDIR/fio-$server-$transport-$wl-$jobs-r$round.json
         settle "$server" "$wl"
         c0=$(cpu_ticks "$SERVER_PID")
         fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
@@ -269,10 +277,10 @@ for server in $SERVERS; do
         # CPU covers the ramp too: scale to the measured part.
         row=$(awk -v s="$server" -v t="$transport" -v w="$wl" -v j="$jobs" \
                   -v iops="$iops" -v kib="$kib" -v c0="$c0" -v c1="$c1" \
-                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" 'BEGIN {
+                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" -v r="$round" 'BEGIN {
               cpu = (c1 - c0) / tck * rt / (rt + ramp);
               per = (cpu > 0) ? iops / (cpu / rt) : 0;
-              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f", s, t, w, j, iops, kib / 1024, cpu, per
+              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f,%d", s, t, w, j, iops, kib / 1024, cpu, per, r
             }')
         echo "$row" >> "$RESULTS"
         log "$row"
@@ -281,48 +289,77 @@ for server in $SERVERS; do
     stop_server
   done
 done
+done
 
 # ---------------------------------------------------------------- report
-awk -F, -v servers="$SERVERS" '
+# Each figure is the median over the rounds (for an even count, the lower middle run).
+awk -F, -v servers="$SERVERS" -v rounds="$REPEAT" '
+function median(key, s, field,    n, i, j, t, a) {
+  n = count[key, s]
+  for (i = 1; i <= n; i++) a[i] = val[key, s, field, i]
+  for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+  return a[int((n + 1) / 2)]
+}
 NR == 1 { next }
 {
   key = $2 " " $3 " j" $4
   if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
-  iops[key, $1] = $5; mib[key, $1] = $6; cpu[key, $1] = $7; per[key, $1] = $8
+  n = ++count[key, $1]
+  val[key, $1, "iops", n] = $5; val[key, $1, "mib", n] = $6
+  val[key, $1, "cpu", n] = $7; val[key, $1, "per", n] = $8
+  run[key, $1, $9] = $5
 }
 END {
   ns = split(servers, sv, " ")
   printf "\n%-26s", "IOPS (MiB/s) [srv CPU s]"
   for (i = 1; i <= ns; i++) printf " | %-30s", sv[i]
-  printf " | %-12s | %s\n", "evsd/best", "evsd/best per CPU-s"
+  printf " | %-12s | %-19s", "evsd/best", "evsd/best per CPU-s"
+  if (rounds > 1) printf " | evsd/best by round"
+  printf "\n"
   line = sprintf("%-26s", ""); gsub(/ /, "-", line); printf "%s", line
   for (i = 1; i <= ns; i++) printf "-+-------------------------------"
-  printf "-+--------------+--------------------\n"
+  printf "-+--------------+--------------------"
+  if (rounds > 1) printf "+-------------------"
+  printf "\n"
   for (k = 1; k <= nk; k++) {
     key = keys[k]
     printf "%-26s", key
     best = 0; bestper = 0
     for (i = 1; i <= ns; i++) {
       s = sv[i]
-      if ((key, s) in iops)
-        printf " | %9d (%7.1f) [%6.2f]   ", iops[key, s], mib[key, s], cpu[key, s]
-      else
+      if (count[key, s] > 0) {
+        iops[s] = median(key, s, "iops"); per[s] = median(key, s, "per")
+        printf " | %9d (%7.1f) [%6.2f]   ", iops[s], median(key, s, "mib"), median(key, s, "cpu")
+      } else {
         printf " | %-30s", "-"
-      if (s != "evsd" && ((key, s) in iops)) {
-        if (iops[key, s] > best) best = iops[key, s]
-        if (per[key, s] > bestper) bestper = per[key, s]
+      }
+      if (s != "evsd" && count[key, s] > 0) {
+        if (iops[s] > best) best = iops[s]
+        if (per[s] > bestper) bestper = per[s]
       }
     }
-    r1 = (best > 0 && ((key, "evsd") in iops)) ? sprintf("%.2fx", iops[key, "evsd"] / best) : "-"
-    r2 = (bestper > 0 && ((key, "evsd") in iops)) ? sprintf("%.2fx", per[key, "evsd"] / bestper) : "-"
-    printf " | %-12s | %s\n", r1, r2
+    has = count[key, "evsd"] > 0
+    r1 = (best > 0 && has) ? sprintf("%.2fx", iops["evsd"] / best) : "-"
+    r2 = (bestper > 0 && has) ? sprintf("%.2fx", per["evsd"] / bestper) : "-"
+    printf " | %-12s | %-19s", r1, r2
+    if (rounds > 1) {
+      # Within each round: evsd against the best peer of that round.
+      printf " |"
+      for (r = 1; r <= rounds; r++) {
+        b = 0
+        for (i = 1; i <= ns; i++)
+          if (sv[i] != "evsd" && ((key, sv[i], r) in run) && run[key, sv[i], r] > b) b = run[key, sv[i], r]
+        printf " %s", (b > 0 && ((key, "evsd", r) in run)) ? sprintf("%.2f", run[key, "evsd", r] / b) : "-"
+      }
+    }
+    printf "\n"
   }
-  printf "\nIOPS per server CPU-second:\n"
+  printf "\nIOPS per server CPU-second (medians):\n"
   for (k = 1; k <= nk; k++) {
     key = keys[k]; printf "%-26s", key
     for (i = 1; i <= ns; i++) {
       s = sv[i]
-      if ((key, s) in per) printf " | %-10s %10d", s, per[key, s]; else printf " | %-10s %10s", s, "-"
+      if (count[key, s] > 0) printf " | %-10s %10d", s, median(key, s, "per"); else printf " | %-10s %10s", s, "-"
     }
     printf "\n"
   }
