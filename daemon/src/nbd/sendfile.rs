@@ -23,20 +23,28 @@ use tokio_rustls::server::TlsStream;
 /// Most bytes one `sendfile` call may move (the kernel's own cap).
 const MAX_SENDFILE_BYTES: u64 = 0x7fff_f000;
 
-/// The writing half of a connection, as far as sending file ranges goes.
+/// The writing half of a connection, as far as sending file ranges goes. By default a stream
+/// does not send them: its replies always go through buffers.
 pub trait SendFile {
     /// Whether `poll_send_file` works on this stream.
-    fn sends_files(&self) -> bool;
+    fn sends_files(&self) -> bool {
+        false
+    }
 
     /// Sends up to `length_bytes` of `file` from `offset_bytes`; ready with the number of bytes
     /// that went out, which is 0 only at the end of the file.
     fn poll_send_file(
         &mut self,
-        cx: &mut Context<'_>,
-        file: &File,
-        offset_bytes: u64,
-        length_bytes: u64,
-    ) -> Poll<io::Result<usize>>;
+        _cx: &mut Context<'_>,
+        _file: &File,
+        _offset_bytes: u64,
+        _length_bytes: u64,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this stream does not send file ranges",
+        )))
+    }
 }
 
 /// One `sendfile` on a non-blocking socket.
@@ -90,29 +98,6 @@ impl SendFile for unix::OwnedWriteHalf {
     }
 }
 
-/// Streams whose replies always go through buffers (see the module comment for TCP).
-macro_rules! no_send_file {
-    ($($generics:tt)*) => {
-        impl $($generics)* {
-            fn sends_files(&self) -> bool {
-                false
-            }
-
-            fn poll_send_file(
-                &mut self,
-                _cx: &mut Context<'_>,
-                _file: &File,
-                _offset_bytes: u64,
-                _length_bytes: u64,
-            ) -> Poll<io::Result<usize>> {
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "this stream does not send file ranges",
-                )))
-            }
-        }
-    };
-}
-
-no_send_file!(SendFile for tcp::OwnedWriteHalf);
-no_send_file!(<S> SendFile for WriteHalf<TlsStream<S>>);
+/// See the module comment for why TCP does not.
+impl SendFile for tcp::OwnedWriteHalf {}
+impl<S> SendFile for WriteHalf<TlsStream<S>> {}
