@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub ring_threads: Option<usize>,
 
-    /// Threads running connections (default: one per core).
+    /// Threads serving NBD connections, each with an event loop of its own; a connection stays on
+    /// the thread serving the fewest when it arrived (default: one per core).
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 

@@ -38,6 +38,7 @@ use crate::metrics::http::MetricsListener;
 use crate::metrics::Metrics;
 use crate::nbd::connection::ConnectionConfig;
 use crate::nbd::server::{Listeners, Server};
+use crate::nbd::threads::ConnectionThreads;
 use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::TransmissionConfig;
 use crate::policy::{Policies, Runner, SystemClock};
@@ -68,11 +69,9 @@ fn main() -> anyhow::Result<()> {
     logging::init(settings.log_format).report();
     // Taken before the runtime starts, so no task can see the fds unowned.
     let inherited = Inherited::take().context("taking socket-activated listeners")?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = settings.worker_threads {
-        builder.worker_threads(threads);
-    }
-    let runtime = builder
+    // Connections run on threads of their own (`nbd::threads`); this runtime serves the rest:
+    // accepting, the admin socket, backups, metrics.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("evsd-worker")
         .build()
@@ -249,6 +248,13 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
             listener.run(Arc::clone(&metrics), shutdown.clone()).await;
         }
     };
+    let connection_threads = settings.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let threads = Arc::new(
+        ConnectionThreads::start(connection_threads, &metrics)
+            .context("starting connection threads")?,
+    );
     let server = Server {
         registry,
         metrics: Arc::clone(&metrics),
@@ -268,6 +274,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         }),
         max_connections: settings.max_connections,
         shutdown_grace: settings.shutdown_grace,
+        threads,
     };
     tokio::join!(
         server.run(listeners, shutdown.clone()),

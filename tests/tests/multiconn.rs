@@ -1,5 +1,7 @@
 //! Multi-conn consistency: write on A (no flush), FLUSH on B, read on C.
 
+use std::time::Duration;
+
 use evsd_e2e::raw::*;
 use evsd_e2e::*;
 
@@ -115,4 +117,65 @@ fn concurrent_writers_on_distinct_regions() {
             "region at {off} wrong"
         );
     }
+}
+
+/// Connections go to the connection thread serving the fewest, each keeps working there, and a
+/// thread's count drops when its connection closes (`evsd_connection_thread_connections`).
+#[test]
+fn connections_spread_over_connection_threads() {
+    use evsd_e2e::metrics::{scrape, value};
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--worker-threads")
+            .arg("2"),
+    );
+    let metrics = d.metrics_addr().expect("metrics address");
+    let on_thread = |t: usize| {
+        value(
+            &scrape(metrics),
+            &format!("evsd_connection_thread_connections{{thread=\"{t}\"}}"),
+        )
+    };
+    assert_eq!((on_thread(0), on_thread(1)), (0.0, 0.0));
+    let mut clients: Vec<Raw> = (0..3).map(|_| Raw::open(d.tcp_addr(), "vol0").0).collect();
+    assert_eq!(
+        (on_thread(0), on_thread(1)),
+        (2.0, 1.0),
+        "three connections over two threads: the fewest-first rule gives 2 and 1"
+    );
+    // Every connection writes its own region and reads every region back.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let data = Prng::new(77 + i as u64).bytes(65536);
+        c.write(1, 0, i as u64 * 65536, &data);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        for j in 0..3u64 {
+            let expected = Prng::new(77 + j).bytes(65536);
+            assert!(
+                c.read(2, j * 65536, 65536) == expected,
+                "connection {i} reads region {j} wrong"
+            );
+        }
+    }
+    // The first connection went to thread 0; closing it leaves 1 and 1, and the next
+    // connection goes to the lower-numbered of the tied threads.
+    clients.remove(0).disconnect();
+    assert!(
+        wait_until(Duration::from_secs(10), || on_thread(0) == 1.0),
+        "thread 0 still counts the closed connection: {}",
+        on_thread(0)
+    );
+    clients.push(Raw::open(d.tcp_addr(), "vol0").0);
+    assert_eq!((on_thread(0), on_thread(1)), (2.0, 1.0));
+    for c in clients {
+        c.disconnect();
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || on_thread(0) + on_thread(1)
+            == 0.0),
+        "connections still counted after all closed: {} and {}",
+        on_thread(0),
+        on_thread(1)
+    );
 }

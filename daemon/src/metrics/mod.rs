@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 pub use labels::Kind;
-use labels::{ReasonLabels, VolumeKindLabels, VolumeLabels};
+use labels::{ReasonLabels, ThreadLabels, VolumeKindLabels, VolumeLabels};
 pub use limits::{ConnectionLimits, Limit, LimitHits};
 pub use volume::VolumeMetrics;
 
@@ -44,6 +44,7 @@ pub struct Metrics {
     hangup_fences: Family<VolumeLabels, Counter>,
     read_bytes_from_cache: Family<VolumeLabels, Counter>,
     accepted: Counter,
+    thread_connections: Family<ThreadLabels, Gauge>,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
     limits: Arc<LimitHits>,
@@ -74,6 +75,7 @@ impl Metrics {
         let hangup_fences = Family::<VolumeLabels, Counter>::default();
         let read_bytes_from_cache = Family::<VolumeLabels, Counter>::default();
         let accepted = Counter::default();
+        let thread_connections = Family::<ThreadLabels, Gauge>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         // The encoder appends `_total` to counters.
@@ -133,6 +135,11 @@ impl Metrics {
             accepted.clone(),
         );
         registry.register(
+            "evsd_connection_thread_connections",
+            "Client connections served by each connection thread",
+            thread_connections.clone(),
+        );
+        registry.register(
             "evsd_connections_refused",
             "Client connections closed at accept",
             refused.clone(),
@@ -162,6 +169,7 @@ impl Metrics {
             hangup_fences,
             read_bytes_from_cache,
             accepted,
+            thread_connections,
             refused,
             handshake_failures,
             limits,
@@ -187,6 +195,14 @@ impl Metrics {
         let handle = Arc::new(VolumeMetrics::new(self, name));
         handles.insert(name.to_owned(), Arc::clone(&handle));
         handle
+    }
+
+    /// The gauge counting connection thread `index`'s connections (its clones share the value).
+    pub fn connection_thread(&self, index: usize) -> Gauge {
+        let labels = ThreadLabels {
+            thread: index.to_string(),
+        };
+        self.thread_connections.get_or_create(&labels).clone()
     }
 
     pub fn connection_accepted(&self) {

@@ -9,5 +9,6 @@ pub mod replies;
 mod sendfile;
 pub mod server;
 pub mod stream;
+pub mod threads;
 pub mod tls;
 pub mod transmission;

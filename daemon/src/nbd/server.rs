@@ -15,7 +15,8 @@ use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::connection::{self, ConnectionConfig};
-use crate::nbd::stream::Transport;
+use crate::nbd::stream::{Handoff, Transport};
+use crate::nbd::threads::ConnectionThreads;
 use crate::storage::Registry;
 
 /// Where the server listens.
@@ -121,6 +122,7 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    pub threads: Arc<ConnectionThreads>,
 }
 
 impl Server {
@@ -154,6 +156,10 @@ impl Server {
         if let Err(e) = self.registry.flush_all().await {
             tracing::error!(error = %e, "final flush failed");
         }
+        // After the flush: work the connections spawned (a map being persisted) may still run
+        // on their threads until then.
+        let threads = Arc::clone(&self.threads);
+        let _ = tokio::task::spawn_blocking(move || threads.stop()).await;
         if let Some(file) = socket_file {
             file.remove();
         }
@@ -172,6 +178,7 @@ impl Server {
             limit: Arc::clone(limit),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            threads: Arc::clone(&self.threads),
         }
     }
 }
@@ -183,26 +190,42 @@ struct AcceptContext {
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    threads: Arc<ConnectionThreads>,
 }
 
 impl AcceptContext {
     /// Starts serving a connection if a slot is free; otherwise closes it at once. The permit
     /// travels with the task, so the slot frees itself however the connection ends.
-    fn admit<S: Transport>(&self, stream: S, peer: String, addr: ClientAddr) {
+    /// It runs on the connection thread serving the fewest connections.
+    fn admit<S: Transport + Handoff>(&self, stream: S, peer: String, addr: ClientAddr) {
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             self.metrics.connection_refused("limit");
             self.metrics.limit_hit(Limit::Connections, &peer);
             return;
+        };
+        let detached = match stream.detach() {
+            Ok(detached) => detached,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "could not hand the connection to a thread");
+                return;
+            }
         };
         self.metrics.connection_accepted();
         let registry = Arc::clone(&self.registry);
         let config = Arc::clone(&self.config);
         let metrics = Arc::clone(&self.metrics);
         let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            connection::serve(stream, peer, addr, registry, config, metrics, shutdown).await;
-            drop(permit);
-        });
+        let (runtime, seat) = self.threads.assign();
+        let serve = async move {
+            match S::attach(detached) {
+                Ok(stream) => {
+                    connection::serve(stream, peer, addr, registry, config, metrics, shutdown).await
+                }
+                Err(error) => tracing::warn!(%peer, %error, "could not register the connection"),
+            }
+            drop((permit, seat));
+        };
+        self.tracker.spawn_on(serve, &runtime);
     }
 }
 

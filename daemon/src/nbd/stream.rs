@@ -46,6 +46,41 @@ impl Transport for UnixStream {
     }
 }
 
+/// An accepted socket handed from the accepting event loop to the connection thread that serves
+/// it: detached from the one, registered with the other.
+pub trait Handoff: Sized {
+    type Detached: Send + 'static;
+
+    fn detach(self) -> std::io::Result<Self::Detached>;
+
+    /// Must run on the receiving thread's runtime.
+    fn attach(detached: Self::Detached) -> std::io::Result<Self>;
+}
+
+impl Handoff for TcpStream {
+    type Detached = std::net::TcpStream;
+
+    fn detach(self) -> std::io::Result<Self::Detached> {
+        self.into_std()
+    }
+
+    fn attach(detached: Self::Detached) -> std::io::Result<Self> {
+        TcpStream::from_std(detached)
+    }
+}
+
+impl Handoff for UnixStream {
+    type Detached = std::os::unix::net::UnixStream;
+
+    fn detach(self) -> std::io::Result<Self::Detached> {
+        self.into_std()
+    }
+
+    fn attach(detached: Self::Detached) -> std::io::Result<Self> {
+        UnixStream::from_std(detached)
+    }
+}
+
 /// TLS state is shared by both directions, so the halves share the stream behind a lock; the
 /// transmission loop polls both from one task, so they never contend.
 impl<S: Transport> Transport for TlsStream<S> {

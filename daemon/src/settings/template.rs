@@ -28,7 +28,8 @@ create_volumes = []
 # Number of io_uring threads.
 ring_threads = 1
 
-# Threads running connections; default one per core.
+# Threads serving NBD connections, each with an event loop of its own; a connection
+# stays on the thread serving the fewest when it arrived. Default: one per core.
 # worker_threads = 4
 
 # Microseconds an io_uring thread polls for more work before sleeping (0: never).
