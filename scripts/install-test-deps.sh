@@ -43,6 +43,7 @@ TOOLS=(
   "mount:mount"
   "umount:mount"
   "ps:procps"
+  "ss:iproute2"
   "jq:jq"
   "python3:python3"
   "systemd-socket-activate:systemd"

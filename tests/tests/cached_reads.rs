@@ -188,3 +188,46 @@ fn cached_reads_go_from_the_page_cache_to_unix_sockets_byte_exact() {
         "nbdcopy over the Unix socket was not sent from the cache"
     );
 }
+
+/// The daemon's end of a Unix connection gets a send buffer as large as TCP's autotuned ceiling
+/// (2 MiB asked, which Linux doubles), or as large as net.core.wmem_max lets it. `ss -xmp` shows
+/// it as `tb` in the socket's memory line.
+#[test]
+fn unix_connections_get_a_large_send_buffer() {
+    require_tool("ss");
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("b:16M"));
+    let mut unix = UnixStream::connect(d.unix_path()).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // The greeting comes after the buffer is set.
+    let greeting = recv(&mut unix, 18);
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let expected = 2 * wmem_max.min(2 << 20);
+    let out = run_stdout("ss", &["-x", "-m", "-p", "-n"]);
+    let owner = format!("pid={},", d.pid());
+    let path = d.unix_path().to_string_lossy().into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    // The listener and the accepted socket both name the path; only the accepted one is ESTAB.
+    let at = lines
+        .iter()
+        .position(|l| l.contains("ESTAB") && l.contains(&path) && l.contains(&owner))
+        .unwrap_or_else(|| panic!("no established socket of evsd on {path} in:\n{out}"));
+    let memory = lines[at..]
+        .iter()
+        .find(|l| l.contains("skmem:("))
+        .unwrap_or_else(|| panic!("no skmem line after the socket in:\n{out}"));
+    let send_buffer: u64 = memory
+        .split(['(', ',', ')'])
+        .find_map(|field| field.trim().strip_prefix("tb"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tb field in {memory:?}"));
+    assert_eq!(
+        send_buffer, expected,
+        "send buffer of evsd's end of a Unix connection (wmem_max {wmem_max})"
+    );
+}

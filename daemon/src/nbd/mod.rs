@@ -12,3 +12,4 @@ pub mod stream;
 pub mod threads;
 pub mod tls;
 pub mod transmission;
+mod unix_buffer;

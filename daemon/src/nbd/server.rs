@@ -17,6 +17,7 @@ use crate::metrics::{Limit, Metrics};
 use crate::nbd::connection::{self, ConnectionConfig};
 use crate::nbd::stream::{Handoff, Transport};
 use crate::nbd::threads::ConnectionThreads;
+use crate::nbd::unix_buffer;
 use crate::storage::Registry;
 
 /// Where the server listens.
@@ -260,6 +261,7 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
         };
         match accepted {
             Ok((stream, _)) => {
+                unix_buffer::enlarge_send_buffer(&stream);
                 sequence += 1;
                 ctx.admit(stream, format!("unix#{sequence}"), ClientAddr::Unix);
             }
