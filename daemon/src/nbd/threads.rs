@@ -124,26 +124,29 @@ impl ConnectionThreads {
 mod tests {
     use super::*;
 
+    fn counts(threads: &ConnectionThreads) -> Vec<i64> {
+        threads
+            .threads
+            .iter()
+            .map(|t| t.connections.get())
+            .collect()
+    }
+
     #[test]
     fn assigns_to_the_least_busy_thread_and_frees_seats() {
         let metrics = Metrics::new();
         let threads = ConnectionThreads::start(2, &metrics).unwrap();
         let (_, first) = threads.assign();
         let (_, second) = threads.assign();
-        let counts: Vec<i64> = threads
-            .threads
-            .iter()
-            .map(|t| t.connections.get())
-            .collect();
-        assert_eq!(counts, vec![1, 1]);
+        assert_eq!(counts(&threads), vec![1, 1]);
         drop(first);
+        assert_eq!(counts(&threads), vec![0, 1]);
         let (_, third) = threads.assign();
-        let counts: Vec<i64> = threads
-            .threads
-            .iter()
-            .map(|t| t.connections.get())
-            .collect();
-        assert_eq!(counts, vec![1, 1], "the freed seat is taken again");
+        assert_eq!(
+            counts(&threads),
+            vec![1, 1],
+            "the freed seat is taken again"
+        );
         drop((second, third));
         assert_eq!(metrics.connection_thread(0).get(), 0);
         assert_eq!(metrics.connection_thread(1).get(), 0);
