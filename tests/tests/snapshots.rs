@@ -1935,3 +1935,44 @@ fn qemu_x_dirty_bitmap_pulls_changes_since_a_snapshot() {
     let covered: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
     assert_eq!(covered, 4 * MIB, "{out}");
 }
+
+/// The handshake's last reply leaves only once the connection is attached: a client that has
+/// finished its handshake holds its export at once, on every try. (The reply used to go out
+/// first, and a delete that came right after it could miss the client.)
+#[test]
+fn an_export_is_held_as_soon_as_its_handshake_ends() {
+    let d = start();
+    create_volume(&d, "vol0", 8 * MIB);
+    snap_create(&d, "vol0", "s1");
+    // Busy threads on every core, so the daemon's threads get preempted at any point, also
+    // between a reply and what should come before it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for round in 0..200 {
+        let (held, _) = Raw::open(d.tcp_addr(), "vol0@s1");
+        admin_err(
+            &d,
+            "snapshot.delete",
+            json!({"volume": "vol0", "name": "s1"}),
+            "busy",
+        );
+        held.disconnect();
+        let (held, _) = Raw::open_structured(d.tcp_addr(), "vol0");
+        let message = admin_err(&d, "volume.delete", json!({"name": "vol0"}), "busy");
+        assert!(!message.is_empty(), "round {round}");
+        held.disconnect();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for spinner in spinners {
+        spinner.join().unwrap();
+    }
+}

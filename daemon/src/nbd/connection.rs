@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessStore, ClientAddr, ClientIdentity};
 use crate::metrics::{Limit, Metrics};
-use crate::nbd::handshake::{negotiate, Established, Exports, HandshakeFailure, Handshaken};
+use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFailure, Handshaken};
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
@@ -61,6 +61,7 @@ pub async fn serve<S: Transport>(
     let Handshaken {
         stream,
         negotiated,
+        final_reply,
         leftover,
         client,
     } = match outcome {
@@ -83,6 +84,7 @@ pub async fn serve<S: Transport>(
     };
     let attached = Attached {
         negotiated,
+        final_reply,
         leftover,
         client,
         peer,
@@ -100,6 +102,8 @@ pub async fn serve<S: Transport>(
 /// What transmission needs once the handshake is done, whatever the stream.
 struct Attached {
     negotiated: Negotiated,
+    /// Sent once the connection is attached to its volume (see `Handshaken::final_reply`).
+    final_reply: BytesMut,
     leftover: BytesMut,
     client: ClientIdentity,
     peer: String,
@@ -110,9 +114,10 @@ struct Attached {
 }
 
 impl Attached {
-    async fn transmit<S: Transport>(self, stream: S, tls: bool) {
+    async fn transmit<S: Transport>(self, mut stream: S, tls: bool) {
         let Attached {
             negotiated,
+            final_reply,
             leftover,
             client,
             peer,
@@ -150,6 +155,10 @@ impl Attached {
                 return;
             }
         };
+        if let Err(error) = handshake::send(&mut stream, &final_reply).await {
+            tracing::debug!(%peer, %error, "client left before the handshake's last reply");
+            return;
+        }
         let volume_metrics = metrics.volume(volume.name());
         let _connected = volume_metrics.connect();
         tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), tls, "client attached");

@@ -54,11 +54,16 @@ pub enum Established<S> {
     Tls(Box<TlsStream<S>>),
 }
 
-/// A finished handshake: the stream, the negotiation, and any bytes the client already sent past
-/// it (pipelined first requests).
+/// A finished handshake: the stream, the negotiation, the reply that ends it, and any bytes the
+/// client already sent past it (pipelined first requests).
 pub struct Handshaken<S> {
     pub stream: Established<S>,
     pub negotiated: Negotiated,
+    /// The last reply (EXPORT_NAME's export data, or GO's information and ACK), not yet sent: the
+    /// client may use the export as soon as it has it, so the connection attaches to the volume
+    /// first. Otherwise a snapshot delete or a connection limit could miss a client that already
+    /// counts itself connected.
+    pub final_reply: BytesMut,
     pub leftover: BytesMut,
     /// The client as its access was decided: with TLS and certificate names once STARTTLS ran.
     pub client: ClientIdentity,
@@ -91,7 +96,8 @@ impl<'a> Exports<'a> {
 
 /// Where one run of options stopped.
 enum Phase {
-    Transmission(Negotiated),
+    /// With the final reply, unsent.
+    Transmission(Negotiated, BytesMut),
     StartTls,
 }
 
@@ -110,10 +116,11 @@ pub async fn negotiate<S: Transport>(
     let mut input = BytesMut::with_capacity(4096);
     let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
-        Phase::Transmission(negotiated) => {
+        Phase::Transmission(negotiated, final_reply) => {
             return Ok(Handshaken {
                 stream: Established::Plain(stream),
                 negotiated,
+                final_reply,
                 leftover: input,
                 client,
             })
@@ -137,9 +144,10 @@ pub async fn negotiate<S: Transport>(
         .unwrap_or_default();
     let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
-        Phase::Transmission(negotiated) => Ok(Handshaken {
+        Phase::Transmission(negotiated, final_reply) => Ok(Handshaken {
             stream: Established::Tls(Box::new(stream)),
             negotiated,
+            final_reply,
             leftover: input,
             client,
         }),
@@ -148,7 +156,8 @@ pub async fn negotiate<S: Transport>(
     }
 }
 
-/// Feeds options to the state machine until it reaches transmission or accepts STARTTLS.
+/// Feeds options to the state machine until it reaches transmission or accepts STARTTLS. The
+/// reply that enters transmission is returned, not sent.
 async fn run_options<S>(
     handshake: &mut ServerHandshake,
     stream: &mut S,
@@ -161,30 +170,31 @@ where
     let mut out = BytesMut::with_capacity(1024);
     loop {
         out.clear();
-        let step = handshake.advance(input, catalog, &mut out)?;
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-        }
-        match step {
+        match handshake.advance(input, catalog, &mut out)? {
+            Step::Transmission(negotiated) => return Ok(Phase::Transmission(negotiated, out)),
             Step::NeedInput => {
-                // TLS buffers written records until flushed; the client waits for our replies.
-                stream.flush().await?;
+                send(stream, &out).await?;
                 if stream.read_buf(input).await? == 0 {
                     return Err(HandshakeFailure::Closed);
                 }
             }
-            Step::Transmission(negotiated) => {
-                stream.flush().await?;
-                return Ok(Phase::Transmission(negotiated));
-            }
             Step::StartTls => {
-                stream.flush().await?;
+                send(stream, &out).await?;
                 return Ok(Phase::StartTls);
             }
             Step::Aborted => {
-                stream.flush().await?;
+                send(stream, &out).await?;
                 return Err(HandshakeFailure::Aborted);
             }
         }
     }
+}
+
+/// Writes replies and flushes them: TLS buffers written records until flushed, and the client
+/// waits for our replies.
+pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) -> std::io::Result<()> {
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+    }
+    stream.flush().await
 }
