@@ -161,11 +161,6 @@ impl BackupStore {
         &self.url
     }
 
-    /// Whether the store is a local directory (`file://`), which answers at disk speed.
-    pub fn is_local(&self) -> bool {
-        self.local_root.is_some()
-    }
-
     fn path(&self, key: &str) -> ObjectPath {
         if self.prefix.as_ref().is_empty() {
             ObjectPath::from(key)
