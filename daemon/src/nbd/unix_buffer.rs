@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::UnixStream;
 
 /// Asked of the kernel, which doubles it for its bookkeeping: 4 MiB, TCP's default ceiling.
-pub const UNIX_SEND_BUFFER_BYTES: usize = 2 << 20;
+const UNIX_SEND_BUFFER_BYTES: usize = 2 << 20;
 
 static CAP_REPORTED: AtomicBool = AtomicBool::new(false);
 
