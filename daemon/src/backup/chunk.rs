@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::backup::raw_frame;
+
 /// Backups cut a volume into chunks of this size at fixed offsets; only the last may be shorter.
 pub const CHUNK_SIZE_BYTES: u64 = 4 << 20;
 
@@ -33,6 +35,10 @@ const DELTA_FIXED_BYTES: usize = 1 + 32 + 4;
 /// Compressing the whole chunk is skipped unless this prefix compresses, so random data
 /// (encrypted or already compressed volumes) costs almost no CPU.
 const SAMPLE_LEN_BYTES: usize = 64 << 10;
+/// A delta's new blocks are compressed unless their first block does not compress: the
+/// compressor's pass over incompressible blocks cost an incremental more CPU than hashing and
+/// reading them.
+const DELTA_SAMPLE_LEN_BYTES: usize = DELTA_BLOCK_BYTES;
 /// The sample must shrink to at most this percentage of its length to be worth compressing.
 const SAMPLE_MAX_PERCENT: usize = 97;
 
@@ -247,6 +253,14 @@ fn with_decompressor<T>(
 
 /// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
 /// smaller than the plaintext; `None`: store raw.
+/// Whether the first `sample_len_bytes` of `data` shrink enough to be worth compressing.
+fn sample_compresses(data: &[u8], sample_len_bytes: usize, zstd_level: i32) -> bool {
+    let sample = &data[..data.len().min(sample_len_bytes)];
+    // A compressor error cannot come from the data itself; storing raw is always correct.
+    with_compressor(zstd_level, |c| c.compress(sample))
+        .is_ok_and(|compressed| compressed.len() * 100 <= sample.len() * SAMPLE_MAX_PERCENT)
+}
+
 fn compress_into(plaintext: &[u8], zstd_level: i32, room: &mut [u8]) -> Option<usize> {
     let sample = &plaintext[..plaintext.len().min(SAMPLE_LEN_BYTES)];
     // A compressor error cannot come from the data itself; storing raw is always correct.
@@ -405,32 +419,44 @@ pub fn encode_delta(
     data: &[u8],
     zstd_level: i32,
 ) -> Vec<u8> {
-    let mut body = Vec::with_capacity(DELTA_FIXED_BYTES + runs.len() * 8 + data.len());
+    let mut head = Vec::with_capacity(DELTA_FIXED_BYTES + runs.len() * 8);
     match base {
         Some(id) => {
-            body.push(1);
-            body.extend_from_slice(id.as_bytes());
+            head.push(1);
+            head.extend_from_slice(id.as_bytes());
         }
         None => {
-            body.push(0);
-            body.extend_from_slice(&[0; 32]);
+            head.push(0);
+            head.extend_from_slice(&[0; 32]);
         }
     }
-    body.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    head.extend_from_slice(&(runs.len() as u32).to_le_bytes());
     for &(first, count) in runs {
-        body.extend_from_slice(&first.to_le_bytes());
-        body.extend_from_slice(&count.to_le_bytes());
+        head.extend_from_slice(&first.to_le_bytes());
+        head.extend_from_slice(&count.to_le_bytes());
     }
-    body.extend_from_slice(data);
-    // Compressed straight behind the header's room. Compressing cannot fail on valid input
-    // with room for the bound; the body stored raw would be unreadable, so a failure here is a
-    // bug worth stopping for.
-    let mut out = vec![0u8; HEADER_LEN_BYTES + zstd::zstd_safe::compress_bound(body.len())];
-    let payload_len = with_compressor(zstd_level, |c| {
-        c.compress_to_buffer(&body, &mut out[HEADER_LEN_BYTES..])
-    })
-    .expect("zstd compresses a delta body");
-    out.truncate(HEADER_LEN_BYTES + payload_len);
+    let body_len = head.len() + data.len();
+    let mut out = Vec::new();
+    if !sample_compresses(data, DELTA_SAMPLE_LEN_BYTES, zstd_level) {
+        out.reserve_exact(HEADER_LEN_BYTES + raw_frame::frame_len(body_len));
+        out.resize(HEADER_LEN_BYTES, 0);
+        raw_frame::append(&mut out, &[&head, data]);
+    } else {
+        let mut body = head;
+        body.extend_from_slice(data);
+        // Compressed straight behind the header's room. Compressing cannot fail on valid
+        // input with room for the bound; the body stored raw would be unreadable, so a failure
+        // here is a bug worth stopping for.
+        out.resize(
+            HEADER_LEN_BYTES + zstd::zstd_safe::compress_bound(body.len()),
+            0,
+        );
+        let payload_len = with_compressor(zstd_level, |c| {
+            c.compress_to_buffer(&body, &mut out[HEADER_LEN_BYTES..])
+        })
+        .expect("zstd compresses a delta body");
+        out.truncate(HEADER_LEN_BYTES + payload_len);
+    }
     let (header, payload) = out.split_at_mut(HEADER_LEN_BYTES);
     write_header(header, CODEC_DELTA, plaintext_len, payload);
     out
@@ -684,6 +710,35 @@ mod tests {
         let mut out = zeros.clone();
         delta.apply(&mut out);
         assert_eq!(out, new);
+    }
+
+    #[test]
+    fn deltas_of_incompressible_blocks_are_stored_raw_and_others_compressed() {
+        let base = random_bytes(64 << 10, 21);
+        let base_id = ChunkId::of(&base);
+        let runs = [(1u32, 3u32)];
+        let body_len = DELTA_FIXED_BYTES + runs.len() * 8 + 3 * 4096;
+        for (data, raw) in [
+            (random_bytes(3 * 4096, 22), true),
+            (compressible_bytes(3 * 4096), false),
+        ] {
+            let stored = encode_delta(base.len(), Some(&base_id), &runs, &data, 3);
+            let raw_len = HEADER_LEN_BYTES + raw_frame::frame_len(body_len);
+            if raw {
+                assert_eq!(stored.len(), raw_len);
+            } else {
+                assert!(stored.len() < raw_len / 2, "{} bytes", stored.len());
+            }
+            let new = patched(&base, &runs, &data);
+            let id = ChunkId::of(&new);
+            let mut out = vec![0u8; new.len()];
+            let Decoded::Delta(delta) = decode_into(&id, &stored, &mut out).unwrap() else {
+                panic!("not a delta");
+            };
+            out.copy_from_slice(&base);
+            delta.apply(&mut out);
+            assert_eq!(out, new);
+        }
     }
 
     #[test]

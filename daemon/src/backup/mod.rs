@@ -17,6 +17,7 @@ pub mod locks;
 pub mod manifest;
 pub mod pack;
 pub mod policy_run;
+pub mod raw_frame;
 pub mod records;
 pub mod restore;
 pub mod retry;
@@ -74,6 +75,8 @@ pub struct Backups {
     pub(crate) trees: tree::TreeCache,
     /// Aligned buffers whole chunks are encoded into (see `local_write`).
     pub(crate) encode_buffers: Arc<crate::storage::aligned::AlignedPool>,
+    /// Buffers incremental backups fill with packed deltas.
+    pub(crate) pack_buffers: Arc<crate::storage::aligned::AlignedPool>,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -125,6 +128,10 @@ impl Backups {
             encode_buffers: crate::storage::aligned::AlignedPool::new(
                 chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
                 config.upload_concurrency.max(1),
+            ),
+            pack_buffers: crate::storage::aligned::AlignedPool::new(
+                pack::PACK_BUFFER_BYTES,
+                pack::IDLE_PACK_BUFFERS,
             ),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,

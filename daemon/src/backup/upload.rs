@@ -219,7 +219,10 @@ async fn upload(
         }
     };
     let counters = Arc::new(Counters::default());
-    let pack = Arc::new(PackWriter::new(&record.backup_id));
+    let pack = Arc::new(PackWriter::new(
+        &record.backup_id,
+        Arc::clone(&svc.pack_buffers),
+    ));
     let new_packed: Arc<Mutex<BTreeMap<ChunkId, PackedAt>>> = Arc::default();
     // Whole chunks hold 4 MiB each in flight: `upload_concurrency` of them at a time. Deltas hold
     // a few blocks and wait mostly on small reads and writes, so many more run beside them.
