@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod delta;
 pub mod error;
 pub mod fetch;
 pub mod gc;

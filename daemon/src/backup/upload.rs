@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::join_all;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::backup::catalog::BackupInfo;
 use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES, MAX_DELTA_DEPTH};
+use crate::backup::delta::{self, DeltaPlan};
 use crate::backup::error::BackupError;
 use crate::backup::fetch;
 use crate::backup::job::Job;
@@ -24,7 +25,7 @@ use crate::backup::manifest::{
 use crate::backup::pack::{FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
-use crate::backup::tree::{self, VolumeTrees, SPAN_BYTES};
+use crate::backup::tree::{self, VolumeTrees};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::aligned::ALIGN_BYTES;
@@ -37,7 +38,7 @@ use crate::storage::StatusQuery;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 
 type ChunkTask =
-    futures_util::future::BoxFuture<'static, Result<(u64, Option<ChunkId>), BackupError>>;
+    futures_util::future::BoxFuture<'static, Result<Vec<(u64, Option<ChunkId>)>, BackupError>>;
 
 fn chunk_len(size_bytes: u64, index: u64) -> u64 {
     CHUNK_SIZE_BYTES.min(size_bytes - index * CHUNK_SIZE_BYTES)
@@ -50,9 +51,9 @@ const DELTAS_PER_WHOLE_CHUNK: usize = 8;
 const MAX_DELTA_BLOCKS: u32 = (CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES / 4) as u32;
 
 #[derive(Default)]
-struct Counters {
-    read_chunks: AtomicU64,
-    read_bytes: AtomicU64,
+pub(super) struct Counters {
+    pub(super) read_chunks: AtomicU64,
+    pub(super) read_bytes: AtomicU64,
     new_chunks: AtomicU64,
     new_stored_bytes: AtomicU64,
     delta_chunks: AtomicU64,
@@ -62,14 +63,6 @@ struct Counters {
 /// What the job knows of stored chunks: for each, the chunk it patches (None: a whole chunk or
 /// a delta over zeroes). Seeded from the parent manifest; the rest is read from the store.
 type KnownBases = Mutex<HashMap<ChunkId, Option<ChunkId>>>;
-
-/// A changed chunk the incremental may store as a delta of the parent's chunk.
-struct DeltaPlan {
-    /// The parent's chunk (None: zeroes).
-    base: Option<ChunkId>,
-    /// Changed blocks, as (first, count) runs relative to the chunk.
-    runs: Vec<(u32, u32)>,
-}
 
 pub async fn run(
     svc: &Arc<Backups>,
@@ -162,7 +155,7 @@ async fn upload(
             previous,
         );
     }
-    let mut plans: HashMap<u64, DeltaPlan> = HashMap::new();
+    let mut plans: HashMap<u64, Arc<DeltaPlan>> = HashMap::new();
     if let (Some(parent), Some(changed)) = (&parent, changed) {
         for (i, slot) in chunks.iter_mut().enumerate() {
             if !changed.contains_key(&(i as u64)) {
@@ -181,7 +174,7 @@ async fn upload(
                 && blocks <= MAX_DELTA_BLOCKS
                 && depth + 2 <= MAX_DELTA_DEPTH
             {
-                plans.insert(i, DeltaPlan { base, runs });
+                plans.insert(i, Arc::new(DeltaPlan { base, runs }));
             }
         }
     }
@@ -228,22 +221,37 @@ async fn upload(
     // a few blocks and wait mostly on small reads and writes, so many more run beside them.
     let concurrency = svc.config.upload_concurrency.max(1);
     let whole_permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut results = futures_util::stream::iter(todo.into_iter().map(|i| {
+    // Neighbouring chunks with a delta plan go in batches; any other chunk alone.
+    let mut batches: Vec<Vec<u64>> = Vec::new();
+    for i in todo {
+        match batches.last_mut() {
+            Some(last)
+                if plans.contains_key(&i)
+                    && plans.contains_key(&last[0])
+                    && last.len() < delta::BATCH_CHUNKS =>
+            {
+                last.push(i)
+            }
+            _ => batches.push(vec![i]),
+        }
+    }
+    let mut results = futures_util::stream::iter(batches.into_iter().map(|batch| {
         let svc = Arc::clone(svc);
         let job = Arc::clone(job);
         let entry = Arc::clone(entry);
         let known = Arc::clone(&known);
         let counters = Arc::clone(&counters);
         let bases = Arc::clone(&bases);
-        let plans = Arc::clone(&plans);
         let whole_permits = Arc::clone(&whole_permits);
         let trees = trees.clone();
         let pack = Arc::clone(&pack);
         let new_packed = Arc::clone(&new_packed);
         let snapshot = record.snapshot.clone();
+        let planned: Vec<(u64, Arc<DeltaPlan>)> = batch
+            .iter()
+            .filter_map(|i| plans.get(i).map(|plan| (*i, Arc::clone(plan))))
+            .collect();
         let task: ChunkTask = Box::pin(async move {
-            let offset = i * CHUNK_SIZE_BYTES;
-            let len = chunk_len(size_bytes, i);
             let ctx = ChunkCtx {
                 svc: &svc,
                 job: &job,
@@ -257,25 +265,33 @@ async fn upload(
                 pack: &pack,
                 packed: &new_packed,
             };
-            let delta = match plans.get(&i) {
-                Some(plan) => process_delta(&ctx, offset, plan).await?,
-                None => None,
+            let named = if planned.is_empty() {
+                vec![None; batch.len()]
+            } else {
+                delta::process_batch(&ctx, planned).await?
             };
-            let id = match delta {
-                Some(id) => id,
-                None => process_chunk(&ctx, offset, len).await?,
-            };
-            job.add_done(len);
-            Ok((i, id))
+            let mut done = Vec::with_capacity(batch.len());
+            for (i, named) in batch.into_iter().zip(named) {
+                let len = chunk_len(size_bytes, i);
+                let id = match named {
+                    Some(id) => id,
+                    None => process_chunk(&ctx, i * CHUNK_SIZE_BYTES, len).await?,
+                };
+                job.add_done(len);
+                done.push((i, id));
+            }
+            Ok(done)
         });
-        task
+        // Started when the stream below pulls it, so no more run than it keeps in flight.
+        spawn_chunk_task(task)
     }))
     .buffer_unordered(concurrency * DELTAS_PER_WHOLE_CHUNK);
     let mut last_checkpoint = Instant::now();
     while let Some(result) = results.next().await {
-        let (i, id) = result?;
-        chunks[i as usize] = Some(id);
-        record.done.push((i, id));
+        for (i, id) in result? {
+            chunks[i as usize] = Some(id);
+            record.done.push((i, id));
+        }
         if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
             svc.files.save(&JobRecord::Backup(record.clone()))?;
             last_checkpoint = Instant::now();
@@ -550,24 +566,24 @@ async fn resolve_delta_bases(
 }
 
 /// What every chunk task works with.
-struct ChunkCtx<'a> {
-    svc: &'a Arc<Backups>,
+pub(super) struct ChunkCtx<'a> {
+    pub(super) svc: &'a Arc<Backups>,
     job: &'a Job,
     entry: &'a VolumeEntry,
     snapshot: &'a str,
     known: &'a Mutex<HashSet<ChunkId>>,
     bases: &'a KnownBases,
-    counters: &'a Counters,
+    pub(super) counters: &'a Counters,
     whole_permits: &'a tokio::sync::Semaphore,
     /// The volume's cached chunk trees (None: no cache, every changed chunk is read whole).
-    trees: Option<&'a Arc<VolumeTrees>>,
+    pub(super) trees: Option<&'a Arc<VolumeTrees>>,
     /// The pack deltas go into, and where the packed ones lie once their pack is stored.
     pack: &'a PackWriter,
     packed: &'a Mutex<BTreeMap<ChunkId, PackedAt>>,
 }
 
 impl ChunkCtx<'_> {
-    fn view(&self) -> Result<Arc<crate::storage::volume::Volume>, BackupError> {
+    pub(super) fn view(&self) -> Result<Arc<crate::storage::volume::Volume>, BackupError> {
         // Looked up per chunk: a merge of other snapshots may rebuild it meanwhile.
         Ok(self
             .entry
@@ -578,7 +594,7 @@ impl ChunkCtx<'_> {
             })?)
     }
 
-    fn is_known(&self, id: &ChunkId) -> bool {
+    pub(super) fn is_known(&self, id: &ChunkId) -> bool {
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -587,7 +603,7 @@ impl ChunkCtx<'_> {
 
     /// Puts a delta of `base` (None: of zeroes) named `id` into the backup's pack, and stores
     /// the pack when it is full.
-    async fn put_packed(
+    pub(super) async fn put_packed(
         &self,
         id: ChunkId,
         stored: Vec<u8>,
@@ -645,6 +661,18 @@ impl ChunkCtx<'_> {
         svc.metrics.backup().uploaded_bytes.inc_by(len as u64);
         Ok(())
     }
+}
+
+/// Runs `task` on a task of its own, so every runtime thread polls the chunk tasks: polled
+/// from the job's one task, all the reads and pack appends of a backup ran on one thread.
+/// Aborted when dropped (the job failed).
+fn spawn_chunk_task(task: ChunkTask) -> ChunkTask {
+    let handle = AbortOnDropHandle::new(tokio::spawn(task));
+    Box::pin(async move {
+        handle
+            .await
+            .map_err(|e| BackupError::Failed(format!("a chunk task failed: {e}")))?
+    })
 }
 
 /// One chunk read whole: None when it reads as zeroes, else its id (uploaded if the store
@@ -710,107 +738,6 @@ async fn process_chunk(
     .await?;
     ctx.put_whole(id, padded, len).await?;
     Ok(Some(id))
-}
-
-/// A changed whole chunk named from the parent chunk's cached tree and the spans holding its
-/// changed blocks, and stored as a delta of the parent's chunk when the store lacks it. None
-/// when the parent's tree is not cached here: the caller reads the chunk whole.
-async fn process_delta(
-    ctx: &ChunkCtx<'_>,
-    offset_bytes: u64,
-    plan: &DeltaPlan,
-) -> Result<Option<Option<ChunkId>>, BackupError> {
-    // The spans holding changed blocks, as (first span, span count) runs.
-    let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
-    let mut span_runs: Vec<(u32, u32)> = Vec::new();
-    for &(first, count) in &plan.runs {
-        let spans = tree::spans_of_blocks(first, count);
-        let (a, z) = (spans.start as u32, spans.end as u32);
-        match span_runs.last_mut() {
-            Some(last) if last.0 + last.1 >= a => last.1 = last.1.max(z - last.0),
-            _ => span_runs.push((a, z - a)),
-        }
-    }
-    let view = ctx.view()?;
-    let reads = span_runs.iter().map(|&(first, count)| {
-        let at = offset_bytes + u64::from(first) * SPAN_BYTES as u64;
-        view.read(at, count as usize * SPAN_BYTES)
-    });
-    let mut pieces: Vec<(u32, Bytes)> = Vec::with_capacity(span_runs.len());
-    for (&(first, _), read) in span_runs.iter().zip(join_all(reads).await) {
-        pieces.push((first, read?));
-    }
-    let read_bytes: u64 = pieces.iter().map(|(_, b)| b.len() as u64).sum();
-    ctx.counters.read_chunks.fetch_add(1, Ordering::Relaxed);
-    ctx.counters
-        .read_bytes
-        .fetch_add(read_bytes, Ordering::Relaxed);
-    let Some(trees) = ctx.trees.map(Arc::clone) else {
-        return Ok(None);
-    };
-    let index = offset_bytes / CHUNK_SIZE_BYTES;
-    let base = plan.base;
-    let runs = plan.runs.clone();
-    let level = ctx.svc.config.zstd_level;
-    // Everything else in one trip to the blocking pool: the parent's tree, the new span CVs
-    // and root, the new tree cached, the delta encoded.
-    let named = blocking(move || {
-        let mut cvs = match base {
-            None => tree::zero_cvs().to_vec(),
-            Some(base) => trees.load(index, &base)?,
-        };
-        for (first, bytes) in &pieces {
-            for (k, span) in bytes.chunks_exact(SPAN_BYTES).enumerate() {
-                let index = *first as usize + k;
-                cvs[index] = tree::span_cv(index, span);
-            }
-        }
-        let id = tree::root(&cvs);
-        if Some(id) == base || id == tree::root(tree::zero_cvs()) {
-            return Some((id, None));
-        }
-        trees.store(index, &id, &cvs);
-        // The new bytes of the changed blocks, run after run, cut from the spans read.
-        let mut patch = Vec::with_capacity(
-            runs.iter().map(|r| r.1 as usize).sum::<usize>() * DELTA_BLOCK_BYTES,
-        );
-        for &(first, count) in &runs {
-            for block in first..first + count {
-                let span = block / blocks_per_span;
-                let (piece_first, bytes) = pieces
-                    .iter()
-                    .rev()
-                    .find(|(f, _)| *f <= span)
-                    .expect("every changed block lies in a span read");
-                let at = (block - piece_first * blocks_per_span) as usize * DELTA_BLOCK_BYTES;
-                patch.extend_from_slice(&bytes[at..at + DELTA_BLOCK_BYTES]);
-            }
-        }
-        let stored = chunk::encode_delta(
-            CHUNK_SIZE_BYTES as usize,
-            base.as_ref(),
-            &runs,
-            &patch,
-            level,
-        );
-        Some((id, Some(stored)))
-    })
-    .await?;
-    let Some((id, stored)) = named else {
-        // The parent's tree is not cached here: the caller reads the chunk whole.
-        return Ok(None);
-    };
-    if Some(id) == plan.base {
-        return Ok(Some(Some(id)));
-    }
-    let Some(stored) = stored else {
-        return Ok(Some(None));
-    };
-    if ctx.is_known(&id) {
-        return Ok(Some(Some(id)));
-    }
-    ctx.put_packed(id, stored, plan.base).await?;
-    Ok(Some(Some(id)))
 }
 
 /// Stores a full pack, then records where its chunks lie.
