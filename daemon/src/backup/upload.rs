@@ -121,21 +121,23 @@ async fn upload(
         })?;
     let size_bytes = snapshot.size_bytes;
     let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES) as usize;
-    // Under the shared lock no GC runs, so what is listed now stays in the store.
-    let known: HashSet<ChunkId> = with_retry(job, &svc.shutdown, "listing chunks", || {
+    // Under the shared lock no GC runs, so what is listed now stays in the store. The listing
+    // and the search for the base both wait on the store: they run together.
+    let listing = with_retry(job, &svc.shutdown, "listing chunks", || {
         svc.store.list_chunks()
-    })
-    .await?
-    .into_keys()
-    .collect();
+    });
+    let base = async {
+        if record.full {
+            Ok((None, None))
+        } else {
+            find_base(svc, job, entry, record, size_bytes).await
+        }
+    };
+    let (listed, (parent, changed)) = tokio::try_join!(listing, base)?;
+    let known: HashSet<ChunkId> = listed.into_keys().collect();
     let known = Arc::new(Mutex::new(known));
 
     let mut chunks: Vec<Option<Option<ChunkId>>> = vec![None; chunk_count];
-    let (parent, changed) = if record.full {
-        (None, None)
-    } else {
-        find_base(svc, job, entry, record, size_bytes).await?
-    };
     let bases: Arc<KnownBases> = Arc::new(Mutex::new(HashMap::new()));
     // The chunks earlier backups keep in packs are in the store too, though no listing shows
     // them: their manifests say where. An incremental learns them from its parent, a full
