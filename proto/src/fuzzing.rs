@@ -240,6 +240,7 @@ impl Model {
             // GO: INFO_EXPORT announced this size and these flags, and the ACK ends the output.
             let last = replies.last().expect("GO without replies");
             assert!(last.option == OPT_GO && last.kind == REP_ACK);
+            assert_eq!(n.ended_by, OPT_GO);
             let announced = replies.iter().rev().find(|r| {
                 r.option == OPT_GO
                     && r.kind == REP_INFO
@@ -258,6 +259,8 @@ impl Model {
             );
             assert_eq!(rest[..10], wire);
             assert!(rest[10..].iter().all(|&b| b == 0));
+            assert_eq!(n.ended_by, OPT_EXPORT_NAME);
+            assert_eq!(n.late_refusal(crate::ExportRefusal::Unknown), None);
         }
     }
 }

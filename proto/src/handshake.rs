@@ -87,6 +87,34 @@ pub struct Negotiated {
     pub mode: ReplyMode,
     pub transmission_flags: u16,
     pub meta_contexts: Vec<MetaContext>,
+    /// The option that ended the handshake: OPT_GO or OPT_EXPORT_NAME.
+    pub ended_by: u32,
+}
+
+impl Negotiated {
+    /// What to send instead of the final reply when the export, accepted by the catalog,
+    /// cannot be served after all (deleted, or its connection limit reached, between the
+    /// catalog's answer and the runtime attaching the connection): for GO the refusal it would
+    /// have got a moment earlier; for EXPORT_NAME, which has no error reply, `None`: close.
+    pub fn late_refusal(&self, refusal: ExportRefusal) -> Option<BytesMut> {
+        if self.ended_by != OPT_GO {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        let name = truncate_utf8(&self.export.name, MAX_QUOTED_NAME_BYTES);
+        let (reply_type, msg) = match refusal {
+            ExportRefusal::Unknown => (REP_ERR_UNKNOWN, format!("export {name:?} not found")),
+            // Only the catalog knows whether TLS is offered; a late refusal never needs it.
+            ExportRefusal::TlsRequired => (
+                REP_ERR_POLICY,
+                format!("export {name:?} is served over TLS only"),
+            ),
+            ExportRefusal::Policy(reason) => (REP_ERR_POLICY, format!("export {name:?}: {reason}")),
+        };
+        let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
+        put_reply(&mut out, OPT_GO, reply_type, msg.as_bytes());
+        Some(out)
+    }
 }
 
 /// What the runtime should do after `advance`. In every case it first sends `out`.
@@ -336,7 +364,7 @@ impl ServerHandshake {
                         return Err(HandshakeError::ExportRefused { name, reason })
                     }
                 };
-                let negotiated = self.finish(export, &name);
+                let negotiated = self.finish(export, &name, OPT_EXPORT_NAME);
                 out.put_u64(negotiated.export.size_bytes);
                 out.put_u16(negotiated.transmission_flags);
                 if !self.no_zeroes {
@@ -460,7 +488,7 @@ impl ServerHandshake {
         put_reply(out, option, REP_INFO, &info);
         put_reply(out, option, REP_ACK, &[]);
         if option == OPT_GO {
-            return Some(Step::Transmission(self.finish(export, &name)));
+            return Some(Step::Transmission(self.finish(export, &name, OPT_GO)));
         }
         None
     }
@@ -559,7 +587,7 @@ impl ServerHandshake {
         put_reply(out, option, REP_ACK, &[]);
     }
 
-    fn finish(&mut self, export: ExportInfo, requested_name: &str) -> Negotiated {
+    fn finish(&mut self, export: ExportInfo, requested_name: &str, ended_by: u32) -> Negotiated {
         self.state = State::Finished;
         // Contexts negotiated for another export do not apply to this one.
         let same_export = self.meta_export.as_deref() == Some(requested_name)
@@ -574,6 +602,7 @@ impl ServerHandshake {
             mode: self.mode,
             export,
             meta_contexts,
+            ended_by,
         }
     }
 }

@@ -200,6 +200,46 @@ fn go_sends_export_name_description_block_size() {
 }
 
 #[test]
+fn a_late_refusal_answers_go_and_leaves_export_name_to_a_close() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!("GO did not end the handshake")
+    };
+    assert_eq!(n.ended_by, OPT_GO);
+    let unknown = n.late_refusal(ExportRefusal::Unknown).expect("a reply");
+    assert_eq!(
+        replies(&unknown),
+        [(
+            OPT_GO,
+            REP_ERR_UNKNOWN,
+            b"export \"vol0\" not found".to_vec()
+        )]
+    );
+    let policy = n
+        .late_refusal(ExportRefusal::Policy(
+            "connection limit of 1 reached".into(),
+        ))
+        .expect("a reply");
+    assert_eq!(
+        replies(&policy),
+        [(
+            OPT_GO,
+            REP_ERR_POLICY,
+            b"export \"vol0\": connection limit of 1 reached".to_vec()
+        )]
+    );
+
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!("EXPORT_NAME did not end the handshake")
+    };
+    assert_eq!(n.ended_by, OPT_EXPORT_NAME);
+    assert_eq!(n.late_refusal(ExportRefusal::Unknown), None);
+}
+
+#[test]
 fn info_does_not_end_the_handshake_and_unknown_export_is_err_unknown() {
     let (mut hs, mut input) = start(3);
     option(&mut input, OPT_INFO, &info_payload("vol0", &[]));

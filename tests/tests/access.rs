@@ -221,6 +221,52 @@ fn per_volume_connection_limit() {
     .0 == REP_ACK));
 }
 
+/// Two clients finishing GO at once on a volume with one slot left: both pass the handshake's
+/// check, one attaches, and the other, refused when it attaches, still gets the refusal as an
+/// option reply rather than a closed connection.
+#[test]
+fn racing_clients_over_a_connection_limit_each_get_an_answer() {
+    let d = Daemon::start(DaemonOpts::new().with_vol0());
+    let addr = d.tcp_addr();
+    d.evsctl_ok(&["access", "set", "vol0", "--max-connections", "1"]);
+    for round in 0..100 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|_| {
+                let barrier = std::sync::Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let mut raw = Raw::handshake(addr, CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+                    barrier.wait();
+                    // Panics (failing the round) if the server closes instead of answering.
+                    let last = raw.info_or_go(OPT_GO, "vol0", &[]).pop().unwrap();
+                    (raw, last)
+                })
+            })
+            .collect();
+        let mut answers: Vec<(Raw, OptReply)> = racers
+            .into_iter()
+            .map(|racer| racer.join().expect("a racer got no answer"))
+            .collect();
+        answers.sort_by_key(|(_, reply)| reply.typ);
+        let (winner, won) = answers.remove(0);
+        let (_, lost) = answers.remove(0);
+        assert_eq!(won.typ, REP_ACK, "round {round}");
+        let message = String::from_utf8_lossy(&lost.data).into_owned();
+        assert_eq!(lost.typ, REP_ERR_POLICY, "round {round}: {message}");
+        assert!(
+            message.contains("connection limit of 1"),
+            "round {round}: {message}"
+        );
+        winner.disconnect();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                d.evsctl_json(&["volume", "show", "vol0"])["connections"] == 0
+            }),
+            "round {round}: the winner's slot was not freed"
+        );
+    }
+}
+
 #[test]
 fn rules_persist_across_restart_and_die_with_the_volume() {
     let mut d = Daemon::start(DaemonOpts::new().with_vol0().volume("vol1:64M"));

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use evsd_proto::{HandshakeConfig, Negotiated, RequestError};
+use evsd_proto::{ExportRefusal, HandshakeConfig, Negotiated, RequestError};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessStore, ClientAddr, ClientIdentity};
@@ -128,6 +128,7 @@ impl Attached {
         } = self;
         let Some(volume) = registry.get(&negotiated.export.name) else {
             tracing::warn!(%peer, export = %negotiated.export.name, "export vanished during the handshake");
+            refuse_late(&mut stream, &negotiated, ExportRefusal::Unknown).await;
             return;
         };
         // Ends on global shutdown or when the volume is force-deleted, whichever comes first.
@@ -146,12 +147,15 @@ impl Attached {
             Ok(attachment) => attachment,
             Err(AttachRefused::Closed) => {
                 tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
+                refuse_late(&mut stream, &negotiated, ExportRefusal::Unknown).await;
                 return;
             }
             Err(AttachRefused::Full(max)) => {
                 // Another client took the last slot between the handshake's check and now.
                 metrics.limit_hit(Limit::VolumeConnections, &peer);
                 tracing::debug!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached after the handshake");
+                let reason = format!("connection limit of {max} reached");
+                refuse_late(&mut stream, &negotiated, ExportRefusal::Policy(reason)).await;
                 return;
             }
         };
@@ -204,5 +208,18 @@ impl Attached {
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
         }
+    }
+}
+
+/// Tells a client whose GO was accepted that its export cannot be served after all, before the
+/// connection closes (EXPORT_NAME has no error reply: the close is all it gets).
+async fn refuse_late<S: Transport>(
+    stream: &mut S,
+    negotiated: &Negotiated,
+    refusal: ExportRefusal,
+) {
+    if let Some(reply) = negotiated.late_refusal(refusal) {
+        // The connection closes either way; a client already gone changes nothing.
+        let _ = handshake::send(stream, &reply).await;
     }
 }
