@@ -38,10 +38,10 @@ enum Named {
     Zero,
 }
 
-/// The chunks at `indices` (each with its plan), each named from its parent's cached tree and
-/// the spans holding its changed blocks, and stored as a delta of the parent's chunk when the
-/// store lacks it. For each: its id (None: zeroes), or None when the parent's tree is not
-/// cached here, for the caller to read that chunk whole.
+/// `chunks` (index and plan), each named from its parent's cached tree and the spans holding
+/// its changed blocks, and stored as a delta of the parent's chunk when the store lacks it.
+/// For each, in order: its id (None: zeroes), or None when the parent's tree is not cached
+/// here, for the caller to read that chunk whole.
 pub(super) async fn process_batch(
     ctx: &ChunkCtx<'_>,
     chunks: Vec<(u64, Arc<DeltaPlan>)>,
