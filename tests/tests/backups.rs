@@ -191,11 +191,13 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(b2["parent"], b1["id"], "{b2:#}");
     assert_eq!(b2["incremental"], true, "{b2:#}");
     // Chunks 1, 5 and 12 changed: each is named from b1's cached chunk tree (or zeroes) and
-    // the 16 KiB spans holding its changed blocks, and stored as a delta of b1's chunk.
+    // the 16 KiB span holding its changed blocks (read as it was in b1's snapshot) with those
+    // blocks (8, 4 and 4 KiB, read from the new one) laid over it, and stored as a delta of
+    // b1's chunk.
     assert_eq!(
         u(&b2, "read_bytes"),
-        3 * 16384,
-        "the spans of chunks 1, 5 and 12: {b2:#}"
+        3 * 16384 + 16384,
+        "the spans and changed blocks of chunks 1, 5 and 12: {b2:#}"
     );
     assert_eq!(u(&b2, "delta_chunks"), 3, "{b2:#}");
     assert!(

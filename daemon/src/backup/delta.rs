@@ -6,6 +6,13 @@
 //! encoded) and the hand-offs around it showed: one trip to the blocking pool per chunk put
 //! about a sixth of the daemon's CPU into waking and switching threads. A batch of neighbouring
 //! chunks reads all its spans at once and makes one trip.
+//!
+//! A span's unchanged blocks are read from the parent backup's snapshot, where the whole span
+//! is one read from one layer, and its changed blocks from the new snapshot, whose newest
+//! layer holds them (recently written, usually still cached). Read from the new snapshot alone,
+//! a span with a changed block in its middle took a read from each side of it: when other work
+//! had pushed the volume out of the page cache, those reads went to the disk, and an incremental
+//! after scattered writes was bound by its random reads.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,11 +57,21 @@ pub(super) async fn process_batch(
         return Ok(vec![None; chunks.len()]);
     };
     let view = ctx.view()?;
+    // Without the parent's snapshot (deleted meanwhile), the new one serves the unchanged
+    // blocks too: they are the same there.
+    let base_view = ctx
+        .base_snapshot
+        .and_then(|name| ctx.entry.view(name))
+        .unwrap_or_else(|| Arc::clone(&view));
     let reads = chunks
         .iter()
-        .map(|(index, plan)| read_spans(&view, *index * CHUNK_SIZE_BYTES, plan));
-    let pieces = try_join_all(reads).await?;
-    let read_bytes: u64 = pieces.iter().flatten().map(|(_, b)| b.len() as u64).sum();
+        .map(|(index, plan)| read_chunk(&view, &base_view, *index * CHUNK_SIZE_BYTES, plan));
+    let read = try_join_all(reads).await?;
+    let read_bytes: u64 = read
+        .iter()
+        .flat_map(|r| r.spans.iter().map(|(_, b)| b).chain(&r.blocks))
+        .map(|b| b.len() as u64)
+        .sum();
     ctx.counters
         .read_chunks
         .fetch_add(chunks.len() as u64, Ordering::Relaxed);
@@ -62,10 +79,11 @@ pub(super) async fn process_batch(
         .read_bytes
         .fetch_add(read_bytes, Ordering::Relaxed);
     let level = ctx.svc.config.zstd_level;
-    let work: Vec<_> = chunks.iter().cloned().zip(pieces).collect();
+    let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let named = blocking(move || {
+        let mut scratch = Vec::new();
         work.into_iter()
-            .map(|((index, plan), pieces)| name(&trees, index, &plan, &pieces, level))
+            .map(|((index, plan), read)| name(&trees, index, &plan, &read, &mut scratch, level))
             .collect::<Vec<_>>()
     })
     .await?;
@@ -86,13 +104,23 @@ pub(super) async fn process_batch(
     Ok(ids)
 }
 
-/// The spans of the chunk at `offset_bytes` holding its changed blocks, as (first span, bytes)
-/// pieces, neighbouring spans read together.
-async fn read_spans(
+/// What naming one changed chunk needs read.
+struct ChunkRead {
+    /// The spans holding changed blocks as they were in the parent's snapshot, as (first span,
+    /// bytes) pieces, neighbouring spans read together.
+    spans: Vec<(u32, Bytes)>,
+    /// The new bytes of each of the plan's runs.
+    blocks: Vec<Bytes>,
+}
+
+/// Reads what naming the chunk at `offset_bytes` needs: its changed spans from `base_view`,
+/// its changed blocks from `view`.
+async fn read_chunk(
     view: &Volume,
+    base_view: &Volume,
     offset_bytes: u64,
     plan: &DeltaPlan,
-) -> Result<Vec<(u32, Bytes)>, BackupError> {
+) -> Result<ChunkRead, BackupError> {
     let mut span_runs: Vec<(u32, u32)> = Vec::new();
     for &(first, count) in &plan.runs {
         let spans = tree::spans_of_blocks(first, count);
@@ -102,29 +130,52 @@ async fn read_spans(
             _ => span_runs.push((a, z - a)),
         }
     }
-    let reads = span_runs.iter().map(|&(first, count)| {
+    let spans = try_join_all(span_runs.iter().map(|&(first, count)| {
         let at = offset_bytes + u64::from(first) * SPAN_BYTES as u64;
-        view.read(at, count as usize * SPAN_BYTES)
-    });
-    let read = try_join_all(reads).await?;
-    Ok(span_runs.iter().map(|r| r.0).zip(read).collect())
+        base_view.read(at, count as usize * SPAN_BYTES)
+    }));
+    let blocks = try_join_all(plan.runs.iter().map(|&(first, count)| {
+        let at = offset_bytes + u64::from(first) * DELTA_BLOCK_BYTES as u64;
+        view.read(at, count as usize * DELTA_BLOCK_BYTES)
+    }));
+    let (spans, blocks) = futures_util::try_join!(spans, blocks)?;
+    Ok(ChunkRead {
+        spans: span_runs.iter().map(|r| r.0).zip(spans).collect(),
+        blocks,
+    })
 }
 
-/// Names chunk `index` from its parent's tree (None when not cached) with the span CVs of
-/// `pieces` put in, caches its new tree and encodes its delta. Blocking.
+/// Names chunk `index` from its parent's tree (None when not cached) with the CVs of the
+/// spans read put in, once the new blocks are laid over them (in `scratch`), caches its new tree
+/// and encodes its delta. Blocking.
 fn name(
     trees: &VolumeTrees,
     index: u64,
     plan: &DeltaPlan,
-    pieces: &[(u32, Bytes)],
+    read: &ChunkRead,
+    scratch: &mut Vec<u8>,
     zstd_level: i32,
 ) -> Option<Named> {
     let mut cvs = match plan.base {
         None => tree::zero_cvs().to_vec(),
         Some(base) => trees.load(index, &base)?,
     };
-    for (first, bytes) in pieces {
-        for (k, span) in bytes.chunks_exact(SPAN_BYTES).enumerate() {
+    let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
+    for (first, old) in &read.spans {
+        scratch.clear();
+        scratch.extend_from_slice(old);
+        let start = first * blocks_per_span;
+        let end = start + (old.len() / DELTA_BLOCK_BYTES) as u32;
+        for (&(run_first, run_count), new) in plan.runs.iter().zip(&read.blocks) {
+            let (a, z) = (run_first.max(start), (run_first + run_count).min(end));
+            if a < z {
+                let from = (a - run_first) as usize * DELTA_BLOCK_BYTES;
+                let to = (a - start) as usize * DELTA_BLOCK_BYTES;
+                let len = (z - a) as usize * DELTA_BLOCK_BYTES;
+                scratch[to..to + len].copy_from_slice(&new[from..from + len]);
+            }
+        }
+        for (k, span) in scratch.chunks_exact(SPAN_BYTES).enumerate() {
             let at = *first as usize + k;
             cvs[at] = tree::span_cv(at, span);
         }
@@ -137,27 +188,12 @@ fn name(
         return Some(Named::Zero);
     }
     trees.store(index, &id, &cvs);
-    // The new bytes of the changed blocks, run after run, cut from the spans read.
-    let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
-    let blocks: u32 = plan.runs.iter().map(|r| r.1).sum();
-    let mut patch = Vec::with_capacity(blocks as usize * DELTA_BLOCK_BYTES);
-    for &(first, count) in &plan.runs {
-        for block in first..first + count {
-            let span = block / blocks_per_span;
-            let (piece_first, bytes) = pieces
-                .iter()
-                .rev()
-                .find(|(f, _)| *f <= span)
-                .expect("every changed block lies in a span read");
-            let at = (block - piece_first * blocks_per_span) as usize * DELTA_BLOCK_BYTES;
-            patch.extend_from_slice(&bytes[at..at + DELTA_BLOCK_BYTES]);
-        }
-    }
+    // The new bytes of the changed blocks, run after run.
     let stored = chunk::encode_delta(
         CHUNK_SIZE_BYTES as usize,
         plan.base.as_ref(),
         &plan.runs,
-        &patch,
+        &read.blocks.concat(),
         zstd_level,
     );
     Some(Named::Chunk(id, Some(stored)))

@@ -249,6 +249,7 @@ async fn upload(
         let pack = Arc::clone(&pack);
         let new_packed = Arc::clone(&new_packed);
         let snapshot = record.snapshot.clone();
+        let base_snapshot = parent.as_ref().map(|p| p.source_snapshot.clone());
         let planned: Vec<(u64, Arc<DeltaPlan>)> = batch
             .iter()
             .filter_map(|i| plans.get(i).map(|plan| (*i, Arc::clone(plan))))
@@ -256,6 +257,7 @@ async fn upload(
         let task: ChunkTask = Box::pin(async move {
             let ctx = ChunkCtx {
                 svc: &svc,
+                base_snapshot: base_snapshot.as_deref(),
                 job: &job,
                 entry: &entry,
                 snapshot: &snapshot,
@@ -570,8 +572,10 @@ async fn resolve_delta_bases(
 /// What every chunk task works with.
 pub(super) struct ChunkCtx<'a> {
     pub(super) svc: &'a Arc<Backups>,
+    /// The parent backup's snapshot, which an incremental reads unchanged blocks from.
+    pub(super) base_snapshot: Option<&'a str>,
     job: &'a Job,
-    entry: &'a VolumeEntry,
+    pub(super) entry: &'a VolumeEntry,
     snapshot: &'a str,
     known: &'a Mutex<HashSet<ChunkId>>,
     bases: &'a KnownBases,
