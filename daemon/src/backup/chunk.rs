@@ -251,8 +251,6 @@ fn with_decompressor<T>(
     })
 }
 
-/// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
-/// smaller than the plaintext; `None`: store raw.
 /// Whether the first `sample_len_bytes` of `data` shrink enough to be worth compressing.
 fn sample_compresses(data: &[u8], sample_len_bytes: usize, zstd_level: i32) -> bool {
     let sample = &data[..data.len().min(sample_len_bytes)];
@@ -261,6 +259,8 @@ fn sample_compresses(data: &[u8], sample_len_bytes: usize, zstd_level: i32) -> b
         .is_ok_and(|compressed| compressed.len() * 100 <= sample.len() * SAMPLE_MAX_PERCENT)
 }
 
+/// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
+/// smaller than the plaintext; `None`: store raw.
 fn compress_into(plaintext: &[u8], zstd_level: i32, room: &mut [u8]) -> Option<usize> {
     let sample = &plaintext[..plaintext.len().min(SAMPLE_LEN_BYTES)];
     // A compressor error cannot come from the data itself; storing raw is always correct.

@@ -44,8 +44,10 @@ fn chunk_len(size_bytes: u64, index: u64) -> u64 {
     CHUNK_SIZE_BYTES.min(size_bytes - index * CHUNK_SIZE_BYTES)
 }
 
-/// Chunk tasks in flight per whole chunk allowed in flight (see `whole_permits`).
-const DELTAS_PER_WHOLE_CHUNK: usize = 8;
+/// Chunk tasks in flight per whole chunk allowed in flight (see `whole_permits`). A task is one
+/// chunk read whole or a batch of up to `delta::BATCH_CHUNKS` deltas, whose reads (16 KiB
+/// spans and 4 KiB blocks) are small.
+const TASKS_PER_WHOLE_CHUNK: usize = 8;
 
 /// A changed chunk with more changed blocks than this is read and stored whole.
 const MAX_DELTA_BLOCKS: u32 = (CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES / 4) as u32;
@@ -289,7 +291,7 @@ async fn upload(
         // Started when the stream below pulls it, so no more run than it keeps in flight.
         spawn_chunk_task(task)
     }))
-    .buffer_unordered(concurrency * DELTAS_PER_WHOLE_CHUNK);
+    .buffer_unordered(concurrency * TASKS_PER_WHOLE_CHUNK);
     let mut last_checkpoint = Instant::now();
     while let Some(result) = results.next().await {
         for (i, id) in result? {
