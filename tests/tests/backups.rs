@@ -191,13 +191,12 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(b2["parent"], b1["id"], "{b2:#}");
     assert_eq!(b2["incremental"], true, "{b2:#}");
     // Chunks 1, 5 and 12 changed: each is named from b1's cached chunk tree (or zeroes) and
-    // the 16 KiB span holding its changed blocks (read as it was in b1's snapshot) with those
-    // blocks (8, 4 and 4 KiB, read from the new one) laid over it, and stored as a delta of
-    // b1's chunk.
+    // its changed blocks alone (8, 4 and 4 KiB, hashed into the tree's 4 KiB leaves), and
+    // stored as a delta of b1's chunk. Nothing unchanged is read.
     assert_eq!(
         u(&b2, "read_bytes"),
-        3 * 16384 + 16384,
-        "the spans and changed blocks of chunks 1, 5 and 12: {b2:#}"
+        16384,
+        "the changed blocks of chunks 1, 5 and 12: {b2:#}"
     );
     assert_eq!(u(&b2, "delta_chunks"), 3, "{b2:#}");
     assert!(
@@ -212,6 +211,55 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(b3["incremental"], false, "{b3:#}");
     assert_eq!(u(&b3, "new_chunks"), 0, "{b3:#}");
     assert_eq!(u(&b3, "read_bytes"), 9 * CHUNK, "chunks 0-7 and 12: {b3:#}");
+}
+
+/// Bytes of one chunk's record in a volume's tree file (`<uuid>.trees2`): the chunk id, the
+/// CVs of its 1024 blocks, then those of its spans and the levels above, padded to 48 KiB.
+const TREE_RECORD_BYTES: usize = 48 << 10;
+
+#[test]
+fn a_stale_chunk_tree_costs_a_whole_read_never_a_wrong_id() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 32 * MIB, 7);
+    let b1 = backup_now(&d, "vol0", false);
+    // In chunk 2's cached tree, the CV of block 1 goes stale: it is the sibling of block 0,
+    // which changes next, so naming chunk 2 from the tree would use it.
+    let uuid = manifest_of(&d, &b1)["volume_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = d
+        .data_dir()
+        .join("backup-trees")
+        .join(format!("{uuid}.trees2"));
+    let mut trees = fs::read(&path).unwrap();
+    // Chunks 0-3 hold data; 4-7 are zeroes, which need no record.
+    assert_eq!(
+        trees.len(),
+        4 * TREE_RECORD_BYTES,
+        "a record per data chunk"
+    );
+    trees[2 * TREE_RECORD_BYTES + 32 + 32] ^= 0xff;
+    fs::write(&path, &trees).unwrap();
+    write_at(&d, "vol0", 2 * CHUNK, &random(8, 4096), &mut model);
+    write_at(&d, "vol0", 3 * CHUNK + 8192, &random(9, 4096), &mut model);
+
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(b2["incremental"], true, "{b2:#}");
+    // Chunk 3's tree proves b1's id: only its changed block is read. Chunk 2's does not: once
+    // its changed block is read and the tree refused, the chunk is read whole instead of being
+    // named wrongly.
+    assert_eq!(
+        u(&b2, "read_bytes"),
+        4096 + CHUNK + 4096,
+        "chunk 2's changed block, then chunk 2 whole; chunk 3's changed block: {b2:#}"
+    );
+    assert_eq!(u(&b2, "delta_chunks"), 1, "{b2:#}");
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("restore of b2", &read_export(&d, "r2"), &model);
+    let v = admin_ok(&d, "backup.verify", json!({"id": b2["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["result"]["bad_chunks"], json!([]), "{j:#}");
 }
 
 #[test]
@@ -589,7 +637,7 @@ fn deleted_volume_restores_from_its_backup() {
     let trees = d
         .data_dir()
         .join("backup-trees")
-        .join(format!("{uuid}.trees"));
+        .join(format!("{uuid}.trees2"));
     assert!(trees.exists(), "the backup cached its chunk trees");
     admin_ok_when_idle(&d, "volume.delete", json!({"name": "vol0"}));
     admin_err(&d, "volume.show", json!({"name": "vol0"}), "not_found");

@@ -2,17 +2,14 @@
 //! time.
 //!
 //! An incremental after scattered 4 KiB writes has a few changed blocks in nearly every chunk,
-//! so the per-chunk work is small (a few 16 KiB spans read and hashed, a tree merged, a delta
-//! encoded) and the hand-offs around it showed: one trip to the blocking pool per chunk put
-//! about a sixth of the daemon's CPU into waking and switching threads. A batch of neighbouring
-//! chunks reads all its spans at once and makes one trip.
+//! so the per-chunk work is small (its changed blocks read and hashed, the nodes above them
+//! merged, a delta encoded) and the hand-offs around it showed: one trip to the blocking pool
+//! per chunk put about a sixth of the daemon's CPU into waking and switching threads. A batch
+//! of neighbouring chunks reads all its blocks at once and makes one trip.
 //!
-//! A span's unchanged blocks are read from the parent backup's snapshot, where the whole span
-//! is one read from one layer, and its changed blocks from the new snapshot, whose newest
-//! layer holds them (recently written, usually still cached). Read from the new snapshot alone,
-//! a span with a changed block in its middle took a read from each side of it: when other work
-//! had pushed the volume out of the page cache, those reads went to the disk, and an incremental
-//! after scattered writes was bound by its random reads.
+//! Only the changed blocks are read, from the new snapshot, whose newest layer holds them
+//! (recently written, usually still cached): the tree keeps a CV per 4 KiB block, so nothing
+//! unchanged is hashed again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +19,8 @@ use futures_util::future::try_join_all;
 
 use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES};
 use crate::backup::error::BackupError;
-use crate::backup::tree::{self, VolumeTrees, SPAN_BYTES};
+use crate::backup::tree::{self, ChunkTree};
+use crate::backup::tree_cache::VolumeTrees;
 use crate::backup::upload::{blocking, ChunkCtx};
 use crate::storage::volume::Volume;
 
@@ -57,21 +55,11 @@ pub(super) async fn process_batch(
         return Ok(vec![None; chunks.len()]);
     };
     let view = ctx.view()?;
-    // Without the parent's snapshot (deleted meanwhile), the new one serves the unchanged
-    // blocks too: they are the same there.
-    let base_view = ctx
-        .base_snapshot
-        .and_then(|name| ctx.entry.view(name))
-        .unwrap_or_else(|| Arc::clone(&view));
     let reads = chunks
         .iter()
-        .map(|(index, plan)| read_chunk(&view, &base_view, *index * CHUNK_SIZE_BYTES, plan));
+        .map(|(index, plan)| read_blocks(&view, *index * CHUNK_SIZE_BYTES, plan));
     let read = try_join_all(reads).await?;
-    let read_bytes: u64 = read
-        .iter()
-        .flat_map(|r| r.spans.iter().map(|(_, b)| b).chain(&r.blocks))
-        .map(|b| b.len() as u64)
-        .sum();
+    let read_bytes: u64 = read.iter().flatten().map(|b| b.len() as u64).sum();
     ctx.counters
         .read_chunks
         .fetch_add(chunks.len() as u64, Ordering::Relaxed);
@@ -81,9 +69,8 @@ pub(super) async fn process_batch(
     let level = ctx.svc.config.zstd_level;
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let named = blocking(move || {
-        let mut scratch = Vec::new();
         work.into_iter()
-            .map(|((index, plan), read)| name(&trees, index, &plan, &read, &mut scratch, level))
+            .map(|((index, plan), read)| name(&trees, index, &plan, &read, level))
             .collect::<Vec<_>>()
     })
     .await?;
@@ -104,96 +91,60 @@ pub(super) async fn process_batch(
     Ok(ids)
 }
 
-/// What naming one changed chunk needs read.
-struct ChunkRead {
-    /// The spans holding changed blocks as they were in the parent's snapshot, as (first span,
-    /// bytes) pieces, neighbouring spans read together.
-    spans: Vec<(u32, Bytes)>,
-    /// The new bytes of each of the plan's runs.
-    blocks: Vec<Bytes>,
-}
-
-/// Reads what naming the chunk at `offset_bytes` needs: its changed spans from `base_view`,
-/// its changed blocks from `view`.
-async fn read_chunk(
+/// Reads the new bytes of each of `plan`'s runs in the chunk at `offset_bytes`.
+async fn read_blocks(
     view: &Volume,
-    base_view: &Volume,
     offset_bytes: u64,
     plan: &DeltaPlan,
-) -> Result<ChunkRead, BackupError> {
-    let mut span_runs: Vec<(u32, u32)> = Vec::new();
-    for &(first, count) in &plan.runs {
-        let spans = tree::spans_of_blocks(first, count);
-        let (a, z) = (spans.start as u32, spans.end as u32);
-        match span_runs.last_mut() {
-            Some(last) if last.0 + last.1 >= a => last.1 = last.1.max(z - last.0),
-            _ => span_runs.push((a, z - a)),
-        }
-    }
-    let spans = try_join_all(span_runs.iter().map(|&(first, count)| {
-        let at = offset_bytes + u64::from(first) * SPAN_BYTES as u64;
-        base_view.read(at, count as usize * SPAN_BYTES)
-    }));
-    let blocks = try_join_all(plan.runs.iter().map(|&(first, count)| {
+) -> Result<Vec<Bytes>, BackupError> {
+    let reads = plan.runs.iter().map(|&(first, count)| {
         let at = offset_bytes + u64::from(first) * DELTA_BLOCK_BYTES as u64;
         view.read(at, count as usize * DELTA_BLOCK_BYTES)
-    }));
-    let (spans, blocks) = futures_util::try_join!(spans, blocks)?;
-    Ok(ChunkRead {
-        spans: span_runs.iter().map(|r| r.0).zip(spans).collect(),
-        blocks,
-    })
+    });
+    Ok(try_join_all(reads).await?)
 }
 
-/// Names chunk `index` from its parent's tree (None when not cached) with the CVs of the
-/// spans read put in, once the new blocks are laid over them (in `scratch`), caches its new tree
-/// and encodes its delta. Blocking.
+/// Names chunk `index` from its parent's tree (None when not cached here, or when it does not
+/// prove the parent's id) with the CVs of the changed blocks put in, caches its new tree and
+/// encodes its delta. Blocking.
 fn name(
     trees: &VolumeTrees,
     index: u64,
     plan: &DeltaPlan,
-    read: &ChunkRead,
-    scratch: &mut Vec<u8>,
+    blocks: &[Bytes],
     zstd_level: i32,
 ) -> Option<Named> {
-    let mut cvs = match plan.base {
-        None => tree::zero_cvs().to_vec(),
-        Some(base) => trees.load(index, &base)?,
+    let (base_id, mut tree) = match plan.base {
+        None => ChunkTree::zero().clone(),
+        Some(base) => (base, trees.load(index, &base)?),
     };
-    let blocks_per_span = (SPAN_BYTES / DELTA_BLOCK_BYTES) as u32;
-    for (first, old) in &read.spans {
-        scratch.clear();
-        scratch.extend_from_slice(old);
-        let start = first * blocks_per_span;
-        let end = start + (old.len() / DELTA_BLOCK_BYTES) as u32;
-        for (&(run_first, run_count), new) in plan.runs.iter().zip(&read.blocks) {
-            let (a, z) = (run_first.max(start), (run_first + run_count).min(end));
-            if a < z {
-                let from = (a - run_first) as usize * DELTA_BLOCK_BYTES;
-                let to = (a - start) as usize * DELTA_BLOCK_BYTES;
-                let len = (z - a) as usize * DELTA_BLOCK_BYTES;
-                scratch[to..to + len].copy_from_slice(&new[from..from + len]);
-            }
-        }
-        for (k, span) in scratch.chunks_exact(SPAN_BYTES).enumerate() {
-            let at = *first as usize + k;
-            cvs[at] = tree::span_cv(at, span);
+    let mut changed = Vec::new();
+    for (&(first, _), bytes) in plan.runs.iter().zip(blocks) {
+        for (k, block) in bytes.chunks_exact(DELTA_BLOCK_BYTES).enumerate() {
+            let at = first as usize + k;
+            changed.push((at as u32, tree::subtree_cv(at * DELTA_BLOCK_BYTES, block)));
         }
     }
-    let id = tree::root(&cvs);
+    let id = match tree.update(&base_id, &changed) {
+        Ok(id) => id,
+        Err(_) => {
+            tracing::warn!(chunk = %base_id, index, "cached chunk tree does not prove its id; the chunk is read whole");
+            return None;
+        }
+    };
     if Some(id) == plan.base {
         return Some(Named::Chunk(id, None));
     }
-    if id == tree::root(tree::zero_cvs()) {
+    if id == ChunkTree::zero().0 {
         return Some(Named::Zero);
     }
-    trees.store(index, &id, &cvs);
+    trees.store(index, &id, &tree);
     // The new bytes of the changed blocks, run after run.
     let stored = chunk::encode_delta(
         CHUNK_SIZE_BYTES as usize,
         plan.base.as_ref(),
         &plan.runs,
-        &read.blocks.concat(),
+        &blocks.concat(),
         zstd_level,
     );
     Some(Named::Chunk(id, Some(stored)))

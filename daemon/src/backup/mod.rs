@@ -26,6 +26,7 @@ pub mod sets;
 pub mod store;
 pub mod throttle;
 pub mod tree;
+pub mod tree_cache;
 pub mod upload;
 pub mod verify;
 
@@ -72,8 +73,8 @@ pub struct Backups {
     pub(crate) store: Arc<BackupStore>,
     pub(crate) catalog: Catalog,
     pub(crate) files: JobFiles,
-    /// The BLAKE3 trees of the chunks of each volume's latest backup (see `tree.rs`).
-    pub(crate) trees: tree::TreeCache,
+    /// The BLAKE3 trees of the chunks of each volume's latest backup (see `tree.rs`, `tree_cache.rs`).
+    pub(crate) trees: tree_cache::TreeCache,
     /// Aligned buffers whole chunks are encoded into (see `local_write`).
     pub(crate) encode_buffers: Arc<crate::storage::aligned::AlignedPool>,
     /// Buffers incremental backups fill with packed deltas.
@@ -112,11 +113,11 @@ impl Backups {
     ) -> Result<Arc<Backups>, BackupError> {
         let store = Arc::new(BackupStore::open(&config.store_url, &config.s3)?);
         let trees_dir = data_dir.join("backup-trees");
-        let trees = tree::TreeCache::new(trees_dir.clone());
+        let trees = tree_cache::TreeCache::new(trees_dir.clone());
         // A large old cache takes a while to delete; the daemon does not wait for it.
         let spawned = std::thread::Builder::new()
             .name("evsd-tree-cleanup".into())
-            .spawn(move || tree::TreeCache::new(trees_dir).remove_legacy());
+            .spawn(move || tree_cache::TreeCache::new(trees_dir).remove_legacy());
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start removing the old chunk tree cache");
         }

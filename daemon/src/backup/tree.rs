@@ -1,52 +1,54 @@
-//! A chunk's BLAKE3 tree, kept so an incremental backup can name a changed chunk without
-//! reading all of it.
+//! A chunk's BLAKE3 tree: how a chunk id is recomputed from the parts of the chunk that changed.
 //!
 //! BLAKE3 hashes its input as a binary tree of 1 KiB leaves. A whole chunk (4 MiB, a power of
-//! two) is a perfect tree, and every aligned 16 KiB span of it is a subtree with a chaining value
-//! (CV) of its own. With the 256 span CVs of the previous backup's chunk, the new chunk's id
-//! only needs the spans that hold changed blocks hashed again and the 255 parent nodes merged:
-//! for 1% scattered 4 KiB writes that reads 4% of the chunk instead of all of it.
+//! two) is a perfect tree, and every aligned 4 KiB block and 16 KiB span of it is a subtree with
+//! a chaining value (CV) of its own.
 //!
-//! The CVs of the chunks of each volume's latest backup are cached on local disk, one file per
-//! volume with a record per chunk index (`VolumeTrees`). A cached tree is trusted only when it
-//! is filed under the id asked for and its root, merged again, equals that id, so a torn or
-//! stale record costs a full read, never a wrong id.
+//! Two uses. A restore checks each delta it applies against the delta's id by re-hashing the
+//! 16 KiB spans it patched and merging the 256 span CVs (`span_cvs`, `root`): the whole chunk
+//! is in memory there, and 16 KiB is the widest batch BLAKE3's SIMD code hashes at once.
+//! A backup names a changed chunk without reading its unchanged bytes (`ChunkTree`): with a CV
+//! kept for every 4 KiB block, a changed block is hashed alone and only the nodes above it are
+//! merged again. Kept per 16 KiB span instead, each changed block needed its span's other
+//! 12 KiB read, and after scattered writes those random reads bounded the incremental.
 
-use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 
-use crate::backup::chunk::{ChunkId, CHUNK_SIZE_BYTES};
+use crate::backup::chunk::{ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES};
 
-/// Bytes of chunk under one cached chaining value: 16 leaves, the widest batch BLAKE3's SIMD
-/// code hashes at once (AVX-512). With 8 KiB spans a full backup's hashing took about 1 CPU-s
-/// more per 2 GiB than hashing whole chunks.
+/// Bytes of chunk under one span CV: 16 leaves, the widest batch BLAKE3's SIMD code hashes at
+/// once (AVX-512).
 pub const SPAN_BYTES: usize = 16 << 10;
 /// Spans in a whole chunk.
 pub const SPANS: usize = CHUNK_SIZE_BYTES as usize / SPAN_BYTES;
-/// Bytes of one cached tree file.
-pub const TREE_BYTES: usize = SPANS * 32;
+/// 4 KiB blocks (the unit of a delta) in a whole chunk: the leaves of a `ChunkTree`.
+pub const BLOCKS: usize = CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES;
+const BLOCKS_PER_SPAN: usize = SPAN_BYTES / DELTA_BLOCK_BYTES;
 
 pub type Cv = [u8; 32];
+
+/// The chaining value of the subtree of a whole chunk holding `bytes`, which start at
+/// `offset_bytes` (a multiple of the subtree's power-of-two length).
+pub fn subtree_cv(offset_bytes: usize, bytes: &[u8]) -> Cv {
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(offset_bytes as u64);
+    hasher.update(bytes);
+    hasher.finalize_non_root()
+}
 
 /// The chaining value of span `index` of a whole chunk.
 pub fn span_cv(index: usize, span: &[u8]) -> Cv {
     debug_assert_eq!(span.len(), SPAN_BYTES);
-    let mut hasher = blake3::Hasher::new();
-    hasher.set_input_offset((index * SPAN_BYTES) as u64);
-    hasher.update(span);
-    hasher.finalize_non_root()
+    subtree_cv(index * SPAN_BYTES, span)
 }
 
 /// The spans holding blocks `first..first + count` (4 KiB blocks of a chunk).
 pub fn spans_of_blocks(first: u32, count: u32) -> std::ops::Range<usize> {
-    let block = crate::backup::chunk::DELTA_BLOCK_BYTES;
-    let start = first as usize * block / SPAN_BYTES;
-    let end = ((first + count) as usize * block).div_ceil(SPAN_BYTES);
-    start..end
+    let start = first as usize / BLOCKS_PER_SPAN;
+    let end = (first + count) as usize;
+    start..end.div_ceil(BLOCKS_PER_SPAN)
 }
 
 /// The span CVs of a whole chunk.
@@ -68,12 +70,9 @@ pub fn root(cvs: &[Cv]) -> ChunkId {
     assert_eq!(cvs.len(), SPANS);
     let mut level: Vec<Cv> = cvs.to_vec();
     while level.len() > 2 {
-        level = level
-            .chunks_exact(2)
-            .map(|pair| merge_subtrees_non_root(&pair[0], &pair[1], Mode::Hash))
-            .collect();
+        level = level.chunks_exact(2).map(|p| merge(&p[0], &p[1])).collect();
     }
-    ChunkId::from_bytes(*merge_subtrees_root(&level[0], &level[1], Mode::Hash).as_bytes())
+    root_of(&level[0], &level[1])
 }
 
 /// The span CVs of an all-zero chunk, computed once.
@@ -85,123 +84,156 @@ pub fn zero_cvs() -> &'static [Cv] {
     })
 }
 
-/// Bytes of one chunk's record in a volume's tree file: the chunk id, then its span CVs.
-const RECORD_BYTES: u64 = 32 + TREE_BYTES as u64;
-
-/// The cached trees: one file per volume under `dir`, named by the volume's uuid, holding a
-/// fixed-size record per chunk index (so caching a chunk's tree is one write into a file that
-/// exists, not a file created per chunk and deleted when the next backup replaces it).
-pub struct TreeCache {
-    dir: PathBuf,
+fn merge(left: &Cv, right: &Cv) -> Cv {
+    merge_subtrees_non_root(left, right, Mode::Hash)
 }
 
-impl TreeCache {
-    pub fn new(dir: PathBuf) -> TreeCache {
-        TreeCache { dir }
-    }
-
-    /// The tree file of the volume with `volume_uuid`, created when missing. Blocking.
-    pub fn open_volume(&self, volume_uuid: &str) -> std::io::Result<VolumeTrees> {
-        // The uuid comes from the volume's own metadata; anything that could leave the
-        // directory is refused rather than trusted.
-        if volume_uuid.is_empty()
-            || !volume_uuid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(std::io::Error::new(
-                ErrorKind::InvalidInput,
-                format!("volume uuid {volume_uuid:?} cannot name a tree file"),
-            ));
-        }
-        std::fs::create_dir_all(&self.dir)?;
-        let path = self.dir.join(format!("{volume_uuid}.trees"));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        Ok(VolumeTrees { file, path })
-    }
-
-    /// Forgets the trees of the volume with `volume_uuid`. Blocking.
-    pub fn remove_volume(&self, volume_uuid: &str) {
-        let path = self.dir.join(format!("{volume_uuid}.trees"));
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "removing chunk trees failed")
-            }
-        }
-    }
-
-    /// Removes the one-file-per-chunk cache of earlier versions (`<hex[0..2]>/<hex>`), which
-    /// nothing reads any more. Blocking.
-    pub fn remove_legacy(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let legacy = name.len() == 2
-                && name
-                    .to_str()
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
-            if legacy && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                    tracing::debug!(path = %entry.path().display(), error = %e, "removing old chunk trees failed");
-                }
-            }
-        }
-    }
+fn root_of(left: &Cv, right: &Cv) -> ChunkId {
+    ChunkId::from_bytes(*merge_subtrees_root(left, right, Mode::Hash).as_bytes())
 }
 
-/// One volume's tree file.
-pub struct VolumeTrees {
-    file: std::fs::File,
-    path: PathBuf,
+/// Levels kept by a `ChunkTree`, bottom first: the 4 KiB blocks, then the 16 KiB spans and
+/// every level above them up to the root's two children. The 8 KiB level is not kept: a span
+/// is three merges of its four blocks.
+const LEVEL_LENS: [usize; 9] = [BLOCKS, SPANS, 128, 64, 32, 16, 8, 4, 2];
+/// CVs in a `ChunkTree`.
+pub const TREE_NODES: usize = BLOCKS + 2 * SPANS - 2;
+
+const fn level_start(level: usize) -> usize {
+    let mut start = 0;
+    let mut l = 0;
+    while l < level {
+        start += LEVEL_LENS[l];
+        l += 1;
+    }
+    start
 }
 
-impl VolumeTrees {
-    /// The CVs of chunk `index`, when its record is filed under `id` and they merge to `id`.
-    /// Blocking.
-    pub fn load(&self, index: u64, id: &ChunkId) -> Option<Vec<Cv>> {
-        let mut record = vec![0u8; RECORD_BYTES as usize];
-        match self.file.read_exact_at(&mut record, index * RECORD_BYTES) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return None,
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), index, error = %e, "cached chunk tree unreadable");
-                return None;
+/// The CVs of a whole chunk's tree from its 4 KiB blocks up (see `LEVEL_LENS`).
+///
+/// `update` trusts no node it did not check: before a changed block's path is merged again,
+/// each node on it must equal the merge of its (stored) children and the top must give the
+/// base id, so every sibling it uses is proven part of that id's tree (a Merkle proof). A torn
+/// or stale record costs a full read of the chunk, never a wrong id; nodes off the changed
+/// paths are not used, so they need no check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkTree {
+    nodes: Vec<Cv>,
+}
+
+/// Why a stored tree was not used: a node on a changed path is not the merge of its children,
+/// or the top does not give the base id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TreeMismatch;
+
+impl ChunkTree {
+    /// The id and tree of a whole chunk.
+    pub fn of_chunk(chunk: &[u8]) -> (ChunkId, ChunkTree) {
+        assert_eq!(
+            chunk.len() as u64,
+            CHUNK_SIZE_BYTES,
+            "only whole chunks have a tree"
+        );
+        let mut nodes = Vec::with_capacity(TREE_NODES);
+        nodes.extend(
+            chunk
+                .chunks_exact(DELTA_BLOCK_BYTES)
+                .enumerate()
+                .map(|(i, block)| subtree_cv(i * DELTA_BLOCK_BYTES, block)),
+        );
+        nodes.resize(TREE_NODES, [0; 32]);
+        let mut tree = ChunkTree { nodes };
+        for (level, &len) in LEVEL_LENS.iter().enumerate().skip(1) {
+            for i in 0..len {
+                let cv = tree.merged(level, i);
+                tree.nodes[level_start(level) + i] = cv;
             }
         }
-        let (filed_under, cvs) = record.split_at(32);
-        if filed_under != id.as_bytes() {
+        (tree.root(), tree)
+    }
+
+    /// The id and tree of an all-zero chunk, computed once.
+    pub fn zero() -> &'static (ChunkId, ChunkTree) {
+        static ZERO: OnceLock<(ChunkId, ChunkTree)> = OnceLock::new();
+        ZERO.get_or_init(|| ChunkTree::of_chunk(&vec![0u8; CHUNK_SIZE_BYTES as usize]))
+    }
+
+    /// A tree from the bytes `as_bytes` gave (`TREE_NODES` CVs); None if the length is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Option<ChunkTree> {
+        if bytes.len() != TREE_NODES * 32 {
             return None;
         }
-        let cvs: Vec<Cv> = cvs
+        let nodes = bytes
             .chunks_exact(32)
             .map(|cv| cv.try_into().expect("32-byte pieces"))
             .collect();
-        if root(&cvs) != *id {
-            tracing::warn!(chunk = %id, index, "cached chunk tree does not hash to its id; ignored");
-            return None;
-        }
-        Some(cvs)
+        Some(ChunkTree { nodes })
     }
 
-    /// Files `cvs` as chunk `index`'s tree, under `id`. Written in place, not fsynced: a torn
-    /// or lost record fails the checks in `load` and costs a full read of the chunk, nothing
-    /// else. Blocking; a failure is logged, not returned, for the same reason.
-    pub fn store(&self, index: u64, id: &ChunkId, cvs: &[Cv]) {
-        let mut record = Vec::with_capacity(RECORD_BYTES as usize);
-        record.extend_from_slice(id.as_bytes());
-        record.extend_from_slice(cvs.as_flattened());
-        if let Err(e) = self.file.write_all_at(&record, index * RECORD_BYTES) {
-            tracing::warn!(chunk = %id, index, path = %self.path.display(), error = %e, "caching a chunk tree failed");
+    pub fn as_bytes(&self) -> &[u8] {
+        self.nodes.as_flattened()
+    }
+
+    /// The chunk id the tree's top gives.
+    pub fn root(&self) -> ChunkId {
+        let top = level_start(LEVEL_LENS.len() - 1);
+        root_of(&self.nodes[top], &self.nodes[top + 1])
+    }
+
+    /// Node `i` of `level` merged from its children.
+    fn merged(&self, level: usize, i: usize) -> Cv {
+        let below = &self.nodes[level_start(level - 1)..];
+        if level == 1 {
+            let b = &below[i * BLOCKS_PER_SPAN..(i + 1) * BLOCKS_PER_SPAN];
+            merge(&merge(&b[0], &b[1]), &merge(&b[2], &b[3]))
+        } else {
+            merge(&below[2 * i], &below[2 * i + 1])
         }
+    }
+
+    /// Puts in the CVs of the changed blocks, `(block index, CV)`, and gives the new chunk id,
+    /// after checking every node on their paths against `base` (the id this tree was filed
+    /// under). On a mismatch the tree is left as it was.
+    pub fn update(
+        &mut self,
+        base: &ChunkId,
+        changed: &[(u32, Cv)],
+    ) -> Result<ChunkId, TreeMismatch> {
+        // The dirty nodes of each level above the blocks, sorted.
+        let mut dirty: Vec<Vec<usize>> = Vec::with_capacity(LEVEL_LENS.len());
+        let mut below: Vec<usize> = changed.iter().map(|&(b, _)| b as usize).collect();
+        below.sort_unstable();
+        below.dedup();
+        if below.last().is_some_and(|&b| b >= BLOCKS) {
+            return Err(TreeMismatch);
+        }
+        dirty.push(below);
+        for level in 1..LEVEL_LENS.len() {
+            let per_parent = if level == 1 { BLOCKS_PER_SPAN } else { 2 };
+            let mut parents: Vec<usize> = dirty[level - 1].iter().map(|i| i / per_parent).collect();
+            parents.dedup();
+            dirty.push(parents);
+        }
+        for (level, indexes) in dirty.iter().enumerate().skip(1) {
+            for &i in indexes {
+                if self.merged(level, i) != self.nodes[level_start(level) + i] {
+                    return Err(TreeMismatch);
+                }
+            }
+        }
+        if self.root() != *base {
+            return Err(TreeMismatch);
+        }
+        for &(block, cv) in changed {
+            self.nodes[block as usize] = cv;
+        }
+        for (level, indexes) in dirty.iter().enumerate().skip(1) {
+            for &i in indexes {
+                let cv = self.merged(level, i);
+                self.nodes[level_start(level) + i] = cv;
+            }
+        }
+        Ok(self.root())
     }
 }
 
@@ -243,6 +275,7 @@ mod tests {
         let zero = vec![0u8; CHUNK_SIZE_BYTES as usize];
         assert_eq!(zero_cvs(), span_cvs(&zero).as_slice());
         assert_eq!(root(zero_cvs()), ChunkId::of(&zero));
+        assert_eq!(ChunkTree::zero().0, ChunkId::of(&zero));
     }
 
     #[test]
@@ -264,53 +297,82 @@ mod tests {
     }
 
     #[test]
-    fn cache_returns_only_trees_that_hash_to_their_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = TreeCache::new(dir.path().join("trees"));
-        let trees = cache.open_volume("0f3c-uuid").unwrap();
-        let chunk = pseudo_random(6, CHUNK_SIZE_BYTES as usize);
-        let cvs = span_cvs(&chunk);
-        let id = ChunkId::of(&chunk);
-        assert!(trees.load(3, &id).is_none());
-        trees.store(3, &id, &cvs);
-        assert_eq!(trees.load(3, &id).unwrap(), cvs);
-        // Another index, another id, a tree filed under an id it does not hash to: all misses.
-        assert!(trees.load(2, &id).is_none());
-        let other = ChunkId::of(b"other");
-        assert!(trees.load(3, &other).is_none());
-        trees.store(5, &other, &cvs);
-        assert!(trees.load(5, &other).is_none());
-        // Reopened, the record is still there; a flipped byte or a torn record is ignored.
-        drop(trees);
-        let trees = cache.open_volume("0f3c-uuid").unwrap();
-        assert_eq!(trees.load(3, &id).unwrap(), cvs);
-        let path = dir.path().join("trees/0f3c-uuid.trees");
-        let mut bytes = std::fs::read(&path).unwrap();
-        let at = 3 * RECORD_BYTES as usize + 100;
-        bytes[at] ^= 1;
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(trees.load(3, &id).is_none());
-        bytes[at] ^= 1;
-        std::fs::write(&path, &bytes[..at]).unwrap();
-        assert!(trees.load(3, &id).is_none());
-        cache.remove_volume("0f3c-uuid");
-        assert!(!path.exists());
-        for hostile in ["", "../x", "a/b", "x.trees\0"] {
-            assert!(cache.open_volume(hostile).is_err(), "{hostile:?}");
-        }
+    fn a_chunk_tree_roots_at_the_blake3_hash_and_its_spans_are_the_span_cvs() {
+        let chunk = pseudo_random(7, CHUNK_SIZE_BYTES as usize);
+        let (id, tree) = ChunkTree::of_chunk(&chunk);
+        assert_eq!(id, ChunkId::of(&chunk));
+        assert_eq!(tree.root(), id);
+        let spans = &tree.nodes[BLOCKS..BLOCKS + SPANS];
+        assert_eq!(spans, span_cvs(&chunk).as_slice());
+        assert_eq!(ChunkTree::from_bytes(tree.as_bytes()).unwrap(), tree);
+        assert!(ChunkTree::from_bytes(&tree.as_bytes()[32..]).is_none());
+    }
+
+    /// Changes blocks of `chunk` (index, seed), returning the (index, CV) pairs `update` takes.
+    fn change(chunk: &mut [u8], blocks: &[(u32, u64)]) -> Vec<(u32, Cv)> {
+        blocks
+            .iter()
+            .map(|&(b, seed)| {
+                let at = b as usize * DELTA_BLOCK_BYTES;
+                let block = &mut chunk[at..at + DELTA_BLOCK_BYTES];
+                block.copy_from_slice(&pseudo_random(seed, DELTA_BLOCK_BYTES));
+                (b, subtree_cv(at, block))
+            })
+            .collect()
     }
 
     #[test]
-    fn legacy_per_chunk_trees_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("trees");
-        std::fs::create_dir_all(root.join("ab")).unwrap();
-        std::fs::write(root.join("ab/abcd"), b"old").unwrap();
-        let cache = TreeCache::new(root.clone());
-        let trees = cache.open_volume("v-1").unwrap();
-        drop(trees);
-        cache.remove_legacy();
-        assert!(!root.join("ab").exists());
-        assert!(root.join("v-1.trees").exists());
+    fn updating_changed_blocks_gives_the_new_chunks_id_and_tree() {
+        let mut chunk = pseudo_random(8, CHUNK_SIZE_BYTES as usize);
+        let (mut id, mut tree) = ChunkTree::of_chunk(&chunk);
+        // Neighbours in one span, both ends, the same block twice, then nothing changed.
+        for blocks in [
+            vec![(0, 11), (1, 12), (3, 13)],
+            vec![(1023, 14), (512, 15), (4, 16)],
+            vec![(700, 17), (700, 18)],
+            vec![],
+        ] {
+            let changed = change(&mut chunk, &blocks);
+            let new_id = tree.update(&id, &changed).unwrap();
+            assert_eq!(new_id, ChunkId::of(&chunk));
+            assert_eq!(tree, ChunkTree::of_chunk(&chunk).1);
+            id = new_id;
+        }
+        // From the zero tree: blocks written into a chunk of zeroes.
+        let mut zero = vec![0u8; CHUNK_SIZE_BYTES as usize];
+        let (zero_id, mut tree) = ChunkTree::zero().clone();
+        let changed = change(&mut zero, &[(5, 21), (900, 22)]);
+        assert_eq!(tree.update(&zero_id, &changed).unwrap(), ChunkId::of(&zero));
+    }
+
+    #[test]
+    fn a_tree_that_does_not_prove_its_base_is_not_updated() {
+        let mut chunk = pseudo_random(9, CHUNK_SIZE_BYTES as usize);
+        let (id, tree) = ChunkTree::of_chunk(&chunk);
+        let changed = change(&mut chunk, &[(40, 31)]);
+        // Filed under another id.
+        let mut t = tree.clone();
+        assert_eq!(
+            t.update(&ChunkId::of(b"other"), &changed),
+            Err(TreeMismatch)
+        );
+        assert_eq!(t, tree);
+        // A stale node on the changed path: the changed block's sibling, its span, a node near
+        // the top, one of the root's children.
+        for node in [41, BLOCKS + 10, level_start(6) + 1, TREE_NODES - 1] {
+            let mut t = tree.clone();
+            t.nodes[node][0] ^= 1;
+            assert_eq!(t.update(&id, &changed), Err(TreeMismatch), "node {node}");
+        }
+        // A stale node off the path is not used: the update is still right.
+        let mut t = tree.clone();
+        t.nodes[600][0] ^= 1;
+        assert_eq!(t.update(&id, &changed).unwrap(), ChunkId::of(&chunk));
+        // A block past the chunk.
+        let mut t = tree.clone();
+        assert_eq!(
+            t.update(&id, &[(BLOCKS as u32, [0; 32])]),
+            Err(TreeMismatch)
+        );
     }
 }

@@ -25,7 +25,8 @@ use crate::backup::manifest::{
 use crate::backup::pack::{FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
-use crate::backup::tree::{self, VolumeTrees};
+use crate::backup::tree::ChunkTree;
+use crate::backup::tree_cache::VolumeTrees;
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::aligned::ALIGN_BYTES;
@@ -251,7 +252,6 @@ async fn upload(
         let pack = Arc::clone(&pack);
         let new_packed = Arc::clone(&new_packed);
         let snapshot = record.snapshot.clone();
-        let base_snapshot = parent.as_ref().map(|p| p.source_snapshot.clone());
         let planned: Vec<(u64, Arc<DeltaPlan>)> = batch
             .iter()
             .filter_map(|i| plans.get(i).map(|plan| (*i, Arc::clone(plan))))
@@ -259,7 +259,6 @@ async fn upload(
         let task: ChunkTask = Box::pin(async move {
             let ctx = ChunkCtx {
                 svc: &svc,
-                base_snapshot: base_snapshot.as_deref(),
                 job: &job,
                 entry: &entry,
                 snapshot: &snapshot,
@@ -574,10 +573,8 @@ async fn resolve_delta_bases(
 /// What every chunk task works with.
 pub(super) struct ChunkCtx<'a> {
     pub(super) svc: &'a Arc<Backups>,
-    /// The parent backup's snapshot, which an incremental reads unchanged blocks from.
-    pub(super) base_snapshot: Option<&'a str>,
     job: &'a Job,
-    pub(super) entry: &'a VolumeEntry,
+    entry: &'a VolumeEntry,
     snapshot: &'a str,
     known: &'a Mutex<HashSet<ChunkId>>,
     bases: &'a KnownBases,
@@ -717,20 +714,20 @@ async fn process_chunk(
         if chunk::is_all_zero(&data) {
             None
         } else if data.len() as u64 == CHUNK_SIZE_BYTES {
-            let cvs = tree::span_cvs(&data);
-            Some((tree::root(&cvs), Some(cvs), data))
+            let (id, tree) = ChunkTree::of_chunk(&data);
+            Some((id, Some(tree), data))
         } else {
             Some((ChunkId::of(&data), None, data))
         }
     })
     .await?;
-    let Some((id, cvs, data)) = hashed else {
+    let Some((id, tree, data)) = hashed else {
         return Ok(None);
     };
-    if let (Some(cvs), Some(trees)) = (cvs, ctx.trees) {
+    if let (Some(tree), Some(trees)) = (tree, ctx.trees) {
         let trees = Arc::clone(trees);
         let index = offset_bytes / CHUNK_SIZE_BYTES;
-        blocking(move || trees.store(index, &id, &cvs)).await?;
+        blocking(move || trees.store(index, &id, &tree)).await?;
     }
     if ctx.is_known(&id) {
         return Ok(Some(id));

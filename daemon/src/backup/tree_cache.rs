@@ -1,0 +1,218 @@
+//! The chunk trees of each volume's latest backup, cached on local disk (not in the store).
+//!
+//! One file per volume, named by its uuid, with a fixed-size record per chunk index: caching a
+//! chunk's tree is one write into a file that exists, not a file created per chunk and deleted
+//! when the next backup replaces it. A record is the chunk id it is filed under, then the
+//! tree's CVs (`ChunkTree::as_bytes`). It is written in place and not fsynced: `ChunkTree::update`
+//! proves every node it uses against the id, so a torn or stale record costs a full read of the
+//! chunk, nothing else.
+
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::backup::chunk::ChunkId;
+use crate::backup::tree::{ChunkTree, TREE_NODES};
+
+/// Bytes of one record: the id and the CVs (49,120), padded to a multiple of 4 KiB so a record
+/// is whole pages.
+const RECORD_BYTES: u64 = (32 + TREE_NODES as u64 * 32).next_multiple_of(4096);
+/// The tree file's suffix. Files of the earlier layout (`<uuid>.trees`: 16 KiB span CVs only)
+/// are removed by `remove_legacy`.
+const SUFFIX: &str = ".trees2";
+
+pub struct TreeCache {
+    dir: PathBuf,
+}
+
+impl TreeCache {
+    pub fn new(dir: PathBuf) -> TreeCache {
+        TreeCache { dir }
+    }
+
+    fn path(&self, volume_uuid: &str) -> PathBuf {
+        self.dir.join(format!("{volume_uuid}{SUFFIX}"))
+    }
+
+    /// The tree file of the volume with `volume_uuid`, created when missing. Blocking.
+    pub fn open_volume(&self, volume_uuid: &str) -> std::io::Result<VolumeTrees> {
+        // The uuid comes from the volume's own metadata; anything that could leave the
+        // directory is refused rather than trusted.
+        if volume_uuid.is_empty()
+            || !volume_uuid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("volume uuid {volume_uuid:?} cannot name a tree file"),
+            ));
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.path(volume_uuid);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(VolumeTrees { file, path })
+    }
+
+    /// Forgets the trees of the volume with `volume_uuid`. Blocking.
+    pub fn remove_volume(&self, volume_uuid: &str) {
+        remove_file(&self.path(volume_uuid));
+        remove_file(&self.dir.join(format!("{volume_uuid}.trees")));
+    }
+
+    /// Removes the caches of earlier versions, which nothing reads any more: one file per
+    /// chunk (`<hex[0..2]>/<hex>`), and one file of span CVs per volume (`<uuid>.trees`).
+    /// Blocking.
+    pub fn remove_legacy(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let per_chunk_dir = name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if per_chunk_dir && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::debug!(path = %entry.path().display(), error = %e, "removing old chunk trees failed");
+                }
+            } else if name
+                .strip_suffix(".trees")
+                .is_some_and(|uuid| !uuid.contains('.'))
+            {
+                remove_file(&entry.path());
+            }
+        }
+    }
+}
+
+fn remove_file(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "removing chunk trees failed")
+        }
+    }
+}
+
+/// One volume's tree file.
+pub struct VolumeTrees {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl VolumeTrees {
+    /// The tree of chunk `index` when its record is filed under `id` (unchecked beyond that:
+    /// `ChunkTree::update` proves what it uses). Blocking.
+    pub fn load(&self, index: u64, id: &ChunkId) -> Option<ChunkTree> {
+        let mut record = vec![0u8; RECORD_BYTES as usize];
+        match self.file.read_exact_at(&mut record, index * RECORD_BYTES) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return None,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), index, error = %e, "cached chunk tree unreadable");
+                return None;
+            }
+        }
+        let (filed_under, rest) = record.split_at(32);
+        if filed_under != id.as_bytes() {
+            return None;
+        }
+        ChunkTree::from_bytes(&rest[..TREE_NODES * 32])
+    }
+
+    /// Files `tree` as chunk `index`'s, under `id`. Blocking; a failure is logged, not
+    /// returned: a missing record costs a full read of the chunk, nothing else.
+    pub fn store(&self, index: u64, id: &ChunkId, tree: &ChunkTree) {
+        let mut record = Vec::with_capacity(RECORD_BYTES as usize);
+        record.extend_from_slice(id.as_bytes());
+        record.extend_from_slice(tree.as_bytes());
+        record.resize(RECORD_BYTES as usize, 0);
+        let offset_bytes = index * RECORD_BYTES;
+        if let Err(e) = self.file.write_all_at(&record, offset_bytes) {
+            tracing::warn!(chunk = %id, index, path = %self.path.display(), error = %e, "caching a chunk tree failed");
+            return;
+        }
+        // Writeback starts now, not when the backup syncs the filesystem before its manifest
+        // (the local store shares it): there the 48 KiB of each changed chunk's record were
+        // the larger part of what an incremental waited on. A hint; failure changes nothing.
+        // SAFETY: a plain syscall on a file descriptor this struct owns and keeps open.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset_bytes as libc::off64_t,
+                RECORD_BYTES as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::chunk::CHUNK_SIZE_BYTES;
+    use crate::backup::tree::subtree_cv;
+
+    fn chunk(seed: u8) -> Vec<u8> {
+        (0..CHUNK_SIZE_BYTES as usize)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn records_are_returned_only_under_their_id_and_a_torn_one_fails_the_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = TreeCache::new(dir.path().join("trees"));
+        let trees = cache.open_volume("0f3c-uuid").unwrap();
+        let (id, tree) = ChunkTree::of_chunk(&chunk(1));
+        assert!(trees.load(3, &id).is_none());
+        trees.store(3, &id, &tree);
+        assert_eq!(trees.load(3, &id).unwrap(), tree);
+        // Another index, another id: misses.
+        assert!(trees.load(2, &id).is_none());
+        assert!(trees.load(3, &ChunkId::of(b"other")).is_none());
+        // Reopened, the record is still there.
+        drop(trees);
+        let trees = cache.open_volume("0f3c-uuid").unwrap();
+        assert_eq!(trees.load(3, &id).unwrap(), tree);
+        // A flipped byte in the first block's CV: loaded, but an update of that block refuses it.
+        let path = dir.path().join("trees/0f3c-uuid.trees2");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = 3 * RECORD_BYTES as usize + 32;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut torn = trees.load(3, &id).unwrap();
+        let changed = [(0, subtree_cv(0, &[7u8; 4096]))];
+        assert!(torn.update(&id, &changed).is_err());
+        // A record cut short is a miss.
+        std::fs::write(&path, &bytes[..at]).unwrap();
+        assert!(trees.load(3, &id).is_none());
+        cache.remove_volume("0f3c-uuid");
+        assert!(!path.exists());
+        for hostile in ["", "../x", "a/b", "x.trees\0"] {
+            assert!(cache.open_volume(hostile).is_err(), "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn caches_of_earlier_layouts_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("trees");
+        std::fs::create_dir_all(root.join("ab")).unwrap();
+        std::fs::write(root.join("ab/abcd"), b"old").unwrap();
+        std::fs::write(root.join("v-0.trees"), b"spans").unwrap();
+        let cache = TreeCache::new(root.clone());
+        drop(cache.open_volume("v-1").unwrap());
+        cache.remove_legacy();
+        assert!(!root.join("ab").exists());
+        assert!(!root.join("v-0.trees").exists());
+        assert!(root.join("v-1.trees2").exists());
+    }
+}
