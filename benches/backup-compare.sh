@@ -48,6 +48,8 @@
 #   EVSD_BIN, EVSCTL_BIN   use these binaries instead of building
 #   EVSD_ARGS="..."    extra evsd arguments (both daemons)
 #   EVSD_S3S_FS        the s3s-fs binary (default: PATH, then ~/.cache/evsd-test-tools/bin)
+#   PERF_ROWS="..."    rows (e.g. "incr-local") during which `perf record -g` samples the daemon;
+#                      the profile is WORKDIR/ROW.perf.data (use with KEEP=1)
 #
 # Requires: nbdcopy, nbdsh (python3-libnbd), restic, s3s-fs, jq, python3, awk, cmp, getconf.
 # `bash scripts/install-test-deps.sh` installs all of them. The machine has 2 cores shared by
@@ -59,6 +61,7 @@ CHANGE_PCT=${CHANGE_PCT:-1}
 CHANGE_LAYOUT=${CHANGE_LAYOUT:-scattered}
 case "$CHANGE_LAYOUT" in scattered|clustered) ;; *) echo "backup-compare: CHANGE_LAYOUT is scattered or clustered" >&2; exit 1 ;; esac
 KEEP=${KEEP:-0}
+PERF_ROWS=${PERF_ROWS:-}
 VERIFY=${VERIFY:-1}
 RESTIC_S3=${RESTIC_S3:-1}
 EVSD_ARGS=${EVSD_ARGS:-}
@@ -264,12 +267,19 @@ evsd_row() {
   local row=$1 d=$2; shift 2
   local pid_var="PID_$d" c0 c1 t0 t1
   sync
+  local perf_pid=""
+  if [[ " $PERF_ROWS " == *" $row "* ]]; then
+    perf record -q -g -F 2000 -p "${!pid_var}" -o "$WORKDIR/$row.perf.data" 2>"$WORKDIR/$row.perf.err" &
+    perf_pid=$!
+    sleep 0.5  # perf attaches before the row starts
+  fi
   c0=$(cpu_ticks "${!pid_var}")
   t0=$(now)
   "$@" >"$WORKDIR/$row.out" 2>"$WORKDIR/$row.err" \
     || die "$row failed: $(tail -20 "$WORKDIR/$row.err") (daemon log: $WORKDIR/evsd-$d/evsd.log)"
   t1=$(now)
   c1=$(cpu_ticks "${!pid_var}")
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
   ELAPSED=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
   EVSD_CPU=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / t }')
 }

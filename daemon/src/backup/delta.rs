@@ -69,9 +69,16 @@ pub(super) async fn process_batch(
     let level = ctx.svc.config.zstd_level;
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let named = blocking(move || {
-        work.into_iter()
+        let first = work.first().map(|((index, _), _)| *index);
+        let last = work.last().map(|((index, _), _)| *index);
+        let named: Vec<_> = work
+            .into_iter()
             .map(|((index, plan), read)| name(&trees, index, &plan, &read, level))
-            .collect::<Vec<_>>()
+            .collect();
+        if let (Some(first), Some(last)) = (first, last) {
+            trees.start_writeback(first.min(last)..=first.max(last));
+        }
+        named
     })
     .await?;
     let mut ids = Vec::with_capacity(chunks.len());

@@ -134,20 +134,24 @@ impl VolumeTrees {
         record.extend_from_slice(id.as_bytes());
         record.extend_from_slice(tree.as_bytes());
         record.resize(RECORD_BYTES as usize, 0);
-        let offset_bytes = index * RECORD_BYTES;
-        if let Err(e) = self.file.write_all_at(&record, offset_bytes) {
+        if let Err(e) = self.file.write_all_at(&record, index * RECORD_BYTES) {
             tracing::warn!(chunk = %id, index, path = %self.path.display(), error = %e, "caching a chunk tree failed");
-            return;
         }
-        // Writeback starts now, not when the backup syncs the filesystem before its manifest
-        // (the local store shares it): there the 48 KiB of each changed chunk's record were
-        // the larger part of what an incremental waited on. A hint; failure changes nothing.
+    }
+
+    /// Starts writing back the records of chunks `indexes` (after `store`), so that the sync
+    /// of the filesystem before a backup's manifest (the local store shares it) does not wait
+    /// on them: there the 48 KiB of each changed chunk's record had been most of what an
+    /// incremental waited on. A hint, once per batch of records; failure changes nothing.
+    pub fn start_writeback(&self, indexes: std::ops::RangeInclusive<u64>) {
+        let offset_bytes = indexes.start() * RECORD_BYTES;
+        let len_bytes = (indexes.end() + 1).saturating_sub(*indexes.start()) * RECORD_BYTES;
         // SAFETY: a plain syscall on a file descriptor this struct owns and keeps open.
         unsafe {
             libc::sync_file_range(
                 self.file.as_raw_fd(),
                 offset_bytes as libc::off64_t,
-                RECORD_BYTES as libc::off64_t,
+                len_bytes as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }

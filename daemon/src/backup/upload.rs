@@ -727,7 +727,11 @@ async fn process_chunk(
     if let (Some(tree), Some(trees)) = (tree, ctx.trees) {
         let trees = Arc::clone(trees);
         let index = offset_bytes / CHUNK_SIZE_BYTES;
-        blocking(move || trees.store(index, &id, &tree)).await?;
+        blocking(move || {
+            trees.store(index, &id, &tree);
+            trees.start_writeback(index..=index);
+        })
+        .await?;
     }
     if ctx.is_known(&id) {
         return Ok(Some(id));
