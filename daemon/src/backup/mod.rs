@@ -75,10 +75,9 @@ pub struct Backups {
     pub(crate) files: JobFiles,
     /// The BLAKE3 trees of the chunks of each volume's latest backup (see `tree.rs`, `tree_cache.rs`).
     pub(crate) trees: tree_cache::TreeCache,
-    /// Aligned buffers whole chunks are encoded into (see `local_write`).
+    /// Aligned buffers whole chunks are encoded into (see `local_write`), and packs of deltas
+    /// are filled in.
     pub(crate) encode_buffers: Arc<crate::storage::aligned::AlignedPool>,
-    /// Buffers incremental backups fill with packed deltas.
-    pub(crate) pack_buffers: Arc<crate::storage::aligned::AlignedPool>,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -129,11 +128,7 @@ impl Backups {
             trees,
             encode_buffers: crate::storage::aligned::AlignedPool::new(
                 chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
-                config.upload_concurrency.max(1),
-            ),
-            pack_buffers: crate::storage::aligned::AlignedPool::new(
-                pack::PACK_BUFFER_BYTES,
-                pack::IDLE_PACK_BUFFERS,
+                config.upload_concurrency.max(pack::BUFFERS_PER_BACKUP),
             ),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,

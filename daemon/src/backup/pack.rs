@@ -15,18 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::backup::chunk::{ChunkId, HEADER_LEN_BYTES};
 use crate::storage::aligned::{AlignedBuf, AlignedPool, ALIGN_BYTES};
 
-/// A pack is written once it holds this much.
-pub const PACK_TARGET_BYTES: usize = 32 << 20;
 /// Packs a backup stores at once. While that many are on their way (a slow or unreachable
-/// store), nothing more is packed, so a backup holds at most this many full packs, one filling
-/// and what the appends already under way add: about 160 MiB.
-const MAX_PACK_UPLOADS: usize = 2;
-/// Bytes of a pack buffer: below the target before every append, so the largest object fits.
-pub const PACK_BUFFER_BYTES: usize = PACK_TARGET_BYTES + MAX_PACKED_OBJECT_BYTES as usize;
-/// Pack buffers kept for the next pack once stored. Memory touched for the first time costs
-/// this VM about 1 ms per MiB in page faults: with a fresh buffer per pack, faulting in the
-/// pack was a quarter of an incremental backup's CPU.
-pub const IDLE_PACK_BUFFERS: usize = 1;
+/// store), nothing more is packed, so a backup holds at most this many full packs and one
+/// filling: 16 MiB with the 4 MiB buffers of `Backups::encode_buffers`.
+const MAX_PACK_UPLOADS: usize = 3;
+/// Pack buffers one backup holds at most: those being stored and the one filling.
+pub const BUFFERS_PER_BACKUP: usize = MAX_PACK_UPLOADS + 1;
 /// The largest object a pack entry can be: a delta of every block of a chunk is smaller.
 pub const MAX_PACKED_OBJECT_BYTES: u64 = 8 << 20;
 const PACK_NAME_MAX_LEN: usize = 100;
@@ -111,9 +105,12 @@ struct Filling {
 }
 
 impl PackWriter {
-    /// A writer filling buffers of `buffers` ([`PACK_BUFFER_BYTES`] each).
+    /// A writer filling buffers of `buffers`: a pack holds what fits in one (a multiple of
+    /// 4 KiB). A backup shares the pool its whole chunks are encoded in (4 MiB buffers), so
+    /// after a full backup an incremental packs into memory already faulted in: fresh memory
+    /// costs this VM about 1 ms per MiB in page faults, and packs of 32 MiB in buffers of their
+    /// own had made faulting them in a third of a first incremental's CPU.
     pub fn new(backup_id: &str, buffers: Arc<AlignedPool>) -> PackWriter {
-        assert!(buffers.capacity() >= PACK_BUFFER_BYTES);
         PackWriter {
             backup_id: backup_id.to_owned(),
             buffers,
@@ -133,23 +130,27 @@ impl PackWriter {
         self.uploads.acquire().await.ok()
     }
 
-    /// Adds object `id`; gives back the pack to store once it has reached the target size.
-    /// Panics on an object over [`MAX_PACKED_OBJECT_BYTES`], which no reader would accept.
+    /// Adds object `id`; gives back the pack filled so far when the object does not fit in
+    /// it (the object starts the next one). Panics on an object over
+    /// [`MAX_PACKED_OBJECT_BYTES`], which no reader would accept, or over a buffer.
     pub fn append(&self, id: ChunkId, object: &[u8]) -> Option<FullPack> {
         assert!(
-            object.len() as u64 <= MAX_PACKED_OBJECT_BYTES,
+            object.len() as u64 <= MAX_PACKED_OBJECT_BYTES
+                && object.len() <= self.buffers.capacity(),
             "a packed object of {} bytes",
             object.len()
         );
         let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        let full = (filling.used + object.len() > self.buffers.capacity())
+            .then(|| self.take(&mut filling));
         let at = filling.used;
         let buffer = filling
             .buffer
-            .get_or_insert_with(|| self.buffers.take(PACK_BUFFER_BYTES));
+            .get_or_insert_with(|| self.buffers.take(self.buffers.capacity()));
         buffer[at..at + object.len()].copy_from_slice(object);
         filling.used += object.len();
         filling.entries.push((id, at as u64, object.len() as u64));
-        (filling.used >= PACK_TARGET_BYTES).then(|| self.take(&mut filling))
+        full
     }
 
     /// The last, partly filled pack, if anything was appended since the last full one.
@@ -196,9 +197,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packs_fill_to_the_target_and_say_where_each_object_is() {
-        let writer = PackWriter::new("b-1", AlignedPool::new(PACK_BUFFER_BYTES, 1));
-        let object = vec![7u8; 3 << 20];
+    fn packs_fill_their_buffer_and_say_where_each_object_is() {
+        let writer = PackWriter::new("b-1", AlignedPool::new(4 << 20, 1));
+        let object = vec![7u8; 1 << 20];
         let mut full = Vec::new();
         for i in 0..45u8 {
             if let Some(pack) = writer.append(ChunkId::of(&[i]), &object) {
@@ -207,41 +208,44 @@ mod tests {
         }
         full.extend(writer.finish());
         assert!(writer.finish().is_none());
-        // 11 objects of 3 MiB pass 32 MiB; 45 objects make four full packs and one of one.
+        // Four objects of 1 MiB fill a 4 MiB buffer; the fifth starts the next pack.
         let sizes: Vec<usize> = full.iter().map(|p| p.entries.len()).collect();
-        assert_eq!(sizes, [11, 11, 11, 11, 1]);
+        assert_eq!(sizes, [[4; 11].as_slice(), &[1]].concat());
         let names: Vec<&str> = full.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["b-1-0000", "b-1-0001", "b-1-0002", "b-1-0003", "b-1-0004"]
-        );
+        assert_eq!(names[..3], ["b-1-0000", "b-1-0001", "b-1-0002"]);
+        assert_eq!(names[11], "b-1-0011");
         for pack in &full {
             for (k, (_, at)) in pack.entries.iter().enumerate() {
                 assert_eq!(at.pack, pack.name);
-                assert_eq!(at.offset_bytes, k as u64 * (3 << 20));
-                assert_eq!(at.len_bytes, 3 << 20);
+                assert_eq!(at.offset_bytes, k as u64 * (1 << 20));
+                assert_eq!(at.len_bytes, 1 << 20);
                 at.check().unwrap();
             }
-            assert_eq!(pack.len, pack.entries.len() * (3 << 20));
+            assert_eq!(pack.len, pack.entries.len() * (1 << 20));
             assert_eq!(pack.padded.len(), pack.len.next_multiple_of(ALIGN_BYTES));
             assert_eq!(pack.padded.as_ptr() as usize % ALIGN_BYTES, 0);
             assert!(pack.padded[..pack.len].iter().all(|&b| b == 7));
         }
-        assert_eq!(full[1].entries[0].0, ChunkId::of(&[11]));
+        assert_eq!(full[1].entries[0].0, ChunkId::of(&[4]));
+    }
+
+    #[test]
+    #[should_panic(expected = "a packed object of")]
+    fn an_object_larger_than_a_buffer_is_refused() {
+        let writer = PackWriter::new("b-1", AlignedPool::new(1 << 20, 1));
+        writer.append(ChunkId::of(b"big"), &vec![1u8; (1 << 20) + 1]);
     }
 
     #[test]
     fn a_reused_buffer_pads_the_next_pack_with_zeroes() {
-        let pool = AlignedPool::new(PACK_BUFFER_BYTES, 1);
+        let pool = AlignedPool::new(4 << 20, 1);
         let writer = PackWriter::new("b-1", Arc::clone(&pool));
-        let object = vec![0xee; MAX_PACKED_OBJECT_BYTES as usize];
-        let objects = PACK_TARGET_BYTES / object.len();
-        for i in 1..objects {
-            assert!(writer.append(ChunkId::of(&[i as u8]), &object).is_none());
+        let object = vec![0xee; 1 << 20];
+        for i in 0..4u8 {
+            assert!(writer.append(ChunkId::of(&[i]), &object).is_none());
         }
-        let full = writer
-            .append(ChunkId::of(b"a"), &object)
-            .expect("a full pack");
+        let full = writer.finish().expect("a full pack");
+        assert_eq!(full.len, 4 << 20);
         let first_buffer = full.padded.as_ptr();
         drop(full);
         writer.append(ChunkId::of(b"b"), &[5u8; 100]);
@@ -256,15 +260,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn nothing_more_is_packed_while_the_most_packs_are_being_stored() {
-        let writer = PackWriter::new("b-1", AlignedPool::new(PACK_BUFFER_BYTES, 1));
+        let writer = PackWriter::new("b-1", AlignedPool::new(4 << 20, 1));
         let wait = std::time::Duration::from_secs(3600);
         writer.admit().await;
-        let first = writer.upload_slot().await.unwrap();
-        let second = writer.upload_slot().await.unwrap();
+        let slots: Vec<_> =
+            futures_util::future::join_all((0..MAX_PACK_UPLOADS).map(|_| writer.upload_slot()))
+                .await;
         assert!(tokio::time::timeout(wait, writer.admit()).await.is_err());
-        drop(first);
+        let mut slots = slots.into_iter();
+        drop(slots.next());
         tokio::time::timeout(wait, writer.admit()).await.unwrap();
-        drop(second);
     }
 
     #[test]

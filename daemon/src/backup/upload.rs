@@ -219,7 +219,7 @@ async fn upload(
     let counters = Arc::new(Counters::default());
     let pack = Arc::new(PackWriter::new(
         &record.backup_id,
-        Arc::clone(&svc.pack_buffers),
+        Arc::clone(&svc.encode_buffers),
     ));
     let new_packed: Arc<Mutex<BTreeMap<ChunkId, PackedAt>>> = Arc::default();
     // Whole chunks hold 4 MiB each in flight: `upload_concurrency` of them at a time. Deltas hold
