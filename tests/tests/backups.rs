@@ -682,6 +682,16 @@ fn restores_fall_back_to_the_page_cache_where_o_direct_is_refused() {
     let b = backup_now(&d, "vol0", false);
     restore_new(&d, "r", b["id"].as_str().unwrap());
     assert_same("restore on ramfs", &read_export(&d, "r"), &model);
+    // On ramfs too an incremental names chunk 1 from its cached tree, reading only the block
+    // written.
+    let mut changed = model.clone();
+    write_at(&d, "vol0", CHUNK + 8192, &random(23, 4096), &mut changed);
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(b2["parent"], b["id"], "{b2:#}");
+    assert_eq!(u(&b2, "read_bytes"), 4096, "{b2:#}");
+    assert_eq!(u(&b2, "delta_chunks"), 1, "{b2:#}");
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("incremental on ramfs", &read_export(&d, "r2"), &changed);
     // Over data of its own, just read (so cached): the restore must replace all of it.
     let backed_up = model.clone();
     write_at(&d, "vol0", MIB, &random(22, 5 * MIB), &mut model);

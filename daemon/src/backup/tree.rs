@@ -134,13 +134,28 @@ impl ChunkTree {
             CHUNK_SIZE_BYTES,
             "only whole chunks have a tree"
         );
-        let mut nodes = Vec::with_capacity(TREE_NODES);
-        nodes.extend(
+        ChunkTree::of_blocks(
             chunk
                 .chunks_exact(DELTA_BLOCK_BYTES)
                 .enumerate()
                 .map(|(i, block)| subtree_cv(i * DELTA_BLOCK_BYTES, block)),
-        );
+        )
+    }
+
+    /// The id and tree of an all-zero chunk, computed once.
+    pub fn zero() -> &'static (ChunkId, ChunkTree) {
+        static ZERO: OnceLock<(ChunkId, ChunkTree)> = OnceLock::new();
+        ZERO.get_or_init(|| {
+            let zeroes = [0u8; DELTA_BLOCK_BYTES];
+            ChunkTree::of_blocks((0..BLOCKS).map(|i| subtree_cv(i * DELTA_BLOCK_BYTES, &zeroes)))
+        })
+    }
+
+    /// The id and tree over the CVs of a chunk's blocks, merged up.
+    fn of_blocks(blocks: impl Iterator<Item = Cv>) -> (ChunkId, ChunkTree) {
+        let mut nodes = Vec::with_capacity(TREE_NODES);
+        nodes.extend(blocks);
+        assert_eq!(nodes.len(), BLOCKS);
         nodes.resize(TREE_NODES, [0; 32]);
         let mut tree = ChunkTree { nodes };
         for (level, &len) in LEVEL_LENS.iter().enumerate().skip(1) {
@@ -150,12 +165,6 @@ impl ChunkTree {
             }
         }
         (tree.root(), tree)
-    }
-
-    /// The id and tree of an all-zero chunk, computed once.
-    pub fn zero() -> &'static (ChunkId, ChunkTree) {
-        static ZERO: OnceLock<(ChunkId, ChunkTree)> = OnceLock::new();
-        ZERO.get_or_init(|| ChunkTree::of_chunk(&vec![0u8; CHUNK_SIZE_BYTES as usize]))
     }
 
     /// A tree from the bytes `as_bytes` gave (`TREE_NODES` CVs); None if the length is wrong.
