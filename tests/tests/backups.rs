@@ -213,6 +213,17 @@ fn incremental_survives_snapshot_deletes_and_restart() {
     assert_eq!(u(&b3, "read_bytes"), 9 * CHUNK, "chunks 0-7 and 12: {b3:#}");
 }
 
+/// The cached chunk trees of the volume backup `b` was taken of.
+fn tree_file(d: &Daemon, b: &Value) -> PathBuf {
+    let uuid = manifest_of(d, b)["volume_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.data_dir()
+        .join("backup-trees")
+        .join(format!("{uuid}.trees2"))
+}
+
 /// Bytes of one chunk's record in a volume's tree file (`<uuid>.trees2`): the chunk id, the
 /// CVs of its 1024 blocks, then those of its spans and the levels above, padded to 48 KiB.
 const TREE_RECORD_BYTES: usize = 48 << 10;
@@ -224,14 +235,7 @@ fn a_stale_chunk_tree_costs_a_whole_read_never_a_wrong_id() {
     let b1 = backup_now(&d, "vol0", false);
     // In chunk 2's cached tree, the CV of block 1 goes stale: it is the sibling of block 0,
     // which changes next, so naming chunk 2 from the tree would use it.
-    let uuid = manifest_of(&d, &b1)["volume_uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let path = d
-        .data_dir()
-        .join("backup-trees")
-        .join(format!("{uuid}.trees2"));
+    let path = tree_file(&d, &b1);
     let mut trees = fs::read(&path).unwrap();
     // Chunks 0-3 hold data; 4-7 are zeroes, which need no record.
     assert_eq!(
@@ -630,14 +634,7 @@ fn deleted_volume_restores_from_its_backup() {
     let d = start();
     let model = half_random(&d, "vol0", 32 * MIB, 10);
     let b = backup_now(&d, "vol0", false);
-    let uuid = manifest_of(&d, &b)["volume_uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let trees = d
-        .data_dir()
-        .join("backup-trees")
-        .join(format!("{uuid}.trees2"));
+    let trees = tree_file(&d, &b);
     assert!(trees.exists(), "the backup cached its chunk trees");
     admin_ok_when_idle(&d, "volume.delete", json!({"name": "vol0"}));
     admin_err(&d, "volume.show", json!({"name": "vol0"}), "not_found");
