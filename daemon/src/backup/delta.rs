@@ -43,10 +43,10 @@ enum Named {
     Zero,
 }
 
-/// `chunks` (index and plan), each named from its parent's cached tree and the spans holding
-/// its changed blocks, and stored as a delta of the parent's chunk when the store lacks it.
-/// For each, in order: its id (None: zeroes), or None when the parent's tree is not cached
-/// here, for the caller to read that chunk whole.
+/// `chunks` (index and plan), each named from its parent's cached tree and its changed 4 KiB
+/// blocks, and stored as a delta of the parent's chunk when the store lacks it. For each, in
+/// order: its id (None: zeroes), or None when the parent's tree is not cached here or does not
+/// prove the parent's id, for the caller to read that chunk whole.
 pub(super) async fn process_batch(
     ctx: &ChunkCtx<'_>,
     chunks: Vec<(u64, Arc<DeltaPlan>)>,
@@ -69,14 +69,15 @@ pub(super) async fn process_batch(
     let level = ctx.svc.config.zstd_level;
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let named = blocking(move || {
-        let first = work.first().map(|((index, _), _)| *index);
-        let last = work.last().map(|((index, _), _)| *index);
+        let indexes: Vec<u64> = work.iter().map(|((index, _), _)| *index).collect();
         let named: Vec<_> = work
             .into_iter()
             .map(|((index, plan), read)| name(&trees, index, &plan, &read, level))
             .collect();
-        if let (Some(first), Some(last)) = (first, last) {
-            trees.start_writeback(first.min(last)..=first.max(last));
+        // The batch's chunks follow each other in the to-do list, not always in the volume:
+        // writeback is started per run of neighbouring records.
+        for run in indexes.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
+            trees.start_writeback(run[0], run.len() as u64);
         }
         named
     })
@@ -126,7 +127,18 @@ fn name(
         Some(base) => (base, trees.load(index, &base)?),
     };
     let mut changed = Vec::new();
-    for (&(first, _), bytes) in plan.runs.iter().zip(blocks) {
+    for (&(first, count), bytes) in plan.runs.iter().zip(blocks) {
+        if bytes.len() != count as usize * DELTA_BLOCK_BYTES {
+            // A short read would leave changed blocks out of the id: read the chunk whole.
+            tracing::warn!(
+                index,
+                first,
+                count,
+                read_bytes = bytes.len(),
+                "short read of changed blocks; the chunk is read whole"
+            );
+            return None;
+        }
         for (k, block) in bytes.chunks_exact(DELTA_BLOCK_BYTES).enumerate() {
             let at = first as usize + k;
             changed.push((at as u32, tree::subtree_cv(at * DELTA_BLOCK_BYTES, block)));

@@ -16,12 +16,14 @@ use crate::backup::chunk::{ChunkId, HEADER_LEN_BYTES};
 use crate::storage::aligned::{AlignedBuf, AlignedPool, ALIGN_BYTES};
 
 /// Packs a backup stores at once. While that many are on their way (a slow or unreachable
-/// store), nothing more is packed, so a backup holds at most this many full packs and one
-/// filling: 16 MiB with the 4 MiB buffers of `Backups::encode_buffers`.
+/// store), nothing more is packed, so a backup holds at most this many full packs, one filling
+/// and what the appends already admitted add: about 16 MiB with the 4 MiB buffers of
+/// `Backups::encode_buffers`.
 const MAX_PACK_UPLOADS: usize = 3;
 /// Pack buffers one backup holds at most: those being stored and the one filling.
 pub const BUFFERS_PER_BACKUP: usize = MAX_PACK_UPLOADS + 1;
-/// The largest object a pack entry can be: a delta of every block of a chunk is smaller.
+/// The largest packed object a reader accepts. The writer's objects are bounded by its buffer
+/// (4 MiB + 4 KiB), which the largest delta fits (see `upload::MAX_DELTA_BLOCKS`).
 pub const MAX_PACKED_OBJECT_BYTES: u64 = 8 << 20;
 const PACK_NAME_MAX_LEN: usize = 100;
 
@@ -97,8 +99,8 @@ pub struct PackWriter {
 #[derive(Default)]
 struct Filling {
     sequence: u32,
-    /// Taken from the pool at the first append; whatever an earlier pack left in it is
-    /// overwritten or zeroed before the pack is stored.
+    /// Taken from the pool at the first append; whatever an earlier pack or chunk encoding
+    /// left in it is overwritten or zeroed before the pack is stored.
     buffer: Option<AlignedBuf>,
     used: usize,
     entries: Vec<(ChunkId, u64, u64)>,

@@ -98,6 +98,19 @@ fn root_of(left: &Cv, right: &Cv) -> ChunkId {
 const LEVEL_LENS: [usize; 9] = [BLOCKS, SPANS, 128, 64, 32, 16, 8, 4, 2];
 /// CVs in a `ChunkTree`.
 pub const TREE_NODES: usize = BLOCKS + 2 * SPANS - 2;
+// The layout `merged` assumes: four blocks per span, then halving levels down to the root's
+// two children, `TREE_NODES` in all.
+const _: () = {
+    assert!(BLOCKS_PER_SPAN == 4 && LEVEL_LENS[0] == BLOCKS && LEVEL_LENS[1] == SPANS);
+    let mut level = 2;
+    let mut total = BLOCKS + SPANS;
+    while level < LEVEL_LENS.len() {
+        assert!(LEVEL_LENS[level] * 2 == LEVEL_LENS[level - 1]);
+        total += LEVEL_LENS[level];
+        level += 1;
+    }
+    assert!(LEVEL_LENS[LEVEL_LENS.len() - 1] == 2 && total == TREE_NODES);
+};
 
 const fn level_start(level: usize) -> usize {
     let mut start = 0;
@@ -123,7 +136,8 @@ pub struct ChunkTree {
 
 /// Why a stored tree was not used: a node on a changed path is not the merge of its children,
 /// or the top does not give the base id.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the cached chunk tree does not prove its chunk id")]
 pub struct TreeMismatch;
 
 impl ChunkTree {

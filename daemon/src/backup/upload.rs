@@ -46,12 +46,16 @@ fn chunk_len(size_bytes: u64, index: u64) -> u64 {
 }
 
 /// Chunk tasks in flight per whole chunk allowed in flight (see `whole_permits`). A task is one
-/// chunk read whole or a batch of up to `delta::BATCH_CHUNKS` deltas, whose reads (16 KiB
-/// spans and 4 KiB blocks) are small.
+/// chunk read whole or a batch of up to `delta::BATCH_CHUNKS` deltas, whose reads (the changed
+/// 4 KiB blocks) are small.
 const TASKS_PER_WHOLE_CHUNK: usize = 8;
 
 /// A changed chunk with more changed blocks than this is read and stored whole.
 const MAX_DELTA_BLOCKS: u32 = (CHUNK_SIZE_BYTES as usize / DELTA_BLOCK_BYTES / 4) as u32;
+// Deltas are packed in the encode buffers (a chunk's size and header): the largest, 1 MiB of
+// blocks plus its run list and framing, fits with room to spare.
+const _: () =
+    assert!(2 * MAX_DELTA_BLOCKS as usize * DELTA_BLOCK_BYTES <= CHUNK_SIZE_BYTES as usize);
 
 #[derive(Default)]
 pub(super) struct Counters {
@@ -729,7 +733,7 @@ async fn process_chunk(
         let index = offset_bytes / CHUNK_SIZE_BYTES;
         blocking(move || {
             trees.store(index, &id, &tree);
-            trees.start_writeback(index..=index);
+            trees.start_writeback(index, 1);
         })
         .await?;
     }
