@@ -221,7 +221,14 @@ thread_local! {
         const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { RefCell::new(None) };
+    /// A compressible delta's body (run list and new blocks) gathered for the compressor,
+    /// reused from one delta to the next (see `encode_delta_into`).
+    static DELTA_BODY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// A thread's delta body buffer is given back to the allocator when a delta made it larger
+/// than this (a chunk rewritten whole), so idle threads do not hold megabytes.
+const MAX_KEPT_DELTA_BODY_BYTES: usize = 256 << 10;
 
 /// Runs `f` with this thread's compressor at `level`.
 fn with_compressor<T>(
@@ -251,12 +258,19 @@ fn with_decompressor<T>(
     })
 }
 
-/// Whether the first `sample_len_bytes` of `data` shrink enough to be worth compressing.
-fn sample_compresses(data: &[u8], sample_len_bytes: usize, zstd_level: i32) -> bool {
-    let sample = &data[..data.len().min(sample_len_bytes)];
-    // A compressor error cannot come from the data itself; storing raw is always correct.
-    with_compressor(zstd_level, |c| c.compress(sample))
-        .is_ok_and(|compressed| compressed.len() * 100 <= sample.len() * SAMPLE_MAX_PERCENT)
+/// Whether the start of a delta's new bytes (`first`, its first piece) shrinks enough to be
+/// worth compressing. Compressed into room on the stack that holds no more than a worthwhile
+/// result: a sample that does not fit does not compress.
+fn delta_sample_compresses(first: &[u8], zstd_level: i32) -> bool {
+    let sample = &first[..first.len().min(DELTA_SAMPLE_LEN_BYTES)];
+    let mut room = [0u8; DELTA_SAMPLE_LEN_BYTES];
+    let worthwhile_bytes = sample.len() * SAMPLE_MAX_PERCENT / 100;
+    // A compressor error (the room is too small, or any other) means storing raw, which is
+    // always correct.
+    with_compressor(zstd_level, |c| {
+        c.compress_to_buffer(sample, &mut room[..worthwhile_bytes])
+    })
+    .is_ok()
 }
 
 /// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
@@ -412,6 +426,7 @@ pub fn is_delta_header(prefix: &[u8]) -> bool {
 
 /// Builds the stored object for a whole chunk of `plaintext_len` bytes that equals `base` (or
 /// zeroes) but for the blocks of `runs`, whose new bytes are `data`.
+#[cfg(test)]
 pub fn encode_delta(
     plaintext_len: usize,
     base: Option<&ChunkId>,
@@ -419,6 +434,22 @@ pub fn encode_delta(
     data: &[u8],
     zstd_level: i32,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_delta_into(&mut out, plaintext_len, base, runs, &[data], zstd_level);
+    out
+}
+
+/// As `encode_delta`, with the new bytes in pieces (`parts`, concatenated in order) and the
+/// object built in `out` (emptied first), memory the caller reuses: neither the pieces nor the
+/// object is copied on the way.
+pub fn encode_delta_into(
+    out: &mut Vec<u8>,
+    plaintext_len: usize,
+    base: Option<&ChunkId>,
+    runs: &[(u32, u32)],
+    parts: &[&[u8]],
+    zstd_level: i32,
+) {
     let mut head = Vec::with_capacity(DELTA_FIXED_BYTES + runs.len() * 8);
     match base {
         Some(id) => {
@@ -435,31 +466,44 @@ pub fn encode_delta(
         head.extend_from_slice(&first.to_le_bytes());
         head.extend_from_slice(&count.to_le_bytes());
     }
-    let body_len = head.len() + data.len();
-    let mut out = Vec::new();
-    if !sample_compresses(data, DELTA_SAMPLE_LEN_BYTES, zstd_level) {
-        out.reserve_exact(HEADER_LEN_BYTES + raw_frame::frame_len(body_len));
+    let data_len: usize = parts.iter().map(|p| p.len()).sum();
+    let body_len = head.len() + data_len;
+    out.clear();
+    let first = parts.first().copied().unwrap_or_default();
+    if !delta_sample_compresses(first, zstd_level) {
+        out.reserve(HEADER_LEN_BYTES + raw_frame::frame_len(body_len));
         out.resize(HEADER_LEN_BYTES, 0);
-        raw_frame::append(&mut out, &[&head, data]);
+        let mut pieces = Vec::with_capacity(parts.len() + 1);
+        pieces.push(&head[..]);
+        pieces.extend_from_slice(parts);
+        raw_frame::append(out, &pieces);
     } else {
-        let mut body = head;
-        body.extend_from_slice(data);
-        // Compressed straight behind the header's room. Compressing cannot fail on valid
-        // input with room for the bound; the body stored raw would be unreadable, so a failure
-        // here is a bug worth stopping for.
-        out.resize(
-            HEADER_LEN_BYTES + zstd::zstd_safe::compress_bound(body.len()),
-            0,
-        );
-        let payload_len = with_compressor(zstd_level, |c| {
-            c.compress_to_buffer(&body, &mut out[HEADER_LEN_BYTES..])
-        })
-        .expect("zstd compresses a delta body");
-        out.truncate(HEADER_LEN_BYTES + payload_len);
+        DELTA_BODY.with(|cell| {
+            let mut body = cell.borrow_mut();
+            body.clear();
+            body.extend_from_slice(&head);
+            for part in parts {
+                body.extend_from_slice(part);
+            }
+            // Compressed straight behind the header's room. Compressing cannot fail on valid
+            // input with room for the bound; the body stored raw would be unreadable, so a
+            // failure here is a bug worth stopping for.
+            out.resize(
+                HEADER_LEN_BYTES + zstd::zstd_safe::compress_bound(body.len()),
+                0,
+            );
+            let payload_len = with_compressor(zstd_level, |c| {
+                c.compress_to_buffer(&body[..], &mut out[HEADER_LEN_BYTES..])
+            })
+            .expect("zstd compresses a delta body");
+            out.truncate(HEADER_LEN_BYTES + payload_len);
+            if body.capacity() > MAX_KEPT_DELTA_BODY_BYTES {
+                *body = Vec::new();
+            }
+        });
     }
     let (header, payload) = out.split_at_mut(HEADER_LEN_BYTES);
     write_header(header, CODEC_DELTA, plaintext_len, payload);
-    out
 }
 
 fn parse_delta(id: ChunkId, plaintext_len: usize, payload: &[u8]) -> Result<Delta, ChunkError> {
@@ -738,6 +782,18 @@ mod tests {
             out.copy_from_slice(&base);
             delta.apply(&mut out);
             assert_eq!(out, new);
+        }
+    }
+
+    #[test]
+    fn a_delta_from_pieces_into_a_used_buffer_is_the_delta_of_their_concatenation() {
+        let base_id = ChunkId::of(b"base");
+        let runs = [(1u32, 2u32), (7, 1)];
+        let mut out = vec![0xAAu8; 100_000];
+        for data in [random_bytes(3 * 4096, 31), compressible_bytes(3 * 4096)] {
+            let pieces = [&data[..4096], &data[4096..8192], &data[8192..]];
+            encode_delta_into(&mut out, 64 << 10, Some(&base_id), &runs, &pieces, 3);
+            assert_eq!(out, encode_delta(64 << 10, Some(&base_id), &runs, &data, 3));
         }
     }
 

@@ -19,13 +19,40 @@ use futures_util::future::try_join_all;
 
 use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES};
 use crate::backup::error::BackupError;
-use crate::backup::tree::{self, ChunkTree};
+use crate::backup::scratch::Pool;
+use crate::backup::tree::{self, ChunkTree, Cv};
 use crate::backup::tree_cache::VolumeTrees;
 use crate::backup::upload::{blocking, ChunkCtx};
 use crate::storage::volume::Volume;
 
 /// Chunks named in one trip to the blocking pool.
 pub const BATCH_CHUNKS: usize = 8;
+/// Idle naming scratch kept (`Backups::name_scratch`): one per batch named at once.
+pub const IDLE_NAME_SCRATCH: usize = 16;
+/// Idle delta buffers kept (`Backups::delta_buffers`): a few batches' worth.
+pub const IDLE_DELTA_BUFFERS: usize = 4 * BATCH_CHUNKS;
+/// Delta buffers larger than this (many blocks of one chunk changed) are not kept.
+pub const MAX_KEPT_DELTA_BYTES: usize = 256 << 10;
+/// A new delta buffer's capacity: room for 31 changed blocks before it has to grow (growing
+/// moves it to fresh memory).
+const NEW_DELTA_BYTES: usize = 128 << 10;
+
+/// What one blocking call names its batch in, reused chunk after chunk (see `scratch`).
+pub struct NameScratch {
+    /// The chunk's tree: the parent's, read from the tree file, then updated.
+    tree: ChunkTree,
+    /// The changed blocks' CVs.
+    changed: Vec<(u32, Cv)>,
+}
+
+impl NameScratch {
+    pub fn new() -> NameScratch {
+        NameScratch {
+            tree: ChunkTree::zero().1.clone(),
+            changed: Vec::new(),
+        }
+    }
+}
 
 /// A changed chunk the incremental may store as a delta of the parent's chunk.
 pub struct DeltaPlan {
@@ -54,6 +81,14 @@ pub(super) async fn process_batch(
     let Some(trees) = ctx.trees.map(Arc::clone) else {
         return Ok(vec![None; chunks.len()]);
     };
+    // Taken before the reads: a batch holds its blocks' buffers from the read to the end of
+    // naming, and batches let read ahead only spread those over fresh memory.
+    let naming = ctx
+        .svc
+        .naming_permits
+        .acquire()
+        .await
+        .map_err(|_| BackupError::Failed("naming permits closed".into()))?;
     let view = ctx.view()?;
     let reads = chunks
         .iter()
@@ -68,12 +103,18 @@ pub(super) async fn process_batch(
         .fetch_add(read_bytes, Ordering::Relaxed);
     let level = ctx.svc.config.zstd_level;
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
+    let svc = Arc::clone(ctx.svc);
     let named = blocking(move || {
         let indexes: Vec<u64> = work.iter().map(|((index, _), _)| *index).collect();
+        let mut scratch = svc.name_scratch.take_or(NameScratch::new);
         let named: Vec<_> = work
             .into_iter()
-            .map(|((index, plan), read)| name(&trees, index, &plan, &read, level))
+            .map(|((index, plan), read)| {
+                let deltas = &svc.delta_buffers;
+                name(&trees, index, &plan, &read, level, &mut scratch, deltas)
+            })
             .collect();
+        svc.name_scratch.give(scratch);
         // The batch's chunks follow each other in the to-do list, not always in the volume:
         // writeback is started per run of neighbouring records.
         for run in indexes.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
@@ -82,6 +123,7 @@ pub(super) async fn process_batch(
         named
     })
     .await?;
+    drop(naming);
     let mut ids = Vec::with_capacity(chunks.len());
     for ((_, plan), named) in chunks.iter().zip(named) {
         ids.push(match named {
@@ -90,8 +132,9 @@ pub(super) async fn process_batch(
             Some(Named::Chunk(id, None)) => Some(Some(id)),
             Some(Named::Chunk(id, Some(stored))) => {
                 if !ctx.is_known(&id) {
-                    ctx.put_packed(id, stored, plan.base).await?;
+                    ctx.put_packed(id, &stored, plan.base).await?;
                 }
+                ctx.svc.delta_buffers.give(stored);
                 Some(Some(id))
             }
         });
@@ -114,19 +157,31 @@ async fn read_blocks(
 
 /// Names chunk `index` from its parent's tree (None when not cached here, or when it does not
 /// prove the parent's id) with the CVs of the changed blocks put in, caches its new tree and
-/// encodes its delta. Blocking.
+/// encodes its delta into a buffer from `deltas`. Blocking.
 fn name(
     trees: &VolumeTrees,
     index: u64,
     plan: &DeltaPlan,
     blocks: &[Bytes],
     zstd_level: i32,
+    scratch: &mut NameScratch,
+    deltas: &Pool<Vec<u8>>,
 ) -> Option<Named> {
-    let (base_id, mut tree) = match plan.base {
-        None => ChunkTree::zero().clone(),
-        Some(base) => (base, trees.load(index, &base)?),
+    let NameScratch { tree, changed } = scratch;
+    let base_id = match plan.base {
+        None => {
+            let (id, zero_tree) = ChunkTree::zero();
+            tree.copy_from(zero_tree);
+            *id
+        }
+        Some(base) => {
+            if !trees.load_into(index, &base, tree) {
+                return None;
+            }
+            base
+        }
     };
-    let mut changed = Vec::new();
+    changed.clear();
     for (&(first, count), bytes) in plan.runs.iter().zip(blocks) {
         if bytes.len() != count as usize * DELTA_BLOCK_BYTES {
             // A short read would leave changed blocks out of the id: read the chunk whole.
@@ -144,7 +199,7 @@ fn name(
             changed.push((at as u32, tree::subtree_cv(at * DELTA_BLOCK_BYTES, block)));
         }
     }
-    let id = match tree.update(&base_id, &changed) {
+    let id = match tree.update(&base_id, changed) {
         Ok(id) => id,
         Err(_) => {
             tracing::warn!(chunk = %base_id, index, "cached chunk tree does not prove its id; the chunk is read whole");
@@ -157,13 +212,16 @@ fn name(
     if id == ChunkTree::zero().0 {
         return Some(Named::Zero);
     }
-    trees.store(index, &id, &tree);
-    // The new bytes of the changed blocks, run after run.
-    let stored = chunk::encode_delta(
+    trees.store(index, &id, tree);
+    // The new bytes of the changed blocks, run after run, straight from the read buffers.
+    let parts: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+    let mut stored = deltas.take_or(|| Vec::with_capacity(NEW_DELTA_BYTES));
+    chunk::encode_delta_into(
+        &mut stored,
         CHUNK_SIZE_BYTES as usize,
         plan.base.as_ref(),
         &plan.runs,
-        &blocks.concat(),
+        &parts,
         zstd_level,
     );
     Some(Named::Chunk(id, Some(stored)))

@@ -22,6 +22,7 @@ pub mod raw_frame;
 pub mod records;
 pub mod restore;
 pub mod retry;
+pub mod scratch;
 pub mod sets;
 pub mod store;
 pub mod throttle;
@@ -78,6 +79,14 @@ pub struct Backups {
     /// Aligned buffers whole chunks are encoded into (see `local_write`), and packs of deltas
     /// are filled in.
     pub(crate) encode_buffers: Arc<crate::storage::aligned::AlignedPool>,
+    /// Trees changed chunks are named in, and buffers their deltas are encoded in (see
+    /// `scratch`).
+    pub(crate) name_scratch: scratch::Pool<delta::NameScratch>,
+    pub(crate) delta_buffers: scratch::Pool<Vec<u8>>,
+    /// Batches of changed chunks read and named at once, across backups: two per core, so
+    /// that one can wait for its reads while the other hashes. More only spread the memory
+    /// they use over more threads and buffers.
+    pub(crate) naming_permits: tokio::sync::Semaphore,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -129,6 +138,13 @@ impl Backups {
             encode_buffers: crate::storage::aligned::AlignedPool::new(
                 chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
                 config.upload_concurrency.max(pack::BUFFERS_PER_BACKUP),
+            ),
+            name_scratch: scratch::Pool::new(delta::IDLE_NAME_SCRATCH, |_| true),
+            delta_buffers: scratch::Pool::new(delta::IDLE_DELTA_BUFFERS, |buffer| {
+                buffer.capacity() <= delta::MAX_KEPT_DELTA_BYTES
+            }),
+            naming_permits: tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,

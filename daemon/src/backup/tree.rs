@@ -182,6 +182,8 @@ impl ChunkTree {
     }
 
     /// A tree from the bytes `as_bytes` gave (`TREE_NODES` CVs); None if the length is wrong.
+    /// (The tree file reads records in place, see `as_bytes_mut`.)
+    #[cfg(test)]
     pub fn from_bytes(bytes: &[u8]) -> Option<ChunkTree> {
         if bytes.len() != TREE_NODES * 32 {
             return None;
@@ -195,6 +197,17 @@ impl ChunkTree {
 
     pub fn as_bytes(&self) -> &[u8] {
         self.nodes.as_flattened()
+    }
+
+    /// The tree's memory in `as_bytes`' layout, to read a stored tree into without a copy.
+    /// Nothing read there is trusted: `update` checks every node it uses.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        self.nodes.as_flattened_mut()
+    }
+
+    /// Makes this tree equal to `other` in the memory it already has.
+    pub fn copy_from(&mut self, other: &ChunkTree) {
+        self.nodes.copy_from_slice(&other.nodes);
     }
 
     /// The chunk id the tree's top gives.
@@ -329,6 +342,12 @@ mod tests {
         assert_eq!(spans, span_cvs(&chunk).as_slice());
         assert_eq!(ChunkTree::from_bytes(tree.as_bytes()).unwrap(), tree);
         assert!(ChunkTree::from_bytes(&tree.as_bytes()[32..]).is_none());
+        // Read in place, and copied into memory that held another tree.
+        let mut other = ChunkTree::zero().1.clone();
+        other.as_bytes_mut().copy_from_slice(tree.as_bytes());
+        assert_eq!(other, tree);
+        other.copy_from(&ChunkTree::zero().1);
+        assert_eq!(other, ChunkTree::zero().1);
     }
 
     /// Changes blocks of `chunk` (index, seed), returning the (index, CV) pairs `update` takes.

@@ -9,7 +9,6 @@
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::backup::chunk::ChunkId;
@@ -18,6 +17,8 @@ use crate::backup::tree::{ChunkTree, TREE_NODES};
 /// Bytes of one record: the id and the CVs (49,120), padded to a multiple of 4 KiB so a record
 /// is whole pages.
 const RECORD_BYTES: u64 = (32 + TREE_NODES as u64 * 32).next_multiple_of(4096);
+/// Zeroes after the CVs, up to the end of a record.
+const PADDING_BYTES: usize = RECORD_BYTES as usize - 32 - TREE_NODES * 32;
 /// The tree file's suffix. Files of the earlier layout (`<uuid>.trees`: 16 KiB span CVs only)
 /// are removed by `remove_legacy`.
 const SUFFIX: &str = ".trees2";
@@ -108,34 +109,83 @@ pub struct VolumeTrees {
 }
 
 impl VolumeTrees {
-    /// The tree of chunk `index` when its record is filed under `id` (unchecked beyond that:
-    /// `ChunkTree::update` proves what it uses). Blocking.
-    pub fn load(&self, index: u64, id: &ChunkId) -> Option<ChunkTree> {
-        let mut record = vec![0u8; RECORD_BYTES as usize];
-        match self.file.read_exact_at(&mut record, index * RECORD_BYTES) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return None,
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), index, error = %e, "cached chunk tree unreadable");
-                return None;
-            }
+    /// Reads chunk `index`'s record into `tree` (memory the caller reuses from chunk to chunk)
+    /// and says whether it is filed under `id`. On false, `tree` holds whatever was read and
+    /// must not be used. Nothing beyond the id is checked here: `ChunkTree::update` proves what
+    /// it uses. Blocking.
+    pub fn load_into(&self, index: u64, id: &ChunkId, tree: &mut ChunkTree) -> bool {
+        let mut filed_under = [0u8; 32];
+        let nodes = tree.as_bytes_mut();
+        let wanted_bytes = filed_under.len() + nodes.len();
+        let parts = [
+            libc::iovec {
+                iov_base: filed_under.as_mut_ptr().cast(),
+                iov_len: filed_under.len(),
+            },
+            libc::iovec {
+                iov_base: nodes.as_mut_ptr().cast(),
+                iov_len: nodes.len(),
+            },
+        ];
+        // SAFETY: each iovec covers exactly a buffer borrowed mutably for the whole call (a
+        // local array, the tree's nodes), so the kernel writes only into memory we own; the
+        // file descriptor stays open while `self` lives.
+        let read = unsafe {
+            libc::preadv(
+                self.file.as_raw_fd(),
+                parts.as_ptr(),
+                parts.len() as libc::c_int,
+                (index * RECORD_BYTES) as libc::off_t,
+            )
+        };
+        if read < 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::debug!(path = %self.path.display(), index, %error, "cached chunk tree unreadable");
+            return false;
         }
-        let (filed_under, rest) = record.split_at(32);
-        if filed_under != id.as_bytes() {
-            return None;
-        }
-        ChunkTree::from_bytes(&rest[..TREE_NODES * 32])
+        // Short: past the end of the file (no record yet), a miss.
+        read as usize == wanted_bytes && filed_under == *id.as_bytes()
     }
 
-    /// Files `tree` as chunk `index`'s, under `id`. Blocking; a failure is logged, not
-    /// returned: a missing record costs a full read of the chunk, nothing else.
+    /// Files `tree` as chunk `index`'s, under `id`, written from where it lies (no record is
+    /// assembled). Blocking; a failure is logged, not returned: a missing or torn record costs
+    /// a full read of the chunk, nothing else.
     pub fn store(&self, index: u64, id: &ChunkId, tree: &ChunkTree) {
-        let mut record = Vec::with_capacity(RECORD_BYTES as usize);
-        record.extend_from_slice(id.as_bytes());
-        record.extend_from_slice(tree.as_bytes());
-        record.resize(RECORD_BYTES as usize, 0);
-        if let Err(e) = self.file.write_all_at(&record, index * RECORD_BYTES) {
-            tracing::warn!(chunk = %id, index, path = %self.path.display(), error = %e, "caching a chunk tree failed");
+        // Whole pages are written, so a record not in the page cache is not read back first.
+        static PADDING: [u8; PADDING_BYTES] = [0; PADDING_BYTES];
+        let nodes = tree.as_bytes();
+        let parts = [
+            libc::iovec {
+                iov_base: id.as_bytes().as_ptr().cast_mut().cast(),
+                iov_len: 32,
+            },
+            libc::iovec {
+                iov_base: nodes.as_ptr().cast_mut().cast(),
+                iov_len: nodes.len(),
+            },
+            libc::iovec {
+                iov_base: PADDING.as_ptr().cast_mut().cast(),
+                iov_len: PADDING_BYTES,
+            },
+        ];
+        // SAFETY: each iovec covers exactly a buffer borrowed for the whole call (the id, the
+        // tree's nodes, a static), which pwritev only reads; the file descriptor stays open
+        // while `self` lives.
+        let written = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                parts.as_ptr(),
+                parts.len() as libc::c_int,
+                (index * RECORD_BYTES) as libc::off_t,
+            )
+        };
+        if written != RECORD_BYTES as isize {
+            let error = if written < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                format!("short write of {written} bytes")
+            };
+            tracing::warn!(chunk = %id, index, path = %self.path.display(), %error, "caching a chunk tree failed");
         }
     }
 
@@ -174,34 +224,48 @@ mod tests {
             .collect()
     }
 
+    fn load(trees: &VolumeTrees, index: u64, id: &ChunkId) -> Option<ChunkTree> {
+        // Scratch that holds another tree: a hit must overwrite all of it.
+        let mut tree = ChunkTree::of_chunk(&chunk(9)).1;
+        trees.load_into(index, id, &mut tree).then_some(tree)
+    }
+
     #[test]
     fn records_are_returned_only_under_their_id_and_a_torn_one_fails_the_update() {
         let dir = tempfile::tempdir().unwrap();
         let cache = TreeCache::new(dir.path().join("trees"));
         let trees = cache.open_volume("0f3c-uuid").unwrap();
         let (id, tree) = ChunkTree::of_chunk(&chunk(1));
-        assert!(trees.load(3, &id).is_none());
+        assert!(load(&trees, 3, &id).is_none());
         trees.store(3, &id, &tree);
-        assert_eq!(trees.load(3, &id).unwrap(), tree);
+        let file_len = std::fs::metadata(dir.path().join("trees/0f3c-uuid.trees2"))
+            .unwrap()
+            .len();
+        assert_eq!(
+            file_len,
+            4 * RECORD_BYTES,
+            "whole records, padding included"
+        );
+        assert_eq!(load(&trees, 3, &id).unwrap(), tree);
         // Another index, another id: misses.
-        assert!(trees.load(2, &id).is_none());
-        assert!(trees.load(3, &ChunkId::of(b"other")).is_none());
+        assert!(load(&trees, 2, &id).is_none());
+        assert!(load(&trees, 3, &ChunkId::of(b"other")).is_none());
         // Reopened, the record is still there.
         drop(trees);
         let trees = cache.open_volume("0f3c-uuid").unwrap();
-        assert_eq!(trees.load(3, &id).unwrap(), tree);
+        assert_eq!(load(&trees, 3, &id).unwrap(), tree);
         // A flipped byte in the first block's CV: loaded, but an update of that block refuses it.
         let path = dir.path().join("trees/0f3c-uuid.trees2");
         let mut bytes = std::fs::read(&path).unwrap();
         let at = 3 * RECORD_BYTES as usize + 32;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let mut torn = trees.load(3, &id).unwrap();
+        let mut torn = load(&trees, 3, &id).unwrap();
         let changed = [(0, subtree_cv(0, &[7u8; 4096]))];
         assert!(torn.update(&id, &changed).is_err());
         // A record cut short is a miss.
         std::fs::write(&path, &bytes[..at]).unwrap();
-        assert!(trees.load(3, &id).is_none());
+        assert!(load(&trees, 3, &id).is_none());
         cache.remove_volume("0f3c-uuid");
         assert!(!path.exists());
         for hostile in ["", "../x", "a/b", "x.trees\0"] {

@@ -615,11 +615,11 @@ impl ChunkCtx<'_> {
     pub(super) async fn put_packed(
         &self,
         id: ChunkId,
-        stored: Vec<u8>,
+        stored: &[u8],
         base: Option<ChunkId>,
     ) -> Result<(), BackupError> {
         self.pack.admit().await;
-        let full = self.pack.append(id, &stored);
+        let full = self.pack.append(id, stored);
         // Known from now on, so this job does not pack it twice; a restarted job trusts only
         // what it lists in the store, and packed chunks are not listed.
         self.note_new(id, base, stored.len());
