@@ -81,6 +81,16 @@ pub(super) async fn process_batch(
     let Some(trees) = ctx.trees.map(Arc::clone) else {
         return Ok(vec![None; chunks.len()]);
     };
+    // Records of chunks with a parent, in runs of neighbours; the first batches to wait for a
+    // permit below read theirs meanwhile.
+    let with_parent: Vec<u64> = chunks
+        .iter()
+        .filter(|(_, plan)| plan.base.is_some())
+        .map(|(index, _)| *index)
+        .collect();
+    for run in with_parent.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
+        trees.prefetch(run[0], run.len() as u64);
+    }
     // Taken before the reads: a batch holds its blocks' buffers from the read to the end of
     // naming, and batches let read ahead only spread those over fresh memory.
     let naming = ctx

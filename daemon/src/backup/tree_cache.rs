@@ -189,6 +189,27 @@ impl VolumeTrees {
         }
     }
 
+    /// Asks the kernel to start reading the records of chunks `first..first + count` into the
+    /// page cache. Batches wait for a naming permit with their records already on the way:
+    /// read one by one when named, records that fell out of the cache (as after a full backup
+    /// and an hour of other work) made an incremental wait on one 48 KiB read at a time.
+    /// A hint; failure changes nothing.
+    pub fn prefetch(&self, first: u64, count: u64) {
+        if count == 0 {
+            // A length of 0 would mean "to the end of the file".
+            return;
+        }
+        // SAFETY: a plain syscall on a file descriptor this struct owns and keeps open.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                (first * RECORD_BYTES) as libc::off_t,
+                (count * RECORD_BYTES) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     /// Starts writing back the records of chunks `first..first + count` (after `store`), so
     /// that the sync of the filesystem before a backup's manifest (the local store shares it)
     /// does not wait on them: there the 48 KiB of each changed chunk's record had been most of
