@@ -39,6 +39,8 @@ const SAMPLE_LEN_BYTES: usize = 64 << 10;
 /// compressor's pass over incompressible blocks cost an incremental more CPU than hashing and
 /// reading them.
 const DELTA_SAMPLE_LEN_BYTES: usize = DELTA_BLOCK_BYTES;
+/// Room for a compressed delta sample: at least zstd's bound for it (checked in the tests).
+const DELTA_SAMPLE_ROOM_BYTES: usize = DELTA_SAMPLE_LEN_BYTES + 512;
 /// The sample must shrink to at most this percentage of its length to be worth compressing.
 const SAMPLE_MAX_PERCENT: usize = 97;
 
@@ -259,18 +261,14 @@ fn with_decompressor<T>(
 }
 
 /// Whether the start of a delta's new bytes (`first`, its first piece) shrinks enough to be
-/// worth compressing. Compressed into room on the stack that holds no more than a worthwhile
-/// result: a sample that does not fit does not compress.
+/// worth compressing. Compressed into room on the stack (the compressor's bound for a sample,
+/// as a heap buffer would have).
 fn delta_sample_compresses(first: &[u8], zstd_level: i32) -> bool {
     let sample = &first[..first.len().min(DELTA_SAMPLE_LEN_BYTES)];
-    let mut room = [0u8; DELTA_SAMPLE_LEN_BYTES];
-    let worthwhile_bytes = sample.len() * SAMPLE_MAX_PERCENT / 100;
-    // A compressor error (the room is too small, or any other) means storing raw, which is
-    // always correct.
-    with_compressor(zstd_level, |c| {
-        c.compress_to_buffer(sample, &mut room[..worthwhile_bytes])
-    })
-    .is_ok()
+    let mut room = [0u8; DELTA_SAMPLE_ROOM_BYTES];
+    // A compressor error cannot come from the data itself; storing raw is always correct.
+    with_compressor(zstd_level, |c| c.compress_to_buffer(sample, &mut room[..]))
+        .is_ok_and(|compressed_len| compressed_len * 100 <= sample.len() * SAMPLE_MAX_PERCENT)
 }
 
 /// Compresses into `room` (the plaintext's length) when compressing pays off and the result is
@@ -783,6 +781,11 @@ mod tests {
             delta.apply(&mut out);
             assert_eq!(out, new);
         }
+    }
+
+    #[test]
+    fn a_delta_sample_has_room_for_the_compressors_bound() {
+        assert!(zstd::zstd_safe::compress_bound(DELTA_SAMPLE_LEN_BYTES) <= DELTA_SAMPLE_ROOM_BYTES);
     }
 
     #[test]

@@ -27,10 +27,9 @@ use crate::storage::volume::Volume;
 
 /// Chunks named in one trip to the blocking pool.
 pub const BATCH_CHUNKS: usize = 8;
-/// Idle naming scratch kept (`Backups::name_scratch`): one per batch named at once.
-pub const IDLE_NAME_SCRATCH: usize = 16;
-/// Idle delta buffers kept (`Backups::delta_buffers`): a few batches' worth.
-pub const IDLE_DELTA_BUFFERS: usize = 4 * BATCH_CHUNKS;
+/// Batches read and named at once per core (`Backups::naming_permits`): one can wait for its
+/// reads while another hashes.
+pub const NAMING_BATCHES_PER_CORE: usize = 2;
 /// Delta buffers larger than this (many blocks of one chunk changed) are not kept.
 pub const MAX_KEPT_DELTA_BYTES: usize = 256 << 10;
 /// A new delta buffer's capacity: room for 31 changed blocks before it has to grow (growing
@@ -88,8 +87,15 @@ pub(super) async fn process_batch(
         .filter(|(_, plan)| plan.base.is_some())
         .map(|(index, _)| *index)
         .collect();
-    for run in with_parent.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
-        trees.prefetch(run[0], run.len() as u64);
+    if !with_parent.is_empty() {
+        // Not awaited, and off the runtime's threads: starting readahead can block on the
+        // device's queue.
+        let trees = Arc::clone(&trees);
+        tokio::task::spawn_blocking(move || {
+            for run in with_parent.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
+                trees.prefetch(run[0], run.len() as u64);
+            }
+        });
     }
     // Taken before the reads: a batch holds its blocks' buffers from the read to the end of
     // naming, and batches let read ahead only spread those over fresh memory.

@@ -83,9 +83,9 @@ pub struct Backups {
     /// `scratch`).
     pub(crate) name_scratch: scratch::Pool<delta::NameScratch>,
     pub(crate) delta_buffers: scratch::Pool<Vec<u8>>,
-    /// Batches of changed chunks read and named at once, across backups: two per core, so
-    /// that one can wait for its reads while the other hashes. More only spread the memory
-    /// they use over more threads and buffers.
+    /// Batches of changed chunks read and named at once, across backups
+    /// (`delta::NAMING_BATCHES_PER_CORE`). More only spread the memory they use over more
+    /// threads and buffers.
     pub(crate) naming_permits: tokio::sync::Semaphore,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
@@ -120,6 +120,8 @@ impl Backups {
         shutdown: CancellationToken,
     ) -> Result<Arc<Backups>, BackupError> {
         let store = Arc::new(BackupStore::open(&config.store_url, &config.s3)?);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let naming_batches = delta::NAMING_BATCHES_PER_CORE * cores;
         let trees_dir = data_dir.join("backup-trees");
         let trees = tree_cache::TreeCache::new(trees_dir.clone());
         // A large old cache takes a while to delete; the daemon does not wait for it.
@@ -139,13 +141,12 @@ impl Backups {
                 chunk::HEADER_LEN_BYTES + chunk::CHUNK_SIZE_BYTES as usize,
                 config.upload_concurrency.max(pack::BUFFERS_PER_BACKUP),
             ),
-            name_scratch: scratch::Pool::new(delta::IDLE_NAME_SCRATCH, |_| true),
-            delta_buffers: scratch::Pool::new(delta::IDLE_DELTA_BUFFERS, |buffer| {
+            // As many idle as can be in use: one scratch per batch, a delta per chunk.
+            name_scratch: scratch::Pool::new(naming_batches, |_| true),
+            delta_buffers: scratch::Pool::new(naming_batches * delta::BATCH_CHUNKS, |buffer| {
                 buffer.capacity() <= delta::MAX_KEPT_DELTA_BYTES
             }),
-            naming_permits: tokio::sync::Semaphore::new(
-                2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ),
+            naming_permits: tokio::sync::Semaphore::new(naming_batches),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,
             shutdown,

@@ -102,6 +102,13 @@ fn remove_file(path: &Path) {
     }
 }
 
+/// Where record `index` starts, as the kernel's file offset type (None: out of its range).
+fn record_offset(index: u64) -> Option<libc::off_t> {
+    index
+        .checked_mul(RECORD_BYTES)
+        .and_then(|offset| libc::off_t::try_from(offset).ok())
+}
+
 /// One volume's tree file.
 pub struct VolumeTrees {
     file: std::fs::File,
@@ -114,6 +121,9 @@ impl VolumeTrees {
     /// must not be used. Nothing beyond the id is checked here: `ChunkTree::update` proves what
     /// it uses. Blocking.
     pub fn load_into(&self, index: u64, id: &ChunkId, tree: &mut ChunkTree) -> bool {
+        let Some(offset) = record_offset(index) else {
+            return false;
+        };
         let mut filed_under = [0u8; 32];
         let nodes = tree.as_bytes_mut();
         let wanted_bytes = filed_under.len() + nodes.len();
@@ -135,7 +145,7 @@ impl VolumeTrees {
                 self.file.as_raw_fd(),
                 parts.as_ptr(),
                 parts.len() as libc::c_int,
-                (index * RECORD_BYTES) as libc::off_t,
+                offset,
             )
         };
         if read < 0 {
@@ -153,6 +163,10 @@ impl VolumeTrees {
     pub fn store(&self, index: u64, id: &ChunkId, tree: &ChunkTree) {
         // Whole pages are written, so a record not in the page cache is not read back first.
         static PADDING: [u8; PADDING_BYTES] = [0; PADDING_BYTES];
+        let Some(offset) = record_offset(index) else {
+            tracing::warn!(chunk = %id, index, "chunk index past the tree file's reach; its tree is not cached");
+            return;
+        };
         let nodes = tree.as_bytes();
         let parts = [
             libc::iovec {
@@ -176,7 +190,7 @@ impl VolumeTrees {
                 self.file.as_raw_fd(),
                 parts.as_ptr(),
                 parts.len() as libc::c_int,
-                (index * RECORD_BYTES) as libc::off_t,
+                offset,
             )
         };
         if written != RECORD_BYTES as isize {
@@ -195,7 +209,10 @@ impl VolumeTrees {
     /// and an hour of other work) made an incremental wait on one 48 KiB read at a time.
     /// A hint; failure changes nothing.
     pub fn prefetch(&self, first: u64, count: u64) {
-        if count == 0 {
+        let (Some(offset), Some(len)) = (record_offset(first), record_offset(count)) else {
+            return;
+        };
+        if len == 0 {
             // A length of 0 would mean "to the end of the file".
             return;
         }
@@ -203,8 +220,8 @@ impl VolumeTrees {
         unsafe {
             libc::posix_fadvise(
                 self.file.as_raw_fd(),
-                (first * RECORD_BYTES) as libc::off_t,
-                (count * RECORD_BYTES) as libc::off_t,
+                offset,
+                len,
                 libc::POSIX_FADV_WILLNEED,
             );
         }
