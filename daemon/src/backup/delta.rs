@@ -121,7 +121,6 @@ pub(super) async fn process_batch(
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let svc = Arc::clone(ctx.svc);
     let named = blocking(move || {
-        let indexes: Vec<u64> = work.iter().map(|((index, _), _)| *index).collect();
         let mut scratch = svc.name_scratch.take_or(NameScratch::new);
         let named: Vec<_> = work
             .into_iter()
@@ -131,11 +130,6 @@ pub(super) async fn process_batch(
             })
             .collect();
         svc.name_scratch.give(scratch);
-        // The batch's chunks follow each other in the to-do list, not always in the volume:
-        // writeback is started per run of neighbouring records.
-        for run in indexes.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
-            trees.start_writeback(run[0], run.len() as u64);
-        }
         named
     })
     .await?;

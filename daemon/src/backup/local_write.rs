@@ -5,7 +5,8 @@
 //! the daemon's CPU and held the backup under 1 GB/s. The object is encoded into an aligned
 //! buffer instead, written to a staging file with O_DIRECT (whole 4 KiB blocks, the tail padded),
 //! cut to its length and renamed into place, as object_store's local store does with its
-//! `<key>#<n>` staging files. Durability is unchanged: the manifest's syncfs still comes first.
+//! `<key>#<n>` staging files. Durability is unchanged: the sync before the manifest still
+//! comes first (`local_sync`).
 
 use std::fs::{File, OpenOptions};
 use std::io;

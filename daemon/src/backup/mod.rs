@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod gc;
 pub mod job;
 pub mod local_read;
+pub mod local_sync;
 pub mod local_write;
 pub mod locks;
 pub mod manifest;

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, Retry
 use crate::backup::chunk::{self, ChunkId};
 use crate::backup::error::BackupError;
 use crate::backup::local_read;
+use crate::backup::local_sync::LocalSync;
 use crate::backup::local_write;
 use crate::backup::manifest::{self, BackupManifest};
 use crate::backup::pack::{self, PackedAt};
@@ -48,17 +48,11 @@ pub struct BackupStore {
     /// locks, whose loss after a power cut would lose a backup or break the GC protocol.
     durable: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
-    /// The local directory behind a `file://` store: synced as a whole before a manifest is
-    /// written, so the chunks it names are on disk first without an fsync per chunk.
+    /// The local directory behind a `file://` store.
     local_root: Option<PathBuf>,
-    /// Chunk bytes written to a local store since the last background sync started.
-    unsynced_bytes: AtomicU64,
-    background_sync_running: Arc<AtomicBool>,
+    /// What a local store wrote and has not made durable yet (see `local_sync`).
+    local_sync: Option<Arc<LocalSync>>,
 }
-
-/// A local store starts writing chunks back once this much is dirty, so the sync before the
-/// manifest has little left to do (the kernel would otherwise keep gigabytes dirty until then).
-const BACKGROUND_SYNC_BYTES: u64 = 256 << 20;
 
 impl std::fmt::Debug for BackupStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,9 +87,8 @@ impl BackupStore {
                 objects: Arc::new(plain),
                 durable: Arc::new(durable),
                 prefix: ObjectPath::default(),
+                local_sync: Some(LocalSync::new(dir.clone())),
                 local_root: Some(dir),
-                unsynced_bytes: AtomicU64::new(0),
-                background_sync_running: Arc::new(AtomicBool::new(false)),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -137,8 +130,7 @@ impl BackupStore {
                 durable: store,
                 prefix,
                 local_root: None,
-                unsynced_bytes: AtomicU64::new(0),
-                background_sync_running: Arc::new(AtomicBool::new(false)),
+                local_sync: None,
             });
         }
         Err(bad("use file:///DIR or s3://BUCKET/PREFIX".into()))
@@ -206,6 +198,7 @@ impl BackupStore {
         };
         // A file:// store has no prefix: the key is the path below its root.
         let path = root.join(&key);
+        let object = path.clone();
         let written =
             tokio::task::spawn_blocking(move || local_write::write_object(&path, &padded, len))
                 .await
@@ -214,29 +207,10 @@ impl BackupStore {
             let source = local_read::store_error(&key, e);
             BackupError::store("put", key, source)
         })?;
-        self.note_unsynced(len as u64);
-        Ok(())
-    }
-
-    /// Starts a background syncfs of a local store every [`BACKGROUND_SYNC_BYTES`] written.
-    fn note_unsynced(&self, len: u64) {
-        let Some(root) = &self.local_root else {
-            return;
-        };
-        if self.unsynced_bytes.fetch_add(len, Ordering::Relaxed) + len < BACKGROUND_SYNC_BYTES
-            || self.background_sync_running.swap(true, Ordering::AcqRel)
-        {
-            return;
+        if let Some(sync) = &self.local_sync {
+            sync.written(object, len as u64);
         }
-        self.unsynced_bytes.store(0, Ordering::Relaxed);
-        let root = root.clone();
-        let running = Arc::clone(&self.background_sync_running);
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = sync_filesystem(&root) {
-                tracing::warn!(error = %e, "background sync of the backup store failed");
-            }
-            running.store(false, Ordering::Release);
-        });
+        Ok(())
     }
 
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, BackupError> {
@@ -325,11 +299,9 @@ impl BackupStore {
 
     /// Writes a manifest after making the chunks it names durable (local stores).
     pub async fn put_manifest(&self, manifest: &BackupManifest) -> Result<(), BackupError> {
-        if let Some(root) = self.local_root.clone() {
+        if let Some(sync) = &self.local_sync {
             let started = std::time::Instant::now();
-            tokio::task::spawn_blocking(move || sync_filesystem(&root))
-                .await
-                .map_err(|e| BackupError::Failed(format!("sync task: {e}")))??;
+            sync.sync().await?;
             tracing::debug!(
                 sync_ms = started.elapsed().as_millis() as u64,
                 "backup store synced before its manifest"
@@ -524,22 +496,4 @@ impl BackupStore {
         .await
         .unwrap_or(0)
     }
-}
-
-/// syncfs(2) on the filesystem holding `dir`: one call makes every chunk written so far durable.
-fn sync_filesystem(dir: &Path) -> Result<(), BackupError> {
-    use std::os::fd::AsRawFd;
-    let handle = std::fs::File::open(dir).map_err(|e| BackupError::LocalStore {
-        path: dir.display().to_string(),
-        reason: format!("open for syncfs: {e}"),
-    })?;
-    // SAFETY: syncfs only reads the descriptor, which `handle` keeps open for the call.
-    let rc = unsafe { libc::syncfs(handle.as_raw_fd()) };
-    if rc != 0 {
-        return Err(BackupError::LocalStore {
-            path: dir.display().to_string(),
-            reason: format!("syncfs: {}", std::io::Error::last_os_error()),
-        });
-    }
-    Ok(())
 }

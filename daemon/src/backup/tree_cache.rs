@@ -226,28 +226,6 @@ impl VolumeTrees {
             );
         }
     }
-
-    /// Starts writing back the records of chunks `first..first + count` (after `store`), so
-    /// that the sync of the filesystem before a backup's manifest (the local store shares it)
-    /// does not wait on them: there the 48 KiB of each changed chunk's record had been most of
-    /// what an incremental waited on. A hint, once per run of records; failure changes nothing.
-    pub fn start_writeback(&self, first: u64, count: u64) {
-        if count == 0 {
-            // A length of 0 would mean "to the end of the file".
-            return;
-        }
-        let offset_bytes = first * RECORD_BYTES;
-        let len_bytes = count * RECORD_BYTES;
-        // SAFETY: a plain syscall on a file descriptor this struct owns and keeps open.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset_bytes as libc::off64_t,
-                len_bytes as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-    }
 }
 
 #[cfg(test)]

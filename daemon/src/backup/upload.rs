@@ -731,11 +731,7 @@ async fn process_chunk(
     if let (Some(tree), Some(trees)) = (tree, ctx.trees) {
         let trees = Arc::clone(trees);
         let index = offset_bytes / CHUNK_SIZE_BYTES;
-        blocking(move || {
-            trees.store(index, &id, &tree);
-            trees.start_writeback(index, 1);
-        })
-        .await?;
+        blocking(move || trees.store(index, &id, &tree)).await?;
     }
     if ctx.is_known(&id) {
         return Ok(Some(id));
