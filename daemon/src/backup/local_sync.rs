@@ -8,10 +8,10 @@
 //! `syncfs` and 0.32-0.63 s syncing its own objects (0.12-0.17 s with nothing else dirty).
 //!
 //! Now the objects written since the last sync are fsynced one by one, then their directories
-//! (the renames that put them in place, and any directories created for them). Objects written
-//! before this process started are not on the list, because a resumed job trusts what it lists
-//! in the store. So the first sync after a start is still a whole `syncfs`. An object that
-//! another daemon sharing the store wrote is made durable by that daemon's own sync.
+//! (the renames that put them in place, and any directories created for them). So are the
+//! chunks a manifest names that this job did not store and no earlier manifest named: found in
+//! the store's listing, written by another daemon sharing the store or before a restart. Those
+//! are recorded nowhere else, so the first sync after a start is still a whole `syncfs`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -54,52 +54,71 @@ impl LocalSync {
         })
     }
 
-    /// Records an object of `len_bytes` written at `path` (below the root). It becomes
-    /// durable at the next sync. A sync starts in the background every
-    /// `BACKGROUND_SYNC_BYTES`.
-    pub fn written(self: &Arc<Self>, path: PathBuf, len_bytes: u64) {
-        let due = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.paths.push(path);
-            pending.bytes += len_bytes;
-            pending.bytes >= BACKGROUND_SYNC_BYTES
-        };
-        if !due || self.background_running.swap(true, Ordering::AcqRel) {
+    /// Records an object of `len_bytes` written at `path` (below the root); it becomes
+    /// durable at the next sync. True when a background sync is due (`start_background`):
+    /// one runs every `BACKGROUND_SYNC_BYTES`. Blocking-safe: takes a short lock only.
+    pub fn record(&self, path: PathBuf, len_bytes: u64) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.paths.push(path);
+        pending.bytes += len_bytes;
+        pending.bytes >= BACKGROUND_SYNC_BYTES
+    }
+
+    /// Starts a sync in the background unless one is running. Call from the runtime.
+    pub fn start_background(self: &Arc<Self>) {
+        if self.background_running.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = this.sync().await {
+            if let Err(e) = this.sync(Vec::new()).await {
                 tracing::warn!(error = %e, "background sync of the backup store failed");
             }
             this.background_running.store(false, Ordering::Release);
         });
     }
 
-    /// Makes every object recorded so far durable. On failure they stay on the list for the
-    /// next sync.
-    pub async fn sync(&self) -> Result<(), BackupError> {
+    /// Makes every object recorded so far durable, and the `foreign` ones (objects others
+    /// wrote, which a manifest is about to name). An object whose fdatasync failed may have
+    /// lost data the kernel will not report again: it is removed from the store, not retried.
+    /// Objects that could not be opened stay on the list for the next sync.
+    pub async fn sync(&self, foreign: Vec<PathBuf>) -> Result<(), BackupError> {
         let mut whole_synced = self.syncing.lock().await;
-        let paths = {
+        let own = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.bytes = 0;
             std::mem::take(&mut pending.paths)
         };
         let root = self.root.clone();
         let whole = !*whole_synced;
-        let (synced, paths) = tokio::task::spawn_blocking(move || {
-            let synced = if whole {
-                sync_filesystem(&root)
+        let joined = tokio::task::spawn_blocking(move || {
+            if whole {
+                // Objects older than this process are not on the list: sync them all once.
+                match sync_filesystem(&root) {
+                    Ok(()) => sync_objects(&root, &[], &foreign),
+                    Err(e) => SyncOutcome {
+                        error: Some(e),
+                        retry: own,
+                    },
+                }
             } else {
-                sync_objects(&root, &paths)
-            };
-            (synced, paths)
+                sync_objects(&root, &own, &foreign)
+            }
         })
-        .await
-        .map_err(|e| BackupError::Failed(format!("sync task: {e}")))?;
-        if let Err(e) = synced {
+        .await;
+        let outcome = match joined {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The listed objects went with the task: the next sync covers everything.
+                *whole_synced = false;
+                return Err(BackupError::Failed(format!("sync task: {e}")));
+            }
+        };
+        if !outcome.retry.is_empty() {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.paths.extend(paths);
+            pending.paths.extend(outcome.retry);
+        }
+        if let Some(e) = outcome.error {
             return Err(e);
         }
         *whole_synced = true;
@@ -112,20 +131,54 @@ impl LocalSync {
     }
 }
 
-/// fsync of each object in `paths` and of each directory from theirs up to `root`. An object
-/// gone since it was written was replaced or deleted: there is nothing of it to make durable.
-fn sync_objects(root: &Path, paths: &[PathBuf]) -> Result<(), BackupError> {
-    let failed = |path: &Path, e: std::io::Error| BackupError::LocalStore {
+/// What a sync of listed objects left: its first error, and the objects to try again.
+struct SyncOutcome {
+    error: Option<BackupError>,
+    retry: Vec<PathBuf>,
+}
+
+/// fdatasync of each object in `own` and `foreign`, then fsync of each directory from theirs
+/// up to `root`. An own object gone since it was written was replaced or deleted: nothing of
+/// it is left to make durable. A foreign one must be there: a manifest is about to name it.
+fn sync_objects(root: &Path, own: &[PathBuf], foreign: &[PathBuf]) -> SyncOutcome {
+    let failed = |path: &Path, what: &str, e: std::io::Error| BackupError::LocalStore {
         path: path.display().to_string(),
-        reason: format!("fsync: {e}"),
+        reason: format!("{what}: {e}"),
     };
-    let mut dirs = BTreeSet::new();
-    for path in paths {
-        match File::open(path) {
-            Ok(file) => file.sync_data().map_err(|e| failed(path, e))?,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(failed(path, e)),
+    let mut error = None;
+    let mut retry = Vec::new();
+    let mut synced = Vec::new();
+    let objects = own
+        .iter()
+        .map(|p| (p, true))
+        .chain(foreign.iter().map(|p| (p, false)));
+    for (path, is_own) in objects {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound && is_own => continue,
+            Err(e) => {
+                error.get_or_insert(failed(path, "open for fdatasync", e));
+                if is_own {
+                    retry.push(path.clone());
+                }
+                continue;
+            }
+        };
+        match file.sync_data() {
+            Ok(()) => synced.push((path, is_own)),
+            Err(e) => {
+                error.get_or_insert(failed(path, "fdatasync", e));
+                // Written back with an error, the pages are clean now and a second fdatasync
+                // would succeed: the object cannot be trusted again. Others' objects are
+                // theirs to deal with.
+                if is_own {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
+    }
+    let mut dirs = BTreeSet::new();
+    for (path, _) in &synced {
         let mut dir = path.parent();
         while let Some(d) = dir {
             if !d.starts_with(root) || !dirs.insert(d.to_path_buf()) {
@@ -135,11 +188,18 @@ fn sync_objects(root: &Path, paths: &[PathBuf]) -> Result<(), BackupError> {
         }
     }
     for dir in &dirs {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| failed(dir, e))?;
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            error.get_or_insert(failed(dir, "fsync", e));
+            // Their data is durable; the entries naming them may not be.
+            retry.extend(
+                synced
+                    .iter()
+                    .filter(|(p, is_own)| *is_own && p.starts_with(dir))
+                    .map(|(p, _)| p.to_path_buf()),
+            );
+        }
     }
-    Ok(())
+    SyncOutcome { error, retry }
 }
 
 /// syncfs(2) on the filesystem holding `dir`.
@@ -173,21 +233,30 @@ mod tests {
         std::fs::write(&object, b"chunk").unwrap();
         let sync = LocalSync::new(root.clone());
         // The first sync is of the whole filesystem; later ones are of the listed objects.
-        sync.sync().await.unwrap();
-        sync.written(object.clone(), 5);
-        sync.written(root.join("chunks/ab/gone"), 5);
+        sync.sync(Vec::new()).await.unwrap();
+        assert!(!sync.record(object.clone(), 5));
+        assert!(!sync.record(root.join("chunks/ab/gone"), 5));
         assert_eq!(sync.pending_paths().len(), 2);
-        sync.sync().await.unwrap();
+        sync.sync(Vec::new()).await.unwrap();
         assert!(sync.pending_paths().is_empty());
+        // A foreign object a manifest names must be there.
+        let err = sync
+            .sync(vec![root.join("chunks/ab/other")])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("chunks/ab/other"), "{err}");
+        sync.sync(vec![object.clone()]).await.unwrap();
         // An object that cannot be opened (not a missing one: its "directory" is a file) fails
         // the sync and stays listed, with what was written after it.
         std::fs::write(root.join("chunks/ab/not-a-dir"), b"").unwrap();
         let bad = root.join("chunks/ab/not-a-dir/x");
-        sync.written(bad.clone(), 1);
-        let err = sync.sync().await.unwrap_err();
+        sync.record(bad.clone(), 1);
+        let err = sync.sync(Vec::new()).await.unwrap_err();
         assert!(err.to_string().contains("not-a-dir"), "{err}");
-        sync.written(object.clone(), 5);
+        sync.record(object.clone(), 5);
         assert_eq!(sync.pending_paths(), vec![bad, object]);
+        // A background sync is due once enough was written.
+        assert!(sync.record(root.join("chunks/ab/big"), BACKGROUND_SYNC_BYTES));
     }
 
     #[test]
@@ -197,8 +266,10 @@ mod tests {
         let object = root.join("packs/p1");
         std::fs::create_dir_all(object.parent().unwrap()).unwrap();
         std::fs::write(&object, b"pack").unwrap();
-        sync_objects(&root, &[object, root.join("packs/missing")]).unwrap();
+        let outcome = sync_objects(&root, &[object.clone(), root.join("packs/missing")], &[]);
+        assert!(outcome.error.is_none() && outcome.retry.is_empty());
         // Removed with its directory after it was written: nothing left to sync.
-        sync_objects(&root, &[root.join("lost/obj")]).unwrap();
+        let outcome = sync_objects(&root, &[root.join("lost/obj")], &[object]);
+        assert!(outcome.error.is_none() && outcome.retry.is_empty());
     }
 }

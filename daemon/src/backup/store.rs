@@ -198,17 +198,23 @@ impl BackupStore {
         };
         // A file:// store has no prefix: the key is the path below its root.
         let path = root.join(&key);
-        let object = path.clone();
-        let written =
-            tokio::task::spawn_blocking(move || local_write::write_object(&path, &padded, len))
-                .await
-                .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))?;
-        written.map_err(|e| {
+        let sync = self.local_sync.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            local_write::write_object(&path, &padded, len)?;
+            // Recorded here, not after the await: a cancelled upload's write still ends in
+            // the store, and must not end there unrecorded.
+            Ok::<_, std::io::Error>(sync.is_some_and(|sync| sync.record(path, len as u64)))
+        })
+        .await
+        .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))?;
+        let sync_due = written.map_err(|e| {
             let source = local_read::store_error(&key, e);
             BackupError::store("put", key, source)
         })?;
-        if let Some(sync) = &self.local_sync {
-            sync.written(object, len as u64);
+        if sync_due {
+            if let Some(sync) = &self.local_sync {
+                sync.start_background();
+            }
         }
         Ok(())
     }
@@ -297,11 +303,21 @@ impl BackupStore {
             .collect())
     }
 
-    /// Writes a manifest after making the chunks it names durable (local stores).
-    pub async fn put_manifest(&self, manifest: &BackupManifest) -> Result<(), BackupError> {
-        if let Some(sync) = &self.local_sync {
+    /// Writes a manifest after making the chunks it names durable (local stores): what this
+    /// daemon wrote, and the `foreign` chunks it names that others wrote.
+    pub async fn put_manifest(
+        &self,
+        manifest: &BackupManifest,
+        foreign: &[ChunkId],
+    ) -> Result<(), BackupError> {
+        if let (Some(sync), Some(root)) = (&self.local_sync, &self.local_root) {
             let started = std::time::Instant::now();
-            sync.sync().await?;
+            // A file:// store has no prefix: the key is the path below its root.
+            let foreign = foreign
+                .iter()
+                .map(|id| root.join(chunk::chunk_key(id)))
+                .collect();
+            sync.sync(foreign).await?;
             tracing::debug!(
                 sync_ms = started.elapsed().as_millis() as u64,
                 "backup store synced before its manifest"

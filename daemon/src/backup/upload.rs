@@ -65,6 +65,8 @@ pub(super) struct Counters {
     new_stored_bytes: AtomicU64,
     delta_chunks: AtomicU64,
     packs: AtomicU64,
+    /// Chunks this job stored (whole or packed).
+    stored: Mutex<HashSet<ChunkId>>,
 }
 
 /// What the job knows of stored chunks: for each, the chunk it patches (None: a whole chunk or
@@ -366,8 +368,9 @@ async fn upload(
     };
     // The writer checks what every reader will check, before anything is stored.
     manifest.validate(&manifest.backup_id)?;
+    let foreign = foreign_chunks(&manifest, &previous, &counters);
     with_retry(job, &svc.shutdown, "writing the manifest", || {
-        svc.store.put_manifest(&manifest)
+        svc.store.put_manifest(&manifest, &foreign)
     })
     .await?;
     svc.catalog.remember(&manifest);
@@ -650,6 +653,11 @@ impl ChunkCtx<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
+        self.counters
+            .stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         self.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
         self.counters
             .new_stored_bytes
@@ -783,6 +791,36 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
+}
+
+/// The whole chunk objects `manifest` names that neither this job stored nor an earlier
+/// manifest (`previous`) named: found in the store's listing, stored by another daemon sharing
+/// it or by this job before a restart. A local store makes them durable before the manifest
+/// too (see `local_sync`). Packed chunks lie in this job's packs or in the earlier ones'.
+fn foreign_chunks(
+    manifest: &BackupManifest,
+    previous: &[&BackupManifest],
+    counters: &Counters,
+) -> Vec<ChunkId> {
+    let stored = counters.stored.lock().unwrap_or_else(|p| p.into_inner());
+    let mut named_before: HashSet<&ChunkId> = HashSet::new();
+    for earlier in previous {
+        named_before.extend(earlier.chunks.iter().flatten());
+        named_before.extend(earlier.delta_bases.values());
+    }
+    let mut foreign: Vec<ChunkId> = manifest
+        .chunks
+        .iter()
+        .flatten()
+        .chain(manifest.delta_bases.values())
+        .filter(|id| {
+            !stored.contains(id) && !named_before.contains(id) && !manifest.packed.contains_key(id)
+        })
+        .copied()
+        .collect();
+    foreign.sort_unstable();
+    foreign.dedup();
+    foreign
 }
 
 /// After a backup completes, its snapshot is the volume's base for the next incremental: the
