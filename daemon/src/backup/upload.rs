@@ -839,3 +839,94 @@ async fn release_older_bases(entry: &VolumeEntry, keep: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::manifest::{chunk_list_digest, BackupStats, MANIFEST_FORMAT_VERSION};
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::from_bytes([n; 32])
+    }
+
+    fn manifest(
+        chunks: Vec<Option<ChunkId>>,
+        delta_bases: &[(u8, u8)],
+        packed: &[u8],
+    ) -> BackupManifest {
+        BackupManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id: "b-20261203T000000Z-00000000".to_owned(),
+            volume_name: "v".to_owned(),
+            volume_uuid: "5f0c3a9e-8f7d-4c1b-9a51-0d2f6e7b8c90".to_owned(),
+            size_bytes: chunks.len() as u64 * CHUNK_SIZE_BYTES,
+            chunk_size_bytes: CHUNK_SIZE_BYTES,
+            chunk_list_digest: chunk_list_digest(&chunks),
+            chunks,
+            parent_backup_id: None,
+            source_snapshot: "vbs-x".to_owned(),
+            source_snapshot_created_unix_secs: 0,
+            group_id: None,
+            policy: None,
+            created_unix_secs: 0,
+            delta_bases: delta_bases.iter().map(|&(c, b)| (id(c), id(b))).collect(),
+            packed: packed
+                .iter()
+                .map(|&c| {
+                    let at = PackedAt {
+                        pack: "p".to_owned(),
+                        offset_bytes: 0,
+                        len_bytes: 1,
+                    };
+                    (id(c), at)
+                })
+                .collect(),
+            stats: BackupStats::default(),
+        }
+    }
+
+    /// Only chunks found in the store's listing must be synced before the manifest: not the
+    /// job's own (synced as written), not earlier manifests' (synced before those), not packed
+    /// ones (their packs are objects of the job or of earlier manifests).
+    #[test]
+    fn foreign_chunks_are_the_named_ones_nobody_here_stored_or_named() {
+        let earlier = manifest(vec![Some(id(1)), Some(id(2))], &[(2, 20)], &[]);
+        let counters = Counters::default();
+        counters.stored.lock().unwrap().extend([id(3), id(4)]);
+        let current = manifest(
+            vec![
+                Some(id(1)), // named before
+                Some(id(3)), // stored by this job
+                None,
+                Some(id(5)), // foreign
+                Some(id(6)), // packed
+                Some(id(5)), // foreign again: listed once
+                Some(id(7)), // a delta over a foreign base
+                Some(id(20)),
+            ],
+            // 3 patches 4 (also stored here), which patches 2 (named before).
+            &[(7, 8), (3, 4), (4, 2), (6, 9)],
+            &[6],
+        );
+        let foreign = foreign_chunks(&current, &[&earlier], &counters);
+        // 8 is the base of 7 (listed by neither), 9 the base of a packed chunk (still a
+        // whole object somewhere: synced too), 20 an earlier manifest's delta base.
+        assert_eq!(foreign, vec![id(5), id(7), id(8), id(9)]);
+        // With no earlier manifest and nothing stored, every named whole chunk is foreign.
+        let alone = foreign_chunks(&current, &[], &Counters::default());
+        assert_eq!(
+            alone,
+            vec![
+                id(1),
+                id(2),
+                id(3),
+                id(4),
+                id(5),
+                id(7),
+                id(8),
+                id(9),
+                id(20)
+            ]
+        );
+    }
+}
