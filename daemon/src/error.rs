@@ -13,6 +13,8 @@ pub enum StorageError {
     InvalidSize(String),
     #[error("volume size {0} bytes is not a positive multiple of 4096")]
     UnalignedSize(u64),
+    #[error("volume size {size_bytes} bytes is over the largest this daemon serves, {max_bytes} bytes (64 TiB)")]
+    SizeTooLarge { size_bytes: u64, max_bytes: u64 },
     #[error("volume {0:?} already exists")]
     AlreadyExists(String),
     #[error("volume {0:?} not found")]
@@ -108,6 +110,7 @@ impl StorageError {
             | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)
             | StorageError::UnalignedSize(_)
+            | StorageError::SizeTooLarge { .. }
             | StorageError::ShrinkNotAllowed { .. } => Errno::Inval,
             StorageError::NotFound(_) | StorageError::Busy { .. } => Errno::Inval,
             StorageError::AlreadyExists(_) => Errno::Inval,

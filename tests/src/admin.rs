@@ -173,8 +173,36 @@ pub fn read_uri(uri: &str, work: &Path) -> Vec<u8> {
     data
 }
 
+/// Copies an export out with nbdcopy. Returns once the daemon has let nbdcopy's connections
+/// go (nbdcopy exits as soon as it has sent NBD_CMD_DISC), so an in-place restore or a resize
+/// right after does not find the volume busy with them.
 pub fn read_export(d: &Daemon, export: &str) -> Vec<u8> {
-    read_uri(&d.unix_uri(export), d.work_dir())
+    let volume = export.split('@').next().unwrap_or(export);
+    let before = connections(d, volume);
+    let data = read_uri(&d.unix_uri(export), d.work_dir());
+    wait_clients_at_most(d, volume, before);
+    data
+}
+
+/// Clients attached to `volume` (the admin socket's `connections`); None when it is not there.
+pub fn connections(d: &Daemon, volume: &str) -> Option<u64> {
+    admin(d, "volume.show", json!({"name": volume}))
+        .ok()
+        .and_then(|v| v["connections"].as_u64())
+}
+
+/// Waits (up to 10 s) until at most `count` clients are attached to `volume` (None: any
+/// number, as when it did not exist before).
+pub fn wait_clients_at_most(d: &Daemon, volume: &str, count: Option<u64>) {
+    let Some(count) = count else { return };
+    let start = Instant::now();
+    while connections(d, volume).is_some_and(|now| now > count) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{volume} still has more than {count} client(s) attached after 10 s"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Panics with the first differing offset and the differing 4 KiB blocks.

@@ -24,7 +24,10 @@ pub fn create_volume(d: &Daemon, name: &str, size: u64) {
 }
 
 /// Writes `data` at `offset` over one NBD connection and flushes; mirrors it into `model`.
+/// Returns once the daemon has let the connection go: a restore in place right after would
+/// otherwise find the volume still busy with it.
 pub fn write_at(d: &Daemon, vol: &str, offset: u64, data: &[u8], model: &mut [u8]) {
+    let before = crate::admin::connections(d, vol);
     let (mut raw, _) = Raw::open(d.tcp_addr(), vol);
     for (i, piece) in data.chunks(MIB as usize).enumerate() {
         raw.write(i as u64 + 1, 0, offset + i as u64 * MIB, piece);
@@ -32,6 +35,7 @@ pub fn write_at(d: &Daemon, vol: &str, offset: u64, data: &[u8], model: &mut [u8
     raw.flush(0xf1);
     raw.disconnect();
     model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    crate::admin::wait_clients_at_most(d, vol, before);
 }
 
 pub fn random(seed: u64, len: u64) -> Vec<u8> {

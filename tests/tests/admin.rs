@@ -495,6 +495,18 @@ fn invalid_names_and_sizes_are_rejected_with_the_value_named() {
         expect_exit(&d, &["volume", "resize", "sized", &arg], EXIT_INVALID);
         d.evsctl_ok(&["volume", "delete", "sized"]);
     }
+    // Past the largest volume (64 TiB), up to the largest 4 KiB multiple a u64 holds: refused
+    // with the size named, before any file is made; the daemon keeps serving.
+    for size in ["65T", "1024P", "18446744073709547520"] {
+        let arg = format!("--size={size}");
+        let err = expect_exit(&d, &["volume", "create", "huge", &arg], EXIT_INVALID);
+        assert!(err.contains("64 TiB"), "{size:?}: {err}");
+        d.evsctl_ok(&["volume", "create", "sized", "--size", "4M"]);
+        let err = expect_exit(&d, &["volume", "resize", "sized", &arg], EXIT_INVALID);
+        assert!(err.contains("64 TiB"), "resize to {size:?}: {err}");
+        d.evsctl_ok(&["volume", "delete", "sized"]);
+    }
+    assert!(!volume_dirs(&d).iter().any(|v| v == "huge"));
     let list = d.evsctl_json(&["volume", "list"]);
     assert!(volume_names(&list).is_empty(), "{list:#}");
 }

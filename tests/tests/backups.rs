@@ -978,3 +978,44 @@ fn full_store_filesystem_retries_then_completes_when_space_is_freed() {
         &at_backup,
     );
 }
+
+/// When the restore's job record cannot be written (the data dir refuses it), creating a
+/// volume from a backup fails with that error and leaves no empty volume under the name; an
+/// in-place restore fails and leaves the volume open to clients, unchanged.
+#[test]
+fn a_restore_whose_job_cannot_be_recorded_leaves_no_volume_behind() {
+    let d = start();
+    let model = half_random(&d, "vol0", 16 * MIB, 41);
+    let b = backup_now(&d, "vol0", false);
+    let id = b["id"].as_str().unwrap();
+    let jobs = d.data_dir().join("jobs");
+    let aside = d.data_dir().join("jobs.aside");
+    fs::rename(&jobs, &aside).unwrap();
+    // A file where the directory was: every record write fails (ENOTDIR), even for root.
+    fs::write(&jobs, b"not a directory").unwrap();
+    let err = admin(&d, "volume.create", json!({"name": "r", "from_backup": id})).unwrap_err();
+    assert!(err.message.contains("jobs"), "{err:?}");
+    let names: Vec<Value> = admin_ok(&d, "volume.list", json!({}))["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("vol0")], "a failed restore left a volume");
+    let err = admin(&d, "backup.restore", json!({"id": id, "to": "vol0"})).unwrap_err();
+    assert!(err.message.contains("jobs"), "{err:?}");
+    assert_same(
+        "vol0 after a refused restore",
+        &read_export(&d, "vol0"),
+        &model,
+    );
+    fs::remove_file(&jobs).unwrap();
+    fs::rename(&aside, &jobs).unwrap();
+    // The name is free again and the restore goes through.
+    restore_new(&d, "r", id);
+    assert_same(
+        "restore once records can be written",
+        &read_export(&d, "r"),
+        &model,
+    );
+}

@@ -399,6 +399,18 @@ fn snapshot_admin_errors() {
             "invalid_argument",
         );
     }
+    // Backups own the "vbs-" names: they release every other one after a backup and take
+    // one of them for the next incremental's base.
+    let reserved = admin_err(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "vbs-keep"}),
+        "invalid_argument",
+    );
+    assert!(
+        reserved.contains("vbs-keep") && reserved.contains("reserved"),
+        "{reserved}"
+    );
     assert_eq!(snap_names(&d, "vol0"), Vec::<String>::new());
     let long = "L".repeat(64);
     // Listed oldest first, not by name.

@@ -11,6 +11,7 @@ use crate::admin::protocol::{
 };
 use crate::admin::AdminContext;
 use crate::admin::{access_methods, backup_methods, policy_methods, server_methods};
+use crate::backup::BACKUP_SNAPSHOT_PREFIX;
 use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::VolumeEntry;
@@ -42,6 +43,17 @@ pub async fn dispatch(
         "volume.delete" => delete(ctx, decode_params(method, params)?).await,
         "snapshot.create" => {
             let p: SnapshotParams = decode_params(method, params)?;
+            // Backups find their base by this prefix and release the older ones: a user's
+            // snapshot named so would be deleted by the next backup, or taken for a base.
+            if p.name.starts_with(BACKUP_SNAPSHOT_PREFIX) {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "snapshot name {:?}: names starting with {BACKUP_SNAPSHOT_PREFIX:?} are reserved for the snapshots backups take",
+                        p.name
+                    ),
+                ));
+            }
             to_json(&entry(ctx, &p.volume)?.create_snapshot(&p.name).await?)
         }
         "snapshot.list" => {

@@ -151,7 +151,12 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         | StorageError::ReadOnly(_)
         | StorageError::InvalidSize(_)
         | StorageError::UnalignedSize(_)
+        | StorageError::SizeTooLarge { .. }
         | StorageError::ShrinkNotAllowed { .. } => ErrorCode::InvalidArgument,
+        // A size the data dir's filesystem cannot hold (ext4 files stop at 16 TiB).
+        StorageError::Fs { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+            ErrorCode::InvalidArgument
+        }
         StorageError::NotFound(_) | StorageError::SnapshotNotFound { .. } => ErrorCode::NotFound,
         StorageError::AlreadyExists(_) | StorageError::SnapshotExists { .. } => {
             ErrorCode::AlreadyExists
@@ -375,6 +380,21 @@ mod tests {
             (StorageError::InvalidName("../x".into()), "invalid_argument"),
             (StorageError::InvalidSize("1.5G".into()), "invalid_argument"),
             (StorageError::UnalignedSize(0), "invalid_argument"),
+            (
+                StorageError::SizeTooLarge {
+                    size_bytes: 1 << 60,
+                    max_bytes: 64 << 40,
+                },
+                "invalid_argument",
+            ),
+            (
+                StorageError::fs(
+                    "size",
+                    "/d/v.data",
+                    std::io::Error::from_raw_os_error(libc::EFBIG),
+                ),
+                "invalid_argument",
+            ),
             (
                 StorageError::ShrinkNotAllowed {
                     name: "v".into(),

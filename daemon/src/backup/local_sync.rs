@@ -13,7 +13,7 @@
 //! the store's listing, written by another daemon sharing the store or before a restart. Those
 //! are recorded nowhere else, so the first sync after a start is still a whole `syncfs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,14 @@ pub struct LocalSync {
     /// synced by this process.
     syncing: tokio::sync::Mutex<bool>,
     background_running: AtomicBool,
+    /// Objects of ours removed because their fdatasync failed, with the error: a manifest
+    /// naming one must not be written. An object written again at the same path leaves it.
+    lost: Mutex<HashMap<PathBuf, String>>,
+    /// fdatasync of one object (a test puts a failing one here).
+    sync_data: SyncData,
 }
+
+type SyncData = fn(&Path, &File) -> std::io::Result<()>;
 
 #[derive(Default)]
 struct Pending {
@@ -51,6 +58,8 @@ impl LocalSync {
             pending: Mutex::new(Pending::default()),
             syncing: tokio::sync::Mutex::new(false),
             background_running: AtomicBool::new(false),
+            lost: Mutex::new(HashMap::new()),
+            sync_data,
         })
     }
 
@@ -58,6 +67,10 @@ impl LocalSync {
     /// durable at the next sync. True when a background sync is due (`start_background`):
     /// one runs every `BACKGROUND_SYNC_BYTES`. Blocking-safe: takes a short lock only.
     pub fn record(&self, path: PathBuf, len_bytes: u64) -> bool {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&path);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.paths.push(path);
         pending.bytes += len_bytes;
@@ -79,9 +92,11 @@ impl LocalSync {
     }
 
     /// Makes every object recorded so far durable, and the `foreign` ones (objects others
-    /// wrote, which a manifest is about to name). An object whose fdatasync failed may have
-    /// lost data the kernel will not report again: it is removed from the store, not retried.
-    /// Objects that could not be opened stay on the list for the next sync.
+    /// wrote, which a manifest is about to name). An object of ours whose fdatasync failed may
+    /// have lost data the kernel will not report again: it is removed from the store, not
+    /// retried, and remembered as lost (see `check_named`); the sync itself goes on, since the
+    /// object may be another job's. Objects that could not be opened stay on the list for the
+    /// next sync.
     pub async fn sync(&self, foreign: Vec<PathBuf>) -> Result<(), BackupError> {
         let mut whole_synced = self.syncing.lock().await;
         let own = {
@@ -91,18 +106,22 @@ impl LocalSync {
         };
         let root = self.root.clone();
         let whole = !*whole_synced;
+        let sync_data = self.sync_data;
         let joined = tokio::task::spawn_blocking(move || {
             if whole {
                 // Objects older than this process are not on the list: sync them all once.
                 match sync_filesystem(&root) {
-                    Ok(()) => sync_objects(&root, &[], &foreign),
-                    Err(e) => SyncOutcome {
-                        error: Some(e),
-                        retry: own,
-                    },
+                    Ok(()) => sync_objects(&root, &[], &foreign, sync_data),
+                    // Our own objects one by one: that finds which of them, if any, failed
+                    // (each file reports its own writeback error once).
+                    Err(e) => {
+                        let mut outcome = sync_objects(&root, &own, &foreign, sync_data);
+                        outcome.error = Some(e);
+                        outcome
+                    }
                 }
             } else {
-                sync_objects(&root, &own, &foreign)
+                sync_objects(&root, &own, &foreign, sync_data)
             }
         })
         .await;
@@ -118,10 +137,41 @@ impl LocalSync {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.paths.extend(outcome.retry);
         }
+        if !outcome.lost.is_empty() {
+            let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+            for (path, reason) in outcome.lost {
+                tracing::warn!(path = %path.display(), %reason, "a backup object could not be made durable and was removed; a manifest naming it will not be written");
+                lost.insert(path, reason);
+            }
+        }
         if let Some(e) = outcome.error {
             return Err(e);
         }
         *whole_synced = true;
+        Ok(())
+    }
+
+    /// Fails when one of `named` (objects a manifest is about to name) was removed after a
+    /// failed fdatasync, by this sync or an earlier one, and not written again since. Call
+    /// after `sync`: every object written before it has then been synced or found lost.
+    pub fn check_named<'a>(
+        &self,
+        named: impl IntoIterator<Item = &'a PathBuf>,
+    ) -> Result<(), BackupError> {
+        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_empty() {
+            return Ok(());
+        }
+        for path in named {
+            if let Some(reason) = lost.get(path) {
+                return Err(BackupError::LocalStore {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "{reason}; the object was removed and the backup must be taken again"
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -131,22 +181,34 @@ impl LocalSync {
     }
 }
 
-/// What a sync of listed objects left: its first error, and the objects to try again.
+/// What a sync of listed objects left: its first error, the objects to try again, and our
+/// objects removed because their fdatasync failed (with the error).
 struct SyncOutcome {
     error: Option<BackupError>,
     retry: Vec<PathBuf>,
+    lost: Vec<(PathBuf, String)>,
+}
+
+fn sync_data(_path: &Path, file: &File) -> std::io::Result<()> {
+    file.sync_data()
 }
 
 /// fdatasync of each object in `own` and `foreign`, then fsync of each directory from theirs
 /// up to `root`. An own object gone since it was written was replaced or deleted: nothing of
 /// it is left to make durable. A foreign one must be there: a manifest is about to name it.
-fn sync_objects(root: &Path, own: &[PathBuf], foreign: &[PathBuf]) -> SyncOutcome {
+fn sync_objects(
+    root: &Path,
+    own: &[PathBuf],
+    foreign: &[PathBuf],
+    sync_data: SyncData,
+) -> SyncOutcome {
     let failed = |path: &Path, what: &str, e: std::io::Error| BackupError::LocalStore {
         path: path.display().to_string(),
         reason: format!("{what}: {e}"),
     };
     let mut error = None;
     let mut retry = Vec::new();
+    let mut lost = Vec::new();
     let mut synced = Vec::new();
     let objects = own
         .iter()
@@ -164,16 +226,17 @@ fn sync_objects(root: &Path, own: &[PathBuf], foreign: &[PathBuf]) -> SyncOutcom
                 continue;
             }
         };
-        match file.sync_data() {
+        match sync_data(path, &file) {
             Ok(()) => synced.push((path, is_own)),
+            // Written back with an error, the pages are clean now and a second fdatasync would
+            // succeed: the object cannot be trusted again.
+            Err(e) if is_own => {
+                let _ = std::fs::remove_file(path);
+                lost.push((path.clone(), format!("fdatasync: {e}")));
+            }
+            // Others' objects are theirs to deal with; this manifest cannot name it.
             Err(e) => {
                 error.get_or_insert(failed(path, "fdatasync", e));
-                // Written back with an error, the pages are clean now and a second fdatasync
-                // would succeed: the object cannot be trusted again. Others' objects are
-                // theirs to deal with.
-                if is_own {
-                    let _ = std::fs::remove_file(path);
-                }
             }
         }
     }
@@ -199,7 +262,7 @@ fn sync_objects(root: &Path, own: &[PathBuf], foreign: &[PathBuf]) -> SyncOutcom
             );
         }
     }
-    SyncOutcome { error, retry }
+    SyncOutcome { error, retry, lost }
 }
 
 /// syncfs(2) on the filesystem holding `dir`.
@@ -259,6 +322,59 @@ mod tests {
         assert!(sync.record(root.join("chunks/ab/big"), BACKGROUND_SYNC_BYTES));
     }
 
+    /// An object whose fdatasync fails is removed and remembered, whichever sync found it (a
+    /// background one here): a manifest naming it is refused until it is written again.
+    #[tokio::test]
+    async fn an_object_whose_fdatasync_failed_is_removed_and_no_manifest_may_name_it() {
+        fn fail_bad(path: &Path, file: &File) -> std::io::Result<()> {
+            let name = path.file_name().unwrap().to_string_lossy();
+            if name.starts_with("bad") {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            file.sync_data()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(root.join("chunks/ab")).unwrap();
+        let good = root.join("chunks/ab/good");
+        let bad = root.join("chunks/ab/bad");
+        std::fs::write(&good, b"good").unwrap();
+        std::fs::write(&bad, b"bad").unwrap();
+        let mut sync = LocalSync::new(root.clone());
+        Arc::get_mut(&mut sync).unwrap().sync_data = fail_bad;
+        sync.sync(Vec::new()).await.unwrap(); // the first: syncfs
+        sync.record(good.clone(), 4);
+        sync.record(bad.clone(), 3);
+        // The sync goes on (the object may be another job's) and the good one is durable.
+        sync.sync(Vec::new()).await.unwrap();
+        assert!(sync.pending_paths().is_empty());
+        assert!(good.exists());
+        assert!(
+            !bad.exists(),
+            "an object that failed its fdatasync stays in the store"
+        );
+        sync.check_named([&good]).unwrap();
+        let err = sync.check_named([&good, &bad]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("chunks/ab/bad") && text.contains("fdatasync"),
+            "{text}"
+        );
+        // A later sync does not forget it.
+        sync.sync(Vec::new()).await.unwrap();
+        assert!(sync.check_named([&bad]).is_err());
+        // Written again (by a retried upload or another job): it may be named once synced.
+        std::fs::write(&bad, b"bad").unwrap();
+        sync.record(bad.clone(), 3);
+        sync.check_named([&bad]).unwrap();
+        // A foreign object that fails its fdatasync fails the sync and is left in place.
+        let foreign_bad = root.join("chunks/ab/bad-foreign");
+        std::fs::write(&foreign_bad, b"x").unwrap();
+        let err = sync.sync(vec![foreign_bad.clone()]).await.unwrap_err();
+        assert!(err.to_string().contains("bad-foreign: fdatasync"), "{err}");
+        assert!(foreign_bad.exists());
+    }
+
     #[test]
     fn present_objects_and_their_directories_are_synced_and_missing_ones_skipped() {
         let dir = tempfile::tempdir().unwrap();
@@ -266,10 +382,15 @@ mod tests {
         let object = root.join("packs/p1");
         std::fs::create_dir_all(object.parent().unwrap()).unwrap();
         std::fs::write(&object, b"pack").unwrap();
-        let outcome = sync_objects(&root, &[object.clone(), root.join("packs/missing")], &[]);
-        assert!(outcome.error.is_none() && outcome.retry.is_empty());
+        let outcome = sync_objects(
+            &root,
+            &[object.clone(), root.join("packs/missing")],
+            &[],
+            sync_data,
+        );
+        assert!(outcome.error.is_none() && outcome.retry.is_empty() && outcome.lost.is_empty());
         // Removed with its directory after it was written: nothing left to sync.
-        let outcome = sync_objects(&root, &[root.join("lost/obj")], &[object]);
-        assert!(outcome.error.is_none() && outcome.retry.is_empty());
+        let outcome = sync_objects(&root, &[root.join("lost/obj")], &[object], sync_data);
+        assert!(outcome.error.is_none() && outcome.retry.is_empty() && outcome.lost.is_empty());
     }
 }

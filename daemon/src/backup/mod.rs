@@ -669,7 +669,13 @@ impl Backups {
                 return Err(e);
             }
         }
-        self.start_restore(backup_id, name, true)
+        let started = self.start_restore(backup_id, name, true);
+        if started.is_err() {
+            // No job will fill it: an empty volume of that name would pass for the restore.
+            self.discard_volume(name).await;
+            self.unclaim(name);
+        }
+        started
     }
 
     fn start_restore(
@@ -685,8 +691,11 @@ impl Backups {
             created_volume,
         };
         if let Err(e) = self.files.save(&JobRecord::Restore(record.clone())) {
-            self.reopen(volume);
-            self.unclaim(volume);
+            // A volume made for this restore is the caller's to remove.
+            if !created_volume {
+                self.reopen(volume);
+                self.unclaim(volume);
+            }
             return Err(e);
         }
         let job = self.register(&record.job_id, JobKind::Restore, volume, backup_id);
@@ -701,6 +710,25 @@ impl Backups {
         }
     }
 
+    /// Removes a volume made for a restore that will not complete.
+    async fn discard_volume(&self, volume: &str) {
+        let registry = Arc::clone(&self.registry);
+        let name = volume.to_owned();
+        let removed = tokio::task::spawn_blocking(move || {
+            registry.remove(&name).and_then(|hidden| {
+                std::fs::remove_dir_all(&hidden).map_err(|e| StorageError::fs("remove", &hidden, e))
+            })
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => tracing::info!(volume, "removed the volume made for a failed restore"),
+            _ => tracing::warn!(
+                volume,
+                "removing the volume made for a failed restore failed"
+            ),
+        }
+    }
+
     fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -708,18 +736,7 @@ impl Backups {
             let failed = matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_)));
             if failed && record.created_volume {
                 // Half a disk is worse than none: the volume made for this restore goes.
-                let registry = Arc::clone(&this.registry);
-                let name = record.volume.clone();
-                let removed = tokio::task::spawn_blocking(move || {
-                    registry.remove(&name).and_then(|hidden| {
-                        std::fs::remove_dir_all(&hidden)
-                            .map_err(|e| StorageError::fs("remove", &hidden, e))
-                    })
-                })
-                .await;
-                if !matches!(removed, Ok(Ok(()))) {
-                    tracing::warn!(volume = %record.volume, "removing the failed restore's volume failed");
-                }
+                this.discard_volume(&record.volume).await;
             } else if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
                 this.reopen(&record.volume);
             }

@@ -318,6 +318,22 @@ impl BackupStore {
                 .map(|id| root.join(chunk::chunk_key(id)))
                 .collect();
             sync.sync(foreign).await?;
+            // Every object the manifest names, whole chunks and packs: none may be one whose
+            // fdatasync failed (it was removed), whichever sync found it.
+            let named: Vec<PathBuf> = manifest
+                .chunks
+                .iter()
+                .flatten()
+                .chain(manifest.delta_bases.values())
+                .map(|id| root.join(chunk::chunk_key(id)))
+                .chain(
+                    manifest
+                        .packed
+                        .values()
+                        .map(|at| root.join(pack::pack_key(&at.pack))),
+                )
+                .collect();
+            sync.check_named(&named)?;
             tracing::debug!(
                 sync_ms = started.elapsed().as_millis() as u64,
                 "backup store synced before its manifest"

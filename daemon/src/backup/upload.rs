@@ -298,17 +298,27 @@ async fn upload(
     }))
     .buffer_unordered(concurrency * TASKS_PER_WHOLE_CHUNK);
     let mut last_checkpoint = Instant::now();
+    let mut checkpoint_failed = false;
     while let Some(result) = results.next().await {
         for (i, id) in result? {
             chunks[i as usize] = Some(id);
             record.done.push((i, id));
         }
+        // A checkpoint only saves work a restart would redo (resuming skips stored chunks):
+        // one that cannot be written (data dir full) is logged, not fatal.
         if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-            svc.files.save(&JobRecord::Backup(record.clone()))?;
+            if let Err(e) = svc.files.save(&JobRecord::Backup(record.clone())) {
+                if !checkpoint_failed {
+                    tracing::warn!(job = %job.id, error = %e, "cannot save the backup's progress; a restart resumes from its last saved point");
+                    checkpoint_failed = true;
+                }
+            }
             last_checkpoint = Instant::now();
         }
         if svc.shutdown.is_cancelled() {
-            svc.files.save(&JobRecord::Backup(record.clone()))?;
+            if let Err(e) = svc.files.save(&JobRecord::Backup(record.clone())) {
+                tracing::warn!(job = %job.id, error = %e, "cannot save the backup's progress before shutdown; it resumes from its last saved point");
+            }
             return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
     }

@@ -338,9 +338,20 @@ impl Registry {
     }
 }
 
+/// The largest volume (cloud disks stop at 32-64 TiB). A layer's block map grows with the
+/// volume: 2 bits per 4 KiB block in a mapped file (4 GiB, sparse, at 64 TiB) and one summary
+/// bit in memory per 2 MiB (4 MiB at 64 TiB). At 1 EiB the summary alone asked for 64 GiB.
+pub const MAX_VOLUME_SIZE_BYTES: u64 = 64 << 40;
+
 fn check_size(size_bytes: u64) -> Result<(), StorageError> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_ALIGN_BYTES) {
         return Err(StorageError::UnalignedSize(size_bytes));
+    }
+    if size_bytes > MAX_VOLUME_SIZE_BYTES {
+        return Err(StorageError::SizeTooLarge {
+            size_bytes,
+            max_bytes: MAX_VOLUME_SIZE_BYTES,
+        });
     }
     Ok(())
 }
@@ -365,6 +376,18 @@ mod tests {
             reg.create("../x", 4096),
             Err(StorageError::InvalidName(_))
         ));
+        // 64 TiB is served; a block more, or petabytes, is refused before any file exists.
+        assert!(matches!(
+            reg.create("huge", MAX_VOLUME_SIZE_BYTES + 4096),
+            Err(StorageError::SizeTooLarge { size_bytes, .. }) if size_bytes == MAX_VOLUME_SIZE_BYTES + 4096
+        ));
+        assert!(matches!(
+            reg.create("huge", u64::MAX - 4095),
+            Err(StorageError::SizeTooLarge { .. })
+        ));
+        assert!(!dir.path().join("volumes/huge").exists());
+        // (Not created here: ext4 files stop at 16 TiB.)
+        assert!(check_size(MAX_VOLUME_SIZE_BYTES).is_ok());
         assert!(matches!(
             reg.create("odd", 4097),
             Err(StorageError::UnalignedSize(4097))
