@@ -99,6 +99,11 @@ pub struct Args {
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace_secs: Option<u64>,
 
+    /// Close an admin-socket client that sends no request for this long, or does not read a
+    /// response for this long [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub admin_idle_timeout_secs: Option<u64>,
+
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, or "off" [default: 127.0.0.1:9810].
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub metrics_listen: Option<String>,

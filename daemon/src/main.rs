@@ -278,7 +278,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     };
     tokio::join!(
         server.run(listeners, shutdown.clone()),
-        admin.run(admin_context, shutdown.clone()),
+        admin.run(admin_context, settings.admin_idle_timeout, shutdown.clone()),
         serve_metrics
     );
     tracing::info!("stopped");

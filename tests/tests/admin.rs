@@ -573,3 +573,61 @@ fn kill9_right_after_create_or_delete_leaves_a_consistent_list() {
     // No half-created or half-deleted directory survives the restart.
     assert_eq!(volume_dirs(&d), ["fresh", "kept"]);
 }
+
+/// 64 admin clients that connect and then say nothing hold every place the socket serves; they
+/// are disconnected after `--admin-idle-timeout-secs` (told why), and evsctl gets in again. A
+/// client that keeps sending requests is not idle.
+#[test]
+fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--admin-idle-timeout-secs")
+            .arg("2"),
+    );
+    let mut idle: Vec<BufReader<UnixStream>> = (0..64)
+        .map(|i| {
+            let s = UnixStream::connect(d.admin_path()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let mut r = BufReader::new(s);
+            let mut greeting = String::new();
+            r.read_line(&mut greeting).unwrap();
+            assert!(greeting.contains("evsd"), "client {i}: {greeting:?}");
+            r
+        })
+        .collect();
+    // Every place is taken: one more client is told so.
+    let out = d.evsctl(&["status"]);
+    assert!(!out.status.success(), "{}", format_output("status", &out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many admin clients"),
+        "{}",
+        format_output("status", &out)
+    );
+    let started = std::time::Instant::now();
+    for r in &mut idle {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no request for 2 s")),
+            "{v}"
+        );
+        let mut rest = String::new();
+        assert_eq!(r.read_line(&mut rest).unwrap(), 0, "still open: {rest:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A client that keeps sending requests (every 0.5 s for 4 s) is not idle.
+    let mut busy = evsd_e2e::admin::Admin::connect(d.admin_path());
+    for _ in 0..8 {
+        let listed = busy
+            .call("volume.list", &json!({}))
+            .expect("a busy admin client was disconnected")
+            .unwrap();
+        assert!(listed["volumes"].is_array(), "{listed}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    d.evsctl_ok(&["status"]);
+}

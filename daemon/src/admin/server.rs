@@ -64,7 +64,12 @@ impl AdminListener {
 
     /// Serves admin clients until `shutdown`, then ends their loops and removes the socket file
     /// if we bound it.
-    pub async fn run(self, ctx: Arc<AdminContext>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        ctx: Arc<AdminContext>,
+        idle_timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(MAX_ADMIN_CLIENTS));
         loop {
@@ -79,7 +84,9 @@ impl AdminListener {
                     let shutdown = shutdown.clone();
                     tracker.spawn(async move {
                         match permit {
-                            Ok(_permit) => serve_client(stream, &ctx, &shutdown).await,
+                            Ok(_permit) => {
+                                serve_client(stream, &ctx, idle_timeout, &shutdown).await
+                            }
                             Err(_) => refuse(stream).await,
                         }
                     });
@@ -112,16 +119,35 @@ async fn refuse(mut stream: UnixStream) {
 }
 
 /// One client: never panics on its input; a bad line costs that line, an overlong one the
-/// connection.
-async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &CancellationToken) {
+/// connection. A client that sends no request or reads no response for `idle_timeout` is
+/// disconnected: it holds one of the `MAX_ADMIN_CLIENTS` places.
+async fn serve_client(
+    stream: UnixStream,
+    ctx: &AdminContext,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+) {
     let (reader, mut writer) = stream.into_split();
     let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
-    if send(&mut writer, &greeting_line()).await.is_err() {
+    if send(&mut writer, &greeting_line(), idle_timeout)
+        .await
+        .is_err()
+    {
         return;
     }
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(idle_timeout) => {
+                let error = AdminError::new(
+                    ErrorCode::Busy,
+                    format!("no request for {} s: disconnected", idle_timeout.as_secs()),
+                );
+                tracing::debug!("admin client idle: disconnected");
+                let line = response_line(&serde_json::Value::Null, &Err(error));
+                let _ = send(&mut writer, &line, idle_timeout).await;
+                return;
+            }
             next = lines.next() => next,
         };
         let line = match next {
@@ -135,6 +161,7 @@ async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &Cancell
                 let _ = send(
                     &mut writer,
                     &response_line(&serde_json::Value::Null, &Err(error)),
+                    idle_timeout,
                 )
                 .await;
                 return;
@@ -149,6 +176,7 @@ async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &Cancell
                     let _ = send(
                         &mut writer,
                         &response_line(&serde_json::Value::Null, &Err(error)),
+                        idle_timeout,
                     )
                     .await;
                 }
@@ -175,15 +203,26 @@ async fn serve_client(stream: UnixStream, ctx: &AdminContext, shutdown: &Cancell
             }
             Err(rejected) => response_line(&rejected.id, &Err(rejected.error)),
         };
-        if send(&mut writer, &response).await.is_err() {
+        if send(&mut writer, &response, idle_timeout).await.is_err() {
             return;
         }
     }
 }
 
-async fn send(writer: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+/// Writes one line; a client that does not read it within `timeout` is given up on.
+async fn send(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &str,
+    timeout: Duration,
+) -> std::io::Result<()> {
     let mut bytes = Vec::with_capacity(line.len() + 1);
     bytes.extend_from_slice(line.as_bytes());
     bytes.push(b'\n');
-    writer.write_all(&bytes).await
+    match tokio::time::timeout(timeout, writer.write_all(&bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the admin client read no response",
+        )),
+    }
 }

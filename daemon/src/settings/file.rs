@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub handshake_timeout_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
+    pub admin_idle_timeout_secs: Option<u64>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<String>,
     pub backup_store: Option<String>,

@@ -28,6 +28,7 @@ const DEFAULT_MAX_INFLIGHT_REQUESTS: usize = 256;
 const DEFAULT_MAX_INFLIGHT_MIB: u64 = 256;
 const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+const DEFAULT_ADMIN_IDLE_TIMEOUT_SECS: u64 = 300;
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
 const DEFAULT_BACKUP_UPLOAD_CONCURRENCY: usize = 4;
 
@@ -57,6 +58,47 @@ pub enum SettingsError {
     Access { volume: String, source: AccessError },
     #[error("[access.{0}]: not a valid volume name")]
     AccessVolume(String),
+    #[error("{key} = {value} is out of range: at most {max}")]
+    OutOfRange {
+        key: &'static str,
+        value: u64,
+        max: u64,
+    },
+}
+
+/// Upper bounds of numeric settings: past them a value is a typo, and some would overflow a
+/// deadline (`Instant + secs` panics) or a semaphore, or start that many threads.
+const MAX_CONNECTIONS: u64 = 1 << 20;
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+const MAX_RING_THREADS: u64 = 64;
+const MAX_WORKER_THREADS: u64 = 1024;
+const MAX_RING_SPIN_US: u64 = 1_000_000;
+const MAX_INFLIGHT_REQUESTS: u64 = 1 << 16;
+const MAX_UPLOAD_CONCURRENCY: u64 = 1024;
+
+/// `value` when it is at most `max`.
+fn at_most<T: Copy + Into<u64>>(
+    key: &'static str,
+    value: Option<T>,
+    max: u64,
+) -> Result<Option<T>, SettingsError> {
+    match value {
+        Some(v) if v.into() > max => Err(SettingsError::OutOfRange {
+            key,
+            value: v.into(),
+            max,
+        }),
+        other => Ok(other),
+    }
+}
+
+/// As [`at_most`] for `usize` settings.
+fn at_most_usize(
+    key: &'static str,
+    value: Option<usize>,
+    max: u64,
+) -> Result<Option<usize>, SettingsError> {
+    at_most(key, value.map(|v| v as u64), max).map(|v| v.map(|v| v as usize))
 }
 
 /// TLS settings when `tls` is not "off".
@@ -96,6 +138,8 @@ pub struct Settings {
     /// None: idle connections stay open.
     pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
+    /// An admin client idle (no request, or a response unread) this long is disconnected.
+    pub admin_idle_timeout: Duration,
     /// None: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -189,56 +233,87 @@ impl Settings {
                 .map(parse_volume_spec)
                 .collect::<Result<_, _>>()?,
             io_engine,
-            ring_threads: args
-                .ring_threads
-                .or(file.ring_threads)
-                .unwrap_or(DEFAULT_RING_THREADS)
-                .max(1),
-            ring_spin_us: args
-                .ring_spin_us
-                .or(file.ring_spin_us)
-                .unwrap_or(DEFAULT_RING_SPIN_US),
+            ring_threads: at_most_usize(
+                "ring_threads",
+                args.ring_threads.or(file.ring_threads),
+                MAX_RING_THREADS,
+            )?
+            .unwrap_or(DEFAULT_RING_THREADS)
+            .max(1),
+            ring_spin_us: at_most(
+                "ring_spin_us",
+                args.ring_spin_us.or(file.ring_spin_us),
+                MAX_RING_SPIN_US,
+            )?
+            .unwrap_or(DEFAULT_RING_SPIN_US),
             inline_cached_io: !(args.no_inline_cached_io
                 || file.no_inline_cached_io.unwrap_or(false)),
-            worker_threads: args
-                .worker_threads
-                .or(file.worker_threads)
-                .map(|n| n.max(1)),
+            worker_threads: at_most_usize(
+                "worker_threads",
+                args.worker_threads.or(file.worker_threads),
+                MAX_WORKER_THREADS,
+            )?
+            .map(|n| n.max(1)),
             ready_file: args.ready_file.clone().or(file.ready_file),
-            max_connections: args
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-                .max(1),
-            max_inflight_requests: args
-                .max_inflight_requests
-                .or(file.max_inflight_requests)
-                .unwrap_or(DEFAULT_MAX_INFLIGHT_REQUESTS)
-                .max(1),
+            max_connections: at_most_usize(
+                "max_connections",
+                args.max_connections.or(file.max_connections),
+                MAX_CONNECTIONS,
+            )?
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .max(1),
+            max_inflight_requests: at_most_usize(
+                "max_inflight_requests",
+                args.max_inflight_requests.or(file.max_inflight_requests),
+                MAX_INFLIGHT_REQUESTS,
+            )?
+            .unwrap_or(DEFAULT_MAX_INFLIGHT_REQUESTS)
+            .max(1),
             max_inflight_bytes: max_inflight_mib.saturating_mul(1 << 20),
             handshake_timeout: Duration::from_secs(
-                args.handshake_timeout_secs
-                    .or(file.handshake_timeout_secs)
-                    .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+                at_most(
+                    "handshake_timeout_secs",
+                    args.handshake_timeout_secs.or(file.handshake_timeout_secs),
+                    MAX_TIMEOUT_SECS,
+                )?
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
             ),
-            idle_timeout: args
-                .idle_timeout_secs
-                .or(file.idle_timeout_secs)
-                .filter(|&secs| secs > 0)
-                .map(Duration::from_secs),
+            idle_timeout: at_most(
+                "idle_timeout_secs",
+                args.idle_timeout_secs.or(file.idle_timeout_secs),
+                MAX_TIMEOUT_SECS,
+            )?
+            .filter(|&secs| secs > 0)
+            .map(Duration::from_secs),
             shutdown_grace: Duration::from_secs(
-                args.shutdown_grace_secs
-                    .or(file.shutdown_grace_secs)
-                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+                at_most(
+                    "shutdown_grace_secs",
+                    args.shutdown_grace_secs.or(file.shutdown_grace_secs),
+                    MAX_TIMEOUT_SECS,
+                )?
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            ),
+            admin_idle_timeout: Duration::from_secs(
+                at_most(
+                    "admin_idle_timeout_secs",
+                    args.admin_idle_timeout_secs
+                        .or(file.admin_idle_timeout_secs),
+                    MAX_TIMEOUT_SECS,
+                )?
+                .unwrap_or(DEFAULT_ADMIN_IDLE_TIMEOUT_SECS)
+                .max(1),
             ),
             metrics_listen: parse_listen("metrics_listen", metrics_listen)?,
             log_format,
             backup_store: args.backup_store.clone().or(file.backup_store),
-            backup_upload_concurrency: args
-                .backup_upload_concurrency
-                .or(file.backup_upload_concurrency)
-                .unwrap_or(DEFAULT_BACKUP_UPLOAD_CONCURRENCY)
-                .max(1),
+            backup_upload_concurrency: at_most_usize(
+                "backup_upload_concurrency",
+                args.backup_upload_concurrency
+                    .or(file.backup_upload_concurrency),
+                MAX_UPLOAD_CONCURRENCY,
+            )?
+            .unwrap_or(DEFAULT_BACKUP_UPLOAD_CONCURRENCY)
+            .max(1),
             backup_rate_limit_bytes_per_sec: args
                 .backup_rate_limit_mib_per_sec
                 .or(file.backup_rate_limit_mib_per_sec)
@@ -394,6 +469,56 @@ mod tests {
         let vol0 = &settings.access["vol0"];
         assert_eq!(vol0.allow_networks.len(), 2);
         assert_eq!(vol0.max_connections, Some(16));
+    }
+
+    /// Values past a setting's bound are refused by name: they used to panic later (a
+    /// semaphore of 2^62 permits, an idle deadline past the end of time).
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_key_named() {
+        for (text, key) in [
+            ("max_connections = 4611686018427387904\n", "max_connections"),
+            (
+                "idle_timeout_secs = 9223372036854775807\n",
+                "idle_timeout_secs",
+            ),
+            (
+                "handshake_timeout_secs = 31536001\n",
+                "handshake_timeout_secs",
+            ),
+            ("shutdown_grace_secs = 99999999999\n", "shutdown_grace_secs"),
+            ("ring_threads = 65\n", "ring_threads"),
+            ("worker_threads = 100000\n", "worker_threads"),
+            ("ring_spin_us = 1000001\n", "ring_spin_us"),
+            ("max_inflight_requests = 65537\n", "max_inflight_requests"),
+            (
+                "backup_upload_concurrency = 1025\n",
+                "backup_upload_concurrency",
+            ),
+        ] {
+            let err = Settings::merge(&args(&[]), file(text))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(key) && err.contains("at most"),
+                "{text}: {err}"
+            );
+        }
+        let err = Settings::merge(
+            &args(&["--idle-timeout-secs", "18446744073709551615"]),
+            FileConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("idle_timeout_secs = 18446744073709551615"),
+            "{err}"
+        );
+        // The bounds themselves are accepted.
+        let ok =
+            file("max_connections = 1048576\nidle_timeout_secs = 31536000\nring_threads = 64\n");
+        let settings = Settings::merge(&args(&[]), ok).unwrap();
+        assert_eq!(settings.max_connections, 1 << 20);
+        assert_eq!(settings.idle_timeout, Some(Duration::from_secs(31_536_000)));
     }
 
     #[test]

@@ -61,6 +61,10 @@ idle_timeout_secs = 0
 # How long shutdown waits for connections to finish their requests.
 shutdown_grace_secs = 30
 
+# An admin-socket client that sends no request, or reads no response, for this many seconds is
+# disconnected (at most 64 are served at once, and idle ones must not lock evsctl out).
+admin_idle_timeout_secs = 300
+
 # Prometheus metrics at http://ADDR:PORT/metrics, or "off".
 metrics_listen = "127.0.0.1:9810"
 
