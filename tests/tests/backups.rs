@@ -1019,3 +1019,58 @@ fn a_restore_whose_job_cannot_be_recorded_leaves_no_volume_behind() {
         &model,
     );
 }
+
+/// A pack cut short: verify names every chunk placed past its end instead of retrying the
+/// ranged read for ever, and a restore fails loudly and removes the volume it made.
+#[test]
+fn a_truncated_pack_is_reported_by_verify_and_fails_restore() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 32 * MIB, 51);
+    backup_now(&d, "vol0", false);
+    // One block in each of the 8 chunks: 8 deltas in one pack.
+    let mut rng = Prng::new(52);
+    for chunk in 0..8u64 {
+        let block = rng.next_u64() % (CHUNK / 4096);
+        write_at(
+            &d,
+            "vol0",
+            chunk * CHUNK + block * 4096,
+            &rng.bytes(4096),
+            &mut model,
+        );
+    }
+    let b2 = backup_now(&d, "vol0", false);
+    assert_eq!(u(&b2, "delta_chunks"), 8, "{b2:#}");
+    let packs = pack_names(&store_dir(&d));
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let pack = store_dir(&d).join("packs").join(&packs[0]);
+    let len = fs::metadata(&pack).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let v = admin_ok(&d, "backup.verify", json!({"id": b2["id"]}));
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert!(
+        !bad.is_empty() && bad.len() < 8,
+        "the chunks past the cut, not all: {j:#}"
+    );
+    assert!(
+        bad.iter()
+            .all(|b| b["error"].as_str().unwrap().contains("the pack holds")),
+        "{j:#}"
+    );
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b2["id"]}),
+    );
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert!(j["error"].as_str().unwrap().contains("missing"), "{j:#}");
+    assert!(admin(&d, "volume.show", json!({"name": "r"})).is_err());
+}

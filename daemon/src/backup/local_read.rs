@@ -84,11 +84,18 @@ pub fn read_object(path: &Path, buffers: &Arc<AlignedPool>) -> io::Result<Bytes>
 
 static DIRECT_REFUSED: AtomicBool = AtomicBool::new(false);
 
-/// The error object_store's own local reader would have given for `key`: "not found" when the
-/// file is missing (a missing chunk), a generic (retried) store error otherwise.
+/// The store error for a failed local read or write of `key`: "not found" when the file is
+/// missing (a missing chunk), "permission denied" (not retried) when access is refused, a
+/// generic (retried) store error otherwise.
 pub fn store_error(key: &str, error: io::Error) -> object_store::Error {
     if error.kind() == io::ErrorKind::NotFound {
         object_store::Error::NotFound {
+            path: key.to_owned(),
+            source: Box::new(error),
+        }
+    } else if error.kind() == io::ErrorKind::PermissionDenied {
+        // Not retried: it does not change by itself (as an S3 store's 403).
+        object_store::Error::PermissionDenied {
             path: key.to_owned(),
             source: Box::new(error),
         }
@@ -137,5 +144,8 @@ mod tests {
             store_error("k", other),
             object_store::Error::Generic { .. }
         ));
+        let denied = io::Error::from_raw_os_error(libc::EACCES);
+        let denied = crate::backup::error::BackupError::store("get", "k", store_error("k", denied));
+        assert!(!denied.is_transient(), "{denied}");
     }
 }

@@ -271,11 +271,32 @@ impl BackupStore {
     /// The packed object at `at`: a ranged read of its pack.
     pub async fn get_packed(&self, at: &PackedAt) -> Result<Bytes, BackupError> {
         let key = pack::pack_key(&at.pack);
+        let path = self.path(&key);
         let range = at.offset_bytes..at.offset_bytes + at.len_bytes;
-        self.objects
-            .get_range(&self.path(&key), range)
-            .await
-            .map_err(|e| BackupError::store("get", key, e))
+        match self.objects.get_range(&path, range.clone()).await {
+            Ok(bytes) => Ok(bytes),
+            Err(error) => {
+                // A pack cut short fails the ranged read with an error that looks like any
+                // other (retried without end): when the pack is there but ends before the
+                // range, the chunk is missing, which no retry cures.
+                if !matches!(error, object_store::Error::NotFound { .. }) {
+                    if let Ok(meta) = self.objects.head(&path).await {
+                        if meta.size < range.end {
+                            let reason = format!(
+                                "the pack holds {} bytes; the chunk lies at {}..{}",
+                                meta.size, range.start, range.end
+                            );
+                            let source = object_store::Error::NotFound {
+                                path: key.clone(),
+                                source: reason.into(),
+                            };
+                            return Err(BackupError::store("get", key, source));
+                        }
+                    }
+                }
+                Err(BackupError::store("get", key, error))
+            }
+        }
     }
 
     pub async fn delete_pack(&self, name: &str) -> Result<(), BackupError> {

@@ -61,9 +61,11 @@ pub async fn run(
                 .map(|_| ());
                 let problem = match fetched {
                     Err(BackupError::Store {
-                        source: object_store::Error::NotFound { .. },
+                        source: missing @ object_store::Error::NotFound { .. },
                         ..
-                    }) => Some("missing from the store (or a chunk it patches is)".to_owned()),
+                    }) => Some(format!(
+                        "missing from the store (or a chunk it patches is): {missing}"
+                    )),
                     Err(BackupError::Chunk(e)) => Some(e.to_string()),
                     Err(e) => return Err(e),
                     Ok(_) => None,
