@@ -1988,3 +1988,42 @@ fn an_export_is_held_as_soon_as_its_handshake_ends() {
         spinner.join().unwrap();
     }
 }
+
+/// A volume deleted while a snapshot delete is merging its layers, and created again under
+/// the same name at once: the merge must not record the old volume's layers in the new
+/// volume's directory (at the next start, the new volume's files would be removed as
+/// orphans). The new volume's flushed data survives a kill -9.
+#[test]
+fn deleting_a_volume_during_a_merge_leaves_a_new_volume_of_that_name_intact() {
+    let mut d = start();
+    create_volume(&d, "v", 256 << 20);
+    let uri = d.tcp_uri("v");
+    qemu_io(&uri, &["write -P 0x11 0 256M"]);
+    snap_create(&d, "v", "s1");
+    // Half the blocks change: deleting s1 merges 128 MiB.
+    qemu_io(&uri, &["write -P 0x22 0 128M"]);
+    let merge = {
+        let admin = d.admin_path().to_path_buf();
+        std::thread::spawn(move || {
+            admin_at(
+                &admin,
+                "snapshot.delete",
+                json!({"volume": "v", "name": "s1"}),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    admin_ok(&d, "volume.delete", json!({"name": "v", "force": true}));
+    create_volume(&d, "v", 8 << 20);
+    qemu_io(&d.tcp_uri("v"), &["write -P 0x33 0 8M", "flush"]);
+    // The merge either finished before the delete or found the volume gone.
+    match merge.join().unwrap() {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.code, "not_found", "{e:?}"),
+    }
+    d.kill9();
+    d.restart();
+    assert_eq!(export_size(&d, "v"), 8 << 20);
+    assert_content(&d, "v", &vec![0x33u8; 8 << 20]);
+    assert_eq!(snap_names(&d, "v"), Vec::<String>::new());
+}

@@ -284,13 +284,25 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
                 },
                 CloseRefused::AlreadyClosed => StorageError::NotFound(params.name.clone()),
             })?;
-    if let Some(writer) = volume.writer() {
-        // A snapshot create's background fsyncs write into the folder: let them end first.
-        writer.persist.settle().await;
-    }
+    // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
+    // and the ones waiting behind find it gone: once removed, its directory name may belong to
+    // a new volume. The lock also lets a snapshot create's background fsyncs end.
+    let entry = ctx
+        .registry
+        .entry(&params.name)
+        .ok_or_else(|| StorageError::NotFound(params.name.clone()))?;
+    let admin_lock = match entry.lock_admin().await {
+        Ok(guard) => guard,
+        Err(e) => {
+            volume.attachments().reopen();
+            return Err(e.into());
+        }
+    };
     let registry = Arc::clone(&ctx.registry);
     let name = params.name.clone();
-    let hidden = match blocking(move || registry.remove(&name)).await {
+    let removed = blocking(move || registry.remove(&name)).await;
+    drop(admin_lock);
+    let hidden = match removed {
         Ok(hidden) => hidden,
         Err(e) => {
             volume.attachments().reopen();

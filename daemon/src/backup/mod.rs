@@ -366,6 +366,14 @@ impl Backups {
             .await;
             if let Err(e) = taken {
                 self.files.remove(&record.job_id);
+                // A snapshot whose manifest could not be saved (a full data dir) may exist in
+                // memory: no job will use or release it. Deleting it also saves the manifest
+                // again, which lets FLUSH succeed once there is room.
+                if entry.manifest().snapshot(&record.snapshot).is_some() {
+                    if let Err(error) = entry.delete_snapshot(&record.snapshot).await {
+                        tracing::warn!(volume, snapshot = %record.snapshot, %error, "could not remove the snapshot of a backup that did not start");
+                    }
+                }
                 for later in &volumes[i..] {
                     self.unclaim(later);
                 }

@@ -33,6 +33,9 @@ pub struct VolumeEntry {
     pub(crate) pins: Mutex<HashMap<String, usize>>,
     /// The next head, made ahead of the freeze that takes it (see `spare.rs`).
     pub(crate) spare_head: SpareHead,
+    /// Set when the volume is deleted (under `admin`): its directory name may already belong
+    /// to a new volume of the same name, so nothing may change the tree or write there again.
+    pub(crate) removed: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct EntryState {
@@ -116,6 +119,7 @@ impl VolumeEntry {
             admin: tokio::sync::Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
             spare_head: SpareHead::default(),
+            removed: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let mut state = entry.lock();
@@ -154,12 +158,23 @@ impl VolumeEntry {
     /// snapshot create leaves its fsyncs running, and the other changes write durably in
     /// place (an older persist must not overwrite their `.prev` after), or share layers that
     /// must not become a head again after a crash (a clone).
-    pub(crate) async fn lock_admin(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    /// The admin lock, once nothing else changes the tree; fails when the volume was deleted
+    /// while this waited for it.
+    pub(crate) async fn lock_admin(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, StorageError> {
         let admin = self.admin.lock().await;
+        self.check_present()?;
         if let Some(writer) = self.volume.writer() {
             writer.persist.settle().await;
         }
-        admin
+        Ok(admin)
+    }
+
+    /// NotFound once the volume has been deleted. Check it under the admin lock.
+    pub(crate) fn check_present(&self) -> Result<(), StorageError> {
+        if self.removed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StorageError::NotFound(self.name().to_owned()));
+        }
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, EntryState> {
@@ -282,7 +297,7 @@ impl VolumeEntry {
     /// shrunk after a snapshot), the regrown blocks are masked as zero so old data never
     /// reappears.
     pub async fn resize(&self, size_bytes: u64) -> Result<u64, StorageError> {
-        let _admin = self.lock_admin().await;
+        let _admin = self.lock_admin().await?;
         let Some(writer) = self.volume.writer() else {
             return Err(StorageError::ReadOnly(self.name().to_owned()));
         };

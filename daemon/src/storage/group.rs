@@ -234,6 +234,7 @@ impl Registry {
         let mut admins = Vec::with_capacity(entries.len());
         for (entry, _) in &entries {
             admins.push(entry.admin.lock().await);
+            entry.check_present()?;
         }
         let members: Vec<FreezeMember<'_>> = entries
             .iter()

@@ -68,7 +68,7 @@ impl Registry {
         for entry in self.entries() {
             if entry.manifest().merge.is_some() {
                 tracing::info!(volume = entry.name(), "finishing an interrupted merge");
-                let _admin = entry.lock_admin().await;
+                let _admin = entry.lock_admin().await?;
                 entry.finish_merge().await?;
             }
         }
@@ -102,7 +102,7 @@ impl Registry {
             .ok_or_else(|| StorageError::NotFound(source.to_owned()))?;
         // No merge may move or rewrite the source's layers while they are being linked. The
         // filesystem work below is a few links and one small fsync: done in place.
-        let _admin = entry.lock_admin().await;
+        let _admin = entry.lock_admin().await?;
         let source_manifest = entry.manifest();
         let record = source_manifest
             .snapshot(snapshot)
@@ -254,7 +254,8 @@ impl Registry {
     /// Takes a volume out of the registry and renames its directory to a hidden one, durably:
     /// after a crash, `open` removes the hidden directory. Returns that directory for the caller
     /// to remove once connections have let go of the files. The caller has already closed
-    /// the volume to new connections. Blocking: call it off the runtime.
+    /// the volume to new connections, and holds its admin lock where other operations on it
+    /// may run. Blocking: call it off the runtime.
     pub fn remove(&self, name: &str) -> Result<PathBuf, StorageError> {
         let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = volumes.get(name) else {
@@ -266,6 +267,11 @@ impl Registry {
             std::fs::remove_dir_all(&hidden).map_err(|e| StorageError::fs("remove", &hidden, e))?;
         }
         std::fs::rename(&dir, &hidden).map_err(|e| StorageError::fs("rename", &dir, e))?;
+        // From here the name may be taken again: operations waiting for this entry's admin
+        // lock must not write into `dir`.
+        entry
+            .removed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         manifest::sync_dir(&self.volumes_dir)?;
         for view in entry.views() {
             let _ = view.attachments().close(true);

@@ -88,6 +88,7 @@ impl VolumeEntry {
         // Not `lock_admin`: the persists of earlier creates may still run; this one's
         // supersedes them, and FLUSH waits for all.
         let _admin = self.admin.lock().await;
+        self.check_present()?;
         if self.manifest().snapshot(name).is_some() {
             return Err(StorageError::SnapshotExists {
                 volume: self.name().to_owned(),
@@ -109,7 +110,7 @@ impl VolumeEntry {
     /// Deletes a snapshot and merges away the layers nobody needs any more. Refused while
     /// clients read the snapshot's export.
     pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
-        let _admin = self.lock_admin().await;
+        let _admin = self.lock_admin().await?;
         let record = self.find_snapshot(name)?;
         let info = self.info(&record);
         if self.is_pinned(name) {
@@ -152,7 +153,7 @@ impl VolumeEntry {
     /// (O(1)); the old head goes, newer snapshots stay. Refused while clients are connected
     /// unless `force`, which disconnects them first.
     pub async fn rollback(&self, name: &str, force: bool) -> Result<(), StorageError> {
-        let _admin = self.lock_admin().await;
+        let _admin = self.lock_admin().await?;
         let record = self.find_snapshot(name)?;
         let attachments = Arc::clone(self.volume.attachments());
         let disconnected = attachments.close(force).map_err(|refused| match refused {
