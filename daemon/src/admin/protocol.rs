@@ -266,11 +266,45 @@ pub fn greeting_line() -> String {
 }
 
 /// A size as a client may give it: bytes as a number, or text such as "10G", "512M", "4096".
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SizeParam {
     Bytes(u64),
     Text(String),
+}
+
+/// By hand rather than `untagged`, whose error ("data did not match any variant") names
+/// neither the field nor the value.
+impl<'de> Deserialize<'de> for SizeParam {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        const EXPECTED: &str = "a size: whole bytes (a number) or text such as \"10G\"";
+        impl serde::de::Visitor<'_> for SizeVisitor {
+            type Value = SizeParam;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(EXPECTED)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeParam, E> {
+                Ok(SizeParam::Bytes(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeParam, E> {
+                u64::try_from(v)
+                    .map(SizeParam::Bytes)
+                    .map_err(|_| E::custom(format!("size {v}: {EXPECTED}")))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<SizeParam, E> {
+                Err(E::custom(format!("size {v}: {EXPECTED}")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeParam, E> {
+                Ok(SizeParam::Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
 }
 
 impl SizeParam {
@@ -309,16 +343,21 @@ pub fn unknown_method(method: &str) -> AdminError {
     )
 }
 
-/// Decodes a method's params, unknown fields refused so a typo never goes unnoticed.
+/// Decodes a method's params, unknown fields refused so a typo never goes unnoticed. The
+/// error names the field (serde's own says "expected u32" and not of what).
 pub fn decode_params<T: serde::de::DeserializeOwned>(
     method: &str,
     params: Value,
 ) -> Result<T, AdminError> {
-    serde_json::from_value(params).map_err(|e| {
-        AdminError::new(
-            ErrorCode::InvalidArgument,
-            format!("invalid params for {method}: {e}"),
-        )
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let field = e.path().to_string();
+        let error = e.into_inner();
+        let message = if field == "." {
+            format!("invalid params for {method}: {error}")
+        } else {
+            format!("invalid params for {method}: {field}: {error}")
+        };
+        AdminError::new(ErrorCode::InvalidArgument, message)
     })
 }
 
@@ -326,6 +365,34 @@ pub fn decode_params<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    struct Sized {
+        #[allow(dead_code)]
+        size: SizeParam,
+    }
+
+    /// A bad size says it is the size, and which value it was.
+    #[test]
+    fn sizes_decode_from_numbers_and_text_and_bad_ones_are_named() {
+        let ok: Sized = decode_params("m", json!({"size": 4096})).unwrap();
+        assert_eq!(ok.size, SizeParam::Bytes(4096));
+        let ok: Sized = decode_params("m", json!({"size": "10G"})).unwrap();
+        assert_eq!(ok.size.to_bytes().unwrap(), 10 << 30);
+        for (bad, shown) in [
+            (json!(-1), "size -1"),
+            (json!(4096.5), "size 4096.5"),
+            (json!(1e30), "size 1000000000000000000000000000000"),
+            (json!(true), "a size"),
+            (json!(null), "a size"),
+        ] {
+            let err = decode_params::<Sized>("volume.create", json!({ "size": bad }))
+                .unwrap_err()
+                .message;
+            assert!(err.contains(shown), "{bad}: {err}");
+            assert!(err.contains("volume.create: size: "), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn parses_requests_and_rejects_malformed_lines() {

@@ -1,8 +1,8 @@
 //! The set of volumes under `DATA_DIR/volumes/`, loaded at start and created on demand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
@@ -23,6 +23,11 @@ pub struct Registry {
     engine: IoEngine,
     buffers: Arc<BufferPool>,
     volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
+    /// Names whose volume is being made on disk. The directory work (files, fsyncs, a rename)
+    /// runs without the `volumes` lock, which every NBD handshake takes to find its export.
+    creating: Mutex<BTreeSet<String>>,
+    /// Held by `remove` (see there).
+    removing: Mutex<()>,
 }
 
 impl Registry {
@@ -60,6 +65,8 @@ impl Registry {
             engine,
             buffers,
             volumes: RwLock::new(volumes),
+            creating: Mutex::new(BTreeSet::new()),
+            removing: Mutex::new(()),
         })
     }
 
@@ -169,11 +176,19 @@ impl Registry {
         name: &str,
         fill: impl FnOnce(&Path) -> Result<(), StorageError>,
     ) -> Result<Arc<Volume>, StorageError> {
-        let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         let final_dir = self.volumes_dir.join(name);
-        if volumes.contains_key(name) || final_dir.exists() {
-            return Err(StorageError::AlreadyExists(name.to_owned()));
+        {
+            let volumes = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+            let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            if volumes.contains_key(name) || final_dir.exists() || !creating.insert(name.to_owned())
+            {
+                return Err(StorageError::AlreadyExists(name.to_owned()));
+            }
         }
+        let _reserved = Reservation {
+            creating: &self.creating,
+            name,
+        };
         let tmp_dir = self.volumes_dir.join(format!(".{name}.creating"));
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir(&tmp_dir).map_err(|e| StorageError::fs("create", &tmp_dir, e))?;
@@ -191,7 +206,10 @@ impl Registry {
             Arc::clone(&self.buffers),
         )?);
         let volume = Arc::clone(entry.volume());
-        volumes.insert(name.to_owned(), entry);
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), entry);
         Ok(volume)
     }
 
@@ -257,8 +275,11 @@ impl Registry {
     /// the volume to new connections, and holds its admin lock where other operations on it
     /// may run. Blocking: call it off the runtime.
     pub fn remove(&self, name: &str) -> Result<PathBuf, StorageError> {
-        let mut volumes = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = volumes.get(name) else {
+        // One remove at a time, the map looked up under it: a second remove of the name finds
+        // it gone rather than the first one's hidden directory. The map itself is locked only
+        // to take the entry out, not across the renames and fsyncs.
+        let _one_at_a_time = self.removing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = self.entry(name) else {
             return Err(StorageError::NotFound(name.to_owned()));
         };
         let dir = self.volumes_dir.join(name);
@@ -276,7 +297,10 @@ impl Registry {
         for view in entry.views() {
             let _ = view.attachments().close(true);
         }
-        volumes.remove(name);
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         tracing::info!(volume = name, "deleted volume");
         Ok(hidden)
     }
@@ -349,6 +373,21 @@ impl Registry {
 /// bit in memory per 2 MiB (4 MiB at 64 TiB). At 1 EiB the summary alone asked for 64 GiB.
 pub const MAX_VOLUME_SIZE_BYTES: u64 = 64 << 40;
 
+/// A name reserved in `Registry::creating`, released however the create ends.
+struct Reservation<'a> {
+    creating: &'a Mutex<BTreeSet<String>>,
+    name: &'a str,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.name);
+    }
+}
+
 fn check_size(size_bytes: u64) -> Result<(), StorageError> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(VOLUME_ALIGN_BYTES) {
         return Err(StorageError::UnalignedSize(size_bytes));
@@ -366,6 +405,49 @@ fn check_size(size_bytes: u64) -> Result<(), StorageError> {
 mod tests {
     use super::*;
     use crate::io::{EngineConfig, EngineKind};
+
+    /// Creates and removes race only through the name: of eight creates of one name exactly
+    /// one wins, and of two removes one, the other finding it gone.
+    #[test]
+    fn racing_creates_and_removes_of_one_name_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        for round in 0..4 {
+            let created: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| reg.create("v", 1 << 20)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(
+                created.iter().filter(|r| r.is_ok()).count(),
+                1,
+                "round {round}"
+            );
+            assert!(created
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| matches!(e, StorageError::AlreadyExists(_))));
+            assert!(reg.creating.lock().unwrap().is_empty());
+            let removed: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2).map(|_| s.spawn(|| reg.remove("v"))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let hidden: Vec<_> = removed.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(hidden.len(), 1, "round {round}");
+            assert!(
+                hidden[0].exists(),
+                "the winner's hidden directory is left for its caller"
+            );
+            assert!(removed
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| matches!(e, StorageError::NotFound(_))));
+            std::fs::remove_dir_all(hidden[0]).unwrap();
+            assert!(reg.entry("v").is_none());
+        }
+    }
 
     #[test]
     fn create_reload_and_refuse_bad_input() {
