@@ -177,10 +177,10 @@ pub fn read_uri(uri: &str, work: &Path) -> Vec<u8> {
 /// go (nbdcopy exits as soon as it has sent NBD_CMD_DISC), so an in-place restore or a resize
 /// right after does not find the volume busy with them.
 pub fn read_export(d: &Daemon, export: &str) -> Vec<u8> {
-    let volume = export.split('@').next().unwrap_or(export);
-    let before = connections(d, volume);
+    // `volume.show` takes `vol@snap` too, with the view's own clients.
+    let before = connections(d, export);
     let data = read_uri(&d.unix_uri(export), d.work_dir());
-    wait_clients_at_most(d, volume, before);
+    wait_clients_at_most(d, export, before);
     data
 }
 

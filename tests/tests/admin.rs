@@ -583,7 +583,7 @@ fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
         DaemonOpts::new()
             .no_default_volume()
             .arg("--admin-idle-timeout-secs")
-            .arg("2"),
+            .arg("5"),
     );
     let mut idle: Vec<BufReader<UnixStream>> = (0..64)
         .map(|i| {
@@ -612,13 +612,13 @@ fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
         assert!(
             v["error"]["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("no request for 2 s")),
+                .is_some_and(|m| m.contains("no request for 5 s")),
             "{v}"
         );
         let mut rest = String::new();
         assert_eq!(r.read_line(&mut rest).unwrap(), 0, "still open: {rest:?}");
     }
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(20));
     // A client that keeps sending requests (every 0.5 s for 4 s) is not idle.
     let mut busy = evsd_e2e::admin::Admin::connect(d.admin_path());
     for _ in 0..8 {

@@ -923,17 +923,19 @@ fn full_store_filesystem_retries_then_completes_when_space_is_freed() {
     let size = 64 * MIB;
     let mut model = half_random(&d, "vol0", size, 31);
     let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    // Chunks are stored by several tasks at once, each retrying on its own: one that got a
+    // place freed by another's failed write can succeed in between, so the state is polled
+    // until it shows the full filesystem.
     assert!(
-        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
-            == "retrying"),
+        wait_until(Duration::from_secs(30), || {
+            let j = job(&d, &job_id);
+            j["state"] == "retrying"
+                && j["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("No space left on device"))
+        }),
         "the job never reported the full filesystem: {:#}",
         job(&d, &job_id)
-    );
-    let during = job(&d, &job_id);
-    let error = during["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("No space left on device"),
-        "the job's error does not name the full filesystem: {during:#}"
     );
     // Clients are not held up by the stuck backup: a write lands and reads back.
     write_at(&d, "vol0", 40 * MIB, &random(32, MIB), &mut model);
@@ -949,7 +951,11 @@ fn full_store_filesystem_retries_then_completes_when_space_is_freed() {
         m
     };
     thread::sleep(Duration::from_secs(1));
-    assert_eq!(job(&d, &job_id)["state"], "retrying");
+    let waiting = job(&d, &job_id);
+    assert!(
+        waiting["state"] == "retrying" || waiting["state"] == "running",
+        "the backup ended while the store was full: {waiting:#}"
+    );
     fs::remove_file(&filler).unwrap();
     let j = wait_job_ok(&d, &job_id);
     assert_eq!(j["error"], Value::Null, "{j:#}");

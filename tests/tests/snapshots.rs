@@ -427,6 +427,15 @@ fn snapshot_admin_errors() {
         json!({"volume": "vol0", "name": "zz"}),
         "already_exists",
     );
+    // A snapshot export is not a volume: deleting it by that name is refused and leaves the
+    // export serving.
+    admin_err(
+        &d,
+        "volume.delete",
+        json!({"name": "vol0@zz", "force": true}),
+        "not_found",
+    );
+    assert_eq!(export_size(&d, "vol0@zz"), 8 * MIB);
     // Names are per volume.
     snap_create(&d, "vol1", "zz");
     assert_eq!(snap_names(&d, "vol1"), ["zz"]);

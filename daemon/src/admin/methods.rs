@@ -272,7 +272,10 @@ async fn resize(ctx: &AdminContext, params: ResizeParams) -> Result<Value, Admin
 }
 
 async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, AdminError> {
-    let volume = find(ctx, &params.name)?;
+    // The volume itself: a `vol@snap` name is not a volume (closing that view here would
+    // leave it closed).
+    let entry = entry(ctx, &params.name)?;
+    let volume = Arc::clone(entry.volume());
     let disconnected =
         volume
             .attachments()
@@ -287,10 +290,6 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
     // and the ones waiting behind find it gone: once removed, its directory name may belong to
     // a new volume. The lock also lets a snapshot create's background fsyncs end.
-    let entry = ctx
-        .registry
-        .entry(&params.name)
-        .ok_or_else(|| StorageError::NotFound(params.name.clone()))?;
     let admin_lock = match entry.lock_admin().await {
         Ok(guard) => guard,
         Err(e) => {

@@ -193,6 +193,15 @@ fn sync_data(_path: &Path, file: &File) -> std::io::Result<()> {
     file.sync_data()
 }
 
+/// Whether `path` still names the open `file`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
 /// fdatasync of each object in `own` and `foreign`, then fsync of each directory from theirs
 /// up to `root`. An own object gone since it was written was replaced or deleted: nothing of
 /// it is left to make durable. A foreign one must be there: a manifest is about to name it.
@@ -229,10 +238,13 @@ fn sync_objects(
         match sync_data(path, &file) {
             Ok(()) => synced.push((path, is_own)),
             // Written back with an error, the pages are clean now and a second fdatasync would
-            // succeed: the object cannot be trusted again.
+            // succeed: the object cannot be trusted again. Unless the path now names another
+            // file (the object was written again meanwhile): that one is synced on its own.
             Err(e) if is_own => {
-                let _ = std::fs::remove_file(path);
-                lost.push((path.clone(), format!("fdatasync: {e}")));
+                if same_file(&file, path) {
+                    let _ = std::fs::remove_file(path);
+                    lost.push((path.clone(), format!("fdatasync: {e}")));
+                }
             }
             // Others' objects are theirs to deal with; this manifest cannot name it.
             Err(e) => {

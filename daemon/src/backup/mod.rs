@@ -718,8 +718,15 @@ impl Backups {
         }
     }
 
-    /// Removes a volume made for a restore that will not complete.
+    /// Removes a volume made for a restore that will not complete. Under its admin lock, as
+    /// `volume.delete`: a snapshot delete or resize someone started on it finishes first.
     async fn discard_volume(&self, volume: &str) {
+        let Some(entry) = self.registry.entry(volume) else {
+            return;
+        };
+        let Ok(_admin) = entry.lock_admin().await else {
+            return;
+        };
         let registry = Arc::clone(&self.registry);
         let name = volume.to_owned();
         let removed = tokio::task::spawn_blocking(move || {

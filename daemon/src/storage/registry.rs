@@ -293,7 +293,11 @@ impl Registry {
         entry
             .removed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        manifest::sync_dir(&self.volumes_dir)?;
+        // The rename is done: the volume goes whatever the fsync says. Failing here would leave
+        // a volume listed and writable whose files are in the directory the next start removes.
+        if let Err(error) = manifest::sync_dir(&self.volumes_dir) {
+            tracing::warn!(volume = name, %error, "the deleted volume's directory rename may not be durable; a crash could bring the volume back");
+        }
         for view in entry.views() {
             let _ = view.attachments().close(true);
         }
