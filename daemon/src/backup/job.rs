@@ -65,6 +65,9 @@ struct Status {
     finished_unix_secs: Option<u64>,
     error: Option<String>,
     result: Option<Value>,
+    /// Store operations of this job now waiting to try again: the job is `Retrying` while any
+    /// is (its tasks retry each on their own).
+    retrying_ops: u32,
 }
 
 pub struct Job {
@@ -101,6 +104,7 @@ impl Job {
                 finished_unix_secs: None,
                 error: None,
                 result: None,
+                retrying_ops: 0,
             }),
             finished: tokio::sync::watch::Sender::new(false),
         }
@@ -142,19 +146,25 @@ impl Job {
         self.status().state
     }
 
-    /// The store failed with `error`; the job waits and tries again.
-    pub fn set_retrying(&self, error: &str) {
+    /// A store operation failed with `error` and waits to try again; `first`: its first
+    /// failure (it then counts among the retrying ones until [`Job::retry_ended`]).
+    pub fn set_retrying(&self, error: &str, first: bool) {
         let mut status = self.status();
+        if first {
+            status.retrying_ops += 1;
+        }
         if !status.state.is_finished() {
             status.state = JobState::Retrying;
             status.error = Some(error.to_owned());
         }
     }
 
-    /// The store answered again after a retry.
-    pub fn set_running(&self) {
+    /// A store operation that had failed ended (answered, gave up, or was dropped). The job is
+    /// running again once no other operation still waits.
+    pub fn retry_ended(&self) {
         let mut status = self.status();
-        if status.state == JobState::Retrying {
+        status.retrying_ops = status.retrying_ops.saturating_sub(1);
+        if status.retrying_ops == 0 && status.state == JobState::Retrying {
             status.state = JobState::Running;
             status.error = None;
         }
@@ -257,10 +267,17 @@ mod tests {
             (40, 100)
         );
         assert_eq!(info.progress.bytes_uploaded, 10);
-        job.set_retrying("store down");
+        // Two operations fail; the job is retrying until both have ended.
+        job.set_retrying("store down", true);
+        job.set_retrying("disk full", true);
+        job.set_retrying("disk full again", false);
         assert_eq!(job.info().state, JobState::Retrying);
-        assert_eq!(job.info().error.as_deref(), Some("store down"));
-        job.set_running();
+        assert_eq!(job.info().error.as_deref(), Some("disk full again"));
+        job.retry_ended();
+        assert_eq!(job.info().state, JobState::Retrying);
+        assert_eq!(job.info().error.as_deref(), Some("disk full again"));
+        job.retry_ended();
+        assert_eq!(job.info().state, JobState::Running);
         assert_eq!(job.info().error, None);
         job.finish(Err("boom".into()));
         assert_eq!(job.state(), JobState::Failed);

@@ -24,13 +24,16 @@ where
 {
     let mut delay = FIRST_DELAY;
     let mut failures = 0u32;
+    // Once this operation has failed, it counts among the job's retrying ones until it ends,
+    // however it ends (the future may also be dropped).
+    let mut retrying: Option<RetryingOp<'_>> = None;
     loop {
         match op().await {
             Ok(value) => {
                 if failures > 0 {
                     tracing::info!(job = %job.id, what, failures, "backup store answers again");
-                    job.set_running();
                 }
+                drop(retrying);
                 return Ok(value);
             }
             Err(e) if e.is_transient() => {
@@ -38,7 +41,8 @@ where
                 if failures == 1 || failures.is_power_of_two() {
                     tracing::warn!(job = %job.id, what, error = %e, failures, "backup store failed; retrying");
                 }
-                job.set_retrying(&format!("{what}: {e}"));
+                job.set_retrying(&format!("{what}: {e}"), retrying.is_none());
+                retrying.get_or_insert(RetryingOp { job });
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {
@@ -49,5 +53,16 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// One failed operation of `job`, counted until dropped.
+struct RetryingOp<'a> {
+    job: &'a Job,
+}
+
+impl Drop for RetryingOp<'_> {
+    fn drop(&mut self) {
+        self.job.retry_ended();
     }
 }
