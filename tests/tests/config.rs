@@ -1,5 +1,6 @@
 //! `--config FILE` and `--print-default-config` against the real binary.
 
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 
 use evsd_e2e::raw::*;
@@ -59,6 +60,57 @@ fn config_file_alone_configures_the_daemon() {
         data.join("volumes").is_dir(),
         "data_dir from the file not used"
     );
+}
+
+/// Paths given relative to the working directory, a bare file name among them, as a user
+/// trying the daemon in a scratch directory types them. The ready file's directory entry is
+/// synced after its rename: a bare name's parent is the empty path, which once failed the start
+/// after the file was written.
+#[test]
+fn relative_paths_and_a_bare_ready_file_name_work() {
+    let dir = tempdir();
+    let child = Command::new(evsd_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "data",
+            "--ready-file",
+            "ready",
+            "--unix",
+            "nbd.sock",
+            "--admin-socket",
+            "admin.sock",
+            "--metrics-listen",
+            "off",
+        ])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut guard = Kill(child);
+    let ready = dir.path().join("ready");
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || ready.exists()),
+        "no ready file"
+    );
+    // Still running once the ready file is there, and serving the default volume.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        guard.0.try_wait().unwrap().is_none(),
+        "evsd exited after writing its ready file"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let tcp = v["tcp"].as_str().unwrap().parse().unwrap();
+    let (_c, info) = Raw::open(tcp, "vol0");
+    assert_eq!(info.size, 1 << 30);
+    assert!(
+        dir.path().join("data/volumes").is_dir(),
+        "data dir not made"
+    );
+    let unix = UnixStream::connect(dir.path().join("nbd.sock"));
+    assert!(unix.is_ok(), "relative unix socket: {unix:?}");
 }
 
 #[test]

@@ -411,10 +411,19 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     file.sync_all()
         .map_err(|e| StorageError::fs("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StorageError::fs("rename", &tmp, e))?;
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = parent_dir(path) {
         sync_dir(parent)?;
     }
     Ok(())
+}
+
+/// The directory whose entry names `path`. A bare file name ("ready.json") has the empty path
+/// as its parent, which cannot be opened: its directory is the current one.
+fn parent_dir(path: &Path) -> Option<&Path> {
+    match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Some(Path::new(".")),
+        other => other,
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -446,6 +455,19 @@ pub fn new_uuid() -> Result<String, StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("ready.json")), Some(Path::new(".")));
+        assert_eq!(
+            parent_dir(Path::new("run/ready.json")),
+            Some(Path::new("run"))
+        );
+        assert_eq!(parent_dir(Path::new("/ready.json")), Some(Path::new("/")));
+        assert_eq!(parent_dir(Path::new("/")), None);
+        // What write_durably syncs after its rename must open as a directory.
+        sync_dir(parent_dir(Path::new("ready.json")).unwrap()).unwrap();
+    }
 
     #[test]
     fn manifest_round_trip_and_rejects_unknown_fields() {
