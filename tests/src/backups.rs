@@ -67,7 +67,7 @@ pub fn wait_job_end(d: &Daemon, id: &str) -> Value {
     let start = Instant::now();
     loop {
         let j = job(d, id);
-        if j["state"] == "succeeded" || j["state"] == "failed" {
+        if j["state"] == "succeeded" || j["state"] == "failed" || j["state"] == "cancelled" {
             return j;
         }
         assert!(

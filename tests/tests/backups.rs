@@ -747,6 +747,154 @@ fn corrupted_chunk_is_named_by_verify_and_fails_restore() {
     .is_err()));
 }
 
+/// A restore stuck retrying a chunk the store can never read (its object is a directory:
+/// EISDIR, an error that looks transient) is ended by `job.cancel`, and the volume made for it
+/// is removed. Once the chunk is back, the same restore succeeds.
+#[test]
+fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
+    let d = start();
+    let model = half_random(&d, "vol0", 32 * MIB, 43);
+    let b = backup_now(&d, "vol0", false);
+    let chunks = chunk_files(&store_dir(&d));
+    assert_eq!(chunks.len(), 4);
+    let victim = chunks[1].0.clone();
+    let saved = fs::read(&victim).unwrap();
+    fs::remove_file(&victim).unwrap();
+    fs::create_dir(&victim).unwrap();
+
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b["id"]}),
+    );
+    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
+            == "retrying"),
+        "the restore never retried: {:#}",
+        job(&d, &job_id)
+    );
+    let printed = d.evsctl_ok(&["job", "cancel", &job_id]);
+    assert!(printed.contains("state:    cancelled\n"), "{printed}");
+    assert!(
+        printed.contains("volume \"r\" made for it was removed"),
+        "{printed}"
+    );
+    admin_err(&d, "volume.show", json!({"name": "r"}), "not_found");
+    // The cancel tells how it ended to whoever waits on the job too.
+    assert_eq!(wait_job_end(&d, &job_id)["state"], "cancelled");
+
+    fs::remove_dir(&victim).unwrap();
+    fs::write(&victim, saved).unwrap();
+    restore_new(&d, "r", b["id"].as_str().unwrap());
+    assert_same(
+        "restore after the chunk is back",
+        &read_export(&d, "r"),
+        &model,
+    );
+}
+
+/// The refusal a GO for `export` gets, or None when it is accepted.
+fn go_refusal(d: &Daemon, export: &str) -> Option<(u32, String)> {
+    let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    let last = c.info_or_go(OPT_GO, export, &[]).pop().unwrap();
+    last.is_err()
+        .then(|| (last.typ, String::from_utf8_lossy(&last.data).into_owned()))
+}
+
+/// A restore over an existing volume that does not complete (cancelled here, as one that fails
+/// is) leaves the volume marked: it refuses NBD clients with a message naming the backup, from
+/// the restore's start and after a restart; `volume.show` says so; a rollback to a snapshot
+/// or a restore that completes makes it whole and open again.
+#[test]
+fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
+    let mut d = start();
+    let model = half_random(&d, "vol0", 32 * MIB, 44);
+    let b = backup_now(&d, "vol0", false);
+    let backup_id = b["id"].as_str().unwrap().to_owned();
+    let mut changed = model.clone();
+    write_at(&d, "vol0", 0, &random(45, 8 * MIB), &mut changed);
+    admin_ok(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "before"}),
+    );
+    let chunks = chunk_files(&store_dir(&d));
+    let victim = chunks[1].0.clone();
+    let saved = fs::read(&victim).unwrap();
+    fs::remove_file(&victim).unwrap();
+    fs::create_dir(&victim).unwrap();
+
+    let v = admin_ok(&d, "backup.restore", json!({"id": backup_id, "to": "vol0"}));
+    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
+            == "retrying"),
+        "the restore never retried: {:#}",
+        job(&d, &job_id)
+    );
+    let refused = |d: &Daemon| {
+        let (typ, message) = go_refusal(d, "vol0").expect("vol0 accepted a client");
+        assert_eq!(typ, REP_ERR_POLICY, "{message}");
+        assert!(
+            message.contains("incomplete restore") && message.contains(&backup_id),
+            "{message}"
+        );
+    };
+    refused(&d);
+    let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    assert!(
+        cancelled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refuses clients until a restore into it succeeds")),
+        "{cancelled:#}"
+    );
+    refused(&d);
+    let show = admin_ok(&d, "volume.show", json!({"name": "vol0"}));
+    assert_eq!(
+        show["incomplete_restore"]["backup_id"],
+        json!(backup_id),
+        "{show:#}"
+    );
+    assert_eq!(
+        show["incomplete_restore"]["job_id"],
+        json!(job_id),
+        "{show:#}"
+    );
+    let printed = d.evsctl_ok(&["volume", "show", "vol0"]);
+    assert!(
+        printed.contains("restore:     incomplete: backup"),
+        "{printed}"
+    );
+    // Snapshot exports are frozen before the restore: still served.
+    assert!(go_refusal(&d, "vol0@before").is_none());
+
+    d.restart();
+    refused(&d);
+    // Rolling back to a snapshot makes the volume whole: open again, with the snapshot's data.
+    admin_ok(
+        &d,
+        "snapshot.rollback",
+        json!({"volume": "vol0", "name": "before"}),
+    );
+    assert!(go_refusal(&d, "vol0").is_none());
+    assert_eq!(
+        admin_ok(&d, "volume.show", json!({"name": "vol0"}))["incomplete_restore"],
+        Value::Null
+    );
+    assert_same("rolled back", &read_export(&d, "vol0"), &changed);
+
+    // A restore that completes leaves no mark behind either.
+    fs::remove_dir(&victim).unwrap();
+    fs::write(&victim, saved).unwrap();
+    let v = admin_ok(&d, "backup.restore", json!({"id": backup_id, "to": "vol0"}));
+    wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert!(go_refusal(&d, "vol0").is_none());
+    assert!(!d.data_dir().join("volumes/vol0/restore.json").exists());
+    assert_same("restored in place", &read_export(&d, "vol0"), &model);
+}
+
 #[test]
 fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
     let opts = DaemonOpts::new()

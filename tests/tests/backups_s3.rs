@@ -140,6 +140,73 @@ fn s3_outage_mid_upload_then_backup_completes() {
     assert_same("restore after the outage", &read_export(&d, "r"), &model);
 }
 
+/// A backup stuck retrying a store that is gone is ended by `job.cancel`: its snapshot is
+/// released, the volume's previous base stays the base, the job does not come back after a
+/// restart, and the next backup is an incremental on the old base.
+#[test]
+fn cancel_ends_a_backup_retrying_a_dead_store() {
+    let mut s3 = S3Server::start();
+    let mut d = start_with(&s3, &[]);
+    let mut model = half_random(&d, "vol0", 64 * MIB, 41);
+    let b1 = backup_now(&d, "vol0", false);
+    let b1_id = b1["id"].as_str().unwrap().to_owned();
+    write_at(&d, "vol0", 3 * CHUNK, &random(42, 2 * CHUNK), &mut model);
+    s3.stop();
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    let snapshot = format!("vbs-{backup_id}");
+    assert!(
+        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
+            == "retrying"),
+        "the job never reported the dead store: {:#}",
+        job(&d, &job_id)
+    );
+    let snapshots = || -> Vec<String> {
+        admin_ok(&d, "snapshot.list", json!({"volume": "vol0"}))["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(snapshots().contains(&snapshot), "{:?}", snapshots());
+
+    let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    let error = cancelled["error"].as_str().unwrap();
+    assert!(
+        error.contains("cancelled by job.cancel") && error.contains(&snapshot),
+        "{error}"
+    );
+    assert_eq!(
+        snapshots(),
+        [format!("vbs-{b1_id}")],
+        "only the old base is kept"
+    );
+    // Once only; unknown jobs are not found.
+    admin_err(&d, "job.cancel", json!({"id": job_id}), "invalid_argument");
+    admin_err(
+        &d,
+        "job.cancel",
+        json!({"id": "j-000000000000"}),
+        "not_found",
+    );
+    // The volume is free for another backup; the cancelled one is not resumed after a restart.
+    d.restart();
+    admin_err(&d, "job.show", json!({"id": job_id}), "not_found");
+    assert_eq!(admin_ok(&d, "job.list", json!({}))["jobs"], json!([]));
+
+    s3.start_again();
+    let b3 = backup_now(&d, "vol0", false);
+    assert_eq!(b3["parent"], json!(b1_id), "{b3:#}");
+    assert_eq!(b3["incremental"], true, "{b3:#}");
+    assert!(
+        admin(&d, "backup.show", json!({"id": backup_id})).is_err(),
+        "the cancelled backup has no manifest"
+    );
+    restore_new(&d, "r", b3["id"].as_str().unwrap());
+    assert_same("restore of the next backup", &read_export(&d, "r"), &model);
+}
+
 #[test]
 fn two_daemons_share_one_store() {
     let s3 = S3Server::start();

@@ -19,6 +19,9 @@ pub enum JobCommand {
     Show { id: String },
     /// Wait for a job to finish, drawing its progress on stderr; exit 7 if it failed.
     Wait { id: String },
+    /// Stop a running job for good: a backup releases its snapshot, a restore into a volume
+    /// made for it removes that volume. Prints the job as it ended.
+    Cancel { id: String },
 }
 
 impl JobCommand {
@@ -26,6 +29,7 @@ impl JobCommand {
         let (method, params) = match self {
             JobCommand::List => ("job.list", json!({})),
             JobCommand::Show { id } | JobCommand::Wait { id } => ("job.show", json!({"id": id})),
+            JobCommand::Cancel { id } => ("job.cancel", json!({"id": id})),
         };
         Call { method, params }
     }
@@ -37,7 +41,7 @@ impl JobCommand {
     pub fn render(&self, result: &Value) -> Result<String, CliError> {
         match self {
             JobCommand::List => job_table(jobs_in(result, "jobs")?),
-            JobCommand::Show { .. } | JobCommand::Wait { .. } => {
+            JobCommand::Show { .. } | JobCommand::Wait { .. } | JobCommand::Cancel { .. } => {
                 Ok(job_fields(&JobInfo::parse(result)?))
             }
         }
@@ -70,6 +74,7 @@ pub enum JobState {
     Retrying,
     Succeeded,
     Failed,
+    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -86,7 +91,10 @@ pub struct JobProgress {
 
 impl JobState {
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -95,6 +103,7 @@ impl JobState {
             JobState::Retrying => "retrying",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -126,9 +135,10 @@ impl JobInfo {
         format_rate(self.progress.rate_bytes_per_sec)
     }
 
-    /// The failure scripts see when this job was waited for (exit code 7), if it failed.
+    /// The failure scripts see when this job was waited for (exit code 7), if it failed or
+    /// was cancelled: either way what it was to do was not done.
     pub fn failure(&self) -> Option<CliError> {
-        (self.state == JobState::Failed).then(|| CliError::JobFailed {
+        matches!(self.state, JobState::Failed | JobState::Cancelled).then(|| CliError::JobFailed {
             job_id: self.id.clone(),
             error: self
                 .error
@@ -331,6 +341,28 @@ pub mod tests {
         assert_eq!(wait.waits(), Some(JobSlot::Whole));
         assert_eq!(JobCommand::Show { id: "j".into() }.waits(), None);
         assert_eq!(JobCommand::List.call().method, "job.list");
+        let cancel = JobCommand::Cancel { id: "j-2".into() };
+        assert_eq!(cancel.call().method, "job.cancel");
+        assert_eq!(cancel.call().params, json!({"id": "j-2"}));
+        assert_eq!(cancel.waits(), None);
+    }
+
+    #[test]
+    fn a_cancelled_job_is_finished_and_a_failure() {
+        let mut job = sample("j-3", "cancelled", 1 << 30, 4 << 30);
+        job["error"] = json!("cancelled by job.cancel; snapshot vbs-b-1 released");
+        let info = JobInfo::parse(&job).unwrap();
+        assert!(info.state.is_finished());
+        assert_eq!(info.eta(), "-");
+        let rendered = JobCommand::Cancel { id: "j-3".into() }
+            .render(&job)
+            .unwrap();
+        assert!(rendered.contains("state:    cancelled\n"), "{rendered}");
+        assert!(
+            rendered.contains("error:    cancelled by job.cancel"),
+            "{rendered}"
+        );
+        assert_eq!(info.failure().unwrap().exit_code(), 7);
     }
 
     #[test]

@@ -341,7 +341,16 @@ mod tests {
         let wait = parse("job wait j-1").unwrap();
         assert_eq!(wait.command.call().params, serde_json::json!({"id": "j-1"}));
         assert_eq!(wait.command.waits(), Some(JobSlot::Whole));
-        for args in ["job wait", "job show", "job list j-1", "job cancel j-1"] {
+        let cancel = parse("job cancel j-1").unwrap();
+        assert_eq!(cancel.command.call().method, "job.cancel");
+        assert_eq!(cancel.command.waits(), None);
+        for args in [
+            "job wait",
+            "job show",
+            "job list j-1",
+            "job cancel",
+            "job stop j-1",
+        ] {
             assert!(parse(args).is_err(), "{args}");
         }
     }

@@ -63,6 +63,7 @@ pub fn progress_line(job: &JobInfo) -> String {
         JobState::Retrying => "retrying".to_owned(),
         JobState::Succeeded => "done".to_owned(),
         JobState::Failed => "failed".to_owned(),
+        JobState::Cancelled => "cancelled".to_owned(),
     };
     // An incremental backup of an unchanged volume reads nothing: say so rather than "0 B / 0 B".
     let transferred =

@@ -134,7 +134,7 @@ impl VolumeCommand {
             }
             VolumeCommand::Show { .. } => {
                 let size_bytes = number(result, "size_bytes")?;
-                fields(&[
+                let mut pairs = vec![
                     ("name", text(result, "name")?.to_owned()),
                     (
                         "size",
@@ -143,7 +143,20 @@ impl VolumeCommand {
                     ("connections", number(result, "connections")?.to_string()),
                     ("uuid", text(result, "uuid")?.to_owned()),
                     ("created", utc_time(number(result, "created_unix_secs")?)),
-                ])
+                ];
+                let mark = &result["incomplete_restore"];
+                if !mark.is_null() {
+                    pairs.push((
+                        "restore",
+                        format!(
+                            "incomplete: backup {} (job {}); refuses clients until a restore \
+                             into it succeeds",
+                            text(mark, "backup_id")?,
+                            text(mark, "job_id")?
+                        ),
+                    ));
+                }
+                fields(&pairs)
             }
             VolumeCommand::Resize { .. } => format!(
                 "resized volume {}: {} -> {}\n",
@@ -210,6 +223,19 @@ mod tests {
              big-volume  4.0 KiB  0            u-2\n"
         );
         assert!(VolumeCommand::List.render(&json!({})).is_err());
+    }
+
+    #[test]
+    fn show_names_an_incomplete_restore() {
+        let show = VolumeCommand::Show { name: "v".into() };
+        let mut result = json!({"name": "v", "size_bytes": 4096, "connections": 0,
+                                "uuid": "u-1", "created_unix_secs": 0, "incomplete_restore": null});
+        assert!(!show.render(&result).unwrap().contains("restore"));
+        result["incomplete_restore"] =
+            json!({"backup_id": "b-1", "job_id": "j-1", "started_unix_secs": 5});
+        assert!(show.render(&result).unwrap().ends_with(
+            "restore:     incomplete: backup b-1 (job j-1); refuses clients until a restore into it succeeds\n"
+        ), "{}", show.render(&result).unwrap());
     }
 
     #[test]

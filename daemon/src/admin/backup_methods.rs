@@ -96,6 +96,20 @@ pub async fn dispatch(
             }
             to_json(&job.info())
         }
+        "job.cancel" => {
+            let p: JobShowParams = decode_params(method, params)?;
+            // Answers once the job has ended (its snapshot released, its volume removed)
+            // or after wait_ms, 10 s by default; a job still ending then shows as running.
+            let wait_ms = if p.wait_ms == 0 {
+                MAX_JOB_WAIT_MS
+            } else {
+                p.wait_ms.min(MAX_JOB_WAIT_MS)
+            };
+            let info = backups
+                .cancel_job(&p.id, Duration::from_millis(wait_ms))
+                .await?;
+            to_json(&info)
+        }
         other => Err(unknown_method(other)),
     }
 }

@@ -16,6 +16,7 @@ use crate::error::StorageError;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::VolumeEntry;
 use crate::storage::name::validate_volume_name;
+use crate::storage::restore_mark::RestoreMark;
 use crate::storage::Volume;
 
 /// How long a forced delete waits for its disconnected clients to finish the requests they had
@@ -146,6 +147,8 @@ struct VolumeInfo {
     connections: usize,
     uuid: String,
     created_unix_secs: u64,
+    /// Set while the volume holds an incomplete restore and refuses clients.
+    incomplete_restore: Option<RestoreMark>,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +179,7 @@ fn describe(volume: &Volume) -> VolumeInfo {
         connections: volume.attachments().count(),
         uuid: volume.identity().uuid.clone(),
         created_unix_secs: volume.identity().created_unix_secs,
+        incomplete_restore: volume.restore_mark(),
     }
 }
 

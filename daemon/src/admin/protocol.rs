@@ -128,6 +128,7 @@ pub fn backup_error_code(e: &BackupError) -> ErrorCode {
         BackupError::InvalidArgument(_)
         | BackupError::BadStoreUrl { .. }
         | BackupError::SizeMismatch { .. }
+        | BackupError::JobFinished { .. }
         | BackupError::Manifest(crate::backup::manifest::ManifestError::InvalidBackupId(_)) => {
             ErrorCode::InvalidArgument
         }
@@ -139,7 +140,8 @@ pub fn backup_error_code(e: &BackupError) -> ErrorCode {
         | BackupError::JobFile { .. }
         | BackupError::LocalStore { .. }
         | BackupError::Failed(_)
-        | BackupError::Cancelled(_) => ErrorCode::Internal,
+        | BackupError::Cancelled(_)
+        | BackupError::CancelledByRequest => ErrorCode::Internal,
     }
 }
 

@@ -53,8 +53,14 @@ pub enum BackupError {
     JobFile { path: String, reason: String },
     #[error("backup store directory {path}: {reason}")]
     LocalStore { path: String, reason: String },
+    /// Interrupted by shutdown: the job resumes at the next start.
     #[error("the backup job was cancelled: {0}")]
     Cancelled(String),
+    /// Ended by `job.cancel`: the job does not resume.
+    #[error("the job was cancelled by job.cancel")]
+    CancelledByRequest,
+    #[error("job {id:?} has already finished ({state})")]
+    JobFinished { id: String, state: String },
 }
 
 impl BackupError {

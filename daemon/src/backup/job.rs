@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
+use crate::backup::error::BackupError;
 use crate::storage::entry::now_unix_secs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,11 +28,16 @@ pub enum JobState {
     Retrying,
     Succeeded,
     Failed,
+    /// Ended by `job.cancel`; it does not resume.
+    Cancelled,
 }
 
 impl JobState {
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -84,10 +91,20 @@ pub struct Job {
     status: Mutex<Status>,
     /// Turns true when the job finishes, for callers that wait on it.
     finished: tokio::sync::watch::Sender<bool>,
+    /// Cancelled by `job.cancel` or by daemon shutdown (a child of the daemon's token):
+    /// [`Job::stopped`] tells which.
+    stop: CancellationToken,
 }
 
 impl Job {
-    pub fn new(id: String, kind: JobKind, volume: String, backup_id: String) -> Job {
+    /// `shutdown`: the daemon's token; the job stops with it, or alone by [`Job::cancel`].
+    pub fn new(
+        id: String,
+        kind: JobKind,
+        volume: String,
+        backup_id: String,
+        shutdown: &CancellationToken,
+    ) -> Job {
         Job {
             id,
             kind,
@@ -107,6 +124,34 @@ impl Job {
                 retrying_ops: 0,
             }),
             finished: tokio::sync::watch::Sender::new(false),
+            stop: shutdown.child_token(),
+        }
+    }
+
+    /// Asks the job to stop; its loops and retries notice at their next step. False if it had
+    /// already finished or been asked.
+    pub fn cancel(&self) -> bool {
+        if self.state().is_finished() || self.stop.is_cancelled() {
+            return false;
+        }
+        self.stop.cancel();
+        true
+    }
+
+    /// Resolves once the job is asked to stop, by `job.cancel` or by shutdown.
+    pub async fn stop_requested(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Why the job must stop now, if it must: the daemon is shutting down (the job resumes at
+    /// the next start) or the job was cancelled (it does not).
+    pub fn stopped(&self, shutdown: &CancellationToken) -> Option<BackupError> {
+        if shutdown.is_cancelled() {
+            Some(BackupError::Cancelled("the daemon is shutting down".into()))
+        } else if self.stop.is_cancelled() {
+            Some(BackupError::CancelledByRequest)
+        } else {
+            None
         }
     }
 
@@ -189,6 +234,17 @@ impl Job {
         self.finished.send_replace(true);
     }
 
+    /// Ends a job that `job.cancel` stopped; `cleanup`: what was undone, for `job.show`.
+    pub fn finish_cancelled(&self, cleanup: &str) {
+        {
+            let mut status = self.status();
+            status.finished_unix_secs = Some(now_unix_secs());
+            status.state = JobState::Cancelled;
+            status.error = Some(format!("cancelled by job.cancel; {cleanup}"));
+        }
+        self.finished.send_replace(true);
+    }
+
     /// Returns once the job has finished or `max` has passed, whichever is first.
     pub async fn wait_finished(&self, max: Duration) {
         let mut finished = self.finished.subscribe();
@@ -256,7 +312,14 @@ mod tests {
 
     #[test]
     fn progress_and_outcome_show_in_info() {
-        let job = Job::new("j-1".into(), JobKind::Backup, "vol0".into(), "b-1".into());
+        let shutdown = CancellationToken::new();
+        let job = Job::new(
+            "j-1".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
         job.set_total(100);
         job.add_done(40);
         job.add_uploaded(10);
@@ -287,6 +350,63 @@ mod tests {
         assert_ne!(new_job_id(), new_job_id());
     }
 
+    #[test]
+    fn cancel_stops_a_running_job_once_and_shutdown_takes_precedence() {
+        let shutdown = CancellationToken::new();
+        let job = Job::new(
+            "j-2".into(),
+            JobKind::Restore,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
+        assert!(job.stopped(&shutdown).is_none());
+        assert!(job.cancel());
+        assert!(!job.cancel(), "a second cancel changes nothing");
+        assert!(matches!(
+            job.stopped(&shutdown),
+            Some(BackupError::CancelledByRequest)
+        ));
+        // A shutdown at the same time wins: the job is then only interrupted and resumes.
+        shutdown.cancel();
+        assert!(matches!(
+            job.stopped(&shutdown),
+            Some(BackupError::Cancelled(_))
+        ));
+        job.finish_cancelled("volume removed");
+        let info = job.info();
+        assert_eq!(info.state, JobState::Cancelled);
+        assert!(info.state.is_finished());
+        assert_eq!(
+            info.error.as_deref(),
+            Some("cancelled by job.cancel; volume removed")
+        );
+
+        // A job that has finished cannot be cancelled; shutdown alone stops every job.
+        let shutdown = CancellationToken::new();
+        let done = Job::new(
+            "j-3".into(),
+            JobKind::Verify,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
+        done.finish(Ok(None));
+        assert!(!done.cancel());
+        let running = Job::new(
+            "j-4".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
+        shutdown.cancel();
+        assert!(matches!(
+            running.stopped(&shutdown),
+            Some(BackupError::Cancelled(_))
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_wait_ends_when_the_job_finishes_or_the_time_is_up() {
         let job = std::sync::Arc::new(Job::new(
@@ -294,6 +414,7 @@ mod tests {
             JobKind::Backup,
             "vol0".into(),
             "b-1".into(),
+            &CancellationToken::new(),
         ));
         let started = tokio::time::Instant::now();
         job.wait_finished(Duration::from_millis(200)).await;

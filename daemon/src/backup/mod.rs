@@ -51,6 +51,7 @@ use crate::metrics::backup::{JobLabels, OutcomeLabels};
 use crate::metrics::Metrics;
 use crate::storage::attachments::CloseRefused;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
+use crate::storage::restore_mark::RestoreMark;
 use crate::storage::Registry;
 
 /// Prefix of the snapshots backups take; the newest of each volume is kept as the base of its
@@ -267,6 +268,7 @@ impl Backups {
             kind,
             volume.to_owned(),
             backup_id.to_owned(),
+            &self.shutdown,
         ));
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.insert(job_id.to_owned(), Arc::clone(&job));
@@ -302,6 +304,29 @@ impl Backups {
             .get(id)
             .cloned()
             .ok_or_else(|| BackupError::JobNotFound(id.to_owned()))
+    }
+
+    /// Stops a running job (`job.cancel`) and waits up to `max` for it to end. A backup
+    /// releases its snapshot, a restore into a volume it created removes it, and neither
+    /// resumes at the next start.
+    pub async fn cancel_job(&self, id: &str, max: Duration) -> Result<JobInfo, BackupError> {
+        let job = self.job(id)?;
+        if !job.cancel() {
+            let state = job.info().state;
+            if state.is_finished() {
+                return Err(BackupError::JobFinished {
+                    id: id.to_owned(),
+                    state: serde_json::to_value(state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                });
+            }
+        } else {
+            tracing::info!(job = id, volume = %job.volume, "cancelling job");
+        }
+        job.wait_finished(max).await;
+        Ok(job.info())
     }
 
     fn running_backup_count(&self) -> usize {
@@ -422,12 +447,16 @@ impl Backups {
         tokio::spawn(async move {
             let outcome = upload::run(&this, &job, record.clone()).await;
             if matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_))) {
-                // A failed backup's snapshot is no base for anything.
+                // A failed or cancelled backup's snapshot is no base for anything.
                 if let Some(entry) = this.registry.entry(&record.volume) {
                     let _ = entry.delete_snapshot(&record.snapshot).await;
                 }
             }
-            this.finish_job(&job, &record.job_id, &record.volume, outcome);
+            let cleanup = format!(
+                "snapshot {} released; chunks it stored go at the next backup gc",
+                record.snapshot
+            );
+            this.finish_job(&job, &record.job_id, &record.volume, outcome, &cleanup);
             if this.running_backup_count() == 0 && this.gc_pending.swap(false, Ordering::SeqCst) {
                 if let Err(e) = this.gc().await {
                     tracing::warn!(error = %e, "deferred garbage collection failed");
@@ -436,14 +465,22 @@ impl Backups {
         });
     }
 
+    /// Records how a backup or restore job ended. `cleanup`: what was undone if it was
+    /// cancelled, for `job.show`.
     fn finish_job(
         &self,
         job: &Job,
         job_id: &str,
         volume: &str,
         outcome: Result<Option<serde_json::Value>, BackupError>,
+        cleanup: &str,
     ) {
         match outcome {
+            Err(BackupError::CancelledByRequest) => {
+                tracing::info!(job = job_id, volume, cleanup, "job cancelled");
+                self.files.remove(job_id);
+                job.finish_cancelled(cleanup);
+            }
             Err(BackupError::Cancelled(why)) => {
                 // Shutdown: the job file stays so the job resumes at the next start.
                 tracing::info!(job = job_id, reason = %why, "job interrupted; it resumes at the next start");
@@ -472,10 +509,10 @@ impl Backups {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        let outcome = if info.state == job::JobState::Succeeded {
-            "succeeded"
-        } else {
-            "failed"
+        let outcome = match info.state {
+            job::JobState::Succeeded => "succeeded",
+            job::JobState::Cancelled => "cancelled",
+            _ => "failed",
         };
         self.metrics
             .backup()
@@ -594,6 +631,9 @@ impl Backups {
             let outcome = verify::run(&this, &job, &manifest).await;
             match outcome {
                 Ok(result) => job.finish(Ok(Some(result))),
+                Err(BackupError::CancelledByRequest) => {
+                    job.finish_cancelled("the backup was not changed");
+                }
                 Err(e) => job.finish(Err(e.to_string())),
             }
             this.count_finished(&job);
@@ -647,7 +687,7 @@ impl Backups {
                 "clients still attached after the drain timeout"
             );
         }
-        self.start_restore(backup_id, to, false)
+        self.start_restore(backup_id, to, false).await
     }
 
     /// Creates volume `name` with a backup's size and restores the backup into it; the
@@ -677,7 +717,7 @@ impl Backups {
                 return Err(e);
             }
         }
-        let started = self.start_restore(backup_id, name, true);
+        let started = self.start_restore(backup_id, name, true).await;
         if started.is_err() {
             // No job will fill it: an empty volume of that name would pass for the restore.
             self.discard_volume(name).await;
@@ -686,7 +726,11 @@ impl Backups {
         started
     }
 
-    fn start_restore(
+    /// Records and starts a restore into `volume`, which the caller has closed to clients.
+    /// An existing volume is marked as holding an incomplete restore first (see
+    /// `storage::restore_mark`): until the job completes, and for good if it does not, the
+    /// volume refuses clients.
+    async fn start_restore(
         self: &Arc<Self>,
         backup_id: &str,
         volume: &str,
@@ -698,9 +742,38 @@ impl Backups {
             volume: volume.to_owned(),
             created_volume,
         };
+        // Whether the volume was whole before: only then may a restore that never started
+        // take its mark away again.
+        let mut was_whole = true;
+        if !created_volume {
+            let mark = RestoreMark {
+                backup_id: backup_id.to_owned(),
+                job_id: record.job_id.clone(),
+                started_unix_secs: now_unix_secs(),
+            };
+            let marked = match self.registry.entry(volume) {
+                Some(entry) => {
+                    was_whole = entry.volume().restore_mark().is_none();
+                    entry.mark_restore(mark).await
+                }
+                None => Err(StorageError::NotFound(volume.to_owned())),
+            };
+            if let Err(e) = marked {
+                self.reopen(volume);
+                self.unclaim(volume);
+                return Err(e.into());
+            }
+        }
         if let Err(e) = self.files.save(&JobRecord::Restore(record.clone())) {
             // A volume made for this restore is the caller's to remove.
             if !created_volume {
+                if was_whole {
+                    if let Some(entry) = self.registry.entry(volume) {
+                        if let Err(error) = entry.clear_restore_mark().await {
+                            tracing::warn!(volume, %error, "cannot remove the restore mark of a restore that did not start");
+                        }
+                    }
+                }
                 self.reopen(volume);
                 self.unclaim(volume);
             }
@@ -747,15 +820,52 @@ impl Backups {
     fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let outcome = restore::run(&this, &job, &record).await;
+            let mut outcome = restore::run(&this, &job, &record).await;
+            if outcome.is_ok() && !record.created_volume {
+                // Whole again: clients may attach once the mark is gone.
+                if let Some(entry) = this.registry.entry(&record.volume) {
+                    outcome = entry.clear_restore_mark().await.map_err(|e| {
+                        BackupError::Failed(format!(
+                            "the restore completed but its mark on the volume could not be removed: {e}"
+                        ))
+                    });
+                }
+            }
             let failed = matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_)));
+            if !record.created_volume {
+                if let Err(e) = &outcome {
+                    if !matches!(
+                        e,
+                        BackupError::Cancelled(_) | BackupError::CancelledByRequest
+                    ) {
+                        outcome = Err(BackupError::Failed(format!(
+                            "{e}; volume {:?} holds part of backup {}'s data and refuses clients until a restore into it succeeds",
+                            record.volume, record.backup_id
+                        )));
+                    }
+                }
+            }
             if failed && record.created_volume {
                 // Half a disk is worse than none: the volume made for this restore goes.
                 this.discard_volume(&record.volume).await;
             } else if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
                 this.reopen(&record.volume);
             }
-            this.finish_job(&job, &record.job_id, &record.volume, outcome.map(|()| None));
+            let cleanup = if record.created_volume {
+                format!("volume {:?} made for it was removed", record.volume)
+            } else {
+                format!(
+                    "volume {:?} holds part of backup {}'s data and refuses clients until a restore into it succeeds",
+                    record.volume, record.backup_id
+                )
+            };
+            this.finish_job(
+                &job,
+                &record.job_id,
+                &record.volume,
+                outcome.map(|()| None),
+                &cleanup,
+            );
         });
     }
 }

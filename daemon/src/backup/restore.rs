@@ -152,8 +152,8 @@ pub async fn run(
             background_flush = Some(tokio::spawn(async move { volume.flush().await }));
             written_since_flush = 0;
         }
-        if svc.shutdown.is_cancelled() {
-            return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+        if let Some(stopped) = job.stopped(&svc.shutdown) {
+            return Err(stopped);
         }
     }
     drop(results);

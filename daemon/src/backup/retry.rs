@@ -1,5 +1,6 @@
 //! Retrying store operations while the store is unreachable: exponential backoff, shown on
-//! the job as "retrying", ended only by success, a permanent error, or daemon shutdown.
+//! the job as "retrying", ended only by success, a permanent error, `job.cancel` or daemon
+//! shutdown.
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,6 +29,9 @@ where
     // however it ends (the future may also be dropped).
     let mut retrying: Option<RetryingOp<'_>> = None;
     loop {
+        if let Some(stopped) = job.stopped(shutdown) {
+            return Err(stopped);
+        }
         match op().await {
             Ok(value) => {
                 if failures > 0 {
@@ -42,12 +46,14 @@ where
                     tracing::warn!(job = %job.id, what, error = %e, failures, "backup store failed; retrying");
                 }
                 job.set_retrying(&format!("{what}: {e}"), retrying.is_none());
-                retrying.get_or_insert(RetryingOp { job });
+                // Not get_or_insert: its argument, built on every failure, would be dropped on
+                // the second one and end the count this operation still holds.
+                if retrying.is_none() {
+                    retrying = Some(RetryingOp { job });
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {
-                        return Err(BackupError::Cancelled("the daemon is shutting down".into()));
-                    }
+                    _ = job.stop_requested() => {}
                 }
                 delay = (delay * 2).min(MAX_DELAY);
             }
@@ -64,5 +70,87 @@ struct RetryingOp<'a> {
 impl Drop for RetryingOp<'_> {
     fn drop(&mut self) {
         self.job.retry_ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::job::{JobKind, JobState};
+    use std::sync::Arc;
+
+    fn unreachable() -> BackupError {
+        BackupError::store(
+            "put",
+            "chunks/x",
+            object_store::Error::Generic {
+                store: "test",
+                source: "connection refused".into(),
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_ends_a_retrying_operation_during_its_back_off() {
+        let shutdown = CancellationToken::new();
+        let job = Arc::new(Job::new(
+            "j-1".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        ));
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let retried = {
+            let (job, shutdown, attempts) =
+                (Arc::clone(&job), shutdown.clone(), Arc::clone(&attempts));
+            tokio::spawn(async move {
+                with_retry(&job, &shutdown, "uploading a chunk", || {
+                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { Err::<(), _>(unreachable()) }
+                })
+                .await
+            })
+        };
+        // Backing off after the first failures (the delay caps at 10 s).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!retried.is_finished());
+        // Still retrying after many failures of the one operation.
+        assert_eq!(job.state(), JobState::Retrying);
+        let tried = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(tried >= 3, "{tried} attempts in 60 s");
+        let cancelled_at = tokio::time::Instant::now();
+        assert!(job.cancel());
+        let outcome = retried.await.unwrap();
+        assert!(
+            matches!(outcome, Err(BackupError::CancelledByRequest)),
+            "{outcome:?}"
+        );
+        // Not after the rest of a 10 s back-off, and without another attempt.
+        assert_eq!(cancelled_at.elapsed(), Duration::ZERO);
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), tried);
+        // The operation no longer counts as retrying.
+        assert_eq!(job.state(), JobState::Running);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_starts_no_operation() {
+        let shutdown = CancellationToken::new();
+        let job = Job::new(
+            "j-1".into(),
+            JobKind::Restore,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
+        job.cancel();
+        let outcome = with_retry(&job, &shutdown, "reading the manifest", || async {
+            panic!("no operation may start once the job is cancelled")
+        })
+        .await;
+        assert!(matches!(
+            outcome,
+            Err::<(), _>(BackupError::CancelledByRequest)
+        ));
     }
 }

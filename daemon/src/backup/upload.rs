@@ -315,11 +315,13 @@ async fn upload(
             }
             last_checkpoint = Instant::now();
         }
-        if svc.shutdown.is_cancelled() {
-            if let Err(e) = svc.files.save(&JobRecord::Backup(record.clone())) {
-                tracing::warn!(job = %job.id, error = %e, "cannot save the backup's progress before shutdown; it resumes from its last saved point");
+        if let Some(stopped) = job.stopped(&svc.shutdown) {
+            if matches!(stopped, BackupError::Cancelled(_)) {
+                if let Err(e) = svc.files.save(&JobRecord::Backup(record.clone())) {
+                    tracing::warn!(job = %job.id, error = %e, "cannot save the backup's progress before shutdown; it resumes from its last saved point");
+                }
             }
-            return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+            return Err(stopped);
         }
     }
     drop(results);

@@ -86,6 +86,9 @@ pub async fn run(
             tracing::error!(backup = %manifest.backup_id, index = bad.index, chunk = %bad.chunk_id, error = %bad.error, "bad chunk");
             bad_chunks.push(bad);
         }
+        if let Some(stopped) = job.stopped(&svc.shutdown) {
+            return Err(stopped);
+        }
     }
     bad_chunks.sort_by_key(|b| b.index);
     Ok(serde_json::json!({ "chunks_checked": checked, "bad_chunks": bad_chunks }))

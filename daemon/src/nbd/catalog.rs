@@ -88,6 +88,9 @@ impl RegistryCatalog<'_> {
             Decision::NeedsTls => return Err(ExportRefusal::TlsRequired),
             Decision::Deny => return Err(ExportRefusal::Unknown),
         };
+        if let Some(mark) = volume.restore_mark() {
+            return Err(ExportRefusal::Policy(mark.refusal(volume.name())));
+        }
         if let Some(max) = policy.max_connections {
             // Checked again, atomically, when the connection attaches; this check only gives
             // the client a clear refusal instead of a dropped connection.

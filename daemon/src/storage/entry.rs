@@ -18,6 +18,7 @@ use crate::storage::manifest::{
     self, LayerRecord, ManifestSource, VolumeManifest, LEGACY_DATA_FILE,
 };
 use crate::storage::name::validate_volume_name;
+use crate::storage::restore_mark::{RestoreMark, RESTORE_MARK_FILE};
 use crate::storage::spare::SpareHead;
 use crate::storage::volume::{Volume, VolumeIdentity};
 
@@ -106,6 +107,10 @@ impl VolumeEntry {
             uuid: manifest.uuid.clone(),
             created_unix_secs: manifest.created_unix_secs,
         });
+        if let Some(mark) = RestoreMark::load(dir) {
+            tracing::warn!(volume = %manifest.name, backup = %mark.backup_id, job = %mark.job_id, "the volume holds an incomplete restore: it refuses clients until a restore into it succeeds, it is rolled back or deleted");
+            volume.set_restore_mark(Some(mark));
+        }
         let entry = VolumeEntry {
             dir: dir.to_owned(),
             engine,
@@ -130,6 +135,45 @@ impl VolumeEntry {
             entry.spare_head.replenish(&entry.dir, size_bytes);
         }
         Ok(entry)
+    }
+
+    /// Marks the volume as holding an incomplete restore, durably, before a restore writes
+    /// to it; the handshake refuses clients from then on. Under the admin lock: a volume
+    /// deleted meanwhile (its folder name may be a new volume's) is not found.
+    pub async fn mark_restore(&self, mark: RestoreMark) -> Result<(), StorageError> {
+        let _admin = self.lock_admin().await?;
+        let dir = self.dir.clone();
+        let stored = mark.clone();
+        let path = dir.join(RESTORE_MARK_FILE);
+        tokio::task::spawn_blocking(move || stored.store(&dir))
+            .await
+            .map_err(|e| StorageError::fs("write", &path, std::io::Error::other(e)))??;
+        self.volume.set_restore_mark(Some(mark));
+        Ok(())
+    }
+
+    /// Removes the mark once the volume holds whole data again (a restore completed, a
+    /// rollback); it accepts clients then. No mark is no error.
+    pub async fn clear_restore_mark(&self) -> Result<(), StorageError> {
+        if self.volume.restore_mark().is_none() {
+            return Ok(());
+        }
+        let _admin = self.lock_admin().await?;
+        self.clear_restore_mark_locked().await
+    }
+
+    /// [`VolumeEntry::clear_restore_mark`] for a caller already holding the admin lock.
+    pub(crate) async fn clear_restore_mark_locked(&self) -> Result<(), StorageError> {
+        if self.volume.restore_mark().is_none() {
+            return Ok(());
+        }
+        let dir = self.dir.clone();
+        let path = dir.join(RESTORE_MARK_FILE);
+        tokio::task::spawn_blocking(move || RestoreMark::remove(&dir))
+            .await
+            .map_err(|e| StorageError::fs("remove", &path, std::io::Error::other(e)))??;
+        self.volume.set_restore_mark(None);
+        Ok(())
     }
 
     /// Creates a new empty volume's folder content in `dir` (one empty head layer).

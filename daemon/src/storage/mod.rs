@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod name;
 pub mod persist;
 pub mod registry;
+pub mod restore_mark;
 pub mod snapshots;
 pub mod spare;
 pub mod stripes;

@@ -172,6 +172,8 @@ impl VolumeEntry {
         let result = self.switch_head_to(&record);
         attachments.reopen();
         result?;
+        // The snapshot's data is whole: an incomplete restore over the old head is gone.
+        self.clear_restore_mark_locked().await?;
         tracing::info!(
             volume = self.name(),
             snapshot = name,

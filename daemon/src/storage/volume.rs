@@ -19,6 +19,7 @@ use crate::storage::fence::Fence;
 use crate::storage::layer::chain::{Chain, Hit};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
 use crate::storage::persist::ManifestPersist;
+use crate::storage::restore_mark::RestoreMark;
 use crate::storage::stripes::Stripes;
 
 /// Allocation bits of a `StatusQuery::Allocation` extent.
@@ -122,6 +123,9 @@ pub struct Volume {
     /// Cleared the first time the filesystem refuses fallocate, so later zeroing of allocated
     /// blocks goes straight to writing zero bytes.
     fallocate_works: AtomicBool,
+    /// Set while the volume holds an incomplete restore (see `restore_mark.rs`): the handshake
+    /// refuses clients then.
+    restore_mark: std::sync::Mutex<Option<RestoreMark>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -185,7 +189,21 @@ impl Volume {
             writer,
             bases: RwLock::new(Vec::new()),
             fallocate_works: AtomicBool::new(true),
+            restore_mark: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The incomplete restore this volume holds, if any.
+    pub fn restore_mark(&self) -> Option<RestoreMark> {
+        self.restore_mark
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Only `VolumeEntry`, which keeps the mark's file in step, sets it.
+    pub(crate) fn set_restore_mark(&self, mark: Option<RestoreMark>) {
+        *self.restore_mark.lock().unwrap_or_else(|p| p.into_inner()) = mark;
     }
 
     pub fn name(&self) -> &str {
