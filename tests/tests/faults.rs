@@ -325,6 +325,80 @@ fn fill_until_error(c: &mut Conn, volume: u64, from: u64, limit: u64) -> Filled 
     panic!("wrote MiB {from}..{limit} onto a 64 MiB filesystem without any error");
 }
 
+/// Fills `dir`'s filesystem with one file until the write fails; returns its path.
+fn fill_filesystem(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("space-filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![0xa5u8; 64 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(n) if n == block.len() => {}
+            Ok(_) | Err(_) => break,
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// A snapshot taken while the data dir is full freezes the head but cannot record it: FLUSH
+/// fails (the disk does not know the new head), and once there is room again the next FLUSH
+/// writes the manifest itself and succeeds; no snapshot create or delete is needed. Writes
+/// into the new head flushed then survive kill -9.
+#[test]
+fn flush_heals_itself_after_a_manifest_write_hit_a_full_disk() {
+    let fs = TmpfsMount::new(32);
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .volume("v:8M")
+            .data_dir(fs.path()),
+    );
+    let mut c = Conn::open(d.tcp_addr(), "v");
+    for mib in 0..2 {
+        assert_eq!(
+            c.write(0, mib * MIB, &mib_of(token_base(7, mib))).unwrap(),
+            0
+        );
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    let filler = fill_filesystem(fs.path());
+    let created = d.evsctl(&["snapshot", "create", "v", "s1"]);
+    assert!(
+        !created.status.success(),
+        "snapshot create on a full data dir succeeded: {}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let e = c.flush().unwrap();
+    assert_ne!(
+        e, 0,
+        "FLUSH succeeded though the head's manifest is not on disk"
+    );
+    // Still failing while the disk is full.
+    assert_ne!(c.flush().unwrap(), 0);
+    std::fs::remove_file(&filler).unwrap();
+    // Written after the snapshot's freeze: into a head the manifest on disk does not name
+    // until it is written again.
+    for mib in 2..4 {
+        assert_eq!(
+            c.write(0, mib * MIB, &mib_of(token_base(7, mib))).unwrap(),
+            0
+        );
+    }
+    assert_eq!(
+        c.flush().unwrap(),
+        0,
+        "FLUSH still fails after space was freed\n{}",
+        d.stderr()
+    );
+    drop(c);
+    d.kill9();
+    d.restart();
+    let mut c = Conn::open(d.tcp_addr(), "v");
+    for mib in 0..4 {
+        check_mib(&mut c, 7, mib, "flushed after the manifest was saved again");
+    }
+}
+
 #[test]
 fn disk_full_gives_enospc_and_recovers_when_space_is_freed() {
     let fs = TmpfsMount::new(64);

@@ -137,6 +137,67 @@ impl VolumeEntry {
         Ok(entry)
     }
 
+    /// [`VolumeEntry::load`], shared, with the manifest repair FLUSH runs after a failed
+    /// manifest write installed (see `Writer::repair`).
+    pub fn load_shared(
+        dir: &Path,
+        engine: IoEngine,
+        buffers: Arc<BufferPool>,
+    ) -> Result<Arc<VolumeEntry>, StorageError> {
+        let entry = Arc::new(VolumeEntry::load(dir, engine, buffers)?);
+        if let Some(writer) = entry.volume.writer() {
+            let weak = Arc::downgrade(&entry);
+            let _ = writer.repair.set(Box::new(move || {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    match weak.upgrade() {
+                        Some(entry) => entry.repair_manifest().await,
+                        None => Ok(()),
+                    }
+                })
+            }));
+        }
+        Ok(entry)
+    }
+
+    /// Writes the in-memory manifest durably again after a manifest write failed (a freeze
+    /// could not put its manifest in place, or a background persist failed): the volume runs
+    /// on a head the disk may not record, and FLUSH fails until this succeeds. Skipped while
+    /// a tree change holds the admin lock or a freeze holds the commit lock: those write the
+    /// manifest themselves.
+    pub(crate) async fn repair_manifest(&self) -> Result<(), StorageError> {
+        let Some(writer) = self.volume.writer() else {
+            return Ok(());
+        };
+        let Ok(_admin) = self.admin.try_lock() else {
+            return Ok(());
+        };
+        self.check_present()?;
+        writer.persist.settle().await;
+        // Exclusive: no freeze swaps a head between the manifest read here and the generation
+        // declared durable below.
+        let Ok(_commit) = writer.commit.try_write() else {
+            return Ok(());
+        };
+        let failed = std::sync::atomic::Ordering::SeqCst;
+        if !writer.commit_failed.load(failed) && !writer.persist.failed() {
+            return Ok(());
+        }
+        let manifest = self.manifest();
+        let dir = self.dir.clone();
+        let path = dir.join(manifest::MANIFEST_FILE);
+        tokio::task::spawn_blocking(move || manifest.store(&dir))
+            .await
+            .map_err(|e| StorageError::fs("write", &path, std::io::Error::other(e)))??;
+        writer.commit_failed.store(false, failed);
+        writer.persist.all_durable();
+        tracing::info!(
+            volume = self.name(),
+            "the volume manifest is saved again: FLUSH succeeds again"
+        );
+        Ok(())
+    }
+
     /// Marks the volume as holding an incomplete restore, durably, before a restore writes
     /// to it; the handshake refuses clients from then on. Under the admin lock: a volume
     /// deleted meanwhile (its folder name may be a new volume's) is not found.

@@ -148,6 +148,11 @@ impl ManifestPersist {
         }
     }
 
+    /// The last persist failed and no manifest was made durable since.
+    pub fn failed(&self) -> bool {
+        self.durable.borrow().failed
+    }
+
     /// Runs (or waits for) every pending persist, failed or not. The caller holds the volume's
     /// `admin` lock, so none starts after this returns until it lets go: the synchronous path
     /// then writes the manifest and `.prev` itself, never overtaken by an older persist.

@@ -53,9 +53,9 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match VolumeEntry::load(&dir, engine.clone(), Arc::clone(&buffers)) {
+            match VolumeEntry::load_shared(&dir, engine.clone(), Arc::clone(&buffers)) {
                 Ok(volume) => {
-                    volumes.insert(volume.name().to_owned(), Arc::new(volume));
+                    volumes.insert(volume.name().to_owned(), volume);
                 }
                 Err(e) => tracing::error!(path = %dir.display(), error = %e, "skipping volume"),
             }
@@ -200,11 +200,8 @@ impl Registry {
         std::fs::rename(&tmp_dir, &final_dir)
             .map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
         manifest::sync_dir(&self.volumes_dir)?;
-        let entry = Arc::new(VolumeEntry::load(
-            &final_dir,
-            self.engine.clone(),
-            Arc::clone(&self.buffers),
-        )?);
+        let entry =
+            VolumeEntry::load_shared(&final_dir, self.engine.clone(), Arc::clone(&self.buffers))?;
         let volume = Arc::clone(entry.volume());
         self.volumes
             .write()

@@ -91,8 +91,20 @@ pub struct Writer {
     pub commit_failed: std::sync::atomic::AtomicBool,
     /// The background fsyncs of the manifests snapshot create put in place.
     pub persist: Arc<ManifestPersist>,
+    /// Writes the volume's manifest again after a failed manifest write (installed by the
+    /// volume's entry, which owns the manifest): FLUSH runs it, so a volume whose data dir
+    /// was full heals once there is room, without waiting for the next snapshot.
+    pub repair: std::sync::OnceLock<ManifestRepair>,
     stripes: Stripes,
 }
+
+/// See [`Writer::repair`].
+pub type ManifestRepair = Box<
+    dyn Fn()
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl Writer {
     /// Locks the head's stripes over blocks `[start, end)` (merges copying into a live head).
@@ -730,6 +742,15 @@ impl Volume {
     /// true. Frozen layers not yet synced since their freeze are synced too.
     pub async fn flush(&self) -> Result<(), StorageError> {
         if let Some(writer) = &self.writer {
+            if writer.commit_failed.load(Ordering::SeqCst) || writer.persist.failed() {
+                // A manifest write failed (a full data dir): try it again now. Whatever the
+                // outcome, the checks below decide.
+                if let Some(repair) = writer.repair.get() {
+                    if let Err(e) = repair().await {
+                        tracing::debug!(volume = %self.name, error = %e, "writing the volume manifest again failed");
+                    }
+                }
+            }
             let generation = {
                 let _commit = writer.commit.read().await;
                 if writer.commit_failed.load(Ordering::SeqCst) {
