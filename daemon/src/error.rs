@@ -27,6 +27,8 @@ pub enum StorageError {
     SnapshotExists { volume: String, name: String },
     #[error("snapshot {volume:?}@{name:?} is being read by a backup job; try again when it ends")]
     SnapshotInUse { volume: String, name: String },
+    #[error("volume {name:?} holds an incomplete restore of backup {backup_id}: no snapshot or backup of it is taken until a restore into it succeeds")]
+    IncompleteRestore { name: String, backup_id: String },
     #[error("export {0:?} is read-only")]
     ReadOnly(String),
     #[error("volume {name:?} has {connections} connected client(s)")]
@@ -105,7 +107,8 @@ impl StorageError {
             StorageError::ReadOnly(_) => Errno::Perm,
             StorageError::SnapshotNotFound { .. }
             | StorageError::SnapshotExists { .. }
-            | StorageError::SnapshotInUse { .. } => Errno::Inval,
+            | StorageError::SnapshotInUse { .. }
+            | StorageError::IncompleteRestore { .. } => Errno::Inval,
             StorageError::InvalidName(_)
             | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)

@@ -851,6 +851,15 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         "{cancelled:#}"
     );
     refused(&d);
+    // Nothing captures the half-restored data: no snapshot, so no backup either.
+    let e = admin_err(
+        &d,
+        "snapshot.create",
+        json!({"volume": "vol0", "name": "half"}),
+        "busy",
+    );
+    assert!(e.contains("incomplete restore"), "{e}");
+    admin_err(&d, "backup.create", json!({"volumes": ["vol0"]}), "busy");
     let show = admin_ok(&d, "volume.show", json!({"name": "vol0"}));
     assert_eq!(
         show["incomplete_restore"]["backup_id"],
@@ -893,6 +902,47 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
     assert!(go_refusal(&d, "vol0").is_none());
     assert!(!d.data_dir().join("volumes/vol0/restore.json").exists());
     assert_same("restored in place", &read_export(&d, "vol0"), &model);
+}
+
+/// A restore over an existing volume cancelled before it wrote a byte (every chunk it needs
+/// is unreadable) leaves the volume as it was: unmarked, open, unchanged.
+#[test]
+fn a_restore_cancelled_before_writing_leaves_the_volume_unchanged() {
+    let d = start();
+    create_volume(&d, "vol0", 2 * CHUNK);
+    let mut model = vec![0u8; (2 * CHUNK) as usize];
+    write_at(&d, "vol0", 0, &random(46, 2 * CHUNK), &mut model);
+    let b = backup_now(&d, "vol0", false);
+    write_at(&d, "vol0", 0, &random(47, MIB), &mut model);
+    let chunks = chunk_files(&store_dir(&d));
+    assert_eq!(chunks.len(), 2);
+    for (path, _) in &chunks {
+        fs::remove_file(path).unwrap();
+        fs::create_dir(path).unwrap();
+    }
+    let v = admin_ok(&d, "backup.restore", json!({"id": b["id"], "to": "vol0"}));
+    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
+            == "retrying"),
+        "the restore never retried: {:#}",
+        job(&d, &job_id)
+    );
+    let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    assert!(
+        cancelled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("was not written to and is unchanged")),
+        "{cancelled:#}"
+    );
+    assert!(go_refusal(&d, "vol0").is_none());
+    assert_eq!(
+        admin_ok(&d, "volume.show", json!({"name": "vol0"}))["incomplete_restore"],
+        Value::Null
+    );
+    assert!(!d.data_dir().join("volumes/vol0/restore.json").exists());
+    assert_same("untouched", &read_export(&d, "vol0"), &model);
 }
 
 #[test]

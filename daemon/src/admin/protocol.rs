@@ -163,7 +163,9 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         StorageError::AlreadyExists(_) | StorageError::SnapshotExists { .. } => {
             ErrorCode::AlreadyExists
         }
-        StorageError::Busy { .. } | StorageError::SnapshotInUse { .. } => ErrorCode::Busy,
+        StorageError::Busy { .. }
+        | StorageError::SnapshotInUse { .. }
+        | StorageError::IncompleteRestore { .. } => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }
         | StorageError::FastZeroUnsupported { .. }

@@ -59,7 +59,7 @@ pub enum BackupError {
     /// Ended by `job.cancel`: the job does not resume.
     #[error("the job was cancelled by job.cancel")]
     CancelledByRequest,
-    #[error("job {id:?} has already finished ({state})")]
+    #[error("job {id:?} can no longer be cancelled: {state}")]
     JobFinished { id: String, state: String },
 }
 

@@ -1,7 +1,7 @@
 //! One background job (backup, restore or verify): its progress counters, its state and what
 //! `job.show` reports of it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,27 @@ pub struct Job {
     /// Cancelled by `job.cancel` or by daemon shutdown (a child of the daemon's token):
     /// [`Job::stopped`] tells which.
     stop: CancellationToken,
+    /// [`RUNNING`], [`CANCEL_REQUESTED`] or [`COMMITTED`]: a cancel and the commit point race
+    /// for it, so a job is either cancelled or kept, never both.
+    cancel_state: AtomicU8,
+    /// A restore job has started writing to its volume.
+    touched: std::sync::atomic::AtomicBool,
+}
+
+const RUNNING: u8 = 0;
+/// `job.cancel` was asked: this wins over a shutdown at the same time (the job must not
+/// resume).
+const CANCEL_REQUESTED: u8 = 1;
+/// The job reached the point from which it completes (a backup storing its manifest): a cancel
+/// is refused from here.
+const COMMITTED: u8 = 2;
+
+/// Why [`Job::cancel`] did not cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRefused {
+    Finished,
+    AlreadyRequested,
+    Committed,
 }
 
 impl Job {
@@ -125,34 +146,73 @@ impl Job {
             }),
             finished: tokio::sync::watch::Sender::new(false),
             stop: shutdown.child_token(),
+            cancel_state: AtomicU8::new(RUNNING),
+            touched: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Asks the job to stop; its loops and retries notice at their next step. False if it had
-    /// already finished or been asked.
-    pub fn cancel(&self) -> bool {
-        if self.state().is_finished() || self.stop.is_cancelled() {
-            return false;
+    /// Asks the job to stop; its loops and retries notice at once (an operation in flight is
+    /// abandoned).
+    pub fn cancel(&self) -> Result<(), CancelRefused> {
+        if self.state().is_finished() {
+            return Err(CancelRefused::Finished);
         }
-        self.stop.cancel();
-        true
+        match self.cancel_state.compare_exchange(
+            RUNNING,
+            CANCEL_REQUESTED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => {
+                self.stop.cancel();
+                Ok(())
+            }
+            Err(CANCEL_REQUESTED) => Err(CancelRefused::AlreadyRequested),
+            Err(_) => Err(CancelRefused::Committed),
+        }
     }
 
-    /// Resolves once the job is asked to stop, by `job.cancel` or by shutdown.
+    /// Marks the point from which the job completes rather than being cancelled (before a
+    /// backup stores its manifest, which makes the backup exist). Err when a cancel came first.
+    pub fn commit(&self) -> Result<(), BackupError> {
+        match self.cancel_state.compare_exchange(
+            RUNNING,
+            COMMITTED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) | Err(COMMITTED) => Ok(()),
+            Err(_) => Err(BackupError::CancelledByRequest),
+        }
+    }
+
+    /// Resolves once the job must stop what it is doing: it was cancelled before its commit
+    /// point, or the daemon is shutting down.
     pub async fn stop_requested(&self) {
         self.stop.cancelled().await;
     }
 
-    /// Why the job must stop now, if it must: the daemon is shutting down (the job resumes at
-    /// the next start) or the job was cancelled (it does not).
+    /// Why the job must stop now, if it must: it was cancelled (it does not resume; this wins
+    /// over a shutdown at the same time), or the daemon is shutting down (it resumes at the
+    /// next start).
     pub fn stopped(&self, shutdown: &CancellationToken) -> Option<BackupError> {
-        if shutdown.is_cancelled() {
-            Some(BackupError::Cancelled("the daemon is shutting down".into()))
-        } else if self.stop.is_cancelled() {
+        if self.cancel_state.load(Ordering::SeqCst) == CANCEL_REQUESTED {
             Some(BackupError::CancelledByRequest)
+        } else if shutdown.is_cancelled() {
+            Some(BackupError::Cancelled("the daemon is shutting down".into()))
         } else {
             None
         }
+    }
+
+    /// Called before a restore's first write to its volume.
+    pub fn touch(&self) {
+        self.touched.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Job::touch`] was called: something may have been written.
+    pub fn touched(&self) -> bool {
+        self.touched.load(Ordering::SeqCst)
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -351,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn cancel_stops_a_running_job_once_and_shutdown_takes_precedence() {
+    fn cancel_stops_a_running_job_once_and_wins_over_shutdown() {
         let shutdown = CancellationToken::new();
         let job = Job::new(
             "j-2".into(),
@@ -361,17 +421,19 @@ mod tests {
             &shutdown,
         );
         assert!(job.stopped(&shutdown).is_none());
-        assert!(job.cancel());
-        assert!(!job.cancel(), "a second cancel changes nothing");
+        assert_eq!(job.cancel(), Ok(()));
+        assert_eq!(job.cancel(), Err(CancelRefused::AlreadyRequested));
         assert!(matches!(
             job.stopped(&shutdown),
             Some(BackupError::CancelledByRequest)
         ));
-        // A shutdown at the same time wins: the job is then only interrupted and resumes.
+        // A cancelled job cannot commit afterwards.
+        assert!(matches!(job.commit(), Err(BackupError::CancelledByRequest)));
+        // A shutdown right after still ends it as cancelled: it must not resume.
         shutdown.cancel();
         assert!(matches!(
             job.stopped(&shutdown),
-            Some(BackupError::Cancelled(_))
+            Some(BackupError::CancelledByRequest)
         ));
         job.finish_cancelled("volume removed");
         let info = job.info();
@@ -381,30 +443,37 @@ mod tests {
             info.error.as_deref(),
             Some("cancelled by job.cancel; volume removed")
         );
+        assert_eq!(job.cancel(), Err(CancelRefused::Finished));
+    }
 
-        // A job that has finished cannot be cancelled; shutdown alone stops every job.
+    #[test]
+    fn a_committed_job_refuses_cancel_and_stops_only_for_shutdown() {
         let shutdown = CancellationToken::new();
-        let done = Job::new(
-            "j-3".into(),
-            JobKind::Verify,
-            "vol0".into(),
-            "b-1".into(),
-            &shutdown,
-        );
-        done.finish(Ok(None));
-        assert!(!done.cancel());
-        let running = Job::new(
+        let job = Job::new(
             "j-4".into(),
             JobKind::Backup,
             "vol0".into(),
             "b-1".into(),
             &shutdown,
         );
+        job.commit().unwrap();
+        job.commit().unwrap();
+        assert_eq!(job.cancel(), Err(CancelRefused::Committed));
+        assert!(job.stopped(&shutdown).is_none());
         shutdown.cancel();
         assert!(matches!(
-            running.stopped(&shutdown),
+            job.stopped(&shutdown),
             Some(BackupError::Cancelled(_))
         ));
+        let done = Job::new(
+            "j-3".into(),
+            JobKind::Verify,
+            "vol0".into(),
+            "b-1".into(),
+            &CancellationToken::new(),
+        );
+        done.finish(Ok(None));
+        assert_eq!(done.cancel(), Err(CancelRefused::Finished));
     }
 
     #[tokio::test(start_paused = true)]

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backup::catalog::{BackupInfo, Catalog};
 use crate::backup::error::BackupError;
-use crate::backup::job::{new_job_id, Job, JobInfo, JobKind};
+use crate::backup::job::{new_job_id, CancelRefused, Job, JobInfo, JobKind};
 use crate::backup::records::{BackupRecord, JobFiles, JobRecord, RestoreRecord};
 use crate::backup::store::{BackupStore, S3Options};
 use crate::backup::throttle::Throttle;
@@ -242,7 +242,7 @@ impl Backups {
                         let _ = entry.volume().attachments().close(true);
                     }
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
-                    self.spawn_restore(job, r);
+                    self.spawn_restore(job, r, false);
                 }
             }
         }
@@ -311,19 +311,25 @@ impl Backups {
     /// resumes at the next start.
     pub async fn cancel_job(&self, id: &str, max: Duration) -> Result<JobInfo, BackupError> {
         let job = self.job(id)?;
-        if !job.cancel() {
-            let state = job.info().state;
-            if state.is_finished() {
+        match job.cancel() {
+            Ok(()) => tracing::info!(job = id, volume = %job.volume, "cancelling job"),
+            // Asked twice: this call waits as the first one does.
+            Err(CancelRefused::AlreadyRequested) => {}
+            Err(CancelRefused::Finished) => {
                 return Err(BackupError::JobFinished {
                     id: id.to_owned(),
-                    state: serde_json::to_value(state)
+                    state: serde_json::to_value(job.info().state)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default(),
-                });
+                })
             }
-        } else {
-            tracing::info!(job = id, volume = %job.volume, "cancelling job");
+            Err(CancelRefused::Committed) => {
+                return Err(BackupError::JobFinished {
+                    id: id.to_owned(),
+                    state: "storing its manifest: the backup completes".into(),
+                })
+            }
         }
         job.wait_finished(max).await;
         Ok(job.info())
@@ -446,16 +452,28 @@ impl Backups {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let outcome = upload::run(&this, &job, record.clone()).await;
+            if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
+                // Gone before the cleanup: a shutdown during it must not resume the job.
+                this.files.remove(&record.job_id);
+            }
+            let mut cleanup = String::new();
             if matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_))) {
                 // A failed or cancelled backup's snapshot is no base for anything.
-                if let Some(entry) = this.registry.entry(&record.volume) {
-                    let _ = entry.delete_snapshot(&record.snapshot).await;
-                }
+                let snapshot = &record.snapshot;
+                let released = match this.registry.entry(&record.volume) {
+                    Some(entry) => entry.delete_snapshot(snapshot).await.map(|_| ()),
+                    None => Ok(()),
+                };
+                cleanup = match released {
+                    Ok(()) | Err(StorageError::SnapshotNotFound { .. }) => {
+                        format!("snapshot {snapshot} released")
+                    }
+                    Err(e) => format!(
+                        "snapshot {snapshot} could not be released ({e}); the volume's next backup releases it"
+                    ),
+                };
+                cleanup.push_str("; chunks it stored go at the next backup gc");
             }
-            let cleanup = format!(
-                "snapshot {} released; chunks it stored go at the next backup gc",
-                record.snapshot
-            );
             this.finish_job(&job, &record.job_id, &record.volume, outcome, &cleanup);
             if this.running_backup_count() == 0 && this.gc_pending.swap(false, Ordering::SeqCst) {
                 if let Err(e) = this.gc().await {
@@ -745,7 +763,7 @@ impl Backups {
         // Whether the volume was whole before: only then may a restore that never started
         // take its mark away again.
         let mut was_whole = true;
-        if !created_volume {
+        {
             let mark = RestoreMark {
                 backup_id: backup_id.to_owned(),
                 job_id: record.job_id.clone(),
@@ -759,8 +777,11 @@ impl Backups {
                 None => Err(StorageError::NotFound(volume.to_owned())),
             };
             if let Err(e) = marked {
-                self.reopen(volume);
-                self.unclaim(volume);
+                // A volume made for this restore is the caller's to remove.
+                if !created_volume {
+                    self.reopen(volume);
+                    self.unclaim(volume);
+                }
                 return Err(e.into());
             }
         }
@@ -781,7 +802,7 @@ impl Backups {
         }
         let job = self.register(&record.job_id, JobKind::Restore, volume, backup_id);
         let info = job.info();
-        self.spawn_restore(job, record);
+        self.spawn_restore(job, record, was_whole);
         Ok(info)
     }
 
@@ -793,12 +814,13 @@ impl Backups {
 
     /// Removes a volume made for a restore that will not complete. Under its admin lock, as
     /// `volume.delete`: a snapshot delete or resize someone started on it finishes first.
-    async fn discard_volume(&self, volume: &str) {
+    async fn discard_volume(&self, volume: &str) -> bool {
         let Some(entry) = self.registry.entry(volume) else {
-            return;
+            return true;
         };
         let Ok(_admin) = entry.lock_admin().await else {
-            return;
+            // Deleted meanwhile.
+            return true;
         };
         let registry = Arc::clone(&self.registry);
         let name = volume.to_owned();
@@ -809,56 +831,53 @@ impl Backups {
         })
         .await;
         match removed {
-            Ok(Ok(())) => tracing::info!(volume, "removed the volume made for a failed restore"),
-            _ => tracing::warn!(
-                volume,
-                "removing the volume made for a failed restore failed"
-            ),
+            Ok(Ok(())) => {
+                tracing::info!(volume, "removed the volume made for a failed restore");
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(volume, %error, "removing the volume made for a failed restore failed");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(volume, %error, "removing the volume made for a failed restore failed");
+                false
+            }
         }
     }
 
-    fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord) {
+    /// Runs a restore job. `was_whole`: the target held whole data when this job marked it
+    /// (false for a job resumed after a restart, which may have written before): a job that
+    /// ends before writing anything then takes its mark away again.
+    fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord, was_whole: bool) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let mut outcome = restore::run(&this, &job, &record).await;
-            if outcome.is_ok() && !record.created_volume {
-                // Whole again: clients may attach once the mark is gone.
-                if let Some(entry) = this.registry.entry(&record.volume) {
-                    outcome = entry.clear_restore_mark().await.map_err(|e| {
-                        BackupError::Failed(format!(
-                            "the restore completed but its mark on the volume could not be removed: {e}"
-                        ))
-                    });
-                }
+            let outcome = restore::run(&this, &job, &record).await;
+            if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
+                // Gone before the cleanup: a shutdown during it must not resume the job.
+                this.files.remove(&record.job_id);
             }
-            let failed = matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_)));
-            if !record.created_volume {
-                if let Err(e) = &outcome {
-                    if !matches!(
-                        e,
-                        BackupError::Cancelled(_) | BackupError::CancelledByRequest
-                    ) {
-                        outcome = Err(BackupError::Failed(format!(
-                            "{e}; volume {:?} holds part of backup {}'s data and refuses clients until a restore into it succeeds",
-                            record.volume, record.backup_id
-                        )));
+            let mut cleanup = String::new();
+            let outcome = match outcome {
+                Ok(()) => this.clear_mark(&record.volume).await.map_err(|e| {
+                    BackupError::Failed(format!(
+                        "the restore completed but its mark on the volume could not be removed: {e}"
+                    ))
+                }),
+                // Shutdown: the job resumes at the next start, the volume stays closed.
+                Err(e @ BackupError::Cancelled(_)) => Err(e),
+                Err(e) => {
+                    cleanup = this.undo_restore(&job, &record, was_whole).await;
+                    match e {
+                        BackupError::CancelledByRequest => Err(e),
+                        other => Err(BackupError::Failed(format!("{other}; {cleanup}"))),
                     }
                 }
-            }
-            if failed && record.created_volume {
-                // Half a disk is worse than none: the volume made for this restore goes.
-                this.discard_volume(&record.volume).await;
-            } else if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
+            };
+            if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
+                // A volume still marked refuses clients anyway; a removed one is not found.
                 this.reopen(&record.volume);
             }
-            let cleanup = if record.created_volume {
-                format!("volume {:?} made for it was removed", record.volume)
-            } else {
-                format!(
-                    "volume {:?} holds part of backup {}'s data and refuses clients until a restore into it succeeds",
-                    record.volume, record.backup_id
-                )
-            };
             this.finish_job(
                 &job,
                 &record.job_id,
@@ -867,6 +886,42 @@ impl Backups {
                 &cleanup,
             );
         });
+    }
+
+    /// What is left of a restore that failed or was cancelled, said for its job: a volume made
+    /// for it goes (half a disk is worse than none); an existing one keeps its mark unless
+    /// nothing was written to it.
+    async fn undo_restore(&self, job: &Job, record: &RestoreRecord, was_whole: bool) -> String {
+        let volume = &record.volume;
+        if record.created_volume {
+            return if self.discard_volume(volume).await {
+                format!("volume {volume:?} made for it was removed")
+            } else {
+                format!(
+                    "volume {volume:?} made for it could not be removed: it holds part of the backup's data and refuses clients"
+                )
+            };
+        }
+        if was_whole && !job.touched() {
+            match self.clear_mark(volume).await {
+                Ok(()) => return format!("volume {volume:?} was not written to and is unchanged"),
+                Err(e) => {
+                    tracing::warn!(volume, error = %e, "cannot remove the restore mark of a volume the restore did not write to")
+                }
+            }
+        }
+        format!(
+            "volume {volume:?} holds part of backup {}'s data and refuses clients until a restore into it succeeds",
+            record.backup_id
+        )
+    }
+
+    /// Removes a restore's mark from `volume` (see `storage::restore_mark`).
+    async fn clear_mark(&self, volume: &str) -> Result<(), StorageError> {
+        match self.registry.entry(volume) {
+            Some(entry) => entry.clear_restore_mark().await,
+            None => Ok(()),
+        }
     }
 }
 

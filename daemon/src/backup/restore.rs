@@ -74,6 +74,7 @@ pub async fn run(
                 match manifest.chunks[i as usize] {
                     None if created => {}
                     None => {
+                        job.touch();
                         let mode = ZeroMode {
                             may_trim: true,
                             fast_only: false,
@@ -105,6 +106,7 @@ pub async fn run(
                             other => other,
                         })?;
                         let plain = buffers.freeze(fetched.plaintext);
+                        job.touch();
                         match fetched.data_runs {
                             None => volume.write_bulk(offset, plain).await?,
                             // Deltas over zeroes: the chunk is zeroes (a new volume already is;

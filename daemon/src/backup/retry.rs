@@ -32,7 +32,14 @@ where
         if let Some(stopped) = job.stopped(shutdown) {
             return Err(stopped);
         }
-        match op().await {
+        // A cancel abandons the operation in flight: it may wait on a store that never
+        // answers, or on another daemon's garbage collection.
+        let outcome = tokio::select! {
+            outcome = op() => outcome,
+            // Fires only for a cancel before the commit point or a shutdown.
+            _ = job.stop_requested() => return Err(stop_reason(job, shutdown)),
+        };
+        match outcome {
             Ok(value) => {
                 if failures > 0 {
                     tracing::info!(job = %job.id, what, failures, "backup store answers again");
@@ -60,6 +67,11 @@ where
             Err(e) => return Err(e),
         }
     }
+}
+
+fn stop_reason(job: &Job, shutdown: &CancellationToken) -> BackupError {
+    job.stopped(shutdown)
+        .unwrap_or_else(|| BackupError::Cancelled("the daemon is shutting down".into()))
 }
 
 /// One failed operation of `job`, counted until dropped.
@@ -120,7 +132,7 @@ mod tests {
         let tried = attempts.load(std::sync::atomic::Ordering::SeqCst);
         assert!(tried >= 3, "{tried} attempts in 60 s");
         let cancelled_at = tokio::time::Instant::now();
-        assert!(job.cancel());
+        job.cancel().unwrap();
         let outcome = retried.await.unwrap();
         assert!(
             matches!(outcome, Err(BackupError::CancelledByRequest)),
@@ -133,6 +145,56 @@ mod tests {
         assert_eq!(job.state(), JobState::Running);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_abandons_an_operation_in_flight_unless_the_job_committed() {
+        let shutdown = CancellationToken::new();
+        let job = Arc::new(Job::new(
+            "j-1".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        ));
+        let hung = {
+            let (job, shutdown) = (Arc::clone(&job), shutdown.clone());
+            tokio::spawn(async move {
+                with_retry(&job, &shutdown, "locking the store", || {
+                    std::future::pending::<Result<(), BackupError>>()
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        job.cancel().unwrap();
+        let outcome = hung.await.unwrap();
+        assert!(
+            matches!(outcome, Err(BackupError::CancelledByRequest)),
+            "{outcome:?}"
+        );
+
+        // Past its commit point a job refuses the cancel and its operation goes on.
+        let job = Arc::new(Job::new(
+            "j-2".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-2".into(),
+            &shutdown,
+        ));
+        job.commit().unwrap();
+        assert!(job.cancel().is_err());
+        let done = {
+            let (job, shutdown) = (Arc::clone(&job), shutdown.clone());
+            tokio::spawn(async move {
+                with_retry(&job, &shutdown, "writing the manifest", || async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<_, BackupError>(7)
+                })
+                .await
+            })
+        };
+        assert_eq!(done.await.unwrap().unwrap(), 7);
+    }
+
     #[tokio::test]
     async fn a_cancelled_job_starts_no_operation() {
         let shutdown = CancellationToken::new();
@@ -143,7 +205,7 @@ mod tests {
             "b-1".into(),
             &shutdown,
         );
-        job.cancel();
+        job.cancel().unwrap();
         let outcome = with_retry(&job, &shutdown, "reading the manifest", || async {
             panic!("no operation may start once the job is cancelled")
         })

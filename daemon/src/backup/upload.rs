@@ -381,6 +381,9 @@ async fn upload(
     // The writer checks what every reader will check, before anything is stored.
     manifest.validate(&manifest.backup_id)?;
     let foreign = foreign_chunks(&manifest, &previous, &counters);
+    // From here the backup completes: a cancel is refused rather than racing the manifest,
+    // which may land even if its write is abandoned.
+    job.commit()?;
     with_retry(job, &svc.shutdown, "writing the manifest", || {
         svc.store.put_manifest(&manifest, &foreign)
     })

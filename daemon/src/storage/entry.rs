@@ -198,6 +198,19 @@ impl VolumeEntry {
         Ok(())
     }
 
+    /// Refuses what would capture a volume that holds an incomplete restore (a snapshot, and
+    /// so a backup): its data is half one disk, half another. Every snapshot of a marked volume
+    /// then predates its mark, so rolling back to one makes it whole.
+    pub(crate) fn check_whole(&self) -> Result<(), StorageError> {
+        match self.volume.restore_mark() {
+            None => Ok(()),
+            Some(mark) => Err(StorageError::IncompleteRestore {
+                name: self.name().to_owned(),
+                backup_id: mark.backup_id,
+            }),
+        }
+    }
+
     /// Marks the volume as holding an incomplete restore, durably, before a restore writes
     /// to it; the handshake refuses clients from then on. Under the admin lock: a volume
     /// deleted meanwhile (its folder name may be a new volume's) is not found.

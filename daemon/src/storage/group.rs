@@ -235,6 +235,7 @@ impl Registry {
         for (entry, _) in &entries {
             admins.push(entry.admin.lock().await);
             entry.check_present()?;
+            entry.check_whole()?;
         }
         let members: Vec<FreezeMember<'_>> = entries
             .iter()

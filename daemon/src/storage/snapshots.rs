@@ -89,6 +89,7 @@ impl VolumeEntry {
         // supersedes them, and FLUSH waits for all.
         let _admin = self.admin.lock().await;
         self.check_present()?;
+        self.check_whole()?;
         if self.manifest().snapshot(name).is_some() {
             return Err(StorageError::SnapshotExists {
                 volume: self.name().to_owned(),
