@@ -27,6 +27,10 @@ pub enum StorageError {
     SnapshotExists { volume: String, name: String },
     #[error("snapshot {volume:?}@{name:?} is being read by a backup job; try again when it ends")]
     SnapshotInUse { volume: String, name: String },
+    #[error(
+        "volume {0:?} is being restored: cancel its restore job (job cancel) or wait for it to end"
+    )]
+    Restoring(String),
     #[error("volume {name:?} holds an incomplete restore of backup {backup_id}: no snapshot or backup of it is taken until a restore into it succeeds")]
     IncompleteRestore { name: String, backup_id: String },
     #[error("export {0:?} is read-only")]
@@ -108,7 +112,8 @@ impl StorageError {
             StorageError::SnapshotNotFound { .. }
             | StorageError::SnapshotExists { .. }
             | StorageError::SnapshotInUse { .. }
-            | StorageError::IncompleteRestore { .. } => Errno::Inval,
+            | StorageError::IncompleteRestore { .. }
+            | StorageError::Restoring(_) => Errno::Inval,
             StorageError::InvalidName(_)
             | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)

@@ -289,7 +289,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
                     name: params.name.clone(),
                     connections,
                 },
-                CloseRefused::AlreadyClosed => StorageError::NotFound(params.name.clone()),
+                CloseRefused::AlreadyClosed => entry.closed_error(),
             })?;
     // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
     // and the ones waiting behind find it gone: once removed, its directory name may belong to

@@ -165,7 +165,8 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         }
         StorageError::Busy { .. }
         | StorageError::SnapshotInUse { .. }
-        | StorageError::IncompleteRestore { .. } => ErrorCode::Busy,
+        | StorageError::IncompleteRestore { .. }
+        | StorageError::Restoring(_) => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }
         | StorageError::FastZeroUnsupported { .. }

@@ -211,6 +211,16 @@ impl VolumeEntry {
         }
     }
 
+    /// Why an operation that must close the volume to clients finds it closed already: a
+    /// restore has it (it is marked), or a deletion.
+    pub fn closed_error(&self) -> StorageError {
+        if self.volume.restore_mark().is_some() {
+            StorageError::Restoring(self.name().to_owned())
+        } else {
+            StorageError::NotFound(self.name().to_owned())
+        }
+    }
+
     /// Marks the volume as holding an incomplete restore, durably, before a restore writes
     /// to it; the handshake refuses clients from then on. Under the admin lock: a volume
     /// deleted meanwhile (its folder name may be a new volume's) is not found.

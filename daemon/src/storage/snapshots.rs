@@ -162,7 +162,7 @@ impl VolumeEntry {
                 name: self.name().to_owned(),
                 connections,
             },
-            CloseRefused::AlreadyClosed => StorageError::NotFound(self.name().to_owned()),
+            CloseRefused::AlreadyClosed => self.closed_error(),
         })?;
         if disconnected > 0 && !attachments.wait_detached(ROLLBACK_DRAIN_TIMEOUT).await {
             tracing::warn!(
