@@ -142,7 +142,7 @@ start_server() {
       rm -f "$ready"
       local args=(--data-dir "$WORKDIR/evsd-data" --no-default-volume
                   --create-volume "bench:$SIZE_BYTES" --ready-file "$ready"
-                  --listen 127.0.0.1:0)
+                  --listen 127.0.0.1:0 --metrics-listen off)
       if [ "$transport" = unix ]; then args+=(--unix "$sock"); fi
       # shellcheck disable=SC2086
       "$EVSD_BIN" "${args[@]}" $EVSD_ARGS >>"$WORKDIR/server.log" 2>&1 &

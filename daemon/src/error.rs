@@ -27,9 +27,7 @@ pub enum StorageError {
     SnapshotExists { volume: String, name: String },
     #[error("snapshot {volume:?}@{name:?} is being read by a backup job; try again when it ends")]
     SnapshotInUse { volume: String, name: String },
-    #[error(
-        "volume {0:?} is being restored: cancel its restore job (job cancel) or wait for it to end"
-    )]
+    #[error("volume {0:?} is closed to clients by a restore (or a deletion) in progress: wait for it to end, or cancel the restore job (job cancel)")]
     Restoring(String),
     #[error("volume {name:?} holds an incomplete restore of backup {backup_id}: no snapshot or backup of it is taken until a restore into it succeeds")]
     IncompleteRestore { name: String, backup_id: String },

@@ -849,14 +849,14 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         json!({"name": "vol0", "force": true}),
         "busy",
     );
-    assert!(e.contains("being restored"), "{e}");
+    assert!(e.contains("closed to clients by a restore"), "{e}");
     let e = admin_err(
         &d,
         "snapshot.rollback",
         json!({"volume": "vol0", "name": "before", "force": true}),
         "busy",
     );
-    assert!(e.contains("being restored"), "{e}");
+    assert!(e.contains("closed to clients by a restore"), "{e}");
     let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
     assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
     assert!(

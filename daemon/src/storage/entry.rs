@@ -161,24 +161,24 @@ impl VolumeEntry {
     }
 
     /// Writes the in-memory manifest durably again after a manifest write failed (a freeze
-    /// could not put its manifest in place, or a background persist failed): the volume runs
-    /// on a head the disk may not record, and FLUSH fails until this succeeds. Skipped while
-    /// a tree change holds the admin lock or a freeze holds the commit lock: those write the
-    /// manifest themselves.
+    /// could not put its manifest in place, a background persist or a tree change's write
+    /// failed): the volume runs on layers the disk may not record, and FLUSH fails until this
+    /// succeeds. Waits a little for the admin lock (another FLUSH repairing, a short tree
+    /// change: both leave the manifest written), not behind a long merge.
     pub(crate) async fn repair_manifest(&self) -> Result<(), StorageError> {
+        const ADMIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
         let Some(writer) = self.volume.writer() else {
             return Ok(());
         };
-        let Ok(_admin) = self.admin.try_lock() else {
+        let Ok(_admin) = tokio::time::timeout(ADMIN_WAIT, self.admin.lock()).await else {
             return Ok(());
         };
         self.check_present()?;
         writer.persist.settle().await;
-        // Exclusive: no freeze swaps a head between the manifest read here and the generation
-        // declared durable below.
-        let Ok(_commit) = writer.commit.try_write() else {
-            return Ok(());
-        };
+        // Exclusive: no FLUSH reads a generation between the manifest read here and the
+        // generation declared durable below (freezes are kept out by the admin lock; FLUSHes
+        // hold the lock shared only for a moment).
+        let _commit = writer.commit.write().await;
         let failed = std::sync::atomic::Ordering::SeqCst;
         if !writer.commit_failed.load(failed) && !writer.persist.failed() {
             return Ok(());
@@ -409,7 +409,17 @@ impl VolumeEntry {
             path: self.dir.join(manifest::MANIFEST_FILE),
             reason,
         })?;
-        next.store(&self.dir)?;
+        if let Err(e) = next.store(&self.dir) {
+            // `volume.json` may hold `next` while memory keeps the manifest before it (the
+            // `.prev` copy failed after it, say): the disk is not what the volume runs on.
+            // FLUSH fails until the repair writes memory's manifest again.
+            if let Some(writer) = self.volume.writer() {
+                writer
+                    .commit_failed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            return Err(e);
+        }
         if let Some(writer) = self.volume.writer() {
             writer
                 .commit_failed
@@ -661,6 +671,47 @@ mod tests {
     async fn read_first_block(reg: &Registry, export: &str) -> Vec<u8> {
         let vol = reg.get(export).unwrap();
         vol.read(0, 4096).await.unwrap().to_vec()
+    }
+
+    /// A tree change whose `volume.json` lands but whose `.prev` copy fails leaves the disk
+    /// ahead of memory (a rollback reported failed, yet recorded). FLUSH must fail until the
+    /// manifest the volume runs on is written again; then what it flushed survives a restart.
+    #[tokio::test]
+    async fn flush_fails_until_a_half_written_tree_change_is_written_over() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let vol = reg.create("v", SIZE_BYTES).unwrap();
+        vol.write(0, Bytes::from(vec![0x11; 4096]), false)
+            .await
+            .unwrap();
+        let entry = reg.entry("v").unwrap();
+        entry.create_snapshot("s1").await.unwrap();
+        vol.flush().await.unwrap();
+        // `write_durably` of `volume.json.prev` goes through `volume.json.tmp`: a directory
+        // there fails that write only.
+        let blocker = entry.dir.join("volume.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let head = entry.manifest().head;
+        assert!(entry.rollback("s1", true).await.is_err());
+        assert_eq!(entry.manifest().head, head, "memory keeps the head");
+        assert_ne!(
+            VolumeManifest::load(&entry.dir).unwrap().head,
+            head,
+            "the rollback's volume.json landed"
+        );
+        vol.write(0, Bytes::from(vec![0x33; 4096]), false)
+            .await
+            .unwrap();
+        assert!(
+            vol.flush().await.is_err(),
+            "FLUSH succeeded while volume.json names another head"
+        );
+        std::fs::remove_dir(&blocker).unwrap();
+        vol.flush().await.unwrap();
+        assert_eq!(VolumeManifest::load(&entry.dir).unwrap().head, head);
+        drop((vol, entry, reg));
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        assert_eq!(read_first_block(&reg, "v").await, vec![0x33; 4096]);
     }
 
     #[tokio::test]
