@@ -768,12 +768,7 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
         json!({"name": "r", "from_backup": b["id"]}),
     );
     let job_id = v["job"]["id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
-            == "retrying"),
-        "the restore never retried: {:#}",
-        job(&d, &job_id)
-    );
+    wait_retrying(&d, &job_id);
     let printed = d.evsctl_ok(&["job", "cancel", &job_id]);
     assert!(printed.contains("state:    cancelled\n"), "{printed}");
     assert!(
@@ -791,6 +786,28 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
         "restore after the chunk is back",
         &read_export(&d, "r"),
         &model,
+    );
+}
+
+/// Waits until restore job `job_id` reports the store failing and retrying.
+fn wait_retrying(d: &Daemon, job_id: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || job(d, job_id)["state"]
+            == "retrying"),
+        "the restore never retried: {:#}",
+        job(d, job_id)
+    );
+}
+
+/// Cancels `job_id` through the admin socket; its error must say `undone`.
+fn cancel_job(d: &Daemon, job_id: &str, undone: &str) {
+    let cancelled = admin_ok(d, "job.cancel", json!({"id": job_id}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    assert!(
+        cancelled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(undone)),
+        "{cancelled:#}"
     );
 }
 
@@ -827,12 +844,7 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
 
     let v = admin_ok(&d, "backup.restore", json!({"id": backup_id, "to": "vol0"}));
     let job_id = v["job"]["id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
-            == "retrying"),
-        "the restore never retried: {:#}",
-        job(&d, &job_id)
-    );
+    wait_retrying(&d, &job_id);
     let refused = |d: &Daemon| {
         let (typ, message) = go_refusal(d, "vol0").expect("vol0 accepted a client");
         assert_eq!(typ, REP_ERR_POLICY, "{message}");
@@ -857,13 +869,10 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         "busy",
     );
     assert!(e.contains("closed to clients by a restore"), "{e}");
-    let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
-    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
-    assert!(
-        cancelled["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("refuses clients until a restore into it succeeds")),
-        "{cancelled:#}"
+    cancel_job(
+        &d,
+        &job_id,
+        "refuses clients until a restore into it succeeds",
     );
     refused(&d);
     // Nothing captures the half-restored data: no snapshot, so no backup either.
@@ -937,20 +946,8 @@ fn a_restore_cancelled_before_writing_leaves_the_volume_unchanged() {
     }
     let v = admin_ok(&d, "backup.restore", json!({"id": b["id"], "to": "vol0"}));
     let job_id = v["job"]["id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(30), || job(&d, &job_id)["state"]
-            == "retrying"),
-        "the restore never retried: {:#}",
-        job(&d, &job_id)
-    );
-    let cancelled = admin_ok(&d, "job.cancel", json!({"id": job_id}));
-    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
-    assert!(
-        cancelled["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("was not written to and is unchanged")),
-        "{cancelled:#}"
-    );
+    wait_retrying(&d, &job_id);
+    cancel_job(&d, &job_id, "was not written to and is unchanged");
     assert!(go_refusal(&d, "vol0").is_none());
     assert_eq!(
         admin_ok(&d, "volume.show", json!({"name": "vol0"}))["incomplete_restore"],
