@@ -91,6 +91,11 @@ mod tests {
     use crate::backup::job::{JobKind, JobState};
     use std::sync::Arc;
 
+    /// A job of `kind` on vol0 that stops with `shutdown`.
+    fn new_job(id: &str, kind: JobKind, shutdown: &CancellationToken) -> Job {
+        Job::new(id.into(), kind, "vol0".into(), "b-1".into(), shutdown)
+    }
+
     fn unreachable() -> BackupError {
         BackupError::store(
             "put",
@@ -105,13 +110,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancel_ends_a_retrying_operation_during_its_back_off() {
         let shutdown = CancellationToken::new();
-        let job = Arc::new(Job::new(
-            "j-1".into(),
-            JobKind::Backup,
-            "vol0".into(),
-            "b-1".into(),
-            &shutdown,
-        ));
+        let job = Arc::new(new_job("j-1", JobKind::Backup, &shutdown));
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let retried = {
             let (job, shutdown, attempts) =
@@ -148,13 +147,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancel_abandons_an_operation_in_flight_unless_the_job_committed() {
         let shutdown = CancellationToken::new();
-        let job = Arc::new(Job::new(
-            "j-1".into(),
-            JobKind::Backup,
-            "vol0".into(),
-            "b-1".into(),
-            &shutdown,
-        ));
+        let job = Arc::new(new_job("j-1", JobKind::Backup, &shutdown));
         let hung = {
             let (job, shutdown) = (Arc::clone(&job), shutdown.clone());
             tokio::spawn(async move {
@@ -173,13 +166,7 @@ mod tests {
         );
 
         // Past its commit point a job refuses the cancel and its operation goes on.
-        let job = Arc::new(Job::new(
-            "j-2".into(),
-            JobKind::Backup,
-            "vol0".into(),
-            "b-2".into(),
-            &shutdown,
-        ));
+        let job = Arc::new(new_job("j-2", JobKind::Backup, &shutdown));
         job.commit().unwrap();
         assert!(job.cancel().is_err());
         let done = {
@@ -198,13 +185,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_job_starts_no_operation() {
         let shutdown = CancellationToken::new();
-        let job = Job::new(
-            "j-1".into(),
-            JobKind::Restore,
-            "vol0".into(),
-            "b-1".into(),
-            &shutdown,
-        );
+        let job = new_job("j-1", JobKind::Restore, &shutdown);
         job.cancel().unwrap();
         let outcome = with_retry(&job, &shutdown, "reading the manifest", || async {
             panic!("no operation may start once the job is cancelled")

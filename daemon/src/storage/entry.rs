@@ -179,17 +179,18 @@ impl VolumeEntry {
         // generation declared durable below (freezes are kept out by the admin lock; FLUSHes
         // hold the lock shared only for a moment).
         let _commit = writer.commit.write().await;
-        let failed = std::sync::atomic::Ordering::SeqCst;
-        if !writer.commit_failed.load(failed) && !writer.persist.failed() {
+        if !writer.manifest_failed() {
             return Ok(());
         }
         let manifest = self.manifest();
         let dir = self.dir.clone();
-        let path = dir.join(manifest::MANIFEST_FILE);
-        tokio::task::spawn_blocking(move || manifest.store(&dir))
-            .await
-            .map_err(|e| StorageError::fs("write", &path, std::io::Error::other(e)))??;
-        writer.commit_failed.store(false, failed);
+        off_runtime("write", self.dir.join(manifest::MANIFEST_FILE), move || {
+            manifest.store(&dir)
+        })
+        .await?;
+        writer
+            .commit_failed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         writer.persist.all_durable();
         tracing::info!(
             volume = self.name(),
@@ -228,10 +229,10 @@ impl VolumeEntry {
         let _admin = self.lock_admin().await?;
         let dir = self.dir.clone();
         let stored = mark.clone();
-        let path = dir.join(RESTORE_MARK_FILE);
-        tokio::task::spawn_blocking(move || stored.store(&dir))
-            .await
-            .map_err(|e| StorageError::fs("write", &path, std::io::Error::other(e)))??;
+        off_runtime("write", self.dir.join(RESTORE_MARK_FILE), move || {
+            stored.store(&dir)
+        })
+        .await?;
         self.volume.set_restore_mark(Some(mark));
         Ok(())
     }
@@ -252,10 +253,10 @@ impl VolumeEntry {
             return Ok(());
         }
         let dir = self.dir.clone();
-        let path = dir.join(RESTORE_MARK_FILE);
-        tokio::task::spawn_blocking(move || RestoreMark::remove(&dir))
-            .await
-            .map_err(|e| StorageError::fs("remove", &path, std::io::Error::other(e)))??;
+        off_runtime("remove", self.dir.join(RESTORE_MARK_FILE), move || {
+            RestoreMark::remove(&dir)
+        })
+        .await?;
         self.volume.set_restore_mark(None);
         Ok(())
     }
@@ -527,6 +528,17 @@ fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
 }
 
 /// Layer files (and temp files) that the manifest does not name.
+/// Runs a blocking file operation on `path` off the runtime's threads.
+async fn off_runtime(
+    action: &'static str,
+    path: PathBuf,
+    op: impl FnOnce() -> Result<(), StorageError> + Send + 'static,
+) -> Result<(), StorageError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| StorageError::fs(action, &path, std::io::Error::other(e)))?
+}
+
 fn remove_orphans(dir: &Path, manifest: &VolumeManifest) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

@@ -107,6 +107,12 @@ pub type ManifestRepair = Box<
 >;
 
 impl Writer {
+    /// A manifest write failed (a freeze's, a tree change's or a background persist) and no
+    /// manifest was written since: FLUSH cannot vouch for the layout on disk.
+    pub fn manifest_failed(&self) -> bool {
+        self.commit_failed.load(Ordering::SeqCst) || self.persist.failed()
+    }
+
     /// Locks the head's stripes over blocks `[start, end)` (merges copying into a live head).
     pub async fn lock_blocks(&self, start: u64, end: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
         self.stripes.lock(start, end).await
@@ -742,7 +748,7 @@ impl Volume {
     /// true. Frozen layers not yet synced since their freeze are synced too.
     pub async fn flush(&self) -> Result<(), StorageError> {
         if let Some(writer) = &self.writer {
-            if writer.commit_failed.load(Ordering::SeqCst) || writer.persist.failed() {
+            if writer.manifest_failed() {
                 // A manifest write failed (a full data dir): try it again now. Whatever the
                 // outcome, the checks below decide.
                 if let Some(repair) = writer.repair.get() {
