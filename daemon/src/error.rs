@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use evsd_proto::Errno;
 
+use crate::storage::attachments::Closure;
+
 /// Failures of the storage layer, each naming what failed and with which value.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -27,8 +29,8 @@ pub enum StorageError {
     SnapshotExists { volume: String, name: String },
     #[error("snapshot {volume:?}@{name:?} is being read by a backup job; try again when it ends")]
     SnapshotInUse { volume: String, name: String },
-    #[error("volume {0:?} is closed to clients by a restore (or a deletion) in progress: wait for it to end, or cancel the restore job (job cancel)")]
-    Restoring(String),
+    #[error("volume {name:?} is being {}: {}", closure.doing(), closure.advice())]
+    Closed { name: String, closure: Closure },
     #[error("volume {name:?} holds an incomplete restore of backup {backup_id}: no snapshot or backup of it is taken until a restore into it succeeds")]
     IncompleteRestore { name: String, backup_id: String },
     #[error("export {0:?} is read-only")]
@@ -111,7 +113,7 @@ impl StorageError {
             | StorageError::SnapshotExists { .. }
             | StorageError::SnapshotInUse { .. }
             | StorageError::IncompleteRestore { .. }
-            | StorageError::Restoring(_) => Errno::Inval,
+            | StorageError::Closed { .. } => Errno::Inval,
             StorageError::InvalidName(_)
             | StorageError::InvalidSnapshotName(_)
             | StorageError::InvalidSize(_)

@@ -861,14 +861,14 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         json!({"name": "vol0", "force": true}),
         "busy",
     );
-    assert!(e.contains("closed to clients by a restore"), "{e}");
+    assert!(e.contains("is being restored") && e.contains("job cancel"), "{e}");
     let e = admin_err(
         &d,
         "snapshot.rollback",
         json!({"volume": "vol0", "name": "before", "force": true}),
         "busy",
     );
-    assert!(e.contains("closed to clients by a restore"), "{e}");
+    assert!(e.contains("is being restored") && e.contains("job cancel"), "{e}");
     cancel_job(
         &d,
         &job_id,

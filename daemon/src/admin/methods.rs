@@ -13,7 +13,7 @@ use crate::admin::AdminContext;
 use crate::admin::{access_methods, backup_methods, policy_methods, server_methods};
 use crate::backup::BACKUP_SNAPSHOT_PREFIX;
 use crate::error::StorageError;
-use crate::storage::attachments::CloseRefused;
+use crate::storage::attachments::{CloseRefused, Closure};
 use crate::storage::entry::VolumeEntry;
 use crate::storage::name::validate_volume_name;
 use crate::storage::restore_mark::RestoreMark;
@@ -283,13 +283,13 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     let disconnected =
         volume
             .attachments()
-            .close(params.force)
+            .close(params.force, Closure::Deletion)
             .map_err(|refused| match refused {
                 CloseRefused::Busy(connections) => StorageError::Busy {
                     name: params.name.clone(),
                     connections,
                 },
-                CloseRefused::AlreadyClosed => entry.closed_error(),
+                CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
             })?;
     // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
     // and the ones waiting behind find it gone: once removed, its directory name may belong to

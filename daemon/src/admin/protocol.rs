@@ -166,7 +166,7 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         StorageError::Busy { .. }
         | StorageError::SnapshotInUse { .. }
         | StorageError::IncompleteRestore { .. }
-        | StorageError::Restoring(_) => ErrorCode::Busy,
+        | StorageError::Closed { .. } => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }
         | StorageError::FastZeroUnsupported { .. }

@@ -49,7 +49,7 @@ use crate::backup::throttle::Throttle;
 use crate::error::StorageError;
 use crate::metrics::backup::{JobLabels, OutcomeLabels};
 use crate::metrics::Metrics;
-use crate::storage::attachments::CloseRefused;
+use crate::storage::attachments::{CloseRefused, Closure};
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
 use crate::storage::restore_mark::RestoreMark;
 use crate::storage::Registry;
@@ -239,7 +239,7 @@ impl Backups {
                         continue;
                     }
                     if let Some(entry) = self.registry.entry(&r.volume) {
-                        let _ = entry.volume().attachments().close(true);
+                        let _ = entry.volume().attachments().close(true, Closure::Restore);
                     }
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
                     self.spawn_restore(job, r, false);
@@ -685,12 +685,12 @@ impl Backups {
             return Err(BackupError::JobRunning(to.to_owned()));
         }
         let attachments = Arc::clone(entry.volume().attachments());
-        let closed = attachments.close(force).map_err(|refused| match refused {
+        let closed = attachments.close(force, Closure::Restore).map_err(|refused| match refused {
             CloseRefused::Busy(connections) => StorageError::Busy {
                 name: to.to_owned(),
                 connections,
             },
-            CloseRefused::AlreadyClosed => StorageError::NotFound(to.to_owned()),
+            CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
         });
         let disconnected = match closed {
             Ok(n) => n,
@@ -728,7 +728,7 @@ impl Backups {
                 .and_then(|r| r.map_err(BackupError::from));
         match created {
             Ok(volume) => {
-                let _ = volume.attachments().close(true);
+                let _ = volume.attachments().close(true, Closure::Restore);
             }
             Err(e) => {
                 self.unclaim(name);

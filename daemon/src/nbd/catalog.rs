@@ -4,6 +4,7 @@ use evsd_proto::{meta::BASE_ALLOCATION, BlockSize, ExportCatalog, ExportInfo, Ex
 
 use crate::access::{AccessStore, ClientIdentity, Decision};
 use crate::metrics::{Limit, Metrics};
+use crate::storage::attachments::Closure;
 use crate::storage::{Registry, StatusQuery, Volume};
 
 /// The export a client gets when it asks for the default name "".
@@ -79,6 +80,19 @@ pub fn status_query(context: &str) -> Option<StatusQuery> {
     }
 }
 
+/// The refusal for a client asking for an export closed for `closure`: a deleted one is
+/// unknown; one a restore, rollback or shrink has closed is refused for now, with the reason.
+pub fn closed_refusal(name: &str, closure: Closure) -> ExportRefusal {
+    match closure {
+        Closure::Deletion => ExportRefusal::Unknown,
+        closure => ExportRefusal::Policy(format!(
+            "volume {name:?} is being {}: {}",
+            closure.doing(),
+            closure.advice()
+        )),
+    }
+}
+
 impl RegistryCatalog<'_> {
     /// The export as this client may open it, or why not.
     fn admit(&self, volume: &Volume) -> Result<ExportInfo, ExportRefusal> {
@@ -90,6 +104,10 @@ impl RegistryCatalog<'_> {
         };
         if let Some(mark) = volume.restore_mark() {
             return Err(ExportRefusal::Policy(mark.refusal(volume.name())));
+        }
+        // Checked again when the connection attaches; here for a clear refusal.
+        if let Some(closure) = volume.attachments().closure() {
+            return Err(closed_refusal(volume.name(), closure));
         }
         if let Some(max) = policy.max_connections {
             // Checked again, atomically, when the connection attaches; this check only gives
@@ -129,5 +147,27 @@ impl ExportCatalog for RegistryCatalog<'_> {
             })
             .map(|v| (v.name().to_owned(), export_info(v).description))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_export_is_unknown_only_when_deleted() {
+        assert_eq!(closed_refusal("v", Closure::Deletion), ExportRefusal::Unknown);
+        for (closure, says) in [
+            (Closure::Restore, "being restored: wait for its restore job"),
+            (Closure::Rollback, "being rolled back to a snapshot: try again"),
+            (Closure::Shrink, "being shrunk: try again"),
+        ] {
+            match closed_refusal("v", closure) {
+                ExportRefusal::Policy(message) => {
+                    assert!(message.contains(says), "{closure:?}: {message}")
+                }
+                other => panic!("{closure:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessStore, ClientAddr, ClientIdentity};
 use crate::metrics::{Limit, Metrics};
+use crate::nbd::catalog::closed_refusal;
 use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFailure, Handshaken};
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
@@ -145,9 +146,10 @@ impl Attached {
             max_connections,
         ) {
             Ok(attachment) => attachment,
-            Err(AttachRefused::Closed) => {
-                tracing::warn!(%peer, export = volume.name(), "export deleted during the handshake");
-                refuse_late(&mut stream, &negotiated, ExportRefusal::Unknown).await;
+            Err(AttachRefused::Closed(closure)) => {
+                tracing::warn!(%peer, export = volume.name(), "export being {} during the handshake", closure.doing());
+                let refusal = closed_refusal(volume.name(), closure);
+                refuse_late(&mut stream, &negotiated, refusal).await;
                 return;
             }
             Err(AttachRefused::Full(max)) => {

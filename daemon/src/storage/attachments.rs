@@ -39,8 +39,43 @@ struct Connection {
 struct State {
     next_id: u64,
     connections: HashMap<u64, Connection>,
-    /// Set once the volume is being deleted: no connection may attach any more.
-    closed: bool,
+    /// Set while no connection may attach, with the operation that closed the volume.
+    closed: Option<Closure>,
+}
+
+/// The operation a volume (or snapshot view) is closed to clients for. Kept with the closed
+/// state, so whoever finds it closed (a client, `volume.delete`, a rollback) is told what is
+/// going on rather than that the volume does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closure {
+    /// It is being deleted: for good.
+    Deletion,
+    /// A restore is writing it.
+    Restore,
+    /// It is switching its head to a snapshot.
+    Rollback,
+    /// It is being shrunk.
+    Shrink,
+}
+
+impl Closure {
+    /// What the volume is undergoing, for messages ("volume X is being ...").
+    pub fn doing(self) -> &'static str {
+        match self {
+            Closure::Deletion => "deleted",
+            Closure::Restore => "restored",
+            Closure::Rollback => "rolled back to a snapshot",
+            Closure::Shrink => "shrunk",
+        }
+    }
+
+    /// What someone who found the volume closed can do about it.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Closure::Restore => "wait for its restore job to end, or cancel it (job cancel)",
+            Closure::Deletion | Closure::Rollback | Closure::Shrink => "try again when it ends",
+        }
+    }
 }
 
 /// Why [`Attachments::close`] did not close.
@@ -48,15 +83,15 @@ struct State {
 pub enum CloseRefused {
     /// This many connections are attached and the close was not forced.
     Busy(usize),
-    /// Another deletion closed it first.
-    AlreadyClosed,
+    /// Another operation closed it first.
+    AlreadyClosed(Closure),
 }
 
 /// Why [`Attachments::attach_limited`] refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachRefused {
-    /// The volume is being deleted.
-    Closed,
+    /// The volume is closed to clients for this operation.
+    Closed(Closure),
     /// This many connections are attached, the volume's limit.
     Full(usize),
 }
@@ -97,8 +132,8 @@ impl Attachments {
         max_connections: Option<usize>,
     ) -> Result<Attachment, AttachRefused> {
         let mut state = self.state();
-        if state.closed {
-            return Err(AttachRefused::Closed);
+        if let Some(closure) = state.closed {
+            return Err(AttachRefused::Closed(closure));
         }
         if let Some(max) = max_connections {
             if state.connections.len() >= max {
@@ -165,30 +200,35 @@ impl Attachments {
     /// (e.g. "shrink only when idle") still holds when `f` acts on it.
     pub fn with_count_locked<T>(&self, f: impl FnOnce(Option<usize>) -> T) -> T {
         let state = self.state();
-        f((!state.closed).then_some(state.connections.len()))
+        f(state.closed.is_none().then_some(state.connections.len()))
     }
 
-    /// Closes the volume to new connections. With `force`, cancels the attached ones and
-    /// returns how many; without it, refuses when any is attached.
-    pub fn close(&self, force: bool) -> Result<usize, CloseRefused> {
+    /// Closes the volume to new connections for `closure`. With `force`, cancels the attached
+    /// ones and returns how many; without it, refuses when any is attached.
+    pub fn close(&self, force: bool, closure: Closure) -> Result<usize, CloseRefused> {
         let mut state = self.state();
-        if state.closed {
-            return Err(CloseRefused::AlreadyClosed);
+        if let Some(earlier) = state.closed {
+            return Err(CloseRefused::AlreadyClosed(earlier));
         }
         let attached = state.connections.len();
         if attached > 0 && !force {
             return Err(CloseRefused::Busy(attached));
         }
-        state.closed = true;
+        state.closed = Some(closure);
         for connection in state.connections.values() {
             connection.stop.cancel();
         }
         Ok(attached)
     }
 
-    /// Undoes [`Attachments::close`] when the deletion it was for failed.
+    /// The operation the volume is closed to clients for, if any.
+    pub fn closure(&self) -> Option<Closure> {
+        self.state().closed
+    }
+
+    /// Undoes [`Attachments::close`] once the operation it was for has ended (or failed).
     pub fn reopen(&self) {
-        self.state().closed = false;
+        self.state().closed = None;
     }
 
     /// Waits until no connection is attached, at most `timeout`; true if none is.
@@ -271,14 +311,25 @@ mod tests {
         let stop = CancellationToken::new();
         let held = attachments.attach(stop.clone(), None).unwrap();
         assert_eq!(attachments.count(), 1);
-        assert_eq!(attachments.close(false), Err(CloseRefused::Busy(1)));
+        assert_eq!(
+            attachments.close(false, Closure::Deletion),
+            Err(CloseRefused::Busy(1))
+        );
         assert!(!stop.is_cancelled());
         assert!(!attachments.wait_detached(Duration::from_millis(20)).await);
 
-        assert_eq!(attachments.close(true), Ok(1));
+        assert_eq!(attachments.close(true, Closure::Restore), Ok(1));
         assert!(stop.is_cancelled());
-        assert!(attachments.attach(CancellationToken::new(), None).is_none());
-        assert_eq!(attachments.close(true), Err(CloseRefused::AlreadyClosed));
+        assert_eq!(
+            attachments
+                .attach_limited(CancellationToken::new(), None, None)
+                .err(),
+            Some(AttachRefused::Closed(Closure::Restore))
+        );
+        assert_eq!(
+            attachments.close(true, Closure::Deletion),
+            Err(CloseRefused::AlreadyClosed(Closure::Restore))
+        );
         let waiter = {
             let attachments = Arc::clone(&attachments);
             tokio::spawn(async move { attachments.wait_detached(Duration::from_secs(5)).await })

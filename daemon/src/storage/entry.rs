@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
+use crate::storage::attachments::Closure;
 use crate::storage::buffers::BufferPool;
 use crate::storage::epoch::Epoch;
 use crate::storage::layer::chain::Chain;
@@ -212,13 +213,15 @@ impl VolumeEntry {
         }
     }
 
-    /// Why an operation that must close the volume to clients finds it closed already: a
-    /// restore has it (it is marked), or a deletion.
-    pub fn closed_error(&self) -> StorageError {
-        if self.volume.restore_mark().is_some() {
-            StorageError::Restoring(self.name().to_owned())
-        } else {
-            StorageError::NotFound(self.name().to_owned())
+    /// Why an operation that must close the volume to clients finds it closed already for
+    /// `closure`: a deleted volume is not found; any other operation makes it busy.
+    pub fn closed_error(&self, closure: Closure) -> StorageError {
+        match closure {
+            Closure::Deletion => StorageError::NotFound(self.name().to_owned()),
+            closure => StorageError::Closed {
+                name: self.name().to_owned(),
+                closure,
+            },
         }
     }
 
@@ -395,7 +398,7 @@ impl VolumeEntry {
         }
         // Views of deleted snapshots: nobody can attach any more.
         for (_, gone) in std::mem::replace(&mut state.views, views) {
-            let _ = gone.attachments().close(true);
+            let _ = gone.attachments().close(true, Closure::Deletion);
         }
         Ok(old_epoch)
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
+use crate::storage::attachments::Closure;
 use crate::storage::buffers::BufferPool;
 use crate::storage::entry::VolumeEntry;
 use crate::storage::layer;
@@ -249,7 +250,7 @@ impl Registry {
             }
             Ok(size_bytes < old_bytes)
         })?;
-        if shrinking && volume.attachments().close(false).is_err() {
+        if shrinking && volume.attachments().close(false, Closure::Shrink).is_err() {
             return Err(StorageError::Busy {
                 name: name.to_owned(),
                 connections: volume.attachments().count(),
@@ -296,7 +297,7 @@ impl Registry {
             tracing::warn!(volume = name, %error, "the deleted volume's directory rename may not be durable; a crash could bring the volume back");
         }
         for view in entry.views() {
-            let _ = view.attachments().close(true);
+            let _ = view.attachments().close(true, Closure::Deletion);
         }
         self.volumes
             .write()
@@ -538,7 +539,7 @@ mod tests {
         assert_eq!(data_len(dir.path()), 8192);
 
         // Once a deletion has closed the volume, resize treats it as gone.
-        assert_eq!(vol.attachments().close(false), Ok(0));
+        assert_eq!(vol.attachments().close(false, Closure::Deletion), Ok(0));
         assert!(matches!(
             reg.resize("v", 4 << 20, false).await,
             Err(StorageError::NotFound(_))

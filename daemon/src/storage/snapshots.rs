@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 
 use crate::error::StorageError;
-use crate::storage::attachments::CloseRefused;
+use crate::storage::attachments::{CloseRefused, Closure};
 use crate::storage::entry::VolumeEntry;
 use crate::storage::group::{freeze_heads, FreezeMember};
 use crate::storage::layer::{self, BlockState, Layer, BLOCK_BYTES};
@@ -122,13 +122,13 @@ impl VolumeEntry {
         }
         if let Some(view) = self.view(name) {
             view.attachments()
-                .close(false)
+                .close(false, Closure::Deletion)
                 .map_err(|refused| match refused {
                     CloseRefused::Busy(connections) => StorageError::Busy {
                         name: view.name().to_owned(),
                         connections,
                     },
-                    CloseRefused::AlreadyClosed => StorageError::SnapshotNotFound {
+                    CloseRefused::AlreadyClosed(_) => StorageError::SnapshotNotFound {
                         volume: self.name().to_owned(),
                         name: name.to_owned(),
                     },
@@ -157,12 +157,12 @@ impl VolumeEntry {
         let _admin = self.lock_admin().await?;
         let record = self.find_snapshot(name)?;
         let attachments = Arc::clone(self.volume.attachments());
-        let disconnected = attachments.close(force).map_err(|refused| match refused {
+        let disconnected = attachments.close(force, Closure::Rollback).map_err(|refused| match refused {
             CloseRefused::Busy(connections) => StorageError::Busy {
                 name: self.name().to_owned(),
                 connections,
             },
-            CloseRefused::AlreadyClosed => self.closed_error(),
+            CloseRefused::AlreadyClosed(closure) => self.closed_error(closure),
         })?;
         if disconnected > 0 && !attachments.wait_detached(ROLLBACK_DRAIN_TIMEOUT).await {
             tracing::warn!(
