@@ -104,15 +104,15 @@ fn list_show_and_status_output() {
     let lines: Vec<&str> = human.lines().collect();
     assert_eq!(lines.len(), 3, "{human}");
     assert!(
-        lines[0].starts_with("NAME    SIZE       CONNECTIONS  UUID"),
+        lines[0].starts_with("NAME    SIZE       CONNECTIONS  STATE  UUID"),
         "{human}"
     );
     assert!(
-        lines[1].starts_with("data-1  512.0 MiB  0            "),
+        lines[1].starts_with("data-1  512.0 MiB  0            ready  "),
         "{human}"
     );
     assert!(
-        lines[2].starts_with("vol0    1.0 GiB    0            "),
+        lines[2].starts_with("vol0    1.0 GiB    0            ready  "),
         "{human}"
     );
     // The columns line up: UUIDs start at the same offset on every line.

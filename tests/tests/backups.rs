@@ -861,14 +861,35 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         json!({"name": "vol0", "force": true}),
         "busy",
     );
-    assert!(e.contains("is being restored") && e.contains("job cancel"), "{e}");
+    assert!(
+        e.contains("is being restored") && e.contains("job cancel"),
+        "{e}"
+    );
     let e = admin_err(
         &d,
         "snapshot.rollback",
         json!({"volume": "vol0", "name": "before", "force": true}),
         "busy",
     );
-    assert!(e.contains("is being restored") && e.contains("job cancel"), "{e}");
+    assert!(
+        e.contains("is being restored") && e.contains("job cancel"),
+        "{e}"
+    );
+    let state_of_vol0 = |d: &Daemon| {
+        let listed = d.evsctl_ok(&["volume", "list"]);
+        listed
+            .lines()
+            .find(|l| l.starts_with("vol0 "))
+            .unwrap_or_else(|| panic!("{listed}"))
+            .to_owned()
+    };
+    assert!(
+        state_of_vol0(&d).contains(" restoring "),
+        "{}",
+        state_of_vol0(&d)
+    );
+    let show = admin_ok(&d, "volume.show", json!({"name": "vol0"}));
+    assert_eq!(show["closed_for"], json!("restore"), "{show:#}");
     cancel_job(
         &d,
         &job_id,
@@ -885,6 +906,12 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
     assert!(e.contains("incomplete restore"), "{e}");
     admin_err(&d, "backup.create", json!({"volumes": ["vol0"]}), "busy");
     let show = admin_ok(&d, "volume.show", json!({"name": "vol0"}));
+    assert_eq!(show["closed_for"], json!(null), "{show:#}");
+    assert!(
+        state_of_vol0(&d).contains(" incomplete restore "),
+        "{}",
+        state_of_vol0(&d)
+    );
     assert_eq!(
         show["incomplete_restore"]["backup_id"],
         json!(backup_id),

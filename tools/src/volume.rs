@@ -129,8 +129,12 @@ impl VolumeCommand {
                 let volumes = result["volumes"]
                     .as_array()
                     .ok_or_else(|| missing(result, "volumes"))?;
-                let rows = volume_rows(volumes, &["uuid"])?;
-                table(&["NAME", "SIZE", "CONNECTIONS", "UUID"], &rows)
+                let mut rows = volume_rows(volumes, &[])?;
+                for (row, volume) in rows.iter_mut().zip(volumes) {
+                    row.push(volume_state(volume).to_owned());
+                    row.push(text(volume, "uuid")?.to_owned());
+                }
+                table(&["NAME", "SIZE", "CONNECTIONS", "STATE", "UUID"], &rows)
             }
             VolumeCommand::Show { .. } => {
                 let size_bytes = number(result, "size_bytes")?;
@@ -187,6 +191,19 @@ pub fn number(result: &Value, key: &str) -> Result<u64, CliError> {
     result[key].as_u64().ok_or_else(|| missing(result, key))
 }
 
+/// A volume's state in one word or two, from `volume.list`'s `closed_for` and
+/// `incomplete_restore` (absent from older daemons: ready).
+fn volume_state(volume: &Value) -> &'static str {
+    match volume["closed_for"].as_str() {
+        Some("restore") => "restoring",
+        Some("rollback") => "rolling back",
+        Some("shrink") => "shrinking",
+        Some("deletion") => "deleting",
+        _ if !volume["incomplete_restore"].is_null() => "incomplete restore",
+        _ => "ready",
+    }
+}
+
 /// Table rows for volumes as `volume.list` and `status` return them: name, size, connections,
 /// then the text fields named in `extra`.
 pub fn volume_rows(volumes: &[Value], extra: &[&str]) -> Result<Vec<Vec<String>>, CliError> {
@@ -212,15 +229,26 @@ mod tests {
 
     #[test]
     fn list_renders_a_table() {
+        let mark = json!({"backup_id": "b-1", "job_id": "j-1", "started_unix_secs": 5});
         let result = json!({"volumes": [
-            {"name": "vol0", "size_bytes": 1u64 << 30, "connections": 2, "uuid": "u-1", "created_unix_secs": 0},
+            {"name": "vol0", "size_bytes": 1u64 << 30, "connections": 2, "uuid": "u-1", "created_unix_secs": 0,
+             "incomplete_restore": null, "closed_for": null},
             {"name": "big-volume", "size_bytes": 4096, "connections": 0, "uuid": "u-2", "created_unix_secs": 0},
+            {"name": "half", "size_bytes": 4096, "connections": 0, "uuid": "u-3", "created_unix_secs": 0,
+             "incomplete_restore": mark, "closed_for": null},
+            {"name": "filling", "size_bytes": 4096, "connections": 0, "uuid": "u-4", "created_unix_secs": 0,
+             "incomplete_restore": mark, "closed_for": "restore"},
+            {"name": "back", "size_bytes": 4096, "connections": 0, "uuid": "u-5", "created_unix_secs": 0,
+             "incomplete_restore": null, "closed_for": "rollback"},
         ]});
         assert_eq!(
             VolumeCommand::List.render(&result).unwrap(),
-            "NAME        SIZE     CONNECTIONS  UUID\n\
-             vol0        1.0 GiB  2            u-1\n\
-             big-volume  4.0 KiB  0            u-2\n"
+            "NAME        SIZE     CONNECTIONS  STATE               UUID\n\
+             vol0        1.0 GiB  2            ready               u-1\n\
+             big-volume  4.0 KiB  0            ready               u-2\n\
+             half        4.0 KiB  0            incomplete restore  u-3\n\
+             filling     4.0 KiB  0            restoring           u-4\n\
+             back        4.0 KiB  0            rolling back        u-5\n"
         );
         assert!(VolumeCommand::List.render(&json!({})).is_err());
     }

@@ -149,6 +149,8 @@ struct VolumeInfo {
     created_unix_secs: u64,
     /// Set while the volume holds an incomplete restore and refuses clients.
     incomplete_restore: Option<RestoreMark>,
+    /// The operation the volume is closed to clients for, if any.
+    closed_for: Option<Closure>,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,6 +182,7 @@ fn describe(volume: &Volume) -> VolumeInfo {
         uuid: volume.identity().uuid.clone(),
         created_unix_secs: volume.identity().created_unix_secs,
         incomplete_restore: volume.restore_mark(),
+        closed_for: volume.attachments().closure(),
     }
 }
 
@@ -280,17 +283,16 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     // leave it closed).
     let entry = entry(ctx, &params.name)?;
     let volume = Arc::clone(entry.volume());
-    let disconnected =
-        volume
-            .attachments()
-            .close(params.force, Closure::Deletion)
-            .map_err(|refused| match refused {
-                CloseRefused::Busy(connections) => StorageError::Busy {
-                    name: params.name.clone(),
-                    connections,
-                },
-                CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
-            })?;
+    let disconnected = volume
+        .attachments()
+        .close(params.force, Closure::Deletion)
+        .map_err(|refused| match refused {
+            CloseRefused::Busy(connections) => StorageError::Busy {
+                name: params.name.clone(),
+                connections,
+            },
+            CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
+        })?;
     // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
     // and the ones waiting behind find it gone: once removed, its directory name may belong to
     // a new volume. The lock also lets a snapshot create's background fsyncs end.

@@ -685,13 +685,15 @@ impl Backups {
             return Err(BackupError::JobRunning(to.to_owned()));
         }
         let attachments = Arc::clone(entry.volume().attachments());
-        let closed = attachments.close(force, Closure::Restore).map_err(|refused| match refused {
-            CloseRefused::Busy(connections) => StorageError::Busy {
-                name: to.to_owned(),
-                connections,
-            },
-            CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
-        });
+        let closed = attachments
+            .close(force, Closure::Restore)
+            .map_err(|refused| match refused {
+                CloseRefused::Busy(connections) => StorageError::Busy {
+                    name: to.to_owned(),
+                    connections,
+                },
+                CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
+            });
         let disconnected = match closed {
             Ok(n) => n,
             Err(e) => {

@@ -156,10 +156,16 @@ mod tests {
 
     #[test]
     fn a_closed_export_is_unknown_only_when_deleted() {
-        assert_eq!(closed_refusal("v", Closure::Deletion), ExportRefusal::Unknown);
+        assert_eq!(
+            closed_refusal("v", Closure::Deletion),
+            ExportRefusal::Unknown
+        );
         for (closure, says) in [
             (Closure::Restore, "being restored: wait for its restore job"),
-            (Closure::Rollback, "being rolled back to a snapshot: try again"),
+            (
+                Closure::Rollback,
+                "being rolled back to a snapshot: try again",
+            ),
             (Closure::Shrink, "being shrunk: try again"),
         ] {
             match closed_refusal("v", closure) {

@@ -46,7 +46,8 @@ struct State {
 /// The operation a volume (or snapshot view) is closed to clients for. Kept with the closed
 /// state, so whoever finds it closed (a client, `volume.delete`, a rollback) is told what is
 /// going on rather than that the volume does not exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Closure {
     /// It is being deleted: for good.
     Deletion,

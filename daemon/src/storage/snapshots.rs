@@ -121,9 +121,8 @@ impl VolumeEntry {
             });
         }
         if let Some(view) = self.view(name) {
-            view.attachments()
-                .close(false, Closure::Deletion)
-                .map_err(|refused| match refused {
+            view.attachments().close(false, Closure::Deletion).map_err(
+                |refused| match refused {
                     CloseRefused::Busy(connections) => StorageError::Busy {
                         name: view.name().to_owned(),
                         connections,
@@ -132,7 +131,8 @@ impl VolumeEntry {
                         volume: self.name().to_owned(),
                         name: name.to_owned(),
                     },
-                })?;
+                },
+            )?;
         }
         {
             let mut state = self.lock();
@@ -157,13 +157,15 @@ impl VolumeEntry {
         let _admin = self.lock_admin().await?;
         let record = self.find_snapshot(name)?;
         let attachments = Arc::clone(self.volume.attachments());
-        let disconnected = attachments.close(force, Closure::Rollback).map_err(|refused| match refused {
-            CloseRefused::Busy(connections) => StorageError::Busy {
-                name: self.name().to_owned(),
-                connections,
-            },
-            CloseRefused::AlreadyClosed(closure) => self.closed_error(closure),
-        })?;
+        let disconnected = attachments
+            .close(force, Closure::Rollback)
+            .map_err(|refused| match refused {
+                CloseRefused::Busy(connections) => StorageError::Busy {
+                    name: self.name().to_owned(),
+                    connections,
+                },
+                CloseRefused::AlreadyClosed(closure) => self.closed_error(closure),
+            })?;
         if disconnected > 0 && !attachments.wait_detached(ROLLBACK_DRAIN_TIMEOUT).await {
             tracing::warn!(
                 volume = self.name(),
