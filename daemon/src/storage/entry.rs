@@ -532,11 +532,11 @@ fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
 
 /// Layer files (and temp files) that the manifest does not name.
 /// Runs a blocking file operation on `path` off the runtime's threads.
-async fn off_runtime(
+pub(crate) async fn off_runtime<T: Send + 'static>(
     action: &'static str,
     path: PathBuf,
-    op: impl FnOnce() -> Result<(), StorageError> + Send + 'static,
-) -> Result<(), StorageError> {
+    op: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
     tokio::task::spawn_blocking(op)
         .await
         .map_err(|e| StorageError::fs(action, &path, std::io::Error::other(e)))?

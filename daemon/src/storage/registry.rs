@@ -8,6 +8,7 @@ use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::attachments::Closure;
 use crate::storage::buffers::BufferPool;
+use crate::storage::entry::off_runtime;
 use crate::storage::entry::VolumeEntry;
 use crate::storage::layer;
 use crate::storage::manifest::{self, LayerRecord, VolumeManifest};
@@ -98,7 +99,7 @@ impl Registry {
     /// layers are hard links of the snapshot's frozen layers (never written again, so sharing
     /// them is safe) under a new empty head. O(layers), not O(size).
     pub async fn create_from_snapshot(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         source: &str,
         snapshot: &str,
@@ -109,7 +110,7 @@ impl Registry {
             .entry(source)
             .ok_or_else(|| StorageError::NotFound(source.to_owned()))?;
         // No merge may move or rewrite the source's layers while they are being linked. The
-        // filesystem work below is a few links and one small fsync: done in place.
+        // links and fsyncs run off the runtime, with the lock held.
         let _admin = entry.lock_admin().await?;
         let source_manifest = entry.manifest();
         let record = source_manifest
@@ -121,47 +122,52 @@ impl Registry {
             .clone();
         let ids = source_manifest.ancestry(&record.layer).unwrap_or_default();
         let source_dir = self.volumes_dir.join(source);
-        let volume = self.create_with(name, |tmp_dir| {
-            let mut layers: Vec<LayerRecord> = Vec::new();
-            for id in &ids {
-                for (from, to) in [
-                    (
-                        layer::data_path(&source_dir, id),
-                        layer::data_path(tmp_dir, id),
-                    ),
-                    (
-                        layer::map_path(&source_dir, id),
-                        layer::map_path(tmp_dir, id),
-                    ),
-                ] {
-                    std::fs::hard_link(&from, &to)
-                        .map_err(|e| StorageError::fs("link", &from, e))?;
+        let this = Arc::clone(self);
+        let new_name = name.to_owned();
+        let volume = off_runtime("create", self.volumes_dir.join(name), move || {
+            this.create_with(&new_name, |tmp_dir| {
+                let mut layers: Vec<LayerRecord> = Vec::new();
+                for id in &ids {
+                    for (from, to) in [
+                        (
+                            layer::data_path(&source_dir, id),
+                            layer::data_path(tmp_dir, id),
+                        ),
+                        (
+                            layer::map_path(&source_dir, id),
+                            layer::map_path(tmp_dir, id),
+                        ),
+                    ] {
+                        std::fs::hard_link(&from, &to)
+                            .map_err(|e| StorageError::fs("link", &from, e))?;
+                    }
+                    if let Some(l) = source_manifest.layer(id) {
+                        layers.push(l.clone());
+                    }
                 }
-                if let Some(l) = source_manifest.layer(id) {
-                    layers.push(l.clone());
+                let size_bytes = layers.first().map_or(0, |l| l.size_bytes);
+                let head = layer::new_layer_id()?;
+                layer::Layer::create(tmp_dir, &head, size_bytes)?;
+                layers.push(LayerRecord {
+                    id: head.clone(),
+                    parent: Some(record.layer.clone()),
+                    size_bytes,
+                });
+                VolumeManifest {
+                    format_version: manifest::FORMAT_VERSION,
+                    name: new_name.clone(),
+                    uuid: manifest::new_uuid()?,
+                    size_bytes,
+                    created_unix_secs: crate::storage::entry::now_unix_secs(),
+                    head,
+                    layers,
+                    snapshots: Vec::new(),
+                    merge: None,
                 }
-            }
-            let size_bytes = layers.first().map_or(0, |l| l.size_bytes);
-            let head = layer::new_layer_id()?;
-            layer::Layer::create(tmp_dir, &head, size_bytes)?;
-            layers.push(LayerRecord {
-                id: head.clone(),
-                parent: Some(record.layer.clone()),
-                size_bytes,
-            });
-            VolumeManifest {
-                format_version: manifest::FORMAT_VERSION,
-                name: name.to_owned(),
-                uuid: manifest::new_uuid()?,
-                size_bytes,
-                created_unix_secs: crate::storage::entry::now_unix_secs(),
-                head,
-                layers,
-                snapshots: Vec::new(),
-                merge: None,
-            }
-            .store(tmp_dir)
-        })?;
+                .store(tmp_dir)
+            })
+        })
+        .await?;
         tracing::info!(
             volume = name,
             source,
