@@ -157,6 +157,21 @@ pub fn new_backup_id(now_unix_secs: u64) -> String {
     )
 }
 
+/// Whether `id` has the exact shape [`new_backup_id`] gives: `b-`, 8 digits, `T`, 6 digits,
+/// `Z-`, 8 lowercase hex digits.
+pub fn is_generated_backup_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 27
+        && b.starts_with(b"b-")
+        && b[2..10].iter().all(u8::is_ascii_digit)
+        && b[10] == b'T'
+        && b[11..17].iter().all(u8::is_ascii_digit)
+        && &b[17..19] == b"Z-"
+        && b[19..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
 /// `YYYYMMDDTHHMMSSZ` for a unix time, via the days-to-civil algorithm (proleptic Gregorian).
 fn utc_timestamp(unix_secs: u64) -> String {
     let days = unix_secs / 86_400;
@@ -657,7 +672,20 @@ mod tests {
             "{id}"
         );
         assert!(validate_backup_id(&id).is_ok());
+        assert!(is_generated_backup_id(&id), "{id}");
         assert_ne!(new_backup_id(0), new_backup_id(0), "random suffix repeats");
+        for other in [
+            "b-20251202T054400Z-0123abc",
+            "b-20251202T054400Z-0123abcde",
+            "b-20251202T054400Z-0123ABCD",
+            "b-2025120xT054400Z-0123abcd",
+            "c-20251202T054400Z-0123abcd",
+            "b-20251202-054400Z-0123abcd",
+            "mine",
+            "",
+        ] {
+            assert!(!is_generated_backup_id(other), "{other:?}");
+        }
     }
 
     #[test]

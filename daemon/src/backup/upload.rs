@@ -20,7 +20,7 @@ use crate::backup::fetch;
 use crate::backup::job::Job;
 use crate::backup::locks;
 use crate::backup::manifest::{
-    chunk_list_digest, BackupManifest, BackupStats, MANIFEST_FORMAT_VERSION,
+    self, chunk_list_digest, BackupManifest, BackupStats, MANIFEST_FORMAT_VERSION,
 };
 use crate::backup::pack::{FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
@@ -838,11 +838,19 @@ fn foreign_chunks(
     foreign
 }
 
+/// Whether snapshot `name` is one a backup took: the reserved prefix and a backup id of the
+/// generated shape. A user's snapshot that only starts with the prefix (made before it was
+/// reserved) is not one, and is never released.
+fn is_backup_snapshot(name: &str) -> bool {
+    name.strip_prefix(BACKUP_SNAPSHOT_PREFIX)
+        .is_some_and(manifest::is_generated_backup_id)
+}
+
 /// After a backup completes, its snapshot is the volume's base for the next incremental: the
 /// older backup snapshots are released (VBS keeps one per disk).
 async fn release_older_bases(entry: &VolumeEntry, keep: &str) {
     for snapshot in entry.snapshots() {
-        if snapshot.name.starts_with(BACKUP_SNAPSHOT_PREFIX) && snapshot.name != keep {
+        if is_backup_snapshot(&snapshot.name) && snapshot.name != keep {
             match entry.delete_snapshot(&snapshot.name).await {
                 Ok(_) => {
                     tracing::info!(volume = entry.name(), snapshot = %snapshot.name, "released the previous backup base")
@@ -903,6 +911,24 @@ mod tests {
     /// Only chunks found in the store's listing must be synced before the manifest: not the
     /// job's own (synced as written), not earlier manifests' (synced before those), not packed
     /// ones (their packs are objects of the job or of earlier manifests).
+    #[test]
+    fn only_snapshots_named_after_a_backup_are_released() {
+        let taken = format!(
+            "{BACKUP_SNAPSHOT_PREFIX}{}",
+            manifest::new_backup_id(1_764_654_240)
+        );
+        assert!(is_backup_snapshot(&taken), "{taken}");
+        for kept in [
+            "vbs-mine",
+            "vbs-",
+            "vbs-b-1",
+            "nightly",
+            "b-20251202T054400Z-0123abcd",
+        ] {
+            assert!(!is_backup_snapshot(kept), "{kept}");
+        }
+    }
+
     #[test]
     fn foreign_chunks_are_the_named_ones_nobody_here_stored_or_named() {
         let earlier = manifest(vec![Some(id(1)), Some(id(2))], &[(2, 20)], &[]);
