@@ -875,6 +875,13 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         e.contains("is being restored") && e.contains("job cancel"),
         "{e}"
     );
+    let e = admin_err(
+        &d,
+        "volume.resize",
+        json!({"name": "vol0", "size": "2G"}),
+        "busy",
+    );
+    assert!(e.contains("is being restored"), "{e}");
     let state_of_vol0 = |d: &Daemon| {
         let listed = d.evsctl_ok(&["volume", "list"]);
         listed

@@ -299,7 +299,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     let admin_lock = match entry.lock_admin().await {
         Ok(guard) => guard,
         Err(e) => {
-            volume.attachments().reopen();
+            volume.attachments().reopen(Closure::Deletion);
             return Err(e.into());
         }
     };
@@ -310,7 +310,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     let hidden = match removed {
         Ok(hidden) => hidden,
         Err(e) => {
-            volume.attachments().reopen();
+            volume.attachments().reopen(Closure::Deletion);
             return Err(e);
         }
     };

@@ -728,16 +728,27 @@ impl Backups {
                 .await
                 .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
                 .and_then(|r| r.map_err(BackupError::from));
-        match created {
-            Ok(volume) => {
-                let _ = volume.attachments().close(true, Closure::Restore);
-            }
+        let closed = match created {
+            Ok(volume) => volume.attachments().close(true, Closure::Restore),
             Err(e) => {
                 self.unclaim(name);
                 return Err(e);
             }
-        }
-        let started = self.start_restore(backup_id, name, true).await;
+        };
+        let started = match closed {
+            Ok(_) => self.start_restore(backup_id, name, true).await,
+            // A delete or shrink of the new volume got there first: it is not ours to fill.
+            Err(CloseRefused::AlreadyClosed(closure)) => Err(match self.registry.entry(name) {
+                Some(entry) => entry.closed_error(closure).into(),
+                None => StorageError::NotFound(name.to_owned()).into(),
+            }),
+            // Not refused when forced; mapped all the same.
+            Err(CloseRefused::Busy(connections)) => Err(StorageError::Busy {
+                name: name.to_owned(),
+                connections,
+            }
+            .into()),
+        };
         if started.is_err() {
             // No job will fill it: an empty volume of that name would pass for the restore.
             self.discard_volume(name).await;
@@ -810,7 +821,7 @@ impl Backups {
 
     fn reopen(&self, volume: &str) {
         if let Some(entry) = self.registry.entry(volume) {
-            entry.volume().attachments().reopen();
+            entry.volume().attachments().reopen(Closure::Restore);
         }
     }
 

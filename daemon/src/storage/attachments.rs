@@ -196,12 +196,15 @@ impl Attachments {
         self.state().connections.len()
     }
 
-    /// Runs `f` with the number of attached connections (None once the volume is being
-    /// deleted) while no connection can attach or detach, so a decision taken on that number
+    /// Runs `f` with the number of attached connections (or the operation the volume is closed
+    /// for) while no connection can attach or detach, so a decision taken on that number
     /// (e.g. "shrink only when idle") still holds when `f` acts on it.
-    pub fn with_count_locked<T>(&self, f: impl FnOnce(Option<usize>) -> T) -> T {
+    pub fn with_count_locked<T>(&self, f: impl FnOnce(Result<usize, Closure>) -> T) -> T {
         let state = self.state();
-        f(state.closed.is_none().then_some(state.connections.len()))
+        f(match state.closed {
+            None => Ok(state.connections.len()),
+            Some(closure) => Err(closure),
+        })
     }
 
     /// Closes the volume to new connections for `closure`. With `force`, cancels the attached
@@ -227,9 +230,13 @@ impl Attachments {
         self.state().closed
     }
 
-    /// Undoes [`Attachments::close`] once the operation it was for has ended (or failed).
-    pub fn reopen(&self) {
-        self.state().closed = None;
+    /// Undoes [`Attachments::close`] once the operation it was for, `closure`, has ended (or
+    /// failed). A volume closed for another operation meanwhile stays closed.
+    pub fn reopen(&self, closure: Closure) {
+        let mut state = self.state();
+        if state.closed == Some(closure) {
+            state.closed = None;
+        }
     }
 
     /// Waits until no connection is attached, at most `timeout`; true if none is.
@@ -340,7 +347,10 @@ mod tests {
         assert!(waiter.await.unwrap());
         assert_eq!(attachments.count(), 0);
 
-        attachments.reopen();
+        // Only the operation that closed it reopens it.
+        attachments.reopen(Closure::Deletion);
+        assert!(attachments.attach(CancellationToken::new(), None).is_none());
+        attachments.reopen(Closure::Restore);
         assert!(attachments.attach(CancellationToken::new(), None).is_some());
     }
 

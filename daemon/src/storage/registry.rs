@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::StorageError;
 use crate::io::IoEngine;
-use crate::storage::attachments::Closure;
+use crate::storage::attachments::{CloseRefused, Closure};
 use crate::storage::buffers::BufferPool;
 use crate::storage::entry::off_runtime;
 use crate::storage::entry::VolumeEntry;
@@ -235,9 +235,7 @@ impl Registry {
         // Attaching waits on this lock, so a client cannot slip in between the check and the
         // shrink; a shrink closes the volume for its duration.
         let shrinking = volume.attachments().with_count_locked(|connections| {
-            let Some(connections) = connections else {
-                return Err(StorageError::NotFound(name.to_owned()));
-            };
+            let connections = connections.map_err(|closure| entry.closed_error(closure))?;
             let old_bytes = volume.size_bytes();
             if size_bytes < old_bytes {
                 if connections > 0 {
@@ -256,15 +254,20 @@ impl Registry {
             }
             Ok(size_bytes < old_bytes)
         })?;
-        if shrinking && volume.attachments().close(false, Closure::Shrink).is_err() {
-            return Err(StorageError::Busy {
-                name: name.to_owned(),
-                connections: volume.attachments().count(),
-            });
+        if shrinking {
+            volume.attachments().close(false, Closure::Shrink).map_err(
+                |refused| match refused {
+                    CloseRefused::Busy(connections) => StorageError::Busy {
+                        name: name.to_owned(),
+                        connections,
+                    },
+                    CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
+                },
+            )?;
         }
         let result = entry.resize(size_bytes).await;
         if shrinking {
-            volume.attachments().reopen();
+            volume.attachments().reopen(Closure::Shrink);
         }
         let old_bytes = result?;
         if old_bytes != size_bytes {

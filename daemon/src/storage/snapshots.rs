@@ -140,7 +140,7 @@ impl VolumeEntry {
             next.snapshots.retain(|s| s.name != name);
             if let Err(e) = self.commit(&mut state, next) {
                 if let Some(view) = state.views.get(name) {
-                    view.attachments().reopen();
+                    view.attachments().reopen(Closure::Deletion);
                 }
                 return Err(e);
             }
@@ -173,7 +173,7 @@ impl VolumeEntry {
             );
         }
         let result = self.switch_head_to(&record);
-        attachments.reopen();
+        attachments.reopen(Closure::Rollback);
         result?;
         // The snapshot's data is whole: an incomplete restore over the old head is gone.
         self.clear_restore_mark_locked().await?;
