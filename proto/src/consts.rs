@@ -53,6 +53,8 @@ pub const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
 pub const REP_ERR_SHUTDOWN: u32 = REP_ERR_BIT | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR_BIT | 8;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR_BIT | 9;
+/// Extended headers are required; also the answer to STRUCTURED_REPLY once they are on.
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR_BIT | 10;
 
 /// Info types inside REP_INFO.
 pub const INFO_EXPORT: u16 = 0;

@@ -401,6 +401,14 @@ impl ServerHandshake {
                         REP_ERR_INVALID,
                         b"STRUCTURED_REPLY takes no data",
                     );
+                } else if self.mode == ReplyMode::Extended {
+                    // The spec's answer: no downgrade from extended headers.
+                    put_reply(
+                        out,
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        b"extended headers already negotiated",
+                    );
                 } else if self.mode != ReplyMode::Simple {
                     put_reply(
                         out,
@@ -429,10 +437,9 @@ impl ServerHandshake {
                         b"extended headers already negotiated",
                     );
                 } else {
+                    // Contexts already selected stay selected, as in qemu: the spec resets
+                    // them only at STARTTLS, and ours all have 32-bit statuses.
                     self.mode = ReplyMode::Extended;
-                    // Context ids were chosen for the old header format: make the client ask again.
-                    self.meta_selected.clear();
-                    self.meta_export = None;
                     put_reply(out, option, REP_ACK, &[]);
                 }
             }

@@ -429,7 +429,42 @@ fn extended_headers_then_duplicates_refused() {
     assert_eq!(n.mode, ReplyMode::Extended);
     assert_eq!(n.meta_contexts.len(), 1);
     let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
-    assert_eq!(&kinds[..3], [REP_ACK, REP_ERR_INVALID, REP_ERR_INVALID]);
+    assert_eq!(
+        &kinds[..3],
+        [REP_ACK, REP_ERR_INVALID, REP_ERR_EXT_HEADER_REQD]
+    );
+}
+
+#[test]
+fn contexts_chosen_before_extended_headers_stay_chosen() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(n.mode, ReplyMode::Extended);
+    assert_eq!(n.meta_contexts.len(), 1, "{:?}", n.meta_contexts);
+    let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+    // ACK, META_CONTEXT + ACK, ACK, then the refused downgrade.
+    assert_eq!(
+        &kinds[..5],
+        [
+            REP_ACK,
+            REP_META_CONTEXT,
+            REP_ACK,
+            REP_ACK,
+            REP_ERR_EXT_HEADER_REQD
+        ]
+    );
 }
 
 #[test]
