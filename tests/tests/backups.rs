@@ -1029,6 +1029,57 @@ fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
     assert_same("restore after resume", &read_export(&d, "r"), &model);
 }
 
+/// A job whose manifest was stored but whose record outlived it (the daemon stopped between
+/// the two) is resumed at the next start: it must find its backup complete and leave it as it
+/// is. Staged by holding the job back with a garbage collection's lock planted in the store,
+/// copying the job's record meanwhile, and putting it back after the job has ended.
+#[test]
+fn a_resumed_backup_whose_manifest_landed_leaves_it_as_it_is() {
+    let mut d = start();
+    let mut model = half_random(&d, "vol0", 64 * MIB, 61);
+    backup_now(&d, "vol0", false);
+    let mut rng = Prng::new(62);
+    for chunk in 0..16u64 {
+        let block = rng.next_u64() % (CHUNK / 4096);
+        let data = rng.bytes(4096);
+        write_at(&d, "vol0", chunk * CHUNK + block * 4096, &data, &mut model);
+    }
+    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
+    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    fs::write(&gc_lock, b"{}").unwrap();
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(job(&d, &job_id)["state"], "running");
+    let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
+    let saved_record = fs::read(&record).unwrap();
+    fs::remove_file(&gc_lock).unwrap();
+    let b2 = wait_job_ok(&d, &job_id);
+    let manifests = store_dir(&d).join("manifests");
+    assert_eq!(b2["backup_id"], json!(backup_id), "{b2:#}");
+    let manifest_path = manifests.join(format!("{backup_id}.json"));
+    let manifest_before = fs::read(&manifest_path).unwrap();
+    let packs_before = pack_names(&store_dir(&d));
+    assert_eq!(packs_before.len(), 1, "{packs_before:?}");
+
+    d.terminate_ok();
+    fs::write(&record, &saved_record).unwrap();
+    d.restart();
+    let resumed = wait_job_ok(&d, &job_id);
+    assert_eq!(resumed["backup_id"], json!(backup_id), "{resumed:#}");
+    assert!(!record.exists(), "the resumed job left its record");
+    assert_eq!(
+        fs::read(&manifest_path).unwrap(),
+        manifest_before,
+        "the resumed job wrote the manifest again"
+    );
+    assert_eq!(pack_names(&store_dir(&d)), packs_before);
+    let v = admin_ok(&d, "backup.verify", json!({"id": backup_id}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["result"]["bad_chunks"], json!([]), "{j:#}");
+    restore_new(&d, "r", &backup_id);
+    assert_same("the resumed backup", &read_export(&d, "r"), &model);
+}
+
 #[test]
 fn fio_verifies_while_backups_run() {
     let d = start();

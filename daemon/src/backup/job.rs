@@ -186,6 +186,11 @@ impl Job {
         }
     }
 
+    /// Whether the job has passed its commit point (see [`Job::commit`]).
+    pub fn committed(&self) -> bool {
+        self.cancel_state.load(Ordering::SeqCst) == COMMITTED
+    }
+
     /// Resolves once the job must stop what it is doing: it was cancelled before its commit
     /// point, or the daemon is shutting down.
     pub async fn stop_requested(&self) {

@@ -36,6 +36,14 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
+    /// Stops refreshing the lock but leaves it in the store, where it goes stale after
+    /// [`LOCK_STALE_SECS`]: for a holder whose work may still land after it has stopped.
+    pub fn abandon(mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+
     pub async fn release(mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
@@ -89,20 +97,31 @@ fn start_heartbeat(store: &Arc<BackupStore>, kind: &'static str, owner: &str) ->
     })
 }
 
-/// The fresh locks of `kind` other than `own`, judged by the store's own clock: the newest
-/// modification time listed stands for "now", so a skewed local clock does not matter.
+/// The fresh locks of `kind` other than `own`, judged by the store's own clock: the time the
+/// store gave `own`, just written, stands for "now", so a skewed local clock does not matter
+/// (nor does an object with a time in the future; the newest time listed stands in if `own`
+/// is not listed).
 async fn others(store: &BackupStore, kind: &str, own: &str) -> Result<usize, BackupError> {
     let locks = store.list_locks().await?;
     let now = locks
         .iter()
-        .map(|l| l.modified_unix_secs)
-        .max()
-        .unwrap_or_default();
+        .find(|l| l.key == own)
+        .or_else(|| locks.iter().max_by_key(|l| l.modified_unix_secs))
+        .map_or(0, |l| l.modified_unix_secs);
     Ok(locks
         .iter()
         .filter(|l| l.key != own && l.key.starts_with(&format!("{kind}-")))
         .filter(|l| now - l.modified_unix_secs <= LOCK_STALE_SECS)
         .count())
+}
+
+/// Removes the shared lock an earlier run of backup job `owner` left (see
+/// [`HeldLock::abandon`]) once the job has found its work done.
+pub async fn remove_left_shared(store: &BackupStore, owner: &str) {
+    let name = format!("shared-{owner}.json");
+    if let Err(e) = store.delete_lock(&name).await {
+        tracing::warn!(lock = %name, error = %e, "removing a lock an earlier run left failed; it expires by itself");
+    }
 }
 
 /// Takes a shared lock for a backup, waiting while a GC holds the exclusive one.

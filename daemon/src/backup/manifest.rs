@@ -201,7 +201,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-fn random_u32(now_unix_secs: u64) -> u32 {
+pub(crate) fn random_u32(now_unix_secs: u64) -> u32 {
     let mut bytes = [0u8; 4];
     let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     if read.is_ok() {

@@ -230,7 +230,7 @@ impl Backups {
                     }
                     let job = self.register(&r.job_id, JobKind::Backup, &r.volume, &r.backup_id);
                     job.set_policy(r.policy.clone());
-                    self.spawn_backup(job, r);
+                    self.spawn_backup(job, r, true);
                 }
                 JobRecord::Set(set) => self.spawn_set(set),
                 JobRecord::Restore(r) => {
@@ -426,7 +426,7 @@ impl Backups {
         job.set_policy(record.policy.clone());
         tracing::info!(job = %record.job_id, backup = %record.backup_id, volume = %record.volume, full = record.full, group = ?record.group_id, "backup started");
         let info = job.info();
-        self.spawn_backup(job, record);
+        self.spawn_backup(job, record, false);
         info
     }
 
@@ -448,10 +448,11 @@ impl Backups {
         }
     }
 
-    fn spawn_backup(self: &Arc<Self>, job: Arc<Job>, record: BackupRecord) {
+    /// Runs a backup job; `resumed`: recorded by an earlier run of the daemon.
+    fn spawn_backup(self: &Arc<Self>, job: Arc<Job>, record: BackupRecord, resumed: bool) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let outcome = upload::run(&this, &job, record.clone()).await;
+            let outcome = upload::run(&this, &job, record.clone(), resumed).await;
             if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
                 // Gone before the cleanup: a shutdown during it must not resume the job.
                 this.files.remove(&record.job_id);

@@ -58,6 +58,14 @@ impl PackedAt {
     }
 }
 
+/// The name prefix of the packs one run of backup `backup_id` writes: `<backup id>-<8 hex>`.
+pub fn run_name(backup_id: &str, now_unix_secs: u64) -> String {
+    format!(
+        "{backup_id}-{:08x}",
+        crate::backup::manifest::random_u32(now_unix_secs)
+    )
+}
+
 /// Pack names become object keys: [A-Za-z0-9-] only, like backup ids.
 pub fn valid_pack_name(name: &str) -> bool {
     (1..=PACK_NAME_MAX_LEN).contains(&name.len())
@@ -87,10 +95,11 @@ pub struct FullPack {
     pub entries: Vec<(ChunkId, PackedAt)>,
 }
 
-/// The pack a backup is filling. Packs are named `<backup id>-<sequence>`: a backup resumed
-/// after a crash writes the same names again, over packs no manifest references.
+/// The pack a backup is filling. Packs are named `<backup id>-<run>-<sequence>`, `run` random
+/// per run of the job: a job resumed after a stop never writes over a pack of an earlier run,
+/// which a manifest stored just before the stop may reference.
 pub struct PackWriter {
-    backup_id: String,
+    run_name: String,
     buffers: Arc<AlignedPool>,
     filling: Mutex<Filling>,
     uploads: tokio::sync::Semaphore,
@@ -112,9 +121,9 @@ impl PackWriter {
     /// after a full backup an incremental packs into memory already faulted in: fresh memory
     /// costs this VM about 1 ms per MiB in page faults, and packs of 32 MiB in buffers of their
     /// own had made faulting them in a third of a first incremental's CPU.
-    pub fn new(backup_id: &str, buffers: Arc<AlignedPool>) -> PackWriter {
+    pub fn new(run_name: &str, buffers: Arc<AlignedPool>) -> PackWriter {
         PackWriter {
-            backup_id: backup_id.to_owned(),
+            run_name: run_name.to_owned(),
             buffers,
             filling: Mutex::new(Filling::default()),
             uploads: tokio::sync::Semaphore::new(MAX_PACK_UPLOADS),
@@ -162,7 +171,7 @@ impl PackWriter {
     }
 
     fn take(&self, filling: &mut Filling) -> FullPack {
-        let name = format!("{}-{:04}", self.backup_id, filling.sequence);
+        let name = format!("{}-{:04}", self.run_name, filling.sequence);
         filling.sequence += 1;
         let len = std::mem::take(&mut filling.used);
         let mut buffer = filling
@@ -229,6 +238,21 @@ mod tests {
             assert!(pack.padded[..pack.len].iter().all(|&b| b == 7));
         }
         assert_eq!(full[1].entries[0].0, ChunkId::of(&[4]));
+    }
+
+    #[test]
+    fn each_run_of_a_backup_names_its_packs_apart() {
+        let (a, b) = (run_name("b-1", 7), run_name("b-1", 7));
+        assert_ne!(a, b, "two runs share a pack name prefix");
+        for name in [&a, &b] {
+            assert!(
+                name.starts_with("b-1-") && name.len() == "b-1-".len() + 8,
+                "{name}"
+            );
+            assert!(valid_pack_name(&format!("{name}-0000")), "{name}");
+        }
+        let long_id = "b-20251202T054400Z-0123abcd";
+        assert!(valid_pack_name(&format!("{}-9999", run_name(long_id, 0))));
     }
 
     #[test]

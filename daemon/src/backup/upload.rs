@@ -22,7 +22,7 @@ use crate::backup::locks;
 use crate::backup::manifest::{
     self, chunk_list_digest, BackupManifest, BackupStats, MANIFEST_FORMAT_VERSION,
 };
-use crate::backup::pack::{FullPack, PackWriter, PackedAt};
+use crate::backup::pack::{self, FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
 use crate::backup::tree::ChunkTree;
@@ -73,10 +73,12 @@ pub(super) struct Counters {
 /// a delta over zeroes). Seeded from the parent manifest; the rest is read from the store.
 type KnownBases = Mutex<HashMap<ChunkId, Option<ChunkId>>>;
 
+/// Runs backup job `record`; `resumed`: the job was recorded by an earlier run of the daemon.
 pub async fn run(
     svc: &Arc<Backups>,
     job: &Arc<Job>,
     mut record: BackupRecord,
+    resumed: bool,
 ) -> Result<Option<Value>, BackupError> {
     let started = Instant::now();
     let entry = svc
@@ -96,13 +98,38 @@ pub async fn run(
         svc.files.save(&JobRecord::Backup(record.clone()))?;
     }
     let _pin = entry.pin_snapshot(&record.snapshot)?;
-    let lock = with_retry(job, &svc.shutdown, "locking the store", || {
-        locks::acquire_shared(&svc.store, &record.job_id)
-    })
-    .await?;
-    let result = upload(svc, job, &entry, &mut record, started).await;
-    lock.release().await;
-    let (manifest, _parent) = result?;
+    let stored = if resumed {
+        stored_manifest(svc, job, &record.backup_id).await?
+    } else {
+        None
+    };
+    let manifest = match stored {
+        Some(manifest) => {
+            // The daemon stopped after the manifest landed but before the job ended: the
+            // backup is complete, and a second run would only redo it.
+            tracing::info!(job = %job.id, backup = %manifest.backup_id, "the resumed backup's manifest is stored already: it is complete");
+            svc.catalog.remember(&manifest);
+            locks::remove_left_shared(&svc.store, &record.job_id).await;
+            manifest
+        }
+        None => {
+            let lock = with_retry(job, &svc.shutdown, "locking the store", || {
+                locks::acquire_shared(&svc.store, &record.job_id)
+            })
+            .await?;
+            let result = upload(svc, job, &entry, &mut record, started).await;
+            if matches!(&result, Err(BackupError::Cancelled(_))) && job.committed() {
+                // A shutdown abandoned the manifest's write, which may still land (a local
+                // write finishes on its thread; a sent PUT completes). The lock stays until it
+                // goes stale, so no GC sweeps this backup's chunks before then.
+                tracing::info!(job = %job.id, "keeping the store lock of a backup whose manifest may still land");
+                lock.abandon();
+            } else {
+                lock.release().await;
+            }
+            result?.0
+        }
+    };
     // The backup is complete once its manifest is stored. Releasing the older base merges its
     // snapshot layer away and syncs the survivor, which can take longer than an incremental
     // backup itself: it runs after the job has answered. The next backup of this volume bases
@@ -224,7 +251,7 @@ async fn upload(
     };
     let counters = Arc::new(Counters::default());
     let pack = Arc::new(PackWriter::new(
-        &record.backup_id,
+        &pack::run_name(&record.backup_id, now_unix_secs()),
         Arc::clone(&svc.encode_buffers),
     ));
     let new_packed: Arc<Mutex<BTreeMap<ChunkId, PackedAt>>> = Arc::default();
@@ -405,6 +432,27 @@ async fn upload(
         "backup complete"
     );
     Ok((manifest, parent))
+}
+
+/// The manifest of backup `backup_id` if it is in the store (a damaged one counts as absent:
+/// the job writes it again).
+async fn stored_manifest(
+    svc: &Arc<Backups>,
+    job: &Job,
+    backup_id: &str,
+) -> Result<Option<BackupManifest>, BackupError> {
+    let found = with_retry(
+        job,
+        &svc.shutdown,
+        "looking for the backup's manifest",
+        || svc.store.get_manifest(backup_id),
+    )
+    .await;
+    match found {
+        Ok(manifest) => Ok(Some(manifest)),
+        Err(BackupError::BackupNotFound(_)) | Err(BackupError::Manifest(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The previous backup of this volume whose snapshot is still here, and the chunks changed
