@@ -1080,6 +1080,61 @@ fn a_resumed_backup_whose_manifest_landed_leaves_it_as_it_is() {
     assert_same("the resumed backup", &read_export(&d, "r"), &model);
 }
 
+/// One incremental meets the same new content twice: chunk 1+k becomes it by a one-block change
+/// (a delta over its old content) while chunk 9+k is written whole with it (read whole). The
+/// content must be stored once, and the manifest must pair its location with its base.
+#[test]
+fn new_content_met_as_a_delta_and_whole_in_one_backup_restores() {
+    let d = start();
+    let size = 20 * CHUNK;
+    let mut model = half_random(&d, "vol0", size, 71);
+    let b1 = backup_now(&d, "vol0", false);
+    let mut rng = Prng::new(72);
+    for k in 0..8u64 {
+        let delta_at = (1 + k) * CHUNK;
+        let block = rng.next_u64() % (CHUNK / 4096);
+        let new_block = rng.bytes(4096);
+        write_at(&d, "vol0", delta_at + block * 4096, &new_block, &mut model);
+        let same = model[delta_at as usize..(delta_at + CHUNK) as usize].to_vec();
+        write_at(&d, "vol0", (11 + k) * CHUNK, &same, &mut model);
+    }
+    let b2 = backup_now(&d, "vol0", false);
+    assert!(u(&b2, "delta_chunks") >= 1, "{b2:#}");
+    // Each new content once: 8 contents, whole or packed, not 16 objects.
+    assert_eq!(u(&b2, "new_chunks"), 8, "{b2:#}");
+    let v = admin_ok(&d, "backup.verify", json!({"id": b2["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["result"]["bad_chunks"], json!([]), "{j:#}");
+    restore_new(&d, "r2", b2["id"].as_str().unwrap());
+    assert_same("b2", &read_export(&d, "r2"), &model);
+    // Its own manifest must carry every base it needs: with b1 gone and collected too.
+    admin_ok(&d, "backup.delete", json!({"id": b1["id"]}));
+    restore_new(&d, "r2b", b2["id"].as_str().unwrap());
+    assert_same("b2 after b1 was deleted", &read_export(&d, "r2b"), &model);
+
+    // A manifest that loses one of its delta bases fails verify, naming the delta: a
+    // collection would remove that base.
+    let path = store_dir(&d)
+        .join("manifests")
+        .join(format!("{}.json", b2["id"].as_str().unwrap()));
+    let mut m: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let bases = m["delta_bases"].as_object_mut().unwrap();
+    let delta = bases.keys().next().unwrap().clone();
+    bases.remove(&delta);
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = admin_ok(&d, "backup.verify", json!({"id": b2["id"]}));
+    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{j:#}");
+    assert!(
+        bad[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not record as its base"),
+        "{j:#}"
+    );
+}
+
 #[test]
 fn fio_verifies_while_backups_run() {
     let d = start();

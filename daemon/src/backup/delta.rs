@@ -141,7 +141,7 @@ pub(super) async fn process_batch(
             Some(Named::Zero) => Some(None),
             Some(Named::Chunk(id, None)) => Some(Some(id)),
             Some(Named::Chunk(id, Some(stored))) => {
-                if !ctx.is_known(&id) {
+                if ctx.claim(id) {
                     ctx.put_packed(id, &stored, plan.base).await?;
                 }
                 ctx.svc.delta_buffers.give(stored);

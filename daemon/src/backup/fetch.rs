@@ -36,6 +36,9 @@ pub struct Fetched<B> {
 pub struct ChunkMap<'a> {
     pub packed: &'a BTreeMap<ChunkId, PackedAt>,
     pub delta_bases: &'a BTreeMap<ChunkId, ChunkId>,
+    /// Fail a delta whose base the manifest does not record as its base (verify): GC keeps
+    /// only the bases manifests name, so such a chunk reads now and is lost later.
+    pub require_named_bases: bool,
 }
 
 impl<'a> ChunkMap<'a> {
@@ -43,6 +46,15 @@ impl<'a> ChunkMap<'a> {
         ChunkMap {
             packed: &manifest.packed,
             delta_bases: &manifest.delta_bases,
+            require_named_bases: false,
+        }
+    }
+
+    /// As [`ChunkMap::of`], also failing deltas whose bases the manifest does not name.
+    pub fn strict(manifest: &'a BackupManifest) -> ChunkMap<'a> {
+        ChunkMap {
+            require_named_bases: true,
+            ..ChunkMap::of(manifest)
         }
     }
 }
@@ -132,6 +144,16 @@ where
                     .into());
                 }
                 let base = delta.base;
+                if map.require_named_bases && base != map.delta_bases.get(&current).copied() {
+                    return Err(ChunkError::BadDelta {
+                        id,
+                        reason: format!(
+                            "chunk {current} patches {}, which the manifest does not record as its base (a garbage collection may remove it)",
+                            base.map_or_else(|| "zeroes".to_owned(), |b| b.to_string())
+                        ),
+                    }
+                    .into());
+                }
                 deltas.push((current, delta));
                 match base {
                     Some(base) => current = base,

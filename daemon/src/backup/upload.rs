@@ -183,13 +183,16 @@ async fn upload(
         None => newest_backups_of(svc, job, record).await?,
     };
     let previous: Vec<&BackupManifest> = parent.iter().chain(&newest).collect();
+    // Where the chunks packed by earlier backups lie (see `seed`).
+    let mut earlier_packed: HashMap<ChunkId, PackedAt> = HashMap::new();
     for previous in &previous {
         known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(previous.packed.keys().copied());
-        seed_bases(
+        seed(
             &mut bases.lock().unwrap_or_else(|p| p.into_inner()),
+            &mut earlier_packed,
             previous,
         );
     }
@@ -361,12 +364,10 @@ async fn upload(
     let delta_bases = resolve_delta_bases(svc, job, &bases, &chunks).await?;
     let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
     // Where the packed chunks this manifest reaches lie: in this backup's packs or, for
-    // chunks it shares with the earlier backup, where that one says.
+    // chunks it shares with earlier backups, where the one its base came from says.
     let mut locations = new_packed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    for previous in &previous {
-        for (id, at) in &previous.packed {
-            locations.entry(*id).or_insert_with(|| at.clone());
-        }
+    for (id, at) in earlier_packed {
+        locations.entry(id).or_insert(at);
     }
     let packed: BTreeMap<ChunkId, PackedAt> = chunks
         .iter()
@@ -556,13 +557,28 @@ fn changed_per_chunk(runs: &[(u64, u64)]) -> ChangedBlocks {
 
 /// What the parent manifest says of its chunks' bases: its delta map is complete, so every
 /// other chunk it names, and every base that is no delta itself, patches nothing.
-fn seed_bases(known: &mut HashMap<ChunkId, Option<ChunkId>>, parent: &BackupManifest) {
-    for id in parent.chunks.iter().flatten() {
-        known.insert(*id, parent.delta_bases.get(id).copied());
-    }
-    for (delta, base) in &parent.delta_bases {
-        known.insert(*delta, Some(*base));
-        known.entry(*base).or_insert(None);
+/// Learns the chunks an earlier manifest names: each one's base (`known`) and, when packed,
+/// where it lies (`packed`). Called newest manifest first; the first manifest to name a chunk
+/// gives both, so a chunk two backups stored differently (a whole object in one, a packed
+/// delta in the other) is never recorded with one's base and the other's location.
+fn seed(
+    known: &mut HashMap<ChunkId, Option<ChunkId>>,
+    packed: &mut HashMap<ChunkId, PackedAt>,
+    earlier: &BackupManifest,
+) {
+    let named = earlier
+        .chunks
+        .iter()
+        .flatten()
+        .chain(earlier.delta_bases.keys())
+        .chain(earlier.delta_bases.values());
+    for id in named {
+        if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(*id) {
+            slot.insert(earlier.delta_bases.get(id).copied());
+            if let Some(at) = earlier.packed.get(id) {
+                packed.insert(*id, at.clone());
+            }
+        }
     }
 }
 
@@ -669,11 +685,16 @@ impl ChunkCtx<'_> {
             })?)
     }
 
-    pub(super) fn is_known(&self, id: &ChunkId) -> bool {
+    /// Claims chunk `id` for this task to store: false when the store has it or another task
+    /// of this job claimed it first. One object per id, so the base the manifest records for
+    /// it is the one of the object stored (two tasks meeting the same new content, one whole
+    /// and one as a delta, had each stored theirs, and the manifest paired one's location with
+    /// the other's base).
+    pub(super) fn claim(&self, id: ChunkId) -> bool {
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .insert(id)
     }
 
     /// Puts a delta of `base` (None: of zeroes) named `id` into the backup's pack, and stores
@@ -686,8 +707,8 @@ impl ChunkCtx<'_> {
     ) -> Result<(), BackupError> {
         self.pack.admit().await;
         let full = self.pack.append(id, stored);
-        // Known from now on, so this job does not pack it twice; a restarted job trusts only
-        // what it lists in the store, and packed chunks are not listed.
+        // A restarted job trusts only what it lists in the store, and packed chunks are not
+        // listed: it packs them again.
         self.note_new(id, base, stored.len());
         self.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
         match full {
@@ -706,16 +727,12 @@ impl ChunkCtx<'_> {
         }
     }
 
-    /// Records a chunk this job stored (or packed): its base, known, counted.
+    /// Records a chunk this job stored (or packed), having claimed it: its base, counted.
     fn note_new(&self, id: ChunkId, base: Option<ChunkId>, stored_len: usize) {
         self.bases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, base);
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
         self.counters
             .stored
             .lock()
@@ -804,7 +821,7 @@ async fn process_chunk(
         let index = offset_bytes / CHUNK_SIZE_BYTES;
         blocking(move || trees.store(index, &id, &tree)).await?;
     }
-    if ctx.is_known(&id) {
+    if !ctx.claim(id) {
         return Ok(Some(id));
     }
     let level = ctx.svc.config.zstd_level;
@@ -956,9 +973,31 @@ mod tests {
         }
     }
 
-    /// Only chunks found in the store's listing must be synced before the manifest: not the
-    /// job's own (synced as written), not earlier manifests' (synced before those), not packed
-    /// ones (their packs are objects of the job or of earlier manifests).
+    #[test]
+    fn a_chunk_takes_its_base_and_its_location_from_the_same_manifest() {
+        // Chunk 7: a whole object in the newer manifest, a packed delta over 8 in the older.
+        let newer = manifest(vec![Some(id(7)), Some(id(9))], &[(9, 7)], &[9]);
+        let older = manifest(vec![Some(id(7))], &[(7, 8)], &[7]);
+        let (mut known, mut packed) = (HashMap::new(), HashMap::new());
+        for earlier in [&newer, &older] {
+            seed(&mut known, &mut packed, earlier);
+        }
+        assert_eq!(known[&id(7)], None);
+        assert!(!packed.contains_key(&id(7)), "{packed:?}");
+        assert_eq!(known[&id(9)], Some(id(7)));
+        assert!(packed.contains_key(&id(9)));
+        // 8 is only the older manifest's base of its own 7: learnt, but not packed.
+        assert_eq!(known.get(&id(8)), Some(&None));
+        assert!(!packed.contains_key(&id(8)));
+        // In the other order the packed delta wins both ways.
+        let (mut known, mut packed) = (HashMap::new(), HashMap::new());
+        for earlier in [&older, &newer] {
+            seed(&mut known, &mut packed, earlier);
+        }
+        assert_eq!(known[&id(7)], Some(id(8)));
+        assert!(packed.contains_key(&id(7)));
+    }
+
     #[test]
     fn only_snapshots_named_after_a_backup_are_released() {
         let taken = format!(
@@ -977,6 +1016,9 @@ mod tests {
         }
     }
 
+    /// Only chunks found in the store's listing must be synced before the manifest: not the
+    /// job's own (synced as written), not earlier manifests' (synced before those), not packed
+    /// ones (their packs are objects of the job or of earlier manifests).
     #[test]
     fn foreign_chunks_are_the_named_ones_nobody_here_stored_or_named() {
         let earlier = manifest(vec![Some(id(1)), Some(id(2))], &[(2, 20)], &[]);

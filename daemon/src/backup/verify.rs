@@ -54,7 +54,7 @@ pub async fn run(
                     &job,
                     id,
                     vec![0u8; len as usize],
-                    fetch::ChunkMap::of(&manifest),
+                    fetch::ChunkMap::strict(&manifest),
                     None,
                 )
                 .await
