@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use crate::backup::error::BackupError;
 use crate::backup::job::new_job_id;
-use crate::backup::locks;
+use crate::backup::locks::{self, LockHealth};
 use crate::backup::{Backups, GcReport};
 
 /// Chunk deletions in flight at once.
@@ -37,19 +37,35 @@ pub async fn run(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
             });
         }
     };
-    let result = sweep(svc).await;
+    let result = sweep(svc, &lock.health()).await;
     lock.release().await;
     result
 }
 
-async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
+/// Refuses to go on once the GC's lock has lapsed (see `locks::LockHealth`): a backup may then
+/// have taken the lock for stale and chosen to reuse what this GC is about to delete.
+fn check_lock(lock: &LockHealth) -> Result<(), BackupError> {
+    if lock.lapsed() {
+        return Err(BackupError::Failed(
+            "the garbage collection's store lock lapsed (the store was unreachable or the daemon stood still): it stopped deleting; run backup gc again".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, BackupError> {
     let ids = svc.store.list_manifest_ids().await?;
     let mut marked = HashSet::new();
     let mut marked_packs: HashSet<String> = HashSet::new();
+    let mut manifests_read = 0u64;
     for id in &ids {
         // Any manifest that cannot be read stops the GC: sweeping after a partial mark would
-        // delete chunks that backup still needs.
-        let manifest = svc.store.get_manifest(id).await?;
+        // delete chunks that backup still needs. One deleted since the listing marks nothing.
+        let manifest = match svc.store.get_manifest(id).await {
+            Err(BackupError::BackupNotFound(_)) => continue,
+            other => other?,
+        };
+        manifests_read += 1;
         marked.extend(manifest.chunks.iter().flatten().copied());
         // The chunks deltas patch, down to the whole chunks below them.
         marked.extend(manifest.delta_bases.values().copied());
@@ -73,13 +89,17 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
     let mut tasks: Vec<Deletion> = Vec::with_capacity(garbage_count + garbage_pack_count);
     for (id, size) in garbage {
         let svc = Arc::clone(svc);
+        let lock = Arc::clone(lock);
         tasks.push(Box::pin(async move {
+            check_lock(&lock)?;
             svc.store.delete_chunk(&id).await.map(|()| (size, true))
         }));
     }
     for (name, size) in garbage_packs {
         let svc = Arc::clone(svc);
+        let lock = Arc::clone(lock);
         tasks.push(Box::pin(async move {
+            check_lock(&lock)?;
             svc.store.delete_pack(&name).await.map(|()| (size, false))
         }));
     }
@@ -100,7 +120,7 @@ async fn sweep(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
     let report = GcReport {
         deferred: false,
         reason: None,
-        manifests: ids.len() as u64,
+        manifests: manifests_read,
         chunks_kept: (chunks.len() - garbage_count) as u64,
         chunks_deleted,
         packs_kept: (packs.len() - garbage_pack_count) as u64,

@@ -3,6 +3,7 @@
 //! then lists the others, so of two racing parties at least one sees the other (restic's
 //! scheme). Backups hold shared locks; GC holds the exclusive one and gives way to backups.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,65 @@ pub const LOCK_STALE_SECS: i64 = 300;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 /// How long a backup waits between looks while a GC holds the exclusive lock.
 const EXCLUSIVE_POLL: Duration = Duration::from_millis(500);
+/// A holder whose lock went this long without a successful refresh must assume another daemon
+/// took it for stale (the store's clock and ours may differ by a heartbeat or so).
+const LAPSE_MS: u64 = (LOCK_STALE_SECS as u64 - 2 * HEARTBEAT_INTERVAL.as_secs()) * 1000;
+
+/// Whether a held lock has stayed fresh in the store since it was taken, as its holder can
+/// tell: the heartbeat records each successful refresh. Times are CLOCK_BOOTTIME, which keeps
+/// counting while the machine is suspended or the VM paused.
+#[derive(Debug)]
+pub struct LockHealth {
+    last_refresh_ms: AtomicU64,
+    lapsed: AtomicBool,
+}
+
+impl LockHealth {
+    fn new() -> LockHealth {
+        LockHealth::at(boottime_ms())
+    }
+
+    fn at(now_ms: u64) -> LockHealth {
+        LockHealth {
+            last_refresh_ms: AtomicU64::new(now_ms),
+            lapsed: AtomicBool::new(false),
+        }
+    }
+
+    fn refreshed_at(&self, now_ms: u64) {
+        let previous = self.last_refresh_ms.swap(now_ms, Ordering::SeqCst);
+        if now_ms.saturating_sub(previous) > LAPSE_MS {
+            self.lapsed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn lapsed_at(&self, now_ms: u64) -> bool {
+        self.lapsed.load(Ordering::SeqCst)
+            || now_ms.saturating_sub(self.last_refresh_ms.load(Ordering::SeqCst)) > LAPSE_MS
+    }
+
+    /// Whether another daemon may have taken the lock for stale at some point since it was
+    /// taken (its refreshes failed, or this process stood still, for too long). What the
+    /// holder learnt of the store under the lock may then be out of date.
+    pub fn lapsed(&self) -> bool {
+        self.lapsed_at(boottime_ms())
+    }
+}
+
+/// Milliseconds of CLOCK_BOOTTIME.
+fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration, and
+    // CLOCK_BOOTTIME is a clock id every supported Linux kernel has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
 
 #[derive(Serialize)]
 struct LockBody<'a> {
@@ -33,9 +93,25 @@ pub struct HeldLock {
     store: Arc<BackupStore>,
     name: String,
     heartbeat: Option<JoinHandle<()>>,
+    health: Arc<LockHealth>,
 }
 
 impl HeldLock {
+    fn start(store: &Arc<BackupStore>, name: String, kind: &'static str, owner: &str) -> HeldLock {
+        let health = Arc::new(LockHealth::new());
+        HeldLock {
+            store: Arc::clone(store),
+            name,
+            heartbeat: Some(start_heartbeat(store, kind, owner, Arc::clone(&health))),
+            health,
+        }
+    }
+
+    /// How the lock has kept up since it was taken.
+    pub fn health(&self) -> Arc<LockHealth> {
+        Arc::clone(&self.health)
+    }
+
     /// Stops refreshing the lock but leaves it in the store, where it goes stale after
     /// [`LOCK_STALE_SECS`]: for a holder whose work may still land after it has stopped.
     pub fn abandon(mut self) {
@@ -84,17 +160,44 @@ async fn put(store: &BackupStore, kind: &str, owner: &str) -> Result<String, Bac
     Ok(name)
 }
 
-fn start_heartbeat(store: &Arc<BackupStore>, kind: &'static str, owner: &str) -> JoinHandle<()> {
+fn start_heartbeat(
+    store: &Arc<BackupStore>,
+    kind: &'static str,
+    owner: &str,
+    health: Arc<LockHealth>,
+) -> JoinHandle<()> {
     let store = Arc::clone(store);
     let owner = owner.to_owned();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-            if let Err(e) = put(&store, kind, &owner).await {
-                tracing::warn!(owner, error = %e, "refreshing a backup store lock failed");
+            match put(&store, kind, &owner).await {
+                Ok(_) => {
+                    health.refreshed_at(boottime_ms());
+                    if health.lapsed() {
+                        tracing::warn!(owner, "this backup store lock went too long without a refresh: another daemon may have taken it for stale");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(owner, error = %e, "refreshing a backup store lock failed")
+                }
             }
         }
     })
+}
+
+/// Refreshes the shared lock `owner` holds and waits until no garbage collection holds the
+/// store: after a lapse (see [`LockHealth`]) a listing taken once this returns is the truth
+/// again, since any GC that starts later sees the lock.
+pub async fn reassert_shared(store: &Arc<BackupStore>, owner: &str) -> Result<(), BackupError> {
+    loop {
+        let name = put(store, "shared", owner).await?;
+        if others(store, "exclusive", &name).await? == 0 {
+            return Ok(());
+        }
+        tracing::info!(owner, "waiting for the backup store's garbage collection");
+        tokio::time::sleep(EXCLUSIVE_POLL).await;
+    }
 }
 
 /// The fresh locks of `kind` other than `own`, judged by the store's own clock: the time the
@@ -132,11 +235,7 @@ pub async fn acquire_shared(
     loop {
         let name = put(store, "shared", owner).await?;
         if others(store, "exclusive", &name).await? == 0 {
-            return Ok(HeldLock {
-                store: Arc::clone(store),
-                name,
-                heartbeat: Some(start_heartbeat(store, "shared", owner)),
-            });
+            return Ok(HeldLock::start(store, name, "shared", owner));
         }
         store.delete_lock(&name).await?;
         tracing::info!(owner, "waiting for the backup store's garbage collection");
@@ -159,9 +258,35 @@ pub async fn try_exclusive(
             "{shared} backup(s) and {exclusive} other garbage collection(s) hold the store"
         )));
     }
-    Ok(Ok(HeldLock {
-        store: Arc::clone(store),
-        name,
-        heartbeat: Some(start_heartbeat(store, "exclusive", owner)),
-    }))
+    Ok(Ok(HeldLock::start(store, name, "exclusive", owner)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_lapses_when_a_refresh_comes_too_late_or_none_comes() {
+        let health = LockHealth::at(1_000);
+        let beat = HEARTBEAT_INTERVAL.as_millis() as u64;
+        health.refreshed_at(1_000 + beat);
+        health.refreshed_at(1_000 + 2 * beat);
+        assert!(!health.lapsed_at(1_000 + 2 * beat + LAPSE_MS));
+        // No refresh for too long: lapsed now...
+        assert!(health.lapsed_at(1_000 + 2 * beat + LAPSE_MS + 1));
+        // ...and for good once a refresh comes after such a gap.
+        let late = 1_000 + 2 * beat + LAPSE_MS + 1;
+        health.refreshed_at(late);
+        assert!(health.lapsed_at(late));
+        assert!(health.lapsed_at(late + beat));
+        // Lapsing takes well under the staleness others judge by.
+        assert!(LAPSE_MS < LOCK_STALE_SECS as u64 * 1000 - beat);
+    }
+
+    #[test]
+    fn boottime_moves_forward() {
+        let a = boottime_ms();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(boottime_ms() >= a + 5);
+    }
 }

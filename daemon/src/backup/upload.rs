@@ -2,7 +2,7 @@
 //! backup (known from the layer maps), upload the ones the store lacks, then write the
 //! manifest. Runs under a shared store lock so GC cannot delete a chunk it counts on.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use crate::backup::delta::{self, DeltaPlan};
 use crate::backup::error::BackupError;
 use crate::backup::fetch;
 use crate::backup::job::Job;
-use crate::backup::locks;
+use crate::backup::locks::{self, LockHealth};
 use crate::backup::manifest::{
     self, chunk_list_digest, BackupManifest, BackupStats, MANIFEST_FORMAT_VERSION,
 };
@@ -117,7 +117,7 @@ pub async fn run(
                 locks::acquire_shared(&svc.store, &record.job_id)
             })
             .await?;
-            let result = upload(svc, job, &entry, &mut record, started).await;
+            let result = upload(svc, job, &entry, &mut record, &lock.health(), started).await;
             if matches!(&result, Err(BackupError::Cancelled(_))) && job.committed() {
                 // A shutdown abandoned the manifest's write, which may still land (a local
                 // write finishes on its thread; a sent PUT completes). The lock stays until it
@@ -145,6 +145,7 @@ async fn upload(
     job: &Arc<Job>,
     entry: &Arc<VolumeEntry>,
     record: &mut BackupRecord,
+    lock: &LockHealth,
     started: Instant,
 ) -> Result<(BackupManifest, Option<BackupManifest>), BackupError> {
     let snapshot = entry
@@ -408,6 +409,9 @@ async fn upload(
     };
     // The writer checks what every reader will check, before anything is stored.
     manifest.validate(&manifest.backup_id)?;
+    if lock.lapsed() {
+        objects_still_stored(svc, job, &record.job_id, &manifest).await?;
+    }
     let foreign = foreign_chunks(&manifest, &previous, &counters);
     // From here the backup completes: a cancel is refused rather than racing the manifest,
     // which may land even if its write is abandoned.
@@ -433,6 +437,69 @@ async fn upload(
         "backup complete"
     );
     Ok((manifest, parent))
+}
+
+/// After the job's store lock lapsed (see `locks::LockHealth`), a GC on another daemon may have
+/// deleted objects this job chose to reuse: with the lock asserted again and no GC running,
+/// every object the manifest names must be listed, or the backup fails rather than exist with
+/// a hole (the next backup stores them again).
+async fn objects_still_stored(
+    svc: &Arc<Backups>,
+    job: &Job,
+    owner: &str,
+    manifest: &BackupManifest,
+) -> Result<(), BackupError> {
+    tracing::warn!(job = %job.id, "the store lock lapsed during the backup: checking that every object it names is still stored");
+    with_retry(job, &svc.shutdown, "locking the store again", || {
+        locks::reassert_shared(&svc.store, owner)
+    })
+    .await?;
+    let chunks = with_retry(job, &svc.shutdown, "listing chunks", || {
+        svc.store.list_chunks()
+    })
+    .await?;
+    let packs = with_retry(job, &svc.shutdown, "listing packs", || {
+        svc.store.list_packs()
+    })
+    .await?;
+    let missing = missing_objects(manifest, &chunks, &packs);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(BackupError::Failed(format!(
+        "the backup's store lock lapsed (the store was unreachable or the daemon stood still) and {} object(s) it names were removed meanwhile, e.g. {}; the next backup stores them again",
+        missing.len(),
+        missing[0]
+    )))
+}
+
+/// The objects `manifest` names that are not in the listings: whole chunks (`chunks/<id>`)
+/// and packs (`packs/<name>`).
+fn missing_objects(
+    manifest: &BackupManifest,
+    chunks: &HashMap<ChunkId, u64>,
+    packs: &HashMap<String, u64>,
+) -> Vec<String> {
+    let mut missing: BTreeSet<String> = BTreeSet::new();
+    let named = manifest
+        .chunks
+        .iter()
+        .flatten()
+        .chain(manifest.delta_bases.keys())
+        .chain(manifest.delta_bases.values());
+    for id in named {
+        match manifest.packed.get(id) {
+            Some(at) if !packs.contains_key(&at.pack) => {
+                missing.insert(pack::pack_key(&at.pack));
+            }
+            Some(_) => {}
+            None if !chunks.contains_key(id) => {
+                missing.insert(chunk::chunk_key(id));
+            }
+            None => {}
+        }
+    }
+    missing.into_iter().collect()
 }
 
 /// The manifest of backup `backup_id` if it is in the store (a damaged one counts as absent:
@@ -971,6 +1038,18 @@ mod tests {
                 .collect(),
             stats: BackupStats::default(),
         }
+    }
+
+    #[test]
+    fn missing_objects_are_the_named_ones_no_listing_shows() {
+        // 1 listed, 2 not listed, 3 packed in "p", which is not listed either.
+        let m = manifest(vec![Some(id(1)), Some(id(2)), Some(id(3)), None], &[], &[3]);
+        let chunks: HashMap<ChunkId, u64> = [(id(1), 10), (id(3), 10)].into();
+        let missing = missing_objects(&m, &chunks, &HashMap::new());
+        assert_eq!(missing, [chunk::chunk_key(&id(2)), pack::pack_key("p")]);
+        let packs: HashMap<String, u64> = [("p".to_owned(), 10)].into();
+        let chunks: HashMap<ChunkId, u64> = [(id(1), 10), (id(2), 10)].into();
+        assert!(missing_objects(&m, &chunks, &packs).is_empty());
     }
 
     #[test]
