@@ -45,7 +45,7 @@ pub async fn run(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
 /// Refuses to go on once the GC's lock has lapsed (see `locks::LockHealth`): a backup may then
 /// have taken the lock for stale and chosen to reuse what this GC is about to delete.
 fn check_lock(lock: &LockHealth) -> Result<(), BackupError> {
-    if lock.lapsed() {
+    if lock.lapses() > 0 {
         return Err(BackupError::Failed(
             "the garbage collection's store lock lapsed (the store was unreachable or the daemon stood still): it stopped deleting; run backup gc again".into(),
         ));
@@ -58,11 +58,15 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
     let mut marked = HashSet::new();
     let mut marked_packs: HashSet<String> = HashSet::new();
     let mut manifests_read = 0u64;
+    let mut vanished: Vec<&String> = Vec::new();
     for id in &ids {
         // Any manifest that cannot be read stops the GC: sweeping after a partial mark would
         // delete chunks that backup still needs. One deleted since the listing marks nothing.
         let manifest = match svc.store.get_manifest(id).await {
-            Err(BackupError::BackupNotFound(_)) => continue,
+            Err(BackupError::BackupNotFound(_)) => {
+                vanished.push(id);
+                continue;
+            }
             other => other?,
         };
         manifests_read += 1;
@@ -70,6 +74,16 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
         // The chunks deltas patch, down to the whole chunks below them.
         marked.extend(manifest.delta_bases.values().copied());
         marked_packs.extend(manifest.packed.into_values().map(|at| at.pack));
+    }
+    if !vanished.is_empty() {
+        // Deleted, or only not readable yet on a store whose reads lag its listings: a
+        // manifest still listed is live, and its chunks were not marked.
+        let listed: HashSet<String> = svc.store.list_manifest_ids().await?.into_iter().collect();
+        if let Some(id) = vanished.iter().find(|id| listed.contains(**id)) {
+            return Err(BackupError::Failed(format!(
+                "manifest {id} is listed but could not be read: garbage collection stopped before deleting anything"
+            )));
+        }
     }
     let chunks = svc.store.list_chunks().await?;
     let garbage: Vec<_> = chunks

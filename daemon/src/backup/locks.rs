@@ -3,7 +3,7 @@
 //! then lists the others, so of two racing parties at least one sees the other (restic's
 //! scheme). Backups hold shared locks; GC holds the exclusive one and gives way to backups.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,41 +27,41 @@ const LAPSE_MS: u64 = (LOCK_STALE_SECS as u64 - 2 * HEARTBEAT_INTERVAL.as_secs()
 /// Whether a held lock has stayed fresh in the store since it was taken, as its holder can
 /// tell: the heartbeat records each successful refresh. Times are CLOCK_BOOTTIME, which keeps
 /// counting while the machine is suspended or the VM paused.
+/// A refresh's time is taken before its write is sent: the store stamps the object no later
+/// than that, so the holder never thinks its lock fresher than others see it.
 #[derive(Debug)]
 pub struct LockHealth {
     last_refresh_ms: AtomicU64,
-    lapsed: AtomicBool,
+    /// Lapses seen so far: gaps between refreshes that were too long.
+    lapses: AtomicU64,
 }
 
 impl LockHealth {
-    fn new() -> LockHealth {
-        LockHealth::at(boottime_ms())
-    }
-
-    fn at(now_ms: u64) -> LockHealth {
+    fn at(sent_ms: u64) -> LockHealth {
         LockHealth {
-            last_refresh_ms: AtomicU64::new(now_ms),
-            lapsed: AtomicBool::new(false),
+            last_refresh_ms: AtomicU64::new(sent_ms),
+            lapses: AtomicU64::new(0),
         }
     }
 
-    fn refreshed_at(&self, now_ms: u64) {
-        let previous = self.last_refresh_ms.swap(now_ms, Ordering::SeqCst);
-        if now_ms.saturating_sub(previous) > LAPSE_MS {
-            self.lapsed.store(true, Ordering::SeqCst);
+    /// Records a successful write of the lock sent at `sent_ms`.
+    fn refreshed_at(&self, sent_ms: u64) {
+        let previous = self.last_refresh_ms.fetch_max(sent_ms, Ordering::SeqCst);
+        if sent_ms.saturating_sub(previous) > LAPSE_MS {
+            self.lapses.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    fn lapsed_at(&self, now_ms: u64) -> bool {
-        self.lapsed.load(Ordering::SeqCst)
-            || now_ms.saturating_sub(self.last_refresh_ms.load(Ordering::SeqCst)) > LAPSE_MS
+    fn lapses_at(&self, now_ms: u64) -> u64 {
+        let ongoing = now_ms.saturating_sub(self.last_refresh_ms.load(Ordering::SeqCst)) > LAPSE_MS;
+        self.lapses.load(Ordering::SeqCst) + u64::from(ongoing)
     }
 
-    /// Whether another daemon may have taken the lock for stale at some point since it was
-    /// taken (its refreshes failed, or this process stood still, for too long). What the
-    /// holder learnt of the store under the lock may then be out of date.
-    pub fn lapsed(&self) -> bool {
-        self.lapsed_at(boottime_ms())
+    /// How many times another daemon may have taken the lock for stale since it was taken
+    /// (its refreshes failed, or this process stood still, for too long), the gap going on now
+    /// included. When this grows, what the holder learnt of the store may be out of date.
+    pub fn lapses(&self) -> u64 {
+        self.lapses_at(boottime_ms())
     }
 }
 
@@ -97,8 +97,15 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
-    fn start(store: &Arc<BackupStore>, name: String, kind: &'static str, owner: &str) -> HeldLock {
-        let health = Arc::new(LockHealth::new());
+    /// The lock `name`, written at `sent_ms`, held from now on.
+    fn start(
+        store: &Arc<BackupStore>,
+        name: String,
+        kind: &'static str,
+        owner: &str,
+        sent_ms: u64,
+    ) -> HeldLock {
+        let health = Arc::new(LockHealth::at(sent_ms));
         HeldLock {
             store: Arc::clone(store),
             name,
@@ -112,12 +119,12 @@ impl HeldLock {
         Arc::clone(&self.health)
     }
 
-    /// Stops refreshing the lock but leaves it in the store, where it goes stale after
-    /// [`LOCK_STALE_SECS`]: for a holder whose work may still land after it has stopped.
+    /// Leaves the lock in the store, refreshed for as long as this process runs, and then to go
+    /// stale after [`LOCK_STALE_SECS`]: for a holder whose work may still land after it has
+    /// stopped waiting for it.
     pub fn abandon(mut self) {
-        if let Some(h) = self.heartbeat.take() {
-            h.abort();
-        }
+        // Dropping the handle detaches the heartbeat; Drop then has nothing to delete.
+        drop(self.heartbeat.take());
     }
 
     pub async fn release(mut self) {
@@ -171,10 +178,12 @@ fn start_heartbeat(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            let sent_ms = boottime_ms();
             match put(&store, kind, &owner).await {
                 Ok(_) => {
-                    health.refreshed_at(boottime_ms());
-                    if health.lapsed() {
+                    let lapses = health.lapses();
+                    health.refreshed_at(sent_ms);
+                    if health.lapses() > lapses {
                         tracing::warn!(owner, "this backup store lock went too long without a refresh: another daemon may have taken it for stale");
                     }
                 }
@@ -189,9 +198,15 @@ fn start_heartbeat(
 /// Refreshes the shared lock `owner` holds and waits until no garbage collection holds the
 /// store: after a lapse (see [`LockHealth`]) a listing taken once this returns is the truth
 /// again, since any GC that starts later sees the lock.
-pub async fn reassert_shared(store: &Arc<BackupStore>, owner: &str) -> Result<(), BackupError> {
+pub async fn reassert_shared(
+    store: &Arc<BackupStore>,
+    owner: &str,
+    health: &LockHealth,
+) -> Result<(), BackupError> {
     loop {
+        let sent_ms = boottime_ms();
         let name = put(store, "shared", owner).await?;
+        health.refreshed_at(sent_ms);
         if others(store, "exclusive", &name).await? == 0 {
             return Ok(());
         }
@@ -233,9 +248,10 @@ pub async fn acquire_shared(
     owner: &str,
 ) -> Result<HeldLock, BackupError> {
     loop {
+        let sent_ms = boottime_ms();
         let name = put(store, "shared", owner).await?;
         if others(store, "exclusive", &name).await? == 0 {
-            return Ok(HeldLock::start(store, name, "shared", owner));
+            return Ok(HeldLock::start(store, name, "shared", owner, sent_ms));
         }
         store.delete_lock(&name).await?;
         tracing::info!(owner, "waiting for the backup store's garbage collection");
@@ -249,6 +265,7 @@ pub async fn try_exclusive(
     store: &Arc<BackupStore>,
     owner: &str,
 ) -> Result<Result<HeldLock, String>, BackupError> {
+    let sent_ms = boottime_ms();
     let name = put(store, "exclusive", owner).await?;
     let shared = others(store, "shared", &name).await?;
     let exclusive = others(store, "exclusive", &name).await?;
@@ -258,7 +275,13 @@ pub async fn try_exclusive(
             "{shared} backup(s) and {exclusive} other garbage collection(s) hold the store"
         )));
     }
-    Ok(Ok(HeldLock::start(store, name, "exclusive", owner)))
+    Ok(Ok(HeldLock::start(
+        store,
+        name,
+        "exclusive",
+        owner,
+        sent_ms,
+    )))
 }
 
 #[cfg(test)]
@@ -271,14 +294,20 @@ mod tests {
         let beat = HEARTBEAT_INTERVAL.as_millis() as u64;
         health.refreshed_at(1_000 + beat);
         health.refreshed_at(1_000 + 2 * beat);
-        assert!(!health.lapsed_at(1_000 + 2 * beat + LAPSE_MS));
-        // No refresh for too long: lapsed now...
-        assert!(health.lapsed_at(1_000 + 2 * beat + LAPSE_MS + 1));
-        // ...and for good once a refresh comes after such a gap.
+        assert_eq!(health.lapses_at(1_000 + 2 * beat + LAPSE_MS), 0);
+        // No refresh for too long: a lapse going on now...
+        assert_eq!(health.lapses_at(1_000 + 2 * beat + LAPSE_MS + 1), 1);
+        // ...counted for good once a refresh comes after such a gap.
         let late = 1_000 + 2 * beat + LAPSE_MS + 1;
         health.refreshed_at(late);
-        assert!(health.lapsed_at(late));
-        assert!(health.lapsed_at(late + beat));
+        assert_eq!(health.lapses_at(late), 1);
+        assert_eq!(health.lapses_at(late + beat), 1);
+        // A refresh that answers late does not move the lock's time back.
+        health.refreshed_at(late - beat);
+        assert_eq!(health.lapses_at(late + LAPSE_MS), 1);
+        // A second long gap is a second lapse.
+        health.refreshed_at(late + LAPSE_MS + beat);
+        assert_eq!(health.lapses_at(late + LAPSE_MS + beat), 2);
         // Lapsing takes well under the staleness others judge by.
         assert!(LAPSE_MS < LOCK_STALE_SECS as u64 * 1000 - beat);
     }

@@ -104,6 +104,16 @@ pub async fn run(
         None
     };
     let manifest = match stored {
+        Some(manifest)
+            if manifest.volume_uuid != record.volume_uuid
+                || manifest.source_snapshot != record.snapshot =>
+        {
+            // Not this job's: an id collision, never to be written over or taken for ours.
+            return Err(BackupError::Failed(format!(
+                "the store holds a backup {} of another volume or snapshot ({}, {}); this job's backup was not stored",
+                manifest.backup_id, manifest.volume_uuid, manifest.source_snapshot
+            )));
+        }
         Some(manifest) => {
             // The daemon stopped after the manifest landed but before the job ended: the
             // backup is complete, and a second run would only redo it.
@@ -409,8 +419,10 @@ async fn upload(
     };
     // The writer checks what every reader will check, before anything is stored.
     manifest.validate(&manifest.backup_id)?;
-    if lock.lapsed() {
-        objects_still_stored(svc, job, &record.job_id, &manifest).await?;
+    let mut lapses = lock.lapses();
+    if lapses > 0 {
+        objects_still_stored(svc, job, &record.job_id, lock, &manifest).await?;
+        lapses = lock.lapses();
     }
     let foreign = foreign_chunks(&manifest, &previous, &counters);
     // From here the backup completes: a cancel is refused rather than racing the manifest,
@@ -420,6 +432,17 @@ async fn upload(
         svc.store.put_manifest(&manifest, &foreign)
     })
     .await?;
+    if lock.lapses() > lapses {
+        // The lock lapsed while the manifest was on its way: a GC elsewhere may have removed
+        // what it names before it landed. A manifest with a hole must not stay.
+        if let Err(e) = objects_still_stored(svc, job, &record.job_id, lock, &manifest).await {
+            with_retry(job, &svc.shutdown, "deleting the manifest", || {
+                svc.store.delete_manifest(&manifest.backup_id)
+            })
+            .await?;
+            return Err(e);
+        }
+    }
     svc.catalog.remember(&manifest);
     let manifest_ms = started.elapsed().as_millis() as u64;
     tracing::info!(
@@ -447,11 +470,12 @@ async fn objects_still_stored(
     svc: &Arc<Backups>,
     job: &Job,
     owner: &str,
+    lock: &LockHealth,
     manifest: &BackupManifest,
 ) -> Result<(), BackupError> {
     tracing::warn!(job = %job.id, "the store lock lapsed during the backup: checking that every object it names is still stored");
     with_retry(job, &svc.shutdown, "locking the store again", || {
-        locks::reassert_shared(&svc.store, owner)
+        locks::reassert_shared(&svc.store, owner, lock)
     })
     .await?;
     let chunks = with_retry(job, &svc.shutdown, "listing chunks", || {
@@ -622,10 +646,9 @@ fn changed_per_chunk(runs: &[(u64, u64)]) -> ChangedBlocks {
     changed
 }
 
-/// What the parent manifest says of its chunks' bases: its delta map is complete, so every
-/// other chunk it names, and every base that is no delta itself, patches nothing.
 /// Learns the chunks an earlier manifest names: each one's base (`known`) and, when packed,
-/// where it lies (`packed`). Called newest manifest first; the first manifest to name a chunk
+/// where it lies (`packed`); its delta map is complete, so a chunk it names that is no delta
+/// there patches nothing. Called newest manifest first; the first manifest to name a chunk
 /// gives both, so a chunk two backups stored differently (a whole object in one, a packed
 /// delta in the other) is never recorded with one's base and the other's location.
 fn seed(
