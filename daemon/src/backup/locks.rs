@@ -130,6 +130,9 @@ impl HeldLock {
     pub async fn release(mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
+            // Once it has stopped, no refresh of its can be written after the delete (but for
+            // a store write already handed to a blocking thread).
+            let _ = h.await;
         }
         if let Err(e) = self.store.delete_lock(&self.name).await {
             tracing::warn!(lock = %self.name, error = %e, "releasing a backup store lock failed; it expires by itself");
@@ -143,6 +146,47 @@ impl Drop for HeldLock {
             h.abort();
             let store = Arc::clone(&self.store);
             let name = self.name.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = store.delete_lock(&name).await;
+                });
+            }
+        }
+    }
+}
+
+/// A lock just written and not yet held: deleted in the background if the caller's future is
+/// dropped before it becomes a [`HeldLock`] (a job cancelled while it looks for conflicting
+/// locks), which would otherwise put every GC off until the lock went stale. Error paths
+/// delete it themselves, awaited, so a retry's write of the same name cannot be overtaken by
+/// this delete.
+struct Written<'a> {
+    store: &'a Arc<BackupStore>,
+    name: Option<String>,
+}
+
+impl<'a> Written<'a> {
+    fn new(store: &'a Arc<BackupStore>, name: String) -> Written<'a> {
+        Written {
+            store,
+            name: Some(name),
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+
+    /// The lock's name, now the caller's to hold or delete.
+    fn keep(mut self) -> String {
+        self.name.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            let store = Arc::clone(self.store);
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = store.delete_lock(&name).await;
@@ -249,11 +293,15 @@ pub async fn acquire_shared(
 ) -> Result<HeldLock, BackupError> {
     loop {
         let sent_ms = boottime_ms();
-        let name = put(store, "shared", owner).await?;
-        if others(store, "exclusive", &name).await? == 0 {
+        let written = Written::new(store, put(store, "shared", owner).await?);
+        let conflicts = others(store, "exclusive", written.name()).await;
+        let name = written.keep();
+        if matches!(conflicts, Ok(0)) {
             return Ok(HeldLock::start(store, name, "shared", owner, sent_ms));
         }
-        store.delete_lock(&name).await?;
+        let deleted = store.delete_lock(&name).await;
+        conflicts?;
+        deleted?;
         tracing::info!(owner, "waiting for the backup store's garbage collection");
         tokio::time::sleep(EXCLUSIVE_POLL).await;
     }
@@ -266,9 +314,21 @@ pub async fn try_exclusive(
     owner: &str,
 ) -> Result<Result<HeldLock, String>, BackupError> {
     let sent_ms = boottime_ms();
-    let name = put(store, "exclusive", owner).await?;
-    let shared = others(store, "shared", &name).await?;
-    let exclusive = others(store, "exclusive", &name).await?;
+    let written = Written::new(store, put(store, "exclusive", owner).await?);
+    let counts = async {
+        let shared = others(store, "shared", written.name()).await?;
+        let exclusive = others(store, "exclusive", written.name()).await?;
+        Ok::<_, BackupError>((shared, exclusive))
+    }
+    .await;
+    let name = written.keep();
+    let (shared, exclusive) = match counts {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = store.delete_lock(&name).await;
+            return Err(e);
+        }
+    };
     if shared + exclusive > 0 {
         store.delete_lock(&name).await?;
         return Ok(Err(format!(
@@ -310,6 +370,69 @@ mod tests {
         assert_eq!(health.lapses_at(late + LAPSE_MS + beat), 2);
         // Lapsing takes well under the staleness others judge by.
         assert!(LAPSE_MS < LOCK_STALE_SECS as u64 * 1000 - beat);
+    }
+
+    fn local_store() -> (tempfile::TempDir, Arc<BackupStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        (dir, Arc::new(store))
+    }
+
+    async fn lock_names(store: &BackupStore) -> Vec<String> {
+        let mut names: Vec<String> = store
+            .list_locks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_written_lock_nobody_kept_is_deleted() {
+        let (_dir, store) = local_store();
+        let dropped = Written::new(&store, put(&store, "shared", "j-1").await.unwrap());
+        let kept = Written::new(&store, put(&store, "shared", "j-2").await.unwrap());
+        assert_eq!(kept.keep(), "shared-j-2.json");
+        drop(dropped);
+        let gone = async {
+            while lock_names(&store).await.len() > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("the dropped lock stayed");
+        assert_eq!(lock_names(&store).await, ["shared-j-2.json"]);
+    }
+
+    #[tokio::test]
+    async fn an_object_dated_in_the_future_does_not_make_live_locks_stale() {
+        let (dir, store) = local_store();
+        put(&store, "exclusive", "gc-1").await.unwrap();
+        let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let junk = dir.path().join("locks").join("zzz-junk");
+        std::fs::write(&junk, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&junk)
+            .unwrap()
+            .set_modified(future)
+            .unwrap();
+        let own = put(&store, "shared", "j-1").await.unwrap();
+        assert_eq!(others(&store, "exclusive", &own).await.unwrap(), 1);
+        // A GC's lock last written long ago is stale all the same.
+        let old = std::time::SystemTime::now() - Duration::from_secs(LOCK_STALE_SECS as u64 + 60);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("locks").join("exclusive-gc-1.json"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(others(&store, "exclusive", &own).await.unwrap(), 0);
     }
 
     #[test]
