@@ -789,6 +789,47 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
     );
 }
 
+/// A restore's record that outlives its job (its removal lost in a crash) must not run the
+/// restore again at the next start: the volume may hold what clients wrote since. Staged by
+/// copying the record while the restore is held up on an unreadable chunk and putting it
+/// back after the restore completed and a client wrote.
+#[test]
+fn a_completed_restore_whose_record_came_back_is_not_run_again() {
+    let mut d = start();
+    half_random(&d, "vol0", 32 * MIB, 44);
+    let b = backup_now(&d, "vol0", false);
+    let chunks = chunk_files(&store_dir(&d));
+    let victim = chunks[1].0.clone();
+    let saved = fs::read(&victim).unwrap();
+    fs::remove_file(&victim).unwrap();
+    fs::create_dir(&victim).unwrap();
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b["id"]}),
+    );
+    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
+    wait_retrying(&d, &job_id);
+    let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
+    let saved_record = fs::read(&record).unwrap();
+    fs::remove_dir(&victim).unwrap();
+    fs::write(&victim, saved).unwrap();
+    wait_job_ok(&d, &job_id);
+    let mut after = read_export(&d, "r");
+    write_at(&d, "r", 0, &random(45, 8 * MIB), &mut after);
+
+    d.terminate_ok();
+    fs::write(&record, &saved_record).unwrap();
+    d.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || !record.exists()),
+        "the record was kept"
+    );
+    let show = admin_ok(&d, "volume.show", json!({"name": "r"}));
+    assert_eq!(show["incomplete_restore"], json!(null), "{show:#}");
+    assert_same("the client's writes", &read_export(&d, "r"), &after);
+}
+
 /// Waits until restore job `job_id` reports the store failing and retrying.
 fn wait_retrying(d: &Daemon, job_id: &str) {
     assert!(

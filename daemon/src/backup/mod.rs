@@ -239,6 +239,19 @@ impl Backups {
                         continue;
                     }
                     if let Some(entry) = self.registry.entry(&r.volume) {
+                        // The job's own mark says it has not completed. Without it the record
+                        // outlived its job (its removal was lost in a crash) and the volume may
+                        // hold what clients wrote since: running it again would overwrite that.
+                        let ours = entry
+                            .volume()
+                            .restore_mark()
+                            .is_some_and(|mark| mark.job_id == r.job_id);
+                        if !ours {
+                            tracing::warn!(job = %r.job_id, volume = %r.volume, "dropping the record of a restore whose volume no longer carries its mark: it completed");
+                            self.files.remove(&r.job_id);
+                            self.unclaim(&r.volume);
+                            continue;
+                        }
                         let _ = entry.volume().attachments().close(true, Closure::Restore);
                     }
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
@@ -253,6 +266,14 @@ impl Backups {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(volume.to_owned())
+    }
+
+    /// Whether a backup or restore job has `volume` now.
+    pub(crate) fn is_claimed(&self, volume: &str) -> bool {
+        self.busy_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(volume)
     }
 
     fn unclaim(&self, volume: &str) {
@@ -703,12 +724,17 @@ impl Backups {
             }
         };
         if disconnected > 0 && !attachments.wait_detached(RESTORE_DRAIN_TIMEOUT).await {
-            tracing::warn!(
-                volume = to,
-                "clients still attached after the drain timeout"
-            );
+            // A connection still attached could write through the page cache over what the
+            // restore writes with O_DIRECT: nothing is restored then.
+            attachments.reopen(Closure::Restore);
+            self.unclaim(to);
+            return Err(StorageError::Busy {
+                name: to.to_owned(),
+                connections: attachments.count(),
+            }
+            .into());
         }
-        self.start_restore(backup_id, to, false).await
+        self.start_restore(backup_id, to, false, new_job_id()).await
     }
 
     /// Creates volume `name` with a backup's size and restores the backup into it; the
@@ -724,11 +750,20 @@ impl Backups {
         }
         let registry = Arc::clone(&self.registry);
         let (volume_name, size_bytes) = (name.to_owned(), manifest.size_bytes);
-        let created =
-            tokio::task::spawn_blocking(move || registry.create(&volume_name, size_bytes))
-                .await
-                .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
-                .and_then(|r| r.map_err(BackupError::from));
+        // Marked from birth: a crash before the job is recorded leaves a volume that refuses
+        // clients, not an empty one that looks whole.
+        let job_id = new_job_id();
+        let mark = RestoreMark {
+            backup_id: backup_id.to_owned(),
+            job_id: job_id.clone(),
+            started_unix_secs: now_unix_secs(),
+        };
+        let created = tokio::task::spawn_blocking(move || {
+            registry.create_marked(&volume_name, size_bytes, &mark)
+        })
+        .await
+        .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
+        .and_then(|r| r.map_err(BackupError::from));
         let closed = match created {
             Ok(volume) => volume.attachments().close(true, Closure::Restore),
             Err(e) => {
@@ -737,7 +772,7 @@ impl Backups {
             }
         };
         let started = match closed {
-            Ok(_) => self.start_restore(backup_id, name, true).await,
+            Ok(_) => self.start_restore(backup_id, name, true, job_id).await,
             // A delete or shrink of the new volume got there first: it is not ours to fill.
             Err(CloseRefused::AlreadyClosed(closure)) => Err(match self.registry.entry(name) {
                 Some(entry) => entry.closed_error(closure).into(),
@@ -767,9 +802,10 @@ impl Backups {
         backup_id: &str,
         volume: &str,
         created_volume: bool,
+        job_id: String,
     ) -> Result<JobInfo, BackupError> {
         let record = RestoreRecord {
-            job_id: new_job_id(),
+            job_id,
             backup_id: backup_id.to_owned(),
             volume: volume.to_owned(),
             created_volume,

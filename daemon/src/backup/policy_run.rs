@@ -126,7 +126,9 @@ impl PolicyRunner {
                 .await?
                 .into_iter()
                 .filter(|s| {
-                    s.state == "complete" && s.policy.as_deref() == Some(policy.name.as_str())
+                    s.state == "complete"
+                        && !s.members.is_empty()
+                        && s.policy.as_deref() == Some(policy.name.as_str())
                 })
                 .collect();
             let items: Vec<(String, u64)> = mine

@@ -102,12 +102,18 @@ impl JobFiles {
         write_durably(&path, &bytes).map_err(BackupError::Storage)
     }
 
+    /// Removes a finished job's record durably: one that came back after a crash would run
+    /// the job again (a restore over data clients wrote since).
     pub fn remove(&self, job_id: &str) {
         let path = self.path(job_id);
         if let Err(e) = std::fs::remove_file(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), error = %e, "removing a finished job's file failed");
             }
+            return;
+        }
+        if let Err(e) = crate::storage::manifest::sync_dir(&self.dir) {
+            tracing::warn!(path = %path.display(), error = %e, "the removal of a finished job's file may not be durable");
         }
     }
 

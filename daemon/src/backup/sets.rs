@@ -113,6 +113,14 @@ impl Backups {
         policy: Option<String>,
     ) -> Result<BackupSetInfo, BackupError> {
         let volumes = server.volumes.clone();
+        if volumes.is_empty() {
+            // An empty set would count as a server backup, and retention would keep it in
+            // place of one that holds the disks.
+            return Err(BackupError::InvalidArgument(format!(
+                "server {:?} has no volumes: nothing to back up",
+                server.name
+            )));
+        }
         let mut entries = Vec::with_capacity(volumes.len());
         for volume in &volumes {
             entries.push(
@@ -371,15 +379,18 @@ impl Backups {
         force: bool,
     ) -> Result<Vec<JobInfo>, BackupError> {
         let set = self.get_set(set_id).await?;
-        // Every target is checked before any restore starts.
+        // Every target is checked before any restore starts: a set restored in part is a
+        // server whose disks disagree.
         for member in &set.members {
-            match to_new_suffix {
+            let manifest = self.store.get_manifest(&member.backup_id).await?;
+            let target = match to_new_suffix {
                 Some(suffix) => {
                     let name = format!("{}{suffix}", member.volume);
                     crate::storage::name::validate_volume_name(&name)?;
                     if self.registry.entry(&name).is_some() {
                         return Err(StorageError::AlreadyExists(name).into());
                     }
+                    name
                 }
                 None => {
                     let entry = self
@@ -394,22 +405,48 @@ impl Backups {
                         }
                         .into());
                     }
-                }
-            }
-        }
-        let mut jobs = Vec::new();
-        for member in &set.members {
-            let job = match to_new_suffix {
-                Some(suffix) => {
-                    self.create_volume(&format!("{}{suffix}", member.volume), &member.backup_id)
-                        .await?
-                }
-                None => {
-                    self.restore(&member.backup_id, &member.volume, force)
-                        .await?
+                    let size_bytes = entry.volume().size_bytes();
+                    if size_bytes != manifest.size_bytes {
+                        return Err(BackupError::SizeMismatch {
+                            volume: member.volume.clone(),
+                            size_bytes,
+                            backup_id: member.backup_id.clone(),
+                            backup_size_bytes: manifest.size_bytes,
+                        });
+                    }
+                    member.volume.clone()
                 }
             };
-            jobs.push(job);
+            if self.is_claimed(&target) {
+                return Err(BackupError::JobRunning(target));
+            }
+        }
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        for member in &set.members {
+            let started = match to_new_suffix {
+                Some(suffix) => {
+                    self.create_volume(&format!("{}{suffix}", member.volume), &member.backup_id)
+                        .await
+                }
+                None => self.restore(&member.backup_id, &member.volume, force).await,
+            };
+            match started {
+                Ok(job) => jobs.push(job),
+                // Something changed since the checks: say what did start, so the user knows
+                // which volumes are being overwritten.
+                Err(e) if !jobs.is_empty() => {
+                    let started: Vec<String> = jobs
+                        .iter()
+                        .map(|j| format!("{} ({})", j.id, j.volume))
+                        .collect();
+                    return Err(BackupError::Failed(format!(
+                        "restoring member volume {:?} did not start ({e}); the restores of the other members already started: {}",
+                        member.volume,
+                        started.join(", ")
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(jobs)
     }

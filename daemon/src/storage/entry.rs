@@ -109,7 +109,6 @@ impl VolumeEntry {
             created_unix_secs: manifest.created_unix_secs,
         });
         if let Some(mark) = RestoreMark::load(dir) {
-            tracing::warn!(volume = %manifest.name, backup = %mark.backup_id, job = %mark.job_id, "the volume holds an incomplete restore: it refuses clients until a restore into it succeeds, it is rolled back or deleted");
             volume.set_restore_mark(Some(mark));
         }
         let entry = VolumeEntry {

@@ -13,6 +13,7 @@ use crate::storage::entry::VolumeEntry;
 use crate::storage::layer;
 use crate::storage::manifest::{self, LayerRecord, VolumeManifest};
 use crate::storage::name::{validate_snapshot_name, validate_volume_name};
+use crate::storage::restore_mark::RestoreMark;
 use crate::storage::volume::Volume;
 
 pub const VOLUME_ALIGN_BYTES: u64 = 4096;
@@ -57,6 +58,9 @@ impl Registry {
             }
             match VolumeEntry::load_shared(&dir, engine.clone(), Arc::clone(&buffers)) {
                 Ok(volume) => {
+                    if let Some(mark) = volume.volume().restore_mark() {
+                        tracing::warn!(volume = volume.name(), backup = %mark.backup_id, job = %mark.job_id, "the volume holds an incomplete restore: it refuses clients until a restore into it succeeds, it is rolled back or deleted");
+                    }
                     volumes.insert(volume.name().to_owned(), volume);
                 }
                 Err(e) => tracing::error!(path = %dir.display(), error = %e, "skipping volume"),
@@ -93,6 +97,24 @@ impl Registry {
             VolumeEntry::initialise(tmp_dir, name, size_bytes)
         })
         .inspect(|_| tracing::info!(volume = name, size_bytes, "created volume"))
+    }
+
+    /// Creates a sparse volume that carries restore mark `mark` from the start (see
+    /// `restore_mark`): a crash before its restore is recorded leaves a volume that refuses
+    /// clients, never an empty one that looks whole.
+    pub fn create_marked(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        mark: &RestoreMark,
+    ) -> Result<Arc<Volume>, StorageError> {
+        validate_volume_name(name)?;
+        check_size(size_bytes)?;
+        self.create_with(name, |tmp_dir| {
+            VolumeEntry::initialise(tmp_dir, name, size_bytes)?;
+            mark.store(tmp_dir)
+        })
+        .inspect(|_| tracing::info!(volume = name, size_bytes, backup = %mark.backup_id, "created volume for a restore"))
     }
 
     /// Creates `name` as a clone of `source@snapshot`: an independent volume whose bottom
@@ -416,6 +438,24 @@ fn check_size(size_bytes: u64) -> Result<(), StorageError> {
 mod tests {
     use super::*;
     use crate::io::{EngineConfig, EngineKind};
+
+    #[test]
+    fn a_volume_created_for_a_restore_carries_its_mark_from_the_start_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine.clone()).unwrap();
+        let mark = RestoreMark {
+            backup_id: "b-1".into(),
+            job_id: "j-1".into(),
+            started_unix_secs: 7,
+        };
+        let vol = reg.create_marked("r", 1 << 20, &mark).unwrap();
+        assert_eq!(vol.restore_mark(), Some(mark.clone()));
+        drop((vol, reg));
+        // As after a crash before the job was recorded: still marked.
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        assert_eq!(reg.get("r").unwrap().restore_mark(), Some(mark));
+    }
 
     /// Creates and removes race only through the name: of eight creates of one name exactly
     /// one wins, and of two removes one, the other finding it gone.
