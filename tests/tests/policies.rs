@@ -130,6 +130,67 @@ fn volume_policy_keeps_n_and_never_touches_manual_backups() {
     assert_eq!(policy_backups(&d, "often").len(), 2);
 }
 
+/// One volume a policy names cannot be backed up (deleted): the others still are, and their
+/// retention runs; the run's error names the missing one. A volume made again under a deleted
+/// one's name does not inherit its backups into retention.
+#[test]
+fn a_failing_volume_costs_only_its_own_backup_and_retention_goes_by_identity() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "a", 8 * MIB, 42);
+    half_random(&d, "b", 8 * MIB, 43);
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 1, "volumes": ["a", "b"]}),
+    );
+    let run = |d: &Daemon| {
+        admin_ok(d, "policy.run", json!({"name": "p"}));
+        assert!(wait_until(Duration::from_secs(60), || policy(d, "p")
+            ["running"]
+            == false));
+        policy(d, "p")
+    };
+    let p = run(&d);
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let old_b: Vec<Value> = policy_backups(&d, "p")
+        .into_iter()
+        .filter(|x| x["volume"] == "b")
+        .collect();
+    assert_eq!(old_b.len(), 1);
+    let of_a = |d: &Daemon| -> Vec<Value> {
+        policy_backups(d, "p")
+            .into_iter()
+            .filter(|x| x["volume"] == "a")
+            .collect()
+    };
+    let first_a = of_a(&d);
+    assert_eq!(first_a.len(), 1);
+
+    // b goes: a is still backed up (a new backup, the old one retired); the error names b.
+    admin_ok(&d, "volume.delete", json!({"name": "b"}));
+    let p = run(&d);
+    let error = p["last_error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("\"b\"") && !error.contains("\"a\""), "{p:#}");
+    let second_a = of_a(&d);
+    assert_eq!(second_a.len(), 1);
+    assert_ne!(
+        second_a[0]["id"], first_a[0]["id"],
+        "a was not backed up: {p:#}"
+    );
+
+    // A new b: its first policy backup does not make retention delete the old b's.
+    half_random(&d, "b", 8 * MIB, 44);
+    let p = run(&d);
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let listed = policy_backups(&d, "p");
+    assert!(
+        listed.iter().any(|x| x["id"] == old_b[0]["id"]),
+        "the deleted volume's backup went: {listed:#?}"
+    );
+    assert_eq!(listed.iter().filter(|x| x["volume"] == "b").count(), 2);
+    assert_eq!(of_a(&d).len(), 1);
+}
+
 #[test]
 fn server_policy_keeps_backup_sets() {
     let d = Daemon::start(DaemonOpts::new().no_default_volume());

@@ -50,17 +50,38 @@ impl PolicyRunner {
         Ok(())
     }
 
+    /// Backs up each volume on its own, so one that cannot be backed up (deleted, a job of its
+    /// own running, a failure) costs only its own backup of this slot; retention then applies
+    /// to the volumes whose backup succeeded. Err names every volume that failed, after the
+    /// others are done.
     async fn run_volumes(
         &self,
         policy: &PolicySpec,
         volumes: &[String],
     ) -> Result<RunReport, BackupError> {
-        let jobs = self
-            .backups
-            .create(volumes, false, Some(policy.name.clone()))
-            .await?;
-        let ids: Vec<String> = jobs.into_iter().map(|j| j.id).collect();
-        self.wait_jobs(&ids).await?;
+        let mut started = Vec::new();
+        let mut failures = Vec::new();
+        for volume in volumes {
+            let created = self
+                .backups
+                .create(
+                    std::slice::from_ref(volume),
+                    false,
+                    Some(policy.name.clone()),
+                )
+                .await;
+            match created {
+                Ok(jobs) => started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id))),
+                Err(e) => failures.push(format!("volume {volume:?}: {e}")),
+            }
+        }
+        let mut backed_up = Vec::new();
+        for (volume, id, backup_id) in started {
+            match self.wait_jobs(std::slice::from_ref(&id)).await {
+                Ok(()) => backed_up.push((volume, backup_id)),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
         let now = now_unix_secs();
         let mine: Vec<_> = self
             .backups
@@ -70,13 +91,40 @@ impl PolicyRunner {
             .filter(|b| b.policy.as_deref() == Some(policy.name.as_str()))
             .collect();
         let mut doomed = Vec::new();
-        for volume in volumes {
-            let items: Vec<(String, u64)> = mine
+        let mut kept_bytes = 0;
+        let mut kept = 0;
+        for (volume, just_made) in backed_up {
+            // This volume, not an earlier one of the same name (deleted and made again) nor
+            // another daemon's of the same name sharing the store: by uuid.
+            let Some(entry) = self.backups.registry.entry(volume) else {
+                continue;
+            };
+            let uuid = entry.volume().identity().uuid.clone();
+            let ours: Vec<_> = mine
                 .iter()
-                .filter(|b| &b.volume == volume)
-                .map(|b| (b.id.clone(), b.created_unix_secs))
+                .filter(|b| &b.volume == volume && b.volume_uuid == uuid)
                 .collect();
-            doomed.extend(to_delete(&items, policy.keep, policy.keep_days, now));
+            // The backup this run made is the newest, even when an older one has the same
+            // second: retention never deletes it.
+            let items: Vec<(String, u64)> = ours
+                .iter()
+                .map(|b| {
+                    let created = if b.id == just_made {
+                        u64::MAX
+                    } else {
+                        b.created_unix_secs
+                    };
+                    (b.id.clone(), created)
+                })
+                .collect();
+            let gone = to_delete(&items, policy.keep, policy.keep_days, now);
+            for b in &ours {
+                if !gone.contains(&b.id) {
+                    kept += 1;
+                    kept_bytes += b.new_stored_bytes;
+                }
+            }
+            doomed.extend(gone);
         }
         for id in &doomed {
             self.backups.delete_without_gc(id).await?;
@@ -85,69 +133,99 @@ impl PolicyRunner {
             tracing::info!(policy = %policy.name, deleted = doomed.len(), "retention deleted backups");
             self.backups.gc().await?;
         }
-        let kept: Vec<_> = mine.iter().filter(|b| !doomed.contains(&b.id)).collect();
+        if !failures.is_empty() {
+            return Err(BackupError::Failed(format!(
+                "{} of {} volume(s) not backed up: {}",
+                failures.len(),
+                volumes.len(),
+                failures.join("; ")
+            )));
+        }
         Ok(RunReport {
-            backups_kept: kept.len() as u64,
-            stored_bytes: kept.iter().map(|b| b.new_stored_bytes).sum(),
+            backups_kept: kept,
+            stored_bytes: kept_bytes,
         })
     }
 
+    /// Backs up each server in turn; one that fails does not keep the others from their
+    /// backup and retention. Err names every server that failed, after the others are done.
     async fn run_servers(
         &self,
         policy: &PolicySpec,
         servers: &[String],
     ) -> Result<RunReport, BackupError> {
         let mut report = RunReport::default();
+        let mut failures = Vec::new();
         for name in servers {
-            let server = self.servers.get(name)?;
-            let set = self
-                .backups
-                .server_backup(&server, false, Some(policy.name.clone()))
-                .await?;
-            let ids: Vec<String> = set.jobs.iter().map(|j| j.id.clone()).collect();
-            self.wait_jobs(&ids).await?;
-            loop {
-                let shown = self.backups.show_set(&set.id).await?;
-                match shown.state {
-                    "complete" => break,
-                    "failed" => {
-                        return Err(BackupError::Failed(format!(
-                            "server backup {} of {name:?} failed: {}",
-                            set.id,
-                            shown.error.unwrap_or_default()
-                        )))
-                    }
-                    _ => tokio::time::sleep(JOB_POLL).await,
+            if let Err(e) = self.run_server(policy, name, &mut report).await {
+                failures.push(format!("server {name:?}: {e}"));
+            }
+        }
+        if !failures.is_empty() {
+            return Err(BackupError::Failed(format!(
+                "{} of {} server(s) not backed up: {}",
+                failures.len(),
+                servers.len(),
+                failures.join("; ")
+            )));
+        }
+        Ok(report)
+    }
+
+    async fn run_server(
+        &self,
+        policy: &PolicySpec,
+        name: &str,
+        report: &mut RunReport,
+    ) -> Result<(), BackupError> {
+        let server = self.servers.get(name)?;
+        let set = self
+            .backups
+            .server_backup(&server, false, Some(policy.name.clone()))
+            .await?;
+        let ids: Vec<String> = set.jobs.iter().map(|j| j.id.clone()).collect();
+        self.wait_jobs(&ids).await?;
+        loop {
+            let shown = self.backups.show_set(&set.id).await?;
+            match shown.state {
+                "complete" => break,
+                "failed" => {
+                    return Err(BackupError::Failed(format!(
+                        "server backup {} failed: {}",
+                        set.id,
+                        shown.error.unwrap_or_default()
+                    )))
                 }
+                _ => tokio::time::sleep(JOB_POLL).await,
             }
-            let mine: Vec<_> = self
-                .backups
-                .server_sets(name)
-                .await?
-                .into_iter()
-                .filter(|s| {
-                    s.state == "complete"
-                        && !s.members.is_empty()
-                        && s.policy.as_deref() == Some(policy.name.as_str())
-                })
-                .collect();
-            let items: Vec<(String, u64)> = mine
-                .iter()
-                .map(|s| (s.id.clone(), s.created_unix_secs))
-                .collect();
-            let doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
-            for id in &doomed {
-                self.backups.delete_set(id).await?;
-            }
-            report.backups_kept += (mine.len() - doomed.len()) as u64;
-            for set in mine.iter().filter(|s| !doomed.contains(&s.id)) {
-                for member in &set.members {
-                    if let Ok(info) = self.backups.catalog.get(&member.backup_id).await {
-                        report.stored_bytes += info.new_stored_bytes;
-                    }
+        }
+        let mine: Vec<_> = self
+            .backups
+            .server_sets(name)
+            .await?
+            .into_iter()
+            .filter(|s| {
+                s.state == "complete"
+                    && !s.members.is_empty()
+                    && s.policy.as_deref() == Some(policy.name.as_str())
+            })
+            .collect();
+        let items: Vec<(String, u64)> = mine
+            .iter()
+            .map(|s| (s.id.clone(), s.created_unix_secs))
+            .collect();
+        let doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
+        for id in &doomed {
+            self.backups.delete_set(id).await?;
+        }
+        report.backups_kept += (mine.len() - doomed.len()) as u64;
+        for set in mine.iter().filter(|s| !doomed.contains(&s.id)) {
+            for member in &set.members {
+                if let Ok(info) = self.backups.catalog.get(&member.backup_id).await {
+                    report.stored_bytes += info.new_stored_bytes;
                 }
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
