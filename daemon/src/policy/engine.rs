@@ -30,6 +30,9 @@ pub struct Policies {
     metrics: OnceLock<Arc<PolicyMetrics>>,
 }
 
+/// How far in the future a recorded slot may lie before the clock counts as set back.
+const CLOCK_BACK_TOLERANCE_SECS: u64 = 300;
+
 impl Policies {
     #[cfg(test)]
     pub fn specs(&self) -> Vec<PolicySpec> {
@@ -218,6 +221,17 @@ impl Policies {
             else {
                 continue;
             };
+            if entry
+                .state
+                .last_slot_unix_secs
+                .is_some_and(|last| last > now.saturating_add(CLOCK_BACK_TOLERANCE_SECS))
+            {
+                // The clock was set back after a run at a time now in the future: that slot
+                // would hold every run off until the clock caught up with it.
+                tracing::warn!(policy = %entry.spec.name, last_slot_unix_secs = ?entry.state.last_slot_unix_secs, now_unix_secs = now, "the last run's slot lies in the future (the clock was set back): counting from now");
+                entry.state.last_slot_unix_secs = Some(slot);
+                continue;
+            }
             if Some(slot) <= entry.state.last_slot_unix_secs {
                 continue;
             }

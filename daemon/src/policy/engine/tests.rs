@@ -160,6 +160,22 @@ async fn every_policy_is_due_at_its_first_slot_and_once_per_slot() {
 }
 
 #[tokio::test]
+async fn a_clock_set_back_does_not_hold_the_schedule_off() {
+    let f = Fixture::new(FakeRunner::default());
+    f.policies.create(every("p", 60)).unwrap();
+    // The clock runs a year ahead, a slot runs there, then the clock is set right.
+    f.clock.advance(365 * 86_400);
+    assert_eq!(f.tick(), vec!["p"]);
+    f.wait_idle("p").await;
+    f.clock.set(T0 + 120);
+    assert!(f.tick().is_empty(), "the current slot counts as started");
+    f.clock.advance(60);
+    assert_eq!(f.tick(), vec!["p"], "the next slot runs");
+    f.wait_idle("p").await;
+    assert_eq!(f.fake.runs(), 2);
+}
+
+#[tokio::test]
 async fn failures_are_recorded_and_cleared_by_success() {
     let f = Fixture::new(FakeRunner::default());
     f.policies.create(every("p", 10)).unwrap();
