@@ -231,6 +231,14 @@ fn server_backups_are_consistent_across_volumes_and_separate_ones_are_not() {
     }
     let restored: Vec<u64> = VOLUMES.iter().map(|v| counter(&d, v)).collect();
     assert!(ordered(&restored), "{restored:?}");
+    // A member goes only with its set.
+    let e = admin_err(
+        &d,
+        "backup.delete",
+        json!({"id": first["members"][0]["backup_id"]}),
+        "invalid_argument",
+    );
+    assert!(e.contains(first["id"].as_str().unwrap()), "{e}");
     let r = admin_ok(&d, "backup_set.delete", json!({"id": first["id"]}));
     assert_eq!(r["gc"]["deferred"], false, "{r:#}");
     admin_err(

@@ -610,7 +610,22 @@ impl Backups {
 
     /// Deletes a backup's manifest and the local snapshot it kept as an incremental base, then
     /// collects the chunks nothing references any more.
+    /// A member of a recorded server backup set is refused: the set would name a backup that
+    /// is gone, and restoring it would restore part of the server.
     pub async fn delete(self: &Arc<Self>, backup_id: &str) -> Result<GcReport, BackupError> {
+        if let Ok(info) = self.catalog.get(backup_id).await {
+            if let Some(set_id) = &info.group_id {
+                match self.get_set(set_id).await {
+                    Ok(_) => {
+                        return Err(BackupError::InvalidArgument(format!(
+                            "backup {backup_id} is a member of server backup {set_id}: delete that (backup-set delete {set_id})"
+                        )))
+                    }
+                    Err(BackupError::SetNotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.delete_without_gc(backup_id).await?;
         self.gc().await
     }
