@@ -191,6 +191,39 @@ fn a_failing_volume_costs_only_its_own_backup_and_retention_goes_by_identity() {
     assert_eq!(of_a(&d).len(), 1);
 }
 
+/// A policy run that finds a job on its volume (resumed after a restart, or started by hand)
+/// waits for it and then backs the volume up, instead of failing as busy. The hand-made
+/// backup is held back by a garbage collection's lock planted in the store.
+#[test]
+fn a_policy_backup_waits_for_the_job_running_on_its_volume() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "v", 8 * MIB, 46);
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 2, "volumes": ["v"]}),
+    );
+    let gc_lock = d
+        .data_dir()
+        .join("backups")
+        .join("locks")
+        .join("exclusive-planted.json");
+    std::fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    std::fs::write(&gc_lock, b"{}").unwrap();
+    let (job_id, _) = backup_start(&d, &["v"], false).remove(0);
+    admin_ok(&d, "policy.run", json!({"name": "p"}));
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(policy(&d, "p")["running"], true, "the run did not wait");
+    std::fs::remove_file(&gc_lock).unwrap();
+    wait_job_ok(&d, &job_id);
+    assert!(wait_until(Duration::from_secs(60), || policy(&d, "p")
+        ["running"]
+        == false));
+    let p = policy(&d, "p");
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    assert_eq!(policy_backups(&d, "p").len(), 1);
+}
+
 #[test]
 fn server_policy_keeps_backup_sets() {
     let d = Daemon::start(DaemonOpts::new().no_default_volume());

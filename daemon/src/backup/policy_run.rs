@@ -12,6 +12,8 @@ use crate::servers::Servers;
 use crate::storage::entry::now_unix_secs;
 
 const JOB_POLL: Duration = Duration::from_millis(200);
+/// How long a policy's backup of a volume waits for another job on it to end.
+const MAX_WAIT_FOR_JOB: Duration = Duration::from_secs(3600);
 
 pub struct PolicyRunner {
     pub backups: Arc<Backups>,
@@ -30,6 +32,25 @@ impl Runner for PolicyRunner {
 }
 
 impl PolicyRunner {
+    /// Waits until no backup or restore job has `volume`: one resumed after a restart, or
+    /// started by hand, goes first, and this slot's backup follows it instead of failing.
+    /// False when the job still has it after [`MAX_WAIT_FOR_JOB`] (a restore stuck on a dead
+    /// store): the backup then fails as busy rather than hold the policy's later slots off.
+    async fn wait_unclaimed(&self, volume: &str) -> bool {
+        tracing::info!(
+            volume,
+            "a policy backup waits for the job running on its volume"
+        );
+        let deadline = tokio::time::Instant::now() + MAX_WAIT_FOR_JOB;
+        while self.backups.is_claimed(volume) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(JOB_POLL).await;
+        }
+        true
+    }
+
     async fn wait_jobs(&self, job_ids: &[String]) -> Result<(), BackupError> {
         for id in job_ids {
             let job = self.backups.job(id)?;
@@ -62,14 +83,20 @@ impl PolicyRunner {
         let mut started = Vec::new();
         let mut failures = Vec::new();
         for volume in volumes {
-            let created = self
-                .backups
-                .create(
-                    std::slice::from_ref(volume),
-                    false,
-                    Some(policy.name.clone()),
-                )
-                .await;
+            let created = loop {
+                let created = self
+                    .backups
+                    .create(
+                        std::slice::from_ref(volume),
+                        false,
+                        Some(policy.name.clone()),
+                    )
+                    .await;
+                match created {
+                    Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => {}
+                    other => break other,
+                }
+            };
             match created {
                 Ok(jobs) => started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id))),
                 Err(e) => failures.push(format!("volume {volume:?}: {e}")),
@@ -179,10 +206,16 @@ impl PolicyRunner {
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
         let server = self.servers.get(name)?;
-        let set = self
-            .backups
-            .server_backup(&server, false, Some(policy.name.clone()))
-            .await?;
+        let set = loop {
+            let started = self
+                .backups
+                .server_backup(&server, false, Some(policy.name.clone()))
+                .await;
+            match started {
+                Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => {}
+                other => break other?,
+            }
+        };
         let ids: Vec<String> = set.jobs.iter().map(|j| j.id.clone()).collect();
         self.wait_jobs(&ids).await?;
         loop {

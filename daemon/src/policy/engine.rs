@@ -187,6 +187,7 @@ impl Policies {
                 return Err(PolicyError::Busy(name.to_owned()));
             }
             entry.running = true;
+            entry.state.run_in_progress = true;
             entry.state.last_run_unix_secs = Some(now);
             let spec = entry.spec.clone();
             // Only last_run changed; the outcome is persisted anyway, so a failed write here
@@ -211,7 +212,19 @@ impl Policies {
         let mut started: Vec<(PolicySpec, PolicyState)> = Vec::new();
         let mut entries = self.lock();
         for entry in entries.values_mut() {
-            if !entry.state.enabled || entry.running {
+            if entry.running {
+                continue;
+            }
+            if entry.state.run_in_progress {
+                // The daemon stopped during this run (a crash or a shutdown): it runs again,
+                // enabled or not, as the slot or the operator that started it asked.
+                tracing::info!(policy = %entry.spec.name, "running again a policy run the daemon stopped during");
+                started.push((entry.spec.clone(), entry.state.clone()));
+                entry.state.last_run_unix_secs = Some(now);
+                entry.running = true;
+                continue;
+            }
+            if !entry.state.enabled {
                 continue;
             }
             let Some(slot) = entry
@@ -238,6 +251,7 @@ impl Policies {
             started.push((entry.spec.clone(), entry.state.clone()));
             entry.state.last_slot_unix_secs = Some(slot);
             entry.state.last_run_unix_secs = Some(now);
+            entry.state.run_in_progress = true;
             entry.running = true;
         }
         if started.is_empty() {
@@ -307,6 +321,7 @@ impl Policies {
             return;
         };
         entry.running = false;
+        entry.state.run_in_progress = false;
         match outcome {
             Ok(report) => {
                 tracing::info!(

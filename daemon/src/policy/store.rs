@@ -24,6 +24,10 @@ pub struct PolicyState {
     pub last_error: Option<String>,
     pub backups_kept: u64,
     pub stored_bytes: u64,
+    /// Set while a run is going; found set at start, the daemon stopped during that run, which
+    /// then runs again (files of earlier versions have no such field: none was going).
+    #[serde(default)]
+    pub run_in_progress: bool,
 }
 
 #[derive(Serialize, Deserialize)]

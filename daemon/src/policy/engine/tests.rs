@@ -222,16 +222,27 @@ async fn slots_missed_across_a_restart_run_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_slot_is_recorded_before_its_run_finishes() {
-    // Interrupted run (daemon stopped mid-run): after the restart the slot is not repeated.
+async fn an_interrupted_run_runs_again_once_and_its_slot_is_not_repeated() {
+    // The daemon stops mid-run: after the restart that run runs again (its targets may not
+    // all be backed up), once; the slot stays recorded, so the next run is the next slot's.
     let mut f = Fixture::new(FakeRunner::gated());
     f.policies.create(every("p", 60)).unwrap();
     f.clock.advance(60);
     assert_eq!(f.tick(), vec!["p"]);
     f.restart();
     assert!(!f.policies.show("p").unwrap().running);
+    assert_eq!(f.tick(), vec!["p"], "the interrupted run runs again");
     assert!(f.tick().is_empty());
+    f.fake.release(2);
+    let info = f.wait_idle("p").await;
+    assert!(info.last_success_unix_secs.is_some());
+    // Finished: a restart now starts nothing until the next slot.
+    f.restart();
+    assert!(f.tick().is_empty());
+    f.clock.advance(60);
+    assert_eq!(f.tick(), vec!["p"]);
     f.fake.release(1);
+    f.wait_idle("p").await;
 }
 
 #[tokio::test]
