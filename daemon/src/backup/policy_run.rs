@@ -71,6 +71,20 @@ impl PolicyRunner {
         Ok(())
     }
 
+    async fn backup_volume(
+        &self,
+        policy: &PolicySpec,
+        volume: &String,
+    ) -> Result<Vec<crate::backup::job::JobInfo>, BackupError> {
+        self.backups
+            .create(
+                std::slice::from_ref(volume),
+                false,
+                Some(policy.name.clone()),
+            )
+            .await
+    }
+
     /// Backs up each volume on its own, so one that cannot be backed up (deleted, a job of its
     /// own running, a failure) costs only its own backup of this slot; retention then applies
     /// to the volumes whose backup succeeded. Err names every volume that failed, after the
@@ -82,18 +96,23 @@ impl PolicyRunner {
     ) -> Result<RunReport, BackupError> {
         let mut started = Vec::new();
         let mut failures = Vec::new();
+        // The free volumes first; those another job has are waited for afterwards, so one
+        // under a long restore does not hold the others up.
+        let mut busy = Vec::new();
         for volume in volumes {
+            match self.backup_volume(policy, volume).await {
+                Err(BackupError::JobRunning(_)) => busy.push(volume),
+                Ok(jobs) => started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id))),
+                Err(e) => failures.push(format!("volume {volume:?}: {e}")),
+            }
+        }
+        for volume in busy {
             let created = loop {
-                let created = self
-                    .backups
-                    .create(
-                        std::slice::from_ref(volume),
-                        false,
-                        Some(policy.name.clone()),
-                    )
-                    .await;
-                match created {
-                    Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => {}
+                if !self.wait_unclaimed(volume).await {
+                    break Err(BackupError::JobRunning(volume.clone()));
+                }
+                match self.backup_volume(policy, volume).await {
+                    Err(BackupError::JobRunning(_)) => {}
                     other => break other,
                 }
             };

@@ -358,15 +358,15 @@ impl Backups {
     /// Deletes a set and its member backups, then collects their chunks.
     pub async fn delete_set(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
         let set = self.get_set(set_id).await?;
-        // The set goes first: stopped halfway, what is left are backups of single volumes, not
-        // a set that names missing ones.
-        self.store.delete_set(set_id).await?;
+        // The members first: stopped halfway, the set is still listed and a second delete (or
+        // the policy's next retention) finishes it; members already gone are skipped.
         for member in &set.members {
             match self.delete_without_gc(&member.backup_id).await {
                 Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
+        self.store.delete_set(set_id).await?;
         self.running_sets.lock().remove(set_id);
         tracing::info!(set = set_id, server = %set.server, "deleted backup set");
         self.gc().await

@@ -217,15 +217,23 @@ impl Policies {
             }
             if entry.state.run_in_progress {
                 // The daemon stopped during this run (a crash or a shutdown): it runs again,
-                // enabled or not, as the slot or the operator that started it asked.
+                // enabled or not, as the slot or the operator that started it asked. Once: the
+                // flag is not set for the second attempt, so a run that brings the daemon down
+                // every time does not come back at every start.
                 tracing::info!(policy = %entry.spec.name, "running again a policy run the daemon stopped during");
                 started.push((entry.spec.clone(), entry.state.clone()));
+                entry.state.run_in_progress = false;
                 entry.state.last_run_unix_secs = Some(now);
                 entry.running = true;
                 continue;
             }
             if !entry.state.enabled {
                 continue;
+            }
+            if entry.state.created_unix_secs > now.saturating_add(CLOCK_BACK_TOLERANCE_SECS) {
+                // Created while the clock ran ahead: no slot would come until it caught up.
+                tracing::warn!(policy = %entry.spec.name, created_unix_secs = entry.state.created_unix_secs, now_unix_secs = now, "the policy was created at a time in the future (the clock was set back): counting from now");
+                entry.state.created_unix_secs = now;
             }
             let Some(slot) = entry
                 .spec

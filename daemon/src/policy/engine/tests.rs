@@ -176,6 +176,18 @@ async fn a_clock_set_back_does_not_hold_the_schedule_off() {
 }
 
 #[tokio::test]
+async fn a_policy_created_while_the_clock_ran_ahead_runs_once_it_is_set_right() {
+    let f = Fixture::new(FakeRunner::default());
+    f.clock.advance(365 * 86_400);
+    f.policies.create(every("p", 60)).unwrap();
+    f.clock.set(T0);
+    assert!(f.tick().is_empty());
+    f.clock.advance(60);
+    assert_eq!(f.tick(), vec!["p"]);
+    f.wait_idle("p").await;
+}
+
+#[tokio::test]
 async fn failures_are_recorded_and_cleared_by_success() {
     let f = Fixture::new(FakeRunner::default());
     f.policies.create(every("p", 10)).unwrap();
@@ -233,16 +245,21 @@ async fn an_interrupted_run_runs_again_once_and_its_slot_is_not_repeated() {
     assert!(!f.policies.show("p").unwrap().running);
     assert_eq!(f.tick(), vec!["p"], "the interrupted run runs again");
     assert!(f.tick().is_empty());
+    // Interrupted again (say it brings the daemon down): not a third time.
+    f.restart();
+    assert!(
+        f.tick().is_empty(),
+        "an interrupted run runs again only once"
+    );
     f.fake.release(2);
+    f.clock.advance(60);
+    assert_eq!(f.tick(), vec!["p"], "the next slot runs");
+    f.fake.release(1);
     let info = f.wait_idle("p").await;
     assert!(info.last_success_unix_secs.is_some());
     // Finished: a restart now starts nothing until the next slot.
     f.restart();
     assert!(f.tick().is_empty());
-    f.clock.advance(60);
-    assert_eq!(f.tick(), vec!["p"]);
-    f.fake.release(1);
-    f.wait_idle("p").await;
 }
 
 #[tokio::test]
