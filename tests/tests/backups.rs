@@ -755,20 +755,9 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
     let d = start();
     let model = half_random(&d, "vol0", 32 * MIB, 43);
     let b = backup_now(&d, "vol0", false);
-    let chunks = chunk_files(&store_dir(&d));
-    assert_eq!(chunks.len(), 4);
-    let victim = chunks[1].0.clone();
-    let saved = fs::read(&victim).unwrap();
-    fs::remove_file(&victim).unwrap();
-    fs::create_dir(&victim).unwrap();
-
-    let v = admin_ok(
-        &d,
-        "volume.create",
-        json!({"name": "r", "from_backup": b["id"]}),
-    );
-    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
-    wait_retrying(&d, &job_id);
+    assert_eq!(chunk_files(&store_dir(&d)).len(), 4);
+    let unreadable = UnreadableChunk::make(&d);
+    let job_id = restore_held_up(&d, &b);
     let printed = d.evsctl_ok(&["job", "cancel", &job_id]);
     assert!(printed.contains("state:    cancelled\n"), "{printed}");
     assert!(
@@ -779,8 +768,7 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
     // The cancel tells how it ended to whoever waits on the job too.
     assert_eq!(wait_job_end(&d, &job_id)["state"], "cancelled");
 
-    fs::remove_dir(&victim).unwrap();
-    fs::write(&victim, saved).unwrap();
+    unreadable.undo();
     restore_new(&d, "r", b["id"].as_str().unwrap());
     assert_same(
         "restore after the chunk is back",
@@ -798,22 +786,11 @@ fn a_completed_restore_whose_record_came_back_is_not_run_again() {
     let mut d = start();
     half_random(&d, "vol0", 32 * MIB, 44);
     let b = backup_now(&d, "vol0", false);
-    let chunks = chunk_files(&store_dir(&d));
-    let victim = chunks[1].0.clone();
-    let saved = fs::read(&victim).unwrap();
-    fs::remove_file(&victim).unwrap();
-    fs::create_dir(&victim).unwrap();
-    let v = admin_ok(
-        &d,
-        "volume.create",
-        json!({"name": "r", "from_backup": b["id"]}),
-    );
-    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
-    wait_retrying(&d, &job_id);
+    let unreadable = UnreadableChunk::make(&d);
+    let job_id = restore_held_up(&d, &b);
     let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
     let saved_record = fs::read(&record).unwrap();
-    fs::remove_dir(&victim).unwrap();
-    fs::write(&victim, saved).unwrap();
+    unreadable.undo();
     wait_job_ok(&d, &job_id);
     let mut after = read_export(&d, "r");
     write_at(&d, "r", 0, &random(45, 8 * MIB), &mut after);
@@ -828,6 +805,41 @@ fn a_completed_restore_whose_record_came_back_is_not_run_again() {
     let show = admin_ok(&d, "volume.show", json!({"name": "r"}));
     assert_eq!(show["incomplete_restore"], json!(null), "{show:#}");
     assert_same("the client's writes", &read_export(&d, "r"), &after);
+}
+
+/// The second chunk object of the store replaced by a directory: reading it fails with EISDIR,
+/// which a job retries until the object is back.
+struct UnreadableChunk {
+    path: PathBuf,
+    saved: Vec<u8>,
+}
+
+impl UnreadableChunk {
+    fn make(d: &Daemon) -> UnreadableChunk {
+        let path = chunk_files(&store_dir(d))[1].0.clone();
+        let saved = fs::read(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        UnreadableChunk { path, saved }
+    }
+
+    fn undo(self) {
+        fs::remove_dir(&self.path).unwrap();
+        fs::write(&self.path, self.saved).unwrap();
+    }
+}
+
+/// Starts a restore of backup `b` into a new volume `r` and waits until it retries (held up by
+/// an [`UnreadableChunk`]); returns its job id.
+fn restore_held_up(d: &Daemon, b: &Value) -> String {
+    let v = admin_ok(
+        d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b["id"]}),
+    );
+    let job_id = v["job"]["id"].as_str().unwrap().to_owned();
+    wait_retrying(d, &job_id);
+    job_id
 }
 
 /// Waits until restore job `job_id` reports the store failing and retrying.
@@ -877,11 +889,7 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
         "snapshot.create",
         json!({"volume": "vol0", "name": "before"}),
     );
-    let chunks = chunk_files(&store_dir(&d));
-    let victim = chunks[1].0.clone();
-    let saved = fs::read(&victim).unwrap();
-    fs::remove_file(&victim).unwrap();
-    fs::create_dir(&victim).unwrap();
+    let unreadable = UnreadableChunk::make(&d);
 
     let v = admin_ok(&d, "backup.restore", json!({"id": backup_id, "to": "vol0"}));
     let job_id = v["job"]["id"].as_str().unwrap().to_owned();
@@ -994,8 +1002,7 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
     assert_same("rolled back", &read_export(&d, "vol0"), &changed);
 
     // A restore that completes leaves no mark behind either.
-    fs::remove_dir(&victim).unwrap();
-    fs::write(&victim, saved).unwrap();
+    unreadable.undo();
     let v = admin_ok(&d, "backup.restore", json!({"id": backup_id, "to": "vol0"}));
     wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
     assert!(go_refusal(&d, "vol0").is_none());
