@@ -704,6 +704,20 @@ impl Backups {
         to: &str,
         force: bool,
     ) -> Result<JobInfo, BackupError> {
+        self.take_for_restore(backup_id, to, force).await?;
+        self.start_restore(backup_id, to, false, new_job_id()).await
+    }
+
+    /// Makes volume `to` ready for an in-place restore of `backup_id`: the sizes match, no job
+    /// has it (it is claimed), and it is closed with no client attached (disconnected with
+    /// `force`). Undone on failure. [`Self::release_for_restore`] undoes it for a restore that
+    /// then does not start.
+    pub(crate) async fn take_for_restore(
+        &self,
+        backup_id: &str,
+        to: &str,
+        force: bool,
+    ) -> Result<(), BackupError> {
         let manifest = self.store.get_manifest(backup_id).await?;
         let entry = self
             .registry
@@ -749,6 +763,22 @@ impl Backups {
             }
             .into());
         }
+        Ok(())
+    }
+
+    /// Undoes [`Self::take_for_restore`].
+    pub(crate) fn release_for_restore(&self, to: &str) {
+        self.reopen(to);
+        self.unclaim(to);
+    }
+
+    /// Starts the in-place restore of `backup_id` into `to`, which
+    /// [`Self::take_for_restore`] made ready.
+    pub(crate) async fn start_taken_restore(
+        self: &Arc<Self>,
+        backup_id: &str,
+        to: &str,
+    ) -> Result<JobInfo, BackupError> {
         self.start_restore(backup_id, to, false, new_job_id()).await
     }
 

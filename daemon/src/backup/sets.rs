@@ -423,14 +423,40 @@ impl Backups {
                 return Err(BackupError::JobRunning(target));
             }
         }
+        if to_new_suffix.is_none() {
+            // Every original is taken (claimed, closed, its clients gone) before any restore
+            // starts: a client that does not leave refuses the whole set, not its last members.
+            for (i, member) in set.members.iter().enumerate() {
+                if let Err(e) = self
+                    .take_for_restore(&member.backup_id, &member.volume, force)
+                    .await
+                {
+                    for taken in &set.members[..i] {
+                        self.release_for_restore(&taken.volume);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let mut jobs: Vec<JobInfo> = Vec::new();
-        for member in &set.members {
+        for (i, member) in set.members.iter().enumerate() {
             let started = match to_new_suffix {
                 Some(suffix) => {
                     self.create_volume(&format!("{}{suffix}", member.volume), &member.backup_id)
                         .await
                 }
-                None => self.restore(&member.backup_id, &member.volume, force).await,
+                None => {
+                    let started = self
+                        .start_taken_restore(&member.backup_id, &member.volume)
+                        .await;
+                    if started.is_err() {
+                        // The members after it were taken for restores that will not start.
+                        for later in &set.members[i + 1..] {
+                            self.release_for_restore(&later.volume);
+                        }
+                    }
+                    started
+                }
             };
             match started {
                 Ok(job) => jobs.push(job),
