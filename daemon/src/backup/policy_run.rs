@@ -106,19 +106,35 @@ impl PolicyRunner {
                 Err(e) => failures.push(format!("volume {volume:?}: {e}")),
             }
         }
-        for volume in busy {
-            let created = loop {
-                if !self.wait_unclaimed(volume).await {
-                    break Err(BackupError::JobRunning(volume.clone()));
+        if !busy.is_empty() {
+            tracing::info!(policy = %policy.name, volumes = ?busy, "policy backups wait for the jobs running on their volumes");
+        }
+        // Whichever frees first goes first; all share one deadline.
+        let deadline = tokio::time::Instant::now() + MAX_WAIT_FOR_JOB;
+        while !busy.is_empty() {
+            let mut still = Vec::new();
+            for volume in busy {
+                if self.backups.is_claimed(volume) {
+                    still.push(volume);
+                    continue;
                 }
                 match self.backup_volume(policy, volume).await {
-                    Err(BackupError::JobRunning(_)) => {}
-                    other => break other,
+                    Err(BackupError::JobRunning(_)) => still.push(volume),
+                    Ok(jobs) => {
+                        started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id)))
+                    }
+                    Err(e) => failures.push(format!("volume {volume:?}: {e}")),
                 }
-            };
-            match created {
-                Ok(jobs) => started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id))),
-                Err(e) => failures.push(format!("volume {volume:?}: {e}")),
+            }
+            busy = still;
+            if !busy.is_empty() && tokio::time::Instant::now() >= deadline {
+                for volume in busy.drain(..) {
+                    let e = BackupError::JobRunning(volume.clone());
+                    failures.push(format!("volume {volume:?}: {e}"));
+                }
+            }
+            if !busy.is_empty() {
+                tokio::time::sleep(JOB_POLL).await;
             }
         }
         let mut backed_up = Vec::new();

@@ -210,6 +210,7 @@ impl Policies {
     pub fn tick(self: &Arc<Self>, runner: &Arc<dyn Runner>) -> Vec<String> {
         let now = self.clock.now_unix_secs();
         let mut started: Vec<(PolicySpec, PolicyState)> = Vec::new();
+        let mut clock_fixed = false;
         let mut entries = self.lock();
         for entry in entries.values_mut() {
             if entry.running {
@@ -234,6 +235,9 @@ impl Policies {
                 // Created while the clock ran ahead: no slot would come until it caught up.
                 tracing::warn!(policy = %entry.spec.name, created_unix_secs = entry.state.created_unix_secs, now_unix_secs = now, "the policy was created at a time in the future (the clock was set back): counting from now");
                 entry.state.created_unix_secs = now;
+                // Its runs so far lie in that future too.
+                entry.state.last_slot_unix_secs = None;
+                clock_fixed = true;
             }
             let Some(slot) = entry
                 .spec
@@ -251,6 +255,7 @@ impl Policies {
                 // would hold every run off until the clock caught up with it.
                 tracing::warn!(policy = %entry.spec.name, last_slot_unix_secs = ?entry.state.last_slot_unix_secs, now_unix_secs = now, "the last run's slot lies in the future (the clock was set back): counting from now");
                 entry.state.last_slot_unix_secs = Some(slot);
+                clock_fixed = true;
                 continue;
             }
             if Some(slot) <= entry.state.last_slot_unix_secs {
@@ -263,6 +268,12 @@ impl Policies {
             entry.running = true;
         }
         if started.is_empty() {
+            if clock_fixed {
+                // Kept, so that each start does not count from its own time again.
+                if let Err(e) = self.save(&entries) {
+                    tracing::warn!(error = %e, "cannot record a schedule counted from now");
+                }
+            }
             return Vec::new();
         }
         if let Err(e) = self.save(&entries) {
