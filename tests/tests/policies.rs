@@ -224,6 +224,54 @@ fn a_policy_backup_waits_for_the_job_running_on_its_volume() {
     assert_eq!(policy_backups(&d, "p").len(), 1);
 }
 
+/// `kill -9` during a policy run: at the next start the run runs again, once, and counts the
+/// backup the stopped run had started (resumed by the daemon) instead of making a second one.
+#[test]
+fn a_policy_run_killed_midway_runs_again_without_backing_up_twice() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let mut d = Daemon::start(opts);
+    half_random(&d, "v", 128 * MIB, 47);
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 5, "volumes": ["v"]}),
+    );
+    admin_ok(&d, "policy.run", json!({"name": "p"}));
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            admin_ok(&d, "job.list", json!({}))["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["policy"] == "p" && u(&j["progress"], "bytes_done") > 0)
+        }),
+        "the policy's backup did not start"
+    );
+    d.kill9();
+    d.restart();
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            let p = policy(&d, "p");
+            p["running"] == false && p["last_success_unix_secs"].is_u64()
+        }),
+        "the run did not run again: {:#}",
+        policy(&d, "p")
+    );
+    let p = policy(&d, "p");
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let mine = policy_backups(&d, "p");
+    assert_eq!(mine.len(), 1, "backed up twice: {mine:#?}");
+    // Not a third time at the next start.
+    d.terminate_ok();
+    d.restart();
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(policy(&d, "p")["running"], false);
+    assert_eq!(policy_backups(&d, "p").len(), 1);
+}
+
 #[test]
 fn server_policy_keeps_backup_sets() {
     let d = Daemon::start(DaemonOpts::new().no_default_volume());

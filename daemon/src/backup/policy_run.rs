@@ -12,6 +12,14 @@ use crate::servers::Servers;
 use crate::storage::entry::now_unix_secs;
 
 const JOB_POLL: Duration = Duration::from_millis(200);
+
+/// A volume's backup in one run.
+enum Backed {
+    /// Started now: its job id and backup id.
+    Started(String, String),
+    /// Made by the run this one starts again (its backup id).
+    Done(String),
+}
 /// How long a policy's backup of a volume waits for another job on it to end.
 const MAX_WAIT_FOR_JOB: Duration = Duration::from_secs(3600);
 
@@ -22,10 +30,14 @@ pub struct PolicyRunner {
 
 #[async_trait::async_trait]
 impl Runner for PolicyRunner {
-    async fn run(&self, policy: &PolicySpec) -> Result<RunReport, String> {
+    async fn run(
+        &self,
+        policy: &PolicySpec,
+        resumed_since: Option<u64>,
+    ) -> Result<RunReport, String> {
         let result = match &policy.target {
-            Target::Volumes(volumes) => self.run_volumes(policy, volumes).await,
-            Target::Servers(servers) => self.run_servers(policy, servers).await,
+            Target::Volumes(volumes) => self.run_volumes(policy, volumes, resumed_since).await,
+            Target::Servers(servers) => self.run_servers(policy, servers, resumed_since).await,
         };
         result.map_err(|e| e.to_string())
     }
@@ -71,18 +83,42 @@ impl PolicyRunner {
         Ok(())
     }
 
+    /// Starts this run's backup of `volume`, or, in a run started again after the daemon
+    /// stopped (`since`: when the stopped run began), finds the one that run already made.
     async fn backup_volume(
         &self,
         policy: &PolicySpec,
         volume: &String,
-    ) -> Result<Vec<crate::backup::job::JobInfo>, BackupError> {
-        self.backups
+        since: Option<u64>,
+    ) -> Result<Backed, BackupError> {
+        if let (Some(since), Some(entry)) = (since, self.backups.registry.entry(volume)) {
+            let uuid = entry.volume().identity().uuid.clone();
+            let made = self
+                .backups
+                .list(Some(volume))
+                .await?
+                .into_iter()
+                .filter(|b| {
+                    b.policy.as_deref() == Some(policy.name.as_str())
+                        && b.volume_uuid == uuid
+                        && b.created_unix_secs >= since
+                })
+                .max_by_key(|b| b.created_unix_secs);
+            if let Some(made) = made {
+                return Ok(Backed::Done(made.id));
+            }
+        }
+        let mut jobs = self
+            .backups
             .create(
                 std::slice::from_ref(volume),
                 false,
                 Some(policy.name.clone()),
             )
-            .await
+            .await?;
+        jobs.pop()
+            .map(|job| Backed::Started(job.id, job.backup_id))
+            .ok_or_else(|| BackupError::Failed(format!("no backup job for volume {volume:?}")))
     }
 
     /// Backs up each volume on its own, so one that cannot be backed up (deleted, a job of its
@@ -93,16 +129,19 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         volumes: &[String],
+        since: Option<u64>,
     ) -> Result<RunReport, BackupError> {
         let mut started = Vec::new();
+        let mut backed_up = Vec::new();
         let mut failures = Vec::new();
         // The free volumes first; those another job has are waited for afterwards, so one
         // under a long restore does not hold the others up.
         let mut busy = Vec::new();
         for volume in volumes {
-            match self.backup_volume(policy, volume).await {
+            match self.backup_volume(policy, volume, since).await {
                 Err(BackupError::JobRunning(_)) => busy.push(volume),
-                Ok(jobs) => started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id))),
+                Ok(Backed::Started(job_id, backup_id)) => started.push((volume, job_id, backup_id)),
+                Ok(Backed::Done(id)) => backed_up.push((volume, id)),
                 Err(e) => failures.push(format!("volume {volume:?}: {e}")),
             }
         }
@@ -118,11 +157,12 @@ impl PolicyRunner {
                     still.push(volume);
                     continue;
                 }
-                match self.backup_volume(policy, volume).await {
+                match self.backup_volume(policy, volume, since).await {
                     Err(BackupError::JobRunning(_)) => still.push(volume),
-                    Ok(jobs) => {
-                        started.extend(jobs.into_iter().map(|j| (volume, j.id, j.backup_id)))
+                    Ok(Backed::Started(job_id, backup_id)) => {
+                        started.push((volume, job_id, backup_id))
                     }
+                    Ok(Backed::Done(id)) => backed_up.push((volume, id)),
                     Err(e) => failures.push(format!("volume {volume:?}: {e}")),
                 }
             }
@@ -137,7 +177,6 @@ impl PolicyRunner {
                 tokio::time::sleep(JOB_POLL).await;
             }
         }
-        let mut backed_up = Vec::new();
         for (volume, id, backup_id) in started {
             match self.wait_jobs(std::slice::from_ref(&id)).await {
                 Ok(()) => backed_up.push((volume, backup_id)),
@@ -215,11 +254,12 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         servers: &[String],
+        since: Option<u64>,
     ) -> Result<RunReport, BackupError> {
         let mut report = RunReport::default();
         let mut failures = Vec::new();
         for name in servers {
-            if let Err(e) = self.run_server(policy, name, &mut report).await {
+            if let Err(e) = self.run_server(policy, name, since, &mut report).await {
                 failures.push(format!("server {name:?}: {e}"));
             }
         }
@@ -234,29 +274,59 @@ impl PolicyRunner {
         Ok(report)
     }
 
+    /// Whether the run this one starts again (begun at `since`) already made a complete backup
+    /// set of server `name`.
+    async fn set_made_since(
+        &self,
+        policy: &PolicySpec,
+        name: &str,
+        since: Option<u64>,
+    ) -> Result<bool, BackupError> {
+        let Some(since) = since else {
+            return Ok(false);
+        };
+        Ok(self.backups.server_sets(name).await?.iter().any(|s| {
+            s.state == "complete"
+                && !s.members.is_empty()
+                && s.policy.as_deref() == Some(policy.name.as_str())
+                && s.created_unix_secs >= since
+        }))
+    }
+
     async fn run_server(
         &self,
         policy: &PolicySpec,
         name: &str,
+        since: Option<u64>,
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
         let server = self.servers.get(name)?;
-        let set = loop {
+        loop {
+            if self.set_made_since(policy, name, since).await? {
+                break;
+            }
             let started = self
                 .backups
                 .server_backup(&server, false, Some(policy.name.clone()))
                 .await;
-            match started {
-                Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => {}
-                other => break other?,
-            }
-        };
+            let set = match started {
+                Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => continue,
+                other => other?,
+            };
+            self.wait_set(&set).await?;
+            break;
+        }
+        self.apply_set_retention(policy, name, report).await
+    }
+
+    /// Waits for server backup `set`'s jobs, then for the set to be recorded.
+    async fn wait_set(&self, set: &crate::backup::sets::BackupSetInfo) -> Result<(), BackupError> {
         let ids: Vec<String> = set.jobs.iter().map(|j| j.id.clone()).collect();
         self.wait_jobs(&ids).await?;
         loop {
             let shown = self.backups.show_set(&set.id).await?;
             match shown.state {
-                "complete" => break,
+                "complete" => return Ok(()),
                 "failed" => {
                     return Err(BackupError::Failed(format!(
                         "server backup {} failed: {}",
@@ -267,6 +337,15 @@ impl PolicyRunner {
                 _ => tokio::time::sleep(JOB_POLL).await,
             }
         }
+    }
+
+    /// Deletes the policy's backup sets of server `name` past its limits.
+    async fn apply_set_retention(
+        &self,
+        policy: &PolicySpec,
+        name: &str,
+        report: &mut RunReport,
+    ) -> Result<(), BackupError> {
         let mine: Vec<_> = self
             .backups
             .server_sets(name)

@@ -199,7 +199,7 @@ impl Policies {
             self.publish(entry);
             (spec, self.info(entry, now))
         };
-        self.start_run(spec, runner);
+        self.start_run(spec, runner, None);
         Ok(info)
     }
 
@@ -209,7 +209,8 @@ impl Policies {
     /// while the daemon was down start once, not once each.
     pub fn tick(self: &Arc<Self>, runner: &Arc<dyn Runner>) -> Vec<String> {
         let now = self.clock.now_unix_secs();
-        let mut started: Vec<(PolicySpec, PolicyState)> = Vec::new();
+        // Each with the state before and, for a run started again, when the stopped one began.
+        let mut started: Vec<(PolicySpec, PolicyState, Option<u64>)> = Vec::new();
         let mut clock_fixed = false;
         let mut entries = self.lock();
         for entry in entries.values_mut() {
@@ -222,7 +223,8 @@ impl Policies {
                 // flag is not set for the second attempt, so a run that brings the daemon down
                 // every time does not come back at every start.
                 tracing::info!(policy = %entry.spec.name, "running again a policy run the daemon stopped during");
-                started.push((entry.spec.clone(), entry.state.clone()));
+                let since = entry.state.last_run_unix_secs;
+                started.push((entry.spec.clone(), entry.state.clone(), since));
                 entry.state.run_in_progress = false;
                 entry.state.last_run_unix_secs = Some(now);
                 entry.running = true;
@@ -261,7 +263,7 @@ impl Policies {
             if Some(slot) <= entry.state.last_slot_unix_secs {
                 continue;
             }
-            started.push((entry.spec.clone(), entry.state.clone()));
+            started.push((entry.spec.clone(), entry.state.clone(), None));
             entry.state.last_slot_unix_secs = Some(slot);
             entry.state.last_run_unix_secs = Some(now);
             entry.state.run_in_progress = true;
@@ -280,7 +282,7 @@ impl Policies {
             // Starting without the slot on disk could repeat it after a restart; the next
             // tick retries.
             tracing::warn!(error = %e, "cannot record due policy runs; not starting them");
-            for (spec, before) in started {
+            for (spec, before, _) in started {
                 if let Some(entry) = entries.get_mut(&spec.name) {
                     entry.state = before;
                     entry.running = false;
@@ -288,16 +290,16 @@ impl Policies {
             }
             return Vec::new();
         }
-        for (spec, _) in &started {
+        for (spec, _, _) in &started {
             self.publish(&entries[&spec.name]);
         }
         drop(entries);
         started
             .into_iter()
-            .map(|(spec, _)| {
+            .map(|(spec, _, since)| {
                 let name = spec.name.clone();
                 tracing::info!(policy = %name, "starting scheduled policy run");
-                self.start_run(spec, Arc::clone(runner));
+                self.start_run(spec, Arc::clone(runner), since);
                 name
             })
             .collect()
@@ -318,13 +320,18 @@ impl Policies {
         });
     }
 
-    fn start_run(self: &Arc<Self>, spec: PolicySpec, runner: Arc<dyn Runner>) {
+    fn start_run(
+        self: &Arc<Self>,
+        spec: PolicySpec,
+        runner: Arc<dyn Runner>,
+        resumed_since: Option<u64>,
+    ) {
         let this = Arc::clone(self);
         let name = spec.name.clone();
         tokio::spawn(async move {
             // The runner gets its own task so that a panic in it becomes a failed run instead
             // of a policy marked running forever.
-            let run = tokio::spawn(async move { runner.run(&spec).await });
+            let run = tokio::spawn(async move { runner.run(&spec, resumed_since).await });
             let outcome = run
                 .await
                 .unwrap_or_else(|e| Err(format!("policy run ended abnormally: {e}")));

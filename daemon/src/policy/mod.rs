@@ -138,8 +138,14 @@ pub struct RunReport {
 
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + 'static {
-    /// Takes the policy's backups, waits for them, applies retention; Err is a message for last_error.
-    async fn run(&self, policy: &PolicySpec) -> Result<RunReport, String>;
+    /// Takes the policy's backups, waits for them, applies retention; Err is a message for
+    /// last_error. `resumed_since`: this runs again a run the daemon stopped during, which
+    /// started then; what that run already backed up counts as done.
+    async fn run(
+        &self,
+        policy: &PolicySpec,
+        resumed_since: Option<u64>,
+    ) -> Result<RunReport, String>;
 }
 
 /// A policy as the admin protocol shows it.

@@ -34,6 +34,8 @@ struct FakeRunner {
     max_active: AtomicU64,
     outcomes: Mutex<VecDeque<Result<RunReport, String>>>,
     gate: Option<Semaphore>,
+    /// The `resumed_since` of each run, in order.
+    resumed: Mutex<Vec<Option<u64>>>,
 }
 
 impl FakeRunner {
@@ -58,7 +60,12 @@ impl FakeRunner {
 
 #[async_trait::async_trait]
 impl Runner for FakeRunner {
-    async fn run(&self, _policy: &PolicySpec) -> Result<RunReport, String> {
+    async fn run(
+        &self,
+        _policy: &PolicySpec,
+        resumed_since: Option<u64>,
+    ) -> Result<RunReport, String> {
+        self.resumed.lock().unwrap().push(resumed_since);
         self.runs.fetch_add(1, Ordering::SeqCst);
         let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_active.fetch_max(active, Ordering::SeqCst);
@@ -247,6 +254,7 @@ async fn an_interrupted_run_runs_again_once_and_its_slot_is_not_repeated() {
     assert_eq!(f.tick(), vec!["p"]);
     f.restart();
     assert!(!f.policies.show("p").unwrap().running);
+    f.clock.advance(5);
     assert_eq!(f.tick(), vec!["p"], "the interrupted run runs again");
     assert!(f.tick().is_empty());
     // Interrupted again (say it brings the daemon down): not a third time.
@@ -261,6 +269,11 @@ async fn an_interrupted_run_runs_again_once_and_its_slot_is_not_repeated() {
     f.fake.release(1);
     let info = f.wait_idle("p").await;
     assert!(info.last_success_unix_secs.is_some());
+    // The second attempt was told when the stopped run began (so it can count what that run
+    // backed up); the others were not.
+    let mut resumed = f.fake.resumed.lock().unwrap().clone();
+    resumed.sort();
+    assert_eq!(resumed, [None, None, Some(T0 + 60)]);
     // Finished: a restart now starts nothing until the next slot.
     f.restart();
     assert!(f.tick().is_empty());
@@ -488,7 +501,11 @@ async fn a_panicking_runner_is_a_failed_run() {
     struct Panics;
     #[async_trait::async_trait]
     impl Runner for Panics {
-        async fn run(&self, policy: &PolicySpec) -> Result<RunReport, String> {
+        async fn run(
+            &self,
+            policy: &PolicySpec,
+            _resumed_since: Option<u64>,
+        ) -> Result<RunReport, String> {
             panic!("runner bug for {}", policy.name);
         }
     }
