@@ -809,8 +809,11 @@ impl Backups {
         .await
         .map_err(|e| BackupError::Failed(format!("a worker thread failed: {e}")))
         .and_then(|r| r.map_err(BackupError::from));
-        let closed = match created {
-            Ok(volume) => volume.attachments().close(true, Closure::Restore),
+        let (closed, uuid) = match created {
+            Ok(volume) => (
+                volume.attachments().close(true, Closure::Restore),
+                volume.identity().uuid.clone(),
+            ),
             Err(e) => {
                 self.unclaim(name);
                 return Err(e);
@@ -832,7 +835,8 @@ impl Backups {
         };
         if started.is_err() {
             // No job will fill it: an empty volume of that name would pass for the restore.
-            self.discard_volume(name).await;
+            // Only that very volume: a delete and a create of the name may have come between.
+            self.discard_volume(name, Some(&uuid)).await;
             self.unclaim(name);
         }
         started
@@ -909,10 +913,18 @@ impl Backups {
 
     /// Removes a volume made for a restore that will not complete. Under its admin lock, as
     /// `volume.delete`: a snapshot delete or resize someone started on it finishes first.
-    async fn discard_volume(&self, volume: &str) -> bool {
+    /// With `uuid`, only the volume of that identity: another of the same name is left alone.
+    async fn discard_volume(&self, volume: &str, uuid: Option<&str>) -> bool {
         let Some(entry) = self.registry.entry(volume) else {
             return true;
         };
+        if uuid.is_some_and(|uuid| entry.volume().identity().uuid != uuid) {
+            tracing::info!(
+                volume,
+                "the volume made for a failed restore was replaced meanwhile: the new one stays"
+            );
+            return true;
+        }
         let Ok(_admin) = entry.lock_admin().await else {
             // Deleted meanwhile.
             return true;
@@ -989,7 +1001,7 @@ impl Backups {
     async fn undo_restore(&self, job: &Job, record: &RestoreRecord, was_whole: bool) -> String {
         let volume = &record.volume;
         if record.created_volume {
-            return if self.discard_volume(volume).await {
+            return if self.discard_volume(volume, None).await {
                 format!("volume {volume:?} made for it was removed")
             } else {
                 format!(

@@ -161,6 +161,16 @@ impl Attached {
                 return;
             }
         };
+        // Checked again once attached: a restore that started after the handshake's check and
+        // has failed since reopens its volume marked. (One still running would have closed
+        // it; one starting from now on disconnects this connection first.)
+        if let Some(mark) = volume.restore_mark() {
+            drop(attachment);
+            tracing::warn!(%peer, export = volume.name(), "export holds an incomplete restore since the handshake");
+            let refusal = ExportRefusal::Policy(mark.refusal(volume.name()));
+            refuse_late(&mut stream, &negotiated, refusal).await;
+            return;
+        }
         if let Err(error) = handshake::send(&mut stream, &final_reply).await {
             tracing::debug!(%peer, %error, "client left before the handshake's last reply");
             return;
