@@ -233,6 +233,16 @@ struct VersionProbe {
 }
 
 impl BackupManifest {
+    /// Every chunk the manifest needs read: those it lists, the deltas among their bases and
+    /// the chunks those patch (ids may repeat).
+    pub fn named_chunks(&self) -> impl Iterator<Item = &ChunkId> {
+        self.chunks
+            .iter()
+            .flatten()
+            .chain(self.delta_bases.keys())
+            .chain(self.delta_bases.values())
+    }
+
     pub fn to_json_bytes(&self) -> Vec<u8> {
         // Plain structs with string keys cannot fail to serialize.
         let mut bytes = serde_json::to_vec(self).expect("manifest serializes to JSON");

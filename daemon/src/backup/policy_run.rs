@@ -134,31 +134,21 @@ impl PolicyRunner {
         let mut started = Vec::new();
         let mut backed_up = Vec::new();
         let mut failures = Vec::new();
-        // The free volumes first; those another job has are waited for afterwards, so one
-        // under a long restore does not hold the others up.
-        let mut busy = Vec::new();
-        for volume in volumes {
-            match self.backup_volume(policy, volume, since).await {
-                Err(BackupError::JobRunning(_)) => busy.push(volume),
-                Ok(Backed::Started(job_id, backup_id)) => started.push((volume, job_id, backup_id)),
-                Ok(Backed::Done(id)) => backed_up.push((volume, id)),
-                Err(e) => failures.push(format!("volume {volume:?}: {e}")),
-            }
-        }
-        if !busy.is_empty() {
-            tracing::info!(policy = %policy.name, volumes = ?busy, "policy backups wait for the jobs running on their volumes");
-        }
-        // Whichever frees first goes first; all share one deadline.
+        // Every free volume in the first round; one another job has is tried again once that
+        // job has ended, whichever frees first, all within one deadline: one under a long
+        // restore does not hold the others up.
         let deadline = tokio::time::Instant::now() + MAX_WAIT_FOR_JOB;
-        while !busy.is_empty() {
-            let mut still = Vec::new();
-            for volume in busy {
-                if self.backups.is_claimed(volume) {
-                    still.push(volume);
-                    continue;
-                }
-                match self.backup_volume(policy, volume, since).await {
-                    Err(BackupError::JobRunning(_)) => still.push(volume),
+        let mut pending: Vec<&String> = volumes.iter().collect();
+        loop {
+            let mut busy = Vec::new();
+            for volume in pending {
+                let result = if self.backups.is_claimed(volume) {
+                    Err(BackupError::JobRunning(volume.clone()))
+                } else {
+                    self.backup_volume(policy, volume, since).await
+                };
+                match result {
+                    Err(BackupError::JobRunning(_)) => busy.push(volume),
                     Ok(Backed::Started(job_id, backup_id)) => {
                         started.push((volume, job_id, backup_id))
                     }
@@ -166,16 +156,19 @@ impl PolicyRunner {
                     Err(e) => failures.push(format!("volume {volume:?}: {e}")),
                 }
             }
-            busy = still;
-            if !busy.is_empty() && tokio::time::Instant::now() >= deadline {
-                for volume in busy.drain(..) {
+            if busy.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for volume in busy {
                     let e = BackupError::JobRunning(volume.clone());
                     failures.push(format!("volume {volume:?}: {e}"));
                 }
+                break;
             }
-            if !busy.is_empty() {
-                tokio::time::sleep(JOB_POLL).await;
-            }
+            tracing::debug!(policy = %policy.name, volumes = ?busy, "policy backups wait for the jobs running on their volumes");
+            tokio::time::sleep(JOB_POLL).await;
+            pending = busy;
         }
         for (volume, id, backup_id) in started {
             match self.wait_jobs(std::slice::from_ref(&id)).await {
@@ -234,14 +227,7 @@ impl PolicyRunner {
             tracing::info!(policy = %policy.name, deleted = doomed.len(), "retention deleted backups");
             self.backups.gc().await?;
         }
-        if !failures.is_empty() {
-            return Err(BackupError::Failed(format!(
-                "{} of {} volume(s) not backed up: {}",
-                failures.len(),
-                volumes.len(),
-                failures.join("; ")
-            )));
-        }
+        not_backed_up("volume", volumes.len(), &failures)?;
         Ok(RunReport {
             backups_kept: kept,
             stored_bytes: kept_bytes,
@@ -263,14 +249,7 @@ impl PolicyRunner {
                 failures.push(format!("server {name:?}: {e}"));
             }
         }
-        if !failures.is_empty() {
-            return Err(BackupError::Failed(format!(
-                "{} of {} server(s) not backed up: {}",
-                failures.len(),
-                servers.len(),
-                failures.join("; ")
-            )));
-        }
+        not_backed_up("server", servers.len(), &failures)?;
         Ok(report)
     }
 
@@ -285,12 +264,30 @@ impl PolicyRunner {
         let Some(since) = since else {
             return Ok(false);
         };
-        Ok(self.backups.server_sets(name).await?.iter().any(|s| {
-            s.state == "complete"
-                && !s.members.is_empty()
-                && s.policy.as_deref() == Some(policy.name.as_str())
-                && s.created_unix_secs >= since
-        }))
+        Ok(self
+            .policy_sets(policy, name)
+            .await?
+            .iter()
+            .any(|s| s.created_unix_secs >= since))
+    }
+
+    /// The policy's complete, non-empty backup sets of server `name`: what its retention counts.
+    async fn policy_sets(
+        &self,
+        policy: &PolicySpec,
+        name: &str,
+    ) -> Result<Vec<crate::backup::sets::BackupSetInfo>, BackupError> {
+        Ok(self
+            .backups
+            .server_sets(name)
+            .await?
+            .into_iter()
+            .filter(|s| {
+                s.state == "complete"
+                    && !s.members.is_empty()
+                    && s.policy.as_deref() == Some(policy.name.as_str())
+            })
+            .collect())
     }
 
     async fn run_server(
@@ -346,17 +343,7 @@ impl PolicyRunner {
         name: &str,
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
-        let mine: Vec<_> = self
-            .backups
-            .server_sets(name)
-            .await?
-            .into_iter()
-            .filter(|s| {
-                s.state == "complete"
-                    && !s.members.is_empty()
-                    && s.policy.as_deref() == Some(policy.name.as_str())
-            })
-            .collect();
+        let mine = self.policy_sets(policy, name).await?;
         let items: Vec<(String, u64)> = mine
             .iter()
             .map(|s| (s.id.clone(), s.created_unix_secs))
@@ -375,4 +362,16 @@ impl PolicyRunner {
         }
         Ok(())
     }
+}
+
+/// Err naming every target of `kind` that a run did not back up, when there is one.
+fn not_backed_up(kind: &str, total: usize, failures: &[String]) -> Result<(), BackupError> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(BackupError::Failed(format!(
+        "{} of {total} {kind}(s) not backed up: {}",
+        failures.len(),
+        failures.join("; ")
+    )))
 }

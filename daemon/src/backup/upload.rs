@@ -505,13 +505,7 @@ fn missing_objects(
     packs: &HashMap<String, u64>,
 ) -> Vec<String> {
     let mut missing: BTreeSet<String> = BTreeSet::new();
-    let named = manifest
-        .chunks
-        .iter()
-        .flatten()
-        .chain(manifest.delta_bases.keys())
-        .chain(manifest.delta_bases.values());
-    for id in named {
+    for id in manifest.named_chunks() {
         match manifest.packed.get(id) {
             Some(at) if !packs.contains_key(&at.pack) => {
                 missing.insert(pack::pack_key(&at.pack));
@@ -656,13 +650,7 @@ fn seed(
     packed: &mut HashMap<ChunkId, PackedAt>,
     earlier: &BackupManifest,
 ) {
-    let named = earlier
-        .chunks
-        .iter()
-        .flatten()
-        .chain(earlier.delta_bases.keys())
-        .chain(earlier.delta_bases.values());
-    for id in named {
+    for id in earlier.named_chunks() {
         if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(*id) {
             slot.insert(earlier.delta_bases.get(id).copied());
             if let Some(at) = earlier.packed.get(id) {
