@@ -73,7 +73,8 @@ struct Model {
 /// ERR_TLS_REQD, nor does any mode once TLS is up; in Require mode before STARTTLS every option
 /// but STARTTLS and ABORT gets ERR_TLS_REQD; STARTTLS is ACKed only when it ends the call with
 /// Step::StartTls; transmission starts only on "vol0", or on "secure" over TLS, with the mode,
-/// flags and meta contexts the replies announced.
+/// flags and meta contexts the replies announced; a GO that reached transmission, then refused
+/// late, gets exactly one ERR_UNKNOWN and negotiation goes on; an EXPORT_NAME cannot be refused.
 pub fn handshake(data: &[u8]) {
     let Some((&split, data)) = data.split_first() else {
         return;
@@ -132,7 +133,20 @@ pub fn handshake(data: &[u8]) {
             Err(_) => return,
             Ok(Step::Transmission(n)) => {
                 model.check_transmission(&n, &replies, rest);
-                return;
+                // As if the export went away before the runtime attached: GO is answered with
+                // the refusal and negotiation goes on; EXPORT_NAME can only be closed.
+                let ended_by = n.ended_by;
+                let mut refusal = BytesMut::new();
+                let refused = hs.refuse_late(n, crate::ExportRefusal::Unknown, &mut refusal);
+                assert_eq!(refused, ended_by == OPT_GO);
+                if !refused {
+                    assert!(refusal.is_empty());
+                    return;
+                }
+                let (replies, rest) = option_replies(&refusal);
+                assert!(rest.is_empty() && replies.len() == 1);
+                assert!(replies[0].option == OPT_GO && replies[0].kind == REP_ERR_UNKNOWN);
+                model.check(&replies[0]);
             }
         }
     }
@@ -260,7 +274,6 @@ impl Model {
             assert_eq!(rest[..10], wire);
             assert!(rest[10..].iter().all(|&b| b == 0));
             assert_eq!(n.ended_by, OPT_EXPORT_NAME);
-            assert_eq!(n.late_refusal(crate::ExportRefusal::Unknown), None);
         }
     }
 }

@@ -91,32 +91,6 @@ pub struct Negotiated {
     pub ended_by: u32,
 }
 
-impl Negotiated {
-    /// What to send instead of the final reply when the export, accepted by the catalog,
-    /// cannot be served after all (deleted, or its connection limit reached, between the
-    /// catalog's answer and the runtime attaching the connection): for GO the refusal it would
-    /// have got a moment earlier; for EXPORT_NAME, which has no error reply, `None`: close.
-    pub fn late_refusal(&self, refusal: ExportRefusal) -> Option<BytesMut> {
-        if self.ended_by != OPT_GO {
-            return None;
-        }
-        let mut out = BytesMut::new();
-        let name = truncate_utf8(&self.export.name, MAX_QUOTED_NAME_BYTES);
-        let (reply_type, msg) = match refusal {
-            ExportRefusal::Unknown => (REP_ERR_UNKNOWN, format!("export {name:?} not found")),
-            // Only the catalog knows whether TLS is offered; a late refusal never needs it.
-            ExportRefusal::TlsRequired => (
-                REP_ERR_POLICY,
-                format!("export {name:?} is served over TLS only"),
-            ),
-            ExportRefusal::Policy(reason) => (REP_ERR_POLICY, format!("export {name:?}: {reason}")),
-        };
-        let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
-        put_reply(&mut out, OPT_GO, reply_type, msg.as_bytes());
-        Some(out)
-    }
-}
-
 /// What the runtime should do after `advance`. In every case it first sends `out`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -293,6 +267,41 @@ impl ServerHandshake {
             && !self.tls_active
             && option != OPT_STARTTLS
             && option != OPT_ABORT
+    }
+
+    /// Answers a GO that ended the handshake with the refusal it would have got a moment earlier,
+    /// when the export, accepted by the catalog, cannot be served after all (deleted, closed or
+    /// its connection limit reached between the catalog's answer and the runtime attaching the
+    /// connection), and puts the handshake back to reading options: the client may go on
+    /// negotiating, as after any failed GO. The contexts selected for that export stay selected.
+    /// EXPORT_NAME has no error reply: returns false, writes nothing, and the runtime closes.
+    pub fn refuse_late(
+        &mut self,
+        negotiated: Negotiated,
+        refusal: ExportRefusal,
+        out: &mut BytesMut,
+    ) -> bool {
+        if negotiated.ended_by != OPT_GO || self.state != State::Finished {
+            return false;
+        }
+        let name = truncate_utf8(&negotiated.export.name, MAX_QUOTED_NAME_BYTES);
+        let (reply_type, msg) = match refusal {
+            ExportRefusal::Unknown => (REP_ERR_UNKNOWN, format!("export {name:?} not found")),
+            // Only the catalog knows whether TLS is offered; a late refusal never needs it.
+            ExportRefusal::TlsRequired => (
+                REP_ERR_POLICY,
+                format!("export {name:?} is served over TLS only"),
+            ),
+            ExportRefusal::Policy(reason) => (REP_ERR_POLICY, format!("export {name:?}: {reason}")),
+        };
+        let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
+        put_reply(out, OPT_GO, reply_type, msg.as_bytes());
+        if !negotiated.meta_contexts.is_empty() {
+            // `finish` took them for this export; a later GO for it gets them again.
+            self.meta_selected = negotiated.meta_contexts;
+        }
+        self.state = State::OptionHeader;
+        true
     }
 
     /// Whether TLS has been negotiated on this connection.

@@ -200,35 +200,61 @@ fn go_sends_export_name_description_block_size() {
 }
 
 #[test]
-fn a_late_refusal_answers_go_and_leaves_export_name_to_a_close() {
+fn a_late_refusal_answers_go_and_lets_the_client_go_on_negotiating() {
     let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        &mut input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
     option(&mut input, OPT_GO, &info_payload("vol0", &[]));
     let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
         panic!("GO did not end the handshake")
     };
     assert_eq!(n.ended_by, OPT_GO);
-    let unknown = n.late_refusal(ExportRefusal::Unknown).expect("a reply");
+    assert_eq!(n.meta_contexts.len(), 1);
+    let mut out = BytesMut::new();
+    assert!(hs.refuse_late(n, ExportRefusal::Unknown, &mut out));
     assert_eq!(
-        replies(&unknown),
+        replies(&out),
         [(
             OPT_GO,
             REP_ERR_UNKNOWN,
             b"export \"vol0\" not found".to_vec()
         )]
     );
-    let policy = n
-        .late_refusal(ExportRefusal::Policy(
-            "connection limit of 1 reached".into(),
-        ))
-        .expect("a reply");
+
+    // The client asks again: the handshake reads options, and the contexts it set still hold.
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+        panic!("the second GO did not end the handshake")
+    };
+    assert_eq!(n.mode, ReplyMode::Structured);
     assert_eq!(
-        replies(&policy),
+        n.meta_contexts,
+        [MetaContext {
+            id: 1,
+            name: "base:allocation".into()
+        }]
+    );
+    let mut out = BytesMut::new();
+    assert!(hs.refuse_late(
+        n,
+        ExportRefusal::Policy("connection limit of 1 reached".into()),
+        &mut out
+    ));
+    assert_eq!(
+        replies(&out),
         [(
             OPT_GO,
             REP_ERR_POLICY,
             b"export \"vol0\": connection limit of 1 reached".to_vec()
         )]
     );
+    // ... or gives up.
+    option(&mut input, OPT_ABORT, &[]);
+    assert_eq!(run(&mut hs, &mut input).0, Ok(Step::Aborted));
 
     let (mut hs, mut input) = start(3);
     option(&mut input, OPT_EXPORT_NAME, b"vol0");
@@ -236,7 +262,14 @@ fn a_late_refusal_answers_go_and_leaves_export_name_to_a_close() {
         panic!("EXPORT_NAME did not end the handshake")
     };
     assert_eq!(n.ended_by, OPT_EXPORT_NAME);
-    assert_eq!(n.late_refusal(ExportRefusal::Unknown), None);
+    let mut out = BytesMut::new();
+    assert!(!hs.refuse_late(n, ExportRefusal::Unknown, &mut out));
+    assert!(out.is_empty());
+    option(&mut input, OPT_LIST, &[]);
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::AlreadyFinished)
+    );
 }
 
 #[test]

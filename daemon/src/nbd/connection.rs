@@ -1,10 +1,12 @@
 //! One client connection from accept to close: handshake, then transmission.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use evsd_proto::{ExportRefusal, HandshakeConfig, Negotiated, RequestError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessStore, ClientAddr, ClientIdentity};
@@ -14,8 +16,8 @@ use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFail
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
-use crate::storage::attachments::AttachRefused;
-use crate::storage::Registry;
+use crate::storage::attachments::{AttachRefused, Attachment};
+use crate::storage::{Registry, Volume};
 
 pub struct ConnectionConfig {
     pub handshake_timeout: Duration,
@@ -48,16 +50,29 @@ pub async fn serve<S: Transport>(
         metrics: &metrics,
         peer: &peer,
     };
-    let handshake = negotiate(
-        stream,
-        exports,
-        client,
-        config.handshake.clone(),
-        config.tls.as_deref(),
-    );
-    let outcome = tokio::select! {
-        outcome = tokio::time::timeout(config.handshake_timeout, handshake) => outcome,
-        _ = shutdown.cancelled() => return,
+    let limits = HandshakeLimits {
+        deadline: Instant::now() + config.handshake_timeout,
+        timeout: config.handshake_timeout,
+        shutdown: &shutdown,
+        metrics: &metrics,
+        peer: &peer,
+    };
+    let tls = config.tls.as_deref();
+    let negotiated = negotiate(stream, &exports, client, config.handshake.clone(), tls);
+    let Some(mut handshaken) = limits.run(negotiated).await else {
+        return;
+    };
+    // A GO refused here, when the catalog had just said yes, lets the client negotiate on; the
+    // option limit bounds how often.
+    let (volume, attachment, stop) = loop {
+        let refusal = match attach(&handshaken, &registry, &config, &metrics, &peer, &shutdown) {
+            Ok(attached) => break attached,
+            Err(refusal) => refusal,
+        };
+        let Some(Some(next)) = limits.run(handshaken.refuse(refusal, &exports, tls)).await else {
+            return;
+        };
+        handshaken = next;
     };
     let Handshaken {
         stream,
@@ -65,39 +80,119 @@ pub async fn serve<S: Transport>(
         final_reply,
         leftover,
         client,
-    } = match outcome {
-        Ok(Ok(done)) => done,
-        Ok(Err(HandshakeFailure::Aborted | HandshakeFailure::Closed)) => {
-            tracing::debug!(%peer, "client left during the handshake");
-            return;
-        }
-        Ok(Err(failure)) => {
-            metrics.handshake_failed(failure.reason());
-            tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics.handshake_failed("timeout");
-            metrics.limit_hit(Limit::HandshakeTimeout, &peer);
-            tracing::debug!(%peer, timeout_secs = config.handshake_timeout.as_secs(), "handshake timed out");
-            return;
-        }
-    };
+        ..
+    } = handshaken;
     let attached = Attached {
         negotiated,
         final_reply,
         leftover,
         client,
         peer,
-        registry,
+        volume,
+        attachment,
+        stop,
         config,
         metrics,
-        shutdown,
     };
     match stream {
         Established::Plain(stream) => attached.transmit(stream, false).await,
         Established::Tls(stream) => attached.transmit(*stream, true).await,
     }
+}
+
+/// What bounds a handshake, however many GOs it takes.
+struct HandshakeLimits<'a> {
+    deadline: Instant,
+    timeout: Duration,
+    shutdown: &'a CancellationToken,
+    metrics: &'a Metrics,
+    peer: &'a str,
+}
+
+impl HandshakeLimits<'_> {
+    /// Runs one stretch of negotiation until the handshake deadline or shutdown; logs and counts
+    /// how it failed. `None`: the connection is done.
+    async fn run<T>(
+        &self,
+        negotiation: impl Future<Output = Result<T, HandshakeFailure>>,
+    ) -> Option<T> {
+        let peer = self.peer;
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(self.deadline, negotiation) => outcome,
+            _ = self.shutdown.cancelled() => return None,
+        };
+        match outcome {
+            Ok(Ok(done)) => Some(done),
+            Ok(Err(HandshakeFailure::Aborted | HandshakeFailure::Closed)) => {
+                tracing::debug!(%peer, "client left during the handshake");
+                None
+            }
+            Ok(Err(failure)) => {
+                self.metrics.handshake_failed(failure.reason());
+                tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics.handshake_failed("timeout");
+                self.metrics.limit_hit(Limit::HandshakeTimeout, peer);
+                tracing::debug!(%peer, timeout_secs = self.timeout.as_secs(), "handshake timed out");
+                None
+            }
+        }
+    }
+}
+
+/// Attaches the connection to the volume the handshake ended on, or says why it cannot be
+/// served after all: the catalog's answer is a moment old.
+fn attach<S: Transport>(
+    handshaken: &Handshaken<S>,
+    registry: &Registry,
+    config: &ConnectionConfig,
+    metrics: &Metrics,
+    peer: &str,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Volume>, Attachment, CancellationToken), ExportRefusal> {
+    let name = &handshaken.negotiated.export.name;
+    let Some(volume) = registry.get(name) else {
+        tracing::warn!(%peer, export = %name, "export vanished during the handshake");
+        return Err(ExportRefusal::Unknown);
+    };
+    // Ends on global shutdown or when the volume is force-deleted, whichever comes first.
+    let stop = shutdown.child_token();
+    let max_connections = config
+        .access
+        .policy(volume.name())
+        .0
+        .max_connections
+        .map(|max| max as usize);
+    let attachment = match volume.attachments().attach_limited(
+        stop.clone(),
+        Some(handshaken.stream.client_fd()),
+        max_connections,
+    ) {
+        Ok(attachment) => attachment,
+        Err(AttachRefused::Closed(closure)) => {
+            tracing::warn!(%peer, export = volume.name(), "export being {} during the handshake", closure.doing());
+            return Err(closed_refusal(volume.name(), closure));
+        }
+        Err(AttachRefused::Full(max)) => {
+            // Another client took the last slot between the handshake's check and now.
+            metrics.limit_hit(Limit::VolumeConnections, peer);
+            tracing::debug!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached after the handshake");
+            return Err(ExportRefusal::Policy(format!(
+                "connection limit of {max} reached"
+            )));
+        }
+    };
+    // Checked again once attached: a restore that started after the handshake's check and
+    // has failed since reopens its volume marked. (One still running would have closed
+    // it; one starting from now on disconnects this connection first.)
+    if let Some(mark) = volume.restore_mark() {
+        drop(attachment);
+        tracing::warn!(%peer, export = volume.name(), "export holds an incomplete restore since the handshake");
+        return Err(ExportRefusal::Policy(mark.refusal(volume.name())));
+    }
+    Ok((volume, attachment, stop))
 }
 
 /// What transmission needs once the handshake is done, whatever the stream.
@@ -108,10 +203,12 @@ struct Attached {
     leftover: BytesMut,
     client: ClientIdentity,
     peer: String,
-    registry: Arc<Registry>,
+    volume: Arc<Volume>,
+    attachment: Attachment,
+    /// Ends on global shutdown or when the volume is force-deleted.
+    stop: CancellationToken,
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
 }
 
 impl Attached {
@@ -122,55 +219,12 @@ impl Attached {
             leftover,
             client,
             peer,
-            registry,
+            volume,
+            attachment,
+            stop,
             config,
             metrics,
-            shutdown,
         } = self;
-        let Some(volume) = registry.get(&negotiated.export.name) else {
-            tracing::warn!(%peer, export = %negotiated.export.name, "export vanished during the handshake");
-            refuse_late(&mut stream, &negotiated, ExportRefusal::Unknown).await;
-            return;
-        };
-        // Ends on global shutdown or when the volume is force-deleted, whichever comes first.
-        let stop = shutdown.child_token();
-        let max_connections = config
-            .access
-            .policy(volume.name())
-            .0
-            .max_connections
-            .map(|max| max as usize);
-        let attachment = match volume.attachments().attach_limited(
-            stop.clone(),
-            Some(stream.client_fd()),
-            max_connections,
-        ) {
-            Ok(attachment) => attachment,
-            Err(AttachRefused::Closed(closure)) => {
-                tracing::warn!(%peer, export = volume.name(), "export being {} during the handshake", closure.doing());
-                let refusal = closed_refusal(volume.name(), closure);
-                refuse_late(&mut stream, &negotiated, refusal).await;
-                return;
-            }
-            Err(AttachRefused::Full(max)) => {
-                // Another client took the last slot between the handshake's check and now.
-                metrics.limit_hit(Limit::VolumeConnections, &peer);
-                tracing::debug!(%peer, export = volume.name(), max_connections = max, "volume connection limit reached after the handshake");
-                let reason = format!("connection limit of {max} reached");
-                refuse_late(&mut stream, &negotiated, ExportRefusal::Policy(reason)).await;
-                return;
-            }
-        };
-        // Checked again once attached: a restore that started after the handshake's check and
-        // has failed since reopens its volume marked. (One still running would have closed
-        // it; one starting from now on disconnects this connection first.)
-        if let Some(mark) = volume.restore_mark() {
-            drop(attachment);
-            tracing::warn!(%peer, export = volume.name(), "export holds an incomplete restore since the handshake");
-            let refusal = ExportRefusal::Policy(mark.refusal(volume.name()));
-            refuse_late(&mut stream, &negotiated, refusal).await;
-            return;
-        }
         if let Err(error) = handshake::send(&mut stream, &final_reply).await {
             tracing::debug!(%peer, %error, "client left before the handshake's last reply");
             return;
@@ -220,18 +274,5 @@ impl Attached {
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
         }
-    }
-}
-
-/// Tells a client whose GO was accepted that its export cannot be served after all, before the
-/// connection closes (EXPORT_NAME has no error reply: the close is all it gets).
-async fn refuse_late<S: Transport>(
-    stream: &mut S,
-    negotiated: &Negotiated,
-    refusal: ExportRefusal,
-) {
-    if let Some(reply) = negotiated.late_refusal(refusal) {
-        // The connection closes either way; a client already gone changes nothing.
-        let _ = handshake::send(stream, &reply).await;
     }
 }

@@ -2,7 +2,9 @@
 //! state machine accepts STARTTLS.
 
 use bytes::BytesMut;
-use evsd_proto::{HandshakeConfig, HandshakeError, Negotiated, ServerHandshake, Step};
+use evsd_proto::{
+    ExportRefusal, HandshakeConfig, HandshakeError, Negotiated, ServerHandshake, Step,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
@@ -67,6 +69,58 @@ pub struct Handshaken<S> {
     pub leftover: BytesMut,
     /// The client as its access was decided: with TLS and certificate names once STARTTLS ran.
     pub client: ClientIdentity,
+    /// Kept to go on negotiating when the export is refused after all (see [`Handshaken::refuse`]).
+    handshake: ServerHandshake,
+}
+
+impl<S: Transport> Established<S> {
+    /// The client socket, for the volume's attachment list.
+    pub fn client_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Established::Plain(stream) => stream.client_fd(),
+            Established::Tls(stream) => stream.client_fd(),
+        }
+    }
+}
+
+impl<S: Transport> Handshaken<S> {
+    /// The export the handshake ended on cannot be served after all (deleted, closed or its
+    /// connection limit reached since the catalog said yes). GO gets that refusal and the client
+    /// may go on negotiating: returns the handshake it finishes next. EXPORT_NAME has no error
+    /// reply: returns `None` and the caller closes.
+    pub async fn refuse(
+        self,
+        refusal: ExportRefusal,
+        exports: &Exports<'_>,
+        tls: Option<&TlsContext>,
+    ) -> Result<Option<Handshaken<S>>, HandshakeFailure> {
+        let Handshaken {
+            stream,
+            negotiated,
+            leftover: input,
+            client,
+            mut handshake,
+            ..
+        } = self;
+        let mut out = BytesMut::new();
+        if !handshake.refuse_late(negotiated, refusal, &mut out) {
+            return Ok(None);
+        }
+        match stream {
+            Established::Plain(mut stream) => {
+                send(&mut stream, &out).await?;
+                negotiate_plain(handshake, stream, input, client, exports, tls)
+                    .await
+                    .map(Some)
+            }
+            Established::Tls(mut stream) => {
+                send(&mut stream, &out).await?;
+                negotiate_tls(handshake, *stream, input, client, exports)
+                    .await
+                    .map(Some)
+            }
+        }
+    }
 }
 
 /// What the handshake looks exports up in.
@@ -104,16 +158,29 @@ enum Phase {
 /// Runs the handshake, including a STARTTLS upgrade when the config allows it.
 pub async fn negotiate<S: Transport>(
     mut stream: S,
-    exports: Exports<'_>,
-    mut client: ClientIdentity,
+    exports: &Exports<'_>,
+    client: ClientIdentity,
     config: HandshakeConfig,
     tls: Option<&TlsContext>,
 ) -> Result<Handshaken<S>, HandshakeFailure> {
-    let mut handshake = ServerHandshake::new(config);
+    let handshake = ServerHandshake::new(config);
     let mut out = BytesMut::with_capacity(1024);
     handshake.write_greeting(&mut out);
     stream.write_all(&out).await?;
-    let mut input = BytesMut::with_capacity(4096);
+    let input = BytesMut::with_capacity(4096);
+    negotiate_plain(handshake, stream, input, client, exports, tls).await
+}
+
+/// Reads options on the plain socket until transmission, or until STARTTLS moves the rest of
+/// the negotiation to TLS.
+async fn negotiate_plain<S: Transport>(
+    mut handshake: ServerHandshake,
+    mut stream: S,
+    mut input: BytesMut,
+    mut client: ClientIdentity,
+    exports: &Exports<'_>,
+    tls: Option<&TlsContext>,
+) -> Result<Handshaken<S>, HandshakeFailure> {
     let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated, final_reply) => {
@@ -123,13 +190,14 @@ pub async fn negotiate<S: Transport>(
                 final_reply,
                 leftover: input,
                 client,
+                handshake,
             })
         }
         Phase::StartTls => {}
     }
     let acceptor = tls.ok_or(HandshakeFailure::TlsUnconfigured)?.acceptor();
     // The state machine refused STARTTLS if bytes followed it, so nothing is lost here.
-    let mut stream = acceptor
+    let stream = acceptor
         .accept(stream)
         .await
         .map_err(HandshakeFailure::Tls)?;
@@ -142,6 +210,17 @@ pub async fn negotiate<S: Transport>(
         .and_then(|chain| chain.first())
         .map(cert_names::names)
         .unwrap_or_default();
+    negotiate_tls(handshake, stream, input, client, exports).await
+}
+
+/// Reads options over TLS until transmission.
+async fn negotiate_tls<S: Transport>(
+    mut handshake: ServerHandshake,
+    mut stream: TlsStream<S>,
+    mut input: BytesMut,
+    client: ClientIdentity,
+    exports: &Exports<'_>,
+) -> Result<Handshaken<S>, HandshakeFailure> {
     let catalog = exports.catalog(&client);
     match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
         Phase::Transmission(negotiated, final_reply) => Ok(Handshaken {
@@ -150,6 +229,7 @@ pub async fn negotiate<S: Transport>(
             final_reply,
             leftover: input,
             client,
+            handshake,
         }),
         // The state machine answers a second STARTTLS with ERR_INVALID; never reached.
         Phase::StartTls => Err(HandshakeFailure::Protocol(HandshakeError::AlreadyFinished)),
@@ -197,4 +277,108 @@ pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) -> std::io:
         stream.write_all(out).await?;
     }
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::ClientAddr;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use bytes::{Buf, BufMut};
+    use evsd_proto::consts::{IHAVEOPT, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_ERR_POLICY};
+    use tokio::net::UnixStream;
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        out.put_u64(IHAVEOPT);
+        out.put_u32(OPT_GO);
+        out.put_u32(4 + name.len() as u32 + 2);
+        out.put_u32(name.len() as u32);
+        out.put_slice(name.as_bytes());
+        out.put_u16(0);
+        out.to_vec()
+    }
+
+    /// Reads option replies up to and including the first that is not REP_INFO; returns its
+    /// type and data.
+    async fn final_go_reply(client: &mut UnixStream) -> (u32, Vec<u8>) {
+        loop {
+            let mut header = [0u8; 20];
+            client.read_exact(&mut header).await.unwrap();
+            let mut header = &header[..];
+            assert_eq!(header.get_u64(), OPTION_REPLY_MAGIC);
+            assert_eq!(header.get_u32(), OPT_GO);
+            let kind = header.get_u32();
+            let mut data = vec![0u8; header.get_u32() as usize];
+            client.read_exact(&mut data).await.unwrap();
+            if kind != evsd_proto::consts::REP_INFO {
+                return (kind, data);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_go_refused_after_the_catalog_said_yes_lets_the_client_ask_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        registry.create("v", 1 << 20).unwrap();
+        registry.create("w", 2 << 20).unwrap();
+        let access = AccessStore::open(dir.path(), Default::default()).unwrap();
+        let metrics = Metrics::new();
+        let exports = Exports {
+            registry: &registry,
+            access: &access,
+            metrics: &metrics,
+            peer: "test",
+        };
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let identity = ClientIdentity {
+            addr: ClientAddr::Unix,
+            tls: false,
+            cert_names: Vec::new(),
+        };
+
+        let client_side = async {
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).await.unwrap();
+            client.write_all(&3u32.to_be_bytes()).await.unwrap();
+            client.write_all(&go("v")).await.unwrap();
+            let (kind, message) = final_go_reply(&mut client).await;
+            assert_eq!(kind, REP_ERR_POLICY);
+            assert_eq!(
+                String::from_utf8(message).unwrap(),
+                "export \"v\": connection limit of 1 reached"
+            );
+            client.write_all(&go("w")).await.unwrap();
+            client
+        };
+        let server_side = async {
+            let config = HandshakeConfig::default();
+            let first = negotiate(server, &exports, identity, config, None)
+                .await
+                .unwrap();
+            assert_eq!(first.negotiated.export.name, "v");
+            let refusal = ExportRefusal::Policy("connection limit of 1 reached".into());
+            first.refuse(refusal, &exports, None).await.unwrap()
+        };
+        let (mut client, second) = tokio::join!(client_side, server_side);
+        let second = second.expect("GO may be answered again");
+        assert_eq!(second.negotiated.export.name, "w");
+        assert_eq!(second.negotiated.export.size_bytes, 2 << 20);
+        // The last reply (INFO_EXPORT ..., ACK) is the caller's to send once attached.
+        let ack = &second.final_reply[second.final_reply.len() - 20..];
+        let mut ack_fields = ack;
+        assert_eq!(ack_fields.get_u64(), OPTION_REPLY_MAGIC);
+        assert_eq!(ack_fields.get_u32(), OPT_GO);
+        assert_eq!(ack_fields.get_u32(), REP_ACK);
+        assert_eq!(ack_fields.get_u32(), 0);
+        let mut probe = [0u8; 1];
+        let nothing = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            client.read(&mut probe),
+        )
+        .await;
+        assert!(nothing.is_err(), "the client got bytes before the attach");
+    }
 }
