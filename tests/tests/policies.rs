@@ -308,6 +308,180 @@ fn server_policy_keeps_backup_sets() {
     assert_eq!(policy_backups(&d, "web-often").len(), 2);
 }
 
+/// A server policy's run whose set fails (one member's job cancelled) leaves the other members'
+/// backups behind; the policy's next complete set retires them, since no set record names
+/// them and its retention counts sets.
+#[test]
+fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let d = Daemon::start(opts);
+    half_random(&d, "a", 8 * MIB, 48);
+    half_random(&d, "b", 128 * MIB, 49);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a", "b"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 3, "servers": ["web"]}),
+    );
+    let run = |d: &Daemon| {
+        admin_ok(d, "policy.run", json!({"name": "p"}));
+        assert!(wait_until(Duration::from_secs(90), || policy(d, "p")
+            ["running"]
+            == false));
+        policy(d, "p")
+    };
+    admin_ok(&d, "policy.run", json!({"name": "p"}));
+    // a's backup completes; b's is cancelled halfway.
+    let mut b_job = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let jobs = admin_ok(&d, "job.list", json!({}))["jobs"].clone();
+            let jobs = jobs.as_array().unwrap();
+            let a_done = jobs
+                .iter()
+                .any(|j| j["volume"] == "a" && j["policy"] == "p" && j["state"] == "succeeded");
+            b_job = jobs
+                .iter()
+                .find(|j| {
+                    j["volume"] == "b" && j["policy"] == "p" && u(&j["progress"], "bytes_done") > 0
+                })
+                .map(|j| j["id"].as_str().unwrap().to_owned());
+            a_done && b_job.is_some()
+        }),
+        "the set's jobs did not get going"
+    );
+    admin_ok(&d, "job.cancel", json!({"id": b_job.unwrap()}));
+    assert!(wait_until(Duration::from_secs(60), || policy(&d, "p")
+        ["running"]
+        == false));
+    let p = policy(&d, "p");
+    assert!(
+        p["last_error"].as_str().is_some_and(|e| e.contains("web")),
+        "{p:#}"
+    );
+    let orphan: Vec<Value> = policy_backups(&d, "p");
+    assert_eq!(orphan.len(), 1, "{orphan:#?}");
+    assert_eq!(orphan[0]["volume"], "a");
+
+    // The second second: the next set is newer than the orphan.
+    thread::sleep(Duration::from_millis(1100));
+    let p = run(&d);
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let sets = admin_ok(&d, "server.backups", json!({"name": "web"}));
+    let sets = sets["backup_sets"].as_array().unwrap().clone();
+    assert_eq!(sets.len(), 1, "{sets:#?}");
+    let mut members: Vec<String> = sets[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["backup_id"].as_str().unwrap().to_owned())
+        .collect();
+    members.sort();
+    let mut kept: Vec<String> = policy_backups(&d, "p")
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, members, "the failed set's member is still there");
+    assert!(!kept.contains(&orphan[0]["id"].as_str().unwrap().to_owned()));
+    // What remains restores: the set's member of a, byte for byte.
+    let b_of_a = sets[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["volume"] == "a")
+        .unwrap()["backup_id"]
+        .clone();
+    let v = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "a2", "from_backup": b_of_a}),
+    );
+    wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_same("a restored", &read_export(&d, "a2"), &read_export(&d, "a"));
+}
+
+/// Two daemons sharing a store, each with a server "web" and a server policy "p": each one's
+/// retention counts and deletes only its own daemon's sets.
+#[test]
+fn a_server_policy_counts_only_its_own_daemons_sets_in_a_shared_store() {
+    let a = Daemon::start(DaemonOpts::new().no_default_volume());
+    let store = a.data_dir().join("backups");
+    let b = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-store")
+            .arg(&format!("file://{}", store.display())),
+    );
+    for (d, seed) in [(&a, 50), (&b, 51)] {
+        half_random(d, "v", 8 * MIB, seed);
+        admin_ok(d, "server.create", json!({"name": "web", "volumes": ["v"]}));
+        admin_ok(
+            d,
+            "policy.create",
+            json!({"name": "p", "daily": "03:00", "keep": 1, "servers": ["web"]}),
+        );
+    }
+    let run = |d: &Daemon| {
+        admin_ok(d, "policy.run", json!({"name": "p"}));
+        assert!(wait_until(Duration::from_secs(60), || policy(d, "p")
+            ["running"]
+            == false));
+        let p = policy(d, "p");
+        assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    };
+    let set_ids = |d: &Daemon| -> Vec<String> {
+        admin_ok(d, "server.backups", json!({"name": "web"}))["backup_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "complete")
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    run(&b);
+    let of_b = set_ids(&b);
+    assert_eq!(of_b.len(), 1);
+    run(&a);
+    let mut first_of_a = set_ids(&a);
+    first_of_a.retain(|id| !of_b.contains(id));
+    assert_eq!(first_of_a.len(), 1);
+    // Sets are ordered by second: the next one is newer.
+    thread::sleep(Duration::from_millis(1100));
+    run(&a);
+    let listed = set_ids(&a);
+    assert!(
+        listed.contains(&of_b[0]),
+        "a's retention deleted b's set: {listed:?}"
+    );
+    assert!(
+        !listed.contains(&first_of_a[0]),
+        "a's retention kept two of its sets: {listed:?}"
+    );
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    // b's set still restores b's volume.
+    let members = admin_ok(&b, "backup_set.show", json!({"id": of_b[0]}));
+    let member = members["members"][0]["backup_id"].clone();
+    let v = admin_ok(
+        &b,
+        "volume.create",
+        json!({"name": "v2", "from_backup": member}),
+    );
+    wait_job_ok(&b, v["job"]["id"].as_str().unwrap());
+    assert_same(
+        "b's v restored",
+        &read_export(&b, "v2"),
+        &read_export(&b, "v"),
+    );
+}
+
 #[test]
 fn evsctl_server_and_policy_commands() {
     let d = Daemon::start(DaemonOpts::new().no_default_volume());

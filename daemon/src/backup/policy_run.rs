@@ -272,22 +272,48 @@ impl PolicyRunner {
     }
 
     /// The policy's complete, non-empty backup sets of server `name`: what its retention counts.
+    /// This daemon's only: another daemon sharing the store may have a server and a policy of
+    /// the same names, and its sets are not ours to count or delete. A set is ours when one of
+    /// its members is a backup of a volume here (by uuid).
     async fn policy_sets(
         &self,
         policy: &PolicySpec,
         name: &str,
     ) -> Result<Vec<crate::backup::sets::BackupSetInfo>, BackupError> {
-        Ok(self
-            .backups
-            .server_sets(name)
-            .await?
-            .into_iter()
-            .filter(|s| {
-                s.state == "complete"
-                    && !s.members.is_empty()
-                    && s.policy.as_deref() == Some(policy.name.as_str())
-            })
-            .collect())
+        let mut mine = Vec::new();
+        for set in self.backups.server_sets(name).await? {
+            if set.state == "complete"
+                && !set.members.is_empty()
+                && set.policy.as_deref() == Some(policy.name.as_str())
+                && self.has_member_here(&set).await?
+            {
+                mine.push(set);
+            }
+        }
+        Ok(mine)
+    }
+
+    /// Whether one of the set's members is a backup of a volume of this daemon.
+    async fn has_member_here(
+        &self,
+        set: &crate::backup::sets::BackupSetInfo,
+    ) -> Result<bool, BackupError> {
+        for member in &set.members {
+            let info = match self.backups.catalog.get(&member.backup_id).await {
+                Ok(info) => info,
+                Err(BackupError::BackupNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let here = self
+                .backups
+                .registry
+                .entry(&info.volume)
+                .is_some_and(|entry| entry.volume().identity().uuid == info.volume_uuid);
+            if here {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn run_server(
@@ -351,6 +377,31 @@ impl PolicyRunner {
         let doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
         for id in &doomed {
             self.backups.delete_set(id).await?;
+        }
+        // Members of this policy's failed sets older than its newest set: that set's members
+        // are the volumes' bases now, so deleting them costs no incremental its base.
+        if let Some(newest) = mine.iter().map(|s| s.created_unix_secs).max() {
+            let server = self.servers.get(name)?;
+            let volumes: Vec<(String, String)> = server
+                .volumes
+                .iter()
+                .filter_map(|v| {
+                    let entry = self.backups.registry.entry(v)?;
+                    let uuid = entry.volume().identity().uuid.clone();
+                    Some((v.clone(), uuid))
+                })
+                .collect();
+            let orphans = self
+                .backups
+                .failed_set_members(&policy.name, &volumes, newest)
+                .await?;
+            for id in &orphans {
+                self.backups.delete_without_gc(id).await?;
+            }
+            if !orphans.is_empty() {
+                tracing::info!(policy = %policy.name, server = name, deleted = orphans.len(), "deleted the members of failed server backups");
+                self.backups.gc().await?;
+            }
         }
         report.backups_kept += (mine.len() - doomed.len()) as u64;
         for set in mine.iter().filter(|s| !doomed.contains(&s.id)) {

@@ -372,6 +372,42 @@ impl Backups {
         self.gc().await
     }
 
+    /// The backups `policy` made as members of server backups that failed (so no set record
+    /// names them), of the volumes `volumes` (name and uuid: this daemon's volumes only, never
+    /// another daemon's sharing the store), created before `before_unix_secs`. A failed set
+    /// cannot be restored as a server backup and the policy's retention counts sets, so without
+    /// this its members would stay forever. Sets still running here are not failed.
+    pub(crate) async fn failed_set_members(
+        &self,
+        policy: &str,
+        volumes: &[(String, String)],
+        before_unix_secs: u64,
+    ) -> Result<Vec<String>, BackupError> {
+        let mut sets: std::collections::BTreeSet<String> =
+            self.store.list_set_ids().await?.into_iter().collect();
+        sets.extend(
+            self.running_sets
+                .lock()
+                .iter()
+                .filter(|(_, (_, outcome))| !matches!(outcome, Some(Err(_))))
+                .map(|(id, _)| id.clone()),
+        );
+        Ok(self
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|b| {
+                b.policy.as_deref() == Some(policy)
+                    && b.group_id.as_ref().is_some_and(|g| !sets.contains(g))
+                    && b.created_unix_secs < before_unix_secs
+                    && volumes
+                        .iter()
+                        .any(|(name, uuid)| &b.volume == name && &b.volume_uuid == uuid)
+            })
+            .map(|b| b.id)
+            .collect())
+    }
+
     /// Restores every member of a set: onto the original volumes (refused while any has
     /// clients unless `force`), or into new volumes named `<volume><suffix>`.
     pub async fn restore_set(
