@@ -100,53 +100,72 @@ pub fn handshake(data: &[u8]) {
     let mut input = BytesMut::new();
     for piece in data.chunks(step_len) {
         input.extend_from_slice(piece);
-        let mut out = BytesMut::new();
-        let step = hs.advance(&mut input, &FixedCatalog { tls: model.tls_up }, &mut out);
-        let (replies, rest) = option_replies(&out);
-        for reply in &replies {
-            model.check(reply);
-        }
-        // An accepted STARTTLS ends the call: its ACK is the last reply and the step is StartTls.
-        let acks_starttls = |r: &Reply| r.option == OPT_STARTTLS && r.kind == REP_ACK;
-        if let Some(at) = replies.iter().position(acks_starttls) {
-            assert!(
-                at + 1 == replies.len() && matches!(step, Ok(Step::StartTls) | Err(_)),
-                "STARTTLS ACKed without Step::StartTls"
-            );
-        }
-        if !matches!(step, Ok(Step::Transmission(_))) {
-            assert!(rest.is_empty(), "stray bytes after the option replies");
-        }
-        match step {
-            Ok(Step::NeedInput) => {}
-            Ok(Step::StartTls) => {
-                assert!(replies.last().is_some_and(acks_starttls));
-                assert!(model.tls != TlsMode::Off && !model.tls_up);
-                model.tls_up = true;
-                model.mode = ReplyMode::Simple;
+        // Runs again at once, without new input, after a late refusal: what the client sent
+        // after its GO is already here.
+        let mut refused = false;
+        loop {
+            let mut out = BytesMut::new();
+            let step = hs.advance(&mut input, &FixedCatalog { tls: model.tls_up }, &mut out);
+            if std::mem::take(&mut refused) {
+                assert!(
+                    !matches!(step, Err(crate::HandshakeError::AlreadyFinished)),
+                    "negotiation did not go on after a late refusal"
+                );
             }
-            Ok(Step::Aborted) => {
-                let last = replies.last().expect("ABORT without an ACK");
-                assert!(last.option == OPT_ABORT && last.kind == REP_ACK);
-                return;
+            let (replies, rest) = option_replies(&out);
+            for reply in &replies {
+                model.check(reply);
             }
-            Err(_) => return,
-            Ok(Step::Transmission(n)) => {
-                model.check_transmission(&n, &replies, rest);
-                // As if the export went away before the runtime attached: GO is answered with
-                // the refusal and negotiation goes on; EXPORT_NAME can only be closed.
-                let ended_by = n.ended_by;
-                let mut refusal = BytesMut::new();
-                let refused = hs.refuse_late(n, crate::ExportRefusal::Unknown, &mut refusal);
-                assert_eq!(refused, ended_by == OPT_GO);
-                if !refused {
-                    assert!(refusal.is_empty());
+            // An accepted STARTTLS ends the call: its ACK is the last reply and the step is StartTls.
+            let acks_starttls = |r: &Reply| r.option == OPT_STARTTLS && r.kind == REP_ACK;
+            if let Some(at) = replies.iter().position(acks_starttls) {
+                assert!(
+                    at + 1 == replies.len() && matches!(step, Ok(Step::StartTls) | Err(_)),
+                    "STARTTLS ACKed without Step::StartTls"
+                );
+            }
+            if !matches!(step, Ok(Step::Transmission(_))) {
+                assert!(rest.is_empty(), "stray bytes after the option replies");
+            }
+            match step {
+                Ok(Step::NeedInput) => break,
+                Ok(Step::StartTls) => {
+                    assert!(replies.last().is_some_and(acks_starttls));
+                    assert!(model.tls != TlsMode::Off && !model.tls_up);
+                    model.tls_up = true;
+                    model.mode = ReplyMode::Simple;
+                    break;
+                }
+                Ok(Step::Aborted) => {
+                    let last = replies.last().expect("ABORT without an ACK");
+                    assert!(last.option == OPT_ABORT && last.kind == REP_ACK);
                     return;
                 }
-                let (replies, rest) = option_replies(&refusal);
-                assert!(rest.is_empty() && replies.len() == 1);
-                assert!(replies[0].option == OPT_GO && replies[0].kind == REP_ERR_UNKNOWN);
-                model.check(&replies[0]);
+                Err(_) => return,
+                Ok(Step::Transmission(n)) => {
+                    // The final reply starts on a reply boundary, after the burst's others.
+                    let (before, between) = option_replies(&out[..n.final_reply_at]);
+                    assert!(between.is_empty(), "final_reply_at inside a reply");
+                    assert!(before
+                        .iter()
+                        .all(|r| r.kind != REP_ACK || r.option != OPT_GO));
+                    model.check_transmission(&n, &replies, rest);
+                    // As if the export went away before the runtime attached: GO is answered
+                    // with the refusal and negotiation goes on; EXPORT_NAME can only be closed.
+                    let ended_by = n.ended_by;
+                    let mut refusal = BytesMut::new();
+                    let late = hs.refuse_late(n, crate::ExportRefusal::Unknown, &mut refusal);
+                    assert_eq!(late, ended_by == OPT_GO);
+                    if !late {
+                        assert!(refusal.is_empty());
+                        return;
+                    }
+                    let (replies, rest) = option_replies(&refusal);
+                    assert!(rest.is_empty() && replies.len() == 1);
+                    assert!(replies[0].option == OPT_GO && replies[0].kind == REP_ERR_UNKNOWN);
+                    model.check(&replies[0]);
+                    refused = true;
+                }
             }
         }
     }

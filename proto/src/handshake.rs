@@ -89,6 +89,11 @@ pub struct Negotiated {
     pub meta_contexts: Vec<MetaContext>,
     /// The option that ended the handshake: OPT_GO or OPT_EXPORT_NAME.
     pub ended_by: u32,
+    /// Where, in the output of the `advance` call that returned this, the final option's reply
+    /// begins. Replies before it answer options the client sent in the same burst: they may go
+    /// out at once, while the final reply waits for the runtime (and a late refusal replaces
+    /// only it).
+    pub final_reply_at: usize,
 }
 
 /// What the runtime should do after `advance`. In every case it first sends `out`.
@@ -240,7 +245,11 @@ impl ServerHandshake {
                     self.count_option()?;
                     input.advance(16);
                     let data = input.split_to(length as usize);
-                    if let Some(step) = self.handle_option(option, &data, catalog, out)? {
+                    let reply_at = out.len();
+                    if let Some(mut step) = self.handle_option(option, &data, catalog, out)? {
+                        if let Step::Transmission(negotiated) = &mut step {
+                            negotiated.final_reply_at = reply_at;
+                        }
                         // The client must wait for the ACK before its ClientHello; anything already
                         // here was sent too early and cannot be handed to the TLS layer.
                         if step == Step::StartTls && !input.is_empty() {
@@ -284,17 +293,14 @@ impl ServerHandshake {
         if negotiated.ended_by != OPT_GO || self.state != State::Finished {
             return false;
         }
-        let name = truncate_utf8(&negotiated.export.name, MAX_QUOTED_NAME_BYTES);
-        let (reply_type, msg) = match refusal {
-            ExportRefusal::Unknown => (REP_ERR_UNKNOWN, format!("export {name:?} not found")),
-            // Only the catalog knows whether TLS is offered; a late refusal never needs it.
-            ExportRefusal::TlsRequired => (
-                REP_ERR_POLICY,
-                format!("export {name:?} is served over TLS only"),
-            ),
-            ExportRefusal::Policy(reason) => (REP_ERR_POLICY, format!("export {name:?}: {reason}")),
+        // Only the catalog knows whether TLS is offered; a late refusal never needs it.
+        let refusal = match refusal {
+            ExportRefusal::TlsRequired => {
+                ExportRefusal::Policy("it is served over TLS only".into())
+            }
+            other => other,
         };
-        let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
+        let (reply_type, msg) = refusal_reply(&negotiated.export.name, refusal, self.config.tls);
         put_reply(out, OPT_GO, reply_type, msg.as_bytes());
         if !negotiated.meta_contexts.is_empty() {
             // `finish` took them for this export; a later GO for it gets them again.
@@ -511,31 +517,8 @@ impl ServerHandshake {
 
     /// The option reply for an export the catalog refused.
     fn put_refusal(&self, out: &mut BytesMut, option: u32, name: &str, refusal: ExportRefusal) {
-        // The message quotes the name escaped; cut it so the message stays far below the spec's
-        // 4096-byte limit on strings (escaping can make a name six times longer).
-        let name = truncate_utf8(name, MAX_QUOTED_NAME_BYTES);
-        match refusal {
-            ExportRefusal::Unknown => {
-                let msg = format!("export {name:?} not found");
-                put_reply(out, option, REP_ERR_UNKNOWN, msg.as_bytes());
-            }
-            // The spec forbids ERR_TLS_REQD from a server that offers no TLS.
-            ExportRefusal::TlsRequired if self.config.tls == TlsMode::Off => {
-                let msg = format!(
-                    "export {name:?} is served over TLS only, which this server does not offer"
-                );
-                put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
-            }
-            ExportRefusal::TlsRequired => {
-                let msg = format!("export {name:?} is served over TLS only: send STARTTLS first");
-                put_reply(out, option, REP_ERR_TLS_REQD, msg.as_bytes());
-            }
-            ExportRefusal::Policy(reason) => {
-                let msg = format!("export {name:?}: {reason}");
-                let msg = truncate_utf8(&msg, MAX_STRING_BYTES);
-                put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
-            }
-        }
+        let (reply_type, msg) = refusal_reply(name, refusal, self.config.tls);
+        put_reply(out, option, reply_type, msg.as_bytes());
     }
 
     fn handle_meta(
@@ -619,8 +602,30 @@ impl ServerHandshake {
             export,
             meta_contexts,
             ended_by,
+            final_reply_at: 0,
         }
     }
+}
+
+/// The error reply refusing export `name`, and its message.
+fn refusal_reply(name: &str, refusal: ExportRefusal, tls: TlsMode) -> (u32, String) {
+    // The message quotes the name escaped; cut it so the message stays far below the spec's
+    // 4096-byte limit on strings (escaping can make a name six times longer).
+    let name = truncate_utf8(name, MAX_QUOTED_NAME_BYTES);
+    let (reply_type, msg) = match refusal {
+        ExportRefusal::Unknown => (REP_ERR_UNKNOWN, format!("export {name:?} not found")),
+        // The spec forbids ERR_TLS_REQD from a server that offers no TLS.
+        ExportRefusal::TlsRequired if tls == TlsMode::Off => (
+            REP_ERR_POLICY,
+            format!("export {name:?} is served over TLS only, which this server does not offer"),
+        ),
+        ExportRefusal::TlsRequired => (
+            REP_ERR_TLS_REQD,
+            format!("export {name:?} is served over TLS only: send STARTTLS first"),
+        ),
+        ExportRefusal::Policy(reason) => (REP_ERR_POLICY, format!("export {name:?}: {reason}")),
+    };
+    (reply_type, truncate_utf8(&msg, MAX_STRING_BYTES).to_owned())
 }
 
 fn is_known_option(option: u32, config: &HandshakeConfig) -> bool {

@@ -209,11 +209,28 @@ fn a_late_refusal_answers_go_and_lets_the_client_go_on_negotiating() {
         &meta_payload("vol0", &["base:allocation"]),
     );
     option(&mut input, OPT_GO, &info_payload("vol0", &[]));
-    let Ok(Step::Transmission(n)) = run(&mut hs, &mut input).0 else {
+    let (step, out) = run(&mut hs, &mut input);
+    let Ok(Step::Transmission(n)) = step else {
         panic!("GO did not end the handshake")
     };
     assert_eq!(n.ended_by, OPT_GO);
     assert_eq!(n.meta_contexts.len(), 1);
+    // The burst's earlier options are answered before the GO's reply, which a refusal replaces.
+    let earlier: Vec<(u32, u32)> = replies(&out[..n.final_reply_at])
+        .into_iter()
+        .map(|(option, kind, _)| (option, kind))
+        .collect();
+    assert_eq!(
+        earlier,
+        [
+            (OPT_STRUCTURED_REPLY, REP_ACK),
+            (OPT_SET_META_CONTEXT, REP_META_CONTEXT),
+            (OPT_SET_META_CONTEXT, REP_ACK)
+        ]
+    );
+    let go = replies(&out[n.final_reply_at..]);
+    assert!(go.iter().all(|(option, _, _)| *option == OPT_GO), "{go:?}");
+    assert_eq!(go.last().map(|r| r.1), Some(REP_ACK));
     let mut out = BytesMut::new();
     assert!(hs.refuse_late(n, ExportRefusal::Unknown, &mut out));
     assert_eq!(

@@ -44,6 +44,18 @@ impl HangupSet {
         // it. A closed or non-socket `fd` is refused with an error, never undefined behaviour.
         let rc =
             unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EEXIST) {
+            return Err(error);
+        }
+        // Watched already: an attachment of this socket ended (a late refusal) and the client
+        // negotiated on. Re-arm it under the new key.
+        // SAFETY: as above.
+        let rc =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut event) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -100,6 +112,16 @@ mod tests {
         drop(client);
         assert_eq!(hung_up(&set), [7]);
         assert!(hung_up(&set).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn a_socket_watched_again_reports_under_its_new_key() {
+        let set = HangupSet::new().unwrap();
+        let (server, client) = UnixStream::pair().unwrap();
+        set.watch(server.as_raw_fd(), 1).unwrap();
+        set.watch(server.as_raw_fd(), 2).unwrap();
+        drop(client);
+        assert_eq!(hung_up(&set), [2]);
     }
 
     #[test]

@@ -59,20 +59,15 @@ pub async fn serve<S: Transport>(
     };
     let tls = config.tls.as_deref();
     let negotiated = negotiate(stream, &exports, client, config.handshake.clone(), tls);
-    let Some(mut handshaken) = limits.run(negotiated).await else {
+    let Some(handshaken) = limits.run(negotiated).await else {
         return;
     };
-    // A GO refused here, when the catalog had just said yes, lets the client negotiate on; the
-    // option limit bounds how often.
-    let (volume, attachment, stop) = loop {
-        let refusal = match attach(&handshaken, &registry, &config, &metrics, &peer, &shutdown) {
-            Ok(attached) => break attached,
-            Err(refusal) => refusal,
-        };
-        let Some(Some(next)) = limits.run(handshaken.refuse(refusal, &exports, tls)).await else {
-            return;
-        };
-        handshaken = next;
+    let attach_volume =
+        |h: &Handshaken<S>| attach(h, &registry, &config, &metrics, &peer, &shutdown);
+    let Some((handshaken, (volume, attachment, stop))) =
+        attach_or_negotiate(handshaken, &limits, &exports, tls, attach_volume).await
+    else {
+        return;
     };
     let Handshaken {
         stream,
@@ -97,6 +92,28 @@ pub async fn serve<S: Transport>(
     match stream {
         Established::Plain(stream) => attached.transmit(stream, false).await,
         Established::Tls(stream) => attached.transmit(*stream, true).await,
+    }
+}
+
+/// Attaches the connection to the export its handshake ended on. A GO refused here, when the
+/// catalog had just said yes, lets the client negotiate on (the option limit and the handshake
+/// deadline bound how long); `None`: the connection is done.
+async fn attach_or_negotiate<S: Transport, T>(
+    mut handshaken: Handshaken<S>,
+    limits: &HandshakeLimits<'_>,
+    exports: &Exports<'_>,
+    tls: Option<&TlsContext>,
+    mut attach: impl FnMut(&Handshaken<S>) -> Result<T, ExportRefusal>,
+) -> Option<(Handshaken<S>, T)> {
+    loop {
+        match attach(&handshaken) {
+            Ok(attached) => return Some((handshaken, attached)),
+            Err(refusal) => {
+                handshaken = limits
+                    .run(handshaken.refuse(refusal, exports, tls))
+                    .await??;
+            }
+        }
     }
 }
 
@@ -274,5 +291,130 @@ impl Attached {
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use bytes::{Buf, BufMut};
+    use evsd_proto::consts::{
+        IHAVEOPT, OPTION_REPLY_MAGIC, OPT_GO, REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_INFO,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        out.put_u64(IHAVEOPT);
+        out.put_u32(OPT_GO);
+        out.put_u32(4 + name.len() as u32 + 2);
+        out.put_u32(name.len() as u32);
+        out.put_slice(name.as_bytes());
+        out.put_u16(0);
+        out.to_vec()
+    }
+
+    /// The type of the first GO reply that is not INFO.
+    async fn go_outcome(client: &mut UnixStream) -> u32 {
+        loop {
+            let mut header = [0u8; 20];
+            client.read_exact(&mut header).await.unwrap();
+            let mut header = &header[..];
+            assert_eq!(header.get_u64(), OPTION_REPLY_MAGIC);
+            assert_eq!(header.get_u32(), OPT_GO);
+            let kind = header.get_u32();
+            let mut data = vec![0u8; header.get_u32() as usize];
+            client.read_exact(&mut data).await.unwrap();
+            if kind != REP_INFO {
+                return kind;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_refusal_negotiates_on_until_an_attach_succeeds_or_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        registry.create("v", 1 << 20).unwrap();
+        let access = AccessStore::open(dir.path(), Default::default()).unwrap();
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let exports = Exports {
+            registry: &registry,
+            access: &access,
+            metrics: &metrics,
+            peer: "test",
+        };
+        let identity = || ClientIdentity {
+            addr: ClientAddr::Unix,
+            tls: false,
+            cert_names: Vec::new(),
+        };
+        let limits = |timeout: Duration| HandshakeLimits {
+            deadline: Instant::now() + timeout,
+            timeout,
+            shutdown: &shutdown,
+            metrics: &metrics,
+            peer: "test",
+        };
+
+        // Refused twice, then attached: the client asks three times on one connection.
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let limits_ok = limits(Duration::from_secs(10));
+        let client_side = async {
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).await.unwrap();
+            client.write_all(&3u32.to_be_bytes()).await.unwrap();
+            for _ in 0..2 {
+                client.write_all(&go("v")).await.unwrap();
+                assert_eq!(go_outcome(&mut client).await, REP_ERR_POLICY);
+            }
+            client.write_all(&go("v")).await.unwrap();
+        };
+        let server_side = async {
+            let config = HandshakeConfig::default();
+            let handshaken = negotiate(server, &exports, identity(), config, None)
+                .await
+                .unwrap();
+            let mut tries = 0;
+            let attach = |h: &Handshaken<UnixStream>| {
+                tries += 1;
+                assert_eq!(h.negotiated.export.name, "v");
+                if tries <= 2 {
+                    Err(ExportRefusal::Policy(format!("try {tries} refused")))
+                } else {
+                    Ok(tries)
+                }
+            };
+            attach_or_negotiate(handshaken, &limits_ok, &exports, None, attach).await
+        };
+        let ((), attached) = tokio::join!(client_side, server_side);
+        let (_, tries) = attached.expect("the third GO attaches");
+        assert_eq!(tries, 3);
+
+        // Refused, and the client asks nothing more: the handshake's deadline ends it.
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let limits_short = limits(Duration::from_millis(300));
+        let client_side = async {
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).await.unwrap();
+            client.write_all(&3u32.to_be_bytes()).await.unwrap();
+            client.write_all(&go("v")).await.unwrap();
+            assert_eq!(go_outcome(&mut client).await, REP_ERR_UNKNOWN);
+            client
+        };
+        let server_side = async {
+            let config = HandshakeConfig::default();
+            let handshaken = negotiate(server, &exports, identity(), config, None)
+                .await
+                .unwrap();
+            let refuse = |_: &Handshaken<UnixStream>| Err::<(), _>(ExportRefusal::Unknown);
+            attach_or_negotiate(handshaken, &limits_short, &exports, None, refuse).await
+        };
+        let (_client, attached) = tokio::join!(client_side, server_side);
+        assert!(attached.is_none());
     }
 }

@@ -106,15 +106,17 @@ impl<S: Transport> Handshaken<S> {
         if !handshake.refuse_late(negotiated, refusal, &mut out) {
             return Ok(None);
         }
+        // A client gone by now has left during the handshake, like any other.
+        let gone = |_| HandshakeFailure::Closed;
         match stream {
             Established::Plain(mut stream) => {
-                send(&mut stream, &out).await?;
+                send(&mut stream, &out).await.map_err(gone)?;
                 negotiate_plain(handshake, stream, input, client, exports, tls)
                     .await
                     .map(Some)
             }
             Established::Tls(mut stream) => {
-                send(&mut stream, &out).await?;
+                send(&mut stream, &out).await.map_err(gone)?;
                 negotiate_tls(handshake, *stream, input, client, exports)
                     .await
                     .map(Some)
@@ -251,7 +253,12 @@ where
     loop {
         out.clear();
         match handshake.advance(input, catalog, &mut out)? {
-            Step::Transmission(negotiated) => return Ok(Phase::Transmission(negotiated, out)),
+            Step::Transmission(negotiated) => {
+                // Options sent in the same burst are answered now; the final reply waits.
+                let final_reply = out.split_off(negotiated.final_reply_at);
+                send(stream, &out).await?;
+                return Ok(Phase::Transmission(negotiated, final_reply));
+            }
             Step::NeedInput => {
                 send(stream, &out).await?;
                 if stream.read_buf(input).await? == 0 {
