@@ -1264,6 +1264,37 @@ fn evsctl_backup_commands() {
     assert!(text.contains("deleted 0 chunks"), "{text}");
 }
 
+/// A GC deferred by a backup of another daemon sharing the store (its lock planted here: no
+/// job of this daemon ends to re-run the GC) runs by itself once that lock is gone.
+#[test]
+fn gc_deferred_by_another_daemons_backup_runs_once_that_ends() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "vol0", 16 * MIB, 17);
+    let b1 = backup_now(&d, "vol0", false);
+    let stored = chunk_files(&store_dir(&d)).len();
+    assert!(stored > 0);
+    let other = store_dir(&d)
+        .join("locks")
+        .join("shared-j-other-daemon.json");
+    fs::create_dir_all(other.parent().unwrap()).unwrap();
+    fs::write(&other, b"{}").unwrap();
+    let deleted = admin_ok(&d, "backup.delete", json!({"id": b1["id"]}));
+    assert_eq!(deleted["gc"]["deferred"], true, "{deleted:#}");
+    thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        chunk_files(&store_dir(&d)).len(),
+        stored,
+        "chunks went while the other daemon's backup held the store"
+    );
+    fs::remove_file(&other).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || chunk_files(&store_dir(&d))
+            .is_empty()),
+        "{} chunks left",
+        chunk_files(&store_dir(&d)).len()
+    );
+}
+
 #[test]
 fn gc_during_a_running_backup_is_deferred_then_runs() {
     let opts = DaemonOpts::new()

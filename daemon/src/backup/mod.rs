@@ -61,6 +61,10 @@ pub const BACKUP_SNAPSHOT_PREFIX: &str = "vbs-";
 const FINISHED_JOBS_KEPT: usize = 100;
 /// How long a restore waits for the clients it disconnected to finish their requests.
 const RESTORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A deferred GC is tried again after this, then at doubling intervals up to `GC_RETRY_MAX`:
+/// each try lists the store's locks, so it stays cheap for a store busy for hours.
+const GC_RETRY_FIRST: Duration = Duration::from_secs(5);
+const GC_RETRY_MAX: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackupConfig {
@@ -99,6 +103,8 @@ pub struct Backups {
     busy_volumes: Mutex<HashSet<String>>,
     /// A GC was deferred by running backups: run it when they end.
     gc_pending: AtomicBool,
+    /// A task retries a deferred GC on a timer (see [`Backups::gc`]).
+    gc_retrying: AtomicBool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -157,6 +163,7 @@ impl Backups {
             running_sets: sets::RunningSets::default(),
             busy_volumes: Mutex::new(HashSet::new()),
             gc_pending: AtomicBool::new(false),
+            gc_retrying: AtomicBool::new(false),
         }))
     }
 
@@ -662,13 +669,52 @@ impl Backups {
     }
 
     /// Deletes the chunks no manifest references, unless a backup is running anywhere on the
-    /// store (then it is deferred, and re-run here when this daemon's backups end).
+    /// store. Then it is deferred: re-run here when this daemon's backups end, and tried again
+    /// on a timer, since the backups holding it back may be another daemon's (which never end
+    /// here) or this daemon's may follow each other without a gap.
     pub async fn gc(self: &Arc<Self>) -> Result<GcReport, BackupError> {
         let report = gc::run(self).await?;
-        if report.deferred && self.running_backup_count() > 0 {
+        if report.deferred {
             self.gc_pending.store(true, Ordering::SeqCst);
+            self.retry_gc_later();
+        } else {
+            self.gc_pending.store(false, Ordering::SeqCst);
         }
         Ok(report)
+    }
+
+    /// Tries a deferred GC again, after `GC_RETRY_FIRST`, then at doubling intervals up to
+    /// `GC_RETRY_MAX`, until one runs or shutdown. One such task at a time.
+    fn retry_gc_later(self: &Arc<Self>) {
+        if self.gc_retrying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut wait = GC_RETRY_FIRST;
+            while this.gc_pending.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = this.shutdown.cancelled() => break,
+                }
+                wait = (wait * 2).min(GC_RETRY_MAX);
+                if !this.gc_pending.load(Ordering::SeqCst) {
+                    break;
+                }
+                match gc::run(&this).await {
+                    Ok(report) if !report.deferred => {
+                        this.gc_pending.store(false, Ordering::SeqCst)
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "deferred garbage collection failed"),
+                }
+            }
+            this.gc_retrying.store(false, Ordering::SeqCst);
+            // A GC deferred between the last look and the flag's reset starts its own task.
+            if this.gc_pending.load(Ordering::SeqCst) && !this.shutdown.is_cancelled() {
+                this.retry_gc_later();
+            }
+        });
     }
 
     /// Starts a job that downloads every chunk of a backup and checks it.

@@ -301,8 +301,13 @@ impl PolicyRunner {
         for member in &set.members {
             let info = match self.backups.catalog.get(&member.backup_id).await {
                 Ok(info) => info,
+                Err(e) if e.is_transient() => return Err(e),
                 Err(BackupError::BackupNotFound(_)) => continue,
-                Err(e) => return Err(e),
+                // One damaged manifest must not stop the policy (as listings skip it).
+                Err(e) => {
+                    tracing::error!(set = %set.id, backup = %member.backup_id, error = %e, "unreadable member of a backup set");
+                    continue;
+                }
             };
             let here = self
                 .backups
@@ -378,22 +383,21 @@ impl PolicyRunner {
         for id in &doomed {
             self.backups.delete_set(id).await?;
         }
-        // Members of this policy's failed sets older than its newest set: that set's members
-        // are the volumes' bases now, so deleting them costs no incremental its base.
-        if let Some(newest) = mine.iter().map(|s| s.created_unix_secs).max() {
-            let server = self.servers.get(name)?;
-            let volumes: Vec<(String, String)> = server
-                .volumes
-                .iter()
-                .filter_map(|v| {
-                    let entry = self.backups.registry.entry(v)?;
-                    let uuid = entry.volume().identity().uuid.clone();
-                    Some((v.clone(), uuid))
-                })
-                .collect();
+        // Members of this policy's failed sets, of the volumes its newest set holds, older
+        // than that set: its members are those volumes' bases now, so deleting them costs no
+        // incremental its base.
+        if let Some(newest) = mine.iter().max_by_key(|s| s.created_unix_secs) {
+            let mut volumes = Vec::new();
+            for member in &newest.members {
+                match self.backups.catalog.get(&member.backup_id).await {
+                    Ok(info) => volumes.push((info.volume, info.volume_uuid)),
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(_) => {}
+                }
+            }
             let orphans = self
                 .backups
-                .failed_set_members(&policy.name, &volumes, newest)
+                .failed_set_members(&policy.name, &volumes, newest.created_unix_secs)
                 .await?;
             for id in &orphans {
                 self.backups.delete_without_gc(id).await?;

@@ -358,16 +358,17 @@ impl Backups {
     /// Deletes a set and its member backups, then collects their chunks.
     pub async fn delete_set(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
         let set = self.get_set(set_id).await?;
-        // The members first: stopped halfway, the set is still listed and a second delete (or
-        // the policy's next retention) finishes it; members already gone are skipped.
+        // The record first: a set is never listed with members gone. Stopped halfway, the
+        // members left are those of a set no record names: deletable one by one, and a
+        // policy's retention deletes those of its own sets (see `failed_set_members`).
+        self.store.delete_set(set_id).await?;
+        self.running_sets.lock().remove(set_id);
         for member in &set.members {
             match self.delete_without_gc(&member.backup_id).await {
                 Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        self.store.delete_set(set_id).await?;
-        self.running_sets.lock().remove(set_id);
         tracing::info!(set = set_id, server = %set.server, "deleted backup set");
         self.gc().await
     }
@@ -392,20 +393,32 @@ impl Backups {
                 .filter(|(_, (_, outcome))| !matches!(outcome, Some(Err(_))))
                 .map(|(id, _)| id.clone()),
         );
-        Ok(self
-            .list(None)
-            .await?
-            .into_iter()
-            .filter(|b| {
-                b.policy.as_deref() == Some(policy)
-                    && b.group_id.as_ref().is_some_and(|g| !sets.contains(g))
-                    && b.created_unix_secs < before_unix_secs
-                    && volumes
-                        .iter()
-                        .any(|(name, uuid)| &b.volume == name && &b.volume_uuid == uuid)
-            })
-            .map(|b| b.id)
-            .collect())
+        let mut orphans = Vec::new();
+        for b in self.list(None).await? {
+            let Some(group) = &b.group_id else {
+                continue;
+            };
+            let candidate = b.policy.as_deref() == Some(policy)
+                && !sets.contains(group)
+                && b.created_unix_secs < before_unix_secs
+                && volumes
+                    .iter()
+                    .any(|(name, uuid)| &b.volume == name && &b.volume_uuid == uuid);
+            if !candidate {
+                continue;
+            }
+            // A listing may miss an object (an S3 service's listing can lag): asked by name,
+            // the set must be gone.
+            match self.store.get_set(group).await {
+                Err(BackupError::SetNotFound(_)) => orphans.push(b.id),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::error!(set = %group, error = %e, "unreadable backup set: its members stay")
+                }
+            }
+        }
+        Ok(orphans)
     }
 
     /// Restores every member of a set: onto the original volumes (refused while any has
