@@ -777,6 +777,26 @@ fn cancel_ends_a_restore_stuck_on_an_unreadable_chunk() {
     );
 }
 
+/// A backup a restore is reading cannot be deleted (its chunks would go from under the
+/// restore): `busy`, naming the job. Once the restore has ended, the delete goes through, and
+/// the restored volume is whole.
+#[test]
+fn a_backup_being_restored_is_not_deleted_under_the_restore() {
+    let d = start();
+    let model = half_random(&d, "vol0", 32 * MIB, 46);
+    let b = backup_now(&d, "vol0", false);
+    let unreadable = UnreadableChunk::make(&d);
+    let job_id = restore_held_up(&d, &b);
+    let message = admin_err(&d, "backup.delete", json!({"id": b["id"]}), "busy");
+    assert!(message.contains(&job_id), "{message}");
+    admin_ok(&d, "backup.show", json!({"id": b["id"]}));
+    unreadable.undo();
+    wait_job_ok(&d, &job_id);
+    assert_same("restored", &read_export(&d, "r"), &model);
+    admin_ok(&d, "backup.delete", json!({"id": b["id"]}));
+    admin_err(&d, "backup.show", json!({"id": b["id"]}), "not_found");
+}
+
 /// A restore's record that outlives its job (its removal lost in a crash) must not run the
 /// restore again at the next start: the volume may hold what clients wrote since. Staged by
 /// copying the record while the restore is held up on an unreadable chunk and putting it

@@ -281,3 +281,60 @@ fn server_restore_refuses_busy_originals_unless_forced() {
     }
     assert_same("b restored", &read_export(&d, "b"), &model);
 }
+
+/// A server backup that failed (one member's job cancelled) leaves the other members' backups;
+/// `backup_set.delete` with the set's id deletes them, as it finishes a set delete that stopped
+/// after the set's record went.
+#[test]
+fn deleting_a_failed_server_backup_deletes_the_members_it_left() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let d = Daemon::start(opts);
+    half_random(&d, "a", 8 * MIB, 60);
+    half_random(&d, "b", 128 * MIB, 61);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a", "b"]}),
+    );
+    let set = admin_ok(&d, "server.backup", json!({"name": "web"}));
+    let set_id = set["id"].as_str().unwrap().to_owned();
+    let jobs: Vec<Value> = set["jobs"].as_array().unwrap().clone();
+    let job_of = |v: &str| {
+        jobs.iter().find(|j| j["volume"] == v).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    wait_job_ok(&d, &job_of("a"));
+    // Still being made: its members are not deleted.
+    admin_err(
+        &d,
+        "backup_set.delete",
+        json!({"id": set_id}),
+        "invalid_argument",
+    );
+    admin_ok(&d, "job.cancel", json!({"id": job_of("b")}));
+    assert!(
+        wait_until(Duration::from_secs(30), || admin_ok(
+            &d,
+            "backup_set.show",
+            json!({"id": set_id})
+        )["state"]
+            == "failed"),
+        "the set did not fail"
+    );
+    let left = admin_ok(&d, "backup.list", json!({}))["backups"].clone();
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["volume"], "a");
+    assert_eq!(left[0]["group_id"], set_id.as_str());
+
+    let deleted = admin_ok(&d, "backup_set.delete", json!({"id": set_id}));
+    assert_eq!(deleted["deleted"], set_id.as_str(), "{deleted:#}");
+    let left = admin_ok(&d, "backup.list", json!({}))["backups"].clone();
+    assert_eq!(left.as_array().unwrap().len(), 0, "{left:#}");
+    admin_err(&d, "backup_set.delete", json!({"id": set_id}), "not_found");
+}

@@ -132,7 +132,7 @@ pub fn backup_error_code(e: &BackupError) -> ErrorCode {
         | BackupError::Manifest(crate::backup::manifest::ManifestError::InvalidBackupId(_)) => {
             ErrorCode::InvalidArgument
         }
-        BackupError::JobRunning(_) => ErrorCode::Busy,
+        BackupError::JobRunning(_) | BackupError::BackupInUse { .. } => ErrorCode::Busy,
         BackupError::Store { .. } => ErrorCode::Unavailable,
         BackupError::ChunkMissing { .. }
         | BackupError::Chunk(_)

@@ -49,6 +49,14 @@ pub enum BackupError {
     },
     #[error("volume {0:?} already has a backup job running")]
     JobRunning(String),
+    /// A restore or verify job of this daemon reads the backup: deleting it now would take its
+    /// chunks from under the job.
+    #[error("backup {backup_id:?} is being read by {kind} job {job_id}: wait for it or cancel it")]
+    BackupInUse {
+        backup_id: String,
+        job_id: String,
+        kind: &'static str,
+    },
     #[error("job state file {path}: {reason}")]
     JobFile { path: String, reason: String },
     #[error("backup store directory {path}: {reason}")]

@@ -53,6 +53,15 @@ fn check_lock(lock: &LockHealth) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Stops deleting at shutdown, so the GC ends (and its lock goes) while the daemon stops; what
+/// it did not delete goes at the next GC.
+fn check_running(svc: &Backups) -> Result<(), BackupError> {
+    if svc.shutdown.is_cancelled() {
+        return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+    }
+    Ok(())
+}
+
 async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, BackupError> {
     let ids = svc.store.list_manifest_ids().await?;
     let mut marked = HashSet::new();
@@ -106,6 +115,7 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
         let lock = Arc::clone(lock);
         tasks.push(Box::pin(async move {
             check_lock(&lock)?;
+            check_running(&svc)?;
             svc.store.delete_chunk(&id).await.map(|()| (size, true))
         }));
     }
@@ -114,6 +124,7 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
         let lock = Arc::clone(lock);
         tasks.push(Box::pin(async move {
             check_lock(&lock)?;
+            check_running(&svc)?;
             svc.store.delete_pack(&name).await.map(|()| (size, false))
         }));
     }

@@ -105,6 +105,9 @@ pub struct Backups {
     gc_pending: AtomicBool,
     /// A task retries a deferred GC on a timer (see [`Backups::gc`]).
     gc_retrying: AtomicBool,
+    /// This daemon's GCs run one at a time: two at once would defer each other, and a sweep
+    /// that ends clears the pending flag only when it began after the deferral it answers.
+    gc_serial: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -164,6 +167,7 @@ impl Backups {
             busy_volumes: Mutex::new(HashSet::new()),
             gc_pending: AtomicBool::new(false),
             gc_retrying: AtomicBool::new(false),
+            gc_serial: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -637,7 +641,31 @@ impl Backups {
         self.gc().await
     }
 
+    /// Err while a restore or verify job of this daemon still reads backup `backup_id`.
+    pub(crate) fn check_not_read(&self, backup_id: &str) -> Result<(), BackupError> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let reader = jobs.values().find(|j| {
+            j.backup_id == backup_id
+                && matches!(j.kind, JobKind::Restore | JobKind::Verify)
+                && !j.state().is_finished()
+        });
+        match reader {
+            Some(job) => Err(BackupError::BackupInUse {
+                backup_id: backup_id.to_owned(),
+                job_id: job.id.clone(),
+                kind: match job.kind {
+                    JobKind::Verify => "verify",
+                    _ => "restore",
+                },
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refused while a restore or verify job of this daemon reads the backup (see
+    /// [`Backups::check_not_read`]).
     pub(crate) async fn delete_without_gc(&self, backup_id: &str) -> Result<(), BackupError> {
+        self.check_not_read(backup_id)?;
         let manifest = match self.store.get_manifest(backup_id).await {
             Ok(manifest) => Some(manifest),
             // A damaged manifest can still be deleted (it would otherwise block every GC).
@@ -673,13 +701,19 @@ impl Backups {
     /// on a timer, since the backups holding it back may be another daemon's (which never end
     /// here) or this daemon's may follow each other without a gap.
     pub async fn gc(self: &Arc<Self>) -> Result<GcReport, BackupError> {
-        let report = gc::run(self).await?;
+        let report = self.gc_once().await?;
         if report.deferred {
-            self.gc_pending.store(true, Ordering::SeqCst);
             self.retry_gc_later();
-        } else {
-            self.gc_pending.store(false, Ordering::SeqCst);
         }
+        Ok(report)
+    }
+
+    /// One GC, after any other of this daemon's has ended; records whether one is still owed.
+    async fn gc_once(self: &Arc<Self>) -> Result<GcReport, BackupError> {
+        let _one_at_a_time = self.gc_serial.lock().await;
+        let report = gc::run(self).await?;
+        // A sweep that ran began after every deferral recorded so far: it answers them all.
+        self.gc_pending.store(report.deferred, Ordering::SeqCst);
         Ok(report)
     }
 
@@ -701,12 +735,8 @@ impl Backups {
                 if !this.gc_pending.load(Ordering::SeqCst) {
                     break;
                 }
-                match gc::run(&this).await {
-                    Ok(report) if !report.deferred => {
-                        this.gc_pending.store(false, Ordering::SeqCst)
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "deferred garbage collection failed"),
+                if let Err(e) = this.gc_once().await {
+                    tracing::warn!(error = %e, "deferred garbage collection failed");
                 }
             }
             this.gc_retrying.store(false, Ordering::SeqCst);

@@ -221,7 +221,7 @@ impl PolicyRunner {
             doomed.extend(gone);
         }
         for id in &doomed {
-            self.backups.delete_without_gc(id).await?;
+            self.retire(id).await?;
         }
         if !doomed.is_empty() {
             tracing::info!(policy = %policy.name, deleted = doomed.len(), "retention deleted backups");
@@ -269,6 +269,19 @@ impl PolicyRunner {
             .await?
             .iter()
             .any(|s| s.created_unix_secs >= since))
+    }
+
+    /// Deletes a backup retention gave up. One already gone (deleted by hand meanwhile) is
+    /// done; one a restore or verify job reads stays until a later run.
+    async fn retire(&self, backup_id: &str) -> Result<(), BackupError> {
+        match self.backups.delete_without_gc(backup_id).await {
+            Ok(()) | Err(BackupError::BackupNotFound(_)) => Ok(()),
+            Err(e @ BackupError::BackupInUse { .. }) => {
+                tracing::info!(backup = backup_id, reason = %e, "retention keeps a backup for now");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The policy's complete, non-empty backup sets of server `name`: what its retention counts.
@@ -381,7 +394,13 @@ impl PolicyRunner {
             .collect();
         let doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
         for id in &doomed {
-            self.backups.delete_set(id).await?;
+            match self.backups.delete_set(id).await {
+                Ok(_) => {}
+                Err(e @ BackupError::BackupInUse { .. }) => {
+                    tracing::info!(set = %id, reason = %e, "retention keeps a backup set for now");
+                }
+                Err(e) => return Err(e),
+            }
         }
         // Members of this policy's failed sets, of the volumes its newest set holds, older
         // than that set: its members are those volumes' bases now, so deleting them costs no
@@ -400,7 +419,7 @@ impl PolicyRunner {
                 .failed_set_members(&policy.name, &volumes, newest.created_unix_secs)
                 .await?;
             for id in &orphans {
-                self.backups.delete_without_gc(id).await?;
+                self.retire(id).await?;
             }
             if !orphans.is_empty() {
                 tracing::info!(policy = %policy.name, server = name, deleted = orphans.len(), "deleted the members of failed server backups");

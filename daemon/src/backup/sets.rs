@@ -357,7 +357,14 @@ impl Backups {
 
     /// Deletes a set and its member backups, then collects their chunks.
     pub async fn delete_set(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
-        let set = self.get_set(set_id).await?;
+        let set = match self.get_set(set_id).await {
+            Ok(set) => set,
+            Err(BackupError::SetNotFound(_)) => return self.delete_set_leftovers(set_id).await,
+            Err(e) => return Err(e),
+        };
+        for member in &set.members {
+            self.check_not_read(&member.backup_id)?;
+        }
         // The record first: a set is never listed with members gone. Stopped halfway, the
         // members left are those of a set no record names: deletable one by one, and a
         // policy's retention deletes those of its own sets (see `failed_set_members`).
@@ -370,6 +377,45 @@ impl Backups {
             }
         }
         tracing::info!(set = set_id, server = %set.server, "deleted backup set");
+        self.gc().await
+    }
+
+    /// Deletes the member backups of set `set_id` when no record of it is stored: a set that
+    /// failed, or one whose delete stopped after its record went. Refused while the set is
+    /// still being made here.
+    async fn delete_set_leftovers(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        let running = matches!(self.running_sets.lock().get(set_id), Some((_, None)));
+        if running {
+            return Err(BackupError::InvalidArgument(format!(
+                "server backup {set_id} is still being made: cancel its jobs first"
+            )));
+        }
+        let members: Vec<String> = self
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|b| b.group_id.as_deref() == Some(set_id))
+            .map(|b| b.id)
+            .collect();
+        if members.is_empty() {
+            return Err(BackupError::SetNotFound(set_id.to_owned()));
+        }
+        for id in &members {
+            self.check_not_read(id)?;
+        }
+        for id in &members {
+            match self.delete_without_gc(id).await {
+                Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.running_sets.lock().remove(set_id);
+        tracing::info!(
+            set = set_id,
+            members = members.len(),
+            "deleted the members of an unrecorded backup set"
+        );
         self.gc().await
     }
 
