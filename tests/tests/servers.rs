@@ -338,3 +338,60 @@ fn deleting_a_failed_server_backup_deletes_the_members_it_left() {
     assert_eq!(left.as_array().unwrap().len(), 0, "{left:#}");
     admin_err(&d, "backup_set.delete", json!({"id": set_id}), "not_found");
 }
+
+/// A set another daemon sharing the store is still making has no record yet, like a failed
+/// one: `backup_set.delete` of its id here is refused and its finished members stay, so the
+/// set completes there.
+#[test]
+fn a_set_another_daemon_is_making_is_not_deleted_here() {
+    let a = Daemon::start(DaemonOpts::new().no_default_volume());
+    let store = a.data_dir().join("backups");
+    let b = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-rate-limit-mib-per-sec")
+            .arg("16")
+            .arg("--backup-store")
+            .arg(&format!("file://{}", store.display())),
+    );
+    half_random(&b, "small", 8 * MIB, 62);
+    half_random(&b, "big", 128 * MIB, 63);
+    admin_ok(
+        &b,
+        "server.create",
+        json!({"name": "web", "volumes": ["small", "big"]}),
+    );
+    let set = admin_ok(&b, "server.backup", json!({"name": "web"}));
+    let set_id = set["id"].as_str().unwrap().to_owned();
+    let small_job = set["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["volume"] == "small")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_job_ok(&b, &small_job);
+    let message = admin_err(
+        &a,
+        "backup_set.delete",
+        json!({"id": set_id}),
+        "invalid_argument",
+    );
+    assert!(message.contains("not on this daemon"), "{message}");
+    assert!(
+        wait_until(Duration::from_secs(60), || admin_ok(
+            &b,
+            "backup_set.show",
+            json!({"id": set_id})
+        )["state"]
+            == "complete"),
+        "the set did not complete: {:#}",
+        admin_ok(&b, "backup_set.show", json!({"id": set_id}))
+    );
+    // Recorded now: a's delete takes it (records are the store's, not one daemon's).
+    admin_ok(&a, "backup_set.delete", json!({"id": set_id}));
+    let left = admin_ok(&b, "backup.list", json!({}))["backups"].clone();
+    assert_eq!(left.as_array().unwrap().len(), 0, "{left:#}");
+}

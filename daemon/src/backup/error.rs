@@ -49,13 +49,12 @@ pub enum BackupError {
     },
     #[error("volume {0:?} already has a backup job running")]
     JobRunning(String),
-    /// A restore or verify job of this daemon reads the backup: deleting it now would take its
-    /// chunks from under the job.
-    #[error("backup {backup_id:?} is being read by {kind} job {job_id}: wait for it or cancel it")]
+    /// A restore or verify job of this daemon reads the backup while it would be deleted, or
+    /// the other way round (see `holds`).
+    #[error("backup {backup_id:?} is {doing}: try again once that has ended")]
     BackupInUse {
         backup_id: String,
-        job_id: String,
-        kind: &'static str,
+        doing: &'static str,
     },
     #[error("job state file {path}: {reason}")]
     JobFile { path: String, reason: String },

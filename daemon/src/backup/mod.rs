@@ -11,6 +11,7 @@ pub mod delta;
 pub mod error;
 pub mod fetch;
 pub mod gc;
+pub mod holds;
 pub mod job;
 pub mod local_read;
 pub mod local_sync;
@@ -108,6 +109,8 @@ pub struct Backups {
     /// This daemon's GCs run one at a time: two at once would defer each other, and a sweep
     /// that ends clears the pending flag only when it began after the deferral it answers.
     gc_serial: tokio::sync::Mutex<()>,
+    /// The backups restore and verify jobs read and deletes delete, kept apart.
+    pub(crate) holds: holds::BackupHolds,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -168,6 +171,7 @@ impl Backups {
             gc_pending: AtomicBool::new(false),
             gc_retrying: AtomicBool::new(false),
             gc_serial: tokio::sync::Mutex::new(()),
+            holds: holds::BackupHolds::default(),
         }))
     }
 
@@ -508,7 +512,8 @@ impl Backups {
                 cleanup.push_str("; chunks it stored go at the next backup gc");
             }
             this.finish_job(&job, &record.job_id, &record.volume, outcome, &cleanup);
-            if this.running_backup_count() == 0 && this.gc_pending.swap(false, Ordering::SeqCst) {
+            // The GC records by itself whether another is still owed.
+            if this.running_backup_count() == 0 && this.gc_pending.load(Ordering::SeqCst) {
                 if let Err(e) = this.gc().await {
                     tracing::warn!(error = %e, "deferred garbage collection failed");
                 }
@@ -641,31 +646,9 @@ impl Backups {
         self.gc().await
     }
 
-    /// Err while a restore or verify job of this daemon still reads backup `backup_id`.
-    pub(crate) fn check_not_read(&self, backup_id: &str) -> Result<(), BackupError> {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let reader = jobs.values().find(|j| {
-            j.backup_id == backup_id
-                && matches!(j.kind, JobKind::Restore | JobKind::Verify)
-                && !j.state().is_finished()
-        });
-        match reader {
-            Some(job) => Err(BackupError::BackupInUse {
-                backup_id: backup_id.to_owned(),
-                job_id: job.id.clone(),
-                kind: match job.kind {
-                    JobKind::Verify => "verify",
-                    _ => "restore",
-                },
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Refused while a restore or verify job of this daemon reads the backup (see
-    /// [`Backups::check_not_read`]).
+    /// Refused while a restore or verify job of this daemon reads the backup (see `holds`).
     pub(crate) async fn delete_without_gc(&self, backup_id: &str) -> Result<(), BackupError> {
-        self.check_not_read(backup_id)?;
+        let _deleting = self.holds.delete(backup_id)?;
         let manifest = match self.store.get_manifest(backup_id).await {
             Ok(manifest) => Some(manifest),
             // A damaged manifest can still be deleted (it would otherwise block every GC).
@@ -711,6 +694,9 @@ impl Backups {
     /// One GC, after any other of this daemon's has ended; records whether one is still owed.
     async fn gc_once(self: &Arc<Self>) -> Result<GcReport, BackupError> {
         let _one_at_a_time = self.gc_serial.lock().await;
+        if self.shutdown.is_cancelled() {
+            return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+        }
         let report = gc::run(self).await?;
         // A sweep that ran began after every deferral recorded so far: it answers them all.
         self.gc_pending.store(report.deferred, Ordering::SeqCst);
@@ -749,6 +735,7 @@ impl Backups {
 
     /// Starts a job that downloads every chunk of a backup and checks it.
     pub async fn verify(self: &Arc<Self>, backup_id: &str) -> Result<JobInfo, BackupError> {
+        let reading = self.holds.read(backup_id)?;
         let manifest = self.store.get_manifest(backup_id).await?;
         let job = self.register(
             &new_job_id(),
@@ -759,6 +746,7 @@ impl Backups {
         let this = Arc::clone(self);
         let info = job.info();
         tokio::spawn(async move {
+            let _reading = reading;
             let outcome = verify::run(&this, &job, &manifest).await;
             match outcome {
                 Ok(result) => job.finish(Ok(Some(result))),
@@ -780,6 +768,8 @@ impl Backups {
         to: &str,
         force: bool,
     ) -> Result<JobInfo, BackupError> {
+        // Until the job holds it (see `spawn_restore`): no delete meanwhile.
+        let _reading = self.holds.read(backup_id)?;
         self.take_for_restore(backup_id, to, force).await?;
         self.start_restore(backup_id, to, false, new_job_id()).await
     }
@@ -865,6 +855,8 @@ impl Backups {
         name: &str,
         backup_id: &str,
     ) -> Result<JobInfo, BackupError> {
+        // Until the job holds it (see `spawn_restore`): no delete meanwhile.
+        let _reading = self.holds.read(backup_id)?;
         let manifest = self.store.get_manifest(backup_id).await?;
         if !self.claim(name) {
             return Err(BackupError::JobRunning(name.to_owned()));
@@ -1033,8 +1025,14 @@ impl Backups {
     /// (false for a job resumed after a restart, which may have written before): a job that
     /// ends before writing anything then takes its mark away again.
     fn spawn_restore(self: &Arc<Self>, job: Arc<Job>, record: RestoreRecord, was_whole: bool) {
+        // Cannot be refused: the caller holds the backup for reading, or the daemon is starting
+        // (no delete yet).
+        let reading = self.holds.read(&record.backup_id).inspect_err(|e| {
+            tracing::warn!(job = %record.job_id, error = %e, "a restore runs without holding its backup");
+        });
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            let _reading = reading;
             let outcome = restore::run(&this, &job, &record).await;
             if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
                 // Gone before the cleanup: a shutdown during it must not resume the job.

@@ -362,9 +362,10 @@ impl Backups {
             Err(BackupError::SetNotFound(_)) => return self.delete_set_leftovers(set_id).await,
             Err(e) => return Err(e),
         };
-        for member in &set.members {
-            self.check_not_read(&member.backup_id)?;
-        }
+        // Every member held for deleting before the record goes: no restore or verify of one
+        // starts meanwhile, nor is one running now.
+        let ids: Vec<String> = set.members.iter().map(|m| m.backup_id.clone()).collect();
+        let _deleting = self.holds.delete_all(&ids)?;
         // The record first: a set is never listed with members gone. Stopped halfway, the
         // members left are those of a set no record names: deletable one by one, and a
         // policy's retention deletes those of its own sets (see `failed_set_members`).
@@ -381,29 +382,40 @@ impl Backups {
     }
 
     /// Deletes the member backups of set `set_id` when no record of it is stored: a set that
-    /// failed, or one whose delete stopped after its record went. Refused while the set is
-    /// still being made here.
+    /// failed, or one whose delete stopped after its record went. Only a set this daemon made
+    /// (its members are backups of volumes here, by uuid), and not while it is being made: a
+    /// set another daemon is making has no record yet either, and its members are its own.
     async fn delete_set_leftovers(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
         manifest::validate_backup_id(set_id)?;
-        let running = matches!(self.running_sets.lock().get(set_id), Some((_, None)));
-        if running {
+        let outcome = self.running_sets.lock().get(set_id).map(|(_, o)| o.clone());
+        if matches!(outcome, Some(None) | Some(Some(Ok(())))) {
             return Err(BackupError::InvalidArgument(format!(
-                "server backup {set_id} is still being made: cancel its jobs first"
+                "server backup {set_id} is still being made or recorded: cancel its jobs first"
             )));
         }
-        let members: Vec<String> = self
+        let members: Vec<_> = self
             .list(None)
             .await?
             .into_iter()
             .filter(|b| b.group_id.as_deref() == Some(set_id))
-            .map(|b| b.id)
             .collect();
         if members.is_empty() {
             return Err(BackupError::SetNotFound(set_id.to_owned()));
         }
-        for id in &members {
-            self.check_not_read(id)?;
+        for b in &members {
+            let here = self
+                .registry
+                .entry(&b.volume)
+                .is_some_and(|entry| entry.volume().identity().uuid == b.volume_uuid);
+            if !here {
+                return Err(BackupError::InvalidArgument(format!(
+                    "server backup {set_id} has no record, and its member {} is of a volume {:?} not on this daemon (another daemon's, which may still be making the set, or deleted): delete it with backup delete",
+                    b.id, b.volume
+                )));
+            }
         }
+        let members: Vec<String> = members.into_iter().map(|b| b.id).collect();
+        let _deleting = self.holds.delete_all(&members)?;
         for id in &members {
             match self.delete_without_gc(id).await {
                 Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
@@ -476,6 +488,12 @@ impl Backups {
         force: bool,
     ) -> Result<Vec<JobInfo>, BackupError> {
         let set = self.get_set(set_id).await?;
+        // Held until each member's job holds its own: none deleted meanwhile.
+        let _reading = set
+            .members
+            .iter()
+            .map(|m| self.holds.read(&m.backup_id))
+            .collect::<Result<Vec<_>, _>>()?;
         // Every target is checked before any restore starts: a set restored in part is a
         // server whose disks disagree.
         for member in &set.members {
