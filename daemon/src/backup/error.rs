@@ -51,7 +51,7 @@ pub enum BackupError {
     JobRunning(String),
     /// A restore or verify job of this daemon reads the backup while it would be deleted, or
     /// the other way round (see `holds`).
-    #[error("backup {backup_id:?} is {doing}: try again once that has ended")]
+    #[error("backup {backup_id:?} is {doing}")]
     BackupInUse {
         backup_id: String,
         doing: &'static str,

@@ -42,7 +42,7 @@ impl BackupHolds {
         if counts.deleting.contains_key(backup_id) {
             return Err(BackupError::BackupInUse {
                 backup_id: backup_id.to_owned(),
-                doing: "being deleted",
+                doing: "being deleted: it will be gone",
             });
         }
         *counts.reading.entry(backup_id.to_owned()).or_default() += 1;
@@ -58,7 +58,7 @@ impl BackupHolds {
         if counts.reading.contains_key(backup_id) {
             return Err(BackupError::BackupInUse {
                 backup_id: backup_id.to_owned(),
-                doing: "being read by a restore or verify job",
+                doing: "being read by a restore or verify job: try again once that has ended",
             });
         }
         *counts.deleting.entry(backup_id.to_owned()).or_default() += 1;

@@ -514,7 +514,7 @@ impl Backups {
             this.finish_job(&job, &record.job_id, &record.volume, outcome, &cleanup);
             // The GC records by itself whether another is still owed.
             if this.running_backup_count() == 0 && this.gc_pending.load(Ordering::SeqCst) {
-                if let Err(e) = this.gc().await {
+                if let Err(e) = this.gc_if_owed().await {
                     tracing::warn!(error = %e, "deferred garbage collection failed");
                 }
             }
@@ -684,16 +684,29 @@ impl Backups {
     /// on a timer, since the backups holding it back may be another daemon's (which never end
     /// here) or this daemon's may follow each other without a gap.
     pub async fn gc(self: &Arc<Self>) -> Result<GcReport, BackupError> {
-        let report = self.gc_once().await?;
+        let _one_at_a_time = self.gc_serial.lock().await;
+        let report = self.gc_locked().await?;
         if report.deferred {
             self.retry_gc_later();
         }
         Ok(report)
     }
 
-    /// One GC, after any other of this daemon's has ended; records whether one is still owed.
-    async fn gc_once(self: &Arc<Self>) -> Result<GcReport, BackupError> {
+    /// A GC if one is still owed once any other of this daemon's has ended (several jobs
+    /// ending together, and the retry timer, ask for one each).
+    async fn gc_if_owed(self: &Arc<Self>) -> Result<(), BackupError> {
         let _one_at_a_time = self.gc_serial.lock().await;
+        if !self.gc_pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.gc_locked().await?.deferred {
+            self.retry_gc_later();
+        }
+        Ok(())
+    }
+
+    /// One GC, under `gc_serial`; records whether one is still owed.
+    async fn gc_locked(self: &Arc<Self>) -> Result<GcReport, BackupError> {
         if self.shutdown.is_cancelled() {
             return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
@@ -721,7 +734,7 @@ impl Backups {
                 if !this.gc_pending.load(Ordering::SeqCst) {
                     break;
                 }
-                if let Err(e) = this.gc_once().await {
+                if let Err(e) = this.gc_if_owed().await {
                     tracing::warn!(error = %e, "deferred garbage collection failed");
                 }
             }
@@ -746,8 +759,9 @@ impl Backups {
         let this = Arc::clone(self);
         let info = job.info();
         tokio::spawn(async move {
-            let _reading = reading;
             let outcome = verify::run(&this, &job, &manifest).await;
+            // Released before the job shows as ended: a delete asked for then goes through.
+            drop(reading);
             match outcome {
                 Ok(result) => job.finish(Ok(Some(result))),
                 Err(BackupError::CancelledByRequest) => {
@@ -1032,7 +1046,6 @@ impl Backups {
         });
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let _reading = reading;
             let outcome = restore::run(&this, &job, &record).await;
             if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
                 // Gone before the cleanup: a shutdown during it must not resume the job.
@@ -1059,6 +1072,8 @@ impl Backups {
                 // A volume still marked refuses clients anyway; a removed one is not found.
                 this.reopen(&record.volume);
             }
+            // Released before the job shows as ended: a delete asked for then goes through.
+            drop(reading);
             this.finish_job(
                 &job,
                 &record.job_id,

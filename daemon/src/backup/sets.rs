@@ -388,9 +388,9 @@ impl Backups {
     async fn delete_set_leftovers(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
         manifest::validate_backup_id(set_id)?;
         let outcome = self.running_sets.lock().get(set_id).map(|(_, o)| o.clone());
-        if matches!(outcome, Some(None) | Some(Some(Ok(())))) {
+        if matches!(outcome, Some(None)) {
             return Err(BackupError::InvalidArgument(format!(
-                "server backup {set_id} is still being made or recorded: cancel its jobs first"
+                "server backup {set_id} is still being made: cancel its jobs first"
             )));
         }
         let members: Vec<_> = self
