@@ -15,7 +15,8 @@
 #       B: `--backup-store s3://evsd-bench/evsd` on s3s-fs (the S3 test server, on 127.0.0.1 with
 #          its own root dir), credentials and endpoint from the AWS_* environment variables.
 #     The volume is copied out to a file with nbdcopy: that file is what restic backs up.
-#   * Timed rows (wall clock; `sync` before each row, no cache dropping):
+#   * Timed rows (wall clock; before each row `sync` and a wait until both daemons are idle,
+#     no cache dropping):
 #       full backup         `evsctl backup create bench --wait`          | `restic backup FILE`
 #       incremental backup  after CHANGE_PCT% random 4 KiB writes, the same offsets and data in
 #                           the volume (nbdsh pwrite, flushed) and in the file (pwrite + fsync),
@@ -262,11 +263,26 @@ children_cpu() {  # sets CHILDREN_CPU
     printf "%.3f", t }' "$WORKDIR/times.out")
 }
 
+# Waits (at most 30 s) until both daemons are idle: at most one CPU tick between them over
+# 300 ms. A daemon goes on working after a backup has ended (releasing the previous backup base
+# merges snapshot layers), and the next row must not share the machine with that.
+settle_daemons() {
+  local a b
+  for _ in $(seq 1 100); do
+    a=$(( $(cpu_ticks "$PID_A") + $(cpu_ticks "$PID_B") ))
+    sleep 0.3
+    b=$(( $(cpu_ticks "$PID_A") + $(cpu_ticks "$PID_B") ))
+    [ $((b - a)) -le 1 ] && return 0
+  done
+  log "warning: the daemons did not go idle within 30 s"
+}
+
 # evsd_row ROW DAEMON CMD...: time CMD, record the daemon's CPU; sets ELAPSED
 evsd_row() {
   local row=$1 d=$2; shift 2
   local pid_var="PID_$d" c0 c1 t0 t1
   sync
+  settle_daemons
   local perf_pid=""
   if [[ " $PERF_ROWS " == *" $row "* ]]; then
     perf record -q -g -F 2000 -p "${!pid_var}" -o "$WORKDIR/$row.perf.data" 2>"$WORKDIR/$row.perf.err" &
@@ -296,6 +312,7 @@ restic_row() {
   local row=$1 store=$2; shift 2
   local repo_var="RREPO_$store" t0 t1 c0 c1
   sync
+  settle_daemons
   children_cpu; c0=$CHILDREN_CPU
   t0=$(now)
   if ! restic -r "${!repo_var}" "$@" >"$WORKDIR/$row.restic.out" 2>"$WORKDIR/$row.restic.err"; then
