@@ -35,6 +35,18 @@ fn wait_successes(d: &Daemon, name: &str, runs: usize) {
     );
 }
 
+/// Runs policy `name` now and waits (up to 90 s) for the run to end; returns the policy.
+fn run_now(d: &Daemon, name: &str) -> Value {
+    admin_ok(d, "policy.run", json!({"name": name}));
+    assert!(
+        wait_until(Duration::from_secs(90), || policy(d, name)["running"]
+            == false),
+        "the run of {name} did not end: {:#}",
+        policy(d, name)
+    );
+    policy(d, name)
+}
+
 fn policy_backups(d: &Daemon, name: &str) -> Vec<Value> {
     admin_ok(d, "backup.list", json!({}))["backups"]
         .as_array()
@@ -143,13 +155,7 @@ fn a_failing_volume_costs_only_its_own_backup_and_retention_goes_by_identity() {
         "policy.create",
         json!({"name": "p", "daily": "03:00", "keep": 1, "volumes": ["a", "b"]}),
     );
-    let run = |d: &Daemon| {
-        admin_ok(d, "policy.run", json!({"name": "p"}));
-        assert!(wait_until(Duration::from_secs(60), || policy(d, "p")
-            ["running"]
-            == false));
-        policy(d, "p")
-    };
+    let run = |d: &Daemon| run_now(d, "p");
     let p = run(&d);
     assert_eq!(p["last_error"], Value::Null, "{p:#}");
     let old_b: Vec<Value> = policy_backups(&d, "p")
@@ -330,13 +336,7 @@ fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
         "policy.create",
         json!({"name": "p", "daily": "03:00", "keep": 3, "servers": ["web"]}),
     );
-    let run = |d: &Daemon| {
-        admin_ok(d, "policy.run", json!({"name": "p"}));
-        assert!(wait_until(Duration::from_secs(90), || policy(d, "p")
-            ["running"]
-            == false));
-        policy(d, "p")
-    };
+    let run = |d: &Daemon| run_now(d, "p");
     admin_ok(&d, "policy.run", json!({"name": "p"}));
     // a's backup completes; b's is cancelled halfway.
     let mut b_job = None;
@@ -430,11 +430,7 @@ fn a_server_policy_counts_only_its_own_daemons_sets_in_a_shared_store() {
         );
     }
     let run = |d: &Daemon| {
-        admin_ok(d, "policy.run", json!({"name": "p"}));
-        assert!(wait_until(Duration::from_secs(60), || policy(d, "p")
-            ["running"]
-            == false));
-        let p = policy(d, "p");
+        let p = run_now(d, "p");
         assert_eq!(p["last_error"], Value::Null, "{p:#}");
     };
     let set_ids = |d: &Daemon| -> Vec<String> {

@@ -297,67 +297,22 @@ impl Attached {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::{EngineConfig, EngineKind, IoEngine};
-    use bytes::{Buf, BufMut};
-    use evsd_proto::consts::{
-        IHAVEOPT, OPTION_REPLY_MAGIC, OPT_GO, REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_INFO,
-    };
+    use crate::nbd::handshake::tests::{final_go_reply, go, unix_client, Fixture};
+    use evsd_proto::consts::{REP_ERR_POLICY, REP_ERR_UNKNOWN};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
-    fn go(name: &str) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        out.put_u64(IHAVEOPT);
-        out.put_u32(OPT_GO);
-        out.put_u32(4 + name.len() as u32 + 2);
-        out.put_u32(name.len() as u32);
-        out.put_slice(name.as_bytes());
-        out.put_u16(0);
-        out.to_vec()
-    }
-
-    /// The type of the first GO reply that is not INFO.
-    async fn go_outcome(client: &mut UnixStream) -> u32 {
-        loop {
-            let mut header = [0u8; 20];
-            client.read_exact(&mut header).await.unwrap();
-            let mut header = &header[..];
-            assert_eq!(header.get_u64(), OPTION_REPLY_MAGIC);
-            assert_eq!(header.get_u32(), OPT_GO);
-            let kind = header.get_u32();
-            let mut data = vec![0u8; header.get_u32() as usize];
-            client.read_exact(&mut data).await.unwrap();
-            if kind != REP_INFO {
-                return kind;
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_late_refusal_negotiates_on_until_an_attach_succeeds_or_the_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine).unwrap();
-        registry.create("v", 1 << 20).unwrap();
-        let access = AccessStore::open(dir.path(), Default::default()).unwrap();
-        let metrics = Metrics::new();
+        let fixture = Fixture::new(&[("v", 1 << 20)]);
+        let exports = fixture.exports();
         let shutdown = CancellationToken::new();
-        let exports = Exports {
-            registry: &registry,
-            access: &access,
-            metrics: &metrics,
-            peer: "test",
-        };
-        let identity = || ClientIdentity {
-            addr: ClientAddr::Unix,
-            tls: false,
-            cert_names: Vec::new(),
-        };
+        let identity = unix_client;
         let limits = |timeout: Duration| HandshakeLimits {
             deadline: Instant::now() + timeout,
             timeout,
             shutdown: &shutdown,
-            metrics: &metrics,
+            metrics: &fixture.metrics,
             peer: "test",
         };
 
@@ -370,7 +325,7 @@ mod tests {
             client.write_all(&3u32.to_be_bytes()).await.unwrap();
             for _ in 0..2 {
                 client.write_all(&go("v")).await.unwrap();
-                assert_eq!(go_outcome(&mut client).await, REP_ERR_POLICY);
+                assert_eq!(final_go_reply(&mut client).await.0, REP_ERR_POLICY);
             }
             client.write_all(&go("v")).await.unwrap();
         };
@@ -403,7 +358,7 @@ mod tests {
             client.read_exact(&mut greeting).await.unwrap();
             client.write_all(&3u32.to_be_bytes()).await.unwrap();
             client.write_all(&go("v")).await.unwrap();
-            assert_eq!(go_outcome(&mut client).await, REP_ERR_UNKNOWN);
+            assert_eq!(final_go_reply(&mut client).await.0, REP_ERR_UNKNOWN);
             client
         };
         let server_side = async {

@@ -287,7 +287,7 @@ pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8]) -> std::io:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::access::ClientAddr;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
@@ -295,7 +295,52 @@ mod tests {
     use evsd_proto::consts::{IHAVEOPT, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_ERR_POLICY};
     use tokio::net::UnixStream;
 
-    fn go(name: &str) -> Vec<u8> {
+    /// A registry with volumes, open access rules and metrics, in a temporary data dir.
+    pub(crate) struct Fixture {
+        _dir: tempfile::TempDir,
+        pub(crate) registry: Registry,
+        pub(crate) access: AccessStore,
+        pub(crate) metrics: Metrics,
+    }
+
+    impl Fixture {
+        pub(crate) fn new(volumes: &[(&str, u64)]) -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Registry::open(dir.path(), engine).unwrap();
+            for (name, size_bytes) in volumes {
+                registry.create(name, *size_bytes).unwrap();
+            }
+            let access = AccessStore::open(dir.path(), Default::default()).unwrap();
+            Fixture {
+                _dir: dir,
+                registry,
+                access,
+                metrics: Metrics::new(),
+            }
+        }
+
+        pub(crate) fn exports(&self) -> Exports<'_> {
+            Exports {
+                registry: &self.registry,
+                access: &self.access,
+                metrics: &self.metrics,
+                peer: "test",
+            }
+        }
+    }
+
+    pub(crate) fn unix_client() -> ClientIdentity {
+        ClientIdentity {
+            addr: ClientAddr::Unix,
+            tls: false,
+            cert_names: Vec::new(),
+        }
+    }
+
+    /// An OPT_GO for export `name` with no information requests.
+    pub(crate) fn go(name: &str) -> Vec<u8> {
         let mut out = BytesMut::new();
         out.put_u64(IHAVEOPT);
         out.put_u32(OPT_GO);
@@ -308,7 +353,7 @@ mod tests {
 
     /// Reads option replies up to and including the first that is not REP_INFO; returns its
     /// type and data.
-    async fn final_go_reply(client: &mut UnixStream) -> (u32, Vec<u8>) {
+    pub(crate) async fn final_go_reply(client: &mut UnixStream) -> (u32, Vec<u8>) {
         loop {
             let mut header = [0u8; 20];
             client.read_exact(&mut header).await.unwrap();
@@ -326,25 +371,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_go_refused_after_the_catalog_said_yes_lets_the_client_ask_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine).unwrap();
-        registry.create("v", 1 << 20).unwrap();
-        registry.create("w", 2 << 20).unwrap();
-        let access = AccessStore::open(dir.path(), Default::default()).unwrap();
-        let metrics = Metrics::new();
-        let exports = Exports {
-            registry: &registry,
-            access: &access,
-            metrics: &metrics,
-            peer: "test",
-        };
+        let fixture = Fixture::new(&[("v", 1 << 20), ("w", 2 << 20)]);
+        let exports = fixture.exports();
         let (server, mut client) = UnixStream::pair().unwrap();
-        let identity = ClientIdentity {
-            addr: ClientAddr::Unix,
-            tls: false,
-            cert_names: Vec::new(),
-        };
+        let identity = unix_client();
 
         let client_side = async {
             let mut greeting = [0u8; 18];
