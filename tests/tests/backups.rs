@@ -797,6 +797,36 @@ fn a_backup_being_restored_is_not_deleted_under_the_restore() {
     admin_err(&d, "backup.show", json!({"id": b["id"]}), "not_found");
 }
 
+/// A backup deleted on another daemon sharing the store while a restore here reads it: the
+/// restore's store lock defers that daemon's GC, so the chunks stay and the restore completes
+/// byte for byte; the GC runs once the restore has ended.
+#[test]
+fn a_restore_keeps_its_chunks_from_another_daemons_gc() {
+    let a = start();
+    let model = half_random(&a, "vol0", 32 * MIB, 47);
+    let b_id = backup_now(&a, "vol0", false)["id"].clone();
+    let store = store_dir(&a);
+    let other = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-store")
+            .arg(&format!("file://{}", store.display())),
+    );
+    let unreadable = UnreadableChunk::make(&a);
+    let job_id = restore_held_up(&a, &json!({"id": b_id}));
+    let deleted = admin_ok(&other, "backup.delete", json!({"id": b_id}));
+    assert_eq!(deleted["gc"]["deferred"], true, "{deleted:#}");
+    unreadable.undo();
+    wait_job_ok(&a, &job_id);
+    assert_same("restored", &read_export(&a, "r"), &model);
+    // The other daemon's GC runs by itself once the restore's lock is gone.
+    assert!(
+        wait_until(Duration::from_secs(30), || chunk_files(&store).is_empty()),
+        "{} chunks left",
+        chunk_files(&store).len()
+    );
+}
+
 /// A restore's record that outlives its job (its removal lost in a crash) must not run the
 /// restore again at the next start: the volume may hold what clients wrote since. Staged by
 /// copying the record while the restore is held up on an unreadable chunk and putting it

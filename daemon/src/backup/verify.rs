@@ -12,7 +12,9 @@ use crate::backup::chunk::ChunkId;
 use crate::backup::error::BackupError;
 use crate::backup::fetch;
 use crate::backup::job::Job;
+use crate::backup::locks;
 use crate::backup::manifest::BackupManifest;
+use crate::backup::retry::with_retry;
 use crate::backup::Backups;
 
 #[derive(Debug, Serialize)]
@@ -23,6 +25,30 @@ pub struct BadChunk {
 }
 
 pub async fn run(
+    svc: &Arc<Backups>,
+    job: &Arc<Job>,
+    manifest: &BackupManifest,
+) -> Result<Value, BackupError> {
+    // A shared store lock, as a backup holds: no GC of any daemon sharing the store deletes
+    // the chunks being checked until the job has ended. The manifest was read before the lock:
+    // it must still be there once the lock is held, or its chunks may be gone already and
+    // would be reported bad.
+    let lock = with_retry(job, &svc.shutdown, "locking the store", || {
+        locks::acquire_shared(&svc.store, &job.id)
+    })
+    .await?;
+    let result = match svc.store.get_manifest(&manifest.backup_id).await {
+        Ok(_) => verify_locked(svc, job, manifest).await,
+        Err(BackupError::BackupNotFound(id)) => Err(BackupError::Failed(format!(
+            "backup {id} was deleted as its verify started"
+        ))),
+        Err(e) => Err(e),
+    };
+    lock.release().await;
+    result
+}
+
+async fn verify_locked(
     svc: &Arc<Backups>,
     job: &Arc<Job>,
     manifest: &BackupManifest,
