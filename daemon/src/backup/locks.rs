@@ -295,11 +295,14 @@ pub async fn acquire_shared(
         let sent_ms = boottime_ms();
         let written = Written::new(store, put(store, "shared", owner).await?);
         let conflicts = others(store, "exclusive", written.name()).await;
-        let name = written.keep();
         if matches!(conflicts, Ok(0)) {
+            let name = written.keep();
             return Ok(HeldLock::start(store, name, "shared", owner, sent_ms));
         }
-        let deleted = store.delete_lock(&name).await;
+        // Deleted while the guard still has it: a caller giving up during the delete (a job
+        // cancelled while it waits for a GC) leaves it to the guard, not to staleness.
+        let deleted = store.delete_lock(written.name()).await;
+        let _ = written.keep();
         conflicts?;
         deleted?;
         tracing::info!(owner, "waiting for the backup store's garbage collection");
@@ -332,7 +335,7 @@ pub async fn try_exclusive(
     if shared + exclusive > 0 {
         store.delete_lock(&name).await?;
         return Ok(Err(format!(
-            "{shared} backup(s) and {exclusive} other garbage collection(s) hold the store"
+            "{shared} backup, restore or verify job(s) and {exclusive} other garbage collection(s) hold the store"
         )));
     }
     Ok(Ok(HeldLock::start(

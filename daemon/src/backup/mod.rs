@@ -646,6 +646,29 @@ impl Backups {
         self.gc().await
     }
 
+    /// The shared store lock a restore or verify job holds while it reads (see `restore::run`).
+    /// A store that refuses the lock's write for good (read-only credentials) is read without
+    /// one, as before locks were taken for reading: a warning says what that risks.
+    pub(crate) async fn lock_for_reading(
+        &self,
+        job: &Arc<Job>,
+        owner: &str,
+    ) -> Result<Option<locks::HeldLock>, BackupError> {
+        let locked = retry::with_retry(job, &self.shutdown, "locking the store", || {
+            locks::acquire_shared(&self.store, owner)
+        })
+        .await;
+        match locked {
+            Ok(lock) => Ok(Some(lock)),
+            // Transient store errors were retried: this one is for good.
+            Err(e @ BackupError::Store { .. }) => {
+                tracing::warn!(job = %job.id, error = %e, "cannot write a lock into the backup store (read-only?): reading without one; a GC on another daemon sharing the store could delete what this job reads");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Refused while a restore or verify job of this daemon reads the backup (see `holds`).
     pub(crate) async fn delete_without_gc(&self, backup_id: &str) -> Result<(), BackupError> {
         let _deleting = self.holds.delete(backup_id)?;
@@ -770,6 +793,12 @@ impl Backups {
                 Err(e) => job.finish(Err(e.to_string())),
             }
             this.count_finished(&job);
+            // A GC the job's store lock deferred runs now, not at the retry timer's next turn.
+            if this.gc_pending.load(Ordering::SeqCst) {
+                if let Err(e) = this.gc_if_owed().await {
+                    tracing::warn!(error = %e, "deferred garbage collection failed");
+                }
+            }
         });
         Ok(info)
     }
@@ -1081,6 +1110,12 @@ impl Backups {
                 outcome.map(|()| None),
                 &cleanup,
             );
+            // A GC the job's store lock deferred runs now, not at the retry timer's next turn.
+            if this.gc_pending.load(Ordering::SeqCst) {
+                if let Err(e) = this.gc_if_owed().await {
+                    tracing::warn!(error = %e, "deferred garbage collection failed");
+                }
+            }
         });
     }
 

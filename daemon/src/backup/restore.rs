@@ -12,7 +12,6 @@ use crate::backup::chunk::{self, CHUNK_SIZE_BYTES};
 use crate::backup::error::BackupError;
 use crate::backup::fetch;
 use crate::backup::job::Job;
-use crate::backup::locks;
 use crate::backup::records::RestoreRecord;
 use crate::backup::retry::with_retry;
 use crate::backup::Backups;
@@ -31,12 +30,11 @@ pub async fn run(
     // A shared store lock, as a backup holds, taken before the manifest is read: no GC of any
     // daemon sharing the store deletes the chunks this restore reads (its backup deleted there
     // meanwhile) until it has ended. (This daemon's own deletes wait for the job: `holds`.)
-    let lock = with_retry(job, &svc.shutdown, "locking the store", || {
-        locks::acquire_shared(&svc.store, &record.job_id)
-    })
-    .await?;
+    let lock = svc.lock_for_reading(job, &record.job_id).await?;
     let result = restore_locked(svc, job, record).await;
-    lock.release().await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
     result
 }
 

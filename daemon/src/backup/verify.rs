@@ -12,7 +12,6 @@ use crate::backup::chunk::ChunkId;
 use crate::backup::error::BackupError;
 use crate::backup::fetch;
 use crate::backup::job::Job;
-use crate::backup::locks;
 use crate::backup::manifest::BackupManifest;
 use crate::backup::retry::with_retry;
 use crate::backup::Backups;
@@ -33,18 +32,21 @@ pub async fn run(
     // the chunks being checked until the job has ended. The manifest was read before the lock:
     // it must still be there once the lock is held, or its chunks may be gone already and
     // would be reported bad.
-    let lock = with_retry(job, &svc.shutdown, "locking the store", || {
-        locks::acquire_shared(&svc.store, &job.id)
+    let lock = svc.lock_for_reading(job, &job.id).await?;
+    let still_there = with_retry(job, &svc.shutdown, "reading the manifest", || {
+        svc.store.get_manifest(&manifest.backup_id)
     })
-    .await?;
-    let result = match svc.store.get_manifest(&manifest.backup_id).await {
+    .await;
+    let result = match still_there {
         Ok(_) => verify_locked(svc, job, manifest).await,
         Err(BackupError::BackupNotFound(id)) => Err(BackupError::Failed(format!(
             "backup {id} was deleted as its verify started"
         ))),
         Err(e) => Err(e),
     };
-    lock.release().await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
     result
 }
 
