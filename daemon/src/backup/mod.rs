@@ -512,11 +512,9 @@ impl Backups {
                 cleanup.push_str("; chunks it stored go at the next backup gc");
             }
             this.finish_job(&job, &record.job_id, &record.volume, outcome, &cleanup);
-            // The GC records by itself whether another is still owed.
-            if this.running_backup_count() == 0 && this.gc_pending.load(Ordering::SeqCst) {
-                if let Err(e) = this.gc_if_owed().await {
-                    tracing::warn!(error = %e, "deferred garbage collection failed");
-                }
+            // Backups still running here would defer it again; the last one to end runs it.
+            if this.running_backup_count() == 0 {
+                this.run_owed_gc().await;
             }
         });
     }
@@ -646,6 +644,13 @@ impl Backups {
         self.gc().await
     }
 
+    /// Whether volume `name` of this daemon is the one with `uuid` (backups name both).
+    pub(crate) fn is_local_volume(&self, name: &str, uuid: &str) -> bool {
+        self.registry
+            .entry(name)
+            .is_some_and(|entry| entry.volume().identity().uuid == uuid)
+    }
+
     /// The shared store lock a restore or verify job holds while it reads (see `restore::run`).
     /// A store that refuses the lock's write for good (read-only credentials) is read without
     /// one, as before locks were taken for reading: a warning says what that risks.
@@ -660,8 +665,15 @@ impl Backups {
         .await;
         match locked {
             Ok(lock) => Ok(Some(lock)),
-            // Transient store errors were retried: this one is for good.
-            Err(e @ BackupError::Store { .. }) => {
+            // Transient store errors were retried; refused credentials stay refused.
+            Err(
+                e @ BackupError::Store {
+                    source:
+                        object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. },
+                    ..
+                },
+            ) => {
                 tracing::warn!(job = %job.id, error = %e, "cannot write a lock into the backup store (read-only?): reading without one; a GC on another daemon sharing the store could delete what this job reads");
                 Ok(None)
             }
@@ -728,6 +740,16 @@ impl Backups {
         Ok(())
     }
 
+    /// [`Backups::gc_if_owed`] when a GC is owed, its failure logged (the timer tries again).
+    async fn run_owed_gc(self: &Arc<Self>) {
+        if !self.gc_pending.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.gc_if_owed().await {
+            tracing::warn!(error = %e, "deferred garbage collection failed");
+        }
+    }
+
     /// One GC, under `gc_serial`; records whether one is still owed.
     async fn gc_locked(self: &Arc<Self>) -> Result<GcReport, BackupError> {
         if self.shutdown.is_cancelled() {
@@ -754,12 +776,7 @@ impl Backups {
                     _ = this.shutdown.cancelled() => break,
                 }
                 wait = (wait * 2).min(GC_RETRY_MAX);
-                if !this.gc_pending.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Err(e) = this.gc_if_owed().await {
-                    tracing::warn!(error = %e, "deferred garbage collection failed");
-                }
+                this.run_owed_gc().await;
             }
             this.gc_retrying.store(false, Ordering::SeqCst);
             // A GC deferred between the last look and the flag's reset starts its own task.
@@ -794,11 +811,7 @@ impl Backups {
             }
             this.count_finished(&job);
             // A GC the job's store lock deferred runs now, not at the retry timer's next turn.
-            if this.gc_pending.load(Ordering::SeqCst) {
-                if let Err(e) = this.gc_if_owed().await {
-                    tracing::warn!(error = %e, "deferred garbage collection failed");
-                }
-            }
+            this.run_owed_gc().await;
         });
         Ok(info)
     }
@@ -1111,11 +1124,7 @@ impl Backups {
                 &cleanup,
             );
             // A GC the job's store lock deferred runs now, not at the retry timer's next turn.
-            if this.gc_pending.load(Ordering::SeqCst) {
-                if let Err(e) = this.gc_if_owed().await {
-                    tracing::warn!(error = %e, "deferred garbage collection failed");
-                }
-            }
+            this.run_owed_gc().await;
         });
     }
 

@@ -220,9 +220,13 @@ impl PolicyRunner {
             }
             doomed.extend(gone);
         }
-        for id in &doomed {
-            self.retire(id).await?;
+        let mut retired = Vec::new();
+        for id in doomed {
+            if self.retire(&id).await? {
+                retired.push(id);
+            }
         }
+        let doomed = retired;
         if !doomed.is_empty() {
             tracing::info!(policy = %policy.name, deleted = doomed.len(), "retention deleted backups");
             self.backups.gc().await?;
@@ -271,14 +275,14 @@ impl PolicyRunner {
             .any(|s| s.created_unix_secs >= since))
     }
 
-    /// Deletes a backup retention gave up. One already gone (deleted by hand meanwhile) is
-    /// done; one a restore or verify job reads stays until a later run.
-    async fn retire(&self, backup_id: &str) -> Result<(), BackupError> {
+    /// Deletes a backup retention gave up; true when it is gone. One already gone (deleted by
+    /// hand meanwhile) is done; one a restore or verify job reads stays until a later run.
+    async fn retire(&self, backup_id: &str) -> Result<bool, BackupError> {
         match self.backups.delete_without_gc(backup_id).await {
-            Ok(()) | Err(BackupError::BackupNotFound(_)) => Ok(()),
+            Ok(()) | Err(BackupError::BackupNotFound(_)) => Ok(true),
             Err(e @ BackupError::BackupInUse { .. }) => {
                 tracing::info!(backup = backup_id, reason = %e, "retention keeps a backup for now");
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e),
         }
@@ -322,12 +326,10 @@ impl PolicyRunner {
                     continue;
                 }
             };
-            let here = self
+            if self
                 .backups
-                .registry
-                .entry(&info.volume)
-                .is_some_and(|entry| entry.volume().identity().uuid == info.volume_uuid);
-            if here {
+                .is_local_volume(&info.volume, &info.volume_uuid)
+            {
                 return Ok(true);
             }
         }
@@ -392,16 +394,19 @@ impl PolicyRunner {
             .iter()
             .map(|s| (s.id.clone(), s.created_unix_secs))
             .collect();
-        let doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
+        let mut doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
+        let mut kept_for_now = Vec::new();
         for id in &doomed {
             match self.backups.delete_set(id).await {
                 Ok(_) => {}
                 Err(e @ BackupError::BackupInUse { .. }) => {
                     tracing::info!(set = %id, reason = %e, "retention keeps a backup set for now");
+                    kept_for_now.push(id.clone());
                 }
                 Err(e) => return Err(e),
             }
         }
+        doomed.retain(|id| !kept_for_now.contains(id));
         // Members of this policy's failed sets, of the volumes its newest set holds, older
         // than that set: its members are those volumes' bases now, so deleting them costs no
         // incremental its base.
@@ -418,11 +423,12 @@ impl PolicyRunner {
                 .backups
                 .failed_set_members(&policy.name, &volumes, newest.created_unix_secs)
                 .await?;
+            let mut deleted = 0;
             for id in &orphans {
-                self.retire(id).await?;
+                deleted += usize::from(self.retire(id).await?);
             }
-            if !orphans.is_empty() {
-                tracing::info!(policy = %policy.name, server = name, deleted = orphans.len(), "deleted the members of failed server backups");
+            if deleted > 0 {
+                tracing::info!(policy = %policy.name, server = name, deleted, "deleted the members of failed server backups");
                 self.backups.gc().await?;
             }
         }

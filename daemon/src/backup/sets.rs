@@ -403,11 +403,7 @@ impl Backups {
             return Err(BackupError::SetNotFound(set_id.to_owned()));
         }
         for b in &members {
-            let here = self
-                .registry
-                .entry(&b.volume)
-                .is_some_and(|entry| entry.volume().identity().uuid == b.volume_uuid);
-            if !here {
+            if !self.is_local_volume(&b.volume, &b.volume_uuid) {
                 return Err(BackupError::InvalidArgument(format!(
                     "server backup {set_id} has no record, and its member {} is of a volume {:?} not on this daemon (another daemon's, which may still be making the set, or deleted): delete it with backup delete",
                     b.id, b.volume

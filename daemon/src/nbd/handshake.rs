@@ -256,7 +256,9 @@ where
             Step::Transmission(negotiated) => {
                 // Options sent in the same burst are answered now; the final reply waits.
                 let final_reply = out.split_off(negotiated.final_reply_at);
-                send(stream, &out).await?;
+                if !out.is_empty() {
+                    send(stream, &out).await?;
+                }
                 return Ok(Phase::Transmission(negotiated, final_reply));
             }
             Step::NeedInput => {
