@@ -827,6 +827,90 @@ fn a_restore_keeps_its_chunks_from_another_daemons_gc() {
     );
 }
 
+/// A store on a read-only mount (as a replica of another site's store, or a user without write
+/// access): restores and verifies read it without a store lock, with a warning, instead of
+/// retrying "locking the store" for ever; a backup into it fails with the refusal.
+#[test]
+fn a_read_only_local_store_is_restored_from_without_a_lock() {
+    require_root("a read-only bind mount");
+    let a = start();
+    let model = half_random(&a, "vol0", 16 * MIB, 48);
+    let b_id = backup_now(&a, "vol0", false)["id"].clone();
+    let mount = ReadOnlyMount::of(&store_dir(&a));
+    let mut other = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-store")
+            .arg(&format!("file://{}", mount.path.display())),
+    );
+    restore_new(&other, "r", b_id.as_str().unwrap());
+    assert_same(
+        "restored from the read-only store",
+        &read_export(&other, "r"),
+        &model,
+    );
+    let verify = admin_ok(&other, "backup.verify", json!({"id": b_id}));
+    let verified = wait_job_ok(&other, verify["job"]["id"].as_str().unwrap());
+    assert_eq!(verified["result"]["bad_chunks"], json!([]), "{verified:#}");
+    let stderr = other.all_stderr();
+    assert!(
+        stderr.contains("reading without one"),
+        "no warning about the missing lock:\n{stderr}"
+    );
+    // A backup into it fails and names the refusal, it does not retry.
+    let (job_id, _) = backup_start(&other, &["r"], false).remove(0);
+    let failed = wait_job_end(&other, &job_id);
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Read-only file system")),
+        "{failed:#}"
+    );
+    other.terminate_ok();
+}
+
+/// A read-only bind mount of a directory, unmounted when dropped.
+struct ReadOnlyMount {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ReadOnlyMount {
+    fn of(source: &Path) -> ReadOnlyMount {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro");
+        fs::create_dir(&path).unwrap();
+        run(
+            "mount",
+            &[
+                std::ffi::OsStr::new("--bind"),
+                source.as_os_str(),
+                path.as_os_str(),
+            ],
+        );
+        let mount = ReadOnlyMount { path, _dir: dir };
+        run(
+            "mount",
+            &[
+                std::ffi::OsStr::new("-o"),
+                std::ffi::OsStr::new("remount,ro,bind"),
+                mount.path.as_os_str(),
+            ],
+        );
+        mount
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
 /// A restore's record that outlives its job (its removal lost in a crash) must not run the
 /// restore again at the next start: the volume may hold what clients wrote since. Staged by
 /// copying the record while the restore is held up on an unreadable chunk and putting it

@@ -83,17 +83,105 @@ impl BackupError {
     /// answered with a server error), as opposed to a failure that will not change by itself.
     pub fn is_transient(&self) -> bool {
         match self {
-            BackupError::Store { source, .. } => !matches!(
-                source,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::InvalidPath { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ),
+            BackupError::Store { source, .. } => {
+                !matches!(
+                    source,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::InvalidPath { .. }
+                        | object_store::Error::NotSupported { .. }
+                        | object_store::Error::NotImplemented { .. }
+                ) && !self.is_refused_access()
+            }
             _ => false,
         }
+    }
+
+    /// Whether the store refused access in a way that does not change by itself: credentials
+    /// it turned down (an S3 store's 401 or 403), or a local store on a read-only filesystem or
+    /// in a directory this process may not write. A local store's refusals arrive as generic
+    /// errors with the `io::Error` inside.
+    pub fn is_refused_access(&self) -> bool {
+        let BackupError::Store { source, .. } = self else {
+            return false;
+        };
+        match source {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => true,
+            object_store::Error::Generic { source, .. } => {
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+                while let Some(error) = cause {
+                    if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                        return matches!(
+                            io.kind(),
+                            std::io::ErrorKind::PermissionDenied
+                                | std::io::ErrorKind::ReadOnlyFilesystem
+                        );
+                    }
+                    cause = error.source();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error of a store's own type with an `io::Error` as its cause, as object_store's
+    /// local store wraps a failed file create.
+    #[derive(Debug, thiserror::Error)]
+    #[error("Unable to create file: {source}")]
+    struct CreateFailed {
+        source: std::io::Error,
+    }
+
+    fn generic(errno: i32) -> BackupError {
+        BackupError::store(
+            "put",
+            "locks/x",
+            object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(CreateFailed {
+                    source: std::io::Error::from_raw_os_error(errno),
+                }),
+            },
+        )
+    }
+
+    #[test]
+    fn a_read_only_or_forbidden_local_store_is_refused_for_good_other_failures_are_retried() {
+        for errno in [libc::EROFS, libc::EACCES, libc::EPERM] {
+            let e = generic(errno);
+            assert!(e.is_refused_access(), "{e}");
+            assert!(!e.is_transient(), "{e}");
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::ECONNREFUSED] {
+            let e = generic(errno);
+            assert!(!e.is_refused_access(), "{e}");
+            assert!(e.is_transient(), "{e}");
+        }
+        let denied = BackupError::store(
+            "put",
+            "locks/x",
+            object_store::Error::PermissionDenied {
+                path: "locks/x".into(),
+                source: "403".into(),
+            },
+        );
+        assert!(denied.is_refused_access() && !denied.is_transient());
+        let missing = BackupError::store(
+            "get",
+            "chunks/x",
+            object_store::Error::NotFound {
+                path: "chunks/x".into(),
+                source: "404".into(),
+            },
+        );
+        assert!(!missing.is_refused_access() && !missing.is_transient());
+        assert!(!BackupError::Failed("x".into()).is_refused_access());
     }
 }

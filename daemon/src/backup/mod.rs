@@ -665,15 +665,9 @@ impl Backups {
         .await;
         match locked {
             Ok(lock) => Ok(Some(lock)),
-            // Transient store errors were retried; refused credentials stay refused.
-            Err(
-                e @ BackupError::Store {
-                    source:
-                        object_store::Error::PermissionDenied { .. }
-                        | object_store::Error::Unauthenticated { .. },
-                    ..
-                },
-            ) => {
+            // Transient store errors were retried; refused access (credentials, a read-only
+            // local store) stays refused.
+            Err(e) if e.is_refused_access() => {
                 tracing::warn!(job = %job.id, error = %e, "cannot write a lock into the backup store (read-only?): reading without one; a GC on another daemon sharing the store could delete what this job reads");
                 Ok(None)
             }
