@@ -46,6 +46,9 @@ fn log_lines(d: &Daemon, text: &str) -> Vec<String> {
 }
 
 fn assert_logged_once(d: &Daemon, text: &str) {
+    // The counter the caller waited for can be read before the log line has passed through
+    // the pipe that collects the daemon's stderr.
+    wait_until(Duration::from_secs(5), || !log_lines(d, text).is_empty());
     let lines = log_lines(d, text);
     assert_eq!(
         lines.len(),
