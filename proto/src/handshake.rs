@@ -223,6 +223,10 @@ impl ServerHandshake {
                         }
                         self.count_option()?;
                         input.advance(16);
+                        if option == OPT_SET_META_CONTEXT {
+                            // A SET replaces the selection even when it fails.
+                            self.clear_meta();
+                        }
                         let reply = if self.tls_required_for(option) {
                             REP_ERR_TLS_REQD
                         } else if is_known_option(option, &self.config) {
@@ -338,8 +342,7 @@ impl ServerHandshake {
         // TLS handshake ends the connection, so forgetting it now is the same.
         self.tls_active = true;
         self.mode = ReplyMode::Simple;
-        self.meta_export = None;
-        self.meta_selected.clear();
+        self.clear_meta();
         Some(Step::StartTls)
     }
 
@@ -529,6 +532,11 @@ impl ServerHandshake {
         out: &mut BytesMut,
     ) {
         let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // "replaces all previously-set metadata contexts (including when this command
+            // fails)": a failed SET leaves none selected.
+            self.clear_meta();
+        }
         if set && self.mode == ReplyMode::Simple {
             put_reply(
                 out,
@@ -549,6 +557,14 @@ impl ServerHandshake {
         };
         let export = match catalog.export(&name) {
             Ok(export) => export,
+            // Selective TLS: ERR_TLS_REQD is for INFO, GO and EXPORT_NAME only; to any other
+            // option it would say that nothing works before STARTTLS.
+            Err(ExportRefusal::TlsRequired) if self.config.tls != TlsMode::Off => {
+                let name = truncate_utf8(&name, MAX_QUOTED_NAME_BYTES);
+                let msg = format!("export {name:?} is served over TLS only: send STARTTLS first");
+                put_reply(out, option, REP_ERR_POLICY, msg.as_bytes());
+                return;
+            }
             Err(refusal) => {
                 self.put_refusal(out, option, &name, refusal);
                 return;
@@ -567,7 +583,6 @@ impl ServerHandshake {
             }
         }
         if set {
-            self.meta_selected.clear();
             self.meta_export = Some(name);
         }
         for (index, context) in chosen.iter().enumerate() {
@@ -584,6 +599,11 @@ impl ServerHandshake {
             }
         }
         put_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn clear_meta(&mut self) {
+        self.meta_selected.clear();
+        self.meta_export = None;
     }
 
     fn finish(&mut self, export: ExportInfo, requested_name: &str, ended_by: u32) -> Negotiated {

@@ -460,6 +460,41 @@ fn meta_contexts_for_another_export_are_dropped_at_go() {
     assert!(n.meta_contexts.is_empty());
 }
 
+/// "Issuing this command replaces all previously-set metadata contexts (including when this
+/// command fails)": whichever way a second SET fails, GO gets no context.
+#[test]
+fn a_failed_set_meta_context_leaves_none_selected() {
+    let oversized = vec![0u8; 100 << 10];
+    let malformed = [0u8, 0, 0, 9];
+    let unknown_export = meta_payload("nosuch", &["base:allocation"]);
+    for (what, payload, reply) in [
+        ("oversized", &oversized[..], REP_ERR_TOO_BIG),
+        ("malformed", &malformed[..], REP_ERR_INVALID),
+        ("unknown export", &unknown_export[..], REP_ERR_UNKNOWN),
+    ] {
+        let (mut hs, mut input) = start(3);
+        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+        option(
+            &mut input,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vol0", &["base:allocation"]),
+        );
+        option(&mut input, OPT_SET_META_CONTEXT, payload);
+        option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+        let (step, out) = run(&mut hs, &mut input);
+        let Ok(Step::Transmission(n)) = step else {
+            panic!("{what}: {step:?}")
+        };
+        let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(
+            kinds[..4],
+            [REP_ACK, REP_META_CONTEXT, REP_ACK, reply],
+            "{what}"
+        );
+        assert!(n.meta_contexts.is_empty(), "{what}: {:?}", n.meta_contexts);
+    }
+}
+
 #[test]
 fn extended_headers_then_duplicates_refused() {
     let (mut hs, mut input) = start(3);
@@ -738,13 +773,14 @@ fn catalog_refusals_map_to_the_spec_replies() {
         let (step, out) = run(&mut hs, &mut input);
         assert_eq!(step, Ok(Step::Aborted));
         let kinds: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        // A meta context option is refused by policy: TLS_REQD is for INFO and GO only.
         assert_eq!(
             kinds,
             [
                 tls_reply,
                 REP_ERR_POLICY,
                 REP_ERR_UNKNOWN,
-                tls_reply,
+                REP_ERR_POLICY,
                 REP_ACK
             ],
             "{tls:?}"
