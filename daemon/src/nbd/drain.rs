@@ -1,8 +1,9 @@
 //! A connection's part in write fencing (see `storage::fence`). When it stops serving with
 //! writes in flight, it raises its volume's fence until they are done. Requests of a live
-//! connection that change data wait at the fence before they start; requests of a draining one
-//! never do (they are the stale ones, and waiting would deadlock two dying connections on each
-//! other), and once its socket has failed those not started yet are cancelled instead.
+//! connection that change data wait at the fence before they start, for the raises up when they
+//! came, even if their connection starts draining meanwhile; requests that come to the fence
+//! after their connection started draining never wait (they are the stale ones); once its
+//! socket has failed, those not started yet are cancelled instead.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,8 +33,11 @@ pub async fn pass_fence(
     if !fence.is_raised() {
         return Ok(());
     }
+    // The horizon first: a raise of this request's own seat before it is seen as draining
+    // below, so the request never waits for its own connection.
+    let horizon = fence.horizon();
     if !seat.is_draining() {
-        let waited = fence.wait(|| seat.is_draining()).await;
+        let waited = fence.wait(horizon, || seat.is_abandoned()).await;
         metrics.fence_waited(waited);
     }
     if seat.is_abandoned() {

@@ -4,7 +4,14 @@
 //!
 //! Waiting before the write *starts* matters: waiting only before its ack would still let the
 //! new write reach the disk first and the stale one overwrite it afterwards.
+//!
+//! Each raise is numbered. A write waits for the fences raised before it came to the fence,
+//! and for those only, even if its own connection starts draining meanwhile (a SIGTERM, a DISC,
+//! a forced close: its client may still be there to be told the write succeeded). A wait thus
+//! only ever points at an older raise, and the dying connections whose fences those are never
+//! wait at all, so no two connections can wait on each other.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -13,11 +20,24 @@ use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub struct Fence {
-    /// Connections whose seat holds the fence up.
+    /// Connections whose seat holds the fence up (the hot path's check).
     raised: AtomicUsize,
+    raises: Mutex<Raises>,
     /// Woken whenever a fence goes up or down; waiters re-check their condition.
     changed: Notify,
 }
+
+#[derive(Debug, Default)]
+struct Raises {
+    /// The number the next raise gets.
+    next: u64,
+    /// The numbers of the raises still up.
+    up: BTreeSet<u64>,
+}
+
+/// Where a waiter stands: it waits for the raises numbered below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon(u64);
 
 impl Fence {
     /// The hot-path check: one atomic load.
@@ -26,10 +46,28 @@ impl Fence {
         self.raised.load(Ordering::SeqCst) != 0
     }
 
-    /// Waits until no fence is raised or `released()` says this waiter need not wait any more
-    /// (its own connection is draining: its requests are the stale ones, and waiting on its
-    /// own fence would never end). Returns how long it waited, zero without waiting.
-    pub async fn wait(&self, released: impl Fn() -> bool) -> Duration {
+    fn raises(&self) -> MutexGuard<'_, Raises> {
+        // A counter and a set, each update complete in itself: recover from poisoning.
+        self.raises.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every raise up now is below the horizon; every later one at or above it.
+    pub fn horizon(&self) -> Horizon {
+        Horizon(self.raises().next)
+    }
+
+    /// Whether a raise below `horizon` is still up.
+    fn holds(&self, horizon: Horizon) -> bool {
+        self.raises()
+            .up
+            .first()
+            .is_some_and(|&oldest| oldest < horizon.0)
+    }
+
+    /// Waits until no raise below `horizon` is up, or `give_up()` says the waiter's request
+    /// will never start (its client is gone). Returns how long it waited, zero without
+    /// waiting.
+    pub async fn wait(&self, horizon: Horizon, give_up: impl Fn() -> bool) -> Duration {
         if !self.is_raised() {
             return Duration::ZERO;
         }
@@ -39,11 +77,35 @@ impl Fence {
             tokio::pin!(notified);
             // Registered before checking, so a lowering in between is not missed.
             notified.as_mut().enable();
-            if !self.is_raised() || released() {
+            if !self.holds(horizon) || give_up() {
                 return started.elapsed();
             }
             notified.await;
         }
+    }
+
+    /// Raises the fence; returns the raise's number.
+    fn raise(&self) -> u64 {
+        let number = {
+            let mut raises = self.raises();
+            let number = raises.next;
+            raises.next += 1;
+            raises.up.insert(number);
+            self.raised.fetch_add(1, Ordering::SeqCst);
+            number
+        };
+        self.wake_waiters();
+        number
+    }
+
+    fn lower(&self, number: u64) {
+        {
+            let mut raises = self.raises();
+            if raises.up.remove(&number) {
+                self.raised.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.wake_waiters();
     }
 
     /// Wakes every waiter to re-check its condition.
@@ -63,10 +125,10 @@ pub struct Seat {
 
 #[derive(Debug, Default)]
 struct SeatState {
-    /// This seat counts in `Fence::raised`.
-    raised: bool,
+    /// The number of this seat's raise while it holds the fence up.
+    raised: Option<u64>,
     /// The connection reads no more requests, or its client is known to be gone: its requests
-    /// no longer wait at the fence.
+    /// that come to the fence from now on do not wait.
     draining: bool,
     /// Its socket failed: requests not started yet never start.
     abandoned: bool,
@@ -89,21 +151,19 @@ impl Seat {
     }
 
     /// The connection stops reading requests (with `abandoned`, its socket failed). Raises the
-    /// fence while `writes_in_flight`; releases its own waiting requests either way. Returns
-    /// whether the fence is up for this seat.
+    /// fence while `writes_in_flight`; wakes the waiters either way (an abandoned seat's
+    /// waiting requests give up). Returns whether the fence is up for this seat.
     pub fn drain(&self, fence: &Fence, writes_in_flight: bool, abandoned: bool) -> bool {
         let mut state = self.state();
         let changed = !state.draining || (abandoned && !state.abandoned);
         state.draining = true;
         state.abandoned |= abandoned;
-        if writes_in_flight && !state.raised && !state.settled {
-            state.raised = true;
-            fence.raised.fetch_add(1, Ordering::SeqCst);
-            fence.wake_waiters();
+        if writes_in_flight && state.raised.is_none() && !state.settled {
+            state.raised = Some(fence.raise());
         } else if changed {
             fence.wake_waiters();
         }
-        state.raised
+        state.raised.is_some()
     }
 
     /// The kernel reported this connection's client gone before the connection's own task
@@ -115,9 +175,7 @@ impl Seat {
             return false;
         }
         state.draining = true;
-        state.raised = true;
-        fence.raised.fetch_add(1, Ordering::SeqCst);
-        fence.wake_waiters();
+        state.raised = Some(fence.raise());
         true
     }
 
@@ -125,9 +183,8 @@ impl Seat {
     pub fn settle(&self, fence: &Fence) {
         let mut state = self.state();
         state.settled = true;
-        if std::mem::take(&mut state.raised) {
-            fence.raised.fetch_sub(1, Ordering::SeqCst);
-            fence.wake_waiters();
+        if let Some(number) = state.raised.take() {
+            fence.lower(number);
         }
     }
 }
@@ -151,7 +208,7 @@ mod tests {
     async fn lowered_fence_does_not_wait() {
         let fence = Fence::default();
         assert!(!fence.is_raised());
-        assert_eq!(fence.wait(|| false).await, Duration::ZERO);
+        assert_eq!(fence.wait(fence.horizon(), || false).await, Duration::ZERO);
         let seat = Seat::default();
         assert!(
             !seat.drain(&fence, false, false),
@@ -160,7 +217,7 @@ mod tests {
         assert!(!fence.is_raised());
         raised(&fence).settle(&fence);
         assert!(!fence.is_raised());
-        assert_eq!(fence.wait(|| false).await, Duration::ZERO);
+        assert_eq!(fence.wait(fence.horizon(), || false).await, Duration::ZERO);
     }
 
     #[tokio::test]
@@ -169,7 +226,7 @@ mod tests {
         let (first, second) = (raised(&fence), raised(&fence));
         let waiter = {
             let fence = Arc::clone(&fence);
-            tokio::spawn(async move { fence.wait(|| false).await })
+            tokio::spawn(async move { fence.wait(fence.horizon(), || false).await })
         };
         tokio::time::sleep(SOON).await;
         assert!(!waiter.is_finished());
@@ -187,23 +244,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiter_is_released_when_its_own_connection_drains() {
+    async fn a_waiter_waits_only_for_older_raises_and_gives_up_when_told() {
         let fence = Arc::new(Fence::default());
         let older = raised(&fence);
         let own = Arc::new(Seat::default());
         let waiter = {
             let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
-            tokio::spawn(async move { fence.wait(|| own.is_draining()).await })
+            let horizon = fence.horizon();
+            tokio::spawn(async move { fence.wait(horizon, || own.is_abandoned()).await })
         };
         tokio::time::sleep(SOON).await;
         assert!(!waiter.is_finished());
-        // Nothing of its own in flight but the waiting request: no fence, but a wake-up.
-        own.drain(&fence, false, false);
+        // Its own connection drains with the waiting write in flight (a SIGTERM, a DISC): its
+        // raise is newer than the wait, which still waits for the older one only.
+        assert!(own.drain(&fence, true, false));
+        let newer = raised(&fence);
+        tokio::time::sleep(SOON).await;
+        assert!(
+            !waiter.is_finished(),
+            "released before the older writes were done"
+        );
+        older.settle(&fence);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
-            .expect("released waiter woken")
+            .expect("woken when the older raise is lowered")
             .unwrap();
-        older.settle(&fence);
+        assert!(fence.is_raised(), "the newer raises are still up");
+
+        // A waiter whose client is gone gives up at once.
+        let abandoned = Arc::new(Seat::default());
+        let waiter = {
+            let (fence, abandoned) = (Arc::clone(&fence), Arc::clone(&abandoned));
+            let horizon = fence.horizon();
+            tokio::spawn(async move { fence.wait(horizon, || abandoned.is_abandoned()).await })
+        };
+        tokio::time::sleep(SOON).await;
+        assert!(!waiter.is_finished());
+        abandoned.drain(&fence, false, true);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("an abandoned waiter gives up")
+            .unwrap();
+        own.settle(&fence);
+        newer.settle(&fence);
         assert!(!fence.is_raised());
     }
 
@@ -251,7 +334,7 @@ mod tests {
                 let waiters: Vec<_> = (0..8)
                     .map(|_| {
                         let fence = Arc::clone(&fence);
-                        tokio::spawn(async move { fence.wait(|| false).await })
+                        tokio::spawn(async move { fence.wait(fence.horizon(), || false).await })
                     })
                     .collect();
                 tokio::task::yield_now().await;
