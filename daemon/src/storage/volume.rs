@@ -522,6 +522,13 @@ impl Volume {
             head.mark_dirty();
             return Ok(());
         }
+        if chain.below_top().is_some() {
+            // The block's old content may still be landing below (see `epoch.rs`). Waited for
+            // before the stripe is locked: a write of the earlier epoch may need that stripe to
+            // finish (a trim or an unaligned write locks its stripes after its first await),
+            // and the epoch would never drain.
+            epoch.wait_earlier().await;
+        }
         let _locks = writer.stripes.lock(block, block + 1).await;
         let block_start = block * BLOCK_BYTES;
         let mut whole = match head.state(block) {
@@ -532,11 +539,8 @@ impl Volume {
             }
             BlockState::Zero => BytesMut::zeroed(BLOCK_BYTES as usize),
             BlockState::Absent => match chain.below_top() {
-                Some(below) => {
-                    // The block's old content may still be landing below (see `epoch.rs`).
-                    epoch.wait_earlier().await;
-                    self.read_chain(&below, block_start).await?
-                }
+                // The earlier epoch has drained (above).
+                Some(below) => self.read_chain(&below, block_start).await?,
                 None => BytesMut::zeroed(BLOCK_BYTES as usize),
             },
         };
@@ -911,4 +915,96 @@ fn either<'a>(
 
 fn ready<'a>(piece: BytesMut) -> PieceFuture<'a> {
     Box::pin(std::future::ready(Ok(piece)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::io::{EngineConfig, EngineKind};
+    use crate::storage::Registry;
+
+    /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
+    /// the epoch before the snapshot. It must not hold its block's stripe meanwhile: one of
+    /// those writes (a trim, an unaligned write past its first await) may need the stripe to
+    /// finish, and the snapshot, the partial write and that write would wait on each other.
+    #[test]
+    fn a_partial_write_waits_for_the_earlier_epoch_without_holding_its_stripe() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
+            let volume = registry.create("v", 16 * BLOCK_BYTES).unwrap();
+            let entry = registry.entry("v").unwrap();
+            volume
+                .write(0, Bytes::from(vec![1u8; 16 * BLOCK_BYTES as usize]), false)
+                .await
+                .unwrap();
+            // A write of the current epoch, in flight until the guard is dropped.
+            let (_chain, earlier_write) = volume.chain_for_write();
+            let snapshot = tokio::spawn(async move { entry.create_snapshot("s").await });
+            let old_head = Arc::clone(volume.chain().top());
+            let swapped = async {
+                while Arc::ptr_eq(volume.chain().top(), &old_head) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), swapped)
+                .await
+                .expect("the snapshot swaps in a new head");
+            let partial = {
+                let volume = Arc::clone(&volume);
+                tokio::spawn(async move {
+                    volume
+                        .write(7 * BLOCK_BYTES + 512, Bytes::from(vec![9u8; 512]), false)
+                        .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                !partial.is_finished(),
+                "the partial write waits for the earlier epoch"
+            );
+            // The earlier write needs the partial write's stripe to finish.
+            let writer = volume.writer().unwrap();
+            let stripe = tokio::time::timeout(Duration::from_secs(2), writer.stripes.lock(7, 8))
+                .await
+                .expect("the stripe is held by a write waiting for the epoch this one is in");
+            drop(stripe);
+            drop(earlier_write);
+            tokio::time::timeout(Duration::from_secs(5), partial)
+                .await
+                .expect("the partial write ends once the earlier epoch drained")
+                .unwrap()
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), snapshot)
+                .await
+                .expect("the snapshot ends")
+                .unwrap()
+                .unwrap();
+            let mut expected = vec![1u8; BLOCK_BYTES as usize];
+            expected[512..1024].fill(9);
+            let block = volume
+                .read(7 * BLOCK_BYTES, BLOCK_BYTES as usize)
+                .await
+                .unwrap();
+            assert_eq!(&block[..], &expected[..]);
+            let view = registry.get("v@s").unwrap();
+            let before = view
+                .read(7 * BLOCK_BYTES, BLOCK_BYTES as usize)
+                .await
+                .unwrap();
+            assert!(
+                before.iter().all(|&b| b == 1),
+                "the snapshot holds the block as it was"
+            );
+        });
+    }
 }
