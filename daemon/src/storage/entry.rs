@@ -462,6 +462,9 @@ impl VolumeEntry {
                 let from = blocks_for(old_bytes);
                 let to = blocks_for(largest_below.min(size_bytes));
                 resized.set_range(from, to, BlockState::Zero);
+                // Durable before the manifest with the new size: after a power loss the
+                // regrown range would otherwise show the layers below it.
+                resized.sync_map_blocking()?;
                 // A partial last block of the old size: its tail must not show old data
                 // either; sizes are 4096-aligned, so there is none.
                 debug_assert_eq!(old_bytes % BLOCK_BYTES, 0);

@@ -249,6 +249,9 @@ impl VolumeEntry {
         }
         let end = head.blocks().min(below.blocks());
         let mut pruned_blocks = 0;
+        // The head's blocks durable first: a block punched out below must not read from an
+        // older layer, or as zeroes, after a power loss that took the head's unflushed copy.
+        head.sync(&self.engine).await?;
         // Head blocks never go back to absent, so what they shadow stays shadowed.
         for (a, z, _) in head.map().present_runs(0, end) {
             for (b, c, _) in below.map().present_runs(a, z) {

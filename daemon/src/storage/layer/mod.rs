@@ -250,6 +250,13 @@ impl Layer {
             .map_err(|e| StorageError::io("fsync new layer", 0, self.size_bytes, e))
     }
 
+    /// Makes the map's changes durable (its data untouched). Blocking.
+    pub fn sync_map_blocking(&self) -> Result<(), StorageError> {
+        self.map_file
+            .sync_data()
+            .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
+    }
+
     /// Makes every change made before the call durable: data first, then the map.
     pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
         let _serial = self.sync_lock.lock().await;
