@@ -117,3 +117,55 @@ fn ready_file_is_valid_json_with_pid() {
         "ready file tcp"
     );
 }
+
+/// Requests the server has read but not started (its in-flight limits held them back) when it
+/// shuts down get ESHUTDOWN: every request sent before the SIGTERM gets a reply, none is
+/// dropped with the connection.
+#[test]
+fn sigterm_answers_every_request_already_received() {
+    const READS: u64 = 2000;
+    const LEN: u32 = 256 << 10;
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--max-inflight-requests")
+            .arg("1")
+            .arg("--max-inflight-mib")
+            .arg("1"),
+    );
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let mut pipelined = Vec::new();
+    for cookie in 1..=READS {
+        pipelined.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
+    }
+    // 56 KB of requests for 500 MiB of replies, none read yet: the server stops starting
+    // them once 1 MiB of replies is waiting, with most of them read into its input.
+    c.send(&pipelined);
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut answered, mut refused) = (0u64, 0u64);
+    for expected in 1..=READS {
+        let (error, cookie) = c.read_simple_reply();
+        assert_eq!(
+            cookie, expected,
+            "replies in order with one request in flight"
+        );
+        match error {
+            0 => {
+                let data = c.recv(LEN as usize);
+                assert!(data.iter().all(|&b| b == 0), "read {cookie}");
+                answered += 1;
+            }
+            ESHUTDOWN => refused += 1,
+            other => panic!("request {cookie}: error {other}"),
+        }
+    }
+    assert!(
+        answered > 0 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+    c.expect_closed("the connection after the last reply");
+    let status = d.wait_exit(SHUTDOWN_TIMEOUT);
+    assert!(status.success(), "exit status {status}\n{}", d.stderr());
+}

@@ -339,6 +339,30 @@ where
         Ok(())
     }
 
+    /// Answers ESHUTDOWN to the complete requests already read but not started (the in-flight
+    /// limits held them in the input) when the server stops serving this connection: the
+    /// client must not wait for replies that never come. Stops at DISC, at a request not
+    /// fully received or at one that breaks the protocol.
+    fn refuse_buffered(&mut self) {
+        let mode = self.session.mode;
+        while let Ok(Some(request)) = decode_request(&self.input, mode) {
+            if request.command == Command::Disc || self.limits.check_payload(&request).is_err() {
+                return;
+            }
+            let needed = self.header_len + request.payload_len(mode) as usize;
+            if self.input.len() < needed {
+                return;
+            }
+            self.input.advance(needed);
+            let to = ReplyTo {
+                cookie: request.cookie,
+                offset: request.offset,
+            };
+            let message = "the server is shutting down";
+            self.queue_reply(replies::error(mode, to, Errno::Shutdown, message));
+        }
+    }
+
     /// Fences the volume's connections whose clients were seen gone.
     fn fence_departed(&self) {
         let fenced = self.session.attachment.fence_departed();
@@ -403,6 +427,7 @@ where
         }
         if self.end.is_none() && cancelled.poll(cx).is_ready() {
             self.end = Some(TransmissionEnd::Shutdown);
+            self.refuse_buffered();
             progress = true;
         }
         if let Some(idle) = self.idle.as_mut() {
