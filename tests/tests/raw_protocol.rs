@@ -1062,3 +1062,42 @@ fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
     drop(c);
     assert_healthy(&mut d, "after a client that never read its replies");
 }
+
+/// The same with replies of 16 bytes (errors to an unknown command): their memory, not their
+/// wire bytes, must be what the budget holds back. Charged 16 bytes each, the server queued a
+/// million of them under a 16 MiB budget, some 200 MiB of memory.
+#[test]
+fn unread_small_replies_are_held_to_the_budget_in_memory() {
+    let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("16"));
+    let before = rss_bytes(d.pid());
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    c.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let one = Raw::request_bytes(0, 0x42, 7, 0, 4096);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let mut sent_requests = 0u64;
+    let blocked = loop {
+        match std::io::Write::write_all(&mut c.s, &batch) {
+            Ok(()) => sent_requests += 1000,
+            Err(e) => break e,
+        }
+        assert!(
+            sent_requests < 4_000_000,
+            "server kept accepting requests it could not answer"
+        );
+    };
+    assert!(
+        matches!(
+            blocked.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "expected our sends to block, got {blocked}"
+    );
+    let grown = rss_bytes(d.pid()).saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "evsd grew by {} MiB queueing {sent_requests} small unread replies",
+        grown >> 20
+    );
+    drop(c);
+    assert_healthy(&mut d, "after a client that never read its small replies");
+}

@@ -97,6 +97,11 @@ pub struct TransmissionConfig {
     pub idle_timeout: Option<Duration>,
 }
 
+/// Memory a queued reply piece holds besides its bytes, rounded up: the `Bytes` and the
+/// allocation behind it (a `BytesMut` frozen short of its capacity gets a shared header) and the
+/// queue's slot.
+const QUEUED_PIECE_MEMORY_BYTES: u64 = 256;
+
 /// A finished request.
 struct Done {
     frame: Frame,
@@ -234,8 +239,13 @@ where
     /// without bound.
     fn has_room(&self) -> bool {
         let idle = self.inflight.is_empty() && self.outgoing.is_empty();
+        // A reply waiting costs memory beyond its wire bytes (its buffer, the queue's slot):
+        // charged per piece, so a client pipelining requests with 16-byte replies (errors,
+        // CACHE) and never reading them is held to the budget in memory too.
+        let waiting_bytes =
+            self.outgoing_bytes + self.outgoing.len() as u64 * QUEUED_PIECE_MEMORY_BYTES;
         self.inflight.len() < self.max_inflight_requests
-            && (idle || self.inflight_bytes + self.outgoing_bytes < self.max_inflight_bytes)
+            && (idle || self.inflight_bytes + waiting_bytes < self.max_inflight_bytes)
     }
 
     fn queue_reply(&mut self, frame: Frame) {
