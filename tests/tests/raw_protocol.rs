@@ -1026,15 +1026,17 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-#[test]
-fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
-    let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("64"));
-    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+/// Sends `request` a thousand at a time, reading no reply, until the server stops reading
+/// (the socket's 3 s write timeout fires); fails if it takes `max_requests`. Returns how many
+/// were sent.
+fn send_until_blocked(c: &mut Raw, request: &[u8], max_requests: u64) -> u64 {
     c.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-    // 2 million reads of 32 MiB would be 64 TiB of replies; the server must stop reading requests
-    // once 64 MiB of replies wait for this client, so our writes soon block.
-    let one = Raw::request_bytes(0, 0, 7, 0, 32 << 20);
-    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let batch: Vec<u8> = request
+        .iter()
+        .copied()
+        .cycle()
+        .take(request.len() * 1000)
+        .collect();
     let mut sent_requests = 0u64;
     let blocked = loop {
         match std::io::Write::write_all(&mut c.s, &batch) {
@@ -1042,7 +1044,7 @@ fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
             Err(e) => break e,
         }
         assert!(
-            sent_requests < 2_000_000,
+            sent_requests < max_requests,
             "server kept accepting requests it could not answer"
         );
     };
@@ -1053,6 +1055,17 @@ fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
         ),
         "expected our sends to block, got {blocked}"
     );
+    sent_requests
+}
+
+#[test]
+fn client_that_never_reads_replies_gets_back_pressure_not_memory_growth() {
+    let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("64"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    c.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    // 2 million reads of 32 MiB would be 64 TiB of replies; the server must stop reading requests
+    // once 64 MiB of replies wait for this client, so our writes soon block.
+    send_until_blocked(&mut c, &Raw::request_bytes(0, 0, 7, 0, 32 << 20), 2_000_000);
     let rss = rss_bytes(d.pid());
     assert!(
         rss < 512 << 20,
@@ -1071,27 +1084,8 @@ fn unread_small_replies_are_held_to_the_budget_in_memory() {
     let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("16"));
     let before = rss_bytes(d.pid());
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
-    c.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-    let one = Raw::request_bytes(0, 0x42, 7, 0, 4096);
-    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
-    let mut sent_requests = 0u64;
-    let blocked = loop {
-        match std::io::Write::write_all(&mut c.s, &batch) {
-            Ok(()) => sent_requests += 1000,
-            Err(e) => break e,
-        }
-        assert!(
-            sent_requests < 4_000_000,
-            "server kept accepting requests it could not answer"
-        );
-    };
-    assert!(
-        matches!(
-            blocked.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-        "expected our sends to block, got {blocked}"
-    );
+    let sent_requests =
+        send_until_blocked(&mut c, &Raw::request_bytes(0, 0x42, 7, 0, 4096), 4_000_000);
     let grown = rss_bytes(d.pid()).saturating_sub(before);
     assert!(
         grown < 64 << 20,
