@@ -23,6 +23,33 @@ use crate::storage::name::validate_snapshot_name;
 /// Blocks copied per step of a merge (1 MiB): bounds its memory and how long it holds the
 /// stripes of a live head.
 const MERGE_STEP_BLOCKS: u64 = 256;
+/// Data a merge copies into a survivor above the victim before it syncs it and marks it in the
+/// survivor's map (see `copy_blocks`).
+const FILL_SYNC_BYTES: u64 = 64 << 20;
+
+/// Runs of blocks whose data a merge copied into a survivor above and whose map still says
+/// absent.
+#[derive(Default)]
+struct Unmarked {
+    runs: Vec<(u64, u64)>,
+    blocks: u64,
+}
+
+/// Marks the blocks of `start..end` that `survivor` still lacks as data.
+fn mark_absent_as_data(survivor: &Layer, start: u64, end: u64) {
+    let mut block = start;
+    while block < end {
+        if survivor.state(block) != BlockState::Absent {
+            block += 1;
+            continue;
+        }
+        let run_start = block;
+        while block < end && survivor.state(block) == BlockState::Absent {
+            block += 1;
+        }
+        survivor.set_range(run_start, block, BlockState::Data);
+    }
+}
 
 /// How long a forced rollback waits for disconnected clients to finish their requests.
 const ROLLBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -382,6 +409,12 @@ impl VolumeEntry {
     /// the victim overwrites it. Survivor above: only blocks the survivor lacks are filled. A
     /// live head survivor is written under its gate and stripes, re-checking each block, so a
     /// client's write to the same block always wins.
+    ///
+    /// A survivor above has its map say "data" only once the copied data is durable (synced
+    /// every `FILL_SYNC_BYTES`): written in the other order, a power loss could leave the map
+    /// on disk and the data not, and the merge, redone at the next start, skips blocks the
+    /// survivor holds, so the victim's flushed data would read as zeroes once it is deleted.
+    /// (Below, every block is copied again when the merge is redone.)
     async fn copy_blocks(
         &self,
         victim: &Layer,
@@ -391,10 +424,12 @@ impl VolumeEntry {
     ) -> Result<u64, StorageError> {
         let end = victim.blocks().min(survivor.blocks());
         let mut copied_blocks = 0;
+        let mut unmarked = Unmarked::default();
         for (run_start, run_end, state) in victim.map().present_runs(0, end) {
             let mut start = run_start;
             while start < run_end {
                 let stop = (start + MERGE_STEP_BLOCKS).min(run_end);
+                let step = (start, stop, state, survivor_is_lower);
                 copied_blocks += if into_head {
                     let writer = self
                         .volume
@@ -402,26 +437,63 @@ impl VolumeEntry {
                         .expect("a head belongs to a writable volume");
                     let _gate = writer.gate.read().await;
                     let _locks = writer.lock_blocks(start, stop).await;
-                    self.copy_step(victim, survivor, start, stop, state, survivor_is_lower)
+                    self.copy_step(victim, survivor, step, &mut unmarked)
                         .await?
                 } else {
-                    self.copy_step(victim, survivor, start, stop, state, survivor_is_lower)
+                    self.copy_step(victim, survivor, step, &mut unmarked)
                         .await?
                 };
                 start = stop;
+                if unmarked.blocks * BLOCK_BYTES >= FILL_SYNC_BYTES {
+                    self.mark_filled(survivor, &mut unmarked, into_head).await?;
+                }
             }
         }
+        self.mark_filled(survivor, &mut unmarked, into_head).await?;
         Ok(copied_blocks)
     }
 
+    /// Makes the data copied into a survivor above durable, then has its map say so for the
+    /// blocks no client wrote, trimmed or zeroed meanwhile (those are no longer absent).
+    async fn mark_filled(
+        &self,
+        survivor: &Layer,
+        unmarked: &mut Unmarked,
+        into_head: bool,
+    ) -> Result<(), StorageError> {
+        if unmarked.runs.is_empty() {
+            return Ok(());
+        }
+        self.engine
+            .fdatasync(survivor.data())
+            .await
+            .map_err(|e| StorageError::io("merge sync", 0, survivor.size_bytes(), e))?;
+        for (a, z) in std::mem::take(&mut unmarked.runs) {
+            if into_head {
+                let writer = self
+                    .volume
+                    .writer()
+                    .expect("a head belongs to a writable volume");
+                let _gate = writer.gate.read().await;
+                let _locks = writer.lock_blocks(a, z).await;
+                mark_absent_as_data(survivor, a, z);
+            } else {
+                mark_absent_as_data(survivor, a, z);
+            }
+        }
+        unmarked.blocks = 0;
+        Ok(())
+    }
+
+    /// Copies blocks `start..stop` (all `state`) of the victim. With `overwrite` (survivor
+    /// below) all of them, marked at once; otherwise the ones the survivor lacks, data left in
+    /// `unmarked` for `mark_filled`.
     async fn copy_step(
         &self,
         victim: &Layer,
         survivor: &Layer,
-        start: u64,
-        stop: u64,
-        state: BlockState,
-        overwrite: bool,
+        (start, stop, state, overwrite): (u64, u64, BlockState, bool),
+        unmarked: &mut Unmarked,
     ) -> Result<u64, StorageError> {
         // The sub-runs to copy: all of it, or the blocks the survivor lacks.
         let mut targets: Vec<(u64, u64)> = Vec::new();
@@ -455,7 +527,13 @@ impl VolumeEntry {
                     .fallocate(survivor.data(), punch, offset_bytes, length_bytes)
                     .await;
             }
-            survivor.set_range(a, z, state);
+            if state == BlockState::Data && !overwrite {
+                unmarked.runs.push((a, z));
+                unmarked.blocks += z - a;
+            } else {
+                // Zeroes read as zeroes whichever of the map and the hole lands first.
+                survivor.set_range(a, z, state);
+            }
             copied += z - a;
         }
         Ok(copied)

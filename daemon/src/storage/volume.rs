@@ -949,8 +949,8 @@ mod tests {
                 .unwrap();
             // A write of the current epoch, in flight until the guard is dropped.
             let (_chain, earlier_write) = volume.chain_for_write();
-            let snapshot = tokio::spawn(async move { entry.create_snapshot("s").await });
             let old_head = Arc::clone(volume.chain().top());
+            let snapshot = tokio::spawn(async move { entry.create_snapshot("s").await });
             let swapped = async {
                 while Arc::ptr_eq(volume.chain().top(), &old_head) {
                     tokio::time::sleep(Duration::from_millis(1)).await;
