@@ -35,6 +35,25 @@ struct Unmarked {
     blocks: u64,
 }
 
+/// Blocks of a layer whose present runs are listed at once: a layer fragmented by random
+/// writes has about a run per block, so listing a whole 1 TiB layer took gigabytes.
+const RUNS_WINDOW_BLOCKS: u64 = 1 << 18;
+
+/// The present runs of `layer` in `start..end`, listed a window at a time (a run that crosses
+/// a window's edge comes in two parts).
+fn windowed_runs(
+    layer: &Layer,
+    start: u64,
+    end: u64,
+) -> impl Iterator<Item = (u64, u64, BlockState)> + '_ {
+    (start..end)
+        .step_by(RUNS_WINDOW_BLOCKS as usize)
+        .flat_map(move |from| {
+            let to = from.saturating_add(RUNS_WINDOW_BLOCKS).min(end);
+            layer.map().present_runs(from, to)
+        })
+}
+
 /// Marks the blocks of `start..end` that `survivor` still lacks as data.
 fn mark_absent_as_data(survivor: &Layer, start: u64, end: u64) {
     let mut block = start;
@@ -280,8 +299,8 @@ impl VolumeEntry {
         // older layer, or as zeroes, after a power loss that took the head's unflushed copy.
         head.sync(&self.engine).await?;
         // Head blocks never go back to absent, so what they shadow stays shadowed.
-        for (a, z, _) in head.map().present_runs(0, end) {
-            for (b, c, _) in below.map().present_runs(a, z) {
+        for (a, z, _) in windowed_runs(&head, 0, end) {
+            for (b, c, _) in windowed_runs(&below, a, z) {
                 below.set_range(b, c, BlockState::Absent);
                 let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 let (offset_bytes, length_bytes) = (b * BLOCK_BYTES, (c - b) * BLOCK_BYTES);
@@ -425,7 +444,7 @@ impl VolumeEntry {
         let end = victim.blocks().min(survivor.blocks());
         let mut copied_blocks = 0;
         let mut unmarked = Unmarked::default();
-        for (run_start, run_end, state) in victim.map().present_runs(0, end) {
+        for (run_start, run_end, state) in windowed_runs(victim, 0, end) {
             let mut start = run_start;
             while start < run_end {
                 let stop = (start + MERGE_STEP_BLOCKS).min(run_end);
@@ -637,5 +656,46 @@ mod tests {
         assert_eq!(next.ancestry("c").unwrap(), ["c", "a"]);
         assert_eq!(next.snapshot("s").unwrap().layer, "a");
         next.check().unwrap();
+    }
+
+    #[test]
+    fn windowed_runs_cover_what_present_runs_does_split_at_window_edges() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = 3 * RUNS_WINDOW_BLOCKS + 100;
+        let layer = Layer::create(dir.path(), "l", blocks * BLOCK_BYTES).unwrap();
+        let edge = RUNS_WINDOW_BLOCKS;
+        layer.set_range(5, 9, BlockState::Data);
+        layer.set_range(edge - 3, edge + 4, BlockState::Data);
+        layer.set_range(2 * edge, 2 * edge + 1, BlockState::Zero);
+        layer.set_range(blocks - 2, blocks, BlockState::Data);
+        let runs: Vec<_> = windowed_runs(&layer, 0, blocks).collect();
+        assert_eq!(
+            runs,
+            [
+                (5, 9, BlockState::Data),
+                (edge - 3, edge, BlockState::Data),
+                (edge, edge + 4, BlockState::Data),
+                (2 * edge, 2 * edge + 1, BlockState::Zero),
+                (blocks - 2, blocks, BlockState::Data),
+            ]
+        );
+        // A range inside one window, and one starting past a window's start.
+        let inner: Vec<_> = windowed_runs(&layer, 6, edge - 1).collect();
+        assert_eq!(
+            inner,
+            [
+                (6, 9, BlockState::Data),
+                (edge - 3, edge - 1, BlockState::Data)
+            ]
+        );
+        let late: Vec<_> = windowed_runs(&layer, edge + 2, blocks - 1).collect();
+        assert_eq!(
+            late,
+            [
+                (edge + 2, edge + 4, BlockState::Data),
+                (2 * edge, 2 * edge + 1, BlockState::Zero),
+                (blocks - 2, blocks - 1, BlockState::Data),
+            ]
+        );
     }
 }
