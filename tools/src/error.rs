@@ -39,6 +39,14 @@ pub enum CliError {
     /// A job evsctl waited for ended in failure (or a verify found bad chunks).
     #[error("job {job_id} failed: {error}")]
     JobFailed { job_id: String, error: String },
+    /// A server backup whose member jobs succeeded did not end complete (its record could not
+    /// be made, or it did not settle in time).
+    #[error("backup set {set_id} is {state}: {error}")]
+    SetFailed {
+        set_id: String,
+        state: String,
+        error: String,
+    },
 }
 
 impl CliError {
@@ -54,7 +62,7 @@ impl CliError {
                 "unavailable" => exit::UNAVAILABLE,
                 _ => exit::OTHER,
             },
-            CliError::JobFailed { .. } => exit::JOB_FAILED,
+            CliError::JobFailed { .. } | CliError::SetFailed { .. } => exit::JOB_FAILED,
         }
     }
 }

@@ -188,6 +188,7 @@ fn run(cli: &Cli) -> Result<Outcome, CliError> {
         // A server backup whose members all succeeded: the set as recorded (state complete).
         if failures.is_empty() && cli.command.rereads_set() {
             result = server::settle_set(&mut client, &result)?;
+            failures.extend(server::set_failure(&result)?);
         }
     }
     failures.extend(cli.command.problems(&result)?);

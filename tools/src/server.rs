@@ -239,6 +239,24 @@ pub fn settle_set(client: &mut AdminClient, waited: &Value) -> Result<Value, Cli
     }
 }
 
+/// The failure of a settled server backup set that is not complete (None when it is).
+pub fn set_failure(set: &Value) -> Result<Option<CliError>, CliError> {
+    let info = BackupSetInfo::parse(set)?;
+    if info.state == "complete" {
+        return Ok(None);
+    }
+    let error = match (set["error"].as_str(), info.state.as_str()) {
+        (Some(error), _) => error.to_owned(),
+        (None, "running") => "its record was not made in time after its member jobs ended".into(),
+        (None, _) => "no error given".into(),
+    };
+    Ok(Some(CliError::SetFailed {
+        set_id: info.id,
+        state: info.state,
+        error,
+    }))
+}
+
 /// The array under `key`, or a protocol error.
 fn array<'a>(result: &'a Value, key: &str) -> Result<&'a Vec<Value>, CliError> {
     result[key].as_array().ok_or_else(|| missing(result, key))
@@ -291,6 +309,24 @@ mod tests {
 
     fn server(name: &str, volumes: &[&str]) -> Value {
         json!({"name": name, "volumes": volumes, "created_unix_secs": 1_700_000_000})
+    }
+
+    #[test]
+    fn a_settled_set_that_is_not_complete_is_a_failure() {
+        assert!(set_failure(&set("s-1", vec![])).unwrap().is_none());
+        let mut failed = set("s-1", vec![]);
+        failed["state"] = json!("failed");
+        failed["error"] = json!("member manifest b-2 missing");
+        let e = set_failure(&failed).unwrap().expect("a failure");
+        assert_eq!(e.exit_code(), crate::error::exit::JOB_FAILED);
+        assert_eq!(
+            e.to_string(),
+            "backup set s-1 is failed: member manifest b-2 missing"
+        );
+        let still_running = set("s-1", vec![json!({})]);
+        let e = set_failure(&still_running).unwrap().expect("a failure");
+        assert!(e.to_string().contains("not made in time"), "{e}");
+        assert!(set_failure(&json!({"id": "s-1"})).is_err());
     }
 
     #[test]
