@@ -2036,3 +2036,34 @@ fn deleting_a_volume_during_a_merge_leaves_a_new_volume_of_that_name_intact() {
     assert_content(&d, "v", &vec![0x33u8; 8 << 20]);
     assert_eq!(snap_names(&d, "v"), Vec::<String>::new());
 }
+
+/// A client of a snapshot export holds its volume as one of the volume's own does: deleting
+/// the volume is refused `busy` without `force` and leaves everything serving, and with
+/// `force` the client is counted among those disconnected.
+#[test]
+fn a_client_of_a_snapshot_export_refuses_the_volumes_delete_unless_forced() {
+    let d = Daemon::start(DaemonOpts::new().with_vol0());
+    let (mut writer, _) = Raw::open(d.tcp_addr(), "vol0");
+    writer.write(1, 0, 0, &[0x5a; 4096]);
+    drop(writer);
+    snap_create(&d, "vol0", "s");
+    let (mut reader, _) = Raw::open(d.tcp_addr(), "vol0@s");
+    assert!(reader.read(1, 0, 4096).iter().all(|&b| b == 0x5a));
+    let refused = admin_err(&d, "volume.delete", json!({"name": "vol0"}), "busy");
+    assert!(refused.contains("vol0@s"), "{refused}");
+    // Nothing was closed: the client reads on, a new one attaches to the export, and one to
+    // the volume.
+    assert!(reader.read(2, 0, 4096).iter().all(|&b| b == 0x5a));
+    let (mut second, _) = Raw::open(d.tcp_addr(), "vol0@s");
+    assert!(second.read(1, 0, 4096).iter().all(|&b| b == 0x5a));
+    drop(second);
+    let (mut live, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(live.read(1, 0, 4096).iter().all(|&b| b == 0x5a));
+    drop(live);
+    let deleted = admin_ok(&d, "volume.delete", json!({"name": "vol0", "force": true}));
+    assert!(
+        deleted["disconnected"].as_u64().is_some_and(|n| n >= 1),
+        "{deleted:#}"
+    );
+    reader.expect_closed("the snapshot export's client after the forced delete");
+}

@@ -283,16 +283,28 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     // leave it closed).
     let entry = entry(ctx, &params.name)?;
     let volume = Arc::clone(entry.volume());
-    let disconnected = volume
-        .attachments()
-        .close(params.force, Closure::Deletion)
-        .map_err(|refused| match refused {
-            CloseRefused::Busy(connections) => StorageError::Busy {
-                name: params.name.clone(),
-                connections,
-            },
-            CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
-        })?;
+    // Its snapshot exports (`vol@snap`) go with it: their clients refuse the delete too, unless
+    // forced. Closed first, reopened if the delete does not happen.
+    let views = close_views_for_deletion(&entry.views(), params.force)?;
+    let reopen_views = || {
+        for view in &views.closed {
+            view.attachments().reopen(Closure::Deletion);
+        }
+    };
+    let disconnected = match volume.attachments().close(params.force, Closure::Deletion) {
+        Ok(disconnected) => disconnected + views.disconnected,
+        Err(refused) => {
+            reopen_views();
+            return Err(match refused {
+                CloseRefused::Busy(connections) => StorageError::Busy {
+                    name: params.name.clone(),
+                    connections,
+                },
+                CloseRefused::AlreadyClosed(closure) => entry.closed_error(closure),
+            }
+            .into());
+        }
+    };
     // Snapshot deletes (merges), rollbacks, resizes and clones of this volume finish first,
     // and the ones waiting behind find it gone: once removed, its directory name may belong to
     // a new volume. The lock also lets a snapshot create's background fsyncs end.
@@ -300,6 +312,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         Ok(guard) => guard,
         Err(e) => {
             volume.attachments().reopen(Closure::Deletion);
+            reopen_views();
             return Err(e.into());
         }
     };
@@ -311,6 +324,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         Ok(hidden) => hidden,
         Err(e) => {
             volume.attachments().reopen(Closure::Deletion);
+            reopen_views();
             return Err(e);
         }
     };
@@ -340,6 +354,41 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     })
     .await;
     Ok(serde_json::json!({"name": params.name, "disconnected": disconnected}))
+}
+
+/// Snapshot exports a volume delete closed, and the clients that dropped.
+struct ClosedViews {
+    closed: Vec<Arc<Volume>>,
+    disconnected: usize,
+}
+
+/// Closes `views` for a deletion: refused (and nothing left closed) when one has clients and
+/// `force` is not given. A view closed already for something else stays as it is.
+fn close_views_for_deletion(views: &[Arc<Volume>], force: bool) -> Result<ClosedViews, AdminError> {
+    let mut done = ClosedViews {
+        closed: Vec::new(),
+        disconnected: 0,
+    };
+    for view in views {
+        match view.attachments().close(force, Closure::Deletion) {
+            Ok(disconnected) => {
+                done.disconnected += disconnected;
+                done.closed.push(Arc::clone(view));
+            }
+            Err(CloseRefused::AlreadyClosed(_)) => {}
+            Err(CloseRefused::Busy(connections)) => {
+                for closed in &done.closed {
+                    closed.attachments().reopen(Closure::Deletion);
+                }
+                return Err(StorageError::Busy {
+                    name: view.name().to_owned(),
+                    connections,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(done)
 }
 
 fn status(ctx: &AdminContext) -> Result<Value, AdminError> {
