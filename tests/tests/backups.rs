@@ -1095,6 +1095,31 @@ fn an_incomplete_restore_in_place_keeps_clients_out_until_it_is_whole() {
     );
     assert!(e.contains("incomplete restore"), "{e}");
     admin_err(&d, "backup.create", json!({"volumes": ["vol0"]}), "busy");
+    // With another volume named first, the whole call is refused and starts nothing: no job,
+    // no snapshot left on the other volume.
+    create_volume(&d, "other", 8 * MIB);
+    let job_ids = |d: &Daemon| -> Vec<Value> {
+        let jobs = admin_ok(d, "job.list", json!({}))["jobs"].clone();
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].clone())
+            .collect()
+    };
+    let jobs_before = job_ids(&d);
+    admin_err(
+        &d,
+        "backup.create",
+        json!({"volumes": ["other", "vol0"]}),
+        "busy",
+    );
+    assert_eq!(
+        job_ids(&d),
+        jobs_before,
+        "a job started for the call that failed"
+    );
+    assert!(snapshot_names(&d, "other").is_empty());
+    admin_ok(&d, "volume.delete", json!({"name": "other"}));
     let show = admin_ok(&d, "volume.show", json!({"name": "vol0"}));
     assert_eq!(show["closed_for"], json!(null), "{show:#}");
     assert!(

@@ -413,42 +413,70 @@ impl Backups {
                 return Err(StorageError::NotFound(volume.clone()).into());
             }
         }
-        // All volumes are claimed before any job starts: a busy one refuses the whole call.
+        // All volumes are claimed, and all their snapshots taken, before any job starts: a
+        // busy volume, or one whose snapshot fails, refuses the whole call and starts nothing.
         self.claim_all(volumes)?;
-        let mut started = Vec::new();
-        for (i, volume) in volumes.iter().enumerate() {
-            let Some(entry) = self.registry.entry(volume) else {
-                for later in &volumes[i..] {
-                    self.unclaim(later);
+        let mut prepared: Vec<(Arc<VolumeEntry>, BackupRecord)> = Vec::new();
+        for volume in volumes {
+            let taken = match self.registry.entry(volume) {
+                Some(entry) => {
+                    let record = new_record(&entry, volume, full, None, policy.clone());
+                    self.take_backup_snapshot(&entry, record)
+                        .await
+                        .map(|record| (entry, record))
                 }
-                return Err(StorageError::NotFound(volume.clone()).into());
+                None => Err(StorageError::NotFound(volume.clone()).into()),
             };
-            let mut record = new_record(&entry, volume, full, None, policy.clone());
-            let taken = async {
-                self.files.save(&JobRecord::Backup(record.clone()))?;
-                entry.create_snapshot_durable(&record.snapshot).await?;
-                record.snapshot_taken = true;
-                self.files.save(&JobRecord::Backup(record.clone()))
-            }
-            .await;
-            if let Err(e) = taken {
-                self.files.remove(&record.job_id);
-                // A snapshot whose manifest could not be saved (a full data dir) may exist in
-                // memory: no job will use or release it. Deleting it also saves the manifest
-                // again, which lets FLUSH succeed once there is room.
-                if entry.manifest().snapshot(&record.snapshot).is_some() {
-                    if let Err(error) = entry.delete_snapshot(&record.snapshot).await {
-                        tracing::warn!(volume, snapshot = %record.snapshot, %error, "could not remove the snapshot of a backup that did not start");
+            match taken {
+                Ok(ready) => prepared.push(ready),
+                Err(e) => {
+                    for (entry, record) in &prepared {
+                        self.files.remove(&record.job_id);
+                        self.drop_unused_snapshot(entry, &record.snapshot).await;
                     }
+                    for volume in volumes {
+                        self.unclaim(volume);
+                    }
+                    return Err(e);
                 }
-                for later in &volumes[i..] {
-                    self.unclaim(later);
-                }
-                return Err(e);
             }
-            started.push(self.start_recorded(record));
         }
-        Ok(started)
+        Ok(prepared
+            .into_iter()
+            .map(|(_, record)| self.start_recorded(record))
+            .collect())
+    }
+
+    /// Records a backup job and takes its snapshot; on failure neither is left.
+    async fn take_backup_snapshot(
+        &self,
+        entry: &Arc<VolumeEntry>,
+        mut record: BackupRecord,
+    ) -> Result<BackupRecord, BackupError> {
+        let taken = async {
+            self.files.save(&JobRecord::Backup(record.clone()))?;
+            entry.create_snapshot_durable(&record.snapshot).await?;
+            record.snapshot_taken = true;
+            self.files.save(&JobRecord::Backup(record.clone()))
+        }
+        .await;
+        if let Err(e) = taken {
+            self.files.remove(&record.job_id);
+            self.drop_unused_snapshot(entry, &record.snapshot).await;
+            return Err(e);
+        }
+        Ok(record)
+    }
+
+    /// Deletes the snapshot of a backup that did not start. One whose manifest could not be
+    /// saved (a full data dir) may exist in memory only: deleting it also saves the manifest
+    /// again, which lets FLUSH succeed once there is room.
+    async fn drop_unused_snapshot(&self, entry: &VolumeEntry, snapshot: &str) {
+        if entry.manifest().snapshot(snapshot).is_some() {
+            if let Err(error) = entry.delete_snapshot(snapshot).await {
+                tracing::warn!(volume = entry.name(), snapshot, %error, "could not remove the snapshot of a backup that did not start");
+            }
+        }
     }
 
     /// Registers and starts the job of a backup whose record (and snapshot) exist.
