@@ -276,7 +276,9 @@ impl Settings {
                     args.handshake_timeout_secs.or(file.handshake_timeout_secs),
                     MAX_TIMEOUT_SECS,
                 )?
-                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS)
+                // 0 would time every handshake out at once: never a way to turn it off.
+                .max(1),
             ),
             idle_timeout: at_most(
                 "idle_timeout_secs",
@@ -648,6 +650,14 @@ mod tests {
         assert_eq!(s.idle_timeout, None);
         let s = Settings::merge(&args(&[]), file("idle_timeout_secs = 0\n")).unwrap();
         assert_eq!(s.idle_timeout, None);
+    }
+
+    #[test]
+    fn a_handshake_timeout_of_zero_is_one_second() {
+        let s = Settings::merge(&args(&["--handshake-timeout-secs", "0"]), file("")).unwrap();
+        assert_eq!(s.handshake_timeout, Duration::from_secs(1));
+        let s = Settings::merge(&args(&[]), file("handshake_timeout_secs = 7\n")).unwrap();
+        assert_eq!(s.handshake_timeout, Duration::from_secs(7));
     }
 
     #[test]
