@@ -827,6 +827,30 @@ fn a_restore_keeps_its_chunks_from_another_daemons_gc() {
     );
 }
 
+/// A chunk object cut short in the store (a power loss, a damaged disk) is not taken for the
+/// chunk: the next backup that meets the content stores it again, and restores from that
+/// backup are whole.
+#[test]
+fn a_chunk_object_cut_short_is_stored_again_by_the_next_backup() {
+    let d = start();
+    let model = half_random(&d, "vol0", 16 * MIB, 49);
+    backup_now(&d, "vol0", false);
+    let store = store_dir(&d);
+    let (cut, _) = chunk_files(&store)[0].clone();
+    fs::write(&cut, b"").unwrap();
+    let again = backup_now(&d, "vol0", true);
+    assert!(
+        fs::metadata(&cut).unwrap().len() > 24,
+        "the cut object was not stored again: {again:#}"
+    );
+    restore_new(&d, "r", again["id"].as_str().unwrap());
+    assert_same(
+        "restored after the cut object",
+        &read_export(&d, "r"),
+        &model,
+    );
+}
+
 /// A store on a read-only mount (as a replica of another site's store, or a user without write
 /// access): restores and verifies read it without a store lock, with a warning, instead of
 /// retrying "locking the store" for ever; a backup into it fails with the refusal.

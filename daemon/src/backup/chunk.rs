@@ -17,6 +17,16 @@ pub const CHUNK_SIZE_BYTES: u64 = 4 << 20;
 
 /// Length of the fixed header in front of every payload.
 pub const HEADER_LEN_BYTES: usize = 24;
+/// The largest stored object a reader takes in (a whole chunk stored raw is 4 MiB and a
+/// header): a larger one is damaged or not ours, and is not read whole into memory.
+pub const MAX_OBJECT_BYTES: u64 = 8 << 20;
+
+/// Whether a listed chunk object of `len_bytes` can be a whole one. A shorter or longer one
+/// (damaged, or cut short by a power loss) is not counted as stored: the backup stores it
+/// again rather than reuse it.
+pub fn plausible_object_len(len_bytes: u64) -> bool {
+    (HEADER_LEN_BYTES as u64..=MAX_OBJECT_BYTES).contains(&len_bytes)
+}
 
 const MAGIC: &[u8; 8] = b"EVSCHNK1";
 const CODEC_RAW: u8 = 0;

@@ -74,9 +74,12 @@ pub fn read_object(path: &Path, buffers: &Arc<AlignedPool>) -> io::Result<Bytes>
             Ok(buffers.freeze(buf))
         }
         // Larger than any chunk this daemon writes: decoding will say what is wrong with it.
+        // Cut after one byte more than any valid object, so that much memory at most.
         _ => {
             let mut all = Vec::new();
-            File::open(path)?.read_to_end(&mut all)?;
+            File::open(path)?
+                .take(crate::backup::chunk::MAX_OBJECT_BYTES + 1)
+                .read_to_end(&mut all)?;
             Ok(Bytes::from(all))
         }
     }
@@ -134,6 +137,11 @@ mod tests {
         let big = dir.path().join("big");
         std::fs::write(&big, vec![7u8; 10_000]).unwrap();
         assert_eq!(read_object(&big, &pool).unwrap(), vec![7u8; 10_000]);
+        // Larger than any valid object: read only one byte past the limit, for decoding to
+        // refuse.
+        let limit = crate::backup::chunk::MAX_OBJECT_BYTES as usize;
+        std::fs::write(&big, vec![7u8; limit + 4096]).unwrap();
+        assert_eq!(read_object(&big, &pool).unwrap().len(), limit + 1);
         let missing = read_object(&dir.path().join("nope"), &pool).unwrap_err();
         assert!(matches!(
             store_error("chunks/ab/nope", missing),

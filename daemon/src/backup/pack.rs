@@ -24,7 +24,7 @@ const MAX_PACK_UPLOADS: usize = 3;
 pub const BUFFERS_PER_BACKUP: usize = MAX_PACK_UPLOADS + 1;
 /// The largest packed object a reader accepts. The writer's objects are bounded by its buffer
 /// (4 MiB + 4 KiB), which the largest delta fits (see `upload::MAX_DELTA_BLOCKS`).
-pub const MAX_PACKED_OBJECT_BYTES: u64 = 8 << 20;
+pub const MAX_PACKED_OBJECT_BYTES: u64 = crate::backup::chunk::MAX_OBJECT_BYTES;
 const PACK_NAME_MAX_LEN: usize = 100;
 
 /// Where a packed object lies: `len_bytes` bytes at `offset_bytes` of object `packs/<pack>`.

@@ -221,7 +221,25 @@ impl BackupStore {
 
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, BackupError> {
         let key = chunk::chunk_key(id);
-        self.get(&key).await
+        let result = self
+            .objects
+            .get(&self.path(&key))
+            .await
+            .map_err(|e| BackupError::store("get", &key, e))?;
+        // Not read whole when larger than any valid object (damaged, or not ours).
+        if result.meta.size > chunk::MAX_OBJECT_BYTES {
+            return Err(chunk::ChunkError::LengthMismatch {
+                id: *id,
+                what: "stored object (at most)",
+                expected: chunk::MAX_OBJECT_BYTES,
+                actual: result.meta.size,
+            }
+            .into());
+        }
+        result
+            .bytes()
+            .await
+            .map_err(|e| BackupError::store("get", key, e))
     }
 
     /// As [`Self::get_chunk`], but a local store's file is read into a buffer from `buffers`

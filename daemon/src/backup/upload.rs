@@ -181,7 +181,11 @@ async fn upload(
         }
     };
     let (listed, (parent, changed)) = tokio::try_join!(listing, base)?;
-    let known: HashSet<ChunkId> = listed.into_keys().collect();
+    let known: HashSet<ChunkId> = listed
+        .into_iter()
+        .filter(|&(_, len_bytes)| chunk::plausible_object_len(len_bytes))
+        .map(|(id, _)| id)
+        .collect();
     let known = Arc::new(Mutex::new(known));
 
     let mut chunks: Vec<Option<Option<ChunkId>>> = vec![None; chunk_count];
