@@ -202,6 +202,7 @@ impl Backups {
     fn publish_metrics(&self) {
         let m = self.metrics.backup();
         let jobs: Vec<JobInfo> = self.jobs();
+        let mut listed = HashSet::with_capacity(jobs.len());
         for info in jobs {
             let labels = JobLabels {
                 job: info.id.clone(),
@@ -229,7 +230,9 @@ impl Backups {
             m.running
                 .get_or_create(&labels)
                 .set(i64::from(!info.state.is_finished()));
+            listed.insert(labels);
         }
+        m.keep_only_jobs(listed);
     }
 
     /// Restarts the jobs a crash or shutdown interrupted.

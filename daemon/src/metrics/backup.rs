@@ -46,6 +46,8 @@ pub struct BackupMetrics {
     pub running: Family<JobLabels, Gauge>,
     pub jobs_finished: Family<OutcomeLabels, Counter>,
     pub uploaded_bytes: Counter,
+    /// The jobs whose series exist, so the ones gone from the job list can be dropped.
+    published_jobs: std::sync::Mutex<std::collections::HashSet<JobLabels>>,
 }
 
 impl Default for BackupMetrics {
@@ -64,11 +66,34 @@ impl Default for BackupMetrics {
             running: Family::default(),
             jobs_finished: Family::default(),
             uploaded_bytes: Counter::default(),
+            published_jobs: Default::default(),
         }
     }
 }
 
 impl BackupMetrics {
+    /// Drops the series of the jobs not in `listed` (those the job list no longer keeps), so
+    /// each job's series stop being exported once it is forgotten instead of piling up.
+    pub fn keep_only_jobs(&self, listed: std::collections::HashSet<JobLabels>) {
+        let mut published = self
+            .published_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for gone in published.difference(&listed) {
+            for family in [
+                &self.bytes_done,
+                &self.bytes_total,
+                &self.bytes_uploaded,
+                &self.rate_bytes_per_second,
+                &self.eta_seconds,
+                &self.running,
+            ] {
+                family.remove(gone);
+            }
+        }
+        *published = listed;
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "evsd_group_snapshot_hold_seconds",
@@ -144,6 +169,42 @@ impl BackupMetrics {
             "evsd_backup_uploaded_bytes",
             "Bytes (compressed) uploaded to the backup store",
             self.uploaded_bytes.clone(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn labels(job: &str) -> JobLabels {
+        JobLabels {
+            job: job.into(),
+            kind: "backup".into(),
+            volume: "vol0".into(),
+        }
+    }
+
+    #[test]
+    fn series_of_jobs_no_longer_listed_are_dropped() {
+        let metrics = Metrics::new();
+        let m = metrics.backup();
+        for job in ["j-old", "j-new"] {
+            m.bytes_done.get_or_create(&labels(job)).set(7);
+            m.running.get_or_create(&labels(job)).set(1);
+        }
+        m.keep_only_jobs(HashSet::from([labels("j-old"), labels("j-new")]));
+        let text = metrics.encode();
+        assert!(text.contains(r#"job="j-old""#) && text.contains(r#"job="j-new""#));
+        m.keep_only_jobs(HashSet::from([labels("j-new")]));
+        let text = metrics.encode();
+        assert!(!text.contains(r#"job="j-old""#), "{text}");
+        assert!(
+            text.contains(r#"evsd_job_bytes_done{job="j-new",kind="backup",volume="vol0"} 7"#),
+            "{text}"
         );
     }
 }
