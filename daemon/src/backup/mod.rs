@@ -658,18 +658,24 @@ impl Backups {
     /// A member of a recorded server backup set is refused: the set would name a backup that
     /// is gone, and restoring it would restore part of the server.
     pub async fn delete(self: &Arc<Self>, backup_id: &str) -> Result<GcReport, BackupError> {
-        if let Ok(info) = self.catalog.get(backup_id).await {
-            if let Some(set_id) = &info.group_id {
-                match self.get_set(set_id).await {
-                    Ok(_) => {
-                        return Err(BackupError::InvalidArgument(format!(
-                            "backup {backup_id} is a member of server backup {set_id}: delete that (backup-set delete {set_id})"
-                        )))
+        match self.catalog.get(backup_id).await {
+            Ok(info) => {
+                if let Some(set_id) = &info.group_id {
+                    match self.get_set(set_id).await {
+                        Ok(_) => {
+                            return Err(BackupError::InvalidArgument(format!(
+                                "backup {backup_id} is a member of server backup {set_id}: delete that (backup-set delete {set_id})"
+                            )))
+                        }
+                        Err(BackupError::SetNotFound(_)) => {}
+                        Err(e) => return Err(e),
                     }
-                    Err(BackupError::SetNotFound(_)) => {}
-                    Err(e) => return Err(e),
                 }
             }
+            // Unknown whether it belongs to a set: not deleted on a guess.
+            Err(e) if e.is_transient() => return Err(e),
+            // Missing or damaged: the delete says so, or removes the damaged manifest.
+            Err(_) => {}
         }
         self.delete_without_gc(backup_id).await?;
         self.gc().await
