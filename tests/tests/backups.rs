@@ -1260,55 +1260,122 @@ fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
     assert_same("restore after resume", &read_export(&d, "r"), &model);
 }
 
-/// A job whose manifest was stored but whose record outlived it (the daemon stopped between
-/// the two) is resumed at the next start: it must find its backup complete and leave it as it
-/// is. Staged by holding the job back with a garbage collection's lock planted in the store,
-/// copying the job's record meanwhile, and putting it back after the job has ended.
+/// A backup job whose manifest landed, with the daemon stopped after it ended and the job's
+/// record put back as it was while the job ran: at the next start the job is resumed with its
+/// manifest stored already (as when the daemon stops between the two). Staged by holding the
+/// job back with a garbage collection's lock planted in the store while its record is copied.
+struct ManifestLanded {
+    d: Daemon,
+    job_id: String,
+    backup_id: String,
+    record: PathBuf,
+    saved_record: Vec<u8>,
+    model: Vec<u8>,
+}
+
+impl ManifestLanded {
+    fn stage() -> ManifestLanded {
+        let d = start();
+        let mut model = half_random(&d, "vol0", 64 * MIB, 61);
+        backup_now(&d, "vol0", false);
+        let mut rng = Prng::new(62);
+        for chunk in 0..16u64 {
+            let block = rng.next_u64() % (CHUNK / 4096);
+            let data = rng.bytes(4096);
+            write_at(&d, "vol0", chunk * CHUNK + block * 4096, &data, &mut model);
+        }
+        let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
+        fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+        fs::write(&gc_lock, b"{}").unwrap();
+        let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(job(&d, &job_id)["state"], "running");
+        let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
+        let saved_record = fs::read(&record).unwrap();
+        fs::remove_file(&gc_lock).unwrap();
+        let b2 = wait_job_ok(&d, &job_id);
+        assert_eq!(b2["backup_id"], json!(backup_id), "{b2:#}");
+        ManifestLanded {
+            d,
+            job_id,
+            backup_id,
+            record,
+            saved_record,
+            model,
+        }
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        store_dir(&self.d)
+            .join("manifests")
+            .join(format!("{}.json", self.backup_id))
+    }
+
+    /// Stops the daemon, puts the record back, runs `meanwhile`, and starts it again.
+    fn restart_with_the_record(&mut self, meanwhile: impl FnOnce(&Daemon)) {
+        self.d.terminate_ok();
+        fs::write(&self.record, &self.saved_record).unwrap();
+        meanwhile(&self.d);
+        self.d.restart();
+    }
+}
+
+/// The resumed job must find its backup complete and leave it as it is.
 #[test]
 fn a_resumed_backup_whose_manifest_landed_leaves_it_as_it_is() {
-    let mut d = start();
-    let mut model = half_random(&d, "vol0", 64 * MIB, 61);
-    backup_now(&d, "vol0", false);
-    let mut rng = Prng::new(62);
-    for chunk in 0..16u64 {
-        let block = rng.next_u64() % (CHUNK / 4096);
-        let data = rng.bytes(4096);
-        write_at(&d, "vol0", chunk * CHUNK + block * 4096, &data, &mut model);
-    }
-    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
-    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    fs::write(&gc_lock, b"{}").unwrap();
-    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(job(&d, &job_id)["state"], "running");
-    let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
-    let saved_record = fs::read(&record).unwrap();
-    fs::remove_file(&gc_lock).unwrap();
-    let b2 = wait_job_ok(&d, &job_id);
-    let manifests = store_dir(&d).join("manifests");
-    assert_eq!(b2["backup_id"], json!(backup_id), "{b2:#}");
-    let manifest_path = manifests.join(format!("{backup_id}.json"));
-    let manifest_before = fs::read(&manifest_path).unwrap();
-    let packs_before = pack_names(&store_dir(&d));
+    let mut staged = ManifestLanded::stage();
+    let manifest_before = fs::read(staged.manifest_path()).unwrap();
+    let packs_before = pack_names(&store_dir(&staged.d));
     assert_eq!(packs_before.len(), 1, "{packs_before:?}");
-
-    d.terminate_ok();
-    fs::write(&record, &saved_record).unwrap();
-    d.restart();
-    let resumed = wait_job_ok(&d, &job_id);
+    staged.restart_with_the_record(|_| {});
+    let (d, backup_id) = (&staged.d, staged.backup_id.as_str());
+    let resumed = wait_job_ok(d, &staged.job_id);
     assert_eq!(resumed["backup_id"], json!(backup_id), "{resumed:#}");
-    assert!(!record.exists(), "the resumed job left its record");
+    assert!(!staged.record.exists(), "the resumed job left its record");
     assert_eq!(
-        fs::read(&manifest_path).unwrap(),
+        fs::read(staged.manifest_path()).unwrap(),
         manifest_before,
         "the resumed job wrote the manifest again"
     );
-    assert_eq!(pack_names(&store_dir(&d)), packs_before);
-    let v = admin_ok(&d, "backup.verify", json!({"id": backup_id}));
-    let j = wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(pack_names(&store_dir(d)), packs_before);
+    let v = admin_ok(d, "backup.verify", json!({"id": backup_id}));
+    let j = wait_job_ok(d, v["job"]["id"].as_str().unwrap());
     assert_eq!(j["result"]["bad_chunks"], json!([]), "{j:#}");
-    restore_new(&d, "r", &backup_id);
-    assert_same("the resumed backup", &read_export(&d, "r"), &model);
+    restore_new(d, "r", backup_id);
+    assert_same("the resumed backup", &read_export(d, "r"), &staged.model);
+}
+
+/// The run that stored the manifest may have been checking it after its store lock lapsed
+/// (a GC elsewhere may have removed what it names meanwhile) when the daemon stopped: the
+/// resumed job checks the objects again. An object gone (here its pack, removed while the
+/// daemon was down) fails the job and removes the manifest, so no backup with a hole is
+/// listed as complete.
+#[test]
+fn a_resumed_backup_whose_manifest_names_a_missing_object_is_not_kept() {
+    let mut staged = ManifestLanded::stage();
+    staged.restart_with_the_record(|d| {
+        let packs = pack_names(&store_dir(d));
+        assert_eq!(packs.len(), 1, "{packs:?}");
+        fs::remove_file(store_dir(d).join("packs").join(&packs[0])).unwrap();
+    });
+    let (d, backup_id) = (&staged.d, staged.backup_id.as_str());
+    let failed = wait_job_end(d, &staged.job_id);
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not in the store")),
+        "{failed:#}"
+    );
+    assert!(
+        !staged.manifest_path().exists(),
+        "the manifest with a hole stayed"
+    );
+    admin_err(d, "backup.show", json!({"id": backup_id}), "not_found");
+    // The next backup is whole.
+    let next = backup_now(d, "vol0", false);
+    restore_new(d, "r", next["id"].as_str().unwrap());
+    assert_same("the next backup", &read_export(d, "r"), &staged.model);
 }
 
 /// One incremental meets the same new content twice: chunk 1+k becomes it by a one-block change

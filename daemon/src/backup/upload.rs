@@ -116,7 +116,22 @@ pub async fn run(
         }
         Some(manifest) => {
             // The daemon stopped after the manifest landed but before the job ended: the
-            // backup is complete, and a second run would only redo it.
+            // backup is complete, and a second run would only redo it. Unless that run's
+            // lock had lapsed and it was still checking the manifest's objects (it kept that in
+            // memory): every object is checked again, under a lock.
+            let lock = with_retry(job, &svc.shutdown, "locking the store", || {
+                locks::acquire_shared(&svc.store, &record.job_id)
+            })
+            .await?;
+            let stored = all_objects_stored(svc, job, &manifest).await;
+            lock.release().await;
+            if let Err(e) = stored {
+                with_retry(job, &svc.shutdown, "deleting the manifest", || {
+                    svc.store.delete_manifest(&manifest.backup_id)
+                })
+                .await?;
+                return Err(e);
+            }
             tracing::info!(job = %job.id, backup = %manifest.backup_id, "the resumed backup's manifest is stored already: it is complete");
             svc.catalog.remember(&manifest);
             locks::remove_left_shared(&svc.store, &record.job_id).await;
@@ -482,6 +497,16 @@ async fn objects_still_stored(
         locks::reassert_shared(&svc.store, owner, lock)
     })
     .await?;
+    all_objects_stored(svc, job, manifest).await
+}
+
+/// Fails, naming one, when an object `manifest` names is not in the store's listings. Run
+/// under a store lock, so no GC removes one meanwhile.
+async fn all_objects_stored(
+    svc: &Arc<Backups>,
+    job: &Job,
+    manifest: &BackupManifest,
+) -> Result<(), BackupError> {
     let chunks = with_retry(job, &svc.shutdown, "listing chunks", || {
         svc.store.list_chunks()
     })
@@ -495,7 +520,7 @@ async fn objects_still_stored(
         return Ok(());
     }
     Err(BackupError::Failed(format!(
-        "the backup's store lock lapsed (the store was unreachable or the daemon stood still) and {} object(s) it names were removed meanwhile, e.g. {}; the next backup stores them again",
+        "{} object(s) the backup names are not in the store, e.g. {} (removed while its store lock had lapsed: the store was unreachable or the daemon stood still); the backup is not kept, and the next backup stores them again",
         missing.len(),
         missing[0]
     )))
