@@ -42,6 +42,10 @@ impl AdminClient {
             next_id: 1,
         };
         let greeting = client.read_line()?;
+        // A daemon with all its admin places taken answers with a `busy` error instead.
+        if let Some(refused) = daemon_error(&greeting) {
+            return Err(refused);
+        }
         let protocol = greeting["evsd"]["protocol"].as_u64();
         if protocol != Some(PROTOCOL_VERSION) {
             return Err(CliError::Protocol(format!(
@@ -62,6 +66,13 @@ impl AdminClient {
             .write_all(line.as_bytes())
             .map_err(|source| self.connection_error(source))?;
         let mut response = self.read_line()?;
+        // An error answering no request (id null): the daemon ended the connection and said
+        // why (an idle client, for one).
+        if response["id"].is_null() {
+            if let Some(ended) = daemon_error(&response) {
+                return Err(ended);
+            }
+        }
         if response["id"] != id {
             return Err(CliError::Protocol(format!(
                 "response {response} does not answer request id {id}"
@@ -70,16 +81,9 @@ impl AdminClient {
         if let Some(result) = response.get_mut("result") {
             return Ok(result.take());
         }
-        let error = &response["error"];
-        match (error["code"].as_str(), error["message"].as_str()) {
-            (Some(code), Some(message)) => Err(CliError::Daemon {
-                code: code.to_owned(),
-                message: message.to_owned(),
-            }),
-            _ => Err(CliError::Protocol(format!(
-                "response {response} has neither result nor error"
-            ))),
-        }
+        Err(daemon_error(&response).unwrap_or_else(|| {
+            CliError::Protocol(format!("response {response} has neither result nor error"))
+        }))
     }
 
     fn read_line(&mut self) -> Result<Value, CliError> {
@@ -102,5 +106,72 @@ impl AdminClient {
             socket: self.socket.clone(),
             source,
         }
+    }
+}
+
+/// The daemon's error in a response line (`{"error": {"code", "message"}}`), if it is one.
+fn daemon_error(line: &Value) -> Option<CliError> {
+    let error = &line["error"];
+    match (error["code"].as_str(), error["message"].as_str()) {
+        (Some(code), Some(message)) => Some(CliError::Daemon {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A daemon stand-in that writes `first` to the first client, then `after_request` once it
+    /// has read a request line, and closes.
+    fn answering(
+        first: &'static str,
+        after_request: &'static str,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.write_all(first.as_bytes());
+            let mut request = String::new();
+            let _ = BufReader::new(stream.try_clone().unwrap()).read_line(&mut request);
+            let _ = stream.write_all(after_request.as_bytes());
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_busy_refusal_and_an_idle_disconnect_are_the_daemons_errors() {
+        let (_dir, path) = answering(
+            "{\"id\":null,\"error\":{\"code\":\"busy\",\"message\":\"too many admin clients (at most 64)\"}}\n",
+            "",
+        );
+        let Err(refused) = AdminClient::connect(&path) else {
+            panic!("a busy refusal was taken for a greeting")
+        };
+        assert_eq!(refused.exit_code(), crate::error::exit::BUSY, "{refused}");
+        assert!(refused.to_string().contains("too many admin clients"));
+
+        let (_dir, path) = answering(
+            "{\"evsd\":{\"protocol\":1}}\n",
+            "{\"id\":null,\"error\":{\"code\":\"busy\",\"message\":\"no request for 60 s: disconnected\"}}\n",
+        );
+        let mut client = AdminClient::connect(&path).unwrap();
+        let call = Call {
+            method: "status",
+            params: serde_json::json!({}),
+        };
+        let Err(ended) = client.call(&call) else {
+            panic!("an idle disconnect was taken for a result")
+        };
+        assert!(matches!(ended, CliError::Daemon { .. }), "{ended}");
+        assert!(ended.to_string().contains("no request for 60 s"));
     }
 }
