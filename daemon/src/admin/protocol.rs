@@ -156,7 +156,9 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         | StorageError::SizeTooLarge { .. }
         | StorageError::ShrinkNotAllowed { .. } => ErrorCode::InvalidArgument,
         // A size the data dir's filesystem cannot hold (ext4 files stop at 16 TiB).
-        StorageError::Fs { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+        StorageError::Fs { source, .. } | StorageError::Resize { source, .. }
+            if source.raw_os_error() == Some(libc::EFBIG) =>
+        {
             ErrorCode::InvalidArgument
         }
         StorageError::NotFound(_) | StorageError::SnapshotNotFound { .. } => ErrorCode::NotFound,
@@ -465,6 +467,14 @@ mod tests {
                     "/d/v.data",
                     std::io::Error::from_raw_os_error(libc::EFBIG),
                 ),
+                "invalid_argument",
+            ),
+            (
+                StorageError::Resize {
+                    name: "v".into(),
+                    size_bytes: 20 << 40,
+                    source: std::io::Error::from_raw_os_error(libc::EFBIG),
+                },
                 "invalid_argument",
             ),
             (

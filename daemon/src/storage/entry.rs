@@ -450,7 +450,17 @@ impl VolumeEntry {
         }
         let head_id = state.manifest.head.clone();
         let head = Arc::clone(&state.layers[&head_id]);
-        let resized = head.resized(&self.dir, size_bytes)?;
+        // The layer names its own id: the error is the volume's.
+        let resized = head.resized(&self.dir, size_bytes).map_err(|e| match e {
+            StorageError::Resize {
+                size_bytes, source, ..
+            } => StorageError::Resize {
+                name: self.name().to_owned(),
+                size_bytes,
+                source,
+            },
+            other => other,
+        })?;
         if size_bytes > old_bytes {
             let chain = self.volume.chain();
             let largest_below = chain.layers()[1..]
