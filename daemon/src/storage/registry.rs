@@ -228,9 +228,25 @@ impl Registry {
         manifest::sync_dir(&tmp_dir)?;
         std::fs::rename(&tmp_dir, &final_dir)
             .map_err(|e| StorageError::fs("rename", &tmp_dir, e))?;
-        manifest::sync_dir(&self.volumes_dir)?;
-        let entry =
-            VolumeEntry::load_shared(&final_dir, self.engine.clone(), Arc::clone(&self.buffers))?;
+        let loaded = manifest::sync_dir(&self.volumes_dir).and_then(|()| {
+            VolumeEntry::load_shared(&final_dir, self.engine.clone(), Arc::clone(&self.buffers))
+        });
+        let entry = match loaded {
+            Ok(entry) => entry,
+            Err(e) => {
+                // Not registered: its directory goes again, or the name would be taken with no
+                // volume behind it until a restart.
+                match std::fs::rename(&final_dir, &tmp_dir) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_dir_all(&tmp_dir);
+                    }
+                    Err(error) => {
+                        tracing::warn!(volume = name, %error, "could not take back the directory of a volume that failed to load");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let volume = Arc::clone(entry.volume());
         self.volumes
             .write()
