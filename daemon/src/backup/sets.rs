@@ -66,9 +66,33 @@ pub struct RunningSets {
     sets: Mutex<BTreeMap<String, TrackedSet>>,
 }
 
+/// Sets that ended in this process kept for `backup_set.show` (a failed one says why only
+/// from here); the oldest beyond this are forgotten, as finished jobs are.
+const FINISHED_SETS_KEPT: usize = 100;
+
 impl RunningSets {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TrackedSet>> {
         self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records set `set_id`'s outcome and forgets the oldest ended sets beyond
+    /// `FINISHED_SETS_KEPT`.
+    fn ended(&self, set_id: &str, outcome: Result<(), String>) {
+        let mut sets = self.lock();
+        if let Some(entry) = sets.get_mut(set_id) {
+            entry.1 = Some(outcome);
+        }
+        let mut ended: Vec<(u64, String)> = sets
+            .iter()
+            .filter(|(_, (_, outcome))| outcome.is_some())
+            .map(|(id, (set, _))| (set.created_unix_secs, id.clone()))
+            .collect();
+        if ended.len() > FINISHED_SETS_KEPT {
+            ended.sort();
+            for (_, id) in &ended[..ended.len() - FINISHED_SETS_KEPT] {
+                sets.remove(id);
+            }
+        }
     }
 }
 
@@ -240,9 +264,8 @@ impl Backups {
                 }
             }
             this.note_server_outcome(&set.server, outcome.is_ok());
-            if let Some(entry) = this.running_sets.lock().get_mut(&set.set_id) {
-                entry.1 = Some(outcome.map_err(|e| e.to_string()));
-            }
+            this.running_sets
+                .ended(&set.set_id, outcome.map_err(|e| e.to_string()));
         });
     }
 
@@ -603,5 +626,52 @@ impl Backups {
                 .get_or_create(&labels)
                 .set(now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(id: &str, created_unix_secs: u64) -> SetRecord {
+        SetRecord {
+            set_id: id.into(),
+            server: "web1".into(),
+            created_unix_secs,
+            barrier_hold_us: 0,
+            policy: None,
+            members: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_oldest_ended_sets_beyond_the_cap_are_forgotten_running_ones_never() {
+        let sets = RunningSets::default();
+        sets.lock()
+            .insert("s-running".into(), (set("s-running", 0), None));
+        for i in 0..FINISHED_SETS_KEPT as u64 + 5 {
+            let id = format!("s-{i:03}");
+            sets.lock().insert(id.clone(), (set(&id, 10 + i), None));
+            let outcome = if i % 2 == 0 {
+                Ok(())
+            } else {
+                Err("failed".into())
+            };
+            sets.ended(&id, outcome);
+        }
+        let kept = sets.lock();
+        assert_eq!(kept.len(), FINISHED_SETS_KEPT + 1);
+        assert!(
+            kept.contains_key("s-running"),
+            "a running set was forgotten"
+        );
+        for gone in 0..5 {
+            assert!(!kept.contains_key(&format!("s-{gone:03}")));
+        }
+        assert_eq!(
+            kept["s-104"].1,
+            Some(Ok(())),
+            "the newest keeps its outcome"
+        );
     }
 }
