@@ -285,6 +285,11 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     let volume = Arc::clone(entry.volume());
     // Its snapshot exports (`vol@snap`) go with it: their clients refuse the delete too, unless
     // forced. Closed first, reopened if the delete does not happen.
+    // A volume closed for a restore, rollback or shrink refuses the delete: said before any
+    // export's clients are cut off for nothing.
+    if let Some(closure) = volume.attachments().closure() {
+        return Err(entry.closed_error(closure).into());
+    }
     let views = close_views_for_deletion(&entry.views(), params.force)?;
     let reopen_views = || {
         for view in &views.closed {

@@ -82,14 +82,15 @@ impl RunningSets {
         if let Some(entry) = sets.get_mut(set_id) {
             entry.1 = Some(outcome);
         }
+        // Not the one that just ended: a long-running set is old by creation time.
         let mut ended: Vec<(u64, String)> = sets
             .iter()
-            .filter(|(_, (_, outcome))| outcome.is_some())
+            .filter(|(id, (_, outcome))| outcome.is_some() && id.as_str() != set_id)
             .map(|(id, (set, _))| (set.created_unix_secs, id.clone()))
             .collect();
-        if ended.len() > FINISHED_SETS_KEPT {
+        if ended.len() >= FINISHED_SETS_KEPT {
             ended.sort();
-            for (_, id) in &ended[..ended.len() - FINISHED_SETS_KEPT] {
+            for (_, id) in &ended[..=ended.len() - FINISHED_SETS_KEPT] {
                 sets.remove(id);
             }
         }
@@ -673,5 +674,17 @@ mod tests {
             Some(Ok(())),
             "the newest keeps its outcome"
         );
+        drop(kept);
+        // A set created long ago that ends now is kept; the oldest of the others goes.
+        sets.lock()
+            .insert("s-long".into(), (set("s-long", 1), None));
+        sets.ended("s-long", Err("failed".into()));
+        let kept = sets.lock();
+        assert!(
+            kept.contains_key("s-long"),
+            "the set that just ended was forgotten"
+        );
+        assert!(!kept.contains_key("s-005"));
+        assert_eq!(kept.len(), FINISHED_SETS_KEPT + 1);
     }
 }

@@ -125,12 +125,18 @@ pub async fn run(
             .await?;
             let stored = all_objects_stored(svc, job, &manifest).await;
             lock.release().await;
-            if let Err(e) = stored {
-                with_retry(job, &svc.shutdown, "deleting the manifest", || {
-                    svc.store.delete_manifest(&manifest.backup_id)
-                })
-                .await?;
-                return Err(e);
+            match stored {
+                Ok(()) => {}
+                // Objects missing: a manifest with a hole must not stay.
+                Err(e @ BackupError::Failed(_)) => {
+                    with_retry(job, &svc.shutdown, "deleting the manifest", || {
+                        svc.store.delete_manifest(&manifest.backup_id)
+                    })
+                    .await?;
+                    return Err(e);
+                }
+                // The store could not be listed: nothing is known against the manifest.
+                Err(e) => return Err(e),
             }
             tracing::info!(job = %job.id, backup = %manifest.backup_id, "the resumed backup's manifest is stored already: it is complete");
             svc.catalog.remember(&manifest);
@@ -540,7 +546,11 @@ fn missing_objects(
                 missing.insert(pack::pack_key(&at.pack));
             }
             Some(_) => {}
-            None if !chunks.contains_key(id) => {
+            // A chunk object too short or too long to be whole counts as missing.
+            None if !chunks
+                .get(id)
+                .is_some_and(|&len_bytes| chunk::plausible_object_len(len_bytes)) =>
+            {
                 missing.insert(chunk::chunk_key(id));
             }
             None => {}
@@ -1084,12 +1094,18 @@ mod tests {
     fn missing_objects_are_the_named_ones_no_listing_shows() {
         // 1 listed, 2 not listed, 3 packed in "p", which is not listed either.
         let m = manifest(vec![Some(id(1)), Some(id(2)), Some(id(3)), None], &[], &[3]);
-        let chunks: HashMap<ChunkId, u64> = [(id(1), 10), (id(3), 10)].into();
+        let chunks: HashMap<ChunkId, u64> = [(id(1), 100), (id(3), 100)].into();
         let missing = missing_objects(&m, &chunks, &HashMap::new());
         assert_eq!(missing, [chunk::chunk_key(&id(2)), pack::pack_key("p")]);
         let packs: HashMap<String, u64> = [("p".to_owned(), 10)].into();
-        let chunks: HashMap<ChunkId, u64> = [(id(1), 10), (id(2), 10)].into();
+        let chunks: HashMap<ChunkId, u64> = [(id(1), 100), (id(2), 100)].into();
         assert!(missing_objects(&m, &chunks, &packs).is_empty());
+        // A listed chunk object cut short counts as missing.
+        let chunks: HashMap<ChunkId, u64> = [(id(1), 100), (id(2), 0)].into();
+        assert_eq!(
+            missing_objects(&m, &chunks, &packs),
+            [chunk::chunk_key(&id(2))]
+        );
     }
 
     #[test]

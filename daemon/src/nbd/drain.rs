@@ -1,9 +1,11 @@
 //! A connection's part in write fencing (see `storage::fence`). When it stops serving with
 //! writes in flight, it raises its volume's fence until they are done. Requests of a live
 //! connection that change data wait at the fence before they start, for the raises up when they
-//! came, even if their connection starts draining meanwhile; requests that come to the fence
-//! after their connection started draining never wait (they are the stale ones); once its
-//! socket has failed, those not started yet are cancelled instead.
+//! came. One whose connection ends while it waits (SIGTERM, DISC, a forced close, its client
+//! gone) never starts: let go, it could land before the stale write it waited for, or after a
+//! rollback or restore that closed its connection. Requests that come to the fence after their
+//! connection started draining never wait (they are the stale ones), unless its socket has
+//! failed: then those not started yet are cancelled.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,9 +20,9 @@ use crate::storage::fence::{Fence, Seat};
 /// A fence up this long is logged: the clients of the volume are stalled behind it.
 const FENCE_WARN_AFTER: Duration = Duration::from_secs(1);
 
-/// A request cancelled because its connection died before it started.
+/// A request cancelled because its connection ended before it started.
 #[derive(Debug, thiserror::Error)]
-#[error("the connection died before the request started")]
+#[error("the connection ended before the request started")]
 pub struct Abandoned;
 
 /// Holds a request that changes data (or flushes) while another connection's writes drain.
@@ -36,11 +38,17 @@ pub async fn pass_fence(
     // The horizon first: a raise of this request's own seat before it is seen as draining
     // below, so the request never waits for its own connection.
     let horizon = fence.horizon();
-    if !seat.is_draining() {
-        let waited = fence.wait(horizon, || seat.is_abandoned()).await;
-        metrics.fence_waited(waited);
+    if seat.is_draining() {
+        // The stale side: runs at once, unless nobody is left to answer.
+        return if seat.is_abandoned() {
+            Err(Abandoned)
+        } else {
+            Ok(())
+        };
     }
-    if seat.is_abandoned() {
+    let waited = fence.wait(horizon, || seat.is_draining()).await;
+    metrics.fence_waited(waited);
+    if seat.is_draining() {
         return Err(Abandoned);
     }
     Ok(())
@@ -207,5 +215,42 @@ mod tests {
             text.contains(r#"evsd_volume_fence_waits_total{volume="v"} 1"#),
             "{text}"
         );
+    }
+
+    /// A request waiting at the fence whose own connection then ends (SIGTERM, DISC, a forced
+    /// close) never starts: it would race the stale write it waited for, or land after the
+    /// rollback that closed its connection.
+    #[tokio::test]
+    async fn a_waiting_request_whose_connection_ends_never_starts() {
+        let fence = Arc::new(Fence::default());
+        let metrics = Metrics::new();
+        let volume_metrics = metrics.volume("v");
+        let dead = Seat::default();
+        dead.drain(&fence, true, false);
+        let own = Arc::new(Seat::default());
+        let waiter = {
+            let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
+            let volume_metrics = Arc::clone(&volume_metrics);
+            tokio::spawn(async move { pass_fence(&fence, &own, &volume_metrics).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        // Its connection drains with the request counted in flight: its own raise comes after.
+        assert!(own.drain(&fence, true, false));
+        let started = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when its connection ends")
+            .unwrap();
+        assert!(
+            !started,
+            "a request that waited started after its connection ended"
+        );
+        assert!(
+            fence.is_raised(),
+            "the dead connection's writes are still in flight"
+        );
+        dead.settle(&fence);
+        own.settle(&fence);
+        assert!(!fence.is_raised());
     }
 }

@@ -5,11 +5,11 @@
 //! Waiting before the write *starts* matters: waiting only before its ack would still let the
 //! new write reach the disk first and the stale one overwrite it afterwards.
 //!
-//! Each raise is numbered. A write waits for the fences raised before it came to the fence,
-//! and for those only, even if its own connection starts draining meanwhile (a SIGTERM, a DISC,
-//! a forced close: its client may still be there to be told the write succeeded). A wait thus
-//! only ever points at an older raise, and the dying connections whose fences those are never
-//! wait at all, so no two connections can wait on each other.
+//! Each raise is numbered. A write waits for the raises up when it came to the fence, and for
+//! those only: a wait only ever points at an older raise. A connection's own raise comes after
+//! any wait of its requests, and a request that comes to the fence after its connection started
+//! draining does not wait; so no two connections can wait on each other. (A waiting request
+//! whose connection ends gives up: see `nbd::drain`.)
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -295,20 +295,30 @@ impl VolumeEntry {
         }
         let end = head.blocks().min(below.blocks());
         let mut pruned_blocks = 0;
-        // The head's blocks durable first: a block punched out below must not read from an
-        // older layer, or as zeroes, after a power loss that took the head's unflushed copy.
-        head.sync(&self.engine).await?;
-        // Head blocks never go back to absent, so what they shadow stays shadowed.
-        for (a, z, _) in windowed_runs(&head, 0, end) {
-            for (b, c, _) in windowed_runs(&below, a, z) {
-                below.set_range(b, c, BlockState::Absent);
-                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                let (offset_bytes, length_bytes) = (b * BLOCK_BYTES, (c - b) * BLOCK_BYTES);
-                let _ = self
-                    .engine
-                    .fallocate(below.data(), punch, offset_bytes, length_bytes)
-                    .await;
-                pruned_blocks += c - b;
+        // Head blocks never go back to absent, so what they shadow stays shadowed. A window's
+        // head blocks are made durable once listed and before what they shadow is punched out
+        // below: after a power loss that took the head's unflushed copies, a punched block
+        // would read from an older layer, or as zeroes. (Clients write on meanwhile.)
+        let mut head_runs = Vec::new();
+        for window in (0..end).step_by(RUNS_WINDOW_BLOCKS as usize) {
+            head_runs.clear();
+            let window_end = window.saturating_add(RUNS_WINDOW_BLOCKS).min(end);
+            head_runs.extend(head.map().present_runs(window, window_end));
+            if head_runs.is_empty() {
+                continue;
+            }
+            head.sync(&self.engine).await?;
+            for &(a, z, _) in &head_runs {
+                for (b, c, _) in windowed_runs(&below, a, z) {
+                    below.set_range(b, c, BlockState::Absent);
+                    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    let (offset_bytes, length_bytes) = (b * BLOCK_BYTES, (c - b) * BLOCK_BYTES);
+                    let _ = self
+                        .engine
+                        .fallocate(below.data(), punch, offset_bytes, length_bytes)
+                        .await;
+                    pruned_blocks += c - b;
+                }
             }
         }
         below.sync(&self.engine).await?;
