@@ -1,9 +1,11 @@
 //! A connection's part in write fencing (see `storage::fence`). When it stops serving with
 //! writes in flight, it raises its volume's fence until they are done. Requests of a live
 //! connection that change data wait at the fence before they start, for the raises up when they
-//! came. One whose connection ends while it waits (SIGTERM, DISC, a forced close, its client
-//! gone) never starts: let go, it could land before the stale write it waited for, or after a
-//! rollback or restore that closed its connection. Requests that come to the fence after their
+//! came. One whose connection ends while it waits (SIGTERM, a forced close, its client gone)
+//! never starts: let go, it could land before the stale write it waited for, or after a
+//! rollback or restore that closed its connection. After the client's own NBD_CMD_DISC (the
+//! spec has the server handle the requests sent before it) it waits on, then runs. Requests
+//! that come to the fence after their
 //! connection started draining never wait (they are the stale ones), unless its socket has
 //! failed: then those not started yet are cancelled.
 
@@ -46,9 +48,9 @@ pub async fn pass_fence(
             Ok(())
         };
     }
-    let waited = fence.wait(horizon, || seat.is_draining()).await;
+    let waited = fence.wait(horizon, || seat.gives_up_waiting()).await;
     metrics.fence_waited(waited);
-    if seat.is_draining() {
+    if seat.gives_up_waiting() {
         return Err(Abandoned);
     }
     Ok(())
@@ -90,6 +92,11 @@ impl<'s> Drain<'s> {
         if self.ended && self.writes_in_flight == 0 {
             self.settle();
         }
+    }
+
+    /// The client sent NBD_CMD_DISC; called before `start`.
+    pub fn client_disconnecting(&self) {
+        self.seat.client_disconnecting();
     }
 
     /// The connection reads no more requests; with `abandoned`, its socket is gone too. Raises
@@ -252,5 +259,30 @@ mod tests {
         dead.settle(&fence);
         own.settle(&fence);
         assert!(!fence.is_raised());
+
+        // After the client's own DISC it waits on for the older raise, then starts.
+        let dead = Seat::default();
+        dead.drain(&fence, true, false);
+        let own = Arc::new(Seat::default());
+        let waiter = {
+            let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
+            let volume_metrics = Arc::clone(&volume_metrics);
+            tokio::spawn(async move { pass_fence(&fence, &own, &volume_metrics).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        own.client_disconnecting();
+        own.drain(&fence, true, false);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "it stopped waiting for the older raise"
+        );
+        dead.settle(&fence);
+        let started = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the older raise is lowered")
+            .unwrap();
+        assert!(started, "a request sent before DISC was not handled");
+        own.settle(&fence);
     }
 }

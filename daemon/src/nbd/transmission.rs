@@ -210,6 +210,9 @@ where
         // reported after that finds the seat draining and raises nothing.
         if conn.end.is_some() {
             // The client may already be reconnecting: fence off its writes still in flight.
+            if matches!(conn.end, Some(TransmissionEnd::Disconnect)) {
+                conn.drain.client_disconnecting();
+            }
             conn.drain.start(false);
             if conn.inflight.is_empty() && conn.outgoing.is_empty() {
                 break;

@@ -9,7 +9,7 @@
 //! those only: a wait only ever points at an older raise. A connection's own raise comes after
 //! any wait of its requests, and a request that comes to the fence after its connection started
 //! draining does not wait; so no two connections can wait on each other. (A waiting request
-//! whose connection ends gives up: see `nbd::drain`.)
+//! whose connection ends gives up, unless its client sent NBD_CMD_DISC: see `nbd::drain`.)
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -132,6 +132,9 @@ struct SeatState {
     draining: bool,
     /// Its socket failed: requests not started yet never start.
     abandoned: bool,
+    /// Its client sent NBD_CMD_DISC: requests it sent before are still handled, those waiting
+    /// at the fence included.
+    disconnecting: bool,
     /// Its reading is over and its writes are done (or it detached): never raised again.
     settled: bool,
 }
@@ -148,6 +151,19 @@ impl Seat {
 
     pub fn is_abandoned(&self) -> bool {
         self.state().abandoned
+    }
+
+    /// Whether a request of this connection waiting at the fence is to give up: its
+    /// connection ended for any reason but the client's own NBD_CMD_DISC, or its socket failed.
+    pub fn gives_up_waiting(&self) -> bool {
+        let state = self.state();
+        state.abandoned || (state.draining && !state.disconnecting)
+    }
+
+    /// The client sent NBD_CMD_DISC: called before the connection drains, so that its requests
+    /// waiting at the fence go on waiting, then run.
+    pub fn client_disconnecting(&self) {
+        self.state().disconnecting = true;
     }
 
     /// The connection stops reading requests (with `abandoned`, its socket failed). Raises the
