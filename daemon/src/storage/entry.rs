@@ -485,8 +485,16 @@ impl VolumeEntry {
         if let Some(record) = next.layers.iter_mut().find(|l| l.id == head_id) {
             record.size_bytes = size_bytes;
         }
-        state.layers.insert(head_id, Arc::new(resized));
-        self.commit(&mut state, next)?;
+        let before = state.layers.insert(head_id.clone(), Arc::new(resized));
+        if let Err(e) = self.commit(&mut state, next) {
+            // The volume keeps its old size (the live chain still reads the old head). A shrink
+            // has already cut the tail, which reads as absent now: what was asked to go is gone,
+            // nothing else. Memory must not hold a head of a size no manifest says.
+            if let Some(before) = before {
+                state.layers.insert(head_id, before);
+            }
+            return Err(e);
+        }
         self.volume.publish_size(size_bytes);
         Ok(old_bytes)
     }
