@@ -182,6 +182,16 @@ mod tests {
         assert!(!fence.is_raised());
     }
 
+    /// A request of `seat`'s connection at the fence, in a task: whether it may start.
+    fn spawn_request(
+        fence: &Arc<Fence>,
+        seat: &Arc<Seat>,
+        metrics: &Arc<VolumeMetrics>,
+    ) -> tokio::task::JoinHandle<bool> {
+        let (fence, seat, metrics) = (Arc::clone(fence), Arc::clone(seat), Arc::clone(metrics));
+        tokio::spawn(async move { pass_fence(&fence, &seat, &metrics).await.is_ok() })
+    }
+
     #[tokio::test]
     async fn live_requests_wait_draining_pass_abandoned_cancel() {
         let fence = Arc::new(Fence::default());
@@ -191,11 +201,7 @@ mod tests {
         other.drain(&fence, true, false);
 
         let live = Arc::new(Seat::default());
-        let waiter = {
-            let (fence, live) = (Arc::clone(&fence), Arc::clone(&live));
-            let volume_metrics = Arc::clone(&volume_metrics);
-            tokio::spawn(async move { pass_fence(&fence, &live, &volume_metrics).await.is_ok() })
-        };
+        let waiter = spawn_request(&fence, &live, &volume_metrics);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             !waiter.is_finished(),
@@ -235,11 +241,7 @@ mod tests {
         let dead = Seat::default();
         dead.drain(&fence, true, false);
         let own = Arc::new(Seat::default());
-        let waiter = {
-            let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
-            let volume_metrics = Arc::clone(&volume_metrics);
-            tokio::spawn(async move { pass_fence(&fence, &own, &volume_metrics).await.is_ok() })
-        };
+        let waiter = spawn_request(&fence, &own, &volume_metrics);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         // Its connection drains with the request counted in flight: its own raise comes after.
@@ -264,11 +266,7 @@ mod tests {
         let dead = Seat::default();
         dead.drain(&fence, true, false);
         let own = Arc::new(Seat::default());
-        let waiter = {
-            let (fence, own) = (Arc::clone(&fence), Arc::clone(&own));
-            let volume_metrics = Arc::clone(&volume_metrics);
-            tokio::spawn(async move { pass_fence(&fence, &own, &volume_metrics).await.is_ok() })
-        };
+        let waiter = spawn_request(&fence, &own, &volume_metrics);
         tokio::time::sleep(Duration::from_millis(20)).await;
         own.client_disconnecting();
         own.drain(&fence, true, false);
