@@ -1,13 +1,11 @@
 //! A connection's part in write fencing (see `storage::fence`). When it stops serving with
 //! writes in flight, it raises its volume's fence until they are done. Requests of a live
 //! connection that change data wait at the fence before they start, for the raises up when they
-//! came. One whose connection ends while it waits (SIGTERM, a forced close, its client gone)
-//! never starts: let go, it could land before the stale write it waited for, or after a
-//! rollback or restore that closed its connection. After the client's own NBD_CMD_DISC (the
-//! spec has the server handle the requests sent before it) it waits on, then runs. Requests
-//! that come to the fence after their
-//! connection started draining never wait (they are the stale ones), unless its socket has
-//! failed: then those not started yet are cancelled.
+//! came, never for its own connection's raise or a later one. One whose connection has ended
+//! (SIGTERM, a forced close, its client gone) never starts while a fence is up: it could land
+//! before a stale write it should wait for, or after the rollback or restore that closed its
+//! connection. After the client's own NBD_CMD_DISC (the spec has the server handle the
+//! requests sent before it) it waits, then runs, unless a forced close comes too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,16 +35,10 @@ pub async fn pass_fence(
     if !fence.is_raised() {
         return Ok(());
     }
-    // The horizon first: a raise of this request's own seat before it is seen as draining
-    // below, so the request never waits for its own connection.
-    let horizon = fence.horizon();
-    if seat.is_draining() {
-        // The stale side: runs at once, unless nobody is left to answer.
-        return if seat.is_abandoned() {
-            Err(Abandoned)
-        } else {
-            Ok(())
-        };
+    // The horizon first: a raise of this request's own connection before it is seen below.
+    let horizon = fence.horizon_for(seat);
+    if seat.gives_up_waiting() {
+        return Err(Abandoned);
     }
     let waited = fence.wait(horizon, || seat.gives_up_waiting()).await;
     metrics.fence_waited(waited);
@@ -193,7 +185,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn live_requests_wait_draining_pass_abandoned_cancel() {
+    async fn live_requests_wait_ended_ones_give_up_disconnecting_ones_wait_for_older_raises() {
         let fence = Arc::new(Fence::default());
         let metrics = Metrics::new();
         let volume_metrics = metrics.volume("v");
@@ -202,15 +194,28 @@ mod tests {
 
         let live = Arc::new(Seat::default());
         let waiter = spawn_request(&fence, &live, &volume_metrics);
+        // At the fence before the raise below, which it therefore does not wait for.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // After its client's DISC, with its own writes in flight (its own raise, newer): its
+        // request waits for the older raise only.
+        let disconnecting = Arc::new(Seat::default());
+        disconnecting.client_disconnecting();
+        assert!(disconnecting.drain(&fence, true, false));
+        let sent_before_disc = spawn_request(&fence, &disconnecting, &volume_metrics);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             !waiter.is_finished(),
             "a live connection waits at a raised fence"
         );
+        assert!(
+            !sent_before_disc.is_finished(),
+            "it did not wait for the older raise"
+        );
 
-        let draining = Seat::default();
-        draining.drain(&fence, false, false);
-        assert!(pass_fence(&fence, &draining, &volume_metrics).await.is_ok());
+        // Ended otherwise (SIGTERM) or abandoned: no start while a fence is up.
+        let ended = Seat::default();
+        ended.drain(&fence, false, false);
+        assert!(pass_fence(&fence, &ended, &volume_metrics).await.is_err());
         let abandoned = Seat::default();
         abandoned.drain(&fence, false, true);
         assert!(pass_fence(&fence, &abandoned, &volume_metrics)
@@ -218,16 +223,45 @@ mod tests {
             .is_err());
 
         other.settle(&fence);
-        let passed = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("woken when the fence is lowered")
-            .unwrap();
-        assert!(passed);
+        for (what, request) in [("live", waiter), ("sent before DISC", sent_before_disc)] {
+            let passed = tokio::time::timeout(Duration::from_secs(5), request)
+                .await
+                .expect("woken when the older raise is lowered")
+                .unwrap();
+            assert!(passed, "{what}");
+        }
+        assert!(fence.is_raised(), "the disconnecting connection's raise");
+        disconnecting.settle(&fence);
         let text = metrics.encode();
         assert!(
-            text.contains(r#"evsd_volume_fence_waits_total{volume="v"} 1"#),
+            text.contains(r#"evsd_volume_fence_waits_total{volume="v"} 2"#),
             "{text}"
         );
+    }
+
+    /// A forced close (a rollback, restore or delete) makes a waiting request give up even
+    /// after its client's DISC: the operation may go ahead before it would start.
+    #[tokio::test]
+    async fn a_forced_close_makes_a_request_give_up_even_after_disc() {
+        let fence = Arc::new(Fence::default());
+        let volume_metrics = Metrics::new().volume("v");
+        let dead = Seat::default();
+        dead.drain(&fence, true, false);
+        let own = Arc::new(Seat::default());
+        let request = spawn_request(&fence, &own, &volume_metrics);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        own.client_disconnecting();
+        own.drain(&fence, true, false);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!request.is_finished());
+        own.force_closed(&fence);
+        let started = tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .expect("woken by the forced close")
+            .unwrap();
+        assert!(!started, "a request started after a forced close");
+        dead.settle(&fence);
+        own.settle(&fence);
     }
 
     /// A request waiting at the fence whose own connection then ends (SIGTERM, DISC, a forced

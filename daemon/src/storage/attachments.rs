@@ -220,6 +220,7 @@ impl Attachments {
         }
         state.closed = Some(closure);
         for connection in state.connections.values() {
+            connection.seat.force_closed(&self.fence);
             connection.stop.cancel();
         }
         Ok(attached)

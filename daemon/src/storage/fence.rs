@@ -6,10 +6,10 @@
 //! new write reach the disk first and the stale one overwrite it afterwards.
 //!
 //! Each raise is numbered. A write waits for the raises up when it came to the fence, and for
-//! those only: a wait only ever points at an older raise. A connection's own raise comes after
-//! any wait of its requests, and a request that comes to the fence after its connection started
-//! draining does not wait; so no two connections can wait on each other. (A waiting request
-//! whose connection ends gives up, unless its client sent NBD_CMD_DISC: see `nbd::drain`.)
+//! those only, and never for its own connection's raise or a later one: a wait thus only ever
+//! points from a raise to an older one, and no two connections can wait on each other. (A
+//! request whose connection ends gives up, unless its client sent NBD_CMD_DISC: see
+//! `nbd::drain`.)
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,6 +54,17 @@ impl Fence {
     /// Every raise up now is below the horizon; every later one at or above it.
     pub fn horizon(&self) -> Horizon {
         Horizon(self.raises().next)
+    }
+
+    /// Where a request of `seat`'s connection stands: below the horizon, and below its own
+    /// connection's raise if it has one (its requests in flight hold that raise up; waiting on
+    /// it, or on a later one, could close a cycle of waits).
+    pub fn horizon_for(&self, seat: &Seat) -> Horizon {
+        let now = self.horizon();
+        match seat.state().raised {
+            Some(own) if own < now.0 => Horizon(own),
+            _ => now,
+        }
     }
 
     /// Whether a raise below `horizon` is still up.
@@ -135,6 +146,8 @@ struct SeatState {
     /// Its client sent NBD_CMD_DISC: requests it sent before are still handled, those waiting
     /// at the fence included.
     disconnecting: bool,
+    /// A rollback, restore or delete closed it by force: requests not started never start.
+    forced: bool,
     /// Its reading is over and its writes are done (or it detached): never raised again.
     settled: bool,
 }
@@ -145,19 +158,30 @@ impl Seat {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
     pub fn is_draining(&self) -> bool {
         self.state().draining
     }
 
+    #[cfg(test)]
     pub fn is_abandoned(&self) -> bool {
         self.state().abandoned
     }
 
-    /// Whether a request of this connection waiting at the fence is to give up: its
-    /// connection ended for any reason but the client's own NBD_CMD_DISC, or its socket failed.
+    /// Whether a request of this connection at the fence is to give up: its connection ended
+    /// for any reason but the client's own NBD_CMD_DISC, was closed by force, or its socket
+    /// failed.
     pub fn gives_up_waiting(&self) -> bool {
         let state = self.state();
-        state.abandoned || (state.draining && !state.disconnecting)
+        state.abandoned || state.forced || (state.draining && !state.disconnecting)
+    }
+
+    /// A rollback, restore or delete closes the connection by force: its requests not started
+    /// yet never start, even after its client's NBD_CMD_DISC (the operation may go ahead before
+    /// they would).
+    pub fn force_closed(&self, fence: &Fence) {
+        self.state().forced = true;
+        fence.wake_waiters();
     }
 
     /// The client sent NBD_CMD_DISC: called before the connection drains, so that its requests
