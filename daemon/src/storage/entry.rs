@@ -487,10 +487,20 @@ impl VolumeEntry {
         }
         let before = state.layers.insert(head_id.clone(), Arc::new(resized));
         if let Err(e) = self.commit(&mut state, next) {
-            // The volume keeps its old size (the live chain still reads the old head). A shrink
-            // has already cut the tail, which reads as absent now: what was asked to go is gone,
-            // nothing else. Memory must not hold a head of a size no manifest says.
+            // The volume keeps its old size (the live chain still reads the old head), and
+            // memory must not hold a head of a size no manifest says. A shrink has already cut
+            // the tail: it is masked as zeroes, or a snapshot below would show through it.
             if let Some(before) = before {
+                if size_bytes < old_bytes {
+                    before.set_range(
+                        blocks_for(size_bytes),
+                        blocks_for(old_bytes),
+                        BlockState::Zero,
+                    );
+                    if let Err(error) = before.sync_map_blocking() {
+                        tracing::warn!(volume = self.name(), %error, "the zero mask of a failed shrink's tail may not be durable");
+                    }
+                }
                 state.layers.insert(head_id, before);
             }
             return Err(e);
