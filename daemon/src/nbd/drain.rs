@@ -4,8 +4,8 @@
 //! came, never for its own connection's raise or a later one. One whose connection has ended
 //! (SIGTERM, a forced close, its client gone) never starts while a fence is up: it could land
 //! before a stale write it should wait for, or after the rollback or restore that closed its
-//! connection. After the client's own NBD_CMD_DISC (the spec has the server handle the
-//! requests sent before it) it waits, then runs, unless a forced close comes too.
+//! connection. Once the client's own NBD_CMD_DISC has been read (the spec has the server
+//! handle the requests sent before it), it waits, then runs, unless a forced close comes too.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -131,6 +131,13 @@ impl Layer {
     pub fn resized(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
         let data_path = data_path(dir, &self.id);
         let map_path = map_path(dir, &self.id);
+        if size_bytes < self.size_bytes {
+            // The tail reads as zeroes from before it is cut: should a step below fail, the
+            // volume keeps its old size reading this instance, and a tail marked absent would
+            // show a snapshot below through it.
+            self.map
+                .set_range(blocks_for(size_bytes), self.map.blocks(), BlockState::Zero);
+        }
         self.data
             .set_len(size_bytes)
             .and_then(|()| self.data.sync_all())
