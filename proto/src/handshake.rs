@@ -71,6 +71,10 @@ pub enum HandshakeError {
     ExportRefused { name: String, reason: String },
     #[error("client sent {0} bytes after STARTTLS before the TLS handshake")]
     BytesAfterStartTls(usize),
+    /// The spec: a client that negotiated extended headers MUST NOT use EXPORT_NAME (whose
+    /// reply cannot say transmission uses them); GO can.
+    #[error("EXPORT_NAME for export {0:?} after extended headers were negotiated (use GO)")]
+    ExportNameAfterExtendedHeaders(String),
 }
 
 /// A metadata context selected with SET_META_CONTEXT.
@@ -372,6 +376,9 @@ impl ServerHandshake {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
                 // EXPORT_NAME has no error reply: every refusal is a disconnect.
+                if self.mode == ReplyMode::Extended {
+                    return Err(HandshakeError::ExportNameAfterExtendedHeaders(name));
+                }
                 let export = match catalog.export(&name) {
                     Ok(export) => export,
                     Err(ExportRefusal::Unknown) => return Err(HandshakeError::UnknownExport(name)),

@@ -520,6 +520,29 @@ fn extended_headers_then_duplicates_refused() {
     );
 }
 
+/// EXPORT_NAME cannot tell the client that transmission uses extended headers, and the spec
+/// forbids it after they were negotiated: a hard disconnect, as for any EXPORT_NAME refusal.
+#[test]
+fn export_name_after_extended_headers_disconnects() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXTENDED_HEADERS, &[]);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::ExportNameAfterExtendedHeaders(
+            "vol0".into()
+        ))
+    );
+    // Without them, EXPORT_NAME still works (the kernel client's path).
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    assert!(matches!(
+        run(&mut hs, &mut input).0,
+        Ok(Step::Transmission(_))
+    ));
+}
+
 #[test]
 fn contexts_chosen_before_extended_headers_stay_chosen() {
     let (mut hs, mut input) = start(3);
