@@ -74,6 +74,16 @@ fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     v
 }
 
+/// Options asking for structured replies and `base:allocation` on vol0.
+fn structured_with_base_allocation(input: &mut BytesMut) {
+    option(input, OPT_STRUCTURED_REPLY, &[]);
+    option(
+        input,
+        OPT_SET_META_CONTEXT,
+        &meta_payload("vol0", &["base:allocation"]),
+    );
+}
+
 fn start(flags: u32) -> (ServerHandshake, BytesMut) {
     let hs = ServerHandshake::new(HandshakeConfig::default());
     let mut greeting = BytesMut::new();
@@ -202,12 +212,7 @@ fn go_sends_export_name_description_block_size() {
 #[test]
 fn a_late_refusal_answers_go_and_lets_the_client_go_on_negotiating() {
     let (mut hs, mut input) = start(3);
-    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-    option(
-        &mut input,
-        OPT_SET_META_CONTEXT,
-        &meta_payload("vol0", &["base:allocation"]),
-    );
+    structured_with_base_allocation(&mut input);
     option(&mut input, OPT_GO, &info_payload("vol0", &[]));
     let (step, out) = run(&mut hs, &mut input);
     let Ok(Step::Transmission(n)) = step else {
@@ -473,12 +478,7 @@ fn a_failed_set_meta_context_leaves_none_selected() {
         ("unknown export", &unknown_export[..], REP_ERR_UNKNOWN),
     ] {
         let (mut hs, mut input) = start(3);
-        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-        option(
-            &mut input,
-            OPT_SET_META_CONTEXT,
-            &meta_payload("vol0", &["base:allocation"]),
-        );
+        structured_with_base_allocation(&mut input);
         option(&mut input, OPT_SET_META_CONTEXT, payload);
         option(&mut input, OPT_GO, &info_payload("vol0", &[]));
         let (step, out) = run(&mut hs, &mut input);
@@ -500,12 +500,7 @@ fn extended_headers_then_duplicates_refused() {
     let (mut hs, mut input) = start(3);
     option(&mut input, OPT_EXTENDED_HEADERS, &[]);
     option(&mut input, OPT_EXTENDED_HEADERS, &[]);
-    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-    option(
-        &mut input,
-        OPT_SET_META_CONTEXT,
-        &meta_payload("vol0", &["base:allocation"]),
-    );
+    structured_with_base_allocation(&mut input);
     option(&mut input, OPT_GO, &info_payload("vol0", &[]));
     let (step, out) = run(&mut hs, &mut input);
     let Ok(Step::Transmission(n)) = step else {
@@ -546,12 +541,7 @@ fn export_name_after_extended_headers_disconnects() {
 #[test]
 fn contexts_chosen_before_extended_headers_stay_chosen() {
     let (mut hs, mut input) = start(3);
-    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-    option(
-        &mut input,
-        OPT_SET_META_CONTEXT,
-        &meta_payload("vol0", &["base:allocation"]),
-    );
+    structured_with_base_allocation(&mut input);
     option(&mut input, OPT_EXTENDED_HEADERS, &[]);
     option(&mut input, OPT_STRUCTURED_REPLY, &[]);
     option(&mut input, OPT_GO, &info_payload("vol0", &[]));
@@ -721,12 +711,7 @@ fn on_mode_serves_plaintext_and_accepts_starttls() {
 #[test]
 fn starttls_discards_earlier_negotiation() {
     let (mut hs, mut input) = start_tls_mode(TlsMode::On);
-    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-    option(
-        &mut input,
-        OPT_SET_META_CONTEXT,
-        &meta_payload("vol0", &["base:allocation"]),
-    );
+    structured_with_base_allocation(&mut input);
     option(&mut input, OPT_STARTTLS, &[]);
     let (step, out) = run(&mut hs, &mut input);
     assert_eq!(step, Ok(Step::StartTls));

@@ -264,9 +264,9 @@ mod tests {
         own.settle(&fence);
     }
 
-    /// A request waiting at the fence whose own connection then ends (SIGTERM, DISC, a forced
-    /// close) never starts: it would race the stale write it waited for, or land after the
-    /// rollback that closed its connection.
+    /// A request waiting at the fence whose own connection then ends (SIGTERM, a forced close,
+    /// the client gone) never starts: it would race the stale write it waited for, or land
+    /// after the rollback that closed its connection.
     #[tokio::test]
     async fn a_waiting_request_whose_connection_ends_never_starts() {
         let fence = Arc::new(Fence::default());
