@@ -450,8 +450,16 @@ impl VolumeEntry {
         }
         let head_id = state.manifest.head.clone();
         let head = Arc::clone(&state.layers[&head_id]);
+        let shrink = size_bytes < old_bytes;
         // The layer names its own id: the error is the volume's.
-        let resized = head.resized(&self.dir, size_bytes).map_err(|e| match e {
+        let resized = if shrink {
+            // Nothing is cut before the manifest with the new size is durable: a shrink that
+            // fails loses nothing.
+            head.reopened(&self.dir, size_bytes)
+        } else {
+            head.grown(&self.dir, size_bytes)
+        };
+        let resized = resized.map_err(|e| match e {
             StorageError::Resize {
                 size_bytes, source, ..
             } => StorageError::Resize {
@@ -461,7 +469,7 @@ impl VolumeEntry {
             },
             other => other,
         })?;
-        if size_bytes > old_bytes {
+        if !shrink {
             let chain = self.volume.chain();
             let largest_below = chain.layers()[1..]
                 .iter()
@@ -472,13 +480,13 @@ impl VolumeEntry {
                 let from = blocks_for(old_bytes);
                 let to = blocks_for(largest_below.min(size_bytes));
                 resized.set_range(from, to, BlockState::Zero);
-                // Durable before the manifest with the new size: after a power loss the
-                // regrown range would otherwise show the layers below it.
-                resized.sync_map_blocking()?;
                 // A partial last block of the old size: its tail must not show old data
                 // either; sizes are 4096-aligned, so there is none.
                 debug_assert_eq!(old_bytes % BLOCK_BYTES, 0);
             }
+            // Durable before the manifest with the new size: after a power loss the regrown
+            // range would otherwise show the layers below it, or a cut tail's old states.
+            resized.sync_map_blocking()?;
         }
         let mut next = state.manifest.clone();
         next.size_bytes = size_bytes;
@@ -488,22 +496,17 @@ impl VolumeEntry {
         let before = state.layers.insert(head_id.clone(), Arc::new(resized));
         if let Err(e) = self.commit(&mut state, next) {
             // The volume keeps its old size (the live chain still reads the old head), and
-            // memory must not hold a head of a size no manifest says. A shrink has already cut
-            // the tail: it is masked as zeroes, or a snapshot below would show through it.
+            // memory must not hold a head of a size no manifest says.
             if let Some(before) = before {
-                if size_bytes < old_bytes {
-                    before.set_range(
-                        blocks_for(size_bytes),
-                        blocks_for(old_bytes),
-                        BlockState::Zero,
-                    );
-                    if let Err(error) = before.sync_map_blocking() {
-                        tracing::warn!(volume = self.name(), %error, "the zero mask of a failed shrink's tail may not be durable");
-                    }
-                }
                 state.layers.insert(head_id, before);
             }
             return Err(e);
+        }
+        if shrink {
+            // The gate still holds writes off, and the old instance maps the whole tail.
+            if let Err(error) = head.cut_tail(size_bytes) {
+                tracing::warn!(volume = self.name(), size_bytes, %error, "cutting a shrunk volume's tail failed; its files keep it until the volume grows again");
+            }
         }
         self.volume.publish_size(size_bytes);
         Ok(old_bytes)

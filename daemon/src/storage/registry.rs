@@ -619,4 +619,99 @@ mod tests {
         assert!(reg.is_empty());
         assert!(!hidden.exists());
     }
+
+    fn tagged(tag: u8, length_bytes: usize) -> bytes::Bytes {
+        bytes::Bytes::from(vec![tag; length_bytes])
+    }
+
+    #[tokio::test]
+    async fn a_shrink_whose_manifest_write_fails_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        let vol = reg.create("v", 2 << 20).unwrap();
+        let tail_offset = (1 << 20) + 8192;
+        vol.write(tail_offset, tagged(0x5a, 4096), false)
+            .await
+            .unwrap();
+        // A snapshot below: a tail marked absent would read it instead.
+        vol.write(tail_offset + 4096, tagged(0x11, 4096), false)
+            .await
+            .unwrap();
+        reg.entry("v").unwrap().create_snapshot("s").await.unwrap();
+        vol.write(tail_offset + 4096, tagged(0x22, 4096), false)
+            .await
+            .unwrap();
+        // `volume.json` cannot be written: its temp name is taken by a directory.
+        let blocker = reg.entry("v").unwrap().dir.join("volume.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(reg.resize("v", 1 << 20, true).await.is_err());
+        assert_eq!(vol.size_bytes(), 2 << 20);
+        let tail = vol.read(tail_offset, 8192).await.unwrap();
+        assert_eq!(
+            &tail[..4096],
+            &tagged(0x5a, 4096)[..],
+            "the failed shrink lost the tail"
+        );
+        assert_eq!(&tail[4096..], &tagged(0x22, 4096)[..]);
+
+        std::fs::remove_dir(&blocker).unwrap();
+        assert_eq!(reg.resize("v", 1 << 20, true).await.unwrap(), 2 << 20);
+        assert_eq!(vol.size_bytes(), 1 << 20);
+        let entry = reg.entry("v").unwrap();
+        let head = entry.manifest().head;
+        let data = crate::storage::layer::data_path(&entry.dir, &head);
+        assert_eq!(std::fs::metadata(&data).unwrap().len(), 1 << 20);
+        assert_eq!(reg.resize("v", 2 << 20, false).await.unwrap(), 1 << 20);
+        let tail = vol.read(tail_offset, 8192).await.unwrap();
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "a regrown tail shows old data"
+        );
+    }
+
+    /// What a crash between a shrink's manifest and its cut leaves: a smaller volume whose head
+    /// files still hold the old tail. Growing it again must not bring the tail back.
+    #[tokio::test]
+    async fn a_grow_after_an_uncut_shrink_reads_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine.clone()).unwrap();
+        let vol = reg.create("v", 2 << 20).unwrap();
+        vol.write(0, tagged(0x77, 2 << 20), false).await.unwrap();
+        vol.flush().await.unwrap();
+        let volume_dir = reg.entry("v").unwrap().dir.clone();
+        drop((vol, reg));
+        // 261 blocks: the last map word is partly the old tail's.
+        let shrunk_bytes = (1 << 20) + 5 * 4096;
+        let mut manifest = VolumeManifest::load(&volume_dir).unwrap();
+        manifest.size_bytes = shrunk_bytes;
+        let head = manifest.head.clone();
+        manifest
+            .layers
+            .iter_mut()
+            .find(|l| l.id == head)
+            .unwrap()
+            .size_bytes = shrunk_bytes;
+        manifest.store(&volume_dir).unwrap();
+
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        let vol = reg.get("v").unwrap();
+        assert_eq!(vol.size_bytes(), shrunk_bytes);
+        let kept = vol.read(shrunk_bytes - 4096, 4096).await.unwrap();
+        assert_eq!(&kept[..], &tagged(0x77, 4096)[..]);
+        assert_eq!(reg.resize("v", 2 << 20, false).await.unwrap(), shrunk_bytes);
+        let regrown = vol
+            .read(shrunk_bytes, ((2 << 20) - shrunk_bytes) as usize)
+            .await
+            .unwrap();
+        let shown = regrown.iter().position(|&b| b != 0);
+        assert_eq!(
+            shown, None,
+            "old tail data at offset {shown:?} past the shrunk end"
+        );
+        let entry = reg.entry("v").unwrap();
+        let layer = Arc::clone(&entry.volume().chain().layers()[0]);
+        assert_eq!(layer.map().present_blocks(), shrunk_bytes / 4096);
+    }
 }

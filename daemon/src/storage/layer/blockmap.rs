@@ -15,7 +15,7 @@ use memmap2::{Advice, MmapOptions, MmapRaw};
 /// Bytes of volume data one map entry describes.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Blocks per 64-bit map word.
-const BLOCKS_PER_WORD: u64 = 32;
+pub(crate) const BLOCKS_PER_WORD: u64 = 32;
 /// Blocks per summary bit (2 MiB of volume).
 const SUMMARY_REGION_BLOCKS: u64 = 512;
 
@@ -131,8 +131,17 @@ impl BlockMap {
     fn rebuild_summary(&self) {
         let mut present = 0u64;
         let mut data = 0u64;
+        // States past the last block in the last word are a cut tail's, not this map's.
+        let last_word_mask = match self.blocks % BLOCKS_PER_WORD {
+            0 => u64::MAX,
+            used => bits_mask(0, used),
+        };
+        let last = self.words_len.saturating_sub(1);
         for (i, word) in self.words().iter().enumerate() {
-            let w = word.load(Ordering::Relaxed);
+            let mut w = word.load(Ordering::Relaxed);
+            if i == last {
+                w &= last_word_mask;
+            }
             if w == 0 {
                 continue;
             }

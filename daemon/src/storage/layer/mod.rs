@@ -52,6 +52,31 @@ pub fn map_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.map"))
 }
 
+/// Frees `[offset_bytes, offset_bytes + length_bytes)` of `file`, which then reads as zeroes;
+/// the file keeps its length.
+fn punch_hole(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let (Ok(offset), Ok(length)) = (
+        libc::off_t::try_from(offset_bytes),
+        libc::off_t::try_from(length_bytes),
+    ) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    loop {
+        // SAFETY: the descriptor stays open for the call (borrowed from `file`); no memory is
+        // passed to the kernel.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, length) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
 fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
     OpenOptions::new()
         .read(true)
@@ -126,43 +151,69 @@ impl Layer {
         })
     }
 
-    /// The same layer with its files set to `size_bytes` and its map mapped anew. The caller
-    /// makes sure nothing writes the old instance any more (resize holds the write gate).
-    pub fn resized(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
+    /// The same layer grown to `size_bytes`, its map mapped anew. Whatever an interrupted
+    /// shrink left past the old end in either file (its cut runs after the manifest, see
+    /// [`Layer::cut_tail`]) is dropped first, so the new blocks read as absent. The caller
+    /// makes sure nothing writes the old instance any more (resize holds the write gate) and
+    /// syncs the map before the manifest names the new size.
+    pub fn grown(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
+        debug_assert!(size_bytes > self.size_bytes);
         let data_path = data_path(dir, &self.id);
         let map_path = map_path(dir, &self.id);
-        if size_bytes < self.size_bytes {
-            // The tail reads as zeroes from before it is cut: should a step below fail, the
-            // volume keeps its old size reading this instance, and a tail marked absent would
-            // show a snapshot below through it.
-            self.map
-                .set_range(blocks_for(size_bytes), self.map.blocks(), BlockState::Zero);
+        let resize_error = |e| StorageError::Resize {
+            name: self.id.clone(),
+            size_bytes,
+            source: e,
+        };
+        let len = |f: &File, p: &Path| {
+            f.metadata()
+                .map(|m| m.len())
+                .map_err(|e| StorageError::fs("stat", p, e))
+        };
+        if len(&self.data, &data_path)? > self.size_bytes {
+            self.data.set_len(self.size_bytes).map_err(resize_error)?;
+        }
+        let old_map_bytes = blockmap::map_file_bytes(self.map.blocks());
+        let map_file_bytes = len(&self.map_file, &map_path)?;
+        if map_file_bytes > old_map_bytes {
+            // Punched, not truncated: an older instance may still map those bytes.
+            punch_hole(
+                &self.map_file,
+                old_map_bytes,
+                map_file_bytes - old_map_bytes,
+            )
+            .map_err(|e| StorageError::fs("punch", &map_path, e))?;
         }
         self.data
             .set_len(size_bytes)
             .and_then(|()| self.data.sync_all())
-            .map_err(|e| StorageError::Resize {
-                name: self.id.clone(),
-                size_bytes,
-                source: e,
-            })?;
+            .map_err(resize_error)?;
         let map_bytes = blockmap::map_file_bytes(blocks_for(size_bytes));
-        let old_map_bytes = blockmap::map_file_bytes(self.map.blocks());
-        if map_bytes > old_map_bytes {
+        if map_bytes > map_file_bytes {
             self.map_file
                 .set_len(map_bytes)
                 .map_err(|e| StorageError::fs("size", &map_path, e))?;
-        } else if size_bytes < self.size_bytes {
-            // Forget the blocks past the new end so that growing again later finds them absent.
-            self.map.set_range(
-                blocks_for(size_bytes),
-                self.map.blocks(),
-                BlockState::Absent,
-            );
         }
         self.map_file
             .sync_all()
             .map_err(|e| StorageError::fs("fsync", &map_path, e))?;
+        let grown = self.reopened(dir, size_bytes)?;
+        // The old last word's states past the old end (an interrupted cut's) are the new
+        // instance's first blocks: cleared like the words after it.
+        let old_blocks = self.map.blocks();
+        grown.set_range(
+            old_blocks,
+            old_blocks.next_multiple_of(blockmap::BLOCKS_PER_WORD),
+            BlockState::Absent,
+        );
+        Ok(grown)
+    }
+
+    /// The same layer seen at `size_bytes` (its files untouched): a shrink commits the new
+    /// size with it before anything is cut, so a failure before the commit loses nothing.
+    pub fn reopened(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
+        let data_path = data_path(dir, &self.id);
+        let map_path = map_path(dir, &self.id);
         let data = self
             .data
             .try_clone()
@@ -172,6 +223,27 @@ impl Layer {
             .try_clone()
             .map_err(|e| StorageError::fs("dup", &map_path, e))?;
         Layer::from_files(&self.id, size_bytes, data, map_file, &map_path, false)
+    }
+
+    /// Cuts this (old, larger) instance's tail from `size_bytes` on, once a manifest with that
+    /// size is durable: its blocks are marked absent, so growing again later finds none, and
+    /// the data file loses its bytes. A failure here only leaves the files longer than the
+    /// volume; [`Layer::grown`] drops such leftovers.
+    pub fn cut_tail(&self, size_bytes: u64) -> Result<(), StorageError> {
+        self.map.set_range(
+            blocks_for(size_bytes),
+            self.map.blocks(),
+            BlockState::Absent,
+        );
+        self.sync_map_blocking()?;
+        self.data
+            .set_len(size_bytes)
+            .and_then(|()| self.data.sync_all())
+            .map_err(|e| StorageError::Resize {
+                name: self.id.clone(),
+                size_bytes,
+                source: e,
+            })
     }
 
     pub fn id(&self) -> &str {
