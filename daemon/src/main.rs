@@ -167,6 +167,10 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    {
+        let registry = Arc::clone(&registry);
+        metrics.set_export_check(move |name| registry.get(name).is_some());
+    }
     let store_url = match &settings.backup_store {
         Some(url) => url.clone(),
         None => BackupStore::default_url(&settings.data_dir)?,

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use evsd_e2e::admin::admin_ok;
 use evsd_e2e::metrics::{scrape, value};
 use evsd_e2e::raw::*;
 use evsd_e2e::*;
@@ -110,4 +111,57 @@ fn metrics_listen_off_has_no_listener() {
     // The daemon still serves NBD.
     let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
     assert!(c.list().contains(&"vol0".to_string()));
+}
+
+/// A deleted volume's series, and its snapshot exports', stop being exported: a daemon that
+/// makes and deletes volumes all day would otherwise carry every name it ever served.
+#[test]
+fn deleted_volumes_leave_no_series() {
+    require_tool("qemu-io");
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .volume("kept:16M")
+            .volume("short:16M"),
+    );
+    let addr = metrics_addr(&d);
+    qemu_io(&d.tcp_uri("kept"), &["write -P 0x11 0 64k"]);
+    qemu_io(&d.tcp_uri("short"), &["write -P 0x22 0 64k"]);
+    admin_ok(
+        &d,
+        "snapshot.create",
+        serde_json::json!({"volume": "short", "name": "s"}),
+    );
+    qemu_io_read_only(&d.tcp_uri("short@s"), &["read -P 0x22 0 64k"]);
+    let before = scrape(addr);
+    assert_eq!(
+        value(&before, &vol("evsd_volume_bytes_total", "short", "write")),
+        65536.0
+    );
+    assert_eq!(
+        value(&before, &vol("evsd_volume_bytes_total", "short@s", "read")),
+        65536.0
+    );
+
+    admin_ok(&d, "volume.delete", serde_json::json!({"name": "short"}));
+    let after = scrape(addr);
+    assert!(!after.contains("volume=\"short\""), "{after}");
+    assert!(!after.contains("volume=\"short@s\""), "{after}");
+    assert_eq!(
+        value(&after, &vol("evsd_volume_bytes_total", "kept", "write")),
+        65536.0
+    );
+
+    // Made again under the same name, it counts from zero.
+    admin_ok(
+        &d,
+        "volume.create",
+        serde_json::json!({"name": "short", "size": "16M"}),
+    );
+    qemu_io(&d.tcp_uri("short"), &["write -P 0x33 0 4k"]);
+    let again = scrape(addr);
+    assert_eq!(
+        value(&again, &vol("evsd_volume_bytes_total", "short", "write")),
+        4096.0
+    );
 }

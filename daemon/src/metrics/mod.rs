@@ -9,7 +9,7 @@ mod volume;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -50,10 +50,15 @@ pub struct Metrics {
     limits: Arc<LimitHits>,
     backup: backup::BackupMetrics,
     policy: Arc<policy::PolicyMetrics>,
-    /// One handle per volume name, shared by its connections. Series of deleted volumes stay
-    /// (counters never go backwards; a volume re-created under the same name continues them).
+    /// One handle per volume name, shared by its connections.
     handles: Mutex<HashMap<String, Arc<VolumeMetrics>>>,
+    /// Whether a name is still exported, asked at each scrape: the series of deleted volumes
+    /// and snapshots go then (a volume made again under the name starts from zero, which
+    /// Prometheus reads as a counter reset).
+    is_exported: OnceLock<ExportCheck>,
 }
+
+type ExportCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -174,6 +179,7 @@ impl Metrics {
             handshake_failures,
             limits,
             handles: Mutex::new(HashMap::new()),
+            is_exported: OnceLock::new(),
         }
     }
 
@@ -231,8 +237,68 @@ impl Metrics {
         self.limits.hit(limit, peer);
     }
 
+    /// Tells the scrapes which volume names are still exported (set once, at start).
+    pub fn set_export_check(&self, is_exported: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let _ = self.is_exported.set(Box::new(is_exported));
+    }
+
+    /// Drops the series of names no longer exported whose last connection has ended.
+    fn forget_gone_volumes(&self) {
+        let Some(is_exported) = self.is_exported.get() else {
+            return;
+        };
+        let idle = |handle: &Arc<VolumeMetrics>| Arc::strong_count(handle) == 1;
+        // Asked with the handles unlocked: the check takes the registry's lock.
+        let candidates: Vec<String> = {
+            let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            handles
+                .iter()
+                .filter(|(_, handle)| idle(handle))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let gone: Vec<String> = candidates
+            .into_iter()
+            .filter(|name| !is_exported(name))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        for name in gone {
+            // A connection that attached meanwhile keeps them.
+            if handles.get(&name).is_some_and(idle) {
+                handles.remove(&name);
+                self.remove_series(&name);
+            }
+        }
+    }
+
+    fn remove_series(&self, volume: &str) {
+        for kind in Kind::ALL {
+            let labels = VolumeKindLabels {
+                volume: volume.to_owned(),
+                kind,
+            };
+            self.operations.remove(&labels);
+            self.bytes.remove(&labels);
+            self.errors.remove(&labels);
+            self.latency.remove(&labels);
+        }
+        let labels = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.in_flight.remove(&labels);
+        self.connections.remove(&labels);
+        self.fence_waits.remove(&labels);
+        self.fence_wait_seconds.remove(&labels);
+        self.hangup_fences.remove(&labels);
+        self.read_bytes_from_cache.remove(&labels);
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.forget_gone_volumes();
         let mut out = String::with_capacity(16 << 10);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -353,6 +419,47 @@ mod tests {
             line_value(&text, r#"evsd_volume_bytes_total{volume="x",kind="trim"}"#),
             Some(30.0)
         );
+    }
+
+    #[test]
+    fn series_of_names_no_longer_exported_go_once_unused() {
+        let metrics = Metrics::new();
+        let exported = Arc::new(Mutex::new(vec!["kept".to_owned(), "gone".to_owned()]));
+        let names = Arc::clone(&exported);
+        metrics.set_export_check(move |name| names.lock().unwrap().iter().any(|n| n == name));
+        for name in ["kept", "gone", "held"] {
+            metrics
+                .volume(name)
+                .start(Kind::Write)
+                .finish(4096, true, Duration::ZERO);
+        }
+        // A connection of a deleted volume still draining keeps its handle.
+        let held = metrics.volume("held");
+        let _connected = held.connect();
+        exported.lock().unwrap().retain(|n| n != "gone");
+        let text = metrics.encode();
+        let bytes = |text: &str, volume: &str| {
+            line_value(
+                text,
+                &format!(r#"evsd_volume_bytes_total{{volume="{volume}",kind="write"}}"#),
+            )
+        };
+        assert_eq!(bytes(&text, "kept"), Some(4096.0));
+        assert_eq!(bytes(&text, "held"), Some(4096.0));
+        assert_eq!(bytes(&text, "gone"), None, "{text}");
+        assert!(!text.contains(r#"volume="gone""#), "{text}");
+        drop(_connected);
+        drop(held);
+        let text = metrics.encode();
+        assert!(!text.contains(r#"volume="held""#), "{text}");
+        assert_eq!(bytes(&text, "kept"), Some(4096.0));
+        // Made again under the name: counted from zero.
+        metrics
+            .volume("gone")
+            .start(Kind::Write)
+            .finish(512, true, Duration::ZERO);
+        exported.lock().unwrap().push("gone".to_owned());
+        assert_eq!(bytes(&metrics.encode(), "gone"), Some(512.0));
     }
 
     #[test]
