@@ -471,3 +471,57 @@ fn rules_needing_tls_on_a_server_without_it_warn_and_refuse_with_policy() {
     assert_eq!(typ, REP_ERR_POLICY, "{msg}");
     assert!(msg.contains("TLS"), "{msg}");
 }
+
+/// Rules and memberships stored while the volume is being deleted go with it: each round sets
+/// rules and adds the volume to a server over and over from two other admin connections while
+/// the volume is deleted, then nothing may name it.
+#[test]
+fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
+    use evsd_e2e::admin::{admin_ok, Admin};
+    use serde_json::json;
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("anchor:1M"));
+    admin_ok(&d, "server.create", json!({"name": "srv", "volumes": ["anchor"]}));
+    for round in 0..20 {
+        let name = format!("race{round}");
+        admin_ok(&d, "volume.create", json!({"name": name, "size": "1M"}));
+        let spam = |method: &'static str, params: serde_json::Value| {
+            let path = d.admin_path().to_owned();
+            std::thread::spawn(move || {
+                let mut admin = Admin::connect(&path);
+                let mut stored = 0;
+                loop {
+                    match admin.call(method, &params).expect("admin connection") {
+                        Ok(_) => stored += 1,
+                        Err(e) if e.code == "not_found" => break,
+                        Err(e) => panic!("{method} {params}: {e:?}"),
+                    }
+                    if method == "server.add_volume" {
+                        let _ = admin.call("server.remove_volume", &params);
+                    }
+                }
+                stored
+            })
+        };
+        let rules = spam(
+            "access.set",
+            json!({"name": name, "allow_networks": ["10.0.0.0/8"]}),
+        );
+        let member = spam("server.add_volume", json!({"name": "srv", "volume": name}));
+        std::thread::sleep(Duration::from_millis(5 + round % 7));
+        admin_ok(&d, "volume.delete", json!({"name": name}));
+        rules.join().unwrap();
+        member.join().unwrap();
+        let listed = admin_ok(&d, "access.list", json!({}));
+        assert_eq!(
+            listed,
+            json!([]),
+            "round {round}: rules outlived the volume"
+        );
+        let server = admin_ok(&d, "server.show", json!({"name": "srv"}));
+        assert_eq!(
+            server["volumes"],
+            json!(["anchor"]),
+            "round {round}: membership outlived the volume"
+        );
+    }
+}

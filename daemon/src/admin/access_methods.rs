@@ -2,6 +2,8 @@
 //! them. Changes apply to new connections at once, and end open connections the new rules no
 //! longer allow (or that were writing to a volume now made read-only).
 
+use std::sync::Arc;
+
 use evsd_proto::TlsMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,6 +15,7 @@ use crate::admin::protocol::{
 };
 use crate::admin::AdminContext;
 use crate::error::StorageError;
+use crate::storage::entry::VolumeEntry;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +57,7 @@ pub async fn dispatch(
         }
         "access.set" => {
             let p: SetParams = decode_params(method, params)?;
-            existing_volume(ctx, &p.name)?;
+            let entry = existing_volume(ctx, &p.name)?;
             let allow_networks = p
                 .allow_networks
                 .iter()
@@ -78,6 +81,12 @@ pub async fn dispatch(
                     ))
                 }
             }
+            if ctx.registry.was_deleted(&entry) {
+                if let Err(error) = ctx.access.forget(&p.name) {
+                    tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
+                }
+                return Err(StorageError::NotFound(p.name).into());
+            }
             let view = view(ctx, &p.name);
             tracing::info!(volume = %p.name, rules = ?view.policy, "access rules set");
             to_json(&view)
@@ -97,11 +106,11 @@ pub async fn dispatch(
 }
 
 /// Rules are kept for volumes only; `VOL@SNAP` exports follow `VOL`'s.
-fn existing_volume(ctx: &AdminContext, name: &str) -> Result<(), AdminError> {
-    if name.contains('@') || ctx.registry.entry(name).is_none() {
-        return Err(StorageError::NotFound(name.to_owned()).into());
+fn existing_volume(ctx: &AdminContext, name: &str) -> Result<Arc<VolumeEntry>, AdminError> {
+    match ctx.registry.entry(name) {
+        Some(entry) if !name.contains('@') => Ok(entry),
+        _ => Err(StorageError::NotFound(name.to_owned()).into()),
     }
-    Ok(())
 }
 
 fn view(ctx: &AdminContext, name: &str) -> AccessView {

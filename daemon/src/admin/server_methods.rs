@@ -52,19 +52,34 @@ pub async fn dispatch(
     match method {
         "server.create" => {
             let p: CreateParams = decode_params(method, params)?;
+            let mut entries = Vec::with_capacity(p.volumes.len());
             for volume in &p.volumes {
-                if ctx.registry.entry(volume).is_none() {
-                    return Err(StorageError::NotFound(volume.clone()).into());
+                match ctx.registry.entry(volume) {
+                    Some(entry) => entries.push(entry),
+                    None => return Err(StorageError::NotFound(volume.clone()).into()),
                 }
             }
-            to_json(&servers.create(&p.name, &p.volumes)?)
+            let mut info = servers.create(&p.name, &p.volumes)?;
+            // A member deleted meanwhile goes, as if the delete came just after.
+            for entry in entries {
+                if ctx.registry.was_deleted(&entry) {
+                    forget_deleted_member(ctx, entry.name());
+                    info = servers.get(&p.name)?;
+                }
+            }
+            to_json(&info)
         }
         "server.add_volume" => {
             let p: MemberParams = decode_params(method, params)?;
-            if ctx.registry.entry(&p.volume).is_none() {
+            let Some(entry) = ctx.registry.entry(&p.volume) else {
+                return Err(StorageError::NotFound(p.volume).into());
+            };
+            let info = servers.add_volume(&p.name, &p.volume)?;
+            if ctx.registry.was_deleted(&entry) {
+                forget_deleted_member(ctx, &p.volume);
                 return Err(StorageError::NotFound(p.volume).into());
             }
-            to_json(&servers.add_volume(&p.name, &p.volume)?)
+            to_json(&info)
         }
         "server.remove_volume" => {
             let p: MemberParams = decode_params(method, params)?;
@@ -116,5 +131,12 @@ pub async fn dispatch(
             Ok(json!({ "deleted": p.id, "gc": gc }))
         }
         other => Err(unknown_method(other)),
+    }
+}
+
+/// Takes back a membership stored while its volume was being deleted.
+fn forget_deleted_member(ctx: &AdminContext, volume: &str) {
+    if let Err(error) = ctx.servers.forget_volume(volume) {
+        tracing::warn!(volume, %error, "removing a volume deleted meanwhile from its server failed");
     }
 }

@@ -362,6 +362,17 @@ impl Registry {
         }
     }
 
+    /// Whether `entry`'s volume was deleted and its name not taken again. Records kept beside
+    /// the volumes (access rules, server membership) are stored after a check that the volume
+    /// exists; a delete whose clean-up ran in between would leave them behind, so the caller
+    /// asks this after storing and takes its change back.
+    pub fn was_deleted(&self, entry: &Arc<VolumeEntry>) -> bool {
+        entry.check_present().is_err()
+            && self
+                .entry(entry.name())
+                .is_none_or(|now| Arc::ptr_eq(&now, entry))
+    }
+
     pub fn entry(&self, name: &str) -> Option<Arc<VolumeEntry>> {
         self.volumes
             .read()
@@ -618,6 +629,21 @@ mod tests {
         let reg = Registry::open(dir.path(), engine).unwrap();
         assert!(reg.is_empty());
         assert!(!hidden.exists());
+    }
+
+    #[test]
+    fn a_deleted_entry_is_told_apart_from_a_new_volume_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        reg.create("v", 1 << 20).unwrap();
+        let old = reg.entry("v").unwrap();
+        assert!(!reg.was_deleted(&old));
+        reg.remove("v").unwrap();
+        assert!(reg.was_deleted(&old));
+        reg.create("v", 1 << 20).unwrap();
+        assert!(!reg.was_deleted(&old));
+        assert!(!reg.was_deleted(&reg.entry("v").unwrap()));
     }
 
     fn tagged(tag: u8, length_bytes: usize) -> bytes::Bytes {
