@@ -474,7 +474,9 @@ fn rules_needing_tls_on_a_server_without_it_warn_and_refuse_with_policy() {
 
 /// Rules and memberships stored while the volume is being deleted go with it: each round sets
 /// rules and adds the volume to a server over and over from two other admin connections while
-/// the volume is deleted, then nothing may name it.
+/// the volume is deleted, then nothing may name it. (A stress check of the end state: the
+/// window `Registry::was_deleted` closes is too narrow for it to hit in 20 rounds; the unit
+/// test of `was_deleted` covers the check itself.)
 #[test]
 fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
     use evsd_e2e::admin::{admin_ok, Admin};
