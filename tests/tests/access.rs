@@ -482,7 +482,11 @@ fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
     use evsd_e2e::admin::{admin_ok, Admin};
     use serde_json::json;
     let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("anchor:1M"));
-    admin_ok(&d, "server.create", json!({"name": "srv", "volumes": ["anchor"]}));
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "srv", "volumes": ["anchor"]}),
+    );
     for round in 0..20 {
         let name = format!("race{round}");
         admin_ok(&d, "volume.create", json!({"name": name, "size": "1M"}));

@@ -1759,3 +1759,46 @@ fn a_truncated_pack_is_reported_by_verify_and_fails_restore() {
     assert!(j["error"].as_str().unwrap().contains("missing"), "{j:#}");
     assert!(admin(&d, "volume.show", json!({"name": "r"})).is_err());
 }
+
+/// An incremental knows the store's objects from its parent's manifest instead of listing the
+/// store (whose size it would otherwise cost), and still writes no whole chunk another backup
+/// stored: here a chunk of another volume's content.
+#[test]
+fn incremental_does_not_list_the_store_and_still_dedups_whole_chunks() {
+    let d = start();
+    let source = half_random(&d, "vol0", 16 * MIB, 31);
+    backup_now(&d, "vol0", false);
+    let mut model = half_random(&d, "other", 16 * MIB, 32);
+    let b1 = backup_now(&d, "other", false);
+    assert_eq!(b1["incremental"], false, "{b1:#}");
+    // A whole chunk rewritten (too many blocks for a delta) with vol0's first chunk.
+    write_at(
+        &d,
+        "other",
+        3 * CHUNK,
+        &source[..CHUNK as usize],
+        &mut model,
+    );
+    let b2 = backup_now(&d, "other", false);
+    assert_eq!(b2["incremental"], true, "{b2:#}");
+    assert_eq!(
+        u(&b2, "new_chunks"),
+        0,
+        "vol0's chunk is in the store: {b2:#}"
+    );
+    assert_eq!(u(&b2, "new_stored_bytes"), 0, "{b2:#}");
+    let log = d.stderr();
+    let uploads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("uploading backup"))
+        .collect();
+    assert_eq!(uploads.len(), 3, "{log}");
+    for (line, listed) in uploads.iter().zip([true, true, false]) {
+        assert!(
+            line.contains(&format!("listed_store={listed}")),
+            "expected listed_store={listed}: {line}"
+        );
+    }
+    restore_new(&d, "r", b2["id"].as_str().unwrap());
+    assert_same("restored incremental", &read_export(&d, "r"), &model);
+}

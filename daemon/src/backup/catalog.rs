@@ -3,6 +3,7 @@
 //! backup made by another daemon sharing the store shows up and a deleted one goes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -69,7 +70,12 @@ impl BackupInfo {
 
 pub struct Catalog {
     store: Arc<BackupStore>,
-    known: Mutex<BTreeMap<String, BackupInfo>>,
+    /// Each summary with the number of the listings begun before it was remembered.
+    known: Mutex<BTreeMap<String, (u64, BackupInfo)>>,
+    /// Whether a listing of the store has filled `known` since the start.
+    listed: AtomicBool,
+    /// Listings begun: one that began before a backup was remembered did not see it.
+    listings: AtomicU64,
 }
 
 impl Catalog {
@@ -77,16 +83,19 @@ impl Catalog {
         Catalog {
             store,
             known: Mutex::new(BTreeMap::new()),
+            listed: AtomicBool::new(false),
+            listings: AtomicU64::new(0),
         }
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BackupInfo>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u64, BackupInfo)>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every complete backup in the store, oldest first. A manifest that cannot be read is
     /// logged and left out, never deleted.
     pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
+        let listing = self.listings.fetch_add(1, Ordering::AcqRel) + 1;
         let ids = self.store.list_manifest_ids().await?;
         let missing: Vec<String> = {
             let known = self.known();
@@ -103,15 +112,32 @@ impl Catalog {
             }
         }
         let mut known = self.known();
-        known.retain(|id, _| ids.binary_search(id).is_ok());
-        let mut out: Vec<BackupInfo> = known.values().cloned().collect();
-        out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
-        Ok(out)
+        // A backup remembered since this listing began stays: its manifest was stored after
+        // the listing looked.
+        known.retain(|id, (seen, _)| *seen >= listing || ids.binary_search(id).is_ok());
+        self.listed.store(true, Ordering::Release);
+        Ok(sorted(&known))
+    }
+
+    /// Every backup this daemon knows of, asking the store only until a listing has succeeded
+    /// once. From then on it holds every backup this daemon made (each is remembered when its
+    /// manifest is stored) and loses those it deleted; a backup another daemon sharing the
+    /// store made or deleted since may be missing or still there. For the base of an
+    /// incremental, which is always this daemon's own backup and is read from the store
+    /// anyway: a listing per backup costs as much as the store holds manifests.
+    pub async fn list_known(&self) -> Result<Vec<BackupInfo>, BackupError> {
+        if !self.listed.load(Ordering::Acquire) {
+            return self.list().await;
+        }
+        Ok(sorted(&self.known()))
     }
 
     pub fn remember(&self, manifest: &BackupManifest) {
-        self.known()
-            .insert(manifest.backup_id.clone(), BackupInfo::of(manifest));
+        let listings = self.listings.load(Ordering::Acquire);
+        self.known().insert(
+            manifest.backup_id.clone(),
+            (listings, BackupInfo::of(manifest)),
+        );
     }
 
     pub fn forget(&self, backup_id: &str) {
@@ -120,11 +146,18 @@ impl Catalog {
 
     /// One backup's summary, from the cache or the store.
     pub async fn get(&self, backup_id: &str) -> Result<BackupInfo, BackupError> {
-        if let Some(info) = self.known().get(backup_id) {
+        if let Some((_, info)) = self.known().get(backup_id) {
             return Ok(info.clone());
         }
         let manifest = self.store.get_manifest(backup_id).await?;
         self.remember(&manifest);
         Ok(BackupInfo::of(&manifest))
     }
+}
+
+/// The summaries oldest first.
+fn sorted(known: &BTreeMap<String, (u64, BackupInfo)>) -> Vec<BackupInfo> {
+    let mut out: Vec<BackupInfo> = known.values().map(|(_, info)| info.clone()).collect();
+    out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
+    out
 }

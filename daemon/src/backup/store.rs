@@ -342,6 +342,20 @@ impl BackupStore {
             .collect())
     }
 
+    /// Whether chunk `id` is stored as an object of its own of a plausible size. An error
+    /// counts as no.
+    pub async fn has_chunk(&self, id: &ChunkId) -> bool {
+        let key = chunk::chunk_key(id);
+        match self.objects.head(&self.path(&key)).await {
+            Ok(meta) => chunk::plausible_object_len(meta.size),
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(error) => {
+                tracing::debug!(key, %error, "asking the store for a chunk failed");
+                false
+            }
+        }
+    }
+
     /// Writes a manifest after making the chunks it names durable (local stores): what this
     /// daemon wrote, and the `foreign` chunks it names that others wrote.
     pub async fn put_manifest(

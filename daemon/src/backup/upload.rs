@@ -189,24 +189,27 @@ async fn upload(
         })?;
     let size_bytes = snapshot.size_bytes;
     let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES) as usize;
-    // Under the shared lock no GC runs, so what is listed now stays in the store. The listing
-    // and the search for the base both wait on the store: they run together.
-    let listing = with_retry(job, &svc.shutdown, "listing chunks", || {
-        svc.store.list_chunks()
-    });
-    let base = async {
-        if record.full {
-            Ok((None, None))
-        } else {
-            find_base(svc, job, entry, record, size_bytes).await
-        }
+    let (parent, changed) = if record.full {
+        (None, None)
+    } else {
+        find_base(svc, job, entry, record, size_bytes).await?
     };
-    let (listed, (parent, changed)) = tokio::try_join!(listing, base)?;
-    let known: HashSet<ChunkId> = listed
+    // What the store holds. Under the shared lock no GC runs, so what is known now stays. An
+    // incremental knows its parent's objects from its manifest and asks the store only about
+    // the whole chunks it is about to write (see `ChunkCtx::stored_already`): listing every
+    // object would make each incremental cost as much as the store is large.
+    let listed_store = parent.is_none();
+    let known: HashSet<ChunkId> = match &parent {
+        Some(parent) => parent.named_chunks().copied().collect(),
+        None => with_retry(job, &svc.shutdown, "listing chunks", || {
+            svc.store.list_chunks()
+        })
+        .await?
         .into_iter()
         .filter(|&(_, len_bytes)| chunk::plausible_object_len(len_bytes))
         .map(|(id, _)| id)
-        .collect();
+        .collect(),
+    };
     let known = Arc::new(Mutex::new(known));
 
     let mut chunks: Vec<Option<Option<ChunkId>>> = vec![None; chunk_count];
@@ -276,6 +279,7 @@ async fn upload(
         parent = parent.as_ref().map(|p| p.backup_id.as_str()),
         chunks = chunk_count,
         to_read = todo.len(),
+        listed_store,
         "uploading backup"
     );
 
@@ -337,6 +341,7 @@ async fn upload(
                 known: &known,
                 bases: &bases,
                 counters: &counters,
+                listed_store,
                 whole_permits: &whole_permits,
                 trees: trees.as_ref(),
                 pack: &pack,
@@ -589,29 +594,42 @@ async fn find_base(
     record: &BackupRecord,
     size_bytes: u64,
 ) -> Result<(Option<BackupManifest>, Option<ChangedBlocks>), BackupError> {
-    let backups = with_retry(job, &svc.shutdown, "listing backups", || svc.catalog.list()).await?;
     let snapshots = entry.manifest().snapshots;
-    let Some(base) = backups
-        .iter()
-        .filter(|b| {
-            b.volume_uuid == record.volume_uuid
-                && b.id != record.backup_id
-                && b.size_bytes == size_bytes
-                && b.snapshot != record.snapshot
-                && snapshots.iter().any(|s| s.name == b.snapshot)
+    // This daemon's catalog knows its own volumes' backups without asking the store (see
+    // `Catalog::list_known`); a base another daemon deleted meanwhile sends it to the store.
+    let mut fresh = false;
+    let (base, parent) = loop {
+        let backups = if fresh {
+            with_retry(job, &svc.shutdown, "listing backups", || svc.catalog.list()).await?
+        } else {
+            with_retry(job, &svc.shutdown, "listing backups", || {
+                svc.catalog.list_known()
+            })
+            .await?
+        };
+        let Some(base) = backups
+            .into_iter()
+            .filter(|b| {
+                b.volume_uuid == record.volume_uuid
+                    && b.id != record.backup_id
+                    && b.size_bytes == size_bytes
+                    && b.snapshot != record.snapshot
+                    && snapshots.iter().any(|s| s.name == b.snapshot)
+            })
+            .max_by_key(|b| (b.snapshot_created_unix_secs, b.created_unix_secs))
+        else {
+            return Ok((None, None));
+        };
+        match with_retry(job, &svc.shutdown, "reading the parent manifest", || {
+            svc.store.get_manifest(&base.id)
         })
-        .max_by_key(|b| (b.snapshot_created_unix_secs, b.created_unix_secs))
-    else {
-        return Ok((None, None));
-    };
-    let parent = match with_retry(job, &svc.shutdown, "reading the parent manifest", || {
-        svc.store.get_manifest(&base.id)
-    })
-    .await
-    {
-        Ok(parent) => parent,
-        Err(BackupError::BackupNotFound(_)) => return Ok((None, None)),
-        Err(e) => return Err(e),
+        .await
+        {
+            Ok(parent) => break (base, parent),
+            Err(BackupError::BackupNotFound(_)) if !fresh => fresh = true,
+            Err(BackupError::BackupNotFound(_)) => return Ok((None, None)),
+            Err(e) => return Err(e),
+        }
     };
     let runs = match entry.changed_between(&base.snapshot, &record.snapshot) {
         Ok(Some(runs)) => runs,
@@ -782,6 +800,8 @@ pub(super) struct ChunkCtx<'a> {
     known: &'a Mutex<HashSet<ChunkId>>,
     bases: &'a KnownBases,
     pub(super) counters: &'a Counters,
+    /// Whether `known` began as a listing of the store (else as the parent's objects).
+    listed_store: bool,
     whole_permits: &'a tokio::sync::Semaphore,
     /// The volume's cached chunk trees (None: no cache, every changed chunk is read whole).
     pub(super) trees: Option<&'a Arc<VolumeTrees>>,
@@ -812,6 +832,14 @@ impl ChunkCtx<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id)
+    }
+
+    /// Whether the store holds whole chunk `id` though this job did not know it: asked only
+    /// when the job did not list the store (an incremental), so that a chunk another backup
+    /// stored is not written again. Unsure (the store did not answer) counts as no: writing
+    /// the same content again is harmless.
+    async fn stored_already(&self, id: &ChunkId) -> bool {
+        !self.listed_store && self.svc.store.has_chunk(id).await
     }
 
     /// Puts a delta of `base` (None: of zeroes) named `id` into the backup's pack, and stores
@@ -938,7 +966,7 @@ async fn process_chunk(
         let index = offset_bytes / CHUNK_SIZE_BYTES;
         blocking(move || trees.store(index, &id, &tree)).await?;
     }
-    if !ctx.claim(id) {
+    if !ctx.claim(id) || ctx.stored_already(&id).await {
         return Ok(Some(id));
     }
     let level = ctx.svc.config.zstd_level;
