@@ -161,3 +161,54 @@ fn sorted(known: &BTreeMap<String, (u64, BackupInfo)>) -> Vec<BackupInfo> {
     out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Context;
+
+    use super::*;
+    use crate::backup::manifest::{manifest_key, sample_for_test};
+
+    fn ids(infos: &[BackupInfo]) -> Vec<&str> {
+        infos.iter().map(|i| i.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn known_backups_come_from_memory_once_listed_and_survive_a_racing_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Arc::new(BackupStore::open(&url, &Default::default()).unwrap());
+        let file = |id: &str| {
+            let path = dir.path().join(manifest_key(id));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, sample_for_test(id).to_json_bytes()).unwrap();
+        };
+        let (a, b, c) = (
+            "b-20261201T000000Z-0000000a",
+            "b-20261201T000001Z-0000000b",
+            "b-20261201T000002Z-0000000c",
+        );
+        file(a);
+        let catalog = Catalog::new(store);
+        // Nothing listed yet: the store is asked.
+        assert_eq!(ids(&catalog.list_known().await.unwrap()), [a]);
+        // Another daemon's backup: not asked for again until a real listing.
+        file(b);
+        assert_eq!(ids(&catalog.list_known().await.unwrap()), [a]);
+        assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);
+        // Remembered while a listing runs (its manifest stored after the listing looked):
+        // the listing keeps it.
+        let listing = catalog.list();
+        let mut listing = std::pin::pin!(listing);
+        let waker = futures_util::task::noop_waker();
+        let first = listing.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(first.is_pending(), "the listing reads the store off the runtime");
+        catalog.remember(&sample_for_test(c));
+        assert_eq!(ids(&listing.await.unwrap()), [a, b, c]);
+        // A later listing that does not find it drops it (deleted by another daemon).
+        assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);
+        catalog.forget(a);
+        assert_eq!(ids(&catalog.list_known().await.unwrap()), [b]);
+    }
+}

@@ -350,13 +350,21 @@ impl BackupManifest {
     }
 }
 
+/// A valid manifest filed under `backup_id`, for tests elsewhere.
+#[cfg(test)]
+pub(crate) fn sample_for_test(backup_id: &str) -> BackupManifest {
+    let mut manifest = tests::sample();
+    manifest.backup_id = backup_id.to_owned();
+    manifest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const ID: &str = "b-20261202T054400Z-1a2b3c4d";
 
-    fn sample() -> BackupManifest {
+    pub(super) fn sample() -> BackupManifest {
         let size_bytes = 2 * CHUNK_SIZE_BYTES + 8192;
         let chunks = vec![
             Some(ChunkId::of(b"first")),
