@@ -203,7 +203,10 @@ mod tests {
         let mut listing = std::pin::pin!(listing);
         let waker = futures_util::task::noop_waker();
         let first = listing.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(first.is_pending(), "the listing reads the store off the runtime");
+        assert!(
+            first.is_pending(),
+            "the listing reads the store off the runtime"
+        );
         catalog.remember(&sample_for_test(c));
         assert_eq!(ids(&listing.await.unwrap()), [a, b, c]);
         // A later listing that does not find it drops it (deleted by another daemon).
