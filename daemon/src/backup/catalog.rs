@@ -1,6 +1,7 @@
 //! What `backup list` / `backup show` report: one summary per manifest in the store, cached
-//! (manifests never change once written) and brought in line with the store's listing, so a
-//! backup made by another daemon sharing the store shows up and a deleted one goes.
+//! (manifests never change once written) and brought in line with the store's listing at each
+//! `list`, so a backup made by another daemon sharing the store shows up and a deleted one
+//! goes. The search for an incremental's base asks `list_known`, which answers from memory.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -106,14 +107,14 @@ impl Catalog {
         };
         for id in missing {
             match self.store.get_manifest(&id).await {
-                Ok(manifest) => self.remember(&manifest),
+                Ok(manifest) => self.remember_listed(&manifest),
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => tracing::error!(backup = %id, error = %e, "unreadable backup manifest"),
             }
         }
         let mut known = self.known();
-        // A backup remembered since this listing began stays: its manifest was stored after
-        // the listing looked.
+        // A backup this daemon stored since this listing began stays: its manifest may have
+        // landed after the listing looked.
         known.retain(|id, (seen, _)| *seen >= listing || ids.binary_search(id).is_ok());
         self.listed.store(true, Ordering::Release);
         Ok(sorted(&known))
@@ -132,8 +133,20 @@ impl Catalog {
         Ok(sorted(&self.known()))
     }
 
-    pub fn remember(&self, manifest: &BackupManifest) {
+    /// A backup whose manifest this daemon has just stored: kept by a listing that began
+    /// before (and may have looked before the manifest landed).
+    pub fn remember_stored(&self, manifest: &BackupManifest) {
         let listings = self.listings.load(Ordering::Acquire);
+        self.remember_as(manifest, listings);
+    }
+
+    /// A manifest read from the store: kept by the next listing only if it lists it (it may
+    /// have been deleted since it was read).
+    fn remember_listed(&self, manifest: &BackupManifest) {
+        self.remember_as(manifest, 0);
+    }
+
+    fn remember_as(&self, manifest: &BackupManifest, listings: u64) {
         self.known().insert(
             manifest.backup_id.clone(),
             (listings, BackupInfo::of(manifest)),
@@ -150,7 +163,7 @@ impl Catalog {
             return Ok(info.clone());
         }
         let manifest = self.store.get_manifest(backup_id).await?;
-        self.remember(&manifest);
+        self.remember_listed(&manifest);
         Ok(BackupInfo::of(&manifest))
     }
 }
@@ -207,7 +220,7 @@ mod tests {
             first.is_pending(),
             "the listing reads the store off the runtime"
         );
-        catalog.remember(&sample_for_test(c));
+        catalog.remember_stored(&sample_for_test(c));
         assert_eq!(ids(&listing.await.unwrap()), [a, b, c]);
         // A later listing that does not find it drops it (deleted by another daemon).
         assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);

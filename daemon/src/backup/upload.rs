@@ -133,13 +133,14 @@ pub async fn run(
                         svc.store.delete_manifest(&manifest.backup_id)
                     })
                     .await?;
+                    svc.catalog.forget(&manifest.backup_id);
                     return Err(e);
                 }
                 // The store could not be listed: nothing is known against the manifest.
                 Err(e) => return Err(e),
             }
             tracing::info!(job = %job.id, backup = %manifest.backup_id, "the resumed backup's manifest is stored already: it is complete");
-            svc.catalog.remember(&manifest);
+            svc.catalog.remember_stored(&manifest);
             locks::remove_left_shared(&svc.store, &record.job_id).await;
             manifest
         }
@@ -259,6 +260,30 @@ async fn upload(
         }
     }
     let plans = Arc::new(plans);
+    if !listed_store && !record.done.is_empty() {
+        // A resumed incremental: the whole chunks its earlier run stored are in no manifest
+        // yet. Asked for one by one (a listing would cost the whole store), so they are not
+        // read again; packed ones were not kept (their pack may not have been stored).
+        let unknown: Vec<ChunkId> = {
+            let known = known.lock().unwrap_or_else(|p| p.into_inner());
+            record
+                .done
+                .iter()
+                .filter_map(|(_, id)| *id)
+                .filter(|id| !known.contains(id))
+                .collect()
+        };
+        let found: Vec<ChunkId> = futures_util::stream::iter(unknown)
+            .map(|id| async move { svc.store.has_chunk(&id).await.then_some(id) })
+            .buffer_unordered(svc.config.upload_concurrency.max(1))
+            .filter_map(|found| async move { found })
+            .collect()
+            .await;
+        known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(found);
+    }
     {
         let known = known.lock().unwrap_or_else(|p| p.into_inner());
         for (i, id) in &record.done {
@@ -470,10 +495,11 @@ async fn upload(
                 svc.store.delete_manifest(&manifest.backup_id)
             })
             .await?;
+            svc.catalog.forget(&manifest.backup_id);
             return Err(e);
         }
     }
-    svc.catalog.remember(&manifest);
+    svc.catalog.remember_stored(&manifest);
     let manifest_ms = started.elapsed().as_millis() as u64;
     tracing::info!(
         job = %job.id,
@@ -852,8 +878,8 @@ impl ChunkCtx<'_> {
     ) -> Result<(), BackupError> {
         self.pack.admit().await;
         let full = self.pack.append(id, stored);
-        // A restarted job trusts only what it lists in the store, and packed chunks are not
-        // listed: it packs them again.
+        // A restarted job trusts only what it finds in the store (listed, or asked for), and
+        // packed chunks are not objects of their own: it packs them again.
         self.note_new(id, base, stored.len());
         self.counters.delta_chunks.fetch_add(1, Ordering::Relaxed);
         match full {
@@ -1019,8 +1045,8 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// The whole chunk objects `manifest` names that neither this job stored nor an earlier
-/// manifest (`previous`) named: found in the store's listing, stored by another daemon sharing
-/// it or by this job before a restart. A local store makes them durable before the manifest
+/// manifest (`previous`) named: found in the store (listed, or asked for by an incremental),
+/// stored by another daemon sharing it or by this job before a restart. A local store makes them durable before the manifest
 /// too (see `local_sync`). Packed chunks lie in this job's packs or in the earlier ones'.
 fn foreign_chunks(
     manifest: &BackupManifest,
@@ -1179,7 +1205,7 @@ mod tests {
         }
     }
 
-    /// Only chunks found in the store's listing must be synced before the manifest: not the
+    /// Only chunks found in the store must be synced before the manifest: not the
     /// job's own (synced as written), not earlier manifests' (synced before those), not packed
     /// ones (their packs are objects of the job or of earlier manifests).
     #[test]
