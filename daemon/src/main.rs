@@ -225,6 +225,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
             admin: admin.path().display().to_string(),
         },
         io_engine,
+        metrics: Arc::clone(&metrics),
     });
     // Handlers go in before anyone is told we are ready, so an early SIGTERM is a clean stop.
     let signals = Signals::install().context("installing SIGTERM/SIGINT/SIGHUP handlers")?;

@@ -82,7 +82,11 @@ pub async fn dispatch(
                 }
             }
             if ctx.registry.was_deleted(&entry) {
-                if let Err(error) = ctx.access.forget(&p.name) {
+                let access = std::sync::Arc::clone(&ctx.access);
+                let name = p.name.clone();
+                if let Ok(Err(error)) =
+                    tokio::task::spawn_blocking(move || access.forget(&name)).await
+                {
                     tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
                 }
                 return Err(StorageError::NotFound(p.name).into());

@@ -63,7 +63,10 @@ pub async fn dispatch(
         }
         "snapshot.delete" => {
             let p: SnapshotParams = decode_params(method, params)?;
-            to_json(&entry(ctx, &p.volume)?.delete_snapshot(&p.name).await?)
+            let deleted = entry(ctx, &p.volume)?.delete_snapshot(&p.name).await?;
+            ctx.metrics
+                .forget_volume(&format!("{}@{}", p.volume, p.name));
+            to_json(&deleted)
         }
         "snapshot.rollback" => {
             let p: RollbackParams = decode_params(method, params)?;
@@ -290,7 +293,8 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     if let Some(closure) = volume.attachments().closure() {
         return Err(entry.closed_error(closure).into());
     }
-    let views = close_views_for_deletion(&entry.views(), params.force)?;
+    let all_views = entry.views();
+    let views = close_views_for_deletion(&all_views, params.force)?;
     let reopen_views = || {
         for view in &views.closed {
             view.attachments().reopen(Closure::Deletion);
@@ -345,6 +349,10 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         .await
     {
         tracing::warn!(volume = %params.name, "clients still attached after the drain timeout");
+    }
+    ctx.metrics.forget_volume(&params.name);
+    for view in &all_views {
+        ctx.metrics.forget_volume(view.name());
     }
     // Already durable (the hidden directory is dropped at the next start if this fails).
     let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&hidden)).await;

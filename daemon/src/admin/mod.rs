@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::access::AccessStore;
 use crate::backup::Backups;
+use crate::metrics::Metrics;
 use crate::policy::{Policies, Runner};
 use crate::servers::Servers;
 use crate::storage::Registry;
@@ -34,6 +35,8 @@ pub struct AdminContext {
     pub started: Instant,
     pub listeners: ListenerAddresses,
     pub io_engine: String,
+    /// To drop a deleted volume's series.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Where the daemon listens, as `status` reports it.

@@ -60,11 +60,16 @@ pub async fn dispatch(
                 }
             }
             let mut info = servers.create(&p.name, &p.volumes)?;
-            // A member deleted meanwhile goes, as if the delete came just after.
+            // A member deleted meanwhile goes, as if the delete came just after; a server left
+            // with none is not made (a server needs a volume).
             for entry in entries {
                 if ctx.registry.was_deleted(&entry) {
                     forget_deleted_member(ctx, entry.name());
                     info = servers.get(&p.name)?;
+                    if info.volumes.is_empty() {
+                        servers.delete(&p.name)?;
+                        return Err(StorageError::NotFound(entry.name().to_owned()).into());
+                    }
                 }
             }
             to_json(&info)

@@ -61,7 +61,7 @@ impl MetricsListener {
                     tokio::spawn(async move {
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
-                            _ = respond(stream, &metrics) => {}
+                            _ = respond(stream, metrics) => {}
                         }
                         drop(permit);
                     });
@@ -144,7 +144,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
     }
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) {
+async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) {
     let head = match read_head(&mut stream).await {
         Ok(head) => head,
         Err(HeadError::Gone) => return,
@@ -155,7 +155,15 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) {
     };
     let result = match route(&head) {
         Route::Metrics { head_only } => {
-            let body = metrics.encode();
+            // Off the runtime: dropping deleted volumes' series asks the registry, whose
+            // locks a resize or manifest commit holds across fsyncs.
+            let body = match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::warn!(%error, "encoding the metrics failed");
+                    return;
+                }
+            };
             write_response(
                 &mut stream,
                 "200 OK",

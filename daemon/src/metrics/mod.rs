@@ -53,8 +53,9 @@ pub struct Metrics {
     /// One handle per volume name, shared by its connections.
     handles: Mutex<HashMap<String, Arc<VolumeMetrics>>>,
     /// Whether a name is still exported, asked at each scrape: the series of deleted volumes
-    /// and snapshots go then (a volume made again under the name starts from zero, which
-    /// Prometheus reads as a counter reset).
+    /// and snapshots that `forget_volume` could not drop (a connection still held them, or
+    /// the snapshot went without an admin delete) go then. A volume made again under the
+    /// name starts from zero, which Prometheus reads as a counter reset.
     is_exported: OnceLock<ExportCheck>,
 }
 
@@ -264,13 +265,23 @@ impl Metrics {
         if gone.is_empty() {
             return;
         }
-        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
         for name in gone {
-            // A connection that attached meanwhile keeps them.
-            if handles.get(&name).is_some_and(idle) {
-                handles.remove(&name);
-                self.remove_series(&name);
-            }
+            self.forget_volume(&name);
+        }
+    }
+
+    /// Drops the series of `volume` (just deleted) unless a connection still holds its
+    /// handle; then the first scrape after that connection has ended drops them. Called by
+    /// the deletes, so that a volume made again under the name counts from zero whether or not
+    /// a scrape came in between.
+    pub fn forget_volume(&self, volume: &str) {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if handles
+            .get(volume)
+            .is_some_and(|handle| Arc::strong_count(handle) == 1)
+        {
+            handles.remove(volume);
+            self.remove_series(volume);
         }
     }
 
@@ -460,6 +471,30 @@ mod tests {
             .finish(512, true, Duration::ZERO);
         exported.lock().unwrap().push("gone".to_owned());
         assert_eq!(bytes(&metrics.encode(), "gone"), Some(512.0));
+    }
+
+    #[test]
+    fn a_deleted_volume_forgotten_without_a_scrape_counts_from_zero_when_made_again() {
+        let metrics = Metrics::new();
+        let write = |m: &Metrics, bytes| {
+            m.volume("v")
+                .start(Kind::Write)
+                .finish(bytes, true, Duration::ZERO)
+        };
+        write(&metrics, 4096);
+        // A connection still attached keeps the handle; the scrape after it ends drops it.
+        let held = metrics.volume("v");
+        metrics.forget_volume("v");
+        write(&metrics, 4096);
+        drop(held);
+        metrics.forget_volume("v");
+        write(&metrics, 512);
+        let text = metrics.encode();
+        assert_eq!(
+            line_value(&text, r#"evsd_volume_bytes_total{volume="v",kind="write"}"#),
+            Some(512.0),
+            "{text}"
+        );
     }
 
     #[test]

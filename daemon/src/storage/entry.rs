@@ -454,8 +454,10 @@ impl VolumeEntry {
         // The layer names its own id: the error is the volume's.
         let resized = if shrink {
             // Nothing is cut before the manifest with the new size is durable: a shrink that
-            // fails loses nothing.
+            // fails loses nothing. The new instance starts dirty: writes acknowledged before
+            // the shrink may not be synced yet, and a FLUSH syncs only dirty instances.
             head.reopened(&self.dir, size_bytes)
+                .inspect(Layer::mark_dirty)
         } else {
             head.grown(&self.dir, size_bytes)
         };

@@ -52,8 +52,27 @@ pub fn map_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.map"))
 }
 
-/// Frees `[offset_bytes, offset_bytes + length_bytes)` of `file`, which then reads as zeroes;
-/// the file keeps its length.
+/// Makes `[offset_bytes, offset_bytes + length_bytes)` of `file` read as zeroes, freeing it
+/// where the filesystem can punch holes and writing zero bytes where it cannot; the file keeps
+/// its length either way.
+fn zero_range(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Result<()> {
+    match punch_hole(file, offset_bytes, length_bytes) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+            use std::os::unix::fs::FileExt;
+            let zeroes = vec![0u8; length_bytes.min(1 << 20) as usize];
+            let mut at = offset_bytes;
+            let end = offset_bytes + length_bytes;
+            while at < end {
+                let n = (end - at).min(zeroes.len() as u64) as usize;
+                file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 fn punch_hole(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -151,9 +170,11 @@ impl Layer {
         })
     }
 
-    /// The same layer grown to `size_bytes`, its map mapped anew. Whatever an interrupted
-    /// shrink left past the old end in either file (its cut runs after the manifest, see
-    /// [`Layer::cut_tail`]) is dropped first, so the new blocks read as absent. The caller
+    /// The same layer grown to `size_bytes`, its map mapped anew. Whatever lies past the old
+    /// end in either file is dropped first, so the new blocks read as absent: a shrink leaves
+    /// its map file at the old length (an instance may still map it) with the tail marked
+    /// absent, and an interrupted one (its cut runs after the manifest, see
+    /// [`Layer::cut_tail`]) may leave old states and data there. The caller
     /// makes sure nothing writes the old instance any more (resize holds the write gate) and
     /// syncs the map before the manifest names the new size.
     pub fn grown(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
@@ -176,13 +197,13 @@ impl Layer {
         let old_map_bytes = blockmap::map_file_bytes(self.map.blocks());
         let map_file_bytes = len(&self.map_file, &map_path)?;
         if map_file_bytes > old_map_bytes {
-            // Punched, not truncated: an older instance may still map those bytes.
-            punch_hole(
+            // Zeroed, not truncated: an older instance may still map those bytes.
+            zero_range(
                 &self.map_file,
                 old_map_bytes,
                 map_file_bytes - old_map_bytes,
             )
-            .map_err(|e| StorageError::fs("punch", &map_path, e))?;
+            .map_err(|e| StorageError::fs("zero", &map_path, e))?;
         }
         self.data
             .set_len(size_bytes)
