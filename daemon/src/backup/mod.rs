@@ -456,11 +456,14 @@ impl Backups {
         entry: &Arc<VolumeEntry>,
         mut record: BackupRecord,
     ) -> Result<BackupRecord, BackupError> {
+        // The record first, durably: a snapshot it does not name would be left behind by a
+        // crash. The snapshot is not waited on to be durable (its fsyncs finish in the
+        // background): a job that resumes finds it or takes it again (see `upload::run`).
         let taken = async {
             self.files.save(&JobRecord::Backup(record.clone()))?;
-            entry.create_snapshot_durable(&record.snapshot).await?;
+            entry.create_snapshot(&record.snapshot).await?;
             record.snapshot_taken = true;
-            self.files.save(&JobRecord::Backup(record.clone()))
+            Ok::<_, BackupError>(())
         }
         .await;
         if let Err(e) = taken {

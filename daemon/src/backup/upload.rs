@@ -91,8 +91,11 @@ pub async fn run(
             record.volume
         )));
     }
-    if !record.snapshot_taken {
-        // The daemon stopped between recording the job and taking its snapshot.
+    if entry.manifest().snapshot(&record.snapshot).is_none() {
+        // The daemon stopped between recording the job and taking its snapshot, or before the
+        // snapshot was durable (it is taken without waiting for that): taken now, and nothing
+        // read from a lost one is kept.
+        record.done.clear();
         entry.create_snapshot_durable(&record.snapshot).await?;
         record.snapshot_taken = true;
         svc.files.save(&JobRecord::Backup(record.clone()))?;
