@@ -1802,38 +1802,3 @@ fn incremental_does_not_list_the_store_and_still_dedups_whole_chunks() {
     restore_new(&d, "r", b2["id"].as_str().unwrap());
     assert_same("restored incremental", &read_export(&d, "r"), &model);
 }
-
-/// A backup's snapshot is taken without waiting for it to be durable: a power loss can take it
-/// while the job's record survives. Staged by holding the job back with a garbage collection's
-/// lock, killing the daemon and removing the snapshot from the volume's manifest. At the next
-/// start the job takes the snapshot again and completes.
-#[test]
-fn a_backup_whose_snapshot_was_lost_takes_it_again_when_resumed() {
-    let mut d = start();
-    let model = half_random(&d, "vol0", 16 * MIB, 71);
-    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
-    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    fs::write(&gc_lock, b"{}").unwrap();
-    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(job(&d, &job_id)["state"], "running");
-    d.kill9();
-    let manifest_path = d.data_dir().join("volumes/vol0/volume.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
-    let snapshots = manifest["snapshots"].as_array_mut().unwrap();
-    let before = snapshots.len();
-    snapshots.retain(|s| s["name"] != json!(format!("vbs-{backup_id}")));
-    assert_eq!(snapshots.len(), before - 1, "{manifest:#}");
-    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    fs::remove_file(&gc_lock).unwrap();
-    d.restart();
-    let j = wait_job_ok(&d, &job_id);
-    assert_eq!(j["backup_id"], json!(backup_id), "{j:#}");
-    restore_new(&d, "r", &backup_id);
-    assert_same(
-        "restore of the resumed backup",
-        &read_export(&d, "r"),
-        &model,
-    );
-}

@@ -456,14 +456,11 @@ impl Backups {
         entry: &Arc<VolumeEntry>,
         mut record: BackupRecord,
     ) -> Result<BackupRecord, BackupError> {
-        // The record first, durably: a snapshot it does not name would be left behind by a
-        // crash. The snapshot is not waited on to be durable (its fsyncs finish in the
-        // background): a job that resumes finds it or takes it again (see `upload::run`).
         let taken = async {
             self.files.save(&JobRecord::Backup(record.clone()))?;
-            entry.create_snapshot(&record.snapshot).await?;
+            entry.create_snapshot_durable(&record.snapshot).await?;
             record.snapshot_taken = true;
-            Ok::<_, BackupError>(())
+            self.files.save(&JobRecord::Backup(record.clone()))
         }
         .await;
         if let Err(e) = taken {

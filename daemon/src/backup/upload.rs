@@ -91,11 +91,8 @@ pub async fn run(
             record.volume
         )));
     }
-    if entry.manifest().snapshot(&record.snapshot).is_none() {
-        // The daemon stopped between recording the job and taking its snapshot, or before the
-        // snapshot was durable (it is taken without waiting for that): taken now, and nothing
-        // read from a lost one is kept.
-        record.done.clear();
+    if !record.snapshot_taken {
+        // The daemon stopped between recording the job and taking its snapshot.
         entry.create_snapshot_durable(&record.snapshot).await?;
         record.snapshot_taken = true;
         svc.files.save(&JobRecord::Backup(record.clone()))?;
