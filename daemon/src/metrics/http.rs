@@ -161,6 +161,14 @@ async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) {
                 Ok(body) => body,
                 Err(error) => {
                     tracing::warn!(%error, "encoding the metrics failed");
+                    let _ = write_response(
+                        &mut stream,
+                        "500 Internal Server Error",
+                        "text/plain",
+                        b"encoding the metrics failed\n",
+                        false,
+                    )
+                    .await;
                     return;
                 }
             };
