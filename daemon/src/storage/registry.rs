@@ -651,6 +651,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_durable_snapshot_makes_the_writes_before_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        let vol = reg.create("v", 1 << 20).unwrap();
+        vol.write(0, tagged(0x31, 4096), false).await.unwrap();
+        let frozen = Arc::clone(&vol.chain().layers()[0]);
+        assert!(frozen.is_dirty());
+        let entry = reg.entry("v").unwrap();
+        entry.create_snapshot_durable("s").await.unwrap();
+        assert!(
+            !frozen.is_dirty(),
+            "a backup would read writes a power loss can take"
+        );
+        assert_eq!(
+            &vol.read(0, 4096).await.unwrap()[..],
+            &tagged(0x31, 4096)[..]
+        );
+    }
+
+    #[tokio::test]
     async fn a_shrink_whose_manifest_write_fails_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();

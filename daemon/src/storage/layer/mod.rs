@@ -325,6 +325,12 @@ impl Layer {
         self.mark_dirty();
     }
 
+    /// Whether something changed since the last sync.
+    #[cfg(test)]
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
     /// Called after a data write completes (never before: a concurrent flush could clear the
     /// flag and sync before the bytes are there).
     pub fn mark_dirty(&self) {
