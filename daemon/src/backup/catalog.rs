@@ -96,7 +96,7 @@ impl Catalog {
     /// Every complete backup in the store, oldest first. A manifest that cannot be read is
     /// logged and left out, never deleted.
     pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
-        let listing = self.listings.fetch_add(1, Ordering::AcqRel) + 1;
+        let listing = self.begin_listing();
         let ids = self.store.list_manifest_ids().await?;
         let missing: Vec<String> = {
             let known = self.known();
@@ -112,12 +112,22 @@ impl Catalog {
                 Err(e) => tracing::error!(backup = %id, error = %e, "unreadable backup manifest"),
             }
         }
+        Ok(self.end_listing(listing, &ids))
+    }
+
+    /// Numbers a listing about to begin.
+    fn begin_listing(&self) -> u64 {
+        self.listings.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Brings the summaries in line with listing number `listing`, which found `ids` (sorted).
+    fn end_listing(&self, listing: u64, ids: &[String]) -> Vec<BackupInfo> {
         let mut known = self.known();
         // A backup this daemon stored since this listing began stays: its manifest may have
         // landed after the listing looked.
         known.retain(|id, (seen, _)| *seen >= listing || ids.binary_search(id).is_ok());
         self.listed.store(true, Ordering::Release);
-        Ok(sorted(&known))
+        sorted(&known)
     }
 
     /// Every backup this daemon knows of, asking the store only until a listing has succeeded
@@ -177,9 +187,6 @@ fn sorted(known: &BTreeMap<String, (u64, BackupInfo)>) -> Vec<BackupInfo> {
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::task::Context;
-
     use super::*;
     use crate::backup::manifest::{manifest_key, sample_for_test};
 
@@ -197,10 +204,11 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, sample_for_test(id).to_json_bytes()).unwrap();
         };
-        let (a, b, c) = (
+        let (a, b, c, d) = (
             "b-20261201T000000Z-0000000a",
             "b-20261201T000001Z-0000000b",
             "b-20261201T000002Z-0000000c",
+            "b-20261201T000003Z-0000000d",
         );
         file(a);
         let catalog = Catalog::new(store);
@@ -210,18 +218,13 @@ mod tests {
         file(b);
         assert_eq!(ids(&catalog.list_known().await.unwrap()), [a]);
         assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);
-        // Remembered while a listing runs (its manifest stored after the listing looked):
-        // the listing keeps it.
-        let listing = catalog.list();
-        let mut listing = std::pin::pin!(listing);
-        let waker = futures_util::task::noop_waker();
-        let first = listing.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(
-            first.is_pending(),
-            "the listing reads the store off the runtime"
-        );
+        // Stored by this daemon while a listing runs (after the listing looked): the listing
+        // keeps it; one only read from the store meanwhile is not kept unless listed.
+        let listing = catalog.begin_listing();
         catalog.remember_stored(&sample_for_test(c));
-        assert_eq!(ids(&listing.await.unwrap()), [a, b, c]);
+        catalog.remember_listed(&sample_for_test(d));
+        let listed = [a.to_owned(), b.to_owned()];
+        assert_eq!(ids(&catalog.end_listing(listing, &listed)), [a, b, c]);
         // A later listing that does not find it drops it (deleted by another daemon).
         assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);
         catalog.forget(a);

@@ -87,6 +87,9 @@ impl Default for EngineConfig {
 #[derive(Clone)]
 pub struct IoEngine {
     backend: Arc<Backend>,
+    /// The thread-pool engine that takes over once an io_uring ring has failed (the kernel
+    /// refused it): requests in flight then fail, later ones are served.
+    fallback: Arc<std::sync::OnceLock<ThreadsEngine>>,
     nowait: Arc<NoWait>,
     inline_writes: Arc<InlineWrites>,
     residency: Arc<Residency>,
@@ -95,6 +98,11 @@ pub struct IoEngine {
 enum Backend {
     Uring(UringEngine),
     Threads(ThreadsEngine),
+}
+
+enum BackendRef<'a> {
+    Uring(&'a UringEngine),
+    Threads(&'a ThreadsEngine),
 }
 
 impl fmt::Debug for IoEngine {
@@ -125,10 +133,25 @@ impl IoEngine {
         };
         Ok(IoEngine {
             backend: Arc::new(backend),
+            fallback: Arc::default(),
             nowait: Arc::new(NoWait::new(config.inline_cached_io)),
             inline_writes: Arc::new(InlineWrites::new(config.inline_cached_io)),
             residency: Arc::new(Residency::new(config.inline_cached_io)),
         })
+    }
+
+    /// The engine requests go to: the thread pool once an io_uring ring has failed.
+    fn backend(&self) -> BackendRef<'_> {
+        match &*self.backend {
+            Backend::Uring(engine) if engine.is_broken() => {
+                BackendRef::Threads(self.fallback.get_or_init(|| {
+                    tracing::error!("an io_uring ring failed: disk I/O goes through the thread-pool engine from now on");
+                    ThreadsEngine::new()
+                }))
+            }
+            Backend::Uring(engine) => BackendRef::Uring(engine),
+            Backend::Threads(engine) => BackendRef::Threads(engine),
+        }
     }
 
     pub fn kind(&self) -> EngineKind {
@@ -217,9 +240,9 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<usize> {
-        match &*self.backend {
-            Backend::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
-            Backend::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
+        match self.backend() {
+            BackendRef::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
+            BackendRef::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
         }
     }
 
@@ -303,16 +326,16 @@ impl IoEngine {
     ) -> io::Result<()> {
         check_offset(offset)?;
         check_offset(len)?;
-        match &*self.backend {
-            Backend::Uring(engine) => engine.fallocate(file, mode, offset, len).await,
-            Backend::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
+        match self.backend() {
+            BackendRef::Uring(engine) => engine.fallocate(file, mode, offset, len).await,
+            BackendRef::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
         }
     }
 
     async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
-        match &*self.backend {
-            Backend::Uring(engine) => engine.sync(file, datasync).await,
-            Backend::Threads(engine) => engine.sync(file, datasync).await,
+        match self.backend() {
+            BackendRef::Uring(engine) => engine.sync(file, datasync).await,
+            BackendRef::Threads(engine) => engine.sync(file, datasync).await,
         }
     }
 
@@ -336,9 +359,9 @@ impl IoEngine {
         if let Some(result) = self.nowait.try_read(file, offset, &mut buf[buf_start..]) {
             return (buf, result);
         }
-        match &*self.backend {
-            Backend::Uring(engine) => engine.read_into(file, offset, buf, buf_start).await,
-            Backend::Threads(engine) => engine.read_into(file, offset, buf, buf_start).await,
+        match self.backend() {
+            BackendRef::Uring(engine) => engine.read_into(file, offset, buf, buf_start).await,
+            BackendRef::Threads(engine) => engine.read_into(file, offset, buf, buf_start).await,
         }
     }
 }
@@ -397,6 +420,46 @@ mod tests {
         fn bytes(&mut self, len: usize) -> Vec<u8> {
             (0..len).map(|_| self.next() as u8).collect()
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_ring_hands_later_requests_to_the_thread_pool() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let data = Bytes::from(Rng(7).bytes(8192));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.break_rings_for_test();
+        let started = std::time::Instant::now();
+        while !uring.is_broken() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Served by the fallback: reads, writes, syncs, fallocate.
+        let (back, read) = engine.read_exact_at(&file, 0, BytesMut::zeroed(8192)).await;
+        read.unwrap();
+        assert_eq!(&back[..], &data[..]);
+        let more = Bytes::from(Rng(8).bytes(4096));
+        engine
+            .write_all_at(&file, 8192, more.clone(), true)
+            .await
+            .unwrap();
+        engine.fdatasync(&file).await.unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        engine.fallocate(&file, punch, 0, 4096).await.unwrap();
+        let (back, read) = engine
+            .read_exact_at(&file, 0, BytesMut::zeroed(12288))
+            .await;
+        read.unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&back[4096..8192], &data[4096..]);
+        assert_eq!(&back[8192..], &more[..]);
+        assert!(engine.fallback.get().is_some());
     }
 
     #[test]

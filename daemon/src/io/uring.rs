@@ -123,6 +123,23 @@ impl UringEngine {
         self.submit(file, op).await.result.map(drop)
     }
 
+    /// Whether a ring has failed (`RingWorker::fail_everything` closed its queue): every
+    /// request sent to it from then on fails.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.rings
+            .iter()
+            .any(|ring| ring.shared.queue_permits.is_closed())
+    }
+
+    /// Makes every ring fail as if the kernel had refused it, for tests of what follows.
+    #[cfg(test)]
+    pub(crate) fn break_rings_for_test(&self) {
+        for ring in &self.rings {
+            ring.shared.poisoned.store(true, Ordering::SeqCst);
+            ring.shared.wake();
+        }
+    }
+
     async fn submit(&self, file: &Arc<File>, op: Op) -> Reply {
         // Round-robin is enough: ops on one file need no ordering between rings, because the
         // NBD layer only promises flushes cover writes that had already completed.
@@ -152,6 +169,9 @@ struct RingShared {
     /// One permit per request queued or in flight; sized to the channel capacity so a send
     /// after acquiring a permit never finds the channel full.
     queue_permits: Arc<Semaphore>,
+    /// Set by a test to make the ring thread fail.
+    #[cfg(test)]
+    poisoned: AtomicBool,
 }
 
 impl RingShared {
@@ -206,6 +226,8 @@ impl RingHandle {
             spin_before_sleep,
             wake_fd,
             queue_permits: Arc::new(Semaphore::new(queue_capacity)),
+            #[cfg(test)]
+            poisoned: AtomicBool::new(false),
         });
         let (requests, request_rx) = mpsc::sync_channel(queue_capacity);
         let (setup_tx, setup_rx) = mpsc::channel();
@@ -522,6 +544,10 @@ impl RingWorker {
     fn run(&mut self) -> io::Result<()> {
         loop {
             self.reap_completions();
+            #[cfg(test)]
+            if self.shared.poisoned.load(Ordering::SeqCst) {
+                return Err(io::Error::other("ring failed on purpose (test)"));
+            }
             if let Some(err) = self.wake_read_error.take() {
                 // Without the eventfd read the thread could sleep through new requests.
                 return Err(err);
