@@ -140,10 +140,12 @@ impl IoEngine {
         })
     }
 
-    /// The engine requests go to: the thread pool once an io_uring ring has failed.
+    /// The engine requests go to: the thread pool once an io_uring ring has failed with no
+    /// write in flight (with one, the failed ring stays, failing everything, as a write of it
+    /// could still land over a later one).
     fn backend(&self) -> BackendRef<'_> {
         match &*self.backend {
-            Backend::Uring(engine) if engine.is_broken() => {
+            Backend::Uring(engine) if engine.is_broken() && !engine.lost_writes() => {
                 BackendRef::Threads(self.fallback.get_or_init(|| {
                     tracing::error!("an io_uring ring failed: disk I/O goes through the thread-pool engine from now on");
                     ThreadsEngine::new()
@@ -156,8 +158,8 @@ impl IoEngine {
 
     pub fn kind(&self) -> EngineKind {
         match *self.backend {
-            Backend::Uring(_) => EngineKind::Uring,
-            Backend::Threads(_) => EngineKind::Threads,
+            Backend::Uring(_) if self.fallback.get().is_none() => EngineKind::Uring,
+            Backend::Uring(_) | Backend::Threads(_) => EngineKind::Threads,
         }
     }
 
@@ -459,7 +461,29 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0));
         assert_eq!(&back[4096..8192], &data[4096..]);
         assert_eq!(&back[8192..], &more[..]);
-        assert!(engine.fallback.get().is_some());
+        assert_eq!(engine.kind(), EngineKind::Threads);
+    }
+
+    #[tokio::test]
+    async fn a_ring_that_failed_with_writes_in_flight_is_not_replaced() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.break_rings_for_test();
+        let started = std::time::Instant::now();
+        while !uring.is_broken() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // As if a write had been in the kernel: it may still land, so nothing takes over.
+        uring.mark_lost_writes_for_test();
+        let written = engine
+            .write_all_at(&file, 0, Bytes::from(vec![1u8; 4096]), true)
+            .await;
+        assert!(written.is_err(), "a write went to another engine");
+        assert_eq!(engine.kind(), EngineKind::Uring);
     }
 
     #[test]

@@ -131,6 +131,23 @@ impl UringEngine {
             .any(|ring| ring.shared.queue_permits.is_closed())
     }
 
+    /// Whether a failed ring had writes or fallocates in the kernel when it failed. Nothing
+    /// says when those end: one could land after a later write to the same blocks and undo it,
+    /// so no other engine may take over.
+    pub(crate) fn lost_writes(&self) -> bool {
+        self.rings
+            .iter()
+            .any(|ring| ring.shared.lost_writes.load(Ordering::SeqCst))
+    }
+
+    /// Marks the failed rings as having had writes in flight, for tests of what follows.
+    #[cfg(test)]
+    pub(crate) fn mark_lost_writes_for_test(&self) {
+        for ring in &self.rings {
+            ring.shared.lost_writes.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Makes every ring fail as if the kernel had refused it, for tests of what follows.
     #[cfg(test)]
     pub(crate) fn break_rings_for_test(&self) {
@@ -169,6 +186,8 @@ struct RingShared {
     /// One permit per request queued or in flight; sized to the channel capacity so a send
     /// after acquiring a permit never finds the channel full.
     queue_permits: Arc<Semaphore>,
+    /// Set when the ring failed with writes or fallocates in flight (before the queue closes).
+    lost_writes: AtomicBool,
     /// Set by a test to make the ring thread fail.
     #[cfg(test)]
     poisoned: AtomicBool,
@@ -226,6 +245,7 @@ impl RingHandle {
             spin_before_sleep,
             wake_fd,
             queue_permits: Arc::new(Semaphore::new(queue_capacity)),
+            lost_writes: AtomicBool::new(false),
             #[cfg(test)]
             poisoned: AtomicBool::new(false),
         });
@@ -775,6 +795,16 @@ impl RingWorker {
     fn fail_everything(&mut self, err: &io::Error) {
         tracing::error!(error = %err, "io_uring thread failed; failing outstanding I/O");
         let failure = || io::Error::new(err.kind(), format!("io_uring ring failed: {err}"));
+        let writes_in_flight = self
+            .slots
+            .entries
+            .iter()
+            .flatten()
+            .any(|request| matches!(request.op, Op::Write { .. } | Op::Fallocate { .. }));
+        // Before the queue closes, so that whoever sees it closed also sees this.
+        self.shared
+            .lost_writes
+            .store(writes_in_flight, Ordering::SeqCst);
         self.shared.queue_permits.close();
         for slot in &mut self.slots.entries {
             if let Some(request) = slot.take() {

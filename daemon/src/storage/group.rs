@@ -39,17 +39,19 @@ pub(crate) struct Published {
 
 impl Published {
     /// Waits until every manifest the freeze put in place is durable, and with it every write
-    /// acknowledged before the freeze (a FLUSH of each member): a backup reads the snapshot,
+    /// acknowledged before the freeze (the frozen layers synced; the new heads, which clients
+    /// write on meanwhile, are not waited for): a backup reads the snapshot,
     /// and a power loss must not take writes it has read, or a job resumed after it would
     /// mix the two states and the next incremental would start from a state the volume no
     /// longer has.
     pub(crate) async fn wait_durable(&self) -> Result<(), StorageError> {
-        for (volume, generation) in &self.members {
+        let members = self.members.iter().map(|(volume, generation)| async move {
             if let Some(writer) = volume.writer() {
                 writer.persist.wait_durable(*generation).await?;
             }
-            volume.flush().await?;
-        }
+            volume.sync_frozen().await
+        });
+        futures_util::future::try_join_all(members).await?;
         Ok(())
     }
 }

@@ -120,8 +120,8 @@ impl VolumeEntry {
     }
 
     /// [`VolumeEntry::create_snapshot`], durable when it returns, with every write acknowledged
-    /// before it (a FLUSH): for callers that record the snapshot elsewhere right after and
-    /// read it (backup jobs).
+    /// before it: for callers that record the snapshot elsewhere right after and read it
+    /// (backup jobs).
     pub async fn create_snapshot_durable(&self, name: &str) -> Result<SnapshotInfo, StorageError> {
         self.create_snapshot_with(name, true).await
     }

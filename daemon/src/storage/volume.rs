@@ -785,6 +785,15 @@ impl Volume {
         Ok(())
     }
 
+    /// Syncs every layer below the head: after a freeze, the writes acknowledged before it.
+    pub(crate) async fn sync_frozen(&self) -> Result<(), StorageError> {
+        let chain = self.chain();
+        for layer in chain.layers().iter().skip(1) {
+            layer.sync(&self.engine).await?;
+        }
+        Ok(())
+    }
+
     /// Prefetch hint (NBD_CMD_CACHE): asks the kernel to read the range ahead in the layers
     /// that hold it.
     pub fn cache(&self, offset_bytes: u64, length_bytes: u64) {
