@@ -424,15 +424,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_ring_hands_later_requests_to_the_thread_pool() {
-        let engine = engines().remove(0);
-        let file = temp_file();
-        let data = Bytes::from(Rng(7).bytes(8192));
-        engine
-            .write_all_at(&file, 0, data.clone(), false)
-            .await
-            .unwrap();
+    /// Makes `engine`'s rings fail and waits until they have; returns the io_uring engine.
+    async fn break_rings(engine: &IoEngine) -> &UringEngine {
         let Backend::Uring(uring) = &*engine.backend else {
             panic!("not the io_uring engine");
         };
@@ -442,6 +435,19 @@ mod tests {
             assert!(started.elapsed() < std::time::Duration::from_secs(5));
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+        uring
+    }
+
+    #[tokio::test]
+    async fn a_failed_ring_hands_later_requests_to_the_thread_pool() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let data = Bytes::from(Rng(7).bytes(8192));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        let uring = break_rings(&engine).await;
         // Served by the fallback: reads, writes, syncs, fallocate.
         let (back, read) = engine.read_exact_at(&file, 0, BytesMut::zeroed(8192)).await;
         read.unwrap();
@@ -468,15 +474,7 @@ mod tests {
     async fn a_ring_that_failed_with_writes_in_flight_is_not_replaced() {
         let engine = engines().remove(0);
         let file = temp_file();
-        let Backend::Uring(uring) = &*engine.backend else {
-            panic!("not the io_uring engine");
-        };
-        uring.break_rings_for_test();
-        let started = std::time::Instant::now();
-        while !uring.is_broken() {
-            assert!(started.elapsed() < std::time::Duration::from_secs(5));
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        let uring = break_rings(&engine).await;
         // As if a write had been in the kernel: it may still land, so nothing takes over.
         uring.mark_lost_writes_for_test();
         let written = engine

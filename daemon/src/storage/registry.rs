@@ -488,9 +488,7 @@ mod tests {
     /// one wins, and of two removes one, the other finding it gone.
     #[test]
     fn racing_creates_and_removes_of_one_name_have_one_winner() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let reg = Registry::open(dir.path(), engine).unwrap();
+        let (_dir, reg) = temp_registry();
         for round in 0..4 {
             let created: Vec<_> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..8)
@@ -633,9 +631,7 @@ mod tests {
 
     #[test]
     fn a_deleted_entry_is_told_apart_from_a_new_volume_of_its_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let reg = Registry::open(dir.path(), engine).unwrap();
+        let (_dir, reg) = temp_registry();
         reg.create("v", 1 << 20).unwrap();
         let old = reg.entry("v").unwrap();
         assert!(!reg.was_deleted(&old));
@@ -646,15 +642,21 @@ mod tests {
         assert!(!reg.was_deleted(&reg.entry("v").unwrap()));
     }
 
+    /// A registry over a fresh data dir (kept while the returned guard lives).
+    fn temp_registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let reg = Registry::open(dir.path(), engine).unwrap();
+        (dir, reg)
+    }
+
     fn tagged(tag: u8, length_bytes: usize) -> bytes::Bytes {
         bytes::Bytes::from(vec![tag; length_bytes])
     }
 
     #[tokio::test]
     async fn a_durable_snapshot_makes_the_writes_before_it_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let reg = Registry::open(dir.path(), engine).unwrap();
+        let (_dir, reg) = temp_registry();
         let vol = reg.create("v", 1 << 20).unwrap();
         vol.write(0, tagged(0x31, 4096), false).await.unwrap();
         let frozen = Arc::clone(&vol.chain().layers()[0]);
@@ -673,9 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_shrink_whose_manifest_write_fails_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let reg = Registry::open(dir.path(), engine).unwrap();
+        let (_dir, reg) = temp_registry();
         let vol = reg.create("v", 2 << 20).unwrap();
         let tail_offset = (1 << 20) + 8192;
         vol.write(tail_offset, tagged(0x5a, 4096), false)
