@@ -90,7 +90,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     let engine =
         IoEngine::new(settings.io_engine, &engine_config).context("starting the I/O engine")?;
     tracing::info!(engine = %engine.kind(), "I/O engine ready");
-    let io_engine = engine.kind().to_string();
+    let io_engine = engine.clone();
 
     let registry = Arc::new(
         Registry::open(&settings.data_dir, engine)
@@ -242,7 +242,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     systemd::ready(&format!(
         "serving {} volume(s), {} I/O",
         registry.list().len(),
-        admin_context.io_engine
+        admin_context.io_engine.kind()
     ));
 
     let serve_metrics = async {

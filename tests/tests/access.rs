@@ -515,8 +515,12 @@ fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
         let member = spam("server.add_volume", json!({"name": "srv", "volume": name}));
         std::thread::sleep(Duration::from_millis(5 + round % 7));
         admin_ok(&d, "volume.delete", json!({"name": name}));
-        rules.join().unwrap();
-        member.join().unwrap();
+        // Each side stored at least once before the delete: the calls ran against it.
+        assert!(rules.join().unwrap() > 0, "round {round}: no rule was set");
+        assert!(
+            member.join().unwrap() > 0,
+            "round {round}: no member was added"
+        );
         let listed = admin_ok(&d, "access.list", json!({}));
         assert_eq!(
             listed,

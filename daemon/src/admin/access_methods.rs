@@ -70,7 +70,7 @@ pub async fn dispatch(
                 tls_only: p.tls_only,
                 max_connections: p.max_connections,
             };
-            let access = std::sync::Arc::clone(&ctx.access);
+            let access = Arc::clone(&ctx.access);
             let name = p.name.clone();
             match tokio::task::spawn_blocking(move || access.set(&name, policy)).await {
                 Ok(result) => result?,
@@ -82,12 +82,17 @@ pub async fn dispatch(
                 }
             }
             if ctx.registry.was_deleted(&entry) {
-                let access = std::sync::Arc::clone(&ctx.access);
+                let access = Arc::clone(&ctx.access);
                 let name = p.name.clone();
-                if let Ok(Err(error)) =
-                    tokio::task::spawn_blocking(move || access.forget(&name)).await
-                {
-                    tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
+                let forgotten = tokio::task::spawn_blocking(move || access.forget(&name)).await;
+                match forgotten {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
+                    }
+                    Err(error) => {
+                        tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
+                    }
                 }
                 return Err(StorageError::NotFound(p.name).into());
             }

@@ -173,7 +173,7 @@ struct Status<'a> {
     version: &'static str,
     uptime_secs: u64,
     listeners: &'a crate::admin::ListenerAddresses,
-    io_engine: &'a str,
+    io_engine: String,
     volumes: Vec<VolumeSummary>,
 }
 
@@ -409,7 +409,7 @@ fn status(ctx: &AdminContext) -> Result<Value, AdminError> {
         version: env!("CARGO_PKG_VERSION"),
         uptime_secs: ctx.started.elapsed().as_secs(),
         listeners: &ctx.listeners,
-        io_engine: &ctx.io_engine,
+        io_engine: ctx.io_engine.kind().to_string(),
         volumes: ctx
             .registry
             .list()

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::access::AccessStore;
 use crate::backup::Backups;
+use crate::io::IoEngine;
 use crate::metrics::Metrics;
 use crate::policy::{Policies, Runner};
 use crate::servers::Servers;
@@ -34,7 +35,8 @@ pub struct AdminContext {
     pub policy_runner: Arc<dyn Runner>,
     pub started: Instant,
     pub listeners: ListenerAddresses,
-    pub io_engine: String,
+    /// Asked at each `status`: a failed io_uring ring can hand over to the thread pool.
+    pub io_engine: IoEngine,
     /// To drop a deleted volume's series.
     pub metrics: Arc<Metrics>,
 }

@@ -88,7 +88,8 @@ impl Default for EngineConfig {
 pub struct IoEngine {
     backend: Arc<Backend>,
     /// The thread-pool engine that takes over once an io_uring ring has failed (the kernel
-    /// refused it): requests in flight then fail, later ones are served.
+    /// refused it) with no write in the kernel: requests in flight then fail, later ones are
+    /// served.
     fallback: Arc<std::sync::OnceLock<ThreadsEngine>>,
     nowait: Arc<NoWait>,
     inline_writes: Arc<InlineWrites>,
@@ -447,7 +448,7 @@ mod tests {
             .write_all_at(&file, 0, data.clone(), false)
             .await
             .unwrap();
-        let uring = break_rings(&engine).await;
+        break_rings(&engine).await;
         // Served by the fallback: reads, writes, syncs, fallocate.
         let (back, read) = engine.read_exact_at(&file, 0, BytesMut::zeroed(8192)).await;
         read.unwrap();

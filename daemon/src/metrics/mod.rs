@@ -262,9 +262,6 @@ impl Metrics {
             .into_iter()
             .filter(|name| !is_exported(name))
             .collect();
-        if gone.is_empty() {
-            return;
-        }
         for name in gone {
             self.forget_volume(&name);
         }

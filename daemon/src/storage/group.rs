@@ -213,7 +213,8 @@ pub(crate) async fn freeze_heads(
         m.entry.spare_head.replenish(&m.entry.dir, *size_bytes);
     }
     // The frozen layers' unflushed writes become durable at the next FLUSH, which syncs every
-    // layer of the chain, or whenever the kernel writes them back. Syncing them right away, as
+    // layer of the chain, or whenever the kernel writes them back (a backup's snapshot syncs
+    // them in `Published::wait_durable`, after writes resume). Syncing them right away, as
     // this once did, wrote back a whole head's dirty pages while clients kept writing: with a
     // snapshot every 100 ms, fio's 4 KiB writes on a 1 TiB volume ran at a third of their rate
     // and snapshot creates waited up to 464 ms for the writes caught in flight.

@@ -778,17 +778,18 @@ impl Volume {
             // after this point keeps the older heads in its chain, which are synced below.
             writer.persist.wait_durable(generation).await?;
         }
-        let chain = self.chain();
-        for layer in chain.layers() {
-            layer.sync(&self.engine).await?;
-        }
-        Ok(())
+        self.sync_layers(0).await
     }
 
     /// Syncs every layer below the head: after a freeze, the writes acknowledged before it.
     pub(crate) async fn sync_frozen(&self) -> Result<(), StorageError> {
+        self.sync_layers(1).await
+    }
+
+    /// Syncs the chain's layers from the `first_layer`-th (0: the head) down.
+    async fn sync_layers(&self, first_layer: usize) -> Result<(), StorageError> {
         let chain = self.chain();
-        for layer in chain.layers().iter().skip(1) {
+        for layer in chain.layers().iter().skip(first_layer) {
             layer.sync(&self.engine).await?;
         }
         Ok(())
