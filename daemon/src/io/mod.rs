@@ -26,6 +26,7 @@ pub use error::EngineError;
 use inline_write::InlineWrites;
 use nowait::NoWait;
 use page_cache::Residency;
+pub(crate) use threads::fallocate_blocking;
 use threads::ThreadsEngine;
 use uring::UringEngine;
 

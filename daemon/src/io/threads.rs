@@ -74,23 +74,26 @@ impl ThreadsEngine {
         len: u64,
     ) -> io::Result<()> {
         let file = Arc::clone(file);
-        // The caller (IoEngine) has already checked both values fit in off_t.
-        let offset = offset as libc::off_t;
-        let len = len as libc::off_t;
-        run_blocking(move || {
-            retry_eintr(|| {
-                // SAFETY: fallocate only reads its integer arguments; the fd is valid because
-                // `file` is owned by this closure for the duration of the call.
-                let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            })
-        })
-        .await
+        run_blocking(move || fallocate_blocking(&file, mode, offset, len)).await
     }
+}
+
+/// fallocate(2) on the calling thread, retried on EINTR; EFBIG when a value does not fit in
+/// off_t.
+pub(crate) fn fallocate_blocking(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    retry_eintr(|| {
+        // SAFETY: fallocate only reads its integer arguments; the fd is valid because `file`
+        // is borrowed for the duration of the call.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    })
 }
 
 /// Write with RWF_DSYNC so only this write's data is made durable (cheaper than a whole-file

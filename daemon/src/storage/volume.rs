@@ -906,7 +906,7 @@ fn advise_willneed(layer: &Layer, offset_bytes: u64, length_bytes: u64) {
     };
 }
 
-fn is_unsupported(e: &std::io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)

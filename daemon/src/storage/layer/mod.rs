@@ -56,8 +56,9 @@ pub fn map_path(dir: &Path, id: &str) -> PathBuf {
 /// where the filesystem can punch holes and writing zero bytes where it cannot; the file keeps
 /// its length either way.
 fn zero_range(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Result<()> {
-    match punch_hole(file, offset_bytes, length_bytes) {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match crate::io::fallocate_blocking(file, punch, offset_bytes, length_bytes) {
+        Err(e) if crate::storage::volume::is_unsupported(&e) => {
             use std::os::unix::fs::FileExt;
             let zeroes = vec![0u8; length_bytes.min(1 << 20) as usize];
             let mut at = offset_bytes;
@@ -70,29 +71,6 @@ fn zero_range(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Res
             Ok(())
         }
         other => other,
-    }
-}
-
-fn punch_hole(file: &File, offset_bytes: u64, length_bytes: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    let (Ok(offset), Ok(length)) = (
-        libc::off_t::try_from(offset_bytes),
-        libc::off_t::try_from(length_bytes),
-    ) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
-    };
-    loop {
-        // SAFETY: the descriptor stays open for the call (borrowed from `file`); no memory is
-        // passed to the kernel.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, length) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::Interrupted {
-            return Err(error);
-        }
     }
 }
 
@@ -181,11 +159,7 @@ impl Layer {
         debug_assert!(size_bytes > self.size_bytes);
         let data_path = data_path(dir, &self.id);
         let map_path = map_path(dir, &self.id);
-        let resize_error = |e| StorageError::Resize {
-            name: self.id.clone(),
-            size_bytes,
-            source: e,
-        };
+        let resize_error = |e| self.resize_error(size_bytes, e);
         let len = |f: &File, p: &Path| {
             f.metadata()
                 .map(|m| m.len())
@@ -260,11 +234,15 @@ impl Layer {
         self.data
             .set_len(size_bytes)
             .and_then(|()| self.data.sync_all())
-            .map_err(|e| StorageError::Resize {
-                name: self.id.clone(),
-                size_bytes,
-                source: e,
-            })
+            .map_err(|e| self.resize_error(size_bytes, e))
+    }
+
+    fn resize_error(&self, size_bytes: u64, source: std::io::Error) -> StorageError {
+        StorageError::Resize {
+            name: self.id.clone(),
+            size_bytes,
+            source,
+        }
     }
 
     pub fn id(&self) -> &str {
