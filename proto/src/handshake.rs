@@ -218,6 +218,11 @@ impl ServerHandshake {
                     }
                     let option = u32::from_be_bytes(input[8..12].try_into().expect("4 bytes"));
                     let length = u32::from_be_bytes(input[12..16].try_into().expect("4 bytes"));
+                    if option == OPT_SET_META_CONTEXT {
+                        // "replaces all previously-set metadata contexts (including when this
+                        // command fails)": whatever follows, a SET leaves none selected first.
+                        self.clear_meta();
+                    }
                     if length > self.config.max_option_bytes {
                         if option == OPT_EXPORT_NAME {
                             return Err(HandshakeError::ExportNameTooLong {
@@ -227,10 +232,6 @@ impl ServerHandshake {
                         }
                         self.count_option()?;
                         input.advance(16);
-                        if option == OPT_SET_META_CONTEXT {
-                            // A SET replaces the selection even when it fails.
-                            self.clear_meta();
-                        }
                         let reply = if self.tls_required_for(option) {
                             REP_ERR_TLS_REQD
                         } else if is_known_option(option, &self.config) {
@@ -539,11 +540,6 @@ impl ServerHandshake {
         out: &mut BytesMut,
     ) {
         let set = option == OPT_SET_META_CONTEXT;
-        if set {
-            // "replaces all previously-set metadata contexts (including when this command
-            // fails)": a failed SET leaves none selected.
-            self.clear_meta();
-        }
         if set && self.mode == ReplyMode::Simple {
             put_reply(
                 out,

@@ -295,15 +295,10 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     }
     let all_views = entry.views();
     let views = close_views_for_deletion(&all_views, params.force)?;
-    let reopen_views = || {
-        for view in &views.closed {
-            view.attachments().reopen(Closure::Deletion);
-        }
-    };
     let disconnected = match volume.attachments().close(params.force, Closure::Deletion) {
         Ok(disconnected) => disconnected + views.disconnected,
         Err(refused) => {
-            reopen_views();
+            views.reopen();
             return Err(match refused {
                 CloseRefused::Busy(connections) => StorageError::Busy {
                     name: params.name.clone(),
@@ -321,7 +316,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         Ok(guard) => guard,
         Err(e) => {
             volume.attachments().reopen(Closure::Deletion);
-            reopen_views();
+            views.reopen();
             return Err(e.into());
         }
     };
@@ -333,7 +328,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         Ok(hidden) => hidden,
         Err(e) => {
             volume.attachments().reopen(Closure::Deletion);
-            reopen_views();
+            views.reopen();
             return Err(e);
         }
     };
@@ -375,6 +370,15 @@ struct ClosedViews {
     disconnected: usize,
 }
 
+impl ClosedViews {
+    /// Opens again the exports closed for a deletion that did not happen.
+    fn reopen(&self) {
+        for view in &self.closed {
+            view.attachments().reopen(Closure::Deletion);
+        }
+    }
+}
+
 /// Closes `views` for a deletion: refused (and nothing left closed) when one has clients and
 /// `force` is not given. A view closed already for something else stays as it is.
 fn close_views_for_deletion(views: &[Arc<Volume>], force: bool) -> Result<ClosedViews, AdminError> {
@@ -390,9 +394,7 @@ fn close_views_for_deletion(views: &[Arc<Volume>], force: bool) -> Result<Closed
             }
             Err(CloseRefused::AlreadyClosed(_)) => {}
             Err(CloseRefused::Busy(connections)) => {
-                for closed in &done.closed {
-                    closed.attachments().reopen(Closure::Deletion);
-                }
+                done.reopen();
                 return Err(StorageError::Busy {
                     name: view.name().to_owned(),
                     connections,

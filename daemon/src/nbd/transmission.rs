@@ -256,27 +256,38 @@ where
         self.outgoing.extend(frame);
     }
 
+    /// Takes the next request and its payload off the input once both are complete (None
+    /// until then, with room reserved for the payload). A payload over the limit ends the
+    /// connection.
+    fn take_request(&mut self) -> Result<Option<(Request, Bytes)>, TransmissionEnd> {
+        let mode = self.session.mode;
+        let Some(request) = decode_request(&self.input, mode)? else {
+            return Ok(None);
+        };
+        if let Err(e) = self.limits.check_payload(&request) {
+            self.limit_hits.hit(Limit::RequestSize);
+            return Err(e.into());
+        }
+        let payload_len = request.payload_len(mode) as usize;
+        let needed = self.header_len + payload_len;
+        if self.input.len() < needed {
+            self.input.reserve(needed - self.input.len());
+            return Ok(None);
+        }
+        self.input.advance(self.header_len);
+        let payload = self.input.split_to(payload_len).freeze();
+        Ok(Some((request, payload)))
+    }
+
     /// Decodes every complete request in the input and starts it, while there is room.
     fn start_requests(&mut self) -> Result<(), TransmissionEnd> {
         let mode = self.session.mode;
         let mut departures_checked = false;
         while self.has_room() {
             self.blocked = false;
-            let Some(request) = decode_request(&self.input, mode)? else {
+            let Some((request, payload)) = self.take_request()? else {
                 return Ok(());
             };
-            if let Err(e) = self.limits.check_payload(&request) {
-                self.limit_hits.hit(Limit::RequestSize);
-                return Err(e.into());
-            }
-            let payload_len = request.payload_len(mode) as usize;
-            let needed = self.header_len + payload_len;
-            if self.input.len() < needed {
-                self.input.reserve(needed - self.input.len());
-                return Ok(());
-            }
-            self.input.advance(self.header_len);
-            let payload = self.input.split_to(payload_len).freeze();
             if request.command == Command::Disc {
                 return Err(TransmissionEnd::Disconnect);
             }
@@ -358,15 +369,10 @@ where
     /// fully received or at one that breaks the protocol.
     fn refuse_buffered(&mut self) {
         let mode = self.session.mode;
-        while let Ok(Some(request)) = decode_request(&self.input, mode) {
-            if request.command == Command::Disc || self.limits.check_payload(&request).is_err() {
+        while let Ok(Some((request, _))) = self.take_request() {
+            if request.command == Command::Disc {
                 return;
             }
-            let needed = self.header_len + request.payload_len(mode) as usize;
-            if self.input.len() < needed {
-                return;
-            }
-            self.input.advance(needed);
             let to = ReplyTo {
                 cookie: request.cookie,
                 offset: request.offset,

@@ -54,20 +54,18 @@ fn windowed_runs(
         })
 }
 
-/// Marks the blocks of `start..end` that `survivor` still lacks as data.
-fn mark_absent_as_data(survivor: &Layer, start: u64, end: u64) {
-    let mut block = start;
-    while block < end {
-        if survivor.state(block) != BlockState::Absent {
-            block += 1;
-            continue;
+/// The runs of `start..end` that `layer` lacks (absent blocks).
+fn absent_runs(layer: &Layer, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for block in start..end {
+        if layer.state(block) == BlockState::Absent {
+            match runs.last_mut() {
+                Some(run) if run.1 == block => run.1 += 1,
+                _ => runs.push((block, block + 1)),
+            }
         }
-        let run_start = block;
-        while block < end && survivor.state(block) == BlockState::Absent {
-            block += 1;
-        }
-        survivor.set_range(run_start, block, BlockState::Data);
     }
+    runs
 }
 
 /// How long a forced rollback waits for disconnected clients to finish their requests.
@@ -460,16 +458,9 @@ impl VolumeEntry {
             while start < run_end {
                 let stop = (start + MERGE_STEP_BLOCKS).min(run_end);
                 let step = (start, stop, state, survivor_is_lower);
-                copied_blocks += if into_head {
-                    let writer = self
-                        .volume
-                        .writer()
-                        .expect("a head belongs to a writable volume");
-                    let _gate = writer.gate.read().await;
-                    let _locks = writer.lock_blocks(start, stop).await;
-                    self.copy_step(victim, survivor, step, &mut unmarked)
-                        .await?
-                } else {
+                copied_blocks += {
+                    // Released before `mark_filled` below, which holds blocks of its own.
+                    let _held = self.hold_head_blocks(into_head, start, stop).await;
                     self.copy_step(victim, survivor, step, &mut unmarked)
                         .await?
                 };
@@ -481,6 +472,24 @@ impl VolumeEntry {
         }
         self.mark_filled(survivor, &mut unmarked, into_head).await?;
         Ok(copied_blocks)
+    }
+
+    /// With `into_head` (the survivor is the live head), holds client writes off blocks
+    /// `[start, end)` until dropped; otherwise nothing.
+    async fn hold_head_blocks(
+        &self,
+        into_head: bool,
+        start: u64,
+        end: u64,
+    ) -> Option<crate::storage::volume::BlocksHeld<'_>> {
+        if !into_head {
+            return None;
+        }
+        let writer = self
+            .volume
+            .writer()
+            .expect("a head belongs to a writable volume");
+        Some(writer.hold_blocks(start, end).await)
     }
 
     /// Makes the data copied into a survivor above durable, then has its map say so for the
@@ -499,16 +508,9 @@ impl VolumeEntry {
             .await
             .map_err(|e| StorageError::io("merge sync", 0, survivor.size_bytes(), e))?;
         for (a, z) in std::mem::take(&mut unmarked.runs) {
-            if into_head {
-                let writer = self
-                    .volume
-                    .writer()
-                    .expect("a head belongs to a writable volume");
-                let _gate = writer.gate.read().await;
-                let _locks = writer.lock_blocks(a, z).await;
-                mark_absent_as_data(survivor, a, z);
-            } else {
-                mark_absent_as_data(survivor, a, z);
+            let _held = self.hold_head_blocks(into_head, a, z).await;
+            for (run_start, run_end) in absent_runs(survivor, a, z) {
+                survivor.set_range(run_start, run_end, BlockState::Data);
             }
         }
         unmarked.blocks = 0;
@@ -526,15 +528,11 @@ impl VolumeEntry {
         unmarked: &mut Unmarked,
     ) -> Result<u64, StorageError> {
         // The sub-runs to copy: all of it, or the blocks the survivor lacks.
-        let mut targets: Vec<(u64, u64)> = Vec::new();
-        for block in start..stop {
-            if overwrite || survivor.state(block) == BlockState::Absent {
-                match targets.last_mut() {
-                    Some(run) if run.1 == block => run.1 += 1,
-                    _ => targets.push((block, block + 1)),
-                }
-            }
-        }
+        let targets = if overwrite {
+            vec![(start, stop)]
+        } else {
+            absent_runs(survivor, start, stop)
+        };
         let mut copied = 0;
         for (a, z) in targets {
             let (offset_bytes, length_bytes) = (a * BLOCK_BYTES, (z - a) * BLOCK_BYTES);

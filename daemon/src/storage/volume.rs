@@ -113,10 +113,22 @@ impl Writer {
         self.commit_failed.load(Ordering::SeqCst) || self.persist.failed()
     }
 
-    /// Locks the head's stripes over blocks `[start, end)` (merges copying into a live head).
-    pub async fn lock_blocks(&self, start: u64, end: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        self.stripes.lock(start, end).await
+    /// Holds client writes off the head's blocks `[start, end)`: the gate shared, then their
+    /// stripes (merges working on a live head).
+    pub async fn hold_blocks(&self, start: u64, end: u64) -> BlocksHeld<'_> {
+        let gate = self.gate.read().await;
+        let stripes = self.stripes.lock(start, end).await;
+        BlocksHeld {
+            _gate: gate,
+            _stripes: stripes,
+        }
     }
+}
+
+/// Blocks held by [`Writer::hold_blocks`] until dropped.
+pub struct BlocksHeld<'a> {
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+    _stripes: Vec<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 struct ChainSlot {
@@ -522,7 +534,7 @@ impl Volume {
             head.mark_dirty();
             return Ok(());
         }
-        if chain.below_top().is_some() {
+        if chain.layers().len() > 1 {
             // The block's old content may still be landing below (see `epoch.rs`). Waited for
             // before the stripe is locked: a write of the earlier epoch may need that stripe to
             // finish (a trim or an unaligned write locks its stripes after its first await),
