@@ -1260,6 +1260,87 @@ fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
     assert_same("restore after resume", &read_export(&d, "r"), &model);
 }
 
+/// A job's record is saved before its snapshot is taken and not again until its first
+/// checkpoint: killed in between, the job resumes from the snapshot it took, not a new one, so
+/// what was written after `backup create` answered stays out of the backup.
+#[test]
+fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("8");
+    let mut d = Daemon::start(opts);
+    let size = 64 * MIB;
+    let model = half_random(&d, "vol0", size, 14);
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    let mut later = model.clone();
+    write_at(&d, "vol0", 0, &random(15, MIB), &mut later);
+    let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
+    let saved: Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    assert_eq!(saved["snapshot_taken"], json!(false), "{saved:#}");
+    assert_eq!(job(&d, &job_id)["state"], "running");
+    d.kill9();
+    d.restart();
+    let j = wait_job_ok(&d, &job_id);
+    assert_eq!(j["backup_id"], json!(backup_id), "{j:#}");
+    restore_new(&d, "r", &backup_id);
+    assert_same("restore after resume", &read_export(&d, "r"), &model);
+    assert_same("the volume", &read_export(&d, "vol0"), &later);
+    // Its snapshot is the volume's one backup base; no other was taken.
+    assert_eq!(snapshot_names(&d, "vol0"), [format!("vbs-{backup_id}")]);
+}
+
+/// An incremental looks for its base while it takes the store lock. A base deleted in between,
+/// and its objects swept by a GC on another daemon, must not become the parent: held back by a
+/// planted GC lock, the job finds its base, which is then deleted with its packs; released, it
+/// finds the base gone and backs up in full.
+#[test]
+fn a_base_deleted_while_the_store_lock_is_taken_is_not_the_parent() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 64 * MIB, 63);
+    backup_now(&d, "vol0", false);
+    let mut rng = Prng::new(64);
+    let mut scatter = |d: &Daemon, model: &mut Vec<u8>| {
+        for chunk in 0..16u64 {
+            let block = rng.next_u64() % (CHUNK / 4096);
+            let data = rng.bytes(4096);
+            write_at(d, "vol0", chunk * CHUNK + block * 4096, &data, model);
+        }
+    };
+    scatter(&d, &mut model);
+    let b2 = backup_now(&d, "vol0", false);
+    let b2_id = b2["id"].as_str().unwrap().to_owned();
+    assert!(u(&b2, "delta_chunks") > 0, "{b2:#}");
+    scatter(&d, &mut model);
+    let store = store_dir(&d);
+    let gc_lock = store.join("locks").join("exclusive-planted.json");
+    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    fs::write(&gc_lock, b"{}").unwrap();
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(job(&d, &job_id)["state"], "running");
+    // What a `backup delete` and a GC on another daemon leave of the base.
+    fs::remove_file(store.join("manifests").join(format!("{b2_id}.json"))).unwrap();
+    let mut removed_packs = 0;
+    for pack in fs::read_dir(store.join("packs")).unwrap().flatten() {
+        if pack.file_name().to_string_lossy().starts_with(&b2_id) {
+            fs::remove_file(pack.path()).unwrap();
+            removed_packs += 1;
+        }
+    }
+    assert!(removed_packs > 0, "the base stored no pack");
+    fs::remove_file(&gc_lock).unwrap();
+    wait_job_ok(&d, &job_id);
+    let b3 = admin_ok(&d, "backup.show", json!({"id": backup_id}));
+    assert_ne!(b3["parent"], json!(b2_id), "{b3:#}");
+    restore_new(&d, "r", &backup_id);
+    assert_same(
+        "the backup taken after its base was deleted",
+        &read_export(&d, "r"),
+        &model,
+    );
+}
+
 /// A backup job whose manifest landed, with the daemon stopped after it ended and the job's
 /// record put back as it was while the job ran: at the next start the job is resumed with its
 /// manifest stored already (as when the daemon stops between the two). Staged by holding the

@@ -459,8 +459,10 @@ impl Backups {
         let taken = async {
             self.files.save(&JobRecord::Backup(record.clone()))?;
             entry.create_snapshot_durable(&record.snapshot).await?;
+            // Not saved again here (a journal commit on every backup's path): a job resumed
+            // with `snapshot_taken` false finds the snapshot under its own name (`upload::run`).
             record.snapshot_taken = true;
-            self.files.save(&JobRecord::Backup(record.clone()))
+            Ok::<_, BackupError>(())
         }
         .await;
         if let Err(e) = taken {

@@ -413,6 +413,21 @@ impl BackupStore {
         Ok(BackupManifest::from_json_bytes(backup_id, &bytes)?)
     }
 
+    /// Whether the manifest of backup `backup_id` is stored.
+    pub async fn has_manifest(&self, backup_id: &str) -> Result<bool, BackupError> {
+        manifest::validate_backup_id(backup_id)?;
+        let key = manifest::manifest_key(backup_id);
+        match self.objects.head(&self.path(&key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(BackupError::Store {
+                op: "head",
+                key,
+                source,
+            }),
+        }
+    }
+
     pub async fn list_manifest_ids(&self) -> Result<Vec<String>, BackupError> {
         let mut ids: Vec<String> = self
             .list("manifests")

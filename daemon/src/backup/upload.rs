@@ -32,6 +32,7 @@ use crate::error::StorageError;
 use crate::storage::aligned::ALIGN_BYTES;
 use crate::storage::entry::{now_unix_secs, VolumeEntry};
 use crate::storage::layer::BLOCK_BYTES;
+use crate::storage::snapshots::SnapshotInfo;
 use crate::storage::volume::EXTENT_ZERO;
 use crate::storage::StatusQuery;
 
@@ -92,8 +93,14 @@ pub async fn run(
         )));
     }
     if !record.snapshot_taken {
-        // The daemon stopped between recording the job and taking its snapshot.
-        entry.create_snapshot_durable(&record.snapshot).await?;
+        // Recorded before its snapshot was taken and not saved since: the daemon stopped
+        // before the snapshot, or after it (the name is this backup's own).
+        if entry.manifest().snapshot(&record.snapshot).is_some() {
+            // Taken, and maybe not yet synced when the daemon stopped: its layers are now.
+            entry.volume().flush().await?;
+        } else {
+            entry.create_snapshot_durable(&record.snapshot).await?;
+        }
         record.snapshot_taken = true;
         svc.files.save(&JobRecord::Backup(record.clone()))?;
     }
@@ -145,11 +152,30 @@ pub async fn run(
             manifest
         }
         None => {
-            let lock = with_retry(job, &svc.shutdown, "locking the store", || {
-                locks::acquire_shared(&svc.store, &record.job_id)
-            })
-            .await?;
-            let result = upload(svc, job, &entry, &mut record, &lock.health(), started).await;
+            // The base is looked for while the lock is taken (two round trips to the store
+            // each); `upload` checks under the lock that it is still there.
+            let (lock, base) = tokio::join!(
+                with_retry(job, &svc.shutdown, "locking the store", || {
+                    locks::acquire_shared(&svc.store, &record.job_id)
+                }),
+                async {
+                    if record.full {
+                        return Ok(None);
+                    }
+                    let size_bytes = backup_snapshot(&entry, &record)?.size_bytes;
+                    find_base(svc, job, &entry, &record, size_bytes)
+                        .await
+                        .map(Some)
+                }
+            );
+            let lock = lock?;
+            let result = match base {
+                Ok(base) => {
+                    let health = lock.health();
+                    upload(svc, job, &entry, &mut record, &health, started, base).await
+                }
+                Err(e) => Err(e),
+            };
             if matches!(&result, Err(BackupError::Cancelled(_))) && job.committed() {
                 // A shutdown abandoned the manifest's write, which may still land (a local
                 // write finishes on its thread; a sent PUT completes). The lock stays until it
@@ -166,9 +192,11 @@ pub async fn run(
     // snapshot layer away and syncs the survivor, which can take longer than an incremental
     // backup itself: it runs after the job has answered. The next backup of this volume bases
     // itself on the newest backup snapshot, which this never deletes.
+    // The older bases are listed now, while the volume is still claimed: listed in the task,
+    // a next backup's snapshot, taken once this job has ended, could be among them.
+    let older = older_bases(&entry, &record.snapshot);
     let entry_bg = Arc::clone(&entry);
-    let snapshot = record.snapshot.clone();
-    tokio::spawn(async move { release_older_bases(&entry_bg, &snapshot).await });
+    tokio::spawn(async move { release_bases(&entry_bg, older).await });
     Ok(Some(json!({ "backup": BackupInfo::of(&manifest) })))
 }
 
@@ -179,21 +207,28 @@ async fn upload(
     record: &mut BackupRecord,
     lock: &LockHealth,
     started: Instant,
+    base: Option<Base>,
 ) -> Result<(BackupManifest, Option<BackupManifest>), BackupError> {
-    let snapshot = entry
-        .snapshots()
-        .into_iter()
-        .find(|s| s.name == record.snapshot)
-        .ok_or_else(|| StorageError::SnapshotNotFound {
-            volume: record.volume.clone(),
-            name: record.snapshot.clone(),
-        })?;
+    let snapshot = backup_snapshot(entry, record)?;
     let size_bytes = snapshot.size_bytes;
     let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES) as usize;
-    let (parent, changed) = if record.full {
-        (None, None)
-    } else {
-        find_base(svc, job, entry, record, size_bytes).await?
+    let (parent, changed) = match base {
+        None => (None, None),
+        // Found before the lock was held: a base deleted meanwhile may have lost its chunks
+        // to a GC. Under the lock no GC runs, so one whose manifest is still there keeps them.
+        Some((Some(parent), changed)) => {
+            let id = &parent.backup_id;
+            let kept = with_retry(job, &svc.shutdown, "checking the parent manifest", || {
+                svc.store.has_manifest(id)
+            })
+            .await?;
+            if kept {
+                (Some(parent), changed)
+            } else {
+                find_base(svc, job, entry, record, size_bytes).await?
+            }
+        }
+        Some(none) => none,
     };
     // What the store holds. Under the shared lock no GC runs, so what is known now stays. An
     // incremental knows its parent's objects from its manifest and asks the store only about
@@ -613,13 +648,32 @@ async fn stored_manifest(
 
 /// The previous backup of this volume whose snapshot is still here, and the chunks changed
 /// since it; (None, None) means a full read.
+/// The snapshot backup `record` reads.
+fn backup_snapshot(
+    entry: &VolumeEntry,
+    record: &BackupRecord,
+) -> Result<SnapshotInfo, StorageError> {
+    entry
+        .snapshots()
+        .into_iter()
+        .find(|s| s.name == record.snapshot)
+        .ok_or_else(|| StorageError::SnapshotNotFound {
+            volume: record.volume.clone(),
+            name: record.snapshot.clone(),
+        })
+}
+
+/// An incremental's parent backup and the blocks changed since its snapshot; none: a full
+/// backup.
+type Base = (Option<BackupManifest>, Option<ChangedBlocks>);
+
 async fn find_base(
     svc: &Arc<Backups>,
     job: &Job,
     entry: &VolumeEntry,
     record: &BackupRecord,
     size_bytes: u64,
-) -> Result<(Option<BackupManifest>, Option<ChangedBlocks>), BackupError> {
+) -> Result<Base, BackupError> {
     let snapshots = entry.manifest().snapshots;
     // This daemon's catalog knows its own volumes' backups without asking the store (see
     // `Catalog::list_known`); a base another daemon deleted meanwhile sends it to the store.
@@ -1084,16 +1138,24 @@ fn is_backup_snapshot(name: &str) -> bool {
 
 /// After a backup completes, its snapshot is the volume's base for the next incremental: the
 /// older backup snapshots are released (VBS keeps one per disk).
-async fn release_older_bases(entry: &VolumeEntry, keep: &str) {
-    for snapshot in entry.snapshots() {
-        if is_backup_snapshot(&snapshot.name) && snapshot.name != keep {
-            match entry.delete_snapshot(&snapshot.name).await {
-                Ok(_) => {
-                    tracing::info!(volume = entry.name(), snapshot = %snapshot.name, "released the previous backup base")
-                }
-                Err(e) => {
-                    tracing::warn!(volume = entry.name(), snapshot = %snapshot.name, error = %e, "could not release an old backup snapshot")
-                }
+/// The volume's backup snapshots other than `keep`.
+fn older_bases(entry: &VolumeEntry, keep: &str) -> Vec<String> {
+    entry
+        .snapshots()
+        .into_iter()
+        .filter(|s| is_backup_snapshot(&s.name) && s.name != keep)
+        .map(|s| s.name)
+        .collect()
+}
+
+async fn release_bases(entry: &VolumeEntry, snapshots: Vec<String>) {
+    for snapshot in snapshots {
+        match entry.delete_snapshot(&snapshot).await {
+            Ok(_) => {
+                tracing::info!(volume = entry.name(), %snapshot, "released the previous backup base")
+            }
+            Err(e) => {
+                tracing::warn!(volume = entry.name(), %snapshot, error = %e, "could not release an old backup snapshot")
             }
         }
     }
