@@ -1262,16 +1262,16 @@ fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
 
 /// A job's record is saved before its snapshot is taken and not again until its first
 /// checkpoint: killed in between, the job resumes from the snapshot it took, not a new one, so
-/// what was written after `backup create` answered stays out of the backup.
+/// what was written after `backup create` answered stays out of the backup. The job is held
+/// before its first checkpoint by a GC lock planted in the store.
 #[test]
 fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
-    let opts = DaemonOpts::new()
-        .no_default_volume()
-        .arg("--backup-rate-limit-mib-per-sec")
-        .arg("8");
-    let mut d = Daemon::start(opts);
+    let mut d = start();
     let size = 64 * MIB;
     let model = half_random(&d, "vol0", size, 14);
+    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
+    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    fs::write(&gc_lock, b"{}").unwrap();
     let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
     let mut later = model.clone();
     write_at(&d, "vol0", 0, &random(15, MIB), &mut later);
@@ -1280,6 +1280,7 @@ fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
     assert_eq!(saved["snapshot_taken"], json!(false), "{saved:#}");
     assert_eq!(job(&d, &job_id)["state"], "running");
     d.kill9();
+    fs::remove_file(&gc_lock).unwrap();
     d.restart();
     let j = wait_job_ok(&d, &job_id);
     assert_eq!(j["backup_id"], json!(backup_id), "{j:#}");

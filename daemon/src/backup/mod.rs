@@ -522,12 +522,12 @@ impl Backups {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let outcome = upload::run(&this, &job, record.clone(), resumed).await;
-            if matches!(&outcome, Err(BackupError::CancelledByRequest)) {
-                // Gone before the cleanup: a shutdown during it must not resume the job.
-                this.files.remove(&record.job_id);
-            }
             let mut cleanup = String::new();
             if matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_))) {
+                // The record goes before the snapshot: a crash or shutdown during the cleanup
+                // must not resume the job, which (its record may still say the snapshot was
+                // not taken) would take a new snapshot under the backup's name.
+                this.files.remove(&record.job_id);
                 // A failed or cancelled backup's snapshot is no base for anything.
                 let snapshot = &record.snapshot;
                 let released = match this.registry.entry(&record.volume) {

@@ -96,7 +96,8 @@ pub async fn run(
         // Recorded before its snapshot was taken and not saved since: the daemon stopped
         // before the snapshot, or after it (the name is this backup's own).
         if entry.manifest().snapshot(&record.snapshot).is_some() {
-            // Taken, and maybe not yet synced when the daemon stopped: its layers are now.
+            // Taken; if the daemon stopped inside `create_snapshot_durable`, its layers may
+            // not all be synced: the flush syncs the chain.
             entry.volume().flush().await?;
         } else {
             entry.create_snapshot_durable(&record.snapshot).await?;
@@ -152,8 +153,9 @@ pub async fn run(
             manifest
         }
         None => {
-            // The base is looked for while the lock is taken (two round trips to the store
-            // each); `upload` checks under the lock that it is still there.
+            // The base is looked for while the lock is taken (a write and a listing): its
+            // manifest read and parsed meanwhile, `upload` only asks under the lock whether
+            // it is still there.
             let (lock, base) = tokio::join!(
                 with_retry(job, &svc.shutdown, "locking the store", || {
                     locks::acquire_shared(&svc.store, &record.job_id)
@@ -646,8 +648,6 @@ async fn stored_manifest(
     }
 }
 
-/// The previous backup of this volume whose snapshot is still here, and the chunks changed
-/// since it; (None, None) means a full read.
 /// The snapshot backup `record` reads.
 fn backup_snapshot(
     entry: &VolumeEntry,
@@ -667,6 +667,8 @@ fn backup_snapshot(
 /// backup.
 type Base = (Option<BackupManifest>, Option<ChangedBlocks>);
 
+/// The previous backup of this volume whose snapshot is still here, and the chunks changed
+/// since it; (None, None) means a full read.
 async fn find_base(
     svc: &Arc<Backups>,
     job: &Job,
@@ -1136,8 +1138,6 @@ fn is_backup_snapshot(name: &str) -> bool {
         .is_some_and(manifest::is_generated_backup_id)
 }
 
-/// After a backup completes, its snapshot is the volume's base for the next incremental: the
-/// older backup snapshots are released (VBS keeps one per disk).
 /// The volume's backup snapshots other than `keep`.
 fn older_bases(entry: &VolumeEntry, keep: &str) -> Vec<String> {
     entry
@@ -1148,6 +1148,8 @@ fn older_bases(entry: &VolumeEntry, keep: &str) -> Vec<String> {
         .collect()
 }
 
+/// After a backup completes, its snapshot is the volume's base for the next incremental: the
+/// older backup snapshots are released (VBS keeps one per disk).
 async fn release_bases(entry: &VolumeEntry, snapshots: Vec<String>) {
     for snapshot in snapshots {
         match entry.delete_snapshot(&snapshot).await {
