@@ -158,6 +158,18 @@ impl IoEngine {
         }
     }
 
+    /// The thread pool, when `err` is a request's failure with a ring that it took over from
+    /// (see `uring::may_retry_elsewhere`): the request is served there instead of failing.
+    fn takeover(&self, err: &io::Error) -> Option<&ThreadsEngine> {
+        if !uring::may_retry_elsewhere(err) {
+            return None;
+        }
+        match self.backend() {
+            BackendRef::Threads(engine) => Some(engine),
+            BackendRef::Uring(_) => None,
+        }
+    }
+
     pub fn kind(&self) -> EngineKind {
         match *self.backend {
             Backend::Uring(_) if self.fallback.get().is_none() => EngineKind::Uring,
@@ -245,7 +257,15 @@ impl IoEngine {
         dsync: bool,
     ) -> io::Result<usize> {
         match self.backend() {
-            BackendRef::Uring(engine) => engine.write_at(file, offset, data, dsync).await,
+            BackendRef::Uring(engine) => {
+                match engine.write_at(file, offset, data.clone(), dsync).await {
+                    Err(e) => match self.takeover(&e) {
+                        Some(threads) => threads.write_at(file, offset, data, dsync).await,
+                        None => Err(e),
+                    },
+                    written => written,
+                }
+            }
             BackendRef::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
         }
     }
@@ -331,14 +351,26 @@ impl IoEngine {
         check_offset(offset)?;
         check_offset(len)?;
         match self.backend() {
-            BackendRef::Uring(engine) => engine.fallocate(file, mode, offset, len).await,
+            BackendRef::Uring(engine) => match engine.fallocate(file, mode, offset, len).await {
+                Err(e) => match self.takeover(&e) {
+                    Some(threads) => threads.fallocate(file, mode, offset, len).await,
+                    None => Err(e),
+                },
+                done => done,
+            },
             BackendRef::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
         }
     }
 
     async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
         match self.backend() {
-            BackendRef::Uring(engine) => engine.sync(file, datasync).await,
+            BackendRef::Uring(engine) => match engine.sync(file, datasync).await {
+                Err(e) => match self.takeover(&e) {
+                    Some(threads) => threads.sync(file, datasync).await,
+                    None => Err(e),
+                },
+                synced => synced,
+            },
             BackendRef::Threads(engine) => engine.sync(file, datasync).await,
         }
     }
@@ -364,7 +396,16 @@ impl IoEngine {
             return (buf, result);
         }
         match self.backend() {
-            BackendRef::Uring(engine) => engine.read_into(file, offset, buf, buf_start).await,
+            BackendRef::Uring(engine) => {
+                match engine.read_into(file, offset, buf, buf_start).await {
+                    // Only a read that never reached the kernel is retried: it has its buffer.
+                    (buf, Err(e)) => match self.takeover(&e) {
+                        Some(threads) => threads.read_into(file, offset, buf, buf_start).await,
+                        None => (buf, Err(e)),
+                    },
+                    read => read,
+                }
+            }
             BackendRef::Threads(engine) => engine.read_into(file, offset, buf, buf_start).await,
         }
     }
@@ -469,6 +510,67 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0));
         assert_eq!(&back[4096..8192], &data[4096..]);
         assert_eq!(&back[8192..], &more[..]);
+        assert_eq!(engine.kind(), EngineKind::Threads);
+    }
+
+    #[tokio::test]
+    async fn requests_queued_for_a_ring_that_fails_are_served_by_the_thread_pool() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let data = Bytes::from(Rng(9).bytes(16384));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.hold_rings_for_test();
+        // One of each kind, all queued at once, on ranges apart.
+        let more = Bytes::from(Rng(10).bytes(4096));
+        let read = {
+            let (engine, file) = (engine.clone(), Arc::clone(&file));
+            tokio::spawn(
+                async move { engine.read_exact_at(&file, 0, BytesMut::zeroed(8192)).await },
+            )
+        };
+        let written = {
+            let (engine, file, more) = (engine.clone(), Arc::clone(&file), more.clone());
+            tokio::spawn(async move { engine.write_all_at(&file, 8192, more, false).await })
+        };
+        let synced = {
+            let (engine, file) = (engine.clone(), Arc::clone(&file));
+            tokio::spawn(async move { engine.fdatasync(&file).await })
+        };
+        let punched = {
+            let (engine, file) = (engine.clone(), Arc::clone(&file));
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            tokio::spawn(async move { engine.fallocate(&file, punch, 12288, 4096).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        for task in [
+            read.is_finished(),
+            written.is_finished(),
+            synced.is_finished(),
+            punched.is_finished(),
+        ] {
+            assert!(!task, "a held ring served a request");
+        }
+        assert_eq!(engine.kind(), EngineKind::Uring);
+        break_rings(&engine).await;
+        let (back, read) = read.await.unwrap();
+        read.unwrap();
+        assert_eq!(&back[..], &data[..8192]);
+        written.await.unwrap().unwrap();
+        synced.await.unwrap().unwrap();
+        punched.await.unwrap().unwrap();
+        let (back, read) = engine
+            .read_exact_at(&file, 0, BytesMut::zeroed(16384))
+            .await;
+        read.unwrap();
+        assert_eq!(&back[..8192], &data[..8192]);
+        assert_eq!(&back[8192..12288], &more[..]);
+        assert!(back[12288..].iter().all(|&b| b == 0));
         assert_eq!(engine.kind(), EngineKind::Threads);
     }
 

@@ -148,6 +148,15 @@ impl UringEngine {
         }
     }
 
+    /// Keeps every ring from taking requests off its channel until it is broken, for tests of
+    /// requests queued when a ring fails.
+    #[cfg(test)]
+    pub(crate) fn hold_rings_for_test(&self) {
+        for ring in &self.rings {
+            ring.shared.held.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Makes every ring fail as if the kernel had refused it, for tests of what follows.
     #[cfg(test)]
     pub(crate) fn break_rings_for_test(&self) {
@@ -191,6 +200,9 @@ struct RingShared {
     /// Set by a test to make the ring thread fail.
     #[cfg(test)]
     poisoned: AtomicBool,
+    /// Set by a test to keep requests in the channel (until the ring is poisoned).
+    #[cfg(test)]
+    held: AtomicBool,
 }
 
 impl RingShared {
@@ -248,6 +260,8 @@ impl RingHandle {
             lost_writes: AtomicBool::new(false),
             #[cfg(test)]
             poisoned: AtomicBool::new(false),
+            #[cfg(test)]
+            held: AtomicBool::new(false),
         });
         let (requests, request_rx) = mpsc::sync_channel(queue_capacity);
         let (setup_tx, setup_rx) = mpsc::channel();
@@ -280,7 +294,11 @@ impl RingHandle {
         // free when the disk falls behind.
         let permit = match Arc::clone(&self.shared.queue_permits).acquire_owned().await {
             Ok(permit) => permit,
-            Err(_) => return Reply::failed(op, engine_closed()),
+            // Closed only by `fail_everything`: the ring has failed.
+            Err(_) => {
+                let err = ring_failed(io::ErrorKind::BrokenPipe, "io_uring ring failed".into());
+                return Reply::failed(op, err);
+            }
         };
         let (reply_tx, reply_rx) = oneshot::channel();
         let request = Request {
@@ -429,6 +447,31 @@ fn engine_closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "io_uring engine has shut down")
 }
 
+/// Why a request failed with its ring while the kernel never saw it, or while all it asked was
+/// a sync: sending it again to another engine cannot undo anything.
+#[derive(Debug)]
+struct RingFailed {
+    reason: String,
+}
+
+impl std::fmt::Display for RingFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)
+    }
+}
+
+impl std::error::Error for RingFailed {}
+
+fn ring_failed(kind: io::ErrorKind, reason: String) -> io::Error {
+    io::Error::new(kind, RingFailed { reason })
+}
+
+/// Whether `err` is a request's failure with its ring that another engine may serve again
+/// (see `RingFailed`).
+pub(crate) fn may_retry_elsewhere(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<RingFailed>())
+}
+
 fn ring_thread_main(
     ring_entries: u32,
     requests: Receiver<Request>,
@@ -563,6 +606,12 @@ impl RingWorker {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
+            #[cfg(test)]
+            while self.shared.held.load(Ordering::SeqCst)
+                && !self.shared.poisoned.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             self.reap_completions();
             #[cfg(test)]
             if self.shared.poisoned.load(Ordering::SeqCst) {
@@ -795,6 +844,7 @@ impl RingWorker {
     fn fail_everything(&mut self, err: &io::Error) {
         tracing::error!(error = %err, "io_uring thread failed; failing outstanding I/O");
         let failure = || io::Error::new(err.kind(), format!("io_uring ring failed: {err}"));
+        let retryable = || ring_failed(err.kind(), format!("io_uring ring failed: {err}"));
         let writes_in_flight = self
             .slots
             .entries
@@ -811,18 +861,21 @@ impl RingWorker {
                 let Request {
                     file, op, reply, ..
                 } = request;
+                // A sync may run again anywhere; a read's buffer stays with the kernel.
+                let result = match op {
+                    Op::Sync { .. } => Err(retryable()),
+                    _ => Err(failure()),
+                };
                 std::mem::forget(op);
                 std::mem::forget(file);
-                let _ = reply.send(Reply {
-                    buf: None,
-                    result: Err(failure()),
-                });
+                let _ = reply.send(Reply { buf: None, result });
             }
         }
         self.leak_wake_buf = self.wake_read_armed;
-        // Requests still in the channel never reached the kernel and can be failed normally.
+        // Requests still in the channel never reached the kernel: they get their buffers back
+        // and may be served elsewhere.
         while let Ok(request) = self.requests.try_recv() {
-            request.complete(Err(failure()));
+            request.complete(Err(retryable()));
         }
     }
 }
