@@ -158,6 +158,18 @@ impl IoEngine {
         }
     }
 
+    /// Refuses writes and fallocates once a ring failed with some in the kernel: one of those
+    /// could still land over a later write to the same blocks, whichever path that took (done
+    /// inline, or by another ring).
+    fn check_writes_allowed(&self) -> io::Result<()> {
+        match &*self.backend {
+            Backend::Uring(engine) if engine.lost_writes() => Err(io::Error::other(
+                "an io_uring ring failed with writes in the kernel: writes are refused until the daemon restarts",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The thread pool, when `err` is a request's failure with a ring that it took over from
     /// (see `uring::may_retry_elsewhere`): the request is served there instead of failing.
     fn takeover(&self, err: &io::Error) -> Option<&ThreadsEngine> {
@@ -235,6 +247,7 @@ impl IoEngine {
         dsync: bool,
     ) -> io::Result<usize> {
         check_offset(offset)?;
+        self.check_writes_allowed()?;
         if !dsync {
             if let Some(result) = self.nowait.try_write(file, offset, &data) {
                 return result;
@@ -256,6 +269,7 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<usize> {
+        self.check_writes_allowed()?;
         match self.backend() {
             BackendRef::Uring(engine) => {
                 match engine.write_at(file, offset, data.clone(), dsync).await {
@@ -350,6 +364,7 @@ impl IoEngine {
     ) -> io::Result<()> {
         check_offset(offset)?;
         check_offset(len)?;
+        self.check_writes_allowed()?;
         match self.backend() {
             BackendRef::Uring(engine) => match engine.fallocate(file, mode, offset, len).await {
                 Err(e) => match self.takeover(&e) {
@@ -586,6 +601,38 @@ mod tests {
             .await;
         assert!(written.is_err(), "a write went to another engine");
         assert_eq!(engine.kind(), EngineKind::Uring);
+    }
+
+    #[tokio::test]
+    async fn after_a_ring_failed_with_writes_in_flight_no_path_writes() {
+        let config = EngineConfig {
+            ring_threads: 2,
+            ring_entries: 32,
+            // The inline page-cache paths too.
+            inline_cached_io: true,
+            ring_spin_us: 0,
+        };
+        let engine = IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine");
+        let file = temp_file();
+        let data = Bytes::from(vec![1u8; 4096]);
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        let uring = break_rings(&engine).await;
+        uring.mark_lost_writes_for_test();
+        for dsync in [false, true] {
+            let written = engine
+                .write_all_at(&file, 0, Bytes::from(vec![2u8; 4096]), dsync)
+                .await;
+            assert!(written.is_err(), "a write (dsync {dsync}) went through");
+        }
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert!(engine.fallocate(&file, punch, 0, 4096).await.is_err());
+        // Reads are harmless and still served from the page cache.
+        let (back, read) = engine.read_exact_at(&file, 0, BytesMut::zeroed(4096)).await;
+        read.unwrap();
+        assert_eq!(&back[..], &data[..]);
     }
 
     #[test]

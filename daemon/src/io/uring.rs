@@ -200,7 +200,7 @@ struct RingShared {
     /// Set by a test to make the ring thread fail.
     #[cfg(test)]
     poisoned: AtomicBool,
-    /// Set by a test to keep requests in the channel (until the ring is poisoned).
+    /// Set by a test to keep requests in the channel.
     #[cfg(test)]
     held: AtomicBool,
 }
@@ -309,9 +309,11 @@ impl RingHandle {
         };
         if let Err(err) = requests.try_send(request) {
             // Full cannot happen while permits match the channel capacity; either way the
-            // request never reached the thread, so its buffer can be handed back.
+            // request never reached the thread, so its buffer can be handed back, and another
+            // engine may serve it (the thread is gone: its ring failed, or the engine stops).
             let (TrySendError::Full(request) | TrySendError::Disconnected(request)) = err;
-            return Reply::failed(request.op, engine_closed());
+            let err = ring_failed(io::ErrorKind::BrokenPipe, "io_uring ring is gone".into());
+            return Reply::failed(request.op, err);
         }
         self.shared.wake_if_sleeping();
         reply_rx.await.unwrap_or_else(|_| Reply {
@@ -447,8 +449,8 @@ fn engine_closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "io_uring engine has shut down")
 }
 
-/// Why a request failed with its ring while the kernel never saw it, or while all it asked was
-/// a sync: sending it again to another engine cannot undo anything.
+/// Why a request failed with its ring before the kernel saw it: sending it to another engine
+/// cannot undo or hide anything.
 #[derive(Debug)]
 struct RingFailed {
     reason: String,
@@ -606,12 +608,6 @@ impl RingWorker {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
-            #[cfg(test)]
-            while self.shared.held.load(Ordering::SeqCst)
-                && !self.shared.poisoned.load(Ordering::SeqCst)
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
             self.reap_completions();
             #[cfg(test)]
             if self.shared.poisoned.load(Ordering::SeqCst) {
@@ -654,7 +650,7 @@ impl RingWorker {
             // submitted still completes it immediately; at worst we get a spurious wake-up.
             self.shared.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            match self.requests.try_recv() {
+            match self.next_request() {
                 Ok(request) => {
                     self.shared.sleeping.store(false, Ordering::SeqCst);
                     self.start(request)?;
@@ -690,7 +686,7 @@ impl RingWorker {
             if !self.ring.completion().is_empty() {
                 return Ok(true);
             }
-            match self.requests.try_recv() {
+            match self.next_request() {
                 Ok(request) => {
                     self.start(request)?;
                     return Ok(true);
@@ -708,9 +704,18 @@ impl RingWorker {
         }
     }
 
+    /// The next request from the channel (a test can hold them there).
+    fn next_request(&self) -> Result<Request, TryRecvError> {
+        #[cfg(test)]
+        if self.shared.held.load(Ordering::SeqCst) {
+            return Err(TryRecvError::Empty);
+        }
+        self.requests.try_recv()
+    }
+
     fn accept_requests(&mut self) -> io::Result<()> {
         while !self.disconnected && self.slots.has_free() {
-            match self.requests.try_recv() {
+            match self.next_request() {
                 Ok(request) => self.start(request)?,
                 Err(TryRecvError::Empty) => break,
                 // std's mpsc yields every queued request before reporting the disconnect, so
@@ -861,14 +866,14 @@ impl RingWorker {
                 let Request {
                     file, op, reply, ..
                 } = request;
-                // A sync may run again anywhere; a read's buffer stays with the kernel.
-                let result = match op {
-                    Op::Sync { .. } => Err(retryable()),
-                    _ => Err(failure()),
-                };
                 std::mem::forget(op);
                 std::mem::forget(file);
-                let _ = reply.send(Reply { buf: None, result });
+                // Not retried elsewhere, syncs included: this one may have reported (or may
+                // yet report) a write-back error, which a second fsync would not see again.
+                let _ = reply.send(Reply {
+                    buf: None,
+                    result: Err(failure()),
+                });
             }
         }
         self.leak_wake_buf = self.wake_read_armed;
