@@ -175,8 +175,10 @@ impl Backups {
                 .collect(),
         };
         let taken = async {
-            // Recorded first: after a crash the members resume without a new snapshot (the
-            // set would then not be from one instant, so they are dropped instead).
+            // The members are recorded only once the group snapshot is taken, each with its
+            // snapshot: one resumed after a crash never takes a snapshot of its own, which
+            // would not be from the set's instant. (A crash before leaves snapshots that the
+            // volumes' next backups release.)
             let group: Vec<(String, String)> = records
                 .iter()
                 .map(|r| (r.volume.clone(), r.snapshot.clone()))
