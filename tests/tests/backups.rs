@@ -1291,6 +1291,45 @@ fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
     assert_eq!(snapshot_names(&d, "vol0"), [format!("vbs-{backup_id}")]);
 }
 
+/// A resumed job whose snapshot is not there (never taken, or released by a run whose record
+/// outlived it) fails rather than take a snapshot then, which would hold later data under the
+/// backup's id. Staged by pointing a held job's record at a snapshot that does not exist.
+#[test]
+fn a_resumed_backup_without_its_snapshot_fails_instead_of_taking_one() {
+    let mut d = start();
+    half_random(&d, "vol0", 16 * MIB, 17);
+    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
+    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    fs::write(&gc_lock, b"{}").unwrap();
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    assert_eq!(job(&d, &job_id)["state"], "running");
+    d.kill9();
+    fs::remove_file(&gc_lock).unwrap();
+    let record = d.data_dir().join("jobs").join(format!("{job_id}.json"));
+    let mut saved: Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    assert_eq!(saved["snapshot_taken"], json!(false), "{saved:#}");
+    let absent = "vbs-b-20000101T000000Z-00000000";
+    saved["snapshot"] = json!(absent);
+    fs::write(&record, serde_json::to_vec(&saved).unwrap()).unwrap();
+    d.restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || job(&d, &job_id)["state"]
+            != "running"),
+        "the resumed job did not end"
+    );
+    let j = job(&d, &job_id);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert!(
+        j["error"].as_str().unwrap().contains("before the snapshot"),
+        "{j:#}"
+    );
+    assert!(!snapshot_names(&d, "vol0").iter().any(|s| s == absent));
+    assert!(!store_dir(&d)
+        .join("manifests")
+        .join(format!("{backup_id}.json"))
+        .exists());
+}
+
 /// An incremental looks for its base while it takes the store lock. A base deleted in between,
 /// and its objects swept by a GC on another daemon, must not become the parent: held back by a
 /// planted GC lock, the job finds its base, which is then deleted with its packs; released, it

@@ -460,7 +460,8 @@ impl Backups {
             self.files.save(&JobRecord::Backup(record.clone()))?;
             entry.create_snapshot_durable(&record.snapshot).await?;
             // Not saved again here (a journal commit on every backup's path): a job resumed
-            // with `snapshot_taken` false finds the snapshot under its own name (`upload::run`).
+            // with `snapshot_taken` false finds the snapshot under its own name, or fails if
+            // there is none (`upload::run`).
             record.snapshot_taken = true;
             Ok::<_, BackupError>(())
         }

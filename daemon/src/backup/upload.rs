@@ -95,13 +95,17 @@ pub async fn run(
     if !record.snapshot_taken {
         // Recorded before its snapshot was taken and not saved since: the daemon stopped
         // before the snapshot, or after it (the name is this backup's own).
-        if entry.manifest().snapshot(&record.snapshot).is_some() {
-            // Taken; if the daemon stopped inside `create_snapshot_durable`, its layers may
-            // not all be synced: the flush syncs the chain.
-            entry.volume().flush().await?;
-        } else {
-            entry.create_snapshot_durable(&record.snapshot).await?;
+        if entry.manifest().snapshot(&record.snapshot).is_none() {
+            // Never taken (the caller had no answer), or released by a job whose record
+            // outlived it: a snapshot taken now would hold later data under this backup's id.
+            return Err(BackupError::Failed(format!(
+                "the daemon stopped before the snapshot of backup {} was taken; nothing was backed up",
+                record.backup_id
+            )));
         }
+        // If the daemon stopped inside `create_snapshot_durable`, the snapshot's layers may
+        // not all be synced: the flush syncs the chain.
+        entry.volume().flush().await?;
         record.snapshot_taken = true;
         svc.files.save(&JobRecord::Backup(record.clone()))?;
     }

@@ -89,8 +89,8 @@ impl Default for EngineConfig {
 pub struct IoEngine {
     backend: Arc<Backend>,
     /// The thread-pool engine that takes over once an io_uring ring has failed (the kernel
-    /// refused it) with no write in the kernel: requests in flight then fail, later ones are
-    /// served.
+    /// refused it) with no write in the kernel: the requests the kernel had then fail, those
+    /// still queued and later ones are served.
     fallback: Arc<std::sync::OnceLock<ThreadsEngine>>,
     nowait: Arc<NoWait>,
     inline_writes: Arc<InlineWrites>,
