@@ -493,6 +493,7 @@ fn ring_thread_main(
     let _ = setup_tx.send(Ok(()));
     if let Err(err) = worker.run() {
         worker.fail_everything(&err);
+        worker.refuse_late_requests(&err);
     }
 }
 
@@ -884,6 +885,19 @@ impl RingWorker {
         // and may be served elsewhere.
         while let Ok(request) = self.requests.try_recv() {
             request.complete(Err(retryable()));
+        }
+    }
+
+    /// After `fail_everything`: a producer that had its permit before the queue closed may
+    /// still send. Its request never reaches the kernel, so it is answered here, marked for
+    /// another engine, until the engine drops its sender (dropped with the channel instead,
+    /// it would fail unmarked).
+    fn refuse_late_requests(&mut self, err: &io::Error) {
+        while let Ok(request) = self.requests.recv() {
+            request.complete(Err(ring_failed(
+                err.kind(),
+                format!("io_uring ring failed: {err}"),
+            )));
         }
     }
 }
