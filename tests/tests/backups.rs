@@ -45,6 +45,15 @@ fn chunk_files(store: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
+/// Plants a GC's exclusive lock in the store: backup jobs wait for it before they upload.
+/// Removing the returned file lets them go on.
+fn plant_gc_lock(d: &Daemon) -> PathBuf {
+    let gc_lock = store_dir(d).join("locks").join("exclusive-planted.json");
+    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    fs::write(&gc_lock, b"{}").unwrap();
+    gc_lock
+}
+
 fn snapshot_names(d: &Daemon, vol: &str) -> Vec<String> {
     admin_ok(d, "snapshot.list", json!({"volume": vol}))["snapshots"]
         .as_array()
@@ -1269,9 +1278,7 @@ fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
     let mut d = start();
     let size = 64 * MIB;
     let model = half_random(&d, "vol0", size, 14);
-    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
-    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    fs::write(&gc_lock, b"{}").unwrap();
+    let gc_lock = plant_gc_lock(&d);
     let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
     let mut later = model.clone();
     write_at(&d, "vol0", 0, &random(15, MIB), &mut later);
@@ -1298,9 +1305,7 @@ fn kill9_before_a_backups_first_checkpoint_resumes_from_its_snapshot() {
 fn a_resumed_backup_without_its_snapshot_fails_instead_of_taking_one() {
     let mut d = start();
     half_random(&d, "vol0", 16 * MIB, 17);
-    let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
-    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    fs::write(&gc_lock, b"{}").unwrap();
+    let gc_lock = plant_gc_lock(&d);
     let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
     assert_eq!(job(&d, &job_id)["state"], "running");
     d.kill9();
@@ -1353,9 +1358,7 @@ fn a_base_deleted_while_the_store_lock_is_taken_is_not_the_parent() {
     assert!(u(&b2, "delta_chunks") > 0, "{b2:#}");
     scatter(&d, &mut model);
     let store = store_dir(&d);
-    let gc_lock = store.join("locks").join("exclusive-planted.json");
-    fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    fs::write(&gc_lock, b"{}").unwrap();
+    let gc_lock = plant_gc_lock(&d);
     let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
     thread::sleep(Duration::from_millis(300));
     assert_eq!(job(&d, &job_id)["state"], "running");
@@ -1405,9 +1408,7 @@ impl ManifestLanded {
             let data = rng.bytes(4096);
             write_at(&d, "vol0", chunk * CHUNK + block * 4096, &data, &mut model);
         }
-        let gc_lock = store_dir(&d).join("locks").join("exclusive-planted.json");
-        fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-        fs::write(&gc_lock, b"{}").unwrap();
+        let gc_lock = plant_gc_lock(&d);
         let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
         thread::sleep(Duration::from_millis(300));
         assert_eq!(job(&d, &job_id)["state"], "running");

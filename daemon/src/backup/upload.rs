@@ -234,7 +234,7 @@ async fn upload(
                 find_base(svc, job, entry, record, size_bytes).await?
             }
         }
-        Some(none) => none,
+        Some(no_parent) => no_parent,
     };
     // What the store holds. Under the shared lock no GC runs, so what is known now stays. An
     // incremental knows its parent's objects from its manifest and asks the store only about

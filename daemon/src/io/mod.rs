@@ -182,6 +182,25 @@ impl IoEngine {
         }
     }
 
+    /// `result` of a ring, or the request run again by `retry` on the thread pool that took
+    /// over from the ring (see `takeover`).
+    async fn or_taken_over<'a, T, Fut>(
+        &'a self,
+        result: io::Result<T>,
+        retry: impl FnOnce(&'a ThreadsEngine) -> Fut,
+    ) -> io::Result<T>
+    where
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        match result {
+            Err(e) => match self.takeover(&e) {
+                Some(threads) => retry(threads).await,
+                None => Err(e),
+            },
+            done => done,
+        }
+    }
+
     pub fn kind(&self) -> EngineKind {
         match *self.backend {
             Backend::Uring(_) if self.fallback.get().is_none() => EngineKind::Uring,
@@ -261,7 +280,7 @@ impl IoEngine {
         self.queue_write(file, offset, data, dsync).await
     }
 
-    /// Hands a write to the engine; the caller has checked `offset`.
+    /// Hands a write to the engine; the caller has checked `offset` and `check_writes_allowed`.
     async fn queue_write(
         &self,
         file: &Arc<File>,
@@ -269,16 +288,13 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<usize> {
-        self.check_writes_allowed()?;
         match self.backend() {
             BackendRef::Uring(engine) => {
-                match engine.write_at(file, offset, data.clone(), dsync).await {
-                    Err(e) => match self.takeover(&e) {
-                        Some(threads) => threads.write_at(file, offset, data, dsync).await,
-                        None => Err(e),
-                    },
-                    written => written,
-                }
+                let written = engine.write_at(file, offset, data.clone(), dsync).await;
+                self.or_taken_over(written, |threads| {
+                    threads.write_at(file, offset, data, dsync)
+                })
+                .await
             }
             BackendRef::Threads(engine) => engine.write_at(file, offset, data, dsync).await,
         }
@@ -324,7 +340,7 @@ impl IoEngine {
             let written = if inline {
                 self.write_at(file, pos, rest, dsync).await
             } else {
-                match check_offset(pos) {
+                match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
                     Ok(()) => self.queue_write(file, pos, rest, dsync).await,
                     Err(e) => Err(e),
                 }
@@ -366,26 +382,22 @@ impl IoEngine {
         check_offset(len)?;
         self.check_writes_allowed()?;
         match self.backend() {
-            BackendRef::Uring(engine) => match engine.fallocate(file, mode, offset, len).await {
-                Err(e) => match self.takeover(&e) {
-                    Some(threads) => threads.fallocate(file, mode, offset, len).await,
-                    None => Err(e),
-                },
-                done => done,
-            },
+            BackendRef::Uring(engine) => {
+                let done = engine.fallocate(file, mode, offset, len).await;
+                self.or_taken_over(done, |threads| threads.fallocate(file, mode, offset, len))
+                    .await
+            }
             BackendRef::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
         }
     }
 
     async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
         match self.backend() {
-            BackendRef::Uring(engine) => match engine.sync(file, datasync).await {
-                Err(e) => match self.takeover(&e) {
-                    Some(threads) => threads.sync(file, datasync).await,
-                    None => Err(e),
-                },
-                synced => synced,
-            },
+            BackendRef::Uring(engine) => {
+                let synced = engine.sync(file, datasync).await;
+                self.or_taken_over(synced, |threads| threads.sync(file, datasync))
+                    .await
+            }
             BackendRef::Threads(engine) => engine.sync(file, datasync).await,
         }
     }
@@ -627,6 +639,10 @@ mod tests {
                 .await;
             assert!(written.is_err(), "a write (dsync {dsync}) went through");
         }
+        let direct = engine
+            .write_all_at_direct(&file, 0, Bytes::from(vec![2u8; 4096]))
+            .await;
+        assert!(direct.is_err(), "a queued-only write went through");
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         assert!(engine.fallocate(&file, punch, 0, 4096).await.is_err());
         // Reads are harmless and still served from the page cache.
