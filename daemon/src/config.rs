@@ -91,7 +91,8 @@ pub struct Args {
     pub handshake_timeout_secs: Option<u64>,
 
     /// Close a connection that has had no request in flight, no reply to send and nothing
-    /// received for this long; 0 for never [default: 0].
+    /// received for this long, or whose client took no byte of its waiting replies that long;
+    /// 0 for never [default: 0].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout_secs: Option<u64>,
 

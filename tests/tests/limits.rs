@@ -116,6 +116,67 @@ fn requests_keep_a_connection_open_past_the_idle_timeout() {
     c.disconnect();
 }
 
+/// Sends `count` 1 MiB READs of the first MiB at once, without reading a reply.
+fn send_reads(c: &mut Raw, count: u64) {
+    let mut requests = Vec::new();
+    for cookie in 1..=count {
+        requests.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, 1 << 20));
+    }
+    c.send(&requests);
+}
+
+/// A client that sends requests and then takes none of its replies is closed after the idle
+/// timeout with its replies dropped, counted as `replies_unread`; the daemon serves others.
+#[test]
+fn a_client_that_reads_no_reply_is_closed_after_the_idle_timeout() {
+    let d = Daemon::start(DaemonOpts::new().arg("--idle-timeout-secs").arg("1"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    // 64 MiB of replies: far more than the sockets' buffers between us hold.
+    send_reads(&mut c, 64);
+    assert_hits(&d, "replies_unread", 1.0);
+    assert_eq!(hits(&d, "idle_timeout"), 0.0);
+    assert_logged_once(&d, "read no reply for idle_timeout_secs");
+    // What reached our socket before the close is there to read, then the end of the stream.
+    let mut received = Vec::new();
+    c.s.read_to_end(&mut received)
+        .expect("the connection ends after its replies were dropped");
+    assert!(
+        received.len() < 64 * ((1 << 20) + 16),
+        "all {} reply bytes arrived, none were dropped",
+        received.len()
+    );
+    let (mut fresh, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(fresh.read(1, 0, 4096).iter().all(|&b| b == 0));
+    fresh.disconnect();
+}
+
+/// A client that reads its replies slowly, but reads, keeps its connection past the idle
+/// timeout while they last and gets every byte.
+#[test]
+fn a_client_that_reads_replies_slowly_is_not_closed() {
+    let d = Daemon::start(DaemonOpts::new().arg("--idle-timeout-secs").arg("1"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let data = Prng::new(7).bytes(1 << 20);
+    c.write(100, 0, 0, &data);
+    let count = 24;
+    send_reads(&mut c, count);
+    let start = Instant::now();
+    for _ in 0..count {
+        thread::sleep(Duration::from_millis(200));
+        let (error, _) = c.read_simple_reply();
+        assert_eq!(error, 0);
+        assert!(c.recv(1 << 20) == data, "a read returned other data");
+    }
+    assert!(
+        start.elapsed() > Duration::from_secs(4),
+        "the replies were read in {:?}, not slowly",
+        start.elapsed()
+    );
+    // Once the last replies sat in the socket buffers, the connection was idle on the server's
+    // side and may have been closed for that: only the unread-replies limit must not have hit.
+    assert_eq!(hits(&d, "replies_unread"), 0.0);
+}
+
 #[test]
 fn idle_connections_stay_open_by_default() {
     let d = Daemon::start_default();

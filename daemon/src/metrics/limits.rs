@@ -26,6 +26,8 @@ pub enum Limit {
     HandshakeTimeout,
     /// `--idle-timeout-secs`: nothing happened on the connection for that long.
     IdleTimeout,
+    /// `--idle-timeout-secs` too: the client took no byte of its waiting replies for that long.
+    RepliesUnread,
     /// `--max-inflight-requests`: the server stopped reading the connection.
     InflightRequests,
     /// `--max-inflight-mib`: the server stopped reading the connection.
@@ -35,11 +37,12 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::Connections,
         Limit::VolumeConnections,
         Limit::HandshakeTimeout,
         Limit::IdleTimeout,
+        Limit::RepliesUnread,
         Limit::InflightRequests,
         Limit::InflightBytes,
         Limit::RequestSize,
@@ -52,6 +55,7 @@ impl Limit {
             Limit::VolumeConnections => "volume_connections",
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::IdleTimeout => "idle_timeout",
+            Limit::RepliesUnread => "replies_unread",
             Limit::InflightRequests => "inflight_requests",
             Limit::InflightBytes => "inflight_bytes",
             Limit::RequestSize => "request_size",
@@ -65,6 +69,9 @@ impl Limit {
             Limit::VolumeConnections => "connection refused: the volume's connection limit reached",
             Limit::HandshakeTimeout => "connection closed: handshake_timeout_secs expired",
             Limit::IdleTimeout => "connection closed: idle for idle_timeout_secs",
+            Limit::RepliesUnread => {
+                "connection closed: the client read no reply for idle_timeout_secs"
+            }
             Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
             Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",
             Limit::RequestSize => "request over the maximum size refused",

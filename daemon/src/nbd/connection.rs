@@ -282,7 +282,8 @@ impl Attached {
             TransmissionEnd::Disconnect
             | TransmissionEnd::Eof
             | TransmissionEnd::Shutdown
-            | TransmissionEnd::IdleTimeout { .. } => {
+            | TransmissionEnd::IdleTimeout { .. }
+            | TransmissionEnd::RepliesUnread { .. } => {
                 tracing::info!(%peer, reason = %end, "client detached");
             }
             // Counted and logged once per client as a limit hit.

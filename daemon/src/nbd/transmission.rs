@@ -57,6 +57,9 @@ pub enum TransmissionEnd {
     Shutdown,
     #[error("idle for {idle_secs} s")]
     IdleTimeout { idle_secs: u64 },
+    /// Our replies waited and the client took none of their bytes for the idle timeout.
+    #[error("read none of its replies for {idle_secs} s")]
+    RepliesUnread { idle_secs: u64 },
     #[error("protocol violation: {0}")]
     Protocol(#[from] evsd_proto::RequestError),
     #[error("client closed the connection in the middle of a request")]
@@ -214,7 +217,7 @@ where
                 conn.drain.client_disconnecting();
             }
             conn.drain.start(false);
-            if conn.inflight.is_empty() && conn.outgoing.is_empty() {
+            if conn.inflight.is_empty() && (conn.outgoing.is_empty() || conn.replies_unread()) {
                 break;
             }
         }
@@ -228,7 +231,10 @@ where
             return TransmissionEnd::Io(e);
         }
     }
-    let _ = conn.writer.shutdown().await;
+    // A shutdown flushes what TLS still holds first: it would wait on the client for good.
+    if !conn.replies_unread() {
+        let _ = conn.writer.shutdown().await;
+    }
     conn.end.take().unwrap_or(TransmissionEnd::Eof)
 }
 
@@ -249,6 +255,11 @@ where
             self.outgoing_bytes + self.outgoing.len() as u64 * QUEUED_PIECE_MEMORY_BYTES;
         self.inflight.len() < self.max_inflight_requests
             && (idle || self.inflight_bytes + waiting_bytes < self.max_inflight_bytes)
+    }
+
+    /// Ended because the client stopped reading: what is still queued is dropped unsent.
+    fn replies_unread(&self) -> bool {
+        matches!(self.end, Some(TransmissionEnd::RepliesUnread { .. }))
     }
 
     fn queue_reply(&mut self, frame: Frame) {
@@ -398,7 +409,7 @@ where
         cx: &mut Context<'_>,
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Poll<std::io::Result<()>> {
-        let was_busy = !self.inflight.is_empty() || !self.outgoing.is_empty();
+        let was_working = !self.inflight.is_empty();
         let had_room = self.has_room();
         let mut progress = false;
         while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
@@ -407,15 +418,20 @@ where
             progress = true;
         }
         self.poll_fence_overdue(cx);
+        let unsent_before = self.outgoing_bytes;
         while !self.outgoing.is_empty() {
             match self.poll_write(cx) {
                 Poll::Ready(result) => result?,
                 Poll::Pending => break,
             }
         }
+        let mut wrote = self.outgoing_bytes < unsent_before;
         if self.outgoing.is_empty() && self.unflushed {
             match Pin::new(&mut self.writer).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    wrote = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
@@ -449,19 +465,29 @@ where
             self.refuse_buffered();
             progress = true;
         }
+        let replies_unread = self.replies_unread();
         if let Some(idle) = self.idle.as_mut() {
-            if progress || was_busy {
+            // Replies waiting on a client that takes none of their bytes are no activity: such
+            // a client would otherwise hold its connection and memory budget for good.
+            if progress || wrote || was_working || !self.inflight.is_empty() {
                 idle.touch();
             }
-            let idle_now = self.inflight.is_empty() && self.outgoing.is_empty();
-            if self.end.is_none() && idle_now && idle.poll_expired(cx).is_ready() {
+            if self.inflight.is_empty() && !replies_unread && idle.poll_expired(cx).is_ready() {
                 let idle_secs = idle.timeout().as_secs();
-                self.limit_hits.hit(Limit::IdleTimeout);
-                self.end = Some(TransmissionEnd::IdleTimeout { idle_secs });
-                progress = true;
+                if !self.outgoing.is_empty() || self.unflushed {
+                    self.limit_hits.hit(Limit::RepliesUnread);
+                    self.end = Some(TransmissionEnd::RepliesUnread { idle_secs });
+                    progress = true;
+                } else if self.end.is_none() {
+                    self.limit_hits.hit(Limit::IdleTimeout);
+                    self.end = Some(TransmissionEnd::IdleTimeout { idle_secs });
+                    progress = true;
+                }
             }
         }
-        let drained = self.end.is_some() && self.inflight.is_empty() && self.outgoing.is_empty();
+        let drained = self.end.is_some()
+            && self.inflight.is_empty()
+            && (self.outgoing.is_empty() || self.replies_unread());
         if progress || drained {
             Poll::Ready(Ok(()))
         } else {

@@ -55,7 +55,8 @@ max_inflight_mib = 256
 handshake_timeout_secs = 30
 
 # A connection with no request in flight, no reply to send and nothing received for this many
-# seconds is closed; 0 keeps idle connections open.
+# seconds is closed, and so is one whose client takes no byte of its waiting replies that long;
+# 0 keeps idle connections open.
 idle_timeout_secs = 0
 
 # How long shutdown waits for connections to finish their requests.
