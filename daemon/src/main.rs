@@ -1,10 +1,12 @@
 //! evsd: serves block volumes over NBD.
 
+mod accept_failures;
 mod access;
 mod activation;
 mod admin;
 mod backup;
 mod config;
+mod data_dir_lock;
 mod error;
 mod io;
 mod logging;
@@ -33,6 +35,7 @@ use crate::backup::policy_run::PolicyRunner;
 use crate::backup::store::BackupStore;
 use crate::backup::{BackupConfig, Backups};
 use crate::config::Args;
+use crate::data_dir_lock::DataDirLock;
 use crate::io::{EngineConfig, IoEngine};
 use crate::metrics::http::MetricsListener;
 use crate::metrics::Metrics;
@@ -67,6 +70,8 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::resolve(&args)?;
     logging::init(settings.log_format).report();
+    // Before anything in the directory is read or changed; held until the process ends.
+    let _data_dir_lock = DataDirLock::acquire(&settings.data_dir)?;
     // Taken before the runtime starts, so no task can see the fds unowned.
     let inherited = Inherited::take().context("taking socket-activated listeners")?;
     // Connections run on threads of their own (`nbd::threads`); this runtime serves the rest:

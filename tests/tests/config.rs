@@ -181,3 +181,79 @@ fn unknown_key_fails_start_with_its_name() {
         "{stderr}"
     );
 }
+
+/// `evsd ARGS`, expected to exit with an error at once; its stderr.
+fn refused_start(args: &[&std::ffi::OsStr]) -> String {
+    let dir = tempdir();
+    let stderr_path = dir.path().join("stderr");
+    let child = Command::new(evsd_bin())
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let exited = wait_until(std::time::Duration::from_secs(15), || {
+        child.0.try_wait().unwrap().is_some()
+    });
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(exited, "a second daemon started and runs:\n{stderr}");
+    assert!(!child.0.wait().unwrap().success(), "{stderr}");
+    stderr
+}
+
+/// A second daemon may not use a data directory in use, nor take over a socket path a running
+/// daemon listens on: it exits with a clear error and the first keeps serving. A daemon killed
+/// with `kill -9` keeps neither from its successor.
+#[test]
+fn a_second_daemon_cannot_take_a_data_directory_or_a_socket_in_use() {
+    let mut d = Daemon::start_default();
+    let other = tempdir();
+    let other_admin = other.path().join("admin.sock");
+    let data_dir = d.data_dir();
+    let stderr = refused_start(&[
+        "--data-dir".as_ref(),
+        data_dir.as_os_str(),
+        "--admin-socket".as_ref(),
+        other_admin.as_os_str(),
+    ]);
+    assert!(
+        stderr.contains("is in use by another evsd")
+            && stderr.contains(&format!("pid {}", d.pid())),
+        "{stderr}"
+    );
+    assert!(
+        !other_admin.exists(),
+        "the refused daemon bound its admin socket"
+    );
+
+    let other_data = other.path().join("data");
+    for (flag, taken) in [
+        ("--unix", d.unix_path()),
+        ("--admin-socket", d.admin_path()),
+    ] {
+        let mut args = vec!["--data-dir".as_ref(), other_data.as_os_str()];
+        if flag == "--unix" {
+            args.extend(["--admin-socket".as_ref(), other_admin.as_os_str()]);
+        }
+        args.extend([flag.as_ref(), taken.as_os_str()]);
+        let stderr = refused_start(&args);
+        assert!(
+            stderr.contains("another process accepts connections on it"),
+            "{flag}: {stderr}"
+        );
+    }
+
+    // The first daemon still answers on both of its socket paths.
+    let mut unix = UnixStream::connect(d.unix_path()).unwrap();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut unix, &mut greeting).unwrap();
+    assert_eq!(be64(&greeting[0..8]), NBDMAGIC);
+    assert!(d.evsctl_ok(&["volume", "list"]).contains("vol0"));
+    d.assert_alive();
+
+    // kill -9 leaves a stale socket file and lock file: the next daemon takes both.
+    d.kill9();
+    d.restart();
+    assert!(d.evsctl_ok(&["volume", "list"]).contains("vol0"));
+}

@@ -13,6 +13,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept_failures::AcceptFailures;
 use crate::activation::InheritedUnix;
 use crate::admin::methods::dispatch;
 use crate::admin::protocol::{
@@ -72,6 +73,7 @@ impl AdminListener {
     ) {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(MAX_ADMIN_CLIENTS));
+        let mut failures = AcceptFailures::new("admin");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -91,10 +93,7 @@ impl AdminListener {
                         }
                     });
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(error) => failures.failed(error).await,
             }
         }
         tracker.close();

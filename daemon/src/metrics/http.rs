@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::Metrics;
+use crate::accept_failures::AcceptFailures;
 
 /// Request heads larger than this are answered 431 and closed.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
@@ -46,6 +47,7 @@ impl MetricsListener {
     /// Serves scrapes until `shutdown` fires.
     pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES));
+        let mut failures = AcceptFailures::new("metrics");
         loop {
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                 return;
@@ -66,10 +68,7 @@ impl MetricsListener {
                         drop(permit);
                     });
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(error) => failures.failed(error).await,
             }
         }
     }

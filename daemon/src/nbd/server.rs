@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept_failures::AcceptFailures;
 use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
 use crate::metrics::{Limit, Metrics};
@@ -40,12 +41,22 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
-    /// Binds a Unix socket at `path`, replacing a socket file a killed daemon left behind.
+    /// Binds a Unix socket at `path`, replacing a socket file a killed daemon left behind;
+    /// refused while a live server listens on it.
     pub fn bind(path: PathBuf) -> std::io::Result<(UnixListener, SocketFile)> {
         // A socket file left by a killed daemon would make bind fail with EADDRINUSE.
         if std::fs::symlink_metadata(&path)
             .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
         {
+            if someone_listens(&path) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use: another process accepts connections on it",
+                        path.display()
+                    ),
+                ));
+            }
             std::fs::remove_file(&path)?;
         }
         let listener = UnixListener::bind(&path)?;
@@ -71,6 +82,24 @@ impl SocketFile {
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == inode) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Whether a process listens on the socket file at `path`. Replacing the file would take its
+/// path from a running server, whose clients would then reach us instead. The connect does not
+/// block: a listener with a full backlog answers EAGAIN, and is alive too.
+fn someone_listens(path: &Path) -> bool {
+    let connected = socket2::SockAddr::unix(path).and_then(|addr| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::UNIX,
+            socket2::Type::STREAM.nonblocking(),
+            None,
+        )?;
+        socket.connect(&addr)
+    });
+    match connected {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
     }
 }
 
@@ -230,13 +259,8 @@ impl AcceptContext {
     }
 }
 
-/// Accept errors such as EMFILE are transient: log, back off briefly, keep serving.
-async fn backoff(error: std::io::Error) {
-    tracing::warn!(%error, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
 async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
+    let mut failures = AcceptFailures::new("nbd tcp");
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -247,12 +271,13 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
                 let _ = stream.set_nodelay(true);
                 ctx.admit(stream, addr.to_string(), ClientAddr::tcp(addr.ip()));
             }
-            Err(e) => backoff(e).await,
+            Err(e) => failures.failed(e).await,
         }
     }
 }
 
 async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
+    let mut failures = AcceptFailures::new("nbd unix");
     let mut sequence: u64 = 0;
     loop {
         let accepted = tokio::select! {
@@ -265,7 +290,7 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
                 sequence += 1;
                 ctx.admit(stream, format!("unix#{sequence}"), ClientAddr::Unix);
             }
-            Err(e) => backoff(e).await,
+            Err(e) => failures.failed(e).await,
         }
     }
 }
