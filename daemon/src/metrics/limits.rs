@@ -70,7 +70,7 @@ impl Limit {
             Limit::HandshakeTimeout => "connection closed: handshake_timeout_secs expired",
             Limit::IdleTimeout => "connection closed: idle for idle_timeout_secs",
             Limit::RepliesUnread => {
-                "connection closed: the client read no reply for idle_timeout_secs"
+                "connection closed: the client took no byte of its replies for idle_timeout_secs"
             }
             Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
             Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",

@@ -6,6 +6,7 @@ mod drain;
 pub mod handshake;
 mod idle;
 pub mod replies;
+mod send_queue;
 mod sendfile;
 pub mod server;
 pub mod stream;

@@ -48,7 +48,7 @@ impl SocketFile {
         if std::fs::symlink_metadata(&path)
             .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
         {
-            if someone_listens(&path) {
+            if someone_listens(&path)? {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     format!(
@@ -86,21 +86,20 @@ impl SocketFile {
 }
 
 /// Whether a process listens on the socket file at `path`. Replacing the file would take its
-/// path from a running server, whose clients would then reach us instead. The connect does not
-/// block: a listener with a full backlog answers EAGAIN, and is alive too.
-fn someone_listens(path: &Path) -> bool {
-    let connected = socket2::SockAddr::unix(path).and_then(|addr| {
-        let socket = socket2::Socket::new(
-            socket2::Domain::UNIX,
-            socket2::Type::STREAM.nonblocking(),
-            None,
-        )?;
-        socket.connect(&addr)
-    });
-    match connected {
+/// path from a running server, whose clients would then reach us instead. Only a refused
+/// connect means a stale file: a listener with a full backlog answers EAGAIN (the connect does
+/// not block), one we may not write to EACCES, one of another socket type EPROTOTYPE.
+fn someone_listens(path: &Path) -> std::io::Result<bool> {
+    let addr = socket2::SockAddr::unix(path)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::UNIX,
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    Ok(match socket.connect(&addr) {
         Ok(()) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-    }
+        Err(e) => !matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT)),
+    })
 }
 
 impl Listeners {

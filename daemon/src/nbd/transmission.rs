@@ -31,6 +31,7 @@ use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame, Piece};
+use crate::nbd::send_queue::SendQueue;
 use crate::nbd::sendfile::SendFile;
 use crate::storage::attachments::Attachment;
 use crate::storage::{FileRange, Volume, ZeroMode};
@@ -39,6 +40,8 @@ use crate::storage::{FileRange, Volume, ZeroMode};
 const MAX_EXTENTS_PER_REPLY: usize = 4096;
 /// Buffers handed to one writev (Linux allows 1024).
 const MAX_IOVECS_PER_WRITE: usize = 512;
+/// How long the end of a connection waits for TLS to send its close (and what it still holds).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Free space kept in the input buffer before each socket read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// READs at least this long are sent from the page cache with `sendfile` when all cached. Below
@@ -58,7 +61,7 @@ pub enum TransmissionEnd {
     #[error("idle for {idle_secs} s")]
     IdleTimeout { idle_secs: u64 },
     /// Our replies waited and the client took none of their bytes for the idle timeout.
-    #[error("read none of its replies for {idle_secs} s")]
+    #[error("took none of its replies for {idle_secs} s")]
     RepliesUnread { idle_secs: u64 },
     #[error("protocol violation: {0}")]
     Protocol(#[from] evsd_proto::RequestError),
@@ -143,6 +146,12 @@ struct Connection<'s, R, W> {
     /// Out of room with input waiting; a hit is counted when this turns true.
     blocked: bool,
     idle: Option<IdleTimer>,
+    /// Expires once replies have waited with no byte of them taken for the idle timeout.
+    reply_stall: Option<IdleTimer>,
+    /// The socket's send queue when last looked at while replies waited (see `send_queue`).
+    last_queued_bytes: Option<u64>,
+    /// The client took none of its replies for the idle timeout: what waits is dropped.
+    abandon_replies: bool,
     /// Raises the volume's write fence while this connection drains writes after its end.
     drain: Drain<'s>,
 }
@@ -162,7 +171,7 @@ pub async fn serve<R, W>(
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + SendFile + Unpin + Send,
+    W: AsyncWrite + SendFile + SendQueue + Unpin + Send,
 {
     let mode = negotiated.mode;
     let session = Session {
@@ -199,6 +208,9 @@ where
         limit_hits: ConnectionLimits::new(session.metrics.limits(), &session.peer),
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
+        reply_stall: config.idle_timeout.map(IdleTimer::new),
+        last_queued_bytes: None,
+        abandon_replies: false,
         drain: Drain::new(session.volume.fence(), attachment.seat()),
     };
     let cancelled = shutdown.cancelled();
@@ -217,7 +229,7 @@ where
                 conn.drain.client_disconnecting();
             }
             conn.drain.start(false);
-            if conn.inflight.is_empty() && (conn.outgoing.is_empty() || conn.replies_unread()) {
+            if conn.inflight.is_empty() && (!conn.replies_waiting() || conn.abandon_replies) {
                 break;
             }
         }
@@ -231,9 +243,10 @@ where
             return TransmissionEnd::Io(e);
         }
     }
-    // A shutdown flushes what TLS still holds first: it would wait on the client for good.
-    if !conn.replies_unread() {
-        let _ = conn.writer.shutdown().await;
+    // A TLS shutdown sends what it still holds first: a client that stopped reading would
+    // hold it for good.
+    if !conn.abandon_replies {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.writer.shutdown()).await;
     }
     conn.end.take().unwrap_or(TransmissionEnd::Eof)
 }
@@ -241,7 +254,7 @@ where
 impl<'s, R, W> Connection<'s, R, W>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + SendFile + Unpin,
+    W: AsyncWrite + SendFile + SendQueue + Unpin,
 {
     /// Whether another request may start. Replies not yet written count against the byte budget
     /// too: a client that sends requests but does not read its replies must not make us buffer
@@ -257,9 +270,9 @@ where
             && (idle || self.inflight_bytes + waiting_bytes < self.max_inflight_bytes)
     }
 
-    /// Ended because the client stopped reading: what is still queued is dropped unsent.
-    fn replies_unread(&self) -> bool {
-        matches!(self.end, Some(TransmissionEnd::RepliesUnread { .. }))
+    /// Reply bytes not yet handed to the socket: queued here, or held by TLS until a flush.
+    fn replies_waiting(&self) -> bool {
+        !self.outgoing.is_empty() || self.unflushed
     }
 
     fn queue_reply(&mut self, frame: Frame) {
@@ -409,7 +422,7 @@ where
         cx: &mut Context<'_>,
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Poll<std::io::Result<()>> {
-        let was_working = !self.inflight.is_empty();
+        let was_busy = !self.inflight.is_empty() || !self.outgoing.is_empty();
         let had_room = self.has_room();
         let mut progress = false;
         while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
@@ -419,10 +432,14 @@ where
         }
         self.poll_fence_overdue(cx);
         let unsent_before = self.outgoing_bytes;
+        let mut blocked = false;
         while !self.outgoing.is_empty() {
             match self.poll_write(cx) {
                 Poll::Ready(result) => result?,
-                Poll::Pending => break,
+                Poll::Pending => {
+                    blocked = true;
+                    break;
+                }
             }
         }
         let mut wrote = self.outgoing_bytes < unsent_before;
@@ -465,34 +482,67 @@ where
             self.refuse_buffered();
             progress = true;
         }
-        let replies_unread = self.replies_unread();
         if let Some(idle) = self.idle.as_mut() {
-            // Replies waiting on a client that takes none of their bytes are no activity: such
-            // a client would otherwise hold its connection and memory budget for good.
-            if progress || wrote || was_working || !self.inflight.is_empty() {
+            if progress || was_busy {
                 idle.touch();
             }
-            if self.inflight.is_empty() && !replies_unread && idle.poll_expired(cx).is_ready() {
+            let idle_now = self.inflight.is_empty() && self.outgoing.is_empty();
+            if self.end.is_none() && idle_now && idle.poll_expired(cx).is_ready() {
                 let idle_secs = idle.timeout().as_secs();
-                if !self.outgoing.is_empty() || self.unflushed {
-                    self.limit_hits.hit(Limit::RepliesUnread);
-                    self.end = Some(TransmissionEnd::RepliesUnread { idle_secs });
-                    progress = true;
-                } else if self.end.is_none() {
-                    self.limit_hits.hit(Limit::IdleTimeout);
-                    self.end = Some(TransmissionEnd::IdleTimeout { idle_secs });
-                    progress = true;
-                }
+                self.limit_hits.hit(Limit::IdleTimeout);
+                self.end = Some(TransmissionEnd::IdleTimeout { idle_secs });
+                progress = true;
             }
+        }
+        if self.poll_reply_stall(cx, wrote, blocked) {
+            progress = true;
         }
         let drained = self.end.is_some()
             && self.inflight.is_empty()
-            && (self.outgoing.is_empty() || self.replies_unread());
+            && (!self.replies_waiting() || self.abandon_replies);
         if progress || drained {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
+    }
+
+    /// Watches replies waiting on the client: once it has taken no byte of them for the idle
+    /// timeout (an incoming request is no excuse), they are dropped and the connection ends.
+    /// True when it just gave up on them.
+    fn poll_reply_stall(&mut self, cx: &mut Context<'_>, wrote: bool, blocked: bool) -> bool {
+        let waiting = self.replies_waiting();
+        let Some(stall) = self.reply_stall.as_mut() else {
+            return false;
+        };
+        if self.abandon_replies {
+            return false;
+        }
+        if wrote || !waiting {
+            stall.touch();
+            self.last_queued_bytes = None;
+        }
+        if !waiting {
+            return false;
+        }
+        // The client may read without freeing enough of the send buffer to wake us.
+        if blocked || stall.poll_expired(cx).is_ready() {
+            let queued = self.writer.queued_bytes();
+            if queued.is_some_and(|now| self.last_queued_bytes.is_some_and(|was| now < was)) {
+                stall.touch();
+            }
+            self.last_queued_bytes = queued;
+        }
+        if stall.poll_expired(cx).is_pending() {
+            return false;
+        }
+        let idle_secs = stall.timeout().as_secs();
+        self.limit_hits.hit(Limit::RepliesUnread);
+        self.abandon_replies = true;
+        // A protocol error or a disconnect already ending it stays the reason.
+        self.end
+            .get_or_insert(TransmissionEnd::RepliesUnread { idle_secs });
+        true
     }
 
     /// Accounts for a finished request; returns its reply.
