@@ -249,10 +249,12 @@ impl Attached {
         let volume_metrics = metrics.volume(volume.name());
         let _connected = volume_metrics.connect();
         tracing::info!(%peer, export = volume.name(), mode = ?negotiated.mode, contexts = negotiated.meta_contexts.len(), tls, "client attached");
+        let socket_fd = stream.client_fd();
         let (reader, writer) = stream.into_halves();
         let stream_parts = ClientStream {
             reader,
             writer,
+            socket_fd,
             buffered: leftover,
             peer: peer.clone(),
         };

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame, Piece};
-use crate::nbd::send_queue::SendQueue;
+use crate::nbd::send_queue;
 use crate::nbd::sendfile::SendFile;
 use crate::storage::attachments::Attachment;
 use crate::storage::{FileRange, Volume, ZeroMode};
@@ -90,6 +91,8 @@ struct Session<'m> {
 pub struct ClientStream<R, W> {
     pub reader: R,
     pub writer: W,
+    /// The client's socket under both halves (under TLS too), open as long as they are.
+    pub socket_fd: RawFd,
     pub buffered: BytesMut,
     pub peer: String,
 }
@@ -148,6 +151,8 @@ struct Connection<'s, R, W> {
     idle: Option<IdleTimer>,
     /// Expires once replies have waited with no byte of them taken for the idle timeout.
     reply_stall: Option<IdleTimer>,
+    /// The client's socket, for its send queue (see `send_queue`).
+    socket_fd: RawFd,
     /// The socket's send queue when last looked at while replies waited (see `send_queue`).
     last_queued_bytes: Option<u64>,
     /// The client took none of its replies for the idle timeout: what waits is dropped.
@@ -171,7 +176,7 @@ pub async fn serve<R, W>(
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + SendFile + SendQueue + Unpin + Send,
+    W: AsyncWrite + SendFile + Unpin + Send,
 {
     let mode = negotiated.mode;
     let session = Session {
@@ -209,6 +214,7 @@ where
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
         reply_stall: config.idle_timeout.map(IdleTimer::new),
+        socket_fd: client.socket_fd,
         last_queued_bytes: None,
         abandon_replies: false,
         drain: Drain::new(session.volume.fence(), attachment.seat()),
@@ -254,7 +260,7 @@ where
 impl<'s, R, W> Connection<'s, R, W>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + SendFile + SendQueue + Unpin,
+    W: AsyncWrite + SendFile + Unpin,
 {
     /// Whether another request may start. Replies not yet written count against the byte budget
     /// too: a client that sends requests but does not read its replies must not make us buffer
@@ -422,7 +428,8 @@ where
         cx: &mut Context<'_>,
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Poll<std::io::Result<()>> {
-        let was_busy = !self.inflight.is_empty() || !self.outgoing.is_empty();
+        let was_busy = !self.inflight.is_empty() || self.replies_waiting();
+        let was_waiting = self.replies_waiting();
         let had_room = self.has_room();
         let mut progress = false;
         while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
@@ -482,11 +489,11 @@ where
             self.refuse_buffered();
             progress = true;
         }
+        let idle_now = self.inflight.is_empty() && !self.replies_waiting();
         if let Some(idle) = self.idle.as_mut() {
             if progress || was_busy {
                 idle.touch();
             }
-            let idle_now = self.inflight.is_empty() && self.outgoing.is_empty();
             if self.end.is_none() && idle_now && idle.poll_expired(cx).is_ready() {
                 let idle_secs = idle.timeout().as_secs();
                 self.limit_hits.hit(Limit::IdleTimeout);
@@ -494,7 +501,7 @@ where
                 progress = true;
             }
         }
-        if self.poll_reply_stall(cx, wrote, blocked) {
+        if self.poll_reply_stall(cx, wrote || !was_waiting, blocked) {
             progress = true;
         }
         let drained = self.end.is_some()
@@ -509,8 +516,9 @@ where
 
     /// Watches replies waiting on the client: once it has taken no byte of them for the idle
     /// timeout (an incoming request is no excuse), they are dropped and the connection ends.
-    /// True when it just gave up on them.
-    fn poll_reply_stall(&mut self, cx: &mut Context<'_>, wrote: bool, blocked: bool) -> bool {
+    /// `moved`: reply bytes left, or replies started waiting, in this pass. True when it just
+    /// gave up on them.
+    fn poll_reply_stall(&mut self, cx: &mut Context<'_>, moved: bool, blocked: bool) -> bool {
         let waiting = self.replies_waiting();
         let Some(stall) = self.reply_stall.as_mut() else {
             return false;
@@ -518,7 +526,7 @@ where
         if self.abandon_replies {
             return false;
         }
-        if wrote || !waiting {
+        if moved || !waiting {
             stall.touch();
             self.last_queued_bytes = None;
         }
@@ -527,7 +535,7 @@ where
         }
         // The client may read without freeing enough of the send buffer to wake us.
         if blocked || stall.poll_expired(cx).is_ready() {
-            let queued = self.writer.queued_bytes();
+            let queued = send_queue::queued_bytes(self.socket_fd);
             if queued.is_some_and(|now| self.last_queued_bytes.is_some_and(|was| now < was)) {
                 stall.touch();
             }
