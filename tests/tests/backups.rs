@@ -1924,3 +1924,30 @@ fn incremental_does_not_list_the_store_and_still_dedups_whole_chunks() {
     restore_new(&d, "r", b2["id"].as_str().unwrap());
     assert_same("restored incremental", &read_export(&d, "r"), &model);
 }
+
+/// Backups taken within one second are listed in the order they were taken (ids sort to the
+/// millisecond): each incremental after its parent, the first one full.
+#[test]
+fn backups_of_one_second_are_listed_in_the_order_taken() {
+    let d = start();
+    create_volume(&d, "small", 4 * MIB);
+    let mut model = vec![0u8; 4 * MIB as usize];
+    let mut taken = Vec::new();
+    for k in 0..6u64 {
+        write_at(&d, "small", k * 4096, &random(k, 4096), &mut model);
+        taken.push(
+            backup_now(&d, "small", false)["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let list = d.evsctl_json(&["backup", "list", "--volume", "small"]);
+    let listed: Vec<&Value> = list["backups"].as_array().unwrap().iter().collect();
+    let ids: Vec<&str> = listed.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, taken, "listed out of order: {list:#}");
+    assert_eq!(listed[0]["incremental"], false, "{list:#}");
+    for pair in listed.windows(2) {
+        assert_eq!(pair[1]["parent"], pair[0]["id"], "{list:#}");
+    }
+}

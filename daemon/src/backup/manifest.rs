@@ -147,13 +147,17 @@ pub fn validate_backup_id(id: &str) -> Result<(), ManifestError> {
     }
 }
 
-/// `b-YYYYMMDDTHHMMSSZ-<8 hex>`: sorts by creation time; the random suffix keeps two daemons
-/// sharing a store from colliding within one second.
-pub fn new_backup_id(now_unix_secs: u64) -> String {
+/// `b-YYYYMMDDTHHMMSSZ-<8 hex>` for `since_epoch` (now): the first 3 hex digits are the
+/// millisecond (000 to 3e7), the other 5 random. Ids sort by creation time, to the millisecond
+/// (backups a policy or a script takes within one second too); the random part keeps two
+/// daemons sharing a store from colliding.
+pub fn new_backup_id(since_epoch: std::time::Duration) -> String {
+    let secs = since_epoch.as_secs();
     format!(
-        "b-{}-{:08x}",
-        utc_timestamp(now_unix_secs),
-        random_u32(now_unix_secs)
+        "b-{}-{:03x}{:05x}",
+        utc_timestamp(secs),
+        since_epoch.subsec_millis(),
+        random_u32(secs) & 0xf_ffff
     )
 }
 
@@ -361,6 +365,7 @@ pub(crate) fn sample_for_test(backup_id: &str) -> BackupManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const ID: &str = "b-20261202T054400Z-1a2b3c4d";
 
@@ -679,7 +684,7 @@ mod tests {
 
     #[test]
     fn new_ids_have_the_documented_form() {
-        let id = new_backup_id(1_764_654_240);
+        let id = new_backup_id(Duration::from_secs(1_764_654_240));
         assert_eq!(id.len(), "b-20251202T054400Z-".len() + 8);
         assert!(id.starts_with("b-20251202T054400Z-"), "{id}");
         let suffix = &id[id.len() - 8..];
@@ -691,7 +696,27 @@ mod tests {
         );
         assert!(validate_backup_id(&id).is_ok());
         assert!(is_generated_backup_id(&id), "{id}");
-        assert_ne!(new_backup_id(0), new_backup_id(0), "random suffix repeats");
+        assert_ne!(
+            new_backup_id(Duration::ZERO),
+            new_backup_id(Duration::ZERO),
+            "random suffix repeats"
+        );
+        // Within one second, ids sort by the millisecond.
+        let mut ids: Vec<String> = [999, 0, 10, 500, 1, 998]
+            .iter()
+            .map(|ms| new_backup_id(Duration::from_millis(1_764_654_240_000 + ms)))
+            .collect();
+        let by_time: Vec<String> = {
+            let mut order = [999, 0, 10, 500, 1, 998]
+                .iter()
+                .copied()
+                .zip(ids.iter().cloned())
+                .collect::<Vec<_>>();
+            order.sort();
+            order.into_iter().map(|(_, id)| id).collect()
+        };
+        ids.sort();
+        assert_eq!(ids, by_time);
         for other in [
             "b-20251202T054400Z-0123abc",
             "b-20251202T054400Z-0123abcde",

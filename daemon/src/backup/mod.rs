@@ -51,7 +51,7 @@ use crate::error::StorageError;
 use crate::metrics::backup::{JobLabels, OutcomeLabels};
 use crate::metrics::Metrics;
 use crate::storage::attachments::{CloseRefused, Closure};
-use crate::storage::entry::{now_unix_secs, VolumeEntry};
+use crate::storage::entry::{now_unix_secs, since_epoch, VolumeEntry};
 use crate::storage::restore_mark::RestoreMark;
 use crate::storage::Registry;
 
@@ -1207,7 +1207,7 @@ pub(crate) fn new_record(
     group_id: Option<String>,
     policy: Option<String>,
 ) -> BackupRecord {
-    let backup_id = manifest::new_backup_id(now_unix_secs());
+    let backup_id = manifest::new_backup_id(since_epoch());
     BackupRecord {
         job_id: new_job_id(),
         snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),

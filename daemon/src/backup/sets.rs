@@ -15,7 +15,7 @@ use crate::backup::records::{JobRecord, SetRecord};
 use crate::backup::{new_record, Backups, GcReport};
 use crate::error::StorageError;
 use crate::servers::ServerInfo;
-use crate::storage::entry::now_unix_secs;
+use crate::storage::entry::{now_unix_secs, since_epoch};
 
 pub const SET_FORMAT_VERSION: u32 = 1;
 /// How often a set's coordinator looks at its member jobs.
@@ -108,7 +108,7 @@ fn members_of(set: &SetRecord) -> Vec<SetMember> {
 }
 
 pub fn new_set_id() -> String {
-    let id = manifest::new_backup_id(now_unix_secs());
+    let id = manifest::new_backup_id(since_epoch());
     format!("s-{}", id.trim_start_matches("b-"))
 }
 

@@ -1259,7 +1259,7 @@ mod tests {
     fn only_snapshots_named_after_a_backup_are_released() {
         let taken = format!(
             "{BACKUP_SNAPSHOT_PREFIX}{}",
-            manifest::new_backup_id(1_764_654_240)
+            manifest::new_backup_id(std::time::Duration::from_secs(1_764_654_240))
         );
         assert!(is_backup_snapshot(&taken), "{taken}");
         for kept in [

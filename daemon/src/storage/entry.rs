@@ -48,9 +48,14 @@ pub(crate) struct EntryState {
 }
 
 pub fn now_unix_secs() -> u64 {
+    since_epoch().as_secs()
+}
+
+/// Now, as the time since the unix epoch (zero for a clock set before it).
+pub fn since_epoch() -> std::time::Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
 }
 
 impl VolumeEntry {
