@@ -1951,3 +1951,54 @@ fn backups_of_one_second_are_listed_in_the_order_taken() {
         assert_eq!(pair[1]["parent"], pair[0]["id"], "{list:#}");
     }
 }
+
+/// An incremental killed after naming its chunks, whose cached trees it then overwrote with
+/// the new ids, resumes storing them as deltas of the parent, reading only the changed blocks:
+/// it knows the records it wrote. (It used to read every such chunk whole, and store it so.)
+#[test]
+fn kill9_mid_incremental_resumes_with_deltas() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("2");
+    let mut d = Daemon::start(opts);
+    let chunks = 32;
+    create_volume(&d, "vol0", chunks * CHUNK);
+    let mut model = vec![0u8; (chunks * CHUNK) as usize];
+    // The full backup stores little: one random block per chunk, the rest zeroes.
+    let mut base = vec![0u8; (chunks * CHUNK) as usize];
+    for chunk in 0..chunks {
+        let at = (chunk * CHUNK) as usize;
+        base[at..at + 4096].copy_from_slice(&random(100 + chunk, 4096));
+    }
+    write_at(&d, "vol0", 0, &base, &mut model);
+    backup_now(&d, "vol0", false);
+    // 100 changed blocks (400 KiB) in every chunk: 12.5 MiB of deltas, 6 s at 2 MiB/s.
+    let changed_bytes = 100 * 4096;
+    for chunk in 0..chunks {
+        let data = random(200 + chunk, changed_bytes);
+        write_at(&d, "vol0", chunk * CHUNK + MIB, &data, &mut model);
+    }
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            u(&job(&d, &job_id)["progress"], "bytes_done") > 0
+        }),
+        "the incremental made no progress"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        job(&d, &job_id)["state"],
+        "running",
+        "ended before the kill"
+    );
+    d.kill9();
+    d.restart();
+    wait_job_ok(&d, &job_id);
+    let b = admin_ok(&d, "backup.show", json!({"id": backup_id}));
+    assert_eq!(b["incremental"], true, "{b:#}");
+    assert_eq!(u(&b, "delta_chunks"), chunks, "{b:#}");
+    assert_eq!(u(&b, "read_bytes"), chunks * changed_bytes, "{b:#}");
+    restore_new(&d, "r", &backup_id);
+    assert_same("restore after resume", &read_export(&d, "r"), &model);
+}

@@ -21,7 +21,7 @@ use crate::backup::chunk::{self, ChunkId, CHUNK_SIZE_BYTES, DELTA_BLOCK_BYTES};
 use crate::backup::error::BackupError;
 use crate::backup::scratch::Pool;
 use crate::backup::tree::{self, ChunkTree, Cv};
-use crate::backup::tree_cache::VolumeTrees;
+use crate::backup::tree_cache::{VolumeTrees, WrittenBy};
 use crate::backup::upload::{blocking, ChunkCtx};
 use crate::storage::volume::Volume;
 
@@ -118,6 +118,7 @@ pub(super) async fn process_batch(
         .read_bytes
         .fetch_add(read_bytes, Ordering::Relaxed);
     let level = ctx.svc.config.zstd_level;
+    let by = ctx.written_by();
     let work: Vec<_> = chunks.iter().cloned().zip(read).collect();
     let svc = Arc::clone(ctx.svc);
     let named = blocking(move || {
@@ -126,7 +127,7 @@ pub(super) async fn process_batch(
             .into_iter()
             .map(|((index, plan), read)| {
                 let deltas = &svc.delta_buffers;
-                name(&trees, index, &plan, &read, level, &mut scratch, deltas)
+                name(&trees, index, &plan, &read, by, level, &mut scratch, deltas)
             })
             .collect();
         svc.name_scratch.give(scratch);
@@ -166,13 +167,17 @@ async fn read_blocks(
 }
 
 /// Names chunk `index` from its parent's tree (None when not cached here, or when it does not
-/// prove the parent's id) with the CVs of the changed blocks put in, caches its new tree and
-/// encodes its delta into a buffer from `deltas`. Blocking.
+/// prove the parent's id) with the CVs of the changed blocks put in, caches its new tree as
+/// written `by` this backup and encodes its delta into a buffer from `deltas`. Resumed, the
+/// backup finds the records it wrote before the stop instead of its parent's, filed under the
+/// ids it gave them: putting the same blocks in gives the same id. Blocking.
+#[allow(clippy::too_many_arguments)]
 fn name(
     trees: &VolumeTrees,
     index: u64,
     plan: &DeltaPlan,
     blocks: &[Bytes],
+    by: WrittenBy,
     zstd_level: i32,
     scratch: &mut NameScratch,
     deltas: &Pool<Vec<u8>>,
@@ -184,12 +189,7 @@ fn name(
             tree.copy_from(zero_tree);
             *id
         }
-        Some(base) => {
-            if !trees.load_into(index, &base, tree) {
-                return None;
-            }
-            base
-        }
+        Some(base) => trees.load_into(index, &base, by, tree)?,
     };
     changed.clear();
     for (&(first, count), bytes) in plan.runs.iter().zip(blocks) {
@@ -222,7 +222,7 @@ fn name(
     if id == ChunkTree::zero().0 {
         return Some(Named::Zero);
     }
-    trees.store(index, &id, tree);
+    trees.store(index, &id, tree, by);
     // The new bytes of the changed blocks, run after run, straight from the read buffers.
     let parts: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
     let mut stored = deltas.take_or(|| Vec::with_capacity(NEW_DELTA_BYTES));

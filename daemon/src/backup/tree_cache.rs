@@ -3,9 +3,14 @@
 //! One file per volume, named by its uuid, with a fixed-size record per chunk index: caching a
 //! chunk's tree is one write into a file that exists, not a file created per chunk and deleted
 //! when the next backup replaces it. A record is the chunk id it is filed under, then the
-//! tree's CVs (`ChunkTree::as_bytes`). It is written in place and not fsynced: `ChunkTree::update`
-//! proves every node it uses against the id, so a torn or stale record costs a full read of the
-//! chunk, nothing else.
+//! tree's CVs (`ChunkTree::as_bytes`), then which backup snapshot wrote it (`WrittenBy`). It is
+//! written in place and not fsynced: `ChunkTree::update` proves every node it uses against the
+//! id, so a torn or stale record costs a full read of the chunk, nothing else.
+//!
+//! A backup overwrites the records of the chunks it names before it completes. Resumed after a
+//! stop, it finds them filed under the ids it gave them rather than its parent's: it knows them
+//! by `WrittenBy`, and a record it wrote is the tree of its own snapshot's chunk, whatever the
+//! parent was.
 
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -15,10 +20,23 @@ use crate::backup::chunk::ChunkId;
 use crate::backup::tree::{ChunkTree, TREE_NODES};
 
 /// Bytes of one record: the id and the CVs (49,120), padded to a multiple of 4 KiB so a record
-/// is whole pages.
+/// is whole pages; the padding holds `WrittenBy` (zeroes in records of earlier versions).
 const RECORD_BYTES: u64 = (32 + TREE_NODES as u64 * 32).next_multiple_of(4096);
-/// Zeroes after the CVs, up to the end of a record.
-const PADDING_BYTES: usize = RECORD_BYTES as usize - 32 - TREE_NODES * 32;
+const _: () = assert!(RECORD_BYTES as usize - 32 - TREE_NODES * 32 == 32);
+
+/// The backup snapshot that wrote a record: a BLAKE3 key derivation of its name, which is the
+/// backup's own (`vbs-<backup id>`), never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrittenBy([u8; 32]);
+
+impl WrittenBy {
+    pub fn snapshot(name: &str) -> WrittenBy {
+        WrittenBy(blake3::derive_key(
+            "evsd 2026-12-05 chunk tree record written by backup snapshot",
+            name.as_bytes(),
+        ))
+    }
+}
 /// The tree file's suffix. Files of the earlier layout (`<uuid>.trees`: 16 KiB span CVs only)
 /// are removed by `remove_legacy`.
 const SUFFIX: &str = ".trees2";
@@ -117,16 +135,22 @@ pub struct VolumeTrees {
 
 impl VolumeTrees {
     /// Reads chunk `index`'s record into `tree` (memory the caller reuses from chunk to chunk)
-    /// and says whether it is filed under `id`. On false, `tree` holds whatever was read and
-    /// must not be used. Nothing beyond the id is checked here: `ChunkTree::update` proves what
-    /// it uses. Blocking.
-    pub fn load_into(&self, index: u64, id: &ChunkId, tree: &mut ChunkTree) -> bool {
-        let Some(offset) = record_offset(index) else {
-            return false;
-        };
+    /// and returns the id it is filed under if that is `base`, or if `by` wrote it (a backup
+    /// resumed: its record is its snapshot's chunk). None: a miss, and `tree` holds whatever
+    /// was read and must not be used. Nothing beyond that is checked here: `ChunkTree::update`
+    /// proves what it uses against the id returned. Blocking.
+    pub fn load_into(
+        &self,
+        index: u64,
+        base: &ChunkId,
+        by: WrittenBy,
+        tree: &mut ChunkTree,
+    ) -> Option<ChunkId> {
+        let offset = record_offset(index)?;
         let mut filed_under = [0u8; 32];
+        let mut written_by = [0u8; 32];
         let nodes = tree.as_bytes_mut();
-        let wanted_bytes = filed_under.len() + nodes.len();
+        let wanted_bytes = filed_under.len() + nodes.len() + written_by.len();
         let parts = [
             libc::iovec {
                 iov_base: filed_under.as_mut_ptr().cast(),
@@ -136,9 +160,13 @@ impl VolumeTrees {
                 iov_base: nodes.as_mut_ptr().cast(),
                 iov_len: nodes.len(),
             },
+            libc::iovec {
+                iov_base: written_by.as_mut_ptr().cast(),
+                iov_len: written_by.len(),
+            },
         ];
-        // SAFETY: each iovec covers exactly a buffer borrowed mutably for the whole call (a
-        // local array, the tree's nodes), so the kernel writes only into memory we own; the
+        // SAFETY: each iovec covers exactly a buffer borrowed mutably for the whole call (two
+        // local arrays, the tree's nodes), so the kernel writes only into memory we own; the
         // file descriptor stays open while `self` lives.
         let read = unsafe {
             libc::preadv(
@@ -151,18 +179,21 @@ impl VolumeTrees {
         if read < 0 {
             let error = std::io::Error::last_os_error();
             tracing::debug!(path = %self.path.display(), index, %error, "cached chunk tree unreadable");
-            return false;
+            return None;
         }
         // Short: past the end of the file (no record yet), a miss.
-        read as usize == wanted_bytes && filed_under == *id.as_bytes()
+        if read as usize != wanted_bytes {
+            return None;
+        }
+        let filed_under = ChunkId::from_bytes(filed_under);
+        (filed_under == *base || written_by == by.0).then_some(filed_under)
     }
 
-    /// Files `tree` as chunk `index`'s, under `id`, written from where it lies (no record is
-    /// assembled). Blocking; a failure is logged, not returned: a missing or torn record costs
-    /// a full read of the chunk, nothing else.
-    pub fn store(&self, index: u64, id: &ChunkId, tree: &ChunkTree) {
+    /// Files `tree` as chunk `index`'s, under `id`, written `by` a backup's snapshot, from
+    /// where it lies (no record is assembled). Blocking; a failure is logged, not returned: a
+    /// missing or torn record costs a full read of the chunk, nothing else.
+    pub fn store(&self, index: u64, id: &ChunkId, tree: &ChunkTree, by: WrittenBy) {
         // Whole pages are written, so a record not in the page cache is not read back first.
-        static PADDING: [u8; PADDING_BYTES] = [0; PADDING_BYTES];
         let Some(offset) = record_offset(index) else {
             tracing::warn!(chunk = %id, index, "chunk index past the tree file's reach; its tree is not cached");
             return;
@@ -178,12 +209,12 @@ impl VolumeTrees {
                 iov_len: nodes.len(),
             },
             libc::iovec {
-                iov_base: PADDING.as_ptr().cast_mut().cast(),
-                iov_len: PADDING_BYTES,
+                iov_base: by.0.as_ptr().cast_mut().cast(),
+                iov_len: by.0.len(),
             },
         ];
         // SAFETY: each iovec covers exactly a buffer borrowed for the whole call (the id, the
-        // tree's nodes, a static), which pwritev only reads; the file descriptor stays open
+        // tree's nodes, the writer's tag), which pwritev only reads; the file descriptor stays open
         // while `self` lives.
         let written = unsafe {
             libc::pwritev(
@@ -240,10 +271,17 @@ mod tests {
             .collect()
     }
 
+    fn by() -> WrittenBy {
+        WrittenBy::snapshot("vbs-b-20261205T000000Z-00000001")
+    }
+
     fn load(trees: &VolumeTrees, index: u64, id: &ChunkId) -> Option<ChunkTree> {
         // Scratch that holds another tree: a hit must overwrite all of it.
         let mut tree = ChunkTree::of_chunk(&chunk(9)).1;
-        trees.load_into(index, id, &mut tree).then_some(tree)
+        let other = WrittenBy::snapshot("vbs-other");
+        let filed = trees.load_into(index, id, other, &mut tree)?;
+        assert_eq!(filed, *id);
+        Some(tree)
     }
 
     #[test]
@@ -253,7 +291,7 @@ mod tests {
         let trees = cache.open_volume("0f3c-uuid").unwrap();
         let (id, tree) = ChunkTree::of_chunk(&chunk(1));
         assert!(load(&trees, 3, &id).is_none());
-        trees.store(3, &id, &tree);
+        trees.store(3, &id, &tree, by());
         let file_len = std::fs::metadata(dir.path().join("trees/0f3c-uuid.trees2"))
             .unwrap()
             .len();
@@ -287,6 +325,31 @@ mod tests {
         for hostile in ["", "../x", "a/b", "x.trees\0"] {
             assert!(cache.open_volume(hostile).is_err(), "{hostile:?}");
         }
+    }
+
+    /// A backup resumed after a stop finds the records it wrote (filed under the ids it gave
+    /// them, not its parent's), and only those.
+    #[test]
+    fn a_record_is_found_by_the_backup_that_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = TreeCache::new(dir.path().join("trees"));
+        let trees = cache.open_volume("v-2").unwrap();
+        let (parent, _) = ChunkTree::of_chunk(&chunk(1));
+        let (id, tree) = ChunkTree::of_chunk(&chunk(2));
+        trees.store(5, &id, &tree, by());
+        let mut scratch = ChunkTree::of_chunk(&chunk(9)).1;
+        assert_eq!(trees.load_into(5, &parent, by(), &mut scratch), Some(id));
+        assert_eq!(scratch, tree);
+        let other = WrittenBy::snapshot("vbs-b-20261205T000000Z-00000002");
+        assert_eq!(trees.load_into(5, &parent, other, &mut scratch), None);
+        // Records of earlier versions have zeroes there, which no backup's mark equals.
+        let path = dir.path().join("trees/v-2.trees2");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = 6 * RECORD_BYTES as usize;
+        bytes[end - 32..end].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(trees.load_into(5, &parent, by(), &mut scratch), None);
+        assert_eq!(trees.load_into(5, &id, by(), &mut scratch), Some(id));
     }
 
     #[test]

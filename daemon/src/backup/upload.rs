@@ -26,7 +26,7 @@ use crate::backup::pack::{self, FullPack, PackWriter, PackedAt};
 use crate::backup::records::{BackupRecord, JobRecord};
 use crate::backup::retry::with_retry;
 use crate::backup::tree::ChunkTree;
-use crate::backup::tree_cache::VolumeTrees;
+use crate::backup::tree_cache::{VolumeTrees, WrittenBy};
 use crate::backup::{Backups, BACKUP_SNAPSHOT_PREFIX};
 use crate::error::StorageError;
 use crate::storage::aligned::ALIGN_BYTES;
@@ -897,6 +897,11 @@ pub(super) struct ChunkCtx<'a> {
 }
 
 impl ChunkCtx<'_> {
+    /// What the chunk trees this backup caches are marked with (see `tree_cache`).
+    pub(super) fn written_by(&self) -> WrittenBy {
+        WrittenBy::snapshot(self.snapshot)
+    }
+
     pub(super) fn view(&self) -> Result<Arc<crate::storage::volume::Volume>, BackupError> {
         // Looked up per chunk: a merge of other snapshots may rebuild it meanwhile.
         Ok(self
@@ -1050,7 +1055,8 @@ async fn process_chunk(
     if let (Some(tree), Some(trees)) = (tree, ctx.trees) {
         let trees = Arc::clone(trees);
         let index = offset_bytes / CHUNK_SIZE_BYTES;
-        blocking(move || trees.store(index, &id, &tree)).await?;
+        let by = ctx.written_by();
+        blocking(move || trees.store(index, &id, &tree, by)).await?;
     }
     if !ctx.claim(id) || ctx.stored_already(&id).await {
         return Ok(Some(id));
