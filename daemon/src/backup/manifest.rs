@@ -151,13 +151,31 @@ pub fn validate_backup_id(id: &str) -> Result<(), ManifestError> {
 /// millisecond (000 to 3e7), the other 5 random. Ids sort by creation time, to the millisecond
 /// (backups a policy or a script takes within one second too); the random part keeps two
 /// daemons sharing a store from colliding.
+/// Ids made in one millisecond by this process (a server backup's members come in one burst)
+/// get distinct random parts: 20 bits alone would let two collide now and then.
 pub fn new_backup_id(since_epoch: std::time::Duration) -> String {
+    static ISSUED: std::sync::Mutex<(u128, Vec<u32>)> = std::sync::Mutex::new((0, Vec::new()));
     let secs = since_epoch.as_secs();
+    let random = {
+        let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+        let (millis, taken) = &mut *issued;
+        if *millis != since_epoch.as_millis() {
+            *millis = since_epoch.as_millis();
+            taken.clear();
+        }
+        loop {
+            let random = random_u32(secs) & 0xf_ffff;
+            if !taken.contains(&random) {
+                taken.push(random);
+                break random;
+            }
+        }
+    };
     format!(
         "b-{}-{:03x}{:05x}",
         utc_timestamp(secs),
         since_epoch.subsec_millis(),
-        random_u32(secs) & 0xf_ffff
+        random
     )
 }
 
@@ -701,6 +719,11 @@ mod tests {
             new_backup_id(Duration::ZERO),
             "random suffix repeats"
         );
+        // Made in one millisecond, as a server backup's members are, they all differ.
+        let burst: std::collections::HashSet<String> = (0..20_000)
+            .map(|_| new_backup_id(Duration::from_millis(1_764_654_240_123)))
+            .collect();
+        assert_eq!(burst.len(), 20_000);
         // Within one second, ids sort by the millisecond.
         let mut ids: Vec<String> = [999, 0, 10, 500, 1, 998]
             .iter()

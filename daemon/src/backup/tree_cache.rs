@@ -24,8 +24,11 @@ use crate::backup::tree::{ChunkTree, TREE_NODES};
 const RECORD_BYTES: u64 = (32 + TREE_NODES as u64 * 32).next_multiple_of(4096);
 const _: () = assert!(RECORD_BYTES as usize - 32 - TREE_NODES * 32 == 32);
 
-/// The backup snapshot that wrote a record: a BLAKE3 key derivation of its name, which is the
-/// backup's own (`vbs-<backup id>`), never reused.
+/// The backup snapshot that writes records: a BLAKE3 key derived from its name, which is the
+/// backup's own (`vbs-<backup id>`), never reused. A record carries the keyed hash of the id
+/// it is filed under (`tag`), not the key alone: the id and the tag lie in different pages of
+/// the record, and after a crash of the machine a record may hold one page of a later write
+/// and another of an earlier one; a tag of this backup beside an older id must not pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WrittenBy([u8; 32]);
 
@@ -35,6 +38,10 @@ impl WrittenBy {
             "evsd 2026-12-05 chunk tree record written by backup snapshot",
             name.as_bytes(),
         ))
+    }
+
+    fn tag(&self, filed_under: &ChunkId) -> [u8; 32] {
+        blake3::keyed_hash(&self.0, filed_under.as_bytes()).into()
     }
 }
 /// The tree file's suffix. Files of the earlier layout (`<uuid>.trees`: 16 KiB span CVs only)
@@ -186,7 +193,7 @@ impl VolumeTrees {
             return None;
         }
         let filed_under = ChunkId::from_bytes(filed_under);
-        (filed_under == *base || written_by == by.0).then_some(filed_under)
+        (filed_under == *base || written_by == by.tag(&filed_under)).then_some(filed_under)
     }
 
     /// Files `tree` as chunk `index`'s, under `id`, written `by` a backup's snapshot, from
@@ -199,6 +206,7 @@ impl VolumeTrees {
             return;
         };
         let nodes = tree.as_bytes();
+        let tag = by.tag(id);
         let parts = [
             libc::iovec {
                 iov_base: id.as_bytes().as_ptr().cast_mut().cast(),
@@ -209,8 +217,8 @@ impl VolumeTrees {
                 iov_len: nodes.len(),
             },
             libc::iovec {
-                iov_base: by.0.as_ptr().cast_mut().cast(),
-                iov_len: by.0.len(),
+                iov_base: tag.as_ptr().cast_mut().cast(),
+                iov_len: tag.len(),
             },
         ];
         // SAFETY: each iovec covers exactly a buffer borrowed for the whole call (the id, the
@@ -342,9 +350,17 @@ mod tests {
         assert_eq!(scratch, tree);
         let other = WrittenBy::snapshot("vbs-b-20261205T000000Z-00000002");
         assert_eq!(trees.load_into(5, &parent, other, &mut scratch), None);
-        // Records of earlier versions have zeroes there, which no backup's mark equals.
+        // Its mark beside another id (the pages of two writes after a crash) does not pass.
         let path = dir.path().join("trees/v-2.trees2");
         let mut bytes = std::fs::read(&path).unwrap();
+        let start = 5 * RECORD_BYTES as usize;
+        let (older, _) = ChunkTree::of_chunk(&chunk(3));
+        bytes[start..start + 32].copy_from_slice(older.as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(trees.load_into(5, &parent, by(), &mut scratch), None);
+        assert_eq!(trees.load_into(5, &older, by(), &mut scratch), Some(older));
+        // Records of earlier versions have zeroes there, which no backup's mark equals.
+        bytes[start..start + 32].copy_from_slice(id.as_bytes());
         let end = 6 * RECORD_BYTES as usize;
         bytes[end - 32..end].fill(0);
         std::fs::write(&path, &bytes).unwrap();
