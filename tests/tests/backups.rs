@@ -2002,3 +2002,55 @@ fn kill9_mid_incremental_resumes_with_deltas() {
     restore_new(&d, "r", &backup_id);
     assert_same("restore after resume", &read_export(&d, "r"), &model);
 }
+
+/// A backup deleted while the store holds a manifest this evsd cannot read (a newer format) is
+/// deleted, and says its collection failed and why; `backup gc` fails naming that backup, and
+/// collects once it is deleted.
+#[test]
+fn a_delete_stands_when_an_unreadable_manifest_stops_its_collection() {
+    let d = start();
+    let mut model = half_random(&d, "vol0", 8 * MIB, 31);
+    let b0 = backup_now(&d, "vol0", false)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    write_at(&d, "vol0", 0, &random(32, MIB), &mut model);
+    let b1 = backup_now(&d, "vol0", true)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let manifests = store_dir(&d).join("manifests");
+    let path = manifests.join(format!("{b0}.json"));
+    let mut newer: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    newer["format_version"] = json!(4);
+    fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
+
+    let out = d.evsctl(&["backup", "delete", &b1]);
+    let text = format_output("evsctl backup delete", &out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("deleted backup {b1}; gc failed"))
+            && text.contains(&b0)
+            && text.contains("unsupported format version 4"),
+        "{text}"
+    );
+    assert!(!manifests.join(format!("{b1}.json")).exists());
+
+    let out = d.evsctl(&["backup", "gc"]);
+    let text = format_output("evsctl backup gc", &out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("backup delete {b0}")), "{text}");
+    let chunks_before = chunk_files(&store_dir(&d)).len();
+    assert!(chunks_before > 0);
+
+    let text = d.evsctl_ok(&["backup", "delete", &b0]);
+    assert!(
+        text.contains(&format!("deleted backup {b0}; gc deleted")),
+        "{text}"
+    );
+    assert_eq!(
+        chunk_files(&store_dir(&d)).len(),
+        0,
+        "nothing references them now"
+    );
+}

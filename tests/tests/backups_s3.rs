@@ -240,3 +240,39 @@ fn two_daemons_share_one_store() {
         .collect();
     assert_eq!(ids, vec![again["id"].as_str().unwrap()], "{listed:#}");
 }
+
+/// Credentials the store turns down are no outage to wait out: the job fails at once, naming
+/// the refusal, and releases its snapshot, instead of retrying for good.
+#[test]
+fn a_backup_with_credentials_the_store_refuses_fails_at_once() {
+    let s3 = S3Server::start();
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-store")
+        .arg(&s3.url(PREFIX))
+        .envs(s3.env())
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let d = Daemon::start(opts);
+    half_random(&d, "vol0", 16 * MIB, 51);
+    let (job_id, backup_id) = backup_start(&d, &["vol0"], false).remove(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let state = job(&d, &job_id)["state"].clone();
+            state != "running" && state != "retrying"
+        }),
+        "still trying after 20 s: {:#}",
+        job(&d, &job_id)
+    );
+    let j = job(&d, &job_id);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    let error = j["error"].as_str().unwrap();
+    assert!(
+        error.contains("403") || error.contains("SignatureDoesNotMatch"),
+        "{error}"
+    );
+    let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": "vol0"}))["snapshots"].clone();
+    assert!(
+        !snapshots.to_string().contains(&backup_id),
+        "its snapshot was kept: {snapshots:#}"
+    );
+}

@@ -289,6 +289,9 @@ struct GcReport {
     #[serde(default)]
     packs_deleted: u64,
     bytes_freed: u64,
+    /// Why the collection after a delete failed (the delete itself succeeded).
+    #[serde(default)]
+    failed: Option<String>,
 }
 
 impl GcReport {
@@ -298,7 +301,9 @@ impl GcReport {
     }
 
     fn summary(&self) -> String {
-        if self.deferred {
+        if let Some(failed) = &self.failed {
+            format!("failed: {failed}; the next delete or `evsctl backup gc` collects")
+        } else if self.deferred {
             let reason = self.reason.as_deref().unwrap_or("no reason given");
             format!("deferred: {reason}")
         } else {

@@ -120,11 +120,29 @@ impl BackupError {
                     }
                     cause = error.source();
                 }
-                false
+                refused_by_http(source.as_ref())
             }
             _ => false,
         }
     }
+}
+
+/// Whether an S3 request failed with 401 or 403. object_store maps those to `PermissionDenied`
+/// or `Unauthenticated` for some requests only; a listing's (and others') arrive as `Generic`,
+/// around an HTTP error whose type it does not export, so its text is what tells: the status
+/// (`Server returned non-2xx status code: 403 Forbidden`), or S3's error code in a body sent
+/// with another status.
+fn refused_by_http(error: &(dyn std::error::Error + 'static)) -> bool {
+    const REFUSALS: [&str; 6] = [
+        "status code: 401",
+        "status code: 403",
+        "<Code>AccessDenied</Code>",
+        "<Code>InvalidAccessKeyId</Code>",
+        "<Code>SignatureDoesNotMatch</Code>",
+        "<Code>InvalidToken</Code>",
+    ];
+    let text = error.to_string();
+    REFUSALS.iter().any(|refusal| text.contains(refusal))
 }
 
 #[cfg(test)]
@@ -183,5 +201,34 @@ mod tests {
         );
         assert!(!missing.is_refused_access() && !missing.is_transient());
         assert!(!BackupError::Failed("x".into()).is_refused_access());
+    }
+
+    /// An S3 listing refused for bad credentials, as object_store 0.14 words it.
+    #[test]
+    fn an_s3_request_refused_with_403_is_refused_for_good() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("Error performing GET http://127.0.0.1:9000/b?list-type=2 in 3ms - Server returned non-2xx status code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>")]
+        struct ListRequest;
+        let e = BackupError::store(
+            "list",
+            "manifests/",
+            object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(ListRequest),
+            },
+        );
+        assert!(e.is_refused_access() && !e.is_transient(), "{e}");
+        #[derive(Debug, thiserror::Error)]
+        #[error("Error performing GET http://127.0.0.1:9000/b in 3ms - Server returned non-2xx status code: 503 Service Unavailable: slow down")]
+        struct Busy;
+        let e = BackupError::store(
+            "list",
+            "manifests/",
+            object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(Busy),
+            },
+        );
+        assert!(!e.is_refused_access() && e.is_transient(), "{e}");
     }
 }

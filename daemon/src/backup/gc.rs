@@ -28,12 +28,7 @@ pub async fn run(svc: &Arc<Backups>) -> Result<GcReport, BackupError> {
             return Ok(GcReport {
                 deferred: true,
                 reason: Some(reason),
-                manifests: 0,
-                chunks_kept: 0,
-                chunks_deleted: 0,
-                packs_kept: 0,
-                packs_deleted: 0,
-                bytes_freed: 0,
+                ..GcReport::default()
             });
         }
     };
@@ -75,6 +70,11 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
             Err(BackupError::BackupNotFound(_)) => {
                 vanished.push(id);
                 continue;
+            }
+            Err(BackupError::Manifest(e)) => {
+                return Err(BackupError::Failed(format!(
+                    "garbage collection stopped before deleting anything: backup {id} has a manifest this evsd cannot read ({e}), and its chunks could not be marked; delete that backup (backup delete {id}) or collect with an evsd that reads it"
+                )))
             }
             other => other?,
         };
@@ -145,6 +145,7 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
     let report = GcReport {
         deferred: false,
         reason: None,
+        failed: None,
         manifests: manifests_read,
         chunks_kept: (chunks.len() - garbage_count) as u64,
         chunks_deleted,

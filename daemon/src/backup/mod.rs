@@ -113,10 +113,12 @@ pub struct Backups {
     pub(crate) holds: holds::BackupHolds,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GcReport {
     pub deferred: bool,
     pub reason: Option<String>,
+    /// Why the collection after a delete failed (the delete stands; see `gc_after_delete`).
+    pub failed: Option<String>,
     pub manifests: u64,
     pub chunks_kept: u64,
     pub chunks_deleted: u64,
@@ -681,7 +683,23 @@ impl Backups {
             Err(_) => {}
         }
         self.delete_without_gc(backup_id).await?;
-        self.gc().await
+        Ok(self.gc_after_delete().await)
+    }
+
+    /// The collection after a delete. The delete stands whatever happens to it, so a failure
+    /// (a manifest it cannot read, the store down) is reported in the result, not as the
+    /// delete's error; a later delete or `backup gc` collects what it left.
+    pub(crate) async fn gc_after_delete(self: &Arc<Self>) -> GcReport {
+        match self.gc().await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection after a delete failed");
+                GcReport {
+                    failed: Some(e.to_string()),
+                    ..GcReport::default()
+                }
+            }
+        }
     }
 
     /// Whether volume `name` of this daemon is the one with `uuid` (backups name both).

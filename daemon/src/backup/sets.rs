@@ -404,7 +404,7 @@ impl Backups {
             }
         }
         tracing::info!(set = set_id, server = %set.server, "deleted backup set");
-        self.gc().await
+        Ok(self.gc_after_delete().await)
     }
 
     /// Deletes the member backups of set `set_id` when no record of it is stored: a set that
@@ -450,7 +450,7 @@ impl Backups {
             members = members.len(),
             "deleted the members of an unrecorded backup set"
         );
-        self.gc().await
+        Ok(self.gc_after_delete().await)
     }
 
     /// The backups `policy` made as members of server backups that failed (so no set record
