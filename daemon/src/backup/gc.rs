@@ -73,7 +73,7 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
             }
             Err(BackupError::Manifest(e)) => {
                 return Err(BackupError::Failed(format!(
-                    "garbage collection stopped before deleting anything: backup {id} has a manifest this evsd cannot read ({e}), and its chunks could not be marked; delete that backup (backup delete {id}) or collect with an evsd that reads it"
+                    "garbage collection stopped before deleting anything: the manifest of backup {id} cannot be read ({e}), so the chunks it references cannot be marked; if a newer evsd sharing the store wrote it, collect there; if it is damaged, `backup delete {id}` removes it"
                 )))
             }
             other => other?,

@@ -303,7 +303,17 @@ pub async fn acquire_shared(
         // cancelled while it waits for a GC) leaves it to the guard, not to staleness.
         let deleted = store.delete_lock(written.name()).await;
         let _ = written.keep();
-        conflicts?;
+        // Refused for good, the listing is no refusal of the lock's write (which went through):
+        // a reader must not take it for one and read without a lock (`lock_for_reading`).
+        conflicts.map_err(|e| {
+            if e.is_refused_access() {
+                BackupError::Failed(format!(
+                    "the backup store let us write a lock but refuses to list them: {e}"
+                ))
+            } else {
+                e
+            }
+        })?;
         deleted?;
         tracing::info!(owner, "waiting for the backup store's garbage collection");
         tokio::time::sleep(EXCLUSIVE_POLL).await;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backup::{BackupError, Backups};
+use crate::backup::{BackupError, Backups, GcReport};
 use crate::policy::retention::to_delete;
 use crate::policy::{PolicySpec, RunReport, Runner, Target};
 use crate::servers::Servers;
@@ -398,6 +398,11 @@ impl PolicyRunner {
         let mut kept_for_now = Vec::new();
         for id in &doomed {
             match self.backups.delete_set(id).await {
+                // The run fails as the other retention paths do when their collection fails.
+                Ok(GcReport {
+                    failed: Some(reason),
+                    ..
+                }) => return Err(BackupError::Failed(reason)),
                 Ok(_) => {}
                 Err(e @ BackupError::BackupInUse { .. }) => {
                     tracing::info!(set = %id, reason = %e, "retention keeps a backup set for now");
