@@ -2003,12 +2003,12 @@ fn kill9_mid_incremental_resumes_with_deltas() {
     assert_same("restore after resume", &read_export(&d, "r"), &model);
 }
 
-/// A backup deleted while the store holds a manifest this evsd cannot read (a newer format) is
-/// deleted, and says its collection failed and why; `backup gc` fails naming that backup, and
-/// collects once it is deleted.
+/// A manifest this evsd cannot read (a newer format) is listed apart by `backup list`. A backup
+/// deleted meanwhile is deleted, and says its collection failed and why; `backup gc` fails
+/// naming that backup, and collects once it is deleted.
 #[test]
 fn a_delete_stands_when_an_unreadable_manifest_stops_its_collection() {
-    let d = start();
+    let mut d = start();
     let mut model = half_random(&d, "vol0", 8 * MIB, 31);
     let b0 = backup_now(&d, "vol0", false)["id"]
         .as_str()
@@ -2024,6 +2024,15 @@ fn a_delete_stands_when_an_unreadable_manifest_stops_its_collection() {
     let mut newer: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
     newer["format_version"] = json!(4);
     fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
+    // Listed apart, not left out in silence.
+    d.restart();
+    let text = d.evsctl_ok(&["backup", "list"]);
+    assert!(
+        text.contains(&format!("unreadable manifest {b0}: "))
+            && text.contains("unsupported format version 4")
+            && text.contains(&b1),
+        "{text}"
+    );
 
     let out = d.evsctl(&["backup", "delete", &b1]);
     let text = format_output("evsctl backup delete", &out);
@@ -2053,4 +2062,39 @@ fn a_delete_stands_when_an_unreadable_manifest_stops_its_collection() {
         0,
         "nothing references them now"
     );
+}
+
+/// A parent whose manifest cannot be read (damaged, or of a newer format) is no base: the next
+/// backup is full and restores byte-identical, before a restart as after one.
+#[test]
+fn an_unreadable_parent_manifest_makes_the_next_backup_full() {
+    let mut d = start();
+    let mut model = half_random(&d, "vol0", 8 * MIB, 33);
+    let mut parent = backup_now(&d, "vol0", false)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for round in 0..2u64 {
+        let path = store_dir(&d)
+            .join("manifests")
+            .join(format!("{parent}.json"));
+        let mut damaged: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        damaged["chunk_list_digest"] = json!("00".repeat(32));
+        fs::write(&path, serde_json::to_vec(&damaged).unwrap()).unwrap();
+        if round == 1 {
+            d.restart();
+        }
+        write_at(
+            &d,
+            "vol0",
+            round * MIB,
+            &random(34 + round, 4096),
+            &mut model,
+        );
+        let b = backup_now(&d, "vol0", false);
+        assert_eq!(b["incremental"], false, "round {round}: {b:#}");
+        parent = b["id"].as_str().unwrap().to_owned();
+        restore_new(&d, &format!("r{round}"), &parent);
+        assert_same("restore", &read_export(&d, &format!("r{round}")), &model);
+    }
 }

@@ -120,10 +120,21 @@ impl BackupCommand {
                     .iter()
                     .map(|b| BackupInfo::parse(b).map(|b| b.row()))
                     .collect::<Result<Vec<_>, CliError>>()?;
-                Ok(table(
+                let mut out = table(
                     &["ID", "VOLUME", "CREATED", "SIZE", "TYPE", "NEW", "STATE"],
                     &rows,
-                ))
+                );
+                // Daemons before 2026-12-05 do not send it.
+                for entry in result["unreadable"].as_array().into_iter().flatten() {
+                    let (Some(id), Some(error)) = (entry["id"].as_str(), entry["error"].as_str())
+                    else {
+                        return Err(CliError::Protocol(format!(
+                            "unreadable manifest entry {entry} is malformed"
+                        )));
+                    };
+                    out.push_str(&format!("unreadable manifest {id}: {error}\n"));
+                }
+                Ok(out)
             }
             BackupCommand::Show { .. } => BackupInfo::parse(result)?.fields(),
             BackupCommand::Delete { .. } => deletion_summary("backup", result),
@@ -368,6 +379,12 @@ mod tests {
              b-1  vol0    2023-11-14 22:13:20 UTC  4.0 GiB  full         40.0 MiB  complete\n\
              b-2  vol0    2023-11-14 22:13:20 UTC  4.0 GiB  incremental  40.0 MiB  running\n"
         );
+        let with_unreadable = json!({"backups": [backup("b-1", false, Value::Null)],
+            "unreadable": [{"id": "b-0", "error": "unsupported format version 4"}]});
+        assert!(list
+            .render(&with_unreadable)
+            .unwrap()
+            .ends_with("complete\nunreadable manifest b-0: unsupported format version 4\n"));
         assert!(list.render(&json!({})).is_err());
         let mut partial = backup("b-1", false, Value::Null);
         partial.as_object_mut().unwrap().remove("new_stored_bytes");

@@ -60,7 +60,14 @@ pub async fn dispatch(
         }
         "backup.list" => {
             let p: ListParams = decode_params(method, params)?;
-            Ok(json!({ "backups": backups.list(p.volume.as_deref()).await? }))
+            let list = backups.list(p.volume.as_deref()).await?;
+            // Of whichever volume: an unreadable manifest does not say.
+            let unreadable: Vec<_> = backups
+                .unreadable_manifests()
+                .into_iter()
+                .map(|(id, error)| json!({ "id": id, "error": error }))
+                .collect();
+            Ok(json!({ "backups": list, "unreadable": unreadable }))
         }
         "backup.show" => {
             let p: IdParams = decode_params(method, params)?;

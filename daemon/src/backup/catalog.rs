@@ -77,6 +77,8 @@ pub struct Catalog {
     listed: AtomicBool,
     /// Listings begun: one that began before a backup was remembered did not see it.
     listings: AtomicU64,
+    /// The manifests the last listing found but could not read, with why.
+    unreadable: Mutex<BTreeMap<String, String>>,
 }
 
 impl Catalog {
@@ -86,7 +88,18 @@ impl Catalog {
             known: Mutex::new(BTreeMap::new()),
             listed: AtomicBool::new(false),
             listings: AtomicU64::new(0),
+            unreadable: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The manifests the last listing could not read (id, why), for `backup list` to show:
+    /// left out of the list, they still hold chunks and stop every GC.
+    pub fn unreadable(&self) -> Vec<(String, String)> {
+        let unreadable = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        unreadable
+            .iter()
+            .map(|(id, why)| (id.clone(), why.clone()))
+            .collect()
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u64, BackupInfo)>> {
@@ -94,7 +107,7 @@ impl Catalog {
     }
 
     /// Every complete backup in the store, oldest first. A manifest that cannot be read is
-    /// logged and left out, never deleted.
+    /// logged, left out and kept in `unreadable`, never deleted.
     pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
         let listing = self.begin_listing();
         let ids = self.store.list_manifest_ids().await?;
@@ -105,13 +118,18 @@ impl Catalog {
                 .cloned()
                 .collect()
         };
+        let mut unreadable = BTreeMap::new();
         for id in missing {
             match self.store.get_manifest(&id).await {
                 Ok(manifest) => self.remember_listed(&manifest),
                 Err(e) if e.is_transient() => return Err(e),
-                Err(e) => tracing::error!(backup = %id, error = %e, "unreadable backup manifest"),
+                Err(e) => {
+                    tracing::error!(backup = %id, error = %e, "unreadable backup manifest");
+                    unreadable.insert(id, e.to_string());
+                }
             }
         }
+        *self.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = unreadable;
         Ok(self.end_listing(listing, &ids))
     }
 

@@ -623,6 +623,11 @@ impl Backups {
         Ok(all)
     }
 
+    /// The manifests the last `list` found in the store but could not read (id, why).
+    pub fn unreadable_manifests(&self) -> Vec<(String, String)> {
+        self.catalog.unreadable()
+    }
+
     /// A backup's summary; a backup still being taken shows as "running" with its job.
     pub async fn show(&self, backup_id: &str) -> Result<BackupInfo, BackupError> {
         manifest::validate_backup_id(backup_id)?;

@@ -714,6 +714,12 @@ async fn find_base(
             Ok(parent) => break (base, parent),
             Err(BackupError::BackupNotFound(_)) if !fresh => fresh = true,
             Err(BackupError::BackupNotFound(_)) => return Ok((None, None)),
+            // Damaged, or of a newer format: no base, as a listing would leave it out (a
+            // restart's first one does), rather than failing every backup of the volume.
+            Err(BackupError::Manifest(e)) => {
+                tracing::warn!(job = %job.id, parent = %base.id, error = %e, "the parent backup's manifest cannot be read: backing up in full");
+                return Ok((None, None));
+            }
             Err(e) => return Err(e),
         }
     };
@@ -750,8 +756,12 @@ async fn newest_backups_of(
         .await
         {
             Ok(manifest) => manifests.push(manifest),
-            // Deleted meanwhile: its chunks are nothing to count on.
+            // Deleted meanwhile, or unreadable (damaged, a newer format): its chunks are
+            // nothing to count on.
             Err(BackupError::BackupNotFound(_)) => {}
+            Err(BackupError::Manifest(e)) => {
+                tracing::warn!(job = %job.id, backup = %newest.id, error = %e, "a newest backup's manifest cannot be read: its packed chunks are not reused");
+            }
             Err(e) => return Err(e),
         }
     }
