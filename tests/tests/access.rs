@@ -492,12 +492,17 @@ fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
         admin_ok(&d, "volume.create", json!({"name": name, "size": "1M"}));
         let spam = |method: &'static str, params: serde_json::Value| {
             let path = d.admin_path().to_owned();
-            std::thread::spawn(move || {
+            let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let seen = std::sync::Arc::clone(&progress);
+            let thread = std::thread::spawn(move || {
                 let mut admin = Admin::connect(&path);
                 let mut stored = 0;
                 loop {
                     match admin.call(method, &params).expect("admin connection") {
-                        Ok(_) => stored += 1,
+                        Ok(_) => {
+                            stored += 1;
+                            seen.store(stored, std::sync::atomic::Ordering::SeqCst);
+                        }
                         Err(e) if e.code == "not_found" => break,
                         Err(e) => panic!("{method} {params}: {e:?}"),
                     }
@@ -506,14 +511,25 @@ fn rules_and_memberships_racing_a_delete_go_with_the_volume() {
                     }
                 }
                 stored
-            })
+            });
+            (thread, progress)
         };
-        let rules = spam(
+        let (rules, rules_stored) = spam(
             "access.set",
             json!({"name": name, "allow_networks": ["10.0.0.0/8"]}),
         );
-        let member = spam("server.add_volume", json!({"name": "srv", "volume": name}));
-        std::thread::sleep(Duration::from_millis(5 + round % 7));
+        let (member, members_stored) =
+            spam("server.add_volume", json!({"name": "srv", "volume": name}));
+        // Both sides under way (a fixed pause was too short on a loaded machine), then a
+        // varying delay so the delete lands at different points of their loops.
+        let stored =
+            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        assert!(
+            wait_until(Duration::from_secs(10), || stored(&rules_stored)
+                && stored(&members_stored)),
+            "round {round}: the calls made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(round % 7));
         admin_ok(&d, "volume.delete", json!({"name": name}));
         // Each side stored at least once before the delete: the calls ran against it.
         assert!(rules.join().unwrap() > 0, "round {round}: no rule was set");

@@ -123,6 +123,8 @@ impl Catalog {
             match self.store.get_manifest(&id).await {
                 Ok(manifest) => self.remember_listed(&manifest),
                 Err(e) if e.is_transient() => return Err(e),
+                // Deleted since the listing: gone, not unreadable.
+                Err(BackupError::BackupNotFound(_)) => {}
                 Err(e) => {
                     tracing::error!(backup = %id, error = %e, "unreadable backup manifest");
                     unreadable.insert(id, e.to_string());
