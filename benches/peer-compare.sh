@@ -100,6 +100,10 @@ mkdir -p "$WORKDIR"
 IMG=$WORKDIR/peer.img
 RESULTS=$WORKDIR/results.csv
 log "work dir $WORKDIR"
+# evsd's default (--tcp-congestion auto) serves loopback clients with cubic or reno when the
+# system's algorithm is BBR; nbdkit and qemu-nbd keep the system's. Printed so a run says which
+# held; `sysctl net.ipv4.tcp_congestion_control=cubic` gives every server the same.
+log "system TCP congestion control: $(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)"
 
 if [ ! -f "$IMG" ] || [ "$(stat -c %s "$IMG")" -ne "$SIZE_BYTES" ]; then
   log "writing $SIZE of random data to $IMG"

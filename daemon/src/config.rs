@@ -49,6 +49,13 @@ pub struct Args {
     #[arg(long, value_name = "uring|threads")]
     pub io_engine: Option<String>,
 
+    /// TCP congestion control for client connections: "auto" serves loopback clients with
+    /// cubic (or reno) when the system's default is BBR, whose pacing reorders loopback
+    /// traffic; "system" keeps the default everywhere; a name (e.g. "cubic") applies to every
+    /// connection [default: auto].
+    #[arg(long, value_name = "auto|system|NAME")]
+    pub tcp_congestion: Option<String>,
+
     /// Number of io_uring threads [default: 1].
     #[arg(long, value_name = "N")]
     pub ring_threads: Option<usize>,

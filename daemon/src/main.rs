@@ -143,6 +143,9 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
     if listeners.tcp.is_none() && listeners.unix.is_none() {
         anyhow::bail!("nothing to listen on: --listen off needs --unix PATH");
     }
+    if let Some(tcp) = &listeners.tcp {
+        settings.tcp_congestion.apply_to_listener(tcp)?;
+    }
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(MetricsListener::bind(addr).await?),
         None => None,
@@ -284,6 +287,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         }),
         max_connections: settings.max_connections,
         shutdown_grace: settings.shutdown_grace,
+        tcp_congestion: settings.tcp_congestion.clone(),
         threads,
     };
     tokio::join!(

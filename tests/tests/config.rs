@@ -257,3 +257,71 @@ fn a_second_daemon_cannot_take_a_data_directory_or_a_socket_in_use() {
     d.restart();
     assert!(d.evsctl_ok(&["volume", "list"]).contains("vol0"));
 }
+
+/// The congestion control algorithm of the daemon's end of the one connection on `port`, as
+/// `ss` reports it.
+fn server_congestion(port: u16) -> String {
+    require_tool("ss");
+    let filter = format!("( sport = :{port} )");
+    let text = run_stdout("ss", &["-tinH", "state", "established", &filter]);
+    let known = [
+        "cubic", "reno", "bbr", "bbr2", "bbr3", "dctcp", "vegas", "htcp",
+    ];
+    text.split_whitespace()
+        .find(|word| known.contains(word))
+        .unwrap_or_else(|| panic!("no algorithm in `ss` output:\n{text}"))
+        .to_owned()
+}
+
+fn system_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// `--tcp-congestion`: by default a loopback client is served off BBR (whose pacing reorders
+/// loopback traffic) and otherwise with the system's algorithm; "system" keeps the system's; a
+/// name is used for every connection, and one the kernel refuses stops the start with a reason.
+#[test]
+fn tcp_congestion_follows_the_setting() {
+    let system = system_congestion();
+    let serve = |setting: Option<&str>| {
+        let mut opts = DaemonOpts::new().no_default_volume().volume("cc:1M");
+        if let Some(setting) = setting {
+            opts = opts.arg("--tcp-congestion").arg(setting);
+        }
+        let d = Daemon::start(opts);
+        let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+        assert_eq!(c.list(), vec!["cc".to_string()]);
+        let algorithm = server_congestion(d.tcp_addr().port());
+        (algorithm, d.stderr())
+    };
+
+    let (auto, log) = serve(None);
+    if system.starts_with("bbr") {
+        assert!(
+            auto == "cubic" || auto == "reno",
+            "loopback client served with {auto} (system: {system})"
+        );
+        assert!(log.contains("paces loopback traffic"), "{log}");
+    } else {
+        assert_eq!(auto, system, "auto changed a non-pacing algorithm");
+    }
+    assert_eq!(serve(Some("system")).0, system);
+    assert_eq!(serve(Some("reno")).0, "reno");
+
+    let stderr = refused_start(&[
+        "--tcp-congestion".as_ref(),
+        "no_such_algo".as_ref(),
+        "--no-default-volume".as_ref(),
+        "--data-dir".as_ref(),
+        tempdir().path().join("d").as_os_str(),
+    ]);
+    assert!(
+        stderr.contains("tcp_congestion \"no_such_algo\"") && stderr.contains("reno"),
+        "{stderr}"
+    );
+    let stderr = refused_start(&["--tcp-congestion".as_ref(), "a b".as_ref()]);
+    assert!(stderr.contains("tcp_congestion \"a b\""), "{stderr}");
+}

@@ -10,6 +10,7 @@ mod send_queue;
 mod sendfile;
 pub mod server;
 pub mod stream;
+pub mod tcp_congestion;
 pub mod threads;
 pub mod tls;
 pub mod transmission;

@@ -17,6 +17,7 @@ use crate::activation::InheritedUnix;
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::connection::{self, ConnectionConfig};
 use crate::nbd::stream::{Handoff, Transport};
+use crate::nbd::tcp_congestion::TcpCongestion;
 use crate::nbd::threads::ConnectionThreads;
 use crate::nbd::unix_buffer;
 use crate::storage::Registry;
@@ -151,6 +152,7 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    pub tcp_congestion: TcpCongestion,
     pub threads: Arc<ConnectionThreads>,
 }
 
@@ -163,7 +165,7 @@ impl Server {
         let mut socket_file = None;
         if let Some(tcp) = listeners.tcp {
             let ctx = self.accept_context(&limit, &tracker, &shutdown);
-            tracker.spawn(accept_tcp(tcp, ctx));
+            tracker.spawn(accept_tcp(tcp, ctx, self.tcp_congestion.clone()));
         }
         if let Some(unix) = listeners.unix {
             let ctx = self.accept_context(&limit, &tracker, &shutdown);
@@ -258,7 +260,7 @@ impl AcceptContext {
     }
 }
 
-async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
+async fn accept_tcp(listener: TcpListener, ctx: AcceptContext, congestion: TcpCongestion) {
     let mut failures = AcceptFailures::new("nbd tcp");
     loop {
         let accepted = tokio::select! {
@@ -268,6 +270,7 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext) {
         match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
+                congestion.apply_to_connection(&stream, addr.ip());
                 ctx.admit(stream, addr.to_string(), ClientAddr::tcp(addr.ip()));
             }
             Err(e) => failures.failed(e).await,

@@ -30,6 +30,7 @@ pub struct FileConfig {
     pub no_default_volume: Option<bool>,
     pub create_volumes: Option<Vec<String>>,
     pub io_engine: Option<String>,
+    pub tcp_congestion: Option<String>,
     pub ring_threads: Option<usize>,
     pub worker_threads: Option<usize>,
     pub ring_spin_us: Option<u64>,

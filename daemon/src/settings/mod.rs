@@ -16,6 +16,7 @@ use crate::backup::store::S3Options;
 use crate::config::Args;
 use crate::error::StorageError;
 use crate::io::EngineKind;
+use crate::nbd::tcp_congestion::TcpCongestion;
 use crate::nbd::tls::TlsPaths;
 use evsd_proto::TlsMode;
 
@@ -44,6 +45,8 @@ pub enum SettingsError {
     },
     #[error("io_engine {value:?}: {message}")]
     Engine { value: String, message: String },
+    #[error("tcp_congestion {value:?}: {message}")]
+    TcpCongestion { value: String, message: String },
     #[error("create_volumes entry {spec:?} is not NAME:SIZE")]
     VolumeSpec { spec: String },
     #[error("create_volumes entry {spec:?}: {source}")]
@@ -126,6 +129,7 @@ pub struct Settings {
     pub create_volumes: Vec<(String, u64)>,
     /// None: io_uring, falling back to threads.
     pub io_engine: Option<EngineKind>,
+    pub tcp_congestion: TcpCongestion,
     pub ring_threads: usize,
     pub ring_spin_us: u64,
     pub inline_cached_io: bool,
@@ -201,6 +205,12 @@ impl Settings {
             ),
             None => None,
         };
+        let tcp_congestion = match args.tcp_congestion.clone().or(file.tcp_congestion) {
+            Some(value) => value
+                .parse::<TcpCongestion>()
+                .map_err(|message| SettingsError::TcpCongestion { value, message })?,
+            None => TcpCongestion::default(),
+        };
         let log_format = match args.log_format.as_deref().or(file.log_format.as_deref()) {
             None | Some("human") => LogFormat::Human,
             Some("json") => LogFormat::Json,
@@ -233,6 +243,7 @@ impl Settings {
                 .map(parse_volume_spec)
                 .collect::<Result<_, _>>()?,
             io_engine,
+            tcp_congestion,
             ring_threads: at_most_usize(
                 "ring_threads",
                 args.ring_threads.or(file.ring_threads),

@@ -25,6 +25,12 @@ create_volumes = []
 # Disk I/O engine, "uring" or "threads"; by default io_uring, falling back to threads.
 # io_engine = "uring"
 
+# TCP congestion control for client connections. "auto" serves loopback clients with cubic
+# (or reno) when the system's default is BBR, whose pacing reorders loopback traffic and
+# makes large reads resend data; "system" keeps the system's default everywhere; a name
+# such as "cubic" applies to every connection and must be allowed by the kernel.
+tcp_congestion = "auto"
+
 # Number of io_uring threads.
 ring_threads = 1
 
