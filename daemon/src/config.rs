@@ -49,10 +49,10 @@ pub struct Args {
     #[arg(long, value_name = "uring|threads")]
     pub io_engine: Option<String>,
 
-    /// TCP congestion control for client connections: "auto" serves loopback clients with
-    /// cubic (or reno) when the system's default is BBR, whose pacing reorders loopback
-    /// traffic; "system" keeps the default everywhere; a name (e.g. "cubic") applies to every
-    /// connection [default: auto].
+    /// TCP congestion control for client connections: "auto" serves clients on this host with
+    /// cubic (or reno) instead of BBR, whose pacing reorders loopback traffic; "system" keeps
+    /// the system's algorithm; a name (e.g. "cubic") is used for every connection, and the
+    /// start fails if the kernel refuses it [default: auto].
     #[arg(long, value_name = "auto|system|NAME")]
     pub tcp_congestion: Option<String>,
 

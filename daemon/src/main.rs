@@ -144,7 +144,7 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         anyhow::bail!("nothing to listen on: --listen off needs --unix PATH");
     }
     if let Some(tcp) = &listeners.tcp {
-        settings.tcp_congestion.apply_to_listener(tcp)?;
+        settings.tcp_congestion.prepare_listener(tcp, has_nbd)?;
     }
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(MetricsListener::bind(addr).await?),

@@ -270,7 +270,9 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext, congestion: TcpCo
         match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                congestion.apply_to_connection(&stream, addr.ip());
+                if let Ok(local) = stream.local_addr() {
+                    congestion.apply_to_connection(&stream, addr.ip(), local.ip());
+                }
                 ctx.admit(stream, addr.to_string(), ClientAddr::tcp(addr.ip()));
             }
             Err(e) => failures.failed(e).await,

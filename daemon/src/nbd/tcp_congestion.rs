@@ -18,7 +18,9 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The kernel's limit on an algorithm's name, terminating NUL included (TCP_CA_NAME_MAX).
+use tokio::net::TcpListener;
+
+/// The longest algorithm name the kernel takes: TCP_CA_NAME_MAX (16) less its terminating NUL.
 const MAX_NAME_BYTES: usize = 15;
 
 /// What loopback connections get in place of a pacing algorithm, in order of preference:
@@ -36,8 +38,7 @@ pub enum TcpCongestion {
     Auto,
     /// Every connection keeps the system's default.
     System,
-    /// Every connection uses this algorithm; the listener is refused at start if the kernel
-    /// does not allow it.
+    /// Every connection uses this algorithm; the start fails if the kernel does not allow it.
     Named(String),
 }
 
@@ -64,48 +65,110 @@ impl FromStr for TcpCongestion {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("tcp_congestion {name:?}: the kernel refused it ({source}); it allows {allowed}")]
+#[error("tcp_congestion {name:?}: the kernel refused it: {why}")]
 pub struct CongestionRefused {
     name: String,
-    allowed: String,
-    source: std::io::Error,
+    why: String,
+}
+
+impl CongestionRefused {
+    fn new(name: &str, error: &std::io::Error) -> CongestionRefused {
+        let read = |path| std::fs::read_to_string(path).map(|s: String| s.trim().to_owned());
+        let available = read("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .unwrap_or_else(|_| "unknown".to_owned());
+        let allowed = read("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_else(|_| "unknown".to_owned());
+        let why = match error.raw_os_error() {
+            Some(libc::ENOENT) => format!(
+                "no such algorithm is loaded (loaded: {available}; `modprobe tcp_{name}` loads a module)"
+            ),
+            Some(libc::EPERM) => format!(
+                "an unprivileged process may use only {allowed} (net.ipv4.tcp_allowed_congestion_control)"
+            ),
+            _ => format!("{error} (loaded: {available}; allowed to unprivileged processes: {allowed})"),
+        };
+        CongestionRefused {
+            name: name.to_owned(),
+            why,
+        }
+    }
 }
 
 impl TcpCongestion {
-    /// Sets a named algorithm on the listener, whose accepted connections inherit it.
-    pub fn apply_to_listener(&self, listener: &impl AsRawFd) -> Result<(), CongestionRefused> {
-        let TcpCongestion::Named(name) = self else {
-            return Ok(());
-        };
-        set(listener, name).map_err(|source| CongestionRefused {
-            name: name.clone(),
-            allowed: allowed_algorithms(),
-            source,
-        })
+    /// Readies the NBD listener before its accept loop starts. A named algorithm, or the
+    /// loopback one on a listener bound to a loopback address, is set on the listener: its
+    /// connections inherit it, so BBR never starts on them (switching a connection that BBR
+    /// started leaves the kernel pacing it). A listener the service manager passed is left as
+    /// it is, since the setting would outlive us on its socket; a named algorithm is then only
+    /// checked on a socket of our own.
+    pub fn prepare_listener(
+        &self,
+        listener: &TcpListener,
+        inherited: bool,
+    ) -> Result<(), CongestionRefused> {
+        match self {
+            TcpCongestion::System => Ok(()),
+            TcpCongestion::Named(name) if inherited => {
+                let probe =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .map_err(|e| CongestionRefused::new(name, &e))?;
+                set(&probe, name).map_err(|e| CongestionRefused::new(name, &e))
+            }
+            TcpCongestion::Named(name) => {
+                set(listener, name).map_err(|e| CongestionRefused::new(name, &e))
+            }
+            TcpCongestion::Auto => {
+                let loopback = listener
+                    .local_addr()
+                    .is_ok_and(|addr| addr.ip().to_canonical().is_loopback());
+                if !inherited && loopback {
+                    move_off_pacing(listener);
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Moves a connection from a loopback client off a pacing algorithm (`Auto` only).
-    pub fn apply_to_connection(&self, stream: &impl AsRawFd, peer: IpAddr) {
-        if *self != TcpCongestion::Auto || !peer.to_canonical().is_loopback() {
-            return;
-        }
-        let Ok(current) = get(stream) else {
-            return;
-        };
-        if !paces_itself(&current) {
-            return;
-        }
-        for algorithm in LOOPBACK_ALGORITHMS {
-            if set(stream, algorithm).is_ok() {
-                if !LOOPBACK_CHANGE_REPORTED.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
-                        system = %current,
-                        loopback = algorithm,
-                        "loopback clients are served with TCP congestion control {algorithm}: the system's {current} paces loopback traffic, which reorders it (--tcp-congestion system keeps {current})"
-                    );
+    /// Each accepted connection: a named algorithm for those that arrived before the listener
+    /// had it; under `Auto`, a client on this host (loopback, or our own address) moves off a
+    /// pacing algorithm when the listener could not do it for all.
+    pub fn apply_to_connection(&self, stream: &impl AsRawFd, peer: IpAddr, local: IpAddr) {
+        match self {
+            TcpCongestion::System => {}
+            TcpCongestion::Named(name) => {
+                if get(stream).is_ok_and(|current| current != *name) {
+                    let _ = set(stream, name);
                 }
-                return;
             }
+            TcpCongestion::Auto => {
+                let peer = peer.to_canonical();
+                if peer.is_loopback() || peer == local.to_canonical() {
+                    move_off_pacing(stream);
+                }
+            }
+        }
+    }
+}
+
+/// Switches a socket running a pacing algorithm to the first loopback algorithm the kernel
+/// allows; says so once.
+fn move_off_pacing(socket: &impl AsRawFd) {
+    let Ok(current) = get(socket) else {
+        return;
+    };
+    if !paces_itself(&current) {
+        return;
+    }
+    for algorithm in LOOPBACK_ALGORITHMS {
+        if set(socket, algorithm).is_ok() {
+            if !LOOPBACK_CHANGE_REPORTED.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    system = %current,
+                    loopback = algorithm,
+                    "clients on this host are served with TCP congestion control {algorithm}: {current} paces loopback traffic, which reorders it (--tcp-congestion system keeps {current})"
+                );
+            }
+            return;
         }
     }
 }
@@ -155,19 +218,6 @@ fn set(socket: &impl AsRawFd, algorithm: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// For the refusal's message: what this process may choose.
-fn allowed_algorithms() -> String {
-    let read = |path| std::fs::read_to_string(path).map(|s: String| s.trim().to_owned());
-    let allowed = read("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-        .unwrap_or_else(|_| "an unknown set".to_owned());
-    match read("/proc/sys/net/ipv4/tcp_available_congestion_control") {
-        Ok(available) => format!(
-            "{allowed} to unprivileged processes; {available} are loaded (see net.ipv4.tcp_allowed_congestion_control)"
-        ),
-        Err(_) => allowed,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,36 +246,80 @@ mod tests {
         assert!(!paces_itself("reno"));
     }
 
-    #[test]
-    fn named_algorithm_is_set_on_a_listener_and_a_bad_one_refused() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        TcpCongestion::Named("reno".to_owned())
-            .apply_to_listener(&listener)
-            .unwrap();
+    #[tokio::test]
+    async fn named_algorithm_is_set_on_a_listener_and_a_bad_one_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reno = TcpCongestion::Named("reno".to_owned());
+        reno.prepare_listener(&listener, false).unwrap();
         assert_eq!(get(&listener).unwrap(), "reno");
-        let error = TcpCongestion::Named("no_such_algo".to_owned())
-            .apply_to_listener(&listener)
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("\"no_such_algo\""), "{error}");
-        assert!(error.contains("reno"), "{error}");
+        let bad = TcpCongestion::Named("no_such_algo".to_owned());
+        for inherited in [false, true] {
+            let error = bad
+                .prepare_listener(&listener, inherited)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("\"no_such_algo\""), "{error}");
+            assert!(error.contains("modprobe tcp_no_such_algo"), "{error}");
+        }
+        assert_eq!(get(&listener).unwrap(), "reno");
     }
 
-    #[test]
-    fn auto_moves_loopback_connections_off_bbr_only() {
+    /// Needs the kernel's bbr, which this project's machines run as their default.
+    fn bbr_socket() -> std::net::TcpStream {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         set(&client, "bbr").expect("this test needs the kernel's bbr (modprobe tcp_bbr)");
-        // A remote address keeps its algorithm, and so do the other modes.
-        TcpCongestion::Auto.apply_to_connection(&client, "192.0.2.1".parse().unwrap());
-        TcpCongestion::System.apply_to_connection(&client, "127.0.0.1".parse().unwrap());
+        client
+    }
+
+    #[tokio::test]
+    async fn auto_readies_a_loopback_listener_and_leaves_an_inherited_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        set(&listener, "bbr").expect("this test needs the kernel's bbr (modprobe tcp_bbr)");
+        TcpCongestion::Auto
+            .prepare_listener(&listener, true)
+            .unwrap();
+        TcpCongestion::System
+            .prepare_listener(&listener, false)
+            .unwrap();
+        assert_eq!(get(&listener).unwrap(), "bbr");
+        TcpCongestion::Auto
+            .prepare_listener(&listener, false)
+            .unwrap();
+        let now = get(&listener).unwrap();
+        assert!(LOOPBACK_ALGORITHMS.contains(&now.as_str()), "{now}");
+    }
+
+    #[test]
+    fn auto_moves_clients_on_this_host_off_bbr_only() {
+        let client = bbr_socket();
+        let here: IpAddr = "10.1.2.3".parse().unwrap();
+        // A remote client keeps its algorithm, and so do connections under the other modes.
+        TcpCongestion::Auto.apply_to_connection(&client, "192.0.2.1".parse().unwrap(), here);
+        TcpCongestion::System.apply_to_connection(&client, "127.0.0.1".parse().unwrap(), here);
         assert_eq!(get(&client).unwrap(), "bbr");
-        TcpCongestion::Auto.apply_to_connection(&client, "::ffff:127.0.0.1".parse().unwrap());
+        TcpCongestion::Auto.apply_to_connection(&client, "::ffff:127.0.0.1".parse().unwrap(), here);
+        let now = get(&client).unwrap();
+        assert!(LOOPBACK_ALGORITHMS.contains(&now.as_str()), "{now}");
+        // A client connecting to this host's own address.
+        let client = bbr_socket();
+        TcpCongestion::Auto.apply_to_connection(&client, here, here);
         let now = get(&client).unwrap();
         assert!(LOOPBACK_ALGORITHMS.contains(&now.as_str()), "{now}");
         // A non-pacing algorithm stays as it is.
         set(&client, "reno").unwrap();
-        TcpCongestion::Auto.apply_to_connection(&client, "127.0.0.1".parse().unwrap());
+        TcpCongestion::Auto.apply_to_connection(&client, "127.0.0.1".parse().unwrap(), here);
+        assert_eq!(get(&client).unwrap(), "reno");
+    }
+
+    #[test]
+    fn named_algorithm_is_set_on_a_connection_that_lacks_it() {
+        let client = bbr_socket();
+        TcpCongestion::Named("reno".to_owned()).apply_to_connection(
+            &client,
+            "192.0.2.1".parse().unwrap(),
+            "10.1.2.3".parse().unwrap(),
+        );
         assert_eq!(get(&client).unwrap(), "reno");
     }
 }

@@ -25,10 +25,12 @@ create_volumes = []
 # Disk I/O engine, "uring" or "threads"; by default io_uring, falling back to threads.
 # io_engine = "uring"
 
-# TCP congestion control for client connections. "auto" serves loopback clients with cubic
-# (or reno) when the system's default is BBR, whose pacing reorders loopback traffic and
-# makes large reads resend data; "system" keeps the system's default everywhere; a name
-# such as "cubic" applies to every connection and must be allowed by the kernel.
+# TCP congestion control for client connections. "auto" serves clients on this host (loopback
+# or our own address) with cubic, or reno where cubic is not allowed, instead of BBR, whose
+# pacing reorders loopback traffic and makes large reads resend data; "system" keeps the
+# system's algorithm; a name such as "cubic" is used for every connection, and the start
+# fails if the kernel refuses it. A socket passed by systemd is not changed itself: set
+# TCPCongestion= in the socket unit for that.
 tcp_congestion = "auto"
 
 # Number of io_uring threads.
