@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::resolve(&args)?;
     logging::init(settings.log_format).report();
+    settings.tcp_congestion.check()?;
     // Before anything in the directory is read or changed; held until the process ends.
     let _data_dir_lock = DataDirLock::acquire(&settings.data_dir)?;
     // Taken before the runtime starts, so no task can see the fds unowned.

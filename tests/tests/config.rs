@@ -348,18 +348,25 @@ fn tcp_congestion_follows_the_setting() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert_served_off_pacing(&server_congestion(bound.port()), &system, &log);
 
+    // Refused before anything is made or bound.
+    let scratch = tempdir();
+    let data_dir = scratch.path().join("d");
+    let socket = scratch.path().join("nbd.sock");
     let stderr = refused_start(&[
         "--tcp-congestion".as_ref(),
         "no_such_algo".as_ref(),
-        "--no-default-volume".as_ref(),
         "--data-dir".as_ref(),
-        tempdir().path().join("d").as_os_str(),
+        data_dir.as_os_str(),
+        "--unix".as_ref(),
+        socket.as_os_str(),
     ]);
     assert!(
         stderr.contains("tcp_congestion \"no_such_algo\"")
             && stderr.contains("modprobe tcp_no_such_algo"),
         "{stderr}"
     );
+    assert!(!data_dir.exists(), "the data directory was made: {stderr}");
+    assert!(!socket.exists(), "the Unix socket was bound: {stderr}");
     let stderr = refused_start(&["--tcp-congestion".as_ref(), "a b".as_ref()]);
     assert!(stderr.contains("tcp_congestion \"a b\""), "{stderr}");
 }

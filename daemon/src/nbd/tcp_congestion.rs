@@ -95,6 +95,19 @@ impl CongestionRefused {
 }
 
 impl TcpCongestion {
+    /// Checks a named algorithm on a socket of our own, before the daemon touches its data
+    /// directory or binds anything: a refused name must stop the start with nothing done, even
+    /// with no TCP listener at all.
+    pub fn check(&self) -> Result<(), CongestionRefused> {
+        let TcpCongestion::Named(name) = self else {
+            return Ok(());
+        };
+        let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .or_else(|_| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None))
+            .map_err(|e| CongestionRefused::new(name, &e))?;
+        set(&probe, name).map_err(|e| CongestionRefused::new(name, &e))
+    }
+
     /// Readies the NBD listener before its accept loop starts. A named algorithm, or the
     /// loopback one on a listener bound to a loopback address, is set on the listener: its
     /// connections inherit it, so BBR never starts on them (switching a connection that BBR
@@ -108,12 +121,7 @@ impl TcpCongestion {
     ) -> Result<(), CongestionRefused> {
         match self {
             TcpCongestion::System => Ok(()),
-            TcpCongestion::Named(name) if inherited => {
-                let probe =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                        .map_err(|e| CongestionRefused::new(name, &e))?;
-                set(&probe, name).map_err(|e| CongestionRefused::new(name, &e))
-            }
+            TcpCongestion::Named(_) if inherited => self.check(),
             TcpCongestion::Named(name) => {
                 set(listener, name).map_err(|e| CongestionRefused::new(name, &e))
             }
@@ -130,8 +138,8 @@ impl TcpCongestion {
     }
 
     /// Each accepted connection: a named algorithm for those that arrived before the listener
-    /// had it; under `Auto`, a client on this host (loopback, or our own address) moves off a
-    /// pacing algorithm when the listener could not do it for all.
+    /// had it; under `Auto`, a client on this host (loopback, or any address of this host)
+    /// moves off a pacing algorithm when the listener could not do it for all.
     pub fn apply_to_connection(&self, stream: &impl AsRawFd, peer: IpAddr, local: IpAddr) {
         match self {
             TcpCongestion::System => {}
@@ -142,12 +150,28 @@ impl TcpCongestion {
             }
             TcpCongestion::Auto => {
                 let peer = peer.to_canonical();
-                if peer.is_loopback() || peer == local.to_canonical() {
+                if peer.is_loopback() || peer == local.to_canonical() || is_ours(peer) {
                     move_off_pacing(stream);
                 }
             }
         }
     }
+}
+
+/// Whether `address` belongs to this host, whose traffic to itself goes over loopback whatever
+/// addresses it uses: only then may a socket be bound to it. (With net.ipv4.ip_nonlocal_bind
+/// set any address binds, and a remote client would be served like a local one: without BBR.)
+fn is_ours(address: IpAddr) -> bool {
+    let domain = match address {
+        IpAddr::V4(_) => socket2::Domain::IPV4,
+        IpAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let Ok(probe) = socket2::Socket::new(domain, socket2::Type::STREAM, None) else {
+        return false;
+    };
+    probe
+        .bind(&std::net::SocketAddr::new(address, 0).into())
+        .is_ok()
 }
 
 /// Switches a socket running a pacing algorithm to the first loopback algorithm the kernel
@@ -310,6 +334,26 @@ mod tests {
         set(&client, "reno").unwrap();
         TcpCongestion::Auto.apply_to_connection(&client, "127.0.0.1".parse().unwrap(), here);
         assert_eq!(get(&client).unwrap(), "reno");
+    }
+
+    #[test]
+    fn addresses_of_this_host_are_ours() {
+        assert!(is_ours("127.0.0.1".parse().unwrap()));
+        assert!(is_ours("::1".parse().unwrap()));
+        // TEST-NET-3 and a documentation IPv6 prefix: never configured here.
+        assert!(!is_ours("203.0.113.77".parse().unwrap()));
+        assert!(!is_ours("2001:db8::77".parse().unwrap()));
+    }
+
+    #[test]
+    fn check_refuses_before_any_listener_exists() {
+        assert!(TcpCongestion::Named("reno".to_owned()).check().is_ok());
+        assert!(TcpCongestion::Auto.check().is_ok());
+        let error = TcpCongestion::Named("no_such_algo".to_owned())
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("modprobe tcp_no_such_algo"), "{error}");
     }
 
     #[test]

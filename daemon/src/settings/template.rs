@@ -26,7 +26,7 @@ create_volumes = []
 # io_engine = "uring"
 
 # TCP congestion control for client connections. "auto" serves clients on this host (loopback
-# or our own address) with cubic, or reno where cubic is not allowed, instead of BBR, whose
+# or any address of the host) with cubic, or reno where cubic is not allowed, instead of BBR, whose
 # pacing reorders loopback traffic and makes large reads resend data; "system" keeps the
 # system's algorithm; a name such as "cubic" is used for every connection, and the start
 # fails if the kernel refuses it. A socket passed by systemd is not changed itself: set
