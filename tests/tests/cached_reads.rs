@@ -1,8 +1,10 @@
-//! Large READs whose bytes are all in the page cache go from the cache to a Unix socket with
-//! `sendfile`; over TCP they go through buffers. Checked here, with simple and structured
-//! replies on both transports: the bytes are right with replies piling up behind a client that
-//! does not read (so sends stop part-way and resume), and the metric counts exactly the Unix
-//! reads that took the path and none of the others (TCP, holes, mixed ranges, small reads).
+//! Large READs whose bytes are all in the page cache go from the cache to the socket with
+//! `sendfile`: Unix sockets, and TCP connections whose congestion control does not pace itself
+//! (a loopback client's, under the default `--tcp-congestion auto`); a connection with BBR gets
+//! its replies through buffers. Checked here, with simple and structured replies on both
+//! transports: the bytes are right with replies piling up behind a client that does not read
+//! (so sends stop part-way and resume), and the metric counts exactly the reads that took the
+//! path and none of the others (BBR, holes, mixed ranges, small reads).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -131,8 +133,23 @@ fn pipelined_reads<S: Read + Write>(s: &mut S, structured: bool, image: &[u8], w
 }
 
 #[test]
-fn cached_reads_go_from_the_page_cache_to_unix_sockets_byte_exact() {
-    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("c:64M"));
+fn cached_reads_go_from_the_page_cache_to_sockets_byte_exact() {
+    cached_reads(None, true);
+}
+
+/// BBR, set by name here, is what the default leaves a remote client on such a system.
+#[test]
+fn cached_reads_go_through_buffers_to_a_bbr_connection() {
+    cached_reads(Some("bbr"), false);
+}
+
+/// `congestion`: `--tcp-congestion`; `tcp_sends_files`: whether TCP READs must take the path.
+fn cached_reads(congestion: Option<&str>, tcp_sends_files: bool) {
+    let mut opts = DaemonOpts::new().no_default_volume().volume("c:64M");
+    if let Some(name) = congestion {
+        opts = opts.arg("--tcp-congestion").arg(name);
+    }
+    let d = Daemon::start(opts);
     let metrics = d.metrics_addr().expect("metrics address");
     // 1..5 MiB written with random data, the rest never written.
     let mut image = vec![0u8; 64 * MIB as usize];
@@ -153,10 +170,15 @@ fn cached_reads_go_from_the_page_cache_to_unix_sockets_byte_exact() {
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         open(&mut tcp, "c", structured);
         pipelined_reads(&mut tcp, structured, &image, &what);
+        let expected = if tcp_sends_files {
+            from_cache_per_pass
+        } else {
+            0
+        };
         assert_eq!(
             sent() - before,
-            0.0,
-            "{what}: TCP replies go through buffers"
+            expected as f64,
+            "{what} ({congestion:?}): bytes sent from the page cache"
         );
 
         let what = format!("unix structured={structured}");

@@ -4,13 +4,16 @@
 //! cache → buffer, buffer → socket); with `sendfile` the kernel hands the cached pages to the
 //! socket and the only copy left is the client's own.
 //!
-//! Only Unix sockets use it. TLS has to see the bytes to encrypt them. Over TCP on loopback it
-//! made the client slower than the copies it saves the server: 1 MiB reads at depth 8 went
-//! from 2060-2211 to 1632-1860 MiB/s (A/B, same binary, three runs each), with the server's CPU
-//! seconds down only 10%. The client's copy then reads the pages from memory, where after our
-//! copies it finds them in the shared cache. Over a Unix socket the same A/B was even in
-//! throughput at less than half the server CPU, and later benchmark runs put four connections
-//! at 2.04-2.55x nbdkit's 1 MiB read throughput (1.36x in the last run before this path).
+//! Unix sockets use it, and TCP connections whose congestion control does not pace itself.
+//! TLS has to see the bytes to encrypt them. Over loopback TCP with BBR, which paces from a
+//! timer and so reorders loopback segments (see `tcp_congestion`), it made the client slower
+//! than the copies it saves the server: 1 MiB reads at depth 8 went from 2060-2211 to
+//! 1632-1860 MiB/s in an early A/B, and from 2646-2677 to 2120-3113 MiB/s in a later one. With
+//! cubic on our side (what `--tcp-congestion auto` gives loopback clients), the same reads went
+//! from 3835-3939 to 4643-4674 MiB/s at a fifth of the server's CPU seconds (4.93 to 1.03),
+//! and with four connections from 4977 to 9012 MiB/s (A/B, same binary). Over a Unix socket
+//! the first A/B was even in throughput at less than half the server CPU, and later benchmark
+//! runs put four connections at 2.04-2.55x nbdkit's 1 MiB read throughput.
 
 use std::fs::File;
 use std::io;
@@ -18,8 +21,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{Interest, WriteHalf};
-use tokio::net::{tcp, unix, UnixStream};
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
+
+use crate::nbd::tcp_congestion;
 
 /// Most bytes one `sendfile` call may move (the kernel's own cap).
 const MAX_SENDFILE_BYTES: u64 = 0x7fff_f000;
@@ -69,6 +74,27 @@ fn send_file(
     }
 }
 
+/// `poll_send_file` on a tokio socket: waits for room, then one `sendfile`.
+macro_rules! poll_send_file_on {
+    ($stream:expr, $cx:expr, $file:expr, $offset_bytes:expr, $length_bytes:expr) => {{
+        let stream = $stream;
+        loop {
+            ready!(stream.poll_write_ready($cx))?;
+            // A WouldBlock clears the readiness, so the next poll waits for room.
+            match stream.try_io(Interest::WRITABLE, || {
+                send_file(stream.as_raw_fd(), $file, $offset_bytes, $length_bytes)
+            }) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                other => return Poll::Ready(other),
+            }
+        }
+    }};
+}
+
 impl SendFile for unix::OwnedWriteHalf {
     fn sends_files(&self) -> bool {
         true
@@ -82,23 +108,27 @@ impl SendFile for unix::OwnedWriteHalf {
         length_bytes: u64,
     ) -> Poll<io::Result<usize>> {
         let stream: &UnixStream = self.as_ref();
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
-            // A WouldBlock clears the readiness, so the next poll waits for room.
-            match stream.try_io(Interest::WRITABLE, || {
-                send_file(stream.as_raw_fd(), file, offset_bytes, length_bytes)
-            }) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                other => return Poll::Ready(other),
-            }
-        }
+        poll_send_file_on!(stream, cx, file, offset_bytes, length_bytes)
     }
 }
 
-/// See the module comment for why TCP does not.
-impl SendFile for tcp::OwnedWriteHalf {}
+/// Asked once per connection, after `tcp_congestion` has set the algorithm.
+impl SendFile for tcp::OwnedWriteHalf {
+    fn sends_files(&self) -> bool {
+        let stream: &TcpStream = self.as_ref();
+        !tcp_congestion::paces(stream)
+    }
+
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &File,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Poll<io::Result<usize>> {
+        let stream: &TcpStream = self.as_ref();
+        poll_send_file_on!(stream, cx, file, offset_bytes, length_bytes)
+    }
+}
+
 impl<S> SendFile for WriteHalf<TlsStream<S>> {}

@@ -197,6 +197,12 @@ fn move_off_pacing(socket: &impl AsRawFd) {
     }
 }
 
+/// Whether the socket's algorithm paces its own sending (or cannot be read): such a connection
+/// gets its replies through buffers, not `sendfile` (see `nbd::sendfile`).
+pub fn paces(socket: &impl AsRawFd) -> bool {
+    get(socket).map_or(true, |algorithm| paces_itself(&algorithm))
+}
+
 /// Algorithms that pace their own sending and so reorder loopback traffic without `fq`.
 fn paces_itself(algorithm: &str) -> bool {
     algorithm.starts_with("bbr")
