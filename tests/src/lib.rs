@@ -480,6 +480,8 @@ pub struct DaemonOpts {
     pub handshake_timeout_secs: Option<u64>,
     /// `--metrics-listen`; an ephemeral port by default so parallel daemons never collide.
     pub metrics_listen: String,
+    /// `--listen`: `127.0.0.1:0` by default.
+    pub listen: String,
     /// Anything else, appended verbatim.
     pub extra_args: Vec<String>,
     /// Extra environment variables for the evsd process (on top of the test's own
@@ -499,6 +501,7 @@ impl Default for DaemonOpts {
             max_connections: None,
             handshake_timeout_secs: None,
             metrics_listen: "127.0.0.1:0".into(),
+            listen: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
             env: Vec::new(),
             data_dir: None,
@@ -535,6 +538,11 @@ impl DaemonOpts {
     }
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = Some(n);
+        self
+    }
+    /// `--listen ADDR:PORT` (e.g. "0.0.0.0:0").
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = addr.to_string();
         self
     }
     /// `--metrics-listen ADDR` (e.g. "off").
@@ -632,7 +640,7 @@ impl Daemon {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.opts.listen.clone(),
             "--unix".into(),
             self.unix.display().to_string(),
             "--data-dir".into(),

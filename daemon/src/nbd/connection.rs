@@ -29,11 +29,24 @@ pub struct ConnectionConfig {
     pub access: Arc<AccessStore>,
 }
 
+/// Who connected, and what their socket allows.
+pub struct Client {
+    /// For logs: `ADDR:PORT`, or `unix#N`.
+    pub peer: String,
+    pub addr: ClientAddr,
+    /// Whether cached READs may go out with `sendfile`: not on a TCP socket that BBR started
+    /// on, which the kernel keeps pacing after a switch (see `nbd::sendfile`).
+    pub may_send_files: bool,
+}
+
 /// Serves one client. Never panics on client input and logs at most one line per failure.
 pub async fn serve<S: Transport>(
     stream: S,
-    peer: String,
-    addr: ClientAddr,
+    Client {
+        peer,
+        addr,
+        may_send_files,
+    }: Client,
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
@@ -83,6 +96,7 @@ pub async fn serve<S: Transport>(
         leftover,
         client,
         peer,
+        may_send_files,
         volume,
         attachment,
         stop,
@@ -220,6 +234,7 @@ struct Attached {
     leftover: BytesMut,
     client: ClientIdentity,
     peer: String,
+    may_send_files: bool,
     volume: Arc<Volume>,
     attachment: Attachment,
     /// Ends on global shutdown or when the volume is force-deleted.
@@ -236,6 +251,7 @@ impl Attached {
             leftover,
             client,
             peer,
+            may_send_files,
             volume,
             attachment,
             stop,
@@ -257,6 +273,7 @@ impl Attached {
             socket_fd,
             buffered: leftover,
             peer: peer.clone(),
+            may_send_files,
         };
         let export = volume.name().to_owned();
         let granted_read_only = negotiated.export.read_only;

@@ -4,7 +4,9 @@
 //! cache → buffer, buffer → socket); with `sendfile` the kernel hands the cached pages to the
 //! socket and the only copy left is the client's own.
 //!
-//! Unix sockets use it, and TCP connections whose congestion control does not pace itself.
+//! Unix sockets use it, and TCP connections whose congestion control does not pace itself and
+//! never did: a connection switched off BBR after accept is still paced by the kernel, so it
+//! keeps the buffers (`connection::Client::may_send_files`).
 //! TLS has to see the bytes to encrypt them. Over loopback TCP with BBR, which paces from a
 //! timer and so reorders loopback segments (see `tcp_congestion`), it made the client slower
 //! than the copies it saves the server: 1 MiB reads at depth 8 went from 2060-2211 to

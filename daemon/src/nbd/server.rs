@@ -15,9 +15,9 @@ use crate::accept_failures::AcceptFailures;
 use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
 use crate::metrics::{Limit, Metrics};
-use crate::nbd::connection::{self, ConnectionConfig};
+use crate::nbd::connection::{self, Client, ConnectionConfig};
 use crate::nbd::stream::{Handoff, Transport};
-use crate::nbd::tcp_congestion::TcpCongestion;
+use crate::nbd::tcp_congestion::{self, TcpCongestion};
 use crate::nbd::threads::ConnectionThreads;
 use crate::nbd::unix_buffer;
 use crate::storage::Registry;
@@ -228,7 +228,8 @@ impl AcceptContext {
     /// Starts serving a connection if a slot is free; otherwise closes it at once. The permit
     /// travels with the task, so the slot frees itself however the connection ends.
     /// It runs on the connection thread serving the fewest connections.
-    fn admit<S: Transport + Handoff>(&self, stream: S, peer: String, addr: ClientAddr) {
+    fn admit<S: Transport + Handoff>(&self, stream: S, client: Client) {
+        let peer = client.peer.clone();
         let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
             self.metrics.connection_refused("limit");
             self.metrics.limit_hit(Limit::Connections, &peer);
@@ -250,7 +251,7 @@ impl AcceptContext {
         let serve = async move {
             match S::attach(detached) {
                 Ok(stream) => {
-                    connection::serve(stream, peer, addr, registry, config, metrics, shutdown).await
+                    connection::serve(stream, client, registry, config, metrics, shutdown).await
                 }
                 Err(error) => tracing::warn!(%peer, %error, "could not register the connection"),
             }
@@ -270,10 +271,17 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext, congestion: TcpCo
         match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
+                // Before any switch: BBR's pacing outlives it (see `nbd::sendfile`).
+                let paced_from_the_start = tcp_congestion::paces(&stream);
                 if let Ok(local) = stream.local_addr() {
                     congestion.apply_to_connection(&stream, addr.ip(), local.ip());
                 }
-                ctx.admit(stream, addr.to_string(), ClientAddr::tcp(addr.ip()));
+                let client = Client {
+                    peer: addr.to_string(),
+                    addr: ClientAddr::tcp(addr.ip()),
+                    may_send_files: !paced_from_the_start,
+                };
+                ctx.admit(stream, client);
             }
             Err(e) => failures.failed(e).await,
         }
@@ -292,7 +300,12 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
             Ok((stream, _)) => {
                 unix_buffer::enlarge_send_buffer(&stream);
                 sequence += 1;
-                ctx.admit(stream, format!("unix#{sequence}"), ClientAddr::Unix);
+                let client = Client {
+                    peer: format!("unix#{sequence}"),
+                    addr: ClientAddr::Unix,
+                    may_send_files: true,
+                };
+                ctx.admit(stream, client);
             }
             Err(e) => failures.failed(e).await,
         }

@@ -95,6 +95,8 @@ pub struct ClientStream<R, W> {
     pub socket_fd: RawFd,
     pub buffered: BytesMut,
     pub peer: String,
+    /// Whether this socket may take `sendfile` at all (see [`crate::nbd::connection::Client`]).
+    pub may_send_files: bool,
 }
 
 pub struct TransmissionConfig {
@@ -187,7 +189,7 @@ where
         peer: client.peer,
         warned_failure: AtomicBool::new(false),
         attachment,
-        sends_files: client.writer.sends_files(),
+        sends_files: client.may_send_files && client.writer.sends_files(),
     };
     let mut conn = Connection {
         limits: ExportLimits {
