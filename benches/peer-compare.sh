@@ -21,6 +21,10 @@
 #         randwrite-4k  rw=randwrite bs=4k iodepth=32
 #         read-1m       rw=read      bs=1m iodepth=8
 #         write-1m      rw=write     bs=1m iodepth=8
+#     and, when named in WORKLOADS (not by default):
+#         randwrite-4k-imported  randwrite-4k right after the image was written through
+#                       the server with `nbdcopy --request-size=2M` (as `qemu-img convert`
+#                       writes), the cache left as that fill left it
 #     each with numjobs 1 and 4 (= connections). Jobs split the volume into
 #     disjoint regions (size = offset_increment = SIZE/numjobs), time_based.
 #   * Per run: IOPS and MiB/s (fio --output-format=json, group_reporting),
@@ -215,6 +219,7 @@ workload_params() {
     randwrite-4k) echo "randwrite 4k 32" ;;
     read-1m)      echo "read 1m 8" ;;
     write-1m)     echo "write 1m 8" ;;
+    randwrite-4k-imported) echo "randwrite 4k 32" ;;
     *) die "unknown workload $1" ;;
   esac
 }
@@ -250,6 +255,9 @@ settle() {
   dd if="$backing" iflag=nocache count=0 status=none
   case "$2" in
     randread-4k | read-1m) cat "$backing" > /dev/null ;;
+    # As after `qemu-img convert` into the volume: the image written through the server in
+    # 2 MiB requests, its pages left in the cache as that left them.
+    randwrite-4k-imported) nbdcopy --request-size=2097152 "$IMG" "$URI" && sync ;;
   esac
 }
 

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::Pieces;
+
 pub(crate) struct ThreadsEngine {
     _private: (),
 }
@@ -42,14 +44,32 @@ impl ThreadsEngine {
         offset: u64,
         data: Bytes,
         dsync: bool,
+        pieces: Pieces,
     ) -> io::Result<usize> {
         let file = Arc::clone(file);
         run_blocking(move || {
             if dsync {
-                pwrite_dsync(&file, &data, offset)
-            } else {
-                retry_eintr(|| file.write_at(&data, offset))
+                return pwrite_dsync(&file, &data, offset);
             }
+            // Piece after piece; a short or failed piece ends the call with what was written
+            // before it (the caller's loop resumes there and sees any error itself).
+            let mut written_bytes = 0;
+            while written_bytes < data.len() {
+                let at = offset + written_bytes as u64;
+                let len = pieces.next_len(at, data.len() - written_bytes);
+                let piece = &data[written_bytes..written_bytes + len];
+                match retry_eintr(|| file.write_at(piece, at)) {
+                    Ok(n) => {
+                        written_bytes += n;
+                        if n < len {
+                            break;
+                        }
+                    }
+                    Err(e) if written_bytes == 0 => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(written_bytes)
         })
         .await
     }
@@ -161,7 +181,13 @@ mod tests {
         let engine = ThreadsEngine::new();
         let file = Arc::new(tempfile::tempfile().expect("tempfile"));
         let written = engine
-            .write_at(&file, 4096, Bytes::from_static(b"durable"), true)
+            .write_at(
+                &file,
+                4096,
+                Bytes::from_static(b"durable"),
+                true,
+                Pieces::Whole,
+            )
             .await
             .expect("write");
         assert_eq!(written, 7);

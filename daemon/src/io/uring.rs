@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::{EngineConfig, EngineError};
+use super::{EngineConfig, EngineError, Pieces};
 
 /// Requests queued per ring (channel + in flight). Bounds memory held by waiting requests;
 /// callers beyond this wait asynchronously on the semaphore.
@@ -92,11 +92,14 @@ impl UringEngine {
         offset: u64,
         data: Bytes,
         dsync: bool,
+        pieces: Pieces,
     ) -> io::Result<usize> {
         let op = Op::Write {
             data,
             offset,
             dsync,
+            pieces,
+            written_bytes: 0,
         };
         self.submit(file, op).await.result
     }
@@ -352,6 +355,11 @@ enum Op {
         data: Bytes,
         offset: u64,
         dsync: bool,
+        /// Written in pieces: the ring thread submits the next piece when one completes, and
+        /// answers once, when all are written or one comes back short or failed.
+        pieces: Pieces,
+        /// What the pieces completed so far wrote.
+        written_bytes: usize,
     },
     Sync {
         datasync: bool,
@@ -391,6 +399,37 @@ impl Reply {
 }
 
 impl Request {
+    /// After a completion: the request back if it is a write with pieces still to write (the
+    /// one that completed was whole), else the result to answer with. A piece that failed
+    /// after others were written answers with what was written: the caller's loop resumes
+    /// there and meets the error itself.
+    fn next_piece(
+        mut self,
+        result: io::Result<usize>,
+    ) -> Result<Request, (Request, io::Result<usize>)> {
+        let Op::Write {
+            data,
+            offset,
+            pieces: pieces @ Pieces::Of(_),
+            written_bytes,
+            ..
+        } = &mut self.op
+        else {
+            return Err((self, result));
+        };
+        let before = *written_bytes;
+        let asked = pieces.next_len(*offset + before as u64, data.len() - before);
+        match result {
+            Ok(n) if n == asked && before + n < data.len() => {
+                *written_bytes += n;
+                Ok(self)
+            }
+            Ok(n) => Err((self, Ok(before + n))),
+            Err(_) if before > 0 => Err((self, Ok(before))),
+            Err(e) => Err((self, Err(e))),
+        }
+    }
+
     /// Must only be called once the kernel no longer references the request's buffer.
     fn complete(self, result: io::Result<usize>) {
         let Request { op, reply, .. } = self;
@@ -419,10 +458,17 @@ impl Request {
                 data,
                 offset,
                 dsync,
-            } => opcode::Write::new(fd, data.as_ptr(), clamp_len(data.len()))
-                .offset(*offset)
-                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
-                .build(),
+                pieces,
+                written_bytes,
+            } => {
+                let at = *offset + *written_bytes as u64;
+                let rest = data.get(*written_bytes..).unwrap_or_default();
+                let len = pieces.next_len(at, rest.len());
+                opcode::Write::new(fd, rest.as_ptr(), clamp_len(len))
+                    .offset(at)
+                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
             Op::Sync { datasync } => {
                 let flags = if *datasync {
                     types::FsyncFlags::DATASYNC
@@ -543,10 +589,6 @@ impl Slots {
         }
     }
 
-    fn has_free(&self) -> bool {
-        !self.free.is_empty()
-    }
-
     fn in_flight(&self) -> usize {
         self.entries.len() - self.free.len()
     }
@@ -583,6 +625,10 @@ struct RingWorker {
     disconnected: bool,
     /// Set when the ring broke with ops possibly still in the kernel: their memory is leaked.
     leak_wake_buf: bool,
+    /// Writes whose piece completed, to submit again for their next piece. Out of the kernel
+    /// and out of `slots` meanwhile; each one's slot was freed by that completion, so there is
+    /// room for all of them.
+    next_pieces: Vec<Request>,
 }
 
 impl RingWorker {
@@ -607,12 +653,16 @@ impl RingWorker {
             wake_read_error: None,
             disconnected: false,
             leak_wake_buf: false,
+            next_pieces: Vec::new(),
         })
     }
 
     fn run(&mut self) -> io::Result<()> {
         loop {
             self.reap_completions();
+            for request in std::mem::take(&mut self.next_pieces) {
+                self.start(request)?;
+            }
             #[cfg(test)]
             if self.shared.poisoned.load(Ordering::SeqCst) {
                 return Err(io::Error::other("ring failed on purpose (test)"));
@@ -624,13 +674,13 @@ impl RingWorker {
             self.accept_requests()?;
 
             if self.disconnected {
-                if self.slots.in_flight() == 0 {
+                if self.slots.in_flight() == 0 && self.next_pieces.is_empty() {
                     return self.disarm_wake_read();
                 }
                 self.submit_and_wait_one()?;
                 continue;
             }
-            if !self.slots.has_free() {
+            if !self.has_room() {
                 // Queued requests cannot start until something completes, and a completion
                 // ends this wait by itself, so no wake-up from producers is needed.
                 self.submit_and_wait_one()?;
@@ -718,7 +768,7 @@ impl RingWorker {
     }
 
     fn accept_requests(&mut self) -> io::Result<()> {
-        while !self.disconnected && self.slots.has_free() {
+        while !self.disconnected && self.has_room() {
             match self.next_request() {
                 Ok(request) => self.start(request)?,
                 Err(TryRecvError::Empty) => break,
@@ -730,11 +780,17 @@ impl RingWorker {
         Ok(())
     }
 
+    /// Whether a new request may start: a slot is free beyond those the writes waiting for
+    /// their next piece will take (each freed one when its piece completed).
+    fn has_room(&self) -> bool {
+        self.slots.free.len() > self.next_pieces.len()
+    }
+
     fn start(&mut self, request: Request) -> io::Result<()> {
         let (user_data, request) = match self.slots.insert(request) {
             Ok(inserted) => inserted,
             Err(request) => {
-                // Unreachable given the has_free() checks, but an error beats a panic.
+                // Unreachable given the has_room() checks, but an error beats a panic.
                 request.complete(Err(io::Error::other("io_uring in-flight table full")));
                 return Ok(());
             }
@@ -838,7 +894,10 @@ impl RingWorker {
                 continue;
             }
             match self.slots.remove(cqe.user_data()) {
-                Some(request) => request.complete(result),
+                Some(request) => match request.next_piece(result) {
+                    Ok(request) => self.next_pieces.push(request),
+                    Err((request, result)) => request.complete(result),
+                },
                 None => tracing::error!(
                     user_data = cqe.user_data(),
                     "io_uring completion for an unknown request"
@@ -881,6 +940,14 @@ impl RingWorker {
             }
         }
         self.leak_wake_buf = self.wake_read_armed;
+        // Between two pieces, out of the kernel: answered with what their pieces wrote.
+        for request in std::mem::take(&mut self.next_pieces) {
+            let written = match &request.op {
+                Op::Write { written_bytes, .. } => *written_bytes,
+                _ => 0,
+            };
+            request.complete(Ok(written));
+        }
         // Requests still in the channel never reached the kernel: they get their buffers back
         // and may be served elsewhere.
         while let Ok(request) = self.requests.try_recv() {
@@ -956,7 +1023,9 @@ mod tests {
             let file = Arc::clone(&file);
             tasks.spawn(async move {
                 let data = Bytes::from(vec![index as u8; 512]);
-                let written = engine.write_at(&file, index * 512, data, false).await?;
+                let written = engine
+                    .write_at(&file, index * 512, data, false, Pieces::Whole)
+                    .await?;
                 assert_eq!(written, 512);
                 let (buf, result) = engine
                     .read_into(&file, index * 512, BytesMut::zeroed(512), 0)
@@ -979,7 +1048,10 @@ mod tests {
             // Long enough for the ring thread to be blocked in io_uring_enter.
             tokio::time::sleep(Duration::from_millis(20)).await;
             let data = Bytes::from(vec![round; 16]);
-            engine.write_at(&file, 0, data, false).await.expect("write");
+            engine
+                .write_at(&file, 0, data, false, Pieces::Whole)
+                .await
+                .expect("write");
             engine.sync(&file, true).await.expect("fdatasync");
         }
     }
@@ -995,7 +1067,13 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         for index in 0..64u64 {
             let data = Bytes::from(vec![0xC3; 64 * 1024]);
-            let mut write = pin!(engine.write_at(&file, index * 64 * 1024, data, false));
+            // Half of them in pieces: a write between two pieces is in no slot of the ring.
+            let pieces = if index % 2 == 0 {
+                Pieces::Whole
+            } else {
+                Pieces::Of(16 * 1024)
+            };
+            let mut write = pin!(engine.write_at(&file, index * 64 * 1024, data, false, pieces));
             // Submitted on the first poll, then abandoned.
             let _ = write.as_mut().poll(&mut cx);
         }
@@ -1003,6 +1081,9 @@ mod tests {
         drop(engine);
         let len_bytes = file.metadata().expect("metadata").len();
         assert_eq!(len_bytes, 64 * 64 * 1024);
+        let mut back = vec![0u8; 64 * 64 * 1024];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, 0).expect("read back");
+        assert!(back.iter().all(|&b| b == 0xC3), "every piece landed");
     }
 
     #[test]
