@@ -257,7 +257,11 @@ settle() {
     randread-4k | read-1m) cat "$backing" > /dev/null ;;
     # As after `qemu-img convert` into the volume: the image written through the server in
     # 2 MiB requests, its pages left in the cache as that left them.
-    randwrite-4k-imported) nbdcopy --request-size=2097152 "$IMG" "$URI" && sync ;;
+    # The source is a copy: read ahead, the served file itself would get its large folios
+    # from the reads instead.
+    randwrite-4k-imported)
+      [ -f "$WORKDIR/import.img" ] || cp "$IMG" "$WORKDIR/import.img"
+      nbdcopy --request-size=2097152 "$WORKDIR/import.img" "$URI" && sync ;;
   esac
 }
 

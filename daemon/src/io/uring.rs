@@ -660,8 +660,13 @@ impl RingWorker {
     fn run(&mut self) -> io::Result<()> {
         loop {
             self.reap_completions();
-            for request in std::mem::take(&mut self.next_pieces) {
-                self.start(request)?;
+            let mut waiting = std::mem::take(&mut self.next_pieces).into_iter();
+            while let Some(request) = waiting.next() {
+                if let Err(err) = self.start(request) {
+                    // Kept for `fail_everything`, which answers them with what they wrote.
+                    self.next_pieces.extend(waiting);
+                    return Err(err);
+                }
             }
             #[cfg(test)]
             if self.shared.poisoned.load(Ordering::SeqCst) {
@@ -677,13 +682,13 @@ impl RingWorker {
                 if self.slots.in_flight() == 0 && self.next_pieces.is_empty() {
                     return self.disarm_wake_read();
                 }
-                self.submit_and_wait_one()?;
+                self.wait_for_completion()?;
                 continue;
             }
             if !self.has_room() {
                 // Queued requests cannot start until something completes, and a completion
                 // ends this wait by itself, so no wake-up from producers is needed.
-                self.submit_and_wait_one()?;
+                self.wait_for_completion()?;
                 continue;
             }
 
@@ -717,10 +722,20 @@ impl RingWorker {
                 }
                 Err(TryRecvError::Empty) => {}
             }
-            let waited = self.submit_and_wait_one();
+            let waited = self.wait_for_completion();
             self.shared.sleeping.store(false, Ordering::SeqCst);
             waited?;
         }
+    }
+
+    /// Blocks until a completion arrives, unless writes wait to be restarted for their next
+    /// piece: a completion reaped inside a submit (see `recover_enter_error`) can leave them
+    /// there with nothing else in flight, and the loop's top restarts them.
+    fn wait_for_completion(&mut self) -> io::Result<()> {
+        if !self.next_pieces.is_empty() {
+            return Ok(());
+        }
+        self.submit_and_wait_one()
     }
 
     /// Submits what is queued, then polls briefly for a completion or a new request before the
@@ -737,7 +752,7 @@ impl RingWorker {
         }
         let deadline = Instant::now() + spin;
         loop {
-            if !self.ring.completion().is_empty() {
+            if !self.ring.completion().is_empty() || !self.next_pieces.is_empty() {
                 return Ok(true);
             }
             match self.next_request() {
