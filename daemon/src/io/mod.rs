@@ -392,19 +392,17 @@ impl IoEngine {
                 .ok_or_else(invalid_offset)?;
             let rest = data.slice(written_bytes..);
             // A FUA write stays whole: in pieces it would wait for the disk once per piece.
-            let written = if inline && !dsync && rest.len() > MAX_CACHED_WRITE_PIECE_BYTES {
-                match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
-                    Ok(()) => {
-                        let pieces = Pieces::Of(MAX_CACHED_WRITE_PIECE_BYTES);
-                        self.queue_write_in(file, pos, rest, false, pieces).await
-                    }
-                    Err(e) => Err(e),
-                }
-            } else if inline {
+            let in_pieces = inline && !dsync && rest.len() > MAX_CACHED_WRITE_PIECE_BYTES;
+            let written = if inline && !in_pieces {
                 self.write_at(file, pos, rest, dsync).await
             } else {
+                let pieces = if in_pieces {
+                    Pieces::Of(MAX_CACHED_WRITE_PIECE_BYTES)
+                } else {
+                    Pieces::Whole
+                };
                 match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
-                    Ok(()) => self.queue_write(file, pos, rest, dsync).await,
+                    Ok(()) => self.queue_write_in(file, pos, rest, dsync, pieces).await,
                     Err(e) => Err(e),
                 }
             };
