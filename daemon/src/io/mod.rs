@@ -317,22 +317,12 @@ impl IoEngine {
                 }
             }
         }
-        self.queue_write(file, offset, data, dsync).await
+        self.queue_write(file, offset, data, dsync, Pieces::Whole)
+            .await
     }
 
     /// Hands a write to the engine; the caller has checked `offset` and `check_writes_allowed`.
     async fn queue_write(
-        &self,
-        file: &Arc<File>,
-        offset: u64,
-        data: Bytes,
-        dsync: bool,
-    ) -> io::Result<usize> {
-        self.queue_write_in(file, offset, data, dsync, Pieces::Whole)
-            .await
-    }
-
-    async fn queue_write_in(
         &self,
         file: &Arc<File>,
         offset: u64,
@@ -402,7 +392,7 @@ impl IoEngine {
                     Pieces::Whole
                 };
                 match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
-                    Ok(()) => self.queue_write_in(file, pos, rest, dsync, pieces).await,
+                    Ok(()) => self.queue_write(file, pos, rest, dsync, pieces).await,
                     Err(e) => Err(e),
                 }
             };
