@@ -13,10 +13,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Larger writes cost enough on their own that a thread hop is noise; they also block longer.
-/// 1 MiB was tried: over a Unix socket, 1 MiB sequential writes at depth 8 fell from 1700-2374
-/// to 648-1807 MiB/s (A/B, three runs each), because while the connection's task copies 1 MiB
-/// it reads nothing from a socket whose buffer holds a fifth of that; over TCP it was even.
+/// Larger writes block longer, and a caller must choose to copy them itself (see
+/// `IoEngine::write_all_at_here`, in pieces, and `ClientStream::copies_large_writes`): over a
+/// Unix socket, 1 MiB sequential writes at depth 8 fell from 1700-2374 to 648-1807 MiB/s when
+/// copied inline (A/B, three runs each), because while the connection's task copies 1 MiB it
+/// reads nothing from a socket whose buffer holds a fifth of that.
 pub(crate) const MAX_INLINE_WRITE_BYTES: usize = 64 << 10;
 /// An inline write slower than this counts as slow.
 const SLOW_WRITE: Duration = Duration::from_micros(1000);
@@ -69,6 +70,13 @@ impl InlineWrites {
         }
     }
 
+    /// Pauses inline writes as slow writes would.
+    #[cfg(test)]
+    pub(crate) fn pause_for_test(&self) {
+        let until = self.now_us() + PAUSE.as_micros() as u64;
+        self.paused_until_us.store(until, Ordering::Relaxed);
+    }
+
     fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
     }
@@ -80,8 +88,21 @@ impl InlineWrites {
         offset: u64,
         data: &[u8],
     ) -> Option<io::Result<usize>> {
+        if data.len() > MAX_INLINE_WRITE_BYTES {
+            return None;
+        }
+        self.try_write_piece(file, offset, data)
+    }
+
+    /// `try_write` for one piece of a large write whose caller chose to copy it on its own
+    /// thread (`IoEngine::write_all_at_here`): any size, the same guard.
+    pub(crate) fn try_write_piece(
+        &self,
+        file: &File,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<io::Result<usize>> {
         if data.is_empty()
-            || data.len() > MAX_INLINE_WRITE_BYTES
             || !self.enabled.load(Ordering::Relaxed)
             || self.now_us() < self.paused_until_us.load(Ordering::Relaxed)
         {

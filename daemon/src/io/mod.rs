@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -122,6 +123,22 @@ impl Default for EngineConfig {
         }
     }
 }
+
+/// Which writes `IoEngine::write_all` may do on the caller's thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inline {
+    /// None: the file is open with O_DIRECT, whose writes wait for the device.
+    Never,
+    /// Small ones (page-cache hits, and small writes where the filesystem has no non-blocking
+    /// buffered writes); large ones go to the engine.
+    Small,
+    /// Large ones too, in pieces (`IoEngine::write_all_at_here`).
+    Large,
+}
+
+/// How long a large write copied on the caller's thread holds it before letting the thread's
+/// other work run (about 2-4 MiB of copying).
+const HOLD_THREAD_FOR: Duration = Duration::from_micros(500);
 
 /// Handle to the I/O engine. Clones share the same rings/threads; the io_uring threads shut
 /// down (after finishing in-flight operations) when the last clone is dropped.
@@ -352,7 +369,24 @@ impl IoEngine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<()> {
-        self.write_all(file, offset, data, dsync, true).await
+        self.write_all(file, offset, data, dsync, Inline::Small)
+            .await
+    }
+
+    /// `write_all_at` for a caller whose thread may copy a large write into the page cache
+    /// itself, piece after piece (see `write_pieces_here`), instead of handing it to the engine.
+    /// It holds the thread for the copy, which is what the engine's thread would spend on it;
+    /// it saves the trips between threads (to the ring, to io_uring's own worker on a
+    /// filesystem without non-blocking buffered writes, and back, for every piece).
+    pub async fn write_all_at_here(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+    ) -> io::Result<()> {
+        self.write_all(file, offset, data, dsync, Inline::Large)
+            .await
     }
 
     /// `write_all_at` for a file opened with O_DIRECT: always queued to the engine, never tried
@@ -364,7 +398,8 @@ impl IoEngine {
         offset: u64,
         data: Bytes,
     ) -> io::Result<()> {
-        self.write_all(file, offset, data, false, false).await
+        self.write_all(file, offset, data, false, Inline::Never)
+            .await
     }
 
     async fn write_all(
@@ -373,7 +408,7 @@ impl IoEngine {
         offset: u64,
         data: Bytes,
         dsync: bool,
-        inline: bool,
+        inline: Inline,
     ) -> io::Result<()> {
         let mut written_bytes = 0;
         while written_bytes < data.len() {
@@ -382,8 +417,19 @@ impl IoEngine {
                 .ok_or_else(invalid_offset)?;
             let rest = data.slice(written_bytes..);
             // A FUA write stays whole: in pieces it would wait for the disk once per piece.
-            let in_pieces = inline && !dsync && rest.len() > MAX_CACHED_WRITE_PIECE_BYTES;
-            let written = if inline && !in_pieces {
+            let in_pieces =
+                inline != Inline::Never && !dsync && rest.len() > MAX_CACHED_WRITE_PIECE_BYTES;
+            let here = if in_pieces && inline == Inline::Large {
+                match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
+                    Ok(()) => self.write_pieces_here(file, pos, &rest).await,
+                    Err(e) => Some(Err(e)),
+                }
+            } else {
+                None
+            };
+            let written = if let Some(written) = here {
+                written
+            } else if inline != Inline::Never && !in_pieces {
                 self.write_at(file, pos, rest, dsync).await
             } else {
                 let pieces = if in_pieces {
@@ -409,6 +455,58 @@ impl IoEngine {
             }
         }
         Ok(())
+    }
+
+    /// Copies `data` (a plain buffered write, offset checked) into the page cache on this
+    /// thread, in the pieces the engines would write. Yields to the thread's other work once
+    /// it has held the thread for `HOLD_THREAD_FOR` (a 32 MiB write takes milliseconds), and
+    /// so also lets the connection read on. `None` when not a byte could be written here (the
+    /// filesystem would block, or slow writes paused inline writes): the engine takes it.
+    /// A piece refused, short or failed after others ends the call with the bytes written
+    /// before it; the caller's loop resumes there.
+    async fn write_pieces_here(
+        &self,
+        file: &File,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<io::Result<usize>> {
+        let pieces = Pieces::Of(MAX_CACHED_WRITE_PIECE_BYTES);
+        let mut written_bytes = 0;
+        let mut held_since = Instant::now();
+        while written_bytes < data.len() {
+            let at = offset + written_bytes as u64;
+            let len = pieces.next_len(at, data.len() - written_bytes);
+            let piece = &data[written_bytes..written_bytes + len];
+            match self.try_write_here(file, at, piece) {
+                Some(Ok(n)) => {
+                    written_bytes += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Some(Err(e)) if written_bytes == 0 => return Some(Err(e)),
+                None if written_bytes == 0 => return None,
+                Some(Err(_)) | None => break,
+            }
+            if written_bytes < data.len() && held_since.elapsed() >= HOLD_THREAD_FOR {
+                tokio::task::yield_now().await;
+                held_since = Instant::now();
+            }
+        }
+        Some(Ok(written_bytes))
+    }
+
+    /// One plain buffered write done on this thread if the filesystem allows it without
+    /// blocking (RWF_NOWAIT), or where it has no non-blocking buffered writes, as a blocking
+    /// write guarded by `InlineWrites`; `None` when the engine must take it.
+    fn try_write_here(&self, file: &File, offset: u64, data: &[u8]) -> Option<io::Result<usize>> {
+        if let Some(result) = self.nowait.try_write(file, offset, data) {
+            return Some(result);
+        }
+        if self.nowait.writes_inline() {
+            return None;
+        }
+        self.inline_writes.try_write_piece(file, offset, data)
     }
 
     pub async fn fdatasync(&self, file: &Arc<File>) -> io::Result<()> {
@@ -827,10 +925,16 @@ mod tests {
                 let data = rng.bytes(len);
                 model[offset..offset + len].copy_from_slice(&data);
                 let (engine, file) = (engine.clone(), Arc::clone(&file));
+                // Half of them copied on the caller's thread.
                 writes.push(tokio::spawn(async move {
-                    engine
-                        .write_all_at(&file, offset as u64, Bytes::from(data), false)
-                        .await
+                    let data = Bytes::from(data);
+                    if region % 2 == 0 {
+                        engine.write_all_at(&file, offset as u64, data, false).await
+                    } else {
+                        engine
+                            .write_all_at_here(&file, offset as u64, data, false)
+                            .await
+                    }
                 }));
             }
             for write in writes {
@@ -849,16 +953,80 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_large_write_to_a_read_only_file_fails_cleanly() {
-        for engine in engines() {
+        let inline = EngineConfig {
+            inline_cached_io: true,
+            ..EngineConfig::default()
+        };
+        let inline_engine = IoEngine::new(Some(EngineKind::Uring), &inline).expect("engine");
+        for (engine, here) in engines()
+            .into_iter()
+            .map(|engine| (engine, false))
+            .chain([(inline_engine, true)])
+        {
             let path = tempfile::NamedTempFile::new().expect("tempfile");
             let file = Arc::new(File::open(path.path()).expect("open read-only"));
             let data = Bytes::from(vec![7u8; 3 * MAX_CACHED_WRITE_PIECE_BYTES + 5]);
-            let err = engine
-                .write_all_at(&file, 4096, data, false)
-                .await
-                .expect_err("a read-only file takes no write");
+            let written = if here {
+                engine.write_all_at_here(&file, 4096, data, false).await
+            } else {
+                engine.write_all_at(&file, 4096, data, false).await
+            };
+            let err = written.expect_err("a read-only file takes no write");
             assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{}", engine.kind());
         }
+    }
+
+    /// A large write copied on the caller's thread needs no engine thread; once slow writes
+    /// have paused inline writes, the engine takes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_writes_here_skip_the_engine_until_inline_writes_pause() {
+        let config = EngineConfig {
+            ring_threads: 1,
+            inline_cached_io: true,
+            ..EngineConfig::default()
+        };
+        let engine = IoEngine::new(Some(EngineKind::Uring), &config).expect("engine");
+        // As on ext4: the blocking writes `InlineWrites` guards, not RWF_NOWAIT ones.
+        engine.nowait.refuse_writes_for_test();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.hold_rings_for_test();
+        let file = temp_file();
+        let first = Rng(21).bytes(MAX_CACHED_WRITE_PIECE_BYTES * 8 + 4097);
+        let at = 4096 + 3;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            engine.write_all_at_here(&file, at, Bytes::from(first.clone()), false),
+        )
+        .await
+        .expect("copied here, not queued to the held ring")
+        .expect("write");
+        let mut back = vec![0u8; first.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, at).expect("read");
+        assert!(back == first, "the write copied here differs");
+
+        engine.inline_writes.pause_for_test();
+        let second = Rng(22).bytes(MAX_CACHED_WRITE_PIECE_BYTES * 3);
+        let queued = {
+            let (engine, file, data) = (engine.clone(), Arc::clone(&file), second.clone());
+            tokio::spawn(async move {
+                engine
+                    .write_all_at_here(&file, 1 << 20, Bytes::from(data), false)
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !queued.is_finished(),
+            "written here while inline writes were paused"
+        );
+        // The ring fails; the thread pool serves what was queued for it.
+        break_rings(&engine).await;
+        queued.await.expect("task").expect("write");
+        let mut back = vec![0u8; second.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, 1 << 20).expect("read");
+        assert!(back == second, "the write queued to the engine differs");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

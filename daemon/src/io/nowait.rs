@@ -54,6 +54,12 @@ impl NoWait {
         self.outcome(n, &self.reads)
     }
 
+    /// Behaves as on a filesystem without non-blocking buffered writes (ext4).
+    #[cfg(test)]
+    pub(crate) fn refuse_writes_for_test(&self) {
+        self.writes.store(false, Ordering::Relaxed);
+    }
+
     /// Whether non-blocking buffered writes are still believed to work here.
     pub(crate) fn writes_inline(&self) -> bool {
         self.writes.load(Ordering::Relaxed)

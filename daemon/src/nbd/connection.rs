@@ -274,6 +274,7 @@ impl Attached {
             buffered: leftover,
             peer: peer.clone(),
             may_send_files,
+            copies_large_writes: matches!(client.addr, ClientAddr::Tcp(_)),
         };
         let export = volume.name().to_owned();
         let granted_read_only = negotiated.export.read_only;

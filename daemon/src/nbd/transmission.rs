@@ -85,6 +85,9 @@ struct Session<'m> {
     attachment: &'m Attachment,
     /// The socket takes file ranges: large cached READs are sent from the page cache.
     sends_files: bool,
+    /// Large WRITE payloads are copied into the page cache by this connection's thread (see
+    /// `ClientStream::copies_large_writes`).
+    copies_large_writes: bool,
 }
 
 /// A client's socket halves, the bytes already read past the handshake, and its name for logs.
@@ -97,6 +100,13 @@ pub struct ClientStream<R, W> {
     pub peer: String,
     /// Whether this socket may take `sendfile` at all (see [`crate::nbd::connection::Client`]).
     pub may_send_files: bool,
+    /// Whether large WRITE payloads are copied into the page cache by the connection's own
+    /// thread rather than the I/O engine's. True on TCP: the kernel holds megabytes of the
+    /// client's next requests while the thread copies, so it only saves trips between threads
+    /// (1 MiB writes at depth 8 over one connection: 3300-5000 IOPS against 1600-2700). A
+    /// Unix socket holds only the client's send buffer (about 200 KiB), so the client stalls
+    /// while the thread copies (2000-2600 against 2800-3400 through the engine).
+    pub copies_large_writes: bool,
 }
 
 pub struct TransmissionConfig {
@@ -190,6 +200,7 @@ where
         warned_failure: AtomicBool::new(false),
         attachment,
         sends_files: client.may_send_files && client.writer.sends_files(),
+        copies_large_writes: client.copies_large_writes,
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -703,6 +714,10 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
                 .await
                 .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
         },
+        Command::Write if session.copies_large_writes => volume
+            .write_here(offset, payload, fua)
+            .await
+            .map(|()| replies::ok(mode, to)),
         Command::Write => volume
             .write(offset, payload, fua)
             .await
