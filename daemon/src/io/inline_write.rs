@@ -1,11 +1,12 @@
-//! Small buffered writes done right on the calling thread when the filesystem has no
-//! non-blocking buffered writes (ext4 refuses RWF_NOWAIT for them). Handing each 4 KiB write to
+//! Buffered writes done right on the calling thread when the filesystem has no non-blocking
+//! buffered writes (ext4 refuses RWF_NOWAIT for them): small ones, and the pieces of large ones
+//! whose caller copies them itself (`IoEngine::write_all_at_here`). Handing each 4 KiB write to
 //! an engine thread and back costs more than the write itself (a copy into the page cache), and
-//! nbdkit's synchronous threads do not pay that. The guard: a write that takes long (dirty page
-//! throttling, a journal commit) pauses inline writes for a while, so a stalled filesystem does
+//! nbdkit's synchronous threads do not pay that. The guard: writes that take long (dirty page
+//! throttling, a journal commit) pause inline writes for a while, so a stalled filesystem does
 //! not keep stalling the runtime threads that serve every other connection. One slow write is
 //! not enough: on a busy machine a write is sometimes slow only because its thread was
-//! preempted, so it takes a few within a short window.
+//! preempted, so it takes a few within a short window, or one as long as that window.
 
 use std::fs::File;
 use std::io;
@@ -35,6 +36,8 @@ pub(crate) struct InlineWrites {
     /// a lock: two slow writes racing may miscount one, which only shifts the pause a little.
     slow_window_start_us: AtomicU64,
     slow_in_window: AtomicU64,
+    /// Set by tests that must not see a preempted write pause inline writes.
+    ignore_slow_writes: AtomicBool,
 }
 
 impl InlineWrites {
@@ -45,11 +48,17 @@ impl InlineWrites {
             paused_until_us: AtomicU64::new(0),
             slow_window_start_us: AtomicU64::new(0),
             slow_in_window: AtomicU64::new(0),
+            ignore_slow_writes: AtomicBool::new(false),
         }
     }
 
-    /// Counts a slow write; pauses inline writes when the window has seen enough of them.
+    /// Counts a slow write; pauses inline writes when the window has seen enough of them, or
+    /// at once for a write as long as the window (each such write would open a window of its
+    /// own and never count up to the others).
     fn slow_write(&self, took: Duration) {
+        if self.ignore_slow_writes.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.now_us();
         let window_start = self.slow_window_start_us.load(Ordering::Relaxed);
         let slow = if now.saturating_sub(window_start) > SLOW_WINDOW.as_micros() as u64 {
@@ -59,7 +68,7 @@ impl InlineWrites {
         } else {
             self.slow_in_window.fetch_add(1, Ordering::Relaxed) + 1
         };
-        if slow >= SLOW_WRITES_TO_PAUSE {
+        if slow >= SLOW_WRITES_TO_PAUSE || took >= SLOW_WINDOW {
             self.slow_in_window.store(0, Ordering::Relaxed);
             let until = now + PAUSE.as_micros() as u64;
             self.paused_until_us.store(until, Ordering::Relaxed);
@@ -68,6 +77,11 @@ impl InlineWrites {
                 "slow inline writes; queueing writes for a while"
             );
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn ignore_slow_writes_for_test(&self) {
+        self.ignore_slow_writes.store(true, Ordering::Relaxed);
     }
 
     /// Pauses inline writes as slow writes would.
@@ -160,6 +174,16 @@ mod tests {
         }
         assert!(inline.try_write(&file, 0, &[1u8; 512]).is_some(), "not yet");
         inline.slow_write(slow);
+        assert!(inline.try_write(&file, 0, &[1u8; 512]).is_none(), "paused");
+    }
+
+    #[test]
+    fn one_write_as_long_as_the_window_pauses_inline_writes() {
+        let file = tempfile::tempfile().unwrap();
+        let inline = InlineWrites::new(true);
+        inline.slow_write(SLOW_WINDOW / 2);
+        assert!(inline.try_write(&file, 0, &[1u8; 512]).is_some(), "not yet");
+        inline.slow_write(SLOW_WINDOW);
         assert!(inline.try_write(&file, 0, &[1u8; 512]).is_none(), "paused");
     }
 

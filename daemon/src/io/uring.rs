@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,8 +24,14 @@ use super::{EngineConfig, EngineError, Pieces};
 /// callers beyond this wait asynchronously on the semaphore.
 const QUEUE_CAPACITY_PER_RING: usize = 4096;
 
-/// user_data of the eventfd read; slot indices are always far below it.
+/// user_data of the eventfd read; no request's user_data (see `UserData`) reaches it, since
+/// slot indices stay below the kernel's SQ limit of 32768.
 const EVENTFD_TOKEN: u64 = u64::MAX;
+
+/// At most this many pieces of a write go to the kernel as one chain of linked SQEs. A chain
+/// must fit in the SQ at once (split over two submissions it would become two chains), and the
+/// ring's SQ may be tiny (tests use 4).
+const MAX_LINKED_PIECES: usize = 16;
 
 /// Back-off when the kernel reports a transient resource shortage with nothing to reap.
 const ENTER_RETRY_DELAY: Duration = Duration::from_millis(1);
@@ -100,6 +106,7 @@ impl UringEngine {
             dsync,
             pieces,
             written_bytes: 0,
+            chain_pieces: 0,
         };
         self.submit(file, op).await.result
     }
@@ -151,6 +158,14 @@ impl UringEngine {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn stale_completions(&self) -> u64 {
+        self.rings
+            .iter()
+            .map(|ring| ring.shared.stale_completions.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Keeps every ring from taking requests off its channel until it is broken, for tests of
     /// requests queued when a ring fails.
     #[cfg(test)]
@@ -200,6 +215,8 @@ struct RingShared {
     queue_permits: Arc<Semaphore>,
     /// Set when the ring failed with writes or fallocates in flight (before the queue closes).
     lost_writes: AtomicBool,
+    /// Completions that matched no request in flight (see `UserData`); logged as errors.
+    stale_completions: AtomicU64,
     /// Set by a test to make the ring thread fail.
     #[cfg(test)]
     poisoned: AtomicBool,
@@ -261,6 +278,7 @@ impl RingHandle {
             wake_fd,
             queue_permits: Arc::new(Semaphore::new(queue_capacity)),
             lost_writes: AtomicBool::new(false),
+            stale_completions: AtomicU64::new(0),
             #[cfg(test)]
             poisoned: AtomicBool::new(false),
             #[cfg(test)]
@@ -355,11 +373,15 @@ enum Op {
         data: Bytes,
         offset: u64,
         dsync: bool,
-        /// Written in pieces: the ring thread submits the next piece when one completes, and
-        /// answers once, when all are written or one comes back short or failed.
+        /// Written in pieces: up to `MAX_LINKED_PIECES` of them go to the kernel as a chain of
+        /// linked SQEs that answers with one completion (see `Request::sqes`); the ring thread
+        /// submits the next chain when one completes, and answers once, when all are written or
+        /// a piece comes back short or failed.
         pieces: Pieces,
-        /// What the pieces completed so far wrote.
+        /// What the chains completed so far wrote.
         written_bytes: usize,
+        /// Pieces in the chain now in the kernel.
+        chain_pieces: usize,
     },
     Sync {
         datasync: bool,
@@ -377,6 +399,14 @@ struct Request {
     reply: oneshot::Sender<Reply>,
     /// Released on drop, i.e. only once the request has fully left the engine.
     _permit: OwnedSemaphorePermit,
+}
+
+/// What follows a request's completion (see `Request::next_piece`).
+enum AfterCompletion {
+    /// Submit it again, for its next chain of pieces.
+    Again(Request),
+    /// Answer it with this result.
+    Answer(Request, io::Result<usize>),
 }
 
 struct Reply {
@@ -399,34 +429,40 @@ impl Reply {
 }
 
 impl Request {
-    /// After a completion: the request back if it is a write with pieces still to write (the
-    /// one that completed was whole), else the result to answer with. A piece that failed
+    /// After the completion of piece `piece` of the request's chain: the request back if it is
+    /// a write with pieces still to write (the chain completed whole), else the result to answer
+    /// with. A chain answers once: with its last piece when every piece was written in full
+    /// (the others skip their completions), or with the first piece that came back short or
+    /// failed, which cancels the rest without completions of their own. A piece that failed
     /// after others were written answers with what was written: the caller's loop resumes
     /// there and meets the error itself.
-    fn next_piece(
-        mut self,
-        result: io::Result<usize>,
-    ) -> Result<Request, (Request, io::Result<usize>)> {
+    fn next_piece(mut self, piece: usize, result: io::Result<usize>) -> AfterCompletion {
         let Op::Write {
             data,
             offset,
             pieces: pieces @ Pieces::Of(_),
             written_bytes,
+            chain_pieces,
             ..
         } = &mut self.op
         else {
-            return Err((self, result));
+            return AfterCompletion::Answer(self, result);
         };
-        let before = *written_bytes;
+        // What the chain's pieces before this one wrote, in full.
+        let mut before = *written_bytes;
+        for _ in 0..piece.min(*chain_pieces) {
+            before += pieces.next_len(*offset + before as u64, data.len() - before);
+        }
         let asked = pieces.next_len(*offset + before as u64, data.len() - before);
+        let last = piece + 1 >= *chain_pieces;
         match result {
-            Ok(n) if n == asked && before + n < data.len() => {
-                *written_bytes += n;
-                Ok(self)
+            Ok(n) if n == asked && last && before + n < data.len() => {
+                *written_bytes = before + n;
+                AfterCompletion::Again(self)
             }
-            Ok(n) => Err((self, Ok(before + n))),
-            Err(_) if before > 0 => Err((self, Ok(before))),
-            Err(e) => Err((self, Err(e))),
+            Ok(n) => AfterCompletion::Answer(self, Ok(before + n)),
+            Err(_) if before > 0 => AfterCompletion::Answer(self, Ok(before)),
+            Err(e) => AfterCompletion::Answer(self, Err(e)),
         }
     }
 
@@ -441,8 +477,46 @@ impl Request {
         let _ = reply.send(Reply { buf, result });
     }
 
-    fn sqe(&mut self) -> squeue::Entry {
+    /// The request's SQEs, into `chain` (empty on entry): one, or for a write in pieces a chain
+    /// of up to `max_linked` pieces, each linked to the next and skipping its completion when
+    /// it succeeds, so that the chain completes once (see `next_piece`). The kernel runs a
+    /// chain's pieces one after another, on one of its workers where the filesystem has no
+    /// non-blocking buffered writes, without a trip back to this thread between them.
+    fn sqes(&mut self, max_linked: usize, chain: &mut Vec<squeue::Entry>) {
         let fd = types::Fd(self.file.as_raw_fd());
+        if let Op::Write {
+            data,
+            offset,
+            dsync: false,
+            pieces: pieces @ Pieces::Of(_),
+            written_bytes,
+            chain_pieces,
+        } = &mut self.op
+        {
+            let mut at_bytes = *written_bytes;
+            while at_bytes < data.len() && chain.len() < max_linked.max(1) {
+                let at = *offset + at_bytes as u64;
+                let len = pieces.next_len(at, data.len() - at_bytes);
+                let piece = data.get(at_bytes..at_bytes + len).unwrap_or_default();
+                let entry = opcode::Write::new(fd, piece.as_ptr(), clamp_len(len))
+                    .offset(at)
+                    .build();
+                chain.push(entry);
+                at_bytes += len;
+            }
+            *chain_pieces = chain.len();
+            let linked = chain.len().saturating_sub(1);
+            for entry in chain.iter_mut().take(linked) {
+                *entry = entry
+                    .clone()
+                    .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS);
+            }
+            return;
+        }
+        chain.push(self.sqe(fd));
+    }
+
+    fn sqe(&mut self, fd: types::Fd) -> squeue::Entry {
         match &mut self.op {
             Op::Read {
                 buf,
@@ -460,6 +534,7 @@ impl Request {
                 dsync,
                 pieces,
                 written_bytes,
+                ..
             } => {
                 let at = *offset + *written_bytes as u64;
                 let rest = data.get(*written_bytes..).unwrap_or_default();
@@ -575,9 +650,40 @@ fn probe_opcodes(ring: &IoUring) -> Result<(), EngineError> {
     }
 }
 
-/// In-flight requests keyed by their io_uring user_data (the slot index).
+/// What a request's SQEs carry as user_data: its slot, which piece of its chain, and the
+/// slot's generation, so that a completion the kernel posts after the request was answered
+/// (it cannot, by the rules of linked SQEs, but a mistake there must not answer whichever
+/// request took the slot next, and free its buffer under the kernel) is recognised as stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UserData {
+    slot: usize,
+    piece: usize,
+    generation: u32,
+}
+
+impl UserData {
+    const SLOT_BITS: u32 = 16;
+    const MASK: u64 = (1 << Self::SLOT_BITS) - 1;
+
+    fn encode(self) -> u64 {
+        (u64::from(self.generation) << 32)
+            | ((self.piece as u64 & Self::MASK) << Self::SLOT_BITS)
+            | (self.slot as u64 & Self::MASK)
+    }
+
+    fn decode(user_data: u64) -> UserData {
+        UserData {
+            slot: (user_data & Self::MASK) as usize,
+            piece: ((user_data >> Self::SLOT_BITS) & Self::MASK) as usize,
+            generation: (user_data >> 32) as u32,
+        }
+    }
+}
+
+/// In-flight requests keyed by their io_uring user_data (see `UserData`).
 struct Slots {
     entries: Vec<Option<Request>>,
+    generations: Vec<u32>,
     free: Vec<usize>,
 }
 
@@ -585,6 +691,7 @@ impl Slots {
     fn new(capacity: usize) -> Self {
         Slots {
             entries: (0..capacity).map(|_| None).collect(),
+            generations: vec![0; capacity],
             free: (0..capacity).rev().collect(),
         }
     }
@@ -593,20 +700,32 @@ impl Slots {
         self.entries.len() - self.free.len()
     }
 
-    fn insert(&mut self, request: Request) -> Result<(u64, &mut Request), Request> {
+    /// The request's place, and the user_data of its first SQE.
+    fn insert(&mut self, request: Request) -> Result<(UserData, &mut Request), Request> {
         let Some(index) = self.free.pop() else {
             return Err(request);
         };
-        match self.entries.get_mut(index) {
-            Some(slot) => Ok((index as u64, slot.insert(request))),
-            None => Err(request),
-        }
+        let (Some(slot), Some(generation)) =
+            (self.entries.get_mut(index), self.generations.get_mut(index))
+        else {
+            return Err(request);
+        };
+        *generation = generation.wrapping_add(1);
+        let user_data = UserData {
+            slot: index,
+            piece: 0,
+            generation: *generation,
+        };
+        Ok((user_data, slot.insert(request)))
     }
 
-    fn remove(&mut self, user_data: u64) -> Option<Request> {
-        let index = usize::try_from(user_data).ok()?;
-        let request = self.entries.get_mut(index)?.take()?;
-        self.free.push(index);
+    /// The request a completion belongs to, out of its slot; None for an unknown or stale one.
+    fn remove(&mut self, user_data: UserData) -> Option<Request> {
+        if self.generations.get(user_data.slot) != Some(&user_data.generation) {
+            return None;
+        }
+        let request = self.entries.get_mut(user_data.slot)?.take()?;
+        self.free.push(user_data.slot);
         Some(request)
     }
 }
@@ -625,10 +744,17 @@ struct RingWorker {
     disconnected: bool,
     /// Set when the ring broke with ops possibly still in the kernel: their memory is leaked.
     leak_wake_buf: bool,
-    /// Writes whose piece completed, to submit again for their next piece. Out of the kernel
-    /// and out of `slots` meanwhile; each one's slot was freed by that completion, so there is
-    /// room for all of them.
+    /// Writes whose chain of pieces completed, to submit again for their next one. Out of the
+    /// kernel and out of `slots` meanwhile; each one's slot was freed by that completion, so
+    /// there is room for all of them.
     next_pieces: Vec<Request>,
+    /// Pieces per chain of linked SQEs: 1 where the kernel cannot skip the completions of
+    /// pieces that succeed (before 5.17).
+    max_linked_pieces: usize,
+    /// SQEs of the request being started; kept to reuse its allocation.
+    chain: Vec<squeue::Entry>,
+    /// A chain of linked SQEs sits in the SQ, not yet taken by the kernel.
+    chain_queued: bool,
 }
 
 impl RingWorker {
@@ -643,6 +769,11 @@ impl RingWorker {
         // one eventfd read) keeps in-flight work within the CQ, which is twice the SQ, so
         // completions can never overflow.
         let max_in_flight_ops = ring.params().sq_entries() as usize;
+        let max_linked_pieces = if ring.params().is_feature_skip_cqe_on_success() {
+            MAX_LINKED_PIECES.min(max_in_flight_ops)
+        } else {
+            1
+        };
         Ok(RingWorker {
             ring,
             requests,
@@ -654,6 +785,9 @@ impl RingWorker {
             disconnected: false,
             leak_wake_buf: false,
             next_pieces: Vec::new(),
+            max_linked_pieces,
+            chain: Vec::with_capacity(max_linked_pieces),
+            chain_queued: false,
         })
     }
 
@@ -810,10 +944,43 @@ impl RingWorker {
                 return Ok(());
             }
         };
-        // The SQE is built from the request only after it sits in its slot, so the buffer it
-        // points to is already owned by the in-flight table.
-        let entry = request.sqe().user_data(user_data);
-        self.push(&entry)
+        // The SQEs are built from the request only after it sits in its slot, so the buffer
+        // they point to is already owned by the in-flight table.
+        let mut chain = std::mem::take(&mut self.chain);
+        chain.clear();
+        request.sqes(self.max_linked_pieces, &mut chain);
+        let pushed = self.push_chain(user_data, &mut chain);
+        self.chain = chain;
+        pushed
+    }
+
+    /// Queues a request's SQEs, all in one submission: a chain split over two would become
+    /// two chains, each completing on its own.
+    fn push_chain(
+        &mut self,
+        user_data: UserData,
+        chain: &mut Vec<squeue::Entry>,
+    ) -> io::Result<()> {
+        let free = {
+            let queue = self.ring.submission();
+            queue.capacity() - queue.len()
+        };
+        if free < chain.len() {
+            self.submit()?;
+            let queue = self.ring.submission();
+            if queue.capacity() - queue.len() < chain.len() {
+                // The kernel left SQEs behind (see `check_chains_taken`); pushing would split
+                // the chain.
+                return Err(io::Error::other("no room in the SQ for a chain of pieces"));
+            }
+        }
+        let linked = chain.len() > 1;
+        for (piece, entry) in chain.drain(..).enumerate() {
+            let user_data = UserData { piece, ..user_data };
+            self.push(&entry.user_data(user_data.encode()))?;
+        }
+        self.chain_queued |= linked;
+        Ok(())
     }
 
     fn arm_wake_read(&mut self) -> io::Result<()> {
@@ -861,7 +1028,7 @@ impl RingWorker {
     fn submit(&mut self) -> io::Result<()> {
         loop {
             match self.ring.submit() {
-                Ok(_) => return Ok(()),
+                Ok(_) => return self.check_chains_taken(),
                 Err(err) => self.recover_enter_error(err)?,
             }
         }
@@ -869,10 +1036,27 @@ impl RingWorker {
 
     fn submit_and_wait_one(&mut self) -> io::Result<()> {
         match self.ring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
+            Ok(_) => self.check_chains_taken(),
             // Callers re-evaluate their state in a loop, so a retried wait is just another pass.
             Err(err) => self.recover_enter_error(err),
         }
+    }
+
+    /// After a submission: the kernel may stop short of the queued SQEs (out of memory for its
+    /// requests), and if that cut through a chain, the chain's first part runs on its own,
+    /// with no completion to say when it is done with the buffer. The ring is then given up:
+    /// `fail_everything` leaks the buffers of what is in flight rather than free them.
+    fn check_chains_taken(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            self.chain_queued = false;
+            return Ok(());
+        }
+        if self.chain_queued {
+            return Err(io::Error::other(
+                "the kernel took only part of the queued SQEs, possibly part of a chain",
+            ));
+        }
+        Ok(())
     }
 
     /// Ok means "retry"; anything else means the ring is unusable.
@@ -908,15 +1092,21 @@ impl RingWorker {
                 }
                 continue;
             }
-            match self.slots.remove(cqe.user_data()) {
-                Some(request) => match request.next_piece(result) {
-                    Ok(request) => self.next_pieces.push(request),
-                    Err((request, result)) => request.complete(result),
+            let user_data = UserData::decode(cqe.user_data());
+            match self.slots.remove(user_data) {
+                Some(request) => match request.next_piece(user_data.piece, result) {
+                    AfterCompletion::Again(request) => self.next_pieces.push(request),
+                    AfterCompletion::Answer(request, result) => request.complete(result),
                 },
-                None => tracing::error!(
-                    user_data = cqe.user_data(),
-                    "io_uring completion for an unknown request"
-                ),
+                None => {
+                    self.shared
+                        .stale_completions
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        user_data = cqe.user_data(),
+                        "io_uring completion for an unknown request"
+                    );
+                }
             }
         }
         reaped
@@ -1099,6 +1289,57 @@ mod tests {
         let mut back = vec![0u8; 64 * 64 * 1024];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, 0).expect("read back");
         assert!(back.iter().all(|&b| b == 0xC3), "every piece landed");
+    }
+
+    /// One past the largest offset a byte can be written at in `file` (the filesystem's file
+    /// size limit), found by writing single bytes.
+    fn max_file_bytes(file: &File) -> u64 {
+        use std::os::unix::fs::FileExt;
+        // A byte can be written at `fits - 1`, not at `too_far - 1`.
+        let (mut fits, mut too_far) = (1u64 << 20, i64::MAX as u64);
+        while too_far - fits > 1 {
+            let mid = fits + (too_far - fits) / 2;
+            match file.write_at(&[0], mid - 1) {
+                Ok(1) => fits = mid,
+                _ => too_far = mid,
+            }
+        }
+        fits
+    }
+
+    /// Chains of linked pieces that run into the file size limit: the piece that crosses it is
+    /// short and the chain answers with what it wrote, with no completion left over for the
+    /// cancelled pieces; one that starts at the limit fails whole. With 4-entry rings the
+    /// writes take several chains, and the limit falls in the first or a later one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chains_of_pieces_answer_what_they_wrote_at_the_size_limit() {
+        let piece = 16 * 1024;
+        for ring_entries in [4, 64] {
+            let engine = UringEngine::new(&config(1, ring_entries)).expect("engine");
+            let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+            let limit = max_file_bytes(&file);
+            let data: Bytes = (0..8 * piece).map(|i| (i % 251) as u8 + 1).collect();
+            for before_limit in [3 * piece + 1000, 6 * piece + 1000] {
+                let offset = limit - before_limit as u64;
+                let written = engine
+                    .write_at(&file, offset, data.clone(), false, Pieces::Of(piece))
+                    .await
+                    .expect("a short write");
+                assert_eq!(written, before_limit, "ring of {ring_entries}");
+                let mut back = vec![0u8; written];
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, offset)
+                    .expect("read back");
+                assert!(back[..] == data[..written], "the bytes before the limit");
+            }
+            let err = engine
+                .write_at(&file, limit, data.clone(), false, Pieces::Of(piece))
+                .await
+                .expect_err("nothing fits past the limit");
+            assert_eq!(err.raw_os_error(), Some(libc::EFBIG));
+            assert_eq!(engine.stale_completions(), 0, "ring of {ring_entries}");
+            // The ring goes on serving.
+            many_writes_and_reads(engine).await;
+        }
     }
 
     #[test]
