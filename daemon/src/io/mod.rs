@@ -147,19 +147,20 @@ enum Inline {
 const HOLD_THREAD_FOR: Duration = Duration::from_micros(500);
 
 thread_local! {
-    /// When a large write copied on this thread last let the thread's other work run.
-    static LAST_YIELD: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// Time large writes have spent copying on this thread since one of them last let the
+    /// thread's other work run.
+    static COPYING_SINCE_YIELD: std::cell::Cell<Duration> =
+        const { std::cell::Cell::new(Duration::ZERO) };
 }
 
-/// Whether large writes copied on this thread have held it for `HOLD_THREAD_FOR`; starts the
-/// count on a thread's first piece.
-fn held_thread_long_enough(now: Instant) -> bool {
-    LAST_YIELD.with(|last| match last.get() {
-        Some(at) => now.duration_since(at) >= HOLD_THREAD_FOR,
-        None => {
-            last.set(Some(now));
-            false
-        }
+/// Counts `took` of copying on this thread; true (and the count restarts) once the copies
+/// since the last yield reach `HOLD_THREAD_FOR`.
+fn time_to_yield(took: Duration) -> bool {
+    COPYING_SINCE_YIELD.with(|held| {
+        let total = held.get() + took;
+        let due = total >= HOLD_THREAD_FOR;
+        held.set(if due { Duration::ZERO } else { total });
+        due
     })
 }
 
@@ -499,7 +500,10 @@ impl IoEngine {
             let at = offset + written_bytes as u64;
             let len = pieces.next_len(at, data.len() - written_bytes);
             let piece = &data[written_bytes..written_bytes + len];
-            match self.try_write_here(file, at, piece) {
+            let began = Instant::now();
+            let result = self.try_write_here(file, at, piece);
+            let due = time_to_yield(began.elapsed());
+            match result {
                 Some(Ok(n)) => {
                     written_bytes += n;
                     if n < len {
@@ -510,9 +514,8 @@ impl IoEngine {
                 None if written_bytes == 0 => return None,
                 Some(Err(_)) | None => break,
             }
-            if written_bytes < data.len() && held_thread_long_enough(Instant::now()) {
+            if written_bytes < data.len() && due {
                 tokio::task::yield_now().await;
-                LAST_YIELD.with(|last| last.set(Some(Instant::now())));
                 // A ring may have failed with writes in the kernel meanwhile: what follows
                 // is a later write, refused like any other (see `check_writes_allowed`).
                 if self.check_writes_allowed().is_err() {
