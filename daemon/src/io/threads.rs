@@ -51,25 +51,7 @@ impl ThreadsEngine {
             if dsync {
                 return pwrite_dsync(&file, &data, offset);
             }
-            // Piece after piece; a short or failed piece ends the call with what was written
-            // before it (the caller's loop resumes there and sees any error itself).
-            let mut written_bytes = 0;
-            while written_bytes < data.len() {
-                let at = offset + written_bytes as u64;
-                let len = pieces.next_len(at, data.len() - written_bytes);
-                let piece = &data[written_bytes..written_bytes + len];
-                match retry_eintr(|| file.write_at(piece, at)) {
-                    Ok(n) => {
-                        written_bytes += n;
-                        if n < len {
-                            break;
-                        }
-                    }
-                    Err(e) if written_bytes == 0 => return Err(e),
-                    Err(_) => break,
-                }
-            }
-            Ok(written_bytes)
+            write_in_pieces(&file, offset, &data, pieces)
         })
         .await
     }
@@ -96,6 +78,34 @@ impl ThreadsEngine {
         let file = Arc::clone(file);
         run_blocking(move || fallocate_blocking(&file, mode, offset, len)).await
     }
+}
+
+/// Writes `data` at `offset` piece after piece on the calling thread; a short or failed piece
+/// ends the call with what was written before it (the caller's loop resumes there and sees any
+/// error itself), or with the error when it was the first.
+pub(crate) fn write_in_pieces(
+    file: &File,
+    offset: u64,
+    data: &[u8],
+    pieces: Pieces,
+) -> io::Result<usize> {
+    let mut written_bytes = 0;
+    while written_bytes < data.len() {
+        let at = offset + written_bytes as u64;
+        let len = pieces.next_len(at, data.len() - written_bytes);
+        let piece = &data[written_bytes..written_bytes + len];
+        match retry_eintr(|| file.write_at(piece, at)) {
+            Ok(n) => {
+                written_bytes += n;
+                if n < len {
+                    break;
+                }
+            }
+            Err(e) if written_bytes == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(written_bytes)
 }
 
 /// fallocate(2) on the calling thread, retried on EINTR; EFBIG when a value does not fit in

@@ -1220,6 +1220,7 @@ impl Drop for RingWorker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::threads::write_in_pieces;
     use super::*;
 
     fn config(ring_threads: usize, ring_entries: u32) -> EngineConfig {
@@ -1344,30 +1345,8 @@ mod tests {
         fits
     }
 
-    /// What writing `data` at `offset` piece by piece with pwrite gives, stopping at the first
-    /// short or failed piece: the bytes written, or the first piece's error.
-    fn pwrite_in_pieces(file: &File, offset: u64, data: &[u8], piece: usize) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let mut written = 0;
-        while written < data.len() {
-            let at = offset + written as u64;
-            let len = Pieces::Of(piece).next_len(at, data.len() - written);
-            match file.write_at(&data[written..written + len], at) {
-                Ok(n) => {
-                    written += n;
-                    if n < len {
-                        break;
-                    }
-                }
-                Err(e) if written == 0 => return Err(e),
-                Err(_) => break,
-            }
-        }
-        Ok(written)
-    }
-
     /// Chains of linked pieces that run into the file size limit answer what plain pwrites of
-    /// the same pieces give (ext4: the piece that crosses the limit is short; xfs, tmpfs: it
+    /// the same pieces give (`threads::write_in_pieces`; ext4: the piece that crosses the limit is short; xfs, tmpfs: it
     /// fails), with no completion left over for the cancelled pieces; one that starts at the
     /// limit fails whole. With 4-entry rings the writes take several chains, and the limit
     /// falls in the first or a later one.
@@ -1382,7 +1361,8 @@ mod tests {
             let limit = max_file_bytes(&file);
             for before_limit in [3 * piece + 1000, 6 * piece + 1000] {
                 let offset = limit - before_limit as u64;
-                let expected = pwrite_in_pieces(&model, offset, &data, piece).expect("model");
+                let expected =
+                    write_in_pieces(&model, offset, &data, Pieces::Of(piece)).expect("model");
                 assert!(
                     expected > 0 && expected < data.len(),
                     "the limit falls inside"
@@ -1397,7 +1377,8 @@ mod tests {
                     .expect("read back");
                 assert!(back[..] == data[..written], "the bytes before the limit");
             }
-            let model_err = pwrite_in_pieces(&model, limit, &data, piece).expect_err("model");
+            let model_err =
+                write_in_pieces(&model, limit, &data, Pieces::Of(piece)).expect_err("model");
             let err = engine
                 .write_at(&file, limit, data.clone(), false, Pieces::Of(piece))
                 .await
