@@ -60,6 +60,12 @@ impl NoWait {
         self.writes.store(false, Ordering::Relaxed);
     }
 
+    /// Whether non-blocking buffered reads are still believed to work here.
+    #[cfg(test)]
+    pub(crate) fn reads_inline(&self) -> bool {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     /// Whether non-blocking buffered writes are still believed to work here.
     pub(crate) fn writes_inline(&self) -> bool {
         self.writes.load(Ordering::Relaxed)
@@ -122,9 +128,17 @@ mod tests {
         file.write_all(&[7u8; 8192]).unwrap();
         let nowait = NoWait::new(true);
         let mut buf = [0u8; 4096];
-        // Just written, so cached: the read must complete inline with the data.
+        // Just written, so cached: the read must complete inline with the data, unless the
+        // filesystem refuses RWF_NOWAIT reads (tmpfs here), which turns them off for good.
         match nowait.try_read(&file, 4096, &mut buf) {
             Some(Ok(n)) => assert_eq!(n, 4096),
+            None if !nowait.reads_inline() => {
+                assert!(
+                    nowait.try_read(&file, 4096, &mut buf).is_none(),
+                    "turned off"
+                );
+                return;
+            }
             other => panic!("expected an inline read, got {other:?}"),
         }
         assert!(buf.iter().all(|&b| b == 7));
