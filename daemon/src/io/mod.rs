@@ -443,27 +443,24 @@ impl IoEngine {
             // A FUA write stays whole: in pieces it would wait for the disk once per piece.
             let in_pieces =
                 inline != Inline::Never && !dsync && rest.len() > MAX_CACHED_WRITE_PIECE_BYTES;
-            let here = if in_pieces && inline == Inline::Large {
-                match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
-                    Ok(()) => self.write_pieces_here(file, pos, &rest).await,
-                    Err(e) => Some(Err(e)),
-                }
-            } else {
-                None
-            };
-            let written = if let Some(written) = here {
-                written
-            } else if inline != Inline::Never && !in_pieces {
+            let written = if inline != Inline::Never && !in_pieces {
                 self.write_at(file, pos, rest, dsync).await
+            } else if let Err(e) = check_offset(pos).and_then(|()| self.check_writes_allowed()) {
+                Err(e)
+            } else if !in_pieces {
+                self.queue_write(file, pos, rest, dsync, Pieces::Whole)
+                    .await
             } else {
-                let pieces = if in_pieces {
-                    Pieces::Of(MAX_CACHED_WRITE_PIECE_BYTES)
-                } else {
-                    Pieces::Whole
+                let here = match inline {
+                    Inline::Large => self.write_pieces_here(file, pos, &rest).await,
+                    Inline::Small | Inline::Never => None,
                 };
-                match check_offset(pos).and_then(|()| self.check_writes_allowed()) {
-                    Ok(()) => self.queue_write(file, pos, rest, dsync, pieces).await,
-                    Err(e) => Err(e),
+                match here {
+                    Some(written) => written,
+                    None => {
+                        let pieces = Pieces::Of(MAX_CACHED_WRITE_PIECE_BYTES);
+                        self.queue_write(file, pos, rest, dsync, pieces).await
+                    }
                 }
             };
             match written {

@@ -484,28 +484,29 @@ impl Request {
     }
 
     /// The request's SQEs, into `chain` (empty on entry): one, or for a write in pieces a chain
-    /// of up to `max_linked` pieces, each linked to the next and skipping its completion when
-    /// it succeeds, so that the chain completes once (see `next_piece`). The kernel runs a
-    /// chain's pieces one after another, on one of its workers where the filesystem has no
-    /// non-blocking buffered writes, without a trip back to this thread between them.
+    /// of up to `max_linked` (at least one) pieces, each linked to the next and skipping its
+    /// completion when it succeeds, so that the chain completes once (see `next_piece`). The
+    /// kernel runs a chain's pieces one after another, on one of its workers where the
+    /// filesystem has no non-blocking buffered writes, without a trip back to this thread.
     fn sqes(&mut self, max_linked: usize, chain: &mut Vec<squeue::Entry>) {
         let fd = types::Fd(self.file.as_raw_fd());
         if let Op::Write {
             data,
             offset,
-            dsync: false,
+            dsync,
             pieces: pieces @ Pieces::Of(_),
             written_bytes,
             chain_pieces,
         } = &mut self.op
         {
             let mut at_bytes = *written_bytes;
-            while at_bytes < data.len() && chain.len() < max_linked.max(1) {
+            while at_bytes < data.len() && chain.len() < max_linked {
                 let at = *offset + at_bytes as u64;
                 let len = pieces.next_len(at, data.len() - at_bytes);
                 let piece = data.get(at_bytes..at_bytes + len).unwrap_or_default();
                 let entry = opcode::Write::new(fd, piece.as_ptr(), clamp_len(len))
                     .offset(at)
+                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
                     .build();
                 chain.push(entry);
                 at_bytes += len;
@@ -534,22 +535,16 @@ impl Request {
                     .offset(*offset)
                     .build()
             }
+            // Whole: writes in pieces are built by `sqes`.
             Op::Write {
                 data,
                 offset,
                 dsync,
-                pieces,
-                written_bytes,
                 ..
-            } => {
-                let at = *offset + *written_bytes as u64;
-                let rest = data.get(*written_bytes..).unwrap_or_default();
-                let len = pieces.next_len(at, rest.len());
-                opcode::Write::new(fd, rest.as_ptr(), clamp_len(len))
-                    .offset(at)
-                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
-                    .build()
-            }
+            } => opcode::Write::new(fd, data.as_ptr(), clamp_len(data.len()))
+                .offset(*offset)
+                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
             Op::Sync { datasync } => {
                 let flags = if *datasync {
                     types::FsyncFlags::DATASYNC

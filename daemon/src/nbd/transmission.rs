@@ -714,14 +714,14 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
                 .await
                 .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
         },
-        Command::Write if session.copies_large_writes => volume
-            .write_here(offset, payload, fua)
-            .await
-            .map(|()| replies::ok(mode, to)),
-        Command::Write => volume
-            .write(offset, payload, fua)
-            .await
-            .map(|()| replies::ok(mode, to)),
+        Command::Write => {
+            let written = if session.copies_large_writes {
+                volume.write_here(offset, payload, fua).await
+            } else {
+                volume.write(offset, payload, fua).await
+            };
+            written.map(|()| replies::ok(mode, to))
+        }
         Command::Flush => volume.flush().await.map(|()| replies::ok(mode, to)),
         Command::Trim => volume
             .trim(offset, length, fua)

@@ -606,25 +606,28 @@ impl Volume {
         data: Bytes,
         via: Via,
     ) -> Result<(), StorageError> {
-        match via {
-            Via::Direct => {
-                if let Some(result) = layer.write_direct(&self.engine, offset_bytes, &data).await {
-                    let length_bytes = data.len() as u64;
-                    return result
-                        .map_err(|e| StorageError::io("write", offset_bytes, length_bytes, e));
+        let length_bytes = data.len() as u64;
+        let written = match via {
+            Via::Direct => match layer.write_direct(&self.engine, offset_bytes, &data).await {
+                Some(result) => result,
+                None => {
+                    self.engine
+                        .write_all_at(layer.data(), offset_bytes, data, false)
+                        .await
                 }
-            }
+            },
             Via::PageCacheHere => {
-                let length_bytes = data.len() as u64;
-                return self
-                    .engine
+                self.engine
                     .write_all_at_here(layer.data(), offset_bytes, data, false)
                     .await
-                    .map_err(|e| StorageError::io("write", offset_bytes, length_bytes, e));
             }
-            Via::PageCache => {}
-        }
-        self.write_layer(layer, offset_bytes, data).await
+            Via::PageCache => {
+                self.engine
+                    .write_all_at(layer.data(), offset_bytes, data, false)
+                    .await
+            }
+        };
+        written.map_err(|e| StorageError::io("write", offset_bytes, length_bytes, e))
     }
 
     async fn write_layer(
@@ -633,11 +636,8 @@ impl Volume {
         offset_bytes: u64,
         data: Bytes,
     ) -> Result<(), StorageError> {
-        let length_bytes = data.len() as u64;
-        self.engine
-            .write_all_at(layer.data(), offset_bytes, data, false)
+        self.write_layer_via(layer, offset_bytes, data, Via::PageCache)
             .await
-            .map_err(|e| StorageError::io("write", offset_bytes, length_bytes, e))
     }
 
     /// Makes the range read as zeroes, deallocating it when allowed.
