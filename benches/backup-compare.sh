@@ -68,6 +68,8 @@ RESTIC_S3=${RESTIC_S3:-1}
 EVSD_ARGS=${EVSD_ARGS:-}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$REPO/benches/lib.sh"
 
 die() { echo "backup-compare: $*" >&2; exit 1; }
 log() { echo "backup-compare: $*" >&2; }
@@ -82,15 +84,6 @@ S3S_FS=${EVSD_S3S_FS:-$(command -v s3s-fs || echo "${EVSD_TEST_TOOLS:-$HOME/.cac
 [ -x "$S3S_FS" ] || die "missing the S3 test server s3s-fs ($S3S_FS; run: bash scripts/install-test-deps.sh)"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || die "python3 module nbd missing (Debian package python3-libnbd)"
 
-to_bytes() {
-  local s=$1
-  case "$s" in
-    *[kK]) echo $(( ${s%?} * 1024 )) ;;
-    *[mM]) echo $(( ${s%?} * 1024 * 1024 )) ;;
-    *[gG]) echo $(( ${s%?} * 1024 * 1024 * 1024 )) ;;
-    *) echo "$s" ;;
-  esac
-}
 SIZE_BYTES=$(to_bytes "$SIZE")
 (( SIZE_BYTES > 0 && SIZE_BYTES % (4 * 1024 * 1024) == 0 )) || die "SIZE=$SIZE is not a positive multiple of 4 MiB"
 CLK_TCK=$(getconf CLK_TCK)
@@ -129,18 +122,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# utime+stime of a process (all threads), in clock ticks
-cpu_ticks() {
-  local stat rest
-  stat=$(cat "/proc/$1/stat")
-  rest=${stat##*) }
-  echo "$rest" | awk '{print $12 + $13}'
-}
 
 now() { date +%s.%N; }
 
@@ -251,16 +232,6 @@ echo "row,tool,seconds,cpu_seconds,stored_bytes" > "$RESULTS"
 record() {  # ROW TOOL SECONDS CPU_SECONDS STORED_BYTES (the last two may be empty)
   echo "$1,$2,$3,$4,$5" >> "$RESULTS"
   log "$1 $2: ${3} s${4:+, CPU ${4} s}${5:+, stored $5 bytes}"
-}
-
-# CPU seconds (user + system) of all finished children of this shell so far (bash `times`,
-# run in this shell: in a $(...) subshell it would count that subshell's children only).
-children_cpu() {  # sets CHILDREN_CPU
-  times > "$WORKDIR/times.out"
-  CHILDREN_CPU=$(awk 'NR == 2 {
-    t = 0
-    for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] }
-    printf "%.3f", t }' "$WORKDIR/times.out")
 }
 
 # Waits (at most 30 s) until both daemons are idle: at most one CPU tick between them over

@@ -30,8 +30,11 @@
 #   * Per run: IOPS and MiB/s (fio --output-format=json, group_reporting),
 #     the server process's CPU seconds during the run (utime+stime delta from
 #     /proc/PID/stat, all threads, divided by CLK_TCK), and IOPS per server
-#     CPU-second. Prints a side-by-side table and, per workload, evsd's ratio
-#     to the best peer (for IOPS and for IOPS per CPU-second).
+#     CPU-second; and the client's CPU seconds (fio and its job processes, from
+#     bash `times`), which tell a row bound by the client (fio near one core per
+#     job) from one bound by the server. Prints a side-by-side table and, per
+#     workload, evsd's ratio to the best peer (for IOPS and for IOPS per
+#     CPU-second).
 #   * With REPEAT=N the whole matrix runs N times, the servers taking turns in
 #     every round; the table shows medians over the runs and evsd's IOPS ratio
 #     to the best peer within each round. Single runs on a small shared VM
@@ -68,6 +71,8 @@ WORKLOADS=${WORKLOADS:-"randread-4k randwrite-4k read-1m write-1m"}
 EVSD_ARGS=${EVSD_ARGS:-}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$REPO/benches/lib.sh"
 
 die() { echo "peer-compare: $*" >&2; exit 1; }
 log() { echo "peer-compare: $*" >&2; }
@@ -77,15 +82,6 @@ for t in fio nbdkit qemu-nbd nbdcopy nbdinfo jq awk getconf; do
 done
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
 
-to_bytes() {
-  local s=$1
-  case "$s" in
-    *[kK]) echo $(( ${s%?} * 1024 )) ;;
-    *[mM]) echo $(( ${s%?} * 1024 * 1024 )) ;;
-    *[gG]) echo $(( ${s%?} * 1024 * 1024 * 1024 )) ;;
-    *) echo "$s" ;;
-  esac
-}
 SIZE_BYTES=$(to_bytes "$SIZE")
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -123,11 +119,6 @@ cleanup() {
   fi
 }
 trap cleanup EXIT INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
-    || echo $(( 20000 + RANDOM % 20000 ))
-}
 
 wait_uri() {
   local uri=$1
@@ -204,15 +195,6 @@ stop_server() {
   fi
 }
 
-# utime+stime of a process (all threads), in clock ticks
-cpu_ticks() {
-  local stat rest
-  stat=$(cat "/proc/$1/stat")
-  rest=${stat##*) }
-  # fields after "(comm) ": state=1 ... utime=12 stime=13
-  echo "$rest" | awk '{print $12 + $13}'
-}
-
 workload_params() {
   case "$1" in
     randread-4k)  echo "randread 4k 32" ;;
@@ -233,7 +215,7 @@ fill_evsd() {
   touch "$marker"
 }
 
-echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s,round" > "$RESULTS"
+echo "server,transport,workload,jobs,iops,mib_s,server_cpu_s,iops_per_cpu_s,round,client_cpu_s" > "$RESULTS"
 
 # Every run starts from the same state: earlier writes flushed to disk (so their writeback does
 # not land in the next server's CPU and I/O time) and the backing file's cached pages dropped.
@@ -279,12 +261,14 @@ for server in $SERVERS; do
         out=$WORKDIR/fio-$server-$transport-$wl-$jobs-r$round.json
         settle "$server" "$wl"
         c0=$(cpu_ticks "$SERVER_PID")
+        children_cpu; f0=$CHILDREN_CPU
         fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
             --iodepth="$depth" --numjobs="$jobs" --size="$region" \
             --offset_increment="$region" --time_based=1 --runtime="$RUNTIME" \
             --ramp_time="$RAMP" --group_reporting=1 --output-format=json \
             --output="$out" >/dev/null 2>"$out.err" \
           || die "fio failed for $server/$transport/$wl/$jobs: $(cat "$out.err")"
+        children_cpu; f1=$CHILDREN_CPU
         c1=$(cpu_ticks "$SERVER_PID")
         jq -e '.jobs[0].error == 0' "$out" >/dev/null \
           || die "fio reported an error for $server/$transport/$wl/$jobs (see $out)"
@@ -293,10 +277,12 @@ for server in $SERVERS; do
         # CPU covers the ramp too: scale to the measured part.
         row=$(awk -v s="$server" -v t="$transport" -v w="$wl" -v j="$jobs" \
                   -v iops="$iops" -v kib="$kib" -v c0="$c0" -v c1="$c1" \
-                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" -v r="$round" 'BEGIN {
+                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" -v r="$round" \
+                  -v f0="$f0" -v f1="$f1" 'BEGIN {
               cpu = (c1 - c0) / tck * rt / (rt + ramp);
               per = (cpu > 0) ? iops / (cpu / rt) : 0;
-              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f,%d", s, t, w, j, iops, kib / 1024, cpu, per, r
+              client = (f1 - f0) * rt / (rt + ramp);
+              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f,%d,%.2f", s, t, w, j, iops, kib / 1024, cpu, per, r, client
             }')
         echo "$row" >> "$RESULTS"
         log "$row"
@@ -309,7 +295,7 @@ done
 
 # ---------------------------------------------------------------- report
 # Each figure is the median over the rounds (for an even count, the lower middle run).
-awk -F, -v servers="$SERVERS" -v rounds="$REPEAT" '
+awk -F, -v servers="$SERVERS" -v rounds="$REPEAT" -v runtime="$RUNTIME" '
 function median(key, s, field,    n, i, j, t, a) {
   n = count[key, s]
   for (i = 1; i <= n; i++) a[i] = val[key, s, field, i]
@@ -322,7 +308,7 @@ NR == 1 { next }
   if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
   n = ++count[key, $1]
   val[key, $1, "iops", n] = $5; val[key, $1, "mib", n] = $6
-  val[key, $1, "cpu", n] = $7; val[key, $1, "per", n] = $8
+  val[key, $1, "cpu", n] = $7; val[key, $1, "per", n] = $8; val[key, $1, "client", n] = $10
   run[key, $1, $9] = $5
 }
 END {
@@ -376,6 +362,18 @@ END {
     for (i = 1; i <= ns; i++) {
       s = sv[i]
       if (count[key, s] > 0) printf " | %-10s %10d", s, median(key, s, "per"); else printf " | %-10s %10s", s, "-"
+    }
+    printf "\n"
+  }
+  # fio is the client: one process per job, each on one core at most. A row whose client
+  # seconds come near RUNTIME x jobs (or the 2 cores x RUNTIME the machine has) is bound by
+  # the client, whatever the server does.
+  printf "\nClient (fio) CPU seconds, medians (runs of %d s, fio start-up included; one core per job at most):\n", runtime
+  for (k = 1; k <= nk; k++) {
+    key = keys[k]; printf "%-26s", key
+    for (i = 1; i <= ns; i++) {
+      s = sv[i]
+      if (count[key, s] > 0) printf " | %-10s %10.2f", s, median(key, s, "client"); else printf " | %-10s %10s", s, "-"
     }
     printf "\n"
   }
