@@ -302,6 +302,18 @@ function median(key, s, field,    n, i, j, t, a) {
   for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
   return a[int((n + 1) / 2)]
 }
+# One line per row: the median of field for every server.
+function per_server(title, field, fmt,    k, i, key, s) {
+  printf "%s", title
+  for (k = 1; k <= nk; k++) {
+    key = keys[k]; printf "%-26s", key
+    for (i = 1; i <= ns; i++) {
+      s = sv[i]
+      if (count[key, s] > 0) printf " | %-10s " fmt, s, median(key, s, field); else printf " | %-10s %10s", s, "-"
+    }
+    printf "\n"
+  }
+}
 NR == 1 { next }
 {
   key = $2 " " $3 " j" $4
@@ -356,27 +368,11 @@ END {
     }
     printf "\n"
   }
-  printf "\nIOPS per server CPU-second (medians):\n"
-  for (k = 1; k <= nk; k++) {
-    key = keys[k]; printf "%-26s", key
-    for (i = 1; i <= ns; i++) {
-      s = sv[i]
-      if (count[key, s] > 0) printf " | %-10s %10d", s, median(key, s, "per"); else printf " | %-10s %10s", s, "-"
-    }
-    printf "\n"
-  }
+  per_server("\nIOPS per server CPU-second (medians):\n", "per", "%10d")
   # fio is the client: one process per job, each on one core at most. A row whose client
   # seconds come near RUNTIME x jobs (or the 2 cores x RUNTIME the machine has) is bound by
   # the client, whatever the server does.
-  printf "\nClient (fio) CPU seconds, medians (runs of %d s, fio start-up included; one core per job at most):\n", runtime
-  for (k = 1; k <= nk; k++) {
-    key = keys[k]; printf "%-26s", key
-    for (i = 1; i <= ns; i++) {
-      s = sv[i]
-      if (count[key, s] > 0) printf " | %-10s %10.2f", s, median(key, s, "client"); else printf " | %-10s %10s", s, "-"
-    }
-    printf "\n"
-  }
+  per_server(sprintf("\nClient (fio) CPU seconds, medians (runs of %d s, fio start-up included; one core per job at most):\n", runtime), "client", "%10.2f")
 }' "$RESULTS"
 
 echo
