@@ -175,7 +175,9 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.register_io(io_engine.copied_here_bytes());
+    let metrics = Arc::new(metrics);
     {
         let registry = Arc::clone(&registry);
         metrics.set_export_check(move |name| registry.get(name).is_some());

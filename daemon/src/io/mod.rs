@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 
 pub use error::EngineError;
 
@@ -176,6 +177,9 @@ pub struct IoEngine {
     nowait: Arc<NoWait>,
     inline_writes: Arc<InlineWrites>,
     residency: Arc<Residency>,
+    /// Bytes large writes copied on their callers' threads (`write_all_at_here`). A shared
+    /// count: the metrics endpoint reads it.
+    copied_here_bytes: Counter,
 }
 
 enum Backend {
@@ -220,6 +224,7 @@ impl IoEngine {
             nowait: Arc::new(NoWait::new(config.inline_cached_io)),
             inline_writes: Arc::new(InlineWrites::new(config.inline_cached_io)),
             residency: Arc::new(Residency::new(config.inline_cached_io)),
+            copied_here_bytes: Counter::default(),
         })
     }
 
@@ -280,6 +285,12 @@ impl IoEngine {
             },
             done => done,
         }
+    }
+
+    /// The count of bytes large writes copied on their callers' threads, shared with whoever
+    /// exports it.
+    pub fn copied_here_bytes(&self) -> Counter {
+        self.copied_here_bytes.clone()
     }
 
     pub fn kind(&self) -> EngineKind {
@@ -503,6 +514,7 @@ impl IoEngine {
             match result {
                 Some(Ok(n)) => {
                     written_bytes += n;
+                    self.copied_here_bytes.inc_by(n as u64);
                     if n < len {
                         break;
                     }
@@ -1040,6 +1052,11 @@ mod tests {
         let mut back = vec![0u8; first.len()];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, at).expect("read");
         assert!(back == first, "the write copied here differs");
+        assert_eq!(
+            engine.copied_here_bytes().get(),
+            first.len() as u64,
+            "bytes counted as copied here"
+        );
 
         engine.inline_writes.pause_for_test();
         let second = Rng(22).bytes(MAX_CACHED_WRITE_PIECE_BYTES * 3);
@@ -1062,6 +1079,11 @@ mod tests {
         let mut back = vec![0u8; second.len()];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, 1 << 20).expect("read");
         assert!(back == second, "the write queued to the engine differs");
+        assert_eq!(
+            engine.copied_here_bytes().get(),
+            first.len() as u64,
+            "a queued write counted as copied here"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

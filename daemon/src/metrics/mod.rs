@@ -304,6 +304,16 @@ impl Metrics {
         self.read_bytes_from_cache.remove(&labels);
     }
 
+    /// Exports the I/O engine's count of large-write bytes copied by the connections' own
+    /// threads (see `IoEngine::write_all_at_here`).
+    pub fn register_io(&mut self, copied_here_bytes: Counter) {
+        self.registry.register(
+            "evsd_io_write_bytes_copied_by_connections",
+            "Bytes of large WRITEs copied into the page cache by the connection threads themselves (TCP clients) rather than by the I/O engine's threads",
+            copied_here_bytes,
+        );
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         self.forget_gone_volumes();
