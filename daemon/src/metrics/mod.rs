@@ -308,8 +308,8 @@ impl Metrics {
     /// threads (see `IoEngine::write_all_at_here`).
     pub fn register_io(&mut self, copied_here_bytes: Counter) {
         self.registry.register(
-            "evsd_io_write_bytes_copied_by_connections",
-            "Bytes of large WRITEs copied into the page cache by the connection threads themselves (TCP clients) rather than by the I/O engine's threads",
+            "evsd_io_large_write_bytes_copied_by_connections",
+            "Bytes of large WRITEs copied into the page cache by the connection threads themselves (TCP clients) rather than by the I/O engine, counted as each piece lands whether or not the rest of its WRITE succeeds",
             copied_here_bytes,
         );
     }
