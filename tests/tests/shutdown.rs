@@ -180,3 +180,54 @@ fn sigterm_answers_every_request_already_received() {
     let status = d.wait_exit(SHUTDOWN_TIMEOUT);
     assert!(status.success(), "exit status {status}\n{}", d.stderr());
 }
+
+/// A client that stops reading its replies holds shutdown up only for the grace period. Then
+/// the server stops sending to it, sees its requests in flight through, closes it, and only
+/// after that makes the final flush: no reply leaves after it. The daemon exits 0 and the
+/// writes the client sent before stalling read back.
+#[test]
+fn grace_period_over_closes_stalled_clients_before_the_final_flush() {
+    const READS: u64 = 200;
+    const LEN: u32 = 256 << 10;
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--shutdown-grace-secs")
+            .arg("1"),
+    );
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    c.write(1, 0, 0, &[5u8; 4096]);
+    let mut pipelined = Vec::new();
+    for cookie in 2..READS + 2 {
+        pipelined.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
+    }
+    // 50 MiB of replies, none read: far more than the socket buffers hold.
+    c.send(&pipelined);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let st = d.terminate();
+    let took = started.elapsed();
+    let log = d.stderr();
+    assert!(st.success(), "exit status {st}\n{log}");
+    assert!(
+        took < Duration::from_secs(20),
+        "shutdown took {took:?} with a grace period of 1 s\n{log}"
+    );
+    let gave_up = log
+        .find("their unsent replies are dropped")
+        .unwrap_or_else(|| panic!("no give-up warning\n{log}"));
+    let detached = log[gave_up..]
+        .find("client detached")
+        .map(|at| gave_up + at)
+        .unwrap_or_else(|| panic!("the stalled client was never closed\n{log}"));
+    let flushed = log
+        .find("final flush done")
+        .unwrap_or_else(|| panic!("no final flush\n{log}"));
+    assert!(
+        detached < flushed,
+        "the stalled client was closed after the final flush\n{log}"
+    );
+    d.restart();
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(c.read(1, 0, 4096).iter().all(|&x| x == 5));
+}

@@ -13,6 +13,7 @@ use crate::access::{AccessStore, ClientAddr, ClientIdentity};
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::catalog::closed_refusal;
 use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFailure, Handshaken};
+use crate::nbd::shutdown::Shutdown;
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
 use crate::nbd::transmission::{self, ClientStream, TransmissionConfig, TransmissionEnd};
@@ -50,7 +51,7 @@ pub async fn serve<S: Transport>(
     registry: Arc<Registry>,
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) {
     let client = ClientIdentity {
         addr,
@@ -66,7 +67,7 @@ pub async fn serve<S: Transport>(
     let limits = HandshakeLimits {
         deadline: Instant::now() + config.handshake_timeout,
         timeout: config.handshake_timeout,
-        shutdown: &shutdown,
+        shutdown: &shutdown.stop,
         metrics: &metrics,
         peer: &peer,
     };
@@ -76,7 +77,7 @@ pub async fn serve<S: Transport>(
         return;
     };
     let attach_volume =
-        |h: &Handshaken<S>| attach(h, &registry, &config, &metrics, &peer, &shutdown);
+        |h: &Handshaken<S>| attach(h, &registry, &config, &metrics, &peer, &shutdown.stop);
     let Some((handshaken, (volume, attachment, stop))) =
         attach_or_negotiate(handshaken, &limits, &exports, tls, attach_volume).await
     else {
@@ -100,6 +101,7 @@ pub async fn serve<S: Transport>(
         volume,
         attachment,
         stop,
+        give_up: shutdown.give_up,
         config,
         metrics,
     };
@@ -239,6 +241,8 @@ struct Attached {
     attachment: Attachment,
     /// Ends on global shutdown or when the volume is force-deleted.
     stop: CancellationToken,
+    /// Shutdown's grace period ran out.
+    give_up: CancellationToken,
     config: Arc<ConnectionConfig>,
     metrics: Arc<Metrics>,
 }
@@ -255,6 +259,7 @@ impl Attached {
             volume,
             attachment,
             stop,
+            give_up,
             config,
             metrics,
         } = self;
@@ -285,7 +290,10 @@ impl Attached {
             &volume_metrics,
             &attachment,
             &config.transmission,
-            stop.clone(),
+            Shutdown {
+                stop: stop.clone(),
+                give_up,
+            },
         );
         tokio::pin!(served);
         // Rules tightened under an open connection end it the way shutdown does: requests

@@ -9,6 +9,7 @@ pub mod replies;
 mod send_queue;
 mod sendfile;
 pub mod server;
+pub mod shutdown;
 pub mod stream;
 pub mod tcp_congestion;
 pub mod threads;

@@ -16,11 +16,16 @@ use crate::access::ClientAddr;
 use crate::activation::InheritedUnix;
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::connection::{self, Client, ConnectionConfig};
+use crate::nbd::shutdown::Shutdown;
 use crate::nbd::stream::{Handoff, Transport};
 use crate::nbd::tcp_congestion::{self, TcpCongestion};
 use crate::nbd::threads::ConnectionThreads;
 use crate::nbd::unix_buffer;
 use crate::storage::Registry;
+
+/// How long, once the grace period ran out, connections get to see their requests in flight
+/// through (replies dropped) before the final flush goes ahead without them.
+const GIVE_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the server listens.
 pub struct Listeners {
@@ -160,6 +165,10 @@ impl Server {
     /// Accepts clients until `shutdown` fires, then stops accepting, lets connections answer
     /// what they already received, and flushes every volume.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
+        let shutdown = Shutdown {
+            stop: shutdown,
+            give_up: CancellationToken::new(),
+        };
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let mut socket_file = None;
@@ -172,7 +181,7 @@ impl Server {
             socket_file = Some(unix.socket_file);
             tracker.spawn(accept_unix(unix.listener, ctx));
         }
-        shutdown.cancelled().await;
+        shutdown.stop.cancelled().await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         tracker.close();
         if tokio::time::timeout(self.shutdown_grace, tracker.wait())
@@ -181,11 +190,22 @@ impl Server {
         {
             tracing::warn!(
                 grace_secs = self.shutdown_grace.as_secs(),
-                "connections still open after the grace period"
+                "connections still open after the grace period: their unsent replies are dropped"
             );
+            shutdown.give_up.cancel();
+            if tokio::time::timeout(GIVE_UP_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    wait_secs = GIVE_UP_WAIT.as_secs(),
+                    "requests still in flight after the grace period: flushing without them"
+                );
+            }
         }
-        if let Err(e) = self.registry.flush_all().await {
-            tracing::error!(error = %e, "final flush failed");
+        match self.registry.flush_all().await {
+            Ok(()) => tracing::info!("final flush done"),
+            Err(e) => tracing::error!(error = %e, "final flush failed"),
         }
         // After the flush: work the connections spawned (a map being persisted) may still run
         // on their threads until then.
@@ -200,7 +220,7 @@ impl Server {
         &self,
         limit: &Arc<Semaphore>,
         tracker: &TaskTracker,
-        shutdown: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> AcceptContext {
         AcceptContext {
             registry: Arc::clone(&self.registry),
@@ -220,7 +240,7 @@ struct AcceptContext {
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
     threads: Arc<ConnectionThreads>,
 }
 
@@ -265,7 +285,7 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext, congestion: TcpCo
     let mut failures = AcceptFailures::new("nbd tcp");
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.shutdown.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -293,7 +313,7 @@ async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
     let mut sequence: u64 = 0;
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.shutdown.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -24,7 +24,7 @@ use evsd_proto::{
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::WaitForCancellationFuture;
 
 use crate::error::StorageError;
 use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
@@ -34,6 +34,7 @@ use crate::nbd::idle::IdleTimer;
 use crate::nbd::replies::{self, Frame, Piece};
 use crate::nbd::send_queue;
 use crate::nbd::sendfile::SendFile;
+use crate::nbd::shutdown::Shutdown;
 use crate::storage::attachments::Attachment;
 use crate::storage::{FileRange, Volume, ZeroMode};
 
@@ -169,6 +170,8 @@ struct Connection<'s, R, W> {
     last_queued_bytes: Option<u64>,
     /// The client took none of its replies for the idle timeout: what waits is dropped.
     abandon_replies: bool,
+    /// Shutdown's grace period ran out: no reply is sent any more (see `give_up`).
+    gave_up: bool,
     /// Raises the volume's write fence while this connection drains writes after its end.
     drain: Drain<'s>,
 }
@@ -184,7 +187,7 @@ pub async fn serve<R, W>(
     metrics: &VolumeMetrics,
     attachment: &Attachment,
     config: &TransmissionConfig,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin + Send,
@@ -230,10 +233,13 @@ where
         socket_fd: client.socket_fd,
         last_queued_bytes: None,
         abandon_replies: false,
+        gave_up: false,
         drain: Drain::new(session.volume.fence(), attachment.seat()),
     };
-    let cancelled = shutdown.cancelled();
+    let cancelled = shutdown.stop.cancelled();
     tokio::pin!(cancelled);
+    let given_up = shutdown.give_up.cancelled();
+    tokio::pin!(given_up);
     loop {
         if conn.end.is_none() {
             if let Err(end) = conn.start_requests() {
@@ -252,7 +258,8 @@ where
                 break;
             }
         }
-        if let Err(e) = poll_fn(|cx| conn.poll_io(cx, cancelled.as_mut())).await {
+        let polled = poll_fn(|cx| conn.poll_io(cx, cancelled.as_mut(), given_up.as_mut())).await;
+        if let Err(e) = polled {
             // Nobody is left to answer, but the requests in flight may have submitted writes
             // that land whenever the disk gets to them: see them through behind the fence.
             conn.drain.start(true);
@@ -425,6 +432,17 @@ where
         }
     }
 
+    /// Shutdown's grace period ran out: the replies not yet sent, and those of the requests
+    /// still in flight, are dropped; the connection closes once those requests are through.
+    fn give_up(&mut self) {
+        self.gave_up = true;
+        self.abandon_replies = true;
+        self.end.get_or_insert(TransmissionEnd::Shutdown);
+        self.outgoing.clear();
+        self.outgoing_bytes = 0;
+        self.unflushed = false;
+    }
+
     /// Fences the volume's connections whose clients were seen gone.
     fn fence_departed(&self) {
         let fenced = self.session.attachment.fence_departed();
@@ -440,14 +458,21 @@ where
         &mut self,
         cx: &mut Context<'_>,
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        given_up: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Poll<std::io::Result<()>> {
         let was_busy = !self.inflight.is_empty() || self.replies_waiting();
         let was_waiting = self.replies_waiting();
         let had_room = self.has_room();
         let mut progress = false;
+        if !self.gave_up && given_up.poll(cx).is_ready() {
+            self.give_up();
+            progress = true;
+        }
         while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
             let frame = self.finished(done);
-            self.queue_reply(frame);
+            if !self.gave_up {
+                self.queue_reply(frame);
+            }
             progress = true;
         }
         self.poll_fence_overdue(cx);

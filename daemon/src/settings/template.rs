@@ -67,7 +67,8 @@ handshake_timeout_secs = 30
 # 0 keeps idle connections open.
 idle_timeout_secs = 0
 
-# How long shutdown waits for connections to finish their requests.
+# How long shutdown waits for connections to finish their requests. Connections still busy
+# then get no more replies and are closed before the final flush.
 shutdown_grace_secs = 30
 
 # An admin-socket client that sends no request, or reads no response, for this many seconds is
