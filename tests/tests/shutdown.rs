@@ -187,8 +187,8 @@ fn sigterm_answers_every_request_already_received() {
 /// writes the client sent before stalling read back.
 #[test]
 fn grace_period_over_closes_stalled_clients_before_the_final_flush() {
-    const READS: u64 = 200;
-    const LEN: u32 = 256 << 10;
+    const READS: u64 = 400;
+    const LEN: u32 = 1 << 20;
     let mut d = Daemon::start(
         DaemonOpts::new()
             .with_vol0()
@@ -201,9 +201,21 @@ fn grace_period_over_closes_stalled_clients_before_the_final_flush() {
     for cookie in 2..READS + 2 {
         pipelined.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
     }
-    // 50 MiB of replies, none read: far more than the socket buffers hold.
+    // 400 MiB of replies, none read: far more than the socket buffers hold, so the server
+    // holds requests back once its reply budget is full.
     c.send(&pipelined);
-    std::thread::sleep(Duration::from_millis(300));
+    let metrics = d.metrics_addr().expect("the daemon serves metrics");
+    let held_back = || {
+        let text = evsd_e2e::metrics::scrape(metrics);
+        ["inflight_bytes", "inflight_requests"].iter().any(|limit| {
+            let series = format!("evsd_limit_hits_total{{limit=\"{limit}\"}}");
+            evsd_e2e::metrics::value(&text, &series) >= 1.0
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), held_back),
+        "the server never held requests back: the client is not stalled"
+    );
     let started = Instant::now();
     let st = d.terminate();
     let took = started.elapsed();

@@ -263,8 +263,10 @@ impl Attached {
             config,
             metrics,
         } = self;
-        if let Err(error) = handshake::send(&mut stream, &final_reply).await {
-            tracing::debug!(%peer, %error, "client left before the handshake's last reply");
+        let ends = [&stop, &give_up];
+        let sent = send_final_reply(&mut stream, &final_reply, config.handshake_timeout, ends);
+        if let Err(reason) = sent.await {
+            tracing::debug!(%peer, %reason, "the handshake's last reply was not sent");
             return;
         }
         let volume_metrics = metrics.volume(volume.name());
@@ -320,6 +322,22 @@ impl Attached {
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
         }
+    }
+}
+
+/// Sends the handshake's last reply, bounded like the rest of the handshake: a client that
+/// stopped reading during negotiation must not hold shutdown (or a forced close) up here.
+async fn send_final_reply<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    reply: &[u8],
+    timeout: Duration,
+    ends: [&CancellationToken; 2],
+) -> Result<(), String> {
+    tokio::select! {
+        sent = handshake::send(stream, reply) => sent.map_err(|e| format!("client left: {e}")),
+        () = tokio::time::sleep(timeout) => Err(format!("client took none of it for {} s", timeout.as_secs())),
+        () = ends[0].cancelled() => Err("the connection is being closed".into()),
+        () = ends[1].cancelled() => Err("the connection is being closed".into()),
     }
 }
 
@@ -400,5 +418,44 @@ mod tests {
         };
         let (_client, attached) = tokio::join!(client_side, server_side);
         assert!(attached.is_none());
+    }
+
+    /// A client that reads nothing: the last handshake reply gives up on the timeout or when
+    /// the connection is closed, and goes out whole to a client that reads.
+    #[tokio::test]
+    async fn the_final_reply_is_bounded_by_the_timeout_and_the_close() {
+        // Far more than a Unix socket's buffers hold.
+        let reply = vec![7u8; 16 << 20];
+        let (stop, give_up) = (CancellationToken::new(), CancellationToken::new());
+        let (mut server, _client) = UnixStream::pair().unwrap();
+        let short = Duration::from_millis(200);
+        let sent = send_final_reply(&mut server, &reply, short, [&stop, &give_up]).await;
+        assert!(sent.unwrap_err().contains("took none"));
+
+        let (mut server, _client) = UnixStream::pair().unwrap();
+        let long = Duration::from_secs(60);
+        let closing = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            give_up.cancel();
+        };
+        let (sent, ()) = tokio::join!(
+            send_final_reply(&mut server, &reply, long, [&stop, &give_up]),
+            closing
+        );
+        assert!(sent.unwrap_err().contains("being closed"));
+
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let fresh = CancellationToken::new();
+        let reading = async {
+            let mut got = vec![0u8; reply.len()];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let (sent, got) = tokio::join!(
+            send_final_reply(&mut server, &reply, long, [&stop, &fresh]),
+            reading
+        );
+        sent.unwrap();
+        assert!(got == reply);
     }
 }

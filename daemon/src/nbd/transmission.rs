@@ -240,6 +240,10 @@ where
     tokio::pin!(cancelled);
     let given_up = shutdown.give_up.cancelled();
     tokio::pin!(given_up);
+    if shutdown.give_up.is_cancelled() {
+        // Attached after the grace period: not even the requests already received start.
+        conn.give_up();
+    }
     loop {
         if conn.end.is_none() {
             if let Err(end) = conn.start_requests() {
@@ -436,6 +440,8 @@ where
     /// still in flight, are dropped; the connection closes once those requests are through.
     fn give_up(&mut self) {
         self.gave_up = true;
+        // Requests waiting at the write fence never start: their replies would be dropped.
+        self.drain.start(true);
         self.abandon_replies = true;
         self.end.get_or_insert(TransmissionEnd::Shutdown);
         self.outgoing.clear();
