@@ -470,7 +470,9 @@ where
         let was_waiting = self.replies_waiting();
         let had_room = self.has_room();
         let mut progress = false;
-        if !self.gave_up && given_up.poll(cx).is_ready() {
+        // Only once the connection ended: the grace period starts after `cancelled` ended
+        // every connection, and this keeps a lock off the busy path.
+        if !self.gave_up && self.end.is_some() && given_up.poll(cx).is_ready() {
             self.give_up();
             progress = true;
         }
