@@ -14,9 +14,11 @@
 #     its own format, so it gets a volume of the same size
 #     (`--no-default-volume --create-volume bench:SIZE`) that is filled with the
 #     same random data through NBD (nbdcopy) first, so that reads hit real data.
-#   * The servers run one after the other (never at the same time), each once
-#     per transport (Unix socket, TCP on 127.0.0.1), and are driven by fio's
-#     nbd engine (one libnbd connection per fio job) with these workloads:
+#   * Per transport (Unix socket, TCP on 127.0.0.1) the servers are started
+#     together and stay idle but for the one measured; each workload runs on
+#     them one right after the other (the first in turn rotating), so the runs
+#     a ratio compares are seconds apart. fio's nbd engine (one libnbd
+#     connection per fio job) drives them with these workloads:
 #         randread-4k   rw=randread  bs=4k iodepth=32
 #         randwrite-4k  rw=randwrite bs=4k iodepth=32
 #         read-1m       rw=read      bs=1m iodepth=8
@@ -35,9 +37,8 @@
 #     job) from one bound by the server. Prints a side-by-side table and, per
 #     workload, evsd's ratio to the best peer (for IOPS and for IOPS per
 #     CPU-second).
-#   * With REPEAT=N the whole matrix runs N times, the servers taking turns in
-#     every round; the table shows medians over the runs and evsd's IOPS ratio
-#     to the best peer within each round. Single runs on a small shared VM
+#   * With REPEAT=N the whole matrix runs N times; the table shows medians
+#     over the runs and evsd's IOPS ratio to the best peer within each round. Single runs on a small shared VM
 #     swing by tens of percent; a ratio within one round compares the servers
 #     under the same conditions.
 #
@@ -112,11 +113,16 @@ if [ ! -f "$IMG" ] || [ "$(stat -c %s "$IMG")" -ne "$SIZE_BYTES" ]; then
 fi
 
 SERVER_PID=""
+# The servers of the transport being measured, all running at once: server -> pid, uri.
+declare -A PIDS=() URIS=()
 cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
+  local pid
+  for pid in "${PIDS[@]}" $SERVER_PID; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
 }
 trap cleanup EXIT INT TERM
 
@@ -124,17 +130,18 @@ wait_uri() {
   local uri=$1
   for _ in $(seq 1 200); do
     if nbdinfo --size "$uri" >/dev/null 2>&1; then return 0; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited early (log: $WORKDIR/server.log)"
+    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited early (log: $LOG)"
     sleep 0.1
   done
-  die "server did not come up at $uri (log: $WORKDIR/server.log)"
+  die "server did not come up at $uri (log: $LOG)"
 }
 
-# Sets SERVER_PID and URI.
+# Sets SERVER_PID, URI and LOG.
 start_server() {
   local server=$1 transport=$2 sock=$WORKDIR/$1.sock port
   rm -f "$sock"
-  : > "$WORKDIR/server.log"
+  LOG=$WORKDIR/$server.log
+  : > "$LOG"
   case "$server" in
     evsd)
       local ready=$WORKDIR/evsd.ready listen
@@ -144,11 +151,11 @@ start_server() {
                   --listen 127.0.0.1:0 --metrics-listen off)
       if [ "$transport" = unix ]; then args+=(--unix "$sock"); fi
       # shellcheck disable=SC2086
-      "$EVSD_BIN" "${args[@]}" $EVSD_ARGS >>"$WORKDIR/server.log" 2>&1 &
+      "$EVSD_BIN" "${args[@]}" $EVSD_ARGS >>"$LOG" 2>&1 &
       SERVER_PID=$!
       for _ in $(seq 1 200); do
         [ -s "$ready" ] && break
-        kill -0 "$SERVER_PID" 2>/dev/null || die "evsd exited early: $(tail -20 "$WORKDIR/server.log")"
+        kill -0 "$SERVER_PID" 2>/dev/null || die "evsd exited early: $(tail -20 "$LOG")"
         sleep 0.1
       done
       [ -s "$ready" ] || die "evsd wrote no ready file"
@@ -161,11 +168,11 @@ start_server() {
       ;;
     nbdkit)
       if [ "$transport" = unix ]; then
-        nbdkit --foreground --exit-with-parent -U "$sock" file "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        nbdkit --foreground --exit-with-parent -U "$sock" file "$IMG" >>"$LOG" 2>&1 &
         URI="nbd+unix:///bench?socket=$sock"
       else
         port=$(free_port)
-        nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p "$port" file "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p "$port" file "$IMG" >>"$LOG" 2>&1 &
         URI="nbd://127.0.0.1:$port/bench"
       fi
       SERVER_PID=$!
@@ -173,11 +180,11 @@ start_server() {
     qemu-nbd)
       local q=(-f raw --aio=io_uring --cache=writeback --discard=unmap --shared=8 -t -x bench)
       if [ "$transport" = unix ]; then
-        qemu-nbd "${q[@]}" -k "$sock" "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        qemu-nbd "${q[@]}" -k "$sock" "$IMG" >>"$LOG" 2>&1 &
         URI="nbd+unix:///bench?socket=$sock"
       else
         port=$(free_port)
-        qemu-nbd "${q[@]}" -b 127.0.0.1 -p "$port" "$IMG" >>"$WORKDIR/server.log" 2>&1 &
+        qemu-nbd "${q[@]}" -b 127.0.0.1 -p "$port" "$IMG" >>"$LOG" 2>&1 &
         URI="nbd://127.0.0.1:$port/bench"
       fi
       SERVER_PID=$!
@@ -187,12 +194,24 @@ start_server() {
   wait_uri "$URI"
 }
 
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-  fi
+stop_servers() {
+  local server
+  for server in "${!PIDS[@]}"; do
+    kill "${PIDS[$server]}" 2>/dev/null || true
+    wait "${PIDS[$server]}" 2>/dev/null || true
+  done
+  PIDS=() URIS=()
+}
+
+# The servers in turn for the `index`th measurement: rotated, so that none always goes first.
+servers_in_turn() {
+  local index=$1 n i
+  local -a list
+  read -r -a list <<<"$SERVERS"
+  n=${#list[@]}
+  for ((i = 0; i < n; i++)); do
+    printf '%s ' "${list[$(( (index + i) % n ))]}"
+  done
 }
 
 workload_params() {
@@ -247,50 +266,62 @@ settle() {
   esac
 }
 
+# Per transport, every server runs at once (idle but for the one measured), and each
+# workload runs on the servers one right after the other: on a shared VM whose speed drifts
+# over minutes, the runs a ratio compares are seconds apart, not the length of a matrix.
+turn=0
 for round in $(seq 1 "$REPEAT"); do
-for server in $SERVERS; do
   for transport in $TRANSPORTS; do
-    log "starting $server over $transport"
-    start_server "$server" "$transport"
-    [ "$server" = evsd ] && fill_evsd
+    for server in $SERVERS; do
+      log "starting $server over $transport"
+      start_server "$server" "$transport"
+      PIDS[$server]=$SERVER_PID URIS[$server]=$URI
+      SERVER_PID=""
+      [ "$server" = evsd ] && fill_evsd
+    done
     for wl in $WORKLOADS; do
       read -r rw bs depth <<<"$(workload_params "$wl")"
       for jobs in $JOBS; do
         region=$(( SIZE_BYTES / jobs ))
         region=$(( region / 1048576 * 1048576 ))
-        out=$WORKDIR/fio-$server-$transport-$wl-$jobs-r$round.json
-        settle "$server" "$wl"
-        c0=$(cpu_ticks "$SERVER_PID")
-        children_cpu; f0=$CHILDREN_CPU
-        fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
-            --iodepth="$depth" --numjobs="$jobs" --size="$region" \
-            --offset_increment="$region" --time_based=1 --runtime="$RUNTIME" \
-            --ramp_time="$RAMP" --group_reporting=1 --output-format=json \
-            --output="$out" >/dev/null 2>"$out.err" \
-          || die "fio failed for $server/$transport/$wl/$jobs: $(cat "$out.err")"
-        children_cpu; f1=$CHILDREN_CPU
-        c1=$(cpu_ticks "$SERVER_PID")
-        jq -e '.jobs[0].error == 0' "$out" >/dev/null \
-          || die "fio reported an error for $server/$transport/$wl/$jobs (see $out)"
-        iops=$(jq '.jobs[0].read.iops + .jobs[0].write.iops' "$out")
-        kib=$(jq '.jobs[0].read.bw + .jobs[0].write.bw' "$out")
-        # CPU covers the ramp too: scale to the measured part.
-        row=$(awk -v s="$server" -v t="$transport" -v w="$wl" -v j="$jobs" \
-                  -v iops="$iops" -v kib="$kib" -v c0="$c0" -v c1="$c1" \
-                  -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" -v r="$round" \
-                  -v f0="$f0" -v f1="$f1" 'BEGIN {
-              cpu = (c1 - c0) / tck * rt / (rt + ramp);
-              per = (cpu > 0) ? iops / (cpu / rt) : 0;
-              client = (f1 - f0) * rt / (rt + ramp);
-              printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f,%d,%.2f", s, t, w, j, iops, kib / 1024, cpu, per, r, client
-            }')
-        echo "$row" >> "$RESULTS"
-        log "$row"
+        for server in $(servers_in_turn "$turn"); do
+          URI=${URIS[$server]}
+          pid=${PIDS[$server]}
+          kill -0 "$pid" 2>/dev/null || die "$server exited (log: $WORKDIR/$server.log)"
+          out=$WORKDIR/fio-$server-$transport-$wl-$jobs-r$round.json
+          settle "$server" "$wl"
+          c0=$(cpu_ticks "$pid")
+          children_cpu; f0=$CHILDREN_CPU
+          fio --name="$wl" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" \
+              --iodepth="$depth" --numjobs="$jobs" --size="$region" \
+              --offset_increment="$region" --time_based=1 --runtime="$RUNTIME" \
+              --ramp_time="$RAMP" --group_reporting=1 --output-format=json \
+              --output="$out" >/dev/null 2>"$out.err" \
+            || die "fio failed for $server/$transport/$wl/$jobs: $(cat "$out.err")"
+          children_cpu; f1=$CHILDREN_CPU
+          c1=$(cpu_ticks "$pid")
+          jq -e '.jobs[0].error == 0' "$out" >/dev/null \
+            || die "fio reported an error for $server/$transport/$wl/$jobs (see $out)"
+          iops=$(jq '.jobs[0].read.iops + .jobs[0].write.iops' "$out")
+          kib=$(jq '.jobs[0].read.bw + .jobs[0].write.bw' "$out")
+          # CPU covers the ramp too: scale to the measured part.
+          row=$(awk -v s="$server" -v t="$transport" -v w="$wl" -v j="$jobs" \
+                    -v iops="$iops" -v kib="$kib" -v c0="$c0" -v c1="$c1" \
+                    -v tck="$CLK_TCK" -v rt="$RUNTIME" -v ramp="$RAMP" -v r="$round" \
+                    -v f0="$f0" -v f1="$f1" 'BEGIN {
+                cpu = (c1 - c0) / tck * rt / (rt + ramp);
+                per = (cpu > 0) ? iops / (cpu / rt) : 0;
+                client = (f1 - f0) * rt / (rt + ramp);
+                printf "%s,%s,%s,%d,%.0f,%.1f,%.2f,%.0f,%d,%.2f", s, t, w, j, iops, kib / 1024, cpu, per, r, client
+              }')
+          echo "$row" >> "$RESULTS"
+          log "$row"
+        done
+        turn=$((turn + 1))
       done
     done
-    stop_server
+    stop_servers
   done
-done
 done
 
 # ---------------------------------------------------------------- report
