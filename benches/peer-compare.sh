@@ -10,7 +10,7 @@
 #     EVSD_BIN points at a binary.
 #   * Makes a SIZE (default 1G) file of random data in WORKDIR. nbdkit
 #     (`nbdkit file FILE`) and qemu-nbd (`qemu-nbd -f raw --aio=io_uring
-#     --cache=writeback --shared=8 -t`) serve that file. evsd keeps volumes in
+#     --cache=writeback --discard=unmap --shared=8 -t`) serve that file. evsd keeps volumes in
 #     its own format, so it gets a volume of the same size
 #     (`--no-default-volume --create-volume bench:SIZE`) that is filled with the
 #     same random data through NBD (nbdcopy) first, so that reads hit real data.
@@ -38,9 +38,9 @@
 #     workload, evsd's ratio to the best peer (for IOPS and for IOPS per
 #     CPU-second).
 #   * With REPEAT=N the whole matrix runs N times; the table shows medians
-#     over the runs and evsd's IOPS ratio to the best peer within each round. Single runs on a small shared VM
-#     swing by tens of percent; a ratio within one round compares the servers
-#     under the same conditions.
+#     over the runs and evsd's IOPS ratio to the best peer within each round.
+#     Single runs on a small shared VM swing by tens of percent; a ratio within
+#     one round compares the servers under the same conditions.
 #
 # Environment:
 #   RUNTIME=10            seconds per fio run
@@ -114,7 +114,7 @@ fi
 
 SERVER_PID=""
 # The servers of the transport being measured, all running at once: server -> pid, uri.
-declare -A PIDS=() URIS=()
+declare -A PIDS=() URIS=() LOGS=()
 cleanup() {
   local pid
   for pid in "${PIDS[@]}" $SERVER_PID; do
@@ -124,7 +124,8 @@ cleanup() {
     fi
   done
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 wait_uri() {
   local uri=$1
@@ -140,7 +141,7 @@ wait_uri() {
 start_server() {
   local server=$1 transport=$2 sock=$WORKDIR/$1.sock port
   rm -f "$sock"
-  LOG=$WORKDIR/$server.log
+  LOG=$WORKDIR/$server-$transport-r$round.log
   : > "$LOG"
   case "$server" in
     evsd)
@@ -200,7 +201,7 @@ stop_servers() {
     kill "${PIDS[$server]}" 2>/dev/null || true
     wait "${PIDS[$server]}" 2>/dev/null || true
   done
-  PIDS=() URIS=()
+  PIDS=() URIS=() LOGS=()
 }
 
 # The servers in turn for the `index`th measurement: rotated, so that none always goes first.
@@ -269,13 +270,14 @@ settle() {
 # Per transport, every server runs at once (idle but for the one measured), and each
 # workload runs on the servers one right after the other: on a shared VM whose speed drifts
 # over minutes, the runs a ratio compares are seconds apart, not the length of a matrix.
-turn=0
 for round in $(seq 1 "$REPEAT"); do
+  # Each row's first server moves on by one from round to round, whatever the row count.
+  turn=$((round - 1))
   for transport in $TRANSPORTS; do
     for server in $SERVERS; do
       log "starting $server over $transport"
       start_server "$server" "$transport"
-      PIDS[$server]=$SERVER_PID URIS[$server]=$URI
+      PIDS[$server]=$SERVER_PID URIS[$server]=$URI LOGS[$server]=$LOG
       SERVER_PID=""
       [ "$server" = evsd ] && fill_evsd
     done
@@ -287,7 +289,7 @@ for round in $(seq 1 "$REPEAT"); do
         for server in $(servers_in_turn "$turn"); do
           URI=${URIS[$server]}
           pid=${PIDS[$server]}
-          kill -0 "$pid" 2>/dev/null || die "$server exited (log: $WORKDIR/$server.log)"
+          kill -0 "$pid" 2>/dev/null || die "$server exited (log: ${LOGS[$server]})"
           out=$WORKDIR/fio-$server-$transport-$wl-$jobs-r$round.json
           settle "$server" "$wl"
           c0=$(cpu_ticks "$pid")
