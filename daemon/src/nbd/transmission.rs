@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use evsd_proto::consts::{
     CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
 };
@@ -46,6 +46,8 @@ const MAX_IOVECS_PER_WRITE: usize = 512;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Free space kept in the input buffer before each socket read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Requests (header and payload) from this size on are read up to their end and no further.
+const LARGE_REQUEST_BYTES: usize = READ_CHUNK_BYTES;
 /// READs at least this long are sent from the page cache with `sendfile` when all cached. Below
 /// it the copy is cheap and one writev carries many replies, where each file range would take
 /// a system call of its own.
@@ -146,6 +148,11 @@ struct Connection<'s, R, W> {
     reader: R,
     writer: W,
     input: BytesMut,
+    /// Header and payload bytes of the request at the front of the input while it is not all
+    /// there yet; 0 when no such request is known.
+    incomplete_bytes: usize,
+    /// The last request taken carried a large payload (see `next_read_max_bytes`).
+    last_was_large: bool,
     inflight: FuturesUnordered<InFlight<'s>>,
     inflight_bytes: u64,
     max_inflight_requests: usize,
@@ -218,6 +225,8 @@ where
         reader: client.reader,
         writer: client.writer,
         input: client.buffered,
+        incomplete_bytes: 0,
+        last_was_large: false,
         inflight: FuturesUnordered::new(),
         inflight_bytes: 0,
         max_inflight_requests: config.max_inflight_requests.max(1),
@@ -325,12 +334,28 @@ where
         let payload_len = request.payload_len(mode) as usize;
         let needed = self.header_len + payload_len;
         if self.input.len() < needed {
-            self.input.reserve(needed - self.input.len());
+            self.reserve_input(needed - self.input.len());
+            self.incomplete_bytes = needed;
             return Ok(None);
         }
+        self.incomplete_bytes = 0;
+        self.last_was_large = needed >= LARGE_REQUEST_BYTES;
         self.input.advance(self.header_len);
         let payload = self.input.split_to(payload_len).freeze();
         Ok(Some((request, payload)))
+    }
+
+    fn reserve_input(&mut self, additional: usize) {
+        reserve_fresh(&mut self.input, additional);
+    }
+
+    fn next_read_max_bytes(&self) -> usize {
+        read_limit(
+            self.input.len(),
+            self.incomplete_bytes,
+            self.last_was_large,
+            self.header_len,
+        )
     }
 
     /// Decodes every complete request in the input and starts it, while there is room.
@@ -512,10 +537,11 @@ where
             progress = true;
         }
         if self.end.is_none() && self.has_room() {
-            if self.input.capacity() - self.input.len() < READ_CHUNK_BYTES {
-                self.input.reserve(READ_CHUNK_BYTES);
-            }
-            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.input) {
+            // No more than the read may take: the end of a large payload fits already.
+            let max_bytes = self.next_read_max_bytes();
+            self.reserve_input(READ_CHUNK_BYTES.min(max_bytes));
+            let mut input = (&mut self.input).limit(max_bytes);
+            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut input) {
                 Poll::Ready(Ok(0)) => {
                     let end = if self.input.is_empty() {
                         TransmissionEnd::Eof
@@ -699,6 +725,38 @@ where
 }
 
 /// The metrics kind of a command that runs against storage.
+/// Room for `additional` more bytes in `input`, in a fresh buffer when there is too little:
+/// `BytesMut::reserve` may grow the old allocation in place once the payloads split off it are
+/// dropped, copying the spent bytes before the live ones (up to a whole payload) along.
+fn reserve_fresh(input: &mut BytesMut, additional: usize) {
+    if input.capacity() - input.len() >= additional {
+        return;
+    }
+    let mut fresh = BytesMut::with_capacity(input.len() + additional);
+    fresh.extend_from_slice(input);
+    *input = fresh;
+}
+
+/// The most the next socket read may take, never 0, with `held` bytes in the input and
+/// `incomplete_bytes` (header and payload) of the request at its front when that one is not all
+/// there yet (else 0). A large request is read up to its end and no further, and after one the
+/// next header is read alone: bytes of a request read before its header asked for room would
+/// be copied when the buffer grows for its payload. Small requests are read many at a time.
+fn read_limit(
+    held: usize,
+    incomplete_bytes: usize,
+    last_was_large: bool,
+    header_len: usize,
+) -> usize {
+    if incomplete_bytes >= LARGE_REQUEST_BYTES && incomplete_bytes > held {
+        incomplete_bytes - held
+    } else if last_was_large && incomplete_bytes == 0 && held < header_len {
+        header_len - held
+    } else {
+        usize::MAX
+    }
+}
+
 fn metric_kind(command: Command) -> Option<Kind> {
     Some(match command {
         Command::Read => Kind::Read,
@@ -832,4 +890,57 @@ async fn block_status(
         reply::put_block_status(&mut head, session.mode, to, context.id, &extents, i == last);
     }
     Ok(vec![Piece::Bytes(head.freeze())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: usize = 28;
+
+    #[test]
+    fn a_large_request_is_read_to_its_end_and_the_next_header_alone() {
+        let large = HEADER + (1 << 20);
+        // Its header decoded, some payload held: read the rest and no byte of the next one.
+        assert_eq!(
+            read_limit(HEADER + 100, large, false, HEADER),
+            large - HEADER - 100
+        );
+        // Taken: the next header comes alone, then what it asks for.
+        assert_eq!(read_limit(0, 0, true, HEADER), HEADER);
+        assert_eq!(read_limit(10, 0, true, HEADER), HEADER - 10);
+        // A whole header held but not decoded yet (no room to start it): no limit.
+        assert_eq!(read_limit(HEADER, 0, true, HEADER), usize::MAX);
+    }
+
+    #[test]
+    fn small_requests_are_read_many_at_a_time_and_the_limit_is_never_zero() {
+        let small = HEADER + 4096;
+        assert_eq!(read_limit(HEADER, small, false, HEADER), usize::MAX);
+        assert_eq!(read_limit(0, 0, false, HEADER), usize::MAX);
+        for held in 0..=HEADER + 8 {
+            for incomplete in [0, small, LARGE_REQUEST_BYTES, LARGE_REQUEST_BYTES + 1] {
+                for last in [false, true] {
+                    assert!(read_limit(held, incomplete, last, HEADER) > 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reserving_room_copies_only_the_live_bytes_into_a_fresh_buffer() {
+        let mut input = BytesMut::with_capacity(1 << 20);
+        input.extend_from_slice(&vec![7u8; (1 << 20) - 10]);
+        input.extend_from_slice(b"next-head!");
+        let payload = input.split_to((1 << 20) - 10).freeze();
+        drop(payload);
+        reserve_fresh(&mut input, 4096);
+        assert_eq!(&input[..], b"next-head!");
+        // Exactly the live bytes and the room asked for: nothing of the spent megabyte.
+        assert_eq!(input.capacity(), 10 + 4096);
+        // Enough room already: the buffer stays as it is.
+        let before = input.as_ptr();
+        reserve_fresh(&mut input, 100);
+        assert_eq!(input.as_ptr(), before);
+    }
 }
