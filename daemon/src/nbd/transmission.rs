@@ -334,7 +334,10 @@ where
         let payload_len = request.payload_len(mode) as usize;
         let needed = self.header_len + payload_len;
         if self.input.len() < needed {
-            self.reserve_input(needed - self.input.len());
+            if needed >= LARGE_REQUEST_BYTES {
+                // The payload and the next request's header, read with its end.
+                self.reserve_input(needed + self.header_len - self.input.len());
+            }
             self.incomplete_bytes = needed;
             return Ok(None);
         }
@@ -724,12 +727,12 @@ where
     }
 }
 
-/// The metrics kind of a command that runs against storage.
-/// Room for `additional` more bytes in `input`, in a fresh buffer when there is too little:
-/// `BytesMut::reserve` may grow the old allocation in place once the payloads split off it are
-/// dropped, copying the spent bytes before the live ones (up to a whole payload) along.
+/// Room for `additional` more bytes in `input`: in its own allocation when that is not shared
+/// any more (the live bytes move to its front), else in a fresh buffer holding only the live
+/// bytes. Never by `BytesMut::reserve`'s growing the allocation in place, which copies the
+/// spent bytes before the live ones (up to a whole payload) along.
 fn reserve_fresh(input: &mut BytesMut, additional: usize) {
-    if input.capacity() - input.len() >= additional {
+    if input.capacity() - input.len() >= additional || input.try_reclaim(additional) {
         return;
     }
     let mut fresh = BytesMut::with_capacity(input.len() + additional);
@@ -739,9 +742,10 @@ fn reserve_fresh(input: &mut BytesMut, additional: usize) {
 
 /// The most the next socket read may take, never 0, with `held` bytes in the input and
 /// `incomplete_bytes` (header and payload) of the request at its front when that one is not all
-/// there yet (else 0). A large request is read up to its end and no further, and after one the
-/// next header is read alone: bytes of a request read before its header asked for room would
-/// be copied when the buffer grows for its payload. Small requests are read many at a time.
+/// there yet (else 0). A large request is read up to its end and the next header, no further;
+/// after one whose end came without the next header, the rest of that header is read alone.
+/// Bytes of a request read before its header asked for room would be copied when the buffer
+/// grows for its payload. Small requests are read many at a time.
 fn read_limit(
     held: usize,
     incomplete_bytes: usize,
@@ -749,7 +753,7 @@ fn read_limit(
     header_len: usize,
 ) -> usize {
     if incomplete_bytes >= LARGE_REQUEST_BYTES && incomplete_bytes > held {
-        incomplete_bytes - held
+        incomplete_bytes - held + header_len
     } else if last_was_large && incomplete_bytes == 0 && held < header_len {
         header_len - held
     } else {
@@ -757,6 +761,7 @@ fn read_limit(
     }
 }
 
+/// The metrics kind of a command that runs against storage.
 fn metric_kind(command: Command) -> Option<Kind> {
     Some(match command {
         Command::Read => Kind::Read,
@@ -899,18 +904,21 @@ mod tests {
     const HEADER: usize = 28;
 
     #[test]
-    fn a_large_request_is_read_to_its_end_and_the_next_header_alone() {
-        let large = HEADER + (1 << 20);
-        // Its header decoded, some payload held: read the rest and no byte of the next one.
-        assert_eq!(
-            read_limit(HEADER + 100, large, false, HEADER),
-            large - HEADER - 100
-        );
-        // Taken: the next header comes alone, then what it asks for.
-        assert_eq!(read_limit(0, 0, true, HEADER), HEADER);
-        assert_eq!(read_limit(10, 0, true, HEADER), HEADER - 10);
-        // A whole header held but not decoded yet (no room to start it): no limit.
-        assert_eq!(read_limit(HEADER, 0, true, HEADER), usize::MAX);
+    fn a_large_request_is_read_with_the_next_header_and_no_further() {
+        for header in [28, 32] {
+            let large = header + (1 << 20);
+            // Its header decoded, some payload held: the rest and the next header.
+            assert_eq!(read_limit(header + 100, large, false, header), large - 100);
+            assert_eq!(read_limit(large - 1, large, true, header), 1 + header);
+            // Taken with only part of the next header: the rest of that header alone.
+            assert_eq!(read_limit(0, 0, true, header), header);
+            assert_eq!(read_limit(10, 0, true, header), header - 10);
+            // A whole header held but not decoded yet (no room to start it): no limit.
+            assert_eq!(read_limit(header, 0, true, header), usize::MAX);
+            // The request is all there, waiting for room to start: no limit either.
+            assert_eq!(read_limit(large, large, false, header), usize::MAX);
+            assert_eq!(read_limit(large + 5, large, true, header), usize::MAX);
+        }
     }
 
     #[test]
@@ -918,8 +926,15 @@ mod tests {
         let small = HEADER + 4096;
         assert_eq!(read_limit(HEADER, small, false, HEADER), usize::MAX);
         assert_eq!(read_limit(0, 0, false, HEADER), usize::MAX);
-        for held in 0..=HEADER + 8 {
-            for incomplete in [0, small, LARGE_REQUEST_BYTES, LARGE_REQUEST_BYTES + 1] {
+        let sizes = [
+            0,
+            small,
+            LARGE_REQUEST_BYTES - 1,
+            LARGE_REQUEST_BYTES,
+            1 << 20,
+        ];
+        for held in (0..=HEADER + 8).chain(sizes.iter().flat_map(|&n| [n, n + 1])) {
+            for incomplete in sizes {
                 for last in [false, true] {
                     assert!(read_limit(held, incomplete, last, HEADER) > 0);
                 }
@@ -928,19 +943,36 @@ mod tests {
     }
 
     #[test]
-    fn reserving_room_copies_only_the_live_bytes_into_a_fresh_buffer() {
+    fn room_comes_from_a_fresh_buffer_while_payloads_share_the_old_one() {
         let mut input = BytesMut::with_capacity(1 << 20);
         input.extend_from_slice(&vec![7u8; (1 << 20) - 10]);
         input.extend_from_slice(b"next-head!");
         let payload = input.split_to((1 << 20) - 10).freeze();
-        drop(payload);
         reserve_fresh(&mut input, 4096);
         assert_eq!(&input[..], b"next-head!");
         // Exactly the live bytes and the room asked for: nothing of the spent megabyte.
         assert_eq!(input.capacity(), 10 + 4096);
+        assert!(payload.iter().all(|&b| b == 7));
         // Enough room already: the buffer stays as it is.
         let before = input.as_ptr();
         reserve_fresh(&mut input, 100);
         assert_eq!(input.as_ptr(), before);
+    }
+
+    #[test]
+    fn room_is_reclaimed_in_place_once_the_payloads_are_gone() {
+        let mut input = BytesMut::with_capacity(1 << 20);
+        let start = input.as_ptr();
+        input.extend_from_slice(&vec![7u8; (1 << 20) - 10]);
+        input.extend_from_slice(b"next-head!");
+        drop(input.split_to((1 << 20) - 10));
+        reserve_fresh(&mut input, 4096);
+        assert_eq!(&input[..], b"next-head!");
+        assert_eq!(
+            input.as_ptr(),
+            start,
+            "the live bytes moved to the allocation's front"
+        );
+        assert!(input.capacity() >= 4096 + 10);
     }
 }
