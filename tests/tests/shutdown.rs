@@ -142,18 +142,7 @@ fn sigterm_answers_every_request_already_received() {
     // them once 1 MiB of replies is waiting, with the rest read into its input (counted as a
     // hit of an in-flight limit).
     c.send(&pipelined);
-    let metrics = d.metrics_addr().expect("the daemon serves metrics");
-    let held_back = || {
-        let text = evsd_e2e::metrics::scrape(metrics);
-        ["inflight_bytes", "inflight_requests"].iter().any(|limit| {
-            let series = format!("evsd_limit_hits_total{{limit=\"{limit}\"}}");
-            evsd_e2e::metrics::value(&text, &series) >= 1.0
-        })
-    };
-    assert!(
-        wait_until(Duration::from_secs(30), held_back),
-        "the server never held requests back"
-    );
+    wait_until_held_back(&d, "");
     d.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     let (mut answered, mut refused) = (0u64, 0u64);
@@ -204,18 +193,7 @@ fn grace_period_over_closes_stalled_clients_before_the_final_flush() {
     // 400 MiB of replies, none read: far more than the socket buffers hold, so the server
     // holds requests back once its reply budget is full.
     c.send(&pipelined);
-    let metrics = d.metrics_addr().expect("the daemon serves metrics");
-    let held_back = || {
-        let text = evsd_e2e::metrics::scrape(metrics);
-        ["inflight_bytes", "inflight_requests"].iter().any(|limit| {
-            let series = format!("evsd_limit_hits_total{{limit=\"{limit}\"}}");
-            evsd_e2e::metrics::value(&text, &series) >= 1.0
-        })
-    };
-    assert!(
-        wait_until(Duration::from_secs(30), held_back),
-        "the server never held requests back: the client is not stalled"
-    );
+    wait_until_held_back(&d, ": the client is not stalled");
     let started = Instant::now();
     let st = d.terminate();
     let took = started.elapsed();
@@ -242,4 +220,21 @@ fn grace_period_over_closes_stalled_clients_before_the_final_flush() {
     d.restart();
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
     assert!(c.read(1, 0, 4096).iter().all(|&x| x == 5));
+}
+
+/// Waits until the daemon held a client's requests back (an in-flight limit hit, counted once
+/// replies fill its budget), failing the test after 30 s.
+fn wait_until_held_back(d: &Daemon, what_if_not: &str) {
+    let metrics = d.metrics_addr().expect("the daemon serves metrics");
+    let held_back = || {
+        let text = evsd_e2e::metrics::scrape(metrics);
+        ["inflight_bytes", "inflight_requests"].iter().any(|limit| {
+            let series = format!("evsd_limit_hits_total{{limit=\"{limit}\"}}");
+            evsd_e2e::metrics::value(&text, &series) >= 1.0
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), held_back),
+        "the server never held requests back{what_if_not}"
+    );
 }
