@@ -3,7 +3,7 @@
 use tokio_util::sync::CancellationToken;
 
 /// Cancelled by the server, `stop` first; `give_up` only once the grace period ran out.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Shutdown {
     /// Read no new request; answer the ones already received.
     pub stop: CancellationToken,

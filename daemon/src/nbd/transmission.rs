@@ -151,7 +151,7 @@ struct Connection<'s, R, W> {
     /// Header and payload bytes of the request at the front of the input while it is not all
     /// there yet; 0 when no such request is known.
     incomplete_bytes: usize,
-    /// The last request taken carried a large payload (see `next_read_max_bytes`).
+    /// The last request taken carried a large payload (see `read_limit`).
     last_was_large: bool,
     inflight: FuturesUnordered<InFlight<'s>>,
     inflight_bytes: u64,
@@ -336,7 +336,8 @@ where
         if self.input.len() < needed {
             if needed >= LARGE_REQUEST_BYTES {
                 // The payload and the next request's header, read with its end.
-                self.reserve_input(needed + self.header_len - self.input.len());
+                let additional = needed + self.header_len - self.input.len();
+                reserve_fresh(&mut self.input, additional);
             }
             self.incomplete_bytes = needed;
             return Ok(None);
@@ -346,19 +347,6 @@ where
         self.input.advance(self.header_len);
         let payload = self.input.split_to(payload_len).freeze();
         Ok(Some((request, payload)))
-    }
-
-    fn reserve_input(&mut self, additional: usize) {
-        reserve_fresh(&mut self.input, additional);
-    }
-
-    fn next_read_max_bytes(&self) -> usize {
-        read_limit(
-            self.input.len(),
-            self.incomplete_bytes,
-            self.last_was_large,
-            self.header_len,
-        )
     }
 
     /// Decodes every complete request in the input and starts it, while there is room.
@@ -541,8 +529,13 @@ where
         }
         if self.end.is_none() && self.has_room() {
             // No more than the read may take: the end of a large payload fits already.
-            let max_bytes = self.next_read_max_bytes();
-            self.reserve_input(READ_CHUNK_BYTES.min(max_bytes));
+            let max_bytes = read_limit(
+                self.input.len(),
+                self.incomplete_bytes,
+                self.last_was_large,
+                self.header_len,
+            );
+            reserve_fresh(&mut self.input, READ_CHUNK_BYTES.min(max_bytes));
             let mut input = (&mut self.input).limit(max_bytes);
             match poll_read_buf(Pin::new(&mut self.reader), cx, &mut input) {
                 Poll::Ready(Ok(0)) => {
