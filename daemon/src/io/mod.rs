@@ -327,6 +327,7 @@ impl IoEngine {
         mut buf: BytesMut,
     ) -> (BytesMut, io::Result<()>) {
         let mut filled_bytes = 0;
+        let wanted_bytes = buf.len();
         while filled_bytes < buf.len() {
             let Some(pos) = offset.checked_add(filled_bytes as u64) else {
                 return (buf, Err(invalid_offset()));
@@ -334,6 +335,16 @@ impl IoEngine {
             let (returned, result) = self.read_into(file, pos, buf, filled_bytes).await;
             buf = returned;
             match result {
+                // The buffer stayed with the failed ring's kernel, and the bytes read before
+                // with it: the whole read starts again, into a new buffer, on the thread pool
+                // that took over (none did when the ring also lost writes).
+                Err(err)
+                    if uring::read_lost_with_ring(&err)
+                        && matches!(self.backend(), BackendRef::Threads(_)) =>
+                {
+                    buf = BytesMut::zeroed(wanted_bytes);
+                    filled_bytes = 0;
+                }
                 Ok(0) => {
                     // Sparse volumes are allowed to be shorter than their nominal size;
                     // unwritten tail blocks read as zeros, just like holes.
@@ -613,7 +624,8 @@ impl IoEngine {
         match self.backend() {
             BackendRef::Uring(engine) => {
                 match engine.read_into(file, offset, buf, buf_start).await {
-                    // Only a read that never reached the kernel is retried: it has its buffer.
+                    // Only a read that never reached the kernel is retried here: it has its
+                    // buffer. One that did is read again whole by `read_exact_at`.
                     (buf, Err(e)) => match self.takeover(&e) {
                         Some(threads) => threads.read_into(file, offset, buf, buf_start).await,
                         None => (buf, Err(e)),
@@ -787,6 +799,53 @@ mod tests {
         assert_eq!(&back[8192..12288], &more[..]);
         assert!(back[12288..].iter().all(|&b| b == 0));
         assert_eq!(engine.kind(), EngineKind::Threads);
+    }
+
+    #[tokio::test]
+    async fn a_read_in_the_kernel_when_its_ring_fails_is_read_again_by_the_thread_pool() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let data = Bytes::from(Rng(11).bytes(16384));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.fail_after_submit_for_test();
+        // Its buffer stays with the failed ring; the bytes come back in another.
+        let (back, read) = engine
+            .read_exact_at(&file, 0, BytesMut::zeroed(16384))
+            .await;
+        read.unwrap();
+        assert_eq!(&back[..], &data[..]);
+        assert!(!uring.lost_writes());
+        assert_eq!(engine.kind(), EngineKind::Threads);
+    }
+
+    #[tokio::test]
+    async fn a_write_in_the_kernel_when_its_ring_fails_stops_every_write() {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let Backend::Uring(uring) = &*engine.backend else {
+            panic!("not the io_uring engine");
+        };
+        uring.fail_after_submit_for_test();
+        let written = engine
+            .write_all_at(&file, 0, Bytes::from(vec![1u8; 4096]), false)
+            .await;
+        assert!(
+            written.is_err(),
+            "a write lost with its ring reported success"
+        );
+        // Found by the ring itself, not set by the test.
+        assert!(uring.lost_writes());
+        let again = engine
+            .write_all_at(&file, 4096, Bytes::from(vec![2u8; 4096]), false)
+            .await;
+        assert!(again.is_err(), "a write went to another engine");
+        assert_eq!(engine.kind(), EngineKind::Uring);
     }
 
     #[tokio::test]

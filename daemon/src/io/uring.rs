@@ -176,6 +176,15 @@ impl UringEngine {
         }
     }
 
+    /// Makes every ring fail as soon as it has handed requests to the kernel, for tests of
+    /// requests in flight when a ring fails.
+    #[cfg(test)]
+    pub(crate) fn fail_after_submit_for_test(&self) {
+        for ring in &self.rings {
+            ring.shared.fail_after_submit.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Makes every ring fail as if the kernel had refused it, for tests of what follows.
     #[cfg(test)]
     pub(crate) fn break_rings_for_test(&self) {
@@ -224,6 +233,10 @@ struct RingShared {
     /// Set by a test to keep requests in the channel.
     #[cfg(test)]
     held: AtomicBool,
+    /// Set by a test to make the ring thread fail once it has handed requests to the kernel,
+    /// before it reaps them.
+    #[cfg(test)]
+    fail_after_submit: AtomicBool,
 }
 
 impl RingShared {
@@ -284,6 +297,8 @@ impl RingHandle {
             poisoned: AtomicBool::new(false),
             #[cfg(test)]
             held: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_after_submit: AtomicBool::new(false),
         });
         let (requests, request_rx) = mpsc::sync_channel(queue_capacity);
         let (setup_tx, setup_rx) = mpsc::channel();
@@ -599,6 +614,28 @@ pub(crate) fn may_retry_elsewhere(err: &io::Error) -> bool {
     err.get_ref().is_some_and(|e| e.is::<RingFailed>())
 }
 
+/// Why a read failed that was in the kernel when its ring failed. The kernel may still write
+/// into its buffer, which is leaked with it; the read itself may be run again elsewhere, into
+/// another buffer, since reading changes nothing.
+#[derive(Debug)]
+struct ReadLostWithRing {
+    reason: String,
+}
+
+impl std::fmt::Display for ReadLostWithRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)
+    }
+}
+
+impl std::error::Error for ReadLostWithRing {}
+
+/// Whether `err` is a read's failure with its ring, its buffer kept by the kernel (see
+/// `ReadLostWithRing`): it came back without its bytes, and only a new buffer can retry it.
+pub(crate) fn read_lost_with_ring(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<ReadLostWithRing>())
+}
+
 fn ring_thread_main(
     ring_entries: u32,
     requests: Receiver<Request>,
@@ -823,6 +860,13 @@ impl RingWorker {
                 return Err(err);
             }
             self.accept_requests()?;
+            #[cfg(test)]
+            if self.shared.fail_after_submit.load(Ordering::SeqCst) && self.slots.in_flight() > 0 {
+                self.submit()?;
+                return Err(io::Error::other(
+                    "ring failed on purpose after a submit (test)",
+                ));
+            }
 
             if self.disconnected {
                 if self.slots.in_flight() == 0 && self.next_pieces.is_empty() {
@@ -1162,14 +1206,23 @@ impl RingWorker {
                 let Request {
                     file, op, reply, ..
                 } = request;
+                let read = matches!(op, Op::Read { .. });
                 std::mem::forget(op);
                 std::mem::forget(file);
-                // Not retried elsewhere, syncs included: this one may have reported (or may
-                // yet report) a write-back error, which a second fsync would not see again.
-                let _ = reply.send(Reply {
-                    buf: None,
-                    result: Err(failure()),
-                });
+                // Reads may run again into a new buffer. Nothing else is retried elsewhere,
+                // syncs included: this one may have reported (or may yet report) a
+                // write-back error, which a second fsync would not see again.
+                let result = if read {
+                    Err(io::Error::new(
+                        err.kind(),
+                        ReadLostWithRing {
+                            reason: format!("io_uring ring failed during the read: {err}"),
+                        },
+                    ))
+                } else {
+                    Err(failure())
+                };
+                let _ = reply.send(Reply { buf: None, result });
             }
         }
         self.leak_wake_buf = self.wake_read_armed;
