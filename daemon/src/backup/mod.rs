@@ -239,7 +239,7 @@ impl Backups {
 
     /// Restarts the jobs a crash or shutdown interrupted.
     pub async fn resume(self: &Arc<Self>) {
-        for record in self.files.load_all() {
+        for record in self.release_unstarted_sets(self.files.load_all()) {
             tracing::info!(job = record.job_id(), "resuming an interrupted job");
             match record {
                 JobRecord::Backup(r) => {
@@ -641,7 +641,7 @@ impl Backups {
                 volume_uuid: String::new(),
                 size_bytes: 0,
                 created_unix_secs: info.started_unix_secs,
-                snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
+                snapshot: backup_snapshot_name(backup_id),
                 snapshot_created_unix_secs: info.started_unix_secs,
                 parent: None,
                 incremental: false,
@@ -1222,6 +1222,11 @@ impl Backups {
     }
 }
 
+/// The name of the snapshot backup `backup_id` takes of its volume.
+pub(crate) fn backup_snapshot_name(backup_id: &str) -> String {
+    format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}")
+}
+
 /// The record of a new backup of `entry` (its snapshot not taken yet).
 pub(crate) fn new_record(
     entry: &VolumeEntry,
@@ -1233,7 +1238,7 @@ pub(crate) fn new_record(
     let backup_id = manifest::new_backup_id(since_epoch());
     BackupRecord {
         job_id: new_job_id(),
-        snapshot: format!("{BACKUP_SNAPSHOT_PREFIX}{backup_id}"),
+        snapshot: backup_snapshot_name(&backup_id),
         backup_id,
         volume: volume.to_owned(),
         volume_uuid: entry.volume().identity().uuid.clone(),

@@ -73,6 +73,15 @@ pub struct SetRecord {
     pub policy: Option<String>,
     /// (volume, backup id, job id) per member.
     pub members: Vec<(String, String, String)>,
+    /// False while the set is being started: its record is written before the group
+    /// snapshot, so that a crash before every member is recorded leaves a record naming the
+    /// snapshots to release (see `Backups::resume`). Records without it are started sets.
+    #[serde(default = "started_by_default")]
+    pub members_recorded: bool,
+}
+
+fn started_by_default() -> bool {
+    true
 }
 
 pub struct JobFiles {

@@ -12,7 +12,7 @@ use crate::backup::error::BackupError;
 use crate::backup::job::JobInfo;
 use crate::backup::manifest;
 use crate::backup::records::{JobRecord, SetRecord};
-use crate::backup::{new_record, Backups, GcReport};
+use crate::backup::{backup_snapshot_name, new_record, Backups, GcReport};
 use crate::error::StorageError;
 use crate::servers::ServerInfo;
 use crate::storage::entry::{now_unix_secs, since_epoch};
@@ -173,12 +173,15 @@ impl Backups {
                 .iter()
                 .map(|r| (r.volume.clone(), r.backup_id.clone(), r.job_id.clone()))
                 .collect(),
+            members_recorded: false,
         };
         let taken = async {
+            // The set is recorded first, as not started: a crash from here until every member
+            // is recorded leaves it naming the snapshots to release (see `Backups::resume`).
+            self.files.save(&JobRecord::Set(set.clone()))?;
             // The members are recorded only once the group snapshot is taken, each with its
             // snapshot: one resumed after a crash never takes a snapshot of its own, which
-            // would not be from the set's instant. (A crash before leaves snapshots that the
-            // volumes' next backups release.)
+            // would not be from the set's instant.
             let group: Vec<(String, String)> = records
                 .iter()
                 .map(|r| (r.volume.clone(), r.snapshot.clone()))
@@ -192,6 +195,7 @@ impl Backups {
                 record.snapshot_taken = true;
                 self.files.save(&JobRecord::Backup(record.clone()))?;
             }
+            set.members_recorded = true;
             self.files.save(&JobRecord::Set(set.clone()))
         }
         .await;
@@ -217,6 +221,64 @@ impl Backups {
         let mut info = self.set_info_running(&set, None);
         info.jobs = jobs;
         Ok(info)
+    }
+
+    /// Takes out of `records` the server backups a crash or shutdown cut off before all their
+    /// members were recorded, with the member records that were: such a set never started
+    /// (its call never returned it), so its records go and the snapshots its group snapshot
+    /// may have taken are released in the background. Returns the records left to resume.
+    pub(crate) fn release_unstarted_sets(&self, records: Vec<JobRecord>) -> Vec<JobRecord> {
+        let mut unstarted = Vec::new();
+        let mut rest = Vec::with_capacity(records.len());
+        for record in records {
+            match record {
+                JobRecord::Set(set) if !set.members_recorded => unstarted.push(set),
+                other => rest.push(other),
+            }
+        }
+        if unstarted.is_empty() {
+            return rest;
+        }
+        let member_jobs: Vec<&str> = unstarted
+            .iter()
+            .flat_map(|set| set.members.iter().map(|(_, _, job_id)| job_id.as_str()))
+            .collect();
+        rest.retain(|record| {
+            let member = member_jobs.contains(&record.job_id());
+            if member {
+                self.files.remove(record.job_id());
+            }
+            !member
+        });
+        let mut snapshots = Vec::new();
+        for set in &unstarted {
+            tracing::warn!(set = %set.set_id, server = %set.server, "a server backup was cut off while it started; releasing its snapshots");
+            snapshots.extend(
+                set.members.iter().map(|(volume, backup_id, _)| {
+                    (volume.clone(), backup_snapshot_name(backup_id))
+                }),
+            );
+            // After the members' records: a crash in between finds the set again.
+            self.files.remove(&set.set_id);
+        }
+        let registry = Arc::clone(&self.registry);
+        tokio::spawn(async move {
+            for (volume, snapshot) in snapshots {
+                let Some(entry) = registry.entry(&volume) else {
+                    continue;
+                };
+                match entry.delete_snapshot(&snapshot).await {
+                    Ok(_) => {
+                        tracing::info!(%volume, %snapshot, "released the snapshot of a server backup that never started")
+                    }
+                    Err(StorageError::SnapshotNotFound { .. }) => {}
+                    Err(error) => {
+                        tracing::warn!(%volume, %snapshot, %error, "could not release the snapshot of a server backup that never started; the volume's next backup releases it")
+                    }
+                }
+            }
+        });
+        rest
     }
 
     fn set_info_running(
@@ -635,6 +697,114 @@ impl Backups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::store::{BackupStore, S3Options};
+    use crate::backup::BackupConfig;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use crate::metrics::Metrics;
+    use crate::storage::Registry;
+    use tokio_util::sync::CancellationToken;
+
+    fn backups_in(data_dir: &std::path::Path) -> (Arc<Registry>, Arc<Backups>) {
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Arc::new(Registry::open(data_dir, engine).unwrap());
+        let config = BackupConfig {
+            store_url: BackupStore::default_url(&data_dir.join("store")).unwrap(),
+            s3: S3Options::default(),
+            upload_concurrency: 2,
+            rate_limit_bytes_per_sec: None,
+            zstd_level: 1,
+        };
+        let backups = Backups::open(
+            data_dir,
+            config,
+            Arc::clone(&registry),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        (registry, backups)
+    }
+
+    /// A crash after a server backup's group snapshot, with one member recorded of two: on
+    /// restart the set, its member's record and both snapshots go, no job runs, and snapshots
+    /// of other backups stay.
+    #[tokio::test]
+    async fn a_server_backup_cut_off_while_it_started_is_released_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (records, set) = {
+            let (registry, backups) = backups_in(dir.path());
+            for volume in ["a", "b"] {
+                registry.create(volume, 1 << 20).unwrap();
+            }
+            let records: Vec<_> = ["a", "b"]
+                .iter()
+                .map(|v| {
+                    let entry = registry.entry(v).unwrap();
+                    new_record(&entry, v, true, Some("s-1".into()), None)
+                })
+                .collect();
+            let set = SetRecord {
+                set_id: "s-1".into(),
+                server: "web1".into(),
+                created_unix_secs: 1,
+                barrier_hold_us: 0,
+                policy: None,
+                members: records
+                    .iter()
+                    .map(|r| (r.volume.clone(), r.backup_id.clone(), r.job_id.clone()))
+                    .collect(),
+                members_recorded: false,
+            };
+            backups.files.save(&JobRecord::Set(set.clone())).unwrap();
+            let group: Vec<_> = records
+                .iter()
+                .map(|r| (r.volume.clone(), r.snapshot.clone()))
+                .collect();
+            registry.snapshot_group(&group).await.unwrap();
+            let mut first = records[0].clone();
+            first.snapshot_taken = true;
+            backups.files.save(&JobRecord::Backup(first)).unwrap();
+            // Another backup's snapshot, which must survive.
+            registry
+                .entry("b")
+                .unwrap()
+                .create_snapshot_durable("vbs-keep")
+                .await
+                .unwrap();
+            (records, set)
+        };
+        let (registry, backups) = backups_in(dir.path());
+        backups.resume().await;
+        let names = |v: &str| -> Vec<String> {
+            registry
+                .entry(v)
+                .unwrap()
+                .snapshots()
+                .into_iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        let started = std::time::Instant::now();
+        while names("a").contains(&records[0].snapshot) || names("b").contains(&records[1].snapshot)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "snapshots left: {:?} {:?}",
+                names("a"),
+                names("b")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(names("b"), vec!["vbs-keep".to_string()]);
+        assert!(backups.files.load_all().is_empty(), "records left behind");
+        for record in &records {
+            assert!(
+                backups.job(&record.job_id).is_err(),
+                "a member job was resumed"
+            );
+        }
+        assert!(!backups.running_sets.lock().contains_key(&set.set_id));
+    }
 
     fn set(id: &str, created_unix_secs: u64) -> SetRecord {
         SetRecord {
@@ -644,6 +814,7 @@ mod tests {
             barrier_hold_us: 0,
             policy: None,
             members: Vec::new(),
+            members_recorded: true,
         }
     }
 
