@@ -181,10 +181,20 @@ impl Catalog {
             manifest.backup_id.clone(),
             (listings, BackupInfo::of(manifest)),
         );
+        // Read since: no longer unreadable, whatever the last listing found.
+        self.not_unreadable(&manifest.backup_id);
     }
 
     pub fn forget(&self, backup_id: &str) {
         self.known().remove(backup_id);
+        self.not_unreadable(backup_id);
+    }
+
+    fn not_unreadable(&self, backup_id: &str) {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(backup_id);
     }
 
     /// One backup's summary, from the cache or the store.
@@ -249,5 +259,34 @@ mod tests {
         assert_eq!(ids(&catalog.list().await.unwrap()), [a, b]);
         catalog.forget(a);
         assert_eq!(ids(&catalog.list_known().await.unwrap()), [b]);
+    }
+
+    /// The manifests a listing could not read stay listed as unreadable only until one is read
+    /// after all or forgotten (deleted), not until the next whole listing.
+    #[tokio::test]
+    async fn an_unreadable_manifest_read_later_or_deleted_is_no_longer_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Arc::new(BackupStore::open(&url, &Default::default()).unwrap());
+        let path = |id: &str| {
+            let path = dir.path().join(manifest_key(id));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            path
+        };
+        let (a, b) = ("b-20261201T000000Z-0000000a", "b-20261201T000001Z-0000000b");
+        std::fs::write(path(a), b"{ not a manifest").unwrap();
+        std::fs::write(path(b), b"{ not a manifest either").unwrap();
+        let catalog = Catalog::new(store);
+        assert!(catalog.list().await.unwrap().is_empty());
+        let unreadable =
+            |c: &Catalog| -> Vec<String> { c.unreadable().into_iter().map(|(id, _)| id).collect() };
+        assert_eq!(unreadable(&catalog), [a, b]);
+        // Repaired, and read by id.
+        std::fs::write(path(a), sample_for_test(a).to_json_bytes()).unwrap();
+        assert_eq!(catalog.get(a).await.unwrap().id, a);
+        assert_eq!(unreadable(&catalog), [b]);
+        // Deleted.
+        catalog.forget(b);
+        assert!(unreadable(&catalog).is_empty());
     }
 }
