@@ -154,29 +154,46 @@ pub fn validate_backup_id(id: &str) -> Result<(), ManifestError> {
 /// Ids made in one millisecond by this process (a server backup's members come in one burst)
 /// get distinct random parts: 20 bits alone would let two collide now and then.
 pub fn new_backup_id(since_epoch: std::time::Duration) -> String {
-    static ISSUED: std::sync::Mutex<(u128, Vec<u32>)> = std::sync::Mutex::new((0, Vec::new()));
-    let secs = since_epoch.as_secs();
-    let random = {
-        let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
-        let (millis, taken) = &mut *issued;
-        if *millis != since_epoch.as_millis() {
-            *millis = since_epoch.as_millis();
-            taken.clear();
+    static ISSUER: IdIssuer = IdIssuer::new();
+    ISSUER.issue(since_epoch)
+}
+
+/// The random parts given out in the last millisecond ids were made for.
+struct IdIssuer {
+    issued: std::sync::Mutex<(u128, Vec<u32>)>,
+}
+
+impl IdIssuer {
+    const fn new() -> IdIssuer {
+        IdIssuer {
+            issued: std::sync::Mutex::new((0, Vec::new())),
         }
-        loop {
-            let random = random_u32(secs) & 0xf_ffff;
-            if !taken.contains(&random) {
-                taken.push(random);
-                break random;
+    }
+
+    fn issue(&self, since_epoch: std::time::Duration) -> String {
+        let secs = since_epoch.as_secs();
+        let random = {
+            let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+            let (millis, taken) = &mut *issued;
+            if *millis != since_epoch.as_millis() {
+                *millis = since_epoch.as_millis();
+                taken.clear();
             }
-        }
-    };
-    format!(
-        "b-{}-{:03x}{:05x}",
-        utc_timestamp(secs),
-        since_epoch.subsec_millis(),
-        random
-    )
+            loop {
+                let random = random_u32(secs) & 0xf_ffff;
+                if !taken.contains(&random) {
+                    taken.push(random);
+                    break random;
+                }
+            }
+        };
+        format!(
+            "b-{}-{:03x}{:05x}",
+            utc_timestamp(secs),
+            since_epoch.subsec_millis(),
+            random
+        )
+    }
 }
 
 /// Whether `id` has the exact shape [`new_backup_id`] gives: `b-`, 8 digits, `T`, 6 digits,
@@ -719,9 +736,11 @@ mod tests {
             new_backup_id(Duration::ZERO),
             "random suffix repeats"
         );
-        // Made in one millisecond, as a server backup's members are, they all differ.
+        // Made in one millisecond, as a server backup's members are, they all differ. (An
+        // issuer of its own: tests running beside this one make ids of other milliseconds.)
+        let issuer = IdIssuer::new();
         let burst: std::collections::HashSet<String> = (0..20_000)
-            .map(|_| new_backup_id(Duration::from_millis(1_764_654_240_123)))
+            .map(|_| issuer.issue(Duration::from_millis(1_764_654_240_123)))
             .collect();
         assert_eq!(burst.len(), 20_000);
         // Within one second, ids sort by the millisecond.

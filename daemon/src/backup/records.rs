@@ -76,12 +76,17 @@ pub struct SetRecord {
     /// False while the set is being started: its record is written before the group
     /// snapshot, so that a crash before every member is recorded leaves a record naming the
     /// snapshots to release (see `Backups::resume`). Records without it are started sets.
-    #[serde(default = "started_by_default")]
+    /// Written only while false, so that started sets read as before to older daemons.
+    #[serde(default = "started_by_default", skip_serializing_if = "is_started")]
     pub members_recorded: bool,
 }
 
 fn started_by_default() -> bool {
     true
+}
+
+fn is_started(members_recorded: &bool) -> bool {
+    *members_recorded
 }
 
 pub struct JobFiles {

@@ -16,6 +16,7 @@ use crate::backup::{backup_snapshot_name, new_record, Backups, GcReport};
 use crate::error::StorageError;
 use crate::servers::ServerInfo;
 use crate::storage::entry::{now_unix_secs, since_epoch};
+use crate::storage::Registry;
 
 pub const SET_FORMAT_VERSION: u32 = 1;
 /// How often a set's coordinator looks at its member jobs.
@@ -105,6 +106,28 @@ fn members_of(set: &SetRecord) -> Vec<SetMember> {
             backup_id: backup_id.clone(),
         })
         .collect()
+}
+
+/// Deletes the (volume, snapshot) pairs of a server backup that never started; true when none
+/// is left (deleted, or already gone with its volume).
+async fn release_snapshots(registry: &Registry, snapshots: &[(String, String)]) -> bool {
+    let mut all_gone = true;
+    for (volume, snapshot) in snapshots {
+        let Some(entry) = registry.entry(volume) else {
+            continue;
+        };
+        match entry.delete_snapshot(snapshot).await {
+            Ok(_) => {
+                tracing::info!(%volume, %snapshot, "released the snapshot of a server backup that never started")
+            }
+            Err(StorageError::SnapshotNotFound { .. }) => {}
+            Err(error) => {
+                all_gone = false;
+                tracing::warn!(%volume, %snapshot, %error, "could not release the snapshot of a server backup that never started; the next start tries again");
+            }
+        }
+    }
+    all_gone
 }
 
 pub fn new_set_id() -> String {
@@ -200,15 +223,21 @@ impl Backups {
         }
         .await;
         if let Err(e) = taken {
+            // Not started, whatever the last save left on disk (it may have landed and failed
+            // after): a crash during this cleanup then finds a set to release, not to resume.
+            set.members_recorded = false;
+            let _ = self.files.save(&JobRecord::Set(set.clone()));
             for record in &records {
                 self.files.remove(&record.job_id);
-                if let Some(entry) = self.registry.entry(&record.volume) {
-                    if entry.manifest().snapshot(&record.snapshot).is_some() {
-                        let _ = entry.delete_snapshot(&record.snapshot).await;
-                    }
-                }
             }
-            self.files.remove(&set.set_id);
+            let snapshots: Vec<(String, String)> = records
+                .iter()
+                .map(|r| (r.volume.clone(), r.snapshot.clone()))
+                .collect();
+            // Kept when a snapshot stays: the next start releases it.
+            if release_snapshots(&self.registry, &snapshots).await {
+                self.files.remove(&set.set_id);
+            }
             self.unclaim_all(&volumes);
             return Err(e);
         }
@@ -225,9 +254,13 @@ impl Backups {
 
     /// Takes out of `records` the server backups a crash or shutdown cut off before all their
     /// members were recorded, with the member records that were: such a set never started
-    /// (its call never returned it), so its records go and the snapshots its group snapshot
-    /// may have taken are released in the background. Returns the records left to resume.
-    pub(crate) fn release_unstarted_sets(&self, records: Vec<JobRecord>) -> Vec<JobRecord> {
+    /// (its call never returned it), so its members' records go and the snapshots its group
+    /// snapshot may have taken are released in the background; the set's own record goes once
+    /// they are, so a restart meanwhile tries again. Returns the records left to resume.
+    pub(crate) fn release_unstarted_sets(
+        self: &Arc<Self>,
+        records: Vec<JobRecord>,
+    ) -> Vec<JobRecord> {
         let mut unstarted = Vec::new();
         let mut rest = Vec::with_capacity(records.len());
         for record in records {
@@ -239,42 +272,30 @@ impl Backups {
         if unstarted.is_empty() {
             return rest;
         }
-        let member_jobs: Vec<&str> = unstarted
-            .iter()
-            .flat_map(|set| set.members.iter().map(|(_, _, job_id)| job_id.as_str()))
-            .collect();
         rest.retain(|record| {
-            let member = member_jobs.contains(&record.job_id());
-            if member {
-                self.files.remove(record.job_id());
+            let JobRecord::Backup(member) = record else {
+                return true;
+            };
+            let of_unstarted = unstarted.iter().any(|set| {
+                member.group_id.as_deref() == Some(set.set_id.as_str())
+                    && set.members.iter().any(|(_, _, job)| *job == member.job_id)
+            });
+            if of_unstarted {
+                self.files.remove(&member.job_id);
             }
-            !member
+            !of_unstarted
         });
-        let mut snapshots = Vec::new();
-        for set in &unstarted {
-            tracing::warn!(set = %set.set_id, server = %set.server, "a server backup was cut off while it started; releasing its snapshots");
-            snapshots.extend(
-                set.members.iter().map(|(volume, backup_id, _)| {
-                    (volume.clone(), backup_snapshot_name(backup_id))
-                }),
-            );
-            // After the members' records: a crash in between finds the set again.
-            self.files.remove(&set.set_id);
-        }
-        let registry = Arc::clone(&self.registry);
+        let this = Arc::clone(self);
         tokio::spawn(async move {
-            for (volume, snapshot) in snapshots {
-                let Some(entry) = registry.entry(&volume) else {
-                    continue;
-                };
-                match entry.delete_snapshot(&snapshot).await {
-                    Ok(_) => {
-                        tracing::info!(%volume, %snapshot, "released the snapshot of a server backup that never started")
-                    }
-                    Err(StorageError::SnapshotNotFound { .. }) => {}
-                    Err(error) => {
-                        tracing::warn!(%volume, %snapshot, %error, "could not release the snapshot of a server backup that never started; the volume's next backup releases it")
-                    }
+            for set in unstarted {
+                tracing::warn!(set = %set.set_id, server = %set.server, "a server backup was cut off while it started; releasing its snapshots");
+                let snapshots: Vec<(String, String)> = set
+                    .members
+                    .iter()
+                    .map(|(volume, backup_id, _)| (volume.clone(), backup_snapshot_name(backup_id)))
+                    .collect();
+                if release_snapshots(&this.registry, &snapshots).await {
+                    this.files.remove(&set.set_id);
                 }
             }
         });
@@ -701,7 +722,6 @@ mod tests {
     use crate::backup::BackupConfig;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::metrics::Metrics;
-    use crate::storage::Registry;
     use tokio_util::sync::CancellationToken;
 
     fn backups_in(data_dir: &std::path::Path) -> (Arc<Registry>, Arc<Backups>) {
@@ -723,6 +743,26 @@ mod tests {
         )
         .unwrap();
         (registry, backups)
+    }
+
+    /// Started sets are written as before the flag existed, so older daemons still read them;
+    /// records without it are started sets.
+    #[test]
+    fn only_a_set_not_started_yet_says_so_in_its_record() {
+        let started = set("s-1", 1);
+        let json = serde_json::to_string(&JobRecord::Set(started.clone())).unwrap();
+        assert!(!json.contains("members_recorded"), "{json}");
+        let JobRecord::Set(back) = serde_json::from_str(&json).unwrap() else {
+            panic!("not a set: {json}");
+        };
+        assert!(back.members_recorded);
+        let mut starting = started;
+        starting.members_recorded = false;
+        let json = serde_json::to_string(&JobRecord::Set(starting)).unwrap();
+        let JobRecord::Set(back) = serde_json::from_str(&json).unwrap() else {
+            panic!("not a set: {json}");
+        };
+        assert!(!back.members_recorded, "{json}");
     }
 
     /// A crash after a server backup's group snapshot, with one member recorded of two: on
@@ -785,18 +825,28 @@ mod tests {
                 .collect()
         };
         let started = std::time::Instant::now();
-        while names("a").contains(&records[0].snapshot) || names("b").contains(&records[1].snapshot)
+        let left = |b: &Backups| -> Vec<String> {
+            b.files
+                .load_all()
+                .iter()
+                .map(|r| r.job_id().to_owned())
+                .collect()
+        };
+        // The set's own record goes last, once its snapshots have.
+        while names("a").contains(&records[0].snapshot)
+            || names("b").contains(&records[1].snapshot)
+            || !left(&backups).is_empty()
         {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "snapshots left: {:?} {:?}",
+                "left: snapshots {:?} {:?}, records {:?}",
                 names("a"),
-                names("b")
+                names("b"),
+                left(&backups)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(names("b"), vec!["vbs-keep".to_string()]);
-        assert!(backups.files.load_all().is_empty(), "records left behind");
         for record in &records {
             assert!(
                 backups.job(&record.job_id).is_err(),

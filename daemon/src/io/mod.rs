@@ -301,7 +301,9 @@ impl IoEngine {
     }
 
     /// One positioned read into `buf[..]` (its current length is the amount wanted). Returns
-    /// the buffer with the number of bytes read, which may be short.
+    /// the buffer with the number of bytes read, which may be short. A read lost with a failed
+    /// ring (`uring::read_lost_with_ring`) comes back with an empty buffer: retry it with a new
+    /// one, as `read_exact_at` does, never with that one.
     // Part of the engine's contract even while the daemon itself only uses read_exact_at.
     #[allow(dead_code)]
     pub async fn read_at(

@@ -1213,12 +1213,11 @@ impl RingWorker {
                 // syncs included: this one may have reported (or may yet report) a
                 // write-back error, which a second fsync would not see again.
                 let result = if read {
-                    Err(io::Error::new(
-                        err.kind(),
-                        ReadLostWithRing {
-                            reason: format!("io_uring ring failed during the read: {err}"),
-                        },
-                    ))
+                    // Never `Interrupted`, which a reader would retry with the empty buffer
+                    // it got back, taking that for a read that is done.
+                    Err(io::Error::other(ReadLostWithRing {
+                        reason: format!("io_uring ring failed during the read: {err}"),
+                    }))
                 } else {
                     Err(failure())
                 };
