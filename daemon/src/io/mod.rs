@@ -696,11 +696,28 @@ mod tests {
         }
     }
 
-    /// Makes `engine`'s rings fail and waits until they have; returns the io_uring engine.
-    async fn break_rings(engine: &IoEngine) -> &UringEngine {
+    fn uring_of(engine: &IoEngine) -> &UringEngine {
         let Backend::Uring(uring) = &*engine.backend else {
             panic!("not the io_uring engine");
         };
+        uring
+    }
+
+    /// The io_uring engine of `engines()` and a file holding `len` bytes of pattern `seed`.
+    async fn uring_with_data(seed: u64, len: usize) -> (IoEngine, Arc<File>, Bytes) {
+        let engine = engines().remove(0);
+        let file = temp_file();
+        let data = Bytes::from(Rng(seed).bytes(len));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
+        (engine, file, data)
+    }
+
+    /// Makes `engine`'s rings fail and waits until they have; returns the io_uring engine.
+    async fn break_rings(engine: &IoEngine) -> &UringEngine {
+        let uring = uring_of(engine);
         uring.break_rings_for_test();
         let started = std::time::Instant::now();
         while !uring.is_broken() {
@@ -744,16 +761,8 @@ mod tests {
 
     #[tokio::test]
     async fn requests_queued_for_a_ring_that_fails_are_served_by_the_thread_pool() {
-        let engine = engines().remove(0);
-        let file = temp_file();
-        let data = Bytes::from(Rng(9).bytes(16384));
-        engine
-            .write_all_at(&file, 0, data.clone(), false)
-            .await
-            .unwrap();
-        let Backend::Uring(uring) = &*engine.backend else {
-            panic!("not the io_uring engine");
-        };
+        let (engine, file, data) = uring_with_data(9, 16384).await;
+        let uring = uring_of(&engine);
         uring.hold_rings_for_test();
         // One of each kind, all queued at once, on ranges apart.
         let more = Bytes::from(Rng(10).bytes(4096));
@@ -805,16 +814,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_in_the_kernel_when_its_ring_fails_is_read_again_by_the_thread_pool() {
-        let engine = engines().remove(0);
-        let file = temp_file();
-        let data = Bytes::from(Rng(11).bytes(16384));
-        engine
-            .write_all_at(&file, 0, data.clone(), false)
-            .await
-            .unwrap();
-        let Backend::Uring(uring) = &*engine.backend else {
-            panic!("not the io_uring engine");
-        };
+        let (engine, file, data) = uring_with_data(11, 16384).await;
+        let uring = uring_of(&engine);
         uring.fail_after_submit_for_test();
         // Its buffer stays with the failed ring; the bytes come back in another.
         let (back, read) = engine
@@ -830,9 +831,7 @@ mod tests {
     async fn a_write_in_the_kernel_when_its_ring_fails_stops_every_write() {
         let engine = engines().remove(0);
         let file = temp_file();
-        let Backend::Uring(uring) = &*engine.backend else {
-            panic!("not the io_uring engine");
-        };
+        let uring = uring_of(&engine);
         uring.fail_after_submit_for_test();
         let written = engine
             .write_all_at(&file, 0, Bytes::from(vec![1u8; 4096]), false)
@@ -1096,9 +1095,7 @@ mod tests {
         // never paused by a slow write on a busy machine until the test says so.
         engine.nowait.refuse_writes_for_test();
         engine.inline_writes.ignore_slow_writes_for_test();
-        let Backend::Uring(uring) = &*engine.backend else {
-            panic!("not the io_uring engine");
-        };
+        let uring = uring_of(&engine);
         uring.hold_rings_for_test();
         let file = temp_file();
         let first = Rng(21).bytes(MAX_CACHED_WRITE_PIECE_BYTES * 8 + 4097);
