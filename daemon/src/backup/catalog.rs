@@ -131,7 +131,13 @@ impl Catalog {
                 }
             }
         }
-        *self.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = unreadable;
+        {
+            // Under the summaries' lock: a manifest read meanwhile is in them and left out
+            // here, or is read after this and takes itself out of the new map.
+            let known = self.known();
+            unreadable.retain(|id, _| !known.contains_key(id));
+            *self.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = unreadable;
+        }
         Ok(self.end_listing(listing, &ids))
     }
 
