@@ -230,16 +230,24 @@ mod tests {
         infos.iter().map(|i| i.id.as_str()).collect()
     }
 
+    /// A local store in `dir`.
+    fn store_in(dir: &std::path::Path) -> Arc<BackupStore> {
+        let url = format!("file://{}", dir.display());
+        Arc::new(BackupStore::open(&url, &Default::default()).unwrap())
+    }
+
+    /// Writes `bytes` as manifest `id` of the local store in `dir`.
+    fn put_manifest(dir: &std::path::Path, id: &str, bytes: &[u8]) {
+        let path = dir.join(manifest_key(id));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
     #[tokio::test]
     async fn known_backups_come_from_memory_once_listed_and_survive_a_racing_listing() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let store = Arc::new(BackupStore::open(&url, &Default::default()).unwrap());
-        let file = |id: &str| {
-            let path = dir.path().join(manifest_key(id));
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, sample_for_test(id).to_json_bytes()).unwrap();
-        };
+        let store = store_in(dir.path());
+        let file = |id: &str| put_manifest(dir.path(), id, &sample_for_test(id).to_json_bytes());
         let (a, b, c, d) = (
             "b-20261201T000000Z-0000000a",
             "b-20261201T000001Z-0000000b",
@@ -272,23 +280,16 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_manifest_read_later_or_deleted_is_no_longer_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let store = Arc::new(BackupStore::open(&url, &Default::default()).unwrap());
-        let path = |id: &str| {
-            let path = dir.path().join(manifest_key(id));
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            path
-        };
         let (a, b) = ("b-20261201T000000Z-0000000a", "b-20261201T000001Z-0000000b");
-        std::fs::write(path(a), b"{ not a manifest").unwrap();
-        std::fs::write(path(b), b"{ not a manifest either").unwrap();
-        let catalog = Catalog::new(store);
+        put_manifest(dir.path(), a, b"{ not a manifest");
+        put_manifest(dir.path(), b, b"{ not a manifest either");
+        let catalog = Catalog::new(store_in(dir.path()));
         assert!(catalog.list().await.unwrap().is_empty());
         let unreadable =
             |c: &Catalog| -> Vec<String> { c.unreadable().into_iter().map(|(id, _)| id).collect() };
         assert_eq!(unreadable(&catalog), [a, b]);
         // Repaired, and read by id.
-        std::fs::write(path(a), sample_for_test(a).to_json_bytes()).unwrap();
+        put_manifest(dir.path(), a, &sample_for_test(a).to_json_bytes());
         assert_eq!(catalog.get(a).await.unwrap().id, a);
         assert_eq!(unreadable(&catalog), [b]);
         // Deleted.

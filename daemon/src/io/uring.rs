@@ -589,11 +589,14 @@ fn engine_closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "io_uring engine has shut down")
 }
 
-/// Why a request failed with its ring before the kernel saw it: sending it to another engine
-/// cannot undo or hide anything.
+/// Why a request failed with its ring. Before the kernel saw it (`in_kernel` false), sending it
+/// to another engine cannot undo or hide anything. A read the kernel had (`in_kernel` true)
+/// comes back without its buffer, which is leaked with the ring since the kernel may still write
+/// into it; reading changes nothing, so it may run again elsewhere, into another buffer.
 #[derive(Debug)]
 struct RingFailed {
     reason: String,
+    in_kernel: bool,
 }
 
 impl std::fmt::Display for RingFailed {
@@ -605,35 +608,29 @@ impl std::fmt::Display for RingFailed {
 impl std::error::Error for RingFailed {}
 
 fn ring_failed(kind: io::ErrorKind, reason: String) -> io::Error {
-    io::Error::new(kind, RingFailed { reason })
+    io::Error::new(
+        kind,
+        RingFailed {
+            reason,
+            in_kernel: false,
+        },
+    )
 }
 
-/// Whether `err` is a request's failure with its ring that another engine may serve again
-/// (see `RingFailed`).
+fn ring_failure(err: &io::Error) -> Option<&RingFailed> {
+    err.get_ref().and_then(|e| e.downcast_ref::<RingFailed>())
+}
+
+/// Whether `err` is a request's failure with its ring before the kernel saw it, which another
+/// engine may serve again with the same buffer (see `RingFailed`).
 pub(crate) fn may_retry_elsewhere(err: &io::Error) -> bool {
-    err.get_ref().is_some_and(|e| e.is::<RingFailed>())
+    ring_failure(err).is_some_and(|f| !f.in_kernel)
 }
 
-/// Why a read failed that was in the kernel when its ring failed. The kernel may still write
-/// into its buffer, which is leaked with it; the read itself may be run again elsewhere, into
-/// another buffer, since reading changes nothing.
-#[derive(Debug)]
-struct ReadLostWithRing {
-    reason: String,
-}
-
-impl std::fmt::Display for ReadLostWithRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.reason)
-    }
-}
-
-impl std::error::Error for ReadLostWithRing {}
-
-/// Whether `err` is a read's failure with its ring, its buffer kept by the kernel (see
-/// `ReadLostWithRing`): it came back without its bytes, and only a new buffer can retry it.
+/// Whether `err` is a read's failure with its ring while the kernel had it (see `RingFailed`):
+/// it came back without its bytes, and only a new buffer can retry it.
 pub(crate) fn read_lost_with_ring(err: &io::Error) -> bool {
-    err.get_ref().is_some_and(|e| e.is::<ReadLostWithRing>())
+    ring_failure(err).is_some_and(|f| f.in_kernel)
 }
 
 fn ring_thread_main(
@@ -1215,8 +1212,9 @@ impl RingWorker {
                 let result = if read {
                     // Never `Interrupted`, which a reader would retry with the empty buffer
                     // it got back, taking that for a read that is done.
-                    Err(io::Error::other(ReadLostWithRing {
+                    Err(io::Error::other(RingFailed {
                         reason: format!("io_uring ring failed during the read: {err}"),
+                        in_kernel: true,
                     }))
                 } else {
                     Err(failure())
