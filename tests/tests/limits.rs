@@ -173,6 +173,56 @@ fn a_client_that_reads_no_reply_is_closed_after_the_idle_timeout() {
     fresh.disconnect();
 }
 
+/// Connections the daemon's threads still serve.
+fn open_connections(d: &Daemon) -> f64 {
+    scrape(metrics_addr(d))
+        .lines()
+        .filter(|l| l.starts_with("evsd_connection_thread_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A TCP client that shuts its socket down both ways while its receive window is zero, reads
+/// what was queued (after SHUT_RD the kernel does not reopen the window for that) and closes
+/// with nothing unread: no reset comes, and its kernel answers our window probes from
+/// FIN-WAIT-2 for a minute. With no idle timeout set, the daemon still lets it go once its
+/// replies have waited untaken for the half-closed bound (10 s), and resets the connection.
+#[test]
+fn a_client_gone_at_a_zero_window_after_a_half_close_is_let_go() {
+    let d = Daemon::start(DaemonOpts::new());
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    c.send(&reads(64));
+    // The replies fill our receive buffer meanwhile: the window we advertise drops to zero.
+    thread::sleep(Duration::from_millis(500));
+    c.s.shutdown(std::net::Shutdown::Both).unwrap();
+    c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut received = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(n @ 1..) = c.s.read(&mut buf) {
+        received += n;
+    }
+    drop(c);
+    assert!(
+        received < 64 << 20,
+        "all {received} reply bytes arrived: the window never closed"
+    );
+    let left = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || open_connections(&d) == 0.0),
+        "the connection still holds its seat {:?} after its client left",
+        left.elapsed()
+    );
+    assert_hits(&d, "replies_unread_half_closed", 1.0);
+    assert_eq!(hits(&d, "replies_unread"), 0.0);
+    assert_logged_once(
+        &d,
+        "had closed its sending side and took no byte of its replies",
+    );
+    let (mut fresh, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(fresh.read(1, 0, 4096).iter().all(|&b| b == 0));
+    fresh.disconnect();
+}
+
 /// A client that reads its replies slowly, but reads, keeps its connection past the idle
 /// timeout while they last and gets every byte. Over a Unix socket, whose writer the kernel
 /// wakes only once three quarters of the (4 MiB) send buffer are free: at 640 KiB/s that

@@ -28,6 +28,9 @@ pub enum Limit {
     IdleTimeout,
     /// `--idle-timeout-secs` too: the client took no byte of its waiting replies for that long.
     RepliesUnread,
+    /// The client closed its sending side and took no byte of its waiting replies for
+    /// `nbd::transmission::HALF_CLOSED_REPLY_STALL`.
+    RepliesUnreadHalfClosed,
     /// `--max-inflight-requests`: the server stopped reading the connection.
     InflightRequests,
     /// `--max-inflight-mib`: the server stopped reading the connection.
@@ -37,12 +40,13 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Connections,
         Limit::VolumeConnections,
         Limit::HandshakeTimeout,
         Limit::IdleTimeout,
         Limit::RepliesUnread,
+        Limit::RepliesUnreadHalfClosed,
         Limit::InflightRequests,
         Limit::InflightBytes,
         Limit::RequestSize,
@@ -56,6 +60,7 @@ impl Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::IdleTimeout => "idle_timeout",
             Limit::RepliesUnread => "replies_unread",
+            Limit::RepliesUnreadHalfClosed => "replies_unread_half_closed",
             Limit::InflightRequests => "inflight_requests",
             Limit::InflightBytes => "inflight_bytes",
             Limit::RequestSize => "request_size",
@@ -63,7 +68,7 @@ impl Limit {
     }
 
     /// What happened, for the one log line per client.
-    fn description(self) -> &'static str {
+    pub(crate) fn description(self) -> &'static str {
         match self {
             Limit::Connections => "connection refused: max_connections reached",
             Limit::VolumeConnections => "connection refused: the volume's connection limit reached",
@@ -71,6 +76,9 @@ impl Limit {
             Limit::IdleTimeout => "connection closed: idle for idle_timeout_secs",
             Limit::RepliesUnread => {
                 "connection closed: the client took no byte of its replies for idle_timeout_secs"
+            }
+            Limit::RepliesUnreadHalfClosed => {
+                "connection closed: the client had closed its sending side and took no byte of its replies for 10 s"
             }
             Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
             Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",
@@ -82,7 +90,7 @@ impl Limit {
         self as usize
     }
 
-    fn bit(self) -> u8 {
+    fn bit(self) -> u16 {
         1 << self.index()
     }
 }
@@ -118,7 +126,7 @@ pub fn client_of(peer: &str) -> &str {
 #[derive(Debug)]
 pub struct LogOnce {
     /// Client → bit set of the limits already logged for it.
-    clients: HashMap<Box<str>, u8>,
+    clients: HashMap<Box<str>, u16>,
     capacity: usize,
 }
 
@@ -200,7 +208,7 @@ pub struct ConnectionLimits<'a> {
     hits: &'a LimitHits,
     peer: &'a str,
     /// Bit set of the limits this connection already passed to the log-once set.
-    noted: u8,
+    noted: u16,
 }
 
 impl<'a> ConnectionLimits<'a> {

@@ -48,6 +48,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Requests (header and payload) from this size on are read up to their end and no further.
 const LARGE_REQUEST_BYTES: usize = READ_CHUNK_BYTES;
+/// How long replies may wait with no byte of them taken once the client has closed its sending
+/// side, whatever the idle timeout (or none). A TCP client that shuts down both directions
+/// while its receive window is zero reads what was queued without reopening the window and
+/// closes with nothing unread: its kernel then keeps the connection in FIN-WAIT-2 at that
+/// zero window for `tcp_fin_timeout` (60 s), answering our window probes, and no reset comes
+/// until it is gone. Without a bound the connection held its seat for minutes.
+pub const HALF_CLOSED_REPLY_STALL: Duration = Duration::from_secs(10);
 /// READs at least this long are sent from the page cache with `sendfile` when all cached. Below
 /// it the copy is cheap and one writev carries many replies, where each file range would take
 /// a system call of its own.
@@ -169,8 +176,11 @@ struct Connection<'s, R, W> {
     /// Out of room with input waiting; a hit is counted when this turns true.
     blocked: bool,
     idle: Option<IdleTimer>,
-    /// Expires once replies have waited with no byte of them taken for the idle timeout.
+    /// Expires once replies have waited with no byte of them taken for the idle timeout, or
+    /// for [`HALF_CLOSED_REPLY_STALL`] once the client has closed its sending side.
     reply_stall: Option<IdleTimer>,
+    /// `reply_stall` is the bound that follows the client's half-close.
+    half_closed: bool,
     /// The client's socket, for its send queue (see `send_queue`).
     socket_fd: RawFd,
     /// The socket's send queue when last looked at while replies waited (see `send_queue`).
@@ -239,6 +249,7 @@ where
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
         reply_stall: config.idle_timeout.map(IdleTimer::new),
+        half_closed: false,
         socket_fd: client.socket_fd,
         last_queued_bytes: None,
         abandon_replies: false,
@@ -282,9 +293,15 @@ where
             return TransmissionEnd::Io(e);
         }
     }
-    // A TLS shutdown sends what it still holds first: a client that stopped reading would
-    // hold it for good.
-    if !conn.abandon_replies {
+    if conn.abandon_replies {
+        // What the client left untaken is dropped: a reset at close frees both kernels'
+        // buffers now, instead of ours probing a zero window (see HALF_CLOSED_REPLY_STALL).
+        if let Err(e) = send_queue::discard_on_close(conn.socket_fd) {
+            tracing::debug!(peer = %session.peer, error = %e, "could not drop the unsent replies at close");
+        }
+    } else {
+        // A TLS shutdown sends what it still holds first: a client that stopped reading would
+        // hold it for good.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.writer.shutdown()).await;
     }
     conn.end.take().unwrap_or(TransmissionEnd::Eof)
@@ -545,6 +562,7 @@ where
                         TransmissionEnd::Truncated
                     };
                     self.end = Some(end);
+                    self.bound_half_closed_stall();
                     progress = true;
                 }
                 Poll::Ready(Ok(_)) => progress = true,
@@ -613,12 +631,31 @@ where
             return false;
         }
         let idle_secs = stall.timeout().as_secs();
-        self.limit_hits.hit(Limit::RepliesUnread);
+        self.limit_hits.hit(if self.half_closed {
+            Limit::RepliesUnreadHalfClosed
+        } else {
+            Limit::RepliesUnread
+        });
         self.abandon_replies = true;
         // A protocol error or a disconnect already ending it stays the reason.
         self.end
             .get_or_insert(TransmissionEnd::RepliesUnread { idle_secs });
         true
+    }
+
+    /// The client closed its sending side: the replies still to come get at most
+    /// [`HALF_CLOSED_REPLY_STALL`] without a byte taken (a shorter idle timeout stays).
+    fn bound_half_closed_stall(&mut self) {
+        if self
+            .reply_stall
+            .as_ref()
+            .is_some_and(|stall| stall.timeout() <= HALF_CLOSED_REPLY_STALL)
+        {
+            return;
+        }
+        self.reply_stall = Some(IdleTimer::new(HALF_CLOSED_REPLY_STALL));
+        self.half_closed = true;
+        self.last_queued_bytes = None;
     }
 
     /// Accounts for a finished request; returns its reply.
@@ -895,6 +932,13 @@ mod tests {
     use super::*;
 
     const HEADER: usize = 28;
+
+    #[test]
+    fn the_half_closed_limit_logs_the_bound_it_enforces() {
+        let seconds = format!("for {} s", HALF_CLOSED_REPLY_STALL.as_secs());
+        let description = Limit::RepliesUnreadHalfClosed.description();
+        assert!(description.ends_with(&seconds), "{description}");
+    }
 
     #[test]
     fn a_large_request_is_read_with_the_next_header_and_no_further() {
