@@ -67,8 +67,10 @@ fn random_hostile_sessions_leave_the_daemon_serving_and_data_intact() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
+    // A client gone at a zero window leaves its connection for up to two of the daemon's
+    // 10 s bounds on replies left untaken (see limits.rs).
     assert!(
-        wait_until(Duration::from_secs(30), || open_connections() == 0.0),
+        wait_until(Duration::from_secs(60), || open_connections() == 0.0),
         "{} connections still open after the hostile clients left (seed {seed:#x})",
         open_connections()
     );

@@ -28,9 +28,10 @@ pub enum Limit {
     IdleTimeout,
     /// `--idle-timeout-secs` too: the client took no byte of its waiting replies for that long.
     RepliesUnread,
-    /// The client closed its sending side and took no byte of its waiting replies for
-    /// `nbd::transmission::HALF_CLOSED_REPLY_STALL`.
-    RepliesUnreadHalfClosed,
+    /// The connection was closing on its client's account (end of stream, NBD_CMD_DISC, a
+    /// protocol violation) and the client took no byte of its waiting replies for
+    /// `nbd::transmission::CLOSING_REPLY_STALL`.
+    RepliesUnreadAtClose,
     /// `--max-inflight-requests`: the server stopped reading the connection.
     InflightRequests,
     /// `--max-inflight-mib`: the server stopped reading the connection.
@@ -46,7 +47,7 @@ impl Limit {
         Limit::HandshakeTimeout,
         Limit::IdleTimeout,
         Limit::RepliesUnread,
-        Limit::RepliesUnreadHalfClosed,
+        Limit::RepliesUnreadAtClose,
         Limit::InflightRequests,
         Limit::InflightBytes,
         Limit::RequestSize,
@@ -60,7 +61,7 @@ impl Limit {
             Limit::HandshakeTimeout => "handshake_timeout",
             Limit::IdleTimeout => "idle_timeout",
             Limit::RepliesUnread => "replies_unread",
-            Limit::RepliesUnreadHalfClosed => "replies_unread_half_closed",
+            Limit::RepliesUnreadAtClose => "replies_unread_at_close",
             Limit::InflightRequests => "inflight_requests",
             Limit::InflightBytes => "inflight_bytes",
             Limit::RequestSize => "request_size",
@@ -77,8 +78,8 @@ impl Limit {
             Limit::RepliesUnread => {
                 "connection closed: the client took no byte of its replies for idle_timeout_secs"
             }
-            Limit::RepliesUnreadHalfClosed => {
-                "connection closed: the client had closed its sending side and took no byte of its replies for 10 s"
+            Limit::RepliesUnreadAtClose => {
+                "connection closed: the client had ended it (end of stream, NBD_CMD_DISC or a protocol violation) and took no byte of its replies for 10 s"
             }
             Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
             Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",

@@ -48,13 +48,14 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Requests (header and payload) from this size on are read up to their end and no further.
 const LARGE_REQUEST_BYTES: usize = READ_CHUNK_BYTES;
-/// How long replies may wait with no byte of them taken once the client has closed its sending
-/// side, whatever the idle timeout (or none). A TCP client that shuts down both directions
-/// while its receive window is zero reads what was queued without reopening the window and
-/// closes with nothing unread: its kernel then keeps the connection in FIN-WAIT-2 at that
-/// zero window for `tcp_fin_timeout` (60 s), answering our window probes, and no reset comes
-/// until it is gone. Without a bound the connection held its seat for minutes.
-pub const HALF_CLOSED_REPLY_STALL: Duration = Duration::from_secs(10);
+/// How long replies may wait with no byte of them taken once the connection is closing on the
+/// client's account (its end of stream, NBD_CMD_DISC, a protocol violation), whatever the idle
+/// timeout (or none). A TCP client that shuts down both directions while its receive window is
+/// zero reads what was queued without reopening the window and closes with nothing unread: its
+/// kernel then keeps the connection in FIN-WAIT-2 at that zero window for `tcp_fin_timeout`
+/// (60 s), answering our window probes, and no reset comes until it is gone. Without a bound
+/// the connection held its seat for minutes.
+pub const CLOSING_REPLY_STALL: Duration = Duration::from_secs(10);
 /// READs at least this long are sent from the page cache with `sendfile` when all cached. Below
 /// it the copy is cheap and one writev carries many replies, where each file range would take
 /// a system call of its own.
@@ -177,10 +178,10 @@ struct Connection<'s, R, W> {
     blocked: bool,
     idle: Option<IdleTimer>,
     /// Expires once replies have waited with no byte of them taken for the idle timeout, or
-    /// for [`HALF_CLOSED_REPLY_STALL`] once the client has closed its sending side.
+    /// for [`CLOSING_REPLY_STALL`] once the client has ended the connection.
     reply_stall: Option<IdleTimer>,
-    /// `reply_stall` is the bound that follows the client's half-close.
-    half_closed: bool,
+    /// `reply_stall` is bounded for a closing connection (see `bound_closing_stall`).
+    closing_stall: bool,
     /// The client's socket, for its send queue (see `send_queue`).
     socket_fd: RawFd,
     /// The socket's send queue when last looked at while replies waited (see `send_queue`).
@@ -249,7 +250,7 @@ where
         blocked: false,
         idle: config.idle_timeout.map(IdleTimer::new),
         reply_stall: config.idle_timeout.map(IdleTimer::new),
-        half_closed: false,
+        closing_stall: false,
         socket_fd: client.socket_fd,
         last_queued_bytes: None,
         abandon_replies: false,
@@ -273,6 +274,7 @@ where
         // Both exits of this loop start the drain before the socket is dropped: a hang-up
         // reported after that finds the seat draining and raises nothing.
         if conn.end.is_some() {
+            conn.bound_closing_stall();
             // The client may already be reconnecting: fence off its writes still in flight.
             if matches!(conn.end, Some(TransmissionEnd::Disconnect)) {
                 conn.drain.client_disconnecting();
@@ -295,7 +297,7 @@ where
     }
     if conn.abandon_replies {
         // What the client left untaken is dropped: a reset at close frees both kernels'
-        // buffers now, instead of ours probing a zero window (see HALF_CLOSED_REPLY_STALL).
+        // buffers now, instead of ours probing a zero window (see CLOSING_REPLY_STALL).
         if let Err(e) = send_queue::discard_on_close(conn.socket_fd) {
             tracing::debug!(peer = %session.peer, error = %e, "could not drop the unsent replies at close");
         }
@@ -562,7 +564,6 @@ where
                         TransmissionEnd::Truncated
                     };
                     self.end = Some(end);
-                    self.bound_half_closed_stall();
                     progress = true;
                 }
                 Poll::Ready(Ok(_)) => progress = true,
@@ -631,8 +632,8 @@ where
             return false;
         }
         let idle_secs = stall.timeout().as_secs();
-        self.limit_hits.hit(if self.half_closed {
-            Limit::RepliesUnreadHalfClosed
+        self.limit_hits.hit(if self.closing_stall {
+            Limit::RepliesUnreadAtClose
         } else {
             Limit::RepliesUnread
         });
@@ -643,18 +644,28 @@ where
         true
     }
 
-    /// The client closed its sending side: the replies still to come get at most
-    /// [`HALF_CLOSED_REPLY_STALL`] without a byte taken (a shorter idle timeout stays).
-    fn bound_half_closed_stall(&mut self) {
-        if self
+    /// Once the client has ended the connection, the replies still to come get at most
+    /// [`CLOSING_REPLY_STALL`] without a byte taken (a shorter idle timeout stays). Shutdown
+    /// keeps to its own grace period.
+    fn bound_closing_stall(&mut self) {
+        let client_ended = matches!(
+            self.end,
+            Some(
+                TransmissionEnd::Eof
+                    | TransmissionEnd::Truncated
+                    | TransmissionEnd::Disconnect
+                    | TransmissionEnd::Protocol(_)
+            )
+        );
+        let bounded = self
             .reply_stall
             .as_ref()
-            .is_some_and(|stall| stall.timeout() <= HALF_CLOSED_REPLY_STALL)
-        {
+            .is_some_and(|stall| stall.timeout() <= CLOSING_REPLY_STALL);
+        if !client_ended || bounded {
             return;
         }
-        self.reply_stall = Some(IdleTimer::new(HALF_CLOSED_REPLY_STALL));
-        self.half_closed = true;
+        self.reply_stall = Some(IdleTimer::new(CLOSING_REPLY_STALL));
+        self.closing_stall = true;
         self.last_queued_bytes = None;
     }
 
@@ -934,9 +945,9 @@ mod tests {
     const HEADER: usize = 28;
 
     #[test]
-    fn the_half_closed_limit_logs_the_bound_it_enforces() {
-        let seconds = format!("for {} s", HALF_CLOSED_REPLY_STALL.as_secs());
-        let description = Limit::RepliesUnreadHalfClosed.description();
+    fn the_closing_limit_logs_the_bound_it_enforces() {
+        let seconds = format!("for {} s", CLOSING_REPLY_STALL.as_secs());
+        let description = Limit::RepliesUnreadAtClose.description();
         assert!(description.ends_with(&seconds), "{description}");
     }
 
