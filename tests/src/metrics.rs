@@ -33,3 +33,13 @@ pub fn value(text: &str, series: &str) -> f64 {
         .next()
         .unwrap_or(0.0)
 }
+
+/// Client connections the daemon still serves: `evsd_connection_thread_connections` summed over
+/// its connection threads.
+pub fn open_connections(addr: SocketAddr) -> f64 {
+    scrape(addr)
+        .lines()
+        .filter(|l| l.starts_with("evsd_connection_thread_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

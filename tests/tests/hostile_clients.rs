@@ -60,13 +60,7 @@ fn random_hostile_sessions_leave_the_daemon_serving_and_data_intact() {
     );
     // Every hostile connection is closed, none is left holding a seat.
     let metrics = d.metrics_addr().expect("the daemon serves metrics");
-    let open_connections = || {
-        let text = evsd_e2e::metrics::scrape(metrics);
-        text.lines()
-            .filter(|l| l.starts_with("evsd_connection_thread_connections{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let open_connections = || evsd_e2e::metrics::open_connections(metrics);
     // A client gone at a zero window leaves its connection for up to two of the daemon's
     // 10 s bounds on replies left untaken (see limits.rs).
     assert!(
