@@ -17,7 +17,8 @@ pub use handshake::{
 };
 pub use reply::{Extent, ReplyTo};
 pub use request::{
-    decode_request, request_header_len, Command, ExportLimits, Request, RequestError,
+    decode_request, encode_request, request_header_len, Command, ExportLimits, Request,
+    RequestError,
 };
 
 /// The reply format negotiated for a connection; it also fixes the request header size.

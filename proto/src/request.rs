@@ -140,7 +140,8 @@ pub fn decode_request(buf: &[u8], mode: ReplyMode) -> Result<Option<Request>, Re
     }))
 }
 
-/// Encodes a request header (used by tests, benchmarks and fuzz seeds).
+/// Encodes a request header (used by tests, benchmarks and fuzz seeds, and by the server to
+/// re-queue the rest of a WRITE whose payload stopped landing in place).
 pub fn encode_request(req: &Request, mode: ReplyMode, out: &mut Vec<u8>) {
     let extended = mode == ReplyMode::Extended;
     out.extend_from_slice(

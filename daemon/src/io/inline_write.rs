@@ -95,6 +95,19 @@ impl InlineWrites {
         self.started.elapsed().as_micros() as u64
     }
 
+    /// Whether inline writes are on and not paused.
+    pub(crate) fn allowed(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+            && self.now_us() >= self.paused_until_us.load(Ordering::Relaxed)
+    }
+
+    /// Counts a copy into the page cache made elsewhere as an inline write of that duration.
+    pub(crate) fn observe(&self, took: Duration) {
+        if took > SLOW_WRITE {
+            self.slow_write(took);
+        }
+    }
+
     /// `Some(result)` when the write was done here, `None` when the caller must queue it.
     pub(crate) fn try_write(
         &self,
@@ -116,10 +129,7 @@ impl InlineWrites {
         offset: u64,
         data: &[u8],
     ) -> Option<io::Result<usize>> {
-        if data.is_empty()
-            || !self.enabled.load(Ordering::Relaxed)
-            || self.now_us() < self.paused_until_us.load(Ordering::Relaxed)
-        {
+        if data.is_empty() || !self.allowed() {
             return None;
         }
         let began = Instant::now();
@@ -129,10 +139,7 @@ impl InlineWrites {
                 other => break other,
             }
         };
-        let took = began.elapsed();
-        if took > SLOW_WRITE {
-            self.slow_write(took);
-        }
+        self.observe(began.elapsed());
         Some(result)
     }
 }

@@ -315,6 +315,20 @@ impl IoEngine {
         self.read_into(file, offset, buf, 0).await
     }
 
+    /// Whether a caller may copy into the page cache on its own thread now: inline page-cache
+    /// I/O is on and not paused by slow writes (see `InlineWrites`). For writes received in
+    /// place (`storage::volume::in_place`), which report their copies' times with
+    /// [`IoEngine::copied_inline`].
+    pub fn copies_inline_now(&self) -> bool {
+        self.inline_writes.allowed()
+    }
+
+    /// Counts a copy into the page cache done outside the engine, as inline writes are counted:
+    /// slow ones pause inline copies for a while.
+    pub fn copied_inline(&self, took: std::time::Duration) {
+        self.inline_writes.observe(took);
+    }
+
     /// Whether all of the range is in the page cache, so that sending it from there does not
     /// wait for the disk. False when unsure, and always when inline page-cache I/O is off.
     pub fn all_cached(&self, file: &File, offset: u64, length: u64) -> bool {

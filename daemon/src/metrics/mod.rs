@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 pub use labels::Kind;
 use labels::{ReasonLabels, ThreadLabels, VolumeKindLabels, VolumeLabels};
 pub use limits::{ConnectionLimits, Limit, LimitHits};
-pub use volume::VolumeMetrics;
+pub use volume::{RequestGuard, VolumeMetrics};
 
 /// Request latency buckets: 10 µs (a page-cache hit) up to ~1.5 s (a slow flush) by factors of 2.5.
 fn latency_histogram() -> Histogram {
@@ -43,6 +43,7 @@ pub struct Metrics {
     fence_wait_seconds: Family<VolumeLabels, Counter<f64, AtomicU64>>,
     hangup_fences: Family<VolumeLabels, Counter>,
     read_bytes_from_cache: Family<VolumeLabels, Counter>,
+    write_bytes_in_place: Family<VolumeLabels, Counter>,
     accepted: Counter,
     thread_connections: Family<ThreadLabels, Gauge>,
     refused: Family<ReasonLabels, Counter>,
@@ -80,6 +81,7 @@ impl Metrics {
         let fence_wait_seconds = Family::<VolumeLabels, Counter<f64, AtomicU64>>::default();
         let hangup_fences = Family::<VolumeLabels, Counter>::default();
         let read_bytes_from_cache = Family::<VolumeLabels, Counter>::default();
+        let write_bytes_in_place = Family::<VolumeLabels, Counter>::default();
         let accepted = Counter::default();
         let thread_connections = Family::<ThreadLabels, Gauge>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
@@ -136,6 +138,11 @@ impl Metrics {
             read_bytes_from_cache.clone(),
         );
         registry.register(
+            "evsd_volume_write_bytes_received_in_place",
+            "WRITE bytes received from the client's socket straight into the volume's page cache, never copied into a buffer, counted as they land",
+            write_bytes_in_place.clone(),
+        );
+        registry.register(
             "evsd_connections_accepted",
             "Client connections accepted and served",
             accepted.clone(),
@@ -174,6 +181,7 @@ impl Metrics {
             fence_wait_seconds,
             hangup_fences,
             read_bytes_from_cache,
+            write_bytes_in_place,
             accepted,
             thread_connections,
             refused,
@@ -302,6 +310,7 @@ impl Metrics {
         self.fence_wait_seconds.remove(&labels);
         self.hangup_fences.remove(&labels);
         self.read_bytes_from_cache.remove(&labels);
+        self.write_bytes_in_place.remove(&labels);
     }
 
     /// Exports the I/O engine's count of large-write bytes copied by the connections' own

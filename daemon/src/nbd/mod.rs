@@ -5,6 +5,7 @@ pub mod connection;
 mod drain;
 pub mod handshake;
 mod idle;
+mod in_place;
 pub mod replies;
 mod send_queue;
 mod sendfile;

@@ -7,11 +7,12 @@ use tokio_rustls::server::TlsStream;
 
 use std::os::fd::{AsRawFd, RawFd};
 
+use crate::nbd::in_place::ReceiveInPlace;
 use crate::nbd::sendfile::SendFile;
 
 /// A connected stream that can be split into a reading and a writing half.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Reader: AsyncRead + ReceiveInPlace + Unpin + Send + 'static;
     type Writer: AsyncWrite + SendFile + Unpin + Send + 'static;
 
     fn into_halves(self) -> (Self::Reader, Self::Writer);

@@ -18,8 +18,8 @@ use evsd_proto::consts::{
     CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
 };
 use evsd_proto::{
-    decode_request, reply, request_header_len, Command, Errno, ExportLimits, MetaContext,
-    Negotiated, ReplyMode, ReplyTo, Request,
+    decode_request, encode_request, reply, request_header_len, Command, Errno, ExportLimits,
+    MetaContext, Negotiated, ReplyMode, ReplyTo, Request,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -31,6 +31,7 @@ use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
 use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
+use crate::nbd::in_place::{InPlaceWrite, Landing, ReceiveInPlace};
 use crate::nbd::replies::{self, Frame, Piece};
 use crate::nbd::send_queue;
 use crate::nbd::sendfile::SendFile;
@@ -192,6 +193,14 @@ struct Connection<'s, R, W> {
     gave_up: bool,
     /// Raises the volume's write fence while this connection drains writes after its end.
     drain: Drain<'s>,
+    /// Large WRITE payloads may be received straight into the page cache (see `in_place`).
+    receives_in_place: bool,
+    /// The WRITE whose payload is being received in place; the socket holds nothing else
+    /// until it is all in.
+    in_place: Option<InPlaceWrite<'s>>,
+    /// The request at the front of the input covers the rest of a payload that stopped being
+    /// received in place: it is read the ordinary way.
+    rest_follows: bool,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -208,7 +217,7 @@ pub async fn serve<R, W>(
     shutdown: Shutdown,
 ) -> TransmissionEnd
 where
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + ReceiveInPlace + Unpin + Send,
     W: AsyncWrite + SendFile + Unpin + Send,
 {
     let mode = negotiated.mode;
@@ -233,6 +242,7 @@ where
         },
         session: &session,
         header_len: request_header_len(mode),
+        receives_in_place: client.reader.receives_in_place(),
         reader: client.reader,
         writer: client.writer,
         input: client.buffered,
@@ -256,6 +266,8 @@ where
         abandon_replies: false,
         gave_up: false,
         drain: Drain::new(session.volume.fence(), attachment.seat()),
+        in_place: None,
+        rest_follows: false,
     };
     let cancelled = shutdown.stop.cancelled();
     tokio::pin!(cancelled);
@@ -311,7 +323,7 @@ where
 
 impl<'s, R, W> Connection<'s, R, W>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + ReceiveInPlace + Unpin,
     W: AsyncWrite + SendFile + Unpin,
 {
     /// Whether another request may start. Replies not yet written count against the byte budget
@@ -342,6 +354,9 @@ where
     /// until then, with room reserved for the payload). A payload over the limit ends the
     /// connection.
     fn take_request(&mut self) -> Result<Option<(Request, Bytes)>, TransmissionEnd> {
+        if self.in_place.is_some() {
+            return Ok(None);
+        }
         let mode = self.session.mode;
         let Some(request) = decode_request(&self.input, mode)? else {
             return Ok(None);
@@ -353,6 +368,9 @@ where
         let payload_len = request.payload_len(mode) as usize;
         let needed = self.header_len + payload_len;
         if self.input.len() < needed {
+            if needed >= LARGE_REQUEST_BYTES && self.start_in_place(request) {
+                return Ok(None);
+            }
             if needed >= LARGE_REQUEST_BYTES {
                 // The payload and the next request's header, read with its end.
                 let additional = needed + self.header_len - self.input.len();
@@ -362,10 +380,118 @@ where
             return Ok(None);
         }
         self.incomplete_bytes = 0;
+        self.rest_follows = false;
         self.last_was_large = needed >= LARGE_REQUEST_BYTES;
         self.input.advance(self.header_len);
         let payload = self.input.split_to(payload_len).freeze();
         Ok(Some((request, payload)))
+    }
+
+    /// Starts receiving a large WRITE's payload in place when it qualifies (see `in_place`): the
+    /// part read with the header is written now, and the rest lands as the socket gets it.
+    /// The request is checked here as `start_requests` checks requests, so nothing out of
+    /// range or refused lands; one that fails the checks is read the ordinary way and refused.
+    fn start_in_place(&mut self, request: Request) -> bool {
+        if !self.receives_in_place
+            || self.end.is_some()
+            || self.rest_follows
+            || request.command != Command::Write
+            || self.input.len() < self.header_len
+            || self.limits.validate(&request).is_err()
+        {
+            return false;
+        }
+        let volume = &self.session.volume;
+        self.fence_departed();
+        if volume.fence().is_raised() {
+            // Writes wait at the fence; this one goes where the waiting is done.
+            return false;
+        }
+        let Some(head) = volume.in_place_head(request.offset, request.length) else {
+            return false;
+        };
+        let metrics = self.session.metrics;
+        let read = &self.input[self.header_len..];
+        let Some(write) =
+            InPlaceWrite::start(volume, request, head, read, || metrics.start(Kind::Write))
+        else {
+            return false;
+        };
+        metrics.received_in_place(write.landed_bytes());
+        self.input.clear();
+        self.incomplete_bytes = 0;
+        self.in_place = Some(write);
+        true
+    }
+
+    /// Receives what the socket holds of the payload landing in place; true when something
+    /// came of it.
+    fn poll_in_place(&mut self, cx: &mut Context<'_>) -> std::io::Result<bool> {
+        let Some(write) = self.in_place.as_mut() else {
+            return Ok(false);
+        };
+        let before = write.landed_bytes();
+        let landing = write.poll_land(cx, &mut self.reader, &self.session.volume);
+        self.session
+            .metrics
+            .received_in_place(write.landed_bytes() - before);
+        match landing {
+            Poll::Pending => Ok(false),
+            Poll::Ready(Landing::Progress) => Ok(true),
+            Poll::Ready(Landing::Complete) => {
+                self.complete_in_place();
+                Ok(true)
+            }
+            Poll::Ready(Landing::Eof) => {
+                self.in_place = None;
+                self.end = Some(TransmissionEnd::Truncated);
+                Ok(true)
+            }
+            Poll::Ready(Landing::Rest(rest)) => {
+                // The input is empty while a payload lands in place: the rest's header goes
+                // in front of its bytes, still in the socket, as if the client had sent it.
+                let mut header = Vec::with_capacity(self.header_len);
+                encode_request(&rest, self.session.mode, &mut header);
+                self.input.extend_from_slice(&header);
+                self.rest_follows = true;
+                self.in_place = None;
+                Ok(true)
+            }
+            Poll::Ready(Landing::Failed(e)) => Err(e),
+        }
+    }
+
+    /// A payload is all in: the WRITE is answered once FUA's flush, if asked for, is done.
+    fn complete_in_place(&mut self) {
+        let Some(write) = self.in_place.take() else {
+            return;
+        };
+        self.last_was_large = true;
+        let session = self.session;
+        let request = write.request;
+        let to = ReplyTo {
+            cookie: request.cookie,
+            offset: request.offset,
+        };
+        self.inflight.push(Box::pin(async move {
+            let flushed = if request.has_flag(CMD_FLAG_FUA) {
+                session.volume.flush().await
+            } else {
+                Ok(())
+            };
+            let (frame, ok) = match flushed {
+                Ok(()) => (replies::ok(session.mode, to), true),
+                Err(e) => failure_reply(session, to, &e),
+            };
+            write
+                .counted
+                .finish(request.length, ok, write.started.elapsed());
+            Done {
+                frame,
+                held_bytes: 0,
+                changed_data: false,
+            }
+        }));
     }
 
     /// Decodes every complete request in the input and starts it, while there is room.
@@ -546,7 +672,11 @@ where
         if !had_room && self.has_room() {
             progress = true;
         }
-        if self.end.is_none() && self.has_room() {
+        if self.in_place.is_some() {
+            if self.end.is_none() && self.poll_in_place(cx)? {
+                progress = true;
+            }
+        } else if self.end.is_none() && self.has_room() {
             // No more than the read may take: the end of a large payload fits already.
             let max_bytes = read_limit(
                 self.input.len(),
@@ -883,20 +1013,27 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
     };
     match result {
         Ok(frame) => (frame, true),
-        Err(e) => {
-            let errno = e.to_errno();
-            // FAST_ZERO refusals are part of normal operation. Otherwise one warning per
-            // connection: a full disk fails every write, and the log must not drown in them.
-            if errno != evsd_proto::Errno::NotSup {
-                if session.warned_failure.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(peer = %session.peer, volume = volume.name(), error = %e, "request failed");
-                } else {
-                    tracing::warn!(peer = %session.peer, volume = volume.name(), error = %e, "request failed (further failures on this connection are logged at debug level)");
-                }
-            }
-            (replies::error(mode, to, errno, &e.to_string()), false)
+        Err(e) => failure_reply(session, to, &e),
+    }
+}
+
+/// The error reply to a request that failed, logged as `execute` logs failures.
+fn failure_reply(session: &Session<'_>, to: ReplyTo, e: &StorageError) -> (Frame, bool) {
+    let errno = e.to_errno();
+    // FAST_ZERO refusals are part of normal operation. Otherwise one warning per connection:
+    // a full disk fails every write, and the log must not drown in them.
+    if errno != evsd_proto::Errno::NotSup {
+        let volume = session.volume.name();
+        if session.warned_failure.swap(true, Ordering::Relaxed) {
+            tracing::debug!(peer = %session.peer, volume, error = %e, "request failed");
+        } else {
+            tracing::warn!(peer = %session.peer, volume, error = %e, "request failed (further failures on this connection are logged at debug level)");
         }
     }
+    (
+        replies::error(session.mode, to, errno, &e.to_string()),
+        false,
+    )
 }
 
 /// The file range a large READ can be sent from, when this socket takes file ranges and the

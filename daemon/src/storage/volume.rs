@@ -22,6 +22,9 @@ use crate::storage::persist::ManifestPersist;
 use crate::storage::restore_mark::RestoreMark;
 use crate::storage::stripes::Stripes;
 
+mod in_place;
+pub use in_place::InPlaceHead;
+
 /// Allocation bits of a `StatusQuery::Allocation` extent.
 pub const EXTENT_HOLE: u32 = 1;
 pub const EXTENT_ZERO: u32 = 2;

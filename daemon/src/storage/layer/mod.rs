@@ -6,10 +6,12 @@
 pub mod blockmap;
 pub mod chain;
 pub mod direct;
+pub mod mapped;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -33,6 +35,8 @@ pub struct Layer {
     /// Serialises syncs so a flush never returns while another flush's sync of the same layer
     /// is still running (it would otherwise see `dirty == false` too early).
     sync_lock: tokio::sync::Mutex<()>,
+    /// The data file mapped shared, for payloads received in place; mapped on first use.
+    mapped: mapped::MappedData,
 }
 
 impl std::fmt::Debug for Layer {
@@ -145,6 +149,7 @@ impl Layer {
             direct: direct::DirectFile::default(),
             dirty: AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(()),
+            mapped: mapped::MappedData::default(),
         })
     }
 
@@ -263,6 +268,14 @@ impl Layer {
 
     pub fn data(&self) -> &Arc<File> {
         &self.data
+    }
+
+    /// Where `offset_bytes..offset_bytes + length_bytes` of the data file sits in its shared
+    /// mapping; `None` when the file cannot be mapped or the range leaves it. Only the kernel
+    /// may copy into it (see `mapped`).
+    pub fn mapped_range(&self, offset_bytes: u64, length_bytes: u64) -> Option<NonNull<u8>> {
+        self.mapped
+            .range(&self.data, self.size_bytes, offset_bytes, length_bytes)
     }
 
     /// Writes `data` to the data file bypassing the page cache; `None` when it has to go

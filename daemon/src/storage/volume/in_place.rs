@@ -1,0 +1,262 @@
+//! Writes received in place: a large WRITE's payload goes from the client's socket straight into
+//! the head's page cache, through a shared mapping of the head's data file (`layer::mapped`). The
+//! kernel then copies each byte once (socket → page cache) where a buffer costs two (socket →
+//! buffer → page cache), and the copy into the page cache moves from the I/O engine's worker to
+//! the connection's thread, inside its `recv`.
+//!
+//! Only writes that need nothing else qualify: whole blocks the head already holds (a write there
+//! takes no stripe lock and changes no map, as in `Volume::write_blocks`) whose pages are all in
+//! the page cache (a write fault on a page that is not reads it from the disk first, where a
+//! `pwrite` of whole pages does not).
+//!
+//! The copy is done on the connection's thread, under the guard inline writes have (see
+//! `io::inline_write`): slow copies (dirty page throttling, a journal commit) pause receiving in
+//! place for a while, as they pause inline writes.
+//!
+//! What a write holds (the gate shared, its epoch) is held only while one `recv` lands bytes,
+//! never while the client is awaited: a client that stops halfway holds nothing. When a snapshot
+//! or a resize swaps the head between two of them, the caller writes the rest of the payload the
+//! ordinary way (into the new head); the frozen head keeps the part that landed before, as a
+//! crash at that instant would have left it.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
+
+use super::Volume;
+
+/// The head a write's payload is being received into.
+pub struct InPlaceHead {
+    layer: Arc<Layer>,
+}
+
+impl Volume {
+    /// The head to receive a write of `offset_bytes..offset_bytes + length_bytes` into, when
+    /// the whole range qualifies (see the module's comment); `None` sends the write the
+    /// ordinary way.
+    pub fn in_place_head(&self, offset_bytes: u64, length_bytes: u64) -> Option<InPlaceHead> {
+        self.writer.as_ref()?;
+        if !self.engine.copies_inline_now() {
+            return None;
+        }
+        if length_bytes == 0
+            || !offset_bytes.is_multiple_of(BLOCK_BYTES)
+            || !length_bytes.is_multiple_of(BLOCK_BYTES)
+        {
+            return None;
+        }
+        let end_bytes = offset_bytes.checked_add(length_bytes)?;
+        if end_bytes > self.size_bytes() {
+            return None;
+        }
+        let chain = self.chain();
+        let head = chain.top();
+        let blocks = offset_bytes / BLOCK_BYTES..end_bytes / BLOCK_BYTES;
+        if !blocks
+            .into_iter()
+            .all(|b| head.state(b) == BlockState::Data)
+        {
+            return None;
+        }
+        if !self
+            .engine
+            .all_cached(head.data(), offset_bytes, length_bytes)
+        {
+            return None;
+        }
+        head.mapped_range(offset_bytes, length_bytes)?;
+        Some(InPlaceHead {
+            layer: Arc::clone(head),
+        })
+    }
+
+    /// Lands up to `length_bytes` at `offset_bytes` in `head`: `land` is given where they go in
+    /// the head's mapping and returns how many it placed there. Only the kernel may copy them
+    /// (see `layer::mapped`). `None` when `head` is no longer the volume's head, a freeze or
+    /// resize is holding writes off, or slow copies paused copying here: the caller writes the
+    /// rest the ordinary way.
+    pub fn land_in_place(
+        &self,
+        head: &InPlaceHead,
+        offset_bytes: u64,
+        length_bytes: usize,
+        land: impl FnOnce(NonNull<u8>, usize) -> io::Result<usize>,
+    ) -> Option<io::Result<usize>> {
+        let at = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
+        self.holding_head(head, || land(at, length_bytes))
+    }
+
+    /// Writes bytes of the payload that were read into a buffer with its header, with
+    /// `pwrite` (a copy by the kernel, so an error comes back as one). `None` as for
+    /// [`Volume::land_in_place`].
+    pub fn land_read_in_place(
+        &self,
+        head: &InPlaceHead,
+        offset_bytes: u64,
+        data: &[u8],
+    ) -> Option<io::Result<()>> {
+        use std::os::unix::fs::FileExt;
+        self.holding_head(head, || head.layer.data().write_all_at(data, offset_bytes))
+    }
+
+    /// Runs `land` holding what a write holds, if `head` is still the head and copies on the
+    /// caller's thread are not paused.
+    fn holding_head<T>(
+        &self,
+        head: &InPlaceHead,
+        land: impl FnOnce() -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let writer = self.writer.as_ref()?;
+        if !self.engine.copies_inline_now() {
+            return None;
+        }
+        // A freeze or resize waiting for the gate makes this fail too (the lock is fair).
+        let _gate = writer.gate.try_read().ok()?;
+        let (chain, _epoch) = self.chain_for_write();
+        if !Arc::ptr_eq(chain.top(), &head.layer) {
+            return None;
+        }
+        let began = std::time::Instant::now();
+        let landed = land();
+        self.engine.copied_inline(began.elapsed());
+        // Marked before the epoch is left: a freeze waiting for it, and any later flush, see
+        // the layer dirty.
+        head.layer.mark_dirty();
+        Some(landed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use crate::storage::Registry;
+
+    const MIB: u64 = 1 << 20;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// `land_in_place` with a kernel copy, as the NBD side does: `recv` from a socket holding
+    /// the start of `data` (what fits in its buffer).
+    fn land(volume: &Volume, head: &InPlaceHead, offset: u64, data: &[u8]) -> Option<usize> {
+        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
+        let data = &data[..data.len().min(64 << 10)];
+        std::io::Write::write_all(&mut sender, data).unwrap();
+        let landed = volume.land_in_place(head, offset, data.len(), |at, length| {
+            // SAFETY: `at..at + length` is a live range of the head's mapping; only the kernel
+            // writes it.
+            let got = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&receiver),
+                    at.as_ptr().cast(),
+                    length,
+                    0,
+                )
+            };
+            if got < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(got as usize)
+            }
+        })?;
+        Some(landed.unwrap())
+    }
+
+    #[test]
+    fn only_whole_cached_blocks_the_head_holds_qualify_and_they_land_readable() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
+            let volume = registry.create("v", 4 * MIB).unwrap();
+            assert!(
+                volume.in_place_head(0, MIB).is_none(),
+                "blocks never written are not in the head"
+            );
+            volume
+                .write(0, Bytes::from(vec![1u8; 2 * MIB as usize]), false)
+                .await
+                .unwrap();
+            assert!(volume.in_place_head(512, MIB).is_none(), "unaligned start");
+            assert!(
+                volume.in_place_head(0, MIB - 512).is_none(),
+                "partial block"
+            );
+            assert!(volume.in_place_head(MIB, 2 * MIB).is_none(), "half absent");
+            assert!(volume.in_place_head(4 * MIB, MIB).is_none(), "past the end");
+            assert!(volume.in_place_head(0, 0).is_none(), "empty");
+            let head = volume.in_place_head(4096, MIB).expect("held and cached");
+
+            let data: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
+            let mut landed = 0;
+            while landed < data.len() {
+                landed += land(&volume, &head, 4096 + landed as u64, &data[landed..]).unwrap();
+            }
+            let read_data: &[u8] = &[7u8; 8192];
+            volume
+                .land_read_in_place(&head, MIB + 4096, read_data)
+                .unwrap()
+                .unwrap();
+            let back = volume.read(0, 2 * MIB as usize).await.unwrap();
+            assert!(back[..4096].iter().all(|&b| b == 1));
+            assert!(back[4096..4096 + MIB as usize] == data[..]);
+            assert!(back[MIB as usize + 4096..MIB as usize + 12288]
+                .iter()
+                .all(|&b| b == 7));
+            assert!(back[MIB as usize + 12288..].iter().all(|&b| b == 1));
+            assert!(volume.chain().top().is_dirty(), "a flush must sync it");
+            volume.flush().await.unwrap();
+            assert!(!volume.chain().top().is_dirty());
+        });
+    }
+
+    #[test]
+    fn a_new_head_between_two_landings_sends_the_rest_the_ordinary_way() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
+            let volume = registry.create("v", 4 * MIB).unwrap();
+            volume
+                .write(0, Bytes::from(vec![1u8; MIB as usize]), false)
+                .await
+                .unwrap();
+            let head = volume.in_place_head(0, MIB).unwrap();
+            assert_eq!(land(&volume, &head, 0, &[2u8; 8192]), Some(8192));
+            registry
+                .entry("v")
+                .unwrap()
+                .create_snapshot("s")
+                .await
+                .unwrap();
+            assert_eq!(
+                land(&volume, &head, 8192, &[2u8; 8192]),
+                None,
+                "the old head is frozen now"
+            );
+            assert!(volume
+                .land_read_in_place(&head, 8192, &[2u8; 8192])
+                .is_none());
+            // What landed before the snapshot is in it; nothing after.
+            let snapshot = registry.get("v@s").unwrap();
+            let frozen = snapshot.read(0, 16384).await.unwrap();
+            assert!(frozen[..8192].iter().all(|&b| b == 2));
+            assert!(frozen[8192..].iter().all(|&b| b == 1));
+            let read_only = registry.get("v@s").unwrap();
+            assert!(read_only.in_place_head(0, 4096).is_none(), "read-only view");
+        });
+    }
+}
