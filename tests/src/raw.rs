@@ -569,6 +569,54 @@ impl Raw {
     }
 }
 
+// -- any stream (Unix sockets too) -------------------------------------------
+
+/// Exactly `n` bytes from `s`.
+pub fn recv_exact<S: Read>(s: &mut S, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v)
+        .unwrap_or_else(|e| panic!("recv {n} bytes: {e}"));
+    v
+}
+
+pub fn send_option<S: Write>(s: &mut S, opt: u32, data: &[u8]) {
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend(opt.to_be_bytes());
+    b.extend((data.len() as u32).to_be_bytes());
+    b.extend(data);
+    s.write_all(&b).unwrap();
+}
+
+/// Option replies up to the ACK; panics on an error reply.
+pub fn until_ack<S: Read>(s: &mut S, opt: u32) {
+    loop {
+        let h = recv_exact(s, 20);
+        assert_eq!(be64(&h[0..8]), OPT_REPLY_MAGIC);
+        assert_eq!(be32(&h[8..12]), opt);
+        let typ = be32(&h[12..16]);
+        recv_exact(s, be32(&h[16..20]) as usize);
+        assert_eq!(typ & 0x8000_0000, 0, "option {opt} refused: {typ:#x}");
+        if typ == REP_ACK {
+            return;
+        }
+    }
+}
+
+/// Fixed newstyle with NO_ZEROES, `options` (each without data) acknowledged in turn, then GO
+/// on `export`.
+pub fn open_stream<S: Read + Write>(s: &mut S, export: &str, options: &[u32]) {
+    let greeting = recv_exact(s, 18);
+    assert_eq!(be64(&greeting[0..8]), NBDMAGIC);
+    s.write_all(&(CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    for &opt in options {
+        send_option(s, opt, &[]);
+        until_ack(s, opt);
+    }
+    send_option(s, OPT_GO, &Raw::go_payload(export, &[]));
+    until_ack(s, OPT_GO);
+}
+
 /// Check structured READ chunks: OFFSET_DATA/OFFSET_HOLE chunks must lie in
 /// [offset, offset+len), must not overlap, must cover it completely, and the
 /// last chunk carries DONE. Returns the data.

@@ -31,48 +31,14 @@ const READS: [(u64, u64, bool); 7] = [
 ];
 const ROUNDS: u64 = 3;
 
-fn recv<S: Read>(s: &mut S, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    s.read_exact(&mut v)
-        .unwrap_or_else(|e| panic!("recv {n} bytes: {e}"));
-    v
-}
-
-fn send_option<S: Write>(s: &mut S, opt: u32, data: &[u8]) {
-    let mut b = IHAVEOPT.to_be_bytes().to_vec();
-    b.extend(opt.to_be_bytes());
-    b.extend((data.len() as u32).to_be_bytes());
-    b.extend(data);
-    s.write_all(&b).unwrap();
-}
-
-/// Option replies up to the ACK; panics on an error reply.
-fn until_ack<S: Read>(s: &mut S, opt: u32) {
-    loop {
-        let h = recv(s, 20);
-        assert_eq!(be64(&h[0..8]), OPT_REPLY_MAGIC);
-        assert_eq!(be32(&h[8..12]), opt);
-        let typ = be32(&h[12..16]);
-        recv(s, be32(&h[16..20]) as usize);
-        assert_eq!(typ & 0x8000_0000, 0, "option {opt} refused: {typ:#x}");
-        if typ == REP_ACK {
-            return;
-        }
-    }
-}
-
 /// Fixed newstyle, NO_ZEROES, optionally structured replies, GO on `export`.
 fn open<S: Read + Write>(s: &mut S, export: &str, structured: bool) {
-    let greeting = recv(s, 18);
-    assert_eq!(be64(&greeting[0..8]), NBDMAGIC);
-    s.write_all(&(CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    if structured {
-        send_option(s, OPT_STRUCTURED_REPLY, &[]);
-        until_ack(s, OPT_STRUCTURED_REPLY);
-    }
-    send_option(s, OPT_GO, &Raw::go_payload(export, &[]));
-    until_ack(s, OPT_GO);
+    let options: &[u32] = if structured {
+        &[OPT_STRUCTURED_REPLY]
+    } else {
+        &[]
+    };
+    open_stream(s, export, options);
 }
 
 /// Sends every read of READS `ROUNDS` times at once, waits before reading anything, then checks
@@ -93,10 +59,10 @@ fn pipelined_reads<S: Read + Write>(s: &mut S, structured: bool, image: &[u8], w
     let mut got: HashMap<u64, Vec<u8>> = HashMap::new();
     while !wanted.is_empty() {
         let (cookie, done) = if structured {
-            let h = recv(s, 20);
+            let h = recv_exact(s, 20);
             assert_eq!(be32(&h[0..4]), STRUCTURED_REPLY_MAGIC, "{what}: {h:02x?}");
             let (flags, typ, cookie) = (be16(&h[4..6]), be16(&h[6..8]), be64(&h[8..16]));
-            let payload = recv(s, be32(&h[16..20]) as usize);
+            let payload = recv_exact(s, be32(&h[16..20]) as usize);
             let &(offset, len) = wanted
                 .get(&cookie)
                 .unwrap_or_else(|| panic!("{what}: chunk for unknown cookie {cookie}"));
@@ -111,14 +77,14 @@ fn pipelined_reads<S: Read + Write>(s: &mut S, structured: bool, image: &[u8], w
             }
             (cookie, flags & REPLY_FLAG_DONE != 0)
         } else {
-            let h = recv(s, 16);
+            let h = recv_exact(s, 16);
             assert_eq!(be32(&h[0..4]), SIMPLE_REPLY_MAGIC, "{what}: {h:02x?}");
             let (err, cookie) = (be32(&h[4..8]), be64(&h[8..16]));
             assert_eq!(err, 0, "{what}: READ {cookie} failed with error {err}");
             let &(_, len) = wanted
                 .get(&cookie)
                 .unwrap_or_else(|| panic!("{what}: reply for unknown cookie {cookie}"));
-            got.insert(cookie, recv(s, len as usize));
+            got.insert(cookie, recv_exact(s, len as usize));
             (cookie, true)
         };
         if done {
@@ -233,7 +199,7 @@ fn unix_connections_get_a_large_send_buffer() {
     unix.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     // The greeting comes after the buffer is set.
-    let greeting = recv(&mut unix, 18);
+    let greeting = recv_exact(&mut unix, 18);
     assert_eq!(&greeting[..8], b"NBDMAGIC");
     let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
         .unwrap()

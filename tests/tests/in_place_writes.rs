@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use evsd_e2e::admin::admin_ok;
+use evsd_e2e::admin::{admin_ok, assert_same};
 use evsd_e2e::metrics::{scrape, value};
 use evsd_e2e::raw::*;
 use evsd_e2e::*;
@@ -35,16 +35,12 @@ struct Client<S> {
 
 impl<S: Read + Write> Client<S> {
     fn open(mut s: S, export: &str, extended: bool) -> Client<S> {
-        let greeting = recv(&mut s, 18);
-        assert_eq!(be64(&greeting[0..8]), NBDMAGIC);
-        s.write_all(&(CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        if extended {
-            send_option(&mut s, OPT_EXTENDED_HEADERS, &[]);
-            until_ack(&mut s, OPT_EXTENDED_HEADERS);
-        }
-        send_option(&mut s, OPT_GO, &Raw::go_payload(export, &[]));
-        until_ack(&mut s, OPT_GO);
+        let options: &[u32] = if extended {
+            &[OPT_EXTENDED_HEADERS]
+        } else {
+            &[]
+        };
+        open_stream(&mut s, export, options);
         Client { s, extended }
     }
 
@@ -65,10 +61,10 @@ impl<S: Read + Write> Client<S> {
     /// The next reply to a request without data: (cookie, error).
     fn reply(&mut self) -> (u64, u32) {
         if self.extended {
-            let h = recv(&mut self.s, 32);
+            let h = recv_exact(&mut self.s, 32);
             assert_eq!(be32(&h[0..4]), EXT_REPLY_MAGIC, "{h:02x?}");
             let (flags, typ, cookie) = (be16(&h[4..6]), be16(&h[6..8]), be64(&h[8..16]));
-            let payload = recv(&mut self.s, be64(&h[24..32]) as usize);
+            let payload = recv_exact(&mut self.s, be64(&h[24..32]) as usize);
             assert_ne!(flags & REPLY_FLAG_DONE, 0, "one chunk per write reply");
             let err = if typ & ERR_TYPE_BIT != 0 {
                 be32(&payload[0..4])
@@ -77,7 +73,7 @@ impl<S: Read + Write> Client<S> {
             };
             (cookie, err)
         } else {
-            let h = recv(&mut self.s, 16);
+            let h = recv_exact(&mut self.s, 16);
             assert_eq!(be32(&h[0..4]), SIMPLE_REPLY_MAGIC, "{h:02x?}");
             (be64(&h[8..16]), be32(&h[4..8]))
         }
@@ -88,35 +84,6 @@ impl<S: Read + Write> Client<S> {
         for _ in 0..count {
             let (cookie, err) = self.reply();
             assert_eq!(err, 0, "{what}: request {cookie} failed with error {err}");
-        }
-    }
-}
-
-fn recv<S: Read>(s: &mut S, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    s.read_exact(&mut v)
-        .unwrap_or_else(|e| panic!("recv {n} bytes: {e}"));
-    v
-}
-
-fn send_option<S: Write>(s: &mut S, opt: u32, data: &[u8]) {
-    let mut b = IHAVEOPT.to_be_bytes().to_vec();
-    b.extend(opt.to_be_bytes());
-    b.extend((data.len() as u32).to_be_bytes());
-    b.extend(data);
-    s.write_all(&b).unwrap();
-}
-
-fn until_ack<S: Read>(s: &mut S, opt: u32) {
-    loop {
-        let h = recv(s, 20);
-        assert_eq!(be64(&h[0..8]), OPT_REPLY_MAGIC);
-        assert_eq!(be32(&h[8..12]), opt);
-        let typ = be32(&h[12..16]);
-        recv(s, be32(&h[16..20]) as usize);
-        assert_eq!(typ & 0x8000_0000, 0, "option {opt} refused: {typ:#x}");
-        if typ == REP_ACK {
-            return;
         }
     }
 }
@@ -202,13 +169,6 @@ fn client_flush(extended: bool) -> Vec<u8> {
         Raw::ext_request_bytes(0, CMD_FLUSH, 901, 0, 0)
     } else {
         Raw::request_bytes(0, CMD_FLUSH, 901, 0, 0)
-    }
-}
-
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first differing byte at {at} of {}", got.len());
     }
 }
 

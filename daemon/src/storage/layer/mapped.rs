@@ -62,6 +62,24 @@ mod tests {
 
     use super::*;
 
+    /// One `recv` of up to `length` bytes from `receiver` into `at`, as the daemon does.
+    fn recv_into(
+        receiver: &std::os::unix::net::UnixStream,
+        at: NonNull<u8>,
+        length: usize,
+    ) -> isize {
+        // SAFETY: the callers pass the start of a live `length`-byte range of a mapping that
+        // only the kernel writes.
+        unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(receiver),
+                at.as_ptr().cast(),
+                length,
+                0,
+            )
+        }
+    }
+
     #[test]
     fn a_range_points_into_the_file_and_ranges_past_its_end_are_refused() {
         let file = tempfile::tempfile().unwrap();
@@ -71,17 +89,7 @@ mod tests {
         // The kernel copies into the range, as `recv` does in the daemon.
         let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut sender, &[9u8; 4096]).unwrap();
-        // SAFETY: `at` is the start of a live 4096-byte range of the mapping; only the kernel
-        // writes it.
-        let got = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&receiver),
-                at.as_ptr().cast(),
-                4096,
-                0,
-            )
-        };
-        assert_eq!(got, 4096);
+        assert_eq!(recv_into(&receiver, at, 4096), 4096);
         let mut back = [0u8; 4096];
         file.read_exact_at(&mut back, 8192).unwrap();
         assert!(back.iter().all(|&b| b == 9), "the bytes landed in the file");
@@ -103,16 +111,8 @@ mod tests {
         file.set_len(4096).unwrap();
         let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut sender, &[1u8; 4096]).unwrap();
-        // SAFETY: as above; the range is still mapped, only the file behind it is gone.
-        let got = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&receiver),
-                at.as_ptr().cast(),
-                4096,
-                0,
-            )
-        };
-        assert_eq!(got, -1);
+        // The range is still mapped; only the file behind it is gone.
+        assert_eq!(recv_into(&receiver, at, 4096), -1);
         assert_eq!(
             std::io::Error::last_os_error().raw_os_error(),
             Some(libc::EFAULT)

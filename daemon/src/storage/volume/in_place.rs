@@ -147,6 +147,18 @@ mod tests {
             .unwrap()
     }
 
+    /// Volume "v" of 4 MiB in a registry in `dir`, its first `written_bytes` holding 1s.
+    async fn volume(dir: &std::path::Path, written_bytes: u64) -> (Arc<Registry>, Arc<Volume>) {
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Arc::new(Registry::open(dir, engine).unwrap());
+        let volume = registry.create("v", 4 * MIB).unwrap();
+        if written_bytes > 0 {
+            let ones = Bytes::from(vec![1u8; written_bytes as usize]);
+            volume.write(0, ones, false).await.unwrap();
+        }
+        (registry, volume)
+    }
+
     /// `land_in_place` with a kernel copy, as the NBD side does: `recv` from a socket holding
     /// the start of `data` (what fits in its buffer).
     fn land(volume: &Volume, head: &InPlaceHead, offset: u64, data: &[u8]) -> Option<usize> {
@@ -177,18 +189,11 @@ mod tests {
     fn only_whole_cached_blocks_the_head_holds_qualify_and_they_land_readable() {
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
-            let volume = registry.create("v", 4 * MIB).unwrap();
+            let (_registry, volume) = volume(dir.path(), 2 * MIB).await;
             assert!(
-                volume.in_place_head(0, MIB).is_none(),
+                volume.in_place_head(2 * MIB, MIB).is_none(),
                 "blocks never written are not in the head"
             );
-            volume
-                .write(0, Bytes::from(vec![1u8; 2 * MIB as usize]), false)
-                .await
-                .unwrap();
             assert!(volume.in_place_head(512, MIB).is_none(), "unaligned start");
             assert!(
                 volume.in_place_head(0, MIB - 512).is_none(),
@@ -226,14 +231,7 @@ mod tests {
     fn a_new_head_between_two_landings_sends_the_rest_the_ordinary_way() {
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
-            let volume = registry.create("v", 4 * MIB).unwrap();
-            volume
-                .write(0, Bytes::from(vec![1u8; MIB as usize]), false)
-                .await
-                .unwrap();
+            let (registry, volume) = volume(dir.path(), MIB).await;
             let head = volume.in_place_head(0, MIB).unwrap();
             assert_eq!(land(&volume, &head, 0, &[2u8; 8192]), Some(8192));
             registry
