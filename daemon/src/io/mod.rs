@@ -316,17 +316,16 @@ impl IoEngine {
     }
 
     /// Whether a caller may copy into the page cache on its own thread now: inline page-cache
-    /// I/O is on and not paused by slow writes (see `InlineWrites`). For writes received in
-    /// place (`storage::volume::in_place`), which report their copies' times with
-    /// [`IoEngine::copied_inline`].
+    /// I/O is on and not paused by slow copies (see `InlineWrites`). For writes received in
+    /// place (`storage::volume::in_place`), which copy through [`IoEngine::copy_inline`].
     pub fn copies_inline_now(&self) -> bool {
         self.inline_writes.allowed()
     }
 
-    /// Counts a copy into the page cache done outside the engine, as inline writes are counted:
-    /// slow ones pause inline copies for a while.
-    pub fn copied_inline(&self, took: std::time::Duration) {
-        self.inline_writes.observe(took);
+    /// Runs a large copy into the page cache made outside the engine, judged as the pieces of
+    /// large inline writes are: copies that block for long pause inline copies for a while.
+    pub fn copy_inline<T>(&self, copy: impl FnOnce() -> T) -> T {
+        self.inline_writes.time_large_copy(copy)
     }
 
     /// Whether all of the range is in the page cache, so that sending it from there does not

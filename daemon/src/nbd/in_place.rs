@@ -23,6 +23,7 @@ use tokio::io::{Interest, ReadHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
 
+use crate::io::MAX_CACHED_WRITE_PIECE_BYTES;
 use crate::metrics::RequestGuard;
 use crate::storage::volume::InPlaceHead;
 use crate::storage::Volume;
@@ -169,10 +170,14 @@ impl<'m> InPlaceWrite<'m> {
                 return Poll::Ready(Landing::Failed(e));
             }
             let offset_bytes = self.request.offset + self.landed_bytes;
+            // In pieces, as inline writes are copied: each piece's time is what the guard
+            // against slow copies judges (a whole 1 MiB landing took over its 1 ms on a busy
+            // machine and paused landing most of the time under four TCP clients).
+            let piece_bytes = (missing_bytes as usize).min(MAX_CACHED_WRITE_PIECE_BYTES);
             let landed = volume.land_in_place(
                 &self.head,
                 offset_bytes,
-                missing_bytes as usize,
+                piece_bytes,
                 // SAFETY: `land_in_place` hands out a range of the head's live shared mapping
                 // (the head's layer, and so its mapping, is kept by `self.head`), and no
                 // reference to mapped memory is ever made: only the kernel writes it.
