@@ -3,11 +3,10 @@
 //!
 //! Each byte is then copied once, by the kernel's `recv`, where reading into a buffer and
 //! writing that out costs two; the connection's thread does that one copy. Measured with the
-//! benchmark's fio runs (1 MiB random writes at depth 8 on a cached 1 GiB volume, A/B on one
-//! binary, three rounds, same hour): four connections over a Unix socket went from 2652-3183 to
-//! 4755-5744 IOPS and over TCP from 2421-2710 to 3562-3960, at 4.1-5.3 server CPU seconds
-//! against 5.6-6.2; one connection over a Unix socket from 2759-2801 to 2605-3488, over TCP from
-//! 3638-4075 to 2706-4403.
+//! benchmark's fio runs (1 MiB random writes at depth 8 on a cached 1 GiB volume, A/B, three
+//! rounds, same hour): one connection over a Unix socket went from 2746-3293 to 3666-4679 IOPS,
+//! four from 2864-3443 to 4969-5681; over TCP one from 3495-3924 to 3453-4469, four from
+//! 2445-2579 to 3455-3787, with less server CPU in every run.
 //!
 //! TLS has to decrypt the bytes in user space, and a copy by our own code into the mapping could
 //! take SIGBUS; TLS connections always read into buffers.

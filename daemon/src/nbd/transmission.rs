@@ -368,7 +368,12 @@ where
         let payload_len = request.payload_len(mode) as usize;
         let needed = self.header_len + payload_len;
         if self.input.len() < needed {
-            if needed >= LARGE_REQUEST_BYTES && self.start_in_place(request) {
+            // Tried once per request, when its header is first seen without all its payload:
+            // a refusal stays one while the rest arrives.
+            if needed >= LARGE_REQUEST_BYTES
+                && self.incomplete_bytes == 0
+                && self.start_in_place(request)
+            {
                 return Ok(None);
             }
             if needed >= LARGE_REQUEST_BYTES {
