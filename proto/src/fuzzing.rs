@@ -450,8 +450,16 @@ pub fn reply(data: &[u8]) {
                 put_ok(&mut out, mode, to);
                 let mut wire = &out[..];
                 match read_reply_header(&mut wire, mode, to, &mut simple_error) {
-                    None => assert_eq!(simple_error, 0),
+                    None => {
+                        assert_ne!(
+                            mode,
+                            ReplyMode::Extended,
+                            "simple reply with extended headers"
+                        );
+                        assert_eq!(simple_error, 0)
+                    }
                     Some(h) => {
+                        assert_eq!(mode, ReplyMode::Extended, "chunk for a plain success");
                         assert_eq!(
                             (h.flags, h.chunk_type, h.payload_len),
                             (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)

@@ -105,12 +105,16 @@ pub fn put_read_hole(
     out.put_u32(hole_len);
 }
 
-/// Success with no payload: a simple reply or a NONE chunk with DONE.
+/// Success with no payload, for any command but READ and BLOCK_STATUS (which always carry data):
+/// a simple reply unless extended headers were negotiated, which allow only extended replies
+/// (a NONE chunk with DONE then). Structured replies let other commands take either form; the
+/// simple one is what qemu-nbd and nbdkit send, and a client reads it with one `recv` of 16
+/// bytes where a 20-byte chunk header costs libnbd two.
 pub fn put_ok(out: &mut BytesMut, mode: ReplyMode, to: ReplyTo) {
-    if mode == ReplyMode::Simple {
-        put_simple(out, to.cookie, 0);
-    } else {
+    if mode == ReplyMode::Extended {
         put_chunk_header(out, mode, to, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+    } else {
+        put_simple(out, to.cookie, 0);
     }
 }
 
@@ -242,11 +246,26 @@ mod tests {
         assert_eq!(&out[6..8], &REPLY_TYPE_OFFSET_HOLE.to_be_bytes());
         assert_eq!(&out[16..20], &12u32.to_be_bytes());
         assert_eq!(&out[28..32], &65536u32.to_be_bytes());
+    }
+
+    #[test]
+    fn ok_is_simple_unless_extended() {
+        for mode in [ReplyMode::Simple, ReplyMode::Structured] {
+            let mut out = BytesMut::new();
+            put_ok(&mut out, mode, TO);
+            assert_eq!(out.len(), 16, "{mode:?}");
+            assert_eq!(&out[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+            assert_eq!(&out[4..8], &[0, 0, 0, 0]);
+            assert_eq!(&out[8..16], &TO.cookie.to_be_bytes());
+        }
         let mut out = BytesMut::new();
-        put_ok(&mut out, ReplyMode::Structured, TO);
-        assert_eq!(out.len(), 20);
+        put_ok(&mut out, ReplyMode::Extended, TO);
+        assert_eq!(out.len(), 32);
+        assert_eq!(&out[0..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..6], &REPLY_FLAG_DONE.to_be_bytes());
         assert_eq!(&out[6..8], &REPLY_TYPE_NONE.to_be_bytes());
-        assert_eq!(&out[16..20], &[0, 0, 0, 0]);
+        assert_eq!(&out[16..24], &TO.offset.to_be_bytes());
+        assert_eq!(&out[24..32], &[0; 8]);
     }
 
     #[test]

@@ -820,6 +820,41 @@ fn structured_replies_read_data_hole_and_error_chunks() {
     assert_healthy(&mut d, "after structured replies");
 }
 
+/// With structured replies (compact headers), a command with no reply payload that succeeds gets
+/// a 16-byte simple reply, as qemu-nbd and nbdkit send (libnbd reads it with one `recv`); one
+/// that fails still gets an ERROR chunk with its message.
+#[test]
+fn structured_mode_plain_success_is_a_simple_reply() {
+    let mut d = Daemon::start(DaemonOpts::new().volume("p:4M"));
+    let (mut c, _) = Raw::open_structured(d.tcp_addr(), "p");
+    let data = Prng::new(5).bytes(8192);
+    let requests: [(u16, u16, u64, u32, &[u8]); 5] = [
+        (CMD_WRITE, 0, 0, 8192, &data),
+        (CMD_WRITE, CMD_FLAG_FUA, 8192, 8192, &data),
+        (CMD_FLUSH, 0, 0, 0, &[]),
+        (CMD_TRIM, 0, 0, 4096, &[]),
+        (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 4096, 4096, &[]),
+    ];
+    for (i, (typ, flags, offset, len, payload)) in requests.into_iter().enumerate() {
+        let cookie = 0x51 + i as u64;
+        c.send_req(flags, typ, cookie, offset, len, payload);
+        assert_eq!(
+            c.read_simple_reply(),
+            (0, cookie),
+            "command {typ} flags {flags:#x}"
+        );
+    }
+    let (got, _) = c.read_structured(0x60, 8192, 8192);
+    assert!(got == data, "data written with FUA reads back");
+    c.send_req(0, CMD_WRITE, 0x61, 4 * MIB - 4096, 8192, &data);
+    let chunks = c.read_chunks(0x61);
+    assert_eq!(chunks.len(), 1, "one chunk for a failed WRITE: {chunks:?}");
+    assert_eq!(chunks[0].typ, CHUNK_ERROR);
+    assert_eq!(be32(&chunks[0].payload), ENOSPC);
+    c.disconnect();
+    assert_healthy(&mut d, "after simple replies in structured mode");
+}
+
 #[test]
 fn structured_reply_then_export_name() {
     let mut d = Daemon::start_default();
