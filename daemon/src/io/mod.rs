@@ -316,10 +316,12 @@ impl IoEngine {
     }
 
     /// Whether a caller may copy into the page cache on its own thread now: inline page-cache
-    /// I/O is on and not paused by slow copies (see `InlineWrites`). For writes received in
-    /// place (`storage::volume::in_place`), which copy through [`IoEngine::copy_inline`].
+    /// I/O is on and not paused by slow copies (see `InlineWrites`), and writes are not refused
+    /// after a ring failed with some in the kernel (one could land over the copy). For writes
+    /// received in place (`storage::volume::in_place`), which copy through
+    /// [`IoEngine::copy_inline`].
     pub fn copies_inline_now(&self) -> bool {
-        self.inline_writes.allowed()
+        self.inline_writes.allowed() && self.check_writes_allowed().is_ok()
     }
 
     /// Runs a large copy into the page cache made outside the engine, judged as the pieces of
@@ -906,6 +908,10 @@ mod tests {
         assert!(direct.is_err(), "a queued-only write went through");
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         assert!(engine.fallocate(&file, punch, 0, 4096).await.is_err());
+        assert!(
+            !engine.copies_inline_now(),
+            "writes received in place would copy past the refusal"
+        );
         // Reads are harmless and still served from the page cache, where the filesystem has
         // non-blocking reads; elsewhere they went to the failed ring, and fail.
         let (back, read) = engine.read_exact_at(&file, 0, BytesMut::zeroed(4096)).await;

@@ -132,7 +132,12 @@ impl<'m> InPlaceWrite<'m> {
         counted: impl FnOnce() -> RequestGuard<'m>,
     ) -> Option<InPlaceWrite<'m>> {
         if !read.is_empty() {
-            match volume.land_read_in_place(&head, request.offset, read)? {
+            match volume.land_read_in_place(
+                &head,
+                request.offset,
+                read,
+                MAX_CACHED_WRITE_PIECE_BYTES,
+            )? {
                 Ok(()) => {}
                 Err(error) => {
                     tracing::debug!(%error, offset = request.offset, "writing the start of a payload in place failed; reading it into a buffer");

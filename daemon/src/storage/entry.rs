@@ -362,6 +362,12 @@ impl VolumeEntry {
         let manifest = &state.manifest;
         state.layers.retain(|id, _| manifest.layer(id).is_some());
         let chain = chain_of(manifest, &state.layers, &manifest.head)?;
+        // Only the head is written in place; the others' mappings would only pin page tables.
+        for layer in state.layers.values() {
+            if !Arc::ptr_eq(layer, chain.top()) {
+                layer.release_mapping();
+            }
+        }
         let ancestry = manifest.ancestry(&manifest.head).unwrap_or_default();
         let bases = manifest
             .snapshots

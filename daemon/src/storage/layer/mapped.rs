@@ -1,5 +1,6 @@
 //! A layer's data file mapped shared, so a large write's bytes can be received from the client's
-//! socket straight into the page cache (see `storage::in_place`).
+//! socket straight into the page cache (see `storage::volume::in_place`). The mapping is let go
+//! when the layer stops being the head, and made anew when landings touched too much of it.
 //!
 //! Only the kernel ever copies into this mapping (`recv` into a range of it), never our own
 //! code: a page the kernel cannot make writable (an I/O error reading it, a full disk, a file
@@ -8,40 +9,157 @@
 
 use std::fs::File;
 use std::ptr::NonNull;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-/// The mapping of one layer's data file, made on first use. A layer whose file cannot be mapped
-/// (no address space left for a huge volume, a filesystem without shared mappings) takes the
-/// ordinary write path for good.
+/// The mapping is made anew once landings have touched this much of it: every page landed
+/// in keeps a page-table entry until the mapping goes, so the kernel memory a mapping pins grows
+/// with the ranges written through it (1/512 of them: 8 MiB of page tables at this budget),
+/// however large the volume.
+pub const MAX_MAPPED_TOUCHED_BYTES: u64 = 4 << 30;
+
+/// What the budget counts in: a chunk is touched once any landing went into it.
+const TOUCH_CHUNK_BYTES: u64 = 64 << 20;
+
+/// The mapping of one layer's data file while the layer is a volume's head, made on first use.
+/// A layer whose file cannot be mapped (no address space left for a huge volume, a filesystem
+/// without shared mappings) takes the ordinary write path for good.
 #[derive(Default)]
 pub struct MappedData {
-    map: OnceLock<Option<MmapRaw>>,
+    state: Mutex<MapState>,
+}
+
+#[derive(Default)]
+struct MapState {
+    map: Option<Arc<Mapping>>,
+    unmappable: bool,
+    /// One bit per TOUCH_CHUNK_BYTES of the current mapping that a range was handed out in.
+    touched: Vec<u64>,
+    touched_bytes: u64,
+}
+
+/// A shared mapping; unmapped once the last range handed out of it is dropped.
+struct Mapping {
+    map: Option<MmapRaw>,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Unmapping tears down a page-table entry for every page landed in, which for gigabytes
+        // is milliseconds: not on a connection's thread, where the last range is dropped.
+        if let Some(map) = self.map.take() {
+            let spawned = std::thread::Builder::new()
+                .name("evsd-unmap".into())
+                .spawn(move || drop(map));
+            if let Err(error) = spawned {
+                tracing::debug!(%error, "no thread to unmap a layer's mapping on; unmapping here");
+            }
+        }
+    }
+}
+
+/// A range of a layer's mapping; the mapping stays in place while this lives.
+pub struct MappedRange {
+    _map: Arc<Mapping>,
+    start: NonNull<u8>,
+}
+
+impl MappedRange {
+    pub fn start(&self) -> NonNull<u8> {
+        self.start
+    }
 }
 
 impl MappedData {
-    /// The start of `offset_bytes..offset_bytes + length_bytes` in the mapping of `data`
-    /// (`size_bytes` long), or `None` when the file is not mapped or the range leaves it.
+    /// `offset_bytes..offset_bytes + length_bytes` of the mapping of `data` (`size_bytes`
+    /// long), or `None` when the file is not mapped or the range leaves it.
     pub fn range(
         &self,
         data: &File,
         size_bytes: u64,
         offset_bytes: u64,
         length_bytes: u64,
-    ) -> Option<NonNull<u8>> {
-        let map = self
-            .map
-            .get_or_init(|| map_shared(data, size_bytes))
-            .as_ref()?;
+    ) -> Option<MappedRange> {
         let end_bytes = offset_bytes.checked_add(length_bytes)?;
+        if end_bytes > size_bytes {
+            return None;
+        }
+        let mut state = self.lock();
+        if state.unmappable {
+            return None;
+        }
+        let chunks = offset_bytes / TOUCH_CHUNK_BYTES..end_bytes.div_ceil(TOUCH_CHUNK_BYTES);
+        let fresh_bytes =
+            chunks.clone().filter(|&c| !state.is_touched(c)).count() as u64 * TOUCH_CHUNK_BYTES;
+        if state.map.is_some() && state.touched_bytes + fresh_bytes > MAX_MAPPED_TOUCHED_BYTES {
+            state.release();
+        }
+        if state.map.is_none() {
+            let Some(map) = map_shared(data, size_bytes) else {
+                state.unmappable = true;
+                return None;
+            };
+            state.map = Some(Arc::new(Mapping { map: Some(map) }));
+            state.touched = vec![0; size_bytes.div_ceil(TOUCH_CHUNK_BYTES).div_ceil(64) as usize];
+        }
+        for chunk in chunks {
+            state.touch(chunk);
+        }
+        let mapping = Arc::clone(state.map.as_ref()?);
+        let map = mapping.map.as_ref()?;
         if end_bytes > map.len() as u64 {
             return None;
         }
         // SAFETY: `offset_bytes` lies within the mapping (checked just above), so the pointer
         // stays inside the one allocation `as_mut_ptr` points into.
-        let start = unsafe { map.as_mut_ptr().add(offset_bytes as usize) };
-        NonNull::new(start)
+        let start = NonNull::new(unsafe { map.as_mut_ptr().add(offset_bytes as usize) })?;
+        Some(MappedRange {
+            _map: mapping,
+            start,
+        })
+    }
+
+    /// Lets the mapping go (once ranges handed out of it are dropped); the next range maps the
+    /// file anew. For a layer that stopped being the head: nothing lands in it any more.
+    pub fn release(&self) {
+        self.lock().release();
+    }
+
+    /// Whether the file is mapped now.
+    #[cfg(test)]
+    pub fn is_mapped(&self) -> bool {
+        self.lock().map.is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MapState> {
+        // The state is a handful of plain fields, consistent after any panic.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl MapState {
+    fn release(&mut self) {
+        self.map = None;
+        self.touched.clear();
+        self.touched_bytes = 0;
+    }
+
+    fn is_touched(&self, chunk: u64) -> bool {
+        self.touched
+            .get((chunk / 64) as usize)
+            .is_some_and(|word| word & (1 << (chunk % 64)) != 0)
+    }
+
+    fn touch(&mut self, chunk: u64) {
+        if let Some(word) = self.touched.get_mut((chunk / 64) as usize) {
+            if *word & (1 << (chunk % 64)) == 0 {
+                *word |= 1 << (chunk % 64);
+                self.touched_bytes += TOUCH_CHUNK_BYTES;
+            }
+        }
     }
 }
 
@@ -89,7 +207,7 @@ mod tests {
         // The kernel copies into the range, as `recv` does in the daemon.
         let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut sender, &[9u8; 4096]).unwrap();
-        assert_eq!(recv_into(&receiver, at, 4096), 4096);
+        assert_eq!(recv_into(&receiver, at.start(), 4096), 4096);
         let mut back = [0u8; 4096];
         file.read_exact_at(&mut back, 8192).unwrap();
         assert!(back.iter().all(|&b| b == 9), "the bytes landed in the file");
@@ -112,7 +230,7 @@ mod tests {
         let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut sender, &[1u8; 4096]).unwrap();
         // The range is still mapped; only the file behind it is gone.
-        assert_eq!(recv_into(&receiver, at, 4096), -1);
+        assert_eq!(recv_into(&receiver, at.start(), 4096), -1);
         assert_eq!(
             std::io::Error::last_os_error().raw_os_error(),
             Some(libc::EFAULT)
@@ -121,5 +239,66 @@ mod tests {
         let mut back = [0u8; 4096];
         std::io::Read::read_exact(&mut &receiver, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn a_released_mapping_stays_while_a_range_of_it_is_held_and_the_next_range_maps_anew() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mapped = MappedData::default();
+        let held = mapped.range(&file, 1 << 20, 0, 4096).expect("mapped");
+        mapped.release();
+        assert!(!mapped.is_mapped());
+        // The released mapping is still there for the range that was handed out.
+        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut sender, &[7u8; 4096]).unwrap();
+        assert_eq!(recv_into(&receiver, held.start(), 4096), 4096);
+        let mut back = [0u8; 4096];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        let again = mapped.range(&file, 1 << 20, 0, 4096).expect("mapped anew");
+        assert!(mapped.is_mapped());
+        assert_ne!(
+            again.start(),
+            held.start(),
+            "a new mapping, not the released one"
+        );
+    }
+
+    #[test]
+    fn touching_more_than_the_budget_maps_the_file_anew() {
+        let file = tempfile::tempfile().unwrap();
+        let size = MAX_MAPPED_TOUCHED_BYTES * 2;
+        file.set_len(size).unwrap();
+        let mapped = MappedData::default();
+        // Held to the end, so the first mapping's addresses are not reused by the next.
+        let first_range = mapped.range(&file, size, 0, 4096).expect("mapped");
+        let first = first_range.start();
+        // Every chunk of the budget once (the first is touched already), then again: no remap.
+        let chunks = MAX_MAPPED_TOUCHED_BYTES / TOUCH_CHUNK_BYTES;
+        for round in 0..2 {
+            for chunk in 0..chunks {
+                let at = mapped
+                    .range(&file, size, chunk * TOUCH_CHUNK_BYTES, 4096)
+                    .expect("mapped");
+                assert_eq!(
+                    at.start().as_ptr() as usize - first.as_ptr() as usize,
+                    (chunk * TOUCH_CHUNK_BYTES) as usize,
+                    "same mapping within the budget (round {round}, chunk {chunk})"
+                );
+            }
+        }
+        // One chunk more: a new mapping, whose budget starts with that chunk.
+        let past = mapped
+            .range(&file, size, MAX_MAPPED_TOUCHED_BYTES, 4096)
+            .expect("mapped");
+        let new_start = past.start().as_ptr() as usize - MAX_MAPPED_TOUCHED_BYTES as usize;
+        assert_ne!(new_start, first.as_ptr() as usize, "mapped anew");
+        let next = mapped
+            .range(&file, size, 0, 4096)
+            .expect("mapped")
+            .start()
+            .as_ptr() as usize;
+        assert_eq!(next, new_start, "the new mapping serves the rest");
     }
 }

@@ -11,7 +11,6 @@ pub mod mapped;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -273,9 +272,24 @@ impl Layer {
     /// Where `offset_bytes..offset_bytes + length_bytes` of the data file sits in its shared
     /// mapping; `None` when the file cannot be mapped or the range leaves it. Only the kernel
     /// may copy into it (see `mapped`).
-    pub fn mapped_range(&self, offset_bytes: u64, length_bytes: u64) -> Option<NonNull<u8>> {
+    pub fn mapped_range(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Option<mapped::MappedRange> {
         self.mapped
             .range(&self.data, self.size_bytes, offset_bytes, length_bytes)
+    }
+
+    /// Lets the data file's mapping go, for a layer that is no longer a volume's head (it is
+    /// mapped again if it ever is).
+    pub fn release_mapping(&self) {
+        self.mapped.release();
+    }
+
+    #[cfg(test)]
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_mapped()
     }
 
     /// Writes `data` to the data file bypassing the page cache; `None` when it has to go

@@ -77,6 +77,11 @@ impl Volume {
     /// (see `layer::mapped`). `None` when `head` is no longer the volume's head, a freeze or
     /// resize is holding writes off, or slow copies paused copying here: the caller writes the
     /// rest the ordinary way.
+    ///
+    /// The pages are checked to be cached again for each landing (one `cachestat` call): a
+    /// client may send a header and then take its time with the payload while memory pressure
+    /// evicts them, and a write fault on an evicted page would read it from the disk on the
+    /// connection's thread.
     pub fn land_in_place(
         &self,
         head: &InPlaceHead,
@@ -84,29 +89,53 @@ impl Volume {
         length_bytes: usize,
         land: impl FnOnce(NonNull<u8>, usize) -> io::Result<usize>,
     ) -> Option<io::Result<usize>> {
-        let at = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
-        self.holding_head(head, || land(at, length_bytes))
+        if !self
+            .engine
+            .all_cached(head.layer.data(), offset_bytes, length_bytes as u64)
+        {
+            return None;
+        }
+        self.holding_head(head, || {
+            // Mapped only once the layer is known to be the head (a frozen one lets its
+            // mapping go), and held through the landing even if the layer lets it go meanwhile.
+            let range = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
+            Some(land(range.start(), length_bytes))
+        })
     }
 
     /// Writes bytes of the payload that were read into a buffer with its header, with
-    /// `pwrite` (a copy by the kernel, so an error comes back as one). `None` as for
-    /// [`Volume::land_in_place`].
+    /// `pwrite` (a copy by the kernel, so an error comes back as one), in pieces of at most
+    /// `piece_bytes`, each judged by the slow-copy guard as a landing is. `None` as for
+    /// [`Volume::land_in_place`], possibly after some pieces were written (the caller then
+    /// writes the whole payload the ordinary way, those bytes again).
     pub fn land_read_in_place(
         &self,
         head: &InPlaceHead,
         offset_bytes: u64,
         data: &[u8],
+        piece_bytes: usize,
     ) -> Option<io::Result<()>> {
         use std::os::unix::fs::FileExt;
-        self.holding_head(head, || head.layer.data().write_all_at(data, offset_bytes))
+        let mut at_bytes = offset_bytes;
+        for piece in data.chunks(piece_bytes.max(1)) {
+            let written = self.holding_head(head, || {
+                Some(head.layer.data().write_all_at(piece, at_bytes))
+            })?;
+            if written.is_err() {
+                return Some(written);
+            }
+            at_bytes += piece.len() as u64;
+        }
+        Some(Ok(()))
     }
 
     /// Runs `land` holding what a write holds, if `head` is still the head and copies on the
     /// caller's thread are not paused.
+    /// `land` returns `None` when it could not land anything.
     fn holding_head<T>(
         &self,
         head: &InPlaceHead,
-        land: impl FnOnce() -> io::Result<T>,
+        land: impl FnOnce() -> Option<io::Result<T>>,
     ) -> Option<io::Result<T>> {
         let writer = self.writer.as_ref()?;
         if !self.engine.copies_inline_now() {
@@ -122,7 +151,7 @@ impl Volume {
         // Marked before the epoch is left: a freeze waiting for it, and any later flush, see
         // the layer dirty.
         head.layer.mark_dirty();
-        Some(landed)
+        landed
     }
 }
 
@@ -209,7 +238,7 @@ mod tests {
             }
             let read_data: &[u8] = &[7u8; 8192];
             volume
-                .land_read_in_place(&head, MIB + 4096, read_data)
+                .land_read_in_place(&head, MIB + 4096, read_data, 64 << 10)
                 .unwrap()
                 .unwrap();
             let back = volume.read(0, 2 * MIB as usize).await.unwrap();
@@ -226,12 +255,45 @@ mod tests {
     }
 
     #[test]
+    fn pages_evicted_after_the_header_send_the_rest_the_ordinary_way() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (_registry, volume) = volume(dir.path(), MIB).await;
+            let head = volume.in_place_head(0, MIB).expect("cached");
+            // Memory pressure takes the range's pages while the payload is awaited (they are
+            // clean once synced).
+            volume.flush().await.unwrap();
+            let data = volume.chain().top().data().clone();
+            // SAFETY: plain advice on an open descriptor.
+            let advised = unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&*data),
+                    0,
+                    0,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            assert_eq!(advised, 0);
+            assert!(!volume.engine.all_cached(&data, 0, 65536));
+            assert_eq!(
+                land(&volume, &head, 0, &[2u8; 65536]),
+                None,
+                "a write fault would read the pages from the disk"
+            );
+            // Read back in, they take landings again.
+            assert!(volume.read(0, 65536).await.unwrap().iter().all(|&b| b == 1));
+            assert_eq!(land(&volume, &head, 0, &[2u8; 65536]), Some(65536));
+        });
+    }
+
+    #[test]
     fn a_new_head_between_two_landings_sends_the_rest_the_ordinary_way() {
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let (registry, volume) = volume(dir.path(), MIB).await;
             let head = volume.in_place_head(0, MIB).unwrap();
             assert_eq!(land(&volume, &head, 0, &[2u8; 8192]), Some(8192));
+            assert!(head.layer.is_mapped());
             registry
                 .entry("v")
                 .unwrap()
@@ -244,8 +306,23 @@ mod tests {
                 "the old head is frozen now"
             );
             assert!(volume
-                .land_read_in_place(&head, 8192, &[2u8; 8192])
+                .land_read_in_place(&head, 8192, &[2u8; 8192], 4096)
                 .is_none());
+            assert!(
+                !head.layer.is_mapped(),
+                "the frozen head's mapping was let go and not made again"
+            );
+            // Blocks written to the new head (the ordinary way) land in place there.
+            volume
+                .write(0, Bytes::from(vec![3u8; 8192]), false)
+                .await
+                .unwrap();
+            let new_head = volume
+                .in_place_head(0, 8192)
+                .expect("the new head holds them");
+            assert_eq!(land(&volume, &new_head, 0, &[4u8; 8192]), Some(8192));
+            assert!(new_head.layer.is_mapped());
+            assert!(volume.read(0, 8192).await.unwrap().iter().all(|&b| b == 4));
             // What landed before the snapshot is in it; nothing after.
             let snapshot = registry.get("v@s").unwrap();
             let frozen = snapshot.read(0, 16384).await.unwrap();
