@@ -13,14 +13,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-/// The mapping is made anew once landings have touched this much of it: every page landed
-/// in keeps a page-table entry until the mapping goes, so the kernel memory a mapping pins grows
-/// with the ranges written through it (1/512 of them: 8 MiB of page tables at this budget),
-/// however large the volume.
-pub const MAX_MAPPED_TOUCHED_BYTES: u64 = 4 << 30;
+/// The mapping is made anew once landings have touched this much of it: the page tables of a
+/// range landed in stay until the mapping goes (the pages themselves are reclaimed as any page
+/// cache), so the kernel memory a mapping pins grows with the ranges written through it, however
+/// large the volume: 32 MiB of page tables at most at this budget. Pages only land in place
+/// while they are cached, so a working set that fits in memory stays well inside it.
+pub const MAX_MAPPED_TOUCHED_BYTES: u64 = 16 << 30;
 
-/// What the budget counts in: a chunk is touched once any landing went into it.
-const TOUCH_CHUNK_BYTES: u64 = 64 << 20;
+/// What the budget counts in: the span one page of page tables maps (512 entries of 4 KiB), so
+/// that touched chunks count the page-table pages a mapping pins.
+const TOUCH_CHUNK_BYTES: u64 = 2 << 20;
 
 /// The mapping of one layer's data file while the layer is a volume's head, made on first use.
 /// A layer whose file cannot be mapped (no address space left for a huge volume, a filesystem
