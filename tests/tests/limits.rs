@@ -393,6 +393,47 @@ fn pipelining_past_max_inflight_requests_is_held_back_and_counted() {
     c.disconnect();
 }
 
+/// A client may send its requests and DISC, shut its side down and then read: every request
+/// before DISC is served and answered, however many the in-flight limit held back (they wait
+/// in the socket, not in the server, so the end of stream comes after them).
+#[test]
+fn requests_held_back_are_all_served_when_the_client_half_closes_after_disc() {
+    let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-requests").arg("2"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let count = 200u64;
+    let data = Prng::new(200).bytes((count * 4096) as usize);
+    let mut burst = Vec::new();
+    for i in 0..count {
+        let at = (i * 4096) as usize;
+        burst.extend(Raw::request_bytes(0, CMD_WRITE, 0x1000 + i, i * 4096, 4096));
+        burst.extend_from_slice(&data[at..at + 4096]);
+    }
+    burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
+    c.send(&burst);
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answered = HashSet::new();
+    for _ in 0..count {
+        let (err, cookie) = c.read_simple_reply();
+        assert_eq!(err, 0, "WRITE {cookie:#x} failed");
+        assert!(
+            (0x1000..0x1000 + count).contains(&cookie) && answered.insert(cookie),
+            "unexpected or repeated cookie {cookie:#x}"
+        );
+    }
+    c.expect_closed("after DISC");
+    assert!(
+        log_lines(&d, "in the middle of a request").is_empty(),
+        "a clean DISC was logged as a cut request"
+    );
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(
+        c.read(1, 0, (count * 4096) as u32) == data,
+        "every write landed"
+    );
+    c.disconnect();
+    d.assert_alive();
+}
+
 #[test]
 fn pipelining_past_max_inflight_mib_is_held_back_and_counted() {
     let d = Daemon::start(DaemonOpts::new().arg("--max-inflight-mib").arg("1"));

@@ -388,7 +388,13 @@ where
         self.rest_follows = false;
         self.last_was_large = needed >= LARGE_REQUEST_BYTES;
         self.input.advance(self.header_len);
-        let payload = self.input.split_to(payload_len).freeze();
+        // An empty payload must not be a slice of the input: it would keep the whole buffer
+        // alive (and unreclaimable) for as long as its request runs.
+        let payload = if payload_len == 0 {
+            Bytes::new()
+        } else {
+            self.input.split_to(payload_len).freeze()
+        };
         Ok(Some((request, payload)))
     }
 
@@ -681,7 +687,11 @@ where
             if self.end.is_none() && self.poll_in_place(cx)? {
                 progress = true;
             }
-        } else if self.end.is_none() && self.has_room() {
+        } else if self.end.is_none() && self.has_room() && !self.blocked {
+            // Not while requests already read wait for room (`blocked`): room that just came
+            // back is theirs (the loop starts them first), and the backlog stays in the socket,
+            // holding the client back, instead of growing the input. An end of stream read
+            // before they started would also drop them, DISC included.
             // No more than the read may take: the end of a large payload fits already.
             let max_bytes = read_limit(
                 self.input.len(),
