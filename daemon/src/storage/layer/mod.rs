@@ -34,6 +34,13 @@ pub struct Layer {
     /// Serialises syncs so a flush never returns while another flush's sync of the same layer
     /// is still running (it would otherwise see `dirty == false` too early).
     sync_lock: tokio::sync::Mutex<()>,
+    /// A sync failed: the kernel reports a write-back error to one `fdatasync` only and then
+    /// marks the pages clean, so a later sync would succeed over data that never reached the
+    /// disk. Every later sync fails instead, for as long as the files stay open (shared with
+    /// the instances a resize makes).
+    sync_failed: Arc<AtomicBool>,
+    #[cfg(test)]
+    fail_syncs_for_test: AtomicBool,
     /// The data file mapped shared, for payloads received in place; mapped on first use.
     mapped: mapped::MappedData,
 }
@@ -148,6 +155,9 @@ impl Layer {
             direct: direct::DirectFile::default(),
             dirty: AtomicBool::new(false),
             sync_lock: tokio::sync::Mutex::new(()),
+            sync_failed: Arc::new(AtomicBool::new(false)),
+            #[cfg(test)]
+            fail_syncs_for_test: AtomicBool::new(false),
             mapped: mapped::MappedData::default(),
         })
     }
@@ -221,7 +231,9 @@ impl Layer {
             .map_file
             .try_clone()
             .map_err(|e| StorageError::fs("dup", &map_path, e))?;
-        Layer::from_files(&self.id, size_bytes, data, map_file, &map_path, false)
+        let mut layer = Layer::from_files(&self.id, size_bytes, data, map_file, &map_path, false)?;
+        layer.sync_failed = Arc::clone(&self.sync_failed);
+        Ok(layer)
     }
 
     /// Cuts this (old, larger) instance's tail from `size_bytes` on, once a manifest with that
@@ -369,12 +381,30 @@ impl Layer {
     }
 
     /// Makes every change made before the call durable: data first, then the map.
+    /// Once one has failed, every later one fails too (see `sync_failed`).
     pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
         let _serial = self.sync_lock.lock().await;
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StorageError::io(
+                "flush after an earlier flush failed",
+                0,
+                self.size_bytes,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let result = async {
+            #[cfg(test)]
+            if self.fail_syncs_for_test.load(Ordering::Acquire) {
+                return Err(StorageError::io(
+                    "flush",
+                    0,
+                    self.size_bytes,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
             engine
                 .fdatasync(&self.data)
                 .await
@@ -385,10 +415,18 @@ impl Layer {
                 .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
         }
         .await;
-        if result.is_err() {
+        if let Err(error) = &result {
             self.dirty.store(true, Ordering::Release);
+            if !self.sync_failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(layer = %self.id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
+            }
         }
         result
+    }
+
+    #[cfg(test)]
+    pub fn fail_syncs_for_test(&self, fail: bool) {
+        self.fail_syncs_for_test.store(fail, Ordering::Release);
     }
 }
 
@@ -396,4 +434,43 @@ impl Layer {
 pub fn new_layer_id() -> Result<String, StorageError> {
     let uuid = crate::storage::manifest::new_uuid()?;
     Ok(uuid.replace('-', "")[..16].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use crate::storage::Registry;
+
+    #[tokio::test]
+    async fn once_a_flush_failed_every_later_flush_fails_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        let volume = registry.create("v", 1 << 20).unwrap();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        volume
+            .write(0, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .unwrap();
+        let head = std::sync::Arc::clone(volume.chain().top());
+        head.fail_syncs_for_test(true);
+        let failed = volume.flush().await.unwrap_err();
+        assert_eq!(failed.to_errno(), evsd_proto::Errno::Io);
+        // The kernel would report the write-back error once; the next fdatasync succeeds.
+        head.fail_syncs_for_test(false);
+        let again = volume.flush().await.unwrap_err();
+        assert_eq!(again.to_errno(), evsd_proto::Errno::Io, "{again}");
+        assert!(
+            again.to_string().contains("earlier flush failed"),
+            "{again}"
+        );
+        // Even with nothing written since.
+        assert!(volume.flush().await.is_err());
+    }
 }
