@@ -399,6 +399,52 @@ fn flush_heals_itself_after_a_manifest_write_hit_a_full_disk() {
     }
 }
 
+/// Map files are sparse: the first change to a page of a fresh head's block map needs disk
+/// space. On a full disk that is ENOSPC for the one request that needs it, never SIGBUS for the
+/// daemon (a store into a mapped page the kernel cannot allocate); a TRIM that cannot be
+/// recorded is ignored, as the spec allows. Once space is freed the same request succeeds.
+#[test]
+fn a_block_map_change_on_a_full_disk_is_an_error_not_a_crash() {
+    let fs = TmpfsMount::new(32);
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .volume("v:64M")
+            .data_dir(fs.path()),
+    );
+    let mut c = Conn::open(d.tcp_addr(), "v");
+    assert_eq!(c.write(0, 0, &mib_of(token_base(9, 0))).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    // A new head, whose map file is all holes.
+    let created = d.evsctl(&["snapshot", "create", "v", "s1"]);
+    assert!(
+        created.status.success(),
+        "snapshot create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let filler = fill_filesystem(fs.path());
+    assert_eq!(c.trim(32 * MIB, MIB as u32).unwrap(), 0, "TRIM is ignored");
+    let (mut r, _) = Raw::open(d.tcp_addr(), "v");
+    r.send_req(0, CMD_WRITE_ZEROES, 1, 40 * MIB, MIB as u32, &[]);
+    assert_eq!(
+        r.read_simple_reply(),
+        (ENOSPC, 1),
+        "WRITE_ZEROES on a full disk"
+    );
+    d.assert_alive();
+    check_mib(&mut c, 9, 0, "read on a full disk");
+    std::fs::remove_file(&filler).unwrap();
+    r.send_req(0, CMD_WRITE_ZEROES, 2, 40 * MIB, MIB as u32, &[]);
+    assert_eq!(
+        r.read_simple_reply(),
+        (0, 2),
+        "WRITE_ZEROES with room again"
+    );
+    assert!(r.read(3, 40 * MIB, MIB as u32).iter().all(|&b| b == 0));
+    r.disconnect();
+    check_mib(&mut c, 9, 0, "after space was freed");
+}
+
 #[test]
 fn disk_full_gives_enospc_and_recovers_when_space_is_freed() {
     let fs = TmpfsMount::new(64);

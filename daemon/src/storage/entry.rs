@@ -492,7 +492,7 @@ impl VolumeEntry {
             if largest_below > old_bytes {
                 let from = blocks_for(old_bytes);
                 let to = blocks_for(largest_below.min(size_bytes));
-                resized.set_range(from, to, BlockState::Zero);
+                resized.set_range(from, to, BlockState::Zero)?;
                 // A partial last block of the old size: its tail must not show old data
                 // either; sizes are 4096-aligned, so there is none.
                 debug_assert_eq!(old_bytes % BLOCK_BYTES, 0);
@@ -634,7 +634,7 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
             start / BLOCK_BYTES,
             end.div_ceil(BLOCK_BYTES),
             BlockState::Data,
-        );
+        )?;
     }
     let map_file = std::fs::File::open(&map_path)
         .and_then(|f| f.sync_all())

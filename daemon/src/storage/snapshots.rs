@@ -309,7 +309,7 @@ impl VolumeEntry {
             head.sync(&self.engine).await?;
             for &(a, z, _) in &head_runs {
                 for (b, c, _) in windowed_runs(&below, a, z) {
-                    below.set_range(b, c, BlockState::Absent);
+                    below.set_range(b, c, BlockState::Absent)?;
                     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                     let (offset_bytes, length_bytes) = (b * BLOCK_BYTES, (c - b) * BLOCK_BYTES);
                     let _ = self
@@ -510,7 +510,7 @@ impl VolumeEntry {
         for (a, z) in std::mem::take(&mut unmarked.runs) {
             let _held = self.hold_head_blocks(into_head, a, z).await;
             for (run_start, run_end) in absent_runs(survivor, a, z) {
-                survivor.set_range(run_start, run_end, BlockState::Data);
+                survivor.set_range(run_start, run_end, BlockState::Data)?;
             }
         }
         unmarked.blocks = 0;
@@ -560,7 +560,7 @@ impl VolumeEntry {
                 unmarked.blocks += z - a;
             } else {
                 // Zeroes read as zeroes whichever of the map and the hole lands first.
-                survivor.set_range(a, z, state);
+                survivor.set_range(a, z, state)?;
             }
             copied += z - a;
         }
@@ -673,10 +673,16 @@ mod tests {
         let blocks = 3 * RUNS_WINDOW_BLOCKS + 100;
         let layer = Layer::create(dir.path(), "l", blocks * BLOCK_BYTES).unwrap();
         let edge = RUNS_WINDOW_BLOCKS;
-        layer.set_range(5, 9, BlockState::Data);
-        layer.set_range(edge - 3, edge + 4, BlockState::Data);
-        layer.set_range(2 * edge, 2 * edge + 1, BlockState::Zero);
-        layer.set_range(blocks - 2, blocks, BlockState::Data);
+        layer.set_range(5, 9, BlockState::Data).unwrap();
+        layer
+            .set_range(edge - 3, edge + 4, BlockState::Data)
+            .unwrap();
+        layer
+            .set_range(2 * edge, 2 * edge + 1, BlockState::Zero)
+            .unwrap();
+        layer
+            .set_range(blocks - 2, blocks, BlockState::Data)
+            .unwrap();
         let runs: Vec<_> = windowed_runs(&layer, 0, blocks).collect();
         assert_eq!(
             runs,

@@ -543,7 +543,7 @@ impl Volume {
         }
         let _locks = writer.stripes.lock(first_block, end_block).await;
         self.write_layer_via(head, offset_bytes, data, via).await?;
-        head.set_range(first_block, end_block, BlockState::Data);
+        head.set_range(first_block, end_block, BlockState::Data)?;
         Ok(())
     }
 
@@ -589,7 +589,7 @@ impl Volume {
         let at = (offset_bytes - block_start) as usize;
         whole[at..at + data.len()].copy_from_slice(&data);
         self.write_layer(head, block_start, whole.freeze()).await?;
-        head.set_range(block, block + 1, BlockState::Data);
+        head.set_range(block, block + 1, BlockState::Data)?;
         Ok(())
     }
 
@@ -708,8 +708,7 @@ impl Volume {
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
         if mode.may_trim {
-            self.deallocate(chain, start, end).await;
-            return Ok(());
+            return self.deallocate(chain, start, end).await;
         }
         // NO_HOLE: the head keeps allocated blocks that read as zeroes.
         if self.fallocate_works.load(Ordering::Relaxed) {
@@ -720,7 +719,7 @@ impl Volume {
                 .await
             {
                 Ok(()) => {
-                    head.set_range(start, end, BlockState::Data);
+                    head.set_range(start, end, BlockState::Data)?;
                     return Ok(());
                 }
                 Err(e) if is_unsupported(&e) => {
@@ -751,20 +750,23 @@ impl Volume {
                 .await?;
             done_bytes += n;
         }
-        head.set_range(start, end, BlockState::Data);
+        head.set_range(start, end, BlockState::Data)?;
         Ok(())
     }
 
     /// Marks head blocks `[start, end)` as reading zero (masking the layers below; "absent"
     /// when there are none) and gives their space back. The caller holds their stripes.
-    async fn deallocate(&self, chain: &Chain, start: u64, end: u64) {
+    /// When the map has no room for the change (a full disk), the bytes are freed all the
+    /// same (blocks the head holds then read as zeroes, as asked) and the error returned: the
+    /// blocks it does not hold still read from the layers below.
+    async fn deallocate(&self, chain: &Chain, start: u64, end: u64) -> Result<(), StorageError> {
         let head = chain.top();
         let state = if chain.layers().len() == 1 {
             BlockState::Absent
         } else {
             BlockState::Zero
         };
-        head.set_range(start, end, state);
+        let marked = head.set_range(start, end, state);
         // Freeing the bytes is only an optimisation once the map says zero.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
@@ -775,6 +777,7 @@ impl Volume {
         {
             tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; the map already reads zero");
         }
+        marked
     }
 
     /// Deallocates whole blocks in the range; partial blocks are left alone (the spec lets a
@@ -792,7 +795,10 @@ impl Volume {
             let _gate = writer.gate.read().await;
             let (chain, _epoch) = self.chain_for_write();
             let _locks = writer.stripes.lock(start, end).await;
-            self.deallocate(&chain, start, end).await;
+            if let Err(error) = self.deallocate(&chain, start, end).await {
+                // A server may ignore a trim; the space it could free is freed.
+                tracing::debug!(volume = %self.name, %error, "trim not recorded in the block map");
+            }
         }
         if fua {
             self.flush().await?;

@@ -58,7 +58,12 @@ pub struct BlockMap {
     summary: Box<[AtomicU64]>,
     present_blocks: AtomicU64,
     data_blocks: AtomicU64,
+    /// One bit per BACKED_CHUNK_BYTES of the map file known to have disk space behind it.
+    backed: Box<[AtomicU64]>,
 }
+
+/// How much of the map file [`BlockMap::ensure_backed`] allocates at a time.
+const BACKED_CHUNK_BYTES: u64 = 64 << 10;
 
 // SAFETY: the mapping is only accessed through atomics (see `words`), so sharing it between
 // threads is as safe as sharing a slice of AtomicU64.
@@ -97,6 +102,11 @@ impl BlockMap {
             .map(|_| AtomicU64::new(0))
             .collect::<Vec<_>>()
             .into_boxed_slice();
+        let chunks = (words_len as u64 * 8).div_ceil(BACKED_CHUNK_BYTES);
+        let backed = (0..chunks.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
         let map = BlockMap {
             mmap,
             words_len,
@@ -104,6 +114,7 @@ impl BlockMap {
             summary,
             present_blocks: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
+            backed,
         };
         if !empty {
             // The one sequential pass over the map: let the kernel read ahead for it.
@@ -211,8 +222,45 @@ impl BlockMap {
         end
     }
 
+    /// Makes sure the map file `file` (the one mapped) has disk space behind the words of blocks
+    /// `[start, end)` before [`BlockMap::set_range`] stores into them. Map files are sparse,
+    /// and a store into a page that is still a hole makes the kernel allocate it in the page
+    /// fault: on a full disk (or a page it cannot read) that is SIGBUS, which would end the
+    /// daemon. Allocating first turns that into an error for the one request. Each chunk is
+    /// allocated once per opening (filesystems without fallocate are taken as they are).
+    pub fn ensure_backed(&self, file: &File, start: u64, end: u64) -> std::io::Result<()> {
+        let end = end.min(self.blocks);
+        if start >= end {
+            return Ok(());
+        }
+        let map_bytes = self.words_len as u64 * 8;
+        let first_byte = start / BLOCKS_PER_WORD * 8;
+        let end_byte = end.div_ceil(BLOCKS_PER_WORD) * 8;
+        for chunk in first_byte / BACKED_CHUNK_BYTES..end_byte.div_ceil(BACKED_CHUNK_BYTES) {
+            let (word, bit) = ((chunk / 64) as usize, 1u64 << (chunk % 64));
+            if self.backed[word].load(Ordering::Acquire) & bit != 0 {
+                continue;
+            }
+            let offset_bytes = chunk * BACKED_CHUNK_BYTES;
+            let length_bytes = BACKED_CHUNK_BYTES.min(map_bytes - offset_bytes);
+            match crate::io::fallocate_blocking(
+                file,
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset_bytes,
+                length_bytes,
+            ) {
+                Ok(()) => {}
+                Err(e) if crate::storage::volume::is_unsupported(&e) => {}
+                Err(e) => return Err(e),
+            }
+            self.backed[word].fetch_or(bit, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Sets blocks `[start, end)` to `state`. The summary is marked before the words, so a
-    /// reader that sees a word's new bits also sees its region as possibly present.
+    /// reader that sees a word's new bits also sees its region as possibly present. The caller
+    /// has made sure the words are backed ([`BlockMap::ensure_backed`]).
     pub fn set_range(&self, start: u64, end: u64, state: BlockState) {
         let end = end.min(self.blocks);
         if start >= end {
@@ -322,6 +370,31 @@ fn count_data(w: u64) -> u64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn ensure_backed_allocates_the_chunks_of_the_words_a_change_stores_into() {
+        use std::os::unix::fs::MetadataExt;
+        // 64 chunks of map: 256 Ki blocks per 64 KiB chunk.
+        let blocks = 64 * (BACKED_CHUNK_BYTES * 8 / 2);
+        let (_dir, file) = map_file(blocks);
+        let map = BlockMap::open(&file, blocks, true).unwrap();
+        let allocated = |f: &File| f.metadata().unwrap().blocks() * 512;
+        assert_eq!(allocated(&file), 0, "a new map file is sparse");
+        let per_chunk = BACKED_CHUNK_BYTES * 4;
+        // Blocks straddling chunks 2 and 3.
+        map.ensure_backed(&file, 3 * per_chunk - 10, 3 * per_chunk + 10)
+            .unwrap();
+        assert_eq!(allocated(&file), 2 * BACKED_CHUNK_BYTES);
+        // Known backed now: no more space, and a change there stores into allocated pages.
+        map.ensure_backed(&file, 3 * per_chunk, 3 * per_chunk + 1)
+            .unwrap();
+        assert_eq!(allocated(&file), 2 * BACKED_CHUNK_BYTES);
+        map.set_range(3 * per_chunk - 10, 3 * per_chunk + 10, BlockState::Data);
+        assert_eq!(allocated(&file), 2 * BACKED_CHUNK_BYTES);
+        // Past the end: clipped to the map.
+        map.ensure_backed(&file, blocks - 1, blocks + 1000).unwrap();
+        assert_eq!(allocated(&file), 3 * BACKED_CHUNK_BYTES);
+    }
 
     fn map_file(blocks: u64) -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();

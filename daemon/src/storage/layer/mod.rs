@@ -214,7 +214,7 @@ impl Layer {
             old_blocks,
             old_blocks.next_multiple_of(blockmap::BLOCKS_PER_WORD),
             BlockState::Absent,
-        );
+        )?;
         Ok(grown)
     }
 
@@ -241,11 +241,11 @@ impl Layer {
     /// the data file loses its bytes. A failure here only leaves the files longer than the
     /// volume; [`Layer::grown`] drops such leftovers.
     pub fn cut_tail(&self, size_bytes: u64) -> Result<(), StorageError> {
-        self.map.set_range(
+        self.set_range(
             blocks_for(size_bytes),
             self.map.blocks(),
             BlockState::Absent,
-        );
+        )?;
         self.sync_map_blocking()?;
         self.data
             .set_len(size_bytes)
@@ -336,10 +336,22 @@ impl Layer {
     }
 
     /// Changes the map; dirty is marked after the change, so a flush that finds the layer
-    /// clean never misses it.
-    pub fn set_range(&self, start: u64, end: u64, state: BlockState) {
+    /// clean never misses it. Fails, changing nothing, when the map file has no room for the
+    /// change (see [`BlockMap::ensure_backed`]).
+    pub fn set_range(&self, start: u64, end: u64, state: BlockState) -> Result<(), StorageError> {
+        self.map
+            .ensure_backed(&self.map_file, start, end)
+            .map_err(|e| {
+                StorageError::io(
+                    "make room in the block map",
+                    start.saturating_mul(BLOCK_BYTES),
+                    end.saturating_sub(start).saturating_mul(BLOCK_BYTES),
+                    e,
+                )
+            })?;
         self.map.set_range(start, end, state);
         self.mark_dirty();
+        Ok(())
     }
 
     /// Whether something changed since the last sync.
