@@ -492,3 +492,38 @@ async fn deleting_the_newest_snapshot_frees_what_the_head_shadows() {
     assert_eq!(state.layers[&below].map().data_blocks(), 6);
     assert_eq!(state.layers[&head].map().data_blocks(), 2);
 }
+
+/// BLOCK_STATUS walks at most `MAX_STATUS_STEPS` blocks one by one: over a long allocated
+/// range the reply stops short (as the spec allows) and says what it covers truly, while a
+/// range no layer holds is one step however long.
+#[tokio::test]
+async fn block_status_over_a_long_allocated_range_stops_short() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+    let registry = Registry::open(dir.path(), engine).unwrap();
+    let vol = registry.create("v", 1024 * MIB).unwrap();
+    let keep = ZeroMode {
+        may_trim: false,
+        fast_only: false,
+    };
+    // Allocated zeroes: 512 MiB of blocks the head holds, without writing them.
+    vol.write_zeroes(0, 512 * MIB, keep, false).await.unwrap();
+    let status = vol
+        .block_status(&StatusQuery::Allocation, 0, 1024 * MIB, 16)
+        .await
+        .unwrap();
+    assert_eq!(status, vec![(256 * MIB, 0)], "the first 256 MiB, as data");
+    let rest = vol
+        .block_status(&StatusQuery::Allocation, 384 * MIB, 640 * MIB, 16)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest,
+        vec![
+            (128 * MIB, 0),
+            (512 * MIB, EXTENT_HOLE | crate::storage::volume::EXTENT_ZERO)
+        ],
+        "the last 128 MiB of data, then the unallocated half in one step"
+    );
+}

@@ -16,7 +16,7 @@ use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
 use crate::storage::epoch::{Epoch, EpochGuard};
 use crate::storage::fence::Fence;
-use crate::storage::layer::chain::{Chain, Hit};
+use crate::storage::layer::chain::{Chain, Hit, RunBudget};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
 use crate::storage::persist::ManifestPersist;
 use crate::storage::restore_mark::RestoreMark;
@@ -32,6 +32,9 @@ pub const EXTENT_ZERO: u32 = 2;
 /// Blocks examined by one block-status call at most (4 GiB): bounds the CPU one request costs;
 /// clients ask again from where the answer ended.
 const MAX_STATUS_BLOCKS: u64 = 1 << 20;
+/// Steps of a BLOCK_STATUS walk (see `RunBudget`): 256 MiB of allocated blocks one by one, a
+/// millisecond or so of the connection's thread.
+const MAX_STATUS_STEPS: u64 = 1 << 16;
 
 /// Largest buffer used when zeroes must be written out by hand.
 const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
@@ -862,7 +865,12 @@ impl Volume {
         let end = (offset_bytes + length_bytes)
             .div_ceil(BLOCK_BYTES)
             .min(start + MAX_STATUS_BLOCKS);
-        for (a, z, hit) in chain.runs(start, end) {
+        let budget = RunBudget {
+            max_runs: usize::MAX,
+            max_steps: MAX_STATUS_STEPS,
+        };
+        // A hint: past the budget the rest is left to the kernel's own read-ahead.
+        for (a, z, hit) in chain.runs_within(start, end, budget) {
             if let Hit::Data(i) = hit {
                 advise_willneed(chain.layer(i), a * BLOCK_BYTES, (z - a) * BLOCK_BYTES);
             }
@@ -890,9 +898,15 @@ impl Volume {
         let end = end_bytes
             .div_ceil(BLOCK_BYTES)
             .min(start + MAX_STATUS_BLOCKS);
+        // Walked only as far as the reply can go: a client asking for 4 GiB of allocated
+        // blocks one by one must not hold the connection's thread for long.
+        let budget = RunBudget {
+            max_runs: max_extents.max(1),
+            max_steps: MAX_STATUS_STEPS,
+        };
         let runs: Vec<(u64, u64, u32)> = match query {
             StatusQuery::Allocation => chain
-                .runs(start, end)
+                .runs_within(start, end, budget)
                 .into_iter()
                 .map(|(a, z, hit)| {
                     let value = match hit {
@@ -903,7 +917,7 @@ impl Volume {
                 })
                 .collect(),
             StatusQuery::Depth => chain
-                .runs(start, end)
+                .runs_within(start, end, budget)
                 .into_iter()
                 .map(|(a, z, hit)| (a, z, hit.depth()))
                 .collect(),
@@ -917,7 +931,7 @@ impl Volume {
                     .map(|(_, layer)| layer.clone());
                 match layer.and_then(|id| chain.position(&id)) {
                     Some(top_layers) => chain
-                        .changed_runs(top_layers, start, end)
+                        .changed_runs_within(top_layers, start, end, budget)
                         .into_iter()
                         .map(|(a, z, changed)| (a, z, u32::from(changed)))
                         .collect(),

@@ -74,9 +74,17 @@ impl Chain {
 
     /// Blocks `[start, end)` as runs of equal hits, in order, covering the range exactly.
     pub fn runs(&self, start: u64, end: u64) -> Vec<(u64, u64, Hit)> {
+        self.runs_within(start, end, RunBudget::UNLIMITED)
+    }
+
+    /// As [`Chain::runs`], but only as far as `budget` goes: runs covering `[start, x)` for
+    /// some `x` past `start` (the whole range when the budget lasts).
+    pub fn runs_within(&self, start: u64, end: u64, budget: RunBudget) -> Vec<(u64, u64, Hit)> {
         let mut runs: Vec<(u64, u64, Hit)> = Vec::new();
         let mut block = start;
-        while block < end {
+        let mut steps = 0u64;
+        while block < end && !budget.spent(steps, runs.len()) {
+            steps += 1;
             let hit = self.hit(block);
             let next = match hit {
                 // Nothing up to the next candidate of any layer can be allocated.
@@ -101,10 +109,23 @@ impl Chain {
     /// Blocks `[start, end)` as runs of "changed in one of the top `top_layers` layers" (true)
     /// or not: the dirty bitmap since the snapshot whose layer sits right below them.
     pub fn changed_runs(&self, top_layers: usize, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        self.changed_runs_within(top_layers, start, end, RunBudget::UNLIMITED)
+    }
+
+    /// As [`Chain::changed_runs`], only as far as `budget` goes (see [`Chain::runs_within`]).
+    pub fn changed_runs_within(
+        &self,
+        top_layers: usize,
+        start: u64,
+        end: u64,
+        budget: RunBudget,
+    ) -> Vec<(u64, u64, bool)> {
         let layers = &self.layers[..top_layers.min(self.layers.len())];
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut block = start;
-        while block < end {
+        let mut steps = 0u64;
+        while block < end && !budget.spent(steps, runs.len()) {
+            steps += 1;
             let changed = layers.iter().any(|l| l.state(block) != BlockState::Absent);
             let next = if changed {
                 block + 1
@@ -123,5 +144,25 @@ impl Chain {
             block = next;
         }
         runs
+    }
+}
+
+/// How far a walk of runs may go: at most `max_runs` runs (the walk stops once it has more) and
+/// `max_steps` steps. A step is one block, or one jump over blocks no layer holds, so the work
+/// is bounded wherever the data lies.
+#[derive(Debug, Clone, Copy)]
+pub struct RunBudget {
+    pub max_runs: usize,
+    pub max_steps: u64,
+}
+
+impl RunBudget {
+    pub const UNLIMITED: RunBudget = RunBudget {
+        max_runs: usize::MAX,
+        max_steps: u64::MAX,
+    };
+
+    fn spent(&self, steps: u64, runs: usize) -> bool {
+        steps >= self.max_steps || runs > self.max_runs
     }
 }
