@@ -337,8 +337,19 @@ impl Layer {
 
     /// Changes the map; dirty is marked after the change, so a flush that finds the layer
     /// clean never misses it. Fails, changing nothing, when the map file has no room for the
-    /// change (see [`BlockMap::ensure_backed`]).
+    /// change (see [`BlockMap::ensure_backed`]). Marking blocks absent never needs room: absent
+    /// is all-zero bits, so it stores only into words already holding others, whose pages
+    /// were stored into, and so allocated, before; a hole stays untouched.
     pub fn set_range(&self, start: u64, end: u64, state: BlockState) -> Result<(), StorageError> {
+        if state != BlockState::Absent {
+            self.ensure_backed(start, end)?;
+        }
+        self.map.set_range(start, end, state);
+        self.mark_dirty();
+        Ok(())
+    }
+
+    fn ensure_backed(&self, start: u64, end: u64) -> Result<(), StorageError> {
         self.map
             .ensure_backed(&self.map_file, start, end)
             .map_err(|e| {
@@ -348,10 +359,7 @@ impl Layer {
                     end.saturating_sub(start).saturating_mul(BLOCK_BYTES),
                     e,
                 )
-            })?;
-        self.map.set_range(start, end, state);
-        self.mark_dirty();
-        Ok(())
+            })
     }
 
     /// Whether something changed since the last sync.
