@@ -290,6 +290,16 @@ impl VolumeEntry {
         .store(dir)
     }
 
+    /// Syncs every layer the volume keeps, those of snapshots off its chain included (a
+    /// rollback leaves the old branch's there). Cheap for layers already clean.
+    pub(crate) async fn sync_all_layers(&self) -> Result<(), StorageError> {
+        let layers: Vec<Arc<Layer>> = self.lock().layers.values().cloned().collect();
+        for layer in layers {
+            layer.sync(&self.engine).await?;
+        }
+        Ok(())
+    }
+
     /// Takes `admin` (the right to change the tree) once no manifest persist is pending: a
     /// snapshot create leaves its fsyncs running, and the other changes write durably in
     /// place (an older persist must not overwrite their `.prev` after), or share layers that
@@ -465,8 +475,8 @@ impl VolumeEntry {
         // The layer names its own id: the error is the volume's.
         let resized = if shrink {
             // Nothing is cut before the manifest with the new size is durable: a shrink that
-            // fails loses nothing. The new instance starts dirty: writes acknowledged before
-            // the shrink may not be synced yet, and a FLUSH syncs only dirty instances.
+            // fails loses nothing. Reopening syncs the old instance (the new one maps the file
+            // privately and sees only what is in it); the new one starts dirty all the same.
             head.reopened(&self.dir, size_bytes)
                 .inspect(Layer::mark_dirty)
         } else {
@@ -499,7 +509,7 @@ impl VolumeEntry {
             }
             // Durable before the manifest with the new size: after a power loss the regrown
             // range would otherwise show the layers below it, or a cut tail's old states.
-            resized.sync_map_blocking()?;
+            resized.sync_blocking()?;
         }
         let mut next = state.manifest.clone();
         next.size_bytes = size_bytes;
@@ -636,10 +646,7 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
             BlockState::Data,
         )?;
     }
-    let map_file = std::fs::File::open(&map_path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| StorageError::fs("fsync", &map_path, e));
-    map_file?;
+    layer.sync_blocking()?;
     let migrated = VolumeManifest {
         format_version: manifest::FORMAT_VERSION,
         head: id.clone(),
