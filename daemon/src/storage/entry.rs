@@ -290,16 +290,6 @@ impl VolumeEntry {
         .store(dir)
     }
 
-    /// Syncs every layer the volume keeps, those of snapshots off its chain included (a
-    /// rollback leaves the old branch's there). Cheap for layers already clean.
-    pub(crate) async fn sync_all_layers(&self) -> Result<(), StorageError> {
-        let layers: Vec<Arc<Layer>> = self.lock().layers.values().cloned().collect();
-        for layer in layers {
-            layer.sync(&self.engine).await?;
-        }
-        Ok(())
-    }
-
     /// Takes `admin` (the right to change the tree) once no manifest persist is pending: a
     /// snapshot create leaves its fsyncs running, and the other changes write durably in
     /// place (an older persist must not overwrite their `.prev` after), or share layers that
@@ -475,8 +465,8 @@ impl VolumeEntry {
         // The layer names its own id: the error is the volume's.
         let resized = if shrink {
             // Nothing is cut before the manifest with the new size is durable: a shrink that
-            // fails loses nothing. Reopening syncs the old instance (the new one maps the file
-            // privately and sees only what is in it); the new one starts dirty all the same.
+            // fails loses nothing. The new instance starts dirty: writes acknowledged before
+            // the shrink may not be synced yet, and a FLUSH syncs only dirty instances.
             head.reopened(&self.dir, size_bytes)
                 .inspect(Layer::mark_dirty)
         } else {
@@ -509,7 +499,7 @@ impl VolumeEntry {
             }
             // Durable before the manifest with the new size: after a power loss the regrown
             // range would otherwise show the layers below it, or a cut tail's old states.
-            resized.sync_blocking()?;
+            resized.sync_map_blocking()?;
         }
         let mut next = state.manifest.clone();
         next.size_bytes = size_bytes;
@@ -646,7 +636,10 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
             BlockState::Data,
         )?;
     }
-    layer.sync_blocking()?;
+    let map_file = std::fs::File::open(&map_path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StorageError::fs("fsync", &map_path, e));
+    map_file?;
     let migrated = VolumeManifest {
         format_version: manifest::FORMAT_VERSION,
         head: id.clone(),

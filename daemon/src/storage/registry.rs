@@ -143,17 +143,6 @@ impl Registry {
             })?
             .clone();
         let ids = source_manifest.ancestry(&record.layer).unwrap_or_default();
-        // The links share the files, not the source's mappings: its map changes must be in
-        // the files first (a merge into a frozen layer may not be synced yet).
-        let linked: Vec<_> = {
-            let state = entry.lock();
-            ids.iter()
-                .filter_map(|id| state.layers.get(id).cloned())
-                .collect()
-        };
-        for layer in linked {
-            layer.sync(&self.engine).await?;
-        }
         let source_dir = self.volumes_dir.join(source);
         let this = Arc::clone(self);
         let new_name = name.to_owned();
@@ -426,19 +415,12 @@ impl Registry {
             .is_empty()
     }
 
-    /// Flushes every volume and syncs every layer it keeps, in its chain or not (shutdown
-    /// path: a layer's map changes live in the process until synced); returns the first
-    /// failure after trying them all.
+    /// Flushes every volume (shutdown path); returns the first failure after trying them all.
     pub async fn flush_all(&self) -> Result<(), StorageError> {
         let mut first_error = None;
-        for entry in self.entries() {
-            let volume = entry.volume();
+        for volume in self.list() {
             if let Err(e) = volume.flush().await {
                 tracing::error!(volume = volume.name(), error = %e, "flush failed");
-                first_error.get_or_insert(e);
-            }
-            if let Err(e) = entry.sync_all_layers().await {
-                tracing::error!(volume = volume.name(), error = %e, "syncing a layer failed");
                 first_error.get_or_insert(e);
             }
         }

@@ -217,11 +217,7 @@ impl VolumeEntry {
                 "clients still attached after the drain timeout"
             );
         }
-        // The branch left behind keeps its snapshots, and a FLUSH syncs only the chain it
-        // reads: what that branch holds is made durable now (a layer's map changes live in
-        // the process until synced).
-        let synced = self.sync_all_layers().await;
-        let result = synced.and_then(|()| self.switch_head_to(&record));
+        let result = self.switch_head_to(&record);
         attachments.reopen(Closure::Rollback);
         result?;
         // The snapshot's data is whole: an incomplete restore over the old head is gone.

@@ -4,24 +4,13 @@
 //!
 //! The map is the truth about what a layer holds; it is never derived from the data file's
 //! holes. Updates are atomic per 64-bit word, so concurrent writers of nearby blocks never lose
-//! each other's bits.
-//!
-//! The file is mapped private: changes stay in the process's memory until a sync copies the
-//! changed pages out ([`BlockMap::take_changed`]) *before* it makes the data durable and writes
-//! them to the file after. A shared mapping let the kernel write a page saying "data" for a
-//! block whose bytes were still in the page cache; a power loss then left the block reading as
-//! the zeroes of a hole, not as the layers below it held. The price: a change not yet synced is
-//! gone with the process (as the NBD contract allows for unflushed writes) rather than kept by
-//! the page cache.
+//! each other's bits, and the kernel persists the mapped pages like any dirty file page (a
+//! FLUSH fdatasyncs the map file after the data file).
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
-
-/// Bytes of map per page the kernel copies on a first change; the unit a sync writes back.
-const MAP_PAGE_BYTES: u64 = 4096;
-const WORDS_PER_PAGE: usize = (MAP_PAGE_BYTES / 8) as usize;
 
 /// Bytes of volume data one map entry describes.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -71,24 +60,6 @@ pub struct BlockMap {
     data_blocks: AtomicU64,
     /// One bit per BACKED_CHUNK_BYTES of the map file known to have disk space behind it.
     backed: Box<[AtomicU64]>,
-    /// One bit per map page changed since the last [`BlockMap::take_changed`] took it.
-    changed: Box<[AtomicU64]>,
-}
-
-/// Map pages copied out by [`BlockMap::take_changed`]: runs of whole words as the file
-/// stores them, by byte offset.
-#[derive(Debug, Default)]
-pub struct ChangedPages {
-    pub runs: Vec<(u64, Vec<u8>)>,
-    /// Pages are left for another round (the copy is bounded).
-    pub more: bool,
-    pages: Vec<u64>,
-}
-
-impl ChangedPages {
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-    }
 }
 
 /// How much of the map file [`BlockMap::ensure_backed`] allocates at a time.
@@ -125,12 +96,7 @@ impl BlockMap {
                 ),
             ));
         }
-        // SAFETY: a private mapping: no other process's change to the file shows through
-        // pages we changed, and the daemon changes its map files only through this mapping and
-        // through `write_changed`, which writes what the mapping holds. The file is long
-        // enough (checked above), so no access beyond its end faults.
-        let private = unsafe { MmapOptions::new().len(words_len * 8).map_copy(file)? };
-        let mmap = MmapRaw::from(private);
+        let mmap = MmapOptions::new().len(words_len * 8).map_raw(file)?;
         let regions = blocks.div_ceil(SUMMARY_REGION_BLOCKS);
         let summary = (0..regions.div_ceil(64))
             .map(|_| AtomicU64::new(0))
@@ -138,11 +104,6 @@ impl BlockMap {
             .into_boxed_slice();
         let chunks = (words_len as u64 * 8).div_ceil(BACKED_CHUNK_BYTES);
         let backed = (0..chunks.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect::<Vec<_>>()
-            .into_boxed_slice();
-        let pages = (words_len as u64 * 8).div_ceil(MAP_PAGE_BYTES);
-        let changed = (0..pages.div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect::<Vec<_>>()
             .into_boxed_slice();
@@ -154,7 +115,6 @@ impl BlockMap {
             present_blocks: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
             backed,
-            changed,
         };
         if !empty {
             // The one sequential pass over the map: let the kernel read ahead for it.
@@ -173,7 +133,7 @@ impl BlockMap {
         // SAFETY: the mapping is `words_len * 8` bytes long, page aligned (so aligned for u64),
         // lives as long as `self`, and the file is at least that long (checked in `open`), so
         // no access faults. Every access goes through AtomicU64, which has the same layout as
-        // u64; the mapping is private, so nothing outside this process writes it.
+        // u64; other processes never write our map files.
         unsafe {
             std::slice::from_raw_parts(self.mmap.as_ptr() as *const AtomicU64, self.words_len)
         }
@@ -335,81 +295,12 @@ impl BlockMap {
                 match word.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
                     Ok(_) => {
                         self.account(old & mask, new & mask);
-                        // After the store: a sync that takes the bit copies the new word.
-                        self.mark_changed(word_index as usize);
                         break;
                     }
                     Err(current) => old = current,
                 }
             }
             block = (word_index + 1) * BLOCKS_PER_WORD;
-        }
-    }
-
-    fn mark_changed(&self, word_index: usize) {
-        let page = word_index / WORDS_PER_PAGE;
-        let (word, bit) = (&self.changed[page / 64], 1u64 << (page % 64));
-        if word.load(Ordering::Relaxed) & bit == 0 {
-            word.fetch_or(bit, Ordering::AcqRel);
-        }
-    }
-
-    /// Whether a change waits for [`BlockMap::take_changed`].
-    #[cfg(test)]
-    pub fn has_changes(&self) -> bool {
-        self.changed.iter().any(|w| w.load(Ordering::Acquire) != 0)
-    }
-
-    /// Copies out the pages changed since the last call (at most `max_bytes` of them; `more`
-    /// says whether some are left) and forgets they changed. A sync calls it before it makes
-    /// the data durable: every "data" state copied was stored after its bytes were written,
-    /// so the data sync that follows covers them, and the copy may go to the file after it.
-    /// Changes made meanwhile mark their pages again for the next call.
-    pub fn take_changed(&self, max_bytes: u64) -> ChangedPages {
-        let words = self.words();
-        let mut taken = ChangedPages::default();
-        let mut copied_bytes = 0u64;
-        for (index, bits) in self.changed.iter().enumerate() {
-            if bits.load(Ordering::Acquire) == 0 {
-                continue;
-            }
-            let mut pending = bits.load(Ordering::Acquire);
-            while pending != 0 {
-                if copied_bytes >= max_bytes {
-                    taken.more = true;
-                    return taken;
-                }
-                let bit = pending.trailing_zeros();
-                pending &= pending - 1;
-                // Cleared before the copy: a store after this marks the page again.
-                if bits.fetch_and(!(1u64 << bit), Ordering::AcqRel) & (1u64 << bit) == 0 {
-                    continue;
-                }
-                let page = index as u64 * 64 + u64::from(bit);
-                let first = page as usize * WORDS_PER_PAGE;
-                // The last page stops at the last word: what lies past it in the file is not
-                // this instance's (a resize's other instance, or a cut tail).
-                let end = (first + WORDS_PER_PAGE).min(self.words_len);
-                let offset = first as u64 * 8;
-                let bytes: Vec<u8> = words[first..end]
-                    .iter()
-                    .flat_map(|w| w.load(Ordering::Acquire).to_ne_bytes())
-                    .collect();
-                copied_bytes += bytes.len() as u64;
-                taken.pages.push(page);
-                match taken.runs.last_mut() {
-                    Some((at, run)) if *at + run.len() as u64 == offset => run.extend(bytes),
-                    _ => taken.runs.push((offset, bytes)),
-                }
-            }
-        }
-        taken
-    }
-
-    /// Marks the pages of `taken` changed again, for a sync that could not write them.
-    pub fn restore_changed(&self, taken: &ChangedPages) {
-        for &page in &taken.pages {
-            self.changed[(page / 64) as usize].fetch_or(1u64 << (page % 64), Ordering::AcqRel);
         }
     }
 
@@ -540,70 +431,12 @@ mod tests {
                 (12, 40, BlockState::Data)
             ]
         );
-        // The file sees nothing before a sync writes the changed pages out.
-        let unsynced = BlockMap::open(&file, 2000, false).unwrap();
-        assert_eq!(unsynced.state(11), BlockState::Absent);
-        assert_eq!(unsynced.present_blocks(), 0);
-        let changed = map.take_changed(u64::MAX);
-        assert!(!changed.more && !map.has_changes());
-        // One page, stopped at the map's last word (2000 blocks: 63 words).
-        assert_eq!(changed.runs.len(), 1);
-        assert_eq!((changed.runs[0].0, changed.runs[0].1.len()), (0, 63 * 8));
-        write_out(&file, &changed);
         drop(map);
         let again = BlockMap::open(&file, 2000, false).unwrap();
         assert_eq!(again.state(11), BlockState::Zero);
         assert_eq!(again.present_blocks(), 37);
         assert_eq!(again.state(1999), BlockState::Absent);
         assert_eq!(again.state(5000), BlockState::Absent);
-    }
-
-    fn write_out(file: &File, changed: &ChangedPages) {
-        use std::os::unix::fs::FileExt;
-        for (offset, bytes) in &changed.runs {
-            file.write_all_at(bytes, *offset).unwrap();
-        }
-    }
-
-    #[test]
-    fn take_changed_copies_changed_pages_in_bounded_rounds() {
-        let per_page = MAP_PAGE_BYTES / 8 * BLOCKS_PER_WORD;
-        let blocks = 4 * per_page;
-        let (_dir, file) = map_file(blocks);
-        let map = BlockMap::open(&file, blocks, true).unwrap();
-        map.set_range(5, 6, BlockState::Data);
-        map.set_range(per_page - 1, per_page + 1, BlockState::Zero);
-        map.set_range(3 * per_page, 3 * per_page + 1, BlockState::Data);
-        // Pages 0 and 1 are one run; page 3 another; one page per round.
-        let first = map.take_changed(MAP_PAGE_BYTES);
-        assert!(first.more);
-        assert_eq!(first.runs.len(), 1);
-        assert_eq!((first.runs[0].0, first.runs[0].1.len() as u64), (0, MAP_PAGE_BYTES));
-        // A write that failed gives its pages back.
-        map.restore_changed(&first);
-        let all = map.take_changed(u64::MAX);
-        assert!(!all.more && !map.has_changes());
-        let runs: Vec<(u64, u64)> = all.runs.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
-        assert_eq!(runs, [(0, 2 * MAP_PAGE_BYTES), (3 * MAP_PAGE_BYTES, MAP_PAGE_BYTES)]);
-        // A change after the copy marks its page again; a change to nothing marks nothing.
-        map.set_range(5, 6, BlockState::Data);
-        assert!(!map.has_changes());
-        map.set_range(2 * per_page, 2 * per_page + 1, BlockState::Data);
-        let later = map.take_changed(u64::MAX);
-        assert_eq!(later.runs.len(), 1);
-        assert_eq!(later.runs[0].0, 2 * MAP_PAGE_BYTES);
-        write_out(&file, &all);
-        write_out(&file, &later);
-        let again = BlockMap::open(&file, blocks, false).unwrap();
-        for (block, state) in [
-            (5, BlockState::Data),
-            (per_page, BlockState::Zero),
-            (2 * per_page, BlockState::Data),
-            (3 * per_page, BlockState::Data),
-            (6, BlockState::Absent),
-        ] {
-            assert_eq!(again.state(block), state, "block {block}");
-        }
     }
 
     #[test]

@@ -21,10 +21,6 @@ use crate::io::IoEngine;
 
 pub use blockmap::{blocks_for, BlockMap, BlockState, BLOCK_BYTES};
 
-/// Map bytes one sync copies out at a time (64 GiB of volume's states): a sync of more goes
-/// in rounds, each syncing the data again before it writes its copy.
-const MAP_WRITE_BACK_ROUND_BYTES: u64 = 8 << 20;
-
 pub struct Layer {
     id: String,
     size_bytes: u64,
@@ -225,9 +221,6 @@ impl Layer {
     /// The same layer seen at `size_bytes` (its files untouched): a shrink commits the new
     /// size with it before anything is cut, so a failure before the commit loses nothing.
     pub fn reopened(&self, dir: &Path, size_bytes: u64) -> Result<Layer, StorageError> {
-        // The new instance maps the file privately: it sees this one's changes only once they
-        // are in the file.
-        self.sync_blocking()?;
         let data_path = data_path(dir, &self.id);
         let map_path = map_path(dir, &self.id);
         let data = self
@@ -244,25 +237,16 @@ impl Layer {
     }
 
     /// Cuts this (old, larger) instance's tail from `size_bytes` on, once a manifest with that
-    /// size is durable: the map file's words past the new size are zeroed (absent), so growing
-    /// again later finds none, and the data file loses its bytes. Nothing may change this
-    /// instance afterwards. A failure here only leaves the files longer than the
+    /// size is durable: its blocks are marked absent, so growing again later finds none, and
+    /// the data file loses its bytes. A failure here only leaves the files longer than the
     /// volume; [`Layer::grown`] drops such leftovers.
     pub fn cut_tail(&self, size_bytes: u64) -> Result<(), StorageError> {
-        // In the file, not through this instance's mapping: its pages also hold the words the
-        // new instance owns, and writing them back could undo its changes. The last word's
-        // states past the new end stay; the new instance ignores them and a grow clears them.
-        let new_map_bytes = blockmap::map_file_bytes(blocks_for(size_bytes));
-        let old_map_bytes = blockmap::map_file_bytes(self.map.blocks());
-        if old_map_bytes > new_map_bytes {
-            zero_range(
-                &self.map_file,
-                new_map_bytes,
-                old_map_bytes - new_map_bytes,
-            )
-            .and_then(|()| self.map_file.sync_data())
-            .map_err(|e| self.resize_error(size_bytes, e))?;
-        }
+        self.set_range(
+            blocks_for(size_bytes),
+            self.map.blocks(),
+            BlockState::Absent,
+        )?;
+        self.sync_map_blocking()?;
         self.data
             .set_len(size_bytes)
             .and_then(|()| self.data.sync_all())
@@ -409,30 +393,11 @@ impl Layer {
             .map_err(|e| StorageError::io("fsync new layer", 0, self.size_bytes, e))
     }
 
-    /// [`Layer::sync`] for callers off the I/O path (resizes, migration), blocking the thread:
-    /// data first, then the map pages changed before the data was synced.
-    pub fn sync_blocking(&self) -> Result<(), StorageError> {
-        use std::os::unix::fs::FileExt;
-        let flush_error = |what, e| StorageError::io(what, 0, self.size_bytes, e);
-        loop {
-            let changed = self.map.take_changed(MAP_WRITE_BACK_ROUND_BYTES);
-            let written = self.data.sync_data().and_then(|()| {
-                changed
-                    .runs
-                    .iter()
-                    .try_for_each(|(offset, bytes)| self.map_file.write_all_at(bytes, *offset))
-            });
-            if let Err(e) = written {
-                self.map.restore_changed(&changed);
-                return Err(flush_error("flush", e));
-            }
-            if !changed.more {
-                break;
-            }
-        }
+    /// Makes the map's changes durable (its data untouched). Blocking.
+    pub fn sync_map_blocking(&self) -> Result<(), StorageError> {
         self.map_file
             .sync_data()
-            .map_err(|e| flush_error("flush map", e))
+            .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
     }
 
     /// Makes every change made before the call durable: data first, then the map.
@@ -460,26 +425,14 @@ impl Layer {
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
-            let mut wrote_map = false;
-            loop {
-                // Copied before the data is synced, written after: see `BlockMap::take_changed`.
-                let changed = self.map.take_changed(MAP_WRITE_BACK_ROUND_BYTES);
-                if let Err(e) = self.write_back(engine, &changed).await {
-                    self.map.restore_changed(&changed);
-                    return Err(e);
-                }
-                wrote_map |= !changed.is_empty();
-                if !changed.more {
-                    break;
-                }
-            }
-            if wrote_map {
-                engine
-                    .fdatasync(&self.map_file)
-                    .await
-                    .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))?;
-            }
-            Ok(())
+            engine
+                .fdatasync(&self.data)
+                .await
+                .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
+            engine
+                .fdatasync(&self.map_file)
+                .await
+                .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
         }
         .await;
         if let Err(error) = &result {
@@ -489,26 +442,6 @@ impl Layer {
             }
         }
         result
-    }
-
-    /// Syncs the data file, then writes map pages copied before it to the map file.
-    async fn write_back(
-        &self,
-        engine: &IoEngine,
-        changed: &blockmap::ChangedPages,
-    ) -> Result<(), StorageError> {
-        engine
-            .fdatasync(&self.data)
-            .await
-            .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
-        for (offset, bytes) in &changed.runs {
-            let length = bytes.len() as u64;
-            engine
-                .write_all_at(&self.map_file, *offset, Bytes::from(bytes.clone()), false)
-                .await
-                .map_err(|e| StorageError::io("write map", *offset, length, e))?;
-        }
-        Ok(())
     }
 
     #[cfg(test)]
@@ -527,42 +460,8 @@ pub fn new_layer_id() -> Result<String, StorageError> {
 mod tests {
     use bytes::Bytes;
 
-    use super::{map_path, BlockState};
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::storage::Registry;
-
-    /// A head over a snapshot says "data" for a block on disk only once a sync has made the
-    /// block's bytes durable: a map page written back first would, after a power loss, make
-    /// the block read as the zeroes of a hole instead of the snapshot's bytes.
-    #[tokio::test]
-    async fn the_map_file_says_data_only_after_a_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine).unwrap();
-        let volume = registry.create("v", 1 << 20).unwrap();
-        volume
-            .write(0, Bytes::from(vec![1u8; 8192]), false)
-            .await
-            .unwrap();
-        let entry = registry.entry("v").unwrap();
-        entry.create_snapshot("s").await.unwrap();
-        volume
-            .write(4096, Bytes::from(vec![2u8; 4096]), false)
-            .await
-            .unwrap();
-        let head = std::sync::Arc::clone(volume.chain().top());
-        assert_eq!(head.state(1), BlockState::Data);
-        // Block 1's two bits in the file's first word (what any reader of the file sees).
-        let path = map_path(&dir.path().join("volumes").join("v"), head.id());
-        let on_disk = || {
-            let bytes = std::fs::read(&path).unwrap();
-            (u64::from_ne_bytes(bytes[..8].try_into().unwrap()) >> 2) & 3
-        };
-        assert_eq!(on_disk(), 0, "absent in the file before a sync");
-        volume.flush().await.unwrap();
-        assert_eq!(on_disk(), BlockState::Data as u64);
-        assert_eq!(&volume.read(0, 8192).await.unwrap()[4095..4097], [1, 2]);
-    }
 
     #[tokio::test]
     async fn once_a_flush_failed_every_later_flush_fails_too() {
