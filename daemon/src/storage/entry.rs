@@ -627,7 +627,7 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
         })
         .map_err(|e| StorageError::fs("create", &map_path, e))?;
     let layer = Layer::open(dir, &id, legacy.size_bytes)?;
-    for (start, end) in data_ranges(layer.data(), legacy.size_bytes)
+    for (start, end) in crate::storage::holes::data_ranges(layer.data(), 0, legacy.size_bytes)
         .map_err(|e| StorageError::fs("scan", &new, e))?
     {
         layer.set_range(
@@ -656,39 +656,6 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
     let _ = std::fs::remove_file(&old);
     tracing::info!(volume = %migrated.name, "migrated a format-1 volume to layers");
     Ok(migrated)
-}
-
-/// Byte ranges holding data, from SEEK_DATA/SEEK_HOLE: used once, to migrate a format-1 file.
-fn data_ranges(file: &std::fs::File, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let seek = |pos: u64, whence: i32| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek takes the fd by value and touches no memory of ours; `file` keeps it
-        // open for the call.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
-        if at < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(at as u64))
-    };
-    let mut ranges = Vec::new();
-    let mut pos = 0;
-    while pos < end {
-        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        ranges.push((data, hole.max(data + 1)));
-        pos = hole.max(data + 1);
-    }
-    Ok(ranges)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod entry;
 pub mod epoch;
 pub mod fence;
 pub mod group;
+pub mod holes;
 pub mod layer;
 pub mod manifest;
 pub mod name;

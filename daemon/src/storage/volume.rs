@@ -546,7 +546,7 @@ impl Volume {
         }
         let _locks = writer.stripes.lock(first_block, end_block).await;
         self.write_layer_via(head, offset_bytes, data, via).await?;
-        head.set_range(first_block, end_block, BlockState::Data)?;
+        head.mark_written(first_block, end_block, chain.layers().len() > 1)?;
         Ok(())
     }
 
@@ -592,7 +592,7 @@ impl Volume {
         let at = (offset_bytes - block_start) as usize;
         whole[at..at + data.len()].copy_from_slice(&data);
         self.write_layer(head, block_start, whole.freeze()).await?;
-        head.set_range(block, block + 1, BlockState::Data)?;
+        head.mark_written(block, block + 1, chain.layers().len() > 1)?;
         Ok(())
     }
 

@@ -2,15 +2,19 @@
 //! memory-mapped file of our own, plus in-memory summary bits (one per 2 MiB region) that let a
 //! lookup skip a layer that holds nothing near a block without touching its map pages.
 //!
-//! The map is the truth about what a layer holds; it is never derived from the data file's
-//! holes. Updates are atomic per 64-bit word, so concurrent writers of nearby blocks never lose
-//! each other's bits, and the kernel persists the mapped pages like any dirty file page (a
-//! FLUSH fdatasyncs the map file after the data file).
+//! The map is the truth about what a layer holds; it is derived from the data file's holes
+//! only for blocks in the "written" state after a crash (see `written.rs`). Updates are atomic
+//! per 64-bit word, so concurrent writers of nearby blocks never lose each other's bits, and
+//! the kernel persists the mapped pages like any dirty file page (a FLUSH fdatasyncs the map
+//! file after the data file).
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
+
+#[path = "written.rs"]
+mod written;
 
 /// Bytes of volume data one map entry describes.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -24,7 +28,8 @@ const SUMMARY_REGION_BLOCKS: u64 = 512;
 pub enum BlockState {
     /// The layer does not hold the block: look below.
     Absent = 0,
-    /// The layer's data file holds the block's bytes.
+    /// The layer's data file holds the block's bytes (raw bits `01`, or `11` while they may
+    /// not be durable yet: see `written.rs`).
     Data = 1,
     /// The block reads as zeroes, masking any layer below.
     Zero = 2,
@@ -34,9 +39,9 @@ impl BlockState {
     fn from_bits(bits: u64) -> BlockState {
         match bits & 3 {
             0 => BlockState::Absent,
-            1 => BlockState::Data,
-            // 3 is never written; reading it as zero is the safe answer.
-            _ => BlockState::Zero,
+            2 => BlockState::Zero,
+            // 3: written, not yet known durable (still data).
+            _ => BlockState::Data,
         }
     }
 }
@@ -60,6 +65,8 @@ pub struct BlockMap {
     data_blocks: AtomicU64,
     /// One bit per BACKED_CHUNK_BYTES of the map file known to have disk space behind it.
     backed: Box<[AtomicU64]>,
+    /// One bit per page of map words that may hold "written" blocks (see `written.rs`).
+    written_pages: Box<[AtomicU64]>,
 }
 
 /// How much of the map file [`BlockMap::ensure_backed`] allocates at a time.
@@ -107,6 +114,11 @@ impl BlockMap {
             .map(|_| AtomicU64::new(0))
             .collect::<Vec<_>>()
             .into_boxed_slice();
+        let pages = (words_len as u64).div_ceil(written::WORDS_PER_TRACKED_PAGE);
+        let written_pages = (0..pages.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
         let map = BlockMap {
             mmap,
             words_len,
@@ -115,6 +127,7 @@ impl BlockMap {
             present_blocks: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
             backed,
+            written_pages,
         };
         if !empty {
             // The one sequential pass over the map: let the kernel read ahead for it.
@@ -159,6 +172,10 @@ impl BlockMap {
             present += count_present(w);
             data += count_data(w);
             self.mark_region(i as u64 * BLOCKS_PER_WORD);
+            if w & (w >> 1) & 0x5555_5555_5555_5555 != 0 {
+                // Written blocks another instance left (a resize's): settled by this one's syncs.
+                self.mark_written_page(i as u64);
+            }
         }
         self.present_blocks.store(present, Ordering::Relaxed);
         self.data_blocks.store(data, Ordering::Relaxed);
@@ -362,8 +379,8 @@ fn count_present(w: u64) -> u64 {
 }
 
 fn count_data(w: u64) -> u64 {
-    let data = w & !(w >> 1) & 0x5555_5555_5555_5555;
-    u64::from(data.count_ones())
+    // Data is `01` or `11` (written): the low bit set; zero is `10`.
+    u64::from((w & 0x5555_5555_5555_5555).count_ones())
 }
 
 #[cfg(test)]
@@ -446,10 +463,10 @@ mod tests {
     }
 
     proptest! {
-        /// The map agrees with a plain Vec model after any sequence of range updates, and
-        /// its counters and runs agree with the model too.
+        /// The map agrees with a plain Vec model after any sequence of range updates (writes
+        /// marking blocks "written" among them), and its counters and runs agree too.
         #[test]
-        fn matches_a_vec_model(ops in proptest::collection::vec((0u64..3000, 0u64..700, 0u8..3), 1..40)) {
+        fn matches_a_vec_model(ops in proptest::collection::vec((0u64..3000, 0u64..700, 0u8..4), 1..40)) {
             let blocks = 3000;
             let (_dir, file) = map_file(blocks);
             let map = BlockMap::open(&file, blocks, true).unwrap();
@@ -457,7 +474,12 @@ mod tests {
             for (start, len, s) in ops {
                 let state = BlockState::from_bits(u64::from(s));
                 let end = (start + len).min(blocks);
-                map.set_range(start, end, state);
+                if s == 3 {
+                    // Written: data, in whatever raw form.
+                    map.set_written(start, end);
+                } else {
+                    map.set_range(start, end, state);
+                }
                 for b in start..end {
                     model[b as usize] = state;
                 }

@@ -21,6 +21,10 @@ use crate::io::IoEngine;
 
 pub use blockmap::{blocks_for, BlockMap, BlockState, BLOCK_BYTES};
 
+/// Pages of map (each 16,384 blocks, 64 MiB of volume) one sync settles at a time: a sync
+/// over more goes in rounds, each syncing the data again first, which bounds what it holds.
+const SETTLE_ROUND_PAGES: usize = 4096;
+
 pub struct Layer {
     id: String,
     size_bytes: u64,
@@ -133,7 +137,26 @@ impl Layer {
                 .set_len(map_bytes)
                 .map_err(|e| StorageError::fs("size", &map_path, e))?;
         }
-        Layer::from_files(id, size_bytes, data, map_file, &map_path, false)
+        let layer = Layer::from_files(id, size_bytes, data, map_file, &map_path, false)?;
+        layer.resolve_written(&data_path)?;
+        Ok(layer)
+    }
+
+    /// After an open: blocks still "written" (the daemon or the machine went down before a
+    /// sync settled them) are data if the data file holds their bytes and absent again if
+    /// not; then the survivors are made durable and settled (see `blockmap/written.rs`).
+    fn resolve_written(&self, data_path: &Path) -> Result<(), StorageError> {
+        let (written_blocks, lost_blocks) = self
+            .map
+            .resolve_written(&self.data)
+            .map_err(|e| StorageError::fs("look for holes in", data_path, e))?;
+        if lost_blocks > 0 {
+            tracing::warn!(layer = %self.id, lost_bytes = lost_blocks * BLOCK_BYTES, "blocks written before a crash lost their bytes with it; they read from the layers below again");
+        }
+        if written_blocks == 0 {
+            return Ok(());
+        }
+        self.sync_blocking()
     }
 
     fn from_files(
@@ -349,6 +372,25 @@ impl Layer {
         Ok(())
     }
 
+    /// Marks blocks `[start, end)` as holding bytes just written. In a layer with layers
+    /// below it (`over_layers`), blocks it did not hold become "written" until a sync has their
+    /// bytes durable (see `blockmap/written.rs`); in a bottom layer a lost block reads as the
+    /// zeroes it was before, so they are plain data at once. Fails as [`Layer::set_range`].
+    pub fn mark_written(
+        &self,
+        start: u64,
+        end: u64,
+        over_layers: bool,
+    ) -> Result<(), StorageError> {
+        if !over_layers {
+            return self.set_range(start, end, BlockState::Data);
+        }
+        self.ensure_backed(start, end)?;
+        self.map.set_written(start, end);
+        self.mark_dirty();
+        Ok(())
+    }
+
     fn ensure_backed(&self, start: u64, end: u64) -> Result<(), StorageError> {
         self.map
             .ensure_backed(&self.map_file, start, end)
@@ -400,6 +442,22 @@ impl Layer {
             .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
     }
 
+    /// [`Layer::sync`] blocking the thread, for opens and resizes: data, settle, map.
+    pub fn sync_blocking(&self) -> Result<(), StorageError> {
+        loop {
+            let written = self.map.take_written(SETTLE_ROUND_PAGES);
+            if let Err(e) = self.data.sync_data() {
+                self.map.restore_written(&written);
+                return Err(StorageError::io("flush", 0, self.size_bytes, e));
+            }
+            self.map.settle(&written);
+            if !written.more {
+                break;
+            }
+        }
+        self.sync_map_blocking()
+    }
+
     /// Makes every change made before the call durable: data first, then the map.
     /// Once one has failed, every later one fails too (see `sync_failed`).
     pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
@@ -425,10 +483,18 @@ impl Layer {
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
-            engine
-                .fdatasync(&self.data)
-                .await
-                .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
+            loop {
+                // Noted before the data sync, settled after it: see `BlockMap::take_written`.
+                let written = self.map.take_written(SETTLE_ROUND_PAGES);
+                if let Err(e) = engine.fdatasync(&self.data).await {
+                    self.map.restore_written(&written);
+                    return Err(StorageError::io("flush", 0, self.size_bytes, e));
+                }
+                self.map.settle(&written);
+                if !written.more {
+                    break;
+                }
+            }
             engine
                 .fdatasync(&self.map_file)
                 .await
@@ -460,8 +526,67 @@ pub fn new_layer_id() -> Result<String, StorageError> {
 mod tests {
     use bytes::Bytes;
 
+    use super::map_path;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::storage::Registry;
+
+    /// A power loss can take a block's bytes and leave the map page that marks it (the kernel
+    /// writes them back in any order). A head block over a snapshot must then read what the
+    /// snapshot holds, not the zeroes of the hole its bytes left.
+    #[tokio::test]
+    async fn a_written_block_whose_bytes_were_lost_reads_from_the_layer_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        let volume = registry.create("v", 1 << 20).unwrap();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        registry
+            .entry("v")
+            .unwrap()
+            .create_snapshot("s")
+            .await
+            .unwrap();
+        volume
+            .write(4096, Bytes::from(vec![2u8; 2 * 4096]), false)
+            .await
+            .unwrap();
+        let head = std::sync::Arc::clone(volume.chain().top());
+        let volume_dir = dir.path().join("volumes").join("v");
+        let map_file = map_path(&volume_dir, head.id());
+        // Block `b`'s two bits in the map file, as a power loss could leave them.
+        let on_disk = |b: u64| {
+            let bytes = std::fs::read(&map_file).unwrap();
+            (u64::from_ne_bytes(bytes[..8].try_into().unwrap()) >> (b * 2)) & 3
+        };
+        assert_eq!([on_disk(1), on_disk(2)], [3, 3], "written, not yet synced");
+        // Block 1's bytes never reached the disk; block 2's did.
+        let data = std::fs::OpenOptions::new()
+            .write(true)
+            .open(super::data_path(&volume_dir, head.id()))
+            .unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        crate::io::fallocate_blocking(&data, punch, 4096, 4096).unwrap();
+        drop((volume, head, registry));
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        let volume = registry.get("v").unwrap();
+        let got = volume.read(0, 4 * 4096).await.unwrap();
+        let blocks: Vec<u8> = got.chunks(4096).map(|b| b[0]).collect();
+        assert_eq!(blocks, [1, 1, 2, 1], "block 1 from the snapshot again");
+        // The open settled the survivor: the file says plain data now.
+        assert_eq!([on_disk(1), on_disk(2)], [0, 1]);
+        // And a flush settles blocks written since.
+        volume
+            .write(3 * 4096, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(on_disk(3), 3);
+        volume.flush().await.unwrap();
+        assert_eq!(on_disk(3), 1);
+    }
 
     #[tokio::test]
     async fn once_a_flush_failed_every_later_flush_fails_too() {

@@ -1,0 +1,73 @@
+//! Where a sparse file holds bytes, asked of the filesystem (SEEK_DATA / SEEK_HOLE): a
+//! format-1 volume's map is built from it once, and an open after a crash checks the blocks
+//! whose bytes may have been lost (see `layer/written.rs`).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+/// Byte ranges of `file` within `[start, end)` that hold data, in order. A filesystem that
+/// cannot tell reports everything as data, and so does this.
+pub fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let seek = |pos: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek takes the fd by value and touches no memory of ours; `file` keeps it
+        // open for the call. Only the file offset moves, which positioned I/O ignores.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+        if at < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(at as u64))
+    };
+    let mut ranges = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        ranges.push((data, hole.max(data + 1)));
+        pos = hole.max(data + 1);
+    }
+    Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_data_between_holes_within_the_range() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let block = 64 << 10;
+        file.set_len(16 * block).unwrap();
+        file.write_all_at(&vec![1u8; block as usize], 2 * block)
+            .unwrap();
+        file.write_all_at(&vec![1u8; 2 * block as usize], 8 * block)
+            .unwrap();
+        assert_eq!(
+            data_ranges(&file, 0, 16 * block).unwrap(),
+            [(2 * block, 3 * block), (8 * block, 10 * block)]
+        );
+        // Clipped to the range asked.
+        assert_eq!(
+            data_ranges(&file, 9 * block, 16 * block).unwrap(),
+            [(9 * block, 10 * block)]
+        );
+        assert!(data_ranges(&file, 3 * block, 8 * block).unwrap().is_empty());
+    }
+}
