@@ -290,6 +290,16 @@ impl VolumeEntry {
         .store(dir)
     }
 
+    /// Syncs every layer the volume keeps, those of snapshots off its chain included.
+    /// Cheap for layers already clean.
+    pub(crate) async fn sync_all_layers(&self) -> Result<(), StorageError> {
+        let layers: Vec<Arc<Layer>> = self.lock().layers.values().cloned().collect();
+        for layer in layers {
+            layer.sync(&self.engine).await?;
+        }
+        Ok(())
+    }
+
     /// Takes `admin` (the right to change the tree) once no manifest persist is pending: a
     /// snapshot create leaves its fsyncs running, and the other changes write durably in
     /// place (an older persist must not overwrite their `.prev` after), or share layers that

@@ -25,7 +25,11 @@ pub fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u6
     let mut ranges = Vec::new();
     let mut pos = start;
     while pos < end {
-        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Err(e) if cannot_tell(&e) => return Ok(vec![(start, end)]),
+            other => other?,
+        };
+        let Some(data) = data else {
             break;
         };
         if data >= end {
@@ -36,6 +40,33 @@ pub fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u6
         pos = hole.max(data + 1);
     }
     Ok(ranges)
+}
+
+fn cannot_tell(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
+}
+
+/// ZFS (`f_type` from statfs).
+const ZFS_SUPER_MAGIC: i64 = 0x2fc1_2fc1;
+
+/// Whether a hole in `file` means bytes were never written there. Not on ZFS: with
+/// compression on it stores a record of zeroes written by a client as a hole.
+pub fn hole_means_unwritten(file: &File) -> bool {
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a whole `statfs` into the buffer on success and nothing else;
+    // it is read only then. `file` keeps the fd open for the call.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so the buffer is initialised.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+    let f_type = stat.f_type as i64;
+    f_type != ZFS_SUPER_MAGIC
 }
 
 #[cfg(test)]
@@ -69,5 +100,6 @@ mod tests {
             [(9 * block, 10 * block)]
         );
         assert!(data_ranges(&file, 3 * block, 8 * block).unwrap().is_empty());
+        assert!(hole_means_unwritten(&file));
     }
 }

@@ -415,12 +415,19 @@ impl Registry {
             .is_empty()
     }
 
-    /// Flushes every volume (shutdown path); returns the first failure after trying them all.
+    /// Flushes every volume and syncs every layer it keeps, in its chain or not (a rollback
+    /// leaves the old branch's; shutdown path); returns the first failure after trying them
+    /// all.
     pub async fn flush_all(&self) -> Result<(), StorageError> {
         let mut first_error = None;
-        for volume in self.list() {
+        for entry in self.entries() {
+            let volume = entry.volume();
             if let Err(e) = volume.flush().await {
                 tracing::error!(volume = volume.name(), error = %e, "flush failed");
+                first_error.get_or_insert(e);
+            }
+            if let Err(e) = entry.sync_all_layers().await {
+                tracing::error!(volume = volume.name(), error = %e, "syncing a layer failed");
                 first_error.get_or_insert(e);
             }
         }

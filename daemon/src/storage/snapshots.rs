@@ -294,10 +294,13 @@ impl VolumeEntry {
         }
         let end = head.blocks().min(below.blocks());
         let mut pruned_blocks = 0;
-        // Head blocks never go back to absent, so what they shadow stays shadowed. A window's
-        // head blocks are made durable once listed and before what they shadow is punched out
-        // below: after a power loss that took the head's unflushed copies, a punched block
-        // would read from an older layer, or as zeroes. (Clients write on meanwhile.)
+        // Head blocks never go back to absent while the volume is open (an open after a crash
+        // makes "written" ones whose bytes were lost absent again), so what they shadow stays
+        // shadowed. A window's head blocks are made durable once listed and before what they
+        // shadow is punched out below: after a power loss that took the head's unflushed
+        // copies, a punched block would read from an older layer, or as zeroes. A run still
+        // "written" after the sync (marked by a write the sync did not wait for) is left for
+        // the next prune. (Clients write on meanwhile.)
         let mut head_runs = Vec::new();
         for window in (0..end).step_by(RUNS_WINDOW_BLOCKS as usize) {
             head_runs.clear();
@@ -308,6 +311,9 @@ impl VolumeEntry {
             }
             head.sync(&self.engine).await?;
             for &(a, z, _) in &head_runs {
+                if head.map().any_written(a, z) {
+                    continue;
+                }
                 for (b, c, _) in windowed_runs(&below, a, z) {
                     below.set_range(b, c, BlockState::Absent)?;
                     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -411,6 +417,10 @@ impl VolumeEntry {
                 Arc::clone(&state.layers[&merge.survivor]),
             )
         };
+        // The victim's blocks durable (and settled) first: a survivor below is overwritten
+        // and marked without a sync, trusting a redo after a crash to copy every block again,
+        // and a redo copies only what the open still finds in the victim.
+        victim.sync(&self.engine).await?;
         let started = std::time::Instant::now();
         let into_head = merge.survivor == manifest.head;
         let copied_blocks = self

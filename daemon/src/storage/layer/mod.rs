@@ -138,25 +138,31 @@ impl Layer {
                 .map_err(|e| StorageError::fs("size", &map_path, e))?;
         }
         let layer = Layer::from_files(id, size_bytes, data, map_file, &map_path, false)?;
-        layer.resolve_written(&data_path)?;
+        layer.resolve_written(&data_path);
         Ok(layer)
     }
 
     /// After an open: blocks still "written" (the daemon or the machine went down before a
-    /// sync settled them) are data if the data file holds their bytes and absent again if
-    /// not; then the survivors are made durable and settled (see `blockmap/written.rs`).
-    fn resolve_written(&self, data_path: &Path) -> Result<(), StorageError> {
-        let (written_blocks, lost_blocks) = self
-            .map
-            .resolve_written(&self.data)
-            .map_err(|e| StorageError::fs("look for holes in", data_path, e))?;
-        if lost_blocks > 0 {
-            tracing::warn!(layer = %self.id, lost_bytes = lost_blocks * BLOCK_BYTES, "blocks written before a crash lost their bytes with it; they read from the layers below again");
+    /// sync settled them) stay so if the data file holds their bytes (the next FLUSH settles
+    /// them: the layer starts dirty) and are absent again if not (see
+    /// `blockmap/written.rs`). Never fails the open: what cannot be checked is kept as data.
+    fn resolve_written(&self, data_path: &Path) {
+        if !self.map.has_written() {
+            return;
         }
-        if written_blocks == 0 {
-            return Ok(());
+        if !crate::storage::holes::hole_means_unwritten(&self.data) {
+            tracing::info!(layer = %self.id, "this filesystem stores zeroes as holes: blocks written before a stop are kept as data");
+            return;
         }
-        self.sync_blocking()
+        match self.map.resolve_written(&self.data) {
+            Ok((_, 0)) => {}
+            Ok((written_blocks, lost_blocks)) => {
+                tracing::warn!(layer = %self.id, written_bytes = written_blocks * BLOCK_BYTES, lost_bytes = lost_blocks * BLOCK_BYTES, "blocks written before a crash lost their bytes with it; they read from the layers below again");
+            }
+            Err(error) => {
+                tracing::warn!(layer = %self.id, path = %data_path.display(), %error, "cannot tell which blocks written before a stop have bytes; keeping them all as data");
+            }
+        }
     }
 
     fn from_files(
@@ -169,6 +175,8 @@ impl Layer {
     ) -> Result<Layer, StorageError> {
         let map = BlockMap::open(&map_file, blocks_for(size_bytes), empty)
             .map_err(|e| StorageError::fs("map", map_path, e))?;
+        // Written blocks an earlier instance or run left wait for a sync to settle them.
+        let starts_dirty = !empty && map.has_written();
         Ok(Layer {
             id: id.to_owned(),
             size_bytes,
@@ -176,7 +184,7 @@ impl Layer {
             map_file: Arc::new(map_file),
             map,
             direct: direct::DirectFile::default(),
-            dirty: AtomicBool::new(false),
+            dirty: AtomicBool::new(starts_dirty),
             sync_lock: tokio::sync::Mutex::new(()),
             sync_failed: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
@@ -442,22 +450,6 @@ impl Layer {
             .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
     }
 
-    /// [`Layer::sync`] blocking the thread, for opens and resizes: data, settle, map.
-    pub fn sync_blocking(&self) -> Result<(), StorageError> {
-        loop {
-            let written = self.map.take_written(SETTLE_ROUND_PAGES);
-            if let Err(e) = self.data.sync_data() {
-                self.map.restore_written(&written);
-                return Err(StorageError::io("flush", 0, self.size_bytes, e));
-            }
-            self.map.settle(&written);
-            if !written.more {
-                break;
-            }
-        }
-        self.sync_map_blocking()
-    }
-
     /// Makes every change made before the call durable: data first, then the map.
     /// Once one has failed, every later one fails too (see `sync_failed`).
     pub async fn sync(&self, engine: &IoEngine) -> Result<(), StorageError> {
@@ -486,12 +478,13 @@ impl Layer {
             loop {
                 // Noted before the data sync, settled after it: see `BlockMap::take_written`.
                 let written = self.map.take_written(SETTLE_ROUND_PAGES);
-                if let Err(e) = engine.fdatasync(&self.data).await {
-                    self.map.restore_written(&written);
-                    return Err(StorageError::io("flush", 0, self.size_bytes, e));
-                }
-                self.map.settle(&written);
-                if !written.more {
+                engine
+                    .fdatasync(&self.data)
+                    .await
+                    .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
+                let more = written.more();
+                written.settle();
+                if !more {
                     break;
                 }
             }
@@ -576,7 +569,9 @@ mod tests {
         let got = volume.read(0, 4 * 4096).await.unwrap();
         let blocks: Vec<u8> = got.chunks(4096).map(|b| b[0]).collect();
         assert_eq!(blocks, [1, 1, 2, 1], "block 1 from the snapshot again");
-        // The open settled the survivor: the file says plain data now.
+        // The survivor stays written until a flush settles it (the layer starts dirty).
+        assert_eq!([on_disk(1), on_disk(2)], [0, 3]);
+        volume.flush().await.unwrap();
         assert_eq!([on_disk(1), on_disk(2)], [0, 1]);
         // And a flush settles blocks written since.
         volume

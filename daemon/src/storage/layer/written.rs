@@ -30,11 +30,40 @@ fn written_fields(w: u64) -> u64 {
 
 /// What [`BlockMap::take_written`] saw: per map word, the fields that were "written" then.
 #[derive(Debug, Default)]
-pub struct WrittenBlocks {
+struct WrittenBlocks {
     words: Vec<(usize, u64)>,
     pages: Vec<u64>,
+    more: bool,
+}
+
+/// Blocks a sync took, to settle once the data is synced. Dropped unsettled (the sync failed,
+/// or its future was dropped), their pages are marked again for the next sync.
+#[derive(Debug)]
+pub struct TakenWritten<'a> {
+    map: &'a BlockMap,
+    taken: Option<WrittenBlocks>,
+}
+
+impl TakenWritten<'_> {
     /// Pages were left for another round (the take is bounded).
-    pub more: bool,
+    pub fn more(&self) -> bool {
+        self.taken.as_ref().is_some_and(|t| t.more)
+    }
+
+    /// Turns the blocks taken into plain data: call only once their bytes are durable.
+    pub fn settle(mut self) {
+        if let Some(taken) = self.taken.take() {
+            self.map.settle(&taken);
+        }
+    }
+}
+
+impl Drop for TakenWritten<'_> {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            self.map.restore_written(&taken);
+        }
+    }
 }
 
 impl BlockMap {
@@ -59,7 +88,7 @@ impl BlockMap {
                 if new == old {
                     break;
                 }
-                match word.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
+                match word.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::Relaxed) {
                     Ok(_) => {
                         self.account(old & mask, new & mask);
                         if written_fields(new) != 0 {
@@ -81,9 +110,37 @@ impl BlockMap {
             &self.written_pages[(page / 64) as usize],
             1u64 << (page % 64),
         );
-        if bits.load(Ordering::Relaxed) & bit == 0 {
-            bits.fetch_or(bit, Ordering::AcqRel);
+        // SeqCst here, on the word's store and on both sides of `take_written`: the store and
+        // this check against the take's clear and word load is the store-buffering pattern,
+        // where weaker orderings let both sides miss each other (free on x86).
+        if bits.load(Ordering::SeqCst) & bit == 0 {
+            bits.fetch_or(bit, Ordering::SeqCst);
         }
+    }
+
+    /// Whether some page may hold "written" blocks.
+    pub fn has_written(&self) -> bool {
+        self.written_pages
+            .iter()
+            .any(|bits| bits.load(Ordering::SeqCst) != 0)
+    }
+
+    /// Whether any of blocks `[start, end)` is "written".
+    pub fn any_written(&self, start: u64, end: u64) -> bool {
+        let end = end.min(self.blocks);
+        let words = self.words();
+        let mut block = start;
+        while block < end {
+            let word_index = block / BLOCKS_PER_WORD;
+            let first = block % BLOCKS_PER_WORD;
+            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
+            let w = words[word_index as usize].load(Ordering::SeqCst);
+            if written_fields(w) & bits_mask(first, last) != 0 {
+                return true;
+            }
+            block = (word_index + 1) * BLOCKS_PER_WORD;
+        }
+        false
     }
 
     /// Notes which blocks are "written" now, in at most `max_pages` pages of the map (`more`
@@ -91,11 +148,18 @@ impl BlockMap {
     /// them was marked after its bytes were written, so that sync covers them, and
     /// [`BlockMap::settle`] may call them data after it. Blocks written meanwhile mark their
     /// page again for the next sync.
-    pub fn take_written(&self, max_pages: usize) -> WrittenBlocks {
+    pub fn take_written(&self, max_pages: usize) -> TakenWritten<'_> {
+        TakenWritten {
+            map: self,
+            taken: Some(self.take_written_blocks(max_pages)),
+        }
+    }
+
+    fn take_written_blocks(&self, max_pages: usize) -> WrittenBlocks {
         let words = self.words();
         let mut taken = WrittenBlocks::default();
         for (index, bits) in self.written_pages.iter().enumerate() {
-            let mut pending = bits.load(Ordering::Acquire);
+            let mut pending = bits.load(Ordering::SeqCst);
             while pending != 0 {
                 if taken.pages.len() >= max_pages {
                     taken.more = true;
@@ -104,7 +168,7 @@ impl BlockMap {
                 let bit = pending.trailing_zeros();
                 pending &= pending - 1;
                 // Cleared before the words are read: a mark after this sets it again.
-                if bits.fetch_and(!(1u64 << bit), Ordering::AcqRel) & (1u64 << bit) == 0 {
+                if bits.fetch_and(!(1u64 << bit), Ordering::SeqCst) & (1u64 << bit) == 0 {
                     continue;
                 }
                 let page = index as u64 * 64 + u64::from(bit);
@@ -112,7 +176,7 @@ impl BlockMap {
                 let first = (page * WORDS_PER_TRACKED_PAGE) as usize;
                 let end = (first + WORDS_PER_TRACKED_PAGE as usize).min(self.words_len);
                 for (i, word) in words[first..end].iter().enumerate() {
-                    let fields = written_fields(word.load(Ordering::Acquire));
+                    let fields = written_fields(word.load(Ordering::SeqCst));
                     if fields != 0 {
                         taken.words.push((first + i, fields));
                     }
@@ -124,7 +188,7 @@ impl BlockMap {
 
     /// Turns the blocks `taken` saw "written" into plain data, now that their bytes are
     /// durable; a block changed since (zeroed, written again) keeps its new state.
-    pub fn settle(&self, taken: &WrittenBlocks) {
+    fn settle(&self, taken: &WrittenBlocks) {
         let words = self.words();
         for &(index, fields) in &taken.words {
             let word = &words[index];
@@ -148,20 +212,21 @@ impl BlockMap {
     }
 
     /// Marks the pages of `taken` again, for a sync that failed before settling them.
-    pub fn restore_written(&self, taken: &WrittenBlocks) {
+    fn restore_written(&self, taken: &WrittenBlocks) {
         for &page in &taken.pages {
             self.written_pages[(page / 64) as usize]
                 .fetch_or(1u64 << (page % 64), Ordering::AcqRel);
         }
     }
 
-    /// Runs of "written" blocks, in order.
-    fn written_runs(&self) -> Vec<(u64, u64)> {
+    /// Runs of "written" blocks among map words `[first_word, end_word)`, in order.
+    fn written_runs_in(&self, first_word: usize, end_word: usize) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (index, word) in self.words().iter().enumerate() {
+        for (index, word) in self.words()[first_word..end_word].iter().enumerate() {
             let mut fields = written_fields(word.load(Ordering::Acquire));
             while fields != 0 {
-                let block = index as u64 * BLOCKS_PER_WORD + u64::from(fields.trailing_zeros() / 2);
+                let block = (first_word + index) as u64 * BLOCKS_PER_WORD
+                    + u64::from(fields.trailing_zeros() / 2);
                 fields &= fields - 1;
                 if block >= self.blocks {
                     break;
@@ -175,33 +240,64 @@ impl BlockMap {
         runs
     }
 
-    /// After an open: asks `data` (the layer's data file) about every "written" block. A
-    /// block with bytes behind it (on disk, or in the page cache after the daemon alone went
-    /// down) is data; one that is a hole lost its bytes with the machine, so it is absent
-    /// again; the others stay "written", their pages marked for the next sync. Returns how
-    /// many blocks were written and how many of them were lost.
+    /// Spans of consecutive pages marked as possibly holding "written" blocks (an open marks
+    /// those it finds), as map word ranges.
+    fn marked_spans(&self) -> Vec<(usize, usize)> {
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for (index, bits) in self.written_pages.iter().enumerate() {
+            let mut pending = bits.load(Ordering::SeqCst);
+            while pending != 0 {
+                let page = index as u64 * 64 + u64::from(pending.trailing_zeros());
+                pending &= pending - 1;
+                let first = (page * WORDS_PER_TRACKED_PAGE) as usize;
+                let end = (first + WORDS_PER_TRACKED_PAGE as usize).min(self.words_len);
+                match spans.last_mut() {
+                    Some(span) if span.1 == first => span.1 = end,
+                    _ => spans.push((first, end)),
+                }
+            }
+        }
+        spans
+    }
+
+    /// After an open: asks `data` (the layer's data file) about every "written" block. One
+    /// with bytes behind it (on disk, or in the page cache after the daemon alone went down)
+    /// stays "written", its page marked, for the next sync to settle; one that is a hole lost
+    /// its bytes with the machine and is absent again. One question per span of marked pages,
+    /// not per run. Returns how many blocks were written and how many of them were lost.
     pub fn resolve_written(&self, data: &File) -> std::io::Result<(u64, u64)> {
         let (mut written_blocks, mut lost_blocks) = (0, 0);
-        for (start, end) in self.written_runs() {
-            written_blocks += end - start;
-            let mut block = start;
+        for (first_word, end_word) in self.marked_spans() {
+            let runs = self.written_runs_in(first_word, end_word);
+            let (Some(&(low, _)), Some(&(_, high))) = (runs.first(), runs.last()) else {
+                continue;
+            };
             let ranges =
-                crate::storage::holes::data_ranges(data, start * BLOCK_BYTES, end * BLOCK_BYTES)?;
-            for (from, to) in ranges {
-                let (first, stop) = (from / BLOCK_BYTES, to.div_ceil(BLOCK_BYTES).min(end));
-                if first > block {
-                    self.set_range(block, first, super::BlockState::Absent);
-                    lost_blocks += first - block;
+                crate::storage::holes::data_ranges(data, low * BLOCK_BYTES, high * BLOCK_BYTES)?;
+            let mut next_range = 0;
+            for (start, end) in runs {
+                written_blocks += end - start;
+                let mut block = start;
+                while block < end {
+                    while ranges
+                        .get(next_range)
+                        .is_some_and(|&(_, to)| to <= block * BLOCK_BYTES)
+                    {
+                        next_range += 1;
+                    }
+                    let lost_until = match ranges.get(next_range) {
+                        // Bytes behind (part of) the block: it stays written.
+                        Some(&(from, to)) if from / BLOCK_BYTES <= block => {
+                            block = to.div_ceil(BLOCK_BYTES).min(end);
+                            continue;
+                        }
+                        Some(&(from, _)) => (from / BLOCK_BYTES).min(end),
+                        None => end,
+                    };
+                    self.set_range(block, lost_until, super::BlockState::Absent);
+                    lost_blocks += lost_until - block;
+                    block = lost_until;
                 }
-                for word_index in first.max(block) / BLOCKS_PER_WORD..stop.div_ceil(BLOCKS_PER_WORD)
-                {
-                    self.mark_written_page(word_index);
-                }
-                block = block.max(stop);
-            }
-            if block < end {
-                self.set_range(block, end, super::BlockState::Absent);
-                lost_blocks += end - block;
             }
         }
         Ok((written_blocks, lost_blocks))
@@ -244,6 +340,8 @@ mod tests {
         assert!((8..16).all(|b| map.state(b) == BlockState::Data));
         assert_eq!((map.present_blocks(), map.data_blocks()), (8, 8));
         assert_eq!(map.present_runs(0, 100), [(8, 16, BlockState::Data)]);
+        assert!(map.any_written(9, 11) && map.any_written(13, 15) && map.any_written(0, 100));
+        assert!(!map.any_written(10, 14) && !map.any_written(0, 8));
         // Written again: still written, not settled by a write.
         map.set_written(8, 9);
         assert_eq!(raw(&map, 8), 3);
@@ -261,27 +359,27 @@ mod tests {
         map.set_written(2 * per_page, 2 * per_page + 1);
         // Bounded: one page per round.
         let first = map.take_written(1);
-        assert!(first.more);
+        assert!(first.more());
         // Written after the take (same page): not covered by the data sync that follows.
         map.set_written(7, 8);
-        map.settle(&first);
+        first.settle();
         assert_eq!([raw(&map, 5), raw(&map, 6), raw(&map, 7)], [1, 1, 3]);
         let rest = map.take_written(usize::MAX);
-        assert!(!rest.more);
-        map.settle(&rest);
+        assert!(!rest.more());
+        rest.settle();
         assert_eq!([raw(&map, 7), raw(&map, 2 * per_page)], [1, 1]);
-        assert!(map.take_written(usize::MAX).words.is_empty());
+        assert!(!map.has_written());
         // Zeroed between the take and the settle: stays zero.
         map.set_written(20, 21);
         let taken = map.take_written(usize::MAX);
         map.set_range(20, 21, BlockState::Zero);
-        map.settle(&taken);
+        taken.settle();
         assert_eq!(raw(&map, 20), 2);
         // A failed sync gives its pages back.
         map.set_written(30, 31);
-        let failed = map.take_written(usize::MAX);
-        map.restore_written(&failed);
-        map.settle(&map.take_written(usize::MAX));
+        drop(map.take_written(usize::MAX));
+        assert!(map.has_written());
+        map.take_written(usize::MAX).settle();
         assert_eq!(raw(&map, 30), 1);
         // 5, 6, 7, the one on page 2, 30.
         assert_eq!(map.data_blocks(), 5);
@@ -335,8 +433,7 @@ mod tests {
         assert_eq!(reopened.data_blocks(), 6);
         // The survivors stay written until a sync settles them.
         assert_eq!(raw(&reopened, 4), 3);
-        let taken = reopened.take_written(usize::MAX);
-        reopened.settle(&taken);
+        reopened.take_written(usize::MAX).settle();
         assert_eq!(raw(&reopened, 4), 1);
         assert_eq!(raw(&reopened, 20), 1);
     }
