@@ -290,14 +290,17 @@ impl VolumeEntry {
         .store(dir)
     }
 
-    /// Syncs every layer the volume keeps, those of snapshots off its chain included.
-    /// Cheap for layers already clean.
+    /// Syncs every layer the volume keeps, those of snapshots off its chain included, trying
+    /// them all; returns the first failure. Cheap for layers already clean.
     pub(crate) async fn sync_all_layers(&self) -> Result<(), StorageError> {
         let layers: Vec<Arc<Layer>> = self.lock().layers.values().cloned().collect();
+        let mut first_error = None;
         for layer in layers {
-            layer.sync(&self.engine).await?;
+            if let Err(e) = layer.sync(&self.engine).await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Takes `admin` (the right to change the tree) once no manifest persist is pending: a

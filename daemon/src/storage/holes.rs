@@ -5,39 +5,45 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-/// Byte ranges of `file` within `[start, end)` that hold data, in order. A filesystem that
-/// cannot tell reports everything as data, and so does this.
-pub fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let seek = |pos: u64, whence: i32| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek takes the fd by value and touches no memory of ours; `file` keeps it
-        // open for the call. Only the file offset moves, which positioned I/O ignores.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
-        if at < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(at as u64))
+fn seek(file: &File, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek64 takes the fd by value and touches no memory of ours; `file` keeps it
+    // open for the call. Only the file offset moves, which positioned I/O ignores.
+    let at = unsafe { libc::lseek64(file.as_raw_fd(), pos as libc::off64_t, whence) };
+    if at < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(at as u64))
+}
+
+/// The first byte range of `file` at or after `pos` (and before `end`) that holds data, if
+/// any. A filesystem that cannot tell reports everything as data, and so does this.
+pub fn next_data(file: &File, pos: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+    if pos >= end {
+        return Ok(None);
+    }
+    let data = match seek(file, pos, libc::SEEK_DATA) {
+        Err(e) if cannot_tell(&e) => return Ok(Some((pos, end))),
+        other => other?,
     };
+    let Some(data) = data.filter(|&data| data < end) else {
+        return Ok(None);
+    };
+    let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((data, hole.max(data + 1))))
+}
+
+/// Byte ranges of `file` within `[start, end)` that hold data, in order.
+pub fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let mut ranges = Vec::new();
     let mut pos = start;
-    while pos < end {
-        let data = match seek(pos, libc::SEEK_DATA) {
-            Err(e) if cannot_tell(&e) => return Ok(vec![(start, end)]),
-            other => other?,
-        };
-        let Some(data) = data else {
-            break;
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        ranges.push((data, hole.max(data + 1)));
-        pos = hole.max(data + 1);
+    while let Some((data, hole)) = next_data(file, pos, end)? {
+        ranges.push((data, hole));
+        pos = hole;
     }
     Ok(ranges)
 }

@@ -151,7 +151,7 @@ impl Layer {
             return;
         }
         if !crate::storage::holes::hole_means_unwritten(&self.data) {
-            tracing::info!(layer = %self.id, "this filesystem stores zeroes as holes: blocks written before a stop are kept as data");
+            tracing::info!(layer = %self.id, "a hole here may not mean bytes never written (ZFS stores zeroes as holes, or the filesystem could not be asked): blocks written before a stop are kept as data");
             return;
         }
         match self.map.resolve_written(&self.data) {
@@ -465,6 +465,9 @@ impl Layer {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        // Dirty again unless this sync ends well: a failed one, or one whose future is dropped
+        // midway, must not let the next flush find the layer clean.
+        let mut redirty = RedirtyOnDrop(Some(&self.dirty));
         let result = async {
             #[cfg(test)]
             if self.fail_syncs_for_test.load(Ordering::Acquire) {
@@ -475,17 +478,19 @@ impl Layer {
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
+            let mut from_page = 0;
             loop {
                 // Noted before the data sync, settled after it: see `BlockMap::take_written`.
-                let written = self.map.take_written(SETTLE_ROUND_PAGES);
+                let written = self.map.take_written(from_page, SETTLE_ROUND_PAGES);
                 engine
                     .fdatasync(&self.data)
                     .await
                     .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
-                let more = written.more();
+                let next_page = written.next_page();
                 written.settle();
-                if !more {
-                    break;
+                match next_page {
+                    Some(page) => from_page = page,
+                    None => break,
                 }
             }
             engine
@@ -494,8 +499,11 @@ impl Layer {
                 .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
         }
         .await;
+        if result.is_ok() {
+            redirty.0 = None;
+        }
+        drop(redirty);
         if let Err(error) = &result {
-            self.dirty.store(true, Ordering::Release);
             if !self.sync_failed.swap(true, Ordering::AcqRel) {
                 tracing::error!(layer = %self.id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
             }
@@ -506,6 +514,17 @@ impl Layer {
     #[cfg(test)]
     pub fn fail_syncs_for_test(&self, fail: bool) {
         self.fail_syncs_for_test.store(fail, Ordering::Release);
+    }
+}
+
+/// Sets a layer's dirty flag again when dropped still armed.
+struct RedirtyOnDrop<'a>(Option<&'a AtomicBool>);
+
+impl Drop for RedirtyOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(dirty) = self.0 {
+            dirty.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -581,6 +600,31 @@ mod tests {
         assert_eq!(on_disk(3), 3);
         volume.flush().await.unwrap();
         assert_eq!(on_disk(3), 1);
+    }
+
+    /// A sync whose future is dropped midway leaves the layer dirty and its written blocks
+    /// taken back: the next flush does the whole work.
+    #[tokio::test]
+    async fn a_sync_dropped_midway_leaves_everything_for_the_next() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        let volume = registry.create("v", 1 << 20).unwrap();
+        let entry = registry.entry("v").unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        volume
+            .write(0, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .unwrap();
+        let head = std::sync::Arc::clone(volume.chain().top());
+        assert!(head.is_dirty() && head.map().has_written());
+        // Polled once (the fdatasync is on the engine's threads), then dropped.
+        assert!(head.sync(&engine).now_or_never().is_none());
+        assert!(head.is_dirty(), "dirty again");
+        assert!(head.map().has_written(), "written blocks given back");
+        volume.flush().await.unwrap();
+        assert!(!head.is_dirty() && !head.map().has_written());
     }
 
     #[tokio::test]

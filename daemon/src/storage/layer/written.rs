@@ -33,7 +33,8 @@ fn written_fields(w: u64) -> u64 {
 struct WrittenBlocks {
     words: Vec<(usize, u64)>,
     pages: Vec<u64>,
-    more: bool,
+    /// The page to go on from, when the take stopped at its bound.
+    next_page: Option<u64>,
 }
 
 /// Blocks a sync took, to settle once the data is synced. Dropped unsettled (the sync failed,
@@ -45,9 +46,9 @@ pub struct TakenWritten<'a> {
 }
 
 impl TakenWritten<'_> {
-    /// Pages were left for another round (the take is bounded).
-    pub fn more(&self) -> bool {
-        self.taken.as_ref().is_some_and(|t| t.more)
+    /// Where the next round goes on, if this one stopped at its bound.
+    pub fn next_page(&self) -> Option<u64> {
+        self.taken.as_ref().and_then(|t| t.next_page)
     }
 
     /// Turns the blocks taken into plain data: call only once their bytes are durable.
@@ -143,29 +144,33 @@ impl BlockMap {
         false
     }
 
-    /// Notes which blocks are "written" now, in at most `max_pages` pages of the map (`more`
-    /// says whether some are left). A sync calls it before it syncs the data file: each of
-    /// them was marked after its bytes were written, so that sync covers them, and
-    /// [`BlockMap::settle`] may call them data after it. Blocks written meanwhile mark their
-    /// page again for the next sync.
-    pub fn take_written(&self, max_pages: usize) -> TakenWritten<'_> {
+    /// Notes which blocks are "written" now, in at most `max_pages` marked pages from page
+    /// `from_page` on (`next_page` says where to go on). A sync calls it before it syncs the
+    /// data file: each of them was marked after its bytes were written, so that sync covers
+    /// them, and settling may call them data after it. A sync goes over the pages once, in
+    /// rounds from page 0: blocks written meanwhile mark their page again for the next sync.
+    pub fn take_written(&self, from_page: u64, max_pages: usize) -> TakenWritten<'_> {
         TakenWritten {
             map: self,
-            taken: Some(self.take_written_blocks(max_pages)),
+            taken: Some(self.take_written_blocks(from_page, max_pages)),
         }
     }
 
-    fn take_written_blocks(&self, max_pages: usize) -> WrittenBlocks {
+    fn take_written_blocks(&self, from_page: u64, max_pages: usize) -> WrittenBlocks {
         let words = self.words();
         let mut taken = WrittenBlocks::default();
-        for (index, bits) in self.written_pages.iter().enumerate() {
+        let first_index = (from_page / 64) as usize;
+        for (index, bits) in self.written_pages.iter().enumerate().skip(first_index) {
             let mut pending = bits.load(Ordering::SeqCst);
+            if index == first_index {
+                pending &= u64::MAX << (from_page % 64);
+            }
             while pending != 0 {
+                let bit = pending.trailing_zeros();
                 if taken.pages.len() >= max_pages {
-                    taken.more = true;
+                    taken.next_page = Some(index as u64 * 64 + u64::from(bit));
                     return taken;
                 }
-                let bit = pending.trailing_zeros();
                 pending &= pending - 1;
                 // Cleared before the words are read: a mark after this sets it again.
                 if bits.fetch_and(!(1u64 << bit), Ordering::SeqCst) & (1u64 << bit) == 0 {
@@ -263,35 +268,35 @@ impl BlockMap {
     /// After an open: asks `data` (the layer's data file) about every "written" block. One
     /// with bytes behind it (on disk, or in the page cache after the daemon alone went down)
     /// stays "written", its page marked, for the next sync to settle; one that is a hole lost
-    /// its bytes with the machine and is absent again. One question per span of marked pages,
-    /// not per run. Returns how many blocks were written and how many of them were lost.
+    /// its bytes with the machine and is absent again. The filesystem is asked only where a
+    /// run of written blocks lies past the data range last found, so the cost follows the
+    /// runs, not the file. Returns how many blocks were written and how many were lost.
     pub fn resolve_written(&self, data: &File) -> std::io::Result<(u64, u64)> {
         let (mut written_blocks, mut lost_blocks) = (0, 0);
+        let file_end = self.blocks * BLOCK_BYTES;
+        // The data range at or after the last position asked (None: none to the end).
+        let mut found: Option<Option<(u64, u64)>> = None;
         for (first_word, end_word) in self.marked_spans() {
-            let runs = self.written_runs_in(first_word, end_word);
-            let (Some(&(low, _)), Some(&(_, high))) = (runs.first(), runs.last()) else {
-                continue;
-            };
-            let ranges =
-                crate::storage::holes::data_ranges(data, low * BLOCK_BYTES, high * BLOCK_BYTES)?;
-            let mut next_range = 0;
-            for (start, end) in runs {
+            for (start, end) in self.written_runs_in(first_word, end_word) {
                 written_blocks += end - start;
                 let mut block = start;
                 while block < end {
-                    while ranges
-                        .get(next_range)
-                        .is_some_and(|&(_, to)| to <= block * BLOCK_BYTES)
-                    {
-                        next_range += 1;
+                    let at = block * BLOCK_BYTES;
+                    let stale = match found {
+                        None => true,
+                        Some(Some((_, to))) => to <= at,
+                        Some(None) => false,
+                    };
+                    if stale {
+                        found = Some(crate::storage::holes::next_data(data, at, file_end)?);
                     }
-                    let lost_until = match ranges.get(next_range) {
+                    let lost_until = match found.flatten() {
                         // Bytes behind (part of) the block: it stays written.
-                        Some(&(from, to)) if from / BLOCK_BYTES <= block => {
+                        Some((from, to)) if from / BLOCK_BYTES <= block => {
                             block = to.div_ceil(BLOCK_BYTES).min(end);
                             continue;
                         }
-                        Some(&(from, _)) => (from / BLOCK_BYTES).min(end),
+                        Some((from, _)) => (from / BLOCK_BYTES).min(end),
                         None => end,
                     };
                     self.set_range(block, lost_until, super::BlockState::Absent);
@@ -358,28 +363,31 @@ mod tests {
         map.set_written(5, 7);
         map.set_written(2 * per_page, 2 * per_page + 1);
         // Bounded: one page per round.
-        let first = map.take_written(1);
-        assert!(first.more());
+        let first = map.take_written(0, 1);
+        assert_eq!(first.next_page(), Some(2));
         // Written after the take (same page): not covered by the data sync that follows.
         map.set_written(7, 8);
         first.settle();
         assert_eq!([raw(&map, 5), raw(&map, 6), raw(&map, 7)], [1, 1, 3]);
-        let rest = map.take_written(usize::MAX);
-        assert!(!rest.more());
+        // The rest of this sync's pass, then the next sync's (page 0 again).
+        let rest = map.take_written(2, usize::MAX);
+        assert_eq!(rest.next_page(), None);
         rest.settle();
+        assert_eq!(raw(&map, 7), 3);
+        map.take_written(0, usize::MAX).settle();
         assert_eq!([raw(&map, 7), raw(&map, 2 * per_page)], [1, 1]);
         assert!(!map.has_written());
         // Zeroed between the take and the settle: stays zero.
         map.set_written(20, 21);
-        let taken = map.take_written(usize::MAX);
+        let taken = map.take_written(0, usize::MAX);
         map.set_range(20, 21, BlockState::Zero);
         taken.settle();
         assert_eq!(raw(&map, 20), 2);
         // A failed sync gives its pages back.
         map.set_written(30, 31);
-        drop(map.take_written(usize::MAX));
+        drop(map.take_written(0, usize::MAX));
         assert!(map.has_written());
-        map.take_written(usize::MAX).settle();
+        map.take_written(0, usize::MAX).settle();
         assert_eq!(raw(&map, 30), 1);
         // 5, 6, 7, the one on page 2, 30.
         assert_eq!(map.data_blocks(), 5);
@@ -433,7 +441,7 @@ mod tests {
         assert_eq!(reopened.data_blocks(), 6);
         // The survivors stay written until a sync settles them.
         assert_eq!(raw(&reopened, 4), 3);
-        reopened.take_written(usize::MAX).settle();
+        reopened.take_written(0, usize::MAX).settle();
         assert_eq!(raw(&reopened, 4), 1);
         assert_eq!(raw(&reopened, 20), 1);
     }
