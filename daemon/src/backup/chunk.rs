@@ -169,6 +169,8 @@ pub enum ChunkError {
     HashMismatch { id: ChunkId, actual: ChunkId },
     #[error("chunk {id}: bad delta: {reason}")]
     BadDelta { id: ChunkId, reason: String },
+    #[error("chunk {id}: unreadable in the store ({reason})")]
+    Unreadable { id: ChunkId, reason: String },
 }
 
 impl ChunkError {
@@ -184,7 +186,8 @@ impl ChunkError {
             | ChunkError::ChecksumMismatch { id, .. }
             | ChunkError::Decompress { id, .. }
             | ChunkError::HashMismatch { id, .. }
-            | ChunkError::BadDelta { id, .. } => *id,
+            | ChunkError::BadDelta { id, .. }
+            | ChunkError::Unreadable { id, .. } => *id,
         }
     }
 }

@@ -79,6 +79,25 @@ impl BackupError {
         }
     }
 
+    /// An I/O error (EIO) reading an object of a local store: a bad sector, not an outage.
+    pub fn is_local_read_error(&self) -> bool {
+        let BackupError::Store {
+            source: object_store::Error::Generic { source, .. },
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(error) = cause {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                return io.raw_os_error() == Some(libc::EIO);
+            }
+            cause = error.source();
+        }
+        false
+    }
+
     /// Whether retrying the same operation later may succeed (the store was unreachable or
     /// answered with a server error), as opposed to a failure that will not change by itself.
     pub fn is_transient(&self) -> bool {
@@ -181,6 +200,8 @@ mod tests {
             let e = generic(errno);
             assert!(!e.is_refused_access(), "{e}");
             assert!(e.is_transient(), "{e}");
+            // Retried, but a chunk read that keeps failing so counts as damaged (`fetch`).
+            assert_eq!(e.is_local_read_error(), errno == libc::EIO, "{e}");
         }
         let denied = BackupError::store(
             "put",

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::DerefMut;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::backup::chunk::{
@@ -67,15 +68,35 @@ async fn stored_object(
     map: ChunkMap<'_>,
     pooled: Option<&Arc<AlignedPool>>,
 ) -> Result<Bytes, BackupError> {
+    // A local store's EIO is a bad sector more likely than an outage: after a few tries the
+    // chunk counts as damaged (named by a restore's failure, listed by a verify), where
+    // retrying for ever would leave the job stuck.
+    let read_errors = AtomicU32::new(0);
     with_retry(job, &svc.shutdown, "downloading a chunk", || async {
-        match (map.packed.get(&id), pooled) {
+        let attempt = match (map.packed.get(&id), pooled) {
             (Some(at), _) => svc.store.get_packed(at).await,
             (None, Some(buffers)) => svc.store.get_chunk_pooled(&id, buffers).await,
             (None, None) => svc.store.get_chunk(&id).await,
+        };
+        match attempt {
+            Err(e) if e.is_local_read_error() => {
+                let failures = read_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= MAX_LOCAL_READ_ERRORS {
+                    return Err(BackupError::Chunk(ChunkError::Unreadable {
+                        id,
+                        reason: e.to_string(),
+                    }));
+                }
+                Err(e)
+            }
+            other => other,
         }
     })
     .await
 }
+
+/// Tries at reading a chunk a local store answers with EIO before it counts as damaged.
+const MAX_LOCAL_READ_ERRORS: u32 = 3;
 
 /// Fills `out` (the chunk's length, from the manifest) with chunk `id`'s plaintext and gives
 /// it back. `map`: what the manifest says of its chunks. `pooled`: read a local store's

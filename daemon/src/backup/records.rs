@@ -89,6 +89,7 @@ fn is_started(members_recorded: &bool) -> bool {
     *members_recorded
 }
 
+#[derive(Clone)]
 pub struct JobFiles {
     dir: PathBuf,
 }

@@ -38,6 +38,9 @@ use crate::storage::StatusQuery;
 
 /// How often a running job records the chunks it has done, for a resume after a crash.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// Checkpoints are at least this many times their own duration apart (at most 5% of a job's
+/// time goes to them).
+const CHECKPOINT_COST_FACTOR: u32 = 20;
 
 type ChunkTask =
     futures_util::future::BoxFuture<'static, Result<Vec<(u64, Option<ChunkId>)>, BackupError>>;
@@ -435,6 +438,7 @@ async fn upload(
     }))
     .buffer_unordered(concurrency * TASKS_PER_WHOLE_CHUNK);
     let mut last_checkpoint = Instant::now();
+    let mut checkpoint_every = CHECKPOINT_INTERVAL;
     let mut checkpoint_failed = false;
     while let Some(result) = results.next().await {
         for (i, id) in result? {
@@ -442,14 +446,29 @@ async fn upload(
             record.done.push((i, id));
         }
         // A checkpoint only saves work a restart would redo (resuming skips stored chunks):
-        // one that cannot be written (data dir full) is logged, not fatal.
-        if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-            if let Err(e) = svc.files.save(&JobRecord::Backup(record.clone())) {
+        // one that cannot be written (data dir full) is logged, not fatal. It rewrites the
+        // whole record, which grows with the chunks done (about 75 bytes each): written on the
+        // blocking pool, and spaced out to CHECKPOINT_COST_FACTOR times what the last one took,
+        // so a backup of terabytes spends a bounded share of its time (and writes) on them.
+        if last_checkpoint.elapsed() >= checkpoint_every {
+            let started = Instant::now();
+            let files = svc.files.clone();
+            let snapshot = JobRecord::Backup(record.clone());
+            let saved = tokio::task::spawn_blocking(move || files.save(&snapshot))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(BackupError::JobFile {
+                        path: job.id.clone(),
+                        reason: e.to_string(),
+                    })
+                });
+            if let Err(e) = saved {
                 if !checkpoint_failed {
                     tracing::warn!(job = %job.id, error = %e, "cannot save the backup's progress; a restart resumes from its last saved point");
                     checkpoint_failed = true;
                 }
             }
+            checkpoint_every = CHECKPOINT_INTERVAL.max(started.elapsed() * CHECKPOINT_COST_FACTOR);
             last_checkpoint = Instant::now();
         }
         if let Some(stopped) = job.stopped(&svc.shutdown) {
@@ -723,7 +742,10 @@ async fn find_base(
             Err(e) => return Err(e),
         }
     };
-    let runs = match entry.changed_between(&base.snapshot, &record.snapshot) {
+    let runs = match entry
+        .changed_between(&base.snapshot, &record.snapshot)
+        .await
+    {
         Ok(Some(runs)) => runs,
         // Not an ancestor any more (a rollback), or deleted meanwhile: read everything.
         Ok(None) | Err(StorageError::SnapshotNotFound { .. }) => return Ok((None, None)),

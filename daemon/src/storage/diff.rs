@@ -29,32 +29,48 @@ impl VolumeEntry {
     /// Block runs `[start, end)` whose content in snapshot `name` may differ from snapshot
     /// `base`, read from the layer maps alone (no data is read). None when `base` is not an
     /// ancestor of `name` (a rollback cut it out of the line): everything must be read.
-    pub fn changed_between(
+    ///
+    /// The walk takes a step per changed block (seconds over terabytes just restored): it runs
+    /// on the blocking pool over the chain's layers, the volume's state lock long released
+    /// (a freeze, and FLUSHes behind it, would otherwise wait for it). Merges meanwhile only
+    /// add blocks that read the same through every view, and the layers stay readable.
+    pub async fn changed_between(
         &self,
         base: &str,
         name: &str,
     ) -> Result<Option<Vec<(u64, u64)>>, StorageError> {
-        let state = self.lock();
-        let manifest = &state.manifest;
-        let not_found = |snapshot: &str| StorageError::SnapshotNotFound {
-            volume: self.name().to_owned(),
-            name: snapshot.to_owned(),
+        let (chain, layers_above) = {
+            let state = self.lock();
+            let manifest = &state.manifest;
+            let not_found = |snapshot: &str| StorageError::SnapshotNotFound {
+                volume: self.name().to_owned(),
+                name: snapshot.to_owned(),
+            };
+            let top = manifest.snapshot(name).ok_or_else(|| not_found(name))?;
+            let below = manifest.snapshot(base).ok_or_else(|| not_found(base))?;
+            let chain = chain_of(manifest, &state.layers, &top.layer)?;
+            let Some(layers_above) = chain.position(&below.layer) else {
+                return Ok(None);
+            };
+            (chain, layers_above)
         };
-        let top = manifest.snapshot(name).ok_or_else(|| not_found(name))?;
-        let below = manifest.snapshot(base).ok_or_else(|| not_found(base))?;
-        let chain = chain_of(manifest, &state.layers, &top.layer)?;
-        let Some(layers_above) = chain.position(&below.layer) else {
-            return Ok(None);
-        };
-        let blocks = chain.top().blocks();
-        Ok(Some(
+        let walk = tokio::task::spawn_blocking(move || {
+            let blocks = chain.top().blocks();
             chain
                 .changed_runs(layers_above, 0, blocks)
                 .into_iter()
                 .filter(|(_, _, changed)| *changed)
                 .map(|(a, z, _)| (a, z))
-                .collect(),
-        ))
+                .collect()
+        });
+        walk.await.map(Some).map_err(|e| {
+            StorageError::io(
+                "list the blocks changed between two snapshots",
+                0,
+                0,
+                std::io::Error::other(e.to_string()),
+            )
+        })
     }
 
     /// Refuses the deletion of snapshot `name` until the returned pin is dropped.
