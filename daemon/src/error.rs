@@ -45,6 +45,12 @@ pub enum StorageError {
         from_bytes: u64,
         to_bytes: u64,
     },
+    #[error("volume {name:?} became {now_bytes} bytes while a resize to {size_bytes} bytes waited, which makes it a shrink: run it again (a shrink is checked for clients and allow_shrink)")]
+    SizeChanged {
+        name: String,
+        now_bytes: u64,
+        size_bytes: u64,
+    },
     #[error("resizing volume {name:?} to {size_bytes} bytes failed: {source}")]
     Resize {
         name: String,
@@ -120,7 +126,9 @@ impl StorageError {
             | StorageError::UnalignedSize(_)
             | StorageError::SizeTooLarge { .. }
             | StorageError::ShrinkNotAllowed { .. } => Errno::Inval,
-            StorageError::NotFound(_) | StorageError::Busy { .. } => Errno::Inval,
+            StorageError::NotFound(_)
+            | StorageError::Busy { .. }
+            | StorageError::SizeChanged { .. } => Errno::Inval,
             StorageError::AlreadyExists(_) => Errno::Inval,
             StorageError::BadManifest { .. } => Errno::Io,
         }

@@ -174,17 +174,20 @@ impl AccessStore {
     }
 
     /// Resolves once the rules no longer let `client` hold `export` as it was granted: denied,
-    /// TLS now required of a plaintext client, or made read-only under a writer.
+    /// TLS now required of a plaintext client, or made read-only under a writer. Decides
+    /// first, once subscribed: the grant was made during the handshake, and a change between
+    /// it and this call (a client can stretch that by not reading its option replies) would
+    /// otherwise never reach the connection.
     pub async fn revoked(&self, export: &str, client: &ClientIdentity, granted_read_only: bool) {
         let mut changes = self.subscribe();
         loop {
-            if changes.changed().await.is_err() {
-                // The store is gone, i.e. the daemon is stopping: shutdown handles that.
-                std::future::pending::<()>().await;
-            }
             match self.decide(export, client) {
                 Decision::Allow { read_only } if read_only <= granted_read_only => {}
                 _ => return,
+            }
+            if changes.changed().await.is_err() {
+                // The store is gone, i.e. the daemon is stopping: shutdown handles that.
+                std::future::pending::<()>().await;
             }
         }
     }
@@ -282,5 +285,20 @@ mod tests {
             .await
             .expect("revoked when made read-only")
             .unwrap();
+        // Made read-only before the connection started watching (between its handshake's
+        // grant and the transmission): revoked at once all the same.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.revoked("vol1", &client, false),
+        )
+        .await
+        .expect("a change made before the watch started revokes");
+        // A read-only grant under the same rules stands.
+        let still = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            store.revoked("vol1", &client, true),
+        )
+        .await;
+        assert!(still.is_err(), "a read-only client keeps its grant");
     }
 }

@@ -166,6 +166,7 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
             ErrorCode::AlreadyExists
         }
         StorageError::Busy { .. }
+        | StorageError::SizeChanged { .. }
         | StorageError::SnapshotInUse { .. }
         | StorageError::IncompleteRestore { .. }
         | StorageError::Closed { .. } => ErrorCode::Busy,
@@ -484,6 +485,14 @@ mod tests {
                     to_bytes: 1,
                 },
                 "invalid_argument",
+            ),
+            (
+                StorageError::SizeChanged {
+                    name: "v".into(),
+                    now_bytes: 3,
+                    size_bytes: 2,
+                },
+                "busy",
             ),
             (StorageError::NotFound("v".into()), "not_found"),
             (StorageError::AlreadyExists("v".into()), "already_exists"),

@@ -460,8 +460,10 @@ impl VolumeEntry {
     /// Changes the volume's size online (see `Registry::resize` for the rules). The head's
     /// files grow or shrink; when a layer below is larger than the old size (the volume was
     /// shrunk after a snapshot), the regrown blocks are masked as zero so old data never
-    /// reappears.
-    pub async fn resize(&self, size_bytes: u64) -> Result<u64, StorageError> {
+    /// reappears. `shrink_checked`: the caller checked a shrink's rules and closed the volume;
+    /// a resize that became a shrink while it waited for the lock (another resize, a rollback
+    /// grew the volume) is refused instead, since clients may be using the blocks it cuts.
+    pub async fn resize(&self, size_bytes: u64, shrink_checked: bool) -> Result<u64, StorageError> {
         let _admin = self.lock_admin().await?;
         let Some(writer) = self.volume.writer() else {
             return Err(StorageError::ReadOnly(self.name().to_owned()));
@@ -475,6 +477,13 @@ impl VolumeEntry {
         let head_id = state.manifest.head.clone();
         let head = Arc::clone(&state.layers[&head_id]);
         let shrink = size_bytes < old_bytes;
+        if shrink && !shrink_checked {
+            return Err(StorageError::SizeChanged {
+                name: self.name().to_owned(),
+                now_bytes: old_bytes,
+                size_bytes,
+            });
+        }
         // The layer names its own id: the error is the volume's.
         let resized = if shrink {
             // Nothing is cut before the manifest with the new size is durable: a shrink that

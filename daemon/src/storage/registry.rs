@@ -303,7 +303,7 @@ impl Registry {
                 },
             )?;
         }
-        let result = entry.resize(size_bytes).await;
+        let result = entry.resize(size_bytes, shrinking).await;
         if shrinking {
             volume.attachments().reopen(Closure::Shrink);
         }
@@ -616,6 +616,15 @@ mod tests {
         let vol = reg.get("v").unwrap();
         assert_eq!(vol.size_bytes(), 2 << 20);
         assert_eq!(vol.identity().uuid, uuid);
+        // A resize checked as a grow that finds the volume grown past it meanwhile (another
+        // resize, a rollback) is a shrink nobody checked: refused, the size kept.
+        let entry = reg.entry("v").unwrap();
+        assert!(matches!(
+            entry.resize(1 << 20, false).await,
+            Err(StorageError::SizeChanged { now_bytes, size_bytes, .. })
+                if now_bytes == 2 << 20 && size_bytes == 1 << 20
+        ));
+        assert_eq!(vol.size_bytes(), 2 << 20);
         assert_eq!(reg.resize("v", 8192, true).await.unwrap(), 2 << 20);
         assert_eq!(data_len(dir.path()), 8192);
 
