@@ -83,15 +83,8 @@ mod tests {
     fn finds_the_data_between_holes_within_the_range() {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
         let block = 64 << 10;
-        file.set_len(16 * block).unwrap();
+        let file = crate::storage::sized_test_file(dir.path(), "f", 16 * block);
         file.write_all_at(&vec![1u8; block as usize], 2 * block)
             .unwrap();
         file.write_all_at(&vec![1u8; 2 * block as usize], 8 * block)

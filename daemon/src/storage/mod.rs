@@ -31,3 +31,17 @@ mod bulk_tests;
 mod freeze_tests;
 #[cfg(test)]
 mod model_tests;
+
+/// A new read-write file `name` in `dir`, `len_bytes` long (sparse), for tests.
+#[cfg(test)]
+pub(crate) fn sized_test_file(dir: &std::path::Path, name: &str, len_bytes: u64) -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(name))
+        .unwrap();
+    file.set_len(len_bytes).unwrap();
+    file
+}

@@ -284,41 +284,79 @@ impl BlockMap {
             return;
         }
         if state != BlockState::Absent {
-            let mut region_block = start;
-            while region_block < end {
-                self.mark_region(region_block);
-                region_block = (region_block / SUMMARY_REGION_BLOCKS + 1) * SUMMARY_REGION_BLOCKS;
-            }
+            self.mark_regions(start, end);
         }
         let pattern = match state {
             BlockState::Absent => 0,
             BlockState::Data => 0x5555_5555_5555_5555u64,
             BlockState::Zero => 0xaaaa_aaaa_aaaa_aaaau64,
         };
+        self.update_words(
+            start,
+            end,
+            |old, mask| (old & !mask) | (pattern & mask),
+            |_, _| {},
+        );
+    }
+
+    /// Marks the summary regions of blocks `[start, end)` as possibly present: done before the
+    /// words change, so a reader that sees a word's new bits also sees its region marked.
+    fn mark_regions(&self, start: u64, end: u64) {
+        let mut region_block = start;
+        while region_block < end {
+            self.mark_region(region_block);
+            region_block = (region_block / SUMMARY_REGION_BLOCKS + 1) * SUMMARY_REGION_BLOCKS;
+        }
+    }
+
+    /// Replaces, in each map word holding blocks `[start, end)`, the fields of those blocks
+    /// (`mask`) with what `change(old_word, mask)` makes of them, atomically per word (so
+    /// concurrent writers of nearby blocks keep each other's bits), counting the change;
+    /// `stored(word_index, new_word)` runs after each store.
+    fn update_words(
+        &self,
+        start: u64,
+        end: u64,
+        change: impl Fn(u64, u64) -> u64,
+        stored: impl Fn(u64, u64),
+    ) {
         let words = self.words();
-        let mut block = start;
-        while block < end {
-            let word_index = block / BLOCKS_PER_WORD;
-            let first = block % BLOCKS_PER_WORD;
-            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
-            let mask = bits_mask(first, last);
+        for (word_index, mask) in self.word_spans(start, end) {
             let word = &words[word_index as usize];
             let mut old = word.load(Ordering::Relaxed);
             loop {
-                let new = (old & !mask) | (pattern & mask);
+                let new = change(old, mask);
                 if new == old {
                     break;
                 }
-                match word.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
+                // SeqCst: `written.rs` pairs this store with a page-bit check.
+                match word.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::Relaxed) {
                     Ok(_) => {
                         self.account(old & mask, new & mask);
+                        stored(word_index, new);
                         break;
                     }
                     Err(current) => old = current,
                 }
             }
-            block = (word_index + 1) * BLOCKS_PER_WORD;
         }
+    }
+
+    /// The map words holding blocks `[start, end)` (clipped to the map), each with the mask of
+    /// those blocks' fields in it.
+    fn word_spans(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+        let end = end.min(self.blocks);
+        let mut block = start;
+        std::iter::from_fn(move || {
+            if block >= end {
+                return None;
+            }
+            let word_index = block / BLOCKS_PER_WORD;
+            let first = block % BLOCKS_PER_WORD;
+            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
+            block = (word_index + 1) * BLOCKS_PER_WORD;
+            Some((word_index, bits_mask(first, last)))
+        })
     }
 
     fn account(&self, old: u64, new: u64) {
@@ -413,16 +451,9 @@ mod tests {
         assert_eq!(allocated(&file), 3 * BACKED_CHUNK_BYTES);
     }
 
-    fn map_file(blocks: u64) -> (tempfile::TempDir, File) {
+    pub(super) fn map_file(blocks: u64) -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
-        file.set_len(map_file_bytes(blocks)).unwrap();
+        let file = crate::storage::sized_test_file(dir.path(), "m", map_file_bytes(blocks));
         (dir, file)
     }
 

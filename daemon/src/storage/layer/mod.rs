@@ -542,15 +542,26 @@ mod tests {
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::storage::Registry;
 
+    /// A registry in a temp dir with one 1 MiB volume "v", on the threads engine.
+    fn one_volume() -> (
+        tempfile::TempDir,
+        IoEngine,
+        Registry,
+        std::sync::Arc<crate::storage::Volume>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        let volume = registry.create("v", 1 << 20).unwrap();
+        (dir, engine, registry, volume)
+    }
+
     /// A power loss can take a block's bytes and leave the map page that marks it (the kernel
     /// writes them back in any order). A head block over a snapshot must then read what the
     /// snapshot holds, not the zeroes of the hole its bytes left.
     #[tokio::test]
     async fn a_written_block_whose_bytes_were_lost_reads_from_the_layer_below() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
-        let volume = registry.create("v", 1 << 20).unwrap();
+        let (dir, engine, registry, volume) = one_volume();
         volume
             .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
             .await
@@ -607,10 +618,7 @@ mod tests {
     #[tokio::test]
     async fn a_sync_dropped_midway_leaves_everything_for_the_next() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
-        let volume = registry.create("v", 1 << 20).unwrap();
+        let (_dir, engine, registry, volume) = one_volume();
         let entry = registry.entry("v").unwrap();
         entry.create_snapshot("s").await.unwrap();
         volume
@@ -629,10 +637,7 @@ mod tests {
 
     #[tokio::test]
     async fn once_a_flush_failed_every_later_flush_fails_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine).unwrap();
-        let volume = registry.create("v", 1 << 20).unwrap();
+        let (_dir, _engine, _registry, volume) = one_volume();
         volume
             .write(0, Bytes::from(vec![1u8; 4096]), false)
             .await

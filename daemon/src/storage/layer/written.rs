@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::sync::atomic::Ordering;
 
-use super::{bits_mask, BlockMap, BLOCKS_PER_WORD, BLOCK_BYTES};
+use super::{BlockMap, BLOCKS_PER_WORD, BLOCK_BYTES};
 
 /// Low bit of every 2-bit field.
 const LOW_BITS: u64 = 0x5555_5555_5555_5555;
@@ -73,36 +73,22 @@ impl BlockMap {
     /// words are backed ([`BlockMap::ensure_backed`]).
     pub fn set_written(&self, start: u64, end: u64) {
         let end = end.min(self.blocks);
-        let mut block = start;
-        while block < end {
-            let word_index = block / BLOCKS_PER_WORD;
-            let first = block % BLOCKS_PER_WORD;
-            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
-            let mask = bits_mask(first, last);
-            self.mark_region(block);
-            let word = &self.words()[word_index as usize];
-            let mut old = word.load(Ordering::Relaxed);
-            loop {
+        self.mark_regions(start, end);
+        self.update_words(
+            start,
+            end,
+            |old, mask| {
                 let absent = !(old | (old >> 1)) & LOW_BITS;
                 let high = ((absent | written_fields(old)) & mask) << 1;
-                let new = (old & !mask) | (LOW_BITS & mask) | high;
-                if new == old {
-                    break;
+                (old & !mask) | (LOW_BITS & mask) | high
+            },
+            |word_index, new| {
+                if written_fields(new) != 0 {
+                    // After the store: a sync that takes the bit sees the new word.
+                    self.mark_written_page(word_index);
                 }
-                match word.compare_exchange_weak(old, new, Ordering::SeqCst, Ordering::Relaxed) {
-                    Ok(_) => {
-                        self.account(old & mask, new & mask);
-                        if written_fields(new) != 0 {
-                            // After the store: a sync that takes the bit sees the new word.
-                            self.mark_written_page(word_index);
-                        }
-                        break;
-                    }
-                    Err(current) => old = current,
-                }
-            }
-            block = (word_index + 1) * BLOCKS_PER_WORD;
-        }
+            },
+        );
     }
 
     pub(super) fn mark_written_page(&self, word_index: u64) {
@@ -128,20 +114,10 @@ impl BlockMap {
 
     /// Whether any of blocks `[start, end)` is "written".
     pub fn any_written(&self, start: u64, end: u64) -> bool {
-        let end = end.min(self.blocks);
         let words = self.words();
-        let mut block = start;
-        while block < end {
-            let word_index = block / BLOCKS_PER_WORD;
-            let first = block % BLOCKS_PER_WORD;
-            let last = (end - word_index * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
-            let w = words[word_index as usize].load(Ordering::SeqCst);
-            if written_fields(w) & bits_mask(first, last) != 0 {
-                return true;
-            }
-            block = (word_index + 1) * BLOCKS_PER_WORD;
-        }
-        false
+        self.word_spans(start, end).any(|(word_index, mask)| {
+            written_fields(words[word_index as usize].load(Ordering::SeqCst)) & mask != 0
+        })
     }
 
     /// Notes which blocks are "written" now, in at most `max_pages` marked pages from page
@@ -311,19 +287,11 @@ impl BlockMap {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{map_file_bytes, BlockState};
+    use super::super::BlockState;
     use super::*;
 
     fn map(blocks: u64) -> (tempfile::TempDir, File, BlockMap) {
-        let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
-        file.set_len(map_file_bytes(blocks)).unwrap();
+        let (dir, file) = super::super::tests::map_file(blocks);
         let map = BlockMap::open(&file, blocks, true).unwrap();
         (dir, file, map)
     }
@@ -398,14 +366,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let blocks = 64;
         let (dir, file, map) = map(blocks);
-        let data = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("d"))
-            .unwrap();
-        data.set_len(blocks * BLOCK_BYTES).unwrap();
+        let data = crate::storage::sized_test_file(dir.path(), "d", blocks * BLOCK_BYTES);
         // Blocks 4..8 and 20 written with bytes; 8..12 and 30 marked with none behind them
         // (their bytes never reached the disk).
         data.write_all_at(&vec![7u8; 4 * BLOCK_BYTES as usize], 4 * BLOCK_BYTES)
