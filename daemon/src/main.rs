@@ -102,10 +102,14 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         Registry::open(&settings.data_dir, engine)
             .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?,
     );
-    registry
-        .finish_merges()
-        .await
-        .context("finishing interrupted snapshot merges")?;
+    // Beside serving, as every merge runs: a long one must not hold every volume offline,
+    // nor one that fails keep the daemon from starting.
+    tokio::spawn({
+        let registry = Arc::clone(&registry);
+        async move {
+            registry.resume_compaction().await;
+        }
+    });
     // A first start (no volume yet) gets `vol0`, so the README's run command is usable as is.
     if registry.is_empty() && settings.create_default_volume {
         registry

@@ -129,6 +129,10 @@ pub fn handshake(data: &[u8]) {
             }
             match step {
                 Ok(Step::NeedInput) => break,
+                // The replies so far went out; the options still waiting are handled next.
+                Ok(Step::SendFirst) => {
+                    assert!(!out.is_empty(), "SendFirst with nothing to send");
+                }
                 Ok(Step::StartTls) => {
                     assert!(replies.last().is_some_and(acks_starttls));
                     assert!(model.tls != TlsMode::Off && !model.tls_up);

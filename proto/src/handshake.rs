@@ -3,6 +3,8 @@
 //! The runtime feeds it whatever bytes arrived and sends whatever it produced; it never blocks and
 //! never does I/O, so it can be fuzzed and unit-tested byte for byte.
 
+use std::collections::HashSet;
+
 use bytes::{Buf, BufMut, BytesMut};
 
 use crate::consts::*;
@@ -105,6 +107,9 @@ pub struct Negotiated {
 pub enum Step {
     /// Send the output, then read more input.
     NeedInput,
+    /// Send the output, then call `advance` again before reading: complete options wait in the
+    /// input, and their replies would pile up unsent (a client pipelining LISTs it never reads).
+    SendFirst,
     /// Send the output; transmission starts with the remaining input bytes.
     Transmission(Negotiated),
     /// The client sent ABORT: send the output (the ACK) and close.
@@ -209,6 +214,9 @@ impl ServerHandshake {
                     self.state = State::OptionHeader;
                 }
                 State::OptionHeader => {
+                    if out.len() >= MAX_UNSENT_REPLY_BYTES {
+                        return Ok(Step::SendFirst);
+                    }
                     if input.len() < 16 {
                         return Ok(Step::NeedInput);
                     }
@@ -223,13 +231,15 @@ impl ServerHandshake {
                         // command fails)": whatever follows, a SET leaves none selected first.
                         self.clear_meta();
                     }
+                    // EXPORT_NAME has no error reply, and a name is a string: the spec's cap on
+                    // strings, not the options', bounds what is read (and logged) of it.
+                    if option == OPT_EXPORT_NAME && length as usize > MAX_STRING_BYTES {
+                        return Err(HandshakeError::ExportNameTooLong {
+                            length_bytes: length,
+                            max_bytes: MAX_STRING_BYTES as u32,
+                        });
+                    }
                     if length > self.config.max_option_bytes {
-                        if option == OPT_EXPORT_NAME {
-                            return Err(HandshakeError::ExportNameTooLong {
-                                length_bytes: length,
-                                max_bytes: self.config.max_option_bytes,
-                            });
-                        }
                         self.count_option()?;
                         input.advance(16);
                         let reply = if self.tls_required_for(option) {
@@ -361,9 +371,7 @@ impl ServerHandshake {
         if self.tls_required_for(option) {
             if option == OPT_EXPORT_NAME {
                 // EXPORT_NAME has no error reply: the only refusal is to disconnect.
-                return Err(HandshakeError::TlsRequired(
-                    String::from_utf8_lossy(data).into_owned(),
-                ));
+                return Err(HandshakeError::TlsRequired(quoted_name(data)));
             }
             put_reply(
                 out,
@@ -378,16 +386,23 @@ impl ServerHandshake {
                 let name = String::from_utf8_lossy(data).into_owned();
                 // EXPORT_NAME has no error reply: every refusal is a disconnect.
                 if self.mode == ReplyMode::Extended {
-                    return Err(HandshakeError::ExportNameAfterExtendedHeaders(name));
+                    return Err(HandshakeError::ExportNameAfterExtendedHeaders(quoted_name(
+                        data,
+                    )));
                 }
                 let export = match catalog.export(&name) {
                     Ok(export) => export,
-                    Err(ExportRefusal::Unknown) => return Err(HandshakeError::UnknownExport(name)),
+                    Err(ExportRefusal::Unknown) => {
+                        return Err(HandshakeError::UnknownExport(quoted_name(data)))
+                    }
                     Err(ExportRefusal::TlsRequired) => {
-                        return Err(HandshakeError::TlsRequired(name))
+                        return Err(HandshakeError::TlsRequired(quoted_name(data)))
                     }
                     Err(ExportRefusal::Policy(reason)) => {
-                        return Err(HandshakeError::ExportRefused { name, reason })
+                        return Err(HandshakeError::ExportRefused {
+                            name: quoted_name(data),
+                            reason,
+                        })
                     }
                 };
                 let negotiated = self.finish(export, &name, OPT_EXPORT_NAME);
@@ -575,12 +590,15 @@ impl ServerHandshake {
         };
         let usage = if set { QueryUse::Set } else { QueryUse::List };
         let mut chosen: Vec<&str> = Vec::new();
+        // A query list of a 64 KiB option against a volume with many snapshots: no quadratic
+        // scan of `chosen`.
+        let mut seen: HashSet<&str> = HashSet::new();
         if queries.is_empty() && !set {
             chosen.extend(export.meta_contexts.iter().map(String::as_str));
         }
         for query in &queries {
             for name in meta::select(query, &export.meta_contexts, usage) {
-                if !chosen.contains(&name) {
+                if seen.insert(name) {
                     chosen.push(name);
                 }
             }
@@ -678,6 +696,14 @@ pub fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) 
 
 /// The longest prefix of a client's export name quoted in an error message.
 const MAX_QUOTED_NAME_BYTES: usize = 256;
+
+/// How much of the replies `advance` lets pile up before it has them sent (`Step::SendFirst`).
+const MAX_UNSENT_REPLY_BYTES: usize = 64 << 10;
+
+/// A client's export name as errors and logs quote it: at most [`MAX_QUOTED_NAME_BYTES`].
+fn quoted_name(data: &[u8]) -> String {
+    truncate_utf8(&String::from_utf8_lossy(data), MAX_QUOTED_NAME_BYTES).to_owned()
+}
 
 /// Reads a u32-length-prefixed string of at most MAX_STRING_BYTES.
 fn take_string(data: &mut &[u8]) -> Option<String> {

@@ -165,6 +165,7 @@ fn byte_at_a_time_input_is_handled() {
         all_out.extend_from_slice(&out);
         match step.unwrap() {
             Step::NeedInput => {}
+            Step::SendFirst => panic!("two options cannot fill the unsent replies"),
             Step::Transmission(n) => done = Some(n),
             Step::Aborted => panic!("aborted"),
             Step::StartTls => panic!("STARTTLS accepted in off mode"),
@@ -835,5 +836,58 @@ fn refusals_quoting_long_names_stay_within_the_string_limit() {
             assert!(message.len() <= MAX_STRING_BYTES, "{} bytes", message.len());
             assert!(std::str::from_utf8(&message).is_ok());
         }
+    }
+}
+
+#[test]
+fn pipelined_options_have_their_replies_sent_in_bounded_pieces() {
+    let (mut hs, mut input) = start(3);
+    let lists = 1500;
+    for _ in 0..lists {
+        option(&mut input, OPT_LIST, &[]);
+    }
+    let mut all_out = BytesMut::new();
+    let mut pieces = 0;
+    loop {
+        let (step, out) = run(&mut hs, &mut input);
+        assert!(
+            out.len() < MAX_UNSENT_REPLY_BYTES + 1024,
+            "{} bytes of replies left unsent",
+            out.len()
+        );
+        all_out.extend_from_slice(&out);
+        pieces += 1;
+        match step.unwrap() {
+            Step::SendFirst => assert!(!input.is_empty(), "SendFirst with no option waiting"),
+            Step::NeedInput => break,
+            other => panic!("unexpected step {other:?}"),
+        }
+    }
+    assert!(pieces > 1, "all replies came in one piece");
+    let r = replies(&all_out);
+    assert_eq!(r.len(), lists * 3);
+    assert!(r
+        .chunks(3)
+        .all(|c| c[0].1 == REP_SERVER && c[2].1 == REP_ACK));
+}
+
+#[test]
+fn an_export_name_longer_than_a_string_closes_and_errors_quote_names_briefly() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXPORT_NAME, &[b'x'; MAX_STRING_BYTES + 1]);
+    assert_eq!(
+        run(&mut hs, &mut input).0,
+        Err(HandshakeError::ExportNameTooLong {
+            length_bytes: MAX_STRING_BYTES as u32 + 1,
+            max_bytes: MAX_STRING_BYTES as u32,
+        })
+    );
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_EXPORT_NAME, &[b'y'; MAX_STRING_BYTES]);
+    match run(&mut hs, &mut input).0 {
+        Err(HandshakeError::UnknownExport(name)) => {
+            assert_eq!(name, "y".repeat(MAX_QUOTED_NAME_BYTES));
+        }
+        other => panic!("expected UnknownExport, got {other:?}"),
     }
 }

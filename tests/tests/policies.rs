@@ -410,6 +410,123 @@ fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
 
 /// Two daemons sharing a store, each with a server "web" and a server policy "p": each one's
 /// retention counts and deletes only its own daemon's sets.
+/// The set a server policy's run makes survives its retention even when an earlier set's time
+/// lies ahead of the clock (the clock was set back since): with keep 1 the earlier one goes.
+#[test]
+fn a_server_policys_newest_set_is_kept_when_an_older_one_is_stamped_in_the_future() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "a", 8 * MIB, 53);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 1, "servers": ["web"]}),
+    );
+    let p = run_now(&d, "p");
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let complete = |d: &Daemon| -> Vec<String> {
+        admin_ok(d, "server.backups", json!({"name": "web"}))["backup_sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "complete")
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = complete(&d);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // As if made before the clock went back ten days.
+    let path = d
+        .data_dir()
+        .join("backups/backup-sets")
+        .join(format!("{}.json", first[0]));
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let created = record["created_unix_secs"].as_u64().unwrap();
+    record["created_unix_secs"] = json!(created + 10 * 86_400);
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let p = run_now(&d, "p");
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+    let second = complete(&d);
+    assert_eq!(second.len(), 1, "keep 1 kept {second:?}");
+    assert_ne!(
+        second[0], first[0],
+        "retention deleted the set its own run had just made"
+    );
+}
+
+/// A volume policy counts only backups of its own: the members of server backup sets a
+/// deleted server policy of the same name made belong to those sets, which must still restore.
+#[test]
+fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "a", 8 * MIB, 54);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "nightly", "daily": "03:00", "keep": 3, "servers": ["web"]}),
+    );
+    for _ in 0..2 {
+        let p = run_now(&d, "nightly");
+        assert_eq!(p["last_error"], Value::Null, "{p:#}");
+        thread::sleep(Duration::from_millis(1100));
+    }
+    let sets = admin_ok(&d, "server.backups", json!({"name": "web"}))["backup_sets"].clone();
+    let set_ids: Vec<String> = sets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(set_ids.len(), 2, "{sets:#}");
+    admin_ok(&d, "policy.delete", json!({"name": "nightly"}));
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "nightly", "daily": "03:00", "keep": 1, "volumes": ["a"]}),
+    );
+    for _ in 0..2 {
+        let p = run_now(&d, "nightly");
+        assert_eq!(p["last_error"], Value::Null, "{p:#}");
+        thread::sleep(Duration::from_millis(1100));
+    }
+    let own: Vec<Value> = policy_backups(&d, "nightly")
+        .into_iter()
+        .filter(|b| b["group_id"].is_null())
+        .collect();
+    assert_eq!(
+        own.len(),
+        1,
+        "the volume policy keeps 1 of its own: {own:#?}"
+    );
+    for id in &set_ids {
+        let set = admin_ok(&d, "backup_set.show", json!({"id": id}));
+        assert_eq!(set["state"], "complete", "{set:#}");
+        let member = set["members"][0]["backup_id"].as_str().unwrap().to_owned();
+        // Fails the test if the member was deleted.
+        admin_ok(&d, "backup.show", json!({"id": member}));
+        let v = admin_ok(
+            &d,
+            "volume.create",
+            json!({"name": format!("r-{id}"), "from_backup": member}),
+        );
+        wait_job_ok(&d, v["job"]["id"].as_str().unwrap());
+        assert_same(
+            "restored from the set's member",
+            &read_export(&d, &format!("r-{id}")),
+            &read_export(&d, "a"),
+        );
+    }
+}
+
 #[test]
 fn a_server_policy_counts_only_its_own_daemons_sets_in_a_shared_store() {
     let a = Daemon::start(DaemonOpts::new().no_default_volume());

@@ -395,3 +395,49 @@ fn a_set_another_daemon_is_making_is_not_deleted_here() {
     let left = admin_ok(&b, "backup.list", json!({}))["backups"].clone();
     assert_eq!(left.as_array().unwrap().len(), 0, "{left:#}");
 }
+
+/// A set restored onto "the originals" goes onto the volumes it was taken of: on another daemon
+/// sharing the store, volumes of the same names and sizes are refused and keep their data; the
+/// set still restores there as new volumes.
+#[test]
+fn a_set_is_restored_in_place_only_onto_the_volumes_it_was_taken_of() {
+    let a = Daemon::start(DaemonOpts::new().no_default_volume());
+    let store = a.data_dir().join("backups");
+    let b = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-store")
+            .arg(&format!("file://{}", store.display())),
+    );
+    let of_a = half_random(&a, "v", 8 * MIB, 70);
+    let of_b = half_random(&b, "v", 8 * MIB, 71);
+    for d in [&a, &b] {
+        admin_ok(d, "server.create", json!({"name": "web", "volumes": ["v"]}));
+    }
+    let set = server_backup(&a, "web");
+    let message = admin_err(
+        &b,
+        "server.restore",
+        json!({"set_id": set["id"], "force": true}),
+        "invalid_argument",
+    );
+    assert!(message.contains("not the volume"), "{message}");
+    assert_same("b's v after the refusal", &read_export(&b, "v"), &of_b);
+    let r = admin_ok(
+        &b,
+        "server.restore",
+        json!({"set_id": set["id"], "to_new_suffix": "-of-a"}),
+    );
+    for job in r["jobs"].as_array().unwrap() {
+        wait_job_ok(&b, job["id"].as_str().unwrap());
+    }
+    assert_same("a's v restored on b", &read_export(&b, "v-of-a"), &of_a);
+    // On a, the set's own daemon, in place works.
+    let mut changed = of_a.clone();
+    write_at(&a, "v", 0, &random(72, MIB), &mut changed);
+    let r = admin_ok(&a, "server.restore", json!({"set_id": set["id"]}));
+    for job in r["jobs"].as_array().unwrap() {
+        wait_job_ok(&a, job["id"].as_str().unwrap());
+    }
+    assert_same("a's v restored in place", &read_export(&a, "v"), &of_a);
+}

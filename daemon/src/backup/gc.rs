@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::backup::chunk::ChunkId;
 use crate::backup::error::BackupError;
 use crate::backup::job::new_job_id;
 use crate::backup::locks::{self, LockHealth};
@@ -16,6 +17,12 @@ use crate::backup::{Backups, GcReport};
 
 /// Chunk deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
+
+/// An unreferenced object a collection deletes, with its size in bytes.
+enum Garbage {
+    Chunk(ChunkId, u64),
+    Pack(String, u64),
+}
 /// A local store's staging file this old is a leftover of a crashed upload, not a live one.
 const STALE_STAGING_AGE: Duration = Duration::from_secs(3600);
 
@@ -108,27 +115,36 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
         .map(|(name, size)| (name.clone(), *size))
         .collect();
     let garbage_pack_count = garbage_packs.len();
-    type Deletion = futures_util::future::BoxFuture<'static, Result<(u64, bool), BackupError>>;
-    let mut tasks: Vec<Deletion> = Vec::with_capacity(garbage_count + garbage_pack_count);
-    for (id, size) in garbage {
-        let svc = Arc::clone(svc);
-        let lock = Arc::clone(lock);
-        tasks.push(Box::pin(async move {
-            check_lock(&lock)?;
-            check_running(&svc)?;
-            svc.store.delete_chunk(&id).await.map(|()| (size, true))
-        }));
-    }
-    for (name, size) in garbage_packs {
-        let svc = Arc::clone(svc);
-        let lock = Arc::clone(lock);
-        tasks.push(Box::pin(async move {
-            check_lock(&lock)?;
-            check_running(&svc)?;
-            svc.store.delete_pack(&name).await.map(|()| (size, false))
-        }));
-    }
-    let mut deletions = futures_util::stream::iter(tasks).buffer_unordered(DELETE_CONCURRENCY);
+    // Only the ids are kept until the deletions start: a store with millions of garbage
+    // chunks would otherwise hold a future per chunk, built before any of them ran.
+    let (chunk_count, pack_count) = (chunks.len(), packs.len());
+    drop((chunks, packs, marked, marked_packs));
+    let targets = garbage
+        .into_iter()
+        .map(|(id, size)| Garbage::Chunk(id, size))
+        .chain(
+            garbage_packs
+                .into_iter()
+                .map(|(name, size)| Garbage::Pack(name, size)),
+        );
+    let mut deletions = futures_util::stream::iter(targets)
+        .map(|target| {
+            let svc = Arc::clone(svc);
+            let lock = Arc::clone(lock);
+            async move {
+                check_lock(&lock)?;
+                check_running(&svc)?;
+                match target {
+                    Garbage::Chunk(id, size) => {
+                        svc.store.delete_chunk(&id).await.map(|()| (size, true))
+                    }
+                    Garbage::Pack(name, size) => {
+                        svc.store.delete_pack(&name).await.map(|()| (size, false))
+                    }
+                }
+            }
+        })
+        .buffer_unordered(DELETE_CONCURRENCY);
     let mut bytes_freed = 0;
     let mut chunks_deleted = 0;
     let mut packs_deleted = 0;
@@ -147,9 +163,9 @@ async fn sweep(svc: &Arc<Backups>, lock: &Arc<LockHealth>) -> Result<GcReport, B
         reason: None,
         failed: None,
         manifests: manifests_read,
-        chunks_kept: (chunks.len() - garbage_count) as u64,
+        chunks_kept: (chunk_count - garbage_count) as u64,
         chunks_deleted,
-        packs_kept: (packs.len() - garbage_pack_count) as u64,
+        packs_kept: (pack_count - garbage_pack_count) as u64,
         packs_deleted,
         bytes_freed,
     };

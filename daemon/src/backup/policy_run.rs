@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backup::job::{Job, JobState};
+use crate::backup::sets::BackupSetInfo;
 use crate::backup::{BackupError, Backups, GcReport};
 use crate::policy::retention::to_delete;
 use crate::policy::{PolicySpec, RunReport, Runner, Target};
@@ -15,8 +17,9 @@ const JOB_POLL: Duration = Duration::from_millis(200);
 
 /// A volume's backup in one run.
 enum Backed {
-    /// Started now: its job id and backup id.
-    Started(String, String),
+    /// Started now: its job (held, so that a long wait cannot see it forgotten among the
+    /// finished jobs past their cap) and backup id.
+    Started(Arc<Job>, String),
     /// Made by the run this one starts again (its backup id).
     Done(String),
 }
@@ -63,24 +66,20 @@ impl PolicyRunner {
         true
     }
 
-    async fn wait_jobs(&self, job_ids: &[String]) -> Result<(), BackupError> {
-        for id in job_ids {
-            let job = self.backups.job(id)?;
-            while !job.state().is_finished() {
-                tokio::time::sleep(JOB_POLL).await;
-            }
-            let info = job.info();
-            if let Some(error) = info
-                .error
-                .filter(|_| !matches!(info.state, crate::backup::job::JobState::Succeeded))
-            {
-                return Err(BackupError::Failed(format!(
-                    "backup of volume {:?} failed: {error}",
-                    info.volume
-                )));
-            }
+    /// Waits for a backup job; Err with its error when it did not succeed.
+    async fn wait_job(&self, job: &Job) -> Result<(), BackupError> {
+        while !job.state().is_finished() {
+            tokio::time::sleep(JOB_POLL).await;
         }
-        Ok(())
+        let info = job.info();
+        match info.state {
+            JobState::Succeeded => Ok(()),
+            _ => Err(BackupError::Failed(format!(
+                "backup of volume {:?} failed: {}",
+                info.volume,
+                info.error.unwrap_or_else(|| format!("{:?}", info.state))
+            ))),
+        }
     }
 
     /// Starts this run's backup of `volume`, or, in a run started again after the daemon
@@ -116,9 +115,10 @@ impl PolicyRunner {
                 Some(policy.name.clone()),
             )
             .await?;
-        jobs.pop()
-            .map(|job| Backed::Started(job.id, job.backup_id))
-            .ok_or_else(|| BackupError::Failed(format!("no backup job for volume {volume:?}")))
+        let info = jobs
+            .pop()
+            .ok_or_else(|| BackupError::Failed(format!("no backup job for volume {volume:?}")))?;
+        Ok(Backed::Started(self.backups.job(&info.id)?, info.backup_id))
     }
 
     /// Backs up each volume on its own, so one that cannot be backed up (deleted, a job of its
@@ -149,9 +149,7 @@ impl PolicyRunner {
                 };
                 match result {
                     Err(BackupError::JobRunning(_)) => busy.push(volume),
-                    Ok(Backed::Started(job_id, backup_id)) => {
-                        started.push((volume, job_id, backup_id))
-                    }
+                    Ok(Backed::Started(job, backup_id)) => started.push((volume, job, backup_id)),
                     Ok(Backed::Done(id)) => backed_up.push((volume, id)),
                     Err(e) => failures.push(format!("volume {volume:?}: {e}")),
                 }
@@ -170,19 +168,22 @@ impl PolicyRunner {
             tokio::time::sleep(JOB_POLL).await;
             pending = busy;
         }
-        for (volume, id, backup_id) in started {
-            match self.wait_jobs(std::slice::from_ref(&id)).await {
+        for (volume, job, backup_id) in started {
+            match self.wait_job(&job).await {
                 Ok(()) => backed_up.push((volume, backup_id)),
                 Err(e) => failures.push(e.to_string()),
             }
         }
         let now = now_unix_secs();
+        // Members of server backup sets are the sets' to keep or delete (a server policy of
+        // the same name, since deleted, made them): deleting one here would leave a recorded
+        // set that no longer restores.
         let mine: Vec<_> = self
             .backups
             .list(None)
             .await?
             .into_iter()
-            .filter(|b| b.policy.as_deref() == Some(policy.name.as_str()))
+            .filter(|b| b.policy.as_deref() == Some(policy.name.as_str()) && b.group_id.is_none())
             .collect();
         let mut doomed = Vec::new();
         let mut kept_bytes = 0;
@@ -257,22 +258,42 @@ impl PolicyRunner {
         Ok(report)
     }
 
-    /// Whether the run this one starts again (begun at `since`) already made a complete backup
-    /// set of server `name`.
+    /// The complete backup set of server `name` that the run this one starts again (begun at
+    /// `since`) already made, if any. A set of that run still being finished (resumed after the
+    /// restart) is waited for first: its members' volumes are free again before its record is
+    /// written, and a new backup started in that gap would take the server a second time.
     async fn set_made_since(
         &self,
         policy: &PolicySpec,
         name: &str,
         since: Option<u64>,
-    ) -> Result<bool, BackupError> {
+    ) -> Result<Option<String>, BackupError> {
         let Some(since) = since else {
-            return Ok(false);
+            return Ok(None);
         };
+        let resumed: Vec<BackupSetInfo> = self
+            .backups
+            .server_sets(name)
+            .await?
+            .into_iter()
+            .filter(|s| {
+                s.state == "running"
+                    && s.policy.as_deref() == Some(policy.name.as_str())
+                    && s.created_unix_secs >= since
+            })
+            .collect();
+        for set in &resumed {
+            if let Err(error) = self.wait_set(set).await {
+                tracing::info!(policy = %policy.name, server = name, set = %set.id, %error, "the interrupted run's server backup did not complete; this run takes one");
+            }
+        }
         Ok(self
             .policy_sets(policy, name)
             .await?
-            .iter()
-            .any(|s| s.created_unix_secs >= since))
+            .into_iter()
+            .filter(|s| s.created_unix_secs >= since)
+            .max_by_key(|s| s.created_unix_secs)
+            .map(|s| s.id))
     }
 
     /// Deletes a backup retention gave up; true when it is gone. One already gone (deleted by
@@ -296,7 +317,7 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         name: &str,
-    ) -> Result<Vec<crate::backup::sets::BackupSetInfo>, BackupError> {
+    ) -> Result<Vec<BackupSetInfo>, BackupError> {
         let mut mine = Vec::new();
         for set in self.backups.server_sets(name).await? {
             if set.state == "complete"
@@ -311,10 +332,7 @@ impl PolicyRunner {
     }
 
     /// Whether one of the set's members is a backup of a volume of this daemon.
-    async fn has_member_here(
-        &self,
-        set: &crate::backup::sets::BackupSetInfo,
-    ) -> Result<bool, BackupError> {
+    async fn has_member_here(&self, set: &BackupSetInfo) -> Result<bool, BackupError> {
         for member in &set.members {
             let info = match self.backups.catalog.get(&member.backup_id).await {
                 Ok(info) => info,
@@ -344,9 +362,9 @@ impl PolicyRunner {
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
         let server = self.servers.get(name)?;
-        loop {
-            if self.set_made_since(policy, name, since).await? {
-                break;
+        let just_made = loop {
+            if let Some(id) = self.set_made_since(policy, name, since).await? {
+                break id;
             }
             let started = self
                 .backups
@@ -357,25 +375,35 @@ impl PolicyRunner {
                 other => other?,
             };
             self.wait_set(&set).await?;
-            break;
-        }
-        self.apply_set_retention(policy, name, report).await
+            break set.id;
+        };
+        self.apply_set_retention(policy, name, &just_made, report)
+            .await
     }
 
-    /// Waits for server backup `set`'s jobs, then for the set to be recorded.
-    async fn wait_set(&self, set: &crate::backup::sets::BackupSetInfo) -> Result<(), BackupError> {
-        let ids: Vec<String> = set.jobs.iter().map(|j| j.id.clone()).collect();
-        self.wait_jobs(&ids).await?;
+    /// Waits for server backup `set` to be recorded (its member jobs first); Err when it
+    /// failed, with what its failed members said.
+    async fn wait_set(&self, set: &BackupSetInfo) -> Result<(), BackupError> {
         loop {
             let shown = self.backups.show_set(&set.id).await?;
             match shown.state {
                 "complete" => return Ok(()),
                 "failed" => {
+                    let mut reasons: Vec<String> = shown
+                        .jobs
+                        .iter()
+                        .filter(|j| j.state != JobState::Succeeded)
+                        .filter_map(|j| {
+                            let error = j.error.as_ref()?;
+                            Some(format!("backup of volume {:?} failed: {error}", j.volume))
+                        })
+                        .collect();
+                    reasons.extend(shown.error);
                     return Err(BackupError::Failed(format!(
                         "server backup {} failed: {}",
                         set.id,
-                        shown.error.unwrap_or_default()
-                    )))
+                        reasons.join("; ")
+                    )));
                 }
                 _ => tokio::time::sleep(JOB_POLL).await,
             }
@@ -383,17 +411,25 @@ impl PolicyRunner {
     }
 
     /// Deletes the policy's backup sets of server `name` past its limits.
+    /// `just_made`, the set this run made (or found made by the run it starts again), counts
+    /// as the newest whatever its time says (a clock set back since an earlier set), as a
+    /// volume policy's newest backup does: retention never deletes it.
     async fn apply_set_retention(
         &self,
         policy: &PolicySpec,
         name: &str,
+        just_made: &str,
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
         let mine = self.policy_sets(policy, name).await?;
-        let items: Vec<(String, u64)> = mine
-            .iter()
-            .map(|s| (s.id.clone(), s.created_unix_secs))
-            .collect();
+        let rank = |s: &BackupSetInfo| {
+            if s.id == just_made {
+                u64::MAX
+            } else {
+                s.created_unix_secs
+            }
+        };
+        let items: Vec<(String, u64)> = mine.iter().map(|s| (s.id.clone(), rank(s))).collect();
         let mut doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
         let mut kept_for_now = Vec::new();
         for id in &doomed {
@@ -415,7 +451,7 @@ impl PolicyRunner {
         // Members of this policy's failed sets, of the volumes its newest set holds, older
         // than that set: its members are those volumes' bases now, so deleting them costs no
         // incremental its base.
-        if let Some(newest) = mine.iter().max_by_key(|s| s.created_unix_secs) {
+        if let Some(newest) = mine.iter().max_by_key(|s| rank(s)) {
             let mut volumes = Vec::new();
             for member in &newest.members {
                 match self.backups.catalog.get(&member.backup_id).await {

@@ -21,6 +21,9 @@ use crate::storage::Registry;
 pub const SET_FORMAT_VERSION: u32 = 1;
 /// How often a set's coordinator looks at its member jobs.
 const MEMBER_POLL: Duration = Duration::from_millis(200);
+/// Backoff of a set's last store requests (as a job's: see `retry::with_retry`).
+const STORE_RETRY_FIRST_DELAY: Duration = Duration::from_millis(250);
+const STORE_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,14 +370,24 @@ impl Backups {
             }
             tokio::select! {
                 _ = tokio::time::sleep(MEMBER_POLL) => {}
-                _ = self.shutdown.cancelled() => {
-                    return Err(BackupError::Cancelled("the daemon is shutting down".into()));
-                }
+                _ = self.shutdown.cancelled() => {}
             }
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+        }
+        // Members stopped by the shutdown resume at the next start, and so does this set.
+        if self.shutdown.is_cancelled() {
+            return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
         // Every member must have its manifest: a failed member fails the set.
         for (volume, backup_id, _) in &set.members {
-            match self.store.get_manifest(backup_id).await {
+            let found = self
+                .retrying_store(set, "reading a member's manifest", || {
+                    self.store.get_manifest(backup_id)
+                })
+                .await;
+            match found {
                 Ok(_) => {}
                 Err(BackupError::BackupNotFound(_)) => {
                     return Err(BackupError::Failed(format!(
@@ -396,7 +409,50 @@ impl Backups {
         };
         let body = serde_json::to_vec_pretty(&record)
             .map_err(|e| BackupError::Failed(format!("encoding backup set: {e}")))?;
-        self.store.put_set(&set.set_id, body).await
+        self.retrying_store(set, "writing the set's record", || {
+            self.store.put_set(&set.set_id, body.clone())
+        })
+        .await
+    }
+
+    /// Runs a store operation of `set`'s last step until it succeeds or fails for good: every
+    /// member is stored by then, and one unanswered request must not throw the set away (its
+    /// members would go with the next complete set's retention). Stops at shutdown; the set
+    /// resumes at the next start.
+    async fn retrying_store<T, F, Fut>(
+        &self,
+        set: &SetRecord,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, BackupError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BackupError>>,
+    {
+        let mut delay = STORE_RETRY_FIRST_DELAY;
+        let mut failures = 0u32;
+        loop {
+            let outcome = tokio::select! {
+                outcome = op() => outcome,
+                _ = self.shutdown.cancelled() => {
+                    return Err(BackupError::Cancelled("the daemon is shutting down".into()));
+                }
+            };
+            match outcome {
+                Err(e) if e.is_transient() => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(set = %set.set_id, what, error = %e, failures, "backup store failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(STORE_RETRY_MAX_DELAY);
+                }
+                other => return other,
+            }
+        }
     }
 
     pub async fn get_set(&self, set_id: &str) -> Result<BackupSet, BackupError> {
@@ -404,7 +460,10 @@ impl Backups {
         let set: BackupSet = serde_json::from_slice(&bytes).map_err(|e| {
             BackupError::Failed(format!("backup set {set_id:?} is unreadable: {e}"))
         })?;
-        if set.format_version != SET_FORMAT_VERSION || set.set_id != set_id {
+        if set.format_version != SET_FORMAT_VERSION
+            || set.set_id != set_id
+            || set.group_id != set_id
+        {
             return Err(BackupError::Failed(format!(
                 "backup set {set_id:?} has format {} and id {:?}",
                 set.format_version, set.set_id
@@ -603,6 +662,16 @@ impl Backups {
         // server whose disks disagree.
         for member in &set.members {
             let manifest = self.store.get_manifest(&member.backup_id).await?;
+            // The record names its members, and each member's manifest says whose it is: a
+            // record that disagrees (edited, damaged) restores nothing.
+            if manifest.group_id.as_deref() != Some(set.group_id.as_str())
+                || manifest.volume_name != member.volume
+            {
+                return Err(BackupError::Failed(format!(
+                    "backup set {set_id:?} names backup {} as volume {:?}'s, but that backup is of volume {:?} in set {:?}",
+                    member.backup_id, member.volume, manifest.volume_name, manifest.group_id
+                )));
+            }
             let target = match to_new_suffix {
                 Some(suffix) => {
                     let name = format!("{}{suffix}", member.volume);
@@ -624,6 +693,17 @@ impl Backups {
                             connections,
                         }
                         .into());
+                    }
+                    // The originals are the volumes the set was taken of, not others of the
+                    // same names (another daemon's sharing the store, or volumes deleted and
+                    // made again): those take the set only as new volumes, or member by member
+                    // with a restore that names its target.
+                    let uuid = &entry.volume().identity().uuid;
+                    if *uuid != manifest.volume_uuid {
+                        return Err(BackupError::InvalidArgument(format!(
+                            "volume {:?} here is not the volume backup set {set_id:?} was taken of (uuid {uuid}, the set's member has {}): restore the set to new volumes (to_new_suffix), or its member {} with backup.restore",
+                            member.volume, manifest.volume_uuid, member.backup_id
+                        )));
                     }
                     let size_bytes = entry.volume().size_bytes();
                     if size_bytes != manifest.size_bytes {

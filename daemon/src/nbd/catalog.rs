@@ -49,14 +49,9 @@ pub fn export_info(volume: &Volume) -> ExportInfo {
             .into_iter()
             .map(|snapshot| format!("{DIRTY_BITMAP_PREFIX}{snapshot}")),
     );
-    let description = if volume.is_read_only() {
-        format!("evsd snapshot {} (read-only)", volume.name())
-    } else {
-        format!("evsd volume {}", volume.name())
-    };
     ExportInfo {
         name: volume.name().to_owned(),
-        description,
+        description: description(volume),
         size_bytes: volume.size_bytes(),
         read_only: volume.is_read_only(),
         rotational: false,
@@ -64,6 +59,15 @@ pub fn export_info(volume: &Volume) -> ExportInfo {
         fast_zero: !volume.is_read_only(),
         block_size: BlockSize::default(),
         meta_contexts,
+    }
+}
+
+/// The export's description (NBD_INFO_DESCRIPTION, and LIST's, which needs nothing else).
+fn description(volume: &Volume) -> String {
+    if volume.is_read_only() {
+        format!("evsd snapshot {} (read-only)", volume.name())
+    } else {
+        format!("evsd volume {}", volume.name())
     }
 }
 
@@ -145,7 +149,7 @@ impl ExportCatalog for RegistryCatalog<'_> {
                     Decision::Allow { .. }
                 )
             })
-            .map(|v| (v.name().to_owned(), export_info(v).description))
+            .map(|v| (v.name().to_owned(), description(v)))
             .collect()
     }
 }

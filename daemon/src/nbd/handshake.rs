@@ -261,6 +261,7 @@ where
                 }
                 return Ok(Phase::Transmission(negotiated, final_reply));
             }
+            Step::SendFirst => send(stream, &out).await?,
             Step::NeedInput => {
                 send(stream, &out).await?;
                 if stream.read_buf(input).await? == 0 {

@@ -36,7 +36,7 @@ pub struct Registry {
 impl Registry {
     /// Opens (creating if needed) the data directory and loads every volume in it. A volume whose
     /// manifest cannot be read is skipped with an error in the log, never deleted. Merges a
-    /// crash interrupted are finished by [`Registry::finish_merges`].
+    /// crash interrupted are finished by [`Registry::resume_compaction`].
     pub fn open(data_dir: &Path, engine: IoEngine) -> Result<Registry, StorageError> {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir)
@@ -76,16 +76,26 @@ impl Registry {
         })
     }
 
-    /// Finishes the merges that a crash interrupted (recorded in the manifests).
-    pub async fn finish_merges(&self) -> Result<(), StorageError> {
+    /// Finishes, volume by volume, what a crash or a failure left of snapshot compaction: a
+    /// merge the manifest records, then the layers left redundant (an old head after a
+    /// rollback, a merge's predecessor). Runs beside serving (merges always do): a volume
+    /// serves the same bytes before, during and after. One that fails is logged and served as
+    /// it is, every layer in place, and tried again at its next snapshot delete or start; the
+    /// others go on. Returns how many failed.
+    pub async fn resume_compaction(&self) -> usize {
+        let mut failed = 0;
         for entry in self.entries() {
-            if entry.manifest().merge.is_some() {
-                tracing::info!(volume = entry.name(), "finishing an interrupted merge");
-                let _admin = entry.lock_admin().await?;
-                entry.finish_merge().await?;
+            match entry.resume_compaction().await {
+                Ok(()) => {}
+                // Deleted meanwhile.
+                Err(StorageError::NotFound(_)) => {}
+                Err(error) => {
+                    failed += 1;
+                    tracing::error!(volume = entry.name(), %error, "finishing this volume's interrupted snapshot merges failed; it is served as it is (every layer still in place), and they are tried again at its next snapshot delete or start");
+                }
             }
         }
-        Ok(())
+        failed
     }
 
     /// Creates a sparse volume. Durable when it returns: the directory appears by rename only

@@ -256,6 +256,9 @@ impl VolumeEntry {
     /// Merges or drops layers that no view needs on their own, until none is left worth it.
     /// The caller holds `admin`.
     async fn compact(&self) -> Result<(), StorageError> {
+        // A merge an earlier compaction recorded but did not finish (it failed) goes first:
+        // the next one would replace its record.
+        self.finish_merge().await?;
         while let Some(id) = self.next_to_eliminate() {
             self.eliminate(&id).await?;
         }
@@ -401,6 +404,13 @@ impl VolumeEntry {
             self.commit(&mut state, next)?;
         }
         self.finish_merge().await
+    }
+
+    /// Finishes what a crash or a failure left of this volume's compaction (see
+    /// `Registry::resume_compaction`).
+    pub async fn resume_compaction(&self) -> Result<(), StorageError> {
+        let _admin = self.lock_admin().await?;
+        self.compact().await
     }
 
     /// Carries out the merge the manifest records, if any, then records its end. Safe to run
