@@ -75,7 +75,10 @@ impl VolumeEntry {
 
     /// Refuses the deletion of snapshot `name` until the returned pin is dropped.
     pub fn pin_snapshot(self: &Arc<Self>, name: &str) -> Result<SnapshotPin, StorageError> {
-        if self.manifest().snapshot(name).is_none() {
+        // Under the state lock, which a delete holds from its last pin check to its commit:
+        // a pin either comes first and refuses the delete, or finds the snapshot gone.
+        let state = self.lock();
+        if state.manifest.snapshot(name).is_none() {
             return Err(StorageError::SnapshotNotFound {
                 volume: self.name().to_owned(),
                 name: name.to_owned(),
@@ -87,6 +90,7 @@ impl VolumeEntry {
             .unwrap_or_else(|p| p.into_inner())
             .entry(name.to_owned())
             .or_default() += 1;
+        drop(state);
         Ok(SnapshotPin {
             entry: Arc::clone(self),
             name: name.to_owned(),

@@ -469,13 +469,15 @@ impl VolumeEntry {
             return Err(StorageError::ReadOnly(self.name().to_owned()));
         };
         let _gate = writer.gate.write().await;
-        let mut state = self.lock();
-        let old_bytes = state.manifest.size_bytes;
+        let (old_bytes, head_id, head) = {
+            let state = self.lock();
+            let head_id = state.manifest.head.clone();
+            let head = Arc::clone(&state.layers[&head_id]);
+            (state.manifest.size_bytes, head_id, head)
+        };
         if old_bytes == size_bytes {
             return Ok(old_bytes);
         }
-        let head_id = state.manifest.head.clone();
-        let head = Arc::clone(&state.layers[&head_id]);
         let shrink = size_bytes < old_bytes;
         if shrink && !shrink_checked {
             return Err(StorageError::SizeChanged {
@@ -484,17 +486,20 @@ impl VolumeEntry {
                 size_bytes,
             });
         }
-        // The layer names its own id: the error is the volume's.
-        let resized = if shrink {
-            // Nothing is cut before the manifest with the new size is durable: a shrink that
-            // fails loses nothing. The new instance starts dirty: writes acknowledged before
-            // the shrink may not be synced yet, and a FLUSH syncs only dirty instances.
-            head.reopened(&self.dir, size_bytes)
-                .inspect(Layer::mark_dirty)
-        } else {
-            head.grown(&self.dir, size_bytes)
-        };
-        let resized = resized.map_err(|e| match e {
+        let largest_below = self.volume.chain().layers()[1..]
+            .iter()
+            .map(|l| l.size_bytes())
+            .max()
+            .unwrap_or(0);
+        // The file work (a map scan, fsyncs of the data file and the map) runs off the
+        // runtime's threads; the admin lock keeps the manifest as read above meanwhile.
+        let resized = off_runtime("resize", self.dir.clone(), {
+            let (dir, head) = (self.dir.clone(), Arc::clone(&head));
+            move || resized_head(&dir, &head, old_bytes, size_bytes, largest_below)
+        })
+        .await
+        .map_err(|e| match e {
+            // The layer names its own id: the error is the volume's.
             StorageError::Resize {
                 size_bytes, source, ..
             } => StorageError::Resize {
@@ -504,48 +509,63 @@ impl VolumeEntry {
             },
             other => other,
         })?;
-        if !shrink {
-            let chain = self.volume.chain();
-            let largest_below = chain.layers()[1..]
-                .iter()
-                .map(|l| l.size_bytes())
-                .max()
-                .unwrap_or(0);
-            if largest_below > old_bytes {
-                let from = blocks_for(old_bytes);
-                let to = blocks_for(largest_below.min(size_bytes));
-                resized.set_range(from, to, BlockState::Zero)?;
-                // A partial last block of the old size: its tail must not show old data
-                // either; sizes are 4096-aligned, so there is none.
-                debug_assert_eq!(old_bytes % BLOCK_BYTES, 0);
+        {
+            let mut state = self.lock();
+            let mut next = state.manifest.clone();
+            next.size_bytes = size_bytes;
+            if let Some(record) = next.layers.iter_mut().find(|l| l.id == head_id) {
+                record.size_bytes = size_bytes;
             }
-            // Durable before the manifest with the new size: after a power loss the regrown
-            // range would otherwise show the layers below it, or a cut tail's old states.
-            resized.sync_map_blocking()?;
-        }
-        let mut next = state.manifest.clone();
-        next.size_bytes = size_bytes;
-        if let Some(record) = next.layers.iter_mut().find(|l| l.id == head_id) {
-            record.size_bytes = size_bytes;
-        }
-        let before = state.layers.insert(head_id.clone(), Arc::new(resized));
-        if let Err(e) = self.commit(&mut state, next) {
-            // The volume keeps its old size (the live chain still reads the old head), and
-            // memory must not hold a head of a size no manifest says.
-            if let Some(before) = before {
-                state.layers.insert(head_id, before);
+            let before = state.layers.insert(head_id.clone(), Arc::new(resized));
+            if let Err(e) = self.commit(&mut state, next) {
+                // The volume keeps its old size (the live chain still reads the old head),
+                // and memory must not hold a head of a size no manifest says.
+                if let Some(before) = before {
+                    state.layers.insert(head_id, before);
+                }
+                return Err(e);
             }
-            return Err(e);
         }
         if shrink {
             // The gate still holds writes off, and the old instance maps the whole tail.
-            if let Err(error) = head.cut_tail(size_bytes) {
+            let cut = off_runtime("cut", self.dir.clone(), move || head.cut_tail(size_bytes));
+            if let Err(error) = cut.await {
                 tracing::warn!(volume = self.name(), size_bytes, %error, "cutting a shrunk volume's tail failed; its files keep it until the volume grows again");
             }
         }
         self.volume.publish_size(size_bytes);
         Ok(old_bytes)
     }
+}
+
+/// The head instance of a volume resized from `old_bytes` to `size_bytes`, durable before the
+/// manifest that names the new size. `largest_below`: the largest layer under the head.
+fn resized_head(
+    dir: &Path,
+    head: &Layer,
+    old_bytes: u64,
+    size_bytes: u64,
+    largest_below: u64,
+) -> Result<Layer, StorageError> {
+    if size_bytes < old_bytes {
+        // Nothing is cut before the manifest with the new size is durable: a shrink that
+        // fails loses nothing. The new instance starts dirty: writes acknowledged before the
+        // shrink may not be synced yet, and a FLUSH syncs only dirty instances.
+        return head.reopened(dir, size_bytes).inspect(Layer::mark_dirty);
+    }
+    let resized = head.grown(dir, size_bytes)?;
+    if largest_below > old_bytes {
+        let from = blocks_for(old_bytes);
+        let to = blocks_for(largest_below.min(size_bytes));
+        resized.set_range(from, to, BlockState::Zero)?;
+        // A partial last block of the old size: its tail must not show old data either;
+        // sizes are 4096-aligned, so there is none.
+        debug_assert_eq!(old_bytes % BLOCK_BYTES, 0);
+    }
+    // Durable before the manifest with the new size: after a power loss the regrown range
+    // would otherwise show the layers below it, or a cut tail's old states.
+    resized.sync_map_blocking()?;
+    Ok(resized)
 }
 
 /// The chain from layer `top` down to the bottom.
@@ -598,7 +618,6 @@ fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
         && (!layer::data_path(dir, id).exists() || !layer::map_path(dir, id).exists())
 }
 
-/// Layer files (and temp files) that the manifest does not name.
 /// Runs a blocking file operation on `path` off the runtime's threads.
 pub(crate) async fn off_runtime<T: Send + 'static>(
     action: &'static str,
@@ -610,6 +629,7 @@ pub(crate) async fn off_runtime<T: Send + 'static>(
         .map_err(|e| StorageError::fs(action, &path, std::io::Error::other(e)))?
 }
 
+/// Removes layer files (and temp files) that the manifest does not name.
 fn remove_orphans(dir: &Path, manifest: &VolumeManifest) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -622,7 +642,9 @@ fn remove_orphans(dir: &Path, manifest: &VolumeManifest) {
         let orphan = match ext {
             "data" | "map" => manifest.layer(stem).is_none(),
             "tmp" => true,
-            _ => false,
+            // A format-1 data file a migration linked under its layer's name and did not get to
+            // remove: the layer would never count as exclusive, and the bytes never go.
+            _ => file_name == LEGACY_DATA_FILE,
         };
         if orphan {
             tracing::info!(path = %entry.path().display(), "removing a layer file no manifest names");
@@ -809,6 +831,98 @@ mod tests {
         // The tree can change again.
         entry.create_snapshot("s1").await.unwrap();
         entry.delete_snapshot("s1").await.unwrap();
+    }
+
+    /// A snapshot delete whose record landed but whose compaction a crash cut off leaves the
+    /// snapshot's layer redundant under the head; the next start finishes it: the layer merges
+    /// away, its files go, and the volume reads the same.
+    #[tokio::test]
+    async fn a_compaction_cut_off_by_a_crash_is_finished_at_the_next_start() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (dir, old_head, new_head) = snapshot_then_write(data_dir.path()).await;
+        let mut deleted = VolumeManifest::load(&dir).unwrap();
+        deleted.snapshots.clear();
+        deleted.store(&dir).unwrap();
+
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let entry = reg.entry("v").unwrap();
+        assert_eq!(entry.manifest().layers.len(), 2, "the layer is still there");
+        assert_eq!(reg.resume_compaction().await, 0);
+        let m = entry.manifest();
+        assert_eq!(m.layers.len(), 1, "{m:?}");
+        assert!(m.merge.is_none());
+        // Whichever layer survived, the other's files went.
+        let gone = if m.head == new_head {
+            &old_head
+        } else {
+            &new_head
+        };
+        assert!(!layer::data_path(&dir, gone).exists());
+        assert!(!layer::map_path(&dir, gone).exists());
+        let vol = reg.get("v").unwrap();
+        assert_eq!(
+            vol.read(0, 65536).await.unwrap().to_vec(),
+            vec![0x22; 65536]
+        );
+        assert_eq!(vol.read(65536, 4096).await.unwrap().to_vec(), vec![0; 4096]);
+    }
+
+    /// A format-1 volume (one `data.img`) loads as one layer with the same bytes and its holes
+    /// absent; a crash after the new manifest but before `data.img` went leaves a link that
+    /// the next load removes.
+    #[tokio::test]
+    async fn a_format_1_volume_migrates_and_a_leftover_data_img_goes() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let dir = data_dir.path().join("volumes/old");
+        std::fs::create_dir_all(&dir).unwrap();
+        let legacy = VolumeManifest {
+            format_version: manifest::LEGACY_FORMAT_VERSION,
+            name: "old".into(),
+            uuid: "u-old".into(),
+            size_bytes: SIZE_BYTES,
+            created_unix_secs: 0,
+            head: String::new(),
+            layers: Vec::new(),
+            snapshots: Vec::new(),
+            merge: None,
+        };
+        manifest::write_durably(
+            &dir.join(manifest::MANIFEST_FILE),
+            &serde_json::to_vec(&legacy).unwrap(),
+        )
+        .unwrap();
+        let img = dir.join(LEGACY_DATA_FILE);
+        let file = std::fs::File::create(&img).unwrap();
+        file.set_len(SIZE_BYTES).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 8192], 65536).unwrap();
+        drop(file);
+
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let entry = reg.entry("old").unwrap();
+        let m = entry.manifest();
+        assert_eq!(m.format_version, manifest::FORMAT_VERSION);
+        assert_eq!(m.layers.len(), 1);
+        assert!(!img.exists(), "data.img stayed after the migration");
+        let vol = reg.get("old").unwrap();
+        assert_eq!(
+            vol.read(65536, 8192).await.unwrap().to_vec(),
+            vec![0x5a; 8192]
+        );
+        assert_eq!(vol.read(0, 4096).await.unwrap().to_vec(), vec![0; 4096]);
+        let head = &entry.manifest().head;
+        let layer = Arc::clone(&entry.lock().layers[head]);
+        assert_eq!(layer.state(0), BlockState::Absent);
+        assert_eq!(layer.state(16), BlockState::Data);
+        // The crash between the manifest and the unlink: the link is back.
+        std::fs::hard_link(layer::data_path(&dir, head), &img).unwrap();
+        drop((layer, vol, entry, reg));
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        assert!(!img.exists(), "a leftover data.img was kept");
+        let vol = reg.get("old").unwrap();
+        assert_eq!(
+            vol.read(65536, 8192).await.unwrap().to_vec(),
+            vec![0x5a; 8192]
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ pub const PREV_MANIFEST_FILE: &str = "volume.json.prev";
 /// The single data file of a format-1 volume (before layers); migrated at load.
 pub const LEGACY_DATA_FILE: &str = "data.img";
 pub const FORMAT_VERSION: u32 = 2;
-const LEGACY_FORMAT_VERSION: u32 = 1;
+pub(crate) const LEGACY_FORMAT_VERSION: u32 = 1;
 
 /// One layer the volume links: its files are `<id>.data` and `<id>.map` in the volume folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -181,6 +181,16 @@ impl VolumeEntry {
         }
         {
             let mut state = self.lock();
+            // Again under the state lock: a backup may have pinned it since (see pin_snapshot).
+            if self.is_pinned(name) {
+                if let Some(view) = state.views.get(name) {
+                    view.attachments().reopen(Closure::Deletion);
+                }
+                return Err(StorageError::SnapshotInUse {
+                    volume: self.name().to_owned(),
+                    name: name.to_owned(),
+                });
+            }
             let mut next = state.manifest.clone();
             next.snapshots.retain(|s| s.name != name);
             if let Err(e) = self.commit(&mut state, next) {

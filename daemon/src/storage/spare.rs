@@ -31,6 +31,12 @@ fn discard(dir: &Path, layer: &Layer) {
     }
 }
 
+/// A folder's device and inode.
+fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl SpareHead {
     /// The spare, if one is ready for a volume of `size_bytes`. One made for another size (the
     /// volume was resized since) is removed.
@@ -58,25 +64,38 @@ impl SpareHead {
         if lock(&self.slot).is_some() {
             return;
         }
+        // The folder this volume has now: one deleted meanwhile is renamed away, and a volume
+        // made again under its name has another folder at the same path.
+        let Some(folder) = folder_identity(dir) else {
+            return;
+        };
         let slot = Arc::clone(&self.slot);
         let dir: PathBuf = dir.to_owned();
-        runtime.spawn_blocking(move || {
-            let made = layer::new_layer_id().and_then(|id| Layer::create(&dir, &id, size_bytes));
-            match made {
-                Ok(layer) => {
-                    let mut slot = lock(&slot);
-                    if slot.is_none() {
-                        *slot = Some(Arc::new(layer));
-                    } else {
-                        // Another replenish got there first.
-                        discard(&dir, &layer);
-                    }
-                }
-                // The volume may have been deleted meanwhile (its folder renamed away); a
-                // freeze without a spare makes its head itself.
-                Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "no spare head layer"),
+        runtime.spawn_blocking(move || make(&dir, folder, size_bytes, &slot));
+    }
+}
+
+/// Makes a spare in `dir` and puts it in `slot`, unless the folder at `dir` is no longer
+/// `folder` once it is made.
+fn make(dir: &Path, folder: (u64, u64), size_bytes: u64, slot: &Mutex<Option<Arc<Layer>>>) {
+    let made = layer::new_layer_id().and_then(|id| Layer::create(dir, &id, size_bytes));
+    match made {
+        Ok(layer) if folder_identity(dir) != Some(folder) => {
+            tracing::debug!(dir = %dir.display(), "the volume's folder changed while its spare head was made");
+            discard(dir, &layer);
+        }
+        Ok(layer) => {
+            let mut slot = lock(slot);
+            if slot.is_none() {
+                *slot = Some(Arc::new(layer));
+            } else {
+                // Another replenish got there first.
+                discard(dir, &layer);
             }
-        });
+        }
+        // The volume may have been deleted meanwhile (its folder renamed away); a freeze
+        // without a spare makes its head itself.
+        Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "no spare head layer"),
     }
 }
 
@@ -128,6 +147,28 @@ mod tests {
         ready(&spare).await;
         assert!(spare.take(dir.path(), 2 << 20).is_none());
         assert_eq!(layer_files(dir.path()), 0);
+    }
+
+    /// The volume was deleted and made again under its name while the spare was made: the
+    /// new folder gets no stray files.
+    #[test]
+    fn one_made_after_the_folder_changed_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("v");
+        std::fs::create_dir(&dir).unwrap();
+        let before = folder_identity(&dir).unwrap();
+        std::fs::rename(&dir, root.path().join(".deleted-v")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert_ne!(folder_identity(&dir), Some(before));
+        let slot = Mutex::new(None);
+        make(&dir, before, 1 << 20, &slot);
+        assert!(lock(&slot).is_none());
+        assert_eq!(layer_files(&dir), 0);
+        // Made where the folder is still the same, it is kept.
+        let now = folder_identity(&dir).unwrap();
+        make(&dir, now, 1 << 20, &slot);
+        assert!(lock(&slot).is_some());
+        assert_eq!(layer_files(&dir), 2);
     }
 
     #[test]
