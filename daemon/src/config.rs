@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-#[derive(Debug, Default, Parser)]
+#[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "evsd",
     version,

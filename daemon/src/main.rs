@@ -18,7 +18,6 @@ mod settings;
 mod storage;
 mod systemd;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,6 +62,12 @@ const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 fn main() -> anyhow::Result<()> {
+    // Until the handlers go in (after the volumes are loaded), a SIGHUP (a reload, a log
+    // rotation hook) would end the process by default: ignored meanwhile.
+    // SAFETY: called before any thread exists; SIG_IGN is a valid disposition for SIGHUP.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", settings::DEFAULT_CONFIG);
@@ -82,10 +87,10 @@ fn main() -> anyhow::Result<()> {
         .thread_name("evsd-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(settings, inherited))
+    runtime.block_on(run(settings, args, inherited))
 }
 
-async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
+async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Result<()> {
     let started = Instant::now();
     let engine_config = EngineConfig {
         ring_threads: settings.ring_threads,
@@ -102,14 +107,6 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         Registry::open(&settings.data_dir, engine)
             .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?,
     );
-    // Beside serving, as every merge runs: a long one must not hold every volume offline,
-    // nor one that fails keep the daemon from starting.
-    tokio::spawn({
-        let registry = Arc::clone(&registry);
-        async move {
-            registry.resume_compaction().await;
-        }
-    });
     // A first start (no volume yet) gets `vol0`, so the README's run command is usable as is.
     if registry.is_empty() && settings.create_default_volume {
         registry
@@ -179,6 +176,18 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = CancellationToken::new();
+    // Beside serving, as every merge runs: a long one must not hold every volume offline,
+    // nor one that fails keep the daemon from starting. A shutdown cuts it off as a crash
+    // would (merges are redone from their records).
+    tokio::spawn({
+        let (registry, shutdown) = (Arc::clone(&registry), shutdown.clone());
+        async move {
+            tokio::select! {
+                _ = registry.resume_compaction() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    });
     let mut metrics = Metrics::new();
     metrics.register_io(io_engine.copied_here_bytes());
     let metrics = Arc::new(metrics);
@@ -249,7 +258,8 @@ async fn run(settings: Settings, inherited: Inherited) -> anyhow::Result<()> {
         Reloadable {
             tls: tls.clone(),
             access: Arc::clone(&access),
-            config_file: settings.config_file.clone(),
+            args,
+            running: settings.clone(),
         },
     ));
     announce(&settings, &listeners, metrics_addr, &registry)?;
@@ -380,25 +390,33 @@ impl Signals {
 struct Reloadable {
     tls: Option<Arc<TlsContext>>,
     access: Arc<AccessStore>,
-    config_file: Option<PathBuf>,
+    /// The flags and settings the daemon started with: a reload checks the file under the
+    /// same flags and compares with these.
+    args: Args,
+    running: Settings,
 }
 
 fn reload_access(reloadable: &Reloadable) {
-    let Some(path) = &reloadable.config_file else {
+    let Some(path) = &reloadable.running.config_file else {
         return;
     };
-    match settings::reload_access_rules(path).map(|rules| {
-        let volumes = rules.len();
-        reloadable.access.replace_config(rules).map(|()| volumes)
-    }) {
-        Ok(Ok(volumes)) => {
+    let reloaded = match settings::reload(&reloadable.args, path, &reloadable.running) {
+        Ok(reloaded) => reloaded,
+        Err(error) => {
+            tracing::error!(config = %path.display(), %error, "SIGHUP: the config file is refused (the next start would refuse it too); keeping the old access rules");
+            return;
+        }
+    };
+    if reloaded.restart_needed {
+        tracing::warn!(config = %path.display(), "SIGHUP: settings other than the access rules changed; they take effect at the next start");
+    }
+    let volumes = reloaded.access.len();
+    match reloadable.access.replace_config(reloaded.access) {
+        Ok(()) => {
             tracing::info!(config = %path.display(), volumes, "SIGHUP: access rules reloaded")
         }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "SIGHUP: access rules refused; keeping the old ones")
-        }
         Err(error) => {
-            tracing::error!(%error, "SIGHUP: re-reading the config file failed; keeping the old access rules")
+            tracing::error!(%error, "SIGHUP: access rules refused; keeping the old ones")
         }
     }
 }

@@ -208,6 +208,8 @@ impl Model {
             kind,
             payload,
         } = *reply;
+        // EXPORT_NAME is answered with the export's data or a disconnect, never an option reply.
+        assert_ne!(option, OPT_EXPORT_NAME, "an option reply to EXPORT_NAME");
         if kind & (1 << 31) != 0 {
             let message = std::str::from_utf8(payload).expect("error message is not UTF-8");
             assert!(message.len() <= MAX_STRING_BYTES, "error message too long");

@@ -107,8 +107,8 @@ pub struct Negotiated {
 pub enum Step {
     /// Send the output, then read more input.
     NeedInput,
-    /// Send the output, then call `advance` again before reading: complete options wait in the
-    /// input, and their replies would pile up unsent (a client pipelining LISTs it never reads).
+    /// Send the output, then call `advance` again before reading: replies had piled up, and
+    /// more options may wait in the input (a client pipelining LISTs it never reads).
     SendFirst,
     /// Send the output; transmission starts with the remaining input bytes.
     Transmission(Negotiated),
@@ -233,10 +233,14 @@ impl ServerHandshake {
                     }
                     // EXPORT_NAME has no error reply, and a name is a string: the spec's cap on
                     // strings, not the options', bounds what is read (and logged) of it.
-                    if option == OPT_EXPORT_NAME && length as usize > MAX_STRING_BYTES {
+                    // (Nor a smaller option cap: a discarded option gets an error reply, which
+                    // EXPORT_NAME cannot have.)
+                    let max_name_bytes =
+                        (MAX_STRING_BYTES as u32).min(self.config.max_option_bytes);
+                    if option == OPT_EXPORT_NAME && length > max_name_bytes {
                         return Err(HandshakeError::ExportNameTooLong {
                             length_bytes: length,
-                            max_bytes: MAX_STRING_BYTES as u32,
+                            max_bytes: max_name_bytes,
                         });
                     }
                     if length > self.config.max_option_bytes {

@@ -323,6 +323,30 @@ fn config_file_rules_win_and_reload_on_sighup() {
     let (_raw, info) = Raw::open(d.tcp_addr(), "vol1");
     assert_ne!(info.flags & TF_READ_ONLY, 0);
 
+    // A file the next start would refuse is refused whole, good access rules and all.
+    std::fs::write(&config, "tls = \"yes\"\n[access.vol1]\nread_only = false\n").unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || d
+        .all_stderr()
+        .contains("the next start would refuse it too")));
+    let (_raw, info) = Raw::open(d.tcp_addr(), "vol1");
+    assert_ne!(info.flags & TF_READ_ONLY, 0);
+
+    // A good file with another setting changed: its rules apply now, the setting at a restart.
+    std::fs::write(
+        &config,
+        "handshake_timeout_secs = 31\n[access.vol1]\nread_only = false\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || d
+        .all_stderr()
+        .contains("take effect at the next start")));
+    assert!(wait_until(Duration::from_secs(10), || {
+        let (_raw, info) = Raw::open(d.tcp_addr(), "vol1");
+        info.flags & TF_READ_ONLY == 0
+    }));
+
     // An invalid rule in the config file stops the daemon from starting, naming it.
     std::fs::write(&config, "[access.vol1]\nmax_connections = 0\n").unwrap();
     let out = run_unchecked(

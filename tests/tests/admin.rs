@@ -631,3 +631,67 @@ fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
     }
     d.evsctl_ok(&["status"]);
 }
+
+/// The admin socket serves the daemon's user (and root) only, even if its file were opened
+/// to others (its mode comes from the umask between bind and chmod): a client running as
+/// `nobody` is closed without a reply.
+#[test]
+fn admin_clients_of_another_user_are_refused() {
+    require_tool("setpriv");
+    let d = Daemon::start_default();
+    let socket = d.admin_path().to_path_buf();
+    // Let `nobody` reach and connect to the socket, as a wide umask would have.
+    let mut dir = socket.parent();
+    while let Some(p) = dir {
+        if p == std::path::Path::new("/") || p == std::path::Path::new("/tmp") {
+            break;
+        }
+        let mode = std::fs::metadata(p).unwrap().permissions().mode();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        dir = p.parent();
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b'{"id":1,"method":"volume.list"}\n')
+data = b""
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except ConnectionResetError:
+    pass  # closed with the request unread
+print("got %d bytes" % len(data))
+"#;
+    let socket_arg = socket.to_str().unwrap();
+    let out = run_unchecked(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            // The system's python (the libnbd binding needs it too): `nobody` cannot reach a
+            // user's own python under a home directory.
+            "/usr/bin/python3",
+            "-c",
+            script,
+            socket_arg,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "got 0 bytes", "another user was served");
+    // The daemon's own user still is.
+    let (mut c, _) = AdminConn::open(&d);
+    let r = c.ask(br#"{"id":2,"method":"volume.list"}"#);
+    assert_eq!(r["result"]["volumes"][0]["name"], "vol0", "{r}");
+}

@@ -408,8 +408,6 @@ fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
     assert_same("a restored", &read_export(&d, "a2"), &read_export(&d, "a"));
 }
 
-/// Two daemons sharing a store, each with a server "web" and a server policy "p": each one's
-/// retention counts and deletes only its own daemon's sets.
 /// The set a server policy's run makes survives its retention even when an earlier set's time
 /// lies ahead of the clock (the clock was set back since): with keep 1 the earlier one goes.
 #[test]
@@ -477,7 +475,6 @@ fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
     for _ in 0..2 {
         let p = run_now(&d, "nightly");
         assert_eq!(p["last_error"], Value::Null, "{p:#}");
-        thread::sleep(Duration::from_millis(1100));
     }
     let sets = admin_ok(&d, "server.backups", json!({"name": "web"}))["backup_sets"].clone();
     let set_ids: Vec<String> = sets
@@ -496,7 +493,6 @@ fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
     for _ in 0..2 {
         let p = run_now(&d, "nightly");
         assert_eq!(p["last_error"], Value::Null, "{p:#}");
-        thread::sleep(Duration::from_millis(1100));
     }
     let own: Vec<Value> = policy_backups(&d, "nightly")
         .into_iter()
@@ -527,6 +523,8 @@ fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
     }
 }
 
+/// Two daemons sharing a store, each with a server "web" and a server policy "p": each one's
+/// retention counts and deletes only its own daemon's sets.
 #[test]
 fn a_server_policy_counts_only_its_own_daemons_sets_in_a_shared_store() {
     let a = Daemon::start(DaemonOpts::new().no_default_volume());

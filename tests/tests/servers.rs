@@ -441,3 +441,43 @@ fn a_set_is_restored_in_place_only_onto_the_volumes_it_was_taken_of() {
     }
     assert_same("a's v restored in place", &read_export(&a, "v"), &of_a);
 }
+
+/// `server.backups` names: one that is no server and has no set is not found (and gets no
+/// metric series); a deleted server's sets stay listed; a bad name is refused.
+#[test]
+fn server_backups_of_unknown_deleted_and_bad_names() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    half_random(&d, "v", 8 * MIB, 73);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["v"]}),
+    );
+    let set = server_backup(&d, "web");
+    admin_err(&d, "server.backups", json!({"name": "nosuch"}), "not_found");
+    admin_err(
+        &d,
+        "server.backups",
+        json!({"name": "a/b"}),
+        "invalid_argument",
+    );
+    // Listing a server's sets sets its series.
+    admin_ok(&d, "server.backups", json!({"name": "web"}));
+    let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
+    assert!(!text.contains("server=\"nosuch\""), "{text}");
+    assert!(
+        text.contains("evsd_server_backup_sets{server=\"web\"} 1"),
+        "{text}"
+    );
+    admin_ok(&d, "server.delete", json!({"name": "web"}));
+    let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
+    assert!(!text.contains("server=\"web\""), "{text}");
+    let listed = admin_ok(&d, "server.backups", json!({"name": "web"}));
+    let ids: Vec<&str> = listed["backup_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [set["id"].as_str().unwrap()], "{listed:#}");
+}

@@ -48,3 +48,21 @@ pub struct ListenerAddresses {
     pub unix: Option<String>,
     pub admin: String,
 }
+
+/// Runs a method's blocking file work (a durable write: fsyncs, a rename) off the async
+/// workers, which accepting, backups and every other admin client share.
+pub(crate) async fn off_runtime<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, protocol::AdminError>
+where
+    T: Send + 'static,
+    E: Into<protocol::AdminError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(join) => Err(protocol::AdminError::new(
+            protocol::ErrorCode::Internal,
+            format!("filesystem task failed: {join}"),
+        )),
+    }
+}

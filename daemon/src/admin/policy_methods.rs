@@ -1,11 +1,13 @@
 //! The admin methods for backup policies (`policy.*`); docs/admin-protocol.md documents them.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin::methods::to_json;
 use crate::admin::protocol::{decode_params, unknown_method, AdminError, NameParams, NoParams};
-use crate::admin::AdminContext;
+use crate::admin::{off_runtime, AdminContext};
 use crate::error::StorageError;
 use crate::policy::{PolicySpec, Schedule, Target};
 
@@ -56,13 +58,15 @@ pub async fn dispatch(
                     }
                 }
             }
-            to_json(&policies.create(PolicySpec {
+            let spec = PolicySpec {
                 name: p.name,
                 schedule,
                 keep: p.keep,
                 keep_days: p.keep_days,
                 target,
-            })?)
+            };
+            let policies = Arc::clone(policies);
+            to_json(&off_runtime(move || policies.create(spec)).await?)
         }
         "policy.list" => {
             decode_params::<NoParams>(method, params)?;
@@ -74,11 +78,13 @@ pub async fn dispatch(
         }
         "policy.enable" | "policy.disable" => {
             let p: NameParams = decode_params(method, params)?;
-            to_json(&policies.set_enabled(&p.name, method == "policy.enable")?)
+            let (policies, enabled) = (Arc::clone(policies), method == "policy.enable");
+            to_json(&off_runtime(move || policies.set_enabled(&p.name, enabled)).await?)
         }
         "policy.delete" => {
             let p: NameParams = decode_params(method, params)?;
-            policies.delete(&p.name)?;
+            let (policies, name) = (Arc::clone(policies), p.name.clone());
+            off_runtime(move || policies.delete(&name)).await?;
             Ok(json!({ "deleted": p.name }))
         }
         "policy.run" => {

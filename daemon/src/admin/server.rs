@@ -34,6 +34,9 @@ const SOCKET_MODE: u32 = 0o600;
 pub struct AdminListener {
     listener: UnixListener,
     socket_file: SocketFile,
+    /// Clients must run as the daemon's user (or root): set for a socket we bound, whose file
+    /// had the umask's mode from bind to chmod. An inherited socket's access is the unit's.
+    owner_only: bool,
 }
 
 impl AdminListener {
@@ -48,6 +51,7 @@ impl AdminListener {
         Ok(AdminListener {
             listener,
             socket_file,
+            owner_only: true,
         })
     }
 
@@ -56,6 +60,7 @@ impl AdminListener {
         Ok(AdminListener {
             listener: UnixListener::from_std(inherited.listener)?,
             socket_file: SocketFile::inherited(inherited.path),
+            owner_only: false,
         })
     }
 
@@ -81,6 +86,10 @@ impl AdminListener {
             };
             match accepted {
                 Ok((stream, _)) => {
+                    if self.owner_only && !is_own_user(&stream) {
+                        // Never served: it connected while the socket's mode was wider.
+                        continue;
+                    }
                     let permit = Arc::clone(&limit).try_acquire_owned();
                     let ctx = Arc::clone(&ctx);
                     let shutdown = shutdown.clone();
@@ -105,6 +114,26 @@ impl AdminListener {
             tracing::warn!("admin clients still busy at shutdown");
         }
         self.socket_file.remove();
+    }
+}
+
+/// Whether the client runs as the daemon's user or as root.
+fn is_own_user(stream: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == own || cred.uid() == 0 => true,
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                "refused an admin client running as another user"
+            );
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%error, "refused an admin client whose user cannot be told");
+            false
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The admin methods for servers (volume groups), their crash-consistent backups and backup
 //! sets (`server.*`, `backup_set.*`); docs/admin-protocol.md documents them.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -8,8 +10,10 @@ use crate::admin::methods::to_json;
 use crate::admin::protocol::{
     decode_params, unknown_method, AdminError, ErrorCode, IdParams, NameParams, NoParams,
 };
-use crate::admin::AdminContext;
+use crate::admin::{off_runtime, AdminContext};
 use crate::error::StorageError;
+use crate::servers::ServerError;
+use crate::storage::name::validate_volume_name;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,7 +63,11 @@ pub async fn dispatch(
                     None => return Err(StorageError::NotFound(volume.clone()).into()),
                 }
             }
-            let mut info = servers.create(&p.name, &p.volumes)?;
+            let mut info = {
+                let (servers, name, volumes) =
+                    (Arc::clone(servers), p.name.clone(), p.volumes.clone());
+                off_runtime(move || servers.create(&name, &volumes)).await?
+            };
             // A member deleted meanwhile goes, as if the delete came just after; a server left
             // with none is not made (a server needs a volume).
             for entry in entries {
@@ -79,7 +87,11 @@ pub async fn dispatch(
             let Some(entry) = ctx.registry.entry(&p.volume) else {
                 return Err(StorageError::NotFound(p.volume).into());
             };
-            let info = servers.add_volume(&p.name, &p.volume)?;
+            let info = {
+                let (servers, name, volume) =
+                    (Arc::clone(servers), p.name.clone(), p.volume.clone());
+                off_runtime(move || servers.add_volume(&name, &volume)).await?
+            };
             if ctx.registry.was_deleted(&entry) {
                 forget_deleted_member(ctx, &p.volume);
                 return Err(StorageError::NotFound(p.volume).into());
@@ -88,7 +100,8 @@ pub async fn dispatch(
         }
         "server.remove_volume" => {
             let p: MemberParams = decode_params(method, params)?;
-            to_json(&servers.remove_volume(&p.name, &p.volume)?)
+            let servers = Arc::clone(servers);
+            to_json(&off_runtime(move || servers.remove_volume(&p.name, &p.volume)).await?)
         }
         "server.list" => {
             decode_params::<NoParams>(method, params)?;
@@ -100,7 +113,9 @@ pub async fn dispatch(
         }
         "server.delete" => {
             let p: NameParams = decode_params(method, params)?;
-            servers.delete(&p.name)?;
+            let (servers, name) = (Arc::clone(servers), p.name.clone());
+            off_runtime(move || servers.delete(&name)).await?;
+            ctx.metrics.backup().forget_server(&p.name);
             Ok(json!({ "deleted": p.name }))
         }
         "server.backup" => {
@@ -116,7 +131,14 @@ pub async fn dispatch(
         }
         "server.backups" => {
             let p: NameParams = decode_params(method, params)?;
-            Ok(json!({ "backup_sets": ctx.backups.server_sets(&p.name).await? }))
+            validate_volume_name(&p.name).map_err(|_| ServerError::InvalidName(p.name.clone()))?;
+            // A deleted server's sets stay listed (backups outlive what they were taken of).
+            let exists = servers.get(&p.name).is_ok();
+            let sets = ctx.backups.server_sets(&p.name, exists).await?;
+            if !exists && sets.is_empty() {
+                return Err(ServerError::NotFound(p.name).into());
+            }
+            Ok(json!({ "backup_sets": sets }))
         }
         "server.restore" => {
             let p: RestoreParams = decode_params(method, params)?;

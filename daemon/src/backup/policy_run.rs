@@ -273,7 +273,7 @@ impl PolicyRunner {
         };
         let resumed: Vec<BackupSetInfo> = self
             .backups
-            .server_sets(name)
+            .server_sets(name, true)
             .await?
             .into_iter()
             .filter(|s| {
@@ -319,7 +319,7 @@ impl PolicyRunner {
         name: &str,
     ) -> Result<Vec<BackupSetInfo>, BackupError> {
         let mut mine = Vec::new();
-        for set in self.backups.server_sets(name).await? {
+        for set in self.backups.server_sets(name, true).await? {
             if set.state == "complete"
                 && !set.members.is_empty()
                 && set.policy.as_deref() == Some(policy.name.as_str())

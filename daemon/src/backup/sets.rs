@@ -24,6 +24,8 @@ const MEMBER_POLL: Duration = Duration::from_millis(200);
 /// Backoff of a set's last store requests (as a job's: see `retry::with_retry`).
 const STORE_RETRY_FIRST_DELAY: Duration = Duration::from_millis(250);
 const STORE_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
+/// How long a set's last store request is retried before the set fails.
+const STORE_RETRY_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -415,10 +417,10 @@ impl Backups {
         .await
     }
 
-    /// Runs a store operation of `set`'s last step until it succeeds or fails for good: every
-    /// member is stored by then, and one unanswered request must not throw the set away (its
-    /// members would go with the next complete set's retention). Stops at shutdown; the set
-    /// resumes at the next start.
+    /// Runs a store operation of `set`'s last step until it succeeds, fails for good, or has
+    /// failed for [`STORE_RETRY_LIMIT`]: every member is stored by then, and one unanswered
+    /// request must not throw the set away (its members would go with the next complete set's
+    /// retention). Stops at shutdown; the set resumes at the next start.
     async fn retrying_store<T, F, Fut>(
         &self,
         set: &SetRecord,
@@ -431,6 +433,7 @@ impl Backups {
     {
         let mut delay = STORE_RETRY_FIRST_DELAY;
         let mut failures = 0u32;
+        let give_up_at = tokio::time::Instant::now() + STORE_RETRY_LIMIT;
         loop {
             let outcome = tokio::select! {
                 outcome = op() => outcome,
@@ -439,7 +442,9 @@ impl Backups {
                 }
             };
             match outcome {
-                Err(e) if e.is_transient() => {
+                // Some errors counted transient never clear (a store refusing the object for
+                // good): the set fails in the end rather than keep its policy waiting.
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up_at => {
                     failures += 1;
                     if failures == 1 || failures.is_power_of_two() {
                         tracing::warn!(set = %set.set_id, what, error = %e, failures, "backup store failed; retrying");
@@ -485,7 +490,13 @@ impl Backups {
     }
 
     /// The server's sets, oldest first: complete ones from the store, plus running ones.
-    pub async fn server_sets(&self, server: &str) -> Result<Vec<BackupSetInfo>, BackupError> {
+    /// `counted`: the server exists here, and its metric series are set from what is found
+    /// (a name asked about that is no server gets no series).
+    pub async fn server_sets(
+        &self,
+        server: &str,
+        counted: bool,
+    ) -> Result<Vec<BackupSetInfo>, BackupError> {
         let mut out = Vec::new();
         for id in self.store.list_set_ids().await? {
             match self.get_set(&id).await {
@@ -502,6 +513,9 @@ impl Backups {
             }
         }
         out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
+        if !counted {
+            return Ok(out);
+        }
         let mut stored_bytes = 0u64;
         let mut complete = 0i64;
         for set in out.iter().filter(|s| s.state == "complete") {

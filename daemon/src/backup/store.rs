@@ -23,6 +23,10 @@ use crate::backup::manifest::{self, BackupManifest};
 use crate::backup::pack::{self, PackedAt};
 use crate::storage::aligned::AlignedPool;
 
+/// The largest backup-set record read: one names its members (about 100 bytes each), and a
+/// server has tens of volumes, not tens of thousands.
+const MAX_SET_RECORD_BYTES: u64 = 16 << 20;
+
 /// S3 settings from the config file; each overrides the matching AWS_* environment variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
@@ -403,7 +407,9 @@ impl BackupStore {
     pub async fn get_manifest(&self, backup_id: &str) -> Result<BackupManifest, BackupError> {
         manifest::validate_backup_id(backup_id)?;
         let key = manifest::manifest_key(backup_id);
-        let bytes = match self.get(&key).await {
+        // A manifest lists every chunk of its volume (about 70 bytes per 4 MiB chunk, more with
+        // deltas and packs): bounded by the largest volume, not by a small fixed size.
+        let bytes = match self.get(&key, u64::MAX).await {
             Err(BackupError::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
@@ -453,7 +459,10 @@ impl BackupStore {
 
     pub async fn get_set(&self, set_id: &str) -> Result<Bytes, BackupError> {
         manifest::validate_backup_id(set_id)?;
-        match self.get(&format!("backup-sets/{set_id}.json")).await {
+        match self
+            .get(&format!("backup-sets/{set_id}.json"), MAX_SET_RECORD_BYTES)
+            .await
+        {
             Err(BackupError::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
@@ -511,13 +520,21 @@ impl BackupStore {
             .map_err(|e| BackupError::store("put", key, e))
     }
 
-    async fn get(&self, key: &str) -> Result<Bytes, BackupError> {
+    /// Reads a whole object, refused unread when larger than `max_bytes` (damaged, or not
+    /// ours): every listing reads these.
+    async fn get(&self, key: &str, max_bytes: u64) -> Result<Bytes, BackupError> {
         let path = self.path(key);
         let result = self
             .objects
             .get(&path)
             .await
             .map_err(|e| BackupError::store("get", key, e))?;
+        if result.meta.size > max_bytes {
+            return Err(BackupError::Failed(format!(
+                "object {key:?} holds {} bytes, more than the {max_bytes} any valid one does",
+                result.meta.size
+            )));
+        }
         result
             .bytes()
             .await
@@ -595,5 +612,30 @@ impl BackupStore {
         })
         .await
         .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backup-set record larger than any valid one is refused without being read whole;
+    /// one within the cap reads back.
+    #[tokio::test]
+    async fn an_oversized_set_record_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let id = "s-20261206T000000Z-0a1b2c3d";
+        store.put_set(id, b"{}".to_vec()).await.unwrap();
+        assert_eq!(&store.get_set(id).await.unwrap()[..], b"{}");
+        let big = vec![b' '; MAX_SET_RECORD_BYTES as usize + 1];
+        store.put_set(id, big).await.unwrap();
+        match store.get_set(id).await {
+            Err(BackupError::Failed(message)) => {
+                assert!(message.contains("more than"), "{message}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|b| b.len())),
+        }
     }
 }

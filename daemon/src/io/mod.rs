@@ -599,9 +599,21 @@ impl IoEngine {
         self.check_writes_allowed()?;
         match self.backend() {
             BackendRef::Uring(engine) => {
-                let done = engine.fallocate(file, mode, offset, len).await;
-                self.or_taken_over(done, |threads| threads.fallocate(file, mode, offset, len))
-                    .await
+                // As the threads engine does: an io-wq worker signalled (at teardown) returns
+                // EINTR, and fallocate is safe to repeat.
+                let mut interrupted = 0;
+                loop {
+                    let done = engine.fallocate(file, mode, offset, len).await;
+                    let done = self
+                        .or_taken_over(done, |threads| threads.fallocate(file, mode, offset, len))
+                        .await;
+                    match done {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted < 8 => {
+                            interrupted += 1;
+                        }
+                        other => return other,
+                    }
+                }
             }
             BackendRef::Threads(engine) => engine.fallocate(file, mode, offset, len).await,
         }

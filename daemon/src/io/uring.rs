@@ -647,9 +647,20 @@ fn ring_thread_main(
         }
     };
     let _ = setup_tx.send(Ok(()));
-    if let Err(err) = worker.run() {
-        worker.fail_everything(&err);
-        worker.refuse_late_requests(&err);
+    // A panic must not unwind through the worker: dropping it would free buffers the kernel
+    // may still be writing into (requests in flight). Nothing here is known to panic; if
+    // something does, the process ends at once, as a crash would, losing no flushed write.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+    match ran {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            worker.fail_everything(&err);
+            worker.refuse_late_requests(&err);
+        }
+        Err(_) => {
+            tracing::error!("an io_uring ring thread panicked with requests in flight; aborting");
+            std::process::abort();
+        }
     }
 }
 

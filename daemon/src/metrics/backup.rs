@@ -50,6 +50,23 @@ pub struct BackupMetrics {
     published_jobs: std::sync::Mutex<std::collections::HashSet<JobLabels>>,
 }
 
+impl BackupMetrics {
+    /// Drops a deleted server's series.
+    pub fn forget_server(&self, server: &str) {
+        let labels = ServerLabels {
+            server: server.to_owned(),
+        };
+        for family in [
+            &self.server_last_success_unix_seconds,
+            &self.server_last_failure_unix_seconds,
+            &self.server_backup_sets,
+            &self.server_stored_bytes,
+        ] {
+            family.remove(&labels);
+        }
+    }
+}
+
 impl Default for BackupMetrics {
     fn default() -> Self {
         BackupMetrics {

@@ -18,6 +18,8 @@ const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrapes served at once; more wait in the kernel's accept queue.
 const MAX_CONCURRENT_SCRAPES: usize = 16;
+/// How long one connection may take from accept to its last reply byte.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -61,9 +63,11 @@ impl MetricsListener {
                     let metrics = Arc::clone(&metrics);
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
+                        // The whole exchange, reply included: a client that never reads
+                        // its reply would otherwise keep a slot for good.
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
-                            _ = respond(stream, metrics) => {}
+                            _ = tokio::time::timeout(SCRAPE_TIMEOUT, respond(stream, metrics)) => {}
                         }
                         drop(permit);
                     });

@@ -118,7 +118,7 @@ pub enum LogFormat {
 }
 
 /// Everything evsd runs with, resolved and validated.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// None: no TCP listener.
     pub listen: Option<SocketAddr>,
@@ -364,11 +364,31 @@ pub fn access_rules(
     Ok(tables)
 }
 
-/// Re-reads the config file's access rules (SIGHUP). Everything else in it needs a restart.
-pub fn reload_access_rules(
+/// What a SIGHUP found in the config file.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The access rules, which take effect now.
+    pub access: BTreeMap<String, AccessPolicy>,
+    /// Whether other settings differ from the running ones: they wait for a restart.
+    pub restart_needed: bool,
+}
+
+/// Re-reads the config file (SIGHUP) and checks all of it, with the same flags, as a start
+/// would: a file the next start would refuse is refused now, while the daemon that reads it
+/// can still say so.
+pub fn reload(
+    args: &Args,
     path: &std::path::Path,
-) -> Result<BTreeMap<String, AccessPolicy>, SettingsError> {
-    access_rules(FileConfig::load(path)?.access)
+    running: &Settings,
+) -> Result<Reloaded, SettingsError> {
+    let mut next = Settings::merge(args, FileConfig::load(path)?)?;
+    let access = std::mem::take(&mut next.access);
+    let mut rest = running.clone();
+    rest.access = BTreeMap::new();
+    Ok(Reloaded {
+        access,
+        restart_needed: next != rest,
+    })
 }
 
 fn resolve_tls(

@@ -201,7 +201,7 @@ impl VolumeEntry {
             }
         }
         tracing::info!(volume = self.name(), snapshot = name, "deleted snapshot");
-        self.compact().await?;
+        self.compact_after_commit().await;
         Ok(info)
     }
 
@@ -238,7 +238,8 @@ impl VolumeEntry {
             disconnected,
             "rolled back"
         );
-        self.compact().await
+        self.compact_after_commit().await;
+        Ok(())
     }
 
     fn switch_head_to(&self, record: &SnapshotRecord) -> Result<(), StorageError> {
@@ -265,6 +266,15 @@ impl VolumeEntry {
 
     /// Merges or drops layers that no view needs on their own, until none is left worth it.
     /// The caller holds `admin`.
+    /// Compacts after a change that is committed: the change stands whatever compaction does,
+    /// so its caller hears of success; a compaction that fails (a full disk, say) leaves every
+    /// layer in place, reading the same, and is tried again at the next change or start.
+    async fn compact_after_commit(&self) {
+        if let Err(error) = self.compact().await {
+            tracing::warn!(volume = self.name(), %error, "compacting the volume's layers failed; they stay as they are until its next snapshot delete, rollback or start");
+        }
+    }
+
     async fn compact(&self) -> Result<(), StorageError> {
         // A merge an earlier compaction recorded but did not finish (it failed) goes first:
         // the next one would replace its record.
