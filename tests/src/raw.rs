@@ -564,6 +564,16 @@ impl Raw {
         }
     }
 
+    /// Asserts an orderly end of stream next: no byte more, and no reset.
+    pub fn expect_eof(&mut self, what: &str) {
+        let mut buf = [0u8; 1];
+        match self.s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(_) => panic!("{what}: more bytes instead of the end of stream"),
+            Err(e) => panic!("{what}: {e} instead of the end of stream"),
+        }
+    }
+
     pub fn shutdown_write(&self) {
         let _ = self.s.shutdown(Shutdown::Write);
     }

@@ -170,6 +170,59 @@ fn sigterm_answers_every_request_already_received() {
     assert!(status.success(), "exit status {status}\n{}", d.stderr());
 }
 
+/// A client that keeps pipelining requests while the server stops gets every reply to the
+/// requests the server read, then an orderly end of stream: over TCP, closing with those
+/// later requests unread would reset the connection and drop the replies still queued.
+#[test]
+fn requests_sent_after_a_stop_do_not_reset_the_replies_before_it() {
+    const READS: u64 = 2000;
+    const LEN: u32 = 256 << 10;
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--max-inflight-requests")
+            .arg("1")
+            .arg("--max-inflight-mib")
+            .arg("1"),
+    );
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    let batch = |from: u64| {
+        let mut bytes = Vec::new();
+        for cookie in from..from + READS {
+            bytes.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
+        }
+        bytes
+    };
+    c.send(&batch(1));
+    wait_until_held_back(&d, "");
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // Sent after the stop: never read, never answered.
+    c.send(&batch(READS + 1));
+    let mut replied = std::collections::BTreeSet::new();
+    for _ in 1..=READS {
+        let (error, cookie) = c.read_simple_reply();
+        assert!(
+            cookie <= READS,
+            "request {cookie}, sent after the stop, was answered"
+        );
+        assert!(replied.insert(cookie), "request {cookie} answered twice");
+        match error {
+            0 => {
+                let data = c.recv(LEN as usize);
+                assert!(data.iter().all(|&b| b == 0), "read {cookie}");
+            }
+            ESHUTDOWN => {}
+            other => panic!("request {cookie}: error {other}"),
+        }
+    }
+    assert_eq!(replied, (1..=READS).collect(), "requests left unanswered");
+    c.expect_eof("the connection after the last reply");
+    drop(c);
+    let status = d.wait_exit(SHUTDOWN_TIMEOUT);
+    assert!(status.success(), "exit status {status}\n{}", d.stderr());
+}
+
 /// A client that stops reading its replies holds shutdown up only for the grace period. Then
 /// the server stops sending to it, sees its requests in flight through, closes it, and only
 /// after that makes the final flush: no reply leaves after it. The daemon exits 0 and the

@@ -219,7 +219,7 @@ impl<'m> InPlaceWrite<'m> {
     }
 
     /// The request for the part of the payload not landed yet.
-    fn rest(&self) -> Request {
+    pub fn rest(&self) -> Request {
         Request {
             offset: self.request.offset + self.landed_bytes,
             length: self.request.length - self.landed_bytes,

@@ -22,7 +22,7 @@ use evsd_proto::{
     MetaContext, Negotiated, ReplyMode, ReplyTo, Request,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::WaitForCancellationFuture;
 
@@ -45,6 +45,9 @@ const MAX_EXTENTS_PER_REPLY: usize = 4096;
 const MAX_IOVECS_PER_WRITE: usize = 512;
 /// How long the end of a connection waits for TLS to send its close (and what it still holds).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long, and for how many bytes, a connection we ended waits for its client to close.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 64 << 20;
 /// Free space kept in the input buffer before each socket read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Requests (header and payload) from this size on are read up to their end and no further.
@@ -317,8 +320,32 @@ where
         // A TLS shutdown sends what it still holds first: a client that stopped reading would
         // hold it for good.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.writer.shutdown()).await;
+        // We ended it (a stop, a revocation, a protocol error) and a pipelining client may
+        // have sent more meanwhile: closing a TCP socket with unread bytes sends a reset,
+        // which drops the replies the client has not taken yet. So its bytes are read and
+        // dropped until it closes too (it sees our end of stream after its replies).
+        let client_ended = matches!(
+            conn.end,
+            Some(TransmissionEnd::Eof | TransmissionEnd::Truncated | TransmissionEnd::Disconnect)
+        );
+        if !client_ended {
+            let _ = tokio::time::timeout(LINGER_TIMEOUT, discard_input(&mut conn.reader)).await;
+        }
     }
     conn.end.take().unwrap_or(TransmissionEnd::Eof)
+}
+
+/// Reads and drops what the client still sends, up to its end of stream or
+/// [`LINGER_MAX_BYTES`].
+async fn discard_input<R: AsyncRead + Unpin>(reader: &mut R) {
+    let mut scratch = vec![0u8; 64 << 10];
+    let mut discarded_bytes = 0;
+    while discarded_bytes < LINGER_MAX_BYTES {
+        match reader.read(&mut scratch).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => discarded_bytes += n,
+        }
+    }
 }
 
 impl<'s, R, W> Connection<'s, R, W>
@@ -438,11 +465,24 @@ where
     /// Receives what the socket holds of the payload landing in place; true when something
     /// came of it.
     fn poll_in_place(&mut self, cx: &mut Context<'_>) -> std::io::Result<bool> {
+        if self.in_place.is_none() {
+            return Ok(false);
+        }
+        // A payload can take long to arrive (a stalled network): before each piece, as before
+        // each buffered write, clients seen gone are fenced, this one included, and a raised
+        // fence sends the rest where the waiting is done. A client that gave up on this write
+        // and wrote the blocks again elsewhere must not have this one's late bytes land over.
+        self.fence_departed();
+        let fenced = self.session.volume.fence().is_raised();
         let Some(write) = self.in_place.as_mut() else {
             return Ok(false);
         };
         let before = write.landed_bytes();
-        let landing = write.poll_land(cx, &mut self.reader, &self.session.volume);
+        let landing = if fenced {
+            Poll::Ready(Landing::Rest(write.rest()))
+        } else {
+            write.poll_land(cx, &mut self.reader, &self.session.volume)
+        };
         self.session
             .metrics
             .received_in_place(write.landed_bytes() - before);

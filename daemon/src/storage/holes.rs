@@ -61,18 +61,52 @@ const ZFS_SUPER_MAGIC: i64 = 0x2fc1_2fc1;
 /// Whether a hole in `file` means bytes were never written there. Not on ZFS: with
 /// compression on it stores a record of zeroes written by a client as a hole.
 pub fn hole_means_unwritten(file: &File) -> bool {
+    // One that cannot be told keeps every marked block as data.
+    matches!(filesystem_magic(file), Some(magic) if magic != ZFS_SUPER_MAGIC)
+}
+
+/// btrfs (`f_type` from statfs).
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+
+/// Makes a new, still empty file no-copy-on-write on btrfs; elsewhere nothing. Block maps are
+/// rewritten in place through a shared mapping: on a copy-on-write filesystem each rewrite of
+/// a page needs new space, and on a full disk that write fault is a SIGBUS for the daemon.
+/// Best effort: the flag only takes on an empty file, and a refusal is logged.
+pub fn no_copy_on_write(file: &File, path: &std::path::Path) {
+    /// `FS_NOCOW_FL` from linux/fs.h.
+    const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+    if filesystem_magic(file) != Some(BTRFS_SUPER_MAGIC) {
+        return;
+    }
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int (the kernel's inode flags) into `flags`, which
+    // outlives the call; `file` keeps the fd open.
+    let got = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    let set = got == 0 && {
+        flags |= FS_NOCOW_FL;
+        // SAFETY: FS_IOC_SETFLAGS reads one int from `flags`, which outlives the call.
+        unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) == 0 }
+    };
+    if !set {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(path = %path.display(), %error, "could not make a block map no-copy-on-write on btrfs: a full disk may then stop the daemon");
+    }
+}
+
+/// The filesystem's `f_type`, None when fstatfs fails.
+fn filesystem_magic(file: &File) -> Option<i64> {
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs writes a whole `statfs` into the buffer on success and nothing else;
     // it is read only then. `file` keeps the fd open for the call.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
     if rc != 0 {
-        return false;
+        return None;
     }
     // SAFETY: fstatfs succeeded, so the buffer is initialised.
     let stat = unsafe { stat.assume_init() };
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
     let f_type = stat.f_type as i64;
-    f_type != ZFS_SUPER_MAGIC
+    Some(f_type)
 }
 
 #[cfg(test)]

@@ -70,6 +70,9 @@ fn absent_runs(layer: &Layer, start: u64, end: u64) -> Vec<(u64, u64)> {
 
 /// How long a forced rollback waits for disconnected clients to finish their requests.
 const ROLLBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long pruning waits for reads below the head to finish before it punches; a reply held
+/// longer by a slow client stops pruning until the next compaction.
+const PRUNE_READER_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -333,6 +336,15 @@ impl VolumeEntry {
                 continue;
             }
             head.sync(&self.engine).await?;
+            // A read that found one of these blocks below the head, before the head had it,
+            // may not have read it yet: punched now, it would read zeroes.
+            if !self.volume.readers_done(PRUNE_READER_WAIT).await {
+                tracing::debug!(
+                    volume = self.name(),
+                    "pruning stopped: a read below the head is still being sent"
+                );
+                break;
+            }
             for &(a, z, _) in &head_runs {
                 if head.map().any_written(a, z) {
                     continue;

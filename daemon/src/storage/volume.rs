@@ -56,6 +56,9 @@ pub struct FileRange {
     pub file: Arc<std::fs::File>,
     pub offset_bytes: u64,
     pub length_bytes: u64,
+    /// The chain the range was found in, held until the bytes are sent: pruning waits for
+    /// it before punching blocks out of a layer below the head (see `readers_done`).
+    pub _resolved_in: Arc<Chain>,
 }
 
 /// How WRITE_ZEROES may be carried out.
@@ -299,6 +302,28 @@ impl Volume {
         (Arc::clone(&slot.chain), slot.epoch.enter())
     }
 
+    /// Waits until every read that resolved its blocks before this call (and every write in
+    /// flight) is done with them: a copy of the chain replaces the shared one, and the old one
+    /// is waited out. Pruning calls it before punching out, below the head, blocks a read may
+    /// still be about to read there. False when one still held it after `wait` (a reply sent
+    /// from the file, waiting on a slow client).
+    pub async fn readers_done(&self, wait: std::time::Duration) -> bool {
+        let old = {
+            let mut slot = self.slot_mut();
+            let old = Arc::clone(&slot.chain);
+            slot.chain = Arc::new(Chain::clone(&old));
+            old
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        while Arc::strong_count(&old) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
+    }
+
     /// Swaps in a new chain with the same head. Readers holding the old one finish with it
     /// (its layers stay open).
     pub fn set_chain(&self, chain: Chain) {
@@ -408,6 +433,7 @@ impl Volume {
                 file: Arc::clone(file),
                 offset_bytes,
                 length_bytes,
+                _resolved_in: Arc::clone(&chain),
             })
     }
 
@@ -780,6 +806,11 @@ impl Volume {
         {
             tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; the map already reads zero");
         }
+        // Dirty again after the punch, not only when the map changed before it: a FLUSH that
+        // ran in between found the layer clean, and the next must make the hole durable. A
+        // block marked zero over old bytes would show them again after a power loss once a
+        // later write marks it data and its bytes are lost.
+        head.mark_dirty();
         marked
     }
 
@@ -1089,6 +1120,35 @@ mod tests {
                 "the snapshot holds the block as it was"
             );
         });
+    }
+
+    /// Pruning's wait for reads below the head: a read (or a reply sent from the file) that
+    /// resolved its blocks in the chain before the call holds it off until done; reads that
+    /// start after it do not.
+    #[tokio::test]
+    async fn readers_done_waits_for_reads_resolved_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        let volume = registry.create("v", 16 * BLOCK_BYTES).unwrap();
+        assert!(volume.readers_done(Duration::from_millis(50)).await);
+        let in_flight = volume.chain();
+        assert!(
+            !volume.readers_done(Duration::from_millis(50)).await,
+            "a read resolved before the call was not waited for"
+        );
+        // The chain held across the call was swapped out by it; a read starting now holds
+        // the new one, which the next call swaps out in turn.
+        drop(in_flight);
+        let later = volume.chain();
+        let waited = {
+            let volume = Arc::clone(&volume);
+            tokio::spawn(async move { volume.readers_done(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waited.is_finished(), "a read in flight was not waited for");
+        drop(later);
+        assert!(waited.await.unwrap());
     }
 
     /// Large writes copied on the caller's thread land as ordinary ones do: over blocks the

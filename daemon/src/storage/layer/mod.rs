@@ -109,6 +109,7 @@ impl Layer {
         data.set_len(size_bytes)
             .map_err(|e| StorageError::fs("size", &data_path, e))?;
         let map_file = open_rw(&map_path, true)?;
+        crate::storage::holes::no_copy_on_write(&map_file, &map_path);
         map_file
             .set_len(blockmap::map_file_bytes(blocks_for(size_bytes)))
             .map_err(|e| StorageError::fs("size", &map_path, e))?;
