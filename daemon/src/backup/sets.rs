@@ -382,10 +382,12 @@ impl Backups {
         if self.shutdown.is_cancelled() {
             return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
+        // One limit for the set's last requests together (see `retrying_store`).
+        let give_up_at = tokio::time::Instant::now() + STORE_RETRY_LIMIT;
         // Every member must have its manifest: a failed member fails the set.
         for (volume, backup_id, _) in &set.members {
             let found = self
-                .retrying_store(set, "reading a member's manifest", || {
+                .retrying_store(set, give_up_at, "reading a member's manifest", || {
                     self.store.get_manifest(backup_id)
                 })
                 .await;
@@ -411,19 +413,21 @@ impl Backups {
         };
         let body = serde_json::to_vec_pretty(&record)
             .map_err(|e| BackupError::Failed(format!("encoding backup set: {e}")))?;
-        self.retrying_store(set, "writing the set's record", || {
+        self.retrying_store(set, give_up_at, "writing the set's record", || {
             self.store.put_set(&set.set_id, body.clone())
         })
         .await
     }
 
-    /// Runs a store operation of `set`'s last step until it succeeds, fails for good, or has
-    /// failed for [`STORE_RETRY_LIMIT`]: every member is stored by then, and one unanswered
-    /// request must not throw the set away (its members would go with the next complete set's
-    /// retention). Stops at shutdown; the set resumes at the next start.
+    /// Runs a store operation of `set`'s last step until it succeeds, fails for good, or
+    /// fails past `give_up_at` ([`STORE_RETRY_LIMIT`] after the step began): every member is
+    /// stored by then, and one unanswered request must not throw the set away (its members
+    /// would go with the next complete set's retention). Stops at shutdown; the set resumes
+    /// at the next start.
     async fn retrying_store<T, F, Fut>(
         &self,
         set: &SetRecord,
+        give_up_at: tokio::time::Instant,
         what: &str,
         mut op: F,
     ) -> Result<T, BackupError>
@@ -433,7 +437,6 @@ impl Backups {
     {
         let mut delay = STORE_RETRY_FIRST_DELAY;
         let mut failures = 0u32;
-        let give_up_at = tokio::time::Instant::now() + STORE_RETRY_LIMIT;
         loop {
             let outcome = tokio::select! {
                 outcome = op() => outcome,

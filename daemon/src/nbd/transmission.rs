@@ -204,6 +204,9 @@ struct Connection<'s, R, W> {
     /// The request at the front of the input covers the rest of a payload that stopped being
     /// received in place: it is read the ordinary way.
     rest_follows: bool,
+    /// The payload landing in place waited for the socket since departures were last
+    /// checked (see `poll_in_place`).
+    in_place_waited: bool,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -271,6 +274,7 @@ where
         drain: Drain::new(session.volume.fence(), attachment.seat()),
         in_place: None,
         rest_follows: false,
+        in_place_waited: false,
     };
     let cancelled = shutdown.stop.cancelled();
     tokio::pin!(cancelled);
@@ -329,7 +333,11 @@ where
             Some(TransmissionEnd::Eof | TransmissionEnd::Truncated | TransmissionEnd::Disconnect)
         );
         if !client_ended {
-            let _ = tokio::time::timeout(LINGER_TIMEOUT, discard_input(&mut conn.reader)).await;
+            // Not past the grace period of a shutdown: that ends every wait.
+            tokio::select! {
+                _ = tokio::time::timeout(LINGER_TIMEOUT, discard_input(&mut conn.reader)) => {}
+                _ = given_up.as_mut() => {}
+            }
         }
     }
     conn.end.take().unwrap_or(TransmissionEnd::Eof)
@@ -468,11 +476,15 @@ where
         if self.in_place.is_none() {
             return Ok(false);
         }
-        // A payload can take long to arrive (a stalled network): before each piece, as before
-        // each buffered write, clients seen gone are fenced, this one included, and a raised
-        // fence sends the rest where the waiting is done. A client that gave up on this write
-        // and wrote the blocks again elsewhere must not have this one's late bytes land over.
-        self.fence_departed();
+        // A payload can take long to arrive (a stalled network): after each wait for it, as
+        // before each buffered write, clients seen gone are fenced, this one included, and a
+        // raised fence sends the rest where the waiting is done. A client that gave up on this
+        // write and wrote the blocks again elsewhere must not have this one's late bytes land
+        // over them. (Asked after waits only: asking costs a lock shared by the volume's
+        // connections and a system call.)
+        if std::mem::take(&mut self.in_place_waited) {
+            self.fence_departed();
+        }
         let fenced = self.session.volume.fence().is_raised();
         let Some(write) = self.in_place.as_mut() else {
             return Ok(false);
@@ -487,7 +499,10 @@ where
             .metrics
             .received_in_place(write.landed_bytes() - before);
         match landing {
-            Poll::Pending => Ok(false),
+            Poll::Pending => {
+                self.in_place_waited = true;
+                Ok(false)
+            }
             Poll::Ready(Landing::Progress) => Ok(true),
             Poll::Ready(Landing::Complete) => {
                 self.complete_in_place();

@@ -665,6 +665,7 @@ fn migrate_legacy(dir: &Path, legacy: VolumeManifest) -> Result<VolumeManifest, 
     let map_path = layer::map_path(dir, &id);
     std::fs::File::create(&map_path)
         .and_then(|f| {
+            crate::storage::holes::no_copy_on_write(&f, &map_path);
             f.set_len(layer::blockmap::map_file_bytes(blocks_for(
                 legacy.size_bytes,
             )))
