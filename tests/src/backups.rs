@@ -123,3 +123,11 @@ pub fn half_random(d: &Daemon, vol: &str, size: u64, seed: u64) -> Vec<u8> {
     write_at(d, vol, 0, &random(seed, size / 2), &mut model);
     model
 }
+
+/// `opts` set to use daemon `a`'s backup store (its default, `DATA_DIR/backups`): two daemons
+/// sharing one store.
+pub fn sharing_store_of(a: &Daemon, opts: DaemonOpts) -> DaemonOpts {
+    let store = a.data_dir().join("backups");
+    opts.arg("--backup-store")
+        .arg(&format!("file://{}", store.display()))
+}

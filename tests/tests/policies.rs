@@ -47,6 +47,47 @@ fn run_now(d: &Daemon, name: &str) -> Value {
     policy(d, name)
 }
 
+/// Runs policy `name` now and asserts the run succeeded.
+fn run_ok(d: &Daemon, name: &str) {
+    let p = run_now(d, name);
+    assert_eq!(p["last_error"], Value::Null, "{p:#}");
+}
+
+/// The ids of server `server`'s complete backup sets, oldest first.
+fn complete_sets(d: &Daemon, server: &str) -> Vec<String> {
+    admin_ok(d, "server.backups", json!({"name": server}))["backup_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "complete")
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A daemon with volume `volume` (8 MiB, half random from `seed`) in server "web", and policy
+/// `policy` of that server keeping `keep` sets, on a daily slot that never comes in a test.
+fn server_policy_daemon(
+    opts: DaemonOpts,
+    volume: &str,
+    seed: u64,
+    policy: &str,
+    keep: u32,
+) -> Daemon {
+    let d = Daemon::start(opts);
+    half_random(&d, volume, 8 * MIB, seed);
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": [volume]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": policy, "daily": "03:00", "keep": keep, "servers": ["web"]}),
+    );
+    d
+}
+
 fn policy_backups(d: &Daemon, name: &str) -> Vec<Value> {
     admin_ok(d, "backup.list", json!({}))["backups"]
         .as_array()
@@ -412,30 +453,9 @@ fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
 /// lies ahead of the clock (the clock was set back since): with keep 1 the earlier one goes.
 #[test]
 fn a_server_policys_newest_set_is_kept_when_an_older_one_is_stamped_in_the_future() {
-    let d = Daemon::start(DaemonOpts::new().no_default_volume());
-    half_random(&d, "a", 8 * MIB, 53);
-    admin_ok(
-        &d,
-        "server.create",
-        json!({"name": "web", "volumes": ["a"]}),
-    );
-    admin_ok(
-        &d,
-        "policy.create",
-        json!({"name": "p", "daily": "03:00", "keep": 1, "servers": ["web"]}),
-    );
-    let p = run_now(&d, "p");
-    assert_eq!(p["last_error"], Value::Null, "{p:#}");
-    let complete = |d: &Daemon| -> Vec<String> {
-        admin_ok(d, "server.backups", json!({"name": "web"}))["backup_sets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["state"] == "complete")
-            .map(|s| s["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    let first = complete(&d);
+    let d = server_policy_daemon(DaemonOpts::new().no_default_volume(), "a", 53, "p", 1);
+    run_ok(&d, "p");
+    let first = complete_sets(&d, "web");
     assert_eq!(first.len(), 1, "{first:?}");
     // As if made before the clock went back ten days.
     let path = d
@@ -446,9 +466,8 @@ fn a_server_policys_newest_set_is_kept_when_an_older_one_is_stamped_in_the_futur
     let created = record["created_unix_secs"].as_u64().unwrap();
     record["created_unix_secs"] = json!(created + 10 * 86_400);
     std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
-    let p = run_now(&d, "p");
-    assert_eq!(p["last_error"], Value::Null, "{p:#}");
-    let second = complete(&d);
+    run_ok(&d, "p");
+    let second = complete_sets(&d, "web");
     assert_eq!(second.len(), 1, "keep 1 kept {second:?}");
     assert_ne!(
         second[0], first[0],
@@ -460,30 +479,12 @@ fn a_server_policys_newest_set_is_kept_when_an_older_one_is_stamped_in_the_futur
 /// deleted server policy of the same name made belong to those sets, which must still restore.
 #[test]
 fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
-    let d = Daemon::start(DaemonOpts::new().no_default_volume());
-    half_random(&d, "a", 8 * MIB, 54);
-    admin_ok(
-        &d,
-        "server.create",
-        json!({"name": "web", "volumes": ["a"]}),
-    );
-    admin_ok(
-        &d,
-        "policy.create",
-        json!({"name": "nightly", "daily": "03:00", "keep": 3, "servers": ["web"]}),
-    );
+    let d = server_policy_daemon(DaemonOpts::new().no_default_volume(), "a", 54, "nightly", 3);
     for _ in 0..2 {
-        let p = run_now(&d, "nightly");
-        assert_eq!(p["last_error"], Value::Null, "{p:#}");
+        run_ok(&d, "nightly");
     }
-    let sets = admin_ok(&d, "server.backups", json!({"name": "web"}))["backup_sets"].clone();
-    let set_ids: Vec<String> = sets
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(set_ids.len(), 2, "{sets:#}");
+    let set_ids = complete_sets(&d, "web");
+    assert_eq!(set_ids.len(), 2, "{set_ids:?}");
     admin_ok(&d, "policy.delete", json!({"name": "nightly"}));
     admin_ok(
         &d,
@@ -491,8 +492,7 @@ fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
         json!({"name": "nightly", "daily": "03:00", "keep": 1, "volumes": ["a"]}),
     );
     for _ in 0..2 {
-        let p = run_now(&d, "nightly");
-        assert_eq!(p["last_error"], Value::Null, "{p:#}");
+        run_ok(&d, "nightly");
     }
     let own: Vec<Value> = policy_backups(&d, "nightly")
         .into_iter()
@@ -527,36 +527,11 @@ fn a_volume_policy_leaves_the_members_of_server_sets_alone() {
 /// retention counts and deletes only its own daemon's sets.
 #[test]
 fn a_server_policy_counts_only_its_own_daemons_sets_in_a_shared_store() {
-    let a = Daemon::start(DaemonOpts::new().no_default_volume());
-    let store = a.data_dir().join("backups");
-    let b = Daemon::start(
-        DaemonOpts::new()
-            .no_default_volume()
-            .arg("--backup-store")
-            .arg(&format!("file://{}", store.display())),
-    );
-    for (d, seed) in [(&a, 50), (&b, 51)] {
-        half_random(d, "v", 8 * MIB, seed);
-        admin_ok(d, "server.create", json!({"name": "web", "volumes": ["v"]}));
-        admin_ok(
-            d,
-            "policy.create",
-            json!({"name": "p", "daily": "03:00", "keep": 1, "servers": ["web"]}),
-        );
-    }
-    let run = |d: &Daemon| {
-        let p = run_now(d, "p");
-        assert_eq!(p["last_error"], Value::Null, "{p:#}");
-    };
-    let set_ids = |d: &Daemon| -> Vec<String> {
-        admin_ok(d, "server.backups", json!({"name": "web"}))["backup_sets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["state"] == "complete")
-            .map(|s| s["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
+    let a = server_policy_daemon(DaemonOpts::new().no_default_volume(), "v", 50, "p", 1);
+    let opts = sharing_store_of(&a, DaemonOpts::new().no_default_volume());
+    let b = server_policy_daemon(opts, "v", 51, "p", 1);
+    let run = |d: &Daemon| run_ok(d, "p");
+    let set_ids = |d: &Daemon| complete_sets(d, "web");
     run(&b);
     let of_b = set_ids(&b);
     assert_eq!(of_b.len(), 1);

@@ -345,15 +345,11 @@ fn deleting_a_failed_server_backup_deletes_the_members_it_left() {
 #[test]
 fn a_set_another_daemon_is_making_is_not_deleted_here() {
     let a = Daemon::start(DaemonOpts::new().no_default_volume());
-    let store = a.data_dir().join("backups");
-    let b = Daemon::start(
-        DaemonOpts::new()
-            .no_default_volume()
-            .arg("--backup-rate-limit-mib-per-sec")
-            .arg("16")
-            .arg("--backup-store")
-            .arg(&format!("file://{}", store.display())),
-    );
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let b = Daemon::start(sharing_store_of(&a, opts));
     half_random(&b, "small", 8 * MIB, 62);
     half_random(&b, "big", 128 * MIB, 63);
     admin_ok(
@@ -402,13 +398,7 @@ fn a_set_another_daemon_is_making_is_not_deleted_here() {
 #[test]
 fn a_set_is_restored_in_place_only_onto_the_volumes_it_was_taken_of() {
     let a = Daemon::start(DaemonOpts::new().no_default_volume());
-    let store = a.data_dir().join("backups");
-    let b = Daemon::start(
-        DaemonOpts::new()
-            .no_default_volume()
-            .arg("--backup-store")
-            .arg(&format!("file://{}", store.display())),
-    );
+    let b = Daemon::start(sharing_store_of(&a, DaemonOpts::new().no_default_volume()));
     let of_a = half_random(&a, "v", 8 * MIB, 70);
     let of_b = half_random(&b, "v", 8 * MIB, 71);
     for d in [&a, &b] {

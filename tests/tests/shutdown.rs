@@ -118,14 +118,24 @@ fn ready_file_is_valid_json_with_pid() {
     );
 }
 
-/// Requests the server has read but not started (its in-flight limits held them back) when it
-/// shuts down get ESHUTDOWN: every request sent before the SIGTERM gets a reply, none is
-/// dropped with the connection.
-#[test]
-fn sigterm_answers_every_request_already_received() {
-    const READS: u64 = 2000;
-    const LEN: u32 = 256 << 10;
-    let mut d = Daemon::start(
+/// Pipelined 256 KiB READs, `READS` of them from cookie `from` on.
+fn reads_from(from: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for cookie in from..from + READS {
+        bytes.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, READ_LEN));
+    }
+    bytes
+}
+
+const READS: u64 = 2000;
+const READ_LEN: u32 = 256 << 10;
+
+/// A daemon allowing one request and 1 MiB in flight, and a TCP client that sent `READS`
+/// READs it has not read a reply of: 56 KB of requests for 500 MiB of replies. The server
+/// stops starting them once 1 MiB of replies is waiting, with the rest read into its input
+/// (counted as a hit of an in-flight limit).
+fn held_back_client() -> (Daemon, Raw) {
+    let d = Daemon::start(
         DaemonOpts::new()
             .with_vol0()
             .arg("--max-inflight-requests")
@@ -134,15 +144,18 @@ fn sigterm_answers_every_request_already_received() {
             .arg("1"),
     );
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
-    let mut pipelined = Vec::new();
-    for cookie in 1..=READS {
-        pipelined.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
-    }
-    // 56 KB of requests for 500 MiB of replies, none read yet: the server stops starting
-    // them once 1 MiB of replies is waiting, with the rest read into its input (counted as a
-    // hit of an in-flight limit).
-    c.send(&pipelined);
+    c.send(&reads_from(1));
     wait_until_held_back(&d, "");
+    (d, c)
+}
+
+/// Requests the server has read but not started (its in-flight limits held them back) when it
+/// shuts down get ESHUTDOWN: every request sent before the SIGTERM gets a reply, none is
+/// dropped with the connection.
+#[test]
+fn sigterm_answers_every_request_already_received() {
+    const LEN: u32 = READ_LEN;
+    let (mut d, mut c) = held_back_client();
     d.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     let (mut answered, mut refused) = (0u64, 0u64);
@@ -175,30 +188,12 @@ fn sigterm_answers_every_request_already_received() {
 /// later requests unread would reset the connection and drop the replies still queued.
 #[test]
 fn requests_sent_after_a_stop_do_not_reset_the_replies_before_it() {
-    const READS: u64 = 2000;
-    const LEN: u32 = 256 << 10;
-    let mut d = Daemon::start(
-        DaemonOpts::new()
-            .with_vol0()
-            .arg("--max-inflight-requests")
-            .arg("1")
-            .arg("--max-inflight-mib")
-            .arg("1"),
-    );
-    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
-    let batch = |from: u64| {
-        let mut bytes = Vec::new();
-        for cookie in from..from + READS {
-            bytes.extend(Raw::request_bytes(0, CMD_READ, cookie, 0, LEN));
-        }
-        bytes
-    };
-    c.send(&batch(1));
-    wait_until_held_back(&d, "");
+    const LEN: u32 = READ_LEN;
+    let (mut d, mut c) = held_back_client();
     d.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     // Sent after the stop: never read, never answered.
-    c.send(&batch(READS + 1));
+    c.send(&reads_from(READS + 1));
     let mut replied = std::collections::BTreeSet::new();
     for _ in 1..=READS {
         let (error, cookie) = c.read_simple_reply();
