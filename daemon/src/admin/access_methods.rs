@@ -10,10 +10,8 @@ use serde_json::Value;
 
 use crate::access::{AccessPolicy, NetworkRule, PolicySource};
 use crate::admin::methods::to_json;
-use crate::admin::protocol::{
-    decode_params, unknown_method, AdminError, ErrorCode, NameParams, NoParams,
-};
-use crate::admin::AdminContext;
+use crate::admin::protocol::{decode_params, unknown_method, AdminError, NameParams, NoParams};
+use crate::admin::{off_runtime, AdminContext};
 use crate::error::StorageError;
 use crate::storage::entry::VolumeEntry;
 
@@ -72,27 +70,12 @@ pub async fn dispatch(
             };
             let access = Arc::clone(&ctx.access);
             let name = p.name.clone();
-            match tokio::task::spawn_blocking(move || access.set(&name, policy)).await {
-                Ok(result) => result?,
-                Err(join) => {
-                    return Err(AdminError::new(
-                        ErrorCode::Internal,
-                        format!("writing the access rules failed: {join}"),
-                    ))
-                }
-            }
+            off_runtime(move || access.set(&name, policy)).await?;
             if ctx.registry.was_deleted(&entry) {
                 let access = Arc::clone(&ctx.access);
                 let name = p.name.clone();
-                let forgotten = tokio::task::spawn_blocking(move || access.forget(&name)).await;
-                match forgotten {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
-                    }
-                    Err(error) => {
-                        tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
-                    }
+                if let Err(error) = off_runtime(move || access.forget(&name)).await {
+                    tracing::warn!(volume = %p.name, %error, "removing the rules set for a volume deleted meanwhile failed");
                 }
                 return Err(StorageError::NotFound(p.name).into());
             }

@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::admin::protocol::{
     decode_params, unknown_method, AdminError, ErrorCode, NameParams, NoParams, SizeParam,
 };
-use crate::admin::AdminContext;
 use crate::admin::{access_methods, backup_methods, policy_methods, server_methods};
+use crate::admin::{off_runtime, AdminContext};
 use crate::backup::BACKUP_SNAPSHOT_PREFIX;
 use crate::error::StorageError;
 use crate::storage::attachments::{CloseRefused, Closure};
@@ -210,19 +210,6 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<Value, AdminError> {
     })
 }
 
-/// Runs blocking filesystem work (fsync, rename) off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, AdminError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(AdminError::from),
-        Err(join) => Err(AdminError::new(
-            ErrorCode::Internal,
-            format!("filesystem task failed: {join}"),
-        )),
-    }
-}
-
 async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, AdminError> {
     // The name first: a bad name is the more useful complaint when both are wrong.
     validate_volume_name(&params.name)?;
@@ -245,7 +232,7 @@ async fn create(ctx: &AdminContext, params: CreateParams) -> Result<Value, Admin
     let volume = match (params.size, params.from_snapshot) {
         (Some(size), None) => {
             let size_bytes = size.to_bytes()?;
-            blocking(move || registry.create(&params.name, size_bytes)).await?
+            off_runtime(move || registry.create(&params.name, size_bytes)).await?
         }
         (None, Some(source)) => {
             let Some((volume, snapshot)) = source.split_once('@') else {
@@ -322,7 +309,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     };
     let registry = Arc::clone(&ctx.registry);
     let name = params.name.clone();
-    let removed = blocking(move || registry.remove(&name)).await;
+    let removed = off_runtime(move || registry.remove(&name)).await;
     drop(admin_lock);
     let hidden = match removed {
         Ok(hidden) => hidden,
@@ -356,9 +343,9 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
     }
     let backups = Arc::clone(&ctx.backups);
     let uuid = volume.identity().uuid.clone();
-    let _ = blocking(move || {
+    let _ = off_runtime(move || {
         backups.forget_volume(&uuid);
-        Ok(())
+        Ok::<(), StorageError>(())
     })
     .await;
     Ok(serde_json::json!({"name": params.name, "disconnected": disconnected}))

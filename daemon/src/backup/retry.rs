@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::error::BackupError;
 use crate::backup::job::Job;
 
-const FIRST_DELAY: Duration = Duration::from_millis(250);
-const MAX_DELAY: Duration = Duration::from_secs(10);
+/// Backoff of retried store requests: doubled from the first delay up to the last.
+pub(crate) const FIRST_DELAY: Duration = Duration::from_millis(250);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(10);
 
 pub async fn with_retry<T, F, Fut>(
     job: &Job,

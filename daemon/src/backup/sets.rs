@@ -12,6 +12,7 @@ use crate::backup::error::BackupError;
 use crate::backup::job::JobInfo;
 use crate::backup::manifest;
 use crate::backup::records::{JobRecord, SetRecord};
+use crate::backup::retry;
 use crate::backup::{backup_snapshot_name, new_record, Backups, GcReport};
 use crate::error::StorageError;
 use crate::servers::ServerInfo;
@@ -21,9 +22,6 @@ use crate::storage::Registry;
 pub const SET_FORMAT_VERSION: u32 = 1;
 /// How often a set's coordinator looks at its member jobs.
 const MEMBER_POLL: Duration = Duration::from_millis(200);
-/// Backoff of a set's last store requests (as a job's: see `retry::with_retry`).
-const STORE_RETRY_FIRST_DELAY: Duration = Duration::from_millis(250);
-const STORE_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
 /// How long a set's last store request is retried before the set fails.
 const STORE_RETRY_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -435,7 +433,7 @@ impl Backups {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, BackupError>>,
     {
-        let mut delay = STORE_RETRY_FIRST_DELAY;
+        let mut delay = retry::FIRST_DELAY;
         let mut failures = 0u32;
         loop {
             let outcome = tokio::select! {
@@ -456,7 +454,7 @@ impl Backups {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.cancelled() => {}
                     }
-                    delay = (delay * 2).min(STORE_RETRY_MAX_DELAY);
+                    delay = (delay * 2).min(retry::MAX_DELAY);
                 }
                 other => return other,
             }
