@@ -1,10 +1,12 @@
 //! Large READs whose bytes are all in the page cache go from the cache to the socket with
 //! `sendfile`: Unix sockets, and TCP connections whose congestion control does not pace itself
 //! (a loopback client's, under the default `--tcp-congestion auto`); a connection with BBR gets
-//! its replies through buffers. Checked here, with simple and structured replies on both
-//! transports: the bytes are right with replies piling up behind a client that does not read
-//! (so sends stop part-way and resume), and the metric counts exactly the reads that took the
-//! path and none of the others (BBR, holes, mixed ranges, small reads).
+//! its replies through buffers. Smaller ones of data the head holds, all cached, are written to
+//! a Unix socket from the head's mapping. Checked here, with simple and structured replies on
+//! both transports: the bytes are right with replies piling up behind a client that does not
+//! read (so sends stop part-way and resume), and the metrics count exactly the reads that took
+//! each path and none of the others (BBR, holes, mixed ranges, small reads, TCP); a head file
+//! cut short under mapped replies still queued gives zeroes, and the daemon keeps serving.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -18,6 +20,7 @@ use evsd_e2e::*;
 
 const MIB: u64 = 1 << 20;
 const SENT: &str = "evsd_volume_read_bytes_sent_from_cache_total{volume=\"c\"}";
+const MAPPED: &str = "evsd_volume_read_bytes_written_from_mapping_total{volume=\"c\"}";
 
 /// (offset, length, all data in one layer): only those may be sent from the cache.
 const READS: [(u64, u64, bool); 7] = [
@@ -26,7 +29,7 @@ const READS: [(u64, u64, bool); 7] = [
     (MIB + 4096 + 512, MIB, true),
     (0, MIB, false),                 // never written
     (4 * MIB + MIB / 2, MIB, false), // data, then never written
-    (3 * MIB, 4096, false),          // too small to be worth a system call
+    (3 * MIB, 4096, false),          // too small to be worth a system call; mapped on Unix
     (MIB, 16 * MIB, false),          // data and 12 MiB never written
 ];
 const ROUNDS: u64 = 3;
@@ -138,11 +141,14 @@ fn cached_reads(congestion: Option<&str>, listen: &str, tcp_sends_files: bool) {
     }
     w.flush(9);
     let sent = || value(&scrape(metrics), SENT);
+    let mapped = || value(&scrape(metrics), MAPPED);
     let from_cache_per_pass: u64 = ROUNDS * READS.iter().filter(|r| r.2).map(|r| r.1).sum::<u64>();
+    let from_mapping_per_pass = (ROUNDS * 4096) as f64;
 
     for structured in [false, true] {
         let what = format!("tcp structured={structured}");
         let before = sent();
+        let mapped_before = mapped();
         let mut tcp = d.connect_tcp();
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         open(&mut tcp, "c", structured);
@@ -157,9 +163,15 @@ fn cached_reads(congestion: Option<&str>, listen: &str, tcp_sends_files: bool) {
             expected as f64,
             "{what} ({congestion:?}): bytes sent from the page cache"
         );
+        assert_eq!(
+            mapped() - mapped_before,
+            0.0,
+            "{what}: never from the mapping"
+        );
 
         let what = format!("unix structured={structured}");
         let before = sent();
+        let mapped_before = mapped();
         let mut unix = UnixStream::connect(d.unix_path()).unwrap();
         unix.set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -169,6 +181,11 @@ fn cached_reads(congestion: Option<&str>, listen: &str, tcp_sends_files: bool) {
             sent() - before,
             from_cache_per_pass as f64,
             "{what}: bytes sent from the page cache must be exactly the all-data reads"
+        );
+        assert_eq!(
+            mapped() - mapped_before,
+            from_mapping_per_pass,
+            "{what}: bytes written from the mapping must be exactly the small all-data reads"
         );
     }
 
@@ -229,4 +246,93 @@ fn unix_connections_get_a_large_send_buffer() {
         send_buffer, expected,
         "send buffer of evsd's end of a Unix connection (wmem_max {wmem_max})"
     );
+}
+
+/// The head's data file cut short (from outside: a shrink never cuts what a client may still
+/// read) while READ replies written from its mapping wait behind a client that does not read:
+/// each such reply carries zeroes (past a file's end reads as zeroes) from where it stood when
+/// the file was cut, the stream stays whole,
+/// and the daemon, which never touches the mapping itself, lives on to serve the next client.
+#[test]
+fn a_head_cut_short_under_queued_mapped_replies_gives_zeroes() {
+    const READS: u64 = 4096;
+    const BLOCKS: u64 = 256;
+    let mut d = Daemon::start(DaemonOpts::new().no_default_volume().volume("c:16M"));
+    let metrics = d.metrics_addr().expect("metrics address");
+    let mut image = vec![0u8; MIB as usize];
+    Prng::new(77).fill(&mut image);
+    let (mut w, _) = Raw::open(d.tcp_addr(), "c");
+    w.write(1, 0, 0, &image);
+    w.flush(2);
+    w.disconnect();
+
+    let mut unix = UnixStream::connect(d.unix_path()).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    open(&mut unix, "c", false);
+    let mut batch = Vec::new();
+    for i in 0..READS {
+        batch.extend(Raw::request_bytes(
+            0,
+            CMD_READ,
+            i,
+            (i % BLOCKS) * 4096,
+            4096,
+        ));
+    }
+    unix.write_all(&batch).unwrap();
+    // Every read executes (mapped) while the replies fill the socket and queue behind it.
+    let wmem_max: f64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let socket_bytes = 2.0 * wmem_max.min((2 << 20) as f64);
+    let all_mapped = wait_until(Duration::from_secs(20), || {
+        value(&scrape(metrics), MAPPED) >= (READS * 4096) as f64
+    });
+    let mapped = value(&scrape(metrics), MAPPED);
+    assert!(all_mapped, "only {mapped} bytes of the reads were mapped");
+    assert!(
+        mapped > socket_bytes,
+        "{mapped} bytes mapped cannot all be in a socket of {socket_bytes}"
+    );
+    sleep(Duration::from_millis(200));
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data_dir().join("volumes/c/volume.json")).unwrap())
+            .unwrap();
+    let head = manifest["head"].as_str().expect("head id");
+    let data = d.data_dir().join(format!("volumes/c/{head}.data"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    let mut zeroed = 0;
+    for _ in 0..READS {
+        let h = recv_exact(&mut unix, 16);
+        assert_eq!(be32(&h[0..4]), SIMPLE_REPLY_MAGIC, "{h:02x?}");
+        let (err, cookie) = (be32(&h[4..8]), be64(&h[8..16]));
+        assert_eq!(err, 0, "READ {cookie} failed");
+        let got = recv_exact(&mut unix, 4096);
+        let at = ((cookie % BLOCKS) * 4096) as usize;
+        // A reply part-sent when the file was cut ends in zeroes.
+        let block = &image[at..at + 4096];
+        let same = got.iter().zip(block).take_while(|(a, b)| a == b).count();
+        assert!(
+            got[same..].iter().all(|&b| b == 0),
+            "READ {cookie}: other bytes from byte {same} on"
+        );
+        if same < 4096 {
+            zeroed += 1;
+        }
+    }
+    assert!(zeroed > 0, "no reply was sent after the file was cut short");
+    assert!(d.is_running(), "the daemon died");
+    let (mut r, _) = Raw::open(d.tcp_addr(), "c");
+    assert_eq!(r.read(5, 0, 4096), vec![0u8; 4096], "past the file's end");
+    r.disconnect();
 }

@@ -16,6 +16,7 @@ mod uring;
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::ptr::NonNull;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -341,6 +342,13 @@ impl IoEngine {
     /// wait for the disk. False when unsure, and always when inline page-cache I/O is off.
     pub fn all_cached(&self, file: &File, offset: u64, length: u64) -> bool {
         self.residency.all_cached(file, offset, length)
+    }
+
+    /// Whether all of a range of a shared file mapping is in the page cache, so that the kernel
+    /// copying from it does not wait for the disk. False when unsure, and always when inline
+    /// page-cache I/O is off.
+    pub fn all_resident(&self, start: NonNull<u8>, length_bytes: usize) -> bool {
+        self.residency.all_resident(start, length_bytes)
     }
 
     /// Fills all of `buf`, looping over short reads; bytes past end-of-file read as zeros.

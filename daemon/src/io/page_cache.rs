@@ -1,10 +1,12 @@
 //! Asks the kernel whether a file range sits wholly in the page cache (`cachestat`, Linux 6.5).
 //!
-//! A read that is all cached can be sent from the cache to the socket (`sendfile`) on a runtime
-//! thread without ever waiting for the disk; anything else takes the engine's read path.
+//! A read that is all cached can be sent from the cache to the socket (`sendfile`, or `writev`
+//! from the file's mapping) on a runtime thread without ever waiting for the disk; anything else
+//! takes the engine's read path.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `cachestat` has the same number on every architecture (it was added after the tables were
@@ -78,6 +80,44 @@ impl Residency {
             return false;
         }
         stat.nr_cache >= pages
+    }
+}
+
+impl Residency {
+    /// True when every page under `start..start + length_bytes`, a range of a shared file
+    /// mapping, is in the page cache (`mincore`: a walk of the mapping's page tables, looking
+    /// in the page cache only for pages not mapped yet), so a copy from it by the kernel does
+    /// not wait for the disk. False when any is not, the range is not mapped, or inline
+    /// page-cache I/O is off.
+    pub(crate) fn all_resident(&self, start: NonNull<u8>, length_bytes: usize) -> bool {
+        if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let address = start.as_ptr() as usize;
+        let first_page = address & !(PAGE_BYTES as usize - 1);
+        let Some(end) = address.checked_add(length_bytes) else {
+            return false;
+        };
+        let pages = (end - first_page).div_ceil(PAGE_BYTES as usize);
+        let mut on_stack = [0u8; 32];
+        let mut on_heap = Vec::new();
+        let vector: &mut [u8] = if pages <= on_stack.len() {
+            &mut on_stack[..pages]
+        } else {
+            on_heap.resize(pages, 0);
+            &mut on_heap
+        };
+        // SAFETY: `mincore` reads nothing of the range, only the page tables and page cache
+        // behind it, and writes one byte per page of `first_page..end` into `vector`, which has
+        // exactly that many; an address range that is not mapped fails with ENOMEM.
+        let rc = unsafe {
+            libc::mincore(
+                first_page as *mut libc::c_void,
+                end - first_page,
+                vector.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vector.iter().all(|&page| page & 1 == 1)
     }
 }
 

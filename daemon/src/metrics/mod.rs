@@ -43,6 +43,7 @@ pub struct Metrics {
     fence_wait_seconds: Family<VolumeLabels, Counter<f64, AtomicU64>>,
     hangup_fences: Family<VolumeLabels, Counter>,
     read_bytes_from_cache: Family<VolumeLabels, Counter>,
+    read_bytes_from_mapping: Family<VolumeLabels, Counter>,
     write_bytes_in_place: Family<VolumeLabels, Counter>,
     accepted: Counter,
     thread_connections: Family<ThreadLabels, Gauge>,
@@ -81,6 +82,7 @@ impl Metrics {
         let fence_wait_seconds = Family::<VolumeLabels, Counter<f64, AtomicU64>>::default();
         let hangup_fences = Family::<VolumeLabels, Counter>::default();
         let read_bytes_from_cache = Family::<VolumeLabels, Counter>::default();
+        let read_bytes_from_mapping = Family::<VolumeLabels, Counter>::default();
         let write_bytes_in_place = Family::<VolumeLabels, Counter>::default();
         let accepted = Counter::default();
         let thread_connections = Family::<ThreadLabels, Gauge>::default();
@@ -138,6 +140,11 @@ impl Metrics {
             read_bytes_from_cache.clone(),
         );
         registry.register(
+            "evsd_volume_read_bytes_written_from_mapping",
+            "READ bytes the socket's writev copied straight from the volume's mapped head, never copied into a buffer",
+            read_bytes_from_mapping.clone(),
+        );
+        registry.register(
             "evsd_volume_write_bytes_received_in_place",
             "WRITE bytes received from the client's socket straight into the volume's page cache, never copied into a buffer, counted as they land",
             write_bytes_in_place.clone(),
@@ -181,6 +188,7 @@ impl Metrics {
             fence_wait_seconds,
             hangup_fences,
             read_bytes_from_cache,
+            read_bytes_from_mapping,
             write_bytes_in_place,
             accepted,
             thread_connections,
@@ -310,6 +318,7 @@ impl Metrics {
         self.fence_wait_seconds.remove(&labels);
         self.hangup_fences.remove(&labels);
         self.read_bytes_from_cache.remove(&labels);
+        self.read_bytes_from_mapping.remove(&labels);
         self.write_bytes_in_place.remove(&labels);
     }
 

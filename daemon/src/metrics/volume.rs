@@ -29,6 +29,7 @@ pub struct VolumeMetrics {
     fence_wait_seconds: Counter<f64, AtomicU64>,
     hangup_fences: Counter,
     read_bytes_from_cache: Counter,
+    read_bytes_from_mapping: Counter,
     write_bytes_in_place: Counter,
 }
 
@@ -58,6 +59,7 @@ impl VolumeMetrics {
             fence_wait_seconds: metrics.fence_wait_seconds.get_or_create_owned(&labels),
             hangup_fences: metrics.hangup_fences.get_or_create_owned(&labels),
             read_bytes_from_cache: metrics.read_bytes_from_cache.get_or_create_owned(&labels),
+            read_bytes_from_mapping: metrics.read_bytes_from_mapping.get_or_create_owned(&labels),
             write_bytes_in_place: metrics.write_bytes_in_place.get_or_create_owned(&labels),
         }
     }
@@ -94,6 +96,12 @@ impl VolumeMetrics {
     /// Counts READ bytes sent from the page cache to the socket without a copy in between.
     pub fn sent_from_cache(&self, length_bytes: u64) {
         self.read_bytes_from_cache.inc_by(length_bytes);
+    }
+
+    /// Counts READ bytes written to the socket straight from the head's mapping (see
+    /// `storage::volume::mapped_read`).
+    pub fn written_from_mapping(&self, length_bytes: u64) {
+        self.read_bytes_from_mapping.inc_by(length_bytes);
     }
 
     /// Counts WRITE bytes received straight into the page cache (see `storage::volume::in_place`).

@@ -1,11 +1,12 @@
 //! Turns storage results into reply frames. A frame is a list of pieces sent back to back: buffers,
-//! so read data goes out without being copied, or file ranges sent from the page cache.
+//! so read data goes out without being copied, or file ranges sent from the page cache, or ranges
+//! of a mapping the kernel copies from the page cache.
 
 use bytes::{Bytes, BytesMut};
 use evsd_proto::consts::{STATE_HOLE, STATE_ZERO};
 use evsd_proto::{reply, Errno, ReplyMode, ReplyTo};
 
-use crate::storage::volume::{EXTENT_HOLE, EXTENT_ZERO};
+use crate::storage::volume::{MappedBytes, EXTENT_HOLE, EXTENT_ZERO};
 use crate::storage::{FileRange, StatusQuery};
 
 /// Reads at least this long are scanned for zero runs to send as OFFSET_HOLE chunks.
@@ -19,6 +20,9 @@ pub enum Piece {
     Bytes(Bytes),
     /// Sent with `sendfile`, only on streams that can (see `nbd::sendfile`).
     File(FileRange),
+    /// Written from the head's mapping by the kernel, only on streams that can (see
+    /// `nbd::sendfile`).
+    Mapped(MappedBytes),
 }
 
 impl Piece {
@@ -26,6 +30,7 @@ impl Piece {
         match self {
             Piece::Bytes(bytes) => bytes.len() as u64,
             Piece::File(range) => range.length_bytes,
+            Piece::Mapped(mapped) => mapped.rest_bytes() as u64,
         }
     }
 }
@@ -51,6 +56,16 @@ pub fn read_from_file(mode: ReplyMode, to: ReplyTo, offset: u64, range: FileRang
     let mut head = BytesMut::with_capacity(48);
     reply::put_read_data_header(&mut head, mode, to, offset, range.length_bytes, true);
     vec![Piece::Bytes(head.freeze()), Piece::File(range)]
+}
+
+/// A successful READ whose bytes lie in the head's mapping: one data chunk (or simple reply)
+/// whose payload the kernel copies from the page cache into the socket. No zero scan, as for
+/// [`read_from_file`].
+pub fn read_from_mapping(mode: ReplyMode, to: ReplyTo, offset: u64, mapped: MappedBytes) -> Frame {
+    let mut head = BytesMut::with_capacity(48);
+    let length_bytes = mapped.rest_bytes() as u64;
+    reply::put_read_data_header(&mut head, mode, to, offset, length_bytes, true);
+    vec![Piece::Bytes(head.freeze()), Piece::Mapped(mapped)]
 }
 
 /// A successful READ of `data` at `offset`. With structured replies and without DF, long runs of

@@ -1,4 +1,5 @@
-//! Sending file bytes from the page cache straight into a client's socket (`sendfile`).
+//! Sending file bytes from the page cache straight into a client's socket (`sendfile`, and
+//! `writev` from a file's mapping: `storage::volume::mapped_read`).
 //!
 //! A large READ whose bytes are all cached costs two copies when it goes through a buffer (page
 //! cache → buffer, buffer → socket); with `sendfile` the kernel hands the cached pages to the
@@ -31,8 +32,8 @@ use crate::nbd::tcp_congestion;
 /// Most bytes one `sendfile` call may move (the kernel's own cap).
 const MAX_SENDFILE_BYTES: u64 = 0x7fff_f000;
 
-/// The writing half of a connection, as far as sending file ranges goes. By default a stream
-/// does not send them: its replies always go through buffers.
+/// The writing half of a connection, as far as sending file ranges and mapped ranges goes. By
+/// default a stream does neither: its replies always go through buffers.
 pub trait SendFile {
     /// Whether `poll_send_file` works on this stream.
     fn sends_files(&self) -> bool {
@@ -52,6 +53,47 @@ pub trait SendFile {
             io::ErrorKind::Unsupported,
             "this stream does not send file ranges",
         )))
+    }
+
+    /// Whether `poll_write_iovecs` works on this stream: a Unix socket, whose `writev` has the
+    /// kernel copy the bytes (TLS would read them in our own code). Not TCP: 4 KiB random reads
+    /// over one loopback connection written from the mapping were 0.92x those copied through a
+    /// buffer (median of three and four runs), against 1.3x over a Unix socket. In the profile
+    /// the cold copy moved from `preadv2` into `tcp_sendmsg`, under the socket's lock: the
+    /// backlog of the client's segments processed at its release doubled, and each `writev`
+    /// carried fewer replies (1.49 segments per read against 1.25).
+    fn writes_iovecs(&self) -> bool {
+        false
+    }
+
+    /// One `writev` of `iovecs`, which may address ranges of a layer's mapping
+    /// (`storage::volume::MappedBytes`): only the kernel reads them, so a page it cannot make
+    /// present fails the call with EFAULT (nothing sent) or ends it short. Ready with the
+    /// number of bytes that went out.
+    fn poll_write_iovecs(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _iovecs: &[libc::iovec],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this stream does not write from mappings",
+        )))
+    }
+}
+
+/// One `writev` on a non-blocking socket.
+fn write_iovecs(socket: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
+    let count = iovecs.len().min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: the socket belongs to the stream borrowed by the caller and stays open for the
+    // whole synchronous call; each iovec addresses memory its owner keeps live until the caller
+    // is done with the slice (buffers, or mapping ranges that only the kernel reads); `count`
+    // is at most the slice's length.
+    let written = unsafe { libc::writev(socket, iovecs.as_ptr(), count) };
+    if written < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(written as usize)
     }
 }
 
@@ -76,16 +118,15 @@ fn send_file(
     }
 }
 
-/// `poll_send_file` on a tokio socket: waits for room, then one `sendfile`.
-macro_rules! poll_send_file_on {
-    ($stream:expr, $cx:expr, $file:expr, $offset_bytes:expr, $length_bytes:expr) => {{
+/// `send` (a `sendfile` or a `writev` of the socket's fd) on a tokio socket, once there is
+/// room.
+macro_rules! poll_send_on {
+    ($stream:expr, $cx:expr, $send:expr) => {{
         let stream = $stream;
         loop {
             ready!(stream.poll_write_ready($cx))?;
             // A WouldBlock clears the readiness, so the next poll waits for room.
-            match stream.try_io(Interest::WRITABLE, || {
-                send_file(stream.as_raw_fd(), $file, $offset_bytes, $length_bytes)
-            }) {
+            match stream.try_io(Interest::WRITABLE, || $send(stream.as_raw_fd())) {
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -110,7 +151,25 @@ impl SendFile for unix::OwnedWriteHalf {
         length_bytes: u64,
     ) -> Poll<io::Result<usize>> {
         let stream: &UnixStream = self.as_ref();
-        poll_send_file_on!(stream, cx, file, offset_bytes, length_bytes)
+        poll_send_on!(stream, cx, |fd| send_file(
+            fd,
+            file,
+            offset_bytes,
+            length_bytes
+        ))
+    }
+
+    fn writes_iovecs(&self) -> bool {
+        true
+    }
+
+    fn poll_write_iovecs(
+        &mut self,
+        cx: &mut Context<'_>,
+        iovecs: &[libc::iovec],
+    ) -> Poll<io::Result<usize>> {
+        let stream: &UnixStream = self.as_ref();
+        poll_send_on!(stream, cx, |fd| write_iovecs(fd, iovecs))
     }
 }
 
@@ -129,7 +188,12 @@ impl SendFile for tcp::OwnedWriteHalf {
         length_bytes: u64,
     ) -> Poll<io::Result<usize>> {
         let stream: &TcpStream = self.as_ref();
-        poll_send_file_on!(stream, cx, file, offset_bytes, length_bytes)
+        poll_send_on!(stream, cx, |fd| send_file(
+            fd,
+            file,
+            offset_bytes,
+            length_bytes
+        ))
     }
 }
 

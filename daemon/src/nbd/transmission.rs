@@ -37,6 +37,7 @@ use crate::nbd::send_queue;
 use crate::nbd::sendfile::SendFile;
 use crate::nbd::shutdown::Shutdown;
 use crate::storage::attachments::Attachment;
+use crate::storage::volume::MappedBytes;
 use crate::storage::{FileRange, Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
@@ -100,6 +101,9 @@ struct Session<'m> {
     attachment: &'m Attachment,
     /// The socket takes file ranges: large cached READs are sent from the page cache.
     sends_files: bool,
+    /// The socket's writes take iovecs the kernel reads from a layer's mapping: other cached
+    /// READs of the head are written from it (see `storage::volume::mapped_read`).
+    writes_mapped: bool,
     /// Large WRITE payloads are copied into the page cache by this connection's thread (see
     /// `ClientStream::copies_large_writes`).
     copies_large_writes: bool,
@@ -236,6 +240,7 @@ where
         warned_failure: AtomicBool::new(false),
         attachment,
         sends_files: client.may_send_files && client.writer.sends_files(),
+        writes_mapped: client.writer.writes_iovecs(),
         copies_large_writes: client.copies_large_writes,
     };
     let mut conn = Connection {
@@ -903,16 +908,20 @@ where
         if let Some(Piece::File(_)) = self.outgoing.front() {
             return self.poll_send_file(cx);
         }
+        if self.session.writes_mapped {
+            return self.poll_write_iovecs(cx);
+        }
         let slices: Vec<IoSlice<'_>> = self
             .outgoing
             .iter()
             .take(MAX_IOVECS_PER_WRITE)
             .map_while(|piece| match piece {
                 Piece::Bytes(b) => Some(IoSlice::new(b)),
-                Piece::File(_) => None,
+                // Never queued on this stream.
+                Piece::File(_) | Piece::Mapped(_) => None,
             })
             .collect();
-        let mut written = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
+        let written = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -920,20 +929,92 @@ where
         };
         drop(slices);
         self.unflushed = true;
+        self.sent(written);
+        Poll::Ready(Ok(()))
+    }
+
+    /// `poll_write` on a plain socket: one writev of the waiting buffers and mapped ranges.
+    fn poll_write_iovecs(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let iovecs: Vec<libc::iovec> = self
+            .outgoing
+            .iter()
+            .take(MAX_IOVECS_PER_WRITE)
+            .map_while(|piece| match piece {
+                Piece::Bytes(b) => Some(libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                }),
+                Piece::Mapped(mapped) => Some(libc::iovec {
+                    iov_base: mapped.rest_start().as_ptr().cast(),
+                    iov_len: mapped.rest_bytes(),
+                }),
+                Piece::File(_) => None,
+            })
+            .collect();
+        let written = match self.writer.poll_write_iovecs(cx, &iovecs) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) if e.raw_os_error() == Some(libc::EFAULT) => {
+                // A mapped range the kernel could not read: its file was cut short under it
+                // (a shrink) and nothing went out. Past a data file's end reads as zeroes, as
+                // through the read path; the first mapped range of the batch is sent as such.
+                drop(iovecs);
+                return Poll::Ready(self.zero_first_mapped(MAX_IOVECS_PER_WRITE));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        drop(iovecs);
+        self.unflushed = true;
+        self.sent(written);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Replaces the first mapped range among the first `within` pieces by as many zeroes; an
+    /// EFAULT with none there is an error.
+    fn zero_first_mapped(&mut self, within: usize) -> std::io::Result<()> {
+        let found = self
+            .outgoing
+            .iter_mut()
+            .take(within)
+            .take_while(|piece| !matches!(piece, Piece::File(_)))
+            .find(|piece| matches!(piece, Piece::Mapped(_)));
+        let Some(piece) = found else {
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+        };
+        tracing::debug!(
+            peer = %self.session.peer,
+            volume = self.session.volume.name(),
+            length_bytes = piece.len_bytes(),
+            "a mapped READ range could not be read (its file was cut short); sending zeroes"
+        );
+        *piece = Piece::Bytes(Bytes::from(vec![0u8; piece.len_bytes() as usize]));
+        Ok(())
+    }
+
+    /// Drops the first `written` bytes of the queued pieces (buffers and mapped ranges).
+    fn sent(&mut self, mut written: usize) {
         self.outgoing_bytes -= written as u64;
         while written > 0 {
-            let Some(Piece::Bytes(front)) = self.outgoing.front_mut() else {
-                break;
+            let front_bytes = match self.outgoing.front_mut() {
+                Some(Piece::Bytes(front)) => {
+                    let taken = written.min(front.len());
+                    front.advance(taken);
+                    written -= taken;
+                    front.len()
+                }
+                Some(Piece::Mapped(front)) => {
+                    let taken = written.min(front.rest_bytes());
+                    front.advance(taken);
+                    written -= taken;
+                    front.rest_bytes()
+                }
+                Some(Piece::File(_)) | None => break,
             };
-            if written >= front.len() {
-                written -= front.len();
+            if front_bytes == 0 {
                 self.outgoing.pop_front();
-            } else {
-                front.advance(written);
-                written = 0;
             }
         }
-        Poll::Ready(Ok(()))
     }
 
     /// One sendfile of the file range at the front of the queue.
@@ -1044,13 +1125,17 @@ async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (F
         }
     }
     let result: Result<Frame, StorageError> = match request.command {
-        Command::Read => match cached_range(session, offset, length) {
-            Some(range) => Ok(replies::read_from_file(mode, to, offset, range)),
-            None => volume
-                .read(offset, length as usize)
-                .await
-                .map(|data| replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))),
-        },
+        Command::Read => {
+            if let Some(range) = cached_range(session, offset, length) {
+                Ok(replies::read_from_file(mode, to, offset, range))
+            } else if let Some(mapped) = mapped_range(session, offset, length) {
+                Ok(replies::read_from_mapping(mode, to, offset, mapped))
+            } else {
+                volume.read(offset, length as usize).await.map(|data| {
+                    replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))
+                })
+            }
+        }
         Command::Write => {
             let written = if session.copies_large_writes {
                 volume.write_here(offset, payload, fua).await
@@ -1113,6 +1198,17 @@ fn cached_range(session: &Session<'_>, offset: u64, length: u64) -> Option<FileR
         return None;
     }
     session.volume.cached_range(offset, length)
+}
+
+/// The head's mapped range a READ can be written from, when this socket takes such ranges and
+/// the bytes are all in the page cache.
+fn mapped_range(session: &Session<'_>, offset: u64, length: u64) -> Option<MappedBytes> {
+    if !session.writes_mapped {
+        return None;
+    }
+    let mapped = session.volume.mapped_cached_range(offset, length)?;
+    session.metrics.written_from_mapping(length);
+    Some(mapped)
 }
 
 async fn block_status(

@@ -23,7 +23,9 @@ use crate::storage::restore_mark::RestoreMark;
 use crate::storage::stripes::Stripes;
 
 mod in_place;
+mod mapped_read;
 pub use in_place::InPlaceHead;
+pub use mapped_read::MappedBytes;
 
 /// Allocation bits of a `StatusQuery::Allocation` extent.
 pub const EXTENT_HOLE: u32 = 1;

@@ -1,11 +1,12 @@
 //! A layer's data file mapped shared, so a large write's bytes can be received from the client's
-//! socket straight into the page cache (see `storage::volume::in_place`). The mapping is let go
+//! socket straight into the page cache (see `storage::volume::in_place`), and a READ's bytes
+//! written to the socket straight from it (see `storage::volume::mapped_read`). The mapping is let go
 //! when the layer stops being the head, and made anew when landings touched too much of it.
 //!
-//! Only the kernel ever copies into this mapping (`recv` into a range of it), never our own
-//! code: a page the kernel cannot make writable (an I/O error reading it, a full disk, a file
-//! cut short by a shrink) then fails that system call with EFAULT. A copy by our own code would
-//! take SIGBUS instead and end the daemon.
+//! Only the kernel ever copies into or out of this mapping (`recv` into a range of it, `writev`
+//! from one), never our own code: a page the kernel cannot make present (an I/O error reading
+//! it, a full disk, a file cut short by a shrink) then fails that system call with EFAULT. A copy
+//! by our own code would take SIGBUS instead and end the daemon.
 
 use std::fs::File;
 use std::ptr::NonNull;
@@ -66,6 +67,13 @@ pub struct MappedRange {
     _map: Arc<Mapping>,
     start: NonNull<u8>,
 }
+
+// SAFETY: the pointer addresses the mapping that `_map` keeps in place wherever the range goes,
+// and is never dereferenced by our code, only handed to system calls (see the module's comment),
+// so no thread can see a torn or dangling access through it.
+unsafe impl Send for MappedRange {}
+// SAFETY: as for `Send`; a shared range gives out only the pointer's value.
+unsafe impl Sync for MappedRange {}
 
 impl MappedRange {
     pub fn start(&self) -> NonNull<u8> {
