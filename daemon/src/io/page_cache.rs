@@ -93,12 +93,13 @@ impl Residency {
         if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
             return false;
         }
+        let page_bytes = page_bytes();
         let address = start.as_ptr() as usize;
-        let first_page = address & !(PAGE_BYTES as usize - 1);
+        let first_page = address & !(page_bytes - 1);
         let Some(end) = address.checked_add(length_bytes) else {
             return false;
         };
-        let pages = (end - first_page).div_ceil(PAGE_BYTES as usize);
+        let pages = (end - first_page).div_ceil(page_bytes);
         let mut on_stack = [0u8; 32];
         let mut on_heap = Vec::new();
         let vector: &mut [u8] = if pages <= on_stack.len() {
@@ -119,6 +120,19 @@ impl Residency {
         };
         rc == 0 && vector.iter().all(|&page| page & 1 == 1)
     }
+}
+
+/// The system's page size (`mincore` wants its address aligned to it and reports per page).
+fn page_bytes() -> usize {
+    static PAGE_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE_BYTES.get_or_init(|| {
+        // SAFETY: sysconf reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page)
+            .ok()
+            .filter(|page| page.is_power_of_two())
+            .unwrap_or(4096)
+    })
 }
 
 #[cfg(test)]

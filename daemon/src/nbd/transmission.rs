@@ -955,11 +955,12 @@ where
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) if e.raw_os_error() == Some(libc::EFAULT) => {
-                // A mapped range the kernel could not read: its file was cut short under it
-                // (a shrink) and nothing went out. Past a data file's end reads as zeroes, as
-                // through the read path; the first mapped range of the batch is sent as such.
+                // Some mapped range the kernel could not read (a page that failed to come back
+                // from the disk, a file cut short) and nothing went out; which range is not
+                // told. The first one of the batch is read into a buffer, which reports a
+                // disk's error as one; the next writev tells about the rest.
                 drop(iovecs);
-                return Poll::Ready(self.zero_first_mapped(MAX_IOVECS_PER_WRITE));
+                return Poll::Ready(self.read_first_mapped(MAX_IOVECS_PER_WRITE));
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
@@ -970,25 +971,31 @@ where
         Poll::Ready(Ok(()))
     }
 
-    /// Replaces the first mapped range among the first `within` pieces by as many zeroes; an
-    /// EFAULT with none there is an error.
-    fn zero_first_mapped(&mut self, within: usize) -> std::io::Result<()> {
+    /// Replaces the first mapped range among the first `within` pieces by its bytes read from
+    /// the file (zeroes past its end, as through the read path). An EFAULT with none there, or
+    /// a failed read (the reply's header already said success), ends the connection.
+    fn read_first_mapped(&mut self, within: usize) -> std::io::Result<()> {
         let found = self
             .outgoing
             .iter_mut()
             .take(within)
             .take_while(|piece| !matches!(piece, Piece::File(_)))
-            .find(|piece| matches!(piece, Piece::Mapped(_)));
-        let Some(piece) = found else {
-            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+            .find_map(|piece| match piece {
+                Piece::Mapped(mapped) => Some(mapped.read_rest().map(|rest| (piece, rest))),
+                _ => None,
+            });
+        let (piece, rest) = match found {
+            Some(Ok(found)) => found,
+            Some(Err(e)) => return Err(e),
+            None => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
         };
         tracing::debug!(
             peer = %self.session.peer,
             volume = self.session.volume.name(),
-            length_bytes = piece.len_bytes(),
-            "a mapped READ range could not be read (its file was cut short); sending zeroes"
+            length_bytes = rest.len(),
+            "the kernel could not read a mapped READ range; read it into a buffer"
         );
-        *piece = Piece::Bytes(Bytes::from(vec![0u8; piece.len_bytes() as usize]));
+        *piece = Piece::Bytes(Bytes::from(rest));
         Ok(())
     }
 
@@ -1203,7 +1210,8 @@ fn cached_range(session: &Session<'_>, offset: u64, length: u64) -> Option<FileR
 /// The head's mapped range a READ can be written from, when this socket takes such ranges and
 /// the bytes are all in the page cache.
 fn mapped_range(session: &Session<'_>, offset: u64, length: u64) -> Option<MappedBytes> {
-    if !session.writes_mapped {
+    // Larger ones are `sendfile`'s when cached, and not worth a `mincore` when not.
+    if !session.writes_mapped || length >= SEND_FROM_CACHE_MIN_BYTES {
         return None;
     }
     let mapped = session.volume.mapped_cached_range(offset, length)?;

@@ -148,6 +148,18 @@ pub struct BlocksHeld<'a> {
 struct ChainSlot {
     chain: Arc<Chain>,
     epoch: Arc<Epoch>,
+    /// Chains swapped out while reads (or replies sent from their files) may still hold them:
+    /// `readers_done` waits for all of them, not only the one it swaps out, since a reply
+    /// queued behind a slow client may hold a chain two swaps old (a snapshot, then pruning).
+    retired: Vec<std::sync::Weak<Chain>>,
+}
+
+impl ChainSlot {
+    fn replace(&mut self, chain: Arc<Chain>) {
+        self.retired.retain(|weak| weak.strong_count() > 0);
+        self.retired.push(Arc::downgrade(&self.chain));
+        self.chain = chain;
+    }
 }
 
 pub struct Volume {
@@ -229,6 +241,7 @@ impl Volume {
             chain: RwLock::new(ChainSlot {
                 chain: Arc::new(chain),
                 epoch: Arc::new(Epoch::default()),
+                retired: Vec::new(),
             }),
             writer,
             bases: RwLock::new(Vec::new()),
@@ -306,18 +319,18 @@ impl Volume {
 
     /// Waits until every read that resolved its blocks before this call (and every write in
     /// flight) is done with them: a copy of the chain replaces the shared one, and the old one
-    /// is waited out. Pruning calls it before punching out, below the head, blocks a read may
+    /// is waited out, with every chain swapped out before that a read still holds. Pruning calls it before punching out, below the head, blocks a read may
     /// still be about to read there. False when one still held it after `wait` (a reply sent
     /// from the file, waiting on a slow client).
     pub async fn readers_done(&self, wait: std::time::Duration) -> bool {
-        let old = {
+        let retired = {
             let mut slot = self.slot_mut();
-            let old = Arc::clone(&slot.chain);
-            slot.chain = Arc::new(Chain::clone(&old));
-            old
+            let copy = Arc::new(Chain::clone(&slot.chain));
+            slot.replace(copy);
+            slot.retired.clone()
         };
         let deadline = tokio::time::Instant::now() + wait;
-        while Arc::strong_count(&old) > 1 {
+        while retired.iter().any(|weak| weak.strong_count() > 0) {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -329,7 +342,7 @@ impl Volume {
     /// Swaps in a new chain with the same head. Readers holding the old one finish with it
     /// (its layers stay open).
     pub fn set_chain(&self, chain: Chain) {
-        self.slot_mut().chain = Arc::new(chain);
+        self.slot_mut().replace(Arc::new(chain));
     }
 
     /// Swaps in a chain with a new head: writes starting from now on are in a new epoch.
@@ -337,7 +350,7 @@ impl Volume {
     pub fn set_chain_new_head(&self, chain: Chain) -> Arc<Epoch> {
         let mut slot = self.slot_mut();
         let next = slot.epoch.next();
-        slot.chain = Arc::new(chain);
+        slot.replace(Arc::new(chain));
         std::mem::replace(&mut slot.epoch, next)
     }
 
@@ -1151,6 +1164,18 @@ mod tests {
         assert!(!waited.is_finished(), "a read in flight was not waited for");
         drop(later);
         assert!(waited.await.unwrap());
+
+        // A read holding a chain that an earlier swap (a snapshot's, say) retired is waited
+        // for too, however many swaps ago that was.
+        let old = volume.chain();
+        volume.set_chain(Chain::clone(&old));
+        volume.set_chain(Chain::clone(&old));
+        assert!(
+            !volume.readers_done(Duration::from_millis(50)).await,
+            "a read holding a chain two swaps old was not waited for"
+        );
+        drop(old);
+        assert!(volume.readers_done(Duration::from_millis(50)).await);
     }
 
     /// Large writes copied on the caller's thread land as ordinary ones do: over blocks the

@@ -91,6 +91,45 @@ impl MappedData {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Option<MappedRange> {
+        self.range_charged(data, size_bytes, offset_bytes, length_bytes, true)
+    }
+
+    /// `range` without counting the range against the touch budget: for a caller that may not
+    /// touch it after all (a read whose pages turn out not to be cached), and calls
+    /// [`MappedData::charge`] once it will.
+    pub fn range_uncharged(
+        &self,
+        data: &File,
+        size_bytes: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Option<MappedRange> {
+        self.range_charged(data, size_bytes, offset_bytes, length_bytes, false)
+    }
+
+    /// Counts a range handed out by `range_uncharged` against the touch budget (the next range
+    /// maps the file anew when it is spent).
+    pub fn charge(&self, offset_bytes: u64, length_bytes: u64) {
+        let Some(end_bytes) = offset_bytes.checked_add(length_bytes) else {
+            return;
+        };
+        let mut state = self.lock();
+        if state.map.is_none() {
+            return;
+        }
+        for chunk in offset_bytes / TOUCH_CHUNK_BYTES..end_bytes.div_ceil(TOUCH_CHUNK_BYTES) {
+            state.touch(chunk);
+        }
+    }
+
+    fn range_charged(
+        &self,
+        data: &File,
+        size_bytes: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+        charged: bool,
+    ) -> Option<MappedRange> {
         let end_bytes = offset_bytes.checked_add(length_bytes)?;
         if end_bytes > size_bytes {
             return None;
@@ -113,8 +152,10 @@ impl MappedData {
             state.map = Some(Arc::new(Mapping { map: Some(map) }));
             state.touched = vec![0; size_bytes.div_ceil(TOUCH_CHUNK_BYTES).div_ceil(64) as usize];
         }
-        for chunk in chunks {
-            state.touch(chunk);
+        if charged {
+            for chunk in chunks {
+                state.touch(chunk);
+            }
         }
         let mapping = Arc::clone(state.map.as_ref()?);
         let map = mapping.map.as_ref()?;

@@ -325,6 +325,21 @@ impl Layer {
             .range(&self.data, self.size_bytes, offset_bytes, length_bytes)
     }
 
+    /// `mapped_range` for a read, which counts against the mapping's touch budget only once
+    /// `charge_mapped` says it will be sent from there.
+    pub fn mapped_range_uncharged(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Option<mapped::MappedRange> {
+        self.mapped
+            .range_uncharged(&self.data, self.size_bytes, offset_bytes, length_bytes)
+    }
+
+    pub fn charge_mapped(&self, offset_bytes: u64, length_bytes: u64) {
+        self.mapped.charge(offset_bytes, length_bytes);
+    }
+
     /// Lets the data file's mapping go, for a layer that is no longer a volume's head (it is
     /// mapped again if it ever is).
     pub fn release_mapping(&self) {

@@ -12,6 +12,7 @@
 //! either, which NBD allows. The chain the range was found in is held until then, so pruning
 //! does not punch the blocks out from under it (see `readers_done`).
 
+use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ use super::Volume;
 /// Bytes of a volume in its head's mapping, for the kernel to copy into a socket.
 pub struct MappedBytes {
     range: MappedRange,
+    /// The head's data file and where the range starts in it, for `read_rest`.
+    file: Arc<File>,
+    offset_bytes: u64,
     /// How many of the range's bytes went out already.
     sent_bytes: usize,
     length_bytes: usize,
@@ -46,6 +50,26 @@ impl MappedBytes {
     pub fn advance(&mut self, sent_bytes: usize) {
         self.sent_bytes = (self.sent_bytes + sent_bytes).min(self.length_bytes);
     }
+
+    /// The bytes not sent yet, read from the file with `pread` (zeroes past its end), for a
+    /// `writev` that failed with EFAULT: the kernel could not read some range of its iovecs
+    /// (a page that failed to come back in from the disk, a file cut short), and which one is
+    /// not told. Blocks the caller's thread on the disk, rarely: only after such a failure.
+    pub fn read_rest(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut rest = vec![0u8; self.rest_bytes()];
+        let mut filled = 0;
+        while filled < rest.len() {
+            let at = self.offset_bytes + (self.sent_bytes + filled) as u64;
+            match self.file.read_at(&mut rest[filled..], at) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rest)
+    }
 }
 
 impl Volume {
@@ -63,15 +87,21 @@ impl Volume {
         let [(_, _, Hit::Data(0))] = runs[..] else {
             return None;
         };
-        let range = chain.top().mapped_range(offset_bytes, length_bytes)?;
-        let length_bytes = usize::try_from(length_bytes).ok()?;
-        if !self.engine.all_resident(range.start(), length_bytes) {
+        let head = chain.top();
+        let range = head.mapped_range_uncharged(offset_bytes, length_bytes)?;
+        if !self
+            .engine
+            .all_resident(range.start(), usize::try_from(length_bytes).ok()?)
+        {
             return None;
         }
+        head.charge_mapped(offset_bytes, length_bytes);
         Some(MappedBytes {
             range,
+            file: Arc::clone(head.data()),
+            offset_bytes,
             sent_bytes: 0,
-            length_bytes,
+            length_bytes: length_bytes as usize,
             _resolved_in: chain,
         })
     }
@@ -130,6 +160,10 @@ mod tests {
             let mut mapped = volume.mapped_cached_range(0, MIB).expect("cached data");
             mapped.advance(MIB as usize - 100);
             assert_eq!(sent(&mapped)[..], data[MIB as usize - 100..MIB as usize]);
+            assert_eq!(
+                mapped.read_rest().unwrap()[..],
+                data[MIB as usize - 100..MIB as usize]
+            );
 
             assert!(
                 volume.mapped_cached_range(2 * MIB, 4096).is_none(),
