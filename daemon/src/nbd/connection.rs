@@ -285,27 +285,30 @@ impl Attached {
         };
         let export = volume.name().to_owned();
         let granted_read_only = negotiated.export.read_only;
-        let served = transmission::serve(
-            stream_parts,
-            negotiated,
-            volume,
-            &volume_metrics,
-            &attachment,
-            &config.transmission,
-            Shutdown {
-                stop: stop.clone(),
-                give_up,
-            },
-        );
-        tokio::pin!(served);
-        // Rules tightened under an open connection end it the way shutdown does: requests
-        // already received are answered, nothing new is read.
-        let end = tokio::select! {
-            end = &mut served => end,
-            () = config.access.revoked(&export, &client, granted_read_only) => {
-                tracing::warn!(%peer, %export, "access rules changed: disconnecting the client");
-                stop.cancel();
-                served.await
+        let served_volume = Arc::clone(&volume);
+        let end = {
+            let served = transmission::serve(
+                stream_parts,
+                negotiated,
+                volume,
+                &volume_metrics,
+                &attachment,
+                &config.transmission,
+                Shutdown {
+                    stop: stop.clone(),
+                    give_up,
+                },
+            );
+            tokio::pin!(served);
+            // Rules tightened under an open connection end it the way shutdown does: requests
+            // already received are answered, nothing new is read.
+            tokio::select! {
+                end = &mut served => end,
+                () = config.access.revoked(&export, &client, granted_read_only) => {
+                    tracing::warn!(%peer, %export, "access rules changed: disconnecting the client");
+                    stop.cancel();
+                    served.await
+                }
             }
         };
         match end {
@@ -321,6 +324,15 @@ impl Attached {
                 tracing::debug!(%peer, error = %end, "connection closed");
             }
             other => tracing::warn!(%peer, error = %other, "connection closed"),
+        }
+        drop(attachment);
+        // Pages the head's mapping reached stay mapped, and a mapped page is not dropped by
+        // POSIX_FADV_DONTNEED (`dd iflag=nocache`, a backup tool's cache hygiene), nor its
+        // large folio split: 4 KiB writes into folios a sequential read left large cost ext4
+        // a walk of every block of the folio (18k IOPS against 80k). With no client attached
+        // the mapping serves nothing; the next one maps the file again.
+        if served_volume.attachments().count() == 0 {
+            served_volume.release_head_mapping();
         }
     }
 }

@@ -65,6 +65,8 @@ pub const CLOSING_REPLY_STALL: Duration = Duration::from_secs(10);
 /// it the copy is cheap and one writev carries many replies, where each file range would take
 /// a system call of its own.
 const SEND_FROM_CACHE_MIN_BYTES: u64 = 64 << 10;
+/// Replies waiting for the client beyond which READs are not written from the head's mapping.
+const MAPPED_READ_MAX_QUEUED_BYTES: u64 = 256 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,10 @@ struct Session<'m> {
     /// The socket's writes take iovecs the kernel reads from a layer's mapping: other cached
     /// READs of the head are written from it (see `storage::volume::mapped_read`).
     writes_mapped: bool,
+    /// More than `MAPPED_READ_MAX_QUEUED_BYTES` of replies wait for the client: READs take
+    /// buffers, so that a client that stopped reading does not hold the volume's chain (which
+    /// pruning waits for) with ever more replies.
+    replies_behind: AtomicBool,
     /// Large WRITE payloads are copied into the page cache by this connection's thread (see
     /// `ClientStream::copies_large_writes`).
     copies_large_writes: bool,
@@ -242,6 +248,7 @@ where
         sends_files: client.may_send_files && client.writer.sends_files(),
         writes_mapped: client.writer.writes_iovecs(),
         copies_large_writes: client.copies_large_writes,
+        replies_behind: AtomicBool::new(false),
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -728,6 +735,10 @@ where
             }
         }
         let mut wrote = self.outgoing_bytes < unsent_before;
+        let behind = self.outgoing_bytes > MAPPED_READ_MAX_QUEUED_BYTES;
+        if self.session.replies_behind.load(Ordering::Relaxed) != behind {
+            self.session.replies_behind.store(behind, Ordering::Relaxed);
+        }
         if self.outgoing.is_empty() && self.unflushed {
             match Pin::new(&mut self.writer).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {
@@ -986,7 +997,15 @@ where
             });
         let (piece, rest) = match found {
             Some(Ok(found)) => found,
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    peer = %self.session.peer,
+                    volume = self.session.volume.name(),
+                    error = %e,
+                    "a READ already answered as successful could not be read from the head's file; ending the connection"
+                );
+                return Err(e);
+            }
             None => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
         };
         tracing::debug!(
@@ -1211,7 +1230,10 @@ fn cached_range(session: &Session<'_>, offset: u64, length: u64) -> Option<FileR
 /// the bytes are all in the page cache.
 fn mapped_range(session: &Session<'_>, offset: u64, length: u64) -> Option<MappedBytes> {
     // Larger ones are `sendfile`'s when cached, and not worth a `mincore` when not.
-    if !session.writes_mapped || length >= SEND_FROM_CACHE_MIN_BYTES {
+    if !session.writes_mapped
+        || length >= SEND_FROM_CACHE_MIN_BYTES
+        || session.replies_behind.load(Ordering::Relaxed)
+    {
         return None;
     }
     let mapped = session.volume.mapped_cached_range(offset, length)?;

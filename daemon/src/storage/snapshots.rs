@@ -339,9 +339,11 @@ impl VolumeEntry {
             // A read that found one of these blocks below the head, before the head had it,
             // may not have read it yet: punched now, it would read zeroes.
             if !self.volume.readers_done(PRUNE_READER_WAIT).await {
-                tracing::debug!(
+                // Space only: the blocks stay until a later compaction prunes them.
+                tracing::info!(
                     volume = self.name(),
-                    "pruning stopped: a read below the head is still being sent"
+                    wait_ms = PRUNE_READER_WAIT.as_millis() as u64,
+                    "pruning stopped: a reply resolved before a snapshot is still waiting for its client"
                 );
                 break;
             }

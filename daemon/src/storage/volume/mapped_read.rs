@@ -73,6 +73,14 @@ impl MappedBytes {
 }
 
 impl Volume {
+    /// Lets the head's mapping go, once ranges handed out of it are dropped (the next use maps
+    /// the file again): for a volume no client is attached to.
+    pub fn release_head_mapping(&self) {
+        if self.writer.is_some() {
+            self.chain().top().release_mapping();
+        }
+    }
+
     /// `offset_bytes..offset_bytes + length_bytes` in the head's mapping when the head holds
     /// all of it as data and all of it is in the page cache; `None` reads it the ordinary way.
     pub fn mapped_cached_range(&self, offset_bytes: u64, length_bytes: u64) -> Option<MappedBytes> {
