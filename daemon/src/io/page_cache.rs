@@ -29,8 +29,6 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
-const PAGE_BYTES: u64 = 4096;
-
 /// Cleared on the first ENOSYS or EPERM (an older kernel, a seccomp filter), so such setups pay
 /// for one try only.
 pub(crate) struct Residency {
@@ -50,11 +48,13 @@ impl Residency {
         if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
             return false;
         }
-        let first_page = offset_bytes / PAGE_BYTES;
+        // `nr_cache` counts the system's pages, whatever their size.
+        let page_bytes = page_bytes() as u64;
+        let first_page = offset_bytes / page_bytes;
         let Some(end_bytes) = offset_bytes.checked_add(length_bytes) else {
             return false;
         };
-        let pages = end_bytes.div_ceil(PAGE_BYTES) - first_page;
+        let pages = end_bytes.div_ceil(page_bytes) - first_page;
         let range = CachestatRange {
             offset_bytes,
             length_bytes,
@@ -124,8 +124,8 @@ impl Residency {
 
 /// The system's page size (`mincore` wants its address aligned to it and reports per page).
 fn page_bytes() -> usize {
-    static PAGE_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PAGE_BYTES.get_or_init(|| {
+    static SYSTEM_PAGE_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SYSTEM_PAGE_BYTES.get_or_init(|| {
         // SAFETY: sysconf reads a system constant.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         usize::try_from(page)
