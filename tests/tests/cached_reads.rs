@@ -248,6 +248,24 @@ fn unix_connections_get_a_large_send_buffer() {
     );
 }
 
+/// A daemon with volume "c" (16 MiB) whose first MiB holds random data from `seed`, flushed;
+/// that data, and the path of the volume's head data file.
+fn written_volume(seed: u64) -> (Daemon, Vec<u8>, std::path::PathBuf) {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("c:16M"));
+    let mut image = vec![0u8; MIB as usize];
+    Prng::new(seed).fill(&mut image);
+    let (mut w, _) = Raw::open(d.tcp_addr(), "c");
+    w.write(1, 0, 0, &image);
+    w.flush(2);
+    w.disconnect();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data_dir().join("volumes/c/volume.json")).unwrap())
+            .unwrap();
+    let head = manifest["head"].as_str().expect("head id");
+    let data = d.data_dir().join(format!("volumes/c/{head}.data"));
+    (d, image, data)
+}
+
 /// The head's data file cut short (from outside: a shrink never cuts what a client may still
 /// read) while READ replies written from its mapping wait behind a client that does not read:
 /// the kernel's EFAULT does not say which range it could not read, so the replies are read
@@ -260,14 +278,8 @@ fn a_head_cut_short_under_queued_mapped_replies_gives_zeroes_past_the_cut() {
     const READS: u64 = 4096;
     const BLOCKS: u64 = 256;
     const CUT_BYTES: u64 = 512 << 10;
-    let mut d = Daemon::start(DaemonOpts::new().no_default_volume().volume("c:16M"));
+    let (mut d, image, data) = written_volume(77);
     let metrics = d.metrics_addr().expect("metrics address");
-    let mut image = vec![0u8; MIB as usize];
-    Prng::new(77).fill(&mut image);
-    let (mut w, _) = Raw::open(d.tcp_addr(), "c");
-    w.write(1, 0, 0, &image);
-    w.flush(2);
-    w.disconnect();
 
     let mut unix = UnixStream::connect(d.unix_path()).unwrap();
     unix.set_read_timeout(Some(Duration::from_secs(30)))
@@ -300,11 +312,6 @@ fn a_head_cut_short_under_queued_mapped_replies_gives_zeroes_past_the_cut() {
         READS * 4096
     );
 
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.data_dir().join("volumes/c/volume.json")).unwrap())
-            .unwrap();
-    let head = manifest["head"].as_str().expect("head id");
-    let data = d.data_dir().join(format!("volumes/c/{head}.data"));
     std::fs::OpenOptions::new()
         .write(true)
         .open(&data)
@@ -380,21 +387,8 @@ fn resident_after_dropping(path: &std::path::Path) -> u64 {
 #[test]
 fn the_heads_mapping_goes_with_the_last_client() {
     require_tool("fincore");
-    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("c:16M"));
+    let (d, image, data) = written_volume(78);
     let metrics = d.metrics_addr().expect("metrics address");
-    let mut image = vec![0u8; MIB as usize];
-    Prng::new(78).fill(&mut image);
-    let (mut w, _) = Raw::open(d.tcp_addr(), "c");
-    w.write(1, 0, 0, &image);
-    w.flush(2);
-    w.disconnect();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.data_dir().join("volumes/c/volume.json")).unwrap())
-            .unwrap();
-    let data = d.data_dir().join(format!(
-        "volumes/c/{}.data",
-        manifest["head"].as_str().expect("head id")
-    ));
 
     let mut unix = UnixStream::connect(d.unix_path()).unwrap();
     unix.set_read_timeout(Some(Duration::from_secs(30)))
