@@ -91,7 +91,9 @@ impl MappedData {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Option<MappedRange> {
-        self.range_charged(data, size_bytes, offset_bytes, length_bytes, true)
+        let range = self.range_uncharged(data, size_bytes, offset_bytes, length_bytes)?;
+        self.charge(offset_bytes, length_bytes);
+        Some(range)
     }
 
     /// `range` without counting the range against the touch budget: for a caller that may not
@@ -103,32 +105,6 @@ impl MappedData {
         size_bytes: u64,
         offset_bytes: u64,
         length_bytes: u64,
-    ) -> Option<MappedRange> {
-        self.range_charged(data, size_bytes, offset_bytes, length_bytes, false)
-    }
-
-    /// Counts a range handed out by `range_uncharged` against the touch budget (the next range
-    /// maps the file anew when it is spent).
-    pub fn charge(&self, offset_bytes: u64, length_bytes: u64) {
-        let Some(end_bytes) = offset_bytes.checked_add(length_bytes) else {
-            return;
-        };
-        let mut state = self.lock();
-        if state.map.is_none() {
-            return;
-        }
-        for chunk in offset_bytes / TOUCH_CHUNK_BYTES..end_bytes.div_ceil(TOUCH_CHUNK_BYTES) {
-            state.touch(chunk);
-        }
-    }
-
-    fn range_charged(
-        &self,
-        data: &File,
-        size_bytes: u64,
-        offset_bytes: u64,
-        length_bytes: u64,
-        charged: bool,
     ) -> Option<MappedRange> {
         let end_bytes = offset_bytes.checked_add(length_bytes)?;
         if end_bytes > size_bytes {
@@ -152,11 +128,6 @@ impl MappedData {
             state.map = Some(Arc::new(Mapping { map: Some(map) }));
             state.touched = vec![0; size_bytes.div_ceil(TOUCH_CHUNK_BYTES).div_ceil(64) as usize];
         }
-        if charged {
-            for chunk in chunks {
-                state.touch(chunk);
-            }
-        }
         let mapping = Arc::clone(state.map.as_ref()?);
         let map = mapping.map.as_ref()?;
         if end_bytes > map.len() as u64 {
@@ -169,6 +140,21 @@ impl MappedData {
             _map: mapping,
             start,
         })
+    }
+
+    /// Counts a range handed out by `range_uncharged` against the touch budget (the next range
+    /// maps the file anew when it is spent).
+    pub fn charge(&self, offset_bytes: u64, length_bytes: u64) {
+        let Some(end_bytes) = offset_bytes.checked_add(length_bytes) else {
+            return;
+        };
+        let mut state = self.lock();
+        if state.map.is_none() {
+            return;
+        }
+        for chunk in offset_bytes / TOUCH_CHUNK_BYTES..end_bytes.div_ceil(TOUCH_CHUNK_BYTES) {
+            state.touch(chunk);
+        }
     }
 
     /// Lets the mapping go (once ranges handed out of it are dropped); the next range maps the

@@ -1,9 +1,10 @@
 //! READs sent straight from the head's shared mapping (`layer::mapped`): the socket's `writev`
 //! copies the bytes from the page cache into the socket, where a read through a buffer costs a
 //! `preadv2` (a page-cache lookup and a copy into the buffer) and then the same copy out of the
-//! buffer. On 4 KiB random reads of a cached volume over one TCP connection the `preadv2` was two
+//! buffer. On 4 KiB random reads of a cached volume over one connection the `preadv2` was two
 //! fifths of the connection thread's CPU; `mincore` over the mapped range, which walks page
-//! tables the earlier reads filled, replaces it.
+//! tables the earlier reads filled, replaces it. Only Unix sockets take it: over TCP it measured
+//! slower (see `nbd::sendfile`).
 //!
 //! Only ranges the head holds as data qualify, whole in one run, with every page in the page
 //! cache (a page fault on one that is not would read it from the disk on the connection's
@@ -12,7 +13,6 @@
 //! either, which NBD allows. The chain the range was found in is held until then, so pruning
 //! does not punch the blocks out from under it (see `readers_done`).
 
-use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -25,13 +25,14 @@ use super::Volume;
 /// Bytes of a volume in its head's mapping, for the kernel to copy into a socket.
 pub struct MappedBytes {
     range: MappedRange,
-    /// The head's data file and where the range starts in it, for `read_rest`.
-    file: Arc<File>,
+    /// Where the range starts in the head's data file, for `read_rest`.
     offset_bytes: u64,
     /// How many of the range's bytes went out already.
     sent_bytes: usize,
     length_bytes: usize,
-    _resolved_in: Arc<Chain>,
+    /// The chain the range was found in, its top the head mapped; held until the bytes are
+    /// sent (see `readers_done`).
+    resolved_in: Arc<Chain>,
 }
 
 impl MappedBytes {
@@ -61,7 +62,12 @@ impl MappedBytes {
         let mut filled = 0;
         while filled < rest.len() {
             let at = self.offset_bytes + (self.sent_bytes + filled) as u64;
-            match self.file.read_at(&mut rest[filled..], at) {
+            match self
+                .resolved_in
+                .top()
+                .data()
+                .read_at(&mut rest[filled..], at)
+            {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -106,11 +112,10 @@ impl Volume {
         head.charge_mapped(offset_bytes, length_bytes);
         Some(MappedBytes {
             range,
-            file: Arc::clone(head.data()),
             offset_bytes,
             sent_bytes: 0,
             length_bytes: length_bytes as usize,
-            _resolved_in: chain,
+            resolved_in: chain,
         })
     }
 }
