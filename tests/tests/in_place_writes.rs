@@ -255,3 +255,95 @@ fn a_payload_cut_by_a_snapshot_or_a_departure_lands_in_parts() {
         &want,
     );
 }
+
+/// The next extended reply header: (cookie, offset, error), its payload read.
+fn extended_reply<S: Read>(s: &mut S) -> (u64, u64, u32) {
+    let h = recv_exact(s, 32);
+    assert_eq!(be32(&h[0..4]), EXT_REPLY_MAGIC, "{h:02x?}");
+    let (typ, cookie, offset) = (be16(&h[6..8]), be64(&h[8..16]), be64(&h[16..24]));
+    let payload = recv_exact(s, be64(&h[24..32]) as usize);
+    let err = if typ & ERR_TYPE_BIT != 0 {
+        be32(&payload[0..4])
+    } else {
+        0
+    };
+    (cookie, offset, err)
+}
+
+/// A snapshot cutting a payload inside a block, with extended headers: the part of the block
+/// received before the cut did not land (landings stop on block boundaries), so the snapshot
+/// holds whole blocks of the write and the old bytes after them, never a block that is part
+/// new and part old; the rest goes to the new head, and the reply echoes the offset the client
+/// sent (libnbd fails a command whose extended reply names another).
+#[test]
+fn a_payload_cut_inside_a_block_keeps_whole_blocks_and_its_reply_echoes_the_offset() {
+    const CUT_BYTES: usize = MIB + 1000;
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("q:8M"));
+    let metrics = d.metrics_addr().expect("metrics address");
+    let landed = || value(&scrape(metrics), &in_place_series("q"));
+    let mut rng = Prng::new(78);
+    let old = rng.bytes(2 * MIB);
+    let new = rng.bytes(2 * MIB);
+    let (mut r, _) = Raw::open(d.tcp_addr(), "q");
+    r.write(1, 0, MIB as u64, &old);
+    r.flush(2);
+    r.disconnect();
+
+    let s = UnixStream::connect(d.unix_path()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut c = Client::open(s, "q", true);
+    let before = landed();
+    let mut bytes = c.header(0, 20, MIB, 2 * MIB);
+    bytes.extend_from_slice(&new[..CUT_BYTES]);
+    c.s.write_all(&bytes).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || landed() - before >= MIB as f64),
+        "the whole blocks sent land in place ({} bytes counted)",
+        landed() - before
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        landed() - before,
+        MIB as f64,
+        "the block cut short waits for its last bytes"
+    );
+    admin_ok(&d, "snapshot.create", json!({"volume": "q", "name": "s1"}));
+    c.s.write_all(&new[CUT_BYTES..]).unwrap();
+    let (cookie, offset, err) = extended_reply(&mut c.s);
+    assert_eq!((cookie, err), (20, 0), "the write cut by the snapshot");
+    assert_eq!(offset, MIB as u64, "the reply's offset is the request's");
+    assert_same("volume", &read_back(&d, "q", MIB, 2 * MIB), &new);
+    let mut frozen = new[..MIB].to_vec();
+    frozen.extend_from_slice(&old[MIB..]);
+    assert_same("snapshot", &read_back(&d, "q@s1", MIB, 2 * MIB), &frozen);
+}
+
+/// SIGTERM while a payload is landing in place: the client that sent its header is answered
+/// ESHUTDOWN, not left with end of stream only.
+#[test]
+fn a_write_landing_in_place_at_shutdown_is_answered() {
+    let mut d = Daemon::start(DaemonOpts::new().no_default_volume().volume("q:4M"));
+    let metrics = d.metrics_addr().expect("metrics address");
+    let landed = || value(&scrape(metrics), &in_place_series("q"));
+    let mut rng = Prng::new(79);
+    let (mut r, _) = Raw::open(d.tcp_addr(), "q");
+    r.write(1, 0, 0, &rng.bytes(2 * MIB));
+    r.flush(2);
+    r.disconnect();
+
+    let s = UnixStream::connect(d.unix_path()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut c = Client::open(s, "q", true);
+    let mut bytes = c.header(0, 30, 0, 2 * MIB);
+    bytes.extend_from_slice(&rng.bytes(MIB));
+    c.s.write_all(&bytes).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || landed() >= MIB as f64),
+        "half the payload lands in place"
+    );
+    d.signal(libc::SIGTERM);
+    let (cookie, offset, err) = extended_reply(&mut c.s);
+    assert_eq!((cookie, offset, err), (30, 0, ESHUTDOWN));
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}\n{}", d.stderr());
+}

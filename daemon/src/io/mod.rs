@@ -18,6 +18,8 @@ use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
 use std::str::FromStr;
+#[cfg(test)]
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -181,6 +183,9 @@ pub struct IoEngine {
     /// Bytes large writes copied on their callers' threads (`write_all_at_here`). A shared
     /// count: the metrics endpoint reads it.
     copied_here_bytes: Counter,
+    /// Set by tests: hole punches fail with ENOSPC, as a full disk can make them.
+    #[cfg(test)]
+    refuse_punches: Arc<AtomicBool>,
 }
 
 enum Backend {
@@ -226,6 +231,8 @@ impl IoEngine {
             inline_writes: Arc::new(InlineWrites::new(config.inline_cached_io)),
             residency: Arc::new(Residency::new(config.inline_cached_io)),
             copied_here_bytes: Counter::default(),
+            #[cfg(test)]
+            refuse_punches: Arc::default(),
         })
     }
 
@@ -336,6 +343,19 @@ impl IoEngine {
     #[cfg(test)]
     pub(crate) fn ignore_slow_copies_for_test(&self) {
         self.inline_writes.ignore_slow_writes_for_test();
+    }
+
+    /// Makes every later hole punch fail with ENOSPC.
+    #[cfg(test)]
+    pub(crate) fn refuse_punches_for_test(&self) {
+        self.refuse_punches.store(true, Ordering::Relaxed);
+    }
+
+    /// Pauses inline copies (and so landings in place) for good, as slow copies would for a
+    /// while.
+    #[cfg(test)]
+    pub(crate) fn pause_inline_copies_for_test(&self) {
+        self.inline_writes.pause_for_test();
     }
 
     /// Whether all of the range is in the page cache, so that sending it from there does not
@@ -612,6 +632,10 @@ impl IoEngine {
         check_offset(offset)?;
         check_offset(len)?;
         self.check_writes_allowed()?;
+        #[cfg(test)]
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && self.refuse_punches.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         match self.backend() {
             BackendRef::Uring(engine) => {
                 // As the threads engine does: an io-wq worker signalled (at teardown) returns

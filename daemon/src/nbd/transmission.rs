@@ -212,8 +212,9 @@ struct Connection<'s, R, W> {
     /// until it is all in.
     in_place: Option<InPlaceWrite<'s>>,
     /// The request at the front of the input covers the rest of a payload that stopped being
-    /// received in place: it is read the ordinary way.
-    rest_follows: bool,
+    /// received in place: it is read the ordinary way, and its reply echoes the offset the
+    /// client sent (held here), not the rest's.
+    rest_of: Option<u64>,
     /// The payload landing in place waited for the socket since departures were last
     /// checked (see `poll_in_place`).
     in_place_waited: bool,
@@ -285,7 +286,7 @@ where
         gave_up: false,
         drain: Drain::new(session.volume.fence(), attachment.seat()),
         in_place: None,
-        rest_follows: false,
+        rest_of: None,
         in_place_waited: false,
     };
     let cancelled = shutdown.stop.cancelled();
@@ -400,7 +401,7 @@ where
     /// Takes the next request and its payload off the input once both are complete (None
     /// until then, with room reserved for the payload). A payload over the limit ends the
     /// connection.
-    fn take_request(&mut self) -> Result<Option<(Request, Bytes)>, TransmissionEnd> {
+    fn take_request(&mut self) -> Result<Option<(Request, Bytes, ReplyTo)>, TransmissionEnd> {
         if self.in_place.is_some() {
             return Ok(None);
         }
@@ -432,7 +433,12 @@ where
             return Ok(None);
         }
         self.incomplete_bytes = 0;
-        self.rest_follows = false;
+        // Extended replies carry the request's offset, which the client checks (libnbd fails
+        // the command with EPROTO otherwise).
+        let to = ReplyTo {
+            cookie: request.cookie,
+            offset: self.rest_of.take().unwrap_or(request.offset),
+        };
         self.last_was_large = needed >= LARGE_REQUEST_BYTES;
         self.input.advance(self.header_len);
         // An empty payload must not be a slice of the input: it would keep the whole buffer
@@ -442,7 +448,7 @@ where
         } else {
             self.input.split_to(payload_len).freeze()
         };
-        Ok(Some((request, payload)))
+        Ok(Some((request, payload, to)))
     }
 
     /// Starts receiving a large WRITE's payload in place when it qualifies (see `in_place`): the
@@ -452,7 +458,7 @@ where
     fn start_in_place(&mut self, request: Request) -> bool {
         if !self.receives_in_place
             || self.end.is_some()
-            || self.rest_follows
+            || self.rest_of.is_some()
             || request.command != Command::Write
             || self.input.len() < self.header_len
             || self.limits.validate(&request).is_err()
@@ -527,12 +533,15 @@ where
             }
             Poll::Ready(Landing::Rest(rest)) => {
                 // The input is empty while a payload lands in place: the rest's header goes
-                // in front of its bytes, still in the socket, as if the client had sent it.
+                // in front of its bytes (those received that did not land, then those still in
+                // the socket), as if the client had sent it so.
                 let mut header = Vec::with_capacity(self.header_len);
                 encode_request(&rest, self.session.mode, &mut header);
                 self.input.extend_from_slice(&header);
-                self.rest_follows = true;
-                self.in_place = None;
+                if let Some(mut write) = self.in_place.take() {
+                    self.input.extend_from_slice(&write.take_unlanded());
+                    self.rest_of = Some(write.request.offset);
+                }
                 Ok(true)
             }
             Poll::Ready(Landing::Failed(e)) => Err(e),
@@ -578,16 +587,12 @@ where
         let mut departures_checked = false;
         while self.has_room() {
             self.blocked = false;
-            let Some((request, payload)) = self.take_request()? else {
+            let Some((request, payload, to)) = self.take_request()? else {
                 return Ok(());
             };
             if request.command == Command::Disc {
                 return Err(TransmissionEnd::Disconnect);
             }
-            let to = ReplyTo {
-                cookie: request.cookie,
-                offset: request.offset,
-            };
             if let Err(errno) = self.limits.validate(&request) {
                 let message = format!(
                     "{:?} at offset {} length {} refused",
@@ -629,7 +634,7 @@ where
             let counted = session.metrics.start(kind);
             let started = Instant::now();
             self.inflight.push(Box::pin(async move {
-                let (frame, ok) = execute(session, &request, payload).await;
+                let (frame, ok) = execute(session, &request, to, payload).await;
                 let moved_bytes = match kind {
                     Kind::Read | Kind::Write | Kind::Trim | Kind::Zero => request.length,
                     _ => 0,
@@ -659,18 +664,39 @@ where
     /// Answers ESHUTDOWN to the complete requests already read but not started (the in-flight
     /// limits held them in the input) when the server stops serving this connection: the
     /// client must not wait for replies that never come. Stops at DISC, at a request not
-    /// fully received or at one that breaks the protocol.
+    /// fully received or at one that breaks the protocol. A WRITE whose payload was being
+    /// received in place, or whose rest was to be read the ordinary way, is answered too: its
+    /// client may have sent it all, and only this side stopped taking it.
     fn refuse_buffered(&mut self) {
         let mode = self.session.mode;
-        while let Ok(Some((request, _))) = self.take_request() {
+        let message = "the server is shutting down";
+        while let Ok(Some((request, _, to))) = self.take_request() {
             if request.command == Command::Disc {
                 return;
             }
-            let to = ReplyTo {
-                cookie: request.cookie,
-                offset: request.offset,
-            };
-            let message = "the server is shutting down";
+            self.queue_reply(replies::error(mode, to, Errno::Shutdown, message));
+        }
+        let to = if let Some(write) = self.in_place.take() {
+            let landed_bytes = write.landed_bytes();
+            write
+                .counted
+                .finish(landed_bytes, false, write.started.elapsed());
+            Some(ReplyTo {
+                cookie: write.request.cookie,
+                offset: write.request.offset,
+            })
+        } else if let Some(offset) = self.rest_of.take() {
+            decode_request(&self.input, mode)
+                .ok()
+                .flatten()
+                .map(|rest| ReplyTo {
+                    cookie: rest.cookie,
+                    offset,
+                })
+        } else {
+            None
+        };
+        if let Some(to) = to {
             self.queue_reply(replies::error(mode, to, Errno::Shutdown, message));
         }
     }
@@ -1123,14 +1149,15 @@ fn metric_kind(command: Command) -> Option<Kind> {
     })
 }
 
-/// Runs one validated request against storage and builds its reply; the flag says whether it
-/// succeeded.
-async fn execute(session: &Session<'_>, request: &Request, payload: Bytes) -> (Frame, bool) {
+/// Runs one validated request against storage and builds its reply, addressed `to`; the flag
+/// says whether it succeeded.
+async fn execute(
+    session: &Session<'_>,
+    request: &Request,
+    to: ReplyTo,
+    payload: Bytes,
+) -> (Frame, bool) {
     let mode = session.mode;
-    let to = ReplyTo {
-        cookie: request.cookie,
-        offset: request.offset,
-    };
     let volume = &session.volume;
     let fua = request.has_flag(CMD_FLAG_FUA);
     let (offset, length) = (request.offset, request.length);

@@ -16,6 +16,7 @@ use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
 use crate::storage::epoch::{Epoch, EpochGuard};
 use crate::storage::fence::Fence;
+use crate::storage::holes;
 use crate::storage::layer::chain::{Chain, Hit, RunBudget};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
 use crate::storage::persist::ManifestPersist;
@@ -786,15 +787,27 @@ impl Volume {
                 length_bytes,
             });
         }
+        self.write_zero_bytes(head, offset_bytes, length_bytes)
+            .await?;
+        head.set_range(start, end, BlockState::Data)?;
+        Ok(())
+    }
+
+    /// Writes zero bytes over `length_bytes` of `layer` from `offset_bytes`, in chunks.
+    async fn write_zero_bytes(
+        &self,
+        layer: &Layer,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), StorageError> {
         let zeroes = Bytes::from(vec![0u8; ZERO_WRITE_CHUNK_BYTES.min(length_bytes) as usize]);
         let mut done_bytes = 0;
         while done_bytes < length_bytes {
             let n = (length_bytes - done_bytes).min(ZERO_WRITE_CHUNK_BYTES);
-            self.write_layer(head, offset_bytes + done_bytes, zeroes.slice(..n as usize))
+            self.write_layer(layer, offset_bytes + done_bytes, zeroes.slice(..n as usize))
                 .await?;
             done_bytes += n;
         }
-        head.set_range(start, end, BlockState::Data)?;
         Ok(())
     }
 
@@ -819,7 +832,14 @@ impl Volume {
             .fallocate(head.data(), punch, offset_bytes, length_bytes)
             .await
         {
-            tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; the map already reads zero");
+            // Bytes left under blocks marked zero would come back after a power loss once a
+            // later write marks such a block data again and only the map reaches the disk:
+            // the bytes the range holds are overwritten with zeroes instead (in place, so a
+            // full disk, which can refuse a punch that splits an extent, takes them).
+            tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; writing zeroes over the range's bytes");
+            if let Err(e) = self.zero_data_of(head, offset_bytes, length_bytes).await {
+                tracing::warn!(volume = %self.name, offset_bytes, length_bytes, error = %e, "neither a hole nor zeroes replaced the bytes of blocks marked zero; a power loss may show them again");
+            }
         }
         // Dirty again after the punch, not only when the map changed before it: a FLUSH that
         // ran in between found the layer clean, and the next must make the hole durable. A
@@ -827,6 +847,24 @@ impl Volume {
         // later write marks it data and its bytes are lost.
         head.mark_dirty();
         marked
+    }
+
+    /// Overwrites with zeroes the parts of `length_bytes` from `offset_bytes` that hold bytes in
+    /// `layer`'s data file (holes read as zeroes already).
+    async fn zero_data_of(
+        &self,
+        layer: &Layer,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), StorageError> {
+        let end_bytes = offset_bytes + length_bytes;
+        let ranges = holes::data_ranges(layer.data(), offset_bytes, end_bytes)
+            .map_err(|e| StorageError::io("seek_data", offset_bytes, length_bytes, e))?;
+        for (start_bytes, range_end_bytes) in ranges {
+            self.write_zero_bytes(layer, start_bytes, range_end_bytes - start_bytes)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Deallocates whole blocks in the range; partial blocks are left alone (the spec lets a
@@ -1053,6 +1091,69 @@ mod tests {
     use super::*;
     use crate::io::{EngineConfig, EngineKind};
     use crate::storage::Registry;
+
+    /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old
+    /// bytes under blocks marked zero: they would read again after a power loss once a later
+    /// write marked such a block data and only the map reached the disk.
+    #[test]
+    fn a_refused_punch_zeroes_the_bytes_under_blocks_marked_zero() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Arc::new(Registry::open(dir.path(), engine.clone()).unwrap());
+            let volume = registry.create("v", 64 * BLOCK_BYTES).unwrap();
+            let ones = vec![1u8; 64 * BLOCK_BYTES as usize];
+            volume.write(0, Bytes::from(ones), false).await.unwrap();
+            engine.refuse_punches_for_test();
+            let (start, length) = (8 * BLOCK_BYTES, 16 * BLOCK_BYTES);
+            let zero = ZeroMode {
+                may_trim: true,
+                fast_only: false,
+            };
+            volume
+                .write_zeroes(start, length, zero, false)
+                .await
+                .unwrap();
+            volume
+                .trim(40 * BLOCK_BYTES, 8 * BLOCK_BYTES, false)
+                .await
+                .unwrap();
+            volume.flush().await.unwrap();
+
+            let back = volume.read(0, 64 * BLOCK_BYTES as usize).await.unwrap();
+            let mut file_bytes = vec![0u8; 64 * BLOCK_BYTES as usize];
+            std::os::unix::fs::FileExt::read_exact_at(
+                volume.chain().top().data().as_ref(),
+                &mut file_bytes,
+                0,
+            )
+            .unwrap();
+            for (block, what) in [
+                (0, "before"),
+                (8, "zeroed"),
+                (24, "between"),
+                (40, "trimmed"),
+                (48, "after"),
+            ] {
+                let at = block * BLOCK_BYTES as usize;
+                let zeroed = matches!(what, "zeroed" | "trimmed");
+                let want = if zeroed { 0 } else { 1 };
+                assert!(
+                    back[at..at + 4096].iter().all(|&b| b == want),
+                    "{what} reads"
+                );
+                assert!(
+                    file_bytes[at..at + 4096].iter().all(|&b| b == want),
+                    "{what} in the head's file"
+                );
+            }
+        });
+    }
 
     /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
     /// the epoch before the snapshot. It must not hold its block's stripe meanwhile: one of
