@@ -50,11 +50,6 @@ pub trait ReceiveInPlace {
     unsafe fn try_receive_into(&self, _at: NonNull<u8>, _length: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
-
-    /// Bytes the socket holds, ready to receive.
-    fn queued_bytes(&self) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
 }
 
 /// One `recv` on `socket`; the caller vouches for `at..at + length` (see `try_receive_into`).
@@ -69,19 +64,6 @@ unsafe fn receive_into(socket: &impl AsRawFd, at: NonNull<u8>, length: usize) ->
         Err(io::Error::last_os_error())
     } else {
         Ok(received as usize)
-    }
-}
-
-/// Bytes `socket` holds for reading (`FIONREAD`, `SIOCINQ` for TCP and Unix stream sockets).
-fn queued_bytes(socket: &impl AsRawFd) -> io::Result<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which points at a live local; the
-    // socket is borrowed, so its descriptor stays open.
-    let result = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(queued.max(0) as usize)
     }
 }
 
@@ -106,11 +88,6 @@ macro_rules! receive_in_place_on {
                     receive_into(stream, at, length)
                 })
             }
-
-            fn queued_bytes(&self) -> io::Result<usize> {
-                let stream: &$stream = self.as_ref();
-                queued_bytes(stream)
-            }
         }
     };
 }
@@ -129,7 +106,7 @@ pub enum Landing {
     /// The client closed the connection before the payload was all there.
     Eof,
     /// The rest goes the ordinary way: this request (same cookie and flags) covers it, and
-    /// its payload is the write's unlanded bytes (`take_unlanded`) followed by what the socket
+    /// its payload is the landed bytes of the block it starts in (`take_partial`), then what the socket
     /// holds next.
     Rest(Request),
     /// The socket failed.
@@ -138,28 +115,29 @@ pub enum Landing {
 
 /// A WRITE whose payload is being received in place.
 ///
-/// Bytes land in whole blocks only, so a write that stops landing (a snapshot, a fence, evicted
-/// pages, paused copies) hands the ordinary path a rest that starts on a block boundary: a
-/// rest starting mid-block would be merged onto whatever the block became meanwhile (a TRIM or
-/// WRITE_ZEROES racing this write zeroes it), leaving a block that is part zeroes and part
-/// payload, which neither order of the two requests gives. The start of a block that has not
-/// all arrived waits in `unlanded`, and is written with `pwrite` once it is whole.
+/// A landing (one `recv`) ends wherever the socket's bytes did, often inside a block. The
+/// landed part of that block is kept (`partial`, read back while the landing still counts as an
+/// overwrite, so no TRIM or WRITE_ZEROES gives the block back in between), and a write that
+/// stops landing (a snapshot, a fence, evicted pages, paused copies, a zero that gave the block
+/// back) hands the ordinary path a rest that starts on the block's boundary with those bytes in
+/// front. A rest starting mid-block would be merged onto whatever the block became meanwhile (a
+/// racing TRIM zeroes it), leaving a block that is part zeroes and part payload, which neither
+/// order of the two requests gives.
 pub struct InPlaceWrite<'m> {
     pub request: Request,
     head: InPlaceHead,
     /// Bytes in the head, from the payload's start.
     landed_bytes: u64,
-    /// Received bytes of the block after them, fewer than a block.
-    unlanded: Vec<u8>,
+    /// The landed bytes of the block `landed_bytes` ends in (none when it ends on a boundary).
+    partial: Vec<u8>,
     pub counted: RequestGuard<'m>,
     pub started: Instant,
 }
 
 impl<'m> InPlaceWrite<'m> {
     /// Starts receiving `request`'s payload into `head`, `read` being the part of it already
-    /// read with the header (its whole blocks written here, with `pwrite`). `None` when that
-    /// failed or the head changed: nothing is counted then, and the caller reads the payload
-    /// the ordinary way.
+    /// read with the header (written here, with `pwrite`). `None` when that failed or the head
+    /// changed: nothing is counted then, and the caller reads the payload the ordinary way.
     pub fn start(
         volume: &Volume,
         request: Request,
@@ -167,12 +145,11 @@ impl<'m> InPlaceWrite<'m> {
         read: &[u8],
         counted: impl FnOnce() -> RequestGuard<'m>,
     ) -> Option<InPlaceWrite<'m>> {
-        let whole_bytes = read.len() - read.len() % BLOCK_BYTES as usize;
-        if whole_bytes > 0 {
+        if !read.is_empty() {
             match volume.land_read_in_place(
                 &head,
                 request.offset,
-                &read[..whole_bytes],
+                read,
                 MAX_CACHED_WRITE_PIECE_BYTES,
             )? {
                 Ok(()) => {}
@@ -182,11 +159,12 @@ impl<'m> InPlaceWrite<'m> {
                 }
             }
         }
+        let partial_bytes = read.len() % BLOCK_BYTES as usize;
         Some(InPlaceWrite {
             request,
             head,
-            landed_bytes: whole_bytes as u64,
-            unlanded: read[whole_bytes..].to_vec(),
+            landed_bytes: read.len() as u64,
+            partial: read[read.len() - partial_bytes..].to_vec(),
             counted: counted(),
             started: Instant::now(),
         })
@@ -212,141 +190,90 @@ impl<'m> InPlaceWrite<'m> {
             if let Err(e) = std::task::ready!(reader.poll_receive_ready(cx)) {
                 return Poll::Ready(Landing::Failed(e));
             }
-            let received = if self.unlanded.is_empty() {
-                self.land_whole_blocks(reader, volume, missing_bytes)
-            } else {
-                Some(self.receive_unlanded(reader))
-            };
-            let received = match received {
+            let offset_bytes = self.request.offset + self.landed_bytes;
+            // In pieces, as inline writes are copied: each piece's time is what the guard
+            // against slow copies judges (a whole 1 MiB landing took over its 1 ms on a busy
+            // machine and paused landing most of the time under four TCP clients).
+            let piece_bytes = (missing_bytes as usize).min(MAX_CACHED_WRITE_PIECE_BYTES);
+            let (head, partial) = (&self.head, &mut self.partial);
+            let landed = volume.land_in_place(head, offset_bytes, piece_bytes, |at, length| {
+                // SAFETY: `land_in_place` hands out a range of the head's live shared mapping
+                // (the head's layer, and so its mapping, is kept by `self.head`), and no
+                // reference to mapped memory is ever made: only the kernel writes it.
+                let received = unsafe { reader.try_receive_into(at, length) }?;
+                keep_partial(head, partial, offset_bytes, received)?;
+                Ok(received)
+            });
+            match landed {
                 None => return Poll::Ready(Landing::Rest(self.rest())),
-                Some(received) => received,
-            };
-            match received {
-                Ok(0) => return Poll::Ready(Landing::Eof),
-                Ok(_) => {}
+                Some(Ok(0)) => return Poll::Ready(Landing::Eof),
+                Some(Ok(n)) => {
+                    self.landed_bytes += n as u64;
+                    return Poll::Ready(if self.landed_bytes == self.request.length {
+                        Landing::Complete
+                    } else {
+                        Landing::Progress
+                    });
+                }
                 // Readiness is cleared: the next poll registers for the socket.
-                Err(e)
+                Some(Err(e))
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                    ) => {}
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EFAULT) => {
                     // A page the kernel could not make writable (I/O error, full disk): the
                     // bytes stay in the socket, and the ordinary write reports the error.
                     tracing::debug!(
-                        offset = self.request.offset + self.landed_bytes,
+                        offset = offset_bytes,
                         "receiving in place faulted; writing the rest the ordinary way"
                     );
                     return Poll::Ready(Landing::Rest(self.rest()));
                 }
-                Err(e) => return Poll::Ready(Landing::Failed(e)),
+                Some(Err(e)) => return Poll::Ready(Landing::Failed(e)),
             }
-            if self.unlanded.len() == BLOCK_BYTES as usize {
-                let offset_bytes = self.request.offset + self.landed_bytes;
-                match volume.land_read_in_place(
-                    &self.head,
-                    offset_bytes,
-                    &self.unlanded,
-                    MAX_CACHED_WRITE_PIECE_BYTES,
-                ) {
-                    Some(Ok(())) => {
-                        self.landed_bytes += BLOCK_BYTES;
-                        self.unlanded.clear();
-                    }
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, offset = offset_bytes, "writing a block of a payload in place failed; writing the rest the ordinary way");
-                        return Poll::Ready(Landing::Rest(self.rest()));
-                    }
-                    None => return Poll::Ready(Landing::Rest(self.rest())),
-                }
-            }
-            return Poll::Ready(if self.landed_bytes == self.request.length {
-                Landing::Complete
-            } else {
-                Landing::Progress
-            });
         }
     }
 
-    /// Lands whole blocks of what the socket holds straight into the head's mapping, or, when
-    /// it holds less than a block, receives that into `unlanded`. `None` when the head refused.
-    fn land_whole_blocks<R: ReceiveInPlace>(
-        &mut self,
-        reader: &mut R,
-        volume: &Volume,
-        missing_bytes: u64,
-    ) -> Option<io::Result<usize>> {
-        let to_block_end = (BLOCK_BYTES - self.landed_bytes % BLOCK_BYTES) % BLOCK_BYTES;
-        let piece_bytes = if to_block_end > 0 {
-            // A recv stopped short inside a block (see below): the rest of that block lands in
-            // the mapping too, and the next landing starts on a boundary again.
-            to_block_end.min(missing_bytes)
-        } else {
-            let queued_bytes = match reader.queued_bytes() {
-                Ok(queued_bytes) => queued_bytes as u64,
-                Err(e) => return Some(Err(e)),
-            };
-            let whole_bytes = queued_bytes - queued_bytes % BLOCK_BYTES;
-            if whole_bytes == 0 {
-                return Some(self.receive_unlanded(reader));
-            }
-            // In pieces, as inline writes are copied: each piece's time is what the guard
-            // against slow copies judges (a whole 1 MiB landing took over its 1 ms on a busy
-            // machine and paused landing most of the time under four TCP clients).
-            missing_bytes
-                .min(whole_bytes)
-                .min(MAX_CACHED_WRITE_PIECE_BYTES as u64)
-        } as usize;
-        let offset_bytes = self.request.offset + self.landed_bytes;
-        let landed = volume.land_in_place(
-            &self.head,
-            offset_bytes,
-            piece_bytes,
-            // SAFETY: `land_in_place` hands out a range of the head's live shared mapping
-            // (the head's layer, and so its mapping, is kept by `self.head`), and no
-            // reference to mapped memory is ever made: only the kernel writes it.
-            |at, length| unsafe { reader.try_receive_into(at, length) },
-        )?;
-        if let Ok(n) = landed {
-            // The socket held them all, so the recv stops short only in odd cases (a signal):
-            // the rest of that block then lands in the mapping too.
-            self.landed_bytes += n as u64;
-        }
-        Some(landed)
-    }
-
-    /// One `recv` into `unlanded`, up to the end of its block.
-    fn receive_unlanded<R: ReceiveInPlace>(&mut self, reader: &mut R) -> io::Result<usize> {
-        let block_bytes = BLOCK_BYTES as usize;
-        let held = self.unlanded.len();
-        self.unlanded.resize(block_bytes, 0);
-        let wanted = block_bytes - held;
-        let at = NonNull::from(&mut self.unlanded[held..]).cast::<u8>();
-        // SAFETY: `at..at + wanted` is the tail of our own buffer, borrowed mutably here and
-        // not otherwise referenced while the kernel writes it.
-        let received = unsafe { reader.try_receive_into(at, wanted) };
-        let kept = held + *received.as_ref().unwrap_or(&0);
-        self.unlanded.truncate(kept);
-        received
-    }
-
-    /// The request for the part of the payload not landed yet (its first bytes being
-    /// `take_unlanded`'s).
+    /// The request for the part of the payload not landed yet, from the start of the block the
+    /// landed part ends in (`take_partial`'s bytes come first).
     pub fn rest(&self) -> Request {
+        let from_bytes = self.landed_bytes - self.partial.len() as u64;
         Request {
-            offset: self.request.offset + self.landed_bytes,
-            length: self.request.length - self.landed_bytes,
+            offset: self.request.offset + from_bytes,
+            length: self.request.length - from_bytes,
             ..self.request
         }
     }
 
-    /// The received bytes that did not land, for the ordinary path to write with the rest.
-    pub fn take_unlanded(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.unlanded)
+    /// The landed bytes of the block the rest starts with.
+    pub fn take_partial(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.partial)
     }
+}
+
+/// After `received` bytes landed at `offset_bytes`, keeps in `partial` the landed bytes of the
+/// block the landing ended in: those of that block that landed before (when the landing started
+/// in it) and the new ones, read back.
+fn keep_partial(
+    head: &InPlaceHead,
+    partial: &mut Vec<u8>,
+    offset_bytes: u64,
+    received: usize,
+) -> io::Result<()> {
+    let end_bytes = offset_bytes + received as u64;
+    let block_start = end_bytes - end_bytes % BLOCK_BYTES;
+    if end_bytes == block_start {
+        partial.clear();
+    } else if block_start <= offset_bytes {
+        let held = partial.len();
+        partial.resize(held + received, 0);
+        head.read_exact_at(&mut partial[held..], offset_bytes)?;
+    } else {
+        partial.resize((end_bytes - block_start) as usize, 0);
+        head.read_exact_at(partial, block_start)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -381,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn landings_stop_only_on_block_boundaries_and_a_refused_one_hands_back_its_partial_block() {
+    fn a_landing_refused_midway_hands_back_the_landed_part_of_its_block() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -414,63 +341,43 @@ mod tests {
                 .in_place_head(8192, PAYLOAD_BYTES)
                 .expect("cached head blocks");
 
-            // Read with the header: 1000 bytes, less than a block: nothing lands yet.
+            // Read with the header: 1000 bytes, written at once.
             let mut write = InPlaceWrite::start(&volume, request, head, &data[..1000], || {
                 volume_metrics.start(crate::metrics::Kind::Write)
             })
             .expect("started");
-            assert_eq!(write.landed_bytes(), 0);
+            assert_eq!(write.landed_bytes(), 1000);
+            assert_eq!(write.partial, data[..1000]);
 
-            // 3096 + 1904 more: the first block completes and lands, the rest waits.
-            client_writer.write_all(&data[1000..6000]).await.unwrap();
-            let mut landings = 0;
-            while write.landed_bytes() < 4096 || write.unlanded.len() < 1904 {
-                assert!(matches!(
-                    land_once(&mut write, &mut reader, &volume).await,
-                    Landing::Progress
-                ));
-                assert_eq!(write.landed_bytes() % 4096, 0, "landed mid-block");
-                landings += 1;
-                assert!(landings < 10, "no progress");
+            // A landing across a block boundary, then one inside the next block.
+            for (from, to) in [(1000, 6000), (6000, 6100)] {
+                client_writer.write_all(&data[from..to]).await.unwrap();
+                while write.landed_bytes() < to as u64 {
+                    assert!(matches!(
+                        land_once(&mut write, &mut reader, &volume).await,
+                        Landing::Progress
+                    ));
+                }
+                assert_eq!(write.partial, data[4096..to], "the block's landed part");
             }
-            assert_eq!(write.landed_bytes(), 4096);
 
-            // Enough for three whole blocks in the socket: they land from the mapping, the
-            // partial block first through the buffer.
-            client_writer.write_all(&data[6000..20480]).await.unwrap();
-            while write.landed_bytes() < 20480 {
-                assert!(matches!(
-                    land_once(&mut write, &mut reader, &volume).await,
-                    Landing::Progress
-                ));
-                assert_eq!(write.landed_bytes() % 4096, 0, "landed mid-block");
-            }
-            assert_eq!(write.landed_bytes(), 20480);
-
-            // Landing paused: a partial block received is handed back with a rest that starts
-            // on its block's boundary.
-            client_writer.write_all(&data[20480..22000]).await.unwrap();
-            assert!(matches!(
-                land_once(&mut write, &mut reader, &volume).await,
-                Landing::Progress
-            ));
+            // Landing paused: the rest starts on the block's boundary, its landed part first.
             engine.pause_inline_copies_for_test();
-            client_writer.write_all(&data[22000..24576]).await.unwrap();
+            client_writer.write_all(&data[6100..8000]).await.unwrap();
             let Landing::Rest(rest) = land_once(&mut write, &mut reader, &volume).await else {
                 panic!("a paused landing goes the ordinary way");
             };
-            assert_eq!(rest.offset, 8192 + 20480);
-            assert_eq!(rest.length, PAYLOAD_BYTES - 20480);
+            assert_eq!(
+                (rest.offset, rest.length),
+                (8192 + 4096, PAYLOAD_BYTES - 4096)
+            );
             assert_eq!(rest.cookie, 7);
-            assert_eq!(write.take_unlanded(), data[20480..24576]);
+            assert_eq!(write.take_partial(), data[4096..6100]);
 
             let back = volume.read(0, 1 << 20).await.unwrap();
             assert!(back[..8192].iter().all(|&b| b == 1));
-            assert_eq!(back[8192..8192 + 20480], data[..20480]);
-            assert!(
-                back[8192 + 20480..].iter().all(|&b| b == 1),
-                "nothing of the partial block landed"
-            );
+            assert_eq!(back[8192..8192 + 6100], data[..6100]);
+            assert!(back[8192 + 6100..].iter().all(|&b| b == 1));
         });
     }
 }

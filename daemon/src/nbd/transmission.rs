@@ -533,13 +533,13 @@ where
             }
             Poll::Ready(Landing::Rest(rest)) => {
                 // The input is empty while a payload lands in place: the rest's header goes
-                // in front of its bytes (those received that did not land, then those still in
-                // the socket), as if the client had sent it so.
+                // in front of its bytes (those of its first block that landed, then those still
+                // in the socket), as if the client had sent it so.
                 let mut header = Vec::with_capacity(self.header_len);
                 encode_request(&rest, self.session.mode, &mut header);
                 self.input.extend_from_slice(&header);
                 if let Some(mut write) = self.in_place.take() {
-                    self.input.extend_from_slice(&write.take_unlanded());
+                    self.input.extend_from_slice(&write.take_partial());
                     self.rest_of = Some(write.request.offset);
                 }
                 Ok(true)

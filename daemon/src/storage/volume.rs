@@ -581,11 +581,13 @@ impl Volume {
         let head = chain.top();
         let end_block = first_block + data.len() as u64 / BLOCK_BYTES;
         let offset_bytes = first_block * BLOCK_BYTES;
+        let overwrite = writer.stripes.begin_overwrite(first_block, end_block);
         if (first_block..end_block).all(|b| head.state(b) == BlockState::Data) {
             self.write_layer_via(head, offset_bytes, data, via).await?;
             head.mark_dirty();
             return Ok(());
         }
+        drop(overwrite);
         let _locks = writer.stripes.lock(first_block, end_block).await;
         self.write_layer_via(head, offset_bytes, data, via).await?;
         head.mark_written(first_block, end_block, chain.layers().len() > 1)?;
@@ -604,11 +606,13 @@ impl Volume {
     ) -> Result<(), StorageError> {
         let head = chain.top();
         let block = offset_bytes / BLOCK_BYTES;
+        let overwrite = writer.stripes.begin_overwrite(block, block + 1);
         if head.state(block) == BlockState::Data {
             self.write_layer(head, offset_bytes, data).await?;
             head.mark_dirty();
             return Ok(());
         }
+        drop(overwrite);
         if chain.layers().len() > 1 {
             // The block's old content may still be landing below (see `epoch.rs`). Waited for
             // before the stripe is locked: a write of the earlier epoch may need that stripe to
@@ -753,7 +757,7 @@ impl Volume {
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
         if mode.may_trim {
-            return self.deallocate(chain, start, end).await;
+            return self.deallocate(writer, chain, start, end).await;
         }
         // NO_HOLE: the head keeps allocated blocks that read as zeroes.
         if self.fallocate_works.load(Ordering::Relaxed) {
@@ -816,7 +820,13 @@ impl Volume {
     /// When the map has no room for the change (a full disk), the bytes are freed all the
     /// same (blocks the head holds then read as zeroes, as asked) and the error returned: the
     /// blocks it does not hold still read from the layers below.
-    async fn deallocate(&self, chain: &Chain, start: u64, end: u64) -> Result<(), StorageError> {
+    async fn deallocate(
+        &self,
+        writer: &Writer,
+        chain: &Chain,
+        start: u64,
+        end: u64,
+    ) -> Result<(), StorageError> {
         let head = chain.top();
         let state = if chain.layers().len() == 1 {
             BlockState::Absent
@@ -824,6 +834,8 @@ impl Volume {
             BlockState::Zero
         };
         let marked = head.set_range(start, end, state);
+        // Overwrites that saw the blocks as data before the mark land before the punch.
+        writer.stripes.overwrites_done(start, end).await;
         // Freeing the bytes is only an optimisation once the map says zero.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
@@ -882,7 +894,7 @@ impl Volume {
             let _gate = writer.gate.read().await;
             let (chain, _epoch) = self.chain_for_write();
             let _locks = writer.stripes.lock(start, end).await;
-            if let Err(error) = self.deallocate(&chain, start, end).await {
+            if let Err(error) = self.deallocate(writer, &chain, start, end).await {
                 // A server may ignore a trim; the space it could free is freed.
                 tracing::debug!(volume = %self.name, %error, "trim not recorded in the block map");
             }
@@ -1091,6 +1103,63 @@ mod tests {
     use super::*;
     use crate::io::{EngineConfig, EngineKind};
     use crate::storage::Registry;
+
+    /// A zero that gives blocks back waits, after marking them, for overwrites of them that saw
+    /// them as data (taking no lock) before it punches: their bytes landing after the punch
+    /// would lie under blocks marked zero.
+    #[test]
+    fn a_zero_punches_only_after_overwrites_that_saw_the_blocks_as_data() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
+            let volume = registry.create("v", 64 * BLOCK_BYTES).unwrap();
+            let ones = vec![1u8; 64 * BLOCK_BYTES as usize];
+            volume.write(0, Bytes::from(ones), false).await.unwrap();
+            let writer = volume.writer.as_ref().unwrap();
+            // An overwrite of block 8 past its map check, its bytes not landed yet.
+            let overwrite = writer.stripes.begin_overwrite(8, 9);
+            let zeroing = Arc::clone(&volume);
+            let zero = tokio::spawn(async move {
+                let mode = ZeroMode {
+                    may_trim: true,
+                    fast_only: false,
+                };
+                zeroing
+                    .write_zeroes(8 * BLOCK_BYTES, 8 * BLOCK_BYTES, mode, false)
+                    .await
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!zero.is_finished(), "the zero waits for the overwrite");
+            let head = Arc::clone(volume.chain().top());
+            std::os::unix::fs::FileExt::write_all_at(
+                head.data().as_ref(),
+                &[9u8; BLOCK_BYTES as usize],
+                8 * BLOCK_BYTES,
+            )
+            .unwrap();
+            drop(overwrite);
+            zero.await.unwrap().unwrap();
+            let mut block = vec![7u8; BLOCK_BYTES as usize];
+            std::os::unix::fs::FileExt::read_exact_at(
+                head.data().as_ref(),
+                &mut block,
+                8 * BLOCK_BYTES,
+            )
+            .unwrap();
+            assert!(
+                block.iter().all(|&b| b == 0),
+                "the late overwrite's bytes were punched"
+            );
+            let back = volume.read(8 * BLOCK_BYTES, 4096).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0));
+        });
+    }
 
     /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old
     /// bytes under blocks marked zero: they would read again after a power loss once a later

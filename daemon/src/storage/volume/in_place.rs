@@ -32,6 +32,14 @@ pub struct InPlaceHead {
     layer: Arc<Layer>,
 }
 
+impl InPlaceHead {
+    /// Reads back bytes of the head's data file (landed bytes, from the page cache).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.layer.data().read_exact_at(buf, offset_bytes)
+    }
+}
+
 impl Volume {
     /// The head to receive a write of `offset_bytes..offset_bytes + length_bytes` into, when
     /// the whole range qualifies (see the module's comment); `None` sends the write the
@@ -95,7 +103,7 @@ impl Volume {
         {
             return None;
         }
-        self.holding_head(head, || {
+        self.holding_head(head, offset_bytes, length_bytes as u64, || {
             // Mapped only once the layer is known to be the head (a frozen one lets its
             // mapping go), and held through the landing even if the layer lets it go meanwhile.
             let range = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
@@ -118,7 +126,7 @@ impl Volume {
         use std::os::unix::fs::FileExt;
         let mut at_bytes = offset_bytes;
         for piece in data.chunks(piece_bytes.max(1)) {
-            let written = self.holding_head(head, || {
+            let written = self.holding_head(head, at_bytes, piece.len() as u64, || {
                 Some(head.layer.data().write_all_at(piece, at_bytes))
             })?;
             if written.is_err() {
@@ -129,12 +137,17 @@ impl Volume {
         Some(Ok(()))
     }
 
-    /// Runs `land` holding what a write holds, if `head` is still the head and copies on the
-    /// caller's thread are not paused.
+    /// Runs `land`, which writes `length_bytes` at `offset_bytes`, holding what a write holds,
+    /// if `head` is still the head, still holds those blocks (a TRIM or WRITE_ZEROES may have
+    /// given them back since the write started) and copies on the caller's thread are not
+    /// paused. Counted as an overwrite meanwhile, so such a zero waits for it before it punches
+    /// (see `stripes`).
     /// `land` returns `None` when it could not land anything.
     fn holding_head<T>(
         &self,
         head: &InPlaceHead,
+        offset_bytes: u64,
+        length_bytes: u64,
         land: impl FnOnce() -> Option<io::Result<T>>,
     ) -> Option<io::Result<T>> {
         let writer = self.writer.as_ref()?;
@@ -145,6 +158,15 @@ impl Volume {
         let _gate = writer.gate.try_read().ok()?;
         let (chain, _epoch) = self.chain_for_write();
         if !Arc::ptr_eq(chain.top(), &head.layer) {
+            return None;
+        }
+        let blocks =
+            offset_bytes / BLOCK_BYTES..(offset_bytes + length_bytes).div_ceil(BLOCK_BYTES);
+        let _overwrite = writer.stripes.begin_overwrite(blocks.start, blocks.end);
+        if !blocks
+            .into_iter()
+            .all(|b| head.layer.state(b) == BlockState::Data)
+        {
             return None;
         }
         let landed = self.engine.copy_inline(land);
