@@ -279,16 +279,14 @@ fn keep_partial(
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
-    use std::sync::Arc;
 
-    use bytes::Bytes;
     use evsd_proto::Command;
     use tokio::io::AsyncWriteExt;
 
     use super::*;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::metrics::Metrics;
-    use crate::storage::Registry;
+    use crate::storage::volume_of_ones;
 
     const PAYLOAD_BYTES: u64 = 64 << 10;
 
@@ -307,77 +305,65 @@ mod tests {
         poll_fn(|cx| write.poll_land(cx, reader, volume)).await
     }
 
-    #[test]
-    fn a_landing_refused_midway_hands_back_the_landed_part_of_its_block() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            engine.ignore_slow_copies_for_test();
-            let registry = Arc::new(Registry::open(dir.path(), engine.clone()).unwrap());
-            let volume = registry.create("v", 1 << 20).unwrap();
-            volume
-                .write(0, Bytes::from(vec![1u8; 1 << 20]), false)
-                .await
-                .unwrap();
-            let metrics = Metrics::new();
-            let volume_metrics = metrics.volume("v");
-            let (client, server) = tokio::net::UnixStream::pair().unwrap();
-            let (mut reader, _writer) = server.into_split();
-            let (_client_reader, mut client_writer) = client.into_split();
-            let data = payload();
-            let request = Request {
-                flags: 0,
-                command: Command::Write,
-                cookie: 7,
-                offset: 8192,
-                length: PAYLOAD_BYTES,
-            };
-            let head = volume
-                .in_place_head(8192, PAYLOAD_BYTES)
-                .expect("cached head blocks");
+    #[tokio::test]
+    async fn a_landing_refused_midway_hands_back_the_landed_part_of_its_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        engine.ignore_slow_copies_for_test();
+        let (_registry, volume) = volume_of_ones(dir.path(), Some(engine.clone()), 1 << 20).await;
+        let metrics = Metrics::new();
+        let volume_metrics = metrics.volume("v");
+        let (client, server) = tokio::net::UnixStream::pair().unwrap();
+        let (mut reader, _writer) = server.into_split();
+        let (_client_reader, mut client_writer) = client.into_split();
+        let data = payload();
+        let request = Request {
+            flags: 0,
+            command: Command::Write,
+            cookie: 7,
+            offset: 8192,
+            length: PAYLOAD_BYTES,
+        };
+        let head = volume
+            .in_place_head(8192, PAYLOAD_BYTES)
+            .expect("cached head blocks");
 
-            // Read with the header: 1000 bytes, written at once.
-            let mut write = InPlaceWrite::start(&volume, request, head, &data[..1000], || {
-                volume_metrics.start(crate::metrics::Kind::Write)
-            })
-            .expect("started");
-            assert_eq!(write.landed_bytes(), 1000);
-            assert_eq!(write.partial, data[..1000]);
+        // Read with the header: 1000 bytes, written at once.
+        let mut write = InPlaceWrite::start(&volume, request, head, &data[..1000], || {
+            volume_metrics.start(crate::metrics::Kind::Write)
+        })
+        .expect("started");
+        assert_eq!(write.landed_bytes(), 1000);
+        assert_eq!(write.partial, data[..1000]);
 
-            // A landing across a block boundary, then one inside the next block.
-            for (from, to) in [(1000, 6000), (6000, 6100)] {
-                client_writer.write_all(&data[from..to]).await.unwrap();
-                while write.landed_bytes() < to as u64 {
-                    assert!(matches!(
-                        land_once(&mut write, &mut reader, &volume).await,
-                        Landing::Progress
-                    ));
-                }
-                assert_eq!(write.partial, data[4096..to], "the block's landed part");
+        // A landing across a block boundary, then one inside the next block.
+        for (from, to) in [(1000, 6000), (6000, 6100)] {
+            client_writer.write_all(&data[from..to]).await.unwrap();
+            while write.landed_bytes() < to as u64 {
+                assert!(matches!(
+                    land_once(&mut write, &mut reader, &volume).await,
+                    Landing::Progress
+                ));
             }
+            assert_eq!(write.partial, data[4096..to], "the block's landed part");
+        }
 
-            // Landing paused: the rest starts on the block's boundary, its landed part first.
-            engine.pause_inline_copies_for_test();
-            client_writer.write_all(&data[6100..8000]).await.unwrap();
-            let Landing::Rest(rest) = land_once(&mut write, &mut reader, &volume).await else {
-                panic!("a paused landing goes the ordinary way");
-            };
-            assert_eq!(
-                (rest.offset, rest.length),
-                (8192 + 4096, PAYLOAD_BYTES - 4096)
-            );
-            assert_eq!(rest.cookie, 7);
-            assert_eq!(write.take_partial(), data[4096..6100]);
+        // Landing paused: the rest starts on the block's boundary, its landed part first.
+        engine.pause_inline_copies_for_test();
+        client_writer.write_all(&data[6100..8000]).await.unwrap();
+        let Landing::Rest(rest) = land_once(&mut write, &mut reader, &volume).await else {
+            panic!("a paused landing goes the ordinary way");
+        };
+        assert_eq!(
+            (rest.offset, rest.length),
+            (8192 + 4096, PAYLOAD_BYTES - 4096)
+        );
+        assert_eq!(rest.cookie, 7);
+        assert_eq!(write.take_partial(), data[4096..6100]);
 
-            let back = volume.read(0, 1 << 20).await.unwrap();
-            assert!(back[..8192].iter().all(|&b| b == 1));
-            assert_eq!(back[8192..8192 + 6100], data[..6100]);
-            assert!(back[8192 + 6100..].iter().all(|&b| b == 1));
-        });
+        let back = volume.read(0, 1 << 20).await.unwrap();
+        assert!(back[..8192].iter().all(|&b| b == 1));
+        assert_eq!(back[8192..8192 + 6100], data[..6100]);
+        assert!(back[8192 + 6100..].iter().all(|&b| b == 1));
     }
 }

@@ -32,6 +32,25 @@ mod freeze_tests;
 #[cfg(test)]
 mod model_tests;
 
+/// For tests: a registry in `dir` on `engine` (the threads engine when None), with a volume
+/// "v" of `size_bytes` holding 1s throughout.
+#[cfg(test)]
+pub(crate) async fn volume_of_ones(
+    dir: &std::path::Path,
+    engine: Option<crate::io::IoEngine>,
+    size_bytes: u64,
+) -> (std::sync::Arc<Registry>, std::sync::Arc<Volume>) {
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    let engine = engine.unwrap_or_else(|| {
+        IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap()
+    });
+    let registry = std::sync::Arc::new(Registry::open(dir, engine).unwrap());
+    let volume = registry.create("v", size_bytes).unwrap();
+    let ones = bytes::Bytes::from(vec![1u8; size_bytes as usize]);
+    volume.write(0, ones, false).await.unwrap();
+    (registry, volume)
+}
+
 /// A new read-write file `name` in `dir`, `len_bytes` long (sparse), for tests.
 #[cfg(test)]
 pub(crate) fn sized_test_file(dir: &std::path::Path, name: &str, len_bytes: u64) -> std::fs::File {

@@ -1102,126 +1102,106 @@ mod tests {
 
     use super::*;
     use crate::io::{EngineConfig, EngineKind};
-    use crate::storage::Registry;
+    use crate::storage::{volume_of_ones, Registry};
 
     /// A zero that gives blocks back waits, after marking them, for overwrites of them that saw
     /// them as data (taking no lock) before it punches: their bytes landing after the punch
     /// would lie under blocks marked zero.
-    #[test]
-    fn a_zero_punches_only_after_overwrites_that_saw_the_blocks_as_data() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
-            let volume = registry.create("v", 64 * BLOCK_BYTES).unwrap();
-            let ones = vec![1u8; 64 * BLOCK_BYTES as usize];
-            volume.write(0, Bytes::from(ones), false).await.unwrap();
-            let writer = volume.writer.as_ref().unwrap();
-            // An overwrite of block 8 past its map check, its bytes not landed yet.
-            let overwrite = writer.stripes.begin_overwrite(8, 9);
-            let zeroing = Arc::clone(&volume);
-            let zero = tokio::spawn(async move {
-                let mode = ZeroMode {
-                    may_trim: true,
-                    fast_only: false,
-                };
-                zeroing
-                    .write_zeroes(8 * BLOCK_BYTES, 8 * BLOCK_BYTES, mode, false)
-                    .await
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(!zero.is_finished(), "the zero waits for the overwrite");
-            let head = Arc::clone(volume.chain().top());
-            std::os::unix::fs::FileExt::write_all_at(
-                head.data().as_ref(),
-                &[9u8; BLOCK_BYTES as usize],
-                8 * BLOCK_BYTES,
-            )
-            .unwrap();
-            drop(overwrite);
-            zero.await.unwrap().unwrap();
-            let mut block = vec![7u8; BLOCK_BYTES as usize];
-            std::os::unix::fs::FileExt::read_exact_at(
-                head.data().as_ref(),
-                &mut block,
-                8 * BLOCK_BYTES,
-            )
-            .unwrap();
-            assert!(
-                block.iter().all(|&b| b == 0),
-                "the late overwrite's bytes were punched"
-            );
-            let back = volume.read(8 * BLOCK_BYTES, 4096).await.unwrap();
-            assert!(back.iter().all(|&b| b == 0));
+    #[tokio::test]
+    async fn a_zero_punches_only_after_overwrites_that_saw_the_blocks_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_registry, volume) = volume_of_ones(dir.path(), None, 64 * BLOCK_BYTES).await;
+        let writer = volume.writer.as_ref().unwrap();
+        // An overwrite of block 8 past its map check, its bytes not landed yet.
+        let overwrite = writer.stripes.begin_overwrite(8, 9);
+        let zeroing = Arc::clone(&volume);
+        let zero = tokio::spawn(async move {
+            let mode = ZeroMode {
+                may_trim: true,
+                fast_only: false,
+            };
+            zeroing
+                .write_zeroes(8 * BLOCK_BYTES, 8 * BLOCK_BYTES, mode, false)
+                .await
         });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!zero.is_finished(), "the zero waits for the overwrite");
+        let head = Arc::clone(volume.chain().top());
+        std::os::unix::fs::FileExt::write_all_at(
+            head.data().as_ref(),
+            &[9u8; BLOCK_BYTES as usize],
+            8 * BLOCK_BYTES,
+        )
+        .unwrap();
+        drop(overwrite);
+        zero.await.unwrap().unwrap();
+        let mut block = vec![7u8; BLOCK_BYTES as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            head.data().as_ref(),
+            &mut block,
+            8 * BLOCK_BYTES,
+        )
+        .unwrap();
+        assert!(
+            block.iter().all(|&b| b == 0),
+            "the late overwrite's bytes were punched"
+        );
+        let back = volume.read(8 * BLOCK_BYTES, 4096).await.unwrap();
+        assert!(back.iter().all(|&b| b == 0));
     }
 
     /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old
     /// bytes under blocks marked zero: they would read again after a power loss once a later
     /// write marked such a block data and only the map reached the disk.
-    #[test]
-    fn a_refused_punch_zeroes_the_bytes_under_blocks_marked_zero() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    #[tokio::test]
+    async fn a_refused_punch_zeroes_the_bytes_under_blocks_marked_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (_registry, volume) =
+            volume_of_ones(dir.path(), Some(engine.clone()), 64 * BLOCK_BYTES).await;
+        engine.refuse_punches_for_test();
+        let (start, length) = (8 * BLOCK_BYTES, 16 * BLOCK_BYTES);
+        let zero = ZeroMode {
+            may_trim: true,
+            fast_only: false,
+        };
+        volume
+            .write_zeroes(start, length, zero, false)
+            .await
             .unwrap();
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            let registry = Arc::new(Registry::open(dir.path(), engine.clone()).unwrap());
-            let volume = registry.create("v", 64 * BLOCK_BYTES).unwrap();
-            let ones = vec![1u8; 64 * BLOCK_BYTES as usize];
-            volume.write(0, Bytes::from(ones), false).await.unwrap();
-            engine.refuse_punches_for_test();
-            let (start, length) = (8 * BLOCK_BYTES, 16 * BLOCK_BYTES);
-            let zero = ZeroMode {
-                may_trim: true,
-                fast_only: false,
-            };
-            volume
-                .write_zeroes(start, length, zero, false)
-                .await
-                .unwrap();
-            volume
-                .trim(40 * BLOCK_BYTES, 8 * BLOCK_BYTES, false)
-                .await
-                .unwrap();
-            volume.flush().await.unwrap();
+        volume
+            .trim(40 * BLOCK_BYTES, 8 * BLOCK_BYTES, false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
 
-            let back = volume.read(0, 64 * BLOCK_BYTES as usize).await.unwrap();
-            let mut file_bytes = vec![0u8; 64 * BLOCK_BYTES as usize];
-            std::os::unix::fs::FileExt::read_exact_at(
-                volume.chain().top().data().as_ref(),
-                &mut file_bytes,
-                0,
-            )
-            .unwrap();
-            for (block, what) in [
-                (0, "before"),
-                (8, "zeroed"),
-                (24, "between"),
-                (40, "trimmed"),
-                (48, "after"),
-            ] {
-                let at = block * BLOCK_BYTES as usize;
-                let zeroed = matches!(what, "zeroed" | "trimmed");
-                let want = if zeroed { 0 } else { 1 };
-                assert!(
-                    back[at..at + 4096].iter().all(|&b| b == want),
-                    "{what} reads"
-                );
-                assert!(
-                    file_bytes[at..at + 4096].iter().all(|&b| b == want),
-                    "{what} in the head's file"
-                );
-            }
-        });
+        let back = volume.read(0, 64 * BLOCK_BYTES as usize).await.unwrap();
+        let mut file_bytes = vec![0u8; 64 * BLOCK_BYTES as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            volume.chain().top().data().as_ref(),
+            &mut file_bytes,
+            0,
+        )
+        .unwrap();
+        for (block, what) in [
+            (0, "before"),
+            (8, "zeroed"),
+            (24, "between"),
+            (40, "trimmed"),
+            (48, "after"),
+        ] {
+            let at = block * BLOCK_BYTES as usize;
+            let zeroed = matches!(what, "zeroed" | "trimmed");
+            let want = if zeroed { 0 } else { 1 };
+            assert!(
+                back[at..at + 4096].iter().all(|&b| b == want),
+                "{what} reads"
+            );
+            assert!(
+                file_bytes[at..at + 4096].iter().all(|&b| b == want),
+                "{what} in the head's file"
+            );
+        }
     }
 
     /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
@@ -1237,15 +1217,8 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let engine =
-                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-            let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
-            let volume = registry.create("v", 16 * BLOCK_BYTES).unwrap();
+            let (registry, volume) = volume_of_ones(dir.path(), None, 16 * BLOCK_BYTES).await;
             let entry = registry.entry("v").unwrap();
-            volume
-                .write(0, Bytes::from(vec![1u8; 16 * BLOCK_BYTES as usize]), false)
-                .await
-                .unwrap();
             // A write of the current epoch, in flight until the guard is dropped.
             let (_chain, earlier_write) = volume.chain_for_write();
             let old_head = Arc::clone(volume.chain().top());
