@@ -18,8 +18,6 @@ use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
 use std::str::FromStr;
-#[cfg(test)]
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,9 +181,10 @@ pub struct IoEngine {
     /// Bytes large writes copied on their callers' threads (`write_all_at_here`). A shared
     /// count: the metrics endpoint reads it.
     copied_here_bytes: Counter,
-    /// Set by tests: hole punches fail with ENOSPC, as a full disk can make them.
+    /// Set by tests: fallocate calls whose mode has any of these bits (or every call, for 0)
+    /// fail with this errno.
     #[cfg(test)]
-    refuse_punches: Arc<AtomicBool>,
+    failing_fallocate: Arc<std::sync::Mutex<Option<(i32, i32)>>>,
 }
 
 enum Backend {
@@ -232,7 +231,7 @@ impl IoEngine {
             residency: Arc::new(Residency::new(config.inline_cached_io)),
             copied_here_bytes: Counter::default(),
             #[cfg(test)]
-            refuse_punches: Arc::default(),
+            failing_fallocate: Arc::default(),
         })
     }
 
@@ -345,17 +344,11 @@ impl IoEngine {
         self.inline_writes.ignore_slow_writes_for_test();
     }
 
-    /// Makes every later hole punch fail with ENOSPC.
+    /// Makes every later fallocate whose mode has any of `mode_bits` (every one, for 0) fail
+    /// with `errno`: ENOSPC for punches on a full disk, EOPNOTSUPP where there is none.
     #[cfg(test)]
-    pub(crate) fn refuse_punches_for_test(&self) {
-        self.refuse_punches.store(true, Ordering::Relaxed);
-    }
-
-    /// Pauses inline copies (and so landings in place) for good, as slow copies would for a
-    /// while.
-    #[cfg(test)]
-    pub(crate) fn pause_inline_copies_for_test(&self) {
-        self.inline_writes.pause_for_test();
+    pub(crate) fn fail_fallocate_for_test(&self, mode_bits: i32, errno: i32) {
+        *self.failing_fallocate.lock().unwrap() = Some((mode_bits, errno));
     }
 
     /// Whether all of the range is in the page cache, so that sending it from there does not
@@ -633,8 +626,10 @@ impl IoEngine {
         check_offset(len)?;
         self.check_writes_allowed()?;
         #[cfg(test)]
-        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && self.refuse_punches.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        if let Some((mask, errno)) = *self.failing_fallocate.lock().unwrap() {
+            if mask == 0 || mode & mask != 0 {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
         }
         match self.backend() {
             BackendRef::Uring(engine) => {

@@ -25,7 +25,8 @@ use tokio_rustls::server::TlsStream;
 use crate::io::MAX_CACHED_WRITE_PIECE_BYTES;
 use crate::metrics::RequestGuard;
 use crate::storage::layer::BLOCK_BYTES;
-use crate::storage::volume::InPlaceHead;
+use crate::storage::stripes::ZeroGeneration;
+use crate::storage::volume::{InPlaceHead, PartialBlock};
 use crate::storage::Volume;
 
 /// The reading half of a connection, as far as receiving into the page cache goes. By default a
@@ -130,6 +131,9 @@ pub struct InPlaceWrite<'m> {
     landed_bytes: u64,
     /// The landed bytes of the block `landed_bytes` ends in (none when it ends on a boundary).
     partial: Vec<u8>,
+    /// That block's zero generation when they landed: a zero of it since refuses the next
+    /// landing (the part landed may be zeroes now).
+    partial_zero_generation: Option<ZeroGeneration>,
     pub counted: RequestGuard<'m>,
     pub started: Instant,
 }
@@ -145,6 +149,11 @@ impl<'m> InPlaceWrite<'m> {
         read: &[u8],
         counted: impl FnOnce() -> RequestGuard<'m>,
     ) -> Option<InPlaceWrite<'m>> {
+        let partial_bytes = read.len() % BLOCK_BYTES as usize;
+        // Taken before the bytes are written, as the landings' own are taken after them while
+        // they still count as an overwrite: a zero of that block afterwards changes it either way.
+        let partial_zero_generation =
+            volume.zero_generation((request.offset + read.len() as u64) / BLOCK_BYTES);
         if !read.is_empty() {
             match volume.land_read_in_place(
                 &head,
@@ -159,12 +168,12 @@ impl<'m> InPlaceWrite<'m> {
                 }
             }
         }
-        let partial_bytes = read.len() % BLOCK_BYTES as usize;
         Some(InPlaceWrite {
             request,
             head,
             landed_bytes: read.len() as u64,
             partial: read[read.len() - partial_bytes..].to_vec(),
+            partial_zero_generation,
             counted: counted(),
             started: Instant::now(),
         })
@@ -195,20 +204,40 @@ impl<'m> InPlaceWrite<'m> {
             // against slow copies judges (a whole 1 MiB landing took over its 1 ms on a busy
             // machine and paused landing most of the time under four TCP clients).
             let piece_bytes = (missing_bytes as usize).min(MAX_CACHED_WRITE_PIECE_BYTES);
-            let (head, partial) = (&self.head, &mut self.partial);
-            let landed = volume.land_in_place(head, offset_bytes, piece_bytes, |at, length| {
-                // SAFETY: `land_in_place` hands out a range of the head's live shared mapping
-                // (the head's layer, and so its mapping, is kept by `self.head`), and no
-                // reference to mapped memory is ever made: only the kernel writes it.
-                let received = unsafe { reader.try_receive_into(at, length) }?;
-                keep_partial(head, partial, offset_bytes, received)?;
-                Ok(received)
+            let partial_block = (!self.partial.is_empty()).then_some(PartialBlock {
+                block: offset_bytes / BLOCK_BYTES,
+                zero_generation: self.partial_zero_generation,
             });
+            let (head, partial) = (&self.head, &mut self.partial);
+            let partial_zero_generation = &mut self.partial_zero_generation;
+            let mut kept = Ok(());
+            let landed = volume.land_in_place(
+                head,
+                offset_bytes,
+                piece_bytes,
+                partial_block,
+                |at, length| {
+                    // SAFETY: `land_in_place` hands out a range of the head's live shared
+                    // mapping (the head's layer, and so its mapping, is kept by `self.head`),
+                    // and no reference to mapped memory is ever made: only the kernel writes it.
+                    let received = unsafe { reader.try_receive_into(at, length) }?;
+                    let end_bytes = offset_bytes + received as u64;
+                    *partial_zero_generation = volume.zero_generation(end_bytes / BLOCK_BYTES);
+                    kept = keep_partial(head, partial, offset_bytes, received);
+                    Ok(received)
+                },
+            );
             match landed {
                 None => return Poll::Ready(Landing::Rest(self.rest())),
                 Some(Ok(0)) => return Poll::Ready(Landing::Eof),
                 Some(Ok(n)) => {
                     self.landed_bytes += n as u64;
+                    if let Err(error) = kept {
+                        // The bytes landed; the rest goes on from here the ordinary way.
+                        tracing::warn!(%error, offset = offset_bytes, "reading back a landed block failed; writing the rest the ordinary way");
+                        self.partial.clear();
+                        return Poll::Ready(Landing::Rest(self.rest()));
+                    }
                     return Poll::Ready(if self.landed_bytes == self.request.length {
                         Landing::Complete
                     } else {
@@ -286,7 +315,7 @@ mod tests {
     use super::*;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::metrics::Metrics;
-    use crate::storage::volume_of_ones;
+    use crate::storage::{volume_of_ones, ZeroMode};
 
     const PAYLOAD_BYTES: u64 = 64 << 10;
 
@@ -306,7 +335,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_landing_refused_midway_hands_back_the_landed_part_of_its_block() {
+    async fn a_landing_after_a_zero_of_its_block_hands_back_the_landed_part() {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
         engine.ignore_slow_copies_for_test();
@@ -348,11 +377,22 @@ mod tests {
             assert_eq!(write.partial, data[4096..to], "the block's landed part");
         }
 
-        // Landing paused: the rest starts on the block's boundary, its landed part first.
-        engine.pause_inline_copies_for_test();
+        // The block zeroed by a WRITE_ZEROES that keeps it allocated (its map still says data)
+        // by writing zeroes, as where fallocate is unsupported, so its page stays cached: the
+        // next landing is refused, and the rest starts on the block's boundary with its landed
+        // part first, so the block is written whole.
+        engine.fail_fallocate_for_test(0, libc::EOPNOTSUPP);
+        let no_hole = ZeroMode {
+            may_trim: false,
+            fast_only: false,
+        };
+        volume
+            .write_zeroes(8192 + 4096, 4096, no_hole, false)
+            .await
+            .unwrap();
         client_writer.write_all(&data[6100..8000]).await.unwrap();
         let Landing::Rest(rest) = land_once(&mut write, &mut reader, &volume).await else {
-            panic!("a paused landing goes the ordinary way");
+            panic!("a landing into a block zeroed since goes the ordinary way");
         };
         assert_eq!(
             (rest.offset, rest.length),
@@ -363,7 +403,8 @@ mod tests {
 
         let back = volume.read(0, 1 << 20).await.unwrap();
         assert!(back[..8192].iter().all(|&b| b == 1));
-        assert_eq!(back[8192..8192 + 6100], data[..6100]);
-        assert!(back[8192 + 6100..].iter().all(|&b| b == 1));
+        assert_eq!(back[8192..8192 + 4096], data[..4096]);
+        assert!(back[8192 + 4096..8192 + 8192].iter().all(|&b| b == 0));
+        assert!(back[8192 + 8192..].iter().all(|&b| b == 1));
     }
 }

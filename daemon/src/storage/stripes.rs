@@ -11,8 +11,13 @@
 //! the zero marks the map before it looks at the counts (a SeqCst fence on each side between
 //! the two), so either the overwrite sees the mark and takes the locked path, or the zero sees
 //! the count and waits for it.
+//!
+//! Every zero also moves its stripes' zero generation on, to odd before it waits and to even
+//! once it is done, which a payload landing in place across several `recv`s compares between
+//! two of them: a zero that left the blocks data (`NO_HOLE`) still zeroed the part of a block
+//! that landed before it. An odd generation is a zero under way.
 
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard};
@@ -20,12 +25,15 @@ use tokio::sync::{Mutex, MutexGuard};
 /// Blocks per lock granule (64 KiB of volume).
 const GRANULE_BLOCKS: u64 = 16;
 const STRIPES: usize = 1024;
-/// How often a zero waiting for overwrites looks again; they last one write each.
-const OVERWRITE_POLL: Duration = Duration::from_micros(50);
+/// A zero waiting for an overwrite yields this many times (an overwrite is one cached write,
+/// microseconds) before it sleeps between looks.
+const OVERWRITE_YIELDS: u32 = 64;
+const OVERWRITE_POLL: Duration = Duration::from_millis(1);
 
 pub struct Stripes {
     locks: Box<[Mutex<()>]>,
     overwrites: Box<[AtomicU32]>,
+    zero_generations: Box<[AtomicU64]>,
 }
 
 impl Default for Stripes {
@@ -33,6 +41,25 @@ impl Default for Stripes {
         Stripes {
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             overwrites: (0..STRIPES).map(|_| AtomicU32::new(0)).collect(),
+            zero_generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+/// A block's zero generation, even (see the module's comment).
+pub type ZeroGeneration = u64;
+
+/// A zero under way on a range's stripes; its generations move on to even when it drops.
+pub struct Zeroing<'s> {
+    stripes: &'s Stripes,
+    start: u64,
+    end: u64,
+}
+
+impl Drop for Zeroing<'_> {
+    fn drop(&mut self) {
+        for i in stripe_indices(self.start, self.end) {
+            self.stripes.zero_generations[i].fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -76,7 +103,8 @@ impl Stripes {
     }
 
     /// Counts an overwrite of blocks `[start, end)` without a lock; the caller looks at the map
-    /// only after this.
+    /// only after this. Uncounted when the guard drops, so a write future dropped while its
+    /// engine job still runs would be uncounted early: the NBD side never drops one.
     pub fn begin_overwrite(&self, start: u64, end: u64) -> Overwrite<'_> {
         for i in stripe_indices(start, end) {
             self.overwrites[i].fetch_add(1, Ordering::Relaxed);
@@ -89,14 +117,43 @@ impl Stripes {
         }
     }
 
-    /// Waits until no overwrite counted on the stripes of blocks `[start, end)` is in flight;
-    /// called with their locks held, after the map change they must see. Overwrites of other
-    /// blocks sharing the stripes are waited for too: they are as short.
-    pub async fn overwrites_done(&self, start: u64, end: u64) {
-        fence(Ordering::SeqCst);
-        while stripe_indices(start, end).any(|i| self.overwrites[i].load(Ordering::Acquire) > 0) {
-            tokio::time::sleep(OVERWRITE_POLL).await;
+    /// The zero generation of `block`, None while a zero is under way on its stripe. Read
+    /// while counted as an overwrite, it is the generation from before any zero that the
+    /// overwrite did not make wait.
+    pub fn zero_generation(&self, block: u64) -> Option<ZeroGeneration> {
+        let i = stripe_indices(block, block + 1).next()?;
+        let generation = self.zero_generations[i].load(Ordering::Acquire);
+        generation.is_multiple_of(2).then_some(generation)
+    }
+
+    /// For a zero of blocks `[start, end)`, called with their locks held and after any map
+    /// change overwrites must see: moves their zero generation on (to odd until the returned
+    /// guard drops), then waits until no overwrite counted on their stripes is in flight. Each
+    /// stripe is waited for in turn: seeing its count at zero once after the fence is enough,
+    /// as an overwrite counted later sees the change. Overwrites of other blocks sharing the
+    /// stripes are waited for too.
+    pub async fn zeroing(&self, start: u64, end: u64) -> Zeroing<'_> {
+        for i in stripe_indices(start, end) {
+            self.zero_generations[i].fetch_add(1, Ordering::Relaxed);
         }
+        let zeroing = Zeroing {
+            stripes: self,
+            start,
+            end,
+        };
+        fence(Ordering::SeqCst);
+        for i in stripe_indices(start, end) {
+            let mut looks = 0;
+            while self.overwrites[i].load(Ordering::Acquire) > 0 {
+                looks += 1;
+                if looks < OVERWRITE_YIELDS {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(OVERWRITE_POLL).await;
+                }
+            }
+        }
+        zeroing
     }
 }
 
@@ -134,21 +191,27 @@ mod tests {
         let stripes = Stripes::default();
         let overwrite = stripes.begin_overwrite(3, 4);
         let other = stripes.begin_overwrite(GRANULE_BLOCKS, GRANULE_BLOCKS + 1);
-        let waited = tokio::time::timeout(
-            std::time::Duration::from_millis(20),
-            stripes.overwrites_done(0, 8),
-        );
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(20), stripes.zeroing(0, 8));
         assert!(
             waited.await.is_err(),
             "an overwrite in its stripe is waited for"
         );
         drop(overwrite);
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            stripes.overwrites_done(0, 8),
-        )
-        .await
-        .expect("done once it is uncounted, whatever other stripes hold");
+        let before = stripes.zero_generation(5).expect("no zero under way");
+        let zeroing =
+            tokio::time::timeout(std::time::Duration::from_secs(5), stripes.zeroing(0, 8))
+                .await
+                .expect("done once it is uncounted, whatever other stripes hold");
+        assert_eq!(stripes.zero_generation(5), None, "a zero is under way");
+        drop(zeroing);
+        let after = stripes.zero_generation(5).expect("the zero is done");
+        assert_ne!(before, after);
+        assert_eq!(
+            stripes.zero_generation(GRANULE_BLOCKS + 1),
+            Some(0),
+            "other stripes keep theirs"
+        );
         drop(other);
         // A range wrapping the table counts each stripe once and uncounts what it counted.
         let wrapping = stripes.begin_overwrite(0, GRANULE_BLOCKS * STRIPES as u64 * 2);

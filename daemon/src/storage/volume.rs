@@ -25,7 +25,7 @@ use crate::storage::stripes::Stripes;
 
 mod in_place;
 mod mapped_read;
-pub use in_place::InPlaceHead;
+pub use in_place::{InPlaceHead, PartialBlock};
 pub use mapped_read::MappedBytes;
 
 /// Allocation bits of a `StatusQuery::Allocation` extent.
@@ -180,6 +180,8 @@ pub struct Volume {
     /// Cleared the first time the filesystem refuses fallocate, so later zeroing of allocated
     /// blocks goes straight to writing zero bytes.
     fallocate_works: AtomicBool,
+    /// Hole punching works on the head's filesystem (cleared at its first EOPNOTSUPP).
+    punch_works: AtomicBool,
     /// Set while the volume holds an incomplete restore (see `restore_mark.rs`): the handshake
     /// refuses clients then.
     restore_mark: std::sync::Mutex<Option<RestoreMark>>,
@@ -247,6 +249,7 @@ impl Volume {
             writer,
             bases: RwLock::new(Vec::new()),
             fallocate_works: AtomicBool::new(true),
+            punch_works: AtomicBool::new(true),
             restore_mark: std::sync::Mutex::new(None),
         }
     }
@@ -756,10 +759,12 @@ impl Volume {
         let head = chain.top();
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
-        if mode.may_trim {
+        if mode.may_trim && self.punch_works.load(Ordering::Relaxed) {
             return self.deallocate(writer, chain, start, end).await;
         }
-        // NO_HOLE: the head keeps allocated blocks that read as zeroes.
+        // NO_HOLE (or no hole punching here): the head keeps allocated blocks that read as
+        // zeroes. A payload landing in place in them learns of it (see `stripes`).
+        let _zeroing = writer.stripes.zeroing(start, end).await;
         if self.fallocate_works.load(Ordering::Relaxed) {
             let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
             match self
@@ -835,7 +840,7 @@ impl Volume {
         };
         let marked = head.set_range(start, end, state);
         // Overwrites that saw the blocks as data before the mark land before the punch.
-        writer.stripes.overwrites_done(start, end).await;
+        let _zeroing = writer.stripes.zeroing(start, end).await;
         // Freeing the bytes is only an optimisation once the map says zero.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
@@ -844,6 +849,11 @@ impl Volume {
             .fallocate(head.data(), punch, offset_bytes, length_bytes)
             .await
         {
+            if is_unsupported(&e) && self.punch_works.swap(false, Ordering::Relaxed) {
+                // From now on TRIM is ignored (the spec allows it) and WRITE_ZEROES writes
+                // zeroes; this once the bytes are zeroed below.
+                tracing::warn!(volume = %self.name, error = %e, "hole punching unsupported here; trims are ignored and zeroes written");
+            }
             // Bytes left under blocks marked zero would come back after a power loss once a
             // later write marks such a block data again and only the map reaches the disk:
             // the bytes the range holds are overwritten with zeroes instead (in place, so a
@@ -890,7 +900,8 @@ impl Volume {
         let writer = self.writable()?;
         let start = offset_bytes.div_ceil(BLOCK_BYTES);
         let end = (offset_bytes + length_bytes) / BLOCK_BYTES;
-        if end > start {
+        // Without hole punching a trim would have to write zeroes to give nothing back.
+        if end > start && self.punch_works.load(Ordering::Relaxed) {
             let _gate = writer.gate.read().await;
             let (chain, _epoch) = self.chain_for_write();
             let _locks = writer.stripes.lock(start, end).await;
@@ -1150,6 +1161,41 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
     }
 
+    /// Where hole punching is unsupported: the first zero writes zeroes over the bytes, later
+    /// trims are ignored (the spec allows it; giving nothing back, they would only cost writes)
+    /// and zeroes keep their blocks allocated.
+    #[tokio::test]
+    async fn without_hole_punching_trims_are_ignored_and_zeroes_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (_registry, volume) =
+            volume_of_ones(dir.path(), Some(engine.clone()), 64 * BLOCK_BYTES).await;
+        engine.fail_fallocate_for_test(libc::FALLOC_FL_PUNCH_HOLE, libc::EOPNOTSUPP);
+        let may_trim = ZeroMode {
+            may_trim: true,
+            fast_only: false,
+        };
+        volume
+            .write_zeroes(0, 4 * BLOCK_BYTES, may_trim, false)
+            .await
+            .unwrap();
+        volume
+            .trim(8 * BLOCK_BYTES, 4 * BLOCK_BYTES, false)
+            .await
+            .unwrap();
+        volume
+            .write_zeroes(16 * BLOCK_BYTES, 4 * BLOCK_BYTES, may_trim, false)
+            .await
+            .unwrap();
+        let back = volume.read(0, 64 * BLOCK_BYTES as usize).await.unwrap();
+        let block = |b: usize| &back[b * 4096..(b + 1) * 4096];
+        assert!(block(0).iter().all(|&b| b == 0), "zeroed");
+        assert!(block(8).iter().all(|&b| b == 1), "the trim was ignored");
+        assert!(block(16).iter().all(|&b| b == 0), "zeroed, allocated");
+        assert_eq!(volume.chain().top().state(16), BlockState::Data);
+        assert!(block(24).iter().all(|&b| b == 1));
+    }
+
     /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old
     /// bytes under blocks marked zero: they would read again after a power loss once a later
     /// write marked such a block data and only the map reached the disk.
@@ -1159,7 +1205,7 @@ mod tests {
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
         let (_registry, volume) =
             volume_of_ones(dir.path(), Some(engine.clone()), 64 * BLOCK_BYTES).await;
-        engine.refuse_punches_for_test();
+        engine.fail_fallocate_for_test(libc::FALLOC_FL_PUNCH_HOLE, libc::ENOSPC);
         let (start, length) = (8 * BLOCK_BYTES, 16 * BLOCK_BYTES);
         let zero = ZeroMode {
             may_trim: true,

@@ -24,12 +24,20 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
+use crate::storage::stripes::ZeroGeneration;
 
 use super::Volume;
 
 /// The head a write's payload is being received into.
 pub struct InPlaceHead {
     layer: Arc<Layer>,
+}
+
+/// A block a payload landing in place has landed part of (see [`Volume::land_in_place`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PartialBlock {
+    pub block: u64,
+    pub zero_generation: Option<ZeroGeneration>,
 }
 
 impl InPlaceHead {
@@ -41,6 +49,12 @@ impl InPlaceHead {
 }
 
 impl Volume {
+    /// `block`'s zero generation (see `stripes`); None while a zero of it is under way, or on
+    /// a read-only volume.
+    pub fn zero_generation(&self, block: u64) -> Option<ZeroGeneration> {
+        self.writer.as_ref()?.stripes.zero_generation(block)
+    }
+
     /// The head to receive a write of `offset_bytes..offset_bytes + length_bytes` into, when
     /// the whole range qualifies (see the module's comment); `None` sends the write the
     /// ordinary way.
@@ -90,11 +104,16 @@ impl Volume {
     /// client may send a header and then take its time with the payload while memory pressure
     /// evicts them, and a write fault on an evicted page would read it from the disk on the
     /// connection's thread.
+    ///
+    /// `partial`: the block an earlier landing of the same payload ended in, part landed, with
+    /// its zero generation then; a zero of it since (or under way then) refuses this landing,
+    /// as the part landed may have been zeroed.
     pub fn land_in_place(
         &self,
         head: &InPlaceHead,
         offset_bytes: u64,
         length_bytes: usize,
+        partial: Option<PartialBlock>,
         land: impl FnOnce(NonNull<u8>, usize) -> io::Result<usize>,
     ) -> Option<io::Result<usize>> {
         if !self
@@ -103,7 +122,7 @@ impl Volume {
         {
             return None;
         }
-        self.holding_head(head, offset_bytes, length_bytes as u64, || {
+        self.holding_head(head, offset_bytes, length_bytes as u64, partial, || {
             // Mapped only once the layer is known to be the head (a frozen one lets its
             // mapping go), and held through the landing even if the layer lets it go meanwhile.
             let range = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
@@ -126,7 +145,7 @@ impl Volume {
         use std::os::unix::fs::FileExt;
         let mut at_bytes = offset_bytes;
         for piece in data.chunks(piece_bytes.max(1)) {
-            let written = self.holding_head(head, at_bytes, piece.len() as u64, || {
+            let written = self.holding_head(head, at_bytes, piece.len() as u64, None, || {
                 Some(head.layer.data().write_all_at(piece, at_bytes))
             })?;
             if written.is_err() {
@@ -148,6 +167,7 @@ impl Volume {
         head: &InPlaceHead,
         offset_bytes: u64,
         length_bytes: u64,
+        partial: Option<PartialBlock>,
         land: impl FnOnce() -> Option<io::Result<T>>,
     ) -> Option<io::Result<T>> {
         let writer = self.writer.as_ref()?;
@@ -168,6 +188,12 @@ impl Volume {
             .all(|b| head.layer.state(b) == BlockState::Data)
         {
             return None;
+        }
+        if let Some(partial) = partial {
+            let now = writer.stripes.zero_generation(partial.block);
+            if partial.zero_generation.is_none() || now != partial.zero_generation {
+                return None;
+            }
         }
         let landed = self.engine.copy_inline(land);
         // Marked before the epoch is left: a freeze waiting for it, and any later flush, see
@@ -217,7 +243,7 @@ mod tests {
         let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
         let data = &data[..data.len().min(64 << 10)];
         std::io::Write::write_all(&mut sender, data).unwrap();
-        let landed = volume.land_in_place(head, offset, data.len(), |at, length| {
+        let landed = volume.land_in_place(head, offset, data.len(), None, |at, length| {
             // SAFETY: `at..at + length` is a live range of the head's mapping; only the kernel
             // writes it.
             let got = unsafe {
