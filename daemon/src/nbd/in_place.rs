@@ -233,10 +233,10 @@ impl<'m> InPlaceWrite<'m> {
                 Some(Ok(n)) => {
                     self.landed_bytes += n as u64;
                     if let Err(error) = kept {
-                        // The bytes landed; the rest goes on from here the ordinary way.
-                        tracing::warn!(%error, offset = offset_bytes, "reading back a landed block failed; writing the rest the ordinary way");
-                        self.partial.clear();
-                        return Poll::Ready(Landing::Rest(self.rest()));
+                        // Without the block's landed part a rest could only start mid-block:
+                        // the connection ends, the write unanswered.
+                        tracing::warn!(%error, offset = offset_bytes, "reading back a landed block failed");
+                        return Poll::Ready(Landing::Failed(error));
                     }
                     return Poll::Ready(if self.landed_bytes == self.request.length {
                         Landing::Complete

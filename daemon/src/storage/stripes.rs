@@ -126,6 +126,16 @@ impl Stripes {
         generation.is_multiple_of(2).then_some(generation)
     }
 
+    /// Whether a zero is under way on any stripe of blocks `[start, end)`; asked while counted
+    /// as an overwrite that the map does not stop (a `NO_HOLE` zero leaves it saying data).
+    pub fn zero_under_way(&self, start: u64, end: u64) -> bool {
+        stripe_indices(start, end).any(|i| {
+            !self.zero_generations[i]
+                .load(Ordering::Acquire)
+                .is_multiple_of(2)
+        })
+    }
+
     /// For a zero of blocks `[start, end)`, called with their locks held and after any map
     /// change overwrites must see: moves their zero generation on (to odd until the returned
     /// guard drops), then waits until no overwrite counted on their stripes is in flight. Each

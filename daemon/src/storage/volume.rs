@@ -759,11 +759,17 @@ impl Volume {
         let head = chain.top();
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
-        if mode.may_trim && self.punch_works.load(Ordering::Relaxed) {
+        if mode.may_trim {
             return self.deallocate(writer, chain, start, end).await;
         }
-        // NO_HOLE (or no hole punching here): the head keeps allocated blocks that read as
-        // zeroes. A payload landing in place in them learns of it (see `stripes`).
+        if mode.fast_only && !self.fallocate_works.load(Ordering::Relaxed) {
+            return Err(StorageError::FastZeroUnsupported {
+                offset_bytes,
+                length_bytes,
+            });
+        }
+        // NO_HOLE: the head keeps allocated blocks that read as zeroes. A payload landing in
+        // place in them learns of it (see `stripes`).
         let _zeroing = writer.stripes.zeroing(start, end).await;
         if self.fallocate_works.load(Ordering::Relaxed) {
             let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -844,21 +850,24 @@ impl Volume {
         // Freeing the bytes is only an optimisation once the map says zero.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
-        if let Err(e) = self
-            .engine
-            .fallocate(head.data(), punch, offset_bytes, length_bytes)
-            .await
-        {
+        let punched = if self.punch_works.load(Ordering::Relaxed) {
+            self.engine
+                .fallocate(head.data(), punch, offset_bytes, length_bytes)
+                .await
+        } else {
+            Err(std::io::ErrorKind::Unsupported.into())
+        };
+        if let Err(e) = punched {
             if is_unsupported(&e) && self.punch_works.swap(false, Ordering::Relaxed) {
-                // From now on TRIM is ignored (the spec allows it) and WRITE_ZEROES writes
-                // zeroes; this once the bytes are zeroed below.
-                tracing::warn!(volume = %self.name, error = %e, "hole punching unsupported here; trims are ignored and zeroes written");
+                // From now on TRIM is ignored (the spec allows it; it would give nothing
+                // back) and WRITE_ZEROES writes zeroes over the bytes it marks zero.
+                tracing::warn!(volume = %self.name, error = %e, "hole punching unsupported here; trims are ignored");
             }
             // Bytes left under blocks marked zero would come back after a power loss once a
             // later write marks such a block data again and only the map reaches the disk:
             // the bytes the range holds are overwritten with zeroes instead (in place, so a
             // full disk, which can refuse a punch that splits an extent, takes them).
-            tracing::debug!(volume = %self.name, error = %e, "punching a hole failed; writing zeroes over the range's bytes");
+            tracing::debug!(volume = %self.name, error = %e, "no hole punched; writing zeroes over the range's bytes");
             if let Err(e) = self.zero_data_of(head, offset_bytes, length_bytes).await {
                 tracing::warn!(volume = %self.name, offset_bytes, length_bytes, error = %e, "neither a hole nor zeroes replaced the bytes of blocks marked zero; a power loss may show them again");
             }
@@ -1161,11 +1170,11 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
     }
 
-    /// Where hole punching is unsupported: the first zero writes zeroes over the bytes, later
-    /// trims are ignored (the spec allows it; giving nothing back, they would only cost writes)
-    /// and zeroes keep their blocks allocated.
+    /// Where hole punching is unsupported: zeroes mark their blocks and write zeroes over the
+    /// bytes under them, and trims, from the first failed punch on, are ignored (the spec allows
+    /// it; giving nothing back, they would only cost writes).
     #[tokio::test]
-    async fn without_hole_punching_trims_are_ignored_and_zeroes_written() {
+    async fn without_hole_punching_trims_are_ignored_and_zeroes_written_under_the_marks() {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
         let (_registry, volume) =
@@ -1191,9 +1200,20 @@ mod tests {
         let block = |b: usize| &back[b * 4096..(b + 1) * 4096];
         assert!(block(0).iter().all(|&b| b == 0), "zeroed");
         assert!(block(8).iter().all(|&b| b == 1), "the trim was ignored");
-        assert!(block(16).iter().all(|&b| b == 0), "zeroed, allocated");
-        assert_eq!(volume.chain().top().state(16), BlockState::Data);
+        assert!(block(16).iter().all(|&b| b == 0), "zeroed");
+        assert_eq!(volume.chain().top().state(16), BlockState::Absent);
         assert!(block(24).iter().all(|&b| b == 1));
+        let mut file_bytes = vec![7u8; 4 * BLOCK_BYTES as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            volume.chain().top().data().as_ref(),
+            &mut file_bytes,
+            16 * BLOCK_BYTES,
+        )
+        .unwrap();
+        assert!(
+            file_bytes.iter().all(|&b| b == 0),
+            "no old bytes under blocks marked zero"
+        );
     }
 
     /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old

@@ -184,9 +184,14 @@ impl Volume {
             offset_bytes / BLOCK_BYTES..(offset_bytes + length_bytes).div_ceil(BLOCK_BYTES);
         let _overwrite = writer.stripes.begin_overwrite(blocks.start, blocks.end);
         if !blocks
-            .into_iter()
+            .clone()
             .all(|b| head.layer.state(b) == BlockState::Data)
         {
+            return None;
+        }
+        // A zero under way that left the blocks data (NO_HOLE) did not see this count (else
+        // it would wait for it): it may be zeroing them now.
+        if writer.stripes.zero_under_way(blocks.start, blocks.end) {
             return None;
         }
         if let Some(partial) = partial {
@@ -334,6 +339,38 @@ mod tests {
             // Read back in, they take landings again.
             assert!(volume.read(0, 65536).await.unwrap().iter().all(|&b| b == 1));
             assert_eq!(land(&volume, &head, 0, &[2u8; 65536]), Some(65536));
+        });
+    }
+
+    /// A zero under way on the blocks (a NO_HOLE one leaves the map saying data) refuses a
+    /// landing; so does one done since the landed part of a block was recorded.
+    #[test]
+    fn a_zero_under_way_or_since_refuses_a_landing() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (_registry, volume) = volume(dir.path(), MIB).await;
+            let head = volume.in_place_head(0, MIB).unwrap();
+            let stripes = &volume.writer.as_ref().unwrap().stripes;
+            let zeroing = stripes.zeroing(0, 2).await;
+            assert_eq!(land(&volume, &head, 0, &[2u8; 8192]), None, "under way");
+            assert_eq!(volume.zero_generation(1), None);
+            drop(zeroing);
+            let generation = volume.zero_generation(1);
+            assert!(generation.is_some());
+            assert_eq!(land(&volume, &head, 0, &[2u8; 6000]), Some(6000));
+            let partial = |zero_generation| {
+                Some(PartialBlock {
+                    block: 1,
+                    zero_generation,
+                })
+            };
+            // The landings' copies are left out: only whether they may run is looked at.
+            let landed = volume.land_in_place(&head, 6000, 2192, partial(generation), |_, n| Ok(n));
+            assert_eq!(landed.map(Result::unwrap), Some(2192), "no zero since");
+            drop(stripes.zeroing(1, 2).await);
+            assert!(volume
+                .land_in_place(&head, 6000, 2192, partial(generation), |_, n| Ok(n))
+                .is_none());
         });
     }
 
