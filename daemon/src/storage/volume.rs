@@ -847,7 +847,7 @@ impl Volume {
         let marked = head.set_range(start, end, state);
         // Overwrites that saw the blocks as data before the mark land before the punch.
         let _zeroing = writer.stripes.zeroing(start, end).await;
-        // Freeing the bytes is only an optimisation once the map says zero.
+        // Reads follow the map from here; the bytes under it go (a hole, or zeroes below).
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
         let punched = if self.punch_works.load(Ordering::Relaxed) {
