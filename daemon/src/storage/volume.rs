@@ -1124,6 +1124,14 @@ mod tests {
     use crate::io::{EngineConfig, EngineKind};
     use crate::storage::{volume_of_ones, Registry};
 
+    /// What the head's data file itself holds (not what the map makes reads return).
+    fn head_file_bytes(volume: &Volume, offset_bytes: u64, length_bytes: u64) -> Vec<u8> {
+        let mut bytes = vec![7u8; length_bytes as usize];
+        let head = volume.chain().top().data().clone();
+        std::os::unix::fs::FileExt::read_exact_at(head.as_ref(), &mut bytes, offset_bytes).unwrap();
+        bytes
+    }
+
     /// A zero that gives blocks back waits, after marking them, for overwrites of them that saw
     /// them as data (taking no lock) before it punches: their bytes landing after the punch
     /// would lie under blocks marked zero.
@@ -1155,13 +1163,7 @@ mod tests {
         .unwrap();
         drop(overwrite);
         zero.await.unwrap().unwrap();
-        let mut block = vec![7u8; BLOCK_BYTES as usize];
-        std::os::unix::fs::FileExt::read_exact_at(
-            head.data().as_ref(),
-            &mut block,
-            8 * BLOCK_BYTES,
-        )
-        .unwrap();
+        let block = head_file_bytes(&volume, 8 * BLOCK_BYTES, BLOCK_BYTES);
         assert!(
             block.iter().all(|&b| b == 0),
             "the late overwrite's bytes were punched"
@@ -1203,13 +1205,7 @@ mod tests {
         assert!(block(16).iter().all(|&b| b == 0), "zeroed");
         assert_eq!(volume.chain().top().state(16), BlockState::Absent);
         assert!(block(24).iter().all(|&b| b == 1));
-        let mut file_bytes = vec![7u8; 4 * BLOCK_BYTES as usize];
-        std::os::unix::fs::FileExt::read_exact_at(
-            volume.chain().top().data().as_ref(),
-            &mut file_bytes,
-            16 * BLOCK_BYTES,
-        )
-        .unwrap();
+        let file_bytes = head_file_bytes(&volume, 16 * BLOCK_BYTES, 4 * BLOCK_BYTES);
         assert!(
             file_bytes.iter().all(|&b| b == 0),
             "no old bytes under blocks marked zero"
@@ -1242,13 +1238,7 @@ mod tests {
         volume.flush().await.unwrap();
 
         let back = volume.read(0, 64 * BLOCK_BYTES as usize).await.unwrap();
-        let mut file_bytes = vec![0u8; 64 * BLOCK_BYTES as usize];
-        std::os::unix::fs::FileExt::read_exact_at(
-            volume.chain().top().data().as_ref(),
-            &mut file_bytes,
-            0,
-        )
-        .unwrap();
+        let file_bytes = head_file_bytes(&volume, 0, 64 * BLOCK_BYTES);
         for (block, what) in [
             (0, "before"),
             (8, "zeroed"),
