@@ -75,6 +75,12 @@ pub struct Args {
     #[arg(long)]
     pub no_inline_cached_io: bool,
 
+    /// Microseconds a thread serving a single connection polls its socket for the rest of a
+    /// large WRITE payload it receives into the page cache, before sleeping (0: never)
+    /// [default: 50].
+    #[arg(long, value_name = "US")]
+    pub payload_wait_us: Option<u64>,
+
     /// Write a JSON file with the bound addresses and pid once listening.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,

@@ -19,7 +19,7 @@ mod storage;
 mod systemd;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -300,6 +300,7 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
                 max_inflight_requests: settings.max_inflight_requests,
                 max_inflight_bytes: settings.max_inflight_bytes,
                 idle_timeout: settings.idle_timeout,
+                payload_wait: Duration::from_micros(settings.payload_wait_us),
             },
         }),
         max_connections: settings.max_connections,

@@ -24,6 +24,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::io::MAX_CACHED_WRITE_PIECE_BYTES;
 use crate::metrics::RequestGuard;
+use crate::nbd::payload_wait::PayloadWait;
 use crate::storage::layer::BLOCK_BYTES;
 use crate::storage::stripes::ZeroGeneration;
 use crate::storage::volume::{InPlaceHead, PartialBlock};
@@ -49,6 +50,15 @@ pub trait ReceiveInPlace {
     /// `at..at + length` must be valid for writes for the whole call, and nothing in this
     /// process may hold a reference to that memory meanwhile.
     unsafe fn try_receive_into(&self, _at: NonNull<u8>, _length: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// As `try_receive_into`, after a `PayloadWait` saw the socket readable: the runtime's
+    /// readiness, cleared by the last `WouldBlock`, is not asked.
+    ///
+    /// # Safety
+    /// As for `try_receive_into`.
+    unsafe fn receive_into_now(&self, _at: NonNull<u8>, _length: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
 }
@@ -88,6 +98,12 @@ macro_rules! receive_in_place_on {
                 stream.try_io(Interest::READABLE, || unsafe {
                     receive_into(stream, at, length)
                 })
+            }
+
+            unsafe fn receive_into_now(&self, at: NonNull<u8>, length: usize) -> io::Result<usize> {
+                let stream: &$stream = self.as_ref();
+                // SAFETY: passed on from our caller, who guarantees the range.
+                unsafe { receive_into(stream, at, length) }
             }
         }
     };
@@ -184,20 +200,27 @@ impl<'m> InPlaceWrite<'m> {
         self.landed_bytes
     }
 
-    /// Receives what the socket holds of the payload, one `recv`.
+    /// Receives what the socket holds of the payload, one `recv`. With `wait`, a socket found
+    /// empty is polled for up to its budget before the task sleeps (see `payload_wait`).
     pub fn poll_land<R: ReceiveInPlace>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         volume: &Volume,
+        mut wait: Option<PayloadWait>,
     ) -> Poll<Landing> {
+        // The wait saw bytes: receive without asking the runtime, whose readiness the last
+        // `WouldBlock` cleared and only its next turn of the event loop would set again.
+        let mut waited_ready = false;
         loop {
             let missing_bytes = self.request.length - self.landed_bytes;
             if missing_bytes == 0 {
                 return Poll::Ready(Landing::Complete);
             }
-            if let Err(e) = std::task::ready!(reader.poll_receive_ready(cx)) {
-                return Poll::Ready(Landing::Failed(e));
+            if !waited_ready {
+                if let Err(e) = std::task::ready!(reader.poll_receive_ready(cx)) {
+                    return Poll::Ready(Landing::Failed(e));
+                }
             }
             let offset_bytes = self.request.offset + self.landed_bytes;
             // In pieces, as inline writes are copied: each piece's time is what the guard
@@ -220,7 +243,13 @@ impl<'m> InPlaceWrite<'m> {
                     // SAFETY: `land_in_place` hands out a range of the head's live shared
                     // mapping (the head's layer, and so its mapping, is kept by `self.head`),
                     // and no reference to mapped memory is ever made: only the kernel writes it.
-                    let received = unsafe { reader.try_receive_into(at, length) }?;
+                    let received = unsafe {
+                        if waited_ready {
+                            reader.receive_into_now(at, length)
+                        } else {
+                            reader.try_receive_into(at, length)
+                        }
+                    }?;
                     let end_bytes = offset_bytes + received as u64;
                     *partial_zero_generation = volume.zero_generation(end_bytes / BLOCK_BYTES);
                     kept = keep_partial(head, partial, offset_bytes, received);
@@ -244,12 +273,20 @@ impl<'m> InPlaceWrite<'m> {
                         Landing::Progress
                     });
                 }
-                // Readiness is cleared: the next poll registers for the socket.
+                // Readiness is cleared: the next poll registers for the socket, unless a wait
+                // sees bytes first. A socket the wait said was readable and that had nothing
+                // after all is left to the runtime.
                 Some(Err(e))
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                    ) =>
+                {
+                    if waited_ready {
+                        wait = None;
+                    }
+                    waited_ready = wait.is_some_and(|wait| wait.until_readable());
+                }
                 Some(Err(e)) if e.raw_os_error() == Some(libc::EFAULT) => {
                     // A page the kernel could not make writable (I/O error, full disk): the
                     // bytes stay in the socket, and the ordinary write reports the error.
@@ -308,6 +345,7 @@ fn keep_partial(
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
+    use std::time::Duration;
 
     use evsd_proto::Command;
     use tokio::io::AsyncWriteExt;
@@ -331,37 +369,142 @@ mod tests {
         reader: &mut R,
         volume: &Volume,
     ) -> Landing {
-        poll_fn(|cx| write.poll_land(cx, reader, volume)).await
+        poll_fn(|cx| write.poll_land(cx, reader, volume, None)).await
+    }
+
+    /// A volume of ones whose head takes landings, and its metrics.
+    struct Landings {
+        _dir: tempfile::TempDir,
+        engine: IoEngine,
+        _registry: std::sync::Arc<crate::storage::Registry>,
+        volume: std::sync::Arc<Volume>,
+        metrics: std::sync::Arc<crate::metrics::VolumeMetrics>,
+    }
+
+    impl Landings {
+        async fn new() -> Landings {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+            engine.ignore_slow_copies_for_test();
+            let (registry, volume) =
+                volume_of_ones(dir.path(), Some(engine.clone()), 1 << 20).await;
+            Landings {
+                _dir: dir,
+                engine,
+                _registry: registry,
+                volume,
+                metrics: Metrics::new().volume("v"),
+            }
+        }
+
+        /// A WRITE of `PAYLOAD_BYTES` at 8192 (cookie 7), its first `read` bytes of `data`
+        /// taken with the header.
+        fn start(&self, data: &[u8], read: usize) -> InPlaceWrite<'_> {
+            let request = Request {
+                flags: 0,
+                command: Command::Write,
+                cookie: 7,
+                offset: 8192,
+                length: PAYLOAD_BYTES,
+            };
+            let head = self
+                .volume
+                .in_place_head(8192, PAYLOAD_BYTES)
+                .expect("cached head blocks");
+            InPlaceWrite::start(&self.volume, request, head, &data[..read], || {
+                self.metrics.start(crate::metrics::Kind::Write)
+            })
+            .expect("started")
+        }
+    }
+
+    fn poll_once<R: ReceiveInPlace>(
+        write: &mut InPlaceWrite<'_>,
+        reader: &mut R,
+        volume: &Volume,
+        wait: Option<PayloadWait>,
+    ) -> Poll<Landing> {
+        write.poll_land(
+            &mut Context::from_waker(std::task::Waker::noop()),
+            reader,
+            volume,
+            wait,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_waiting_landing_takes_bytes_sent_after_the_socket_ran_dry() {
+        let landings = Landings::new().await;
+        let volume = &landings.volume;
+        let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let server = tokio::net::UnixStream::from_std(server).unwrap();
+        let socket_fd = server.as_raw_fd();
+        let (mut reader, _writer) = server.into_split();
+        let data = payload();
+        let mut write = landings.start(&data, 0);
+        let wait = |budget| Some(PayloadWait { socket_fd, budget });
+
+        let mut client = client;
+        std::io::Write::write_all(&mut client, &data[..30_000]).unwrap();
+        while write.landed_bytes() < 30_000 {
+            let landed = land_once(&mut write, &mut reader, volume).await;
+            assert!(matches!(landed, Landing::Progress));
+        }
+
+        // More arrives 50 ms into the wait: polls take it without ever sleeping, and without
+        // asking the runtime (whose readiness the empty socket cleared, and which this test
+        // does not turn).
+        let more = data[30_000..50_000].to_vec();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::io::Write::write_all(&mut client, &more).unwrap();
+            client
+        });
+        while write.landed_bytes() < 50_000 {
+            match poll_once(
+                &mut write,
+                &mut reader,
+                volume,
+                wait(Duration::from_secs(30)),
+            ) {
+                Poll::Ready(Landing::Progress) => {}
+                Poll::Ready(_) => panic!("the landing stopped"),
+                Poll::Pending => panic!("slept with the wait's budget left"),
+            }
+        }
+        let mut client = sender.join().unwrap();
+
+        // Nothing comes within the budget: the task sleeps as without a wait, and the runtime
+        // wakes it for the rest.
+        assert!(poll_once(
+            &mut write,
+            &mut reader,
+            volume,
+            wait(Duration::from_millis(2))
+        )
+        .is_pending());
+        std::io::Write::write_all(&mut client, &data[50_000..]).unwrap();
+        while write.landed_bytes() < PAYLOAD_BYTES {
+            let landed = land_once(&mut write, &mut reader, volume).await;
+            assert!(matches!(landed, Landing::Progress | Landing::Complete));
+        }
+        let back = volume.read(8192, PAYLOAD_BYTES as usize).await.unwrap();
+        assert_eq!(back[..], data[..]);
     }
 
     #[tokio::test]
     async fn a_landing_after_a_zero_of_its_block_hands_back_the_landed_part() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        engine.ignore_slow_copies_for_test();
-        let (_registry, volume) = volume_of_ones(dir.path(), Some(engine.clone()), 1 << 20).await;
-        let metrics = Metrics::new();
-        let volume_metrics = metrics.volume("v");
+        let landings = Landings::new().await;
+        let (volume, engine) = (&landings.volume, &landings.engine);
         let (client, server) = tokio::net::UnixStream::pair().unwrap();
         let (mut reader, _writer) = server.into_split();
         let (_client_reader, mut client_writer) = client.into_split();
         let data = payload();
-        let request = Request {
-            flags: 0,
-            command: Command::Write,
-            cookie: 7,
-            offset: 8192,
-            length: PAYLOAD_BYTES,
-        };
-        let head = volume
-            .in_place_head(8192, PAYLOAD_BYTES)
-            .expect("cached head blocks");
 
         // Read with the header: 1000 bytes, written at once.
-        let mut write = InPlaceWrite::start(&volume, request, head, &data[..1000], || {
-            volume_metrics.start(crate::metrics::Kind::Write)
-        })
-        .expect("started");
+        let mut write = landings.start(&data, 1000);
         assert_eq!(write.landed_bytes(), 1000);
         assert_eq!(write.partial, data[..1000]);
 
@@ -370,7 +513,7 @@ mod tests {
             client_writer.write_all(&data[from..to]).await.unwrap();
             while write.landed_bytes() < to as u64 {
                 assert!(matches!(
-                    land_once(&mut write, &mut reader, &volume).await,
+                    land_once(&mut write, &mut reader, volume).await,
                     Landing::Progress
                 ));
             }
@@ -391,7 +534,7 @@ mod tests {
             .await
             .unwrap();
         client_writer.write_all(&data[6100..8000]).await.unwrap();
-        let Landing::Rest(rest) = land_once(&mut write, &mut reader, &volume).await else {
+        let Landing::Rest(rest) = land_once(&mut write, &mut reader, volume).await else {
             panic!("a landing into a block zeroed since goes the ordinary way");
         };
         assert_eq!(

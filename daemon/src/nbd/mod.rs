@@ -6,6 +6,7 @@ mod drain;
 pub mod handshake;
 mod idle;
 mod in_place;
+mod payload_wait;
 pub mod replies;
 mod send_queue;
 mod sendfile;

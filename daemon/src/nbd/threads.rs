@@ -19,6 +19,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+thread_local! {
+    /// The connections served by this thread, when it is a connection thread.
+    static THIS_THREAD_CONNECTIONS: std::cell::OnceCell<Gauge> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether the calling thread serves no connection besides the caller's: true on a connection
+/// thread with one seat taken, and on any other thread (a test's runtime), where no other
+/// connection is known to wait for it.
+pub fn alone_on_this_thread() -> bool {
+    THIS_THREAD_CONNECTIONS.with(|connections| connections.get().is_none_or(|c| c.get() <= 1))
+}
+
 /// How long a stopping thread waits for blocking work its connections started (a write through
 /// the threads engine, a map being persisted) before leaving it to the process exit.
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -57,9 +69,14 @@ impl ConnectionThreads {
         for index in 0..count.max(1) {
             let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
             let thread_stop = stop.clone();
+            let connections = metrics.connection_thread(index);
+            let thread_connections = connections.clone();
             let join = std::thread::Builder::new()
                 .name(format!("evsd-conn-{index}"))
                 .spawn(move || {
+                    THIS_THREAD_CONNECTIONS.with(|c| {
+                        c.get_or_init(|| thread_connections);
+                    });
                     let built = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .thread_name(format!("evsd-conn-{index}-blocking"))
@@ -81,7 +98,7 @@ impl ConnectionThreads {
             })??;
             threads.push(ConnectionThread {
                 runtime,
-                connections: metrics.connection_thread(index),
+                connections,
             });
             joins.push(join);
         }
@@ -166,6 +183,25 @@ mod tests {
         });
         let name = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(name.as_deref(), Some("evsd-conn-0"));
+        threads.stop();
+    }
+
+    #[test]
+    fn a_thread_knows_whether_it_serves_other_connections() {
+        let threads = ConnectionThreads::start(1, &Metrics::new()).unwrap();
+        let alone_there = |runtime: &Handle| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            runtime.spawn(async move { tx.send(alone_on_this_thread()).unwrap() });
+            rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        };
+        let (runtime, first) = threads.assign();
+        assert!(alone_there(&runtime), "one connection");
+        let (_, second) = threads.assign();
+        assert!(!alone_there(&runtime), "two connections on the one thread");
+        drop(first);
+        assert!(alone_there(&runtime), "one left");
+        drop(second);
+        assert!(alone_on_this_thread(), "not a connection thread");
         threads.stop();
     }
 }

@@ -32,10 +32,12 @@ use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
 use crate::nbd::in_place::{InPlaceWrite, Landing, ReceiveInPlace};
+use crate::nbd::payload_wait::PayloadWait;
 use crate::nbd::replies::{self, Frame, Piece};
 use crate::nbd::send_queue;
 use crate::nbd::sendfile::SendFile;
 use crate::nbd::shutdown::Shutdown;
+use crate::nbd::threads;
 use crate::storage::attachments::Attachment;
 use crate::storage::volume::MappedBytes;
 use crate::storage::{FileRange, Volume, ZeroMode};
@@ -141,6 +143,9 @@ pub struct TransmissionConfig {
     pub max_inflight_bytes: u64,
     /// None: an idle connection stays open.
     pub idle_timeout: Option<Duration>,
+    /// How long a thread serving one connection polls the socket for the rest of a WRITE
+    /// payload it receives in place before sleeping (see `payload_wait`); zero: never.
+    pub payload_wait: Duration,
 }
 
 /// Memory a queued reply piece holds besides its bytes, rounded up: the `Bytes` and the
@@ -179,6 +184,7 @@ struct Connection<'s, R, W> {
     inflight_bytes: u64,
     max_inflight_requests: usize,
     max_inflight_bytes: u64,
+    payload_wait: Duration,
     /// Reply pieces waiting for the socket, in order.
     outgoing: VecDeque<Piece>,
     outgoing_bytes: u64,
@@ -271,6 +277,7 @@ where
         inflight_bytes: 0,
         max_inflight_requests: config.max_inflight_requests.max(1),
         max_inflight_bytes: config.max_inflight_bytes,
+        payload_wait: config.payload_wait,
         outgoing: VecDeque::new(),
         outgoing_bytes: 0,
         unflushed: false,
@@ -511,7 +518,13 @@ where
         let landing = if fenced {
             Poll::Ready(Landing::Rest(write.rest()))
         } else {
-            write.poll_land(cx, &mut self.reader, &self.session.volume)
+            let wait = (!self.payload_wait.is_zero() && threads::alone_on_this_thread()).then_some(
+                PayloadWait {
+                    socket_fd: self.socket_fd,
+                    budget: self.payload_wait,
+                },
+            );
+            write.poll_land(cx, &mut self.reader, &self.session.volume, wait)
         };
         self.session
             .metrics

@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub worker_threads: Option<usize>,
     pub ring_spin_us: Option<u64>,
     pub no_inline_cached_io: Option<bool>,
+    pub payload_wait_us: Option<u64>,
     pub ready_file: Option<PathBuf>,
     pub max_connections: Option<usize>,
     pub max_inflight_requests: Option<usize>,

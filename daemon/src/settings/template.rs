@@ -47,6 +47,10 @@ ring_spin_us = 0
 # RWF_NOWAIT would complete inline.
 no_inline_cached_io = false
 
+# Microseconds a thread serving a single connection polls its socket for the rest of a
+# large WRITE payload it receives into the page cache, before sleeping (0: never).
+payload_wait_us = 50
+
 # JSON file with the bound addresses and pid, written once listening.
 # ready_file = "/run/evsd/ready.json"
 
