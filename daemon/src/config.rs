@@ -75,7 +75,7 @@ pub struct Args {
     #[arg(long)]
     pub no_inline_cached_io: bool,
 
-    /// Microseconds a thread serving a single connection polls its socket for the rest of a
+    /// Microseconds a thread serving a single Unix-socket connection polls it for the rest of a
     /// large WRITE payload it receives into the page cache, before sleeping (0: never)
     /// [default: 50].
     #[arg(long, value_name = "US")]

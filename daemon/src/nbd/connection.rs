@@ -282,6 +282,7 @@ impl Attached {
             peer: peer.clone(),
             may_send_files,
             copies_large_writes: matches!(client.addr, ClientAddr::Tcp(_)),
+            waits_for_payloads: matches!(client.addr, ClientAddr::Unix),
         };
         let export = volume.name().to_owned();
         let granted_read_only = negotiated.export.read_only;

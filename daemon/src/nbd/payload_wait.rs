@@ -8,7 +8,8 @@
 //! Polling the socket for as long as a refill takes keeps our side awake: 1 MiB writes at depth
 //! 8 over one Unix connection went from 2000-2450 to 3500-3900 MiB/s (A/B, same hour), at 4.8-4.9
 //! CPU seconds of the server's thread in 5 s against 3.2-3.7. Over TCP the kernel buffers
-//! megabytes of the client's data, and the same wait measured no difference.
+//! megabytes of the client's data, and the same wait measured no difference: Unix sockets
+//! only (`ClientStream::waits_for_payloads`).
 //!
 //! Only while the thread serves no other connection (`threads::alone_on_this_thread`): its
 //! event loop would otherwise hold another client's requests for the length of the wait.

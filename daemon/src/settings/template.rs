@@ -47,8 +47,8 @@ ring_spin_us = 0
 # RWF_NOWAIT would complete inline.
 no_inline_cached_io = false
 
-# Microseconds a thread serving a single connection polls its socket for the rest of a
-# large WRITE payload it receives into the page cache, before sleeping (0: never).
+# Microseconds a thread serving a single Unix-socket connection polls it for the rest
+# of a large WRITE payload it receives into the page cache, before sleeping (0: never).
 payload_wait_us = 50
 
 # JSON file with the bound addresses and pid, written once listening.
