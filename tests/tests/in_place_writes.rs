@@ -291,6 +291,15 @@ fn a_block_trimmed_between_two_landings_is_written_whole_and_the_reply_echoes_th
     let s = UnixStream::connect(d.unix_path()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut c = Client::open(s, "q", true);
+    let write_series = |name: &str| format!("{name}{{volume=\"q\",kind=\"write\"}}");
+    let writes = || {
+        let text = scrape(metrics);
+        (
+            value(&text, &write_series("evsd_volume_operations_total")),
+            value(&text, &write_series("evsd_volume_bytes_total")),
+        )
+    };
+    let writes_before = writes();
     let before = landed();
     let mut bytes = c.header(0, 20, MIB, 2 * MIB);
     bytes.extend_from_slice(&new[..CUT_BYTES]);
@@ -307,6 +316,15 @@ fn a_block_trimmed_between_two_landings_is_written_whole_and_the_reply_echoes_th
     let (cookie, offset, err) = extended_reply(&mut c.s);
     assert_eq!((cookie, err), (20, 0), "the write cut by the trim");
     assert_eq!(offset, MIB as u64, "the reply's offset is the request's");
+    let writes_after = writes();
+    assert_eq!(
+        (
+            writes_after.0 - writes_before.0,
+            writes_after.1 - writes_before.1
+        ),
+        (1.0, (2 * MIB) as f64),
+        "one WRITE of the client's length, not the rest's"
+    );
     assert_same("volume", &read_back(&d, "q", MIB, 2 * MIB), &new);
     r.disconnect();
 }

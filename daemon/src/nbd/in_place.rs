@@ -152,6 +152,11 @@ pub struct InPlaceWrite<'m> {
     partial_zero_generation: Option<ZeroGeneration>,
     pub counted: RequestGuard<'m>,
     pub started: Instant,
+    /// The last landing's bytes came after a wait saw the socket readable: the next one tries
+    /// the socket before asking the runtime (see `poll_land`).
+    direct: bool,
+    /// A landing waited for the socket since `take_waited` was last asked.
+    waited: bool,
 }
 
 impl<'m> InPlaceWrite<'m> {
@@ -192,6 +197,8 @@ impl<'m> InPlaceWrite<'m> {
             partial_zero_generation,
             counted: counted(),
             started: Instant::now(),
+            direct: false,
+            waited: false,
         })
     }
 
@@ -200,8 +207,14 @@ impl<'m> InPlaceWrite<'m> {
         self.landed_bytes
     }
 
+    /// Whether a landing waited for the socket (`poll_land`'s `wait`) since the last call.
+    pub fn take_waited(&mut self) -> bool {
+        std::mem::take(&mut self.waited)
+    }
+
     /// Receives what the socket holds of the payload, one `recv`. With `wait`, a socket found
-    /// empty is polled for up to its budget before the task sleeps (see `payload_wait`).
+    /// empty is polled for up to its budget before the task sleeps (see `payload_wait`), once
+    /// per call when nothing comes.
     pub fn poll_land<R: ReceiveInPlace>(
         &mut self,
         cx: &mut Context<'_>,
@@ -209,15 +222,18 @@ impl<'m> InPlaceWrite<'m> {
         volume: &Volume,
         mut wait: Option<PayloadWait>,
     ) -> Poll<Landing> {
-        // The wait saw bytes: receive without asking the runtime, whose readiness the last
-        // `WouldBlock` cleared and only its next turn of the event loop would set again.
-        let mut waited_ready = false;
+        // Receive without asking the runtime: a wait saw bytes, in this call or before the last
+        // landing. The runtime's readiness, cleared by the `WouldBlock` that started the wait,
+        // would only be set again by a turn of its event loop.
+        let mut direct = std::mem::take(&mut self.direct);
+        // The last `recv` came straight after a wait said the socket was readable.
+        let mut after_wait = false;
         loop {
             let missing_bytes = self.request.length - self.landed_bytes;
             if missing_bytes == 0 {
                 return Poll::Ready(Landing::Complete);
             }
-            if !waited_ready {
+            if !direct {
                 if let Err(e) = std::task::ready!(reader.poll_receive_ready(cx)) {
                     return Poll::Ready(Landing::Failed(e));
                 }
@@ -244,7 +260,7 @@ impl<'m> InPlaceWrite<'m> {
                     // mapping (the head's layer, and so its mapping, is kept by `self.head`),
                     // and no reference to mapped memory is ever made: only the kernel writes it.
                     let received = unsafe {
-                        if waited_ready {
+                        if direct {
                             reader.receive_into_now(at, length)
                         } else {
                             reader.try_receive_into(at, length)
@@ -261,6 +277,7 @@ impl<'m> InPlaceWrite<'m> {
                 Some(Ok(0)) => return Poll::Ready(Landing::Eof),
                 Some(Ok(n)) => {
                     self.landed_bytes += n as u64;
+                    self.direct = direct;
                     if let Err(error) = kept {
                         // Without the block's landed part a rest could only start mid-block:
                         // the connection ends, the write unanswered.
@@ -273,19 +290,24 @@ impl<'m> InPlaceWrite<'m> {
                         Landing::Progress
                     });
                 }
-                // Readiness is cleared: the next poll registers for the socket, unless a wait
-                // sees bytes first. A socket the wait said was readable and that had nothing
-                // after all is left to the runtime.
+                // The socket is empty: the next poll registers for it, unless a wait sees
+                // bytes first. A wait that saw none, or whose bytes were not there after all,
+                // leaves the rest of this call to the runtime.
                 Some(Err(e))
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    if waited_ready {
+                    if after_wait {
                         wait = None;
                     }
-                    waited_ready = wait.is_some_and(|wait| wait.until_readable());
+                    self.waited |= wait.is_some();
+                    direct = wait.is_some_and(|wait| wait.until_readable());
+                    if !direct {
+                        wait = None;
+                    }
+                    after_wait = direct;
                 }
                 Some(Err(e)) if e.raw_os_error() == Some(libc::EFAULT) => {
                     // A page the kernel could not make writable (I/O error, full disk): the
@@ -453,24 +475,27 @@ mod tests {
             assert!(matches!(landed, Landing::Progress));
         }
 
-        // More arrives 50 ms into the wait: polls take it without ever sleeping, and without
-        // asking the runtime (whose readiness the empty socket cleared, and which this test
-        // does not turn).
-        let more = data[30_000..50_000].to_vec();
+        // More arrives in two parts, each 50 ms into a wait: polls take both without ever
+        // sleeping and without asking the runtime (whose readiness the empty socket cleared,
+        // and which this test does not turn), the second straight after the first's landing.
+        let parts = [data[30_000..45_000].to_vec(), data[45_000..60_000].to_vec()];
         let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            std::io::Write::write_all(&mut client, &more).unwrap();
+            for part in parts {
+                std::thread::sleep(Duration::from_millis(50));
+                std::io::Write::write_all(&mut client, &part).unwrap();
+            }
             client
         });
-        while write.landed_bytes() < 50_000 {
+        while write.landed_bytes() < 60_000 {
             match poll_once(
                 &mut write,
                 &mut reader,
                 volume,
                 wait(Duration::from_secs(30)),
             ) {
-                Poll::Ready(Landing::Progress) => {}
+                Poll::Ready(Landing::Progress) => assert!(write.take_waited()),
                 Poll::Ready(_) => panic!("the landing stopped"),
+                // Only when a wait's bytes were not there after all: not on a local socket.
                 Poll::Pending => panic!("slept with the wait's budget left"),
             }
         }
@@ -478,14 +503,12 @@ mod tests {
 
         // Nothing comes within the budget: the task sleeps as without a wait, and the runtime
         // wakes it for the rest.
-        assert!(poll_once(
-            &mut write,
-            &mut reader,
-            volume,
-            wait(Duration::from_millis(2))
-        )
-        .is_pending());
-        std::io::Write::write_all(&mut client, &data[50_000..]).unwrap();
+        let started = std::time::Instant::now();
+        let budget = Duration::from_millis(2);
+        assert!(poll_once(&mut write, &mut reader, volume, wait(budget)).is_pending());
+        assert!(started.elapsed() >= budget, "the wait ran its budget");
+        assert!(write.take_waited());
+        std::io::Write::write_all(&mut client, &data[60_000..]).unwrap();
         while write.landed_bytes() < PAYLOAD_BYTES {
             let landed = land_once(&mut write, &mut reader, volume).await;
             assert!(matches!(landed, Landing::Progress | Landing::Complete));

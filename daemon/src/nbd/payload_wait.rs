@@ -6,8 +6,8 @@
 //! costs two wake-ups (the client's, then the server's by the client's next send) and the two
 //! copies, the client's into the socket and ours out of it, take turns instead of overlapping.
 //! Polling the socket for as long as a refill takes keeps our side awake: 1 MiB writes at depth
-//! 8 over one Unix connection went from 2000-2450 to 3500-3900 MiB/s (A/B, same hour), at 4.8-4.9
-//! CPU seconds of the server's thread in 5 s against 3.2-3.7. Over TCP the kernel buffers
+//! 8 over one Unix connection went from 2345-2487 to 2960-3692 MiB/s (A/B, same binary), at
+//! 4.7-4.9 CPU seconds of the server's thread in 5 s against 3.7. Over TCP the kernel buffers
 //! megabytes of the client's data, and the same wait measured no difference: Unix sockets
 //! only (`ClientStream::waits_for_payloads`).
 //!

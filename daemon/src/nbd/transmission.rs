@@ -157,6 +157,23 @@ pub struct TransmissionConfig {
 /// queue's slot.
 const QUEUED_PIECE_MEMORY_BYTES: u64 = 256;
 
+/// The WRITE the client sent, when the request taken is the rest of its payload that stopped
+/// being received in place: its reply and its metrics are the client's request's.
+#[derive(Debug, Clone, Copy)]
+struct RestOf {
+    offset: u64,
+    length_bytes: u64,
+    started: Instant,
+}
+
+/// A request taken off the input with its payload.
+struct Taken {
+    request: Request,
+    payload: Bytes,
+    to: ReplyTo,
+    rest_of: Option<RestOf>,
+}
+
 /// A finished request.
 struct Done {
     frame: Frame,
@@ -223,8 +240,8 @@ struct Connection<'s, R, W> {
     in_place: Option<InPlaceWrite<'s>>,
     /// The request at the front of the input covers the rest of a payload that stopped being
     /// received in place: it is read the ordinary way, and its reply echoes the offset the
-    /// client sent (held here), not the rest's.
-    rest_of: Option<u64>,
+    /// client sent, not the rest's.
+    rest_of: Option<RestOf>,
     /// The payload landing in place waited for the socket since departures were last
     /// checked (see `poll_in_place`).
     in_place_waited: bool,
@@ -416,7 +433,7 @@ where
     /// Takes the next request and its payload off the input once both are complete (None
     /// until then, with room reserved for the payload). A payload over the limit ends the
     /// connection.
-    fn take_request(&mut self) -> Result<Option<(Request, Bytes, ReplyTo)>, TransmissionEnd> {
+    fn take_request(&mut self) -> Result<Option<Taken>, TransmissionEnd> {
         if self.in_place.is_some() {
             return Ok(None);
         }
@@ -450,9 +467,10 @@ where
         self.incomplete_bytes = 0;
         // Extended replies carry the request's offset, which the client checks (libnbd fails
         // the command with EPROTO otherwise).
+        let rest_of = self.rest_of.take();
         let to = ReplyTo {
             cookie: request.cookie,
-            offset: self.rest_of.take().unwrap_or(request.offset),
+            offset: rest_of.map_or(request.offset, |rest_of| rest_of.offset),
         };
         self.last_was_large = needed >= LARGE_REQUEST_BYTES;
         self.input.advance(self.header_len);
@@ -463,7 +481,12 @@ where
         } else {
             self.input.split_to(payload_len).freeze()
         };
-        Ok(Some((request, payload, to)))
+        Ok(Some(Taken {
+            request,
+            payload,
+            to,
+            rest_of,
+        }))
     }
 
     /// Starts receiving a large WRITE's payload in place when it qualifies (see `in_place`): the
@@ -532,7 +555,13 @@ where
                     budget: self.payload_wait,
                 },
             );
-            write.poll_land(cx, &mut self.reader, &self.session.volume, wait)
+            let landing = write.poll_land(cx, &mut self.reader, &self.session.volume, wait);
+            // However short, a wait is a wait: a client seen gone meanwhile is fenced before
+            // the next landing, as after the runtime's.
+            if write.take_waited() {
+                self.in_place_waited = true;
+            }
+            landing
         };
         self.session
             .metrics
@@ -561,7 +590,11 @@ where
                 self.input.extend_from_slice(&header);
                 if let Some(mut write) = self.in_place.take() {
                     self.input.extend_from_slice(&write.take_partial());
-                    self.rest_of = Some(write.request.offset);
+                    self.rest_of = Some(RestOf {
+                        offset: write.request.offset,
+                        length_bytes: write.request.length,
+                        started: write.started,
+                    });
                 }
                 Ok(true)
             }
@@ -608,7 +641,13 @@ where
         let mut departures_checked = false;
         while self.has_room() {
             self.blocked = false;
-            let Some((request, payload, to)) = self.take_request()? else {
+            let Some(Taken {
+                request,
+                payload,
+                to,
+                rest_of,
+            }) = self.take_request()?
+            else {
                 return Ok(());
             };
             if request.command == Command::Disc {
@@ -653,11 +692,12 @@ where
             }
             let session = self.session;
             let counted = session.metrics.start(kind);
-            let started = Instant::now();
+            let started = rest_of.map_or_else(Instant::now, |rest_of| rest_of.started);
             self.inflight.push(Box::pin(async move {
                 let (frame, ok) = execute(session, &request, to, payload).await;
                 let moved_bytes = match kind {
-                    Kind::Read | Kind::Write | Kind::Trim | Kind::Zero => request.length,
+                    Kind::Read | Kind::Trim | Kind::Zero => request.length,
+                    Kind::Write => rest_of.map_or(request.length, |rest_of| rest_of.length_bytes),
                     _ => 0,
                 };
                 counted.finish(moved_bytes, ok, started.elapsed());
@@ -691,7 +731,7 @@ where
     fn refuse_buffered(&mut self) {
         let mode = self.session.mode;
         let message = "the server is shutting down";
-        while let Ok(Some((request, _, to))) = self.take_request() {
+        while let Ok(Some(Taken { request, to, .. })) = self.take_request() {
             if request.command == Command::Disc {
                 return;
             }
@@ -706,13 +746,13 @@ where
                 cookie: write.request.cookie,
                 offset: write.request.offset,
             })
-        } else if let Some(offset) = self.rest_of.take() {
+        } else if let Some(rest_of) = self.rest_of.take() {
             decode_request(&self.input, mode)
                 .ok()
                 .flatten()
                 .map(|rest| ReplyTo {
                     cookie: rest.cookie,
-                    offset,
+                    offset: rest_of.offset,
                 })
         } else {
             None
