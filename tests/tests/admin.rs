@@ -656,16 +656,17 @@ import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(10)
 s.connect(sys.argv[1])
-s.sendall(b'{"id":1,"method":"volume.list"}\n')
 data = b""
 try:
+    # The daemon may close before the request is sent (EPIPE) or while it is unread (reset).
+    s.sendall(b'{"id":1,"method":"volume.list"}\n')
     while True:
         chunk = s.recv(65536)
         if not chunk:
             break
         data += chunk
-except ConnectionResetError:
-    pass  # closed with the request unread
+except (BrokenPipeError, ConnectionResetError):
+    pass  # closed before the request was sent, or with it unread
 print("got %d bytes" % len(data))
 "#;
     let socket_arg = socket.to_str().unwrap();
