@@ -154,8 +154,11 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
+        // Not under /tmp, which may be tmpfs, where dropped pages are not dropped. Removed after
+        // the runtime: the spare layer made after the snapshot below is written on its blocking
+        // pool, and a removal racing it left the directory behind.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         runtime.block_on(async {
-            let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
             let engine =
                 IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
             let registry = Arc::new(Registry::open(dir.path(), engine).unwrap());
@@ -224,5 +227,7 @@ mod tests {
                 "read-only export"
             );
         });
+        drop(runtime);
+        drop(dir);
     }
 }
