@@ -395,10 +395,20 @@ fn pipelining_past_max_inflight_requests_is_held_back_and_counted() {
 
 /// A client may send its requests and DISC, shut its side down and then read: every request
 /// before DISC is served and answered, however many the in-flight limit held back (they wait
-/// in the socket, not in the server, so the end of stream comes after them).
+/// in the socket, not in the server, so the end of stream comes after them). Also with another
+/// connection attached to the volume, which makes each batch of writes ask whether a client
+/// hung up: this one's half-close looks like one before its DISC is read (its queued writes
+/// were refused with ESHUTDOWN).
 #[test]
 fn requests_held_back_are_all_served_when_the_client_half_closes_after_disc() {
+    for other_connection in [false, true] {
+        half_close_after_disc(other_connection);
+    }
+}
+
+fn half_close_after_disc(other_connection: bool) {
     let mut d = Daemon::start(DaemonOpts::new().arg("--max-inflight-requests").arg("2"));
+    let other = other_connection.then(|| Raw::open(d.tcp_addr(), "vol0").0);
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
     let count = 200u64;
     let data = Prng::new(200).bytes((count * 4096) as usize);
@@ -414,7 +424,10 @@ fn requests_held_back_are_all_served_when_the_client_half_closes_after_disc() {
     let mut answered = HashSet::new();
     for _ in 0..count {
         let (err, cookie) = c.read_simple_reply();
-        assert_eq!(err, 0, "WRITE {cookie:#x} failed");
+        assert_eq!(
+            err, 0,
+            "WRITE {cookie:#x} failed (another connection: {other_connection})"
+        );
         assert!(
             (0x1000..0x1000 + count).contains(&cookie) && answered.insert(cookie),
             "unexpected or repeated cookie {cookie:#x}"
@@ -431,6 +444,9 @@ fn requests_held_back_are_all_served_when_the_client_half_closes_after_disc() {
         "every write landed"
     );
     c.disconnect();
+    if let Some(other) = other {
+        other.disconnect();
+    }
     d.assert_alive();
 }
 

@@ -245,6 +245,8 @@ struct Connection<'s, R, W> {
     /// The payload landing in place waited for the socket since departures were last
     /// checked (see `poll_in_place`).
     in_place_waited: bool,
+    /// The queued requests were searched for NBD_CMD_DISC after a hang-up (`look_for_disc`).
+    looked_for_disc: bool,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -320,6 +322,7 @@ where
         in_place: None,
         rest_of: None,
         in_place_waited: false,
+        looked_for_disc: false,
     };
     let cancelled = shutdown.stop.cancelled();
     tokio::pin!(cancelled);
@@ -784,6 +787,55 @@ where
         }
     }
 
+    /// After a hang-up of this connection's client was seen (by this task or another), before
+    /// its queued requests come to the fence, where they would give up as a departed client's
+    /// stale writes: a client that sent NBD_CMD_DISC and closed its socket looks the same until
+    /// the DISC is read, and the requests before a DISC are to be served. The client can send
+    /// nothing more, so what the socket holds is read now, whatever the in-flight limits (the
+    /// kernel's receive buffer bounds it), and searched; a DISC found marks the seat as the
+    /// client's own disconnect. Plain sockets only: TLS records cannot be read around the
+    /// stream.
+    fn look_for_disc(&mut self) {
+        self.looked_for_disc = true;
+        if !self.receives_in_place {
+            return;
+        }
+        loop {
+            self.input.reserve(READ_CHUNK_BYTES);
+            let spare = self.input.spare_capacity_mut();
+            // SAFETY: `spare` is the input's unused capacity, valid for `spare.len()` bytes;
+            // `recv` writes at most that many, and only those it reports are marked as filled.
+            let received = unsafe {
+                libc::recv(
+                    self.socket_fd,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if received <= 0 {
+                // The end of the stream, an empty socket or an error: the loop's own reads
+                // see the same.
+                break;
+            }
+            // SAFETY: `recv` initialised the first `received` bytes of the spare capacity.
+            unsafe { self.input.set_len(self.input.len() + received as usize) };
+        }
+        let mode = self.session.mode;
+        let mut at = 0;
+        while let Ok(Some(request)) = decode_request(&self.input[at..], mode) {
+            if request.command == Command::Disc {
+                tracing::debug!(peer = %self.session.peer, "a client that hung up had sent NBD_CMD_DISC: its queued requests are served");
+                self.drain.client_disconnecting();
+                return;
+            }
+            at += self.header_len + request.payload_len(mode) as usize;
+            if at >= self.input.len() {
+                return;
+            }
+        }
+    }
+
     /// Collects finished requests, writes what is ready, and reads more when there is room.
     /// Ready when the loop has something new to do; an Err means the socket failed.
     fn poll_io(
@@ -796,6 +848,13 @@ where
         let was_waiting = self.replies_waiting();
         let had_room = self.has_room();
         let mut progress = false;
+        if !self.looked_for_disc
+            && self.session.volume.fence().is_raised()
+            && self.in_place.is_none()
+            && self.session.attachment.seat().hung_up_without_disc()
+        {
+            self.look_for_disc();
+        }
         // Only once the connection ended: the grace period starts after `cancelled` ended
         // every connection, and this keeps a lock off the busy path.
         if !self.gave_up && self.end.is_some() && given_up.poll(cx).is_ready() {

@@ -150,6 +150,8 @@ struct SeatState {
     forced: bool,
     /// Its reading is over and its writes are done (or it detached): never raised again.
     settled: bool,
+    /// Its client was seen gone (`hung_up`) before its task read the end of the stream.
+    hung_up: bool,
 }
 
 impl Seat {
@@ -215,8 +217,16 @@ impl Seat {
             return false;
         }
         state.draining = true;
+        state.hung_up = true;
         state.raised = Some(fence.raise());
         true
+    }
+
+    /// Whether `hung_up` found the client gone before it sent NBD_CMD_DISC, as far as is
+    /// known: the connection's task then looks for one among the requests still queued.
+    pub fn hung_up_without_disc(&self) -> bool {
+        let state = self.state();
+        state.hung_up && !state.disconnecting
     }
 
     /// Reading is over and no write is in flight: lowers the fence for good.
