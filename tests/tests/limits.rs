@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use evsd_e2e::admin::admin_ok;
 use evsd_e2e::metrics::{open_connections, scrape, value};
 use evsd_e2e::raw::*;
 use evsd_e2e::*;
@@ -114,6 +115,32 @@ fn requests_keep_a_connection_open_past_the_idle_timeout() {
     assert!(cookie > 9, "only {} requests in 3 s", cookie - 2);
     assert_eq!(hits(&d, "idle_timeout"), 0.0);
     c.disconnect();
+}
+
+/// A connection the server closes by force (here a forced delete of its volume) while its
+/// client takes none of its replies is let go once they have waited untaken for the closing
+/// bound (10 s): it held its seat, its volume and its queued replies for good.
+#[test]
+fn a_forced_close_of_a_client_that_stopped_reading_lets_it_go() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume().volume("gone:64M"));
+    let (mut c, _) = Raw::open(d.tcp_addr(), "gone");
+    c.send(&reads(64));
+    // The replies fill our receive buffers meanwhile: the windows we advertise drop to zero.
+    thread::sleep(Duration::from_millis(500));
+    admin_ok(
+        &d,
+        "volume.delete",
+        serde_json::json!({"name": "gone", "force": true}),
+    );
+    let closed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(40), || open_connections(metrics_addr(
+            &d
+        )) == 0.0),
+        "the connection still holds its seat {:?} after the forced close",
+        closed.elapsed()
+    );
+    drop(c);
 }
 
 /// `count` 1 MiB READs of the first MiB, one after another.

@@ -79,7 +79,7 @@ impl Limit {
                 "connection closed: the client took no byte of its replies for idle_timeout_secs"
             }
             Limit::RepliesUnreadAtClose => {
-                "connection closed: the client had ended it (end of stream, NBD_CMD_DISC or a protocol violation) and took no byte of its replies for 10 s"
+                "connection closed: it was ending (the client's end of stream, NBD_CMD_DISC or protocol violation, or the server closing it) and the client took no byte of its replies for 10 s"
             }
             Limit::InflightRequests => "reading paused: max_inflight_requests requests in flight",
             Limit::InflightBytes => "reading paused: max_inflight_mib of data in flight",

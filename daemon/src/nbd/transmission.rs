@@ -1006,9 +1006,12 @@ where
         true
     }
 
-    /// Once the client has ended the connection, the replies still to come get at most
-    /// [`CLOSING_REPLY_STALL`] without a byte taken (a shorter idle timeout stays). Shutdown
-    /// keeps to its own grace period.
+    /// Once the connection is ending (the client ended it, or the server is closing it: a
+    /// stop, a forced close by a rollback, restore or delete, a revoked rule), the replies still
+    /// to come get at most [`CLOSING_REPLY_STALL`] without a byte taken (a shorter idle timeout
+    /// stays). A forced close has no grace period of its own: a client that stopped reading
+    /// held its seat, its volume and its queued replies for good. SIGTERM's grace period, when
+    /// shorter, ends it first.
     fn bound_closing_stall(&mut self) {
         let client_ended = matches!(
             self.end,
@@ -1017,6 +1020,7 @@ where
                     | TransmissionEnd::Truncated
                     | TransmissionEnd::Disconnect
                     | TransmissionEnd::Protocol(_)
+                    | TransmissionEnd::Shutdown
             )
         );
         let bounded = self
