@@ -1294,7 +1294,8 @@ async fn execute(
         if let Err(e) =
             drain::pass_fence(volume.fence(), session.attachment.seat(), session.metrics).await
         {
-            // Never sent: the socket is gone.
+            // Its connection ended before it could start (a stop, a forced close, its client
+            // gone without NBD_CMD_DISC): sent if the socket still takes it.
             return (
                 replies::error(mode, to, Errno::Shutdown, &e.to_string()),
                 false,
