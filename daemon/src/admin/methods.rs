@@ -21,7 +21,9 @@ use crate::storage::Volume;
 
 /// How long a forced delete waits for its disconnected clients to finish the requests they had
 /// sent; the directory goes afterwards either way (open files keep working until closed).
-const DELETE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the 10 s the NBD side gives a closing client that takes none of its replies
+/// (`nbd::transmission::CLOSING_REPLY_STALL`), so such a client is let go before this ends.
+const DELETE_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn dispatch(
     ctx: &AdminContext,

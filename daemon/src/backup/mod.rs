@@ -60,8 +60,10 @@ use crate::storage::Registry;
 pub const BACKUP_SNAPSHOT_PREFIX: &str = "vbs-";
 /// Finished jobs `job list` keeps showing.
 const FINISHED_JOBS_KEPT: usize = 100;
-/// How long a restore waits for the clients it disconnected to finish their requests.
-const RESTORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restore waits for the clients it disconnected to finish their requests: longer
+/// than the 10 s a closing connection's untaken replies may wait, so a client that stopped
+/// reading is let go before this ends.
+const RESTORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A deferred GC is tried again after this, then at doubling intervals up to `GC_RETRY_MAX`:
 /// each try lists the store's locks, so it stays cheap for a store busy for hours.
 const GC_RETRY_FIRST: Duration = Duration::from_secs(5);

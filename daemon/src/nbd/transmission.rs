@@ -795,11 +795,13 @@ where
     /// kernel's receive buffer bounds it), and searched; a DISC found marks the seat as the
     /// client's own disconnect. Plain sockets only: TLS records cannot be read around the
     /// stream.
-    fn look_for_disc(&mut self) {
+    /// True when it read bytes; a socket error is returned as the loop's own read would.
+    fn look_for_disc(&mut self) -> std::io::Result<bool> {
         self.looked_for_disc = true;
         if !self.receives_in_place {
-            return;
+            return Ok(false);
         }
+        let mut read = false;
         loop {
             self.input.reserve(READ_CHUNK_BYTES);
             let spare = self.input.spare_capacity_mut();
@@ -813,27 +815,47 @@ where
                     libc::MSG_DONTWAIT,
                 )
             };
-            if received <= 0 {
-                // The end of the stream, an empty socket or an error: the loop's own reads
-                // see the same.
+            if received == 0 {
+                // The end of the stream: the loop's own read sees it again.
                 break;
+            }
+            if received < 0 {
+                let error = std::io::Error::last_os_error();
+                match error.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => break,
+                    // Reported once by the kernel: the loop's read would not see it again.
+                    _ => return Err(error),
+                }
             }
             // SAFETY: `recv` initialised the first `received` bytes of the spare capacity.
             unsafe { self.input.set_len(self.input.len() + received as usize) };
+            read = true;
         }
+        // As `take_request` parses them: a request it would refuse ends the search.
         let mode = self.session.mode;
-        let mut at = 0;
+        let mut at = 0usize;
         while let Ok(Some(request)) = decode_request(&self.input[at..], mode) {
             if request.command == Command::Disc {
                 tracing::debug!(peer = %self.session.peer, "a client that hung up had sent NBD_CMD_DISC: its queued requests are served");
                 self.drain.client_disconnecting();
-                return;
+                break;
             }
-            at += self.header_len + request.payload_len(mode) as usize;
-            if at >= self.input.len() {
-                return;
+            if self.limits.check_payload(&request).is_err() {
+                break;
             }
+            let Some(next) = usize::try_from(request.payload_len(mode))
+                .ok()
+                .and_then(|payload| at.checked_add(self.header_len)?.checked_add(payload))
+            else {
+                break;
+            };
+            if next >= self.input.len() {
+                break;
+            }
+            at = next;
         }
+        Ok(read)
     }
 
     /// Collects finished requests, writes what is ready, and reads more when there is room.
@@ -848,12 +870,16 @@ where
         let was_waiting = self.replies_waiting();
         let had_room = self.has_room();
         let mut progress = false;
+        // What the look-ahead read is taken by the requests first: a read now would meet the
+        // end of the stream with them in the input and end the connection as truncated.
+        let mut read_ahead = false;
         if !self.looked_for_disc
             && self.session.volume.fence().is_raised()
             && self.in_place.is_none()
             && self.session.attachment.seat().hung_up_without_disc()
         {
-            self.look_for_disc();
+            read_ahead = self.look_for_disc()?;
+            progress |= read_ahead;
         }
         // Only once the connection ended: the grace period starts after `cancelled` ended
         // every connection, and this keeps a lock off the busy path.
@@ -904,7 +930,7 @@ where
             if self.end.is_none() && self.poll_in_place(cx)? {
                 progress = true;
             }
-        } else if self.end.is_none() && self.has_room() && !self.blocked {
+        } else if self.end.is_none() && self.has_room() && !self.blocked && !read_ahead {
             // Not while requests already read wait for room (`blocked`): room that just came
             // back is theirs (the loop starts them first), and the backlog stays in the socket,
             // holding the client back, instead of growing the input. An end of stream read

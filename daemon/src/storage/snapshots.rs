@@ -68,8 +68,10 @@ fn absent_runs(layer: &Layer, start: u64, end: u64) -> Vec<(u64, u64)> {
     runs
 }
 
-/// How long a forced rollback waits for disconnected clients to finish their requests.
-const ROLLBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a forced rollback waits for disconnected clients to finish their requests: longer
+/// than the 10 s a closing connection's untaken replies may wait, so a client that stopped
+/// reading is let go before this ends.
+const ROLLBACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long pruning waits for reads below the head to finish before it punches; a reply held
 /// longer by a slow client stops pruning until the next compaction.
 const PRUNE_READER_WAIT: Duration = Duration::from_secs(2);
