@@ -795,6 +795,7 @@ where
     /// kernel's receive buffer bounds it), and searched; a DISC found marks the seat as the
     /// client's own disconnect. Plain sockets only: TLS records cannot be read around the
     /// stream.
+    ///
     /// True when it read bytes; a socket error is returned as the loop's own read would.
     fn look_for_disc(&mut self) -> std::io::Result<bool> {
         self.looked_for_disc = true;
