@@ -63,11 +63,16 @@ pub trait ReceiveInPlace {
     }
 }
 
-/// One `recv` on `socket`; the caller vouches for `at..at + length` (see `try_receive_into`).
+/// One `recv` on `socket` (non-blocking, as the runtime's sockets are); the caller vouches for
+/// `at..at + length` (see `try_receive_into`).
 ///
 /// # Safety
 /// As for [`ReceiveInPlace::try_receive_into`].
-unsafe fn receive_into(socket: &impl AsRawFd, at: NonNull<u8>, length: usize) -> io::Result<usize> {
+pub(crate) unsafe fn receive_into(
+    socket: &impl AsRawFd,
+    at: NonNull<u8>,
+    length: usize,
+) -> io::Result<usize> {
     // SAFETY: the caller guarantees the range is writable and unaliased for this call; the
     // socket is borrowed, so its descriptor stays open.
     let received = unsafe { libc::recv(socket.as_raw_fd(), at.as_ptr().cast(), length, 0) };

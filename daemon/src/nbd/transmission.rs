@@ -8,6 +8,7 @@ use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -31,7 +32,7 @@ use crate::metrics::{ConnectionLimits, Kind, Limit, VolumeMetrics};
 use crate::nbd::catalog;
 use crate::nbd::drain::{self, Drain};
 use crate::nbd::idle::IdleTimer;
-use crate::nbd::in_place::{InPlaceWrite, Landing, ReceiveInPlace};
+use crate::nbd::in_place::{self, InPlaceWrite, Landing, ReceiveInPlace};
 use crate::nbd::payload_wait::PayloadWait;
 use crate::nbd::replies::{self, Frame, Piece};
 use crate::nbd::send_queue;
@@ -806,32 +807,26 @@ where
         loop {
             self.input.reserve(READ_CHUNK_BYTES);
             let spare = self.input.spare_capacity_mut();
-            // SAFETY: `spare` is the input's unused capacity, valid for `spare.len()` bytes;
-            // `recv` writes at most that many, and only those it reports are marked as filled.
-            let received = unsafe {
-                libc::recv(
-                    self.socket_fd,
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if received == 0 {
-                // The end of the stream: the loop's own read sees it again.
+            let Some(at) = NonNull::new(spare.as_mut_ptr().cast::<u8>()) else {
                 break;
-            }
-            if received < 0 {
-                let error = std::io::Error::last_os_error();
-                match error.kind() {
+            };
+            // SAFETY: `spare` is the input's unused capacity, valid for `spare.len()` bytes and
+            // referenced by nothing else; `recv` writes at most that many.
+            match unsafe { in_place::receive_into(&self.socket_fd, at, spare.len()) } {
+                // The end of the stream: the loop's own read sees it again.
+                Ok(0) => break,
+                Ok(received) => {
+                    // SAFETY: `recv` initialised the first `received` bytes of the capacity.
+                    unsafe { self.input.set_len(self.input.len() + received) };
+                    read = true;
+                }
+                Err(error) => match error.kind() {
                     std::io::ErrorKind::Interrupted => continue,
                     std::io::ErrorKind::WouldBlock => break,
                     // Reported once by the kernel: the loop's read would not see it again.
                     _ => return Err(error),
-                }
+                },
             }
-            // SAFETY: `recv` initialised the first `received` bytes of the spare capacity.
-            unsafe { self.input.set_len(self.input.len() + received as usize) };
-            read = true;
         }
         // As `take_request` parses them: a request it would refuse ends the search.
         let mode = self.session.mode;
