@@ -25,6 +25,7 @@ pub mod peer;
 pub mod pki;
 pub mod raw;
 pub mod s3;
+pub mod tls_client;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};

@@ -353,3 +353,59 @@ fn sighup_reloads_certificates_without_dropping_connections() {
     );
     d.assert_alive();
 }
+
+/// A TLS client that sends its requests, NBD_CMD_DISC, its close_notify and a half-close all at
+/// once has every request before the DISC served, also while another connection is attached
+/// (whose fence the queued writes of a client seen gone give up at) and with the requests held
+/// back by the in-flight limit, so most are still in the socket when the hang-up is seen.
+#[test]
+fn requests_before_disc_are_served_when_a_tls_client_closes_right_after_it() {
+    use evsd_e2e::tls_client::*;
+    use std::io::{Read, Write};
+    require_tool("openssl");
+    let root = tempdir();
+    let pki = root.path().join("pki");
+    make_pki(&pki, "evsd test CA");
+    let mut d = tls_daemon(&pki, "on", &["--max-inflight-requests", "2"]);
+    let (other, _) = Raw::open(d.tcp_addr(), "vol0");
+    let mut tls = open_tls(d.tcp_addr(), &pki.join("ca-cert.pem"), "vol0");
+    let (count, write_bytes) = (200u64, 4096u64);
+    let data = Prng::new(201).bytes((count * write_bytes) as usize);
+    let mut burst = Vec::new();
+    for i in 0..count {
+        let at = (i * write_bytes) as usize;
+        burst.extend(Raw::request_bytes(
+            0,
+            CMD_WRITE,
+            0x1000 + i,
+            i * write_bytes,
+            write_bytes as u32,
+        ));
+        burst.extend_from_slice(&data[at..at + write_bytes as usize]);
+    }
+    burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
+    tls.write_all(&burst).unwrap();
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..count {
+        let (err, cookie) = read_simple_reply(&mut tls);
+        assert_eq!(err, 0, "WRITE {cookie:#x} failed");
+        assert!(
+            (0x1000..0x1000 + count).contains(&cookie) && answered.insert(cookie),
+            "unexpected or repeated cookie {cookie:#x}"
+        );
+    }
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "bytes after the last reply: {rest:02x?}");
+    let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+    assert!(
+        c.read(1, 0, (count * write_bytes) as u32) == data,
+        "every write landed"
+    );
+    c.disconnect();
+    other.disconnect();
+    d.assert_alive();
+}

@@ -246,8 +246,17 @@ struct Connection<'s, R, W> {
     /// The payload landing in place waited for the socket since departures were last
     /// checked (see `poll_in_place`).
     in_place_waited: bool,
-    /// The queued requests were searched for NBD_CMD_DISC after a hang-up (`look_for_disc`).
+    /// The queued requests were searched for NBD_CMD_DISC after a hang-up, to the end of the
+    /// stream (`look_for_disc`).
     looked_for_disc: bool,
+}
+
+/// What `look_for_disc` read.
+struct ReadAhead {
+    /// Some bytes came.
+    read: bool,
+    /// Up to the end of what the client sent.
+    to_the_end: bool,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or shutdown is requested.
@@ -794,15 +803,48 @@ where
     /// the DISC is read, and the requests before a DISC are to be served. The client can send
     /// nothing more, so what the socket holds is read now, whatever the in-flight limits (the
     /// kernel's receive buffer bounds it), and searched; a DISC found marks the seat as the
-    /// client's own disconnect. Plain sockets only: TLS records cannot be read around the
-    /// stream.
+    /// client's own disconnect. Until the search reached the end of the stream (a TLS reader
+    /// may not have been told yet that the socket holds more), it goes on in the next passes.
     ///
-    /// True when it read bytes; a socket error is returned as the loop's own read would.
-    fn look_for_disc(&mut self) -> std::io::Result<bool> {
-        self.looked_for_disc = true;
-        if !self.receives_in_place {
-            return Ok(false);
+    /// A socket error is returned as the loop's own read would.
+    fn look_for_disc(&mut self, cx: &mut Context<'_>) -> std::io::Result<ReadAhead> {
+        let ahead = if self.receives_in_place {
+            self.read_socket_ahead()?
+        } else {
+            self.read_stream_ahead(cx)?
+        };
+        self.looked_for_disc = ahead.to_the_end;
+        // As `take_request` parses them: a request it would refuse ends the search.
+        let mode = self.session.mode;
+        let mut at = 0usize;
+        while let Ok(Some(request)) = decode_request(&self.input[at..], mode) {
+            if request.command == Command::Disc {
+                tracing::debug!(peer = %self.session.peer, "a client that hung up had sent NBD_CMD_DISC: its queued requests are served");
+                self.drain.client_disconnecting();
+                self.looked_for_disc = true;
+                break;
+            }
+            if self.limits.check_payload(&request).is_err() {
+                break;
+            }
+            let Some(next) = usize::try_from(request.payload_len(mode))
+                .ok()
+                .and_then(|payload| at.checked_add(self.header_len)?.checked_add(payload))
+            else {
+                break;
+            };
+            if next >= self.input.len() {
+                break;
+            }
+            at = next;
         }
+        Ok(ahead)
+    }
+
+    /// `look_for_disc`'s read of a plain socket: what it holds, with raw `recv`s (the socket
+    /// may be the one in-place landings receive from, around the reader), which see the
+    /// socket itself: when they stop, nothing more is there.
+    fn read_socket_ahead(&mut self) -> std::io::Result<ReadAhead> {
         let mut read = false;
         loop {
             self.input.reserve(READ_CHUNK_BYTES);
@@ -828,30 +870,38 @@ where
                 },
             }
         }
-        // As `take_request` parses them: a request it would refuse ends the search.
-        let mode = self.session.mode;
-        let mut at = 0usize;
-        while let Ok(Some(request)) = decode_request(&self.input[at..], mode) {
-            if request.command == Command::Disc {
-                tracing::debug!(peer = %self.session.peer, "a client that hung up had sent NBD_CMD_DISC: its queued requests are served");
-                self.drain.client_disconnecting();
-                break;
+        Ok(ReadAhead {
+            read,
+            to_the_end: true,
+        })
+    }
+
+    /// `look_for_disc`'s read of a TLS stream: the records the socket holds, decrypted, through
+    /// the reader (records cannot be read around it). The reader goes by the readiness the
+    /// event loop last reported, which may predate the client's last bytes: Pending is not the
+    /// end, and leaves the reader armed to wake the loop when the report comes.
+    fn read_stream_ahead(&mut self, cx: &mut Context<'_>) -> std::io::Result<ReadAhead> {
+        let mut read = false;
+        loop {
+            self.input.reserve(READ_CHUNK_BYTES);
+            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.input) {
+                // The loop's own read sees the end again.
+                Poll::Ready(Ok(0)) => {
+                    return Ok(ReadAhead {
+                        read,
+                        to_the_end: true,
+                    })
+                }
+                Poll::Ready(Ok(_)) => read = true,
+                Poll::Ready(Err(error)) => return Err(error),
+                Poll::Pending => {
+                    return Ok(ReadAhead {
+                        read,
+                        to_the_end: false,
+                    })
+                }
             }
-            if self.limits.check_payload(&request).is_err() {
-                break;
-            }
-            let Some(next) = usize::try_from(request.payload_len(mode))
-                .ok()
-                .and_then(|payload| at.checked_add(self.header_len)?.checked_add(payload))
-            else {
-                break;
-            };
-            if next >= self.input.len() {
-                break;
-            }
-            at = next;
         }
-        Ok(read)
     }
 
     /// Collects finished requests, writes what is ready, and reads more when there is room.
@@ -869,12 +919,17 @@ where
         // What the look-ahead read is taken by the requests first: a read now would meet the
         // end of the stream with them in the input and end the connection as truncated.
         let mut read_ahead = false;
+        // While the search goes on, requests in flight are not polled: one waiting at the fence
+        // would give up before a DISC still to be read is found.
+        let mut searching_for_disc = false;
         if !self.looked_for_disc
             && self.session.volume.fence().is_raised()
             && self.in_place.is_none()
             && self.session.attachment.seat().hung_up_without_disc()
         {
-            read_ahead = self.look_for_disc()?;
+            let ahead = self.look_for_disc(cx)?;
+            read_ahead = ahead.read;
+            searching_for_disc = !self.looked_for_disc;
             progress |= read_ahead;
         }
         // Only once the connection ended: the grace period starts after `cancelled` ended
@@ -883,12 +938,14 @@ where
             self.give_up();
             progress = true;
         }
-        while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
-            let frame = self.finished(done);
-            if !self.gave_up {
-                self.queue_reply(frame);
+        if !searching_for_disc {
+            while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
+                let frame = self.finished(done);
+                if !self.gave_up {
+                    self.queue_reply(frame);
+                }
+                progress = true;
             }
-            progress = true;
         }
         self.poll_fence_overdue(cx);
         let unsent_before = self.outgoing_bytes;
