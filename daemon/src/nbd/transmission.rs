@@ -380,8 +380,13 @@ where
         }
     } else {
         // A TLS shutdown sends what it still holds first: a client that stopped reading would
-        // hold it for good.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.writer.shutdown()).await;
+        // hold it for good, and past the grace period of a shutdown not at all. Biased: a
+        // plain socket's shutdown is done at once, grace period or not.
+        tokio::select! {
+            biased;
+            _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.writer.shutdown()) => {}
+            _ = given_up.as_mut() => {}
+        }
         // We ended it (a stop, a revocation, a protocol error) and a pipelining client may
         // have sent more meanwhile: closing a TCP socket with unread bytes sends a reset,
         // which drops the replies the client has not taken yet. So its bytes are read and
