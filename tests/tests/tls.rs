@@ -354,12 +354,19 @@ fn sighup_reloads_certificates_without_dropping_connections() {
     d.assert_alive();
 }
 
-/// A TLS client that sends its requests, NBD_CMD_DISC, its close_notify and a half-close all at
-/// once has every request before the DISC served, also while another connection is attached
-/// (whose fence the queued writes of a client seen gone give up at) and with the requests held
-/// back by the in-flight limit, so most are still in the socket when the hang-up is seen.
+/// A TLS client that sends its requests, NBD_CMD_DISC, its close_notify (or none, as many TLS
+/// libraries close) and a half-close all at once has every request before the DISC served, also
+/// while another connection is attached (whose fence the queued writes of a client seen gone
+/// give up at) and with the requests held back by the in-flight limit, so most are still in the
+/// socket when the hang-up is seen.
 #[test]
 fn requests_before_disc_are_served_when_a_tls_client_closes_right_after_it() {
+    for close_notify in [true, false] {
+        tls_close_after_disc(close_notify);
+    }
+}
+
+fn tls_close_after_disc(close_notify: bool) {
     use evsd_e2e::tls_client::*;
     use std::io::{Read, Write};
     require_tool("openssl");
@@ -385,13 +392,18 @@ fn requests_before_disc_are_served_when_a_tls_client_closes_right_after_it() {
     }
     burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
     tls.write_all(&burst).unwrap();
-    tls.conn.send_close_notify();
+    if close_notify {
+        tls.conn.send_close_notify();
+    }
     tls.flush().unwrap();
     tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answered = std::collections::HashSet::new();
     for _ in 0..count {
         let (err, cookie) = read_simple_reply(&mut tls);
-        assert_eq!(err, 0, "WRITE {cookie:#x} failed");
+        assert_eq!(
+            err, 0,
+            "WRITE {cookie:#x} failed (close_notify sent: {close_notify})"
+        );
         assert!(
             (0x1000..0x1000 + count).contains(&cookie) && answered.insert(cookie),
             "unexpected or repeated cookie {cookie:#x}"

@@ -898,6 +898,15 @@ where
                     })
                 }
                 Poll::Ready(Ok(_)) => read = true,
+                // A client that closed without a close_notify (many TLS libraries do) may still
+                // have sent a DISC; the reader reports this again to the loop's own read, which
+                // comes only once what was read here is taken.
+                Poll::Ready(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(ReadAhead {
+                        read,
+                        to_the_end: true,
+                    })
+                }
                 Poll::Ready(Err(error)) => return Err(error),
                 Poll::Pending => {
                     return Ok(ReadAhead {
