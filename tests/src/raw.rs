@@ -364,6 +364,25 @@ impl Raw {
         b
     }
 
+    /// `data` as consecutive WRITEs of `write_bytes` from offset 0, cookies counting up from
+    /// `first_cookie`, then NBD_CMD_DISC (cookie 0xd15c): one burst for a single send.
+    pub fn writes_then_disc(data: &[u8], write_bytes: u64, first_cookie: u64) -> Vec<u8> {
+        let mut burst = Vec::with_capacity(data.len() + data.len() / write_bytes as usize * 28);
+        for (i, payload) in data.chunks(write_bytes as usize).enumerate() {
+            let i = i as u64;
+            burst.extend(Raw::request_bytes(
+                0,
+                CMD_WRITE,
+                first_cookie + i,
+                i * write_bytes,
+                payload.len() as u32,
+            ));
+            burst.extend_from_slice(payload);
+        }
+        burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
+        burst
+    }
+
     pub fn ext_request_bytes(flags: u16, typ: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
         let mut b = Vec::with_capacity(32);
         b.extend_from_slice(&EXT_REQUEST_MAGIC.to_be_bytes());

@@ -453,19 +453,7 @@ fn half_close_after_disc(
     let other = other_connection.then(|| Raw::open(d.tcp_addr(), "vol0").0);
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
     let data = Prng::new(200).bytes((count * write_bytes) as usize);
-    let mut burst = Vec::new();
-    for i in 0..count {
-        let at = (i * write_bytes) as usize;
-        burst.extend(Raw::request_bytes(
-            0,
-            CMD_WRITE,
-            0x1000 + i,
-            i * write_bytes,
-            write_bytes as u32,
-        ));
-        burst.extend_from_slice(&data[at..at + write_bytes as usize]);
-    }
-    burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
+    let burst = Raw::writes_then_disc(&data, write_bytes, 0x1000);
     c.send(&burst);
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut answered = HashSet::new();

@@ -378,19 +378,7 @@ fn tls_close_after_disc(close_notify: bool) {
     let mut tls = open_tls(d.tcp_addr(), &pki.join("ca-cert.pem"), "vol0");
     let (count, write_bytes) = (200u64, 4096u64);
     let data = Prng::new(201).bytes((count * write_bytes) as usize);
-    let mut burst = Vec::new();
-    for i in 0..count {
-        let at = (i * write_bytes) as usize;
-        burst.extend(Raw::request_bytes(
-            0,
-            CMD_WRITE,
-            0x1000 + i,
-            i * write_bytes,
-            write_bytes as u32,
-        ));
-        burst.extend_from_slice(&data[at..at + write_bytes as usize]);
-    }
-    burst.extend(Raw::request_bytes(0, CMD_DISC, 0xd15c, 0, 0));
+    let burst = Raw::writes_then_disc(&data, write_bytes, 0x1000);
     tls.write_all(&burst).unwrap();
     if close_notify {
         tls.conn.send_close_notify();

@@ -40,7 +40,6 @@ use crate::nbd::sendfile::SendFile;
 use crate::nbd::shutdown::Shutdown;
 use crate::nbd::threads;
 use crate::storage::attachments::Attachment;
-use crate::storage::volume::MappedBytes;
 use crate::storage::{FileRange, Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
@@ -109,10 +108,6 @@ struct Session<'m> {
     /// The socket's writes take iovecs the kernel reads from a layer's mapping: other cached
     /// READs of the head are written from it (see `storage::volume::mapped_read`).
     writes_mapped: bool,
-    /// More than `MAPPED_READ_MAX_QUEUED_BYTES` of replies wait for the client: READs take
-    /// buffers, so that a client that stopped reading does not hold the volume's chain (which
-    /// pruning waits for) with ever more replies.
-    replies_behind: AtomicBool,
     /// Large WRITE payloads are copied into the page cache by this connection's thread (see
     /// `ClientStream::copies_large_writes`).
     copies_large_writes: bool,
@@ -288,7 +283,6 @@ where
         sends_files: client.may_send_files && client.writer.sends_files(),
         writes_mapped: client.writer.writes_iovecs(),
         copies_large_writes: client.copies_large_writes,
-        replies_behind: AtomicBool::new(false),
     };
     let mut conn = Connection {
         limits: ExportLimits {
@@ -743,19 +737,30 @@ where
         Ok(())
     }
 
-    /// Answers a READ whose bytes are all in the head's mapping and the page cache at once, as
-    /// `execute` would: nothing in it waits, and a request future per 4 KiB read (its
-    /// allocation, its polling and waking in the set) costs more than the reply's making.
+    /// Answers at once a READ whose bytes are all in the head's mapping and the page cache: the
+    /// reply's `writev` takes an iovec into the mapping (see `storage::volume::mapped_read`).
+    /// Nothing in it waits, and a request future per 4 KiB read (its allocation, its polling
+    /// and waking in the set) cost more than the reply's making. The one place READs are
+    /// written from the mapping: one that is not goes the future's way, with a buffer.
     fn answer_from_mapping(&mut self, request: &Request, to: ReplyTo) -> bool {
         let session = self.session;
-        // `replies_behind` is updated by the loop's writes; this pass may queue many replies.
-        if self.outgoing_bytes > MAPPED_READ_MAX_QUEUED_BYTES {
+        // Larger ones are `sendfile`'s when cached, and not worth a `mincore` when not. With
+        // replies waiting for the client, READs take buffers: one that stopped reading must
+        // not hold the volume's chain (which pruning waits for) with ever more replies.
+        if !session.writes_mapped
+            || request.length >= SEND_FROM_CACHE_MIN_BYTES
+            || self.outgoing_bytes > MAPPED_READ_MAX_QUEUED_BYTES
+        {
             return false;
         }
         let started = Instant::now();
-        let Some(mapped) = mapped_range(session, request.offset, request.length) else {
+        let Some(mapped) = session
+            .volume
+            .mapped_cached_range(request.offset, request.length)
+        else {
             return false;
         };
+        session.metrics.written_from_mapping(request.length);
         let counted = session.metrics.start(Kind::Read);
         let frame = replies::read_from_mapping(session.mode, to, request.offset, mapped);
         counted.finish(request.length, true, started.elapsed());
@@ -997,10 +1002,6 @@ where
             }
         }
         let mut wrote = self.outgoing_bytes < unsent_before;
-        let behind = self.outgoing_bytes > MAPPED_READ_MAX_QUEUED_BYTES;
-        if self.session.replies_behind.load(Ordering::Relaxed) != behind {
-            self.session.replies_behind.store(behind, Ordering::Relaxed);
-        }
         if self.outgoing.is_empty() && self.unflushed {
             match Pin::new(&mut self.writer).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {
@@ -1420,10 +1421,9 @@ async fn execute(
     }
     let result: Result<Frame, StorageError> = match request.command {
         Command::Read => {
+            // Those the head's mapping could answer were answered as they were taken.
             if let Some(range) = cached_range(session, offset, length) {
                 Ok(replies::read_from_file(mode, to, offset, range))
-            } else if let Some(mapped) = mapped_range(session, offset, length) {
-                Ok(replies::read_from_mapping(mode, to, offset, mapped))
             } else {
                 volume.read(offset, length as usize).await.map(|data| {
                     replies::read(mode, to, offset, data, request.has_flag(CMD_FLAG_DF))
@@ -1492,21 +1492,6 @@ fn cached_range(session: &Session<'_>, offset: u64, length: u64) -> Option<FileR
         return None;
     }
     session.volume.cached_range(offset, length)
-}
-
-/// The head's mapped range a READ can be written from, when this socket takes such ranges and
-/// the bytes are all in the page cache.
-fn mapped_range(session: &Session<'_>, offset: u64, length: u64) -> Option<MappedBytes> {
-    // Larger ones are `sendfile`'s when cached, and not worth a `mincore` when not.
-    if !session.writes_mapped
-        || length >= SEND_FROM_CACHE_MIN_BYTES
-        || session.replies_behind.load(Ordering::Relaxed)
-    {
-        return None;
-    }
-    let mapped = session.volume.mapped_cached_range(offset, length)?;
-    session.metrics.written_from_mapping(length);
-    Some(mapped)
 }
 
 async fn block_status(
