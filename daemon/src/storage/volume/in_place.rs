@@ -100,10 +100,11 @@ impl Volume {
     /// resize is holding writes off, or slow copies paused copying here: the caller writes the
     /// rest the ordinary way.
     ///
-    /// The pages are checked to be cached again for each landing (one `cachestat` call): a
-    /// client may send a header and then take its time with the payload while memory pressure
-    /// evicts them, and a write fault on an evicted page would read it from the disk on the
-    /// connection's thread.
+    /// The pages are checked to be cached again for each landing (`mincore` over the mapped
+    /// range): a client may send a header and then take its time with the payload while memory
+    /// pressure evicts them, and a write fault on an evicted page would read it from the disk
+    /// on the connection's thread. Not `cachestat`, which counts a page still being read in
+    /// (readahead of another reader) as cached: the fault would wait for that read.
     ///
     /// `partial`: the block an earlier landing of the same payload ended in, part landed, with
     /// its zero generation then; a zero of it since (or under way then) refuses this landing,
@@ -116,16 +117,13 @@ impl Volume {
         partial: Option<PartialBlock>,
         land: impl FnOnce(NonNull<u8>, usize) -> io::Result<usize>,
     ) -> Option<io::Result<usize>> {
-        if !self
-            .engine
-            .all_cached(head.layer.data(), offset_bytes, length_bytes as u64)
-        {
-            return None;
-        }
         self.holding_head(head, offset_bytes, length_bytes as u64, partial, || {
             // Mapped only once the layer is known to be the head (a frozen one lets its
             // mapping go), and held through the landing even if the layer lets it go meanwhile.
             let range = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
+            if !self.engine.all_resident(range.start(), length_bytes) {
+                return None;
+            }
             Some(land(range.start(), length_bytes))
         })
     }
