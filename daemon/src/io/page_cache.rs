@@ -100,7 +100,8 @@ impl Residency {
             return false;
         };
         let pages = (end - first_page).div_ceil(page_bytes);
-        let mut on_stack = [0u8; 32];
+        // A 128 KiB landing that starts mid-page spans 33 pages: room for those on the stack.
+        let mut on_stack = [0u8; 64];
         let mut on_heap = Vec::new();
         let vector: &mut [u8] = if pages <= on_stack.len() {
             &mut on_stack[..pages]
