@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -25,9 +26,15 @@ pub const MAX_MAPPED_TOUCHED_BYTES: u64 = 16 << 30;
 /// that touched chunks count the page-table pages a mapping pins.
 const TOUCH_CHUNK_BYTES: u64 = 2 << 20;
 
+/// After a mapping made anew failed (the file mapped before, so it can be: address space or
+/// memory short for a moment), the next try waits this long; ranges meanwhile take the
+/// ordinary paths.
+const REMAP_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The mapping of one layer's data file while the layer is a volume's head, made on first use.
-/// A layer whose file cannot be mapped (no address space left for a huge volume, a filesystem
-/// without shared mappings) takes the ordinary write path for good.
+/// A layer whose file cannot be mapped at first (no address space left for a huge volume, a
+/// filesystem without shared mappings) takes the ordinary paths for good; one whose mapping
+/// made anew fails tries again later (`REMAP_RETRY_AFTER`).
 #[derive(Default)]
 pub struct MappedData {
     state: Mutex<MapState>,
@@ -37,6 +44,10 @@ pub struct MappedData {
 struct MapState {
     map: Option<Arc<Mapping>>,
     unmappable: bool,
+    /// The file was mapped once: a failure to map it anew is not for good.
+    mapped_before: bool,
+    /// A mapping made anew failed: no try before then.
+    retry_at: Option<Instant>,
     /// One bit per TOUCH_CHUNK_BYTES of the current mapping that a range was handed out in.
     touched: Vec<u64>,
     touched_bytes: u64,
@@ -121,10 +132,24 @@ impl MappedData {
             state.release();
         }
         if state.map.is_none() {
-            let Some(map) = map_shared(data, size_bytes) else {
-                state.unmappable = true;
+            if state.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
+            }
+            let map = match map_shared(data, size_bytes) {
+                Ok(map) => map,
+                Err(error) if state.mapped_before => {
+                    tracing::debug!(%error, size_bytes, "a layer's data file could not be mapped anew; trying again in a second");
+                    state.retry_at = Some(Instant::now() + REMAP_RETRY_AFTER);
+                    return None;
+                }
+                Err(error) => {
+                    tracing::info!(%error, size_bytes, "a layer's data file could not be mapped; its reads and large writes take the ordinary paths");
+                    state.unmappable = true;
+                    return None;
+                }
             };
+            state.mapped_before = true;
+            state.retry_at = None;
             state.map = Some(Arc::new(Mapping { map: Some(map) }));
             state.touched = vec![0; size_bytes.div_ceil(TOUCH_CHUNK_BYTES).div_ceil(64) as usize];
         }
@@ -200,23 +225,19 @@ impl MapState {
     }
 }
 
-fn map_shared(data: &File, size_bytes: u64) -> Option<MmapRaw> {
-    let len = usize::try_from(size_bytes).ok().filter(|&len| len > 0)?;
-    match MmapOptions::new().len(len).map_raw(data) {
-        Ok(map) => {
-            // Faults through the mapping find cached pages (checked first): none may start
-            // readahead from the connection's thread on a page an earlier sequential read
-            // marked. A/B: unix randread-4k j1 and write-1m j1 the same within the noise.
-            if let Err(error) = map.advise(memmap2::Advice::Random) {
-                tracing::debug!(%error, "advising a layer's mapping as random access failed");
-            }
-            Some(map)
-        }
-        Err(error) => {
-            tracing::info!(%error, size_bytes, "a layer's data file could not be mapped; its large writes take the ordinary path");
-            None
-        }
+fn map_shared(data: &File, size_bytes: u64) -> std::io::Result<MmapRaw> {
+    let len = usize::try_from(size_bytes)
+        .ok()
+        .filter(|&len| len > 0)
+        .ok_or_else(|| std::io::Error::other(format!("cannot map {size_bytes} bytes")))?;
+    let map = MmapOptions::new().len(len).map_raw(data)?;
+    // Faults through the mapping find cached pages (checked first): none may start readahead
+    // from the connection's thread on a page an earlier sequential read marked. A/B: unix
+    // randread-4k j1 and write-1m j1 the same within the noise.
+    if let Err(error) = map.advise(memmap2::Advice::Random) {
+        tracing::debug!(%error, "advising a layer's mapping as random access failed");
     }
+    Ok(map)
 }
 
 #[cfg(test)]
@@ -308,6 +329,48 @@ mod tests {
             held.start(),
             "a new mapping, not the released one"
         );
+    }
+
+    #[test]
+    fn a_failed_first_mapping_is_for_good_and_a_failed_remapping_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        // A shared writable mapping needs the file open for reading and writing.
+        let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+
+        let never = MappedData::default();
+        assert!(never.range(&write_only, 1 << 20, 0, 4096).is_none());
+        assert!(
+            never.range(&file, 1 << 20, 0, 4096).is_none(),
+            "a file that could not be mapped at first is not tried again"
+        );
+
+        let mapped = MappedData::default();
+        assert!(mapped.range(&file, 1 << 20, 0, 4096).is_some());
+        mapped.release();
+        assert!(mapped.range(&write_only, 1 << 20, 0, 4096).is_none());
+        assert!(
+            mapped.range(&file, 1 << 20, 0, 4096).is_none(),
+            "no new try before the retry delay"
+        );
+        mapped.lock().retry_at = Some(Instant::now());
+        let again = mapped
+            .range(&file, 1 << 20, 4096, 4096)
+            .expect("mapped anew");
+        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut sender, &[3u8; 4096]).unwrap();
+        assert_eq!(recv_into(&receiver, again.start(), 4096), 4096);
+        let mut back = [0u8; 4096];
+        file.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back.iter().all(|&b| b == 3));
     }
 
     #[test]
