@@ -264,19 +264,27 @@ mod tests {
         }
     }
 
+    /// 4 KiB of `byte` received into `at` as the daemon does, then read back from `file` at
+    /// `offset_bytes`.
+    fn assert_lands(file: &File, at: NonNull<u8>, offset_bytes: u64, byte: u8) {
+        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut sender, &[byte; 4096]).unwrap();
+        assert_eq!(recv_into(&receiver, at, 4096), 4096);
+        let mut back = [0u8; 4096];
+        file.read_exact_at(&mut back, offset_bytes).unwrap();
+        assert!(
+            back.iter().all(|&b| b == byte),
+            "the bytes landed in the file"
+        );
+    }
+
     #[test]
     fn a_range_points_into_the_file_and_ranges_past_its_end_are_refused() {
         let file = tempfile::tempfile().unwrap();
         file.set_len(1 << 20).unwrap();
         let mapped = MappedData::default();
         let at = mapped.range(&file, 1 << 20, 8192, 4096).expect("mapped");
-        // The kernel copies into the range, as `recv` does in the daemon.
-        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
-        std::io::Write::write_all(&mut sender, &[9u8; 4096]).unwrap();
-        assert_eq!(recv_into(&receiver, at.start(), 4096), 4096);
-        let mut back = [0u8; 4096];
-        file.read_exact_at(&mut back, 8192).unwrap();
-        assert!(back.iter().all(|&b| b == 9), "the bytes landed in the file");
+        assert_lands(&file, at.start(), 8192, 9);
         assert!(mapped
             .range(&file, 1 << 20, (1 << 20) - 4096, 8192)
             .is_none());
@@ -316,12 +324,7 @@ mod tests {
         mapped.release();
         assert!(!mapped.is_mapped());
         // The released mapping is still there for the range that was handed out.
-        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
-        std::io::Write::write_all(&mut sender, &[7u8; 4096]).unwrap();
-        assert_eq!(recv_into(&receiver, held.start(), 4096), 4096);
-        let mut back = [0u8; 4096];
-        file.read_exact_at(&mut back, 0).unwrap();
-        assert!(back.iter().all(|&b| b == 7));
+        assert_lands(&file, held.start(), 0, 7);
         let again = mapped.range(&file, 1 << 20, 0, 4096).expect("mapped anew");
         assert!(mapped.is_mapped());
         assert_ne!(
@@ -365,12 +368,7 @@ mod tests {
         let again = mapped
             .range(&file, 1 << 20, 4096, 4096)
             .expect("mapped anew");
-        let (mut sender, receiver) = std::os::unix::net::UnixStream::pair().unwrap();
-        std::io::Write::write_all(&mut sender, &[3u8; 4096]).unwrap();
-        assert_eq!(recv_into(&receiver, again.start(), 4096), 4096);
-        let mut back = [0u8; 4096];
-        file.read_exact_at(&mut back, 4096).unwrap();
-        assert!(back.iter().all(|&b| b == 3));
+        assert_lands(&file, again.start(), 4096, 3);
     }
 
     #[test]
