@@ -1222,10 +1222,14 @@ where
                     iov_base: b.as_ptr().cast_mut().cast(),
                     iov_len: b.len(),
                 }),
-                Piece::Mapped(mapped) => Some(libc::iovec {
-                    iov_base: mapped.rest_start().as_ptr().cast(),
-                    iov_len: mapped.rest_bytes(),
-                }),
+                Piece::Mapped(mapped) => {
+                    // All of the batch's pages at once, so their page walks overlap.
+                    mapped.prefetch_rest();
+                    Some(libc::iovec {
+                        iov_base: mapped.rest_start().as_ptr().cast(),
+                        iov_len: mapped.rest_bytes(),
+                    })
+                }
                 Piece::File(_) => None,
             })
             .collect();

@@ -17,7 +17,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::storage::layer::chain::{Chain, Hit};
-use crate::storage::layer::mapped::MappedRange;
+use crate::storage::layer::mapped::{prefetch_pages, MappedRange};
 use crate::storage::layer::BLOCK_BYTES;
 
 use super::Volume;
@@ -41,6 +41,12 @@ impl MappedBytes {
         // SAFETY: `sent_bytes < length_bytes` or equal to it (one past the end), and the range
         // is `length_bytes` long inside one mapping.
         unsafe { self.range.start().add(self.sent_bytes) }
+    }
+
+    /// Starts fetching the pages not sent yet (see `mapped::prefetch_pages`): for a caller
+    /// about to hand them to the kernel's copy.
+    pub fn prefetch_rest(&self) {
+        prefetch_pages(self.rest_start(), self.rest_bytes());
     }
 
     pub fn rest_bytes(&self) -> usize {
