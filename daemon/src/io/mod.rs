@@ -28,6 +28,7 @@ pub use error::EngineError;
 
 use inline_write::InlineWrites;
 use nowait::NoWait;
+pub use page_cache::page_bytes;
 use page_cache::Residency;
 pub(crate) use threads::fallocate_blocking;
 use threads::ThreadsEngine;
@@ -362,6 +363,18 @@ impl IoEngine {
     /// page-cache I/O is off.
     pub fn all_resident(&self, start: NonNull<u8>, length_bytes: usize) -> bool {
         self.residency.all_resident(start, length_bytes)
+    }
+
+    /// `all_resident` page by page: one byte per page of the range into `vector` (bit 0 set
+    /// for a page in the page cache), which must have exactly one per page the range touches.
+    /// False when unsure, and always when inline page-cache I/O is off.
+    pub fn resident_pages(
+        &self,
+        start: NonNull<u8>,
+        length_bytes: usize,
+        vector: &mut [u8],
+    ) -> bool {
+        self.residency.resident_pages(start, length_bytes, vector)
     }
 
     /// Fills all of `buf`, looping over short reads; bytes past end-of-file read as zeros.

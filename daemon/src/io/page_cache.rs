@@ -90,16 +90,9 @@ impl Residency {
     /// not wait for the disk. False when any is not, the range is not mapped, or inline
     /// page-cache I/O is off.
     pub(crate) fn all_resident(&self, start: NonNull<u8>, length_bytes: usize) -> bool {
-        if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
-            return false;
-        }
-        let page_bytes = page_bytes();
-        let address = start.as_ptr() as usize;
-        let first_page = address & !(page_bytes - 1);
-        let Some(end) = address.checked_add(length_bytes) else {
+        let Some(pages) = pages_under(start, length_bytes) else {
             return false;
         };
-        let pages = (end - first_page).div_ceil(page_bytes);
         // A 128 KiB landing that starts mid-page spans 33 pages: room for those on the stack.
         let mut on_stack = [0u8; 64];
         let mut on_heap = Vec::new();
@@ -109,9 +102,30 @@ impl Residency {
             on_heap.resize(pages, 0);
             &mut on_heap
         };
+        self.resident_pages(start, length_bytes, vector) && vector.iter().all(|&page| page & 1 == 1)
+    }
+
+    /// `mincore` of the pages under `start..start + length_bytes`, a range of a shared file
+    /// mapping: one byte per page into `vector`, bit 0 set for a page in the page cache. False
+    /// (and `vector` unspecified) when the kernel cannot tell, the range is not mapped, inline
+    /// page-cache I/O is off, or `vector` does not have exactly one byte per page.
+    pub(crate) fn resident_pages(
+        &self,
+        start: NonNull<u8>,
+        length_bytes: usize,
+        vector: &mut [u8],
+    ) -> bool {
+        if !self.enabled.load(Ordering::Relaxed)
+            || pages_under(start, length_bytes) != Some(vector.len())
+        {
+            return false;
+        }
+        let first_page = start.as_ptr() as usize & !(page_bytes() - 1);
+        let end = start.as_ptr() as usize + length_bytes;
         // SAFETY: `mincore` reads nothing of the range, only the page tables and page cache
         // behind it, and writes one byte per page of `first_page..end` into `vector`, which has
-        // exactly that many; an address range that is not mapped fails with ENOMEM.
+        // exactly that many (checked above); an address range that is not mapped fails with
+        // ENOMEM.
         let rc = unsafe {
             libc::mincore(
                 first_page as *mut libc::c_void,
@@ -119,12 +133,25 @@ impl Residency {
                 vector.as_mut_ptr(),
             )
         };
-        rc == 0 && vector.iter().all(|&page| page & 1 == 1)
+        rc == 0
     }
 }
 
+/// How many pages `start..start + length_bytes` touches; `None` for an empty range or one that
+/// wraps the address space.
+fn pages_under(start: NonNull<u8>, length_bytes: usize) -> Option<usize> {
+    if length_bytes == 0 {
+        return None;
+    }
+    let page_bytes = page_bytes();
+    let address = start.as_ptr() as usize;
+    let first_page = address & !(page_bytes - 1);
+    let end = address.checked_add(length_bytes)?;
+    Some((end - first_page).div_ceil(page_bytes))
+}
+
 /// The system's page size (`mincore` wants its address aligned to it and reports per page).
-fn page_bytes() -> usize {
+pub fn page_bytes() -> usize {
     static SYSTEM_PAGE_BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SYSTEM_PAGE_BYTES.get_or_init(|| {
         // SAFETY: sysconf reads a system constant.

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::resident::{PageCheck, ResidentChunks};
+use crate::io::page_bytes;
+
 /// The mapping is made anew once landings have touched this much of it: the page tables of a
 /// range landed in stay until the mapping goes (the pages themselves are reclaimed as any page
 /// cache), so the kernel memory a mapping pins grows with the ranges written through it, however
@@ -56,6 +59,8 @@ struct MapState {
 /// A shared mapping; unmapped once the last range handed out of it is dropped.
 struct Mapping {
     map: Option<MmapRaw>,
+    /// Which of its pages were cached a moment ago (see `resident`).
+    resident: ResidentChunks,
 }
 
 impl Drop for Mapping {
@@ -89,6 +94,28 @@ unsafe impl Sync for MappedRange {}
 impl MappedRange {
     pub fn start(&self) -> NonNull<u8> {
         self.start
+    }
+
+    /// Whether the first `length_bytes` of the range are all in the page cache, as far as an
+    /// answer at most `resident::TRUSTED_FOR` old tells, else as `check` (`mincore`, see
+    /// `IoEngine::resident_pages`) tells now.
+    pub fn all_resident(&self, length_bytes: u64, check: &impl PageCheck) -> bool {
+        let Some(map) = self._map.map.as_ref() else {
+            return false;
+        };
+        let offset_bytes = self.start.as_ptr() as u64 - map.as_ptr() as u64;
+        let Some(base) = NonNull::new(map.as_mut_ptr()) else {
+            return false;
+        };
+        self._map.resident.all_resident(
+            base,
+            map.len() as u64,
+            page_bytes() as u64,
+            offset_bytes,
+            length_bytes,
+            Instant::now(),
+            check,
+        )
     }
 }
 
@@ -150,7 +177,10 @@ impl MappedData {
             };
             state.mapped_before = true;
             state.retry_at = None;
-            state.map = Some(Arc::new(Mapping { map: Some(map) }));
+            state.map = Some(Arc::new(Mapping {
+                map: Some(map),
+                resident: ResidentChunks::new(size_bytes),
+            }));
             state.touched = vec![0; size_bytes.div_ceil(TOUCH_CHUNK_BYTES).div_ceil(64) as usize];
         }
         let mapping = Arc::clone(state.map.as_ref()?);

@@ -7,6 +7,7 @@ pub mod blockmap;
 pub mod chain;
 pub mod direct;
 pub mod mapped;
+pub mod resident;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;

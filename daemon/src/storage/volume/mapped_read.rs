@@ -109,10 +109,10 @@ impl Volume {
         };
         let head = chain.top();
         let range = head.mapped_range_uncharged(offset_bytes, length_bytes)?;
-        if !self
-            .engine
-            .all_resident(range.start(), usize::try_from(length_bytes).ok()?)
-        {
+        let engine = &self.engine;
+        if !range.all_resident(length_bytes, &|start, length, vector: &mut [u8]| {
+            engine.resident_pages(start, length, vector)
+        }) {
             return None;
         }
         head.charge_mapped(offset_bytes, length_bytes);
