@@ -559,10 +559,7 @@ impl VolumeEntry {
         if unmarked.runs.is_empty() {
             return Ok(());
         }
-        self.engine
-            .fdatasync(survivor.data())
-            .await
-            .map_err(|e| StorageError::io("merge sync", 0, survivor.size_bytes(), e))?;
+        survivor.sync_data(&self.engine).await?;
         for (a, z) in std::mem::take(&mut unmarked.runs) {
             let _held = self.hold_head_blocks(into_head, a, z).await;
             for (run_start, run_end) in absent_runs(survivor, a, z) {

@@ -42,7 +42,8 @@ pub struct Layer {
     /// A sync failed: the kernel reports a write-back error to one `fdatasync` only and then
     /// marks the pages clean, so a later sync would succeed over data that never reached the
     /// disk. Every later sync fails instead, for as long as the files stay open (shared with
-    /// the instances a resize makes).
+    /// the instances a resize makes). Set by every sync of the layer's files, not only `sync`'s
+    /// (a resize's, a merge's): whichever one the kernel tells.
     sync_failed: Arc<AtomicBool>,
     #[cfg(test)]
     fail_syncs_for_test: AtomicBool,
@@ -228,7 +229,7 @@ impl Layer {
         }
         self.data
             .set_len(size_bytes)
-            .and_then(|()| self.data.sync_all())
+            .and_then(|()| self.noted(self.data.sync_all()))
             .map_err(resize_error)?;
         let map_bytes = blockmap::map_file_bytes(blocks_for(size_bytes));
         if map_bytes > map_file_bytes {
@@ -236,8 +237,7 @@ impl Layer {
                 .set_len(map_bytes)
                 .map_err(|e| StorageError::fs("size", &map_path, e))?;
         }
-        self.map_file
-            .sync_all()
+        self.noted(self.map_file.sync_all())
             .map_err(|e| StorageError::fs("fsync", &map_path, e))?;
         let grown = self.reopened(dir, size_bytes)?;
         // The old last word's states past the old end (an interrupted cut's) are the new
@@ -282,7 +282,7 @@ impl Layer {
         self.sync_map_blocking()?;
         self.data
             .set_len(size_bytes)
-            .and_then(|()| self.data.sync_all())
+            .and_then(|()| self.noted(self.data.sync_all()))
             .map_err(|e| self.resize_error(size_bytes, e))
     }
 
@@ -462,9 +462,36 @@ impl Layer {
 
     /// Makes the map's changes durable (its data untouched). Blocking.
     pub fn sync_map_blocking(&self) -> Result<(), StorageError> {
-        self.map_file
-            .sync_data()
+        self.noted(self.map_file.sync_data())
             .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
+    }
+
+    /// Makes the data file's bytes durable (not the map, which its caller settles after): for
+    /// a merge that copied blocks in. A failure fails every later `sync` (see `sync_failed`).
+    pub async fn sync_data(&self, engine: &IoEngine) -> Result<(), StorageError> {
+        let synced = engine.fdatasync(&self.data).await;
+        self.noted(synced)
+            .map_err(|e| StorageError::io("merge sync", 0, self.size_bytes, e))
+    }
+
+    /// Passes on the result of a sync of this layer's files done outside `sync`, remembering a
+    /// failure so that every later `sync` fails too (see `sync_failed`).
+    fn noted(&self, synced: std::io::Result<()>) -> std::io::Result<()> {
+        #[cfg(test)]
+        let synced = match self.fail_syncs_for_test.load(Ordering::Acquire) {
+            true => synced.and(Err(std::io::Error::from_raw_os_error(libc::EIO))),
+            false => synced,
+        };
+        if let Err(error) = &synced {
+            self.remember_sync_failure(error);
+        }
+        synced
+    }
+
+    fn remember_sync_failure(&self, error: &dyn std::fmt::Display) {
+        if !self.sync_failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(layer = %self.id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
+        }
     }
 
     /// Makes every change made before the call durable: data first, then the map.
@@ -521,9 +548,7 @@ impl Layer {
         }
         drop(redirty);
         if let Err(error) = &result {
-            if !self.sync_failed.swap(true, Ordering::AcqRel) {
-                tracing::error!(layer = %self.id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
-            }
+            self.remember_sync_failure(error);
         }
         result
     }
@@ -678,5 +703,42 @@ mod tests {
         );
         // Even with nothing written since.
         assert!(volume.flush().await.is_err());
+    }
+
+    /// A merge's and a resize's syncs of the head's files take the kernel's one report of a
+    /// write-back error as much as a flush's: a later flush must not succeed over it.
+    #[tokio::test]
+    async fn a_failed_merge_or_resize_sync_fails_every_later_flush() {
+        let (_dir, engine, _registry, volume) = one_volume();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        let head = std::sync::Arc::clone(volume.chain().top());
+        head.fail_syncs_for_test(true);
+        assert!(head.sync_data(&engine).await.is_err());
+        head.fail_syncs_for_test(false);
+        let failed = volume.flush().await.unwrap_err();
+        assert!(
+            failed.to_string().contains("earlier flush failed"),
+            "{failed}"
+        );
+
+        let (_dir, _engine, registry, volume) = one_volume();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        let head = std::sync::Arc::clone(volume.chain().top());
+        head.fail_syncs_for_test(true);
+        let entry = registry.entry("v").unwrap();
+        assert!(entry.resize(2 << 20, false).await.is_err());
+        head.fail_syncs_for_test(false);
+        let volume = registry.get("v").unwrap();
+        let failed = volume.flush().await.unwrap_err();
+        assert!(
+            failed.to_string().contains("earlier flush failed"),
+            "{failed}"
+        );
     }
 }
