@@ -1,9 +1,10 @@
 //! Freezing heads: one volume's (a snapshot) or several volumes' from the same instant (a
 //! consistency group, for server backups). A single head is swapped without holding writes
 //! (see `epoch.rs`); a group holds new writes only while its heads are swapped in memory. The
-//! new manifests are put in place after writes resume and made durable in the
-//! background (`persist.rs`). Until they are, a FLUSH on any of the volumes waits (so no write
-//! is acknowledged as durable while its head is not recorded durably).
+//! new manifests are put in place (written and renamed, what a restart loads) before the heads
+//! swap, so a write answered from a new head survives the daemon being killed, and made
+//! durable in the background (`persist.rs`). Until they are, a FLUSH on any of the volumes
+//! waits (so no write is acknowledged as durable while its head is not recorded durably).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +17,13 @@ use crate::storage::manifest::{LayerRecord, SnapshotRecord, VolumeManifest};
 use crate::storage::name::validate_snapshot_name;
 use crate::storage::volume::Volume;
 use crate::storage::Registry;
+
+#[cfg(test)]
+thread_local! {
+    /// Called with each member right after the heads swapped, on the freezing thread.
+    static AFTER_SWAP_FOR_TEST: std::cell::RefCell<Option<Box<dyn Fn(&VolumeEntry)>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// Longest a barrier attempt holds new writes while writes in flight finish.
 const GATE_WAIT: Duration = Duration::from_millis(5);
@@ -100,6 +108,57 @@ pub(crate) async fn freeze_heads(
     for (_, writer, ..) in &prepared {
         commits.push(writer.commit.write().await);
     }
+    let created_unix_secs = now_unix_secs();
+    let mut nexts: Vec<VolumeManifest> = Vec::with_capacity(prepared.len());
+    for (m, _, id, _, size_bytes) in &prepared {
+        let state = m.entry.lock();
+        let old_head = state.manifest.head.clone();
+        let mut next = state.manifest.clone();
+        next.layers.push(LayerRecord {
+            id: id.clone(),
+            parent: Some(old_head.clone()),
+            size_bytes: *size_bytes,
+        });
+        next.head = id.clone();
+        if let Some(name) = m.snapshot {
+            next.snapshots.push(SnapshotRecord {
+                name: name.to_owned(),
+                layer: old_head,
+                created_unix_secs,
+            });
+        }
+        next.check().map_err(|reason| StorageError::BadManifest {
+            path: m.entry.dir.join(crate::storage::manifest::MANIFEST_FILE),
+            reason,
+        })?;
+        nexts.push(next);
+    }
+    // The new manifests are put in place before any head swaps: a write that lands on a new
+    // head and is answered must find that head named on disk if the daemon is killed right
+    // after (the load removes the files of layers no manifest names). Until the swap below the
+    // volumes keep writing their old heads, which the manifests keep in their chains.
+    let mut first_error = None;
+    let mut published = Published {
+        members: Vec::with_capacity(prepared.len()),
+    };
+    for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
+        match next.store_visible(&m.entry.dir) {
+            Ok(manifest) => {
+                writer.commit_failed.store(false, Ordering::SeqCst);
+                let generation = writer.persist.publish(manifest);
+                published
+                    .members
+                    .push((Arc::clone(&m.entry.volume), generation));
+            }
+            Err(e) => {
+                // The volume runs on the new head, which the disk does not know yet: FLUSH
+                // fails until a later manifest write succeeds.
+                tracing::error!(volume = m.entry.name(), error = %e, "recording a frozen head failed");
+                writer.commit_failed.store(true, Ordering::SeqCst);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
     // One head swaps without holding writes: writes from then on go to the new head, and the
     // freeze waits below only for those already in flight on the old one (see `epoch.rs`).
     // Several heads frozen from one instant (a consistency group) hold new writes on all of
@@ -133,31 +192,6 @@ pub(crate) async fn freeze_heads(
             }
         }
     };
-    let created_unix_secs = now_unix_secs();
-    let mut nexts: Vec<VolumeManifest> = Vec::with_capacity(prepared.len());
-    for (m, _, id, _, size_bytes) in &prepared {
-        let state = m.entry.lock();
-        let old_head = state.manifest.head.clone();
-        let mut next = state.manifest.clone();
-        next.layers.push(LayerRecord {
-            id: id.clone(),
-            parent: Some(old_head.clone()),
-            size_bytes: *size_bytes,
-        });
-        next.head = id.clone();
-        if let Some(name) = m.snapshot {
-            next.snapshots.push(SnapshotRecord {
-                name: name.to_owned(),
-                layer: old_head,
-                created_unix_secs,
-            });
-        }
-        next.check().map_err(|reason| StorageError::BadManifest {
-            path: m.entry.dir.join(crate::storage::manifest::MANIFEST_FILE),
-            reason,
-        })?;
-        nexts.push(next);
-    }
     let mut old_epochs = Vec::with_capacity(prepared.len());
     for ((m, _, id, new_head, _), next) in prepared.iter().zip(&nexts) {
         let mut state = m.entry.lock();
@@ -166,31 +200,15 @@ pub(crate) async fn freeze_heads(
         old_epochs.push(m.entry.refresh_new_head(&mut state)?);
     }
     drop(gates);
+    #[cfg(test)]
+    AFTER_SWAP_FOR_TEST.with_borrow(|hook| {
+        if let Some(hook) = hook {
+            prepared.iter().for_each(|(m, ..)| hook(m.entry));
+        }
+    });
     let hold_us = held_since.elapsed().as_micros() as u64;
     let swapped_us = started.elapsed().as_micros() as u64;
 
-    let mut first_error = None;
-    let mut published = Published {
-        members: Vec::with_capacity(prepared.len()),
-    };
-    for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
-        match next.store_visible(&m.entry.dir) {
-            Ok(manifest) => {
-                writer.commit_failed.store(false, Ordering::SeqCst);
-                let generation = writer.persist.publish(manifest);
-                published
-                    .members
-                    .push((Arc::clone(&m.entry.volume), generation));
-            }
-            Err(e) => {
-                // The volume runs on the new head, which the disk does not know yet: FLUSH
-                // fails until a later manifest write succeeds.
-                tracing::error!(volume = m.entry.name(), error = %e, "recording a frozen head failed");
-                writer.commit_failed.store(true, Ordering::SeqCst);
-                first_error.get_or_insert(e);
-            }
-        }
-    }
     // FLUSHes from here wait for the generations just published.
     drop(commits);
     let visible_us = started.elapsed().as_micros() as u64;
@@ -258,5 +276,44 @@ impl Registry {
         published.wait_durable().await?;
         tracing::info!(volumes = members.len(), hold_us, "group snapshot taken");
         Ok(hold_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+    use crate::storage::manifest::VolumeManifest;
+
+    /// A write answered from a new head must find that head named in the manifest a restart
+    /// loads (the load removes the files of layers none names): put in place before the swap.
+    #[tokio::test]
+    async fn the_manifest_on_disk_names_a_new_head_from_the_moment_it_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        registry.create("v", 1 << 20).unwrap();
+        registry.create("w", 1 << 20).unwrap();
+        let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let record = Arc::clone(&seen);
+        AFTER_SWAP_FOR_TEST.set(Some(Box::new(move |entry: &VolumeEntry| {
+            let on_disk = VolumeManifest::load(&entry.dir).unwrap().head;
+            let running = entry.volume.chain().top().id().to_owned();
+            record.lock().unwrap().push((running, on_disk));
+        })));
+        let v = registry.entry("v").unwrap();
+        v.create_snapshot("s1").await.unwrap();
+        registry
+            .snapshot_group(&[("v".into(), "s2".into()), ("w".into(), "s2".into())])
+            .await
+            .unwrap();
+        AFTER_SWAP_FOR_TEST.set(None);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        for (running, on_disk) in seen.iter() {
+            assert_eq!(running, on_disk);
+        }
     }
 }
