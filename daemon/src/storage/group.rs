@@ -19,9 +19,12 @@ use crate::storage::volume::Volume;
 use crate::storage::Registry;
 
 #[cfg(test)]
+type SwapHook = Box<dyn Fn(&VolumeEntry)>;
+
+#[cfg(test)]
 thread_local! {
     /// Called with each member right after the heads swapped, on the freezing thread.
-    static AFTER_SWAP_FOR_TEST: std::cell::RefCell<Option<Box<dyn Fn(&VolumeEntry)>>> =
+    static AFTER_SWAP_FOR_TEST: std::cell::RefCell<Option<SwapHook>> =
         const { std::cell::RefCell::new(None) };
 }
 
