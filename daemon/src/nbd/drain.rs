@@ -26,14 +26,21 @@ const FENCE_WARN_AFTER: Duration = Duration::from_secs(1);
 pub struct Abandoned;
 
 /// Holds a request that changes data (or flushes) while another connection's writes drain.
-/// When no fence is up this is one atomic load.
+/// When no fence is up this is two atomic loads. A connection closed by force starts nothing
+/// more, fence or none: the rollback, restore or delete that closed it goes ahead once it is
+/// detached or after a timeout, and a thread stalled past that (a hung disk) may only then
+/// take the requests it had read.
 pub async fn pass_fence(
     fence: &Fence,
     seat: &Seat,
     metrics: &VolumeMetrics,
 ) -> Result<(), Abandoned> {
     if !fence.is_raised() {
-        return Ok(());
+        return if seat.is_forced() {
+            Err(Abandoned)
+        } else {
+            Ok(())
+        };
     }
     // The horizon first: a raise of this request's own connection before it is seen below.
     let horizon = fence.horizon_for(seat);
@@ -152,6 +159,16 @@ mod tests {
         assert!(fence.is_raised() && seat.is_abandoned());
         drain.write_finished();
         assert!(!fence.is_raised());
+    }
+
+    #[tokio::test]
+    async fn a_forced_close_starts_nothing_more_with_no_fence_up() {
+        let (fence, seat) = (Fence::default(), Seat::default());
+        let metrics = Metrics::new().volume("v");
+        assert!(pass_fence(&fence, &seat, &metrics).await.is_ok());
+        seat.force_closed(&fence);
+        assert!(!fence.is_raised());
+        assert!(pass_fence(&fence, &seat, &metrics).await.is_err());
     }
 
     #[tokio::test]

@@ -517,7 +517,9 @@ where
         }
         let volume = &self.session.volume;
         self.fence_departed();
-        if volume.fence().is_raised() {
+        // A forced close starts nothing more (see `drain::pass_fence`); a raised fence is
+        // waited at there.
+        if volume.fence().is_raised() || self.session.attachment.seat().is_forced() {
             // Writes wait at the fence; this one goes where the waiting is done.
             return false;
         }

@@ -12,7 +12,7 @@
 //! `nbd::drain`.)
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,10 @@ impl Fence {
 #[derive(Debug, Default)]
 pub struct Seat {
     state: Mutex<SeatState>,
+    /// `SeatState::forced`, for the request path, which asks whether a request may start
+    /// without taking the lock (a forced close may find the fence lowered long before a stalled
+    /// connection thread takes its next request).
+    forced: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -183,7 +187,14 @@ impl Seat {
     /// they would).
     pub fn force_closed(&self, fence: &Fence) {
         self.state().forced = true;
+        self.forced.store(true, Ordering::Release);
         fence.wake_waiters();
+    }
+
+    /// Whether a rollback, restore or delete closed the connection by force: none of its
+    /// requests may start from then on, fence or none.
+    pub fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
     }
 
     /// The client sent NBD_CMD_DISC: called before the connection drains, so that its requests
