@@ -1706,6 +1706,41 @@ fn gc_during_a_running_backup_is_deferred_then_runs() {
     );
 }
 
+/// A GC on the daemon running a backup waits for it even when the store shows no lock of it
+/// (heartbeats that failed while the store was unreachable make it look stale): the sweep
+/// would delete the chunks the backup uploaded and its manifest does not name yet.
+#[test]
+fn gc_waits_for_this_daemons_running_backup_whatever_the_store_locks_say() {
+    let opts = DaemonOpts::new()
+        .no_default_volume()
+        .arg("--backup-rate-limit-mib-per-sec")
+        .arg("16");
+    let d = Daemon::start(opts);
+    let model = half_random(&d, "big", 128 * MIB, 21);
+    let (job_id, backup_id) = backup_start(&d, &["big"], false).remove(0);
+    assert!(wait_until(Duration::from_secs(30), || !chunk_files(
+        &store_dir(&d)
+    )
+    .is_empty()));
+    let locks = store_dir(&d).join("locks");
+    for lock in fs::read_dir(&locks).unwrap() {
+        fs::remove_file(lock.unwrap().path()).unwrap();
+    }
+    let uploaded = chunk_files(&store_dir(&d)).len();
+    let gc = admin_ok(&d, "backup.gc", json!({}));
+    assert_eq!(gc["deferred"], true, "{gc:#}");
+    assert!(
+        gc["reason"].as_str().unwrap().contains("this daemon"),
+        "{gc:#}"
+    );
+    assert!(chunk_files(&store_dir(&d)).len() >= uploaded);
+    wait_job_ok(&d, &job_id);
+    // Everything it uploaded is still there: it restores byte for byte.
+    admin_ok(&d, "volume.delete", json!({"name": "big"}));
+    restore_new(&d, "big", &backup_id);
+    assert_same("big from its backup", &read_export(&d, "big"), &model);
+}
+
 /// A local store on a full filesystem: the backup waits ("retrying", naming the error) without
 /// failing or storing a partial object, the volume keeps serving, and once space is freed the
 /// backup completes and restores byte for byte.

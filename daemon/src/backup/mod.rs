@@ -814,7 +814,22 @@ impl Backups {
         if self.shutdown.is_cancelled() {
             return Err(BackupError::Cancelled("the daemon is shutting down".into()));
         }
-        let report = gc::run(self).await?;
+        // This daemon's own backups first: the store's locks alone would let a GC through
+        // once a running backup's lock looked stale (its heartbeats failed while the store
+        // was unreachable), and it would delete what that backup uploaded and its manifest
+        // does not name yet.
+        let running = self.running_backup_count();
+        let report = if running > 0 {
+            let reason = format!("{running} backup(s) of this daemon are running");
+            tracing::info!(%reason, "garbage collection deferred");
+            GcReport {
+                deferred: true,
+                reason: Some(reason),
+                ..GcReport::default()
+            }
+        } else {
+            gc::run(self).await?
+        };
         // A sweep that ran began after every deferral recorded so far: it answers them all.
         self.gc_pending.store(report.deferred, Ordering::SeqCst);
         Ok(report)
