@@ -337,6 +337,10 @@ impl VolumeEntry {
             if head_runs.is_empty() {
                 continue;
             }
+            // Synced whether or not it is marked dirty: a TRIM or WRITE_ZEROES stores its map
+            // state before it marks the layer dirty, and the listing may have seen that state
+            // in between (the sync would then find the layer clean and skip it).
+            head.mark_dirty();
             head.sync(&self.engine).await?;
             // A read that found one of these blocks below the head, before the head had it,
             // may not have read it yet: punched now, it would read zeroes.
