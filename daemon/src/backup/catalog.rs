@@ -79,7 +79,15 @@ pub struct Catalog {
     listings: AtomicU64,
     /// The manifests the last listing found but could not read, with why.
     unreadable: Mutex<BTreeMap<String, String>>,
+    /// Backups this daemon deleted, with the number of listings begun before: a listing (or
+    /// a `get`) that read one's manifest before it went must not remember it afterwards. Ids
+    /// are never used again, so any read of one is stale; kept until no listing begun before
+    /// the delete can still be running (`FORGOTTEN_FOR_LISTINGS` later).
+    forgotten: Mutex<BTreeMap<String, u64>>,
 }
+
+/// Listings after a delete for which its backup stays forgotten: far more than can overlap.
+const FORGOTTEN_FOR_LISTINGS: u64 = 64;
 
 impl Catalog {
     pub fn new(store: Arc<BackupStore>) -> Catalog {
@@ -89,6 +97,7 @@ impl Catalog {
             listed: AtomicBool::new(false),
             listings: AtomicU64::new(0),
             unreadable: Mutex::new(BTreeMap::new()),
+            forgotten: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -104,6 +113,10 @@ impl Catalog {
 
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u64, BackupInfo)>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forgotten(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every complete backup in the store, oldest first. A manifest that cannot be read is
@@ -152,6 +165,8 @@ impl Catalog {
         // A backup this daemon stored since this listing began stays: its manifest may have
         // landed after the listing looked.
         known.retain(|id, (seen, _)| *seen >= listing || ids.binary_search(id).is_ok());
+        self.forgotten()
+            .retain(|_, at| *at + FORGOTTEN_FOR_LISTINGS >= listing);
         self.listed.store(true, Ordering::Release);
         sorted(&known)
     }
@@ -183,16 +198,27 @@ impl Catalog {
     }
 
     fn remember_as(&self, manifest: &BackupManifest, listings: u64) {
-        self.known().insert(
+        // Under the summaries' lock, which `forget` takes first too: a delete either finds
+        // the summary to remove or is seen here.
+        let mut known = self.known();
+        if self.forgotten().contains_key(&manifest.backup_id) {
+            return;
+        }
+        known.insert(
             manifest.backup_id.clone(),
             (listings, BackupInfo::of(manifest)),
         );
+        drop(known);
         // Read since: no longer unreadable, whatever the last listing found.
         self.not_unreadable(&manifest.backup_id);
     }
 
     pub fn forget(&self, backup_id: &str) {
-        self.known().remove(backup_id);
+        let mut known = self.known();
+        known.remove(backup_id);
+        let listings = self.listings.load(Ordering::Acquire);
+        self.forgotten().insert(backup_id.to_owned(), listings);
+        drop(known);
         self.not_unreadable(backup_id);
     }
 
@@ -295,5 +321,31 @@ mod tests {
         // Deleted.
         catalog.forget(b);
         assert!(unreadable(&catalog).is_empty());
+    }
+
+    /// A listing that read a manifest just before this daemon deleted its backup does not
+    /// bring it back, though the listing found it.
+    #[tokio::test]
+    async fn a_backup_deleted_while_a_listing_reads_it_stays_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("b-20261201T000000Z-0000000a", "b-20261201T000001Z-0000000b");
+        let catalog = Catalog::new(store_in(dir.path()));
+        let listing = catalog.begin_listing();
+        let listed = [a.to_owned(), b.to_owned()];
+        // The listing found both and read a; then a is deleted; then the listing remembers it.
+        catalog.forget(a);
+        catalog.remember_listed(&sample_for_test(a));
+        catalog.remember_listed(&sample_for_test(b));
+        assert_eq!(ids(&catalog.end_listing(listing, &listed)), [b]);
+        assert_eq!(ids(&catalog.list_known().await.unwrap()), [b]);
+        // A `get` that read it before the delete does not either.
+        catalog.remember_listed(&sample_for_test(a));
+        assert_eq!(ids(&catalog.list_known().await.unwrap()), [b]);
+        // The mark goes once no listing begun before the delete can be running.
+        for _ in 0..=FORGOTTEN_FOR_LISTINGS {
+            let listing = catalog.begin_listing();
+            catalog.end_listing(listing, &listed);
+        }
+        assert!(catalog.forgotten().is_empty());
     }
 }
