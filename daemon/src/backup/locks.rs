@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::backup::error::BackupError;
 use crate::backup::store::BackupStore;
@@ -18,6 +19,8 @@ use crate::storage::entry::now_unix_secs;
 pub const LOCK_STALE_SECS: i64 = 300;
 /// How often a held lock is rewritten.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// How long releasing a lock waits for a refresh under way to land before it deletes the lock.
+const HEARTBEAT_STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long a backup waits between looks while a GC holds the exclusive lock.
 const EXCLUSIVE_POLL: Duration = Duration::from_millis(500);
 /// A holder whose lock went this long without a successful refresh must assume another daemon
@@ -93,6 +96,8 @@ pub struct HeldLock {
     store: Arc<BackupStore>,
     name: String,
     heartbeat: Option<JoinHandle<()>>,
+    /// Stops the heartbeat between refreshes (see `release`).
+    stop_heartbeat: CancellationToken,
     health: Arc<LockHealth>,
 }
 
@@ -106,10 +111,18 @@ impl HeldLock {
         sent_ms: u64,
     ) -> HeldLock {
         let health = Arc::new(LockHealth::at(sent_ms));
+        let stop_heartbeat = CancellationToken::new();
         HeldLock {
             store: Arc::clone(store),
             name,
-            heartbeat: Some(start_heartbeat(store, kind, owner, Arc::clone(&health))),
+            heartbeat: Some(start_heartbeat(
+                store,
+                kind,
+                owner,
+                Arc::clone(&health),
+                stop_heartbeat.clone(),
+            )),
+            stop_heartbeat,
             health,
         }
     }
@@ -128,11 +141,19 @@ impl HeldLock {
     }
 
     pub async fn release(mut self) {
-        if let Some(h) = self.heartbeat.take() {
-            h.abort();
-            // Once it has stopped, no refresh of its can be written after the delete (but for
-            // a store write already handed to a blocking thread).
-            let _ = h.await;
+        if let Some(mut h) = self.heartbeat.take() {
+            // Stopped between refreshes, not during one: an aborted refresh may still land
+            // after the delete (a local store's write runs on a blocking thread that an abort
+            // does not stop) and leave a fresh lock that defers every GC until it goes stale.
+            // A refresh the store holds up past the bound is aborted after all.
+            self.stop_heartbeat.cancel();
+            if tokio::time::timeout(HEARTBEAT_STOP_WAIT, &mut h)
+                .await
+                .is_err()
+            {
+                h.abort();
+                let _ = h.await;
+            }
         }
         if let Err(e) = self.store.delete_lock(&self.name).await {
             tracing::warn!(lock = %self.name, error = %e, "releasing a backup store lock failed; it expires by itself");
@@ -216,12 +237,16 @@ fn start_heartbeat(
     kind: &'static str,
     owner: &str,
     health: Arc<LockHealth>,
+    stop: CancellationToken,
 ) -> JoinHandle<()> {
     let store = Arc::clone(store);
     let owner = owner.to_owned();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                _ = stop.cancelled() => return,
+            }
             let sent_ms = boottime_ms();
             match put(&store, kind, &owner).await {
                 Ok(_) => {
