@@ -243,17 +243,9 @@ async fn upload(
     // incremental knows its parent's objects from its manifest and asks the store only about
     // the whole chunks it is about to write (see `ChunkCtx::stored_already`): listing every
     // object would make each incremental cost as much as the store is large.
-    //
-    // A full backup the user asked for trusts nothing the store holds: it writes every chunk
-    // and pack anew. Otherwise an object damaged in the store (the same length, other bytes:
-    // `backup verify` names it) would be reused by every later backup, so that no new backup
-    // could be restored until every backup naming it was deleted. The names are the content's
-    // hashes, so an object written again gets the bytes it should have had.
     let listed_store = parent.is_none();
-    let trust_store = !record.full;
     let known: HashSet<ChunkId> = match &parent {
         Some(parent) => parent.named_chunks().copied().collect(),
-        None if !trust_store => HashSet::new(),
         None => with_retry(job, &svc.shutdown, "listing chunks", || {
             svc.store.list_chunks()
         })
@@ -272,7 +264,6 @@ async fn upload(
     // backup from the newest backups of the volume.
     let newest = match parent {
         Some(_) => Vec::new(),
-        None if !trust_store => Vec::new(),
         None => newest_backups_of(svc, job, record).await?,
     };
     let previous: Vec<&BackupManifest> = parent.iter().chain(&newest).collect();
@@ -313,11 +304,10 @@ async fn upload(
         }
     }
     let plans = Arc::new(plans);
-    if (!listed_store || !trust_store) && !record.done.is_empty() {
-        // A resumed incremental, or `--full`: the whole chunks its earlier run stored are in
-        // no manifest yet. Asked for one by one (a listing would cost the whole store; a
-        // `--full` one trusts the store only for what it wrote itself), so they are not read
-        // again; packed ones were not kept (their pack may not have been stored).
+    if !listed_store && !record.done.is_empty() {
+        // A resumed incremental: the whole chunks its earlier run stored are in no manifest
+        // yet. Asked for one by one (a listing would cost the whole store), so they are not
+        // read again; packed ones were not kept (their pack may not have been stored).
         let unknown: Vec<ChunkId> = {
             let known = known.lock().unwrap_or_else(|p| p.into_inner());
             record
