@@ -26,6 +26,9 @@ thread_local! {
     /// Called with each member right after the heads swapped, on the freezing thread.
     static AFTER_SWAP_FOR_TEST: std::cell::RefCell<Option<SwapHook>> =
         const { std::cell::RefCell::new(None) };
+    /// The volume whose new manifest's store fails (after its rename).
+    static FAIL_STORE_FOR_TEST: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Longest a barrier attempt holds new writes while writes in flight finish.
@@ -140,12 +143,26 @@ pub(crate) async fn freeze_heads(
     // head and is answered must find that head named on disk if the daemon is killed right
     // after (the load removes the files of layers no manifest names). Until the swap below the
     // volumes keep writing their old heads, which the manifests keep in their chains.
-    let mut first_error = None;
+    let mut first_error: Option<StorageError> = None;
     let mut published = Published {
         members: Vec::with_capacity(prepared.len()),
     };
     for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
-        match next.store_visible(&m.entry.dir) {
+        let stored = next.store_visible(&m.entry.dir);
+        // Fails after the rename, the harder case: the new manifest is in place.
+        #[cfg(test)]
+        let stored = match FAIL_STORE_FOR_TEST.with_borrow(|f| f.as_deref() == Some(m.entry.name()))
+        {
+            true => stored.and_then(|_| {
+                Err(StorageError::fs(
+                    "open",
+                    &m.entry.dir,
+                    std::io::Error::other("for the test"),
+                ))
+            }),
+            false => stored,
+        };
+        match stored {
             Ok(manifest) => {
                 writer.commit_failed.store(false, Ordering::SeqCst);
                 let generation = writer.persist.publish(manifest);
@@ -154,13 +171,20 @@ pub(crate) async fn freeze_heads(
                     .push((Arc::clone(&m.entry.volume), generation));
             }
             Err(e) => {
-                // The volume runs on the new head, which the disk does not know yet: FLUSH
-                // fails until a later manifest write succeeds.
                 tracing::error!(volume = m.entry.name(), error = %e, "recording a frozen head failed");
-                writer.commit_failed.store(true, Ordering::SeqCst);
                 first_error.get_or_insert(e);
             }
         }
+    }
+    if let Some(error) = first_error {
+        // No head swaps: each volume keeps writing the head it had, which every manifest
+        // (memory's, and any new one already in place) names. What the disk holds is not what
+        // memory runs on for the members whose new manifest went in (or may have: a failure
+        // after the rename), so FLUSH fails until the next one writes memory's manifest again.
+        for (_, writer, ..) in &prepared {
+            writer.commit_failed.store(true, Ordering::SeqCst);
+        }
+        return Err(error);
     }
     // One head swaps without holding writes: writes from then on go to the new head, and the
     // freeze waits below only for those already in flight on the old one (see `epoch.rs`).
@@ -239,10 +263,7 @@ pub(crate) async fn freeze_heads(
     // this once did, wrote back a whole head's dirty pages while clients kept writing: with a
     // snapshot every 100 ms, fio's 4 KiB writes on a 1 TiB volume ran at a third of their rate
     // and snapshot creates waited up to 464 ms for the writes caught in flight.
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok((hold_us, published)),
-    }
+    Ok((hold_us, published))
 }
 
 impl Registry {
@@ -317,6 +338,38 @@ mod tests {
         assert_eq!(seen.len(), 3, "{seen:?}");
         for (running, on_disk) in seen.iter() {
             assert_eq!(running, on_disk);
+        }
+    }
+
+    /// A group whose member's manifest cannot be stored swaps no head: every volume keeps
+    /// writing the head every manifest names, and FLUSH heals by writing memory's again.
+    #[tokio::test]
+    async fn a_freeze_whose_manifest_store_fails_swaps_no_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        registry.create("v", 1 << 20).unwrap();
+        registry.create("w", 1 << 20).unwrap();
+        let heads =
+            || ["v", "w"].map(|name| registry.get(name).unwrap().chain().top().id().to_owned());
+        let before = heads();
+        FAIL_STORE_FOR_TEST.set(Some("w".into()));
+        let failed = registry
+            .snapshot_group(&[("v".into(), "s".into()), ("w".into(), "s".into())])
+            .await;
+        FAIL_STORE_FOR_TEST.set(None);
+        assert!(failed.is_err());
+        assert_eq!(heads(), before, "no head swapped");
+        for name in ["v", "w"] {
+            let volume = registry.get(name).unwrap();
+            volume
+                .write(0, bytes::Bytes::from(vec![7u8; 4096]), false)
+                .await
+                .unwrap();
+            volume.flush().await.unwrap();
+            let on_disk = VolumeManifest::load(&registry.entry(name).unwrap().dir).unwrap();
+            assert_eq!(on_disk.head, volume.chain().top().id(), "{name}");
+            assert!(on_disk.snapshot("s").is_none(), "{name}");
         }
     }
 }
