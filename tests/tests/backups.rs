@@ -720,7 +720,7 @@ fn restores_fall_back_to_the_page_cache_where_o_direct_is_refused() {
 #[test]
 fn corrupted_chunk_is_named_by_verify_and_fails_restore() {
     let d = start();
-    half_random(&d, "vol0", 32 * MIB, 11);
+    let model = half_random(&d, "vol0", 32 * MIB, 11);
     let b = backup_now(&d, "vol0", false);
     let chunks = chunk_files(&store_dir(&d));
     assert_eq!(chunks.len(), 4);
@@ -754,6 +754,28 @@ fn corrupted_chunk_is_named_by_verify_and_fails_restore() {
         json!({"name": "r"})
     )
     .is_err()));
+    // A full backup checks the stored objects it would reuse and writes the damaged one again
+    // (the same name: the older backup is repaired too); healthy ones it leaves alone.
+    let healthy = chunks[0].0.clone();
+    let healthy_written = fs::metadata(&healthy).unwrap().modified().unwrap();
+    let full = backup_now(&d, "vol0", true);
+    assert_eq!(u(&full, "new_chunks"), 1, "{full:#}");
+    assert_eq!(
+        fs::metadata(&healthy).unwrap().modified().unwrap(),
+        healthy_written
+    );
+    restore_new(&d, "r2", full["id"].as_str().unwrap());
+    assert_same(
+        "a full backup after the damage",
+        &read_export(&d, "r2"),
+        &model,
+    );
+    restore_new(&d, "r3", b["id"].as_str().unwrap());
+    assert_same(
+        "the damaged backup, repaired",
+        &read_export(&d, "r3"),
+        &model,
+    );
 }
 
 /// A restore stuck retrying a chunk the store can never read (its object is a directory:

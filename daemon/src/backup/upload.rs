@@ -255,6 +255,15 @@ async fn upload(
         .map(|(id, _)| id)
         .collect(),
     };
+    // A `--full` backup checks each whole chunk object the listing found before it reuses it
+    // (once per object): one damaged in the store (the same length, other bytes: `backup
+    // verify` names it) is written again, where it would otherwise be reused by every later
+    // backup, `--full` included, so that none of them could be restored. The name is the
+    // content's hash, so the object written again is the one the older backups name too. A
+    // healthy object is never written over (a local store deletes an object whose sync failed;
+    // a rename over it is not ordered with its data on every filesystem).
+    let unchecked_listed =
+        (record.full && listed_store).then(|| Arc::new(Mutex::new(known.clone())));
     let known = Arc::new(Mutex::new(known));
 
     let mut chunks: Vec<Option<Option<ChunkId>>> = vec![None; chunk_count];
@@ -390,6 +399,7 @@ async fn upload(
         let job = Arc::clone(job);
         let entry = Arc::clone(entry);
         let known = Arc::clone(&known);
+        let unchecked_listed = unchecked_listed.clone();
         let counters = Arc::clone(&counters);
         let bases = Arc::clone(&bases);
         let whole_permits = Arc::clone(&whole_permits);
@@ -408,6 +418,7 @@ async fn upload(
                 entry: &entry,
                 snapshot: &snapshot,
                 known: &known,
+                unchecked_listed: unchecked_listed.as_deref(),
                 bases: &bases,
                 counters: &counters,
                 listed_store,
@@ -916,6 +927,9 @@ pub(super) struct ChunkCtx<'a> {
     entry: &'a VolumeEntry,
     snapshot: &'a str,
     known: &'a Mutex<HashSet<ChunkId>>,
+    /// For a `--full` backup, the whole chunk objects the listing found that no task of this
+    /// job has checked yet (see `listed_object_damaged`).
+    unchecked_listed: Option<&'a Mutex<HashSet<ChunkId>>>,
     bases: &'a KnownBases,
     pub(super) counters: &'a Counters,
     /// Whether `known` began as a listing of the store (else as the parent's objects).
@@ -963,6 +977,51 @@ impl ChunkCtx<'_> {
     /// the same content again is harmless.
     async fn stored_already(&self, id: &ChunkId) -> bool {
         !self.listed_store && self.svc.store.has_chunk(id).await
+    }
+
+    /// For a `--full` backup, whether chunk `id`'s stored object (`len_bytes` of plaintext),
+    /// which the listing found and no other task of this job has checked, fails its check:
+    /// then the caller writes it again. False for every other chunk, and for one another task
+    /// checks (it writes it again if need be, before the manifest is stored).
+    async fn listed_object_damaged(
+        &self,
+        id: &ChunkId,
+        len_bytes: usize,
+    ) -> Result<bool, BackupError> {
+        let Some(unchecked) = self.unchecked_listed else {
+            return Ok(false);
+        };
+        if !unchecked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            return Ok(false);
+        }
+        let svc = self.svc;
+        let stored = match with_retry(self.job, &svc.shutdown, "checking a stored chunk", || {
+            svc.store.get_chunk(id)
+        })
+        .await
+        {
+            Ok(stored) => stored,
+            Err(e @ BackupError::Cancelled(_)) => return Err(e),
+            // Gone, cut short, unreadable: written again.
+            Err(e) => {
+                tracing::warn!(job = %self.job.id, chunk = %id, error = %e, "a stored chunk is damaged; the full backup writes it again");
+                return Ok(true);
+            }
+        };
+        let id = *id;
+        let damaged = blocking(move || {
+            let mut plain = vec![0u8; len_bytes];
+            chunk::decode_into(&id, &stored, &mut plain).err()
+        })
+        .await?;
+        if let Some(error) = &damaged {
+            tracing::warn!(job = %self.job.id, chunk = %id, %error, "a stored chunk is damaged; the full backup writes it again");
+        }
+        Ok(damaged.is_some())
     }
 
     /// Puts a delta of `base` (None: of zeroes) named `id` into the backup's pack, and stores
@@ -1090,7 +1149,11 @@ async fn process_chunk(
         let by = ctx.written_by();
         blocking(move || trees.store(index, &id, &tree, by)).await?;
     }
-    if !ctx.claim(id) || ctx.stored_already(&id).await {
+    if !ctx.claim(id) {
+        if !ctx.listed_object_damaged(&id, data.len()).await? {
+            return Ok(Some(id));
+        }
+    } else if ctx.stored_already(&id).await {
         return Ok(Some(id));
     }
     let level = ctx.svc.config.zstd_level;
