@@ -724,6 +724,12 @@ impl Volume {
                 )
                 .await?;
             } else {
+                // The whole blocks first: a FAST_ZERO that cannot be fast fails there, and must
+                // leave the export unchanged (the spec), edges included.
+                if end_full > first_full {
+                    self.zero_blocks(writer, &chain, first_full, end_full, mode)
+                        .await?;
+                }
                 let lead_end = first_full * BLOCK_BYTES;
                 if offset_bytes < lead_end {
                     let lead = zeroes(offset_bytes, lead_end);
@@ -734,10 +740,6 @@ impl Volume {
                 if tail_start < end_bytes {
                     let tail = zeroes(tail_start, end_bytes);
                     self.write_in(writer, &chain, &epoch, tail_start, tail, Via::PageCache)
-                        .await?;
-                }
-                if end_full > first_full {
-                    self.zero_blocks(writer, &chain, first_full, end_full, mode)
                         .await?;
                 }
             }
@@ -1130,6 +1132,26 @@ mod tests {
         let head = volume.chain().top().data().clone();
         std::os::unix::fs::FileExt::read_exact_at(head.as_ref(), &mut bytes, offset_bytes).unwrap();
         bytes
+    }
+
+    /// A FAST_ZERO that cannot be fast fails before it changes anything: its unaligned edges
+    /// are not zeroed either (the spec: the export SHOULD NOT be altered by the failure).
+    #[tokio::test]
+    async fn a_fast_zero_that_cannot_be_fast_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_registry, volume) = volume_of_ones(dir.path(), None, 4 * BLOCK_BYTES).await;
+        volume.fallocate_works.store(false, Ordering::Relaxed);
+        let mode = ZeroMode {
+            may_trim: false,
+            fast_only: true,
+        };
+        let failed = volume.write_zeroes(512, 2 * BLOCK_BYTES, mode, false).await;
+        assert!(
+            matches!(failed, Err(StorageError::FastZeroUnsupported { .. })),
+            "{failed:?}"
+        );
+        let back = volume.read(0, 4 * BLOCK_BYTES as usize).await.unwrap();
+        assert!(back.iter().all(|&b| b == 1), "the export changed");
     }
 
     /// A zero that gives blocks back waits, after marking them, for overwrites of them that saw
