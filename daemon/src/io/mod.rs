@@ -186,6 +186,9 @@ pub struct IoEngine {
     /// fail with this errno.
     #[cfg(test)]
     failing_fallocate: Arc<std::sync::Mutex<Option<(i32, i32)>>>,
+    /// Set by tests: every later sync fails with EIO after this long.
+    #[cfg(test)]
+    failing_syncs_after: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
 }
 
 enum Backend {
@@ -233,6 +236,8 @@ impl IoEngine {
             copied_here_bytes: Counter::default(),
             #[cfg(test)]
             failing_fallocate: Arc::default(),
+            #[cfg(test)]
+            failing_syncs_after: Arc::default(),
         })
     }
 
@@ -350,6 +355,13 @@ impl IoEngine {
     #[cfg(test)]
     pub(crate) fn fail_fallocate_for_test(&self, mode_bits: i32, errno: i32) {
         *self.failing_fallocate.lock().unwrap() = Some((mode_bits, errno));
+    }
+
+    /// Makes every later sync fail with EIO after `after` (None: syncs work again), as a
+    /// write-back error the kernel reports once would.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs_after_for_test(&self, after: Option<std::time::Duration>) {
+        *self.failing_syncs_after.lock().unwrap() = after;
     }
 
     /// Whether all of the range is in the page cache, so that sending it from there does not
@@ -667,6 +679,14 @@ impl IoEngine {
     }
 
     async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let failing = *self.failing_syncs_after.lock().unwrap();
+            if let Some(after) = failing {
+                tokio::time::sleep(after).await;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
         match self.backend() {
             BackendRef::Uring(engine) => {
                 let synced = engine.sync(file, datasync).await;

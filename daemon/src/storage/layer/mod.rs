@@ -469,9 +469,26 @@ impl Layer {
     /// Makes the data file's bytes durable (not the map, which its caller settles after): for
     /// a merge that copied blocks in. A failure fails every later `sync` (see `sync_failed`).
     pub async fn sync_data(&self, engine: &IoEngine) -> Result<(), StorageError> {
-        let synced = engine.fdatasync(&self.data).await;
+        let synced = self.fdatasync_noted(engine, &self.data).await;
         self.noted(synced)
             .map_err(|e| StorageError::io("merge sync", 0, self.size_bytes, e))
+    }
+
+    /// `fdatasync` of one of the layer's files on a task of its own, which records a failure
+    /// in `sync_failed` itself: a caller that stops waiting (its future dropped midway) must
+    /// not lose the kernel's one report of a write-back error, or the next sync would succeed
+    /// over lost data.
+    async fn fdatasync_noted(&self, engine: &IoEngine, file: &Arc<File>) -> std::io::Result<()> {
+        let (engine, file) = (engine.clone(), Arc::clone(file));
+        let (failed, id) = (Arc::clone(&self.sync_failed), self.id.clone());
+        let task = tokio::spawn(async move {
+            let synced = engine.fdatasync(&file).await;
+            if let Err(error) = &synced {
+                remember_sync_failure(&failed, &id, error);
+            }
+            synced
+        });
+        task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// Passes on the result of a sync of this layer's files done outside `sync`, remembering a
@@ -489,9 +506,7 @@ impl Layer {
     }
 
     fn remember_sync_failure(&self, error: &dyn std::fmt::Display) {
-        if !self.sync_failed.swap(true, Ordering::AcqRel) {
-            tracing::error!(layer = %self.id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
-        }
+        remember_sync_failure(&self.sync_failed, &self.id, error);
     }
 
     /// Makes every change made before the call durable: data first, then the map.
@@ -526,8 +541,7 @@ impl Layer {
             loop {
                 // Noted before the data sync, settled after it: see `BlockMap::take_written`.
                 let written = self.map.take_written(from_page, SETTLE_ROUND_PAGES);
-                engine
-                    .fdatasync(&self.data)
+                self.fdatasync_noted(engine, &self.data)
                     .await
                     .map_err(|e| StorageError::io("flush", 0, self.size_bytes, e))?;
                 let next_page = written.next_page();
@@ -537,8 +551,7 @@ impl Layer {
                     None => break,
                 }
             }
-            engine
-                .fdatasync(&self.map_file)
+            self.fdatasync_noted(engine, &self.map_file)
                 .await
                 .map_err(|e| StorageError::io("flush map", 0, self.size_bytes, e))
         }
@@ -556,6 +569,13 @@ impl Layer {
     #[cfg(test)]
     pub fn fail_syncs_for_test(&self, fail: bool) {
         self.fail_syncs_for_test.store(fail, Ordering::Release);
+    }
+}
+
+/// Marks layer `id`'s syncs failed for good (see `Layer::sync_failed`), logging the first time.
+fn remember_sync_failure(failed: &AtomicBool, id: &str, error: &dyn std::fmt::Display) {
+    if !failed.swap(true, Ordering::AcqRel) {
+        tracing::error!(layer = %id, %error, "a layer's flush failed: data written since the last good flush may not be on disk, and every later flush of it fails until the daemon restarts");
     }
 }
 
@@ -677,32 +697,59 @@ mod tests {
         assert!(!head.is_dirty() && !head.map().has_written());
     }
 
+    /// Writes a block of `byte` at 0 and gives back the head it landed in.
+    async fn write_a_block(
+        volume: &crate::storage::Volume,
+        byte: u8,
+    ) -> std::sync::Arc<super::Layer> {
+        volume
+            .write(0, Bytes::from(vec![byte; 4096]), false)
+            .await
+            .unwrap();
+        std::sync::Arc::clone(volume.chain().top())
+    }
+
+    /// The next flush of `volume` fails with EIO, as every later one does.
+    async fn assert_flushes_fail_for_good(volume: &crate::storage::Volume) {
+        let failed = volume.flush().await.unwrap_err();
+        assert_eq!(failed.to_errno(), evsd_proto::Errno::Io, "{failed}");
+        assert!(
+            failed.to_string().contains("earlier flush failed"),
+            "{failed}"
+        );
+        // Even with nothing written since.
+        assert!(volume.flush().await.is_err());
+    }
+
     #[tokio::test]
     async fn once_a_flush_failed_every_later_flush_fails_too() {
         let (_dir, _engine, _registry, volume) = one_volume();
-        volume
-            .write(0, Bytes::from(vec![1u8; 4096]), false)
-            .await
-            .unwrap();
+        write_a_block(&volume, 1).await;
         volume.flush().await.unwrap();
-        volume
-            .write(0, Bytes::from(vec![2u8; 4096]), false)
-            .await
-            .unwrap();
-        let head = std::sync::Arc::clone(volume.chain().top());
+        let head = write_a_block(&volume, 2).await;
         head.fail_syncs_for_test(true);
         let failed = volume.flush().await.unwrap_err();
         assert_eq!(failed.to_errno(), evsd_proto::Errno::Io);
         // The kernel would report the write-back error once; the next fdatasync succeeds.
         head.fail_syncs_for_test(false);
-        let again = volume.flush().await.unwrap_err();
-        assert_eq!(again.to_errno(), evsd_proto::Errno::Io, "{again}");
+        assert_flushes_fail_for_good(&volume).await;
+    }
+
+    /// A sync whose caller stopped waiting still records the failure it met: the kernel reports
+    /// a write-back error to one `fdatasync` only.
+    #[tokio::test]
+    async fn a_failure_met_by_a_sync_dropped_midway_fails_the_next_flush() {
+        use futures_util::FutureExt;
+        let (_dir, engine, _registry, volume) = one_volume();
+        let head = write_a_block(&volume, 1).await;
+        engine.fail_syncs_after_for_test(Some(std::time::Duration::from_millis(20)));
         assert!(
-            again.to_string().contains("earlier flush failed"),
-            "{again}"
+            head.sync(&engine).now_or_never().is_none(),
+            "waiting for the engine"
         );
-        // Even with nothing written since.
-        assert!(volume.flush().await.is_err());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        engine.fail_syncs_after_for_test(None);
+        assert_flushes_fail_for_good(&volume).await;
     }
 
     /// A merge's and a resize's syncs of the head's files take the kernel's one report of a
@@ -710,35 +757,18 @@ mod tests {
     #[tokio::test]
     async fn a_failed_merge_or_resize_sync_fails_every_later_flush() {
         let (_dir, engine, _registry, volume) = one_volume();
-        volume
-            .write(0, Bytes::from(vec![1u8; 4096]), false)
-            .await
-            .unwrap();
-        let head = std::sync::Arc::clone(volume.chain().top());
+        let head = write_a_block(&volume, 1).await;
         head.fail_syncs_for_test(true);
         assert!(head.sync_data(&engine).await.is_err());
         head.fail_syncs_for_test(false);
-        let failed = volume.flush().await.unwrap_err();
-        assert!(
-            failed.to_string().contains("earlier flush failed"),
-            "{failed}"
-        );
+        assert_flushes_fail_for_good(&volume).await;
 
         let (_dir, _engine, registry, volume) = one_volume();
-        volume
-            .write(0, Bytes::from(vec![1u8; 4096]), false)
-            .await
-            .unwrap();
-        let head = std::sync::Arc::clone(volume.chain().top());
+        let head = write_a_block(&volume, 1).await;
         head.fail_syncs_for_test(true);
         let entry = registry.entry("v").unwrap();
         assert!(entry.resize(2 << 20, false).await.is_err());
         head.fail_syncs_for_test(false);
-        let volume = registry.get("v").unwrap();
-        let failed = volume.flush().await.unwrap_err();
-        assert!(
-            failed.to_string().contains("earlier flush failed"),
-            "{failed}"
-        );
+        assert_flushes_fail_for_good(&registry.get("v").unwrap()).await;
     }
 }
