@@ -756,9 +756,10 @@ where
             return false;
         }
         let started = Instant::now();
-        let Some(mapped) = session
-            .volume
-            .mapped_cached_range(request.offset, request.length)
+        let Some(mapped) =
+            session
+                .volume
+                .mapped_cached_range(request.offset, request.length, started)
         else {
             return false;
         };

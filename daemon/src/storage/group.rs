@@ -311,15 +311,21 @@ mod tests {
     use crate::io::{EngineConfig, EngineKind, IoEngine};
     use crate::storage::manifest::VolumeManifest;
 
-    /// A write answered from a new head must find that head named in the manifest a restart
-    /// loads (the load removes the files of layers none names): put in place before the swap.
-    #[tokio::test]
-    async fn the_manifest_on_disk_names_a_new_head_from_the_moment_it_takes_writes() {
+    /// A registry with volumes "v" and "w" of 1 MiB.
+    fn two_volumes() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
         let registry = Registry::open(dir.path(), engine).unwrap();
         registry.create("v", 1 << 20).unwrap();
         registry.create("w", 1 << 20).unwrap();
+        (dir, registry)
+    }
+
+    /// A write answered from a new head must find that head named in the manifest a restart
+    /// loads (the load removes the files of layers none names): put in place before the swap.
+    #[tokio::test]
+    async fn the_manifest_on_disk_names_a_new_head_from_the_moment_it_takes_writes() {
+        let (_dir, registry) = two_volumes();
         let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
         let record = Arc::clone(&seen);
         AFTER_SWAP_FOR_TEST.set(Some(Box::new(move |entry: &VolumeEntry| {
@@ -345,11 +351,7 @@ mod tests {
     /// writing the head every manifest names, and FLUSH heals by writing memory's again.
     #[tokio::test]
     async fn a_freeze_whose_manifest_store_fails_swaps_no_head() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let registry = Registry::open(dir.path(), engine).unwrap();
-        registry.create("v", 1 << 20).unwrap();
-        registry.create("w", 1 << 20).unwrap();
+        let (_dir, registry) = two_volumes();
         let heads =
             || ["v", "w"].map(|name| registry.get(name).unwrap().chain().top().id().to_owned());
         let before = heads();

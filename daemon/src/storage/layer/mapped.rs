@@ -98,8 +98,9 @@ impl MappedRange {
 
     /// Whether the first `length_bytes` of the range are all in the page cache, as far as an
     /// answer at most `resident::TRUSTED_FOR` old tells, else as `check` (`mincore`, see
-    /// `IoEngine::resident_pages`) tells now.
-    pub fn all_resident(&self, length_bytes: u64, check: &impl PageCheck) -> bool {
+    /// `IoEngine::resident_pages`) tells now (`now`: the caller's clock reading, taken once
+    /// per READ).
+    pub fn all_resident(&self, length_bytes: u64, now: Instant, check: &impl PageCheck) -> bool {
         let Some(map) = self._map.map.as_ref() else {
             return false;
         };
@@ -113,7 +114,7 @@ impl MappedRange {
             page_bytes() as u64,
             offset_bytes,
             length_bytes,
-            Instant::now(),
+            now,
             check,
         )
     }

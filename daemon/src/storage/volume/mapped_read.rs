@@ -95,7 +95,13 @@ impl Volume {
 
     /// `offset_bytes..offset_bytes + length_bytes` in the head's mapping when the head holds
     /// all of it as data and all of it is in the page cache; `None` reads it the ordinary way.
-    pub fn mapped_cached_range(&self, offset_bytes: u64, length_bytes: u64) -> Option<MappedBytes> {
+    /// `now`: the caller's clock reading, for how old a residency answer may be.
+    pub fn mapped_cached_range(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+        now: std::time::Instant,
+    ) -> Option<MappedBytes> {
         // Only a writable volume's head: a frozen layer lets its mapping go (`release_mapping`).
         self.writer.as_ref()?;
         let end_bytes = offset_bytes.checked_add(length_bytes)?;
@@ -110,7 +116,7 @@ impl Volume {
         let head = chain.top();
         let range = head.mapped_range_uncharged(offset_bytes, length_bytes)?;
         let engine = &self.engine;
-        if !range.all_resident(length_bytes, &|start, length, vector: &mut [u8]| {
+        if !range.all_resident(length_bytes, now, &|start, length, vector: &mut [u8]| {
             engine.resident_pages(start, length, vector)
         }) {
             return None;
@@ -176,10 +182,12 @@ mod tests {
                 .unwrap();
 
             let mapped = volume
-                .mapped_cached_range(4096 + 17, 9000)
+                .mapped_cached_range(4096 + 17, 9000, std::time::Instant::now())
                 .expect("cached data");
             assert_eq!(sent(&mapped)[..], data[4096 + 17..4096 + 17 + 9000]);
-            let mut mapped = volume.mapped_cached_range(0, MIB).expect("cached data");
+            let mut mapped = volume
+                .mapped_cached_range(0, MIB, std::time::Instant::now())
+                .expect("cached data");
             mapped.advance(MIB as usize - 100);
             assert_eq!(sent(&mapped)[..], data[MIB as usize - 100..MIB as usize]);
             assert_eq!(
@@ -188,18 +196,29 @@ mod tests {
             );
 
             assert!(
-                volume.mapped_cached_range(2 * MIB, 4096).is_none(),
+                volume
+                    .mapped_cached_range(2 * MIB, 4096, std::time::Instant::now())
+                    .is_none(),
                 "never written"
             );
             assert!(
-                volume.mapped_cached_range(2 * MIB - 4096, 8192).is_none(),
+                volume
+                    .mapped_cached_range(2 * MIB - 4096, 8192, std::time::Instant::now())
+                    .is_none(),
                 "data, then never written"
             );
             assert!(
-                volume.mapped_cached_range(4 * MIB, 1).is_none(),
+                volume
+                    .mapped_cached_range(4 * MIB, 1, std::time::Instant::now())
+                    .is_none(),
                 "past the end"
             );
-            assert!(volume.mapped_cached_range(0, 0).is_none(), "empty");
+            assert!(
+                volume
+                    .mapped_cached_range(0, 0, std::time::Instant::now())
+                    .is_none(),
+                "empty"
+            );
 
             // Pages dropped from the cache are not sent from the mapping until read back in
             // (pages mapped by the sends above stay: dropping skips mapped pages).
@@ -210,12 +229,19 @@ mod tests {
             let advised =
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             assert_eq!(advised, 0);
-            assert!(volume.mapped_cached_range(far, 8192).is_none(), "evicted");
+            assert!(
+                volume
+                    .mapped_cached_range(far, 8192, std::time::Instant::now())
+                    .is_none(),
+                "evicted"
+            );
             let far = far as usize;
             let back = volume.read(far as u64, 8192).await.unwrap();
             assert_eq!(back[..], data[far..far + 8192]);
             assert!(
-                volume.mapped_cached_range(far as u64, 8192).is_some(),
+                volume
+                    .mapped_cached_range(far as u64, 8192, std::time::Instant::now())
+                    .is_some(),
                 "read back in"
             );
 
@@ -226,10 +252,17 @@ mod tests {
                 .create_snapshot("s")
                 .await
                 .unwrap();
-            assert!(volume.mapped_cached_range(0, 8192).is_none(), "frozen");
+            assert!(
+                volume
+                    .mapped_cached_range(0, 8192, std::time::Instant::now())
+                    .is_none(),
+                "frozen"
+            );
             let snapshot = registry.get("v@s").unwrap();
             assert!(
-                snapshot.mapped_cached_range(0, 8192).is_none(),
+                snapshot
+                    .mapped_cached_range(0, 8192, std::time::Instant::now())
+                    .is_none(),
                 "read-only export"
             );
         });
