@@ -33,6 +33,8 @@ pub enum StorageError {
     Closed { name: String, closure: Closure },
     #[error("volume {name:?} holds an incomplete restore of backup {backup_id}: no snapshot or backup of it is taken until a restore into it succeeds")]
     IncompleteRestore { name: String, backup_id: String },
+    #[error("volume {0:?} was closed under this connection (a rollback, restore or delete) before its change started; the change was not made")]
+    Withdrawn(String),
     #[error("export {0:?} is read-only")]
     ReadOnly(String),
     #[error("volume {name:?} has {connections} connected client(s)")]
@@ -115,6 +117,7 @@ impl StorageError {
                 .map_or(Errno::Io, Errno::from_host_errno),
             StorageError::FastZeroUnsupported { .. } => Errno::NotSup,
             StorageError::ReadOnly(_) => Errno::Perm,
+            StorageError::Withdrawn(_) => Errno::Shutdown,
             StorageError::SnapshotNotFound { .. }
             | StorageError::SnapshotExists { .. }
             | StorageError::SnapshotInUse { .. }

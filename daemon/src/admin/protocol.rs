@@ -169,6 +169,7 @@ pub fn error_code(e: &StorageError) -> ErrorCode {
         | StorageError::SizeChanged { .. }
         | StorageError::SnapshotInUse { .. }
         | StorageError::IncompleteRestore { .. }
+        | StorageError::Withdrawn(_)
         | StorageError::Closed { .. } => ErrorCode::Busy,
         StorageError::BadManifest { .. }
         | StorageError::Io { .. }

@@ -1426,6 +1426,8 @@ async fn execute(
             );
         }
     }
+    // A forced close after the fence withdraws them still (see `Volume::changes_of`).
+    let changes = volume.changes_of(session.attachment.seat());
     let result: Result<Frame, StorageError> = match request.command {
         Command::Read => {
             // Those the head's mapping could answer were answered as they were taken.
@@ -1439,14 +1441,14 @@ async fn execute(
         }
         Command::Write => {
             let written = if session.copies_large_writes {
-                volume.write_here(offset, payload, fua).await
+                changes.write_here(offset, payload, fua).await
             } else {
-                volume.write(offset, payload, fua).await
+                changes.write(offset, payload, fua).await
             };
             written.map(|()| replies::ok(mode, to))
         }
         Command::Flush => volume.flush().await.map(|()| replies::ok(mode, to)),
-        Command::Trim => volume
+        Command::Trim => changes
             .trim(offset, length, fua)
             .await
             .map(|()| replies::ok(mode, to)),
@@ -1455,7 +1457,7 @@ async fn execute(
                 may_trim: !request.has_flag(CMD_FLAG_NO_HOLE),
                 fast_only: request.has_flag(CMD_FLAG_FAST_ZERO),
             };
-            volume
+            changes
                 .write_zeroes(offset, length, zero_mode, fua)
                 .await
                 .map(|()| replies::ok(mode, to))

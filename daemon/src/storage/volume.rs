@@ -15,7 +15,7 @@ use crate::io::IoEngine;
 use crate::storage::attachments::Attachments;
 use crate::storage::buffers::BufferPool;
 use crate::storage::epoch::{Epoch, EpochGuard};
-use crate::storage::fence::Fence;
+use crate::storage::fence::{Fence, Seat};
 use crate::storage::holes;
 use crate::storage::layer::chain::{Chain, Hit, RunBudget};
 use crate::storage::layer::{BlockState, Layer, BLOCK_BYTES};
@@ -25,6 +25,7 @@ use crate::storage::stripes::Stripes;
 
 mod in_place;
 mod mapped_read;
+mod seat_changes;
 pub use in_place::{InPlaceHead, PartialBlock};
 pub use mapped_read::MappedBytes;
 
@@ -316,6 +317,25 @@ impl Volume {
     }
 
     /// The chain a write lands in, and its membership in that head's epoch, taken together.
+    /// Holds the gate shared and takes the chain a change lands in. `seat`: the connection
+    /// that asked for the change, if a client's. A connection closed by force gets nothing:
+    /// the rollback, restore or delete that closed it goes ahead after its drain timeout, and
+    /// a change that passed the fence before the close but then waited here (a resize or a
+    /// group freeze holding the gate, a stalled thread) would land in the volume that
+    /// operation left. The seat is read after the chain is taken.
+    async fn enter_for_change<'w>(
+        &self,
+        writer: &'w Writer,
+        seat: Option<&Seat>,
+    ) -> Result<(tokio::sync::RwLockReadGuard<'w, ()>, Arc<Chain>, EpochGuard), StorageError> {
+        let gate = writer.gate.read().await;
+        let (chain, epoch) = self.chain_for_write();
+        if seat.is_some_and(Seat::is_forced) {
+            return Err(StorageError::Withdrawn(self.name.clone()));
+        }
+        Ok((gate, chain, epoch))
+    }
+
     fn chain_for_write(&self) -> (Arc<Chain>, EpochGuard) {
         let slot = self.slot();
         (Arc::clone(&slot.chain), slot.epoch.enter())
@@ -471,41 +491,45 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Writes `data`; with `fua` it is durable when this returns.
+    /// Writes `data`; with `fua` it is durable when this returns. Clients' writes go through
+    /// `changes_of`, which withdraws those of a connection closed by force.
+    #[cfg(test)]
     pub async fn write(
         &self,
         offset_bytes: u64,
         data: Bytes,
         fua: bool,
     ) -> Result<(), StorageError> {
-        self.write_via(offset_bytes, data, fua, Via::PageCache)
+        self.write_via(offset_bytes, data, fua, Via::PageCache, None)
             .await
     }
 
     /// `write` for a caller whose thread may spend the time to copy a large write into the
     /// page cache itself (see `IoEngine::write_all_at_here`): one that loses nothing while it
     /// does, because its next input keeps arriving meanwhile.
+    #[cfg(test)]
     pub async fn write_here(
         &self,
         offset_bytes: u64,
         data: Bytes,
         fua: bool,
     ) -> Result<(), StorageError> {
-        self.write_via(offset_bytes, data, fua, Via::PageCacheHere)
+        self.write_via(offset_bytes, data, fua, Via::PageCacheHere, None)
             .await
     }
 
+    /// `seat`: the connection that asked for the write, if a client's (see `enter_for_change`).
     async fn write_via(
         &self,
         offset_bytes: u64,
         data: Bytes,
         fua: bool,
         via: Via,
+        seat: Option<&Seat>,
     ) -> Result<(), StorageError> {
         let writer = self.writable()?;
         {
-            let _gate = writer.gate.read().await;
-            let (chain, epoch) = self.chain_for_write();
+            let (_gate, chain, epoch) = self.enter_for_change(writer, seat).await?;
             self.write_in(writer, &chain, &epoch, offset_bytes, data, via)
                 .await?;
         }
@@ -703,11 +727,22 @@ impl Volume {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<(), StorageError> {
+        self.write_zeroes_for(offset_bytes, length_bytes, mode, fua, None)
+            .await
+    }
+
+    async fn write_zeroes_for(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: ZeroMode,
+        fua: bool,
+        seat: Option<&Seat>,
+    ) -> Result<(), StorageError> {
         let writer = self.writable()?;
         {
             // One gate for the whole request: a snapshot sees all of it or none of it.
-            let _gate = writer.gate.read().await;
-            let (chain, epoch) = self.chain_for_write();
+            let (_gate, chain, epoch) = self.enter_for_change(writer, seat).await?;
             let end_bytes = offset_bytes + length_bytes;
             let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
             let end_full = end_bytes / BLOCK_BYTES;
@@ -902,19 +937,29 @@ impl Volume {
 
     /// Deallocates whole blocks in the range; partial blocks are left alone (the spec lets a
     /// server ignore trims).
+    #[cfg(test)]
     pub async fn trim(
         &self,
         offset_bytes: u64,
         length_bytes: u64,
         fua: bool,
     ) -> Result<(), StorageError> {
+        self.trim_for(offset_bytes, length_bytes, fua, None).await
+    }
+
+    async fn trim_for(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+        fua: bool,
+        seat: Option<&Seat>,
+    ) -> Result<(), StorageError> {
         let writer = self.writable()?;
         let start = offset_bytes.div_ceil(BLOCK_BYTES);
         let end = (offset_bytes + length_bytes) / BLOCK_BYTES;
         // Without hole punching a trim would have to write zeroes to give nothing back.
         if end > start && self.punch_works.load(Ordering::Relaxed) {
-            let _gate = writer.gate.read().await;
-            let (chain, _epoch) = self.chain_for_write();
+            let (_gate, chain, _epoch) = self.enter_for_change(writer, seat).await?;
             let _locks = writer.stripes.lock(start, end).await;
             if let Err(error) = self.deallocate(writer, &chain, start, end).await {
                 // A server may ignore a trim; the space it could free is freed.
