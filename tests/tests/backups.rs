@@ -1253,6 +1253,51 @@ fn a_restore_cancelled_before_writing_leaves_the_volume_unchanged() {
     assert_same("untouched", &read_export(&d, "vol0"), &model);
 }
 
+/// A restore's record whose volume lacks the job's mark (a crash between saving the record and
+/// marking the volume: staged by removing the mark) or whose volume is gone (a failed restore's
+/// new volume discarded, or the volume deleted; staged by removing its directory) is dropped
+/// at start: the volume serves what it held, and one made again under the name is not filled.
+#[test]
+fn restore_records_without_their_marked_volume_are_dropped_at_start() {
+    let mut d = start();
+    let model = half_random(&d, "vol0", 16 * MIB, 81);
+    let b = backup_now(&d, "vol0", false);
+    let mut changed = model.clone();
+    write_at(&d, "vol0", 0, &random(82, MIB), &mut changed);
+    let gc_lock = plant_gc_lock(&d);
+    let in_place = admin_ok(&d, "backup.restore", json!({"id": b["id"], "to": "vol0"}));
+    let made = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r", "from_backup": b["id"]}),
+    );
+    let jobs = [&in_place, &made].map(|v| v["job"]["id"].as_str().unwrap().to_owned());
+    for id in &jobs {
+        assert_eq!(job(&d, id)["state"], "running");
+    }
+    d.kill9();
+    fs::remove_file(&gc_lock).unwrap();
+    fs::remove_file(d.data_dir().join("volumes/vol0/restore.json")).unwrap();
+    fs::remove_dir_all(d.data_dir().join("volumes/r")).unwrap();
+    d.restart();
+    for id in &jobs {
+        admin_err(&d, "job.show", json!({"id": id}), "not_found");
+        assert!(!d
+            .data_dir()
+            .join("jobs")
+            .join(format!("{id}.json"))
+            .exists());
+    }
+    assert!(go_refusal(&d, "vol0").is_none());
+    assert_same("the volume", &read_export(&d, "vol0"), &changed);
+    let mut other = vec![0u8; (16 * MIB) as usize];
+    create_volume(&d, "r", 16 * MIB);
+    write_at(&d, "r", 0, &random(83, MIB), &mut other);
+    thread::sleep(Duration::from_millis(500));
+    assert!(go_refusal(&d, "r").is_none());
+    assert_same("the new volume r", &read_export(&d, "r"), &other);
+}
+
 #[test]
 fn kill9_mid_backup_resumes_without_uploading_stored_chunks_again() {
     let opts = DaemonOpts::new()

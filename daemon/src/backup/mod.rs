@@ -260,22 +260,29 @@ impl Backups {
                         self.files.remove(&r.job_id);
                         continue;
                     }
-                    if let Some(entry) = self.registry.entry(&r.volume) {
-                        // The job's own mark says it has not completed. Without it the record
-                        // outlived its job (its removal was lost in a crash) and the volume may
-                        // hold what clients wrote since: running it again would overwrite that.
-                        let ours = entry
-                            .volume()
-                            .restore_mark()
-                            .is_some_and(|mark| mark.job_id == r.job_id);
-                        if !ours {
-                            tracing::warn!(job = %r.job_id, volume = %r.volume, "dropping the record of a restore whose volume no longer carries its mark: it completed");
-                            self.files.remove(&r.job_id);
-                            self.unclaim(&r.volume);
-                            continue;
-                        }
-                        let _ = entry.volume().attachments().close(true, Closure::Restore);
+                    // The job's own mark says it has not completed. Without it the record
+                    // outlived its job (its removal was lost in a crash) or its job never
+                    // marked the volume (a crash right after the record was saved), and the
+                    // volume may hold what clients wrote since: running it would overwrite
+                    // that. Without the volume (a failed restore's new volume was discarded,
+                    // or the volume deleted), a job would fill whatever took the name next.
+                    let Some(entry) = self.registry.entry(&r.volume) else {
+                        tracing::warn!(job = %r.job_id, volume = %r.volume, "dropping the record of a restore whose volume is gone");
+                        self.files.remove(&r.job_id);
+                        self.unclaim(&r.volume);
+                        continue;
+                    };
+                    let ours = entry
+                        .volume()
+                        .restore_mark()
+                        .is_some_and(|mark| mark.job_id == r.job_id);
+                    if !ours {
+                        tracing::warn!(job = %r.job_id, volume = %r.volume, "dropping the record of a restore whose volume does not carry its mark: it completed or never started");
+                        self.files.remove(&r.job_id);
+                        self.unclaim(&r.volume);
+                        continue;
                     }
+                    let _ = entry.volume().attachments().close(true, Closure::Restore);
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
                     self.spawn_restore(job, r, false);
                 }
@@ -1057,45 +1064,40 @@ impl Backups {
             volume: volume.to_owned(),
             created_volume,
         };
-        // Whether the volume was whole before: only then may a restore that never started
-        // take its mark away again.
-        let mut was_whole = true;
-        {
-            let mark = RestoreMark {
-                backup_id: backup_id.to_owned(),
-                job_id: record.job_id.clone(),
-                started_unix_secs: now_unix_secs(),
-            };
-            let marked = match self.registry.entry(volume) {
-                Some(entry) => {
-                    was_whole = entry.volume().restore_mark().is_none();
-                    entry.mark_restore(mark).await
-                }
-                None => Err(StorageError::NotFound(volume.to_owned())),
-            };
-            if let Err(e) = marked {
-                // A volume made for this restore is the caller's to remove.
-                if !created_volume {
-                    self.reopen(volume);
-                    self.unclaim(volume);
-                }
-                return Err(e.into());
-            }
-        }
+        // The record before the mark: a crash between the two leaves a record whose volume
+        // lacks its mark, which `resume` drops, the volume untouched. (The other way round, it
+        // left a volume refusing clients with no job to complete or clear it.)
         if let Err(e) = self.files.save(&JobRecord::Restore(record.clone())) {
             // A volume made for this restore is the caller's to remove.
             if !created_volume {
-                if was_whole {
-                    if let Some(entry) = self.registry.entry(volume) {
-                        if let Err(error) = entry.clear_restore_mark().await {
-                            tracing::warn!(volume, %error, "cannot remove the restore mark of a restore that did not start");
-                        }
-                    }
-                }
                 self.reopen(volume);
                 self.unclaim(volume);
             }
             return Err(e);
+        }
+        // Whether the volume was whole before: only then may a restore that never started
+        // take its mark away again.
+        let mut was_whole = true;
+        let mark = RestoreMark {
+            backup_id: backup_id.to_owned(),
+            job_id: record.job_id.clone(),
+            started_unix_secs: now_unix_secs(),
+        };
+        let marked = match self.registry.entry(volume) {
+            Some(entry) => {
+                was_whole = entry.volume().restore_mark().is_none();
+                entry.mark_restore(mark).await
+            }
+            None => Err(StorageError::NotFound(volume.to_owned())),
+        };
+        if let Err(e) = marked {
+            self.files.remove(&record.job_id);
+            // A volume made for this restore is the caller's to remove.
+            if !created_volume {
+                self.reopen(volume);
+                self.unclaim(volume);
+            }
+            return Err(e.into());
         }
         let job = self.register(&record.job_id, JobKind::Restore, volume, backup_id);
         let info = job.info();
@@ -1207,6 +1209,15 @@ impl Backups {
     /// nothing was written to it.
     async fn undo_restore(&self, job: &Job, record: &RestoreRecord, was_whole: bool) -> String {
         let volume = &record.volume;
+        let ours = self.registry.entry(volume).is_some_and(|entry| {
+            (entry.volume().restore_mark()).is_some_and(|mark| mark.job_id == record.job_id)
+        });
+        if !ours {
+            // Deleted, or deleted and made again under the name, while the job waited.
+            return format!(
+                "volume {volume:?} is no longer the one this restore marked: left alone"
+            );
+        }
         if record.created_volume {
             return if self.discard_volume(volume, None).await {
                 format!("volume {volume:?} made for it was removed")

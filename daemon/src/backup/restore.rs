@@ -51,6 +51,17 @@ async fn restore_locked(
         .registry
         .get(&record.volume)
         .ok_or_else(|| StorageError::NotFound(record.volume.clone()))?;
+    // Only the volume this job marked: one deleted and made again under the name meanwhile
+    // is someone else's (its clients are not shut out, its blocks not this backup's).
+    if volume
+        .restore_mark()
+        .is_none_or(|mark| mark.job_id != record.job_id)
+    {
+        return Err(BackupError::Failed(format!(
+            "volume {:?} no longer carries the mark of restore job {}: it was deleted or replaced while the job waited",
+            record.volume, record.job_id
+        )));
+    }
     if volume.size_bytes() != manifest.size_bytes {
         return Err(BackupError::SizeMismatch {
             volume: record.volume.clone(),

@@ -667,6 +667,13 @@ impl Backups {
         force: bool,
     ) -> Result<Vec<JobInfo>, BackupError> {
         let set = self.get_set(set_id).await?;
+        // A server backup always has members: a record without any (edited, damaged) would
+        // report a restore of the server that restored nothing.
+        if set.members.is_empty() {
+            return Err(BackupError::Failed(format!(
+                "backup set {set_id:?} names no member backups: nothing to restore"
+            )));
+        }
         // Held until each member's job holds its own: none deleted meanwhile.
         let _reading = set
             .members
