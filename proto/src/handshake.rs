@@ -243,6 +243,15 @@ impl ServerHandshake {
                             max_bytes: max_name_bytes,
                         });
                     }
+                    if option == OPT_ABORT && length > self.config.max_option_bytes {
+                        // The spec: ACKed whatever it carries, which is ignored; nothing after
+                        // it is read.
+                        self.count_option()?;
+                        input.advance(16);
+                        put_reply(out, option, REP_ACK, &[]);
+                        self.state = State::Finished;
+                        return Ok(Step::Aborted);
+                    }
                     if length > self.config.max_option_bytes {
                         self.count_option()?;
                         input.advance(16);

@@ -366,6 +366,12 @@ fn oversized_options_are_skipped_and_the_stream_stays_in_sync() {
             REP_ACK
         ]
     );
+    // ABORT is ACKed whatever data it carries (the spec: the server ignores it).
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_ABORT, &big);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::Aborted));
+    assert_eq!(replies(&out), [(OPT_ABORT, REP_ACK, Vec::new())]);
     // EXPORT_NAME cannot be refused politely: oversized means disconnect.
     let (mut hs, mut input) = start(3);
     option(&mut input, OPT_EXPORT_NAME, &big);

@@ -796,7 +796,9 @@ impl Volume {
         let head = chain.top();
         let _locks = writer.stripes.lock(start, end).await;
         let (offset_bytes, length_bytes) = (start * BLOCK_BYTES, (end - start) * BLOCK_BYTES);
-        if mode.may_trim {
+        // Without hole punching a deallocation writes zeroes over the head's bytes: not fast,
+        // so FAST_ZERO takes a zero range, or fails.
+        if mode.may_trim && (!mode.fast_only || self.punch_works.load(Ordering::Relaxed)) {
             return self.deallocate(writer, chain, start, end).await;
         }
         if mode.fast_only && !self.fallocate_works.load(Ordering::Relaxed) {
@@ -1197,6 +1199,41 @@ mod tests {
         );
         let back = volume.read(0, 4 * BLOCK_BYTES as usize).await.unwrap();
         assert!(back.iter().all(|&b| b == 1), "the export changed");
+    }
+
+    /// Where holes cannot be punched, a FAST_ZERO that may trim takes a zero range when it can
+    /// and otherwise fails with nothing changed: deallocating would write zeroes over every byte
+    /// the head holds in the range (qemu-img convert's pre-zeroing of a whole image).
+    #[tokio::test]
+    async fn a_fast_zero_where_holes_cannot_be_punched_is_a_zero_range_or_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_registry, volume) = volume_of_ones(dir.path(), None, 4 * BLOCK_BYTES).await;
+        volume.punch_works.store(false, Ordering::Relaxed);
+        volume.fallocate_works.store(false, Ordering::Relaxed);
+        let mode = ZeroMode {
+            may_trim: true,
+            fast_only: true,
+        };
+        let failed = volume.write_zeroes(0, 2 * BLOCK_BYTES, mode, false).await;
+        assert!(
+            matches!(failed, Err(StorageError::FastZeroUnsupported { .. })),
+            "{failed:?}"
+        );
+        let back = volume.read(0, 4 * BLOCK_BYTES as usize).await.unwrap();
+        assert!(back.iter().all(|&b| b == 1), "the export changed");
+
+        volume.fallocate_works.store(true, Ordering::Relaxed);
+        volume
+            .write_zeroes(0, 2 * BLOCK_BYTES, mode, false)
+            .await
+            .unwrap();
+        let back = volume.read(0, 4 * BLOCK_BYTES as usize).await.unwrap();
+        let (zeroed, kept) = back.split_at(2 * BLOCK_BYTES as usize);
+        assert!(zeroed.iter().all(|&b| b == 0) && kept.iter().all(|&b| b == 1));
+        assert_eq!(
+            head_file_bytes(&volume, 0, BLOCK_BYTES),
+            vec![0u8; BLOCK_BYTES as usize]
+        );
     }
 
     /// A zero that gives blocks back waits, after marking them, for overwrites of them that saw
