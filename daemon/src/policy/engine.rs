@@ -28,6 +28,8 @@ pub struct Policies {
     /// Held across the file write so the file always reflects the latest change, in order.
     entries: Mutex<BTreeMap<String, Entry>>,
     metrics: OnceLock<Arc<PolicyMetrics>>,
+    /// Cancelled when the daemon stops (see `spawn`): runs under way stop where they are.
+    stopping: CancellationToken,
 }
 
 /// How far in the future a recorded slot may lie before the clock counts as set back.
@@ -62,6 +64,7 @@ impl Policies {
             clock,
             entries: Mutex::new(entries),
             metrics: OnceLock::new(),
+            stopping: CancellationToken::new(),
         }))
     }
 
@@ -306,7 +309,8 @@ impl Policies {
     }
 
     /// The real-time loop: ticks every second until `shutdown`. A run in progress at shutdown
-    /// is abandoned with the runtime; its slot stays recorded as started.
+    /// stops there, its outcome not recorded: it stays in progress on disk and runs again at
+    /// the next start (see `start_run`).
     pub fn spawn(self: &Arc<Self>, runner: Arc<dyn Runner>, shutdown: CancellationToken) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -317,6 +321,7 @@ impl Policies {
                     () = tokio::time::sleep(TICK_INTERVAL) => {}
                 }
             }
+            this.stopping.cancel();
         });
     }
 
@@ -331,10 +336,24 @@ impl Policies {
         tokio::spawn(async move {
             // The runner gets its own task so that a panic in it becomes a failed run instead
             // of a policy marked running forever.
-            let run = tokio::spawn(async move { runner.run(&spec, resumed_since).await });
-            let outcome = run
-                .await
-                .unwrap_or_else(|e| Err(format!("policy run ended abnormally: {e}")));
+            let mut run = tokio::spawn(async move { runner.run(&spec, resumed_since).await });
+            let outcome = tokio::select! {
+                outcome = &mut run => outcome,
+                () = this.stopping.cancelled() => {
+                    // The shutdown interrupts the run's backup jobs, which then fail: recorded,
+                    // that would read as the run's failure and clear it from the runs to do
+                    // again, and the run would go on to retention meanwhile. Its jobs resume by
+                    // themselves at the next start, and the run with them.
+                    run.abort();
+                    tracing::info!(policy = %name, "policy run stopped by the shutdown; it runs again at the next start");
+                    if let Some(entry) = this.lock().get_mut(&name) {
+                        entry.running = false;
+                    }
+                    return;
+                }
+            };
+            let outcome =
+                outcome.unwrap_or_else(|e| Err(format!("policy run ended abnormally: {e}")));
             this.finish(&name, outcome);
         });
     }

@@ -116,6 +116,17 @@ impl Fixture {
         self.policies.tick(&self.runner)
     }
 
+    /// Waits (about 200 ms at most) until the runner has started `runs` runs.
+    async fn wait_runs(&self, runs: u64) {
+        for _ in 0..200 {
+            if self.fake.runs() == runs {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(self.fake.runs(), runs);
+    }
+
     async fn wait_idle(&self, name: &str) -> PolicyInfo {
         for _ in 0..2_000 {
             let info = self.policies.show(name).unwrap();
@@ -558,13 +569,33 @@ async fn the_real_time_loop_ticks_until_shutdown() {
     let shutdown = CancellationToken::new();
     f.policies.spawn(f.runner.clone(), shutdown.clone());
     // The loop ticks at once, then every second; the first tick starts the due run.
-    for _ in 0..200 {
-        if f.fake.runs() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(f.fake.runs(), 1);
+    f.wait_runs(1).await;
     shutdown.cancel();
     f.wait_idle("p").await;
+}
+
+#[tokio::test]
+async fn a_run_under_way_at_shutdown_records_no_outcome_and_runs_again() {
+    let mut f = Fixture::new(FakeRunner::gated());
+    f.policies.create(every("p", 60)).unwrap();
+    f.clock.advance(60);
+    let shutdown = CancellationToken::new();
+    f.policies.spawn(f.runner.clone(), shutdown.clone());
+    f.wait_runs(1).await;
+    // Its jobs interrupted by the shutdown, the run would fail: it must not be recorded so.
+    f.fake
+        .script(Err("backup of volume \"v\" failed: interrupted".into()));
+    shutdown.cancel();
+    let info = f.wait_idle("p").await;
+    f.fake.release(1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let info_later = f.policies.show("p").unwrap();
+    for info in [info, info_later] {
+        assert!(info.last_error.is_none() && info.last_failure_unix_secs.is_none());
+    }
+    f.restart();
+    f.clock.advance(5);
+    assert_eq!(f.tick(), vec!["p"], "the stopped run runs again");
+    f.wait_runs(2).await;
+    assert_eq!(f.fake.resumed.lock().unwrap().last(), Some(&Some(T0 + 60)));
 }
