@@ -179,8 +179,19 @@ fn volume_policy_keeps_n_and_never_touches_manual_backups() {
     assert_eq!(p["keep"], 2, "{p:#}");
     admin_ok(&d, "policy.delete", json!({"name": "often"}));
     admin_err(&d, "policy.show", json!({"name": "often"}), "not_found");
-    // Its backups stay.
+    // Its backups stay, and a new policy of its name does not take them over: they are not
+    // its to count or delete.
     assert_eq!(policy_backups(&d, "often").len(), 2);
+    thread::sleep(Duration::from_millis(1100));
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "often", "daily": "03:00", "keep": 1, "volumes": ["v"]}),
+    );
+    run_ok(&d, "often");
+    run_ok(&d, "often");
+    assert_eq!(policy_backups(&d, "often").len(), 3);
+    assert_eq!(policy(&d, "often")["backups_kept"], 1);
 }
 
 /// One volume a policy names cannot be backed up (deleted): the others still are, and their

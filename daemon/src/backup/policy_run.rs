@@ -9,7 +9,7 @@ use crate::backup::job::{Job, JobState};
 use crate::backup::sets::BackupSetInfo;
 use crate::backup::{BackupError, Backups, GcReport};
 use crate::policy::retention::to_delete;
-use crate::policy::{PolicySpec, RunReport, Runner, Target};
+use crate::policy::{PolicySpec, RunContext, RunReport, Runner, Target};
 use crate::servers::Servers;
 use crate::storage::entry::now_unix_secs;
 
@@ -33,14 +33,10 @@ pub struct PolicyRunner {
 
 #[async_trait::async_trait]
 impl Runner for PolicyRunner {
-    async fn run(
-        &self,
-        policy: &PolicySpec,
-        resumed_since: Option<u64>,
-    ) -> Result<RunReport, String> {
+    async fn run(&self, policy: &PolicySpec, context: RunContext) -> Result<RunReport, String> {
         let result = match &policy.target {
-            Target::Volumes(volumes) => self.run_volumes(policy, volumes, resumed_since).await,
-            Target::Servers(servers) => self.run_servers(policy, servers, resumed_since).await,
+            Target::Volumes(volumes) => self.run_volumes(policy, volumes, context).await,
+            Target::Servers(servers) => self.run_servers(policy, servers, context).await,
         };
         result.map_err(|e| e.to_string())
     }
@@ -129,8 +125,9 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         volumes: &[String],
-        since: Option<u64>,
+        context: RunContext,
     ) -> Result<RunReport, BackupError> {
+        let since = context.resumed_since;
         let mut started = Vec::new();
         let mut backed_up = Vec::new();
         let mut failures = Vec::new();
@@ -177,13 +174,18 @@ impl PolicyRunner {
         let now = now_unix_secs();
         // Members of server backup sets are the sets' to keep or delete (a server policy of
         // the same name, since deleted, made them): deleting one here would leave a recorded
-        // set that no longer restores.
+        // set that no longer restores. Backups from before this policy was created are an
+        // earlier policy's of the same name, whose deletion left them to the user.
         let mine: Vec<_> = self
             .backups
             .list(None)
             .await?
             .into_iter()
-            .filter(|b| b.policy.as_deref() == Some(policy.name.as_str()) && b.group_id.is_none())
+            .filter(|b| {
+                b.policy.as_deref() == Some(policy.name.as_str())
+                    && b.group_id.is_none()
+                    && b.created_unix_secs >= context.created_unix_secs
+            })
             .collect();
         let mut doomed = Vec::new();
         let mut kept_bytes = 0;
@@ -214,29 +216,47 @@ impl PolicyRunner {
                 .collect();
             let gone = to_delete(&items, policy.keep, policy.keep_days, now);
             for b in &ours {
-                if !gone.contains(&b.id) {
+                if gone.contains(&b.id) {
+                    doomed.push((b.id.clone(), b.new_stored_bytes));
+                } else {
                     kept += 1;
                     kept_bytes += b.new_stored_bytes;
                 }
             }
-            doomed.extend(gone);
         }
-        let mut retired = Vec::new();
-        for id in doomed {
+        let mut deleted = 0;
+        let mut collection_failed = None;
+        for (id, stored_bytes) in doomed {
             if self.retire(&id).await? {
-                retired.push(id);
+                deleted += 1;
+            } else {
+                // Read by a restore or verify: kept until a later run.
+                kept += 1;
+                kept_bytes += stored_bytes;
             }
         }
-        let doomed = retired;
-        if !doomed.is_empty() {
-            tracing::info!(policy = %policy.name, deleted = doomed.len(), "retention deleted backups");
-            self.backups.gc().await?;
+        if deleted > 0 {
+            tracing::info!(policy = %policy.name, deleted, "retention deleted backups");
+            // The deletes stand whatever the collection does; a failure of it is reported
+            // with the volumes not backed up, not instead of them.
+            if let Err(e) = self.backups.gc().await {
+                collection_failed = Some(format!(
+                    "collecting the chunks of the {deleted} backup(s) retention deleted failed: {e}"
+                ));
+            }
         }
-        not_backed_up("volume", volumes.len(), &failures)?;
-        Ok(RunReport {
-            backups_kept: kept,
-            stored_bytes: kept_bytes,
-        })
+        match (
+            not_backed_up("volume", volumes.len(), &failures),
+            collection_failed,
+        ) {
+            (Ok(()), None) => Ok(RunReport {
+                backups_kept: kept,
+                stored_bytes: kept_bytes,
+            }),
+            (Ok(()), Some(collection)) => Err(BackupError::Failed(collection)),
+            (Err(e), None) => Err(e),
+            (Err(e), Some(collection)) => Err(BackupError::Failed(format!("{e}; {collection}"))),
+        }
     }
 
     /// Backs up each server in turn; one that fails does not keep the others from their
@@ -245,12 +265,12 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         servers: &[String],
-        since: Option<u64>,
+        context: RunContext,
     ) -> Result<RunReport, BackupError> {
         let mut report = RunReport::default();
         let mut failures = Vec::new();
         for name in servers {
-            if let Err(e) = self.run_server(policy, name, since, &mut report).await {
+            if let Err(e) = self.run_server(policy, name, context, &mut report).await {
                 failures.push(format!("server {name:?}: {e}"));
             }
         }
@@ -266,9 +286,9 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         name: &str,
-        since: Option<u64>,
+        context: RunContext,
     ) -> Result<Option<String>, BackupError> {
-        let Some(since) = since else {
+        let Some(since) = context.resumed_since else {
             return Ok(None);
         };
         let resumed: Vec<BackupSetInfo> = self
@@ -288,7 +308,7 @@ impl PolicyRunner {
             }
         }
         Ok(self
-            .policy_sets(policy, name)
+            .policy_sets(policy, name, context)
             .await?
             .into_iter()
             .filter(|s| s.created_unix_secs >= since)
@@ -312,17 +332,20 @@ impl PolicyRunner {
     /// The policy's complete, non-empty backup sets of server `name`: what its retention counts.
     /// This daemon's only: another daemon sharing the store may have a server and a policy of
     /// the same names, and its sets are not ours to count or delete. A set is ours when one of
-    /// its members is a backup of a volume here (by uuid).
+    /// its members is a backup of a volume here (by uuid). Sets from before the policy was
+    /// created are an earlier policy's of the same name.
     async fn policy_sets(
         &self,
         policy: &PolicySpec,
         name: &str,
+        context: RunContext,
     ) -> Result<Vec<BackupSetInfo>, BackupError> {
         let mut mine = Vec::new();
         for set in self.backups.server_sets(name, true).await? {
             if set.state == "complete"
                 && !set.members.is_empty()
                 && set.policy.as_deref() == Some(policy.name.as_str())
+                && set.created_unix_secs >= context.created_unix_secs
                 && self.has_member_here(&set).await?
             {
                 mine.push(set);
@@ -358,12 +381,12 @@ impl PolicyRunner {
         &self,
         policy: &PolicySpec,
         name: &str,
-        since: Option<u64>,
+        context: RunContext,
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
         let server = self.servers.get(name)?;
         let just_made = loop {
-            if let Some(id) = self.set_made_since(policy, name, since).await? {
+            if let Some(id) = self.set_made_since(policy, name, context).await? {
                 break id;
             }
             let started = self
@@ -377,7 +400,7 @@ impl PolicyRunner {
             self.wait_set(&set).await?;
             break set.id;
         };
-        self.apply_set_retention(policy, name, &just_made, report)
+        self.apply_set_retention(policy, name, &just_made, context, report)
             .await
     }
 
@@ -419,9 +442,10 @@ impl PolicyRunner {
         policy: &PolicySpec,
         name: &str,
         just_made: &str,
+        context: RunContext,
         report: &mut RunReport,
     ) -> Result<(), BackupError> {
-        let mine = self.policy_sets(policy, name).await?;
+        let mine = self.policy_sets(policy, name, context).await?;
         let rank = |s: &BackupSetInfo| {
             if s.id == just_made {
                 u64::MAX
@@ -462,7 +486,11 @@ impl PolicyRunner {
             }
             let orphans = self
                 .backups
-                .failed_set_members(&policy.name, &volumes, newest.created_unix_secs)
+                .failed_set_members(
+                    &policy.name,
+                    &volumes,
+                    context.created_unix_secs..newest.created_unix_secs,
+                )
                 .await?;
             let mut deleted = 0;
             for id in &orphans {

@@ -612,14 +612,15 @@ impl Backups {
 
     /// The backups `policy` made as members of server backups that failed (so no set record
     /// names them), of the volumes `volumes` (name and uuid: this daemon's volumes only, never
-    /// another daemon's sharing the store), created before `before_unix_secs`. A failed set
+    /// another daemon's sharing the store), created within `made_unix_secs` (from the policy's
+    /// creation to its newest set). A failed set
     /// cannot be restored as a server backup and the policy's retention counts sets, so without
     /// this its members would stay forever. Sets still running here are not failed.
     pub(crate) async fn failed_set_members(
         &self,
         policy: &str,
         volumes: &[(String, String)],
-        before_unix_secs: u64,
+        made_unix_secs: std::ops::Range<u64>,
     ) -> Result<Vec<String>, BackupError> {
         let mut sets: std::collections::BTreeSet<String> =
             self.store.list_set_ids().await?.into_iter().collect();
@@ -637,7 +638,7 @@ impl Backups {
             };
             let candidate = b.policy.as_deref() == Some(policy)
                 && !sets.contains(group)
-                && b.created_unix_secs < before_unix_secs
+                && made_unix_secs.contains(&b.created_unix_secs)
                 && volumes
                     .iter()
                     .any(|(name, uuid)| &b.volume == name && &b.volume_uuid == uuid);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{self, PolicyState};
-use super::{Clock, PolicyError, PolicyInfo, PolicySpec, RunReport, Runner, Target};
+use super::{Clock, PolicyError, PolicyInfo, PolicySpec, RunContext, RunReport, Runner, Target};
 use crate::metrics::policy::{PolicyMetrics, PolicySample};
 
 /// How often the real-time loop looks for due policies. Schedules have minute (daily/weekly)
@@ -181,7 +181,7 @@ impl Policies {
         runner: Arc<dyn Runner>,
     ) -> Result<PolicyInfo, PolicyError> {
         let now = self.clock.now_unix_secs();
-        let (spec, info) = {
+        let (spec, context, info) = {
             let mut entries = self.lock();
             let entry = entries
                 .get_mut(name)
@@ -193,6 +193,10 @@ impl Policies {
             entry.state.run_in_progress = true;
             entry.state.last_run_unix_secs = Some(now);
             let spec = entry.spec.clone();
+            let context = RunContext {
+                resumed_since: None,
+                created_unix_secs: entry.state.created_unix_secs,
+            };
             // Only last_run changed; the outcome is persisted anyway, so a failed write here
             // must not stop a run the operator asked for.
             if let Err(e) = self.save(&entries) {
@@ -200,9 +204,9 @@ impl Policies {
             }
             let entry = &entries[name];
             self.publish(entry);
-            (spec, self.info(entry, now))
+            (spec, context, self.info(entry, now))
         };
-        self.start_run(spec, runner, None);
+        self.start_run(spec, runner, context);
         Ok(info)
     }
 
@@ -299,10 +303,14 @@ impl Policies {
         drop(entries);
         started
             .into_iter()
-            .map(|(spec, _, since)| {
+            .map(|(spec, before, resumed_since)| {
                 let name = spec.name.clone();
                 tracing::info!(policy = %name, "starting scheduled policy run");
-                self.start_run(spec, Arc::clone(runner), since);
+                let context = RunContext {
+                    resumed_since,
+                    created_unix_secs: before.created_unix_secs,
+                };
+                self.start_run(spec, Arc::clone(runner), context);
                 name
             })
             .collect()
@@ -325,18 +333,13 @@ impl Policies {
         });
     }
 
-    fn start_run(
-        self: &Arc<Self>,
-        spec: PolicySpec,
-        runner: Arc<dyn Runner>,
-        resumed_since: Option<u64>,
-    ) {
+    fn start_run(self: &Arc<Self>, spec: PolicySpec, runner: Arc<dyn Runner>, context: RunContext) {
         let this = Arc::clone(self);
         let name = spec.name.clone();
         tokio::spawn(async move {
             // The runner gets its own task so that a panic in it becomes a failed run instead
             // of a policy marked running forever.
-            let mut run = tokio::spawn(async move { runner.run(&spec, resumed_since).await });
+            let mut run = tokio::spawn(async move { runner.run(&spec, context).await });
             let outcome = tokio::select! {
                 outcome = &mut run => outcome,
                 () = this.stopping.cancelled() => {

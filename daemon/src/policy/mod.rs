@@ -136,16 +136,23 @@ pub struct RunReport {
     pub stored_bytes: u64,
 }
 
+/// What a run knows of its policy beyond the spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunContext {
+    /// This runs again a run the daemon stopped during, which started then: what that run
+    /// already backed up counts as done.
+    pub resumed_since: Option<u64>,
+    /// When the policy was created. Backups tagged with its name from before then are an
+    /// earlier policy's of the same name (deleted: its backups stay), not this one's to count
+    /// or delete.
+    pub created_unix_secs: u64,
+}
+
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + 'static {
     /// Takes the policy's backups, waits for them, applies retention; Err is a message for
-    /// last_error. `resumed_since`: this runs again a run the daemon stopped during, which
-    /// started then; what that run already backed up counts as done.
-    async fn run(
-        &self,
-        policy: &PolicySpec,
-        resumed_since: Option<u64>,
-    ) -> Result<RunReport, String>;
+    /// last_error.
+    async fn run(&self, policy: &PolicySpec, context: RunContext) -> Result<RunReport, String>;
 }
 
 /// A policy as the admin protocol shows it.

@@ -60,12 +60,8 @@ impl FakeRunner {
 
 #[async_trait::async_trait]
 impl Runner for FakeRunner {
-    async fn run(
-        &self,
-        _policy: &PolicySpec,
-        resumed_since: Option<u64>,
-    ) -> Result<RunReport, String> {
-        self.resumed.lock().unwrap().push(resumed_since);
+    async fn run(&self, _policy: &PolicySpec, context: RunContext) -> Result<RunReport, String> {
+        self.resumed.lock().unwrap().push(context.resumed_since);
         self.runs.fetch_add(1, Ordering::SeqCst);
         let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_active.fetch_max(active, Ordering::SeqCst);
@@ -512,11 +508,7 @@ async fn a_panicking_runner_is_a_failed_run() {
     struct Panics;
     #[async_trait::async_trait]
     impl Runner for Panics {
-        async fn run(
-            &self,
-            policy: &PolicySpec,
-            _resumed_since: Option<u64>,
-        ) -> Result<RunReport, String> {
+        async fn run(&self, policy: &PolicySpec, _: RunContext) -> Result<RunReport, String> {
             panic!("runner bug for {}", policy.name);
         }
     }
