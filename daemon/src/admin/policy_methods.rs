@@ -89,7 +89,9 @@ pub async fn dispatch(
         }
         "policy.run" => {
             let p: NameParams = decode_params(method, params)?;
-            to_json(&policies.run_now(&p.name, ctx.policy_runner.clone())?)
+            // Records the run's start durably, as its siblings write: off the runtime.
+            let (policies, runner) = (Arc::clone(policies), ctx.policy_runner.clone());
+            to_json(&off_runtime(move || policies.run_now(&p.name, runner)).await?)
         }
         other => Err(unknown_method(other)),
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backup::job::{Job, JobState};
+use crate::backup::job::{Job, JobKind, JobState};
 use crate::backup::sets::BackupSetInfo;
 use crate::backup::{BackupError, Backups, GcReport};
 use crate::policy::retention::to_delete;
@@ -117,6 +117,27 @@ impl PolicyRunner {
         Ok(Backed::Started(self.backups.job(&info.id)?, info.backup_id))
     }
 
+    /// In a run started again after a restart (`since`: when the stopped run began), the
+    /// backup of `volume` that the stopped run started and the restart resumed, while it runs:
+    /// this run's own, waited for however long it takes, not another job holding the volume
+    /// (which a run waits for [`MAX_WAIT_FOR_JOB`] at most).
+    fn resumed_backup(
+        &self,
+        policy: &PolicySpec,
+        volume: &str,
+        since: Option<u64>,
+    ) -> Option<Backed> {
+        since?;
+        let info = self.backups.jobs().into_iter().find(|j| {
+            j.kind == JobKind::Backup
+                && j.volume == volume
+                && j.policy.as_deref() == Some(policy.name.as_str())
+                && !j.state.is_finished()
+        })?;
+        let job = self.backups.job(&info.id).ok()?;
+        Some(Backed::Started(job, info.backup_id))
+    }
+
     /// Backs up each volume on its own, so one that cannot be backed up (deleted, a job of its
     /// own running, a failure) costs only its own backup of this slot; retention then applies
     /// to the volumes whose backup succeeded. Err names every volume that failed, after the
@@ -139,7 +160,9 @@ impl PolicyRunner {
         loop {
             let mut busy = Vec::new();
             for volume in pending {
-                let result = if self.backups.is_claimed(volume) {
+                let result = if let Some(resumed) = self.resumed_backup(policy, volume, since) {
+                    Ok(resumed)
+                } else if self.backups.is_claimed(volume) {
                     Err(BackupError::JobRunning(volume.clone()))
                 } else {
                     self.backup_volume(policy, volume, since).await

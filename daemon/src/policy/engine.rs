@@ -323,7 +323,11 @@ impl Policies {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                this.tick(&runner);
+                // A tick that starts runs writes the file durably: off the runtime's threads.
+                let (ticking, runner) = (Arc::clone(&this), Arc::clone(&runner));
+                if let Err(e) = tokio::task::spawn_blocking(move || ticking.tick(&runner)).await {
+                    tracing::error!(error = %e, "a policy tick failed");
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(TICK_INTERVAL) => {}
@@ -357,7 +361,13 @@ impl Policies {
             };
             let outcome =
                 outcome.unwrap_or_else(|e| Err(format!("policy run ended abnormally: {e}")));
-            this.finish(&name, outcome);
+            // Written durably: off the runtime's threads.
+            let finishing = Arc::clone(&this);
+            let finished =
+                tokio::task::spawn_blocking(move || finishing.finish(&name, outcome)).await;
+            if let Err(e) = finished {
+                tracing::error!(error = %e, "recording a policy run's outcome failed");
+            }
         });
     }
 

@@ -85,6 +85,9 @@ struct Fixture {
     policies: Arc<Policies>,
     fake: Arc<FakeRunner>,
     runner: Arc<dyn Runner>,
+    /// The engines before each `restart`: runs they started still end there, and write the
+    /// file when they do.
+    before_restarts: Vec<Arc<Policies>>,
 }
 
 impl Fixture {
@@ -100,12 +103,15 @@ impl Fixture {
             policies,
             fake,
             runner,
+            before_restarts: Vec::new(),
         }
     }
 
-    /// Drops the engine and opens it again from the same directory ("restart").
+    /// Opens the engine again from the same directory ("restart").
     fn restart(&mut self) {
-        self.policies = Policies::open(self.dir.path(), self.clock.clone()).unwrap();
+        let reopened = Policies::open(self.dir.path(), self.clock.clone()).unwrap();
+        let before = std::mem::replace(&mut self.policies, reopened);
+        self.before_restarts.push(before);
     }
 
     fn tick(&self) -> Vec<String> {
@@ -123,13 +129,17 @@ impl Fixture {
         assert_eq!(self.fake.runs(), runs);
     }
 
+    /// Waits (5 s at most: the outcome is written on a blocking thread) for the run to end,
+    /// and for those of the engines before restarts.
     async fn wait_idle(&self, name: &str) -> PolicyInfo {
-        for _ in 0..2_000 {
+        for _ in 0..5_000 {
             let info = self.policies.show(name).unwrap();
-            if !info.running {
+            let earlier_done =
+                (self.before_restarts.iter()).all(|p| p.show(name).is_ok_and(|info| !info.running));
+            if !info.running && earlier_done {
                 return info;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("policy {name} still running");
     }
@@ -271,6 +281,9 @@ async fn an_interrupted_run_runs_again_once_and_its_slot_is_not_repeated() {
         "an interrupted run runs again only once"
     );
     f.fake.release(2);
+    // The engines before the restarts record their runs' outcomes first (one engine, one
+    // writer of the file, as in the daemon).
+    f.wait_idle("p").await;
     f.clock.advance(60);
     assert_eq!(f.tick(), vec!["p"], "the next slot runs");
     f.fake.release(1);
