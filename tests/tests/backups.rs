@@ -1257,6 +1257,8 @@ fn a_restore_cancelled_before_writing_leaves_the_volume_unchanged() {
 /// marking the volume: staged by removing the mark) or whose volume is gone (a failed restore's
 /// new volume discarded, or the volume deleted; staged by removing its directory) is dropped
 /// at start: the volume serves what it held, and one made again under the name is not filled.
+/// A volume made for a restore whose record is missing (a crash between its creation and the
+/// record: staged by removing the record) is removed at start, its name free again.
 #[test]
 fn restore_records_without_their_marked_volume_are_dropped_at_start() {
     let mut d = start();
@@ -1271,7 +1273,12 @@ fn restore_records_without_their_marked_volume_are_dropped_at_start() {
         "volume.create",
         json!({"name": "r", "from_backup": b["id"]}),
     );
-    let jobs = [&in_place, &made].map(|v| v["job"]["id"].as_str().unwrap().to_owned());
+    let unrecorded = admin_ok(
+        &d,
+        "volume.create",
+        json!({"name": "r2", "from_backup": b["id"]}),
+    );
+    let jobs = [&in_place, &made, &unrecorded].map(|v| v["job"]["id"].as_str().unwrap().to_owned());
     for id in &jobs {
         assert_eq!(job(&d, id)["state"], "running");
     }
@@ -1279,7 +1286,10 @@ fn restore_records_without_their_marked_volume_are_dropped_at_start() {
     fs::remove_file(&gc_lock).unwrap();
     fs::remove_file(d.data_dir().join("volumes/vol0/restore.json")).unwrap();
     fs::remove_dir_all(d.data_dir().join("volumes/r")).unwrap();
+    fs::remove_file(d.data_dir().join("jobs").join(format!("{}.json", jobs[2]))).unwrap();
     d.restart();
+    admin_err(&d, "volume.show", json!({"name": "r2"}), "not_found");
+    create_volume(&d, "r2", 16 * MIB);
     for id in &jobs {
         admin_err(&d, "job.show", json!({"id": id}), "not_found");
         assert!(!d

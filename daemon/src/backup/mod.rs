@@ -239,9 +239,12 @@ impl Backups {
         m.keep_only_jobs(listed);
     }
 
-    /// Restarts the jobs a crash or shutdown interrupted.
+    /// Restarts the jobs a crash or shutdown interrupted, and removes the volumes made for
+    /// restores whose job was never recorded.
     pub async fn resume(self: &Arc<Self>) {
-        for record in self.release_unstarted_sets(self.files.load_all()) {
+        let records = self.files.load_all();
+        self.discard_unrecorded_restore_volumes(&records).await;
+        for record in self.release_unstarted_sets(records) {
             tracing::info!(job = record.job_id(), "resuming an interrupted job");
             match record {
                 JobRecord::Backup(r) => {
@@ -287,6 +290,27 @@ impl Backups {
                     self.spawn_restore(job, r, false);
                 }
             }
+        }
+    }
+
+    /// A volume made for a restore is marked from birth, before the job's record is saved: a
+    /// crash in between left one that refuses clients, with no job to fill or remove it, and
+    /// whose name a retry could not take. No record names its job: it holds nothing, and goes.
+    async fn discard_unrecorded_restore_volumes(&self, records: &[JobRecord]) {
+        let recorded = |job_id: &str| records.iter().any(|r| r.job_id() == job_id);
+        for entry in self.registry.entries() {
+            let Some(mark) = entry.volume().restore_mark() else {
+                continue;
+            };
+            if !mark.made_for_restore || recorded(&mark.job_id) {
+                continue;
+            }
+            let (name, uuid) = (
+                entry.name().to_owned(),
+                entry.volume().identity().uuid.clone(),
+            );
+            tracing::warn!(volume = %name, job = %mark.job_id, "removing a volume made for a restore whose job was never recorded");
+            self.discard_volume(&name, Some(&uuid)).await;
         }
     }
 
@@ -1007,6 +1031,7 @@ impl Backups {
             backup_id: backup_id.to_owned(),
             job_id: job_id.clone(),
             started_unix_secs: now_unix_secs(),
+            made_for_restore: true,
         };
         let created = tokio::task::spawn_blocking(move || {
             registry.create_marked(&volume_name, size_bytes, &mark)
@@ -1082,6 +1107,7 @@ impl Backups {
             backup_id: backup_id.to_owned(),
             job_id: record.job_id.clone(),
             started_unix_secs: now_unix_secs(),
+            made_for_restore: created_volume,
         };
         let marked = match self.registry.entry(volume) {
             Some(entry) => {

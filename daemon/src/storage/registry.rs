@@ -492,6 +492,7 @@ mod tests {
             backup_id: "b-1".into(),
             job_id: "j-1".into(),
             started_unix_secs: 7,
+            made_for_restore: true,
         };
         let vol = reg.create_marked("r", 1 << 20, &mark).unwrap();
         assert_eq!(vol.restore_mark(), Some(mark.clone()));

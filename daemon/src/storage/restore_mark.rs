@@ -22,6 +22,10 @@ pub struct RestoreMark {
     /// The job writing it.
     pub job_id: String,
     pub started_unix_secs: u64,
+    /// The volume was created for this restore and holds nothing else (marks of earlier
+    /// versions have no such field: not known, so never taken for one).
+    #[serde(default)]
+    pub made_for_restore: bool,
 }
 
 impl RestoreMark {
@@ -73,6 +77,7 @@ fn unreadable(path: &Path, error: &str) -> RestoreMark {
         backup_id: format!("(unknown: {} unreadable: {error})", path.display()),
         job_id: "(unknown)".into(),
         started_unix_secs: 0,
+        made_for_restore: false,
     }
 }
 
@@ -89,6 +94,7 @@ mod tests {
             backup_id: "b-20261203T000000Z-1a2b3c4d".into(),
             job_id: "j-0123456789ab".into(),
             started_unix_secs: 7,
+            made_for_restore: false,
         };
         mark.store(dir.path()).unwrap();
         assert_eq!(RestoreMark::load(dir.path()), Some(mark.clone()));
