@@ -471,3 +471,149 @@ fn server_backups_of_unknown_deleted_and_bad_names() {
         .collect();
     assert_eq!(ids, [set["id"].as_str().unwrap()], "{listed:#}");
 }
+
+/// Damages the stored chunks of backup `backup_id` (a local store): its restore then fails.
+fn damage_chunks_of(d: &Daemon, backup_id: &str) {
+    let store = d.data_dir().join("backups");
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(store.join("manifests").join(format!("{backup_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let mut damaged = 0;
+    for chunk in manifest["chunks"].as_array().unwrap() {
+        let Some(hex) = chunk.as_str() else { continue };
+        for dir in std::fs::read_dir(store.join("chunks")).unwrap().flatten() {
+            let path = dir.path().join(hex);
+            if let Ok(mut bytes) = std::fs::read(&path) {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x40;
+                std::fs::write(&path, &bytes).unwrap();
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0, "no stored chunk of {backup_id} found");
+}
+
+/// A server restore one member of which fails (its chunks damaged in the store) takes back
+/// what the others restored once every member's job has ended: in place, every member holds
+/// what it held before and serves clients again; to new volumes, none of them is left. No
+/// `pre-restore-` snapshot stays behind.
+/// Volumes "a" and "b" (8 MiB, half random) of server "web", a server backup of them, then new
+/// data in both: returns the daemon, the set, and what each volume holds now. The set's member
+/// of "b" is damaged in the store, so restoring it fails.
+fn server_restore_with_a_bad_member() -> (Daemon, Value, [Vec<u8>; 2]) {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    let mut models = [
+        half_random(&d, "a", 8 * MIB, 91),
+        half_random(&d, "b", 8 * MIB, 92),
+    ];
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a", "b"]}),
+    );
+    let set = server_backup(&d, "web");
+    for ((volume, model), seed) in ["a", "b"].iter().zip(models.iter_mut()).zip([93, 94]) {
+        write_at(&d, volume, 0, &random(seed, MIB), model);
+    }
+    let member_b = (set["members"].as_array().unwrap().iter())
+        .find(|m| m["volume"] == "b")
+        .unwrap()["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    damage_chunks_of(&d, &member_b);
+    (d, set, models)
+}
+
+#[test]
+fn a_server_restore_with_a_failed_member_leaves_every_member_as_it_was() {
+    let (d, set, models) = server_restore_with_a_bad_member();
+    // The snapshots the restore takes have names of their own.
+    admin_err(
+        &d,
+        "snapshot.create",
+        json!({"volume": "a", "name": "pre-restore-mine"}),
+        "invalid_argument",
+    );
+    for suffix in [None, Some("-new")] {
+        let params = match suffix {
+            None => json!({"set_id": set["id"]}),
+            Some(s) => json!({"set_id": set["id"], "to_new_suffix": s}),
+        };
+        let r = admin_ok(&d, "server.restore", params);
+        // Both jobs end failed: b's own, a's taken back with it, which its error says.
+        let ended: Vec<Value> = (r["jobs"].as_array().unwrap().iter())
+            .map(|j| wait_job_end(&d, j["id"].as_str().unwrap()))
+            .collect();
+        assert!(ended.iter().all(|j| j["state"] == "failed"), "{ended:#?}");
+        let of_a = ended
+            .iter()
+            .find(|j| j["volume"].as_str().unwrap().starts_with('a'));
+        let error = of_a.unwrap()["error"].as_str().unwrap();
+        assert!(
+            error.contains("restored, then") && error.contains("taken back"),
+            "{error}"
+        );
+        // Decided when the jobs end: every member open (or gone) at once.
+        let decided =
+            wait_until(Duration::from_secs(1), || {
+                ["a", "b"].iter().all(|v| {
+                    let name = format!("{v}{}", suffix.unwrap_or(""));
+                    match suffix {
+                        Some(_) => admin(&d, "volume.show", json!({"name": name})).is_err(),
+                        None => {
+                            let shown = admin_ok(&d, "volume.show", json!({"name": name}));
+                            let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": name}));
+                            shown["closed_for"].is_null()
+                                && shown["incomplete_restore"].is_null()
+                                && snapshots["snapshots"].as_array().unwrap().iter().all(|s| {
+                                    !s["name"].as_str().unwrap().starts_with("pre-restore-")
+                                })
+                        }
+                    }
+                })
+            });
+        assert!(
+            decided,
+            "the server restore was not taken back ({suffix:?})"
+        );
+        for (volume, model) in ["a", "b"].iter().zip(&models) {
+            assert_same(volume, &read_export(&d, volume), model);
+        }
+    }
+}
+
+/// A server restore in place cut off by `kill -9` while its members' jobs wait (a GC lock
+/// planted in the store holds them) is decided at the next start, from the snapshots it took:
+/// the jobs resume, b's fails, and both members go back to what they held before.
+#[test]
+fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
+    let (mut d, set, models) = server_restore_with_a_bad_member();
+    let gc_lock = d.data_dir().join("backups/locks/exclusive-planted.json");
+    std::fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+    std::fs::write(&gc_lock, b"{}").unwrap();
+    let r = admin_ok(&d, "server.restore", json!({"set_id": set["id"]}));
+    let jobs: Vec<String> = (r["jobs"].as_array().unwrap().iter())
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(jobs.len(), 2, "{r:#}");
+    d.kill9();
+    std::fs::remove_file(&gc_lock).unwrap();
+    d.restart();
+    for id in &jobs {
+        let j = wait_job_end(&d, id);
+        assert_eq!(j["state"], "failed", "{j:#}");
+    }
+    for (volume, model) in ["a", "b"].iter().zip(&models) {
+        let shown = admin_ok(&d, "volume.show", json!({"name": volume}));
+        assert!(shown["incomplete_restore"].is_null(), "{shown:#}");
+        assert_same(volume, &read_export(&d, volume), model);
+        let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": volume}));
+        assert!(
+            !snapshots.to_string().contains("pre-restore-"),
+            "{snapshots:#}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ use crate::admin::protocol::{
 };
 use crate::admin::{access_methods, backup_methods, policy_methods, server_methods};
 use crate::admin::{off_runtime, AdminContext};
+use crate::backup::set_restore::PRE_RESTORE_PREFIX;
 use crate::backup::BACKUP_SNAPSHOT_PREFIX;
 use crate::error::StorageError;
 use crate::storage::attachments::{CloseRefused, Closure};
@@ -53,6 +54,17 @@ pub async fn dispatch(
                     ErrorCode::InvalidArgument,
                     format!(
                         "snapshot name {:?}: names starting with {BACKUP_SNAPSHOT_PREFIX:?} are reserved for the snapshots backups take",
+                        p.name
+                    ),
+                ));
+            }
+            // A server restore finds its unfinished work by these at start (see
+            // `backup::set_restore`).
+            if p.name.starts_with(PRE_RESTORE_PREFIX) {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "snapshot name {:?}: names starting with {PRE_RESTORE_PREFIX:?} are reserved for the snapshots server restores take",
                         p.name
                     ),
                 ));

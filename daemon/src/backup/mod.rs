@@ -25,6 +25,7 @@ pub mod records;
 pub mod restore;
 pub mod retry;
 pub mod scratch;
+pub mod set_restore;
 pub mod sets;
 pub mod store;
 pub mod throttle;
@@ -113,6 +114,8 @@ pub struct Backups {
     gc_serial: tokio::sync::Mutex<()>,
     /// The backups restore and verify jobs read and deletes delete, kept apart.
     pub(crate) holds: holds::BackupHolds,
+    /// Members of server restores kept closed until each restore has decided.
+    set_restore_holds: set_restore::SetRestoreHolds,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -176,6 +179,7 @@ impl Backups {
             gc_retrying: AtomicBool::new(false),
             gc_serial: tokio::sync::Mutex::new(()),
             holds: holds::BackupHolds::default(),
+            set_restore_holds: set_restore::SetRestoreHolds::default(),
         }))
     }
 
@@ -244,6 +248,7 @@ impl Backups {
     pub async fn resume(self: &Arc<Self>) {
         let records = self.files.load_all();
         self.discard_unrecorded_restore_volumes(&records).await;
+        let set_restores = self.hold_interrupted_set_restores();
         for record in self.release_unstarted_sets(records) {
             tracing::info!(job = record.job_id(), "resuming an interrupted job");
             match record {
@@ -286,10 +291,16 @@ impl Backups {
                         continue;
                     }
                     let _ = entry.volume().attachments().close(true, Closure::Restore);
+                    if let Some(set) = self.set_restore_holds.restore_of(&r.volume) {
+                        set.expect(&r.volume, "");
+                    }
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
                     self.spawn_restore(job, r, false);
                 }
             }
+        }
+        for set in set_restores {
+            self.spawn_set_restore(set);
         }
     }
 
@@ -1131,7 +1142,12 @@ impl Backups {
         Ok(info)
     }
 
+    /// Opens `volume` to clients again after a restore, unless a server restore holds it
+    /// until it has decided (see `set_restore`).
     fn reopen(&self, volume: &str) {
+        if self.set_restore_holds.holds(volume) {
+            return;
+        }
         if let Some(entry) = self.registry.entry(volume) {
             entry.volume().attachments().reopen(Closure::Restore);
         }
@@ -1212,6 +1228,22 @@ impl Backups {
                     }
                 }
             };
+            // A server restore's member ends with its set's decision (see `set_restore`).
+            let set = this.set_restore_holds.restore_of(&record.volume);
+            let outcome = match (set, outcome) {
+                (Some(set), outcome) if !matches!(&outcome, Err(BackupError::Cancelled(_))) => {
+                    match (
+                        set.member_done(&record.volume, &this.shutdown).await,
+                        outcome,
+                    ) {
+                        (Some(Err(why)), Ok(())) => Err(BackupError::Failed(format!(
+                            "the volume was restored, then the {why}"
+                        ))),
+                        (_, outcome) => outcome,
+                    }
+                }
+                (_, outcome) => outcome,
+            };
             if !matches!(&outcome, Err(BackupError::Cancelled(_))) {
                 // A volume still marked refuses clients anyway; a removed one is not found.
                 this.reopen(&record.volume);
@@ -1253,7 +1285,9 @@ impl Backups {
                 )
             };
         }
-        if was_whole && !job.touched() {
+        // A server restore's member keeps its mark: the restore decides for all its members
+        // by their marks, and rolls each back (see `set_restore`).
+        if was_whole && !job.touched() && !self.set_restore_holds.holds(volume) {
             match self.clear_mark(volume).await {
                 Ok(()) => return format!("volume {volume:?} was not written to and is unchanged"),
                 Err(e) => {

@@ -13,6 +13,7 @@ use crate::backup::job::JobInfo;
 use crate::backup::manifest;
 use crate::backup::records::{JobRecord, SetRecord};
 use crate::backup::retry;
+use crate::backup::set_restore::SetRestore;
 use crate::backup::{backup_snapshot_name, new_record, Backups, GcReport};
 use crate::error::StorageError;
 use crate::servers::ServerInfo;
@@ -759,45 +760,95 @@ impl Backups {
                 }
             }
         }
-        let mut jobs: Vec<JobInfo> = Vec::new();
-        for (i, member) in set.members.iter().enumerate() {
-            let started = match to_new_suffix {
-                Some(suffix) => {
-                    self.create_volume(&format!("{}{suffix}", member.volume), &member.backup_id)
-                        .await
-                }
-                None => {
-                    let started = self
-                        .start_taken_restore(&member.backup_id, &member.volume)
-                        .await;
-                    if started.is_err() {
-                        // The members after it were taken for restores that will not start.
-                        for later in &set.members[i + 1..] {
-                            self.release_for_restore(&later.volume);
+        // In place, a snapshot of each member to go back to if any member's restore fails
+        // (see `set_restore`).
+        let snapshotted = match to_new_suffix {
+            Some(_) => Vec::new(),
+            None => {
+                let volumes: Vec<String> = set.members.iter().map(|m| m.volume.clone()).collect();
+                match self.snapshot_before_set_restore(set_id, &volumes).await {
+                    Ok(snapshotted) => snapshotted,
+                    Err(e) => {
+                        for member in &set.members {
+                            self.release_for_restore(&member.volume);
                         }
+                        return Err(e);
                     }
-                    started
                 }
+            }
+        };
+        // Held closed until the set has decided (see `set_restore`); each member expected
+        // before its job starts, so that a job ending at once finds the decision to wait for.
+        let target_of = |member: &SetMember| match to_new_suffix {
+            Some(suffix) => format!("{}{suffix}", member.volume),
+            None => member.volume.clone(),
+        };
+        let targets: Vec<String> = set.members.iter().map(target_of).collect();
+        let restore = SetRestore::new(set_id, to_new_suffix.is_none(), snapshotted);
+        self.set_restore_holds.hold(&targets, &restore);
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        let mut refused = None;
+        for (member, target) in set.members.iter().zip(&targets) {
+            if refused.is_some() {
+                self.not_started_in_set(&restore, target, to_new_suffix.is_none())
+                    .await;
+                continue;
+            }
+            let uuid = (self.registry.entry(target))
+                .map(|e| e.volume().identity().uuid.clone())
+                .unwrap_or_default();
+            restore.expect(target, &uuid);
+            let started = match to_new_suffix {
+                Some(_) => self.create_volume(target, &member.backup_id).await,
+                None => self.start_taken_restore(&member.backup_id, target).await,
             };
             match started {
-                Ok(job) => jobs.push(job),
-                // Something changed since the checks: say what did start, so the user knows
-                // which volumes are being overwritten.
-                Err(e) if !jobs.is_empty() => {
-                    let started: Vec<String> = jobs
-                        .iter()
-                        .map(|j| format!("{} ({})", j.id, j.volume))
-                        .collect();
-                    return Err(BackupError::Failed(format!(
-                        "restoring member volume {:?} did not start ({e}); the restores of the other members already started: {}",
-                        member.volume,
-                        started.join(", ")
-                    )));
+                Ok(job) => {
+                    if to_new_suffix.is_some() {
+                        if let Some(entry) = self.registry.entry(target) {
+                            restore.set_uuid(target, &entry.volume().identity().uuid);
+                        }
+                    }
+                    jobs.push(job);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.not_started_in_set(&restore, target, to_new_suffix.is_none())
+                        .await;
+                    refused = Some((member.volume.clone(), e));
+                }
             }
         }
-        Ok(jobs)
+        if !jobs.is_empty() {
+            self.spawn_set_restore(restore);
+        }
+        match refused {
+            None => Ok(jobs),
+            Some((_, e)) if jobs.is_empty() => Err(e),
+            // Something changed since the checks: the members started are taken back once
+            // their jobs end; say which, so the user knows.
+            Some((volume, e)) => {
+                let started: Vec<String> = jobs
+                    .iter()
+                    .map(|j| format!("{} ({})", j.id, j.volume))
+                    .collect();
+                Err(BackupError::Failed(format!(
+                    "restoring member volume {volume:?} did not start ({e}); the restores already started are taken back once they end: {}",
+                    started.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Member `target` of a server restore gets no job: its snapshot goes and, taken in place,
+    /// it is released (a volume made for it was removed by `create_volume`).
+    async fn not_started_in_set(&self, restore: &SetRestore, target: &str, in_place: bool) {
+        restore.not_started(target);
+        self.set_restore_holds.release(target);
+        if in_place {
+            self.drop_pre_restore_snapshots(&restore.set_id, &[target.to_owned()])
+                .await;
+            self.release_for_restore(target);
+        }
     }
 
     fn note_server_outcome(&self, server: &str, ok: bool) {

@@ -235,6 +235,20 @@ impl VolumeEntry {
         let result = self.switch_head_to(&record);
         attachments.reopen(Closure::Rollback);
         result?;
+        self.after_rollback(name, disconnected).await
+    }
+
+    /// [`VolumeEntry::rollback`] of a volume its caller holds closed to clients (a server
+    /// restore taking back what it wrote over its members).
+    pub async fn rollback_closed(&self, name: &str) -> Result<(), StorageError> {
+        let _admin = self.lock_admin().await?;
+        let record = self.find_snapshot(name)?;
+        self.switch_head_to(&record)?;
+        self.after_rollback(name, 0).await
+    }
+
+    /// The caller holds `admin`.
+    async fn after_rollback(&self, name: &str, disconnected: usize) -> Result<(), StorageError> {
         // The snapshot's data is whole: an incomplete restore over the old head is gone.
         self.clear_restore_mark_locked().await?;
         tracing::info!(
