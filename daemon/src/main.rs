@@ -108,7 +108,8 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
             .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?,
     );
     // A first start (no volume yet) gets `vol0`, so the README's run command is usable as is.
-    if registry.is_empty() && settings.create_default_volume {
+    // Volumes that failed to load are volumes all the same: not a first start.
+    if registry.is_empty() && registry.unloaded().is_empty() && settings.create_default_volume {
         registry
             .create(nbd::catalog::DEFAULT_EXPORT, DEFAULT_VOLUME_BYTES)
             .context("creating the default volume")?;
@@ -423,10 +424,13 @@ fn reload_access(reloadable: &Reloadable) {
 }
 
 /// Drops admin-set rules of volumes that no longer exist (a delete interrupted before it
-/// forgot them), so a new volume of that name starts open.
+/// forgot them), so a new volume of that name starts open. A volume that failed to load
+/// (an I/O error, a manifest of a newer version) still exists: dropping its rules would serve
+/// it open to everyone once it loads again.
 fn prune_access_rules(access: &AccessStore, registry: &Registry) {
     for (volume, _, source) in access.list() {
-        if source == PolicySource::Admin && registry.get(&volume).is_none() {
+        let exists = registry.get(&volume).is_some() || registry.unloaded().contains(&volume);
+        if source == PolicySource::Admin && !exists {
             if let Err(error) = access.forget(&volume) {
                 tracing::warn!(%volume, %error, "dropping the access rules of a missing volume failed");
             }

@@ -282,6 +282,33 @@ fn rules_persist_across_restart_and_die_with_the_volume() {
     assert_eq!(d.evsctl_json(&["access", "list"]), serde_json::json!([]));
 }
 
+/// A volume that fails to load at a start (here its manifest says a format this daemon does not
+/// know) keeps its rules: once it loads again it is as closed as before, not open to all.
+/// Nor does that start make a default `vol0` in place of the only volume.
+#[test]
+fn a_volume_that_fails_to_load_keeps_its_rules() {
+    let mut d = Daemon::start(DaemonOpts::new());
+    d.evsctl_ok(&["volume", "create", "vault", "--size", "64M"]);
+    d.evsctl_ok(&["volume", "delete", "vol0"]);
+    d.evsctl_ok(&["access", "set", "vault", "--allow-network", "10.0.0.0/8"]);
+    d.terminate_ok();
+    let manifest = d.data_dir().join("volumes/vault/volume.json");
+    let good = std::fs::read(&manifest).unwrap();
+    let mut newer: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    newer["format_version"] = serde_json::json!(99);
+    std::fs::write(&manifest, serde_json::to_vec(&newer).unwrap()).unwrap();
+    d.restart();
+    assert_eq!(go_reply(d.tcp_addr(), "vault").0, REP_ERR_UNKNOWN);
+    assert_eq!(go_reply(d.tcp_addr(), "vol0").0, REP_ERR_UNKNOWN);
+    d.terminate_ok();
+    std::fs::write(&manifest, &good).unwrap();
+    d.restart();
+    assert_eq!(go_reply(d.tcp_addr(), "vault").0, REP_ERR_UNKNOWN);
+    let listed = d.evsctl_json(&["access", "list"]);
+    assert_eq!(listed[0]["name"], "vault", "{listed:#}");
+    assert_eq!(listed[0]["allow_networks"][0], "10.0.0.0/8", "{listed:#}");
+}
+
 #[test]
 fn config_file_rules_win_and_reload_on_sighup() {
     let dir = tempdir();

@@ -22,6 +22,10 @@ pub const VOLUME_ALIGN_BYTES: u64 = 4096;
 const IDLE_BUFFER_BYTES_PER_CLASS: usize = 64 << 20;
 
 pub struct Registry {
+    /// Folders of volumes that failed to load at open (named as their volumes): still there,
+    /// so whatever is kept for them elsewhere (access rules) stays, and no first-start default
+    /// volume is made in their place.
+    unloaded: Vec<String>,
     volumes_dir: PathBuf,
     engine: IoEngine,
     buffers: Arc<BufferPool>,
@@ -43,6 +47,7 @@ impl Registry {
             .map_err(|e| StorageError::fs("create", &volumes_dir, e))?;
         let buffers = BufferPool::new(IDLE_BUFFER_BYTES_PER_CLASS);
         let mut volumes = BTreeMap::new();
+        let mut unloaded = Vec::new();
         let entries = std::fs::read_dir(&volumes_dir)
             .map_err(|e| StorageError::fs("list", &volumes_dir, e))?;
         for entry in entries {
@@ -63,10 +68,14 @@ impl Registry {
                     }
                     volumes.insert(volume.name().to_owned(), volume);
                 }
-                Err(e) => tracing::error!(path = %dir.display(), error = %e, "skipping volume"),
+                Err(e) => {
+                    tracing::error!(path = %dir.display(), error = %e, "skipping volume");
+                    unloaded.push(file_name);
+                }
             }
         }
         Ok(Registry {
+            unloaded,
             volumes_dir,
             engine,
             buffers,
@@ -389,6 +398,11 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// The folders of volumes that failed to load at open.
+    pub fn unloaded(&self) -> &[String] {
+        &self.unloaded
     }
 
     pub fn entries(&self) -> Vec<Arc<VolumeEntry>> {
