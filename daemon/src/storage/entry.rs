@@ -606,8 +606,18 @@ fn restore_previous(dir: &Path, previous: &VolumeManifest) -> Result<(), Storage
 
 /// Whether `id` is the head, no other layer, snapshot or merge depends on it, and its files
 /// are gone: what a crash can leave after a snapshot create whose manifest rename reached the
-/// disk before the new head's file names (no journal orders them).
+/// disk before the new head's file names (no journal orders them; one of the two may be
+/// there). A data file that holds bytes is never taken for lost, whatever happened to the map
+/// (a head that did take writes loads, or fails to load, but is not started again empty); nor
+/// is a file whose presence cannot be told (EACCES, EIO).
 fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
+    let missing = |path: PathBuf| matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let (data, map) = (layer::data_path(dir, id), layer::map_path(dir, id));
+    let files_lost = match (missing(data.clone()), missing(map)) {
+        (true, _) => true,
+        (false, true) => holds_no_bytes(&data),
+        (false, false) => false,
+    };
     id == manifest.head
         && manifest.children(id).is_empty()
         && !manifest.snapshots.iter().any(|s| s.layer == id)
@@ -615,7 +625,18 @@ fn is_lost_head(dir: &Path, manifest: &VolumeManifest, id: &str) -> bool {
             .merge
             .as_ref()
             .is_none_or(|m| m.victim != id && m.survivor != id)
-        && (!layer::data_path(dir, id).exists() || !layer::map_path(dir, id).exists())
+        && files_lost
+}
+
+/// Whether the file at `path` is all holes; false when that cannot be told.
+fn holds_no_bytes(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    crate::storage::holes::data_ranges(&file, 0, meta.len()).is_ok_and(|ranges| ranges.is_empty())
 }
 
 /// Runs a blocking file operation on `path` off the runtime's threads.
@@ -942,6 +963,17 @@ mod tests {
         assert_eq!(read_first_block(&reg, "v").await, [0x11; 4096]);
         assert!(layer::data_path(&dir, &new_head).exists());
         assert!(layer::map_path(&dir, &new_head).exists());
+        // A head whose data file holds bytes is not: without its map it fails to load, and
+        // its data file stays.
+        let other = tempfile::tempdir().unwrap();
+        let (other_dir, _, other_head) = snapshot_then_write(other.path()).await;
+        std::fs::remove_file(layer::map_path(&other_dir, &other_head)).unwrap();
+        let other_reg = Registry::open(other.path(), engine()).unwrap();
+        assert!(
+            other_reg.entry("v").is_none(),
+            "a head without its map loaded"
+        );
+        assert!(layer::data_path(&other_dir, &other_head).exists());
         // Only a head nobody depends on is started again: a missing frozen layer is an error.
         std::fs::remove_file(layer::map_path(&dir, &old_head)).unwrap();
         drop(reg);
