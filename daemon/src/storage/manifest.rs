@@ -274,7 +274,7 @@ pub enum ManifestSource {
 
 /// Why a manifest file could not be used.
 enum ReadFailure {
-    /// Missing, empty or not JSON at all: a write a crash cut short.
+    /// Missing, empty, cut short or with zero bytes in it: a write a crash cut short.
     Torn(StorageError),
     /// Readable JSON that is not a manifest this evsd accepts, or an I/O error.
     Invalid(StorageError),
@@ -294,9 +294,15 @@ fn read_manifest(path: &Path) -> Result<VolumeManifest, ReadFailure> {
     };
     let manifest: VolumeManifest = serde_json::from_slice(&text).map_err(|e| {
         use serde_json::error::Category;
+        // A crash leaves a file cut short or blocks of zeroes. Any other syntax error is an
+        // edit gone wrong: falling back to `.prev` would silently undo it and remove the
+        // layer files only it names.
         match e.classify() {
-            Category::Eof | Category::Syntax => ReadFailure::Torn(bad(e.to_string())),
-            Category::Data | Category::Io => ReadFailure::Invalid(bad(e.to_string())),
+            Category::Eof => ReadFailure::Torn(bad(e.to_string())),
+            Category::Syntax if text.contains(&0) => ReadFailure::Torn(bad(e.to_string())),
+            Category::Syntax | Category::Data | Category::Io => {
+                ReadFailure::Invalid(bad(e.to_string()))
+            }
         }
     })?;
     if manifest.format_version != FORMAT_VERSION && manifest.format_version != LEGACY_FORMAT_VERSION
@@ -653,8 +659,14 @@ mod tests {
         unknown["retention"] = "7d".into();
         let mut broken = snapshotted(&m0, "s1", "b");
         broken.head = "gone".into();
-        for refused in [newer, unknown, serde_json::to_value(broken).unwrap()] {
-            std::fs::write(&path, serde_json::to_vec(&refused).unwrap()).unwrap();
+        // Edited by hand with a slip (a trailing comma): not a torn write either.
+        let mut edited = serde_json::to_vec_pretty(&snapshotted(&m0, "s1", "b")).unwrap();
+        let close = edited.iter().rposition(|&b| b == b'}').unwrap();
+        edited.insert(close, b',');
+        let refused = [newer, unknown, serde_json::to_value(broken).unwrap()]
+            .map(|v| serde_json::to_vec(&v).unwrap());
+        for refused in refused.into_iter().chain([edited]) {
+            std::fs::write(&path, refused).unwrap();
             assert!(matches!(
                 VolumeManifest::load_or_previous(dir.path()),
                 Err(StorageError::BadManifest { .. })
