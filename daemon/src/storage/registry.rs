@@ -61,7 +61,23 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            match VolumeEntry::load_shared(&dir, engine.clone(), Arc::clone(&buffers)) {
+            let loaded = VolumeEntry::load_shared(&dir, engine.clone(), Arc::clone(&buffers))
+                .and_then(|volume| {
+                    // Folders are found by name (delete, clone): a copied or renamed folder
+                    // whose manifest names another volume would shadow it or be taken for it.
+                    if volume.name() == file_name {
+                        Ok(volume)
+                    } else {
+                        Err(StorageError::BadManifest {
+                            path: dir.join(crate::storage::manifest::MANIFEST_FILE),
+                            reason: format!(
+                                "it names volume {:?}, but its folder is {file_name:?}: rename the folder or remove the copy",
+                                volume.name()
+                            ),
+                        })
+                    }
+                });
+            match loaded {
                 Ok(volume) => {
                     if let Some(mark) = volume.volume().restore_mark() {
                         tracing::warn!(volume = volume.name(), backup = %mark.backup_id, job = %mark.job_id, "the volume holds an incomplete restore: it refuses clients until a restore into it succeeds, it is rolled back or deleted");
@@ -591,11 +607,24 @@ mod tests {
         // A half-made volume from a crash is cleaned up, a broken one skipped, not deleted.
         std::fs::create_dir(dir.path().join("volumes/.half.creating")).unwrap();
         std::fs::create_dir(dir.path().join("volumes/broken")).unwrap();
+        // A copy of a volume's folder under another name names the volume it was copied from:
+        // skipped, not served as a second vol0 (or in its place).
+        let copy = dir.path().join("volumes/copy");
+        std::fs::create_dir(&copy).unwrap();
+        for file in std::fs::read_dir(dir.path().join("volumes/vol0")).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+        }
+        drop(reg);
         let reg = Registry::open(dir.path(), engine).unwrap();
         assert_eq!(reg.list().len(), 1);
         assert_eq!(reg.get("vol0").unwrap().size_bytes(), 1 << 30);
         assert!(!dir.path().join("volumes/.half.creating").exists());
         assert!(dir.path().join("volumes/broken").exists());
+        let mut unloaded = reg.unloaded().to_vec();
+        unloaded.sort();
+        assert_eq!(unloaded, ["broken", "copy"]);
+        assert_eq!(reg.entry("vol0").unwrap().dir, dir.path().join("volumes/vol0"));
     }
 
     #[tokio::test]
