@@ -179,14 +179,41 @@ impl VolumeManifest {
     }
 
     /// The tree is well formed: the head and every parent and snapshot layer exist, ids are
-    /// plain file names, and parents lead to the bottom without cycles.
+    /// plain file names listed once, parents lead to the bottom without cycles, snapshot names
+    /// are listed once and none names the head (the layer writes go to), and sizes are whole
+    /// blocks within the largest volume served.
     pub fn check(&self) -> Result<(), String> {
-        for layer in &self.layers {
+        let sizes =
+            std::iter::once(self.size_bytes).chain(self.layers.iter().map(|l| l.size_bytes));
+        for size_bytes in sizes {
+            if size_bytes % 4096 != 0
+                || size_bytes > crate::storage::registry::MAX_VOLUME_SIZE_BYTES
+            {
+                return Err(format!(
+                    "size {size_bytes} bytes is not a whole number of 4 KiB blocks within 64 TiB"
+                ));
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
             if layer.id.is_empty()
                 || !layer.id.bytes().all(|b| b.is_ascii_alphanumeric())
                 || layer.id.len() > 64
             {
                 return Err(format!("layer id {:?} is not a plain name", layer.id));
+            }
+            if self.layers[..i].iter().any(|l| l.id == layer.id) {
+                return Err(format!("layer {:?} is listed twice", layer.id));
+            }
+        }
+        for (i, snapshot) in self.snapshots.iter().enumerate() {
+            if self.snapshots[..i].iter().any(|s| s.name == snapshot.name) {
+                return Err(format!("snapshot {:?} is listed twice", snapshot.name));
+            }
+            if snapshot.layer == self.head {
+                return Err(format!(
+                    "snapshot {:?} names the head layer {:?}, which takes writes",
+                    snapshot.name, self.head
+                ));
             }
         }
         if self.layer(&self.head).is_none() {
@@ -690,6 +717,24 @@ mod tests {
         });
         assert!(m.check().unwrap_err().contains("merge"));
         m.merge = None;
+        let mut twice = snapshotted(&snapshotted(&m, "s1", "b"), "s1", "c");
+        assert!(twice
+            .check()
+            .unwrap_err()
+            .contains("\"s1\" is listed twice"));
+        twice.snapshots.pop();
+        twice.check().unwrap();
+        twice.layers[2].id = "b".into();
+        twice.head = "b".into();
+        assert!(twice.check().unwrap_err().contains("listed twice"));
+        let mut on_head = snapshotted(&m, "s1", "b");
+        on_head.snapshots[0].layer = "b".into();
+        assert!(on_head.check().unwrap_err().contains("head"));
+        for bad in [4097, crate::storage::registry::MAX_VOLUME_SIZE_BYTES + 4096] {
+            let mut odd = m.clone();
+            odd.size_bytes = bad;
+            assert!(odd.check().unwrap_err().contains("4 KiB"));
+        }
         m.layers[0].id = "../x".into();
         m.head = "../x".into();
         assert!(m.check().unwrap_err().contains("plain"));

@@ -624,7 +624,10 @@ mod tests {
         let mut unloaded = reg.unloaded().to_vec();
         unloaded.sort();
         assert_eq!(unloaded, ["broken", "copy"]);
-        assert_eq!(reg.entry("vol0").unwrap().dir, dir.path().join("volumes/vol0"));
+        assert_eq!(
+            reg.entry("vol0").unwrap().dir,
+            dir.path().join("volumes/vol0")
+        );
     }
 
     #[tokio::test]
