@@ -172,13 +172,23 @@ impl VolumeEntry {
     /// change: both leave the manifest written), not behind a long merge.
     pub(crate) async fn repair_manifest(&self) -> Result<(), StorageError> {
         const ADMIN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-        let Some(writer) = self.volume.writer() else {
+        if self.volume.writer().is_none() {
             return Ok(());
-        };
+        }
         let Ok(_admin) = tokio::time::timeout(ADMIN_WAIT, self.admin.lock()).await else {
             return Ok(());
         };
         self.check_present()?;
+        self.repair_manifest_locked().await
+    }
+
+    /// [`VolumeEntry::repair_manifest`] for a caller holding `admin` (through `lock_admin`,
+    /// which settled the persists: one that failed left nothing pending). Does nothing when no
+    /// manifest write failed.
+    pub(crate) async fn repair_manifest_locked(&self) -> Result<(), StorageError> {
+        let Some(writer) = self.volume.writer() else {
+            return Ok(());
+        };
         writer.persist.settle().await;
         // Exclusive: no FLUSH reads a generation between the manifest read here and the
         // generation declared durable below (freezes are kept out by the admin lock; FLUSHes

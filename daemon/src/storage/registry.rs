@@ -169,6 +169,10 @@ impl Registry {
         // No merge may move or rewrite the source's layers while they are being linked. The
         // links and fsyncs run off the runtime, with the lock held.
         let _admin = entry.lock_admin().await?;
+        // The layers are linked as memory's manifest has them: one the disk does not record
+        // yet (a background persist failed) could be the head again after a power loss, and
+        // the source would write into the clone's base.
+        entry.repair_manifest_locked().await?;
         let source_manifest = entry.manifest();
         let record = source_manifest
             .snapshot(snapshot)
