@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -39,7 +39,11 @@ struct Rules {
 
 pub struct AccessStore {
     path: PathBuf,
+    /// Read by every handshake, on the connections' threads: held only for moments, never
+    /// across a file write.
     rules: RwLock<Rules>,
+    /// Admin changes one at a time, each written durably before it is installed.
+    changes: Mutex<()>,
     /// Bumped on every change, so open connections can re-check their own access.
     generation: watch::Sender<u64>,
 }
@@ -74,6 +78,7 @@ impl AccessStore {
         Ok(AccessStore {
             path,
             rules: RwLock::new(Rules { config, admin }),
+            changes: Mutex::new(()),
             generation: watch::Sender::new(0),
         })
     }
@@ -111,33 +116,34 @@ impl AccessStore {
     /// Replaces a volume's admin-set rules; open rules remove the entry.
     pub fn set(&self, volume: &str, policy: AccessPolicy) -> Result<(), AccessError> {
         policy.validate()?;
-        let mut rules = self.write();
-        if rules.config.contains_key(volume) {
-            return Err(AccessError::ManagedByConfig(volume.to_owned()));
-        }
-        let mut next = rules.admin.clone();
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = {
+            let rules = self.read();
+            if rules.config.contains_key(volume) {
+                return Err(AccessError::ManagedByConfig(volume.to_owned()));
+            }
+            rules.admin.clone()
+        };
         if policy.is_open() {
             next.remove(volume);
         } else {
             next.insert(volume.to_owned(), policy);
         }
         self.save(&next)?;
-        rules.admin = next;
-        drop(rules);
+        self.write().admin = next;
         self.changed();
         Ok(())
     }
 
     /// Drops a deleted volume's admin-set rules, so a new volume of that name starts open.
     pub fn forget(&self, volume: &str) -> Result<(), AccessError> {
-        let mut rules = self.write();
-        if !rules.admin.contains_key(volume) {
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.read().admin.clone();
+        if next.remove(volume).is_none() {
             return Ok(());
         }
-        let mut next = rules.admin.clone();
-        next.remove(volume);
         self.save(&next)?;
-        rules.admin = next;
+        self.write().admin = next;
         Ok(())
     }
 

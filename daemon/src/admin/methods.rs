@@ -321,9 +321,25 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
             return Err(e.into());
         }
     };
-    let registry = Arc::clone(&ctx.registry);
+    let (registry, access, servers) = (
+        Arc::clone(&ctx.registry),
+        Arc::clone(&ctx.access),
+        Arc::clone(&ctx.servers),
+    );
     let name = params.name.clone();
-    let removed = off_runtime(move || registry.remove(&name)).await;
+    // Its rules and memberships go right after it, off the runtime (their files are written
+    // durably): the name is free from here on, and a new volume's rules are not to be lost.
+    let removed = off_runtime(move || {
+        let hidden = registry.remove(&name)?;
+        if let Err(e) = access.forget(&name) {
+            tracing::warn!(volume = %name, error = %e, "removing the deleted volume's access rules failed");
+        }
+        if let Err(e) = servers.forget_volume(&name) {
+            tracing::warn!(volume = %name, error = %e, "removing the deleted volume from its server failed");
+        }
+        Ok::<_, StorageError>(hidden)
+    })
+    .await;
     drop(admin_lock);
     let hidden = match removed {
         Ok(hidden) => hidden,
@@ -333,12 +349,6 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
             return Err(e);
         }
     };
-    if let Err(e) = ctx.access.forget(&params.name) {
-        tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume's access rules failed");
-    }
-    if let Err(e) = ctx.servers.forget_volume(&params.name) {
-        tracing::warn!(volume = %params.name, error = %e, "removing the deleted volume from its server failed");
-    }
     if !volume
         .attachments()
         .wait_detached(DELETE_DRAIN_TIMEOUT)
