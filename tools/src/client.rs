@@ -11,6 +11,11 @@ use crate::error::CliError;
 /// The protocol version this client speaks.
 const PROTOCOL_VERSION: u64 = 1;
 
+/// How long a daemon may take to greet: one that does not (stopped, hung, still starting
+/// with its socket bound) is unreachable rather than waited for forever. Requests have no
+/// bound of their own: some (a delete's merges, `--wait`) legitimately take long.
+const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One admin request: a method and its params.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
@@ -27,10 +32,21 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn connect(socket: &Path) -> Result<AdminClient, CliError> {
-        let stream = UnixStream::connect(socket).map_err(|source| CliError::Unreachable {
+        Self::connect_within(socket, GREETING_TIMEOUT)
+    }
+
+    fn connect_within(
+        socket: &Path,
+        greeting_timeout: std::time::Duration,
+    ) -> Result<AdminClient, CliError> {
+        let unreachable = |source| CliError::Unreachable {
             socket: socket.to_owned(),
             source,
-        })?;
+        };
+        let stream = UnixStream::connect(socket).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(greeting_timeout))
+            .map_err(unreachable)?;
         let writer = stream.try_clone().map_err(|source| CliError::Connection {
             socket: socket.to_owned(),
             source,
@@ -41,7 +57,28 @@ impl AdminClient {
             writer,
             next_id: 1,
         };
-        let greeting = client.read_line()?;
+        let greeting = match client.read_line() {
+            Err(CliError::Connection { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(unreachable(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no greeting within {} s: is the daemon stopped, hung or still starting?",
+                        greeting_timeout.as_secs_f32()
+                    ),
+                )));
+            }
+            other => other?,
+        };
+        client
+            .reader
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(unreachable)?;
         // A daemon with all its admin places taken answers with a `busy` error instead.
         if let Some(refused) = daemon_error(&greeting) {
             return Err(refused);
@@ -145,6 +182,29 @@ mod tests {
             let _ = stream.write_all(after_request.as_bytes());
         });
         (dir, path)
+    }
+
+    #[test]
+    fn a_daemon_that_never_greets_is_unreachable_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let started = std::time::Instant::now();
+        let Err(silent) = AdminClient::connect_within(&path, std::time::Duration::from_millis(200))
+        else {
+            panic!("a silent daemon was taken for one that greeted")
+        };
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        assert_eq!(
+            silent.exit_code(),
+            crate::error::exit::UNREACHABLE,
+            "{silent}"
+        );
+        assert!(
+            silent.to_string().contains("no greeting within"),
+            "{silent}"
+        );
+        drop(listener);
     }
 
     #[test]
