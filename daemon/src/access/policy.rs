@@ -77,6 +77,15 @@ impl FromStr for NetworkRule {
                     net.trunc()
                 )));
             }
+            // Clients are compared in IPv4 form: an IPv4-mapped range is its IPv4 range
+            // (::ffff:10.0.0.0/104 is 10.0.0.0/8), else it would never match.
+            if let IpNet::V6(v6) = net {
+                if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+                    let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                        .map_err(|e| invalid(format!("{e}")))?;
+                    return Ok(NetworkRule::Net(IpNet::V4(v4)));
+                }
+            }
             return Ok(NetworkRule::Net(net));
         }
         let ip: IpAddr = value.parse().map_err(|e| invalid(format!("{e}")))?;
@@ -247,6 +256,21 @@ mod tests {
             Decision::Deny
         );
         assert_eq!(policy.decide(&client("unix", false, &[])), Decision::Deny);
+        // An IPv4-mapped range is its IPv4 range.
+        let mapped = AccessPolicy {
+            allow_networks: networks(&["::ffff:172.16.0.0/108"]),
+            ..Default::default()
+        };
+        assert_eq!(mapped.allow_networks[0].to_string(), "172.16.0.0/12");
+        assert_eq!(mapped.decide(&client("172.20.1.1", false, &[])), allowed);
+        assert_eq!(
+            mapped.decide(&client("::ffff:172.20.1.1", false, &[])),
+            allowed
+        );
+        assert_eq!(
+            mapped.decide(&client("172.32.0.1", false, &[])),
+            Decision::Deny
+        );
         let with_unix = AccessPolicy {
             allow_networks: networks(&["unix"]),
             ..Default::default()
