@@ -9,7 +9,7 @@ use evsd_proto::{ExportRefusal, HandshakeConfig, Negotiated, RequestError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{AccessStore, ClientAddr, ClientIdentity};
+use crate::access::{AccessStore, ClientAddr, ClientIdentity, Decision};
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::catalog::closed_refusal;
 use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFailure, Handshaken};
@@ -217,6 +217,27 @@ fn attach<S: Transport>(
             )));
         }
     };
+    // The rules as they are now, not as the handshake found them: requests pipelined behind
+    // the GO would otherwise run before the watch on the rules ends the connection.
+    match config.access.decide(volume.name(), &handshaken.client) {
+        Decision::Deny => {
+            drop(attachment);
+            tracing::warn!(%peer, export = volume.name(), "access to the export withdrawn during the handshake");
+            return Err(ExportRefusal::Unknown);
+        }
+        Decision::Allow { read_only: true } if !handshaken.negotiated.export.read_only => {
+            drop(attachment);
+            tracing::warn!(%peer, export = volume.name(), "the export became read-only for this client during the handshake");
+            return Err(ExportRefusal::Policy(
+                "the export became read-only for this client: negotiate again".into(),
+            ));
+        }
+        Decision::NeedsTls => {
+            drop(attachment);
+            return Err(ExportRefusal::TlsRequired);
+        }
+        Decision::Allow { .. } => {}
+    }
     // Checked again once attached: a restore that started after the handshake's check and
     // has failed since reopens its volume marked. (One still running would have closed
     // it; one starting from now on disconnects this connection first.)
