@@ -48,7 +48,10 @@ struct ServersFile {
 
 pub struct Servers {
     path: PathBuf,
+    /// Held for moments only, never across a file write.
     servers: Mutex<BTreeMap<String, ServerInfo>>,
+    /// Changes one at a time, each written durably before it is installed.
+    changes: Mutex<()>,
 }
 
 impl Servers {
@@ -69,6 +72,7 @@ impl Servers {
         };
         Ok(Servers {
             servers: Mutex::new(servers.into_iter().map(|s| (s.name.clone(), s)).collect()),
+            changes: Mutex::new(()),
             path,
         })
     }
@@ -91,16 +95,17 @@ impl Servers {
         })
     }
 
-    /// Applies `change` to a copy and keeps it only once it is on disk.
+    /// Applies `change` to a copy and keeps it only once it is on disk. Changes go one at a
+    /// time; readers (`get`, `list`, a server backup) wait for none of the file writes.
     fn update<T>(
         &self,
         change: impl FnOnce(&mut BTreeMap<String, ServerInfo>) -> Result<T, ServerError>,
     ) -> Result<T, ServerError> {
-        let mut servers = self.lock();
-        let mut next = servers.clone();
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.lock().clone();
         let out = change(&mut next)?;
         self.save(&next)?;
-        *servers = next;
+        *self.lock() = next;
         Ok(out)
     }
 

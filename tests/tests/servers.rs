@@ -599,6 +599,14 @@ fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
         .map(|j| j["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(jobs.len(), 2, "{r:#}");
+    // What the members would go back to stays while the set decides.
+    let snapshot = format!("pre-restore-{}", set["id"].as_str().unwrap());
+    admin_err(
+        &d,
+        "snapshot.delete",
+        json!({"volume": "a", "name": snapshot}),
+        "busy",
+    );
     d.kill9();
     std::fs::remove_file(&gc_lock).unwrap();
     d.restart();

@@ -77,6 +77,16 @@ pub async fn dispatch(
         }
         "snapshot.delete" => {
             let p: SnapshotParams = decode_params(method, params)?;
+            // What a server restore deciding would roll its member back to.
+            if p.name.starts_with(PRE_RESTORE_PREFIX) && ctx.backups.in_set_restore(&p.volume) {
+                return Err(AdminError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "snapshot {:?} of volume {:?} belongs to a server restore still deciding: wait for its jobs to end",
+                        p.name, p.volume
+                    ),
+                ));
+            }
             let deleted = entry(ctx, &p.volume)?.delete_snapshot(&p.name).await?;
             ctx.metrics
                 .forget_volume(&format!("{}@{}", p.volume, p.name));

@@ -292,7 +292,7 @@ impl Backups {
                     }
                     let _ = entry.volume().attachments().close(true, Closure::Restore);
                     if let Some(set) = self.set_restore_holds.restore_of(&r.volume) {
-                        set.expect(&r.volume, "");
+                        set.expect(&r.volume);
                     }
                     let job = self.register(&r.job_id, JobKind::Restore, &r.volume, &r.backup_id);
                     self.spawn_restore(job, r, false);
@@ -1043,6 +1043,10 @@ impl Backups {
             job_id: job_id.clone(),
             started_unix_secs: now_unix_secs(),
             made_for_restore: true,
+            set_id: self
+                .set_restore_holds
+                .restore_of(name)
+                .map(|s| s.set_id.clone()),
         };
         let created = tokio::task::spawn_blocking(move || {
             registry.create_marked(&volume_name, size_bytes, &mark)
@@ -1119,6 +1123,10 @@ impl Backups {
             job_id: record.job_id.clone(),
             started_unix_secs: now_unix_secs(),
             made_for_restore: created_volume,
+            set_id: self
+                .set_restore_holds
+                .restore_of(volume)
+                .map(|s| s.set_id.clone()),
         };
         let marked = match self.registry.entry(volume) {
             Some(entry) => {
@@ -1239,6 +1247,9 @@ impl Backups {
                         (Some(Err(why)), Ok(())) => Err(BackupError::Failed(format!(
                             "the volume was restored, then the {why}"
                         ))),
+                        (Some(Err(why)), Err(BackupError::Failed(e))) => {
+                            Err(BackupError::Failed(format!("{e}; then the {why}")))
+                        }
                         (_, outcome) => outcome,
                     }
                 }

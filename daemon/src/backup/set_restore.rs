@@ -3,7 +3,7 @@
 //! Each member volume is restored by a job of its own, and one can fail after the others have
 //! written their volumes (a chunk missing from the store, a dead store, a cancel): a server
 //! whose disks then hold different instants is worse than the server as it was. So the
-//! members stay closed to clients until every member's restore has ended, and then:
+//! members stay closed to clients until every member's job has done its part, and then:
 //! - all restored: they open, with the set's data;
 //! - one not: restored in place, every member rolls back to the snapshot taken of it before
 //!   the restores began (`pre-restore-SET`), the restored ones included; restored to new
@@ -13,9 +13,15 @@
 //! back ends failed, saying why: when every job of a `server.restore` has ended, its volumes
 //! are open or not as the jobs say.
 //!
-//! The snapshots are the durable part: a daemon stopped meanwhile finds them at its next start
-//! (`hold_interrupted_set_restores`) and decides once the resumed member jobs have ended. A
-//! restore to new volumes stopped meanwhile leaves each member's job to end on its own.
+//! In place, what survives a crash is on the members themselves: the snapshots, and restore
+//! marks naming the set (`RestoreMark::set_id`), put on every member before any job starts and
+//! taken off by each member's completed restore. A member still marked was not restored; the
+//! take-back rolls the restored members back first and the marked ones last, so a crash
+//! midway leaves a mark to say the set is being taken back. At the next start
+//! (`hold_interrupted_set_restores`) a set some member still carries a mark of is decided
+//! again once its resumed jobs end; snapshots whose set no member is marked by are what a
+//! decided set left (or one cut off before it marked anything), and are dropped. A restore to
+//! new volumes stopped midway leaves each member's job to end on its own.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -25,8 +31,10 @@ use tokio::sync::{watch, Notify};
 use crate::backup::{BackupError, Backups};
 use crate::error::StorageError;
 use crate::storage::attachments::Closure;
+use crate::storage::restore_mark::RestoreMark;
 
-/// Snapshot names starting so are the server restores' (reserved in `snapshot.create`).
+/// Snapshot names starting so are the server restores' (reserved in `snapshot.create` and,
+/// while their restore decides, in `snapshot.delete`).
 pub const PRE_RESTORE_PREFIX: &str = "pre-restore-";
 
 /// The snapshot a server restore takes of each member before writing it.
@@ -40,30 +48,25 @@ type Verdict = Option<Result<(), String>>;
 /// One server restore: its members, and the decision they wait for.
 pub struct SetRestore {
     pub set_id: String,
-    /// The volumes restored: the originals, or the new ones (with their uuids).
+    /// The volumes restored: the originals, or the new ones (with their uuids once made).
     targets: Mutex<Vec<(String, String)>>,
     in_place: bool,
-    /// In place: the members that have a snapshot to go back to (one that already held an
-    /// incomplete restore has nothing whole to go back to).
-    snapshotted: Vec<String>,
-    /// Members whose jobs have not reached their end yet.
+    /// Members whose jobs have not done their part yet.
     pending: Mutex<HashSet<String>>,
     member_ended: Notify,
-    /// Some member's restore did not even start: the set failed whatever the others do.
-    failed_to_start: std::sync::atomic::AtomicBool,
     verdict: watch::Sender<Verdict>,
 }
 
 impl SetRestore {
-    pub fn new(set_id: &str, in_place: bool, snapshotted: Vec<String>) -> Arc<SetRestore> {
+    /// A restore of set `set_id` into `targets` (volume names; uuids are learned as they are
+    /// made, or are those of the originals).
+    pub fn new(set_id: &str, in_place: bool, targets: Vec<(String, String)>) -> Arc<SetRestore> {
         Arc::new(SetRestore {
             set_id: set_id.to_owned(),
-            targets: Mutex::new(Vec::new()),
+            targets: Mutex::new(targets),
             in_place,
-            snapshotted,
             pending: Mutex::new(HashSet::new()),
             member_ended: Notify::new(),
-            failed_to_start: std::sync::atomic::AtomicBool::new(false),
             verdict: watch::channel(None).0,
         })
     }
@@ -79,13 +82,13 @@ impl SetRestore {
             .clone()
     }
 
+    fn target_names(&self) -> Vec<String> {
+        self.targets().into_iter().map(|(name, _)| name).collect()
+    }
+
     /// `volume`'s restore is about to start (or was resumed): the decision waits for it.
-    pub fn expect(&self, volume: &str, uuid: &str) {
+    pub fn expect(&self, volume: &str) {
         self.pending().insert(volume.to_owned());
-        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        if !targets.iter().any(|(name, _)| name == volume) {
-            targets.push((volume.to_owned(), uuid.to_owned()));
-        }
     }
 
     /// The uuid of `volume`, made for this restore once its job started.
@@ -96,12 +99,10 @@ impl SetRestore {
         }
     }
 
-    /// `volume`'s restore did not start after all.
+    /// `volume`'s restore did not start after all: the set is taken back (in place, its mark
+    /// says so; to new volumes, it has none).
     pub fn not_started(&self, volume: &str) {
-        self.failed_to_start
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.pending().remove(volume);
-        (self.targets.lock().unwrap_or_else(|p| p.into_inner())).retain(|(name, _)| name != volume);
         self.member_ended.notify_one();
     }
 
@@ -139,42 +140,94 @@ impl SetRestoreHolds {
         self.map().get(volume).cloned()
     }
 
-    pub fn hold(&self, volumes: &[String], restore: &Arc<SetRestore>) {
+    /// Holds every target of `restore`, or none when one is held by another restore already
+    /// (Err names it).
+    pub fn hold(&self, restore: &Arc<SetRestore>) -> Result<(), String> {
         let mut map = self.map();
-        for volume in volumes {
-            map.insert(volume.clone(), Arc::clone(restore));
+        let names = restore.target_names();
+        if let Some(taken) = names.iter().find(|name| map.contains_key(*name)) {
+            return Err(taken.clone());
         }
+        for name in names {
+            map.insert(name, Arc::clone(restore));
+        }
+        Ok(())
     }
 
-    pub fn release(&self, volume: &str) {
-        self.map().remove(volume);
+    /// Lets `volume` go if `restore` holds it.
+    pub fn release(&self, volume: &str, restore: &Arc<SetRestore>) {
+        let mut map = self.map();
+        if map
+            .get(volume)
+            .is_some_and(|held| Arc::ptr_eq(held, restore))
+        {
+            map.remove(volume);
+        }
     }
 }
 
 impl Backups {
-    /// Before the in-place restores of a set's members (each taken: claimed, closed): a durable
-    /// snapshot of each whole member to go back to. On failure, none is left.
-    pub(crate) async fn snapshot_before_set_restore(
+    /// Whether a server restore holds `volume` until it decides.
+    pub fn in_set_restore(&self, volume: &str) -> bool {
+        self.set_restore_holds.holds(volume)
+    }
+
+    /// Before the in-place restores of a set's members (each taken: claimed, closed, whole): a
+    /// durable snapshot of each to go back to, then a mark naming the set on each (see the
+    /// module). On failure, the snapshots and marks made are taken off again.
+    pub(crate) async fn prepare_set_restore_in_place(
         &self,
         set_id: &str,
-        volumes: &[String],
-    ) -> Result<Vec<String>, BackupError> {
+        members: &[(String, String)],
+    ) -> Result<(), BackupError> {
         let name = pre_restore_snapshot(set_id);
-        let mut taken: Vec<String> = Vec::new();
-        for volume in volumes {
-            let entry = self.registry.entry(volume);
-            let snapshot = match &entry {
+        let volumes: Vec<String> = members.iter().map(|(v, _)| v.clone()).collect();
+        let mut snapshotted: Vec<String> = Vec::new();
+        let mut failed = None;
+        for volume in &volumes {
+            let snapshot = match self.registry.entry(volume) {
                 None => Err(StorageError::NotFound(volume.clone())),
-                Some(entry) if entry.volume().restore_mark().is_some() => continue,
                 Some(entry) => entry.create_snapshot_durable(&name).await.map(|_| ()),
             };
             if let Err(e) = snapshot {
-                self.drop_pre_restore_snapshots(set_id, &taken).await;
-                return Err(e.into());
+                failed = Some(e);
+                break;
             }
-            taken.push(volume.clone());
+            snapshotted.push(volume.clone());
         }
-        Ok(taken)
+        let mut marked: Vec<String> = Vec::new();
+        if failed.is_none() {
+            for (volume, backup_id) in members {
+                let mark = RestoreMark {
+                    backup_id: backup_id.clone(),
+                    job_id: format!("(server restore {set_id})"),
+                    started_unix_secs: crate::storage::entry::now_unix_secs(),
+                    made_for_restore: false,
+                    set_id: Some(set_id.to_owned()),
+                };
+                let marked_now = match self.registry.entry(volume) {
+                    None => Err(StorageError::NotFound(volume.clone())),
+                    Some(entry) => entry.mark_restore(mark).await,
+                };
+                if let Err(e) = marked_now {
+                    failed = Some(e);
+                    break;
+                }
+                marked.push(volume.clone());
+            }
+        }
+        let Some(e) = failed else {
+            return Ok(());
+        };
+        for volume in &marked {
+            if let Some(entry) = self.registry.entry(volume) {
+                if let Err(error) = entry.clear_restore_mark().await {
+                    tracing::error!(volume = %volume, %error, "cannot take the mark of a server restore that did not start off its member");
+                }
+            }
+        }
+        self.drop_pre_restore_snapshots(set_id, &snapshotted).await;
+        Err(e.into())
     }
 
     /// Decides `restore` once its members' jobs have done their part (see the module).
@@ -187,72 +240,91 @@ impl Backups {
                     break;
                 }
                 tokio::select! {
-                    // Decided at the next start (in place: from the snapshots).
+                    // Decided at the next start (in place: from the members' marks).
                     () = this.shutdown.cancelled() => return,
                     () = waiting => {}
                 }
             }
             let verdict = this.decide_set_restore(&restore).await;
-            for (name, _) in restore.targets() {
-                this.set_restore_holds.release(&name);
+            for name in restore.target_names() {
+                this.set_restore_holds.release(&name, &restore);
                 this.reopen(&name);
             }
             restore.verdict.send_replace(Some(verdict));
         });
     }
 
+    /// Whether `volume` carries a mark of set `set_id`: a member not restored (yet).
+    fn marked_by_set(&self, volume: &str, set_id: &str) -> bool {
+        self.registry.entry(volume).is_some_and(|e| {
+            e.volume()
+                .restore_mark()
+                .is_some_and(|mark| mark.set_id.as_deref() == Some(set_id))
+        })
+    }
+
     async fn decide_set_restore(&self, restore: &SetRestore) -> Result<(), String> {
         let set_id = &restore.set_id;
         let targets = restore.targets();
-        let incomplete: Vec<&str> = (targets.iter())
-            .filter(|(name, _)| {
-                self.registry
-                    .entry(name)
-                    .is_none_or(|e| e.volume().restore_mark().is_some())
+        let not_restored: Vec<&str> = (targets.iter())
+            .filter(|(name, uuid)| {
+                if restore.in_place {
+                    return self.marked_by_set(name, set_id);
+                }
+                // Made for this restore (its uuid learned when its job started), and restored.
+                self.registry.entry(name).is_none_or(|e| {
+                    e.volume().identity().uuid != *uuid || e.volume().restore_mark().is_some()
+                })
             })
             .map(|(name, _)| name.as_str())
             .collect();
-        let failed_to_start = restore
-            .failed_to_start
-            .load(std::sync::atomic::Ordering::SeqCst);
-        if incomplete.is_empty() && !failed_to_start {
+        let names: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
+        if not_restored.is_empty() {
             tracing::info!(set = %set_id, members = targets.len(), "server backup restored: every member holds it");
-            self.drop_pre_restore_snapshots(set_id, &restore.snapshotted)
-                .await;
+            if restore.in_place {
+                self.drop_pre_restore_snapshots(set_id, &names).await;
+            }
             return Ok(());
         }
-        let why = if failed_to_start && incomplete.is_empty() {
-            "the restore of a member did not start".to_owned()
-        } else {
-            format!("member(s) {} not restored", incomplete.join(", "))
-        };
-        if restore.in_place {
-            tracing::warn!(set = %set_id, %why, "every member of a server restore goes back to what it held before");
-            let snapshot = pre_restore_snapshot(set_id);
-            // Members whose restore never started were released, their snapshots dropped.
-            let snapshotted: Vec<String> = (restore.snapshotted.iter())
-                .filter(|name| targets.iter().any(|(target, _)| target == *name))
-                .cloned()
-                .collect();
-            for name in &snapshotted {
-                let Some(entry) = self.registry.entry(name) else {
-                    continue;
-                };
-                if let Err(error) = entry.rollback_closed(&snapshot).await {
-                    tracing::error!(set = %set_id, volume = %name, %error, "rolling a member of a failed server restore back failed: it keeps what the restore left");
+        let why = format!("member(s) {} not restored", not_restored.join(", "));
+        if !restore.in_place {
+            tracing::warn!(set = %set_id, %why, "the volumes made for the members of a server restore are removed");
+            for (name, uuid) in &targets {
+                if !uuid.is_empty() {
+                    self.discard_volume(name, Some(uuid)).await;
                 }
             }
-            self.drop_pre_restore_snapshots(set_id, &snapshotted).await;
+            return Err(format!(
+                "server restore of set {set_id} taken back ({why}): the volumes made for it were removed"
+            ));
+        }
+        tracing::warn!(set = %set_id, %why, "every member of a server restore goes back to what it held before");
+        // The restored ones first: while any member is still marked, a crash leaves the set to
+        // be taken back at the next start.
+        let (marked, restored): (Vec<String>, Vec<String>) = names
+            .iter()
+            .cloned()
+            .partition(|name| self.marked_by_set(name, set_id));
+        let snapshot = pre_restore_snapshot(set_id);
+        let mut kept = Vec::new();
+        for name in restored.iter().chain(&marked) {
+            let Some(entry) = self.registry.entry(name) else {
+                continue;
+            };
+            if let Err(error) = entry.rollback_closed(&snapshot).await {
+                tracing::error!(set = %set_id, volume = %name, %error, "rolling a member of a failed server restore back failed: it keeps what the restore left");
+                kept.push(name.clone());
+            }
+        }
+        self.drop_pre_restore_snapshots(set_id, &names).await;
+        if kept.is_empty() {
             Err(format!(
                 "server restore of set {set_id} taken back ({why}): every member went back to what it held before"
             ))
         } else {
-            tracing::warn!(set = %set_id, %why, "the volumes made for the members of a server restore are removed");
-            for (name, uuid) in &targets {
-                self.discard_volume(name, Some(uuid)).await;
-            }
             Err(format!(
-                "server restore of set {set_id} taken back ({why}): the volumes made for it were removed"
+                "server restore of set {set_id} taken back ({why}), but member(s) {} could not be rolled back and keep what the restore left",
+                kept.join(", ")
             ))
         }
     }
@@ -263,16 +335,20 @@ impl Backups {
             let Some(entry) = self.registry.entry(name) else {
                 continue;
             };
+            if !entry.snapshots().iter().any(|s| s.name == snapshot) {
+                continue;
+            }
             if let Err(error) = entry.delete_snapshot(&snapshot).await {
-                tracing::warn!(volume = %name, %snapshot, %error, "cannot delete a server restore's snapshot; delete it by hand");
+                tracing::warn!(volume = %name, %snapshot, %error, "cannot delete a server restore's snapshot; it is dropped at the next start, or delete it by hand");
             }
         }
     }
 
     /// At start, before the jobs resume: the in-place server restores a stop interrupted,
-    /// found by their snapshots. Their members are held closed; `resume` says which of them
-    /// have a job to wait for (`SetRestore::expect`), then `spawn_set_restore` decides.
-    pub(crate) fn hold_interrupted_set_restores(&self) -> Vec<Arc<SetRestore>> {
+    /// found by their snapshots and marks (see the module). Their members are held closed;
+    /// `resume` says which of them have a job to wait for (`SetRestore::expect`), then
+    /// `spawn_set_restore` decides. Snapshots of sets no member carries a mark of are dropped.
+    pub(crate) fn hold_interrupted_set_restores(self: &Arc<Self>) -> Vec<Arc<SetRestore>> {
         let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in self.registry.entries() {
             for snapshot in entry.snapshots() {
@@ -284,11 +360,20 @@ impl Backups {
         }
         let mut restores = Vec::new();
         for (set_id, members) in sets {
+            if !members.iter().any(|m| self.marked_by_set(m, &set_id)) {
+                tracing::info!(set = %set_id, ?members, "dropping the snapshots of a server restore that was decided (or never began)");
+                let this = Arc::clone(self);
+                tokio::spawn(
+                    async move { this.drop_pre_restore_snapshots(&set_id, &members).await },
+                );
+                continue;
+            }
             tracing::info!(set = %set_id, ?members, "an interrupted server restore is decided once its members' jobs end");
-            let restore = SetRestore::new(&set_id, true, members.clone());
-            {
-                let mut targets = restore.targets.lock().unwrap_or_else(|p| p.into_inner());
-                targets.extend(members.iter().map(|m| (m.clone(), String::new())));
+            let targets = members.iter().map(|m| (m.clone(), String::new())).collect();
+            let restore = SetRestore::new(&set_id, true, targets);
+            if let Err(taken) = self.set_restore_holds.hold(&restore) {
+                tracing::error!(set = %set_id, volume = %taken, "a member of an interrupted server restore is in another one: left as it is");
+                continue;
             }
             for name in &members {
                 if let Some(entry) = self.registry.entry(name) {
@@ -296,7 +381,6 @@ impl Backups {
                     let _ = entry.volume().attachments().close(true, Closure::Restore);
                 }
             }
-            self.set_restore_holds.hold(&members, &restore);
             restores.push(restore);
         }
         restores

@@ -729,6 +729,14 @@ impl Backups {
                             member.volume, manifest.volume_uuid, member.backup_id
                         )));
                     }
+                    // The take-back rolls every member back to what it held: one holding an
+                    // incomplete restore holds nothing whole to go back to.
+                    if let Some(mark) = entry.volume().restore_mark() {
+                        return Err(BackupError::InvalidArgument(format!(
+                            "volume {:?} holds an incomplete restore of backup {}: restore it alone (backup.restore) or roll it back to a snapshot first",
+                            member.volume, mark.backup_id
+                        )));
+                    }
                     let size_bytes = entry.volume().size_bytes();
                     if size_bytes != manifest.size_bytes {
                         return Err(BackupError::SizeMismatch {
@@ -760,67 +768,74 @@ impl Backups {
                 }
             }
         }
-        // In place, a snapshot of each member to go back to if any member's restore fails
-        // (see `set_restore`).
-        let snapshotted = match to_new_suffix {
-            Some(_) => Vec::new(),
-            None => {
-                let volumes: Vec<String> = set.members.iter().map(|m| m.volume.clone()).collect();
-                match self.snapshot_before_set_restore(set_id, &volumes).await {
-                    Ok(snapshotted) => snapshotted,
-                    Err(e) => {
-                        for member in &set.members {
-                            self.release_for_restore(&member.volume);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        };
         // Held closed until the set has decided (see `set_restore`); each member expected
         // before its job starts, so that a job ending at once finds the decision to wait for.
-        let target_of = |member: &SetMember| match to_new_suffix {
-            Some(suffix) => format!("{}{suffix}", member.volume),
-            None => member.volume.clone(),
+        let in_place = to_new_suffix.is_none();
+        let targets: Vec<(String, String)> = (set.members.iter())
+            .map(|member| match to_new_suffix {
+                Some(suffix) => (format!("{}{suffix}", member.volume), String::new()),
+                None => {
+                    let uuid = (self.registry.entry(&member.volume))
+                        .map(|e| e.volume().identity().uuid.clone())
+                        .unwrap_or_default();
+                    (member.volume.clone(), uuid)
+                }
+            })
+            .collect();
+        let restore = SetRestore::new(set_id, in_place, targets.clone());
+        let release_taken = || {
+            if in_place {
+                for member in &set.members {
+                    self.release_for_restore(&member.volume);
+                }
+            }
         };
-        let targets: Vec<String> = set.members.iter().map(target_of).collect();
-        let restore = SetRestore::new(set_id, to_new_suffix.is_none(), snapshotted);
-        self.set_restore_holds.hold(&targets, &restore);
+        if let Err(taken) = self.set_restore_holds.hold(&restore) {
+            release_taken();
+            return Err(BackupError::JobRunning(taken));
+        }
+        if in_place {
+            // A snapshot of each member to go back to, then a mark naming the set on each.
+            let members: Vec<(String, String)> = (set.members.iter())
+                .map(|m| (m.volume.clone(), m.backup_id.clone()))
+                .collect();
+            if let Err(e) = self.prepare_set_restore_in_place(set_id, &members).await {
+                for (target, _) in &targets {
+                    self.set_restore_holds.release(target, &restore);
+                }
+                release_taken();
+                return Err(e);
+            }
+        }
         let mut jobs: Vec<JobInfo> = Vec::new();
         let mut refused = None;
-        for (member, target) in set.members.iter().zip(&targets) {
-            if refused.is_some() {
-                self.not_started_in_set(&restore, target, to_new_suffix.is_none())
-                    .await;
-                continue;
-            }
-            let uuid = (self.registry.entry(target))
-                .map(|e| e.volume().identity().uuid.clone())
-                .unwrap_or_default();
-            restore.expect(target, &uuid);
-            let started = match to_new_suffix {
-                Some(_) => self.create_volume(target, &member.backup_id).await,
-                None => self.start_taken_restore(&member.backup_id, target).await,
-            };
-            match started {
-                Ok(job) => {
-                    if to_new_suffix.is_some() {
-                        if let Some(entry) = self.registry.entry(target) {
+        for (member, (target, _)) in set.members.iter().zip(&targets) {
+            if refused.is_none() {
+                restore.expect(target);
+                let started = match to_new_suffix {
+                    Some(_) => self.create_volume(target, &member.backup_id).await,
+                    None => self.start_taken_restore(&member.backup_id, target).await,
+                };
+                match started {
+                    Ok(job) => {
+                        if let (false, Some(entry)) = (in_place, self.registry.entry(target)) {
                             restore.set_uuid(target, &entry.volume().identity().uuid);
                         }
+                        jobs.push(job);
+                        continue;
                     }
-                    jobs.push(job);
-                }
-                Err(e) => {
-                    self.not_started_in_set(&restore, target, to_new_suffix.is_none())
-                        .await;
-                    refused = Some((member.volume.clone(), e));
+                    Err(e) => refused = Some((member.volume.clone(), e)),
                 }
             }
+            // No job for this member: the set is taken back. In place, the member keeps the
+            // set's mark (so the take-back rolls it back too) and stays held, given up by no
+            // job; a volume made for it was removed by `create_volume`.
+            restore.not_started(target);
+            if in_place {
+                self.unclaim(target);
+            }
         }
-        if !jobs.is_empty() {
-            self.spawn_set_restore(restore);
-        }
+        self.spawn_set_restore(restore);
         match refused {
             None => Ok(jobs),
             Some((_, e)) if jobs.is_empty() => Err(e),
@@ -836,18 +851,6 @@ impl Backups {
                     started.join(", ")
                 )))
             }
-        }
-    }
-
-    /// Member `target` of a server restore gets no job: its snapshot goes and, taken in place,
-    /// it is released (a volume made for it was removed by `create_volume`).
-    async fn not_started_in_set(&self, restore: &SetRestore, target: &str, in_place: bool) {
-        restore.not_started(target);
-        self.set_restore_holds.release(target);
-        if in_place {
-            self.drop_pre_restore_snapshots(&restore.set_id, &[target.to_owned()])
-                .await;
-            self.release_for_restore(target);
         }
     }
 

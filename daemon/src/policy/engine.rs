@@ -320,6 +320,12 @@ impl Policies {
     /// stops there, its outcome not recorded: it stays in progress on disk and runs again at
     /// the next start (see `start_run`).
     pub fn spawn(self: &Arc<Self>, runner: Arc<dyn Runner>, shutdown: CancellationToken) {
+        // Runs stop the moment the shutdown comes, not once the loop gets round to it.
+        let (stopping, watched) = (self.stopping.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            watched.cancelled().await;
+            stopping.cancel();
+        });
         let this = Arc::clone(self);
         tokio::spawn(async move {
             loop {
@@ -345,7 +351,8 @@ impl Policies {
             // of a policy marked running forever.
             let mut run = tokio::spawn(async move { runner.run(&spec, context).await });
             let outcome = tokio::select! {
-                outcome = &mut run => outcome,
+                // A run ending as the shutdown comes ended because of it, most likely.
+                biased;
                 () = this.stopping.cancelled() => {
                     // The shutdown interrupts the run's backup jobs, which then fail: recorded,
                     // that would read as the run's failure and clear it from the runs to do
@@ -358,6 +365,7 @@ impl Policies {
                     }
                     return;
                 }
+                outcome = &mut run => outcome,
             };
             let outcome =
                 outcome.unwrap_or_else(|e| Err(format!("policy run ended abnormally: {e}")));

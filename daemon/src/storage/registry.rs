@@ -527,6 +527,7 @@ mod tests {
             job_id: "j-1".into(),
             started_unix_secs: 7,
             made_for_restore: true,
+            set_id: None,
         };
         let vol = reg.create_marked("r", 1 << 20, &mark).unwrap();
         assert_eq!(vol.restore_mark(), Some(mark.clone()));

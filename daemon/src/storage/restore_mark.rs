@@ -26,6 +26,9 @@ pub struct RestoreMark {
     /// versions have no such field: not known, so never taken for one).
     #[serde(default)]
     pub made_for_restore: bool,
+    /// The server backup whose restore (all or nothing) this is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_id: Option<String>,
 }
 
 impl RestoreMark {
@@ -78,6 +81,7 @@ fn unreadable(path: &Path, error: &str) -> RestoreMark {
         job_id: "(unknown)".into(),
         started_unix_secs: 0,
         made_for_restore: false,
+        set_id: None,
     }
 }
 
@@ -95,6 +99,7 @@ mod tests {
             job_id: "j-0123456789ab".into(),
             started_unix_secs: 7,
             made_for_restore: false,
+            set_id: None,
         };
         mark.store(dir.path()).unwrap();
         assert_eq!(RestoreMark::load(dir.path()), Some(mark.clone()));
