@@ -47,24 +47,21 @@ pub async fn dispatch(
         "volume.delete" => delete(ctx, decode_params(method, params)?).await,
         "snapshot.create" => {
             let p: SnapshotParams = decode_params(method, params)?;
-            // Backups find their base by this prefix and release the older ones: a user's
-            // snapshot named so would be deleted by the next backup, or taken for a base.
-            if p.name.starts_with(BACKUP_SNAPSHOT_PREFIX) {
+            // Backups find their base by their prefix and release the older ones (a user's
+            // snapshot named so would be deleted by the next backup, or taken for a base);
+            // server restores find their unfinished work by theirs (see `backup::set_restore`).
+            let reserved = [
+                (BACKUP_SNAPSHOT_PREFIX, "backups"),
+                (PRE_RESTORE_PREFIX, "server restores"),
+            ];
+            let taken = reserved
+                .iter()
+                .find(|(prefix, _)| p.name.starts_with(prefix));
+            if let Some((prefix, whose)) = taken {
                 return Err(AdminError::new(
                     ErrorCode::InvalidArgument,
                     format!(
-                        "snapshot name {:?}: names starting with {BACKUP_SNAPSHOT_PREFIX:?} are reserved for the snapshots backups take",
-                        p.name
-                    ),
-                ));
-            }
-            // A server restore finds its unfinished work by these at start (see
-            // `backup::set_restore`).
-            if p.name.starts_with(PRE_RESTORE_PREFIX) {
-                return Err(AdminError::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "snapshot name {:?}: names starting with {PRE_RESTORE_PREFIX:?} are reserved for the snapshots server restores take",
+                        "snapshot name {:?}: names starting with {prefix:?} are reserved for the snapshots {whose} take",
                         p.name
                     ),
                 ));
