@@ -586,42 +586,70 @@ fn a_server_restore_with_a_failed_member_leaves_every_member_as_it_was() {
 }
 
 /// A server restore in place cut off by `kill -9` while its members' jobs wait (a GC lock
-/// planted in the store holds them) is decided at the next start, from the snapshots it took:
-/// the jobs resume, b's fails, and both members go back to what they held before.
+/// planted in the store holds them) is decided at the next start, from the snapshots and marks
+/// it left: the jobs resume, b's fails, and both members go back to what they held before.
+/// Also when b's job was never recorded (a crash right after the set marked its members:
+/// staged by removing b's record and putting the set's own mark back on b): b counts as not
+/// restored, and a, restored by its resumed job, is taken back.
 #[test]
 fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
-    let (mut d, set, models) = server_restore_with_a_bad_member();
-    let gc_lock = d.data_dir().join("backups/locks/exclusive-planted.json");
-    std::fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
-    std::fs::write(&gc_lock, b"{}").unwrap();
-    let r = admin_ok(&d, "server.restore", json!({"set_id": set["id"]}));
-    let jobs: Vec<String> = (r["jobs"].as_array().unwrap().iter())
-        .map(|j| j["id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(jobs.len(), 2, "{r:#}");
-    // What the members would go back to stays while the set decides.
-    let snapshot = format!("pre-restore-{}", set["id"].as_str().unwrap());
-    admin_err(
-        &d,
-        "snapshot.delete",
-        json!({"volume": "a", "name": snapshot}),
-        "busy",
-    );
-    d.kill9();
-    std::fs::remove_file(&gc_lock).unwrap();
-    d.restart();
-    for id in &jobs {
-        let j = wait_job_end(&d, id);
-        assert_eq!(j["state"], "failed", "{j:#}");
-    }
-    for (volume, model) in ["a", "b"].iter().zip(&models) {
-        let shown = admin_ok(&d, "volume.show", json!({"name": volume}));
-        assert!(shown["incomplete_restore"].is_null(), "{shown:#}");
-        assert_same(volume, &read_export(&d, volume), model);
-        let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": volume}));
-        assert!(
-            !snapshots.to_string().contains("pre-restore-"),
-            "{snapshots:#}"
+    for without_b_job in [false, true] {
+        let (mut d, set, models) = server_restore_with_a_bad_member();
+        let set_id = set["id"].as_str().unwrap().to_owned();
+        let gc_lock = d.data_dir().join("backups/locks/exclusive-planted.json");
+        std::fs::create_dir_all(gc_lock.parent().unwrap()).unwrap();
+        std::fs::write(&gc_lock, b"{}").unwrap();
+        let r = admin_ok(&d, "server.restore", json!({"set_id": set_id}));
+        let jobs: Vec<(String, String)> = (r["jobs"].as_array().unwrap().iter())
+            .map(|j| {
+                (
+                    j["id"].as_str().unwrap().to_owned(),
+                    j["volume"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(jobs.len(), 2, "{r:#}");
+        // What the members would go back to stays while the set decides.
+        let snapshot = format!("pre-restore-{set_id}");
+        admin_err(
+            &d,
+            "snapshot.delete",
+            json!({"volume": "a", "name": snapshot}),
+            "busy",
         );
+        d.kill9();
+        std::fs::remove_file(&gc_lock).unwrap();
+        if without_b_job {
+            let (b_job, _) = jobs.iter().find(|(_, v)| v == "b").unwrap();
+            std::fs::remove_file(d.data_dir().join(format!("jobs/{b_job}.json"))).unwrap();
+            let mark_path = d.data_dir().join("volumes/b/restore.json");
+            let mut mark: Value =
+                serde_json::from_slice(&std::fs::read(&mark_path).unwrap()).unwrap();
+            assert_eq!(mark["set_id"], json!(set_id), "{mark:#}");
+            mark["job_id"] = json!(format!("(server restore {set_id})"));
+            std::fs::write(&mark_path, serde_json::to_vec(&mark).unwrap()).unwrap();
+        }
+        d.restart();
+        for (id, volume) in &jobs {
+            if without_b_job && volume == "b" {
+                admin_err(&d, "job.show", json!({"id": id}), "not_found");
+                continue;
+            }
+            let j = wait_job_end(&d, id);
+            assert_eq!(j["state"], "failed", "{j:#}");
+        }
+        for (volume, model) in ["a", "b"].iter().zip(&models) {
+            // Decided as the jobs end (a job-less member's set right after the restart).
+            let whole = wait_until(Duration::from_secs(10), || {
+                admin_ok(&d, "volume.show", json!({"name": volume}))["incomplete_restore"].is_null()
+            });
+            assert!(whole, "{volume} still marked ({without_b_job})");
+            assert_same(volume, &read_export(&d, volume), model);
+            let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": volume}));
+            assert!(
+                !snapshots.to_string().contains("pre-restore-"),
+                "{snapshots:#}"
+            );
+        }
     }
 }

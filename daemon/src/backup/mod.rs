@@ -248,7 +248,7 @@ impl Backups {
     pub async fn resume(self: &Arc<Self>) {
         let records = self.files.load_all();
         self.discard_unrecorded_restore_volumes(&records).await;
-        let set_restores = self.hold_interrupted_set_restores();
+        let set_restores = self.hold_interrupted_set_restores().await;
         for record in self.release_unstarted_sets(records) {
             tracing::info!(job = record.job_id(), "resuming an interrupted job");
             match record {
@@ -546,7 +546,12 @@ impl Backups {
         info
     }
 
+    /// Claims `volumes` for backups: none of them, and Err naming one, when a job has it or a
+    /// server restore still deciding holds it (a backup would take data the set may roll back).
     pub(crate) fn claim_all(&self, volumes: &[String]) -> Result<(), BackupError> {
+        if let Some(held) = volumes.iter().find(|v| self.set_restore_holds.holds(v)) {
+            return Err(BackupError::JobRunning(held.clone()));
+        }
         for (i, volume) in volumes.iter().enumerate() {
             if !self.claim(volume) {
                 for earlier in &volumes[..i] {
@@ -1027,10 +1032,27 @@ impl Backups {
         name: &str,
         backup_id: &str,
     ) -> Result<JobInfo, BackupError> {
+        self.create_volume_in(name, backup_id, None).await
+    }
+
+    /// [`Backups::create_volume`]; `set`: the server restore this member volume is made for.
+    /// A name a server restore holds is refused to anyone else.
+    pub(crate) async fn create_volume_in(
+        self: &Arc<Self>,
+        name: &str,
+        backup_id: &str,
+        set: Option<&Arc<set_restore::SetRestore>>,
+    ) -> Result<JobInfo, BackupError> {
         // Until the job holds it (see `spawn_restore`): no delete meanwhile.
         let _reading = self.holds.read(backup_id)?;
         let manifest = self.store.get_manifest(backup_id).await?;
-        if !self.claim(name) {
+        let held = self.set_restore_holds.restore_of(name);
+        let ours = match (&held, set) {
+            (None, _) => true,
+            (Some(held), Some(set)) => Arc::ptr_eq(held, set),
+            (Some(_), None) => false,
+        };
+        if !ours || !self.claim(name) {
             return Err(BackupError::JobRunning(name.to_owned()));
         }
         let registry = Arc::clone(&self.registry);

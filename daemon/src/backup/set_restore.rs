@@ -45,6 +45,14 @@ pub fn pre_restore_snapshot(set_id: &str) -> String {
 /// What a server restore decided: Err says why its members were taken back.
 type Verdict = Option<Result<(), String>>;
 
+/// Why a server restore was not kept.
+enum TakeBack {
+    /// Its members went back to what they held (or the volumes made for it are gone).
+    Done(String),
+    /// A rollback failed midway: the members stay closed until the next start tries again.
+    Stuck(String),
+}
+
 /// One server restore: its members, and the decision they wait for.
 pub struct SetRestore {
     pub set_id: String,
@@ -222,7 +230,9 @@ impl Backups {
         for volume in &marked {
             if let Some(entry) = self.registry.entry(volume) {
                 if let Err(error) = entry.clear_restore_mark().await {
+                    // Its snapshot stays with it: the next start takes the set back.
                     tracing::error!(volume = %volume, %error, "cannot take the mark of a server restore that did not start off its member");
+                    snapshotted.retain(|v| v != volume);
                 }
             }
         }
@@ -245,7 +255,14 @@ impl Backups {
                     () = waiting => {}
                 }
             }
-            let verdict = this.decide_set_restore(&restore).await;
+            let verdict = match this.decide_set_restore(&restore).await {
+                Ok(()) => Ok(()),
+                Err(TakeBack::Done(why)) => Err(why),
+                Err(TakeBack::Stuck(why)) => {
+                    restore.verdict.send_replace(Some(Err(why)));
+                    return;
+                }
+            };
             for name in restore.target_names() {
                 this.set_restore_holds.release(&name, &restore);
                 this.reopen(&name);
@@ -263,7 +280,7 @@ impl Backups {
         })
     }
 
-    async fn decide_set_restore(&self, restore: &SetRestore) -> Result<(), String> {
+    async fn decide_set_restore(&self, restore: &SetRestore) -> Result<(), TakeBack> {
         let set_id = &restore.set_id;
         let targets = restore.targets();
         let not_restored: Vec<&str> = (targets.iter())
@@ -294,9 +311,9 @@ impl Backups {
                     self.discard_volume(name, Some(uuid)).await;
                 }
             }
-            return Err(format!(
+            return Err(TakeBack::Done(format!(
                 "server restore of set {set_id} taken back ({why}): the volumes made for it were removed"
-            ));
+            )));
         }
         tracing::warn!(set = %set_id, %why, "every member of a server restore goes back to what it held before");
         // The restored ones first: while any member is still marked, a crash leaves the set to
@@ -306,27 +323,24 @@ impl Backups {
             .cloned()
             .partition(|name| self.marked_by_set(name, set_id));
         let snapshot = pre_restore_snapshot(set_id);
-        let mut kept = Vec::new();
         for name in restored.iter().chain(&marked) {
             let Some(entry) = self.registry.entry(name) else {
                 continue;
             };
             if let Err(error) = entry.rollback_closed(&snapshot).await {
-                tracing::error!(set = %set_id, volume = %name, %error, "rolling a member of a failed server restore back failed: it keeps what the restore left");
-                kept.push(name.clone());
+                // Stopped here, snapshots and marks left as they are: a member still marked
+                // has the next start take the set back again. Until then every member stays
+                // closed (a restored one not rolled back yet would serve the set's data).
+                tracing::error!(set = %set_id, volume = %name, %error, "rolling a member of a failed server restore back failed: its members stay closed until the next start tries again");
+                return Err(TakeBack::Stuck(format!(
+                    "server restore of set {set_id} could not be taken back ({why}; rolling {name} back failed: {error}): its members stay closed, and the next start of the daemon tries again"
+                )));
             }
         }
         self.drop_pre_restore_snapshots(set_id, &names).await;
-        if kept.is_empty() {
-            Err(format!(
-                "server restore of set {set_id} taken back ({why}): every member went back to what it held before"
-            ))
-        } else {
-            Err(format!(
-                "server restore of set {set_id} taken back ({why}), but member(s) {} could not be rolled back and keep what the restore left",
-                kept.join(", ")
-            ))
-        }
+        Err(TakeBack::Done(format!(
+            "server restore of set {set_id} taken back ({why}): every member went back to what it held before"
+        )))
     }
 
     pub(crate) async fn drop_pre_restore_snapshots(&self, set_id: &str, volumes: &[String]) {
@@ -348,7 +362,7 @@ impl Backups {
     /// found by their snapshots and marks (see the module). Their members are held closed;
     /// `resume` says which of them have a job to wait for (`SetRestore::expect`), then
     /// `spawn_set_restore` decides. Snapshots of sets no member carries a mark of are dropped.
-    pub(crate) fn hold_interrupted_set_restores(self: &Arc<Self>) -> Vec<Arc<SetRestore>> {
+    pub(crate) async fn hold_interrupted_set_restores(self: &Arc<Self>) -> Vec<Arc<SetRestore>> {
         let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in self.registry.entries() {
             for snapshot in entry.snapshots() {
@@ -362,10 +376,7 @@ impl Backups {
         for (set_id, members) in sets {
             if !members.iter().any(|m| self.marked_by_set(m, &set_id)) {
                 tracing::info!(set = %set_id, ?members, "dropping the snapshots of a server restore that was decided (or never began)");
-                let this = Arc::clone(self);
-                tokio::spawn(
-                    async move { this.drop_pre_restore_snapshots(&set_id, &members).await },
-                );
+                self.drop_pre_restore_snapshots(&set_id, &members).await;
                 continue;
             }
             tracing::info!(set = %set_id, ?members, "an interrupted server restore is decided once its members' jobs end");

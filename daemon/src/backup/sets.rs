@@ -813,7 +813,9 @@ impl Backups {
             if refused.is_none() {
                 restore.expect(target);
                 let started = match to_new_suffix {
-                    Some(_) => self.create_volume(target, &member.backup_id).await,
+                    Some(_) => {
+                        (self.create_volume_in(target, &member.backup_id, Some(&restore))).await
+                    }
                     None => self.start_taken_restore(&member.backup_id, target).await,
                 };
                 match started {
