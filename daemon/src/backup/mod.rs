@@ -248,7 +248,7 @@ impl Backups {
     pub async fn resume(self: &Arc<Self>) {
         let records = self.files.load_all();
         self.discard_unrecorded_restore_volumes(&records).await;
-        let set_restores = self.hold_interrupted_set_restores().await;
+        let set_restores = self.hold_interrupted_set_restores();
         for record in self.release_unstarted_sets(records) {
             tracing::info!(job = record.job_id(), "resuming an interrupted job");
             match record {

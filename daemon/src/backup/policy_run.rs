@@ -53,7 +53,8 @@ impl PolicyRunner {
             "a policy backup waits for the job running on its volume"
         );
         let deadline = tokio::time::Instant::now() + MAX_WAIT_FOR_JOB;
-        while self.backups.is_claimed(volume) {
+        // A server restore still deciding holds its members too, jobs or none.
+        while self.backups.is_claimed(volume) || self.backups.in_set_restore(volume) {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }

@@ -183,11 +183,13 @@ impl Backups {
     /// Before the in-place restores of a set's members (each taken: claimed, closed, whole): a
     /// durable snapshot of each to go back to, then a mark naming the set on each (see the
     /// module). On failure, the snapshots and marks made are taken off again.
+    /// Err says whether a mark stayed on a member (`true`): its snapshot stays with it, and
+    /// the caller keeps every member closed, the next start taking the set back.
     pub(crate) async fn prepare_set_restore_in_place(
         &self,
         set_id: &str,
         members: &[(String, String)],
-    ) -> Result<(), BackupError> {
+    ) -> Result<(), (BackupError, bool)> {
         let name = pre_restore_snapshot(set_id);
         let volumes: Vec<String> = members.iter().map(|(v, _)| v.clone()).collect();
         let mut snapshotted: Vec<String> = Vec::new();
@@ -227,17 +229,20 @@ impl Backups {
         let Some(e) = failed else {
             return Ok(());
         };
+        let mut mark_stayed = false;
         for volume in &marked {
             if let Some(entry) = self.registry.entry(volume) {
                 if let Err(error) = entry.clear_restore_mark().await {
-                    // Its snapshot stays with it: the next start takes the set back.
-                    tracing::error!(volume = %volume, %error, "cannot take the mark of a server restore that did not start off its member");
-                    snapshotted.retain(|v| v != volume);
+                    tracing::error!(volume = %volume, %error, "cannot take the mark of a server restore that did not start off its member: its members stay closed until the next start takes the set back");
+                    mark_stayed = true;
                 }
             }
         }
-        self.drop_pre_restore_snapshots(set_id, &snapshotted).await;
-        Err(e.into())
+        // With a mark left, the next start takes the set back: every member needs its snapshot.
+        if !mark_stayed {
+            self.drop_pre_restore_snapshots(set_id, &snapshotted).await;
+        }
+        Err((e.into(), mark_stayed))
     }
 
     /// Decides `restore` once its members' jobs have done their part (see the module).
@@ -362,7 +367,7 @@ impl Backups {
     /// found by their snapshots and marks (see the module). Their members are held closed;
     /// `resume` says which of them have a job to wait for (`SetRestore::expect`), then
     /// `spawn_set_restore` decides. Snapshots of sets no member carries a mark of are dropped.
-    pub(crate) async fn hold_interrupted_set_restores(self: &Arc<Self>) -> Vec<Arc<SetRestore>> {
+    pub(crate) fn hold_interrupted_set_restores(self: &Arc<Self>) -> Vec<Arc<SetRestore>> {
         let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in self.registry.entries() {
             for snapshot in entry.snapshots() {
@@ -376,7 +381,11 @@ impl Backups {
         for (set_id, members) in sets {
             if !members.iter().any(|m| self.marked_by_set(m, &set_id)) {
                 tracing::info!(set = %set_id, ?members, "dropping the snapshots of a server restore that was decided (or never began)");
-                self.drop_pre_restore_snapshots(&set_id, &members).await;
+                // In the background: a drop merges layers, which must not hold the start up.
+                let this = Arc::clone(self);
+                tokio::spawn(
+                    async move { this.drop_pre_restore_snapshots(&set_id, &members).await },
+                );
                 continue;
             }
             tracing::info!(set = %set_id, ?members, "an interrupted server restore is decided once its members' jobs end");

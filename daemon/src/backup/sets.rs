@@ -799,7 +799,16 @@ impl Backups {
             let members: Vec<(String, String)> = (set.members.iter())
                 .map(|m| (m.volume.clone(), m.backup_id.clone()))
                 .collect();
-            if let Err(e) = self.prepare_set_restore_in_place(set_id, &members).await {
+            if let Err((e, mark_stayed)) = self.prepare_set_restore_in_place(set_id, &members).await
+            {
+                if mark_stayed {
+                    // Closed and held until the next start takes the set back: an open member
+                    // would take writes that the take-back then rolls away.
+                    for member in &set.members {
+                        self.unclaim(&member.volume);
+                    }
+                    return Err(e);
+                }
                 for (target, _) in &targets {
                     self.set_restore_holds.release(target, &restore);
                 }
