@@ -236,6 +236,10 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
         registry: Arc::clone(&registry),
         access: Arc::clone(&access),
         tls_mode: settings.tls.as_ref().map_or(TlsMode::Off, |tls| tls.mode),
+        client_certificates: settings
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.paths.ca.is_some()),
         backups,
         servers,
         policies,

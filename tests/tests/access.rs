@@ -509,6 +509,35 @@ fn tls_only_volumes_and_certificate_names() {
     assert!(out.contains("read 65536/65536"), "{out}");
 }
 
+/// Name rules on a TLS server that verifies no client certificates (no `--tls-ca`) admit
+/// nobody: setting them says so.
+#[test]
+fn name_rules_without_a_client_ca_warn() {
+    require_tool("openssl");
+    let root = tempdir();
+    let pki = root.path().join("pki");
+    make_pki(&pki, "evsd test CA");
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--tls")
+            .arg("on")
+            .arg("--tls-cert")
+            .arg(pki.join("server-cert.pem").to_str().unwrap())
+            .arg("--tls-key")
+            .arg(pki.join("server-key.pem").to_str().unwrap()),
+    );
+    let shown = d.evsctl_json(&["access", "set", "vol0", "--allow-name", "alice"]);
+    assert!(
+        shown["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("--tls-ca")),
+        "{shown:#}"
+    );
+    let shown = d.evsctl_json(&["access", "set", "vol0", "--tls-only"]);
+    assert!(shown.get("warning").is_none(), "{shown:#}");
+}
+
 #[test]
 fn rules_needing_tls_on_a_server_without_it_warn_and_refuse_with_policy() {
     let d = Daemon::start(DaemonOpts::new().with_vol0());

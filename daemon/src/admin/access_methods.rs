@@ -107,11 +107,21 @@ fn existing_volume(ctx: &AdminContext, name: &str) -> Result<Arc<VolumeEntry>, A
 
 fn view(ctx: &AdminContext, name: &str) -> AccessView {
     let (policy, source) = ctx.access.policy(name);
-    let warning = (policy.needs_tls() && ctx.tls_mode == TlsMode::Off).then(|| {
-        "these rules need TLS, which is off on this server: no client can open the volume until \
-         it runs with --tls on or require"
-            .to_owned()
-    });
+    let warning = if policy.needs_tls() && ctx.tls_mode == TlsMode::Off {
+        Some(
+            "these rules need TLS, which is off on this server: no client can open the volume \
+             until it runs with --tls on or require"
+                .to_owned(),
+        )
+    } else if !policy.allow_names.is_empty() && !ctx.client_certificates {
+        Some(
+            "these rules name clients, but this server verifies no client certificates (no \
+             --tls-ca): no client has a name, so none can open the volume"
+                .to_owned(),
+        )
+    } else {
+        None
+    };
     AccessView {
         name: name.to_owned(),
         source,

@@ -29,6 +29,9 @@ pub struct AdminContext {
     pub access: Arc<AccessStore>,
     /// The server's TLS mode, to warn when a rule needs TLS the server does not offer.
     pub tls_mode: TlsMode,
+    /// Whether client certificates are verified (`--tls-ca`): without, no client has a name,
+    /// and name rules admit nobody.
+    pub client_certificates: bool,
     pub backups: Arc<Backups>,
     pub servers: Arc<Servers>,
     pub policies: Arc<Policies>,
