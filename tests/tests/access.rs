@@ -397,19 +397,24 @@ fn config_file_rules_win_and_reload_on_sighup() {
 
 fn tls_daemon(pki: &Path) -> Daemon {
     Daemon::start(
-        DaemonOpts::new()
-            .with_vol0()
+        tls_opts(pki)
             .volume("secure:64M")
             .volume("named:64M")
-            .arg("--tls")
-            .arg("on")
-            .arg("--tls-cert")
-            .arg(pki.join("server-cert.pem").to_str().unwrap())
-            .arg("--tls-key")
-            .arg(pki.join("server-key.pem").to_str().unwrap())
             .arg("--tls-ca")
             .arg(pki.join("ca-cert.pem").to_str().unwrap()),
     )
+}
+
+/// vol0 served with TLS on, the server's certificate from `pki`, no client CA.
+fn tls_opts(pki: &Path) -> DaemonOpts {
+    DaemonOpts::new()
+        .with_vol0()
+        .arg("--tls")
+        .arg("on")
+        .arg("--tls-cert")
+        .arg(pki.join("server-cert.pem").to_str().unwrap())
+        .arg("--tls-key")
+        .arg(pki.join("server-key.pem").to_str().unwrap())
 }
 
 fn nbds(addr: SocketAddr, export: &str, client: &Path) -> String {
@@ -517,16 +522,7 @@ fn name_rules_without_a_client_ca_warn() {
     let root = tempdir();
     let pki = root.path().join("pki");
     make_pki(&pki, "evsd test CA");
-    let d = Daemon::start(
-        DaemonOpts::new()
-            .with_vol0()
-            .arg("--tls")
-            .arg("on")
-            .arg("--tls-cert")
-            .arg(pki.join("server-cert.pem").to_str().unwrap())
-            .arg("--tls-key")
-            .arg(pki.join("server-key.pem").to_str().unwrap()),
-    );
+    let d = Daemon::start(tls_opts(&pki));
     let shown = d.evsctl_json(&["access", "set", "vol0", "--allow-name", "alice"]);
     assert!(
         shown["warning"]
