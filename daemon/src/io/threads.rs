@@ -11,13 +11,43 @@ use bytes::{Bytes, BytesMut};
 
 use super::Pieces;
 
+/// Operations on the blocking pool at once, as many as one io_uring ring may have queued:
+/// tokio's pool would otherwise grow to 512 threads and then queue without a bound.
+const MAX_QUEUED_OPS: usize = 4096;
+
 pub(crate) struct ThreadsEngine {
-    _private: (),
+    /// One per operation on the blocking pool, held until its syscall returns (a caller that
+    /// stopped waiting does not free its place early).
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl ThreadsEngine {
     pub(crate) fn new() -> Self {
-        ThreadsEngine { _private: () }
+        Self::with_limit(MAX_QUEUED_OPS)
+    }
+
+    fn with_limit(max_queued_ops: usize) -> Self {
+        ThreadsEngine {
+            permits: Arc::new(tokio::sync::Semaphore::new(max_queued_ops)),
+        }
+    }
+
+    /// Runs `op` on the blocking pool once a place is free.
+    async fn run_blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, io::Error> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("the thread-pool engine is closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let done = op();
+            drop(permit);
+            done
+        })
+        .await
+        .map_err(join_error)
     }
 
     pub(crate) async fn read_into(
@@ -28,14 +58,15 @@ impl ThreadsEngine {
         buf_start: usize,
     ) -> (BytesMut, io::Result<usize>) {
         let file = Arc::clone(file);
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = retry_eintr(|| file.read_at(&mut buf[buf_start..], offset));
-            (buf, result)
-        })
-        .await;
+        let joined = self
+            .run_blocking(move || {
+                let result = retry_eintr(|| file.read_at(&mut buf[buf_start..], offset));
+                (buf, result)
+            })
+            .await;
         // The buffer moved into the closure is lost if the blocking task panicked or the
         // runtime shut down; an empty buffer plus the error is the best that can be returned.
-        joined.unwrap_or_else(|err| (BytesMut::new(), Err(join_error(err))))
+        joined.unwrap_or_else(|err| (BytesMut::new(), Err(err)))
     }
 
     pub(crate) async fn write_at(
@@ -47,25 +78,25 @@ impl ThreadsEngine {
         pieces: Pieces,
     ) -> io::Result<usize> {
         let file = Arc::clone(file);
-        run_blocking(move || {
+        self.run_blocking(move || {
             if dsync {
                 return pwrite_dsync(&file, &data, offset);
             }
             write_in_pieces(&file, offset, &data, pieces)
         })
-        .await
+        .await?
     }
 
     pub(crate) async fn sync(&self, file: &Arc<File>, datasync: bool) -> io::Result<()> {
         let file = Arc::clone(file);
-        run_blocking(move || {
+        self.run_blocking(move || {
             if datasync {
                 file.sync_data()
             } else {
                 file.sync_all()
             }
         })
-        .await
+        .await?
     }
 
     pub(crate) async fn fallocate(
@@ -76,7 +107,8 @@ impl ThreadsEngine {
         len: u64,
     ) -> io::Result<()> {
         let file = Arc::clone(file);
-        run_blocking(move || fallocate_blocking(&file, mode, offset, len)).await
+        self.run_blocking(move || fallocate_blocking(&file, mode, offset, len))
+            .await?
     }
 }
 
@@ -170,14 +202,6 @@ fn retry_eintr<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     }
 }
 
-async fn run_blocking<T: Send + 'static>(
-    op: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(op)
-        .await
-        .unwrap_or_else(|err| Err(join_error(err)))
-}
-
 fn join_error(err: tokio::task::JoinError) -> io::Error {
     io::Error::other(format!("blocking I/O task failed: {err}"))
 }
@@ -185,6 +209,40 @@ fn join_error(err: tokio::task::JoinError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No more operations run on the blocking pool at once than the engine's limit; one that
+    /// finishes lets the next in.
+    #[tokio::test]
+    async fn operations_beyond_the_limit_wait_for_a_place() {
+        let engine = Arc::new(ThreadsEngine::with_limit(2));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Arc::new(std::sync::Mutex::new(held));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut ops = Vec::new();
+        for _ in 0..3 {
+            let (engine, held, running) =
+                (Arc::clone(&engine), Arc::clone(&held), Arc::clone(&running));
+            ops.push(tokio::spawn(async move {
+                engine
+                    .run_blocking(move || {
+                        running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        held.lock().unwrap().recv().unwrap();
+                    })
+                    .await
+                    .unwrap();
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(running.load(std::sync::atomic::Ordering::SeqCst), 2);
+        release.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(running.load(std::sync::atomic::Ordering::SeqCst), 3);
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for op in ops {
+            op.await.unwrap();
+        }
+    }
 
     #[tokio::test]
     async fn dsync_write_lands() {
