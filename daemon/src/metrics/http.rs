@@ -14,8 +14,10 @@ use crate::accept_failures::AcceptFailures;
 
 /// Request heads larger than this are answered 431 and closed.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 << 10;
-/// A scraper that has not sent its request head by then is disconnected.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A scraper that has not sent its request head by then is disconnected. Scrapers send it as
+/// they connect; 16 silent connections could otherwise keep every slot for longer than
+/// Prometheus's default 10 s scrape timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Scrapes served at once; more wait in the kernel's accept queue.
 const MAX_CONCURRENT_SCRAPES: usize = 16;
 /// How long one connection may take from accept to its last reply byte.
@@ -285,6 +287,17 @@ mod tests {
             head.contains(&format!("Content-Length: {}", body.len())),
             "{ok}"
         );
+
+        // Silent connections in every slot hold a scrape up for the request timeout only,
+        // well inside a scraper's own 10 s.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONCURRENT_SCRAPES {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let scrape = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let waited = tokio::time::timeout(Duration::from_secs(5), scrape).await;
+        assert!(waited.is_ok_and(|ok| ok.starts_with("HTTP/1.1 200 OK")));
+        drop(silent);
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
