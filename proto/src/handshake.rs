@@ -77,6 +77,9 @@ pub enum HandshakeError {
     /// reply cannot say transmission uses them); GO can.
     #[error("EXPORT_NAME for export {0:?} after extended headers were negotiated (use GO)")]
     ExportNameAfterExtendedHeaders(String),
+    /// EXPORT_NAME has no error reply, so a server shutting down can only close.
+    #[error("EXPORT_NAME for export {0:?} while the server shuts down")]
+    ExportNameDuringShutdown(String),
 }
 
 /// A metadata context selected with SET_META_CONTEXT.
@@ -145,6 +148,8 @@ pub struct ServerHandshake {
     options_seen: u32,
     /// STARTTLS was accepted: everything after it runs over TLS.
     tls_active: bool,
+    /// The server is shutting down: options from now on get ERR_SHUTDOWN (ABORT its ACK).
+    shutting_down: bool,
 }
 
 impl ServerHandshake {
@@ -158,6 +163,7 @@ impl ServerHandshake {
             meta_selected: Vec::new(),
             options_seen: 0,
             tls_active: false,
+            shutting_down: false,
         }
     }
 
@@ -206,6 +212,7 @@ impl ServerHandshake {
                         return Ok(Step::NeedInput);
                     }
                     let msg = match reply {
+                        REP_ERR_SHUTDOWN => SHUTDOWN_MESSAGE,
                         REP_ERR_TOO_BIG => "option payload too large",
                         REP_ERR_TLS_REQD => "TLS is required: send STARTTLS first",
                         _ => "option not supported",
@@ -255,7 +262,9 @@ impl ServerHandshake {
                     if length > self.config.max_option_bytes {
                         self.count_option()?;
                         input.advance(16);
-                        let reply = if self.tls_required_for(option) {
+                        let reply = if self.shutting_down {
+                            REP_ERR_SHUTDOWN
+                        } else if self.tls_required_for(option) {
                             REP_ERR_TLS_REQD
                         } else if is_known_option(option, &self.config) {
                             REP_ERR_TOO_BIG
@@ -342,6 +351,13 @@ impl ServerHandshake {
         true
     }
 
+    /// The server has begun shutting down. The spec: every option received from now on, other
+    /// than ABORT, SHOULD be answered with ERR_SHUTDOWN (the client then MUST abort); an
+    /// EXPORT_NAME, which has no error reply, ends the connection.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+    }
+
     /// Whether TLS has been negotiated on this connection.
     pub fn tls_active(&self) -> bool {
         self.tls_active
@@ -381,6 +397,13 @@ impl ServerHandshake {
         catalog: &dyn ExportCatalog,
         out: &mut BytesMut,
     ) -> Result<Option<Step>, HandshakeError> {
+        if self.shutting_down && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameDuringShutdown(quoted_name(data)));
+            }
+            put_reply(out, option, REP_ERR_SHUTDOWN, SHUTDOWN_MESSAGE.as_bytes());
+            return Ok(None);
+        }
         if self.tls_required_for(option) {
             if option == OPT_EXPORT_NAME {
                 // EXPORT_NAME has no error reply: the only refusal is to disconnect.
@@ -708,6 +731,9 @@ pub fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) 
 }
 
 /// The longest prefix of a client's export name quoted in an error message.
+/// The text of every ERR_SHUTDOWN reply.
+const SHUTDOWN_MESSAGE: &str = "the server is shutting down";
+
 const MAX_QUOTED_NAME_BYTES: usize = 256;
 
 /// How much of the replies `advance` lets pile up before it has them sent (`Step::SendFirst`).

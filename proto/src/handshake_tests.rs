@@ -897,3 +897,48 @@ fn an_export_name_longer_than_a_string_closes_and_errors_quote_names_briefly() {
         other => panic!("expected UnknownExport, got {other:?}"),
     }
 }
+
+#[test]
+fn a_server_shutting_down_answers_options_with_err_shutdown() {
+    let (mut hs, mut input) = start(3);
+    option(&mut input, OPT_LIST, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::NeedInput));
+    assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
+
+    hs.begin_shutdown();
+    option(&mut input, OPT_GO, &info_payload("vol0", &[]));
+    option(&mut input, OPT_LIST, &[]);
+    option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut input, 0x4242, &vec![0u8; 100 << 10]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::NeedInput), "nothing ends the handshake");
+    let r = replies(&out);
+    let answered: Vec<(u32, u32)> = r.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        answered,
+        [
+            (OPT_GO, REP_ERR_SHUTDOWN),
+            (OPT_LIST, REP_ERR_SHUTDOWN),
+            (OPT_STRUCTURED_REPLY, REP_ERR_SHUTDOWN),
+            (0x4242, REP_ERR_SHUTDOWN),
+        ]
+    );
+    assert_eq!(r[0].2, b"the server is shutting down");
+    // The client's soft disconnect is ACKed as ever.
+    option(&mut input, OPT_ABORT, &[]);
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::Aborted));
+    assert_eq!(replies(&out), [(OPT_ABORT, REP_ACK, Vec::new())]);
+
+    // EXPORT_NAME has no error reply: the connection ends.
+    let (mut hs, mut input) = start(3);
+    hs.begin_shutdown();
+    option(&mut input, OPT_EXPORT_NAME, b"vol0");
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(
+        step,
+        Err(HandshakeError::ExportNameDuringShutdown("vol0".into()))
+    );
+    assert!(out.is_empty());
+}

@@ -286,3 +286,33 @@ fn wait_until_held_back(d: &Daemon, what_if_not: &str) {
         "the server never held requests back{what_if_not}"
     );
 }
+
+/// A client still negotiating when the server starts shutting down gets ERR_SHUTDOWN for its
+/// next option (the spec: then it aborts), not a dropped connection; an EXPORT_NAME, which has
+/// no error reply, is closed.
+#[test]
+fn a_handshake_under_way_at_sigterm_gets_err_shutdown() {
+    let mut d = Daemon::start(DaemonOpts::new().with_vol0());
+    let mut negotiating = Raw::handshake(d.tcp_addr(), 3);
+    assert_eq!(negotiating.list(), ["vol0"]);
+    let mut naming = Raw::handshake(d.tcp_addr(), 3);
+    d.signal(libc::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .stderr()
+            .contains("shutting down")),
+        "the daemon never logged its shutdown\n{}",
+        d.stderr()
+    );
+    negotiating.send_opt(OPT_GO, &Raw::go_payload("vol0", &[]));
+    let reply = negotiating.expect_opt_reply(OPT_GO, REP_ERR_SHUTDOWN);
+    assert_eq!(reply.data, b"the server is shutting down");
+    negotiating.send_opt(OPT_ABORT, &[]);
+    negotiating.expect_opt_reply(OPT_ABORT, REP_ACK);
+    negotiating.expect_eof("after ABORT");
+
+    naming.send_opt(OPT_EXPORT_NAME, b"vol0");
+    naming.expect_eof("EXPORT_NAME during the shutdown");
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}\n{}", d.stderr());
+}

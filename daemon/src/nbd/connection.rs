@@ -63,11 +63,12 @@ pub async fn serve<S: Transport>(
         access: &config.access,
         metrics: &metrics,
         peer: &peer,
+        shutdown: &shutdown.stop,
     };
     let limits = HandshakeLimits {
         deadline: Instant::now() + config.handshake_timeout,
         timeout: config.handshake_timeout,
-        shutdown: &shutdown.stop,
+        give_up: &shutdown.give_up,
         metrics: &metrics,
         peer: &peer,
     };
@@ -137,7 +138,9 @@ async fn attach_or_negotiate<S: Transport, T>(
 struct HandshakeLimits<'a> {
     deadline: Instant,
     timeout: Duration,
-    shutdown: &'a CancellationToken,
+    /// The shutdown's grace period is over. (Before that, a handshake under way answers the
+    /// client's options with ERR_SHUTDOWN.)
+    give_up: &'a CancellationToken,
     metrics: &'a Metrics,
     peer: &'a str,
 }
@@ -152,12 +155,16 @@ impl HandshakeLimits<'_> {
         let peer = self.peer;
         let outcome = tokio::select! {
             outcome = tokio::time::timeout_at(self.deadline, negotiation) => outcome,
-            _ = self.shutdown.cancelled() => return None,
+            _ = self.give_up.cancelled() => return None,
         };
         match outcome {
             Ok(Ok(done)) => Some(done),
             Ok(Err(HandshakeFailure::Aborted | HandshakeFailure::Closed)) => {
                 tracing::debug!(%peer, "client left during the handshake");
+                None
+            }
+            Ok(Err(failure)) if failure.ended_by_shutdown() => {
+                tracing::debug!(%peer, error = %failure, "handshake ended by the shutdown");
                 None
             }
             Ok(Err(failure)) => {
@@ -392,7 +399,7 @@ mod tests {
         let limits = |timeout: Duration| HandshakeLimits {
             deadline: Instant::now() + timeout,
             timeout,
-            shutdown: &shutdown,
+            give_up: &shutdown,
             metrics: &fixture.metrics,
             peer: "test",
         };

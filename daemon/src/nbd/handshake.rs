@@ -6,7 +6,9 @@ use evsd_proto::{
     ExportRefusal, HandshakeConfig, HandshakeError, Negotiated, ServerHandshake, Step,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::{cert_names, AccessStore, ClientIdentity};
 use crate::metrics::Metrics;
@@ -30,9 +32,24 @@ pub enum HandshakeFailure {
     Closed,
     #[error("client aborted the handshake")]
     Aborted,
+    #[error("the server is shutting down and the client sent no option within {wait_ms} ms")]
+    ShuttingDown { wait_ms: u128 },
 }
 
+/// How long a client in the handshake has, once the server starts shutting down, to send its
+/// next option (answered with ERR_SHUTDOWN) or its ABORT before the connection is closed.
+const SHUTDOWN_OPTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl HandshakeFailure {
+    /// The server's shutdown ended the handshake, not the client.
+    pub fn ended_by_shutdown(&self) -> bool {
+        matches!(
+            self,
+            HandshakeFailure::Protocol(HandshakeError::ExportNameDuringShutdown(_))
+                | HandshakeFailure::ShuttingDown { .. }
+        )
+    }
+
     /// Short label used in logs (and later as a metrics label).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -41,6 +58,8 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol(HandshakeError::UnknownExport(_)) => "unknown_export",
             HandshakeFailure::Protocol(HandshakeError::TlsRequired(_)) => "tls_required",
             HandshakeFailure::Protocol(HandshakeError::ExportRefused { .. }) => "export_refused",
+            HandshakeFailure::Protocol(HandshakeError::ExportNameDuringShutdown(_))
+            | HandshakeFailure::ShuttingDown { .. } => "shutdown",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
             HandshakeFailure::Tls(_) | HandshakeFailure::TlsUnconfigured => "tls",
@@ -132,6 +151,9 @@ pub struct Exports<'a> {
     /// Where refusals for a volume's connection limit are counted, under this peer.
     pub metrics: &'a Metrics,
     pub peer: &'a str,
+    /// Cancelled when the server begins shutting down: from then on options are answered with
+    /// ERR_SHUTDOWN.
+    pub shutdown: &'a CancellationToken,
 }
 
 impl<'a> Exports<'a> {
@@ -184,7 +206,14 @@ async fn negotiate_plain<S: Transport>(
     tls: Option<&TlsContext>,
 ) -> Result<Handshaken<S>, HandshakeFailure> {
     let catalog = exports.catalog(&client);
-    match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
+    let options = run_options(
+        &mut handshake,
+        &mut stream,
+        &mut input,
+        &catalog,
+        exports.shutdown,
+    );
+    match options.await? {
         Phase::Transmission(negotiated, final_reply) => {
             return Ok(Handshaken {
                 stream: Established::Plain(stream),
@@ -224,7 +253,14 @@ async fn negotiate_tls<S: Transport>(
     exports: &Exports<'_>,
 ) -> Result<Handshaken<S>, HandshakeFailure> {
     let catalog = exports.catalog(&client);
-    match run_options(&mut handshake, &mut stream, &mut input, &catalog).await? {
+    let options = run_options(
+        &mut handshake,
+        &mut stream,
+        &mut input,
+        &catalog,
+        exports.shutdown,
+    );
+    match options.await? {
         Phase::Transmission(negotiated, final_reply) => Ok(Handshaken {
             stream: Established::Tls(Box::new(stream)),
             negotiated,
@@ -245,13 +281,20 @@ async fn run_options<S>(
     stream: &mut S,
     input: &mut BytesMut,
     catalog: &RegistryCatalog<'_>,
+    shutdown: &CancellationToken,
 ) -> Result<Phase, HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = BytesMut::with_capacity(1024);
+    // Set once the server shuts down: the client's next option must come by then.
+    let mut last_option_by: Option<Instant> = None;
     loop {
         out.clear();
+        if last_option_by.is_none() && shutdown.is_cancelled() {
+            handshake.begin_shutdown();
+            last_option_by = Some(Instant::now() + SHUTDOWN_OPTION_WAIT);
+        }
         match handshake.advance(input, catalog, &mut out)? {
             Step::Transmission(negotiated) => {
                 // Options sent in the same burst are answered now; the final reply waits.
@@ -264,7 +307,24 @@ where
             Step::SendFirst => send(stream, &out).await?,
             Step::NeedInput => {
                 send(stream, &out).await?;
-                if stream.read_buf(input).await? == 0 {
+                let read = match last_option_by {
+                    None => tokio::select! {
+                        read = stream.read_buf(input) => read?,
+                        // Options read from now on get ERR_SHUTDOWN.
+                        _ = shutdown.cancelled() => continue,
+                    },
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline, stream.read_buf(input)).await {
+                            Ok(read) => read?,
+                            Err(_) => {
+                                return Err(HandshakeFailure::ShuttingDown {
+                                    wait_ms: SHUTDOWN_OPTION_WAIT.as_millis(),
+                                })
+                            }
+                        }
+                    }
+                };
+                if read == 0 {
                     return Err(HandshakeFailure::Closed);
                 }
             }
@@ -304,6 +364,7 @@ pub(crate) mod tests {
         pub(crate) registry: Registry,
         pub(crate) access: AccessStore,
         pub(crate) metrics: Metrics,
+        pub(crate) shutdown: CancellationToken,
     }
 
     impl Fixture {
@@ -321,6 +382,7 @@ pub(crate) mod tests {
                 registry,
                 access,
                 metrics: Metrics::new(),
+                shutdown: CancellationToken::new(),
             }
         }
 
@@ -330,6 +392,7 @@ pub(crate) mod tests {
                 access: &self.access,
                 metrics: &self.metrics,
                 peer: "test",
+                shutdown: &self.shutdown,
             }
         }
     }
