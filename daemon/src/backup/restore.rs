@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::backup::chunk::{self, CHUNK_SIZE_BYTES};
 use crate::backup::error::BackupError;
@@ -86,7 +87,12 @@ async fn restore_locked(
         CHUNK_SIZE_BYTES as usize + chunk::HEADER_LEN_BYTES,
         concurrency,
     );
+    // Set once the restore has failed or is stopped: chunks not yet fetched are skipped, and
+    // fetches under way are dropped (they touch nothing). Writes under way are not: each is
+    // waited for before the job ends, so none lands after a retry or a rollback has begun.
+    let failed = CancellationToken::new();
     let mut results = futures_util::stream::iter((0..manifest.chunks.len() as u64).map(|i| {
+        let failed = failed.clone();
         let svc = Arc::clone(svc);
         let job = Arc::clone(job);
         let volume = Arc::clone(&volume);
@@ -96,6 +102,9 @@ async fn restore_locked(
         let created = record.created_volume;
         let task: futures_util::future::BoxFuture<'static, Result<u64, BackupError>> =
             Box::pin(async move {
+                if failed.is_cancelled() {
+                    return Ok(0);
+                }
                 let offset = i * CHUNK_SIZE_BYTES;
                 let len = manifest.chunk_len_bytes(i);
                 match manifest.chunks[i as usize] {
@@ -112,16 +121,22 @@ async fn restore_locked(
                         let buf = buffers.take(len as usize);
                         // The manifest's length is the buffer's: a chunk of another length fails
                         // to decode.
-                        let fetched = fetch::chunk_into(
+                        let fetch = fetch::chunk_into(
                             &svc,
                             &job,
                             id,
                             buf,
                             fetch::ChunkMap::of(&manifest),
                             Some(&stored_buffers),
-                        )
-                        .await
-                        .map_err(|e| match e {
+                        );
+                        let fetched = tokio::select! {
+                            fetched = fetch => fetched,
+                            _ = failed.cancelled() => return Ok(0),
+                        };
+                        if failed.is_cancelled() {
+                            return Ok(0);
+                        }
+                        let fetched = fetched.map_err(|e| match e {
                             BackupError::Store {
                                 source: object_store::Error::NotFound { .. },
                                 ..
@@ -166,31 +181,120 @@ async fn restore_locked(
     .buffer_unordered(concurrency);
     let mut written_since_flush = 0u64;
     let mut background_flush: Option<tokio::task::JoinHandle<Result<(), StorageError>>> = None;
+    let mut first_error = None;
     while let Some(result) = results.next().await {
-        written_since_flush += result?;
+        if first_error.is_none() {
+            match result {
+                Ok(written) => {
+                    written_since_flush += written;
+                    first_error = job.stopped(&svc.shutdown);
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        if first_error.is_some() {
+            // Drained to the end: the chunks still writing finish first.
+            failed.cancel();
+            continue;
+        }
         // Flush as it goes (one flush at a time), so the final flush does not have to write
         // the whole volume back at once.
         if written_since_flush >= BACKGROUND_FLUSH_BYTES
             && background_flush.as_ref().is_none_or(|f| f.is_finished())
         {
             if let Some(done) = background_flush.take() {
-                done.await
-                    .map_err(|e| BackupError::Failed(format!("a flush task failed: {e}")))??;
+                if let Err(e) = flushed(done).await {
+                    first_error = Some(e);
+                    failed.cancel();
+                    continue;
+                }
             }
             let volume = Arc::clone(&volume);
             background_flush = Some(tokio::spawn(async move { volume.flush().await }));
             written_since_flush = 0;
         }
-        if let Some(stopped) = job.stopped(&svc.shutdown) {
-            return Err(stopped);
-        }
     }
     drop(results);
+    if let Some(error) = first_error {
+        return Err(error);
+    }
     if let Some(done) = background_flush.take() {
-        done.await
-            .map_err(|e| BackupError::Failed(format!("a flush task failed: {e}")))??;
+        flushed(done).await?;
     }
     volume.flush().await?;
     tracing::info!(job = %job.id, backup = %record.backup_id, volume = %record.volume, "restore complete");
     Ok(())
+}
+
+/// The outcome of a flush run in the background.
+async fn flushed(
+    task: tokio::task::JoinHandle<Result<(), StorageError>>,
+) -> Result<(), BackupError> {
+    task.await
+        .map_err(|e| BackupError::Failed(format!("a flush task failed: {e}")))??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::backup::job::JobState;
+    use crate::backup::sets::tests::backups_with;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+
+    /// A restore that fails waits for its chunk writes still on their way to the disk: none
+    /// lands after the job has ended (where a retry or a rollback may have begun).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_restore_ends_after_its_writes_in_flight() {
+        const CHUNKS: u64 = 6;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (registry, backups) = backups_with(dir.path(), engine.clone());
+        let size_bytes = CHUNKS * super::CHUNK_SIZE_BYTES;
+        registry.create("a", size_bytes).unwrap();
+        let volume = registry.get("a").unwrap();
+        let data: Vec<u8> = (0..size_bytes).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        volume.write_bulk(0, Bytes::from(data)).await.unwrap();
+        volume.flush().await.unwrap();
+        let started = backups.create(&["a".into()], true, None).await.unwrap();
+        let backup_id = started[0].backup_id.clone();
+        let job = backups.job(&started[0].id).unwrap();
+        job.wait_finished(Duration::from_secs(60)).await;
+        assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
+
+        // The restore will fail on one damaged chunk while the others' writes are delayed.
+        let manifest = backups.store.get_manifest(&backup_id).await.unwrap();
+        let damaged = manifest.chunks[CHUNKS as usize - 1].unwrap().to_string();
+        let mut found = 0;
+        let chunks = dir.path().join("store/backups/chunks");
+        for sub in std::fs::read_dir(&chunks).unwrap().flatten() {
+            let path = sub.path().join(&damaged);
+            if let Ok(mut bytes) = std::fs::read(&path) {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x40;
+                std::fs::write(&path, &bytes).unwrap();
+                found += 1;
+            }
+        }
+        assert_eq!(found, 1, "chunk {damaged} not found under {chunks:?}");
+        // Other data in the same blocks, where a late landing shows.
+        let other = Bytes::from(vec![0xee; size_bytes as usize]);
+        volume.write_bulk(0, other).await.unwrap();
+        engine.delay_writes_for_test(Some(Duration::from_millis(800)));
+        let restore = backups.restore(&backup_id, "a", true).await.unwrap();
+        let job = backups.job(&restore.id).unwrap();
+        job.wait_finished(Duration::from_secs(60)).await;
+        assert_eq!(job.state(), JobState::Failed);
+        let at_the_end = volume.read(0, size_bytes as usize).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let later = volume.read(0, size_bytes as usize).await.unwrap();
+        assert!(
+            at_the_end == later,
+            "a chunk write landed after the failed restore had ended"
+        );
+        engine.delay_writes_for_test(None);
+    }
 }

@@ -884,7 +884,7 @@ impl Backups {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backup::store::{BackupStore, S3Options};
     use crate::backup::BackupConfig;
@@ -894,6 +894,14 @@ mod tests {
 
     fn backups_in(data_dir: &std::path::Path) -> (Arc<Registry>, Arc<Backups>) {
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        backups_with(data_dir, engine)
+    }
+
+    /// Volumes and backups in `data_dir` (the store in `data_dir/store`), on `engine`.
+    pub(crate) fn backups_with(
+        data_dir: &std::path::Path,
+        engine: IoEngine,
+    ) -> (Arc<Registry>, Arc<Backups>) {
         let registry = Arc::new(Registry::open(data_dir, engine).unwrap());
         let config = BackupConfig {
             store_url: BackupStore::default_url(&data_dir.join("store")).unwrap(),

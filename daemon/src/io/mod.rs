@@ -189,6 +189,10 @@ pub struct IoEngine {
     /// Set by tests: every later sync fails with EIO after this long.
     #[cfg(test)]
     failing_syncs_after: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
+    /// Set by tests: `write_all*` calls land this long later, carried on by a task of their
+    /// own whether or not their caller still waits, as a write in the kernel would be.
+    #[cfg(test)]
+    delayed_writes: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
 }
 
 enum Backend {
@@ -238,6 +242,8 @@ impl IoEngine {
             failing_fallocate: Arc::default(),
             #[cfg(test)]
             failing_syncs_after: Arc::default(),
+            #[cfg(test)]
+            delayed_writes: Arc::default(),
         })
     }
 
@@ -388,6 +394,11 @@ impl IoEngine {
     #[cfg(test)]
     pub(crate) fn fail_syncs_after_for_test(&self, after: Option<std::time::Duration>) {
         *self.failing_syncs_after.lock().unwrap() = after;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn delay_writes_for_test(&self, by: Option<std::time::Duration>) {
+        *self.delayed_writes.lock().unwrap() = by;
     }
 
     /// Whether all of the range is in the page cache, so that sending it from there does not
@@ -545,6 +556,31 @@ impl IoEngine {
     }
 
     async fn write_all(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+        inline: Inline,
+    ) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let delay = *self.delayed_writes.lock().unwrap();
+            if let Some(delay) = delay {
+                let (engine, file) = (self.clone(), Arc::clone(file));
+                let landing = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    engine
+                        .write_all_now(&file, offset, data, dsync, inline)
+                        .await
+                });
+                return landing.await.expect("a delayed write's task");
+            }
+        }
+        self.write_all_now(file, offset, data, dsync, inline).await
+    }
+
+    async fn write_all_now(
         &self,
         file: &Arc<File>,
         offset: u64,
