@@ -47,6 +47,10 @@ TOOLS=(
   "jq:jq"
   "python3:python3"
   "systemd-socket-activate:systemd"
+  "systemd-analyze:systemd"
+  "openssl:openssl"
+  "fincore:util-linux"
+  "setpriv:util-linux"
   "restic:restic"
   "curl:curl"
 )

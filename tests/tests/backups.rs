@@ -1646,10 +1646,12 @@ fn fio_verifies_while_backups_run() {
                 "--iodepth=16",
                 "--size=256M",
                 "--time_based",
-                "--runtime=8",
+                "--runtime=12",
                 "--verify=crc32c",
                 "--verify_backlog=512",
                 "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
             ],
         )
     });
@@ -1659,6 +1661,10 @@ fn fio_verifies_while_backups_run() {
         backups.push(backup_now(&d, "vol0", false));
         thread::sleep(Duration::from_millis(500));
     }
+    assert!(
+        !fio.is_finished(),
+        "fio ended before the third backup did: the backups did not all run under its writes"
+    );
     let report = fio.join().unwrap();
     assert_eq!(report["jobs"][0]["error"], 0, "{report:#}");
     assert!(

@@ -65,6 +65,14 @@ fn unflushed_writes_survive_sigterm() {
             )
         })
         .collect();
+    // Data where the unflushed trim and zero go, flushed, so that zeroes there after the
+    // restart show they were kept.
+    {
+        let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
+        c.write(1, 0, 900 * MIB, &vec![0x6d; 2 * MIB as usize]);
+        c.flush(2);
+        c.disconnect();
+    }
     {
         let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
         for (i, (off, b)) in blocks.iter().enumerate() {
@@ -72,6 +80,8 @@ fn unflushed_writes_survive_sigterm() {
         }
         // trim and zero, no flush either
         assert_eq!(c.command(0, CMD_TRIM, 100, 900 * MIB, MIB as u32), 0);
+        let zero = c.command(0, CMD_WRITE_ZEROES, 101, 901 * MIB, MIB as u32);
+        assert_eq!(zero, 0);
         // leave the connection open: shutdown must cope with a live client
         d.terminate_ok();
     }
@@ -84,6 +94,11 @@ fn unflushed_writes_survive_sigterm() {
             "unflushed block {i} at {off} lost across SIGTERM + restart"
         );
     }
+    let trimmed_and_zeroed = c.read(200, 900 * MIB, 2 * MIB as u32);
+    assert!(
+        trimmed_and_zeroed.iter().all(|&b| b == 0),
+        "unflushed trim or zero lost across SIGTERM + restart"
+    );
     c.disconnect();
 }
 

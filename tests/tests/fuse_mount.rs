@@ -151,15 +151,7 @@ fn mount_and_check(uri: &str) {
     run("e2fsck", &["-f", "-n", &dev]);
     run("mount", &[dev.as_str(), mnt.to_str().unwrap()]);
     g.mounted = Some(mnt.clone());
-    for (name, data) in &files {
-        let got = fs::read(mnt.join("sub").join(name)).unwrap();
-        assert!(
-            got == *data,
-            "{name}: content differs after remount ({} vs {} bytes)",
-            got.len(),
-            data.len()
-        );
-    }
+    assert_files(&mnt, "after remount");
     g.umount();
     g.detach_loop();
     g.unmount_fuse();
@@ -176,4 +168,34 @@ fn ext4_on_nbdfuse_loop_device() {
     let img = tmp.path().join("fs.img");
     run("nbdcopy", &[&d.tcp_uri("fs"), img.to_str().unwrap()]);
     run("e2fsck", &["-f", "-n", img.to_str().unwrap()]);
+    // And its files, read from what the restarted daemon serves (not from any cache of the
+    // first mount's loop device or FUSE file).
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut g = Guard::default();
+    run(
+        "mount",
+        &[
+            "-o",
+            "loop,ro",
+            img.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ],
+    );
+    g.mounted = Some(mnt.clone());
+    assert_files(&mnt, "in the image copied after the restart");
+    g.umount();
+}
+
+/// Every file of [`files`] is under `mnt/sub` with its content.
+fn assert_files(mnt: &Path, when: &str) {
+    for (name, data) in &files() {
+        let got = fs::read(mnt.join("sub").join(name)).unwrap();
+        assert!(
+            got == *data,
+            "{name}: content differs {when} ({} vs {} bytes)",
+            got.len(),
+            data.len()
+        );
+    }
 }

@@ -84,7 +84,7 @@ fn idle_connection_is_closed_after_the_idle_timeout() {
     c.read(1, 0, 4096);
     let closed_after = wait_for_eof(&mut c, "idle client");
     assert!(
-        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(3),
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(10),
         "closed after {closed_after:?} with --idle-timeout-secs 1"
     );
     assert_hits(&d, "idle_timeout", 1.0);
@@ -105,14 +105,11 @@ fn requests_keep_a_connection_open_past_the_idle_timeout() {
     let (mut c, _) = Raw::open(d.tcp_addr(), "vol0");
     let data = Prng::new(3).bytes(4096);
     c.write(1, 0, 0, &data);
-    let start = Instant::now();
-    let mut cookie = 2;
-    while start.elapsed() < Duration::from_secs(3) {
+    // Ten requests 300 ms apart: at least 3 s, three idle timeouts' worth, on the connection.
+    for cookie in 2..12 {
         thread::sleep(Duration::from_millis(300));
         assert_eq!(c.read(cookie, 0, 4096), data, "read {cookie}");
-        cookie += 1;
     }
-    assert!(cookie > 9, "only {} requests in 3 s", cookie - 2);
     assert_eq!(hits(&d, "idle_timeout"), 0.0);
     c.disconnect();
 }

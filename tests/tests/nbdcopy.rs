@@ -4,18 +4,41 @@ use evsd_e2e::*;
 
 fn roundtrip(uri_of: impl Fn(&Daemon) -> String) {
     require_tool("nbdcopy");
-    let d = Daemon::start(DaemonOpts::new().volume("vol1:256M"));
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .volume("vol1:256M")
+            .metrics_listen("127.0.0.1:0"),
+    );
     let uri = uri_of(&d);
     let tmp = tempdir();
     let src = tmp.path().join("src.img");
     let out = tmp.path().join("out.img");
     write_random_file(&src, 256 * MIB);
+    let accepted = || {
+        let metrics = d.metrics_addr().expect("metrics address");
+        let text = evsd_e2e::metrics::scrape(metrics);
+        evsd_e2e::metrics::value(&text, "evsd_connections_accepted_total")
+    };
+    let before = accepted();
     run(
         "nbdcopy",
-        &["-C", "4", "--flush", src.to_str().unwrap(), &uri],
+        &["-C", "4", "-T", "4", "--flush", src.to_str().unwrap(), &uri],
     );
-    run("nbdcopy", &["-C", "4", &uri, out.to_str().unwrap()]);
+    let after_in = accepted();
+    run(
+        "nbdcopy",
+        &["-C", "4", "-T", "4", &uri, out.to_str().unwrap()],
+    );
+    let after_out = accepted();
     assert_files_equal(&src, &out);
+    // nbdcopy drops to one connection where multi-conn is not offered (and uses no more
+    // connections than threads, hence -T 4 on a 2-core machine).
+    assert!(
+        after_in - before >= 4.0 && after_out - after_in >= 4.0,
+        "nbdcopy -C 4 made {} and {} connections",
+        after_in - before,
+        after_out - after_in
+    );
 }
 
 #[test]
@@ -36,6 +59,8 @@ fn nbdcopy_256m_roundtrip_unix_after_restart() {
         &[
             "-C",
             "4",
+            "-T",
+            "4",
             "-R",
             "32",
             "--flush",
@@ -46,7 +71,14 @@ fn nbdcopy_256m_roundtrip_unix_after_restart() {
     d.restart();
     run(
         "nbdcopy",
-        &["-C", "4", &d.unix_uri("vol1"), out.to_str().unwrap()],
+        &[
+            "-C",
+            "4",
+            "-T",
+            "4",
+            &d.unix_uri("vol1"),
+            out.to_str().unwrap(),
+        ],
     );
     assert_files_equal(&src, &out);
 }
@@ -73,7 +105,10 @@ fn nbdcopy_sparse_source_over_dirty_volume() {
             f.write_all(&rng.bytes(MIB as usize)).unwrap();
         }
     }
-    run("nbdcopy", &["-C", "4", src.to_str().unwrap(), &uri]);
+    run(
+        "nbdcopy",
+        &["-C", "4", "-T", "4", src.to_str().unwrap(), &uri],
+    );
     let out = tmp.path().join("out.img");
     run("nbdcopy", &[&uri, out.to_str().unwrap()]);
     assert_files_equal(&src, &out);

@@ -170,6 +170,8 @@ fn qemu_io_aio_bursts() {
             64 * MIB + i * 4096 + 7
         ));
     }
+    // Data where the zero and discard go, so that reading zeroes there proves they ran.
+    cmds.push("aio_write -P 0x5e 48M 2M".into());
     cmds.push("aio_flush".into());
     // zero / discard in flight together with reads
     cmds.push("aio_write -z 48M 1M".into());
@@ -209,7 +211,7 @@ fn qemu_io_aio_bursts() {
     let writes = out.lines().filter(|l| l.starts_with("wrote ")).count();
     assert_eq!(
         writes,
-        64 + 16 + 32 + 1 + 2,
+        64 + 16 + 32 + 1 + 1 + 2,
         "not every aio_write completed:\n{out}"
     );
 }
