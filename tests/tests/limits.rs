@@ -140,6 +140,38 @@ fn a_forced_close_of_a_client_that_stopped_reading_lets_it_go() {
     drop(c);
 }
 
+/// A client that half-closes its connection with replies waiting that it never takes (its
+/// reply budget full, so its connection reads nothing and would never see the end of the
+/// stream) does not hold the volume's other writes at the fence for good: once another
+/// connection finds it gone, its replies get the closing bound and it is let go.
+#[test]
+fn a_half_closed_client_taking_no_reply_does_not_hold_others_writes() {
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .with_vol0()
+            .arg("--max-inflight-mib")
+            .arg("1"),
+    );
+    let (mut gone, _) = Raw::open(d.tcp_addr(), "vol0");
+    gone.send(&reads(64));
+    // The replies fill the sockets' buffers meanwhile.
+    thread::sleep(Duration::from_millis(500));
+    gone.shutdown_write();
+    thread::sleep(Duration::from_millis(200));
+    let (mut other, _) = Raw::open(d.tcp_addr(), "vol0");
+    // More than the closing bound (10 s) and the harness's 15 s.
+    other
+        .s
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let data = Prng::new(8).bytes(4096);
+    other.write(1, 0, 8 << 20, &data);
+    assert_eq!(other.read(2, 8 << 20, 4096), data);
+    other.flush(3);
+    assert_hits(&d, "replies_unread_at_close", 1.0);
+    drop(gone);
+}
+
 /// `count` 1 MiB READs of the first MiB, one after another.
 fn reads(count: u64) -> Vec<u8> {
     let mut requests = Vec::new();

@@ -1070,6 +1070,9 @@ where
                 progress = true;
             }
         }
+        if self.end.is_none() && (!self.has_room() || self.blocked) && self.watch_hang_up(cx) {
+            progress = true;
+        }
         if self.poll_reply_stall(cx, wrote || !was_waiting, blocked) {
             progress = true;
         }
@@ -1143,16 +1146,37 @@ where
                     | TransmissionEnd::Shutdown
             )
         );
+        if client_ended {
+            self.bound_replies_at_close();
+        }
+    }
+
+    /// Gives the replies still to come [`CLOSING_REPLY_STALL`] without a byte taken, unless a
+    /// bound as short is set already. True when it set it.
+    fn bound_replies_at_close(&mut self) -> bool {
         let bounded = self
             .reply_stall
             .as_ref()
             .is_some_and(|stall| stall.timeout() <= CLOSING_REPLY_STALL);
-        if !client_ended || bounded {
-            return;
+        if bounded {
+            return false;
         }
         self.reply_stall = Some(IdleTimer::new(CLOSING_REPLY_STALL));
         self.closing_stall = true;
         self.last_queued_bytes = None;
+        true
+    }
+
+    /// While the connection reads nothing (its reply budget is full), it would not see its
+    /// client end the connection: another connection of the volume that finds the client gone
+    /// (see `Attachment::fence_departed`) raises the fence for it and wakes it here. Its
+    /// replies then get [`CLOSING_REPLY_STALL`], as when it reads the end itself: a client that
+    /// half-closed and takes none of them would otherwise hold every write of the volume at
+    /// the fence for good. True when it just set that bound.
+    fn watch_hang_up(&mut self, cx: &mut Context<'_>) -> bool {
+        let seat = self.session.attachment.seat();
+        seat.wake_on_hang_up(cx.waker());
+        seat.was_hung_up() && self.bound_replies_at_close()
     }
 
     /// Accounts for a finished request; returns its reply.

@@ -14,7 +14,10 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::sync::Notify;
 
@@ -136,6 +139,11 @@ pub struct Seat {
     /// without taking the lock (a forced close may find the fence lowered long before a stalled
     /// connection thread takes its next request).
     forced: AtomicBool,
+    /// `SeatState::hung_up`, for a connection task that checks without taking the lock.
+    hung_up: AtomicBool,
+    /// The connection's task while it reads nothing from its socket (its reply budget is
+    /// full): it would not see the end of the stream, so `hung_up` wakes it instead.
+    reader: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
@@ -230,7 +238,21 @@ impl Seat {
         state.draining = true;
         state.hung_up = true;
         state.raised = Some(fence.raise());
+        drop(state);
+        self.hung_up.store(true, Ordering::Release);
+        self.reader.wake();
         true
+    }
+
+    /// Wakes the connection's task (`waker`) when [`Seat::hung_up`] finds its client gone;
+    /// then [`Seat::was_hung_up`] says so.
+    pub fn wake_on_hang_up(&self, waker: &Waker) {
+        self.reader.register(waker);
+    }
+
+    /// Whether [`Seat::hung_up`] found the client gone (lock-free).
+    pub fn was_hung_up(&self) -> bool {
+        self.hung_up.load(Ordering::Acquire)
     }
 
     /// Whether `hung_up` found the client gone before it sent NBD_CMD_DISC, as far as is
