@@ -173,6 +173,11 @@ impl Registry {
         // yet (a background persist failed) could be the head again after a power loss, and
         // the source would write into the clone's base.
         entry.repair_manifest_locked().await?;
+        // The clone's own instances of the linked layers start clean: its FLUSH never syncs
+        // them. Whatever the source has not synced of them yet is synced now, through the
+        // source's instances (which settle their maps too) and, for layers no longer in the
+        // source's chain, by path below.
+        entry.volume().sync_frozen().await?;
         let source_manifest = entry.manifest();
         let record = source_manifest
             .snapshot(snapshot)
@@ -199,6 +204,9 @@ impl Registry {
                             layer::map_path(tmp_dir, id),
                         ),
                     ] {
+                        std::fs::File::open(&from)
+                            .and_then(|file| file.sync_all())
+                            .map_err(|e| StorageError::fs("sync", &from, e))?;
                         std::fs::hard_link(&from, &to)
                             .map_err(|e| StorageError::fs("link", &from, e))?;
                     }
@@ -721,6 +729,22 @@ mod tests {
     }
 
     /// A registry over a fresh data dir (kept while the returned guard lives).
+    /// The snapshot's data a clone is made of is durable once the clone exists: the clone's
+    /// FLUSH never syncs the layers it shares with the source.
+    #[tokio::test]
+    async fn a_clone_syncs_the_snapshot_layers_it_links() {
+        let (_dir, reg) = temp_registry();
+        let reg = Arc::new(reg);
+        reg.create("v", 1 << 20).unwrap();
+        let entry = reg.entry("v").unwrap();
+        entry.volume().write_bulk(0, tagged(7, 4096)).await.unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        let frozen = Arc::clone(&entry.volume().chain().layers()[1]);
+        assert!(frozen.is_dirty(), "the snapshot's layer was never synced");
+        reg.create_from_snapshot("c", "v", "s").await.unwrap();
+        assert!(!frozen.is_dirty(), "the clone left its base unsynced");
+    }
+
     fn temp_registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
