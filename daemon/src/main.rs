@@ -177,15 +177,19 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
         None => None,
     };
     let shutdown = CancellationToken::new();
+    // Cancelled once the NBD server has let its last connection go.
+    let served = CancellationToken::new();
     // Beside serving, as every merge runs: a long one must not hold every volume offline,
-    // nor one that fails keep the daemon from starting. A shutdown cuts it off as a crash
-    // would (merges are redone from their records).
+    // nor one that fails keep the daemon from starting. The end cuts it off as a crash would
+    // (merges are redone from their records), but only once no client write can come: a copy
+    // step dropped midway lets go of the blocks it holds with its write still queued, which
+    // would land over a client's write to them.
     tokio::spawn({
-        let (registry, shutdown) = (Arc::clone(&registry), shutdown.clone());
+        let (registry, served) = (Arc::clone(&registry), served.clone());
         async move {
             tokio::select! {
                 _ = registry.resume_compaction() => {}
-                _ = shutdown.cancelled() => {}
+                _ = served.cancelled() => {}
             }
         }
     });
@@ -314,7 +318,10 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
         threads,
     };
     tokio::join!(
-        server.run(listeners, shutdown.clone()),
+        async {
+            server.run(listeners, shutdown.clone()).await;
+            served.cancel();
+        },
         admin.run(admin_context, settings.admin_idle_timeout, shutdown.clone()),
         serve_metrics
     );
