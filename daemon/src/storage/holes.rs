@@ -5,6 +5,29 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+/// Whether `file`'s filesystem punches holes: a punch of a block past its end, which changes
+/// nothing where it works. False only when the filesystem says it cannot (EOPNOTSUPP, ENOSYS):
+/// a FAST_ZERO must then not take the deallocating path (see `Volume::zero_blocks`), and the
+/// first one would otherwise find out by writing zeroes over its whole range.
+pub fn punches_holes(file: &File) -> bool {
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return true;
+    };
+    let past_end = len.next_multiple_of(4096);
+    let Ok(offset) = libc::off64_t::try_from(past_end) else {
+        return true;
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate takes the fd by value and touches no memory of ours; `file` keeps it
+    // open for the call. KEEP_SIZE past the end: no byte of the file changes.
+    let punched = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, 4096) };
+    if punched == 0 {
+        return true;
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    !matches!(errno, Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
 fn seek(file: &File, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
     // SAFETY: lseek64 takes the fd by value and touches no memory of ours; `file` keeps it
     // open for the call. Only the file offset moves, which positioned I/O ignores.
@@ -134,5 +157,25 @@ mod tests {
         );
         assert!(data_ranges(&file, 3 * block, 8 * block).unwrap().is_empty());
         assert!(hole_means_unwritten(&file));
+    }
+
+    /// The probe says yes where holes can be punched, and changes no byte of the file.
+    #[test]
+    fn the_punch_probe_changes_nothing() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = crate::storage::sized_test_file(dir.path(), "f", 10_000);
+        file.write_all_at(&[7u8; 10_000], 0).unwrap();
+        let blocks_before = allocated_blocks(&file);
+        assert!(punches_holes(&file));
+        let mut back = vec![0u8; 10_000];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        assert_eq!(file.metadata().unwrap().len(), 10_000);
+        assert_eq!(allocated_blocks(&file), blocks_before);
+    }
+
+    fn allocated_blocks(file: &File) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap())
     }
 }

@@ -235,6 +235,9 @@ impl Volume {
         buffers: Arc<BufferPool>,
         writer: Option<Writer>,
     ) -> Volume {
+        // Only a writable volume ever punches.
+        let punch_works =
+            writer.is_none() || crate::storage::holes::punches_holes(chain.top().data());
         Volume {
             name,
             size_bytes: AtomicU64::new(size_bytes),
@@ -250,7 +253,7 @@ impl Volume {
             writer,
             bases: RwLock::new(Vec::new()),
             fallocate_works: AtomicBool::new(true),
-            punch_works: AtomicBool::new(true),
+            punch_works: AtomicBool::new(punch_works),
             restore_mark: std::sync::Mutex::new(None),
         }
     }
@@ -906,8 +909,11 @@ impl Volume {
             // later write marks such a block data again and only the map reaches the disk:
             // the bytes the range holds are overwritten with zeroes instead (in place, so a
             // full disk, which can refuse a punch that splits an extent, takes them).
-            tracing::debug!(volume = %self.name, error = %e, "no hole punched; writing zeroes over the range's bytes");
-            if let Err(e) = self.zero_data_of(head, offset_bytes, length_bytes).await {
+            tracing::debug!(volume = %self.name, error = %e, "no hole punched; zeroing the range's bytes");
+            if let Err(e) = self
+                .zero_range_or_bytes(head, offset_bytes, length_bytes)
+                .await
+            {
                 tracing::warn!(volume = %self.name, offset_bytes, length_bytes, error = %e, "neither a hole nor zeroes replaced the bytes of blocks marked zero; a power loss may show them again");
             }
         }
@@ -917,6 +923,32 @@ impl Volume {
         // later write marks it data and its bytes are lost.
         head.mark_dirty();
         marked
+    }
+
+    /// Replaces a range's bytes in `layer`'s data file with zeroes: a zero range where the
+    /// filesystem has one (fast: no byte written), else zero bytes over what the range holds.
+    async fn zero_range_or_bytes(
+        &self,
+        layer: &Layer,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), StorageError> {
+        if self.fallocate_works.load(Ordering::Relaxed) {
+            let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let zeroed = self
+                .engine
+                .fallocate(layer.data(), zero_range, offset_bytes, length_bytes)
+                .await;
+            match zeroed {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unsupported(&e) => {
+                    self.fallocate_works.store(false, Ordering::Relaxed);
+                }
+                // A full disk may refuse it as it refused the punch: zeroes in place then.
+                Err(_) => {}
+            }
+        }
+        self.zero_data_of(layer, offset_bytes, length_bytes).await
     }
 
     /// Overwrites with zeroes the parts of `length_bytes` from `offset_bytes` that hold bytes in
