@@ -745,6 +745,26 @@ mod tests {
         assert!(!frozen.is_dirty(), "the clone left its base unsynced");
     }
 
+    /// A BLOCK_STATUS over the grown part of a volume with a smaller layer below is one step
+    /// per answer, not one per block past that layer's end (256 MiB per answer, not 4 GiB).
+    #[tokio::test]
+    async fn block_status_jumps_over_what_a_smaller_lower_layer_cannot_hold() {
+        use crate::storage::volume::{EXTENT_HOLE, EXTENT_ZERO};
+        let (_dir, reg) = temp_registry();
+        reg.create("v", 1 << 20).unwrap();
+        let entry = reg.entry("v").unwrap();
+        entry.volume().write_bulk(0, tagged(1, 4096)).await.unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        reg.resize("v", 1 << 40, false).await.unwrap();
+        let volume = reg.get("v").unwrap();
+        let query = crate::storage::StatusQuery::Allocation;
+        let extents = volume
+            .block_status(&query, 1 << 20, 8 << 30, 16)
+            .await
+            .unwrap();
+        assert_eq!(extents, [(4 << 30, EXTENT_HOLE | EXTENT_ZERO)]);
+    }
+
     fn temp_registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();

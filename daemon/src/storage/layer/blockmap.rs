@@ -219,10 +219,11 @@ impl BlockMap {
     }
 
     /// The first block at or after `block` (and before `end`) that may be present, skipping
-    /// empty regions and words; `end` when there is none.
+    /// empty regions and words; `end` when there is none, even past this map's blocks (a
+    /// smaller layer below a grown volume holds nothing there: the caller's walk jumps over it).
     pub fn next_candidate(&self, mut block: u64, end: u64) -> u64 {
-        let end = end.min(self.blocks);
-        while block < end {
+        let limit = end.min(self.blocks);
+        while block < limit {
             if !self.region_may_hold(block) {
                 block = (block / SUMMARY_REGION_BLOCKS + 1) * SUMMARY_REGION_BLOCKS;
                 continue;
@@ -234,7 +235,11 @@ impl BlockMap {
                 block = (word_index + 1) * BLOCKS_PER_WORD;
                 continue;
             }
-            return (block + u64::from(shifted.trailing_zeros() / 2)).min(end);
+            let candidate = block + u64::from(shifted.trailing_zeros() / 2);
+            if candidate < limit {
+                return candidate;
+            }
+            break;
         }
         end
     }
