@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::catalog::{BackupInfo, Catalog};
@@ -573,7 +574,13 @@ impl Backups {
     fn spawn_backup(self: &Arc<Self>, job: Arc<Job>, record: BackupRecord, resumed: bool) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let outcome = upload::run(&this, &job, record.clone(), resumed).await;
+            // A panic fails the job like an error: its claim on the volume, and the hold it
+            // puts on GC, end with it.
+            let run = upload::run(&this, &job, record.clone(), resumed);
+            let outcome = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(BackupError::Failed(panic_message(panic.as_ref()))));
             let mut cleanup = String::new();
             if matches!(&outcome, Err(e) if !matches!(e, BackupError::Cancelled(_))) {
                 // The record goes before the snapshot: a crash or shutdown during the cleanup
@@ -1370,4 +1377,14 @@ pub(crate) fn new_record(
         started_unix_secs: now_unix_secs(),
         done: Vec::new(),
     }
+}
+
+/// What a panic carried, for a job's error.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("the job panicked: {what}")
 }

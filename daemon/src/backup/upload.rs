@@ -551,6 +551,18 @@ async fn upload(
         lapses = lock.lapses();
     }
     let foreign = foreign_chunks(&manifest, &previous, &counters);
+    // No manifest of this job is stored (a resumed job's was looked for first): one under its
+    // id is another daemon's backup that drew the same id, never to be written over.
+    let taken = with_retry(job, &svc.shutdown, "checking the backup id is free", || {
+        svc.store.has_manifest(&manifest.backup_id)
+    })
+    .await?;
+    if taken {
+        return Err(BackupError::Failed(format!(
+            "the store already holds a backup {} (another daemon's, which drew the same id); this job's backup was not stored: take it again",
+            manifest.backup_id
+        )));
+    }
     // From here the backup completes: a cancel is refused rather than racing the manifest,
     // which may land even if its write is abandoned.
     job.commit()?;
@@ -741,6 +753,16 @@ async fn find_base(
         })
         .await
         {
+            Ok(parent)
+                if parent.volume_uuid != record.volume_uuid
+                    || parent.size_bytes != size_bytes
+                    || parent.source_snapshot != base.snapshot =>
+            {
+                // Not the backup the catalog knows under that id (another daemon's that drew
+                // the same id): its chunks are not this volume's.
+                tracing::warn!(job = %job.id, parent = %base.id, "the parent backup's manifest is of another volume or snapshot: backing up in full");
+                return Ok((None, None));
+            }
             Ok(parent) => break (base, parent),
             Err(BackupError::BackupNotFound(_)) if !fresh => fresh = true,
             Err(BackupError::BackupNotFound(_)) => return Ok((None, None)),
@@ -1417,5 +1439,61 @@ mod tests {
                 id(20)
             ]
         );
+    }
+
+    /// Two daemons sharing a store that drew the same backup id: the manifest under it is not
+    /// the backup this daemon's catalog knows, and the next backup is not built on it (its
+    /// chunks are another volume's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_id_another_daemon_drew_too_is_no_parent() {
+        use crate::backup::job::JobState;
+        use crate::backup::sets::tests::backups_with;
+        use crate::io::{EngineConfig, EngineKind, IoEngine};
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (registry, backups) = backups_with(dir.path(), engine);
+        let size_bytes = 2 * CHUNK_SIZE_BYTES;
+        let mut ids = Vec::new();
+        for (name, tag) in [("a", 0xa1u8), ("b", 0xb2)] {
+            registry.create(name, size_bytes).unwrap();
+            let volume = registry.get(name).unwrap();
+            let data = Bytes::from(vec![tag; size_bytes as usize]);
+            volume.write_bulk(0, data).await.unwrap();
+            ids.push(backup(&backups, name).await);
+        }
+        // b's manifest under a's backup id, as the other daemon would have written it.
+        let mut foreign = backups.store.get_manifest(&ids[1]).await.unwrap();
+        foreign.backup_id = ids[0].clone();
+        backups.store.put_manifest(&foreign, &[]).await.unwrap();
+
+        // a's next backup: a changed block, the rest as a's first backup had it.
+        let a = registry.get("a").unwrap();
+        a.write_bulk(0, Bytes::from(vec![0x5a; 4096]))
+            .await
+            .unwrap();
+        let next = backups
+            .store
+            .get_manifest(&backup(&backups, "a").await)
+            .await
+            .unwrap();
+        assert_eq!(
+            next.parent_backup_id, None,
+            "built on another volume's backup"
+        );
+        let b_chunks: std::collections::HashSet<_> = foreign.chunks.iter().flatten().collect();
+        assert!(
+            next.chunks.iter().flatten().all(|c| !b_chunks.contains(c)),
+            "a's backup names b's chunks"
+        );
+
+        async fn backup(backups: &Arc<crate::backup::Backups>, volume: &str) -> String {
+            let started = backups.create(&[volume.into()], false, None).await.unwrap();
+            let job = backups.job(&started[0].id).unwrap();
+            job.wait_finished(Duration::from_secs(60)).await;
+            assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
+            started[0].backup_id.clone()
+        }
     }
 }
