@@ -1998,6 +1998,18 @@ fn a_truncated_pack_is_reported_by_verify_and_fails_restore() {
     assert_eq!(j["state"], "failed", "{j:#}");
     assert!(j["error"].as_str().unwrap().contains("missing"), "{j:#}");
     assert!(admin(&d, "volume.show", json!({"name": "r"})).is_err());
+    // `--full` is the repair: it names no chunk in the damaged pack, and restores.
+    let b3 = backup_now(&d, "vol0", true);
+    let v = admin_ok(&d, "backup.verify", json!({"id": b3["id"]}));
+    let j = wait_job_end(&d, v["job"]["id"].as_str().unwrap());
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    let bad = j["result"]["bad_chunks"].as_array().unwrap();
+    assert!(
+        bad.is_empty(),
+        "the full backup names damaged chunks: {j:#}"
+    );
+    restore_new(&d, "r3", b3["id"].as_str().unwrap());
+    assert_same("the full backup restored", &read_export(&d, "r3"), &model);
 }
 
 /// An incremental knows the store's objects from its parent's manifest instead of listing the

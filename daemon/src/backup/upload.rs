@@ -269,10 +269,13 @@ async fn upload(
     let mut chunks: Vec<Option<Option<ChunkId>>> = vec![None; chunk_count];
     let bases: Arc<KnownBases> = Arc::new(Mutex::new(HashMap::new()));
     // The chunks earlier backups keep in packs are in the store too, though no listing shows
-    // them: their manifests say where. An incremental learns them from its parent, a full
-    // backup from the newest backups of the volume.
+    // them: their manifests say where. An incremental learns them from its parent, a backup
+    // in full for want of a base from the newest backups of the volume. Not one asked for
+    // with `--full`, which checks what it reuses: a damaged pack would go on being named by
+    // every later backup, and `--full` is the documented repair.
     let newest = match parent {
         Some(_) => Vec::new(),
+        None if record.full => Vec::new(),
         None => newest_backups_of(svc, job, record).await?,
     };
     let previous: Vec<&BackupManifest> = parent.iter().chain(&newest).collect();
