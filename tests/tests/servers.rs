@@ -255,6 +255,38 @@ fn server_backups_are_consistent_across_volumes_and_separate_ones_are_not() {
     );
 }
 
+/// A member's delete right after its job ended, while its set is still to be recorded, is
+/// refused: the set's record would otherwise name a backup that no longer exists.
+#[test]
+fn a_member_is_not_deleted_while_its_set_is_being_recorded() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    setup(&d);
+    let set = admin_ok(&d, "server.backup", json!({"name": "web"}));
+    let member = set["members"][0]["backup_id"].as_str().unwrap().to_owned();
+    for job in set["jobs"].as_array().unwrap() {
+        wait_job_ok(&d, job["id"].as_str().unwrap());
+    }
+    let refused = admin(&d, "backup.delete", json!({"id": member}))
+        .expect_err("a member of a server backup was deleted");
+    // Busy while the set is being recorded (its coordinator looks every 200 ms), a plain
+    // refusal once it is.
+    assert!(
+        ["busy", "invalid_argument"].contains(&refused.code.as_str()),
+        "{refused:?}"
+    );
+    let id = set["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(30), || admin_ok(
+            &d,
+            "backup_set.show",
+            json!({"id": id})
+        )["state"]
+            == "complete"),
+        "set {id} never completed"
+    );
+    admin_ok(&d, "backup.show", json!({"id": member}));
+}
+
 #[test]
 fn server_restore_refuses_busy_originals_unless_forced() {
     let d = Daemon::start(DaemonOpts::new().no_default_volume());

@@ -727,6 +727,13 @@ impl Backups {
         match self.catalog.get(backup_id).await {
             Ok(info) => {
                 if let Some(set_id) = &info.group_id {
+                    // Its members' manifests checked, the set's record may land any moment.
+                    if self.running_sets.is_recording(set_id) {
+                        return Err(BackupError::BackupInUse {
+                            backup_id: backup_id.to_owned(),
+                            doing: "a member of a server backup still being recorded: try again once that has ended",
+                        });
+                    }
                     match self.get_set(set_id).await {
                         Ok(_) => {
                             return Err(BackupError::InvalidArgument(format!(

@@ -80,6 +80,14 @@ impl RunningSets {
         self.sets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether set `set_id` is being finished here and has no outcome yet: its record may be
+    /// written any moment, naming its members.
+    pub(crate) fn is_recording(&self, set_id: &str) -> bool {
+        self.lock()
+            .get(set_id)
+            .is_some_and(|(_, outcome)| outcome.is_none())
+    }
+
     /// Records set `set_id`'s outcome and forgets the oldest ended sets beyond
     /// `FINISHED_SETS_KEPT`.
     fn ended(&self, set_id: &str, outcome: Result<(), String>) {
