@@ -778,16 +778,21 @@ async fn find_base(
             Err(e) => return Err(e),
         }
     };
-    let runs = match entry
-        .changed_between(&base.snapshot, &record.snapshot)
-        .await
-    {
-        Ok(Some(runs)) => runs,
+    let changed = entry
+        .changed_between(
+            &base.snapshot,
+            &record.snapshot,
+            ChangedBlocks::new(),
+            add_changed,
+        )
+        .await;
+    let changed = match changed {
+        Ok(Some(changed)) => changed,
         // Not an ancestor any more (a rollback), or deleted meanwhile: read everything.
         Ok(None) | Err(StorageError::SnapshotNotFound { .. }) => return Ok((None, None)),
         Err(e) => return Err(e.into()),
     };
-    Ok((Some(parent), Some(changed_per_chunk(&runs))))
+    Ok((Some(parent), Some(changed)))
 }
 
 /// The manifests of the newest backups of the volume (by uuid) other than this one: all those
@@ -826,27 +831,41 @@ async fn newest_backups_of(
     Ok(manifests)
 }
 
-/// Changed blocks per chunk index, as (first, count) runs relative to the chunk.
+/// Changed blocks per chunk index, as (first, count) runs relative to the chunk. A chunk with
+/// more than [`MAX_DELTA_BLOCKS`] changed is read whole: its runs are one of the whole chunk,
+/// so that scattered changes cost memory only where a delta may use them.
 type ChangedBlocks = BTreeMap<u64, Vec<(u32, u32)>>;
 
-/// Splits changed block runs `[start, end)` (volume blocks) at chunk boundaries.
-fn changed_per_chunk(runs: &[(u64, u64)]) -> ChangedBlocks {
+/// Adds changed block run `[start, end)` (volume blocks, in order) to `changed`, split at
+/// chunk boundaries.
+fn add_changed(changed: &mut ChangedBlocks, start: u64, end: u64) {
     let blocks_per_chunk = CHUNK_SIZE_BYTES / BLOCK_BYTES;
-    let mut changed: ChangedBlocks = BTreeMap::new();
-    for &(start, end) in runs {
-        let mut at = start;
-        while at < end {
-            let chunk = at / blocks_per_chunk;
-            let stop = end.min((chunk + 1) * blocks_per_chunk);
-            let first = (at - chunk * blocks_per_chunk) as u32;
-            let count = (stop - at) as u32;
-            let list = changed.entry(chunk).or_default();
+    let whole = [(0, blocks_per_chunk as u32)];
+    let mut at = start;
+    while at < end {
+        let chunk = at / blocks_per_chunk;
+        let stop = end.min((chunk + 1) * blocks_per_chunk);
+        let first = (at - chunk * blocks_per_chunk) as u32;
+        let count = (stop - at) as u32;
+        let list = changed.entry(chunk).or_default();
+        if list[..] != whole[..] {
             match list.last_mut() {
                 Some(last) if last.0 + last.1 == first => last.1 += count,
                 _ => list.push((first, count)),
             }
-            at = stop;
+            if list.iter().map(|r| r.1).sum::<u32>() > MAX_DELTA_BLOCKS {
+                *list = whole.to_vec();
+            }
         }
+        at = stop;
+    }
+}
+
+#[cfg(test)]
+fn changed_per_chunk(runs: &[(u64, u64)]) -> ChangedBlocks {
+    let mut changed = ChangedBlocks::new();
+    for &(start, end) in runs {
+        add_changed(&mut changed, start, end);
     }
     changed
 }
@@ -1498,5 +1517,24 @@ mod tests {
             assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
             started[0].backup_id.clone()
         }
+    }
+
+    /// Changed runs are split at chunk edges and merged within a chunk; a chunk with more
+    /// changed blocks than a delta takes is kept as one whole run, however scattered.
+    #[test]
+    fn changed_blocks_per_chunk_keep_runs_only_where_a_delta_may_use_them() {
+        let per_chunk = CHUNK_SIZE_BYTES / BLOCK_BYTES;
+        let mut runs: Vec<(u64, u64)> = (0..per_chunk / 2).map(|i| (2 * i, 2 * i + 1)).collect();
+        runs.extend([
+            (per_chunk + 3, per_chunk + 5),
+            (per_chunk + 5, per_chunk + 6),
+            (2 * per_chunk - 1, 2 * per_chunk + 2),
+        ]);
+        let changed = changed_per_chunk(&runs);
+        let whole = vec![(0, per_chunk as u32)];
+        assert_eq!(changed[&0], whole);
+        assert_eq!(changed[&1], [(3, 3), (per_chunk as u32 - 1, 1)]);
+        assert_eq!(changed[&2], [(0, 2)]);
+        assert_eq!(changed.len(), 3);
     }
 }

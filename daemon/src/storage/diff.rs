@@ -25,20 +25,31 @@ impl Drop for SnapshotPin {
     }
 }
 
+/// Blocks the walk of [`VolumeEntry::changed_between`] lists at a time (256 MiB): what it holds
+/// besides the caller's fold is one window's runs, whatever the volume's size.
+const CHANGED_WALK_WINDOW_BLOCKS: u64 = 1 << 16;
+
 impl VolumeEntry {
-    /// Block runs `[start, end)` whose content in snapshot `name` may differ from snapshot
-    /// `base`, read from the layer maps alone (no data is read). None when `base` is not an
-    /// ancestor of `name` (a rollback cut it out of the line): everything must be read.
+    /// Folds into `init`, in order, the block runs `[start, end)` whose content in snapshot
+    /// `name` may differ from snapshot `base`, read from the layer maps alone (no data is
+    /// read). A run may come in pieces (the walk goes window by window). None when `base` is
+    /// not an ancestor of `name` (a rollback cut it out of the line): everything must be read.
     ///
     /// The walk takes a step per changed block (seconds over terabytes just restored): it runs
     /// on the blocking pool over the chain's layers, the volume's state lock long released
     /// (a freeze, and FLUSHes behind it, would otherwise wait for it). Merges meanwhile only
     /// add blocks that read the same through every view, and the layers stay readable.
-    pub async fn changed_between(
+    pub async fn changed_between<T, F>(
         &self,
         base: &str,
         name: &str,
-    ) -> Result<Option<Vec<(u64, u64)>>, StorageError> {
+        init: T,
+        mut fold: F,
+    ) -> Result<Option<T>, StorageError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut T, u64, u64) + Send + 'static,
+    {
         let (chain, layers_above) = {
             let state = self.lock();
             let manifest = &state.manifest;
@@ -56,12 +67,18 @@ impl VolumeEntry {
         };
         let walk = tokio::task::spawn_blocking(move || {
             let blocks = chain.top().blocks();
-            chain
-                .changed_runs(layers_above, 0, blocks)
-                .into_iter()
-                .filter(|(_, _, changed)| *changed)
-                .map(|(a, z, _)| (a, z))
-                .collect()
+            let mut folded = init;
+            let mut start = 0;
+            while start < blocks {
+                let end = blocks.min(start + CHANGED_WALK_WINDOW_BLOCKS);
+                for (a, z, changed) in chain.changed_runs(layers_above, start, end) {
+                    if changed {
+                        fold(&mut folded, a, z);
+                    }
+                }
+                start = end;
+            }
+            folded
         });
         walk.await.map(Some).map_err(|e| {
             StorageError::io(
