@@ -115,6 +115,12 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
             .context("creating the default volume")?;
     }
     for (name, size_bytes) in &settings.create_volumes {
+        // One that failed to load exists all the same: it was skipped and logged, and the
+        // others are served.
+        if registry.unloaded().iter().any(|unloaded| unloaded == name) {
+            tracing::warn!(volume = %name, "not creating a volume that exists but failed to load");
+            continue;
+        }
         if registry.get(name).is_none() {
             registry
                 .create(name, *size_bytes)

@@ -142,6 +142,31 @@ fn flags_override_the_config_file() {
     );
 }
 
+/// A volume the start is told to create that exists but fails to load is skipped like any
+/// volume that fails to load: the daemon still starts and serves the others.
+#[test]
+fn a_volume_to_create_that_fails_to_load_does_not_stop_the_start() {
+    let mut d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .volume("a:8M")
+            .volume("b:8M"),
+    );
+    d.terminate_ok();
+    let manifest = d.data_dir().join("volumes/a/volume.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    // Of a newer format: refused, not repaired.
+    v["format_version"] = serde_json::json!(999);
+    std::fs::write(&manifest, serde_json::to_vec(&v).unwrap()).unwrap();
+    d.restart();
+    assert!(d.stderr().contains("skipping volume"), "{}", d.stderr());
+    let (mut c, info) = Raw::open(d.tcp_addr(), "b");
+    assert_eq!(info.size, 8 << 20);
+    c.write(1, 0, 0, &[3u8; 4096]);
+    assert_eq!(c.read(2, 0, 4096), [3u8; 4096]);
+}
+
 #[test]
 fn print_default_config_is_complete_and_accepted() {
     let out = Command::new(evsd_bin())
