@@ -78,6 +78,10 @@ fn main() -> anyhow::Result<()> {
     settings.tcp_congestion.check()?;
     // Before anything in the directory is read or changed; held until the process ends.
     let _data_dir_lock = DataDirLock::acquire(&settings.data_dir)?;
+    // A ready file says a daemon is serving: the last run's (its pid, its ports) goes before
+    // this one starts, and this one's when it stops, whether it became ready or not.
+    let ready_file = settings.ready_file.clone();
+    remove_ready_file(ready_file.as_deref());
     // Taken before the runtime starts, so no task can see the fds unowned.
     let inherited = Inherited::take().context("taking socket-activated listeners")?;
     // Connections run on threads of their own (`nbd::threads`); this runtime serves the rest:
@@ -87,7 +91,20 @@ fn main() -> anyhow::Result<()> {
         .thread_name("evsd-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(settings, args, inherited))
+    let result = runtime.block_on(run(settings, args, inherited));
+    remove_ready_file(ready_file.as_deref());
+    result
+}
+
+fn remove_ready_file(path: Option<&std::path::Path>) {
+    let Some(path) = path else { return };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove the ready file")
+        }
+    }
 }
 
 async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Result<()> {

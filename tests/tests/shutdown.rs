@@ -316,3 +316,27 @@ fn a_handshake_under_way_at_sigterm_gets_err_shutdown() {
     let status = d.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}\n{}", d.stderr());
 }
+
+/// The NBD socket file goes as soon as the daemon stops accepting (a daemon starting on the
+/// same path meanwhile would bind its own, which ours must not remove later); the ready file
+/// goes when it exits. The socket is open to the daemon's group whatever the umask.
+#[test]
+fn the_socket_file_goes_at_the_stop_and_the_ready_file_at_the_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut d, c) = held_back_client();
+    let socket = d.unix_path().to_path_buf();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    let ready = d.work_dir().join("ready.json");
+    assert!(ready.exists());
+    d.signal(libc::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || !socket.exists()),
+        "the socket file is still there after the stop"
+    );
+    assert!(d.is_running(), "the client's replies should hold the exit");
+    drop(c);
+    let status = d.wait_exit(SHUTDOWN_TIMEOUT);
+    assert!(status.success(), "exit status {status}\n{}", d.stderr());
+    assert!(!ready.exists(), "the ready file outlived the daemon");
+}

@@ -33,6 +33,9 @@ pub struct Listeners {
     pub unix: Option<BoundUnix>,
 }
 
+/// The mode of the NBD Unix socket evsd binds itself.
+const NBD_SOCKET_MODE: u32 = 0o660;
+
 pub struct BoundUnix {
     pub listener: UnixListener,
     pub socket_file: SocketFile,
@@ -120,6 +123,12 @@ impl Listeners {
         let unix = match unix {
             Some(path) => {
                 let (listener, socket_file) = SocketFile::bind(path)?;
+                // Clients in the daemon's group may connect, whatever the umask (the service
+                // runs with 0077), as through the socket unit's SocketMode=0660.
+                std::fs::set_permissions(
+                    &socket_file.path,
+                    std::os::unix::fs::PermissionsExt::from_mode(NBD_SOCKET_MODE),
+                )?;
                 Some(BoundUnix {
                     listener,
                     socket_file,
@@ -171,15 +180,13 @@ impl Server {
         };
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.max_connections));
-        let mut socket_file = None;
         if let Some(tcp) = listeners.tcp {
             let ctx = self.accept_context(&limit, &tracker, &shutdown);
             tracker.spawn(accept_tcp(tcp, ctx, self.tcp_congestion.clone()));
         }
         if let Some(unix) = listeners.unix {
             let ctx = self.accept_context(&limit, &tracker, &shutdown);
-            socket_file = Some(unix.socket_file);
-            tracker.spawn(accept_unix(unix.listener, ctx));
+            tracker.spawn(accept_unix(unix, ctx));
         }
         shutdown.stop.cancelled().await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
@@ -211,9 +218,6 @@ impl Server {
         // on their threads until then.
         let threads = Arc::clone(&self.threads);
         let _ = tokio::task::spawn_blocking(move || threads.stop()).await;
-        if let Some(file) = socket_file {
-            file.remove();
-        }
     }
 
     fn accept_context(
@@ -308,12 +312,24 @@ async fn accept_tcp(listener: TcpListener, ctx: AcceptContext, congestion: TcpCo
     }
 }
 
-async fn accept_unix(listener: UnixListener, ctx: AcceptContext) {
+async fn accept_unix(
+    BoundUnix {
+        listener,
+        socket_file,
+    }: BoundUnix,
+    ctx: AcceptContext,
+) {
     let mut failures = AcceptFailures::new("nbd unix");
     let mut sequence: u64 = 0;
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.stop.cancelled() => return,
+            _ = ctx.shutdown.stop.cancelled() => {
+                // Gone before the listener, while nobody else can have bound the path (a
+                // daemon starting would find us listening): removed after the grace period,
+                // it could be another daemon's socket by then.
+                socket_file.remove();
+                return;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
