@@ -288,3 +288,75 @@ fn unit_files_pass_systemd_analyze_verify() {
         format_output("systemd-analyze verify", &out)
     );
 }
+
+/// The unit's system call filter lets through the calls evsd's fast paths need (io_uring, and
+/// mincore and cachestat for the reads sent from the page cache and the in-place writes), as
+/// this machine's systemd expands its groups: a call refused with EPERM turns a path off.
+#[test]
+fn the_units_system_call_filter_allows_the_fast_paths() {
+    let analyze = require_tool("systemd-analyze");
+    let out = run_unchecked_timeout(
+        &analyze.display().to_string(),
+        &["syscall-filter".to_owned()],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        format_output("syscall-filter", &out)
+    );
+    // Groups ("@name" lines), each followed by its indented members (calls or groups).
+    let mut groups: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut current = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with('@') {
+            current = Some(line.trim().to_owned());
+        } else if let (Some(group), member) = (&current, line.trim()) {
+            if !member.is_empty() && !member.starts_with('#') {
+                groups
+                    .entry(group.clone())
+                    .or_default()
+                    .push(member.to_owned());
+            }
+        }
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/evsd.service"),
+    )
+    .unwrap();
+    let expand = |denied: bool| {
+        let mut names = std::collections::HashSet::new();
+        let mut to_expand: Vec<String> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+            .filter_map(|l| match l.strip_prefix('~') {
+                Some(rest) if denied => Some(rest),
+                None if !denied => Some(l),
+                _ => None,
+            })
+            .flat_map(|l| l.split_whitespace().map(str::to_owned))
+            .collect();
+        while let Some(name) = to_expand.pop() {
+            if !names.insert(name.clone()) {
+                continue;
+            }
+            if let Some(members) = groups.get(&name) {
+                to_expand.extend(members.iter().cloned());
+            }
+        }
+        names
+    };
+    let (allowed, denied) = (expand(false), expand(true));
+    for call in [
+        "io_uring_setup",
+        "io_uring_enter",
+        "mincore",
+        "cachestat",
+        "sendfile",
+    ] {
+        assert!(
+            allowed.contains(call) && !denied.contains(call),
+            "the unit's filter refuses {call}"
+        );
+    }
+}

@@ -29,23 +29,28 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
-/// Cleared on the first ENOSYS or EPERM (an older kernel, a seccomp filter), so such setups pay
-/// for one try only.
+/// Inline page-cache I/O on or off (`enabled`), and whether each of the two calls works: each is
+/// given up on its first ENOSYS or EPERM (an older kernel, a seccomp filter), logged once, so
+/// such setups pay for one try only, and one refused leaves the paths of the other on.
 pub(crate) struct Residency {
-    enabled: AtomicBool,
+    enabled: bool,
+    cachestat_works: AtomicBool,
+    mincore_works: AtomicBool,
 }
 
 impl Residency {
     pub(crate) fn new(enabled: bool) -> Residency {
         Residency {
-            enabled: AtomicBool::new(enabled),
+            enabled,
+            cachestat_works: AtomicBool::new(true),
+            mincore_works: AtomicBool::new(true),
         }
     }
 
     /// True when every page of `offset_bytes..offset_bytes + length_bytes` is cached. False
     /// when any is not, or when the kernel cannot tell.
     pub(crate) fn all_cached(&self, file: &File, offset_bytes: u64, length_bytes: u64) -> bool {
-        if length_bytes == 0 || !self.enabled.load(Ordering::Relaxed) {
+        if length_bytes == 0 || !self.enabled || !self.cachestat_works.load(Ordering::Relaxed) {
             return false;
         }
         // `nr_cache` counts the system's pages, whatever their size.
@@ -73,10 +78,11 @@ impl Residency {
             )
         };
         if rc != 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
-                self.enabled.store(false, Ordering::Relaxed);
-            }
+            refused(
+                &self.cachestat_works,
+                "cachestat",
+                "sendfile from the page cache",
+            );
             return false;
         }
         stat.nr_cache >= pages
@@ -115,7 +121,8 @@ impl Residency {
         length_bytes: usize,
         vector: &mut [u8],
     ) -> bool {
-        if !self.enabled.load(Ordering::Relaxed)
+        if !self.enabled
+            || !self.mincore_works.load(Ordering::Relaxed)
             || pages_under(start, length_bytes) != Some(vector.len())
         {
             return false;
@@ -133,7 +140,25 @@ impl Residency {
                 vector.as_mut_ptr(),
             )
         };
+        if rc != 0 {
+            refused(
+                &self.mincore_works,
+                "mincore",
+                "reads sent from mapped files and in-place writes",
+            );
+        }
         rc == 0
+    }
+}
+
+/// After a failed call: gives `call` up for good if the kernel or a seccomp filter refuses it
+/// (ENOSYS, EPERM), saying once what that turns off.
+fn refused(works: &AtomicBool, call: &str, what: &str) {
+    let errno = std::io::Error::last_os_error();
+    if matches!(errno.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM))
+        && works.swap(false, Ordering::Relaxed)
+    {
+        tracing::warn!(error = %errno, "{call} is refused here (an older kernel, or a seccomp filter without it): {what} off");
     }
 }
 
@@ -178,7 +203,7 @@ mod tests {
         if !residency.all_cached(&file, 0, 64 << 10) {
             // Only a kernel without cachestat may say no here, and then it must have switched
             // itself off rather than keep asking.
-            assert!(!residency.enabled.load(Ordering::Relaxed));
+            assert!(!residency.cachestat_works.load(Ordering::Relaxed));
             return;
         }
         assert!(residency.all_cached(&file, 4096 + 17, 8192));
