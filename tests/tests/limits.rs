@@ -172,6 +172,23 @@ fn a_half_closed_client_taking_no_reply_does_not_hold_others_writes() {
     drop(gone);
 }
 
+/// A client whose handshakes fail in a loop logs one line per reason, not one per
+/// connection; every failure is counted.
+#[test]
+fn a_client_failing_its_handshakes_in_a_loop_logs_once() {
+    let d = Daemon::start_default();
+    for _ in 0..200 {
+        let mut c = Raw::connect(d.tcp_addr());
+        c.read_greeting();
+        c.send(&0xffff_ffffu32.to_be_bytes());
+        c.expect_eof("after unknown client flags");
+    }
+    let text = scrape(metrics_addr(&d));
+    let series = r#"evsd_handshake_failures_total{reason="bad_client_flags"}"#;
+    assert_eq!(value(&text, series), 200.0, "{text}");
+    assert_logged_once(&d, "handshake failed");
+}
+
 /// `count` 1 MiB READs of the first MiB, one after another.
 fn reads(count: u64) -> Vec<u8> {
     let mut requests = Vec::new();

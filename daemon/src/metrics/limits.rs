@@ -3,16 +3,17 @@
 //! A client that keeps hitting a limit must not flood the log, and a crowd of clients must not
 //! grow the memory that remembers who was logged.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-/// Distinct clients remembered as already logged. When full the set starts over: a client seen
-/// before may then be logged once more, which bounds memory and still bounds the log.
+use crate::metrics::log_once::{client_of, LogOnce};
+
+/// Distinct clients remembered as already logged (see `log_once`).
 pub const LOGGED_CLIENTS_CAPACITY: usize = 4096;
 
 /// The limits the server enforces on clients.
@@ -107,53 +108,6 @@ struct LimitLabels {
     limit: Limit,
 }
 
-/// The client a peer name stands for in the log-once set: the IP address of a TCP peer
-/// ("127.0.0.1:54321" → "127.0.0.1", "[::1]:5" → "::1"), "unix" for any Unix-socket peer
-/// ("unix#7"). Ports and connection numbers change with every connection; the client does not.
-pub fn client_of(peer: &str) -> &str {
-    if peer.starts_with("unix") {
-        return "unix";
-    }
-    match peer.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host),
-        _ => peer,
-    }
-}
-
-/// Which (limit, client) pairs were logged, at most `capacity` clients.
-#[derive(Debug)]
-pub struct LogOnce {
-    /// Client → bit set of the limits already logged for it.
-    clients: HashMap<Box<str>, u16>,
-    capacity: usize,
-}
-
-impl LogOnce {
-    pub fn new(capacity: usize) -> LogOnce {
-        LogOnce {
-            clients: HashMap::new(),
-            capacity: capacity.max(1),
-        }
-    }
-
-    /// True the first time `client` hits `limit` (since the set last started over).
-    pub fn first_hit(&mut self, limit: Limit, client: &str) -> bool {
-        if let Some(logged) = self.clients.get_mut(client) {
-            let first = *logged & limit.bit() == 0;
-            *logged |= limit.bit();
-            return first;
-        }
-        if self.clients.len() >= self.capacity {
-            self.clients.clear();
-        }
-        self.clients.insert(client.into(), limit.bit());
-        true
-    }
-}
-
 /// The limit-hit counters and the set of clients already logged.
 pub struct LimitHits {
     /// Indexed by [`Limit::index`]; every series exists from the start, at 0.
@@ -185,15 +139,15 @@ impl LimitHits {
     fn log_once(&self, limit: Limit, peer: &str) {
         let client = client_of(peer);
         // A poisoned lock only means another thread panicked mid-insert; the set is still valid.
-        let first = self
-            .logged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .first_hit(limit, client);
+        let first = self.logged.lock().unwrap_or_else(|e| e.into_inner()).first(
+            limit.bit(),
+            &client,
+            Instant::now(),
+        );
         if first {
             tracing::warn!(
                 limit = limit.label(),
-                client,
+                %client,
                 peer,
                 "{} (logged once per client; every hit is counted in evsd_limit_hits_total)",
                 limit.description()
@@ -233,55 +187,6 @@ impl<'a> ConnectionLimits<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn client_is_the_address_without_port() {
-        assert_eq!(client_of("127.0.0.1:54321"), "127.0.0.1");
-        assert_eq!(client_of("[::1]:10809"), "::1");
-        assert_eq!(client_of("[fe80::1%eth0]:1"), "fe80::1%eth0");
-        assert_eq!(client_of("unix#1"), "unix");
-        assert_eq!(client_of("unix#4711"), "unix");
-        assert_eq!(client_of("no-port"), "no-port");
-    }
-
-    #[test]
-    fn logs_once_per_limit_and_client() {
-        let mut set = LogOnce::new(16);
-        assert!(set.first_hit(Limit::Connections, "10.0.0.1"));
-        assert!(!set.first_hit(Limit::Connections, "10.0.0.1"));
-        assert!(!set.first_hit(Limit::Connections, "10.0.0.1"));
-        // Another limit of the same client, and the same limit of another client, are new.
-        assert!(set.first_hit(Limit::IdleTimeout, "10.0.0.1"));
-        assert!(set.first_hit(Limit::Connections, "10.0.0.2"));
-        assert!(!set.first_hit(Limit::IdleTimeout, "10.0.0.1"));
-        assert_eq!(set.clients.len(), 2);
-        for limit in Limit::ALL {
-            set.first_hit(limit, "10.0.0.3");
-            assert!(!set.first_hit(limit, "10.0.0.3"), "{limit:?}");
-        }
-    }
-
-    #[test]
-    fn set_stays_bounded_under_churn() {
-        let mut set = LogOnce::new(100);
-        for i in 0..10_000 {
-            assert!(set.first_hit(Limit::RequestSize, &format!("10.1.{}.{}", i / 256, i % 256)));
-            assert!(
-                set.clients.len() <= 100,
-                "{} clients remembered",
-                set.clients.len()
-            );
-        }
-        // Starting over may log a client again, once.
-        let mut set = LogOnce::new(2);
-        assert!(set.first_hit(Limit::Connections, "a"));
-        assert!(set.first_hit(Limit::Connections, "b"));
-        assert!(!set.first_hit(Limit::Connections, "a"));
-        assert!(set.first_hit(Limit::Connections, "c"));
-        assert_eq!(set.clients.len(), 1);
-        assert!(set.first_hit(Limit::Connections, "a"));
-        assert!(!set.first_hit(Limit::Connections, "a"));
-    }
 
     #[test]
     fn labels_are_distinct() {

@@ -4,6 +4,7 @@ pub mod backup;
 pub mod http;
 mod labels;
 pub mod limits;
+mod log_once;
 pub mod policy;
 mod volume;
 
@@ -49,6 +50,8 @@ pub struct Metrics {
     thread_connections: Family<ThreadLabels, Gauge>,
     refused: Family<ReasonLabels, Counter>,
     handshake_failures: Family<ReasonLabels, Counter>,
+    /// Which clients' handshake failures were logged, by reason.
+    handshake_failures_logged: std::sync::Mutex<log_once::LogOnce>,
     limits: Arc<LimitHits>,
     backup: backup::BackupMetrics,
     policy: Arc<policy::PolicyMetrics>,
@@ -194,6 +197,9 @@ impl Metrics {
             thread_connections,
             refused,
             handshake_failures,
+            handshake_failures_logged: std::sync::Mutex::new(log_once::LogOnce::new(
+                limits::LOGGED_CLIENTS_CAPACITY,
+            )),
             limits,
             handles: Mutex::new(HashMap::new()),
             is_exported: OnceLock::new(),
@@ -240,12 +246,35 @@ impl Metrics {
             .inc();
     }
 
-    pub fn handshake_failed(&self, reason: &str) {
+    /// Counts a failed handshake of `peer`; true when it is to be logged: the first failure
+    /// of this client for this reason (see `log_once`), so that a client failing in a loop
+    /// logs one line, not one per connection.
+    pub fn handshake_failed(&self, reason: &str, peer: &str) -> bool {
         self.handshake_failures
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })
             .inc();
+        // One bit per reason: the reasons are a handful of fixed labels.
+        const REASONS: [&str; 12] = [
+            "bad_client_flags",
+            "bad_option_magic",
+            "unknown_export",
+            "tls_required",
+            "export_refused",
+            "shutdown",
+            "protocol",
+            "io",
+            "tls",
+            "closed",
+            "aborted",
+            "timeout",
+        ];
+        let bit = 1u16 << REASONS.iter().position(|r| *r == reason).unwrap_or(15);
+        self.handshake_failures_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first(bit, &log_once::client_of(peer), std::time::Instant::now())
     }
 
     /// Counts a client running into `limit` and logs it the first time this client does.
@@ -528,7 +557,7 @@ mod tests {
         metrics.connection_accepted();
         metrics.connection_accepted();
         metrics.connection_refused("limit");
-        metrics.handshake_failed("bad_client_flags");
+        metrics.handshake_failed("bad_client_flags", "10.0.0.1:5");
         metrics.limit_hit(Limit::Connections, "127.0.0.1:1000");
         metrics.limit_hit(Limit::Connections, "127.0.0.1:1001");
         let conn = metrics.volume("v");

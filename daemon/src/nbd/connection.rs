@@ -168,12 +168,15 @@ impl HandshakeLimits<'_> {
                 None
             }
             Ok(Err(failure)) => {
-                self.metrics.handshake_failed(failure.reason());
-                tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
+                if self.metrics.handshake_failed(failure.reason(), peer) {
+                    tracing::warn!(%peer, reason = failure.reason(), error = %failure, "handshake failed (logged once per client and reason; every one is counted in evsd_handshake_failures_total)");
+                } else {
+                    tracing::debug!(%peer, reason = failure.reason(), error = %failure, "handshake failed");
+                }
                 None
             }
             Err(_) => {
-                self.metrics.handshake_failed("timeout");
+                self.metrics.handshake_failed("timeout", peer);
                 self.metrics.limit_hit(Limit::HandshakeTimeout, peer);
                 tracing::debug!(%peer, timeout_secs = self.timeout.as_secs(), "handshake timed out");
                 None
