@@ -2067,3 +2067,56 @@ fn a_client_of_a_snapshot_export_refuses_the_volumes_delete_unless_forced() {
     );
     reader.expect_closed("the snapshot export's client after the forced delete");
 }
+
+/// A connection's `qemu:dirty-bitmap:NAME` keeps meaning the snapshot it was given when it
+/// attached: once that one is deleted, even after another is taken under the same name (a
+/// rotation), every block counts as changed (the safe answer), not the changes since the new
+/// one, which would hide the writes made between the two.
+#[test]
+fn a_dirty_bitmap_keeps_its_snapshot_through_a_delete_and_a_new_one_of_its_name() {
+    let d = start();
+    create_volume(&d, "v", MIB);
+    snap_create(&d, "v", "s");
+    let mut c = Raw::handshake(d.tcp_addr(), CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    c.opt_ack(OPT_STRUCTURED_REPLY);
+    c.structured = true;
+    let name = "qemu:dirty-bitmap:s";
+    let mut query = Vec::new();
+    query.extend_from_slice(&1u32.to_be_bytes());
+    query.extend_from_slice(b"v");
+    query.extend_from_slice(&1u32.to_be_bytes());
+    query.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    query.extend_from_slice(name.as_bytes());
+    c.send_opt(OPT_SET_META_CONTEXT, &query);
+    let selected = c.expect_opt_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT);
+    assert_eq!(&selected.data[4..], name.as_bytes());
+    c.expect_opt_reply(OPT_SET_META_CONTEXT, REP_ACK);
+    c.go("v", &[]);
+    c.write(1, 0, 0, &[7u8; 4096]);
+    let mut cookie = 10;
+    let mut dirty = |c: &mut Raw| -> Vec<(u64, u32)> {
+        cookie += 1;
+        c.send_req(0, CMD_BLOCK_STATUS, cookie, 0, MIB as u32, &[]);
+        let chunks = c.read_chunks(cookie);
+        let status = chunks
+            .iter()
+            .find(|ch| ch.typ == CHUNK_BLOCK_STATUS)
+            .expect("a block status chunk");
+        status.payload[4..]
+            .chunks(8)
+            .map(|e| (be32(e) as u64, be32(&e[4..])))
+            .collect()
+    };
+    assert_eq!(dirty(&mut c), [(4096, 1), (MIB - 4096, 0)]);
+    snap_delete(&d, "v", "s");
+    assert_eq!(dirty(&mut c), [(MIB, 1)], "the snapshot is gone");
+    snap_create(&d, "v", "s");
+    assert_eq!(
+        dirty(&mut c),
+        [(MIB, 1)],
+        "the new snapshot of the name is not the one this connection was given"
+    );
+    // A new connection is given the new one: nothing changed since.
+    require_tool("nbdinfo");
+    assert_map(&d, "v", name, &[(0, MIB, 0)]);
+}

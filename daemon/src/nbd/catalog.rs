@@ -71,8 +71,10 @@ fn description(volume: &Volume) -> String {
     }
 }
 
-/// The storage query behind a metadata context name the catalog offers.
-pub fn status_query(context: &str) -> Option<StatusQuery> {
+/// The storage query behind a metadata context name the catalog offers, on `volume` as it is
+/// now: a dirty bitmap means the snapshot of that name the volume has now, for as long as the
+/// connection lasts.
+pub fn status_query(context: &str, volume: &Volume) -> Option<StatusQuery> {
     if context == BASE_ALLOCATION {
         Some(StatusQuery::Allocation)
     } else if context == ALLOCATION_DEPTH {
@@ -80,7 +82,7 @@ pub fn status_query(context: &str) -> Option<StatusQuery> {
     } else {
         context
             .strip_prefix(DIRTY_BITMAP_PREFIX)
-            .map(|snapshot| StatusQuery::ChangedSince(snapshot.to_owned()))
+            .map(|snapshot| volume.changed_since(snapshot))
     }
 }
 

@@ -143,7 +143,7 @@ pub fn status_extents(query: &StatusQuery, runs: &[(u64, u32)]) -> Vec<evsd_prot
                         0
                     })
                 }
-                StatusQuery::Depth | StatusQuery::ChangedSince(_) => value,
+                StatusQuery::Depth | StatusQuery::ChangedSince { .. } => value,
             },
         })
         .collect()

@@ -40,7 +40,7 @@ use crate::nbd::sendfile::SendFile;
 use crate::nbd::shutdown::Shutdown;
 use crate::nbd::threads;
 use crate::storage::attachments::Attachment;
-use crate::storage::{FileRange, Volume, ZeroMode};
+use crate::storage::{FileRange, StatusQuery, Volume, ZeroMode};
 
 /// Most extents one BLOCK_STATUS reply carries per context (the spec allows 2^20).
 const MAX_EXTENTS_PER_REPLY: usize = 4096;
@@ -98,6 +98,8 @@ struct Session<'m> {
     metrics: &'m VolumeMetrics,
     mode: ReplyMode,
     meta_contexts: Vec<MetaContext>,
+    /// Each context's query, fixed when the connection attached (see `catalog::status_query`).
+    meta_queries: Vec<Option<StatusQuery>>,
     peer: String,
     /// Set once a failed request has been logged at warn level.
     warned_failure: AtomicBool,
@@ -272,11 +274,17 @@ where
     W: AsyncWrite + SendFile + Unpin + Send,
 {
     let mode = negotiated.mode;
+    let meta_queries = negotiated
+        .meta_contexts
+        .iter()
+        .map(|context| catalog::status_query(&context.name, &volume))
+        .collect();
     let session = Session {
         volume,
         metrics,
         mode,
         meta_contexts: negotiated.meta_contexts,
+        meta_queries,
         peer: client.peer,
         warned_failure: AtomicBool::new(false),
         attachment,
@@ -1539,13 +1547,14 @@ async fn block_status(
     };
     let mut head = BytesMut::with_capacity(64);
     let last = session.meta_contexts.len() - 1;
-    for (i, context) in session.meta_contexts.iter().enumerate() {
-        let extents = match catalog::status_query(&context.name) {
+    let contexts = session.meta_contexts.iter().zip(&session.meta_queries);
+    for (i, (context, query)) in contexts.enumerate() {
+        let extents = match query {
             Some(query) => session
                 .volume
-                .block_status(&query, request.offset, request.length, max_extents)
+                .block_status(query, request.offset, request.length, max_extents)
                 .await
-                .map(|runs| replies::status_extents(&query, &runs))?,
+                .map(|runs| replies::status_extents(query, &runs))?,
             // Only contexts the catalog offered can be selected; this is the safe answer anyway.
             None => vec![evsd_proto::Extent {
                 length_bytes: request.length,

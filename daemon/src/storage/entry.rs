@@ -21,7 +21,7 @@ use crate::storage::manifest::{
 use crate::storage::name::validate_volume_name;
 use crate::storage::restore_mark::{RestoreMark, RESTORE_MARK_FILE};
 use crate::storage::spare::SpareHead;
-use crate::storage::volume::{Volume, VolumeIdentity};
+use crate::storage::volume::{SnapshotBase, Volume, VolumeIdentity};
 
 pub struct VolumeEntry {
     pub(crate) dir: PathBuf,
@@ -45,7 +45,12 @@ pub(crate) struct EntryState {
     pub layers: HashMap<String, Arc<Layer>>,
     /// Snapshot name -> its read-only export.
     pub views: BTreeMap<String, Arc<Volume>>,
+    /// Snapshot name -> its incarnation (see `SnapshotBase`), for as long as the name stays.
+    pub incarnations: HashMap<String, u64>,
 }
+
+/// Numbers snapshot incarnations in this process; connections never outlive it.
+static NEXT_INCARNATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub fn now_unix_secs() -> u64 {
     since_epoch().as_secs()
@@ -125,6 +130,7 @@ impl VolumeEntry {
                 manifest,
                 layers,
                 views: BTreeMap::new(),
+                incarnations: HashMap::new(),
             }),
             admin: tokio::sync::Mutex::new(()),
             pins: Mutex::new(HashMap::new()),
@@ -392,11 +398,26 @@ impl VolumeEntry {
             }
         }
         let ancestry = manifest.ancestry(&manifest.head).unwrap_or_default();
+        state
+            .incarnations
+            .retain(|name, _| manifest.snapshot(name).is_some());
+        for snapshot in &manifest.snapshots {
+            state
+                .incarnations
+                .entry(snapshot.name.clone())
+                .or_insert_with(|| {
+                    NEXT_INCARNATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                });
+        }
         let bases = manifest
             .snapshots
             .iter()
             .filter(|s| ancestry.contains(&s.layer))
-            .map(|s| (s.name.clone(), s.layer.clone()))
+            .map(|s| SnapshotBase {
+                name: s.name.clone(),
+                layer: s.layer.clone(),
+                incarnation: state.incarnations[&s.name],
+            })
             .collect();
         let old_epoch = if new_head {
             Some(self.volume.set_chain_new_head(chain))

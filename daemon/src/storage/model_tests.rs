@@ -340,12 +340,7 @@ async fn dirty_bitmap_and_depth_follow_the_layers() {
         .unwrap();
     v.trim(20 * 4096, 2 * 4096, false).await.unwrap();
     let changed = v
-        .block_status(
-            &StatusQuery::ChangedSince(snap.clone()),
-            0,
-            VOLUME_BYTES,
-            100,
-        )
+        .block_status(&v.changed_since(&snap), 0, VOLUME_BYTES, 100)
         .await
         .unwrap();
     assert_eq!(

@@ -81,8 +81,23 @@ pub enum StatusQuery {
     Allocation,
     /// 0 unallocated, 1 the top layer, 2 the layer below, ...
     Depth,
-    /// 1 where a block changed since the named snapshot, else 0.
-    ChangedSince(String),
+    /// 1 where a block changed since the snapshot, else 0: the one named, in the incarnation
+    /// the connection found when it attached (see [`SnapshotBase`]); any other (none then, or
+    /// one deleted and made again under the name since) answers "all changed".
+    ChangedSince {
+        snapshot: String,
+        incarnation: Option<u64>,
+    },
+}
+
+/// A snapshot below the head, a base for "changed since". `incarnation` tells apart snapshots
+/// that had the same name one after the other (a rotation deleting and taking `daily` again):
+/// a connection's `qemu:dirty-bitmap:daily` keeps meaning the one it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotBase {
+    pub name: String,
+    pub layer: String,
+    pub incarnation: u64,
 }
 
 /// Who a volume is, beyond its name: fixed at creation, shown by the admin socket.
@@ -176,8 +191,8 @@ pub struct Volume {
     /// belong to: swapped together (see `epoch.rs`).
     chain: RwLock<ChainSlot>,
     writer: Option<Writer>,
-    /// Snapshots below the head, as (name, layer id): the bases for "changed since".
-    bases: RwLock<Vec<(String, String)>>,
+    /// Snapshots below the head: the bases for "changed since".
+    bases: RwLock<Vec<SnapshotBase>>,
     /// Cleared the first time the filesystem refuses fallocate, so later zeroing of allocated
     /// blocks goes straight to writing zero bytes.
     fallocate_works: AtomicBool,
@@ -402,12 +417,28 @@ impl Volume {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(name, _)| name.clone())
+            .map(|base| base.name.clone())
             .collect()
     }
 
-    pub fn set_bases(&self, bases: Vec<(String, String)>) {
+    pub fn set_bases(&self, bases: Vec<SnapshotBase>) {
         *self.bases.write().unwrap_or_else(|p| p.into_inner()) = bases;
+    }
+
+    /// The "changed since" query for snapshot `name` as it is now (its incarnation, if it is
+    /// a base).
+    pub fn changed_since(&self, name: &str) -> StatusQuery {
+        let incarnation = self
+            .bases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|base| base.name == name)
+            .map(|base| base.incarnation);
+        StatusQuery::ChangedSince {
+            snapshot: name.to_owned(),
+            incarnation,
+        }
     }
 
     pub async fn read(
@@ -1118,14 +1149,17 @@ impl Volume {
                 .into_iter()
                 .map(|(a, z, hit)| (a, z, hit.depth()))
                 .collect(),
-            StatusQuery::ChangedSince(name) => {
+            StatusQuery::ChangedSince {
+                snapshot,
+                incarnation,
+            } => {
                 let layer = self
                     .bases
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, layer)| layer.clone());
+                    .find(|base| base.name == *snapshot && Some(base.incarnation) == *incarnation)
+                    .map(|base| base.layer.clone());
                 match layer.and_then(|id| chain.position(&id)) {
                     Some(top_layers) => chain
                         .changed_runs_within(top_layers, start, end, budget)
