@@ -123,6 +123,16 @@ async fn attach_or_negotiate<S: Transport, T>(
     mut attach: impl FnMut(&Handshaken<S>) -> Result<T, ExportRefusal>,
 ) -> Option<(Handshaken<S>, T)> {
     loop {
+        // A snapshot's export made a moment ago serves once the writes still landing in its
+        // layer are done.
+        if let Some(volume) = exports.registry.get(&handshaken.negotiated.export.name) {
+            limits
+                .run(async {
+                    volume.settled().await;
+                    Ok::<_, HandshakeFailure>(())
+                })
+                .await?;
+        }
         match attach(&handshaken) {
             Ok(attached) => return Some((handshaken, attached)),
             Err(refusal) => {

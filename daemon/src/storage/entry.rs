@@ -436,16 +436,20 @@ impl VolumeEntry {
                 }
                 None => {
                     let size_bytes = chain.top().size_bytes();
-                    Arc::new(
-                        Volume::read_only_view(
-                            format!("{}@{}", manifest.name, snapshot.name),
-                            size_bytes,
-                            chain,
-                            self.engine.clone(),
-                            Arc::clone(&self.buffers),
-                        )
-                        .with_identity(self.volume.identity().clone()),
+                    let view = Volume::read_only_view(
+                        format!("{}@{}", manifest.name, snapshot.name),
+                        size_bytes,
+                        chain,
+                        self.engine.clone(),
+                        Arc::clone(&self.buffers),
                     )
+                    .with_identity(self.volume.identity().clone());
+                    // A snapshot just taken: its layer is the head just frozen, which may
+                    // still take the writes in flight on it.
+                    if let Some(epoch) = &old_epoch {
+                        view.settle_after(Arc::clone(epoch));
+                    }
+                    Arc::new(view)
                 }
             };
             views.insert(snapshot.name.clone(), view);

@@ -201,6 +201,9 @@ pub struct Volume {
     /// Set while the volume holds an incomplete restore (see `restore_mark.rs`): the handshake
     /// refuses clients then.
     restore_mark: std::sync::Mutex<Option<RestoreMark>>,
+    /// A snapshot's export just made: the writes still landing in its layer (the epoch of the
+    /// head it froze), which a client must not read before they are done.
+    settling: std::sync::Mutex<Option<Arc<Epoch>>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -270,6 +273,32 @@ impl Volume {
             fallocate_works: AtomicBool::new(true),
             punch_works: AtomicBool::new(punch_works),
             restore_mark: std::sync::Mutex::new(None),
+            settling: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// This snapshot export's content is final once the writes of `epoch` (in flight on the
+    /// head its snapshot froze) are done: see [`Volume::settled`].
+    pub(crate) fn settle_after(&self, epoch: Arc<Epoch>) {
+        *self.settling.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
+    }
+
+    /// Waits until the content is final: at once but for a snapshot's export made a moment
+    /// ago, whose layer may still take the writes in flight when it was frozen (its snapshot's
+    /// create answers only after them). Clients attach after this, so they never read a block
+    /// such a write then changes.
+    pub async fn settled(&self) {
+        let settling = self
+            .settling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(epoch) = settling {
+            epoch.drained().await;
+            self.settling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
         }
     }
 
@@ -1434,6 +1463,50 @@ mod tests {
     /// the epoch before the snapshot. It must not hold its block's stripe meanwhile: one of
     /// those writes (a trim, an unaligned write past its first await) may need the stripe to
     /// finish, and the snapshot, the partial write and that write would wait on each other.
+    #[test]
+    fn a_new_snapshots_export_settles_once_the_writes_in_flight_on_its_layer_are_done() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (registry, volume) = volume_of_ones(dir.path(), None, 16 * BLOCK_BYTES).await;
+            let entry = registry.entry("v").unwrap();
+            // A write of the current epoch, in flight until the guard is dropped.
+            let (_chain, in_flight) = volume.chain_for_write();
+            let snapshot = {
+                let entry = Arc::clone(&entry);
+                tokio::spawn(async move { entry.create_snapshot("s").await })
+            };
+            let view = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let Some(view) = registry.get("v@s") {
+                        break view;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the snapshot's export appears");
+            let settled = tokio::time::timeout(Duration::from_millis(100), view.settled()).await;
+            assert!(
+                settled.is_err(),
+                "settled with a write still landing in its layer"
+            );
+            drop(in_flight);
+            tokio::time::timeout(Duration::from_secs(5), view.settled())
+                .await
+                .expect("settled once the write was done");
+            snapshot.await.unwrap().unwrap();
+            // Settled for good: later attaches do not wait.
+            tokio::time::timeout(Duration::from_millis(100), view.settled())
+                .await
+                .unwrap();
+        });
+    }
+
     #[test]
     fn a_partial_write_waits_for_the_earlier_epoch_without_holding_its_stripe() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
