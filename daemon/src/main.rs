@@ -294,14 +294,6 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
             running: settings.clone(),
         },
     ));
-    announce(&settings, &listeners, metrics_addr, &registry)?;
-
-    systemd::ready(&format!(
-        "serving {} volume(s), {} I/O",
-        registry.list().len(),
-        admin_context.io_engine.kind()
-    ));
-
     let serve_metrics = async {
         if let Some(listener) = metrics_listener {
             if let Some(addr) = metrics_addr {
@@ -317,6 +309,15 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
         ConnectionThreads::start(connection_threads, &metrics)
             .context("starting connection threads")?,
     );
+    // Ready once nothing left can fail the start.
+    announce(&settings, &listeners, metrics_addr, &registry)?;
+
+    systemd::ready(&format!(
+        "serving {} volume(s), {} I/O",
+        registry.list().len(),
+        admin_context.io_engine.kind()
+    ));
+
     let server = Server {
         registry,
         metrics: Arc::clone(&metrics),
