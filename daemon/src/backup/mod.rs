@@ -98,6 +98,9 @@ pub struct Backups {
     /// (`delta::NAMING_BATCHES_PER_CORE`). More only spread the memory they use over more
     /// threads and buffers.
     pub(crate) naming_permits: tokio::sync::Semaphore,
+    /// Backups reading their snapshots at once (`MAX_BACKUPS_READING`): a policy over many
+    /// volumes starts a job for each, and each holds chunk buffers while it reads.
+    reading_slots: tokio::sync::Semaphore,
     pub(crate) config: BackupConfig,
     pub(crate) throttle: Throttle,
     pub(crate) shutdown: CancellationToken,
@@ -169,6 +172,7 @@ impl Backups {
                 buffer.capacity() <= delta::MAX_KEPT_DELTA_BYTES
             }),
             naming_permits: tokio::sync::Semaphore::new(naming_batches),
+            reading_slots: tokio::sync::Semaphore::new(MAX_BACKUPS_READING),
             throttle: Throttle::new(config.rate_limit_bytes_per_sec),
             config,
             shutdown,
@@ -567,6 +571,30 @@ impl Backups {
     pub(crate) fn unclaim_all(&self, volumes: &[String]) {
         for volume in volumes {
             self.unclaim(volume);
+        }
+    }
+
+    /// Waits for one of the `MAX_BACKUPS_READING` slots for `job` to read its snapshot in (its
+    /// snapshot is taken already: waiting changes nothing of what it backs up). Ends early when
+    /// the job is cancelled or the daemon stops.
+    pub(crate) async fn reading_slot(
+        &self,
+        job: &Job,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, BackupError> {
+        let stopped = || {
+            job.stopped(&self.shutdown)
+                .unwrap_or_else(|| BackupError::Cancelled("the job was stopped".into()))
+        };
+        if let Ok(slot) = self.reading_slots.try_acquire() {
+            return Ok(slot);
+        }
+        tracing::info!(job = %job.id, max = MAX_BACKUPS_READING, "waiting for another backup to finish reading");
+        tokio::select! {
+            slot = self.reading_slots.acquire() => {
+                slot.map_err(|_| BackupError::Failed("the backup slots were closed".into()))
+            }
+            _ = job.stop_requested() => Err(stopped()),
+            _ = self.shutdown.cancelled() => Err(stopped()),
         }
     }
 
@@ -1386,6 +1414,11 @@ pub(crate) fn new_record(
     }
 }
 
+/// Backups of this daemon reading their snapshots at once; the others wait their turn. Each
+/// holds its whole chunks in flight (`upload_concurrency` of them, 4 MiB each, and their encoded
+/// copies); four keep a two-core machine's disk and cores busy.
+const MAX_BACKUPS_READING: usize = 4;
+
 /// What a panic carried, for a job's error.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let what = panic
@@ -1394,4 +1427,51 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".into());
     format!("the job panicked: {what}")
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backup::sets::tests::backups_with;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+
+    /// At most `MAX_BACKUPS_READING` backups read at once; one waiting for its turn ends when
+    /// it is cancelled, and the next gets the slot a finished one gives back.
+    #[tokio::test]
+    async fn backups_read_a_few_at_a_time_and_a_waiting_one_can_be_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (_registry, backups) = backups_with(dir.path(), engine);
+        let job = |n: usize| {
+            Job::new(
+                format!("j-{n}"),
+                JobKind::Backup,
+                "v".into(),
+                "b".into(),
+                &backups.shutdown,
+            )
+        };
+        let jobs: Vec<Job> = (0..MAX_BACKUPS_READING + 2).map(job).collect();
+        let mut reading = Vec::new();
+        for job in &jobs[..MAX_BACKUPS_READING] {
+            reading.push(backups.reading_slot(job).await.unwrap());
+        }
+        let waiting = &jobs[MAX_BACKUPS_READING];
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), backups.reading_slot(waiting)).await;
+        assert!(waited.is_err(), "a fifth backup read at once");
+        let (cancelled, ()) = tokio::join!(backups.reading_slot(waiting), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waiting.cancel().unwrap();
+        });
+        assert!(matches!(cancelled, Err(BackupError::CancelledByRequest)));
+        let next = &jobs[MAX_BACKUPS_READING + 1];
+        let (slot, ()) = tokio::join!(backups.reading_slot(next), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reading.pop();
+        });
+        slot.expect("the slot a finished backup gave back");
+    }
 }

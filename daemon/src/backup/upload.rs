@@ -160,6 +160,7 @@ pub async fn run(
             manifest
         }
         None => {
+            let _slot = svc.reading_slot(job).await?;
             // The base is looked for while the lock is taken (a write and a listing): its
             // manifest read and parsed meanwhile, `upload` only asks under the lock whether
             // it is still there.
