@@ -1472,6 +1472,6 @@ mod slot_tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             reading.pop();
         });
-        slot.expect("the slot a finished backup gave back");
+        let _slot = slot.expect("the slot a finished backup gave back");
     }
 }
