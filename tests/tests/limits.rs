@@ -183,9 +183,14 @@ fn a_client_failing_its_handshakes_in_a_loop_logs_once() {
         c.send(&0xffff_ffffu32.to_be_bytes());
         c.expect_eof("after unknown client flags");
     }
-    let text = scrape(metrics_addr(&d));
+    // The last failure is counted after its socket closed.
     let series = r#"evsd_handshake_failures_total{reason="bad_client_flags"}"#;
-    assert_eq!(value(&text, series), 200.0, "{text}");
+    let counted = || value(&scrape(metrics_addr(&d)), series);
+    assert!(
+        wait_until(Duration::from_secs(10), || counted() == 200.0),
+        "{} failures counted of 200",
+        counted()
+    );
     assert_logged_once(&d, "handshake failed");
 }
 

@@ -1,7 +1,8 @@
 //! Which (client, kind) pairs were already logged, so that a client repeating a failure or
 //! running into a limit logs one line, not one per connection. The memory is bounded: once it
 //! remembers its capacity of clients, newcomers share one line per interval between them (a
-//! crowd of addresses, say one client rotating through an IPv6 /64, cannot flood the log).
+//! crowd of addresses, say one client rotating through an IPv6 /64, cannot flood the log),
+//! and a full set starts over once it is an hour old (at most its capacity of lines an hour).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -10,6 +11,9 @@ use std::time::{Duration, Instant};
 /// How often a line for a client not remembered goes out once the set is full.
 pub const OVERFLOW_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How old a full set must be to start over.
+pub const FULL_SET_LIFETIME: Duration = Duration::from_secs(3600);
+
 #[derive(Debug)]
 pub struct LogOnce {
     /// Client → bit set of the kinds already logged for it.
@@ -17,6 +21,8 @@ pub struct LogOnce {
     capacity: usize,
     /// When a client not remembered was last logged while the set was full.
     overflow_logged_at: Option<Instant>,
+    /// When the set last started (empty).
+    started_at: Option<Instant>,
 }
 
 impl LogOnce {
@@ -25,6 +31,7 @@ impl LogOnce {
             clients: HashMap::new(),
             capacity: capacity.max(1),
             overflow_logged_at: None,
+            started_at: None,
         }
     }
 
@@ -32,6 +39,13 @@ impl LogOnce {
     /// client has it; for a client the full set does not remember, once per
     /// [`OVERFLOW_LOG_INTERVAL`] among all such.
     pub fn first(&mut self, kind: u16, client: &str, now: Instant) -> bool {
+        let started_at = *self.started_at.get_or_insert(now);
+        if self.clients.len() >= self.capacity
+            && now.duration_since(started_at) >= FULL_SET_LIFETIME
+        {
+            self.clients.clear();
+            self.started_at = Some(now);
+        }
         if let Some(logged) = self.clients.get_mut(client) {
             let first = *logged & kind == 0;
             *logged |= kind;
@@ -128,5 +142,9 @@ mod tests {
         // The remembered ones are still logged once per kind.
         assert!(!set.first(1, "10.1.0.0", start));
         assert!(set.first(2, "10.1.0.0", start));
+        // An hour on, the full set starts over.
+        let later = start + FULL_SET_LIFETIME;
+        assert!(set.first(1, "10.1.0.0", later));
+        assert_eq!(set.remembered(), 1);
     }
 }

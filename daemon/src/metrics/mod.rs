@@ -250,11 +250,7 @@ impl Metrics {
     /// of this client for this reason (see `log_once`), so that a client failing in a loop
     /// logs one line, not one per connection.
     pub fn handshake_failed(&self, reason: &str, peer: &str) -> bool {
-        self.handshake_failures
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        self.count_handshake_failure(reason);
         // One bit per reason: the reasons are a handful of fixed labels.
         const REASONS: [&str; 12] = [
             "bad_client_flags",
@@ -275,6 +271,16 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .first(bit, &log_once::client_of(peer), std::time::Instant::now())
+    }
+
+    /// Counts a failed handshake that is not logged (a timeout is a limit hit, logged as such):
+    /// it takes no place among the clients remembered as logged.
+    pub fn count_handshake_failure(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a client running into `limit` and logs it the first time this client does.

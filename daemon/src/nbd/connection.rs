@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{AccessStore, ClientAddr, ClientIdentity, Decision};
 use crate::metrics::{Limit, Metrics};
 use crate::nbd::catalog::closed_refusal;
-use crate::nbd::handshake::{self, negotiate, Established, Exports, HandshakeFailure, Handshaken};
+use crate::nbd::handshake::{
+    self, negotiate, Established, Exports, HandshakeFailure, Handshaken, SHUTDOWN_OPTION_WAIT,
+};
 use crate::nbd::shutdown::Shutdown;
 use crate::nbd::stream::Transport;
 use crate::nbd::tls::TlsContext;
@@ -68,6 +70,7 @@ pub async fn serve<S: Transport>(
     let limits = HandshakeLimits {
         deadline: Instant::now() + config.handshake_timeout,
         timeout: config.handshake_timeout,
+        stop: &shutdown.stop,
         give_up: &shutdown.give_up,
         metrics: &metrics,
         peer: &peer,
@@ -144,12 +147,18 @@ async fn attach_or_negotiate<S: Transport, T>(
     }
 }
 
+/// Beyond `SHUTDOWN_OPTION_WAIT`, for the ERR_SHUTDOWN reply and the client's ABORT to pass.
+const SHUTDOWN_SLACK: Duration = Duration::from_millis(500);
+
 /// What bounds a handshake, however many GOs it takes.
 struct HandshakeLimits<'a> {
     deadline: Instant,
     timeout: Duration,
-    /// The shutdown's grace period is over. (Before that, a handshake under way answers the
-    /// client's options with ERR_SHUTDOWN.)
+    /// The server is shutting down: a handshake under way answers the client's options with
+    /// ERR_SHUTDOWN, and gets `SHUTDOWN_OPTION_WAIT` (and a little) for the rest, whatever it
+    /// waits on (a TLS handshake, a client not reading its replies).
+    stop: &'a CancellationToken,
+    /// The shutdown's grace period is over.
     give_up: &'a CancellationToken,
     metrics: &'a Metrics,
     peer: &'a str,
@@ -163,9 +172,14 @@ impl HandshakeLimits<'_> {
         negotiation: impl Future<Output = Result<T, HandshakeFailure>>,
     ) -> Option<T> {
         let peer = self.peer;
+        let stopped = async {
+            self.stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_OPTION_WAIT + SHUTDOWN_SLACK).await;
+        };
         let outcome = tokio::select! {
             outcome = tokio::time::timeout_at(self.deadline, negotiation) => outcome,
             _ = self.give_up.cancelled() => return None,
+            _ = stopped => return None,
         };
         match outcome {
             Ok(Ok(done)) => Some(done),
@@ -186,7 +200,7 @@ impl HandshakeLimits<'_> {
                 None
             }
             Err(_) => {
-                self.metrics.handshake_failed("timeout", peer);
+                self.metrics.count_handshake_failure("timeout");
                 self.metrics.limit_hit(Limit::HandshakeTimeout, peer);
                 tracing::debug!(%peer, timeout_secs = self.timeout.as_secs(), "handshake timed out");
                 None
@@ -412,6 +426,7 @@ mod tests {
         let limits = |timeout: Duration| HandshakeLimits {
             deadline: Instant::now() + timeout,
             timeout,
+            stop: &shutdown,
             give_up: &shutdown,
             metrics: &fixture.metrics,
             peer: "test",

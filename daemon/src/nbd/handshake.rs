@@ -38,7 +38,7 @@ pub enum HandshakeFailure {
 
 /// How long a client in the handshake has, once the server starts shutting down, to send its
 /// next option (answered with ERR_SHUTDOWN) or its ABORT before the connection is closed.
-const SHUTDOWN_OPTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const SHUTDOWN_OPTION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl HandshakeFailure {
     /// The server's shutdown ended the handshake, not the client.

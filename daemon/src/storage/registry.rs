@@ -728,7 +728,6 @@ mod tests {
         assert!(!reg.was_deleted(&reg.entry("v").unwrap()));
     }
 
-    /// A registry over a fresh data dir (kept while the returned guard lives).
     /// The snapshot's data a clone is made of is durable once the clone exists: the clone's
     /// FLUSH never syncs the layers it shares with the source.
     #[tokio::test]
@@ -765,6 +764,7 @@ mod tests {
         assert_eq!(extents, [(4 << 30, EXTENT_HOLE | EXTENT_ZERO)]);
     }
 
+    /// A registry over a fresh data dir (kept while the returned guard lives).
     fn temp_registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();

@@ -985,35 +985,11 @@ impl Volume {
         marked
     }
 
-    /// Replaces a range's bytes in `layer`'s data file with zeroes: a zero range where the
-    /// filesystem has one (fast: no byte written), else zero bytes over what the range holds.
+    /// Replaces with zeroes the parts of `length_bytes` from `offset_bytes` that hold bytes in
+    /// `layer`'s data file (holes read as zeroes already, and are left holes: a zero range over
+    /// them would allocate them): each by a zero range where the filesystem has one (no byte
+    /// written), else by writing zero bytes.
     async fn zero_range_or_bytes(
-        &self,
-        layer: &Layer,
-        offset_bytes: u64,
-        length_bytes: u64,
-    ) -> Result<(), StorageError> {
-        if self.fallocate_works.load(Ordering::Relaxed) {
-            let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            let zeroed = self
-                .engine
-                .fallocate(layer.data(), zero_range, offset_bytes, length_bytes)
-                .await;
-            match zeroed {
-                Ok(()) => return Ok(()),
-                Err(e) if is_unsupported(&e) => {
-                    self.fallocate_works.store(false, Ordering::Relaxed);
-                }
-                // A full disk may refuse it as it refused the punch: zeroes in place then.
-                Err(_) => {}
-            }
-        }
-        self.zero_data_of(layer, offset_bytes, length_bytes).await
-    }
-
-    /// Overwrites with zeroes the parts of `length_bytes` from `offset_bytes` that hold bytes in
-    /// `layer`'s data file (holes read as zeroes already).
-    async fn zero_data_of(
         &self,
         layer: &Layer,
         offset_bytes: u64,
@@ -1023,7 +999,23 @@ impl Volume {
         let ranges = holes::data_ranges(layer.data(), offset_bytes, end_bytes)
             .map_err(|e| StorageError::io("seek_data", offset_bytes, length_bytes, e))?;
         for (start_bytes, range_end_bytes) in ranges {
-            self.write_zero_bytes(layer, start_bytes, range_end_bytes - start_bytes)
+            let range_bytes = range_end_bytes - start_bytes;
+            if self.fallocate_works.load(Ordering::Relaxed) {
+                let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                let zeroed = self
+                    .engine
+                    .fallocate(layer.data(), zero_range, start_bytes, range_bytes)
+                    .await;
+                match zeroed {
+                    Ok(()) => continue,
+                    Err(e) if is_unsupported(&e) => {
+                        self.fallocate_works.store(false, Ordering::Relaxed);
+                    }
+                    // A full disk may refuse it as it refused the punch: zeroes in place then.
+                    Err(_) => {}
+                }
+            }
+            self.write_zero_bytes(layer, start_bytes, range_bytes)
                 .await?;
         }
         Ok(())
@@ -1459,10 +1451,8 @@ mod tests {
         }
     }
 
-    /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
-    /// the epoch before the snapshot. It must not hold its block's stripe meanwhile: one of
-    /// those writes (a trim, an unaligned write past its first await) may need the stripe to
-    /// finish, and the snapshot, the partial write and that write would wait on each other.
+    /// A snapshot's export made by a freeze takes clients only once the writes in flight on
+    /// the head it froze have landed in its layer.
     #[test]
     fn a_new_snapshots_export_settles_once_the_writes_in_flight_on_its_layer_are_done() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1507,6 +1497,10 @@ mod tests {
         });
     }
 
+    /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
+    /// the epoch before the snapshot. It must not hold its block's stripe meanwhile: one of
+    /// those writes (a trim, an unaligned write past its first await) may need the stripe to
+    /// finish, and the snapshot, the partial write and that write would wait on each other.
     #[test]
     fn a_partial_write_waits_for_the_earlier_epoch_without_holding_its_stripe() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
