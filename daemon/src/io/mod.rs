@@ -444,10 +444,10 @@ impl IoEngine {
             match result {
                 // The buffer stayed with the failed ring's kernel, and the bytes read before
                 // with it: the whole read starts again, into a new buffer, on the thread pool
-                // that took over (none did when the ring also lost writes).
+                // that took over reads (writes too, unless the ring lost some).
                 Err(err)
                     if uring::read_lost_with_ring(&err)
-                        && matches!(self.backend(), BackendRef::Threads(_)) =>
+                        && matches!(self.backend_for_reads(), BackendRef::Threads(_)) =>
                 {
                     buf = BytesMut::zeroed(wanted_bytes);
                     filled_bytes = 0;
@@ -994,6 +994,39 @@ mod tests {
         assert_eq!(&back[..], &data[..]);
         assert!(!uring.lost_writes());
         assert_eq!(engine.kind(), EngineKind::Threads);
+    }
+
+    /// A read in the kernel with a write when their ring fails is read again by the thread
+    /// pool, which takes reads over even when the ring lost writes.
+    #[tokio::test]
+    async fn a_read_in_the_kernel_with_a_lost_write_is_read_again_by_the_thread_pool() {
+        let (engine, file, data) = uring_with_data(12, 16384).await;
+        let uring = uring_of(&engine);
+        uring.hold_rings_for_test();
+        let written = {
+            let (engine, file) = (engine.clone(), Arc::clone(&file));
+            let more = Bytes::from(vec![5u8; 4096]);
+            tokio::spawn(async move { engine.write_all_at(&file, 16384, more, false).await })
+        };
+        let read = {
+            let (engine, file) = (engine.clone(), Arc::clone(&file));
+            tokio::spawn(async move {
+                engine
+                    .read_exact_at(&file, 0, BytesMut::zeroed(16384))
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        uring.fail_after_submit_for_test();
+        uring.release_rings_for_test();
+        assert!(
+            written.await.unwrap().is_err(),
+            "a lost write reported success"
+        );
+        assert!(uring.lost_writes());
+        let (back, read) = read.await.unwrap();
+        read.expect("the read, read again by the thread pool");
+        assert_eq!(&back[..], &data[..]);
     }
 
     #[tokio::test]

@@ -176,6 +176,15 @@ impl UringEngine {
         }
     }
 
+    /// Lets held rings take their requests again (see [`UringEngine::hold_rings_for_test`]).
+    #[cfg(test)]
+    pub(crate) fn release_rings_for_test(&self) {
+        for ring in &self.rings {
+            ring.shared.held.store(false, Ordering::SeqCst);
+            ring.shared.wake();
+        }
+    }
+
     /// Makes every ring fail as soon as it has handed requests to the kernel, for tests of
     /// requests in flight when a ring fails.
     #[cfg(test)]
