@@ -60,9 +60,9 @@ impl Errno {
             12 => Errno::NoMem,            // ENOMEM
             22 => Errno::Inval,            // EINVAL
             27 | 28 | 122 => Errno::NoSpc, // EFBIG, ENOSPC, EDQUOT
-            75 => Errno::Overflow,         // EOVERFLOW
-            95 => Errno::NotSup,           // EOPNOTSUPP
-            108 => Errno::Shutdown,        // ESHUTDOWN
+            // EOVERFLOW, EOPNOTSUPP and ESHUTDOWN mean something in NBD (an oversized request,
+            // a FAST_ZERO that cannot be fast, a server going down: the client MUST then
+            // disconnect); from the host's storage they are plain I/O errors.
             _ => Errno::Io,
         }
     }
@@ -115,5 +115,13 @@ mod tests {
         assert_eq!(Errno::from_host_errno(27), Errno::NoSpc);
         assert_eq!(Errno::from_host_errno(5), Errno::Io);
         assert_eq!(Errno::from_host_errno(9), Errno::Io);
+    }
+
+    /// Host errors whose NBD numbers tell the client something specific go out as EIO.
+    #[test]
+    fn host_errnos_meaningful_in_nbd_become_eio() {
+        for code in [75, 95, 108] {
+            assert_eq!(Errno::from_host_errno(code), Errno::Io, "host errno {code}");
+        }
     }
 }

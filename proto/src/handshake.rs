@@ -341,7 +341,12 @@ impl ServerHandshake {
             }
             other => other,
         };
-        let (reply_type, msg) = refusal_reply(&negotiated.export.name, refusal, self.config.tls);
+        let (reply_type, msg) = refusal_reply(
+            &negotiated.export.name,
+            refusal,
+            self.config.tls,
+            self.tls_active,
+        );
         put_reply(out, OPT_GO, reply_type, msg.as_bytes());
         if !negotiated.meta_contexts.is_empty() {
             // `finish` took them for this export; a later GO for it gets them again.
@@ -579,7 +584,7 @@ impl ServerHandshake {
 
     /// The option reply for an export the catalog refused.
     fn put_refusal(&self, out: &mut BytesMut, option: u32, name: &str, refusal: ExportRefusal) {
-        let (reply_type, msg) = refusal_reply(name, refusal, self.config.tls);
+        let (reply_type, msg) = refusal_reply(name, refusal, self.config.tls, self.tls_active);
         put_reply(out, option, reply_type, msg.as_bytes());
     }
 
@@ -685,7 +690,12 @@ impl ServerHandshake {
 }
 
 /// The error reply refusing export `name`, and its message.
-fn refusal_reply(name: &str, refusal: ExportRefusal, tls: TlsMode) -> (u32, String) {
+fn refusal_reply(
+    name: &str,
+    refusal: ExportRefusal,
+    tls: TlsMode,
+    tls_active: bool,
+) -> (u32, String) {
     // The message quotes the name escaped; cut it so the message stays far below the spec's
     // 4096-byte limit on strings (escaping can make a name six times longer).
     let name = truncate_utf8(name, MAX_QUOTED_NAME_BYTES);
@@ -695,6 +705,11 @@ fn refusal_reply(name: &str, refusal: ExportRefusal, tls: TlsMode) -> (u32, Stri
         ExportRefusal::TlsRequired if tls == TlsMode::Off => (
             REP_ERR_POLICY,
             format!("export {name:?} is served over TLS only, which this server does not offer"),
+        ),
+        // Nor once TLS is up (a catalog that still says so is wrong, but the wire stays right).
+        ExportRefusal::TlsRequired if tls_active => (
+            REP_ERR_POLICY,
+            format!("export {name:?} is refused over this TLS session"),
         ),
         ExportRefusal::TlsRequired => (
             REP_ERR_TLS_REQD,

@@ -942,3 +942,19 @@ fn a_server_shutting_down_answers_options_with_err_shutdown() {
     );
     assert!(out.is_empty());
 }
+
+/// Once TLS is up the server never answers ERR_TLS_REQD, whatever the catalog says.
+#[test]
+fn no_tls_required_reply_once_tls_is_up() {
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_STARTTLS, &[]);
+    assert_eq!(run(&mut hs, &mut input).0, Ok(Step::StartTls));
+    option(&mut input, OPT_INFO, &info_payload("secure", &[]));
+    let (step, out) = run(&mut hs, &mut input);
+    assert_eq!(step, Ok(Step::NeedInput));
+    assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+    // Before STARTTLS it is the answer.
+    let (mut hs, mut input) = start_tls_mode(TlsMode::On);
+    option(&mut input, OPT_INFO, &info_payload("secure", &[]));
+    assert_eq!(replies(&run(&mut hs, &mut input).1)[0].1, REP_ERR_TLS_REQD);
+}

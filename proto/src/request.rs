@@ -82,6 +82,8 @@ impl Request {
 
     /// Bytes of payload that follow the header on the wire. WRITE always carries `length` bytes;
     /// with extended headers any command flagged PAYLOAD_LEN does too (and is then refused).
+    /// The spec has a WRITE under extended headers flagged PAYLOAD_LEN, but qemu 10's client
+    /// sends it without: its data follows all the same (refusing it broke every qemu write).
     pub fn payload_len(&self, mode: ReplyMode) -> u64 {
         if self.command == Command::Write
             || (mode == ReplyMode::Extended && self.has_flag(CMD_FLAG_PAYLOAD_LEN))

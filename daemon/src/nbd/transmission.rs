@@ -1550,11 +1550,23 @@ async fn block_status(
     let contexts = session.meta_contexts.iter().zip(&session.meta_queries);
     for (i, (context, query)) in contexts.enumerate() {
         let extents = match query {
-            Some(query) => session
-                .volume
-                .block_status(query, request.offset, request.length, max_extents)
-                .await
-                .map(|runs| replies::status_extents(query, &runs))?,
+            Some(query) => {
+                let runs = session
+                    .volume
+                    .block_status(query, request.offset, request.length, max_extents)
+                    .await?;
+                let extents = replies::status_extents(query, &runs);
+                if extents.is_empty() {
+                    // Nothing of the range is left (the volume shrank since the request was
+                    // checked): the spec wants one extent at least, and status 0 is safe.
+                    vec![evsd_proto::Extent {
+                        length_bytes: request.length,
+                        flags: 0,
+                    }]
+                } else {
+                    extents
+                }
+            }
             // Only contexts the catalog offered can be selected; this is the safe answer anyway.
             None => vec![evsd_proto::Extent {
                 length_bytes: request.length,
