@@ -1000,7 +1000,20 @@ mod tests {
     /// pool, which takes reads over even when the ring lost writes.
     #[tokio::test]
     async fn a_read_in_the_kernel_with_a_lost_write_is_read_again_by_the_thread_pool() {
-        let (engine, file, data) = uring_with_data(12, 16384).await;
+        // One ring, so that the read fails with the write its ring lost.
+        let config = EngineConfig {
+            ring_threads: 1,
+            ring_entries: 32,
+            inline_cached_io: false,
+            ring_spin_us: 0,
+        };
+        let engine = IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine");
+        let file = temp_file();
+        let data = Bytes::from(Rng(12).bytes(16384));
+        engine
+            .write_all_at(&file, 0, data.clone(), false)
+            .await
+            .unwrap();
         let uring = uring_of(&engine);
         uring.hold_rings_for_test();
         let written = {

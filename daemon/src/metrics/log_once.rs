@@ -2,7 +2,7 @@
 //! running into a limit logs one line, not one per connection. The memory is bounded: once it
 //! remembers its capacity of clients, newcomers share one line per interval between them (a
 //! crowd of addresses, say one client rotating through an IPv6 /64, cannot flood the log),
-//! and a full set starts over once it is an hour old (at most its capacity of lines an hour).
+//! and a full set starts over once it is an hour old (its clients may then be logged again).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};

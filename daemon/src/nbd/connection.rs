@@ -72,6 +72,7 @@ pub async fn serve<S: Transport>(
         timeout: config.handshake_timeout,
         stop: &shutdown.stop,
         give_up: &shutdown.give_up,
+        stopped_until: std::sync::OnceLock::new(),
         metrics: &metrics,
         peer: &peer,
     };
@@ -160,6 +161,8 @@ struct HandshakeLimits<'a> {
     stop: &'a CancellationToken,
     /// The shutdown's grace period is over.
     give_up: &'a CancellationToken,
+    /// When the handshake ends at the latest, once the server is shutting down.
+    stopped_until: std::sync::OnceLock<Instant>,
     metrics: &'a Metrics,
     peer: &'a str,
 }
@@ -174,7 +177,11 @@ impl HandshakeLimits<'_> {
         let peer = self.peer;
         let stopped = async {
             self.stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_OPTION_WAIT + SHUTDOWN_SLACK).await;
+            // Once per connection, however many stretches its handshake takes.
+            let until = *self
+                .stopped_until
+                .get_or_init(|| Instant::now() + SHUTDOWN_OPTION_WAIT + SHUTDOWN_SLACK);
+            tokio::time::sleep_until(until).await;
         };
         let outcome = tokio::select! {
             outcome = tokio::time::timeout_at(self.deadline, negotiation) => outcome,
@@ -428,6 +435,7 @@ mod tests {
             timeout,
             stop: &shutdown,
             give_up: &shutdown,
+            stopped_until: std::sync::OnceLock::new(),
             metrics: &fixture.metrics,
             peer: "test",
         };

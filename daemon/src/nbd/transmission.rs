@@ -1558,10 +1558,12 @@ async fn block_status(
                 let extents = replies::status_extents(query, &runs);
                 if extents.is_empty() {
                     // Nothing of the range is left (the volume shrank since the request was
-                    // checked): the spec wants one extent at least, and status 0 is safe.
+                    // checked): the spec wants one extent at least, with the safe answer
+                    // (data; changed, for a dirty bitmap).
+                    let changed = matches!(query, StatusQuery::ChangedSince { .. });
                     vec![evsd_proto::Extent {
                         length_bytes: request.length,
-                        flags: 0,
+                        flags: u32::from(changed),
                     }]
                 } else {
                     extents
