@@ -1403,6 +1403,47 @@ mod tests {
         );
     }
 
+    /// After a refused punch only the ranges of the head's file that hold bytes are zeroed:
+    /// its holes stay holes (a zero range over them would allocate them, on a disk that is
+    /// full already).
+    #[tokio::test]
+    async fn a_refused_punch_leaves_the_holes_in_its_range_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        let volume = registry.create("v", 64 * BLOCK_BYTES).unwrap();
+        let ones = Bytes::from(vec![1u8; 4 * BLOCK_BYTES as usize]);
+        volume.write(0, ones, false).await.unwrap();
+        let head = Arc::clone(volume.chain().top());
+        let allocated = || {
+            let meta = head.data().metadata().unwrap();
+            std::os::unix::fs::MetadataExt::blocks(&meta)
+        };
+        let allocated_before = allocated();
+        engine.fail_fallocate_for_test(libc::FALLOC_FL_PUNCH_HOLE, libc::ENOSPC);
+        let zero = ZeroMode {
+            may_trim: true,
+            fast_only: false,
+        };
+        volume
+            .write_zeroes(0, 32 * BLOCK_BYTES, zero, false)
+            .await
+            .unwrap();
+        assert!(
+            allocated() <= allocated_before,
+            "{} sectors allocated, {allocated_before} before",
+            allocated()
+        );
+        assert_eq!(
+            head_file_bytes(&volume, 0, 4 * BLOCK_BYTES),
+            vec![0u8; 4 * BLOCK_BYTES as usize]
+        );
+        let held = holes::data_ranges(head.data(), 4 * BLOCK_BYTES, 32 * BLOCK_BYTES).unwrap();
+        assert!(held.is_empty(), "holes were allocated: {held:?}");
+        let back = volume.read(0, 32 * BLOCK_BYTES as usize).await.unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
     /// A hole punch that fails (a full disk can refuse one that splits an extent) leaves no old
     /// bytes under blocks marked zero: they would read again after a power loss once a later
     /// write marked such a block data and only the map reached the disk.
