@@ -833,14 +833,18 @@ mod tests {
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
 
-    fn engines() -> Vec<IoEngine> {
-        let config = EngineConfig {
-            ring_threads: 2,
+    /// The engines themselves are under test: no inline page-cache shortcut.
+    fn engine_config(ring_threads: usize) -> EngineConfig {
+        EngineConfig {
+            ring_threads,
             ring_entries: 32,
-            // The engines themselves are under test: no inline page-cache shortcut.
             inline_cached_io: false,
             ring_spin_us: 0,
-        };
+        }
+    }
+
+    fn engines() -> Vec<IoEngine> {
+        let config = engine_config(2);
         vec![
             IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine"),
             IoEngine::new(Some(EngineKind::Threads), &config).expect("threads engine"),
@@ -1001,13 +1005,8 @@ mod tests {
     #[tokio::test]
     async fn a_read_in_the_kernel_with_a_lost_write_is_read_again_by_the_thread_pool() {
         // One ring, so that the read fails with the write its ring lost.
-        let config = EngineConfig {
-            ring_threads: 1,
-            ring_entries: 32,
-            inline_cached_io: false,
-            ring_spin_us: 0,
-        };
-        let engine = IoEngine::new(Some(EngineKind::Uring), &config).expect("io_uring engine");
+        let engine =
+            IoEngine::new(Some(EngineKind::Uring), &engine_config(1)).expect("io_uring engine");
         let file = temp_file();
         let data = Bytes::from(Rng(12).bytes(16384));
         engine

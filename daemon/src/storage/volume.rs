@@ -1494,14 +1494,9 @@ mod tests {
 
     /// A snapshot's export made by a freeze takes clients only once the writes in flight on
     /// the head it froze have landed in its layer.
-    #[test]
-    fn a_new_snapshots_export_settles_once_the_writes_in_flight_on_its_layer_are_done() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_snapshots_export_settles_once_the_writes_in_flight_on_its_layer_are_done() {
+        {
             let dir = tempfile::tempdir().unwrap();
             let (registry, volume) = volume_of_ones(dir.path(), None, 16 * BLOCK_BYTES).await;
             let entry = registry.entry("v").unwrap();
@@ -1535,7 +1530,7 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(100), view.settled())
                 .await
                 .unwrap();
-        });
+        }
     }
 
     /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
