@@ -1496,41 +1496,39 @@ mod tests {
     /// the head it froze have landed in its layer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_snapshots_export_settles_once_the_writes_in_flight_on_its_layer_are_done() {
-        {
-            let dir = tempfile::tempdir().unwrap();
-            let (registry, volume) = volume_of_ones(dir.path(), None, 16 * BLOCK_BYTES).await;
-            let entry = registry.entry("v").unwrap();
-            // A write of the current epoch, in flight until the guard is dropped.
-            let (_chain, in_flight) = volume.chain_for_write();
-            let snapshot = {
-                let entry = Arc::clone(&entry);
-                tokio::spawn(async move { entry.create_snapshot("s").await })
-            };
-            let view = tokio::time::timeout(Duration::from_secs(5), async {
-                loop {
-                    if let Some(view) = registry.get("v@s") {
-                        break view;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, volume) = volume_of_ones(dir.path(), None, 16 * BLOCK_BYTES).await;
+        let entry = registry.entry("v").unwrap();
+        // A write of the current epoch, in flight until the guard is dropped.
+        let (_chain, in_flight) = volume.chain_for_write();
+        let snapshot = {
+            let entry = Arc::clone(&entry);
+            tokio::spawn(async move { entry.create_snapshot("s").await })
+        };
+        let view = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(view) = registry.get("v@s") {
+                    break view;
                 }
-            })
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the snapshot's export appears");
+        let settled = tokio::time::timeout(Duration::from_millis(100), view.settled()).await;
+        assert!(
+            settled.is_err(),
+            "settled with a write still landing in its layer"
+        );
+        drop(in_flight);
+        tokio::time::timeout(Duration::from_secs(5), view.settled())
             .await
-            .expect("the snapshot's export appears");
-            let settled = tokio::time::timeout(Duration::from_millis(100), view.settled()).await;
-            assert!(
-                settled.is_err(),
-                "settled with a write still landing in its layer"
-            );
-            drop(in_flight);
-            tokio::time::timeout(Duration::from_secs(5), view.settled())
-                .await
-                .expect("settled once the write was done");
-            snapshot.await.unwrap().unwrap();
-            // Settled for good: later attaches do not wait.
-            tokio::time::timeout(Duration::from_millis(100), view.settled())
-                .await
-                .unwrap();
-        }
+            .expect("settled once the write was done");
+        snapshot.await.unwrap().unwrap();
+        // Settled for good: later attaches do not wait.
+        tokio::time::timeout(Duration::from_millis(100), view.settled())
+            .await
+            .unwrap();
     }
 
     /// A partial write after a snapshot, to a block the new head lacks, waits for the writes of
