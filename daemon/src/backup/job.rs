@@ -75,6 +75,8 @@ struct Status {
     /// Store operations of this job now waiting to try again: the job is `Retrying` while any
     /// is (its tasks retry each on their own).
     retrying_ops: u32,
+    /// How long the job ran, once it has ended (its rate stays what it was).
+    ran_for: Option<std::time::Duration>,
 }
 
 pub struct Job {
@@ -143,6 +145,7 @@ impl Job {
                 error: None,
                 result: None,
                 retrying_ops: 0,
+                ran_for: None,
             }),
             finished: tokio::sync::watch::Sender::new(false),
             stop: shutdown.child_token(),
@@ -284,6 +287,7 @@ impl Job {
         {
             let mut status = self.status();
             status.finished_unix_secs = Some(now_unix_secs());
+            status.ran_for = Some(self.started.elapsed());
             match outcome {
                 Ok(result) => {
                     status.state = JobState::Succeeded;
@@ -304,6 +308,7 @@ impl Job {
         {
             let mut status = self.status();
             status.finished_unix_secs = Some(now_unix_secs());
+            status.ran_for = Some(self.started.elapsed());
             status.state = JobState::Cancelled;
             status.error = Some(format!("cancelled by job.cancel; {cleanup}"));
         }
@@ -320,7 +325,10 @@ impl Job {
         let status = self.status();
         let done = self.bytes_done();
         let total = self.bytes_total().max(done);
-        let elapsed_secs = self.started.elapsed().as_secs_f64();
+        let elapsed_secs = status
+            .ran_for
+            .unwrap_or_else(|| self.started.elapsed())
+            .as_secs_f64();
         let rate = if elapsed_secs > 0.0 {
             (done as f64 / elapsed_secs) as u64
         } else {
@@ -374,6 +382,26 @@ pub fn new_job_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A finished job's rate is what it was when it ended; it does not decay as it is listed.
+    #[test]
+    fn a_finished_jobs_rate_stays() {
+        let shutdown = CancellationToken::new();
+        let job = Job::new(
+            "j-1".into(),
+            JobKind::Backup,
+            "vol0".into(),
+            "b-1".into(),
+            &shutdown,
+        );
+        job.add_done(1 << 20);
+        std::thread::sleep(Duration::from_millis(20));
+        job.finish(Ok(None));
+        let rate = job.info().progress.rate_bytes_per_sec;
+        assert!(rate > 0);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(job.info().progress.rate_bytes_per_sec, rate);
+    }
 
     #[test]
     fn progress_and_outcome_show_in_info() {

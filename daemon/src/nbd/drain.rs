@@ -47,8 +47,9 @@ pub async fn pass_fence(
     if seat.gives_up_waiting() {
         return Err(Abandoned);
     }
-    let waited = fence.wait(horizon, || seat.gives_up_waiting()).await;
-    metrics.fence_waited(waited);
+    if let Some(waited) = fence.wait(horizon, || seat.gives_up_waiting()).await {
+        metrics.fence_waited(waited);
+    }
     if seat.gives_up_waiting() {
         return Err(Abandoned);
     }

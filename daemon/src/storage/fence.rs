@@ -79,21 +79,23 @@ impl Fence {
     }
 
     /// Waits until no raise below `horizon` is up, or `give_up()` says the waiter's request
-    /// will never start (its client is gone). Returns how long it waited, zero without
-    /// waiting.
-    pub async fn wait(&self, horizon: Horizon, give_up: impl Fn() -> bool) -> Duration {
+    /// will never start (its client is gone). Returns how long it waited; None when it did
+    /// not wait at all (no raise below the horizon: its own connection's, say).
+    pub async fn wait(&self, horizon: Horizon, give_up: impl Fn() -> bool) -> Option<Duration> {
         if !self.is_raised() {
-            return Duration::ZERO;
+            return None;
         }
         let started = Instant::now();
+        let mut first = true;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             // Registered before checking, so a lowering in between is not missed.
             notified.as_mut().enable();
             if !self.holds(horizon) || give_up() {
-                return started.elapsed();
+                return (!first).then(|| started.elapsed());
             }
+            first = false;
             notified.await;
         }
     }
@@ -291,7 +293,7 @@ mod tests {
     async fn lowered_fence_does_not_wait() {
         let fence = Fence::default();
         assert!(!fence.is_raised());
-        assert_eq!(fence.wait(fence.horizon(), || false).await, Duration::ZERO);
+        assert_eq!(fence.wait(fence.horizon(), || false).await, None);
         let seat = Seat::default();
         assert!(
             !seat.drain(&fence, false, false),
@@ -300,7 +302,7 @@ mod tests {
         assert!(!fence.is_raised());
         raised(&fence).settle(&fence);
         assert!(!fence.is_raised());
-        assert_eq!(fence.wait(fence.horizon(), || false).await, Duration::ZERO);
+        assert_eq!(fence.wait(fence.horizon(), || false).await, None);
     }
 
     #[tokio::test]
@@ -322,8 +324,18 @@ mod tests {
             .await
             .expect("waiter woken")
             .unwrap();
-        assert!(waited >= 2 * SOON);
+        assert!(waited.expect("it waited") >= 2 * SOON);
         assert!(!fence.is_raised());
+    }
+
+    /// A request whose only raise up is its own connection's passes without waiting, and
+    /// that counts as no wait.
+    #[tokio::test]
+    async fn a_raise_of_its_own_is_no_wait() {
+        let fence = Fence::default();
+        let own = raised(&fence);
+        let horizon = fence.horizon_for(&own);
+        assert_eq!(fence.wait(horizon, || false).await, None);
     }
 
     #[tokio::test]

@@ -34,13 +34,14 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, StorageError> {
         .unwrap_or(upper.len());
     let (digits, suffix) = upper.split_at(digits_end);
     let value: u64 = digits.parse().map_err(|_| invalid())?;
-    let shift = match suffix.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        "P" => 50,
+    // One unit, optionally followed by `B` or `iB` once: K, KB, KiB (any case).
+    let shift = match suffix {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
         _ => return Err(invalid()),
     };
     value.checked_mul(1u64 << shift).ok_or_else(invalid)
@@ -81,5 +82,11 @@ mod tests {
         assert!(parse_size_bytes("10X").is_err());
         assert!(parse_size_bytes("-1").is_err());
         assert!(parse_size_bytes("99999999999P").is_err());
+        // One unit suffix, once.
+        assert_eq!(parse_size_bytes("10GB").unwrap(), 10 << 30);
+        assert_eq!(parse_size_bytes("4096b").unwrap(), 4096);
+        for junk in ["10GBBB", "1GIBIB", "4096IB", "1KBIB", "2BK"] {
+            assert!(parse_size_bytes(junk).is_err(), "{junk}");
+        }
     }
 }
