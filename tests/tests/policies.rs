@@ -366,6 +366,44 @@ fn server_policy_keeps_backup_sets() {
     assert_eq!(policy_backups(&d, "web-often").len(), 2);
 }
 
+/// A volume that leaves a server keeps its newest backup through the server policy's
+/// retention: the sets that hold it would otherwise all age out, its last backup with them.
+#[test]
+fn a_volume_that_left_the_server_keeps_its_newest_backup() {
+    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    for v in ["a", "b"] {
+        half_random(&d, v, 8 * MIB, 52);
+    }
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "web", "volumes": ["a", "b"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 1, "servers": ["web"]}),
+    );
+    run_ok(&d, "p");
+    let backups_of = |v: &str| -> Vec<Value> {
+        admin_ok(&d, "backup.list", json!({"volume": v}))["backups"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(backups_of("b").len(), 1);
+    admin_ok(
+        &d,
+        "server.remove_volume",
+        json!({"name": "web", "volume": "b"}),
+    );
+    run_ok(&d, "p");
+    run_ok(&d, "p");
+    assert_eq!(backups_of("b").len(), 1, "b's last backup was aged out");
+    // a's newest set is the policy's one kept; the older one with b stays for b.
+    assert_eq!(complete_sets(&d, "web").len(), 2);
+}
+
 /// A server policy's run whose set fails (one member's job cancelled) leaves the other members'
 /// backups behind; the policy's next complete set retires them, since no set record names
 /// them and its retention counts sets.

@@ -2,6 +2,7 @@
 //! apply retention to that policy's own backups (or backup sets) of each target and collect
 //! the freed chunks. Manual backups and other policies' backups are never touched.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -479,6 +480,27 @@ impl PolicyRunner {
         };
         let items: Vec<(String, u64)> = mine.iter().map(|s| (s.id.clone(), rank(s))).collect();
         let mut doomed = to_delete(&items, policy.keep, policy.keep_days, now_unix_secs());
+        // A volume that left the server (removed from it, or deleted) is in no later set:
+        // retiring every set that holds it would delete the last backup of its data, which
+        // the policy no longer ages out. The newest set holding each such volume stays.
+        let members_now: HashSet<String> = self
+            .servers
+            .get(name)
+            .map(|server| server.volumes.into_iter().collect())
+            .unwrap_or_default();
+        let mut newest_of_departed: HashMap<&str, &BackupSetInfo> = HashMap::new();
+        for set in &mine {
+            for member in &set.members {
+                if members_now.contains(&member.volume) {
+                    continue;
+                }
+                let newest = newest_of_departed.entry(&member.volume).or_insert(set);
+                if rank(set) > rank(newest) {
+                    *newest = set;
+                }
+            }
+        }
+        doomed.retain(|id| !newest_of_departed.values().any(|set| set.id == *id));
         let mut kept_for_now = Vec::new();
         for id in &doomed {
             match self.backups.delete_set(id).await {
