@@ -220,6 +220,12 @@ impl Policies {
         let mut started: Vec<(PolicySpec, PolicyState, Option<u64>)> = Vec::new();
         let mut clock_fixed = false;
         let mut entries = self.lock();
+        // Checked under the lock the stop takes to mark a run stopped (after cancelling): a
+        // tick under way as the daemon stops would take a run in progress for one to do again
+        // now, clear that flag, and the run, aborted at once, would not run at the next start.
+        if self.stopping.is_cancelled() {
+            return Vec::new();
+        }
         for entry in entries.values_mut() {
             if entry.running {
                 continue;

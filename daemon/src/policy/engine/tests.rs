@@ -598,6 +598,8 @@ async fn a_run_under_way_at_shutdown_records_no_outcome_and_runs_again() {
     for info in [info, info_later] {
         assert!(info.last_error.is_none() && info.last_failure_unix_secs.is_none());
     }
+    // A tick as the daemon stops starts nothing, so the stopped run is still to do.
+    assert!(f.tick().is_empty(), "a tick after the stop started a run");
     f.restart();
     f.clock.advance(5);
     assert_eq!(f.tick(), vec!["p"], "the stopped run runs again");
