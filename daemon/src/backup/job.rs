@@ -383,17 +383,22 @@ pub fn new_job_id() -> String {
 mod tests {
     use super::*;
 
-    /// A finished job's rate is what it was when it ended; it does not decay as it is listed.
-    #[test]
-    fn a_finished_jobs_rate_stays() {
-        let shutdown = CancellationToken::new();
-        let job = Job::new(
+    /// Backup job j-1 of vol0.
+    fn backup_job(shutdown: &CancellationToken) -> Job {
+        Job::new(
             "j-1".into(),
             JobKind::Backup,
             "vol0".into(),
             "b-1".into(),
-            &shutdown,
-        );
+            shutdown,
+        )
+    }
+
+    /// A finished job's rate is what it was when it ended; it does not decay as it is listed.
+    #[test]
+    fn a_finished_jobs_rate_stays() {
+        let shutdown = CancellationToken::new();
+        let job = backup_job(&shutdown);
         job.add_done(1 << 20);
         std::thread::sleep(Duration::from_millis(20));
         job.finish(Ok(None));
@@ -406,13 +411,7 @@ mod tests {
     #[test]
     fn progress_and_outcome_show_in_info() {
         let shutdown = CancellationToken::new();
-        let job = Job::new(
-            "j-1".into(),
-            JobKind::Backup,
-            "vol0".into(),
-            "b-1".into(),
-            &shutdown,
-        );
+        let job = backup_job(&shutdown);
         job.set_total(100);
         job.add_done(40);
         job.add_uploaded(10);
