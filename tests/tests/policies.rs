@@ -404,9 +404,56 @@ fn a_volume_that_left_the_server_keeps_its_newest_backup() {
     assert_eq!(complete_sets(&d, "web").len(), 2);
 }
 
+/// Runs server policy `p` once with b's job cancelled halfway (a's completes), so its set
+/// fails; returns the policy's backups afterwards. Jobs of earlier runs are told apart by id.
+fn run_with_b_cancelled(d: &Daemon) -> Vec<Value> {
+    let ids = |jobs: &Value| -> Vec<String> {
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = ids(&admin_ok(d, "job.list", json!({}))["jobs"]);
+    admin_ok(d, "policy.run", json!({"name": "p"}));
+    let mut b_job = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let jobs = admin_ok(d, "job.list", json!({}))["jobs"].clone();
+            let new: Vec<&Value> = jobs
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|j| !before.contains(&j["id"].as_str().unwrap().to_owned()))
+                .collect();
+            let a_done = new
+                .iter()
+                .any(|j| j["volume"] == "a" && j["policy"] == "p" && j["state"] == "succeeded");
+            b_job = new
+                .iter()
+                .find(|j| {
+                    j["volume"] == "b" && j["policy"] == "p" && u(&j["progress"], "bytes_done") > 0
+                })
+                .map(|j| j["id"].as_str().unwrap().to_owned());
+            a_done && b_job.is_some()
+        }),
+        "the set's jobs did not get going"
+    );
+    admin_ok(d, "job.cancel", json!({"id": b_job.unwrap()}));
+    assert!(wait_until(Duration::from_secs(60), || policy(d, "p")
+        ["running"]
+        == false));
+    let p = policy(d, "p");
+    assert!(
+        p["last_error"].as_str().is_some_and(|e| e.contains("web")),
+        "{p:#}"
+    );
+    policy_backups(d, "p")
+}
+
 /// A server policy's run whose set fails (one member's job cancelled) leaves the other members'
-/// backups behind; the policy's next complete set retires them, since no set record names
-/// them and its retention counts sets.
+/// backups behind; the policy's next failed set retires the earlier failed set's, and its next
+/// complete set retires them all, since no set record names them and its retention counts sets.
 #[test]
 fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
     let opts = DaemonOpts::new()
@@ -427,38 +474,20 @@ fn members_of_a_failed_policy_set_go_once_a_later_set_is_complete() {
         json!({"name": "p", "daily": "03:00", "keep": 3, "servers": ["web"]}),
     );
     let run = |d: &Daemon| run_now(d, "p");
-    admin_ok(&d, "policy.run", json!({"name": "p"}));
-    // a's backup completes; b's is cancelled halfway.
-    let mut b_job = None;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            let jobs = admin_ok(&d, "job.list", json!({}))["jobs"].clone();
-            let jobs = jobs.as_array().unwrap();
-            let a_done = jobs
-                .iter()
-                .any(|j| j["volume"] == "a" && j["policy"] == "p" && j["state"] == "succeeded");
-            b_job = jobs
-                .iter()
-                .find(|j| {
-                    j["volume"] == "b" && j["policy"] == "p" && u(&j["progress"], "bytes_done") > 0
-                })
-                .map(|j| j["id"].as_str().unwrap().to_owned());
-            a_done && b_job.is_some()
-        }),
-        "the set's jobs did not get going"
+    let first = run_with_b_cancelled(&d);
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0]["volume"], "a");
+    // A second failing run (a second later): while b keeps failing, a's backups do not pile
+    // up; the newest failed set's member of a stays.
+    thread::sleep(Duration::from_millis(1100));
+    let orphan = run_with_b_cancelled(&d);
+    assert_eq!(
+        orphan.len(),
+        1,
+        "the earlier failed set's member stayed: {orphan:#?}"
     );
-    admin_ok(&d, "job.cancel", json!({"id": b_job.unwrap()}));
-    assert!(wait_until(Duration::from_secs(60), || policy(&d, "p")
-        ["running"]
-        == false));
-    let p = policy(&d, "p");
-    assert!(
-        p["last_error"].as_str().is_some_and(|e| e.contains("web")),
-        "{p:#}"
-    );
-    let orphan: Vec<Value> = policy_backups(&d, "p");
-    assert_eq!(orphan.len(), 1, "{orphan:#?}");
     assert_eq!(orphan[0]["volume"], "a");
+    assert_ne!(orphan[0]["id"], first[0]["id"]);
 
     // The second second: the next set is newer than the orphan.
     thread::sleep(Duration::from_millis(1100));

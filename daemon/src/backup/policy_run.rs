@@ -196,6 +196,33 @@ impl PolicyRunner {
                 Err(e) => failures.push(e.to_string()),
             }
         }
+        // A retention that fails (a store listing, a delete) is reported with the volumes not
+        // backed up, not instead of them.
+        let retention = self.volume_retention(policy, backed_up, context).await;
+        let (report, retention_failed) = match retention {
+            Ok((report, collection_failed)) => (report, collection_failed),
+            Err(e) => (RunReport::default(), Some(format!("retention failed: {e}"))),
+        };
+        match (
+            not_backed_up("volume", volumes.len(), &failures),
+            retention_failed,
+        ) {
+            (Ok(()), None) => Ok(report),
+            (Ok(()), Some(retention)) => Err(BackupError::Failed(retention)),
+            (Err(e), None) => Err(e),
+            (Err(e), Some(retention)) => Err(BackupError::Failed(format!("{e}; {retention}"))),
+        }
+    }
+
+    /// Retention over the policy's own backups of each volume in `backed_up` (with the backup
+    /// this run made of it). Ok carries what was kept and, when the deletes stood but the
+    /// collection of their chunks failed, that failure.
+    async fn volume_retention(
+        &self,
+        policy: &PolicySpec,
+        backed_up: Vec<(&String, String)>,
+        context: RunContext,
+    ) -> Result<(RunReport, Option<String>), BackupError> {
         let now = now_unix_secs();
         // Members of server backup sets are the sets' to keep or delete (a server policy of
         // the same name, since deleted, made them): deleting one here would leave a recorded
@@ -262,26 +289,18 @@ impl PolicyRunner {
         }
         if deleted > 0 {
             tracing::info!(policy = %policy.name, deleted, "retention deleted backups");
-            // The deletes stand whatever the collection does; a failure of it is reported
-            // with the volumes not backed up, not instead of them.
+            // The deletes stand whatever the collection does.
             if let Err(e) = self.backups.gc().await {
                 collection_failed = Some(format!(
                     "collecting the chunks of the {deleted} backup(s) retention deleted failed: {e}"
                 ));
             }
         }
-        match (
-            not_backed_up("volume", volumes.len(), &failures),
-            collection_failed,
-        ) {
-            (Ok(()), None) => Ok(RunReport {
-                backups_kept: kept,
-                stored_bytes: kept_bytes,
-            }),
-            (Ok(()), Some(collection)) => Err(BackupError::Failed(collection)),
-            (Err(e), None) => Err(e),
-            (Err(e), Some(collection)) => Err(BackupError::Failed(format!("{e}; {collection}"))),
-        }
+        let report = RunReport {
+            backups_kept: kept,
+            stored_bytes: kept_bytes,
+        };
+        Ok((report, collection_failed))
     }
 
     /// Backs up each server in turn; one that fails does not keep the others from their
@@ -422,11 +441,68 @@ impl PolicyRunner {
                 Err(BackupError::JobRunning(busy)) if self.wait_unclaimed(&busy).await => continue,
                 other => other?,
             };
-            self.wait_set(&set).await?;
+            if let Err(e) = self.wait_set(&set).await {
+                self.retire_superseded_failed_members(policy, &set, context)
+                    .await;
+                return Err(e);
+            }
             break set.id;
         };
         self.apply_set_retention(policy, name, &just_made, context, report)
             .await
+    }
+
+    /// After set `failed` of this run failed: the members of the policy's earlier failed sets
+    /// of the volumes it did back up go, as a complete set's retention would retire them
+    /// (this set's members are those volumes' newest backups and bases now). Without this,
+    /// while one member keeps failing, every run would leave the others' backups for good.
+    /// A failure here is logged: the run already fails with the set's own error.
+    async fn retire_superseded_failed_members(
+        &self,
+        policy: &PolicySpec,
+        failed: &BackupSetInfo,
+        context: RunContext,
+    ) {
+        let retired = async {
+            let shown = self.backups.show_set(&failed.id).await?;
+            let mut volumes = Vec::new();
+            for job in shown.jobs.iter().filter(|j| j.state == JobState::Succeeded) {
+                match self.backups.catalog.get(&job.backup_id).await {
+                    Ok(info) => volumes.push((info.volume, info.volume_uuid)),
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            if volumes.is_empty() {
+                return Ok(0);
+            }
+            let superseded = self
+                .backups
+                .failed_set_members(
+                    &policy.name,
+                    &volumes,
+                    context.created_unix_secs..failed.created_unix_secs,
+                )
+                .await?;
+            let mut deleted = 0;
+            for id in &superseded {
+                deleted += usize::from(self.retire(id).await?);
+            }
+            if deleted > 0 {
+                self.backups.gc().await?;
+            }
+            Ok::<usize, BackupError>(deleted)
+        }
+        .await;
+        match retired {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(policy = %policy.name, server = %failed.server, deleted, "deleted the members of earlier failed server backups")
+            }
+            Err(e) => {
+                tracing::warn!(policy = %policy.name, server = %failed.server, error = %e, "cannot delete the members of earlier failed server backups")
+            }
+        }
     }
 
     /// Waits for server backup `set` to be recorded (its member jobs first); Err when it
@@ -509,7 +585,8 @@ impl PolicyRunner {
                     failed: Some(reason),
                     ..
                 }) => return Err(BackupError::Failed(reason)),
-                Ok(_) => {}
+                // Deleted by hand since the listing: gone, as retention wanted.
+                Ok(_) | Err(BackupError::SetNotFound(_)) => {}
                 Err(e @ BackupError::BackupInUse { .. }) => {
                     tracing::info!(set = %id, reason = %e, "retention keeps a backup set for now");
                     kept_for_now.push(id.clone());
