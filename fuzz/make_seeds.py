@@ -66,6 +66,13 @@ prefixed["ext_then_export_name"] = (OFF | STEP8, flags + opt(11) + opt(10, meta(
     + opt(1, b"vol0"))
 prefixed["meta_other_export_then_go"] = (ON | STEP1, flags + opt(8) + opt(10, meta(b"full", [b"base:"]))
     + opt(10, meta(b"vol0", [b"base:allocation"])) + opt(7, info(b"")))
+# Top bits 11: TLS on, and the server begins shutting down once the first piece (here the flags
+# and one LIST, 20 bytes) is handled: every later option gets ERR_SHUTDOWN, ABORT its ACK, and an
+# EXPORT_NAME ends the handshake.
+SHUTDOWN, FIRST20 = 0xC0, 19
+prefixed["shutdown_options"] = (SHUTDOWN | FIRST20, flags + opt(3) + opt(8) + opt(7, info(b"vol0"))
+    + opt(5) + opt(6, b"\x00" * 1100) + opt(0x4242, b"x" * 50) + opt(3) + opt(2))
+prefixed["shutdown_export_name"] = (SHUTDOWN | FIRST20, flags + opt(3) + opt(1, b"vol0"))
 REQ, EXT = 0x25609513, 0x21e41c71
 def req(flags, cmd, off, length, ext=False):
     if ext:

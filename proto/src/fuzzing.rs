@@ -62,11 +62,14 @@ struct Model {
     tls_up: bool,
     /// The reply mode the ACKs so far imply.
     mode: ReplyMode,
+    /// The server began shutting down: every option since gets ERR_SHUTDOWN (ABORT its ACK).
+    shutting_down: bool,
 }
 
 /// Feeds `data` to a server handshake, split at points chosen by the data's first byte, and
 /// checks every byte produced against the spec and the [`Model`]. The first byte's top two bits
-/// pick the TLS mode; an accepted STARTTLS continues as if TLS were up.
+/// pick the TLS mode (0 off, 1 on, 2 required) or, with 3, TLS on and the server beginning to
+/// shut down once the first piece is handled; an accepted STARTTLS continues as if TLS were up.
 ///
 /// Invariants: every reply is a well-formed option reply whose type fits its option; error
 /// messages are UTF-8 strings of at most 4096 bytes without NUL; TlsMode::Off never sends
@@ -74,7 +77,9 @@ struct Model {
 /// but STARTTLS and ABORT gets ERR_TLS_REQD; STARTTLS is ACKed only when it ends the call with
 /// Step::StartTls; transmission starts only on "vol0", or on "secure" over TLS, with the mode,
 /// flags and meta contexts the replies announced; a GO that reached transmission, then refused
-/// late, gets exactly one ERR_UNKNOWN and negotiation goes on; an EXPORT_NAME cannot be refused.
+/// late, gets exactly one ERR_UNKNOWN and negotiation goes on; an EXPORT_NAME cannot be refused;
+/// once shutting down, every reply is ERR_SHUTDOWN but ABORT's ACK and nothing reaches
+/// transmission.
 pub fn handshake(data: &[u8]) {
     let Some((&split, data)) = data.split_first() else {
         return;
@@ -82,9 +87,10 @@ pub fn handshake(data: &[u8]) {
     let step_len = usize::from(split % 64) + 1;
     let tls = match split >> 6 {
         0 => TlsMode::Off,
-        1 => TlsMode::On,
-        _ => TlsMode::Require,
+        2 => TlsMode::Require,
+        _ => TlsMode::On,
     };
+    let shutdown_after_first_piece = split >> 6 == 3;
     let config = HandshakeConfig {
         max_option_bytes: 1024,
         max_options: 64,
@@ -95,6 +101,7 @@ pub fn handshake(data: &[u8]) {
         tls,
         tls_up: false,
         mode: ReplyMode::Simple,
+        shutting_down: false,
     };
     let mut hs = ServerHandshake::new(config);
     let mut input = BytesMut::new();
@@ -147,6 +154,7 @@ pub fn handshake(data: &[u8]) {
                 }
                 Err(_) => return,
                 Ok(Step::Transmission(n)) => {
+                    assert!(!model.shutting_down, "transmission began during shutdown");
                     // The final reply starts on a reply boundary, after the burst's others.
                     let (before, between) = option_replies(&out[..n.final_reply_at]);
                     assert!(between.is_empty(), "final_reply_at inside a reply");
@@ -171,6 +179,10 @@ pub fn handshake(data: &[u8]) {
                     refused = true;
                 }
             }
+        }
+        if shutdown_after_first_piece && !model.shutting_down {
+            hs.begin_shutdown();
+            model.shutting_down = true;
         }
     }
 }
@@ -214,6 +226,13 @@ impl Model {
             let message = std::str::from_utf8(payload).expect("error message is not UTF-8");
             assert!(message.len() <= MAX_STRING_BYTES, "error message too long");
             assert!(!message.contains('\0'), "error message contains NUL");
+        }
+        if self.shutting_down {
+            assert!(
+                kind == REP_ERR_SHUTDOWN || (option == OPT_ABORT && kind == REP_ACK),
+                "option {option} answered {kind:#x} during shutdown"
+            );
+            return;
         }
         if kind == REP_ERR_TLS_REQD {
             assert!(self.tls != TlsMode::Off, "ERR_TLS_REQD without TLS");
@@ -566,6 +585,14 @@ pub fn reply(data: &[u8]) {
                     extents.push(Extent {
                         length_bytes,
                         flags,
+                    });
+                }
+                // At least one extent: the spec allows no empty BLOCK_STATUS chunk, and the
+                // daemon never builds one (it answers an emptied range with one safe extent).
+                if extents.is_empty() {
+                    extents.push(Extent {
+                        length_bytes: 4096,
+                        flags: 0,
                     });
                 }
                 put_block_status(&mut out, mode, to, context_id, &extents, done);

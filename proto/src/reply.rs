@@ -139,7 +139,8 @@ pub fn put_error(out: &mut BytesMut, mode: ReplyMode, to: ReplyTo, errno: Errno,
 }
 
 /// One BLOCK_STATUS chunk for one context. Compact mode needs every length to fit in 32 bits;
-/// the caller clips extents to the request, which is itself 32-bit there.
+/// the caller clips extents to the request, which is itself 32-bit there. The spec requires at
+/// least one extent: the caller never passes none.
 pub fn put_block_status(
     out: &mut BytesMut,
     mode: ReplyMode,
@@ -148,6 +149,7 @@ pub fn put_block_status(
     extents: &[Extent],
     done: bool,
 ) {
+    debug_assert!(!extents.is_empty(), "a BLOCK_STATUS chunk without extents");
     if mode == ReplyMode::Extended {
         let payload = 8 + 16 * extents.len() as u64;
         put_chunk_header(
