@@ -154,6 +154,20 @@ fn list_show_and_status_output() {
     let human = d.evsctl_ok(&["status"]);
     assert!(human.contains("version:   0.1.0\n"), "{human}");
     assert!(human.contains("vol0    1.0 GiB    0"), "{human}");
+
+    // A reader that went away (`evsctl volume list | head -0`): no panic, the usual exit.
+    let socket = d.admin_path().display().to_string();
+    let mut child = std::process::Command::new(evsctl_bin())
+        .args(["--socket", &socket, "volume", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("evsctl starts");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
 
 #[test]

@@ -51,6 +51,9 @@ pub struct BackupSetInfo {
     /// The member backup jobs while the set is being made, else empty.
     #[serde(default)]
     pub jobs: Vec<Value>,
+    /// Why a failed set failed (the daemon's own reason, besides its jobs' errors).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,16 +84,21 @@ impl BackupSetInfo {
         ]
     }
 
-    /// `key: value` lines, the member table, and the jobs while there are any.
+    /// `key: value` lines (the error of a failed set), the member table, and the jobs while
+    /// there are any.
     pub fn details(&self) -> Result<String, CliError> {
-        let mut out = fields(&[
+        let mut lines = vec![
             ("id", self.id.clone()),
             ("server", self.server.clone()),
             ("state", self.state.clone()),
             ("created", utc_time(self.created_unix_secs)),
             ("barrier hold", hold_ms(self.barrier_hold_us)),
             ("policy", self.policy()),
-        ]);
+        ];
+        if let Some(error) = &self.error {
+            lines.push(("error", error.clone()));
+        }
+        let mut out = fields(&lines);
         let members: Vec<Vec<String>> = self
             .members
             .iter()
@@ -150,6 +158,16 @@ pub mod tests {
             .unwrap();
         assert!(running.contains("state:        running\n"), "{running}");
         assert!(running.contains("\nID   KIND    VOLUME"), "{running}");
+        // A failed set says why (the daemon's reason was dropped before).
+        let mut failed = set("s-1", vec![]);
+        failed["state"] = json!("failed");
+        failed["error"] = json!("recording the set failed: store unreachable");
+        let failed = show.render(&failed).unwrap();
+        assert!(
+            failed.contains("state:        failed\n")
+                && failed.contains("error:        recording the set failed: store unreachable\n"),
+            "{failed}"
+        );
         let mut malformed = set("s-1", vec![]);
         malformed["members"] = json!([{"volume": "a"}]);
         assert!(matches!(

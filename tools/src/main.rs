@@ -158,7 +158,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(Outcome { output, failures }) => {
-            print!("{output}");
+            if let Err(e) = print_output(&output) {
+                eprintln!("evsctl: writing the output failed: {e}");
+                return ExitCode::FAILURE;
+            }
             for failure in &failures {
                 eprintln!("evsctl: {failure}");
             }
@@ -170,6 +173,20 @@ fn main() -> ExitCode {
             eprintln!("evsctl: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// Writes `output` to stdout. A reader that stopped reading (`| head`) is no failure: what it
+/// did not want is dropped (print! would panic on the broken pipe).
+fn print_output(output: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(output.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
     }
 }
 
@@ -658,17 +675,12 @@ mod tests {
         // The set is still being recorded at the first re-read, then complete.
         let mut recording = set("s-1", vec![]);
         recording["state"] = serde_json::json!("running");
-        let outcome = run_against(
-            "server-backup",
-            "--json server backup web1 --wait",
-            vec![
-                running.clone(),
-                done[0].clone(),
-                done[1].clone(),
-                recording,
-                set("s-1", vec![]),
-            ],
-        );
+        // The daemon may retry the record for long on a failing store: evsctl waits for it
+        // (it gave up after 25 reads, reporting a failure for a set that completed).
+        let mut answers = vec![running.clone(), done[0].clone(), done[1].clone()];
+        answers.extend(std::iter::repeat_n(recording, 30));
+        answers.push(set("s-1", vec![]));
+        let outcome = run_against("server-backup", "--json server backup web1 --wait", answers);
         assert!(outcome.failures.is_empty());
         let printed: serde_json::Value = serde_json::from_str(&outcome.output).unwrap();
         let mut expected = set("s-1", vec![]);

@@ -15,10 +15,12 @@ use crate::job::{job_table, jobs_in, JobSlot};
 use crate::render::{fields, table, utc_time};
 use crate::volume::missing;
 
-/// A waited server backup's set is read again until the daemon has recorded it (it writes the
-/// set right after the last member's manifest): this often, at most this many times.
-const SETTLE_POLL: Duration = Duration::from_millis(200);
-const SETTLE_TRIES: u32 = 25;
+/// A waited server backup's set is read again until the daemon has recorded it or given up (it
+/// writes the set right after the last member's manifest, retrying a failing store for up to
+/// 30 minutes before it marks the set failed): first this often, then at most once a second.
+/// (Unit tests answer at once: they do not wait out the polls.)
+const SETTLE_POLL_FIRST: Duration = Duration::from_millis(if cfg!(test) { 1 } else { 200 });
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(if cfg!(test) { 1 } else { 1000 });
 
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
@@ -220,12 +222,13 @@ pub fn settle_set(client: &mut AdminClient, waited: &Value) -> Result<Value, Cli
         method: "backup_set.show",
         params: json!({"id": BackupSetInfo::parse(waited)?.id}),
     };
-    let mut tries = 1;
+    let mut poll = SETTLE_POLL_FIRST;
     let mut fresh = client.call(&call)?;
-    while BackupSetInfo::parse(&fresh)?.state == "running" && tries < SETTLE_TRIES {
-        sleep(SETTLE_POLL);
+    // No bound of our own: the daemon's record retries end in "complete" or "failed".
+    while BackupSetInfo::parse(&fresh)?.state == "running" {
+        sleep(poll);
+        poll = (poll * 2).min(SETTLE_POLL_MAX);
         fresh = client.call(&call)?;
-        tries += 1;
     }
     // (serde reads a struct from an array too, so `fresh` may still not be an object.)
     match fresh.as_object_mut() {

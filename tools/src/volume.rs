@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::backup::job_in;
 use crate::client::Call;
 use crate::error::CliError;
-use crate::job::JobSlot;
+use crate::job::{JobSlot, JobState};
 use crate::render::{fields, iec_size, table, utc_time};
 use crate::snapshot::parse_snapshot_ref;
 
@@ -116,11 +116,20 @@ impl VolumeCommand {
                     (Some(source), _) => format!("{created} from snapshot {source}\n"),
                     (None, Some(backup)) => {
                         let job = job_in(result)?;
-                        format!(
-                            "{created} from backup {backup}: restore job {} {}\n",
-                            job.id,
-                            job.state.as_str()
-                        )
+                        match job.state {
+                            // The daemon deletes a volume whose restore did not succeed.
+                            JobState::Failed | JobState::Cancelled => format!(
+                                "volume {} not created: restore job {} from backup {backup} {}; the volume was deleted\n",
+                                text(result, "name")?,
+                                job.id,
+                                job.state.as_str()
+                            ),
+                            _ => format!(
+                                "{created} from backup {backup}: restore job {} {}\n",
+                                job.id,
+                                job.state.as_str()
+                            ),
+                        }
                     }
                     (None, None) => format!("{created}\n"),
                 }
@@ -335,6 +344,12 @@ mod tests {
         assert_eq!(
             restore.render(&result).unwrap(),
             "created volume v (1.0 GiB) from backup b-1: restore job j-1 succeeded\n"
+        );
+        // A failed restore's volume is gone: not reported as created.
+        result["job"] = crate::job::tests::sample("j-1", "failed", 0, 1);
+        assert_eq!(
+            restore.render(&result).unwrap(),
+            "volume v not created: restore job j-1 from backup b-1 failed; the volume was deleted\n"
         );
         result.as_object_mut().unwrap().remove("job");
         assert!(restore.render(&result).is_err());
