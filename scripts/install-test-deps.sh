@@ -49,7 +49,7 @@ TOOLS=(
   "systemd-socket-activate:systemd"
   "systemd-analyze:systemd"
   "openssl:openssl"
-  "fincore:util-linux"
+  "fincore:util-linux-extra"
   "setpriv:util-linux"
   "restic:restic"
   "curl:curl"
@@ -91,14 +91,21 @@ if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # qemu >= 8.2 negotiates NBD extended headers; on bookworm that is the
-  # backports build. Prefer it when a backports suite is already configured.
-  qemu_target=()
-  if printf '%s\n' "${missing_pkgs[@]}" | grep -qx qemu-utils \
-     && apt-cache policy qemu-utils 2>/dev/null | grep -q 'bookworm-backports'; then
-    qemu_target=(-t bookworm-backports)
+  # qemu >= 8.2 negotiates NBD extended headers (the qemu e2e test requires it); on
+  # bookworm that is the backports build, taken when a backports suite is configured, for
+  # qemu-utils alone (the other packages stay the release's).
+  others=()
+  for p in "${missing_pkgs[@]}"; do [ "$p" = qemu-utils ] || others+=("$p"); done
+  if [ "${#others[@]}" -gt 0 ]; then
+    $SUDO apt-get install -y -qq --no-install-recommends "${others[@]}" </dev/null
   fi
-  $SUDO apt-get install -y -qq --no-install-recommends "${qemu_target[@]}" "${missing_pkgs[@]}" </dev/null
+  if [ "${#others[@]}" -ne "${#missing_pkgs[@]}" ]; then
+    qemu_target=()
+    if apt-cache policy qemu-utils 2>/dev/null | grep -q 'bookworm-backports'; then
+      qemu_target=(-t bookworm-backports)
+    fi
+    $SUDO apt-get install -y -qq --no-install-recommends "${qemu_target[@]}" qemu-utils </dev/null
+  fi
 fi
 
 # s3s-fs (S3 test server), built with cargo. `--target-dir` keeps the build out
@@ -144,6 +151,14 @@ if [ ! -e /dev/loop-control ]; then
   modprobe loop 2>/dev/null || true
   if [ ! -e /dev/loop-control ] && ! ls /dev/loop[0-9]* >/dev/null 2>&1; then
     echo "install-test-deps: MISSING loop devices (/dev/loop-control; needed by the nbdfuse test)" >&2
+    fail=1
+  fi
+fi
+# The TCP congestion-control tests set bbr on their sockets.
+if ! grep -qw bbr /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; then
+  modprobe tcp_bbr 2>/dev/null || true
+  if ! grep -qw bbr /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; then
+    echo "install-test-deps: MISSING the kernel's bbr TCP congestion control (modprobe tcp_bbr; needed by the tcp_congestion tests)" >&2
     fail=1
   fi
 fi

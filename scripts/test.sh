@@ -21,9 +21,11 @@ step() { printf '\n==> %s\n' "$*"; }
 step "installing test dependencies"
 bash scripts/install-test-deps.sh
 
-# The e2e harness must test the binary built here: drop overrides that would
-# point it elsewhere (EVSD_BIN) or at a peer server (EVSD_E2E_PEER).
-unset EVSD_BIN EVSD_E2E_PEER
+# The e2e harness must test the binaries built here, with the suite's own settings: drop
+# overrides that would point it elsewhere (EVSD_BIN, EVSCTL_BIN), at a peer server
+# (EVSD_E2E_PEER) or another S3 test server (EVSD_S3S_FS), shorten the load test
+# (EVSD_LOAD_SECS) or quiet the daemons' logs that tests read (RUST_LOG).
+unset EVSD_BIN EVSCTL_BIN EVSD_E2E_PEER EVSD_S3S_FS EVSD_LOAD_SECS RUST_LOG
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"

@@ -16,11 +16,10 @@
 //! that object_store's `AmazonS3Builder::from_env` reads ([`S3Server::env`]),
 //! and the store URL from [`S3Server::url`].
 //!
-//! Binary lookup: `$EVSD_S3S_FS` if set, otherwise `s3s-fs` in `PATH`,
-//! otherwise `$EVSD_TEST_TOOLS/bin/s3s-fs` (default
-//! `$HOME/.cache/evsd-test-tools/bin/s3s-fs`, where
-//! `scripts/install-test-deps.sh` installs it). Missing: a panic that says how
-//! to install it. Tests never skip.
+//! Binary lookup: `$EVSD_S3S_FS` if set, otherwise
+//! `$EVSD_TEST_TOOLS/bin/s3s-fs` (default `$HOME/.cache/evsd-test-tools/bin/s3s-fs`,
+//! where `scripts/install-test-deps.sh` installs the pinned version), otherwise
+//! `s3s-fs` in `PATH`. Missing: a panic that says how to install it. Tests never skip.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -57,9 +56,6 @@ pub fn s3s_fs_bin() -> PathBuf {
         );
         return p;
     }
-    if let Some(p) = crate::which("s3s-fs") {
-        return p;
-    }
     let root = std::env::var_os("EVSD_TEST_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -70,6 +66,10 @@ pub fn s3s_fs_bin() -> PathBuf {
     let p = root.join("bin").join("s3s-fs");
     if p.is_file() {
         return p;
+    }
+    // The pinned build first: another s3s-fs on PATH (a stray `cargo install`) only after it.
+    if let Some(found) = crate::which("s3s-fs") {
+        return found;
     }
     panic!(
         "required tool `s3s-fs` (the S3 test server) is not installed: not in $EVSD_S3S_FS, PATH or {}. \
@@ -365,6 +365,16 @@ impl S3Server {
                 ));
             }
             if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
+                // Something answers on the port; it is ours only if our s3s-fs did not exit
+                // failing to bind it (another process took the port after it was picked): it
+                // starts in ~15 ms, so a bind failure shows well within this.
+                thread::sleep(Duration::from_millis(100));
+                if let Some(st) = child.try_wait().unwrap() {
+                    return Err(format!(
+                        "`{desc}` exited ({st}) while another process answered on its port:\n{}",
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    ));
+                }
                 self.child = Some(child);
                 return Ok(());
             }

@@ -17,19 +17,24 @@ struct Guard {
 }
 
 impl Guard {
+    // Each record is cleared only once its command succeeded: when one fails (the test
+    // panics), Drop still takes the mount, loop device or FUSE mount down.
     fn umount(&mut self) {
-        if let Some(m) = self.mounted.take() {
+        if let Some(m) = &self.mounted {
             run("umount", &[m.as_os_str()]);
+            self.mounted = None;
         }
     }
     fn detach_loop(&mut self) {
-        if let Some(l) = self.loopdev.take() {
+        if let Some(l) = &self.loopdev {
             run("losetup", &["-d", l.as_str()]);
+            self.loopdev = None;
         }
     }
     fn unmount_fuse(&mut self) {
-        if let Some(dir) = self.fuse_dir.take() {
+        if let Some(dir) = &self.fuse_dir {
             run("fusermount3", &["-u", dir.to_str().unwrap()]);
+            self.fuse_dir = None;
         }
         if let Some(mut c) = self.nbdfuse.take() {
             // nbdfuse exits by itself once unmounted.
