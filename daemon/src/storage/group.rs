@@ -36,6 +36,11 @@ const GATE_WAIT: Duration = Duration::from_millis(5);
 /// Pause after a failed attempt, doubling up to the maximum.
 const GATE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(2);
 const GATE_RETRY_MAX_PAUSE: Duration = Duration::from_millis(200);
+/// How long the barrier retries bounded attempts; after that it waits for the writes in flight
+/// however long they take (new writes held meanwhile). It holds the members' commit locks, so
+/// every FLUSH of theirs waits for it: writes that always outlast GATE_WAIT (throttled
+/// writeback) must not hold those FLUSHes off for good.
+const GATE_RETRY_FOR: Duration = Duration::from_secs(2);
 
 /// One member of a freeze: the volume and the snapshot name its frozen head gets (None: an
 /// anonymous frozen layer).
@@ -197,6 +202,7 @@ pub(crate) async fn freeze_heads(
     // retries later.
     let mut attempts = 0u32;
     let mut pause = GATE_RETRY_FIRST_PAUSE;
+    let retry_until = Instant::now() + GATE_RETRY_FOR;
     let (gates, held_since) = loop {
         attempts += 1;
         let requested = Instant::now();
@@ -210,6 +216,13 @@ pub(crate) async fn freeze_heads(
             }
             gates
         };
+        if requested >= retry_until {
+            tracing::info!(
+                attempts,
+                "writes in flight kept delaying the barrier; holding new writes until they end"
+            );
+            break (acquire.await, requested);
+        }
         match tokio::time::timeout(GATE_WAIT, acquire).await {
             Ok(gates) => break (gates, requested),
             Err(_) => {
@@ -345,6 +358,45 @@ mod tests {
         for (running, on_disk) in seen.iter() {
             assert_eq!(running, on_disk);
         }
+    }
+
+    /// Writes that always outlast a bounded attempt (each in flight longer than GATE_WAIT,
+    /// overlapping) no longer hold the barrier, and with it the members' FLUSHes, off for
+    /// good: after GATE_RETRY_FOR it waits them out with new writes held.
+    #[tokio::test]
+    async fn a_barrier_gets_through_writes_that_always_outlast_its_attempts() {
+        let (_dir, registry) = two_volumes();
+        let w = registry.get("w").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut holders = Vec::new();
+        // 25 writers, each with one write in flight for 20-80 ms after the other: whenever
+        // the barrier asks, one of them has more than its 5 ms to go.
+        for seed in 1..=25u64 {
+            let (w, stop) = (Arc::clone(&w), Arc::clone(&stop));
+            holders.push(tokio::spawn(async move {
+                let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                while !stop.load(Ordering::SeqCst) {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let hold_ms = 20 + (state >> 33) % 61;
+                    let _in_flight = w.writer().unwrap().gate.read().await;
+                    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let members = [("v".into(), "s".into()), ("w".into(), "s".into())];
+        let group = registry.snapshot_group(&members);
+        let taken = tokio::time::timeout(Duration::from_secs(15), group).await;
+        stop.store(true, Ordering::SeqCst);
+        for holder in holders {
+            holder.await.unwrap();
+        }
+        assert!(
+            matches!(taken, Ok(Ok(_))),
+            "the barrier never got through: {taken:?}"
+        );
     }
 
     /// A group whose member's manifest cannot be stored swaps no head: every volume keeps
