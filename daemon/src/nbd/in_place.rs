@@ -261,9 +261,12 @@ impl<'m> InPlaceWrite<'m> {
                 piece_bytes,
                 partial_block,
                 |at, length| {
-                    // SAFETY: `land_in_place` hands out a range of the head's live shared
-                    // mapping (the head's layer, and so its mapping, is kept by `self.head`),
-                    // and no reference to mapped memory is ever made: only the kernel writes it.
+                    // SAFETY: `land_in_place` hands out a range of the head's shared mapping
+                    // and keeps it mapped until this closure returns: it holds the
+                    // `MappedRange` (an `Arc` of the mapping) across the call, whatever the
+                    // layer does with its own reference meanwhile (a snapshot or the touch
+                    // budget lets it go). No reference to mapped memory is ever made: only the
+                    // kernel writes it.
                     let received = unsafe {
                         if direct {
                             reader.receive_into_now(at, length)

@@ -119,7 +119,8 @@ impl Volume {
     ) -> Option<io::Result<usize>> {
         self.holding_head(head, offset_bytes, length_bytes as u64, partial, || {
             // Mapped only once the layer is known to be the head (a frozen one lets its
-            // mapping go), and held through the landing even if the layer lets it go meanwhile.
+            // mapping go), and held through the landing even if the layer lets it go meanwhile:
+            // `land` writes into it through the kernel, so `range` must outlive that call.
             let range = head.layer.mapped_range(offset_bytes, length_bytes as u64)?;
             if !self.engine.all_resident(range.start(), length_bytes) {
                 return None;
