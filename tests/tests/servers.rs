@@ -626,7 +626,9 @@ fn a_server_restore_with_a_failed_member_leaves_every_member_as_it_was() {
 /// restored, and a, restored by its resumed job, is taken back.
 #[test]
 fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
-    for without_b_job in [false, true] {
+    // b's job record kept; gone; gone with b's mark torn (unreadable: it names no set, and
+    // counted as restored it let a keep the backup and the rollback point go).
+    for (without_b_job, torn_b_mark) in [(false, false), (true, false), (true, true)] {
         let (mut d, set, models) = server_restore_with_a_bad_member();
         let set_id = set["id"].as_str().unwrap().to_owned();
         let gc_lock = d.data_dir().join("backups/locks/exclusive-planted.json");
@@ -661,6 +663,9 @@ fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
             assert_eq!(mark["set_id"], json!(set_id), "{mark:#}");
             mark["job_id"] = json!(format!("(server restore {set_id})"));
             std::fs::write(&mark_path, serde_json::to_vec(&mark).unwrap()).unwrap();
+            if torn_b_mark {
+                std::fs::write(&mark_path, b"{\"backup_").unwrap();
+            }
         }
         d.restart();
         for (id, volume) in &jobs {
@@ -676,7 +681,10 @@ fn a_server_restore_cut_off_by_kill9_is_decided_at_the_next_start() {
             let whole = wait_until(Duration::from_secs(10), || {
                 admin_ok(&d, "volume.show", json!({"name": volume}))["incomplete_restore"].is_null()
             });
-            assert!(whole, "{volume} still marked ({without_b_job})");
+            assert!(
+                whole,
+                "{volume} still marked ({without_b_job}, {torn_b_mark})"
+            );
             assert_same(volume, &read_export(&d, volume), model);
             let snapshots = admin_ok(&d, "snapshot.list", json!({"volume": volume}));
             assert!(
