@@ -471,21 +471,32 @@ impl VolumeEntry {
             path: self.dir.join(manifest::MANIFEST_FILE),
             reason,
         })?;
-        if let Err(e) = next.store(&self.dir) {
-            // `volume.json` may hold `next` while memory keeps the manifest before it (the
-            // `.prev` copy failed after it, say): the disk is not what the volume runs on.
-            // FLUSH fails until the repair writes memory's manifest again.
-            if let Some(writer) = self.volume.writer() {
-                writer
-                    .commit_failed
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+        let previous_failed = match next.store_then_previous(&self.dir) {
+            Ok(previous_failed) => previous_failed,
+            Err(e) => {
+                // `volume.json` may hold `next` while memory keeps the manifest before it (a
+                // directory fsync failed after the rename, say): the disk is not what the
+                // volume runs on. FLUSH fails until the repair writes memory's manifest again.
+                if let Some(writer) = self.volume.writer() {
+                    writer
+                        .commit_failed
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                return Err(e);
             }
-            return Err(e);
+        };
+        // `volume.json` holds `next` durably: the change stands (a restart would load it, so
+        // reporting it failed and running on the manifest before would be undone by a crash).
+        // A stale `.prev` is no fallback for the next in-place manifest, so FLUSH fails until
+        // the repair has written both again.
+        if let Some(e) = &previous_failed {
+            tracing::warn!(volume = self.name(), error = %e, "the volume's change stands, but its manifest's .prev copy failed: FLUSH fails until it is written");
         }
         if let Some(writer) = self.volume.writer() {
-            writer
-                .commit_failed
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+            writer.commit_failed.store(
+                previous_failed.is_some(),
+                std::sync::atomic::Ordering::SeqCst,
+            );
             writer.persist.all_durable();
         }
         state.manifest = next;
@@ -821,23 +832,28 @@ mod tests {
         let blocker = entry.dir.join("volume.json.tmp");
         std::fs::create_dir(&blocker).unwrap();
         let head = entry.manifest().head;
-        assert!(entry.rollback("s1", true).await.is_err());
-        assert_eq!(entry.manifest().head, head, "memory keeps the head");
-        assert_ne!(
+        // The rollback's volume.json landed durably: the rollback stands (it was reported
+        // failed, memory keeping the old head, and a crash then applied it all the same).
+        entry.rollback("s1", true).await.unwrap();
+        let rolled_back = entry.manifest().head;
+        assert_ne!(rolled_back, head, "memory runs on the rolled-back head");
+        assert_eq!(
             VolumeManifest::load(&entry.dir).unwrap().head,
-            head,
-            "the rollback's volume.json landed"
+            rolled_back,
+            "what a restart would load is what was reported"
         );
+        assert_eq!(read_first_block(&reg, "v").await, vec![0x11; 4096]);
+        let vol = reg.get("v").unwrap();
         vol.write(0, Bytes::from(vec![0x33; 4096]), false)
             .await
             .unwrap();
         assert!(
             vol.flush().await.is_err(),
-            "FLUSH succeeded while volume.json names another head"
+            "FLUSH succeeded while volume.json.prev is stale"
         );
         std::fs::remove_dir(&blocker).unwrap();
         vol.flush().await.unwrap();
-        assert_eq!(VolumeManifest::load(&entry.dir).unwrap().head, head);
+        assert_eq!(VolumeManifest::load(&entry.dir).unwrap().head, rolled_back);
         drop((vol, entry, reg));
         let reg = Registry::open(data_dir.path(), engine()).unwrap();
         assert_eq!(read_first_block(&reg, "v").await, vec![0x33; 4096]);

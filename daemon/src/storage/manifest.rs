@@ -115,9 +115,19 @@ impl VolumeManifest {
     /// this manifest or the one before, whole. The caller makes sure no persist of this folder
     /// is pending (`ManifestPersist::settle`), or an older one could overwrite `.prev` after.
     pub fn store(&self, dir: &Path) -> Result<(), StorageError> {
+        match self.store_then_previous(dir)? {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// As [`VolumeManifest::store`], telling the two failures apart: Err when `volume.json`
+    /// was not written (it may hold this manifest or the one before); Ok(Some) when it holds
+    /// this one durably and only the `.prev` copy failed (the change stands, `.prev` is stale).
+    pub fn store_then_previous(&self, dir: &Path) -> Result<Option<StorageError>, StorageError> {
         let bytes = self.to_bytes(dir)?;
         write_durably(&dir.join(MANIFEST_FILE), &bytes)?;
-        write_durably(&dir.join(PREV_MANIFEST_FILE), &bytes)
+        Ok(write_durably(&dir.join(PREV_MANIFEST_FILE), &bytes).err())
     }
 
     /// Makes `.prev` a durable copy of this manifest (just loaded from `volume.json`) unless it
