@@ -26,8 +26,9 @@ thread_local! {
     /// Called with each member right after the heads swapped, on the freezing thread.
     static AFTER_SWAP_FOR_TEST: std::cell::RefCell<Option<SwapHook>> =
         const { std::cell::RefCell::new(None) };
-    /// The volume whose new manifest's store fails (after its rename).
-    static FAIL_STORE_FOR_TEST: std::cell::RefCell<Option<String>> =
+    /// The volume whose new manifest's store fails, and whether after its rename (true) or
+    /// before (false).
+    static FAIL_STORE_FOR_TEST: std::cell::RefCell<Option<(String, bool)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -152,20 +153,35 @@ pub(crate) async fn freeze_heads(
     let mut published = Published {
         members: Vec::with_capacity(prepared.len()),
     };
+    // Per member: whether its volume.json may now hold the new manifest.
+    let mut in_place = Vec::with_capacity(prepared.len());
     for ((m, writer, ..), next) in prepared.iter().zip(&nexts) {
+        #[cfg(not(test))]
         let stored = next.store_visible(&m.entry.dir);
-        // Fails after the rename, the harder case: the new manifest is in place.
         #[cfg(test)]
-        let stored = match FAIL_STORE_FOR_TEST.with_borrow(|f| f.as_deref() == Some(m.entry.name()))
-        {
-            true => stored.and_then(|_| {
-                Err(StorageError::fs(
+        let stored = {
+            let hook = FAIL_STORE_FOR_TEST.with_borrow(|f| {
+                f.as_ref()
+                    .filter(|(name, _)| name == m.entry.name())
+                    .map(|(_, after_rename)| *after_rename)
+            });
+            let failure = |in_place| crate::storage::manifest::VisibleStoreError {
+                error: StorageError::fs(
                     "open",
                     &m.entry.dir,
                     std::io::Error::other("for the test"),
-                ))
-            }),
-            false => stored,
+                ),
+                in_place,
+            };
+            match hook {
+                // Before the rename: volume.json is not touched.
+                Some(false) => Err(failure(false)),
+                // After it: the new manifest is in place, the harder case.
+                Some(true) => next
+                    .store_visible(&m.entry.dir)
+                    .and_then(|_| Err(failure(true))),
+                None => next.store_visible(&m.entry.dir),
+            }
         };
         match stored {
             Ok(manifest) => {
@@ -174,10 +190,12 @@ pub(crate) async fn freeze_heads(
                 published
                     .members
                     .push((Arc::clone(&m.entry.volume), generation));
+                in_place.push(true);
             }
             Err(e) => {
-                tracing::error!(volume = m.entry.name(), error = %e, "recording a frozen head failed");
-                first_error.get_or_insert(e);
+                tracing::error!(volume = m.entry.name(), error = %e.error, "recording a frozen head failed");
+                first_error.get_or_insert(e.error);
+                in_place.push(e.in_place);
             }
         }
     }
@@ -185,9 +203,13 @@ pub(crate) async fn freeze_heads(
         // No head swaps: each volume keeps writing the head it had, which every manifest
         // (memory's, and any new one already in place) names. What the disk holds is not what
         // memory runs on for the members whose new manifest went in (or may have: a failure
-        // after the rename), so FLUSH fails until the next one writes memory's manifest again.
-        for (_, writer, ..) in &prepared {
-            writer.commit_failed.store(true, Ordering::SeqCst);
+        // after the rename), so their FLUSH fails until the next one writes memory's manifest
+        // again. One whose store failed before the rename (a full disk) still holds memory's:
+        // its FLUSHes go on (each would otherwise fail while the disk stays full).
+        for ((_, writer, ..), in_place) in prepared.iter().zip(in_place) {
+            if in_place {
+                writer.commit_failed.store(true, Ordering::SeqCst);
+            }
         }
         return Err(error);
     }
@@ -399,6 +421,30 @@ mod tests {
         );
     }
 
+    /// A snapshot whose manifest cannot even be written (a full disk: before the rename)
+    /// leaves volume.json as memory has it: FLUSH goes on (it failed until a repair that the
+    /// full disk would keep failing).
+    #[tokio::test]
+    async fn a_snapshot_whose_manifest_is_not_written_leaves_flush_working() {
+        let (_dir, registry) = two_volumes();
+        let v = registry.entry("v").unwrap();
+        FAIL_STORE_FOR_TEST.set(Some(("v".into(), false)));
+        let failed = v.create_snapshot("s").await;
+        FAIL_STORE_FOR_TEST.set(None);
+        assert!(failed.is_err());
+        // The disk stays full: no manifest can be written (a repair would fail).
+        for blocker in ["volume.tmp", "volume.json.tmp"] {
+            std::fs::create_dir(v.dir.join(blocker)).unwrap();
+        }
+        let volume = registry.get("v").unwrap();
+        volume
+            .write(0, bytes::Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        assert!(v.manifest().snapshot("s").is_none());
+    }
+
     /// A group whose member's manifest cannot be stored swaps no head: every volume keeps
     /// writing the head every manifest names, and FLUSH heals by writing memory's again.
     #[tokio::test]
@@ -407,7 +453,7 @@ mod tests {
         let heads =
             || ["v", "w"].map(|name| registry.get(name).unwrap().chain().top().id().to_owned());
         let before = heads();
-        FAIL_STORE_FOR_TEST.set(Some("w".into()));
+        FAIL_STORE_FOR_TEST.set(Some(("w".into(), true)));
         let failed = registry
             .snapshot_group(&[("v".into(), "s".into()), ("w".into(), "s".into())])
             .await;

@@ -144,9 +144,13 @@ impl VolumeManifest {
     /// Writes the manifest and renames it into place without any fsync: a restart loads it,
     /// a power loss may not (then `.prev`, the last durable one, is loaded). Nothing may report
     /// data durable that depends on this manifest until [`UnsyncedManifest::sync`] returns.
-    pub fn store_visible(&self, dir: &Path) -> Result<UnsyncedManifest, StorageError> {
+    pub fn store_visible(&self, dir: &Path) -> Result<UnsyncedManifest, VisibleStoreError> {
+        let untouched = |error| VisibleStoreError {
+            error,
+            in_place: false,
+        };
         let started = std::time::Instant::now();
-        let bytes = self.to_bytes(dir)?;
+        let bytes = self.to_bytes(dir).map_err(untouched)?;
         let serialized_us = started.elapsed().as_micros() as u64;
         let path = dir.join(MANIFEST_FILE);
         // A fresh name each time: the one before may still hold a replaced manifest that the
@@ -154,10 +158,21 @@ impl VolumeManifest {
         static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!("volume.{n}.tmp"));
-        let file = write_new(&tmp, &bytes)?;
+        let file = match write_new(&tmp, &bytes) {
+            Ok(file) => file,
+            Err(e) => {
+                // A full disk, say: what was written of it is no use to anyone.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(untouched(e));
+            }
+        };
         let written_us = started.elapsed().as_micros() as u64;
         let mut replaced = Vec::new();
-        if exchange(&tmp, &path).map_err(|e| StorageError::fs("rename", &tmp, e))? {
+        let exchanged = exchange(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            untouched(StorageError::fs("rename", &tmp, e))
+        })?;
+        if exchanged {
             // The old manifest now sits under the temp name (`.prev` has its durable copy). It
             // is removed in the background: freeing its blocks can stall here (this disk
             // discards freed blocks synchronously).
@@ -165,7 +180,10 @@ impl VolumeManifest {
         }
         let renamed_us = started.elapsed().as_micros() as u64;
         // Opened now: the folder may be renamed (volume delete) before the sync runs.
-        let dir_file = File::open(dir).map_err(|e| StorageError::fs("open", dir, e))?;
+        let dir_file = File::open(dir).map_err(|e| VisibleStoreError {
+            error: StorageError::fs("open", dir, e),
+            in_place: true,
+        })?;
         tracing::debug!(
             manifest_bytes = bytes.len(),
             serialized_us,
@@ -444,6 +462,14 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
     file.write_all(bytes)
         .map_err(|e| StorageError::fs("write", path, e))?;
     Ok(file)
+}
+
+/// A failed [`VolumeManifest::store_visible`]: what failed, and whether `volume.json` may hold
+/// the new manifest (false: it was not touched).
+#[derive(Debug)]
+pub struct VisibleStoreError {
+    pub error: StorageError,
+    pub in_place: bool,
 }
 
 /// Writes `bytes` to `path` so that after a crash the file holds either the old or the new
