@@ -80,7 +80,16 @@ impl VolumeEntry {
         if manifest.is_legacy() {
             manifest = migrate_legacy(dir, manifest)?;
         }
-        manifest.store_previous_if_stale(dir)?;
+        // A stale `.prev` that cannot be written now (a full disk) does not keep the volume
+        // from loading: `volume.json` is whole. FLUSH fails until the repair writes it (the
+        // next in-place manifest relies on `.prev` as its fallback).
+        let previous_stale = match manifest.store_previous_if_stale(dir) {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(volume = %manifest.name, error = %e, "cannot write the volume's manifest copy (.prev); serving it, FLUSH fails until the copy is written");
+                true
+            }
+        };
         remove_orphans(dir, &manifest);
         let mut layers = HashMap::new();
         for record in &manifest.layers {
@@ -140,6 +149,11 @@ impl VolumeEntry {
         {
             let mut state = entry.lock();
             entry.refresh(&mut state)?;
+        }
+        if let (Some(writer), true) = (entry.volume.writer(), previous_stale) {
+            writer
+                .commit_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if entry.volume.writer().is_some() {
             let size_bytes = entry.manifest().size_bytes;
@@ -816,6 +830,35 @@ mod tests {
     /// A tree change whose `volume.json` lands but whose `.prev` copy fails leaves the disk
     /// ahead of memory (a rollback reported failed, yet recorded). FLUSH must fail until the
     /// manifest the volume runs on is written again; then what it flushed survives a restart.
+    /// A stale `.prev` that a full disk keeps from being written at start does not leave the
+    /// volume unloaded (until the next restart): it loads, and FLUSH fails until the copy is
+    /// written.
+    #[tokio::test]
+    async fn a_stale_prev_that_cannot_be_written_at_load_defers_to_flush() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        let vol = reg.create("v", SIZE_BYTES).unwrap();
+        vol.write(0, Bytes::from(vec![0x11; 4096]), false)
+            .await
+            .unwrap();
+        let entry = reg.entry("v").unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        vol.flush().await.unwrap();
+        let dir = entry.dir.clone();
+        drop((vol, entry, reg));
+        std::fs::remove_file(dir.join(manifest::PREV_MANIFEST_FILE)).unwrap();
+        let blocker = dir.join("volume.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let reg = Registry::open(data_dir.path(), engine()).unwrap();
+        assert!(reg.unloaded().is_empty(), "{:?}", reg.unloaded());
+        assert_eq!(read_first_block(&reg, "v").await, vec![0x11; 4096]);
+        let vol = reg.get("v").unwrap();
+        assert!(vol.flush().await.is_err(), "FLUSH with .prev missing");
+        std::fs::remove_dir(&blocker).unwrap();
+        vol.flush().await.unwrap();
+        assert!(dir.join(manifest::PREV_MANIFEST_FILE).exists());
+    }
+
     #[tokio::test]
     async fn flush_fails_until_a_half_written_tree_change_is_written_over() {
         let data_dir = tempfile::tempdir().unwrap();
