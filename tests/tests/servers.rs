@@ -239,18 +239,33 @@ fn server_backups_are_consistent_across_volumes_and_separate_ones_are_not() {
         "invalid_argument",
     );
     assert!(e.contains(first["id"].as_str().unwrap()), "{e}");
+    // A damaged record naming another set's member (in place of its own first) deletes only
+    // the backups that say they are its own.
+    let record_path = d.data_dir().join(format!(
+        "backups/backup-sets/{}.json",
+        first["id"].as_str().unwrap()
+    ));
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let others = sets[1]["members"][0]["backup_id"].clone();
+    let replaced = record["members"][0]["backup_id"].clone();
+    record["members"][0]["backup_id"] = others.clone();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
     let r = admin_ok(&d, "backup_set.delete", json!({"id": first["id"]}));
     assert_eq!(r["gc"]["deferred"], false, "{r:#}");
+    admin_ok(&d, "backup.show", json!({"id": others}));
+    admin_ok(&d, "backup_set.show", json!({"id": sets[1]["id"]}));
+    // The member the damaged record no longer named is left, for deleting by hand.
+    admin_ok(&d, "backup.delete", json!({"id": replaced}));
     admin_err(
         &d,
-        "backup_set.show",
-        json!({"id": first["id"]}),
+        "backup.show",
+        json!({"id": first["members"][1]["backup_id"]}),
         "not_found",
     );
     admin_err(
         &d,
-        "backup.show",
-        json!({"id": first["members"][0]["backup_id"]}),
+        "backup_set.show",
+        json!({"id": first["id"]}),
         "not_found",
     );
 }

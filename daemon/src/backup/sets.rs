@@ -549,28 +549,64 @@ impl Backups {
 
     /// Deletes a set and its member backups, then collects their chunks.
     pub async fn delete_set(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
+        manifest::validate_backup_id(set_id)?;
+        // Memory before the store: a set being made here may be recorded right after the
+        // store answered "not found", and its members would then go as a failed set's.
+        if self.set_being_made(set_id) {
+            return Err(being_made(set_id));
+        }
         let set = match self.get_set(set_id).await {
             Ok(set) => set,
             Err(BackupError::SetNotFound(_)) => return self.delete_set_leftovers(set_id).await,
             Err(e) => return Err(e),
         };
+        // Only backups that say they belong to this set: a damaged or edited record naming
+        // another set's member, or a backup of its own, must not delete it.
+        let mut ids: Vec<String> = Vec::with_capacity(set.members.len());
+        for member in &set.members {
+            match self.catalog.get(&member.backup_id).await {
+                Ok(info) if info.group_id.as_deref() == Some(set_id) => {
+                    ids.push(member.backup_id.clone())
+                }
+                Ok(info) => {
+                    tracing::warn!(set = set_id, backup = %member.backup_id, group = ?info.group_id, "the set's record names a backup of another set (or none): it stays")
+                }
+                Err(BackupError::BackupNotFound(_)) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Unreadable: whose it is cannot be told; the GC never collects what a
+                // manifest it cannot read may need, and it can be deleted by hand.
+                Err(e) => {
+                    tracing::warn!(set = set_id, backup = %member.backup_id, error = %e, "an unreadable member of the set stays")
+                }
+            }
+        }
         // Every member held for deleting before the record goes: no restore or verify of one
         // starts meanwhile, nor is one running now.
-        let ids: Vec<String> = set.members.iter().map(|m| m.backup_id.clone()).collect();
         let _deleting = self.holds.delete_all(&ids)?;
         // The record first: a set is never listed with members gone. Stopped halfway, the
         // members left are those of a set no record names: deletable one by one, and a
         // policy's retention deletes those of its own sets (see `failed_set_members`).
         self.store.delete_set(set_id).await?;
         self.running_sets.lock().remove(set_id);
-        for member in &set.members {
-            match self.delete_without_gc(&member.backup_id).await {
+        for id in &ids {
+            match self.delete_without_gc(id).await {
                 Ok(()) | Err(BackupError::BackupNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         tracing::info!(set = set_id, server = %set.server, "deleted backup set");
         Ok(self.gc_after_delete().await)
+    }
+
+    /// Whether set `set_id` is being made here (its members' jobs or its record under way).
+    fn set_being_made(&self, set_id: &str) -> bool {
+        matches!(
+            self.running_sets
+                .lock()
+                .get(set_id)
+                .map(|(_, o)| o.is_none()),
+            Some(true)
+        )
     }
 
     /// Deletes the member backups of set `set_id` when no record of it is stored: a set that
@@ -580,10 +616,15 @@ impl Backups {
     async fn delete_set_leftovers(self: &Arc<Self>, set_id: &str) -> Result<GcReport, BackupError> {
         manifest::validate_backup_id(set_id)?;
         let outcome = self.running_sets.lock().get(set_id).map(|(_, o)| o.clone());
-        if matches!(outcome, Some(None)) {
-            return Err(BackupError::InvalidArgument(format!(
-                "server backup {set_id} is still being made: cancel its jobs first"
-            )));
+        match outcome {
+            Some(None) => return Err(being_made(set_id)),
+            // Recorded since the caller read the store: it is a set again, not leftovers.
+            Some(Some(Ok(()))) => {
+                return Err(BackupError::Failed(format!(
+                    "server backup {set_id} was just recorded: delete it again"
+                )))
+            }
+            _ => {}
         }
         let members: Vec<_> = self
             .list(None)
@@ -889,6 +930,13 @@ impl Backups {
                 .set(now);
         }
     }
+}
+
+/// The refusal of a delete of a set still being made.
+fn being_made(set_id: &str) -> BackupError {
+    BackupError::InvalidArgument(format!(
+        "server backup {set_id} is still being made: cancel its jobs first"
+    ))
 }
 
 #[cfg(test)]
