@@ -55,11 +55,14 @@ async fn verify_locked(
     job: &Arc<Job>,
     manifest: &BackupManifest,
 ) -> Result<Value, BackupError> {
-    // Each distinct chunk once, reported at the first index that uses it.
-    let mut first_index: BTreeMap<ChunkId, u64> = BTreeMap::new();
+    // Each distinct chunk once at each length a restore reads it at (the last chunk may be
+    // shorter: a chunk named there and elsewhere is checked at both), reported at the first
+    // index that uses it so.
+    let mut first_index: BTreeMap<(ChunkId, u64), u64> = BTreeMap::new();
     for (i, id) in manifest.chunks.iter().enumerate() {
         if let Some(id) = id {
-            first_index.entry(*id).or_insert(i as u64);
+            let len = manifest.chunk_len_bytes(i as u64);
+            first_index.entry((*id, len)).or_insert(i as u64);
         }
     }
     job.set_total(
@@ -70,13 +73,16 @@ async fn verify_locked(
     );
     let checked = first_index.len() as u64;
     let shared = Arc::new(manifest.clone());
-    let mut results = futures_util::stream::iter(first_index.into_iter().map(|(id, index)| {
-        let svc = Arc::clone(svc);
-        let job = Arc::clone(job);
-        let manifest = Arc::clone(&shared);
-        let len = manifest.chunk_len_bytes(index);
-        let task: futures_util::future::BoxFuture<'static, Result<Option<BadChunk>, BackupError>> =
-            Box::pin(async move {
+    let mut results =
+        futures_util::stream::iter(first_index.into_iter().map(|((id, _), index)| {
+            let svc = Arc::clone(svc);
+            let job = Arc::clone(job);
+            let manifest = Arc::clone(&shared);
+            let len = manifest.chunk_len_bytes(index);
+            let task: futures_util::future::BoxFuture<
+                'static,
+                Result<Option<BadChunk>, BackupError>,
+            > = Box::pin(async move {
                 let fetched = fetch::chunk_into(
                     &svc,
                     &job,
@@ -105,9 +111,9 @@ async fn verify_locked(
                     error,
                 }))
             });
-        task
-    }))
-    .buffer_unordered(svc.config.upload_concurrency.max(1) * 2);
+            task
+        }))
+        .buffer_unordered(svc.config.upload_concurrency.max(1) * 2);
     let mut bad_chunks = Vec::new();
     while let Some(result) = results.next().await {
         if let Some(bad) = result? {
@@ -120,4 +126,58 @@ async fn verify_locked(
     }
     bad_chunks.sort_by_key(|b| b.index);
     Ok(serde_json::json!({ "chunks_checked": checked, "bad_chunks": bad_chunks }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::backup::chunk::CHUNK_SIZE_BYTES;
+    use crate::backup::job::JobState;
+    use crate::backup::manifest::chunk_list_digest;
+    use crate::backup::sets::tests::backups_with;
+    use crate::io::{EngineConfig, EngineKind, IoEngine};
+
+    /// A whole chunk named again as the shorter last chunk cannot be restored there: verify
+    /// checks it at that length too (it checked each id once, at its first length).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_named_at_two_lengths_is_checked_at_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (registry, backups) = backups_with(dir.path(), engine);
+        let size_bytes = CHUNK_SIZE_BYTES + 4096;
+        registry.create("a", size_bytes).unwrap();
+        let volume = registry.get("a").unwrap();
+        let data: Vec<u8> = (0..size_bytes).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        volume.write_bulk(0, Bytes::from(data)).await.unwrap();
+        volume.flush().await.unwrap();
+        let started = backups.create(&["a".into()], true, None).await.unwrap();
+        let backup_id = started[0].backup_id.clone();
+        let job = backups.job(&started[0].id).unwrap();
+        job.wait_finished(Duration::from_secs(60)).await;
+        assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
+
+        let mut manifest = backups.store.get_manifest(&backup_id).await.unwrap();
+        assert_eq!(manifest.chunks.len(), 2);
+        manifest.chunks[1] = manifest.chunks[0];
+        manifest.chunk_list_digest = chunk_list_digest(&manifest.chunks);
+        backups.store.put_manifest(&manifest, &[]).await.unwrap();
+
+        let verify = backups.verify(&backup_id).await.unwrap();
+        let job = backups.job(&verify.id).unwrap();
+        job.wait_finished(Duration::from_secs(60)).await;
+        let info = job.info();
+        assert_eq!(info.state, JobState::Succeeded, "{:?}", info.error);
+        let result = info.result.expect("a verify result");
+        let bad: Vec<u64> = result["bad_chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(bad, [1], "{result:#}");
+        assert_eq!(result["chunks_checked"], 2, "{result:#}");
+    }
 }
