@@ -27,6 +27,12 @@ use crate::storage::aligned::AlignedPool;
 /// server has tens of volumes, not tens of thousands.
 const MAX_SET_RECORD_BYTES: u64 = 16 << 20;
 
+/// The largest manifest read: one of the largest volume, every chunk named with a delta base
+/// and a pack location (under 400 bytes of JSON each), with room to spare. A larger object
+/// under a manifest's name is damaged or not ours, and read whole it could exhaust memory.
+const MAX_MANIFEST_BYTES: u64 =
+    (crate::storage::registry::MAX_VOLUME_SIZE_BYTES / chunk::CHUNK_SIZE_BYTES) * 512 + (1 << 20);
+
 /// S3 settings from the config file; each overrides the matching AWS_* environment variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
@@ -409,7 +415,7 @@ impl BackupStore {
         let key = manifest::manifest_key(backup_id);
         // A manifest lists every chunk of its volume (about 70 bytes per 4 MiB chunk, more with
         // deltas and packs): bounded by the largest volume, not by a small fixed size.
-        let bytes = match self.get(&key, u64::MAX).await {
+        let bytes = match self.get(&key, MAX_MANIFEST_BYTES).await {
             Err(BackupError::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
@@ -621,6 +627,25 @@ mod tests {
 
     /// A backup-set record larger than any valid one is refused without being read whole;
     /// one within the cap reads back.
+    #[tokio::test]
+    async fn a_manifest_larger_than_any_volume_needs_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let id = "b-20261206T000000Z-0a1b2c3d";
+        let path = dir.path().join(manifest::manifest_key(id));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Sparse: nothing is written, and nothing may be read.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_MANIFEST_BYTES + 1).unwrap();
+        match store.get_manifest(id).await {
+            Err(BackupError::Failed(message)) => {
+                assert!(message.contains("more than"), "{message}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn an_oversized_set_record_is_refused_unread() {
         let dir = tempfile::tempdir().unwrap();
