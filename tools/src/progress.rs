@@ -152,6 +152,10 @@ impl Waiter {
             let all_done = jobs.iter().all(|job| job.state.is_finished());
             let lines: Vec<String> = jobs.iter().map(|job| progress_line(job)).collect();
             if self.in_place {
+                // A line that wraps, or more lines than the screen has, would put the cursor
+                // somewhere the next redraw does not expect: bars pile up down the screen.
+                let (columns, rows) = terminal_size();
+                let lines = fit(lines, columns, rows);
                 let _ = draw.write_all(redraw(&lines, drawn_lines).as_bytes());
                 drawn_lines = lines.len();
             } else if all_done || last_log.is_none_or(|at| at.elapsed() >= self.log_every) {
@@ -178,6 +182,51 @@ impl Waiter {
     }
 }
 
+/// The terminal's columns and rows (stderr's; else $COLUMNS and $LINES; else 80 × 24).
+fn terminal_size() -> (usize, usize) {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct passed, which lives on this
+    // stack frame for the call; fd 2 is only queried, and an error leaves `size` zeroed.
+    let asked = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) };
+    let from_env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(default)
+    };
+    if asked == 0 && size.ws_col > 0 && size.ws_row > 0 {
+        (usize::from(size.ws_col), usize::from(size.ws_row))
+    } else {
+        (from_env("COLUMNS", 80), from_env("LINES", 24))
+    }
+}
+
+/// `lines` cut to fit a `columns` × `rows` screen when redrawn in place: each shorter than the
+/// width (a full-width line may wrap the cursor), and at most `rows - 1` lines, the last of
+/// them counting the jobs left out.
+pub fn fit(mut lines: Vec<String>, columns: usize, rows: usize) -> Vec<String> {
+    let max_lines = rows.saturating_sub(1).max(1);
+    if lines.len() > max_lines {
+        let shown = max_lines - 1;
+        let hidden = lines.len() - shown;
+        lines.truncate(shown);
+        lines.push(format!("… and {hidden} more jobs"));
+    }
+    let width = columns.saturating_sub(1).max(1);
+    for line in &mut lines {
+        if let Some((cut, _)) = line.char_indices().nth(width) {
+            line.truncate(cut);
+        }
+    }
+    lines
+}
+
 /// Moves the cursor up over the `previous` lines drawn last time and draws `lines` over them.
 pub fn redraw(lines: &[String], previous: usize) -> String {
     let mut out = String::new();
@@ -200,6 +249,21 @@ mod tests {
 
     use super::*;
     use crate::job::tests::sample;
+
+    #[test]
+    fn lines_redrawn_in_place_fit_the_screen() {
+        let long = "web1-root-restored restore  [##########----------]  50%  2.0 GiB / 4.0 GiB  612.0 MiB/s  ETA 2m05s".to_owned();
+        let fitted = fit(vec![long.clone(), "a".into()], 80, 24);
+        assert_eq!(fitted[0].chars().count(), 79);
+        assert!(long.starts_with(&fitted[0]));
+        assert_eq!(fitted[1], "a");
+        let many: Vec<String> = (0..30).map(|i| format!("job {i}")).collect();
+        let fitted = fit(many, 80, 10);
+        assert_eq!(fitted.len(), 9);
+        assert_eq!(fitted[7], "job 7");
+        assert_eq!(fitted[8], "… and 22 more jobs");
+        assert_eq!(fit(vec!["x".repeat(5)], 0, 0), ["x"]);
+    }
 
     #[test]
     fn percent_is_floored_and_capped() {
