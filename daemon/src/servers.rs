@@ -139,6 +139,10 @@ impl Servers {
 
     pub fn add_volume(&self, name: &str, volume: &str) -> Result<ServerInfo, ServerError> {
         self.update(|servers| {
+            // A missing server is not_found whatever the volume (as the docs say).
+            if !servers.contains_key(name) {
+                return Err(ServerError::NotFound(name.to_owned()));
+            }
             check_free(servers, volume)?;
             let server = servers
                 .get_mut(name)
@@ -244,6 +248,11 @@ mod tests {
         ));
         assert!(matches!(servers.create("db", &[]), Err(ServerError::Empty)));
         servers.add_volume("web", "c").unwrap();
+        // A missing server is not found, even with a volume another server holds.
+        assert!(matches!(
+            servers.add_volume("nope", "b"),
+            Err(ServerError::NotFound(_))
+        ));
         servers.remove_volume("web", "a").unwrap();
         assert!(matches!(
             servers.remove_volume("web", "a"),

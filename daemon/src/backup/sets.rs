@@ -484,6 +484,19 @@ impl Backups {
                 set.format_version, set.set_id
             )));
         }
+        // A set holds each volume once, each from a backup of its own: a record naming one
+        // twice is damaged (a restore to new volumes would make the same volume twice and
+        // take the second's failure for the first's).
+        let mut volumes = std::collections::HashSet::new();
+        let mut backups = std::collections::HashSet::new();
+        for member in &set.members {
+            if !volumes.insert(&member.volume) || !backups.insert(&member.backup_id) {
+                return Err(BackupError::Failed(format!(
+                    "backup set {set_id:?} is damaged: it names volume {:?} or backup {} twice",
+                    member.volume, member.backup_id
+                )));
+            }
+        }
         Ok(set)
     }
 
@@ -1086,6 +1099,49 @@ pub(crate) mod tests {
             );
         }
         assert!(!backups.running_sets.lock().contains_key(&set.set_id));
+    }
+
+    /// A record naming a volume (or a backup) twice is damaged, not a set to restore.
+    #[tokio::test]
+    async fn a_set_record_naming_a_member_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
+        let (_registry, backups) = backups_with(dir.path(), engine);
+        let id = "s-20261207T000000Z-0a1b2c3d";
+        let member = |volume: &str, backup_id: &str| SetMember {
+            volume: volume.into(),
+            backup_id: backup_id.into(),
+        };
+        let mut record = BackupSet {
+            format_version: SET_FORMAT_VERSION,
+            set_id: id.into(),
+            server: "web1".into(),
+            group_id: id.into(),
+            created_unix_secs: 1,
+            barrier_hold_us: 0,
+            policy: None,
+            members: vec![
+                member("a", "b-20261207T000000Z-00000001"),
+                member("b", "b-20261207T000000Z-00000002"),
+            ],
+        };
+        let put = |record: &BackupSet| serde_json::to_vec(record).unwrap();
+        backups.store.put_set(id, put(&record)).await.unwrap();
+        assert_eq!(backups.get_set(id).await.unwrap().members.len(), 2);
+        for twice in [
+            member("a", "b-20261207T000000Z-00000003"),
+            member("c", "b-20261207T000000Z-00000001"),
+        ] {
+            record.members.push(twice);
+            backups.store.put_set(id, put(&record)).await.unwrap();
+            match backups.get_set(id).await {
+                Err(BackupError::Failed(message)) => {
+                    assert!(message.contains("twice"), "{message}")
+                }
+                other => panic!("a damaged record was taken: {other:?}"),
+            }
+            record.members.pop();
+        }
     }
 
     fn set(id: &str, created_unix_secs: u64) -> SetRecord {
