@@ -96,6 +96,20 @@ fn server_membership_rules_survive_restart() {
         json!({"name": "db", "volumes": ["a"]}),
         "busy",
     );
+    // A bad name is invalid whatever the volumes; a missing server is not found whatever
+    // the volume.
+    admin_err(
+        &d,
+        "server.create",
+        json!({"name": "../db", "volumes": ["missing"]}),
+        "invalid_argument",
+    );
+    admin_err(
+        &d,
+        "server.add_volume",
+        json!({"name": "missing", "volume": "a"}),
+        "not_found",
+    );
     admin_err(
         &d,
         "server.create",

@@ -56,6 +56,10 @@ pub async fn dispatch(
     match method {
         "server.create" => {
             let p: CreateParams = decode_params(method, params)?;
+            // A bad name is invalid whatever the volumes (checked again by `create`).
+            if crate::storage::name::validate_volume_name(&p.name).is_err() {
+                return Err(crate::servers::ServerError::InvalidName(p.name.clone()).into());
+            }
             let mut entries = Vec::with_capacity(p.volumes.len());
             for volume in &p.volumes {
                 match ctx.registry.entry(volume) {
