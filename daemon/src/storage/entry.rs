@@ -827,9 +827,6 @@ mod tests {
         vol.read(0, 4096).await.unwrap().to_vec()
     }
 
-    /// A tree change whose `volume.json` lands but whose `.prev` copy fails leaves the disk
-    /// ahead of memory (a rollback reported failed, yet recorded). FLUSH must fail until the
-    /// manifest the volume runs on is written again; then what it flushed survives a restart.
     /// A stale `.prev` that a full disk keeps from being written at start does not leave the
     /// volume unloaded (until the next restart): it loads, and FLUSH fails until the copy is
     /// written.
@@ -859,6 +856,9 @@ mod tests {
         assert!(dir.join(manifest::PREV_MANIFEST_FILE).exists());
     }
 
+    /// A tree change whose `volume.json` lands but whose `.prev` copy fails stands (a restart
+    /// would load it), and FLUSH, like a snapshot, fails until `.prev` is written again; then
+    /// what was flushed survives a restart.
     #[tokio::test]
     async fn flush_fails_until_a_half_written_tree_change_is_written_over() {
         let data_dir = tempfile::tempdir().unwrap();
@@ -893,6 +893,12 @@ mod tests {
         assert!(
             vol.flush().await.is_err(),
             "FLUSH succeeded while volume.json.prev is stale"
+        );
+        // A snapshot puts its manifest in place trusting .prev as the last durable one: it
+        // writes the stale copy first, and is refused while it cannot.
+        assert!(
+            entry.create_snapshot("s2").await.is_err(),
+            "a snapshot was taken over a stale .prev"
         );
         std::fs::remove_dir(&blocker).unwrap();
         vol.flush().await.unwrap();

@@ -32,16 +32,17 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Longest a barrier attempt holds new writes while writes in flight finish.
+/// Longest the first barrier attempt holds new writes while writes in flight finish; each
+/// failed attempt doubles it, up to GATE_WAIT_MAX.
 const GATE_WAIT: Duration = Duration::from_millis(5);
 /// Pause after a failed attempt, doubling up to the maximum.
 const GATE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(2);
 const GATE_RETRY_MAX_PAUSE: Duration = Duration::from_millis(200);
-/// How long the barrier retries bounded attempts; after that it waits for the writes in flight
-/// however long they take (new writes held meanwhile). It holds the members' commit locks, so
-/// every FLUSH of theirs waits for it: writes that always outlast GATE_WAIT (throttled
-/// writeback) must not hold those FLUSHes off for good.
-const GATE_RETRY_FOR: Duration = Duration::from_secs(2);
+/// The longest an attempt holds new writes. Attempts grow to it because the barrier holds its
+/// members' commit locks, so every FLUSH of theirs waits for it: writes that always outlast a
+/// 5 ms attempt (throttled writeback) must not hold those FLUSHes off for good, nor may one
+/// write throttled for seconds hold every new write behind it that long.
+const GATE_WAIT_MAX: Duration = Duration::from_millis(500);
 
 /// One member of a freeze: the volume and the snapshot name its frozen head gets (None: an
 /// anonymous frozen layer).
@@ -91,6 +92,11 @@ pub(crate) async fn freeze_heads(
         let Some(writer) = m.entry.volume.writer() else {
             return Err(StorageError::ReadOnly(m.entry.name().to_owned()));
         };
+        // A manifest write that failed earlier (volume.json, or only its .prev copy) is
+        // written again first: the new manifest goes in place without an fsync, trusting
+        // .prev as the last durable one, and a stale .prev would take a power loss back past
+        // a change reported done (a rollback, a shrink). Refused while that cannot be done.
+        m.entry.repair_manifest_locked().await?;
         if let Some(name) = m.snapshot {
             validate_snapshot_name(name)?;
             if m.entry.manifest().snapshot(name).is_some() {
@@ -224,7 +230,7 @@ pub(crate) async fn freeze_heads(
     // retries later.
     let mut attempts = 0u32;
     let mut pause = GATE_RETRY_FIRST_PAUSE;
-    let retry_until = Instant::now() + GATE_RETRY_FOR;
+    let mut gate_wait = GATE_WAIT;
     let (gates, held_since) = loop {
         attempts += 1;
         let requested = Instant::now();
@@ -238,19 +244,13 @@ pub(crate) async fn freeze_heads(
             }
             gates
         };
-        if requested >= retry_until {
-            tracing::info!(
-                attempts,
-                "writes in flight kept delaying the barrier; holding new writes until they end"
-            );
-            break (acquire.await, requested);
-        }
-        match tokio::time::timeout(GATE_WAIT, acquire).await {
+        match tokio::time::timeout(gate_wait, acquire).await {
             Ok(gates) => break (gates, requested),
             Err(_) => {
                 tracing::debug!(attempts, "writes in flight delayed the barrier; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(GATE_RETRY_MAX_PAUSE);
+                gate_wait = (gate_wait * 2).min(GATE_WAIT_MAX);
             }
         }
     };
@@ -382,9 +382,9 @@ mod tests {
         }
     }
 
-    /// Writes that always outlast a bounded attempt (each in flight longer than GATE_WAIT,
+    /// Writes that always outlast the first attempts (each in flight longer than GATE_WAIT,
     /// overlapping) no longer hold the barrier, and with it the members' FLUSHes, off for
-    /// good: after GATE_RETRY_FOR it waits them out with new writes held.
+    /// good: the attempts grow until one outlasts them.
     #[tokio::test]
     async fn a_barrier_gets_through_writes_that_always_outlast_its_attempts() {
         let (_dir, registry) = two_volumes();
