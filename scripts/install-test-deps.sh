@@ -21,7 +21,7 @@
 #   EVSD_TEST_TOOLS  install root for cargo-built test tools
 #                    (default: $HOME/.cache/evsd-test-tools; binary in bin/)
 # The test harness (tests/src/s3.rs) runs $EVSD_S3S_FS if set, otherwise
-# s3s-fs from PATH, otherwise $EVSD_TEST_TOOLS/bin/s3s-fs (same default), so
+# $EVSD_TEST_TOOLS/bin/s3s-fs (same default), otherwise s3s-fs from PATH, so
 # nothing needs to be added to PATH.
 set -euo pipefail
 

@@ -276,14 +276,14 @@ impl Backups {
         });
     }
 
-    /// Whether `volume` carries a mark of set `set_id`, or one naming no set (an unreadable
-    /// mark names none): a member not restored (yet). Only another set's mark says nothing of
-    /// this one.
+    /// Whether `volume` carries a mark of set `set_id`, or an unreadable one (which may be
+    /// this set's): a member not restored (yet). A readable mark of a single-volume restore or
+    /// of another set says nothing of this one.
     fn marked_by_set(&self, volume: &str, set_id: &str) -> bool {
         self.registry.entry(volume).is_some_and(|e| {
             e.volume()
                 .restore_mark()
-                .is_some_and(|mark| mark.set_id.as_deref().is_none_or(|id| id == set_id))
+                .is_some_and(|mark| mark.set_id.as_deref() == Some(set_id) || mark.is_unreadable())
         })
     }
 

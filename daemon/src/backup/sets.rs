@@ -631,12 +631,20 @@ impl Backups {
         let outcome = self.running_sets.lock().get(set_id).map(|(_, o)| o.clone());
         match outcome {
             Some(None) => return Err(being_made(set_id)),
-            // Recorded since the caller read the store: it is a set again, not leftovers.
-            Some(Some(Ok(()))) => {
-                return Err(BackupError::Failed(format!(
-                    "server backup {set_id} was just recorded: delete it again"
-                )))
-            }
+            // Recorded here: the store said "not found" a moment ago, but a set recorded since
+            // is a set again, not leftovers. Asked once more: still gone (deleted elsewhere,
+            // or a delete that failed after it took effect), its memory entry goes too.
+            Some(Some(Ok(()))) => match self.store.get_set(set_id).await {
+                Err(BackupError::SetNotFound(_)) => {
+                    self.running_sets.lock().remove(set_id);
+                }
+                Ok(_) => {
+                    return Err(BackupError::Failed(format!(
+                        "server backup {set_id} was just recorded: delete it again"
+                    )))
+                }
+                Err(e) => return Err(e),
+            },
             _ => {}
         }
         let members: Vec<_> = self

@@ -27,11 +27,12 @@ use crate::storage::aligned::AlignedPool;
 /// server has tens of volumes, not tens of thousands.
 const MAX_SET_RECORD_BYTES: u64 = 16 << 20;
 
-/// The largest manifest read: one of the largest volume, every chunk named with a delta base
-/// and a pack location (under 400 bytes of JSON each), with room to spare. A larger object
-/// under a manifest's name is damaged or not ours, and read whole it could exhaust memory.
+/// The largest manifest read: one of the largest volume, every chunk named with its delta
+/// bases down the deepest chain (`MAX_DELTA_DEPTH`) and each one's pack location (about 3 KiB
+/// of JSON per chunk at most), with room to spare. A larger object under a manifest's name is
+/// damaged or not ours, and read whole it could exhaust memory.
 const MAX_MANIFEST_BYTES: u64 =
-    (crate::storage::registry::MAX_VOLUME_SIZE_BYTES / chunk::CHUNK_SIZE_BYTES) * 512 + (1 << 20);
+    (crate::storage::registry::MAX_VOLUME_SIZE_BYTES / chunk::CHUNK_SIZE_BYTES) * 4096 + (1 << 20);
 
 /// S3 settings from the config file; each overrides the matching AWS_* environment variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

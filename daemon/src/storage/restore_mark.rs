@@ -31,7 +31,16 @@ pub struct RestoreMark {
     pub set_id: Option<String>,
 }
 
+/// The job id an unreadable mark carries (no job id has this form).
+const UNREADABLE_JOB_ID: &str = "(unknown)";
+
 impl RestoreMark {
+    /// Whether this mark stands for a mark file that could not be read: what restore (of which
+    /// set) it was is not known.
+    pub fn is_unreadable(&self) -> bool {
+        self.job_id == UNREADABLE_JOB_ID
+    }
+
     /// What a client refused because of the mark is told.
     pub fn refusal(&self, volume: &str) -> String {
         format!(
@@ -78,7 +87,7 @@ fn unreadable(path: &Path, error: &str) -> RestoreMark {
     tracing::warn!(path = %path.display(), error, "unreadable restore mark: the volume still counts as holding an incomplete restore");
     RestoreMark {
         backup_id: format!("(unknown: {} unreadable: {error})", path.display()),
-        job_id: "(unknown)".into(),
+        job_id: UNREADABLE_JOB_ID.into(),
         started_unix_secs: 0,
         made_for_restore: false,
         set_id: None,
