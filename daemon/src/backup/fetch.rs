@@ -2,7 +2,7 @@
 //! followed down to the whole chunk (or zeroes) it patches, at most `MAX_DELTA_DEPTH` deep,
 //! and every level's plaintext must hash to that level's id before anything is returned.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ops::DerefMut;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::backup::upload::blocking;
 use crate::backup::Backups;
 use crate::storage::aligned::AlignedPool;
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 /// A chunk's plaintext, and where its data can be when the chunk patches zeroes.
 pub struct Fetched<B> {
@@ -122,20 +122,18 @@ where
         }
         chain.push(*base);
     }
-    let downloads = chain
+    // Taken in order as the levels are reached, while all download at once: a level never
+    // reached (a base the manifest names for a chunk stored whole) is dropped unawaited, so
+    // its failure, or a store retrying it without end, neither fails nor holds the chunk.
+    let mut prefetched: FuturesOrdered<_> = chain
         .iter()
-        .map(|level| stored_object(svc, job, *level, map, pooled));
-    // A failed download counts only if its level is reached.
-    let mut prefetched: VecDeque<(ChunkId, Result<Bytes, BackupError>)> = chain
-        .iter()
-        .copied()
-        .zip(join_all(downloads).await)
+        .map(|level| async move { (*level, stored_object(svc, job, *level, map, pooled).await) })
         .collect();
     let mut over_zeroes = false;
     let mut deltas: Vec<(ChunkId, Delta)> = Vec::new();
     let mut current = id;
     loop {
-        let stored = match prefetched.pop_front() {
+        let stored = match prefetched.next().await {
             Some((level, stored)) if level == current => stored?,
             _ => {
                 prefetched.clear();
