@@ -28,6 +28,8 @@ pub struct AdminClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     next_id: u64,
+    /// How long a reply may take (`--timeout-secs`); None: as long as it takes.
+    reply_timeout: Option<std::time::Duration>,
 }
 
 impl AdminClient {
@@ -56,6 +58,7 @@ impl AdminClient {
             reader: BufReader::new(stream),
             writer,
             next_id: 1,
+            reply_timeout: None,
         };
         let greeting = match client.read_line() {
             Err(CliError::Connection { source, .. })
@@ -92,6 +95,19 @@ impl AdminClient {
         Ok(client)
     }
 
+    /// Bounds the wait for each reply from now on (None: no bound). A reply that does not come
+    /// in time is the daemon being unreachable.
+    pub fn set_reply_timeout(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(), CliError> {
+        self.reply_timeout = timeout;
+        self.reader
+            .get_ref()
+            .set_read_timeout(timeout)
+            .map_err(|source| self.connection_error(source))
+    }
+
     /// Sends `call` and returns its result, or the daemon's error as [`CliError::Daemon`].
     pub fn call(&mut self, call: &Call) -> Result<Value, CliError> {
         let id = self.next_id;
@@ -102,7 +118,27 @@ impl AdminClient {
         self.writer
             .write_all(line.as_bytes())
             .map_err(|source| self.connection_error(source))?;
-        let mut response = self.read_line()?;
+        let mut response = match self.read_line() {
+            Err(CliError::Connection { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let secs = self.reply_timeout.map_or(0.0, |t| t.as_secs_f32());
+                return Err(CliError::Unreachable {
+                    socket: self.socket.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer to {} within {secs} s (--timeout-secs)",
+                            call.method
+                        ),
+                    ),
+                });
+            }
+            other => other?,
+        };
         // An error answering no request (id null): the daemon ended the connection and said
         // why (an idle client, for one).
         if response["id"].is_null() {
@@ -205,6 +241,48 @@ mod tests {
             "{silent}"
         );
         drop(listener);
+    }
+
+    /// A daemon that greets, then never answers (stopped, hung): with --timeout-secs the call
+    /// gives up as unreachable instead of waiting for ever.
+    #[test]
+    fn a_reply_that_never_comes_is_unreachable_after_the_reply_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hung = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.write_all(b"{\"evsd\":{\"protocol\":1}}\n").unwrap();
+            // Holds the connection open, reading, answering nothing.
+            let mut request = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = reader.read_line(&mut request);
+            let _ = reader.read_line(&mut request);
+        });
+        let mut client = AdminClient::connect(&path).unwrap();
+        client
+            .set_reply_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let call = Call {
+            method: "status",
+            params: serde_json::json!({}),
+        };
+        let Err(gave_up) = client.call(&call) else {
+            panic!("a hung daemon answered")
+        };
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+        assert_eq!(
+            gave_up.exit_code(),
+            crate::error::exit::UNREACHABLE,
+            "{gave_up}"
+        );
+        assert!(
+            gave_up.to_string().contains("no answer to status"),
+            "{gave_up}"
+        );
+        drop(client);
+        hung.join().unwrap();
     }
 
     #[test]

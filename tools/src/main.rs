@@ -53,6 +53,11 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Give up (exit 3) when the daemon has not answered a request within this many seconds
+    /// (a hung daemon). Unset: requests may take as long as they need (a delete's merges).
+    #[arg(long, global = true, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_secs: Option<u64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -192,6 +197,7 @@ fn print_output(output: &str) -> std::io::Result<()> {
 
 fn run(cli: &Cli) -> Result<Outcome, CliError> {
     let mut client = AdminClient::connect(&cli.socket)?;
+    client.set_reply_timeout(cli.timeout_secs.map(std::time::Duration::from_secs))?;
     let mut result = client.call(&cli.command.call())?;
     let mut failures = Vec::new();
     if let Some(slot) = cli.command.waits() {
