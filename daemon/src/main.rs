@@ -243,9 +243,13 @@ async fn run(settings: Settings, args: Args, inherited: Inherited) -> anyhow::Re
     .context("opening the backup store")?;
     backups.spawn_metrics_updates();
     tracing::info!(url = backups.store_url(), "backup store");
-    backups.resume().await;
     let servers =
         Arc::new(Servers::open(&settings.data_dir).context("reading the servers (volume groups)")?);
+    {
+        let servers = Arc::clone(&servers);
+        backups.know_servers(move |name| servers.get(name).is_ok());
+    }
+    backups.resume().await;
     let policies = Policies::open(&settings.data_dir, Arc::new(SystemClock))
         .context("reading the backup policies")?
         .with_metrics(Arc::clone(metrics.policy()));

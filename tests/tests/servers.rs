@@ -494,10 +494,16 @@ fn a_set_is_restored_in_place_only_onto_the_volumes_it_was_taken_of() {
 }
 
 /// `server.backups` names: one that is no server and has no set is not found (and gets no
-/// metric series); a deleted server's sets stay listed; a bad name is refused.
+/// metric series); a deleted server's sets stay listed; a bad name is refused. A set that
+/// ends after its server was deleted brings none of its series back.
 #[test]
 fn server_backups_of_unknown_deleted_and_bad_names() {
-    let d = Daemon::start(DaemonOpts::new().no_default_volume());
+    let d = Daemon::start(
+        DaemonOpts::new()
+            .no_default_volume()
+            .arg("--backup-rate-limit-mib-per-sec")
+            .arg("32"),
+    );
     half_random(&d, "v", 8 * MIB, 73);
     admin_ok(
         &d,
@@ -531,6 +537,27 @@ fn server_backups_of_unknown_deleted_and_bad_names() {
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, [set["id"].as_str().unwrap()], "{listed:#}");
+
+    // 32 MiB of data at 32 MiB/s: the set is still being made when its server goes.
+    half_random(&d, "w", 64 * MIB, 74);
+    admin_ok(&d, "server.create", json!({"name": "db", "volumes": ["w"]}));
+    let running = admin_ok(&d, "server.backup", json!({"name": "db"}));
+    admin_ok(&d, "server.delete", json!({"name": "db"}));
+    for job in running["jobs"].as_array().unwrap() {
+        wait_job_ok(&d, job["id"].as_str().unwrap());
+    }
+    let id = running["id"].as_str().unwrap().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(30), || admin_ok(
+            &d,
+            "backup_set.show",
+            json!({"id": id})
+        )["state"]
+            == "complete"),
+        "set {id} never completed"
+    );
+    let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
+    assert!(!text.contains("server=\"db\""), "{text}");
 }
 
 /// Damages the stored chunks of backup `backup_id` (a local store): its restore then fails.

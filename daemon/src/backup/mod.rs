@@ -120,7 +120,12 @@ pub struct Backups {
     pub(crate) holds: holds::BackupHolds,
     /// Members of server restores kept closed until each restore has decided.
     set_restore_holds: set_restore::SetRestoreHolds,
+    /// Whether a server of that name exists (set once the servers are read): a set that ends
+    /// after its server was deleted leaves no metric series of it behind.
+    server_exists: std::sync::OnceLock<ServerLookup>,
 }
+
+type ServerLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GcReport {
@@ -185,7 +190,18 @@ impl Backups {
             gc_serial: tokio::sync::Mutex::new(()),
             holds: holds::BackupHolds::default(),
             set_restore_holds: set_restore::SetRestoreHolds::default(),
+            server_exists: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Tells the service which servers exist (see `server_exists`); the first call counts.
+    pub fn know_servers(&self, exists: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let _ = self.server_exists.set(Box::new(exists));
+    }
+
+    /// Whether server `name` exists (true until the servers are known).
+    pub(crate) fn server_exists(&self, name: &str) -> bool {
+        self.server_exists.get().is_none_or(|exists| exists(name))
     }
 
     /// Drops what the daemon keeps locally for backing up a deleted volume (its chunk trees);

@@ -936,6 +936,10 @@ impl Backups {
     }
 
     fn note_server_outcome(&self, server: &str, ok: bool) {
+        // Deleted meanwhile: its series went with it and stay gone.
+        if !self.server_exists(server) {
+            return;
+        }
         let labels = crate::metrics::backup::ServerLabels {
             server: server.to_owned(),
         };
