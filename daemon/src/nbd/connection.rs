@@ -287,6 +287,17 @@ fn attach<S: Transport>(
         tracing::warn!(%peer, export = volume.name(), "export holds an incomplete restore since the handshake");
         return Err(ExportRefusal::Policy(mark.refusal(volume.name())));
     }
+    // The size the handshake announced, checked once attached (a shrink or a rollback to a
+    // smaller snapshot needs no client attached, so from now on none can change it): one that
+    // shrank since would have the client address blocks past the end. (A grow only leaves the
+    // client the smaller size, as a grow online does.)
+    if volume.size_bytes() < handshaken.negotiated.export.size_bytes {
+        drop(attachment);
+        tracing::warn!(%peer, export = volume.name(), announced_bytes = handshaken.negotiated.export.size_bytes, size_bytes = volume.size_bytes(), "export shrank during the handshake");
+        return Err(ExportRefusal::Policy(
+            "the export shrank during the handshake: negotiate again".into(),
+        ));
+    }
     Ok((volume, attachment, stop))
 }
 
