@@ -330,12 +330,21 @@ async fn upload(
                 .filter(|id| !known.contains(id))
                 .collect()
         };
-        let found: Vec<ChunkId> = futures_util::stream::iter(unknown)
+        let asked = futures_util::stream::iter(unknown)
             .map(|id| async move { svc.store.has_chunk(&id).await.then_some(id) })
             .buffer_unordered(svc.config.upload_concurrency.max(1))
             .filter_map(|found| async move { found })
-            .collect()
-            .await;
+            .collect::<Vec<ChunkId>>();
+        // One question per chunk of the earlier run: many, and slow on a store that does not
+        // answer. A cancel or a shutdown stops them as it stops the rest of the job.
+        let found = tokio::select! {
+            found = asked => found,
+            () = job.stop_requested() => {
+                return Err(job.stopped(&svc.shutdown).unwrap_or_else(|| {
+                    BackupError::Cancelled("the job was stopped".into())
+                }));
+            }
+        };
         known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -551,8 +560,9 @@ async fn upload(
     manifest.validate(&manifest.backup_id)?;
     let mut lapses = lock.lapses();
     if lapses > 0 {
-        objects_still_stored(svc, job, &record.job_id, lock, &manifest).await?;
-        lapses = lock.lapses();
+        // Counted from the moment the lock was held again, before the listings: a lapse
+        // during them must show at the check after the manifest.
+        lapses = objects_still_stored(svc, job, &record.job_id, lock, &manifest).await?;
     }
     let foreign = foreign_chunks(&manifest, &previous, &counters);
     // No manifest of this job is stored (a resumed job's was looked for first): one under its
@@ -615,13 +625,17 @@ async fn objects_still_stored(
     owner: &str,
     lock: &LockHealth,
     manifest: &BackupManifest,
-) -> Result<(), BackupError> {
+) -> Result<u64, BackupError> {
     tracing::warn!(job = %job.id, "the store lock lapsed during the backup: checking that every object it names is still stored");
     with_retry(job, &svc.shutdown, "locking the store again", || {
         locks::reassert_shared(&svc.store, owner, lock)
     })
     .await?;
-    all_objects_stored(svc, job, manifest).await
+    // The lapses so far, the lock held again: one from now on (during the listings) is a
+    // lapse the listings may not have seen through.
+    let lapses = lock.lapses();
+    all_objects_stored(svc, job, manifest).await?;
+    Ok(lapses)
 }
 
 /// Fails, naming one, when an object `manifest` names is not in the store's listings. Run
