@@ -7,6 +7,7 @@ pub mod blockmap;
 pub mod chain;
 pub mod direct;
 pub mod mapped;
+mod open_files;
 pub mod resident;
 
 use std::fs::{File, OpenOptions};
@@ -49,6 +50,8 @@ pub struct Layer {
     fail_syncs_for_test: AtomicBool,
     /// The data file mapped shared, for payloads received in place; mapped on first use.
     mapped: mapped::MappedData,
+    /// Counts this instance among the process's holders of the data file.
+    open: open_files::OpenFile,
 }
 
 impl std::fmt::Debug for Layer {
@@ -180,6 +183,8 @@ impl Layer {
             .map_err(|e| StorageError::fs("map", map_path, e))?;
         // Written blocks an earlier instance or run left wait for a sync to settle them.
         let starts_dirty = !empty && map.has_written();
+        let open = open_files::OpenFile::of(&data)
+            .map_err(|e| StorageError::fs("stat", &map_path.with_extension("data"), e))?;
         Ok(Layer {
             id: id.to_owned(),
             size_bytes,
@@ -193,6 +198,7 @@ impl Layer {
             #[cfg(test)]
             fail_syncs_for_test: AtomicBool::new(false),
             mapped: mapped::MappedData::default(),
+            open,
         })
     }
 
@@ -443,12 +449,16 @@ impl Layer {
         }
     }
 
-    /// Whether only this volume links the layer's files (clones hard-link frozen layers).
+    /// Whether only this volume links the layer's files (clones hard-link frozen layers), and
+    /// no other `Layer` of the process holds them (a volume that dropped its link may still
+    /// be reading through its own: see `open_files`). Only then may the files be rewritten in
+    /// place.
     pub fn is_exclusive(&self) -> bool {
         self.data
             .metadata()
             .map(|m| m.nlink() == 1)
             .unwrap_or(false)
+            && self.open.alone()
     }
 
     /// Makes a new layer's files durable, their lengths included, before a durable manifest
@@ -616,6 +626,27 @@ mod tests {
         let registry = Registry::open(dir.path(), engine.clone()).unwrap();
         let volume = registry.create("v", 1 << 20).unwrap();
         (dir, engine, registry, volume)
+    }
+
+    /// A layer file another `Layer` of the process still holds (a volume that dropped its link
+    /// to a file a clone shares, with a reply still reading it) is not exclusive, even with one
+    /// link left: rewriting it in place would change what that reply sends.
+    #[test]
+    fn a_layer_another_instance_holds_is_not_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = super::Layer::create(dir.path(), "l1", 1 << 20).unwrap();
+        assert!(layer.is_exclusive());
+        let other = super::Layer::open(dir.path(), "l1", 1 << 20).unwrap();
+        assert!(!layer.is_exclusive() && !other.is_exclusive());
+        drop(other);
+        assert!(layer.is_exclusive());
+        // A second link (a clone's) is not exclusive either, held or not.
+        std::fs::hard_link(
+            super::data_path(dir.path(), "l1"),
+            dir.path().join("clone.data"),
+        )
+        .unwrap();
+        assert!(!layer.is_exclusive());
     }
 
     /// A power loss can take a block's bytes and leave the map page that marks it (the kernel
