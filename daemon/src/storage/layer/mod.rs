@@ -184,7 +184,7 @@ impl Layer {
         // Written blocks an earlier instance or run left wait for a sync to settle them.
         let starts_dirty = !empty && map.has_written();
         let open = open_files::OpenFile::of(&data)
-            .map_err(|e| StorageError::fs("stat", &map_path.with_extension("data"), e))?;
+            .map_err(|e| StorageError::fs("stat", map_path.with_extension("data"), e))?;
         Ok(Layer {
             id: id.to_owned(),
             size_bytes,
