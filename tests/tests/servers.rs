@@ -558,6 +558,41 @@ fn server_backups_of_unknown_deleted_and_bad_names() {
     );
     let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
     assert!(!text.contains("server=\"db\""), "{text}");
+
+    // The same through a policy, whose retention lists the server's sets after its set ends.
+    admin_ok(
+        &d,
+        "server.create",
+        json!({"name": "db2", "volumes": ["w"]}),
+    );
+    admin_ok(
+        &d,
+        "policy.create",
+        json!({"name": "p", "daily": "03:00", "keep": 2, "servers": ["db2"]}),
+    );
+    admin_ok(&d, "policy.run", json!({"name": "p"}));
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            admin_ok(&d, "job.list", json!({}))["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["policy"] == "p")
+        }),
+        "the policy's set did not start"
+    );
+    admin_ok(&d, "server.delete", json!({"name": "db2"}));
+    assert!(
+        wait_until(Duration::from_secs(60), || admin_ok(
+            &d,
+            "policy.show",
+            json!({"name": "p"})
+        )["running"]
+            == false),
+        "the policy run did not end"
+    );
+    let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
+    assert!(!text.contains("server=\"db2\""), "{text}");
 }
 
 /// Damages the stored chunks of backup `backup_id` (a local store): its restore then fails.

@@ -536,7 +536,9 @@ impl Backups {
             }
         }
         out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
-        if !counted {
+        // Asked again after the (slow) listing: a server deleted meanwhile (a policy's
+        // retention running as it went) gets its series back from nobody.
+        if !counted || !self.server_exists(server) {
             return Ok(out);
         }
         let mut stored_bytes = 0u64;

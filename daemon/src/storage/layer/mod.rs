@@ -452,7 +452,8 @@ impl Layer {
     /// Whether only this volume links the layer's files (clones hard-link frozen layers), and
     /// no other `Layer` of the process holds them (a volume that dropped its link may still
     /// be reading through its own: see `open_files`). Only then may the files be rewritten in
-    /// place.
+    /// place; until then a compaction merges up instead of copying down, or leaves a prune to
+    /// the next snapshot delete, rollback or start.
     pub fn is_exclusive(&self) -> bool {
         self.data
             .metadata()
