@@ -30,6 +30,43 @@ fn client_config(ca_cert: &Path) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
+/// A client that trusts `pki`'s CA and presents its client certificate (`make_pki`'s layout).
+/// One config shared by several connections lets the client resume its sessions.
+pub fn client_config_with_cert(pki: &Path) -> Arc<ClientConfig> {
+    use rustls::pki_types::PrivateKeyDer;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.join("ca-cert.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(pki.join("client-cert.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.join("client-key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(config)
+}
+
+/// As [`open_tls`] with a given client config; returns the stream once GO is ACKed.
+pub fn open_tls_with(addr: SocketAddr, config: Arc<ClientConfig>, export: &str) -> TlsStream {
+    let mut raw = Raw::handshake(addr, CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES);
+    raw.send_opt(OPT_STARTTLS, &[]);
+    until_ack(&mut raw.s, OPT_STARTTLS);
+    let name = ServerName::try_from("localhost").unwrap();
+    let connection = ClientConnection::new(config, name).unwrap();
+    let mut tls = StreamOwned::new(connection, raw.s);
+    send_option(&mut tls, OPT_GO, &Raw::go_payload(export, &[]));
+    until_ack(&mut tls, OPT_GO);
+    tls
+}
+
 /// Connects, upgrades with STARTTLS (server name `localhost`) and opens `export` with GO, no
 /// structured replies: every reply to a WRITE is a simple one.
 pub fn open_tls(addr: SocketAddr, ca_cert: &Path, export: &str) -> TlsStream {

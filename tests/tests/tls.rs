@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use evsd_e2e::pki::*;
@@ -196,6 +197,28 @@ fn client_ca_refuses_a_foreign_client_certificate() {
     nbdinfo_fails(&nbds_uri(d.tcp_addr(), &anonymous));
     d.assert_alive();
     assert_nbdinfo_tls(&d, &pki);
+}
+
+/// With client certificates required, every connection is a full TLS handshake: a resumed
+/// session would carry the certificate of the one it resumes, never checked again (one that
+/// expired since would go on opening exports).
+#[test]
+fn client_certificates_are_verified_on_every_connection() {
+    require_tool("openssl");
+    let root = tempdir();
+    let pki = root.path().join("pki");
+    make_pki(&pki, "evsd test CA");
+    let ca = pki.join("ca-cert.pem");
+    let d = tls_daemon(&pki, "require", &["--tls-ca", ca.to_str().unwrap()]);
+    let config = evsd_e2e::tls_client::client_config_with_cert(&pki);
+    for round in 0..3 {
+        let tls = evsd_e2e::tls_client::open_tls_with(d.tcp_addr(), Arc::clone(&config), "vol0");
+        assert_eq!(
+            tls.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "connection {round} resumed a session"
+        );
+    }
 }
 
 #[test]

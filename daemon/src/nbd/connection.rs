@@ -375,14 +375,17 @@ impl Attached {
             );
             tokio::pin!(served);
             // Rules tightened under an open connection end it the way shutdown does: requests
-            // already received are answered, nothing new is read.
+            // already received are answered, nothing new is read. Asked first at every wake:
+            // rules changed while the final reply was on its way end the connection before
+            // the requests behind the GO are read.
             tokio::select! {
-                end = &mut served => end,
+                biased;
                 () = config.access.revoked(&export, &client, granted_read_only) => {
                     tracing::warn!(%peer, %export, "access rules changed: disconnecting the client");
                     stop.cancel();
                     served.await
                 }
+                end = &mut served => end,
             }
         };
         match end {

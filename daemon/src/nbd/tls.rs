@@ -144,7 +144,14 @@ fn build(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder.with_single_cert(chain, key).map_err(config_error)?;
+    let mut config = builder.with_single_cert(chain, key).map_err(config_error)?;
+    if paths.ca.is_some() {
+        // A resumed session carries the client certificate of the handshake it resumes,
+        // never checked again: a certificate that expired (or a CA replaced since) would go
+        // on opening exports by its names. Every connection verifies its certificate anew.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
