@@ -643,6 +643,22 @@ fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
         assert!(listed["volumes"].is_array(), "{listed}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // One that sends only blank lines (every second) is idle all the same.
+    let mut blank = UnixStream::connect(d.admin_path()).unwrap();
+    blank
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut reader = BufReader::new(blank.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    let started = std::time::Instant::now();
+    let mut said = String::new();
+    while said.is_empty() && started.elapsed() < Duration::from_secs(12) {
+        use std::io::Write;
+        let _ = blank.write_all(b"\n");
+        let _ = reader.read_line(&mut said);
+    }
+    assert!(said.contains("no request for 5 s"), "{said:?}");
     d.evsctl_ok(&["status"]);
 }
 

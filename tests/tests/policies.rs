@@ -122,6 +122,19 @@ fn volume_policy_keeps_n_and_never_touches_manual_backups() {
         json!({"name": "bad", "daily": "02:00", "volumes": ["nope"]}),
         "not_found",
     );
+    // A bad name (or keep) is invalid whatever the targets.
+    admin_err(
+        &d,
+        "policy.create",
+        json!({"name": "bad/x", "daily": "02:00", "volumes": ["nope"]}),
+        "invalid_argument",
+    );
+    admin_err(
+        &d,
+        "policy.create",
+        json!({"name": "bad", "daily": "02:00", "keep": 0, "volumes": ["nope"]}),
+        "invalid_argument",
+    );
     admin_err(
         &d,
         "policy.create",

@@ -44,7 +44,17 @@ pub async fn dispatch(
                 Schedule::from_options(p.every.as_deref(), p.daily.as_deref(), p.weekly.as_deref())
                     .map_err(crate::policy::PolicyError::from)?;
             let target = Target::from_lists(p.volumes, p.servers)?;
-            match &target {
+            let spec = PolicySpec {
+                name: p.name,
+                schedule,
+                keep: p.keep,
+                keep_days: p.keep_days,
+                target,
+            };
+            // The request's own values first (a bad name is invalid whatever its targets),
+            // then whether its targets exist.
+            spec.validate()?;
+            match &spec.target {
                 Target::Volumes(volumes) => {
                     for v in volumes {
                         if ctx.registry.entry(v).is_none() {
@@ -58,13 +68,6 @@ pub async fn dispatch(
                     }
                 }
             }
-            let spec = PolicySpec {
-                name: p.name,
-                schedule,
-                keep: p.keep,
-                keep_days: p.keep_days,
-                target,
-            };
             let policies = Arc::clone(policies);
             to_json(&off_runtime(move || policies.create(spec)).await?)
         }

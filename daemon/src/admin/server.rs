@@ -163,10 +163,12 @@ async fn serve_client(
     {
         return;
     }
+    // Restarted by each request, not by blank lines: a client sending only those is idle.
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(idle_timeout) => {
+            _ = tokio::time::sleep_until(idle_since + idle_timeout) => {
                 let error = AdminError::new(
                     ErrorCode::Busy,
                     format!("no request for {} s: disconnected", idle_timeout.as_secs()),
@@ -234,6 +236,8 @@ async fn serve_client(
         if send(&mut writer, &response, idle_timeout).await.is_err() {
             return;
         }
+        // Idle from its answer on (a long request is no idleness).
+        idle_since = tokio::time::Instant::now();
     }
 }
 
