@@ -24,6 +24,12 @@ fn server_backup(d: &Daemon, name: &str) -> Value {
         wait_job_ok(d, job["id"].as_str().unwrap());
     }
     let id = set["id"].as_str().unwrap().to_owned();
+    wait_set_complete(d, &id);
+    admin_ok(d, "backup_set.show", json!({"id": id}))
+}
+
+/// Waits until server backup `id` is recorded complete.
+fn wait_set_complete(d: &Daemon, id: &str) {
     assert!(
         wait_until(Duration::from_secs(30), || admin_ok(
             d,
@@ -33,7 +39,6 @@ fn server_backup(d: &Daemon, name: &str) -> Value {
             == "complete"),
         "set {id} never completed"
     );
-    admin_ok(d, "backup_set.show", json!({"id": id}))
 }
 
 /// The counter a volume holds in its first 8 bytes.
@@ -304,15 +309,7 @@ fn a_member_is_not_deleted_while_its_set_is_being_recorded() {
         "{refused:?}"
     );
     let id = set["id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_ok(
-            &d,
-            "backup_set.show",
-            json!({"id": id})
-        )["state"]
-            == "complete"),
-        "set {id} never completed"
-    );
+    wait_set_complete(&d, &id);
     admin_ok(&d, "backup.show", json!({"id": member}));
 }
 
@@ -547,15 +544,7 @@ fn server_backups_of_unknown_deleted_and_bad_names() {
         wait_job_ok(&d, job["id"].as_str().unwrap());
     }
     let id = running["id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_ok(
-            &d,
-            "backup_set.show",
-            json!({"id": id})
-        )["state"]
-            == "complete"),
-        "set {id} never completed"
-    );
+    wait_set_complete(&d, &id);
     let text = evsd_e2e::metrics::scrape(d.metrics_addr().unwrap());
     assert!(!text.contains("server=\"db\""), "{text}");
 

@@ -827,11 +827,15 @@ mod tests {
         vol.read(0, 4096).await.unwrap().to_vec()
     }
 
-    /// A stale `.prev` that a full disk keeps from being written at start does not leave the
-    /// volume unloaded (until the next restart): it loads, and FLUSH fails until the copy is
-    /// written.
-    #[tokio::test]
-    async fn a_stale_prev_that_cannot_be_written_at_load_defers_to_flush() {
+    /// Volume "v" with 0x11 in its first block under snapshot `snapshot`, all flushed.
+    async fn flushed_volume_with_snapshot(
+        snapshot: &str,
+    ) -> (
+        tempfile::TempDir,
+        Registry,
+        Arc<crate::storage::Volume>,
+        Arc<VolumeEntry>,
+    ) {
         let data_dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(data_dir.path(), engine()).unwrap();
         let vol = reg.create("v", SIZE_BYTES).unwrap();
@@ -839,8 +843,17 @@ mod tests {
             .await
             .unwrap();
         let entry = reg.entry("v").unwrap();
-        entry.create_snapshot("s").await.unwrap();
+        entry.create_snapshot(snapshot).await.unwrap();
         vol.flush().await.unwrap();
+        (data_dir, reg, vol, entry)
+    }
+
+    /// A stale `.prev` that a full disk keeps from being written at start does not leave the
+    /// volume unloaded (until the next restart): it loads, and FLUSH fails until the copy is
+    /// written.
+    #[tokio::test]
+    async fn a_stale_prev_that_cannot_be_written_at_load_defers_to_flush() {
+        let (data_dir, reg, vol, entry) = flushed_volume_with_snapshot("s").await;
         let dir = entry.dir.clone();
         drop((vol, entry, reg));
         std::fs::remove_file(dir.join(manifest::PREV_MANIFEST_FILE)).unwrap();
@@ -861,15 +874,7 @@ mod tests {
     /// what was flushed survives a restart.
     #[tokio::test]
     async fn flush_fails_until_a_half_written_tree_change_is_written_over() {
-        let data_dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(data_dir.path(), engine()).unwrap();
-        let vol = reg.create("v", SIZE_BYTES).unwrap();
-        vol.write(0, Bytes::from(vec![0x11; 4096]), false)
-            .await
-            .unwrap();
-        let entry = reg.entry("v").unwrap();
-        entry.create_snapshot("s1").await.unwrap();
-        vol.flush().await.unwrap();
+        let (data_dir, reg, vol, entry) = flushed_volume_with_snapshot("s1").await;
         // `write_durably` of `volume.json.prev` goes through `volume.json.tmp`: a directory
         // there fails that write only.
         let blocker = entry.dir.join("volume.json.tmp");
