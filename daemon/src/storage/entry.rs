@@ -874,7 +874,7 @@ mod tests {
     /// what was flushed survives a restart.
     #[tokio::test]
     async fn flush_fails_until_a_half_written_tree_change_is_written_over() {
-        let (data_dir, reg, vol, entry) = flushed_volume_with_snapshot("s1").await;
+        let (data_dir, reg, _vol, entry) = flushed_volume_with_snapshot("s1").await;
         // `write_durably` of `volume.json.prev` goes through `volume.json.tmp`: a directory
         // there fails that write only.
         let blocker = entry.dir.join("volume.json.tmp");
