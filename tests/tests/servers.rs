@@ -258,6 +258,33 @@ fn server_backups_are_consistent_across_volumes_and_separate_ones_are_not() {
         "invalid_argument",
     );
     assert!(e.contains(first["id"].as_str().unwrap()), "{e}");
+    // A record cut short (a member dropped) restores nothing: its restore would have left
+    // that member's volume as it is and reported the server restored.
+    let cut_path = d.data_dir().join(format!(
+        "backups/backup-sets/{}.json",
+        sets[2]["id"].as_str().unwrap()
+    ));
+    let whole = std::fs::read(&cut_path).unwrap();
+    let mut cut: Value = serde_json::from_slice(&whole).unwrap();
+    cut["members"].as_array_mut().unwrap().remove(0);
+    std::fs::write(&cut_path, serde_json::to_vec(&cut).unwrap()).unwrap();
+    let e = admin_err(
+        &d,
+        "server.restore",
+        json!({"set_id": sets[2]["id"], "to_new_suffix": "-cut"}),
+        "internal",
+    );
+    assert!(e.contains("does not name"), "{e}");
+    assert!(
+        admin(
+            &d,
+            "volume.show",
+            json!({"name": format!("{}-cut", VOLUMES[1])})
+        )
+        .is_err(),
+        "a member was restored from a cut record"
+    );
+    std::fs::write(&cut_path, whole).unwrap();
     // A damaged record naming another set's member (in place of its own first) deletes only
     // the backups that say they are its own.
     let record_path = d.data_dir().join(format!(

@@ -2,7 +2,7 @@
 //! barrier across them), each snapshot backed up as in VBS, and the whole recorded as a backup
 //! set (`backup-sets/<id>.json`) once every member's manifest exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -487,8 +487,8 @@ impl Backups {
         // A set holds each volume once, each from a backup of its own: a record naming one
         // twice is damaged (a restore to new volumes would make the same volume twice and
         // take the second's failure for the first's).
-        let mut volumes = std::collections::HashSet::new();
-        let mut backups = std::collections::HashSet::new();
+        let mut volumes = HashSet::new();
+        let mut backups = HashSet::new();
         for member in &set.members {
             if !volumes.insert(&member.volume) || !backups.insert(&member.backup_id) {
                 return Err(BackupError::Failed(format!(
@@ -746,6 +746,22 @@ impl Backups {
         if set.members.is_empty() {
             return Err(BackupError::Failed(format!(
                 "backup set {set_id:?} names no member backups: nothing to restore"
+            )));
+        }
+        // Every backup that says it is of this set must be named by its record: one cut short
+        // (edited, damaged) would restore part of the server and report it whole.
+        let named: HashSet<&str> = set.members.iter().map(|m| m.backup_id.as_str()).collect();
+        let unnamed: Vec<String> = self
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|b| b.group_id.as_deref() == Some(set_id) && !named.contains(b.id.as_str()))
+            .map(|b| b.id)
+            .collect();
+        if !unnamed.is_empty() {
+            return Err(BackupError::Failed(format!(
+                "backup set {set_id:?} is damaged: its record does not name its member backup(s) {}; nothing restored",
+                unnamed.join(", ")
             )));
         }
         // Held until each member's job holds its own: none deleted meanwhile.
