@@ -644,13 +644,17 @@ fn idle_admin_clients_are_disconnected_and_do_not_lock_evsctl_out() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // One that sends only blank lines (every second) is idle all the same.
-    let mut blank = UnixStream::connect(d.admin_path()).unwrap();
+    let blank = UnixStream::connect(d.admin_path()).unwrap();
     blank
-        .set_read_timeout(Some(Duration::from_secs(1)))
+        .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let mut reader = BufReader::new(blank.try_clone().unwrap());
     let mut greeting = String::new();
     reader.read_line(&mut greeting).unwrap();
+    let mut blank = blank;
+    blank
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
     let started = std::time::Instant::now();
     let mut said = String::new();
     while said.is_empty() && started.elapsed() < Duration::from_secs(12) {

@@ -536,9 +536,7 @@ impl Backups {
             }
         }
         out.sort_by(|a, b| (a.created_unix_secs, &a.id).cmp(&(b.created_unix_secs, &b.id)));
-        // Asked again after the (slow) listing: a server deleted meanwhile (a policy's
-        // retention running as it went) gets its series back from nobody.
-        if !counted || !self.server_exists(server) {
+        if !counted {
             return Ok(out);
         }
         let mut stored_bytes = 0u64;
@@ -550,6 +548,12 @@ impl Backups {
                     stored_bytes += info.new_stored_bytes;
                 }
             }
+        }
+        // Asked again after the (slow) listings, with nothing awaited before the series are
+        // set: a server deleted meanwhile (a policy's retention running as it went) gets its
+        // series back from nobody.
+        if !self.server_exists(server) {
+            return Ok(out);
         }
         let labels = crate::metrics::backup::ServerLabels {
             server: server.to_owned(),
