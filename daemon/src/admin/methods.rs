@@ -328,6 +328,23 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
             return Err(e.into());
         }
     };
+    // Snapshots taken while the delete waited for the lock have exports of their own: their
+    // clients refuse the delete as well, unless forced (else the removal would cut them off).
+    let later: Vec<Arc<Volume>> = entry
+        .views()
+        .into_iter()
+        .filter(|view| !all_views.iter().any(|seen| Arc::ptr_eq(seen, view)))
+        .collect();
+    let later_views = match close_views_for_deletion(&later, params.force) {
+        Ok(closed) => closed,
+        Err(e) => {
+            drop(admin_lock);
+            volume.attachments().reopen(Closure::Deletion);
+            views.reopen();
+            return Err(e);
+        }
+    };
+    let disconnected = disconnected + later_views.disconnected;
     let (registry, access, servers) = (
         Arc::clone(&ctx.registry),
         Arc::clone(&ctx.access),
@@ -353,6 +370,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         Err(e) => {
             volume.attachments().reopen(Closure::Deletion);
             views.reopen();
+            later_views.reopen();
             return Err(e);
         }
     };
@@ -364,7 +382,7 @@ async fn delete(ctx: &AdminContext, params: DeleteParams) -> Result<Value, Admin
         tracing::warn!(volume = %params.name, "clients still attached after the drain timeout");
     }
     ctx.metrics.forget_volume(&params.name);
-    for view in &all_views {
+    for view in all_views.iter().chain(&later) {
         ctx.metrics.forget_volume(view.name());
     }
     // Already durable (the hidden directory is dropped at the next start if this fails).
