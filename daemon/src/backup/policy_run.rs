@@ -452,6 +452,45 @@ impl PolicyRunner {
             .await
     }
 
+    /// Retires the members the policy's failed sets (made from its creation until
+    /// `before_unix_secs`) left of the volumes the backups `newer` are of, then collects their
+    /// chunks: `newer` are those volumes' bases now. Returns how many went.
+    async fn retire_failed_members<'a>(
+        &self,
+        policy: &PolicySpec,
+        newer: impl Iterator<Item = &'a str>,
+        context: RunContext,
+        before_unix_secs: u64,
+    ) -> Result<usize, BackupError> {
+        let mut volumes = Vec::new();
+        for backup_id in newer {
+            match self.backups.catalog.get(backup_id).await {
+                Ok(info) => volumes.push((info.volume, info.volume_uuid)),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        if volumes.is_empty() {
+            return Ok(0);
+        }
+        let left = self
+            .backups
+            .failed_set_members(
+                &policy.name,
+                &volumes,
+                context.created_unix_secs..before_unix_secs,
+            )
+            .await?;
+        let mut deleted = 0;
+        for id in &left {
+            deleted += usize::from(self.retire(id).await?);
+        }
+        if deleted > 0 {
+            self.backups.gc().await?;
+        }
+        Ok(deleted)
+    }
+
     /// After set `failed` of this run failed: the members of the policy's earlier failed sets
     /// of the volumes it did back up go, as a complete set's retention would retire them
     /// (this set's members are those volumes' newest backups and bases now). Without this,
@@ -465,33 +504,11 @@ impl PolicyRunner {
     ) {
         let retired = async {
             let shown = self.backups.show_set(&failed.id).await?;
-            let mut volumes = Vec::new();
-            for job in shown.jobs.iter().filter(|j| j.state == JobState::Succeeded) {
-                match self.backups.catalog.get(&job.backup_id).await {
-                    Ok(info) => volumes.push((info.volume, info.volume_uuid)),
-                    Err(e) if e.is_transient() => return Err(e),
-                    Err(_) => {}
-                }
-            }
-            if volumes.is_empty() {
-                return Ok(0);
-            }
-            let superseded = self
-                .backups
-                .failed_set_members(
-                    &policy.name,
-                    &volumes,
-                    context.created_unix_secs..failed.created_unix_secs,
-                )
-                .await?;
-            let mut deleted = 0;
-            for id in &superseded {
-                deleted += usize::from(self.retire(id).await?);
-            }
-            if deleted > 0 {
-                self.backups.gc().await?;
-            }
-            Ok::<usize, BackupError>(deleted)
+            let backed_up = (shown.jobs.iter())
+                .filter(|j| j.state == JobState::Succeeded)
+                .map(|j| j.backup_id.as_str());
+            self.retire_failed_members(policy, backed_up, context, failed.created_unix_secs)
+                .await
         }
         .await;
         match retired {
@@ -599,29 +616,12 @@ impl PolicyRunner {
         // than that set: its members are those volumes' bases now, so deleting them costs no
         // incremental its base.
         if let Some(newest) = mine.iter().max_by_key(|s| rank(s)) {
-            let mut volumes = Vec::new();
-            for member in &newest.members {
-                match self.backups.catalog.get(&member.backup_id).await {
-                    Ok(info) => volumes.push((info.volume, info.volume_uuid)),
-                    Err(e) if e.is_transient() => return Err(e),
-                    Err(_) => {}
-                }
-            }
-            let orphans = self
-                .backups
-                .failed_set_members(
-                    &policy.name,
-                    &volumes,
-                    context.created_unix_secs..newest.created_unix_secs,
-                )
+            let members = newest.members.iter().map(|m| m.backup_id.as_str());
+            let deleted = self
+                .retire_failed_members(policy, members, context, newest.created_unix_secs)
                 .await?;
-            let mut deleted = 0;
-            for id in &orphans {
-                deleted += usize::from(self.retire(id).await?);
-            }
             if deleted > 0 {
                 tracing::info!(policy = %policy.name, server = name, deleted, "deleted the members of failed server backups");
-                self.backups.gc().await?;
             }
         }
         report.backups_kept += (mine.len() - doomed.len()) as u64;

@@ -242,7 +242,7 @@ mod tests {
     use bytes::Bytes;
 
     use crate::backup::job::JobState;
-    use crate::backup::sets::tests::backups_with;
+    use crate::backup::sets::tests::volume_backed_up;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
 
     /// A restore that fails waits for its chunk writes still on their way to the disk: none
@@ -252,18 +252,10 @@ mod tests {
         const CHUNKS: u64 = 6;
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let (registry, backups) = backups_with(dir.path(), engine.clone());
         let size_bytes = CHUNKS * super::CHUNK_SIZE_BYTES;
-        registry.create("a", size_bytes).unwrap();
+        let (registry, backups, backup_id) =
+            volume_backed_up(dir.path(), engine.clone(), size_bytes).await;
         let volume = registry.get("a").unwrap();
-        let data: Vec<u8> = (0..size_bytes).map(|i| (i * 7 % 251) as u8 + 1).collect();
-        volume.write_bulk(0, Bytes::from(data)).await.unwrap();
-        volume.flush().await.unwrap();
-        let started = backups.create(&["a".into()], true, None).await.unwrap();
-        let backup_id = started[0].backup_id.clone();
-        let job = backups.job(&started[0].id).unwrap();
-        job.wait_finished(Duration::from_secs(60)).await;
-        assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
 
         // The restore will fail on one damaged chunk while the others' writes are delayed.
         let manifest = backups.store.get_manifest(&backup_id).await.unwrap();

@@ -1024,6 +1024,34 @@ pub(crate) mod tests {
         (registry, backups)
     }
 
+    /// Volume "a" of `size_bytes`, filled with a non-zero pattern, and its full backup,
+    /// waited for: the registry, the service and the backup's id.
+    pub(crate) async fn volume_backed_up(
+        data_dir: &std::path::Path,
+        engine: IoEngine,
+        size_bytes: u64,
+    ) -> (Arc<Registry>, Arc<Backups>, String) {
+        let (registry, backups) = backups_with(data_dir, engine);
+        registry.create("a", size_bytes).unwrap();
+        let volume = registry.get("a").unwrap();
+        let data: Vec<u8> = (0..size_bytes).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        volume
+            .write_bulk(0, bytes::Bytes::from(data))
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        let started = backups.create(&["a".into()], true, None).await.unwrap();
+        let job = backups.job(&started[0].id).unwrap();
+        job.wait_finished(std::time::Duration::from_secs(60)).await;
+        assert_eq!(
+            job.state(),
+            crate::backup::job::JobState::Succeeded,
+            "{:?}",
+            job.info().error
+        );
+        (registry, backups, started[0].backup_id.clone())
+    }
+
     /// Started sets are written as before the flag existed, so older daemons still read them;
     /// records without it are started sets.
     #[test]

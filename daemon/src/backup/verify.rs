@@ -132,12 +132,10 @@ async fn verify_locked(
 mod tests {
     use std::time::Duration;
 
-    use bytes::Bytes;
-
     use crate::backup::chunk::CHUNK_SIZE_BYTES;
     use crate::backup::job::JobState;
     use crate::backup::manifest::chunk_list_digest;
-    use crate::backup::sets::tests::backups_with;
+    use crate::backup::sets::tests::volume_backed_up;
     use crate::io::{EngineConfig, EngineKind, IoEngine};
 
     /// A whole chunk named again as the shorter last chunk cannot be restored there: verify
@@ -146,18 +144,8 @@ mod tests {
     async fn a_chunk_named_at_two_lengths_is_checked_at_both() {
         let dir = tempfile::tempdir().unwrap();
         let engine = IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap();
-        let (registry, backups) = backups_with(dir.path(), engine);
-        let size_bytes = CHUNK_SIZE_BYTES + 4096;
-        registry.create("a", size_bytes).unwrap();
-        let volume = registry.get("a").unwrap();
-        let data: Vec<u8> = (0..size_bytes).map(|i| (i * 7 % 251) as u8 + 1).collect();
-        volume.write_bulk(0, Bytes::from(data)).await.unwrap();
-        volume.flush().await.unwrap();
-        let started = backups.create(&["a".into()], true, None).await.unwrap();
-        let backup_id = started[0].backup_id.clone();
-        let job = backups.job(&started[0].id).unwrap();
-        job.wait_finished(Duration::from_secs(60)).await;
-        assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.info().error);
+        let (_registry, backups, backup_id) =
+            volume_backed_up(dir.path(), engine, CHUNK_SIZE_BYTES + 4096).await;
 
         let mut manifest = backups.store.get_manifest(&backup_id).await.unwrap();
         assert_eq!(manifest.chunks.len(), 2);
