@@ -210,7 +210,7 @@ impl Server {
                 );
             }
         }
-        match self.registry.flush_all().await {
+        match self.registry.stop_all().await {
             Ok(()) => tracing::info!("final flush done"),
             Err(e) => tracing::error!(error = %e, "final flush failed"),
         }

@@ -12,6 +12,7 @@ use crate::error::StorageError;
 use crate::io::IoEngine;
 use crate::storage::attachments::Closure;
 use crate::storage::buffers::BufferPool;
+use crate::storage::clean_stop;
 use crate::storage::epoch::Epoch;
 use crate::storage::layer::chain::Chain;
 use crate::storage::layer::{self, blocks_for, BlockState, Layer, BLOCK_BYTES};
@@ -74,6 +75,7 @@ impl VolumeEntry {
     ) -> Result<VolumeEntry, StorageError> {
         let (mut manifest, source) = VolumeManifest::load_or_previous(dir)?;
         validate_volume_name(&manifest.name)?;
+        let stopped_cleanly = clean_stop::take(dir);
         if source == ManifestSource::Previous {
             restore_previous(dir, &manifest)?;
         }
@@ -114,6 +116,9 @@ impl VolumeEntry {
                 Layer::open(dir, &record.id, record.size_bytes)?
             };
             layers.insert(record.id.clone(), Arc::new(layer));
+        }
+        if !stopped_cleanly {
+            punch_unmapped_head(&manifest, &layers);
         }
         let chain = chain_of(&manifest, &layers, &manifest.head)?;
         let volume = Volume::new(
@@ -318,6 +323,49 @@ impl VolumeEntry {
             merge: None,
         }
         .store(dir)
+    }
+
+    /// The shutdown's flush of this volume: the chain's, then every layer it keeps (each tried
+    /// even when the chain's failed: as much as can be saved is saved).
+    pub(crate) async fn flush_for_stop(&self) -> Result<(), StorageError> {
+        let flushed = self.volume.flush().await;
+        let synced = self.sync_all_layers().await;
+        flushed.and(synced)
+    }
+
+    /// After [`VolumeEntry::flush_for_stop`] of every volume: holds this one's writes off for
+    /// good, syncs its layers again (writes may have landed since) and leaves the clean-stop
+    /// marker (see `storage/clean_stop.rs`). No marker when a write is still running after
+    /// `gate_wait` (a stuck disk), or when a change failed midway in this run (see
+    /// `Writer::unmapped_bytes`): the next load walks the head as after a crash.
+    ///
+    /// Nothing here waits for `Writer::commit`: a group freeze holds its members' commit locks
+    /// while it waits for their gates, and a gate held here is never given back.
+    pub(crate) async fn mark_stopped_cleanly(
+        &self,
+        gate_wait: std::time::Duration,
+    ) -> Result<(), StorageError> {
+        let Some(writer) = self.volume.writer() else {
+            return Ok(());
+        };
+        let Ok(gate) = tokio::time::timeout(gate_wait, writer.gate.write()).await else {
+            tracing::warn!(volume = self.name(), wait_ms = gate_wait.as_millis() as u64, "writes still running after the final flush; the next start checks the head as after a crash");
+            return Ok(());
+        };
+        // Never given back: a write landing after the marker would make it a lie.
+        std::mem::forget(gate);
+        if writer
+            .unmapped_bytes
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!(volume = self.name(), "a change failed midway in this run; the next start checks the head as after a crash");
+            return Ok(());
+        }
+        self.sync_all_layers().await?;
+        if self.removed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        clean_stop::record(&self.dir)
     }
 
     /// Syncs every layer the volume keeps, those of snapshots off its chain included, trying
@@ -708,6 +756,23 @@ pub(crate) async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(op)
         .await
         .map_err(|e| StorageError::fs(action, &path, std::io::Error::other(e)))?
+}
+
+/// See `storage/clean_stop.rs`. Never fails the load: what cannot be punched stays, as it
+/// did before this walk existed.
+fn punch_unmapped_head(manifest: &VolumeManifest, layers: &HashMap<String, Arc<Layer>>) {
+    let Some(head) = layers.get(&manifest.head) else {
+        return;
+    };
+    match head.punch_unmapped() {
+        Ok(0) => {}
+        Ok(punched_bytes) => {
+            tracing::info!(volume = %manifest.name, layer = head.id(), punched_bytes, "the head held bytes no block map entry named (writes a crash cut short); punched them");
+        }
+        Err(error) => {
+            tracing::warn!(volume = %manifest.name, layer = head.id(), %error, "cannot punch the bytes of writes a crash cut short out of the head; a block written again and lost in a later crash may read them");
+        }
+    }
 }
 
 /// Removes layer files (and temp files) that the manifest does not name.

@@ -4,6 +4,7 @@
 pub mod aligned;
 pub mod attachments;
 pub mod buffers;
+pub mod clean_stop;
 pub mod diff;
 pub mod entry;
 pub mod epoch;

@@ -467,19 +467,30 @@ impl Registry {
             .is_empty()
     }
 
-    /// Flushes every volume and syncs every layer it keeps, in its chain or not (a rollback
-    /// leaves the old branch's; shutdown path); returns the first failure after trying them
-    /// all.
-    pub async fn flush_all(&self) -> Result<(), StorageError> {
+    /// The shutdown's last step: flushes every volume, syncs every layer it keeps (in its chain
+    /// or not: a rollback leaves the old branch's) and stops it for good, with the marker that
+    /// spares its next load the walk over its head (see `VolumeEntry::mark_stopped_cleanly`); returns
+    /// the first failure after trying them all.
+    pub async fn stop_all(&self) -> Result<(), StorageError> {
+        /// Connections are drained before this: what still holds a volume's gate is a
+        /// background merge's step, or a write stuck on the disk.
+        const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
         let mut first_error = None;
+        let mut flushed = Vec::new();
+        // Every volume flushed before any is held for good: a group freeze waiting for a
+        // held gate would keep its other members' flushes waiting with it.
         for entry in self.entries() {
-            let volume = entry.volume();
-            if let Err(e) = volume.flush().await {
-                tracing::error!(volume = volume.name(), error = %e, "flush failed");
-                first_error.get_or_insert(e);
+            match entry.flush_for_stop().await {
+                Ok(()) => flushed.push(entry),
+                Err(e) => {
+                    tracing::error!(volume = entry.name(), error = %e, "final flush failed");
+                    first_error.get_or_insert(e);
+                }
             }
-            if let Err(e) = entry.sync_all_layers().await {
-                tracing::error!(volume = volume.name(), error = %e, "syncing a layer failed");
+        }
+        for entry in flushed {
+            if let Err(e) = entry.mark_stopped_cleanly(GATE_WAIT).await {
+                tracing::error!(volume = entry.name(), error = %e, "final flush failed");
                 first_error.get_or_insert(e);
             }
         }

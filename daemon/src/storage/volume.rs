@@ -122,6 +122,11 @@ pub struct Writer {
     pub commit_failed: std::sync::atomic::AtomicBool,
     /// The background fsyncs of the manifests snapshot create put in place.
     pub persist: Arc<ManifestPersist>,
+    /// A write, zero or trim failed after it may have changed the head's data file (a map
+    /// entry that could not be set after its bytes landed, a short write, a punch refused):
+    /// bytes may lie under blocks the map does not call data, so the shutdown leaves no
+    /// clean-stop marker and the next load punches them (see `storage/clean_stop.rs`).
+    pub unmapped_bytes: std::sync::atomic::AtomicBool,
     /// Writes the volume's manifest again after a failed manifest write (installed by the
     /// volume's entry, which owns the manifest): FLUSH runs it, so a volume whose data dir
     /// was full heals once there is room, without waiting for the next snapshot.
@@ -138,6 +143,13 @@ pub type ManifestRepair = Box<
 >;
 
 impl Writer {
+    /// Notes a change that failed once it held the gate (see `unmapped_bytes`).
+    fn note_change<T>(&self, result: &Result<T, StorageError>) {
+        if result.is_err() {
+            self.unmapped_bytes.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// A manifest write failed (a freeze's, a tree change's or a background persist) and no
     /// manifest was written since: FLUSH cannot vouch for the layout on disk.
     pub fn manifest_failed(&self) -> bool {
@@ -593,8 +605,11 @@ impl Volume {
         let writer = self.writable()?;
         {
             let (_gate, chain, epoch) = self.enter_for_change(writer, seat).await?;
-            self.write_in(writer, &chain, &epoch, offset_bytes, data, via)
-                .await?;
+            let written = self
+                .write_in(writer, &chain, &epoch, offset_bytes, data, via)
+                .await;
+            writer.note_change(&written);
+            written?;
         }
         if fua {
             self.flush().await?;
@@ -614,8 +629,11 @@ impl Volume {
         let writer = self.writable()?;
         let _gate = writer.gate.read().await;
         let (chain, epoch) = self.chain_for_write();
-        self.write_in(writer, &chain, &epoch, offset_bytes, data, Via::Direct)
-            .await
+        let written = self
+            .write_in(writer, &chain, &epoch, offset_bytes, data, Via::Direct)
+            .await;
+        writer.note_change(&written);
+        written
     }
 
     /// A write split into a partial first block, whole blocks, and a partial last block. The
@@ -806,44 +824,59 @@ impl Volume {
         {
             // One gate for the whole request: a snapshot sees all of it or none of it.
             let (_gate, chain, epoch) = self.enter_for_change(writer, seat).await?;
-            let end_bytes = offset_bytes + length_bytes;
-            let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
-            let end_full = end_bytes / BLOCK_BYTES;
-            // Partial blocks at the edges are written as zero bytes.
-            let zeroes = |from: u64, to: u64| Bytes::from(vec![0u8; (to - from) as usize]);
-            if first_full > end_full {
-                self.write_in(
-                    writer,
-                    &chain,
-                    &epoch,
-                    offset_bytes,
-                    zeroes(offset_bytes, end_bytes),
-                    Via::PageCache,
-                )
-                .await?;
-            } else {
-                // The whole blocks first: a FAST_ZERO that cannot be fast fails there, and must
-                // leave the export unchanged (the spec), edges included.
-                if end_full > first_full {
-                    self.zero_blocks(writer, &chain, first_full, end_full, mode)
-                        .await?;
-                }
-                let lead_end = first_full * BLOCK_BYTES;
-                if offset_bytes < lead_end {
-                    let lead = zeroes(offset_bytes, lead_end);
-                    self.write_in(writer, &chain, &epoch, offset_bytes, lead, Via::PageCache)
-                        .await?;
-                }
-                let tail_start = end_full * BLOCK_BYTES;
-                if tail_start < end_bytes {
-                    let tail = zeroes(tail_start, end_bytes);
-                    self.write_in(writer, &chain, &epoch, tail_start, tail, Via::PageCache)
-                        .await?;
-                }
+            let zeroed = self
+                .zero_in(writer, &chain, &epoch, offset_bytes, length_bytes, mode)
+                .await;
+            // A FAST_ZERO that cannot be fast fails before it changes anything.
+            if !matches!(zeroed, Err(StorageError::FastZeroUnsupported { .. })) {
+                writer.note_change(&zeroed);
             }
+            zeroed?;
         }
         if fua {
             self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The caller holds the gate.
+    async fn zero_in(
+        &self,
+        writer: &Writer,
+        chain: &Chain,
+        epoch: &EpochGuard,
+        offset_bytes: u64,
+        length_bytes: u64,
+        mode: ZeroMode,
+    ) -> Result<(), StorageError> {
+        let end_bytes = offset_bytes + length_bytes;
+        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end_full = end_bytes / BLOCK_BYTES;
+        // Partial blocks at the edges are written as zero bytes.
+        let zeroes = |from: u64, to: u64| Bytes::from(vec![0u8; (to - from) as usize]);
+        if first_full > end_full {
+            let data = zeroes(offset_bytes, end_bytes);
+            return self
+                .write_in(writer, chain, epoch, offset_bytes, data, Via::PageCache)
+                .await;
+        }
+        // The whole blocks first: a FAST_ZERO that cannot be fast fails there, and must leave
+        // the export unchanged (the spec), edges included.
+        if end_full > first_full {
+            self.zero_blocks(writer, chain, first_full, end_full, mode)
+                .await?;
+        }
+        let lead_end = first_full * BLOCK_BYTES;
+        if offset_bytes < lead_end {
+            let lead = zeroes(offset_bytes, lead_end);
+            self.write_in(writer, chain, epoch, offset_bytes, lead, Via::PageCache)
+                .await?;
+        }
+        let tail_start = end_full * BLOCK_BYTES;
+        if tail_start < end_bytes {
+            let tail = zeroes(tail_start, end_bytes);
+            self.write_in(writer, chain, epoch, tail_start, tail, Via::PageCache)
+                .await?;
         }
         Ok(())
     }
@@ -975,6 +1008,7 @@ impl Volume {
                 .await
             {
                 tracing::warn!(volume = %self.name, offset_bytes, length_bytes, error = %e, "neither a hole nor zeroes replaced the bytes of blocks marked zero; a power loss may show them again");
+                writer.unmapped_bytes.store(true, Ordering::SeqCst);
             }
         }
         // Dirty again after the punch, not only when the map changed before it: a FLUSH that

@@ -171,6 +171,51 @@ impl Layer {
         }
     }
 
+    /// After a load that follows anything but a clean stop (see `storage/clean_stop.rs`), on
+    /// the head before anything writes it: punches the bytes its data file holds under blocks
+    /// that are not data (absent, or zero), so that a block marked "written" later and cut
+    /// short by a crash is a hole again, not the bytes of an earlier write that never counted.
+    /// The walk follows the file's data ranges, not its blocks. Returns the bytes punched.
+    pub fn punch_unmapped(&self) -> std::io::Result<u64> {
+        /// Blocks whose runs are listed at once (a data range can span the whole file, when
+        /// the filesystem cannot tell data from holes).
+        const WINDOW_BLOCKS: u64 = 1 << 18;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let end_bytes = self.map.blocks() * BLOCK_BYTES;
+        let mut punched_bytes = 0;
+        let mut at = 0;
+        while let Some((from, to)) = crate::storage::holes::next_data(&self.data, at, end_bytes)? {
+            at = to;
+            let mut window = from / BLOCK_BYTES;
+            let last = to.div_ceil(BLOCK_BYTES);
+            while window < last {
+                let window_end = window.saturating_add(WINDOW_BLOCKS).min(last);
+                let runs = self.map.present_runs(window, window_end);
+                let data_runs = runs.iter().filter(|r| r.2 == BlockState::Data);
+                let mut block = window;
+                for (start, end) in data_runs
+                    .map(|r| (r.0, r.1))
+                    .chain([(window_end, window_end)])
+                {
+                    if block < start {
+                        let (offset, length) = (block * BLOCK_BYTES, (start - block) * BLOCK_BYTES);
+                        crate::io::fallocate_blocking(&self.data, punch, offset, length)?;
+                        punched_bytes += length;
+                    }
+                    block = block.max(end);
+                }
+                window = window_end;
+            }
+        }
+        // Durable before anything writes the head: a block written and marked after this,
+        // then cut short by a crash, must find the hole, not the punch undone. A failure here
+        // is one the first FLUSH must report (the kernel tells it once).
+        if punched_bytes > 0 {
+            self.noted(self.data.sync_all())?;
+        }
+        Ok(punched_bytes)
+    }
+
     fn from_files(
         id: &str,
         size_bytes: u64,
@@ -705,6 +750,133 @@ mod tests {
         assert_eq!(on_disk(3), 3);
         volume.flush().await.unwrap();
         assert_eq!(on_disk(3), 1);
+    }
+
+    /// A write killed between its bytes and its map entry leaves bytes under a head block the
+    /// map calls absent (it reads from the snapshot, as it should). Written again, marked
+    /// "written", and its new bytes lost in a second crash, the block must read from the
+    /// snapshot again, not as the first write's bytes, which never counted.
+    #[tokio::test]
+    async fn bytes_a_crash_left_under_an_absent_block_do_not_come_back_after_a_second_crash() {
+        use std::os::unix::fs::FileExt;
+        let (dir, engine, registry, volume) = one_volume();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        let entry = registry.entry("v").unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        let head_id = volume.chain().top().id().to_owned();
+        let data_file = super::data_path(&dir.path().join("volumes").join("v"), &head_id);
+        let file = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&data_file)
+                .unwrap()
+        };
+        // First crash: block 1's bytes reached the head's file, its map entry did not.
+        file().write_all_at(&[9u8; 4096], 4096).unwrap();
+        drop((volume, entry, registry));
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        let volume = registry.get("v").unwrap();
+        assert_eq!(
+            volume.read(4096, 4096).await.unwrap()[0],
+            1,
+            "from the snapshot"
+        );
+        assert_eq!(
+            crate::storage::holes::next_data(&file(), 4096, 8192).unwrap(),
+            None,
+            "the bytes no map entry names are punched at the load after the crash"
+        );
+        volume
+            .write(4096, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .unwrap();
+        // Second crash: the map page marking block 1 "written" reached the disk, its bytes did
+        // not, and the file holds there what it held before this write: a hole.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        crate::io::fallocate_blocking(&file(), punch, 4096, 4096).unwrap();
+        drop((volume, registry));
+        let registry = Registry::open(dir.path(), engine).unwrap();
+        let volume = registry.get("v").unwrap();
+        let got = volume.read(0, 4 * 4096).await.unwrap();
+        let blocks: Vec<u8> = got.chunks(4096).map(|b| b[0]).collect();
+        assert_eq!(
+            blocks,
+            [1, 1, 1, 1],
+            "block 1 from the snapshot, not the first write"
+        );
+    }
+
+    /// A change that failed midway may have left bytes under blocks the map does not call
+    /// data: the shutdown then leaves no marker, and the next load walks the head.
+    #[tokio::test]
+    async fn a_change_that_failed_midway_leaves_no_clean_stop_marker() {
+        let (dir, engine, registry, volume) = one_volume();
+        engine.fail_fallocate_for_test(libc::FALLOC_FL_ZERO_RANGE, libc::EIO);
+        let no_hole = crate::storage::volume::ZeroMode {
+            may_trim: false,
+            fast_only: false,
+        };
+        let zeroed = volume.write_zeroes(0, 8 * 4096, no_hole, false).await;
+        assert!(zeroed.is_err(), "the zero range fails: {zeroed:?}");
+        registry.stop_all().await.unwrap();
+        let marker = dir.path().join("volumes").join("v").join("clean-stop");
+        assert!(!marker.exists(), "no clean stop after a failed change");
+        // A run whose changes all succeeded leaves it.
+        drop((volume, registry));
+        let registry = Registry::open(
+            dir.path(),
+            IoEngine::new(Some(EngineKind::Threads), &EngineConfig::default()).unwrap(),
+        )
+        .unwrap();
+        registry.stop_all().await.unwrap();
+        assert!(marker.exists());
+    }
+
+    /// The shutdown leaves the marker only with the volume's writes held off for good, and the
+    /// next load takes it away before anything can write (a crash in that run is no clean
+    /// stop). A load after a clean stop does not walk the head.
+    #[tokio::test]
+    async fn a_clean_stop_is_marked_once_writes_are_held_off_and_taken_at_the_next_load() {
+        use std::os::unix::fs::FileExt;
+        let (dir, engine, registry, volume) = one_volume();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        let volume_dir = dir.path().join("volumes").join("v");
+        let marker = volume_dir.join("clean-stop");
+        registry.stop_all().await.unwrap();
+        assert!(marker.exists());
+        let late_write = volume.write(4096, Bytes::from(vec![2u8; 4096]), false);
+        let late = tokio::time::timeout(std::time::Duration::from_millis(200), late_write).await;
+        assert!(late.is_err(), "a write after the clean stop is held off");
+        // Bytes under an absent block after a clean stop can only be a test's: they stay.
+        let head_id = volume.chain().top().id().to_owned();
+        let data_file = super::data_path(&volume_dir, &head_id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data_file)
+            .unwrap();
+        file.write_all_at(&[9u8; 4096], 8192).unwrap();
+        drop((volume, registry));
+        let registry = Registry::open(dir.path(), engine.clone()).unwrap();
+        assert!(!marker.exists(), "taken by the load");
+        assert!(crate::storage::holes::next_data(&file, 8192, 12288)
+            .unwrap()
+            .is_some());
+        let volume = registry.get("v").unwrap();
+        assert_eq!(volume.read(0, 4096).await.unwrap()[0], 1);
+        // This run ends without a clean stop: the next load walks the head.
+        drop((volume, registry));
+        let _registry = Registry::open(dir.path(), engine).unwrap();
+        assert!(crate::storage::holes::next_data(&file, 8192, 12288)
+            .unwrap()
+            .is_none());
     }
 
     /// A sync whose future is dropped midway leaves the layer dirty and its written blocks
