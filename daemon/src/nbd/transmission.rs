@@ -69,6 +69,10 @@ pub const CLOSING_REPLY_STALL: Duration = Duration::from_secs(10);
 const SEND_FROM_CACHE_MIN_BYTES: u64 = 64 << 10;
 /// Replies waiting for the client beyond which READs are not written from the head's mapping.
 const MAPPED_READ_MAX_QUEUED_BYTES: u64 = 256 << 10;
+/// The same for large READs (a paced TCP connection's, see `SendFile::maps_small_reads`): a
+/// client at depth 8 of 1 MiB reads keeps this much waiting. Beyond it they take buffers, so a
+/// client that stopped reading holds the chain (which pruning waits for) with no more.
+const MAPPED_LARGE_READ_MAX_QUEUED_BYTES: u64 = 8 << 20;
 
 /// Why transmission ended.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,9 @@ struct Session<'m> {
     /// The socket's writes take iovecs the kernel reads from a layer's mapping: other cached
     /// READs of the head are written from it (see `storage::volume::mapped_read`).
     writes_mapped: bool,
+    /// READs smaller than `SEND_FROM_CACHE_MIN_BYTES` are written from the mapping too (a Unix
+    /// socket); larger ones are when the socket takes no file ranges (a paced TCP connection).
+    maps_small_reads: bool,
     /// Large WRITE payloads are copied into the page cache by this connection's thread (see
     /// `ClientStream::copies_large_writes`).
     copies_large_writes: bool,
@@ -290,6 +297,7 @@ where
         attachment,
         sends_files: client.may_send_files && client.writer.sends_files(),
         writes_mapped: client.writer.writes_iovecs(),
+        maps_small_reads: client.writer.maps_small_reads(),
         copies_large_writes: client.copies_large_writes,
     };
     let mut conn = Connection {
@@ -754,13 +762,15 @@ where
     /// written from the mapping: one that is not goes the future's way, with a buffer.
     fn answer_from_mapping(&mut self, request: &Request, to: ReplyTo) -> bool {
         let session = self.session;
-        // Larger ones are `sendfile`'s when cached, and not worth a `mincore` when not. With
-        // replies waiting for the client, READs take buffers: one that stopped reading must
-        // not hold the volume's chain (which pruning waits for) with ever more replies.
-        if !session.writes_mapped
-            || request.length >= SEND_FROM_CACHE_MIN_BYTES
-            || self.outgoing_bytes > MAPPED_READ_MAX_QUEUED_BYTES
-        {
+        // Larger ones are `sendfile`'s where the socket takes file ranges. With replies
+        // waiting for the client, READs take buffers: one that stopped reading must not hold
+        // the volume's chain (which pruning waits for) with ever more replies.
+        let allowed = if request.length >= SEND_FROM_CACHE_MIN_BYTES {
+            !session.sends_files && self.outgoing_bytes <= MAPPED_LARGE_READ_MAX_QUEUED_BYTES
+        } else {
+            session.maps_small_reads && self.outgoing_bytes <= MAPPED_READ_MAX_QUEUED_BYTES
+        };
+        if !session.writes_mapped || !allowed {
             return false;
         }
         let started = Instant::now();
