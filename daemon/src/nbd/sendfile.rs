@@ -6,8 +6,9 @@
 //! socket and the only copy left is the client's own.
 //!
 //! Unix sockets use it, and TCP connections whose congestion control does not pace itself and
-//! never did: a connection switched off BBR after accept is still paced by the kernel, so it
-//! keeps the buffers (`connection::Client::may_send_files`).
+//! never did: a connection switched off BBR after accept is still paced by the kernel, so its
+//! large READs are written from the head's mapping instead (`connection::Client::may_send_files`,
+//! `SendFile::maps_small_reads`).
 //! TLS has to see the bytes to encrypt them. Over loopback TCP with BBR, which paces from a
 //! timer and so reorders loopback segments (see `tcp_congestion`), it made the client slower
 //! than the copies it saves the server: 1 MiB reads at depth 8 went from 2060-2211 to
@@ -55,19 +56,20 @@ pub trait SendFile {
         )))
     }
 
-    /// Whether `poll_write_iovecs` works on this stream: a Unix socket, whose `writev` has the
-    /// kernel copy the bytes (TLS would read them in our own code). Not TCP: 4 KiB random reads
-    /// over one loopback connection written from the mapping were 0.92x those copied through a
-    /// buffer (median of three and four runs), against 1.3x over a Unix socket. In the profile
-    /// the cold copy moved from `preadv2` into `tcp_sendmsg`, under the socket's lock: the
-    /// backlog of the client's segments processed at its release doubled, and each `writev`
-    /// carried fewer replies (1.49 segments per read against 1.25).
+    /// Whether `poll_write_iovecs` works on this stream: a plain socket, whose `writev` has the
+    /// kernel copy the bytes (TLS would read them in our own code). Which READs use it is
+    /// `maps_small_reads`' and `sends_files`' say.
     fn writes_iovecs(&self) -> bool {
         false
     }
 
     /// Whether READs smaller than `sendfile`'s share are written from the mapping too (large
-    /// ones are, on a stream that writes iovecs but takes no file ranges).
+    /// ones are, on a stream that writes iovecs but takes no file ranges). Not on TCP: 4 KiB
+    /// random reads over one loopback connection written from the mapping were 0.92x those
+    /// copied through a buffer (median of three and four runs), against 1.3x over a Unix
+    /// socket. In the profile the cold copy moved from `preadv2` into `tcp_sendmsg`, under the
+    /// socket's lock: the backlog of the client's segments processed at its release doubled,
+    /// and each `writev` carried fewer replies (1.49 segments per read against 1.25).
     fn maps_small_reads(&self) -> bool {
         self.writes_iovecs()
     }

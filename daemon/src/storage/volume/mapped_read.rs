@@ -3,8 +3,9 @@
 //! `preadv2` (a page-cache lookup and a copy into the buffer) and then the same copy out of the
 //! buffer. On 4 KiB random reads of a cached volume over one connection the `preadv2` was two
 //! fifths of the connection thread's CPU; `mincore` over the mapped range, which walks page
-//! tables the earlier reads filled, replaces it. Only Unix sockets take it: over TCP it measured
-//! slower (see `nbd::sendfile`).
+//! tables the earlier reads filled, replaces it. Unix sockets take it for READs under 64 KiB
+//! (larger ones go by `sendfile`); TCP connections that take no `sendfile` (paced from the
+//! start) for larger ones only: small ones measured slower over TCP (see `nbd::sendfile`).
 //!
 //! Only ranges the head holds as data qualify, whole in one run, with every page in the page
 //! cache (a page fault on one that is not would read it from the disk on the connection's
