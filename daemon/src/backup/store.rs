@@ -454,7 +454,8 @@ impl BackupStore {
 
     pub async fn delete_manifest(&self, backup_id: &str) -> Result<(), BackupError> {
         manifest::validate_backup_id(backup_id)?;
-        self.delete(&manifest::manifest_key(backup_id)).await
+        self.delete_durable(&manifest::manifest_key(backup_id))
+            .await
     }
 
     /// Backup sets (server backups): `backup-sets/<id>.json`, written after their members.
@@ -495,7 +496,8 @@ impl BackupStore {
 
     pub async fn delete_set(&self, set_id: &str) -> Result<(), BackupError> {
         manifest::validate_backup_id(set_id)?;
-        self.delete(&format!("backup-sets/{set_id}.json")).await
+        self.delete_durable(&format!("backup-sets/{set_id}.json"))
+            .await
     }
 
     pub async fn put_lock(&self, name: &str, body: Vec<u8>) -> Result<(), BackupError> {
@@ -546,6 +548,32 @@ impl BackupStore {
             .bytes()
             .await
             .map_err(|e| BackupError::store("get", key, e))
+    }
+
+    /// `delete`, durable before it returns on a local store (its folder fsynced): a manifest or
+    /// set record whose removal a power cut undid would name chunks or members a GC deleted
+    /// after it. (S3 deletes are durable once answered.)
+    async fn delete_durable(&self, key: &str) -> Result<(), BackupError> {
+        self.delete(key).await?;
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let object = root.join(self.path(key).as_ref());
+        let Some(dir) = object.parent().map(std::path::Path::to_path_buf) else {
+            return Ok(());
+        };
+        // No folder: nothing was there to remove.
+        let sync_dir = move || match std::fs::File::open(&dir) {
+            Ok(folder) => folder.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        let synced = tokio::task::spawn_blocking(sync_dir)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|synced| synced);
+        synced
+            .map_err(|e| BackupError::Failed(format!("making the removal of {key:?} durable: {e}")))
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackupError> {
@@ -645,6 +673,28 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    /// Manifest and set record deletes on a local store sync the folder they were in (not
+    /// observable short of a power cut); one of an object, or a folder, never written is no
+    /// error.
+    #[tokio::test]
+    async fn durable_deletes_remove_the_object_and_take_one_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let id = "s-20261207T000000Z-0a1b2c3d";
+        store.delete_set(id).await.unwrap();
+        store
+            .delete_manifest("b-20261207T000000Z-0a1b2c3d")
+            .await
+            .unwrap();
+        store.put_set(id, b"{}".to_vec()).await.unwrap();
+        assert_eq!(store.list_set_ids().await.unwrap(), [id]);
+        store.delete_set(id).await.unwrap();
+        assert!(store.list_set_ids().await.unwrap().is_empty());
+        assert!(!dir.path().join(format!("backup-sets/{id}.json")).exists());
+        store.delete_set(id).await.unwrap();
     }
 
     #[tokio::test]
