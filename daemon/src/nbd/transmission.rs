@@ -69,6 +69,9 @@ pub const CLOSING_REPLY_STALL: Duration = Duration::from_secs(10);
 const SEND_FROM_CACHE_MIN_BYTES: u64 = 64 << 10;
 /// Replies waiting for the client beyond which READs are not written from the head's mapping.
 const MAPPED_READ_MAX_QUEUED_BYTES: u64 = 256 << 10;
+/// Bytes of mapped replies whose pages one `writev` prefetches, first ones first: about what
+/// a socket's send buffer takes in one call.
+const MAPPED_PREFETCH_MAX_BYTES: usize = 1 << 20;
 /// The same for large READs (a paced TCP connection's, see `SendFile::maps_small_reads`): a
 /// client at depth 8 of 1 MiB reads keeps this much waiting. Beyond it they take buffers, so a
 /// client that stopped reading holds the chain (which pruning waits for) with no more.
@@ -1258,6 +1261,9 @@ where
 
     /// `poll_write` on a plain socket: one writev of the waiting buffers and mapped ranges.
     fn poll_write_iovecs(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // More than a socket takes in one call is not worth fetching: a queue of large READs
+        // (a paced TCP connection's) would have every call touch thousands of pages.
+        let mut prefetch_budget_bytes = MAPPED_PREFETCH_MAX_BYTES;
         let iovecs: Vec<libc::iovec> = self
             .outgoing
             .iter()
@@ -1269,7 +1275,7 @@ where
                 }),
                 Piece::Mapped(mapped) => {
                     // All of the batch's pages at once, so their page walks overlap.
-                    mapped.prefetch_rest();
+                    prefetch_budget_bytes -= mapped.prefetch_rest(prefetch_budget_bytes);
                     Some(libc::iovec {
                         iov_base: mapped.rest_start().as_ptr().cast(),
                         iov_len: mapped.rest_bytes(),

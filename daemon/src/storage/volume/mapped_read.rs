@@ -44,10 +44,13 @@ impl MappedBytes {
         unsafe { self.range.start().add(self.sent_bytes) }
     }
 
-    /// Starts fetching the pages not sent yet (see `mapped::prefetch_pages`): for a caller
-    /// about to hand them to the kernel's copy.
-    pub fn prefetch_rest(&self) {
-        prefetch_pages(self.rest_start(), self.rest_bytes());
+    /// Starts fetching the pages not sent yet, at most `max_bytes` of them (see
+    /// `mapped::prefetch_pages`): for a caller about to hand them to the kernel's copy.
+    /// Returns the bytes asked for.
+    pub fn prefetch_rest(&self, max_bytes: usize) -> usize {
+        let bytes = self.rest_bytes().min(max_bytes);
+        prefetch_pages(self.rest_start(), bytes);
+        bytes
     }
 
     pub fn rest_bytes(&self) -> usize {
