@@ -674,6 +674,24 @@ mod tests {
         (dir, engine, registry, volume)
     }
 
+    /// `one_volume` with blocks 0-3 written with 1s, flushed, and snapshot "s" taken.
+    async fn one_volume_over_a_snapshot() -> (
+        tempfile::TempDir,
+        IoEngine,
+        Registry,
+        std::sync::Arc<crate::storage::Volume>,
+    ) {
+        let (dir, engine, registry, volume) = one_volume();
+        volume
+            .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
+            .await
+            .unwrap();
+        volume.flush().await.unwrap();
+        let entry = registry.entry("v").unwrap();
+        entry.create_snapshot("s").await.unwrap();
+        (dir, engine, registry, volume)
+    }
+
     /// A layer file another `Layer` of the process still holds (a volume that dropped its link
     /// to a file a clone shares, with a reply still reading it) is not exclusive, even with one
     /// link left: rewriting it in place would change what that reply sends.
@@ -700,18 +718,7 @@ mod tests {
     /// snapshot holds, not the zeroes of the hole its bytes left.
     #[tokio::test]
     async fn a_written_block_whose_bytes_were_lost_reads_from_the_layer_below() {
-        let (dir, engine, registry, volume) = one_volume();
-        volume
-            .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
-            .await
-            .unwrap();
-        volume.flush().await.unwrap();
-        registry
-            .entry("v")
-            .unwrap()
-            .create_snapshot("s")
-            .await
-            .unwrap();
+        let (dir, engine, registry, volume) = one_volume_over_a_snapshot().await;
         volume
             .write(4096, Bytes::from(vec![2u8; 2 * 4096]), false)
             .await
@@ -759,14 +766,8 @@ mod tests {
     #[tokio::test]
     async fn bytes_a_crash_left_under_an_absent_block_do_not_come_back_after_a_second_crash() {
         use std::os::unix::fs::FileExt;
-        let (dir, engine, registry, volume) = one_volume();
-        volume
-            .write(0, Bytes::from(vec![1u8; 4 * 4096]), false)
-            .await
-            .unwrap();
-        volume.flush().await.unwrap();
+        let (dir, engine, registry, volume) = one_volume_over_a_snapshot().await;
         let entry = registry.entry("v").unwrap();
-        entry.create_snapshot("s").await.unwrap();
         let head_id = volume.chain().top().id().to_owned();
         let data_file = super::data_path(&dir.path().join("volumes").join("v"), &head_id);
         let file = || {
