@@ -654,13 +654,18 @@ impl BackupStore {
 mod tests {
     use super::*;
 
+    fn local_store() -> (tempfile::TempDir, BackupStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        (dir, store)
+    }
+
     /// A backup-set record larger than any valid one is refused without being read whole;
     /// one within the cap reads back.
     #[tokio::test]
     async fn a_manifest_larger_than_any_volume_needs_is_refused_unread() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let (dir, store) = local_store();
         let id = "b-20261206T000000Z-0a1b2c3d";
         let path = dir.path().join(manifest::manifest_key(id));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -680,9 +685,7 @@ mod tests {
     /// error.
     #[tokio::test]
     async fn durable_deletes_remove_the_object_and_take_one_never_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let (dir, store) = local_store();
         let id = "s-20261207T000000Z-0a1b2c3d";
         store.delete_set(id).await.unwrap();
         store
@@ -699,9 +702,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_set_record_is_refused_unread() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let store = BackupStore::open(&url, &Default::default()).unwrap();
+        let (_dir, store) = local_store();
         let id = "s-20261206T000000Z-0a1b2c3d";
         store.put_set(id, b"{}".to_vec()).await.unwrap();
         assert_eq!(&store.get_set(id).await.unwrap()[..], b"{}");

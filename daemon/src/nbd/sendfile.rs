@@ -214,7 +214,7 @@ impl SendFile for tcp::OwnedWriteHalf {
         true
     }
 
-    /// Not for small READs: see the trait's `writes_iovecs`.
+    /// Not for small READs: see the trait's `maps_small_reads`.
     fn maps_small_reads(&self) -> bool {
         false
     }

@@ -469,8 +469,8 @@ impl Registry {
 
     /// The shutdown's last step: flushes every volume, syncs every layer it keeps (in its chain
     /// or not: a rollback leaves the old branch's) and stops it for good, with the marker that
-    /// spares its next load the walk over its head (see `VolumeEntry::mark_stopped_cleanly`); returns
-    /// the first failure after trying them all.
+    /// spares its next load the walk over its head (see `VolumeEntry::mark_stopped_cleanly`);
+    /// returns the first failure after trying them all.
     pub async fn stop_all(&self) -> Result<(), StorageError> {
         /// Connections are drained before this: what still holds a volume's gate is a
         /// background merge's step, or a write stuck on the disk.
